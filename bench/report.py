@@ -1,0 +1,76 @@
+"""Fill the README's results section from bench/results/*.json (never typed by hand).
+
+    python bench/report.py          # rewrite the section between the markers in README.md
+    python bench/report.py --check  # exit 1 if README.md is out of date
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+BEGIN, END = "<!-- results:begin (bench/report.py) -->", "<!-- results:end -->"
+
+# Per result file: a title and the scalar fields to show, in order (others stay in the JSON).
+LAYOUT = {
+    "tree_scale": ("Tree at paper scale (`bench/tree_scale.py`)",
+                   ["requests", "build_seconds", "sort_split_seconds", "build_sort_split_seconds", "scan_seconds",
+                    "planning_ms_per_step", "peak_rss_mb", "sharing_vs_dfs", "splits", "split_spent_tokens",
+                    "split_budget_tokens"]),
+    "plan_replay": ("Dual scanner vs DFS order in the fluid batching model (`blendserve plan`)",
+                    ["requests", "model", "hardware", "root_density", "root_sharing", "blend_fraction_of_overlap",
+                     "dfs_fraction_of_overlap", "blend_speedup_overlapped", "blend_speedup_sequential",
+                     "sharing_vs_dfs", "tree_build_seconds"]),
+}
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.5g}" if abs(v) < 1e6 else f"{v:.3e}"
+    return str(v)
+
+
+def render(results_dir: Path = ROOT / "bench" / "results") -> str:
+    parts = []
+    for name, (title, fields) in LAYOUT.items():
+        path = results_dir / f"{name}.json"
+        if not path.exists():
+            parts.append(f"### {title}\n\nNot run yet: `{name}.json` is missing.\n")
+            continue
+        data = json.loads(path.read_text())
+        targets = data.get("targets", {})
+        rows = ["| metric | value | target |", "|---|---|---|"]
+        rows += [f"| {f} | {_fmt(data[f])} | {_fmt(targets[f]) if f in targets else ''} |" for f in fields if f in data]
+        m = data.get("machine", {})
+        parts.append(f"### {title}\n\n" + "\n".join(rows) +
+                     f"\n\nCommand: `{data['command']}` ({m.get('cpu', 'this machine')}, {m.get('cores', '?')} cores).\n")
+    return "\n".join(parts)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--check", action="store_true")
+    args = ap.parse_args()
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if BEGIN not in text or END not in text:
+        print(f"README.md lacks the markers {BEGIN} ... {END}", file=sys.stderr)
+        return 1
+    head, rest = text.split(BEGIN, 1)
+    _, tail = rest.split(END, 1)
+    new = f"{head}{BEGIN}\n{render()}{END}{tail}"
+    if args.check:
+        if new != text:
+            print("README.md results are out of date: run `python bench/report.py`", file=sys.stderr)
+            return 1
+        return 0
+    readme.write_text(new)
+    print("README.md results updated")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,28 @@
+"""The `blendserve` command: subcommands of the project."""
+
+from __future__ import annotations
+
+import sys
+
+COMMANDS = {
+    "plan": ("blendserve_sgl.plan", "plan a real trace with the dual scanner and show what it achieves"),
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help") or argv[0] not in COMMANDS:
+        print("usage: blendserve COMMAND [options]\n\ncommands:")
+        for name, (_, text) in COMMANDS.items():
+            print(f"  {name:<10} {text}")
+        if argv and argv[0] not in ("-h", "--help"):
+            print(f"\nunknown command {argv[0]!r}", file=sys.stderr)
+            return 2
+        return 0
+    import importlib
+
+    return importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

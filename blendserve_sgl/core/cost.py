@@ -1,0 +1,112 @@
+"""The cost model: every formula of the method lives here; other modules ask it.
+
+Per request with prompt length p and output length d (BlendServe, arXiv 2411.16102):
+
+    Comp(r) = 2 (p + d) P / FLOPS                       compute_tokens(p, d) = p + d
+    Mem(r)  = (p d + d^2 / 2) * kv_bytes_per_token / BW  memory_units(p, d)  = 2 p d + d^2
+    rho(r)  = Comp(r) / Mem(r)
+
+and per prefix-tree node holding the requests R of its subtree with sharing ratio s:
+
+    rho(R) = (1 - s) Comp(R) / Mem(R)
+
+Aggregates are kept as integers (`compute_tokens`, `memory_units` = twice the token-reads of
+decode attention) so that adding and removing requests is exact; `CostModel` turns them into
+seconds. P is the number of parameters that enter a GEMM per token (decoder layers + LM head).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .specs import HardwareSpec, ModelSpec, hardware, model
+
+
+def compute_tokens(prompt_len: int, output_len: int) -> int:
+    """Tokens that pass through every GEMM: the prompt once, each output token once."""
+    return prompt_len + output_len
+
+
+def memory_units(prompt_len: int, output_len: int) -> int:
+    """2 x (KV token reads of all decode steps) = 2 p d + d^2 (step i reads p + i tokens)."""
+    return 2 * prompt_len * output_len + output_len * output_len
+
+
+def mean_kv_tokens(prompt_len: int, output_len: int) -> float:
+    """KV tokens a decoding request holds on average over its life: p + d / 2."""
+    return prompt_len + output_len / 2
+
+
+@dataclass(frozen=True, slots=True)
+class CostModel:
+    """Model x hardware, with the conversion constants precomputed."""
+
+    model: ModelSpec
+    hardware: HardwareSpec
+
+    @classmethod
+    def from_names(cls, model_name: str, hardware_name: str) -> "CostModel":
+        return cls(model(model_name), hardware(hardware_name))
+
+    @property
+    def seconds_per_compute_token(self) -> float:
+        return 2.0 * self.model.gemm_params / self.hardware.effective_flops
+
+    @property
+    def seconds_per_memory_unit(self) -> float:
+        return self.model.kv_bytes_per_token / (2.0 * self.hardware.effective_bandwidth)
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.model.kv_bytes_per_token
+
+    def comp_time(self, tokens: float) -> float:
+        return tokens * self.seconds_per_compute_token
+
+    def mem_time(self, units: float) -> float:
+        return units * self.seconds_per_memory_unit
+
+    def request_comp_time(self, prompt_len: int, output_len: int) -> float:
+        return self.comp_time(compute_tokens(prompt_len, output_len))
+
+    def request_mem_time(self, prompt_len: int, output_len: int) -> float:
+        return self.mem_time(memory_units(prompt_len, output_len))
+
+    def density(self, computed_tokens: float, mem_units: float) -> float:
+        """Comp / Mem of a set of requests whose de-duplicated compute is `computed_tokens`.
+
+        For a node, computed_tokens = (1 - s) * sum(p + d). Returns +inf when nothing is read
+        (prefill-only requests).
+        """
+        if mem_units <= 0:
+            return math.inf
+        return self.comp_time(computed_tokens) / self.mem_time(mem_units)
+
+    def request_density(self, prompt_len: int, output_len: int) -> float:
+        return self.density(compute_tokens(prompt_len, output_len), memory_units(prompt_len, output_len))
+
+    def step_time(self, comp_seconds: float, mem_seconds: float, overlap: bool) -> float:
+        """f(comp, mem): max with perfect overlap, sum without."""
+        return max(comp_seconds, mem_seconds) if overlap else comp_seconds + mem_seconds
+
+    def optimal_time(self, total_compute_tokens: float, sharing: float, total_mem_units: float) -> float:
+        """T_o = max((1 - s_o) T_comp, T_mem): the workload's lower bound under perfect overlap."""
+        return max((1.0 - sharing) * self.comp_time(total_compute_tokens), self.mem_time(total_mem_units))
+
+
+def split_memory(total: float, rho_left: float, rho_right: float, rho_root: float) -> float:
+    """Left share M_L of memory M so that M_L rho_L + (M - M_L) rho_R = M rho_root.
+
+    Clamped to [0, M]; an even split when the two sides have the same density.
+    """
+    if not (total > 0):
+        return 0.0
+    finite = [x for x in (rho_left, rho_right, rho_root) if math.isfinite(x)]
+    cap = max(finite) * 1e3 if finite else 1.0
+    rl, rr, r0 = (min(x, cap) for x in (rho_left, rho_right, rho_root))
+    span = rl - rr
+    if span <= 1e-12 * max(abs(rl), abs(rr), 1e-30):
+        return total / 2
+    frac = (r0 - rr) / span
+    return total * min(1.0, max(0.0, frac))

@@ -1,0 +1,281 @@
+"""The dual scanner: admissions from both ends of the density-sorted tree.
+
+The left cursor is the leftmost waiting request (compute-dense end), the right cursor the
+rightmost (memory-dense end); taking a request removes it from the tree, so each cursor walks
+its end in DFS order and every request is handed out exactly once. The KV memory M (what the
+running requests hold plus what is free) is split so the running batch holds the workload's
+density:
+
+    M_L + M_R = M,    M_L rho(L) + M_R rho(R) = M rho(root)        (cost.split_memory)
+
+rho(L), rho(R) are the densities of the subtrees each cursor is scanning (the lowest ancestor
+holding at least `density_window` requests), rho(root) that of all waiting requests. Each side
+admits while its next request fits: its KV reservation within the side's share and the free
+memory, a free request slot, and prefill tokens left (the step's chunked-prefill budget is
+split like the memory; what one side leaves is offered to the other). Shares hold on average
+over time: a side may go over its share by one request per step while its running sum of
+(held - share) is not positive, so a side whose requests are larger than its share neither
+starves nor takes more than its share in the long run.
+
+With unknown output lengths, a seeded sample runs first (`estimate.py`); the tree is sorted
+and split once its results are in. Deterministic: no clocks, no unseeded randomness, ties
+broken by arrival order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from .cost import split_memory
+from .split import SplitReport, sort_and_split
+from .tree import Node, Req, ResourceTree
+
+LEFT, RIGHT, SAMPLE = "left", "right", "sample"
+
+
+class Budget(NamedTuple):
+    kv_bytes: float  # free KV-cache bytes this step's admissions may reserve
+    slots: int  # free request slots
+    prefill_tokens: int  # prefill tokens this step may compute (chunked-prefill size)
+
+
+class Admission(NamedTuple):
+    rid: Any
+    side: str  # LEFT (compute-dense end), RIGHT (memory-dense end) or SAMPLE
+    prompt_len: int
+    cached_tokens: int  # prefix estimated to be cached: shared with a recently taken request
+    output_len: int  # known, or the current estimate
+    kv_bytes: float  # KV bytes reserved: (uncached prompt + reserve_output_ratio x output) x bytes/token
+
+
+@dataclass(frozen=True, slots=True)
+class ScanConfig:
+    keep_sharing: float = 0.99  # split budget: keep this fraction of the tree's saved prefix tokens
+    density_window: int = 64  # rho(L)/rho(R): lowest ancestor with at least this many requests
+    reserve_output_ratio: float = 1.0  # share of the output length reserved at admission
+    sample_quorum: float = 0.5  # plan the rest once this share of the sample finished (1.0: all)
+    max_split_rounds: int = 8
+
+    def __post_init__(self) -> None:
+        if not (0.0 <= self.keep_sharing <= 1.0):
+            raise ValueError(f"keep_sharing must be in [0, 1], got {self.keep_sharing!r}")
+        if not (isinstance(self.density_window, int) and self.density_window >= 1):
+            raise ValueError(f"density_window must be a positive integer, got {self.density_window!r}")
+        if not (0.0 < self.sample_quorum <= 1.0):
+            raise ValueError(f"sample_quorum must be in (0, 1], got {self.sample_quorum!r}")
+        if not (0.0 <= self.reserve_output_ratio <= 1.0):
+            raise ValueError(f"reserve_output_ratio must be in [0, 1], got {self.reserve_output_ratio!r}")
+
+
+class _Running(NamedTuple):
+    side: str
+    kv_bytes: float
+    req: Req
+    path: list  # root path at admission (sample results are recorded along it)
+
+
+class DualScanner:
+    def __init__(self, tree: ResourceTree, config: ScanConfig = ScanConfig()):
+        self.tree = tree
+        self.config = config
+        self.running: dict[Any, _Running] = {}
+        self.used = {LEFT: 0.0, RIGHT: 0.0}
+        self.debt = {LEFT: 0.0, RIGHT: 0.0}  # sum over steps of (held - share): time-averaged shares
+        self.pending_sample: set = set()  # sample requests not finished yet
+        self.sample_size = 0
+        self.sample_generated: dict = {}  # running sample rid -> tokens generated so far
+        self.planned = False  # sorted and split with sample-based estimates
+        self.prepared = False
+        self.split_report: SplitReport | None = None
+        self.handed_out = 0
+        self._last: dict[str, Node | None] = {LEFT: None, RIGHT: None}
+
+    # ------------------------------------------------------------------ setup
+    def prepare(self) -> None:
+        """Pick the output-length sample (if any length is unknown), else sort and split now."""
+        self.prepared = True
+        unknown = [r.rid for r in self.tree.reqs.values() if not r.known]
+        chosen = self.tree.estimator.choose_sample(unknown)
+        for rid in chosen:
+            self.tree.reqs[rid].sample = True
+        self.pending_sample = set(chosen)
+        self.sample_size = len(chosen)
+        if not self.pending_sample:
+            self._plan()
+
+    def _plan(self) -> None:
+        """Re-estimate unknown lengths and sort + split. Samples still running count with their
+        output so far (a lower bound) for this plan only."""
+        est = self.tree.estimator
+        partial = [(self.running[r].path, g) for r, g in self.sample_generated.items()
+                   if r in self.running and g > 0]
+        for path, g in partial:
+            est.record(path, g)
+        est.refresh(self.tree)
+        for path, g in partial:
+            est.record(path, -g, count=-1)
+        self.split_report = sort_and_split(self.tree, self.config.keep_sharing, self.config.max_split_rounds)
+        self.planned = True
+
+    def _sample_quorum_reached(self) -> bool:
+        done = self.sample_size - len(self.pending_sample)
+        return done >= self.config.sample_quorum * self.sample_size
+
+    @property
+    def sampling(self) -> bool:
+        return bool(self.pending_sample)
+
+    # ------------------------------------------------------------------ step
+    def schedule(self, budget: Budget) -> list[Admission]:
+        """Admissions for this step, in the order they should be admitted."""
+        if not self.prepared:
+            self.prepare()
+        state = _StepState(budget)
+        out: list[Admission] = []
+        if self.pending_sample:
+            for req in sorted((self.tree.reqs[r] for r in self.pending_sample if r in self.tree.reqs),
+                              key=lambda r: r.seq):
+                if not self._try_take(req, SAMPLE, state, out, share=None, prefill_cap=None):
+                    break
+            if not self.planned:
+                return out
+        root = self.tree.root
+        if root.count == 0:
+            return out
+        total = self.used[LEFT] + self.used[RIGHT] + max(0.0, budget.kv_bytes)
+        window = min(self.config.density_window, max(1, root.count // 8))
+        rho_l = self._region_density(self.tree.leftmost(), window)
+        rho_r = self._region_density(self.tree.rightmost(), window)
+        share_l = split_memory(total, rho_l, rho_r, self.tree.density(root))
+        shares = {LEFT: share_l, RIGHT: total - share_l}
+        for side in (LEFT, RIGHT):
+            self.debt[side] = max(self.debt[side] + self.used[side] - shares[side], -8.0 * shares[side])
+        state.overdraft = {LEFT: self.debt[LEFT] <= 0, RIGHT: self.debt[RIGHT] <= 0}
+        frac_l = share_l / total if total > 0 else 0.5
+        caps = {LEFT: int(budget.prefill_tokens * frac_l)}
+        caps[RIGHT] = budget.prefill_tokens - caps[LEFT]
+        for pooled in (False, True):
+            for side in (LEFT, RIGHT):
+                cap = None if pooled else caps[side]
+                while self.tree.root.count:
+                    req = self.tree.leftmost() if side == LEFT else self.tree.rightmost()
+                    if not self._try_take(req, side, state, out, shares[side], cap):
+                        break
+                    if cap is not None:
+                        cap = caps[side] - state.prefill_used[side]
+        return out
+
+    def _region_density(self, req: Req | None, window: int) -> float:
+        if req is None:
+            return self.tree.density(self.tree.root)
+        node = req.node
+        while node.parent is not None and node.count < window:
+            node = node.parent
+        return self.tree.density(node)
+
+    def _cached_prefix(self, node: Node) -> int:
+        best = 0
+        for last in self._last.values():
+            if last is not None:
+                best = max(best, common_prefix_len(last, node))
+        return best
+
+    def _try_take(self, req: Req, side: str, st: "_StepState", out: list, share, prefill_cap) -> bool:
+        if st.slots <= 0 or st.prefill <= 0:
+            return False
+        if prefill_cap is not None and prefill_cap <= 0:
+            return False
+        cached = min(self._cached_prefix(req.node), req.prompt_len - 1)
+        uncached = req.prompt_len - cached
+        need = (uncached + self.config.reserve_output_ratio * req.output_len) * self.tree.cost.kv_bytes_per_token
+        if need > st.kv_free:
+            return False
+        acct = RIGHT if side == RIGHT or (side == SAMPLE and req.sort_key < self.tree.density(self.tree.root)) else LEFT
+        if share is not None and self.used[acct] + need > share:
+            # Over the share: one request per step, and only while the side is not in debt, so a
+            # side whose requests are larger than its share still holds its share on average.
+            if not st.overdraft.get(acct):
+                return False
+            st.overdraft[acct] = False
+        node = req.node
+        self.tree.remove(req.rid)
+        path = self.tree.path(node) if req.sample else []
+        self.running[req.rid] = _Running(acct, need, req, path)
+        self.used[acct] += need
+        self.handed_out += 1
+        st.kv_free -= need
+        st.slots -= 1
+        charged = min(uncached, st.prefill)
+        st.prefill -= charged
+        st.prefill_used[acct] += charged
+        self._last[acct] = node
+        out.append(Admission(req.rid, side, req.prompt_len, cached, req.output_len, need))
+        return True
+
+    # ------------------------------------------------------------------ feedback
+    def finished(self, rid, output_len: int | None = None) -> None:
+        """A handed-out request finished (or was aborted while running)."""
+        run = self.running.pop(rid)
+        self.used[run.side] -= run.kv_bytes
+        if run.req.sample and rid in self.pending_sample:
+            if output_len is not None:
+                self.tree.estimator.record(run.path, output_len)
+            self.pending_sample.discard(rid)
+            self.sample_generated.pop(rid, None)
+            if not self.pending_sample or (not self.planned and self._sample_quorum_reached()):
+                self._plan()
+
+    def progress(self, rid, generated: int) -> bool:
+        """Report tokens generated so far; a left-side request far past its estimate moves right."""
+        run = self.running[rid]
+        if rid in self.pending_sample:
+            self.sample_generated[rid] = generated
+        if run.side == RIGHT or run.req.known or not self.tree.estimator.overran(run.req.output_len, generated):
+            return False
+        self.used[LEFT] -= run.kv_bytes
+        self.used[RIGHT] += run.kv_bytes
+        self.running[rid] = run._replace(side=RIGHT)
+        return True
+
+    def retracted(self, rid) -> Req:
+        """A running request was preempted; the caller re-adds it (with its output so far)."""
+        run = self.running.pop(rid)
+        self.used[run.side] -= run.kv_bytes
+        self.sample_generated.pop(rid, None)
+        if rid in self.pending_sample:  # it comes back and runs again as a sample
+            self.pending_sample.discard(rid)
+            self.sample_size -= 1
+        return run.req
+
+    def check_integrity(self) -> None:
+        self.tree.check_integrity()
+        for side in (LEFT, RIGHT):
+            held = sum(r.kv_bytes for r in self.running.values() if r.side == side)
+            assert abs(held - self.used[side]) <= 1e-6 * max(1.0, held), f"{side} accounting drifted"
+        assert not (set(self.running) & set(self.tree.reqs)), "a running request is still waiting in the tree"
+
+
+class _StepState:
+    __slots__ = ("kv_free", "slots", "prefill", "prefill_used", "overdraft")
+
+    def __init__(self, budget: Budget):
+        self.kv_free = float(budget.kv_bytes)
+        self.slots = int(budget.slots)
+        self.prefill = int(budget.prefill_tokens)
+        self.prefill_used = {LEFT: 0, RIGHT: 0}
+        self.overdraft: dict = {}
+
+
+def common_prefix_len(a: Node, b: Node) -> int:
+    """prefix_len of the deepest common ancestor of two nodes (split twins count as different).
+
+    Works for nodes already pruned from the tree: they keep their parent links.
+    """
+    ancestors = set()
+    while a is not None:
+        ancestors.add(id(a))
+        a = a.parent
+    while b is not None and id(b) not in ancestors:
+        b = b.parent
+    return b.prefix_len if b is not None else 0

@@ -1,0 +1,219 @@
+"""Frozen hardware and model specs with named presets.
+
+Hardware numbers are vendor peak figures (dense BF16 tensor FLOP/s, HBM bandwidth); the `cpu`
+preset is measured on the machine at hand (see `measure_cpu`). Model specs are built from a
+Hugging Face `config.json` dict, so a preset is just a stored config.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+_DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8": 1, "fp8": 1}
+
+
+@dataclass(frozen=True, slots=True)
+class HardwareSpec:
+    """One accelerator: peak GEMM throughput, memory bandwidth and capacity."""
+
+    name: str
+    flops: float  # dense FP16/BF16 FLOP/s
+    mem_bandwidth: float  # bytes/s
+    mem_capacity: float  # bytes
+    flops_efficiency: float = 1.0  # achieved / peak, fitted by calibration
+    bandwidth_efficiency: float = 1.0
+
+    def __post_init__(self) -> None:
+        for field in ("flops", "mem_bandwidth", "mem_capacity"):
+            value = getattr(self, field)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise ValueError(f"HardwareSpec {self.name!r}: {field} must be a positive finite number, got {value!r}")
+        for field in ("flops_efficiency", "bandwidth_efficiency"):
+            value = getattr(self, field)
+            if not (isinstance(value, (int, float)) and 0 < value <= 1):
+                raise ValueError(f"HardwareSpec {self.name!r}: {field} must be in (0, 1], got {value!r}")
+
+    @property
+    def effective_flops(self) -> float:
+        return self.flops * self.flops_efficiency
+
+    @property
+    def effective_bandwidth(self) -> float:
+        return self.mem_bandwidth * self.bandwidth_efficiency
+
+
+@dataclass(frozen=True, slots=True)
+class ModelSpec:
+    """The shape facts the cost model needs, derived from a Hugging Face config."""
+
+    name: str
+    num_params: int  # all weights, embeddings included
+    gemm_params: int  # weights that enter a GEMM per token: decoder layers + LM head
+    num_layers: int
+    num_kv_heads: int
+    head_dim: int
+    dtype_bytes: int
+    max_context: int
+
+    def __post_init__(self) -> None:
+        for field in ("num_params", "gemm_params", "num_layers", "num_kv_heads", "head_dim", "dtype_bytes", "max_context"):
+            value = getattr(self, field)
+            if not (isinstance(value, int) and value > 0):
+                raise ValueError(f"ModelSpec {self.name!r}: {field} must be a positive integer, got {value!r}")
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """K and V of one token across all layers."""
+        return 2 * self.dtype_bytes * self.num_kv_heads * self.head_dim * self.num_layers
+
+    @classmethod
+    def from_hf_config(cls, config: dict, name: str | None = None) -> "ModelSpec":
+        """Build from a decoder-only (Llama/Qwen2-style) `config.json` dict."""
+        name = name or config.get("_name_or_path") or config.get("model_type") or "model"
+        required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+        missing = [k for k in required if k not in config]
+        if missing:
+            raise ValueError(f"config.json for {name!r} lacks {missing}; a decoder-only HF config is required")
+        hidden = int(config["hidden_size"])
+        inter = int(config["intermediate_size"])
+        layers = int(config["num_hidden_layers"])
+        heads = int(config["num_attention_heads"])
+        kv_heads = int(config.get("num_key_value_heads") or heads)
+        head_dim = int(config.get("head_dim") or hidden // heads)
+        vocab = int(config["vocab_size"])
+        dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
+        if dtype not in _DTYPE_BYTES:
+            raise ValueError(f"config.json for {name!r}: unknown torch_dtype {dtype!r}; one of {sorted(_DTYPE_BYTES)}")
+        q = hidden * heads * head_dim
+        kv = 2 * hidden * kv_heads * head_dim
+        o = heads * head_dim * hidden
+        bias = (heads + 2 * kv_heads) * head_dim if config.get("attention_bias") or config.get("model_type") == "qwen2" else 0
+        mlp = 3 * hidden * inter
+        per_layer = q + kv + o + bias + mlp + 2 * hidden
+        embed = vocab * hidden
+        tied = bool(config.get("tie_word_embeddings", False))
+        num_params = layers * per_layer + embed + (0 if tied else embed) + hidden
+        gemm_params = layers * (q + kv + o + mlp) + embed
+        return cls(
+            name=name,
+            num_params=num_params,
+            gemm_params=gemm_params,
+            num_layers=layers,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            dtype_bytes=_DTYPE_BYTES[dtype],
+            max_context=int(config.get("max_position_embeddings", 4096)),
+        )
+
+    @classmethod
+    def from_config_file(cls, path: str | os.PathLike) -> "ModelSpec":
+        path = Path(path)
+        if path.is_dir():
+            path = path / "config.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"model config {path} not found; pass a model directory holding config.json")
+        return cls.from_hf_config(json.loads(path.read_text()), name=path.parent.name)
+
+
+GB = 1e9
+_HARDWARE = {
+    # NVIDIA datasheets: dense BF16 tensor throughput, HBM bandwidth, HBM size.
+    "a100": HardwareSpec("a100", flops=312e12, mem_bandwidth=2.039e12, mem_capacity=80 * GB),
+    "h100": HardwareSpec("h100", flops=989.4e12, mem_bandwidth=3.35e12, mem_capacity=80 * GB),
+    "h200": HardwareSpec("h200", flops=989.4e12, mem_bandwidth=4.8e12, mem_capacity=141 * GB),
+}
+_HARDWARE_ALIASES = {"a100-80gb": "a100", "a100-80gb-sxm": "a100", "h100-sxm": "h100", "h200-sxm": "h200"}
+
+# Stored Hugging Face config.json fields of the preset models.
+_MODEL_CONFIGS = {
+    "llama-3.1-8b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=128256, torch_dtype="bfloat16",
+                         max_position_embeddings=131072, tie_word_embeddings=False, model_type="llama"),
+    "llama-3.1-70b": dict(hidden_size=8192, intermediate_size=28672, num_hidden_layers=80, num_attention_heads=64,
+                          num_key_value_heads=8, vocab_size=128256, torch_dtype="bfloat16",
+                          max_position_embeddings=131072, tie_word_embeddings=False, model_type="llama"),
+    "qwen2.5-7b": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28, num_attention_heads=28,
+                       num_key_value_heads=4, vocab_size=152064, torch_dtype="bfloat16",
+                       max_position_embeddings=131072, tie_word_embeddings=False, model_type="qwen2"),
+    "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                         num_key_value_heads=3, vocab_size=49152, torch_dtype="bfloat16",
+                         max_position_embeddings=8192, tie_word_embeddings=True, model_type="llama"),
+}
+
+
+def hardware_names() -> list[str]:
+    return sorted([*_HARDWARE, "cpu"])
+
+
+def model_names() -> list[str]:
+    return sorted(_MODEL_CONFIGS)
+
+
+def hardware(name: str) -> HardwareSpec:
+    """A named hardware preset: `a100`, `h100`, `h200` or `cpu` (measured here, once per process)."""
+    key = _HARDWARE_ALIASES.get(str(name).lower(), str(name).lower())
+    if key == "cpu":
+        return measure_cpu()
+    if key not in _HARDWARE:
+        raise ValueError(f"unknown hardware preset {name!r}; choose one of {hardware_names()}")
+    return _HARDWARE[key]
+
+
+def model(name: str) -> ModelSpec:
+    """A named model preset, or a path to a model directory / config.json."""
+    key = str(name).lower()
+    if key in _MODEL_CONFIGS:
+        return ModelSpec.from_hf_config(_MODEL_CONFIGS[key], name=key)
+    if os.path.exists(name):
+        return ModelSpec.from_config_file(name)
+    raise ValueError(f"unknown model preset {name!r}; choose one of {model_names()} or pass a path to config.json")
+
+
+@lru_cache(maxsize=1)
+def measure_cpu(seconds: float = 0.6) -> HardwareSpec:
+    """Measure this machine: float32 GEMM FLOP/s (NumPy BLAS) and streaming-copy bandwidth.
+
+    Each figure is the best of repeated runs inside a small time budget. Memory capacity is the
+    machine's physical RAM. Measured once per process; different machines give different specs.
+    """
+    import numpy as np
+
+    n = 1024
+    a = np.random.default_rng(0).standard_normal((n, n), dtype=np.float32)
+    b = np.random.default_rng(1).standard_normal((n, n), dtype=np.float32)
+    a @ b  # warm-up: thread pool and caches
+    best_gemm = math.inf
+    deadline = time.perf_counter() + seconds / 2
+    while True:
+        t0 = time.perf_counter()
+        a @ b
+        best_gemm = min(best_gemm, time.perf_counter() - t0)
+        if time.perf_counter() > deadline:
+            break
+    src = np.ones(32 * 1024 * 1024, dtype=np.float32)  # 128 MiB, far beyond cache
+    dst = np.empty_like(src)
+    np.copyto(dst, src)
+    best_copy = math.inf
+    deadline = time.perf_counter() + seconds / 2
+    while True:
+        t0 = time.perf_counter()
+        np.copyto(dst, src)
+        best_copy = min(best_copy, time.perf_counter() - t0)
+        if time.perf_counter() > deadline:
+            break
+    try:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        ram = 16 * GB
+    return HardwareSpec(
+        "cpu",
+        flops=2 * n**3 / best_gemm,
+        mem_bandwidth=2 * src.nbytes / best_copy,  # read + write
+        mem_capacity=float(ram),
+    )
