@@ -21,9 +21,9 @@ LAYOUT = {
                     "planning_ms_per_step", "peak_rss_mb", "sharing_vs_dfs", "splits", "split_spent_tokens",
                     "split_budget_tokens"]),
     "plan_replay": ("Dual scanner vs DFS order in the fluid batching model (`blendserve plan`)",
-                    ["requests", "model", "hardware", "root_density", "root_sharing", "blend_fraction_of_overlap",
+                    ["requests", "known_lengths", "model", "hardware", "root_density", "root_sharing", "blend_fraction_of_overlap",
                      "dfs_fraction_of_overlap", "blend_speedup_overlapped", "blend_speedup_sequential",
-                     "sharing_vs_dfs", "tree_build_seconds"]),
+                     "sharing_vs_dfs", "blend_peak_kv_gb", "dfs_peak_kv_gb", "tree_build_seconds"]),
 }
 
 

@@ -46,6 +46,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prefill", type=int, default=512, help="prefill tokens per step (chunked-prefill size)")
     ap.add_argument("--sample-fraction", type=float, default=0.01)
     ap.add_argument("--keep-sharing", type=float, default=0.99)
+    ap.add_argument("--unknown-lengths", action="store_true",
+                    help="hide output lengths from BlendServe (sample + estimate); the replay has no "
+                         "retraction, so underestimates over-commit KV (peak KV is printed)")
     ap.add_argument("--out", help="also write the figures as JSON to this path")
     args = ap.parse_args(argv)
 
@@ -57,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     estimator = OutputLengthEstimator(sample_fraction=args.sample_fraction, seed=args.seed)
 
     t0 = time.perf_counter()
-    tree = build_tree(records, cost, known_lengths=False, estimator=estimator)
+    tree = build_tree(records, cost, known_lengths=not args.unknown_lengths, estimator=estimator)
     t_build = time.perf_counter() - t0
     scanner = DualScanner(tree, ScanConfig(keep_sharing=args.keep_sharing))
     reference = build_tree(records, cost)
@@ -88,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, res in (("blend", blend), ("dfs", dfs)):
         print(f"{name:>5}: {len(res.steps)} steps, overlapped time {res.overlapped_s:.1f} s "
               f"(fraction of overlap {res.fraction_of_overlap:.3f}), sequential time {res.sequential_s:.1f} s, "
-              f"prefix hits {res.prefix_hit_tokens} tokens")
+              f"prefix hits {res.prefix_hit_tokens} tokens, peak KV {res.peak_kv_bytes / 1e9:.1f} GB")
     print(f"blend vs dfs: prefix sharing kept {blend.prefix_hit_tokens / dfs.prefix_hit_tokens:.4f}, "
           f"overlapped speedup {dfs.overlapped_s / blend.overlapped_s:.3f}x, "
           f"sequential speedup {dfs.sequential_s / blend.sequential_s:.3f}x")
@@ -102,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         summary = {
             "command": "blendserve plan " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[2:])),
             "machine": describe(),
-            "requests": args.requests, "model": cost.model.name, "hardware": cost.hardware.name,
+            "requests": args.requests, "known_lengths": not args.unknown_lengths, "model": cost.model.name, "hardware": cost.hardware.name,
             "kv_gb": args.kv_gb, "slots": args.slots, "prefill": args.prefill,
             "root_density": round(root_density, 4), "root_sharing": round(reference.root.sharing, 4),
             "blend_fraction_of_overlap": round(blend.fraction_of_overlap, 4),
@@ -110,6 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             "blend_speedup_overlapped": round(dfs.overlapped_s / blend.overlapped_s, 4),
             "blend_speedup_sequential": round(dfs.sequential_s / blend.sequential_s, 4),
             "sharing_vs_dfs": round(blend.prefix_hit_tokens / dfs.prefix_hit_tokens, 5),
+            "blend_peak_kv_gb": round(blend.peak_kv_bytes / 1e9, 2), "dfs_peak_kv_gb": round(dfs.peak_kv_bytes / 1e9, 2),
             "tree_build_seconds": round(t_build, 3),
             "scanner_replay_ms_per_step": round(1e3 * t_blend / len(blend.steps), 4),
             "phases": {"blend": _phases(blend, root_density), "dfs": _phases(dfs, root_density)},

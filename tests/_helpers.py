@@ -14,19 +14,22 @@ COST = CostModel.from_names("llama-3.1-8b", "a100")
 
 
 # ---------------------------------------------------------------- workloads
-def mixed_workload(n: int, seed: int = 0, n_subjects: int = 10) -> list[tuple]:
-    """(rid, prefix groups, prompt_len, output_len): 30% MMLU-like, 45% compute-dense, 25% memory-dense."""
+def mixed_workload(n: int, seed: int = 0, *, fractions=(0.30, 0.45), compute_prompt=(1000, 4000),
+                   compute_output=(5, 40), memory_output=(2000, 8000), n_subjects: int = 10) -> list[tuple]:
+    """(rid, prefix groups, prompt_len, output_len). Default: 30% MMLU-like (shared system prompt +
+    subject, 1-2 output tokens), 45% compute-dense (long prompt, short output), 25% memory-dense
+    (short prompt, long output)."""
     rng = random.Random(seed)
     out = []
     for i in range(n):
         u = rng.random()
-        if u < 0.30:
+        if u < fractions[0]:
             k = rng.randrange(n_subjects)
             out.append((i, [("sys", 50), (f"subj{k}", 600)], rng.randint(700, 800), rng.randint(1, 2)))
-        elif u < 0.75:
-            out.append((i, [("sysc", 40)], rng.randint(1000, 4000), rng.randint(5, 40)))
+        elif u < fractions[0] + fractions[1]:
+            out.append((i, [("sysc", 40)], rng.randint(*compute_prompt), rng.randint(*compute_output)))
         else:
-            out.append((i, [("sysv", 40)], rng.randint(50, 200), rng.randint(2000, 8000)))
+            out.append((i, [("sysv", 40)], rng.randint(50, 200), rng.randint(*memory_output)))
     return out
 
 
@@ -111,7 +114,7 @@ def drive(picker, outputs: dict, kv_bytes: float, slots: int, prefill: int, *, a
     running: dict = {}  # rid -> [steps left, kv]
     held = 0.0
     order, steps = [], []
-    total = len(outputs) + sum(len(v) for v in arrivals.values())
+    total = len(set(outputs) | {rid for batch in arrivals.values() for rid, _ in batch})
     done = 0
     for step in range(max_steps):
         for rid, kwargs in arrivals.pop(step, []):

@@ -106,7 +106,7 @@ def split_memory(total: float, rho_left: float, rho_right: float, rho_root: floa
     cap = max(finite) * 1e3 if finite else 1.0
     rl, rr, r0 = (min(x, cap) for x in (rho_left, rho_right, rho_root))
     span = rl - rr
-    if span <= 1e-12 * max(abs(rl), abs(rr), 1e-30):
+    if abs(span) <= 1e-12 * max(abs(rl), abs(rr), 1e-30):
         return total / 2
     frac = (r0 - rr) / span
     return total * min(1.0, max(0.0, frac))

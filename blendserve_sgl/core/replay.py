@@ -3,7 +3,10 @@
 A fluid model of continuous batching, enough to judge a plan without an engine: every step
 admits what the picker hands out (its whole uncached prompt is prefilled in that step), every
 running request that was admitted earlier decodes one token, and a request leaves when it
-reaches its true output length. KV memory is reserved at admission as the picker says; prefix
+reaches its true output length. KV memory is reserved at admission as the picker says, and a
+request that runs past its reservation (an underestimated output) holds its real size from
+then on, so the budget shrinks (there is no retraction here: `peak_kv_bytes` shows any
+over-commit); prefix
 hits come from `sharing.PrefixHitCounter`. Per step it records compute and memory time from the
 cost model, so `fraction_of_overlap` = max(sum comp, sum mem) / sum max(comp_i, mem_i) tells
 how well each step mixes the two (1.0: every step has the workload's density).
@@ -88,6 +91,7 @@ class ReplayResult:
     prefix_hit_tokens: int = 0
     prompt_tokens: int = 0
     output_tokens: int = 0
+    peak_kv_bytes: float = 0.0  # reservations plus growth past them (can exceed kv_bytes: no retraction here)
 
     @property
     def comp_s(self) -> float:
@@ -128,8 +132,10 @@ def replay(picker: Picker, reference: ResourceTree, true_output: dict[Any, int],
     result = ReplayResult()
     hits = PrefixHitCounter(reference, window=max_running)
     prefilling: deque = deque()  # [rid, tokens left to prefill]
-    running: dict[Any, list] = {}  # rid -> [context_len, generated, target, reserved_bytes]
+    running: dict[Any, list] = {}  # rid -> [context_len, generated, target, uncached prompt]
     reserved: dict[Any, float] = {}
+    uncached: dict[Any, int] = {}
+    bpt = cost.kv_bytes_per_token
     held = 0.0
     left = len(true_output)
     batch_kv = batch_kv_rho = 0.0  # sum kv_r and sum kv_r rho_r over the batch
@@ -148,6 +154,7 @@ def replay(picker: Picker, reference: ResourceTree, true_output: dict[Any, int],
             result.admitted.append(a.rid)
             held += a.kv_bytes
             reserved[a.rid] = a.kv_bytes
+            uncached[a.rid] = max(1, a.prompt_len - hit)
             prefilling.append([a.rid, max(1, a.prompt_len - hit), a.prompt_len])
             d = true_output[a.rid]
             kv = a.prompt_len + d / 2
@@ -161,6 +168,10 @@ def replay(picker: Picker, reference: ResourceTree, true_output: dict[Any, int],
             decode_n += 1
             st[0] += 1
             st[1] += 1
+            grown = (st[3] + st[1]) * bpt  # a request past its reserved output length holds more
+            if grown > reserved[rid]:
+                held += grown - reserved[rid]
+                reserved[rid] = grown
             if st[1] >= st[2]:
                 finished.append(rid)
             else:
@@ -176,7 +187,7 @@ def replay(picker: Picker, reference: ResourceTree, true_output: dict[Any, int],
             if item[1] == 0:
                 prefilling.popleft()
                 rid, p = item[0], item[2]
-                running[rid] = [p + 1, 1, true_output[rid], 0.0]
+                running[rid] = [p + 1, 1, true_output[rid], uncached.pop(rid)]
                 if true_output[rid] <= 1:
                     finished.append(rid)
         step_density = batch_kv_rho / batch_kv if batch_kv > 0 else math.nan
@@ -189,6 +200,7 @@ def replay(picker: Picker, reference: ResourceTree, true_output: dict[Any, int],
             result.output_tokens += st[1]
             picker.finished(rid, st[1])
             left -= 1
+        result.peak_kv_bytes = max(result.peak_kv_bytes, held)
         result.steps.append(StepRecord(len(running) + len(finished), prefill, decode_n,
                                        cost.comp_time(prefill + decode_n), cost.mem_time(2 * decode_ctx),
                                        step_density))

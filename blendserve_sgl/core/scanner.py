@@ -24,6 +24,7 @@ broken by arrival order.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -153,8 +154,11 @@ class DualScanner:
             self.debt[side] = max(self.debt[side] + self.used[side] - shares[side], -8.0 * shares[side])
         state.overdraft = {LEFT: self.debt[LEFT] <= 0, RIGHT: self.debt[RIGHT] <= 0}
         frac_l = share_l / total if total > 0 else 0.5
-        caps = {LEFT: int(budget.prefill_tokens * frac_l)}
+        caps = {LEFT: math.ceil(budget.prefill_tokens * frac_l)}
         caps[RIGHT] = budget.prefill_tokens - caps[LEFT]
+        # Each side leaves room for the largest of the other side's coming requests, so a side
+        # whose requests are larger than its share can still overdraw when its turn comes.
+        state.hard_cap = {LEFT: total - self._largest_coming(RIGHT), RIGHT: total - self._largest_coming(LEFT)}
         for pooled in (False, True):
             for side in (LEFT, RIGHT):
                 cap = None if pooled else caps[side]
@@ -181,17 +185,36 @@ class DualScanner:
                 best = max(best, common_prefix_len(last, node))
         return best
 
+    def _largest_coming(self, side: str) -> float:
+        """Upper bound on the KV bytes of the side's coming requests: the largest p + d in the
+        first two subtrees at its end of the tree (the one it scans and the next one), taken at
+        the first node that branches."""
+        node = self.tree.root
+        while len(node.kids) == 1 and type(node.kids[0]) is Node:
+            node = node.kids[0]
+        kids = node.kids
+        ends = (kids[0], kids[1]) if side == LEFT and len(kids) > 1 else (kids[-1], kids[-2]) if len(kids) > 1 else tuple(kids)
+        longest = max((k.max_len if type(k) is Node else k.prompt_len + k.output_len for k in ends), default=0)
+        return longest * self.tree.cost.kv_bytes_per_token
+
+    def _reservation(self, req: Req) -> tuple[int, float]:
+        """(estimated cached prefix, KV bytes reserved) if `req` were admitted now."""
+        cached = min(self._cached_prefix(req.node), req.prompt_len - 1)
+        tokens = req.prompt_len - cached + self.config.reserve_output_ratio * req.output_len
+        return cached, tokens * self.tree.cost.kv_bytes_per_token
+
     def _try_take(self, req: Req, side: str, st: "_StepState", out: list, share, prefill_cap) -> bool:
         if st.slots <= 0 or st.prefill <= 0:
             return False
         if prefill_cap is not None and prefill_cap <= 0:
             return False
-        cached = min(self._cached_prefix(req.node), req.prompt_len - 1)
+        cached, need = self._reservation(req)
         uncached = req.prompt_len - cached
-        need = (uncached + self.config.reserve_output_ratio * req.output_len) * self.tree.cost.kv_bytes_per_token
         if need > st.kv_free:
             return False
         acct = RIGHT if side == RIGHT or (side == SAMPLE and req.sort_key < self.tree.density(self.tree.root)) else LEFT
+        if share is not None and self.used[acct] + need > st.hard_cap[acct]:
+            return False
         if share is not None and self.used[acct] + need > share:
             # Over the share: one request per step, and only while the side is not in debt, so a
             # side whose requests are larger than its share still holds its share on average.
@@ -257,7 +280,7 @@ class DualScanner:
 
 
 class _StepState:
-    __slots__ = ("kv_free", "slots", "prefill", "prefill_used", "overdraft")
+    __slots__ = ("kv_free", "slots", "prefill", "prefill_used", "overdraft", "hard_cap")
 
     def __init__(self, budget: Budget):
         self.kv_free = float(budget.kv_bytes)
@@ -265,6 +288,7 @@ class _StepState:
         self.prefill = int(budget.prefill_tokens)
         self.prefill_used = {LEFT: 0, RIGHT: 0}
         self.overdraft: dict = {}
+        self.hard_cap: dict = {}
 
 
 def common_prefix_len(a: Node, b: Node) -> int:

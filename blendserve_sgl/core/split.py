@@ -25,7 +25,7 @@ from .tree import Node, ResourceTree
 class SplitReport(NamedTuple):
     rounds: int  # sort -> split rounds run
     splits: int  # nodes split
-    moved_requests: int  # requests under the twins created
+    moved_requests: int  # distinct requests that ended up under a twin (moved away from their prefix)
     spent_tokens: int  # prompt tokens recomputed because of splits
     budget_tokens: int  # the most that could be spent
     saved_before: int  # tree.root.saved before splitting
@@ -47,7 +47,7 @@ def sort_and_split(tree: ResourceTree, keep_sharing: float = 0.99, max_rounds: i
     tree.sort()
     saved_before = tree.root.saved
     budget = int(math.floor((1.0 - keep_sharing) * saved_before))
-    spent = splits = moved = rounds = 0
+    spent = splits = rounds = 0
     stop = "max_rounds"
     for rounds in range(1, max_rounds + 1):
         if leaves_non_increasing(tree):
@@ -64,17 +64,27 @@ def sort_and_split(tree: ResourceTree, keep_sharing: float = 0.99, max_rounds: i
             if len(c.items) >= len(c.node.kids) or any(
                     (it.node if hasattr(it, "rid") else it.parent) is not c.node for it in c.items):
                 continue  # the node changed earlier in this round
-            twin = tree.split_off(c.node, c.items)
+            tree.split_off(c.node, c.items)
             spent += c.cost
             splits += 1
-            moved += twin.count
             touched.append(c.node.parent)
         if not touched:
             stop = "budget spent"
             break
         _resort_upwards(tree, touched)
-    return SplitReport(rounds, splits, moved, spent, budget, saved_before, tree.root.saved,
+    return SplitReport(rounds, splits, _moved_requests(tree), spent, budget, saved_before, tree.root.saved,
                        leaves_non_increasing(tree), stop)
+
+
+def _moved_requests(tree: ResourceTree) -> int:
+    total, stack = 0, [tree.root]
+    while stack:
+        node = stack.pop()
+        if node.split_of is not None:
+            total += node.count
+            continue
+        stack.extend(k for k in node.kids if type(k) is Node)
+    return total
 
 
 def _candidates(tree: ResourceTree) -> list[_Candidate]:

@@ -58,7 +58,7 @@ class Req:
 
 class Node:
     __slots__ = ("parent", "keys", "length", "prefix_len", "depth", "kids", "index", "seq", "sort_key", "split_of",
-                 "count", "tokens", "mem", "sum_p", "tails", "unique", "sample_n", "sample_sum")
+                 "count", "tokens", "mem", "sum_p", "tails", "unique", "sample_n", "sample_sum", "max_len")
 
     def __init__(self, parent, keys, length, seq):
         self.parent = parent
@@ -74,6 +74,7 @@ class Node:
         self.count = self.tokens = self.mem = self.sum_p = self.tails = 0
         self.unique = length
         self.sample_n = self.sample_sum = 0
+        self.max_len = 0  # upper bound on p + d over the subtree (exact after sort())
 
     @property
     def saved(self) -> int:
@@ -213,7 +214,7 @@ class ResourceTree:
         upper_keys, lower_keys = child.keys[:m], child.keys[m:]
         upper = Node(parent, upper_keys, _keys_length(upper_keys), child.seq)
         child.seq = self._next_seq()
-        for f in ("count", "tokens", "mem", "sum_p", "tails", "unique", "sample_n", "sample_sum"):
+        for f in ("count", "tokens", "mem", "sum_p", "tails", "unique", "sample_n", "sample_sum", "max_len"):
             setattr(upper, f, getattr(child, f))
         upper.sort_key = child.sort_key
         child.keys, child.length = lower_keys, child.length - upper.length
@@ -248,7 +249,10 @@ class ResourceTree:
         p, d = req.prompt_len, req.output_len
         t, mu, tail = sign * (p + d), sign * memory_units(p, d), sign * req.tail
         sp = sign * p
+        total = p + d
         while node is not None:
+            if total > node.max_len:
+                node.max_len = total
             node.count += sign
             node.tokens += t
             node.mem += mu
@@ -302,6 +306,8 @@ class ResourceTree:
             raise ValueError("split_off needs a non-empty proper subset of the node's children")
         twin = Node(parent, node.keys, node.length, self._next_seq())
         twin.split_of = node
+        twin.sample_n, twin.sample_sum = node.sample_n, node.sample_sum  # same estimate source
+        twin.max_len = node.max_len
         keep = deque()
         for k in node.kids:
             if id(k) not in moving:
@@ -358,14 +364,17 @@ class ResourceTree:
             stack.extend(reversed([k for k in n.kids if type(k) is Node]))
 
     def iter_requests(self, reverse: bool = False) -> Iterator[Req]:
-        """Requests in DFS order of the current child order (right to left if reverse)."""
-        stack = [self.root]
+        """Requests in DFS order of the current child order (right to left if reverse); lazy, so
+        peeking at the first few costs O(depth + few). Do not change the tree while iterating."""
+        stack = [reversed(self.root.kids) if reverse else iter(self.root.kids)]
         while stack:
-            item = stack.pop()
-            if type(item) is Req:
+            item = next(stack[-1], None)
+            if item is None:
+                stack.pop()
+            elif type(item) is Req:
                 yield item
             else:
-                stack.extend(item.kids if reverse else reversed(item.kids))
+                stack.append(reversed(item.kids) if reverse else iter(item.kids))
 
     def path(self, node: Node) -> list[Node]:
         out = []
@@ -392,8 +401,13 @@ class ResourceTree:
 
     # ------------------------------------------------------------------ sort
     def sort(self) -> None:
-        """Layer-wise sort: at every node, children by density, compute-dense first (ties by age)."""
-        for node in list(self.nodes()):
+        """Layer-wise sort: at every node, children by density, compute-dense first (ties by age).
+        Also makes every node's `max_len` bound exact again."""
+        nodes = list(self.nodes())
+        for node in reversed(nodes):  # children before parents
+            node.max_len = max((k.max_len if type(k) is Node else k.prompt_len + k.output_len for k in node.kids),
+                               default=0)
+        for node in nodes:
             for k in node.kids:
                 if type(k) is Node:
                     k.sort_key = self.density(k)
@@ -431,6 +445,8 @@ class ResourceTree:
                     agg[i] += sub[i]
             for key, child in node.index.items():
                 assert child.parent is node and child.keys[0] == key and child in node.kids
+            longest = max((k.max_len if type(k) is Node else k.prompt_len + k.output_len for k in node.kids), default=0)
+            assert node.max_len >= longest, f"{node}: max_len {node.max_len} below a request's p + d {longest}"
             got = (node.count, node.tokens, node.mem, node.sum_p, node.tails, node.unique)
             assert got == tuple(agg), f"{node}: aggregates {got} != recomputed {tuple(agg)}"
             return tuple(agg)

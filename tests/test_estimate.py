@@ -1,0 +1,253 @@
+"""Output-length estimation: the seeded sample, per-subtree estimates, and the scanner's use of them."""
+
+import math
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blendserve_sgl.core import Budget, DualScanner, OutputLengthEstimator, ResourceTree, ScanConfig
+from blendserve_sgl.core.scanner import LEFT, RIGHT, SAMPLE
+
+from _helpers import COST
+
+BIG = Budget(kv_bytes=1e15, slots=10 ** 6, prefill_tokens=10 ** 9)
+
+
+# ---------------------------------------------------------------- choose_sample
+@settings(max_examples=60)
+@given(st.lists(st.one_of(st.integers(), st.text(max_size=6)), unique=True, max_size=300),
+       st.floats(0.001, 1.0), st.integers(0, 5), st.randoms(use_true_random=False))
+def test_choose_sample_deterministic_and_sized(rids, frac, seed, rnd):
+    """The sample is ceil(f x n) (at least 1) of the given ids, the same for any input order."""
+    est = OutputLengthEstimator(sample_fraction=frac, seed=seed)
+    chosen = est.choose_sample(rids)
+    shuffled = list(rids)
+    rnd.shuffle(shuffled)
+    assert est.choose_sample(shuffled) == chosen
+    assert OutputLengthEstimator(sample_fraction=frac, seed=seed).choose_sample(iter(rids)) == chosen
+    if not rids:
+        assert chosen == []
+    else:
+        assert len(chosen) == max(1, math.ceil(frac * len(rids)))
+        assert len(set(chosen)) == len(chosen) and set(chosen) <= set(rids)
+
+
+def test_choose_sample_edge_cases():
+    """No ids or fraction 0: no sample; different seeds pick different samples."""
+    assert OutputLengthEstimator().choose_sample([]) == []
+    assert OutputLengthEstimator(sample_fraction=0.0).choose_sample(range(100)) == []
+    assert OutputLengthEstimator(sample_fraction=0.01).choose_sample(range(1000)).__len__() == 10
+    assert len(OutputLengthEstimator(sample_fraction=0.01).choose_sample(range(5))) == 1
+    a = OutputLengthEstimator(sample_fraction=0.1, seed=0).choose_sample(range(1000))
+    b = OutputLengthEstimator(sample_fraction=0.1, seed=1).choose_sample(range(1000))
+    assert set(a) != set(b)
+
+
+@pytest.mark.parametrize("kwargs", [dict(prior=0), dict(prior=2.5), dict(prior=True), dict(sample_fraction=1.5),
+                                    dict(sample_fraction=-0.1), dict(overrun_factor=0.5)])
+def test_estimator_rejects_bad_settings(kwargs):
+    """Invalid estimator settings raise ValueError."""
+    with pytest.raises(ValueError):
+        OutputLengthEstimator(**kwargs)
+
+
+def test_overran():
+    """A request overruns when it generated more than overrun_factor x its estimate."""
+    est = OutputLengthEstimator(overrun_factor=2.0)
+    assert not est.overran(10, 20) and est.overran(10, 21)
+    assert est.overran(0, 3)  # an estimate of 0 counts as 1
+
+
+# ---------------------------------------------------------------- nearest ancestor
+def _estimate_tree():
+    t = ResourceTree(COST, OutputLengthEstimator(prior=77))
+    t.add("a1", prompt_len=100, prefix=[("A", 10), ("A1", 10)], max_tokens=1000)
+    t.add("a2", prompt_len=100, prefix=[("A", 10), ("A1", 10)], max_tokens=50)
+    t.add("b1", prompt_len=100, prefix=[("A", 10), ("A2", 10)], max_tokens=1000)
+    t.add("c1", prompt_len=100, prefix=[("C", 10)], max_tokens=1000)
+    t.add("k", prompt_len=100, prefix=[("A", 10), ("A1", 10)], output_len=5)
+    return t
+
+
+def test_estimate_nearest_ancestor_with_samples():
+    """Own subtree first, then the parent (= the siblings' samples), then the root, then the prior;
+    capped at max_tokens; known lengths are left alone."""
+    t = _estimate_tree()
+    est = t.estimator
+    nA1, nA2, nC = t.reqs["a1"].node, t.reqs["b1"].node, t.reqs["c1"].node
+    nA = nA1.parent
+    assert [r.output_len for r in (t.reqs["a1"], t.reqs["a2"], t.reqs["b1"])] == [77, 50, 77]  # prior, capped
+    est.record(t.path(nA1), 200)  # a sample under A1
+    assert est.estimate(nA1, None) == 200
+    assert est.estimate(nA2, None) == 200  # no samples under A2: its parent A has one
+    assert est.estimate(nC, None) == 200  # nothing under C or its parent but the root
+    est.record(t.path(nA1), 301)
+    assert est.estimate(nA1, None) == round(501 / 2)
+    est.record(t.path(nA2), 40)
+    assert est.estimate(nA2, None) == 40  # its own samples now
+    assert est.estimate(nA, None) == round(541 / 3)
+    assert est.estimate(nC, None) == round(541 / 3)
+    est.record(t.path(nC), 9)
+    assert est.estimate(nC, None) == 9
+    assert est.estimate(nA1, 100) == 100  # capped at max_tokens
+    assert est.refresh(t) == 3  # a2 stays at its cap of 50
+    got = {rid: r.output_len for rid, r in t.reqs.items()}
+    assert got == {"a1": 250, "a2": 50, "b1": 40, "c1": 9, "k": 5}
+    t.check_integrity()  # aggregates follow the new estimates
+    est.record(t.path(nC), -9, count=-1)  # taking a provisional record back
+    assert nC.sample_n == 0 and est.estimate(nC, None) == round(541 / 3)
+
+
+def test_estimate_before_any_sample_is_prior():
+    """With no samples at all the prior is used (capped)."""
+    t = _estimate_tree()
+    assert t.estimator.estimate(t.root, None) == 77
+    assert t.estimator.estimate(t.root, 10) == 10
+
+
+# ---------------------------------------------------------------- scanner flow
+def _unknown_workload(seed=0):
+    """Two groups whose true output lengths differ a lot, all unknown, plus a few known ones."""
+    rng = random.Random(seed)
+    recs, true = [], {}
+    for i in range(120):
+        if i % 2:
+            rid = f"s{i}"
+            recs.append(dict(rid=rid, prompt_len=rng.randint(1500, 3000), prefix=[("short", 100)]))
+            true[rid] = rng.randint(5, 15)
+        else:
+            rid = f"l{i}"
+            recs.append(dict(rid=rid, prompt_len=rng.randint(50, 150), prefix=[("long", 30)]))
+            true[rid] = rng.randint(1000, 3000)
+    for i in range(6):
+        rid = f"k{i}"
+        recs.append(dict(rid=rid, prompt_len=200, prefix=[("short", 100)], output_len=4000 + i))
+        true[rid] = 4000 + i
+    return recs, true
+
+
+def _scanner(frac=0.1, quorum=1.0, seed=3):
+    recs, true = _unknown_workload()
+    t = ResourceTree(COST, OutputLengthEstimator(prior=256, sample_fraction=frac, seed=seed))
+    for r in recs:
+        r = dict(r)
+        t.add(r.pop("rid"), **r)
+    return DualScanner(t, ScanConfig(sample_quorum=quorum)), t, true
+
+
+def _expected_estimates(tree, sample_paths: dict, true: dict) -> dict:
+    """Brute force: mean true length of the samples under the nearest ancestor that has any."""
+    out = {}
+    for rid, req in tree.reqs.items():
+        if req.known:
+            continue
+        node = req.node
+        while node is not None:
+            under = [true[s] for s, path in sample_paths.items() if any(n is node for n in path)]
+            if under:
+                est = max(1, round(sum(under) / len(under)))
+                break
+            node = node.parent
+        else:
+            est = tree.estimator.prior
+        out[rid] = min(est, req.max_tokens) if req.max_tokens else est
+    return out
+
+
+def test_scanner_runs_sample_first_then_plans():
+    """Unknown lengths: the sample (seeded, known lengths excluded) is handed out first and alone;
+    nothing else runs until it finished; then estimates are the sampled subtree means and the
+    tree is sorted and split."""
+    sc, t, true = _scanner()
+    unknown = [rid for rid, r in t.reqs.items() if not r.known]
+    chosen = t.estimator.choose_sample(unknown)
+    assert len(chosen) == math.ceil(0.1 * len(unknown))
+    paths = {rid: t.path(t.reqs[rid].node) for rid in chosen}
+    first = sc.schedule(BIG)
+    assert {a.rid for a in first} == set(chosen) and all(a.side == SAMPLE for a in first)
+    assert not any(rid.startswith("k") for rid in chosen)
+    assert sc.sampling and not sc.planned
+    assert sc.schedule(BIG) == []  # the rest waits for the sample
+    for a in first[:-1]:
+        sc.finished(a.rid, true[a.rid])
+        sc.check_integrity()
+        assert not sc.planned and sc.schedule(BIG) == []
+    sc.finished(first[-1].rid, true[first[-1].rid])
+    assert sc.planned and not sc.sampling and t.is_sorted and sc.split_report is not None
+    sc.check_integrity()
+    got = {rid: r.output_len for rid, r in t.reqs.items() if not r.known}
+    assert got == _expected_estimates(t, paths, true)
+    assert {r.output_len for r in t.reqs.values() if r.known} == {4000 + i for i in range(6)}
+    nxt = sc.schedule(BIG)
+    assert nxt and {a.side for a in nxt} <= {LEFT, RIGHT}
+    assert not set(chosen) & {a.rid for a in nxt}
+
+
+def test_scanner_quorum_plans_early_and_replans():
+    """With sample_quorum 0.5 planning starts when half the sample finished; when the rest
+    finishes the estimates are refreshed with all of it."""
+    sc, t, true = _scanner(quorum=0.5)
+    chosen = [a.rid for a in sc.schedule(BIG)]
+    paths = {rid: sc.running[rid].path for rid in chosen}
+    half = math.ceil(len(chosen) / 2)
+    for rid in chosen[:half - 1]:
+        sc.finished(rid, true[rid])
+    assert not sc.planned
+    sc.finished(chosen[half - 1], true[chosen[half - 1]])
+    assert sc.planned and sc.sampling
+    sc.check_integrity()
+    for rid in chosen[half:]:
+        sc.finished(rid, true[rid])
+    sc.check_integrity()
+    got = {rid: r.output_len for rid, r in t.reqs.items() if not r.known}
+    assert got == _expected_estimates(t, paths, true)
+
+
+def test_known_lengths_are_never_sampled():
+    """With every length known there is no sample: the scanner plans at once."""
+    t = ResourceTree(COST, OutputLengthEstimator(sample_fraction=1.0))
+    for i in range(20):
+        t.add(i, prompt_len=100 + i, output_len=10 * i)
+    sc = DualScanner(t)
+    sc.prepare()
+    assert sc.sample_size == 0 and sc.planned and not any(r.sample for r in t.reqs.values())
+    assert all(a.side in (LEFT, RIGHT) for a in sc.schedule(BIG))
+
+
+def test_overrun_moves_left_request_to_right():
+    """A left-side request of unknown length running past overrun_factor x its estimate is
+    accounted to the right side from then on; known-length and right-side requests never move."""
+    sc, t, true = _scanner(frac=0.1)
+    for a in sc.schedule(BIG):
+        sc.finished(a.rid, true[a.rid])
+    assert sc.planned
+    adm = sc.schedule(Budget(kv_bytes=30e9, slots=64, prefill_tokens=20000))
+    sc.check_integrity()
+    lefts = [a for a in adm if a.side == LEFT and not sc.running[a.rid].req.known]
+    rights = [a for a in adm if a.side == RIGHT]
+    assert lefts and rights
+    a = lefts[0]
+    est = a.output_len
+    used_l, used_r = sc.used[LEFT], sc.used[RIGHT]
+    assert sc.progress(a.rid, int(2 * est)) is False  # at the limit, not past it
+    assert sc.progress(a.rid, int(2 * est) + 1) is True
+    assert sc.running[a.rid].side == RIGHT
+    assert sc.used[LEFT] == pytest.approx(used_l - a.kv_bytes)
+    assert sc.used[RIGHT] == pytest.approx(used_r + a.kv_bytes)
+    sc.check_integrity()
+    assert sc.progress(a.rid, 10 * est) is False  # already right
+    r = rights[0]
+    assert sc.progress(r.rid, 10 ** 6) is False and sc.running[r.rid].side == RIGHT
+    sc.finished(a.rid, 3 * est)
+    assert sc.used[RIGHT] == pytest.approx(used_r)
+    sc.check_integrity()
+    # a known-length request on the left never moves
+    t2 = ResourceTree(COST)
+    t2.add("known", prompt_len=3000, output_len=5)
+    t2.add("mem", prompt_len=50, output_len=5000)
+    sc2 = DualScanner(t2)
+    adm2 = {a.rid: a for a in sc2.schedule(BIG)}
+    assert adm2["known"].side == LEFT
+    assert sc2.progress("known", 10 ** 6) is False and sc2.running["known"].side == LEFT

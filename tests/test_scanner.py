@@ -1,0 +1,282 @@
+"""The dual scanner: hands out every request exactly once, deterministically, within budgets,
+keeps prefix sharing close to DFS, and keeps the batch near the workload's density."""
+
+import math
+import random
+import statistics
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import blendserve_sgl.core.scanner as scanner_mod
+from blendserve_sgl.core import Budget, DualScanner, OutputLengthEstimator, ScanConfig
+from blendserve_sgl.core.replay import OrderPicker, replay
+from blendserve_sgl.core.scanner import LEFT, RIGHT, SAMPLE
+from blendserve_sgl.core.sharing import dfs_order, prefix_hits, prefix_hits_bruteforce
+
+from _helpers import (COST, build_length_tree, build_token_tree, drive, mixed_workload, token_workload,
+                      windowed_means)
+
+SMALL = dict(compute_prompt=(200, 800), memory_output=(100, 400))  # short runs for per-step checks
+
+
+def _small(n=240, seed=0):
+    return mixed_workload(n, seed, **SMALL)
+
+
+def _recording(picker):
+    """Wrap picker.schedule to keep (budget, admissions) of every step."""
+    log = []
+    inner = picker.schedule
+
+    def schedule(budget):
+        out = inner(budget)
+        log.append((budget, list(out)))
+        return out
+
+    picker.schedule = schedule
+    return log
+
+
+# ---------------------------------------------------------------- exactly once
+@pytest.mark.parametrize("known", [True, False])
+def test_replay_hands_out_every_request_once(known):
+    """Over a full replay every request is admitted exactly once and finishes; the scanner's
+    invariants hold after every step (check=True); budgets are never exceeded."""
+    wl = _small()
+    true = {rid: d for rid, _, _, d in wl}
+    est = OutputLengthEstimator(sample_fraction=0.05, seed=1)
+    sc = DualScanner(build_length_tree(wl, known=known, estimator=est))
+    log = _recording(sc)
+    res = replay(sc, build_length_tree(wl), true, COST, kv_bytes=3e9, max_running=32, prefill_tokens=512,
+                 check=True)
+    assert sorted(res.admitted) == sorted(true)
+    assert len(sc.tree) == 0 and not sc.running and sc.handed_out == len(true)
+    assert sc.used[LEFT] == pytest.approx(0, abs=1) and sc.used[RIGHT] == pytest.approx(0, abs=1)
+    assert res.output_tokens == sum(true.values())
+    sides = [a.side for _, adm in log for a in adm]
+    assert LEFT in sides and RIGHT in sides
+    assert (SAMPLE in sides) == (not known)
+    if not known:  # the sample comes first
+        n_sample = sc.sample_size
+        assert n_sample == math.ceil(0.05 * len(wl)) and set(sides[:n_sample]) == {SAMPLE}
+    _assert_budgets(log)
+
+
+def _assert_budgets(log):
+    bpt = COST.kv_bytes_per_token
+    for budget, adm in log:
+        assert len(adm) <= max(0, budget.slots)
+        assert sum(a.kv_bytes for a in adm) <= budget.kv_bytes * (1 + 1e-12) + 1e-6
+        for a in adm:
+            assert 0 <= a.cached_tokens < a.prompt_len
+            assert a.kv_bytes == pytest.approx((a.prompt_len - a.cached_tokens + a.output_len) * bpt)
+
+
+def test_budgets_respected_under_pressure():
+    """Tight slots, KV memory and prefill: no step admits more requests than free slots, or more
+    KV bytes than free memory; a step without prefill budget admits nothing."""
+    wl = _small(200, seed=5)
+    true = {rid: d for rid, _, _, d in wl}
+    sc = DualScanner(build_length_tree(wl))
+    log = _recording(sc)
+    replay(sc, build_length_tree(wl), true, COST, kv_bytes=1e9, max_running=6, prefill_tokens=300)
+    _assert_budgets(log)
+    assert any(len(adm) == b.slots and b.slots > 0 for b, adm in log)  # the slot limit was reached
+    assert all(not adm for b, adm in log if b.prefill_tokens <= 0 or b.slots <= 0)
+    sc2 = DualScanner(build_length_tree(wl))
+    assert sc2.schedule(Budget(kv_bytes=1e12, slots=0, prefill_tokens=1000)) == []
+    assert sc2.schedule(Budget(kv_bytes=0.0, slots=10, prefill_tokens=1000)) == []
+    assert sc2.schedule(Budget(kv_bytes=1e12, slots=10, prefill_tokens=0)) == []
+    assert sc2.handed_out == 0 and len(sc2.tree) == len(wl)
+
+
+def test_own_loop_with_arrivals_mid_run():
+    """Requests added to the tree after prepare (while sampling and after planning; new and
+    existing prefixes; known and unknown lengths) are still handed out exactly once."""
+    wl = _small(150, seed=2)
+    est = OutputLengthEstimator(sample_fraction=0.05, seed=0)
+    tree = build_length_tree(wl, known=False, estimator=est)
+    outputs = {rid: d for rid, _, _, d in wl}
+    rng = random.Random(7)
+    arrivals = {}
+    for step in (0, 1, 3, 10, 40, 200, 201):
+        batch = []
+        for j in range(5):
+            rid = f"late{step}_{j}"
+            group = rng.choice([[("sysc", 40)], [("sysv", 40)], [("new", 30)], [("sys", 50), ("subj1", 600)]])
+            p = sum(n for _, n in group) + rng.randint(1, 300)
+            d = rng.randint(1, 300)
+            outputs[rid] = d
+            kwargs = dict(prompt_len=p, prefix=group)
+            if j % 2:
+                kwargs["output_len"] = d
+            batch.append((rid, kwargs))
+        arrivals[step] = batch
+    sc = DualScanner(tree)
+    sc.prepare()
+    order, _ = drive(sc, outputs, kv_bytes=2e9, slots=24, prefill=512, arrivals=arrivals, tree=tree,
+                     on_step=lambda _s: sc.check_integrity())
+    rids = [a.rid for a in order]
+    assert len(rids) == len(set(rids)) == len(outputs)
+    assert set(rids) == set(outputs) and len(tree) == 0 and not sc.running
+
+
+def test_retracted_request_comes_back_once():
+    """A retracted request's memory is released; re-added to the tree it is handed out again,
+    and every request is handed out (once more for the retracted one)."""
+    wl = _small(40, seed=3)
+    recs = {rid: (groups, p) for rid, groups, p, _ in wl}
+    tree = build_length_tree(wl)
+    sc = DualScanner(tree)
+    budget = Budget(kv_bytes=5e9, slots=8, prefill_tokens=4096)
+    adm = sc.schedule(budget)
+    a = adm[0]
+    used = sc.used[LEFT] + sc.used[RIGHT]
+    req = sc.retracted(a.rid)
+    assert req.rid == a.rid and a.rid not in sc.running
+    assert sc.used[LEFT] + sc.used[RIGHT] == pytest.approx(used - a.kv_bytes)
+    sc.check_integrity()
+    groups, p = recs[a.rid]
+    tree.add(a.rid, prompt_len=p, prefix=groups, output_len=req.output_len)
+    sc.check_integrity()
+    seen = [x.rid for x in adm]
+    for _ in range(500):
+        for r in list(sc.running):
+            sc.finished(r, 1)
+        seen += [x.rid for x in sc.schedule(budget)]
+        sc.check_integrity()
+        if not len(tree):
+            break
+    assert sorted(seen) == sorted(list(recs) + [a.rid])
+
+
+# ---------------------------------------------------------------- determinism
+@pytest.mark.parametrize("known", [True, False])
+def test_deterministic(known):
+    """Two scanners built from the same inputs make identical admissions, step by step."""
+    wl = _small(200, seed=4)
+    true = {rid: d for rid, _, _, d in wl}
+    runs = []
+    for _ in range(2):
+        est = OutputLengthEstimator(sample_fraction=0.05, seed=9)
+        sc = DualScanner(build_length_tree(wl, known=known, estimator=est))
+        log = _recording(sc)
+        replay(sc, build_length_tree(wl), true, COST, kv_bytes=2e9, max_running=32, prefill_tokens=512)
+        runs.append([tuple(adm) for _, adm in log])
+    assert runs[0] == runs[1]
+
+
+# ---------------------------------------------------------------- prefix sharing
+@pytest.mark.parametrize("seed", range(8))
+def test_sharing_close_to_dfs(seed):
+    """On random token workloads the scanner keeps >= 97% of the prefix hits of pure DFS order
+    (brute force over token lists, window = max_running = 32); the replay's own hit count agrees."""
+    n = random.Random(seed).randint(60, 200)
+    work = token_workload(seed, n)
+    prompts = {rid: toks for rid, (toks, _) in work.items()}
+    true = {rid: d for rid, (_, d) in work.items()}
+    ref = build_token_tree(work)
+    sc = DualScanner(build_token_tree(work))
+    window = 32
+    res = replay(sc, ref, true, COST, kv_bytes=20e9, max_running=window, prefill_tokens=512)
+    assert sorted(res.admitted) == sorted(work)
+    got = prefix_hits_bruteforce(prompts, res.admitted, window)
+    base = prefix_hits_bruteforce(prompts, dfs_order(ref), window)
+    assert res.prefix_hit_tokens == got
+    assert base > 0 and got >= 0.97 * base, (got, base)
+
+
+@settings(max_examples=80)
+@given(st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=8), min_size=1, max_size=30),
+       st.integers(1, 6), st.randoms(use_true_random=False))
+def test_prefix_hits_equals_bruteforce(prompts, window, rnd):
+    """The O(depth) prefix-hit counter equals the brute-force LCP over the last `window` requests
+    for any admission order (duplicate and nested prompts included)."""
+    work = {f"r{i}": (toks, 1) for i, toks in enumerate(prompts)}
+    ref = build_token_tree(work)
+    order = list(work)
+    rnd.shuffle(order)
+    assert prefix_hits(ref, order, window) == prefix_hits_bruteforce(
+        {rid: toks for rid, (toks, _) in work.items()}, order, window)
+
+
+def test_prefix_hits_rejects_bad_window():
+    """A window below 1 is rejected."""
+    ref = build_token_tree({"a": ([1], 1)})
+    with pytest.raises(ValueError):
+        prefix_hits(ref, ["a"], 0)
+
+
+# ---------------------------------------------------------------- batch density
+def _density_errors(wl, picker_kind, kv_bytes, window=200):
+    true = {rid: d for rid, _, _, d in wl}
+    ref = build_length_tree(wl)
+    root = ref.density(ref.root)
+    tree = build_length_tree(wl)
+    picker = DualScanner(tree) if picker_kind == "scan" else OrderPicker(tree, dfs_order(ref))
+    res = replay(picker, ref, true, COST, kv_bytes=kv_bytes, max_running=256, prefill_tokens=256)
+    assert sorted(res.admitted) == sorted(true)
+    means = windowed_means([s.batch_density for s in res.steps], window)
+    return statistics.median(abs(math.log(m / root)) for m in means)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_batch_density_tracks_root_balanced_mix(seed):
+    """70% compute-dense / 30% memory-dense, both sides' requests small against their memory
+    shares: the scanner's windowed batch density stays much closer to rho(root) than DFS's."""
+    wl = mixed_workload(1500, seed, fractions=(0.0, 0.7), compute_prompt=(500, 1500), memory_output=(1000, 3000))
+    scan, dfs = _density_errors(wl, "scan", 20e9), _density_errors(wl, "dfs", 20e9)
+    assert scan < 0.5 * dfs, (scan, dfs)
+
+
+def test_batch_density_tracks_root_mixed_workload():
+    """The brief's workload (30% MMLU-like, 45% compute-dense, 25% memory-dense; llama-3.1-8b on
+    A100, 20 GB KV, 256 slots, 256 prefill tokens): over 200-step windows the scanner's batch
+    density must be clearly closer to rho(root) than DFS order's, for each of three seeds."""
+    for seed in (0, 1, 2):
+        wl = mixed_workload(1500, seed)
+        scan, dfs = _density_errors(wl, "scan", 20e9), _density_errors(wl, "dfs", 20e9)
+        assert scan < 0.75 * dfs, (seed, scan, dfs)
+
+
+def test_left_side_holds_its_share_on_average(monkeypatch):
+    """While compute-dense requests are still waiting and the left share M_L is the small one (below
+    half the memory; its requests are larger than it), the left side's held KV averages at least
+    half of M_L: shares hold on average over time, the small side does not starve."""
+    wl = mixed_workload(1500, 0)
+    compute = {rid for rid, groups, _, _ in wl if groups[0][0] == "sysc"}
+    true = {rid: d for rid, _, _, d in wl}
+    tree = build_length_tree(wl)
+    sc = DualScanner(tree)
+    shares, held = [], []
+    inner_split = scanner_mod.split_memory
+    last = {}
+
+    def split_memory(total, rl, rr, r0):
+        last["share"] = inner_split(total, rl, rr, r0)
+        return last["share"]
+
+    monkeypatch.setattr(scanner_mod, "split_memory", split_memory)
+    inner = sc.schedule
+
+    def schedule(budget):
+        out = inner(budget)
+        if "share" in last and last["share"] < 0.5 * 20e9 and any(rid in tree.reqs for rid in compute):
+            shares.append(last["share"])
+            held.append(sc.used[LEFT])
+        return out
+
+    sc.schedule = schedule
+    replay(sc, build_length_tree(wl), true, COST, kv_bytes=20e9, max_running=256, prefill_tokens=256)
+    assert len(held) > 1000
+    assert statistics.mean(held) >= 0.5 * statistics.mean(shares), (statistics.mean(held), statistics.mean(shares))
+
+
+def test_scan_config_validation():
+    """ScanConfig rejects out-of-range settings."""
+    for kwargs in (dict(keep_sharing=1.5), dict(density_window=0), dict(sample_quorum=0.0),
+                   dict(reserve_output_ratio=2.0)):
+        with pytest.raises(ValueError):
+            ScanConfig(**kwargs)

@@ -1,0 +1,249 @@
+"""Hardware/model specs and the cost model against the brief's formulas."""
+
+import json
+import math
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blendserve_sgl.core import CostModel, HardwareSpec, ModelSpec, hardware, model
+from blendserve_sgl.core.cost import compute_tokens, mean_kv_tokens, memory_units, split_memory
+from blendserve_sgl.core.specs import hardware_names, model_names
+
+
+# ---------------------------------------------------------------- model presets
+@pytest.mark.parametrize("name, expected", [
+    ("llama-3.1-8b", 8.03e9),
+    ("llama-3.1-70b", 70.6e9),
+    ("qwen2.5-7b", 7.62e9),
+    ("smollm2-135m", 134.5e6),
+])
+def test_preset_parameter_counts(name, expected):
+    """Preset parameter counts match the published model sizes within 1%."""
+    m = model(name)
+    assert abs(m.num_params - expected) / expected < 0.01, (name, m.num_params)
+    # GEMM weights exclude the input embedding (and norms): a bit less than all weights.
+    assert 0.85 * m.num_params < m.gemm_params <= m.num_params
+
+
+def test_llama8b_kv_bytes_per_token():
+    """K and V, 2 bytes each, 8 KV heads x 128 dims, 32 layers."""
+    m = model("llama-3.1-8b")
+    assert m.kv_bytes_per_token == 2 * 2 * 8 * 128 * 32
+    assert (m.num_layers, m.num_kv_heads, m.head_dim, m.dtype_bytes) == (32, 8, 128, 2)
+
+
+def test_model_names_are_case_insensitive():
+    """Preset lookup ignores case."""
+    assert model("Llama-3.1-8B") == model("llama-3.1-8b")
+
+
+TINY = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, vocab_size=1000, torch_dtype="float32", max_position_embeddings=512,
+            tie_word_embeddings=False, model_type="llama")
+
+
+def _tiny_params(tied: bool) -> tuple[int, int]:
+    h, i, layers, heads, kvh, v = 64, 256, 2, 4, 2, 1000
+    hd = h // heads
+    attn = h * heads * hd + 2 * h * kvh * hd + heads * hd * h
+    mlp = 3 * h * i
+    norms = 2 * h
+    num = layers * (attn + mlp + norms) + v * h + (0 if tied else v * h) + h
+    gemm = layers * (attn + mlp) + v * h
+    return num, gemm
+
+
+def test_from_hf_config_hand_computed():
+    """A hand-written config gives hand-counted parameters and KV size."""
+    m = ModelSpec.from_hf_config(dict(TINY), name="tiny")
+    num, gemm = _tiny_params(tied=False)
+    assert (m.num_params, m.gemm_params) == (num, gemm)
+    assert m.head_dim == 16 and m.num_kv_heads == 2 and m.num_layers == 2 and m.dtype_bytes == 4
+    assert m.kv_bytes_per_token == 2 * 4 * 2 * 16 * 2
+    assert m.max_context == 512 and m.name == "tiny"
+    tied = ModelSpec.from_hf_config({**TINY, "tie_word_embeddings": True})
+    assert tied.num_params == _tiny_params(tied=True)[0]
+    # no num_key_value_heads: multi-head attention (kv heads = heads)
+    mha = ModelSpec.from_hf_config({k: v for k, v in TINY.items() if k != "num_key_value_heads"})
+    assert mha.num_kv_heads == 4
+
+
+def test_from_config_file(tmp_path):
+    """config.json on disk (file or its directory, or a path given to model()) loads like the dict."""
+    d = tmp_path / "tiny-model"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps(TINY))
+    by_file = ModelSpec.from_config_file(d / "config.json")
+    by_dir = ModelSpec.from_config_file(d)
+    assert by_file == by_dir
+    assert by_file.name == "tiny-model"
+    assert by_file.num_params == _tiny_params(tied=False)[0]
+    assert model(str(d)) == by_dir
+    with pytest.raises(FileNotFoundError):
+        ModelSpec.from_config_file(tmp_path / "nowhere")
+
+
+# ---------------------------------------------------------------- hardware
+def test_cpu_hardware_is_measured():
+    """hardware('cpu') measures positive, finite numbers (and caches them per process)."""
+    h = hardware("cpu")
+    for v in (h.flops, h.mem_bandwidth, h.mem_capacity):
+        assert math.isfinite(v) and v > 0
+    assert 1e8 < h.flops < 1e15 and 1e8 < h.mem_bandwidth < 1e13
+    assert hardware("CPU") is h
+
+
+def test_gpu_presets_and_aliases():
+    """Datasheet presets are returned, aliases map to them."""
+    a = hardware("a100")
+    assert a.flops == 312e12 and a.mem_bandwidth == 2.039e12
+    assert hardware("A100-80GB") == a and hardware("h100-sxm") == hardware("h100")
+    assert set(hardware_names()) == {"a100", "h100", "h200", "cpu"}
+
+
+# ---------------------------------------------------------------- cost formulas
+@pytest.mark.parametrize("p, d", [(1, 1), (100, 0), (512, 128), (4000, 20), (50, 8000)])
+@pytest.mark.parametrize("names", [("llama-3.1-8b", "a100"), ("qwen2.5-7b", "h100"), ("llama-3.1-70b", "h200")])
+def test_cost_formulas_match_brief(p, d, names):
+    """Comp = 2 (p + d) P / FLOPS and Mem = (p d + d^2/2) kv_bytes / BW, computed by hand."""
+    cm = CostModel.from_names(*names)
+    P, F, BW = cm.model.gemm_params, cm.hardware.flops, cm.hardware.mem_bandwidth
+    comp = 2 * (p + d) * P / F
+    mem = (p * d + d * d / 2) * cm.model.kv_bytes_per_token / BW
+    assert cm.request_comp_time(p, d) == pytest.approx(comp, rel=1e-12)
+    assert cm.request_mem_time(p, d) == pytest.approx(mem, rel=1e-12, abs=0)
+    assert compute_tokens(p, d) == p + d
+    assert memory_units(p, d) == 2 * p * d + d * d
+    assert mean_kv_tokens(p, d) == p + d / 2
+    if d == 0:
+        assert cm.request_density(p, d) == math.inf
+    else:
+        assert cm.request_density(p, d) == pytest.approx(comp / mem, rel=1e-12)
+
+
+def test_density_shapes():
+    """Long prompts / short outputs are compute-bound (>1), long outputs memory-bound (<1)."""
+    cm = CostModel.from_names("llama-3.1-8b", "a100")
+    assert cm.request_density(4000, 10) > 1 > cm.request_density(100, 4000)
+    assert cm.density(123.0, 0) == math.inf
+    assert cm.density(10, 20) == pytest.approx(cm.comp_time(10) / cm.mem_time(20))
+
+
+def test_efficiency_scales_times():
+    """Calibrated efficiencies slow compute and memory down proportionally."""
+    m = model("llama-3.1-8b")
+    full = CostModel(m, HardwareSpec("x", 1e14, 1e12, 1e10))
+    half = CostModel(m, HardwareSpec("x", 1e14, 1e12, 1e10, flops_efficiency=0.5, bandwidth_efficiency=0.25))
+    assert half.request_comp_time(100, 10) == pytest.approx(2 * full.request_comp_time(100, 10))
+    assert half.request_mem_time(100, 10) == pytest.approx(4 * full.request_mem_time(100, 10))
+
+
+def test_step_and_optimal_time():
+    """f = max with overlap, sum without; T_o = max((1 - s) T_comp, T_mem)."""
+    cm = CostModel.from_names("llama-3.1-8b", "a100")
+    assert cm.step_time(2.0, 3.0, overlap=True) == 3.0
+    assert cm.step_time(2.0, 3.0, overlap=False) == 5.0
+    t = cm.optimal_time(1e6, 0.25, 1e9)
+    assert t == pytest.approx(max(0.75 * cm.comp_time(1e6), cm.mem_time(1e9)))
+
+
+# ---------------------------------------------------------------- split_memory
+def test_split_memory_paper_example():
+    """60 GB, rho_L 3.73, rho_R 0.096, rho_root 1.27 -> about 19.3 GB left, 40.7 GB right."""
+    left = split_memory(60.0, 3.73, 0.096, 1.27)
+    assert abs(left - 19.3) < 0.1 and abs((60 - left) - 40.7) < 0.1
+
+
+_rho = st.floats(min_value=1e-3, max_value=1e3, allow_nan=False)
+
+
+@settings(max_examples=300)
+@given(total=st.floats(min_value=1.0, max_value=1e12), a=_rho, b=_rho, t=st.floats(min_value=0.0, max_value=1.0))
+def test_split_memory_balances_when_left_is_denser(total, a, b, t):
+    """With rho_L > rho_R and rho_root between them: M_L rho_L + (M - M_L) rho_R == M rho_root."""
+    rl, rr = max(a, b), min(a, b)
+    if rl <= rr * (1 + 1e-6):
+        rl = rr * 2
+    r0 = rr + t * (rl - rr)
+    ml = split_memory(total, rl, rr, r0)
+    assert 0.0 <= ml <= total
+    assert ml * rl + (total - ml) * rr == pytest.approx(total * r0, rel=1e-9)
+
+
+@pytest.mark.parametrize("total, rl, rr, r0", [
+    (60.0, 0.096, 3.73, 1.27),  # the paper's example with the sides swapped
+    (10.0, 0.5, 2.0, 1.0),
+    (1e9, 1e-3, 1e3, 10.0),
+])
+def test_split_memory_balances_when_left_is_sparser(total, rl, rr, r0):
+    """The docstring's equation also has a solution in [0, M] when rho_L < rho_R (a side's
+    region can be the denser one after incremental arrivals or overrun moves); it must be found."""
+    ml = split_memory(total, rl, rr, r0)
+    assert 0.0 <= ml <= total
+    assert ml * rl + (total - ml) * rr == pytest.approx(total * r0, rel=1e-9)
+
+
+def test_split_memory_clamps_and_even_split():
+    """Root density outside [rho_R, rho_L] clamps to all/nothing; equal densities split evenly;
+    infinite densities (prefill-only sides) and zero memory are handled."""
+    assert split_memory(60.0, 3.0, 1.0, 5.0) == 60.0
+    assert split_memory(60.0, 3.0, 1.0, 0.5) == 0.0
+    assert split_memory(60.0, 2.0, 2.0, 7.0) == 30.0
+    assert split_memory(60.0, 2.0, 2.0, 2.0) == 30.0
+    assert split_memory(0.0, 3.0, 1.0, 2.0) == 0.0
+    for rl, rr, r0 in [(math.inf, 1.0, 2.0), (math.inf, 1.0, math.inf), (math.inf, math.inf, math.inf)]:
+        v = split_memory(60.0, rl, rr, r0)
+        assert 0.0 <= v <= 60.0 and math.isfinite(v)
+
+
+# ---------------------------------------------------------------- bad input
+def test_unknown_hardware_names_the_choices():
+    """An unknown hardware preset raises ValueError listing the presets."""
+    with pytest.raises(ValueError) as e:
+        hardware("tpu-v9")
+    for n in ("a100", "h100", "h200", "cpu"):
+        assert n in str(e.value)
+
+
+def test_unknown_model_names_the_choices():
+    """An unknown model preset raises ValueError listing the presets."""
+    with pytest.raises(ValueError) as e:
+        model("gpt-17-zillion")
+    for n in model_names():
+        assert n in str(e.value)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("flops", math.nan), ("flops", -1.0), ("flops", 0.0), ("flops", math.inf),
+    ("mem_bandwidth", math.nan), ("mem_capacity", -5.0),
+    ("flops_efficiency", 0.0), ("flops_efficiency", 1.5), ("bandwidth_efficiency", math.nan),
+])
+def test_hardware_spec_rejects_bad_numbers(field, value):
+    """NaN, infinite, zero or negative hardware figures (and efficiencies outside (0, 1]) raise."""
+    kwargs = dict(name="x", flops=1e12, mem_bandwidth=1e11, mem_capacity=1e9)
+    kwargs[field] = value
+    with pytest.raises(ValueError, match=field):
+        HardwareSpec(**kwargs)
+
+
+@pytest.mark.parametrize("drop", ["hidden_size", "num_hidden_layers", "vocab_size"])
+def test_config_missing_fields_raise(drop):
+    """A config without a required field raises ValueError naming it."""
+    cfg = {k: v for k, v in TINY.items() if k != drop}
+    with pytest.raises(ValueError, match=drop):
+        ModelSpec.from_hf_config(cfg)
+
+
+def test_config_unknown_dtype_raises():
+    """An unknown torch_dtype raises rather than guessing a byte width."""
+    with pytest.raises(ValueError, match="torch_dtype"):
+        ModelSpec.from_hf_config({**TINY, "torch_dtype": "int3"})
+
+
+def test_model_spec_rejects_nonpositive_fields():
+    """ModelSpec fields must be positive integers."""
+    with pytest.raises(ValueError):
+        ModelSpec("m", num_params=10, gemm_params=10, num_layers=0, num_kv_heads=1, head_dim=1,
+                  dtype_bytes=2, max_context=16)
