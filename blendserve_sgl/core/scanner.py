@@ -39,6 +39,7 @@ class Budget(NamedTuple):
     kv_bytes: float  # free KV-cache bytes this step's admissions may reserve
     slots: int  # free request slots
     prefill_tokens: int  # prefill tokens this step may compute (chunked-prefill size)
+    output_ratio: float | None = None  # share of output reserved this step (else the config's)
 
 
 class Admission(NamedTuple):
@@ -91,6 +92,7 @@ class DualScanner:
         self.split_report: SplitReport | None = None
         self.handed_out = 0
         self._last: dict[str, Node | None] = {LEFT: None, RIGHT: None}
+        self._ratio = config.reserve_output_ratio
 
     # ------------------------------------------------------------------ setup
     def prepare(self) -> None:
@@ -133,6 +135,7 @@ class DualScanner:
         if not self.prepared:
             self.prepare()
         state = _StepState(budget)
+        self._ratio = self.config.reserve_output_ratio if budget.output_ratio is None else budget.output_ratio
         out: list[Admission] = []
         if self.pending_sample:
             for req in sorted((self.tree.reqs[r] for r in self.pending_sample if r in self.tree.reqs),
@@ -200,7 +203,7 @@ class DualScanner:
     def _reservation(self, req: Req) -> tuple[int, float]:
         """(estimated cached prefix, KV bytes reserved) if `req` were admitted now."""
         cached = min(self._cached_prefix(req.node), req.prompt_len - 1)
-        tokens = req.prompt_len - cached + self.config.reserve_output_ratio * req.output_len
+        tokens = req.prompt_len - cached + self._ratio * req.output_len
         return cached, tokens * self.tree.cost.kv_bytes_per_token
 
     def _try_take(self, req: Req, side: str, st: "_StepState", out: list, share, prefill_cap) -> bool:
@@ -260,6 +263,21 @@ class DualScanner:
         self.used[RIGHT] += run.kv_bytes
         self.running[rid] = run._replace(side=RIGHT)
         return True
+
+    def add(self, rid, **request) -> Req:
+        """Add a waiting request (an arrival, or one handed back by `cancel`): `ResourceTree.add`."""
+        req = self.tree.add(rid, **request)
+        if rid in self.pending_sample:
+            req.sample = True
+        return req
+
+    def cancel(self, rid) -> Req:
+        """An admission the engine did not take after all: forget it; the caller adds it back
+        with `add` (a sample request stays in the sample)."""
+        run = self.running.pop(rid)
+        self.used[run.side] -= run.kv_bytes
+        self.handed_out -= 1
+        return run.req
 
     def retracted(self, rid) -> Req:
         """A running request was preempted; the caller re-adds it (with its output so far)."""
