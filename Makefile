@@ -1,21 +1,31 @@
-# `make test` and `make demo` work on a fresh machine: they build .venv once (reused when complete).
+# `make test` and `make demo` work on a fresh machine: they build .venv once (reused when complete):
+# CPU torch, SGLang 0.5.23 with its pinned import closure (requirements/cpu.lock, installed without
+# dependency resolution so no CUDA wheels are pulled), this package, and the CPU fallback .pth.
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 READY  := $(VENV)/.ready
+export SGLANG_USE_CPU_ENGINE ?= 1
+export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: venv test demo bench readme clean
+.PHONY: venv test test-core demo bench readme clean
 
-$(READY): pyproject.toml
+$(READY): pyproject.toml requirements/cpu.lock
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet torch==2.13.0
+	$(PY) -m pip install --quiet --no-deps -r requirements/cpu.lock
 	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m kernels.cpu_fallback install-pth
 	touch $(READY)
 
 venv: $(READY)
 
 test: $(READY)
 	$(PY) -m pytest -q tests
+
+test-core: $(READY)
+	$(PY) -m pytest -q tests -m "not engine"
 
 demo: $(READY)
 	$(VENV)/bin/blendserve plan --requests 20000
