@@ -280,3 +280,27 @@ def test_scan_config_validation():
                    dict(reserve_output_ratio=2.0)):
         with pytest.raises(ValueError):
             ScanConfig(**kwargs)
+
+
+def test_hold_prefix_tokens_waits_for_a_shared_prefix_to_be_cached():
+    """With hold_prefix_tokens, siblings of an uncached shared prefix are not admitted in the step
+    that computes it (one per side), and all of them are admitted in the next step."""
+    from blendserve_sgl.core import Budget, CostModel, DualScanner, ResourceTree, ScanConfig
+
+    cost = CostModel.from_names("llama-3.1-8b", "a100")
+
+    def build():
+        tree = ResourceTree(cost)
+        shared = list(range(1000, 1040))
+        for i in range(10):
+            tree.add(f"r{i}", tokens=shared + [i, i + 1, i + 2], output_len=8)
+        return tree
+
+    budget = Budget(kv_bytes=1e12, slots=100, prefill_tokens=100_000)
+    held = DualScanner(build(), ScanConfig(hold_prefix_tokens=32))
+    first = held.schedule(budget)
+    assert 1 <= len(first) <= 2, first  # one per side at most: the prefix is not cached yet
+    second = held.schedule(budget)
+    assert len(first) + len(second) == 10 and all(a.cached_tokens >= 40 for a in second)
+    plain = DualScanner(build(), ScanConfig())
+    assert len(plain.schedule(budget)) == 10

@@ -58,6 +58,9 @@ class ScanConfig:
     reserve_output_ratio: float = 1.0  # share of the output length reserved at admission
     sample_quorum: float = 0.5  # plan the rest once this share of the sample finished (1.0: all)
     max_split_rounds: int = 8
+    hold_prefix_tokens: int = 0  # >0: stop a side whose next request shares at least this many
+    # uncached prefix tokens with a request taken in the same step (engines that compute a shared
+    # prefix once only across steps, like SGLang's in-batch prefix caching)
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.keep_sharing <= 1.0):
@@ -93,6 +96,7 @@ class DualScanner:
         self.handed_out = 0
         self._last: dict[str, Node | None] = {LEFT: None, RIGHT: None}
         self._ratio = config.reserve_output_ratio
+        self._last_before: dict[str, Node | None] = dict(self._last)
 
     # ------------------------------------------------------------------ setup
     def prepare(self) -> None:
@@ -135,6 +139,7 @@ class DualScanner:
         if not self.prepared:
             self.prepare()
         state = _StepState(budget)
+        self._last_before = dict(self._last)
         self._ratio = self.config.reserve_output_ratio if budget.output_ratio is None else budget.output_ratio
         out: list[Admission] = []
         if self.pending_sample:
@@ -181,9 +186,9 @@ class DualScanner:
             node = node.parent
         return self.tree.density(node)
 
-    def _cached_prefix(self, node: Node) -> int:
+    def _cached_prefix(self, node: Node, last_taken: dict | None = None) -> int:
         best = 0
-        for last in self._last.values():
+        for last in (self._last if last_taken is None else last_taken).values():
             if last is not None:
                 best = max(best, common_prefix_len(last, node))
         return best
@@ -212,6 +217,9 @@ class DualScanner:
         if prefill_cap is not None and prefill_cap <= 0:
             return False
         cached, need = self._reservation(req)
+        hold = self.config.hold_prefix_tokens
+        if hold and cached >= hold and cached - self._cached_prefix(req.node, self._last_before) >= hold:
+            return False  # its shared prefix is computed this step: take it next step, cached
         uncached = req.prompt_len - cached
         if need > st.kv_free:
             return False
