@@ -24,6 +24,20 @@ LAYOUT = {
                     ["requests", "known_lengths", "model", "hardware", "root_density", "root_sharing", "blend_fraction_of_overlap",
                      "dfs_fraction_of_overlap", "blend_speedup_overlapped", "blend_speedup_sequential",
                      "sharing_vs_dfs", "blend_peak_kv_gb", "dfs_peak_kv_gb", "tree_build_seconds"]),
+    "paper_traces": ("Trace#1-#4 analogs x all policies in the simulator (`bench/paper_traces.py`)",
+                     ["requests_per_trace", "blend_mean_fraction_of_optimal", "blend_speedup_vs_dfs",
+                      "blend_sharing_vs_dfs", "dfs_mean_fraction_of_optimal",
+                      "blend_mean_fraction_of_optimal_no_interference", "blend_mean_fraction_of_optimal_sequential",
+                      "blend_speedup_vs_dfs_sequential", "total_seconds"]),
+    "sweep": ("Density x sharing sweep, blend over dfs (`bench/sweep.py`)",
+              ["requests_per_cell", "min_speedup", "mean_speedup", "max_speedup", "min_sharing_vs_dfs"]),
+    "sim_scale": ("Simulator speed at paper scale (`bench/sim_scale.py`)",
+                  ["requests", "workload_build_seconds", "blend_seconds", "blend_steps", "blend_us_per_step",
+                   "dfs_seconds", "peak_rss_mb", "load_average_before", "load_average_after"]),
+    "calibrate": ("Cost model vs measured operators on this machine (`bench/calibrate.py`)",
+                  ["device", "threads", "peak_gflops", "peak_gbps", "flops_efficiency", "bandwidth_efficiency",
+                   "gemm_compute_bound_max_abs_error", "gemm_near_ridge_max_abs_error", "gemm_max_abs_error",
+                   "attention_mean_abs_error", "attention_max_abs_error"]),
 }
 
 

@@ -6,6 +6,7 @@ import sys
 
 COMMANDS = {
     "plan": ("blendserve_sgl.plan", "plan a real trace with the dual scanner and show what it achieves"),
+    "simulate": ("blendserve_sgl.sim.cli", "simulate policies over a workload (SGLang-style engine, cost-model time)"),
 }
 
 

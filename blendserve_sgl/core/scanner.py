@@ -28,7 +28,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from .cost import split_memory
+from .cost import memory_units, split_memory
 from .split import SplitReport, sort_and_split
 from .tree import Node, Req, ResourceTree
 
@@ -179,12 +179,28 @@ class DualScanner:
         return out
 
     def _region_density(self, req: Req | None, window: int) -> float:
+        """Density of the region a cursor scans: the lowest ancestor of `req` below the root that
+        holds `window` requests; if even the root's child at that end holds fewer, the root's
+        children from that end pooled until they do. Never the root itself: rho(root) on one side
+        would make split_memory hand that side all the memory."""
+        tree, root = self.tree, self.tree.root
         if req is None:
-            return self.tree.density(self.tree.root)
+            return tree.density(root)
         node = req.node
-        while node.parent is not None and node.count < window:
+        while node is not root and node.count < window and node.parent is not root:
             node = node.parent
-        return self.tree.density(node)
+        if node is not root and node.count >= window:
+            return tree.density(node)
+        computed = mem = count = 0
+        for k in (root.kids if tree.leftmost() is req else reversed(root.kids)):
+            if type(k) is Node:
+                computed, mem, count = computed + k.tokens - k.saved, mem + k.mem, count + k.count
+            else:
+                p, d = k.prompt_len, k.output_len
+                computed, mem, count = computed + p + d, mem + memory_units(p, d), count + 1
+            if count >= window:
+                break
+        return tree.cost.density(computed, mem)
 
     def _cached_prefix(self, node: Node, last_taken: dict | None = None) -> int:
         best = 0

@@ -1,0 +1,133 @@
+"""Where BlendServe helps: a density x sharing sweep (the paper's Figure 11) and sensitivities.
+
+Each cell mixes a workload to the target compute density and prefix-sharing ratio
+(`sim.traces.mix`) and runs blend and dfs; the heatmap shows blend's overlapped-mode speedup.
+Sensitivity on the trace1 and trace3 analogs: the split budget (keep_sharing) and, with
+unknown output lengths, the fraction sampled first.
+
+    python bench/sweep.py            # 20,000 requests per cell -> results/sweep.json + sweep.png
+    python bench/sweep.py --quick    # 4,000 requests per cell, coarser grid -> results/sweep_quick.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._common import RESULTS, table, write  # noqa: E402
+from blendserve_sgl.core import CostModel, ScanConfig  # noqa: E402
+from blendserve_sgl.sim import EngineConfig, ExecModel, RunSpec, Workload, simulate  # noqa: E402
+from blendserve_sgl.sim.traces import TRACES, mix, trace  # noqa: E402
+
+OVERLAPPED, SEQUENTIAL = ExecModel("overlapped", 0.1), ExecModel("sequential")
+
+
+def heatmap(densities, sharings, grid, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.6))
+    im = ax.imshow(grid, origin="lower", cmap="viridis", aspect="auto")
+    ax.set_xticks(range(len(sharings)), [f"{s:.0%}" for s in sharings])
+    ax.set_yticks(range(len(densities)), [f"{d:.1f}" for d in densities])
+    ax.set_xlabel("prefix-sharing ratio")
+    ax.set_ylabel("compute density")
+    for i in range(len(densities)):
+        for j in range(len(sharings)):
+            ax.text(j, i, f"{grid[i][j]:.2f}x", ha="center", va="center", color="w", fontsize=9)
+    fig.colorbar(im, label="blend speedup over dfs (overlapped)")
+    ax.set_title("BlendServe over DFS order (Llama-3.1-8B, A100, simulated)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--requests", type=int, default=20_000)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args()
+    n = 4_000 if args.quick else args.requests
+    densities = [0.8, 1.4] if args.quick else [0.8, 1.0, 1.2, 1.4]
+    sharings = [0.05, 0.45] if args.quick else [0.05, 0.15, 0.25, 0.35, 0.45]
+    cost = CostModel.from_names("llama-3.1-8b", "a100")
+    engine = EngineConfig.for_cost(cost, max_running=1024, chunked_prefill=1024)
+    t_all = time.perf_counter()
+
+    cells, grid = [], []
+    for d in densities:
+        line = []
+        for s in sharings:
+            records, rep = mix(n, d, s, cost, args.seed)
+            wl = Workload(records, cost)
+            spec = RunSpec(cost, engine, seed=args.seed)
+            blend, dfs = simulate(wl, "blend", spec), simulate(wl, "dfs", spec)
+            cell = {"density": d, "sharing": s, "measured_density": round(wl.density, 4),
+                    "measured_sharing": round(wl.sharing, 4),
+                    "speedup": round(dfs.time(OVERLAPPED) / blend.time(OVERLAPPED), 4),
+                    "speedup_sequential": round(dfs.time(SEQUENTIAL) / blend.time(SEQUENTIAL), 4),
+                    "blend_fraction_of_optimal": round(blend.fraction_of_optimal(OVERLAPPED), 4),
+                    "dfs_fraction_of_optimal": round(dfs.fraction_of_optimal(OVERLAPPED), 4),
+                    "sharing_vs_dfs": round(blend.first_hit_tokens / max(1, dfs.first_hit_tokens), 4)}
+            cells.append(cell)
+            line.append(cell["speedup"])
+            print(f"density {d} sharing {s}: speedup {cell['speedup']:.3f}x (seq {cell['speedup_sequential']:.3f}x), "
+                  f"blend {cell['blend_fraction_of_optimal']:.3f} of optimal, sharing/dfs {cell['sharing_vs_dfs']:.4f}",
+                  flush=True)
+        grid.append(line)
+
+    sensitivity = []
+    for name in ("trace1", "trace3"):
+        records, _ = trace(name, n, cost, args.seed)
+        wl = Workload(records, cost)
+        dfs = simulate(wl, "dfs", RunSpec(cost, engine, seed=args.seed))
+        runs = [("keep_sharing", k, RunSpec(cost, engine, seed=args.seed, scan=ScanConfig(keep_sharing=k)))
+                for k in (1.0, 0.999, 0.99, 0.95, 0.9)]
+        runs.append(("sample_fraction", "known lengths", RunSpec(cost, engine, seed=args.seed)))
+        runs += [("sample_fraction", f, RunSpec(cost, engine, seed=args.seed, known_lengths=False, sample_fraction=f))
+                 for f in (0.005, 0.01, 0.02, 0.05)]
+        for knob, value, spec in runs:
+            res = simulate(wl, "blend", spec)
+            row = {"trace": name, "knob": knob, "value": value,
+                   "fraction_of_optimal": round(res.fraction_of_optimal(OVERLAPPED), 4),
+                   "speedup_vs_dfs": round(dfs.time(OVERLAPPED) / res.time(OVERLAPPED), 4),
+                   "sharing_vs_dfs": round(res.first_hit_tokens / max(1, dfs.first_hit_tokens), 4),
+                   "retractions": res.retractions}
+            sensitivity.append(row)
+            print(f"{name} {knob}={value}: {row['fraction_of_optimal']:.3f} of optimal, x{row['speedup_vs_dfs']:.3f}, "
+                  f"sharing/dfs {row['sharing_vs_dfs']:.4f}, retractions {row['retractions']}", flush=True)
+
+    print()
+    print(table([(f"{d:.1f}", *(f"{v:.2f}x" for v in line)) for d, line in zip(densities, grid)],
+                ("density \\ sharing", *(f"{s:.0%}" for s in sharings))))
+    print()
+    print(table([(r["trace"], r["knob"], r["value"], r["fraction_of_optimal"], r["speedup_vs_dfs"], r["sharing_vs_dfs"],
+                  r["retractions"]) for r in sensitivity],
+                ("trace", "knob", "value", "of optimal", "vs dfs", "sharing/dfs", "retract")))
+    stem = "sweep_quick" if args.quick else "sweep"
+    png = RESULTS / f"{stem}.png"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    heatmap(densities, sharings, grid, png)
+    speedups = [c["speedup"] for c in cells]
+    path = write(stem, {
+        "requests_per_cell": n, "densities": densities, "sharings": sharings,
+        "min_speedup": min(speedups), "max_speedup": max(speedups),
+        "mean_speedup": round(sum(speedups) / len(speedups), 4),
+        "min_sharing_vs_dfs": min(c["sharing_vs_dfs"] for c in cells),
+        "cells": cells, "sensitivity": sensitivity, "figure": png.name,
+        "total_seconds": round(time.perf_counter() - t_all, 1),
+        "engine": {k: getattr(engine, k) for k in engine.__slots__}, "interference": OVERLAPPED.interference,
+        "traces": {k: TRACES[k] for k in ("trace1", "trace3")},
+    })
+    print(f"wrote {path} and {png}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,47 @@
+"""SGLang 0.5.23's admission rule (PrefillAdder, radix cache on, page size 1), for queue pickers.
+
+Walk the ordered queue; the first request that does not fit ends admission. A request fits when
+
+    extend + min(max_new - generated, clip) + 1  <  free + evictable - offset
+
+where extend is its uncached fill, `offset` is what running requests may still write
+(`Engine.sglang_offset`: their remaining min(max_new, clip), times the new-token ratio unless
+ignore_eos) plus what this step already admitted, and the evictable pages on its own matched
+prefix do not count (they get locked). A free request slot and chunked-prefill budget are needed
+too; the request that overflows the chunk budget is admitted truncated (a chunked request) and
+ends admission. Not modelled: max_prefill_tokens (above the chunk size by default), LoRA,
+priorities, the hierarchical cache.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, NamedTuple
+
+
+class Pick(NamedTuple):
+    req: object  # a SimRequest
+    reserve: int = 0  # KV pages the picker reserves for the request's life (0: none)
+
+
+def sglang_admit(view, candidates: Iterable) -> list[Pick]:
+    clip = view.config.clip_max_new_tokens
+    rem_total = view.free_tokens + view.cache.evictable_tokens - view.sglang_offset()
+    rem_chunk = view.prefill_left
+    slots = view.slots_left
+    out: list[Pick] = []
+    for req in candidates:
+        if slots <= 0 or rem_chunk <= 0 or rem_total <= 0:
+            break
+        matched, unlocked = view.cache.probe(req.fill_keys)
+        hit = min(matched, req.fill_len - 1)
+        extend = req.fill_len - hit
+        max_new = min(max(req.max_new_tokens - req.gen, 0), clip)
+        if extend + max_new + 1 >= rem_total - unlocked:
+            break
+        rem_total -= extend + 1 + max_new + unlocked
+        slots -= 1
+        out.append(Pick(req))
+        if extend >= rem_chunk:
+            break  # chunked: it takes the rest of this step's prefill budget
+        rem_chunk -= extend
+    return out

@@ -1,0 +1,463 @@
+"""The step loop: continuous batching as SGLang runs it, on a KV pool of a fixed number of pages.
+
+One page holds one token (SGLang's default page_size). Each step:
+
+1. admission: the picker hands out waiting requests; each is matched in the radix cache, its
+   cached prefix locked, and the pages of its uncached fill allocated (evicting LRU cache
+   leaves when the free pool is short). A pick that does not fit goes back to the picker.
+2. chunked prefill: at most `chunked_prefill` fill tokens, oldest admission first; a request
+   whose fill is done publishes it to the cache (duplicates of what others published in the
+   meantime are freed) and its first output token comes out of this step.
+3. a decode round for every decoding request (one new KV page each). With `mixed_chunk`
+   (SGLang's --enable-mixed-chunk; NanoFlow always mixes) it shares the step with the prefill,
+   and sits out a step whose prefill left no room for it; without, prefill steps and decode
+   steps alternate, prefill first. A decode-only step that finds no room retracts requests in
+   SGLang's order (fewest output tokens first, then longest prompt) until the rest fit:
+   their decode pages are freed, their published prefix stays cached, and they wait again
+   with their output so far (re-prefilled later).
+4. requests that reached their output length publish their KV to the cache and leave.
+
+Per step the engine records GEMM tokens, KV tokens read, running requests and KV pages held
+by running requests; `timing.py` turns them into seconds. Decoding requests live in NumPy
+arrays (struct of arrays), so a decode round costs a few vector operations, not a Python loop.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+
+from ..core.cost import CostModel
+from ..core.tree import Group
+from .cache import RadixCache
+from .request import DECODING, FINISHED, PREFILLING, WAITING, SimRequest
+
+_NO_WATCH = np.iinfo(np.int64).max
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    kv_tokens: int  # KV pool size in pages of one token
+    max_running: int = 1024  # max_running_requests: prefilling + decoding
+    chunked_prefill: int = 512  # fill tokens per step (chunked-prefill size: the step's token budget)
+    mixed_chunk: bool = True  # prefill and decode share a step
+    clip_max_new_tokens: int = 4096  # SGLANG_CLIP_MAX_NEW_TOKENS_ESTIMATION
+    init_new_token_ratio: float = 0.7  # SGLANG_INIT_NEW_TOKEN_RATIO
+    min_new_token_ratio_factor: float = 0.14
+    new_token_ratio_decay_steps: int = 600
+    retract_decode_steps: int = 20  # SGLANG_RETRACT_DECODE_STEPS
+
+    def __post_init__(self) -> None:
+        for field in ("kv_tokens", "max_running", "chunked_prefill", "clip_max_new_tokens",
+                      "new_token_ratio_decay_steps"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"EngineConfig.{field} must be a positive integer, got {value!r}")
+        if not (0 < self.init_new_token_ratio <= 1 and 0 < self.min_new_token_ratio_factor <= 1):
+            raise ValueError("new-token ratios must be in (0, 1]")
+
+    @classmethod
+    def for_cost(cls, cost: CostModel, kv_gb: float | None = None, mem_fraction: float = 0.88,
+                 **kwargs) -> "EngineConfig":
+        """KV pool from the device: mem_fraction x capacity minus the weights (SGLang's
+        mem_fraction_static), or `kv_gb` when given."""
+        if kv_gb is None:
+            weights = cost.model.num_params * cost.model.dtype_bytes
+            kv_bytes = mem_fraction * cost.hardware.mem_capacity - weights
+            if kv_bytes <= 0:
+                raise ValueError(f"{cost.model.name} does not fit on {cost.hardware.name}: weights {weights / 1e9:.1f} GB "
+                                 f"> {mem_fraction:.0%} of {cost.hardware.mem_capacity / 1e9:.0f} GB; pass kv_gb")
+        else:
+            kv_bytes = kv_gb * 1e9
+        return cls(kv_tokens=int(kv_bytes // cost.kv_bytes_per_token), **kwargs)
+
+
+class Counters:
+    """Totals over a run (request-level facts; per-step series are in `Engine.series`)."""
+
+    __slots__ = ("prompt_tokens", "output_tokens", "first_hit_tokens", "prefill_tokens", "retractions",
+                 "retracted_tokens", "admit_rejections", "evicted_tokens")
+
+    def __init__(self):
+        for f in self.__slots__:
+            setattr(self, f, 0)
+
+
+class Engine:
+    """Drives a picker over a set of requests; see the module docstring."""
+
+    def __init__(self, cost: CostModel, config: EngineConfig, picker, requests: Iterable[SimRequest]):
+        self.cost = cost
+        self.config = config
+        self.picker = picker
+        self.requests = list(requests)
+        if len({r.rid for r in self.requests}) != len(self.requests):
+            raise ValueError("request ids must be unique")
+        self.cache = RadixCache()
+        self.free_tokens = config.kv_tokens
+        self.private = 0  # pages owned by running requests and not (yet) in the cache
+        self.prefilling: deque[SimRequest] = deque()
+        cap = config.max_running
+        self._gen = np.zeros(cap, np.int64)
+        self._out = np.zeros(cap, np.int64)
+        self._base = np.zeros(cap, np.int64)  # context = base + gen (KV tokens read per round)
+        self._gen_ck = np.zeros(cap, np.int64)
+        self._maxnew = np.zeros(cap, np.int64)
+        self._ign = np.zeros(cap, bool)
+        self._resv = np.zeros(cap, np.int64)  # reserve - (fill - hit): reservation beyond the fill
+        self._watch = np.full(cap, _NO_WATCH, np.int64)
+        self._dec: list[SimRequest | None] = [None] * cap
+        self.n_dec = 0
+        self.n_eos = 0  # decoding requests without ignore_eos (their reservations use the ratio)
+        self.n_watch = 0
+        self.sum_base = 0
+        self.sum_gen = 0
+        self.waiting = 0
+        self.finished = 0
+        self.steps = 0
+        self.chunk = config.chunked_prefill  # this step's chunked-prefill size (a picker may pace it)
+        self.decode_rounds = 0
+        self.new_token_ratio = config.init_new_token_ratio
+        self._min_ratio = config.init_new_token_ratio * config.min_new_token_ratio_factor
+        self._ratio_decay = (config.init_new_token_ratio - self._min_ratio) / config.new_token_ratio_decay_steps
+        self.counters = Counters()
+        self.series = {k: [] for k in ("prefill", "decode", "kv_read", "kv_active", "running")}
+        self.finish_order: list = []
+        for r in self.requests:
+            if r.state != WAITING:
+                raise ValueError(f"request {r.rid!r} was already run; build fresh requests per simulation")
+            self.counters.prompt_tokens += r.prompt_len
+            self.waiting += 1
+
+    # ------------------------------------------------------------------ the view pickers see
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return self.cost.kv_bytes_per_token
+
+    @property
+    def slots_left(self) -> int:
+        return self.config.max_running - self.n_dec - len(self.prefilling)
+
+    @property
+    def prefill_left(self) -> int:
+        return max(0, self.chunk - sum(r.prefill_left for r in self.prefilling))
+
+    @property
+    def next_kv_read(self) -> int:
+        """KV tokens the next decode round reads."""
+        return self.sum_base + self.sum_gen
+
+    def sglang_offset(self) -> float:
+        """SGLang's reservation for running requests: sum of min(max_new - generated, clip),
+        scaled by the new-token ratio unless ignore_eos."""
+        n, clip, ratio = self.n_dec, self.config.clip_max_new_tokens, self.new_token_ratio
+        rem = np.minimum(self._maxnew[:n] - self._gen[:n], clip)
+        total = float(rem.sum()) if not self.n_eos else float((rem * np.where(self._ign[:n], 1.0, ratio)).sum())
+        for r in self.prefilling:
+            left = min(max(r.max_new_tokens - r.gen, 0), clip)
+            total += left if r.ignore_eos else left * ratio
+        return total
+
+    def reserved_left(self) -> int:
+        """Pages still reserved (by a picker's `reserve`) beyond what running requests hold."""
+        n = self.n_dec
+        total = int(np.maximum(self._resv[:n] - (self._gen[:n] - self._gen_ck[:n]), 0).sum()) if n else 0
+        for r in self.prefilling:
+            total += max(0, r.reserve - (r.fill_len - r.hit))
+        return total
+
+    def generated(self, req: SimRequest) -> int:
+        return int(self._gen[req.slot]) if req.state == DECODING else req.gen
+
+    # ------------------------------------------------------------------ run
+    def run(self, check: bool = False, max_steps: int = 50_000_000,
+            on_step: Callable[["Engine"], None] | None = None) -> "Engine":
+        total = len(self.requests)
+        while self.finished < total:
+            if self.steps >= max_steps:
+                raise RuntimeError(f"simulation did not finish within {max_steps} steps")
+            self.step()
+            if check:
+                self.check_integrity()
+            if on_step is not None:
+                on_step(self)
+        return self
+
+    def step(self) -> None:
+        self.steps += 1
+        paced = self.picker.chunk_size(self)
+        self.chunk = self.config.chunked_prefill if paced is None else max(1, min(paced, self.config.chunked_prefill))
+        if self.waiting and self.slots_left > 0:
+            left = self.prefill_left
+            if left > 0:
+                picks = self.picker.pick(self)
+                for i, pick in enumerate(picks):
+                    if not self._admit(pick.req, pick.reserve):
+                        self.counters.admit_rejections += len(picks) - i
+                        self.picker.rejected(picks[i:])
+                        break
+        budget = self.chunk
+        prefill = 0
+        done = []
+        while self.prefilling and budget > 0:
+            r = self.prefilling[0]
+            chunk = min(r.prefill_left, budget)
+            r.prefill_left -= chunk
+            budget -= chunk
+            prefill += chunk
+            if r.prefill_left == 0:
+                self.prefilling.popleft()
+                done.append(r)
+        decode = kv_read = 0
+        if self.n_dec and (prefill == 0 or self.config.mixed_chunk):
+            if self._room_for_decode(decode_only=prefill == 0):
+                decode, kv_read = self._decode_round()
+        for r in done:
+            self._prefill_done(r)
+        if not (prefill or decode):
+            if self.finished < len(self.requests):
+                self._stalled()
+        self.counters.prefill_tokens += prefill
+        s = self.series
+        s["prefill"].append(prefill)
+        s["decode"].append(decode)
+        s["kv_read"].append(kv_read)
+        s["kv_active"].append(self.config.kv_tokens - self.free_tokens - self.cache.evictable_tokens)
+        s["running"].append(self.n_dec + len(self.prefilling))
+
+    # ------------------------------------------------------------------ admission
+    def _admit(self, r: SimRequest, reserve: int) -> bool:
+        if r.state != WAITING:
+            raise AssertionError(f"picker handed out {r!r}, which is not waiting")
+        node, matched = self.cache.match(r.fill_keys)
+        hit = min(matched, r.fill_len - 1)  # at least one token is computed (it yields the logits)
+        extend = r.fill_len - hit
+        self.cache.lock(node)
+        if self.free_tokens < extend:
+            self._evict(extend - self.free_tokens)
+        if self.free_tokens < extend:
+            self.cache.unlock(node)
+            return False
+        self.free_tokens -= extend
+        self.private += extend
+        r.lock = node
+        r.hit = hit
+        r.prefill_left = extend
+        r.reserve = reserve
+        r.state = PREFILLING
+        if r.admissions == 0:
+            r.first_hit = hit
+            self.counters.first_hit_tokens += hit
+        r.admissions += 1
+        self.waiting -= 1
+        self.prefilling.append(r)
+        return True
+
+    def _evict(self, tokens: int) -> None:
+        freed = self.cache.evict(tokens)
+        self.free_tokens += freed
+        self.counters.evicted_tokens += freed
+
+    # ------------------------------------------------------------------ prefill -> decode
+    def _prefill_done(self, r: SimRequest) -> None:
+        node, dup = self.cache.insert(r.fill_keys)
+        self.private -= r.fill_len - r.hit
+        self.free_tokens += dup - r.hit  # copies of what another request published meanwhile
+        self.cache.lock(node)
+        self.cache.unlock(r.lock)
+        r.lock = node
+        r.gen += 1
+        r.gen_ck = r.gen
+        if r.gen >= r.output_len:
+            self._finish(r)
+            return
+        s = self.n_dec
+        self.n_dec += 1
+        r.slot = s
+        r.state = DECODING
+        self._dec[s] = r
+        self._gen[s] = r.gen
+        self._out[s] = r.output_len
+        self._base[s] = r.fill_len - r.gen + 1
+        self._gen_ck[s] = r.gen
+        self._maxnew[s] = r.max_new_tokens
+        self._ign[s] = r.ignore_eos
+        self._resv[s] = max(0, r.reserve - (r.fill_len - r.hit)) if r.reserve else 0
+        watch = self.picker.watch(r)
+        self._watch[s] = _NO_WATCH if watch is None else watch
+        self.n_watch += watch is not None
+        self.n_eos += not r.ignore_eos
+        self.sum_base += int(self._base[s])
+        self.sum_gen += r.gen
+
+    def _remove_decoder(self, r: SimRequest) -> None:
+        s = r.slot
+        r.gen = int(self._gen[s])
+        self.sum_base -= int(self._base[s])
+        self.sum_gen -= r.gen
+        self.n_eos -= not r.ignore_eos
+        self.n_watch -= int(self._watch[s] != _NO_WATCH)
+        last = self.n_dec - 1
+        if s != last:
+            for arr in (self._gen, self._out, self._base, self._gen_ck, self._maxnew, self._ign, self._resv, self._watch):
+                arr[s] = arr[last]
+            moved = self._dec[last]
+            self._dec[s] = moved
+            moved.slot = s
+        self._dec[last] = None
+        self.n_dec = last
+        r.slot = -1
+
+    # ------------------------------------------------------------------ decode
+    def _room_for_decode(self, decode_only: bool) -> bool:
+        """SGLang's check_decode_mem: evict for the round's pages; a decode-only step that still
+        lacks room retracts, one that has room decays the new-token ratio; a mixed step without
+        room skips decoding."""
+        need = self.n_dec
+        if self.free_tokens < need:
+            self._evict(need - self.free_tokens)
+        if self.free_tokens >= need:
+            if decode_only:
+                self.new_token_ratio = max(self.new_token_ratio - self._ratio_decay, self._min_ratio)
+            return True
+        if not decode_only:
+            return False
+        self._retract()
+        return True
+
+    def _retract(self) -> None:
+        """SGLang's retract_decode: retract at least one request, then more until the rest fit."""
+        n = self.n_dec
+        gen = self._gen[:n]
+        reqs = self._dec[:n]
+        inputs = np.array([r.prompt_len for r in reqs], np.int64)
+        keep = list(np.lexsort((-inputs, gen))[::-1])  # most preferred to keep first: (gen, -input) descending
+        keep = [reqs[i] for i in keep]
+        retracted = []
+        first = True
+        while first or self.free_tokens < len(keep):
+            if len(keep) == 1:
+                break
+            first = False
+            r = keep.pop()
+            self._remove_decoder(r)
+            private = r.gen - r.gen_ck
+            self.private -= private
+            self.free_tokens += private
+            self.cache.unlock(r.lock)
+            r.lock = None
+            r.out_keys = r.out_keys + (Group(f"\x00out:{r.rid}:{r.out_len}", r.gen - r.out_len),)
+            r.out_len = r.gen
+            r.fill_len = r.prompt_len + r.gen
+            r.state = WAITING
+            self.waiting += 1
+            retracted.append(r)
+            self.counters.retractions += 1
+            self.counters.retracted_tokens += r.gen
+            self._evict(len(keep) * self.config.retract_decode_steps)
+            if self.free_tokens < len(keep):
+                self._evict(len(keep) - self.free_tokens)
+        if self.free_tokens < len(keep):
+            r = keep[0]
+            raise RuntimeError(f"request {r.rid!r} (prompt {r.prompt_len}, output {r.output_len}) does not fit in "
+                               f"the KV pool of {self.config.kv_tokens} tokens even alone; raise kv_gb")
+        total_gen = sum(int(self._gen[r.slot]) for r in keep)
+        total_max = sum(r.max_new_tokens for r in keep)
+        self.new_token_ratio = min(1.0, (total_gen + self.config.retract_decode_steps * len(keep)) / (total_max + 1))
+        for r in retracted:
+            self.picker.retracted(r)
+
+    def _decode_round(self) -> tuple[int, int]:
+        n = self.n_dec
+        kv_read = self.sum_base + self.sum_gen
+        self.free_tokens -= n
+        self.private += n
+        self.decode_rounds += 1
+        gen = self._gen[:n]
+        gen += 1
+        self.sum_gen += n
+        if self.n_watch:
+            for s in np.flatnonzero(gen >= self._watch[:n]):
+                r = self._dec[s]
+                nxt = self.picker.progress(r, int(gen[s]))
+                if nxt is None:
+                    self._watch[s] = _NO_WATCH
+                    self.n_watch -= 1
+                else:
+                    self._watch[s] = nxt
+        done = np.flatnonzero(gen >= self._out[:n])
+        for s in done[::-1]:
+            r = self._dec[s]
+            self._remove_decoder(r)
+            self._finish(r)
+        return n, kv_read
+
+    def _finish(self, r: SimRequest) -> None:
+        private = r.gen - r.gen_ck
+        if private:
+            node, dup = self.cache.insert(r.fill_keys + (Group(f"\x00out:{r.rid}:{r.out_len}", private),))
+            self.free_tokens += dup - r.fill_len  # 0 unless the fill itself was republished
+            self.cache.unlock(r.lock)
+        else:
+            self.cache.unlock(r.lock)
+        self.private -= private
+        r.lock = None
+        r.state = FINISHED
+        self.finished += 1
+        self.counters.output_tokens += r.gen
+        self.finish_order.append(r.rid)
+        self.picker.finished(r)
+
+    def _stalled(self) -> None:
+        if self.prefilling or self.n_dec:
+            return
+        raise RuntimeError(
+            f"simulation stalled at step {self.steps}: {self.waiting} requests wait, nothing runs and the "
+            f"{self.picker.name} picker admits nothing (free {self.free_tokens} + evictable "
+            f"{self.cache.evictable_tokens} of {self.config.kv_tokens} KV tokens). A request larger than the KV pool?")
+
+    # ------------------------------------------------------------------ checks
+    def check_integrity(self) -> None:
+        """Every invariant, recomputed from scratch: KV pages conserved, every request in exactly
+        one state (finished ones exactly once), decode arrays consistent, cache locks match."""
+        by_state = {WAITING: 0, PREFILLING: 0, DECODING: 0, FINISHED: 0}
+        private = 0
+        locks: dict = {}
+        for r in self.requests:
+            by_state[r.state] += 1
+            if r.state == PREFILLING:
+                private += r.fill_len - r.hit
+                assert r.lock is not None and r.prefill_left > 0
+            elif r.state == DECODING:
+                assert self._dec[r.slot] is r, f"{r!r}: slot {r.slot} holds another request"
+                gen = int(self._gen[r.slot])
+                assert r.gen_ck <= gen < r.output_len
+                private += gen - r.gen_ck
+            else:
+                assert r.lock is None, f"{r!r} holds a cache lock"
+            if r.lock is not None:
+                locks[r.lock] = locks.get(r.lock, 0) + 1
+        assert by_state[PREFILLING] == len(self.prefilling) and by_state[DECODING] == self.n_dec
+        assert by_state[WAITING] == self.waiting and by_state[FINISHED] == self.finished
+        assert len(self.finish_order) == len(set(self.finish_order)) == self.finished, "a request finished twice"
+        assert self.n_dec + len(self.prefilling) <= self.config.max_running
+        assert private == self.private, f"private pages {self.private} != recomputed {private}"
+        assert self.free_tokens >= 0, "KV pool over-committed"
+        assert self.free_tokens + self.cache.total_tokens + self.private == self.config.kv_tokens, \
+            (f"KV pages not conserved: free {self.free_tokens} + cached {self.cache.total_tokens} + "
+             f"private {self.private} != {self.config.kv_tokens}")
+        n = self.n_dec
+        assert self.sum_gen == int(self._gen[:n].sum()) and self.sum_base == int(self._base[:n].sum())
+        assert self.n_eos == int((~self._ign[:n]).sum())
+        assert all(self._dec[i] is None for i in range(n, self.config.max_running))
+        self.cache.check_integrity(locks)
+        self.picker.check_integrity()
+
+
+def simulate_requests(requests, cost: CostModel, config: EngineConfig, picker, check: bool = False) -> Engine:
+    """Run `picker` over `requests` to completion and return the engine (series + counters)."""
+    return Engine(cost, config, picker, requests).run(check=check)
+

@@ -1,0 +1,170 @@
+"""What a simulated run achieved: throughput, the share of the optimum, prefix sharing, KV use.
+
+The optimum is the paper's T_o = max((1 - s_o) T_comp, T_mem) (`CostModel.optimal_time`):
+T_comp and T_mem summed over every request, s_o the sharing of DFS order with an unbounded
+cache (the reference tree's root sharing). The run's time is the sum of its step times in an
+execution mode (`timing.py`), so `fraction_of_optimal` = T_o / time.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..core.cost import CostModel, compute_tokens, memory_units
+from .timing import ExecModel, operator_seconds, step_seconds
+
+
+@dataclass
+class SimResult:
+    policy: str
+    requests: int
+    kv_tokens: int
+    steps: int
+    prompt_tokens: int
+    output_tokens: int
+    first_hit_tokens: int  # cached prefix tokens at each request's first admission
+    prefill_tokens: int  # fill tokens computed, recomputation after retraction included
+    retractions: int
+    retracted_tokens: int  # output tokens thrown away by retractions (recomputed later)
+    admit_rejections: int
+    evicted_tokens: int
+    optimal_s: float
+    wall_s: float
+    gemm_s: np.ndarray = field(repr=False)  # per step: GEMM time at its roofline
+    attn_s: np.ndarray = field(repr=False)  # per step: decode-attention time
+    series: dict = field(repr=False, default_factory=dict)  # per step: prefill, decode, kv_read, kv_active, running
+
+    def time(self, model: ExecModel) -> float:
+        return float(step_seconds(self.gemm_s, self.attn_s, model).sum())
+
+    def throughput(self, model: ExecModel) -> float:
+        """(input + output tokens) per second."""
+        return (self.prompt_tokens + self.output_tokens) / self.time(model)
+
+    def fraction_of_optimal(self, model: ExecModel) -> float:
+        return self.optimal_s / self.time(model)
+
+    @property
+    def sharing(self) -> float:
+        """Prompt tokens served from the prefix cache at first admission."""
+        return self.first_hit_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+    @property
+    def peak_kv(self) -> float:
+        """Largest share of the KV pool held by running requests."""
+        return float(self.series["kv_active"].max()) / self.kv_tokens if self.steps else 0.0
+
+    @property
+    def mean_kv(self) -> float:
+        return float(self.series["kv_active"].mean()) / self.kv_tokens if self.steps else 0.0
+
+    def summary(self, model: ExecModel) -> dict:
+        return {
+            "policy": self.policy,
+            "time_s": round(self.time(model), 2),
+            "throughput_tok_s": round(self.throughput(model), 1),
+            "fraction_of_optimal": round(self.fraction_of_optimal(model), 4),
+            "sharing": round(self.sharing, 4),
+            "steps": self.steps,
+            "comp_s": round(float(self.gemm_s.sum()), 2),
+            "mem_s": round(float(self.attn_s.sum()), 2),
+            "peak_kv": round(self.peak_kv, 4),
+            "mean_kv": round(self.mean_kv, 4),
+            "retractions": self.retractions,
+            "recomputed_tokens": self.prefill_tokens - (self.prompt_tokens - self.first_hit_tokens),
+            "wall_s": round(self.wall_s, 2),
+        }
+
+
+def optimal_seconds(requests, cost: CostModel, sharing: float) -> float:
+    tokens = sum(compute_tokens(r.prompt_len, r.output_len) for r in requests)
+    units = sum(memory_units(r.prompt_len, r.output_len) for r in requests)
+    return cost.optimal_time(tokens, sharing, units)
+
+
+def result_from_engine(engine, policy: str, optimal_s: float, wall_s: float) -> SimResult:
+    series = {k: np.asarray(v, dtype=np.int64) for k, v in engine.series.items()}
+    gemm, attn = operator_seconds(engine.cost, series["prefill"] + series["decode"], series["kv_read"])
+    c = engine.counters
+    return SimResult(policy, len(engine.requests), engine.config.kv_tokens, engine.steps, c.prompt_tokens,
+                     c.output_tokens, c.first_hit_tokens, c.prefill_tokens, c.retractions, c.retracted_tokens,
+                     c.admit_rejections, c.evicted_tokens, optimal_s, wall_s, gemm, attn, series)
+
+
+def binned(result: SimResult, model: ExecModel, bins: int = 400) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(elapsed seconds, mean GEMM ms, mean attention ms) over `bins` equal stretches of time."""
+    t = step_seconds(result.gemm_s, result.attn_s, model)
+    end = np.cumsum(t)
+    edges = np.linspace(0.0, end[-1], bins + 1)
+    idx = np.minimum(np.searchsorted(edges, end - t / 2, side="right") - 1, bins - 1)
+    count = np.bincount(idx, minlength=bins)
+    keep = count > 0
+    gemm = np.bincount(idx, weights=result.gemm_s, minlength=bins)[keep] / count[keep]
+    attn = np.bincount(idx, weights=result.attn_s, minlength=bins)[keep] / count[keep]
+    mid = ((edges[:-1] + edges[1:]) / 2)[keep]
+    return mid, 1e3 * gemm, 1e3 * attn
+
+
+def plot_steps(results: list[SimResult], path, model: ExecModel, title: str = "") -> None:
+    """Per-step compute (GEMM) and memory (decode attention) time over the run, one panel per
+    policy: the paper's Figure 10."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(results), 1, figsize=(9, 2.4 * len(results)), sharex=True, squeeze=False)
+    for ax, res in zip(axes[:, 0], results):
+        x, g, a = binned(res, model)
+        ax.plot(x / 60, g, label="compute (GEMM)", color="tab:red", lw=1)
+        ax.plot(x / 60, a, label="memory (decode attention)", color="tab:blue", lw=1)
+        ax.set_ylabel("ms / step")
+        ax.set_title(f"{res.policy}: {res.time(model) / 60:.1f} min, {res.fraction_of_optimal(model):.1%} of optimal",
+                     fontsize=10)
+        ax.legend(loc="upper right", fontsize=8)
+    axes[-1, 0].set_xlabel(f"simulated time (min, {model.mode})")
+    if title:
+        fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def compare(results: dict, models: dict, baseline: str = "dfs") -> list[dict]:
+    """One row per policy: time, throughput and share of the optimum per execution mode, the
+    speedup and prefix sharing relative to `baseline` (when it ran), KV use, retractions."""
+    base = results.get(baseline)
+    rows = []
+    for name, res in results.items():
+        row = {"policy": name}
+        for label, model in models.items():
+            t = res.time(model)
+            row[f"{label}_time_s"] = round(t, 2)
+            row[f"{label}_throughput_tok_s"] = round(res.throughput(model), 1)
+            row[f"{label}_fraction_of_optimal"] = round(res.fraction_of_optimal(model), 4)
+            if base is not None:
+                row[f"{label}_speedup_vs_{baseline}"] = round(base.time(model) / t, 4)
+        row["sharing"] = round(res.sharing, 4)
+        if base is not None:
+            row[f"sharing_vs_{baseline}"] = round(res.first_hit_tokens / base.first_hit_tokens, 4) \
+                if base.first_hit_tokens else 1.0
+        row.update(peak_kv=round(res.peak_kv, 3), mean_kv=round(res.mean_kv, 3), retractions=res.retractions,
+                   recomputed_tokens=res.prefill_tokens - (res.prompt_tokens - res.first_hit_tokens),
+                   steps=res.steps, wall_s=round(res.wall_s, 2))
+        rows.append(row)
+    return rows
+
+
+def format_table(rows: list[dict], columns: list[tuple[str, str]]) -> str:
+    """Plain-text table of `rows` with (key, header) columns; missing cells stay empty."""
+    def cell(v):
+        return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+    body = [[cell(r.get(k, "")) for k, _ in columns] for r in rows]
+    heads = [h for _, h in columns]
+    widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(heads)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(heads, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(b, widths)) for b in body]
+    return "\n".join(lines)

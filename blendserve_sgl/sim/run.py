@@ -1,0 +1,49 @@
+"""One call per simulated run: fresh requests, a picker, the engine, a `SimResult`."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from ..core.cost import CostModel
+from ..core.estimate import OutputLengthEstimator
+from ..core.scanner import ScanConfig
+from .engine import Engine, EngineConfig
+from .metrics import SimResult, optimal_seconds, result_from_engine
+from .policies import make_picker, reference_tree
+from .request import from_records
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What a run needs besides the workload and the policy."""
+
+    cost: CostModel
+    engine: EngineConfig
+    known_lengths: bool = True  # ignore_eos with max_new_tokens = output length (SGLang's offline bench)
+    scan: ScanConfig = field(default_factory=ScanConfig)
+    sample_fraction: float = 0.01  # blend with unknown lengths: the sample that runs first
+    seed: int = 0
+    pace: bool = True  # blend: pace each step's prefill to the decode batch's memory time
+
+
+class Workload:
+    """Records plus what every run over them shares: the reference tree, s_o and T_o."""
+
+    def __init__(self, records, cost: CostModel):
+        self.records = list(records)
+        probe = from_records(self.records)
+        self.reference = reference_tree(probe, cost)
+        self.density = self.reference.density(self.reference.root)
+        self.sharing = self.reference.root.sharing
+        self.optimal_s = optimal_seconds(probe, cost, self.sharing)
+
+
+def simulate(workload: Workload, policy: str, spec: RunSpec, check: bool = False) -> SimResult:
+    t0 = time.perf_counter()
+    requests = from_records(workload.records, known=spec.known_lengths)
+    estimator = OutputLengthEstimator(sample_fraction=spec.sample_fraction, seed=spec.seed)
+    picker = make_picker(policy, requests, spec.cost, seed=spec.seed, scan=spec.scan, estimator=estimator,
+                         reference=workload.reference, pace=spec.pace)
+    engine = Engine(spec.cost, spec.engine, picker, requests).run(check=check)
+    return result_from_engine(engine, policy, workload.optimal_s, time.perf_counter() - t0)

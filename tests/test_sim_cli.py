@@ -1,0 +1,33 @@
+"""`blendserve simulate` end to end (small), and its errors on bad input."""
+
+import json
+
+import pytest
+
+from blendserve_sgl import cli
+
+
+def test_simulate_prints_the_table_and_writes_json_and_png(capsys, tmp_path):
+    out = tmp_path / "sim.json"
+    rc = cli.main(["simulate", "--workload", "mixed", "--requests", "300", "--policy", "blend,dfs,fcfs",
+                   "--hardware", "a100", "--model", "llama-3.1-8b", "--kv-gb", "6", "--out", str(out)])
+    assert rc == 0
+    text = capsys.readouterr().out
+    assert "of optimal" in text and "blend" in text and "fcfs" in text
+    data = json.loads(out.read_text())
+    assert data["command"].startswith("blendserve simulate") and data["machine"]
+    rows = {r["policy"]: r for r in data["results"]}
+    assert set(rows) == {"blend", "dfs", "fcfs"} and rows["dfs"]["overlapped_speedup_vs_dfs"] == 1.0
+    assert out.with_suffix(".png").stat().st_size > 10_000
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--policy", "blend,lpm"], "unknown policy 'lpm'; choose from fcfs, sglang-lpm, sglang-dfs-weight, dfs, balance, blend"),
+    (["--workload", "burstgpt"], "unknown workload 'burstgpt'; choose one of trace1, trace2, trace3, trace4, mixed"),
+    (["--workload", "mix:1.2"], "mix:DENSITY,SHARING"),
+    (["--hardware", "tpu"], "unknown hardware preset 'tpu'; choose one of"),
+    (["--model", "gpt-5"], "unknown model preset 'gpt-5'; choose one of"),
+])
+def test_bad_input_is_named_with_the_choices(capsys, tmp_path, args, message):
+    assert cli.main(["simulate", "--requests", "200", "--out", str(tmp_path / "x.json"), *args]) == 2
+    assert message in capsys.readouterr().err

@@ -1,0 +1,178 @@
+"""Pickers: each baseline's order against its definition (SGLang's own dfs-weight function as the
+reference), SGLang's admission rule, and the blend picker driving the core's DualScanner."""
+
+import random
+
+import pytest
+
+from blendserve_sgl.core import CostModel, DualScanner
+from blendserve_sgl.core.sharing import dfs_order
+from blendserve_sgl.sim.adder import sglang_admit
+from blendserve_sgl.sim.cache import RadixCache
+from blendserve_sgl.sim.engine import Engine, EngineConfig
+from blendserve_sgl.sim.policies import SGLangDFSWeight, SGLangLPM, make_picker, reference_tree
+from blendserve_sgl.sim.request import SimRequest, from_tokens
+
+from test_sim_engine import token_work
+
+COST = CostModel.from_names("llama-3.1-8b", "a100")
+BIG = EngineConfig(kv_tokens=200_000, max_running=8, chunked_prefill=4096)
+
+
+def admissions(policy, work, config=BIG, **kw):
+    reqs = from_tokens(work)
+    picker = make_picker(policy, reqs, COST, **kw)
+    order = []
+    inner = picker.pick
+
+    def pick(view):
+        out = inner(view)
+        order.extend(p.req.rid for p in out)
+        return out
+
+    picker.pick = pick
+    Engine(COST, config, picker, reqs).run(check=True)
+    return order, reqs
+
+
+def sglang_dfs_weight_order(root, nodes):
+    """SGLang 0.5.23's `_dfs_weight_order` (mem_cache/base_prefix_cache.py), verbatim in logic."""
+    last_node_to_indices = {}
+    for index, node in enumerate(nodes):
+        last_node_to_indices.setdefault(node, []).append(index)
+    node_to_weight = {node: len(ix) for node, ix in last_node_to_indices.items()}
+    stack = [(root, False)]
+    while stack:
+        node, visited = stack.pop()
+        if visited:
+            weight = node_to_weight.get(node, 0)
+            for child in node.children.values():
+                weight += node_to_weight.get(child, 0)
+            node_to_weight[node] = weight
+            continue
+        stack.append((node, True))
+        for child in reversed(list(node.children.values())):
+            stack.append((child, False))
+    order = []
+    stack = [(root, False)]
+    while stack:
+        node, visited = stack.pop()
+        if visited:
+            order.extend(last_node_to_indices.get(node, ()))
+            continue
+        children = list(node.children.values())
+        children.sort(key=lambda child: -node_to_weight.get(child, 0))
+        stack.append((node, True))
+        for child in reversed(children):
+            stack.append((child, False))
+    return order
+
+
+def test_fcfs_dfs_and_balance_admit_in_their_orders():
+    work = token_work(11, 90)
+    fcfs, _ = admissions("fcfs", work)
+    assert fcfs == list(work)
+    dfs, reqs = admissions("dfs", work)
+    assert dfs == dfs_order(reference_tree(reqs, COST))
+    bal, _ = admissions("balance", work, seed=5)
+    expect = list(work)
+    random.Random(5).shuffle(expect)
+    assert bal == expect
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_dfs_weight_order_equals_sglangs_function(seed):
+    """Same cache, same waiting queue (arrival order): the picker's order is what SGLang's
+    `_dfs_weight_order` returns over each request's matched cache node."""
+    rng = random.Random(seed)
+    work = token_work(seed, 60)
+    reqs = from_tokens(work)
+    cache = RadixCache()
+    for r in rng.sample(reqs, 25):  # publish some prompts, partly
+        cache.insert(r.prompt_keys[:rng.randint(1, len(r.prompt_keys))])
+    waiting = [r for r in reqs if rng.random() < 0.6]
+    picker = SGLangDFSWeight(waiting)
+
+    class View:
+        pass
+
+    view = View()
+    view.cache = cache
+    got = [r.rid for r in picker.ordered(view)]
+    nodes = [cache.match(r.fill_keys)[0] for r in waiting]
+    expect = [waiting[i].rid for i in sglang_dfs_weight_order(cache.root, nodes)]
+    assert got == expect
+
+
+def test_lpm_sorts_small_queues_and_holds_back_in_batch_duplicates():
+    """Queue [a, b, c, d]: b's prefix is cached (40 tokens), c shares a 50-token uncached prefix
+    with a (held back: in-batch prefix caching), d shares nothing. Sorted: b, a, d, c. Above
+    128 waiting requests lpm is FCFS and does not reorder."""
+    shared, cached = list(range(1000, 1050)), list(range(2000, 2040))
+    reqs = [SimRequest("a", 0, tokens=shared + [1], output_len=2), SimRequest("b", 1, tokens=cached + [2], output_len=2),
+            SimRequest("c", 2, tokens=shared + [3], output_len=2), SimRequest("d", 3, tokens=[7, 8, 9], output_len=2)]
+    cache = RadixCache()
+    cache.insert(cached)
+
+    class View:
+        pass
+
+    view = View()
+    view.cache = cache
+    lpm = SGLangLPM(reqs)
+    lpm.reorder(view)
+    assert [r.rid for r in lpm.queue] == ["b", "a", "d", "c"]
+    many = [SimRequest(f"x{i}", i, tokens=[i + 5000, 1], output_len=1) for i in range(129)] + reqs
+    lpm = SGLangLPM(many)
+    lpm.reorder(view)
+    assert [r.rid for r in lpm.queue] == [r.rid for r in many]
+
+
+def test_sglang_rule_stops_at_the_first_request_that_does_not_fit():
+    """rem = free + evictable - offset; a request fits when extend + min(max_new, clip) + 1 < rem
+    (its own matched, unlocked prefix excluded); the first misfit ends admission."""
+    reqs = [SimRequest(f"r{i}", i, tokens=[i * 100 + k for k in range(50)], output_len=30) for i in range(6)]
+
+    class View:
+        free_tokens, slots_left, prefill_left = 250, 10, 10_000
+        cache = RadixCache()
+        config = EngineConfig(kv_tokens=1000)
+
+        def sglang_offset(self):
+            return 20.0
+
+    picks = sglang_admit(View(), reqs)
+    # each needs 50 + 30 + 1 = 81 of rem = 230: 230 -> 149 -> 68, the third (81 >= 68) stops
+    assert [p.req.rid for p in picks] == ["r0", "r1"]
+    view = View()
+    view.prefill_left = 60  # the second one overflows the chunk: admitted truncated, then stop
+    assert [p.req.rid for p in sglang_admit(view, reqs)] == ["r0", "r1"]
+    view.prefill_left = 50
+    assert [p.req.rid for p in sglang_admit(view, reqs)] == ["r0"]
+
+
+def test_blend_drives_the_core_scanner():
+    """Every blend admission is one the core DualScanner handed out, in the same order."""
+    work = token_work(12, 120, long_share=0.2)
+    reqs = from_tokens(work)
+    picker = make_picker("blend", reqs, COST)
+    assert isinstance(picker.scanner, DualScanner)
+    handed = []
+    inner = picker.scanner.schedule
+
+    def schedule(budget):
+        out = inner(budget)
+        handed.extend(a.rid for a in out)
+        return out
+
+    picker.scanner.schedule = schedule
+    eng = Engine(COST, EngineConfig(kv_tokens=6_000, max_running=32, chunked_prefill=256), picker, reqs)
+    eng.run(check=True)
+    assert sorted(eng.finish_order) == sorted(work)
+    admitted = [r.rid for r in eng.requests for _ in range(r.admissions)]
+    assert len(handed) == len(admitted) + eng.counters.admit_rejections and set(handed) == set(work)
+
+
+def test_unknown_policy_names_the_choices():
+    with pytest.raises(ValueError, match="unknown policy 'nope'; choose from fcfs, sglang-lpm"):
+        make_picker("nope", [], COST)

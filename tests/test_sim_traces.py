@@ -1,0 +1,32 @@
+"""Trace analogs: the mixing recipe reaches its density and sharing targets, seeded."""
+
+import pytest
+
+from blendserve_sgl.core import CostModel
+from blendserve_sgl.sim import traces
+
+COST = CostModel.from_names("llama-3.1-8b", "a100")
+
+
+def test_mix_reaches_its_targets_and_is_seeded():
+    recs, rep = traces.mix(6000, 1.2, 0.2, COST, seed=3)
+    assert len(recs) == 6000 and len({r.rid for r in recs}) == 6000
+    assert rep.density == pytest.approx(1.2, rel=0.03) and rep.sharing == pytest.approx(0.2, rel=0.03)
+    assert set(rep.counts) == {"mmlu", "base", "video"} and sum(rep.counts.values()) == 6000
+    again, _ = traces.mix(6000, 1.2, 0.2, COST, seed=3)
+    assert again == recs
+    video = [r for r in recs if r.kind == "video"]
+    assert video and all(2048 <= r.output_len <= 16384 for r in video)
+
+
+def test_out_of_reach_targets_and_names_are_rejected():
+    with pytest.raises(ValueError, match="out of reach"):
+        traces.mix(1000, 500.0, 0.2, COST)
+    with pytest.raises(ValueError, match="unknown trace 'trace9'; choose one of"):
+        traces.trace("trace9", 1000, COST)
+
+
+def test_missing_data_names_the_file_and_its_source(monkeypatch, tmp_path):
+    monkeypatch.setenv("BLENDSERVE_DATA", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="mmlu.*hendrycks/test"):
+        traces.mix(1000, 1.0, 0.2, COST)
