@@ -121,8 +121,8 @@ def test_adapter_loses_nothing_and_admits_each_request_once():
             pol.on_abort(victim)
         batch = SimpleNamespace(reqs=running)
         if sched.waiting_queue:
-            queue = sched.waiting_queue
-            pol.calc_priority(queue, batch)
+            pol.calc_priority(sched.waiting_queue, batch)
+            queue = sched.waiting_queue  # as SGLang: it admits from the attribute, after calc_priority
             take = rng.randint(0, len(queue))  # SGLang's own check may stop early
             took = queue[:take]
             sched.waiting_queue = queue[take:]

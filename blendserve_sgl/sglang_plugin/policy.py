@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from itertools import filterfalse
 from typing import Any
 
 from ..core import Budget, CostModel, DualScanner, OutputLengthEstimator, ResourceTree, ScanConfig
@@ -70,7 +71,8 @@ class BlendPolicy:
         self.running: dict[Any, Any] = {}  # rid -> sglang Req the scanner handed out
         self._aside: list | None = None
         self.steps = 0
-        self.planning_seconds = 0.0
+        self.planning_seconds = 0.0  # calc_priority + after_step
+        self.insert_seconds = 0.0  # arrivals into the tree (on_arrival)
         self.stats_path = os.environ.get("BLENDSERVE_STATS_PATH") or None
         logger.info("blend policy: %s on %s (%s)", spec.name, hw.name, settings)
 
@@ -79,12 +81,14 @@ class BlendPolicy:
 
     # ------------------------------------------------------------------ tree upkeep
     def on_arrival(self, req, is_retracted: bool = False) -> None:
+        t0 = time.perf_counter()
         rid = req.rid
         if rid in self.running:  # retracted: it comes back with its output so far
             del self.running[rid]
             self.scanner.retracted(rid)
         self.planned.pop(rid, None)
         self._track(req)
+        self.insert_seconds += time.perf_counter() - t0
 
     def on_abort(self, req) -> None:
         rid = req.rid
@@ -125,6 +129,8 @@ class BlendPolicy:
 
     # ------------------------------------------------------------------ each step
     def calc_priority(self, waiting_queue: list, running_batch=None, processed_tokens: int = 0) -> None:
+        """Plan this step. The scheduler's queue becomes the plan (untracked requests first);
+        the full queue waits aside, untouched, until `after_step`."""
         t0 = time.perf_counter()
         if len(waiting_queue) != len(self.waiting) + len(self.untracked):
             self._reconcile(waiting_queue)
@@ -138,16 +144,17 @@ class BlendPolicy:
                 continue
             planned.append(req)
         self.planned = {r.rid: r for r in planned}
-        chosen = {id(r) for r in planned}
-        first = list(self.untracked.values())
-        chosen.update(id(r) for r in first)
-        self._aside = [r for r in waiting_queue if id(r) not in chosen]
-        waiting_queue[:] = first + planned
+        self._aside = waiting_queue
+        self.scheduler.waiting_queue = list(self.untracked.values()) + planned
         self.steps += 1
         self.planning_seconds += time.perf_counter() - t0
 
     def after_step(self) -> None:
-        """Put the waiting requests back; planned requests SGLang did not admit go back to the tree."""
+        """Put the waiting requests back; planned requests SGLang did not admit go back to the tree.
+
+        The queue becomes: what is left of this step's queue (refused plans, requests re-queued
+        during the step), then the set-aside queue without this step's planned requests (one
+        C-level filter pass, skipped when nothing was planned)."""
         if self._aside is None:
             return
         t0 = time.perf_counter()
@@ -161,10 +168,14 @@ class BlendPolicy:
                 self._track(req)
         for rid, req in self.planned.items():
             self.running[rid] = req
+        offered = set(self.untracked.values())
         for rid in [r for r, q in self.untracked.items() if q not in left]:
             del self.untracked[rid]
+        offered.update(self.planned.values())
+        offered.update(left)
+        rest = self._aside if not offered else list(filterfalse(offered.__contains__, self._aside))
+        sched.waiting_queue = list(left) + rest
         self.planned = {}
-        sched.waiting_queue = list(left) + self._aside
         self._aside = None
         self.planning_seconds += time.perf_counter() - t0
         if self.stats_path and (self.steps % 32 == 0 or not self.waiting):
@@ -202,6 +213,7 @@ class BlendPolicy:
         split = self.scanner.split_report
         return {"policy": "blend", "steps": self.steps, "planning_seconds": round(self.planning_seconds, 6),
                 "planning_ms_per_step": round(1e3 * self.planning_seconds / self.steps, 4) if self.steps else 0.0,
+                "insert_seconds": round(self.insert_seconds, 6),
                 "waiting": len(self.waiting), "running": len(self.running), "handed_out": self.scanner.handed_out,
                 "sample_size": self.scanner.sample_size, "splits": split.splits if split else None,
                 "hardware": self.cost.hardware.name, "model": self.cost.model.name}
