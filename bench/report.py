@@ -34,6 +34,14 @@ LAYOUT = {
     "sim_scale": ("Simulator speed at paper scale (`bench/sim_scale.py`)",
                   ["requests", "workload_build_seconds", "blend_seconds", "blend_steps", "blend_us_per_step",
                    "dfs_seconds", "peak_rss_mb", "load_average_before", "load_average_after"]),
+    "planning_overhead": ("Planning cost in the real engine with 100,000 waiting requests (`bench/planning_overhead.py`)",
+                          ["requests", "planning_fraction", "target_planning_fraction", "target_met",
+                           "planning_ms_per_step", "wall_ms_per_step"]),
+    "engine_cpu_quick": ("Real engine on CPU, policies side by side, quick run (`bench/engine_cpu.py --quick`)",
+                         "policies"),
+    "offline_throughput_blend": ("SGLang's offline_throughput with --schedule-policy blend "
+                                 "(`bench/offline_throughput_blend.py`)", ["result"]),
+    "batch_cli": ("`blendserve run` on examples/requests.jsonl (`bench/batch_cli.py`)", "policies"),
     "calibrate": ("Cost model vs measured operators on this machine (`bench/calibrate.py`)",
                   ["device", "threads", "peak_gflops", "peak_gbps", "flops_efficiency", "bandwidth_efficiency",
                    "gemm_compute_bound_max_abs_error", "gemm_near_ridge_max_abs_error", "gemm_max_abs_error",
@@ -56,8 +64,20 @@ def render(results_dir: Path = ROOT / "bench" / "results") -> str:
             continue
         data = json.loads(path.read_text())
         targets = data.get("targets", {})
-        rows = ["| metric | value | target |", "|---|---|---|"]
-        rows += [f"| {f} | {_fmt(data[f])} | {_fmt(targets[f]) if f in targets else ''} |" for f in fields if f in data]
+        if fields == "policies":  # one row per policy, scalar figures as columns
+            pols = data.get("policies", {})
+            cols = [c for c in ("total_tokens_per_s", "output_tokens_per_s", "cached_token_ratio", "cache_hit_ratio",
+                                "wall_seconds", "planning_ms_per_step", "requests", "failed")
+                    if any(isinstance(v, dict) and c in v for v in pols.values())]
+            rows = ["| policy | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
+            rows += [f"| {name} | " + " | ".join(_fmt(v.get(c)) for c in cols) + " |" for name, v in pols.items()]
+        elif fields == ["result"]:
+            rows = ["| metric | value |", "|---|---|"]
+            rows += [f"| {k} | {_fmt(v)} |" for k, v in data.get("result", {}).items()]
+        else:
+            rows = ["| metric | value | target |", "|---|---|---|"]
+            rows += [f"| {f} | {_fmt(data[f])} | {_fmt(targets[f]) if f in targets else ''} |"
+                     for f in fields if f in data]
         m = data.get("machine", {})
         parts.append(f"### {title}\n\n" + "\n".join(rows) +
                      f"\n\nCommand: `{data['command']}` ({m.get('cpu', 'this machine')}, {m.get('cores', '?')} cores).\n")

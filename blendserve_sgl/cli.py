@@ -6,6 +6,7 @@ import sys
 
 COMMANDS = {
     "plan": ("blendserve_sgl.plan", "plan a real trace with the dual scanner and show what it achieves"),
+    "run": ("blendserve_sgl.batch.cli", "run a JSONL batch of OpenAI requests through SGLang with BlendServe scheduling"),
     "simulate": ("blendserve_sgl.sim.cli", "simulate policies over a workload (SGLang-style engine, cost-model time)"),
 }
 

@@ -1,0 +1,264 @@
+"""`blendserve run requests.jsonl -o results.jsonl`: the offline batch job.
+
+Steps, in order; the first three fail at once (exit 2, one message naming the input and the
+fix) before any engine starts:
+1. the input file must be readable; the model must exist (`--model DIR`) or be obtainable
+   (the embedded SmolLM2-135M-Instruct, converted once into the model cache);
+2. the results file is opened and locked; what it already holds is skipped (resume) and a
+   partial last line left by a crash is cut; its keys must all belong to this input;
+3. every input line is validated and tokenized (chat template, context length); bad lines
+   become error records at once;
+4. the engine runs the rest with the chosen policy; each result is written when it finishes;
+5. the summary: requests, input/output tokens, wall time, throughput, prefix-cache hit ratio.
+Exit status: 0 when every request has a record (failed requests are records too), 2 for bad
+arguments or files, 130 when interrupted (the results so far are kept; rerun to finish).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from ..models import ModelError, check_model_dir, default_model
+from .progress import Progress, RunStats, summary_lines
+from .prompts import Prepared, context_length, prepare
+from .requests import InputError, LineError, check_readable, read_requests
+from .results import ResultsError, ResultWriter, error_record, errors_path_for, ok_record
+
+# SGLang 0.5.23's --schedule-policy choices that make sense offline, plus the plugin's `blend`
+POLICIES = ("blend", "fcfs", "lpm", "dfs-weight", "lof", "random", "hrrn", "shortest-prefill-first")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="blendserve run", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Run an OpenAI Batch API file (JSONL) through SGLang with BlendServe scheduling.",
+        epilog="Input lines: {\"custom_id\", \"method\": \"POST\", \"url\": \"/v1/chat/completions\" | "
+               "\"/v1/completions\", \"body\": {\"messages\" | \"prompt\", \"max_tokens\", \"temperature\", "
+               "\"top_p\", \"stop\", \"seed\", ...}}.\nRerunning the same command after a crash finishes the "
+               "requests not yet in the results file.")
+    ap.add_argument("input", help="requests, one JSON object per line (OpenAI Batch API format)")
+    ap.add_argument("-o", "--output", required=True, help="results file (JSONL), appended to when it exists")
+    ap.add_argument("--errors", help="file of the failed requests' records (default: next to -o, *.errors.jsonl)")
+    ap.add_argument("--model", help="local Hugging Face model directory (default: the embedded "
+                                    "SmolLM2-135M-Instruct, converted once into the model cache)")
+    ap.add_argument("--model-cache", help="cache of the embedded model (default: $BLENDSERVE_MODEL_CACHE or "
+                                          "~/.cache/blendserve-sgl)")
+    ap.add_argument("--policy", default="blend", choices=POLICIES,
+                    help="scheduling policy: blend (BlendServe) or a stock SGLang policy for comparison")
+    ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
+                    help="auto: the GPU when torch sees one, else the CPU")
+    ap.add_argument("--default-max-tokens", type=_positive, default=256,
+                    help="max_tokens of requests that give none (capped to the context); default 256")
+    ap.add_argument("--context-length", type=_positive, help="override the model's context length")
+    ap.add_argument("--max-total-tokens", type=_positive,
+                    help="KV-cache size in tokens (default on CPU: 32768; on GPU: SGLang's choice)")
+    ap.add_argument("--attention-backend", help="SGLang attention backend (default on CPU: torch_native)")
+    ap.add_argument("--window", type=int, default=0,
+                    help="at most this many requests in the engine at once (default 0: all, so the policy "
+                         "sees the whole batch)")
+    ap.add_argument("--seed", type=int, default=0, help="engine random seed (sampling)")
+    ap.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
+                    help="further sglang.Engine argument, VALUE as JSON or a string (repeatable), "
+                         "e.g. --engine-arg enable_mixed_chunk=true --engine-arg tp_size=2")
+    ap.add_argument("--overwrite", action="store_true", help="start over: empty the results file first")
+    ap.add_argument("--include-token-ids", action="store_true",
+                    help="add token_ids and prompt_token_ids to every choice (an extension of the format)")
+    ap.add_argument("--summary-json", help="also write the summary figures as JSON to this file")
+    ap.add_argument("--log-level", default="error", help="SGLang's log level (default: error)")
+    ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    started = time.perf_counter()
+    from . import runner
+
+    try:
+        extra = _engine_args(args.engine_arg)
+        source = check_readable(args.input)
+        model_dir = check_model_dir(args.model) if args.model else default_model(args.model_cache, log=_say)
+        if args.model:
+            _say(f"model: {model_dir}")
+        device = runner.prepare_environment(args.device)  # before torch loads (with the tokenizer)
+        tokenizer = _load_tokenizer(model_dir)
+        ctx = args.context_length or context_length(model_dir)
+        writer = ResultWriter.open(args.output, args.errors or errors_path_for(args.output), overwrite=args.overwrite)
+    except (InputError, ModelError, ResultsError, ValueError) as exc:
+        print(f"blendserve run: error: {exc}", file=sys.stderr)
+        return 2
+    with writer:
+        try:
+            return _run(args, source, model_dir, device, tokenizer, ctx, writer, extra, started)
+        except (ResultsError, EngineError) as exc:
+            print(f"blendserve run: error: {exc}", file=sys.stderr)
+            return 2 if isinstance(exc, ResultsError) else 1
+
+
+class EngineError(RuntimeError):
+    """The engine did not start; the message says what to check."""
+
+
+def _run(args, source: Path, model_dir: Path, device: str, tokenizer, ctx: int, writer: ResultWriter, extra: dict,
+         started: float) -> int:
+    stats = RunStats(policy=args.policy, model=model_dir.name, device=device)
+    done_before = writer.done
+    items = list(read_requests(source))
+    keys = {i.custom_id if i.custom_id is not None else ("line", i.line) for i in items}
+    foreign = done_before.keys - keys
+    if foreign:
+        raise ResultsError(f"{writer.path} holds {len(foreign):,} results that are not requests of {source} "
+                           f"(e.g. {next(iter(foreign))!r}); it is the output of another input: choose another -o, "
+                           "or pass --overwrite to start over")
+    if done_before.records:
+        partial = " (a partial last line from a crash was removed)" if done_before.cut_partial_line else ""
+        _say(f"resuming: {done_before.records:,} requests already in {writer.path}{partial}")
+
+    pending: list[Prepared] = []
+    for item in items:
+        stats.requests += 1
+        if (item.custom_id if item.custom_id is not None else ("line", item.line)) in done_before.keys:
+            stats.skipped += 1
+            continue
+        if not isinstance(item, LineError):
+            item = prepare(item, tokenizer, ctx, args.default_max_tokens, source.name)
+        if isinstance(item, LineError):
+            writer.write(error_record(item.custom_id, item.message, line=item.line, code=item.code))
+            stats.failed += 1
+            stats.invalid += 1
+        else:
+            pending.append(item)
+    if stats.invalid:
+        _say(f"{stats.invalid:,} invalid lines written as error records (see {writer.errors_path})")
+
+    if pending:
+        _execute(args, model_dir, device, ctx, extra, pending, writer, stats)
+    stats.wall_seconds = time.perf_counter() - started
+    for line in summary_lines(stats, str(writer.path), str(writer.errors_path)):
+        _say(line)
+    if args.summary_json:
+        Path(args.summary_json).write_text(json.dumps({"input": str(source), "output": str(writer.path),
+                                                       **stats.to_json()}, indent=2) + "\n")
+    return 130 if stats.interrupted else 0
+
+
+def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, pending: list[Prepared],
+             writer: ResultWriter, stats: RunStats) -> None:
+    from . import runner
+
+    stats_file, own_stats = os.environ.get("BLENDSERVE_STATS_PATH"), False
+    if args.policy == "blend" and not stats_file:
+        fd, stats_file = tempfile.mkstemp(prefix="blendserve-policy-", suffix=".json")
+        os.close(fd)
+        os.environ["BLENDSERVE_STATS_PATH"], own_stats = stats_file, True
+    cfg = runner.EngineConfig(model_path=str(model_dir), policy=args.policy, device=device, context_length=ctx,
+                              max_total_tokens=args.max_total_tokens, attention_backend=args.attention_backend,
+                              seed=args.seed, log_level=args.log_level, extra=extra)
+    progress = Progress(len(pending), stream=io.StringIO() if args.quiet else sys.stderr)
+    model_name = model_dir.name
+    source = Path(args.input).name
+
+    def on_result(p: Prepared, out: dict) -> None:
+        reason = out["meta_info"].get("finish_reason") or {}
+        if isinstance(reason, dict) and reason.get("type") == "abort":
+            on_error(p, RuntimeError(reason.get("message") or "aborted by the engine"))
+            return
+        writer.write(ok_record(p, out, model_name, include_token_ids=args.include_token_ids))
+        meta = out["meta_info"]
+        stats.completed += 1
+        stats.input_tokens += meta["prompt_tokens"]
+        stats.cached_tokens += meta.get("cached_tokens", 0) or 0
+        stats.output_tokens += meta["completion_tokens"]
+        progress.add(completed=1, output_tokens=meta["completion_tokens"])
+
+    def on_error(p: Prepared, exc: BaseException) -> None:
+        status = 400 if isinstance(exc, ValueError) else 500
+        code = "invalid_request" if status == 400 else "engine_error"
+        msg = f"{source} line {p.request.line}: the engine {'rejected' if status == 400 else 'failed'} this request: {exc}"
+        writer.write(error_record(p.request.custom_id, msg, line=p.request.line, code=code, status=status))
+        stats.failed += 1
+        progress.add(failed=1)
+
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    engine = None
+    try:
+        _say(f"starting SGLang ({args.policy} policy, {device}) for {len(pending):,} requests ...")
+        t0 = time.perf_counter()
+        try:
+            engine = runner.start_engine(cfg)
+        except Exception as exc:  # noqa: BLE001 (SGLang raises many kinds; the message is what matters)
+            raise EngineError(f"SGLang did not start ({type(exc).__name__}: {exc}); check --model, --policy and "
+                              f"--engine-arg; {stats.invalid:,} error records were written to {writer.path}, "
+                              "rerun the same command once fixed") from exc
+        stats.engine_start_seconds = time.perf_counter() - t0
+        progress.start = progress.clock()
+        stats.generate_seconds = runner.generate(engine, pending, on_result, on_error, window=args.window,
+                                                 tick=lambda rate: (progress.set_rate(rate), progress.render()))
+    except KeyboardInterrupt:
+        stats.interrupted = True
+        stats.generate_seconds = progress.clock() - progress.start
+    finally:
+        progress.close()
+        signal.signal(signal.SIGTERM, previous)
+        if engine is not None:
+            engine.shutdown()
+        if stats_file and args.policy == "blend":
+            try:
+                stats.policy_stats = json.loads(Path(stats_file).read_text() or "{}")
+            except (OSError, ValueError):
+                pass
+        if own_stats:
+            Path(stats_file).unlink(missing_ok=True)
+            del os.environ["BLENDSERVE_STATS_PATH"]
+
+
+def _load_tokenizer(model_dir: Path):
+    try:
+        from transformers import AutoTokenizer
+    except ImportError as exc:
+        raise ModelError(f"loading the tokenizer needs transformers ({exc}); install the environment with "
+                         "`make venv`") from None
+    try:
+        return AutoTokenizer.from_pretrained(str(model_dir))
+    except Exception as exc:  # noqa: BLE001 (transformers raises OSError, ValueError, KeyError, ...)
+        raise ModelError(f"{model_dir}: cannot load its tokenizer ({type(exc).__name__}: {exc}); the model "
+                         "directory needs tokenizer files (tokenizer.json or tokenizer_config.json)") from None
+
+
+def _engine_args(pairs: list[str]) -> dict:
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--engine-arg {pair!r}: expected KEY=VALUE, e.g. enable_mixed_chunk=true")
+        try:
+            out[key.replace("-", "_")] = json.loads(value)
+        except ValueError:
+            out[key.replace("-", "_")] = value
+    return out
+
+
+def _positive(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be a positive integer")
+    return v
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _say(text: str) -> None:
+    print(text, flush=True)

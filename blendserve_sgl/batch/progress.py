@@ -1,0 +1,144 @@
+"""What the user watches: a progress bar on stderr and the summary at the end.
+
+`Progress` counts completed and failed requests and output tokens; `render()` redraws one line
+on a terminal (at most every `interval` seconds) and prints a plain line every `log_interval`
+seconds when stderr is a file or a pipe, so logs stay readable. Two rates: `avg`, output tokens
+of finished requests per second since the start (what the summary reports at the end), and
+`now`, the engine's current decode rate when it reports one (`set_rate`): long answers still
+decoding show there before they finish. No time-left estimate: while the batch's prompts are
+prefilled, decode rates say little about the rest. `RunStats` holds the figures
+of one run; `summary_lines` formats them.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class RunStats:
+    """Figures of one `blendserve run` (this invocation; `skipped` were done by an earlier one)."""
+
+    requests: int = 0  # lines in the input (non-blank)
+    skipped: int = 0  # already in the results file
+    completed: int = 0
+    failed: int = 0  # invalid lines + engine failures, this run
+    invalid: int = 0  # of `failed`: rejected before the engine
+    input_tokens: int = 0  # prompt tokens of requests completed this run
+    cached_tokens: int = 0  # of those, served from SGLang's prefix cache
+    output_tokens: int = 0
+    engine_start_seconds: float = 0.0
+    generate_seconds: float = 0.0  # first submission to last result
+    wall_seconds: float = 0.0  # the whole command
+    policy: str = ""
+    model: str = ""
+    device: str = ""
+    interrupted: bool = False
+    policy_stats: dict = field(default_factory=dict)
+
+    @property
+    def cache_hit_ratio(self) -> float:
+        return self.cached_tokens / self.input_tokens if self.input_tokens else 0.0
+
+    @property
+    def output_tokens_per_s(self) -> float:
+        return self.output_tokens / self.generate_seconds if self.generate_seconds > 0 else 0.0
+
+    @property
+    def total_tokens_per_s(self) -> float:
+        t = self.generate_seconds
+        return (self.input_tokens + self.output_tokens) / t if t > 0 else 0.0
+
+    def to_json(self) -> dict:
+        d = asdict(self)
+        d.update(cache_hit_ratio=round(self.cache_hit_ratio, 4), output_tokens_per_s=round(self.output_tokens_per_s, 2),
+                 total_tokens_per_s=round(self.total_tokens_per_s, 2),
+                 requests_per_s=round(self.completed / self.generate_seconds, 3) if self.generate_seconds else 0.0)
+        for k in ("engine_start_seconds", "generate_seconds", "wall_seconds"):
+            d[k] = round(d[k], 3)
+        return d
+
+
+def summary_lines(s: RunStats, results: str, errors: str) -> list[str]:
+    done_before = f", {s.skipped:,} already done before" if s.skipped else ""
+    head = "interrupted" if s.interrupted else "done"
+    lines = [
+        f"{head}: {s.requests:,} requests: {s.completed:,} completed, {s.failed:,} failed "
+        f"({s.invalid:,} rejected before the engine){done_before}",
+        f"  model           {s.model} on {s.device or '-'}, policy {s.policy}",
+        f"  input tokens    {s.input_tokens:,} ({s.cache_hit_ratio:.1%} from the prefix cache)",
+        f"  output tokens   {s.output_tokens:,}",
+        f"  wall time       {s.wall_seconds:.1f} s (engine start {s.engine_start_seconds:.1f} s, "
+        f"generation {s.generate_seconds:.1f} s)",
+        f"  throughput      {s.output_tokens_per_s:,.1f} output tok/s, {s.total_tokens_per_s:,.1f} total tok/s, "
+        f"{(s.completed / s.generate_seconds if s.generate_seconds else 0):.2f} requests/s",
+        f"  results         {results} (failed requests also in {errors})",
+    ]
+    if s.policy_stats.get("steps"):
+        ps = s.policy_stats
+        lines.insert(-1, f"  blend planning  {ps['steps']:,} steps, {ps.get('planning_ms_per_step', 0):.2f} ms per step")
+    if s.interrupted:
+        lines.append("  run the same command again to finish the rest (results written so far are kept)")
+    return lines
+
+
+class Progress:
+    """A one-line progress display for `total` requests (see module doc)."""
+
+    def __init__(self, total: int, stream=None, interval: float = 0.5, log_interval: float = 10.0,
+                 clock=time.monotonic):
+        self.total = total
+        self.rate: float | None = None  # the engine's current decode tokens/s
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.interval = interval if self.tty else log_interval
+        self.clock = clock
+        self.start = clock()
+        self.completed = self.failed = self.output_tokens = 0
+        self._last = -float("inf")
+        self._drawn = False
+
+    def add(self, *, completed: int = 0, failed: int = 0, output_tokens: int = 0) -> None:
+        self.completed += completed
+        self.failed += failed
+        self.output_tokens += output_tokens
+        self.render()
+
+    def set_rate(self, rate: float | None) -> None:
+        self.rate = rate
+
+    def line(self, width: int = 24) -> str:
+        done = self.completed + self.failed
+        frac = done / self.total if self.total else 1.0
+        fill = int(round(frac * width))
+        elapsed = self.clock() - self.start
+        avg = self.output_tokens / elapsed if elapsed > 0 else 0.0
+        now = f", {self.rate:,.1f} now" if self.rate is not None and done < self.total else ""
+        return (f"[{'#' * fill}{'.' * (width - fill)}] {done:,}/{self.total:,} | {self.completed:,} completed, "
+                f"{self.failed:,} failed | output {avg:,.1f} tok/s avg{now} | {_clock(elapsed)}")
+
+    def render(self, force: bool = False) -> None:
+        now = self.clock()
+        if not force and now - self._last < self.interval:
+            return
+        self._last = now
+        text = self.line()
+        if self.tty:
+            self.stream.write("\r\x1b[2K" + text)
+            self._drawn = True
+        else:
+            self.stream.write(text + "\n")
+        self.stream.flush()
+
+    def close(self) -> None:
+        self.render(force=True)
+        if self.tty and self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+def _clock(seconds: float) -> str:
+    s = int(seconds)
+    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60:02d}:{s % 60:02d}"

