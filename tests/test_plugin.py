@@ -105,7 +105,7 @@ def test_adapter_loses_nothing_and_admits_each_request_once():
     pol = _make_policy(sched, sample_fraction=0.1)
     prefixes = [[1] * 40, [2] * 60, [3] * 20]
     reqs, admitted, aborted, running = {}, [], set(), []
-    next_id = 0
+    next_id = n_aborts = 0
     for step in range(400):
         for _ in range(rng.randint(0, 4) if step < 60 else 0):
             r = FakeReq(f"r{next_id}", prefixes[next_id % 3] + [rng.randint(4, 500) for _ in range(rng.randint(1, 30))],
@@ -119,6 +119,7 @@ def test_adapter_loses_nothing_and_admits_each_request_once():
             victim.done = True
             aborted.add(victim.rid)
             pol.on_abort(victim)
+            n_aborts += 1
         batch = SimpleNamespace(reqs=running)
         if sched.waiting_queue:
             pol.calc_priority(sched.waiting_queue, batch)
@@ -126,6 +127,12 @@ def test_adapter_loses_nothing_and_admits_each_request_once():
             take = rng.randint(0, len(queue))  # SGLang's own check may stop early
             took = queue[:take]
             sched.waiting_queue = queue[take:]
+            if step < 60 and rng.random() < 0.1:  # a request queued during the step
+                r = FakeReq(f"r{next_id}", prefixes[next_id % 3] + [rng.randint(4, 500)], 8)
+                next_id += 1
+                reqs[r.rid] = r
+                sched.waiting_queue.append(r)
+                pol.on_arrival(r)
             pol.after_step()
             for r in took:
                 admitted.append(r.rid)
@@ -146,6 +153,8 @@ def test_adapter_loses_nothing_and_admits_each_request_once():
     assert not sched.waiting_queue and not running
     assert sorted(admitted) == sorted(set(reqs) - aborted), "a request was admitted twice or never"
     assert pol.stats()["steps"] > 0
+    # the full queue is re-indexed (O(waiting)) only after SGLang popped from it behind the hooks
+    assert pol.reindexes <= n_aborts + 1, (pol.reindexes, n_aborts)
 
 
 def test_readme_documents_every_knob_with_its_default():

@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import os
 import time
-from itertools import filterfalse
 from typing import Any
 
 from ..core import Budget, CostModel, DualScanner, OutputLengthEstimator, ResourceTree, ScanConfig
@@ -69,7 +68,11 @@ class BlendPolicy:
         self.untracked: dict[Any, Any] = {}  # rid -> sglang Req the tree cannot hold (left to SGLang, FCFS)
         self.planned: dict[Any, Any] = {}  # rid -> sglang Req put in the queue this step
         self.running: dict[Any, Any] = {}  # rid -> sglang Req the scanner handed out
-        self._aside: list | None = None
+        self.queue: list = scheduler.waiting_queue  # the full waiting queue, also while it stands aside
+        self.pos: dict[Any, int] = {}  # rid -> index in self.queue
+        self._dirty = True  # positions must be rebuilt before the next plan
+        self._in_step = False
+        self.reindexes = 0
         self.steps = 0
         self.planning_seconds = 0.0  # calc_priority + after_step
         self.insert_seconds = 0.0  # arrivals into the tree (on_arrival)
@@ -81,8 +84,15 @@ class BlendPolicy:
 
     # ------------------------------------------------------------------ tree upkeep
     def on_arrival(self, req, is_retracted: bool = False) -> None:
+        """A request joined the scheduler's queue (appended last, by SGLang)."""
         t0 = time.perf_counter()
         rid = req.rid
+        if not self._in_step and not self._dirty:
+            q = self.scheduler.waiting_queue
+            if q is self.queue and q and q[-1] is req and rid not in self.pos:
+                self.pos[rid] = len(q) - 1
+            elif rid not in self.pos:
+                self._dirty = True
         if rid in self.running:  # retracted: it comes back with its output so far
             del self.running[rid]
             self.scanner.retracted(rid)
@@ -91,7 +101,10 @@ class BlendPolicy:
         self.insert_seconds += time.perf_counter() - t0
 
     def on_abort(self, req) -> None:
+        """SGLang took `req` out of its queue (positions shift: rebuilt at the next plan)."""
         rid = req.rid
+        if self.pos.pop(rid, None) is not None:
+            self._dirty = True
         if rid in self.waiting:
             del self.waiting[rid]
             self.tree.remove(rid)
@@ -132,19 +145,21 @@ class BlendPolicy:
         """Plan this step. The scheduler's queue becomes the plan (untracked requests first);
         the full queue waits aside, untouched, until `after_step`."""
         t0 = time.perf_counter()
-        if len(waiting_queue) != len(self.waiting) + len(self.untracked):
-            self._reconcile(waiting_queue)
+        if (waiting_queue is not self.queue or self._dirty
+                or len(self.pos) != len(waiting_queue) or len(self.pos) != len(self.waiting) + len(self.untracked)):
+            self._reindex(waiting_queue)
         self._sync_running()
         admissions = self.scanner.schedule(self._budget(running_batch))
         planned = []
         for a in admissions:
             req = self.waiting.pop(a.rid)
-            if req.finished():  # aborted while waiting
+            if req.finished():  # aborted while waiting: SGLang's own path takes it out
                 self.scanner.finished(a.rid, len(req.output_ids))
+                self.untracked[a.rid] = req
                 continue
             planned.append(req)
         self.planned = {r.rid: r for r in planned}
-        self._aside = waiting_queue
+        self._in_step = True
         self.scheduler.waiting_queue = list(self.untracked.values()) + planned
         self.steps += 1
         self.planning_seconds += time.perf_counter() - t0
@@ -152,44 +167,70 @@ class BlendPolicy:
     def after_step(self) -> None:
         """Put the waiting requests back; planned requests SGLang did not admit go back to the tree.
 
-        The queue becomes: what is left of this step's queue (refused plans, requests re-queued
-        during the step), then the set-aside queue without this step's planned requests (one
-        C-level filter pass, skipped when nothing was planned)."""
-        if self._aside is None:
+        The full queue (`self.queue`) stayed aside during the step; the requests SGLang admitted
+        leave it by swap-remove (positions in `self.pos`), requests queued during the step join
+        it, and it becomes the scheduler's queue again: O(planned + left), never O(waiting)."""
+        if not self._in_step:
             return
         t0 = time.perf_counter()
         sched = self.scheduler
         left = sched.waiting_queue
+        left_ids = set()
         for req in left:
             rid = req.rid
+            left_ids.add(rid)
             if rid in self.planned:
                 del self.planned[rid]
                 self.scanner.cancel(rid)
                 self._track(req)
+            elif rid not in self.pos:  # queued during the step (a retraction, an arrival)
+                self.pos[rid] = len(self.queue)
+                self.queue.append(req)
+                self._track(req)
         for rid, req in self.planned.items():
             self.running[rid] = req
-        offered = set(self.untracked.values())
-        for rid in [r for r, q in self.untracked.items() if q not in left]:
-            del self.untracked[rid]
-        offered.update(self.planned.values())
-        offered.update(left)
-        rest = self._aside if not offered else list(filterfalse(offered.__contains__, self._aside))
-        sched.waiting_queue = list(left) + rest
+            self._remove(rid)
+        if self.untracked:
+            for rid in [r for r in self.untracked if r not in left_ids]:
+                del self.untracked[rid]
+                self._remove(rid)
+        sched.waiting_queue = self.queue
         self.planned = {}
-        self._aside = None
+        self._in_step = False
         self.planning_seconds += time.perf_counter() - t0
         if self.stats_path and (self.steps % 32 == 0 or not self.waiting):
             self.write_stats()
 
-    def _reconcile(self, waiting_queue: list) -> None:
-        """The queue changed behind the hooks' back: track what is new, drop what is gone."""
-        present = {r.rid: r for r in waiting_queue}
-        for rid, req in present.items():
+    def _remove(self, rid) -> None:
+        """Take `rid` out of the full queue by swap-remove (order in the queue carries no meaning)."""
+        i = self.pos.pop(rid, None)
+        q = self.queue
+        if i is None or i >= len(q) or q[i].rid != rid:  # positions went stale: rebuild them once
+            self._reposition()
+            i = self.pos.pop(rid, None)
+            if i is None:
+                return
+        last = q.pop()
+        if i < len(q):
+            q[i] = last
+            self.pos[last.rid] = i
+
+    def _reposition(self) -> None:
+        self.pos = {r.rid: i for i, r in enumerate(self.queue)}
+        self._dirty = False
+        self.reindexes += 1
+
+    def _reindex(self, waiting_queue: list) -> None:
+        """The queue changed behind the hooks' back (or positions went stale): index it again,
+        track what is new, drop what is gone. O(waiting); rare."""
+        self.queue = waiting_queue
+        self._reposition()
+        for rid, i in self.pos.items():
             if rid not in self.waiting and rid not in self.untracked:
-                self.on_arrival(req)
-        for rid in [r for r in self.waiting if r not in present]:
+                self.on_arrival(waiting_queue[i])
+        for rid in [r for r in self.waiting if r not in self.pos]:
             self.on_abort(self.waiting[rid])
-        for rid in [r for r in self.untracked if r not in present]:
+        for rid in [r for r in self.untracked if r not in self.pos]:
             del self.untracked[rid]
 
     def _budget(self, running_batch) -> Budget:
@@ -211,7 +252,7 @@ class BlendPolicy:
 
     def stats(self) -> dict:
         split = self.scanner.split_report
-        return {"policy": "blend", "steps": self.steps, "planning_seconds": round(self.planning_seconds, 6),
+        return {"policy": "blend", "steps": self.steps, "reindexes": self.reindexes, "planning_seconds": round(self.planning_seconds, 6),
                 "planning_ms_per_step": round(1e3 * self.planning_seconds / self.steps, 4) if self.steps else 0.0,
                 "insert_seconds": round(self.insert_seconds, 6),
                 "waiting": len(self.waiting), "running": len(self.running), "handed_out": self.scanner.handed_out,
