@@ -168,3 +168,6 @@ def register() -> None:
     HookRegistry.register(_TARGETS["abort"], _after_abort, HookType.AFTER)
     HookRegistry.register("sglang.srt.server_args.ServerArgs.__post_init__", _before_server_args_post_init,
                           HookType.BEFORE)
+    from .cascade_backend import register as register_cascade_backend
+
+    register_cascade_backend()  # --attention-backend cascade (idempotent)

@@ -1,0 +1,278 @@
+"""`--attention-backend cascade`: SGLang attention with cascade decode for shared prefixes.
+
+Prefill (extend) runs as in the base backend. For each decode batch, `init_forward_metadata`
+reads the batch's rows of SGLang's slot table (`req_to_token`): requests that the radix cache
+gave the same leading KV slots share those pages, and `kernels.cascade.plan` turns that into a
+`CascadePlan` (once per step; every layer reuses it).
+
+- CPU (`TorchCascadeBackend`, base: SGLang's `torch_native`): each shared group's prefix
+  attention is one batched product, merged with the batched suffix attention
+  (`kernels.cascade.cpu`); requests that share nothing take `torch_native`'s own per-request
+  decode. Layers the cascade does not cover (cross attention, sliding windows, logit caps) and
+  batches without sharing run `torch_native` unchanged.
+- GPU (`FlashInferCascadeBackend`, base: SGLang's `flashinfer`): a batch with sharing runs
+  through `flashinfer.MultiLevelCascadeAttentionWrapper` (`kernels.cascade.gpu`), unshared
+  requests with empty shared levels; other batches run FlashInfer's plain decode. It plans on
+  the host every step, so it refuses CUDA graphs (`--disable-cuda-graph`). Not run here yet.
+
+Knobs (environment, read when the backend is built): `BLENDSERVE_CASCADE_LEVELS` (levels of the
+plan, shared ones + the suffix level; default 2), `BLENDSERVE_CASCADE_MIN_SHARED_TOKENS` (a
+group must share at least this many tokens; default 16), `BLENDSERVE_CASCADE_STATS_PATH` (write
+decode counters there as JSON, at most once a second).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+BACKEND_NAME = "cascade"
+_registered = False
+
+
+# ---------------------------------------------------------------------- knobs and counters
+@dataclass(frozen=True, slots=True)
+class CascadeSettings:
+    levels: int = 2
+    min_shared_tokens: int = 16
+    stats_path: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.levels < 1:
+            raise ValueError(f"BLENDSERVE_CASCADE_LEVELS={self.levels}: must be >= 1 (1 turns the cascade off)")
+        if self.min_shared_tokens < 1:
+            raise ValueError(f"BLENDSERVE_CASCADE_MIN_SHARED_TOKENS={self.min_shared_tokens}: must be >= 1")
+
+    @classmethod
+    def from_env(cls, environ=os.environ) -> "CascadeSettings":
+        values = {}
+        for field, var in (("levels", "BLENDSERVE_CASCADE_LEVELS"),
+                           ("min_shared_tokens", "BLENDSERVE_CASCADE_MIN_SHARED_TOKENS")):
+            raw = environ.get(var)
+            if raw is not None:
+                try:
+                    values[field] = int(raw)
+                except ValueError:
+                    raise ValueError(f"{var}={raw!r}: must be an integer") from None
+        return cls(**values, stats_path=environ.get("BLENDSERVE_CASCADE_STATS_PATH") or None)
+
+
+@dataclass
+class CascadeStats:
+    """Decode counters: `tokens_per_request` is what per-request attention reads per layer
+    (sum of sequence lengths), `tokens_read` what this backend reads (each group's prefix once)."""
+
+    decode_steps: int = 0
+    cascade_steps: int = 0
+    requests: int = 0
+    shared_requests: int = 0
+    groups: int = 0
+    tokens_per_request: int = 0
+    tokens_read: int = 0
+    plan_seconds: float = 0.0
+
+
+class _StatsWriter:
+    def __init__(self, path: str | None) -> None:
+        self.path, self.stats, self._last = path, CascadeStats(), 0.0
+
+    def record(self, plan, plain_lens: np.ndarray, seq_lens: np.ndarray, seconds: float) -> None:
+        s = self.stats
+        s.decode_steps += 1
+        s.requests += len(seq_lens)
+        s.tokens_per_request += int(seq_lens.sum())
+        s.plan_seconds += seconds
+        s.tokens_read += int(plain_lens.sum())
+        if plan is not None:
+            s.cascade_steps += 1
+            s.shared_requests += plan.num_requests
+            s.groups += sum(int(np.sum(np.diff(lv.qo_indptr) >= 2)) for lv in plan.levels[:-1])
+            s.tokens_read += plan.tokens_read()
+        now = time.monotonic()
+        if self.path and (now - self._last >= 1.0 or s.cascade_steps == 1 and plan is not None):
+            self._last = now
+            tmp = f"{self.path}.tmp{os.getpid()}"
+            with open(tmp, "w") as f:
+                json.dump({"backend": BACKEND_NAME, **asdict(s)}, f)
+            os.replace(tmp, self.path)
+
+
+def plan_decode_batch(req_to_token, req_pool_indices, seq_lens, page_size: int, settings: CascadeSettings,
+                      restrict: bool):
+    """(plan or None, batch indices outside it). With `restrict`, the plan holds only the requests
+    in a shared group and the rest are returned for the plain path; else the plan holds the whole
+    batch. None when nothing is shared."""
+    from kernels.cascade.plan import plan_from_req_to_token
+
+    lens = np.asarray(seq_lens, dtype=np.int64)
+    plan = plan_from_req_to_token(req_to_token, req_pool_indices, lens, page_size, num_levels=settings.levels,
+                                  min_shared_pages=math.ceil(settings.min_shared_tokens / page_size))
+    shared = plan.shared_positions()
+    if not shared.any():
+        return None, np.arange(len(lens))
+    if not restrict:
+        return plan, np.zeros(0, dtype=np.int64)
+    return plan.restrict(shared), np.sort(plan.order[~shared])
+
+
+def _cascade_covers(layer) -> bool:
+    window = getattr(layer, "sliding_window_size", None)
+    return (not getattr(layer, "is_cross_attention", False) and (window is None or window < 0)
+            and not (getattr(layer, "logit_cap", 0) or 0) > 0)
+
+
+# ---------------------------------------------------------------------- CPU
+@functools.cache
+def _torch_cascade_backend_class():
+    import torch
+    from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+    from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+    from kernels.cascade.cpu import CpuCascade
+
+    class TorchCascadeBackend(TorchNativeAttnBackend):
+        """torch_native with cascade decode (see the module docstring)."""
+
+        def __init__(self, model_runner):
+            super().__init__(model_runner)
+            self.page_size = int(model_runner.page_size)
+            self.settings = CascadeSettings.from_env()
+            self.kernel = CpuCascade()
+            self.stats = _StatsWriter(self.settings.stats_path)
+            self._plan = None
+            self._plain = torch.zeros(0, dtype=torch.long)
+            self._planned_for = None
+
+        def init_forward_metadata(self, forward_batch):
+            super().init_forward_metadata(forward_batch)
+            self._plan, self._planned_for = None, None
+            if not forward_batch.forward_mode.is_decode() or forward_batch.encoder_lens is not None:
+                return
+            t0 = time.perf_counter()
+            seq_lens = (forward_batch.seq_lens_cpu if forward_batch.seq_lens_cpu is not None
+                        else forward_batch.seq_lens).cpu().numpy()
+            plan, plain = plan_decode_batch(self.req_to_token_pool.req_to_token,
+                                            forward_batch.req_pool_indices.cpu().numpy(), seq_lens, self.page_size,
+                                            self.settings, restrict=True)
+            self._plan = plan
+            self._plain = torch.from_numpy(plain)
+            self.stats.record(plan, seq_lens[plain], seq_lens, time.perf_counter() - t0)
+
+        def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+            if self._plan is None or not _cascade_covers(layer):
+                return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache)
+            hq, hkv, d, dv = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim, layer.v_head_dim
+            q = q.reshape(-1, hq * d)
+            o = q.new_empty((q.shape[0], hq * dv))
+            if save_kv_cache and k is not None and v is not None:
+                self.token_to_kv_pool.set_kv_buffer(
+                    layer, KVWriteLoc(forward_batch.out_cache_loc, self.swa_out_cache_loc), k, v)
+            q_, o_ = q.view(-1, hq, d), o.view(-1, hq, dv)
+            k_buf = self.token_to_kv_pool.get_key_buffer(layer.layer_id)
+            v_buf = self.token_to_kv_pool.get_value_buffer(layer.layer_id)
+            if len(self._plain):
+                rows = self._plain
+                o_plain = q.new_empty((len(rows), hq, dv))
+                self._run_sdpa_forward_decode(
+                    q_[rows], o_plain, k_buf, v_buf, self.req_to_token_pool.req_to_token,
+                    forward_batch.req_pool_indices[rows], forward_batch.seq_lens[rows],
+                    scaling=layer.scaling, enable_gqa=hq != hkv, causal=False)
+                o_[rows] = o_plain
+            shape = (hq, hkv, d, float(layer.scaling))
+            if self._planned_for != shape:
+                self.kernel.plan(self._plan, num_qo_heads=hq, num_kv_heads=hkv, head_dim=d, sm_scale=layer.scaling)
+                self._planned_for = shape
+            self.kernel.run(q_, k_buf, v_buf, out=o_)
+            return o
+
+    return TorchCascadeBackend
+
+
+# ---------------------------------------------------------------------- GPU
+@functools.cache
+def _flashinfer_cascade_backend_class():
+    from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
+    from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+    from kernels.cascade.gpu import FlashInferCascade
+
+    class FlashInferCascadeBackend(FlashInferAttnBackend):
+        """SGLang's flashinfer backend with multi-level cascade decode (see the module docstring)."""
+
+        def __init__(self, model_runner):
+            super().__init__(model_runner, init_new_workspace=getattr(model_runner, "init_new_workspace", False))
+            self.page_size = int(model_runner.page_size)
+            self.settings = CascadeSettings.from_env()
+            self.kernel = FlashInferCascade(model_runner.device, workspace=self.workspace_buffer)
+            self.stats = _StatsWriter(self.settings.stats_path)
+            self._plan = None
+            self._planned_for = None
+
+        def init_cuda_graph_state(self, *args, **kwargs):
+            raise RuntimeError(f"--attention-backend {BACKEND_NAME} plans each decode batch on the host and does not "
+                               "run inside CUDA graphs: add --disable-cuda-graph")
+
+        def init_forward_metadata(self, forward_batch):
+            super().init_forward_metadata(forward_batch)
+            self._plan, self._planned_for = None, None
+            if not forward_batch.forward_mode.is_decode() or forward_batch.encoder_lens is not None:
+                return
+            t0 = time.perf_counter()
+            seq_lens = (forward_batch.seq_lens_cpu if forward_batch.seq_lens_cpu is not None
+                        else forward_batch.seq_lens.cpu()).numpy()
+            rows = forward_batch.req_pool_indices.long()
+            table = self.req_to_token_pool.req_to_token[rows, :int(seq_lens.max())].cpu().numpy()
+            plan, plain = plan_decode_batch(table, np.arange(len(seq_lens)), seq_lens, self.page_size,
+                                            self.settings, restrict=False)
+            self._plan = plan
+            self.stats.record(plan, seq_lens[plain], seq_lens, time.perf_counter() - t0)
+
+        def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
+            if self._plan is None or not _cascade_covers(layer) or self.decode_uses_dequant_workspace:
+                return super().forward_decode(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache)
+            if k is not None and save_kv_cache:
+                self.token_to_kv_pool.set_kv_buffer(
+                    layer, KVWriteLoc.for_layer(forward_batch, layer, swa_loc=self.forward_metadata.swa_out_cache_loc),
+                    k, v, *self._kv_write_scales(layer))
+            hq, hkv, d = layer.tp_q_head_num, layer.tp_k_head_num, layer.head_dim
+            k_buf, v_buf = self.token_to_kv_pool.get_kv_buffer(layer.layer_id)
+            shape = (hq, hkv, d, float(layer.scaling), q.dtype, k_buf.dtype)
+            if self._planned_for != shape:
+                self.kernel.plan(self._plan, num_qo_heads=hq, num_kv_heads=hkv, head_dim=d, sm_scale=layer.scaling,
+                                 q_dtype=q.dtype, kv_dtype=k_buf.dtype)
+                self._planned_for = shape
+            o = self.kernel.run(q.contiguous().view(-1, hq, d), k_buf, v_buf)
+            return o.view(-1, hq * d)
+
+    return FlashInferCascadeBackend
+
+
+# ---------------------------------------------------------------------- registration
+def create_backend(model_runner):
+    """SGLang's factory signature: the GPU backend on CUDA, the CPU one elsewhere."""
+    if getattr(model_runner, "use_mla_backend", False):
+        raise ValueError(f"--attention-backend {BACKEND_NAME} supports multi-head (MHA/GQA) attention, not MLA models; "
+                         "choose another backend for this model")
+    if str(model_runner.device).startswith("cuda"):
+        return _flashinfer_cascade_backend_class()(model_runner)
+    return _torch_cascade_backend_class()(model_runner)
+
+
+def register() -> None:
+    """Add `cascade` to SGLang's attention-backend registry and --attention-backend choices (idempotent)."""
+    global _registered
+    if _registered:
+        return
+    from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES, add_attention_backend_choices
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+
+    if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES:
+        add_attention_backend_choices([BACKEND_NAME])
+    ATTENTION_BACKENDS.setdefault(BACKEND_NAME, create_backend)
+    _registered = True
