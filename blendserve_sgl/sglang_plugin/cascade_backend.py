@@ -17,8 +17,8 @@ gave the same leading KV slots share those pages, and `kernels.cascade.plan` tur
 
 Knobs (environment, read when the backend is built): `BLENDSERVE_CASCADE_LEVELS` (levels of the
 plan, shared ones + the suffix level; default 2), `BLENDSERVE_CASCADE_MIN_SHARED_TOKENS` (a
-group must share at least this many tokens; default 16), `BLENDSERVE_CASCADE_STATS_PATH` (write
-decode counters there as JSON, at most once a second).
+group must share at least this many tokens; default 16), `BLENDSERVE_CASCADE_STATS_PATH` (rewrite
+decode counters there as JSON after every decode step; for tests and benchmarks).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ class CascadeStats:
 
 class _StatsWriter:
     def __init__(self, path: str | None) -> None:
-        self.path, self.stats, self._last = path, CascadeStats(), 0.0
+        self.path, self.stats = path, CascadeStats()
 
     def record(self, plan, plain_lens: np.ndarray, seq_lens: np.ndarray, seconds: float) -> None:
         s = self.stats
@@ -94,9 +94,7 @@ class _StatsWriter:
             s.shared_requests += plan.num_requests
             s.groups += sum(int(np.sum(np.diff(lv.qo_indptr) >= 2)) for lv in plan.levels[:-1])
             s.tokens_read += plan.tokens_read()
-        now = time.monotonic()
-        if self.path and (now - self._last >= 1.0 or s.cascade_steps == 1 and plan is not None):
-            self._last = now
+        if self.path:
             tmp = f"{self.path}.tmp{os.getpid()}"
             with open(tmp, "w") as f:
                 json.dump({"backend": BACKEND_NAME, **asdict(s)}, f)

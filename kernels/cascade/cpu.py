@@ -36,6 +36,22 @@ class CpuCascade(CascadeAttention):
         self._rows = torch.zeros(0, dtype=torch.long)
         self._levels = 0
         self._scale = 1.0
+        self._space: dict[str, torch.Tensor] = {}  # reused buffers: fresh large tensors cost page faults
+
+    def _buffer(self, name: str, shape: tuple, dtype=torch.float32) -> torch.Tensor:
+        size = math.prod(shape)
+        buf = self._space.get(name)
+        if buf is None or buf.numel() < size or buf.dtype != dtype:
+            buf = self._space[name] = torch.empty(size, dtype=dtype)
+        return buf[:size].view(shape)
+
+    def _gather(self, name: str, cache: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
+        """cache[slots] as float32 [len(slots), H, D], in a reused buffer."""
+        shape = (len(slots), cache.shape[1], cache.shape[2])
+        if cache.dtype == torch.float32:
+            return torch.index_select(cache, 0, slots, out=self._buffer(name, shape))
+        raw = torch.index_select(cache, 0, slots, out=self._buffer(name + "-raw", shape, cache.dtype))
+        return self._buffer(name, shape).copy_(raw)
 
     def plan(self, plan: CascadePlan, *, num_qo_heads: int, num_kv_heads: int, head_dim: int, sm_scale: float,
              q_dtype=None, kv_dtype=None) -> None:
@@ -67,40 +83,40 @@ class CpuCascade(CascadeAttention):
         if out is None:
             out = q.new_zeros(n, hq, dv)
         # each level's (output, LSE) per batch row; a request has at most one part per level
-        o_lv = torch.zeros(self._levels, n, hq, dv)
-        lse_lv = torch.full((self._levels, n, hq), -math.inf)
+        o_lv = self._buffer("o", (self._levels, n, hq, dv)).zero_()
+        lse_lv = self._buffer("lse", (self._levels, n, hq)).fill_(-math.inf)
         qs = q.float() * self._scale
         for level, rows, slots in self._groups:
-            kg = k.index_select(0, slots).float().permute(1, 2, 0)  # [Hkv, D, t] (a view of [t, Hkv, D])
-            vg = v.index_select(0, slots).float().permute(1, 0, 2)  # [Hkv, t, Dv]
+            kg = self._gather("k", k, slots).permute(1, 2, 0)  # [Hkv, D, t] (a view of [t, Hkv, D])
+            vg = self._gather("v", v, slots).permute(1, 0, 2)  # [Hkv, t, Dv]
             step = max(1, SCORES_MAX_FLOATS // (hq * len(slots)))
             for c in range(0, len(rows), step):
                 part = rows[c:c + step]
                 m = len(part)
                 qg = qs[part].view(m, hkv, r, d).transpose(0, 1).reshape(hkv, m * r, d)
-                og, g_lse = _softmax_times_v(torch.bmm(qg, kg), vg)  # scores [Hkv, m r, t]
+                scores = torch.bmm(qg, kg, out=self._buffer("scores", (hkv, m * r, len(slots))))
+                og, g_lse = _softmax_times_v(scores, vg)
                 o_lv[level].index_copy_(0, part, og.view(hkv, m, r, dv).transpose(0, 1).reshape(m, hq, dv))
                 lse_lv[level].index_copy_(0, part, g_lse.view(hkv, m, r).transpose(0, 1).reshape(m, hq))
         for level, rows, slots, valid in self._buckets:
             b, t = slots.shape
-            kb = k.index_select(0, slots.view(-1)).float().view(b, t, hkv, d)
-            vb = v.index_select(0, slots.view(-1)).float().view(b, t, hkv, dv)
+            kb = self._gather("k", k, slots.view(-1)).view(b, t, hkv, d)
+            vb = self._gather("v", v, slots.view(-1)).view(b, t, hkv, dv)
             qb = qs.index_select(0, rows).view(b, hkv, r, d)
             mask = (~valid)[:, None, :]
             ob = torch.empty(b, hkv, r, dv)
             b_lse = torch.empty(b, hkv, r)
             for h in range(hkv):  # per KV head: [b, r, D] x [b, D, T]; no copy of the gathered KV
-                scores = torch.bmm(qb[:, h], kb[:, :, h].transpose(1, 2)).masked_fill_(mask, -math.inf)
+                scores = torch.bmm(qb[:, h], kb[:, :, h].transpose(1, 2), out=self._buffer("scores", (b, r, t)))
+                scores.masked_fill_(mask, -math.inf)
                 ob[:, h], b_lse[:, h] = _softmax_times_v(scores, vb[:, :, h])
             o_lv[level].index_copy_(0, rows, ob.view(b, hq, dv))
             lse_lv[level].index_copy_(0, rows, b_lse.view(b, hq))
-        rows = self._rows
-        o_lv, lse_lv = o_lv[:, rows], lse_lv[:, rows]
         top = lse_lv.amax(dim=0)
-        weights = torch.exp(lse_lv - torch.where(torch.isinf(top), 0.0, top))  # [levels, n', Hq]; 0 for empty
+        weights = torch.exp(lse_lv - torch.where(torch.isinf(top), 0.0, top))  # [levels, n, Hq]; 0 for empty
         total = weights.sum(dim=0)
-        merged = (o_lv * weights[..., None]).sum(dim=0) / torch.where(total > 0, total, 1.0)[..., None]
-        out[rows] = merged.to(out.dtype)
+        merged = o_lv.mul_(weights[..., None]).sum(dim=0).div_(torch.where(total > 0, total, 1.0)[..., None])
+        out[self._rows] = merged[self._rows].to(out.dtype)
         return out
 
 
