@@ -3,8 +3,9 @@
 Llama-3.1-8B on the A100 preset (KV pool 0.88 x 80 GB minus the weights), chunked prefill 1024,
 1024 running requests, mixed prefill/decode steps. Each run is timed in both execution modes
 (overlapped with interference 0.1, sequential); the same batches, two cost models. Also: blend
-without the sim-side additions (the core scanner unpatched, fixed chunk size), and the
-interference factor's effect on blend and dfs.
+with one of its inputs switched off (paced prefill; the KV projection, `Budget.kv_horizons`;
+the step count that meters each side's memory work), and the interference factor's effect on
+blend and dfs.
 
     python bench/paper_traces.py            # 100,000 requests per trace -> results/paper_traces.json + .png
     python bench/paper_traces.py --quick    # 10,000 requests per trace -> results/paper_traces_quick.json
@@ -71,7 +72,10 @@ def main() -> None:
     cost = CostModel.from_names("llama-3.1-8b", "a100")
     engine = EngineConfig.for_cost(cost, max_running=1024, chunked_prefill=1024)
     spec = RunSpec(cost, engine, seed=args.seed)
-    ablations = {"blend (fixed chunk, no pacing)": RunSpec(cost, engine, seed=args.seed, pace=False)}
+    ablations = {"blend (fixed chunk, no pacing)": RunSpec(cost, engine, seed=args.seed, pace=False),
+                 "blend (no KV projection: free minus reservations)": RunSpec(cost, engine, seed=args.seed,
+                                                                             timeline=False),
+                 "blend (unmetered: no step count, bursts)": RunSpec(cost, engine, seed=args.seed, meter=False)}
     rows, traces_info, panels, ablation_rows, interference = [], {}, {}, [], []
     t_all = time.perf_counter()
     for name in args.traces.split(","):
@@ -91,7 +95,7 @@ def main() -> None:
             res = simulate(wl, "blend", abl)
             row = compare({"dfs": results["dfs"], label: res}, MODES)[1]
             ablation_rows.append({"trace": name, **row})
-            print(f"{name} {label:<34} ovl {row['overlapped_fraction_of_optimal']:.3f} "
+            print(f"{name} {label:<50} ovl {row['overlapped_fraction_of_optimal']:.3f} "
                   f"x{row['overlapped_speedup_vs_dfs']:.3f}", flush=True)
         for beta in (0.0, 0.05, 0.1, 0.2, 0.3):
             model = ExecModel("overlapped", beta)

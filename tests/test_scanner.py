@@ -277,7 +277,7 @@ def test_left_side_holds_its_share_on_average(monkeypatch):
 def test_scan_config_validation():
     """ScanConfig rejects out-of-range settings."""
     for kwargs in (dict(keep_sharing=1.5), dict(density_window=0), dict(sample_quorum=0.0),
-                   dict(reserve_output_ratio=2.0)):
+                   dict(reserve_output_ratio=2.0), dict(credit_steps=0)):
         with pytest.raises(ValueError):
             ScanConfig(**kwargs)
 
@@ -304,3 +304,77 @@ def test_hold_prefix_tokens_waits_for_a_shared_prefix_to_be_cached():
     assert len(first) + len(second) == 10 and all(a.cached_tokens >= 40 for a in second)
     plain = DualScanner(build(), ScanConfig())
     assert len(plain.schedule(budget)) == 10
+
+
+# ---------------------------------------------------------------- horizons, metering, prefill caps
+def _tree(records):
+    from blendserve_sgl.core import ResourceTree
+
+    tree = ResourceTree(COST)
+    for rid, prefix, p, d in records:
+        tree.add(rid, prompt_len=p, prefix=prefix, output_len=d)
+    return tree
+
+
+def test_kv_horizons_let_short_lived_requests_use_memory_reserved_for_later():
+    """kv_bytes (free for good) is below a short request's need; a horizon covering its lifetime
+    (prefill steps + output tokens) lets it in, one that is too short does not, and a long request
+    never uses horizon memory. Each admission takes its bytes from every horizon."""
+    bpt = COST.kv_bytes_per_token
+    short = [("a", [("s", 10)], 3000, 2), ("b", [("t", 10)], 3000, 2)]  # lifetime 1 + 2 steps each
+    big = 4000 * bpt
+
+    def admitted(records, horizons, kv=1000 * bpt):
+        sc = DualScanner(_tree(records))
+        return [a.rid for a in sc.schedule(Budget(kv, 8, 4096, kv_horizons=horizons))]
+
+    assert admitted(short[:1], ()) == []
+    assert admitted(short[:1], ((2, big),)) == []  # lifetime 3 > 2: the horizon does not cover it
+    assert admitted(short[:1], ((4, big),)) == ["a"]
+    assert admitted(short[:1], ((2, 0.0), (4, big))) == ["a"]  # the shortest covering horizon counts
+    assert len(admitted(short, ((4, big),))) == 1  # the first took 3000 of the 4000
+    assert len(admitted(short, ((4, 2 * big),))) == 2
+    assert admitted([("m", [("v", 10)], 100, 5000)], ((4, 10 ** 6 * bpt), (64, 10 ** 6 * bpt))) == []
+
+
+def test_metered_sides_admit_memory_work_at_their_share_rate():
+    """With steps and the pool size, a side admits memory work (KV byte-steps of decoding) at the
+    rate of its share: identical memory-dense requests enter staggered, one every
+    work / (share x pool) steps, instead of all in the first step; credit is banked for at most
+    `credit_steps` steps and refunded by cancel."""
+    from blendserve_sgl.core.cost import memory_units
+
+    bpt = COST.kv_bytes_per_token
+    records = [(f"m{i}", [("v", 40)], 100, 4000) for i in range(200)]
+    pool = 40_000 * bpt
+    work = bpt * memory_units(100, 4000) / 2
+    unmetered = DualScanner(_tree(records))
+    assert len(unmetered.schedule(Budget(1e15, 1000, 10 ** 6))) == 200  # everything at once
+    sc = DualScanner(_tree(records), ScanConfig(credit_steps=64))
+    per_step = [len(sc.schedule(Budget(1e15, 1000, 10 ** 6, steps=1, kv_pool=pool))) for _ in range(2000)]
+    sc.check_integrity()
+    # the two sides' rates add up to the pool: after s steps about s x pool / work requests ran
+    expected = 2000 * pool / work
+    assert abs(sum(per_step) - expected) <= 2, (sum(per_step), expected)
+    assert max(per_step) <= 2  # one per side at most: a side waits until its credit is back above 0
+    # banked credit: 500 steps without an admission (no slot) buy at most credit_steps x rate
+    sc2 = DualScanner(_tree(records), ScanConfig(credit_steps=64))
+    assert sc2.schedule(Budget(1e15, 0, 10 ** 6, steps=500, kv_pool=pool)) == []
+    assert sc2.credit[RIGHT] + sc2.credit[LEFT] <= 64 * pool * (1 + 1e-9)
+    adm = sc2.schedule(Budget(1e15, 1000, 10 ** 6, steps=1, kv_pool=pool))
+    assert 1 <= len(adm) <= 2
+    before = sc2.credit[adm[0].side]
+    sc2.cancel(adm[0].rid)
+    assert sc2.credit[adm[0].side] == pytest.approx(before + work)
+
+
+def test_a_long_prompt_pays_prefill_only_up_to_its_sides_cap():
+    """A compute-dense prompt longer than the step's prefill budget is charged only its side's cap,
+    so the memory-dense side still admits within its own cap in the same step; the memory-dense
+    side's admissions come first (an engine that stops at the first chunked prompt takes them)."""
+    records = [("c", [("sc", 40)], 6000, 2)] + [(f"m{i}", [("v", 40)], 60, 3000) for i in range(6)]
+    sc = DualScanner(_tree(records))
+    adm = sc.schedule(Budget(1e15, 64, 1000))
+    sides = [a.side for a in adm]
+    assert "c" in [a.rid for a in adm] and sides.count(RIGHT) >= 3, adm
+    assert sides == sorted(sides, key=lambda s: s != RIGHT)  # right-side admissions first

@@ -17,6 +17,12 @@ over time: a side may go over its share by one request per step while its runnin
 (held - share) is not positive, so a side whose requests are larger than its share neither
 starves nor takes more than its share in the long run.
 
+Callers that can project the running requests' KV over time pass `Budget.kv_horizons`: a
+short-lived request may then use memory that is only reserved for later. Callers that count
+steps pass `Budget.steps` (and the pool size): each side then admits memory work (its requests'
+decode KV reads) at the rate of its share, so long-output requests enter staggered rather than
+in bursts that grow, peak and finish together.
+
 With unknown output lengths, a seeded sample runs first (`estimate.py`); the tree is sorted
 and split once its results are in. Deterministic: no clocks, no unseeded randomness, ties
 broken by arrival order.
@@ -24,6 +30,7 @@ broken by arrival order.
 
 from __future__ import annotations
 
+import bisect
 import math
 from dataclasses import dataclass
 from typing import Any, NamedTuple
@@ -36,10 +43,21 @@ LEFT, RIGHT, SAMPLE = "left", "right", "sample"
 
 
 class Budget(NamedTuple):
-    kv_bytes: float  # free KV-cache bytes this step's admissions may reserve
+    kv_bytes: float  # free KV-cache bytes this step's admissions may reserve (for good)
     slots: int  # free request slots
     prefill_tokens: int  # prefill tokens this step may compute (chunked-prefill size)
     output_ratio: float | None = None  # share of output reserved this step (else the config's)
+    # Optional, from callers that can project the running requests' KV over time:
+    # ((steps, bytes), ...) with ascending steps: the KV bytes that stay free over the next
+    # `steps` steps (each >= kv_bytes). A request that holds KV at most that long (its prefill
+    # steps plus its output tokens) may use them: memory that running requests reserve for
+    # output they have not generated yet, or that they release before this request ends.
+    kv_horizons: tuple = ()
+    # Optional, from callers that count steps: steps (forward passes) since the previous call,
+    # and the whole KV pool in bytes. With them each side admits memory work at the rate of its
+    # share (see DualScanner.schedule); without, shares bound reservations only.
+    steps: int | None = None
+    kv_pool: float | None = None
 
 
 class Admission(NamedTuple):
@@ -61,6 +79,8 @@ class ScanConfig:
     hold_prefix_tokens: int = 0  # >0: stop a side whose next request shares at least this many
     # uncached prefix tokens with a request taken in the same step (engines that compute a shared
     # prefix once only across steps, like SGLang's in-batch prefix caching)
+    credit_steps: int = 256  # with Budget.steps: a side banks at most this many steps of its
+    # memory-work rate (bounds the burst after a stretch in which it could not admit)
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.keep_sharing <= 1.0):
@@ -69,6 +89,8 @@ class ScanConfig:
             raise ValueError(f"density_window must be a positive integer, got {self.density_window!r}")
         if not (0.0 < self.sample_quorum <= 1.0):
             raise ValueError(f"sample_quorum must be in (0, 1], got {self.sample_quorum!r}")
+        if not (isinstance(self.credit_steps, int) and self.credit_steps >= 1):
+            raise ValueError(f"credit_steps must be a positive integer, got {self.credit_steps!r}")
         if not (0.0 <= self.reserve_output_ratio <= 1.0):
             raise ValueError(f"reserve_output_ratio must be in [0, 1], got {self.reserve_output_ratio!r}")
 
@@ -78,6 +100,7 @@ class _Running(NamedTuple):
     kv_bytes: float
     req: Req
     path: list  # root path at admission (sample results are recorded along it)
+    work: float = 0.0  # memory-work credit spent on it (byte-steps), refunded by cancel
 
 
 class DualScanner:
@@ -87,6 +110,7 @@ class DualScanner:
         self.running: dict[Any, _Running] = {}
         self.used = {LEFT: 0.0, RIGHT: 0.0}
         self.debt = {LEFT: 0.0, RIGHT: 0.0}  # sum over steps of (held - share): time-averaged shares
+        self.credit = {LEFT: 0.0, RIGHT: 0.0}  # memory-work credit (byte-steps), with Budget.steps
         self.pending_sample: set = set()  # sample requests not finished yet
         self.sample_size = 0
         self.sample_generated: dict = {}  # running sample rid -> tokens generated so far
@@ -162,11 +186,23 @@ class DualScanner:
             self.debt[side] = max(self.debt[side] + self.used[side] - shares[side], -8.0 * shares[side])
         state.overdraft = {LEFT: self.debt[LEFT] <= 0, RIGHT: self.debt[RIGHT] <= 0}
         frac_l = share_l / total if total > 0 else 0.5
+        if budget.steps is not None:
+            # Memory work at the rate of the shares: per step, a side may start decode KV reads
+            # (byte-steps: KV held x decode steps, its requests' Mem) worth its share of the pool.
+            # Requests admitted in a burst grow, peak and finish together, so the KV in use swings
+            # between empty and full; metered, they enter staggered and the KV stays full.
+            pool = budget.kv_pool if budget.kv_pool else total
+            for side, frac in ((LEFT, frac_l), (RIGHT, 1.0 - frac_l)):
+                rate = frac * pool
+                self.credit[side] = min(self.credit[side] + max(0, budget.steps) * rate,
+                                        self.config.credit_steps * rate)
+            state.metered = True
         caps = {LEFT: math.ceil(budget.prefill_tokens * frac_l)}
         caps[RIGHT] = budget.prefill_tokens - caps[LEFT]
         # Each side leaves room for the largest of the other side's coming requests, so a side
         # whose requests are larger than its share can still overdraw when its turn comes.
         state.hard_cap = {LEFT: total - self._largest_coming(RIGHT), RIGHT: total - self._largest_coming(LEFT)}
+        first = len(out)
         for pooled in (False, True):
             for side in (LEFT, RIGHT):
                 cap = None if pooled else caps[side]
@@ -176,6 +212,9 @@ class DualScanner:
                         break
                     if cap is not None:
                         cap = caps[side] - state.prefill_used[side]
+        # The memory-dense side's admissions first: their prompts are short, and an engine that
+        # stops admitting at the first prompt it has to chunk (SGLang) still takes them.
+        out[first:] = [a for a in out[first:] if a.side == RIGHT] + [a for a in out[first:] if a.side != RIGHT]
         return out
 
     def _region_density(self, req: Req | None, window: int) -> float:
@@ -227,6 +266,16 @@ class DualScanner:
         tokens = req.prompt_len - cached + self._ratio * req.output_len
         return cached, tokens * self.tree.cost.kv_bytes_per_token
 
+    def _lifetime(self, req: Req, uncached: int, st: "_StepState") -> int:
+        """Steps `req` would hold KV if taken now: its prefill chunks at this step's budget, then
+        one step per output token (an estimate counts `overrun_factor` times, within max_tokens)."""
+        d = req.output_len
+        if not req.known:
+            d = math.ceil(self.tree.estimator.overrun_factor * d)
+            if req.max_tokens is not None:
+                d = min(d, req.max_tokens)
+        return d + -(-uncached // max(1, st.prefill_budget))
+
     def _try_take(self, req: Req, side: str, st: "_StepState", out: list, share, prefill_cap) -> bool:
         if st.slots <= 0 or st.prefill <= 0:
             return False
@@ -237,26 +286,38 @@ class DualScanner:
         if hold and cached >= hold and cached - self._cached_prefix(req.node, self._last_before) >= hold:
             return False  # its shared prefix is computed this step: take it next step, cached
         uncached = req.prompt_len - cached
-        if need > st.kv_free:
+        lent = need > st.kv_free  # fits only in memory running requests do not need before it ends
+        if lent and (not st.horizons or need > st.free_for(self._lifetime(req, uncached, st))):
             return False
         acct = RIGHT if side == RIGHT or (side == SAMPLE and req.sort_key < self.tree.density(self.tree.root)) else LEFT
-        if share is not None and self.used[acct] + need > st.hard_cap[acct]:
+        # Shares divide the memory free for good; a request on lent memory is gone before it is needed.
+        if share is not None and not lent and self.used[acct] + need > st.hard_cap[acct]:
             return False
-        if share is not None and self.used[acct] + need > share:
+        if share is not None and not lent and self.used[acct] + need > share:
             # Over the share: one request per step, and only while the side is not in debt, so a
             # side whose requests are larger than its share still holds its share on average.
             if not st.overdraft.get(acct):
                 return False
             st.overdraft[acct] = False
+        work = 0.0
+        if st.metered and share is not None:
+            if self.credit[acct] <= 0:
+                return False  # the side started its share of memory work already
+            work = self.tree.cost.kv_bytes_per_token * memory_units(req.prompt_len, req.output_len) / 2
+            self.credit[acct] -= work
         node = req.node
         self.tree.remove(req.rid)
         path = self.tree.path(node) if req.sample else []
-        self.running[req.rid] = _Running(acct, need, req, path)
+        self.running[req.rid] = _Running(acct, need, req, path, work)
         self.used[acct] += need
         self.handed_out += 1
         st.kv_free -= need
+        if st.horizons:
+            st.h_free = [f - need for f in st.h_free]
         st.slots -= 1
-        charged = min(uncached, st.prefill)
+        # A side pays for a prompt longer than its cap only up to the cap: the rest is chunked
+        # into later steps, and the other side keeps its own part of this step's budget.
+        charged = min(uncached, st.prefill if prefill_cap is None else min(st.prefill, prefill_cap))
         st.prefill -= charged
         st.prefill_used[acct] += charged
         self._last[acct] = node
@@ -300,6 +361,7 @@ class DualScanner:
         with `add` (a sample request stays in the sample)."""
         run = self.running.pop(rid)
         self.used[run.side] -= run.kv_bytes
+        self.credit[run.side] += run.work
         self.handed_out -= 1
         return run.req
 
@@ -322,15 +384,25 @@ class DualScanner:
 
 
 class _StepState:
-    __slots__ = ("kv_free", "slots", "prefill", "prefill_used", "overdraft", "hard_cap")
+    __slots__ = ("kv_free", "slots", "prefill", "prefill_budget", "prefill_used", "overdraft", "hard_cap",
+                 "horizons", "h_free", "metered")
 
     def __init__(self, budget: Budget):
         self.kv_free = float(budget.kv_bytes)
         self.slots = int(budget.slots)
-        self.prefill = int(budget.prefill_tokens)
+        self.prefill = self.prefill_budget = int(budget.prefill_tokens)
         self.prefill_used = {LEFT: 0, RIGHT: 0}
         self.overdraft: dict = {}
         self.hard_cap: dict = {}
+        self.horizons = [int(h) for h, _ in budget.kv_horizons]
+        self.h_free = [max(float(f), self.kv_free) for _, f in budget.kv_horizons]
+        self.metered = False
+
+    def free_for(self, lifetime: int) -> float:
+        """KV bytes free for a request that holds KV `lifetime` steps: the entry of the shortest
+        horizon that covers it, else what is free for good."""
+        i = bisect.bisect_left(self.horizons, lifetime)
+        return self.h_free[i] if i < len(self.horizons) else self.kv_free
 
 
 def common_prefix_len(a: Node, b: Node) -> int:

@@ -79,6 +79,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--sample-fraction", type=float, default=0.01)
     ap.add_argument("--keep-sharing", type=float, default=0.99, help="blend: split budget")
     ap.add_argument("--no-pace", action="store_true", help="blend: fixed chunked-prefill size")
+    ap.add_argument("--no-timeline", action="store_true",
+                    help="blend: no KV projection (budget = free minus the running requests' reservations)")
+    ap.add_argument("--no-meter", action="store_true", help="blend: no step count (memory work not metered)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--check", action="store_true", help="check every invariant after every step (slow)")
     ap.add_argument("--out", default="simulate.json", help="JSON path; the PNG goes next to it")
@@ -96,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                                        chunked_prefill=args.chunk, mixed_chunk=not args.no_mixed_chunk)
         spec = RunSpec(cost, engine, known_lengths=not args.unknown_lengths,
                        scan=ScanConfig(keep_sharing=args.keep_sharing), sample_fraction=args.sample_fraction,
-                       seed=args.seed, pace=not args.no_pace)
+                       seed=args.seed, pace=not args.no_pace, timeline=not args.no_timeline,
+                       meter=not args.no_meter)
         models = {"overlapped": ExecModel("overlapped", args.interference), "sequential": ExecModel("sequential")}
     except (ValueError, FileNotFoundError) as e:
         print(f"blendserve simulate: error: {e}", file=sys.stderr)

@@ -25,6 +25,8 @@ class RunSpec:
     sample_fraction: float = 0.01  # blend with unknown lengths: the sample that runs first
     seed: int = 0
     pace: bool = True  # blend: pace each step's prefill to the decode batch's memory time
+    timeline: bool = True  # blend: tell the scanner the KV running requests will grow into and release
+    meter: bool = True  # blend: tell the scanner steps and pool size (memory work at the shares' rate)
 
 
 class Workload:
@@ -44,6 +46,6 @@ def simulate(workload: Workload, policy: str, spec: RunSpec, check: bool = False
     requests = from_records(workload.records, known=spec.known_lengths)
     estimator = OutputLengthEstimator(sample_fraction=spec.sample_fraction, seed=spec.seed)
     picker = make_picker(policy, requests, spec.cost, seed=spec.seed, scan=spec.scan, estimator=estimator,
-                         reference=workload.reference, pace=spec.pace)
+                         reference=workload.reference, pace=spec.pace, timeline=spec.timeline, meter=spec.meter)
     engine = Engine(spec.cost, spec.engine, picker, requests).run(check=check)
     return result_from_engine(engine, policy, workload.optimal_s, time.perf_counter() - t0)
