@@ -230,7 +230,7 @@ class DualScanner:
             return out
         for side in (LEFT, RIGHT):
             node, rid = self._last[side], self._last_rid[side]
-            for _ in range(64):
+            for _ in range(len(prefilling) + 1):  # each step back passes a prefilling request
                 run = self.running.get(rid) if rid is not None and rid in prefilling else None
                 if run is None:
                     break
