@@ -8,7 +8,7 @@ READY  := $(VENV)/.ready
 export SGLANG_USE_CPU_ENGINE ?= 1
 export OMP_WAIT_POLICY ?= PASSIVE
 
-.PHONY: venv test test-core demo bench readme clean
+.PHONY: venv test test-core demo plan bench readme clean
 
 $(READY): pyproject.toml requirements/cpu.lock
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,9 @@ test-core: $(READY)
 	$(PY) -m pytest -q tests -m "not engine"
 
 demo: $(READY)
+	$(VENV)/bin/blendserve run examples/requests.jsonl -o results.jsonl --overwrite
+
+plan: $(READY)
 	$(VENV)/bin/blendserve plan --requests 20000
 
 bench: $(READY)

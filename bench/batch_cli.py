@@ -89,6 +89,7 @@ def main(argv=None) -> int:
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     runs: dict[str, list[dict]] = {p: [] for p in policies}
     texts: dict[str, dict] = {}
+    logs: dict[str, list] = {}
     with tempfile.TemporaryDirectory(prefix="batch-cli-") as tmp:
         for i, policy in enumerate(order):
             t0 = time.perf_counter()
@@ -100,6 +101,8 @@ def main(argv=None) -> int:
                   f"({time.perf_counter() - t0:.0f} s)", flush=True)
             if i == 0:
                 print("\n".join(log.strip().splitlines()[-9:]), flush=True)
+            if policy == policies[0] and policy not in logs:
+                logs[policy] = log.strip().splitlines()[-12:]
 
     per_policy = {}
     for p, rs in runs.items():
@@ -122,6 +125,9 @@ def main(argv=None) -> int:
     payload["load_average_before"] = round(load_before, 2)
     payload["load_average_after"] = round(os.getloadavg()[0], 2)
     payload["policies"] = per_policy
+    first = policies[0]
+    payload["first_policy_summary_lines"] = logs.get(first, [])  # what `blendserve run` printed at the end
+    payload["sample_answers"] = {c: texts[first][c] for c in sorted(texts.get(first, {}))[:4]}
     path = write(args.name, payload)
     rows = [(p, per_policy[p]["requests"], f"{per_policy[p]['wall_seconds']:.1f}",
              f"{per_policy[p]['generate_seconds']:.1f}", f"{per_policy[p]['output_tokens_per_s']:.1f}",

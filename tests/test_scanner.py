@@ -378,3 +378,66 @@ def test_a_long_prompt_pays_prefill_only_up_to_its_sides_cap():
     sides = [a.side for a in adm]
     assert "c" in [a.rid for a in adm] and sides.count(RIGHT) >= 3, adm
     assert sides == sorted(sides, key=lambda s: s != RIGHT)  # right-side admissions first
+
+
+def _one_group_tree(n=10, shared_len=40):
+    from blendserve_sgl.core import CostModel, ResourceTree
+
+    tree = ResourceTree(CostModel.from_names("llama-3.1-8b", "a100"))
+    shared = list(range(1000, 1000 + shared_len))
+    for i in range(n):
+        tree.add(f"r{i}", tokens=shared + [i, i + 1, i + 2], output_len=8)
+    return tree
+
+
+def test_hold_survives_an_admission_the_engine_refused():
+    """The request that would compute a shared prefix is planned and then refused by the engine
+    (cancelled): its prefix is not cached, so the next step still takes one sibling per side, not
+    all of them (the side's last taken node goes back to what was admitted)."""
+    from blendserve_sgl.core import Budget, DualScanner, ScanConfig
+
+    sc = DualScanner(_one_group_tree(), ScanConfig(hold_prefix_tokens=32))
+    budget = Budget(kv_bytes=1e12, slots=100, prefill_tokens=100_000)
+    first = sc.schedule(budget)
+    assert 1 <= len(first) <= 2
+    for a in first:  # the engine took none of them: they go back to the tree, as the plugin does
+        sc.cancel(a.rid)
+        i = int(a.rid[1:])
+        sc.add(a.rid, tokens=list(range(1000, 1040)) + [i, i + 1, i + 2], output_len=8)
+    again = sc.schedule(budget)
+    assert 1 <= len(again) <= 2, again  # still uncached: one per side
+    assert all(a.cached_tokens < 40 for a in again)
+    rest = sc.schedule(budget)
+    assert len(again) + len(rest) == 10 and all(a.cached_tokens >= 40 for a in rest)
+
+
+def test_hold_waits_while_the_prefix_is_prefilled_in_chunks():
+    """A request whose prompt is not cached yet (Budget.prefilling: prefill chunks left, or its
+    result not processed by an overlapping scheduler) holds its siblings until it is cached."""
+    from blendserve_sgl.core import Budget, DualScanner, ScanConfig
+
+    sc = DualScanner(_one_group_tree(shared_len=400), ScanConfig(hold_prefix_tokens=32))
+    first = sc.schedule(Budget(kv_bytes=1e12, slots=100, prefill_tokens=100))  # 403 > 100: chunked
+    assert len(first) == 1
+    chunked = first[0].rid
+    for _ in range(3):  # the engine continues the chunked prompt: nothing of its group is planned
+        assert sc.schedule(Budget(kv_bytes=1e12, slots=100, prefill_tokens=100_000, prefilling={chunked})) == []
+    rest = sc.schedule(Budget(kv_bytes=1e12, slots=100, prefill_tokens=100_000))
+    assert len(rest) == 9 and all(a.cached_tokens >= 400 for a in rest)
+
+
+@pytest.mark.parametrize("fill", [False, True])
+def test_fill_while_sampling_uses_the_budget_the_sample_leaves(fill):
+    """With unknown lengths the sample goes first; with fill_while_sampling the rest of the step's
+    budget is planned too (each request still handed out once), without it only the sample runs."""
+    from blendserve_sgl.core import Budget, ScanConfig
+
+    wl = _small()
+    est = OutputLengthEstimator(sample_fraction=0.05, seed=1)
+    sc = DualScanner(build_length_tree(wl, known=False, estimator=est), ScanConfig(fill_while_sampling=fill))
+    first = sc.schedule(Budget(kv_bytes=3e9, slots=64, prefill_tokens=100_000))
+    n_sample = sum(a.side == SAMPLE for a in first)
+    assert n_sample == sc.sample_size > 0
+    assert (len(first) > n_sample) == fill
+    assert len({a.rid for a in first}) == len(first)
+    sc.check_integrity()

@@ -58,6 +58,8 @@ class Budget(NamedTuple):
     # share (see DualScanner.schedule); without, shares bound reservations only.
     steps: int | None = None
     kv_pool: float | None = None
+    prefilling: Any = ()  # rids of handed-out requests whose prompt is not in the engine's prefix
+    # cache yet (prefill chunks left, or the result of their prefill not processed yet)
 
 
 class Admission(NamedTuple):
@@ -77,8 +79,11 @@ class ScanConfig:
     sample_quorum: float = 0.5  # plan the rest once this share of the sample finished (1.0: all)
     max_split_rounds: int = 8
     hold_prefix_tokens: int = 0  # >0: stop a side whose next request shares at least this many
-    # uncached prefix tokens with a request taken in the same step (engines that compute a shared
-    # prefix once only across steps, like SGLang's in-batch prefix caching)
+    # uncached prefix tokens with a request taken in the same step or still prefilling (engines
+    # that compute a shared prefix once only across steps, like SGLang's in-batch prefix caching)
+    fill_while_sampling: bool = False  # True: while the output-length sample runs, the rest of the
+    # step's budget goes to the dual scan over the tree sorted with the prior estimates (the
+    # engine is not left idle; the plan is redone with the sample's estimates at the quorum)
     credit_steps: int = 256  # with Budget.steps: a side banks at most this many steps of its
     # memory-work rate (bounds the burst after a stretch in which it could not admit)
 
@@ -101,6 +106,9 @@ class _Running(NamedTuple):
     req: Req
     path: list  # root path at admission (sample results are recorded along it)
     work: float = 0.0  # memory-work credit spent on it (byte-steps), refunded by cancel
+    node: Node | None = None  # its node when taken
+    prev: Node | None = None  # the side's last taken node before it, and that request's rid
+    prev_rid: Any = None
 
 
 class DualScanner:
@@ -115,12 +123,17 @@ class DualScanner:
         self.sample_size = 0
         self.sample_generated: dict = {}  # running sample rid -> tokens generated so far
         self.planned = False  # sorted and split with sample-based estimates
+        self._presorted = False  # sorted with the prior estimates (fill_while_sampling)
         self.prepared = False
         self.split_report: SplitReport | None = None
         self.handed_out = 0
         self._last: dict[str, Node | None] = {LEFT: None, RIGHT: None}
         self._ratio = config.reserve_output_ratio
-        self._last_before: dict[str, Node | None] = dict(self._last)
+        self._last_rid: dict[str, Any] = {LEFT: None, RIGHT: None}
+        self._last_before: dict[str, Node | None] = dict(self._last)  # the last taken node whose
+        # prompt is in the engine's prefix cache, per side
+        self._at_start: tuple = (dict(self._last), dict(self._last_rid))
+        self._step_taken: dict[str, dict] = {LEFT: {}, RIGHT: {}}  # this step's takes: rid -> node
 
     # ------------------------------------------------------------------ setup
     def prepare(self) -> None:
@@ -163,7 +176,9 @@ class DualScanner:
         if not self.prepared:
             self.prepare()
         state = _StepState(budget)
-        self._last_before = dict(self._last)
+        self._at_start = (dict(self._last), dict(self._last_rid))
+        self._step_taken = {LEFT: {}, RIGHT: {}}
+        self._last_before = self._cached_last(budget.prefilling)
         self._ratio = self.config.reserve_output_ratio if budget.output_ratio is None else budget.output_ratio
         out: list[Admission] = []
         if self.pending_sample:
@@ -172,7 +187,11 @@ class DualScanner:
                 if not self._try_take(req, SAMPLE, state, out, share=None, prefill_cap=None):
                     break
             if not self.planned:
-                return out
+                if not self.config.fill_while_sampling:
+                    return out
+                if not self._presorted:  # until the sample is in: order by the prior estimates
+                    self.tree.sort()
+                    self._presorted = True
         root = self.tree.root
         if root.count == 0:
             return out
@@ -241,6 +260,25 @@ class DualScanner:
                 break
         return tree.cost.density(computed, mem)
 
+    def _cached_last(self, prefilling) -> dict:
+        """Per side, the last taken node whose prompt the engine has cached: walk back past the
+        requests still prefilling (an engine that overlaps scheduling with the model step caches
+        a prefill's prompt one iteration after it was admitted)."""
+        out = dict(self._last)
+        if not prefilling:
+            return out
+        for side in (LEFT, RIGHT):
+            node, rid = self._last[side], self._last_rid[side]
+            for _ in range(len(prefilling) + 1):  # each step back passes a prefilling request
+                run = self.running.get(rid) if rid is not None and rid in prefilling else None
+                if run is None:
+                    break
+                node, rid = run.prev, run.prev_rid
+            else:
+                node = None
+            out[side] = node
+        return out
+
     def _cached_prefix(self, node: Node, last_taken: dict | None = None) -> int:
         best = 0
         for last in (self._last if last_taken is None else last_taken).values():
@@ -308,7 +346,8 @@ class DualScanner:
         node = req.node
         self.tree.remove(req.rid)
         path = self.tree.path(node) if req.sample else []
-        self.running[req.rid] = _Running(acct, need, req, path, work)
+        self.running[req.rid] = _Running(acct, need, req, path, work, node, self._last[acct], self._last_rid[acct])
+        self._step_taken[acct][req.rid] = node
         self.used[acct] += need
         self.handed_out += 1
         st.kv_free -= need
@@ -321,6 +360,7 @@ class DualScanner:
         st.prefill -= charged
         st.prefill_used[acct] += charged
         self._last[acct] = node
+        self._last_rid[acct] = req.rid
         out.append(Admission(req.rid, side, req.prompt_len, cached, req.output_len, need))
         return True
 
@@ -363,6 +403,15 @@ class DualScanner:
         self.used[run.side] -= run.kv_bytes
         self.credit[run.side] += run.work
         self.handed_out -= 1
+        taken = self._step_taken[run.side]
+        if taken.pop(rid, None) is not None:  # its prompt will not be computed: the side's last
+            # taken request is the last one still admitted this step, else the one before the step
+            if taken:
+                self._last_rid[run.side] = last = next(reversed(taken))
+                self._last[run.side] = taken[last]
+            else:
+                self._last[run.side] = self._at_start[0][run.side]
+                self._last_rid[run.side] = self._at_start[1][run.side]
         return run.req
 
     def retracted(self, rid) -> Req:

@@ -13,6 +13,7 @@ goes back into the tree). No request is dropped: `after_step` always restores th
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import time
@@ -63,7 +64,8 @@ class BlendPolicy:
                                           seed=settings.seed)
         self.tree = ResourceTree(self.cost, estimator)
         self.scanner = DualScanner(self.tree, ScanConfig(keep_sharing=settings.keep_sharing,
-                                                         hold_prefix_tokens=settings.hold_prefix_tokens))
+                                                         hold_prefix_tokens=settings.hold_prefix_tokens,
+                                                         fill_while_sampling=True))
         self.waiting: dict[Any, Any] = {}  # rid -> sglang Req, in the tree
         self.untracked: dict[Any, Any] = {}  # rid -> sglang Req the tree cannot hold (left to SGLang, FCFS)
         self.planned: dict[Any, Any] = {}  # rid -> sglang Req put in the queue this step
@@ -77,6 +79,8 @@ class BlendPolicy:
         self.planning_seconds = 0.0  # calc_priority + after_step
         self.insert_seconds = 0.0  # arrivals into the tree (on_arrival)
         self.stats_path = os.environ.get("BLENDSERVE_STATS_PATH") or None
+        self.trace_path = os.environ.get("BLENDSERVE_TRACE_PATH") or None  # one JSON line per step: plan, admitted
+        self._trace: dict | None = None
         logger.info("blend policy: %s on %s (%s)", spec.name, hw.name, settings)
 
     def __getattr__(self, name):
@@ -159,6 +163,10 @@ class BlendPolicy:
                 continue
             planned.append(req)
         self.planned = {r.rid: r for r in planned}
+        if self.trace_path:
+            chunked = getattr(self.scheduler, "chunked_req", None)
+            self._trace = {"step": self.steps, "waiting": len(self.waiting), "prefilling": getattr(chunked, "rid", None),
+                           "plan": [[a.rid, a.side, a.prompt_len, a.cached_tokens] for a in admissions]}
         self._in_step = True
         self.scheduler.waiting_queue = list(self.untracked.values()) + planned
         self.steps += 1
@@ -195,6 +203,11 @@ class BlendPolicy:
                 del self.untracked[rid]
                 self._remove(rid)
         sched.waiting_queue = self.queue
+        if self.trace_path and self._trace is not None:
+            self._trace["admitted"] = sorted(self.planned)
+            with open(self.trace_path, "a") as f:
+                f.write(json.dumps(self._trace, default=str) + "\n")
+            self._trace = None
         self.planned = {}
         self._in_step = False
         self.planning_seconds += time.perf_counter() - t0
@@ -248,7 +261,17 @@ class BlendPolicy:
         slots = sched.get_num_allocatable_reqs(len(running), running_batch=running_batch)
         chunk = sched.chunked_prefill_size
         prefill = min(chunk, sched.max_prefill_tokens) if chunk and chunk > 0 else sched.max_prefill_tokens
-        return Budget(free_tokens * self.cost.kv_bytes_per_token, max(0, slots), prefill, output_ratio=ratio)
+        # A request prefilled in chunks goes first this step (SGLang's add_chunked_req): its
+        # remaining prompt comes out of the step's tokens.
+        chunked = getattr(sched, "chunked_req", None)
+        if chunked is not None:
+            left = len(chunked.origin_input_ids) + len(chunked.output_ids) - int(getattr(chunked, "prefix_len", 0) or 0)
+            prefill = max(0, prefill - max(0, left))
+        # Prompts not in the radix cache yet: no output token processed (prefill chunks left, or,
+        # with the overlap scheduler, the prefill result is processed after this step is planned).
+        prefilling = {rid for rid, r in self.running.items() if not r.output_ids}
+        return Budget(free_tokens * self.cost.kv_bytes_per_token, max(0, slots), prefill, output_ratio=ratio,
+                      prefilling=prefilling)
 
     def stats(self) -> dict:
         split = self.scanner.split_report

@@ -25,7 +25,8 @@ KNOBS = {
                          "Output-length estimate before any sample finished. Default: 256."),
     "hold_prefix_tokens": ("BLENDSERVE_HOLD_PREFIX_TOKENS", "--blend-hold-prefix-tokens",
                            "Hold a request whose prefix of at least this many tokens is shared with a request "
-                           "admitted in the same step and not cached yet (SGLang's in-batch prefix caching). "
+                           "admitted in the same step, or whose prefill SGLang has not processed yet (the overlap "
+                           "scheduler caches a prompt one iteration after admitting it). "
                            "Default: 32."),
     "seed": ("BLENDSERVE_SEED", "--blend-seed", "Seed of the output-length sample. Default: 0."),
 }
