@@ -45,7 +45,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import signal  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -57,6 +56,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._common import table, write  # noqa: E402
+from bench.engine_cpu import kill_group as _kill_group  # noqa: E402
 
 PREFIXES = (512, 1024, 2048, 4096, 8192)
 GROUPS = (8, 16, 32, 64, 128, 256)
@@ -259,20 +259,6 @@ def worker(spec_path: str) -> int:
                   output_ids=[o.get("output_ids") for o in outs])
     Path(spec["out_path"]).write_text(json.dumps(result))
     return 0
-
-
-def _kill_group(pgid: int) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
-        for _ in range(50):
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.1)
 
 
 def run_engine(spec: dict, tmp: Path, name: str, timeout: float) -> dict:
