@@ -119,6 +119,15 @@ def plan_decode_batch(req_to_token, req_pool_indices, seq_lens, page_size: int, 
     return plan.restrict(shared), np.sort(plan.order[~shared])
 
 
+def _decode_seq_lens(forward_batch):
+    """Sequence lengths of a decode batch as a NumPy array (host copy), or None for any other
+    batch (prefill, encoder-decoder): those take the base backend's path."""
+    if not forward_batch.forward_mode.is_decode() or forward_batch.encoder_lens is not None:
+        return None
+    lens = forward_batch.seq_lens_cpu if forward_batch.seq_lens_cpu is not None else forward_batch.seq_lens
+    return lens.cpu().numpy()
+
+
 def _cascade_covers(layer) -> bool:
     window = getattr(layer, "sliding_window_size", None)
     return (not getattr(layer, "is_cross_attention", False) and (window is None or window < 0)
@@ -150,11 +159,10 @@ def _torch_cascade_backend_class():
         def init_forward_metadata(self, forward_batch):
             super().init_forward_metadata(forward_batch)
             self._plan, self._planned_for = None, None
-            if not forward_batch.forward_mode.is_decode() or forward_batch.encoder_lens is not None:
-                return
             t0 = time.perf_counter()
-            seq_lens = (forward_batch.seq_lens_cpu if forward_batch.seq_lens_cpu is not None
-                        else forward_batch.seq_lens).cpu().numpy()
+            seq_lens = _decode_seq_lens(forward_batch)
+            if seq_lens is None:
+                return
             plan, plain = plan_decode_batch(self.req_to_token_pool.req_to_token,
                                             forward_batch.req_pool_indices.cpu().numpy(), seq_lens, self.page_size,
                                             self.settings, restrict=True)
@@ -219,11 +227,10 @@ def _flashinfer_cascade_backend_class():
         def init_forward_metadata(self, forward_batch):
             super().init_forward_metadata(forward_batch)
             self._plan, self._planned_for = None, None
-            if not forward_batch.forward_mode.is_decode() or forward_batch.encoder_lens is not None:
-                return
             t0 = time.perf_counter()
-            seq_lens = (forward_batch.seq_lens_cpu if forward_batch.seq_lens_cpu is not None
-                        else forward_batch.seq_lens.cpu()).numpy()
+            seq_lens = _decode_seq_lens(forward_batch)
+            if seq_lens is None:
+                return
             rows = forward_batch.req_pool_indices.long()
             table = self.req_to_token_pool.req_to_token[rows, :int(seq_lens.max())].cpu().numpy()
             plan, plain = plan_decode_batch(table, np.arange(len(seq_lens)), seq_lens, self.page_size,
