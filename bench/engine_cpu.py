@@ -232,7 +232,9 @@ def engine_kwargs(spec: dict) -> dict:
     kw = dict(model_path=spec["model_path"], device="cpu", attention_backend="torch_native",
               schedule_policy=spec["policy"], max_total_tokens=spec["max_total_tokens"],
               chunked_prefill_size=spec["chunked_prefill_size"], enable_mixed_chunk=spec["mixed"],
-              random_seed=0, log_level="error", tp_size=1)
+              random_seed=0, log_level=spec.get("log_level") or "error", tp_size=1)
+    if spec.get("log_level") == "info":  # --engine-log: every prefill and decode batch in the log
+        kw["decode_log_interval"] = 1
     if spec.get("disable_overlap_schedule"):
         kw["disable_overlap_schedule"] = True
     if spec.get("max_running_requests"):
@@ -248,6 +250,22 @@ def by_kind(kinds: list[str], meta: list[dict]) -> dict:
         k["prompt_tokens"] += m["prompt_tokens"]
         k["cached_tokens"] += m.get("cached_tokens", 0)
     return out
+
+
+def engine_cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its children (the engine's scheduler and
+    detokenizer) so far: less sensitive than wall time to what else the machine runs."""
+    import psutil
+
+    me = psutil.Process()
+    total = 0.0
+    for p in [me, *me.children(recursive=True)]:
+        try:
+            t = p.cpu_times()
+            total += t.user + t.system
+        except psutil.Error:
+            pass
+    return total
 
 
 def worker(spec_path: str) -> int:
@@ -274,9 +292,11 @@ def worker(spec_path: str) -> int:
         time.sleep(0.5)
         before = read_stats(stats_path)
         params = [{"temperature": 0.0, "max_new_tokens": d, "ignore_eos": True} for d in work["max_new_tokens"]]
+        cpu0 = engine_cpu_seconds()
         t1 = time.perf_counter()
         outs = engine.generate(input_ids=work["input_ids"], sampling_params=params)
         wall = time.perf_counter() - t1
+        cpu1 = engine_cpu_seconds()
         time.sleep(0.3)
         after = read_stats(stats_path)
         meta = [o["meta_info"] for o in outs]
@@ -284,7 +304,7 @@ def worker(spec_path: str) -> int:
         output = sum(m["completion_tokens"] for m in meta)
         cached = sum(m.get("cached_tokens", 0) for m in meta)
         result.update(
-            requests=len(outs), wall_seconds=wall, prompt_tokens=prompt, output_tokens=output, cached_tokens=cached,
+            requests=len(outs), wall_seconds=wall, engine_cpu_seconds=cpu1 - cpu0, prompt_tokens=prompt, output_tokens=output, cached_tokens=cached,
             expected_output_tokens=sum(work["max_new_tokens"]),
             retractions=sum(m.get("num_retractions", 0) or 0 for m in meta),
             by_kind=by_kind(work["kinds"], meta),
@@ -326,6 +346,7 @@ def key(policy: str, variant: str) -> str:
 
 def summarize(runs: list[dict]) -> dict:
     walls = [r["wall_seconds"] for r in runs]
+    cpus = [r["engine_cpu_seconds"] for r in runs if r.get("engine_cpu_seconds")]
     r0 = runs[0]
     wall = statistics.median(walls)
     tokens = r0["prompt_tokens"] + r0["output_tokens"]
@@ -349,6 +370,11 @@ def summarize(runs: list[dict]) -> dict:
         "wall_seconds_runs": [round(w, 2) for w in walls],
         "total_tokens_per_s_runs": [round(tokens / w, 1) for w in walls],
         "engine_start_s": [r["engine_start_s"] for r in runs],
+        # engine CPU seconds for the batch (scheduler + detokenizer + this process): a second view
+        # of speed, less sensitive than wall time to other load on a shared machine
+        "engine_cpu_seconds": round(statistics.median(cpus), 2) if cpus else None,
+        "total_tokens_per_cpu_s": round(tokens / statistics.median(cpus), 1) if cpus else None,
+        "engine_cpu_seconds_runs": [round(c, 2) for c in cpus],
         "engine": r0.get("engine"),
     }
 
@@ -366,6 +392,12 @@ def compare(policies: dict, suffix: str) -> dict | None:
         "best_stock_by_throughput": best_fast,
         "blend_throughput_vs_best_stock": round(b["total_tokens_per_s"] / stock[best_fast]["total_tokens_per_s"], 4),
     }
+    cpu = {k: v for k, v in stock.items() if v.get("total_tokens_per_cpu_s")}
+    if b.get("total_tokens_per_cpu_s") and cpu:
+        best_cpu = max(cpu, key=lambda k: cpu[k]["total_tokens_per_cpu_s"])
+        c["best_stock_by_tokens_per_cpu_s"] = best_cpu
+        c["blend_tokens_per_cpu_s_vs_best_stock"] = round(
+            b["total_tokens_per_cpu_s"] / cpu[best_cpu]["total_tokens_per_cpu_s"], 4)
     c["cached_target_met"] = c["blend_cached_tokens_vs_best_stock"] >= 0.97
     c["throughput_target_met"] = c["blend_throughput_vs_best_stock"] >= 1.0
     return c
@@ -416,6 +448,9 @@ def main(argv=None) -> int:
     ap.add_argument("--timeout", type=float, default=900.0, help="seconds per policy run (engine start included)")
     ap.add_argument("--out", help="result name under bench/results (default: engine_cpu[_smollm2][_quick])")
     ap.add_argument("--keep-logs", help="write each run's engine log into this folder")
+    ap.add_argument("--engine-log", action="store_true",
+                    help="log every prefill and decode batch (SGLang log level info; slower: for diagnosis "
+                         "with --keep-logs, not for timings)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -492,9 +527,9 @@ def main(argv=None) -> int:
         for k in sorted(policies_out, key=lambda k: order_keys.index(k) if k in order_keys else 99):
             v = policies_out[k]
             rows.append((k, v["total_tokens_per_s"], v["output_tokens_per_s"], v["cached_token_ratio"],
-                         v["wall_seconds"],
+                         v["wall_seconds"], "-" if v.get("total_tokens_per_cpu_s") is None else v["total_tokens_per_cpu_s"],
                          "-" if v["planning_ms_per_step"] is None else v["planning_ms_per_step"], v["retractions"]))
-        text = table(rows, ("policy", "total tok/s", "output tok/s", "cached ratio", "wall s", "plan ms/step",
+        text = table(rows, ("policy", "total tok/s", "output tok/s", "cached ratio", "wall s", "tok/cpu-s", "plan ms/step",
                             "retractions"))
 
         payload = {
@@ -539,7 +574,8 @@ def main(argv=None) -> int:
                     "max_total_tokens": args.max_total_tokens, "chunked_prefill_size": args.chunked_prefill_size,
                     "max_running_requests": args.max_running_requests, "workload_path": str(workload_path),
                     "stats_path": str(tmp / f"stats-{i}.json") if policy == "blend" else None,
-                    "out_path": str(tmp / f"result-{i}.json")}
+                    "out_path": str(tmp / f"result-{i}.json"),
+                    "log_level": "info" if args.engine_log else None}
             spec_path = tmp / f"spec-{i}.json"
             spec_path.write_text(json.dumps(spec))
             t = time.perf_counter()

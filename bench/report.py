@@ -70,7 +70,7 @@ def render(results_dir: Path = ROOT / "bench" / "results") -> str:
         if fields == "policies":  # one row per policy, scalar figures as columns
             pols = data.get("policies", {})
             cols = [c for c in ("total_tokens_per_s", "output_tokens_per_s", "cached_token_ratio", "cache_hit_ratio",
-                                "wall_seconds", "planning_ms_per_step", "requests", "failed")
+                                "wall_seconds", "total_tokens_per_cpu_s", "planning_ms_per_step", "requests", "failed")
                     if any(isinstance(v, dict) and c in v for v in pols.values())]
             rows = ["| policy | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
             rows += [f"| {name} | " + " | ".join(_fmt(v.get(c)) for c in cols) + " |" for name, v in pols.items()]

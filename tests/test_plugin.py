@@ -18,11 +18,16 @@ def test_settings_from_env_defaults_and_errors():
     s = BlendSettings.from_env({"BLENDSERVE_HARDWARE": "a100", "BLENDSERVE_SAMPLE_FRACTION": "0.05",
                                 "BLENDSERVE_KEEP_SHARING": "0.95", "BLENDSERVE_SEED": "3"})
     assert (s.hardware, s.sample_fraction, s.keep_sharing, s.seed) == ("a100", 0.05, 0.95, 3)
+    assert BlendSettings().final_wave is True
+    assert BlendSettings.from_env({"BLENDSERVE_FINAL_WAVE": "0"}).final_wave is False
+    assert BlendSettings.from_env({"BLENDSERVE_FINAL_WAVE": " Off "}).final_wave is False
+    assert BlendSettings.from_env({"BLENDSERVE_FINAL_WAVE": "yes"}).final_wave is True
     for env, needle in (({"BLENDSERVE_SAMPLE_FRACTION": "2"}, "BLENDSERVE_SAMPLE_FRACTION"),
                         ({"BLENDSERVE_SAMPLE_FRACTION": "lots"}, "BLENDSERVE_SAMPLE_FRACTION"),
                         ({"BLENDSERVE_KEEP_SHARING": "nan"}, "BLENDSERVE_KEEP_SHARING"),
                         ({"BLENDSERVE_HARDWARE": "tpu"}, "BLENDSERVE_HARDWARE"),
-                        ({"BLENDSERVE_PRIOR_OUTPUT_LEN": "0"}, "BLENDSERVE_PRIOR_OUTPUT_LEN")):
+                        ({"BLENDSERVE_PRIOR_OUTPUT_LEN": "0"}, "BLENDSERVE_PRIOR_OUTPUT_LEN"),
+                        ({"BLENDSERVE_FINAL_WAVE": "maybe"}, "BLENDSERVE_FINAL_WAVE")):
         with pytest.raises(ValueError, match=needle):
             BlendSettings.from_env(env)
 
@@ -165,6 +170,7 @@ def test_readme_documents_every_knob_with_its_default():
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     for field, (var, flag, _) in KNOBS.items():
         default = getattr(BlendSettings(), field)
+        default = int(default) if isinstance(default, bool) else default  # written 1 / 0
         row = next((line for line in readme.splitlines() if f"`{var}`" in line), None)
         assert row is not None, f"README has no row for {var}"
         assert f"`{flag}`" in row and f"`{default}`" in row, f"README row for {var} lacks {flag} or default {default}"

@@ -441,3 +441,48 @@ def test_fill_while_sampling_uses_the_budget_the_sample_leaves(fill):
     assert (len(first) > n_sample) == fill
     assert len({a.rid for a in first}) == len(first)
     sc.check_integrity()
+
+
+# ---------------------------------------------------------------- final wave
+def test_final_wave_admits_longest_output_first_once_everything_fits():
+    """When every waiting request fits in the KV pool at once, the final wave admits them longest
+    output first from pooled memory; the first that does not fit stops the wave (a smaller one
+    would take the memory it waits for). While the waiting work exceeds the pool, the dual scan
+    runs as before."""
+    bpt = COST.kv_bytes_per_token
+    outs = [5, 300, 40, 120, 7, 220, 60, 9]
+    records = [(f"q{i}", [(f"g{i % 3}", 16)], 100 + 10 * i, d) for i, d in enumerate(outs)]
+    need = sum(100 + 10 * i + d for i, d in enumerate(outs))  # no shared prefix is cached yet: an upper bound
+
+    sc = DualScanner(_tree(records), ScanConfig(final_wave=True))
+    got = [a.rid for a in sc.schedule(Budget(need * bpt, 64, 10 ** 6))]
+    assert got == [f"q{i}" for i in sorted(range(len(outs)), key=lambda i: -outs[i])]
+    assert sc.last_step["final_wave"] == 0
+
+    # room for the two longest only: the wave stops at the third, even though shorter ones would fit
+    sc = DualScanner(_tree(records), ScanConfig(final_wave=True))
+    room = (100 + 10 * 1 + 300) + (100 + 10 * 5 + 220) + 20
+    assert [a.rid for a in sc.schedule(Budget(room * bpt, 64, 10 ** 6, kv_pool=need * bpt))] == ["q1", "q5"]
+    rest = sc.schedule(Budget(need * bpt, 64, 10 ** 6))  # memory freed: the wave goes on in order
+    assert [a.rid for a in rest] == ["q3", "q6", "q2", "q7", "q4", "q0"]
+    sc.check_integrity()
+
+    # a pool smaller than the waiting work: no final wave (the dual scan takes both ends)
+    sc = DualScanner(_tree(records), ScanConfig(final_wave=True))
+    sc.schedule(Budget(room * bpt, 64, 10 ** 6, kv_pool=(need // 2) * bpt))
+    assert "final_wave" not in sc.last_step
+
+
+def test_final_wave_ends_the_batch_in_fewer_steps_with_the_same_prefix_hits():
+    """Replayed to completion, the final wave removes the tail of long requests one side left for
+    last: fewer steps, every request once, the same prefix hits."""
+    wl = mixed_workload(600, 0, **SMALL)
+    true = {rid: d for rid, _, _, d in wl}
+    runs = {}
+    for fw in (False, True):
+        sc = DualScanner(build_length_tree(wl), ScanConfig(final_wave=fw))
+        runs[fw] = replay(sc, build_length_tree(wl), true, COST, kv_bytes=3e9, max_running=256,
+                          prefill_tokens=2048, check=True)
+        assert sorted(runs[fw].admitted) == sorted(true)
+    assert len(runs[True].steps) < 0.95 * len(runs[False].steps), (len(runs[True].steps), len(runs[False].steps))
+    assert runs[True].prefix_hit_tokens == runs[False].prefix_hit_tokens

@@ -86,6 +86,9 @@ class ScanConfig:
     # engine is not left idle; the plan is redone with the sample's estimates at the quorum)
     credit_steps: int = 256  # with Budget.steps: a side banks at most this many steps of its
     # memory-work rate (bounds the burst after a stretch in which it could not admit)
+    final_wave: bool = False  # True: once every waiting request fits in the KV pool at once, admit
+    # them longest output first (LPT), pooled, no shares: the batch ends in one wave instead of a
+    # tail of the long requests one side left for last
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.keep_sharing <= 1.0):
@@ -134,6 +137,8 @@ class DualScanner:
         # prompt is in the engine's prefix cache, per side
         self._at_start: tuple = (dict(self._last), dict(self._last_rid))
         self._step_taken: dict[str, dict] = {LEFT: {}, RIGHT: {}}  # this step's takes: rid -> node
+        self._wave: list[Req] = []  # final wave (ScanConfig.final_wave): waiting requests, longest first
+        self.last_step: dict = {}  # the last dual scan in tokens: budget, shares, used, why each side stopped
 
     # ------------------------------------------------------------------ setup
     def prepare(self) -> None:
@@ -176,6 +181,7 @@ class DualScanner:
         if not self.prepared:
             self.prepare()
         state = _StepState(budget)
+        self.last_step = {}
         self._at_start = (dict(self._last), dict(self._last_rid))
         self._step_taken = {LEFT: {}, RIGHT: {}}
         self._last_before = self._cached_last(budget.prefilling)
@@ -196,6 +202,15 @@ class DualScanner:
         if root.count == 0:
             return out
         total = self.used[LEFT] + self.used[RIGHT] + max(0.0, budget.kv_bytes)
+        if self.config.final_wave and (self.planned or self._presorted):
+            pool = budget.kv_pool if budget.kv_pool else total
+            if (root.tokens - root.saved) * self.tree.cost.kv_bytes_per_token <= pool:
+                self._take_final_wave(state, out)
+                kvb = self.tree.cost.kv_bytes_per_token
+                self.last_step = {"kv_free": round(budget.kv_bytes / kvb), "slots": budget.slots,
+                                  "prefill": budget.prefill_tokens, "final_wave": len(self._wave),
+                                  "stop": state.why, "used": {k: round(v / kvb) for k, v in self.used.items()}}
+                return out
         window = min(self.config.density_window, max(1, root.count // 8))
         rho_l = self._region_density(self.tree.leftmost(), window)
         rho_r = self._region_density(self.tree.rightmost(), window)
@@ -222,19 +237,49 @@ class DualScanner:
         # whose requests are larger than its share can still overdraw when its turn comes.
         state.hard_cap = {LEFT: total - self._largest_coming(RIGHT), RIGHT: total - self._largest_coming(LEFT)}
         first = len(out)
+        stops = {LEFT: "empty", RIGHT: "empty"}
         for pooled in (False, True):
             for side in (LEFT, RIGHT):
                 cap = None if pooled else caps[side]
                 while self.tree.root.count:
                     req = self.tree.leftmost() if side == LEFT else self.tree.rightmost()
                     if not self._try_take(req, side, state, out, shares[side], cap):
+                        stops[side] = state.why
                         break
                     if cap is not None:
                         cap = caps[side] - state.prefill_used[side]
         # The memory-dense side's admissions first: their prompts are short, and an engine that
         # stops admitting at the first prompt it has to chunk (SGLang) still takes them.
         out[first:] = [a for a in out[first:] if a.side == RIGHT] + [a for a in out[first:] if a.side != RIGHT]
+        kvb = self.tree.cost.kv_bytes_per_token
+        self.last_step = {"kv_free": round(budget.kv_bytes / kvb), "slots": budget.slots,
+                          "prefill": budget.prefill_tokens, "stop": stops,
+                          "share": {k: round(v / kvb) for k, v in shares.items()},
+                          "used": {k: round(v / kvb) for k, v in self.used.items()}}
         return out
+
+    def _take_final_wave(self, state: "_StepState", out: list) -> None:
+        """The last wave: every waiting request fits in the KV pool, so what is left to decide is
+        when the batch ends. Longest output first (LPT; ties: longer prompt first), from the
+        pooled memory: the long requests start as soon as memory frees instead of forming a tail
+        after the short ones. A held request (its prefix is being computed) waits for the next
+        step without stopping the wave; the first one that does not fit stops it (smaller ones
+        would take the memory it is waiting for)."""
+        reqs = self.tree.reqs
+        alive = [r for r in self._wave if reqs.get(r.rid) is r]
+        if len(alive) != len(reqs):  # arrivals, retractions or cancels since the wave was sorted
+            alive = sorted(reqs.values(), key=lambda r: (-r.output_len, -r.prompt_len, r.seq))
+        self._wave = alive
+        mid = self.tree.density(self.tree.root)
+        taken = set()
+        for req in alive:
+            side = RIGHT if req.sort_key < mid else LEFT
+            if self._try_take(req, side, state, out, share=None, prefill_cap=None):
+                taken.add(req.rid)
+            elif state.why != "hold":
+                break
+        if taken:
+            self._wave = [r for r in alive if r.rid not in taken]
 
     def _region_density(self, req: Req | None, window: int) -> float:
         """Density of the region a cursor scans: the lowest ancestor of `req` below the root that
@@ -316,30 +361,37 @@ class DualScanner:
 
     def _try_take(self, req: Req, side: str, st: "_StepState", out: list, share, prefill_cap) -> bool:
         if st.slots <= 0 or st.prefill <= 0:
+            st.why = "slots" if st.slots <= 0 else "prefill"
             return False
         if prefill_cap is not None and prefill_cap <= 0:
+            st.why = "side-prefill-cap"
             return False
         cached, need = self._reservation(req)
         hold = self.config.hold_prefix_tokens
         if hold and cached >= hold and cached - self._cached_prefix(req.node, self._last_before) >= hold:
+            st.why = "hold"
             return False  # its shared prefix is computed this step: take it next step, cached
         uncached = req.prompt_len - cached
         lent = need > st.kv_free  # fits only in memory running requests do not need before it ends
         if lent and (not st.horizons or need > st.free_for(self._lifetime(req, uncached, st))):
+            st.why = "kv"
             return False
         acct = RIGHT if side == RIGHT or (side == SAMPLE and req.sort_key < self.tree.density(self.tree.root)) else LEFT
         # Shares divide the memory free for good; a request on lent memory is gone before it is needed.
         if share is not None and not lent and self.used[acct] + need > st.hard_cap[acct]:
+            st.why = "hard-cap"
             return False
         if share is not None and not lent and self.used[acct] + need > share:
             # Over the share: one request per step, and only while the side is not in debt, so a
             # side whose requests are larger than its share still holds its share on average.
             if not st.overdraft.get(acct):
+                st.why = "share"
                 return False
             st.overdraft[acct] = False
         work = 0.0
         if st.metered and share is not None:
             if self.credit[acct] <= 0:
+                st.why = "credit"
                 return False  # the side started its share of memory work already
             work = self.tree.cost.kv_bytes_per_token * memory_units(req.prompt_len, req.output_len) / 2
             self.credit[acct] -= work
@@ -434,7 +486,7 @@ class DualScanner:
 
 class _StepState:
     __slots__ = ("kv_free", "slots", "prefill", "prefill_budget", "prefill_used", "overdraft", "hard_cap",
-                 "horizons", "h_free", "metered")
+                 "horizons", "h_free", "metered", "why")
 
     def __init__(self, budget: Budget):
         self.kv_free = float(budget.kv_bytes)
@@ -446,6 +498,7 @@ class _StepState:
         self.horizons = [int(h) for h, _ in budget.kv_horizons]
         self.h_free = [max(float(f), self.kv_free) for _, f in budget.kv_horizons]
         self.metered = False
+        self.why = ""  # why the last refused take was refused (diagnostics)
 
     def free_for(self, lifetime: int) -> float:
         """KV bytes free for a request that holds KV `lifetime` steps: the entry of the shortest

@@ -65,7 +65,8 @@ class BlendPolicy:
         self.tree = ResourceTree(self.cost, estimator)
         self.scanner = DualScanner(self.tree, ScanConfig(keep_sharing=settings.keep_sharing,
                                                          hold_prefix_tokens=settings.hold_prefix_tokens,
-                                                         fill_while_sampling=True))
+                                                         fill_while_sampling=True,
+                                                         final_wave=settings.final_wave))
         self.waiting: dict[Any, Any] = {}  # rid -> sglang Req, in the tree
         self.untracked: dict[Any, Any] = {}  # rid -> sglang Req the tree cannot hold (left to SGLang, FCFS)
         self.planned: dict[Any, Any] = {}  # rid -> sglang Req put in the queue this step
@@ -166,7 +167,8 @@ class BlendPolicy:
         if self.trace_path:
             chunked = getattr(self.scheduler, "chunked_req", None)
             self._trace = {"step": self.steps, "waiting": len(self.waiting), "prefilling": getattr(chunked, "rid", None),
-                           "plan": [[a.rid, a.side, a.prompt_len, a.cached_tokens] for a in admissions]}
+                           "plan": [[a.rid, a.side, a.prompt_len, a.cached_tokens] for a in admissions],
+                           "scan": self.scanner.last_step}
         self._in_step = True
         self.scheduler.waiting_queue = list(self.untracked.values()) + planned
         self.steps += 1

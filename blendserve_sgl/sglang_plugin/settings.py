@@ -12,6 +12,8 @@ from dataclasses import dataclass, fields
 
 from ..core.specs import hardware_names
 
+_BOOL = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+
 # field -> (environment variable, flag, help)
 KNOBS = {
     "hardware": ("BLENDSERVE_HARDWARE", "--blend-hardware",
@@ -28,6 +30,9 @@ KNOBS = {
                            "admitted in the same step, or whose prefill SGLang has not processed yet (the overlap "
                            "scheduler caches a prompt one iteration after admitting it). "
                            "Default: 32."),
+    "final_wave": ("BLENDSERVE_FINAL_WAVE", "--blend-final-wave",
+                   "Once every waiting request fits in the KV cache at once, admit them longest output first "
+                   "so the batch ends in one wave (1/0). Default: 1."),
     "seed": ("BLENDSERVE_SEED", "--blend-seed", "Seed of the output-length sample. Default: 0."),
 }
 
@@ -39,6 +44,7 @@ class BlendSettings:
     keep_sharing: float = 0.99
     prior_output_len: int = 256
     hold_prefix_tokens: int = 32
+    final_wave: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -62,6 +68,12 @@ class BlendSettings:
             if raw is None or raw.strip() == "":
                 continue
             kind = type(f.default)
+            if kind is bool:
+                word = raw.strip().lower()
+                if word not in _BOOL:
+                    raise ValueError(f"{var}={raw!r}: expected 1 or 0 (true/false, yes/no, on/off)")
+                values[f.name] = _BOOL[word]
+                continue
             try:
                 value = kind(raw.strip())
             except ValueError:
