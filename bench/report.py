@@ -45,6 +45,8 @@ LAYOUT = {
     "batch_cli": ("`blendserve run` on examples/requests.jsonl (`bench/batch_cli.py`)", "policies"),
     "cascade_cpu": ("Cascade decode attention vs per-request attention on CPU (`bench/cascade_cpu.py`)",
                     ["speedup_2048x64", "target_met", "e2e_ratio"]),
+    "final_wave": ("Final wave on/off in the replay model, steps on/off (`bench/final_wave.py`)",
+                   ["steps_ratio_min", "steps_ratio_mean", "steps_ratio_max", "same_prefix_hits"]),
     "calibrate": ("Cost model vs measured operators on this machine (`bench/calibrate.py`)",
                   ["device", "threads", "peak_gflops", "peak_gbps", "flops_efficiency", "bandwidth_efficiency",
                    "gemm_compute_bound_max_abs_error", "gemm_near_ridge_max_abs_error", "gemm_max_abs_error",
