@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import math
+import os
 import random
+import signal
+import subprocess
 from typing import Any
 
 from blendserve_sgl.core import Budget, CostModel, ResourceTree
@@ -11,6 +14,24 @@ from blendserve_sgl.core.cost import memory_units
 from blendserve_sgl.core.tree import Group, Node
 
 COST = CostModel.from_names("llama-3.1-8b", "a100")
+
+
+# ---------------------------------------------------------------- processes
+def kill_group(proc: subprocess.Popen, sig=signal.SIGTERM, grace: float = 30.0) -> None:
+    """Stop `proc` and everything in its process group (it was started with
+    start_new_session=True: engine subprocesses included): `sig` first with `grace` seconds to
+    exit (skipped for SIGKILL), then SIGKILL; waits for `proc`."""
+    if proc.poll() is None and sig != signal.SIGKILL:
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=grace)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
 
 
 # ---------------------------------------------------------------- workloads

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import pytest
 
+from _helpers import kill_group
+
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.engine
 
@@ -35,20 +37,6 @@ def tiny_llama(tmp_path_factory) -> str:
     return str(write_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
 
 
-def _kill_group(proc: subprocess.Popen, sig=signal.SIGTERM) -> None:
-    if proc.poll() is None and sig != signal.SIGKILL:
-        try:
-            os.killpg(proc.pid, sig)
-            proc.wait(timeout=30)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    proc.wait()
-
-
 def start_run(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "blendserve_sgl.cli", "run", *args], env=env or ENV,
                             start_new_session=True, stdout=open(log, "w"), stderr=subprocess.STDOUT)
@@ -59,7 +47,7 @@ def blendserve_run(args: list[str], log: Path, env: dict | None = None, timeout:
     try:
         proc.wait(timeout=timeout)
     finally:
-        _kill_group(proc)
+        kill_group(proc)
     text = log.read_text()
     assert proc.returncode == 0, f"blendserve run failed ({proc.returncode}):\n{text[-4000:]}"
     return text
@@ -171,7 +159,7 @@ def test_resume_after_kill_9_finishes_each_custom_id_once(tiny_llama, tmp_path):
         assert proc.poll() is None, "the run ended before it could be killed:\n" + (tmp_path / "first.log").read_text()
         os.killpg(proc.pid, signal.SIGKILL)
     finally:
-        _kill_group(proc, signal.SIGKILL)
+        kill_group(proc, signal.SIGKILL)
     written = out.read_text().count("\n")
     assert 20 <= written < n, f"{written} results at the kill"
     with open(out, "a") as f:

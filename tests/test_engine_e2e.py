@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from _helpers import kill_group
+
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.engine
 
@@ -54,19 +56,6 @@ def smollm2() -> str:
     return str(convert_smollm2(cache))
 
 
-def _kill_group(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            pass
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
 def run_generate(tmp_path: Path, name: str, **spec) -> dict:
     spec_path, out_path = tmp_path / f"{name}.spec.json", tmp_path / f"{name}.out.json"
     spec_path.write_text(json.dumps(spec))
@@ -76,7 +65,7 @@ def run_generate(tmp_path: Path, name: str, **spec) -> dict:
     try:
         output, _ = proc.communicate(timeout=900)
     finally:
-        _kill_group(proc)
+        kill_group(proc)
     assert proc.returncode == 0, f"engine scenario {name} failed:\n{output[-4000:]}"
     return json.loads(out_path.read_text())
 
@@ -157,7 +146,7 @@ def test_launch_server_serves_openai_completions_with_blend(tiny_llama, tmp_path
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)
     finally:
-        _kill_group(proc)
+        kill_group(proc)
         log.close()
     assert proc.returncode is not None
 
