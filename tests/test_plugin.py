@@ -86,7 +86,7 @@ class FakeScheduler:
         self.used = 0
         self.token_to_kv_pool_allocator = SimpleNamespace(
             create_prefill_budget=lambda cache, num_mixed_decode_tokens=0: SimpleNamespace(
-                remaining_total=self.capacity - self.used))
+                remaining_total=self.capacity - self.used - num_mixed_decode_tokens))
         self.tree_cache = None
         self.chunked_prefill_size, self.max_prefill_tokens = 512, 4096
         self.waiting_queue = []
@@ -160,6 +160,26 @@ def test_adapter_loses_nothing_and_admits_each_request_once():
     assert pol.stats()["steps"] > 0
     # the full queue is re-indexed (O(waiting)) only after SGLang popped from it behind the hooks
     assert pol.reindexes <= n_aborts + 1, (pol.reindexes, n_aborts)
+
+
+def test_budget_matches_sglangs_admission_check_with_mixed_chunks():
+    """With --enable-mixed-chunk SGLang's PrefillAdder takes the running requests' decode tokens
+    out of the KV budget and of the step's prefill tokens; the plan's budget does the same (else
+    the last planned prompt is chunked by the engine, not by the plan)."""
+    running = [FakeReq(f"run{i}", [5] * 10, 4, ignore_eos=True) for i in range(30)]
+    for r in running:
+        r.output_ids = [7]  # decoding: not prefilling
+    kvb = None
+    budgets = {}
+    for mixed in (False, True):
+        sched = FakeScheduler(capacity=4000)
+        sched.is_mixed_chunk = mixed
+        pol = _make_policy(sched)
+        kvb = pol.cost.kv_bytes_per_token
+        budgets[mixed] = pol._budget(SimpleNamespace(reqs=running))
+    plain, mixed = budgets[False], budgets[True]
+    assert plain.prefill_tokens == 512 and mixed.prefill_tokens == 512 - 30
+    assert round((plain.kv_bytes - mixed.kv_bytes) / kvb) == 30
 
 
 def test_readme_documents_every_knob_with_its_default():

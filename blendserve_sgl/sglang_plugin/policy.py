@@ -254,7 +254,11 @@ class BlendPolicy:
         ratio = sched.new_token_ratio_tracker.current
         from sglang.srt.managers.schedule_policy import CLIP_MAX_NEW_TOKENS
 
-        budget = sched.token_to_kv_pool_allocator.create_prefill_budget(sched.tree_cache, num_mixed_decode_tokens=0)
+        # With --enable-mixed-chunk the running requests' decode tokens ride in the prefill batch:
+        # SGLang's PrefillAdder takes them out of both the KV budget and the step's prefill tokens.
+        mixed = len(running) if getattr(sched, "is_mixed_chunk", False) else 0
+        budget = sched.token_to_kv_pool_allocator.create_prefill_budget(sched.tree_cache,
+                                                                         num_mixed_decode_tokens=mixed)
         offset = 0.0
         for r in running:
             left = min(r.sampling_params.max_new_tokens - len(r.output_ids), CLIP_MAX_NEW_TOKENS)
@@ -263,6 +267,7 @@ class BlendPolicy:
         slots = sched.get_num_allocatable_reqs(len(running), running_batch=running_batch)
         chunk = sched.chunked_prefill_size
         prefill = min(chunk, sched.max_prefill_tokens) if chunk and chunk > 0 else sched.max_prefill_tokens
+        prefill -= mixed
         # A request prefilled in chunks goes first this step (SGLang's add_chunked_req): its
         # remaining prompt comes out of the step's tokens.
         chunked = getattr(sched, "chunked_req", None)
