@@ -419,6 +419,19 @@ def max_cached_ratio(input_ids: list[list[int]]) -> float:
     return (total - unique) / total if total else 0.0
 
 
+def git_commit() -> str | None:
+    """The checked-out commit (with '+dirty' when tracked files differ), or None outside git."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
+                              timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return (head + ("+dirty" if dirty else "")) or None
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=("tiny", "smollm2"), default="tiny",
@@ -455,6 +468,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.worker:
         return worker(args.worker)
+    commit = git_commit()  # taken at the start: the runs use the code as it is now
 
     policies = [p.strip() for p in args.policies.split(",") if p.strip()]
     bad = [p for p in policies if p not in POLICIES]
@@ -559,6 +573,9 @@ def main(argv=None) -> int:
                 "calc_priority runs in the scheduler process and SGLang does not time it.",
                 "Each run: a fresh Engine in its own process group; an 8-request warm-up on unrelated tokens, "
                 "flush_cache, then the batch.",
+                "total_tokens_per_cpu_s = tokens / engine CPU seconds (user + system of the driver process and "
+                "its children, the scheduler and detokenizer, over Engine.generate; median over repeats).",
+                *([f"git commit of the code: {commit}"] if commit else []),
             ],
         }
         payload["complete"] = complete
