@@ -38,6 +38,10 @@ LAYOUT = {
                           ["requests", "planning_fraction", "target_planning_fraction", "target_met",
                            "planning_ms_per_step", "wall_ms_per_step"]),
     "engine_cpu": ("Real engine on CPU, policies side by side, 1,600 requests (`bench/engine_cpu.py`)", "policies"),
+    "engine_cpu_plain_focus": ("Real engine on CPU, blend vs the two fastest stock policies, plain, repeats 2 "
+                               "(`bench/engine_cpu.py --variants plain --policies blend,dfs-weight,fcfs`)", "policies"),
+    "engine_cpu_mixed_focus": ("Real engine on CPU, blend vs dfs-weight with --enable-mixed-chunk, repeats 2 "
+                               "(`bench/engine_cpu.py --variants mixed --policies blend,dfs-weight`)", "policies"),
     "engine_cpu_quick": ("Real engine on CPU, policies side by side, quick run (`bench/engine_cpu.py --quick`)",
                          "policies"),
     "offline_throughput_blend": ("SGLang's offline_throughput with --schedule-policy blend "
