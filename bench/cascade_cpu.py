@@ -56,6 +56,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._common import table, write  # noqa: E402
+from bench.engine_cpu import engine_cpu_seconds  # noqa: E402
 from bench.engine_cpu import kill_group as _kill_group  # noqa: E402
 
 PREFIXES = (512, 1024, 2048, 4096, 8192)
@@ -212,22 +213,6 @@ def mmlu_batch(vocab: int, subjects: int, per_subject: int, output_len: int, max
     return {"input_ids": prompts, "output_len": output_len, "subjects": names,
             "prefix_tokens": {s: SYSTEM_PROMPT_TOKENS + mmlu[s][0] for s in names},
             "prompt_tokens": sum(map(len, prompts)), "requests": len(prompts)}
-
-
-def engine_cpu_seconds() -> float:
-    """CPU seconds used so far by this process and the engine's processes (scheduler, detokenizer):
-    less sensitive than wall time to other work on a shared machine."""
-    import psutil
-
-    me = psutil.Process()
-    total = 0.0
-    for proc in [me] + me.children(recursive=True):
-        try:
-            t = proc.cpu_times()
-            total += t.user + t.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
 
 
 def worker(spec_path: str) -> int:

@@ -206,10 +206,7 @@ class DualScanner:
             pool = budget.kv_pool if budget.kv_pool else total
             if (root.tokens - root.saved) * self.tree.cost.kv_bytes_per_token <= pool:
                 self._take_final_wave(state, out)
-                kvb = self.tree.cost.kv_bytes_per_token
-                self.last_step = {"kv_free": round(budget.kv_bytes / kvb), "slots": budget.slots,
-                                  "prefill": budget.prefill_tokens, "final_wave": len(self._wave),
-                                  "stop": state.why, "used": {k: round(v / kvb) for k, v in self.used.items()}}
+                self._record_step(budget, final_wave=len(self._wave), stop=state.why)
                 return out
         window = min(self.config.density_window, max(1, root.count // 8))
         rho_l = self._region_density(self.tree.leftmost(), window)
@@ -251,12 +248,16 @@ class DualScanner:
         # The memory-dense side's admissions first: their prompts are short, and an engine that
         # stops admitting at the first prompt it has to chunk (SGLang) still takes them.
         out[first:] = [a for a in out[first:] if a.side == RIGHT] + [a for a in out[first:] if a.side != RIGHT]
+        self._record_step(budget, stop=stops, share={k: round(v / self.tree.cost.kv_bytes_per_token)
+                                                     for k, v in shares.items()})
+        return out
+
+    def _record_step(self, budget: Budget, **extra) -> None:
+        """`last_step`, in tokens: the budget, the sides' KV in use, and `extra` (why they stopped...)."""
         kvb = self.tree.cost.kv_bytes_per_token
         self.last_step = {"kv_free": round(budget.kv_bytes / kvb), "slots": budget.slots,
-                          "prefill": budget.prefill_tokens, "stop": stops,
-                          "share": {k: round(v / kvb) for k, v in shares.items()},
-                          "used": {k: round(v / kvb) for k, v in self.used.items()}}
-        return out
+                          "prefill": budget.prefill_tokens,
+                          "used": {k: round(v / kvb) for k, v in self.used.items()}, **extra}
 
     def _take_final_wave(self, state: "_StepState", out: list) -> None:
         """The last wave: every waiting request fits in the KV pool, so what is left to decide is
