@@ -138,7 +138,7 @@ class DualScanner:
         self._at_start: tuple = (dict(self._last), dict(self._last_rid))
         self._step_taken: dict[str, dict] = {LEFT: {}, RIGHT: {}}  # this step's takes: rid -> node
         self._wave: list[Req] = []  # final wave (ScanConfig.final_wave): waiting requests, longest first
-        self.last_step: dict = {}  # the last dual scan in tokens: budget, shares, used, why each side stopped
+        self._record: tuple | None = None  # (budget, extra) of the last schedule call: see last_step
 
     # ------------------------------------------------------------------ setup
     def prepare(self) -> None:
@@ -181,7 +181,7 @@ class DualScanner:
         if not self.prepared:
             self.prepare()
         state = _StepState(budget)
-        self.last_step = {}
+        self._record = None
         self._at_start = (dict(self._last), dict(self._last_rid))
         self._step_taken = {LEFT: {}, RIGHT: {}}
         self._last_before = self._cached_last(budget.prefilling)
@@ -206,7 +206,7 @@ class DualScanner:
             pool = budget.kv_pool if budget.kv_pool else total
             if (root.tokens - root.saved) * self.tree.cost.kv_bytes_per_token <= pool:
                 self._take_final_wave(state, out)
-                self._record_step(budget, final_wave=len(self._wave), stop=state.why)
+                self._record = (budget, {"final_wave": len(self.tree.reqs), "stop": state.why})
                 return out
         window = min(self.config.density_window, max(1, root.count // 8))
         rho_l = self._region_density(self.tree.leftmost(), window)
@@ -248,16 +248,20 @@ class DualScanner:
         # The memory-dense side's admissions first: their prompts are short, and an engine that
         # stops admitting at the first prompt it has to chunk (SGLang) still takes them.
         out[first:] = [a for a in out[first:] if a.side == RIGHT] + [a for a in out[first:] if a.side != RIGHT]
-        self._record_step(budget, stop=stops, share={k: round(v / self.tree.cost.kv_bytes_per_token)
-                                                     for k, v in shares.items()})
+        self._record = (budget, {"stop": stops, "share": shares})
         return out
 
-    def _record_step(self, budget: Budget, **extra) -> None:
-        """`last_step`, in tokens: the budget, the sides' KV in use, and `extra` (why they stopped...)."""
+    @property
+    def last_step(self) -> dict:
+        """The last `schedule` call, in tokens (for traces; built only when read): the budget, the
+        sides' KV in use, the shares, why each side stopped ({} if it returned early)."""
+        if self._record is None:
+            return {}
+        budget, extra = self._record
         kvb = self.tree.cost.kv_bytes_per_token
-        self.last_step = {"kv_free": round(budget.kv_bytes / kvb), "slots": budget.slots,
-                          "prefill": budget.prefill_tokens,
-                          "used": {k: round(v / kvb) for k, v in self.used.items()}, **extra}
+        extra = {k: ({s: round(b / kvb) for s, b in v.items()} if k == "share" else v) for k, v in extra.items()}
+        return {"kv_free": round(budget.kv_bytes / kvb), "slots": budget.slots, "prefill": budget.prefill_tokens,
+                "used": {k: round(v / kvb) for k, v in self.used.items()}, **extra}
 
     def _take_final_wave(self, state: "_StepState", out: list) -> None:
         """The last wave: every waiting request fits in the KV pool, so what is left to decide is
@@ -270,17 +274,12 @@ class DualScanner:
         alive = [r for r in self._wave if reqs.get(r.rid) is r]
         if len(alive) != len(reqs):  # arrivals, retractions or cancels since the wave was sorted
             alive = sorted(reqs.values(), key=lambda r: (-r.output_len, -r.prompt_len, r.seq))
-        self._wave = alive
+        self._wave = alive  # taken ones drop out at the next call's filter
         mid = self.tree.density(self.tree.root)
-        taken = set()
         for req in alive:
             side = RIGHT if req.sort_key < mid else LEFT
-            if self._try_take(req, side, state, out, share=None, prefill_cap=None):
-                taken.add(req.rid)
-            elif state.why != "hold":
+            if not self._try_take(req, side, state, out, share=None, prefill_cap=None) and state.why != "hold":
                 break
-        if taken:
-            self._wave = [r for r in alive if r.rid not in taken]
 
     def _region_density(self, req: Req | None, window: int) -> float:
         """Density of the region a cursor scans: the lowest ancestor of `req` below the root that
