@@ -40,13 +40,13 @@ import numpy as np
 
 from ..core.cost import CostModel
 from ..core.estimate import OutputLengthEstimator
+from ..core.pacing import paced_prefill_tokens
 from ..core.scanner import LEFT, Budget, DualScanner, ScanConfig
 from ..core.sharing import dfs_order
 from ..core.tree import ResourceTree
 from .adder import Pick, sglang_admit
 from .cache import RadixCache
 from .request import SimRequest
-from .timing import weight_seconds
 
 POLICIES = ("fcfs", "sglang-lpm", "sglang-dfs-weight", "dfs", "balance", "blend")
 LPM_MAX_QUEUE = 128  # WAITING_QUEUE_PREFIX_MATCH_MAX: lpm turns into FCFS above it
@@ -361,13 +361,7 @@ class BlendPicker(Picker):
         tokens the weight read makes free (the GEMM roofline's ridge)."""
         if not self.pace or not len(self.tree):
             return None
-        rho = self.tree.density(self.tree.root)
-        if rho == math.inf:
-            return None
-        cost = self.cost
-        attn = view.next_kv_read * cost.kv_bytes_per_token / cost.hardware.effective_bandwidth
-        ridge = weight_seconds(cost) / cost.seconds_per_compute_token
-        return max(1, int(max(ridge, rho * attn / cost.seconds_per_compute_token)) - view.n_dec)
+        return paced_prefill_tokens(self.cost, view.next_kv_read, view.n_dec, self.tree.density(self.tree.root))
 
     def rejected(self, picks: list[Pick]) -> None:
         for p in picks:

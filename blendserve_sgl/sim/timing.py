@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.cost import CostModel
+from ..core.pacing import weight_read_seconds as weight_seconds
 
 MODES = ("sequential", "overlapped")
 
@@ -37,10 +38,6 @@ class ExecModel:
             raise ValueError(f"unknown execution mode {self.mode!r}; choose one of {list(MODES)}")
         if not (0.0 <= self.interference <= 1.0):
             raise ValueError(f"interference must be in [0, 1], got {self.interference!r}")
-
-
-def weight_seconds(cost: CostModel) -> float:
-    return cost.model.num_params * cost.model.dtype_bytes / cost.hardware.effective_bandwidth
 
 
 def operator_seconds(cost: CostModel, gemm_tokens, kv_read_tokens) -> tuple[np.ndarray, np.ndarray]:
