@@ -10,7 +10,8 @@ lengths, with torch (float32 on a CPU, bfloat16 on a GPU). The cost model predic
 from the hardware preset's peaks (`cpu`: NumPy GEMM and a streaming copy measured here). The
 efficiency factors are fitted (e_f: median over GEMMs far above the ridge point, e_b: median
 over the attention points) and the calibrated model's error is reported per operator and per
-GEMM regime. The paper's model errs <= 6% (GPU kernels).
+GEMM regime. The paper's model errs <= 6% (GPU kernels). The fit is `bench/gpu_evidence.py`'s (one
+implementation); that script also runs whole steps and the overlap check on a GPU.
 
     .venv-sgl/bin/python bench/calibrate.py          # any Python with torch; writes results/calibrate.json
     .venv-sgl/bin/python bench/calibrate.py --quick
@@ -21,29 +22,13 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import table, write  # noqa: E402
+from bench.gpu_evidence import Point, errors, fit, predict, regime, timed  # noqa: E402
 from blendserve_sgl.core import hardware  # noqa: E402
-
-
-def timed(fn, sync, repeats: int, budget_s: float) -> float:
-    """Best of `repeats` runs (at most `budget_s` seconds of trying): noise only adds time."""
-    fn()
-    sync()
-    best = float("inf")
-    deadline = time.perf_counter() + budget_s
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        best = min(best, time.perf_counter() - t0)
-        if time.perf_counter() > deadline:
-            break
-    return best
 
 
 def main() -> int:
@@ -81,13 +66,13 @@ def main() -> int:
     if device == "cuda":
         gemm_shapes = [(4096, 4096), (4096, 14336)]
         tokens = [1, 16, 64, 256, 1024, 4096, 8192]
-    points = []  # (op, label, measured s, flops, bytes)
+    points = []
     for k, n in gemm_shapes:
         w = rnd(k, n)
         for m in tokens:
             x = rnd(m, k)
             t = timed(lambda: x @ w, sync, repeats, budget)
-            points.append(("gemm", f"{m}x{k}@{k}x{n}", t, 2.0 * m * k * n, (k * n + m * k + m * n) * b))
+            points.append(Point("gemm", f"{m}x{k}@{k}x{n}", t, 2.0 * m * k * n, (k * n + m * k + m * n) * b))
     heads, dim = 8, 64
     batches = [1, 4, 16] if not args.quick else [1, 8]
     lengths = [2048, 8192, 16384] if not args.quick else [8192, 16384]
@@ -104,31 +89,18 @@ def main() -> int:
                 return torch.softmax(s, dim=-1) @ vc
 
             t = timed(attn, sync, repeats, budget)
-            points.append(("attention", f"B{bs} L{length}", t, 4.0 * bs * heads * length * dim, kv))
+            points.append(Point("attention", f"B{bs} L{length}", t, 4.0 * bs * heads * length * dim, kv))
 
-    # Fit: e_f from GEMMs far above the ridge (compute-bound beyond doubt), e_b from attention
-    # (the operator the model charges to bandwidth: KV reads).
-    ridge = hw.flops / hw.mem_bandwidth  # FLOP per byte
-
-    def bound(p) -> str:
-        return "compute" if p[3] / hw.flops > p[4] / hw.mem_bandwidth else "memory"
-
-    comp = [p for p in points if p[0] == "gemm" and p[3] / p[4] >= 8 * ridge]
-    mem = [p for p in points if p[0] == "attention"]
-    e_f = statistics.median(p[3] / hw.flops / p[2] for p in comp) if comp else 1.0
-    e_b = statistics.median(p[4] / hw.mem_bandwidth / p[2] for p in mem) if mem else 1.0
-    regimes = {id(p): ("gemm, compute-bound" if p in comp else "gemm, near the ridge") if p[0] == "gemm"
-               else "attention" for p in points}
-    rows, errors = [], {"gemm": [], "attention": [], "gemm, compute-bound": [], "gemm, near the ridge": []}
-    for p in points:
-        op, label, t, flops, nbytes = p
-        pred = max(flops / (hw.flops * e_f), nbytes / (hw.mem_bandwidth * e_b)) if op == "gemm" \
-            else nbytes / (hw.mem_bandwidth * e_b)
-        err = pred / t - 1
-        errors[op].append(abs(err))
-        if op == "gemm":
-            errors[regimes[id(p)]].append(abs(err))
-        rows.append((op, label, regimes[id(p)], f"{1e3 * t:.3f}", f"{1e3 * pred:.3f}", f"{100 * err:+.1f}%"))
+    # The fit (bench/gpu_evidence.py): e_f from GEMMs far above the ridge, e_b from attention.
+    f = fit(points, hw)
+    e_f, e_b = f.flops_efficiency, f.bandwidth_efficiency
+    rows, abs_err = [], {"gemm": [], "attention": [], "gemm, compute-bound": [], "gemm, near the ridge or below": []}
+    for p, err in zip(points, errors(points, hw, f)):
+        abs_err[p.op].append(abs(err))
+        if p.op == "gemm":
+            abs_err[regime(p, hw)].append(abs(err))
+        rows.append((p.op, p.shape, regime(p, hw), f"{1e3 * p.seconds:.3f}", f"{1e3 * predict(p, hw, f):.3f}",
+                     f"{100 * err:+.1f}%"))
     print(f"{hw.name}: peak {hw.flops / 1e9:.1f} GFLOP/s, {hw.mem_bandwidth / 1e9:.1f} GB/s ({device}, {dtype})")
     print(table(rows, ("operator", "shape", "regime", "measured ms", "model ms", "error")))
     summary = {
@@ -140,12 +112,12 @@ def main() -> int:
         "peak_gbps": round(hw.mem_bandwidth / 1e9, 2),
         "flops_efficiency": round(e_f, 4),
         "bandwidth_efficiency": round(e_b, 4),
-        "gemm_mean_abs_error": round(statistics.mean(errors["gemm"]), 4),
-        "gemm_max_abs_error": round(max(errors["gemm"]), 4),
-        "gemm_compute_bound_max_abs_error": round(max(errors["gemm, compute-bound"], default=0.0), 4),
-        "gemm_near_ridge_max_abs_error": round(max(errors["gemm, near the ridge"], default=0.0), 4),
-        "attention_mean_abs_error": round(statistics.mean(errors["attention"]), 4),
-        "attention_max_abs_error": round(max(errors["attention"]), 4),
+        "gemm_mean_abs_error": round(statistics.mean(abs_err["gemm"]), 4),
+        "gemm_max_abs_error": round(max(abs_err["gemm"]), 4),
+        "gemm_compute_bound_max_abs_error": round(max(abs_err["gemm, compute-bound"], default=0.0), 4),
+        "gemm_near_ridge_max_abs_error": round(max(abs_err["gemm, near the ridge or below"], default=0.0), 4),
+        "attention_mean_abs_error": round(statistics.mean(abs_err["attention"]), 4),
+        "attention_max_abs_error": round(max(abs_err["attention"]), 4),
     }
     print()
     print(table(list(summary.items()), ("metric", "value")))

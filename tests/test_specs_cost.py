@@ -100,7 +100,7 @@ def test_gpu_presets_and_aliases():
     a = hardware("a100")
     assert a.flops == 312e12 and a.mem_bandwidth == 2.039e12
     assert hardware("A100-80GB") == a and hardware("h100-sxm") == hardware("h100")
-    assert set(hardware_names()) == {"a100", "h100", "h200", "cpu"}
+    assert set(hardware_names()) == {"a100", "h100", "h200", "cpu", "h200-measured"}
 
 
 # ---------------------------------------------------------------- cost formulas

@@ -147,8 +147,57 @@ _MODEL_CONFIGS = {
 }
 
 
+MEASURED = "h200-measured"
+GPU_EVIDENCE = Path(__file__).resolve().parents[2] / "bench" / "results" / "gpu_evidence.json"
+GPU_EVIDENCE_COMMAND = "bash bench/gpu_run.sh (python bench/gpu_evidence.py on an H200)"
+ASSUMED_INTERFERENCE = 0.1  # overlapped mode's contention share when nothing was measured
+
+
 def hardware_names() -> list[str]:
-    return sorted([*_HARDWARE, "cpu"])
+    return sorted([*_HARDWARE, "cpu", MEASURED])
+
+
+def gpu_evidence(path: str | os.PathLike | None = None) -> dict:
+    """The figures of a CUDA run of `bench/gpu_evidence.py` (`bench/results/gpu_evidence.json`)."""
+    path = Path(path) if path is not None else GPU_EVIDENCE
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} is missing: the {MEASURED!r} preset and the measured interference come "
+                                f"from a GPU run; produce it with {GPU_EVIDENCE_COMMAND}")
+    data = json.loads(path.read_text())
+    for key in ("device", "preset", "interference"):
+        if key not in data:
+            raise ValueError(f"{path} lacks {key!r}; rerun {GPU_EVIDENCE_COMMAND}")
+    if data.get("tiny") or "H200" not in str(data["device"]):
+        raise ValueError(f"{path} was measured on {data['device']!r}{' (--tiny)' if data.get('tiny') else ''}, "
+                         f"not an H200; rerun {GPU_EVIDENCE_COMMAND}")
+    return data
+
+
+def measured_hardware(path: str | os.PathLike | None = None) -> HardwareSpec:
+    """The `h200-measured` preset: peaks and efficiency factors fitted on a real H200."""
+    p = gpu_evidence(path)["preset"]
+    return HardwareSpec(MEASURED, flops=p["flops"], mem_bandwidth=p["mem_bandwidth"], mem_capacity=p["mem_capacity"],
+                        flops_efficiency=p["flops_efficiency"], bandwidth_efficiency=p["bandwidth_efficiency"])
+
+
+def interference_names() -> list[str]:
+    return ["assumed", MEASURED]
+
+
+def interference(setting: str | float) -> float:
+    """The overlapped mode's interference: a number in [0, 1], `assumed` (0.1) or `h200-measured`
+    (the median measured by `bench/gpu_evidence.py` on an H200)."""
+    if isinstance(setting, (int, float)) and not isinstance(setting, bool):
+        return float(setting)
+    key = str(setting).lower()
+    if key == "assumed":
+        return ASSUMED_INTERFERENCE
+    if key == MEASURED:
+        return float(gpu_evidence()["interference"]["median"])
+    try:
+        return float(key)
+    except ValueError:
+        raise ValueError(f"unknown interference {setting!r}: a number in [0, 1] or one of {interference_names()}") from None
 
 
 def model_names() -> list[str]:
@@ -156,13 +205,24 @@ def model_names() -> list[str]:
 
 
 def hardware(name: str) -> HardwareSpec:
-    """A named hardware preset: `a100`, `h100`, `h200` or `cpu` (measured here, once per process)."""
+    """A named hardware preset: `a100`, `h100`, `h200`, `cpu` (measured here, once per process) or
+    `h200-measured` (fitted on an H200 by `bench/gpu_evidence.py`)."""
     key = _HARDWARE_ALIASES.get(str(name).lower(), str(name).lower())
     if key == "cpu":
         return measure_cpu()
+    if key == MEASURED:
+        return measured_hardware()
     if key not in _HARDWARE:
         raise ValueError(f"unknown hardware preset {name!r}; choose one of {hardware_names()}")
     return _HARDWARE[key]
+
+
+def model_config(name: str) -> dict:
+    """The stored Hugging Face config fields of a preset model (a copy)."""
+    key = str(name).lower()
+    if key not in _MODEL_CONFIGS:
+        raise ValueError(f"unknown model preset {name!r}; choose one of {model_names()}")
+    return dict(_MODEL_CONFIGS[key])
 
 
 def model(name: str) -> ModelSpec:
