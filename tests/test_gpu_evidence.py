@@ -43,6 +43,7 @@ def test_tiny_run_fields(tiny):
     assert any(r["prefill"] > 0 for r in tiny["steps"]) and all(r["decode"] > 0 for r in tiny["steps"])
     assert len(tiny["overlap"]["points"]) >= 2
     assert "do not overlap on a CPU" in tiny["note"]
+    assert tiny["foreign_modules"] == []  # torch only: nothing from sglang, flashinfer or sgl_kernel was imported
 
 
 def test_tiny_fit_arithmetic(tiny):
