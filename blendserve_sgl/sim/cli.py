@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from ..core import CostModel, ScanConfig
-from ..core.specs import hardware_names, interference, interference_names, model_names
+from ..core.specs import hardware_names, model_names
 from .engine import EngineConfig
 from .metrics import compare, format_table, plot_steps
 from .policies import POLICIES
@@ -26,13 +26,6 @@ from .timing import ExecModel
 from .traces import TRACES, mix, trace
 
 WORKLOADS = (*sorted(TRACES), "mixed", "mix:DENSITY,SHARING")
-
-
-def _interference(text: str) -> float:
-    try:
-        return interference(text)
-    except (OSError, ValueError) as e:
-        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def load_workload(spec: str, n: int, cost: CostModel, seed: int = 0) -> list:
@@ -80,8 +73,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-running", type=int, default=1024)
     ap.add_argument("--chunk", type=int, default=1024, help="chunked-prefill size (tokens per step)")
     ap.add_argument("--no-mixed-chunk", action="store_true", help="prefill and decode steps alternate (SGLang default)")
-    ap.add_argument("--interference", type=_interference, default="assumed",
-                    help=f"overlapped mode: contention share, a number or one of {', '.join(interference_names())}")
+    ap.add_argument("--interference", type=float, default=0.1, help="overlapped mode: contention share")
     ap.add_argument("--unknown-lengths", action="store_true",
                     help="requests stop at EOS; blend samples and estimates output lengths")
     ap.add_argument("--sample-fraction", type=float, default=0.01)
