@@ -31,10 +31,11 @@ run one after the other (interference near 1 by construction).
 from __future__ import annotations
 
 import argparse
-import math
+import json
 import statistics
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import NamedTuple
 
@@ -429,6 +430,30 @@ def main(argv: list[str] | None = None) -> int:
     log(f"device {device_name}, {dtype}, model {spec.name}; preset {base.name}: {base.flops / 1e12:.2f} TFLOP/s, "
         f"{base.mem_bandwidth / 1e9:.1f} GB/s")
 
+    log(f"steps: sampling blend and dfs on {args.trace} ({requests} requests) in the simulator")
+    steps = sample_steps(args.trace, requests, n_steps)  # first: a data problem stops the run before any timing
+    if args.tiny:
+        steps = [shrink(s, prefill=128, decode=8, kv_len=256) for s in steps]
+    path = out / f"{stem}.json"
+    payload = {
+        "command": command(), "machine": machine(), "device": device_name, "tiny": args.tiny,
+        "dtype": str(dtype).replace("torch.", ""), "model": spec.name,
+        "model_spec": {k: getattr(spec, k) for k in spec.__slots__},
+        "note": ("CPU run of the code paths (--tiny): the figures describe this CPU, not a GPU; two streams do not "
+                 "overlap on a CPU, so interference is ~1 by construction") if args.tiny else
+                "CUDA events after warm-up, L2 flushed before each timed run, median of 10",
+        "attention_layout": "contiguous K/V (torch SDPA); a paged layout needs a paged kernel (FlashInfer), not in a "
+                            "torch-only run",
+        "targets": {"cost_model_max_error": 0.06, "step_prediction_median_error": 0.10},
+        "failures": [],
+    }
+
+    def save() -> None:
+        payload["seconds"] = round(time.perf_counter() - t_start, 1)
+        payload["foreign_modules"] = sorted(m for m in sys.modules
+                                            if m.split(".")[0] in ("sglang", "flashinfer", "sgl_kernel"))
+        path.write_text(json.dumps(payload, indent=2) + "\n")
+
     log("part 1: operators")
     points = operator_points(torch, dev, dtype, cfg, tokens, batches, lengths, measure, log, kv_limit)
     f = fit(points, base)
@@ -443,76 +468,67 @@ def main(argv: list[str] | None = None) -> int:
     by_regime = {}
     for r in op_rows:
         by_regime.setdefault(r["regime"], []).append(abs(r["error"]))
-    log(f"fit: flops efficiency {f.flops_efficiency:.4f}, bandwidth efficiency {f.bandwidth_efficiency:.4f}")
-
-    log("part 2: whole steps")
-    steps = sample_steps(args.trace, requests, n_steps)
-    if args.tiny:
-        steps = [shrink(s, prefill=128, decode=8, kv_len=256) for s in steps]
-    cost = CostModel(spec, fitted)
-    if torch.cuda.is_available() and not args.tiny:
-        torch.cuda.empty_cache()
-    biggest = max(s.decode * max(1, s.kv_read // max(1, s.decode)) for s in steps)
-    stack = Stack(torch, cfg, dev, dtype, max(pool_tokens, 2 * biggest))
-    step_rows = []
-    for s in steps:
-        measured = measure(stack.step_fn(s))
-        seq, bound = step_predictions(cost, s)
-        step_rows.append({**s._asdict(), "measured_ms": 1e3 * measured, "sequential_model_ms": 1e3 * seq,
-                          "sequential_error": seq / measured - 1, "bandwidth_consistent_bound_ms": 1e3 * bound,
-                          "measured_over_bound": measured / bound})
-    print(table([tuple(f"{v:.4g}" if isinstance(v, float) else v for v in r.values()) for r in step_rows],
-                tuple(step_rows[0])))
-    del stack
-    if dev == "cuda":
-        torch.cuda.empty_cache()
-
-    log("part 3: overlap")
-    ovl = overlap_points(torch, dev, dtype, cfg, gemm_tokens, attn_batch, attn_len, reps, measure)
-    print(table([tuple(r.values()) for r in ovl], tuple(ovl[0])))
-    interference = quantiles([r["interference"] for r in ovl])
-
-    seq_errs = [abs(r["sequential_error"]) for r in step_rows]
-    payload = {
-        "command": command(), "machine": machine(), "device": device_name, "tiny": args.tiny,
-        "dtype": str(dtype).replace("torch.", ""), "model": spec.name,
-        "note": ("CPU run of the code paths (--tiny): the figures describe this CPU, not a GPU; two streams do not "
-                 "overlap on a CPU, so interference is ~1 by construction") if args.tiny else
-                "CUDA events after warm-up, L2 flushed before each timed run, median of 10",
+    payload.update({
         "cost_model_max_error": round(max(abs(e) for e in errs), 4),
-        "model_spec": {k: getattr(spec, k) for k in spec.__slots__},
         "cost_model_max_error_by_regime": {k: round(max(v), 4) for k, v in by_regime.items()},
         "cost_model_mean_error_by_regime": {k: round(statistics.mean(v), 4) for k, v in by_regime.items()},
-        "step_prediction_median_error": round(statistics.median(seq_errs), 4),
-        "step_prediction_error": quantiles([r["sequential_error"] for r in step_rows]),
-        "measured_over_bandwidth_consistent_bound": quantiles([r["measured_over_bound"] for r in step_rows]),
-        "interference": interference,
         "fit": f._asdict(),
         "base_preset": {"name": base.name, "flops": base.flops, "mem_bandwidth": base.mem_bandwidth},
         "preset": {"name": fitted.name, "flops": fitted.flops, "mem_bandwidth": fitted.mem_bandwidth,
                    "mem_capacity": fitted.mem_capacity, "flops_efficiency": fitted.flops_efficiency,
                    "bandwidth_efficiency": fitted.bandwidth_efficiency},
-        "attention_layout": "contiguous K/V (torch SDPA); a paged layout needs a paged kernel (FlashInfer), not in a "
-                            "torch-only run",
         "operators": op_rows,
-        "steps_source": {"trace": args.trace, "requests": requests, "per_policy": n_steps,
-                         "scaled_to_tiny": args.tiny},
-        "steps": step_rows,
-        "overlap": {"gemm": "gate_up", "attention_batch": attn_batch, "attention_kv_len": attn_len, "reps": reps,
-                    "points": ovl},
-        "targets": {"cost_model_max_error": 0.06, "step_prediction_median_error": 0.10},
-        "seconds": round(time.perf_counter() - t_start, 1),
-        "foreign_modules": sorted(m for m in sys.modules if m.split(".")[0] in ("sglang", "flashinfer", "sgl_kernel")),
-    }
-    import json
+    })
+    save()
+    log(f"fit: flops efficiency {f.flops_efficiency:.4f}, bandwidth efficiency {f.bandwidth_efficiency:.4f}, "
+        f"cost model max error {payload['cost_model_max_error']:.3f}")
 
-    path = out / f"{stem}.json"
-    path.write_text(json.dumps(payload, indent=2) + "\n")
-    log(f"cost model max error {payload['cost_model_max_error']:.3f}, step median error "
-        f"{payload['step_prediction_median_error']:.3f}, interference median {interference['median']:.3f}")
-    log(f"wrote {path}")
+    log("part 2: whole steps")
+    try:
+        cost = CostModel(spec, fitted)
+        biggest = max(s.decode * max(1, s.kv_read // max(1, s.decode)) for s in steps)
+        stack = Stack(torch, cfg, dev, dtype, max(pool_tokens, 2 * biggest))
+        step_rows = []
+        for s in steps:
+            measured = measure(stack.step_fn(s))
+            seq, bound = step_predictions(cost, s)
+            step_rows.append({**s._asdict(), "measured_ms": 1e3 * measured, "sequential_model_ms": 1e3 * seq,
+                              "sequential_error": seq / measured - 1, "bandwidth_consistent_bound_ms": 1e3 * bound,
+                              "measured_over_bound": measured / bound})
+        del stack
+        print(table([tuple(f"{v:.4g}" if isinstance(v, float) else v for v in r.values()) for r in step_rows],
+                    tuple(step_rows[0])))
+        payload.update({
+            "step_prediction_median_error": round(statistics.median(abs(r["sequential_error"]) for r in step_rows), 4),
+            "step_prediction_error": quantiles([r["sequential_error"] for r in step_rows]),
+            "measured_over_bandwidth_consistent_bound": quantiles([r["measured_over_bound"] for r in step_rows]),
+            "steps_source": {"trace": args.trace, "requests": requests, "per_policy": n_steps,
+                             "scaled_to_tiny": args.tiny},
+            "steps": step_rows,
+        })
+        log(f"step median error {payload['step_prediction_median_error']:.3f}")
+    except Exception as e:  # keep part 1 and try part 3: GPU time is short
+        payload["failures"].append(f"part 2: {type(e).__name__}: {e}")
+        log(traceback.format_exc())
+    save()
+    if dev == "cuda":
+        torch.cuda.empty_cache()
+
+    log("part 3: overlap")
+    try:
+        ovl = overlap_points(torch, dev, dtype, cfg, gemm_tokens, attn_batch, attn_len, reps, measure)
+        print(table([tuple(r.values()) for r in ovl], tuple(ovl[0])))
+        payload["interference"] = quantiles([r["interference"] for r in ovl])
+        payload["overlap"] = {"gemm": "gate_up", "attention_batch": attn_batch, "attention_kv_len": attn_len,
+                              "reps": reps, "points": ovl}
+        log(f"interference median {payload['interference']['median']:.3f}")
+    except Exception as e:
+        payload["failures"].append(f"part 3: {type(e).__name__}: {e}")
+        log(traceback.format_exc())
+    save()
+    log(f"wrote {path}" + (f"; failures: {payload['failures']}" if payload["failures"] else ""))
     logf.close()
-    return 0
+    return 1 if payload["failures"] else 0
 
 
 if __name__ == "__main__":

@@ -43,6 +43,7 @@ def test_tiny_run_fields(tiny):
     assert any(r["prefill"] > 0 for r in tiny["steps"]) and all(r["decode"] > 0 for r in tiny["steps"])
     assert len(tiny["overlap"]["points"]) >= 2
     assert "do not overlap on a CPU" in tiny["note"]
+    assert tiny["failures"] == []
     assert tiny["foreign_modules"] == []  # torch only: nothing from sglang, flashinfer or sgl_kernel was imported
 
 
@@ -108,7 +109,7 @@ def test_fit_on_hand_made_points():
     assert evenly(list(range(10)), 2) == [2, 7] and evenly([1, 2], 5) == [1, 2]
 
 
-def test_measured_preset_and_interference(tmp_path):
+def test_measured_preset_and_interference(tmp_path, monkeypatch):
     assert MEASURED in hardware_names()
     assert interference("assumed") == ASSUMED_INTERFERENCE == 0.1 and interference(0.25) == 0.25
     with pytest.raises(ValueError, match="unknown interference 'huge'"):
@@ -126,6 +127,13 @@ def test_measured_preset_and_interference(tmp_path):
     hw = measured_hardware(tmp_path / "gpu_evidence.json")
     assert hw.name == MEASURED and hw.effective_flops == pytest.approx(720e12)
     assert CostModel(CostModel.from_names("llama-3.1-8b", "h200").model, hw).hardware is hw
+    from blendserve_sgl.core import specs
+
+    doc["interference"] = {"median": -0.03}  # measured below max(A, B): clipped into the overlapped mode's range
+    (tmp_path / "gpu_evidence.json").write_text(json.dumps(doc))
+    monkeypatch.setattr(specs, "GPU_EVIDENCE", tmp_path / "gpu_evidence.json")
+    assert interference(MEASURED) == 0.0 and hardware(MEASURED) == hw
+    monkeypatch.undo()
     if not (ROOT / "bench" / "results" / "gpu_evidence.json").exists():  # no GPU run committed yet
         with pytest.raises(FileNotFoundError, match="gpu_run.sh"):
             hardware(MEASURED)

@@ -186,14 +186,15 @@ def interference_names() -> list[str]:
 
 def interference(setting: str | float) -> float:
     """The overlapped mode's interference: a number in [0, 1], `assumed` (0.1) or `h200-measured`
-    (the median measured by `bench/gpu_evidence.py` on an H200)."""
+    (the median measured by `bench/gpu_evidence.py` on an H200, clipped to [0, 1]: the range
+    the overlapped mode takes)."""
     if isinstance(setting, (int, float)) and not isinstance(setting, bool):
         return float(setting)
     key = str(setting).lower()
     if key == "assumed":
         return ASSUMED_INTERFERENCE
     if key == MEASURED:
-        return float(gpu_evidence()["interference"]["median"])
+        return min(1.0, max(0.0, float(gpu_evidence()["interference"]["median"])))
     try:
         return float(key)
     except ValueError:
