@@ -4,7 +4,7 @@ import math
 
 import pytest
 
-from blendserve_sgl.core import CostModel
+from blendserve_sgl.core import CostModel, HardwareSpec
 from blendserve_sgl.core.pacing import weight_read_seconds
 from blendserve_sgl.core.profiles import (apply_profile, mixtral_counts, profile_names, quest_read_tokens,
                                           quantized_bits)
@@ -46,6 +46,8 @@ def test_atom_hand_count():
     assert p.kv_tokens == pool
     h100 = apply_profile("atom-w4a4", CostModel.from_names("llama-3.1-8b", "h100"))
     assert h100.params["gemm_speedup"] == 2.0  # Hopper: no INT4 tensor cores
+    measured = CostModel(COST.model, HardwareSpec("h200-measured", 700e12, 4e12, 141e9))
+    assert apply_profile("atom-w4a4", measured).params["gemm_speedup"] == 2.0
     # density = comp / mem per request moves by speedup^-1 / kv factor
     r0 = COST.request_density(1000, 100)
     assert p.cost.request_density(1000, 100) == pytest.approx(r0 * (1 / 4) / (4.25 / 16))

@@ -76,7 +76,7 @@ def atom_w4a4(cost: CostModel, gemm_speedup: float | None = None, weight_bits: i
               kv_bits: int = 4, kv_group: int | None = None, mem_fraction: float = MEM_FRACTION) -> Profiled:
     """Atom: 4-bit weights and activations (group 128, FP16 scales) and a 4-bit KV cache
     (asymmetric, one FP16 scale and zero point per head vector)."""
-    hw_key = cost.hardware.name.split("+")[0]
+    hw_key = cost.hardware.name.split("+")[0].split("-")[0]  # h200-measured: an h200
     if gemm_speedup is None:
         if hw_key not in _INT4_GEMM_SPEEDUP:
             raise ValueError(f"atom-w4a4: no INT4 GEMM speed-up known for hardware {cost.hardware.name!r}; "
