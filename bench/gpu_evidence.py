@@ -145,7 +145,8 @@ def fitted_hardware(hw: HardwareSpec, f: Fit, name: str) -> HardwareSpec:
     """`hw` with the fitted efficiencies; a factor above 1 (the preset's peak was beaten) moves into the peak."""
     flops, bw = hw.flops * max(1.0, f.flops_efficiency), hw.mem_bandwidth * max(1.0, f.bandwidth_efficiency)
     return HardwareSpec(name, flops=flops, mem_bandwidth=bw, mem_capacity=hw.mem_capacity,
-                        flops_efficiency=min(1.0, f.flops_efficiency), bandwidth_efficiency=min(1.0, f.bandwidth_efficiency))
+                        flops_efficiency=min(1.0, f.flops_efficiency),
+                        bandwidth_efficiency=min(1.0, f.bandwidth_efficiency))
 
 
 # --- part 1: operators --------------------------------------------------------------------------

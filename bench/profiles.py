@@ -64,22 +64,24 @@ def main() -> None:
                 row[f"{label}_best_other"] = best
                 row[f"{label}_blend_speedup_vs_best_other"] = round(times[best] / times["blend"], 4)
                 row[f"{label}_blend_fraction_of_optimal"] = round(results["blend"].fraction_of_optimal(model), 4)
-            row["blend_sharing_vs_dfs"] = round(results["blend"].first_hit_tokens / results["dfs"].first_hit_tokens, 4) \
-                if results["dfs"].first_hit_tokens else 1.0
+            hits = results["dfs"].first_hit_tokens
+            row["blend_sharing_vs_dfs"] = round(results["blend"].first_hit_tokens / hits, 4) if hits else 1.0
             rows.append(row)
-            print(f"{tname} {pname:<12} density {row['density']:.3f}  ovl x{row['overlapped_blend_speedup_vs_best_other']:.3f} "
-                  f"({row['overlapped_best_other']})  seq x{row['sequential_blend_speedup_vs_best_other']:.3f}", flush=True)
+            print(f"{tname} {pname:<12} density {row['density']:.3f}  "
+                  f"ovl x{row['overlapped_blend_speedup_vs_best_other']:.3f} ({row['overlapped_best_other']})  "
+                  f"seq x{row['sequential_blend_speedup_vs_best_other']:.3f}", flush=True)
     base_rows = {r["trace"]: r for r in rows if r["profile"] == "base"}
     for r in rows:
         b = base_rows[r["trace"]]
         r["density_shift"] = round(r["density"] / b["density"], 4)
         r["overlapped_gain_change"] = round(r["overlapped_blend_speedup_vs_best_other"]
                                             / b["overlapped_blend_speedup_vs_best_other"], 4)
-    summary = {p: {"mean_density_shift": round(statistics.mean(r["density_shift"] for r in rows if r["profile"] == p), 4),
-                   "mean_overlapped_blend_speedup_vs_best_other": round(statistics.mean(
-                       r["overlapped_blend_speedup_vs_best_other"] for r in rows if r["profile"] == p), 4),
-                   "mean_sequential_blend_speedup_vs_best_other": round(statistics.mean(
-                       r["sequential_blend_speedup_vs_best_other"] for r in rows if r["profile"] == p), 4)}
+    def mean(profile: str, key: str) -> float:
+        return round(statistics.mean(r[key] for r in rows if r["profile"] == profile), 4)
+
+    summary = {p: {"mean_density_shift": mean(p, "density_shift"),
+                   "mean_overlapped_blend_speedup_vs_best_other": mean(p, "overlapped_blend_speedup_vs_best_other"),
+                   "mean_sequential_blend_speedup_vs_best_other": mean(p, "sequential_blend_speedup_vs_best_other")}
                for p in names}
     cols = ("trace", "profile", "density", "density_shift", "overlapped_blend_speedup_vs_best_other",
             "overlapped_best_other", "sequential_blend_speedup_vs_best_other", "blend_sharing_vs_dfs")

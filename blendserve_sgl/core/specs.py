@@ -198,7 +198,8 @@ def interference(setting: str | float) -> float:
     try:
         return float(key)
     except ValueError:
-        raise ValueError(f"unknown interference {setting!r}: a number in [0, 1] or one of {interference_names()}") from None
+        raise ValueError(f"unknown interference {setting!r}: a number in [0, 1] "
+                         f"or one of {interference_names()}") from None
 
 
 def model_names() -> list[str]:
