@@ -274,7 +274,7 @@ class Stack:
 
     def kv_views(self, batch: int, length: int):
         n = batch * self.kvh * length * self.d
-        slots = self.pool.numel() // (2 * n)
+        slots = min(len(self.layers), self.pool.numel() // (2 * n))
         if slots == 0:
             raise ValueError(f"KV pool of {self.pool.numel()} elements cannot hold a step of {batch} x {length} tokens")
         return [(self.pool[2 * n * s:2 * n * s + n].view(batch, self.kvh, length, self.d),
