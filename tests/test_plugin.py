@@ -133,6 +133,7 @@ class FakeScheduler:
         self.chunked_prefill_size, self.max_prefill_tokens = 512, 4096
         self.max_total_num_tokens = capacity
         self.forward_ct = 0
+        self.page_size, self.truncation_align_size = 1, None
         self.waiting_queue = []
 
     def get_num_allocatable_reqs(self, running_bs, running_batch=None):

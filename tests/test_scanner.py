@@ -360,12 +360,12 @@ def test_metered_sides_admit_memory_work_at_their_share_rate():
     # banked credit: 500 steps without an admission (no slot) buy at most credit_steps x rate
     sc2 = DualScanner(_tree(records), ScanConfig(credit_steps=64))
     assert sc2.schedule(Budget(1e15, 0, 10 ** 6, steps=500, kv_pool=pool)) == []
-    assert sc2.credit[RIGHT] + sc2.credit[LEFT] <= 64 * pool * (1 + 1e-9)
+    assert sc2.sides[RIGHT].credit + sc2.sides[LEFT].credit <= 64 * pool * (1 + 1e-9)
     adm = sc2.schedule(Budget(1e15, 1000, 10 ** 6, steps=1, kv_pool=pool))
     assert 1 <= len(adm) <= 2
-    before = sc2.credit[adm[0].side]
+    before = sc2.sides[adm[0].side].credit
     sc2.cancel(adm[0].rid)
-    assert sc2.credit[adm[0].side] == pytest.approx(before + work)
+    assert sc2.sides[adm[0].side].credit == pytest.approx(before + work)
 
 
 def test_a_long_prompt_pays_prefill_only_up_to_its_sides_cap():

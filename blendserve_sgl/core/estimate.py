@@ -72,3 +72,61 @@ class OutputLengthEstimator:
 
     def overran(self, estimate: int, generated: int) -> bool:
         return generated > self.overrun_factor * max(1, estimate)
+
+
+class SamplePhase:
+    """The output-length sample that runs before the tree is planned: which requests it holds,
+    which are still running and their output so far, and when the rest can be planned (once
+    `quorum` of it finished; with the running ones counted at their output so far)."""
+
+    def __init__(self, estimator: OutputLengthEstimator, quorum: float):
+        self.estimator = estimator
+        self.quorum = quorum
+        self.pending: set = set()  # sample requests not finished yet
+        self.size = 0
+        self.generated: dict = {}  # running sample rid -> tokens generated so far
+
+    def start(self, tree) -> None:
+        """Choose the sample among the tree's requests of unknown length and mark them."""
+        chosen = self.estimator.choose_sample([r.rid for r in tree.reqs.values() if not r.known])
+        for rid in chosen:
+            tree.reqs[rid].sample = True
+        self.pending = set(chosen)
+        self.size = len(chosen)
+
+    def waiting(self, tree) -> list:
+        """Sample requests still in the tree, in arrival order."""
+        return sorted((tree.reqs[r] for r in self.pending if r in tree.reqs), key=lambda r: r.seq)
+
+    def quorum_reached(self) -> bool:
+        return self.size - len(self.pending) >= self.quorum * self.size
+
+    def progress(self, rid, generated: int) -> None:
+        if rid in self.pending:
+            self.generated[rid] = generated
+
+    def finished(self, rid, path, output_len: int | None) -> bool:
+        """A sample request finished: record its length along `path`. True when the rest should
+        be planned now (the whole sample, or the quorum, is in)."""
+        if output_len is not None:
+            self.estimator.record(path, output_len)
+        self.pending.discard(rid)
+        self.generated.pop(rid, None)
+        return not self.pending or self.quorum_reached()
+
+    def retracted(self, rid) -> None:
+        """A running sample request was preempted: it runs again later, no longer as a sample."""
+        self.generated.pop(rid, None)
+        if rid in self.pending:
+            self.pending.discard(rid)
+            self.size -= 1
+
+    def estimate(self, tree, paths: dict) -> None:
+        """Re-estimate the tree's unknown lengths; running samples (rid -> root path in `paths`)
+        count with their output so far (a lower bound) for this estimate only."""
+        partial = [(paths[r], g) for r, g in self.generated.items() if r in paths and g > 0]
+        for path, g in partial:
+            self.estimator.record(path, g)
+        self.estimator.refresh(tree)
+        for path, g in partial:
+            self.estimator.record(path, -g, count=-1)

@@ -55,8 +55,8 @@ SGLANG_NAMES = (
 SCHEDULER_ATTRS = (
     "waiting_queue", "policy", "schedule_policy", "server_args", "model_config", "new_token_ratio_tracker",
     "token_to_kv_pool_allocator", "tree_cache", "chunked_prefill_size", "max_prefill_tokens", "is_mixed_chunk",
-    "chunked_req", "forward_ct", "max_total_num_tokens",
-)
+    "chunked_req", "forward_ct", "max_total_num_tokens", "page_size",
+)  # and, set after the policy is built, "truncation_align_size" (read with a default of None)
 _registered = False
 
 
@@ -123,7 +123,7 @@ def _flag_parser(knob):
         try:
             return knob.parse(raw, knob.flag)
         except ValueError as exc:
-            raise argparse.ArgumentTypeError(str(exc)) from None
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{knob.flag}=")) from None  # argparse names the flag
     parse.__name__ = knob.kind.__name__
     return parse
 

@@ -331,6 +331,9 @@ class BlendPolicy:
         if paced is None:
             return
         sched = self.scheduler
+        # SGLang truncates a chunk to whole pages (and to truncation_align_size): a smaller one
+        # would make no progress.
+        paced = max(paced, int(sched.page_size or 1), int(getattr(sched, "truncation_align_size", None) or 1))
         stock = {"max_prefill_tokens": sched.max_prefill_tokens, "chunked_prefill_size": sched.chunked_prefill_size}
         self._paced = stock
         sched.max_prefill_tokens = min(paced, stock["max_prefill_tokens"])

@@ -93,9 +93,9 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
     Knob("hardware", str, "Cost-model hardware preset: a100, h100, h200, cpu (measured here) or auto "
          "(cpu on a CPU device, else from the GPU's name).", _hardware, default="auto"),
     Knob("sample_fraction", float, "Share of unknown-length requests run first to estimate output lengths.",
-         _within(0.0, 1.0), preset="sample_fraction"),
+         _within(0, 1), preset="sample_fraction"),
     Knob("keep_sharing", float, "Split budget: keep at least this share of the prefix sharing.",
-         _within(0.0, 1.0), preset="keep_sharing"),
+         _within(0, 1), preset="keep_sharing"),
     Knob("prior_output_len", int, "Output-length estimate before any sample finished.", _at_least(1), preset="prior"),
     Knob("hold_prefix_tokens", int, "Hold a request whose prefix of at least this many tokens is shared with a "
          "request admitted in the same step, or whose prefill SGLang has not processed yet (the overlap scheduler "
