@@ -340,3 +340,22 @@ def test_plugin_and_simulator_build_the_same_blend_configuration():
     assert (picker.pace, picker.meter) == (PRESET.pacing, PRESET.metering)
     ablation = PRESET.replace(final_wave=False)
     assert make_picker("blend", [], pol.cost, preset=ablation).scanner.config.final_wave is False
+
+
+def test_cpu_kernel_fallback_only_for_the_cpu_engine(monkeypatch):
+    """The pure-torch sgl_kernel stand-in is installed only for SGLang's CPU engine: on a machine
+    with a GPU driver and without SGLANG_USE_CPU_ENGINE, install() does nothing."""
+    import sys as _sys
+
+    import kernels.cpu_fallback as fb
+
+    monkeypatch.setattr(fb, "_gpu_present", lambda: True)
+    monkeypatch.delenv("SGLANG_USE_CPU_ENGINE", raising=False)
+    finders = list(_sys.meta_path)
+    assert fb.cpu_engine() is False and fb.install() is False
+    assert _sys.meta_path == finders
+    monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", "1")
+    assert fb.cpu_engine() is True
+    monkeypatch.delenv("SGLANG_USE_CPU_ENGINE")
+    monkeypatch.setattr(fb, "_gpu_present", lambda: False)
+    assert fb.cpu_engine() is True
