@@ -189,7 +189,7 @@ class DualScanner:
 
     def _plan(self) -> None:
         """Re-estimate unknown lengths (running samples at their output so far) and sort + split."""
-        self.sample.estimate(self.tree, {rid: run.path for rid, run in self.running.items()})
+        self.sample.estimate(self.tree, {rid: (run.path, run.req.max_tokens) for rid, run in self.running.items()})
         self.split_report = sort_and_split(self.tree, self.config.keep_sharing, self.config.max_split_rounds)
         self.planned = True
 
