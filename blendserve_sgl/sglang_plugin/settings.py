@@ -1,4 +1,5 @@
-"""The `blend` policy's knobs: one typed table of every `BLENDSERVE_*` variable of the policy.
+"""The plugin's knobs: one typed table per concern of every `BLENDSERVE_*` variable (`KNOBS`
+for the `blend` policy, `CASCADE_KNOBS` for the cascade attention backend).
 
 Each knob has a name, a type, a default (the blend preset's value where it overrides the preset),
 its environment variable, its `--blend-*` flag, a help text and a check. Values are parsed and
@@ -12,7 +13,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from typing import Any, Callable, NamedTuple
 
 from ..core.preset import PRESET, BlendPreset
@@ -29,14 +30,16 @@ class Knob(NamedTuple):
     check: Callable[[Any], str | None] = lambda v: None  # the problem with a value, or None
     preset: str | None = None  # the BlendPreset leaf it overrides (its default is the preset's)
     default: Any = None  # for knobs that are not part of the preset
+    prefix: str = "BLENDSERVE_"  # of its environment variable
+    cli: bool = True  # has a `--blend-*` flag
 
     @property
     def var(self) -> str:
-        return f"BLENDSERVE_{self.name.upper()}"
+        return f"{self.prefix}{self.name.upper()}"
 
     @property
-    def flag(self) -> str:
-        return "--blend-" + self.name.replace("_", "-")
+    def flag(self) -> str | None:
+        return "--blend-" + self.name.replace("_", "-") if self.cli else None
 
     @property
     def default_value(self):
@@ -114,6 +117,39 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
 )}
 
 
+# `--attention-backend cascade` (cascade_backend.CascadeSettings): variables only.
+CASCADE_KNOBS: dict[str, Knob] = {k.name: k for k in (
+    Knob("levels", int, "Levels of the cascade plan: shared ones + the suffix level (1 turns the cascade off).",
+         _at_least(1), default=2, prefix="BLENDSERVE_CASCADE_", cli=False),
+    Knob("min_shared_tokens", int, "A group must share at least this many tokens.", _at_least(1), default=16,
+         prefix="BLENDSERVE_CASCADE_", cli=False),
+    Knob("stats_path", str, "Rewrite decode counters there as JSON after every decode step.", default="",
+         prefix="BLENDSERVE_CASCADE_", cli=False),
+)}
+
+
+def parse_environment(knobs: dict[str, Knob], environ=os.environ) -> dict:
+    """{name: value} for the knobs whose variables are set (and not blank); a bad value raises
+    ValueError naming the variable."""
+    values = {}
+    for knob in knobs.values():
+        raw = environ.get(knob.var)
+        if raw is not None and raw.strip() != "":
+            values[knob.name] = knob.parse(raw, knob.var)
+    return values
+
+
+def check_values(knobs: dict[str, Knob], obj) -> None:
+    """Check every knob's value on a settings object; the error names the variable."""
+    for name, knob in knobs.items():
+        value = getattr(obj, name)
+        if knob.kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        problem = knob.problem(value)
+        if problem:
+            raise ValueError(f"{knob.var}={value!r}: {problem}")
+
+
 def _default(name: str):
     return KNOBS[name].default_value
 
@@ -133,14 +169,7 @@ class BlendSettings:
     trace_path: str = _default("trace_path")
 
     def __post_init__(self) -> None:
-        for f in fields(self):
-            knob = KNOBS[f.name]
-            value = getattr(self, f.name)
-            if knob.kind is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            problem = knob.problem(value)
-            if problem:
-                raise ValueError(f"{knob.var}={value!r}: {problem}")
+        check_values(KNOBS, self)
 
     def preset(self, base: BlendPreset = PRESET) -> BlendPreset:
         """`base` with the fields these settings override."""
@@ -150,11 +179,5 @@ class BlendSettings:
     def load(cls, environ=os.environ, flags: dict | None = None) -> "BlendSettings":
         """Settings from the `BLENDSERVE_*` variables, overridden by parsed flag values
         ({name: value}); a bad variable raises ValueError naming it."""
-        values = {}
-        for knob in KNOBS.values():
-            raw = environ.get(knob.var)
-            if raw is not None and raw.strip() != "":
-                values[knob.name] = knob.parse(raw, knob.var)
-        values.update(flags or {})
-        return cls(**values)
+        return cls(**{**parse_environment(KNOBS, environ), **(flags or {})})
 
