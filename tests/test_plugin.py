@@ -70,7 +70,7 @@ def test_cli_flags_are_typed_checked_and_leave_the_environment_alone(monkeypatch
     assert dict(os.environ) == before, "parsing flags must not write os.environ"
     # the flags reach the ServerArgs as one settings object (what the scheduler process reads)
     server_args = sglang_plugin._after_from_cli_args(SimpleNamespace(schedule_policy="blend"), object, args)
-    assert server_args.blend_settings == BlendSettings(keep_sharing=0.9, pacing=False)
+    assert server_args._blend_settings == BlendSettings(keep_sharing=0.9, pacing=False)
     with pytest.raises(SystemExit):
         parser.parse_args(["--schedule-policy", "nope"])
     for bad in (["--blend-keep-sharing", "2"], ["--blend-sample-fraction", "x"], ["--blend-final-wave", "maybe"],
@@ -359,3 +359,18 @@ def test_cpu_kernel_fallback_only_for_the_cpu_engine(monkeypatch):
     monkeypatch.delenv("SGLANG_USE_CPU_ENGINE")
     monkeypatch.setattr(fb, "_gpu_present", lambda: False)
     assert fb.cpu_engine() is True
+
+
+def test_settings_ride_to_the_scheduler_on_pickled_server_args():
+    """SGLang spawns its scheduler with the ServerArgs pickled: the settings attached in the
+    launching process travel with them (no environment variable involved)."""
+    import pickle
+
+    from sglang.srt.server_args import ServerArgs
+
+    from blendserve_sgl.sglang_plugin.settings import SETTINGS_ATTR
+
+    args = ServerArgs(model_path="/nonexistent", device="cpu")  # resolved: its fields are sealed now
+    setattr(args, SETTINGS_ATTR, BlendSettings(sample_fraction=0.05, pacing=False))
+    assert getattr(pickle.loads(pickle.dumps(args)), SETTINGS_ATTR) == BlendSettings(sample_fraction=0.05, pacing=False)
+    assert _make_policy(FakeScheduler(), sample_fraction=0.05).stats()["settings"]["sample_fraction"] == 0.05

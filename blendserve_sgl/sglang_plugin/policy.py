@@ -18,6 +18,7 @@ import logging
 import math
 import os
 import time
+from dataclasses import asdict
 from typing import Any
 
 from ..core import Budget, CostModel, DualScanner, ResourceTree
@@ -365,7 +366,8 @@ class BlendPolicy:
                 "insert_seconds": round(self.insert_seconds, 6),
                 "waiting": len(self.waiting), "running": len(self.running), "handed_out": self.scanner.handed_out,
                 "sample_size": self.scanner.sample_size, "splits": split.splits if split else None,
-                "hardware": self.cost.hardware.name, "model": self.cost.model.name}
+                "hardware": self.cost.hardware.name, "model": self.cost.model.name,
+                "settings": {k: v for k, v in asdict(self.settings).items() if not k.endswith("_path")}}
 
     def write_stats(self) -> None:
         """Write `stats()` as JSON to $BLENDSERVE_STATS_PATH (atomically), for benchmarks and tests."""

@@ -20,7 +20,8 @@ from ..core.preset import PRESET, BlendPreset
 from ..core.specs import hardware_names
 
 _BOOL = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
-SETTINGS_ATTR = "blend_settings"  # the ServerArgs attribute that carries BlendSettings to the scheduler
+SETTINGS_ATTR = "_blend_settings"  # carries BlendSettings to the scheduler on the ServerArgs (SGLang seals
+# its fields once resolved, not underscore bookkeeping, which its pickling keeps)
 
 
 class Knob(NamedTuple):
