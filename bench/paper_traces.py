@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import RESULTS, peak_rss_mb, table, write  # noqa: E402
 from blendserve_sgl.core import CostModel  # noqa: E402
+from blendserve_sgl.core.preset import PRESET  # noqa: E402
 from blendserve_sgl.sim import POLICIES, EngineConfig, ExecModel, RunSpec, Workload, simulate  # noqa: E402
 from blendserve_sgl.sim.metrics import binned, compare  # noqa: E402
 from blendserve_sgl.sim.traces import TRACES, trace  # noqa: E402
@@ -72,10 +73,10 @@ def main() -> None:
     cost = CostModel.from_names("llama-3.1-8b", "a100")
     engine = EngineConfig.for_cost(cost, max_running=1024, chunked_prefill=1024)
     spec = RunSpec(cost, engine, seed=args.seed)
-    ablations = {"blend (fixed chunk, no pacing)": RunSpec(cost, engine, seed=args.seed, pace=False),
+    ablations = {"blend (fixed chunk, no pacing)": RunSpec(cost, engine, seed=args.seed, preset=PRESET.replace(pacing=False)),
                  "blend (no KV projection: free minus reservations)": RunSpec(cost, engine, seed=args.seed,
                                                                              timeline=False),
-                 "blend (unmetered: no step count, bursts)": RunSpec(cost, engine, seed=args.seed, meter=False)}
+                 "blend (unmetered: no step count, bursts)": RunSpec(cost, engine, seed=args.seed, preset=PRESET.replace(metering=False))}
     rows, traces_info, panels, ablation_rows, interference = [], {}, {}, [], []
     t_all = time.perf_counter()
     for name in args.traces.split(","):

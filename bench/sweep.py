@@ -19,7 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import RESULTS, table, write  # noqa: E402
-from blendserve_sgl.core import CostModel, ScanConfig  # noqa: E402
+from blendserve_sgl.core import CostModel  # noqa: E402
+from blendserve_sgl.core.preset import PRESET  # noqa: E402
 from blendserve_sgl.sim import EngineConfig, ExecModel, RunSpec, Workload, simulate  # noqa: E402
 from blendserve_sgl.sim.traces import TRACES, mix, trace  # noqa: E402
 
@@ -88,10 +89,11 @@ def main() -> None:
         records, _ = trace(name, n, cost, args.seed)
         wl = Workload(records, cost)
         dfs = simulate(wl, "dfs", RunSpec(cost, engine, seed=args.seed))
-        runs = [("keep_sharing", k, RunSpec(cost, engine, seed=args.seed, scan=ScanConfig(keep_sharing=k)))
+        runs = [("keep_sharing", k, RunSpec(cost, engine, seed=args.seed, preset=PRESET.replace(keep_sharing=k)))
                 for k in (1.0, 0.999, 0.99, 0.95, 0.9)]
         runs.append(("sample_fraction", "known lengths", RunSpec(cost, engine, seed=args.seed)))
-        runs += [("sample_fraction", f, RunSpec(cost, engine, seed=args.seed, known_lengths=False, sample_fraction=f))
+        runs += [("sample_fraction", f, RunSpec(cost, engine, seed=args.seed, known_lengths=False,
+                                                         preset=PRESET.replace(sample_fraction=f)))
                  for f in (0.005, 0.01, 0.02, 0.05)]
         for knob, value, spec in runs:
             res = simulate(wl, "blend", spec)

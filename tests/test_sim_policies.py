@@ -6,6 +6,7 @@ import random
 import pytest
 
 from blendserve_sgl.core import CostModel, DualScanner
+from blendserve_sgl.core.preset import PRESET
 from blendserve_sgl.core.sharing import dfs_order
 from blendserve_sgl.sim.adder import sglang_admit
 from blendserve_sgl.sim.cache import RadixCache
@@ -258,7 +259,7 @@ def test_blend_keeps_the_kv_pool_fuller_than_with_reservations_alone():
     config = EngineConfig.for_cost(COST, kv_gb=6, max_running=256, chunked_prefill=1024)
     model = ExecModel("overlapped", 0.1)
     full = simulate(wl, "blend", RunSpec(COST, config))
-    plain = simulate(wl, "blend", RunSpec(COST, config, timeline=False, meter=False))
+    plain = simulate(wl, "blend", RunSpec(COST, config, timeline=False, preset=PRESET.replace(metering=False)))
     assert full.retractions == plain.retractions == 0
     assert full.mean_kv >= plain.mean_kv + 0.08, (full.mean_kv, plain.mean_kv)
     assert full.steps <= 0.9 * plain.steps

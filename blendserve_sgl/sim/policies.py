@@ -39,9 +39,9 @@ from typing import Iterator
 import numpy as np
 
 from ..core.cost import CostModel
-from ..core.estimate import OutputLengthEstimator
 from ..core.pacing import paced_prefill_tokens
-from ..core.scanner import LEFT, Budget, DualScanner, ScanConfig
+from ..core.preset import PRESET, BlendPreset
+from ..core.scanner import LEFT, Budget, DualScanner
 from ..core.sharing import dfs_order
 from ..core.tree import ResourceTree
 from .adder import Pick, sglang_admit
@@ -272,17 +272,17 @@ class BlendPicker(Picker):
     HORIZONS = np.array([4 ** k for k in range(9)], dtype=np.int64)
     SAFETY, SLACK = 2, 16
 
-    def __init__(self, requests: list[SimRequest], cost: CostModel, scan: ScanConfig = ScanConfig(),
-                 estimator: OutputLengthEstimator | None = None, pace: bool = True, timeline: bool = True,
-                 meter: bool = True):
+    def __init__(self, requests: list[SimRequest], cost: CostModel, preset: BlendPreset = PRESET,
+                 timeline: bool = True):
         self.cost = cost
-        self.pace = pace
+        self.preset = preset
+        self.pace = preset.pacing
         self.timeline = timeline
-        self.meter = meter
+        self.meter = preset.metering
         self._steps = 0  # engine step at the previous pick
-        self.tree = ResourceTree(cost, estimator)
+        self.tree = ResourceTree(cost, preset.estimator)
         self.reqs: dict = {}
-        self.scanner = DualScanner(self.tree, scan)
+        self.scanner = DualScanner(self.tree, preset.scan)
         self._view = None
         for r in requests:
             self.add(r)
@@ -409,9 +409,9 @@ def reference_tree(requests: list[SimRequest], cost: CostModel) -> ResourceTree:
 
 
 def make_picker(name: str, requests: list[SimRequest], cost: CostModel, *, seed: int = 0,
-                scan: ScanConfig = ScanConfig(), estimator: OutputLengthEstimator | None = None,
-                reference: ResourceTree | None = None, pace: bool = True, timeline: bool = True,
-                meter: bool = True) -> Picker:
+                preset: BlendPreset = PRESET, reference: ResourceTree | None = None,
+                timeline: bool = True) -> Picker:
+    """The picker `name` over `requests`; blend runs `preset` (the plugin's, unless an ablation)."""
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}")
     if name == "fcfs":
@@ -428,4 +428,4 @@ def make_picker(name: str, requests: list[SimRequest], cost: CostModel, *, seed:
         order = list(requests)
         random.Random(seed).shuffle(order)
         return Balance(order)
-    return BlendPicker(requests, cost, scan, estimator, pace, timeline, meter)
+    return BlendPicker(requests, cost, preset, timeline)
