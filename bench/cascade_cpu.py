@@ -46,7 +46,6 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -56,8 +55,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._common import table, write  # noqa: E402
-from bench.engine_cpu import engine_cpu_seconds  # noqa: E402
-from bench.engine_cpu import kill_group as _kill_group  # noqa: E402
+from blendserve_sgl.harness import engine_cpu_seconds, run as run_in_group  # noqa: E402
 
 PREFIXES = (512, 1024, 2048, 4096, 8192)
 GROUPS = (8, 16, 32, 64, 128, 256)
@@ -252,15 +250,7 @@ def run_engine(spec: dict, tmp: Path, name: str, timeout: float) -> dict:
     env = dict(os.environ)
     if spec["backend"] == "cascade":
         env["BLENDSERVE_CASCADE_STATS_PATH"] = str(tmp / f"{name}.stats.json")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, __file__, "--worker", str(spec_path)], env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            rc = -9
-        finally:
-            _kill_group(proc.pid)
+    rc = run_in_group([sys.executable, __file__, "--worker", str(spec_path)], timeout, log_path, env=env)
     if rc != 0 or not out_path.exists():
         raise RuntimeError(f"engine run {name} failed (rc {rc}); log:\n{log_path.read_text()[-3000:]}")
     result = json.loads(out_path.read_text())

@@ -62,7 +62,6 @@ import argparse  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
-import signal  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -74,6 +73,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._common import table, write  # noqa: E402
+from blendserve_sgl.harness import engine_cpu_seconds, run as run_subprocess  # noqa: E402
 
 STOCK = ("fcfs", "lpm", "dfs-weight")
 POLICIES = ("blend",) + STOCK
@@ -183,40 +183,6 @@ def build_workload(n: int, *, vocab: int, seed: int = 0, subjects: int = 12, mml
     }
 
 
-# --------------------------------------------------------------------------- subprocess runner
-def run_subprocess(argv: list[str], timeout: float, log_path: Path | None = None) -> int:
-    """Run `argv` in its own process group; kill the whole group afterwards (engine leftovers)."""
-    log = open(log_path, "w") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen(argv, start_new_session=True, stdout=log, stderr=subprocess.STDOUT,
-                            env=dict(os.environ))
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        print(f"  timed out after {timeout:.0f}s: killing process group {proc.pid}", file=sys.stderr)
-        return -9
-    except BaseException:
-        print(f"  interrupted: killing process group {proc.pid}", file=sys.stderr)
-        raise
-    finally:
-        kill_group(proc.pid)
-        if log_path:
-            log.close()
-
-
-def kill_group(pgid: int) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
-        for _ in range(50):
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.1)
-
-
 def read_stats(path: str | None) -> dict | None:
     if not path or not os.path.exists(path):
         return None
@@ -250,22 +216,6 @@ def by_kind(kinds: list[str], meta: list[dict]) -> dict:
         k["prompt_tokens"] += m["prompt_tokens"]
         k["cached_tokens"] += m.get("cached_tokens", 0)
     return out
-
-
-def engine_cpu_seconds() -> float:
-    """User + system CPU seconds of this process and its children (the engine's scheduler and
-    detokenizer) so far: less sensitive than wall time to what else the machine runs."""
-    import psutil
-
-    me = psutil.Process()
-    total = 0.0
-    for p in [me, *me.children(recursive=True)]:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
 
 
 def worker(spec_path: str) -> int:

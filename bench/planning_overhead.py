@@ -49,7 +49,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._common import table, write  # noqa: E402
-from bench.engine_cpu import cache_dir, model_vocab, prepare_model, read_stats, run_subprocess  # noqa: E402
+from bench.engine_cpu import cache_dir, model_vocab, prepare_model, read_stats  # noqa: E402
+from blendserve_sgl.harness import run as run_subprocess  # noqa: E402
 
 TARGET = 0.02
 
