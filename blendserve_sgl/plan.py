@@ -15,7 +15,8 @@ view of `simulate`'s results, nothing else: predicted wall time (step times of t
 `--timing` sequential as SGLang runs operators, or overlapped), GPU-hours, throughput, prefix
 cache hits, peak KV per policy; a PNG of per-step compute and memory time for blend and the best
 other policy; `--json` for scripts. `--gpus N` assumes N data-parallel replicas that split the
-file evenly (wall time / N, GPU-hours unchanged).
+file evenly (wall time / N, GPU-hours unchanged). A file of more than `--sim-requests` requests
+(default 20,000) is simulated on a uniform sample of that many, its time scaled to the file.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import random
 import shlex
 import sys
 import time
@@ -47,19 +49,31 @@ def scenario_records(records: list[Record], output_fraction: float) -> dict[str,
             "estimate": [r._replace(output_len=max(1, round(output_fraction * r.output_len))) for r in records]}
 
 
+def sample(records: list[Record], n: int | None, seed: int = 0) -> list[Record]:
+    """A seeded uniform sample of `n` records in file order (all of them when n is None or more)."""
+    if n is None or n >= len(records):
+        return list(records)
+    keep = sorted(random.Random(seed).sample(range(len(records)), n))
+    return [records[i] for i in keep]
+
+
 def plan(records: list[Record], cost: CostModel, engine: EngineConfig, policies=POLICIES, *, gpus: int = 1,
          output_fraction: float = 0.5, timing: ExecModel = ExecModel("sequential"), seed: int = 0,
-         ) -> tuple[dict, dict[str, dict[str, SimResult]]]:
-    """(the plan as a JSON-ready dict, the simulator's results per scenario and policy)."""
+         sim_requests: int | None = None) -> tuple[dict, dict[str, dict[str, SimResult]]]:
+    """(the plan as a JSON-ready dict, the simulator's results per scenario and policy). With
+    more records than `sim_requests`, a uniform sample of that many is simulated and its time and
+    token counts are scaled by records / sample (the batch runs at the sample's throughput)."""
     results: dict[str, dict[str, SimResult]] = {}
     workloads = {}
-    for name, recs in scenario_records(records, output_fraction).items():
+    simulated = sample(records, sim_requests, seed)
+    scale = len(records) / len(simulated)
+    for name, recs in scenario_records(simulated, output_fraction).items():
         workloads[name] = wl = Workload(recs, cost)
         spec = RunSpec(cost, engine, known_lengths=False, seed=seed)
         results[name] = {p: simulate(wl, p, spec) for p in policies}
     rows = []
     for p in policies:
-        per = {s: _figures(results[s][p], timing, gpus, engine, cost) for s in results}
+        per = {s: _figures(results[s][p], timing, gpus, engine, cost, scale) for s in results}
         row = {"policy": p}
         for key in per[SCENARIOS[0]]:
             vals = [per[s][key] for s in SCENARIOS]
@@ -74,7 +88,8 @@ def plan(records: list[Record], cost: CostModel, engine: EngineConfig, policies=
                                                    for s in SCENARIOS}}
     wl = workloads[SCENARIOS[0]]
     out = {
-        "requests": len(records), "prompt_tokens": sum(r.prompt_len for r in records),
+        "requests": len(records), "simulated_requests": len(simulated), "scale": round(scale, 6),
+        "prompt_tokens": sum(r.prompt_len for r in records),
         "max_output_tokens": sum(r.output_len for r in records),
         "model": cost.model.name, "hardware": cost.hardware.name, "gpus": gpus,
         "engine": {k: getattr(engine, k) for k in engine.__slots__},
@@ -88,11 +103,12 @@ def plan(records: list[Record], cost: CostModel, engine: EngineConfig, policies=
     return out, results
 
 
-def _figures(res: SimResult, timing: ExecModel, gpus: int, engine: EngineConfig, cost: CostModel) -> dict:
-    t = res.time(timing)
+def _figures(res: SimResult, timing: ExecModel, gpus: int, engine: EngineConfig, cost: CostModel,
+             scale: float = 1.0) -> dict:
+    t = res.time(timing) * scale
     return {"wall_s": round(t / gpus, 2), "gpu_hours": round(t / 3600, 4),
             "throughput_tok_s": round(res.throughput(timing) * gpus, 1),
-            "prefix_hit_ratio": round(res.sharing, 4), "prefix_hit_tokens": res.first_hit_tokens,
+            "prefix_hit_ratio": round(res.sharing, 4), "prefix_hit_tokens": round(res.first_hit_tokens * scale),
             "peak_kv_gb": round(res.peak_kv * engine.kv_tokens * cost.kv_bytes_per_token / 1e9, 3),
             "retractions": res.retractions}
 
@@ -120,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the estimate scenario: outputs of this fraction of max_tokens")
     ap.add_argument("--default-max-tokens", type=int, default=256, help="for requests without max_tokens (as run)")
     ap.add_argument("--context-length", type=int, help="override the model's context")
+    ap.add_argument("--sim-requests", type=int, default=20_000,
+                    help="simulate a uniform sample of at most this many requests, times scaled to the file")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", help="PNG of per-step compute and memory time (default: next to --out, or plan.png)")
     ap.add_argument("--out", help="also write the plan as JSON here")
@@ -159,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if (args.input is None) == (args.workload is None):
             raise ValueError("pass a requests.jsonl file, or --workload NAME for a built-in mix")
-        for name in ("gpus", "max_running", "chunk", "default_max_tokens", "requests"):
+        for name in ("gpus", "max_running", "chunk", "default_max_tokens", "requests", "sim_requests"):
             if getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
         if not (0 < args.output_fraction <= 1):
@@ -203,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     t1 = time.perf_counter()
     out, results = plan(records, cost, engine, policies, gpus=args.gpus, output_fraction=args.output_fraction,
-                        timing=ExecModel(args.timing), seed=args.seed)
+                        timing=ExecModel(args.timing), seed=args.seed, sim_requests=args.sim_requests)
     sim_s = time.perf_counter() - t1
     out = {"command": "blendserve plan " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[2:])),
            "input": args.input or args.workload, "lines": lines, "bad_lines": len(errors),
@@ -237,6 +255,9 @@ def _print(out: dict, say) -> None:
         f"up to {out['max_output_tokens']:,} output tokens; {out['model']} on {out['gpus']} x {out['hardware']}, "
         f"KV pool {out['engine']['kv_tokens']:,} tokens per GPU; density {out['density']}, "
         f"prefix sharing {out['sharing_dfs_unbounded']:.1%} (DFS order, unbounded cache)")
+    if out["simulated_requests"] < out["requests"]:
+        say(f"simulated: a uniform sample of {out['simulated_requests']:,} requests, times and token counts scaled by "
+            f"{out['scale']:.3f}")
     say(f"output lengths: {out['output_lengths']['estimate']} .. {out['output_lengths']['max_tokens']}; "
         f"timing: {out['timing']['mode']}. Each figure is low..high over the two.")
     head = f"{'policy':<18} {'wall time':>20} {'GPU-hours':>18} {'tokens/s':>22} {'prefix hits':>14} {'peak KV GB':>14}"

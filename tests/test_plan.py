@@ -118,3 +118,16 @@ def test_compress_keeps_the_prefix_tree(prompts):
     assert (a.root.count, a.root.tokens, a.root.saved, a.root.mem) == (b.root.count, b.root.tokens, b.root.saved,
                                                                       b.root.mem)
     assert [r.rid for r in a.iter_requests()] == [r.rid for r in b.iter_requests()]
+
+
+def test_plan_of_a_sample_is_scaled(user_file):
+    """Above `sim_requests`, the plan simulates a seeded uniform sample and scales its time."""
+    records = load_batch_file(user_file, ByteTokenizer(), 4096, 256).records
+    engine = EngineConfig.for_cost(COST, kv_gb=0.3, max_running=16, chunked_prefill=256)
+    timing = ExecModel("sequential")
+    out, _ = plan.plan(records, COST, engine, ("fcfs",), timing=timing, sim_requests=19, seed=3)
+    part = plan.sample(records, 19, seed=3)
+    assert len(part) == 19 and [r.rid for r in part] == [r.rid for r in records if r in part]
+    assert out["simulated_requests"] == 19 and out["requests"] == 38 and out["scale"] == 2.0
+    res = simulate(Workload(part, COST), "fcfs", RunSpec(COST, engine, known_lengths=False))
+    assert out["policies"][0]["wall_s"]["max_tokens"] == round(2.0 * res.time(timing), 2)
