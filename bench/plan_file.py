@@ -79,6 +79,7 @@ def main(argv=None) -> int:
 
     from blendserve_sgl.core.specs import ModelSpec
 
+    load_before = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="plan-file-"))
     tiny = write_tiny_llama(tmp / "tiny")
     big = write_file(tmp / "big.jsonl", args.lines)
@@ -129,6 +130,8 @@ def main(argv=None) -> int:
                       cpu_policies=per, cpu_predicted_s=per[policies[0]]["predicted_s"],
                       cpu_measured_s=per[policies[0]]["measured_s"],
                       cpu_prediction_error=round(sum(errors) / len(errors), 4), cpu_prediction_target=0.25)
+    result["load_average_before"] = [round(x, 2) for x in load_before]
+    result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
     path = write("plan_file", result)
     print(json.dumps({k: v for k, v in result.items() if k not in ("big_plan", "cpu_policies")}, indent=2))
     print(f"wrote {path}")

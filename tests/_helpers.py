@@ -40,10 +40,6 @@ def build_length_tree(records, cost: CostModel = COST, known: bool = True, estim
     return build_tree(length_records(records), cost, known, estimator)
 
 
-def build_token_tree(work: dict, cost: CostModel = COST, known: bool = True, estimator=None) -> ResourceTree:
-    return build_tree(token_records(work), cost, known, estimator)
-
-
 # ---------------------------------------------------------------- brute force
 def node_path_keys(node: Node) -> tuple:
     keys = []

@@ -6,16 +6,13 @@ import random
 import statistics
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import blendserve_sgl.core.scanner as scanner_mod
 from blendserve_sgl.core import Budget, DualScanner, OutputLengthEstimator, ScanConfig
 from blendserve_sgl.core.scanner import LEFT, RIGHT, SAMPLE
-from blendserve_sgl.core.sharing import prefix_hits, prefix_hits_bruteforce
 from blendserve_sgl.sim.request import SimRequest
 
-from _helpers import (COST, build_length_tree, build_token_tree, length_records, mixed_workload,
+from _helpers import (COST, build_length_tree, length_records, mixed_workload,
                       run_batch_densities, sim_engine, token_records, token_workload, windowed_means)
 
 SMALL = dict(compute_prompt=(200, 800), memory_output=(100, 400))  # short runs for per-step checks
@@ -192,27 +189,6 @@ def test_sharing_close_to_dfs(seed):
         engine.run(check=True)
         hits[policy] = engine.counters.first_hit_tokens
     assert hits["dfs"] > 0 and hits["blend"] >= 0.97 * hits["dfs"], hits
-
-
-@settings(max_examples=80)
-@given(st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=8), min_size=1, max_size=30),
-       st.integers(1, 6), st.randoms(use_true_random=False))
-def test_prefix_hits_equals_bruteforce(prompts, window, rnd):
-    """The O(depth) prefix-hit counter equals the brute-force LCP over the last `window` requests
-    for any admission order (duplicate and nested prompts included)."""
-    work = {f"r{i}": (toks, 1) for i, toks in enumerate(prompts)}
-    ref = build_token_tree(work)
-    order = list(work)
-    rnd.shuffle(order)
-    assert prefix_hits(ref, order, window) == prefix_hits_bruteforce(
-        {rid: toks for rid, (toks, _) in work.items()}, order, window)
-
-
-def test_prefix_hits_rejects_bad_window():
-    """A window below 1 is rejected."""
-    ref = build_token_tree({"a": ([1], 1)})
-    with pytest.raises(ValueError):
-        prefix_hits(ref, ["a"], 0)
 
 
 # ---------------------------------------------------------------- batch density
