@@ -268,7 +268,7 @@ def _print(out: dict, say) -> None:
         return f"{fmt.format(v['low'])}..{fmt.format(v['high'])}"
 
     for r in out["policies"]:
-        say(f"{r['policy']:<18} {rng(r['wall_s'], '{:.0f}') + ' s':>20} {rng(r['gpu_hours'], '{:.3f}'):>18} "
+        say(f"{r['policy']:<18} {rng(r['wall_s'], '{:.4g}') + ' s':>20} {rng(r['gpu_hours'], '{:.3g}'):>18} "
             f"{rng(r['throughput_tok_s'], '{:.0f}'):>22} {rng(r['prefix_hit_ratio'], '{:.3f}'):>14} "
             f"{rng(r['peak_kv_gb'], '{:.1f}'):>14}")
     if "best_other" in out:
