@@ -6,6 +6,7 @@ shared prefix is one fixed id sequence, so the engine's prefix cache sees the sh
 from __future__ import annotations
 
 import math
+import random
 
 import numpy as np
 
@@ -106,3 +107,26 @@ def build_requests(n: int, vocab: int, systems: int = 4, docs: int = 50, seed: i
                                                                  rng.integers(64, 129, n)))
     prompts = [sys_ids[a] + doc_ids[a][b] + rng.integers(lo, hi, int(t)).tolist() for a, b, t in zip(s, d, tails)]
     return prompts, [int(o) for o in outs]
+
+
+SHAREGPT_WORDS = ("the of and to in is was for on that with as by it at from this be are or an prefix tree batch request "
+         "token cache memory compute decode prefill model server city river village time colors water first "
+         "second function value number answer question please explain write code list data table result").split()
+
+
+def sharegpt_rows(num: int = 1000, seed: int = 0, scale: float = 4.0) -> list[dict]:
+    """ShareGPT-format conversations (text of `SHAREGPT_WORDS`) with the Azure conversation
+    trace's lengths: prompts / `scale` within [4, 900] words, answers within [4, 512]
+    (`bench/offline_throughput_blend.py`)."""
+    prompts, outputs = load_azure("conv")
+    rng = random.Random(seed)
+    rows = []
+    for i in range(num):
+        j = rng.randrange(len(prompts))
+        p = max(4, min(int(prompts[j] / scale), 900))  # ShareGPT's filter drops > 1024 / > 2048 total
+        d = max(4, min(int(outputs[j]), 512))
+        human = " ".join(rng.choice(SHAREGPT_WORDS) for _ in range(p))
+        gpt = " ".join(rng.choice(SHAREGPT_WORDS) for _ in range(d))
+        rows.append({"id": f"azure-conv-{i}", "conversations": [{"from": "human", "value": human},
+                                                                 {"from": "gpt", "value": gpt}]})
+    return rows
