@@ -146,26 +146,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _cost_and_tokenizer(args):
-    """(cost model, tokenizer, context length, what the token counts are)."""
+    """(cost model, tokenizer, context length, what the token counts are). A model directory
+    gives all three; a preset name its shape and context, the tokenizer of `--tokenizer DIR`
+    or the byte approximation."""
+    from .batch.cli import _load_tokenizer
+    from .batch.prompts import context_length
     from .workloads.batch_file import ByteTokenizer
 
     path = Path(args.model)
     if path.is_dir():
-        from .batch.cli import _load_tokenizer
-        from .batch.prompts import context_length
-
-        spec = ModelSpec.from_config_file(path)
-        return (CostModel(spec, hardware(args.hardware)), _load_tokenizer(path),
-                args.context_length or context_length(path), f"the tokenizer of {path}")
-    spec = model(args.model)
-    ctx = args.context_length or spec.max_context
-    if args.tokenizer:
-        from .batch.cli import _load_tokenizer
-
-        return CostModel(spec, hardware(args.hardware)), _load_tokenizer(Path(args.tokenizer)), ctx, \
-            f"the tokenizer of {args.tokenizer}"
-    return CostModel(spec, hardware(args.hardware)), ByteTokenizer(), ctx, \
-        "approximated as UTF-8 bytes / 4 (pass a model directory or --tokenizer for exact counts)"
+        spec, ctx, tok_dir = ModelSpec.from_config_file(path), context_length(path), path
+    else:
+        spec, tok_dir = model(args.model), Path(args.tokenizer) if args.tokenizer else None
+        ctx = spec.max_context
+    cost = CostModel(spec, hardware(args.hardware))
+    if tok_dir is None:
+        return cost, ByteTokenizer(), args.context_length or ctx, \
+            "approximated as UTF-8 bytes / 4 (pass a model directory or --tokenizer for exact counts)"
+    return cost, _load_tokenizer(tok_dir), args.context_length or ctx, f"the tokenizer of {tok_dir}"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -131,3 +131,23 @@ def test_plan_of_a_sample_is_scaled(user_file):
     assert out["simulated_requests"] == 19 and out["requests"] == 38 and out["scale"] == 2.0
     res = simulate(Workload(part, COST), "fcfs", RunSpec(COST, engine, known_lengths=False))
     assert out["policies"][0]["wall_s"]["max_tokens"] == round(2.0 * res.time(timing), 2)
+
+
+def test_plan_with_a_model_directory_tokenizes_with_its_tokenizer(user_file, tmp_path, capsys):
+    """--model DIR: the directory's config (cost model, context) and tokenizer, as `run` uses them."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from cpu_smoke import build_tokenizer
+
+    tok = build_tokenizer(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tok), torch_dtype="float32", max_position_embeddings=2048, model_type="llama")))
+    assert cli.main(["plan", str(user_file), "--model", str(tmp_path), "--hardware", "a100", "--policies", "fcfs",
+                     "--json", "--plot", str(tmp_path / "p.png")]) == 0
+    data = json.loads(capsys.readouterr().out)
+    want = load_batch_file(user_file, tok, 2048, 256).records
+    assert data["token_counts"] == f"the tokenizer of {tmp_path}" and data["requests"] == len(want)
+    assert data["prompt_tokens"] == sum(len(r.tokens) for r in want)
