@@ -18,7 +18,7 @@ BEGIN, END = "<!-- results:begin (bench/report.py) -->", "<!-- results:end -->"
 LAYOUT = {
     "tree_scale": ("Tree at paper scale (`bench/tree_scale.py`)",
                    ["requests", "build_seconds", "sort_split_seconds", "build_sort_split_seconds", "scan_seconds",
-                    "planning_ms_per_step", "peak_rss_mb", "splits", "split_spent_tokens",
+                    "planning_ms_per_step", "peak_rss_mb", "load_average_before", "splits", "split_spent_tokens",
                     "split_budget_tokens"]),
     "paper_traces": ("Trace#1-#4 analogs x all policies in the simulator (`bench/paper_traces.py`)",
                      ["requests_per_trace", "blend_mean_fraction_of_optimal", "blend_speedup_vs_dfs",

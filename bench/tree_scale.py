@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import sys
 import time
 from pathlib import Path
@@ -36,6 +37,7 @@ def main() -> None:
     args = ap.parse_args()
     n = 20_000 if args.quick else args.requests
 
+    load_before = os.getloadavg()
     records = mixed_workload(n, seed=args.seed)
     cost = CostModel.from_names("llama-3.1-8b", "a100")
     gc.collect()
@@ -82,6 +84,8 @@ def main() -> None:
         "split_spent_tokens": report.spent_tokens,
         "split_budget_tokens": report.budget_tokens,
         "split_stop": report.stop,
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "workload": "mixed_workload(mmlu 0.3, azure-code 0.25, azure-conv 0.35, long-output 0.1)",
         "cost_model": "llama-3.1-8b on a100",
         "targets": {"build_sort_split_seconds": 10, "scan_seconds": 5, "peak_rss_mb": 2048},
