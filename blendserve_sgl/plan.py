@@ -106,7 +106,7 @@ def plan(records: list[Record], cost: CostModel, engine: EngineConfig, policies=
 def _figures(res: SimResult, timing: ExecModel, gpus: int, engine: EngineConfig, cost: CostModel,
              scale: float = 1.0) -> dict:
     t = res.time(timing) * scale
-    return {"wall_s": round(t / gpus, 2), "gpu_hours": round(t / 3600, 4),
+    return {"wall_s": round(t / gpus, 4), "gpu_hours": round(t / 3600, 8),
             "throughput_tok_s": round(res.throughput(timing) * gpus, 1),
             "prefix_hit_ratio": round(res.sharing, 4), "prefix_hit_tokens": round(res.first_hit_tokens * scale),
             "peak_kv_gb": round(res.peak_kv * engine.kv_tokens * cost.kv_bytes_per_token / 1e9, 3),
