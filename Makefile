@@ -31,11 +31,11 @@ demo: $(READY)
 	$(VENV)/bin/blendserve run examples/requests.jsonl -o results.jsonl --overwrite
 
 plan: $(READY)
-	$(VENV)/bin/blendserve plan --requests 20000
+	$(VENV)/bin/blendserve plan examples/requests.jsonl --model smollm2-135m --hardware h100
 
 bench: $(READY)
 	$(PY) bench/tree_scale.py
-	$(VENV)/bin/blendserve plan --requests 20000 --out bench/results/plan_replay.json
+	$(PY) bench/plan_file.py
 	$(PY) bench/report.py
 
 readme: $(READY)

@@ -46,7 +46,6 @@ import argparse  # noqa: E402
 import json  # noqa: E402
 import math  # noqa: E402
 import statistics  # noqa: E402
-import subprocess  # noqa: E402
 import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
@@ -56,14 +55,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._common import table, write  # noqa: E402
-from bench.engine_cpu import engine_cpu_seconds  # noqa: E402
-from bench.engine_cpu import kill_group as _kill_group  # noqa: E402
+from blendserve_sgl.harness import engine_cpu_seconds, run as run_in_group  # noqa: E402
+from blendserve_sgl.workloads.engine_batches import mmlu_batch  # noqa: E402
 
 PREFIXES = (512, 1024, 2048, 4096, 8192)
 GROUPS = (8, 16, 32, 64, 128, 256)
 HEADS = {"num_qo_heads": 32, "num_kv_heads": 8, "head_dim": 128, "dtype": "float32", "model": "Llama-3.1-8B"}
 SUFFIX_TOKENS = (32, 160)
-SYSTEM_PROMPT_TOKENS = 64
 
 
 # ---------------------------------------------------------------------- 1. kernel grid
@@ -189,32 +187,6 @@ def kernel_grid(prefixes, groups, repeats: int) -> list[dict]:
 
 
 # ---------------------------------------------------------------------- 2. end to end
-def mmlu_batch(vocab: int, subjects: int, per_subject: int, output_len: int, max_prompt: int, seed: int = 0) -> dict:
-    """Prompts are cut to `max_prompt` tokens (the model's context less the output)."""
-    import numpy as np
-
-    from blendserve_sgl.workloads import load_mmlu
-
-    rng = np.random.default_rng(seed)
-    mmlu = load_mmlu()
-    names = sorted(str(s) for s in rng.choice(sorted(mmlu), size=subjects, replace=False))
-
-    def ids(n):
-        return [int(t) for t in rng.integers(16, vocab - 1, n)]
-
-    system = ids(SYSTEM_PROMPT_TOKENS)
-    prompts = []
-    for s in names:
-        prefix = system + ids(mmlu[s][0])
-        for qlen in rng.choice(mmlu[s][1], size=per_subject):
-            prompts.append((prefix + ids(int(qlen)))[:max_prompt])
-    order = rng.permutation(len(prompts))
-    prompts = [prompts[i] for i in order]
-    return {"input_ids": prompts, "output_len": output_len, "subjects": names,
-            "prefix_tokens": {s: SYSTEM_PROMPT_TOKENS + mmlu[s][0] for s in names},
-            "prompt_tokens": sum(map(len, prompts)), "requests": len(prompts)}
-
-
 def worker(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     batch = json.loads(Path(spec["batch_path"]).read_text())
@@ -252,15 +224,7 @@ def run_engine(spec: dict, tmp: Path, name: str, timeout: float) -> dict:
     env = dict(os.environ)
     if spec["backend"] == "cascade":
         env["BLENDSERVE_CASCADE_STATS_PATH"] = str(tmp / f"{name}.stats.json")
-    with open(log_path, "w") as log:
-        proc = subprocess.Popen([sys.executable, __file__, "--worker", str(spec_path)], env=env, stdout=log,
-                                stderr=subprocess.STDOUT, start_new_session=True)
-        try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            rc = -9
-        finally:
-            _kill_group(proc.pid)
+    rc = run_in_group([sys.executable, __file__, "--worker", str(spec_path)], timeout, log_path, env=env)
     if rc != 0 or not out_path.exists():
         raise RuntimeError(f"engine run {name} failed (rc {rc}); log:\n{log_path.read_text()[-3000:]}")
     result = json.loads(out_path.read_text())

@@ -61,8 +61,6 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import argparse  # noqa: E402
 import hashlib  # noqa: E402
 import json  # noqa: E402
-import math  # noqa: E402
-import signal  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -74,10 +72,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._common import table, write  # noqa: E402
+from blendserve_sgl.harness import engine_cpu_seconds, run as run_subprocess  # noqa: E402
+from blendserve_sgl.workloads.engine_batches import build_workload  # noqa: E402
 
 STOCK = ("fcfs", "lpm", "dfs-weight")
 POLICIES = ("blend",) + STOCK
-SYSTEM_PROMPT_TOKENS = 64
 TINY_NAME = "tiny-llama-2l"
 
 
@@ -120,103 +119,6 @@ def model_vocab(model_dir: Path) -> int:
     return int(cfg["vocab_size"])
 
 
-# --------------------------------------------------------------------------- workload
-def build_workload(n: int, *, vocab: int, seed: int = 0, subjects: int = 12, mmlu_scale: float = 2.0,
-                   prompt_scale: float = 8.0, output_cap: int = 256, max_prompt: int = 1536,
-                   mix: dict | None = None) -> dict:
-    """`n` requests as token ids: MMLU 5-shot prefixes + Azure code/conversation shapes (scaled)."""
-    import numpy as np
-
-    from blendserve_sgl.workloads import load_azure, load_mmlu
-
-    mix = mix or {"mmlu": 0.4, "azure-code": 0.25, "azure-conv": 0.35}
-    rng = np.random.default_rng(seed)
-    lo, hi = 16, vocab - 1  # clear of the special tokens at the start of small vocabularies
-
-    def ids(k: int) -> list[int]:
-        return [int(t) for t in rng.integers(lo, hi, k)]
-
-    total = sum(mix.values())
-    counts = {k: int(round(n * v / total)) for k, v in mix.items()}
-    counts[max(counts, key=counts.get)] += n - sum(counts.values())
-    system = {k: ids(SYSTEM_PROMPT_TOKENS) for k in mix}
-    reqs = []  # (kind, input_ids, max_new_tokens)
-    picked = []
-    if counts.get("mmlu"):
-        mmlu = load_mmlu()
-        names = sorted(mmlu)
-        picked = sorted(str(s) for s in rng.choice(names, size=min(subjects, len(names)), replace=False))
-        prefix = {s: ids(max(1, math.ceil(mmlu[s][0] / mmlu_scale))) for s in picked}
-        for _ in range(counts["mmlu"]):
-            s = picked[int(rng.integers(0, len(picked)))]
-            questions = mmlu[s][1]
-            q = max(4, math.ceil(questions[int(rng.integers(0, len(questions)))] / mmlu_scale))
-            head = system["mmlu"] + prefix[s]
-            q = max(1, min(q, max_prompt - len(head)))
-            reqs.append(("mmlu", head + ids(q), int(rng.integers(1, 3))))
-    for kind, trace in (("azure-code", "code"), ("azure-conv", "conv")):
-        if not counts.get(kind):
-            continue
-        prompts, outputs = load_azure(trace)
-        for j in rng.integers(0, len(prompts), counts[kind]):
-            p = max(4, min(int(round(prompts[j] / prompt_scale)), max_prompt - SYSTEM_PROMPT_TOKENS))
-            d = max(1, min(int(outputs[j]), output_cap))
-            reqs.append((kind, system[kind] + ids(p), d))
-    order = rng.permutation(len(reqs))
-    reqs = [reqs[i] for i in order]
-    kinds = {}
-    for kind, tokens, d in reqs:
-        k = kinds.setdefault(kind, {"requests": 0, "prompt_tokens": 0, "output_tokens": 0})
-        k["requests"] += 1
-        k["prompt_tokens"] += len(tokens)
-        k["output_tokens"] += d
-    return {
-        "input_ids": [r[1] for r in reqs],
-        "max_new_tokens": [r[2] for r in reqs],
-        "kinds": [r[0] for r in reqs],
-        "summary": {
-            "requests": len(reqs), "seed": seed, "mix": mix, "by_kind": kinds,
-            "prompt_tokens": sum(len(r[1]) for r in reqs), "output_tokens": sum(r[2] for r in reqs),
-            "mmlu_subjects": picked, "mmlu_scale": mmlu_scale, "prompt_scale": prompt_scale,
-            "output_cap": output_cap, "max_prompt": max_prompt, "system_prompt_tokens": SYSTEM_PROMPT_TOKENS,
-        },
-    }
-
-
-# --------------------------------------------------------------------------- subprocess runner
-def run_subprocess(argv: list[str], timeout: float, log_path: Path | None = None) -> int:
-    """Run `argv` in its own process group; kill the whole group afterwards (engine leftovers)."""
-    log = open(log_path, "w") if log_path else subprocess.DEVNULL
-    proc = subprocess.Popen(argv, start_new_session=True, stdout=log, stderr=subprocess.STDOUT,
-                            env=dict(os.environ))
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        print(f"  timed out after {timeout:.0f}s: killing process group {proc.pid}", file=sys.stderr)
-        return -9
-    except BaseException:
-        print(f"  interrupted: killing process group {proc.pid}", file=sys.stderr)
-        raise
-    finally:
-        kill_group(proc.pid)
-        if log_path:
-            log.close()
-
-
-def kill_group(pgid: int) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pgid, sig)
-        except ProcessLookupError:
-            return
-        for _ in range(50):
-            try:
-                os.killpg(pgid, 0)
-            except ProcessLookupError:
-                return
-            time.sleep(0.1)
-
-
 def read_stats(path: str | None) -> dict | None:
     if not path or not os.path.exists(path):
         return None
@@ -250,22 +152,6 @@ def by_kind(kinds: list[str], meta: list[dict]) -> dict:
         k["prompt_tokens"] += m["prompt_tokens"]
         k["cached_tokens"] += m.get("cached_tokens", 0)
     return out
-
-
-def engine_cpu_seconds() -> float:
-    """User + system CPU seconds of this process and its children (the engine's scheduler and
-    detokenizer) so far: less sensitive than wall time to what else the machine runs."""
-    import psutil
-
-    me = psutil.Process()
-    total = 0.0
-    for p in [me, *me.children(recursive=True)]:
-        try:
-            t = p.cpu_times()
-            total += t.user + t.system
-        except psutil.Error:
-            pass
-    return total
 
 
 def worker(spec_path: str) -> int:

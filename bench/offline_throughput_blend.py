@@ -42,11 +42,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 MODULE = "sglang.benchmark.offline_throughput"
-WORDS = ("the of and to in is was for on that with as by it at from this be are or an prefix tree batch request "
-         "token cache memory compute decode prefill model server city river village time colors water first "
-         "second function value number answer question please explain write code list data table result").split()
-
-
 def _pop_option(argv: list[str], flag: str) -> str | None:
     """Remove `flag VALUE` / `flag=VALUE` from argv; return VALUE (last one wins)."""
     value = None
@@ -82,22 +77,11 @@ def _option(argv: list[str], flag: str) -> str | None:
 def write_synthetic_sharegpt(path: Path, num: int = 1000, seed: int = 0, scale: float = 4.0) -> Path:
     """A ShareGPT-format JSON whose conversations have the Azure conversation trace's lengths."""
     import json
-    import random
 
     sys.path.insert(0, str(ROOT))
-    from blendserve_sgl.workloads import load_azure
+    from blendserve_sgl.workloads.engine_batches import sharegpt_rows
 
-    prompts, outputs = load_azure("conv")
-    rng = random.Random(seed)
-    rows = []
-    for i in range(num):
-        j = rng.randrange(len(prompts))
-        p = max(4, min(int(prompts[j] / scale), 900))  # ShareGPT's filter drops > 1024 / > 2048 total
-        d = max(4, min(int(outputs[j]), 512))
-        human = " ".join(rng.choice(WORDS) for _ in range(p))
-        gpt = " ".join(rng.choice(WORDS) for _ in range(d))
-        rows.append({"id": f"azure-conv-{i}", "conversations": [{"from": "human", "value": human},
-                                                                 {"from": "gpt", "value": gpt}]})
+    rows = sharegpt_rows(num, seed, scale)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     tmp.write_text(json.dumps(rows))

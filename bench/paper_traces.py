@@ -26,7 +26,7 @@ from blendserve_sgl.core import CostModel  # noqa: E402
 from blendserve_sgl.core.preset import PRESET  # noqa: E402
 from blendserve_sgl.sim import POLICIES, EngineConfig, ExecModel, RunSpec, Workload, simulate  # noqa: E402
 from blendserve_sgl.sim.metrics import binned, compare  # noqa: E402
-from blendserve_sgl.sim.traces import TRACES, trace  # noqa: E402
+from blendserve_sgl.workloads import TRACES, trace  # noqa: E402
 
 MODES = {"overlapped": ExecModel("overlapped", 0.1), "sequential": ExecModel("sequential")}
 TARGETS = {"blend_mean_fraction_of_optimal": 0.90, "blend_speedup_vs_dfs": 1.2, "blend_sharing_vs_dfs": 0.97}

@@ -49,27 +49,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._common import table, write  # noqa: E402
-from bench.engine_cpu import cache_dir, model_vocab, prepare_model, read_stats, run_subprocess  # noqa: E402
+from bench.engine_cpu import cache_dir, model_vocab, prepare_model, read_stats  # noqa: E402
+from blendserve_sgl.harness import run as run_subprocess  # noqa: E402
+from blendserve_sgl.workloads.engine_batches import build_requests  # noqa: E402
 
 TARGET = 0.02
-
-
-def build_requests(n: int, vocab: int, systems: int = 4, docs: int = 50, seed: int = 0):
-    """n prompts (token ids) over systems x docs shared prefixes, and their output lengths."""
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    lo, hi = 16, vocab - 1
-    sys_ids = [rng.integers(lo, hi, 32).tolist() for _ in range(systems)]
-    doc_ids = [[rng.integers(lo, hi, 48).tolist() for _ in range(docs)] for _ in range(systems)]
-    s = rng.integers(0, systems, n)
-    d = rng.integers(0, docs, n)
-    tails = rng.integers(8, 41, n)
-    kind = rng.random(n)
-    outs = np.where(kind < 0.5, rng.integers(1, 5, n), np.where(kind < 0.9, rng.integers(8, 33, n),
-                                                                 rng.integers(64, 129, n)))
-    prompts = [sys_ids[a] + doc_ids[a][b] + rng.integers(lo, hi, int(t)).tolist() for a, b, t in zip(s, d, tails)]
-    return prompts, [int(o) for o in outs]
 
 
 def offline_tree_cost(model_dir: Path, prompts, outs, kv_tokens: int, prefill: int) -> dict:

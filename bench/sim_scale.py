@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import peak_rss_mb, table, write  # noqa: E402
 from blendserve_sgl.core import CostModel  # noqa: E402
 from blendserve_sgl.sim import EngineConfig, ExecModel, RunSpec, Workload, simulate  # noqa: E402
-from blendserve_sgl.sim.traces import trace  # noqa: E402
+from blendserve_sgl.workloads import trace  # noqa: E402
 
 
 def main() -> None:

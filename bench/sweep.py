@@ -1,7 +1,7 @@
 """Where BlendServe helps: a density x sharing sweep (the paper's Figure 11) and sensitivities.
 
 Each cell mixes a workload to the target compute density and prefix-sharing ratio
-(`sim.traces.mix`) and runs blend and dfs; the heatmap shows blend's overlapped-mode speedup.
+(`workloads.mix`) and runs blend and dfs; the heatmap shows blend's overlapped-mode speedup.
 Sensitivity on the trace1 and trace3 analogs: the split budget (keep_sharing) and, with
 unknown output lengths, the fraction sampled first.
 
@@ -22,7 +22,7 @@ from bench._common import RESULTS, table, write  # noqa: E402
 from blendserve_sgl.core import CostModel  # noqa: E402
 from blendserve_sgl.core.preset import PRESET  # noqa: E402
 from blendserve_sgl.sim import EngineConfig, ExecModel, RunSpec, Workload, simulate  # noqa: E402
-from blendserve_sgl.sim.traces import TRACES, mix, trace  # noqa: E402
+from blendserve_sgl.workloads import TRACES, mix, trace  # noqa: E402
 
 OVERLAPPED, SEQUENTIAL = ExecModel("overlapped", 0.1), ExecModel("sequential")
 

@@ -1,128 +1,279 @@
-"""`blendserve plan`: plan a real trace with the dual scanner and show what the plan achieves.
+"""`blendserve plan`: predicted time of a batch before it runs, every policy, from the simulator.
 
-Builds the resource-aware tree over a mixed workload from shared/data (MMLU 5-shot prefixes,
-Azure code/conversation lengths, a long-output class), plans it with BlendServe (sample ->
-estimate -> sort -> split -> dual scan) and with pure DFS order, replays both through the
-fluid batching model of `core.replay`, and prints per-phase batch densities, the prefix
-sharing kept and the time planning took.
+    blendserve plan requests.jsonl --model DIR|NAME --hardware h100 [--gpus N] [--json]
+    blendserve plan --workload trace1 --requests 20000      # a built-in mix instead of a file
+
+A file is read, validated and tokenized as `blendserve run` does it (`workloads.batch_file`);
+bad lines are counted and named with `run`'s messages; the token prompts are then held as their
+prefix groups (`compress`: the same prefix tree, a few atoms per request). Output lengths are not known before the
+run: each request is simulated twice, once generating its `max_tokens` (the upper bound) and
+once generating `--output-fraction` of it (an assumption, default 0.5), and every figure is
+given as the range over the two. Each policy runs in the simulator (`sim.run.simulate`: SGLang's
+admission, chunked prefill, radix prefix cache, retraction) under the same rules, output lengths
+unknown to the scheduler (blend samples and estimates, as the plugin does). The plan is this
+view of `simulate`'s results, nothing else: predicted wall time (step times of the cost model,
+`--timing` sequential as SGLang runs operators, or overlapped), GPU-hours, throughput, prefix
+cache hits, peak KV per policy; a PNG of per-step compute and memory time for blend and the best
+other policy; `--json` for scripts. `--gpus N` assumes N data-parallel replicas that split the
+file evenly (wall time / N, GPU-hours unchanged). A file of more than `--sim-requests` requests
+(default 20,000) is simulated on a uniform sample of that many, its time scaled to the file.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import gc
+import json
+import random
+import shlex
+import sys
 import time
+from pathlib import Path
 
-from .core import CostModel, DualScanner, OutputLengthEstimator, ScanConfig
-from .core.replay import OrderPicker, ReplayResult, replay
-from .core.sharing import dfs_order
-from .workloads import build_tree, mixed_workload
+from .core import CostModel
+from .core.specs import ModelSpec, hardware, hardware_names, model, model_names
+from .sim.engine import EngineConfig
+from .sim.metrics import SimResult, plot_steps
+from .sim.policies import POLICIES
+from .sim.run import RunSpec, Workload, simulate
+from .sim.timing import ExecModel
+from .workloads import Record
+
+SCENARIOS = ("max_tokens", "estimate")
 
 
-def _phases(res: ReplayResult, root_density: float, parts: int = 10) -> list[tuple]:
+def scenario_records(records: list[Record], output_fraction: float) -> dict[str, list[Record]]:
+    """Per scenario the records with their output lengths: `max_tokens` (each request generates
+    its limit) and `estimate` (`output_fraction` of it, at least 1)."""
+    return {"max_tokens": list(records),
+            "estimate": [r._replace(output_len=max(1, round(output_fraction * r.output_len))) for r in records]}
+
+
+def sample(records: list[Record], n: int | None, seed: int = 0) -> list[Record]:
+    """A seeded uniform sample of `n` records in file order (all of them when n is None or more)."""
+    if n is None or n >= len(records):
+        return list(records)
+    keep = sorted(random.Random(seed).sample(range(len(records)), n))
+    return [records[i] for i in keep]
+
+
+def plan(records: list[Record], cost: CostModel, engine: EngineConfig, policies=POLICIES, *, gpus: int = 1,
+         output_fraction: float = 0.5, timing: ExecModel = ExecModel("sequential"), seed: int = 0,
+         sim_requests: int | None = None) -> tuple[dict, dict[str, dict[str, SimResult]]]:
+    """(the plan as a JSON-ready dict, the simulator's results per scenario and policy). With
+    more records than `sim_requests`, a uniform sample of that many is simulated and its time and
+    token counts are scaled by records / sample (the batch runs at the sample's throughput)."""
+    results: dict[str, dict[str, SimResult]] = {}
+    workloads = {}
+    simulated = sample(records, sim_requests, seed)
+    scale = len(records) / len(simulated)
+    for name, recs in scenario_records(simulated, output_fraction).items():
+        workloads[name] = wl = Workload(recs, cost)
+        spec = RunSpec(cost, engine, known_lengths=False, seed=seed)
+        results[name] = {p: simulate(wl, p, spec) for p in policies}
     rows = []
-    n = len(res.steps)
-    for q in range(parts):
-        seg = res.steps[q * n // parts:(q + 1) * n // parts]
-        if not seg:
-            continue
-        c = sum(s.comp_s for s in seg)
-        m = sum(s.mem_s for s in seg)
-        dens = [s.batch_density for s in seg if not math.isnan(s.batch_density)]
-        bd = sum(dens) / len(dens) if dens else math.nan
-        rows.append((f"{10 * q}-{10 * (q + 1)}%", f"{bd:.2f}", f"{c / m if m else math.inf:.2f}",
-                     f"{max(c, m) / sum(max(s.comp_s, s.mem_s) for s in seg):.3f}"))
-    return rows
+    for p in policies:
+        per = {s: _figures(results[s][p], timing, gpus, engine, cost, scale) for s in results}
+        row = {"policy": p}
+        for key in per[SCENARIOS[0]]:
+            vals = [per[s][key] for s in SCENARIOS]
+            row[key] = {"low": min(vals), "high": max(vals), **dict(zip(SCENARIOS, vals))}
+        rows.append(row)
+    by = {r["policy"]: r for r in rows}
+    summary = {}
+    if "blend" in by and len(by) > 1:
+        others = {s: min((r for r in rows if r["policy"] != "blend"), key=lambda r: r["wall_s"][s]) for s in SCENARIOS}
+        summary = {"best_other": {s: others[s]["policy"] for s in SCENARIOS},
+                   "blend_speedup_vs_best_other": {s: round(others[s]["wall_s"][s] / by["blend"]["wall_s"][s], 4)
+                                                   for s in SCENARIOS}}
+    wl = workloads[SCENARIOS[0]]
+    out = {
+        "requests": len(records), "simulated_requests": len(simulated), "scale": round(scale, 6),
+        "prompt_tokens": sum(r.prompt_len for r in records),
+        "max_output_tokens": sum(r.output_len for r in records),
+        "model": cost.model.name, "hardware": cost.hardware.name, "gpus": gpus,
+        "engine": {k: getattr(engine, k) for k in engine.__slots__},
+        "timing": {"mode": timing.mode, "interference": timing.interference},
+        "output_lengths": {"max_tokens": "each request generates its max_tokens (upper bound)",
+                           "estimate": f"each request generates {output_fraction:g} x its max_tokens (assumed)",
+                           "scheduler": "unknown to every policy (blend samples 1% first and estimates)"},
+        "density": round(wl.density, 4), "sharing_dfs_unbounded": round(wl.sharing, 4),
+        "policies": rows, **summary,
+    }
+    return out, results
+
+
+def _figures(res: SimResult, timing: ExecModel, gpus: int, engine: EngineConfig, cost: CostModel,
+             scale: float = 1.0) -> dict:
+    t = res.time(timing) * scale
+    return {"wall_s": round(t / gpus, 4), "gpu_hours": round(t / 3600, 8),
+            "throughput_tok_s": round(res.throughput(timing) * gpus, 1),
+            "prefix_hit_ratio": round(res.sharing, 4), "prefix_hit_tokens": round(res.first_hit_tokens * scale),
+            "peak_kv_gb": round(res.peak_kv * engine.kv_tokens * cost.kv_bytes_per_token / 1e9, 3),
+            "retractions": res.retractions}
+
+
+# ---------------------------------------------------------------- the command
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="blendserve plan", description=__doc__.split("\n")[0])
+    ap.add_argument("input", nargs="?", help="requests.jsonl (OpenAI batch format, as for `blendserve run`)")
+    ap.add_argument("--workload", help="plan a built-in mix instead of a file: trace1..trace4, mixed, mix:D,S")
+    ap.add_argument("--requests", type=int, default=20_000, help="with --workload: its size")
+    ap.add_argument("--model", default="llama-3.1-8b",
+                    help=f"a model directory (config.json + tokenizer) or a preset: {', '.join(model_names())}")
+    ap.add_argument("--tokenizer", help="with a preset --model: a directory holding its tokenizer "
+                                        "(default: token counts approximated as UTF-8 bytes / 4)")
+    ap.add_argument("--hardware", default="h100", help=", ".join(hardware_names()))
+    ap.add_argument("--gpus", type=int, default=1, help="data-parallel replicas (even split assumed)")
+    ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--kv-gb", type=float, help="KV pool per GPU (default: 88%% of memory minus the weights)")
+    ap.add_argument("--max-running", type=int, default=1024)
+    ap.add_argument("--chunk", type=int, default=8192, help="chunked-prefill size (SGLang's default for 80 GB GPUs)")
+    ap.add_argument("--mixed-chunk", action="store_true", help="prefill and decode share steps (--enable-mixed-chunk)")
+    ap.add_argument("--timing", choices=("sequential", "overlapped"), default="sequential",
+                    help="sequential: operators one after another, as SGLang runs them")
+    ap.add_argument("--output-fraction", type=float, default=0.5,
+                    help="the estimate scenario: outputs of this fraction of max_tokens")
+    ap.add_argument("--default-max-tokens", type=int, default=256, help="for requests without max_tokens (as run)")
+    ap.add_argument("--context-length", type=int, help="override the model's context")
+    ap.add_argument("--sim-requests", type=int, default=20_000,
+                    help="simulate a uniform sample of at most this many requests, times scaled to the file")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--plot", help="PNG of per-step compute and memory time (default: next to --out, or plan.png)")
+    ap.add_argument("--out", help="also write the plan as JSON here")
+    ap.add_argument("--json", action="store_true", help="print the plan as JSON only")
+    return ap
+
+
+def _cost_and_tokenizer(args):
+    """(cost model, tokenizer, context length, what the token counts are). A model directory
+    gives all three; a preset name its shape and context, the tokenizer of `--tokenizer DIR`
+    or the byte approximation."""
+    from .batch.cli import _load_tokenizer
+    from .batch.prompts import context_length
+    from .workloads.batch_file import ByteTokenizer
+
+    path = Path(args.model)
+    if path.is_dir():
+        spec, ctx, tok_dir = ModelSpec.from_config_file(path), context_length(path), path
+    else:
+        spec, tok_dir = model(args.model), Path(args.tokenizer) if args.tokenizer else None
+        ctx = spec.max_context
+    cost = CostModel(spec, hardware(args.hardware))
+    if tok_dir is None:
+        return cost, ByteTokenizer(), args.context_length or ctx, \
+            "approximated as UTF-8 bytes / 4 (pass a model directory or --tokenizer for exact counts)"
+    return cost, _load_tokenizer(tok_dir), args.context_length or ctx, f"the tokenizer of {tok_dir}"
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="blendserve plan", description=__doc__.split("\n")[0])
-    ap.add_argument("--requests", type=int, default=20_000)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--model", default="llama-3.1-8b", help="model preset or path to config.json")
-    ap.add_argument("--hardware", default="a100", help="a100, h100, h200 or cpu (measured here)")
-    ap.add_argument("--kv-gb", type=float, default=40.0, help="KV-cache memory")
-    ap.add_argument("--slots", type=int, default=512, help="max running requests")
-    ap.add_argument("--prefill", type=int, default=512, help="prefill tokens per step (chunked-prefill size)")
-    ap.add_argument("--sample-fraction", type=float, default=0.01)
-    ap.add_argument("--keep-sharing", type=float, default=0.99)
-    ap.add_argument("--unknown-lengths", action="store_true",
-                    help="hide output lengths from BlendServe (sample + estimate); the replay has no "
-                         "retraction, so underestimates over-commit KV (peak KV is printed)")
-    ap.add_argument("--out", help="also write the figures as JSON to this path")
-    args = ap.parse_args(argv)
+    args = build_parser().parse_args(argv)
+    from .batch.requests import InputError
+    from .models import ModelError
 
-    cost = CostModel.from_names(args.model, args.hardware)
-    t0 = time.perf_counter()
-    records = mixed_workload(args.requests, seed=args.seed)
-    truth = {r.rid: r.output_len for r in records}
-    t_load = time.perf_counter() - t0
-    estimator = OutputLengthEstimator(sample_fraction=args.sample_fraction, seed=args.seed)
+    say = (lambda *_a, **_k: None) if args.json else print
+    try:
+        if (args.input is None) == (args.workload is None):
+            raise ValueError("pass a requests.jsonl file, or --workload NAME for a built-in mix")
+        for name in ("gpus", "max_running", "chunk", "default_max_tokens", "requests", "sim_requests"):
+            if getattr(args, name) < 1:
+                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
+        if not (0 < args.output_fraction <= 1):
+            raise ValueError(f"--output-fraction must be in (0, 1], got {args.output_fraction}")
+        policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+        bad = [p for p in policies if p not in POLICIES]
+        if bad or not policies:
+            raise ValueError(f"--policies: unknown {', '.join(map(repr, bad)) or repr(args.policies)}; choose from {', '.join(POLICIES)}")
+        t0 = time.perf_counter()
+        errors, lines = [], None
+        if args.input:
+            from .workloads.batch_file import compress, load_batch_file
 
-    t0 = time.perf_counter()
-    tree = build_tree(records, cost, known_lengths=not args.unknown_lengths, estimator=estimator)
-    t_build = time.perf_counter() - t0
-    scanner = DualScanner(tree, ScanConfig(keep_sharing=args.keep_sharing))
-    reference = build_tree(records, cost)
-    root_density = reference.density(reference.root)
-    kv = args.kv_gb * 1e9
+            cost, tokenizer, ctx, counted = _cost_and_tokenizer(args)
+            gc.disable()  # millions of token ids in tuples: no collector passes over them while building
+            try:
+                loaded = load_batch_file(args.input, tokenizer, ctx, args.default_max_tokens)
+                records, errors, lines = compress(loaded.records), loaded.errors, loaded.lines
+                del loaded
+            finally:
+                gc.enable()
+            if not records:
+                raise ValueError(f"{args.input}: no valid request to plan ({len(errors)} bad lines)")
+        else:
+            from .sim.cli import load_workload
 
-    t0 = time.perf_counter()
-    blend = replay(scanner, reference, truth, cost, kv, args.slots, args.prefill)
-    t_blend = time.perf_counter() - t0
-    dfs = replay(OrderPicker(build_tree(records, cost), dfs_order(reference)), reference, truth, cost, kv,
-                 args.slots, args.prefill)
-
-    print(f"workload: {args.requests} requests (loaded in {t_load:.2f} s), {cost.model.name} on {cost.hardware.name}, "
-          f"root density {root_density:.2f}, prefix sharing {reference.root.sharing:.1%}")
-    print(f"planning: tree build {t_build:.2f} s; sample {scanner.sample_size} requests; split "
-          f"{scanner.split_report.splits} nodes, {scanner.split_report.spent_tokens} of "
-          f"{scanner.split_report.budget_tokens} budget tokens; replay with the scanner {t_blend:.1f} s "
-          f"({1e3 * t_blend / len(blend.steps):.3f} ms/step incl. the fluid model)")
-    print()
-    print("batch density per phase (KV-weighted request density of the running batch; root "
-          f"= {root_density:.2f}), step compute/memory ratio, and overlap efficiency:")
-    hdr = f"{'phase':<8} | {'blend rho':>9} {'comp/mem':>8} {'overlap':>7} | {'dfs rho':>8} {'comp/mem':>8} {'overlap':>7}"
-    print(hdr)
-    print("-" * len(hdr))
-    for b, d in zip(_phases(blend, root_density), _phases(dfs, root_density)):
-        print(f"{b[0]:<8} | {b[1]:>9} {b[2]:>8} {b[3]:>7} | {d[1]:>8} {d[2]:>8} {d[3]:>7}")
-    print()
-    for name, res in (("blend", blend), ("dfs", dfs)):
-        print(f"{name:>5}: {len(res.steps)} steps, overlapped time {res.overlapped_s:.1f} s "
-              f"(fraction of overlap {res.fraction_of_overlap:.3f}), sequential time {res.sequential_s:.1f} s, "
-              f"prefix hits {res.prefix_hit_tokens} tokens, peak KV {res.peak_kv_bytes / 1e9:.1f} GB")
-    print(f"blend vs dfs: prefix sharing kept {blend.prefix_hit_tokens / dfs.prefix_hit_tokens:.4f}, "
-          f"overlapped speedup {dfs.overlapped_s / blend.overlapped_s:.3f}x, "
-          f"sequential speedup {dfs.sequential_s / blend.sequential_s:.3f}x")
+            cost = CostModel(model(args.model), hardware(args.hardware))
+            counted = "the built-in workload's lengths"
+            records = [r._replace(max_tokens=r.output_len) for r in load_workload(args.workload, args.requests, cost,
+                                                                                  args.seed)]
+        read_s = time.perf_counter() - t0
+        engine = EngineConfig.for_cost(cost, kv_gb=args.kv_gb, max_running=args.max_running,
+                                       chunked_prefill=args.chunk, mixed_chunk=args.mixed_chunk)
+        big = next((r for r in records if r.prompt_len + r.output_len > engine.kv_tokens), None)
+        if big is not None:
+            raise ValueError(f"request {big.rid!r}: prompt + max_tokens = {big.prompt_len + big.output_len:,} tokens, more "
+                             f"than the KV pool of {engine.kv_tokens:,} tokens; pass a larger --kv-gb or a smaller "
+                             "max_tokens")
+    except (InputError, ModelError, ValueError, FileNotFoundError) as exc:
+        print(f"blendserve plan: error: {exc}", file=sys.stderr)
+        return 2
+    t1 = time.perf_counter()
+    out, results = plan(records, cost, engine, policies, gpus=args.gpus, output_fraction=args.output_fraction,
+                        timing=ExecModel(args.timing), seed=args.seed, sim_requests=args.sim_requests)
+    sim_s = time.perf_counter() - t1
+    out = {"command": "blendserve plan " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[2:])),
+           "input": args.input or args.workload, "lines": lines, "bad_lines": len(errors),
+           "bad_line_messages": [e.message for e in errors[:20]], "token_counts": counted,
+           **out, "read_seconds": round(read_s, 2), "simulate_seconds": round(sim_s, 2),
+           "plan_seconds": round(time.perf_counter() - t0, 2)}
+    plot = args.plot or (str(Path(args.out).with_suffix(".png")) if args.out else "plan.png")
+    best = out.get("best_other", {}).get("max_tokens")
+    shown = [results["max_tokens"][p] for p in ("blend", best) if p in results["max_tokens"]]
+    plot_steps(shown or list(results["max_tokens"].values())[:2], plot, ExecModel(args.timing),
+               title=f"{out['input']}: predicted per-step compute and memory time (outputs at max_tokens)")
+    out["plot"] = plot
     if args.out:
-        import json
-        import shlex
-        import sys
-
-        from .machine import describe
-
-        summary = {
-            "command": "blendserve plan " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[2:])),
-            "machine": describe(),
-            "requests": args.requests, "known_lengths": not args.unknown_lengths, "model": cost.model.name, "hardware": cost.hardware.name,
-            "kv_gb": args.kv_gb, "slots": args.slots, "prefill": args.prefill,
-            "root_density": round(root_density, 4), "root_sharing": round(reference.root.sharing, 4),
-            "blend_fraction_of_overlap": round(blend.fraction_of_overlap, 4),
-            "dfs_fraction_of_overlap": round(dfs.fraction_of_overlap, 4),
-            "blend_speedup_overlapped": round(dfs.overlapped_s / blend.overlapped_s, 4),
-            "blend_speedup_sequential": round(dfs.sequential_s / blend.sequential_s, 4),
-            "sharing_vs_dfs": round(blend.prefix_hit_tokens / dfs.prefix_hit_tokens, 5),
-            "blend_peak_kv_gb": round(blend.peak_kv_bytes / 1e9, 2), "dfs_peak_kv_gb": round(dfs.peak_kv_bytes / 1e9, 2),
-            "tree_build_seconds": round(t_build, 3),
-            "scanner_replay_ms_per_step": round(1e3 * t_blend / len(blend.steps), 4),
-            "phases": {"blend": _phases(blend, root_density), "dfs": _phases(dfs, root_density)},
-        }
-        with open(args.out, "w") as f:
-            json.dump(summary, f, indent=2)
-            f.write("\n")
-        print(f"wrote {args.out}")
+        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    if args.json:
+        print(json.dumps(out, indent=2))
+        return 0
+    _print(out, say)
     return 0
+
+
+def _print(out: dict, say) -> None:
+    if out["lines"] is not None:
+        say(f"{out['input']}: {out['lines']:,} lines, {out['requests']:,} planned, {out['bad_lines']:,} bad "
+            f"(run writes them as error records)")
+        for msg in out["bad_line_messages"]:
+            say(f"  {msg}")
+        if out["bad_lines"] > len(out["bad_line_messages"]):
+            say(f"  ... and {out['bad_lines'] - len(out['bad_line_messages']):,} more")
+    say(f"{out['requests']:,} requests, {out['prompt_tokens']:,} prompt tokens (token counts: {out['token_counts']}), "
+        f"up to {out['max_output_tokens']:,} output tokens; {out['model']} on {out['gpus']} x {out['hardware']}, "
+        f"KV pool {out['engine']['kv_tokens']:,} tokens per GPU; density {out['density']}, "
+        f"prefix sharing {out['sharing_dfs_unbounded']:.1%} (DFS order, unbounded cache)")
+    if out["simulated_requests"] < out["requests"]:
+        say(f"simulated: a uniform sample of {out['simulated_requests']:,} requests, times and token counts scaled by "
+            f"{out['scale']:.3f}")
+    say(f"output lengths: {out['output_lengths']['estimate']} .. {out['output_lengths']['max_tokens']}; "
+        f"timing: {out['timing']['mode']}. Each figure is low..high over the two.")
+    head = f"{'policy':<18} {'wall time':>20} {'GPU-hours':>18} {'tokens/s':>22} {'prefix hits':>14} {'peak KV GB':>14}"
+    say(head)
+    say("-" * len(head))
+
+    def rng(v, fmt):
+        return f"{fmt.format(v['low'])}..{fmt.format(v['high'])}"
+
+    for r in out["policies"]:
+        say(f"{r['policy']:<18} {rng(r['wall_s'], '{:.4g}') + ' s':>20} {rng(r['gpu_hours'], '{:.3g}'):>18} "
+            f"{rng(r['throughput_tok_s'], '{:.0f}'):>22} {rng(r['prefix_hit_ratio'], '{:.3f}'):>14} "
+            f"{rng(r['peak_kv_gb'], '{:.1f}'):>14}")
+    if "best_other" in out:
+        s = out["blend_speedup_vs_best_other"]
+        say(f"blend vs the best other policy: {s['estimate']:.3f}x ({out['best_other']['estimate']}, estimate) .. "
+            f"{s['max_tokens']:.3f}x ({out['best_other']['max_tokens']}, max_tokens)")
+    say(f"planned in {out['plan_seconds']:.1f} s (reading and tokenizing {out['read_seconds']:.1f} s); plot: {out['plot']}")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from _helpers import kill_group
+from blendserve_sgl.harness import kill_group
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.engine

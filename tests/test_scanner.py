@@ -6,17 +6,14 @@ import random
 import statistics
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 import blendserve_sgl.core.scanner as scanner_mod
 from blendserve_sgl.core import Budget, DualScanner, OutputLengthEstimator, ScanConfig
-from blendserve_sgl.core.replay import OrderPicker, replay
 from blendserve_sgl.core.scanner import LEFT, RIGHT, SAMPLE
-from blendserve_sgl.core.sharing import dfs_order, prefix_hits, prefix_hits_bruteforce
+from blendserve_sgl.sim.request import SimRequest
 
-from _helpers import (COST, build_length_tree, build_token_tree, drive, mixed_workload, token_workload,
-                      windowed_means)
+from _helpers import (COST, build_length_tree, length_records, mixed_workload,
+                      run_batch_densities, sim_engine, token_records, token_workload, windowed_means)
 
 SMALL = dict(compute_prompt=(200, 800), memory_output=(100, 400))  # short runs for per-step checks
 
@@ -41,20 +38,21 @@ def _recording(picker):
 
 # ---------------------------------------------------------------- exactly once
 @pytest.mark.parametrize("known", [True, False])
-def test_replay_hands_out_every_request_once(known):
-    """Over a full replay every request is admitted exactly once and finishes; the scanner's
+def test_run_hands_out_every_request_once(known):
+    """Over a full simulated run every request is admitted exactly once and finishes; the scanner's
     invariants hold after every step (check=True); budgets are never exceeded."""
     wl = _small()
     true = {rid: d for rid, _, _, d in wl}
     est = OutputLengthEstimator(sample_fraction=0.05, seed=1)
-    sc = DualScanner(build_length_tree(wl, known=known, estimator=est))
+    engine = sim_engine(length_records(wl), known=known, estimator=est, kv_bytes=20e9, max_running=32, chunk=512)
+    sc = engine.picker.scanner
     log = _recording(sc)
-    res = replay(sc, build_length_tree(wl), true, COST, kv_bytes=3e9, max_running=32, prefill_tokens=512,
-                 check=True)
-    assert sorted(res.admitted) == sorted(true)
+    engine.run(check=True)
+    assert engine.counters.retractions == 0 and engine.counters.admit_rejections == 0
+    assert sorted(r.rid for r in engine.requests if r.admissions == 1) == sorted(true)
     assert len(sc.tree) == 0 and not sc.running and sc.handed_out == len(true)
     assert sc.used[LEFT] == pytest.approx(0, abs=1) and sc.used[RIGHT] == pytest.approx(0, abs=1)
-    assert res.output_tokens == sum(true.values())
+    assert engine.counters.output_tokens == sum(true.values())
     sides = [a.side for _, adm in log for a in adm]
     assert LEFT in sides and RIGHT in sides
     assert (SAMPLE in sides) == (not known)
@@ -78,10 +76,9 @@ def test_budgets_respected_under_pressure():
     """Tight slots, KV memory and prefill: no step admits more requests than free slots, or more
     KV bytes than free memory; a step without prefill budget admits nothing."""
     wl = _small(200, seed=5)
-    true = {rid: d for rid, _, _, d in wl}
-    sc = DualScanner(build_length_tree(wl))
-    log = _recording(sc)
-    replay(sc, build_length_tree(wl), true, COST, kv_bytes=1e9, max_running=6, prefill_tokens=300)
+    engine = sim_engine(length_records(wl), kv_bytes=1e9, max_running=6, chunk=300)
+    log = _recording(engine.picker.scanner)
+    engine.run(check=True)
     _assert_budgets(log)
     assert any(len(adm) == b.slots and b.slots > 0 for b, adm in log)  # the slot limit was reached
     assert all(not adm for b, adm in log if b.prefill_tokens <= 0 or b.slots <= 0)
@@ -97,7 +94,6 @@ def test_own_loop_with_arrivals_mid_run():
     existing prefixes; known and unknown lengths) are still handed out exactly once."""
     wl = _small(150, seed=2)
     est = OutputLengthEstimator(sample_fraction=0.05, seed=0)
-    tree = build_length_tree(wl, known=False, estimator=est)
     outputs = {rid: d for rid, _, _, d in wl}
     rng = random.Random(7)
     arrivals = {}
@@ -114,11 +110,22 @@ def test_own_loop_with_arrivals_mid_run():
                 kwargs["output_len"] = d
             batch.append((rid, kwargs))
         arrivals[step] = batch
-    sc = DualScanner(tree)
+    engine = sim_engine(length_records(wl), known=False, estimator=est, kv_bytes=20e9, max_running=24, chunk=512)
+    sc, tree = engine.picker.scanner, engine.picker.tree
     sc.prepare()
-    order, _ = drive(sc, outputs, kv_bytes=2e9, slots=24, prefill=512, arrivals=arrivals, tree=tree,
-                     on_step=lambda _s: sc.check_integrity())
-    rids = [a.rid for a in order]
+    log = _recording(sc)
+    step = 0
+    while engine.finished < len(engine.requests) or arrivals:
+        for rid, kwargs in arrivals.pop(step, []):
+            known = "output_len" in kwargs
+            engine.submit(SimRequest(rid, len(engine.requests), prompt_len=kwargs["prompt_len"], prefix=kwargs["prefix"],
+                                     output_len=outputs[rid], max_new_tokens=None if known else 4 * outputs[rid],
+                                     ignore_eos=known))
+        engine.step()
+        engine.check_integrity()
+        step += 1
+    assert engine.counters.retractions == 0 and engine.counters.admit_rejections == 0
+    rids = [a.rid for _, adm in log for a in adm]
     assert len(rids) == len(set(rids)) == len(outputs)
     assert set(rids) == set(outputs) and len(tree) == 0 and not sc.running
 
@@ -157,13 +164,12 @@ def test_retracted_request_comes_back_once():
 def test_deterministic(known):
     """Two scanners built from the same inputs make identical admissions, step by step."""
     wl = _small(200, seed=4)
-    true = {rid: d for rid, _, _, d in wl}
     runs = []
     for _ in range(2):
         est = OutputLengthEstimator(sample_fraction=0.05, seed=9)
-        sc = DualScanner(build_length_tree(wl, known=known, estimator=est))
-        log = _recording(sc)
-        replay(sc, build_length_tree(wl), true, COST, kv_bytes=2e9, max_running=32, prefill_tokens=512)
+        engine = sim_engine(length_records(wl), known=known, estimator=est, kv_bytes=2e9, max_running=32, chunk=512)
+        log = _recording(engine.picker.scanner)
+        engine.run()
         runs.append([tuple(adm) for _, adm in log])
     assert runs[0] == runs[1]
 
@@ -171,54 +177,28 @@ def test_deterministic(known):
 # ---------------------------------------------------------------- prefix sharing
 @pytest.mark.parametrize("seed", range(8))
 def test_sharing_close_to_dfs(seed):
-    """On random token workloads the scanner keeps >= 97% of the prefix hits of pure DFS order
-    (brute force over token lists, window = max_running = 32); the replay's own hit count agrees."""
+    """On random token workloads the scanner keeps >= 97% of the prefix hits of pure DFS order,
+    both run by the simulator (SGLang's radix cache, 32 running requests, a KV pool that evicts;
+    siblings of an uncached prefix of >= 32 tokens wait a step, as in the plugin and SGLang)."""
     n = random.Random(seed).randint(60, 200)
-    work = token_workload(seed, n)
-    prompts = {rid: toks for rid, (toks, _) in work.items()}
-    true = {rid: d for rid, (_, d) in work.items()}
-    ref = build_token_tree(work)
-    sc = DualScanner(build_token_tree(work))
-    window = 32
-    res = replay(sc, ref, true, COST, kv_bytes=20e9, max_running=window, prefill_tokens=512)
-    assert sorted(res.admitted) == sorted(work)
-    got = prefix_hits_bruteforce(prompts, res.admitted, window)
-    base = prefix_hits_bruteforce(prompts, dfs_order(ref), window)
-    assert res.prefix_hit_tokens == got
-    assert base > 0 and got >= 0.97 * base, (got, base)
-
-
-@settings(max_examples=80)
-@given(st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=8), min_size=1, max_size=30),
-       st.integers(1, 6), st.randoms(use_true_random=False))
-def test_prefix_hits_equals_bruteforce(prompts, window, rnd):
-    """The O(depth) prefix-hit counter equals the brute-force LCP over the last `window` requests
-    for any admission order (duplicate and nested prompts included)."""
-    work = {f"r{i}": (toks, 1) for i, toks in enumerate(prompts)}
-    ref = build_token_tree(work)
-    order = list(work)
-    rnd.shuffle(order)
-    assert prefix_hits(ref, order, window) == prefix_hits_bruteforce(
-        {rid: toks for rid, (toks, _) in work.items()}, order, window)
-
-
-def test_prefix_hits_rejects_bad_window():
-    """A window below 1 is rejected."""
-    ref = build_token_tree({"a": ([1], 1)})
-    with pytest.raises(ValueError):
-        prefix_hits(ref, ["a"], 0)
+    records = token_records(token_workload(seed, n))
+    hits = {}
+    for policy in ("blend", "dfs"):
+        engine = sim_engine(records, policy, kv_bytes=4e9, max_running=32, chunk=512,
+                            scan=ScanConfig(hold_prefix_tokens=32))
+        engine.run(check=True)
+        hits[policy] = engine.counters.first_hit_tokens
+    assert hits["dfs"] > 0 and hits["blend"] >= 0.97 * hits["dfs"], hits
 
 
 # ---------------------------------------------------------------- batch density
 def _density_errors(wl, picker_kind, kv_bytes, window=200):
-    true = {rid: d for rid, _, _, d in wl}
     ref = build_length_tree(wl)
     root = ref.density(ref.root)
-    tree = build_length_tree(wl)
-    picker = DualScanner(tree) if picker_kind == "scan" else OrderPicker(tree, dfs_order(ref))
-    res = replay(picker, ref, true, COST, kv_bytes=kv_bytes, max_running=256, prefill_tokens=256)
-    assert sorted(res.admitted) == sorted(true)
-    means = windowed_means([s.batch_density for s in res.steps], window)
+    engine = sim_engine(length_records(wl), "blend" if picker_kind == "scan" else "dfs", kv_bytes=kv_bytes,
+                        max_running=256, chunk=256)
+    means = windowed_means(run_batch_densities(engine), window)
+    assert all(r.state == "finished" for r in engine.requests)
     return statistics.median(abs(math.log(m / root)) for m in means)
 
 
@@ -247,9 +227,8 @@ def test_left_side_holds_its_share_on_average(monkeypatch):
     half of M_L: shares hold on average over time, the small side does not starve."""
     wl = mixed_workload(1500, 0)
     compute = {rid for rid, groups, _, _ in wl if groups[0][0] == "sysc"}
-    true = {rid: d for rid, _, _, d in wl}
-    tree = build_length_tree(wl)
-    sc = DualScanner(tree)
+    engine = sim_engine(length_records(wl), kv_bytes=20e9, max_running=256, chunk=256)
+    sc, tree = engine.picker.scanner, engine.picker.tree
     shares, held = [], []
     inner_split = scanner_mod.split_memory
     last = {}
@@ -269,7 +248,7 @@ def test_left_side_holds_its_share_on_average(monkeypatch):
         return out
 
     sc.schedule = schedule
-    replay(sc, build_length_tree(wl), true, COST, kv_bytes=20e9, max_running=256, prefill_tokens=256)
+    engine.run()
     assert len(held) > 1000
     assert statistics.mean(held) >= 0.5 * statistics.mean(shares), (statistics.mean(held), statistics.mean(shares))
 
@@ -477,15 +456,13 @@ def test_final_wave_ends_the_batch_in_fewer_steps_with_the_same_prefix_hits():
     """Replayed to completion, the final wave removes the tail of long requests one side left for
     last: fewer steps, every request once, the same prefix hits."""
     wl = mixed_workload(600, 0, **SMALL)
-    true = {rid: d for rid, _, _, d in wl}
     runs = {}
     for fw in (False, True):
-        sc = DualScanner(build_length_tree(wl), ScanConfig(final_wave=fw))
-        runs[fw] = replay(sc, build_length_tree(wl), true, COST, kv_bytes=3e9, max_running=256,
-                          prefill_tokens=2048, check=True)
-        assert sorted(runs[fw].admitted) == sorted(true)
-    assert len(runs[True].steps) < 0.95 * len(runs[False].steps), (len(runs[True].steps), len(runs[False].steps))
-    assert runs[True].prefix_hit_tokens == runs[False].prefix_hit_tokens
+        runs[fw] = sim_engine(length_records(wl), scan=ScanConfig(final_wave=fw), kv_bytes=3e9, max_running=256,
+                              chunk=2048).run(check=True)
+        assert all(r.state == "finished" for r in runs[fw].requests)
+    assert runs[True].steps < 0.95 * runs[False].steps, (runs[True].steps, runs[False].steps)
+    assert runs[True].counters.first_hit_tokens == runs[False].counters.first_hit_tokens
 
 
 # ---------------------------------------------------------------- liveness

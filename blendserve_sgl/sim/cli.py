@@ -24,7 +24,7 @@ from .metrics import compare, format_table, plot_steps
 from .policies import POLICIES
 from .run import RunSpec, Workload, simulate
 from .timing import ExecModel
-from .traces import TRACES, mix, trace
+from ..workloads import TRACES, mix, mixed_workload, trace
 
 WORKLOADS = (*sorted(TRACES), "mixed", "mix:DENSITY,SHARING")
 
@@ -35,8 +35,6 @@ def load_workload(spec: str, n: int, cost: CostModel, seed: int = 0) -> list:
     if spec in TRACES:
         return trace(spec, n, cost, seed)[0]
     if spec == "mixed":
-        from ..workloads import mixed_workload
-
         return mixed_workload(n, seed=seed)
     if spec.startswith("mix:"):
         try:

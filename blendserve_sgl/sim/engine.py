@@ -172,6 +172,15 @@ class Engine:
     def generated(self, req: SimRequest) -> int:
         return int(self._gen[req.slot]) if req.state == DECODING else req.gen
 
+    def submit(self, req: SimRequest) -> None:
+        """A request arriving during the run: it waits, and the picker is given it."""
+        if req.state != WAITING:
+            raise ValueError(f"request {req.rid!r} was already run; build a fresh one")
+        self.requests.append(req)
+        self.counters.prompt_tokens += req.prompt_len
+        self.waiting += 1
+        self.picker.add(req)
+
     # ------------------------------------------------------------------ run
     def run(self, check: bool = False, max_steps: int = 50_000_000,
             on_step: Callable[["Engine"], None] | None = None) -> "Engine":

@@ -46,6 +46,7 @@ from ..core.sharing import dfs_order
 from ..core.tree import ResourceTree
 from .adder import Pick, sglang_admit
 from .cache import RadixCache
+from ..workloads.tree import build_tree
 from .request import SimRequest
 
 POLICIES = ("fcfs", "sglang-lpm", "sglang-dfs-weight", "dfs", "balance", "blend")
@@ -399,13 +400,7 @@ class BlendPicker(Picker):
 # ---------------------------------------------------------------------- factory
 def reference_tree(requests: list[SimRequest], cost: CostModel) -> ResourceTree:
     """The workload's prefix tree in arrival order, lengths known: the DFS order and s_o."""
-    tree = ResourceTree(cost)
-    for r in requests:
-        if r.tokens is not None:
-            tree.add(r.rid, tokens=r.tokens, output_len=r.output_len)
-        else:
-            tree.add(r.rid, prompt_len=r.prompt_len, prefix=r.prefix, output_len=r.output_len)
-    return tree
+    return build_tree(requests, cost)
 
 
 def make_picker(name: str, requests: list[SimRequest], cost: CostModel, *, seed: int = 0,

@@ -95,18 +95,23 @@ class SimRequest:
 
 
 def from_records(records, known: bool = True, max_tokens: int | None = None) -> list[SimRequest]:
-    """Engine requests from `workloads.Record`s, in their order (the arrival order).
+    """Engine requests from `workloads.Record`s (token-id prompts when a record has `tokens`),
+    in their order (the arrival order).
 
     known: output lengths are known and fixed (ignore_eos, max_new_tokens = output length), as
     SGLang's offline benchmark runs them; otherwise requests stop at their true length (EOS)
-    and carry `max_tokens` (default: 4 x the longest output) as max_new_tokens."""
+    and carry the record's own `max_tokens`, else `max_tokens` (default: 4 x the longest output),
+    as max_new_tokens."""
     if not known and max_tokens is None:
         max_tokens = 4 * max(r.output_len for r in records)
     out = []
     for i, r in enumerate(records):
-        out.append(SimRequest(r.rid, i, prompt_len=r.prompt_len, prefix=r.prefix, output_len=r.output_len,
-                              max_new_tokens=None if known else max(max_tokens, r.output_len), ignore_eos=known,
-                              kind=r.kind))
+        tokens = getattr(r, "tokens", None)
+        shape = dict(tokens=tokens) if tokens is not None else dict(prompt_len=r.prompt_len, prefix=r.prefix)
+        out.append(SimRequest(r.rid, i, **shape, output_len=r.output_len,
+                              max_new_tokens=None if known else max(getattr(r, "max_tokens", None) or max_tokens,
+                                                                    r.output_len),
+                              ignore_eos=known, kind=getattr(r, "kind", "")))
     return out
 
 
@@ -114,8 +119,7 @@ def from_tokens(work: dict[Any, tuple[list[int], int]], known: bool = True,
                 max_tokens: int | None = None) -> list[SimRequest]:
     """Engine requests from {rid: (prompt token ids, output length)} (tests, small examples);
     `known` and `max_tokens` as in `from_records`."""
-    if not known and max_tokens is None:
-        max_tokens = 4 * max(d for _, d in work.values())
-    return [SimRequest(rid, i, tokens=toks, output_len=d, ignore_eos=known,
-                       max_new_tokens=None if known else max(max_tokens, d))
-            for i, (rid, (toks, d)) in enumerate(work.items())]
+    from ..workloads import Record
+
+    return from_records([Record(rid, len(toks), (), d, tokens=tuple(toks)) for rid, (toks, d) in work.items()],
+                        known, max_tokens)

@@ -3,7 +3,7 @@
 import pytest
 
 from blendserve_sgl.core import CostModel
-from blendserve_sgl.sim import traces
+from blendserve_sgl import workloads as traces
 
 COST = CostModel.from_names("llama-3.1-8b", "a100")
 

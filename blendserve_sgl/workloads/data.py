@@ -1,0 +1,113 @@
+"""Loaders for the real traces in `shared/data`, and the `Record` every workload is made of.
+
+- Azure LLM inference traces (code, conversation): prompt and output token counts.
+- arXiv summarization (Llama-2 token counts).
+- MMLU 5-shot prompts: one shared prefix per subject (instruction + the 5 dev examples), the
+  test question as the unshared tail. Token counts use the approximation `approx_tokens`
+  (UTF-8 bytes / 4, rounded up), since no tokenizer is needed by the core.
+
+The data directory is `$BLENDSERVE_DATA`, else `shared/data` next to the project checkout.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import numpy as np
+
+SOURCES = {
+    "traces/AzureLLMInferenceTrace_code.csv": "Azure/AzurePublicDataset, data/AzureLLMInferenceTrace_code.csv",
+    "traces/AzureLLMInferenceTrace_conv.csv": "Azure/AzurePublicDataset, data/AzureLLMInferenceTrace_conv.csv",
+    "traces/arxiv_summarization_llama2_tokens.csv":
+        "microsoft/vidur, data/processed_traces/arxiv_summarization_stats_llama2_tokenizer_filtered_v2.csv",
+    "mmlu": "hendrycks/test, data/{dev,test}/",
+}
+
+
+class Record(NamedTuple):
+    """One request of a workload: a length-only prompt (prefix groups + an unshared tail) or,
+    with `tokens`, a token-id prompt (then `prefix` is empty and `prompt_len == len(tokens)`)."""
+
+    rid: Any
+    prompt_len: int
+    prefix: tuple  # ((group_id, n_tokens), ...), outermost first
+    output_len: int
+    kind: str = ""
+    tokens: tuple | None = None  # token ids of the prompt, when known
+    max_tokens: int | None = None  # the request's own output limit (a user's file), if any
+
+
+def data_dir() -> Path:
+    """`$BLENDSERVE_DATA`, else the first `shared/data` found beside the checkout or one of its
+    parent folders (a worktree inside the project folder finds the project's data)."""
+    env = os.environ.get("BLENDSERVE_DATA")
+    if env:
+        return Path(env)
+    here = Path(__file__).resolve().parent
+    for folder in (*here.parents, *Path.cwd().resolve().parents):
+        if (folder / "shared" / "data").is_dir():
+            return folder / "shared" / "data"
+    return here.parents[1] / "shared" / "data"
+
+
+def _path(rel: str) -> Path:
+    path = data_dir() / rel
+    if not path.exists():
+        src = next((v for k, v in SOURCES.items() if rel.startswith(k)), "see shared/data/README.md")
+        raise FileNotFoundError(f"data file {path} is missing; it comes from {src}. "
+                                f"Set BLENDSERVE_DATA to the folder that holds traces/ and mmlu/.")
+    return path
+
+
+def approx_tokens(text: str) -> int:
+    """Token count approximation: UTF-8 bytes / 4, rounded up (at least 1)."""
+    return max(1, math.ceil(len(text.encode("utf-8")) / 4))
+
+
+def load_azure(kind: str) -> tuple[np.ndarray, np.ndarray]:
+    """(prompt_lens, output_lens) of the Azure `code` or `conv` trace."""
+    if kind not in ("code", "conv"):
+        raise ValueError(f"Azure trace kind must be 'code' or 'conv', got {kind!r}")
+    with open(_path(f"traces/AzureLLMInferenceTrace_{kind}.csv"), newline="") as f:
+        rows = [(int(r["ContextTokens"]), int(r["GeneratedTokens"])) for r in csv.DictReader(f)]
+    arr = np.array(rows, dtype=np.int64)
+    return arr[:, 0], arr[:, 1]
+
+
+def load_arxiv() -> tuple[np.ndarray, np.ndarray]:
+    with open(_path("traces/arxiv_summarization_llama2_tokens.csv"), newline="") as f:
+        rows = [(int(r["num_prefill_tokens"]), int(r["num_decode_tokens"])) for r in csv.DictReader(f)]
+    arr = np.array(rows, dtype=np.int64)
+    return arr[:, 0], arr[:, 1]
+
+
+def _mmlu_example(row: list[str], with_answer: bool) -> str:
+    q, a, b, c, d = row[:5]
+    text = f"{q}\nA. {a}\nB. {b}\nC. {c}\nD. {d}\nAnswer:"
+    return text + (f" {row[5]}\n\n" if with_answer else "")
+
+
+def load_mmlu() -> dict[str, tuple[int, list[int]]]:
+    """subject -> (5-shot prefix tokens, [tokens of each test question])."""
+    root = _path("mmlu")
+    out = {}
+    for dev in sorted((root / "dev").glob("*_dev.csv")):
+        subject = dev.name[: -len("_dev.csv")]
+        with open(dev, newline="") as f:
+            shots = list(csv.reader(f))
+        header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
+        prefix = approx_tokens(header + "".join(_mmlu_example(r, True) for r in shots))
+        test = root / "test" / f"{subject}_test.csv"
+        with open(test, newline="") as f:
+            questions = [approx_tokens(_mmlu_example(r, False)) for r in csv.reader(f)]
+        out[subject] = (prefix, questions)
+    if not out:
+        raise FileNotFoundError(f"no MMLU dev files under {root / 'dev'}")
+    return out
+
+
+SYSTEM_PROMPT_TOKENS = 64  # every class of request runs behind its own system prompt of this length

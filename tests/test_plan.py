@@ -1,0 +1,153 @@
+"""`blendserve plan`: a user's file read as `run` reads it, and a view over the simulator."""
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blendserve_sgl import cli, plan
+from blendserve_sgl.batch.prompts import prepare
+from blendserve_sgl.batch.requests import LineError, read_requests
+from blendserve_sgl.core import CostModel
+from blendserve_sgl.sim import EngineConfig, ExecModel, RunSpec, Workload, simulate
+from blendserve_sgl.workloads import Record, build_tree
+from blendserve_sgl.workloads.batch_file import ByteTokenizer, compress, load_batch_file
+
+COST = CostModel.from_names("llama-3.1-8b", "h100")
+SYSTEM = "You are a helpful assistant who answers in one sentence, politely and with care. " * 4
+
+
+def _line(cid, content, max_tokens=16, system=True, **extra):
+    msgs = ([{"role": "system", "content": SYSTEM}] if system else []) + [{"role": "user", "content": content}]
+    body = {"model": "m", "messages": msgs, "max_tokens": max_tokens, **extra}
+    return json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions", "body": body})
+
+
+@pytest.fixture
+def user_file(tmp_path):
+    lines = [_line(f"q{i}", f"question number {i} about the topic {i % 5}?", max_tokens=8 + 40 * (i % 3))
+             for i in range(40)]
+    lines[3] = "{not json"
+    lines[7] = _line("q8", "a duplicate custom_id")
+    lines[11] = _line("q11", "too many tokens", max_tokens=-2)
+    lines.append(json.dumps({"custom_id": "c1", "method": "POST", "url": "/v1/completions",
+                             "body": {"model": "m", "prompt": SYSTEM + "complete this", "max_tokens": 300}}))
+    path = tmp_path / "requests.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def test_batch_file_reads_as_run_reads_it(user_file):
+    """Records and bad lines equal what `run`'s reader and `prepare` make of each line (the
+    batched tokenization changes nothing); output lengths are the requests' max_tokens."""
+    tok = ByteTokenizer()
+    got = load_batch_file(user_file, tok, 4096, 256)
+    want_ok, want_bad = [], []
+    for item in read_requests(user_file):
+        item = item if isinstance(item, LineError) else prepare(item, tok, 4096, 256, user_file.name)
+        (want_bad if isinstance(item, LineError) else want_ok).append(item)
+    assert [e.message for e in got.errors] == [e.message for e in want_bad] and len(want_bad) == 3
+    assert [e.line for e in got.errors] == [4, 9, 12]  # q8 first on line 8, again on 9
+    assert [(r.rid, r.tokens, r.output_len, r.max_tokens) for r in got.records] == \
+        [(p.request.custom_id, tuple(p.input_ids), p.max_tokens, p.max_tokens) for p in want_ok]
+    assert got.lines == 41 and got.records[-1].output_len == 300
+
+
+def test_plan_names_bad_lines_and_writes_json(user_file, tmp_path, capsys):
+    out = tmp_path / "plan.json"
+    assert cli.main(["plan", str(user_file), "--model", "llama-3.1-8b", "--hardware", "h100", "--gpus", "2",
+                     "--policies", "fcfs,dfs,blend", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "requests.jsonl line 4:" in text and "requests.jsonl line 9: custom_id" in text and "3 bad" in text
+    data = json.loads(out.read_text())
+    for key in ("command", "requests", "bad_lines", "bad_line_messages", "token_counts", "output_lengths", "policies",
+                "best_other", "blend_speedup_vs_best_other", "plan_seconds", "plot", "engine", "timing", "gpus"):
+        assert key in data, key
+    assert data["requests"] == 38 and data["bad_lines"] == 3 and data["gpus"] == 2
+    row = data["policies"][0]
+    for key in ("wall_s", "gpu_hours", "throughput_tok_s", "prefix_hit_ratio", "peak_kv_gb"):
+        assert row[key]["low"] <= row[key]["high"]
+    assert (tmp_path / "plan.png").stat().st_size > 0
+
+
+def test_plan_is_the_simulators_result(user_file):
+    """Every figure of the plan is the simulator's own number for the same records and rules."""
+    records = load_batch_file(user_file, ByteTokenizer(), 4096, 256).records
+    engine = EngineConfig.for_cost(COST, kv_gb=0.3, max_running=16, chunked_prefill=256)
+    timing = ExecModel("sequential")
+    out, _ = plan.plan(records, COST, engine, ("fcfs", "blend"), gpus=2, output_fraction=0.25, timing=timing)
+    scen = plan.scenario_records(records, 0.25)
+    assert [r.output_len for r in scen["estimate"]] == [max(1, round(0.25 * r.max_tokens)) for r in records]
+    for row in out["policies"]:
+        for name, recs in scen.items():
+            res = simulate(Workload(recs, COST), row["policy"], RunSpec(COST, engine, known_lengths=False))
+            assert row["wall_s"][name] == round(res.time(timing) / 2, 4)
+            assert row["gpu_hours"][name] == round(res.time(timing) / 3600, 8)
+            assert row["prefix_hit_tokens"][name] == res.first_hit_tokens
+            assert row["retractions"][name] == res.retractions
+
+
+def test_plan_json_only_and_errors(user_file, capsys):
+    assert cli.main(["plan", str(user_file), "--policies", "fcfs,blend", "--json", "--plot", "/dev/null"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["best_other"]["max_tokens"] == "fcfs" and data["input"] == str(user_file)
+    assert cli.main(["plan", str(user_file), "--policies", "nope"]) == 2
+    assert "unknown 'nope'" in capsys.readouterr().err
+    assert cli.main(["plan", str(user_file.parent / "missing.jsonl")]) == 2
+    assert "no such file" in capsys.readouterr().err
+    assert cli.main(["plan"]) == 2
+
+
+def test_plan_builtin_workload(capsys, tmp_path):
+    assert cli.main(["plan", "--workload", "mixed", "--requests", "300", "--policies", "dfs,blend", "--kv-gb", "4",
+                     "--plot", str(tmp_path / "p.png")]) == 0
+    assert "blend vs the best other policy" in capsys.readouterr().out
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 2), min_size=1, max_size=9), min_size=1, max_size=25))
+def test_compress_keeps_the_prefix_tree(prompts):
+    """Token prompts as prefix groups: the same tree (count, tokens, shared tokens, density) and
+    the same DFS order, duplicates and prompts that are prefixes of others included."""
+    recs = [Record(f"r{i}", len(t), (), 1 + i % 4, tokens=tuple(t)) for i, t in enumerate(prompts)]
+    packed = compress(recs)
+    assert all(r.tokens is None and sum(n for _, n in r.prefix) <= r.prompt_len for r in packed)
+    a, b = build_tree(recs, COST), build_tree(packed, COST)
+    b.check_integrity()
+    assert (a.root.count, a.root.tokens, a.root.saved, a.root.mem) == (b.root.count, b.root.tokens, b.root.saved,
+                                                                      b.root.mem)
+    assert [r.rid for r in a.iter_requests()] == [r.rid for r in b.iter_requests()]
+
+
+def test_plan_of_a_sample_is_scaled(user_file):
+    """Above `sim_requests`, the plan simulates a seeded uniform sample and scales its time."""
+    records = load_batch_file(user_file, ByteTokenizer(), 4096, 256).records
+    engine = EngineConfig.for_cost(COST, kv_gb=0.3, max_running=16, chunked_prefill=256)
+    timing = ExecModel("sequential")
+    out, _ = plan.plan(records, COST, engine, ("fcfs",), timing=timing, sim_requests=19, seed=3)
+    part = plan.sample(records, 19, seed=3)
+    assert len(part) == 19 and [r.rid for r in part] == [r.rid for r in records if r in part]
+    assert out["simulated_requests"] == 19 and out["requests"] == 38 and out["scale"] == 2.0
+    res = simulate(Workload(part, COST), "fcfs", RunSpec(COST, engine, known_lengths=False))
+    assert out["policies"][0]["wall_s"]["max_tokens"] == round(2.0 * res.time(timing), 4)
+
+
+def test_plan_with_a_model_directory_tokenizes_with_its_tokenizer(user_file, tmp_path, capsys):
+    """--model DIR: the directory's config (cost model, context) and tokenizer, as `run` uses them."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from cpu_smoke import build_tokenizer
+
+    tok = build_tokenizer(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(dict(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=len(tok), torch_dtype="float32", max_position_embeddings=2048, model_type="llama")))
+    assert cli.main(["plan", str(user_file), "--model", str(tmp_path), "--hardware", "a100", "--policies", "fcfs",
+                     "--json", "--plot", str(tmp_path / "p.png")]) == 0
+    data = json.loads(capsys.readouterr().out)
+    want = load_batch_file(user_file, tok, 2048, 256).records
+    assert data["token_counts"] == f"the tokenizer of {tmp_path}" and data["requests"] == len(want)
+    assert data["prompt_tokens"] == sum(len(r.tokens) for r in want)
