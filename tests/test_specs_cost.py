@@ -140,11 +140,9 @@ def test_efficiency_scales_times():
     assert half.request_mem_time(100, 10) == pytest.approx(4 * full.request_mem_time(100, 10))
 
 
-def test_step_and_optimal_time():
-    """f = max with overlap, sum without; T_o = max((1 - s) T_comp, T_mem)."""
+def test_optimal_time():
+    """T_o = max((1 - s) T_comp, T_mem)."""
     cm = CostModel.from_names("llama-3.1-8b", "a100")
-    assert cm.step_time(2.0, 3.0, overlap=True) == 3.0
-    assert cm.step_time(2.0, 3.0, overlap=False) == 5.0
     t = cm.optimal_time(1e6, 0.25, 1e9)
     assert t == pytest.approx(max(0.75 * cm.comp_time(1e6), cm.mem_time(1e9)))
 

@@ -86,10 +86,6 @@ class CostModel:
     def request_density(self, prompt_len: int, output_len: int) -> float:
         return self.density(compute_tokens(prompt_len, output_len), memory_units(prompt_len, output_len))
 
-    def step_time(self, comp_seconds: float, mem_seconds: float, overlap: bool) -> float:
-        """f(comp, mem): max with perfect overlap, sum without."""
-        return max(comp_seconds, mem_seconds) if overlap else comp_seconds + mem_seconds
-
     def optimal_time(self, total_compute_tokens: float, sharing: float, total_mem_units: float) -> float:
         """T_o = max((1 - s_o) T_comp, T_mem): the workload's lower bound under perfect overlap."""
         return max((1.0 - sharing) * self.comp_time(total_compute_tokens), self.mem_time(total_mem_units))

@@ -9,7 +9,7 @@ from ..core.cost import CostModel
 from ..core.estimate import OutputLengthEstimator
 from ..core.scanner import ScanConfig
 from .engine import Engine, EngineConfig
-from .metrics import SimResult, optimal_seconds, result_from_engine
+from .metrics import SimResult, optimal_seconds, result_from_engine, weight_bound_seconds
 from .policies import make_picker, reference_tree
 from .request import from_records
 
@@ -20,13 +20,12 @@ class RunSpec:
 
     cost: CostModel
     engine: EngineConfig
-    known_lengths: bool = True  # ignore_eos with max_new_tokens = output length (SGLang's offline bench)
+    known_lengths: bool = False  # True: ignore_eos with max_new_tokens = output length (SGLang's offline
+    # bench); False: requests stop at EOS and carry max_tokens, blend runs its 1% sample first
     scan: ScanConfig = field(default_factory=ScanConfig)
     sample_fraction: float = 0.01  # blend with unknown lengths: the sample that runs first
     seed: int = 0
-    pace: bool = True  # blend: pace each step's prefill to the decode batch's memory time
-    timeline: bool = True  # blend: tell the scanner the KV running requests will grow into and release
-    meter: bool = True  # blend: tell the scanner steps and pool size (memory work at the shares' rate)
+    meter: bool = True  # blend's scanner input: the engine's steps and pool size (memory work at the shares' rate)
 
 
 class Workload:
@@ -39,6 +38,10 @@ class Workload:
         self.density = self.reference.density(self.reference.root)
         self.sharing = self.reference.root.sharing
         self.optimal_s = optimal_seconds(probe, cost, self.sharing)
+        self._probe = probe
+
+    def weight_bound_s(self, cost: CostModel, max_running: int) -> float:
+        return weight_bound_seconds(self._probe, cost, self.sharing, max_running)
 
 
 def simulate(workload: Workload, policy: str, spec: RunSpec, check: bool = False) -> SimResult:
@@ -46,6 +49,7 @@ def simulate(workload: Workload, policy: str, spec: RunSpec, check: bool = False
     requests = from_records(workload.records, known=spec.known_lengths)
     estimator = OutputLengthEstimator(sample_fraction=spec.sample_fraction, seed=spec.seed)
     picker = make_picker(policy, requests, spec.cost, seed=spec.seed, scan=spec.scan, estimator=estimator,
-                         reference=workload.reference, pace=spec.pace, timeline=spec.timeline, meter=spec.meter)
+                         reference=workload.reference, meter=spec.meter)
     engine = Engine(spec.cost, spec.engine, picker, requests).run(check=check)
-    return result_from_engine(engine, policy, workload.optimal_s, time.perf_counter() - t0)
+    return result_from_engine(engine, policy, workload.optimal_s, time.perf_counter() - t0,
+                              workload.weight_bound_s(spec.cost, spec.engine.max_running))
