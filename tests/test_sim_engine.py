@@ -180,3 +180,31 @@ def test_the_run_never_ends_with_requests_waiting():
     with pytest.raises(RuntimeError, match=r"stalled at step 1: 5 requests wait \(5 in the fcfs picker\).*"
                                            r"free 20000 \+ evictable 0 of 20000 KV tokens, 8 slots, chunk 128"):
         eng.run()
+
+
+def test_incremental_check_catches_a_leak_and_recounts_every_k_steps(monkeypatch):
+    """run(check=True) checks what a step can break every step and recounts everything every
+    FULL_CHECK_EVERY steps and at the end; a page leaked in between is caught at the next step."""
+    from blendserve_sgl.sim import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "FULL_CHECK_EVERY", 7)
+    reqs = from_tokens(token_work(4, 60))
+    eng = Engine(COST, EngineConfig(kv_tokens=20_000, max_running=64, chunked_prefill=128),
+                 make_picker("fcfs", reqs, COST), reqs)
+    full = []
+    inner = eng.check_integrity
+    monkeypatch.setattr(eng, "check_integrity", lambda: (full.append(eng.steps), inner())[1])
+    eng.run(check=True)
+    assert full == [7 * k for k in range(1, eng.steps // 7 + 1)] + [eng.steps]
+
+    reqs = from_tokens(token_work(4, 60))
+    eng = Engine(COST, EngineConfig(kv_tokens=20_000, max_running=64, chunked_prefill=128),
+                 make_picker("fcfs", reqs, COST), reqs)
+
+    def leak(e):
+        if e.steps == 3:
+            e.free_tokens -= 1
+
+    with pytest.raises(AssertionError, match="KV pages not conserved"):
+        eng.run(check=True, on_step=leak)
+    assert eng.steps == 4

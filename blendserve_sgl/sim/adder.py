@@ -40,6 +40,8 @@ def sglang_admit(view, candidates: Iterable) -> list[Pick]:
     rem_chunk = view.prefill_left
     slots = view.slots_left
     out: list[Pick] = []
+    if slots <= 0 or rem_chunk <= 0 or total <= 0:
+        return out  # before the first candidate: a picker's order is never built for nothing
     for req in candidates:
         if slots <= 0 or rem_chunk <= 0 or total - used <= 0:
             break

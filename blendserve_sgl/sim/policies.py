@@ -200,8 +200,12 @@ class SGLangDFSWeight(Picker):
         self._cache_version = cache.version
 
     def ordered(self, view) -> Iterator[SimRequest]:
+        """SGLang's order; the prefix match runs now, the order is built when the first request
+        is asked for."""
         self._match_nodes(view)
-        root = view.cache.root
+        return self._visit(view.cache.root)
+
+    def _visit(self, root) -> Iterator[SimRequest]:
         own: dict = {}
         for key, q in self.classes.items():
             if q:
@@ -226,7 +230,7 @@ class SGLangDFSWeight(Picker):
             if qs:
                 yield from (qs[0] if len(qs) == 1 else heapq.merge(*qs, key=lambda r: r.seq))
 
-        return visit(root)
+        yield from visit(root)
 
     def pick(self, view) -> list[Pick]:
         picks = sglang_admit(view, self.ordered(view))
