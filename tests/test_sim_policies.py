@@ -292,3 +292,18 @@ def test_blend_keeps_the_kv_pool_fuller_than_with_reservations_alone():
     assert full.mean_kv >= plain.mean_kv + 0.08, (full.mean_kv, plain.mean_kv)
     assert full.steps <= 0.9 * plain.steps
     assert full.fraction_of_optimal(model) >= 1.15 * plain.fraction_of_optimal(model)
+
+
+def test_kv_projection_adds_nothing_for_sglang_admission_without_known_lengths():
+    """With estimated lengths no running request has a known end: the projection holds SGLang's
+    own reservations, so SGLang's rule admits exactly as without it; with known lengths it lends
+    pages that running requests will release (more admitted early, fewer steps)."""
+    work = token_work(8, 80, out=(150, 250))
+    runs = {}
+    for known in (False, True):
+        for proj in (False, True):
+            reqs = from_tokens(work, known=known)
+            config = EngineConfig(kv_tokens=6_000, max_running=64, chunked_prefill=256, kv_projection=proj)
+            runs[known, proj] = Engine(COST, config, make_picker("fcfs", reqs, COST), reqs).run(check=True)
+    assert runs[False, True].series == runs[False, False].series
+    assert runs[True, True].steps < runs[True, False].steps

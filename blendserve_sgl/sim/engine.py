@@ -42,6 +42,7 @@ picker admits nothing raises with the numbers.
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterable
@@ -248,23 +249,35 @@ class Engine:
         from the KV the running requests hold now and will hold. A decoding request of known
         length (ignore_eos: it stops at max_new_tokens) grows one page per step for its
         remaining output, then releases its decode pages (its prompt may stay locked by others:
-        counted as held); one of unknown length holds its remaining reservation (picker's, or
-        none) from now on and releases nothing within the projection; so does a prefilling one
-        (its whole output, or its reservation). free(t) = free + evictable - growth(t) +
+        counted as held); one of unknown length holds its remaining reservation from now on
+        (the picker's, or SGLang's min(max_new - generated, clip) x new-token ratio where the
+        picker reserved nothing) and releases nothing within the projection; so does a
+        prefilling one (its whole output when known). free(t) = free + evictable - growth(t) +
         released(t); the pages free over the next t steps are min free(0..t), evaluated just
         before each release and at each horizon. Never below `floor` (what the caller counts as
         free without the projection)."""
         n = self.n_dec
         base = self.free_tokens + self.cache.evictable_tokens
         gen, out, ck = self._gen[:n], self._out[:n], self._gen_ck[:n]
-        held = sum(max(0, q.output_len - q.gen) if q.ignore_eos else max(0, q.reserve - (q.fill_len - q.hit))
-                   for q in self.prefilling)
+        clip, ratio = self.config.clip_max_new_tokens, self.new_token_ratio
+        held = 0.0
+        for q in self.prefilling:
+            if q.ignore_eos:
+                held += max(0, q.output_len - q.gen)
+            elif q.reserve:
+                held += max(0, q.reserve - (q.fill_len - q.hit))
+            else:
+                held += min(max(q.max_new_tokens - q.gen, 0), clip) * ratio
         if self.n_eos:
             known = self._ign[:n]
-            held += int(np.maximum(self._resv[:n][~known] - (gen - ck)[~known], 0).sum())
+            unknown = ~known
+            resv = self._resv[:n][unknown]
+            own = np.maximum(resv - (gen - ck)[unknown], 0)
+            sglang = np.minimum(self._maxnew[:n][unknown] - gen[unknown], clip) * ratio
+            held += float(np.where(resv > 0, own, sglang).sum())
             gen, out, ck = gen[known], out[known], ck[known]
             n = len(gen)
-        base -= held
+        base -= math.ceil(held)
         rem = out - gen
         order = np.argsort(rem, kind="stable")
         r = rem[order]
