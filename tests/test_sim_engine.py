@@ -169,6 +169,10 @@ def test_each_finished_chunk_is_cached(groups):
     assert (a.first_hit, b.first_hit) == (0, 4096)
     assert eng.series["prefill"][:6] == [1024, 1024, 1024, 1024, 100 + 100, 0]
     assert eng.counters.prefill_tokens == 4196 + 100
+    # prefill attention: chunk i of A attends to the 1,024 i tokens before it and causally to
+    # itself; A's tail and B's 100 uncached tokens attend to 4,096 cached tokens
+    tri = lambda c: c * (c + 1) // 2  # noqa: E731
+    assert eng.series["attn_pairs"][:5] == [1024 * 1024 * i + tri(1024) for i in range(4)] + [2 * (100 * 4096 + tri(100))]
 
 
 def test_the_run_never_ends_with_requests_waiting():

@@ -93,3 +93,13 @@ def test_run_metrics_are_consistent():
         assert res.throughput(seq) == pytest.approx((res.prompt_tokens + res.output_tokens) / res.time(seq))
         assert res.sharing == pytest.approx(res.first_hit_tokens / res.prompt_tokens) and res.sharing > 0
         assert 0 < res.mean_kv <= res.peak_kv <= 1
+
+
+def test_causal_prefill_attention_adds_compute_only():
+    """With the cost model's "causal" option a step's compute carries its prefill-attention
+    pairs; weights and KV reads are the same; the paper's option ignores them."""
+    causal = CostModel.from_names("llama-3.1-8b", "a100", prefill_attention="causal")
+    paper = operator_seconds(COST, [2048, 64], [0, 10_000], [2048 * 2049 // 2, 0])
+    charged = operator_seconds(causal, [2048, 64], [0, 10_000], [2048 * 2049 // 2, 0])
+    assert list(charged.comp - paper.comp) == pytest.approx([2048 * 2049 // 2 * causal.seconds_per_attention_pair, 0])
+    assert list(charged.weights) == list(paper.weights) and list(charged.attn) == list(paper.attn)

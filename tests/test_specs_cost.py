@@ -245,3 +245,34 @@ def test_model_spec_rejects_nonpositive_fields():
     with pytest.raises(ValueError):
         ModelSpec("m", num_params=10, gemm_params=10, num_layers=0, num_kv_heads=1, head_dim=1,
                   dtype_bytes=2, max_context=16)
+
+
+# ---------------------------------------------------------------- prefill attention
+@pytest.mark.parametrize("cached,new", [(0, 1), (0, 7), (5, 3), (13, 1), (4, 9)])
+def test_prefill_attention_pairs_by_hand(cached, new):
+    """Query-key pairs of a causal mask over `cached` + `new` keys for the `new` queries, counted
+    one by one."""
+    from blendserve_sgl.core.cost import prefill_attention_pairs
+
+    count = sum(1 for q in range(cached, cached + new) for k in range(cached + new) if k <= q)
+    assert prefill_attention_pairs(cached, new) == count
+
+
+def test_prefill_attention_is_a_named_option():
+    """The paper's formula (default) charges no prefill attention; "causal" charges 4 x layers x
+    query heads x head_dim FLOPs per pair (Llama-3.1-8B: 4 x 32 x 32 x 128); an 8,192-token
+    prompt's attention is then 14% of its linear FLOPs."""
+    from blendserve_sgl.core.cost import prefill_attention_pairs
+
+    paper = CostModel.from_names("llama-3.1-8b", "a100")
+    causal = CostModel.from_names("llama-3.1-8b", "a100", prefill_attention="causal")
+    assert paper.prefill_attention == "paper" and paper.seconds_per_attention_pair == 0.0
+    assert causal.seconds_per_attention_pair == pytest.approx(4 * 32 * 32 * 128 / 312e12)
+    share = prefill_attention_pairs(0, 8192) * causal.seconds_per_attention_pair / causal.comp_time(8192)
+    assert share == pytest.approx(0.14, abs=0.005)
+    with pytest.raises(ValueError, match="prefill_attention must be one of"):
+        CostModel.from_names("llama-3.1-8b", "a100", prefill_attention="full")
+    bare = ModelSpec("m", num_params=10, gemm_params=10, num_layers=1, num_kv_heads=1, head_dim=1, dtype_bytes=2,
+                     max_context=8)
+    with pytest.raises(ValueError, match="num_heads"):
+        CostModel(bare, hardware("a100"), "causal")

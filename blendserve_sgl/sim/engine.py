@@ -21,8 +21,8 @@ One page holds one token (SGLang's default page_size). Each step:
    with their output so far (re-prefilled later).
 4. requests that reached their output length publish their KV to the cache and leave.
 
-Per step the engine records GEMM tokens, KV tokens read, running requests and KV pages held
-by running requests; `timing.py` turns them into seconds. Decoding requests live in NumPy
+Per step the engine records GEMM tokens, KV tokens read, prefill-attention query-key pairs,
+running requests and KV pages held by running requests; `timing.py` turns them into seconds. Decoding requests live in NumPy
 arrays (struct of arrays), so a decode round costs a few vector operations, not a Python loop.
 
 Engine features, the same for every picker (`EngineConfig`):
@@ -49,7 +49,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from ..core.cost import CostModel, memory_units
+from ..core.cost import CostModel, memory_units, prefill_attention_pairs
 from ..core.pacing import paced_prefill_tokens
 from ..core.tree import Group
 from .cache import RadixCache
@@ -151,7 +151,7 @@ class Engine:
         self._min_ratio = config.init_new_token_ratio * config.min_new_token_ratio_factor
         self._ratio_decay = (config.init_new_token_ratio - self._min_ratio) / config.new_token_ratio_decay_steps
         self.counters = Counters()
-        self.series = {k: [] for k in ("prefill", "decode", "kv_read", "kv_active", "running")}
+        self.series = {k: [] for k in ("prefill", "decode", "kv_read", "attn_pairs", "kv_active", "running")}
         self.finish_order: list = []
         # the waiting requests' work, for the pacing target: known lengths exactly (compute
         # tokens, memory units), the others as (count, fill tokens, min(max_new, clip) tokens)
@@ -321,11 +321,12 @@ class Engine:
                         self.picker.rejected(picks[i:])
                         break
         budget = self.chunk
-        prefill = 0
+        prefill = pairs = 0
         done = []
         while self.prefilling and budget > 0:
             r = self.prefilling[0]
             chunk = min(r.prefill_left, budget)
+            pairs += prefill_attention_pairs(r.fill_len - r.prefill_left, chunk)
             r.prefill_left -= chunk
             budget -= chunk
             prefill += chunk
@@ -347,6 +348,7 @@ class Engine:
         s["prefill"].append(prefill)
         s["decode"].append(decode)
         s["kv_read"].append(kv_read)
+        s["attn_pairs"].append(pairs)
         s["kv_active"].append(self.config.kv_tokens - self.free_tokens - self.cache.evictable_tokens)
         s["running"].append(self.n_dec + len(self.prefilling))
 

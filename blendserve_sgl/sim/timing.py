@@ -3,7 +3,8 @@
 Per step the engine records the tokens that pass through the GEMMs (prefill + one per decoding
 request) and the KV tokens decode attention reads. With the cost model (`core/cost.py`):
 
-    comp  = 2 P tokens / FLOPS               GEMM compute
+    comp  = 2 P tokens / FLOPS               GEMM compute (+ prefill attention with the cost
+                                             model's prefill_attention="causal")
     w     = weight bytes / BW                every step that runs a GEMM reads the weights once
     attn  = KV bytes read / BW               decode attention, memory-bound
     mem   = w + attn                         all of the step's HBM traffic
@@ -59,9 +60,12 @@ class StepSeconds(tuple):
     attn = property(lambda self: self[2])
 
 
-def operator_seconds(cost: CostModel, gemm_tokens, kv_read_tokens) -> StepSeconds:
-    """(GEMM compute, weight read, decode-attention read) seconds per step."""
+def operator_seconds(cost: CostModel, gemm_tokens, kv_read_tokens, attention_pairs=None) -> StepSeconds:
+    """(compute, weight read, decode-attention read) seconds per step; compute is the GEMMs plus,
+    with `cost.prefill_attention == "causal"`, the prefill attention's query-key pairs."""
     comp = np.asarray(gemm_tokens, dtype=np.float64) * cost.seconds_per_compute_token
+    if attention_pairs is not None and cost.seconds_per_attention_pair:
+        comp = comp + np.asarray(attention_pairs, dtype=np.float64) * cost.seconds_per_attention_pair
     weights = np.where(comp > 0, weight_seconds(cost), 0.0)
     attn = np.asarray(kv_read_tokens, dtype=np.float64) * (cost.kv_bytes_per_token / cost.hardware.effective_bandwidth)
     return StepSeconds(comp, weights, attn)
