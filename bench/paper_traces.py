@@ -15,9 +15,10 @@ Row groups per trace (`group` in the table):
   the plugin's scanner configuration and the engine's step count (metering).
 - `product`: what a user runs: SGLang's stock policies on the stock engine (fixed chunk, no
   pacing) against blend as the plugin ships it (its configuration, no metering, stock engine).
-- `needs KV projection`: the method group's engine plus the KV projection (admission counts KV
-  that known-length running requests release); SGLang cannot do this.
 - `known lengths`: the method group with output lengths known (ignore_eos).
+- `needs KV projection`: the known-lengths group plus the KV projection (admission counts KV
+  that known-length running requests release; with estimated lengths nothing is known to end,
+  and the projection changes nothing: a test shows it); SGLang cannot do this.
 - `ablation`: blend without metering on the method engine.
 
     python bench/paper_traces.py                    # 100,000 requests per trace -> results/paper_traces.json + .png
@@ -165,10 +166,10 @@ def main() -> None:
     specs = {  # group -> (the run spec, the policies run with it)
         "method": (RunSpec(cost, method, scan=scan, seed=args.seed), POLICIES),
         "product": (RunSpec(cost, stock, scan=scan, seed=args.seed, meter=False), (*STOCK, "blend")),
-        "needs KV projection": (RunSpec(cost, replace(method, kv_projection=True), scan=scan, seed=args.seed),
-                                ("sglang-dfs-weight", "dfs", "balance", "blend")),
         "known lengths": (RunSpec(cost, method, scan=scan, seed=args.seed, known_lengths=True),
                           ("sglang-dfs-weight", "dfs", "balance", "blend")),
+        "needs KV projection": (RunSpec(cost, replace(method, kv_projection=True), scan=scan, seed=args.seed,
+                                        known_lengths=True), ("sglang-dfs-weight", "dfs", "balance", "blend")),
         "ablation: blend unmetered": (RunSpec(cost, method, scan=scan, seed=args.seed, meter=False), ("blend",)),
     }
     rows, traces_info, panels, interference = [], {}, {}, []
