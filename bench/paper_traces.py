@@ -11,10 +11,11 @@ each is also timed with prefill attention charged (`*_causal_attention`: the cos
 
 Row groups per trace (`group` in the table):
 - `method`: every policy (fcfs, sglang-lpm, sglang-dfs-weight, dfs, balance, blend) on the same
-  engine with the same features (`rules`: paced prefill for all, no KV projection); blend with
-  the plugin's scanner configuration and the engine's step count (metering).
+  engine with the same features (`rules`: paced prefill for all, no KV projection); blend runs
+  the plugin's preset (`core/preset.py`: scanner, estimator, metering).
 - `product`: what a user runs: SGLang's stock policies on the stock engine (fixed chunk, no
-  pacing) against blend as the plugin ships it (its configuration, no metering, stock engine).
+  pacing) against blend as the plugin ships it (the preset, with the paced prefill the plugin
+  sets in SGLang when the preset says so).
 - `known lengths`: the method group with output lengths known (ignore_eos).
 - `needs KV projection`: the known-lengths group plus the KV projection (admission counts KV
   that known-length running requests release; with estimated lengths nothing is known to end,
@@ -38,7 +39,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import RESULTS, peak_rss_mb, table, write  # noqa: E402
-from blendserve_sgl.core import CostModel, ScanConfig  # noqa: E402
+from blendserve_sgl.core import CostModel  # noqa: E402
+from blendserve_sgl.core.preset import PRESET  # noqa: E402
 from blendserve_sgl.sim import POLICIES, EngineConfig, ExecModel, RunSpec, Workload, simulate  # noqa: E402
 from blendserve_sgl.sim.metrics import binned  # noqa: E402
 from blendserve_sgl.sim.traces import TRACES, trace  # noqa: E402
@@ -53,19 +55,6 @@ TIMING_RULE = ("overlapped: max(comp, w + attn) + 0.1 x min(comp, w + attn); seq
 LENGTH_RULE = ("estimated: requests stop at EOS and carry max_tokens (4 x the longest output); blend samples 1% "
                "first (the plugin's sample phase); engine pacing assumes the mean output of the requests finished "
                "so far for every policy")
-
-
-def shipped_scan() -> ScanConfig:
-    """The scanner configuration the SGLang plugin builds (its preset when there is one)."""
-    try:
-        from blendserve_sgl.core.preset import PRESET  # noqa: PLC0415
-        return PRESET
-    except ImportError:
-        from blendserve_sgl.sglang_plugin.settings import BlendSettings  # noqa: PLC0415
-
-        s = BlendSettings()
-        return ScanConfig(keep_sharing=s.keep_sharing, hold_prefix_tokens=s.hold_prefix_tokens,
-                          fill_while_sampling=True, final_wave=s.final_wave)
 
 
 def row_of(trace_name: str, group: str, label: str, res, others: dict | None = None) -> dict:
@@ -162,15 +151,16 @@ def main() -> None:
     cost = COST
     stock = EngineConfig.for_cost(cost, max_running=1024, chunked_prefill=1024)
     method = replace(stock, pace=True)
-    scan = shipped_scan()
+    shipped = RunSpec(cost, replace(stock, pace=PRESET.pacing), seed=args.seed)  # blend as the plugin ships it
     specs = {  # group -> (the run spec, the policies run with it)
-        "method": (RunSpec(cost, method, scan=scan, seed=args.seed), POLICIES),
-        "product": (RunSpec(cost, stock, scan=scan, seed=args.seed, meter=False), (*STOCK, "blend")),
-        "known lengths": (RunSpec(cost, method, scan=scan, seed=args.seed, known_lengths=True),
+        "method": (RunSpec(cost, method, seed=args.seed), POLICIES),
+        "product": (RunSpec(cost, stock, seed=args.seed), (*STOCK, "blend")),
+        "known lengths": (RunSpec(cost, method, seed=args.seed, known_lengths=True),
                           ("sglang-dfs-weight", "dfs", "balance", "blend")),
-        "needs KV projection": (RunSpec(cost, replace(method, kv_projection=True), scan=scan, seed=args.seed,
+        "needs KV projection": (RunSpec(cost, replace(method, kv_projection=True), seed=args.seed,
                                         known_lengths=True), ("sglang-dfs-weight", "dfs", "balance", "blend")),
-        "ablation: blend unmetered": (RunSpec(cost, method, scan=scan, seed=args.seed, meter=False), ("blend",)),
+        "ablation: blend unmetered": (RunSpec(cost, method, preset=PRESET.replace(metering=False), seed=args.seed),
+                                      ("blend",)),
     }
     rows, traces_info, panels, interference = [], {}, {}, []
     vs = {g: [] for g in specs}
@@ -187,7 +177,7 @@ def main() -> None:
         for group, (spec, policies) in specs.items():
             group_rows = []
             for p in policies:
-                res = simulate(wl, p, spec)
+                res = simulate(wl, p, shipped if group == "product" and p == "blend" else spec)
                 label = "blend as shipped" if group == "product" and p == "blend" else p
                 row = row_of(name, group, label, res)
                 group_rows.append(row)
@@ -245,9 +235,12 @@ def main() -> None:
                                       "chunked_prefill": method.chunked_prefill, "max_running": method.max_running,
                                       "mixed_chunk": method.mixed_chunk, "kv_tokens": method.kv_tokens},
                   "timing": TIMING_RULE, "output_lengths": LENGTH_RULE,
-                  "blend_scan_config": {k: getattr(scan, k) for k in scan.__dataclass_fields__},
-                  "blend_metered": True,
-                  "blend_as_shipped": "plugin's scanner configuration, no metering, stock engine (no pacing)",
+                  "blend_preset": {"scan": {k: getattr(PRESET.scan, k) for k in PRESET.scan.__dataclass_fields__},
+                                   "estimator": {k: getattr(PRESET.estimator, k)
+                                                 for k in PRESET.estimator.__dataclass_fields__},
+                                   "pacing": PRESET.pacing, "metering": PRESET.metering},
+                  "blend_as_shipped": "the preset on the stock engine, paced prefill when the preset paces "
+                                      "(the plugin sets it in SGLang); stock policies on the stock engine",
                   "optimal": "T_o = max((1 - s_o) T_comp, T_mem) (the paper's)",
                   "weight_bound": "T_w = max((1 - s_o) T_comp, T_mem + N_min w), N_min = max(longest output, "
                                   "ceil(output tokens / max_running))"},

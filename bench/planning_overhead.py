@@ -74,16 +74,14 @@ def build_requests(n: int, vocab: int, systems: int = 4, docs: int = 50, seed: i
 
 def offline_tree_cost(model_dir: Path, prompts, outs, kv_tokens: int, prefill: int) -> dict:
     """Insert every arrival into the policy's tree (no engine) and plan once over all of them."""
-    from blendserve_sgl.core import Budget, CostModel, DualScanner, OutputLengthEstimator, ResourceTree, ScanConfig
+    from blendserve_sgl.core import Budget, CostModel, DualScanner, ResourceTree
+    from blendserve_sgl.core.preset import PRESET
     from blendserve_sgl.core.specs import ModelSpec, hardware
-    from blendserve_sgl.sglang_plugin.settings import BlendSettings
 
-    st = BlendSettings()
     cfg = json.loads((model_dir / "config.json").read_text())
     cost = CostModel(ModelSpec.from_hf_config(cfg, name="tiny"), hardware("cpu"))
-    tree = ResourceTree(cost, OutputLengthEstimator(prior=st.prior_output_len, sample_fraction=st.sample_fraction,
-                                                    seed=st.seed))
-    scanner = DualScanner(tree, ScanConfig(keep_sharing=st.keep_sharing, hold_prefix_tokens=st.hold_prefix_tokens))
+    tree = ResourceTree(cost, PRESET.estimator)
+    scanner = DualScanner(tree, PRESET.scan)
     t0 = time.perf_counter()
     for i, (p, d) in enumerate(zip(prompts, outs)):
         scanner.add(i, tokens=list(p), output_len=d, max_tokens=d)

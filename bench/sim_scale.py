@@ -23,7 +23,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import peak_rss_mb, table, write  # noqa: E402
-from bench.paper_traces import shipped_scan  # noqa: E402
 from blendserve_sgl.core import CostModel  # noqa: E402
 from blendserve_sgl.sim import EngineConfig, ExecModel, RunSpec, Workload, simulate  # noqa: E402
 from blendserve_sgl.sim.traces import trace  # noqa: E402
@@ -44,8 +43,7 @@ def main() -> None:
     records, rep = trace(args.trace, n, cost)
     wl = Workload(records, cost)
     setup = time.perf_counter() - t0
-    spec = RunSpec(cost, EngineConfig.for_cost(cost, max_running=1024, chunked_prefill=1024, pace=True),
-                   scan=shipped_scan())
+    spec = RunSpec(cost, EngineConfig.for_cost(cost, max_running=1024, chunked_prefill=1024, pace=True))
     out = {"requests": n, "trace": args.trace, "density": round(wl.density, 4), "sharing": round(wl.sharing, 4),
            "workload_build_seconds": round(setup, 1)}
     rows = [("workload build (mix + reference tree)", round(setup, 1), "", "")]

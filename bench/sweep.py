@@ -23,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dataclasses import replace  # noqa: E402
 
 from bench._common import RESULTS, table, write  # noqa: E402
-from bench.paper_traces import LENGTH_RULE, MODES, TIMING_RULE, shipped_scan  # noqa: E402
+from bench.paper_traces import LENGTH_RULE, MODES, TIMING_RULE  # noqa: E402
 from blendserve_sgl.core import CostModel  # noqa: E402
+from blendserve_sgl.core.preset import PRESET  # noqa: E402
 from blendserve_sgl.sim import POLICIES, EngineConfig, RunSpec, Workload, simulate  # noqa: E402
 from blendserve_sgl.sim.traces import TRACES, mix, trace  # noqa: E402
 
@@ -64,8 +65,7 @@ def main() -> None:
     sharings = [0.05, 0.45] if args.quick else [0.05, 0.15, 0.25, 0.35, 0.45]
     cost = CostModel.from_names("llama-3.1-8b", "a100")
     engine = EngineConfig.for_cost(cost, max_running=1024, chunked_prefill=1024, pace=True)
-    scan = shipped_scan()
-    base = RunSpec(cost, engine, scan=scan, seed=args.seed)
+    base = RunSpec(cost, engine, seed=args.seed)
     t_all = time.perf_counter()
 
     cells, grid = [], []
@@ -103,10 +103,11 @@ def main() -> None:
         records, _ = trace(name, n, cost, args.seed)
         wl = Workload(records, cost)
         dfs = simulate(wl, "dfs", base)
-        runs = [("keep_sharing", k, replace(base, scan=replace(scan, keep_sharing=k)))
+        runs = [("keep_sharing", k, replace(base, preset=PRESET.replace(keep_sharing=k)))
                 for k in (1.0, 0.999, 0.99, 0.95, 0.9)]
         runs.append(("sample_fraction", "known lengths", replace(base, known_lengths=True)))
-        runs += [("sample_fraction", f, replace(base, sample_fraction=f)) for f in (0.005, 0.01, 0.02, 0.05)]
+        runs += [("sample_fraction", f, replace(base, preset=PRESET.replace(sample_fraction=f)))
+                 for f in (0.005, 0.01, 0.02, 0.05)]
         for knob, value, spec in runs:
             res = simulate(wl, "blend", spec)
             row = {"trace": name, "knob": knob, "value": value,

@@ -159,11 +159,9 @@ def test_help_lists_blend_and_its_flags():
 
 
 def test_bad_knob_fails_before_the_engine_starts(tiny_llama):
-    """A bad BLENDSERVE_* value stops `launch_server` at argument checking, naming the variable."""
-    t0 = time.time()
+    """A bad `--blend-*` value stops `launch_server` at argument parsing, naming the flag."""
     out = subprocess.run([sys.executable, "-m", "sglang.launch_server", "--model-path", tiny_llama,
                           "--schedule-policy", "blend", "--blend-sample-fraction", "2", "--device", "cpu"],
-                         env=ENV, capture_output=True, text=True, timeout=300, start_new_session=True)
-    assert out.returncode != 0
-    assert "BLENDSERVE_SAMPLE_FRACTION" in out.stdout + out.stderr
-    assert time.time() - t0 < 120
+                         env=ENV, capture_output=True, text=True, timeout=600, start_new_session=True)
+    assert out.returncode == 2
+    assert "--blend-sample-fraction" in out.stdout + out.stderr

@@ -251,3 +251,66 @@ def test_overrun_moves_left_request_to_right():
     adm2 = {a.rid: a for a in sc2.schedule(BIG)}
     assert adm2["known"].side == LEFT
     assert sc2.progress("known", 10 ** 6) is False and sc2.running["known"].side == LEFT
+
+
+# ---------------------------------------------------------------- percentile and censored samples
+def _nearest_rank(values, q):
+    """Brute force: the smallest value with at least q of the values at or below it."""
+    for v in sorted(values):
+        if sum(x <= v for x in values) >= q * len(values) - 1e-9:
+            return v
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(1, 5000), min_size=1, max_size=12), st.sampled_from([0.1, 0.5, 0.75, 0.9, 1.0]))
+def test_percentile_estimate_equals_brute_force(values, q):
+    from blendserve_sgl.core import OutputLengthEstimator
+
+    est = OutputLengthEstimator(percentile=q)
+    assert est.summarize([(v, None) for v in values]) == _nearest_rank(values, q)
+    assert OutputLengthEstimator(censored=True).summarize([(v, None) for v in values]) == pytest.approx(
+        sum(values) / len(values))
+
+
+def test_censored_samples_are_at_least_their_output_so_far_and_at_most_max_tokens():
+    """A running sample with 300 tokens so far takes the mean of the finished ones at least as
+    long (400, 800: 600); one past every finished sample takes its max_tokens."""
+    from blendserve_sgl.core import OutputLengthEstimator
+
+    est = OutputLengthEstimator(censored=True)
+    assert est.summarize([(10, None), (400, None), (800, None), (300, 5000)]) == pytest.approx((10 + 400 + 800 + 600) / 4)
+    assert est.summarize([(10, None), (20, None), (900, 12_000)]) == pytest.approx((10 + 20 + 12_000) / 3)
+    assert OutputLengthEstimator(censored=True, percentile=1.0).summarize([(10, None), (900, 12_000)]) == 12_000
+
+
+def test_censored_switch_changes_the_plan_made_at_the_quorum():
+    """The plan made at the sample quorum (half the sample finished at 20 tokens, half still
+    running at 700): the plain estimator counts 700 as their length; the censored one counts
+    them as at least 700 and, with no finished sample that long, as their max_tokens (4,000)."""
+    def plan(est):
+        tree = ResourceTree(COST, est)
+        for i in range(40):
+            tree.add(i, prompt_len=100, prefix=(("sysA" if i % 2 else "sysB", 50),), max_tokens=4000)
+        sc = DualScanner(tree, ScanConfig(sample_quorum=0.5))
+        sample = [a.rid for a in sc.schedule(Budget(1e15, 100, 10 ** 6)) if a.side == SAMPLE]
+        assert len(sample) == 8
+        for rid in sample[4:]:
+            sc.progress(rid, 700)
+        for rid in sample[:4]:
+            sc.finished(rid, 20)
+        assert sc.planned
+        return sorted(r.output_len for r in sc.tree.reqs.values())
+
+    plain = plan(OutputLengthEstimator(sample_fraction=0.2, seed=1))
+    censored = plan(OutputLengthEstimator(sample_fraction=0.2, seed=1, censored=True))
+    assert max(plain) <= 700 and min(censored) > max(plain), (plain[-1], censored[0])
+
+
+def test_estimator_switches_are_preset_fields():
+    from blendserve_sgl.core.preset import PRESET
+
+    ablation = PRESET.replace(censored=True, percentile=0.9, overrun_factor=3.0)
+    assert (ablation.estimator.censored, ablation.estimator.percentile, ablation.estimator.overrun_factor) == (True, 0.9, 3.0)
+    assert ablation.scan == PRESET.scan and PRESET.estimator.percentile is None and not PRESET.estimator.censored
+    with pytest.raises(ValueError, match="percentile"):
+        PRESET.replace(percentile=0.0)

@@ -13,38 +13,80 @@ from blendserve_sgl import sglang_plugin
 from blendserve_sgl.sglang_plugin.settings import BlendSettings
 
 
-def test_settings_from_env_defaults_and_errors():
-    assert BlendSettings.from_env({}) == BlendSettings()
-    s = BlendSettings.from_env({"BLENDSERVE_HARDWARE": "a100", "BLENDSERVE_SAMPLE_FRACTION": "0.05",
-                                "BLENDSERVE_KEEP_SHARING": "0.95", "BLENDSERVE_SEED": "3"})
+def test_settings_load_defaults_and_errors():
+    assert BlendSettings.load({}) == BlendSettings()
+    s = BlendSettings.load({"BLENDSERVE_HARDWARE": "a100", "BLENDSERVE_SAMPLE_FRACTION": "0.05",
+                            "BLENDSERVE_KEEP_SHARING": "0.95", "BLENDSERVE_SEED": "3"})
     assert (s.hardware, s.sample_fraction, s.keep_sharing, s.seed) == ("a100", 0.05, 0.95, 3)
     assert BlendSettings().final_wave is True
-    assert BlendSettings.from_env({"BLENDSERVE_FINAL_WAVE": "0"}).final_wave is False
-    assert BlendSettings.from_env({"BLENDSERVE_FINAL_WAVE": " Off "}).final_wave is False
-    assert BlendSettings.from_env({"BLENDSERVE_FINAL_WAVE": "yes"}).final_wave is True
+    assert BlendSettings.load({"BLENDSERVE_FINAL_WAVE": "0"}).final_wave is False
+    assert BlendSettings.load({"BLENDSERVE_FINAL_WAVE": " Off "}).final_wave is False
+    assert BlendSettings.load({"BLENDSERVE_FINAL_WAVE": "yes"}).final_wave is True
+    assert BlendSettings.load({"BLENDSERVE_PACING": "0"}, {"pacing": True}).pacing is True  # the flag wins
     for env, needle in (({"BLENDSERVE_SAMPLE_FRACTION": "2"}, "BLENDSERVE_SAMPLE_FRACTION"),
                         ({"BLENDSERVE_SAMPLE_FRACTION": "lots"}, "BLENDSERVE_SAMPLE_FRACTION"),
                         ({"BLENDSERVE_KEEP_SHARING": "nan"}, "BLENDSERVE_KEEP_SHARING"),
                         ({"BLENDSERVE_HARDWARE": "tpu"}, "BLENDSERVE_HARDWARE"),
                         ({"BLENDSERVE_PRIOR_OUTPUT_LEN": "0"}, "BLENDSERVE_PRIOR_OUTPUT_LEN"),
+                        ({"BLENDSERVE_PRIOR_OUTPUT_LEN": "1.5"}, "an integer"),
+                        ({"BLENDSERVE_METERING": "maybe"}, "BLENDSERVE_METERING"),
                         ({"BLENDSERVE_FINAL_WAVE": "maybe"}, "BLENDSERVE_FINAL_WAVE")):
         with pytest.raises(ValueError, match=needle):
-            BlendSettings.from_env(env)
+            BlendSettings.load(env)
+    with pytest.raises(ValueError, match="BLENDSERVE_SEED"):
+        BlendSettings(seed=-1)
+    with pytest.raises(ValueError, match="BLENDSERVE_FINAL_WAVE"):
+        BlendSettings(final_wave="yes")
 
 
-def test_cli_hook_adds_blend_and_flags_that_set_the_environment(monkeypatch):
+def test_settings_override_the_preset_and_defaults_are_the_presets():
+    from dataclasses import replace
+
+    from blendserve_sgl.core.preset import PRESET
+    from blendserve_sgl.sglang_plugin.settings import KNOBS
+
+    assert BlendSettings().preset() == PRESET
+    for knob in KNOBS.values():
+        if knob.preset:
+            assert getattr(BlendSettings(), knob.name) == PRESET.leaf(knob.preset)
+    s = BlendSettings(keep_sharing=0.9, prior_output_len=64, final_wave=False, pacing=False, seed=5)
+    assert s.preset() == replace(PRESET, pacing=False, scan=replace(PRESET.scan, keep_sharing=0.9, final_wave=False),
+                                 estimator=replace(PRESET.estimator, prior=64, seed=5))
+    with pytest.raises(ValueError, match="unknown blend preset field"):
+        PRESET.replace(nope=1)
+
+
+def test_cli_flags_are_typed_checked_and_leave_the_environment_alone(monkeypatch, capsys):
+    import os
+
     parser = argparse.ArgumentParser()
     parser.add_argument("--schedule-policy", choices=["lpm", "fcfs"], default="fcfs")
     sglang_plugin._after_add_cli_args(None, parser)
     sglang_plugin._after_add_cli_args(None, parser)  # idempotent
     monkeypatch.delenv("BLENDSERVE_KEEP_SHARING", raising=False)
-    args = parser.parse_args(["--schedule-policy", "blend", "--blend-keep-sharing", "0.9"])
-    assert args.schedule_policy == "blend"
-    import os
-
-    assert os.environ["BLENDSERVE_KEEP_SHARING"] == "0.9"
+    before = dict(os.environ)
+    args = parser.parse_args(["--schedule-policy", "blend", "--blend-keep-sharing", "0.9", "--blend-pacing", "off"])
+    assert args.schedule_policy == "blend" and args.blend_keep_sharing == 0.9 and args.blend_pacing is False
+    assert dict(os.environ) == before, "parsing flags must not write os.environ"
+    # the flags reach the ServerArgs as one settings object (what the scheduler process reads)
+    server_args = sglang_plugin._after_from_cli_args(SimpleNamespace(schedule_policy="blend"), object, args)
+    assert server_args._blend_settings == BlendSettings(keep_sharing=0.9, pacing=False)
     with pytest.raises(SystemExit):
         parser.parse_args(["--schedule-policy", "nope"])
+    for bad in (["--blend-keep-sharing", "2"], ["--blend-sample-fraction", "x"], ["--blend-final-wave", "maybe"],
+                ["--blend-hardware", "tpu"], ["--blend-seed", "-3"]):
+        capsys.readouterr()
+        with pytest.raises(SystemExit):
+            parser.parse_args(["--schedule-policy", "blend", *bad])
+        err = capsys.readouterr().err
+        assert bad[0] in err and "BLENDSERVE_" not in err, err
+
+
+def test_bad_variable_fails_when_server_args_are_built(monkeypatch):
+    monkeypatch.setenv("BLENDSERVE_KEEP_SHARING", "1.5")
+    with pytest.raises(ValueError, match="BLENDSERVE_KEEP_SHARING='1.5'"):
+        sglang_plugin._before_server_args_post_init(SimpleNamespace(schedule_policy="blend"))
+    sglang_plugin._before_server_args_post_init(SimpleNamespace(schedule_policy="fcfs"))  # not blend: not read
 
 
 def test_version_mismatch_names_the_version_needed(monkeypatch):
@@ -89,6 +131,9 @@ class FakeScheduler:
                 remaining_total=self.capacity - self.used - num_mixed_decode_tokens))
         self.tree_cache = None
         self.chunked_prefill_size, self.max_prefill_tokens = 512, 4096
+        self.max_total_num_tokens = capacity
+        self.forward_ct = 0
+        self.page_size, self.truncation_align_size = 1, None
         self.waiting_queue = []
 
     def get_num_allocatable_reqs(self, running_bs, running_batch=None):
@@ -144,6 +189,7 @@ def test_adapter_loses_nothing_and_admits_each_request_once():
                 running.append(r)
             assert {r.rid for r in sched.waiting_queue} | set(admitted) | aborted == set(reqs)
             assert len(sched.waiting_queue) == len({r.rid for r in sched.waiting_queue})
+        sched.forward_ct += 1
         for r in list(running):  # decode one token; finish at the limit; rarely retract
             r.output_ids.append(7)
             if len(r.output_ids) >= r.sampling_params.max_new_tokens:
@@ -188,9 +234,143 @@ def test_readme_documents_every_knob_with_its_default():
     from blendserve_sgl.sglang_plugin.settings import KNOBS
 
     readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
-    for field, (var, flag, _) in KNOBS.items():
-        default = getattr(BlendSettings(), field)
+    for knob in KNOBS.values():
+        default = knob.default_value
         default = int(default) if isinstance(default, bool) else default  # written 1 / 0
-        row = next((line for line in readme.splitlines() if f"`{var}`" in line), None)
-        assert row is not None, f"README has no row for {var}"
-        assert f"`{flag}`" in row and f"`{default}`" in row, f"README row for {var} lacks {flag} or default {default}"
+        row = next((line for line in readme.splitlines() if f"`{knob.var}`" in line), None)
+        assert row is not None, f"README has no row for {knob.var}"
+        assert f"`{knob.flag}`" in row and f"`{default}`" in row, f"README row for {knob.var} lacks {knob.flag} or default {default}"
+
+
+def test_installed_sglang_has_every_name_the_plugin_touches():
+    assert sglang_plugin.compatibility_problems() == []
+    problems = sglang_plugin.compatibility_problems(SimpleNamespace(waiting_queue=[]))
+    assert "Scheduler has no attribute 'forward_ct'" in problems
+
+
+def test_policy_delegates_explicitly_what_the_scheduler_calls():
+    from blendserve_sgl.sglang_plugin.policy import BlendPolicy
+
+    assert "__getattr__" not in vars(BlendPolicy)
+    calls = []
+    stock = SimpleNamespace(waiting_queue_prefix_matched=lambda q: calls.append(("matched", q)) or True,
+                            shortest_prefill_chunk_limit=lambda *a: calls.append(("limit", a)) or 7)
+    pol = BlendPolicy(FakeScheduler(), stock, BlendSettings(hardware="a100"))
+    assert pol.waiting_queue_prefix_matched([]) is True and pol.shortest_prefill_chunk_limit(1, [], 2, 1) == 7
+    assert [c[0] for c in calls] == ["matched", "limit"]
+    with pytest.raises(AttributeError):
+        pol.some_other_stock_attribute  # noqa: B018
+
+
+@pytest.mark.parametrize("hint", ["abc", [3], float("inf"), float("nan"), -4, True, {"n": 1}, 2.5])
+def test_bad_output_length_hint_is_ignored_with_a_warning(hint, caplog):
+    """A bad `custom_params.blendserve_output_len` must not kill the scheduler: the request is
+    planned with an estimated length and runs like the others."""
+    sched = FakeScheduler()
+    pol = _make_policy(sched, sample_fraction=0.0)
+    good, bad = FakeReq("good", [1] * 10, 16), FakeReq("bad", [1] * 10 + [2], 16)
+    good.sampling_params.custom_params = {"blendserve_output_len": 5}
+    bad.sampling_params.custom_params = {"blendserve_output_len": hint}
+    with caplog.at_level("WARNING"):
+        for r in (good, bad):
+            sched.waiting_queue.append(r)
+            pol.on_arrival(r)
+    assert "bad" in pol.waiting and pol.tree.reqs["bad"].known is False
+    assert pol.tree.reqs["good"].known and pol.tree.reqs["good"].output_len == 5
+    assert any("blendserve_output_len" in rec.getMessage() and "'bad'" in rec.getMessage() for rec in caplog.records)
+    pol.calc_priority(sched.waiting_queue, SimpleNamespace(reqs=[]))
+    assert {r.rid for r in sched.waiting_queue} == {"good", "bad"}
+    sched.waiting_queue = []
+    pol.after_step()
+    assert not sched.waiting_queue and set(pol.running) == {"good", "bad"}
+
+
+def test_good_output_length_hints_are_known_lengths():
+    from blendserve_sgl.sglang_plugin.policy import output_len_hint
+
+    assert [output_len_hint(v, "r") for v in (0, 7, 7.0, " 12 ", None)] == [0, 7, 7, 12, None]
+
+
+def test_paced_step_sets_and_restores_the_prefill_budget():
+    """begin_step sets SGLang's prefill-token budget and chunk size to core.pacing's value for the
+    running batch and the waiting work's density (never above the configured sizes); end_step
+    puts the configured sizes back."""
+    from blendserve_sgl.core.pacing import paced_prefill_tokens
+
+    sched = FakeScheduler(capacity=100_000)
+    sched.chunked_prefill_size, sched.max_prefill_tokens = 100_000, 100_000
+    pol = _make_policy(sched, sample_fraction=0.0)
+    for i in range(20):
+        r = FakeReq(f"w{i}", [1] * 50 + [i + 2] * 200, 400, ignore_eos=True)
+        sched.waiting_queue.append(r)
+        pol.on_arrival(r)
+    running = [FakeReq(f"run{i}", [9] * 300, 64) for i in range(8)]
+    for r in running:
+        r.output_ids = [7] * 20
+    root = pol.tree.root
+    want = paced_prefill_tokens(pol.cost, 8 * 320, 8, pol.cost.density(root.tokens, root.mem))
+    assert want < 100_000
+    pol.begin_step(SimpleNamespace(reqs=running))
+    assert sched.max_prefill_tokens == want and sched.chunked_prefill_size == want
+    assert pol._budget(SimpleNamespace(reqs=running)).prefill_tokens == want  # the plan sees the paced budget
+    pol.end_step()
+    assert (sched.max_prefill_tokens, sched.chunked_prefill_size) == (100_000, 100_000)
+    sched.chunked_prefill_size = None  # chunked prefill off: only the step's token budget is paced
+    pol.begin_step(SimpleNamespace(reqs=running))
+    assert sched.max_prefill_tokens == want and sched.chunked_prefill_size is None
+    pol.end_step()
+    off = _make_policy(sched, sample_fraction=0.0, pacing=False)
+    off.on_arrival(sched.waiting_queue[0])
+    off.begin_step(SimpleNamespace(reqs=running))
+    assert sched.max_prefill_tokens == 100_000
+    off.end_step()
+
+
+def test_plugin_and_simulator_build_the_same_blend_configuration():
+    """The plugin (default settings) and the simulator's blend picker run one preset: the same
+    scanner configuration, estimator, pacing and metering."""
+    from blendserve_sgl.core.preset import PRESET
+    from blendserve_sgl.sim.policies import make_picker
+
+    pol = _make_policy(FakeScheduler())
+    picker = make_picker("blend", [], pol.cost)
+    assert pol.preset == picker.preset == PRESET
+    assert pol.scanner.config == picker.scanner.config == PRESET.scan
+    assert pol.tree.estimator == picker.tree.estimator == PRESET.estimator
+    assert picker.meter == PRESET.metering  # pacing is an engine feature in the simulator (EngineConfig.pace)
+    ablation = PRESET.replace(final_wave=False)
+    assert make_picker("blend", [], pol.cost, preset=ablation).scanner.config.final_wave is False
+
+
+def test_cpu_kernel_fallback_only_for_the_cpu_engine(monkeypatch):
+    """The pure-torch sgl_kernel stand-in is installed only for SGLang's CPU engine: on a machine
+    with a GPU driver and without SGLANG_USE_CPU_ENGINE, install() does nothing."""
+    import sys as _sys
+
+    import kernels.cpu_fallback as fb
+
+    monkeypatch.setattr(fb, "_gpu_present", lambda: True)
+    monkeypatch.delenv("SGLANG_USE_CPU_ENGINE", raising=False)
+    finders = list(_sys.meta_path)
+    assert fb.cpu_engine() is False and fb.install() is False
+    assert _sys.meta_path == finders
+    monkeypatch.setenv("SGLANG_USE_CPU_ENGINE", "1")
+    assert fb.cpu_engine() is True
+    monkeypatch.delenv("SGLANG_USE_CPU_ENGINE")
+    monkeypatch.setattr(fb, "_gpu_present", lambda: False)
+    assert fb.cpu_engine() is True
+
+
+def test_settings_ride_to_the_scheduler_on_pickled_server_args():
+    """SGLang spawns its scheduler with the ServerArgs pickled: the settings attached in the
+    launching process travel with them (no environment variable involved)."""
+    import pickle
+
+    from sglang.srt.server_args import ServerArgs
+
+    from blendserve_sgl.sglang_plugin.settings import SETTINGS_ATTR
+
+    args = ServerArgs(model_path="/nonexistent", device="cpu")  # resolved: its fields are sealed now
+    setattr(args, SETTINGS_ATTR, BlendSettings(sample_fraction=0.05, pacing=False))
+    assert getattr(pickle.loads(pickle.dumps(args)), SETTINGS_ATTR) == BlendSettings(sample_fraction=0.05, pacing=False)
+    assert _make_policy(FakeScheduler(), sample_fraction=0.05).stats()["settings"]["sample_fraction"] == 0.05

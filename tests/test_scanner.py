@@ -360,12 +360,12 @@ def test_metered_sides_admit_memory_work_at_their_share_rate():
     # banked credit: 500 steps without an admission (no slot) buy at most credit_steps x rate
     sc2 = DualScanner(_tree(records), ScanConfig(credit_steps=64))
     assert sc2.schedule(Budget(1e15, 0, 10 ** 6, steps=500, kv_pool=pool)) == []
-    assert sc2.credit[RIGHT] + sc2.credit[LEFT] <= 64 * pool * (1 + 1e-9)
+    assert sc2.sides[RIGHT].credit + sc2.sides[LEFT].credit <= 64 * pool * (1 + 1e-9)
     adm = sc2.schedule(Budget(1e15, 1000, 10 ** 6, steps=1, kv_pool=pool))
     assert 1 <= len(adm) <= 2
-    before = sc2.credit[adm[0].side]
+    before = sc2.sides[adm[0].side].credit
     sc2.cancel(adm[0].rid)
-    assert sc2.credit[adm[0].side] == pytest.approx(before + work)
+    assert sc2.sides[adm[0].side].credit == pytest.approx(before + work)
 
 
 def test_a_long_prompt_pays_prefill_only_up_to_its_sides_cap():
@@ -486,3 +486,63 @@ def test_final_wave_ends_the_batch_in_fewer_steps_with_the_same_prefix_hits():
         assert sorted(runs[fw].admitted) == sorted(true)
     assert len(runs[True].steps) < 0.95 * len(runs[False].steps), (len(runs[True].steps), len(runs[False].steps))
     assert runs[True].prefix_hit_tokens == runs[False].prefix_hit_tokens
+
+
+# ---------------------------------------------------------------- liveness
+@settings(max_examples=200, deadline=None)
+@given(st.integers(0, 10 ** 6), st.integers(1, 40), st.booleans(), st.booleans(), st.sampled_from([0, 32]),
+       st.booleans(), st.booleans(), st.sampled_from([0.0, 0.1, 0.5]), st.integers(0, 5),
+       st.floats(-1e13, 1e13), st.floats(-1e10, 1e10), st.integers(1, 40_000), st.integers(1, 8),
+       st.integers(1, 4096))
+def test_nothing_running_and_something_fits_means_an_admission(seed, n, known, metered, hold, fill, final_wave,
+                                                                sample_fraction, warm_steps, credit, debt,
+                                                                kv_tokens, slots, prefill):
+    """Liveness: whatever the shares, memory-work credits, debts, holds, sample state and
+    estimates, a scanner with nothing running admits at least one request when one fits the free
+    KV (a slot and prefill tokens left); else an engine waiting on it would stop for good."""
+    rng = random.Random(seed)
+    records = [(i, [(f"g{rng.randrange(3)}", rng.choice([10, 40, 600]))], rng.randint(700, 20_000 if i % 7 else 120_000),
+                rng.randint(1, 6000)) for i in range(n)]
+    est = OutputLengthEstimator(sample_fraction=sample_fraction, seed=seed % 5, prior=rng.choice([1, 256, 4000]))
+    sc = DualScanner(build_length_tree(records, known=known, estimator=est),
+                     ScanConfig(hold_prefix_tokens=hold, fill_while_sampling=fill, final_wave=final_wave))
+    kvb = COST.kv_bytes_per_token
+    pool = 4 * kv_tokens * kvb if metered else None
+    for _ in range(warm_steps):  # some history: takes, then everything running finishes
+        sc.schedule(Budget(rng.randint(1, 200_000) * kvb, rng.randint(1, 8), rng.randint(1, 4096),
+                           steps=rng.randint(0, 3) if metered else None, kv_pool=pool))
+        for rid in list(sc.running):
+            sc.finished(rid, rng.randint(1, 300))
+    if not sc.prepared:
+        sc.prepare()
+    for side in sc.sides.values():
+        side.credit, side.debt = credit, debt
+    if not sc.tree.reqs:
+        return
+    budget = Budget(kv_tokens * kvb, slots, prefill, steps=rng.randint(0, 2) if metered else None, kv_pool=pool)
+    fits = any((r.prompt_len + r.output_len) * kvb <= budget.kv_bytes for r in sc.tree.reqs.values())
+    out = sc.schedule(budget)
+    assert not fits or out, "nothing runs, a request fits, and the scanner admitted none"
+    assert all(a.kv_bytes <= budget.kv_bytes * (1 + 1e-9) for a in out[:1])
+    sc.check_integrity()
+
+
+def test_long_prompts_with_estimated_lengths_run_to_the_end_in_the_simulator():
+    """Very long prompts (means of thousands of tokens, a few over 100K), unknown output lengths,
+    blend as shipped (metered): the simulated engine finishes every request instead of stopping
+    with requests waiting and nothing running."""
+    from blendserve_sgl.sim.engine import Engine, EngineConfig
+    from blendserve_sgl.sim.policies import make_picker
+    from blendserve_sgl.sim.request import from_records
+    from blendserve_sgl.workloads import Record
+
+    rng = random.Random(3)
+    records = []
+    for i in range(300):
+        p = 110_000 + rng.randint(0, 20_000) if i % 60 == 0 else int(rng.lognormvariate(8.0, 1.0)) + 50
+        records.append(Record(f"r{i}", p, ((f"sys{i % 4}", 40),), rng.randint(1, 1500), "long"))
+    reqs = from_records(records, known=False)
+    engine = Engine(COST, EngineConfig(kv_tokens=200_000, max_running=64, chunked_prefill=4096),
+                    make_picker("blend", reqs, COST), reqs)
+    engine.run(max_steps=400_000)
+    assert engine.finished == len(reqs)

@@ -7,6 +7,7 @@ from dataclasses import replace
 import pytest
 
 from blendserve_sgl.core import CostModel, DualScanner
+from blendserve_sgl.core.preset import PRESET
 from blendserve_sgl.core.sharing import dfs_order
 from blendserve_sgl.sim.adder import sglang_admit
 from blendserve_sgl.sim.cache import RadixCache
@@ -287,7 +288,7 @@ def test_blend_keeps_the_kv_pool_fuller_than_with_reservations_alone():
     config = EngineConfig.for_cost(COST, kv_gb=6, max_running=256, chunked_prefill=1024, pace=True)
     model = ExecModel("overlapped", 0.1)
     full = simulate(wl, "blend", RunSpec(COST, replace(config, kv_projection=True), known_lengths=True))
-    plain = simulate(wl, "blend", RunSpec(COST, config, known_lengths=True, meter=False))
+    plain = simulate(wl, "blend", RunSpec(COST, config, known_lengths=True, preset=PRESET.replace(metering=False)))
     assert full.retractions == plain.retractions == 0
     assert full.mean_kv >= plain.mean_kv + 0.08, (full.mean_kv, plain.mean_kv)
     assert full.steps <= 0.9 * plain.steps

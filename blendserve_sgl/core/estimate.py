@@ -5,6 +5,12 @@ Each finished sample adds its output length to the nodes on its path, so every s
 its sampled mean. A request's estimate is the mean of the nearest enclosing subtree that has
 samples: its own node, else its parent's (that is, its siblings' samples), and so on up to the
 root; before any sample finishes, `prior`. Estimates are capped at the request's `max_tokens`.
+
+Two switches (both off in the plain mean): `percentile` reserves by that quantile of the
+subtree's samples (nearest rank) instead of their mean; `censored` counts a sample still running
+when the plan is made as censored: at least its output so far, at most its max_tokens (it takes
+the mean of the finished samples of the subtree that are at least as long, else its max_tokens);
+without it, its output so far counts as its length.
 Known lengths (ignore_eos, or a hint on the request) are used as they are and never sampled.
 """
 
@@ -22,6 +28,8 @@ class OutputLengthEstimator:
     sample_fraction: float = 0.01
     seed: int = 0
     overrun_factor: float = 2.0  # a request past overrun_factor x its estimate is memory-dense
+    percentile: float | None = None  # reserve by this quantile of the subtree's samples (None: the mean)
+    censored: bool = False  # running samples are censored (>= output so far, <= max_tokens), not finished
 
     def __post_init__(self) -> None:
         if isinstance(self.prior, bool) or not isinstance(self.prior, int) or self.prior < 1:
@@ -30,13 +38,42 @@ class OutputLengthEstimator:
             raise ValueError(f"sample_fraction must be in [0, 1], got {self.sample_fraction!r}")
         if not (isinstance(self.overrun_factor, (int, float)) and self.overrun_factor >= 1.0):
             raise ValueError(f"overrun_factor must be >= 1, got {self.overrun_factor!r}")
+        if self.percentile is not None and not (isinstance(self.percentile, (int, float)) and 0.0 < self.percentile <= 1.0):
+            raise ValueError(f"percentile must be in (0, 1] or None, got {self.percentile!r}")
+
+    @property
+    def keeps_values(self) -> bool:
+        """Whether estimates need each sample's value (not only the subtree's sum and count)."""
+        return self.percentile is not None or self.censored
 
     def estimate(self, node, max_tokens: int | None) -> int:
         n = node
         while n is not None and n.sample_n == 0:
             n = n.parent
-        est = self.prior if n is None else max(1, round(n.sample_sum / n.sample_n))
+        if n is None:
+            est = self.prior
+        elif self.keeps_values and n.sample_values:
+            est = max(1, round(self.summarize(n.sample_values)))
+        else:
+            est = max(1, round(n.sample_sum / n.sample_n))
         return min(est, max_tokens) if max_tokens is not None else est
+
+    def summarize(self, samples) -> float:
+        """The estimate from one subtree's samples [(length, cap), ...] (cap None: finished;
+        else a censored sample: at least length, at most cap): censored ones take the mean of the
+        finished samples at least as long (else their cap, or their length without one); then the
+        `percentile` (nearest rank) or the mean."""
+        finished = [v for v, cap in samples if cap is None]
+        values = []
+        for v, cap in samples:
+            if cap is not None:
+                longer = [f for f in finished if f >= v]
+                v = sum(longer) / len(longer) if longer else max(v, cap)
+            values.append(v)
+        if self.percentile is None:
+            return sum(values) / len(values)
+        values.sort()
+        return values[min(len(values), max(1, math.ceil(self.percentile * len(values)))) - 1]
 
     def sample_key(self, rid) -> bytes:
         """A stable per-request hash: the same on every machine and every run with this seed."""
@@ -50,13 +87,20 @@ class OutputLengthEstimator:
         k = max(1, math.ceil(self.sample_fraction * len(rids)))
         return heapq.nsmallest(k, rids, key=self.sample_key)
 
-    @staticmethod
-    def record(path, output_len: int, count: int = 1) -> None:
+    def record(self, path, output_len: int, count: int = 1, cap: int | None = None, censored: bool = False) -> None:
         """Add one finished sample's output length to every node on its root path
-        (count=-1 with a negated length takes a provisional record back)."""
+        (count=-1 with a negated length takes a provisional record back). `censored`: a sample
+        still running, `output_len` so far, at most `cap` (kept only where estimates use it)."""
+        keep = self.keeps_values
+        entry = (abs(output_len), cap if censored else None)
         for node in path:
             node.sample_n += count
             node.sample_sum += output_len
+            if keep:
+                if count > 0:
+                    node.sample_values = (node.sample_values or []) + [entry]
+                elif node.sample_values and entry in node.sample_values:
+                    node.sample_values.remove(entry)
 
     def refresh(self, tree) -> int:
         """Re-estimate every waiting request of unknown length; returns how many changed."""
@@ -72,3 +116,63 @@ class OutputLengthEstimator:
 
     def overran(self, estimate: int, generated: int) -> bool:
         return generated > self.overrun_factor * max(1, estimate)
+
+
+class SamplePhase:
+    """The output-length sample that runs before the tree is planned: which requests it holds,
+    which are still running and their output so far, and when the rest can be planned (once
+    `quorum` of it finished; with the running ones counted at their output so far)."""
+
+    def __init__(self, estimator: OutputLengthEstimator, quorum: float):
+        self.estimator = estimator
+        self.quorum = quorum
+        self.pending: set = set()  # sample requests not finished yet
+        self.size = 0
+        self.generated: dict = {}  # running sample rid -> tokens generated so far
+
+    def start(self, tree) -> None:
+        """Choose the sample among the tree's requests of unknown length and mark them."""
+        chosen = self.estimator.choose_sample([r.rid for r in tree.reqs.values() if not r.known])
+        for rid in chosen:
+            tree.reqs[rid].sample = True
+        self.pending = set(chosen)
+        self.size = len(chosen)
+
+    def waiting(self, tree) -> list:
+        """Sample requests still in the tree, in arrival order."""
+        return sorted((tree.reqs[r] for r in self.pending if r in tree.reqs), key=lambda r: r.seq)
+
+    def quorum_reached(self) -> bool:
+        return self.size - len(self.pending) >= self.quorum * self.size
+
+    def progress(self, rid, generated: int) -> None:
+        if rid in self.pending:
+            self.generated[rid] = generated
+
+    def finished(self, rid, path, output_len: int | None) -> bool:
+        """A sample request finished: record its length along `path`. True when the rest should
+        be planned now (the whole sample, or the quorum, is in)."""
+        if output_len is not None:
+            self.estimator.record(path, output_len)
+        self.pending.discard(rid)
+        self.generated.pop(rid, None)
+        return not self.pending or self.quorum_reached()
+
+    def retracted(self, rid) -> None:
+        """A running sample request was preempted: it runs again later, no longer as a sample."""
+        self.generated.pop(rid, None)
+        if rid in self.pending:
+            self.pending.discard(rid)
+            self.size -= 1
+
+    def estimate(self, tree, running: dict) -> None:
+        """Re-estimate the tree's unknown lengths; running samples (rid -> (root path, max_tokens)
+        in `running`) count with their output so far (a lower bound, or censored with
+        `estimator.censored`) for this estimate only."""
+        est = self.estimator
+        partial = [(*running[r], g) for r, g in self.generated.items() if r in running and g > 0]
+        for path, cap, g in partial:
+            est.record(path, g, cap=cap, censored=est.censored)
+        est.refresh(tree)
+        for path, cap, g in partial:
+            est.record(path, -g, count=-1, cap=cap, censored=est.censored)

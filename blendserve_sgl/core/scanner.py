@@ -36,6 +36,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from .cost import memory_units, split_memory
+from .estimate import SamplePhase
 from .split import SplitReport, sort_and_split
 from .tree import Node, Req, ResourceTree
 
@@ -114,142 +115,207 @@ class _Running(NamedTuple):
     prev_rid: Any = None
 
 
+class _Side:
+    """One end of the tree and its account: the KV its running requests hold, its debt (the sum
+    over steps of held - share), its memory-work credit, the last requests it took; during a step,
+    its share, hard cap, overdraft and prefill cap. `DualScanner.fits` / `take` check and commit a
+    request against it."""
+
+    __slots__ = ("name", "used", "debt", "credit", "last", "last_rid", "last_cached", "at_start", "taken",
+                 "share", "hard_cap", "overdraft", "prefill_cap", "prefill_used")
+
+    def __init__(self, name: str):
+        self.name = name
+        self.used = self.debt = self.credit = 0.0
+        self.last: Node | None = None  # the last node it took, and that request's rid
+        self.last_rid: Any = None
+        self.last_cached: Node | None = None  # the last taken node whose prompt the engine has cached
+        self.at_start: tuple = (None, None)  # (last, last_rid) when the step began
+        self.taken: dict = {}  # this step's takes: rid -> node
+        self.begin_step(None, math.inf, True, None)
+
+    def begin_step(self, share, hard_cap: float, overdraft: bool, prefill_cap) -> None:
+        self.share, self.hard_cap, self.overdraft, self.prefill_cap = share, hard_cap, overdraft, prefill_cap
+        self.prefill_used = 0
+
+
+class _Check(NamedTuple):
+    cached: int  # estimated cached prefix
+    need: float  # KV bytes reserved
+    lent: bool  # fits only in memory running requests do not need before it ends
+    account: _Side  # the side whose share it counts against
+
+
 class DualScanner:
     def __init__(self, tree: ResourceTree, config: ScanConfig = ScanConfig()):
         self.tree = tree
         self.config = config
         self.running: dict[Any, _Running] = {}
-        self.used = {LEFT: 0.0, RIGHT: 0.0}
-        self.debt = {LEFT: 0.0, RIGHT: 0.0}  # sum over steps of (held - share): time-averaged shares
-        self.credit = {LEFT: 0.0, RIGHT: 0.0}  # memory-work credit (byte-steps), with Budget.steps
-        self.pending_sample: set = set()  # sample requests not finished yet
-        self.sample_size = 0
-        self.sample_generated: dict = {}  # running sample rid -> tokens generated so far
+        self.sides = {LEFT: _Side(LEFT), RIGHT: _Side(RIGHT)}
+        self.sample = SamplePhase(tree.estimator, config.sample_quorum)
         self.planned = False  # sorted and split with sample-based estimates
         self._presorted = False  # sorted with the prior estimates (fill_while_sampling)
         self.prepared = False
         self.split_report: SplitReport | None = None
         self.handed_out = 0
-        self._last: dict[str, Node | None] = {LEFT: None, RIGHT: None}
         self._ratio = config.reserve_output_ratio
-        self._last_rid: dict[str, Any] = {LEFT: None, RIGHT: None}
-        self._last_before: dict[str, Node | None] = dict(self._last)  # the last taken node whose
-        # prompt is in the engine's prefix cache, per side
-        self._at_start: tuple = (dict(self._last), dict(self._last_rid))
-        self._step_taken: dict[str, dict] = {LEFT: {}, RIGHT: {}}  # this step's takes: rid -> node
         self._wave: list[Req] = []  # final wave (ScanConfig.final_wave): waiting requests, longest first
         self._record: tuple | None = None  # (budget, extra) of the last schedule call: see last_step
+
+    @property
+    def used(self) -> dict:
+        """KV bytes held by each side's running requests."""
+        return {name: side.used for name, side in self.sides.items()}
+
+    @property
+    def pending_sample(self) -> set:
+        return self.sample.pending
+
+    @property
+    def sample_size(self) -> int:
+        return self.sample.size
+
+    @property
+    def sampling(self) -> bool:
+        return bool(self.sample.pending)
 
     # ------------------------------------------------------------------ setup
     def prepare(self) -> None:
         """Pick the output-length sample (if any length is unknown), else sort and split now."""
         self.prepared = True
-        unknown = [r.rid for r in self.tree.reqs.values() if not r.known]
-        chosen = self.tree.estimator.choose_sample(unknown)
-        for rid in chosen:
-            self.tree.reqs[rid].sample = True
-        self.pending_sample = set(chosen)
-        self.sample_size = len(chosen)
-        if not self.pending_sample:
+        self.sample.start(self.tree)
+        if not self.sample.pending:
             self._plan()
 
     def _plan(self) -> None:
-        """Re-estimate unknown lengths and sort + split. Samples still running count with their
-        output so far (a lower bound) for this plan only."""
-        est = self.tree.estimator
-        partial = [(self.running[r].path, g) for r, g in self.sample_generated.items()
-                   if r in self.running and g > 0]
-        for path, g in partial:
-            est.record(path, g)
-        est.refresh(self.tree)
-        for path, g in partial:
-            est.record(path, -g, count=-1)
+        """Re-estimate unknown lengths (running samples at their output so far) and sort + split."""
+        self.sample.estimate(self.tree, {rid: (run.path, run.req.max_tokens) for rid, run in self.running.items()})
         self.split_report = sort_and_split(self.tree, self.config.keep_sharing, self.config.max_split_rounds)
         self.planned = True
 
-    def _sample_quorum_reached(self) -> bool:
-        done = self.sample_size - len(self.pending_sample)
-        return done >= self.config.sample_quorum * self.sample_size
-
-    @property
-    def sampling(self) -> bool:
-        return bool(self.pending_sample)
-
     # ------------------------------------------------------------------ step
     def schedule(self, budget: Budget) -> list[Admission]:
-        """Admissions for this step, in the order they should be admitted."""
+        """Admissions for this step, in the order they should be admitted. Live: when nothing runs
+        and a waiting request fits the free KV (with a slot and prefill tokens left), at least one."""
         if not self.prepared:
             self.prepare()
-        state = _StepState(budget)
+        st = _StepState(budget)
         self._record = None
-        self._at_start = (dict(self._last), dict(self._last_rid))
-        self._step_taken = {LEFT: {}, RIGHT: {}}
-        self._last_before = self._cached_last(budget.prefilling)
+        for side in self.sides.values():
+            side.at_start = (side.last, side.last_rid)
+            side.taken = {}
+            side.begin_step(None, math.inf, True, None)
+        self._set_cached_last(budget.prefilling)
         self._ratio = self.config.reserve_output_ratio if budget.output_ratio is None else budget.output_ratio
         out: list[Admission] = []
-        if self.pending_sample:
-            for req in sorted((self.tree.reqs[r] for r in self.pending_sample if r in self.tree.reqs),
-                              key=lambda r: r.seq):
-                if not self._try_take(req, SAMPLE, state, out, share=None, prefill_cap=None):
+        if self._sample_phase(st, out) and self.tree.root.count:
+            if not self._final_wave(budget, st, out):
+                self._dual_scan(budget, st, out)
+        if not out and not self.running and self.tree.root.count:
+            self._admit_one(st, out)
+        return out
+
+    def _sample_phase(self, st: "_StepState", out: list) -> bool:
+        """Take the waiting sample requests (arrival order, no shares). False when the rest of the
+        tree must wait for the sample (not planned and not filling while sampling)."""
+        if self.sample.pending:
+            for req in self.sample.waiting(self.tree):
+                if not self._offer(req, SAMPLE, st, out, shared=False):
                     break
             if not self.planned:
                 if not self.config.fill_while_sampling:
-                    return out
+                    return False
                 if not self._presorted:  # until the sample is in: order by the prior estimates
                     self.tree.sort()
                     self._presorted = True
+        return True
+
+    def _final_wave(self, budget: Budget, st: "_StepState", out: list) -> bool:
+        """The last wave (ScanConfig.final_wave): once every waiting request fits in the KV pool
+        at once, what is left to decide is when the batch ends. Longest output first (LPT; ties:
+        longer prompt first), pooled memory, no shares: the long requests start as soon as memory
+        frees instead of forming a tail after the short ones. A held request waits for the next
+        step without stopping the wave; the first one that does not fit stops it (smaller ones
+        would take the memory it is waiting for). False when the wave has not begun."""
         root = self.tree.root
-        if root.count == 0:
-            return out
-        total = self.used[LEFT] + self.used[RIGHT] + max(0.0, budget.kv_bytes)
-        if self.config.final_wave and (self.planned or self._presorted):
-            pool = budget.kv_pool if budget.kv_pool else total
-            if (root.tokens - root.saved) * self.tree.cost.kv_bytes_per_token <= pool:
-                self._take_final_wave(state, out)
-                self._record = (budget, {"final_wave": len(self.tree.reqs), "stop": state.why})
-                return out
+        if not self.config.final_wave or not (self.planned or self._presorted):
+            return False
+        pool = budget.kv_pool if budget.kv_pool else self._total(budget)
+        if (root.tokens - root.saved) * self.tree.cost.kv_bytes_per_token > pool:
+            return False
+        reqs = self.tree.reqs
+        alive = [r for r in self._wave if reqs.get(r.rid) is r]
+        if len(alive) != len(reqs):  # arrivals, retractions or cancels since the wave was sorted
+            alive = sorted(reqs.values(), key=lambda r: (-r.output_len, -r.prompt_len, r.seq))
+        self._wave = alive  # taken ones drop out at the next call's filter
+        mid = self.tree.density(root)
+        for req in alive:
+            if not self._offer(req, RIGHT if req.sort_key < mid else LEFT, st, out, shared=False) and st.why != "hold":
+                break
+        self._record = (budget, {"final_wave": len(reqs), "stop": st.why})
+        return True
+
+    def _total(self, budget: Budget) -> float:
+        return self.sides[LEFT].used + self.sides[RIGHT].used + max(0.0, budget.kv_bytes)
+
+    def _dual_scan(self, budget: Budget, st: "_StepState", out: list) -> None:
+        """Both cursors, each within its memory share (split by density), its part of the step's
+        prefill tokens, and (with Budget.steps) its memory-work credit; then both pooled."""
+        root = self.tree.root
+        total = self._total(budget)
         window = min(self.config.density_window, max(1, root.count // 8))
         rho_l = self._region_density(self.tree.leftmost(), window)
         rho_r = self._region_density(self.tree.rightmost(), window)
         share_l = split_memory(total, rho_l, rho_r, self.tree.density(root))
-        shares = {LEFT: share_l, RIGHT: total - share_l}
-        for side in (LEFT, RIGHT):
-            self.debt[side] = max(self.debt[side] + self.used[side] - shares[side], -8.0 * shares[side])
-        state.overdraft = {LEFT: self.debt[LEFT] <= 0, RIGHT: self.debt[RIGHT] <= 0}
         frac_l = share_l / total if total > 0 else 0.5
-        if budget.steps is not None:
-            # Memory work at the rate of the shares: per step, a side may start decode KV reads
-            # (byte-steps: KV held x decode steps, its requests' Mem) worth its share of the pool.
-            # Requests admitted in a burst grow, peak and finish together, so the KV in use swings
-            # between empty and full; metered, they enter staggered and the KV stays full.
-            pool = budget.kv_pool if budget.kv_pool else total
-            for side, frac in ((LEFT, frac_l), (RIGHT, 1.0 - frac_l)):
-                rate = frac * pool
-                self.credit[side] = min(self.credit[side] + max(0, budget.steps) * rate,
-                                        self.config.credit_steps * rate)
-            state.metered = True
         caps = {LEFT: math.ceil(budget.prefill_tokens * frac_l)}
         caps[RIGHT] = budget.prefill_tokens - caps[LEFT]
-        # Each side leaves room for the largest of the other side's coming requests, so a side
-        # whose requests are larger than its share can still overdraw when its turn comes.
-        state.hard_cap = {LEFT: total - self._largest_coming(RIGHT), RIGHT: total - self._largest_coming(LEFT)}
+        for name, share, frac in ((LEFT, share_l, frac_l), (RIGHT, total - share_l, 1.0 - frac_l)):
+            side = self.sides[name]
+            side.debt = max(side.debt + side.used - share, -8.0 * share)
+            # Each side leaves room for the largest of the other side's coming requests, so a side
+            # whose requests are larger than its share can still overdraw when its turn comes.
+            hard_cap = total - self._largest_coming(RIGHT if name == LEFT else LEFT)
+            side.begin_step(share, hard_cap, side.debt <= 0, caps[name])
+            if budget.steps is not None:
+                # Memory work at the rate of the shares: per step, a side may start decode KV reads
+                # (byte-steps: KV held x decode steps, its requests' Mem) worth its share of the pool.
+                # Requests admitted in a burst grow, peak and finish together, so the KV in use swings
+                # between empty and full; metered, they enter staggered and the KV stays full.
+                rate = frac * (budget.kv_pool if budget.kv_pool else total)
+                side.credit = min(side.credit + max(0, budget.steps) * rate, self.config.credit_steps * rate)
+                if not self.running:  # nothing runs: no memory work is under way, whatever was spent
+                    side.credit = max(side.credit, rate)
+                st.metered = True
         first = len(out)
         stops = {LEFT: "empty", RIGHT: "empty"}
         for pooled in (False, True):
-            for side in (LEFT, RIGHT):
-                cap = None if pooled else caps[side]
+            for name in (LEFT, RIGHT):
+                side = self.sides[name]
+                if pooled:
+                    side.prefill_cap = None
                 while self.tree.root.count:
-                    req = self.tree.leftmost() if side == LEFT else self.tree.rightmost()
-                    if not self._try_take(req, side, state, out, shares[side], cap):
-                        stops[side] = state.why
+                    req = self.tree.leftmost() if name == LEFT else self.tree.rightmost()
+                    if not self._offer(req, name, st, out, shared=True):
+                        stops[name] = st.why
                         break
-                    if cap is not None:
-                        cap = caps[side] - state.prefill_used[side]
         # The memory-dense side's admissions first: their prompts are short, and an engine that
         # stops admitting at the first prompt it has to chunk (SGLang) still takes them.
         out[first:] = [a for a in out[first:] if a.side == RIGHT] + [a for a in out[first:] if a.side != RIGHT]
-        self._record = (budget, {"stop": stops, "share": shares})
-        return out
+        self._record = (budget, {"stop": stops, "share": {LEFT: share_l, RIGHT: total - share_l}})
+
+    def _admit_one(self, st: "_StepState", out: list) -> None:
+        """Liveness: nothing runs and nothing was admitted (shares, credit, holds or the sample
+        refused everything): the first waiting request that fits the free KV, from the cursor ends,
+        then in arrival order, with no shares."""
+        reqs = [self.tree.leftmost(), self.tree.rightmost()]
+        for req in [*reqs, *sorted(self.tree.reqs.values(), key=lambda r: r.seq)]:
+            side = SAMPLE if req.sample and req.rid in self.sample.pending else \
+                RIGHT if req.sort_key < self.tree.density(self.tree.root) else LEFT
+            if self._offer(req, side, st, out, shared=False, hold=False):
+                return
+            if st.why in ("slots", "prefill"):
+                return
 
     @property
     def last_step(self) -> dict:
@@ -262,24 +328,6 @@ class DualScanner:
         extra = {k: ({s: round(b / kvb) for s, b in v.items()} if k == "share" else v) for k, v in extra.items()}
         return {"kv_free": round(budget.kv_bytes / kvb), "slots": budget.slots, "prefill": budget.prefill_tokens,
                 "used": {k: round(v / kvb) for k, v in self.used.items()}, **extra}
-
-    def _take_final_wave(self, state: "_StepState", out: list) -> None:
-        """The last wave: every waiting request fits in the KV pool, so what is left to decide is
-        when the batch ends. Longest output first (LPT; ties: longer prompt first), from the
-        pooled memory: the long requests start as soon as memory frees instead of forming a tail
-        after the short ones. A held request (its prefix is being computed) waits for the next
-        step without stopping the wave; the first one that does not fit stops it (smaller ones
-        would take the memory it is waiting for)."""
-        reqs = self.tree.reqs
-        alive = [r for r in self._wave if reqs.get(r.rid) is r]
-        if len(alive) != len(reqs):  # arrivals, retractions or cancels since the wave was sorted
-            alive = sorted(reqs.values(), key=lambda r: (-r.output_len, -r.prompt_len, r.seq))
-        self._wave = alive  # taken ones drop out at the next call's filter
-        mid = self.tree.density(self.tree.root)
-        for req in alive:
-            side = RIGHT if req.sort_key < mid else LEFT
-            if not self._try_take(req, side, state, out, share=None, prefill_cap=None) and state.why != "hold":
-                break
 
     def _region_density(self, req: Req | None, window: int) -> float:
         """Density of the region a cursor scans: the lowest ancestor of `req` below the root that
@@ -305,28 +353,26 @@ class DualScanner:
                 break
         return tree.cost.density(computed, mem)
 
-    def _cached_last(self, prefilling) -> dict:
+    def _set_cached_last(self, prefilling) -> None:
         """Per side, the last taken node whose prompt the engine has cached: walk back past the
         requests still prefilling (an engine that overlaps scheduling with the model step caches
         a prefill's prompt one iteration after it was admitted)."""
-        out = dict(self._last)
-        if not prefilling:
-            return out
-        for side in (LEFT, RIGHT):
-            node, rid = self._last[side], self._last_rid[side]
-            for _ in range(len(prefilling) + 1):  # each step back passes a prefilling request
-                run = self.running.get(rid) if rid is not None and rid in prefilling else None
-                if run is None:
-                    break
-                node, rid = run.prev, run.prev_rid
-            else:
-                node = None
-            out[side] = node
-        return out
+        for side in self.sides.values():
+            node, rid = side.last, side.last_rid
+            if prefilling:
+                for _ in range(len(prefilling) + 1):  # each step back passes a prefilling request
+                    run = self.running.get(rid) if rid is not None and rid in prefilling else None
+                    if run is None:
+                        break
+                    node, rid = run.prev, run.prev_rid
+                else:
+                    node = None
+            side.last_cached = node
 
-    def _cached_prefix(self, node: Node, last_taken: dict | None = None) -> int:
+    def _cached_prefix(self, node: Node, cached_only: bool = False) -> int:
         best = 0
-        for last in (self._last if last_taken is None else last_taken).values():
+        for side in self.sides.values():
+            last = side.last_cached if cached_only else side.last
             if last is not None:
                 best = max(best, common_prefix_len(last, node))
         return best
@@ -359,48 +405,59 @@ class DualScanner:
                 d = min(d, req.max_tokens)
         return d + -(-uncached // max(1, st.prefill_budget))
 
-    def _try_take(self, req: Req, side: str, st: "_StepState", out: list, share, prefill_cap) -> bool:
-        if st.slots <= 0 or st.prefill <= 0:
-            st.why = "slots" if st.slots <= 0 else "prefill"
-            return False
-        if prefill_cap is not None and prefill_cap <= 0:
-            st.why = "side-prefill-cap"
-            return False
+    def _account(self, req: Req, side: str) -> _Side:
+        """The side whose share `req` counts against (a sample request: by its density)."""
+        if side == SAMPLE:
+            side = RIGHT if req.sort_key < self.tree.density(self.tree.root) else LEFT
+        return self.sides[side]
+
+    def fits(self, req: Req, side: str, st: "_StepState", shared: bool = True, hold: bool = True) -> str | _Check:
+        """Can `side` take `req` now? The reason it cannot ("slots", "prefill", "side-prefill-cap",
+        "hold", "kv", "hard-cap", "share", "credit"), or the `_Check` that `take` commits.
+        `shared`: within the side's share, prefill cap and credit (the dual scan); `hold`: hold a
+        request whose shared prefix is computed this step (ScanConfig.hold_prefix_tokens)."""
+        acct = self._account(req, side)
+        cap = acct.prefill_cap if shared else None
+        if st.slots <= 0:
+            return "slots"
+        if st.prefill <= 0:
+            return "prefill"
+        if cap is not None and cap - acct.prefill_used <= 0:
+            return "side-prefill-cap"
         cached, need = self._reservation(req)
-        hold = self.config.hold_prefix_tokens
-        if hold and cached >= hold and cached - self._cached_prefix(req.node, self._last_before) >= hold:
-            st.why = "hold"
-            return False  # its shared prefix is computed this step: take it next step, cached
-        uncached = req.prompt_len - cached
-        lent = need > st.kv_free  # fits only in memory running requests do not need before it ends
-        if lent and (not st.horizons or need > st.free_for(self._lifetime(req, uncached, st))):
-            st.why = "kv"
-            return False
-        acct = RIGHT if side == RIGHT or (side == SAMPLE and req.sort_key < self.tree.density(self.tree.root)) else LEFT
+        h = self.config.hold_prefix_tokens
+        if hold and h and cached >= h and cached - self._cached_prefix(req.node, cached_only=True) >= h:
+            return "hold"  # its shared prefix is computed this step: take it next step, cached
+        lent = need > st.kv_free
+        if lent and (not st.horizons or need > st.free_for(self._lifetime(req, req.prompt_len - cached, st))):
+            return "kv"
         # Shares divide the memory free for good; a request on lent memory is gone before it is needed.
-        if share is not None and not lent and self.used[acct] + need > st.hard_cap[acct]:
-            st.why = "hard-cap"
-            return False
-        if share is not None and not lent and self.used[acct] + need > share:
+        if shared and not lent:
+            if acct.used + need > acct.hard_cap:
+                return "hard-cap"
             # Over the share: one request per step, and only while the side is not in debt, so a
             # side whose requests are larger than its share still holds its share on average.
-            if not st.overdraft.get(acct):
-                st.why = "share"
-                return False
-            st.overdraft[acct] = False
+            if acct.used + need > acct.share and not acct.overdraft:
+                return "share"
+        if shared and st.metered and acct.credit <= 0:
+            return "credit"  # the side started its share of memory work already
+        return _Check(cached, need, lent, acct)
+
+    def take(self, req: Req, side: str, st: "_StepState", check: _Check, shared: bool = True) -> Admission:
+        """Commit `req` on `side` after `fits` returned `check`."""
+        cached, need, lent, acct = check
+        if shared and not lent and acct.used + need > acct.share:
+            acct.overdraft = False
         work = 0.0
-        if st.metered and share is not None:
-            if self.credit[acct] <= 0:
-                st.why = "credit"
-                return False  # the side started its share of memory work already
+        if shared and st.metered:
             work = self.tree.cost.kv_bytes_per_token * memory_units(req.prompt_len, req.output_len) / 2
-            self.credit[acct] -= work
+            acct.credit -= work
         node = req.node
         self.tree.remove(req.rid)
         path = self.tree.path(node) if req.sample else []
-        self.running[req.rid] = _Running(acct, need, req, path, work, node, self._last[acct], self._last_rid[acct])
-        self._step_taken[acct][req.rid] = node
-        self.used[acct] += need
+        self.running[req.rid] = _Running(acct.name, need, req, path, work, node, acct.last, acct.last_rid)
+        acct.taken[req.rid] = node
+        acct.used += need
         self.handed_out += 1
         st.kv_free -= need
         if st.horizons:
@@ -408,43 +465,47 @@ class DualScanner:
         st.slots -= 1
         # A side pays for a prompt longer than its cap only up to the cap: the rest is chunked
         # into later steps, and the other side keeps its own part of this step's budget.
-        charged = min(uncached, st.prefill if prefill_cap is None else min(st.prefill, prefill_cap))
+        uncached = req.prompt_len - cached
+        cap = acct.prefill_cap if shared else None
+        charged = min(uncached, st.prefill if cap is None else min(st.prefill, cap - acct.prefill_used))
         st.prefill -= charged
-        st.prefill_used[acct] += charged
-        self._last[acct] = node
-        self._last_rid[acct] = req.rid
-        out.append(Admission(req.rid, side, req.prompt_len, cached, req.output_len, need))
+        acct.prefill_used += charged
+        acct.last, acct.last_rid = node, req.rid
+        return Admission(req.rid, side, req.prompt_len, cached, req.output_len, need)
+
+    def _offer(self, req: Req, side: str, st: "_StepState", out: list, shared: bool, hold: bool = True) -> bool:
+        """`fits`, then `take`: the one path every admission goes through."""
+        check = self.fits(req, side, st, shared, hold)
+        if isinstance(check, str):
+            st.why = check
+            return False
+        out.append(self.take(req, side, st, check, shared))
         return True
 
     # ------------------------------------------------------------------ feedback
     def finished(self, rid, output_len: int | None = None) -> None:
         """A handed-out request finished (or was aborted while running)."""
         run = self.running.pop(rid)
-        self.used[run.side] -= run.kv_bytes
-        if run.req.sample and rid in self.pending_sample:
-            if output_len is not None:
-                self.tree.estimator.record(run.path, output_len)
-            self.pending_sample.discard(rid)
-            self.sample_generated.pop(rid, None)
-            if not self.pending_sample or (not self.planned and self._sample_quorum_reached()):
+        self.sides[run.side].used -= run.kv_bytes
+        if run.req.sample and rid in self.sample.pending:
+            if self.sample.finished(rid, run.path, output_len) and (not self.sample.pending or not self.planned):
                 self._plan()
 
     def progress(self, rid, generated: int) -> bool:
         """Report tokens generated so far; a left-side request far past its estimate moves right."""
         run = self.running[rid]
-        if rid in self.pending_sample:
-            self.sample_generated[rid] = generated
+        self.sample.progress(rid, generated)
         if run.side == RIGHT or run.req.known or not self.tree.estimator.overran(run.req.output_len, generated):
             return False
-        self.used[LEFT] -= run.kv_bytes
-        self.used[RIGHT] += run.kv_bytes
+        self.sides[LEFT].used -= run.kv_bytes
+        self.sides[RIGHT].used += run.kv_bytes
         self.running[rid] = run._replace(side=RIGHT)
         return True
 
     def add(self, rid, **request) -> Req:
         """Add a waiting request (an arrival, or one handed back by `cancel`): `ResourceTree.add`."""
         req = self.tree.add(rid, **request)
-        if rid in self.pending_sample:
+        if rid in self.sample.pending:
             req.sample = True
         return req
 
@@ -452,49 +513,41 @@ class DualScanner:
         """An admission the engine did not take after all: forget it; the caller adds it back
         with `add` (a sample request stays in the sample)."""
         run = self.running.pop(rid)
-        self.used[run.side] -= run.kv_bytes
-        self.credit[run.side] += run.work
+        side = self.sides[run.side]
+        side.used -= run.kv_bytes
+        side.credit += run.work
         self.handed_out -= 1
-        taken = self._step_taken[run.side]
-        if taken.pop(rid, None) is not None:  # its prompt will not be computed: the side's last
+        if side.taken.pop(rid, None) is not None:  # its prompt will not be computed: the side's last
             # taken request is the last one still admitted this step, else the one before the step
-            if taken:
-                self._last_rid[run.side] = last = next(reversed(taken))
-                self._last[run.side] = taken[last]
+            if side.taken:
+                side.last_rid = last = next(reversed(side.taken))
+                side.last = side.taken[last]
             else:
-                self._last[run.side] = self._at_start[0][run.side]
-                self._last_rid[run.side] = self._at_start[1][run.side]
+                side.last, side.last_rid = side.at_start
         return run.req
 
     def retracted(self, rid) -> Req:
         """A running request was preempted; the caller re-adds it (with its output so far)."""
         run = self.running.pop(rid)
-        self.used[run.side] -= run.kv_bytes
-        self.sample_generated.pop(rid, None)
-        if rid in self.pending_sample:  # it comes back and runs again as a sample
-            self.pending_sample.discard(rid)
-            self.sample_size -= 1
+        self.sides[run.side].used -= run.kv_bytes
+        self.sample.retracted(rid)
         return run.req
 
     def check_integrity(self) -> None:
         self.tree.check_integrity()
-        for side in (LEFT, RIGHT):
-            held = sum(r.kv_bytes for r in self.running.values() if r.side == side)
-            assert abs(held - self.used[side]) <= 1e-6 * max(1.0, held), f"{side} accounting drifted"
+        for name, side in self.sides.items():
+            held = sum(r.kv_bytes for r in self.running.values() if r.side == name)
+            assert abs(held - side.used) <= 1e-6 * max(1.0, held), f"{name} accounting drifted: {held} vs {side.used}"
         assert not (set(self.running) & set(self.tree.reqs)), "a running request is still waiting in the tree"
 
 
 class _StepState:
-    __slots__ = ("kv_free", "slots", "prefill", "prefill_budget", "prefill_used", "overdraft", "hard_cap",
-                 "horizons", "h_free", "metered", "why")
+    __slots__ = ("kv_free", "slots", "prefill", "prefill_budget", "horizons", "h_free", "metered", "why")
 
     def __init__(self, budget: Budget):
         self.kv_free = float(budget.kv_bytes)
         self.slots = int(budget.slots)
         self.prefill = self.prefill_budget = int(budget.prefill_tokens)
-        self.prefill_used = {LEFT: 0, RIGHT: 0}
-        self.overdraft: dict = {}
-        self.hard_cap: dict = {}
         self.horizons = [int(h) for h, _ in budget.kv_horizons]
         self.h_free = [max(float(f), self.kv_free) for _, f in budget.kv_horizons]
         self.metered = False

@@ -58,7 +58,8 @@ class Req:
 
 class Node:
     __slots__ = ("parent", "keys", "length", "prefix_len", "depth", "kids", "index", "seq", "sort_key", "split_of",
-                 "count", "tokens", "mem", "sum_p", "tails", "unique", "sample_n", "sample_sum", "max_len")
+                 "count", "tokens", "mem", "sum_p", "tails", "unique", "sample_n", "sample_sum", "max_len",
+                 "sample_values")
 
     def __init__(self, parent, keys, length, seq):
         self.parent = parent
@@ -74,6 +75,7 @@ class Node:
         self.count = self.tokens = self.mem = self.sum_p = self.tails = 0
         self.unique = length
         self.sample_n = self.sample_sum = 0
+        self.sample_values: list | None = None  # (length, cap or None if finished) per sample (estimate.py)
         self.max_len = 0  # upper bound on p + d over the subtree (exact after sort())
 
     @property
@@ -216,6 +218,7 @@ class ResourceTree:
         child.seq = self._next_seq()
         for f in ("count", "tokens", "mem", "sum_p", "tails", "unique", "sample_n", "sample_sum", "max_len"):
             setattr(upper, f, getattr(child, f))
+        upper.sample_values = list(child.sample_values) if child.sample_values else None
         upper.sort_key = child.sort_key
         child.keys, child.length = lower_keys, child.length - upper.length
         child.unique -= upper.length
@@ -307,6 +310,7 @@ class ResourceTree:
         twin = Node(parent, node.keys, node.length, self._next_seq())
         twin.split_of = node
         twin.sample_n, twin.sample_sum = node.sample_n, node.sample_sum  # same estimate source
+        twin.sample_values = list(node.sample_values) if node.sample_values else None
         twin.max_len = node.max_len
         keep = deque()
         for k in node.kids:

@@ -4,7 +4,11 @@ Registered through the `sglang.srt.plugins` entry point (see pyproject.toml); SG
 `register()` in every process before it parses arguments or builds a scheduler. The hooks:
 
 - `ServerArgs.add_cli_args` (after): `blend` joins the `--schedule-policy` choices and the
-  `--blend-*` flags are added (they set the `BLENDSERVE_*` variables the scheduler reads);
+  `--blend-*` flags are added (typed and checked by argparse: a bad value stops the launch
+  naming the flag);
+- `ServerArgs.__post_init__` (before) and `ServerArgs.from_cli_args` (after): the settings
+  (`BLENDSERVE_*` variables, then the flags) are checked in the launching process and ride to
+  the scheduler on the ServerArgs (`settings.SETTINGS_ATTR`);
 - `Scheduler.init_schedule_policy` (around): with `blend`, build the stock FCFS policy, then
   a `BlendPolicy` that wraps it and sees the scheduler;
 - `Scheduler._get_new_batch_prefill_raw` (around): `BlendPolicy.after_step` puts the waiting
@@ -33,7 +37,26 @@ _TARGETS = {
     "prefill": "sglang.srt.managers.scheduler.Scheduler._get_new_batch_prefill_raw",
     "enqueue": "sglang.srt.managers.scheduler.Scheduler._add_request_to_queue",
     "abort": "sglang.srt.managers.scheduler.Scheduler._release_aborted_request",
+    "post_init": "sglang.srt.server_args.ServerArgs.__post_init__",
+    "from_cli_args": "sglang.srt.server_args.ServerArgs.from_cli_args",
 }
+# Every SGLang name the plugin relies on beyond the hooked methods above: class and module
+# attributes (checked at start by compatibility_problems()) and the attributes of the live
+# scheduler that BlendPolicy reads or sets (checked once the scheduler is built).
+SGLANG_NAMES = (
+    "sglang.srt.managers.scheduler.Scheduler.get_num_allocatable_reqs",
+    "sglang.srt.managers.schedule_policy.SchedulePolicy.calc_priority",
+    "sglang.srt.managers.schedule_policy.SchedulePolicy.waiting_queue_prefix_matched",
+    "sglang.srt.managers.schedule_policy.SchedulePolicy.shortest_prefill_chunk_limit",
+    "sglang.srt.managers.schedule_policy.CLIP_MAX_NEW_TOKENS",
+    "sglang.srt.managers.schedule_batch.Req.finished",
+    "sglang.srt.server_args.ServerArgs.schedule_policy",
+)
+SCHEDULER_ATTRS = (
+    "waiting_queue", "policy", "schedule_policy", "server_args", "model_config", "new_token_ratio_tracker",
+    "token_to_kv_pool_allocator", "tree_cache", "chunked_prefill_size", "max_prefill_tokens", "is_mixed_chunk",
+    "chunked_req", "forward_ct", "max_total_num_tokens", "page_size",
+)  # and, set after the policy is built, "truncation_align_size" (read with a default of None)
 _registered = False
 
 
@@ -41,8 +64,9 @@ class IncompatibleSGLang(RuntimeError):
     pass
 
 
-def compatibility_problems() -> list[str]:
-    """What stops the hooks from applying to the installed SGLang (empty when all is well)."""
+def compatibility_problems(scheduler=None) -> list[str]:
+    """What stops the plugin from working with the installed SGLang (empty when all is well):
+    its version, the hooked methods, `SGLANG_NAMES` and, given the live scheduler, `SCHEDULER_ATTRS`."""
     import importlib
     from importlib.metadata import PackageNotFoundError, version
 
@@ -53,20 +77,36 @@ def compatibility_problems() -> list[str]:
         return ["sglang is not installed"]
     if found != SGLANG_VERSION:
         problems.append(f"sglang {found} is installed")
-    for target in _TARGETS.values():
-        module, cls, attr = target.rsplit(".", 2)
-        try:
-            owner = getattr(importlib.import_module(module), cls)
-        except (ImportError, AttributeError) as exc:
-            problems.append(f"{module}.{cls} cannot be imported ({exc})")
+    for target in (*_TARGETS.values(), *SGLANG_NAMES):
+        module, rest = target, []
+        while True:  # the longest importable module prefix, then attributes
+            try:
+                owner = importlib.import_module(module)
+                break
+            except ImportError:
+                if "." not in module:
+                    owner = None
+                    break
+                module, last = module.rsplit(".", 1)
+                rest.insert(0, last)
+        if owner is None:
+            problems.append(f"{target} cannot be imported")
             continue
-        if not hasattr(owner, attr):
-            problems.append(f"{target} does not exist")
+        for i, attr in enumerate(rest):
+            fields = getattr(owner, "__dataclass_fields__", {})
+            if i == len(rest) - 1 and attr in fields:
+                break
+            if not hasattr(owner, attr):
+                problems.append(f"{target} does not exist")
+                break
+            owner = getattr(owner, attr)
+    if scheduler is not None:
+        problems += [f"Scheduler has no attribute {a!r}" for a in SCHEDULER_ATTRS if not hasattr(scheduler, a)]
     return problems
 
 
-def require_compatible() -> None:
-    problems = compatibility_problems()
+def require_compatible(scheduler=None) -> None:
+    problems = compatibility_problems(scheduler)
     if problems:
         raise IncompatibleSGLang(
             f"--schedule-policy {POLICY_NAME} needs sglang=={SGLANG_VERSION} (blendserve-sgl hooks its scheduler): "
@@ -78,12 +118,14 @@ def _blend_selected(scheduler) -> bool:
 
 
 # ---------------------------------------------------------------------- hooks
-class _EnvAction(argparse.Action):
-    def __call__(self, parser, namespace, values, option_string=None):
-        from .settings import KNOBS
-
-        os.environ[KNOBS[self.dest.removeprefix("blend_")][0]] = str(values)
-        setattr(namespace, self.dest, values)
+def _flag_parser(knob):
+    def parse(raw: str):
+        try:
+            return knob.parse(raw, knob.flag)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc).removeprefix(f"{knob.flag}=")) from None  # argparse names the flag
+    parse.__name__ = knob.kind.__name__
+    return parse
 
 
 def _after_add_cli_args(result, parser, *args, **kwargs):
@@ -95,8 +137,22 @@ def _after_add_cli_args(result, parser, *args, **kwargs):
             action.help = (action.help or "") + f" '{POLICY_NAME}': BlendServe (blendserve-sgl)."
     if not any(a.dest == "blend_hardware" for a in parser._actions):
         group = parser.add_argument_group("BlendServe (--schedule-policy blend)")
-        for field, (_var, flag, text) in KNOBS.items():
-            group.add_argument(flag, dest=f"blend_{field}", action=_EnvAction, default=argparse.SUPPRESS, help=text)
+        for knob in KNOBS.values():
+            group.add_argument(knob.flag, dest=f"blend_{knob.name}", type=_flag_parser(knob), default=argparse.SUPPRESS,
+                               help=f"{knob.help} Default: {knob.default_value!r} (or ${knob.var}).")
+    return result
+
+
+def _after_from_cli_args(result, *args, **kwargs):
+    """The parsed `--blend-*` values (already checked by argparse) over the variables, carried to
+    the scheduler on the ServerArgs."""
+    from .settings import KNOBS, SETTINGS_ATTR, BlendSettings
+
+    namespace = args[-1] if args else kwargs.get("args")
+    flags = {k.name: getattr(namespace, f"blend_{k.name}") for k in KNOBS.values()
+             if hasattr(namespace, f"blend_{k.name}")}
+    if getattr(result, "schedule_policy", None) == POLICY_NAME or flags:
+        setattr(result, SETTINGS_ATTR, BlendSettings.load(os.environ, flags))
     return result
 
 
@@ -105,26 +161,31 @@ def _around_init_schedule_policy(original, self, *args, **kwargs):
         return original(self, *args, **kwargs)
     require_compatible()
     from .policy import BlendPolicy
-    from .settings import BlendSettings
+    from .settings import SETTINGS_ATTR, BlendSettings
 
-    settings = BlendSettings.from_env()
+    settings = getattr(self.server_args, SETTINGS_ATTR, None) or BlendSettings.load(os.environ)
     self.schedule_policy = "fcfs"
     try:
         result = original(self, *args, **kwargs)
     finally:
         self.schedule_policy = POLICY_NAME
+    require_compatible(self)
     self.policy = BlendPolicy(self, self.policy, settings)
     return result
 
 
 def _around_prefill(original, self, *args, **kwargs):
     policy = getattr(self, "policy", None)
-    if not _blend_selected(self) or not hasattr(policy, "after_step"):
+    if not _blend_selected(self) or not hasattr(policy, "end_step"):
         return original(self, *args, **kwargs)
+    running_batch = kwargs["running_batch"] if "running_batch" in kwargs else args[-1] if args else None
+    policy.begin_step(running_batch)
+    result = None
     try:
-        return original(self, *args, **kwargs)
+        result = original(self, *args, **kwargs)
+        return result
     finally:
-        policy.after_step()
+        policy.end_step(result)
 
 
 def _after_enqueue(result, self, req, *args, **kwargs):
@@ -144,9 +205,10 @@ def _after_abort(result, self, req, *args, **kwargs):
 def _before_server_args_post_init(self, *args, **kwargs):
     if getattr(self, "schedule_policy", None) == POLICY_NAME:
         require_compatible()
-        from .settings import BlendSettings
+        from .settings import SETTINGS_ATTR, BlendSettings
 
-        BlendSettings.from_env()  # bad knob values fail here, in the parent, with the variable's name
+        # bad variables fail here, in the launching process before any model loads, naming the variable
+        setattr(self, SETTINGS_ATTR, BlendSettings.load(os.environ))
     return None
 
 
@@ -166,8 +228,8 @@ def register() -> None:
     HookRegistry.register(_TARGETS["prefill"], _around_prefill, HookType.AROUND)
     HookRegistry.register(_TARGETS["enqueue"], _after_enqueue, HookType.AFTER)
     HookRegistry.register(_TARGETS["abort"], _after_abort, HookType.AFTER)
-    HookRegistry.register("sglang.srt.server_args.ServerArgs.__post_init__", _before_server_args_post_init,
-                          HookType.BEFORE)
+    HookRegistry.register(_TARGETS["post_init"], _before_server_args_post_init, HookType.BEFORE)
+    HookRegistry.register(_TARGETS["from_cli_args"], _after_from_cli_args, HookType.AFTER)
     from .cascade_backend import register as register_cascade_backend
 
     register_cascade_backend()  # --attention-backend cascade (idempotent)

@@ -32,6 +32,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from .settings import CASCADE_KNOBS, check_values, parse_environment
+
 BACKEND_NAME = "cascade"
 _registered = False
 
@@ -39,28 +41,18 @@ _registered = False
 # ---------------------------------------------------------------------- knobs and counters
 @dataclass(frozen=True, slots=True)
 class CascadeSettings:
-    levels: int = 2
-    min_shared_tokens: int = 16
-    stats_path: str | None = None
+    """The `BLENDSERVE_CASCADE_*` knobs (typed in `settings.CASCADE_KNOBS`)."""
+
+    levels: int = CASCADE_KNOBS["levels"].default
+    min_shared_tokens: int = CASCADE_KNOBS["min_shared_tokens"].default
+    stats_path: str = CASCADE_KNOBS["stats_path"].default
 
     def __post_init__(self) -> None:
-        if self.levels < 1:
-            raise ValueError(f"BLENDSERVE_CASCADE_LEVELS={self.levels}: must be >= 1 (1 turns the cascade off)")
-        if self.min_shared_tokens < 1:
-            raise ValueError(f"BLENDSERVE_CASCADE_MIN_SHARED_TOKENS={self.min_shared_tokens}: must be >= 1")
+        check_values(CASCADE_KNOBS, self)
 
     @classmethod
     def from_env(cls, environ=os.environ) -> "CascadeSettings":
-        values = {}
-        for field, var in (("levels", "BLENDSERVE_CASCADE_LEVELS"),
-                           ("min_shared_tokens", "BLENDSERVE_CASCADE_MIN_SHARED_TOKENS")):
-            raw = environ.get(var)
-            if raw is not None:
-                try:
-                    values[field] = int(raw)
-                except ValueError:
-                    raise ValueError(f"{var}={raw!r}: must be an integer") from None
-        return cls(**values, stats_path=environ.get("BLENDSERVE_CASCADE_STATS_PATH") or None)
+        return cls(**parse_environment(CASCADE_KNOBS, environ))
 
 
 @dataclass

@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
+from dataclasses import asdict
 from typing import Any
 
-from ..core import Budget, CostModel, DualScanner, OutputLengthEstimator, ResourceTree, ScanConfig
+from ..core import Budget, CostModel, DualScanner, ResourceTree
+from ..core.pacing import paced_prefill_tokens
 from ..core.specs import ModelSpec, hardware
 from .settings import BlendSettings
 
@@ -47,26 +50,43 @@ def resolve_hardware(name: str, device: str) -> str:
                        "to the closest of a100, h100, h200")
 
 
+def output_len_hint(value, rid) -> int | None:
+    """A request's `custom_params.blendserve_output_len`: a non-negative integer (an integral
+    float or a decimal string too); anything else is ignored with a warning (the request runs
+    with an estimated length)."""
+    if value is None:
+        return None
+    n = None
+    if isinstance(value, int) and not isinstance(value, bool):
+        n = value
+    elif isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        n = int(value)
+    elif isinstance(value, str) and value.strip().isdigit():
+        n = int(value.strip())
+    if n is None or n < 0:
+        logger.warning("blend policy: request %r: custom_params.%s=%r ignored (expected a non-negative integer); "
+                       "its output length is estimated", rid, HINT_KEY, value)
+        return None
+    return n
+
+
 class BlendPolicy:
-    """Stands in for SGLang's `SchedulePolicy` (other attributes are the stock policy's)."""
+    """Stands in for SGLang's `SchedulePolicy`: `calc_priority` is the blend plan; the other
+    methods the scheduler calls (`STOCK_METHODS`) are the stock policy's."""
 
     def __init__(self, scheduler, stock_policy, settings: BlendSettings):
         self.scheduler = scheduler
         self.stock = stock_policy
         self.settings = settings
+        self.preset = settings.preset()
         hf = scheduler.model_config.hf_config
         spec = ModelSpec.from_hf_config(hf.to_dict() if hasattr(hf, "to_dict") else dict(hf),
                                         name=getattr(hf, "_name_or_path", None) or "model")
         device = getattr(getattr(scheduler, "server_args", None), "device", "cuda")
         hw = hardware(resolve_hardware(settings.hardware, device))
         self.cost = CostModel(spec, hw)
-        estimator = OutputLengthEstimator(prior=settings.prior_output_len, sample_fraction=settings.sample_fraction,
-                                          seed=settings.seed)
-        self.tree = ResourceTree(self.cost, estimator)
-        self.scanner = DualScanner(self.tree, ScanConfig(keep_sharing=settings.keep_sharing,
-                                                         hold_prefix_tokens=settings.hold_prefix_tokens,
-                                                         fill_while_sampling=True,
-                                                         final_wave=settings.final_wave))
+        self.tree = ResourceTree(self.cost, self.preset.estimator)
+        self.scanner = DualScanner(self.tree, self.preset.scan)
         self.waiting: dict[Any, Any] = {}  # rid -> sglang Req, in the tree
         self.untracked: dict[Any, Any] = {}  # rid -> sglang Req the tree cannot hold (left to SGLang, FCFS)
         self.planned: dict[Any, Any] = {}  # rid -> sglang Req put in the queue this step
@@ -79,13 +99,19 @@ class BlendPolicy:
         self.steps = 0
         self.planning_seconds = 0.0  # calc_priority + after_step
         self.insert_seconds = 0.0  # arrivals into the tree (on_arrival)
-        self.stats_path = os.environ.get("BLENDSERVE_STATS_PATH") or None
-        self.trace_path = os.environ.get("BLENDSERVE_TRACE_PATH") or None  # one JSON line per step: plan, admitted
+        self.stats_path = settings.stats_path or None
+        self.trace_path = settings.trace_path or None  # one JSON line per step: plan, paced budget, admitted
         self._trace: dict | None = None
+        self._forward_ct = int(getattr(scheduler, "forward_ct", 0) or 0)  # at the previous plan (metering)
+        self._paced: dict | None = None  # the stock sizes while a paced step runs
         logger.info("blend policy: %s on %s (%s)", spec.name, hw.name, settings)
 
-    def __getattr__(self, name):
-        return getattr(self.stock, name)
+    # ------------------------------------------------------------------ the stock policy's methods
+    def waiting_queue_prefix_matched(self, *args, **kwargs):
+        return self.stock.waiting_queue_prefix_matched(*args, **kwargs)
+
+    def shortest_prefill_chunk_limit(self, *args, **kwargs):
+        return self.stock.shortest_prefill_chunk_limit(*args, **kwargs)
 
     # ------------------------------------------------------------------ tree upkeep
     def on_arrival(self, req, is_retracted: bool = False) -> None:
@@ -122,10 +148,13 @@ class BlendPolicy:
         sp = req.sampling_params
         output_so_far = len(req.output_ids)
         max_new = max(1, sp.max_new_tokens - output_so_far) if sp.max_new_tokens is not None else None
-        hint = (sp.custom_params or {}).get(HINT_KEY) if isinstance(getattr(sp, "custom_params", None), dict) else None
+        params = getattr(sp, "custom_params", None)
+        hint = output_len_hint(params.get(HINT_KEY), rid) if isinstance(params, dict) else None
         known = max_new if getattr(sp, "ignore_eos", False) else None
         if hint is not None and known is None:
-            known = max(0, int(hint) - output_so_far)
+            known = max(0, hint - output_so_far)
+            if max_new is not None:
+                known = min(known, max_new)
         tokens = list(req.origin_input_ids)
         if output_so_far:
             tokens += list(req.output_ids)
@@ -205,11 +234,8 @@ class BlendPolicy:
                 del self.untracked[rid]
                 self._remove(rid)
         sched.waiting_queue = self.queue
-        if self.trace_path and self._trace is not None:
+        if self._trace is not None:
             self._trace["admitted"] = sorted(self.planned)
-            with open(self.trace_path, "a") as f:
-                f.write(json.dumps(self._trace, default=str) + "\n")
-            self._trace = None
         self.planned = {}
         self._in_step = False
         self.planning_seconds += time.perf_counter() - t0
@@ -277,8 +303,61 @@ class BlendPolicy:
         # Prompts not in the radix cache yet: no output token processed (prefill chunks left, or,
         # with the overlap scheduler, the prefill result is processed after this step is planned).
         prefilling = {rid for rid, r in self.running.items() if not r.output_ids}
-        return Budget(free_tokens * self.cost.kv_bytes_per_token, max(0, slots), prefill, output_ratio=ratio,
+        kvb = self.cost.kv_bytes_per_token
+        steps = pool = None
+        if self.preset.metering:  # forward passes since the previous plan, and the whole KV pool
+            forward_ct = int(sched.forward_ct)
+            steps, self._forward_ct = max(0, forward_ct - self._forward_ct), forward_ct
+            pool = sched.max_total_num_tokens * kvb
+        return Budget(free_tokens * kvb, max(0, slots), prefill, output_ratio=ratio, steps=steps, kv_pool=pool,
                       prefilling=prefilling)
+
+    # ------------------------------------------------------------------ paced prefill
+    def paced_tokens(self, running_batch) -> int | None:
+        """This step's prefill tokens by `core.pacing` (None: no pacing): the running requests'
+        decode KV read at the density of the waiting work (Comp / Mem over the tree's requests
+        with their estimated lengths, prefix sharing not counted)."""
+        root = self.tree.root
+        if not self.preset.pacing or root.count == 0:
+            return None
+        running = list(running_batch.reqs) if running_batch is not None else []
+        kv_read = sum(len(r.origin_input_ids) + len(r.output_ids) for r in running)
+        return paced_prefill_tokens(self.cost, kv_read, len(running), self.cost.density(root.tokens, root.mem))
+
+    def begin_step(self, running_batch) -> None:
+        """Before SGLang builds this step's PrefillAdder: the paced budget as its prefill-token
+        budget (`max_prefill_tokens`) and chunk size (`chunked_prefill_size`, when chunked prefill
+        is on), never above the configured ones; `end_step` restores them."""
+        paced = self.paced_tokens(running_batch)
+        if paced is None:
+            return
+        sched = self.scheduler
+        # SGLang truncates a chunk to whole pages (and to truncation_align_size): a smaller one
+        # would make no progress.
+        paced = max(paced, int(sched.page_size or 1), int(getattr(sched, "truncation_align_size", None) or 1))
+        stock = {"max_prefill_tokens": sched.max_prefill_tokens, "chunked_prefill_size": sched.chunked_prefill_size}
+        self._paced = stock
+        sched.max_prefill_tokens = min(paced, stock["max_prefill_tokens"])
+        if stock["chunked_prefill_size"] is not None:
+            sched.chunked_prefill_size = min(paced, stock["chunked_prefill_size"])
+
+    def end_step(self, result=None) -> None:
+        """After SGLang's prefill step: the configured sizes back; the trace line written."""
+        sched = self.scheduler
+        paced = None
+        if self._paced is not None:
+            paced = {"budget": sched.max_prefill_tokens, "stock": self._paced["max_prefill_tokens"]}
+            sched.max_prefill_tokens = self._paced["max_prefill_tokens"]
+            sched.chunked_prefill_size = self._paced["chunked_prefill_size"]
+            self._paced = None
+        self.after_step()
+        if self.trace_path and self._trace is not None:
+            batch = result[0] if isinstance(result, tuple) and result else None
+            self._trace["paced"] = paced
+            self._trace["prefill_tokens"] = getattr(batch, "extend_num_tokens", None) if batch is not None else 0
+            with open(self.trace_path, "a") as f:
+                f.write(json.dumps(self._trace, default=str) + "\n")
+            self._trace = None
 
     def stats(self) -> dict:
         split = self.scanner.split_report
@@ -287,13 +366,11 @@ class BlendPolicy:
                 "insert_seconds": round(self.insert_seconds, 6),
                 "waiting": len(self.waiting), "running": len(self.running), "handed_out": self.scanner.handed_out,
                 "sample_size": self.scanner.sample_size, "splits": split.splits if split else None,
-                "hardware": self.cost.hardware.name, "model": self.cost.model.name}
+                "hardware": self.cost.hardware.name, "model": self.cost.model.name,
+                "settings": {k: v for k, v in asdict(self.settings).items() if not k.endswith("_path")}}
 
     def write_stats(self) -> None:
         """Write `stats()` as JSON to $BLENDSERVE_STATS_PATH (atomically), for benchmarks and tests."""
-        import json
-        import os
-
         tmp = f"{self.stats_path}.tmp{os.getpid()}"
         with open(tmp, "w") as f:
             json.dump(self.stats(), f)

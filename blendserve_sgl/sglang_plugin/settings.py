@@ -1,84 +1,184 @@
-"""The `blend` policy's knobs: `BLENDSERVE_*` environment variables or `--blend-*` flags.
+"""The plugin's knobs: one typed table per concern of every `BLENDSERVE_*` variable (`KNOBS`
+for the `blend` policy, `CASCADE_KNOBS` for the cascade attention backend).
 
-The flags of `python -m sglang.launch_server` set the environment variables (so the spawned
-scheduler process sees them); `sglang.Engine` users set the variables directly.
+Each knob has a name, a type, a default (the blend preset's value where it overrides the preset),
+its environment variable, its `--blend-*` flag, a help text and a check. Values are parsed and
+checked once, in the launching process (`--blend-*` flags by argparse, naming the flag; the
+variables when SGLang's `ServerArgs` is built, naming the variable), and reach SGLang's spawned
+scheduler as one object: `BlendSettings` travels on its `ServerArgs` (`SETTINGS_ATTR`). Nothing
+here writes `os.environ`.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple
 
+from ..core.preset import PRESET, BlendPreset
 from ..core.specs import hardware_names
 
 _BOOL = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
+SETTINGS_ATTR = "_blend_settings"  # carries BlendSettings to the scheduler on the ServerArgs (SGLang seals
+# its fields once resolved, not underscore bookkeeping, which its pickling keeps)
 
-# field -> (environment variable, flag, help)
-KNOBS = {
-    "hardware": ("BLENDSERVE_HARDWARE", "--blend-hardware",
-                 "Cost-model hardware preset: a100, h100, h200, cpu (measured here) or auto "
-                 "(cpu on a CPU device, else from the GPU's name). Default: auto."),
-    "sample_fraction": ("BLENDSERVE_SAMPLE_FRACTION", "--blend-sample-fraction",
-                        "Share of unknown-length requests run first to estimate output lengths. Default: 0.01."),
-    "keep_sharing": ("BLENDSERVE_KEEP_SHARING", "--blend-keep-sharing",
-                     "Split budget: keep at least this share of the prefix sharing. Default: 0.99."),
-    "prior_output_len": ("BLENDSERVE_PRIOR_OUTPUT_LEN", "--blend-prior-output-len",
-                         "Output-length estimate before any sample finished. Default: 256."),
-    "hold_prefix_tokens": ("BLENDSERVE_HOLD_PREFIX_TOKENS", "--blend-hold-prefix-tokens",
-                           "Hold a request whose prefix of at least this many tokens is shared with a request "
-                           "admitted in the same step, or whose prefill SGLang has not processed yet (the overlap "
-                           "scheduler caches a prompt one iteration after admitting it). "
-                           "Default: 32."),
-    "final_wave": ("BLENDSERVE_FINAL_WAVE", "--blend-final-wave",
-                   "Once every waiting request fits in the KV cache at once, admit them longest output first "
-                   "so the batch ends in one wave (1/0). Default: 1."),
-    "seed": ("BLENDSERVE_SEED", "--blend-seed", "Seed of the output-length sample. Default: 0."),
-}
+
+class Knob(NamedTuple):
+    name: str  # BlendSettings field
+    kind: type  # int, float, bool or str
+    help: str
+    check: Callable[[Any], str | None] = lambda v: None  # the problem with a value, or None
+    preset: str | None = None  # the BlendPreset leaf it overrides (its default is the preset's)
+    default: Any = None  # for knobs that are not part of the preset
+    prefix: str = "BLENDSERVE_"  # of its environment variable
+    cli: bool = True  # has a `--blend-*` flag
+
+    @property
+    def var(self) -> str:
+        return f"{self.prefix}{self.name.upper()}"
+
+    @property
+    def flag(self) -> str | None:
+        return "--blend-" + self.name.replace("_", "-") if self.cli else None
+
+    @property
+    def default_value(self):
+        return PRESET.leaf(self.preset) if self.preset else self.default
+
+    def parse(self, raw: str, source: str):
+        """`raw` as this knob's type, checked; errors name `source` (the variable or the flag)."""
+        text = raw.strip()
+        if self.kind is bool:
+            if text.lower() not in _BOOL:
+                raise ValueError(f"{source}={raw!r}: expected 1 or 0 (true/false, yes/no, on/off)")
+            value = _BOOL[text.lower()]
+        elif self.kind is str:
+            value = text
+        else:
+            try:
+                value = self.kind(text)
+            except ValueError:
+                raise ValueError(f"{source}={raw!r}: expected {'an integer' if self.kind is int else 'a number'}") from None
+        problem = self.problem(value)
+        if problem:
+            raise ValueError(f"{source}={raw!r}: {problem}")
+        return value
+
+    def problem(self, value) -> str | None:
+        if self.kind is bool and not isinstance(value, bool):
+            return "expected 1 or 0"
+        if self.kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            return "expected a number"
+        if self.kind is int and not isinstance(value, int):
+            return "expected an integer"
+        if isinstance(value, float) and not math.isfinite(value):
+            return "expected a finite number"
+        return self.check(value)
+
+
+def _within(lo, hi, lo_open=False):
+    def check(v):
+        if v < lo or (lo_open and v == lo) or v > hi:
+            return f"must be in {'(' if lo_open else '['}{lo}, {hi}]"
+        return None
+    return check
+
+
+def _at_least(lo):
+    return lambda v: None if v >= lo else f"must be >= {lo}"
+
+
+def _hardware(v):
+    return None if v == "auto" or v.lower() in hardware_names() else f"choose auto or one of {', '.join(hardware_names())}"
+
+
+KNOBS: dict[str, Knob] = {k.name: k for k in (
+    Knob("hardware", str, "Cost-model hardware preset: a100, h100, h200, cpu (measured here) or auto "
+         "(cpu on a CPU device, else from the GPU's name).", _hardware, default="auto"),
+    Knob("sample_fraction", float, "Share of unknown-length requests run first to estimate output lengths.",
+         _within(0, 1), preset="sample_fraction"),
+    Knob("keep_sharing", float, "Split budget: keep at least this share of the prefix sharing.",
+         _within(0, 1), preset="keep_sharing"),
+    Knob("prior_output_len", int, "Output-length estimate before any sample finished.", _at_least(1), preset="prior"),
+    Knob("hold_prefix_tokens", int, "Hold a request whose prefix of at least this many tokens is shared with a "
+         "request admitted in the same step, or whose prefill SGLang has not processed yet (the overlap scheduler "
+         "caches a prompt one iteration after admitting it).", _at_least(0), preset="hold_prefix_tokens"),
+    Knob("final_wave", bool, "Once every waiting request fits in the KV cache at once, admit them longest output "
+         "first so the batch ends in one wave (1/0).", preset="final_wave"),
+    Knob("pacing", bool, "Set each step's prefill-token budget and chunk size so the step holds the waiting "
+         "work's density (1/0).", preset="pacing"),
+    Knob("metering", bool, "Admit each side's memory work at the rate of its memory share, counting SGLang's "
+         "forward passes (1/0).", preset="metering"),
+    Knob("seed", int, "Seed of the output-length sample.", _at_least(0), preset="seed"),
+    Knob("stats_path", str, "Write the policy's counters (JSON) to this file every 32 steps and at the end.",
+         default=""),
+    Knob("trace_path", str, "Append one JSON line per step (plan, paced budget, admitted) to this file.",
+         default=""),
+)}
+
+
+# `--attention-backend cascade` (cascade_backend.CascadeSettings): variables only.
+CASCADE_KNOBS: dict[str, Knob] = {k.name: k for k in (
+    Knob("levels", int, "Levels of the cascade plan: shared ones + the suffix level (1 turns the cascade off).",
+         _at_least(1), default=2, prefix="BLENDSERVE_CASCADE_", cli=False),
+    Knob("min_shared_tokens", int, "A group must share at least this many tokens.", _at_least(1), default=16,
+         prefix="BLENDSERVE_CASCADE_", cli=False),
+    Knob("stats_path", str, "Rewrite decode counters there as JSON after every decode step.", default="",
+         prefix="BLENDSERVE_CASCADE_", cli=False),
+)}
+
+
+def parse_environment(knobs: dict[str, Knob], environ=os.environ) -> dict:
+    """{name: value} for the knobs whose variables are set (and not blank); a bad value raises
+    ValueError naming the variable."""
+    values = {}
+    for knob in knobs.values():
+        raw = environ.get(knob.var)
+        if raw is not None and raw.strip() != "":
+            values[knob.name] = knob.parse(raw, knob.var)
+    return values
+
+
+def check_values(knobs: dict[str, Knob], obj) -> None:
+    """Check every knob's value on a settings object; the error names the variable."""
+    for name, knob in knobs.items():
+        value = getattr(obj, name)
+        if knob.kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        problem = knob.problem(value)
+        if problem:
+            raise ValueError(f"{knob.var}={value!r}: {problem}")
+
+
+def _default(name: str):
+    return KNOBS[name].default_value
 
 
 @dataclass(frozen=True, slots=True)
 class BlendSettings:
-    hardware: str = "auto"
-    sample_fraction: float = 0.01
-    keep_sharing: float = 0.99
-    prior_output_len: int = 256
-    hold_prefix_tokens: int = 32
-    final_wave: bool = True
-    seed: int = 0
+    hardware: str = _default("hardware")
+    sample_fraction: float = _default("sample_fraction")
+    keep_sharing: float = _default("keep_sharing")
+    prior_output_len: int = _default("prior_output_len")
+    hold_prefix_tokens: int = _default("hold_prefix_tokens")
+    final_wave: bool = _default("final_wave")
+    pacing: bool = _default("pacing")
+    metering: bool = _default("metering")
+    seed: int = _default("seed")
+    stats_path: str = _default("stats_path")
+    trace_path: str = _default("trace_path")
 
     def __post_init__(self) -> None:
-        if self.hardware != "auto" and self.hardware.lower() not in hardware_names():
-            raise ValueError(f"{KNOBS['hardware'][0]}={self.hardware!r}: choose auto or one of {hardware_names()}")
-        if not (0.0 <= self.sample_fraction <= 1.0):
-            raise ValueError(f"{KNOBS['sample_fraction'][0]}={self.sample_fraction!r}: must be in [0, 1]")
-        if not (0.0 <= self.keep_sharing <= 1.0):
-            raise ValueError(f"{KNOBS['keep_sharing'][0]}={self.keep_sharing!r}: must be in [0, 1]")
-        if self.prior_output_len < 1:
-            raise ValueError(f"{KNOBS['prior_output_len'][0]}={self.prior_output_len!r}: must be >= 1")
-        if self.hold_prefix_tokens < 0:
-            raise ValueError(f"{KNOBS['hold_prefix_tokens'][0]}={self.hold_prefix_tokens!r}: must be >= 0")
+        check_values(KNOBS, self)
+
+    def preset(self, base: BlendPreset = PRESET) -> BlendPreset:
+        """`base` with the fields these settings override."""
+        return base.replace(**{k.preset: getattr(self, k.name) for k in KNOBS.values() if k.preset})
 
     @classmethod
-    def from_env(cls, environ=os.environ) -> "BlendSettings":
-        values = {}
-        for f in fields(cls):
-            var = KNOBS[f.name][0]
-            raw = environ.get(var)
-            if raw is None or raw.strip() == "":
-                continue
-            kind = type(f.default)
-            if kind is bool:
-                word = raw.strip().lower()
-                if word not in _BOOL:
-                    raise ValueError(f"{var}={raw!r}: expected 1 or 0 (true/false, yes/no, on/off)")
-                values[f.name] = _BOOL[word]
-                continue
-            try:
-                value = kind(raw.strip())
-            except ValueError:
-                raise ValueError(f"{var}={raw!r}: expected a {kind.__name__}") from None
-            if isinstance(value, float) and not math.isfinite(value):
-                raise ValueError(f"{var}={raw!r}: expected a finite number")
-            values[f.name] = value
-        return cls(**values)
+    def load(cls, environ=os.environ, flags: dict | None = None) -> "BlendSettings":
+        """Settings from the `BLENDSERVE_*` variables, overridden by parsed flag values
+        ({name: value}); a bad variable raises ValueError naming it."""
+        return cls(**{**parse_environment(KNOBS, environ), **(flags or {})})
+

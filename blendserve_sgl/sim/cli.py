@@ -16,7 +16,8 @@ import sys
 import time
 from pathlib import Path
 
-from ..core import CostModel, ScanConfig
+from ..core import CostModel
+from ..core.preset import PRESET
 from ..core.specs import hardware_names, model_names
 from .engine import EngineConfig
 from .metrics import compare, format_table, plot_steps
@@ -76,8 +77,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--interference", type=float, default=0.1, help="overlapped mode: contention share")
     ap.add_argument("--known-lengths", action="store_true",
                     help="output lengths known (ignore_eos); default: requests stop at EOS, blend samples and estimates")
-    ap.add_argument("--sample-fraction", type=float, default=0.01)
-    ap.add_argument("--keep-sharing", type=float, default=0.99, help="blend: split budget")
+    ap.add_argument("--sample-fraction", type=float, default=PRESET.leaf("sample_fraction"))
+    ap.add_argument("--keep-sharing", type=float, default=PRESET.leaf("keep_sharing"), help="blend: split budget")
     ap.add_argument("--pace", action="store_true", help="engine, every policy: paced chunk size per step")
     ap.add_argument("--kv-projection", action="store_true",
                     help="engine, every policy: admission counts KV that known-length running requests release")
@@ -98,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
         engine = EngineConfig.for_cost(cost, kv_gb=args.kv_gb, max_running=args.max_running,
                                        chunked_prefill=args.chunk, mixed_chunk=not args.no_mixed_chunk,
                                        pace=args.pace, kv_projection=args.kv_projection)
-        spec = RunSpec(cost, engine, known_lengths=args.known_lengths,
-                       scan=ScanConfig(keep_sharing=args.keep_sharing), sample_fraction=args.sample_fraction,
-                       seed=args.seed, meter=not args.no_meter)
+        preset = PRESET.replace(keep_sharing=args.keep_sharing, sample_fraction=args.sample_fraction,
+                                seed=args.seed, metering=not args.no_meter)
+        spec = RunSpec(cost, engine, known_lengths=args.known_lengths, preset=preset, seed=args.seed)
         models = {"overlapped": ExecModel("overlapped", args.interference), "sequential": ExecModel("sequential")}
     except (ValueError, FileNotFoundError) as e:
         print(f"blendserve simulate: error: {e}", file=sys.stderr)

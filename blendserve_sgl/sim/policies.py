@@ -37,8 +37,8 @@ from collections import deque
 from typing import Iterator
 
 from ..core.cost import CostModel
-from ..core.estimate import OutputLengthEstimator
-from ..core.scanner import LEFT, Budget, DualScanner, ScanConfig
+from ..core.preset import PRESET, BlendPreset
+from ..core.scanner import LEFT, Budget, DualScanner
 from ..core.sharing import dfs_order
 from ..core.tree import ResourceTree
 from .adder import Pick, sglang_admit
@@ -265,14 +265,14 @@ class BlendPicker(Picker):
 
     name = "blend"
 
-    def __init__(self, requests: list[SimRequest], cost: CostModel, scan: ScanConfig = ScanConfig(),
-                 estimator: OutputLengthEstimator | None = None, meter: bool = True):
+    def __init__(self, requests: list[SimRequest], cost: CostModel, preset: BlendPreset = PRESET):
         self.cost = cost
-        self.meter = meter
+        self.preset = preset
+        self.meter = preset.metering
         self._steps = 0  # engine step at the previous pick
-        self.tree = ResourceTree(cost, estimator)
+        self.tree = ResourceTree(cost, preset.estimator)
         self.reqs: dict = {}
-        self.scanner = DualScanner(self.tree, scan)
+        self.scanner = DualScanner(self.tree, preset.scan)
         self._view = None
         for r in requests:
             self.add(r)
@@ -355,8 +355,8 @@ def reference_tree(requests: list[SimRequest], cost: CostModel) -> ResourceTree:
 
 
 def make_picker(name: str, requests: list[SimRequest], cost: CostModel, *, seed: int = 0,
-                scan: ScanConfig = ScanConfig(), estimator: OutputLengthEstimator | None = None,
-                reference: ResourceTree | None = None, meter: bool = True) -> Picker:
+                preset: BlendPreset = PRESET, reference: ResourceTree | None = None) -> Picker:
+    """The picker `name` over `requests`; blend runs `preset` (the plugin's, unless an ablation)."""
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}")
     if name == "fcfs":
@@ -373,4 +373,4 @@ def make_picker(name: str, requests: list[SimRequest], cost: CostModel, *, seed:
         order = list(requests)
         random.Random(seed).shuffle(order)
         return Balance(order)
-    return BlendPicker(requests, cost, scan, estimator, meter)
+    return BlendPicker(requests, cost, preset)

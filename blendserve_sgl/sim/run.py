@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..core.cost import CostModel
-from ..core.estimate import OutputLengthEstimator
-from ..core.scanner import ScanConfig
+from ..core.preset import PRESET, BlendPreset
 from .engine import Engine, EngineConfig
 from .metrics import SimResult, optimal_seconds, result_from_engine, weight_bound_seconds
 from .policies import make_picker, reference_tree
@@ -21,11 +20,10 @@ class RunSpec:
     cost: CostModel
     engine: EngineConfig
     known_lengths: bool = False  # True: ignore_eos with max_new_tokens = output length (SGLang's offline
-    # bench); False: requests stop at EOS and carry max_tokens, blend runs its 1% sample first
-    scan: ScanConfig = field(default_factory=ScanConfig)
-    sample_fraction: float = 0.01  # blend with unknown lengths: the sample that runs first
+    # bench); False: requests stop at EOS and carry max_tokens, blend runs its sample first
+    preset: BlendPreset = PRESET  # blend's configuration (core/preset.py; ablations: PRESET.replace(...));
+    # its `pacing` is not read here: pacing is the engine's (`EngineConfig.pace`, for every policy)
     seed: int = 0
-    meter: bool = True  # blend's scanner input: the engine's steps and pool size (memory work at the shares' rate)
 
 
 class Workload:
@@ -47,9 +45,8 @@ class Workload:
 def simulate(workload: Workload, policy: str, spec: RunSpec, check: bool = False) -> SimResult:
     t0 = time.perf_counter()
     requests = from_records(workload.records, known=spec.known_lengths)
-    estimator = OutputLengthEstimator(sample_fraction=spec.sample_fraction, seed=spec.seed)
-    picker = make_picker(policy, requests, spec.cost, seed=spec.seed, scan=spec.scan, estimator=estimator,
-                         reference=workload.reference, meter=spec.meter)
+    picker = make_picker(policy, requests, spec.cost, seed=spec.seed, preset=spec.preset,
+                         reference=workload.reference)
     engine = Engine(spec.cost, spec.engine, picker, requests).run(check=check)
     return result_from_engine(engine, policy, workload.optimal_s, time.perf_counter() - t0,
                               workload.weight_bound_s(spec.cost, spec.engine.max_running))

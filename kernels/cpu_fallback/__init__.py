@@ -57,6 +57,23 @@ def _disabled_by_env() -> bool:
     return os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off")
 
 
+#: Device files of a GPU driver (NVIDIA, AMD ROCm): where one exists, SGLang runs on the GPU.
+GPU_DEVICE_FILES = ("/dev/nvidiactl", "/dev/nvidia0", "/proc/driver/nvidia/version", "/dev/kfd")
+
+
+def _gpu_present() -> bool:
+    return any(os.path.exists(p) for p in GPU_DEVICE_FILES)
+
+
+def cpu_engine() -> bool:
+    """True where SGLang runs its CPU engine: ``SGLANG_USE_CPU_ENGINE`` is set, or no GPU driver
+    is present. Checked without importing torch (this runs at every interpreter start)."""
+    flag = os.environ.get("SGLANG_USE_CPU_ENGINE", "").strip().lower()
+    if flag in ("1", "true", "yes", "on"):
+        return True
+    return not _gpu_present()
+
+
 def is_installed() -> bool:
     """True when the fallback import hook (from any copy of this package) is active."""
     return _hook.installed_finder() is not None
@@ -70,11 +87,13 @@ def install() -> bool:
     True if the hook is active afterwards.  The hook only serves the fallback
     ``sgl_kernel`` when no real one can be imported, and only patches
     torchvision when its C extension failed to load.  If a real ``sgl_kernel``
-    is already imported, nothing is done.  ``BLENDSERVE_CPU_FALLBACK=0``
+    is already imported, nothing is done.  Only for the CPU engine
+    (:func:`cpu_engine`): on a machine with a GPU and without
+    ``SGLANG_USE_CPU_ENGINE`` it does nothing.  ``BLENDSERVE_CPU_FALLBACK=0``
     disables it.
     """
-    if _disabled_by_env():
-        return False
+    if _disabled_by_env() or not cpu_engine():
+        return False  # never on a GPU: a real sgl_kernel serves it
     if is_installed():
         return True
     existing = sys.modules.get("sgl_kernel")
@@ -111,6 +130,7 @@ def status() -> dict:
         "sgl_kernel": sgl_kernel,
         "torchvision_schemas_defined": torchvision_fix.applied(),
         "disabled_by_env": _disabled_by_env(),
+        "cpu_engine": cpu_engine(),
         "hook_package": package if finder is not None else None,
     }
 
