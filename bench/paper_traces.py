@@ -146,6 +146,9 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="2,000 requests per trace")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--traces", default=",".join(TRACES))
+    ap.add_argument("--lean", action="store_true",
+                    help="only the runs the summary needs: the method group, the product group, known-length blend")
+    ap.add_argument("--out", default=None, help="results file stem (default paper_traces, or paper_traces_quick)")
     args = ap.parse_args()
     n = 2_000 if args.quick else args.requests
     cost = COST
@@ -162,6 +165,9 @@ def main() -> None:
         "ablation: blend unmetered": (RunSpec(cost, method, preset=PRESET.replace(metering=False), seed=args.seed),
                                       ("blend",)),
     }
+    if args.lean:
+        specs = {"method": specs["method"], "product": specs["product"],
+                 "known lengths": (specs["known lengths"][0], ("blend",))}
     rows, traces_info, panels, interference = [], {}, {}, []
     vs = {g: [] for g in specs}
     est_vs_known = []
@@ -212,8 +218,10 @@ def main() -> None:
     summary["estimated_vs_known_min"] = min(est_vs_known)
     summary["estimated_vs_known"] = est_vs_known
     summary["blend_as_shipped"] = summarize(vs["product"])
-    summary["blend_with_kv_projection"] = summarize(vs["needs KV projection"])
-    summary["blend_known_lengths"] = summarize(vs["known lengths"])
+    if vs.get("needs KV projection"):
+        summary["blend_with_kv_projection"] = summarize(vs["needs KV projection"])
+    if vs["known lengths"]:
+        summary["blend_known_lengths"] = summarize(vs["known lengths"])
     cols = ("trace", "group", "policy", "overlapped_fraction_of_optimal", "overlapped_fraction_of_weight_bound",
             "overlapped_speedup_vs_best_other", "sequential_fraction_of_optimal", "sequential_speedup_vs_best_other",
             "sharing", "retractions", "wall_s")
@@ -225,7 +233,7 @@ def main() -> None:
     flat = [(k, v) for k, v in summary.items() if not isinstance(v, (dict, list))]
     flat += [(f"blend_as_shipped.{k}", v) for k, v in summary["blend_as_shipped"].items()]
     print(table(flat, ("summary (overlapped unless noted)", "value")))
-    stem = "paper_traces_quick" if args.quick else "paper_traces"
+    stem = args.out or ("paper_traces_quick" if args.quick else "paper_traces")
     png = RESULTS / f"{stem}.png"
     RESULTS.mkdir(parents=True, exist_ok=True)
     plot(panels, png)
