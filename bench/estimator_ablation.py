@@ -21,7 +21,7 @@ from bench._common import table, write  # noqa: E402
 from blendserve_sgl.core import CostModel  # noqa: E402
 from blendserve_sgl.core.preset import PRESET  # noqa: E402
 from blendserve_sgl.sim import EngineConfig, ExecModel, RunSpec, Workload, simulate  # noqa: E402
-from blendserve_sgl.sim.traces import TRACES, trace  # noqa: E402
+from blendserve_sgl.workloads import TRACES, trace  # noqa: E402
 
 OVERLAPPED = ExecModel("overlapped", 0.1)
 VARIANTS = {  # name -> (known lengths, preset)

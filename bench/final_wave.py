@@ -19,7 +19,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import table, write  # noqa: E402
-from blendserve_sgl.core import CostModel, ScanConfig  # noqa: E402
+from blendserve_sgl.core import CostModel  # noqa: E402
+from blendserve_sgl.core.preset import PRESET  # noqa: E402
 from blendserve_sgl.sim import EngineConfig, ExecModel, RunSpec, Workload, simulate  # noqa: E402
 from blendserve_sgl.workloads import three_tier  # noqa: E402
 
@@ -38,8 +39,7 @@ def main(argv=None) -> int:
             workload = Workload(three_tier(n, seed), cost)
             kv = args.kv_gb * (2 if n > 1000 else 1) * 1e9
             engine = EngineConfig(kv_tokens=int(kv // cost.kv_bytes_per_token), max_running=256, chunked_prefill=2048)
-            res = {fw: simulate(workload, "blend", RunSpec(cost, engine, scan=ScanConfig(final_wave=fw), pace=False,
-                                                           timeline=False, meter=False))
+            res = {fw: simulate(workload, "blend", RunSpec(cost, engine, preset=PRESET.replace(final_wave=fw)))
                    for fw in (False, True)}
             cell = {"requests": n, "seed": seed, "kv_bytes": kv,
                     "steps_off": res[False].steps, "steps_on": res[True].steps,
@@ -57,7 +57,7 @@ def main(argv=None) -> int:
                "same_prefix_hits": all(c["prefix_hits_on"] == c["prefix_hits_off"] for c in cells)}
     print(summary)
     path = write("final_wave", {"cost_model": "llama-3.1-8b on a100", "engine": "sim.Engine (radix cache, chunk 2048, "
-                                "256 running, mixed chunk); blend without pacing, KV projection or metering",
+                                "256 running, mixed chunk, no pacing or KV projection); blend: the shipped preset, final wave on/off; estimated lengths",
                                 **summary, "cells": cells})
     print(f"wrote {path}")
     return 0

@@ -216,7 +216,7 @@ class StepSample(NamedTuple):
 def sample_steps(trace_name: str, requests: int, per_policy: int, seed: int = 0) -> list[StepSample]:
     """Steps evenly spaced over blend's and dfs's simulated runs (Llama-3.1-8B on the h200 preset)."""
     from blendserve_sgl.sim import EngineConfig, RunSpec, Workload, simulate
-    from blendserve_sgl.sim.traces import trace
+    from blendserve_sgl.workloads import trace
 
     cost = CostModel.from_names("llama-3.1-8b", "h200")
     records, _ = trace(trace_name, requests, cost, seed)

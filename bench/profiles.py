@@ -25,7 +25,7 @@ from bench._common import peak_rss_mb, table, write  # noqa: E402
 from blendserve_sgl.core import CostModel  # noqa: E402
 from blendserve_sgl.core.profiles import apply_profile, profile_names  # noqa: E402
 from blendserve_sgl.sim import POLICIES, EngineConfig, ExecModel, RunSpec, Workload, simulate  # noqa: E402
-from blendserve_sgl.sim.traces import TRACES, trace  # noqa: E402
+from blendserve_sgl.workloads import TRACES, trace  # noqa: E402
 
 MODES = {"overlapped": ExecModel("overlapped", 0.1), "sequential": ExecModel("sequential")}
 

@@ -20,16 +20,25 @@ LAYOUT = {
                    ["requests", "build_seconds", "sort_split_seconds", "build_sort_split_seconds", "scan_seconds",
                     "planning_ms_per_step", "peak_rss_mb", "load_average_before", "splits", "split_spent_tokens",
                     "split_budget_tokens"]),
-    "paper_traces": ("Trace#1-#4 analogs x all policies in the simulator (`bench/paper_traces.py`)",
-                     ["requests_per_trace", "blend_mean_fraction_of_optimal", "blend_speedup_vs_dfs",
-                      "blend_sharing_vs_dfs", "dfs_mean_fraction_of_optimal",
-                      "blend_mean_fraction_of_optimal_no_interference", "blend_mean_fraction_of_optimal_sequential",
-                      "blend_speedup_vs_dfs_sequential", "total_seconds"]),
-    "sweep": ("Density x sharing sweep, blend over dfs (`bench/sweep.py`)",
-              ["requests_per_cell", "min_speedup", "mean_speedup", "max_speedup", "min_sharing_vs_dfs"]),
+    "paper_traces": ("Trace#1-#4 analogs x all policies in the simulator, equal rules, estimated lengths "
+                     "(`bench/paper_traces.py`)",
+                     ["requests_per_trace", "blend_mean_fraction_of_optimal", "blend_mean_fraction_of_weight_bound",
+                      "blend_speedup_vs_best_other", "blend_speedup_vs_best_other_min", "blend_speedup_vs_dfs",
+                      "blend_sharing_vs_dfs", "blend_sharing_vs_best", "estimated_vs_known_min",
+                      "blend_speedup_vs_best_other_sequential", "blend_mean_fraction_of_optimal_sequential",
+                      "blend_as_shipped.blend_speedup_vs_best_other", "blend_as_shipped.blend_speedup_vs_best_other_min",
+                      "blend_as_shipped.blend_mean_fraction_of_optimal",
+                      "blend_as_shipped.blend_speedup_vs_best_other_sequential",
+                      "blend_with_kv_projection.blend_speedup_vs_best_other",
+                      "blend_known_lengths.blend_speedup_vs_best_other", "total_seconds"]),
+    "sweep": ("Density x sharing sweep, blend over the best other policy, equal rules (`bench/sweep.py`)",
+              ["requests_per_cell", "min_speedup_vs_best_other", "mean_speedup_vs_best_other",
+               "max_speedup_vs_best_other", "min_sharing_vs_dfs", "min_sharing_vs_best"]),
     "sim_scale": ("Simulator speed at paper scale (`bench/sim_scale.py`)",
                   ["requests", "workload_build_seconds", "blend_seconds", "blend_steps", "blend_us_per_step",
-                   "dfs_seconds", "peak_rss_mb", "load_average_before", "load_average_after"]),
+                   "dfs_seconds", "fcfs_seconds", "sglang-dfs-weight_seconds", "dfs_weight_over_fcfs_seconds",
+                   "blend_check_requests", "blend_check_seconds", "peak_rss_mb", "load_average_before",
+                   "load_average_after"]),
     "planning_overhead": ("Planning cost in the real engine with 100,000 waiting requests (`bench/planning_overhead.py`)",
                           ["requests", "planning_fraction", "target_planning_fraction", "target_met",
                            "planning_ms_per_step", "wall_ms_per_step"]),
@@ -56,6 +65,15 @@ LAYOUT = {
                    "gemm_compute_bound_max_abs_error", "gemm_near_ridge_max_abs_error", "gemm_max_abs_error",
                    "attention_mean_abs_error", "attention_max_abs_error"]),
 }
+
+
+def _get(data: dict, field: str):
+    """`field` of `data`; a dotted name reaches into a nested object. None when absent."""
+    for part in field.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
 
 
 def _fmt(v) -> str:
@@ -85,8 +103,8 @@ def render(results_dir: Path = ROOT / "bench" / "results") -> str:
             rows += [f"| {k} | {_fmt(v)} |" for k, v in data.get("result", {}).items()]
         else:
             rows = ["| metric | value | target |", "|---|---|---|"]
-            rows += [f"| {f} | {_fmt(data[f])} | {_fmt(targets[f]) if f in targets else ''} |"
-                     for f in fields if f in data]
+            rows += [f"| {f} | {_fmt(_get(data, f))} | {_fmt(targets[f]) if f in targets else ''} |"
+                     for f in fields if _get(data, f) is not None]
         m = data.get("machine", {})
         parts.append(f"### {title}\n\n" + "\n".join(rows) +
                      f"\n\nCommand: `{data['command']}` ({m.get('cpu', 'this machine')}, {m.get('cores', '?')} cores).\n")

@@ -29,8 +29,10 @@ import shlex
 import sys
 import time
 from pathlib import Path
+from dataclasses import replace
 
 from .core import CostModel
+from .core.preset import PRESET
 from .core.specs import ModelSpec, hardware, hardware_names, model, model_names
 from .sim.engine import EngineConfig
 from .sim.metrics import SimResult, plot_steps
@@ -57,6 +59,14 @@ def sample(records: list[Record], n: int | None, seed: int = 0) -> list[Record]:
     return [records[i] for i in keep]
 
 
+def product_spec(policy: str, cost: CostModel, engine: EngineConfig, seed: int = 0) -> RunSpec:
+    """What a user runs: SGLang's stock policies as SGLang ships them, blend as the plugin ships it
+    (its preset, with paced prefill when the preset paces); output lengths unknown."""
+    if policy == "blend":
+        engine = replace(engine, pace=PRESET.pacing)
+    return RunSpec(cost, engine, known_lengths=False, seed=seed)
+
+
 def plan(records: list[Record], cost: CostModel, engine: EngineConfig, policies=POLICIES, *, gpus: int = 1,
          output_fraction: float = 0.5, timing: ExecModel = ExecModel("sequential"), seed: int = 0,
          sim_requests: int | None = None) -> tuple[dict, dict[str, dict[str, SimResult]]]:
@@ -69,8 +79,7 @@ def plan(records: list[Record], cost: CostModel, engine: EngineConfig, policies=
     scale = len(records) / len(simulated)
     for name, recs in scenario_records(simulated, output_fraction).items():
         workloads[name] = wl = Workload(recs, cost)
-        spec = RunSpec(cost, engine, known_lengths=False, seed=seed)
-        results[name] = {p: simulate(wl, p, spec) for p in policies}
+        results[name] = {p: simulate(wl, p, product_spec(p, cost, engine, seed)) for p in policies}
     rows = []
     for p in policies:
         per = {s: _figures(results[s][p], timing, gpus, engine, cost, scale) for s in results}

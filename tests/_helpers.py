@@ -8,6 +8,8 @@ from typing import Any
 from blendserve_sgl.core import CostModel, ResourceTree, ScanConfig
 from blendserve_sgl.core.cost import memory_units
 from blendserve_sgl.core.tree import Group, Node
+from blendserve_sgl.core.estimate import OutputLengthEstimator
+from blendserve_sgl.core.preset import BlendPreset
 from blendserve_sgl.sim import Engine, EngineConfig, make_picker
 from blendserve_sgl.sim.request import from_records
 from blendserve_sgl.workloads import Record, build_tree, synthetic_mix, token_prompts
@@ -95,8 +97,9 @@ def sim_engine(records, policy: str = "blend", *, kv_bytes: float, max_running: 
     """The simulator over `records` (`Record`s) with `policy`'s picker, not yet run. blend is the
     dual scanner alone (no paced prefill, KV projection or metering), at `engine.picker.scanner`."""
     requests = from_records(records, known=known)
-    picker = make_picker(policy, requests, cost, scan=scan or ScanConfig(), estimator=estimator, pace=False,
-                         timeline=False, meter=False)
+    preset = BlendPreset(scan=scan or ScanConfig(), estimator=estimator or OutputLengthEstimator(), pacing=False,
+                         metering=False)
+    picker = make_picker(policy, requests, cost, preset=preset)
     config = EngineConfig(kv_tokens=int(kv_bytes // cost.kv_bytes_per_token), max_running=max_running,
                           chunked_prefill=chunk)
     return Engine(cost, config, picker, requests)

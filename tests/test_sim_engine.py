@@ -145,3 +145,70 @@ def test_config_is_checked():
         EngineConfig(kv_tokens=0)
     cfg = EngineConfig.for_cost(COST)
     assert 400_000 < cfg.kv_tokens < 420_000  # 0.88 x 80 GB - 16 GB of weights, 128 KiB per token
+
+
+@pytest.mark.parametrize("groups", [False, True])
+def test_each_finished_chunk_is_cached(groups):
+    """SGLang caches each finished prefill chunk (stash_chunked_request -> cache_unfinished_req):
+    A and B share 4,096 prompt tokens, chunk 1,024. A is prefilled in steps 1-4 (1,024 each) and
+    5 (its 100-token tail); B is admitted in step 5 next to it and finds all 4,096 shared tokens
+    cached, though A's prefill is not done yet."""
+    from blendserve_sgl.sim.request import SimRequest
+
+    if groups:
+        reqs = [SimRequest(rid, i, prompt_len=4196, prefix=(("shared", 4096),), output_len=3)
+                for i, rid in enumerate("AB")]
+    else:
+        shared = list(range(4096))
+        reqs = from_tokens({"A": (shared + [10_000 + i for i in range(100)], 3),
+                            "B": (shared + [20_000 + i for i in range(100)], 3)})
+    eng = Engine(COST, EngineConfig(kv_tokens=50_000, max_running=8, chunked_prefill=1024),
+                 make_picker("fcfs", reqs, COST), reqs)
+    eng.run(check=True)
+    a, b = reqs
+    assert (a.first_hit, b.first_hit) == (0, 4096)
+    assert eng.series["prefill"][:6] == [1024, 1024, 1024, 1024, 100 + 100, 0]
+    assert eng.counters.prefill_tokens == 4196 + 100
+    # prefill attention: chunk i of A attends to the 1,024 i tokens before it and causally to
+    # itself; A's tail and B's 100 uncached tokens attend to 4,096 cached tokens
+    tri = lambda c: c * (c + 1) // 2  # noqa: E731
+    assert eng.series["attn_pairs"][:5] == [1024 * 1024 * i + tri(1024) for i in range(4)] + [2 * (100 * 4096 + tri(100))]
+
+
+def test_the_run_never_ends_with_requests_waiting():
+    """Nothing runs, requests wait and the picker admits nothing: the run stops with the numbers."""
+    reqs = from_tokens(token_work(1, 5))
+    picker = make_picker("fcfs", reqs, COST)
+    picker.pick = lambda view: []
+    eng = Engine(COST, EngineConfig(kv_tokens=20_000, max_running=8, chunked_prefill=128), picker, reqs)
+    with pytest.raises(RuntimeError, match=r"stalled at step 1: 5 requests wait \(5 in the fcfs picker\).*"
+                                           r"free 20000 \+ evictable 0 of 20000 KV tokens, 8 slots, chunk 128"):
+        eng.run()
+
+
+def test_incremental_check_catches_a_leak_and_recounts_every_k_steps(monkeypatch):
+    """run(check=True) checks what a step can break every step and recounts everything every
+    FULL_CHECK_EVERY steps and at the end; a page leaked in between is caught at the next step."""
+    from blendserve_sgl.sim import engine as engine_mod
+
+    monkeypatch.setattr(engine_mod, "FULL_CHECK_EVERY", 7)
+    reqs = from_tokens(token_work(4, 60))
+    eng = Engine(COST, EngineConfig(kv_tokens=20_000, max_running=64, chunked_prefill=128),
+                 make_picker("fcfs", reqs, COST), reqs)
+    full = []
+    inner = eng.check_integrity
+    monkeypatch.setattr(eng, "check_integrity", lambda: (full.append(eng.steps), inner())[1])
+    eng.run(check=True)
+    assert full == [7 * k for k in range(1, eng.steps // 7 + 1)] + [eng.steps]
+
+    reqs = from_tokens(token_work(4, 60))
+    eng = Engine(COST, EngineConfig(kv_tokens=20_000, max_running=64, chunked_prefill=128),
+                 make_picker("fcfs", reqs, COST), reqs)
+
+    def leak(e):
+        if e.steps == 3:
+            e.free_tokens -= 1
+
+    with pytest.raises(AssertionError, match="KV pages not conserved"):
+        eng.run(check=True, on_step=leak)
+    assert eng.steps == 4

@@ -2,6 +2,7 @@
 reference), SGLang's admission rule, and the blend picker driving the core's DualScanner."""
 
 import random
+from dataclasses import replace
 
 import pytest
 
@@ -13,6 +14,7 @@ from blendserve_sgl.sim.cache import RadixCache
 from blendserve_sgl.sim.engine import Engine, EngineConfig
 from blendserve_sgl.sim.policies import SGLangDFSWeight, SGLangLPM, make_picker, reference_tree
 from blendserve_sgl.sim.request import SimRequest, from_tokens
+from blendserve_sgl.sim.timing import weight_seconds
 
 from test_sim_engine import token_work
 
@@ -186,25 +188,25 @@ def _blend_engine(work, kv_tokens, **cfg):
     return Engine(COST, config, picker, reqs)
 
 
-def test_blend_horizons_never_promise_pages_the_engine_does_not_free():
-    """The KV projection handed to the scanner is conservative: run copies of the engine forward
-    with admissions stopped; over the next SAFETY x h + SLACK steps the engine's free + evictable
+def test_kv_projection_never_promises_pages_the_engine_does_not_free():
+    """The engine's KV projection is conservative: run copies of the engine forward with
+    admissions stopped; over the next SAFETY x h + SLACK steps the engine's free + evictable
     pages never fall below horizon h's promise, nor ever below the pages promised for good."""
     import copy
 
-    from blendserve_sgl.sim.policies import BlendPicker
+    from blendserve_sgl.sim.engine import SAFETY, SLACK
 
     work = token_work(21, 160, out=(1, 30), long_share=0.4, long_out=(200, 900))
-    eng = _blend_engine(work, 12_000)
+    eng = _blend_engine(work, 12_000, kv_projection=True)
     checked = lent = 0
     while eng.finished < len(eng.requests):
         eng.step()
         if eng.steps % 37 or not eng.n_dec:
             continue
         floor = eng.free_tokens + eng.cache.evictable_tokens - eng.reserved_left()
-        forever, horizons = eng.picker.horizons(eng, floor)
+        forever, horizons = eng.kv_horizons(floor)
         assert forever >= floor
-        lent += forever > floor or horizons[0][1] > forever * COST.kv_bytes_per_token
+        lent += forever > floor or horizons[0][1] > forever
         fork = copy.deepcopy(eng)
         fork.picker.pick = lambda view: []
         free = [fork.free_tokens + fork.cache.evictable_tokens]
@@ -213,32 +215,59 @@ def test_blend_horizons_never_promise_pages_the_engine_does_not_free():
             free.append(fork.free_tokens + fork.cache.evictable_tokens)
         assert min(free) >= forever, (eng.steps, min(free), forever)
         for h, promised in horizons:
-            end = BlendPicker.SAFETY * h + BlendPicker.SLACK
-            assert min(free[:end + 1]) * COST.kv_bytes_per_token >= promised, (eng.steps, h)
+            end = SAFETY * h + SLACK
+            assert min(free[:end + 1]) >= promised, (eng.steps, h)
         checked += 1
     assert checked >= 5 and lent >= 3 and eng.counters.retractions == 0, (checked, lent)
 
 
-def test_blend_pacing_counts_decode_tokens():
-    """Paced prefill: prefill + decode tokens per step = rho x the next round's KV-read time /
-    compute time per token (at least the weight-read ridge), so each decoding request takes one
-    token off the step's prefill."""
-    from types import SimpleNamespace
+@pytest.mark.parametrize("known", [True, False])
+def test_pacing_counts_decode_tokens_at_the_waiting_density(known):
+    """Paced prefill is an engine feature: prefill + decode tokens per step = rho x the next
+    round's KV-read time / compute time per token (at least the weight-read ridge), rho the
+    waiting requests' Comp / Mem from the engine's incremental sums: exact remaining lengths
+    when known, else the one estimate every picker gets (before any finish: the clipped
+    max_new_tokens); the same for every policy."""
+    from blendserve_sgl.core.cost import compute_tokens, memory_units
 
-    reqs = from_tokens(token_work(2, 40, long_share=0.3))
-    picker = make_picker("blend", reqs, COST)
-    rho = picker.tree.density(picker.tree.root)
-    kv = 2_000_000  # KV tokens read by the next round: far above the ridge
-    attn = kv * COST.kv_bytes_per_token / COST.hardware.effective_bandwidth
-    target = int(rho * attn / COST.seconds_per_compute_token)
-    assert picker.chunk_size(SimpleNamespace(next_kv_read=kv, n_dec=0)) == target
-    assert picker.chunk_size(SimpleNamespace(next_kv_read=kv, n_dec=40)) == target - 40
+    work = token_work(2, 40, long_share=0.3)
+    chunks = {}
+    for policy in ("fcfs", "blend"):
+        reqs = from_tokens(work, known=known)
+        config = EngineConfig(kv_tokens=40_000, max_running=64, chunked_prefill=100_000, pace=True)
+        eng = Engine(COST, config, make_picker(policy, reqs, COST), reqs)
+        est = lambda r: r.output_len if known else min(r.max_new_tokens, config.clip_max_new_tokens)  # noqa: E731
+        rho = COST.density(sum(compute_tokens(r.prompt_len, est(r)) for r in reqs),
+                           sum(memory_units(r.prompt_len, est(r)) for r in reqs))
+        assert eng.waiting_density() == pytest.approx(rho)
+        eng.sum_base, eng.n_dec = 2_000_000, 40  # the next round reads 2M KV tokens: far above the ridge
+        attn = 2_000_000 * COST.kv_bytes_per_token / COST.hardware.effective_bandwidth
+        assert eng.chunk_size() == max(1, int(max(rho * attn, weight_seconds(COST)) / COST.seconds_per_compute_token) - 40)
+        chunks[policy] = eng.chunk_size()
+    assert chunks["fcfs"] == chunks["blend"]
+
+
+def test_waiting_work_sums_follow_admissions_and_retractions():
+    """The incremental waiting sums equal a recount over the waiting requests after every step
+    of a run with retractions."""
+    from blendserve_sgl.core.cost import compute_tokens, memory_units
+
+    reqs = from_tokens(token_work(8, 60, out=(150, 250)))
+    eng = Engine(COST, EngineConfig(kv_tokens=3_000, max_running=64, chunked_prefill=256, clip_max_new_tokens=30,
+                                    pace=True), make_picker("fcfs", reqs, COST), reqs)
+    while eng.finished < len(reqs):
+        eng.step()
+        waiting = [r for r in reqs if r.state == "waiting"]
+        assert eng._wk_comp == sum(compute_tokens(r.fill_len, r.output_len - r.gen) for r in waiting)
+        assert eng._wk_mem == sum(memory_units(r.fill_len, r.output_len - r.gen) for r in waiting)
+    assert eng.counters.retractions > 0
 
 
 def test_blend_keeps_the_kv_pool_fuller_than_with_reservations_alone():
-    """Blend told the KV projection and the step count (the defaults) holds more KV in use, needs
-    fewer steps (each step reads the weights once) and gets closer to the optimum than the same
-    scanner on plain free-minus-reservations budgets; lengths are known, so it never retracts."""
+    """Blend on an engine with the KV projection, told the step count, holds more KV in use,
+    needs fewer steps (each step reads the weights once) and gets closer to the optimum than the
+    same scanner on plain free-minus-reservations budgets; lengths are known, so it never
+    retracts."""
     import random
 
     from blendserve_sgl.sim import ExecModel, RunSpec, Workload, simulate
@@ -256,11 +285,26 @@ def test_blend_keeps_the_kv_pool_fuller_than_with_reservations_alone():
         else:  # compute-dense: long prompt, short output
             records.append(Record(f"c{i}", 64 + rng.randint(500, 3000), (("sys:c", 64),), rng.randint(2, 40), "c"))
     wl = Workload(records, COST)
-    config = EngineConfig.for_cost(COST, kv_gb=6, max_running=256, chunked_prefill=1024)
+    config = EngineConfig.for_cost(COST, kv_gb=6, max_running=256, chunked_prefill=1024, pace=True)
     model = ExecModel("overlapped", 0.1)
-    full = simulate(wl, "blend", RunSpec(COST, config))
-    plain = simulate(wl, "blend", RunSpec(COST, config, timeline=False, preset=PRESET.replace(metering=False)))
+    full = simulate(wl, "blend", RunSpec(COST, replace(config, kv_projection=True), known_lengths=True))
+    plain = simulate(wl, "blend", RunSpec(COST, config, known_lengths=True, preset=PRESET.replace(metering=False)))
     assert full.retractions == plain.retractions == 0
     assert full.mean_kv >= plain.mean_kv + 0.08, (full.mean_kv, plain.mean_kv)
     assert full.steps <= 0.9 * plain.steps
     assert full.fraction_of_optimal(model) >= 1.15 * plain.fraction_of_optimal(model)
+
+
+def test_kv_projection_adds_nothing_for_sglang_admission_without_known_lengths():
+    """With estimated lengths no running request has a known end: the projection holds SGLang's
+    own reservations, so SGLang's rule admits exactly as without it; with known lengths it lends
+    pages that running requests will release (more admitted early, fewer steps)."""
+    work = token_work(8, 80, out=(150, 250))
+    runs = {}
+    for known in (False, True):
+        for proj in (False, True):
+            reqs = from_tokens(work, known=known)
+            config = EngineConfig(kv_tokens=6_000, max_running=64, chunked_prefill=256, kv_projection=proj)
+            runs[known, proj] = Engine(COST, config, make_picker("fcfs", reqs, COST), reqs).run(check=True)
+    assert runs[False, True].series == runs[False, False].series
+    assert runs[True, True].steps < runs[True, False].steps

@@ -5,11 +5,11 @@ import pytest
 
 from blendserve_sgl.core import CostModel
 from blendserve_sgl.sim import ExecModel
-from blendserve_sgl.sim.metrics import optimal_seconds
+from blendserve_sgl.sim.metrics import min_steps, optimal_seconds, weight_bound_seconds
 from blendserve_sgl.sim.run import RunSpec, Workload, simulate
 from blendserve_sgl.sim.engine import EngineConfig
 from blendserve_sgl.sim.request import from_records
-from blendserve_sgl.sim.timing import operator_seconds, step_seconds, weight_seconds
+from blendserve_sgl.sim.timing import StepSeconds, operator_seconds, split_seconds, step_seconds, weight_seconds
 from blendserve_sgl.workloads import mixed_workload
 
 COST = CostModel.from_names("llama-3.1-8b", "a100")
@@ -18,24 +18,63 @@ COST = CostModel.from_names("llama-3.1-8b", "a100")
 def test_operator_times_by_hand():
     """A100: 312 TFLOP/s, 2.039 TB/s. Llama-3.1-8B: 2 x 7.5e9 FLOP per token (GEMM weights with
     the LM head), 128 KiB of KV per token, 16.06 GB of weights."""
-    gemm, attn = operator_seconds(COST, [0, 100, 10_000], [1_000_000, 0, 0])
+    comp, weights, attn = operator_seconds(COST, [0, 100, 10_000], [1_000_000, 0, 0])
     w = COST.model.num_params * 2 / 2.039e12
     assert w == pytest.approx(weight_seconds(COST)) and 7.8e-3 < w < 8.0e-3
-    assert gemm[0] == 0 and gemm[1] == pytest.approx(w)  # below the ridge the weight read rules
-    assert gemm[2] == pytest.approx(10_000 * 2 * COST.model.gemm_params / 312e12)
+    assert list(weights) == [0.0, w, w]  # a step that runs a GEMM reads the weights once
+    assert comp[2] == pytest.approx(10_000 * 2 * COST.model.gemm_params / 312e12)
     assert attn[0] == pytest.approx(1_000_000 * 131072 / 2.039e12)
 
 
 def test_modes():
-    g, a = np.array([3.0, 1.0, 0.0]), np.array([1.0, 2.0, 5.0])
-    assert list(step_seconds(g, a, ExecModel("sequential"))) == [4.0, 3.0, 5.0]
-    assert list(step_seconds(g, a, ExecModel("overlapped", 0.0))) == [3.0, 2.0, 5.0]
-    assert list(step_seconds(g, a, ExecModel("overlapped", 0.5))) == [3.5, 2.5, 5.0]
-    assert list(step_seconds(g, a, ExecModel("overlapped", 1.0))) == [4.0, 3.0, 5.0]  # no overlap at all
+    ops = StepSeconds(np.array([3.0, 1.0, 0.0, 1.0]), np.array([0.5, 0.5, 0.0, 0.5]), np.array([1.0, 2.0, 5.0, 0.0]))
+    # sequential: max(comp, w) + attn; overlapped: max(comp, w + attn) + i x min(comp, w + attn)
+    assert list(step_seconds(ops, ExecModel("sequential"))) == [4.0, 3.0, 5.0, 1.0]
+    assert list(step_seconds(ops, ExecModel("overlapped", 0.0))) == [3.0, 2.5, 5.0, 1.0]
+    assert list(step_seconds(ops, ExecModel("overlapped", 0.5))) == [3.75, 3.0, 5.0, 1.25]
+    assert list(step_seconds(ops, ExecModel("overlapped", 1.0))) == [4.5, 3.5, 5.0, 1.5]  # no overlap: comp + mem
     with pytest.raises(ValueError, match="unknown execution mode 'fast'"):
         ExecModel("fast")
     with pytest.raises(ValueError, match="interference"):
         ExecModel("overlapped", 1.5)
+
+
+def test_decode_step_pays_weights_and_kv_reads_on_one_hbm():
+    """A100 preset: a decode step of 128 requests reading 31,416 KV tokens moves 7.88 ms of
+    weights and 2.02 ms of KV through HBM; it cannot take 8.08 ms (weights and KV overlapped for
+    free), only at least their sum: 9.90 ms, plus interference x its tiny compute."""
+    ops = operator_seconds(COST, [128], [31_416])
+    assert ops.weights[0] == pytest.approx(7.88e-3, abs=0.01e-3)
+    assert ops.attn[0] == pytest.approx(31_416 * 131072 / 2.039e12) == pytest.approx(2.02e-3, abs=0.01e-3)
+    t = step_seconds(ops, ExecModel("overlapped", 0.1))[0]
+    assert t >= ops.weights[0] + ops.attn[0] > 9.8e-3
+    assert t == pytest.approx(ops.weights[0] + ops.attn[0] + 0.1 * ops.comp[0])
+    assert step_seconds(ops, ExecModel("sequential"))[0] == pytest.approx(ops.weights[0] + ops.attn[0])
+
+
+def test_time_split_adds_up():
+    ops = operator_seconds(COST, [128, 4096, 0, 700], [31_416, 50_000, 0, 400_000])
+    model = ExecModel("overlapped", 0.1)
+    split = split_seconds(ops, model)
+    total = step_seconds(ops, model).sum()
+    assert split["overlapped"] + split["compute_only"] + split["memory_only"] + split["interference"] == \
+        pytest.approx(total)
+    assert split["weights"] + split["kv_read"] == pytest.approx(float((ops.weights + ops.attn).sum()))
+
+
+def test_weight_bound_by_hand():
+    """T_w = max((1 - s_o) T_comp, T_mem + N_min w), N_min = max(longest output,
+    ceil(output tokens / max_running))."""
+    from blendserve_sgl.workloads import Record
+
+    recs = [Record("a", 100, (), 10, "x"), Record("b", 300, (), 50, "x"), Record("c", 20, (), 5, "x")]
+    reqs = from_records(recs)
+    assert min_steps(reqs, 1) == 65 and min_steps(reqs, 64) == 50
+    mem = COST.mem_time(2 * 100 * 10 + 100 + 2 * 300 * 50 + 2500 + 2 * 20 * 5 + 25)
+    comp = COST.comp_time(110 + 350 + 25)
+    assert weight_bound_seconds(reqs, COST, 0.2, 64) == pytest.approx(max(0.8 * comp, mem + 50 * weight_seconds(COST)))
+    wl = Workload(recs, COST)
+    assert wl.weight_bound_s(COST, 64) >= wl.optimal_s
 
 
 def test_run_metrics_are_consistent():
@@ -48,8 +87,19 @@ def test_run_metrics_are_consistent():
     ovl, seq = ExecModel("overlapped", 0.0), ExecModel("sequential")
     for policy in ("dfs", "blend"):
         res = simulate(wl, policy, spec)
-        assert 0 < res.fraction_of_optimal(ovl) <= 1.0
+        assert 0 < res.fraction_of_weight_bound(ovl) <= 1.0
+        assert res.fraction_of_optimal(ovl) <= res.fraction_of_weight_bound(ovl)
         assert res.time(ovl) <= res.time(seq)
         assert res.throughput(seq) == pytest.approx((res.prompt_tokens + res.output_tokens) / res.time(seq))
         assert res.sharing == pytest.approx(res.first_hit_tokens / res.prompt_tokens) and res.sharing > 0
         assert 0 < res.mean_kv <= res.peak_kv <= 1
+
+
+def test_causal_prefill_attention_adds_compute_only():
+    """With the cost model's "causal" option a step's compute carries its prefill-attention
+    pairs; weights and KV reads are the same; the paper's option ignores them."""
+    causal = CostModel.from_names("llama-3.1-8b", "a100", prefill_attention="causal")
+    paper = operator_seconds(COST, [2048, 64], [0, 10_000], [2048 * 2049 // 2, 0])
+    charged = operator_seconds(causal, [2048, 64], [0, 10_000], [2048 * 2049 // 2, 0])
+    assert list(charged.comp - paper.comp) == pytest.approx([2048 * 2049 // 2 * causal.seconds_per_attention_pair, 0])
+    assert list(charged.weights) == list(paper.weights) and list(charged.attn) == list(paper.attn)

@@ -140,11 +140,9 @@ def test_efficiency_scales_times():
     assert half.request_mem_time(100, 10) == pytest.approx(4 * full.request_mem_time(100, 10))
 
 
-def test_step_and_optimal_time():
-    """f = max with overlap, sum without; T_o = max((1 - s) T_comp, T_mem)."""
+def test_optimal_time():
+    """T_o = max((1 - s) T_comp, T_mem)."""
     cm = CostModel.from_names("llama-3.1-8b", "a100")
-    assert cm.step_time(2.0, 3.0, overlap=True) == 3.0
-    assert cm.step_time(2.0, 3.0, overlap=False) == 5.0
     t = cm.optimal_time(1e6, 0.25, 1e9)
     assert t == pytest.approx(max(0.75 * cm.comp_time(1e6), cm.mem_time(1e9)))
 
@@ -247,3 +245,34 @@ def test_model_spec_rejects_nonpositive_fields():
     with pytest.raises(ValueError):
         ModelSpec("m", num_params=10, gemm_params=10, num_layers=0, num_kv_heads=1, head_dim=1,
                   dtype_bytes=2, max_context=16)
+
+
+# ---------------------------------------------------------------- prefill attention
+@pytest.mark.parametrize("cached,new", [(0, 1), (0, 7), (5, 3), (13, 1), (4, 9)])
+def test_prefill_attention_pairs_by_hand(cached, new):
+    """Query-key pairs of a causal mask over `cached` + `new` keys for the `new` queries, counted
+    one by one."""
+    from blendserve_sgl.core.cost import prefill_attention_pairs
+
+    count = sum(1 for q in range(cached, cached + new) for k in range(cached + new) if k <= q)
+    assert prefill_attention_pairs(cached, new) == count
+
+
+def test_prefill_attention_is_a_named_option():
+    """The paper's formula (default) charges no prefill attention; "causal" charges 4 x layers x
+    query heads x head_dim FLOPs per pair (Llama-3.1-8B: 4 x 32 x 32 x 128); an 8,192-token
+    prompt's attention is then 14% of its linear FLOPs."""
+    from blendserve_sgl.core.cost import prefill_attention_pairs
+
+    paper = CostModel.from_names("llama-3.1-8b", "a100")
+    causal = CostModel.from_names("llama-3.1-8b", "a100", prefill_attention="causal")
+    assert paper.prefill_attention == "paper" and paper.seconds_per_attention_pair == 0.0
+    assert causal.seconds_per_attention_pair == pytest.approx(4 * 32 * 32 * 128 / 312e12)
+    share = prefill_attention_pairs(0, 8192) * causal.seconds_per_attention_pair / causal.comp_time(8192)
+    assert share == pytest.approx(0.14, abs=0.005)
+    with pytest.raises(ValueError, match="prefill_attention must be one of"):
+        CostModel.from_names("llama-3.1-8b", "a100", prefill_attention="full")
+    bare = ModelSpec("m", num_params=10, gemm_params=10, num_layers=1, num_kv_heads=1, head_dim=1, dtype_bytes=2,
+                     max_context=8)
+    with pytest.raises(ValueError, match="num_heads"):
+        CostModel(bare, hardware("a100"), "causal")

@@ -13,6 +13,14 @@ and per prefix-tree node holding the requests R of its subtree with sharing rati
 Aggregates are kept as integers (`compute_tokens`, `memory_units` = twice the token-reads of
 decode attention) so that adding and removing requests is exact; `CostModel` turns them into
 seconds. P is the number of parameters that enter a GEMM per token (decoder layers + LM head).
+
+Prefill attention: the paper's Comp drops it (`prefill_attention="paper"`). With "causal" the
+cost model also charges it: a chunk of c new prompt tokens after k tokens already in the KV
+cache (a cached prefix or earlier chunks) scores c k + c (c + 1) / 2 query-key pairs
+(`prefill_attention_pairs`: each new token attends to the cached prefix and, causally, to the
+new tokens up to itself), each 4 x layers x query heads x head_dim FLOPs (QK^T and PV, a
+multiply-add each). Llama-3.1-8B: a whole 8,192-token prompt's attention is 14% of its linear
+layers' FLOPs; at about 57,000 tokens it equals them.
 """
 
 from __future__ import annotations
@@ -33,6 +41,14 @@ def memory_units(prompt_len: int, output_len: int) -> int:
     return 2 * prompt_len * output_len + output_len * output_len
 
 
+def prefill_attention_pairs(cached: int, new: int) -> int:
+    """Query-key pairs of causal attention for `new` prompt tokens after `cached` tokens."""
+    return new * cached + new * (new + 1) // 2
+
+
+PREFILL_ATTENTION = ("paper", "causal")
+
+
 def mean_kv_tokens(prompt_len: int, output_len: int) -> float:
     """KV tokens a decoding request holds on average over its life: p + d / 2."""
     return prompt_len + output_len / 2
@@ -44,10 +60,26 @@ class CostModel:
 
     model: ModelSpec
     hardware: HardwareSpec
+    prefill_attention: str = "paper"  # "paper": dropped, as the paper does; "causal": charged (module docstring)
+
+    def __post_init__(self) -> None:
+        if self.prefill_attention not in PREFILL_ATTENTION:
+            raise ValueError(f"prefill_attention must be one of {list(PREFILL_ATTENTION)}, got {self.prefill_attention!r}")
+        if self.prefill_attention == "causal" and not self.model.num_heads:
+            raise ValueError(f"prefill_attention='causal' needs the query head count of {self.model.name!r} "
+                             f"(ModelSpec.num_heads); build the spec from its config.json")
 
     @classmethod
-    def from_names(cls, model_name: str, hardware_name: str) -> "CostModel":
-        return cls(model(model_name), hardware(hardware_name))
+    def from_names(cls, model_name: str, hardware_name: str, prefill_attention: str = "paper") -> "CostModel":
+        return cls(model(model_name), hardware(hardware_name), prefill_attention)
+
+    @property
+    def seconds_per_attention_pair(self) -> float:
+        """Compute time of one prefill query-key pair across the model (0 with the paper's formula)."""
+        if self.prefill_attention == "paper":
+            return 0.0
+        m = self.model
+        return 4.0 * m.num_layers * m.num_heads * m.head_dim / self.hardware.effective_flops
 
     @property
     def seconds_per_compute_token(self) -> float:
@@ -85,10 +117,6 @@ class CostModel:
 
     def request_density(self, prompt_len: int, output_len: int) -> float:
         return self.density(compute_tokens(prompt_len, output_len), memory_units(prompt_len, output_len))
-
-    def step_time(self, comp_seconds: float, mem_seconds: float, overlap: bool) -> float:
-        """f(comp, mem): max with perfect overlap, sum without."""
-        return max(comp_seconds, mem_seconds) if overlap else comp_seconds + mem_seconds
 
     def optimal_time(self, total_compute_tokens: float, sharing: float, total_mem_units: float) -> float:
         """T_o = max((1 - s_o) T_comp, T_mem): the workload's lower bound under perfect overlap."""

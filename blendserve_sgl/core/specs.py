@@ -60,6 +60,7 @@ class ModelSpec:
     head_dim: int
     dtype_bytes: int
     max_context: int
+    num_heads: int = 0  # query heads (0: not given; the prefill-attention term needs it)
 
     def __post_init__(self) -> None:
         for field in ("num_params", "gemm_params", "num_layers", "num_kv_heads", "head_dim", "dtype_bytes", "max_context"):
@@ -109,6 +110,7 @@ class ModelSpec:
             head_dim=head_dim,
             dtype_bytes=_DTYPE_BYTES[dtype],
             max_context=int(config.get("max_position_embeddings", 4096)),
+            num_heads=heads,
         )
 
     @classmethod

@@ -11,10 +11,15 @@ prefix do not count (they get locked). A free request slot and chunked-prefill b
 too; the request that overflows the chunk budget is admitted truncated (a chunked request) and
 ends admission. Not modelled: max_prefill_tokens (above the chunk size by default), LoRA,
 priorities, the hierarchical cache.
+
+With the engine's `kv_projection` (not in SGLang) a request may also use the pages the
+projection (`Engine.kv_horizons`) finds free over its lifetime (its clipped max_new) when that
+is more than SGLang's count.
 """
 
 from __future__ import annotations
 
+import bisect
 from typing import Iterable, NamedTuple
 
 
@@ -25,20 +30,32 @@ class Pick(NamedTuple):
 
 def sglang_admit(view, candidates: Iterable) -> list[Pick]:
     clip = view.config.clip_max_new_tokens
-    rem_total = view.free_tokens + view.cache.evictable_tokens - view.sglang_offset()
+    total = view.free_tokens + view.cache.evictable_tokens - view.sglang_offset()
+    horizons: list = []
+    if view.config.kv_projection:
+        forever, pages = view.kv_horizons(int(total))
+        total = max(total, forever)
+        horizons = [h for h, _ in pages]
+    used = 0
     rem_chunk = view.prefill_left
     slots = view.slots_left
     out: list[Pick] = []
+    if slots <= 0 or rem_chunk <= 0 or total <= 0:
+        return out  # before the first candidate: a picker's order is never built for nothing
     for req in candidates:
-        if slots <= 0 or rem_chunk <= 0 or rem_total <= 0:
+        if slots <= 0 or rem_chunk <= 0 or total - used <= 0:
             break
         matched, unlocked = view.cache.probe(req.fill_keys)
         hit = min(matched, req.fill_len - 1)
         extend = req.fill_len - hit
         max_new = min(max(req.max_new_tokens - req.gen, 0), clip)
-        if extend + max_new + 1 >= rem_total - unlocked:
+        avail = total
+        if horizons:
+            i = bisect.bisect_left(horizons, max_new + 1)
+            avail = pages[i][1] if i < len(pages) else total
+        if extend + max_new + 1 >= avail - used - unlocked:
             break
-        rem_total -= extend + 1 + max_new + unlocked
+        used += extend + 1 + max_new + unlocked
         slots -= 1
         out.append(Pick(req))
         if extend >= rem_chunk:

@@ -73,13 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--chunk", type=int, default=1024, help="chunked-prefill size (tokens per step)")
     ap.add_argument("--no-mixed-chunk", action="store_true", help="prefill and decode steps alternate (SGLang default)")
     ap.add_argument("--interference", type=float, default=0.1, help="overlapped mode: contention share")
-    ap.add_argument("--unknown-lengths", action="store_true",
-                    help="requests stop at EOS; blend samples and estimates output lengths")
+    ap.add_argument("--known-lengths", action="store_true",
+                    help="output lengths known (ignore_eos); default: requests stop at EOS, blend samples and estimates")
     ap.add_argument("--sample-fraction", type=float, default=PRESET.leaf("sample_fraction"))
     ap.add_argument("--keep-sharing", type=float, default=PRESET.leaf("keep_sharing"), help="blend: split budget")
-    ap.add_argument("--no-pace", action="store_true", help="blend: fixed chunked-prefill size")
-    ap.add_argument("--no-timeline", action="store_true",
-                    help="blend: no KV projection (budget = free minus the running requests' reservations)")
+    ap.add_argument("--pace", action="store_true", help="engine, every policy: paced chunk size per step")
+    ap.add_argument("--kv-projection", action="store_true",
+                    help="engine, every policy: admission counts KV that known-length running requests release")
     ap.add_argument("--no-meter", action="store_true", help="blend: no step count (memory work not metered)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--check", action="store_true", help="check every invariant after every step (slow)")
@@ -95,11 +95,11 @@ def main(argv: list[str] | None = None) -> int:
         records = load_workload(args.workload, n, cost, args.seed)
         workload = Workload(records, cost)
         engine = EngineConfig.for_cost(cost, kv_gb=args.kv_gb, max_running=args.max_running,
-                                       chunked_prefill=args.chunk, mixed_chunk=not args.no_mixed_chunk)
+                                       chunked_prefill=args.chunk, mixed_chunk=not args.no_mixed_chunk,
+                                       pace=args.pace, kv_projection=args.kv_projection)
         preset = PRESET.replace(keep_sharing=args.keep_sharing, sample_fraction=args.sample_fraction,
-                                seed=args.seed, pacing=not args.no_pace, metering=not args.no_meter)
-        spec = RunSpec(cost, engine, known_lengths=not args.unknown_lengths, preset=preset, seed=args.seed,
-                       timeline=not args.no_timeline)
+                                seed=args.seed, metering=not args.no_meter)
+        spec = RunSpec(cost, engine, known_lengths=args.known_lengths, preset=preset, seed=args.seed)
         models = {"overlapped": ExecModel("overlapped", args.interference), "sequential": ExecModel("sequential")}
     except (ValueError, FileNotFoundError) as e:
         print(f"blendserve simulate: error: {e}", file=sys.stderr)
@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                      "setup_s": round(setup_s, 2)},
         "model": cost.model.name, "hardware": cost.hardware.name,
         "engine": {k: getattr(engine, k) for k in engine.__slots__},
-        "interference": args.interference, "known_lengths": not args.unknown_lengths,
+        "interference": args.interference, "known_lengths": args.known_lengths,
         "results": rows,
     }
     out.write_text(json.dumps(payload, indent=2) + "\n")

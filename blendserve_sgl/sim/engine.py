@@ -5,9 +5,13 @@ One page holds one token (SGLang's default page_size). Each step:
 1. admission: the picker hands out waiting requests; each is matched in the radix cache, its
    cached prefix locked, and the pages of its uncached fill allocated (evicting LRU cache
    leaves when the free pool is short). A pick that does not fit goes back to the picker.
-2. chunked prefill: at most `chunked_prefill` fill tokens, oldest admission first; a request
-   whose fill is done publishes it to the cache (duplicates of what others published in the
-   meantime are freed) and its first output token comes out of this step.
+2. chunked prefill: at most `chunked_prefill` fill tokens (the step's chunk size; `pace` sizes
+   it per step), oldest admission first. Each finished chunk publishes the atoms it completed
+   to the cache, as SGLang's `stash_chunked_request` -> `cache_unfinished_req` does (a `Group`
+   atom is published once all of it is computed; token prompts per token), so a request
+   admitted later hits them; duplicates of what others published meanwhile are freed. A
+   request whose fill is done publishes all of it and its first output token comes out of
+   this step.
 3. a decode round for every decoding request (one new KV page each). With `mixed_chunk`
    (SGLang's --enable-mixed-chunk; NanoFlow always mixes) it shares the step with the prefill,
    and sits out a step whose prefill left no room for it; without, prefill steps and decode
@@ -17,25 +21,46 @@ One page holds one token (SGLang's default page_size). Each step:
    with their output so far (re-prefilled later).
 4. requests that reached their output length publish their KV to the cache and leave.
 
-Per step the engine records GEMM tokens, KV tokens read, running requests and KV pages held
-by running requests; `timing.py` turns them into seconds. Decoding requests live in NumPy
+Per step the engine records GEMM tokens, KV tokens read, prefill-attention query-key pairs,
+running requests and KV pages held by running requests; `timing.py` turns them into seconds. Decoding requests live in NumPy
 arrays (struct of arrays), so a decode round costs a few vector operations, not a Python loop.
+
+Engine features, the same for every picker (`EngineConfig`):
+- `pace`: each step's chunk size is `core.pacing.paced_prefill_tokens` for the next decode
+  round's KV read at the target density of the waiting requests, Comp / Mem over their
+  (fill, remaining output) with no sharing term, kept as incremental sums. Known lengths
+  (ignore_eos) give the remaining output exactly; for the others every picker sees the same
+  estimate: the mean output of the requests finished so far, and before the first finish
+  their mean min(max_new_tokens, clip_max_new_tokens).
+- `kv_projection`: admission may count the KV that running requests of known remaining length
+  will release (`kv_horizons`). SGLang cannot do this: results with it are their own rows.
+- metering: `steps` and the pool size are part of the view; a picker that meters takes them.
+
+The run never ends with requests waiting: a step where nothing runs, requests wait and the
+picker admits nothing raises with the numbers.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import numpy as np
 
-from ..core.cost import CostModel
+from ..core.cost import CostModel, memory_units, prefill_attention_pairs
+from ..core.pacing import paced_prefill_tokens
 from ..core.tree import Group
 from .cache import RadixCache
-from .request import DECODING, FINISHED, PREFILLING, WAITING, SimRequest
+from .request import DECODING, FINISHED, PREFILLING, WAITING, SimRequest, atom_len
 
 _NO_WATCH = np.iinfo(np.int64).max
+# Horizons of the KV projection: a request of lifetime <= h steps gets the KV free over
+# SAFETY x h + SLACK steps (its prefill may wait behind others', a decode round may be skipped).
+HORIZONS = np.array([4 ** k for k in range(9)], dtype=np.int64)
+SAFETY, SLACK = 2, 16
+FULL_CHECK_EVERY = 1024  # check=True: the full recount every this many steps (and at the end)
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,6 +74,8 @@ class EngineConfig:
     min_new_token_ratio_factor: float = 0.14
     new_token_ratio_decay_steps: int = 600
     retract_decode_steps: int = 20  # SGLANG_RETRACT_DECODE_STEPS
+    pace: bool = False  # each step's chunk size follows the decode batch's memory time (module docstring)
+    kv_projection: bool = False  # admission counts KV that known-length running requests will release
 
     def __post_init__(self) -> None:
         for field in ("kv_tokens", "max_running", "chunked_prefill", "clip_max_new_tokens",
@@ -124,13 +151,18 @@ class Engine:
         self._min_ratio = config.init_new_token_ratio * config.min_new_token_ratio_factor
         self._ratio_decay = (config.init_new_token_ratio - self._min_ratio) / config.new_token_ratio_decay_steps
         self.counters = Counters()
-        self.series = {k: [] for k in ("prefill", "decode", "kv_read", "kv_active", "running")}
+        self.series = {k: [] for k in ("prefill", "decode", "kv_read", "attn_pairs", "kv_active", "running")}
         self.finish_order: list = []
+        # the waiting requests' work, for the pacing target: known lengths exactly (compute
+        # tokens, memory units), the others as (count, fill tokens, min(max_new, clip) tokens)
+        self._wk_comp = self._wk_mem = 0
+        self._wu_n = self._wu_fill = self._wu_cap = 0
+        self._checked = 0  # steps since the last full check
         for r in self.requests:
             if r.state != WAITING:
                 raise ValueError(f"request {r.rid!r} was already run; build fresh requests per simulation")
             self.counters.prompt_tokens += r.prompt_len
-            self.waiting += 1
+            self._wait(r, +1)
 
     # ------------------------------------------------------------------ the view pickers see
     @property
@@ -178,8 +210,96 @@ class Engine:
             raise ValueError(f"request {req.rid!r} was already run; build a fresh one")
         self.requests.append(req)
         self.counters.prompt_tokens += req.prompt_len
-        self.waiting += 1
+        self._wait(req, +1)
         self.picker.add(req)
+
+    @property
+    def kv_pool_bytes(self) -> int:
+        return self.config.kv_tokens * self.cost.kv_bytes_per_token
+
+    def _wait(self, r: SimRequest, sign: int) -> None:
+        """Count `r` into (+1) or out of (-1) the waiting requests and their work sums."""
+        self.waiting += sign
+        if r.ignore_eos:
+            d = r.output_len - r.gen
+            self._wk_comp += sign * (r.fill_len + d)
+            self._wk_mem += sign * memory_units(r.fill_len, d)
+        else:
+            self._wu_n += sign
+            self._wu_fill += sign * r.fill_len
+            self._wu_cap += sign * min(max(r.max_new_tokens - r.gen, 1), self.config.clip_max_new_tokens)
+
+    def output_estimate(self) -> float:
+        """The output length assumed for waiting requests of unknown length (module docstring)."""
+        if self.finished:
+            return self.counters.output_tokens / self.finished
+        return self._wu_cap / self._wu_n if self._wu_n else 1.0
+
+    def waiting_density(self) -> float:
+        """Comp / Mem of the waiting requests, no sharing term (the pacing target)."""
+        comp, mem = float(self._wk_comp), float(self._wk_mem)
+        if self._wu_n:
+            m = self.output_estimate()
+            comp += self._wu_fill + self._wu_n * m
+            mem += 2 * m * self._wu_fill + self._wu_n * m * m
+        return self.cost.density(comp, mem)
+
+    def chunk_size(self) -> int:
+        """This step's chunked-prefill size: the configured one, or paced (`EngineConfig.pace`)."""
+        size = self.config.chunked_prefill
+        if self.config.pace and self.waiting:
+            paced = paced_prefill_tokens(self.cost, self.next_kv_read, self.n_dec, self.waiting_density())
+            if paced is not None:
+                size = max(1, min(paced, size))
+        return size
+
+    def kv_horizons(self, floor: int) -> tuple[int, tuple]:
+        """(pages free for good, ((h, pages free over the next SAFETY x h + SLACK steps), ...))
+        from the KV the running requests hold now and will hold. A decoding request of known
+        length (ignore_eos: it stops at max_new_tokens) grows one page per step for its
+        remaining output, then releases its decode pages (its prompt may stay locked by others:
+        counted as held); one of unknown length holds its remaining reservation from now on
+        (the picker's, or SGLang's min(max_new - generated, clip) x new-token ratio where the
+        picker reserved nothing) and releases nothing within the projection; so does a
+        prefilling one (its whole output when known). free(t) = free + evictable - growth(t) +
+        released(t); the pages free over the next t steps are min free(0..t), evaluated just
+        before each release and at each horizon. Never below `floor` (what the caller counts as
+        free without the projection)."""
+        n = self.n_dec
+        base = self.free_tokens + self.cache.evictable_tokens
+        gen, out, ck = self._gen[:n], self._out[:n], self._gen_ck[:n]
+        clip, ratio = self.config.clip_max_new_tokens, self.new_token_ratio
+        held = 0.0
+        for q in self.prefilling:
+            if q.ignore_eos:
+                held += max(0, q.output_len - q.gen)
+            elif q.reserve:
+                held += max(0, q.reserve - (q.fill_len - q.hit))
+            else:
+                held += min(max(q.max_new_tokens - q.gen, 0), clip) * ratio
+        if self.n_eos:
+            known = self._ign[:n]
+            unknown = ~known
+            resv = self._resv[:n][unknown]
+            own = np.maximum(resv - (gen - ck)[unknown], 0)
+            sglang = np.minimum(self._maxnew[:n][unknown] - gen[unknown], clip) * ratio
+            held += float(np.where(resv > 0, own, sglang).sum())
+            gen, out, ck = gen[known], out[known], ck[known]
+            n = len(gen)
+        base -= math.ceil(held)
+        rem = out - gen
+        order = np.argsort(rem, kind="stable")
+        r = rem[order]
+        grown = np.concatenate(([0], np.cumsum(r)))
+        released = np.concatenate(([0], np.cumsum((out - ck)[order])))
+        ends = HORIZONS * SAFETY + SLACK
+        t = np.sort(np.concatenate((r, ends)))
+        le = np.searchsorted(r, t, side="right")
+        free_t = base - (grown[le] + t * (n - le)) + released[np.searchsorted(r, t, side="left")]
+        low = np.minimum.accumulate(np.minimum(free_t, base))
+        forever = max(floor, min(int(low[-1]), base - int(grown[-1]) + int(released[-1])))
+        at = low[np.searchsorted(t, ends)]
+        return forever, tuple((int(h), max(int(f), forever)) for h, f in zip(HORIZONS, at))
 
     # ------------------------------------------------------------------ run
     def run(self, check: bool = False, max_steps: int = 50_000_000,
@@ -190,15 +310,16 @@ class Engine:
                 raise RuntimeError(f"simulation did not finish within {max_steps} steps")
             self.step()
             if check:
-                self.check_integrity()
+                self.check_step()
             if on_step is not None:
                 on_step(self)
+        if check:
+            self.check_integrity()
         return self
 
     def step(self) -> None:
         self.steps += 1
-        paced = self.picker.chunk_size(self)
-        self.chunk = self.config.chunked_prefill if paced is None else max(1, min(paced, self.config.chunked_prefill))
+        self.chunk = self.chunk_size()
         if self.waiting and self.slots_left > 0:
             left = self.prefill_left
             if left > 0:
@@ -209,31 +330,34 @@ class Engine:
                         self.picker.rejected(picks[i:])
                         break
         budget = self.chunk
-        prefill = 0
+        prefill = pairs = 0
         done = []
         while self.prefilling and budget > 0:
             r = self.prefilling[0]
             chunk = min(r.prefill_left, budget)
+            pairs += prefill_attention_pairs(r.fill_len - r.prefill_left, chunk)
             r.prefill_left -= chunk
             budget -= chunk
             prefill += chunk
             if r.prefill_left == 0:
                 self.prefilling.popleft()
                 done.append(r)
+            else:
+                self._checkpoint(r)
         decode = kv_read = 0
         if self.n_dec and (prefill == 0 or self.config.mixed_chunk):
             if self._room_for_decode(decode_only=prefill == 0):
                 decode, kv_read = self._decode_round()
         for r in done:
             self._prefill_done(r)
-        if not (prefill or decode):
-            if self.finished < len(self.requests):
-                self._stalled()
+        if not (prefill or decode) and self.finished < len(self.requests):
+            self._stalled()
         self.counters.prefill_tokens += prefill
         s = self.series
         s["prefill"].append(prefill)
         s["decode"].append(decode)
         s["kv_read"].append(kv_read)
+        s["attn_pairs"].append(pairs)
         s["kv_active"].append(self.config.kv_tokens - self.free_tokens - self.cache.evictable_tokens)
         s["running"].append(self.n_dec + len(self.prefilling))
 
@@ -254,6 +378,8 @@ class Engine:
         self.private += extend
         r.lock = node
         r.hit = hit
+        r.published = hit
+        r.ck_atoms = r.ck_len = 0
         r.prefill_left = extend
         r.reserve = reserve
         r.state = PREFILLING
@@ -261,7 +387,7 @@ class Engine:
             r.first_hit = hit
             self.counters.first_hit_tokens += hit
         r.admissions += 1
-        self.waiting -= 1
+        self._wait(r, -1)
         self.prefilling.append(r)
         return True
 
@@ -271,13 +397,32 @@ class Engine:
         self.counters.evicted_tokens += freed
 
     # ------------------------------------------------------------------ prefill -> decode
-    def _prefill_done(self, r: SimRequest) -> None:
-        node, dup = self.cache.insert(r.fill_keys)
-        self.private -= r.fill_len - r.hit
-        self.free_tokens += dup - r.hit  # copies of what another request published meanwhile
+    def _publish(self, r: SimRequest, keys, length: int) -> None:
+        """Hand the first `length` fill tokens (`keys`) to the cache: the request's pages beyond
+        what it published before leave its private KV; copies of what another request published
+        meanwhile are freed; the lock moves to the new end."""
+        node, dup = self.cache.insert(keys)
+        self.private -= length - r.published
+        self.free_tokens += dup - r.published
         self.cache.lock(node)
         self.cache.unlock(r.lock)
         r.lock = node
+        r.published = length
+
+    def _checkpoint(self, r: SimRequest) -> None:
+        """A chunk of `r` finished: publish the atoms it completed (SGLang caches each chunk)."""
+        keys = r.fill_keys
+        done = r.fill_len - r.prefill_left
+        k, length = r.ck_atoms, r.ck_len
+        while k < len(keys) and length + atom_len(keys[k]) <= done:
+            length += atom_len(keys[k])
+            k += 1
+        r.ck_atoms, r.ck_len = k, length
+        if length > r.published:
+            self._publish(r, keys[:k], length)
+
+    def _prefill_done(self, r: SimRequest) -> None:
+        self._publish(r, r.fill_keys, r.fill_len)
         r.gen += 1
         r.gen_ck = r.gen
         if r.gen >= r.output_len:
@@ -362,7 +507,7 @@ class Engine:
             r.out_len = r.gen
             r.fill_len = r.prompt_len + r.gen
             r.state = WAITING
-            self.waiting += 1
+            self._wait(r, +1)
             retracted.append(r)
             self.counters.retractions += 1
             self.counters.retracted_tokens += r.gen
@@ -424,11 +569,38 @@ class Engine:
         if self.prefilling or self.n_dec:
             return
         raise RuntimeError(
-            f"simulation stalled at step {self.steps}: {self.waiting} requests wait, nothing runs and the "
-            f"{self.picker.name} picker admits nothing (free {self.free_tokens} + evictable "
-            f"{self.cache.evictable_tokens} of {self.config.kv_tokens} KV tokens). A request larger than the KV pool?")
+            f"simulation stalled at step {self.steps}: {self.waiting} requests wait ({len(self.picker)} in the "
+            f"{self.picker.name} picker), nothing runs and the picker admits nothing (free {self.free_tokens} + "
+            f"evictable {self.cache.evictable_tokens} of {self.config.kv_tokens} KV tokens, {self.slots_left} slots, "
+            f"chunk {self.chunk}, {self.counters.admit_rejections} rejected picks so far). A request larger than the "
+            f"KV pool, or a picker that refuses everything?")
 
     # ------------------------------------------------------------------ checks
+    def check_step(self) -> None:
+        """The per-step check of `run(check=True)`: what a step can break, in O(running)
+        (request counts, KV conservation, the decode sums, the cache's counters); the full
+        recount of `check_integrity` (every request, the cache tree, the picker) every
+        FULL_CHECK_EVERY steps and at the end of the run."""
+        self._checked += 1
+        if self._checked >= FULL_CHECK_EVERY:
+            self._checked = 0
+            self.check_integrity()
+            return
+        assert self.waiting + len(self.prefilling) + self.n_dec + self.finished == len(self.requests), \
+            (f"requests not conserved: waiting {self.waiting} + prefilling {len(self.prefilling)} + decoding "
+             f"{self.n_dec} + finished {self.finished} != {len(self.requests)}")
+        assert self.waiting == len(self.picker), f"engine counts {self.waiting} waiting, picker {len(self.picker)}"
+        assert self.free_tokens >= 0 and self.private >= 0, "KV pool over-committed"
+        assert self.free_tokens + self.cache.total_tokens + self.private == self.config.kv_tokens, \
+            (f"KV pages not conserved: free {self.free_tokens} + cached {self.cache.total_tokens} + "
+             f"private {self.private} != {self.config.kv_tokens}")
+        assert 0 <= self.cache.evictable_tokens <= self.cache.total_tokens
+        n = self.n_dec
+        assert self.sum_gen == int(self._gen[:n].sum()) and self.sum_base == int(self._base[:n].sum())
+        assert bool((self._gen[:n] < self._out[:n]).all()), "a decoding request is past its output length"
+        for r in self.prefilling:
+            assert r.state == PREFILLING and r.lock is not None and r.prefill_left > 0
+
     def check_integrity(self) -> None:
         """Every invariant, recomputed from scratch: KV pages conserved, every request in exactly
         one state (finished ones exactly once), decode arrays consistent, cache locks match."""
@@ -438,8 +610,8 @@ class Engine:
         for r in self.requests:
             by_state[r.state] += 1
             if r.state == PREFILLING:
-                private += r.fill_len - r.hit
-                assert r.lock is not None and r.prefill_left > 0
+                private += r.fill_len - r.published
+                assert r.lock is not None and r.prefill_left > 0 and r.hit <= r.published < r.fill_len
             elif r.state == DECODING:
                 assert self._dec[r.slot] is r, f"{r!r}: slot {r.slot} holds another request"
                 gen = int(self._gen[r.slot])
@@ -450,7 +622,7 @@ class Engine:
             if r.lock is not None:
                 locks[r.lock] = locks.get(r.lock, 0) + 1
         assert by_state[PREFILLING] == len(self.prefilling) and by_state[DECODING] == self.n_dec
-        assert by_state[WAITING] == self.waiting and by_state[FINISHED] == self.finished
+        assert by_state[WAITING] == self.waiting == len(self.picker) and by_state[FINISHED] == self.finished
         assert len(self.finish_order) == len(set(self.finish_order)) == self.finished, "a request finished twice"
         assert self.n_dec + len(self.prefilling) <= self.config.max_running
         assert private == self.private, f"private pages {self.private} != recomputed {private}"

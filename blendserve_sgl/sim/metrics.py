@@ -4,16 +4,24 @@ The optimum is the paper's T_o = max((1 - s_o) T_comp, T_mem) (`CostModel.optima
 T_comp and T_mem summed over every request, s_o the sharing of DFS order with an unbounded
 cache (the reference tree's root sharing). The run's time is the sum of its step times in an
 execution mode (`timing.py`), so `fraction_of_optimal` = T_o / time.
+
+T_o charges no weight reads, yet every step reads the weights once. The stricter bound
+T_w = max((1 - s_o) T_comp, T_mem + N_min w) adds them for the fewest steps any schedule needs:
+N_min = max(longest output, ceil(output tokens / max_running)) (one output token per running
+request per step, the first from the prefill step). Overlapped steps take at least
+max(comp, w + attn), so no schedule beats T_w either (`fraction_of_weight_bound`). Both leave
+prefill attention out (the paper's Comp); with a cost model that charges it they stay lower
+bounds.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
 from ..core.cost import CostModel, compute_tokens, memory_units
-from .timing import ExecModel, operator_seconds, step_seconds
+from .timing import ExecModel, StepSeconds, operator_seconds, split_seconds, step_seconds, weight_seconds
 
 
 @dataclass
@@ -31,13 +39,24 @@ class SimResult:
     admit_rejections: int
     evicted_tokens: int
     optimal_s: float
+    weight_bound_s: float  # T_w: T_o with the fewest steps' weight reads charged
     wall_s: float
-    gemm_s: np.ndarray = field(repr=False)  # per step: GEMM time at its roofline
-    attn_s: np.ndarray = field(repr=False)  # per step: decode-attention time
+    ops: StepSeconds = field(repr=False)  # per step: GEMM compute, weight read, decode-attention read
     series: dict = field(repr=False, default_factory=dict)  # per step: prefill, decode, kv_read, kv_active, running
 
     def time(self, model: ExecModel) -> float:
-        return float(step_seconds(self.gemm_s, self.attn_s, model).sum())
+        return float(step_seconds(self.ops, model).sum())
+
+    def fraction_of_weight_bound(self, model: ExecModel) -> float:
+        return self.weight_bound_s / self.time(model)
+
+    def retimed(self, cost: CostModel) -> "SimResult":
+        """The same schedule timed with another cost model (e.g. prefill attention charged)."""
+        s = self.series
+        return replace(self, ops=operator_seconds(cost, s["prefill"] + s["decode"], s["kv_read"], s["attn_pairs"]))
+
+    def time_split(self, model: ExecModel) -> dict:
+        return {k: round(v, 2) for k, v in split_seconds(self.ops, model).items()}
 
     def throughput(self, model: ExecModel) -> float:
         """(input + output tokens) per second."""
@@ -68,8 +87,9 @@ class SimResult:
             "fraction_of_optimal": round(self.fraction_of_optimal(model), 4),
             "sharing": round(self.sharing, 4),
             "steps": self.steps,
-            "comp_s": round(float(self.gemm_s.sum()), 2),
-            "mem_s": round(float(self.attn_s.sum()), 2),
+            "comp_s": round(float(self.ops.comp.sum()), 2),
+            "weights_s": round(float(self.ops.weights.sum()), 2),
+            "attn_s": round(float(self.ops.attn.sum()), 2),
             "peak_kv": round(self.peak_kv, 4),
             "mean_kv": round(self.mean_kv, 4),
             "retractions": self.retractions,
@@ -84,25 +104,40 @@ def optimal_seconds(requests, cost: CostModel, sharing: float) -> float:
     return cost.optimal_time(tokens, sharing, units)
 
 
-def result_from_engine(engine, policy: str, optimal_s: float, wall_s: float) -> SimResult:
+def min_steps(requests, max_running: int) -> int:
+    """The fewest steps any schedule needs (see the module docstring)."""
+    out = [r.output_len for r in requests]
+    return max(max(out, default=0), -(-sum(out) // max_running))
+
+
+def weight_bound_seconds(requests, cost: CostModel, sharing: float, max_running: int) -> float:
+    """T_w = max((1 - s_o) T_comp, T_mem + N_min w)."""
+    tokens = sum(compute_tokens(r.prompt_len, r.output_len) for r in requests)
+    units = sum(memory_units(r.prompt_len, r.output_len) for r in requests)
+    mem = cost.mem_time(units) + min_steps(requests, max_running) * weight_seconds(cost)
+    return max((1.0 - sharing) * cost.comp_time(tokens), mem)
+
+
+def result_from_engine(engine, policy: str, optimal_s: float, wall_s: float, weight_bound_s: float) -> SimResult:
     series = {k: np.asarray(v, dtype=np.int64) for k, v in engine.series.items()}
-    gemm, attn = operator_seconds(engine.cost, series["prefill"] + series["decode"], series["kv_read"])
+    ops = operator_seconds(engine.cost, series["prefill"] + series["decode"], series["kv_read"], series["attn_pairs"])
     c = engine.counters
     return SimResult(policy, len(engine.requests), engine.config.kv_tokens, engine.steps, c.prompt_tokens,
                      c.output_tokens, c.first_hit_tokens, c.prefill_tokens, c.retractions, c.retracted_tokens,
-                     c.admit_rejections, c.evicted_tokens, optimal_s, wall_s, gemm, attn, series)
+                     c.admit_rejections, c.evicted_tokens, optimal_s, weight_bound_s, wall_s, ops, series)
 
 
 def binned(result: SimResult, model: ExecModel, bins: int = 400) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(elapsed seconds, mean GEMM ms, mean attention ms) over `bins` equal stretches of time."""
-    t = step_seconds(result.gemm_s, result.attn_s, model)
+    """(elapsed seconds, mean compute ms, mean memory-traffic ms (weights + KV)) over `bins`
+    equal stretches of time."""
+    t = step_seconds(result.ops, model)
     end = np.cumsum(t)
     edges = np.linspace(0.0, end[-1], bins + 1)
     idx = np.minimum(np.searchsorted(edges, end - t / 2, side="right") - 1, bins - 1)
     count = np.bincount(idx, minlength=bins)
     keep = count > 0
-    gemm = np.bincount(idx, weights=result.gemm_s, minlength=bins)[keep] / count[keep]
-    attn = np.bincount(idx, weights=result.attn_s, minlength=bins)[keep] / count[keep]
+    gemm = np.bincount(idx, weights=result.ops.comp, minlength=bins)[keep] / count[keep]
+    attn = np.bincount(idx, weights=result.ops.weights + result.ops.attn, minlength=bins)[keep] / count[keep]
     mid = ((edges[:-1] + edges[1:]) / 2)[keep]
     return mid, 1e3 * gemm, 1e3 * attn
 
@@ -119,7 +154,7 @@ def plot_steps(results: list[SimResult], path, model: ExecModel, title: str = ""
     for ax, res in zip(axes[:, 0], results):
         x, g, a = binned(res, model)
         ax.plot(x / 60, g, label="compute (GEMM)", color="tab:red", lw=1)
-        ax.plot(x / 60, a, label="memory (decode attention)", color="tab:blue", lw=1)
+        ax.plot(x / 60, a, label="memory (weights + KV reads)", color="tab:blue", lw=1)
         ax.set_ylabel("ms / step")
         ax.set_title(f"{res.policy}: {res.time(model) / 60:.1f} min, {res.fraction_of_optimal(model):.1%} of optimal",
                      fontsize=10)

@@ -17,12 +17,12 @@ Feedback: `retracted` (the request waits again, with its output so far), `finish
   admitted FCFS.
 - `balance`: a seeded random order (NanoFlow-Balance), admitted FCFS.
 - `blend`: the project's `DualScanner` over a `ResourceTree` of the waiting requests (the very
-  objects the SGLang plugin drives); it reserves KV per request itself. What it tells the
-  scanner beyond SGLang's budget, and one sim-side addition, each switchable for ablations:
-  `timeline` (the KV the running requests will grow into and release, step by step:
-  `Budget.kv_horizons`), `meter` (steps and pool, so each side admits memory work at the rate
-  of its share), `pace` (each step's prefill budget follows the decode batch's memory time, so
-  steps keep the workload's balance; `BlendPicker.chunk_size`).
+  objects the SGLang plugin drives); it reserves KV per request itself. With the engine's
+  `kv_projection` it passes the projection on as `Budget.kv_horizons`; with `meter` it passes
+  the engine's step count and pool size (each side admits memory work at the rate of its
+  share), a scanner input the plugin can pass from SGLang too.
+
+Pacing and the KV projection are engine features (`EngineConfig`), the same for every picker.
 
 Retracted requests go to the back of the queue, as SGLang 0.5.23 re-queues them.
 """
@@ -36,10 +36,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from typing import Iterator
 
-import numpy as np
-
 from ..core.cost import CostModel
-from ..core.pacing import paced_prefill_tokens
 from ..core.preset import PRESET, BlendPreset
 from ..core.scanner import LEFT, Budget, DualScanner
 from ..core.sharing import dfs_order
@@ -84,10 +81,6 @@ class Picker(ABC):
 
     def watch(self, req: SimRequest) -> int | None:
         """Generated count at which `progress` should be called for a newly decoding request."""
-        return None
-
-    def chunk_size(self, view) -> int | None:
-        """This step's chunked-prefill size, or None for the engine's fixed one."""
         return None
 
     def progress(self, req: SimRequest, generated: int) -> int | None:
@@ -208,8 +201,12 @@ class SGLangDFSWeight(Picker):
         self._cache_version = cache.version
 
     def ordered(self, view) -> Iterator[SimRequest]:
+        """SGLang's order; the prefix match runs now, the order is built when the first request
+        is asked for."""
         self._match_nodes(view)
-        root = view.cache.root
+        return self._visit(view.cache.root)
+
+    def _visit(self, root) -> Iterator[SimRequest]:
         own: dict = {}
         for key, q in self.classes.items():
             if q:
@@ -234,7 +231,7 @@ class SGLangDFSWeight(Picker):
             if qs:
                 yield from (qs[0] if len(qs) == 1 else heapq.merge(*qs, key=lambda r: r.seq))
 
-        return visit(root)
+        yield from visit(root)
 
     def pick(self, view) -> list[Pick]:
         picks = sglang_admit(view, self.ordered(view))
@@ -263,22 +260,15 @@ class BlendPicker(Picker):
     have reserved; its reservations are its own (uncached prompt + reserve_output_ratio x output).
     With unknown output lengths (requests without ignore_eos) the tree gets none: the scanner
     samples first and estimates, and a left-side request that runs far past its estimate is
-    reported through `progress` so it moves to the memory-dense side. `timeline` adds the KV
-    projection (`horizons`), `meter` the step count and pool size, `pace` sets each step's
-    chunked-prefill size (`chunk_size`)."""
+    reported through `progress` so it moves to the memory-dense side. With the engine's
+    `kv_projection` the scanner gets `Budget.kv_horizons`; `meter` passes the step count and
+    pool size."""
 
     name = "blend"
-    # Horizons handed to the scanner: a request of lifetime <= h steps gets the KV free over
-    # SAFETY x h + SLACK steps (its prefill may wait behind others', a decode round may be skipped).
-    HORIZONS = np.array([4 ** k for k in range(9)], dtype=np.int64)
-    SAFETY, SLACK = 2, 16
 
-    def __init__(self, requests: list[SimRequest], cost: CostModel, preset: BlendPreset = PRESET,
-                 timeline: bool = True):
+    def __init__(self, requests: list[SimRequest], cost: CostModel, preset: BlendPreset = PRESET):
         self.cost = cost
         self.preset = preset
-        self.pace = preset.pacing
-        self.timeline = timeline
         self.meter = preset.metering
         self._steps = 0  # engine step at the previous pick
         self.tree = ResourceTree(cost, preset.estimator)
@@ -309,60 +299,16 @@ class BlendPicker(Picker):
         bpt = view.kv_bytes_per_token
         free = view.free_tokens + view.cache.evictable_tokens - view.reserved_left()
         horizons: tuple = ()
-        if self.timeline:
-            free, horizons = self.horizons(view, free)
+        if view.config.kv_projection:
+            free, pages = view.kv_horizons(free)
+            horizons = tuple((h, f * bpt) for h, f in pages)
         steps = pool = None
         if self.meter:
             steps, self._steps = view.steps - self._steps, view.steps
-            pool = view.config.kv_tokens * bpt
+            pool = view.kv_pool_bytes
         budget = Budget(max(0, free) * bpt, view.slots_left, view.prefill_left, kv_horizons=horizons,
                         steps=steps, kv_pool=pool)
         return [Pick(self.reqs[a.rid], math.ceil(a.kv_bytes / bpt - 1e-9)) for a in self.scanner.schedule(budget)]
-
-    def horizons(self, view, floor: int) -> tuple[int, tuple]:
-        """(pages free for good, `Budget.kv_horizons`) from the KV the running requests hold now
-        and will hold. A decoding request of known length (ignore_eos: it stops at max_new_tokens)
-        grows one page per step for its remaining output, then releases its decode pages (its
-        prompt may stay locked by others: counted as held); one of unknown length holds its
-        remaining reservation from now on and releases nothing within the projection; so does a
-        prefilling one (its whole output, or its reservation). free(t) = free + evictable -
-        growth(t) + released(t); the pages free over the next t steps are min free(0..t),
-        evaluated just before each release and at each horizon. Never below `floor` (free minus
-        the running requests' remaining reservations)."""
-        n = view.n_dec
-        base = view.free_tokens + view.cache.evictable_tokens
-        gen, out, ck = view._gen[:n], view._out[:n], view._gen_ck[:n]
-        held = sum(max(0, q.output_len - q.gen) if q.ignore_eos else max(0, q.reserve - (q.fill_len - q.hit))
-                   for q in view.prefilling)
-        if view.n_eos:
-            known = view._ign[:n]
-            held += int(np.maximum(view._resv[:n][~known] - (gen - ck)[~known], 0).sum())
-            gen, out, ck = gen[known], out[known], ck[known]
-            n = len(gen)
-        base -= held
-        rem = out - gen
-        order = np.argsort(rem, kind="stable")
-        r = rem[order]
-        grown = np.concatenate(([0], np.cumsum(r)))
-        released = np.concatenate(([0], np.cumsum((out - ck)[order])))
-        ends = self.HORIZONS * self.SAFETY + self.SLACK
-        t = np.sort(np.concatenate((r, ends)))
-        le = np.searchsorted(r, t, side="right")
-        free_t = base - (grown[le] + t * (n - le)) + released[np.searchsorted(r, t, side="left")]
-        low = np.minimum.accumulate(np.minimum(free_t, base))
-        forever = max(floor, min(int(low[-1]), base - int(grown[-1]) + int(released[-1])))
-        bpt = view.kv_bytes_per_token
-        at = low[np.searchsorted(t, ends)]
-        return forever, tuple((int(h), max(int(f), forever) * bpt) for h, f in zip(self.HORIZONS, at))
-
-    def chunk_size(self, view) -> int | None:
-        """Paced prefill: this step's GEMM tokens (the prefill plus one per decoding request: the
-        density's Comp counts output tokens too) match the next decode round's KV-read time times
-        the waiting workload's density, so each step holds the workload's balance; at least the
-        tokens the weight read makes free (the GEMM roofline's ridge)."""
-        if not self.pace or not len(self.tree):
-            return None
-        return paced_prefill_tokens(self.cost, view.next_kv_read, view.n_dec, self.tree.density(self.tree.root))
 
     def rejected(self, picks: list[Pick]) -> None:
         for p in picks:
@@ -404,8 +350,7 @@ def reference_tree(requests: list[SimRequest], cost: CostModel) -> ResourceTree:
 
 
 def make_picker(name: str, requests: list[SimRequest], cost: CostModel, *, seed: int = 0,
-                preset: BlendPreset = PRESET, reference: ResourceTree | None = None,
-                timeline: bool = True) -> Picker:
+                preset: BlendPreset = PRESET, reference: ResourceTree | None = None) -> Picker:
     """The picker `name` over `requests`; blend runs `preset` (the plugin's, unless an ablation)."""
     if name not in POLICIES:
         raise ValueError(f"unknown policy {name!r}; choose from {', '.join(POLICIES)}")
@@ -423,4 +368,4 @@ def make_picker(name: str, requests: list[SimRequest], cost: CostModel, *, seed:
         order = list(requests)
         random.Random(seed).shuffle(order)
         return Balance(order)
-    return BlendPicker(requests, cost, preset, timeline)
+    return BlendPicker(requests, cost, preset)

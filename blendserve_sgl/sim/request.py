@@ -33,7 +33,7 @@ class SimRequest:
                  "ignore_eos", "shared_atoms", "kind",
                  # progress, owned by the engine
                  "state", "gen", "out_keys", "out_len", "fill_len", "hit", "lock", "slot", "gen_ck", "prefill_left",
-                 "reserve", "admissions", "first_hit", "watch")
+                 "reserve", "admissions", "first_hit", "watch", "published", "ck_atoms", "ck_len")
 
     def __init__(self, rid, seq: int, *, prompt_len: int | None = None, prefix: Iterable[tuple[str, int]] = (),
                  tokens: Iterable[int] | None = None, output_len: int, max_new_tokens: int | None = None,
@@ -81,6 +81,8 @@ class SimRequest:
         self.admissions = 0
         self.first_hit = 0
         self.watch = None
+        self.published = 0  # fill tokens handed to the cache (the admission hit, then each finished chunk)
+        self.ck_atoms = self.ck_len = 0  # fill atoms (and their tokens) completed by finished chunks
 
     @property
     def fill_keys(self) -> tuple:

@@ -1,19 +1,26 @@
-"""Step time from the cost model, in the two execution modes.
+"""Step time from the cost model, in the two execution modes: the one step-time function.
 
 Per step the engine records the tokens that pass through the GEMMs (prefill + one per decoding
 request) and the KV tokens decode attention reads. With the cost model (`core/cost.py`):
 
-    comp  = 2 P tokens / FLOPS               GEMM compute
-    w     = weight bytes / BW                every step reads the weights once
-    gemm  = max(comp, w)                     the GEMMs at their roofline
+    comp  = 2 P tokens / FLOPS               GEMM compute (+ prefill attention with the cost
+                                             model's prefill_attention="causal")
+    w     = weight bytes / BW                every step that runs a GEMM reads the weights once
     attn  = KV bytes read / BW               decode attention, memory-bound
+    mem   = w + attn                         all of the step's HBM traffic
 
-- `sequential` (SGLang today): operators run one after another: gemm + attn.
-- `overlapped` (NanoFlow-style): compute-bound and memory-bound operators share the GPU:
-  max(gemm, attn) + interference x min(gemm, attn). interference = 0 is perfect overlap,
-  1 is no overlap at all; the concurrent kernels slow each other down by that share of the
-  shorter one (contention for SMs, L2 and HBM). Prefill attention is left out, as in the
+- `sequential` (SGLang today): the GEMMs at their roofline, then attention:
+  max(comp, w) + attn.
+- `overlapped` (NanoFlow-style): compute-bound and memory-bound operators share the GPU, but
+  weight reads and KV reads share one HBM, so a step takes at least max(comp, mem):
+  max(comp, mem) + interference x min(comp, mem). interference = 0 is perfect overlap,
+  1 is none (comp + mem); the concurrent kernels slow each other down by that share of the
+  overlapped part (contention for SMs, L2 and HBM). Prefill attention is left out, as in the
   paper's model.
+
+The schedule does not depend on the mode, so one run's per-step series gives both times.
+`split_seconds` cuts an overlapped run's time into causes: the overlapped part, compute-only,
+memory-only (of which weights), interference.
 """
 
 from __future__ import annotations
@@ -31,7 +38,7 @@ MODES = ("sequential", "overlapped")
 @dataclass(frozen=True, slots=True)
 class ExecModel:
     mode: str = "overlapped"
-    interference: float = 0.1  # overlapped only: share of the shorter operator time lost to contention
+    interference: float = 0.1  # overlapped only: share of the overlapped time lost to contention
 
     def __post_init__(self) -> None:
         if self.mode not in MODES:
@@ -40,15 +47,49 @@ class ExecModel:
             raise ValueError(f"interference must be in [0, 1], got {self.interference!r}")
 
 
-def operator_seconds(cost: CostModel, gemm_tokens, kv_read_tokens) -> tuple[np.ndarray, np.ndarray]:
-    """(GEMM time at its roofline, decode-attention time) per step."""
+class StepSeconds(tuple):
+    """(comp, weights, attn) per step, as NumPy arrays."""
+
+    __slots__ = ()
+
+    def __new__(cls, comp, weights, attn):
+        return super().__new__(cls, (comp, weights, attn))
+
+    comp = property(lambda self: self[0])
+    weights = property(lambda self: self[1])
+    attn = property(lambda self: self[2])
+
+
+def operator_seconds(cost: CostModel, gemm_tokens, kv_read_tokens, attention_pairs=None) -> StepSeconds:
+    """(compute, weight read, decode-attention read) seconds per step; compute is the GEMMs plus,
+    with `cost.prefill_attention == "causal"`, the prefill attention's query-key pairs."""
     comp = np.asarray(gemm_tokens, dtype=np.float64) * cost.seconds_per_compute_token
-    gemm = np.maximum(comp, np.where(comp > 0, weight_seconds(cost), 0.0))
+    if attention_pairs is not None and cost.seconds_per_attention_pair:
+        comp = comp + np.asarray(attention_pairs, dtype=np.float64) * cost.seconds_per_attention_pair
+    weights = np.where(comp > 0, weight_seconds(cost), 0.0)
     attn = np.asarray(kv_read_tokens, dtype=np.float64) * (cost.kv_bytes_per_token / cost.hardware.effective_bandwidth)
-    return gemm, attn
+    return StepSeconds(comp, weights, attn)
 
 
-def step_seconds(gemm: np.ndarray, attn: np.ndarray, model: ExecModel) -> np.ndarray:
+def step_seconds(ops: StepSeconds, model: ExecModel) -> np.ndarray:
+    comp, w, attn = ops
     if model.mode == "sequential":
-        return gemm + attn
-    return np.maximum(gemm, attn) + model.interference * np.minimum(gemm, attn)
+        return np.maximum(comp, w) + attn
+    mem = w + attn
+    return np.maximum(comp, mem) + model.interference * np.minimum(comp, mem)
+
+
+def split_seconds(ops: StepSeconds, model: ExecModel) -> dict:
+    """An overlapped run's time by cause (seconds; the first four add up to the total):
+    `overlapped` (compute and memory traffic running together), `compute_only`, `memory_only`
+    (memory traffic beyond the compute), `interference`; plus `weights` and `kv_read`, the two
+    parts of the memory traffic."""
+    if model.mode != "overlapped":
+        raise ValueError("split_seconds describes the overlapped mode")
+    comp, w, attn = ops
+    mem = w + attn
+    both = np.minimum(comp, mem)
+    return {"overlapped": float(both.sum()), "compute_only": float(np.maximum(comp - mem, 0).sum()),
+            "memory_only": float(np.maximum(mem - comp, 0).sum()),
+            "interference": float(model.interference * both.sum()),
+            "weights": float(w.sum()), "kv_read": float(attn.sum())}
