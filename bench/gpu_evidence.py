@@ -43,7 +43,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import RESULTS, command, machine, table  # noqa: E402
 from blendserve_sgl.core import CostModel, HardwareSpec, ModelSpec, hardware  # noqa: E402
-from blendserve_sgl.core.pacing import weight_read_seconds  # noqa: E402
 from blendserve_sgl.core.specs import MEASURED, model_config  # noqa: E402
 
 TINY_CONFIG = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=2, num_attention_heads=4,
@@ -318,10 +317,10 @@ def step_predictions(cost: CostModel, step: StepSample) -> tuple[float, float]:
     """(simulator's sequential step time, bandwidth-consistent bound) for a step on `cost`."""
     from blendserve_sgl.sim.timing import ExecModel, operator_seconds, step_seconds
 
-    gemm, attn = operator_seconds(cost, [step.prefill + step.decode], [step.kv_read])
-    seq = float(step_seconds(gemm, attn, ExecModel("sequential"))[0])
-    comp = (step.prefill + step.decode) * cost.seconds_per_compute_token
-    return seq, max(comp, weight_read_seconds(cost) + float(attn[0]))
+    ops = operator_seconds(cost, [step.prefill + step.decode], [step.kv_read])
+    seq = float(step_seconds(ops, ExecModel("sequential"))[0])
+    bound = float(step_seconds(ops, ExecModel("overlapped", interference=0.0))[0])  # max(comp, w + attn)
+    return seq, bound
 
 
 # --- part 3: overlap ----------------------------------------------------------------------------

@@ -51,7 +51,7 @@ if __name__ == "__main__":
 
 import pytest  # noqa: E402
 
-from _helpers import kill_group  # noqa: E402
+from blendserve_sgl.harness import kill_group  # noqa: E402
 
 pytestmark = pytest.mark.engine
 if os.environ.get("BLENDSERVE_SKIP_ENGINE") == "1":

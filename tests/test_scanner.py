@@ -6,6 +6,8 @@ import random
 import statistics
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import blendserve_sgl.core.scanner as scanner_mod
 from blendserve_sgl.core import Budget, DualScanner, OutputLengthEstimator, ScanConfig
