@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -559,3 +560,74 @@ def test_example_requests_are_deterministic_and_valid():
     assert kinds == {"chat", "completion"}
     systems = {i.messages[0]["content"] for i in items if i.kind == "chat" and i.messages[0]["role"] == "system"}
     assert len(systems) == 4 and {i.max_tokens for i in items} >= {3, 256}
+
+
+# ------------------------------------------------------------------ nothing lost: input and output files
+def test_piped_input_is_read_once_as_a_stream(stand_in, tmp_path):
+    """`cat requests.jsonl | blendserve run /dev/stdin`: the readability check must not read
+    ahead from a pipe; every line gets its record under its own line number."""
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    data = src.read_bytes()
+    r, w = os.pipe()
+    os.write(w, data)  # fits the pipe buffer; the writer is done before the run reads
+    os.close(w)
+    try:
+        assert cli.main([f"/dev/fd/{r}", "-o", str(out), "--model", str(stand_in["model"])]) == 0
+    finally:
+        os.close(r)
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(recs) == 17 and {record_key(r) for r in recs} >= {f"q{i}" for i in range(12)}
+    assert "invalid JSON" in next(r for r in recs if record_key(r) == ("line", 13))["error"]["message"]
+
+
+@pytest.mark.parametrize("how", ["same", "symlink", "hardlink"])
+def test_results_or_errors_file_that_is_the_input_is_refused_even_with_overwrite(stand_in, tmp_path, capsys, how):
+    src = _batch(tmp_path)
+    before = src.read_bytes()
+    alias = src
+    if how == "symlink":
+        alias = tmp_path / "alias.jsonl"
+        alias.symlink_to(src)
+    elif how == "hardlink":
+        alias = tmp_path / "alias.jsonl"
+        os.link(src, alias)
+    model = ["--model", str(stand_in["model"])]
+    assert cli.main([str(src), "-o", str(alias), "--overwrite", *model]) == 2
+    err = capsys.readouterr().err
+    assert "is the input file" in err and "--overwrite" not in err
+    out = tmp_path / "results.jsonl"
+    assert cli.main([str(src), "-o", str(out), "--errors", str(alias), *model]) == 2
+    assert "is the input file" in capsys.readouterr().err
+    assert cli.main([str(src), "-o", str(out), "--errors", str(alias), "--overwrite", *model]) == 2
+    assert src.read_bytes() == before and not stand_in["engines"]
+
+
+def test_errors_file_that_is_the_results_file_is_refused_and_nothing_is_emptied(stand_in, tmp_path, capsys):
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    model = ["--model", str(stand_in["model"])]
+    assert cli.main([str(src), "-o", str(out), *model]) == 0
+    done = out.read_bytes()
+    errors = (tmp_path / "results.errors.jsonl").read_bytes()
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(out)
+    for name in (out, link):
+        assert cli.main([str(src), "-o", str(out), "--errors", str(name), *model]) == 2
+        assert "is the results file -o" in capsys.readouterr().err
+    assert out.read_bytes() == done and (tmp_path / "results.errors.jsonl").read_bytes() == errors
+
+
+def test_error_file_is_rebuilt_by_rename_not_emptied_before_the_scan(tmp_path):
+    """A results file the scan refuses leaves the existing error file as it was."""
+    out, errs = tmp_path / "results.jsonl", tmp_path / "results.errors.jsonl"
+    errs.write_text("kept\n")
+    out.write_text("not a record\n")
+    with pytest.raises(ResultsError, match="not a result record"):
+        ResultWriter.open(out)
+    assert errs.read_text() == "kept\n"
+    out.write_text(json.dumps(_records(3)[2]) + "\n")
+    link = tmp_path / "errors-link.jsonl"
+    link.symlink_to(errs)
+    with ResultWriter.open(out, link) as w:
+        assert w.done.failed == 1
+    assert link.is_symlink() and errs.read_text() == out.read_text()  # the link's target is rebuilt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["errors-link.jsonl", "results.errors.jsonl", "results.jsonl"]
