@@ -677,7 +677,11 @@ def test_results_to_a_pipe_or_dev_null_are_streamed_without_scan_or_side_files(s
     src = _batch(tmp_path)
     r, w = os.pipe()
     got = []
-    reader = threading.Thread(target=lambda: got.append(b"".join(iter(lambda: os.read(r, 65536), b""))))
+    def drain():
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})  # the alarm interrupts the main thread
+        got.append(b"".join(iter(lambda: os.read(r, 65536), b"")))
+
+    reader = threading.Thread(target=drain, daemon=True)
     reader.start()
     alarm = signal.signal(signal.SIGALRM, lambda *a: pytest.fail("blendserve run blocked on its results pipe"))
     signal.alarm(120)  # a hang becomes a failure
@@ -687,8 +691,9 @@ def test_results_to_a_pipe_or_dev_null_are_streamed_without_scan_or_side_files(s
         signal.alarm(0)
         signal.signal(signal.SIGALRM, alarm)
         os.close(w)
-        reader.join()
-        os.close(r)
+        reader.join(timeout=60)  # a writer end leaked by a failed run would keep the pipe open
+    assert not reader.is_alive()
+    os.close(r)
     assert code == 0
     recs = [json.loads(x) for x in got[0].decode().splitlines()]
     assert len(recs) == 17 and len({str(record_key(x)) for x in recs}) == 17
