@@ -812,3 +812,45 @@ def test_inserting_a_line_before_an_invalid_line_is_not_refused(stand_in, tmp_pa
     assert len(by) == 18 and by["new"]["error"] is None
     assert "invalid JSON" in by[("line", 14)]["error"]["message"] and ("line", 13) not in by
     assert 'line 15: custom_id "q1" is already used on line 3' in by[("line", 15)]["error"]["message"]
+
+
+def test_a_tokenizer_failure_is_that_lines_error():
+    class Broken(WordTokenizer):
+        def encode(self, text, add_special_tokens=True):
+            raise TypeError("TextEncodeInput must be Union[TextInputSequence, ...]")
+
+    err = prepare(req("completion", 4), Broken(), 64, 8)
+    assert isinstance(err, LineError) and err.line == 5 and err.custom_id == "id"
+    assert "the model's tokenizer cannot encode this request (TypeError" in err.message
+
+
+def test_ctrl_c_before_the_engine_is_a_clean_stop(stand_in, tmp_path, capsys, monkeypatch):
+    def interrupted(model_dir):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_load_tokenizer", interrupted)
+    assert cli.main([str(_batch(tmp_path)), "-o", str(tmp_path / "r.jsonl"), "--model", str(stand_in["model"])]) == 130
+    assert "interrupted; nothing was lost" in capsys.readouterr().err
+
+
+def _sigint_disposition(queue):
+    queue.put(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)
+
+
+def test_engine_processes_ignore_sigint_and_this_process_keeps_its_handler():
+    """Ctrl-C reaches the whole process group: processes started while the engine starts ignore
+    it (no tracebacks of theirs), while this process still gets KeyboardInterrupt."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    with runner._children_ignore_sigint():
+        child = ctx.Process(target=_sigint_disposition, args=(queue,))
+        child.start()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    child.join()
+    assert queue.get() is True
+    plain = ctx.Process(target=_sigint_disposition, args=(queue,))
+    plain.start()
+    plain.join()
+    assert queue.get() is False

@@ -89,6 +89,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except KeyboardInterrupt:  # before the engine runs (loading the model, reading lines)
+        print("blendserve run: interrupted; nothing was lost: run the same command again", file=sys.stderr)
+        return 130
+
+
+def _main(args) -> int:
     started = time.perf_counter()
     from . import runner
 
@@ -142,11 +150,11 @@ def _run(args, source: Path, model_dir: Path, device: str, tokenizer, ctx: int, 
         if request_key(item) in done_before.keys:
             stats.skipped += 1
             continue
+        digest = item.digest
         if not isinstance(item, LineError):
             item = prepare(item, tokenizer, ctx, args.default_max_tokens, source.name)
         if isinstance(item, LineError):
-            writer.write(error_record(item.custom_id, item.message, line=item.line, code=item.code,
-                                      digest=item.digest))
+            writer.write(error_record(item.custom_id, item.message, line=item.line, code=item.code, digest=digest))
             stats.failed += 1
             stats.invalid += 1
         else:

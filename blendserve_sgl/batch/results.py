@@ -141,7 +141,7 @@ def scan(data: bytes, name: str = "results.jsonl") -> tuple[Done, int, list[byte
             raise ResultsError(f"{name} line {number} repeats the result of {key!r}; the file was edited or "
                                "written by two runs: remove the repeated line or pass --overwrite")
         done.keys.add(key)
-        if isinstance(rec.get("request_digest"), str):
+        if isinstance(rec.get("request_digest"), str) and rec["request_digest"]:
             done.digests[key] = rec["request_digest"]
         if is_failure(rec):
             done.failed += 1
@@ -196,7 +196,7 @@ def reconcile(done: Done, items, retry_failed: bool = False) -> Resume:
         if key not in done.keys:
             continue
         old = done.digests.get(key)
-        if old is not None and item.digest and old != item.digest:
+        if old and item.digest and old != item.digest:
             res.changed.append((key, item.line))
             if retry_failed:
                 res.retry.add(key)
