@@ -854,3 +854,19 @@ def test_engine_processes_ignore_sigint_and_this_process_keeps_its_handler():
     plain.start()
     plain.join()
     assert queue.get() is False
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--requests", "-5"], "argument --requests: -5 must be a positive integer"),
+    (["--kv-gb", "0"], "argument --kv-gb: 0 must be a positive number"),
+    (["--slots", "x"], "argument --slots: 'x' is not an integer"),
+    (["--sample-fraction", "2"], "argument --sample-fraction: 2 must be above 0 and at most 1"),
+    (["--model", "no-such-model"], "unknown model preset 'no-such-model'"),
+    (["--hardware", "tpu"], "unknown hardware preset 'tpu'"),
+])
+def test_plan_reports_ordinary_mistakes_in_one_line(args, fragment, capsys):
+    with pytest.raises(SystemExit) as exc:
+        top_cli.main(["plan", *args])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and fragment in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("blendserve plan: error: ")
