@@ -21,7 +21,7 @@ from blendserve_sgl.batch.progress import Progress, RunStats, summary_lines
 from blendserve_sgl.batch.prompts import Prepared, context_length, prepare
 from blendserve_sgl.batch.requests import BatchRequest, InputError, LineError, parse_line, read_requests
 from blendserve_sgl.batch.results import (ResultsError, ResultWriter, error_record, errors_path_for, ok_record,
-                                          record_key, scan)
+                                          reconcile, record_key, scan)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -870,3 +870,20 @@ def test_plan_reports_ordinary_mistakes_in_one_line(args, fragment, capsys):
     err = capsys.readouterr().err
     assert exc.value.code == 2 and fragment in err and "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("blendserve plan: error: ")
+
+
+def test_reconcile_sorts_records_into_kept_stale_changed_and_retried():
+    items = [parse_line(line("a"), 1), parse_line("{bad", 2), parse_line(line("b", max_tokens=3), 3),
+             parse_line(line("c"), 4)]
+    done, _, _ = scan("".join(json.dumps(r) + "\n" for r in [
+        {**ok_record(Prepared(items[0], [1], 4), sglang_output([1]), "m"), "request_digest": items[0].digest},
+        error_record(None, "m", line=2, digest=parse_line("{bad!", 2).digest),  # line 2 edited, still bad
+        error_record("b", "m", line=3, digest=parse_line(line("b", max_tokens=-3), 3).digest),  # fixed since
+        error_record("c", "m", line=4, digest=items[3].digest),
+        error_record(None, "m", line=9)]).encode())  # no line 9 any more
+    res = reconcile(done, items)
+    assert res.stale == {("line", 2), ("line", 9)} and res.changed == [("b", 3)] and not res.foreign
+    assert res.retry == set() and res.kept_errors == 2
+    res = reconcile(done, items, retry_failed=True)
+    assert res.retry == {"b", "c"} and res.drop == {("line", 2), ("line", 9), "b", "c"} and res.kept_errors == 0
+    assert reconcile(done, items[:2] + items[3:]).foreign == ["b"]

@@ -197,17 +197,17 @@ def reconcile(done: Done, items, retry_failed: bool = False) -> Resume:
             continue
         old = done.digests.get(key)
         if old and item.digest and old != item.digest:
-            res.changed.append((key, item.line))
-            if retry_failed:
-                res.retry.add(key)
-        if retry_failed and key in done.failed_keys:
+            if isinstance(key, tuple):
+                res.stale.add(key)  # a record keyed by its line: another line stands there now
+            else:
+                res.changed.append((key, item.line))
+                if retry_failed:
+                    res.retry.add(key)
+        if retry_failed and key in done.failed_keys and key not in res.stale:
             res.retry.add(key)
     for key in done.keys:
         if key not in lines:
             (res.stale.add(key) if isinstance(key, tuple) else res.foreign.append(key))
-    for key, _ in res.changed:
-        if isinstance(key, tuple):
-            res.stale.add(key)  # a line-keyed record is identified by its line: a changed line is another one
     res.kept_errors = len(done.failed_keys - res.drop)
     return res
 
