@@ -20,8 +20,8 @@ from blendserve_sgl.batch import cli, runner
 from blendserve_sgl.batch.progress import Progress, RunStats, summary_lines
 from blendserve_sgl.batch.prompts import Prepared, context_length, prepare
 from blendserve_sgl.batch.requests import BatchRequest, InputError, LineError, parse_line, read_requests
-from blendserve_sgl.batch.results import (ResultsError, ResultWriter, error_record, errors_path_for, ok_record,
-                                          reconcile, record_key, scan)
+from blendserve_sgl.batch.results import (ResultsError, ResultWriter, check_integrity, error_record, errors_path_for,
+                                          ok_record, reconcile, record_key, scan)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -717,9 +717,10 @@ def test_sigterm_while_requests_run_stops_like_ctrl_c(stand_in, tmp_path, capsys
     assert cli.main(args) == 130
     assert stand_in["engines"][0].shut and not stand_in["engines"][0].tokenizer_manager.drain
     assert len(out.read_text().splitlines()) == 3 + 4 and "interrupted" in capsys.readouterr().out
+    check_integrity(out, tmp_path / "results.errors.jsonl")
     stand_in["sigterm_after"] = None
     assert cli.main(args) == 0
-    assert len({str(record_key(json.loads(x))) for x in out.read_text().splitlines()}) == 17
+    assert len(_by_key(out)) == 17
 
 
 def test_lone_surrogates_bom_and_duplicate_keys_become_line_records(stand_in, tmp_path):
@@ -759,6 +760,7 @@ def test_empty_input_is_an_error(stand_in, tmp_path, capsys):
 
 
 def _by_key(out: Path) -> dict:
+    check_integrity(out, out.with_name(out.stem + ".errors.jsonl"))
     return {record_key(r): r for r in map(json.loads, out.read_text().splitlines())}
 
 
@@ -810,6 +812,8 @@ def test_inserting_a_line_before_an_invalid_line_is_not_refused(stand_in, tmp_pa
     assert cli.main(args) == 0
     by = _by_key(out)
     assert len(by) == 18 and by["new"]["error"] is None
+    with pytest.raises(ResultsError, match="does not hold exactly the failed records"):
+        check_integrity(out, src)
     assert "invalid JSON" in by[("line", 14)]["error"]["message"] and ("line", 13) not in by
     assert 'line 15: custom_id "q1" is already used on line 3' in by[("line", 15)]["error"]["message"]
 

@@ -155,6 +155,20 @@ def scan(data: bytes, name: str = "results.jsonl") -> tuple[Done, int, list[byte
     return done, end, failures
 
 
+def check_integrity(path: str | os.PathLike[str], errors_path: str | os.PathLike[str] | None = None) -> Done:
+    """The invariants of a finished run's files (ResultsError if one fails): every line of the
+    results file a complete record, each key once, and the error file holding exactly its
+    failure records, in the same order."""
+    path = Path(path)
+    data = path.read_bytes()
+    done, end, failures = scan(data, path.name)
+    if end < len(data):
+        raise ResultsError(f"{path} ends with a partial line")
+    if errors_path is not None and Path(errors_path).read_bytes() != b"".join(failures):
+        raise ResultsError(f"{errors_path} does not hold exactly the failed records of {path}")
+    return done
+
+
 def _record(raw: bytes) -> dict | None:
     try:
         rec = json.loads(raw)
