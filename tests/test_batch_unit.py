@@ -891,3 +891,16 @@ def test_reconcile_sorts_records_into_kept_stale_changed_and_retried():
     res = reconcile(done, items, retry_failed=True)
     assert res.retry == {"b", "c"} and res.drop == {("line", 2), ("line", 9), "b", "c"} and res.kept_errors == 0
     assert reconcile(done, items[:2] + items[3:]).foreign == ["b"]
+
+
+def test_dev_stdout_redirected_to_a_file_gets_no_side_file_in_dev(stand_in, tmp_path):
+    """`blendserve run ... -o /dev/stdout > out.jsonl`: the records go to the file, and no
+    error file is made next to /dev/stdout (there is no folder for it)."""
+    src, target = _batch(tmp_path), tmp_path / "out.jsonl"
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        assert cli.main([str(src), "-o", f"/dev/fd/{fd}", "--model", str(stand_in["model"])]) == 0
+    finally:
+        os.close(fd)
+    assert len(target.read_text().splitlines()) == 17
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out.jsonl", "requests.jsonl"]

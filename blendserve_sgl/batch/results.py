@@ -17,8 +17,9 @@ locks it (one run per file), scans it for the keys already written, cuts a parti
 left by a crash (a line is complete only with its newline; the request it held runs again),
 and rebuilds the error file from the results file (a new file put in place by rename), so it
 always lists exactly the failed records. A results file that is not a regular file (a pipe,
-/dev/stdout, /dev/null) is written as a stream: no scan, no lock, no side file unless
-`--errors` names one. `drop(keys)` removes records (to run their requests again) by writing
+/dev/stdout, /dev/null) is written as a stream: no scan, no lock; like any name of an open
+file (/dev/stdout redirected to a file, /dev/fd/N) it gets no error file unless `--errors`
+names one. `drop(keys)` removes records (to run their requests again) by writing
 the kept ones to a new file put in place by rename. Every record is appended with one write
 call and flushed to the kernel at once, results first, then the error file: a killed run loses
 only requests still in flight.
@@ -261,7 +262,8 @@ class ResultWriter:
             raise ResultsError(f"-o {path} is a directory; pass a file name such as {path / 'results.jsonl'}")
         regular = is_regular_or_new(path)
         explicit = errors_path is not None
-        errors_path = Path(errors_path) if explicit else (errors_path_for(path) if regular else None)
+        errors_path = Path(errors_path) if explicit else (
+            errors_path_for(path) if regular and not _names_an_open_file(path) else None)
         what = f"--errors {errors_path}" if explicit else f"the errors file {errors_path} (next to -o)"
         if errors_path is not None and errors_path.is_dir():
             raise ResultsError(f"{what} is a directory; pass a file name with --errors")
@@ -331,6 +333,13 @@ class ResultWriter:
     def __exit__(self, *exc) -> None:
         if self._fd >= 0:
             self.close()
+
+
+def _names_an_open_file(path: Path) -> bool:
+    """/dev/stdout, /dev/fd/N, /proc/self/fd/N (also when they lead to a regular file, as with
+    `-o /dev/stdout > out.jsonl`): no folder to put a side file in."""
+    parent = os.path.realpath(path.parent)
+    return parent == "/dev" or parent.startswith(("/dev/", "/proc/"))
 
 
 def _open_results(path: Path, overwrite: bool) -> tuple[int, Done, list[bytes]]:
