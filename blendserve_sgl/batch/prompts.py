@@ -36,8 +36,16 @@ class Prepared:
 
 def prepare(req: BatchRequest, tokenizer, context_len: int, default_max_tokens: int,
             source: str = "requests.jsonl") -> Prepared | LineError:
-    """Tokenize `req` and check it against `context_len`; a `LineError` names what to change."""
-    where = f"{source} line {req.line}"
+    """Tokenize `req` and check it against `context_len`; a `LineError` names what to change
+    (also when the tokenizer itself fails on this request: one line never stops the batch)."""
+    try:
+        return _prepare(req, tokenizer, context_len, default_max_tokens, f"{source} line {req.line}")
+    except Exception as exc:  # noqa: BLE001 (tokenizers raise TypeError, ValueError, ...)
+        return LineError(req.line, req.custom_id, f"{source} line {req.line}: the model's tokenizer cannot encode "
+                                                  f"this request ({type(exc).__name__}: {exc}); check its text")
+
+
+def _prepare(req: BatchRequest, tokenizer, context_len: int, default_max_tokens: int, where: str) -> Prepared | LineError:
     if req.kind == "chat":
         if not getattr(tokenizer, "chat_template", None):
             return LineError(req.line, req.custom_id, f"{where}: the model has no chat template; send this request "
@@ -63,7 +71,8 @@ def prepare(req: BatchRequest, tokenizer, context_len: int, default_max_tokens: 
     n = len(ids)
     if n >= context_len:
         return LineError(req.line, req.custom_id, f"{where}: {what} is {n} tokens, longer than the model's context "
-                                                  f"of {context_len} tokens; shorten it", code="context_length_exceeded")
+                                                  f"of {context_len} tokens; shorten it",
+                         code="context_length_exceeded")
     room = context_len - n
     if req.max_tokens is None:
         return Prepared(req, ids, min(default_max_tokens, room))

@@ -15,7 +15,10 @@ back: the caller writes results as they arrive.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -77,10 +80,39 @@ class EngineConfig:
 
 
 def start_engine(cfg: EngineConfig):
-    """A running `sglang.Engine` for `cfg` (call `prepare_environment` first)."""
+    """A running `sglang.Engine` for `cfg` (call `prepare_environment` first). Its processes
+    ignore SIGINT: Ctrl-C in a terminal signals the whole process group, and this process
+    stops them itself (`engine.shutdown()`), so they print no tracebacks of their own."""
     import sglang
 
-    return sglang.Engine(**cfg.engine_kwargs())
+    with _children_ignore_sigint():
+        return sglang.Engine(**cfg.engine_kwargs())
+
+
+@contextlib.contextmanager
+def _children_ignore_sigint():
+    """Processes started by `multiprocessing` inside inherit SIGINT ignored (an ignored signal
+    survives exec, and Python then leaves it ignored); this process keeps its own handler
+    except for the moment of each start."""
+    from multiprocessing.process import BaseProcess
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    original = BaseProcess.start
+
+    def start(self):
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            original(self)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    BaseProcess.start = start
+    try:
+        yield
+    finally:
+        BaseProcess.start = original
 
 
 def generate(engine, items: Sequence[Prepared], on_result: Callable[[Prepared, dict], None],
@@ -90,7 +122,8 @@ def generate(engine, items: Sequence[Prepared], on_result: Callable[[Prepared, d
     requests are in the engine at once (0: all). `tick(rate)` is called every `tick_seconds` (the
     progress bar) with the engine's current decode tokens/s (`live_rate`), or None. Returns the
     seconds from first submission to last result. KeyboardInterrupt cancels what is in flight
-    and propagates."""
+    and propagates; so does SIGTERM while requests run (SGLang's own SIGTERM handler, which
+    would drain the whole queue, is replaced for that time)."""
     loop = engine.loop
     t0 = time.perf_counter()
     ours: list[asyncio.Task] = []  # the per-request tasks and the ticker, to cancel on interrupt
@@ -114,6 +147,14 @@ def generate(engine, items: Sequence[Prepared], on_result: Callable[[Prepared, d
 
 async def _generate(engine, items, on_result, on_error, window, tick, tick_seconds, ours: list) -> None:
     gate = asyncio.Semaphore(window if window > 0 else max(1, len(items)))
+    loop = asyncio.get_running_loop()
+    before = signal.getsignal(signal.SIGTERM)
+    start_loop = getattr(getattr(engine, "tokenizer_manager", None), "auto_create_handle_loop", None)
+    if start_loop is not None:
+        start_loop()  # installs SGLang's SIGTERM handler (drain, then exit): replaced just below
+    on_main = threading.current_thread() is threading.main_thread()
+    if on_main:
+        loop.add_signal_handler(signal.SIGTERM, _terminated)
 
     async def one(p: Prepared) -> None:
         async with gate:
@@ -152,6 +193,13 @@ async def _generate(engine, items, on_result, on_error, window, tick, tick_secon
     finally:
         for t in ours:
             t.cancel()
+        if on_main:
+            loop.remove_signal_handler(signal.SIGTERM)
+            signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
+
+
+def _terminated() -> None:
+    raise KeyboardInterrupt  # out of run_until_complete: `generate` cancels what is in flight
 
 
 async def live_rate(engine) -> float | None:
