@@ -31,6 +31,7 @@ import time
 from pathlib import Path
 from dataclasses import replace
 
+from .cli import fraction, positive_float, positive_int
 from .core import CostModel
 from .core.preset import PRESET
 from .core.specs import ModelSpec, hardware, hardware_names, model, model_names
@@ -127,25 +128,25 @@ def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="blendserve plan", description=__doc__.split("\n")[0])
     ap.add_argument("input", nargs="?", help="requests.jsonl (OpenAI batch format, as for `blendserve run`)")
     ap.add_argument("--workload", help="plan a built-in mix instead of a file: trace1..trace4, mixed, mix:D,S")
-    ap.add_argument("--requests", type=int, default=20_000, help="with --workload: its size")
+    ap.add_argument("--requests", type=positive_int, default=20_000, help="with --workload: its size")
     ap.add_argument("--model", default="llama-3.1-8b",
                     help=f"a model directory (config.json + tokenizer) or a preset: {', '.join(model_names())}")
     ap.add_argument("--tokenizer", help="with a preset --model: a directory holding its tokenizer "
                                         "(default: token counts approximated as UTF-8 bytes / 4)")
     ap.add_argument("--hardware", default="h100", help=", ".join(hardware_names()))
-    ap.add_argument("--gpus", type=int, default=1, help="data-parallel replicas (even split assumed)")
+    ap.add_argument("--gpus", type=positive_int, default=1, help="data-parallel replicas (even split assumed)")
     ap.add_argument("--policies", default=",".join(POLICIES))
-    ap.add_argument("--kv-gb", type=float, help="KV pool per GPU (default: 88%% of memory minus the weights)")
-    ap.add_argument("--max-running", type=int, default=1024)
-    ap.add_argument("--chunk", type=int, default=8192, help="chunked-prefill size (SGLang's default for 80 GB GPUs)")
+    ap.add_argument("--kv-gb", type=positive_float, help="KV pool per GPU (default: 88%% of memory minus the weights)")
+    ap.add_argument("--max-running", type=positive_int, default=1024)
+    ap.add_argument("--chunk", type=positive_int, default=8192, help="chunked-prefill size (SGLang's default for 80 GB GPUs)")
     ap.add_argument("--mixed-chunk", action="store_true", help="prefill and decode share steps (--enable-mixed-chunk)")
     ap.add_argument("--timing", choices=("sequential", "overlapped"), default="sequential",
                     help="sequential: operators one after another, as SGLang runs them")
-    ap.add_argument("--output-fraction", type=float, default=0.5,
+    ap.add_argument("--output-fraction", type=fraction, default=0.5,
                     help="the estimate scenario: outputs of this fraction of max_tokens")
-    ap.add_argument("--default-max-tokens", type=int, default=256, help="for requests without max_tokens (as run)")
-    ap.add_argument("--context-length", type=int, help="override the model's context")
-    ap.add_argument("--sim-requests", type=int, default=20_000,
+    ap.add_argument("--default-max-tokens", type=positive_int, default=256, help="for requests without max_tokens (as run)")
+    ap.add_argument("--context-length", type=positive_int, help="override the model's context")
+    ap.add_argument("--sim-requests", type=positive_int, default=20_000,
                     help="simulate a uniform sample of at most this many requests, times scaled to the file")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", help="PNG of per-step compute and memory time (default: next to --out, or plan.png)")
