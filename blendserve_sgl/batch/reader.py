@@ -1,0 +1,235 @@
+"""The streaming pass over the input: read, validate, tokenize, store compactly.
+
+Lines go to worker processes in batches (one tokenizer per worker, every core by default);
+results come back in file order and land in a `TokenStore`. Bad lines become `LineError`s
+handed to `on_error` as they are met (the same checks and messages as `requests.py` and
+`prompts.py`; the first line that uses a custom_id owns it).
+
+Chat prompts are encoded in pieces: the rendered template is cut before each special token
+(`<|im_start|>` ...), every piece before the last message is encoded once per worker and
+stored once (by content digest), the rest is the request's tail. Tokenizers split special
+tokens out before anything else, so the pieces concatenate to exactly the ids of encoding
+the whole text; each worker checks this against the whole-text encode (`prompts.prepare`) on
+its first requests and every `VERIFY_EVERY`-th one after, and encodes whole texts from then on
+if they ever differ. Completion and token-id prompts are one tail.
+
+Requests whose key is in `done_keys` (already in the results file) are stored too, flagged
+done: the plan is made over the whole input, so a resumed run continues the same order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .prompts import check_context, prepare, render
+from .requests import LineError, check_readable, parse_line, repeated_id
+from .store import TokenStore
+
+BATCH_LINES = 2000  # lines per task sent to a worker
+VERIFY_FIRST, VERIFY_EVERY = 32, 997
+PIECE_CACHE = 4096  # encoded pieces a worker remembers
+
+
+@dataclass
+class ReadResult:
+    store: TokenStore
+    done: np.ndarray  # bool per stored request: already in the results file
+    keys: set = field(default_factory=set)  # every key of the input (custom_id or ("line", n))
+    lines: int = 0  # non-blank lines
+    invalid: int = 0  # bad lines reported through on_error (not already done)
+    skipped: int = 0  # lines already in the results file
+    whole_text_fallback: bool = False  # a worker found pieces that did not match whole-text encoding
+
+
+class PieceEncoder:
+    """Encodes one request into (pieces, tail) as the module docstring describes."""
+
+    def __init__(self, tokenizer, context_len: int, default_max_tokens: int, source: str):
+        self.tok = tokenizer
+        self.ctx, self.default_max_tokens, self.source = context_len, default_max_tokens, source
+        specials = sorted(getattr(tokenizer, "added_tokens_encoder", {}) or {}, key=len, reverse=True)
+        self.cut = re.compile("(?=" + "|".join(map(re.escape, specials)) + ")") if specials else None
+        self.cache: dict[str, tuple[int, np.ndarray]] = {}
+        self.sent: set[int] = set()
+        self.seen = 0
+        self.exact = True
+
+    def encode(self, req):
+        """-> (digests, new_pieces {digest: ids}, tail ids int32, max_tokens) or LineError."""
+        rendered = render(req, self.tok, self.source)
+        if isinstance(rendered, LineError):
+            return rendered
+        text, what = rendered
+        digests, new, ids, tail = [], {}, [], None
+        if text is None:
+            tail = np.asarray(req.prompt, dtype=np.int32)
+        elif req.kind != "chat" or self.cut is None or not self.exact:
+            tail = np.asarray(self.tok.encode(text, add_special_tokens=req.kind != "chat"), dtype=np.int32)
+        else:
+            last = req.messages[-1]["content"]
+            at = text.rfind(last) if last else -1
+            parts = [p for p in self.cut.split(text) if p]
+            start, pos = len(parts), 0
+            for k, p in enumerate(parts):
+                if at >= 0 and pos + len(p) > at:
+                    start = k
+                    break
+                pos += len(p)
+            for p in parts[:start]:
+                hit = self.cache.get(p)
+                if hit is None:
+                    if len(self.cache) >= PIECE_CACHE:
+                        self.cache.clear()
+                    d = int.from_bytes(hashlib.blake2b(p.encode(), digest_size=8).digest(), "little", signed=True)
+                    hit = self.cache[p] = (d, np.asarray(self.tok.encode(p, add_special_tokens=False), np.int32))
+                d, piece = hit
+                digests.append(d)
+                ids.append(piece)
+                if d not in self.sent:
+                    self.sent.add(d)
+                    new[d] = piece
+            rest = "".join(parts[start:])
+            tail = np.asarray(self.tok.encode(rest, add_special_tokens=False) if rest else [], np.int32)
+            self.seen += 1
+            if self.seen <= VERIFY_FIRST or self.seen % VERIFY_EVERY == 0:
+                whole = prepare(req, self.tok, 1 << 62, 1, self.source)
+                if np.concatenate(ids + [tail]).tolist() != whole.input_ids:
+                    self.exact = False
+                    self.sent.difference_update(new)
+                    digests, new, ids = [], {}, []
+                    tail = np.asarray(whole.input_ids, np.int32)
+        n = len(tail) + sum(len(p) for p in ids)
+        max_tokens = check_context(req, n, what, self.ctx, self.default_max_tokens, self.source)
+        if isinstance(max_tokens, LineError):
+            return max_tokens
+        return digests, new, tail, max_tokens
+
+
+# ---------------------------------------------------------------------- worker side
+_encoder: PieceEncoder | None = None
+
+
+def _init_worker(model_dir: str, context_len: int, default_max_tokens: int, source: str) -> None:
+    global _encoder
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"
+    from transformers import AutoTokenizer
+
+    _encoder = PieceEncoder(AutoTokenizer.from_pretrained(model_dir), context_len, default_max_tokens, source)
+
+
+def _work(batch: list[tuple[int, bytes]]) -> tuple[list, dict, np.ndarray, bool]:
+    """Lines -> (items in line order, new pieces, tails back to back, exact). An item is a
+    LineError or (line, custom_id, kind, model, sampling, max_tokens, digests, tail_len)."""
+    enc = _encoder
+    items, new, tails = [], {}, []
+    for number, raw in batch:
+        req = parse_line(raw, number, enc.source)
+        out = req if isinstance(req, LineError) else enc.encode(req)
+        if isinstance(out, LineError):
+            items.append(out)
+            continue
+        digests, fresh, tail, max_tokens = out
+        new.update(fresh)
+        tails.append(tail)
+        items.append((number, req.custom_id, req.kind, req.model, req.sampling, max_tokens, digests, len(tail)))
+    joined = np.concatenate(tails) if tails else np.zeros(0, np.int32)
+    return items, new, joined, enc.exact
+
+
+# ---------------------------------------------------------------------- driver side
+def read_store(path: str | os.PathLike[str], model_dir: str | Path, context_len: int, default_max_tokens: int, *,
+               done_keys=frozenset(), on_error: Callable[[LineError], None] = lambda e: None,
+               workers: int | None = None, tick: Callable[[int], None] | None = None,
+               batch_lines: int = BATCH_LINES) -> ReadResult:
+    """Read `path` into a `TokenStore` (see module doc). `workers` processes (default: every
+    core; 0 runs in this process); `tick(lines_read)` after each batch."""
+    p = check_readable(path)
+    args = (str(model_dir), context_len, default_max_tokens, p.name)
+    workers = os.cpu_count() or 1 if workers is None else workers
+    out = ReadResult(TokenStore(), np.zeros(0, bool))
+    done_flags: list[bool] = []
+    owner: dict[str, int] = {}
+
+    def take(result) -> None:
+        items, new, tails, exact = result
+        store = out.store
+        for d, ids in new.items():
+            store.add_piece(d, ids)
+        out.whole_text_fallback |= not exact
+        at = 0
+        for item in items:
+            out.lines += 1
+            if isinstance(item, LineError):
+                cid = item.custom_id
+                if cid is not None and cid in owner:
+                    item = repeated_id(item.line, cid, owner[cid], p.name)
+                elif cid is not None:
+                    owner[cid] = item.line
+                key = item.custom_id if item.custom_id is not None else ("line", item.line)
+                out.keys.add(key)
+                if key in done_keys:
+                    out.skipped += 1
+                else:
+                    out.invalid += 1
+                    on_error(item)
+                continue
+            line, cid, kind, model, sampling, max_tokens, digests, n = item
+            tail, at = tails[at:at + n], at + n
+            if cid in owner:
+                err = repeated_id(line, cid, owner[cid], p.name)
+                out.keys.add(("line", line))
+                if ("line", line) in done_keys:
+                    out.skipped += 1
+                else:
+                    out.invalid += 1
+                    on_error(err)
+                continue
+            owner[cid] = line
+            out.keys.add(cid)
+            done = cid in done_keys
+            out.skipped += done
+            done_flags.append(done)
+            store.add(line=line, custom_id=cid, kind=kind, model=model, sampling=sampling, max_tokens=max_tokens,
+                      piece_digests=digests, tail=tail)
+        if tick is not None:
+            tick(out.lines)
+
+    batches = _batches(p, batch_lines)
+    if workers <= 0:
+        _init_worker(*args)
+        for b in batches:
+            take(_work(b))
+    else:
+        import multiprocessing as mp
+
+        with mp.get_context("spawn").Pool(workers, _init_worker, args) as pool:
+            pending: deque = deque()
+            for b in batches:
+                pending.append(pool.apply_async(_work, (b,)))
+                while len(pending) > 2 * workers:
+                    take(pending.popleft().get())
+            while pending:
+                take(pending.popleft().get())
+    out.done = np.asarray(done_flags, dtype=bool)
+    return out
+
+
+def _batches(path: Path, size: int):
+    batch = []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if raw.strip():
+                batch.append((number, raw))
+                if len(batch) >= size:
+                    yield batch
+                    batch = []
+    if batch:
+        yield batch
