@@ -2,7 +2,7 @@
 
 Lines go to worker processes in batches (one tokenizer per worker, every core by default);
 results come back in file order and land in a `TokenStore`. Bad lines become `LineError`s
-handed to `on_error` as they are met (the same checks and messages as `requests.py` and
+in `errors` (the same checks and messages as `requests.py` and
 `prompts.py`; the first line that uses a custom_id owns it).
 
 Chat prompts are encoded in pieces: the rendered template is cut before each special token
@@ -36,6 +36,7 @@ from .store import TokenStore
 BATCH_LINES = 2000  # lines per task sent to a worker
 VERIFY_FIRST, VERIFY_EVERY = 32, 997
 PIECE_CACHE = 4096  # encoded pieces a worker remembers
+SMALL_INPUT_BYTES = 8 << 20  # smaller inputs are read in the driver (starting workers costs more)
 
 
 @dataclass
@@ -44,7 +45,7 @@ class ReadResult:
     done: np.ndarray  # bool per stored request: already in the results file
     keys: set = field(default_factory=set)  # every key of the input (custom_id or ("line", n))
     lines: int = 0  # non-blank lines
-    invalid: int = 0  # bad lines reported through on_error (not already done)
+    errors: list = field(default_factory=list)  # LineError of each bad line not already done, in file order
     skipped: int = 0  # lines already in the results file
     whole_text_fallback: bool = False  # a worker found pieces that did not match whole-text encoding
 
@@ -115,20 +116,30 @@ class PieceEncoder:
 
 # ---------------------------------------------------------------------- worker side
 _encoder: PieceEncoder | None = None
+_init_error = ""
+
+
+class WorkerError(RuntimeError):
+    """A worker could not load the tokenizer."""
 
 
 def _init_worker(model_dir: str, context_len: int, default_max_tokens: int, source: str) -> None:
-    global _encoder
+    global _encoder, _init_error
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    from transformers import AutoTokenizer
+    try:
+        from transformers import AutoTokenizer
 
-    _encoder = PieceEncoder(AutoTokenizer.from_pretrained(model_dir), context_len, default_max_tokens, source)
+        _encoder = PieceEncoder(AutoTokenizer.from_pretrained(model_dir), context_len, default_max_tokens, source)
+    except Exception as exc:  # noqa: BLE001 (reported by the first task; the driver reads in-process)
+        _init_error = f"{type(exc).__name__}: {exc}"
 
 
 def _work(batch: list[tuple[int, bytes]]) -> tuple[list, dict, np.ndarray, bool]:
     """Lines -> (items in line order, new pieces, tails back to back, exact). An item is a
     LineError or (line, custom_id, kind, model, sampling, max_tokens, digests, tail_len)."""
     enc = _encoder
+    if enc is None:
+        raise WorkerError(_init_error)
     items, new, tails = [], {}, []
     for number, raw in batch:
         req = parse_line(raw, number, enc.source)
@@ -145,18 +156,33 @@ def _work(batch: list[tuple[int, bytes]]) -> tuple[list, dict, np.ndarray, bool]
 
 
 # ---------------------------------------------------------------------- driver side
-def read_store(path: str | os.PathLike[str], model_dir: str | Path, context_len: int, default_max_tokens: int, *,
-               done_keys=frozenset(), on_error: Callable[[LineError], None] = lambda e: None,
-               workers: int | None = None, tick: Callable[[int], None] | None = None,
-               batch_lines: int = BATCH_LINES) -> ReadResult:
-    """Read `path` into a `TokenStore` (see module doc). `workers` processes (default: every
-    core; 0 runs in this process); `tick(lines_read)` after each batch."""
+def read_store(path: str | os.PathLike[str], tokenizer, context_len: int, default_max_tokens: int, *,
+               model_dir: str | Path | None = None, done_keys=frozenset(), workers: int | None = None,
+               tick: Callable[[int], None] | None = None, batch_lines: int = BATCH_LINES) -> ReadResult:
+    """Read `path` into a `TokenStore` (see module doc). `workers` processes, each loading the
+    tokenizer from `model_dir` (default: every core for inputs over `SMALL_INPUT_BYTES`, else
+    0); 0 reads in this process with `tokenizer`, as does a pool whose workers cannot load it.
+    `tick(lines_read)` after each batch."""
     p = check_readable(path)
-    args = (str(model_dir), context_len, default_max_tokens, p.name)
-    workers = os.cpu_count() or 1 if workers is None else workers
+    if workers is None:
+        workers = (os.cpu_count() or 1) if p.stat().st_size > SMALL_INPUT_BYTES else 0
+    if model_dir is None:
+        workers = 0
+    if workers > 0:
+        try:
+            return _read(p, tokenizer, context_len, default_max_tokens, model_dir, done_keys, workers,
+                         tick, batch_lines)
+        except WorkerError:
+            pass
+    return _read(p, tokenizer, context_len, default_max_tokens, model_dir, done_keys, 0, tick, batch_lines)
+
+
+def _read(p: Path, tokenizer, context_len, default_max_tokens, model_dir, done_keys, workers, tick,
+          batch_lines) -> ReadResult:
     out = ReadResult(TokenStore(), np.zeros(0, bool))
     done_flags: list[bool] = []
     owner: dict[str, int] = {}
+    errors = out.errors
 
     def take(result) -> None:
         items, new, tails, exact = result
@@ -178,19 +204,16 @@ def read_store(path: str | os.PathLike[str], model_dir: str | Path, context_len:
                 if key in done_keys:
                     out.skipped += 1
                 else:
-                    out.invalid += 1
-                    on_error(item)
+                    errors.append(item)
                 continue
             line, cid, kind, model, sampling, max_tokens, digests, n = item
             tail, at = tails[at:at + n], at + n
             if cid in owner:
-                err = repeated_id(line, cid, owner[cid], p.name)
                 out.keys.add(("line", line))
                 if ("line", line) in done_keys:
                     out.skipped += 1
                 else:
-                    out.invalid += 1
-                    on_error(err)
+                    errors.append(repeated_id(line, cid, owner[cid], p.name))
                 continue
             owner[cid] = line
             out.keys.add(cid)
@@ -202,15 +225,17 @@ def read_store(path: str | os.PathLike[str], model_dir: str | Path, context_len:
         if tick is not None:
             tick(out.lines)
 
+    global _encoder
     batches = _batches(p, batch_lines)
     if workers <= 0:
-        _init_worker(*args)
+        _encoder = PieceEncoder(tokenizer, context_len, default_max_tokens, p.name)
         for b in batches:
             take(_work(b))
     else:
         import multiprocessing as mp
 
-        with mp.get_context("spawn").Pool(workers, _init_worker, args) as pool:
+        with mp.get_context("spawn").Pool(workers, _init_worker,
+                                          (str(model_dir), context_len, default_max_tokens, p.name)) as pool:
             pending: deque = deque()
             for b in batches:
                 pending.append(pool.apply_async(_work, (b,)))
