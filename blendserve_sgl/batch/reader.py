@@ -110,6 +110,7 @@ class PieceEncoder:
         n = len(tail) + sum(len(p) for p in ids)
         max_tokens = check_context(req, n, what, self.ctx, self.default_max_tokens, self.source)
         if isinstance(max_tokens, LineError):
+            self.sent.difference_update(new)  # not handed over: send them with the next request using them
             return max_tokens
         return digests, new, tail, max_tokens
 
