@@ -133,6 +133,22 @@ def test_reader_marks_done_requests_and_keeps_them_in_the_store(tiny, tmp_path):
     assert [got.store.custom_id(i) for i in np.flatnonzero(got.done)] == ["r3", "r4"]
 
 
+def test_pieces_of_a_rejected_request_reach_the_next_request_using_them(tiny, tmp_path):
+    """The first request behind a system prompt is too long for the context: its pieces are not
+    stored with it, yet the next request behind the same prompt gets them."""
+    model_dir, tok = tiny
+    system = {"role": "system", "content": "You are a precise assistant."}
+    rows = [{"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
+             "body": {"messages": [system, {"role": "user", "content": text}], "max_tokens": 2}}
+            for cid, text in (("long", "alpha " * 400), ("short", "beta gamma"))]
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = read_store(path, tok, 300, 16, workers=0)
+    assert [e.code for e in got.errors] == ["context_length_exceeded"] and len(got.store) == 1
+    want = [x for x in reference(path, tok, ctx=300) if isinstance(x, Prepared)]
+    assert got.store.input_ids(0) == want[0].input_ids
+
+
 def test_piece_encoding_falls_back_to_whole_text_when_pieces_differ(tiny, tmp_path):
     """A tokenizer whose piece ids do not concatenate to the whole text's: every request is
     still encoded exactly as prepare() does."""
