@@ -235,7 +235,7 @@ def main() -> None:
         r = random.Random(args.seed)
         kills = []
         for _ in range(args.kills):
-            t = r.uniform(20, 60)
+            t = r.uniform(25, 75)
             kills.append(round(t, 1))
             run_cli(corpus(drill_n), model, out, "auto", kill_after=t)
         run_cli(corpus(drill_n), model, out, "auto")

@@ -299,8 +299,9 @@ def test_command_interrupted_and_resumed_runs_each_request_once_in_plan_order(ti
 @pytest.mark.skipif(os.environ.get("BLENDSERVE_SKIP_ENGINE") == "1", reason="BLENDSERVE_SKIP_ENGINE=1")
 def test_window_feed_matches_all_at_once_on_the_engine(tiny, tmp_path):
     """Greedy decoding: the same text for every custom_id with a window of 16 as with everything
-    submitted at once; cached prompt tokens within 10 percentage points (the window changes which
-    prefixes are cached when, and a small batch magnifies that)."""
+    submitted at once; the window keeps at least the all-at-once cached-token ratio, less 2
+    points (it tends to keep more: a prefill batch cannot share a prefix within itself, and the
+    window admits fewer requests per batch)."""
     model_dir, _ = tiny
     path = corpus(tmp_path / "in.jsonl", 160, bad=False)
     env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(ROOT)}
@@ -321,4 +322,4 @@ def test_window_feed_matches_all_at_once_on_the_engine(tiny, tmp_path):
         assert a[cid]["error"] is None and b[cid]["error"] is None
         assert text(a[cid]) == text(b[cid]), cid
     assert sa["input_tokens"] == sb["input_tokens"]
-    assert abs(sa["cache_hit_ratio"] - sb["cache_hit_ratio"]) <= 0.10
+    assert sb["cache_hit_ratio"] >= sa["cache_hit_ratio"] - 0.02, (sa["cache_hit_ratio"], sb["cache_hit_ratio"])
