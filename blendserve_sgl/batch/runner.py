@@ -3,9 +3,10 @@
 `start_engine` builds `sglang.Engine(model_path=..., schedule_policy=...)`: on a CPU-only
 machine with `SGLANG_USE_CPU_ENGINE=1`, the `torch_native` attention backend and a bounded KV
 pool (SGLang would size it from host memory); on a GPU with SGLang's defaults. `generate`
-submits all requests at once (or keeps `window` in flight, refilled in order), so the scheduler,
-and the `blend` policy's tree, see the whole offline queue (or the window), and calls `on_result(prepared, output)` or
-`on_error(prepared, exception)` as each one finishes, in completion order. Nothing is kept
+submits all requests at once (or keeps `window` in flight, refilled in order), so the
+scheduler, and the `blend` policy's tree, see the whole offline queue (or the window), and
+calls `on_result(prepared, output)` or `on_error(prepared, exception)` as each one finishes,
+in completion order. Nothing is kept
 back: the caller writes results as they arrive.
 
 `prepare_environment` must run before sglang (and torch) are imported: SGLang reads
