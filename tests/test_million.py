@@ -114,13 +114,15 @@ def test_reader_matches_the_plain_path(tiny, tmp_path, workers):
     got.store.check_integrity()
     ref = reference(path, tok)
     ok = [x for x in ref if isinstance(x, Prepared)]
-    assert [e.message for e in got.errors] == [x.message for x in ref if isinstance(x, LineError)]
+    assert [(e.message, e.digest) for e in got.errors] == [(x.message, x.digest) for x in ref
+                                                            if isinstance(x, LineError)]
     assert len(got.errors) == 3 and got.lines == len(ref) and not got.whole_text_fallback
     assert len(got.store) == len(ok)
     for i, p in enumerate(ok):
         q = got.store.prepared(i)
-        assert (q.input_ids, q.max_tokens, q.sampling_params, q.request.custom_id, q.request.line, q.request.kind) == (
-            p.input_ids, p.max_tokens, p.sampling_params, p.request.custom_id, p.request.line, p.request.kind)
+        assert (q.input_ids, q.max_tokens, q.sampling_params, q.request.custom_id, q.request.line, q.request.kind,
+                q.request.digest) == (p.input_ids, p.max_tokens, p.sampling_params, p.request.custom_id,
+                                      p.request.line, p.request.kind, p.request.digest)
     assert got.store.pieces < 40  # system prompts, few-shot turns and template text, not per request
     assert got.store.piece_tokens.n + got.store.tail_tokens.n < 0.7 * sum(len(p.input_ids) for p in ok)
 
@@ -128,8 +130,9 @@ def test_reader_matches_the_plain_path(tiny, tmp_path, workers):
 def test_reader_marks_done_requests_and_keeps_them_in_the_store(tiny, tmp_path):
     model_dir, tok = tiny
     path = corpus(tmp_path / "in.jsonl", 30)
-    got = read_store(path, tok, 2048, 16, done_keys={"r3", "r4", ("line", 6)}, workers=0)
-    assert got.skipped == 3 and len(got.errors) == 2  # the invalid line 6 is done; two bad lines left
+    got = read_store(path, tok, 2048, 16, workers=0)
+    got.mark_done({"r3", "r4", ("line", 6)})
+    assert got.skipped == 3 and len(got.errors) == 3 and got.lines == 33  # line 6 is one of the 3 bad lines
     assert [got.store.custom_id(i) for i in np.flatnonzero(got.done)] == ["r3", "r4"]
 
 
@@ -214,7 +217,8 @@ def test_resumed_run_continues_the_same_order(tiny, tmp_path):
     order = plan(first.store, cost_for(model_dir))
     ids = [first.store.custom_id(i) for i in order]
     done = set(ids[:60]) | {ids[100]}
-    again = read_store(path, tok, 2048, 16, done_keys=done, workers=0)
+    again = read_store(path, tok, 2048, 16, workers=0)
+    again.mark_done(done)
     left = [p.request.custom_id for p in pending(again.store, plan(again.store, cost_for(model_dir)), again.done)]
     assert left == [x for x in ids if x not in done]
 

@@ -2,10 +2,14 @@
 
 Steps, in order; the first three fail at once (exit 2, one message naming the input and the
 fix) before any engine starts:
-1. the input file must be readable; the model must exist (`--model DIR`) or be obtainable
-   (the embedded SmolLM2-135M-Instruct, converted once into the model cache);
-2. the results file is opened and locked; what it already holds is skipped (resume) and a
-   partial last line left by a crash is cut; its keys must all belong to this input;
+1. the input must be readable (a file, or a pipe read once as a stream) and hold requests; the
+   model must exist with weights (`--model DIR`) or be obtainable (the embedded
+   SmolLM2-135M-Instruct, converted once into the model cache);
+2. the results file (never the input) is opened and locked; what it already holds is skipped
+   (resume) and a partial last line left by a crash is cut; its custom_ids must all belong to
+   this input; records of lines edited since are reported (`request_digest`), and with
+   `--retry-failed` they and the error records are dropped to run again. A results stream
+   (pipe, /dev/stdout) is only written;
 3. every input line is validated and tokenized (chat template, context length) in a streaming
    pass over every core into compact storage (`reader.py`, `store.py`); bad lines become error
    records; the one global plan orders the whole input (`order.py`);
@@ -13,7 +17,8 @@ fix) before any engine starts:
    from its capacity (`feed.py`); each result is written when it finishes;
 5. the summary: requests, input/output tokens, wall time, throughput, prefix-cache hit ratio.
 Exit status: 0 when every request has a record (failed requests are records too), 2 for bad
-arguments or files, 130 when interrupted (the results so far are kept; rerun to finish).
+arguments or files, 130 when interrupted by Ctrl-C or SIGTERM (the results so far are kept;
+rerun to finish).
 """
 
 from __future__ import annotations
@@ -35,7 +40,8 @@ from .progress import Progress, RunStats, phase_line, summary_lines
 from .prompts import Prepared, context_length
 from .reader import ReadResult, read_store
 from .requests import InputError, LineError, check_readable
-from .results import ResultsError, ResultWriter, error_record, errors_path_for, ok_record
+from .results import (ResultsError, ResultWriter, error_record, is_regular_or_new, ok_record, reconcile, request_key,
+                      same_file)
 
 # SGLang 0.5.23's --schedule-policy choices that make sense offline, plus the plugin's `blend`
 POLICIES = ("blend", "fcfs", "lpm", "dfs-weight", "lof", "random", "hrrn", "shortest-prefill-first")
@@ -51,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                "requests not yet in the results file.")
     ap.add_argument("input", help="requests, one JSON object per line (OpenAI Batch API format)")
     ap.add_argument("-o", "--output", required=True, help="results file (JSONL), appended to when it exists")
-    ap.add_argument("--errors", help="file of the failed requests' records (default: next to -o, *.errors.jsonl)")
+    ap.add_argument("--errors", help="file of the failed requests' records (default: next to -o, *.errors.jsonl; "
+                                     "none when -o is a pipe or a device such as /dev/stdout)")
     ap.add_argument("--model", help="local Hugging Face model directory (default: the embedded "
                                     "SmolLM2-135M-Instruct, converted once into the model cache)")
     ap.add_argument("--model-cache", help="cache of the embedded model (default: $BLENDSERVE_MODEL_CACHE or "
@@ -76,6 +83,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="further sglang.Engine argument, VALUE as JSON or a string (repeatable), "
                          "e.g. --engine-arg enable_mixed_chunk=true --engine-arg tp_size=2")
     ap.add_argument("--overwrite", action="store_true", help="start over: empty the results file first")
+    ap.add_argument("--retry-failed", action="store_true",
+                    help="run again the requests whose records are errors, and lines edited since their record "
+                         "was written; their records are replaced, the others kept")
     ap.add_argument("--include-token-ids", action="store_true",
                     help="add token_ids and prompt_token_ids to every choice (an extension of the format)")
     ap.add_argument("--summary-json", help="also write the summary figures as JSON to this file")
@@ -89,25 +99,33 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     from . import runner
 
+    global _MESSAGES
+    _MESSAGES = "stderr" if same_file(args.output, "/dev/stdout") else "stdout"  # -o /dev/stdout | jq
     try:
         extra = _engine_args(args.engine_arg)
         source = check_readable(args.input)
+        if args.retry_failed and args.overwrite:
+            raise ValueError("--retry-failed keeps the results that succeeded, --overwrite discards them all: "
+                             "give one of them")
+        if args.retry_failed and not is_regular_or_new(args.output):
+            raise ResultsError(f"--retry-failed replaces records in the results file, so -o {args.output} must be "
+                               "a regular file")
         model_dir = check_model_dir(args.model) if args.model else default_model(args.model_cache, log=_say)
         if args.model:
             _say(f"model: {model_dir}")
         device = runner.prepare_environment(args.device)  # before torch loads (with the tokenizer)
         tokenizer = _load_tokenizer(model_dir)
         ctx = args.context_length or context_length(model_dir)
-        writer = ResultWriter.open(args.output, args.errors or errors_path_for(args.output), overwrite=args.overwrite)
+        writer = ResultWriter.open(args.output, args.errors, overwrite=args.overwrite, input_path=source)
     except (InputError, ModelError, ResultsError, ValueError) as exc:
         print(f"blendserve run: error: {exc}", file=sys.stderr)
         return 2
     with writer:
         try:
             return _run(args, source, model_dir, device, tokenizer, ctx, writer, extra, started)
-        except (ResultsError, EngineError) as exc:
+        except (InputError, ResultsError, EngineError) as exc:
             print(f"blendserve run: error: {exc}", file=sys.stderr)
-            return 2 if isinstance(exc, ResultsError) else 1
+            return 1 if isinstance(exc, EngineError) else 2
 
 
 class EngineError(RuntimeError):
@@ -117,24 +135,23 @@ class EngineError(RuntimeError):
 def _run(args, source: Path, model_dir: Path, device: str, tokenizer, ctx: int, writer: ResultWriter, extra: dict,
          started: float) -> int:
     stats = RunStats(policy=args.policy, model=model_dir.name, device=device)
-    done_before = writer.done
     t0 = time.perf_counter()
     tell = _phase_printer(args.quiet)
-    read = read_store(source, tokenizer, ctx, args.default_max_tokens, model_dir=model_dir, done_keys=done_before.keys,
-                      workers=args.workers,
+    read = read_store(source, tokenizer, ctx, args.default_max_tokens, model_dir=model_dir, workers=args.workers,
                       tick=lambda n: tell(phase_line("reading", n, "lines", time.perf_counter() - t0)))
     stats.read_seconds = time.perf_counter() - t0
-    foreign = done_before.keys - read.keys
-    if foreign:
-        raise ResultsError(f"{writer.path} holds {len(foreign):,} results that are not requests of {source} "
-                           f"(e.g. {next(iter(foreign))!r}); it is the output of another input: choose another -o, "
-                           "or pass --overwrite to start over")
-    if done_before.records:
-        partial = " (a partial last line from a crash was removed)" if done_before.cut_partial_line else ""
-        _say(f"resuming: {done_before.records:,} requests already in {writer.path}{partial}")
+    if not read.lines:
+        raise InputError(f"{args.input} holds no requests (it is empty or has only blank lines); pass the JSONL file "
+                         "of requests, one JSON object per line")
+    _resume(args, source, writer, read.index)
+    done_before = writer.done
+    stats.kept_errors = len(done_before.failed_keys)
+    read.mark_done(done_before.keys)
     stats.requests, stats.skipped = read.lines, read.skipped
     for item in read.errors:  # written once the results file is known to belong to this input
-        writer.write(error_record(item.custom_id, item.message, line=item.line, code=item.code))
+        if request_key(item) in done_before.keys:
+            continue
+        writer.write(error_record(item.custom_id, item.message, line=item.line, code=item.code, digest=item.digest))
         stats.failed += 1
         stats.invalid += 1
     if stats.invalid:
@@ -151,12 +168,40 @@ def _run(args, source: Path, model_dir: Path, device: str, tokenizer, ctx: int, 
         _execute(args, model_dir, device, ctx, extra, read, order, todo, writer, stats)
     stats.wall_seconds = time.perf_counter() - started
     stats.sample_rss()
-    for line in summary_lines(stats, str(writer.path), str(writer.errors_path)):
+    for line in summary_lines(stats, str(writer.path), str(writer.errors_path) if writer.errors_path else None):
         _say(line)
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps({"input": str(source), "output": str(writer.path),
                                                        **stats.to_json()}, indent=2) + "\n")
     return 130 if stats.interrupted else 0
+
+
+def _resume(args, source: Path, writer: ResultWriter, items) -> None:
+    """Match the results file to the input (see `results.reconcile`), say what is kept and what
+    runs again, and drop the records to run again."""
+    done = writer.done
+    if not done.keys:
+        return
+    res = reconcile(done, items, retry_failed=args.retry_failed)
+    if res.foreign:
+        raise ResultsError(f"{writer.path} holds {len(res.foreign):,} results that are not requests of {args.input} "
+                           f"(e.g. {res.foreign[0]!r}); it is the output of another input: choose another -o, "
+                           "or pass --overwrite to start over")
+    partial = " (a partial last line from a crash was removed)" if done.cut_partial_line else ""
+    _say(f"resuming: {done.records:,} requests already in {writer.path}{partial}")
+    if res.changed and not args.retry_failed:
+        key, line = res.changed[0]
+        _say(f"warning: {len(res.changed):,} requests changed since their records were written (e.g. line {line}, "
+             f"{key!r}); their old records are kept: rerun with --retry-failed to run them again")
+    writer.drop(res.drop)
+    if res.stale:
+        _say(f"{len(res.stale):,} error records of lines without a usable custom_id that changed or moved were "
+             "dropped; those lines are checked again")
+    if res.retry:
+        _say(f"--retry-failed: {len(res.retry):,} requests run again (error records and lines changed since)")
+    if writer.done.failed:
+        _say(f"kept {writer.done.failed:,} error records from earlier runs (see {writer.errors_path or writer.path}); "
+             "fix their cause, then rerun with --retry-failed to run them again")
 
 
 def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: ReadResult, order, todo: int,
@@ -194,7 +239,8 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
         status = 400 if isinstance(exc, ValueError) else 500
         code = "invalid_request" if status == 400 else "engine_error"
         msg = f"{source} line {p.request.line}: the engine {'rejected' if status == 400 else 'failed'} this request: {exc}"
-        writer.write(error_record(p.request.custom_id, msg, line=p.request.line, code=code, status=status))
+        writer.write(error_record(p.request.custom_id, msg, line=p.request.line, code=code, status=status,
+                                  digest=p.request.digest))
         stats.failed += 1
         progress.add(failed=1)
 
@@ -299,5 +345,8 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+_MESSAGES = "stdout"  # "stderr" when the results go to stdout
+
+
 def _say(text: str) -> None:
-    print(text, flush=True)
+    print(text, file=sys.stderr if _MESSAGES == "stderr" else sys.stdout, flush=True)

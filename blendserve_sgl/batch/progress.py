@@ -26,6 +26,7 @@ class RunStats:
 
     requests: int = 0  # lines in the input (non-blank)
     skipped: int = 0  # already in the results file
+    kept_errors: int = 0  # of `skipped`: error records of earlier runs, kept as done
     completed: int = 0
     failed: int = 0  # invalid lines + engine failures, this run
     invalid: int = 0  # of `failed`: rejected before the engine
@@ -77,7 +78,7 @@ class RunStats:
         return d
 
 
-def summary_lines(s: RunStats, results: str, errors: str) -> list[str]:
+def summary_lines(s: RunStats, results: str, errors: str | None) -> list[str]:
     done_before = f", {s.skipped:,} already done before" if s.skipped else ""
     head = "interrupted" if s.interrupted else "done"
     lines = [
@@ -92,13 +93,17 @@ def summary_lines(s: RunStats, results: str, errors: str) -> list[str]:
         f"{(s.completed / s.generate_seconds if s.generate_seconds else 0):.2f} requests/s",
         f"  memory          peak RSS {s.driver_peak_rss_mb:,.0f} MB driver, {s.tree_peak_rss_mb:,.0f} MB with the "
         f"engine processes; window {s.window:,} requests" + (" (all)" if not s.window else ""),
-        f"  results         {results} (failed requests also in {errors})",
+        f"  results         {results}" + (f" (failed requests also in {errors})" if errors else ""),
     ]
     if s.policy_stats.get("steps"):
         ps = s.policy_stats
         lines.insert(-1, f"  blend planning  {ps['steps']:,} steps, {ps.get('planning_ms_per_step', 0):.2f} ms per step")
     if s.interrupted:
         lines.append("  run the same command again to finish the rest (results written so far are kept)")
+    if s.failed or s.kept_errors:
+        kept = f" ({s.kept_errors:,} kept from earlier runs)" if s.kept_errors else ""
+        lines.append(f"  retry           {s.failed + s.kept_errors:,} error records{kept}: fix their cause, then rerun "
+                     "with --retry-failed to run those requests again")
     return lines
 
 

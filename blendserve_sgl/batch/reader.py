@@ -13,8 +13,9 @@ the whole text; each worker checks this against the whole-text encode (`prompts.
 its first requests and every `VERIFY_EVERY`-th one after, and encodes whole texts from then on
 if they ever differ. Completion and token-id prompts are one tail.
 
-Requests whose key is in `done_keys` (already in the results file) are stored too, flagged
-done: the plan is made over the whole input, so a resumed run continues the same order.
+Every valid request is stored, also those already in the results file (`mark_done` flags
+them): the plan is made over the whole input, so a resumed run continues the same order.
+`index` lists every line's key and request digest for `results.reconcile`.
 """
 
 from __future__ import annotations
@@ -22,15 +23,16 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import stat
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
 from .prompts import check_context, prepare, render
-from .requests import LineError, check_readable, parse_line, repeated_id
+from .requests import BOM, LineError, check_readable, parse_line, repeated_id
 from .store import TokenStore
 
 BATCH_LINES = 2000  # lines per task sent to a worker
@@ -39,15 +41,32 @@ PIECE_CACHE = 4096  # encoded pieces a worker remembers
 SMALL_INPUT_BYTES = 8 << 20  # smaller inputs are read in the driver (starting workers costs more)
 
 
+class LineKey(NamedTuple):
+    """What `results.reconcile` needs of an input line."""
+
+    line: int
+    custom_id: str | None  # None: the record is keyed by its line
+    digest: str
+
+
 @dataclass
 class ReadResult:
     store: TokenStore
-    done: np.ndarray  # bool per stored request: already in the results file
-    keys: set = field(default_factory=set)  # every key of the input (custom_id or ("line", n))
-    lines: int = 0  # non-blank lines
-    errors: list = field(default_factory=list)  # LineError of each bad line not already done, in file order
-    skipped: int = 0  # lines already in the results file
+    index: list = field(default_factory=list)  # LineKey of every non-blank line, in file order
+    errors: list = field(default_factory=list)  # LineError of each bad line, in file order
+    done: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # per stored request (`mark_done`)
+    skipped: int = 0  # lines whose key is done (`mark_done`)
     whole_text_fallback: bool = False  # a worker found pieces that did not match whole-text encoding
+
+    @property
+    def lines(self) -> int:
+        return len(self.index)
+
+    def mark_done(self, keys) -> None:
+        """Flag the stored requests (and count the lines) whose key is in `keys`."""
+        s = self.store
+        self.done = np.fromiter((s.custom_id(i) in keys for i in range(len(s))), bool, len(s))
+        self.skipped = sum((k.custom_id if k.custom_id is not None else ("line", k.line)) in keys for k in self.index)
 
 
 class PieceEncoder:
@@ -137,7 +156,7 @@ def _init_worker(model_dir: str, context_len: int, default_max_tokens: int, sour
 
 def _work(batch: list[tuple[int, bytes]]) -> tuple[list, dict, np.ndarray, bool]:
     """Lines -> (items in line order, new pieces, tails back to back, exact). An item is a
-    LineError or (line, custom_id, kind, model, sampling, max_tokens, digests, tail_len)."""
+    LineError or (line, custom_id, kind, model, sampling, max_tokens, digests, tail_len, digest)."""
     enc = _encoder
     if enc is None:
         raise WorkerError(_init_error)
@@ -151,39 +170,38 @@ def _work(batch: list[tuple[int, bytes]]) -> tuple[list, dict, np.ndarray, bool]
         digests, fresh, tail, max_tokens = out
         new.update(fresh)
         tails.append(tail)
-        items.append((number, req.custom_id, req.kind, req.model, req.sampling, max_tokens, digests, len(tail)))
+        items.append((number, req.custom_id, req.kind, req.model, req.sampling, max_tokens, digests, len(tail),
+                      req.digest))
     joined = np.concatenate(tails) if tails else np.zeros(0, np.int32)
     return items, new, joined, enc.exact
 
 
 # ---------------------------------------------------------------------- driver side
 def read_store(path: str | os.PathLike[str], tokenizer, context_len: int, default_max_tokens: int, *,
-               model_dir: str | Path | None = None, done_keys=frozenset(), workers: int | None = None,
+               model_dir: str | Path | None = None, workers: int | None = None,
                tick: Callable[[int], None] | None = None, batch_lines: int = BATCH_LINES) -> ReadResult:
-    """Read `path` into a `TokenStore` (see module doc). `workers` processes, each loading the
-    tokenizer from `model_dir` (default: every core for inputs over `SMALL_INPUT_BYTES`, else
-    0); 0 reads in this process with `tokenizer`, as does a pool whose workers cannot load it.
-    `tick(lines_read)` after each batch."""
+    """Read `path` (once: a pipe works) into a `TokenStore` (see module doc). `workers`
+    processes, each loading the tokenizer from `model_dir` (default: every core for a regular
+    file over `SMALL_INPUT_BYTES`, else 0); 0 reads in this process with `tokenizer`, as does a
+    pool whose workers cannot load it. `tick(lines_read)` after each batch."""
     p = check_readable(path)
     if workers is None:
-        workers = (os.cpu_count() or 1) if p.stat().st_size > SMALL_INPUT_BYTES else 0
-    if model_dir is None:
-        workers = 0
+        big = stat.S_ISREG(os.stat(p).st_mode) and os.stat(p).st_size > SMALL_INPUT_BYTES
+        workers = (os.cpu_count() or 1) if big else 0
+    if model_dir is None or not stat.S_ISREG(os.stat(p).st_mode):
+        workers = 0  # a stream cannot be read a second time if the pool fails
     if workers > 0:
         try:
-            return _read(p, tokenizer, context_len, default_max_tokens, model_dir, done_keys, workers,
-                         tick, batch_lines)
+            return _read(p, tokenizer, context_len, default_max_tokens, model_dir, workers, tick, batch_lines)
         except WorkerError:
             pass
-    return _read(p, tokenizer, context_len, default_max_tokens, model_dir, done_keys, 0, tick, batch_lines)
+    return _read(p, tokenizer, context_len, default_max_tokens, model_dir, 0, tick, batch_lines)
 
 
-def _read(p: Path, tokenizer, context_len, default_max_tokens, model_dir, done_keys, workers, tick,
-          batch_lines) -> ReadResult:
-    out = ReadResult(TokenStore(), np.zeros(0, bool))
-    done_flags: list[bool] = []
+def _read(p: Path, tokenizer, context_len, default_max_tokens, model_dir, workers, tick, batch_lines) -> ReadResult:
+    out = ReadResult(TokenStore())
     owner: dict[str, int] = {}
-    errors = out.errors
+    errors, index = out.errors, out.index
 
     def take(result) -> None:
         items, new, tails, exact = result
@@ -193,38 +211,27 @@ def _read(p: Path, tokenizer, context_len, default_max_tokens, model_dir, done_k
         out.whole_text_fallback |= not exact
         at = 0
         for item in items:
-            out.lines += 1
             if isinstance(item, LineError):
                 cid = item.custom_id
                 if cid is not None and cid in owner:
-                    item = repeated_id(item.line, cid, owner[cid], p.name)
+                    item = repeated_id(item.line, cid, owner[cid], p.name, item.digest)
                 elif cid is not None:
                     owner[cid] = item.line
-                key = item.custom_id if item.custom_id is not None else ("line", item.line)
-                out.keys.add(key)
-                if key in done_keys:
-                    out.skipped += 1
-                else:
-                    errors.append(item)
+                errors.append(item)
+                index.append(LineKey(item.line, item.custom_id, item.digest))
                 continue
-            line, cid, kind, model, sampling, max_tokens, digests, n = item
+            line, cid, kind, model, sampling, max_tokens, digests, n, digest = item
             tail, at = tails[at:at + n], at + n
             if cid in owner:
-                out.keys.add(("line", line))
-                if ("line", line) in done_keys:
-                    out.skipped += 1
-                else:
-                    errors.append(repeated_id(line, cid, owner[cid], p.name))
+                errors.append(repeated_id(line, cid, owner[cid], p.name, digest))
+                index.append(LineKey(line, None, digest))
                 continue
             owner[cid] = line
-            out.keys.add(cid)
-            done = cid in done_keys
-            out.skipped += done
-            done_flags.append(done)
+            index.append(LineKey(line, cid, digest))
             store.add(line=line, custom_id=cid, kind=kind, model=model, sampling=sampling, max_tokens=max_tokens,
-                      piece_digests=digests, tail=tail)
+                      piece_digests=digests, tail=tail, digest=digest)
         if tick is not None:
-            tick(out.lines)
+            tick(len(index))
 
     global _encoder
     batches = _batches(p, batch_lines)
@@ -244,7 +251,7 @@ def _read(p: Path, tokenizer, context_len, default_max_tokens, model_dir, done_k
                     take(pending.popleft().get())
             while pending:
                 take(pending.popleft().get())
-    out.done = np.asarray(done_flags, dtype=bool)
+    out.done = np.zeros(len(out.store), bool)
     return out
 
 
@@ -252,6 +259,8 @@ def _batches(path: Path, size: int):
     batch = []
     with open(path, "rb") as f:
         for number, raw in enumerate(f, start=1):
+            if number == 1 and raw.startswith(BOM):
+                raw = raw[len(BOM):]
             if raw.strip():
                 batch.append((number, raw))
                 if len(batch) >= size:

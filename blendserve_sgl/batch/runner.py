@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import os
+import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -91,9 +93,10 @@ def generate(engine, items: Iterable[Prepared], on_result: Callable[[Prepared, d
     """Run `items` on `engine`; each finishes through `on_result` or `on_error`. At most `window`
     requests are in the engine at once (0: all), taken from `items` in order as others finish
     (`items` may be lazy: only the requests in flight are held). `tick(rate)` is called every
-    `tick_seconds` (the progress bar) with the engine's current decode tokens/s (`live_rate`), or None. Returns the
-    seconds from first submission to last result. KeyboardInterrupt cancels what is in flight
-    and propagates."""
+    `tick_seconds` (the progress bar) with the engine's current decode tokens/s (`live_rate`),
+    or None. Returns the seconds from first submission to last result. KeyboardInterrupt cancels what is in flight
+    and propagates; so does SIGTERM while requests run (SGLang's own SIGTERM handler, which
+    would drain the whole queue, is replaced for that time)."""
     loop = engine.loop
     t0 = time.perf_counter()
     ours: set[asyncio.Task] = set()  # the requests in flight and the ticker, to cancel on interrupt
@@ -116,6 +119,15 @@ def generate(engine, items: Iterable[Prepared], on_result: Callable[[Prepared, d
 
 
 async def _generate(engine, items, on_result, on_error, window, tick, tick_seconds, ours: set) -> None:
+    loop = asyncio.get_running_loop()
+    before = signal.getsignal(signal.SIGTERM)
+    start_loop = getattr(getattr(engine, "tokenizer_manager", None), "auto_create_handle_loop", None)
+    if start_loop is not None:
+        start_loop()  # installs SGLang's SIGTERM handler (drain, then exit): replaced just below
+    on_main = threading.current_thread() is threading.main_thread()
+    if on_main:
+        loop.add_signal_handler(signal.SIGTERM, _terminated)
+
     async def one(p: Prepared) -> None:
         try:
             out = await engine.async_generate(input_ids=p.input_ids, sampling_params=p.sampling_params)
@@ -166,6 +178,13 @@ async def _generate(engine, items, on_result, on_error, window, tick, tick_secon
     finally:
         for t in ours:
             t.cancel()
+        if on_main:
+            loop.remove_signal_handler(signal.SIGTERM)
+            signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
+
+
+def _terminated() -> None:
+    raise KeyboardInterrupt  # out of run_until_complete: `generate` cancels what is in flight
 
 
 async def live_rate(engine) -> float | None:

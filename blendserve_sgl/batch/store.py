@@ -9,6 +9,7 @@ them (a system prompt, a few-shot turn, the template text between them), and one
     ref_ids      int32[...]   the pieces each request starts with;    ref_off   int64[n+1]
     line int64, max_tokens int32, sampling int32, model int16, kind int8     (one per request)
     custom ids   utf-8 bytes back to back;                             cid_off   int64[n+1]
+    digests      16 bytes per request (the line's `request_digest`)
 
 A request's prompt is its pieces in order followed by its tail. Sampling parameters and model
 names are interned in small tables. `nbytes()` counts the bytes in use; per request that is
@@ -26,8 +27,9 @@ from .prompts import Prepared
 from .requests import BatchRequest
 
 KINDS = ("chat", "completion")
-# line 8 + max_tokens 4 + sampling 4 + model 2 + kind 1 + three offsets (tail, ref, cid) 3 x 8
-REQUEST_BYTES = 8 + 4 + 4 + 2 + 1 + 3 * 8
+DIGEST_BYTES = 16
+# line 8 + max_tokens 4 + sampling 4 + model 2 + kind 1 + three offsets (tail, ref, cid) 3 x 8 + digest 16
+REQUEST_BYTES = 8 + 4 + 4 + 2 + 1 + 3 * 8 + DIGEST_BYTES
 
 
 class _Grow:
@@ -85,6 +87,7 @@ class TokenStore:
         self.kind = _Grow(np.int8)
         self.cid_bytes = bytearray()
         self.cid_off = _Grow(np.int64, [0])
+        self.digests = bytearray()
         self.sampling_table: list[str] = []  # JSON of the sampling params (without max_new_tokens)
         self.model_table: list[str | None] = []
         self._interned: dict = {}
@@ -110,7 +113,7 @@ class TokenStore:
         return pid
 
     def add(self, *, line: int, custom_id: str, kind: str, model: str | None, sampling: dict, max_tokens: int,
-            piece_digests, tail) -> int:
+            piece_digests, tail, digest: str = "") -> int:
         """Append one request: the digests of its leading pieces (each stored by `add_piece`
         already) and its tail tokens. Returns its index."""
         refs = [self._piece_ids[d] for d in piece_digests]
@@ -127,6 +130,7 @@ class TokenStore:
         self.kind.append(KINDS.index(kind))
         self.cid_bytes += custom_id.encode("utf-8")
         self.cid_off.append(len(self.cid_bytes))
+        self.digests += bytes.fromhex(digest).ljust(DIGEST_BYTES, b"\0")[:DIGEST_BYTES]
         return len(self) - 1
 
     def _intern(self, table: list, value) -> int:
@@ -172,14 +176,15 @@ class TokenStore:
         req = BatchRequest(line=int(self.line.a[i]), custom_id=self.custom_id(i), kind=KINDS[self.kind.a[i]],
                            messages=None, prompt=None, max_tokens=int(self.max_tokens.a[i]),
                            sampling=json.loads(self.sampling_table[self.sampling.a[i]]),
-                           model=self.model_table[self.model.a[i]])
+                           model=self.model_table[self.model.a[i]],
+                           digest=self.digests[i * DIGEST_BYTES:(i + 1) * DIGEST_BYTES].hex())
         return Prepared(req, self.input_ids(i), int(self.max_tokens.a[i]))
 
     def nbytes(self) -> int:
         """Bytes in use (arrays up to their length, custom ids); see the module docstring."""
         arrays = (self.piece_tokens, self.piece_off, self.tail_tokens, self.tail_off, self.ref_ids, self.ref_off,
                   self.line, self.max_tokens, self.sampling, self.model, self.kind, self.cid_off)
-        return sum(a.nbytes for a in arrays) + len(self.cid_bytes)
+        return sum(a.nbytes for a in arrays) + len(self.cid_bytes) + len(self.digests)
 
     def check_integrity(self) -> None:
         n = len(self)
@@ -191,5 +196,6 @@ class TokenStore:
             assert g.n == n, f"{name} has {g.n} entries for {n} requests"
         assert self.tail_off.view[-1] == self.tail_tokens.n and self.ref_off.view[-1] == self.ref_ids.n
         assert self.piece_off.view[-1] == self.piece_tokens.n
+        assert len(self.digests) == DIGEST_BYTES * n
         assert self.ref_ids.n == 0 or (self.ref_ids.view.min() >= 0 and self.ref_ids.view.max() < self.pieces)
         assert n == 0 or self.prompt_lengths().min() >= 1, "a request without prompt tokens"
