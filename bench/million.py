@@ -167,11 +167,16 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--tmp", default="/tmp/blendserve-million")
     ap.add_argument("--skip-plan", action="store_true")
+    ap.add_argument("--skip-engine", action="store_true")
+    ap.add_argument("--plan-model", help="model directory (tokenizer + config.json) for the plan phase "
+                                         "(default: the tiny Llama the engine runs use)")
+    ap.add_argument("--update", action="store_true", help="keep the figures of results/million.json that this "
+                                                          "run does not measure")
     ap.add_argument("--plan-phase", help=argparse.SUPPRESS)
     args = ap.parse_args()
     model = tiny_model()
     if args.plan_phase:
-        print(json.dumps(plan_phase(Path(args.plan_phase), model)))
+        print(json.dumps(plan_phase(Path(args.plan_phase), Path(args.plan_model) if args.plan_model else model)))
         return
     tmp = Path(args.tmp)
     tmp.mkdir(parents=True, exist_ok=True)
@@ -182,18 +187,22 @@ def main() -> None:
         big = tmp / f"plan-{args.plan_n}.jsonl"
         if not big.exists():
             write_corpus(big, args.plan_n, args.seed, args.length_scale, args.max_tokens_cap, None)
-        proc = subprocess.run([sys.executable, __file__, "--plan-phase", str(big)], env=ENV, capture_output=True,
-                              text=True)
+        extra = ["--plan-model", args.plan_model] if args.plan_model else []
+        proc = subprocess.run([sys.executable, __file__, "--plan-phase", str(big), *extra], env=ENV,
+                              capture_output=True, text=True)
         if proc.returncode != 0:
             raise SystemExit(proc.stderr[-3000:])
         result.update(json.loads(proc.stdout.strip().splitlines()[-1]))
         result["input_bytes"] = big.stat().st_size
+        result["plan_model"] = str(args.plan_model or model)
+        result["plan_command"] = " ".join(sys.argv)
         print(table([(k, result[k]) for k in ("planned_requests", "read_seconds", "plan_only_seconds", "plan_seconds",
                                               "driver_rss_mb", "store_bytes", "prompt_tokens", "stored_tokens")],
                     ("plan phase", "value")))
 
-    sizes = [int(x) for x in args.engine_n.split(",") if x]
+    sizes = [int(x) for x in args.engine_n.split(",") if x] if not args.skip_engine else []
     if sizes:
+        result["engine_command"] = " ".join(sys.argv)
         def corpus(n):
             p = tmp / f"engine-{n}.jsonl"
             if not p.exists():
@@ -245,6 +254,13 @@ def main() -> None:
         result["resume_exactly_once"] = len(ids) == len(set(ids)) and set(ids) == want
         print(f"resume drill: {len(ids)} records for {drill_n} requests, exactly once: "
               f"{result['resume_exactly_once']}")
+    if args.update:
+        old = ROOT / "bench" / "results" / "million.json"
+        if old.exists():
+            kept = json.loads(old.read_text())
+            for k in ("command", "machine"):
+                kept.pop(k, None)
+            result = {**kept, **result}
     print(f"wrote {write('million', result)}")
 
 
