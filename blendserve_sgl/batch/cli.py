@@ -39,7 +39,7 @@ from .order import cost_for, plan
 from .progress import Progress, RunStats, phase_line, summary_lines
 from .prompts import Prepared, context_length
 from .reader import ReadResult, read_store
-from .requests import InputError, LineError, check_readable
+from .requests import InputError, check_readable
 from .results import (ResultsError, ResultWriter, error_record, is_regular_or_new, ok_record, reconcile, request_key,
                       same_file)
 
