@@ -298,7 +298,7 @@ def test_scan_counts_tokens_of_completed_records():
 # ------------------------------------------------------------------ progress and summary
 def test_progress_line_counts_and_rates():
     """`avg`: output tokens of finished requests per second since the start; `now`: the engine's
-    decode rate while requests are left. On a log file a line every log_interval seconds."""
+    decode rate while requests are left; ETA at the request rate so far. On a log file a line every log_interval seconds."""
     now = [0.0]
     stream = io.StringIO()
     p = Progress(10, stream=stream, log_interval=5.0, clock=lambda: now[0])
@@ -307,12 +307,14 @@ def test_progress_line_counts_and_rates():
     now[0] = 4.0
     p.add(failed=1)  # within the log interval: not printed
     assert stream.getvalue().count("\n") == 1
-    assert p.line() == "[##########..............] 4/10 | 3 completed, 1 failed | output 10.0 tok/s avg | 00:04"
+    assert p.line() == ("generating [##########..............] 4/10 | 3 completed, 1 failed | 1.0 req/s, output "
+                        "10.0 tok/s avg | 00:04 | ETA 00:06")  # 6 left at 1 request/s
     p.set_rate(25.0)
-    assert p.line().endswith("| output 10.0 tok/s avg, 25.0 now | 00:04")
+    assert p.line().endswith("| 1.0 req/s, output 10.0 tok/s avg, 25.0 now | 00:04 | ETA 00:06")
     now[0] = 3725.0
     p.add(completed=6, output_tokens=60)
-    assert p.line() == "[########################] 10/10 | 9 completed, 1 failed | output 0.0 tok/s avg | 1:02:05"
+    assert p.line() == ("generating [########################] 10/10 | 9 completed, 1 failed | 0.0 req/s, output 0.0 "
+                        "tok/s avg | 1:02:05")
     p.close()
     assert stream.getvalue().count("\n") == 3
 
@@ -323,7 +325,7 @@ def test_summary_names_every_figure():
                  model="m", device="cpu", skipped=0)
     text = "\n".join(summary_lines(s, "r.jsonl", "r.errors.jsonl"))
     for part in ("10 requests: 8 completed, 2 failed (1 rejected before the engine)", "1,000 (25.0% from the prefix",
-                 "output tokens   500", "16.0 s (engine start 5.0 s, generation 10.0 s)", "50.0 output tok/s",
+                 "output tokens   500", "engine start 5.0 s, generation 10.0 s)", "50.0 output tok/s",
                  "150.0 total tok/s", "r.errors.jsonl"):
         assert part in text, part
     assert s.to_json()["cache_hit_ratio"] == 0.25

@@ -10,9 +10,11 @@ fix) before any engine starts:
    this input; records of lines edited since are reported (`request_digest`), and with
    `--retry-failed` they and the error records are dropped to run again. A results stream
    (pipe, /dev/stdout) is only written;
-3. every input line is validated and tokenized (chat template, context length); bad lines
-   become error records at once;
-4. the engine runs the rest with the chosen policy; each result is written when it finishes;
+3. every input line is validated and tokenized (chat template, context length) in a streaming
+   pass over every core into compact storage (`reader.py`, `store.py`); bad lines become error
+   records; the one global plan orders the whole input (`order.py`);
+4. the engine runs the rest with the chosen policy, fed in plan order through a window sized
+   from its capacity (`feed.py`); each result is written when it finishes;
 5. the summary: requests, input/output tokens, wall time, throughput, prefix-cache hit ratio.
 Exit status: 0 when every request has a record (failed requests are records too), 2 for bad
 arguments or files, 130 when interrupted by Ctrl-C or SIGTERM (the results so far are kept;
@@ -33,9 +35,12 @@ from pathlib import Path
 
 from ..cli import positive_int
 from ..models import ModelError, check_model_dir, default_model
-from .progress import Progress, RunStats, summary_lines
-from .prompts import Prepared, context_length, prepare
-from .requests import InputError, LineError, check_readable, read_requests
+from .feed import engine_capacity, mean_request_tokens, pending, window_size
+from .order import cost_for, plan
+from .progress import Progress, RunStats, phase_line, summary_lines
+from .prompts import Prepared, context_length
+from .reader import ReadResult, read_store
+from .requests import InputError, check_readable
 from .results import (ResultsError, ResultWriter, error_record, is_regular_or_new, ok_record, reconcile, request_key,
                       same_file)
 
@@ -69,9 +74,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-total-tokens", type=positive_int,
                     help="KV-cache size in tokens (default on CPU: 32768; on GPU: SGLang's choice)")
     ap.add_argument("--attention-backend", help="SGLang attention backend (default on CPU: torch_native)")
-    ap.add_argument("--window", type=int, default=0,
-                    help="at most this many requests in the engine at once (default 0: all, so the policy "
-                         "sees the whole batch)")
+    ap.add_argument("--window", type=_window, default=-1,
+                    help="at most this many requests in the engine at once, refilled in plan order (default "
+                         "auto: a few times what fits in the engine's running slots and KV pool; 0: all at once)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="processes that read and tokenize the input (default: every core; 0: in this process)")
     ap.add_argument("--seed", type=int, default=0, help="engine random seed (sampling)")
     ap.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                     help="further sglang.Engine argument, VALUE as JSON or a string (repeatable), "
@@ -137,35 +144,39 @@ class EngineError(RuntimeError):
 def _run(args, source: Path, model_dir: Path, device: str, tokenizer, ctx: int, writer: ResultWriter, extra: dict,
          started: float) -> int:
     stats = RunStats(policy=args.policy, model=model_dir.name, device=device)
-    items = list(read_requests(source))
-    if not items:
+    t0 = time.perf_counter()
+    tell = _phase_printer(args.quiet)
+    read = read_store(source, tokenizer, ctx, args.default_max_tokens, model_dir=model_dir, workers=args.workers,
+                      tick=lambda n: tell(phase_line("reading", n, "lines", time.perf_counter() - t0)))
+    stats.read_seconds = time.perf_counter() - t0
+    if not read.lines:
         raise InputError(f"{args.input} holds no requests (it is empty or has only blank lines); pass the JSONL file "
                          "of requests, one JSON object per line")
-    _resume(args, source, writer, items)
+    _resume(args, source, writer, read.index)
     done_before = writer.done
     stats.kept_errors = len(done_before.failed_keys)
-
-    pending: list[Prepared] = []
-    for item in items:
-        stats.requests += 1
+    read.mark_done(done_before.keys)
+    stats.requests, stats.skipped = read.lines, read.skipped
+    for item in read.errors:  # written once the results file is known to belong to this input
         if request_key(item) in done_before.keys:
-            stats.skipped += 1
             continue
-        digest = item.digest
-        if not isinstance(item, LineError):
-            item = prepare(item, tokenizer, ctx, args.default_max_tokens, source.name)
-        if isinstance(item, LineError):
-            writer.write(error_record(item.custom_id, item.message, line=item.line, code=item.code, digest=digest))
-            stats.failed += 1
-            stats.invalid += 1
-        else:
-            pending.append(item)
+        writer.write(error_record(item.custom_id, item.message, line=item.line, code=item.code, digest=item.digest))
+        stats.failed += 1
+        stats.invalid += 1
     if stats.invalid:
         _say(f"{stats.invalid:,} invalid lines written as error records (see {writer.errors_path})")
 
-    if pending:
-        _execute(args, model_dir, device, ctx, extra, pending, writer, stats)
+    t1 = time.perf_counter()
+    order = plan(read.store, cost_for(model_dir))
+    stats.plan_seconds = time.perf_counter() - t1
+    todo = int((~read.done).sum())
+    tell(phase_line("planning", len(read.store), "requests planned", stats.plan_seconds), force=True)
+    stats.sample_rss()
+
+    if todo:
+        _execute(args, model_dir, device, ctx, extra, read, order, todo, writer, stats)
     stats.wall_seconds = time.perf_counter() - started
+    stats.sample_rss()
     for line in summary_lines(stats, str(writer.path), str(writer.errors_path) if writer.errors_path else None):
         _say(line)
     if args.summary_json:
@@ -174,7 +185,7 @@ def _run(args, source: Path, model_dir: Path, device: str, tokenizer, ctx: int, 
     return 130 if stats.interrupted else 0
 
 
-def _resume(args, source: Path, writer: ResultWriter, items: list) -> None:
+def _resume(args, source: Path, writer: ResultWriter, items) -> None:
     """Match the results file to the input (see `results.reconcile`), say what is kept and what
     runs again, and drop the records to run again."""
     done = writer.done
@@ -202,7 +213,7 @@ def _resume(args, source: Path, writer: ResultWriter, items: list) -> None:
              "fix their cause, then rerun with --retry-failed to run them again")
 
 
-def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, pending: list[Prepared],
+def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: ReadResult, order, todo: int,
              writer: ResultWriter, stats: RunStats) -> None:
     from . import runner
 
@@ -214,7 +225,7 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, pending:
     cfg = runner.EngineConfig(model_path=str(model_dir), policy=args.policy, device=device, context_length=ctx,
                               max_total_tokens=args.max_total_tokens, attention_backend=args.attention_backend,
                               seed=args.seed, log_level=args.log_level, extra=extra)
-    progress = Progress(len(pending), stream=io.StringIO() if args.quiet else sys.stderr)
+    progress = Progress(todo, stream=io.StringIO() if args.quiet else sys.stderr)
     model_name = model_dir.name
     source = Path(args.input).name
 
@@ -224,6 +235,8 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, pending:
             on_error(p, RuntimeError(reason.get("message") or "aborted by the engine"))
             return
         writer.write(ok_record(p, out, model_name, include_token_ids=args.include_token_ids))
+        if stats.first_result_seconds is None:
+            stats.first_result_seconds = progress.clock() - progress.start
         meta = out["meta_info"]
         stats.completed += 1
         stats.input_tokens += meta["prompt_tokens"]
@@ -243,7 +256,7 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, pending:
     previous = signal.signal(signal.SIGTERM, _interrupt)
     engine = None
     try:
-        _say(f"starting SGLang ({args.policy} policy, {device}) for {len(pending):,} requests ...")
+        _say(f"starting SGLang ({args.policy} policy, {device}) for {todo:,} requests ...")
         t0 = time.perf_counter()
         try:
             engine = runner.start_engine(cfg)
@@ -252,9 +265,12 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, pending:
                               f"--engine-arg; {stats.invalid:,} error records were written to {writer.path}, "
                               "rerun the same command once fixed") from exc
         stats.engine_start_seconds = time.perf_counter() - t0
+        stats.window = args.window if args.window >= 0 else window_size(
+            *engine_capacity(engine), mean_request_tokens(read.store, read.done))
         progress.start = progress.clock()
-        stats.generate_seconds = runner.generate(engine, pending, on_result, on_error, window=args.window,
-                                                 tick=lambda rate: (progress.set_rate(rate), progress.render()))
+        stats.generate_seconds = runner.generate(
+            engine, pending(read.store, order, read.done), on_result, on_error, window=stats.window,
+            tick=lambda rate: (progress.set_rate(rate), progress.render(), stats.sample_rss()))
     except KeyboardInterrupt:
         stats.interrupted = True
         stats.generate_seconds = progress.clock() - progress.start
@@ -297,6 +313,31 @@ def _engine_args(pairs: list[str]) -> dict:
         except ValueError:
             out[key.replace("-", "_")] = value
     return out
+
+
+def _window(text: str) -> int:
+    if text == "auto":
+        return -1
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not auto or an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be auto, 0 (all at once) or a positive integer")
+    return v
+
+
+def _phase_printer(quiet: bool, every: float = 10.0):
+    """Prints a phase line at most every `every` seconds (or when forced)."""
+    last = [time.perf_counter()]
+
+    def tell(text: str, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not quiet and (force or now - last[0] >= every):
+            last[0] = now
+            print(text, file=sys.stderr, flush=True)
+
+    return tell
 
 
 def _interrupt(signum, frame):

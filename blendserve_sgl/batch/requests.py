@@ -116,12 +116,16 @@ def read_requests(path: str | os.PathLike[str]) -> Iterator[BatchRequest | LineE
             cid = item.custom_id
             if cid is not None:
                 if cid in owner:
-                    yield LineError(number, None, f"{name} line {number}: custom_id {_show(cid)} is already used on "
-                                                  f"line {owner[cid]}; give every request its own custom_id",
-                                    digest=item.digest)
+                    yield repeated_id(number, cid, owner[cid], name, item.digest)
                     continue
                 owner[cid] = number
             yield item
+
+
+def repeated_id(line: int, custom_id: str, first: int, source: str, digest: str = "") -> LineError:
+    """The error of a line whose custom_id an earlier line (`first`) already uses."""
+    return LineError(line, None, f"{source} line {line}: custom_id {_show(custom_id)} is already used on line "
+                                 f"{first}; give every request its own custom_id", digest=digest)
 
 
 def parse_line(raw: bytes | str, line: int, source: str = "requests.jsonl") -> BatchRequest | LineError:
