@@ -43,7 +43,7 @@ from blendserve_sgl.core import CostModel  # noqa: E402
 from blendserve_sgl.core.preset import PRESET  # noqa: E402
 from blendserve_sgl.sim import POLICIES, EngineConfig, ExecModel, RunSpec, Workload, simulate  # noqa: E402
 from blendserve_sgl.sim.metrics import binned  # noqa: E402
-from blendserve_sgl.workloads import TRACES, trace  # noqa: E402
+from blendserve_sgl.workloads import TRACES, WORKLOADS, trace  # noqa: E402
 
 MODES = {"overlapped": ExecModel("overlapped", 0.1), "sequential": ExecModel("sequential")}
 COST = CostModel.from_names("llama-3.1-8b", "a100")
@@ -126,7 +126,7 @@ def plot(panels: dict, path: Path) -> None:
             x, g, a = binned(res, model, bins=300)
             ax.plot(x / 3600, g, color="tab:red", lw=1, label="compute (GEMM)")
             ax.plot(x / 3600, a, color="tab:blue", lw=1, label="memory (weights + KV reads)")
-            ax.set_title(f"{name} {TRACES[name]}: {policy}, {res.time(model) / 3600:.2f} h, "
+            ax.set_title(f"{name} {TRACES.get(name, 'measured')}: {policy}, {res.time(model) / 3600:.2f} h, "
                          f"{res.fraction_of_optimal(model):.1%} of T_o", fontsize=9)
             ax.set_ylabel("ms / step", fontsize=8)
             if row == len(names) - 1:
@@ -145,7 +145,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=100_000)
     ap.add_argument("--quick", action="store_true", help="2,000 requests per trace")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--traces", default=",".join(TRACES))
+    ap.add_argument("--traces", default=",".join(TRACES), help=f"comma-separated, of {', '.join(WORKLOADS)}")
     ap.add_argument("--lean", action="store_true",
                     help="only the runs the summary needs: the method group, the product group, known-length blend")
     ap.add_argument("--out", default=None, help="results file stem (default paper_traces, or paper_traces_quick)")
@@ -176,7 +176,7 @@ def main() -> None:
         t0 = time.perf_counter()
         records, mix = trace(name, n, cost, args.seed)
         wl = Workload(records, cost)
-        traces_info[name] = {"target": TRACES[name], "density": round(wl.density, 4), "sharing": round(wl.sharing, 4),
+        traces_info[name] = {"target": TRACES.get(name), "density": round(wl.density, 4), "sharing": round(wl.sharing, 4),
                              "counts": mix.counts, "optimal_s": round(wl.optimal_s, 1),
                              "weight_bound_s": round(wl.weight_bound_s(cost, method.max_running), 1)}
         results = {}

@@ -25,7 +25,7 @@ import numpy as np
 
 from .data import SYSTEM_PROMPT_TOKENS, Record, load_arxiv, load_azure, load_mmlu
 
-CLASSES = ("mmlu", "azure-code", "azure-conv", "arxiv", "base", "long-output", "video")
+CLASSES = ("mmlu", "azure-code", "azure-conv", "arxiv", "base", "long-output", "video", "conversation")
 
 
 def _sys(kind: str) -> tuple:
@@ -90,6 +90,10 @@ def class_records(kind: str, n: int, rng: np.random.Generator, start: int = 0) -
         return long_output(n, rng, start)
     if kind == "video":
         return video(n, rng, start)
+    if kind == "conversation":
+        from .conversation import conversation_records
+
+        return conversation_records(n, rng, start)
     raise ValueError(f"unknown request class {kind!r}; choose one of {list(CLASSES)}")
 
 

@@ -7,7 +7,8 @@
   sharing s are ratios of sums over requests, so they are linear in the fractions: solve,
   generate, measure the real prefix tree, correct the targets until both are within `tol`.
 - `trace(name, n)`: the paper's Trace#1-#4 analogs (`TRACES`: density 1.4 or 0.9, sharing 35%
-  or 5%), built by `mix`.
+  or 5%), built by `mix`; and `conversation`, real multi-turn conversations alone (ShareGPT V3,
+  `conversation.py`: deep chained prefixes), its density and sharing whatever they are.
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ TRACES = {  # name: (compute density, prefix-sharing ratio), the paper's Trace#1
     "trace3": (0.9, 0.35),
     "trace4": (0.9, 0.05),
 }
+WORKLOADS = (*TRACES, "conversation")  # what `trace` builds
 MIX_CLASSES = ("mmlu", "base", "video")  # what `mix` solves over
 DEFAULT_MIX = {"mmlu": 0.3, "azure-code": 0.25, "azure-conv": 0.35, "long-output": 0.1}
 
@@ -105,8 +107,13 @@ def mix(n: int, density: float, sharing: float, cost: CostModel, seed: int = 0, 
 
 
 def trace(name: str, n: int, cost: CostModel, seed: int = 0) -> tuple[list[Record], MixReport]:
-    """One of the paper's trace analogs (`TRACES`)."""
+    """One of the paper's trace analogs (`TRACES`), or the multi-turn conversation workload."""
+    if name == "conversation":
+        records = class_records("conversation", n, np.random.default_rng(seed))
+        tree = build_tree(records, cost)
+        rho, s = tree.density(tree.root), tree.root.sharing
+        return records, MixReport({"conversation": n}, rho, s, rho, s, 0)
     if name not in TRACES:
-        raise ValueError(f"unknown trace {name!r}; choose one of {sorted(TRACES)}")
+        raise ValueError(f"unknown trace {name!r}; choose one of {list(WORKLOADS)}")
     density, sharing = TRACES[name]
     return mix(n, density, sharing, cost, seed)
