@@ -31,6 +31,12 @@ LAYOUT = {
                       "blend_as_shipped.blend_speedup_vs_best_other_sequential",
                       "blend_with_kv_projection.blend_speedup_vs_best_other",
                       "blend_known_lengths.blend_speedup_vs_best_other", "total_seconds"]),
+    "paper_traces_conversation": ("Multi-turn conversations (ShareGPT V3) x all policies, equal rules, estimated lengths "
+                                  "(`bench/paper_traces.py --traces conversation`)",
+                                  ["requests_per_trace", "blend_mean_fraction_of_optimal", "blend_speedup_vs_best_other",
+                                   "blend_sharing_vs_best", "estimated_vs_known_min",
+                                   "blend_speedup_vs_best_other_sequential",
+                                   "blend_as_shipped.blend_speedup_vs_best_other", "total_seconds"]),
     "sweep": ("Density x sharing sweep, blend over the best other policy, equal rules (`bench/sweep.py`)",
               ["requests_per_cell", "min_speedup_vs_best_other", "mean_speedup_vs_best_other",
                "max_speedup_vs_best_other", "min_sharing_vs_dfs", "min_sharing_vs_best"]),
