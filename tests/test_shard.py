@@ -48,11 +48,12 @@ def test_every_request_once_and_work_matches_brute_force(reqs, n_shards):
     t = _token_tree(reqs)
     prompts = {i: tuple(p) for i, (p, _) in enumerate(reqs)}
     outputs = {i: d for i, (_, d) in enumerate(reqs)}
-    plan = plan_shards(t, n_shards)
+    plan = plan_shards(t, n_shards, stripes=1)
     plan.check_integrity(t)
     assert len(plan.shards) == n_shards
     order = [r.rid for r in t.iter_requests()]
     for i, runs in enumerate(plan.runs):
+        assert len(runs) <= 2
         ids = [order[s:e] for s, e in runs]
         assert plan.compute[i] == sum(_brute_compute(run, prompts, outputs) for run in ids)
         assert plan.memory[i] == sum(memory_units(len(prompts[r]), outputs[r]) for run in ids for r in run)
@@ -67,7 +68,7 @@ def test_two_shards_brute_force_cut(reqs, tol):
     tolerance when some cut is, and then recomputes no more prefix tokens than the cheapest
     such cut; otherwise it is the most balanced cut."""
     t = _token_tree(reqs)
-    plan = plan_shards(t, 2, tol=tol)
+    plan = plan_shards(t, 2, tol=tol, stripes=1)
     comp, mem = sum(plan.compute) - plan.cut_tokens, sum(plan.memory)
     n = len(reqs)
 
@@ -84,7 +85,7 @@ def test_two_shards_brute_force_cut(reqs, tol):
 
     eps = tol / 4
     options = [shard0(a, b) for a in range(n + 1) for b in range(a, n + 1)]
-    (a, _), (b, _) = plan.runs[1][0], plan.runs[0][1]
+    (a, b), = plan.cuts
     got_err, got_price = shard0(a, b)
     within = [price for err, price in options if err <= eps + 1e-12]
     if within:
@@ -95,16 +96,18 @@ def test_two_shards_brute_force_cut(reqs, tol):
         assert got_err <= min(err for err, _ in options) + 1e-12
 
 
+@pytest.mark.parametrize("stripes", [1, 2])
 @pytest.mark.parametrize("n_shards", [2, 4, 8])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_balance_and_density_on_a_mixed_workload(n_shards, seed):
+def test_balance_and_density_on_a_mixed_workload(n_shards, seed, stripes):
     """3,000 requests of a compute/memory mix, sorted and split: every shard's compute and
     memory work within 2% of 1/N, so its density within 4% of the root's; the cuts keep >= 99%
     of one engine's saved prefix tokens."""
     t = build_length_tree(mixed_workload(3000, seed))
     sort_and_split(t)
-    plan = plan_shards(t, n_shards)
+    plan = plan_shards(t, n_shards, stripes=stripes)
     plan.check_integrity(t)
+    assert all(len(runs) <= 2 * stripes for runs in plan.runs)
     assert plan.compute_imbalance <= 0.02 and plan.memory_imbalance <= 0.02
     root = t.density(t.root)
     for c, m in zip(plan.compute, plan.memory):
@@ -120,7 +123,7 @@ def test_cut_takes_a_subtree_boundary_when_it_balances():
         for i in range(40):
             t.add(f"{sys}{i}", prompt_len=500 + (i % 7), prefix=[(sys, 300)], output_len=10 + 37 * (i % 11))
     sort_and_split(t)
-    plan = plan_shards(t, 2)
+    plan = plan_shards(t, 2, stripes=1)
     assert plan.cut_tokens == 0 and plan.sharing_vs_one == 1.0
     assert {rid[0] for rid in plan.shards[0]} != {rid[0] for rid in plan.shards[1]}
     assert all(len({rid[0] for rid in s}) == 1 for s in plan.shards)
@@ -130,7 +133,8 @@ def test_deterministic_and_one_shard_is_the_tree():
     t = build_length_tree(mixed_workload(500, 3))
     sort_and_split(t)
     assert plan_shards(t, 4) == plan_shards(t, 4)
-    one = plan_shards(t, 1)
+    one = plan_shards(t, 1, stripes=3)
+    assert one.runs == [[(0, len(t))]]
     assert one.shards == [[r.rid for r in t.iter_requests()]] and one.cut_tokens == 0
 
 
@@ -147,3 +151,15 @@ def test_more_shards_than_requests_and_empty_tree():
 def test_bad_shard_count(bad):
     with pytest.raises(ValueError, match="n_shards must be a positive integer"):
         plan_shards(ResourceTree(COST), bad)
+    with pytest.raises(ValueError, match="stripes must be a positive integer"):
+        plan_shards(ResourceTree(COST), 2, stripes=bad)
+
+
+@settings(max_examples=60)
+@given(st.lists(_req, min_size=1, max_size=40), st.integers(1, 4), st.integers(1, 4))
+def test_striped_plans_keep_every_request_once(reqs, n_shards, stripes):
+    """Pieces dealt in a snake: every request once, work sums exact, runs sorted and apart."""
+    t = _token_tree(reqs)
+    plan = plan_shards(t, n_shards, stripes=stripes)
+    plan.check_integrity(t)
+    assert len(plan.cuts) == n_shards * stripes - 1

@@ -14,8 +14,9 @@ ancestor of requests k-1 and k): the only prefix a shard boundary costs.
 Compute work of a DFS run [s, e): sum over k of (p_k + d_k - lcp[k]) with lcp[s] taken as 0,
 the tokens a replica computes running that run in DFS order with its prefixes cached once.
 
-    plan = plan_shards(tree, 4)          # tree sorted and split (split.sort_and_split)
-    plan.shards[0]                       # request ids of shard 0, in DFS order
+    plan = plan_shards(tree, 4, stripes=1)  # tree sorted and split (split.sort_and_split)
+    plan.shards[0]                          # request ids of shard 0, in DFS order
+    plan_shards(tree, 4)                    # 4 x STRIPES pieces dealt in a snake
     plan.check_integrity(tree)
 """
 
@@ -31,11 +32,13 @@ from .tree import Node, ResourceTree
 
 SCAN = 16  # DFS positions tried on each side of a cut's exact solution
 EXHAUSTIVE = 64  # at most this many requests: every cut pair is tried
+STRIPES = 2  # pieces per shard by default (measured in bench/scale_out.py)
 
 
 class ShardPlan(NamedTuple):
     shards: list  # per shard: request ids in DFS order (the left run, then the right run)
-    runs: list  # per shard: ((s, e), (s, e)) DFS ranges of its left and right runs (empty runs have s == e)
+    runs: list  # per shard: its DFS ranges [(s, e), ...], non-empty, sorted, none touching
+    cuts: list  # per cut i = 1..pieces-1: (a, b), the pieces before it hold [0, a) and [b, n)
     compute: list  # per shard: computed tokens (prefix sharing within the shard)
     memory: list  # per shard: memory units
     cut_tokens: int  # prompt tokens recomputed because of the cuts
@@ -65,9 +68,10 @@ class ShardPlan(NamedTuple):
         got = [rid for rids in self.shards for rid in rids]
         assert len(got) == len(set(got)), "a request is in two shards"
         assert sorted(map(repr, got)) == sorted(map(repr, order)), "shards do not hold exactly the tree's requests"
-        for i, ((ls, le), (rs, re)) in enumerate(self.runs):
-            assert 0 <= ls <= le <= rs <= re <= len(order), f"shard {i}: runs {self.runs[i]} out of order"
-            assert self.shards[i] == order[ls:le] + order[rs:re], f"shard {i}: ids differ from its DFS runs"
+        for i, runs in enumerate(self.runs):
+            assert all(0 <= s < e <= len(order) for s, e in runs), f"shard {i}: empty or out-of-range run"
+            assert all(e < s for (_, e), (s, _) in zip(runs, runs[1:])), f"shard {i}: runs unsorted or touching"
+            assert self.shards[i] == [rid for s, e in runs for rid in order[s:e]], f"shard {i}: ids differ from its runs"
         assert sum(self.memory) == tree.root.mem, f"memory {sum(self.memory)} != tree's {tree.root.mem}"
         one = tree.root.tokens - tree.root.saved
         assert sum(self.compute) == one + self.cut_tokens, (
@@ -127,33 +131,51 @@ class _Order:
         return out
 
 
-def plan_shards(tree: ResourceTree, n_shards: int, tol: float = 0.02) -> ShardPlan:
+def plan_shards(tree: ResourceTree, n_shards: int, tol: float = 0.02, stripes: int = STRIPES) -> ShardPlan:
     """Cut the tree's DFS order into `n_shards` shards (see the module docstring).
 
     `tol`: the relative deviation from 1/N of the work a shard may take so that a cut can move to
     a cheaper boundary; when no cut is within it (requests too large for the shard size), the
-    most balanced cut is taken. The tree should be sorted (`sort_and_split`); it is not changed.
+    most balanced cut is taken. `stripes` > 1 cuts N x stripes pieces instead and deals them to
+    the shards in a snake (0..N-1, N-1..0, ...), so each shard holds pieces from the extremes to
+    the middle: the same mix of request shapes as the whole, at 2 x stripes runs per shard. The
+    tree should be sorted (`sort_and_split`); it is not changed.
     """
     if isinstance(n_shards, bool) or not isinstance(n_shards, int) or n_shards < 1:
         raise ValueError(f"n_shards must be a positive integer, got {n_shards!r}")
+    if isinstance(stripes, bool) or not isinstance(stripes, int) or stripes < 1:
+        raise ValueError(f"stripes must be a positive integer, got {stripes!r}")
     if not (0.0 <= tol < 1.0):
         raise ValueError(f"tol must be in [0, 1), got {tol!r}")
     o = _Order(tree)
     n = o.n
     comp_total, mem_total = o.comp[n], o.mem[n]
+    pieces = n_shards * stripes
     cuts = [(0, n)]
-    for i in range(1, n_shards):
-        cuts.append(_cut(o, cuts[-1], i / n_shards, comp_total, mem_total, tol / (2 * n_shards)))
-    shards, runs, compute, memory = [], [], [], []
-    for i, (a, b) in enumerate(cuts):
-        a2, b2 = cuts[i + 1] if i + 1 < len(cuts) else (b, b)
-        run = ((a, a2), (b2, b))
-        runs.append(run)
-        shards.append([r.rid for s, e in run for r in o.reqs[s:e]])
-        compute.append(o.comp_run(a, a2) + o.comp_run(b2, b))
-        memory.append(o.mem_run(a, a2) + o.mem_run(b2, b))
-    cut_tokens = sum(o.lcp[s] for run in runs for s, e in run if e > s)
-    return ShardPlan(shards, runs, compute, memory, cut_tokens, tree.root.saved)
+    for i in range(1, pieces):
+        cuts.append(_cut(o, cuts[-1], i / pieces, comp_total, mem_total, tol / (2 * pieces)))
+    owned: list = [[] for _ in range(n_shards)]
+    for k, (a, b) in enumerate(cuts):
+        a2, b2 = cuts[k + 1] if k + 1 < len(cuts) else (b, b)
+        lap, pos = divmod(k, n_shards)
+        owned[pos if lap % 2 == 0 else n_shards - 1 - pos] += [(a, a2), (b2, b)]
+    runs = [_merge(r) for r in owned]
+    shards = [[r.rid for s, e in rs for r in o.reqs[s:e]] for rs in runs]
+    compute = [sum(o.comp_run(s, e) for s, e in rs) for rs in runs]
+    memory = [sum(o.mem_run(s, e) for s, e in rs) for rs in runs]
+    cut_tokens = sum(o.lcp[s] for rs in runs for s, e in rs)
+    return ShardPlan(shards, runs, cuts[1:], compute, memory, cut_tokens, tree.root.saved)
+
+
+def _merge(runs: list) -> list:
+    """Non-empty runs sorted, touching ones joined."""
+    out: list = []
+    for s, e in sorted(r for r in runs if r[1] > r[0]):
+        if out and out[-1][1] == s:
+            out[-1] = (out[-1][0], e)
+        else:
+            out.append((s, e))
+    return out
 
 
 def _cut(o: _Order, prev: tuple[int, int], frac: float, comp_total: int, mem_total: int,

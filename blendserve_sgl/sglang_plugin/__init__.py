@@ -10,7 +10,9 @@ Registered through the `sglang.srt.plugins` entry point (see pyproject.toml); SG
 - `Scheduler._get_new_batch_prefill_raw` (around): `BlendPolicy.after_step` puts the waiting
   requests back after SGLang admitted this step's plan;
 - `Scheduler._add_request_to_queue`, `Scheduler._release_aborted_request` (after): arrivals,
-  retracted requests and aborts reach the policy's tree.
+  retracted requests and aborts reach the policy's tree;
+- `Scheduler.get_internal_state` (after): `blendserve_policy` names the rank's policy class, so
+  a caller can check that every DP rank runs `BlendPolicy`.
 
 With any other policy the hooks step aside. If this SGLang is not the version the hooks were
 written for, or a hooked method is missing, choosing `blend` fails at once with a message
@@ -33,6 +35,7 @@ _TARGETS = {
     "prefill": "sglang.srt.managers.scheduler.Scheduler._get_new_batch_prefill_raw",
     "enqueue": "sglang.srt.managers.scheduler.Scheduler._add_request_to_queue",
     "abort": "sglang.srt.managers.scheduler.Scheduler._release_aborted_request",
+    "state": "sglang.srt.managers.scheduler.Scheduler.get_internal_state",
 }
 _registered = False
 
@@ -141,6 +144,13 @@ def _after_abort(result, self, req, *args, **kwargs):
     return result
 
 
+def _after_get_internal_state(result, self, *args, **kwargs):
+    state = getattr(result, "internal_state", None)
+    if isinstance(state, dict):
+        state["blendserve_policy"] = type(getattr(self, "policy", None)).__name__
+    return result
+
+
 def _before_server_args_post_init(self, *args, **kwargs):
     if getattr(self, "schedule_policy", None) == POLICY_NAME:
         require_compatible()
@@ -166,6 +176,7 @@ def register() -> None:
     HookRegistry.register(_TARGETS["prefill"], _around_prefill, HookType.AROUND)
     HookRegistry.register(_TARGETS["enqueue"], _after_enqueue, HookType.AFTER)
     HookRegistry.register(_TARGETS["abort"], _after_abort, HookType.AFTER)
+    HookRegistry.register(_TARGETS["state"], _after_get_internal_state, HookType.AFTER)
     HookRegistry.register("sglang.srt.server_args.ServerArgs.__post_init__", _before_server_args_post_init,
                           HookType.BEFORE)
     from .cascade_backend import register as register_cascade_backend
