@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import RESULTS, peak_rss_mb, table, write  # noqa: E402
+from bench._common import RESULTS, command, peak_rss_mb, table, write  # noqa: E402
 from blendserve_sgl.core import CostModel  # noqa: E402
 from blendserve_sgl.core.shard import STRIPES  # noqa: E402
 from blendserve_sgl.sim import EngineConfig, ExecModel, RunSpec, Workload, simulate  # noqa: E402
@@ -85,12 +85,14 @@ def main() -> None:
     payload = json.loads(path.read_text()) if args.engine_only and path.exists() else {}
     if not args.engine_only:
         payload.update(sim_part(args.requests, args.seed, args.traces.split(",")))
+        payload["sim"]["command"] = command()
         rows = payload["sim"]["rows"]
         print(table([tuple(r.values()) for r in rows], tuple(rows[0].keys())))
     if args.engine or args.engine_only:
         from bench.scale_out_engine import engine_part
 
         payload.update(engine_part())
+        payload["engine"]["command"] = command()
     payload["targets"] = TARGETS
     payload["peak_rss_mb"] = peak_rss_mb()
     print(table([(k, json.dumps(payload.get(k)), json.dumps(TARGETS.get(k, ""))) for k in
