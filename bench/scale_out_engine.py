@@ -72,7 +72,7 @@ def child(name: str, model_path: str, out: Path) -> None:
 
     t0 = time.perf_counter()
     if name == "ray":
-        ray_runner.generate(cfg, items, keep, fail, replicas=2, cost=_cost(model_path), chunk=64)
+        ray_runner.generate(cfg, dispatch.shards(items, 2, _cost(model_path)), keep, fail, chunk=64)
     else:
         if name != "one":
             cfg = replace(cfg, extra=dispatch.dp_engine_kwargs(2, "cpu"))

@@ -80,7 +80,7 @@ def dp(spec: dict) -> dict:
 def ray(spec: dict) -> dict:
     import ray as ray_mod
 
-    from blendserve_sgl.batch import ray_runner, runner
+    from blendserve_sgl.batch import dispatch, ray_runner, runner
     from blendserve_sgl.batch.results import ResultWriter, error_record, ok_record
 
     items = prepared(spec)
@@ -96,10 +96,10 @@ def ray(spec: dict) -> dict:
 
     with ResultWriter.open(out_path, Path(spec["dir"]) / "results.errors.jsonl") as writer:
         report = ray_runner.generate(
-            cfg, items, lambda p, o: writer.write(ok_record(p, o, "tiny")),
+            cfg, dispatch.shards(items, 2, cost(spec)), lambda p, o: writer.write(ok_record(p, o, "tiny")),
             lambda p, e: writer.write(error_record(p.request.custom_id, str(e), line=p.request.line,
                                                    code="engine_error", status=500)),
-            replicas=2, cost=cost(spec), chunk=spec.get("chunk", 4), in_flight=1, on_chunk=on_chunk)
+            chunk=spec.get("chunk", 4), in_flight=1, on_chunk=on_chunk)
     return {"report": report._asdict(), "killed": bool(killed), "output": str(out_path),
             "custom_ids": [p.request.custom_id for p in items]}
 

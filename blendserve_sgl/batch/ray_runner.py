@@ -1,6 +1,6 @@
 """`blendserve run --ray --replicas N`: one SGLang engine per Ray actor, each fed its shard.
 
-The driver plans the shards (`dispatch.shards`) and feeds each replica its shard in chunks of
+The caller plans the shards (`dispatch.shards`); the driver feeds each replica its shard in chunks of
 `chunk` requests in the plan's order, at most `in_flight` chunks per replica outstanding (the
 bounded feed), and hands every result to `on_result` / `on_error` as its chunk comes back, so
 the caller writes the one output file exactly as with one engine. An actor holds one
@@ -24,7 +24,7 @@ import time
 from typing import Callable, NamedTuple, Sequence
 
 from . import runner
-from .dispatch import cpu_bind, shards
+from .dispatch import cpu_bind
 from .prompts import Prepared
 
 ENV_PASSED = ("PYTHONPATH", "SGLANG_USE_CPU_ENGINE", "OMP_WAIT_POLICY", "PYTHONWARNINGS", "BLENDSERVE_MODEL_CACHE")
@@ -57,18 +57,19 @@ class Replica:
         self.engine.shutdown()
 
 
-def generate(cfg: runner.EngineConfig, items: Sequence[Prepared], on_result: Callable[[Prepared, dict], None],
-             on_error: Callable[[Prepared, BaseException], None], *, replicas: int, cost, address: str | None = None,
-             gpus: float = 0.0, chunk: int = 256, in_flight: int = 2, max_restarts: int = 3,
-             on_chunk: Callable | None = None) -> RayReport:
-    """Run `items` on `replicas` Ray actors (module docstring). `on_chunk(replica, actor, chunks_done)`
-    is called after each returned chunk (tests use it to kill a replica)."""
+def generate(cfg: runner.EngineConfig, parts: Sequence[Sequence[Prepared]],
+             on_result: Callable[[Prepared, dict], None], on_error: Callable[[Prepared, BaseException], None], *,
+             address: str | None = None, gpus: float = 0.0, chunk: int = 256, in_flight: int = 2,
+             max_restarts: int = 3, on_chunk: Callable | None = None) -> RayReport:
+    """Run each shard of `parts` (`dispatch.shards`) on its own Ray actor (module docstring).
+    `on_chunk(replica, actor, chunks_done)` is called after each returned chunk (tests use it to
+    kill a replica)."""
     import ray
     from ray.exceptions import RayActorError
 
+    replicas = len(parts)
     if replicas < 1 or chunk < 1 or in_flight < 1:
         raise ValueError(f"replicas, chunk and in_flight must be >= 1, got {replicas}, {chunk}, {in_flight}")
-    parts = shards(items, replicas, cost)
     started_here = not ray.is_initialized()
     env = {k: os.environ[k] for k in ENV_PASSED if k in os.environ}
     env.update({k: v for k, v in os.environ.items() if k.startswith("BLENDSERVE_")})
