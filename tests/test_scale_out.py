@@ -82,6 +82,19 @@ def test_assign_balances_replicas():
     assert abs(mem[0] - mem[1]) <= 0.05 * max(mem)
 
 
+def test_interleave_advances_each_part_at_its_share():
+    parts = [list(range(0, 6)), list(range(100, 102)), [], list(range(200, 203))]
+    seq = list(dispatch.interleave(parts))
+    assert sorted(seq) == sorted(x for p in parts for x in p)
+    for p in parts:  # each part's order kept
+        assert [x for x in seq if x in p] == p
+    for k in range(1, len(seq) + 1):  # every prefix holds about its share of each part
+        head = seq[:k]
+        for p in parts:
+            if p:
+                assert abs(sum(x in p for x in head) - k * len(p) / len(seq)) <= 2
+
+
 def test_cpu_bind_splits_cores():
     assert dispatch.cpu_bind(2, [0, 1]) == "0|1"
     assert dispatch.cpu_bind(2, [0, 1, 2, 3, 4]) == "0,1,2|3,4"

@@ -15,8 +15,9 @@ On CPU every rank needs its own cores: `cpu_bind(n)` splits this process's CPUs 
 
 from __future__ import annotations
 
+import heapq
 import os
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from ..core.cost import CostModel
 from ..core.shard import plan_shards
@@ -31,15 +32,33 @@ class DispatchError(RuntimeError):
     pass
 
 
-def shards(items: Sequence[Prepared], n: int, cost: CostModel, keep_sharing: float = 0.99) -> list[list[Prepared]]:
-    """The items of each of n replicas, each list in the plan's DFS order (module docstring)."""
-    tree = ResourceTree(cost)
-    for i, p in enumerate(items):
-        tree.add(i, tokens=p.input_ids, output_len=p.max_tokens, max_tokens=p.max_tokens)
+def cut(tree: ResourceTree, n: int, keep_sharing: float = 0.99) -> list[list]:
+    """Request ids of each of n replicas, each list in the plan's DFS order: the tree sorted,
+    split and cut by `plan_shards`."""
     sort_and_split(tree, keep_sharing=keep_sharing)
     plan = plan_shards(tree, n)
     plan.check_integrity(tree)
-    return [[items[i] for i in ids] for ids in plan.shards]
+    return plan.shards
+
+
+def shards(items: Sequence[Prepared], n: int, cost: CostModel, keep_sharing: float = 0.99) -> list[list[Prepared]]:
+    """The items of each of n replicas (`cut` over their token tree, output length = max_tokens)."""
+    tree = ResourceTree(cost)
+    for i, p in enumerate(items):
+        tree.add(i, tokens=p.input_ids, output_len=p.max_tokens, max_tokens=p.max_tokens)
+    return [[items[i] for i in ids] for ids in cut(tree, n, keep_sharing)]
+
+
+def interleave(parts: Sequence[Sequence]) -> Iterator:
+    """One sequence of every part's items, each part advancing at its own share of the total, so a
+    window over it always holds the next requests of every replica."""
+    heap = [(1 / len(p), r, 0) for r, p in enumerate(parts) if p]
+    heapq.heapify(heap)
+    while heap:
+        _, r, i = heapq.heappop(heap)
+        yield parts[r][i]
+        if i + 1 < len(parts[r]):
+            heapq.heappush(heap, ((i + 2) / len(parts[r]), r, i + 1))
 
 
 def assign(items: Sequence[Prepared], n: int, cost: CostModel, keep_sharing: float = 0.99) -> dict:
