@@ -49,6 +49,18 @@ def shards(items: Sequence[Prepared], n: int, cost: CostModel, keep_sharing: flo
     return [[items[i] for i in ids] for ids in cut(tree, n, keep_sharing)]
 
 
+def store_shards(store, done, n: int, cost: CostModel, keep_sharing: float = 0.99) -> list[list[int]]:
+    """Store indices of the requests still to run (`done` False), per replica (`cut` over the
+    batch's tree as `order.build_tree` builds it)."""
+    from .order import build_tree
+
+    tree = build_tree(store, cost)
+    for i in range(len(store)):
+        if done[i]:
+            tree.remove(i)
+    return cut(tree, n, keep_sharing)
+
+
 def interleave(parts: Sequence[Sequence]) -> Iterator:
     """One sequence of every part's items, each part advancing at its own share of the total, so a
     window over it always holds the next requests of every replica."""
