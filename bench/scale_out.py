@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import RESULTS, command, peak_rss_mb, table, write  # noqa: E402
 from blendserve_sgl.core import CostModel  # noqa: E402
-from blendserve_sgl.core.shard import STRIPES  # noqa: E402
+from blendserve_sgl.core.shard import PIECE_MIN, STRIPES  # noqa: E402
 from blendserve_sgl.sim import EngineConfig, ExecModel, RunSpec, Workload, simulate  # noqa: E402
 from blendserve_sgl.sim.scale_out import DEALS, scale_out  # noqa: E402
 from blendserve_sgl.sim.traces import TRACES, trace  # noqa: E402
@@ -68,7 +68,7 @@ def sim_part(n: int, seed: int, traces: list[str]) -> dict:
             "sim_sharing_vs_one": min(r["sharing_vs_one"] for r in rows if r["deal"] == "blend"),
             "sim_sharing_vs_one_round_robin": min(r["sharing_vs_one"] for r in rows if r["deal"] == "round-robin"),
             "sim": {"requests_per_trace": n, "traces": traces, "model": "llama-3.1-8b", "hardware": "a100",
-                    "mode": "overlapped, interference 0.1", "policy_per_engine": "blend", "stripes": STRIPES,
+                    "mode": "overlapped, interference 0.1", "policy_per_engine": "blend", "stripes": f"{STRIPES} (shards of >= {PIECE_MIN * STRIPES} requests)",
                     "rows": rows}}
 
 
@@ -78,11 +78,11 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--traces", default=",".join(TRACES))
     ap.add_argument("--engine", action="store_true", help="also run the real-engine part")
-    ap.add_argument("--engine-only", action="store_true", help="only the real-engine part (keeps the simulator's "
-                                                               "figures already in the results file)")
+    ap.add_argument("--engine-only", action="store_true", help="only the real-engine part (the simulator's figures "
+                                                               "already in the results file are kept)")
     args = ap.parse_args()
     path = RESULTS / "scale_out.json"
-    payload = json.loads(path.read_text()) if args.engine_only and path.exists() else {}
+    payload = json.loads(path.read_text()) if path.exists() else {}  # each part replaces its own figures
     if not args.engine_only:
         payload.update(sim_part(args.requests, args.seed, args.traces.split(",")))
         payload["sim"]["command"] = command()

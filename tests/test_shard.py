@@ -69,18 +69,21 @@ def test_two_shards_brute_force_cut(reqs, tol):
     such cut; otherwise it is the most balanced cut."""
     t = _token_tree(reqs)
     plan = plan_shards(t, 2, tol=tol, stripes=1)
-    comp, mem = sum(plan.compute) - plan.cut_tokens, sum(plan.memory)
+    mem = sum(plan.memory)
     n = len(reqs)
 
+    order = list(t.iter_requests())
+    prompts = {r.rid: tuple(reqs[r.rid][0]) for r in order}
+    outputs = {r.rid: r.output_len for r in order}
+
     def shard0(a, b):
-        order = [r for r in t.iter_requests()]
-        prompts = {r.rid: tuple(reqs[r.rid][0]) for r in order}
-        outputs = {r.rid: r.output_len for r in order}
-        ids = [[r.rid for r in order[:a]], [r.rid for r in order[b:]]]
-        c = sum(_brute_compute(run, prompts, outputs) for run in ids)
-        m = sum(memory_units(len(prompts[r]), outputs[r]) for run in ids for r in run)
-        price = sum(_lcp(prompts[order[k - 1].rid], prompts[order[k].rid]) for k in (a, b) if 0 < k < n)
-        err = max(abs(c - comp / 2) / comp if comp else 0.0, abs(m - mem / 2) / mem if mem else 0.0)
+        """(largest relative deviation of shard 0 from half the work, prefix tokens the cut recomputes)"""
+        ids0 = [[r.rid for r in order[:a]], [r.rid for r in order[b:]]]
+        ids1 = [[r.rid for r in order[a:b]]]
+        c0, c1 = (sum(_brute_compute(run, prompts, outputs) for run in ids) for ids in (ids0, ids1))
+        m0 = sum(memory_units(len(prompts[r]), outputs[r]) for run in ids0 for r in run)
+        price = c0 + c1 - _brute_compute([r.rid for r in order], prompts, outputs)
+        err = max(abs(c0 - (c0 + c1) / 2) / (c0 + c1), abs(m0 - mem / 2) / mem if mem else 0.0)
         return err, price
 
     eps = tol / 4

@@ -32,7 +32,8 @@ from .tree import Node, ResourceTree
 
 SCAN = 16  # DFS positions tried on each side of a cut's exact solution
 EXHAUSTIVE = 64  # at most this many requests: every cut pair is tried
-STRIPES = 2  # pieces per shard by default (measured in bench/scale_out.py)
+STRIPES = 2  # pieces per shard by default (measured in bench/scale_out.py) ...
+PIECE_MIN = 1000  # ... when every piece still holds this many requests on average (else 1)
 
 
 class ShardPlan(NamedTuple):
@@ -131,18 +132,22 @@ class _Order:
         return out
 
 
-def plan_shards(tree: ResourceTree, n_shards: int, tol: float = 0.02, stripes: int = STRIPES) -> ShardPlan:
+def plan_shards(tree: ResourceTree, n_shards: int, tol: float = 0.02, stripes: int | None = None) -> ShardPlan:
     """Cut the tree's DFS order into `n_shards` shards (see the module docstring).
 
     `tol`: the relative deviation from 1/N of the work a shard may take so that a cut can move to
     a cheaper boundary; when no cut is within it (requests too large for the shard size), the
     most balanced cut is taken. `stripes` > 1 cuts N x stripes pieces instead and deals them to
     the shards in a snake (0..N-1, N-1..0, ...), so each shard holds pieces from the extremes to
-    the middle: the same mix of request shapes as the whole, at 2 x stripes runs per shard. The
-    tree should be sorted (`sort_and_split`); it is not changed.
+    the middle: the same mix of request shapes as the whole, at 2 x stripes runs per shard; None:
+    `STRIPES` when each piece holds `PIECE_MIN` requests on average, else 1 (small batches: each
+    cut's recomputed prefix weighs more than the mix gains). The tree should be sorted
+    (`sort_and_split`); it is not changed.
     """
     if isinstance(n_shards, bool) or not isinstance(n_shards, int) or n_shards < 1:
         raise ValueError(f"n_shards must be a positive integer, got {n_shards!r}")
+    if stripes is None:
+        stripes = STRIPES if len(tree) >= PIECE_MIN * STRIPES * n_shards else 1
     if isinstance(stripes, bool) or not isinstance(stripes, int) or stripes < 1:
         raise ValueError(f"stripes must be a positive integer, got {stripes!r}")
     if not (0.0 <= tol < 1.0):
@@ -151,14 +156,24 @@ def plan_shards(tree: ResourceTree, n_shards: int, tol: float = 0.02, stripes: i
     n = o.n
     comp_total, mem_total = o.comp[n], o.mem[n]
     pieces = n_shards * stripes
-    cuts = [(0, n)]
-    for i in range(1, pieces):
-        cuts.append(_cut(o, cuts[-1], i / pieces, comp_total, mem_total, tol / (2 * pieces)))
+    owner = [pos if lap % 2 == 0 else n_shards - 1 - pos for lap, pos in (divmod(k, n_shards) for k in range(pieces))]
+    later = [0] * (pieces + 1)  # prompt tokens the cuts after cut i recompute (from the previous pass)
+    for _ in range(3):
+        cuts, paid, prices = [(0, n)], 0, [0] * (pieces + 1)
+        for i in range(1, pieces):
+            pay = owner[i] != owner[i - 1]  # pieces of one shard meet without a cut
+            a, b = _cut(o, cuts[-1], i / pieces, comp_total + later[i], mem_total, tol / (2 * pieces), paid, pay)
+            cuts.append((a, b))
+            prices[i] = ((o.lcp[a] if a < b else 0) + o.lcp[b]) if pay else 0
+            paid += prices[i]
+        after = [sum(prices[i + 1:]) for i in range(pieces + 1)]
+        if after == later:
+            break
+        later = after
     owned: list = [[] for _ in range(n_shards)]
     for k, (a, b) in enumerate(cuts):
         a2, b2 = cuts[k + 1] if k + 1 < len(cuts) else (b, b)
-        lap, pos = divmod(k, n_shards)
-        owned[pos if lap % 2 == 0 else n_shards - 1 - pos] += [(a, a2), (b2, b)]
+        owned[owner[k]] += [(a, a2), (b2, b)]
     runs = [_merge(r) for r in owned]
     shards = [[r.rid for s, e in rs for r in o.reqs[s:e]] for rs in runs]
     compute = [sum(o.comp_run(s, e) for s, e in rs) for rs in runs]
@@ -179,24 +194,30 @@ def _merge(runs: list) -> list:
 
 
 def _cut(o: _Order, prev: tuple[int, int], frac: float, comp_total: int, mem_total: int,
-         eps: float) -> tuple[int, int]:
+         eps: float, paid: int = 0, pay: bool = True) -> tuple[int, int]:
     """The cut (a, b) with prev_a <= a <= b <= prev_b whose left [0, a) and right [b, n) hold
     `frac` of compute and memory: among pairs within `eps` (relative to the totals) of both
-    targets the cheapest (fewest recomputed prefix tokens), else the most balanced."""
+    targets the cheapest (fewest recomputed prefix tokens), else the most balanced. Compute
+    counts the prefix tokens cuts recompute: `paid` by the earlier cuts, this cut's own (when
+    `pay`: the pieces on its two sides belong to different shards), and those of the later cuts
+    (included in `comp_total`, an estimate)."""
     lo, hi = prev
-    want_c, want_m = frac * comp_total, frac * mem_total
+    want_m = frac * mem_total
 
     def err(a: int, b: int) -> float:
-        c = o.comp[a] + (o.comp[o.n] - o.comp[b] + o.lcp[b] if b < o.n else 0)
+        own = ((o.lcp[a] if a < b else 0) + o.lcp[b]) if pay else 0
+        total = comp_total + paid + own
+        want_c = frac * total
+        c = paid + o.comp[a] + (o.comp[o.n] - o.comp[b] + (o.lcp[b] if pay else 0) if b < o.n else 0)
         m = o.mem[a] + o.mem[o.n] - o.mem[b]
-        ec = abs(c - want_c) / comp_total if comp_total else 0.0
+        ec = abs(c - want_c) / total if total else 0.0
         em = abs(m - want_m) / mem_total if mem_total else 0.0
         return max(ec, em)
 
     if hi - lo <= EXHAUSTIVE:
         a_set = b_set = range(lo, hi + 1)
     else:
-        a0, b0 = _exact(o, lo, hi, want_c, want_m)
+        a0, b0 = _exact(o, lo, hi, frac * (comp_total + paid), want_m)
         a_set = {a for a in range(a0 - SCAN, a0 + SCAN + 1)} | set(o.boundaries(a0)) | set(o.boundaries(a0 - 1))
         b_set = {b for b in range(b0 - SCAN, b0 + SCAN + 1)} | set(o.boundaries(b0)) | set(o.boundaries(b0 - 1))
         a_set = sorted(a for a in a_set if lo <= a <= hi)
@@ -207,7 +228,7 @@ def _cut(o: _Order, prev: tuple[int, int], frac: float, comp_total: int, mem_tot
             if b < a:
                 continue
             e = err(a, b)
-            price = o.lcp[a] + o.lcp[b]
+            price = o.lcp[a] + o.lcp[b] if pay else 0
             key = (0, price, e, a, -b) if e <= eps else (1, e, price, a, -b)
             if best is None or key < best[0]:
                 best = (key, a, b)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-from ..core.shard import STRIPES, plan_shards
+from ..core.shard import plan_shards
 from ..core.split import sort_and_split
 from .metrics import SimResult
 from .policies import reference_tree
@@ -51,7 +51,7 @@ class ScaleOut(NamedTuple):
         return max(abs(t - mean) for t in times) / mean
 
 
-def deal(records: list, n: int, how: str, spec: RunSpec, stripes: int = STRIPES) -> list[list]:
+def deal(records: list, n: int, how: str, spec: RunSpec, stripes: int | None = None) -> list[list]:
     """The records of each of `n` engines (each list in arrival order)."""
     if how not in DEALS:
         raise ValueError(f"unknown dealing {how!r}; choose one of {', '.join(DEALS)}")
