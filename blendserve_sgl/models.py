@@ -147,11 +147,17 @@ def default_model(cache: str | os.PathLike[str] | None = None, *, log: Callable[
 
 
 def check_model_dir(path: str | os.PathLike[str]) -> Path:
-    """A `--model` argument must be a local Hugging Face model directory with a config.json."""
+    """A `--model` argument must be a local Hugging Face model directory: a config.json and weights."""
     p = Path(path).expanduser()
     if not p.exists():
         raise ModelError(f"--model {path}: no such directory; pass a local Hugging Face model directory "
                          "(config.json, weights, tokenizer), or leave --model out for the embedded SmolLM2")
     if not p.is_dir() or not (p / "config.json").is_file():
         raise ModelError(f"--model {path}: not a Hugging Face model directory (no config.json in it)")
+    if not any(f.is_file() for pattern in WEIGHT_FILES for f in p.glob(pattern)):
+        raise ModelError(f"--model {path}: no weights in it (none of {', '.join(WEIGHT_FILES)}); copy the model's "
+                         "weight files next to its config.json")
     return p.resolve()
+
+
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")  # what SGLang's loaders read

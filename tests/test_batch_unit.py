@@ -7,6 +7,8 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -296,7 +298,7 @@ def test_scan_counts_tokens_of_completed_records():
 # ------------------------------------------------------------------ progress and summary
 def test_progress_line_counts_and_rates():
     """`avg`: output tokens of finished requests per second since the start; `now`: the engine's
-    decode rate while requests are left. On a log file a line every log_interval seconds."""
+    decode rate while requests are left; ETA at the request rate so far. On a log file a line every log_interval seconds."""
     now = [0.0]
     stream = io.StringIO()
     p = Progress(10, stream=stream, log_interval=5.0, clock=lambda: now[0])
@@ -305,12 +307,14 @@ def test_progress_line_counts_and_rates():
     now[0] = 4.0
     p.add(failed=1)  # within the log interval: not printed
     assert stream.getvalue().count("\n") == 1
-    assert p.line() == "[##########..............] 4/10 | 3 completed, 1 failed | output 10.0 tok/s avg | 00:04"
+    assert p.line() == ("generating [##########..............] 4/10 | 3 completed, 1 failed | 1.0 req/s, output "
+                        "10.0 tok/s avg | 00:04 | ETA 00:06")  # 6 left at 1 request/s
     p.set_rate(25.0)
-    assert p.line().endswith("| output 10.0 tok/s avg, 25.0 now | 00:04")
+    assert p.line().endswith("| 1.0 req/s, output 10.0 tok/s avg, 25.0 now | 00:04 | ETA 00:06")
     now[0] = 3725.0
     p.add(completed=6, output_tokens=60)
-    assert p.line() == "[########################] 10/10 | 9 completed, 1 failed | output 0.0 tok/s avg | 1:02:05"
+    assert p.line() == ("generating [########################] 10/10 | 9 completed, 1 failed | 0.0 req/s, output 0.0 "
+                        "tok/s avg | 1:02:05")
     p.close()
     assert stream.getvalue().count("\n") == 3
 
@@ -321,33 +325,56 @@ def test_summary_names_every_figure():
                  model="m", device="cpu", skipped=0)
     text = "\n".join(summary_lines(s, "r.jsonl", "r.errors.jsonl"))
     for part in ("10 requests: 8 completed, 2 failed (1 rejected before the engine)", "1,000 (25.0% from the prefix",
-                 "output tokens   500", "16.0 s (engine start 5.0 s, generation 10.0 s)", "50.0 output tok/s",
+                 "output tokens   500", "engine start 5.0 s, generation 10.0 s)", "50.0 output tok/s",
                  "150.0 total tok/s", "r.errors.jsonl"):
         assert part in text, part
     assert s.to_json()["cache_hit_ratio"] == 0.25
 
 
 # ------------------------------------------------------------------ the command, engine stood in
+class DrainingTokenizerManager:
+    """Like SGLang's tokenizer manager: on the first request it takes SIGTERM over (to drain the
+    queue and exit once it is empty)."""
+
+    def __init__(self):
+        self.handle_loop = None
+        self.drain = False
+
+    def auto_create_handle_loop(self):
+        if self.handle_loop is None:
+            self.handle_loop = asyncio.get_running_loop()
+            self.handle_loop.add_signal_handler(signal.SIGTERM, lambda: setattr(self, "drain", True))
+
+
 class FakeEngine:
     """Answers like `sglang.Engine.async_generate`: output length min(max_new_tokens, 3); a prompt
     containing "explode" raises like SGLang's validation; "abort" ends with an abort reason;
-    after `interrupt_after` results it raises KeyboardInterrupt (Ctrl-C mid-run)."""
+    after `interrupt_after` results it raises KeyboardInterrupt (Ctrl-C mid-run); after
+    `sigterm_after` results the process gets SIGTERM (sent once)."""
 
-    def __init__(self, interrupt_after=None):
+    def __init__(self, interrupt_after=None, sigterm_after=None):
         self.loop = asyncio.new_event_loop()
         self.calls = self.answered = 0
         self.interrupt_after = interrupt_after
+        self.sigterm_after = sigterm_after
         self.shut = False
         self.words = None
+        self.tokenizer_manager = DrainingTokenizerManager()
+        self.explode = True
 
     async def async_generate(self, input_ids, sampling_params):
+        self.tokenizer_manager.auto_create_handle_loop()
         self.calls += 1
         await asyncio.sleep(0.001 * (len(input_ids) % 5))
         if self.interrupt_after is not None and self.answered >= self.interrupt_after:
             raise KeyboardInterrupt
+        if self.sigterm_after is not None and self.answered == self.sigterm_after:
+            self.sigterm_after = None
+            os.kill(os.getpid(), signal.SIGTERM)
+            await asyncio.sleep(0.5)  # a request still running when the signal arrives
         self.answered += 1
         text_ids = set(input_ids)
-        if self.words["explode"] in text_ids:
+        if self.explode and self.words["explode"] in text_ids:
             raise ValueError("The input is longer than the model's context length")
         n = min(sampling_params["max_new_tokens"], 3)
         reason = {"type": "abort", "message": "aborted"} if self.words["abort"] in text_ids else {"type": "length"}
@@ -357,24 +384,34 @@ class FakeEngine:
 
     def shutdown(self):
         self.shut = True
+        if self.tokenizer_manager.handle_loop is not None:
+            self.loop.remove_signal_handler(signal.SIGTERM)
         self.loop.close()
 
 
 def test_generate_reports_results_errors_and_the_engine_rate(monkeypatch):
     """`runner.generate`: every item ends in on_result or on_error, a window bounds what is in
-    flight, and ticks carry the scheduler's decode rate from its internal state."""
+    flight, and ticks carry the scheduler's decode rate from its internal state (requests wait
+    for that tick, so no timing decides the outcome)."""
     tok = WordTokenizer()
     tok.encode("explode abort")
     engine = FakeEngine()
     engine.words = tok.ids
     in_flight, peak = [0], [0]
     original = engine.async_generate
+    rated = asyncio.Event()
+    done, failed, rates = [], [], []
+
+    def tick(rate):
+        rates.append(rate)
+        if rate == 12.5:
+            rated.set()
 
     async def counted(input_ids, sampling_params):
         in_flight[0] += 1
         peak[0] = max(peak[0], in_flight[0])
         try:
-            await asyncio.sleep(0.02)
+            await rated.wait()
             return await original(input_ids, sampling_params)
         finally:
             in_flight[0] -= 1
@@ -383,13 +420,12 @@ def test_generate_reports_results_errors_and_the_engine_rate(monkeypatch):
         return [{"last_gen_throughput": 12.5}]
 
     engine.async_generate = counted
-    engine.tokenizer_manager = type("TM", (), {"get_internal_state": staticmethod(state)})()
+    engine.tokenizer_manager.get_internal_state = state
     monkeypatch.setattr(runner, "RATE_SECONDS", 0.01)
     items = [prepare(req("completion", 2, prompt=f"p {i}" + (" explode" if i == 3 else "")), tok, 64, 8)
              for i in range(12)]
-    done, failed, rates = [], [], []
     runner.generate(engine, items, lambda p, out: done.append(p.request.prompt),
-                    lambda p, exc: failed.append(str(exc)), window=4, tick=rates.append, tick_seconds=0.005)
+                    lambda p, exc: failed.append(str(exc)), window=4, tick=tick, tick_seconds=0.005)
     assert len(done) == 11 and len(failed) == 1 and "context length" in failed[0]
     assert peak[0] == 4 and 12.5 in rates
     engine.shutdown()
@@ -401,13 +437,15 @@ def stand_in(monkeypatch, tmp_path):
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"max_position_embeddings": 64}))
+    (model / "model.safetensors").write_bytes(b"")
     tok = WordTokenizer()
     tok.encode("explode abort")
-    state = {"engines": [], "interrupt_after": None}
+    state = {"engines": [], "interrupt_after": None, "sigterm_after": None}
 
     def start(cfg):
         assert cfg.policy in cli.POLICIES and cfg.context_length == 64
-        e = FakeEngine(state["interrupt_after"])
+        e = FakeEngine(state["interrupt_after"], state["sigterm_after"])
+        e.explode = state.get("explode", True)
         e.words = tok.ids
         state["engines"].append(e)
         return e
@@ -500,6 +538,7 @@ def test_model_without_tokenizer_fails_before_any_engine(tmp_path, capsys, monke
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text(json.dumps({"model_type": "llama", "max_position_embeddings": 64}))
+    (model / "model.safetensors").write_bytes(b"")
     src = _batch(tmp_path)
     assert cli.main([str(src), "-o", str(tmp_path / "r.jsonl"), "--model", str(model)]) == 2
     assert "cannot load its tokenizer" in capsys.readouterr().err
@@ -559,3 +598,214 @@ def test_example_requests_are_deterministic_and_valid():
     assert kinds == {"chat", "completion"}
     systems = {i.messages[0]["content"] for i in items if i.kind == "chat" and i.messages[0]["role"] == "system"}
     assert len(systems) == 4 and {i.max_tokens for i in items} >= {3, 256}
+
+
+# ------------------------------------------------------------------ nothing lost: input and output files
+def test_piped_input_is_read_once_as_a_stream(stand_in, tmp_path):
+    """`cat requests.jsonl | blendserve run /dev/stdin`: the readability check must not read
+    ahead from a pipe; every line gets its record under its own line number."""
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    data = src.read_bytes()
+    r, w = os.pipe()
+    os.write(w, data)  # fits the pipe buffer; the writer is done before the run reads
+    os.close(w)
+    try:
+        assert cli.main([f"/dev/fd/{r}", "-o", str(out), "--model", str(stand_in["model"])]) == 0
+    finally:
+        os.close(r)
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(recs) == 17 and {record_key(r) for r in recs} >= {f"q{i}" for i in range(12)}
+    assert "invalid JSON" in next(r for r in recs if record_key(r) == ("line", 13))["error"]["message"]
+
+
+@pytest.mark.parametrize("how", ["same", "symlink", "hardlink"])
+def test_results_or_errors_file_that_is_the_input_is_refused_even_with_overwrite(stand_in, tmp_path, capsys, how):
+    src = _batch(tmp_path)
+    before = src.read_bytes()
+    alias = src
+    if how == "symlink":
+        alias = tmp_path / "alias.jsonl"
+        alias.symlink_to(src)
+    elif how == "hardlink":
+        alias = tmp_path / "alias.jsonl"
+        os.link(src, alias)
+    model = ["--model", str(stand_in["model"])]
+    assert cli.main([str(src), "-o", str(alias), "--overwrite", *model]) == 2
+    err = capsys.readouterr().err
+    assert "is the input file" in err and "--overwrite" not in err
+    out = tmp_path / "results.jsonl"
+    assert cli.main([str(src), "-o", str(out), "--errors", str(alias), *model]) == 2
+    assert "is the input file" in capsys.readouterr().err
+    assert cli.main([str(src), "-o", str(out), "--errors", str(alias), "--overwrite", *model]) == 2
+    assert src.read_bytes() == before and not stand_in["engines"]
+
+
+def test_errors_file_that_is_the_results_file_is_refused_and_nothing_is_emptied(stand_in, tmp_path, capsys):
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    model = ["--model", str(stand_in["model"])]
+    assert cli.main([str(src), "-o", str(out), *model]) == 0
+    done = out.read_bytes()
+    errors = (tmp_path / "results.errors.jsonl").read_bytes()
+    link = tmp_path / "link.jsonl"
+    link.symlink_to(out)
+    for name in (out, link):
+        assert cli.main([str(src), "-o", str(out), "--errors", str(name), *model]) == 2
+        assert "is the results file -o" in capsys.readouterr().err
+    assert out.read_bytes() == done and (tmp_path / "results.errors.jsonl").read_bytes() == errors
+
+
+def test_error_file_is_rebuilt_by_rename_not_emptied_before_the_scan(tmp_path):
+    """A results file the scan refuses leaves the existing error file as it was."""
+    out, errs = tmp_path / "results.jsonl", tmp_path / "results.errors.jsonl"
+    errs.write_text("kept\n")
+    out.write_text("not a record\n")
+    with pytest.raises(ResultsError, match="not a result record"):
+        ResultWriter.open(out)
+    assert errs.read_text() == "kept\n"
+    out.write_text(json.dumps(_records(3)[2]) + "\n")
+    link = tmp_path / "errors-link.jsonl"
+    link.symlink_to(errs)
+    with ResultWriter.open(out, link) as w:
+        assert w.done.failed == 1
+    assert link.is_symlink() and errs.read_text() == out.read_text()  # the link's target is rebuilt
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["errors-link.jsonl", "results.errors.jsonl", "results.jsonl"]
+
+
+def test_results_to_a_pipe_or_dev_null_are_streamed_without_scan_or_side_files(stand_in, tmp_path, capsys):
+    """`-o /dev/stdout | jq`: a results stream is written, never read back (no hang), and no
+    error file is created next to it unless --errors names one."""
+    import threading
+
+    src = _batch(tmp_path)
+    r, w = os.pipe()
+    got = []
+    reader = threading.Thread(target=lambda: got.append(b"".join(iter(lambda: os.read(r, 65536), b""))))
+    reader.start()
+    alarm = signal.signal(signal.SIGALRM, lambda *a: pytest.fail("blendserve run blocked on its results pipe"))
+    signal.alarm(120)  # a hang becomes a failure
+    try:
+        code = cli.main([str(src), "-o", f"/dev/fd/{w}", "--model", str(stand_in["model"])])
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, alarm)
+        os.close(w)
+        reader.join()
+        os.close(r)
+    assert code == 0
+    recs = [json.loads(x) for x in got[0].decode().splitlines()]
+    assert len(recs) == 17 and len({str(record_key(x)) for x in recs}) == 17
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "requests.jsonl"]
+    assert "failed requests also in" not in capsys.readouterr().out
+    assert cli.main([str(src), "-o", "/dev/null", "--model", str(stand_in["model"])]) == 0
+    assert not Path("/dev/null.errors.jsonl").exists()
+    errs = tmp_path / "failed.jsonl"
+    assert cli.main([str(src), "-o", "/dev/null", "--errors", str(errs), "--model", str(stand_in["model"])]) == 0
+    assert len(errs.read_text().splitlines()) == 5
+    assert cli.main([str(src), "-o", "/dev/null", "--retry-failed", "--model", str(stand_in["model"])]) == 2
+    assert "must be a regular file" in capsys.readouterr().err
+
+
+def test_sigterm_while_requests_run_stops_like_ctrl_c(stand_in, tmp_path, capsys):
+    """The engine's tokenizer manager takes SIGTERM over to drain the queue; `blendserve run`
+    takes it back while requests run: exit 130, results so far kept, the rerun finishes."""
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    args = [str(src), "-o", str(out), "--model", str(stand_in["model"]), "--window", "1"]
+    stand_in["sigterm_after"] = 4
+    assert cli.main(args) == 130
+    assert stand_in["engines"][0].shut and not stand_in["engines"][0].tokenizer_manager.drain
+    assert len(out.read_text().splitlines()) == 3 + 4 and "interrupted" in capsys.readouterr().out
+    stand_in["sigterm_after"] = None
+    assert cli.main(args) == 0
+    assert len({str(record_key(json.loads(x))) for x in out.read_text().splitlines()}) == 17
+
+
+def test_lone_surrogates_bom_and_duplicate_keys_become_line_records(stand_in, tmp_path):
+    """A lone surrogate escape (prompt or chat content) is that line's error record, never a
+    crash before the engine; a UTF-8 BOM before line 1 is not part of it; a key twice in one
+    object is an error, not the last value silently."""
+    rows = [line("ok1", "/v1/completions", prompt="fine"),
+            line("sur1", "/v1/completions", prompt="a\ud800b"),
+            line("sur2", messages=[{"role": "user", "content": "x\udfffy"}]),
+            '{"custom_id": "dup", "method": "POST", "url": "/v1/completions", "body": {"prompt": "a", "prompt": "b"}}',
+            line("ok2")]
+    src, out = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
+    src.write_bytes(b"\xef\xbb\xbf" + "\n".join(rows).encode() + b"\n")  # json.dumps escapes the surrogates
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"])]) == 0
+    by = {record_key(r): r for r in map(json.loads, out.read_text().splitlines())}
+    assert by["ok1"]["error"] is None and by["ok2"]["error"] is None  # line 1 read past the BOM
+    for key in ("sur1", "sur2"):
+        assert "lone surrogate" in by[key]["error"]["message"] and by[key]["response"]["status_code"] == 400
+    assert 'the key "prompt" appears twice' in by[("line", 4)]["error"]["message"]
+    assert stand_in["engines"][0].calls == 2
+
+
+def test_model_directory_without_weights_fails_before_any_engine(stand_in, tmp_path, capsys):
+    model = tmp_path / "empty-model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"max_position_embeddings": 64}))
+    assert cli.main([str(_batch(tmp_path)), "-o", str(tmp_path / "r.jsonl"), "--model", str(model)]) == 2
+    assert "no weights in it (none of *.safetensors" in capsys.readouterr().err and not stand_in["engines"]
+
+
+def test_empty_input_is_an_error(stand_in, tmp_path, capsys):
+    src = tmp_path / "requests.jsonl"
+    for text in ("", "\n  \n\n"):
+        src.write_text(text)
+        assert cli.main([str(src), "-o", str(tmp_path / "r.jsonl"), "--model", str(stand_in["model"])]) == 2
+        assert "holds no requests (it is empty or has only blank lines)" in capsys.readouterr().err
+
+
+def _by_key(out: Path) -> dict:
+    return {record_key(r): r for r in map(json.loads, out.read_text().splitlines())}
+
+
+def test_rerun_says_which_errors_it_keeps_and_retry_failed_runs_them_again(stand_in, tmp_path, capsys, monkeypatch):
+    """Failed requests are not silently "done": the rerun counts the error records it keeps and
+    names --retry-failed, which runs exactly those requests again (and lines edited since),
+    replacing their records; every other record stays as it was."""
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    args = [str(src), "-o", str(out), "--model", str(stand_in["model"])]
+    assert cli.main(args) == 0
+    first = _by_key(out)
+    assert first["boom"]["error"] is not None
+    capsys.readouterr()
+    assert cli.main(args) == 0 and len(stand_in["engines"]) == 1
+    text = capsys.readouterr().out
+    assert "kept 5 error records from earlier runs" in text and "--retry-failed" in text
+
+    lines = src.read_text().splitlines()  # fix two bad lines: max_tokens 500 -> 5, and the invalid JSON
+    lines[14] = line("big", messages=[{"role": "user", "content": "long answer"}], max_tokens=5)
+    lines[12] = line("fixed", "/v1/completions", prompt="now valid")
+    src.write_text("\n".join(lines) + "\n")
+    capsys.readouterr()
+    assert cli.main(args) == 0  # the line that was invalid JSON is no reason to refuse: it runs now
+    text = capsys.readouterr().out
+    assert "1 requests changed since their records were written (e.g. line 15, 'big')" in text
+    assert "1 error records of lines without a usable custom_id that changed or moved were dropped" in text
+    second = _by_key(out)
+    assert ("line", 13) not in second and second["fixed"]["error"] is None
+    assert second["big"] == first["big"]  # changed, but kept until --retry-failed
+
+    stand_in["explode"] = False  # the engine no longer rejects "explode": the cause is fixed
+    assert cli.main([*args, "--retry-failed"]) == 0
+    third = _by_key(out)
+    retried = {"big", "boom", "stop", ("line", 14)}
+    assert third["big"]["error"] is None and third["boom"]["error"] is None
+    assert stand_in["engines"][-1].calls == 3  # big, boom, stop; the repeated id stays an error, checked again
+    assert {k for k in third if third[k] != second.get(k)} <= retried
+    assert len(third) == 17 and all(third[k] == second[k] for k in second if k not in retried)
+    errors = [json.loads(x) for x in (tmp_path / "results.errors.jsonl").read_text().splitlines()]
+    assert sorted(map(str, map(record_key, errors))) == sorted(map(str, [("line", 14), "stop"]))
+
+
+def test_inserting_a_line_before_an_invalid_line_is_not_refused(stand_in, tmp_path):
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    args = [str(src), "-o", str(out), "--model", str(stand_in["model"])]
+    assert cli.main(args) == 0
+    lines = src.read_text().splitlines()
+    src.write_text("\n".join([line("new", "/v1/completions", prompt="inserted")] + lines) + "\n")
+    assert cli.main(args) == 0
+    by = _by_key(out)
+    assert len(by) == 18 and by["new"]["error"] is None
+    assert "invalid JSON" in by[("line", 14)]["error"]["message"] and ("line", 13) not in by
+    assert 'line 15: custom_id "q1" is already used on line 3' in by[("line", 15)]["error"]["message"]

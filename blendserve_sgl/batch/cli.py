@@ -2,16 +2,23 @@
 
 Steps, in order; the first three fail at once (exit 2, one message naming the input and the
 fix) before any engine starts:
-1. the input file must be readable; the model must exist (`--model DIR`) or be obtainable
-   (the embedded SmolLM2-135M-Instruct, converted once into the model cache);
-2. the results file is opened and locked; what it already holds is skipped (resume) and a
-   partial last line left by a crash is cut; its keys must all belong to this input;
-3. every input line is validated and tokenized (chat template, context length); bad lines
-   become error records at once;
-4. the engine runs the rest with the chosen policy; each result is written when it finishes;
+1. the input must be readable (a file, or a pipe read once as a stream) and hold requests; the
+   model must exist with weights (`--model DIR`) or be obtainable (the embedded
+   SmolLM2-135M-Instruct, converted once into the model cache);
+2. the results file (never the input) is opened and locked; what it already holds is skipped
+   (resume) and a partial last line left by a crash is cut; its custom_ids must all belong to
+   this input; records of lines edited since are reported (`request_digest`), and with
+   `--retry-failed` they and the error records are dropped to run again. A results stream
+   (pipe, /dev/stdout) is only written;
+3. every input line is validated and tokenized (chat template, context length) in a streaming
+   pass over every core into compact storage (`reader.py`, `store.py`); bad lines become error
+   records; the one global plan orders the whole input (`order.py`);
+4. the engine runs the rest with the chosen policy, fed in plan order through a window sized
+   from its capacity (`feed.py`); each result is written when it finishes;
 5. the summary: requests, input/output tokens, wall time, throughput, prefix-cache hit ratio.
 Exit status: 0 when every request has a record (failed requests are records too), 2 for bad
-arguments or files, 130 when interrupted (the results so far are kept; rerun to finish).
+arguments or files, 130 when interrupted by Ctrl-C or SIGTERM (the results so far are kept;
+rerun to finish).
 """
 
 from __future__ import annotations
@@ -27,10 +34,14 @@ import time
 from pathlib import Path
 
 from ..models import ModelError, check_model_dir, default_model
-from .progress import Progress, RunStats, summary_lines
-from .prompts import Prepared, context_length, prepare
-from .requests import InputError, LineError, check_readable, read_requests
-from .results import ResultsError, ResultWriter, error_record, errors_path_for, ok_record
+from .feed import engine_capacity, mean_request_tokens, pending, window_size
+from .order import cost_for, plan
+from .progress import Progress, RunStats, phase_line, summary_lines
+from .prompts import Prepared, context_length
+from .reader import ReadResult, read_store
+from .requests import InputError, check_readable
+from .results import (ResultsError, ResultWriter, error_record, is_regular_or_new, ok_record, reconcile, request_key,
+                      same_file)
 
 # SGLang 0.5.23's --schedule-policy choices that make sense offline, plus the plugin's `blend`
 POLICIES = ("blend", "fcfs", "lpm", "dfs-weight", "lof", "random", "hrrn", "shortest-prefill-first")
@@ -46,7 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
                "requests not yet in the results file.")
     ap.add_argument("input", help="requests, one JSON object per line (OpenAI Batch API format)")
     ap.add_argument("-o", "--output", required=True, help="results file (JSONL), appended to when it exists")
-    ap.add_argument("--errors", help="file of the failed requests' records (default: next to -o, *.errors.jsonl)")
+    ap.add_argument("--errors", help="file of the failed requests' records (default: next to -o, *.errors.jsonl; "
+                                     "none when -o is a pipe or a device such as /dev/stdout)")
     ap.add_argument("--model", help="local Hugging Face model directory (default: the embedded "
                                     "SmolLM2-135M-Instruct, converted once into the model cache)")
     ap.add_argument("--model-cache", help="cache of the embedded model (default: $BLENDSERVE_MODEL_CACHE or "
@@ -61,14 +73,19 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--max-total-tokens", type=_positive,
                     help="KV-cache size in tokens (default on CPU: 32768; on GPU: SGLang's choice)")
     ap.add_argument("--attention-backend", help="SGLang attention backend (default on CPU: torch_native)")
-    ap.add_argument("--window", type=int, default=0,
-                    help="at most this many requests in the engine at once (default 0: all, so the policy "
-                         "sees the whole batch)")
+    ap.add_argument("--window", type=_window, default=-1,
+                    help="at most this many requests in the engine at once, refilled in plan order (default "
+                         "auto: a few times what fits in the engine's running slots and KV pool; 0: all at once)")
+    ap.add_argument("--workers", type=int, default=None,
+                    help="processes that read and tokenize the input (default: every core; 0: in this process)")
     ap.add_argument("--seed", type=int, default=0, help="engine random seed (sampling)")
     ap.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                     help="further sglang.Engine argument, VALUE as JSON or a string (repeatable), "
                          "e.g. --engine-arg enable_mixed_chunk=true --engine-arg tp_size=2")
     ap.add_argument("--overwrite", action="store_true", help="start over: empty the results file first")
+    ap.add_argument("--retry-failed", action="store_true",
+                    help="run again the requests whose records are errors, and lines edited since their record "
+                         "was written; their records are replaced, the others kept")
     ap.add_argument("--include-token-ids", action="store_true",
                     help="add token_ids and prompt_token_ids to every choice (an extension of the format)")
     ap.add_argument("--summary-json", help="also write the summary figures as JSON to this file")
@@ -82,25 +99,33 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     from . import runner
 
+    global _MESSAGES
+    _MESSAGES = "stderr" if same_file(args.output, "/dev/stdout") else "stdout"  # -o /dev/stdout | jq
     try:
         extra = _engine_args(args.engine_arg)
         source = check_readable(args.input)
+        if args.retry_failed and args.overwrite:
+            raise ValueError("--retry-failed keeps the results that succeeded, --overwrite discards them all: "
+                             "give one of them")
+        if args.retry_failed and not is_regular_or_new(args.output):
+            raise ResultsError(f"--retry-failed replaces records in the results file, so -o {args.output} must be "
+                               "a regular file")
         model_dir = check_model_dir(args.model) if args.model else default_model(args.model_cache, log=_say)
         if args.model:
             _say(f"model: {model_dir}")
         device = runner.prepare_environment(args.device)  # before torch loads (with the tokenizer)
         tokenizer = _load_tokenizer(model_dir)
         ctx = args.context_length or context_length(model_dir)
-        writer = ResultWriter.open(args.output, args.errors or errors_path_for(args.output), overwrite=args.overwrite)
+        writer = ResultWriter.open(args.output, args.errors, overwrite=args.overwrite, input_path=source)
     except (InputError, ModelError, ResultsError, ValueError) as exc:
         print(f"blendserve run: error: {exc}", file=sys.stderr)
         return 2
     with writer:
         try:
             return _run(args, source, model_dir, device, tokenizer, ctx, writer, extra, started)
-        except (ResultsError, EngineError) as exc:
+        except (InputError, ResultsError, EngineError) as exc:
             print(f"blendserve run: error: {exc}", file=sys.stderr)
-            return 2 if isinstance(exc, ResultsError) else 1
+            return 1 if isinstance(exc, EngineError) else 2
 
 
 class EngineError(RuntimeError):
@@ -110,39 +135,40 @@ class EngineError(RuntimeError):
 def _run(args, source: Path, model_dir: Path, device: str, tokenizer, ctx: int, writer: ResultWriter, extra: dict,
          started: float) -> int:
     stats = RunStats(policy=args.policy, model=model_dir.name, device=device)
+    t0 = time.perf_counter()
+    tell = _phase_printer(args.quiet)
+    read = read_store(source, tokenizer, ctx, args.default_max_tokens, model_dir=model_dir, workers=args.workers,
+                      tick=lambda n: tell(phase_line("reading", n, "lines", time.perf_counter() - t0)))
+    stats.read_seconds = time.perf_counter() - t0
+    if not read.lines:
+        raise InputError(f"{args.input} holds no requests (it is empty or has only blank lines); pass the JSONL file "
+                         "of requests, one JSON object per line")
+    _resume(args, source, writer, read.index)
     done_before = writer.done
-    items = list(read_requests(source))
-    keys = {i.custom_id if i.custom_id is not None else ("line", i.line) for i in items}
-    foreign = done_before.keys - keys
-    if foreign:
-        raise ResultsError(f"{writer.path} holds {len(foreign):,} results that are not requests of {source} "
-                           f"(e.g. {next(iter(foreign))!r}); it is the output of another input: choose another -o, "
-                           "or pass --overwrite to start over")
-    if done_before.records:
-        partial = " (a partial last line from a crash was removed)" if done_before.cut_partial_line else ""
-        _say(f"resuming: {done_before.records:,} requests already in {writer.path}{partial}")
-
-    pending: list[Prepared] = []
-    for item in items:
-        stats.requests += 1
-        if (item.custom_id if item.custom_id is not None else ("line", item.line)) in done_before.keys:
-            stats.skipped += 1
+    stats.kept_errors = len(done_before.failed_keys)
+    read.mark_done(done_before.keys)
+    stats.requests, stats.skipped = read.lines, read.skipped
+    for item in read.errors:  # written once the results file is known to belong to this input
+        if request_key(item) in done_before.keys:
             continue
-        if not isinstance(item, LineError):
-            item = prepare(item, tokenizer, ctx, args.default_max_tokens, source.name)
-        if isinstance(item, LineError):
-            writer.write(error_record(item.custom_id, item.message, line=item.line, code=item.code))
-            stats.failed += 1
-            stats.invalid += 1
-        else:
-            pending.append(item)
+        writer.write(error_record(item.custom_id, item.message, line=item.line, code=item.code, digest=item.digest))
+        stats.failed += 1
+        stats.invalid += 1
     if stats.invalid:
         _say(f"{stats.invalid:,} invalid lines written as error records (see {writer.errors_path})")
 
-    if pending:
-        _execute(args, model_dir, device, ctx, extra, pending, writer, stats)
+    t1 = time.perf_counter()
+    order = plan(read.store, cost_for(model_dir))
+    stats.plan_seconds = time.perf_counter() - t1
+    todo = int((~read.done).sum())
+    tell(phase_line("planning", len(read.store), "requests planned", stats.plan_seconds), force=True)
+    stats.sample_rss()
+
+    if todo:
+        _execute(args, model_dir, device, ctx, extra, read, order, todo, writer, stats)
     stats.wall_seconds = time.perf_counter() - started
-    for line in summary_lines(stats, str(writer.path), str(writer.errors_path)):
+    stats.sample_rss()
+    for line in summary_lines(stats, str(writer.path), str(writer.errors_path) if writer.errors_path else None):
         _say(line)
     if args.summary_json:
         Path(args.summary_json).write_text(json.dumps({"input": str(source), "output": str(writer.path),
@@ -150,7 +176,35 @@ def _run(args, source: Path, model_dir: Path, device: str, tokenizer, ctx: int, 
     return 130 if stats.interrupted else 0
 
 
-def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, pending: list[Prepared],
+def _resume(args, source: Path, writer: ResultWriter, items) -> None:
+    """Match the results file to the input (see `results.reconcile`), say what is kept and what
+    runs again, and drop the records to run again."""
+    done = writer.done
+    if not done.keys:
+        return
+    res = reconcile(done, items, retry_failed=args.retry_failed)
+    if res.foreign:
+        raise ResultsError(f"{writer.path} holds {len(res.foreign):,} results that are not requests of {args.input} "
+                           f"(e.g. {res.foreign[0]!r}); it is the output of another input: choose another -o, "
+                           "or pass --overwrite to start over")
+    partial = " (a partial last line from a crash was removed)" if done.cut_partial_line else ""
+    _say(f"resuming: {done.records:,} requests already in {writer.path}{partial}")
+    if res.changed and not args.retry_failed:
+        key, line = res.changed[0]
+        _say(f"warning: {len(res.changed):,} requests changed since their records were written (e.g. line {line}, "
+             f"{key!r}); their old records are kept: rerun with --retry-failed to run them again")
+    writer.drop(res.drop)
+    if res.stale:
+        _say(f"{len(res.stale):,} error records of lines without a usable custom_id that changed or moved were "
+             "dropped; those lines are checked again")
+    if res.retry:
+        _say(f"--retry-failed: {len(res.retry):,} requests run again (error records and lines changed since)")
+    if writer.done.failed:
+        _say(f"kept {writer.done.failed:,} error records from earlier runs (see {writer.errors_path or writer.path}); "
+             "fix their cause, then rerun with --retry-failed to run them again")
+
+
+def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: ReadResult, order, todo: int,
              writer: ResultWriter, stats: RunStats) -> None:
     from . import runner
 
@@ -162,7 +216,7 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, pending:
     cfg = runner.EngineConfig(model_path=str(model_dir), policy=args.policy, device=device, context_length=ctx,
                               max_total_tokens=args.max_total_tokens, attention_backend=args.attention_backend,
                               seed=args.seed, log_level=args.log_level, extra=extra)
-    progress = Progress(len(pending), stream=io.StringIO() if args.quiet else sys.stderr)
+    progress = Progress(todo, stream=io.StringIO() if args.quiet else sys.stderr)
     model_name = model_dir.name
     source = Path(args.input).name
 
@@ -172,6 +226,8 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, pending:
             on_error(p, RuntimeError(reason.get("message") or "aborted by the engine"))
             return
         writer.write(ok_record(p, out, model_name, include_token_ids=args.include_token_ids))
+        if stats.first_result_seconds is None:
+            stats.first_result_seconds = progress.clock() - progress.start
         meta = out["meta_info"]
         stats.completed += 1
         stats.input_tokens += meta["prompt_tokens"]
@@ -183,14 +239,15 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, pending:
         status = 400 if isinstance(exc, ValueError) else 500
         code = "invalid_request" if status == 400 else "engine_error"
         msg = f"{source} line {p.request.line}: the engine {'rejected' if status == 400 else 'failed'} this request: {exc}"
-        writer.write(error_record(p.request.custom_id, msg, line=p.request.line, code=code, status=status))
+        writer.write(error_record(p.request.custom_id, msg, line=p.request.line, code=code, status=status,
+                                  digest=p.request.digest))
         stats.failed += 1
         progress.add(failed=1)
 
     previous = signal.signal(signal.SIGTERM, _interrupt)
     engine = None
     try:
-        _say(f"starting SGLang ({args.policy} policy, {device}) for {len(pending):,} requests ...")
+        _say(f"starting SGLang ({args.policy} policy, {device}) for {todo:,} requests ...")
         t0 = time.perf_counter()
         try:
             engine = runner.start_engine(cfg)
@@ -199,9 +256,12 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, pending:
                               f"--engine-arg; {stats.invalid:,} error records were written to {writer.path}, "
                               "rerun the same command once fixed") from exc
         stats.engine_start_seconds = time.perf_counter() - t0
+        stats.window = args.window if args.window >= 0 else window_size(
+            *engine_capacity(engine), mean_request_tokens(read.store, read.done))
         progress.start = progress.clock()
-        stats.generate_seconds = runner.generate(engine, pending, on_result, on_error, window=args.window,
-                                                 tick=lambda rate: (progress.set_rate(rate), progress.render()))
+        stats.generate_seconds = runner.generate(
+            engine, pending(read.store, order, read.done), on_result, on_error, window=stats.window,
+            tick=lambda rate: (progress.set_rate(rate), progress.render(), stats.sample_rss()))
     except KeyboardInterrupt:
         stats.interrupted = True
         stats.generate_seconds = progress.clock() - progress.start
@@ -256,9 +316,37 @@ def _positive(text: str) -> int:
     return v
 
 
+def _window(text: str) -> int:
+    if text == "auto":
+        return -1
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not auto or an integer") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{text} must be auto, 0 (all at once) or a positive integer")
+    return v
+
+
+def _phase_printer(quiet: bool, every: float = 10.0):
+    """Prints a phase line at most every `every` seconds (or when forced)."""
+    last = [time.perf_counter()]
+
+    def tell(text: str, force: bool = False) -> None:
+        now = time.perf_counter()
+        if not quiet and (force or now - last[0] >= every):
+            last[0] = now
+            print(text, file=sys.stderr, flush=True)
+
+    return tell
+
+
 def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+_MESSAGES = "stdout"  # "stderr" when the results go to stdout
+
+
 def _say(text: str) -> None:
-    print(text, flush=True)
+    print(text, file=sys.stderr if _MESSAGES == "stderr" else sys.stdout, flush=True)

@@ -5,13 +5,16 @@ on a terminal (at most every `interval` seconds) and prints a plain line every `
 seconds when stderr is a file or a pipe, so logs stay readable. Two rates: `avg`, output tokens
 of finished requests per second since the start (what the summary reports at the end), and
 `now`, the engine's current decode rate when it reports one (`set_rate`): long answers still
-decoding show there before they finish. No time-left estimate: while the batch's prompts are
-prefilled, decode rates say little about the rest. `RunStats` holds the figures
-of one run; `summary_lines` formats them.
+decoding show there before they finish; requests per second and the time left at that rate.
+Before the engine runs, `phase_line` reports the reading and planning phases. `RunStats` holds
+the figures of one run (peak RSS of the driver and of the whole process tree included);
+`summary_lines` formats them. `rss_mb` measures a process tree.
 """
 
 from __future__ import annotations
 
+import os
+import resource
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -23,6 +26,7 @@ class RunStats:
 
     requests: int = 0  # lines in the input (non-blank)
     skipped: int = 0  # already in the results file
+    kept_errors: int = 0  # of `skipped`: error records of earlier runs, kept as done
     completed: int = 0
     failed: int = 0  # invalid lines + engine failures, this run
     invalid: int = 0  # of `failed`: rejected before the engine
@@ -37,6 +41,16 @@ class RunStats:
     device: str = ""
     interrupted: bool = False
     policy_stats: dict = field(default_factory=dict)
+    read_seconds: float = 0.0  # read + validate + tokenize the whole input
+    plan_seconds: float = 0.0  # the global order over it
+    window: int = 0  # requests in the engine at once (0: all)
+    first_result_seconds: float | None = None  # engine up to the first result
+    driver_peak_rss_mb: float = 0.0
+    tree_peak_rss_mb: float = 0.0  # driver + engine processes, sampled while generating
+
+    def sample_rss(self) -> None:
+        self.driver_peak_rss_mb = max(self.driver_peak_rss_mb, peak_rss_mb())
+        self.tree_peak_rss_mb = max(self.tree_peak_rss_mb, rss_mb(os.getpid()))
 
     @property
     def cache_hit_ratio(self) -> float:
@@ -56,12 +70,15 @@ class RunStats:
         d.update(cache_hit_ratio=round(self.cache_hit_ratio, 4), output_tokens_per_s=round(self.output_tokens_per_s, 2),
                  total_tokens_per_s=round(self.total_tokens_per_s, 2),
                  requests_per_s=round(self.completed / self.generate_seconds, 3) if self.generate_seconds else 0.0)
-        for k in ("engine_start_seconds", "generate_seconds", "wall_seconds"):
+        for k in ("engine_start_seconds", "generate_seconds", "wall_seconds", "read_seconds", "plan_seconds",
+                  "driver_peak_rss_mb", "tree_peak_rss_mb"):
             d[k] = round(d[k], 3)
+        if d["first_result_seconds"] is not None:
+            d["first_result_seconds"] = round(d["first_result_seconds"], 3)
         return d
 
 
-def summary_lines(s: RunStats, results: str, errors: str) -> list[str]:
+def summary_lines(s: RunStats, results: str, errors: str | None) -> list[str]:
     done_before = f", {s.skipped:,} already done before" if s.skipped else ""
     head = "interrupted" if s.interrupted else "done"
     lines = [
@@ -70,17 +87,23 @@ def summary_lines(s: RunStats, results: str, errors: str) -> list[str]:
         f"  model           {s.model} on {s.device or '-'}, policy {s.policy}",
         f"  input tokens    {s.input_tokens:,} ({s.cache_hit_ratio:.1%} from the prefix cache)",
         f"  output tokens   {s.output_tokens:,}",
-        f"  wall time       {s.wall_seconds:.1f} s (engine start {s.engine_start_seconds:.1f} s, "
-        f"generation {s.generate_seconds:.1f} s)",
+        f"  wall time       {s.wall_seconds:.1f} s (reading {s.read_seconds:.1f} s, planning {s.plan_seconds:.1f} s, "
+        f"engine start {s.engine_start_seconds:.1f} s, generation {s.generate_seconds:.1f} s)",
         f"  throughput      {s.output_tokens_per_s:,.1f} output tok/s, {s.total_tokens_per_s:,.1f} total tok/s, "
         f"{(s.completed / s.generate_seconds if s.generate_seconds else 0):.2f} requests/s",
-        f"  results         {results} (failed requests also in {errors})",
+        f"  memory          peak RSS {s.driver_peak_rss_mb:,.0f} MB driver, {s.tree_peak_rss_mb:,.0f} MB with the "
+        f"engine processes; window {s.window:,} requests" + (" (all)" if not s.window else ""),
+        f"  results         {results}" + (f" (failed requests also in {errors})" if errors else ""),
     ]
     if s.policy_stats.get("steps"):
         ps = s.policy_stats
         lines.insert(-1, f"  blend planning  {ps['steps']:,} steps, {ps.get('planning_ms_per_step', 0):.2f} ms per step")
     if s.interrupted:
         lines.append("  run the same command again to finish the rest (results written so far are kept)")
+    if s.failed or s.kept_errors:
+        kept = f" ({s.kept_errors:,} kept from earlier runs)" if s.kept_errors else ""
+        lines.append(f"  retry           {s.failed + s.kept_errors:,} error records{kept}: fix their cause, then rerun "
+                     "with --retry-failed to run those requests again")
     return lines
 
 
@@ -116,8 +139,11 @@ class Progress:
         elapsed = self.clock() - self.start
         avg = self.output_tokens / elapsed if elapsed > 0 else 0.0
         now = f", {self.rate:,.1f} now" if self.rate is not None and done < self.total else ""
-        return (f"[{'#' * fill}{'.' * (width - fill)}] {done:,}/{self.total:,} | {self.completed:,} completed, "
-                f"{self.failed:,} failed | output {avg:,.1f} tok/s avg{now} | {_clock(elapsed)}")
+        per_s = done / elapsed if elapsed > 0 else 0.0
+        eta = f" | ETA {_clock((self.total - done) / per_s)}" if per_s > 0 and done < self.total else ""
+        return (f"generating [{'#' * fill}{'.' * (width - fill)}] {done:,}/{self.total:,} | {self.completed:,} "
+                f"completed, {self.failed:,} failed | {per_s:,.1f} req/s, output {avg:,.1f} tok/s avg{now} | "
+                f"{_clock(elapsed)}{eta}")
 
     def render(self, force: bool = False) -> None:
         now = self.clock()
@@ -142,3 +168,33 @@ class Progress:
 def _clock(seconds: float) -> str:
     s = int(seconds)
     return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60:02d}:{s % 60:02d}"
+
+
+def phase_line(phase: str, count: int, unit: str, seconds: float) -> str:
+    """One line for the phases before the engine: `reading: 120,000 lines (8,000/s) | 00:15`."""
+    rate = f" ({count / seconds:,.0f}/s)" if seconds > 0 else ""
+    return f"{phase}: {count:,} {unit}{rate} | {_clock(seconds)} | peak RSS {peak_rss_mb():,.0f} MB"
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, MB."""
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return kb / 1024 if sys.platform != "darwin" else kb / 2**20
+
+
+def rss_mb(pid: int) -> float:
+    """Current resident memory of process `pid` and all its descendants, MB (0 without psutil)."""
+    try:
+        import psutil
+
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except Exception:  # noqa: BLE001 (psutil missing, or the process is gone)
+        return 0.0
+    total = 0
+    for p in procs:
+        try:
+            total += p.memory_info().rss
+        except Exception:  # noqa: BLE001 (a child exited meanwhile)
+            pass
+    return total / 2**20

@@ -37,6 +37,19 @@ class Prepared:
 def prepare(req: BatchRequest, tokenizer, context_len: int, default_max_tokens: int,
             source: str = "requests.jsonl") -> Prepared | LineError:
     """Tokenize `req` and check it against `context_len`; a `LineError` names what to change."""
+    rendered = render(req, tokenizer, source)
+    if isinstance(rendered, LineError):
+        return rendered
+    text, what = rendered
+    ids = list(req.prompt) if text is None else list(tokenizer.encode(text, add_special_tokens=req.kind != "chat"))
+    max_tokens = check_context(req, len(ids), what, context_len, default_max_tokens, source)
+    return max_tokens if isinstance(max_tokens, LineError) else Prepared(req, ids, max_tokens)
+
+
+def render(req: BatchRequest, tokenizer, source: str = "requests.jsonl") -> tuple[str | None, str] | LineError:
+    """The text to encode (None for a token-id prompt, checked against the vocabulary) and how
+    error messages name the prompt. Chat text holds its special tokens: encode it with
+    `add_special_tokens=False`; completion text with the tokenizer's default."""
     where = f"{source} line {req.line}"
     if req.kind == "chat":
         if not getattr(tokenizer, "chat_template", None):
@@ -47,31 +60,32 @@ def prepare(req: BatchRequest, tokenizer, context_len: int, default_max_tokens: 
         except Exception as exc:  # noqa: BLE001 (template errors are Jinja's: raise_exception, TemplateError)
             return LineError(req.line, req.custom_id, f"{where}: the model's chat template rejects these messages "
                                                       f"({exc}); check the roles and their order")
-        ids = list(tokenizer.encode(text, add_special_tokens=False))
-        what = "the prompt (after the chat template)"
-    elif isinstance(req.prompt, str):
-        ids = list(tokenizer.encode(req.prompt))
-        what = "the prompt"
-    else:
-        ids = list(req.prompt)
-        vocab = len(tokenizer)
-        bad = next((t for t in ids if t >= vocab), None)
-        if bad is not None:
-            return LineError(req.line, req.custom_id, f'{where}: "prompt" has token id {bad}, outside the model\'s '
-                                                      f"vocabulary of {vocab}")
-        what = "the prompt"
-    n = len(ids)
+        return text, "the prompt (after the chat template)"
+    if isinstance(req.prompt, str):
+        return req.prompt, "the prompt"
+    vocab = len(tokenizer)
+    bad = next((t for t in req.prompt if t >= vocab), None)
+    if bad is not None:
+        return LineError(req.line, req.custom_id, f'{where}: "prompt" has token id {bad}, outside the model\'s '
+                                                  f"vocabulary of {vocab}")
+    return None, "the prompt"
+
+
+def check_context(req: BatchRequest, n: int, what: str, context_len: int, default_max_tokens: int,
+                  source: str = "requests.jsonl") -> int | LineError:
+    """max_tokens of a prompt of `n` tokens under SGLang's context rule (see module doc)."""
+    where = f"{source} line {req.line}"
     if n >= context_len:
         return LineError(req.line, req.custom_id, f"{where}: {what} is {n} tokens, longer than the model's context "
                                                   f"of {context_len} tokens; shorten it", code="context_length_exceeded")
     room = context_len - n
     if req.max_tokens is None:
-        return Prepared(req, ids, min(default_max_tokens, room))
+        return min(default_max_tokens, room)
     if req.max_tokens > room:
         return LineError(req.line, req.custom_id, f'{where}: "max_tokens" is {req.max_tokens}, but {what} takes {n} of '
                                                   f"the model's {context_len}-token context: at most {room} fits",
                          code="context_length_exceeded")
-    return Prepared(req, ids, req.max_tokens)
+    return req.max_tokens
 
 
 CONTEXT_KEYS = ("max_sequence_length", "seq_length", "max_seq_len", "model_max_length", "max_position_embeddings")

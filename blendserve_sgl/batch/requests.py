@@ -14,9 +14,11 @@ that uses a custom_id owns it, valid or not; later lines with the same id are er
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
@@ -41,6 +43,7 @@ BODY_FIELDS = {
     "completion": _COMMON_FIELDS | {"prompt"},
 }
 TOP_FIELDS = ("custom_id", "method", "url", "body")
+BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark some editors write at the start of a file
 
 
 class InputError(Exception):
@@ -57,6 +60,7 @@ class BatchRequest:
     max_tokens: int | None  # None: the run's default (capped by the context)
     sampling: dict = field(default_factory=dict)  # SGLang sampling params except max_new_tokens
     model: str | None = None  # echoed in the response body
+    digest: str = ""  # request_digest of the line (see `request_digest`)
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +69,7 @@ class LineError:
     custom_id: str | None
     message: str  # "<file> line <n>: <problem and fix>"
     code: str = "invalid_request"
+    digest: str = ""  # request_digest of the line
 
 
 class _Bad(Exception):
@@ -72,12 +77,22 @@ class _Bad(Exception):
 
 
 def check_readable(path: str | os.PathLike[str]) -> Path:
-    """Fail fast (InputError) unless `path` is a readable regular file."""
+    """Fail fast (InputError) unless `path` can be read. A regular file is probed by reading one
+    byte; a pipe, FIFO or terminal (`/dev/stdin`, `<(...)`) is only checked for permission: it
+    can be read once, as a stream, and `read_requests` does that."""
     p = Path(path)
-    if not p.exists():
-        raise InputError(f"{path}: no such file; pass the JSONL file of requests (OpenAI Batch API format)")
-    if p.is_dir():
+    try:
+        st = os.stat(p)
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file; pass the JSONL file of requests (OpenAI Batch API format)") from None
+    except OSError as exc:
+        raise InputError(f"cannot read {path}: {exc.strerror}") from None
+    if stat.S_ISDIR(st.st_mode):
         raise InputError(f"{path} is a directory; pass the JSONL file of requests")
+    if not stat.S_ISREG(st.st_mode):
+        if not os.access(p, os.R_OK):
+            raise InputError(f"cannot read {path}: permission denied")
+        return p
     try:
         with open(p, "rb") as f:
             f.read(1)
@@ -91,36 +106,54 @@ def read_requests(path: str | os.PathLike[str]) -> Iterator[BatchRequest | LineE
     p = check_readable(path)
     name = p.name
     owner: dict[str, int] = {}  # custom_id -> line that uses it first
-    with open(p, "rb") as f:
+    with open(p, "rb") as f:  # read once, as a stream: a pipe has no second pass
         for number, raw in enumerate(f, start=1):
+            if number == 1 and raw.startswith(BOM):
+                raw = raw[len(BOM):]
             if not raw.strip():
                 continue
             item = parse_line(raw, number, name)
             cid = item.custom_id
             if cid is not None:
                 if cid in owner:
-                    yield LineError(number, None, f"{name} line {number}: custom_id {_show(cid)} is already used on "
-                                                  f"line {owner[cid]}; give every request its own custom_id")
+                    yield repeated_id(number, cid, owner[cid], name, item.digest)
                     continue
                 owner[cid] = number
             yield item
 
 
+def repeated_id(line: int, custom_id: str, first: int, source: str, digest: str = "") -> LineError:
+    """The error of a line whose custom_id an earlier line (`first`) already uses."""
+    return LineError(line, None, f"{source} line {line}: custom_id {_show(custom_id)} is already used on line "
+                                 f"{first}; give every request its own custom_id", digest=digest)
+
+
 def parse_line(raw: bytes | str, line: int, source: str = "requests.jsonl") -> BatchRequest | LineError:
     """One line -> `BatchRequest`, or `LineError` naming the first problem found."""
     cid = None
+    data = raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogatepass")
+    raw_digest = _blake(data.strip())
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
     except UnicodeDecodeError as exc:
-        return LineError(line, None, f"{source} line {line}: not UTF-8 text (byte {exc.start}); save the file as UTF-8")
+        return LineError(line, None, f"{source} line {line}: not UTF-8 text (byte {exc.start}); save the file as UTF-8",
+                         digest=raw_digest)
     try:
-        obj = json.loads(text, parse_constant=_no_constant)
+        obj = json.loads(text, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
     except (json.JSONDecodeError, _Bad, RecursionError) as exc:
         what = exc.msg if isinstance(exc, json.JSONDecodeError) else (
             "nested too deeply" if isinstance(exc, RecursionError) else str(exc))
         col = f" at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
         return LineError(line, None, f"{source} line {line}: invalid JSON ({what}{col}); each line must be one "
-                                     "JSON object")
+                                     "JSON object", digest=raw_digest)
+    try:
+        digest = request_digest(obj)
+    except (UnicodeEncodeError, RecursionError):
+        cid = obj.get("custom_id") if isinstance(obj, dict) else None
+        cid = cid if isinstance(cid, str) and cid and _is_text(cid) else None
+        return LineError(line, cid, f"{source} line {line}: a string holds a lone surrogate escape (such as "
+                                    '"\\ud800"), which is not text; fix that \\u escape (a character beyond U+FFFF '
+                                    'is a pair, e.g. "\\ud83d\\ude00")', digest=raw_digest)
     try:
         if not isinstance(obj, dict):
             raise _Bad(f"expected a JSON object with {', '.join(TOP_FIELDS)}, got {_kind(obj)}")
@@ -145,12 +178,41 @@ def parse_line(raw: bytes | str, line: int, source: str = "requests.jsonl") -> B
         body = obj.get("body")
         if not isinstance(body, dict):
             raise _Bad(f'"body" must be a JSON object, got {_kind(body)}' if "body" in obj else '"body" is missing')
-        return _parse_body(line, cid, ENDPOINTS[url], url, body)
+        return _parse_body(line, cid, ENDPOINTS[url], url, body, digest)
     except _Bad as exc:
-        return LineError(line, cid, f"{source} line {line}: {exc}")
+        return LineError(line, cid, f"{source} line {line}: {exc}", digest=digest)
 
 
-def _parse_body(line: int, cid: str, kind: str, url: str, body: dict) -> BatchRequest:
+def request_digest(obj) -> str:
+    """What a result record remembers of its request line: blake2b-128 of the line's JSON in
+    canonical form (sorted keys, no spaces), so spacing and key order are not changes.
+    Raises UnicodeEncodeError for a string holding a lone surrogate (not text)."""
+    text = json.dumps(obj, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return _blake(text.encode("utf-8"))
+
+
+def _blake(data: bytes) -> str:
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def _is_text(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _unique_keys(pairs: list) -> dict:
+    out = dict(pairs)
+    if len(out) < len(pairs):
+        seen: set = set()
+        dup = next(k for k, _ in pairs if k in seen or seen.add(k))
+        raise _Bad(f"the key {_show(dup)} appears twice in one object; keep one")
+    return out
+
+
+def _parse_body(line: int, cid: str, kind: str, url: str, body: dict, digest: str = "") -> BatchRequest:
     allowed = BODY_FIELDS[kind]
     for key in body:
         if key not in allowed:
@@ -198,7 +260,7 @@ def _parse_body(line: int, cid: str, kind: str, url: str, body: dict) -> BatchRe
         raise _Bad(f'"model" must be a string, got {_show(model)}')
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise _Bad(f'"user" must be a string, got {_show(body["user"])}')
-    return BatchRequest(line, cid, kind, messages, prompt, max_tokens, sampling, model)
+    return BatchRequest(line, cid, kind, messages, prompt, max_tokens, sampling, model, digest)
 
 
 def _messages(body: dict) -> tuple[dict, ...]:

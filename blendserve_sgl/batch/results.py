@@ -1,19 +1,26 @@
 """Result lines: OpenAI batch result records, the append-only writer, the resume scan.
 
-A record is one JSON line `{"id", "custom_id", "response", "error"}`:
+A record is one JSON line `{"id", "custom_id", "response", "error", "request_digest"}`:
 - success: `response = {"status_code": 200, "request_id", "body": <chat.completion or
   text_completion with usage>}`, `error = null`;
 - failure: `response = {"status_code": 4xx/5xx, "request_id", "body": {"error": {...}}}` and
-  `error = {"code", "message", "line"}` (the input line number).
+  `error = {"code", "message", "line"}` (the input line number);
+- `request_digest` (an extension of the format): the digest of the input line it answers
+  (`requests.request_digest`), so a rerun sees lines edited since.
 
 A record is keyed by its custom_id, or, for a line without a usable custom_id (invalid JSON,
 a repeated id), by `("line", n)`: `record_key`. The results file holds each key at most once.
 
-`ResultWriter.open` locks the results file (one run per file), scans it for the keys already
-written, cuts a partial last line left by a crash (a line is complete only with its newline;
-the request it held runs again), and rewrites the error file from the results file, so it
-always lists exactly the failed records. Every record is then appended with one write call
-and flushed to the kernel at once, results first, then the error file: a killed run loses
+`ResultWriter.open` never writes to the input (nor the errors file to the results file: files
+are compared by identity, so links and /dev/fd names count). On a regular results file it
+locks it (one run per file), scans it for the keys already written, cuts a partial last line
+left by a crash (a line is complete only with its newline; the request it held runs again),
+and rebuilds the error file from the results file (a new file put in place by rename), so it
+always lists exactly the failed records. A results file that is not a regular file (a pipe,
+/dev/stdout, /dev/null) is written as a stream: no scan, no lock, no side file unless
+`--errors` names one. `drop(keys)` removes records (to run their requests again) by writing
+the kept ones to a new file put in place by rename. Every record is appended with one write
+call and flushed to the kernel at once, results first, then the error file: a killed run loses
 only requests still in flight.
 """
 
@@ -21,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -66,18 +74,19 @@ def ok_record(p: Prepared, out: dict, model: str, created: int | None = None,
             "created": int(time.time()) if created is None else created, "model": req.model or model,
             "choices": [choice], "usage": usage}
     return {"id": _batch_id(), "custom_id": req.custom_id,
-            "response": {"status_code": 200, "request_id": str(meta.get("id", "")), "body": body}, "error": None}
+            "response": {"status_code": 200, "request_id": str(meta.get("id", "")), "body": body}, "error": None,
+            "request_digest": req.digest}
 
 
 def error_record(custom_id: str | None, message: str, *, line: int | None = None, code: str = "invalid_request",
-                 status: int = 400) -> dict:
+                 status: int = 400, digest: str = "") -> dict:
     """A failure record; `message` says what went wrong and what to do."""
     request_id = uuid.uuid4().hex
     err_type = _ERROR_TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
     return {"id": _batch_id(), "custom_id": custom_id,
             "response": {"status_code": status, "request_id": request_id,
                          "body": {"error": {"message": message, "type": err_type, "code": code}}},
-            "error": {"code": code, "message": message, "line": line}}
+            "error": {"code": code, "message": message, "line": line}, "request_digest": digest}
 
 
 def record_key(record: dict):
@@ -103,6 +112,8 @@ class Done:
     input_tokens: int = 0
     output_tokens: int = 0
     cut_partial_line: bool = False  # a crash left half a line; it was removed
+    digests: dict = field(default_factory=dict)  # key -> request_digest of records that carry one
+    failed_keys: set = field(default_factory=set)
 
     @property
     def records(self) -> int:
@@ -121,12 +132,8 @@ def scan(data: bytes, name: str = "results.jsonl") -> tuple[Done, int, list[byte
     for number, raw in enumerate(data[:end].split(b"\n")[:-1], start=1):
         if not raw.strip():
             continue
-        try:
-            rec = json.loads(raw)
-            ok = isinstance(rec, dict) and "custom_id" in rec and ("response" in rec or "error" in rec)
-        except ValueError:
-            ok = False
-        if not ok:
+        rec = _record(raw)
+        if rec is None:
             raise ResultsError(f"{name} line {number} is not a result record of `blendserve run`; move the file "
                                "away or pass --overwrite to start over")
         key = record_key(rec)
@@ -134,8 +141,11 @@ def scan(data: bytes, name: str = "results.jsonl") -> tuple[Done, int, list[byte
             raise ResultsError(f"{name} line {number} repeats the result of {key!r}; the file was edited or "
                                "written by two runs: remove the repeated line or pass --overwrite")
         done.keys.add(key)
+        if isinstance(rec.get("request_digest"), str):
+            done.digests[key] = rec["request_digest"]
         if is_failure(rec):
             done.failed += 1
+            done.failed_keys.add(key)
             failures.append(raw + b"\n")
         else:
             done.completed += 1
@@ -145,48 +155,140 @@ def scan(data: bytes, name: str = "results.jsonl") -> tuple[Done, int, list[byte
     return done, end, failures
 
 
+def _record(raw: bytes) -> dict | None:
+    try:
+        rec = json.loads(raw)
+    except ValueError:
+        return None
+    return rec if isinstance(rec, dict) and "custom_id" in rec and ("response" in rec or "error" in rec) else None
+
+
+def request_key(item):
+    """The key the record of an input item (`BatchRequest`, `LineError` or `Prepared`) will have."""
+    item = getattr(item, "request", item)
+    return item.custom_id if item.custom_id is not None else ("line", item.line)
+
+
+@dataclass
+class Resume:
+    """How the records of a results file relate to the input lines (`reconcile`)."""
+
+    foreign: list = field(default_factory=list)  # custom_ids with a record but no line in the input
+    stale: set = field(default_factory=set)  # ("line", n) records whose line is gone or changed: dropped
+    changed: list = field(default_factory=list)  # (key, line) of requests edited since their record
+    retry: set = field(default_factory=set)  # keys whose records are dropped to run them again
+    kept_errors: int = 0  # error records kept as done
+
+    @property
+    def drop(self) -> set:
+        return self.stale | self.retry
+
+
+def reconcile(done: Done, items, retry_failed: bool = False) -> Resume:
+    """Match `done` against the input `items`: records of lines without a custom_id are kept only
+    while their line is unchanged (fixing or moving such a line is never refused); a record whose
+    request changed since is reported, and run again with `retry_failed`, as are error records."""
+    res = Resume()
+    lines = {}
+    for item in items:
+        key = request_key(item)
+        lines[key] = item
+        if key not in done.keys:
+            continue
+        old = done.digests.get(key)
+        if old is not None and item.digest and old != item.digest:
+            res.changed.append((key, item.line))
+            if retry_failed:
+                res.retry.add(key)
+        if retry_failed and key in done.failed_keys:
+            res.retry.add(key)
+    for key in done.keys:
+        if key not in lines:
+            (res.stale.add(key) if isinstance(key, tuple) else res.foreign.append(key))
+    for key, _ in res.changed:
+        if isinstance(key, tuple):
+            res.stale.add(key)  # a line-keyed record is identified by its line: a changed line is another one
+    res.kept_errors = len(done.failed_keys - res.drop)
+    return res
+
+
+def same_file(a: str | os.PathLike[str], b: str | os.PathLike[str]) -> bool:
+    """True when both names lead to one file (links, /dev/fd and /proc names resolved)."""
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except OSError:
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
+
+
+def is_regular_or_new(path: str | os.PathLike[str]) -> bool:
+    try:
+        return stat.S_ISREG(os.stat(path).st_mode)
+    except FileNotFoundError:
+        return True
+
+
 class ResultWriter:
     """Appends records to the results file (and failures to the error file); see module doc."""
 
-    def __init__(self, path: Path, errors_path: Path, fd: int, errors_fd: int, done: Done):
+    def __init__(self, path: Path, errors_path: Path | None, fd: int, errors_fd: int, done: Done, regular: bool):
         self.path, self.errors_path = path, errors_path
         self._fd, self._errors_fd = fd, errors_fd
         self.done = done
+        self.regular = regular  # False: a stream (pipe, /dev/stdout, /dev/null), nothing read back
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], errors_path: str | os.PathLike[str] | None = None, *,
-             overwrite: bool = False) -> "ResultWriter":
-        import fcntl
-
+             overwrite: bool = False, input_path: str | os.PathLike[str] | None = None) -> "ResultWriter":
+        """`errors_path` None: `errors_path_for(path)` next to a regular results file, none for a
+        stream. `input_path`: the input, which neither file may be."""
         path = Path(path)
-        errors_path = Path(errors_path) if errors_path is not None else errors_path_for(path)
         if path.is_dir():
             raise ResultsError(f"-o {path} is a directory; pass a file name such as {path / 'results.jsonl'}")
+        regular = is_regular_or_new(path)
+        explicit = errors_path is not None
+        errors_path = Path(errors_path) if explicit else (errors_path_for(path) if regular else None)
+        what = f"--errors {errors_path}" if explicit else f"the errors file {errors_path} (next to -o)"
+        if errors_path is not None and errors_path.is_dir():
+            raise ResultsError(f"{what} is a directory; pass a file name with --errors")
+        if input_path is not None and same_file(path, input_path):
+            raise ResultsError(f"-o {path} is the input file {input_path}; results are never written into the "
+                               "input: choose another -o")
+        if input_path is not None and errors_path is not None and same_file(errors_path, input_path):
+            raise ResultsError(f"{what} is the input file {input_path}; choose another --errors")
+        if errors_path is not None and (same_file(errors_path, path) or errors_path == path):
+            raise ResultsError(f"{what} is the results file -o {path}; choose another --errors")
+        fd = -1
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
-        except OSError as exc:
-            raise ResultsError(f"cannot write {path}: {exc.strerror}; choose another -o") from None
-        try:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                raise ResultsError(f"{path} is being written by another `blendserve run`; wait for it to finish "
-                                   "or choose another -o") from None
-            if overwrite:
-                os.ftruncate(fd, 0)
-            with open(path, "rb") as f:
-                data = f.read()
-            done, end, failures = scan(data, path.name)
-            if end < len(data):
-                os.ftruncate(fd, end)
-            errors_fd = os.open(errors_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_APPEND, 0o644)
-            os.write(errors_fd, b"".join(failures))
+            if regular:
+                fd, done, failures = _open_results(path, overwrite)
+            else:
+                fd, done, failures = os.open(path, os.O_WRONLY | os.O_APPEND), Done(), []
+            errors_fd = _rebuild(errors_path, failures) if errors_path is not None else -1
         except (ResultsError, OSError) as exc:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
             if isinstance(exc, OSError):
                 raise ResultsError(f"cannot write {exc.filename or path}: {exc.strerror}; choose another -o") from None
             raise
-        return cls(path, errors_path, fd, errors_fd, done)
+        return cls(path, errors_path, fd, errors_fd, done, regular)
+
+    def drop(self, keys: set) -> None:
+        """Remove the records of `keys` (their requests run again): the kept records go to a new
+        file, locked, then renamed over the results file; the error file is rebuilt to match."""
+        if not keys:
+            return
+        os.lseek(self._fd, 0, os.SEEK_SET)
+        data = _read_all(self._fd)
+        kept = b"".join(raw + b"\n" for raw in data.split(b"\n")[:-1]
+                        if raw.strip() and record_key(_record(raw)) not in keys)
+        fd = _replace(self.path, kept, locked=True)
+        os.close(self._fd)
+        self._fd = fd
+        self.done, _, failures = scan(kept, self.path.name)
+        if self.errors_path is not None:
+            os.close(self._errors_fd)
+            self._errors_fd = _rebuild(self.errors_path, failures)
 
     def write(self, record: dict) -> None:
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
@@ -195,11 +297,13 @@ class ResultWriter:
             raise ResultsError(f"internal error: a second result for {key!r}")
         self.done.keys.add(key)
         _write_all(self._fd, line)
-        if is_failure(record):
+        if is_failure(record) and self._errors_fd >= 0:
             _write_all(self._errors_fd, line)
 
     def close(self) -> None:
         for fd in (self._errors_fd, self._fd):
+            if fd < 0:
+                continue
             try:
                 os.fsync(fd)
             except OSError:
@@ -213,6 +317,86 @@ class ResultWriter:
     def __exit__(self, *exc) -> None:
         if self._fd >= 0:
             self.close()
+
+
+def _open_results(path: Path, overwrite: bool) -> tuple[int, Done, list[bytes]]:
+    """Open and lock a regular results file (retrying when a run renamed a new file over it
+    while this one waited), empty it with `overwrite`, scan it and cut a partial last line."""
+    import fcntl
+
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError as exc:
+            raise ResultsError(f"cannot write {path}: {exc.strerror}; choose another -o") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ResultsError(f"{path} is being written by another `blendserve run`; wait for it to finish "
+                               "or choose another -o") from None
+        held = os.fstat(fd)
+        try:
+            now = os.stat(path)
+        except FileNotFoundError:
+            now = None
+        if now is not None and (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
+            break
+        os.close(fd)  # locked an old file that was replaced meanwhile: lock the current one
+    try:
+        if overwrite:
+            os.ftruncate(fd, 0)
+        data = _read_all(fd)
+        done, end, failures = scan(data, path.name)
+        if end < len(data):
+            os.ftruncate(fd, end)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd, done, failures
+
+
+def _rebuild(errors_path: Path, lines: list[bytes]) -> int:
+    """The error file holding exactly `lines`, open for appending. A regular (or new) file is
+    rebuilt as a new file renamed over it, so it is never emptied before the new content is
+    there; a stream (/dev/stderr, a pipe) is opened for appending as it is."""
+    if not is_regular_or_new(errors_path):
+        return os.open(errors_path, os.O_WRONLY | os.O_APPEND)
+    return _replace(errors_path, b"".join(lines), locked=False)
+
+
+def _replace(path: Path, data: bytes, *, locked: bool) -> int:
+    """Write `data` to a new file next to `path` (its link target), rename it over `path`, and
+    return the new file open for appending (locked first when `locked`, so no other run can
+    take it in between)."""
+    import fcntl
+
+    target = Path(os.path.realpath(path))
+    try:
+        mode = stat.S_IMODE(os.stat(target).st_mode)
+    except FileNotFoundError:
+        mode = 0o644
+    tmp = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.tmp")
+    fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_APPEND, mode)
+    try:
+        if locked:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        _write_all(fd, data)
+        os.fsync(fd)
+        os.replace(tmp, target)
+    except BaseException:
+        os.close(fd)
+        tmp.unlink(missing_ok=True)
+        raise
+    return fd
+
+
+def _read_all(fd: int) -> bytes:
+    os.lseek(fd, 0, os.SEEK_SET)
+    chunks = []
+    while chunk := os.read(fd, 1 << 20):
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -3,9 +3,10 @@
 `start_engine` builds `sglang.Engine(model_path=..., schedule_policy=...)`: on a CPU-only
 machine with `SGLANG_USE_CPU_ENGINE=1`, the `torch_native` attention backend and a bounded KV
 pool (SGLang would size it from host memory); on a GPU with SGLang's defaults. `generate`
-submits all requests at once (or at most `window` at a time), so the scheduler, and the `blend`
-policy's tree, see the whole offline queue, and calls `on_result(prepared, output)` or
-`on_error(prepared, exception)` as each one finishes, in completion order. Nothing is kept
+submits all requests at once (or keeps `window` in flight, refilled in order), so the
+scheduler, and the `blend` policy's tree, see the whole offline queue (or the window), and
+calls `on_result(prepared, output)` or `on_error(prepared, exception)` as each one finishes,
+in completion order. Nothing is kept
 back: the caller writes results as they arrive.
 
 `prepare_environment` must run before sglang (and torch) are imported: SGLang reads
@@ -15,11 +16,14 @@ back: the caller writes results as they arrive.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import os
+import signal
+import threading
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import Callable, Iterable
 
 from .prompts import Prepared
 
@@ -83,17 +87,19 @@ def start_engine(cfg: EngineConfig):
     return sglang.Engine(**cfg.engine_kwargs())
 
 
-def generate(engine, items: Sequence[Prepared], on_result: Callable[[Prepared, dict], None],
+def generate(engine, items: Iterable[Prepared], on_result: Callable[[Prepared, dict], None],
              on_error: Callable[[Prepared, BaseException], None], *, window: int = 0,
              tick: Callable[[float | None], None] | None = None, tick_seconds: float = 0.5) -> float:
     """Run `items` on `engine`; each finishes through `on_result` or `on_error`. At most `window`
-    requests are in the engine at once (0: all). `tick(rate)` is called every `tick_seconds` (the
-    progress bar) with the engine's current decode tokens/s (`live_rate`), or None. Returns the
-    seconds from first submission to last result. KeyboardInterrupt cancels what is in flight
-    and propagates."""
+    requests are in the engine at once (0: all), taken from `items` in order as others finish
+    (`items` may be lazy: only the requests in flight are held). `tick(rate)` is called every
+    `tick_seconds` (the progress bar) with the engine's current decode tokens/s (`live_rate`),
+    or None. Returns the seconds from first submission to last result. KeyboardInterrupt cancels what is in flight
+    and propagates; so does SIGTERM while requests run (SGLang's own SIGTERM handler, which
+    would drain the whole queue, is replaced for that time)."""
     loop = engine.loop
     t0 = time.perf_counter()
-    ours: list[asyncio.Task] = []  # the per-request tasks and the ticker, to cancel on interrupt
+    ours: set[asyncio.Task] = set()  # the requests in flight and the ticker, to cancel on interrupt
     main = loop.create_task(_generate(engine, items, on_result, on_error, window, tick, tick_seconds, ours))
     try:
         loop.run_until_complete(main)
@@ -112,18 +118,24 @@ def generate(engine, items: Sequence[Prepared], on_result: Callable[[Prepared, d
     return time.perf_counter() - t0
 
 
-async def _generate(engine, items, on_result, on_error, window, tick, tick_seconds, ours: list) -> None:
-    gate = asyncio.Semaphore(window if window > 0 else max(1, len(items)))
+async def _generate(engine, items, on_result, on_error, window, tick, tick_seconds, ours: set) -> None:
+    loop = asyncio.get_running_loop()
+    before = signal.getsignal(signal.SIGTERM)
+    start_loop = getattr(getattr(engine, "tokenizer_manager", None), "auto_create_handle_loop", None)
+    if start_loop is not None:
+        start_loop()  # installs SGLang's SIGTERM handler (drain, then exit): replaced just below
+    on_main = threading.current_thread() is threading.main_thread()
+    if on_main:
+        loop.add_signal_handler(signal.SIGTERM, _terminated)
 
     async def one(p: Prepared) -> None:
-        async with gate:
-            try:
-                out = await engine.async_generate(input_ids=p.input_ids, sampling_params=p.sampling_params)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:  # noqa: BLE001 (one request's failure is its own record)
-                on_error(p, exc)
-                return
+        try:
+            out = await engine.async_generate(input_ids=p.input_ids, sampling_params=p.sampling_params)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # noqa: BLE001 (one request's failure is its own record)
+            on_error(p, exc)
+            return
         on_result(p, out)
 
     async def ticker() -> None:
@@ -144,14 +156,35 @@ async def _generate(engine, items, on_result, on_error, window, tick, tick_secon
                 probe.cancel()
 
     if tick is not None:
-        ours.append(asyncio.ensure_future(ticker()))
-    tasks = [asyncio.ensure_future(one(p)) for p in items]
-    ours.extend(tasks)
+        ours.add(asyncio.ensure_future(ticker()))
     try:
-        await asyncio.gather(*tasks)
+        if window <= 0:
+            tasks = [asyncio.ensure_future(one(p)) for p in items]
+            ours.update(tasks)
+            await asyncio.gather(*tasks)
+            return
+        source, in_flight = iter(items), set()
+        while True:  # `window` requests in the engine, refilled in order as each finishes
+            for p in itertools.islice(source, window - len(in_flight)):
+                t = asyncio.ensure_future(one(p))
+                in_flight.add(t)
+                ours.add(t)
+            if not in_flight:
+                break
+            finished, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
+            ours.difference_update(finished)
+            for t in finished:
+                t.result()
     finally:
         for t in ours:
             t.cancel()
+        if on_main:
+            loop.remove_signal_handler(signal.SIGTERM)
+            signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
+
+
+def _terminated() -> None:
+    raise KeyboardInterrupt  # out of run_until_complete: `generate` cancels what is in flight
 
 
 async def live_rate(engine) -> float | None:

@@ -1,0 +1,268 @@
+"""A million prompts through `blendserve run`: read + plan at 1M, the engine at growing N.
+
+1. Writes a real-shaped OpenAI batch file to /tmp (never the repository): MMLU 5-shot chats
+   (a system prompt, the subject's five dev questions as user/assistant turns, one test
+   question), Azure-conversation and Azure-code chats behind their own system prompts, whose
+   unique message length is the trace's context length / `--length-scale` words and whose
+   max_tokens is the trace's output length (capped); every 50th line is a plain completion.
+2. Read + validate + tokenize + plan of `--plan-n` requests in a fresh process (the driver's
+   peak RSS is that process's; the tokenizer workers are separate processes).
+3. `blendserve run` on the tiny random Llama (CPU) for each N of `--engine-n` with max_tokens
+   `--engine-max-tokens`, window auto: peak RSS of the process tree, the first result after the
+   engine is up, the cached-token ratio; a baseline run of `--baseline-n` requests gives the
+   model + KV pool RSS.
+4. The cached-token ratio over window sizes (`--windows`, 0 = all at once) at `--curve-n`.
+5. The resume drill: `--drill-n` requests, killed (SIGKILL, whole process group) at `--kills`
+   random points after the first result, then run to the end: every custom_id exactly once.
+
+Writes `bench/results/million.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench._common import table, write  # noqa: E402
+
+DATA = ROOT.parent.parent / "shared" / "data"
+ENV = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(ROOT)}
+
+
+def shared_data() -> Path:
+    for d in (Path(os.environ.get("BLENDSERVE_DATA", "")), ROOT / ".." / "shared" / "data", Path("/work/shared/data")):
+        if (d / "traces").is_dir():
+            return d
+    sys.exit("shared/data not found: set BLENDSERVE_DATA to the directory with traces/ and mmlu/")
+
+
+def write_corpus(path: Path, n: int, seed: int, length_scale: float, max_tokens_cap: int,
+                 fixed_max_tokens: int | None) -> None:
+    data = shared_data()
+    r = random.Random(seed)
+    conv = [(int(c), int(g)) for _, c, g in list(csv.reader(open(data / "traces/AzureLLMInferenceTrace_conv.csv")))[1:]]
+    code = [(int(c), int(g)) for _, c, g in list(csv.reader(open(data / "traces/AzureLLMInferenceTrace_code.csv")))[1:]]
+    subjects = {}
+    for f in sorted((data / "mmlu/dev").glob("*_dev.csv")):
+        rows = list(csv.reader(open(f)))
+        subjects[f.name[:-len("_dev.csv")]] = rows
+    questions = []
+    for f in sorted((data / "mmlu/test").glob("*_test.csv")):
+        questions += [(f.name[:-len("_test.csv")], row) for row in csv.reader(open(f))]
+    words = " ".join(q[1][0] for q in questions[:3000]).split()
+    systems = {"mmlu": "The following are multiple choice questions. Answer with the letter only.",
+               "conv": "You are a helpful, careful assistant. Answer the user's question clearly and concisely.",
+               "code": "You are an expert programmer. Complete or fix the code the user sends; reply with code only."}
+
+    def qa(row):
+        return f"{row[0]}\nA. {row[1]}\nB. {row[2]}\nC. {row[3]}\nD. {row[4]}\nAnswer:"
+
+    with open(path, "w") as out:
+        for i in range(n):
+            u = r.random()
+            if i % 50 == 49:
+                body = {"prompt": " ".join(r.choices(words, k=r.randint(5, 60))), "max_tokens": 4}
+                url = "/v1/completions"
+            elif u < 0.4:
+                subject, row = questions[r.randrange(len(questions))]
+                msgs = [{"role": "system", "content": systems["mmlu"]}]
+                for shot in subjects[subject]:
+                    msgs += [{"role": "user", "content": qa(shot)}, {"role": "assistant", "content": shot[5]}]
+                msgs.append({"role": "user", "content": qa(row)})
+                body = {"messages": msgs, "max_tokens": 1}
+                url = "/v1/chat/completions"
+            else:
+                kind = "conv" if u < 0.75 else "code"
+                ctx, gen = r.choice(conv if kind == "conv" else code)
+                k = max(3, int(ctx / length_scale))
+                msgs = [{"role": "system", "content": systems[kind]},
+                        {"role": "user", "content": " ".join(r.choices(words, k=k))}]
+                body = {"messages": msgs, "max_tokens": max(1, min(gen, max_tokens_cap))}
+                url = "/v1/chat/completions"
+            if fixed_max_tokens:
+                body["max_tokens"] = fixed_max_tokens
+            body["temperature"] = 0
+            out.write(json.dumps({"custom_id": f"req-{i}", "method": "POST", "url": url, "body": body}) + "\n")
+
+
+def tiny_model() -> Path:
+    d = Path("/tmp/blendserve-million-tiny")
+    if not (d / "config.json").exists():
+        sys.path.insert(0, str(ROOT / "scripts"))
+        from cpu_smoke import write_tiny_llama
+
+        write_tiny_llama(d)
+    return d
+
+
+def plan_phase(path: Path, model: Path) -> dict:
+    """Runs in its own process: read + plan; prints its figures as JSON."""
+    from transformers import AutoTokenizer
+
+    from blendserve_sgl.batch.order import cost_for, plan
+    from blendserve_sgl.batch.progress import peak_rss_mb
+    from blendserve_sgl.batch.prompts import context_length
+    from blendserve_sgl.batch.reader import read_store
+
+    tok = AutoTokenizer.from_pretrained(str(model))
+    t0 = time.perf_counter()
+    read = read_store(path, tok, context_length(model), 256, model_dir=model)
+    t1 = time.perf_counter()
+    order = plan(read.store, cost_for(model))
+    t2 = time.perf_counter()
+    s = read.store
+    return {"planned_requests": len(order), "lines": read.lines, "invalid": len(read.errors),
+            "read_seconds": round(t1 - t0, 2), "plan_only_seconds": round(t2 - t1, 2),
+            "plan_seconds": round(t2 - t0, 2), "driver_rss_mb": round(peak_rss_mb(), 1),
+            "workers": os.cpu_count(), "store_bytes": s.nbytes(), "store_pieces": s.pieces,
+            "prompt_tokens": int(s.prompt_lengths().sum()), "stored_tokens": s.piece_tokens.n + s.tail_tokens.n,
+            "whole_text_fallback": read.whole_text_fallback}
+
+
+def run_cli(path: Path, model: Path, out: Path, window: str, extra=(), kill_after: float | None = None) -> dict:
+    """`blendserve run`; returns its summary JSON (or {'killed': True})."""
+    summary = out.with_suffix(".summary.json")
+    summary.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "blendserve_sgl.cli", "run", str(path), "-o", str(out), "--model", str(model),
+           "--window", window, "--summary-json", str(summary), "--quiet", *extra]
+    proc = subprocess.Popen(cmd, env=ENV, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    if kill_after is not None:
+        try:
+            proc.wait(timeout=kill_after)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            time.sleep(1.0)  # the engine processes die with the group
+            return {"killed": True}
+    text, _ = proc.communicate()
+    if proc.returncode != 0:
+        raise SystemExit(f"blendserve run failed ({proc.returncode}):\n{text[-3000:]}")
+    return json.loads(summary.read_text())
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--plan-n", type=int, default=1_000_000)
+    ap.add_argument("--engine-n", default="25000,50000,100000", help="comma-separated request counts")
+    ap.add_argument("--baseline-n", type=int, default=200)
+    ap.add_argument("--curve-n", type=int, default=0, help="0: the largest engine N")
+    ap.add_argument("--windows", default="0,256,1024,auto")
+    ap.add_argument("--drill-n", type=int, default=0, help="0: the largest engine N")
+    ap.add_argument("--kills", type=int, default=3)
+    ap.add_argument("--engine-max-tokens", type=int, default=2)
+    ap.add_argument("--length-scale", type=float, default=16.0)
+    ap.add_argument("--max-tokens-cap", type=int, default=256)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--tmp", default="/tmp/blendserve-million")
+    ap.add_argument("--skip-plan", action="store_true")
+    ap.add_argument("--skip-engine", action="store_true")
+    ap.add_argument("--plan-model", help="model directory (tokenizer + config.json) for the plan phase "
+                                         "(default: the tiny Llama the engine runs use)")
+    ap.add_argument("--update", action="store_true", help="keep the figures of results/million.json that this "
+                                                          "run does not measure")
+    ap.add_argument("--plan-phase", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    model = tiny_model()
+    if args.plan_phase:
+        print(json.dumps(plan_phase(Path(args.plan_phase), Path(args.plan_model) if args.plan_model else model)))
+        return
+    tmp = Path(args.tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    result: dict = {"model": "tiny random Llama (scripts/cpu_smoke.py), CPU",
+                    "corpus": f"MMLU 5-shot chats 40%, Azure conv 35% / code 25% (unique text = context / "
+                              f"{args.length_scale:g} words), 1 in 50 completions; seed {args.seed}"}
+    if not args.skip_plan:
+        big = tmp / f"plan-{args.plan_n}.jsonl"
+        if not big.exists():
+            write_corpus(big, args.plan_n, args.seed, args.length_scale, args.max_tokens_cap, None)
+        extra = ["--plan-model", args.plan_model] if args.plan_model else []
+        proc = subprocess.run([sys.executable, __file__, "--plan-phase", str(big), *extra], env=ENV,
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(proc.stderr[-3000:])
+        result.update(json.loads(proc.stdout.strip().splitlines()[-1]))
+        result["input_bytes"] = big.stat().st_size
+        result["plan_model"] = str(args.plan_model or model)
+        result["plan_command"] = " ".join(sys.argv)
+        print(table([(k, result[k]) for k in ("planned_requests", "read_seconds", "plan_only_seconds", "plan_seconds",
+                                              "driver_rss_mb", "store_bytes", "prompt_tokens", "stored_tokens")],
+                    ("plan phase", "value")))
+
+    sizes = [int(x) for x in args.engine_n.split(",") if x] if not args.skip_engine else []
+    if sizes:
+        result["engine_command"] = " ".join(sys.argv)
+        def corpus(n):
+            p = tmp / f"engine-{n}.jsonl"
+            if not p.exists():
+                write_corpus(p, n, args.seed, args.length_scale, args.max_tokens_cap, args.engine_max_tokens)
+            return p
+
+        rows, rss = [], {}
+        for n in [args.baseline_n] + sizes:
+            s = run_cli(corpus(n), model, tmp / f"out-{n}.jsonl", "auto", ["--overwrite"])
+            rss[n] = s["tree_peak_rss_mb"]
+            rows.append((n, s["window"], s["tree_peak_rss_mb"], s["driver_peak_rss_mb"], s["first_result_seconds"],
+                         s["cache_hit_ratio"], s["generate_seconds"], s["completed"]))
+            print(table(rows[-1:], ("N", "window", "tree MB", "driver MB", "first s", "cached", "gen s", "done")),
+                  flush=True)
+            result.setdefault("engine_runs", []).append(s)
+        top = sizes[-1]
+        result["engine_requests"] = top
+        result["rss_by_n"] = {str(k): v for k, v in rss.items()}
+        result["engine_rss_mb_over_model"] = round(rss[top] - rss[args.baseline_n], 1)
+        result["first_result_seconds"] = rows[-1][4]
+
+        curve_n = args.curve_n or top
+        curve = {}
+        for w in args.windows.split(","):
+            s = (result["engine_runs"][-1] if w == "auto" and curve_n == top else
+                 run_cli(corpus(curve_n), model, tmp / f"curve-{w}.jsonl", w, ["--overwrite"]))
+            curve[w if w != "auto" else f"auto ({s['window']})"] = s["cache_hit_ratio"]
+            print(f"window {w}: cached {s['cache_hit_ratio']}", flush=True)
+        result["curve_n"] = curve_n
+        result["cached_ratio_by_window"] = curve
+        all_at_once = curve.get("0")
+        auto = next(v for k, v in curve.items() if k.startswith("auto"))
+        if all_at_once:
+            result["cached_ratio_vs_all_at_once"] = round(auto / all_at_once, 4)
+
+        drill_n = args.drill_n or top
+        out = tmp / "drill.jsonl"
+        out.unlink(missing_ok=True)
+        r = random.Random(args.seed)
+        kills = []
+        for _ in range(args.kills):
+            t = r.uniform(25, 75)
+            kills.append(round(t, 1))
+            run_cli(corpus(drill_n), model, out, "auto", kill_after=t)
+        run_cli(corpus(drill_n), model, out, "auto")
+        ids = [json.loads(x)["custom_id"] for x in out.read_text().splitlines()]
+        want = {f"req-{i}" for i in range(drill_n)}
+        result["resume_drill"] = {"requests": drill_n, "kill_after_seconds": kills, "records": len(ids)}
+        result["resume_exactly_once"] = len(ids) == len(set(ids)) and set(ids) == want
+        print(f"resume drill: {len(ids)} records for {drill_n} requests, exactly once: "
+              f"{result['resume_exactly_once']}")
+    if args.update:
+        old = ROOT / "bench" / "results" / "million.json"
+        if old.exists():
+            kept = json.loads(old.read_text())
+            for k in ("command", "machine"):
+                kept.pop(k, None)
+            result = {**kept, **result}
+    print(f"wrote {write('million', result)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,201 @@
+"""Compact storage of a whole batch of tokenized requests (no per-request Python objects).
+
+Token ids live in *pieces*: runs of a prompt that are stored once however many requests use
+them (a system prompt, a few-shot turn, the template text between them), and one unshared
+*tail* per request (everything from its last message on). Layout, all NumPy and growable:
+
+    piece_tokens int32[...]   token ids of every piece, back to back; piece_off int64[pieces+1]
+    tail_tokens  int32[...]   token ids of every tail, back to back;  tail_off  int64[n+1]
+    ref_ids      int32[...]   the pieces each request starts with;    ref_off   int64[n+1]
+    line int64, max_tokens int32, sampling int32, model int16, kind int8     (one per request)
+    custom ids   utf-8 bytes back to back;                             cid_off   int64[n+1]
+    digests      16 bytes per request (the line's `request_digest`)
+
+A request's prompt is its pieces in order followed by its tail. Sampling parameters and model
+names are interned in small tables. `nbytes()` counts the bytes in use; per request that is
+`REQUEST_BYTES + 4 x (tail tokens + pieces referenced) + len(custom_id)`, plus each distinct
+piece once. `prepared(i)` rebuilds one `Prepared` for the engine and the result writer.
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+
+from .prompts import Prepared
+from .requests import BatchRequest
+
+KINDS = ("chat", "completion")
+DIGEST_BYTES = 16
+# line 8 + max_tokens 4 + sampling 4 + model 2 + kind 1 + three offsets (tail, ref, cid) 3 x 8 + digest 16
+REQUEST_BYTES = 8 + 4 + 4 + 2 + 1 + 3 * 8 + DIGEST_BYTES
+
+
+class _Grow:
+    """A growable 1-D NumPy array (amortized doubling)."""
+
+    __slots__ = ("a", "n")
+
+    def __init__(self, dtype, first=()):
+        self.a = np.zeros(max(16, len(first)), dtype=dtype)
+        self.n = 0
+        if len(first):
+            self.extend(first)
+
+    def extend(self, values) -> None:
+        values = np.asarray(values, dtype=self.a.dtype)
+        need = self.n + len(values)
+        if need > len(self.a):
+            bigger = np.zeros(max(need, 2 * len(self.a)), dtype=self.a.dtype)
+            bigger[:self.n] = self.a[:self.n]
+            self.a = bigger
+        self.a[self.n:need] = values
+        self.n = need
+
+    def append(self, value) -> None:
+        if self.n == len(self.a):
+            self.extend([value])
+        else:
+            self.a[self.n] = value
+            self.n += 1
+
+    @property
+    def view(self) -> np.ndarray:
+        return self.a[:self.n]
+
+    @property
+    def nbytes(self) -> int:
+        return self.n * self.a.itemsize
+
+
+class TokenStore:
+    """Every accepted request of a batch; see the module docstring."""
+
+    def __init__(self):
+        self.piece_tokens = _Grow(np.int32)
+        self.piece_off = _Grow(np.int64, [0])
+        self._piece_ids: dict[int, int] = {}  # piece digest -> piece id
+        self.tail_tokens = _Grow(np.int32)
+        self.tail_off = _Grow(np.int64, [0])
+        self.ref_ids = _Grow(np.int32)
+        self.ref_off = _Grow(np.int64, [0])
+        self.line = _Grow(np.int64)
+        self.max_tokens = _Grow(np.int32)
+        self.sampling = _Grow(np.int32)
+        self.model = _Grow(np.int16)
+        self.kind = _Grow(np.int8)
+        self.cid_bytes = bytearray()
+        self.cid_off = _Grow(np.int64, [0])
+        self.digests = bytearray()
+        self.sampling_table: list[str] = []  # JSON of the sampling params (without max_new_tokens)
+        self.model_table: list[str | None] = []
+        self._interned: dict = {}
+
+    def __len__(self) -> int:
+        return self.line.n
+
+    @property
+    def pieces(self) -> int:
+        return self.piece_off.n - 1
+
+    # ------------------------------------------------------------------ filling
+    def has_piece(self, digest: int) -> bool:
+        return digest in self._piece_ids
+
+    def add_piece(self, digest: int, tokens) -> int:
+        """Store a piece once under its content digest; returns its id (the old one if known)."""
+        pid = self._piece_ids.get(digest)
+        if pid is None:
+            pid = self._piece_ids[digest] = self.pieces
+            self.piece_tokens.extend(tokens)
+            self.piece_off.append(self.piece_tokens.n)
+        return pid
+
+    def add(self, *, line: int, custom_id: str, kind: str, model: str | None, sampling: dict, max_tokens: int,
+            piece_digests, tail, digest: str = "") -> int:
+        """Append one request: the digests of its leading pieces (each stored by `add_piece`
+        already) and its tail tokens. Returns its index."""
+        refs = [self._piece_ids[d] for d in piece_digests]
+        if not refs and not len(tail):
+            raise ValueError(f"line {line}: a request needs at least one prompt token")
+        self.ref_ids.extend(refs)
+        self.ref_off.append(self.ref_ids.n)
+        self.tail_tokens.extend(tail)
+        self.tail_off.append(self.tail_tokens.n)
+        self.line.append(line)
+        self.max_tokens.append(max_tokens)
+        self.sampling.append(self._intern(self.sampling_table, json.dumps(sampling, sort_keys=True)))
+        self.model.append(self._intern(self.model_table, model))
+        self.kind.append(KINDS.index(kind))
+        self.cid_bytes += custom_id.encode("utf-8")
+        self.cid_off.append(len(self.cid_bytes))
+        self.digests += bytes.fromhex(digest).ljust(DIGEST_BYTES, b"\0")[:DIGEST_BYTES]
+        return len(self) - 1
+
+    def _intern(self, table: list, value) -> int:
+        key = (id(table), value)
+        idx = self._interned.get(key)
+        if idx is None:
+            idx = self._interned[key] = len(table)
+            table.append(value)
+        return idx
+
+    # ------------------------------------------------------------------ reading
+    def custom_id(self, i: int) -> str:
+        off = self.cid_off.a
+        return self.cid_bytes[off[i]:off[i + 1]].decode("utf-8")
+
+    def refs(self, i: int) -> np.ndarray:
+        return self.ref_ids.a[self.ref_off.a[i]:self.ref_off.a[i + 1]]
+
+    def tail(self, i: int) -> np.ndarray:
+        return self.tail_tokens.a[self.tail_off.a[i]:self.tail_off.a[i + 1]]
+
+    def piece(self, pid: int) -> np.ndarray:
+        return self.piece_tokens.a[self.piece_off.a[pid]:self.piece_off.a[pid + 1]]
+
+    def piece_lengths(self) -> np.ndarray:
+        return np.diff(self.piece_off.view)
+
+    def prompt_lengths(self) -> np.ndarray:
+        """Prompt tokens of every request (pieces + tail)."""
+        plen = self.piece_lengths()
+        csum = np.concatenate(([0], np.cumsum(plen[self.ref_ids.view], dtype=np.int64)))
+        off = self.ref_off.view
+        per_ref = csum[off[1:]] - csum[off[:-1]]
+        return per_ref + np.diff(self.tail_off.view)
+
+    def input_ids(self, i: int) -> list[int]:
+        parts = [self.piece(int(p)) for p in self.refs(i)]
+        parts.append(self.tail(i))
+        return np.concatenate(parts).tolist()
+
+    def prepared(self, i: int) -> Prepared:
+        """Request `i` as the engine and `results.ok_record` take it (messages/prompt not kept)."""
+        req = BatchRequest(line=int(self.line.a[i]), custom_id=self.custom_id(i), kind=KINDS[self.kind.a[i]],
+                           messages=None, prompt=None, max_tokens=int(self.max_tokens.a[i]),
+                           sampling=json.loads(self.sampling_table[self.sampling.a[i]]),
+                           model=self.model_table[self.model.a[i]],
+                           digest=self.digests[i * DIGEST_BYTES:(i + 1) * DIGEST_BYTES].hex())
+        return Prepared(req, self.input_ids(i), int(self.max_tokens.a[i]))
+
+    def nbytes(self) -> int:
+        """Bytes in use (arrays up to their length, custom ids); see the module docstring."""
+        arrays = (self.piece_tokens, self.piece_off, self.tail_tokens, self.tail_off, self.ref_ids, self.ref_off,
+                  self.line, self.max_tokens, self.sampling, self.model, self.kind, self.cid_off)
+        return sum(a.nbytes for a in arrays) + len(self.cid_bytes) + len(self.digests)
+
+    def check_integrity(self) -> None:
+        n = len(self)
+        for name, g in (("tail_off", self.tail_off), ("ref_off", self.ref_off), ("cid_off", self.cid_off)):
+            assert g.n == n + 1, f"{name} has {g.n} entries for {n} requests"
+            assert np.all(np.diff(g.view) >= 0), f"{name} is not non-decreasing"
+        for name, g in (("max_tokens", self.max_tokens), ("sampling", self.sampling), ("model", self.model),
+                        ("kind", self.kind)):
+            assert g.n == n, f"{name} has {g.n} entries for {n} requests"
+        assert self.tail_off.view[-1] == self.tail_tokens.n and self.ref_off.view[-1] == self.ref_ids.n
+        assert self.piece_off.view[-1] == self.piece_tokens.n
+        assert len(self.digests) == DIGEST_BYTES * n
+        assert self.ref_ids.n == 0 or (self.ref_ids.view.min() >= 0 and self.ref_ids.view.max() < self.pieces)
+        assert n == 0 or self.prompt_lengths().min() >= 1, "a request without prompt tokens"

@@ -1,0 +1,329 @@
+"""Large batches in `blendserve run`: the compact store, the streaming reader, the global plan,
+the bounded feed, and (marked `engine`) the window feed against all-at-once on the real engine."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from blendserve_sgl.batch import cli, runner
+from blendserve_sgl.batch.feed import MIN_WINDOW, pending, window_size
+from blendserve_sgl.batch.order import build_tree, check_plan, cost_for, dual_order, plan
+from blendserve_sgl.batch.prompts import Prepared, prepare
+from blendserve_sgl.batch.reader import read_store
+from blendserve_sgl.batch.requests import BatchRequest, LineError, read_requests
+from blendserve_sgl.batch.store import REQUEST_BYTES, TokenStore
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """The tiny random Llama's directory and its (byte-level BPE, chat-template) tokenizer."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from cpu_smoke import write_tiny_llama
+    from transformers import AutoTokenizer
+
+    d = write_tiny_llama(tmp_path_factory.mktemp("tiny-llama"))
+    return Path(d), AutoTokenizer.from_pretrained(str(d))
+
+
+def corpus(path: Path, n: int, seed: int = 0, max_tokens=(1, 8), bad: bool = True) -> Path:
+    """Chat requests behind 3 system prompts, some with two few-shot turns; a completion every
+    7th; with `bad`, an invalid line, a repeated custom_id and an over-long max_tokens."""
+    r = random.Random(seed)
+    words = ["alpha", "beta", "gamma", "delta", "eps", "zeta", "theta"]
+    systems = [f"You are assistant {k}. " + " ".join(words[:k + 3]) for k in range(3)]
+    rows = []
+    for i in range(n):
+        text = " ".join(r.choice(words) for _ in range(r.randint(2, 25)))
+        body = {"max_tokens": r.randint(*max_tokens), "temperature": 0}
+        if i % 7 == 6:
+            rows.append({"custom_id": f"r{i}", "method": "POST", "url": "/v1/completions",
+                         "body": {**body, "prompt": text}})
+            continue
+        msgs = [{"role": "system", "content": systems[i % 3]}]
+        if i % 2:
+            msgs += [{"role": "user", "content": f"example {i % 4}"}, {"role": "assistant", "content": "fine"}]
+        msgs.append({"role": "user", "content": text})
+        rows.append({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+                     "body": {**body, "messages": msgs}})
+    lines = [json.dumps(x) for x in rows]
+    if bad:
+        lines[5:5] = ['{"custom_id": "broken", ', json.dumps(rows[0]),
+                      json.dumps({**rows[1], "custom_id": "long", "body": {**rows[1]["body"], "max_tokens": 10**6}})]
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def reference(path: Path, tok, ctx=2048, default=16):
+    """The plain path: read_requests + prepare, one request at a time."""
+    out = []
+    for item in read_requests(path):
+        out.append(item if isinstance(item, LineError) else prepare(item, tok, ctx, default, path.name))
+    return out
+
+
+# ------------------------------------------------------------------ the store
+def test_store_byte_count_is_fixed_fields_plus_token_ids():
+    """nbytes = REQUEST_BYTES per request + 4 per tail token and per piece reference + the custom
+    id, + each distinct piece once (4 per token, 8 per offset), + the leading zero offsets."""
+    s = TokenStore()
+    s.add_piece(11, [1, 2, 3, 4, 5])
+    s.add_piece(12, [6, 7])
+    assert s.add_piece(11, [9, 9, 9]) == 0  # known digest: stored once, the first ids kept
+    n, tails, refs, cid = 1000, 0, 0, 0
+    for i in range(n):
+        tail = list(range(i % 13))
+        pieces = [11, 12][: i % 3]
+        if not tail and not pieces:
+            tail = [42]
+        s.add(line=i + 1, custom_id=f"id-{i}", kind="chat", model=None, sampling={"temperature": 0.0},
+              max_tokens=4, piece_digests=pieces, tail=tail)
+        tails, refs, cid = tails + len(tail), refs + len(pieces), cid + len(f"id-{i}")
+    s.check_integrity()
+    pieces_bytes = 4 * 7 + 8 * (2 + 1)
+    assert s.nbytes() == REQUEST_BYTES * n + 4 * (tails + refs) + cid + pieces_bytes + 3 * 8
+    assert REQUEST_BYTES <= 64
+    assert s.prompt_lengths().tolist() == [len(s.input_ids(i)) for i in range(n)]
+    assert s.input_ids(2) == [1, 2, 3, 4, 5, 6, 7, 0, 1]
+
+
+def test_store_rejects_an_empty_prompt():
+    with pytest.raises(ValueError, match="line 3: a request needs at least one prompt token"):
+        TokenStore().add(line=3, custom_id="x", kind="chat", model=None, sampling={}, max_tokens=1,
+                         piece_digests=[], tail=[])
+
+
+# ------------------------------------------------------------------ the reader
+@pytest.mark.parametrize("workers", [0, 1])
+def test_reader_matches_the_plain_path(tiny, tmp_path, workers):
+    """Same token ids, max_tokens, sampling and custom ids as read_requests + prepare for every
+    good line, the same error messages for the bad ones; shared pieces stored once."""
+    model_dir, tok = tiny
+    path = corpus(tmp_path / "in.jsonl", 120)
+    got = read_store(path, tok, 2048, 16, model_dir=model_dir, workers=workers, batch_lines=17)
+    got.store.check_integrity()
+    ref = reference(path, tok)
+    ok = [x for x in ref if isinstance(x, Prepared)]
+    assert [(e.message, e.digest) for e in got.errors] == [(x.message, x.digest) for x in ref
+                                                            if isinstance(x, LineError)]
+    assert len(got.errors) == 3 and got.lines == len(ref) and not got.whole_text_fallback
+    assert len(got.store) == len(ok)
+    for i, p in enumerate(ok):
+        q = got.store.prepared(i)
+        assert (q.input_ids, q.max_tokens, q.sampling_params, q.request.custom_id, q.request.line, q.request.kind,
+                q.request.digest) == (p.input_ids, p.max_tokens, p.sampling_params, p.request.custom_id,
+                                      p.request.line, p.request.kind, p.request.digest)
+    assert got.store.pieces < 40  # system prompts, few-shot turns and template text, not per request
+    assert got.store.piece_tokens.n + got.store.tail_tokens.n < 0.7 * sum(len(p.input_ids) for p in ok)
+
+
+def test_reader_marks_done_requests_and_keeps_them_in_the_store(tiny, tmp_path):
+    model_dir, tok = tiny
+    path = corpus(tmp_path / "in.jsonl", 30)
+    got = read_store(path, tok, 2048, 16, workers=0)
+    got.mark_done({"r3", "r4", ("line", 6)})
+    assert got.skipped == 3 and len(got.errors) == 3 and got.lines == 33  # line 6 is one of the 3 bad lines
+    assert [got.store.custom_id(i) for i in np.flatnonzero(got.done)] == ["r3", "r4"]
+
+
+def test_pieces_of_a_rejected_request_reach_the_next_request_using_them(tiny, tmp_path):
+    """The first request behind a system prompt is too long for the context: its pieces are not
+    stored with it, yet the next request behind the same prompt gets them."""
+    model_dir, tok = tiny
+    system = {"role": "system", "content": "You are a precise assistant."}
+    rows = [{"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
+             "body": {"messages": [system, {"role": "user", "content": text}], "max_tokens": 2}}
+            for cid, text in (("long", "alpha " * 400), ("short", "beta gamma"))]
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = read_store(path, tok, 300, 16, workers=0)
+    assert [e.code for e in got.errors] == ["context_length_exceeded"] and len(got.store) == 1
+    want = [x for x in reference(path, tok, ctx=300) if isinstance(x, Prepared)]
+    assert got.store.input_ids(0) == want[0].input_ids
+
+
+def test_piece_encoding_falls_back_to_whole_text_when_pieces_differ(tiny, tmp_path):
+    """A tokenizer whose piece ids do not concatenate to the whole text's: every request is
+    still encoded exactly as prepare() does."""
+    model_dir, tok = tiny
+
+    class Shifted:  # encodes each call's text with the first id changed: pieces differ from the whole
+        chat_template = tok.chat_template
+        added_tokens_encoder = tok.added_tokens_encoder
+
+        def apply_chat_template(self, *a, **k):
+            return tok.apply_chat_template(*a, **k)
+
+        def encode(self, text, add_special_tokens=True):
+            ids = tok.encode(text, add_special_tokens=add_special_tokens)
+            return [(ids[0] + 1) % len(tok)] + ids[1:] if ids else ids
+
+        def __len__(self):
+            return len(tok)
+
+    path = corpus(tmp_path / "in.jsonl", 40, bad=False)
+    got = read_store(path, Shifted(), 2048, 16, workers=0)
+    assert got.whole_text_fallback
+    ref = [x for x in reference(path, Shifted()) if isinstance(x, Prepared)]
+    assert [got.store.prepared(i).input_ids for i in range(len(ref))] == [p.input_ids for p in ref]
+
+
+# ------------------------------------------------------------------ the plan
+def test_plan_is_a_deterministic_permutation(tiny, tmp_path):
+    model_dir, tok = tiny
+    path = corpus(tmp_path / "in.jsonl", 200)
+    a = read_store(path, tok, 2048, 16, workers=0)
+    b = read_store(path, tok, 2048, 16, workers=0)
+    pa, pb = plan(a.store, cost_for(model_dir)), plan(b.store, cost_for(model_dir))
+    check_plan(pa, len(a.store))
+    assert pa.tolist() == pb.tolist()
+    tree = build_tree(a.store, cost_for(model_dir))
+    tree.check_integrity()
+    assert tree.root.sharing > 0.3  # the shared pieces are shared in the tree
+
+
+def test_dual_order_takes_a_prefix_from_the_left_and_a_suffix_from_the_right():
+    """The merged order is the sorted leaves consumed from both ends: whatever came from the left
+    is a prefix of the leaf order in order, the rest its suffix in reverse; it starts left."""
+    cost = cost_for(None)
+    r = random.Random(1)
+    leaves = [(k, r.randint(1, 3000), r.randint(1, 500)) for k in range(300)]
+    order = dual_order(leaves, cost).tolist()
+    assert sorted(order) == list(range(300)) and order[0] == 0
+    i, j, sides = 0, 299, set()
+    for x in order:  # each next request is the leftmost or the rightmost not yet taken
+        assert x in (i, j)
+        sides.add(x == i)
+        i, j = (i + 1, j) if x == i else (i, j - 1)
+    assert sides == {True, False}
+
+
+def test_resumed_run_continues_the_same_order(tiny, tmp_path):
+    """Plan with the first k planned requests done: the pending requests are the rest of the
+    same plan, in the same order."""
+    model_dir, tok = tiny
+    path = corpus(tmp_path / "in.jsonl", 150)
+    first = read_store(path, tok, 2048, 16, workers=0)
+    order = plan(first.store, cost_for(model_dir))
+    ids = [first.store.custom_id(i) for i in order]
+    done = set(ids[:60]) | {ids[100]}
+    again = read_store(path, tok, 2048, 16, workers=0)
+    again.mark_done(done)
+    left = [p.request.custom_id for p in pending(again.store, plan(again.store, cost_for(model_dir)), again.done)]
+    assert left == [x for x in ids if x not in done]
+
+
+# ------------------------------------------------------------------ the feed
+def test_window_size_from_engine_capacity():
+    assert window_size(32768, 2048, 128.0) == 4 * 256  # the KV pool binds
+    assert window_size(32768, 100, 128.0) == 400  # the running slots bind
+    assert window_size(1000, None, 500.0) == MIN_WINDOW
+    assert window_size(None, None, 10.0) > 0
+
+
+class OrderEngine:
+    """Records submission order and the most requests in flight; answers after a short delay."""
+
+    def __init__(self, stop_after=None):
+        self.loop = asyncio.new_event_loop()
+        self.order, self.in_flight, self.most, self.answered = [], 0, 0, 0
+        self.stop_after = stop_after
+
+    async def async_generate(self, input_ids, sampling_params):
+        self.order.append(tuple(input_ids))
+        self.in_flight += 1
+        self.most = max(self.most, self.in_flight)
+        await asyncio.sleep(0.0005 * (len(input_ids) % 4))
+        self.in_flight -= 1
+        if self.stop_after is not None and self.answered >= self.stop_after:
+            raise KeyboardInterrupt
+        self.answered += 1
+        return {"text": "x", "output_ids": [1], "meta_info": {"id": "i", "prompt_tokens": len(input_ids),
+                                                               "completion_tokens": 1, "cached_tokens": 0}}
+
+    def get_server_info(self):
+        return {"max_total_num_tokens": 64 * 30, "max_running_requests": 64}
+
+    def shutdown(self):
+        self.loop.close()
+
+
+def test_window_bounds_what_is_in_flight_and_submits_in_order():
+    req = BatchRequest(1, "x", "completion", None, "x", 1)
+    items = [Prepared(req, [i] * (1 + i % 5), 1) for i in range(500)]
+    eng = OrderEngine()
+    results = []
+    runner.generate(eng, iter(items), lambda p, out: results.append(p), lambda p, exc: pytest.fail(str(exc)),
+                    window=7)
+    assert eng.most == 7 and len(results) == 500
+    assert eng.order == [tuple(p.input_ids) for p in items]
+
+
+def test_command_interrupted_and_resumed_runs_each_request_once_in_plan_order(tiny, tmp_path, monkeypatch):
+    """The command (stand-in engine) stopped after 40 results, then rerun: the second run submits
+    the rest of the same plan in plan order; every custom_id ends with exactly one record."""
+    model_dir, tok = tiny
+    path = corpus(tmp_path / "in.jsonl", 150)
+    engines = []
+
+    def start(cfg):
+        engines.append(OrderEngine(stop_after=40 if not engines else None))
+        return engines[-1]
+
+    monkeypatch.setattr(cli, "_load_tokenizer", lambda d: tok)
+    monkeypatch.setattr(runner, "prepare_environment", lambda device: "cpu")
+    monkeypatch.setattr(runner, "start_engine", start)
+    out = tmp_path / "out.jsonl"
+    args = [str(path), "-o", str(out), "--model", str(model_dir), "--quiet", "--window", "5"]
+    assert cli.main(args) == 130
+    assert cli.main(args) == 0
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    keys = [r["custom_id"] if r["custom_id"] is not None else r["error"]["line"] for r in recs]
+    assert len(keys) == len(set(keys)) == 153
+    read = read_store(path, tok, 2048, 256, workers=0)
+    planned = [tuple(read.store.input_ids(i)) for i in plan(read.store, cost_for(model_dir))]
+    first_done = {tuple(read.store.input_ids(i)) for i in range(len(read.store))
+                  if read.store.custom_id(i) in {r["custom_id"] for r in recs[:43]}}
+    assert engines[1].order == [x for x in planned if x not in first_done]
+    assert engines[0].most <= 5 and engines[1].most <= 5
+
+
+# ------------------------------------------------------------------ the real engine
+@pytest.mark.engine
+@pytest.mark.skipif(os.environ.get("BLENDSERVE_SKIP_ENGINE") == "1", reason="BLENDSERVE_SKIP_ENGINE=1")
+def test_window_feed_matches_all_at_once_on_the_engine(tiny, tmp_path):
+    """Greedy decoding: the same text for every custom_id with a window of 16 as with everything
+    submitted at once; the window keeps at least the all-at-once cached-token ratio, less 2
+    points (it tends to keep more: a prefill batch cannot share a prefix within itself, and the
+    window admits fewer requests per batch)."""
+    model_dir, _ = tiny
+    path = corpus(tmp_path / "in.jsonl", 160, bad=False)
+    env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(ROOT)}
+    runs = {}
+    for window in ("0", "16"):
+        out, summary = tmp_path / f"out{window}.jsonl", tmp_path / f"s{window}.json"
+        proc = subprocess.run([sys.executable, "-m", "blendserve_sgl.cli", "run", str(path), "-o", str(out),
+                               "--model", str(model_dir), "--window", window, "--quiet", "--summary-json",
+                               str(summary)], env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        recs = {r["custom_id"]: r for r in map(json.loads, out.read_text().splitlines())}
+        runs[window] = (recs, json.loads(summary.read_text()))
+    (a, sa), (b, sb) = runs["0"], runs["16"]
+    assert set(a) == set(b) and len(a) == 160
+    assert sb["window"] == 16 and sa["window"] == 0
+    text = lambda r: r["response"]["body"]["choices"][0].get("message", r["response"]["body"]["choices"][0])
+    for cid in a:
+        assert a[cid]["error"] is None and b[cid]["error"] is None
+        assert text(a[cid]) == text(b[cid]), cid
+    assert sa["input_tokens"] == sb["input_tokens"]
+    assert sb["cache_hit_ratio"] >= sa["cache_hit_ratio"] - 0.02, (sa["cache_hit_ratio"], sb["cache_hit_ratio"])
