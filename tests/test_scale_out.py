@@ -147,3 +147,18 @@ def test_routed_dp_rank_reaches_that_rank_in_sglangs_controller(monkeypatch):
         assert sent[-1] == (f"w{rank}", req)
     dpc.DataParallelController.round_robin_scheduler(ctl, types.SimpleNamespace(routed_dp_rank=None))
     assert sent[-1][0] == "w0"  # without it, the controller's own round-robin
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dp", "2", "--ray"], "--dp and --ray are two ways to run replicas"),
+    (["--ray-address", "head:6379"], "--ray-address and --gpus-per-replica apply to --ray runs"),
+    (["--gpus-per-replica", "1"], "--ray-address and --gpus-per-replica apply to --ray runs"),
+])
+def test_scale_out_flags_are_checked_before_anything_starts(tmp_path, capsys, argv, message):
+    from blendserve_sgl.batch.cli import main
+
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"prompt": "hi"}}\n')
+    assert main([str(src), "-o", str(tmp_path / "out.jsonl"), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl").exists()

@@ -71,3 +71,23 @@ def test_ray_replica_killed_mid_run_every_custom_id_once(tiny_llama, tmp_path):
     ids = [r["custom_id"] for r in recs]
     assert sorted(ids) == sorted(got["custom_ids"]) and len(ids) == len(set(ids))
     assert all(r["error"] is None for r in recs)
+
+
+def test_blendserve_run_ray_two_replicas_writes_every_custom_id_once(tiny_llama, tmp_path):
+    """The command end to end on a local Ray cluster: two replicas, one output file."""
+    pytest.importorskip("ray")
+    sys.path.insert(0, str(ROOT / "tests"))
+    from scale_out_scenarios import shared_prefix_requests
+
+    src, out, log = tmp_path / "requests.jsonl", tmp_path / "results.jsonl", tmp_path / "run.log"
+    shared_prefix_requests(src, 16)
+    proc = subprocess.Popen([sys.executable, "-m", "blendserve_sgl.cli", "run", str(src), "-o", str(out), "--model",
+                             tiny_llama, "--ray", "--replicas", "2", "--max-total-tokens", "4096", "--quiet"],
+                            env=ENV, start_new_session=True, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    try:
+        proc.wait(timeout=1500)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 0, log.read_text()[-4000:]
+    ids = [json.loads(x)["custom_id"] for x in out.read_text().splitlines()]
+    assert sorted(ids) == sorted(f"r{i}" for i in range(16))
