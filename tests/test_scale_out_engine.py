@@ -73,16 +73,21 @@ def test_ray_replica_killed_mid_run_every_custom_id_once(tiny_llama, tmp_path):
     assert all(r["error"] is None for r in recs)
 
 
-def test_blendserve_run_ray_two_replicas_writes_every_custom_id_once(tiny_llama, tmp_path):
-    """The command end to end on a local Ray cluster: two replicas, one output file."""
-    pytest.importorskip("ray")
+@pytest.mark.parametrize("flags", [["--ray", "--replicas", "2"], ["--dp", "2"]])
+def test_blendserve_run_two_replicas_writes_every_custom_id_once(tiny_llama, tmp_path, flags):
+    """The command end to end with two replicas (a local Ray cluster, or SGLang's DP ranks): one
+    output file, every custom_id once."""
+    if "--ray" in flags:
+        pytest.importorskip("ray")
+    elif len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("--dp 2 on CPU needs two cores")
     sys.path.insert(0, str(ROOT / "tests"))
     from scale_out_scenarios import shared_prefix_requests
 
     src, out, log = tmp_path / "requests.jsonl", tmp_path / "results.jsonl", tmp_path / "run.log"
     shared_prefix_requests(src, 16)
     proc = subprocess.Popen([sys.executable, "-m", "blendserve_sgl.cli", "run", str(src), "-o", str(out), "--model",
-                             tiny_llama, "--ray", "--replicas", "2", "--max-total-tokens", "4096", "--quiet"],
+                             tiny_llama, *flags, "--max-total-tokens", "4096", "--quiet", "--workers", "0"],
                             env=ENV, start_new_session=True, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     try:
         proc.wait(timeout=1500)
