@@ -83,6 +83,8 @@ def main() -> None:
     args = ap.parse_args()
     path = RESULTS / "scale_out.json"
     payload = json.loads(path.read_text()) if path.exists() else {}  # each part replaces its own figures
+    payload.pop("command", None)  # the last run's; each part keeps its own under sim/engine
+    payload.pop("machine", None)
     if not args.engine_only:
         payload.update(sim_part(args.requests, args.seed, args.traces.split(",")))
         payload["sim"]["command"] = command()
