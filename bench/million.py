@@ -6,7 +6,9 @@
    unique message length is the trace's context length / `--length-scale` words and whose
    max_tokens is the trace's output length (capped); every 50th line is a plain completion.
 2. Read + validate + tokenize + plan of `--plan-n` requests in a fresh process (the driver's
-   peak RSS is that process's; the tokenizer workers are separate processes).
+   peak RSS is that process's; the tokenizer workers are separate processes), with the tiny
+   Llama's tokenizer or `--plan-model DIR` (tokenizer files + config.json; the recorded run used
+   SmolLM2-135M-Instruct's tokenizer files with the `smollm2-135m` config of `core/specs.py`).
 3. `blendserve run` on the tiny random Llama (CPU) for each N of `--engine-n` with max_tokens
    `--engine-max-tokens`, window auto: peak RSS of the process tree, the first result after the
    engine is up, the cached-token ratio; a baseline run of `--baseline-n` requests gives the

@@ -1,7 +1,10 @@
-"""The `blendserve` command: subcommands of the project."""
+"""The `blendserve` command: subcommands of the project, and the argument types they share
+(a bad value is a one-line argparse error naming the option, exit 2)."""
 
 from __future__ import annotations
 
+import argparse
+import math
 import sys
 
 COMMANDS = {
@@ -9,6 +12,34 @@ COMMANDS = {
     "run": ("blendserve_sgl.batch.cli", "run a JSONL batch of OpenAI requests through SGLang with BlendServe scheduling"),
     "simulate": ("blendserve_sgl.sim.cli", "simulate policies over a workload (SGLang-style engine, cost-model time)"),
 }
+
+
+def positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{text} must be a positive integer")
+    return v
+
+
+def positive_float(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"{text} must be a positive number")
+    return v
+
+
+def fraction(text: str) -> float:
+    """A number above 0 and at most 1."""
+    v = positive_float(text)
+    if v > 1:
+        raise argparse.ArgumentTypeError(f"{text} must be above 0 and at most 1")
+    return v
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,6 +13,7 @@ import argparse
 import math
 import time
 
+from .cli import fraction, positive_float, positive_int
 from .core import CostModel, DualScanner, OutputLengthEstimator, ScanConfig
 from .core.replay import OrderPicker, ReplayResult, replay
 from .core.sharing import dfs_order
@@ -37,22 +38,25 @@ def _phases(res: ReplayResult, root_density: float, parts: int = 10) -> list[tup
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="blendserve plan", description=__doc__.split("\n")[0])
-    ap.add_argument("--requests", type=int, default=20_000)
+    ap.add_argument("--requests", type=positive_int, default=20_000)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--model", default="llama-3.1-8b", help="model preset or path to config.json")
     ap.add_argument("--hardware", default="a100", help="a100, h100, h200 or cpu (measured here)")
-    ap.add_argument("--kv-gb", type=float, default=40.0, help="KV-cache memory")
-    ap.add_argument("--slots", type=int, default=512, help="max running requests")
-    ap.add_argument("--prefill", type=int, default=512, help="prefill tokens per step (chunked-prefill size)")
-    ap.add_argument("--sample-fraction", type=float, default=0.01)
-    ap.add_argument("--keep-sharing", type=float, default=0.99)
+    ap.add_argument("--kv-gb", type=positive_float, default=40.0, help="KV-cache memory")
+    ap.add_argument("--slots", type=positive_int, default=512, help="max running requests")
+    ap.add_argument("--prefill", type=positive_int, default=512, help="prefill tokens per step (chunked-prefill size)")
+    ap.add_argument("--sample-fraction", type=fraction, default=0.01)
+    ap.add_argument("--keep-sharing", type=fraction, default=0.99)
     ap.add_argument("--unknown-lengths", action="store_true",
                     help="hide output lengths from BlendServe (sample + estimate); the replay has no "
                          "retraction, so underestimates over-commit KV (peak KV is printed)")
     ap.add_argument("--out", help="also write the figures as JSON to this path")
     args = ap.parse_args(argv)
 
-    cost = CostModel.from_names(args.model, args.hardware)
+    try:
+        cost = CostModel.from_names(args.model, args.hardware)
+    except (ValueError, KeyError, OSError) as exc:  # an unknown preset, a config.json that is not a model's
+        ap.error(f"--model {args.model} --hardware {args.hardware}: {exc}")  # one line, exit 2
     t0 = time.perf_counter()
     records = mixed_workload(args.requests, seed=args.seed)
     truth = {r.rid: r.output_len for r in records}

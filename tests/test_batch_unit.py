@@ -20,8 +20,8 @@ from blendserve_sgl.batch import cli, runner
 from blendserve_sgl.batch.progress import Progress, RunStats, summary_lines
 from blendserve_sgl.batch.prompts import Prepared, context_length, prepare
 from blendserve_sgl.batch.requests import BatchRequest, InputError, LineError, parse_line, read_requests
-from blendserve_sgl.batch.results import (ResultsError, ResultWriter, error_record, errors_path_for, ok_record,
-                                          record_key, scan)
+from blendserve_sgl.batch.results import (ResultsError, ResultWriter, check_integrity, error_record, errors_path_for,
+                                          ok_record, reconcile, record_key, scan)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -679,7 +679,11 @@ def test_results_to_a_pipe_or_dev_null_are_streamed_without_scan_or_side_files(s
     src = _batch(tmp_path)
     r, w = os.pipe()
     got = []
-    reader = threading.Thread(target=lambda: got.append(b"".join(iter(lambda: os.read(r, 65536), b""))))
+    def drain():
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGALRM})  # the alarm interrupts the main thread
+        got.append(b"".join(iter(lambda: os.read(r, 65536), b"")))
+
+    reader = threading.Thread(target=drain, daemon=True)
     reader.start()
     alarm = signal.signal(signal.SIGALRM, lambda *a: pytest.fail("blendserve run blocked on its results pipe"))
     signal.alarm(120)  # a hang becomes a failure
@@ -689,8 +693,9 @@ def test_results_to_a_pipe_or_dev_null_are_streamed_without_scan_or_side_files(s
         signal.alarm(0)
         signal.signal(signal.SIGALRM, alarm)
         os.close(w)
-        reader.join()
-        os.close(r)
+        reader.join(timeout=60)  # a writer end leaked by a failed run would keep the pipe open
+    assert not reader.is_alive()
+    os.close(r)
     assert code == 0
     recs = [json.loads(x) for x in got[0].decode().splitlines()]
     assert len(recs) == 17 and len({str(record_key(x)) for x in recs}) == 17
@@ -714,9 +719,10 @@ def test_sigterm_while_requests_run_stops_like_ctrl_c(stand_in, tmp_path, capsys
     assert cli.main(args) == 130
     assert stand_in["engines"][0].shut and not stand_in["engines"][0].tokenizer_manager.drain
     assert len(out.read_text().splitlines()) == 3 + 4 and "interrupted" in capsys.readouterr().out
+    check_integrity(out, tmp_path / "results.errors.jsonl")
     stand_in["sigterm_after"] = None
     assert cli.main(args) == 0
-    assert len({str(record_key(json.loads(x))) for x in out.read_text().splitlines()}) == 17
+    assert len(_by_key(out)) == 17
 
 
 def test_lone_surrogates_bom_and_duplicate_keys_become_line_records(stand_in, tmp_path):
@@ -756,6 +762,7 @@ def test_empty_input_is_an_error(stand_in, tmp_path, capsys):
 
 
 def _by_key(out: Path) -> dict:
+    check_integrity(out, out.with_name(out.stem + ".errors.jsonl"))
     return {record_key(r): r for r in map(json.loads, out.read_text().splitlines())}
 
 
@@ -807,5 +814,95 @@ def test_inserting_a_line_before_an_invalid_line_is_not_refused(stand_in, tmp_pa
     assert cli.main(args) == 0
     by = _by_key(out)
     assert len(by) == 18 and by["new"]["error"] is None
+    with pytest.raises(ResultsError, match="does not hold exactly the failed records"):
+        check_integrity(out, src)
     assert "invalid JSON" in by[("line", 14)]["error"]["message"] and ("line", 13) not in by
     assert 'line 15: custom_id "q1" is already used on line 3' in by[("line", 15)]["error"]["message"]
+
+
+def test_a_tokenizer_failure_is_that_lines_error():
+    class Broken(WordTokenizer):
+        def encode(self, text, add_special_tokens=True):
+            raise TypeError("TextEncodeInput must be Union[TextInputSequence, ...]")
+
+    err = prepare(req("completion", 4), Broken(), 64, 8)
+    assert isinstance(err, LineError) and err.line == 5 and err.custom_id == "id"
+    assert "the model's tokenizer cannot encode this request (TypeError" in err.message
+
+
+def test_ctrl_c_before_the_engine_is_a_clean_stop(stand_in, tmp_path, capsys, monkeypatch):
+    def interrupted(model_dir):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_load_tokenizer", interrupted)
+    assert cli.main([str(_batch(tmp_path)), "-o", str(tmp_path / "r.jsonl"), "--model", str(stand_in["model"])]) == 130
+    assert "interrupted; nothing was lost" in capsys.readouterr().err
+
+
+def _sigint_disposition(queue):
+    queue.put(signal.getsignal(signal.SIGINT) == signal.SIG_IGN)
+
+
+def test_engine_processes_ignore_sigint_and_this_process_keeps_its_handler():
+    """Ctrl-C reaches the whole process group: processes started while the engine starts ignore
+    it (no tracebacks of theirs), while this process still gets KeyboardInterrupt."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    with runner._children_ignore_sigint():
+        child = ctx.Process(target=_sigint_disposition, args=(queue,))
+        child.start()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    child.join()
+    assert queue.get() is True
+    plain = ctx.Process(target=_sigint_disposition, args=(queue,))
+    plain.start()
+    plain.join()
+    assert queue.get() is False
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--requests", "-5"], "argument --requests: -5 must be a positive integer"),
+    (["--kv-gb", "0"], "argument --kv-gb: 0 must be a positive number"),
+    (["--slots", "x"], "argument --slots: 'x' is not an integer"),
+    (["--sample-fraction", "2"], "argument --sample-fraction: 2 must be above 0 and at most 1"),
+    (["--model", "no-such-model"], "unknown model preset 'no-such-model'"),
+    (["--hardware", "tpu"], "unknown hardware preset 'tpu'"),
+])
+def test_plan_reports_ordinary_mistakes_in_one_line(args, fragment, capsys):
+    with pytest.raises(SystemExit) as exc:
+        top_cli.main(["plan", *args])
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and fragment in err and "Traceback" not in err
+    assert err.strip().splitlines()[-1].startswith("blendserve plan: error: ")
+
+
+def test_reconcile_sorts_records_into_kept_stale_changed_and_retried():
+    items = [parse_line(line("a"), 1), parse_line("{bad", 2), parse_line(line("b", max_tokens=3), 3),
+             parse_line(line("c"), 4)]
+    done, _, _ = scan("".join(json.dumps(r) + "\n" for r in [
+        {**ok_record(Prepared(items[0], [1], 4), sglang_output([1]), "m"), "request_digest": items[0].digest},
+        error_record(None, "m", line=2, digest=parse_line("{bad!", 2).digest),  # line 2 edited, still bad
+        error_record("b", "m", line=3, digest=parse_line(line("b", max_tokens=-3), 3).digest),  # fixed since
+        error_record("c", "m", line=4, digest=items[3].digest),
+        error_record(None, "m", line=9)]).encode())  # no line 9 any more
+    res = reconcile(done, items)
+    assert res.stale == {("line", 2), ("line", 9)} and res.changed == [("b", 3)] and not res.foreign
+    assert res.retry == set() and res.kept_errors == 2
+    res = reconcile(done, items, retry_failed=True)
+    assert res.retry == {"b", "c"} and res.drop == {("line", 2), ("line", 9), "b", "c"} and res.kept_errors == 0
+    assert reconcile(done, items[:2] + items[3:]).foreign == ["b"]
+
+
+def test_dev_stdout_redirected_to_a_file_gets_no_side_file_in_dev(stand_in, tmp_path):
+    """`blendserve run ... -o /dev/stdout > out.jsonl`: the records go to the file, and no
+    error file is made next to /dev/stdout (there is no folder for it)."""
+    src, target = _batch(tmp_path), tmp_path / "out.jsonl"
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        assert cli.main([str(src), "-o", f"/dev/fd/{fd}", "--model", str(stand_in["model"])]) == 0
+    finally:
+        os.close(fd)
+    assert len(target.read_text().splitlines()) == 17
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out.jsonl", "requests.jsonl"]

@@ -4,6 +4,7 @@ the bounded feed, and (marked `engine`) the window feed against all-at-once on t
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import random
@@ -65,10 +66,12 @@ def corpus(path: Path, n: int, seed: int = 0, max_tokens=(1, 8), bad: bool = Tru
 
 
 def reference(path: Path, tok, ctx=2048, default=16):
-    """The plain path: read_requests + prepare, one request at a time."""
+    """The plain path: read_requests + prepare, one request at a time (an error keeps its line's
+    request digest, as the command records it)."""
     out = []
     for item in read_requests(path):
-        out.append(item if isinstance(item, LineError) else prepare(item, tok, ctx, default, path.name))
+        p = item if isinstance(item, LineError) else prepare(item, tok, ctx, default, path.name)
+        out.append(dataclasses.replace(p, digest=item.digest) if isinstance(p, LineError) else p)
     return out
 
 

@@ -27,6 +27,7 @@ def test_simulate_prints_the_table_and_writes_json_and_png(capsys, tmp_path):
     (["--workload", "mix:1.2"], "mix:DENSITY,SHARING"),
     (["--hardware", "tpu"], "unknown hardware preset 'tpu'; choose one of"),
     (["--model", "gpt-5"], "unknown model preset 'gpt-5'; choose one of"),
+    (["--out", "no-such-folder-here/x.json"], "the folder no-such-folder-here does not exist"),
 ])
 def test_bad_input_is_named_with_the_choices(capsys, tmp_path, args, message):
     assert cli.main(["simulate", "--requests", "200", "--out", str(tmp_path / "x.json"), *args]) == 2

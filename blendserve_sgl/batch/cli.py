@@ -33,6 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from ..cli import positive_int
 from ..models import ModelError, check_model_dir, default_model
 from . import dispatch
 from .feed import engine_capacity, mean_request_tokens, pending, window_size
@@ -68,10 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="scheduling policy: blend (BlendServe) or a stock SGLang policy for comparison")
     ap.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"),
                     help="auto: the GPU when torch sees one, else the CPU")
-    ap.add_argument("--default-max-tokens", type=_positive, default=256,
+    ap.add_argument("--default-max-tokens", type=positive_int, default=256,
                     help="max_tokens of requests that give none (capped to the context); default 256")
-    ap.add_argument("--context-length", type=_positive, help="override the model's context length")
-    ap.add_argument("--max-total-tokens", type=_positive,
+    ap.add_argument("--context-length", type=positive_int, help="override the model's context length")
+    ap.add_argument("--max-total-tokens", type=positive_int,
                     help="KV-cache size in tokens (default on CPU: 32768; on GPU: SGLang's choice)")
     ap.add_argument("--attention-backend", help="SGLang attention backend (default on CPU: torch_native)")
     ap.add_argument("--window", type=_window, default=-1,
@@ -107,6 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    try:
+        return _main(args)
+    except KeyboardInterrupt:  # before the engine runs (loading the model, reading lines)
+        print("blendserve run: interrupted; nothing was lost: run the same command again", file=sys.stderr)
+        return 130
+
+
+def _main(args) -> int:
     started = time.perf_counter()
     from . import runner
 
@@ -353,16 +362,6 @@ def _engine_args(pairs: list[str]) -> dict:
         except ValueError:
             out[key.replace("-", "_")] = value
     return out
-
-
-def _positive(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be a positive integer")
-    return v
 
 
 def _window(text: str) -> int:

@@ -36,14 +36,23 @@ class Prepared:
 
 def prepare(req: BatchRequest, tokenizer, context_len: int, default_max_tokens: int,
             source: str = "requests.jsonl") -> Prepared | LineError:
-    """Tokenize `req` and check it against `context_len`; a `LineError` names what to change."""
-    rendered = render(req, tokenizer, source)
-    if isinstance(rendered, LineError):
-        return rendered
-    text, what = rendered
-    ids = list(req.prompt) if text is None else list(tokenizer.encode(text, add_special_tokens=req.kind != "chat"))
+    """Tokenize `req` and check it against `context_len`; a `LineError` names what to change
+    (also when the tokenizer itself fails on this request: one line never stops the batch)."""
+    try:
+        rendered = render(req, tokenizer, source)
+        if isinstance(rendered, LineError):
+            return rendered
+        text, what = rendered
+        ids = list(req.prompt) if text is None else list(tokenizer.encode(text, add_special_tokens=req.kind != "chat"))
+    except Exception as exc:  # noqa: BLE001 (tokenizers raise TypeError, ValueError, ...)
+        return tokenizer_failure(req, source, exc)
     max_tokens = check_context(req, len(ids), what, context_len, default_max_tokens, source)
     return max_tokens if isinstance(max_tokens, LineError) else Prepared(req, ids, max_tokens)
+
+
+def tokenizer_failure(req: BatchRequest, source: str, exc: Exception) -> LineError:
+    return LineError(req.line, req.custom_id, f"{source} line {req.line}: the model's tokenizer cannot encode this "
+                                              f"request ({type(exc).__name__}: {exc}); check its text")
 
 
 def render(req: BatchRequest, tokenizer, source: str = "requests.jsonl") -> tuple[str | None, str] | LineError:
@@ -77,7 +86,8 @@ def check_context(req: BatchRequest, n: int, what: str, context_len: int, defaul
     where = f"{source} line {req.line}"
     if n >= context_len:
         return LineError(req.line, req.custom_id, f"{where}: {what} is {n} tokens, longer than the model's context "
-                                                  f"of {context_len} tokens; shorten it", code="context_length_exceeded")
+                                                  f"of {context_len} tokens; shorten it",
+                         code="context_length_exceeded")
     room = context_len - n
     if req.max_tokens is None:
         return min(default_max_tokens, room)

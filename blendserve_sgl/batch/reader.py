@@ -25,13 +25,13 @@ import os
 import re
 import stat
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
 
-from .prompts import check_context, prepare, render
+from .prompts import check_context, prepare, render, tokenizer_failure
 from .requests import BOM, LineError, check_readable, parse_line, repeated_id
 from .store import TokenStore
 
@@ -163,9 +163,13 @@ def _work(batch: list[tuple[int, bytes]]) -> tuple[list, dict, np.ndarray, bool]
     items, new, tails = [], {}, []
     for number, raw in batch:
         req = parse_line(raw, number, enc.source)
-        out = req if isinstance(req, LineError) else enc.encode(req)
+        try:
+            out = req if isinstance(req, LineError) else enc.encode(req)
+        except Exception as exc:  # noqa: BLE001 (the tokenizer failed on this request: its own error record)
+            enc.sent.clear()  # pieces it marked sent may not have been handed over: send again when used
+            out = tokenizer_failure(req, enc.source, exc)
         if isinstance(out, LineError):
-            items.append(out)
+            items.append(out if out.digest or isinstance(req, LineError) else replace(out, digest=req.digest))
             continue
         digests, fresh, tail, max_tokens = out
         new.update(fresh)

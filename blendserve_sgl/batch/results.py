@@ -17,8 +17,9 @@ locks it (one run per file), scans it for the keys already written, cuts a parti
 left by a crash (a line is complete only with its newline; the request it held runs again),
 and rebuilds the error file from the results file (a new file put in place by rename), so it
 always lists exactly the failed records. A results file that is not a regular file (a pipe,
-/dev/stdout, /dev/null) is written as a stream: no scan, no lock, no side file unless
-`--errors` names one. `drop(keys)` removes records (to run their requests again) by writing
+/dev/stdout, /dev/null) is written as a stream: no scan, no lock; like any name of an open
+file (/dev/stdout redirected to a file, /dev/fd/N) it gets no error file unless `--errors`
+names one. `drop(keys)` removes records (to run their requests again) by writing
 the kept ones to a new file put in place by rename. Every record is appended with one write
 call and flushed to the kernel at once, results first, then the error file: a killed run loses
 only requests still in flight.
@@ -141,7 +142,7 @@ def scan(data: bytes, name: str = "results.jsonl") -> tuple[Done, int, list[byte
             raise ResultsError(f"{name} line {number} repeats the result of {key!r}; the file was edited or "
                                "written by two runs: remove the repeated line or pass --overwrite")
         done.keys.add(key)
-        if isinstance(rec.get("request_digest"), str):
+        if isinstance(rec.get("request_digest"), str) and rec["request_digest"]:
             done.digests[key] = rec["request_digest"]
         if is_failure(rec):
             done.failed += 1
@@ -153,6 +154,20 @@ def scan(data: bytes, name: str = "results.jsonl") -> tuple[Done, int, list[byte
             done.input_tokens += int(usage.get("prompt_tokens", 0))
             done.output_tokens += int(usage.get("completion_tokens", 0))
     return done, end, failures
+
+
+def check_integrity(path: str | os.PathLike[str], errors_path: str | os.PathLike[str] | None = None) -> Done:
+    """The invariants of a finished run's files (ResultsError if one fails): every line of the
+    results file a complete record, each key once, and the error file holding exactly its
+    failure records, in the same order."""
+    path = Path(path)
+    data = path.read_bytes()
+    done, end, failures = scan(data, path.name)
+    if end < len(data):
+        raise ResultsError(f"{path} ends with a partial line")
+    if errors_path is not None and Path(errors_path).read_bytes() != b"".join(failures):
+        raise ResultsError(f"{errors_path} does not hold exactly the failed records of {path}")
+    return done
 
 
 def _record(raw: bytes) -> dict | None:
@@ -196,18 +211,18 @@ def reconcile(done: Done, items, retry_failed: bool = False) -> Resume:
         if key not in done.keys:
             continue
         old = done.digests.get(key)
-        if old is not None and item.digest and old != item.digest:
-            res.changed.append((key, item.line))
-            if retry_failed:
-                res.retry.add(key)
-        if retry_failed and key in done.failed_keys:
+        if old and item.digest and old != item.digest:
+            if isinstance(key, tuple):
+                res.stale.add(key)  # a record keyed by its line: another line stands there now
+            else:
+                res.changed.append((key, item.line))
+                if retry_failed:
+                    res.retry.add(key)
+        if retry_failed and key in done.failed_keys and key not in res.stale:
             res.retry.add(key)
     for key in done.keys:
         if key not in lines:
             (res.stale.add(key) if isinstance(key, tuple) else res.foreign.append(key))
-    for key, _ in res.changed:
-        if isinstance(key, tuple):
-            res.stale.add(key)  # a line-keyed record is identified by its line: a changed line is another one
     res.kept_errors = len(done.failed_keys - res.drop)
     return res
 
@@ -247,7 +262,8 @@ class ResultWriter:
             raise ResultsError(f"-o {path} is a directory; pass a file name such as {path / 'results.jsonl'}")
         regular = is_regular_or_new(path)
         explicit = errors_path is not None
-        errors_path = Path(errors_path) if explicit else (errors_path_for(path) if regular else None)
+        errors_path = Path(errors_path) if explicit else (
+            errors_path_for(path) if regular and not _names_an_open_file(path) else None)
         what = f"--errors {errors_path}" if explicit else f"the errors file {errors_path} (next to -o)"
         if errors_path is not None and errors_path.is_dir():
             raise ResultsError(f"{what} is a directory; pass a file name with --errors")
@@ -317,6 +333,13 @@ class ResultWriter:
     def __exit__(self, *exc) -> None:
         if self._fd >= 0:
             self.close()
+
+
+def _names_an_open_file(path: Path) -> bool:
+    """/dev/stdout, /dev/fd/N, /proc/self/fd/N (also when they lead to a regular file, as with
+    `-o /dev/stdout > out.jsonl`): no folder to put a side file in."""
+    parent = os.path.realpath(path.parent)
+    return parent == "/dev" or parent.startswith(("/dev/", "/proc/"))
 
 
 def _open_results(path: Path, overwrite: bool) -> tuple[int, Done, list[bytes]]:

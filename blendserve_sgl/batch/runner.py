@@ -16,6 +16,7 @@ back: the caller writes results as they arrive.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import os
 import signal
@@ -81,10 +82,39 @@ class EngineConfig:
 
 
 def start_engine(cfg: EngineConfig):
-    """A running `sglang.Engine` for `cfg` (call `prepare_environment` first)."""
+    """A running `sglang.Engine` for `cfg` (call `prepare_environment` first). Its processes
+    ignore SIGINT: Ctrl-C in a terminal signals the whole process group, and this process
+    stops them itself (`engine.shutdown()`), so they print no tracebacks of their own."""
     import sglang
 
-    return sglang.Engine(**cfg.engine_kwargs())
+    with _children_ignore_sigint():
+        return sglang.Engine(**cfg.engine_kwargs())
+
+
+@contextlib.contextmanager
+def _children_ignore_sigint():
+    """Processes started by `multiprocessing` inside inherit SIGINT ignored (an ignored signal
+    survives exec, and Python then leaves it ignored); this process keeps its own handler
+    except for the moment of each start."""
+    from multiprocessing.process import BaseProcess
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    original = BaseProcess.start
+
+    def start(self):
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        try:
+            original(self)
+        finally:
+            signal.signal(signal.SIGINT, previous)
+
+    BaseProcess.start = start
+    try:
+        yield
+    finally:
+        BaseProcess.start = original
 
 
 def generate(engine, items: Iterable[Prepared], on_result: Callable[[Prepared, dict], None],

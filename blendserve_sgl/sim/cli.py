@@ -64,25 +64,26 @@ COLUMNS = [("policy", "policy"), ("overlapped_time_s", "time ovl s"), ("overlapp
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="blendserve simulate", description=__doc__.split("\n")[0])
     ap.add_argument("--workload", default="trace1", help=f"one of {', '.join(WORKLOADS)}")
-    ap.add_argument("--requests", type=int, default=20_000)
+    ap.add_argument("--requests", type=int, default=20_000, help="requests in the workload (default 20,000)")
     ap.add_argument("--quick", action="store_true", help="2,000 requests")
     ap.add_argument("--policy", default=",".join(POLICIES), help=f"comma-separated: {', '.join(POLICIES)}")
     ap.add_argument("--model", default="llama-3.1-8b", help=f"{', '.join(model_names())} or a config.json path")
     ap.add_argument("--hardware", default="a100", help=", ".join(hardware_names()))
     ap.add_argument("--kv-gb", type=float, help="KV pool (default: 88%% of device memory minus the weights)")
-    ap.add_argument("--max-running", type=int, default=1024)
+    ap.add_argument("--max-running", type=int, default=1024, help="most requests running at once (default 1024)")
     ap.add_argument("--chunk", type=int, default=1024, help="chunked-prefill size (tokens per step)")
     ap.add_argument("--no-mixed-chunk", action="store_true", help="prefill and decode steps alternate (SGLang default)")
     ap.add_argument("--interference", type=float, default=0.1, help="overlapped mode: contention share")
     ap.add_argument("--unknown-lengths", action="store_true",
                     help="requests stop at EOS; blend samples and estimates output lengths")
-    ap.add_argument("--sample-fraction", type=float, default=0.01)
+    ap.add_argument("--sample-fraction", type=float, default=0.01,
+                    help="blend with --unknown-lengths: share of requests run first to estimate lengths")
     ap.add_argument("--keep-sharing", type=float, default=0.99, help="blend: split budget")
     ap.add_argument("--no-pace", action="store_true", help="blend: fixed chunked-prefill size")
     ap.add_argument("--no-timeline", action="store_true",
                     help="blend: no KV projection (budget = free minus the running requests' reservations)")
     ap.add_argument("--no-meter", action="store_true", help="blend: no step count (memory work not metered)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="workload and sampling seed")
     ap.add_argument("--check", action="store_true", help="check every invariant after every step (slow)")
     ap.add_argument("--out", default="simulate.json", help="JSON path; the PNG goes next to it")
     args = ap.parse_args(argv)
@@ -92,6 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         n = 2000 if args.quick else args.requests
         if n < 1:
             raise ValueError(f"--requests must be >= 1, got {n}")
+        if not Path(args.out).resolve().parent.is_dir():
+            raise ValueError(f"--out {args.out}: the folder {Path(args.out).parent} does not exist; create it or "
+                             "choose another path")
         t0 = time.perf_counter()
         records = load_workload(args.workload, n, cost, args.seed)
         workload = Workload(records, cost)
@@ -115,7 +119,6 @@ def main(argv: list[str] | None = None) -> int:
     rows = compare(results, models)
     print(format_table(rows, [c for c in COLUMNS if c[0] in rows[0]]))
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     png = out.with_suffix(".png")
     plot_steps(list(results.values()), png, models["overlapped"],
                title=f"{args.workload}, {len(records)} requests: per-step compute and memory time")
