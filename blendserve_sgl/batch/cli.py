@@ -81,14 +81,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--workers", type=int, default=None,
                     help="processes that read and tokenize the input (default: every core; 0: in this process)")
     ap.add_argument("--seed", type=int, default=0, help="engine random seed (sampling)")
-    ap.add_argument("--dp", type=_positive, default=1,
+    ap.add_argument("--dp", type=positive_int, default=1,
                     help="data-parallel ranks of one engine (one per GPU; on CPU one per core group): each rank "
                          "runs its shard of the one plan (default 1)")
     ap.add_argument("--ray", action="store_true", help="one engine per Ray actor (--replicas), each fed its shard; "
                                                        "pip install -e '.[ray]'")
     ap.add_argument("--ray-address", help="--ray: the cluster to join (HEAD_IP:6379, after `ray start --head`); "
                                           "default: a local cluster on this machine")
-    ap.add_argument("--replicas", type=_positive, default=2, help="--ray: engines (default 2)")
+    ap.add_argument("--replicas", type=positive_int, default=2, help="--ray: engines (default 2)")
     ap.add_argument("--gpus-per-replica", type=float, default=None,
                     help="--ray: GPUs each replica's engine uses (default: 1 on GPU, 0 on CPU)")
     ap.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
