@@ -15,7 +15,7 @@ $(READY): pyproject.toml requirements/cpu.lock
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet torch==2.13.0
 	$(PY) -m pip install --quiet --no-deps -r requirements/cpu.lock
-	$(PY) -m pip install --quiet -e '.[test,workloads]'
+	$(PY) -m pip install --quiet -e '.[test,workloads,ray]'
 	$(PY) -m kernels.cpu_fallback install-pth
 	touch $(READY)
 

@@ -35,6 +35,7 @@ from pathlib import Path
 
 from ..cli import positive_int
 from ..models import ModelError, check_model_dir, default_model
+from . import dispatch
 from .feed import engine_capacity, mean_request_tokens, pending, window_size
 from .order import cost_for, plan
 from .progress import Progress, RunStats, phase_line, summary_lines
@@ -80,6 +81,16 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--workers", type=int, default=None,
                     help="processes that read and tokenize the input (default: every core; 0: in this process)")
     ap.add_argument("--seed", type=int, default=0, help="engine random seed (sampling)")
+    ap.add_argument("--dp", type=positive_int, default=1,
+                    help="data-parallel ranks of one engine (one per GPU; on CPU one per core group): each rank "
+                         "runs its shard of the one plan (default 1)")
+    ap.add_argument("--ray", action="store_true", help="one engine per Ray actor (--replicas), each fed its shard; "
+                                                       "pip install -e '.[ray]'")
+    ap.add_argument("--ray-address", help="--ray: the cluster to join (HEAD_IP:6379, after `ray start --head`); "
+                                          "default: a local cluster on this machine")
+    ap.add_argument("--replicas", type=positive_int, default=2, help="--ray: engines (default 2)")
+    ap.add_argument("--gpus-per-replica", type=float, default=None,
+                    help="--ray: GPUs each replica's engine uses (default: 1 on GPU, 0 on CPU)")
     ap.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
                     help="further sglang.Engine argument, VALUE as JSON or a string (repeatable), "
                          "e.g. --engine-arg enable_mixed_chunk=true --engine-arg tp_size=2")
@@ -112,6 +123,7 @@ def _main(args) -> int:
     _MESSAGES = "stderr" if same_file(args.output, "/dev/stdout") else "stdout"  # -o /dev/stdout | jq
     try:
         extra = _engine_args(args.engine_arg)
+        _check_scale_out(args)
         source = check_readable(args.input)
         if args.retry_failed and args.overwrite:
             raise ValueError("--retry-failed keeps the results that succeeded, --overwrite discards them all: "
@@ -222,9 +234,13 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
         fd, stats_file = tempfile.mkstemp(prefix="blendserve-policy-", suffix=".json")
         os.close(fd)
         os.environ["BLENDSERVE_STATS_PATH"], own_stats = stats_file, True
+    if args.dp > 1:
+        extra = {**extra, **dispatch.dp_engine_kwargs(args.dp, device)}
     cfg = runner.EngineConfig(model_path=str(model_dir), policy=args.policy, device=device, context_length=ctx,
                               max_total_tokens=args.max_total_tokens, attention_backend=args.attention_backend,
                               seed=args.seed, log_level=args.log_level, extra=extra)
+    replicas = args.replicas if args.ray else args.dp
+    parts = dispatch.store_shards(read.store, read.done, replicas, cost_for(model_dir)) if replicas > 1 else None
     progress = Progress(todo, stream=io.StringIO() if args.quiet else sys.stderr)
     model_name = model_dir.name
     source = Path(args.input).name
@@ -256,7 +272,18 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
     previous = signal.signal(signal.SIGTERM, _interrupt)
     engine = None
     try:
-        _say(f"starting SGLang ({args.policy} policy, {device}) for {todo:,} requests ...")
+        if args.ray:
+            from . import ray_runner
+
+            _say(f"starting {replicas} Ray replicas ({args.policy} policy, {device}) for {todo:,} requests ...")
+            progress.start = progress.clock()
+            gpus = args.gpus_per_replica if args.gpus_per_replica is not None else (1.0 if device == "cuda" else 0.0)
+            stats.generate_seconds = ray_runner.generate(
+                cfg, [[read.store.prepared(i) for i in part] for part in parts], on_result, on_error,
+                address=args.ray_address, gpus=gpus).seconds
+            return
+        _say(f"starting SGLang ({args.policy} policy, {device}{f', {args.dp} DP ranks' if args.dp > 1 else ''}) "
+             f"for {todo:,} requests ...")
         t0 = time.perf_counter()
         try:
             engine = runner.start_engine(cfg)
@@ -265,12 +292,22 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
                               f"--engine-arg; {stats.invalid:,} error records were written to {writer.path}, "
                               "rerun the same command once fixed") from exc
         stats.engine_start_seconds = time.perf_counter() - t0
+        route, items = None, pending(read.store, order, read.done)
+        if parts is not None:
+            if args.policy == "blend":
+                try:
+                    dispatch.check_ranks(engine, args.dp)
+                except dispatch.DispatchError as exc:
+                    raise EngineError(str(exc)) from None
+            cids = {read.store.custom_id(int(i)): r for r, part in enumerate(parts) for i in part}
+            route = lambda p: cids[p.request.custom_id]  # noqa: E731
+            items = (read.store.prepared(i) for i in dispatch.interleave(parts))
         stats.window = args.window if args.window >= 0 else window_size(
             *engine_capacity(engine), mean_request_tokens(read.store, read.done))
         progress.start = progress.clock()
         stats.generate_seconds = runner.generate(
-            engine, pending(read.store, order, read.done), on_result, on_error, window=stats.window,
-            tick=lambda rate: (progress.set_rate(rate), progress.render(), stats.sample_rss()))
+            engine, items, on_result, on_error, window=stats.window,
+            tick=lambda rate: (progress.set_rate(rate), progress.render(), stats.sample_rss()), route=route)
     except KeyboardInterrupt:
         stats.interrupted = True
         stats.generate_seconds = progress.clock() - progress.start
@@ -300,6 +337,18 @@ def _load_tokenizer(model_dir: Path):
     except Exception as exc:  # noqa: BLE001 (transformers raises OSError, ValueError, KeyError, ...)
         raise ModelError(f"{model_dir}: cannot load its tokenizer ({type(exc).__name__}: {exc}); the model "
                          "directory needs tokenizer files (tokenizer.json or tokenizer_config.json)") from None
+
+
+def _check_scale_out(args) -> None:
+    if args.ray and args.dp > 1:
+        raise ValueError("--dp and --ray are two ways to run replicas: give one (--ray --replicas N, or --dp N)")
+    if not args.ray and (args.ray_address or args.gpus_per_replica is not None):
+        raise ValueError("--ray-address and --gpus-per-replica apply to --ray runs: add --ray")
+    if args.ray:
+        try:
+            import ray  # noqa: F401
+        except ImportError:
+            raise ValueError("--ray needs Ray: pip install -e '.[ray]' (ray==2.60.0)") from None
 
 
 def _engine_args(pairs: list[str]) -> dict:

@@ -119,18 +119,19 @@ def _children_ignore_sigint():
 
 def generate(engine, items: Iterable[Prepared], on_result: Callable[[Prepared, dict], None],
              on_error: Callable[[Prepared, BaseException], None], *, window: int = 0,
-             tick: Callable[[float | None], None] | None = None, tick_seconds: float = 0.5) -> float:
+             tick: Callable[[float | None], None] | None = None, tick_seconds: float = 0.5,
+             route: Callable[[Prepared], int] | None = None) -> float:
     """Run `items` on `engine`; each finishes through `on_result` or `on_error`. At most `window`
     requests are in the engine at once (0: all), taken from `items` in order as others finish
     (`items` may be lazy: only the requests in flight are held). `tick(rate)` is called every
     `tick_seconds` (the progress bar) with the engine's current decode tokens/s (`live_rate`),
-    or None. Returns the seconds from first submission to last result. KeyboardInterrupt cancels what is in flight
+    or None. `route(p)`: the DP rank to send `p` to (`routed_dp_rank`). Returns the seconds from first submission to last result. KeyboardInterrupt cancels what is in flight
     and propagates; so does SIGTERM while requests run (SGLang's own SIGTERM handler, which
     would drain the whole queue, is replaced for that time)."""
     loop = engine.loop
     t0 = time.perf_counter()
     ours: set[asyncio.Task] = set()  # the requests in flight and the ticker, to cancel on interrupt
-    main = loop.create_task(_generate(engine, items, on_result, on_error, window, tick, tick_seconds, ours))
+    main = loop.create_task(_generate(engine, items, on_result, on_error, window, tick, tick_seconds, ours, route))
     try:
         loop.run_until_complete(main)
     except BaseException:
@@ -148,7 +149,7 @@ def generate(engine, items: Iterable[Prepared], on_result: Callable[[Prepared, d
     return time.perf_counter() - t0
 
 
-async def _generate(engine, items, on_result, on_error, window, tick, tick_seconds, ours: set) -> None:
+async def _generate(engine, items, on_result, on_error, window, tick, tick_seconds, ours: set, route=None) -> None:
     loop = asyncio.get_running_loop()
     before = signal.getsignal(signal.SIGTERM)
     start_loop = getattr(getattr(engine, "tokenizer_manager", None), "auto_create_handle_loop", None)
@@ -160,7 +161,8 @@ async def _generate(engine, items, on_result, on_error, window, tick, tick_secon
 
     async def one(p: Prepared) -> None:
         try:
-            out = await engine.async_generate(input_ids=p.input_ids, sampling_params=p.sampling_params)
+            kw = {"routed_dp_rank": route(p)} if route is not None else {}
+            out = await engine.async_generate(input_ids=p.input_ids, sampling_params=p.sampling_params, **kw)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 (one request's failure is its own record)

@@ -14,7 +14,9 @@ Registered through the `sglang.srt.plugins` entry point (see pyproject.toml); SG
 - `Scheduler._get_new_batch_prefill_raw` (around): `BlendPolicy.after_step` puts the waiting
   requests back after SGLang admitted this step's plan;
 - `Scheduler._add_request_to_queue`, `Scheduler._release_aborted_request` (after): arrivals,
-  retracted requests and aborts reach the policy's tree.
+  retracted requests and aborts reach the policy's tree;
+- `Scheduler.get_internal_state` (after): `blendserve_policy` names the rank's policy class, so
+  a caller can check that every DP rank runs `BlendPolicy`.
 
 With any other policy the hooks step aside. If this SGLang is not the version the hooks were
 written for, or a hooked method is missing, choosing `blend` fails at once with a message
@@ -39,6 +41,7 @@ _TARGETS = {
     "abort": "sglang.srt.managers.scheduler.Scheduler._release_aborted_request",
     "post_init": "sglang.srt.server_args.ServerArgs.__post_init__",
     "from_cli_args": "sglang.srt.server_args.ServerArgs.from_cli_args",
+    "state": "sglang.srt.managers.scheduler.Scheduler.get_internal_state",
 }
 # Every SGLang name the plugin relies on beyond the hooked methods above: class and module
 # attributes (checked at start by compatibility_problems()) and the attributes of the live
@@ -202,6 +205,13 @@ def _after_abort(result, self, req, *args, **kwargs):
     return result
 
 
+def _after_get_internal_state(result, self, *args, **kwargs):
+    state = getattr(result, "internal_state", None)
+    if isinstance(state, dict):
+        state["blendserve_policy"] = type(getattr(self, "policy", None)).__name__
+    return result
+
+
 def _before_server_args_post_init(self, *args, **kwargs):
     if getattr(self, "schedule_policy", None) == POLICY_NAME:
         require_compatible()
@@ -230,6 +240,7 @@ def register() -> None:
     HookRegistry.register(_TARGETS["abort"], _after_abort, HookType.AFTER)
     HookRegistry.register(_TARGETS["post_init"], _before_server_args_post_init, HookType.BEFORE)
     HookRegistry.register(_TARGETS["from_cli_args"], _after_from_cli_args, HookType.AFTER)
+    HookRegistry.register(_TARGETS["state"], _after_get_internal_state, HookType.AFTER)
     from .cascade_backend import register as register_cascade_backend
 
     register_cascade_backend()  # --attention-backend cascade (idempotent)

@@ -1,0 +1,107 @@
+"""Scale-out: one central plan cut into shards, against round-robin and block dealing.
+
+Simulator part: the four trace analogs (`sim/traces.py`), Llama-3.1-8B on the A100 preset as
+in `paper_traces.py`; N = 2, 4, 8 engines each running `blend` on what it was dealt (the shard
+planner's shards, round-robin, Ray-Data-style blocks of 256); scaling = one engine's time over
+the slowest engine's (overlapped mode), sharing = prefix hits of all engines over one engine's.
+
+Engine part (`--engine`): the real SGLang engine on CPU, tiny random Llama, a shared-prefix batch
+through `blendserve run`: one engine, `--dp 2` and `--ray --replicas 2` (when ray is installed);
+`engine_cached_vs_one` = each 2-replica run's cached-token ratio over one engine's, round-robin
+dealing beside it, `engine_work_imbalance` = largest relative difference of the replicas' work.
+
+    python bench/scale_out.py                    # 40,000 requests per trace -> results/scale_out.json
+    python bench/scale_out.py --requests 10000   # smaller
+    python bench/scale_out.py --engine           # adds the engine part (minutes on 2 cores)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._common import RESULTS, command, peak_rss_mb, table, write  # noqa: E402
+from blendserve_sgl.core import CostModel  # noqa: E402
+from blendserve_sgl.core.shard import PIECE_MIN, STRIPES  # noqa: E402
+from blendserve_sgl.sim import EngineConfig, ExecModel, RunSpec, Workload, simulate  # noqa: E402
+from blendserve_sgl.sim.scale_out import DEALS, scale_out  # noqa: E402
+from blendserve_sgl.sim.traces import TRACES, trace  # noqa: E402
+
+MODE = ExecModel("overlapped", 0.1)
+SIZES = (2, 4, 8)
+TARGETS = {"sim_scaling": {"2": 1.95, "4": 3.9, "8": 7.6}, "sim_sharing_vs_one": 0.97, "engine_cached_vs_one": 0.97,
+           "engine_work_imbalance": 0.05}
+
+
+def sim_part(n: int, seed: int, traces: list[str]) -> dict:
+    cost = CostModel.from_names("llama-3.1-8b", "a100")
+    spec = RunSpec(cost, EngineConfig.for_cost(cost, max_running=1024, chunked_prefill=1024), seed=seed)
+    rows = []
+    for name in traces:
+        records, _ = trace(name, n, cost, seed)
+        t0 = time.perf_counter()
+        one = simulate(Workload(records, cost), "blend", spec)
+        for size in SIZES:
+            for how in DEALS:
+                run = scale_out(records, size, how, spec)
+                rows.append({"trace": name, "engines": size, "deal": how,
+                             "scaling": round(run.scaling(one, MODE), 4),
+                             "sharing_vs_one": round(run.sharing_vs_one(one), 4),
+                             "engine_time_imbalance": round(run.work_imbalance(MODE), 4)})
+                print(f"{name} N={size} {how:<12} scaling {rows[-1]['scaling']:.3f} "
+                      f"sharing/one {rows[-1]['sharing_vs_one']:.4f} imbalance {rows[-1]['engine_time_imbalance']:.3f}",
+                      flush=True)
+        print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
+
+    def mean(deal: str) -> dict:
+        return {str(k): round(statistics.mean(r["scaling"] for r in rows if r["engines"] == k and r["deal"] == deal), 4)
+                for k in SIZES}
+
+    return {"sim_scaling": mean("blend"), "sim_scaling_round_robin": mean("round-robin"),
+            "sim_scaling_blocks": mean("blocks"),
+            "sim_sharing_vs_one": min(r["sharing_vs_one"] for r in rows if r["deal"] == "blend"),
+            "sim_sharing_vs_one_round_robin": min(r["sharing_vs_one"] for r in rows if r["deal"] == "round-robin"),
+            "sim": {"requests_per_trace": n, "traces": traces, "model": "llama-3.1-8b", "hardware": "a100",
+                    "mode": "overlapped, interference 0.1", "policy_per_engine": "blend", "stripes": f"{STRIPES} (shards of >= {PIECE_MIN * STRIPES} requests)",
+                    "rows": rows}}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--requests", type=int, default=40_000, help="requests per trace (simulator)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--traces", default=",".join(TRACES))
+    ap.add_argument("--engine", action="store_true", help="also run the real-engine part")
+    ap.add_argument("--engine-only", action="store_true", help="only the real-engine part (the simulator's figures "
+                                                               "already in the results file are kept)")
+    args = ap.parse_args()
+    path = RESULTS / "scale_out.json"
+    payload = json.loads(path.read_text()) if path.exists() else {}  # each part replaces its own figures
+    payload.pop("command", None)  # the last run's; each part keeps its own under sim/engine
+    payload.pop("machine", None)
+    if not args.engine_only:
+        payload.update(sim_part(args.requests, args.seed, args.traces.split(",")))
+        payload["sim"]["command"] = command()
+        rows = payload["sim"]["rows"]
+        print(table([tuple(r.values()) for r in rows], tuple(rows[0].keys())))
+    if args.engine or args.engine_only:
+        from bench.scale_out_engine import engine_part
+
+        payload.update(engine_part())
+        payload["engine"]["command"] = command()
+    payload["targets"] = TARGETS
+    payload["peak_rss_mb"] = peak_rss_mb()
+    print(table([(k, json.dumps(payload.get(k)), json.dumps(TARGETS.get(k, ""))) for k in
+                 ("sim_scaling", "sim_scaling_round_robin", "sim_scaling_blocks", "sim_sharing_vs_one",
+                  "engine_cached_vs_one", "engine_work_imbalance")], ("figure", "value", "target")))
+    write("scale_out", payload)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,146 @@
+"""`blendserve run --ray --replicas N`: one SGLang engine per Ray actor, each fed its shard.
+
+The caller plans the shards (`dispatch.shards`); the driver feeds each replica its shard in chunks of
+`chunk` requests in the plan's order, at most `in_flight` chunks per replica outstanding (the
+bounded feed), and hands every result to `on_result` / `on_error` as its chunk comes back, so
+the caller writes the one output file exactly as with one engine. An actor holds one
+`sglang.Engine` (`runner.start_engine`) and runs a chunk with `runner.generate`.
+
+A replica that dies (process killed, node lost) is restarted by Ray (`max_restarts`) and the
+chunks it had not returned are run again by Ray's actor-task retries (`max_task_retries`): a
+chunk's results come back whole or not at all, so nothing is lost, and the driver checks that
+no request is handed over twice. When the restarts are spent, the replica's remaining requests
+become error records (rerun with --retry-failed to try them again).
+
+Without `address` a local Ray cluster starts on this machine; with one (`ray start --head` on
+the head node, `ray start --address HEAD:6379` on each worker) the replicas spread over the
+cluster, `gpus` GPUs each.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable, NamedTuple, Sequence
+
+from . import runner
+from .dispatch import cpu_bind
+from .prompts import Prepared
+
+ENV_PASSED = ("PYTHONPATH", "SGLANG_USE_CPU_ENGINE", "OMP_WAIT_POLICY", "PYTHONWARNINGS", "BLENDSERVE_MODEL_CACHE")
+
+
+class RayReport(NamedTuple):
+    seconds: float  # first submission to last result
+    shard_sizes: list  # requests per replica
+    pids: list  # per replica: the actor process ids that returned chunks (more than one: it was restarted)
+    lost_replicas: list  # replicas whose restarts were spent (their remaining requests became error records)
+
+
+class Replica:
+    """A Ray actor body: one engine, chunks run on it."""
+
+    def __init__(self, cfg: runner.EngineConfig, env: dict):
+        os.environ.update(env)
+        runner.prepare_environment(cfg.device)
+        self.engine = runner.start_engine(cfg)
+
+    def run(self, items: list) -> tuple[int, list]:
+        """(pid, [(index in items, output or None, exception or None)])."""
+        out: list = []
+        runner.generate(self.engine, items, lambda p, o: out.append((p, o, None)),
+                        lambda p, e: out.append((p, None, e)))
+        where = {id(p): i for i, p in enumerate(items)}
+        return os.getpid(), [(where[id(p)], o, e) for p, o, e in out]
+
+    def shutdown(self) -> None:
+        self.engine.shutdown()
+
+
+def generate(cfg: runner.EngineConfig, parts: Sequence[Sequence[Prepared]],
+             on_result: Callable[[Prepared, dict], None], on_error: Callable[[Prepared, BaseException], None], *,
+             address: str | None = None, gpus: float = 0.0, chunk: int = 256, in_flight: int = 2,
+             max_restarts: int = 3, on_chunk: Callable | None = None) -> RayReport:
+    """Run each shard of `parts` (`dispatch.shards`) on its own Ray actor (module docstring).
+    `on_chunk(replica, actor, chunks_done)` is called after each returned chunk (tests use it to
+    kill a replica)."""
+    import ray
+    from ray.exceptions import RayActorError
+
+    replicas = len(parts)
+    if replicas < 1 or chunk < 1 or in_flight < 1:
+        raise ValueError(f"replicas, chunk and in_flight must be >= 1, got {replicas}, {chunk}, {in_flight}")
+    started_here = not ray.is_initialized()
+    env = {k: os.environ[k] for k in ENV_PASSED if k in os.environ}
+    env.update({k: v for k, v in os.environ.items() if k.startswith("BLENDSERVE_")})
+    if started_here:
+        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+                 num_cpus=None if address else max(replicas, os.cpu_count() or 1),
+                 runtime_env={"env_vars": env})
+    binds = cpu_bind(replicas).split("|") if cfg.device == "cpu" and not address else None
+    actor_cls = ray.remote(Replica)
+    actors = []
+    for r in range(replicas):
+        own = dict(env, **({"SGLANG_CPU_OMP_THREADS_BIND": binds[r]} if binds else {}))
+        actors.append(actor_cls.options(num_cpus=1, num_gpus=gpus, max_restarts=max_restarts,
+                                        max_task_retries=max_restarts).remote(cfg, own))
+    queues = [[part[i:i + chunk] for i in range(0, len(part), chunk)] for part in parts]
+    pending: dict = {}  # ref -> (replica, chunk items)
+    done_chunks = [0] * replicas
+    pids: list = [set() for _ in range(replicas)]
+    lost: list = []
+    seen: set = set()
+
+    def feed(r: int) -> None:
+        while queues[r] and sum(1 for rr, _ in pending.values() if rr == r) < in_flight:
+            part = queues[r].pop(0)
+            pending[actors[r].run.remote(part)] = (r, part)
+
+    t0 = time.perf_counter()
+    try:
+        for r in range(replicas):
+            feed(r)
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            ref = ready[0]
+            r, part = pending.pop(ref)
+            try:
+                pid, results = ray.get(ref)
+            except RayActorError as exc:
+                if r not in lost:
+                    lost.append(r)
+                for p in part + [p for q in queues[r] for p in q]:
+                    _once(seen, p)
+                    on_error(p, RuntimeError(f"replica {r} died and its {max_restarts} restarts are spent: {exc}"))
+                queues[r] = []
+                continue
+            pids[r].add(pid)
+            for i, out, exc in results:
+                p = part[i]
+                _once(seen, p)
+                if exc is None:
+                    on_result(p, out)
+                else:
+                    on_error(p, exc)
+            done_chunks[r] += 1
+            if on_chunk is not None:
+                on_chunk(r, actors[r], done_chunks[r])
+            feed(r)
+        seconds = time.perf_counter() - t0
+    finally:
+        try:
+            ray.get([a.shutdown.remote() for a in actors], timeout=60)
+        except Exception:  # noqa: BLE001 (a replica already gone has nothing to shut down)
+            pass
+        for a in actors:
+            ray.kill(a, no_restart=True)
+        if started_here:
+            ray.shutdown()
+    return RayReport(seconds, [len(p) for p in parts], [sorted(x) for x in pids], lost)
+
+
+def _once(seen: set, p: Prepared) -> None:
+    key = id(p)
+    if key in seen:
+        raise AssertionError(f"request {p.request.custom_id!r} came back twice")
+    seen.add(key)

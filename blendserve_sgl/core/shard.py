@@ -1,0 +1,257 @@
+"""The shard planner: one central sorted tree cut into N per-replica shards.
+
+The sorted (and split) `ResourceTree` lists its requests in DFS order from compute-dense (left)
+to memory-dense (right). Shard i takes one run from the left end and one from the right end,
+the way the dual scanner takes from both cursors; the last shard takes the middle run. Cut i
+is a pair of DFS positions (a_i, b_i): shards 0..i-1 hold [0, a_i) and [b_i, n). Each cut is
+placed so that shards 0..i-1 hold i/N of the compute work (prompt + output tokens after prefix
+sharing) and i/N of the memory work (`memory_units`), so every shard's density is near the
+root's. Within the tolerance the cut goes where the two neighbours share the shortest prefix:
+at a subtree boundary when one is close enough, else through one root-to-leaf path. A cut at
+DFS position k recomputes `lcp[k]` prompt tokens (the prefix length of the lowest common
+ancestor of requests k-1 and k): the only prefix a shard boundary costs.
+
+Compute work of a DFS run [s, e): sum over k of (p_k + d_k - lcp[k]) with lcp[s] taken as 0,
+the tokens a replica computes running that run in DFS order with its prefixes cached once.
+
+    plan = plan_shards(tree, 4, stripes=1)  # tree sorted and split (split.sort_and_split)
+    plan.shards[0]                          # request ids of shard 0, in DFS order
+    plan_shards(tree, 4)                    # 4 x STRIPES pieces dealt in a snake
+    plan.check_integrity(tree)
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from itertools import accumulate
+from typing import NamedTuple
+
+from .cost import memory_units
+from .tree import Node, ResourceTree
+
+SCAN = 16  # DFS positions tried on each side of a cut's exact solution
+EXHAUSTIVE = 64  # at most this many requests: every cut pair is tried
+STRIPES = 2  # pieces per shard by default (measured in bench/scale_out.py) ...
+PIECE_MIN = 1000  # ... when every piece still holds this many requests on average (else 1)
+
+
+class ShardPlan(NamedTuple):
+    shards: list  # per shard: request ids in DFS order (the left run, then the right run)
+    runs: list  # per shard: its DFS ranges [(s, e), ...], non-empty, sorted, none touching
+    cuts: list  # per cut i = 1..pieces-1: (a, b), the pieces before it hold [0, a) and [b, n)
+    compute: list  # per shard: computed tokens (prefix sharing within the shard)
+    memory: list  # per shard: memory units
+    cut_tokens: int  # prompt tokens recomputed because of the cuts
+    saved_one: int  # saved prefix tokens of one engine running the whole tree in DFS order
+
+    @property
+    def compute_imbalance(self) -> float:
+        """Largest relative deviation of a shard's compute work from the mean."""
+        return _imbalance(self.compute)
+
+    @property
+    def memory_imbalance(self) -> float:
+        return _imbalance(self.memory)
+
+    @property
+    def sharing_vs_one(self) -> float:
+        """Saved prefix tokens of all shards over one engine's (1.0: the cuts cost nothing)."""
+        return (self.saved_one - self.cut_tokens) / self.saved_one if self.saved_one else 1.0
+
+    def shard_of(self) -> dict:
+        """Request id -> shard index."""
+        return {rid: i for i, rids in enumerate(self.shards) for rid in rids}
+
+    def check_integrity(self, tree: ResourceTree) -> None:
+        """Every request of the tree in exactly one shard, runs in DFS order, work sums consistent."""
+        order = [r.rid for r in tree.iter_requests()]
+        got = [rid for rids in self.shards for rid in rids]
+        assert len(got) == len(set(got)), "a request is in two shards"
+        assert sorted(map(repr, got)) == sorted(map(repr, order)), "shards do not hold exactly the tree's requests"
+        for i, runs in enumerate(self.runs):
+            assert all(0 <= s < e <= len(order) for s, e in runs), f"shard {i}: empty or out-of-range run"
+            assert all(e < s for (_, e), (s, _) in zip(runs, runs[1:])), f"shard {i}: runs unsorted or touching"
+            assert self.shards[i] == [rid for s, e in runs for rid in order[s:e]], f"shard {i}: ids differ from its runs"
+        assert sum(self.memory) == tree.root.mem, f"memory {sum(self.memory)} != tree's {tree.root.mem}"
+        one = tree.root.tokens - tree.root.saved
+        assert sum(self.compute) == one + self.cut_tokens, (
+            f"compute {sum(self.compute)} != one engine's {one} + cut tokens {self.cut_tokens}")
+
+
+def _imbalance(values: list) -> float:
+    mean = sum(values) / len(values) if values else 0.0
+    return max(abs(v - mean) for v in values) / mean if mean else 0.0
+
+
+class _Order:
+    """Prefix sums over the DFS order: compute (with sharing), memory, cut prices."""
+
+    def __init__(self, tree: ResourceTree):
+        self.reqs, self.lcp, self.ancestors = [], [], []
+        starts: dict = {}
+        stack = [(tree.root, iter(tree.root.kids))]
+        low = 0
+        while stack:
+            node, it = stack[-1]
+            item = next(it, None)
+            if item is None:
+                stack.pop()
+                if stack:
+                    low = min(low, stack[-1][0].prefix_len)
+            elif type(item) is Node:
+                starts[id(item)] = len(self.reqs)
+                stack.append((item, iter(item.kids)))
+            else:
+                self.lcp.append(low if self.reqs else 0)
+                self.reqs.append(item)
+                low = node.prefix_len
+        n = len(self.reqs)
+        self.lcp.append(0)  # cutting after the last request costs nothing
+        own = [r.prompt_len + r.output_len - self.lcp[k] for k, r in enumerate(self.reqs)]
+        self.comp = [0, *accumulate(own)]  # comp[k]: sum over [0, k)
+        self.mem = [0, *accumulate(memory_units(r.prompt_len, r.output_len) for r in self.reqs)]
+        self.n = n
+        self.starts = starts
+
+    def comp_run(self, s: int, e: int) -> int:
+        return self.comp[e] - self.comp[s] + self.lcp[s] if e > s else 0
+
+    def mem_run(self, s: int, e: int) -> int:
+        return self.mem[e] - self.mem[s]
+
+    def boundaries(self, k: int) -> list[int]:
+        """DFS positions where a subtree around request k starts or ends."""
+        if not 0 <= k < self.n:
+            return []
+        out, node = [], self.reqs[k].node
+        while node is not None and node.parent is not None:
+            s = self.starts[id(node)]
+            out += (s, s + node.count)
+            node = node.parent
+        return out
+
+
+def plan_shards(tree: ResourceTree, n_shards: int, tol: float = 0.02, stripes: int | None = None) -> ShardPlan:
+    """Cut the tree's DFS order into `n_shards` shards (see the module docstring).
+
+    `tol`: the relative deviation from 1/N of the work a shard may take so that a cut can move to
+    a cheaper boundary; when no cut is within it (requests too large for the shard size), the
+    most balanced cut is taken. `stripes` > 1 cuts N x stripes pieces instead and deals them to
+    the shards in a snake (0..N-1, N-1..0, ...), so each shard holds pieces from the extremes to
+    the middle: the same mix of request shapes as the whole, at 2 x stripes runs per shard; None:
+    `STRIPES` when each piece holds `PIECE_MIN` requests on average, else 1 (small batches: each
+    cut's recomputed prefix weighs more than the mix gains). The tree should be sorted
+    (`sort_and_split`); it is not changed.
+    """
+    if isinstance(n_shards, bool) or not isinstance(n_shards, int) or n_shards < 1:
+        raise ValueError(f"n_shards must be a positive integer, got {n_shards!r}")
+    if stripes is None:
+        stripes = STRIPES if len(tree) >= PIECE_MIN * STRIPES * n_shards else 1
+    if isinstance(stripes, bool) or not isinstance(stripes, int) or stripes < 1:
+        raise ValueError(f"stripes must be a positive integer, got {stripes!r}")
+    if not (0.0 <= tol < 1.0):
+        raise ValueError(f"tol must be in [0, 1), got {tol!r}")
+    o = _Order(tree)
+    n = o.n
+    comp_total, mem_total = o.comp[n], o.mem[n]
+    pieces = n_shards * stripes
+    owner = [pos if lap % 2 == 0 else n_shards - 1 - pos for lap, pos in (divmod(k, n_shards) for k in range(pieces))]
+    later = [0] * (pieces + 1)  # prompt tokens the cuts after cut i recompute (from the previous pass)
+    for _ in range(3):
+        cuts, paid, prices = [(0, n)], 0, [0] * (pieces + 1)
+        for i in range(1, pieces):
+            pay = owner[i] != owner[i - 1]  # pieces of one shard meet without a cut
+            a, b = _cut(o, cuts[-1], i / pieces, comp_total + later[i], mem_total, tol / (2 * pieces), paid, pay)
+            cuts.append((a, b))
+            prices[i] = ((o.lcp[a] if a < b else 0) + o.lcp[b]) if pay else 0
+            paid += prices[i]
+        after = [sum(prices[i + 1:]) for i in range(pieces + 1)]
+        if after == later:
+            break
+        later = after
+    owned: list = [[] for _ in range(n_shards)]
+    for k, (a, b) in enumerate(cuts):
+        a2, b2 = cuts[k + 1] if k + 1 < len(cuts) else (b, b)
+        owned[owner[k]] += [(a, a2), (b2, b)]
+    runs = [_merge(r) for r in owned]
+    shards = [[r.rid for s, e in rs for r in o.reqs[s:e]] for rs in runs]
+    compute = [sum(o.comp_run(s, e) for s, e in rs) for rs in runs]
+    memory = [sum(o.mem_run(s, e) for s, e in rs) for rs in runs]
+    cut_tokens = sum(o.lcp[s] for rs in runs for s, e in rs)
+    return ShardPlan(shards, runs, cuts[1:], compute, memory, cut_tokens, tree.root.saved)
+
+
+def _merge(runs: list) -> list:
+    """Non-empty runs sorted, touching ones joined."""
+    out: list = []
+    for s, e in sorted(r for r in runs if r[1] > r[0]):
+        if out and out[-1][1] == s:
+            out[-1] = (out[-1][0], e)
+        else:
+            out.append((s, e))
+    return out
+
+
+def _cut(o: _Order, prev: tuple[int, int], frac: float, comp_total: int, mem_total: int,
+         eps: float, paid: int = 0, pay: bool = True) -> tuple[int, int]:
+    """The cut (a, b) with prev_a <= a <= b <= prev_b whose left [0, a) and right [b, n) hold
+    `frac` of compute and memory: among pairs within `eps` (relative to the totals) of both
+    targets the cheapest (fewest recomputed prefix tokens), else the most balanced. Compute
+    counts the prefix tokens cuts recompute: `paid` by the earlier cuts, this cut's own (when
+    `pay`: the pieces on its two sides belong to different shards), and those of the later cuts
+    (included in `comp_total`, an estimate)."""
+    lo, hi = prev
+    want_m = frac * mem_total
+
+    def err(a: int, b: int) -> float:
+        own = ((o.lcp[a] if a < b else 0) + o.lcp[b]) if pay else 0
+        total = comp_total + paid + own
+        want_c = frac * total
+        c = paid + o.comp[a] + (o.comp[o.n] - o.comp[b] + (o.lcp[b] if pay else 0) if b < o.n else 0)
+        m = o.mem[a] + o.mem[o.n] - o.mem[b]
+        ec = abs(c - want_c) / total if total else 0.0
+        em = abs(m - want_m) / mem_total if mem_total else 0.0
+        return max(ec, em)
+
+    if hi - lo <= EXHAUSTIVE:
+        a_set = b_set = range(lo, hi + 1)
+    else:
+        a0, b0 = _exact(o, lo, hi, frac * (comp_total + paid), want_m)
+        a_set = {a for a in range(a0 - SCAN, a0 + SCAN + 1)} | set(o.boundaries(a0)) | set(o.boundaries(a0 - 1))
+        b_set = {b for b in range(b0 - SCAN, b0 + SCAN + 1)} | set(o.boundaries(b0)) | set(o.boundaries(b0 - 1))
+        a_set = sorted(a for a in a_set if lo <= a <= hi)
+        b_set = sorted(b for b in b_set if lo <= b <= hi)
+    best = None
+    for a in a_set:
+        for b in b_set:
+            if b < a:
+                continue
+            e = err(a, b)
+            price = o.lcp[a] + o.lcp[b] if pay else 0
+            key = (0, price, e, a, -b) if e <= eps else (1, e, price, a, -b)
+            if best is None or key < best[0]:
+                best = (key, a, b)
+    return best[1], best[2]
+
+
+def _exact(o: _Order, lo: int, hi: int, want_c: float, want_m: float) -> tuple[int, int]:
+    """Positions (a, b) near the continuous solution: for each a, b makes compute exact; memory
+    falls as a grows (the left is compute-dense), so a is found by bisection on memory."""
+    n = o.n
+
+    def b_for(a: int) -> int:
+        need = want_c - o.comp[a]  # compute the right run must hold: comp[n] - comp[b] (+ lcp[b])
+        target = o.comp[n] - need
+        b = bisect.bisect_left(o.comp, target, lo=a, hi=hi + 1)
+        return min(max(b, a), hi)
+
+    left, right = lo, hi
+    while left < right:
+        mid = (left + right) // 2
+        b = b_for(mid)
+        if o.comp[mid] > want_c or o.mem[mid] + o.mem[n] - o.mem[b] <= want_m:
+            right = mid
+        else:
+            left = mid + 1
+    return left, b_for(left)

@@ -1,0 +1,164 @@
+"""Scale-out without an engine: the simulator's dealings, the replica assignment, CPU binding,
+the every-rank blend check, and the routing field against SGLang 0.5.23's DP controller."""
+
+from __future__ import annotations
+
+import asyncio
+import types
+
+import pytest
+
+from blendserve_sgl.batch import dispatch
+from blendserve_sgl.batch.prompts import Prepared
+from blendserve_sgl.batch.requests import BatchRequest
+from blendserve_sgl.core import CostModel
+from blendserve_sgl.sim import EngineConfig, RunSpec
+from blendserve_sgl.sim.scale_out import BLOCK, deal, scale_out
+from blendserve_sgl.workloads import Record
+
+from _helpers import COST
+
+
+def _records(n: int) -> list[Record]:
+    out = []
+    for i in range(n):
+        kind = i % 3
+        if kind == 0:
+            out.append(Record(f"m{i}", 900, (("sys", 100), (f"subj{i % 5}", 600)), 2, "mmlu"))
+        elif kind == 1:
+            out.append(Record(f"c{i}", 1500 + i % 50, (("sysc", 40),), 20, "code"))
+        else:
+            out.append(Record(f"v{i}", 150, (("sysv", 40),), 600 + 7 * (i % 40), "long"))
+    return out
+
+
+SPEC = RunSpec(COST, EngineConfig.for_cost(COST, kv_gb=2.0, max_running=64, chunked_prefill=512))
+
+
+@pytest.mark.parametrize("how", ["blend", "round-robin", "blocks"])
+def test_deal_gives_every_record_to_one_engine(how):
+    recs = _records(700)
+    parts = deal(recs, 3, how, SPEC)
+    assert len(parts) == 3
+    assert sorted(r.rid for p in parts for r in p) == sorted(r.rid for r in recs)
+    order = {r.rid: i for i, r in enumerate(recs)}
+    assert all([order[r.rid] for r in p] == sorted(order[r.rid] for r in p) for p in parts)  # arrival order kept
+    if how == "round-robin":
+        assert [r.rid for r in parts[1]] == [r.rid for r in recs[1::3]]
+    if how == "blocks":
+        assert [r.rid for r in parts[0]] == [r.rid for r in recs[:BLOCK] + recs[3 * BLOCK:]]
+
+
+def test_scale_out_runs_each_part_and_keeps_sharing():
+    """Shards keep (nearly) one engine's prefix hits; round-robin over 4 engines loses some (each
+    engine computes each shared prefix once)."""
+    from blendserve_sgl.sim import Workload, simulate
+
+    recs = _records(600)
+    one = simulate(Workload(recs, COST), "blend", SPEC)
+    shards = scale_out(recs, 4, "blend", SPEC, check=True)
+    rr = scale_out(recs, 4, "round-robin", SPEC)
+    assert sum(r.requests for r in shards.engines) == len(recs)
+    assert shards.sharing_vs_one(one) >= 0.99
+    assert shards.sharing_vs_one(one) > rr.sharing_vs_one(one)
+
+
+def _prepared(cid: str, ids: list[int], max_tokens: int) -> Prepared:
+    return Prepared(BatchRequest(1, cid, "completion", None, tuple(ids), max_tokens), ids, max_tokens)
+
+
+def test_assign_balances_replicas():
+    items = []
+    for g in range(4):
+        for i in range(30):
+            items.append(_prepared(f"g{g}-{i}", [100 + g] * 50 + [g, i], 8 if g < 2 else 200))
+    ranks = dispatch.assign(items, 2, COST)
+    assert set(ranks) == {p.request.custom_id for p in items} and set(ranks.values()) == {0, 1}
+    parts = dispatch.shards(items, 2, COST)
+    assert sorted(id(p) for part in parts for p in part) == sorted(id(p) for p in items)
+    assert all(ranks[p.request.custom_id] == r for r, part in enumerate(parts) for p in part)
+    # memory work (decode reads at max_tokens) is the same on both replicas within 5%
+    mem = [sum(2 * len(p.input_ids) * p.max_tokens + p.max_tokens ** 2 for p in part) for part in parts]
+    assert abs(mem[0] - mem[1]) <= 0.05 * max(mem)
+
+
+def test_interleave_advances_each_part_at_its_share():
+    parts = [list(range(0, 6)), list(range(100, 102)), [], list(range(200, 203))]
+    seq = list(dispatch.interleave(parts))
+    assert sorted(seq) == sorted(x for p in parts for x in p)
+    for p in parts:  # each part's order kept
+        assert [x for x in seq if x in p] == p
+    for k in range(1, len(seq) + 1):  # every prefix holds about its share of each part
+        head = seq[:k]
+        for p in parts:
+            if p:
+                assert abs(sum(x in p for x in head) - k * len(p) / len(seq)) <= 2
+
+
+def test_cpu_bind_splits_cores():
+    assert dispatch.cpu_bind(2, [0, 1]) == "0|1"
+    assert dispatch.cpu_bind(2, [0, 1, 2, 3, 4]) == "0,1,2|3,4"
+    with pytest.raises(dispatch.DispatchError, match="--dp 3 on CPU needs at least 3 CPU cores"):
+        dispatch.cpu_bind(3, [0, 1])
+
+
+class _StandInEngine:
+    def __init__(self, policies):
+        self.loop = asyncio.new_event_loop()
+
+        async def get_internal_state():
+            return [{"blendserve_policy": p} if p else {} for p in policies]
+
+        self.tokenizer_manager = types.SimpleNamespace(get_internal_state=get_internal_state)
+
+
+def test_check_ranks_fails_loudly_when_a_rank_is_not_blend():
+    dispatch.check_ranks(_StandInEngine(["BlendPolicy", "BlendPolicy"]), 2)
+    with pytest.raises(dispatch.DispatchError, match=r"expected 2 ranks running BlendPolicy, got \['BlendPolicy', None\]"):
+        dispatch.check_ranks(_StandInEngine(["BlendPolicy", None]), 2)
+    with pytest.raises(dispatch.DispatchError, match="expected 2 ranks"):
+        dispatch.check_ranks(_StandInEngine(["BlendPolicy"]), 2)
+
+
+def test_plugin_reports_the_policy_class_in_the_internal_state():
+    from blendserve_sgl.sglang_plugin import _after_get_internal_state
+
+    class BlendPolicy:
+        pass
+
+    result = types.SimpleNamespace(internal_state={"schedule_policy": "blend"})
+    _after_get_internal_state(result, types.SimpleNamespace(policy=BlendPolicy()))
+    assert result.internal_state["blendserve_policy"] == dispatch.POLICY_CLASS
+
+
+def test_routed_dp_rank_reaches_that_rank_in_sglangs_controller(monkeypatch):
+    """SGLang's own DP controller method, on a stand-in controller: a request that carries
+    routed_dp_rank goes to that worker, whatever the round-robin counter says."""
+    dpc = pytest.importorskip("sglang.srt.managers.data_parallel_controller")
+    sent = []
+    monkeypatch.setattr(dpc, "sock_send", lambda worker, req: sent.append((worker, req)))
+    ctl = types.SimpleNamespace(workers=["w0", "w1"], _active_workers=[0, 1], round_robin_counter=0,
+                                status=[True, True])
+    ctl.maybe_external_dp_rank_routing = types.MethodType(dpc.DataParallelController.maybe_external_dp_rank_routing,
+                                                          ctl)
+    for rank in (1, 1, 0, 1):
+        req = types.SimpleNamespace(routed_dp_rank=rank)
+        dpc.DataParallelController.round_robin_scheduler(ctl, req)
+        assert sent[-1] == (f"w{rank}", req)
+    dpc.DataParallelController.round_robin_scheduler(ctl, types.SimpleNamespace(routed_dp_rank=None))
+    assert sent[-1][0] == "w0"  # without it, the controller's own round-robin
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--dp", "2", "--ray"], "--dp and --ray are two ways to run replicas"),
+    (["--ray-address", "head:6379"], "--ray-address and --gpus-per-replica apply to --ray runs"),
+    (["--gpus-per-replica", "1"], "--ray-address and --gpus-per-replica apply to --ray runs"),
+])
+def test_scale_out_flags_are_checked_before_anything_starts(tmp_path, capsys, argv, message):
+    from blendserve_sgl.batch.cli import main
+
+    src = tmp_path / "in.jsonl"
+    src.write_text('{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"prompt": "hi"}}\n')
+    assert main([str(src), "-o", str(tmp_path / "out.jsonl"), *argv]) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl").exists()

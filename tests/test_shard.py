@@ -1,0 +1,168 @@
+"""The shard planner: every request once, work per shard against brute force, balance, cheapest
+cuts within the tolerance (brute force over every cut on small trees), determinism."""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from blendserve_sgl.core import ResourceTree, sort_and_split
+from blendserve_sgl.core.cost import memory_units
+from blendserve_sgl.core.shard import plan_shards
+
+from _helpers import COST, build_length_tree, mixed_workload
+
+_prompt = st.lists(st.integers(0, 2), min_size=1, max_size=8)
+_req = st.tuples(_prompt, st.one_of(st.integers(0, 4), st.integers(20, 400)))
+
+
+def _token_tree(reqs) -> ResourceTree:
+    t = ResourceTree(COST)
+    for i, (tokens, d) in enumerate(reqs):
+        t.add(i, tokens=tokens, output_len=d)
+    t.sort()
+    return t
+
+
+def _lcp(x, y) -> int:
+    k = 0
+    while k < min(len(x), len(y)) and x[k] == y[k]:
+        k += 1
+    return k
+
+
+def _brute_compute(run, prompts, outputs) -> int:
+    """Tokens computed running `run` (request ids) in order, each prefix cached once."""
+    total, prev = 0, None
+    for rid in run:
+        total += len(prompts[rid]) + outputs[rid] - (_lcp(prompts[prev], prompts[rid]) if prev is not None else 0)
+        prev = rid
+    return total
+
+
+@settings(max_examples=150)
+@given(st.lists(_req, min_size=1, max_size=30), st.integers(1, 5))
+def test_every_request_once_and_work_matches_brute_force(reqs, n_shards):
+    """Each request in exactly one shard; each shard is at most two DFS runs; its compute work
+    equals the tokens computed running those runs in order (brute-force prefix matching), its
+    memory work the sum of `memory_units`."""
+    t = _token_tree(reqs)
+    prompts = {i: tuple(p) for i, (p, _) in enumerate(reqs)}
+    outputs = {i: d for i, (_, d) in enumerate(reqs)}
+    plan = plan_shards(t, n_shards, stripes=1)
+    plan.check_integrity(t)
+    assert len(plan.shards) == n_shards
+    order = [r.rid for r in t.iter_requests()]
+    for i, runs in enumerate(plan.runs):
+        assert len(runs) <= 2
+        ids = [order[s:e] for s, e in runs]
+        assert plan.compute[i] == sum(_brute_compute(run, prompts, outputs) for run in ids)
+        assert plan.memory[i] == sum(memory_units(len(prompts[r]), outputs[r]) for run in ids for r in run)
+    one = _brute_compute(order, prompts, outputs)
+    assert sum(plan.compute) == one + plan.cut_tokens
+
+
+@settings(max_examples=150)
+@given(st.lists(_req, min_size=2, max_size=24), st.sampled_from([0.0, 0.02, 0.1, 0.3]))
+def test_two_shards_brute_force_cut(reqs, tol):
+    """N=2 on small trees against every possible cut (a, b): the plan's cut is within the
+    tolerance when some cut is, and then recomputes no more prefix tokens than the cheapest
+    such cut; otherwise it is the most balanced cut."""
+    t = _token_tree(reqs)
+    plan = plan_shards(t, 2, tol=tol, stripes=1)
+    mem = sum(plan.memory)
+    n = len(reqs)
+
+    order = list(t.iter_requests())
+    prompts = {r.rid: tuple(reqs[r.rid][0]) for r in order}
+    outputs = {r.rid: r.output_len for r in order}
+
+    def shard0(a, b):
+        """(largest relative deviation of shard 0 from half the work, prefix tokens the cut recomputes)"""
+        ids0 = [[r.rid for r in order[:a]], [r.rid for r in order[b:]]]
+        ids1 = [[r.rid for r in order[a:b]]]
+        c0, c1 = (sum(_brute_compute(run, prompts, outputs) for run in ids) for ids in (ids0, ids1))
+        m0 = sum(memory_units(len(prompts[r]), outputs[r]) for run in ids0 for r in run)
+        price = c0 + c1 - _brute_compute([r.rid for r in order], prompts, outputs)
+        err = max(abs(c0 - (c0 + c1) / 2) / (c0 + c1), abs(m0 - mem / 2) / mem if mem else 0.0)
+        return err, price
+
+    eps = tol / 4
+    options = [shard0(a, b) for a in range(n + 1) for b in range(a, n + 1)]
+    (a, b), = plan.cuts
+    got_err, got_price = shard0(a, b)
+    within = [price for err, price in options if err <= eps + 1e-12]
+    if within:
+        assert got_err <= eps + 1e-12
+        assert got_price <= min(within)
+        assert got_price == plan.cut_tokens
+    else:
+        assert got_err <= min(err for err, _ in options) + 1e-12
+
+
+@pytest.mark.parametrize("stripes", [1, 2])
+@pytest.mark.parametrize("n_shards", [2, 4, 8])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_balance_and_density_on_a_mixed_workload(n_shards, seed, stripes):
+    """3,000 requests of a compute/memory mix, sorted and split: every shard's compute and
+    memory work within 2% of 1/N, so its density within 4% of the root's; the cuts keep >= 99%
+    of one engine's saved prefix tokens."""
+    t = build_length_tree(mixed_workload(3000, seed))
+    sort_and_split(t)
+    plan = plan_shards(t, n_shards, stripes=stripes)
+    plan.check_integrity(t)
+    assert all(len(runs) <= 2 * stripes for runs in plan.runs)
+    assert plan.compute_imbalance <= 0.02 and plan.memory_imbalance <= 0.02
+    root = t.density(t.root)
+    for c, m in zip(plan.compute, plan.memory):
+        assert abs(COST.density(c, m) / root - 1) <= 0.04
+    assert plan.sharing_vs_one >= 0.99
+
+
+def test_cut_takes_a_subtree_boundary_when_it_balances():
+    """Two identical subtrees under different system prompts: N=2 puts one in each shard, the
+    cut at the root boundary (no prefix recomputed, every subtree whole)."""
+    t = ResourceTree(COST)
+    for sys in ("A", "B"):
+        for i in range(40):
+            t.add(f"{sys}{i}", prompt_len=500 + (i % 7), prefix=[(sys, 300)], output_len=10 + 37 * (i % 11))
+    sort_and_split(t)
+    plan = plan_shards(t, 2, stripes=1)
+    assert plan.cut_tokens == 0 and plan.sharing_vs_one == 1.0
+    assert {rid[0] for rid in plan.shards[0]} != {rid[0] for rid in plan.shards[1]}
+    assert all(len({rid[0] for rid in s}) == 1 for s in plan.shards)
+
+
+def test_deterministic_and_one_shard_is_the_tree():
+    t = build_length_tree(mixed_workload(500, 3))
+    sort_and_split(t)
+    assert plan_shards(t, 4) == plan_shards(t, 4)
+    one = plan_shards(t, 1, stripes=3)
+    assert one.runs == [[(0, len(t))]]
+    assert one.shards == [[r.rid for r in t.iter_requests()]] and one.cut_tokens == 0
+
+
+def test_more_shards_than_requests_and_empty_tree():
+    t = _token_tree([([1, 2], 5), ([1, 3], 7)])
+    plan = plan_shards(t, 4)
+    plan.check_integrity(t)
+    assert sorted(len(s) for s in plan.shards) == [0, 0, 1, 1]
+    empty = plan_shards(ResourceTree(COST), 3)
+    assert empty.shards == [[], [], []] and empty.compute_imbalance == 0.0
+
+
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, "2"])
+def test_bad_shard_count(bad):
+    with pytest.raises(ValueError, match="n_shards must be a positive integer"):
+        plan_shards(ResourceTree(COST), bad)
+    with pytest.raises(ValueError, match="stripes must be a positive integer"):
+        plan_shards(ResourceTree(COST), 2, stripes=bad)
+
+
+@settings(max_examples=60)
+@given(st.lists(_req, min_size=1, max_size=40), st.integers(1, 4), st.integers(1, 4))
+def test_striped_plans_keep_every_request_once(reqs, n_shards, stripes):
+    """Pieces dealt in a snake: every request once, work sums exact, runs sorted and apart."""
+    t = _token_tree(reqs)
+    plan = plan_shards(t, n_shards, stripes=stripes)
+    plan.check_integrity(t)
+    assert len(plan.cuts) == n_shards * stripes - 1
