@@ -1,6 +1,6 @@
 """Scale-out: one central plan cut into shards, against round-robin and block dealing.
 
-Simulator part: the four trace analogs (`sim/traces.py`), Llama-3.1-8B on the A100 preset as
+Simulator part: the four trace analogs (`workloads/recipes.py`), Llama-3.1-8B on the A100 preset as
 in `paper_traces.py`; N = 2, 4, 8 engines each running `blend` on what it was dealt (the shard
 planner's shards, round-robin, Ray-Data-style blocks of 256); scaling = one engine's time over
 the slowest engine's (overlapped mode), sharing = prefix hits of all engines over one engine's.
@@ -28,10 +28,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import RESULTS, command, peak_rss_mb, table, write  # noqa: E402
 from blendserve_sgl.core import CostModel  # noqa: E402
+from blendserve_sgl.core.preset import PRESET  # noqa: E402
 from blendserve_sgl.core.shard import PIECE_MIN, STRIPES  # noqa: E402
 from blendserve_sgl.sim import EngineConfig, ExecModel, RunSpec, Workload, simulate  # noqa: E402
 from blendserve_sgl.sim.scale_out import DEALS, scale_out  # noqa: E402
-from blendserve_sgl.sim.traces import TRACES, trace  # noqa: E402
+from blendserve_sgl.workloads import TRACES, trace  # noqa: E402
 
 MODE = ExecModel("overlapped", 0.1)
 SIZES = (2, 4, 8)
@@ -41,7 +42,8 @@ TARGETS = {"sim_scaling": {"2": 1.95, "4": 3.9, "8": 7.6}, "sim_sharing_vs_one":
 
 def sim_part(n: int, seed: int, traces: list[str]) -> dict:
     cost = CostModel.from_names("llama-3.1-8b", "a100")
-    spec = RunSpec(cost, EngineConfig.for_cost(cost, max_running=1024, chunked_prefill=1024), seed=seed)
+    engine = EngineConfig.for_cost(cost, max_running=1024, chunked_prefill=1024, pace=PRESET.pacing)  # blend as shipped
+    spec = RunSpec(cost, engine, seed=seed)
     rows = []
     for name in traces:
         records, _ = trace(name, n, cost, seed)

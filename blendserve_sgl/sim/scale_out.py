@@ -63,7 +63,7 @@ def deal(records: list, n: int, how: str, spec: RunSpec, stripes: int | None = N
             out[(j // BLOCK) % n] += records[j:j + BLOCK]
         return out
     tree = reference_tree(from_records(records), spec.cost)
-    sort_and_split(tree, spec.scan.keep_sharing, spec.scan.max_split_rounds)
+    sort_and_split(tree, spec.preset.scan.keep_sharing, spec.preset.scan.max_split_rounds)
     shard_of = plan_shards(tree, n, stripes=stripes).shard_of()
     out = [[] for _ in range(n)]
     for r in records:
