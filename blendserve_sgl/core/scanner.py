@@ -90,6 +90,9 @@ class ScanConfig:
     final_wave: bool = False  # True: once every waiting request fits in the KV pool at once, admit
     # them longest output first (LPT), pooled, no shares: the batch ends in one wave instead of a
     # tail of the long requests one side left for last
+    replan_growth: float | None = None  # after the plan: re-estimate and re-plan the waiting tree
+    # when a sample still running reaches this many times its output at the last plan (the plan
+    # counted it at that; long outputs are the samples that finish last), at the next step
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.keep_sharing <= 1.0):
@@ -102,6 +105,8 @@ class ScanConfig:
             raise ValueError(f"credit_steps must be a positive integer, got {self.credit_steps!r}")
         if not (0.0 <= self.reserve_output_ratio <= 1.0):
             raise ValueError(f"reserve_output_ratio must be in [0, 1], got {self.reserve_output_ratio!r}")
+        if self.replan_growth is not None and not self.replan_growth > 1.0:
+            raise ValueError(f"replan_growth must be > 1 or None, got {self.replan_growth!r}")
 
 
 class _Running(NamedTuple):
@@ -161,6 +166,9 @@ class DualScanner:
         self._ratio = config.reserve_output_ratio
         self._wave: list[Req] = []  # final wave (ScanConfig.final_wave): waiting requests, longest first
         self._record: tuple | None = None  # (budget, extra) of the last schedule call: see last_step
+        self._planned_at: dict = {}  # running sample rid -> its output so far when the plan was made
+        self.replan_due = False  # ScanConfig.replan_growth: a running sample outgrew the plan
+        self.replans = 0
 
     @property
     def used(self) -> dict:
@@ -189,9 +197,34 @@ class DualScanner:
 
     def _plan(self) -> None:
         """Re-estimate unknown lengths (running samples at their output so far) and sort + split."""
+        self.replans += self.planned
         self.sample.estimate(self.tree, {rid: (run.path, run.req.max_tokens) for rid, run in self.running.items()})
         self.split_report = sort_and_split(self.tree, self.config.keep_sharing, self.config.max_split_rounds)
         self.planned = True
+        self.replan_due = False
+        self._planned_at = dict(self.sample.generated)
+        self._wave = []
+
+    def _replan_at(self, rid) -> int | None:
+        """The output length at which running sample `rid` makes the plan stale (replan_growth)."""
+        growth = self.config.replan_growth
+        if growth is None or rid not in self.sample.pending:
+            return None
+        return math.ceil(growth * max(1, self._planned_at.get(rid, 0)))
+
+    def watch_at(self, rid) -> int | None:
+        """The output length of running request `rid` at which `progress` should next be called
+        (None: it need not be, unless it finishes): a sample's re-plan point, a left-side
+        estimate's overrun point. Callers that report every step need not ask."""
+        run = self.running[rid]
+        gen = self.sample.generated.get(rid, 0)
+        marks = []
+        replan = self._replan_at(rid)
+        if replan is not None:  # past it (the re-plan is due): the next growth step
+            marks.append(replan if replan > gen else math.ceil(self.config.replan_growth * max(1, gen)))
+        if run.side == LEFT and not run.req.known:
+            marks.append(int(self.tree.estimator.overrun_factor * max(1, run.req.output_len)) + 1)
+        return min((m for m in marks if m > gen), default=None)
 
     # ------------------------------------------------------------------ step
     def schedule(self, budget: Budget) -> list[Admission]:
@@ -199,6 +232,8 @@ class DualScanner:
         and a waiting request fits the free KV (with a slot and prefill tokens left), at least one."""
         if not self.prepared:
             self.prepare()
+        if self.replan_due and self.planned and self.tree.root.count:
+            self._plan()
         st = _StepState(budget)
         self._record = None
         for side in self.sides.values():
@@ -495,6 +530,9 @@ class DualScanner:
         """Report tokens generated so far; a left-side request far past its estimate moves right."""
         run = self.running[rid]
         self.sample.progress(rid, generated)
+        mark = self._replan_at(rid) if self.planned else None
+        if mark is not None and generated >= mark:
+            self.replan_due = True
         if run.side == RIGHT or run.req.known or not self.tree.estimator.overran(run.req.output_len, generated):
             return False
         self.sides[LEFT].used -= run.kv_bytes
