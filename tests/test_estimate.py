@@ -439,3 +439,33 @@ def test_replanning_scanner_hands_out_each_request_once_within_budgets(seed, n, 
         sc.finished(rid, gen.pop(rid))
     assert sorted(seen) == list(range(n)) or sc.tree.reqs  # exactly once (none twice), all when drained
     assert len(seen) == len(set(seen))
+
+
+def test_reserve_overruns_keeps_the_kv_an_overrunning_request_will_still_need():
+    """A request estimated at 20 tokens (its sample finished at 20) is at 100 (past overrun factor 2
+    x 20): with reserve_overruns it is expected to reach 200 (within max_tokens), so 100 tokens of KV
+    stay free; a budget of exactly the next request's KV then admits nothing; at 300 the reserve
+    follows (600 - 300 = 300 tokens); when it finishes the reserve goes. Off: it is admitted."""
+    est = OutputLengthEstimator(sample_fraction=0.025, seed=1)
+    kvb = COST.kv_bytes_per_token
+    outcome = {}
+    for on in (False, True):
+        tree = ResourceTree(COST, est)
+        for i in range(40):
+            tree.add(i, prompt_len=100, prefix=(("sys", 50),), max_tokens=50_000)
+        sc = DualScanner(tree, ScanConfig(reserve_overruns=on))
+        (s,) = [a.rid for a in sc.schedule(Budget(1e15, 100, 10 ** 6)) if a.side == SAMPLE]
+        sc.finished(s, 20)
+        first = sc.schedule(Budget((100 + 20) * kvb, 1, 10 ** 6))[0]
+        assert first.output_len == 20
+        sc.progress(first.rid, 100)
+        assert sc.overrun_bytes == (100 * kvb if on else 0)
+        assert (sc.watch_at(first.rid) == 200) if on else True
+        outcome[on] = sc.schedule(Budget((100 + 20) * kvb, 1, 10 ** 6))
+        if on:
+            sc.progress(first.rid, 300)
+            assert sc.overrun_bytes == 300 * kvb
+            sc.check_integrity()
+            sc.finished(first.rid, 350)
+            assert sc.overrun_bytes == 0 and not sc.overrun
+    assert len(outcome[False]) == 1 and outcome[True] == []
