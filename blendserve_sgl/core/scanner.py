@@ -90,7 +90,7 @@ class ScanConfig:
     final_wave: bool = False  # True: once every waiting request fits in the KV pool at once, admit
     # them longest output first (LPT), pooled, no shares: the batch ends in one wave instead of a
     # tail of the long requests one side left for last
-    replan_growth: float | None = None  # after the plan: re-estimate and re-sort the waiting tree
+    replan_growth: float | None = None  # after the plan: re-estimate, sort and split the waiting tree
     # when a sample still running reaches this many times its output at the last plan (the plan
     # counted it at that; long outputs are the samples that finish last), at the next step
     reserve_overruns: bool = False  # True: a running request past its estimate is expected to run
@@ -201,15 +201,11 @@ class DualScanner:
         if not self.sample.pending:
             self._plan()
 
-    def _plan(self, split: bool = True) -> None:
-        """Re-estimate unknown lengths (running samples at their output so far) and sort + split
-        (sort only: a re-plan on sample growth, which spends no more of the split budget)."""
+    def _plan(self) -> None:
+        """Re-estimate unknown lengths (running samples at their output so far) and sort + split."""
         self.replans += self.planned
         self.sample.estimate(self.tree, {rid: (run.path, run.req.max_tokens) for rid, run in self.running.items()})
-        if split:
-            self.split_report = sort_and_split(self.tree, self.config.keep_sharing, self.config.max_split_rounds)
-        else:
-            self.tree.sort()
+        self.split_report = sort_and_split(self.tree, self.config.keep_sharing, self.config.max_split_rounds)
         self.planned = True
         self.replan_due = False
         self._planned_at = dict(self.sample.generated)
@@ -248,7 +244,7 @@ class DualScanner:
         if self.overrun_bytes:
             budget = budget._replace(kv_bytes=budget.kv_bytes - self.overrun_bytes)
         if self.replan_due and self.planned and self.tree.root.count:
-            self._plan(split=False)
+            self._plan()
         st = _StepState(budget)
         self._record = None
         for side in self.sides.values():
