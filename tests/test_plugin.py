@@ -361,16 +361,19 @@ def test_cpu_kernel_fallback_only_for_the_cpu_engine(monkeypatch):
     assert fb.cpu_engine() is True
 
 
-def test_settings_ride_to_the_scheduler_on_pickled_server_args():
-    """SGLang spawns its scheduler with the ServerArgs pickled: the settings attached in the
-    launching process travel with them (no environment variable involved)."""
+def test_flags_ride_to_the_scheduler_on_pickled_server_args():
+    """`launch_server`'s argument path with the plugin loaded: the `--blend-*` values end up on
+    the ServerArgs and survive the pickling SGLang uses to start its scheduler (no environment
+    variable involved)."""
     import pickle
 
-    from sglang.srt.server_args import ServerArgs
+    from sglang.srt.plugins import load_plugins
+    from sglang.srt.server_args import prepare_server_args
 
     from blendserve_sgl.sglang_plugin.settings import SETTINGS_ATTR
 
-    args = ServerArgs(model_path="/nonexistent", device="cpu")  # resolved: its fields are sealed now
-    setattr(args, SETTINGS_ATTR, BlendSettings(sample_fraction=0.05, pacing=False))
+    load_plugins()
+    args = prepare_server_args(["--model-path", "/nonexistent", "--schedule-policy", "blend", "--device", "cpu",
+                                "--blend-sample-fraction", "0.05", "--blend-pacing", "0"])
     assert getattr(pickle.loads(pickle.dumps(args)), SETTINGS_ATTR) == BlendSettings(sample_fraction=0.05, pacing=False)
     assert _make_policy(FakeScheduler(), sample_fraction=0.05).stats()["settings"]["sample_fraction"] == 0.05
