@@ -314,3 +314,158 @@ def test_estimator_switches_are_preset_fields():
     assert ablation.scan == PRESET.scan and PRESET.estimator.percentile is None and not PRESET.estimator.censored
     with pytest.raises(ValueError, match="percentile"):
         PRESET.replace(percentile=0.0)
+
+
+# ---------------------------------------------------------------- censored growth
+def _imputed_brute_force(samples, growth, q):
+    """Plain reference: each censored sample (g, cap) takes the mean of the finished samples >= g,
+    else min(cap, growth x g); then the nearest-rank q-quantile (q None: the mean)."""
+    finished = [v for v, cap in samples if cap is None]
+    vals = []
+    for v, cap in samples:
+        if cap is not None:
+            longer = [f for f in finished if f >= v]
+            v = sum(longer) / len(longer) if longer else min(max(v, cap), growth * v)
+        vals.append(v)
+    if q is None:
+        return sum(vals) / len(vals)
+    return _nearest_rank(vals, q)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.tuples(st.integers(1, 5000), st.one_of(st.none(), st.integers(1, 20_000))), min_size=1, max_size=12),
+       st.sampled_from([None, 0.5, 0.9, 1.0]), st.sampled_from([1.0, 2.0, 3.5]))
+def test_censored_growth_estimate_equals_brute_force(samples, q, growth):
+    from blendserve_sgl.core import OutputLengthEstimator
+
+    est = OutputLengthEstimator(censored=True, censored_growth=growth, percentile=q)
+    assert est.summarize(samples) == pytest.approx(_imputed_brute_force(samples, growth, q))
+
+
+def test_censored_growth_by_hand():
+    """A sample at 900 tokens, past every finished one (10, 20), max_tokens 12,000: with growth 2
+    it counts as 1,800 (not 12,000); within its cap (cap 1,000: 1,000); one at 15 takes the mean of
+    the finished ones at least as long (20)."""
+    from blendserve_sgl.core import OutputLengthEstimator
+
+    est = OutputLengthEstimator(censored=True, censored_growth=2.0)
+    assert est.summarize([(10, None), (20, None), (900, 12_000)]) == pytest.approx((10 + 20 + 1800) / 3)
+    assert est.summarize([(10, None), (20, None), (900, 1000)]) == pytest.approx((10 + 20 + 1000) / 3)
+    assert est.summarize([(10, None), (20, None), (15, 500)]) == pytest.approx((10 + 20 + 20) / 3)
+    with pytest.raises(ValueError, match="censored_growth"):
+        OutputLengthEstimator(censored_growth=0.5)
+
+
+def _sampled_scanner(config, estimator):
+    tree = ResourceTree(COST, estimator)
+    for i in range(40):
+        tree.add(i, prompt_len=100, prefix=(("sysA" if i % 2 else "sysB", 50),), max_tokens=50_000)
+    sc = DualScanner(tree, config)
+    sample = [a.rid for a in sc.schedule(Budget(1e15, 100, 10 ** 6)) if a.side == SAMPLE]
+    assert len(sample) == 8
+    return sc, sample
+
+
+def test_replan_growth_replans_when_a_running_sample_outgrows_the_plan():
+    """Half the sample finishes at 20 tokens, half is at 300 at the quorum: the plan counts them
+    at 600 (censored growth 2). With replan_growth 2 the running samples reaching 600 make the
+    next step re-plan, and the waiting requests' estimates grow; without it they stay."""
+    est = OutputLengthEstimator(sample_fraction=0.2, seed=1, censored=True, censored_growth=2.0)
+    estimates = {}
+    for growth in (None, 2.0):
+        sc, sample = _sampled_scanner(ScanConfig(sample_quorum=0.5, replan_growth=growth), est)
+        for rid in sample[4:]:
+            sc.progress(rid, 300)
+        for rid in sample[:4]:
+            sc.finished(rid, 20)
+        assert sc.planned and not sc.replan_due
+        before = max(r.output_len for r in sc.tree.reqs.values())
+        assert growth is None or sc.watch_at(sample[4]) <= 600  # reported by the re-plan point
+        for rid in sample[4:]:
+            sc.progress(rid, 599)
+        assert not sc.replan_due
+        for rid in sample[4:]:
+            sc.progress(rid, 3000)
+        assert sc.replan_due == (growth is not None)
+        sc.schedule(Budget(0.0, 100, 10 ** 6))  # no memory: nothing taken, the plan is redone
+        after = max(r.output_len for r in sc.tree.reqs.values())
+        estimates[growth] = (before, after, sc.replans)
+        sc.check_integrity()
+    assert estimates[None][0] == estimates[None][1] and estimates[None][2] == 0
+    assert estimates[2.0][1] > estimates[2.0][0] and estimates[2.0][2] == 1
+    assert estimates[2.0][0] == estimates[None][0]
+    with pytest.raises(ValueError, match="replan_growth"):
+        ScanConfig(replan_growth=1.0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 10 ** 6), st.integers(20, 120), st.sampled_from([1.5, 2.0, 4.0]), st.booleans())
+def test_replanning_scanner_hands_out_each_request_once_within_budgets(seed, n, growth, metered):
+    """With re-plans on sample growth (random progress, finishes, tight budgets): every request is
+    handed out exactly once, no step admits more KV than is free or more requests than slots, and
+    a step with nothing running admits when something fits (liveness)."""
+    rng = random.Random(seed)
+    est = OutputLengthEstimator(sample_fraction=0.1, seed=seed % 7, censored=True, censored_growth=2.0)
+    tree = ResourceTree(COST, est)
+    for i in range(n):
+        tree.add(i, prompt_len=rng.randint(201, 3000), prefix=((f"g{rng.randrange(3)}", rng.choice([10, 200])),),
+                 max_tokens=rng.randint(50, 20_000))
+    sc = DualScanner(tree, ScanConfig(replan_growth=growth, hold_prefix_tokens=32, fill_while_sampling=True,
+                                      final_wave=True))
+    kvb = COST.kv_bytes_per_token
+    gen, seen = {}, []
+    for _ in range(50 * n):
+        if not sc.tree.reqs and not sc.running:
+            break
+        budget = Budget(rng.randint(0, 40_000) * kvb, rng.randint(0, 6), rng.randint(0, 4096),
+                        steps=rng.randint(0, 3) if metered else None, kv_pool=200_000 * kvb if metered else None)
+        nothing_runs = not sc.running
+        fits = budget.slots > 0 and budget.prefill_tokens > 0 and any(
+            (r.prompt_len + r.output_len) * kvb <= budget.kv_bytes for r in sc.tree.reqs.values())
+        out = sc.schedule(budget)
+        assert len(out) <= budget.slots and sum(a.kv_bytes for a in out) <= budget.kv_bytes * (1 + 1e-9) + 1e-6
+        assert not (nothing_runs and fits) or out
+        seen += [a.rid for a in out]
+        for a in out:
+            gen[a.rid] = 0
+        for rid in list(sc.running):
+            gen[rid] += rng.choice([1, 10, 300])
+            if rng.random() < 0.3:
+                sc.finished(rid, gen.pop(rid))
+            else:
+                sc.progress(rid, gen[rid])
+        sc.check_integrity()
+    for rid in list(sc.running):
+        sc.finished(rid, gen.pop(rid))
+    assert sorted(seen) == list(range(n)) or sc.tree.reqs  # exactly once (none twice), all when drained
+    assert len(seen) == len(set(seen))
+
+
+def test_reserve_overruns_keeps_the_kv_an_overrunning_request_will_still_need():
+    """A request estimated at 20 tokens (its sample finished at 20) is at 100 (past overrun factor 2
+    x 20): with reserve_overruns it is expected to reach 200 (within max_tokens), so 100 tokens of KV
+    stay free; a budget of exactly the next request's KV then admits nothing; at 300 the reserve
+    follows (600 - 300 = 300 tokens); when it finishes the reserve goes. Off: it is admitted."""
+    est = OutputLengthEstimator(sample_fraction=0.025, seed=1)
+    kvb = COST.kv_bytes_per_token
+    outcome = {}
+    for on in (False, True):
+        tree = ResourceTree(COST, est)
+        for i in range(40):
+            tree.add(i, prompt_len=100, prefix=(("sys", 50),), max_tokens=50_000)
+        sc = DualScanner(tree, ScanConfig(reserve_overruns=on))
+        (s,) = [a.rid for a in sc.schedule(Budget(1e15, 100, 10 ** 6)) if a.side == SAMPLE]
+        sc.finished(s, 20)
+        first = sc.schedule(Budget((100 + 20) * kvb, 1, 10 ** 6))[0]
+        assert first.output_len == 20
+        sc.progress(first.rid, 100)
+        assert sc.overrun_bytes == (100 * kvb if on else 0)
+        assert (sc.watch_at(first.rid) == 200) if on else True
+        outcome[on] = sc.schedule(Budget((100 + 20) * kvb, 1, 10 ** 6))
+        if on:
+            sc.progress(first.rid, 300)
+            assert sc.overrun_bytes == 300 * kvb
+            sc.check_integrity()
+            sc.finished(first.rid, 350)
+            assert sc.overrun_bytes == 0 and not sc.overrun
+    assert len(outcome[False]) == 1 and outcome[True] == []

@@ -9,8 +9,10 @@ root; before any sample finishes, `prior`. Estimates are capped at the request's
 Two switches (both off in the plain mean): `percentile` reserves by that quantile of the
 subtree's samples (nearest rank) instead of their mean; `censored` counts a sample still running
 when the plan is made as censored: at least its output so far, at most its max_tokens (it takes
-the mean of the finished samples of the subtree that are at least as long, else its max_tokens);
-without it, its output so far counts as its length.
+the mean of the finished samples of the subtree that are at least as long, else its max_tokens,
+or with `censored_growth` g that many times its output so far, within its max_tokens: a sample
+that outlived every finished one is expected to run as long again, the doubling rule, instead of
+to its cap); without it, its output so far counts as its length.
 Known lengths (ignore_eos, or a hint on the request) are used as they are and never sampled.
 """
 
@@ -30,6 +32,7 @@ class OutputLengthEstimator:
     overrun_factor: float = 2.0  # a request past overrun_factor x its estimate is memory-dense
     percentile: float | None = None  # reserve by this quantile of the subtree's samples (None: the mean)
     censored: bool = False  # running samples are censored (>= output so far, <= max_tokens), not finished
+    censored_growth: float | None = None  # censored sample past every finished one: this x its output so far
 
     def __post_init__(self) -> None:
         if isinstance(self.prior, bool) or not isinstance(self.prior, int) or self.prior < 1:
@@ -40,6 +43,9 @@ class OutputLengthEstimator:
             raise ValueError(f"overrun_factor must be >= 1, got {self.overrun_factor!r}")
         if self.percentile is not None and not (isinstance(self.percentile, (int, float)) and 0.0 < self.percentile <= 1.0):
             raise ValueError(f"percentile must be in (0, 1] or None, got {self.percentile!r}")
+        if self.censored_growth is not None and not (
+                isinstance(self.censored_growth, (int, float)) and self.censored_growth >= 1.0):
+            raise ValueError(f"censored_growth must be >= 1 or None, got {self.censored_growth!r}")
 
     @property
     def keeps_values(self) -> bool:
@@ -61,14 +67,19 @@ class OutputLengthEstimator:
     def summarize(self, samples) -> float:
         """The estimate from one subtree's samples [(length, cap), ...] (cap None: finished;
         else a censored sample: at least length, at most cap): censored ones take the mean of the
-        finished samples at least as long (else their cap, or their length without one); then the
-        `percentile` (nearest rank) or the mean."""
+        finished samples at least as long (else `censored_growth` x their length within their cap,
+        or their cap, or their length without one); then the `percentile` (nearest rank) or the mean."""
         finished = [v for v, cap in samples if cap is None]
         values = []
         for v, cap in samples:
             if cap is not None:
                 longer = [f for f in finished if f >= v]
-                v = sum(longer) / len(longer) if longer else max(v, cap)
+                if longer:
+                    v = sum(longer) / len(longer)
+                elif self.censored_growth is not None:
+                    v = min(max(v, cap), self.censored_growth * v)
+                else:
+                    v = max(v, cap)
             values.append(v)
         if self.percentile is None:
             return sum(values) / len(values)

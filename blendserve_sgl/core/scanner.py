@@ -90,6 +90,12 @@ class ScanConfig:
     final_wave: bool = False  # True: once every waiting request fits in the KV pool at once, admit
     # them longest output first (LPT), pooled, no shares: the batch ends in one wave instead of a
     # tail of the long requests one side left for last
+    replan_growth: float | None = None  # after the plan: re-estimate, sort and split the waiting tree
+    # when a sample still running reaches this many times its output at the last plan (the plan
+    # counted it at that; long outputs are the samples that finish last), at the next step
+    reserve_overruns: bool = False  # True: a running request past its estimate is expected to run
+    # overrun_factor x its output so far (within max_tokens); the KV it will still need beyond its
+    # reservation is kept free (admissions see that much less), so overruns do not force retractions
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.keep_sharing <= 1.0):
@@ -102,6 +108,8 @@ class ScanConfig:
             raise ValueError(f"credit_steps must be a positive integer, got {self.credit_steps!r}")
         if not (0.0 <= self.reserve_output_ratio <= 1.0):
             raise ValueError(f"reserve_output_ratio must be in [0, 1], got {self.reserve_output_ratio!r}")
+        if self.replan_growth is not None and not self.replan_growth > 1.0:
+            raise ValueError(f"replan_growth must be > 1 or None, got {self.replan_growth!r}")
 
 
 class _Running(NamedTuple):
@@ -161,6 +169,12 @@ class DualScanner:
         self._ratio = config.reserve_output_ratio
         self._wave: list[Req] = []  # final wave (ScanConfig.final_wave): waiting requests, longest first
         self._record: tuple | None = None  # (budget, extra) of the last schedule call: see last_step
+        self._planned_at: dict = {}  # running sample rid -> its output so far when the plan was made
+        self.replan_due = False  # ScanConfig.replan_growth: a running sample outgrew the plan
+        self.overrun: dict = {}  # ScanConfig.reserve_overruns: rid -> KV bytes still expected past its reservation
+        self.overrun_bytes = 0.0  # their sum
+        self.generated: dict = {}  # running rid -> output so far, as last reported by `progress`
+        self.replans = 0
 
     @property
     def used(self) -> dict:
@@ -189,9 +203,37 @@ class DualScanner:
 
     def _plan(self) -> None:
         """Re-estimate unknown lengths (running samples at their output so far) and sort + split."""
+        self.replans += self.planned
         self.sample.estimate(self.tree, {rid: (run.path, run.req.max_tokens) for rid, run in self.running.items()})
         self.split_report = sort_and_split(self.tree, self.config.keep_sharing, self.config.max_split_rounds)
         self.planned = True
+        self.replan_due = False
+        self._planned_at = dict(self.sample.generated)
+        self._wave = []
+
+    def _replan_at(self, rid) -> int | None:
+        """The output length at which running sample `rid` makes the plan stale (replan_growth)."""
+        growth = self.config.replan_growth
+        if growth is None or rid not in self.sample.pending:
+            return None
+        return math.ceil(growth * max(1, self._planned_at.get(rid, 0)))
+
+    def watch_at(self, rid) -> int | None:
+        """The output length of running request `rid` at which `progress` should next be called
+        (None: it need not be, unless it finishes): a sample's re-plan point, a left-side
+        estimate's overrun point. Callers that report every step need not ask."""
+        run = self.running[rid]
+        gen = self.generated.get(rid, 0)
+        marks = []
+        replan = self._replan_at(rid)
+        if replan is not None:  # past it (the re-plan is due): the next growth step
+            marks.append(replan if replan > gen else math.ceil(self.config.replan_growth * max(1, gen)))
+        if not run.req.known and (run.side == LEFT or self.config.reserve_overruns):
+            mark = int(self.tree.estimator.overrun_factor * max(1, run.req.output_len)) + 1
+            if self.config.reserve_overruns and gen >= mark:  # past it: each further growth step
+                mark = math.ceil(self.tree.estimator.overrun_factor * gen)
+            marks.append(mark)
+        return min((m for m in marks if m > gen), default=None)
 
     # ------------------------------------------------------------------ step
     def schedule(self, budget: Budget) -> list[Admission]:
@@ -199,6 +241,10 @@ class DualScanner:
         and a waiting request fits the free KV (with a slot and prefill tokens left), at least one."""
         if not self.prepared:
             self.prepare()
+        if self.overrun_bytes:
+            budget = budget._replace(kv_bytes=budget.kv_bytes - self.overrun_bytes)
+        if self.replan_due and self.planned and self.tree.root.count:
+            self._plan()
         st = _StepState(budget)
         self._record = None
         for side in self.sides.values():
@@ -487,6 +533,7 @@ class DualScanner:
         """A handed-out request finished (or was aborted while running)."""
         run = self.running.pop(rid)
         self.sides[run.side].used -= run.kv_bytes
+        self._release_overrun(rid)
         if run.req.sample and rid in self.sample.pending:
             if self.sample.finished(rid, run.path, output_len) and (not self.sample.pending or not self.planned):
                 self._plan()
@@ -494,13 +541,39 @@ class DualScanner:
     def progress(self, rid, generated: int) -> bool:
         """Report tokens generated so far; a left-side request far past its estimate moves right."""
         run = self.running[rid]
+        self.generated[rid] = generated
         self.sample.progress(rid, generated)
+        mark = self._replan_at(rid) if self.planned else None
+        if mark is not None and generated >= mark:
+            self.replan_due = True
+        if self.config.reserve_overruns and not run.req.known:
+            self._reserve_overrun(rid, run, generated)
         if run.side == RIGHT or run.req.known or not self.tree.estimator.overran(run.req.output_len, generated):
             return False
         self.sides[LEFT].used -= run.kv_bytes
         self.sides[RIGHT].used += run.kv_bytes
         self.running[rid] = run._replace(side=RIGHT)
         return True
+
+    def _reserve_overrun(self, rid, run: _Running, generated: int) -> None:
+        """The KV a request past its estimate will still need beyond its reservation (reserve_overruns)."""
+        est = self.tree.estimator
+        if not est.overran(run.req.output_len, generated):
+            return
+        total = math.ceil(est.overrun_factor * generated)
+        if run.req.max_tokens is not None:
+            total = min(total, run.req.max_tokens)
+        kvb = self.tree.cost.kv_bytes_per_token
+        extra = max(0.0, (total - generated) * kvb)  # the engine's free memory already counts what it holds
+        self.overrun_bytes += extra - self.overrun.get(rid, 0.0)
+        self.overrun[rid] = extra
+
+    def _release_overrun(self, rid) -> None:
+        """`rid` stopped running: its overrun reserve and reported output go."""
+        self.generated.pop(rid, None)
+        self.overrun_bytes -= self.overrun.pop(rid, 0.0)
+        if not self.overrun:
+            self.overrun_bytes = 0.0
 
     def add(self, rid, **request) -> Req:
         """Add a waiting request (an arrival, or one handed back by `cancel`): `ResourceTree.add`."""
@@ -513,6 +586,7 @@ class DualScanner:
         """An admission the engine did not take after all: forget it; the caller adds it back
         with `add` (a sample request stays in the sample)."""
         run = self.running.pop(rid)
+        self._release_overrun(rid)
         side = self.sides[run.side]
         side.used -= run.kv_bytes
         side.credit += run.work
@@ -530,6 +604,7 @@ class DualScanner:
         """A running request was preempted; the caller re-adds it (with its output so far)."""
         run = self.running.pop(rid)
         self.sides[run.side].used -= run.kv_bytes
+        self._release_overrun(rid)
         self.sample.retracted(rid)
         return run.req
 
@@ -539,6 +614,9 @@ class DualScanner:
             held = sum(r.kv_bytes for r in self.running.values() if r.side == name)
             assert abs(held - side.used) <= 1e-6 * max(1.0, held), f"{name} accounting drifted: {held} vs {side.used}"
         assert not (set(self.running) & set(self.tree.reqs)), "a running request is still waiting in the tree"
+        assert set(self.overrun) <= set(self.running), "overrun reserve kept for a request that is not running"
+        assert abs(sum(self.overrun.values()) - self.overrun_bytes) <= 1e-6 * max(1.0, self.overrun_bytes), \
+            f"overrun reserve drifted: {sum(self.overrun.values())} vs {self.overrun_bytes}"
 
 
 class _StepState:

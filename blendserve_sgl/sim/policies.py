@@ -38,7 +38,7 @@ from typing import Iterator
 
 from ..core.cost import CostModel
 from ..core.preset import PRESET, BlendPreset
-from ..core.scanner import LEFT, Budget, DualScanner
+from ..core.scanner import Budget, DualScanner
 from ..core.sharing import dfs_order
 from ..core.tree import ResourceTree
 from .adder import Pick, sglang_admit
@@ -296,6 +296,8 @@ class BlendPicker(Picker):
 
     def pick(self, view) -> list[Pick]:
         self._view = view
+        if self.scanner.replan_due:
+            self._report_samples()
         bpt = view.kv_bytes_per_token
         free = view.free_tokens + view.cache.evictable_tokens - view.reserved_left()
         horizons: tuple = ()
@@ -319,25 +321,27 @@ class BlendPicker(Picker):
         self.scanner.retracted(req.rid)
         self.add(req)
 
+    def _report_samples(self, but=None) -> None:
+        """The running samples' output so far, to the scanner (a plan counts them with it)."""
+        sc = self.scanner
+        for rid in sc.pending_sample:
+            other = self.reqs[rid]
+            if rid != but and rid in sc.running and other.state == "decoding":
+                sc.progress(rid, self._view.generated(other))
+
     def finished(self, req: SimRequest) -> None:
         sc = self.scanner
         if sc.pending_sample and req.rid in sc.pending_sample and self._view is not None:
-            for rid in sc.pending_sample:  # the plan counts running samples with their output so far
-                other = self.reqs[rid]
-                if rid != req.rid and rid in sc.running and other.state == "decoding":
-                    sc.progress(rid, self._view.generated(other))
+            self._report_samples(but=req.rid)
         sc.finished(req.rid, req.gen)
         del self.reqs[req.rid]
 
     def watch(self, req: SimRequest) -> int | None:
-        run = self.scanner.running.get(req.rid)
-        if run is None or run.req.known or run.side != LEFT:
-            return None
-        return int(self.tree.estimator.overrun_factor * max(1, run.req.output_len)) + 1
+        return self.scanner.watch_at(req.rid) if req.rid in self.scanner.running else None
 
     def progress(self, req: SimRequest, generated: int) -> int | None:
         self.scanner.progress(req.rid, generated)
-        return None
+        return self.scanner.watch_at(req.rid)
 
     def check_integrity(self) -> None:
         self.scanner.check_integrity()
