@@ -1,5 +1,5 @@
 """Shared pytest setup: make `blendserve_sgl` importable when pytest runs from any directory,
-and register a fast hypothesis profile so the whole suite stays within about a minute."""
+the tiny model the engine tests share, and register a fast hypothesis profile so the whole suite stays within about a minute."""
 
 import os
 import sys
@@ -11,7 +11,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 if HERE not in sys.path:
     sys.path.insert(0, HERE)
 
+import pytest  # noqa: E402
 from hypothesis import HealthCheck, Phase, settings  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> str:
+    """A tiny random-weight Llama model directory (`scripts/cpu_smoke.py`), written once per session."""
+    sys.path.insert(0, os.path.join(ROOT, "scripts"))
+    from cpu_smoke import write_tiny_llama
+
+    return str(write_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
+
 
 settings.register_profile(
     "suite", deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],

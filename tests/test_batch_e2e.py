@@ -29,14 +29,6 @@ ENV = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", "OMP_WAIT_POLICY": os.environ
        "PYTHONPATH": str(ROOT)}
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory) -> str:
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from cpu_smoke import write_tiny_llama
-
-    return str(write_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
-
-
 def start_run(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "blendserve_sgl.cli", "run", *args], env=env or ENV,
                             start_new_session=True, stdout=open(log, "w"), stderr=subprocess.STDOUT)

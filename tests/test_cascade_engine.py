@@ -48,14 +48,6 @@ def _generate(tmp_path: Path, name: str, env: dict, **spec) -> dict:
     return json.loads(out_path.read_text())
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory) -> str:
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from cpu_smoke import write_tiny_llama
-
-    return str(write_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
-
-
 def test_cascade_backend_generates_what_torch_native_generates(tiny_llama, tmp_path):
     """24 requests behind three shared prefixes, 2-48 greedy tokens each (fcfs). The cascade ran
     (its counters: decode steps with shared groups, fewer KV tokens read than per-request

@@ -40,14 +40,6 @@ def sglang_installed():
 
 
 @pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory) -> str:
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from cpu_smoke import write_tiny_llama
-
-    return str(write_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
-
-
-@pytest.fixture(scope="session")
 def smollm2() -> str:
     sys.path.insert(0, str(ROOT / "scripts"))
     from convert_smollm2 import convert_smollm2

@@ -60,14 +60,6 @@ if os.environ.get("BLENDSERVE_SKIP_ENGINE") == "1":
 ENV = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
 
 
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory) -> str:
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from cpu_smoke import write_tiny_llama
-
-    return str(write_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
-
-
 def test_paced_budgets_and_bad_hints_in_the_engine(tiny_llama, tmp_path):
     """Every prefill step SGLang runs under blend stays within the paced budget the plugin set
     (core/pacing.py for the running batch), the budget follows the decode batch (it is below the

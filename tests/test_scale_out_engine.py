@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from _helpers import kill_group
+from blendserve_sgl.harness import kill_group
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.engine
@@ -22,14 +22,6 @@ if os.environ.get("BLENDSERVE_SKIP_ENGINE") == "1":
 
 ENV = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
        "PYTHONPATH": str(ROOT)}
-
-
-@pytest.fixture(scope="module")
-def tiny_llama(tmp_path_factory) -> str:
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from cpu_smoke import write_tiny_llama
-
-    return str(write_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
 
 
 def scenario(name: str, spec: dict, tmp_path: Path, timeout: float = 1500) -> dict:
