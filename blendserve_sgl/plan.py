@@ -286,5 +286,51 @@ def _print(out: dict, say) -> None:
     say(f"planned in {out['plan_seconds']:.1f} s (reading and tokenizing {out['read_seconds']:.1f} s); plot: {out['plot']}")
 
 
+def plan_for_run(run_args) -> int:
+    """`blendserve run FILE ... --plan-only [HARDWARE]`: `blendserve plan` on the same file with
+    the run's model, max_tokens default, context and engine limits (`--max-total-tokens`,
+    `--engine-arg chunked_prefill_size=`/`max_running_requests=`/`enable_mixed_chunk=`); prints
+    the plan and exits. HARDWARE `auto`: the `cpu` preset when the run would use the CPU."""
+    from .batch.runner import CPU_MAX_TOTAL_TOKENS
+    from .models import ModelError, check_model_dir, default_model
+
+    try:
+        model_dir = check_model_dir(run_args.model) if run_args.model else default_model(run_args.model_cache, log=print)
+    except ModelError as exc:
+        print(f"blendserve run --plan-only: error: {exc}", file=sys.stderr)
+        return 2
+    hw = run_args.plan_only
+    if hw == "auto":
+        if run_args.device == "cuda" or (run_args.device == "auto" and _cuda_visible()):
+            print("blendserve run --plan-only: error: name the GPU to plan for, e.g. --plan-only h100 "
+                  f"(one of {', '.join(hardware_names())})", file=sys.stderr)
+            return 2
+        hw = "cpu"
+    argv = [run_args.input, "--model", str(model_dir), "--hardware", hw,
+            "--default-max-tokens", str(run_args.default_max_tokens)]
+    if run_args.context_length:
+        argv += ["--context-length", str(run_args.context_length)]
+    kv_tokens = run_args.max_total_tokens or (CPU_MAX_TOTAL_TOKENS if hw == "cpu" else None)
+    if kv_tokens:
+        argv += ["--kv-gb", repr(kv_tokens * ModelSpec.from_config_file(model_dir).kv_bytes_per_token / 1e9)]
+    flags = {"chunked_prefill_size": "--chunk", "max_running_requests": "--max-running"}
+    for pair in run_args.engine_arg:
+        key, _, value = pair.partition("=")
+        key = key.replace("-", "_")
+        if key in flags:
+            argv += [flags[key], value]
+        elif key == "enable_mixed_chunk" and value.lower() in ("true", "1"):
+            argv.append("--mixed-chunk")
+    return main(argv)
+
+
+def _cuda_visible() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
 if __name__ == "__main__":
     raise SystemExit(main())

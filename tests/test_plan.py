@@ -151,3 +151,34 @@ def test_plan_with_a_model_directory_tokenizes_with_its_tokenizer(user_file, tmp
     want = load_batch_file(user_file, tok, 2048, 256).records
     assert data["token_counts"] == f"the tokenizer of {tmp_path}" and data["requests"] == len(want)
     assert data["prompt_tokens"] == sum(len(r.tokens) for r in want)
+
+
+def test_run_plan_only_prints_the_plan_of_the_same_arguments(user_file, tmp_path, capsys, monkeypatch):
+    """`blendserve run FILE --model DIR ... --plan-only HW` prints exactly `blendserve plan` of the
+    same file with the run's model and engine limits mapped to the plan's flags, runs nothing,
+    needs no -o; without --plan-only -o stays required."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from cpu_smoke import write_tiny_llama
+
+    from blendserve_sgl.core.specs import ModelSpec
+
+    model_dir = write_tiny_llama(tmp_path / "tiny")
+    monkeypatch.chdir(tmp_path)  # the plot lands here
+    assert cli.main(["run", str(user_file), "--model", str(model_dir), "--plan-only", "a100", "--max-total-tokens",
+                     "8192", "--engine-arg", "chunked_prefill_size=256", "--engine-arg", "max_running_requests=16",
+                     "--default-max-tokens", "64"]) == 0
+    via_run = capsys.readouterr().out.splitlines()
+    kv_gb = 8192 * ModelSpec.from_config_file(model_dir).kv_bytes_per_token / 1e9
+    assert cli.main(["plan", str(user_file), "--model", str(model_dir), "--hardware", "a100", "--kv-gb", repr(kv_gb),
+                     "--chunk", "256", "--max-running", "16", "--default-max-tokens", "64"]) == 0
+    via_plan = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("blend ") for line in via_run) and "KV pool 8,192 tokens" in "\n".join(via_run)
+    assert [x for x in via_run if "planned in" not in x and not x.startswith("model:")] == \
+        [x for x in via_plan if "planned in" not in x]
+    assert [p.name for p in tmp_path.glob("*.jsonl")] == ["requests.jsonl"]  # nothing run, no results file
+    with pytest.raises(SystemExit):
+        cli.main(["run", str(user_file), "--model", str(model_dir)])
+    assert "-o/--output" in capsys.readouterr().err
