@@ -16,7 +16,8 @@ view of `simulate`'s results, nothing else: predicted wall time (step times of t
 cache hits, peak KV per policy; a PNG of per-step compute and memory time for blend and the best
 other policy; `--json` for scripts. `--gpus N` assumes N data-parallel replicas that split the
 file evenly (wall time / N, GPU-hours unchanged). A file of more than `--sim-requests` requests
-(default 20,000) is simulated on a uniform sample of that many, its time scaled to the file.
+(default 5,000) is simulated on a uniform sample of that many, its time scaled to the file; the
+first policy runs again on a second sample and the gap is reported as the sampling error.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from .sim.timing import ExecModel
 from .workloads import Record
 
 SCENARIOS = ("max_tokens", "estimate")
+SIM_REQUESTS = 5_000  # default sample size; the plan reports the spread between two samples
 
 
 def scenario_records(records: list[Record], output_fraction: float) -> dict[str, list[Record]]:
@@ -81,6 +83,15 @@ def plan(records: list[Record], cost: CostModel, engine: EngineConfig, policies=
     for name, recs in scenario_records(simulated, output_fraction).items():
         workloads[name] = wl = Workload(recs, cost)
         results[name] = {p: simulate(wl, p, product_spec(p, cost, engine, seed)) for p in policies}
+    spread = None
+    if len(simulated) < len(records):  # the sampling error: the first policy on a second sample
+        p0 = policies[0]
+        other = scenario_records(sample(records, sim_requests, seed + 1), output_fraction)["max_tokens"]
+        again = simulate(Workload(other, cost), p0, product_spec(p0, cost, engine, seed)).time(timing)
+        first = results["max_tokens"][p0].time(timing)
+        spread = {"policy": p0, "seeds": [seed, seed + 1], "wall_s": [round(first * scale / gpus, 4),
+                                                                      round(again * scale / gpus, 4)],
+                  "relative": round(abs(again - first) / first, 4)}
     rows = []
     for p in policies:
         per = {s: _figures(results[s][p], timing, gpus, engine, cost, scale) for s in results}
@@ -99,6 +110,7 @@ def plan(records: list[Record], cost: CostModel, engine: EngineConfig, policies=
     wl = workloads[SCENARIOS[0]]
     out = {
         "requests": len(records), "simulated_requests": len(simulated), "scale": round(scale, 6),
+        "sampling_spread": spread,
         "prompt_tokens": sum(r.prompt_len for r in records),
         "max_output_tokens": sum(r.output_len for r in records),
         "model": cost.model.name, "hardware": cost.hardware.name, "gpus": gpus,
@@ -146,8 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the estimate scenario: outputs of this fraction of max_tokens")
     ap.add_argument("--default-max-tokens", type=positive_int, default=256, help="for requests without max_tokens (as run)")
     ap.add_argument("--context-length", type=positive_int, help="override the model's context")
-    ap.add_argument("--sim-requests", type=positive_int, default=20_000,
-                    help="simulate a uniform sample of at most this many requests, times scaled to the file")
+    ap.add_argument("--sim-requests", type=positive_int, default=SIM_REQUESTS,
+                    help="simulate a uniform sample of at most this many requests, times scaled to the file (the "
+                         "first policy also runs on a second sample: the spread is reported)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", help="PNG of per-step compute and memory time (default: next to --out, or plan.png)")
     ap.add_argument("--out", help="also write the plan as JSON here")
@@ -264,8 +277,10 @@ def _print(out: dict, say) -> None:
         f"KV pool {out['engine']['kv_tokens']:,} tokens per GPU; density {out['density']}, "
         f"prefix sharing {out['sharing_dfs_unbounded']:.1%} (DFS order, unbounded cache)")
     if out["simulated_requests"] < out["requests"]:
+        sp = out["sampling_spread"]
         say(f"simulated: a uniform sample of {out['simulated_requests']:,} requests, times and token counts scaled by "
-            f"{out['scale']:.3f}")
+            f"{out['scale']:.3f}; another sample gives {sp['policy']} a wall time {sp['relative']:.1%} apart "
+            f"(sampling error; a larger --sim-requests narrows it)")
     say(f"output lengths: {out['output_lengths']['estimate']} .. {out['output_lengths']['max_tokens']}; "
         f"timing: {out['timing']['mode']}. Each figure is low..high over the two.")
     head = f"{'policy':<18} {'wall time':>20} {'GPU-hours':>18} {'tokens/s':>22} {'prefix hits':>14} {'peak KV GB':>14}"

@@ -121,7 +121,8 @@ def test_compress_keeps_the_prefix_tree(prompts):
 
 
 def test_plan_of_a_sample_is_scaled(user_file):
-    """Above `sim_requests`, the plan simulates a seeded uniform sample and scales its time."""
+    """Above `sim_requests`, the plan simulates a seeded uniform sample and scales its time; the
+    first policy on the next seed's sample gives the reported sampling spread."""
     records = load_batch_file(user_file, ByteTokenizer(), 4096, 256).records
     engine = EngineConfig.for_cost(COST, kv_gb=0.3, max_running=16, chunked_prefill=256)
     timing = ExecModel("sequential")
@@ -131,6 +132,11 @@ def test_plan_of_a_sample_is_scaled(user_file):
     assert out["simulated_requests"] == 19 and out["requests"] == 38 and out["scale"] == 2.0
     res = simulate(Workload(part, COST), "fcfs", RunSpec(COST, engine, known_lengths=False))
     assert out["policies"][0]["wall_s"]["max_tokens"] == round(2.0 * res.time(timing), 4)
+    other = simulate(Workload(plan.sample(records, 19, seed=4), COST), "fcfs", RunSpec(COST, engine, known_lengths=False))
+    spread = out["sampling_spread"]
+    assert spread["seeds"] == [3, 4] and spread["wall_s"][1] == round(2.0 * other.time(timing), 4)
+    assert spread["relative"] == round(abs(other.time(timing) - res.time(timing)) / res.time(timing), 4)
+    assert plan.plan(records, COST, engine, ("fcfs",), timing=timing)[0]["sampling_spread"] is None  # all simulated
 
 
 def test_plan_with_a_model_directory_tokenizes_with_its_tokenizer(user_file, tmp_path, capsys):
