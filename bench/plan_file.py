@@ -107,7 +107,8 @@ def simulated_run(model_dir: Path, path: Path, policy: str):
     cost = CostModel(cost.model, replace(cost.hardware, step_overhead_s=0.0, request_overhead_s=0.0))
     records = compress(load_batch_file(path, tokenizer, ctx, args.default_max_tokens).records)
     engine = EngineConfig.for_cost(cost, kv_gb=LIMITS["kv_tokens"] * cost.kv_bytes_per_token / 1e9,
-                                   max_running=LIMITS["max_running"], chunked_prefill=LIMITS["chunk"])
+                                   max_running=LIMITS["max_running"], chunked_prefill=LIMITS["chunk"],
+                                   mixed_chunk=False)  # as `blendserve plan` without --mixed-chunk
     sim = {"blend": "blend", "fcfs": "fcfs", "lpm": "sglang-lpm", "dfs-weight": "sglang-dfs-weight"}[policy]
     _, results = plan(records, cost, engine, [sim])
     return results["max_tokens"][sim]
@@ -116,44 +117,59 @@ def simulated_run(model_dir: Path, path: Path, policy: str):
 CALIBRATION = ((32, 0.5), (64, 0.1), (24, 1.0), (48, 0.25))  # (requests, max_tokens scale): steps and batch sizes vary
 
 
-def calibrate(model_dir: Path, work: Path, policies: list[str]) -> dict:
-    """Fits the `cpu` preset's engine overheads: every calibration file (seed 1, not the check
-    file) run by the real engine with each policy; per run, measured generation time minus the
-    simulator's operator time (overheads 0) = step_overhead_s x steps that ran +
-    request_overhead_s x decoding requests summed over the steps; least squares over the runs
-    (coefficients kept >= 0)."""
-    import numpy as np
-
-    from blendserve_sgl.sim.timing import ExecModel
-
+def calibrate(model_dir: Path, work: Path, policies: list[str]) -> list[dict]:
+    """Every calibration file (seed 1, not the check file) run by the real engine with each policy:
+    the measured generation times."""
     work.mkdir(parents=True, exist_ok=True)
     rows = []
     for n, scale in CALIBRATION:
         path = write_file(work / f"calib-{n}-{scale:g}.jsonl", n, ignore_eos=True, scale_max_tokens=scale, seed=1)
         for policy in policies:
             s = measured_run(model_dir, path, policy, work)
-            res = simulated_run(model_dir, path, policy)
-            ran = int(((res.series["prefill"] + res.series["decode"]) > 0).sum())
-            rows.append({"file": path.name, "policy": policy, "requests": n, "measured_s": s["generate_seconds"],
-                         "operator_s": round(res.time(ExecModel("sequential")), 4), "steps": ran,
-                         "decode_requests": int(res.series["decode"].sum()), "output_tokens": s["output_tokens"]})
+            rows.append({"requests": n, "max_tokens_scale": scale, "policy": policy,
+                         "measured_s": s["generate_seconds"], "output_tokens": s["output_tokens"]})
             print(rows[-1], flush=True)
+    return rows
+
+
+def fit_overheads(model_dir: Path, runs: list[dict], work: Path) -> dict:
+    """Per run, measured generation time minus the simulator's operator time (overheads 0) =
+    step_overhead_s x steps that ran + request_overhead_s x decoding requests summed over the
+    steps; least squares over the runs, coefficients kept >= 0 (a negative one: the other alone)."""
+    import numpy as np
+
+    from blendserve_sgl.sim.timing import ExecModel
+
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for run in runs:
+        path = write_file(work / f"calib-{run['requests']}-{run['max_tokens_scale']:g}.jsonl", run["requests"],
+                          ignore_eos=True, scale_max_tokens=run["max_tokens_scale"], seed=1)
+        res = simulated_run(model_dir, path, run["policy"])
+        ran = int(((res.series["prefill"] + res.series["decode"]) > 0).sum())
+        rows.append({**run, "operator_s": round(res.time(ExecModel("sequential")), 4), "steps": ran,
+                     "decode_requests": int(res.series["decode"].sum())})
     a = np.array([[r["steps"], r["decode_requests"]] for r in rows], dtype=np.float64)
     y = np.array([r["measured_s"] - r["operator_s"] for r in rows])
     coef = np.linalg.lstsq(a, y, rcond=None)[0]
-    if (coef < 0).any():  # one coefficient negative: the other alone
-        fits = [(np.linalg.lstsq(a[:, [j]], y, rcond=None)[0][0], j) for j in (0, 1)]
-        (c, j) = min(((max(c, 0.0), j) for c, j in fits), key=lambda cj: float(np.sum((a[:, cj[1]] * cj[0] - y) ** 2)))
+    if (coef < 0).any():
+        best = None
+        for j in (0, 1):
+            c = max(float(np.linalg.lstsq(a[:, [j]], y, rcond=None)[0][0]), 0.0)
+            sse = float(np.sum((a[:, j] * c - y) ** 2))
+            if best is None or sse < best[0]:
+                best = (sse, j, c)
         coef = np.zeros(2)
-        coef[j] = c
+        coef[best[1]] = best[2]
     pred = a @ coef + np.array([r["operator_s"] for r in rows])
     for r, p in zip(rows, pred):
         r["fitted_s"] = round(float(p), 4)
         r["error"] = round(abs(float(p) - r["measured_s"]) / r["measured_s"], 4)
-    return {"model": model_dir.name, "policies": policies, "step_overhead_s": round(float(coef[0]), 6),
+    return {"model": model_dir.name, "step_overhead_s": round(float(coef[0]), 6),
             "request_overhead_s": round(float(coef[1]), 7), "runs": rows,
             "fit_error_mean": round(float(np.mean([r["error"] for r in rows])), 4),
-            "method": "least squares over the runs: measured - operator time = a x steps + b x decoding requests"}
+            "method": "least squares over the runs: measured - operator time = a x steps + b x decoding requests "
+                      "(steps and decoding requests counted in the simulator's schedule of each run)"}
 
 
 def engine_check(model_dir: Path, small: Path, policies: list[str], work: Path) -> dict:
@@ -203,14 +219,15 @@ def plan_speed(tiny: Path, lines: int, tmp: Path) -> dict:
                 "policies", "best_other", "blend_speedup_vs_best_other") if k in big_plan}}
 
 
-PHASES = ("calibrate", "speed", "check")
+PHASES = ("calibrate", "refit", "speed", "check")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--lines", type=int, default=100_000)
     ap.add_argument("--phases", default=",".join(PHASES),
-                    help="calibrate: fit the cpu preset's overheads; speed: plan --lines lines; check: prediction "
+                    help="calibrate: measure and fit the cpu preset's overheads; refit: the fit again over the "
+                         "recorded measurements; speed: plan --lines lines; check: prediction "
                          "vs the engine. Fields of phases not run are kept from the existing results file")
     ap.add_argument("--cpu-requests", type=int, default=48)
     ap.add_argument("--cpu-policies", default="blend,fcfs")
@@ -231,9 +248,14 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="plan-file-"))
     tiny = write_tiny_llama(tmp / "tiny")
-    if "calibrate" in phases:
-        fit = calibrate(tiny, tmp / "calibrate", [p.strip() for p in args.calibration_policies.split(",") if p.strip()])
-        result["overhead_fit"] = fit
+    if "calibrate" in phases or "refit" in phases:
+        if "calibrate" in phases:
+            runs = calibrate(tiny, tmp / "calibrate", [p.strip() for p in args.calibration_policies.split(",")
+                                                        if p.strip()])
+        else:  # the recorded measurements, the simulator's side again
+            runs = [{k: r[k] for k in ("requests", "max_tokens_scale", "policy", "measured_s", "output_tokens")}
+                    for r in result["overhead_fit"]["runs"]]
+        fit = result["overhead_fit"] = fit_overheads(tiny, runs, tmp / "calibrate")
         print(json.dumps({k: v for k, v in fit.items() if k != "runs"}, indent=2))
     if "speed" in phases:
         result.update(plan_speed(tiny, args.lines, tmp))
