@@ -188,3 +188,31 @@ def test_run_plan_only_prints_the_plan_of_the_same_arguments(user_file, tmp_path
     with pytest.raises(SystemExit):
         cli.main(["run", str(user_file), "--model", str(model_dir)])
     assert "-o/--output" in capsys.readouterr().err
+
+
+def test_cpu_preset_carries_the_recorded_overhead_fit():
+    """The `cpu` preset's engine overheads are the least-squares fit recorded by
+    `bench/plan_file.py` (re-derived from its runs here); the GPU presets carry none."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from blendserve_sgl.core import specs
+
+    fit = json.loads((Path(__file__).resolve().parent.parent / "bench" / "results" / "plan_file.json")
+                     .read_text())["overhead_fit"]
+    assert specs.CPU_OVERHEADS == {"step_overhead_s": fit["step_overhead_s"],
+                                   "request_overhead_s": fit["request_overhead_s"]}
+    cpu = specs.measure_cpu()
+    assert (cpu.step_overhead_s, cpu.request_overhead_s) == (fit["step_overhead_s"], fit["request_overhead_s"])
+    for name in ("a100", "h100", "h200"):
+        assert (specs.hardware(name).step_overhead_s, specs.hardware(name).request_overhead_s) == (0.0, 0.0)
+    a = np.array([[r["steps"], r["decode_requests"]] for r in fit["runs"]], dtype=float)
+    y = np.array([r["measured_s"] - r["operator_s"] for r in fit["runs"]])
+    coef = np.array([fit["step_overhead_s"], fit["request_overhead_s"]])
+    sse = float(np.sum((a @ coef - y) ** 2))
+    for j in (0, 1):  # no small nonnegative move of either coefficient fits the runs better
+        for step in (1e-4, -1e-4):
+            moved = coef.copy()
+            moved[j] = max(0.0, moved[j] + step)
+            assert float(np.sum((a @ moved - y) ** 2)) >= sse - 1e-9

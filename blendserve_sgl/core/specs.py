@@ -251,7 +251,7 @@ def model(name: str) -> ModelSpec:
 # The `cpu` preset's per-step engine overheads: least-squares fit over real SGLang CPU runs of the
 # tiny model (`python bench/plan_file.py --phases calibrate`, `overhead_fit` in
 # bench/results/plan_file.json).
-CPU_OVERHEADS = {"step_overhead_s": 0.0, "request_overhead_s": 0.0}
+CPU_OVERHEADS = {"step_overhead_s": 0.002711, "request_overhead_s": 0.0011821}
 
 
 @lru_cache(maxsize=1)
