@@ -114,6 +114,7 @@ def plan(records: list[Record], cost: CostModel, engine: EngineConfig, policies=
         "prompt_tokens": sum(r.prompt_len for r in records),
         "max_output_tokens": sum(r.output_len for r in records),
         "model": cost.model.name, "hardware": cost.hardware.name, "gpus": gpus,
+        "hardware_spec": {k: getattr(cost.hardware, k) for k in cost.hardware.__slots__},
         "engine": {k: getattr(engine, k) for k in engine.__slots__},
         "timing": {"mode": timing.mode, "interference": timing.interference},
         "output_lengths": {"max_tokens": "each request generates its max_tokens (upper bound)",
