@@ -284,9 +284,10 @@ def main(argv=None) -> int:
                                                 "after": [round(x, 2) for x in os.getloadavg()]}
     for old in ("load_average_before", "load_average_after"):
         result.pop(old, None)
-    result.pop("command", None)  # `write` records this invocation's; each phase keeps its own below
     result.setdefault("phase_commands", {}).update(
         {p: "python bench/plan_file.py " + " ".join(argv if argv is not None else sys.argv[1:]) for p in phases})
+    done = result["phase_commands"]
+    result["command"] = " && ".join(dict.fromkeys(done[p] for p in PHASES if p in done))  # what made these figures
     out = write("plan_file", result)
     print(json.dumps({k: v for k, v in result.items() if k not in ("big_plan", "cpu_checks", "overhead_fit")}, indent=2))
     print(f"wrote {out}")
