@@ -2,7 +2,10 @@
 
 Each of the Trace#1-#4 analogs (mixed to its density and sharing under the base cost model:
 Llama-3.1-8B on the A100 preset) is simulated with every policy under every profile of
-`blendserve_sgl.core.profiles` (base, atom-w4a4, quest-topk, instinfer, fiddler-moe). Reported per
+`blendserve_sgl.core.profiles` (base, atom-w4a4, quest-topk, instinfer, fiddler-moe), under the
+equal rules of `paper_traces.py`'s method group: one engine with the same features for every
+policy (paced prefill, mixed steps, no KV projection), output lengths estimated (requests stop
+at EOS and carry max_tokens; blend samples first). Reported per
 trace and profile: the workload's density under the profile (the density shift), and blend's
 speedup over the best other policy in both execution modes. These are models of the systems
 (docs/design.md, "What-if profiles"), not measurements of them.
@@ -27,6 +30,7 @@ from blendserve_sgl.core.profiles import apply_profile, profile_names  # noqa: E
 from blendserve_sgl.sim import POLICIES, EngineConfig, ExecModel, RunSpec, Workload, simulate  # noqa: E402
 from blendserve_sgl.workloads import TRACES, trace  # noqa: E402
 
+RULES = {"pace": True, "mixed_chunk": True, "kv_projection": False}  # the same engine features for every policy
 MODES = {"overlapped": ExecModel("overlapped", 0.1), "sequential": ExecModel("sequential")}
 
 
@@ -53,8 +57,9 @@ def main() -> None:
         for pname in names:
             prof = apply_profile(pname, base_cost, **profile_params(pname, records))
             wl = Workload(records, prof.cost)
-            engine = EngineConfig(kv_tokens=prof.kv_tokens, max_running=1024, chunked_prefill=1024)
-            results = {p: simulate(wl, p, RunSpec(prof.cost, engine, seed=args.seed)) for p in POLICIES}
+            engine = EngineConfig(kv_tokens=prof.kv_tokens, max_running=1024, chunked_prefill=1024, **RULES)
+            spec = RunSpec(prof.cost, engine, known_lengths=False, seed=args.seed)
+            results = {p: simulate(wl, p, spec) for p in POLICIES}
             row = {"trace": tname, "profile": pname, "density": round(wl.density, 4), "sharing": round(wl.sharing, 4),
                    "kv_tokens": prof.kv_tokens,
                    "params": {k: v for k, v in prof.params.items() if not isinstance(v, (list, tuple))}}
@@ -95,6 +100,7 @@ def main() -> None:
         "requests_note": "modest trace sizes (a shared 2-core machine); paper_traces.py runs the base profile at scale",
         "model": "llama-3.1-8b (fiddler-moe: mixtral-8x7b)", "hardware": args.hardware,
         "profiles": names,
+        "rules": {"engine_features": RULES, "output_lengths": "estimated (known_lengths=False) for every policy"},
         "modes": {k: {"mode": m.mode, "interference": m.interference} for k, m in MODES.items()},
         "summary": summary,
         "table": rows,

@@ -16,7 +16,8 @@ view of `simulate`'s results, nothing else: predicted wall time (step times of t
 cache hits, peak KV per policy; a PNG of per-step compute and memory time for blend and the best
 other policy; `--json` for scripts. `--gpus N` assumes N data-parallel replicas that split the
 file evenly (wall time / N, GPU-hours unchanged). A file of more than `--sim-requests` requests
-(default 20,000) is simulated on a uniform sample of that many, its time scaled to the file.
+(default 5,000) is simulated on a uniform sample of that many, its time scaled to the file; the
+first policy runs again on a second sample and the gap is reported as the sampling error.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from .sim.timing import ExecModel
 from .workloads import Record
 
 SCENARIOS = ("max_tokens", "estimate")
+SIM_REQUESTS = 5_000  # default sample size; the plan reports the spread between two samples
 
 
 def scenario_records(records: list[Record], output_fraction: float) -> dict[str, list[Record]]:
@@ -81,6 +83,15 @@ def plan(records: list[Record], cost: CostModel, engine: EngineConfig, policies=
     for name, recs in scenario_records(simulated, output_fraction).items():
         workloads[name] = wl = Workload(recs, cost)
         results[name] = {p: simulate(wl, p, product_spec(p, cost, engine, seed)) for p in policies}
+    spread = None
+    if len(simulated) < len(records):  # the sampling error: the first policy on a second sample
+        p0 = policies[0]
+        other = scenario_records(sample(records, sim_requests, seed + 1), output_fraction)["max_tokens"]
+        again = simulate(Workload(other, cost), p0, product_spec(p0, cost, engine, seed)).time(timing)
+        first = results["max_tokens"][p0].time(timing)
+        spread = {"policy": p0, "seeds": [seed, seed + 1], "wall_s": [round(first * scale / gpus, 4),
+                                                                      round(again * scale / gpus, 4)],
+                  "relative": round(abs(again - first) / first, 4)}
     rows = []
     for p in policies:
         per = {s: _figures(results[s][p], timing, gpus, engine, cost, scale) for s in results}
@@ -99,9 +110,11 @@ def plan(records: list[Record], cost: CostModel, engine: EngineConfig, policies=
     wl = workloads[SCENARIOS[0]]
     out = {
         "requests": len(records), "simulated_requests": len(simulated), "scale": round(scale, 6),
+        "sampling_spread": spread,
         "prompt_tokens": sum(r.prompt_len for r in records),
         "max_output_tokens": sum(r.output_len for r in records),
         "model": cost.model.name, "hardware": cost.hardware.name, "gpus": gpus,
+        "hardware_spec": {k: getattr(cost.hardware, k) for k in cost.hardware.__slots__},
         "engine": {k: getattr(engine, k) for k in engine.__slots__},
         "timing": {"mode": timing.mode, "interference": timing.interference},
         "output_lengths": {"max_tokens": "each request generates its max_tokens (upper bound)",
@@ -146,8 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the estimate scenario: outputs of this fraction of max_tokens")
     ap.add_argument("--default-max-tokens", type=positive_int, default=256, help="for requests without max_tokens (as run)")
     ap.add_argument("--context-length", type=positive_int, help="override the model's context")
-    ap.add_argument("--sim-requests", type=positive_int, default=20_000,
-                    help="simulate a uniform sample of at most this many requests, times scaled to the file")
+    ap.add_argument("--sim-requests", type=positive_int, default=SIM_REQUESTS,
+                    help="simulate a uniform sample of at most this many requests, times scaled to the file (the "
+                         "first policy also runs on a second sample: the spread is reported)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", help="PNG of per-step compute and memory time (default: next to --out, or plan.png)")
     ap.add_argument("--out", help="also write the plan as JSON here")
@@ -264,8 +278,10 @@ def _print(out: dict, say) -> None:
         f"KV pool {out['engine']['kv_tokens']:,} tokens per GPU; density {out['density']}, "
         f"prefix sharing {out['sharing_dfs_unbounded']:.1%} (DFS order, unbounded cache)")
     if out["simulated_requests"] < out["requests"]:
+        sp = out["sampling_spread"]
         say(f"simulated: a uniform sample of {out['simulated_requests']:,} requests, times and token counts scaled by "
-            f"{out['scale']:.3f}")
+            f"{out['scale']:.3f}; another sample gives {sp['policy']} a wall time {sp['relative']:.1%} apart "
+            f"(sampling error; a larger --sim-requests narrows it)")
     say(f"output lengths: {out['output_lengths']['estimate']} .. {out['output_lengths']['max_tokens']}; "
         f"timing: {out['timing']['mode']}. Each figure is low..high over the two.")
     head = f"{'policy':<18} {'wall time':>20} {'GPU-hours':>18} {'tokens/s':>22} {'prefix hits':>14} {'peak KV GB':>14}"
@@ -284,6 +300,52 @@ def _print(out: dict, say) -> None:
         say(f"blend vs the best other policy: {s['estimate']:.3f}x ({out['best_other']['estimate']}, estimate) .. "
             f"{s['max_tokens']:.3f}x ({out['best_other']['max_tokens']}, max_tokens)")
     say(f"planned in {out['plan_seconds']:.1f} s (reading and tokenizing {out['read_seconds']:.1f} s); plot: {out['plot']}")
+
+
+def plan_for_run(run_args) -> int:
+    """`blendserve run FILE ... --plan-only [HARDWARE]`: `blendserve plan` on the same file with
+    the run's model, max_tokens default, context and engine limits (`--max-total-tokens`,
+    `--engine-arg chunked_prefill_size=`/`max_running_requests=`/`enable_mixed_chunk=`); prints
+    the plan and exits. HARDWARE `auto`: the `cpu` preset when the run would use the CPU."""
+    from .batch.runner import CPU_MAX_TOTAL_TOKENS
+    from .models import ModelError, check_model_dir, default_model
+
+    try:
+        model_dir = check_model_dir(run_args.model) if run_args.model else default_model(run_args.model_cache, log=print)
+    except ModelError as exc:
+        print(f"blendserve run --plan-only: error: {exc}", file=sys.stderr)
+        return 2
+    hw = run_args.plan_only
+    if hw == "auto":
+        if run_args.device == "cuda" or (run_args.device == "auto" and _cuda_visible()):
+            print("blendserve run --plan-only: error: name the GPU to plan for, e.g. --plan-only h100 "
+                  f"(one of {', '.join(hardware_names())})", file=sys.stderr)
+            return 2
+        hw = "cpu"
+    argv = [run_args.input, "--model", str(model_dir), "--hardware", hw,
+            "--default-max-tokens", str(run_args.default_max_tokens)]
+    if run_args.context_length:
+        argv += ["--context-length", str(run_args.context_length)]
+    kv_tokens = run_args.max_total_tokens or (CPU_MAX_TOTAL_TOKENS if hw == "cpu" else None)
+    if kv_tokens:
+        argv += ["--kv-gb", repr(kv_tokens * ModelSpec.from_config_file(model_dir).kv_bytes_per_token / 1e9)]
+    flags = {"chunked_prefill_size": "--chunk", "max_running_requests": "--max-running"}
+    for pair in run_args.engine_arg:
+        key, _, value = pair.partition("=")
+        key = key.replace("-", "_")
+        if key in flags:
+            argv += [flags[key], value]
+        elif key == "enable_mixed_chunk" and value.lower() in ("true", "1"):
+            argv.append("--mixed-chunk")
+    return main(argv)
+
+
+def _cuda_visible() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
 
 
 if __name__ == "__main__":

@@ -121,7 +121,8 @@ def test_compress_keeps_the_prefix_tree(prompts):
 
 
 def test_plan_of_a_sample_is_scaled(user_file):
-    """Above `sim_requests`, the plan simulates a seeded uniform sample and scales its time."""
+    """Above `sim_requests`, the plan simulates a seeded uniform sample and scales its time; the
+    first policy on the next seed's sample gives the reported sampling spread."""
     records = load_batch_file(user_file, ByteTokenizer(), 4096, 256).records
     engine = EngineConfig.for_cost(COST, kv_gb=0.3, max_running=16, chunked_prefill=256)
     timing = ExecModel("sequential")
@@ -131,6 +132,11 @@ def test_plan_of_a_sample_is_scaled(user_file):
     assert out["simulated_requests"] == 19 and out["requests"] == 38 and out["scale"] == 2.0
     res = simulate(Workload(part, COST), "fcfs", RunSpec(COST, engine, known_lengths=False))
     assert out["policies"][0]["wall_s"]["max_tokens"] == round(2.0 * res.time(timing), 4)
+    other = simulate(Workload(plan.sample(records, 19, seed=4), COST), "fcfs", RunSpec(COST, engine, known_lengths=False))
+    spread = out["sampling_spread"]
+    assert spread["seeds"] == [3, 4] and spread["wall_s"][1] == round(2.0 * other.time(timing), 4)
+    assert spread["relative"] == round(abs(other.time(timing) - res.time(timing)) / res.time(timing), 4)
+    assert plan.plan(records, COST, engine, ("fcfs",), timing=timing)[0]["sampling_spread"] is None  # all simulated
 
 
 def test_plan_with_a_model_directory_tokenizes_with_its_tokenizer(user_file, tmp_path, capsys):
@@ -151,3 +157,62 @@ def test_plan_with_a_model_directory_tokenizes_with_its_tokenizer(user_file, tmp
     want = load_batch_file(user_file, tok, 2048, 256).records
     assert data["token_counts"] == f"the tokenizer of {tmp_path}" and data["requests"] == len(want)
     assert data["prompt_tokens"] == sum(len(r.tokens) for r in want)
+
+
+def test_run_plan_only_prints_the_plan_of_the_same_arguments(user_file, tmp_path, capsys, monkeypatch):
+    """`blendserve run FILE --model DIR ... --plan-only HW` prints exactly `blendserve plan` of the
+    same file with the run's model and engine limits mapped to the plan's flags, runs nothing,
+    needs no -o; without --plan-only -o stays required."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from cpu_smoke import write_tiny_llama
+
+    from blendserve_sgl.core.specs import ModelSpec
+
+    model_dir = write_tiny_llama(tmp_path / "tiny")
+    monkeypatch.chdir(tmp_path)  # the plot lands here
+    assert cli.main(["run", str(user_file), "--model", str(model_dir), "--plan-only", "a100", "--max-total-tokens",
+                     "8192", "--engine-arg", "chunked_prefill_size=256", "--engine-arg", "max_running_requests=16",
+                     "--default-max-tokens", "64"]) == 0
+    via_run = capsys.readouterr().out.splitlines()
+    kv_gb = 8192 * ModelSpec.from_config_file(model_dir).kv_bytes_per_token / 1e9
+    assert cli.main(["plan", str(user_file), "--model", str(model_dir), "--hardware", "a100", "--kv-gb", repr(kv_gb),
+                     "--chunk", "256", "--max-running", "16", "--default-max-tokens", "64"]) == 0
+    via_plan = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("blend ") for line in via_run) and "KV pool 8,192 tokens" in "\n".join(via_run)
+    assert [x for x in via_run if "planned in" not in x and not x.startswith("model:")] == \
+        [x for x in via_plan if "planned in" not in x]
+    assert [p.name for p in tmp_path.glob("*.jsonl")] == ["requests.jsonl"]  # nothing run, no results file
+    with pytest.raises(SystemExit):
+        cli.main(["run", str(user_file), "--model", str(model_dir)])
+    assert "-o/--output" in capsys.readouterr().err
+
+
+def test_cpu_preset_carries_the_recorded_overhead_fit():
+    """The `cpu` preset's engine overheads are the least-squares fit recorded by
+    `bench/plan_file.py` (re-derived from its runs here); the GPU presets carry none."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from blendserve_sgl.core import specs
+
+    fit = json.loads((Path(__file__).resolve().parent.parent / "bench" / "results" / "plan_file.json")
+                     .read_text())["overhead_fit"]
+    assert specs.CPU_OVERHEADS == {"step_overhead_s": fit["step_overhead_s"],
+                                   "request_overhead_s": fit["request_overhead_s"]}
+    cpu = specs.measure_cpu()
+    assert (cpu.step_overhead_s, cpu.request_overhead_s) == (fit["step_overhead_s"], fit["request_overhead_s"])
+    for name in ("a100", "h100", "h200"):
+        assert (specs.hardware(name).step_overhead_s, specs.hardware(name).request_overhead_s) == (0.0, 0.0)
+    a = np.array([[r["steps"], r["decode_requests"]] for r in fit["runs"]], dtype=float)
+    y = np.array([r["measured_s"] - r["operator_s"] for r in fit["runs"]])
+    coef = np.array([fit["step_overhead_s"], fit["request_overhead_s"]])
+    sse = float(np.sum((a @ coef - y) ** 2))
+    for j in (0, 1):  # no small nonnegative move of either coefficient fits the runs better
+        for step in (1e-4, -1e-4):
+            moved = coef.copy()
+            moved[j] = max(0.0, moved[j] + step)
+            assert float(np.sum((a @ moved - y) ** 2)) >= sse - 1e-9

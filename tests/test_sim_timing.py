@@ -1,5 +1,7 @@
 """Step time in the two execution modes, and the run metrics built on it."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -18,7 +20,8 @@ COST = CostModel.from_names("llama-3.1-8b", "a100")
 def test_operator_times_by_hand():
     """A100: 312 TFLOP/s, 2.039 TB/s. Llama-3.1-8B: 2 x 7.5e9 FLOP per token (GEMM weights with
     the LM head), 128 KiB of KV per token, 16.06 GB of weights."""
-    comp, weights, attn = operator_seconds(COST, [0, 100, 10_000], [1_000_000, 0, 0])
+    comp, weights, attn, over = operator_seconds(COST, [0, 100, 10_000], [1_000_000, 0, 0])
+    assert list(over) == [0.0, 0.0, 0.0]  # the GPU presets carry no engine overhead
     w = COST.model.num_params * 2 / 2.039e12
     assert w == pytest.approx(weight_seconds(COST)) and 7.8e-3 < w < 8.0e-3
     assert list(weights) == [0.0, w, w]  # a step that runs a GEMM reads the weights once
@@ -57,8 +60,8 @@ def test_time_split_adds_up():
     model = ExecModel("overlapped", 0.1)
     split = split_seconds(ops, model)
     total = step_seconds(ops, model).sum()
-    assert split["overlapped"] + split["compute_only"] + split["memory_only"] + split["interference"] == \
-        pytest.approx(total)
+    assert split["overlapped"] + split["compute_only"] + split["memory_only"] + split["interference"] + \
+        split["overhead"] == pytest.approx(total)
     assert split["weights"] + split["kv_read"] == pytest.approx(float((ops.weights + ops.attn).sum()))
 
 
@@ -103,3 +106,39 @@ def test_causal_prefill_attention_adds_compute_only():
     charged = operator_seconds(causal, [2048, 64], [0, 10_000], [2048 * 2049 // 2, 0])
     assert list(charged.comp - paper.comp) == pytest.approx([2048 * 2049 // 2 * causal.seconds_per_attention_pair, 0])
     assert list(charged.weights) == list(paper.weights) and list(charged.attn) == list(paper.attn)
+
+
+OVERHEAD = CostModel(COST.model, replace(COST.hardware, step_overhead_s=0.01, request_overhead_s=0.001))
+
+
+def test_engine_overhead_by_hand():
+    """10 ms per step that runs, 1 ms per decoding request: a prefill step of 512 tokens with no
+    decode pays 10 ms, a decode step of 64 requests 10 + 64 = 74 ms, an empty step nothing;
+    added to both modes' operator time."""
+    ops = operator_seconds(OVERHEAD, [512, 64, 0], [0, 40_000, 0], None, [0, 64, 0])
+    assert list(ops.overhead) == pytest.approx([0.010, 0.074, 0.0])
+    base = operator_seconds(COST, [512, 64, 0], [0, 40_000, 0], None, [0, 64, 0])
+    for mode in (ExecModel("sequential"), ExecModel("overlapped", 0.1)):
+        assert list(step_seconds(ops, mode) - step_seconds(base, mode)) == pytest.approx([0.010, 0.074, 0.0])
+    split = split_seconds(ops, ExecModel("overlapped", 0.1))
+    assert split["overhead"] == pytest.approx(0.084)
+    with pytest.raises(ValueError, match="step_overhead_s must be a finite number >= 0"):
+        replace(COST.hardware, step_overhead_s=-1.0)
+
+
+def test_engine_overhead_is_the_same_term_for_every_policy():
+    """Every policy's run is timed by the one function: its overhead is exactly steps that ran x
+    step_overhead_s + decoded requests x request_overhead_s, and the time grows by that much."""
+    recs = mixed_workload(300, seed=4)
+    engine = EngineConfig.for_cost(COST, kv_gb=4, max_running=64, chunked_prefill=512)
+    plain, charged = Workload(recs, COST), Workload(recs, OVERHEAD)
+    for policy in ("fcfs", "sglang-lpm", "sglang-dfs-weight", "dfs", "balance", "blend"):
+        a = simulate(plain, policy, RunSpec(COST, engine))
+        b = simulate(charged, policy, RunSpec(OVERHEAD, engine))
+        assert b.steps == a.steps and list(b.series["decode"]) == list(a.series["decode"])  # same schedule
+        ran = int(((a.series["prefill"] + a.series["decode"]) > 0).sum())
+        expect = 0.01 * ran + 0.001 * int(a.series["decode"].sum())
+        assert float(np.sum(b.ops.overhead)) == pytest.approx(expect)
+        seq = ExecModel("sequential")
+        assert b.time(seq) - a.time(seq) == pytest.approx(expect)
+        assert a.retimed(OVERHEAD).time(seq) == pytest.approx(b.time(seq))

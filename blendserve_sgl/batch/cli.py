@@ -58,7 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                "\"top_p\", \"stop\", \"seed\", ...}}.\nRerunning the same command after a crash finishes the "
                "requests not yet in the results file.")
     ap.add_argument("input", help="requests, one JSON object per line (OpenAI Batch API format)")
-    ap.add_argument("-o", "--output", required=True, help="results file (JSONL), appended to when it exists")
+    ap.add_argument("-o", "--output", help="results file (JSONL), appended to when it exists (required unless "
+                                           "--plan-only)")
     ap.add_argument("--errors", help="file of the failed requests' records (default: next to -o, *.errors.jsonl; "
                                      "none when -o is a pipe or a device such as /dev/stdout)")
     ap.add_argument("--model", help="local Hugging Face model directory (default: the embedded "
@@ -103,11 +104,21 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--summary-json", help="also write the summary figures as JSON to this file")
     ap.add_argument("--log-level", default="error", help="SGLang's log level (default: error)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
+    ap.add_argument("--plan-only", nargs="?", const="auto", metavar="HARDWARE",
+                    help="print `blendserve plan` for this file and these arguments on HARDWARE (default: the cpu "
+                         "preset when running on the CPU) and exit without running")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.plan_only:
+        from ..plan import plan_for_run
+
+        return plan_for_run(args)
+    if args.output is None:
+        parser.error("the following arguments are required: -o/--output")
     try:
         return _main(args)
     except KeyboardInterrupt:  # before the engine runs (loading the model, reading lines)

@@ -20,7 +20,10 @@ _DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8": 1, "fp8": 1
 
 @dataclass(frozen=True, slots=True)
 class HardwareSpec:
-    """One accelerator: peak GEMM throughput, memory bandwidth and capacity."""
+    """One accelerator: peak GEMM throughput, memory bandwidth and capacity, and the engine's
+    host work per step that no operator accounts for (scheduling, sampling, kernel launches):
+    `step_overhead_s` per step that runs, `request_overhead_s` per request in a decode batch.
+    Both are 0 for the GPU presets (not measured there); the `cpu` preset carries a fit."""
 
     name: str
     flops: float  # dense FP16/BF16 FLOP/s
@@ -28,6 +31,8 @@ class HardwareSpec:
     mem_capacity: float  # bytes
     flops_efficiency: float = 1.0  # achieved / peak, fitted by calibration
     bandwidth_efficiency: float = 1.0
+    step_overhead_s: float = 0.0  # seconds per engine step
+    request_overhead_s: float = 0.0  # seconds per decoding request per step
 
     def __post_init__(self) -> None:
         for field in ("flops", "mem_bandwidth", "mem_capacity"):
@@ -38,6 +43,10 @@ class HardwareSpec:
             value = getattr(self, field)
             if not (isinstance(value, (int, float)) and 0 < value <= 1):
                 raise ValueError(f"HardwareSpec {self.name!r}: {field} must be in (0, 1], got {value!r}")
+        for field in ("step_overhead_s", "request_overhead_s"):
+            value = getattr(self, field)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"HardwareSpec {self.name!r}: {field} must be a finite number >= 0, got {value!r}")
 
     @property
     def effective_flops(self) -> float:
@@ -239,9 +248,16 @@ def model(name: str) -> ModelSpec:
     raise ValueError(f"unknown model preset {name!r}; choose one of {model_names()} or pass a path to config.json")
 
 
+# The `cpu` preset's per-step engine overheads: least-squares fit over real SGLang CPU runs of the
+# tiny model (`python bench/plan_file.py --phases calibrate`, `overhead_fit` in
+# bench/results/plan_file.json).
+CPU_OVERHEADS = {"step_overhead_s": 0.002711, "request_overhead_s": 0.0011821}
+
+
 @lru_cache(maxsize=1)
 def measure_cpu(seconds: float = 0.6) -> HardwareSpec:
-    """Measure this machine: float32 GEMM FLOP/s (NumPy BLAS) and streaming-copy bandwidth.
+    """Measure this machine: float32 GEMM FLOP/s (NumPy BLAS) and streaming-copy bandwidth; the
+    engine overheads are the fitted `CPU_OVERHEADS`.
 
     Each figure is the best of repeated runs inside a small time budget. Memory capacity is the
     machine's physical RAM. Measured once per process; different machines give different specs.
@@ -280,4 +296,5 @@ def measure_cpu(seconds: float = 0.6) -> HardwareSpec:
         flops=2 * n**3 / best_gemm,
         mem_bandwidth=2 * src.nbytes / best_copy,  # read + write
         mem_capacity=float(ram),
+        **CPU_OVERHEADS,
     )

@@ -8,12 +8,15 @@ request) and the KV tokens decode attention reads. With the cost model (`core/co
     w     = weight bytes / BW                every step that runs a GEMM reads the weights once
     attn  = KV bytes read / BW               decode attention, memory-bound
     mem   = w + attn                         all of the step's HBM traffic
+    over  = step_overhead_s + request_overhead_s x decoding requests
+                                             the engine's host work per step (hardware spec;
+                                             0 on the GPU presets), added in both modes
 
 - `sequential` (SGLang today): the GEMMs at their roofline, then attention:
-  max(comp, w) + attn.
+  max(comp, w) + attn + over.
 - `overlapped` (NanoFlow-style): compute-bound and memory-bound operators share the GPU, but
   weight reads and KV reads share one HBM, so a step takes at least max(comp, mem):
-  max(comp, mem) + interference x min(comp, mem). interference = 0 is perfect overlap,
+  max(comp, mem) + interference x min(comp, mem) + over. interference = 0 is perfect overlap,
   1 is none (comp + mem); the concurrent kernels slow each other down by that share of the
   overlapped part (contention for SMs, L2 and HBM). Prefill attention is left out, as in the
   paper's model.
@@ -48,48 +51,63 @@ class ExecModel:
 
 
 class StepSeconds(tuple):
-    """(comp, weights, attn) per step, as NumPy arrays."""
+    """(comp, weights, attn, overhead) per step, as NumPy arrays (overhead may be the scalar 0)."""
 
     __slots__ = ()
 
-    def __new__(cls, comp, weights, attn):
-        return super().__new__(cls, (comp, weights, attn))
+    def __new__(cls, comp, weights, attn, overhead=0.0):
+        return super().__new__(cls, (comp, weights, attn, overhead))
 
     comp = property(lambda self: self[0])
     weights = property(lambda self: self[1])
     attn = property(lambda self: self[2])
+    overhead = property(lambda self: self[3])
 
 
-def operator_seconds(cost: CostModel, gemm_tokens, kv_read_tokens, attention_pairs=None) -> StepSeconds:
-    """(compute, weight read, decode-attention read) seconds per step; compute is the GEMMs plus,
-    with `cost.prefill_attention == "causal"`, the prefill attention's query-key pairs."""
+def operator_seconds(cost: CostModel, gemm_tokens, kv_read_tokens, attention_pairs=None,
+                     decode_requests=None) -> StepSeconds:
+    """(compute, weight read, decode-attention read, engine overhead) seconds per step; compute is
+    the GEMMs plus, with `cost.prefill_attention == "causal"`, the prefill attention's query-key
+    pairs; the overhead is the hardware's `step_overhead_s` for every step that runs a GEMM plus
+    its `request_overhead_s` per decoding request (`decode_requests`; by default the GEMM tokens,
+    exact for steps that only decode)."""
     comp = np.asarray(gemm_tokens, dtype=np.float64) * cost.seconds_per_compute_token
     if attention_pairs is not None and cost.seconds_per_attention_pair:
         comp = comp + np.asarray(attention_pairs, dtype=np.float64) * cost.seconds_per_attention_pair
     weights = np.where(comp > 0, weight_seconds(cost), 0.0)
     attn = np.asarray(kv_read_tokens, dtype=np.float64) * (cost.kv_bytes_per_token / cost.hardware.effective_bandwidth)
-    return StepSeconds(comp, weights, attn)
+    return StepSeconds(comp, weights, attn, overhead_seconds(cost, gemm_tokens, decode_requests))
+
+
+def overhead_seconds(cost: CostModel, gemm_tokens, decode_requests=None) -> np.ndarray:
+    """The engine's host work per step: `step_overhead_s` for each step that runs a GEMM plus
+    `request_overhead_s` per decoding request. The same term for every policy."""
+    hw = cost.hardware
+    gemm = np.asarray(gemm_tokens, dtype=np.float64)
+    dec = gemm if decode_requests is None else np.asarray(decode_requests, dtype=np.float64)
+    return np.where(gemm > 0, hw.step_overhead_s, 0.0) + hw.request_overhead_s * dec
 
 
 def step_seconds(ops: StepSeconds, model: ExecModel) -> np.ndarray:
-    comp, w, attn = ops
+    comp, w, attn, over = ops
     if model.mode == "sequential":
-        return np.maximum(comp, w) + attn
+        return np.maximum(comp, w) + attn + over
     mem = w + attn
-    return np.maximum(comp, mem) + model.interference * np.minimum(comp, mem)
+    return np.maximum(comp, mem) + model.interference * np.minimum(comp, mem) + over
 
 
 def split_seconds(ops: StepSeconds, model: ExecModel) -> dict:
-    """An overlapped run's time by cause (seconds; the first four add up to the total):
+    """An overlapped run's time by cause (seconds; the first five add up to the total):
     `overlapped` (compute and memory traffic running together), `compute_only`, `memory_only`
-    (memory traffic beyond the compute), `interference`; plus `weights` and `kv_read`, the two
-    parts of the memory traffic."""
+    (memory traffic beyond the compute), `interference`, `overhead` (the engine's host work);
+    plus `weights` and `kv_read`, the two parts of the memory traffic."""
     if model.mode != "overlapped":
         raise ValueError("split_seconds describes the overlapped mode")
-    comp, w, attn = ops
+    comp, w, attn, over = ops
     mem = w + attn
     both = np.minimum(comp, mem)
     return {"overlapped": float(both.sum()), "compute_only": float(np.maximum(comp - mem, 0).sum()),
             "memory_only": float(np.maximum(mem - comp, 0).sum()),
             "interference": float(model.interference * both.sum()),
+            "overhead": float(np.sum(np.broadcast_to(over, np.shape(comp)))),
             "weights": float(w.sum()), "kv_read": float(attn.sum())}

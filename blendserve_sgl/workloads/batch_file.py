@@ -114,9 +114,14 @@ def compress(records: list[Record]) -> list[Record]:
     unchanged (`tests/test_plan.py` checks it), while the tree and the simulator handle a few
     atoms per request instead of every token. Records without tokens pass through."""
     tok = [i for i, r in enumerate(records) if r.tokens is not None]
-    order = sorted(tok, key=lambda i: records[i].tokens)
+    arrays = {i: np.asarray(records[i].tokens, dtype=np.int64) for i in tok}
+    if any(len(a) and (a.min() < 0 or a.max() >= 1 << 32) for a in arrays.values()):
+        raise ValueError("compress: token ids must be in [0, 2**32)")
+    # big-endian bytes sort as the id sequences do (a prefix first), compared by memcmp
+    keys = {i: a.astype(">u4").tobytes() for i, a in arrays.items()}
+    order = sorted(tok, key=keys.__getitem__)
     n = len(order)
-    arrays = [np.asarray(records[i].tokens, dtype=np.int64) for i in order]
+    arrays = [arrays[i] for i in order]
     lcp = [0] * n  # lcp[k]: common prefix of sorted prompts k-1 and k
     for k in range(1, n):
         a, b = arrays[k - 1], arrays[k]
