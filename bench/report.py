@@ -31,6 +31,15 @@ LAYOUT = {
                       "blend_as_shipped.blend_speedup_vs_best_other_sequential",
                       "blend_with_kv_projection.blend_speedup_vs_best_other",
                       "blend_known_lengths.blend_speedup_vs_best_other", "total_seconds"]),
+    "paper_traces_100k": ("Trace#1-#4 analogs x all policies, equal rules, estimated lengths, 100,000 requests per trace "
+                          "(`bench/paper_traces.py --lean --requests 100000 --out paper_traces_100k`)",
+                          ["requests_per_trace", "blend_mean_fraction_of_optimal", "blend_mean_fraction_of_weight_bound",
+                           "blend_speedup_vs_best_other", "blend_speedup_vs_best_other_min", "blend_speedup_vs_dfs",
+                           "blend_sharing_vs_dfs", "blend_sharing_vs_best", "estimated_vs_known_min",
+                           "blend_speedup_vs_best_other_sequential", "blend_mean_fraction_of_optimal_sequential",
+                           "blend_as_shipped.blend_speedup_vs_best_other",
+                           "blend_as_shipped.blend_speedup_vs_best_other_min",
+                           "blend_as_shipped.blend_speedup_vs_best_other_sequential", "total_seconds"]),
     "paper_traces_conversation": ("Multi-turn conversations (ShareGPT V3) x all policies, equal rules, estimated lengths "
                                   "(`bench/paper_traces.py --traces conversation`)",
                                   ["requests_per_trace", "blend_mean_fraction_of_optimal", "blend_speedup_vs_best_other",
