@@ -48,7 +48,8 @@ LAYOUT = {
                                    "blend_as_shipped.blend_speedup_vs_best_other", "total_seconds"]),
     "sweep": ("Density x sharing sweep, blend over the best other policy, equal rules (`bench/sweep.py`)",
               ["requests_per_cell", "min_speedup_vs_best_other", "mean_speedup_vs_best_other",
-               "max_speedup_vs_best_other", "min_sharing_vs_dfs", "min_sharing_vs_best"]),
+               "max_speedup_vs_best_other", "conversation.speedup_vs_best_other", "conversation.sharing_vs_best",
+               "min_sharing_vs_dfs", "min_sharing_vs_best"]),
     "sim_scale": ("Simulator speed at paper scale (`bench/sim_scale.py`; measured on the simulator before the equal rules, "
                   "not rerun: see the 40,000-request run below for the current code)",
                   ["requests", "workload_build_seconds", "blend_seconds", "blend_steps", "blend_us_per_step",
