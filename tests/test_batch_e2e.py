@@ -29,9 +29,14 @@ ENV = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", "OMP_WAIT_POLICY": os.environ
        "PYTHONPATH": str(ROOT)}
 
 
+def _sigint_as_in_a_terminal() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # a test runner started as a background job ignores SIGINT
+
+
 def start_run(args: list[str], log: Path, env: dict | None = None) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "blendserve_sgl.cli", "run", *args], env=env or ENV,
-                            start_new_session=True, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+                            start_new_session=True, stdout=open(log, "w"), stderr=subprocess.STDOUT,
+                            preexec_fn=_sigint_as_in_a_terminal)
 
 
 def blendserve_run(args: list[str], log: Path, env: dict | None = None, timeout: float = 900) -> str:

@@ -850,16 +850,21 @@ def test_engine_processes_ignore_sigint_and_this_process_keeps_its_handler():
 
     ctx = multiprocessing.get_context("spawn")
     queue = ctx.Queue()
-    with runner._children_ignore_sigint():
-        child = ctx.Process(target=_sigint_disposition, args=(queue,))
-        child.start()
-        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    child.join()
-    assert queue.get() is True
-    plain = ctx.Process(target=_sigint_disposition, args=(queue,))
-    plain.start()
-    plain.join()
-    assert queue.get() is False
+    # as in a terminal: a test runner started as a background job inherits SIGINT ignored
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with runner._children_ignore_sigint():
+            child = ctx.Process(target=_sigint_disposition, args=(queue,))
+            child.start()
+            assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        child.join()
+        assert queue.get() is True
+        plain = ctx.Process(target=_sigint_disposition, args=(queue,))
+        plain.start()
+        plain.join()
+        assert queue.get() is False
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 @pytest.mark.parametrize("args,fragment", [
