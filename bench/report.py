@@ -50,8 +50,7 @@ LAYOUT = {
               ["requests_per_cell", "min_speedup_vs_best_other", "mean_speedup_vs_best_other",
                "max_speedup_vs_best_other", "conversation.speedup_vs_best_other", "conversation.sharing_vs_best",
                "min_sharing_vs_dfs", "min_sharing_vs_best"]),
-    "sim_scale": ("Simulator speed at paper scale (`bench/sim_scale.py`; measured on the simulator before the equal rules, "
-                  "not rerun: see the 40,000-request run below for the current code)",
+    "sim_scale": ("Simulator speed at paper scale, per policy under the equal rules (`bench/sim_scale.py`)",
                   ["requests", "workload_build_seconds", "blend_seconds", "blend_steps", "blend_us_per_step",
                    "dfs_seconds", "fcfs_seconds", "sglang-dfs-weight_seconds", "dfs_weight_over_fcfs_seconds",
                    "blend_check_requests", "blend_check_seconds", "peak_rss_mb", "load_average_before",
