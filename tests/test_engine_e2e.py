@@ -89,7 +89,8 @@ def test_blend_completes_and_changes_only_when_requests_run(model, tmp_path, req
     st = blend["policy_stats"]
     assert st["policy"] == "blend" and st["handed_out"] >= n and st["waiting"] == 0, st
     differ = [i for i in range(n) if blend["token_ids"][i] != fcfs["token_ids"][i]]
-    assert len(differ) <= n // 10, f"greedy outputs differ from fcfs for {len(differ)} of {n} requests: {differ}"
+    # paced prefill gives blend other batches than fcfs; each fork must sit at a near-tie (below)
+    assert len(differ) <= n // 4, f"greedy outputs differ from fcfs for {len(differ)} of {n} requests: {differ}"
     for i in differ:
         a, b = blend["token_ids"][i], fcfs["token_ids"][i]
         k = next(j for j in range(min(len(a), len(b)) + 1) if j == min(len(a), len(b)) or a[j] != b[j])
