@@ -37,15 +37,15 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._common import table, write  # noqa: E402
+from blendserve_sgl.workloads import data_dir  # noqa: E402
 
-DATA = ROOT.parent.parent / "shared" / "data"
 ENV = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(ROOT)}
 
 
 def shared_data() -> Path:
-    for d in (Path(os.environ.get("BLENDSERVE_DATA", "")), ROOT / ".." / "shared" / "data", Path("/work/shared/data")):
-        if (d / "traces").is_dir():
-            return d
+    d = data_dir()
+    if (d / "traces").is_dir():
+        return d
     sys.exit("shared/data not found: set BLENDSERVE_DATA to the directory with traces/ and mmlu/")
 
 
