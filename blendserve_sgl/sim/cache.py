@@ -21,6 +21,14 @@ from typing import Callable, Sequence
 from .request import atom_len, keys_len
 
 
+def _common_length(edge: Sequence, keys: Sequence, i: int) -> int:
+    """How many atoms of `edge` match `keys[i:]` (the first is known to match)."""
+    j, limit = 1, min(len(edge), len(keys) - i)
+    while j < limit and edge[j] == keys[i + j]:
+        j += 1
+    return j
+
+
 class CacheNode:
     __slots__ = ("parent", "key", "length", "children", "lock_ref", "last_access", "alive", "order")
 
@@ -72,9 +80,7 @@ class RadixCache:
                 break
             edge = child.key
             m = len(edge)
-            j, limit = 1, min(m, n - i)
-            while j < limit and edge[j] == keys[i + j]:
-                j += 1
+            j = _common_length(edge, keys, i)
             if j < m:
                 child = self._split(child, j)
             node = child
@@ -92,9 +98,7 @@ class RadixCache:
                 break
             edge = child.key
             m = len(edge)
-            j, limit = 1, min(m, n - i)
-            while j < limit and edge[j] == keys[i + j]:
-                j += 1
+            j = _common_length(edge, keys, i)
             part = child.length if j == m else keys_len(edge[:j])
             matched += part
             if child.lock_ref == 0:
@@ -122,9 +126,7 @@ class RadixCache:
                 break
             edge = child.key
             m = len(edge)
-            j, limit = 1, min(m, n - i)
-            while j < limit and edge[j] == keys[i + j]:
-                j += 1
+            j = _common_length(edge, keys, i)
             if j < m:
                 child = self._split(child, j)
             dup += child.length
