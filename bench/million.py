@@ -118,15 +118,21 @@ def plan_phase(path: Path, model: Path) -> dict:
     from blendserve_sgl.batch.reader import read_store
 
     tok = AutoTokenizer.from_pretrained(str(model))
-    t0 = time.perf_counter()
+    load_before = os.getloadavg()
+    c0, t0 = os.times(), time.perf_counter()
     read = read_store(path, tok, context_length(model), 256, model_dir=model)
-    t1 = time.perf_counter()
+    c1, t1 = os.times(), time.perf_counter()
     order = plan(read.store, cost_for(model))
-    t2 = time.perf_counter()
+    c2, t2 = os.times(), time.perf_counter()
     s = read.store
+    cpu = lambda a, b: round(b.user + b.system - a.user - a.system, 1)  # noqa: E731
+    workers = lambda a, b: round(b.children_user + b.children_system - a.children_user - a.children_system, 1)  # noqa: E731
     return {"planned_requests": len(order), "lines": read.lines, "invalid": len(read.errors),
             "read_seconds": round(t1 - t0, 2), "plan_only_seconds": round(t2 - t1, 2),
             "plan_seconds": round(t2 - t0, 2), "driver_rss_mb": round(peak_rss_mb(), 1),
+            "cpu_seconds": {"read_driver": cpu(c0, c1), "read_workers": workers(c0, c1), "plan": cpu(c1, c2)},
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
             "workers": os.cpu_count(), "store_bytes": s.nbytes(), "store_pieces": s.pieces,
             "prompt_tokens": int(s.prompt_lengths().sum()), "stored_tokens": s.piece_tokens.n + s.tail_tokens.n,
             "whole_text_fallback": read.whole_text_fallback}

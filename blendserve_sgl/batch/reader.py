@@ -40,6 +40,7 @@ BATCH_LINES = 2000  # lines per task sent to a worker
 VERIFY_FIRST, VERIFY_EVERY = 32, 997
 CHAT_WHAT = "the prompt (after the chat template)"  # how `prompts.render` names a chat prompt
 PIECE_CACHE = 4096  # encoded pieces a worker remembers
+TAIL_CACHE = 1 << 15  # encoded tails a worker remembers (a text asked again is encoded once)
 SMALL_INPUT_BYTES = 8 << 20  # smaller inputs are read in the driver (starting workers costs more)
 
 
@@ -166,7 +167,9 @@ class PieceEncoder:
         backend = getattr(tokenizer, "_tokenizer", None)
         self.fast = backend if hasattr(backend, "encode_batch") else None
         self.shapes = TemplateShapes(tokenizer)
-        self.cache: dict[str, tuple[int, np.ndarray]] = {}
+        self.cache: dict[str, tuple[int, np.ndarray]] = {}  # piece text -> (digest, ids)
+        self.heads: dict[tuple, tuple[list, list, str]] = {}  # `_pieces` arguments -> its result
+        self.tails: tuple[dict, dict] = ({}, {})  # text -> ids (or the tokenizer's exception); without, with specials
         self.sent: set[int] = set()
         self.seen = 0
         self.exact = True
@@ -188,15 +191,24 @@ class PieceEncoder:
             return Staged(req, [], [], text, False, None, fast)
         last = req.messages[-1]["content"]
         at = text.rfind(last) if last else -1
-        parts = [p for p in self.cut.split(text) if p]
-        start, pos = len(parts), 0
-        for k, p in enumerate(parts):
-            if at >= 0 and pos + len(p) > at:
-                start = k
-                break
-            pos += len(p)
+        head = text[:at] if at >= 0 else text
+        key = (head, at < 0 or self.cut.match(text, at) is not None)
+        hit = self.heads.get(key)
+        if hit is None:
+            if len(self.heads) >= PIECE_CACHE:
+                self.heads.clear()
+            hit = self.heads[key] = self._pieces(*key)
+        digests, ids, rest = hit
+        return Staged(req, digests, ids, rest + text[len(head):], False, None, True)
+
+    def _pieces(self, head: str, whole: bool) -> tuple[list, list, str]:
+        """`head` (the text before the last message) cut before each special token ->
+        (digests, ids) of its pieces and the text of the last one, which starts the tail,
+        unless `whole` (the tail starts right after `head`)."""
+        parts = [p for p in self.cut.split(head) if p]
+        rest = "" if whole or not parts else parts.pop()
         digests, ids = [], []
-        for p in parts[:start]:
+        for p in parts:
             hit = self.cache.get(p)
             if hit is None:
                 if len(self.cache) >= PIECE_CACHE:
@@ -205,7 +217,7 @@ class PieceEncoder:
                 hit = self.cache[p] = (d, np.asarray(self._encode([p], False)[0], np.int32))
             digests.append(hit[0])
             ids.append(hit[1])
-        return Staged(req, digests, ids, "".join(parts[start:]), False, None, True)
+        return digests, ids, rest
 
     def _encode(self, texts: list[str], special: bool) -> list:
         if self.fast is not None:
@@ -217,18 +229,27 @@ class PieceEncoder:
         or a LineError, in order."""
         tails: list = [s.tail for s in staged]
         for special in (False, True):
+            cache = self.tails[special]
             todo = [k for k, s in enumerate(staged) if s.tail is None and s.special == special and s.text]
+            known = {staged[k].text: cache[staged[k].text] for k in todo if staged[k].text in cache}
+            texts = list(dict.fromkeys(staged[k].text for k in todo if staged[k].text not in known))
             try:
-                encoded = self._encode([staged[k].text for k in todo], special)
+                encoded = self._encode(texts, special)
             except Exception:  # noqa: BLE001 (one text the tokenizer rejects: find it, one at a time)
                 encoded = []
-                for k in todo:
+                for t in texts:
                     try:
-                        encoded.append(self._encode([staged[k].text], special)[0])
-                    except Exception as exc:  # noqa: BLE001 (this request's own error record)
-                        encoded.append(tokenizer_failure(staged[k].req, self.source, exc))
-            for k, ids in zip(todo, encoded):
-                tails[k] = ids if isinstance(ids, LineError) else np.asarray(ids, np.int32)
+                        encoded.append(self._encode([t], special)[0])
+                    except Exception as exc:  # noqa: BLE001 (its requests get their own error records)
+                        encoded.append(exc)
+            for t, ids in zip(texts, encoded):
+                known[t] = ids if isinstance(ids, Exception) else np.asarray(ids, np.int32)
+            if len(cache) + len(texts) > TAIL_CACHE:
+                cache.clear()
+            cache.update((t, known[t]) for t in texts)
+            for k in todo:
+                ids = known[staged[k].text]
+                tails[k] = tokenizer_failure(staged[k].req, self.source, ids) if isinstance(ids, Exception) else ids
         return [self._check(s, t if t is not None else np.zeros(0, np.int32)) for s, t in zip(staged, tails)]
 
     def _check(self, s: Staged, tail):
