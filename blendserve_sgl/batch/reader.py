@@ -75,7 +75,8 @@ class ReadResult:
 class TemplateShapes:
     """The chat template rendered once per shape (the roles in order) and filled by substitution.
 
-    Exact when the template treats message content as opaque text: every use of `content` is
+    Used for the tokenizers of `transformers`, whose `apply_chat_template` renders the Jinja
+    template `chat_template`. Exact when the template treats message content as opaque text: every use of `content` is
     output as is (alone or concatenated with `+` / `~`), never tested, filtered, sliced or
     assigned. `opaque(source)` proves that on the template's syntax tree; other templates (and
     shapes the template rejects) render through `prompts.render` every time."""
@@ -85,7 +86,9 @@ class TemplateShapes:
 
     def __init__(self, tokenizer):
         self.tok = tokenizer
-        self.on = self.opaque(getattr(tokenizer, "chat_template", None))
+        method = getattr(type(tokenizer), "apply_chat_template", None)
+        jinja = getattr(method, "__module__", "").startswith("transformers.")
+        self.on = jinja and self.opaque(getattr(tokenizer, "chat_template", None))
         self.shapes: dict[tuple, list | None] = {}
 
     @staticmethod
