@@ -49,9 +49,12 @@ def load_batch_file(path: str | os.PathLike, tokenizer, context_len: int, defaul
                     model_dir: str | os.PathLike | None = None) -> BatchFile:
     """Records of the valid lines of `path` (rid = custom_id, token prompts, output_len and
     max_tokens = the request's max_tokens or the run's default capped to the context) and the
-    bad lines. `model_dir` (the tokenizer's directory) lets a large file be read by worker
-    processes, as `blendserve run` reads it. Raises `batch.requests.InputError` when the file
-    cannot be read at all."""
+    bad lines. `model_dir` (default: the directory the tokenizer was loaded from) lets a large
+    file be read by worker processes, as `blendserve run` reads it. Raises
+    `batch.requests.InputError` when the file cannot be read at all."""
+    if model_dir is None:
+        src = getattr(tokenizer, "name_or_path", None)
+        model_dir = src if isinstance(src, str) and os.path.isdir(src) else None
     read = read_store(path, tokenizer, context_len, default_max_tokens, model_dir=model_dir)
     s = read.store
     records = [Record(s.custom_id(i), int(n), (), int(m), KINDS[k], tuple(s.input_ids(i)), int(m))
