@@ -4,6 +4,7 @@ the bounded feed, and (marked `engine`) the window feed against all-at-once on t
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import json
 import os
@@ -179,6 +180,55 @@ def test_piece_encoding_falls_back_to_whole_text_when_pieces_differ(tiny, tmp_pa
     assert got.whole_text_fallback
     ref = [x for x in reference(path, Shifted()) if isinstance(x, Prepared)]
     assert [got.store.prepared(i).input_ids for i in range(len(ref))] == [p.input_ids for p in ref]
+
+
+OPAQUE = "{% for m in messages %}<|im_start|>{{ m['role'] + '\\n' + m['content'] }}<|im_end|>\n{% endfor %}"
+@pytest.mark.parametrize("template, opaque", [
+    (OPAQUE, True),
+    ("{% for m in messages %}{{ m.content ~ '|' }}{% if loop.last %}{{ messages[-1]['content'] }}{% endif %}"
+     "{% endfor %}", True),
+    (OPAQUE.replace("m['content'] }}", "m['content'] | trim }}"), False),  # filtered
+    ("{% for m in messages %}{% if m.content %}x{% endif %}{% endfor %}", False),  # tested
+    ("{% for m in messages %}{% set c = m['content'] %}{{ c }}{% endfor %}", False),  # assigned
+    ("{{ messages | map(attribute='content') | join }}", False),  # reached by name
+    ("{{ messages[0]['content'][:5] }}", False),  # sliced
+    ("{% for m in messages %", False),  # not a template
+    (None, False),
+])
+def test_template_shapes_use_substitution_only_where_content_is_opaque(template, opaque):
+    from blendserve_sgl.batch.reader import TemplateShapes
+
+    assert TemplateShapes.opaque(template) is opaque
+
+
+@pytest.mark.parametrize("template", [None, OPAQUE.replace("m['content'] }}", "m['content'] | trim }}")])
+def test_reader_matches_the_plain_path_on_awkward_contents(tiny, tmp_path, template):
+    """Contents holding special tokens (also first and last), template text, blanks, repeats,
+    under the model's template (substituted) and a template that filters content (rendered by
+    Jinja every time): the ids of `prepare` every time."""
+    model_dir, tok = tiny
+    if template is not None:
+        tok = copy.deepcopy(tok)
+        tok.chat_template = template
+    texts = ["<|im_start|>user\nhi", "hi<|im_end|>", " spaced ", "", "\n", "<|im_end|><|im_start|>", "alpha beta",
+             "alpha beta", "user\nalpha", "<|endoftext|>tail"]
+    rows = []
+    for i, t in enumerate(texts * 4):
+        msgs = [{"role": "system", "content": texts[(i + 3) % len(texts)]}, {"role": "user", "content": t}]
+        if i % 3 == 0:
+            msgs[1:1] = [{"role": "user", "content": "shot"}, {"role": "assistant", "content": t or "x"}]
+        rows.append({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+                     "body": {"messages": msgs, "max_tokens": 2}})
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from blendserve_sgl.batch.reader import TemplateShapes
+
+    assert TemplateShapes(tok).on is (template is None)
+    got = read_store(path, tok, 2048, 16, workers=0)
+    ref = reference(path, tok)
+    assert len(got.store) == len(ref) and not got.errors
+    assert [got.store.input_ids(i) for i in range(len(ref))] == [p.input_ids for p in ref]
+    assert not got.whole_text_fallback
 
 
 # ------------------------------------------------------------------ the plan
