@@ -166,8 +166,8 @@ def main() -> None:
     ap.add_argument("--engine-n", default="25000,50000,100000", help="comma-separated request counts")
     ap.add_argument("--baseline-n", type=int, default=200)
     ap.add_argument("--curve-n", type=int, default=0, help="0: the largest engine N")
-    ap.add_argument("--windows", default="0,256,1024,auto")
-    ap.add_argument("--drill-n", type=int, default=0, help="0: the largest engine N")
+    ap.add_argument("--windows", default="0,256,1024,auto", help="empty: no curve")
+    ap.add_argument("--drill-n", type=int, default=0, help="0: the largest engine N; -1: no drill")
     ap.add_argument("--kills", type=int, default=3)
     ap.add_argument("--engine-max-tokens", type=int, default=2)
     ap.add_argument("--length-scale", type=float, default=16.0)
@@ -218,24 +218,31 @@ def main() -> None:
             return p
 
         rows, rss = [], {}
+        result["engine_runs"] = []
         for n in [args.baseline_n] + sizes:
+            load = os.getloadavg()
             s = run_cli(corpus(n), model, tmp / f"out-{n}.jsonl", "auto", ["--overwrite"])
+            s["loadavg_before_after"] = [round(load[0], 2), round(os.getloadavg()[0], 2)]
             rss[n] = s["tree_peak_rss_mb"]
             rows.append((n, s["window"], s["tree_peak_rss_mb"], s["driver_peak_rss_mb"], s["first_result_seconds"],
                          s["cache_hit_ratio"], s["generate_seconds"], s["completed"]))
             print(table(rows[-1:], ("N", "window", "tree MB", "driver MB", "first s", "cached", "gen s", "done")),
                   flush=True)
-            result.setdefault("engine_runs", []).append(s)
+            result["engine_runs"].append(s)
+            if n != args.baseline_n:
+                result["engine_requests"] = n
+                result["rss_by_n"] = {str(k): v for k, v in rss.items()}
+                result["engine_rss_mb_over_model"] = round(rss[n] - rss[args.baseline_n], 1)
+                result["first_result_seconds"] = rows[-1][4]
+                result["first_result_seconds_by_n"] = {str(r[0]): r[4] for r in rows}
+                save(result, args.update)
         top = sizes[-1]
-        result["engine_requests"] = top
-        result["rss_by_n"] = {str(k): v for k, v in rss.items()}
-        result["engine_rss_mb_over_model"] = round(rss[top] - rss[args.baseline_n], 1)
-        result["first_result_seconds"] = rows[-1][4]
 
         curve_n = args.curve_n or top
         curve = {}
-        for w in args.windows.split(","):
-            s = (result["engine_runs"][-1] if w == "auto" and curve_n == top else
+        for w in [x for x in args.windows.split(",") if x]:
+            done = [r for r in result["engine_runs"] if r["requests"] == curve_n]
+            s = (done[-1] if w == "auto" and done else
                  run_cli(corpus(curve_n), model, tmp / f"curve-{w}.jsonl", w, ["--overwrite"]))
             curve[w if w != "auto" else f"auto ({s['window']})"] = s["cache_hit_ratio"]
             print(f"window {w}: cached {s['cache_hit_ratio']}", flush=True)
@@ -245,31 +252,38 @@ def main() -> None:
         auto = next(v for k, v in curve.items() if k.startswith("auto"))
         if all_at_once:
             result["cached_ratio_vs_all_at_once"] = round(auto / all_at_once, 4)
+        save(result, args.update)
 
         drill_n = args.drill_n or top
-        out = tmp / "drill.jsonl"
-        out.unlink(missing_ok=True)
-        r = random.Random(args.seed)
-        kills = []
-        for _ in range(args.kills):
-            t = r.uniform(25, 75)
-            kills.append(round(t, 1))
-            run_cli(corpus(drill_n), model, out, "auto", kill_after=t)
-        run_cli(corpus(drill_n), model, out, "auto")
-        ids = [json.loads(x)["custom_id"] for x in out.read_text().splitlines()]
-        want = {f"req-{i}" for i in range(drill_n)}
-        result["resume_drill"] = {"requests": drill_n, "kill_after_seconds": kills, "records": len(ids)}
-        result["resume_exactly_once"] = len(ids) == len(set(ids)) and set(ids) == want
-        print(f"resume drill: {len(ids)} records for {drill_n} requests, exactly once: "
-              f"{result['resume_exactly_once']}")
-    if args.update:
-        old = ROOT / "bench" / "results" / "million.json"
-        if old.exists():
-            kept = json.loads(old.read_text())
-            for k in ("command", "machine"):
-                kept.pop(k, None)
-            result = {**kept, **result}
-    print(f"wrote {write('million', result)}")
+        if drill_n > 0:
+            out = tmp / "drill.jsonl"
+            out.unlink(missing_ok=True)
+            r = random.Random(args.seed)
+            kills = []
+            for _ in range(args.kills):
+                t = r.uniform(25, 75)
+                kills.append(round(t, 1))
+                run_cli(corpus(drill_n), model, out, "auto", kill_after=t)
+            run_cli(corpus(drill_n), model, out, "auto")
+            ids = [json.loads(x)["custom_id"] for f in (out, out.with_suffix(".errors.jsonl")) if f.exists()
+                   for x in f.read_text().splitlines()]  # results and error records
+            want = {f"req-{i}" for i in range(drill_n)}
+            result["resume_drill"] = {"requests": drill_n, "kill_after_seconds": kills, "records": len(ids)}
+            result["resume_exactly_once"] = len(ids) == len(set(ids)) and set(ids) == want
+            print(f"resume drill: {len(ids)} records for {drill_n} requests, exactly once: "
+                  f"{result['resume_exactly_once']}")
+    print(f"wrote {save(result, args.update)}")
+
+
+def save(result: dict, update: bool) -> Path:
+    """Write results/million.json; with `update`, over the figures of the file there."""
+    old = ROOT / "bench" / "results" / "million.json"
+    if update and old.exists():
+        kept = json.loads(old.read_text())
+        for k in ("command", "machine"):
+            kept.pop(k, None)
+        result = {**kept, **result}
+    return write("million", result)
 
 
 if __name__ == "__main__":
