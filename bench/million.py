@@ -180,6 +180,8 @@ def main() -> None:
                                          "(default: the tiny Llama the engine runs use)")
     ap.add_argument("--update", action="store_true", help="keep the figures of results/million.json that this "
                                                           "run does not measure")
+    ap.add_argument("--merge-runs", action="store_true", help="with --update: add this command's engine runs to "
+                                                                 "those of results/million.json")
     ap.add_argument("--plan-phase", help=argparse.SUPPRESS)
     args = ap.parse_args()
     model = tiny_model()
@@ -235,7 +237,7 @@ def main() -> None:
                 result["engine_rss_mb_over_model"] = round(rss[n] - rss[args.baseline_n], 1)
                 result["first_result_seconds"] = rows[-1][4]
                 result["first_result_seconds_by_n"] = {str(r[0]): r[4] for r in rows}
-                save(result, args.update)
+                save(result, args.update, args.merge_runs)
         top = sizes[-1]
 
         curve_n = args.curve_n or top
@@ -252,7 +254,7 @@ def main() -> None:
         auto = next(v for k, v in curve.items() if k.startswith("auto"))
         if all_at_once:
             result["cached_ratio_vs_all_at_once"] = round(auto / all_at_once, 4)
-        save(result, args.update)
+        save(result, args.update, args.merge_runs)
 
         drill_n = args.drill_n or top
         if drill_n > 0:
@@ -271,17 +273,26 @@ def main() -> None:
             result["resume_exactly_once"] = len(ids) == len(set(ids)) and set(ids) == want
             print(f"resume drill: {len(ids)} records for {drill_n} requests, exactly once: "
                   f"{result['resume_exactly_once']}")
-    print(f"wrote {save(result, args.update)}")
+    print(f"wrote {save(result, args.update, args.merge_runs)}")
 
 
-def save(result: dict, update: bool) -> Path:
-    """Write results/million.json; with `update`, over the figures of the file there."""
+def save(result: dict, update: bool, merge_runs: bool = False) -> Path:
+    """Write results/million.json; with `update`, over the figures of the file there; with
+    `merge_runs`, this command's engine runs added to the file's (same N replaced)."""
     old = ROOT / "bench" / "results" / "million.json"
     if update and old.exists():
         kept = json.loads(old.read_text())
         for k in ("command", "machine"):
             kept.pop(k, None)
-        result = {**kept, **result}
+        merged = {**kept, **result}
+        if merge_runs and "engine_runs" in result:
+            for k in ("rss_by_n", "first_result_seconds_by_n"):
+                merged[k] = {**kept.get(k, {}), **result.get(k, {})}
+            ns = {r["requests"] for r in result["engine_runs"]}
+            merged["engine_runs"] = [r for r in kept.get("engine_runs", []) if r["requests"] not in ns] + \
+                result["engine_runs"]
+            merged["engine_command"] = f"{kept.get('engine_command')} && {result['engine_command']}"
+        result = merged
     return write("million", result)
 
 
