@@ -5,13 +5,15 @@ results come back in file order and land in a `TokenStore`. Bad lines become `Li
 in `errors` (the same checks and messages as `requests.py` and
 `prompts.py`; the first line that uses a custom_id owns it).
 
-Chat prompts are encoded in pieces: the rendered template is cut before each special token
-(`<|im_start|>` ...), every piece before the last message is encoded once per worker and
-stored once (by content digest), the rest is the request's tail. Tokenizers split special
-tokens out before anything else, so the pieces concatenate to exactly the ids of encoding
-the whole text; each worker checks this against the whole-text encode (`prompts.prepare`) on
-its first requests and every `VERIFY_EVERY`-th one after, and encodes whole texts from then on
-if they ever differ. Completion and token-id prompts are one tail.
+A worker renders a chat template once per shape of conversation and fills in the contents
+where that is exact (`TemplateShapes`). The text before the last message is cut before each
+special token (`<|im_start|>` ...); its pieces are encoded once per worker and stored once (by
+content digest), the rest is the request's tail, and a batch's tails are encoded together, each
+distinct text once. Tokenizers split added tokens out before anything else, so the pieces
+concatenate to exactly the ids of encoding the whole text; each worker checks this (and the
+filled-in template) against `prompts.prepare` on its first requests and every
+`VERIFY_EVERY`-th one after, and renders and encodes whole texts from then on if they ever
+differ. Completion and token-id prompts are one tail.
 
 Every valid request is stored, also those already in the results file (`mark_done` flags
 them): the plan is made over the whole input, so a resumed run continues the same order.
