@@ -125,8 +125,12 @@ def plan_phase(path: Path, model: Path) -> dict:
     order = plan(read.store, cost_for(model))
     c2, t2 = os.times(), time.perf_counter()
     s = read.store
-    cpu = lambda a, b: round(b.user + b.system - a.user - a.system, 1)  # noqa: E731
-    workers = lambda a, b: round(b.children_user + b.children_system - a.children_user - a.children_system, 1)  # noqa: E731
+    def cpu(a, b):
+        return round(b.user + b.system - a.user - a.system, 1)
+
+    def workers(a, b):  # the pool's processes, once they are reaped
+        return round(b.children_user + b.children_system - a.children_user - a.children_system, 1)
+
     return {"planned_requests": len(order), "lines": read.lines, "invalid": len(read.errors),
             "read_seconds": round(t1 - t0, 2), "plan_only_seconds": round(t2 - t1, 2),
             "plan_seconds": round(t2 - t0, 2), "driver_rss_mb": round(peak_rss_mb(), 1),

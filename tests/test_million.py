@@ -231,6 +231,47 @@ def test_reader_matches_the_plain_path_on_awkward_contents(tiny, tmp_path, templ
     assert not got.whole_text_fallback
 
 
+def test_a_text_the_tokenizer_rejects_is_that_lines_error(tiny, tmp_path):
+    """One text of a batch fails to encode: that line gets `prepare`'s error, its neighbours in
+    the batch (and a repeat of the same text) are read as the plain path reads them."""
+    model_dir, tok = tiny
+
+    class Picky:  # no fast backend: tails go through encode() one text at a time
+        chat_template = tok.chat_template
+        added_tokens_decoder = tok.added_tokens_decoder
+
+        def apply_chat_template(self, *a, **k):
+            return tok.apply_chat_template(*a, **k)
+
+        def encode(self, text, add_special_tokens=True):
+            if "boom" in text:
+                raise TypeError("cannot encode boom")
+            return tok.encode(text, add_special_tokens=add_special_tokens)
+
+        def __len__(self):
+            return len(tok)
+
+    path = corpus(tmp_path / "in.jsonl", 30, bad=False)
+    lines = path.read_text().splitlines()
+    for k in (4, 9, 13):  # chat, chat with the same text, completion
+        row = json.loads(lines[k])
+        body = row["body"]
+        if "messages" in body:
+            body["messages"][-1]["content"] = "a boom here"
+        else:
+            body["prompt"] = "a boom here"
+        lines[k] = json.dumps(row)
+    path.write_text("\n".join(lines) + "\n")
+    got = read_store(path, Picky(), 2048, 16, workers=0, batch_lines=8)
+    ref = reference(path, Picky())
+    assert [(e.line, e.message, e.digest) for e in got.errors] == [(x.line, x.message, x.digest) for x in ref
+                                                                    if isinstance(x, LineError)]
+    assert [e.line for e in got.errors] == [5, 10, 14]
+    assert "cannot encode this request (TypeError" in got.errors[0].message
+    ok = [x for x in ref if isinstance(x, Prepared)]
+    assert [got.store.input_ids(i) for i in range(len(got.store))] == [p.input_ids for p in ok]
+
+
 # ------------------------------------------------------------------ the plan
 def test_plan_is_a_deterministic_permutation(tiny, tmp_path):
     model_dir, tok = tiny

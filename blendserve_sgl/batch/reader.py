@@ -115,7 +115,8 @@ class TemplateShapes:
                     k -= 1
                 if k < 0 or not isinstance(chain[k], nodes.Output):
                     return False
-                return all(ok(c, chain + [node]) for c in node.iter_child_nodes() if c is not getattr(node, "arg", None))
+                arg = getattr(node, "arg", None)  # the subscript's own "content" constant
+                return all(ok(c, chain + [node]) for c in node.iter_child_nodes() if c is not arg)
             if isinstance(node, nodes.Const) and node.value == "content":
                 return False
             return all(ok(c, chain + [node]) for c in node.iter_child_nodes())
