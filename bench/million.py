@@ -169,7 +169,7 @@ def main() -> None:
     ap.add_argument("--plan-n", type=int, default=1_000_000)
     ap.add_argument("--engine-n", default="25000,50000,100000", help="comma-separated request counts")
     ap.add_argument("--baseline-n", type=int, default=200)
-    ap.add_argument("--curve-n", type=int, default=0, help="0: the largest engine N")
+    ap.add_argument("--curve-n", type=int, default=0, help="0: the largest engine N (runs also with --engine-n '')")
     ap.add_argument("--windows", default="0,256,1024,auto", help="empty: no curve")
     ap.add_argument("--drill-n", type=int, default=0, help="0: the largest engine N; -1: no drill")
     ap.add_argument("--kills", type=int, default=3)
@@ -215,14 +215,15 @@ def main() -> None:
                     ("plan phase", "value")))
 
     sizes = [int(x) for x in args.engine_n.split(",") if x] if not args.skip_engine else []
+
+    def corpus(n):
+        p = tmp / f"engine-{n}.jsonl"
+        if not p.exists():
+            write_corpus(p, n, args.seed, args.length_scale, args.max_tokens_cap, args.engine_max_tokens)
+        return p
+
     if sizes:
         result["engine_command"] = " ".join(sys.argv)
-        def corpus(n):
-            p = tmp / f"engine-{n}.jsonl"
-            if not p.exists():
-                write_corpus(p, n, args.seed, args.length_scale, args.max_tokens_cap, args.engine_max_tokens)
-            return p
-
         rows, rss = [], {}
         result["engine_runs"] = []
         for n in [args.baseline_n] + sizes:
@@ -242,12 +243,14 @@ def main() -> None:
                 result["first_result_seconds"] = rows[-1][4]
                 result["first_result_seconds_by_n"] = {str(r[0]): r[4] for r in rows}
                 save(result, args.update, args.merge_runs)
-        top = sizes[-1]
-
-        curve_n = args.curve_n or top
+    top = sizes[-1] if sizes else 0
+    curve_n = args.curve_n or top
+    windows = [x for x in args.windows.split(",") if x] if curve_n else []
+    if windows:
+        result["curve_command"] = " ".join(sys.argv)
         curve = {}
-        for w in [x for x in args.windows.split(",") if x]:
-            done = [r for r in result["engine_runs"] if r["requests"] == curve_n]
+        for w in windows:
+            done = [r for r in result.get("engine_runs", []) if r["requests"] == curve_n]
             s = (done[-1] if w == "auto" and done else
                  run_cli(corpus(curve_n), model, tmp / f"curve-{w}.jsonl", w, ["--overwrite"]))
             curve[w if w != "auto" else f"auto ({s['window']})"] = s["cache_hit_ratio"]
@@ -260,23 +263,23 @@ def main() -> None:
             result["cached_ratio_vs_all_at_once"] = round(auto / all_at_once, 4)
         save(result, args.update, args.merge_runs)
 
-        drill_n = args.drill_n or top
-        if drill_n > 0:
-            out = tmp / "drill.jsonl"
-            out.unlink(missing_ok=True)
-            r = random.Random(args.seed)
-            kills = []
-            for _ in range(args.kills):
-                t = r.uniform(25, 75)
-                kills.append(round(t, 1))
-                run_cli(corpus(drill_n), model, out, "auto", kill_after=t)
-            run_cli(corpus(drill_n), model, out, "auto")
-            ids = [json.loads(x)["custom_id"] for x in out.read_text().splitlines()]  # error records included
-            want = {f"req-{i}" for i in range(drill_n)}
-            result["resume_drill"] = {"requests": drill_n, "kill_after_seconds": kills, "records": len(ids)}
-            result["resume_exactly_once"] = len(ids) == len(set(ids)) and set(ids) == want
-            print(f"resume drill: {len(ids)} records for {drill_n} requests, exactly once: "
-                  f"{result['resume_exactly_once']}")
+    drill_n = args.drill_n or top
+    if drill_n > 0:
+        out = tmp / "drill.jsonl"
+        out.unlink(missing_ok=True)
+        r = random.Random(args.seed)
+        kills = []
+        for _ in range(args.kills):
+            t = r.uniform(25, 75)
+            kills.append(round(t, 1))
+            run_cli(corpus(drill_n), model, out, "auto", kill_after=t)
+        run_cli(corpus(drill_n), model, out, "auto")
+        ids = [json.loads(x)["custom_id"] for x in out.read_text().splitlines()]  # error records included
+        want = {f"req-{i}" for i in range(drill_n)}
+        result["resume_drill"] = {"requests": drill_n, "kill_after_seconds": kills, "records": len(ids)}
+        result["resume_exactly_once"] = len(ids) == len(set(ids)) and set(ids) == want
+        print(f"resume drill: {len(ids)} records for {drill_n} requests, exactly once: "
+              f"{result['resume_exactly_once']}")
     print(f"wrote {save(result, args.update, args.merge_runs)}")
 
 
