@@ -265,6 +265,7 @@ def main() -> None:
 
     drill_n = args.drill_n or top
     if drill_n > 0:
+        result["drill_command"] = " ".join(sys.argv)
         out = tmp / "drill.jsonl"
         out.unlink(missing_ok=True)
         r = random.Random(args.seed)
