@@ -118,15 +118,25 @@ def plan_phase(path: Path, model: Path) -> dict:
     from blendserve_sgl.batch.reader import read_store
 
     tok = AutoTokenizer.from_pretrained(str(model))
-    t0 = time.perf_counter()
+    load_before = os.getloadavg()
+    c0, t0 = os.times(), time.perf_counter()
     read = read_store(path, tok, context_length(model), 256, model_dir=model)
-    t1 = time.perf_counter()
+    c1, t1 = os.times(), time.perf_counter()
     order = plan(read.store, cost_for(model))
-    t2 = time.perf_counter()
+    c2, t2 = os.times(), time.perf_counter()
     s = read.store
+    def cpu(a, b):
+        return round(b.user + b.system - a.user - a.system, 1)
+
+    def workers(a, b):  # the pool's processes, once they are reaped
+        return round(b.children_user + b.children_system - a.children_user - a.children_system, 1)
+
     return {"planned_requests": len(order), "lines": read.lines, "invalid": len(read.errors),
             "read_seconds": round(t1 - t0, 2), "plan_only_seconds": round(t2 - t1, 2),
             "plan_seconds": round(t2 - t0, 2), "driver_rss_mb": round(peak_rss_mb(), 1),
+            "cpu_seconds": {"read_driver": cpu(c0, c1), "read_workers": workers(c0, c1), "plan": cpu(c1, c2)},
+            "loadavg_before": [round(x, 2) for x in load_before],
+            "loadavg_after": [round(x, 2) for x in os.getloadavg()],
             "workers": os.cpu_count(), "store_bytes": s.nbytes(), "store_pieces": s.pieces,
             "prompt_tokens": int(s.prompt_lengths().sum()), "stored_tokens": s.piece_tokens.n + s.tail_tokens.n,
             "whole_text_fallback": read.whole_text_fallback}
@@ -159,9 +169,9 @@ def main() -> None:
     ap.add_argument("--plan-n", type=int, default=1_000_000)
     ap.add_argument("--engine-n", default="25000,50000,100000", help="comma-separated request counts")
     ap.add_argument("--baseline-n", type=int, default=200)
-    ap.add_argument("--curve-n", type=int, default=0, help="0: the largest engine N")
-    ap.add_argument("--windows", default="0,256,1024,auto")
-    ap.add_argument("--drill-n", type=int, default=0, help="0: the largest engine N")
+    ap.add_argument("--curve-n", type=int, default=0, help="0: the largest engine N (runs also with --engine-n '')")
+    ap.add_argument("--windows", default="0,256,1024,auto", help="empty: no curve")
+    ap.add_argument("--drill-n", type=int, default=0, help="0: the largest engine N; -1: no drill")
     ap.add_argument("--kills", type=int, default=3)
     ap.add_argument("--engine-max-tokens", type=int, default=2)
     ap.add_argument("--length-scale", type=float, default=16.0)
@@ -174,6 +184,8 @@ def main() -> None:
                                          "(default: the tiny Llama the engine runs use)")
     ap.add_argument("--update", action="store_true", help="keep the figures of results/million.json that this "
                                                           "run does not measure")
+    ap.add_argument("--merge-runs", action="store_true", help="with --update: add this command's engine runs to "
+                                                                 "those of results/million.json")
     ap.add_argument("--plan-phase", help=argparse.SUPPRESS)
     args = ap.parse_args()
     model = tiny_model()
@@ -203,33 +215,43 @@ def main() -> None:
                     ("plan phase", "value")))
 
     sizes = [int(x) for x in args.engine_n.split(",") if x] if not args.skip_engine else []
+
+    def corpus(n):
+        p = tmp / f"engine-{n}.jsonl"
+        if not p.exists():
+            write_corpus(p, n, args.seed, args.length_scale, args.max_tokens_cap, args.engine_max_tokens)
+        return p
+
     if sizes:
         result["engine_command"] = " ".join(sys.argv)
-        def corpus(n):
-            p = tmp / f"engine-{n}.jsonl"
-            if not p.exists():
-                write_corpus(p, n, args.seed, args.length_scale, args.max_tokens_cap, args.engine_max_tokens)
-            return p
-
         rows, rss = [], {}
+        result["engine_runs"] = []
         for n in [args.baseline_n] + sizes:
+            load = os.getloadavg()
             s = run_cli(corpus(n), model, tmp / f"out-{n}.jsonl", "auto", ["--overwrite"])
+            s["loadavg_before_after"] = [round(load[0], 2), round(os.getloadavg()[0], 2)]
             rss[n] = s["tree_peak_rss_mb"]
             rows.append((n, s["window"], s["tree_peak_rss_mb"], s["driver_peak_rss_mb"], s["first_result_seconds"],
                          s["cache_hit_ratio"], s["generate_seconds"], s["completed"]))
             print(table(rows[-1:], ("N", "window", "tree MB", "driver MB", "first s", "cached", "gen s", "done")),
                   flush=True)
-            result.setdefault("engine_runs", []).append(s)
-        top = sizes[-1]
-        result["engine_requests"] = top
-        result["rss_by_n"] = {str(k): v for k, v in rss.items()}
-        result["engine_rss_mb_over_model"] = round(rss[top] - rss[args.baseline_n], 1)
-        result["first_result_seconds"] = rows[-1][4]
-
-        curve_n = args.curve_n or top
+            result["engine_runs"].append(s)
+            if n != args.baseline_n:
+                result["engine_requests"] = n
+                result["rss_by_n"] = {str(k): v for k, v in rss.items()}
+                result["engine_rss_mb_over_model"] = round(rss[n] - rss[args.baseline_n], 1)
+                result["first_result_seconds"] = rows[-1][4]
+                result["first_result_seconds_by_n"] = {str(r[0]): r[4] for r in rows}
+                save(result, args.update, args.merge_runs)
+    top = sizes[-1] if sizes else 0
+    curve_n = args.curve_n or top
+    windows = [x for x in args.windows.split(",") if x] if curve_n else []
+    if windows:
+        result["curve_command"] = " ".join(sys.argv)
         curve = {}
-        for w in args.windows.split(","):
-            s = (result["engine_runs"][-1] if w == "auto" and curve_n == top else
+        for w in windows:
+            done = [r for r in result.get("engine_runs", []) if r["requests"] == curve_n]
+            s = (done[-1] if w == "auto" and done else
                  run_cli(corpus(curve_n), model, tmp / f"curve-{w}.jsonl", w, ["--overwrite"]))
             curve[w if w != "auto" else f"auto ({s['window']})"] = s["cache_hit_ratio"]
             print(f"window {w}: cached {s['cache_hit_ratio']}", flush=True)
@@ -239,8 +261,11 @@ def main() -> None:
         auto = next(v for k, v in curve.items() if k.startswith("auto"))
         if all_at_once:
             result["cached_ratio_vs_all_at_once"] = round(auto / all_at_once, 4)
+        save(result, args.update, args.merge_runs)
 
-        drill_n = args.drill_n or top
+    drill_n = args.drill_n or top
+    if drill_n > 0:
+        result["drill_command"] = " ".join(sys.argv)
         out = tmp / "drill.jsonl"
         out.unlink(missing_ok=True)
         r = random.Random(args.seed)
@@ -250,20 +275,33 @@ def main() -> None:
             kills.append(round(t, 1))
             run_cli(corpus(drill_n), model, out, "auto", kill_after=t)
         run_cli(corpus(drill_n), model, out, "auto")
-        ids = [json.loads(x)["custom_id"] for x in out.read_text().splitlines()]
+        ids = [json.loads(x)["custom_id"] for x in out.read_text().splitlines()]  # error records included
         want = {f"req-{i}" for i in range(drill_n)}
         result["resume_drill"] = {"requests": drill_n, "kill_after_seconds": kills, "records": len(ids)}
         result["resume_exactly_once"] = len(ids) == len(set(ids)) and set(ids) == want
         print(f"resume drill: {len(ids)} records for {drill_n} requests, exactly once: "
               f"{result['resume_exactly_once']}")
-    if args.update:
-        old = ROOT / "bench" / "results" / "million.json"
-        if old.exists():
-            kept = json.loads(old.read_text())
-            for k in ("command", "machine"):
-                kept.pop(k, None)
-            result = {**kept, **result}
-    print(f"wrote {write('million', result)}")
+    print(f"wrote {save(result, args.update, args.merge_runs)}")
+
+
+def save(result: dict, update: bool, merge_runs: bool = False) -> Path:
+    """Write results/million.json; with `update`, over the figures of the file there; with
+    `merge_runs`, this command's engine runs added to the file's (same N replaced)."""
+    old = ROOT / "bench" / "results" / "million.json"
+    if update and old.exists():
+        kept = json.loads(old.read_text())
+        for k in ("command", "machine"):
+            kept.pop(k, None)
+        merged = {**kept, **result}
+        if merge_runs and "engine_runs" in result:
+            for k in ("rss_by_n", "first_result_seconds_by_n"):
+                merged[k] = {**kept.get(k, {}), **result.get(k, {})}
+            ns = {r["requests"] for r in result["engine_runs"]}
+            merged["engine_runs"] = [r for r in kept.get("engine_runs", []) if r["requests"] not in ns] + \
+                result["engine_runs"]
+            merged["engine_command"] = f"{kept.get('engine_command')} && {result['engine_command']}"
+        result = merged
+    return write("million", result)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ the bounded feed, and (marked `engine`) the window feed against all-at-once on t
 from __future__ import annotations
 
 import asyncio
+import copy
 import dataclasses
 import json
 import os
@@ -179,6 +180,96 @@ def test_piece_encoding_falls_back_to_whole_text_when_pieces_differ(tiny, tmp_pa
     assert got.whole_text_fallback
     ref = [x for x in reference(path, Shifted()) if isinstance(x, Prepared)]
     assert [got.store.prepared(i).input_ids for i in range(len(ref))] == [p.input_ids for p in ref]
+
+
+OPAQUE = "{% for m in messages %}<|im_start|>{{ m['role'] + '\\n' + m['content'] }}<|im_end|>\n{% endfor %}"
+@pytest.mark.parametrize("template, opaque", [
+    (OPAQUE, True),
+    ("{% for m in messages %}{{ m.content ~ '|' }}{% if loop.last %}{{ messages[-1]['content'] }}{% endif %}"
+     "{% endfor %}", True),
+    (OPAQUE.replace("m['content'] }}", "m['content'] | trim }}"), False),  # filtered
+    ("{% for m in messages %}{% if m.content %}x{% endif %}{% endfor %}", False),  # tested
+    ("{% for m in messages %}{% set c = m['content'] %}{{ c }}{% endfor %}", False),  # assigned
+    ("{{ messages | map(attribute='content') | join }}", False),  # reached by name
+    ("{{ messages[0]['content'][:5] }}", False),  # sliced
+    ("{% for m in messages %", False),  # not a template
+    (None, False),
+])
+def test_template_shapes_use_substitution_only_where_content_is_opaque(template, opaque):
+    from blendserve_sgl.batch.reader import TemplateShapes
+
+    assert TemplateShapes.opaque(template) is opaque
+
+
+@pytest.mark.parametrize("template", [None, OPAQUE.replace("m['content'] }}", "m['content'] | trim }}")])
+def test_reader_matches_the_plain_path_on_awkward_contents(tiny, tmp_path, template):
+    """Contents holding special tokens (also first and last), template text, blanks, repeats,
+    under the model's template (substituted) and a template that filters content (rendered by
+    Jinja every time): the ids of `prepare` every time."""
+    model_dir, tok = tiny
+    if template is not None:
+        tok = copy.deepcopy(tok)
+        tok.chat_template = template
+    texts = ["<|im_start|>user\nhi", "hi<|im_end|>", " spaced ", "", "\n", "<|im_end|><|im_start|>", "alpha beta",
+             "alpha beta", "user\nalpha", "<|endoftext|>tail"]
+    rows = []
+    for i, t in enumerate(texts * 4):
+        msgs = [{"role": "system", "content": texts[(i + 3) % len(texts)]}, {"role": "user", "content": t}]
+        if i % 3 == 0:
+            msgs[1:1] = [{"role": "user", "content": "shot"}, {"role": "assistant", "content": t or "x"}]
+        rows.append({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+                     "body": {"messages": msgs, "max_tokens": 2}})
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    from blendserve_sgl.batch.reader import TemplateShapes
+
+    assert TemplateShapes(tok).on is (template is None)
+    got = read_store(path, tok, 2048, 16, workers=0)
+    ref = reference(path, tok)
+    assert len(got.store) == len(ref) and not got.errors
+    assert [got.store.input_ids(i) for i in range(len(ref))] == [p.input_ids for p in ref]
+    assert not got.whole_text_fallback
+
+
+def test_a_text_the_tokenizer_rejects_is_that_lines_error(tiny, tmp_path):
+    """One text of a batch fails to encode: that line gets `prepare`'s error, its neighbours in
+    the batch (and a repeat of the same text) are read as the plain path reads them."""
+    model_dir, tok = tiny
+
+    class Picky:  # no fast backend: tails go through encode() one text at a time
+        chat_template = tok.chat_template
+        added_tokens_decoder = tok.added_tokens_decoder
+
+        def apply_chat_template(self, *a, **k):
+            return tok.apply_chat_template(*a, **k)
+
+        def encode(self, text, add_special_tokens=True):
+            if "boom" in text:
+                raise TypeError("cannot encode boom")
+            return tok.encode(text, add_special_tokens=add_special_tokens)
+
+        def __len__(self):
+            return len(tok)
+
+    path = corpus(tmp_path / "in.jsonl", 30, bad=False)
+    lines = path.read_text().splitlines()
+    for k in (4, 9, 13):  # chat, chat with the same text, completion
+        row = json.loads(lines[k])
+        body = row["body"]
+        if "messages" in body:
+            body["messages"][-1]["content"] = "a boom here"
+        else:
+            body["prompt"] = "a boom here"
+        lines[k] = json.dumps(row)
+    path.write_text("\n".join(lines) + "\n")
+    got = read_store(path, Picky(), 2048, 16, workers=0, batch_lines=8)
+    ref = reference(path, Picky())
+    assert [(e.line, e.message, e.digest) for e in got.errors] == [(x.line, x.message, x.digest) for x in ref
+                                                                    if isinstance(x, LineError)]
+    assert [e.line for e in got.errors] == [5, 10, 14]
+    assert "cannot encode this request (TypeError" in got.errors[0].message
+    ok = [x for x in ref if isinstance(x, Prepared)]
+    assert [got.store.input_ids(i) for i in range(len(got.store))] == [p.input_ids for p in ok]
 
 
 # ------------------------------------------------------------------ the plan

@@ -5,13 +5,15 @@ results come back in file order and land in a `TokenStore`. Bad lines become `Li
 in `errors` (the same checks and messages as `requests.py` and
 `prompts.py`; the first line that uses a custom_id owns it).
 
-Chat prompts are encoded in pieces: the rendered template is cut before each special token
-(`<|im_start|>` ...), every piece before the last message is encoded once per worker and
-stored once (by content digest), the rest is the request's tail. Tokenizers split special
-tokens out before anything else, so the pieces concatenate to exactly the ids of encoding
-the whole text; each worker checks this against the whole-text encode (`prompts.prepare`) on
-its first requests and every `VERIFY_EVERY`-th one after, and encodes whole texts from then on
-if they ever differ. Completion and token-id prompts are one tail.
+A worker renders a chat template once per shape of conversation and fills in the contents
+where that is exact (`TemplateShapes`). The text before the last message is cut before each
+special token (`<|im_start|>` ...); its pieces are encoded once per worker and stored once (by
+content digest), the rest is the request's tail, and a batch's tails are encoded together, each
+distinct text once. Tokenizers split added tokens out before anything else, so the pieces
+concatenate to exactly the ids of encoding the whole text; each worker checks this (and the
+filled-in template) against `prompts.prepare` on its first requests and every
+`VERIFY_EVERY`-th one after, and renders and encodes whole texts from then on if they ever
+differ. Completion and token-id prompts are one tail.
 
 Every valid request is stored, also those already in the results file (`mark_done` flags
 them): the plan is made over the whole input, so a resumed run continues the same order.
@@ -21,6 +23,7 @@ them): the plan is made over the whole input, so a resumed run continues the sam
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import stat
@@ -32,12 +35,14 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from .prompts import check_context, prepare, render, tokenizer_failure
-from .requests import BOM, LineError, check_readable, parse_line, repeated_id
-from .store import TokenStore
+from .requests import BOM, BatchRequest, LineError, check_readable, parse_line, repeated_id
+from .store import KINDS, TokenStore
 
 BATCH_LINES = 2000  # lines per task sent to a worker
 VERIFY_FIRST, VERIFY_EVERY = 32, 997
+CHAT_WHAT = "the prompt (after the chat template)"  # how `prompts.render` names a chat prompt
 PIECE_CACHE = 4096  # encoded pieces a worker remembers
+TAIL_CACHE = 1 << 15  # encoded tails a worker remembers (a text asked again is encoded once)
 SMALL_INPUT_BYTES = 8 << 20  # smaller inputs are read in the driver (starting workers costs more)
 
 
@@ -69,69 +74,209 @@ class ReadResult:
         self.skipped = sum((k.custom_id if k.custom_id is not None else ("line", k.line)) in keys for k in self.index)
 
 
+class TemplateShapes:
+    """The chat template rendered once per shape (the roles in order) and filled by substitution.
+
+    Used for the tokenizers of `transformers`, whose `apply_chat_template` renders the Jinja
+    template `chat_template`. Exact when the template treats message content as opaque text: every use of `content` is
+    output as is (alone or concatenated with `+` / `~`), never tested, filtered, sliced or
+    assigned. `opaque(source)` proves that on the template's syntax tree; other templates (and
+    shapes the template rejects) render through `prompts.render` every time."""
+
+    LIMIT = 4096  # shapes remembered
+    MARK = re.compile("\ue000(\\d+)\ue001")
+
+    def __init__(self, tokenizer):
+        self.tok = tokenizer
+        method = getattr(type(tokenizer), "apply_chat_template", None)
+        jinja = getattr(method, "__module__", "").startswith("transformers.")
+        self.on = jinja and self.opaque(getattr(tokenizer, "chat_template", None))
+        self.shapes: dict[tuple, list | None] = {}
+
+    @staticmethod
+    def opaque(source) -> bool:
+        if not isinstance(source, str):
+            return False
+        try:
+            from jinja2 import nodes
+            from jinja2.ext import loopcontrols
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            tree = ImmutableSandboxedEnvironment(extensions=[loopcontrols]).parse(source)
+        except Exception:  # noqa: BLE001 (no jinja2 or a template it cannot parse: render every time)
+            return False
+
+        def ok(node, chain) -> bool:
+            uses = (isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Const)
+                    and node.arg.value == "content") or (isinstance(node, nodes.Getattr) and node.attr == "content")
+            if uses:
+                k = len(chain) - 1
+                while k >= 0 and isinstance(chain[k], (nodes.Add, nodes.Concat)):
+                    k -= 1
+                if k < 0 or not isinstance(chain[k], nodes.Output):
+                    return False
+                arg = getattr(node, "arg", None)  # the subscript's own "content" constant
+                return all(ok(c, chain + [node]) for c in node.iter_child_nodes() if c is not arg)
+            if isinstance(node, nodes.Const) and node.value == "content":
+                return False
+            return all(ok(c, chain + [node]) for c in node.iter_child_nodes())
+
+        return ok(tree, [])
+
+    def render(self, req, source: str):
+        """Like `prompts.render` for a chat request."""
+        if not self.on:
+            return render(req, self.tok, source)
+        key = tuple(m["role"] for m in req.messages)
+        parts = self.shapes.get(key, False)
+        if parts is False:
+            marked = [{"role": m["role"], "content": f"\ue000{i}\ue001"} for i, m in enumerate(req.messages)]
+            try:
+                text = self.tok.apply_chat_template(marked, tokenize=False, add_generation_prompt=True)
+                parts = self.MARK.split(text)
+                parts[1::2] = [int(i) for i in parts[1::2]]
+            except Exception:  # noqa: BLE001 (the template rejects this shape: `render` says why)
+                parts = None
+            if len(self.shapes) >= self.LIMIT:
+                self.shapes.clear()
+            self.shapes[key] = parts
+        if parts is None:
+            return render(req, self.tok, source)
+        msgs = req.messages
+        return "".join(p if type(p) is str else msgs[p]["content"] for p in parts), CHAT_WHAT
+
+
+class Staged(NamedTuple):
+    """A request between its pieces and its tail: `text` still to encode (None: `tail` is set)."""
+
+    req: BatchRequest
+    digests: list  # the pieces' content digests
+    ids: list  # the pieces' ids
+    text: str | None
+    special: bool  # encode `text` with the tokenizer's special tokens (completion prompts)
+    tail: np.ndarray | None
+    fast: bool  # rendered by substitution and/or cut in pieces: checked against `prepare` on a sample
+
+
 class PieceEncoder:
-    """Encodes one request into (pieces, tail) as the module docstring describes."""
+    """Encodes requests into (pieces, tail) as the module docstring describes: `stage` each
+    request, then `finish` them together (their tails encoded in one batch)."""
 
     def __init__(self, tokenizer, context_len: int, default_max_tokens: int, source: str):
         self.tok = tokenizer
         self.ctx, self.default_max_tokens, self.source = context_len, default_max_tokens, source
-        specials = sorted(getattr(tokenizer, "added_tokens_encoder", {}) or {}, key=len, reverse=True)
+        added = getattr(tokenizer, "added_tokens_decoder", None) or {}
+        specials = sorted((str(t) for t in added.values() if not getattr(t, "lstrip", False)), key=len, reverse=True)
+        if not specials:
+            specials = sorted(getattr(tokenizer, "added_tokens_encoder", {}) or {}, key=len, reverse=True)
         self.cut = re.compile("(?=" + "|".join(map(re.escape, specials)) + ")") if specials else None
-        self.cache: dict[str, tuple[int, np.ndarray]] = {}
+        backend = getattr(tokenizer, "_tokenizer", None)
+        self.fast = backend if hasattr(backend, "encode_batch") else None
+        self.shapes = TemplateShapes(tokenizer)
+        self.cache: dict[str, tuple[int, np.ndarray]] = {}  # piece text -> (digest, ids)
+        self.heads: dict[tuple, tuple[list, list, str]] = {}  # `_pieces` arguments -> its result
+        self.tails: tuple[dict, dict] = ({}, {})  # text -> ids (or the tokenizer's exception); without, with specials
         self.sent: set[int] = set()
         self.seen = 0
         self.exact = True
 
-    def encode(self, req):
-        """-> (digests, new_pieces {digest: ids}, tail ids int32, max_tokens) or LineError."""
-        rendered = render(req, self.tok, self.source)
+    def stage(self, req) -> Staged | LineError:
+        if req.kind != "chat":
+            rendered = render(req, self.tok, self.source)
+            if isinstance(rendered, LineError):
+                return rendered
+            text = rendered[0]
+            tail = None if text is not None else np.asarray(req.prompt, dtype=np.int32)
+            return Staged(req, [], [], text, True, tail, False)
+        fast = self.exact and (self.shapes.on or self.cut is not None)
+        rendered = self.shapes.render(req, self.source) if fast else render(req, self.tok, self.source)
         if isinstance(rendered, LineError):
             return rendered
-        text, what = rendered
-        digests, new, ids, tail = [], {}, [], None
-        if text is None:
-            tail = np.asarray(req.prompt, dtype=np.int32)
-        elif req.kind != "chat" or self.cut is None or not self.exact:
-            tail = np.asarray(self.tok.encode(text, add_special_tokens=req.kind != "chat"), dtype=np.int32)
-        else:
-            last = req.messages[-1]["content"]
-            at = text.rfind(last) if last else -1
-            parts = [p for p in self.cut.split(text) if p]
-            start, pos = len(parts), 0
-            for k, p in enumerate(parts):
-                if at >= 0 and pos + len(p) > at:
-                    start = k
-                    break
-                pos += len(p)
-            for p in parts[:start]:
-                hit = self.cache.get(p)
-                if hit is None:
-                    if len(self.cache) >= PIECE_CACHE:
-                        self.cache.clear()
-                    d = int.from_bytes(hashlib.blake2b(p.encode(), digest_size=8).digest(), "little", signed=True)
-                    hit = self.cache[p] = (d, np.asarray(self.tok.encode(p, add_special_tokens=False), np.int32))
-                d, piece = hit
-                digests.append(d)
-                ids.append(piece)
-                if d not in self.sent:
-                    self.sent.add(d)
-                    new[d] = piece
-            rest = "".join(parts[start:])
-            tail = np.asarray(self.tok.encode(rest, add_special_tokens=False) if rest else [], np.int32)
+        text = rendered[0]
+        if self.cut is None or not fast:
+            return Staged(req, [], [], text, False, None, fast)
+        last = req.messages[-1]["content"]
+        at = text.rfind(last) if last else -1
+        head = text[:at] if at >= 0 else text
+        key = (head, at < 0 or self.cut.match(text, at) is not None)
+        hit = self.heads.get(key)
+        if hit is None:
+            if len(self.heads) >= PIECE_CACHE:
+                self.heads.clear()
+            hit = self.heads[key] = self._pieces(*key)
+        digests, ids, rest = hit
+        return Staged(req, digests, ids, rest + text[len(head):], False, None, True)
+
+    def _pieces(self, head: str, whole: bool) -> tuple[list, list, str]:
+        """`head` (the text before the last message) cut before each special token ->
+        (digests, ids) of its pieces and the text of the last one, which starts the tail,
+        unless `whole` (the tail starts right after `head`)."""
+        parts = [p for p in self.cut.split(head) if p]
+        rest = "" if whole or not parts else parts.pop()
+        digests, ids = [], []
+        for p in parts:
+            hit = self.cache.get(p)
+            if hit is None:
+                if len(self.cache) >= PIECE_CACHE:
+                    self.cache.clear()
+                d = int.from_bytes(hashlib.blake2b(p.encode(), digest_size=8).digest(), "little", signed=True)
+                hit = self.cache[p] = (d, np.asarray(self._encode([p], False)[0], np.int32))
+            digests.append(hit[0])
+            ids.append(hit[1])
+        return digests, ids, rest
+
+    def _encode(self, texts: list[str], special: bool) -> list:
+        if self.fast is not None:
+            return [e.ids for e in self.fast.encode_batch(texts, add_special_tokens=special)]
+        return [self.tok.encode(t, add_special_tokens=special) for t in texts]
+
+    def finish(self, staged: list) -> list:
+        """Staged requests -> for each, (piece digests, piece ids, tail ids int32, max_tokens)
+        or a LineError, in order."""
+        tails: list = [s.tail for s in staged]
+        for special in (False, True):
+            cache = self.tails[special]
+            todo = [k for k, s in enumerate(staged) if s.tail is None and s.special == special and s.text]
+            known = {staged[k].text: cache[staged[k].text] for k in todo if staged[k].text in cache}
+            texts = list(dict.fromkeys(staged[k].text for k in todo if staged[k].text not in known))
+            try:
+                encoded = self._encode(texts, special)
+            except Exception:  # noqa: BLE001 (one text the tokenizer rejects: find it, one at a time)
+                encoded = []
+                for t in texts:
+                    try:
+                        encoded.append(self._encode([t], special)[0])
+                    except Exception as exc:  # noqa: BLE001 (its requests get their own error records)
+                        encoded.append(exc)
+            for t, ids in zip(texts, encoded):
+                known[t] = ids if isinstance(ids, Exception) else np.asarray(ids, np.int32)
+            if len(cache) + len(texts) > TAIL_CACHE:
+                cache.clear()
+            cache.update((t, known[t]) for t in texts)
+            for k in todo:
+                ids = known[staged[k].text]
+                tails[k] = tokenizer_failure(staged[k].req, self.source, ids) if isinstance(ids, Exception) else ids
+        return [self._check(s, t if t is not None else np.zeros(0, np.int32)) for s, t in zip(staged, tails)]
+
+    def _check(self, s: Staged, tail):
+        if isinstance(tail, LineError):
+            return tail
+        req, digests, ids = s.req, s.digests, s.ids
+        if s.fast:
             self.seen += 1
-            if self.seen <= VERIFY_FIRST or self.seen % VERIFY_EVERY == 0:
+            if not self.exact or self.seen <= VERIFY_FIRST or self.seen % VERIFY_EVERY == 0:
                 whole = prepare(req, self.tok, 1 << 62, 1, self.source)
-                if np.concatenate(ids + [tail]).tolist() != whole.input_ids:
+                if (not self.exact or isinstance(whole, LineError)
+                        or np.concatenate(ids + [tail]).tolist() != whole.input_ids):
                     self.exact = False
-                    self.sent.difference_update(new)
-                    digests, new, ids = [], {}, []
+                    if isinstance(whole, LineError):
+                        return whole
+                    digests, ids = [], []
                     tail = np.asarray(whole.input_ids, np.int32)
         n = len(tail) + sum(len(p) for p in ids)
+        what = CHAT_WHAT if req.kind == "chat" else "the prompt"
         max_tokens = check_context(req, n, what, self.ctx, self.default_max_tokens, self.source)
-        if isinstance(max_tokens, LineError):
-            self.sent.difference_update(new)  # not handed over: send them with the next request using them
-            return max_tokens
-        return digests, new, tail, max_tokens
+        return max_tokens if isinstance(max_tokens, LineError) else (digests, ids, tail, max_tokens)
 
 
 # ---------------------------------------------------------------------- worker side
@@ -154,30 +299,82 @@ def _init_worker(model_dir: str, context_len: int, default_max_tokens: int, sour
         _init_error = f"{type(exc).__name__}: {exc}"
 
 
-def _work(batch: list[tuple[int, bytes]]) -> tuple[list, dict, np.ndarray, bool]:
-    """Lines -> (items in line order, new pieces, tails back to back, exact). An item is a
-    LineError or (line, custom_id, kind, model, sampling, max_tokens, digests, tail_len, digest)."""
+class Encoded(NamedTuple):
+    """A worker's batch: `order` lists each non-blank line's LineError or index into the
+    accepted requests' columns (as `TokenStore.add_many` takes them)."""
+
+    order: list
+    pieces: dict  # {digest: ids} of the pieces this worker had not handed over yet
+    exact: bool  # every checked piece-wise encoding matched the whole-text one
+    line: np.ndarray
+    custom_ids: list
+    kind: np.ndarray
+    models: list
+    samplings: list
+    max_tokens: np.ndarray
+    ref_digests: np.ndarray
+    ref_counts: np.ndarray
+    tails: np.ndarray
+    tail_lens: np.ndarray
+    digests: list  # request_digest (hex) of each accepted request
+
+    def select(self, keep: np.ndarray) -> dict:
+        """The columns of the accepted requests `keep` (a boolean mask), as `add_many` keywords."""
+        pick = lambda xs: [x for x, k in zip(xs, keep) if k]  # noqa: E731
+        return dict(line=self.line[keep], custom_ids=pick(self.custom_ids), kind=self.kind[keep],
+                    models=pick(self.models), samplings=pick(self.samplings), max_tokens=self.max_tokens[keep],
+                    ref_digests=self.ref_digests[np.repeat(keep, self.ref_counts)], ref_counts=self.ref_counts[keep],
+                    tails=self.tails[np.repeat(keep, self.tail_lens)], tail_lens=self.tail_lens[keep],
+                    digests=b"".join(bytes.fromhex(d) for d in pick(self.digests)))
+
+
+def _work(batch: list[tuple[int, bytes]]) -> Encoded:
+    """Lines -> their `Encoded` batch."""
     enc = _encoder
     if enc is None:
         raise WorkerError(_init_error)
-    items, new, tails = [], {}, []
+    order: list = []
+    staged: list = []
     for number, raw in batch:
         req = parse_line(raw, number, enc.source)
-        try:
-            out = req if isinstance(req, LineError) else enc.encode(req)
-        except Exception as exc:  # noqa: BLE001 (the tokenizer failed on this request: its own error record)
-            enc.sent.clear()  # pieces it marked sent may not have been handed over: send again when used
-            out = tokenizer_failure(req, enc.source, exc)
-        if isinstance(out, LineError):
-            items.append(out if out.digest or isinstance(req, LineError) else replace(out, digest=req.digest))
+        if isinstance(req, LineError):
+            order.append(req)
             continue
-        digests, fresh, tail, max_tokens = out
-        new.update(fresh)
+        try:
+            s = enc.stage(req)
+        except Exception as exc:  # noqa: BLE001 (the tokenizer failed on this request: its own error record)
+            s = tokenizer_failure(req, enc.source, exc)
+        if isinstance(s, LineError):
+            order.append(s if s.digest else replace(s, digest=req.digest))
+            continue
+        order.append(len(staged))
+        staged.append(s)
+    done = enc.finish(staged)
+    pieces, reqs, tails, refs, counts, maxes = {}, [], [], [], [], []
+    for k, item in enumerate(order):
+        if type(item) is not int:
+            continue
+        req, out = staged[item].req, done[item]
+        if isinstance(out, LineError):
+            order[k] = out if out.digest else replace(out, digest=req.digest)
+            continue
+        digests, ids, tail, max_tokens = out
+        for d, piece in zip(digests, ids):
+            if d not in enc.sent:  # each piece goes to the driver once, with the first request using it
+                enc.sent.add(d)
+                pieces[d] = piece
+        order[k] = len(reqs)
+        reqs.append(req)
         tails.append(tail)
-        items.append((number, req.custom_id, req.kind, req.model, req.sampling, max_tokens, digests, len(tail),
-                      req.digest))
-    joined = np.concatenate(tails) if tails else np.zeros(0, np.int32)
-    return items, new, joined, enc.exact
+        refs += digests
+        counts.append(len(digests))
+        maxes.append(max_tokens)
+    return Encoded(order, pieces, enc.exact, np.array([r.line for r in reqs], np.int64), [r.custom_id for r in reqs],
+                   np.array([KINDS.index(r.kind) for r in reqs], np.int8), [r.model for r in reqs],
+                   [json.dumps(r.sampling, sort_keys=True) for r in reqs], np.array(maxes, np.int32),
+                   np.array(refs, np.int64), np.array(counts, np.int64),
+                   np.concatenate(tails) if tails else np.zeros(0, np.int32),
+                   np.array([len(t) for t in tails], np.int64), [r.digest for r in reqs])
 
 
 # ---------------------------------------------------------------------- driver side
@@ -207,33 +404,32 @@ def _read(p: Path, tokenizer, context_len, default_max_tokens, model_dir, worker
     owner: dict[str, int] = {}
     errors, index = out.errors, out.index
 
-    def take(result) -> None:
-        items, new, tails, exact = result
+    def take(got: Encoded) -> None:
         store = out.store
-        for d, ids in new.items():
+        for d, ids in got.pieces.items():
             store.add_piece(d, ids)
-        out.whole_text_fallback |= not exact
-        at = 0
-        for item in items:
-            if isinstance(item, LineError):
-                cid = item.custom_id
-                if cid is not None and cid in owner:
-                    item = repeated_id(item.line, cid, owner[cid], p.name, item.digest)
-                elif cid is not None:
-                    owner[cid] = item.line
-                errors.append(item)
-                index.append(LineKey(item.line, item.custom_id, item.digest))
+        out.whole_text_fallback |= not got.exact
+        keep = np.ones(len(got.custom_ids), bool)
+        for item in got.order:
+            if type(item) is int:
+                line, cid, digest = int(got.line[item]), got.custom_ids[item], got.digests[item]
+                if cid in owner:
+                    errors.append(repeated_id(line, cid, owner[cid], p.name, digest))
+                    index.append(LineKey(line, None, digest))
+                    keep[item] = False
+                else:
+                    owner[cid] = line
+                    index.append(LineKey(line, cid, digest))
                 continue
-            line, cid, kind, model, sampling, max_tokens, digests, n, digest = item
-            tail, at = tails[at:at + n], at + n
-            if cid in owner:
-                errors.append(repeated_id(line, cid, owner[cid], p.name, digest))
-                index.append(LineKey(line, None, digest))
-                continue
-            owner[cid] = line
-            index.append(LineKey(line, cid, digest))
-            store.add(line=line, custom_id=cid, kind=kind, model=model, sampling=sampling, max_tokens=max_tokens,
-                      piece_digests=digests, tail=tail, digest=digest)
+            cid = item.custom_id
+            if cid is not None and cid in owner:
+                item = repeated_id(item.line, cid, owner[cid], p.name, item.digest)
+            elif cid is not None:
+                owner[cid] = item.line
+            errors.append(item)
+            index.append(LineKey(item.line, item.custom_id, item.digest))
+        if keep.any():
+            store.add_many(**got.select(keep))
         if tick is not None:
             tick(len(index))
 

@@ -112,26 +112,46 @@ class TokenStore:
             self.piece_off.append(self.piece_tokens.n)
         return pid
 
-    def add(self, *, line: int, custom_id: str, kind: str, model: str | None, sampling: dict, max_tokens: int,
+    def add(self, *, line: int, custom_id: str, kind: str, model: str | None, sampling: dict | str, max_tokens: int,
             piece_digests, tail, digest: str = "") -> int:
         """Append one request: the digests of its leading pieces (each stored by `add_piece`
-        already) and its tail tokens. Returns its index."""
-        refs = [self._piece_ids[d] for d in piece_digests]
-        if not refs and not len(tail):
-            raise ValueError(f"line {line}: a request needs at least one prompt token")
-        self.ref_ids.extend(refs)
-        self.ref_off.append(self.ref_ids.n)
-        self.tail_tokens.extend(tail)
-        self.tail_off.append(self.tail_tokens.n)
-        self.line.append(line)
-        self.max_tokens.append(max_tokens)
-        self.sampling.append(self._intern(self.sampling_table, json.dumps(sampling, sort_keys=True)))
-        self.model.append(self._intern(self.model_table, model))
-        self.kind.append(KINDS.index(kind))
-        self.cid_bytes += custom_id.encode("utf-8")
-        self.cid_off.append(len(self.cid_bytes))
-        self.digests += bytes.fromhex(digest).ljust(DIGEST_BYTES, b"\0")[:DIGEST_BYTES]
+        already) and its tail tokens; `sampling` as a dict or its JSON with sorted keys.
+        Returns its index."""
+        self.add_many(line=[line], custom_ids=[custom_id], kind=[KINDS.index(kind)], models=[model],
+                      samplings=[sampling if isinstance(sampling, str) else json.dumps(sampling, sort_keys=True)],
+                      max_tokens=[max_tokens], ref_digests=list(piece_digests), ref_counts=[len(piece_digests)],
+                      tails=tail, tail_lens=[len(tail)], digests=bytes.fromhex(digest).ljust(DIGEST_BYTES, b"\0"))
         return len(self) - 1
+
+    def add_many(self, *, line, custom_ids: list[str], kind, models: list, samplings: list[str], max_tokens,
+                 ref_digests, ref_counts, tails, tail_lens, digests: bytes) -> None:
+        """Append requests column by column: per request its line, custom id, kind (index into
+        `KINDS`), model name, sampling JSON (sorted keys), max_tokens, the digests of its
+        leading pieces (`ref_counts` of `ref_digests` each, every piece stored by `add_piece`
+        already), its tail (`tail_lens` of `tails`) and its 16-byte request digest."""
+        n = len(custom_ids)
+        counts, lens = np.asarray(ref_counts, np.int64), np.asarray(tail_lens, np.int64)
+        empty = np.flatnonzero(counts + lens == 0)
+        if len(empty):
+            raise ValueError(f"line {int(np.asarray(line)[empty[0]])}: a request needs at least one prompt token")
+        refs = np.asarray(ref_digests, np.int64)
+        if len(refs):
+            known, inverse = np.unique(refs, return_inverse=True)
+            pids = np.fromiter((self._piece_ids[int(d)] for d in known), np.int32, len(known))
+            self.ref_ids.extend(pids[inverse])
+        self.ref_off.extend(self.ref_ids.n - len(refs) + np.cumsum(counts))
+        self.tail_tokens.extend(tails)
+        self.tail_off.extend(self.tail_tokens.n - int(lens.sum()) + np.cumsum(lens))
+        self.line.extend(line)
+        self.max_tokens.extend(max_tokens)
+        self.sampling.extend([self._intern(self.sampling_table, x) for x in samplings])
+        self.model.extend([self._intern(self.model_table, m) for m in models])
+        self.kind.extend(kind)
+        ids = [c.encode("utf-8") for c in custom_ids]
+        self.cid_off.extend(len(self.cid_bytes) + np.cumsum([len(c) for c in ids], dtype=np.int64))
+        self.cid_bytes += b"".join(ids)
+        assert len(digests) == DIGEST_BYTES * n, "one 16-byte digest per request"
+        self.digests += digests
 
     def _intern(self, table: list, value) -> int:
         key = (id(table), value)

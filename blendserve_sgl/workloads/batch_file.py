@@ -1,13 +1,12 @@
 """A user's OpenAI batch file (`blendserve run`'s input) as workload records.
 
-Lines are read and validated by `batch.requests.read_requests` and tokenized and checked
-against the context by `batch.prompts.prepare`, exactly as `blendserve run` does; bad lines
-come back as the same `LineError`s, with the same messages. Tokenization is batched: chat
-templates are rendered first, then every text goes through one call of the (fast) tokenizer,
-and `prepare` reads the ids from that table.
+The file goes through `batch.reader.read_store`, the reader of `blendserve run` itself:
+validated, rendered, tokenized and checked against the context exactly as the run does it;
+bad lines come back as the same `LineError`s, with the same messages.
 
 Without a tokenizer (a preset model name), `ByteTokenizer` stands in: one token per 4 bytes of
-UTF-8 (the `approx_tokens` rule), equal text giving equal tokens, so shared prefixes stay shared.
+UTF-8 (the `approx_tokens` rule, folded into 31 bits), equal text giving equal tokens, so
+shared prefixes stay shared.
 """
 
 from __future__ import annotations
@@ -17,8 +16,9 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..batch.prompts import Prepared, prepare
-from ..batch.requests import BatchRequest, LineError, read_requests
+from ..batch.reader import read_store
+from ..batch.requests import LineError
+from ..batch.store import KINDS
 from .data import Record
 
 
@@ -35,76 +35,31 @@ class ByteTokenizer:
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         b = text.encode("utf-8")
-        return [int.from_bytes(b[i:i + 4], "little") for i in range(0, len(b), 4)] or [0]
+        return [int.from_bytes(b[i:i + 4], "little") & 0x7FFFFFFF for i in range(0, len(b), 4)] or [0]
 
     def apply_chat_template(self, messages, tokenize: bool = False, add_generation_prompt: bool = True) -> str:
         text = "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages)
         return text + ("<|assistant|>\n" if add_generation_prompt else "")
 
     def __len__(self) -> int:
-        return 1 << 32
-
-    def __call__(self, texts: list[str], add_special_tokens: bool = True) -> dict:
-        return {"input_ids": [self.encode(t, add_special_tokens) for t in texts]}
+        return 1 << 31
 
 
-class _Batched:
-    """`tokenizer` with every text of `requests` encoded by one batched call up front."""
-
-    def __init__(self, tokenizer, requests: list[BatchRequest]):
-        self.tokenizer = tokenizer
-        self.chat_template = getattr(tokenizer, "chat_template", None)
-        self._chat: dict[tuple, str] = {}
-        texts: dict[tuple[str, bool], None] = {}
-        for r in requests:
-            if r.kind == "chat":
-                if not self.chat_template:
-                    continue
-                try:
-                    text = tokenizer.apply_chat_template(list(r.messages), tokenize=False, add_generation_prompt=True)
-                except Exception:  # noqa: BLE001 (prepare calls it again and names the line)
-                    continue
-                self._chat[tuple(map(id, r.messages))] = text
-                texts[(text, False)] = None
-            elif isinstance(r.prompt, str):
-                texts[(r.prompt, True)] = None
-        self._ids: dict[tuple[str, bool], list[int]] = {}
-        for special in (False, True):
-            batch = [t for t, s in texts if s is special]
-            if batch:
-                for t, ids in zip(batch, tokenizer(batch, add_special_tokens=special)["input_ids"]):
-                    self._ids[(t, special)] = ids
-
-    def apply_chat_template(self, messages, **kwargs) -> str:
-        text = self._chat.get(tuple(map(id, messages)))
-        return text if text is not None else self.tokenizer.apply_chat_template(messages, **kwargs)
-
-    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = self._ids.get((text, add_special_tokens))
-        return ids if ids is not None else self.tokenizer.encode(text, add_special_tokens=add_special_tokens)
-
-    def __len__(self) -> int:
-        return len(self.tokenizer)
-
-
-def load_batch_file(path: str | os.PathLike, tokenizer, context_len: int, default_max_tokens: int) -> BatchFile:
+def load_batch_file(path: str | os.PathLike, tokenizer, context_len: int, default_max_tokens: int,
+                    model_dir: str | os.PathLike | None = None) -> BatchFile:
     """Records of the valid lines of `path` (rid = custom_id, token prompts, output_len and
     max_tokens = the request's max_tokens or the run's default capped to the context) and the
-    bad lines. Raises `batch.requests.InputError` when the file cannot be read at all."""
-    items = list(read_requests(path))
-    valid = [i for i in items if not isinstance(i, LineError)]
-    batched = _Batched(tokenizer, valid)
-    source = os.path.basename(path)
-    records, errors = [], []
-    for item in items:
-        if not isinstance(item, LineError):
-            item = prepare(item, batched, context_len, default_max_tokens, source)
-        if isinstance(item, Prepared):
-            records.append(Record(item.request.custom_id, len(item.input_ids), (), item.max_tokens, item.request.kind,
-                                  tuple(item.input_ids), item.max_tokens))
-        else:
-            errors.append(item)
-    return BatchFile(records, errors, len(items))
+    bad lines. `model_dir` (default: the directory the tokenizer was loaded from) lets a large
+    file be read by worker processes, as `blendserve run` reads it. Raises
+    `batch.requests.InputError` when the file cannot be read at all."""
+    if model_dir is None:
+        src = getattr(tokenizer, "name_or_path", None)
+        model_dir = src if isinstance(src, str) and os.path.isdir(src) else None
+    read = read_store(path, tokenizer, context_len, default_max_tokens, model_dir=model_dir)
+    s = read.store
+    records = [Record(s.custom_id(i), int(n), (), int(m), KINDS[k], tuple(s.input_ids(i)), int(m))
+               for i, (n, m, k) in enumerate(zip(s.prompt_lengths(), s.max_tokens.view, s.kind.view))]
+    return BatchFile(records, read.errors, read.lines)
 
 
 def compress(records: list[Record]) -> list[Record]:
