@@ -206,3 +206,17 @@ def test_diagnose_splits_the_loss_consistently():
         assert got["engines_weight_bound_s"] <= got["slowest_time_s"] + 0.1  # T_w is a lower bound
         drift = max(abs(Workload(part, COST).density / whole.density - 1) for part in deal(recs, 3, how, SPEC))
         assert got["density_drift_max"] == pytest.approx(drift, abs=1e-4)
+
+
+def test_ray_replica_holds_its_engines_window_in_chunks():
+    """Chunks in flight per replica: the engine's window (`feed.window_size` over the shard's mean
+    prompt + max_tokens) in chunks, rounded up, at least 2."""
+    from blendserve_sgl.batch.feed import FALLBACK_WINDOW, FACTOR, MIN_WINDOW
+    from blendserve_sgl.batch.ray_runner import chunks_in_flight
+
+    part = [_prepared(f"r{i}", [1] * 90, 10) for i in range(10)]  # 100 tokens each
+    assert chunks_in_flight(None, None, part, 256) == -(-FALLBACK_WINDOW // 256)
+    assert chunks_in_flight(400_000, 1000, part, 256) == -(-FACTOR * 1000 // 256)  # running slots bind
+    assert chunks_in_flight(60_000, 1000, part, 256) == -(-FACTOR * 600 // 256)  # KV tokens / 100 bind
+    assert chunks_in_flight(1000, 4, part, 256) == max(2, -(-MIN_WINDOW // 256))
+    assert chunks_in_flight(400_000, 1000, [], 256) >= 2
