@@ -121,8 +121,7 @@ def generate(cfg: runner.EngineConfig, parts: Sequence[Sequence[Prepared]],
         actors.append(actor_cls.options(num_cpus=1, num_gpus=gpus, max_restarts=max_restarts,
                                         max_task_retries=max_restarts,
                                         max_concurrency=in_flight or MAX_IN_FLIGHT).remote(cfg, own))
-    limit = [in_flight or min(MAX_IN_FLIGHT, chunks_in_flight(*ray.get(a.capacity.remote()), part, chunk))
-             for a, part in zip(actors, parts)]
+    limit: list = []  # chunks in flight per replica
     queues = [[part[i:i + chunk] for i in range(0, len(part), chunk)] for part in parts]
     pending: dict = {}  # ref -> (replica, chunk items)
     done_chunks = [0] * replicas
@@ -135,8 +134,16 @@ def generate(cfg: runner.EngineConfig, parts: Sequence[Sequence[Prepared]],
             part = queues[r].pop(0)
             pending[actors[r].run.remote(part)] = (r, part)
 
+    def capacity(actor) -> tuple:
+        try:
+            return ray.get(actor.capacity.remote())
+        except RayActorError:  # it never started: its chunks fail below, as a dead replica's do
+            return None, None
+
     t0 = time.perf_counter()
     try:
+        limit += [in_flight or min(MAX_IN_FLIGHT, chunks_in_flight(*capacity(a), part, chunk))
+                  for a, part in zip(actors, parts)]
         for r in range(replicas):
             feed(r)
         while pending:
