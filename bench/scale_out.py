@@ -13,6 +13,7 @@ dealing beside it, `engine_work_imbalance` = largest relative difference of the 
     python bench/scale_out.py                    # 40,000 requests per trace -> results/scale_out.json
     python bench/scale_out.py --requests 10000   # smaller
     python bench/scale_out.py --engine           # adds the engine part (minutes on 2 cores)
+    python bench/scale_out.py --requests 100000 --only trace1:8:blend   # one row measured again
 """
 
 from __future__ import annotations
@@ -31,47 +32,96 @@ from blendserve_sgl.core import CostModel  # noqa: E402
 from blendserve_sgl.core.preset import PRESET  # noqa: E402
 from blendserve_sgl.core.shard import PIECE_MIN, STRIPES  # noqa: E402
 from blendserve_sgl.sim import EngineConfig, ExecModel, RunSpec, Workload, simulate  # noqa: E402
-from blendserve_sgl.sim.scale_out import DEALS, scale_out  # noqa: E402
+from blendserve_sgl.sim.scale_out import DEALS, diagnose, floor_seconds, scale_out  # noqa: E402
 from blendserve_sgl.workloads import TRACES, trace  # noqa: E402
 
 MODE = ExecModel("overlapped", 0.1)
+LOSS_NOTE = ("per row (sim.rows) and as means over the traces: bound = one engine's time / max(one's time / N, floor_s), "
+             "floor_s = the longest request's own steps at their least time (weights + its KV per step); "
+             "time_max_over_mean = slowest engine over the mean (time imbalance); work_sum_over_one = the engines' "
+             "summed time over one engine's (extra steps: weights read every step, each engine needs its longest "
+             "output's steps); slowest_tail_share = the slowest engine's time after its last prefill (decode only); "
+             "engines_weight_bound_s = the largest engine T_w; density_drift_max = largest |engine density / "
+             "workload density - 1|")
 SIZES = (2, 4, 8)
 TARGETS = {"sim_scaling": {"2": 1.95, "4": 3.9, "8": 7.6}, "sim_sharing_vs_one": 0.97, "engine_cached_vs_one": 0.97,
            "engine_work_imbalance": 0.05}
 
 
-def sim_part(n: int, seed: int, traces: list[str]) -> dict:
+def _spec(seed: int) -> RunSpec:
     cost = CostModel.from_names("llama-3.1-8b", "a100")
     engine = EngineConfig.for_cost(cost, max_running=1024, chunked_prefill=1024, pace=PRESET.pacing)  # blend as shipped
-    spec = RunSpec(cost, engine, seed=seed)
+    return RunSpec(cost, engine, seed=seed)
+
+
+def sim_rows(n: int, seed: int, traces: list[str], only: set | None = None) -> list[dict]:
+    """One row per trace x N x dealing (`only`: those (trace, N, deal) keys alone)."""
+    spec = _spec(seed)
+    cost = spec.cost
     rows = []
     for name in traces:
+        keys = [(size, how) for size in SIZES for how in DEALS if only is None or (name, size, how) in only]
+        if not keys:
+            continue
         records, _ = trace(name, n, cost, seed)
         t0 = time.perf_counter()
-        one = simulate(Workload(records, cost), "blend", spec)
-        for size in SIZES:
-            for how in DEALS:
-                run = scale_out(records, size, how, spec)
-                rows.append({"trace": name, "engines": size, "deal": how,
-                             "scaling": round(run.scaling(one, MODE), 4),
-                             "sharing_vs_one": round(run.sharing_vs_one(one), 4),
-                             "engine_time_imbalance": round(run.work_imbalance(MODE), 4)})
-                print(f"{name} N={size} {how:<12} scaling {rows[-1]['scaling']:.3f} "
-                      f"sharing/one {rows[-1]['sharing_vs_one']:.4f} imbalance {rows[-1]['engine_time_imbalance']:.3f}",
-                      flush=True)
+        whole = Workload(records, cost)
+        one = simulate(whole, "blend", spec)
+        floor_s = floor_seconds(records, cost)
+        for size, how in keys:
+            run = scale_out(records, size, how, spec)
+            rows.append({"trace": name, "engines": size, "deal": how,
+                         "scaling": round(run.scaling(one, MODE), 4),
+                         "sharing_vs_one": round(run.sharing_vs_one(one), 4),
+                         "engine_time_imbalance": round(run.work_imbalance(MODE), 4),
+                         **diagnose(run, one, floor_s, whole.density, MODE)})
+            r = rows[-1]
+            print(f"{name} N={size} {how:<12} scaling {r['scaling']:.3f} (bound {r['bound']:.2f}) "
+                  f"sharing/one {r['sharing_vs_one']:.4f} max/mean {r['time_max_over_mean']:.3f} "
+                  f"sum/one {r['work_sum_over_one']:.3f} tail {r['slowest_tail_share']:.2f} "
+                  f"density drift {r['density_drift_max']:.3f}", flush=True)
         print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    return rows
 
-    def mean(deal: str) -> dict:
-        return {str(k): round(statistics.mean(r["scaling"] for r in rows if r["engines"] == k and r["deal"] == deal), 4)
+
+def sim_summary(rows: list[dict], n: int, traces: list[str]) -> dict:
+    def mean(deal: str, field: str = "scaling") -> dict:
+        return {str(k): round(statistics.mean(r[field] for r in rows if r["engines"] == k and r["deal"] == deal), 4)
                 for k in SIZES}
 
+    loss = {how: {field: mean(how, field) for field in ("scaling_over_bound", "time_max_over_mean", "work_sum_over_one",
+                                                          "slowest_tail_share", "density_drift_max", "sharing_vs_one")}
+            for how in DEALS}
     return {"sim_scaling": mean("blend"), "sim_scaling_round_robin": mean("round-robin"),
             "sim_scaling_blocks": mean("blocks"),
             "sim_sharing_vs_one": min(r["sharing_vs_one"] for r in rows if r["deal"] == "blend"),
             "sim_sharing_vs_one_round_robin": min(r["sharing_vs_one"] for r in rows if r["deal"] == "round-robin"),
+            "sim_scaling_bound": mean("blend", "bound"),
+            "sim_loss": {"note": LOSS_NOTE, "mean_over_traces": loss},
             "sim": {"requests_per_trace": n, "traces": traces, "model": "llama-3.1-8b", "hardware": "a100",
-                    "mode": "overlapped, interference 0.1", "policy_per_engine": "blend", "stripes": f"{STRIPES} (shards of >= {PIECE_MIN * STRIPES} requests)",
+                    "mode": "overlapped, interference 0.1", "policy_per_engine": "blend",
+                    "planner_lengths": "true output lengths (blendserve run --dp/--ray plans at each request's max_tokens)",
+                    "stripes": f"{STRIPES} (shards of >= {PIECE_MIN * STRIPES} requests)",
                     "rows": rows}}
+
+
+def rerun_rows(payload: dict, n: int, seed: int, only: str) -> dict:
+    """The results file's simulator part with the rows `only` names ("trace1:8:blend,...")
+    measured again (after a change that alters only their dealing); the summary recomputed."""
+    sim = payload.get("sim") or {}
+    if sim.get("requests_per_trace") != n:
+        raise SystemExit(f"--only: the results file holds {sim.get('requests_per_trace')} requests per trace, "
+                         f"not {n}; run the whole simulator part instead")
+    keys = set()
+    for item in only.split(","):
+        name, size, how = item.split(":")
+        keys.add((name, int(size), how))
+    fresh = {(r["trace"], r["engines"], r["deal"]): r for r in sim_rows(n, seed, sim["traces"], keys)}
+    rows = [fresh.get((r["trace"], r["engines"], r["deal"]), r) for r in sim["rows"]]
+    out = sim_summary(rows, n, sim["traces"])
+    out["sim"]["command"] = sim["command"]
+    out["sim"]["rerun"] = {"command": command(), "rows": sorted(f"{t}:{k}:{d}" for t, k, d in fresh)}
+    return out
 
 
 def main() -> None:
@@ -82,14 +132,20 @@ def main() -> None:
     ap.add_argument("--engine", action="store_true", help="also run the real-engine part")
     ap.add_argument("--engine-only", action="store_true", help="only the real-engine part (the simulator's figures "
                                                                "already in the results file are kept)")
+    ap.add_argument("--only", default="", help="TRACE:N:DEAL,...: measure these simulator rows again in the results "
+                                               "file (same --requests), the rest kept")
     args = ap.parse_args()
     path = RESULTS / "scale_out.json"
     payload = json.loads(path.read_text()) if path.exists() else {}  # each part replaces its own figures
     payload.pop("command", None)  # the last run's; each part keeps its own under sim/engine
     payload.pop("machine", None)
-    if not args.engine_only:
-        payload.update(sim_part(args.requests, args.seed, args.traces.split(",")))
+    if args.only:
+        payload.update(rerun_rows(payload, args.requests, args.seed, args.only))
+    elif not args.engine_only:
+        traces = args.traces.split(",")
+        payload.update(sim_summary(sim_rows(args.requests, args.seed, traces), args.requests, traces))
         payload["sim"]["command"] = command()
+    if not args.engine_only:
         rows = payload["sim"]["rows"]
         print(table([tuple(r.values()) for r in rows], tuple(rows[0].keys())))
     if args.engine or args.engine_only:
@@ -97,6 +153,8 @@ def main() -> None:
 
         payload.update(engine_part())
         payload["engine"]["command"] = command()
+    elif "engine" in payload:
+        payload["engine"]["kept"] = "engine figures from the earlier run of engine.command (this run: simulator only)"
     payload["targets"] = TARGETS
     payload["peak_rss_mb"] = peak_rss_mb()
     print(table([(k, json.dumps(payload.get(k)), json.dumps(TARGETS.get(k, ""))) for k in

@@ -99,7 +99,7 @@ def ray(spec: dict) -> dict:
             cfg, dispatch.shards(items, 2, cost(spec)), lambda p, o: writer.write(ok_record(p, o, "tiny")),
             lambda p, e: writer.write(error_record(p.request.custom_id, str(e), line=p.request.line,
                                                    code="engine_error", status=500)),
-            chunk=spec.get("chunk", 4), in_flight=1, on_chunk=on_chunk)
+            chunk=spec.get("chunk", 4), in_flight=spec.get("in_flight", 2), on_chunk=on_chunk)
     return {"report": report._asdict(), "killed": bool(killed), "output": str(out_path),
             "custom_ids": [p.request.custom_id for p in items]}
 

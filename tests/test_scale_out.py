@@ -162,3 +162,61 @@ def test_scale_out_flags_are_checked_before_anything_starts(tmp_path, capsys, ar
     assert main([str(src), "-o", str(tmp_path / "out.jsonl"), *argv]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_floor_is_a_lone_requests_least_time():
+    """The critical-path floor by hand, a lower bound on any engine holding the request, and
+    tight for the request alone (decode steps: weights + its KV, plus the interference share of
+    one token's compute; the prefill step at least its weights)."""
+    from blendserve_sgl.sim import ExecModel, Workload, simulate
+    from blendserve_sgl.sim.scale_out import floor_seconds
+    from blendserve_sgl.sim.timing import weight_seconds
+
+    p, d = 300, 400
+    lone = Record("lone", p, (), d, "long")
+    w, kv = weight_seconds(COST), COST.kv_bytes_per_token / COST.hardware.effective_bandwidth
+    floor = floor_seconds([lone, Record("short", 50, (), 3, "x")], COST)
+    assert floor == pytest.approx(d * w + sum(p + k for k in range(1, d)) * kv)
+    mode = ExecModel("overlapped", 0.1)
+    alone = simulate(Workload([lone], COST), "blend", SPEC).time(mode)
+    slack = 0.1 * (d - 1) * COST.comp_time(1) + 1.1 * COST.comp_time(p)
+    assert floor <= alone <= floor + slack
+    crowd = simulate(Workload(_records(300) + [lone], COST), "blend", SPEC).time(mode)
+    assert crowd >= floor
+
+
+def test_diagnose_splits_the_loss_consistently():
+    from blendserve_sgl.sim import ExecModel, Workload, simulate
+    from blendserve_sgl.sim.scale_out import diagnose, floor_seconds
+
+    recs = _records(600)
+    mode = ExecModel("overlapped", 0.1)
+    whole = Workload(recs, COST)
+    one = simulate(whole, "blend", SPEC)
+    floor = floor_seconds(recs, COST)
+    for how in ("blend", "round-robin"):
+        run = scale_out(recs, 3, how, SPEC)
+        got = diagnose(run, one, floor, whole.density, mode)
+        times = [r.time(mode) for r in run.engines]
+        assert got["time_max_over_mean"] == pytest.approx(max(times) * 3 / sum(times), abs=1e-4)
+        assert got["work_sum_over_one"] == pytest.approx(sum(times) / one.time(mode), abs=1e-4)
+        assert got["bound"] == pytest.approx(min(3.0, one.time(mode) / floor), abs=1e-4)
+        assert got["scaling_over_bound"] == pytest.approx(run.scaling(one, mode) / got["bound"], abs=1e-3)
+        assert 0 < got["slowest_tail_s"] <= got["slowest_time_s"] == pytest.approx(max(times), abs=0.1)
+        assert got["engines_weight_bound_s"] <= got["slowest_time_s"] + 0.1  # T_w is a lower bound
+        drift = max(abs(Workload(part, COST).density / whole.density - 1) for part in deal(recs, 3, how, SPEC))
+        assert got["density_drift_max"] == pytest.approx(drift, abs=1e-4)
+
+
+def test_ray_replica_holds_its_engines_window_in_chunks():
+    """Chunks in flight per replica: the engine's window (`feed.window_size` over the shard's mean
+    prompt + max_tokens) in chunks, rounded up, at least 2."""
+    from blendserve_sgl.batch.feed import FALLBACK_WINDOW, FACTOR, MIN_WINDOW
+    from blendserve_sgl.batch.ray_runner import chunks_in_flight
+
+    part = [_prepared(f"r{i}", [1] * 90, 10) for i in range(10)]  # 100 tokens each
+    assert chunks_in_flight(None, None, part, 256) == -(-FALLBACK_WINDOW // 256)
+    assert chunks_in_flight(400_000, 1000, part, 256) == -(-FACTOR * 1000 // 256)  # running slots bind
+    assert chunks_in_flight(60_000, 1000, part, 256) == -(-FACTOR * 600 // 256)  # KV tokens / 100 bind
+    assert chunks_in_flight(1000, 4, part, 256) == max(2, -(-MIN_WINDOW // 256))
+    assert chunks_in_flight(400_000, 1000, [], 256) >= 2

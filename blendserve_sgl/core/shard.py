@@ -214,44 +214,51 @@ def _cut(o: _Order, prev: tuple[int, int], frac: float, comp_total: int, mem_tot
         em = abs(m - want_m) / mem_total if mem_total else 0.0
         return max(ec, em)
 
-    if hi - lo <= EXHAUSTIVE:
-        a_set = b_set = range(lo, hi + 1)
-    else:
-        a0, b0 = _exact(o, lo, hi, frac * (comp_total + paid), want_m)
+    def best_of(a_set, b_set) -> tuple:
+        best = None
+        for a in a_set:
+            for b in b_set:
+                if b < a:
+                    continue
+                e = err(a, b)
+                price = o.lcp[a] + o.lcp[b] if pay else 0
+                key = (0, price, e, a, -b) if e <= eps else (1, e, price, a, -b)
+                if best is None or key < best[0]:
+                    best = (key, a, b)
+        return best
+
+    def around(a0: int, b0: int) -> tuple:
         a_set = {a for a in range(a0 - SCAN, a0 + SCAN + 1)} | set(o.boundaries(a0)) | set(o.boundaries(a0 - 1))
         b_set = {b for b in range(b0 - SCAN, b0 + SCAN + 1)} | set(o.boundaries(b0)) | set(o.boundaries(b0 - 1))
-        a_set = sorted(a for a in a_set if lo <= a <= hi)
-        b_set = sorted(b for b in b_set if lo <= b <= hi)
-    best = None
-    for a in a_set:
-        for b in b_set:
-            if b < a:
-                continue
-            e = err(a, b)
-            price = o.lcp[a] + o.lcp[b] if pay else 0
-            key = (0, price, e, a, -b) if e <= eps else (1, e, price, a, -b)
-            if best is None or key < best[0]:
-                best = (key, a, b)
+        return sorted(a for a in a_set if lo <= a <= hi), sorted(b for b in b_set if lo <= b <= hi)
+
+    if hi - lo <= EXHAUSTIVE:
+        return best_of(range(lo, hi + 1), range(lo, hi + 1))[1:]
+    want_c = frac * (comp_total + paid)
+    best = best_of(*around(*_exact(o, lo, hi, want_c, want_m)))
+    if best[0][0]:  # nothing within eps near the bisection's answer (densities not monotone here): every a
+        a0 = min(range(lo, hi + 1), key=lambda a: (err(a, _b_for(o, a, hi, want_c)), a))
+        best = min(best, best_of(*around(a0, _b_for(o, a0, hi, want_c))))
     return best[1], best[2]
+
+
+def _b_for(o: _Order, a: int, hi: int, want_c: float) -> int:
+    """The right cut b in [a, hi] that makes the left run [0, a) plus the right run [b, n) hold
+    `want_c` compute."""
+    target = o.comp[o.n] - (want_c - o.comp[a])  # the right run must hold comp[n] - comp[b] (+ lcp[b])
+    return min(max(bisect.bisect_left(o.comp, target, lo=a, hi=hi + 1), a), hi)
 
 
 def _exact(o: _Order, lo: int, hi: int, want_c: float, want_m: float) -> tuple[int, int]:
     """Positions (a, b) near the continuous solution: for each a, b makes compute exact; memory
     falls as a grows (the left is compute-dense), so a is found by bisection on memory."""
     n = o.n
-
-    def b_for(a: int) -> int:
-        need = want_c - o.comp[a]  # compute the right run must hold: comp[n] - comp[b] (+ lcp[b])
-        target = o.comp[n] - need
-        b = bisect.bisect_left(o.comp, target, lo=a, hi=hi + 1)
-        return min(max(b, a), hi)
-
     left, right = lo, hi
     while left < right:
         mid = (left + right) // 2
-        b = b_for(mid)
+        b = _b_for(o, mid, hi, want_c)
         if o.comp[mid] > want_c or o.mem[mid] + o.mem[n] - o.mem[b] <= want_m:
             right = mid
         else:
             left = mid + 1
-    return left, b_for(left)
+    return left, _b_for(o, left, hi, want_c)

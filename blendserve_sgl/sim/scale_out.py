@@ -11,11 +11,23 @@ Three ways to deal the requests to N engines:
 Each engine runs its requests with the same policy and `RunSpec` as one engine would; the N
 engines run side by side, so the job takes the slowest engine's time. Scaling is one engine's
 time over that; sharing is the prefix-cache hits of all engines over one engine's.
+
+`diagnose` splits the loss of scaling: engine time imbalance (slowest over mean), the engines'
+summed time over one engine's (extra steps: each engine reads the weights every step and needs
+at least its longest output's steps), the slowest engine's tail (the time after its last
+prefill: decode only), the critical-path floor (`floor_seconds`: the longest single request's
+steps at their least time, which no dealing over any N shortens, so the best scaling is
+`bound` = one's time / max(one's time / N, floor)), the engines' own weight-charging bounds
+T_w (`SimResult.weight_bound_s`: the slowest engine's time cannot go below the largest), lost
+sharing and each engine's density against the whole workload's.
 """
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
+
+import numpy as np
 
 from ..core.shard import plan_shards
 from ..core.split import sort_and_split
@@ -23,7 +35,7 @@ from .metrics import SimResult
 from .policies import reference_tree
 from .request import from_records
 from .run import RunSpec, Workload, simulate
-from .timing import ExecModel
+from .timing import ExecModel, step_seconds, weight_seconds
 
 DEALS = ("blend", "round-robin", "blocks")
 BLOCK = 256  # Ray Data LLM's default batch_size
@@ -32,6 +44,7 @@ BLOCK = 256  # Ray Data LLM's default batch_size
 class ScaleOut(NamedTuple):
     deal: str
     engines: list  # per engine: SimResult (None for an engine dealt no request)
+    densities: list  # per engine: its requests' density (with its own prefix sharing); None when empty
 
     def time(self, mode: ExecModel) -> float:
         return max(r.time(mode) for r in self.engines if r is not None)
@@ -49,6 +62,40 @@ class ScaleOut(NamedTuple):
         times = [r.time(mode) if r is not None else 0.0 for r in self.engines]
         mean = sum(times) / len(times)
         return max(abs(t - mean) for t in times) / mean
+
+
+def floor_seconds(records: list, cost) -> float:
+    """The longest single request's least time: its prefill step and each of its d - 1 decode
+    steps read the weights, and decode step k reads its p + k KV tokens (overlapped or not), so an
+    engine holding it runs at least this long whatever else it runs."""
+    w, kv = weight_seconds(cost), cost.kv_bytes_per_token / cost.hardware.effective_bandwidth
+    return max(r.output_len * w + ((r.output_len - 1) * r.prompt_len + r.output_len * (r.output_len - 1) / 2) * kv
+               for r in records)
+
+
+def diagnose(run: ScaleOut, one: SimResult, floor_s: float, density: float, mode: ExecModel) -> dict:
+    """Where scaling is lost (module docstring): times in seconds, ratios rounded."""
+    live = [r for r in run.engines if r is not None]
+    times = [r.time(mode) for r in live]
+    n = len(run.engines)
+    tails = []
+    for r in live:
+        steps = step_seconds(r.ops, mode)
+        prefill = np.flatnonzero(np.asarray(r.series["prefill"]) > 0)
+        tails.append(float(steps[prefill[-1] + 1:].sum()) if prefill.size else float(steps.sum()))
+    slowest = int(np.argmax(times))
+    one_t = one.time(mode)
+    bound = one_t / max(one_t / n, floor_s)
+    drift = [abs(d / density - 1.0) for d in run.densities if d is not None and math.isfinite(d)]
+    return {"time_max_over_mean": round(max(times) / (sum(times) / n), 4),
+            "work_sum_over_one": round(sum(times) / one_t, 4),
+            "slowest_tail_s": round(tails[slowest], 1), "slowest_time_s": round(times[slowest], 1),
+            "slowest_tail_share": round(tails[slowest] / times[slowest], 4),
+            "floor_s": round(floor_s, 1), "one_s": round(one_t, 1), "bound": round(bound, 4),
+            "scaling_over_bound": round(one_t / max(times) / bound, 4),
+            "engines_weight_bound_s": round(max(r.weight_bound_s for r in live), 1),
+            "one_weight_bound_s": round(one.weight_bound_s, 1),
+            "density_drift_max": round(max(drift), 4) if drift else 0.0}
 
 
 def deal(records: list, n: int, how: str, spec: RunSpec, stripes: int | None = None) -> list[list]:
@@ -75,5 +122,6 @@ def scale_out(records: list, n: int, how: str, spec: RunSpec, policy: str = "ble
               check: bool = False) -> ScaleOut:
     """Deal `records` to `n` engines and simulate each with `policy`."""
     parts = deal(records, n, how, spec)
-    return ScaleOut(how, [simulate(Workload(part, spec.cost), policy, spec, check=check) if part else None
-                          for part in parts])
+    loads = [Workload(part, spec.cost) if part else None for part in parts]
+    return ScaleOut(how, [simulate(w, policy, spec, check=check) if w else None for w in loads],
+                    [w.density if w else None for w in loads])
