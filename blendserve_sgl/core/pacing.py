@@ -4,8 +4,11 @@ One rule, shared by the simulator (an engine feature any policy can run with) an
 plugin (which sets it as the step's prefill-token budget and chunk size). A step's GEMM tokens
 (the prefill plus one per decoding request) are sized so their compute time matches the step's
 decode-attention time times the target density: the step then holds that density's balance
-of compute and memory work. Never below the GEMM roofline's ridge (the tokens the step's
-weight read makes free).
+of compute and memory work. Never below the ridge: the tokens whose compute time equals the
+step's fixed cost (the weight read, which the GEMM overlaps, plus the engine's per-step
+overhead, `HardwareSpec.step_overhead_s`, 0 on the GPU presets), so a paced step is never
+dominated by what every step pays. No pacing while nothing decodes: there is no memory work to
+balance, and a small chunk would only pay the fixed cost more often.
 """
 
 from __future__ import annotations
@@ -21,15 +24,16 @@ def weight_read_seconds(cost: CostModel) -> float:
 
 
 def ridge_tokens(cost: CostModel) -> float:
-    """GEMM tokens whose compute time equals the weight read: below it a step is weight-bound."""
-    return weight_read_seconds(cost) / cost.seconds_per_compute_token
+    """GEMM tokens whose compute time equals the step's fixed cost (weight read + engine step
+    overhead): below it a step is bound by what every step pays."""
+    return (weight_read_seconds(cost) + cost.hardware.step_overhead_s) / cost.seconds_per_compute_token
 
 
 def paced_prefill_tokens(cost: CostModel, kv_read_tokens: int, decoding: int, density: float) -> int | None:
     """Prefill tokens for a step whose decode attention reads `kv_read_tokens` KV tokens for
     `decoding` running requests, at target `density` (Comp / Mem of the waiting work).
-    None when the density is unbounded (no memory work waits): no pacing."""
-    if not math.isfinite(density):
+    None (no pacing) when nothing decodes or the density is unbounded (no memory work waits)."""
+    if decoding <= 0 or not math.isfinite(density):
         return None
     attn = kv_read_tokens * cost.kv_bytes_per_token / cost.hardware.effective_bandwidth
     gemm_tokens = max(ridge_tokens(cost), density * attn / cost.seconds_per_compute_token)
