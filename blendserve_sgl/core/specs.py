@@ -264,8 +264,8 @@ def model(name: str) -> ModelSpec:
 # the engine overheads fitted by least squares over SGLang's logged steps of the calibration runs
 # against them (`overhead_fit` in bench/results/plan_file.json). Fixed figures: the planner and the
 # plugin's pacing see the same machine whatever the load when they start.
-CPU_PRESET = {"flops": 21597925432.873173, "mem_bandwidth": 24972545085.47265, "step_overhead_s": 0.0026428,
-              "request_overhead_s": 0.0005031, "prefill_token_overhead_s": 0.0002384, "kv_token_overhead_s": 0.0}
+CPU_PRESET = {"flops": 40304444695.76308, "mem_bandwidth": 39811176379.998, "step_overhead_s": 0.0064759,
+              "request_overhead_s": 0.0004532, "prefill_token_overhead_s": 0.000106, "kv_token_overhead_s": 0.0}
 
 
 @lru_cache(maxsize=1)
