@@ -24,8 +24,10 @@ close its prediction comes to the real engine on CPU.
 3. check: a fresh small file (seed 0, not a calibration file) run by `blendserve run` with each
    policy of `--cpu-policies` and planned with `--hardware cpu` (the preset with its overheads)
    under the same engine limits. `cpu_prediction_error` = |predicted - measured| / measured of the
-   generation wall time (engine start excluded), per policy and the mean, for the tiny model;
-   `--cpu-model DIR` adds others (SmolLM2-135M).
+   generation wall time (engine start excluded; measured: the best of `--repeats` runs, each run
+   recorded with the load average), per policy and the mean, for the tiny model; `--cpu-model
+   DIR` adds others (SmolLM2-135M); `--check-models NAME` checks only those again, the others'
+   records kept.
 Each run merges its phases into bench/results/plan_file.json (with `profiles`, the names the
 planner accepts).
 """
