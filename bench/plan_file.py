@@ -4,22 +4,30 @@ close its prediction comes to the real engine on CPU.
     python bench/plan_file.py --phases calibrate     # fit the cpu preset's engine overheads
     python bench/plan_file.py --phases speed,check --cpu-model DIR   # plan speed; prediction error
 
-1. calibrate: four small files (seed 1 of `examples/make_requests.py`, different sizes and output
-   lengths, every request `ignore_eos`) run by `blendserve run` on the tiny random-weight Llama
-   with each of `--calibration-policies`; per run, the measured generation time minus the
-   simulator's operator time is fitted by least squares as `step_overhead_s` x steps +
-   `request_overhead_s` x decoding requests (`overhead_fit`; copy it to `CPU_OVERHEADS` in
-   `blendserve_sgl/core/specs.py`, the `cpu` preset).
-2. speed: `examples/make_requests.py`'s batch scaled to `--lines` lines, planned with every policy
-   for Llama-3.1-8B on an H100 (`--tokenizer TINY`: the tiny model's fast tokenizer, so
+1. calibrate: two small files (seed 1 of `examples/make_requests.py`: 48 requests with short
+   outputs, 24 with long ones, every request `ignore_eos`) run by `blendserve run` with each of
+   `--calibration-policies` on each of `--calibration-models` (the tiny random-weight Llama;
+   model directories), SGLang logging every batch. The CPU's GEMM FLOP/s and copy bandwidth are
+   measured before every run (`measure_cpu`) and the best is kept; the engine overheads are fitted
+   by least squares over the logged batches (`fit_overheads`): per logged gap, measured seconds
+   minus the cost model's operator seconds = step_overhead_s x steps + request_overhead_s x
+   decoding requests + prefill_token_overhead_s x prompt tokens + kv_token_overhead_s x KV
+   tokens held in a decode batch (SGLang's #token). `overhead_fit` records the fit,
+   the logged steps, and per run the logged vs simulated step counts and the simulated time vs
+   the measured one; copy its figures to `CPU_PRESET` in `blendserve_sgl/core/specs.py` (the
+   `cpu` preset). `refit`: the fit again over the recorded steps.
+2. speed: `examples/make_requests.py`'s batch scaled to `--lines` lines, planned (the policies
+   `blendserve run` runs, the plan's default) for Llama-3.1-8B on an H100 (`--tokenizer TINY`: the tiny model's fast tokenizer, so
    tokenization runs for real). `plan_seconds` is the command's wall time, interpreter start and
    tokenizer load included; `plan_cpu_seconds` its CPU time (the machine is shared: the load
    averages are recorded).
 3. check: a fresh small file (seed 0, not a calibration file) run by `blendserve run` with each
    policy of `--cpu-policies` and planned with `--hardware cpu` (the preset with its overheads)
    under the same engine limits. `cpu_prediction_error` = |predicted - measured| / measured of the
-   generation wall time (engine start excluded), per policy and the mean, for the tiny model;
-   `--cpu-model DIR` adds others (SmolLM2-135M).
+   generation wall time (engine start excluded; measured: the best of `--repeats` runs, each run
+   recorded with the load average), per policy and the mean, for the tiny model; `--cpu-model
+   DIR` adds others (SmolLM2-135M); `--check-models NAME` checks only those again, the others'
+   records kept.
 Each run merges its phases into bench/results/plan_file.json (with `profiles`, the names the
 planner accepts).
 """
@@ -29,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import resource
 import sys
 import tempfile
@@ -83,121 +92,255 @@ def engine_limits() -> list[str]:
             "--engine-arg", f"max_running_requests={LIMITS['max_running']}"]
 
 
-def measured_run(model_dir: Path, path: Path, policy: str, work: Path) -> dict:
-    """`blendserve run` of `path` on the real engine on CPU under LIMITS; its summary."""
-    summary = work / f"{path.stem}.{policy}.summary.json"
-    blendserve(["run", str(path), "-o", str(work / f"{path.stem}.{policy}.results.jsonl"), "--model", str(model_dir),
-                "--policy", policy, "--quiet", "--overwrite", "--summary-json", str(summary), *engine_limits()],
-               work / f"{path.stem}.{policy}.run.log", timeout=1800)
-    return json.loads(summary.read_text())
+LOGGED = ["--log-level", "info", "--engine-arg", "decode_log_interval=1"]  # every batch in SGLang's log
 
 
-def simulated_run(model_dir: Path, path: Path, policy: str):
-    """The simulator's run of `path` with `policy` as `blendserve plan --hardware cpu` does it, with
-    the engine overheads set to 0 (outputs at max_tokens): the SimResult."""
+def measured_run(model_dir: Path, path: Path, policy: str, work: Path, log_steps: bool = False) -> dict:
+    """`blendserve run` of `path` on the real engine on CPU under LIMITS; its summary (with
+    `log_steps`: SGLang logs every batch, `steps` holds them parsed)."""
+    stem = f"{path.stem}.{model_dir.name}.{policy}"
+    summary, log = work / f"{stem}.summary.json", work / f"{stem}.run.log"
+    blendserve(["run", str(path), "-o", str(work / f"{stem}.results.jsonl"), "--model", str(model_dir),
+                "--policy", policy, "--quiet", "--overwrite", "--summary-json", str(summary), *engine_limits(),
+                *(LOGGED if log_steps else [])], log, timeout=1800)
+    out = json.loads(summary.read_text())
+    if log_steps:
+        out["steps"] = parse_engine_log(log.read_text())
+    return out
+
+
+_PREFILL = re.compile(r"Prefill batch(?: \[\d+\])?, #new-seq: (\d+), #new-token: (\d+), #cached-token: (\d+),.*"
+                      r"#running-req: (\d+),.*input throughput \(token/s\): ([\d.]+)")
+_DECODE = re.compile(r"Decode batch(?: \[\d+\])?, #running-req: (\d+), #token: (\d+),.*gen throughput \(token/s\): ([\d.]+)")
+
+
+def parse_engine_log(text: str) -> list[list]:
+    """SGLang's per-batch log (log level info, decode_log_interval 1) as steps in order:
+    ["P", new sequences, new tokens, cached tokens, gap s] or ["D", decoding requests, KV tokens,
+    gap s]. Both kinds are logged when the batch's result is processed; `gap` is the time since
+    the previous batch of the same kind was logged (SGLang logs new tokens / gap as the input
+    throughput of a prefill batch and generated tokens (one per request) / gap as the gen
+    throughput of a decode batch); the first batch of each kind: None (since the engine started)."""
+    steps, seen = [], set()
+    for line in text.splitlines():
+        if m := _PREFILL.search(line):
+            seqs, new, cached, thr = int(m[1]), int(m[2]), int(m[3]), float(m[5])
+            gap = new / thr if "P" in seen and thr > 0 else None
+            steps.append(["P", seqs, new, cached, None if gap is None else round(gap, 6)])
+            seen.add("P")
+        elif m := _DECODE.search(line):
+            running, kv, thr = int(m[1]), int(m[2]), float(m[3])
+            gap = running / thr if "D" in seen and thr > 0 else None
+            steps.append(["D", running, kv, None if gap is None else round(gap, 6)])
+            seen.add("D")
+    return steps
+
+
+def step_features(cost, steps: list[list]):
+    """Per logged step: (operator seconds of the cost model with no overheads, [1, decoding
+    requests, prompt tokens, KV tokens held]): the terms the overhead fit weighs (a decode batch's
+    KV tokens held: SGLang's logged #token, the pool's tokens in use, as the simulator's
+    `kv_active`)."""
     from dataclasses import replace
 
+    import numpy as np
+
+    from blendserve_sgl.core import CostModel
+    from blendserve_sgl.sim.timing import ExecModel, operator_seconds, step_seconds
+
+    cost = CostModel(cost.model, replace(cost.hardware, **dict.fromkeys(OVERHEAD_TERMS, 0.0)))
+    gemm = np.array([s[2] if s[0] == "P" else s[1] for s in steps], dtype=np.float64)
+    dec = np.array([0 if s[0] == "P" else s[1] for s in steps], dtype=np.float64)
+    kv = np.array([0 if s[0] == "P" else s[2] for s in steps], dtype=np.float64)
+    ops = step_seconds(operator_seconds(cost, gemm, kv, None, dec), ExecModel("sequential"))  # overheads 0
+    return ops, np.stack([np.ones_like(gemm), dec, gemm - dec, kv], axis=1)
+
+
+def step_intervals(steps: list[list]) -> list[tuple[int, int, float]]:
+    """(first step, last step + 1, seconds): each logged gap covers the steps since the previous
+    batch of its kind was logged, itself included."""
+    out, last = [], {}
+    for j, s in enumerate(steps):
+        gap = s[-1]
+        if gap is not None and s[0] in last:
+            out.append((last[s[0]] + 1, j + 1, gap))
+        last[s[0]] = j
+    return out
+
+
+OVERHEAD_TERMS = ("step_overhead_s", "request_overhead_s", "prefill_token_overhead_s", "kv_token_overhead_s")
+
+
+def nonnegative_lstsq(a, y):
+    """Least squares with every coefficient >= 0: the best of the unconstrained fits over each
+    subset of the columns whose coefficients all come out >= 0 (four columns: fifteen fits)."""
+    import itertools
+
+    import numpy as np
+
+    best = (float(np.sum(y ** 2)), np.zeros(a.shape[1]))
+    for k in range(1, a.shape[1] + 1):
+        for cols in itertools.combinations(range(a.shape[1]), k):
+            c = np.linalg.lstsq(a[:, cols], y, rcond=None)[0]
+            if (c < 0).any():
+                continue
+            sse = float(np.sum((a[:, cols] @ c - y) ** 2))
+            if sse < best[0] - 1e-15:
+                full = np.zeros(a.shape[1])
+                full[list(cols)] = c
+                best = (sse, full)
+    return best[1]
+
+
+def simulated_run(model_dir: Path, path: Path, policy: str, hw):
+    """The simulator's run of `path` with `policy` as `blendserve plan` does it on hardware `hw`
+    under LIMITS (outputs at max_tokens): the SimResult."""
     from blendserve_sgl.core import CostModel
     from blendserve_sgl.plan import _cost_and_tokenizer, build_parser, plan
     from blendserve_sgl.sim.engine import EngineConfig
     from blendserve_sgl.workloads.batch_file import compress, load_batch_file
 
-    args = build_parser().parse_args([str(path), "--model", str(model_dir), "--hardware", "cpu"])
+    args = build_parser().parse_args([str(path), "--model", str(model_dir), "--hardware", "a100"])
     cost, tokenizer, ctx, _ = _cost_and_tokenizer(args)
-    cost = CostModel(cost.model, replace(cost.hardware, step_overhead_s=0.0, request_overhead_s=0.0))
+    cost = CostModel(cost.model, hw)
     records = compress(load_batch_file(path, tokenizer, ctx, args.default_max_tokens).records)
     engine = EngineConfig.for_cost(cost, kv_gb=LIMITS["kv_tokens"] * cost.kv_bytes_per_token / 1e9,
                                    max_running=LIMITS["max_running"], chunked_prefill=LIMITS["chunk"],
                                    mixed_chunk=False)  # as `blendserve plan` without --mixed-chunk
-    sim = {"blend": "blend", "fcfs": "fcfs", "lpm": "sglang-lpm", "dfs-weight": "sglang-dfs-weight"}[policy]
-    _, results = plan(records, cost, engine, [sim])
-    return results["max_tokens"][sim]
+    _, results = plan(records, cost, engine, [SIM_NAME[policy]])
+    return results["max_tokens"][SIM_NAME[policy]]
 
 
-CALIBRATION = ((32, 0.5), (64, 0.1), (24, 1.0), (48, 0.25))  # (requests, max_tokens scale): steps and batch sizes vary
+SIM_NAME = {"blend": "blend", "fcfs": "fcfs", "lpm": "sglang-lpm", "dfs-weight": "sglang-dfs-weight"}
+CALIBRATION = ((48, 0.25), (24, 1.0))  # (requests, max_tokens scale) of the seed-1 files: prefill- and decode-heavy
 
 
-def calibrate(model_dir: Path, work: Path, policies: list[str]) -> list[dict]:
-    """Every calibration file (seed 1, not the check file) run by the real engine with each policy:
-    the measured generation times."""
+def calibration_file(work: Path, n: int, scale: float) -> Path:
+    return write_file(work / f"calib-{n}-{scale:g}.jsonl", n, ignore_eos=True, scale_max_tokens=scale, seed=1)
+
+
+def calibrate(model_dirs: list[Path], work: Path, policies: list[str]):
+    """Every calibration file (seed 1, not the check file) run by the real engine with each policy
+    and model, SGLang logging every batch: (the CPU's figures, the measured runs with their logged
+    steps). The CPU is measured (`measure_cpu`) before every run; its figures are the best of
+    those measurements (the least loaded)."""
+    from blendserve_sgl.core.specs import HardwareSpec, measure_cpu
+
     work.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for n, scale in CALIBRATION:
-        path = write_file(work / f"calib-{n}-{scale:g}.jsonl", n, ignore_eos=True, scale_max_tokens=scale, seed=1)
-        for policy in policies:
-            s = measured_run(model_dir, path, policy, work)
-            rows.append({"requests": n, "max_tokens_scale": scale, "policy": policy,
-                         "measured_s": s["generate_seconds"], "output_tokens": s["output_tokens"]})
-            print(rows[-1], flush=True)
-    return rows
+    rows, seen = [], []
+    for model_dir in model_dirs:
+        for n, scale in CALIBRATION:
+            path = calibration_file(work, n, scale)
+            for policy in policies:
+                seen.append(measure_cpu.__wrapped__(seconds=1.0))
+                s = measured_run(model_dir, path, policy, work, log_steps=True)
+                rows.append({"model": model_dir.name, "requests": n, "max_tokens_scale": scale, "policy": policy,
+                             "measured_s": s["generate_seconds"], "output_tokens": s["output_tokens"],
+                             "load_average": [round(x, 2) for x in os.getloadavg()], "steps": s["steps"]})
+                print({k: v for k, v in rows[-1].items() if k != "steps"}, flush=True)
+    hw = HardwareSpec("cpu", flops=max(h.flops for h in seen), mem_bandwidth=max(h.mem_bandwidth for h in seen),
+                      mem_capacity=seen[0].mem_capacity)
+    return hw, rows
 
 
-def fit_overheads(model_dir: Path, runs: list[dict], work: Path) -> dict:
-    """Per run, measured generation time minus the simulator's operator time (overheads 0) =
-    step_overhead_s x steps that ran + request_overhead_s x decoding requests summed over the
-    steps; least squares over the runs, coefficients kept >= 0 (a negative one: the other alone)."""
+def fit_overheads(hw, model_dirs: dict[str, Path], runs: list[dict], work: Path) -> dict:
+    """The `cpu` preset's overhead terms by least squares over SGLang's logged steps: each logged
+    gap (the steps since the previous batch of its kind) minus the cost model's operator time of
+    those steps = step_overhead_s x steps + request_overhead_s x decoding requests +
+    prefill_token_overhead_s x prompt tokens + kv_token_overhead_s x KV tokens held in a decode batch,
+    coefficients >= 0. Per run, the logged and the
+    simulated step counts side by side, and the run's time predicted with the fit."""
+    from dataclasses import replace
+
     import numpy as np
 
+    from blendserve_sgl.core import CostModel
+    from blendserve_sgl.core.specs import ModelSpec
     from blendserve_sgl.sim.timing import ExecModel
 
     work.mkdir(parents=True, exist_ok=True)
-    rows = []
+    xs, ys, per_run = [], [], []
+    hw = replace(hw, **dict.fromkeys(OVERHEAD_TERMS, 0.0))
+    specs = {name: ModelSpec.from_config_file(model_dirs[name]) for name in sorted({r["model"] for r in runs})}
     for run in runs:
-        path = write_file(work / f"calib-{run['requests']}-{run['max_tokens_scale']:g}.jsonl", run["requests"],
-                          ignore_eos=True, scale_max_tokens=run["max_tokens_scale"], seed=1)
-        res = simulated_run(model_dir, path, run["policy"])
-        ran = int(((res.series["prefill"] + res.series["decode"]) > 0).sum())
-        rows.append({**run, "operator_s": round(res.time(ExecModel("sequential")), 4), "steps": ran,
-                     "decode_requests": int(res.series["decode"].sum())})
-    a = np.array([[r["steps"], r["decode_requests"]] for r in rows], dtype=np.float64)
-    y = np.array([r["measured_s"] - r["operator_s"] for r in rows])
-    coef = np.linalg.lstsq(a, y, rcond=None)[0]
-    if (coef < 0).any():
-        best = None
-        for j in (0, 1):
-            c = max(float(np.linalg.lstsq(a[:, [j]], y, rcond=None)[0][0]), 0.0)
-            sse = float(np.sum((a[:, j] * c - y) ** 2))
-            if best is None or sse < best[0]:
-                best = (sse, j, c)
-        coef = np.zeros(2)
-        coef[best[1]] = best[2]
-    pred = a @ coef + np.array([r["operator_s"] for r in rows])
-    for r, p in zip(rows, pred):
-        r["fitted_s"] = round(float(p), 4)
-        r["error"] = round(abs(float(p) - r["measured_s"]) / r["measured_s"], 4)
-    return {"model": model_dir.name, "step_overhead_s": round(float(coef[0]), 6),
-            "request_overhead_s": round(float(coef[1]), 7), "runs": rows,
-            "fit_error_mean": round(float(np.mean([r["error"] for r in rows])), 4),
-            "method": "least squares over the runs: measured - operator time = a x steps + b x decoding requests "
-                      "(steps and decoding requests counted in the simulator's schedule of each run)"}
+        cost = CostModel(specs[run["model"]], hw)
+        ops, feats = step_features(cost, run["steps"])
+        spans = step_intervals(run["steps"])
+        per_run.append((ops, feats, spans))
+        for a, b, gap in spans:
+            xs.append(feats[a:b].sum(axis=0))
+            ys.append(gap - ops[a:b].sum())
+    coef = nonnegative_lstsq(np.array(xs), np.array(ys))
+    fit = dict(zip(OVERHEAD_TERMS, (round(float(c), 7) for c in coef)))
+    fitted = replace(hw, **fit)
+    rows = []
+    for run, (ops, feats, spans) in zip(runs, per_run):
+        covered = sorted({i for a, b, _ in spans for i in range(a, b)})
+        res = simulated_run(model_dirs[run["model"]], calibration_file(work, run["requests"], run["max_tokens_scale"]),
+                            run["policy"], fitted)
+        pre, dec = res.series["prefill"], res.series["decode"]
+        kinds = [s[0] for s in run["steps"]]
+        simulated = res.time(ExecModel("sequential"))
+        logged = float(sum(g for _, _, g in spans))
+        rows.append({k: run[k] for k in ("model", "requests", "max_tokens_scale", "policy", "measured_s",
+                                         "output_tokens", "load_average")}
+                    | {"logged_steps": {"prefill": kinds.count("P"), "decode": kinds.count("D")},
+                       "simulated_steps": {"prefill": int(np.count_nonzero(pre)),
+                                           "decode": int(np.count_nonzero((dec > 0) & (pre == 0)))},
+                       "logged_step_s": round(logged, 4),
+                       "logged_step_s_fitted": round(float((ops + feats @ coef)[covered].sum()), 4),
+                       "simulated_s": round(simulated, 4),
+                       "error": round(abs(simulated - run["measured_s"]) / run["measured_s"], 4),
+                       "error_vs_logged_steps": round(abs(simulated - logged) / logged, 4),
+                       "steps": run["steps"]})
+    resid = np.array(xs) @ coef - np.array(ys)
+    return {"flops": hw.flops, "mem_bandwidth": hw.mem_bandwidth, **fit,
+            "model_specs": {name: {k: getattr(m, k) for k in m.__slots__} for name, m in specs.items()},
+            "intervals": len(ys),
+            "interval_residual_rms_s": round(float(np.sqrt(np.mean(resid ** 2))), 6),
+            "fit_error_mean": round(float(np.mean([r["error"] for r in rows])), 4), "runs": rows,
+            "method": "least squares (coefficients >= 0) over SGLang's logged batches (log level info, "
+                      "decode_log_interval 1): per logged gap, measured seconds - the cost model's operator "
+                      "seconds of its steps = a x steps + b x decoding requests + c x prompt tokens + "
+                      "d x KV tokens held in a decode batch (logged #token); "
+                      "error per run: the simulator's schedule of the calibration file timed with the fit "
+                      "vs the measured generation time (`error`) and vs the logged batches' time "
+                      "(`error_vs_logged_steps`: the engine's own steps, without the time it waited between them)"}
 
 
-def engine_check(model_dir: Path, small: Path, policies: list[str], work: Path) -> dict:
-    """`small` run by the real engine on CPU with each policy and planned with `--hardware cpu`
-    (the preset, its fitted overheads included) under the same limits; predicted vs measured
-    generation wall time."""
+def engine_check(model_dir: Path, small: Path, policies: list[str], work: Path, repeats: int = 1) -> dict:
+    """`small` run by the real engine on CPU with each policy (`repeats` times, the policies
+    interleaved) and planned with `--hardware cpu` (the preset, its fitted overheads included)
+    under the same limits; predicted vs measured generation wall time, the measured time the
+    best of the repeats (the least disturbed by the machine's other jobs; every run recorded with
+    the load average at its end)."""
     from blendserve_sgl.core.specs import ModelSpec
 
     work.mkdir(parents=True, exist_ok=True)
     spec = ModelSpec.from_config_file(model_dir)
-    sim_name = {"blend": "blend", "fcfs": "fcfs", "lpm": "sglang-lpm", "dfs-weight": "sglang-dfs-weight"}
     pjson = work / "small.plan.json"
     blendserve(["plan", str(small), "--model", str(model_dir), "--hardware", "cpu", "--kv-gb",
                 str(LIMITS["kv_tokens"] * spec.kv_bytes_per_token / 1e9), "--chunk", str(LIMITS["chunk"]),
-                "--max-running", str(LIMITS["max_running"]), "--policies", ",".join(sim_name[p] for p in policies),
+                "--max-running", str(LIMITS["max_running"]), "--policies", ",".join(SIM_NAME[p] for p in policies),
                 "--out", str(pjson)], work / "small.plan.log", timeout=600)
     predicted = {row["policy"]: row["wall_s"]["max_tokens"] for row in json.loads(pjson.read_text())["policies"]}
+    runs = {p: [] for p in policies}
+    for _ in range(repeats):
+        for p in policies:
+            s = measured_run(model_dir, small, p, work)
+            runs[p].append({"measured_s": s["generate_seconds"], "load_average": [round(x, 2) for x in os.getloadavg()],
+                            "completed": s["completed"], "output_tokens": s["output_tokens"],
+                            "cache_hit_ratio": s["cache_hit_ratio"]})
     rows, per = [], {}
     for p in policies:
-        s = measured_run(model_dir, small, p, work)
-        measured, pred = s["generate_seconds"], predicted[sim_name[p]]
+        best = min(runs[p], key=lambda r: r["measured_s"])
+        measured, pred = best["measured_s"], predicted[SIM_NAME[p]]
         per[p] = {"predicted_s": pred, "measured_s": measured, "error": round(abs(pred - measured) / measured, 4),
-                  "completed": s["completed"], "output_tokens": s["output_tokens"],
-                  "cache_hit_ratio": s["cache_hit_ratio"]}
+                  **{k: best[k] for k in ("completed", "output_tokens", "cache_hit_ratio")}, "runs": runs[p]}
         rows.append((p, pred, measured, per[p]["error"]))
     print(f"{model_dir.name}:")
     print(table(rows, ("policy", "predicted s", "measured s", "error")))
-    return {"model": model_dir.name, "params": spec.num_params, **LIMITS, "policies": per,
+    return {"model": model_dir.name, "params": spec.num_params, **LIMITS, "repeats": repeats, "policies": per,
             "error": round(sum(v["error"] for v in per.values()) / len(per), 4)}
 
 
@@ -232,8 +375,13 @@ def main(argv=None) -> int:
     ap.add_argument("--cpu-requests", type=int, default=48)
     ap.add_argument("--cpu-policies", default="blend,fcfs")
     ap.add_argument("--calibration-policies", default="fcfs,blend")
+    ap.add_argument("--calibration-models", default="tiny",
+                    help="models the calibration runs (comma-separated: `tiny` or model directories)")
     ap.add_argument("--cpu-max-tokens-scale", type=float, default=0.25, help="shorter outputs for the CPU engine")
     ap.add_argument("--cpu-model", help="also check with these model directories (comma-separated), e.g. SmolLM2")
+    ap.add_argument("--check-models", default="all",
+                    help="check: `all` (tiny and --cpu-model), or the names to check again (the others' records kept)")
+    ap.add_argument("--repeats", type=int, default=1, help="check: runs per policy, the best kept")
     args = ap.parse_args(argv)
     phases = [p.strip() for p in args.phases.split(",") if p.strip()]
     if not phases or set(phases) - set(PHASES):
@@ -248,14 +396,27 @@ def main(argv=None) -> int:
     load_before = os.getloadavg()
     tmp = Path(tempfile.mkdtemp(prefix="plan-file-"))
     tiny = write_tiny_llama(tmp / "tiny")
+    extra_models = [Path(m) for m in filter(None, (args.cpu_model or "").split(","))]
+    model_dirs = {"tiny": tiny, **{m.name: m for m in extra_models}}
     if "calibrate" in phases or "refit" in phases:
         if "calibrate" in phases:
-            runs = calibrate(tiny, tmp / "calibrate", [p.strip() for p in args.calibration_policies.split(",")
-                                                        if p.strip()])
-        else:  # the recorded measurements, the simulator's side again
-            runs = [{k: r[k] for k in ("requests", "max_tokens_scale", "policy", "measured_s", "output_tokens")}
-                    for r in result["overhead_fit"]["runs"]]
-        fit = result["overhead_fit"] = fit_overheads(tiny, runs, tmp / "calibrate")
+            calib_models = [model_dirs[m] if m in model_dirs else Path(m)
+                            for m in filter(None, args.calibration_models.split(","))]
+            model_dirs.update({m.name: m for m in calib_models})
+            hw, runs = calibrate(calib_models, tmp / "calibrate",
+                                 [p.strip() for p in args.calibration_policies.split(",") if p.strip()])
+        else:  # the recorded measurements and CPU figures, fitted again
+            old = result["overhead_fit"]
+            hw = specs.HardwareSpec("cpu", flops=old["flops"], mem_bandwidth=old["mem_bandwidth"],
+                                    mem_capacity=specs.cpu_preset().mem_capacity)
+            runs = [{k: r[k] for k in ("model", "requests", "max_tokens_scale", "policy", "measured_s",
+                                       "output_tokens", "load_average", "steps")} for r in old["runs"]]
+            missing = {r["model"] for r in runs} - set(model_dirs)
+            if missing:
+                ap.error(f"refit: pass the directories of {sorted(missing)} with --cpu-model")
+        fit = result["overhead_fit"] = fit_overheads(hw, model_dirs, runs, tmp / "calibrate")
+        if "calibrate" in phases:
+            result.get("phase_commands", {}).pop("refit", None)
         print(json.dumps({k: v for k, v in fit.items() if k != "runs"}, indent=2))
     if "speed" in phases:
         result.update(plan_speed(tiny, args.lines, tmp))
@@ -263,21 +424,27 @@ def main(argv=None) -> int:
         small = write_file(tmp / "small.jsonl", args.cpu_requests, ignore_eos=True,
                            scale_max_tokens=args.cpu_max_tokens_scale, seed=0)
         policies = [p.strip() for p in args.cpu_policies.split(",") if p.strip()]
-        checks = {"tiny": engine_check(tiny, small, policies, tmp / "tiny-check")}
-        for extra in filter(None, (args.cpu_model or "").split(",")):
-            checks[Path(extra).name] = engine_check(Path(extra), small, policies, tmp / f"{Path(extra).name}-check")
+        checks = result.get("cpu_checks", {}) if args.check_models != "all" else {}
+        for name in (["tiny", *[m.name for m in extra_models]] if args.check_models == "all"
+                     else args.check_models.split(",")):
+            checks[name] = engine_check(model_dirs[name], small, policies, tmp / f"{name}-check", args.repeats)
+            checks[name]["command"] = "python bench/plan_file.py " + " ".join(argv if argv is not None else sys.argv[1:])
+        checks = {k: checks[k] for k in sorted(checks, key=lambda k: k != "tiny")}
         tiny_check = checks["tiny"]
         result.update(cpu_requests=args.cpu_requests, cpu_checks=checks,
                       cpu_predicted_s=tiny_check["policies"][policies[0]]["predicted_s"],
                       cpu_measured_s=tiny_check["policies"][policies[0]]["measured_s"],
                       cpu_prediction_error=tiny_check["error"], cpu_prediction_target=0.25,
-                      cpu_overheads_used=dict(specs.CPU_OVERHEADS),
-                      cpu_note="cpu_prediction_error: the tiny random Llama, mean over the policies; the check file "
-                               "(seed 0) is not a calibration file (seed 1)")
+                      cpu_preset_used=dict(specs.CPU_PRESET),
+                      cpu_note="cpu_prediction_error = |predicted - measured| / measured generation wall time "
+                               "(first submission to last result; engine start excluded; the best of `repeats` runs), "
+                               "the tiny random Llama, mean over the policies; the check file (seed 0) is not a calibration file (seed 1); "
+                               "the machine is shared: load averages per phase in load_average")
+    result.pop("cpu_overheads_used", None)
     fit = result.get("overhead_fit")
-    if fit and any(abs(specs.CPU_OVERHEADS[k] - fit[k]) > 1e-12 for k in specs.CPU_OVERHEADS):
-        print(f"note: CPU_OVERHEADS in blendserve_sgl/core/specs.py differ from the fit "
-              f"({fit['step_overhead_s']}, {fit['request_overhead_s']}): copy the fit there, then rerun --phases check")
+    if fit and any(abs(specs.CPU_PRESET[k] - fit[k]) > 1e-12 * max(1.0, abs(fit[k])) for k in specs.CPU_PRESET):
+        print("note: CPU_PRESET in blendserve_sgl/core/specs.py differs from the fit: copy "
+              f"{ {k: fit[k] for k in specs.CPU_PRESET} } there, then rerun --phases check")
     result["profiles"] = profile_names()
     result.setdefault("load_average", {})
     result["load_average"][",".join(phases)] = {"before": [round(x, 2) for x in load_before],
@@ -286,6 +453,9 @@ def main(argv=None) -> int:
         result.pop(old, None)
     result.setdefault("phase_commands", {}).update(
         {p: "python bench/plan_file.py " + " ".join(argv if argv is not None else sys.argv[1:]) for p in phases})
+    per_model = [c["command"] for c in result.get("cpu_checks", {}).values() if "command" in c]
+    if per_model:  # the check's records may come from several commands (--check-models)
+        result["phase_commands"]["check"] = " && ".join(dict.fromkeys(per_model))
     done = result["phase_commands"]
     result["command"] = " && ".join(dict.fromkeys(done[p] for p in PHASES if p in done))  # what made these figures
     out = write("plan_file", result)

@@ -25,12 +25,15 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import multiprocessing
+import os
 import random
 import shlex
 import sys
 import time
-from pathlib import Path
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
+from pathlib import Path
 
 from .cli import fraction, positive_float, positive_int
 from .core import CostModel
@@ -45,6 +48,9 @@ from .workloads import Record
 
 SCENARIOS = ("max_tokens", "estimate")
 SIM_REQUESTS = 5_000  # default sample size; the plan reports the spread between two samples
+# What `blendserve run --policy` runs (SGLang's fcfs, lpm, dfs-weight, the plugin's blend): the
+# default; the simulator's orderings `dfs` and `balance` are planned on request.
+RUNNABLE = ("fcfs", "sglang-lpm", "sglang-dfs-weight", "blend")
 
 
 def scenario_records(records: list[Record], output_fraction: float) -> dict[str, list[Record]]:
@@ -70,25 +76,27 @@ def product_spec(policy: str, cost: CostModel, engine: EngineConfig, seed: int =
     return RunSpec(cost, engine, known_lengths=False, seed=seed)
 
 
-def plan(records: list[Record], cost: CostModel, engine: EngineConfig, policies=POLICIES, *, gpus: int = 1,
+def plan(records: list[Record], cost: CostModel, engine: EngineConfig, policies=RUNNABLE, *, gpus: int = 1,
          output_fraction: float = 0.5, timing: ExecModel = ExecModel("sequential"), seed: int = 0,
-         sim_requests: int | None = None) -> tuple[dict, dict[str, dict[str, SimResult]]]:
+         sim_requests: int | None = None, workers: int = 1) -> tuple[dict, dict[str, dict[str, SimResult]]]:
     """(the plan as a JSON-ready dict, the simulator's results per scenario and policy). With
     more records than `sim_requests`, a uniform sample of that many is simulated and its time and
-    token counts are scaled by records / sample (the batch runs at the sample's throughput)."""
-    results: dict[str, dict[str, SimResult]] = {}
-    workloads = {}
+    token counts are scaled by records / sample (the batch runs at the sample's throughput). The
+    runs are independent: `workers` processes run them (`run_jobs`), with the same results."""
     simulated = sample(records, sim_requests, seed)
     scale = len(records) / len(simulated)
-    for name, recs in scenario_records(simulated, output_fraction).items():
-        workloads[name] = wl = Workload(recs, cost)
-        results[name] = {p: simulate(wl, p, product_spec(p, cost, engine, seed)) for p in policies}
-    spread = None
+    workloads = {name: Workload(recs, cost) for name, recs in scenario_records(simulated, output_fraction).items()}
+    jobs = [(workloads[name], p, product_spec(p, cost, engine, seed)) for name in SCENARIOS for p in policies]
     if len(simulated) < len(records):  # the sampling error: the first policy on a second sample
-        p0 = policies[0]
         other = scenario_records(sample(records, sim_requests, seed + 1), output_fraction)["max_tokens"]
-        again = simulate(Workload(other, cost), p0, product_spec(p0, cost, engine, seed)).time(timing)
-        first = results["max_tokens"][p0].time(timing)
+        jobs.append((Workload(other, cost), policies[0], product_spec(policies[0], cost, engine, seed)))
+    done = run_jobs(jobs, workers)
+    results = {name: dict(zip(policies, done[i * len(policies):(i + 1) * len(policies)]))
+               for i, name in enumerate(SCENARIOS)}
+    spread = None
+    if len(done) > len(SCENARIOS) * len(policies):
+        p0 = policies[0]
+        again, first = done[-1].time(timing), results["max_tokens"][p0].time(timing)
         spread = {"policy": p0, "seeds": [seed, seed + 1], "wall_s": [round(first * scale / gpus, 4),
                                                                       round(again * scale / gpus, 4)],
                   "relative": round(abs(again - first) / first, 4)}
@@ -126,6 +134,32 @@ def plan(records: list[Record], cost: CostModel, engine: EngineConfig, policies=
     return out, results
 
 
+_JOBS: list = []  # the jobs of `run_jobs`, inherited by its forked workers
+
+
+def _run_job(i: int) -> SimResult:
+    workload, policy, spec = _JOBS[i]
+    return simulate(workload, policy, spec)
+
+
+def run_jobs(jobs: list, workers: int = 1) -> list[SimResult]:
+    """`simulate(workload, policy, spec)` of each job, in order; with `workers` > 1 (and fork
+    available) in that many forked processes. Each run is deterministic: the results equal the
+    serial ones."""
+    workers = min(workers, len(jobs))
+    if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
+        return [simulate(*job) for job in jobs]
+    _JOBS[:] = jobs
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # a forked child tokenizes nothing
+    try:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+            order = sorted(range(len(jobs)), key=lambda i: jobs[i][1] != "blend")  # the longest runs first
+            futures = {i: pool.submit(_run_job, i) for i in order}
+            return [futures[i].result() for i in range(len(jobs))]
+    finally:
+        _JOBS.clear()
+
+
 def _figures(res: SimResult, timing: ExecModel, gpus: int, engine: EngineConfig, cost: CostModel,
              scale: float = 1.0) -> dict:
     t = res.time(timing) * scale
@@ -148,7 +182,8 @@ def build_parser() -> argparse.ArgumentParser:
                                         "(default: token counts approximated as UTF-8 bytes / 4)")
     ap.add_argument("--hardware", default="h100", help=", ".join(hardware_names()))
     ap.add_argument("--gpus", type=positive_int, default=1, help="data-parallel replicas (even split assumed)")
-    ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--policies", default=",".join(RUNNABLE),
+                    help=f"default: the policies `blendserve run --policy` runs; any of {', '.join(POLICIES)}")
     ap.add_argument("--kv-gb", type=positive_float, help="KV pool per GPU (default: 88%% of memory minus the weights)")
     ap.add_argument("--max-running", type=positive_int, default=1024)
     ap.add_argument("--chunk", type=positive_int, default=8192, help="chunked-prefill size (SGLang's default for 80 GB GPUs)")
@@ -163,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="simulate a uniform sample of at most this many requests, times scaled to the file (the "
                          "first policy also runs on a second sample: the spread is reported)")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
+                    help="processes that run the simulations (default: the CPU count; the results do not depend on it)")
     ap.add_argument("--plot", help="PNG of per-step compute and memory time (default: next to --out, or plan.png)")
     ap.add_argument("--out", help="also write the plan as JSON here")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON only")
@@ -243,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     t1 = time.perf_counter()
     out, results = plan(records, cost, engine, policies, gpus=args.gpus, output_fraction=args.output_fraction,
-                        timing=ExecModel(args.timing), seed=args.seed, sim_requests=args.sim_requests)
+                        timing=ExecModel(args.timing), seed=args.seed, sim_requests=args.sim_requests,
+                        workers=args.workers)
     sim_s = time.perf_counter() - t1
     out = {"command": "blendserve plan " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[2:])),
            "input": args.input or args.workload, "lines": lines, "bad_lines": len(errors),

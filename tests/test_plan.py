@@ -88,6 +88,17 @@ def test_plan_is_the_simulators_result(user_file):
             assert row["retractions"][name] == res.retractions
 
 
+def test_plan_in_worker_processes_equals_the_serial_plan(user_file):
+    """The simulations run in forked workers give the plan the serial runs give, sampling spread
+    included."""
+    cost = CostModel.from_names("llama-3.1-8b", "a100")
+    records = compress(load_batch_file(user_file, ByteTokenizer(), 8192, 256).records)
+    engine = EngineConfig.for_cost(cost, kv_gb=4, max_running=64, chunked_prefill=512)
+    serial, _ = plan.plan(records, cost, engine, ("fcfs", "blend"), sim_requests=len(records) - 3, workers=1)
+    forked, _ = plan.plan(records, cost, engine, ("fcfs", "blend"), sim_requests=len(records) - 3, workers=2)
+    assert serial["sampling_spread"] is not None and forked == serial
+
+
 def test_plan_json_only_and_errors(user_file, capsys):
     assert cli.main(["plan", str(user_file), "--policies", "fcfs,blend", "--json", "--plot", "/dev/null"]) == 0
     data = json.loads(capsys.readouterr().out)
@@ -190,29 +201,56 @@ def test_run_plan_only_prints_the_plan_of_the_same_arguments(user_file, tmp_path
     assert "-o/--output" in capsys.readouterr().err
 
 
-def test_cpu_preset_carries_the_recorded_overhead_fit():
-    """The `cpu` preset's engine overheads are the least-squares fit recorded by
-    `bench/plan_file.py` (re-derived from its runs here); the GPU presets carry none."""
+def test_cpu_preset_carries_the_recorded_fit():
+    """The `cpu` preset is the calibration `bench/plan_file.py` recorded: its CPU figures and the
+    overhead terms, which the least squares over the recorded logged steps gives again here; the
+    GPU presets carry no overheads."""
     from pathlib import Path
 
     import numpy as np
 
-    from blendserve_sgl.core import specs
+    from bench import plan_file as pf
+    from blendserve_sgl.core import CostModel, ModelSpec, specs
 
     fit = json.loads((Path(__file__).resolve().parent.parent / "bench" / "results" / "plan_file.json")
                      .read_text())["overhead_fit"]
-    assert specs.CPU_OVERHEADS == {"step_overhead_s": fit["step_overhead_s"],
-                                   "request_overhead_s": fit["request_overhead_s"]}
-    cpu = specs.measure_cpu()
-    assert (cpu.step_overhead_s, cpu.request_overhead_s) == (fit["step_overhead_s"], fit["request_overhead_s"])
+    assert specs.CPU_PRESET == {k: fit[k] for k in specs.CPU_PRESET}
+    cpu = specs.hardware("cpu")
+    assert {k: getattr(cpu, k) for k in specs.CPU_PRESET} == specs.CPU_PRESET
     for name in ("a100", "h100", "h200"):
-        assert (specs.hardware(name).step_overhead_s, specs.hardware(name).request_overhead_s) == (0.0, 0.0)
-    a = np.array([[r["steps"], r["decode_requests"]] for r in fit["runs"]], dtype=float)
-    y = np.array([r["measured_s"] - r["operator_s"] for r in fit["runs"]])
-    coef = np.array([fit["step_overhead_s"], fit["request_overhead_s"]])
-    sse = float(np.sum((a @ coef - y) ** 2))
-    for j in (0, 1):  # no small nonnegative move of either coefficient fits the runs better
-        for step in (1e-4, -1e-4):
-            moved = coef.copy()
-            moved[j] = max(0.0, moved[j] + step)
-            assert float(np.sum((a @ moved - y) ** 2)) >= sse - 1e-9
+        assert all(getattr(specs.hardware(name), k) == 0.0 for k in pf.OVERHEAD_TERMS)
+    hw = specs.HardwareSpec("cpu", flops=fit["flops"], mem_bandwidth=fit["mem_bandwidth"], mem_capacity=1e9)
+    xs, ys = [], []
+    for run in fit["runs"]:
+        ops, feats = pf.step_features(CostModel(ModelSpec(**fit["model_specs"][run["model"]]), hw), run["steps"])
+        for a, b, gap in pf.step_intervals(run["steps"]):
+            xs.append(feats[a:b].sum(axis=0))
+            ys.append(gap - ops[a:b].sum())
+    assert len(ys) == fit["intervals"] > 100
+    coef = pf.nonnegative_lstsq(np.array(xs), np.array(ys))
+    assert list(coef) == pytest.approx([fit[k] for k in pf.OVERHEAD_TERMS], abs=1e-7)
+
+
+def test_engine_log_parsed_into_steps():
+    """SGLang's per-batch log lines become steps with their gaps (new tokens / input throughput,
+    decoding requests / gen throughput); each gap covers the steps since the previous batch of
+    its kind."""
+    from bench import plan_file as pf
+
+    log = "\n".join([
+        "[t] Prefill batch, #new-seq: 2, #new-token: 512, #cached-token: 0, token usage: 0.00, #running-req: 0, "
+        "#queue-req: 3, #pending-token: 0, cpu graph: False, input throughput (token/s): 10.00",
+        "[t] Prefill batch, #new-seq: 1, #new-token: 100, #cached-token: 12, token usage: 0.01, #running-req: 2, "
+        "#queue-req: 2, #pending-token: 0, cpu graph: False, input throughput (token/s): 1000.00",
+        "[t] Decode batch, #running-req: 3, #token: 640, token usage: 0.04, cpu graph: False, "
+        "gen throughput (token/s): 5.00, #queue-req: 2",
+        "[t] Decode batch, #running-req: 3, #token: 643, token usage: 0.04, cpu graph: False, "
+        "gen throughput (token/s): 300.00, #queue-req: 2",
+        "[t] Prefill batch, #new-seq: 2, #new-token: 50, #cached-token: 0, token usage: 0.04, #running-req: 3, "
+        "#queue-req: 0, #pending-token: 0, cpu graph: False, input throughput (token/s): 1000.00",
+        "[t] some other line",
+    ])
+    steps = pf.parse_engine_log(log)
+    assert steps == [["P", 2, 512, 0, None], ["P", 1, 100, 12, 0.1], ["D", 3, 640, None], ["D", 3, 643, 0.01],
+                     ["P", 2, 50, 0, 0.05]]
+    assert pf.step_intervals(steps) == [(1, 2, 0.1), (3, 4, 0.01), (2, 5, 0.05)]

@@ -29,6 +29,19 @@ def test_operator_times_by_hand():
     assert attn[0] == pytest.approx(1_000_000 * 131072 / 2.039e12)
 
 
+def test_lm_head_only_for_sampled_tokens():
+    """SGLang computes logits only for the tokens it samples: a prefill step of 512 prompt tokens
+    pays the decoder layers for 512 tokens and no LM head; a decode step of 64 requests pays both
+    for 64 tokens. Llama-3.1-8B's LM head: 128,256 x 4,096 weights of its GEMM weights."""
+    head = 128_256 * 4_096
+    assert COST.model.lm_head_params == head
+    layers = COST.model.gemm_params - head
+    comp = operator_seconds(COST, [512, 64, 576], [0, 40_000, 40_000], None, [0, 64, 64]).comp
+    assert list(comp) == pytest.approx([512 * 2 * layers / 312e12, 64 * 2 * (layers + head) / 312e12,
+                                        (576 * layers + 64 * head) * 2 / 312e12])
+    assert COST.seconds_per_layer_token + COST.seconds_per_sampled_token == pytest.approx(COST.seconds_per_compute_token)
+
+
 def test_modes():
     ops = StepSeconds(np.array([3.0, 1.0, 0.0, 1.0]), np.array([0.5, 0.5, 0.0, 0.5]), np.array([1.0, 2.0, 5.0, 0.0]))
     # sequential: max(comp, w) + attn; overlapped: max(comp, w + attn) + i x min(comp, w + attn)
@@ -108,27 +121,31 @@ def test_causal_prefill_attention_adds_compute_only():
     assert list(charged.weights) == list(paper.weights) and list(charged.attn) == list(paper.attn)
 
 
-OVERHEAD = CostModel(COST.model, replace(COST.hardware, step_overhead_s=0.01, request_overhead_s=0.001))
+OVERHEAD = CostModel(COST.model, replace(COST.hardware, step_overhead_s=0.01, request_overhead_s=0.001,
+                                         prefill_token_overhead_s=1e-5, kv_token_overhead_s=1e-7))
 
 
 def test_engine_overhead_by_hand():
-    """10 ms per step that runs, 1 ms per decoding request: a prefill step of 512 tokens with no
-    decode pays 10 ms, a decode step of 64 requests 10 + 64 = 74 ms, an empty step nothing;
-    added to both modes' operator time."""
-    ops = operator_seconds(OVERHEAD, [512, 64, 0], [0, 40_000, 0], None, [0, 64, 0])
-    assert list(ops.overhead) == pytest.approx([0.010, 0.074, 0.0])
-    base = operator_seconds(COST, [512, 64, 0], [0, 40_000, 0], None, [0, 64, 0])
+    """10 ms per step that runs, 1 ms per decoding request, 10 us per prompt token, 0.1 us per KV
+    token held while decoding: a prefill step of 512 tokens with no decode pays 10 + 5.12 ms (its
+    pool's tokens are not charged), a decode step of 64 requests holding 40,000 KV tokens 10 + 64 +
+    4 = 78 ms, an empty step nothing; added to both modes' operator time."""
+    ops = operator_seconds(OVERHEAD, [512, 64, 0], [0, 40_000, 0], None, [0, 64, 0], [30_000, 40_000, 0])
+    assert list(ops.overhead) == pytest.approx([0.01512, 0.078, 0.0])
+    base = operator_seconds(COST, [512, 64, 0], [0, 40_000, 0], None, [0, 64, 0], [30_000, 40_000, 0])
     for mode in (ExecModel("sequential"), ExecModel("overlapped", 0.1)):
-        assert list(step_seconds(ops, mode) - step_seconds(base, mode)) == pytest.approx([0.010, 0.074, 0.0])
+        assert list(step_seconds(ops, mode) - step_seconds(base, mode)) == pytest.approx([0.01512, 0.078, 0.0])
     split = split_seconds(ops, ExecModel("overlapped", 0.1))
-    assert split["overhead"] == pytest.approx(0.084)
+    assert split["overhead"] == pytest.approx(0.09312)
     with pytest.raises(ValueError, match="step_overhead_s must be a finite number >= 0"):
         replace(COST.hardware, step_overhead_s=-1.0)
 
 
 def test_engine_overhead_is_the_same_term_for_every_policy():
     """Every policy's run is timed by the one function: its overhead is exactly steps that ran x
-    step_overhead_s + decoded requests x request_overhead_s, and the time grows by that much."""
+    step_overhead_s + decoded requests x request_overhead_s + prompt tokens computed x
+    prefill_token_overhead_s + KV tokens held in decoding steps x kv_token_overhead_s, and the
+    time grows by that much."""
     recs = mixed_workload(300, seed=4)
     engine = EngineConfig.for_cost(COST, kv_gb=4, max_running=64, chunked_prefill=512)
     plain, charged = Workload(recs, COST), Workload(recs, OVERHEAD)
@@ -137,7 +154,8 @@ def test_engine_overhead_is_the_same_term_for_every_policy():
         b = simulate(charged, policy, RunSpec(OVERHEAD, engine))
         assert b.steps == a.steps and list(b.series["decode"]) == list(a.series["decode"])  # same schedule
         ran = int(((a.series["prefill"] + a.series["decode"]) > 0).sum())
-        expect = 0.01 * ran + 0.001 * int(a.series["decode"].sum())
+        expect = 0.01 * ran + 0.001 * int(a.series["decode"].sum()) + 1e-5 * int(a.series["prefill"].sum()) \
+            + 1e-7 * float(a.series["kv_active"][a.series["decode"] > 0].sum())
         assert float(np.sum(b.ops.overhead)) == pytest.approx(expect)
         seq = ExecModel("sequential")
         assert b.time(seq) - a.time(seq) == pytest.approx(expect)

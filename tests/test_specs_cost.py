@@ -60,11 +60,13 @@ def test_from_hf_config_hand_computed():
     m = ModelSpec.from_hf_config(dict(TINY), name="tiny")
     num, gemm = _tiny_params(tied=False)
     assert (m.num_params, m.gemm_params) == (num, gemm)
+    assert m.lm_head_params == 1000 * 64  # vocab x hidden: only sampled tokens run it
     assert m.head_dim == 16 and m.num_kv_heads == 2 and m.num_layers == 2 and m.dtype_bytes == 4
     assert m.kv_bytes_per_token == 2 * 4 * 2 * 16 * 2
     assert m.max_context == 512 and m.name == "tiny"
     tied = ModelSpec.from_hf_config({**TINY, "tie_word_embeddings": True})
     assert tied.num_params == _tiny_params(tied=True)[0]
+    assert tied.lm_head_params == 1000 * 64  # tied: the embedding is still the LM head's GEMM
     # no num_key_value_heads: multi-head attention (kv heads = heads)
     mha = ModelSpec.from_hf_config({k: v for k, v in TINY.items() if k != "num_key_value_heads"})
     assert mha.num_kv_heads == 4
@@ -87,12 +89,18 @@ def test_from_config_file(tmp_path):
 
 # ---------------------------------------------------------------- hardware
 def test_cpu_hardware_is_measured():
-    """hardware('cpu') measures positive, finite numbers (and caches them per process)."""
-    h = hardware("cpu")
-    for v in (h.flops, h.mem_bandwidth, h.mem_capacity):
+    """measure_cpu measures positive, finite numbers (no overheads: a calibration fits them);
+    hardware('cpu') is the recorded `CPU_PRESET`, the same object in every call."""
+    from blendserve_sgl.core import specs
+
+    m = specs.measure_cpu()
+    for v in (m.flops, m.mem_bandwidth, m.mem_capacity):
         assert math.isfinite(v) and v > 0
-    assert 1e8 < h.flops < 1e15 and 1e8 < h.mem_bandwidth < 1e13
-    assert hardware("CPU") is h
+    assert 1e8 < m.flops < 1e15 and 1e8 < m.mem_bandwidth < 1e13
+    assert (m.step_overhead_s, m.request_overhead_s, m.prefill_token_overhead_s, m.kv_token_overhead_s) == (0, 0, 0, 0)
+    h = hardware("cpu")
+    assert {k: getattr(h, k) for k in specs.CPU_PRESET} == specs.CPU_PRESET
+    assert hardware("CPU") is h and h.mem_capacity == m.mem_capacity
 
 
 def test_gpu_presets_and_aliases():
@@ -245,6 +253,9 @@ def test_model_spec_rejects_nonpositive_fields():
     with pytest.raises(ValueError):
         ModelSpec("m", num_params=10, gemm_params=10, num_layers=0, num_kv_heads=1, head_dim=1,
                   dtype_bytes=2, max_context=16)
+    with pytest.raises(ValueError, match="lm_head_params must be an integer in"):
+        ModelSpec("m", num_params=10, gemm_params=10, num_layers=1, num_kv_heads=1, head_dim=1,
+                  dtype_bytes=2, max_context=16, lm_head_params=10)
 
 
 # ---------------------------------------------------------------- prefill attention

@@ -12,7 +12,12 @@ and per prefix-tree node holding the requests R of its subtree with sharing rati
 
 Aggregates are kept as integers (`compute_tokens`, `memory_units` = twice the token-reads of
 decode attention) so that adding and removing requests is exact; `CostModel` turns them into
-seconds. P is the number of parameters that enter a GEMM per token (decoder layers + LM head).
+seconds. P is the number of parameters that enter a GEMM per token (decoder layers + LM head):
+the paper's density, kept for the tree and the scanner. Step time (`sim/timing.py`) is exact
+about the LM head: SGLang computes logits only for the tokens it samples (the last token of a
+finished prompt, one per decoding request), so a step's GEMM tokens pay the decoder layers
+(`seconds_per_layer_token`) and only its sampled tokens pay the LM head
+(`seconds_per_sampled_token`).
 
 Prefill attention: the paper's Comp drops it (`prefill_attention="paper"`). With "causal" the
 cost model also charges it: a chunk of c new prompt tokens after k tokens already in the KV
@@ -84,6 +89,17 @@ class CostModel:
     @property
     def seconds_per_compute_token(self) -> float:
         return 2.0 * self.model.gemm_params / self.hardware.effective_flops
+
+    @property
+    def seconds_per_layer_token(self) -> float:
+        """GEMM time of one token through the decoder layers (the LM head excluded)."""
+        return 2.0 * (self.model.gemm_params - self.model.lm_head_params) / self.hardware.effective_flops
+
+    @property
+    def seconds_per_sampled_token(self) -> float:
+        """GEMM time of the LM head for one sampled token (0 when the spec does not separate it:
+        then `seconds_per_layer_token` carries it for every token)."""
+        return 2.0 * self.model.lm_head_params / self.hardware.effective_flops
 
     @property
     def seconds_per_memory_unit(self) -> float:

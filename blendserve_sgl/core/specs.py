@@ -1,7 +1,8 @@
 """Frozen hardware and model specs with named presets.
 
 Hardware numbers are vendor peak figures (dense BF16 tensor FLOP/s, HBM bandwidth); the `cpu`
-preset is measured on the machine at hand (see `measure_cpu`). Model specs are built from a
+preset is this project's CPU machine as recorded by a calibration (`CPU_PRESET`; `measure_cpu`
+measures the machine at hand). Model specs are built from a
 Hugging Face `config.json` dict, so a preset is just a stored config.
 """
 
@@ -21,9 +22,12 @@ _DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8": 1, "fp8": 1
 @dataclass(frozen=True, slots=True)
 class HardwareSpec:
     """One accelerator: peak GEMM throughput, memory bandwidth and capacity, and the engine's
-    host work per step that no operator accounts for (scheduling, sampling, kernel launches):
-    `step_overhead_s` per step that runs, `request_overhead_s` per request in a decode batch.
-    Both are 0 for the GPU presets (not measured there); the `cpu` preset carries a fit."""
+    host work per step that no operator accounts for (scheduling, sampling, kernel launches,
+    per-request attention calls, element-wise kernels): `step_overhead_s` per step that runs,
+    `request_overhead_s` per request in a decode batch, `prefill_token_overhead_s` per prompt
+    token a step computes, `kv_token_overhead_s` per KV token the running requests hold in a step
+    that decodes (beyond the bandwidth term). All 0 for the GPU presets (not measured there); the `cpu` preset carries a
+    fit over SGLang's logged steps."""
 
     name: str
     flops: float  # dense FP16/BF16 FLOP/s
@@ -33,6 +37,8 @@ class HardwareSpec:
     bandwidth_efficiency: float = 1.0
     step_overhead_s: float = 0.0  # seconds per engine step
     request_overhead_s: float = 0.0  # seconds per decoding request per step
+    prefill_token_overhead_s: float = 0.0  # seconds per prompt token computed in a step
+    kv_token_overhead_s: float = 0.0  # seconds per KV token held by the running requests in a decode step
 
     def __post_init__(self) -> None:
         for field in ("flops", "mem_bandwidth", "mem_capacity"):
@@ -43,7 +49,7 @@ class HardwareSpec:
             value = getattr(self, field)
             if not (isinstance(value, (int, float)) and 0 < value <= 1):
                 raise ValueError(f"HardwareSpec {self.name!r}: {field} must be in (0, 1], got {value!r}")
-        for field in ("step_overhead_s", "request_overhead_s"):
+        for field in ("step_overhead_s", "request_overhead_s", "prefill_token_overhead_s", "kv_token_overhead_s"):
             value = getattr(self, field)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"HardwareSpec {self.name!r}: {field} must be a finite number >= 0, got {value!r}")
@@ -70,12 +76,16 @@ class ModelSpec:
     dtype_bytes: int
     max_context: int
     num_heads: int = 0  # query heads (0: not given; the prefill-attention term needs it)
+    lm_head_params: int = 0  # of gemm_params, the LM head's (vocab x hidden): run only for sampled tokens
 
     def __post_init__(self) -> None:
         for field in ("num_params", "gemm_params", "num_layers", "num_kv_heads", "head_dim", "dtype_bytes", "max_context"):
             value = getattr(self, field)
             if not (isinstance(value, int) and value > 0):
                 raise ValueError(f"ModelSpec {self.name!r}: {field} must be a positive integer, got {value!r}")
+        if not (isinstance(self.lm_head_params, int) and 0 <= self.lm_head_params < self.gemm_params):
+            raise ValueError(f"ModelSpec {self.name!r}: lm_head_params must be an integer in [0, gemm_params), "
+                             f"got {self.lm_head_params!r}")
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -120,6 +130,7 @@ class ModelSpec:
             dtype_bytes=_DTYPE_BYTES[dtype],
             max_context=int(config.get("max_position_embeddings", 4096)),
             num_heads=heads,
+            lm_head_params=embed,
         )
 
     @classmethod
@@ -218,11 +229,11 @@ def model_names() -> list[str]:
 
 
 def hardware(name: str) -> HardwareSpec:
-    """A named hardware preset: `a100`, `h100`, `h200`, `cpu` (measured here, once per process) or
-    `h200-measured` (fitted on an H200 by `bench/gpu_evidence.py`)."""
+    """A named hardware preset: `a100`, `h100`, `h200`, `cpu` (`CPU_PRESET`, recorded on this
+    project's CPU machine) or `h200-measured` (fitted on an H200 by `bench/gpu_evidence.py`)."""
     key = _HARDWARE_ALIASES.get(str(name).lower(), str(name).lower())
     if key == "cpu":
-        return measure_cpu()
+        return cpu_preset()
     if key == MEASURED:
         return measured_hardware()
     if key not in _HARDWARE:
@@ -248,16 +259,32 @@ def model(name: str) -> ModelSpec:
     raise ValueError(f"unknown model preset {name!r}; choose one of {model_names()} or pass a path to config.json")
 
 
-# The `cpu` preset's per-step engine overheads: least-squares fit over real SGLang CPU runs of the
-# tiny model (`python bench/plan_file.py --phases calibrate`, `overhead_fit` in
-# bench/results/plan_file.json).
-CPU_OVERHEADS = {"step_overhead_s": 0.002711, "request_overhead_s": 0.0011821}
+# The `cpu` preset: GEMM FLOP/s and copy bandwidth as `measure_cpu` found them during
+# `python bench/plan_file.py --phases calibrate` (the best of its measurements: the least loaded), and
+# the engine overheads fitted by least squares over SGLang's logged steps of the calibration runs
+# against them (`overhead_fit` in bench/results/plan_file.json). Fixed figures: the planner and the
+# plugin's pacing see the same machine whatever the load when they start.
+CPU_PRESET = {"flops": 40304444695.76308, "mem_bandwidth": 39811176379.998, "step_overhead_s": 0.0064759,
+              "request_overhead_s": 0.0004532, "prefill_token_overhead_s": 0.000106, "kv_token_overhead_s": 0.0}
+
+
+@lru_cache(maxsize=1)
+def cpu_preset() -> HardwareSpec:
+    """The `cpu` preset (`CPU_PRESET`); memory capacity is this machine's physical RAM."""
+    return HardwareSpec("cpu", mem_capacity=_physical_ram(), **CPU_PRESET)
+
+
+def _physical_ram() -> float:
+    try:
+        return float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (ValueError, OSError, AttributeError):
+        return 16 * GB
 
 
 @lru_cache(maxsize=1)
 def measure_cpu(seconds: float = 0.6) -> HardwareSpec:
-    """Measure this machine: float32 GEMM FLOP/s (NumPy BLAS) and streaming-copy bandwidth; the
-    engine overheads are the fitted `CPU_OVERHEADS`.
+    """Measure this machine: float32 GEMM FLOP/s (NumPy BLAS) and streaming-copy bandwidth, no
+    engine overheads (the calibration that records `CPU_PRESET` fits them).
 
     Each figure is the best of repeated runs inside a small time budget. Memory capacity is the
     machine's physical RAM. Measured once per process; different machines give different specs.
@@ -287,14 +314,5 @@ def measure_cpu(seconds: float = 0.6) -> HardwareSpec:
         best_copy = min(best_copy, time.perf_counter() - t0)
         if time.perf_counter() > deadline:
             break
-    try:
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        ram = 16 * GB
-    return HardwareSpec(
-        "cpu",
-        flops=2 * n**3 / best_gemm,
-        mem_bandwidth=2 * src.nbytes / best_copy,  # read + write
-        mem_capacity=float(ram),
-        **CPU_OVERHEADS,
-    )
+    return HardwareSpec("cpu", flops=2 * n**3 / best_gemm, mem_bandwidth=2 * src.nbytes / best_copy,  # read + write
+                        mem_capacity=_physical_ram())

@@ -54,7 +54,7 @@ class SimResult:
         """The same schedule timed with another cost model (e.g. prefill attention charged)."""
         s = self.series
         return replace(self, ops=operator_seconds(cost, s["prefill"] + s["decode"], s["kv_read"], s["attn_pairs"],
-                                                   s["decode"]))
+                                                   s["decode"], s["kv_active"]))
 
     def time_split(self, model: ExecModel) -> dict:
         return {k: round(v, 2) for k, v in split_seconds(self.ops, model).items()}
@@ -122,7 +122,7 @@ def weight_bound_seconds(requests, cost: CostModel, sharing: float, max_running:
 def result_from_engine(engine, policy: str, optimal_s: float, wall_s: float, weight_bound_s: float) -> SimResult:
     series = {k: np.asarray(v, dtype=np.int64) for k, v in engine.series.items()}
     ops = operator_seconds(engine.cost, series["prefill"] + series["decode"], series["kv_read"], series["attn_pairs"],
-                           series["decode"])
+                           series["decode"], series["kv_active"])
     c = engine.counters
     return SimResult(policy, len(engine.requests), engine.config.kv_tokens, engine.steps, c.prompt_tokens,
                      c.output_tokens, c.first_hit_tokens, c.prefill_tokens, c.retractions, c.retracted_tokens,

@@ -3,14 +3,20 @@
 Per step the engine records the tokens that pass through the GEMMs (prefill + one per decoding
 request) and the KV tokens decode attention reads. With the cost model (`core/cost.py`):
 
-    comp  = 2 P tokens / FLOPS               GEMM compute (+ prefill attention with the cost
-                                             model's prefill_attention="causal")
+    comp  = 2 (P_layers tokens + P_head sampled) / FLOPS
+                                             GEMM compute: every token through the decoder
+                                             layers, the LM head only for sampled tokens (one
+                                             per decoding request), + prefill attention with the
+                                             cost model's prefill_attention="causal"
     w     = weight bytes / BW                every step that runs a GEMM reads the weights once
     attn  = KV bytes read / BW               decode attention, memory-bound
     mem   = w + attn                         all of the step's HBM traffic
     over  = step_overhead_s + request_overhead_s x decoding requests
-                                             the engine's host work per step (hardware spec;
-                                             0 on the GPU presets), added in both modes
+            + prefill_token_overhead_s x prompt tokens
+            + kv_token_overhead_s x KV tokens held (decode steps)
+                                             the engine's work no operator term covers
+                                             (hardware spec; 0 on the GPU presets), added in
+                                             both modes
 
 - `sequential` (SGLang today): the GEMMs at their roofline, then attention:
   max(comp, w) + attn + over.
@@ -58,6 +64,9 @@ class StepSeconds(tuple):
     def __new__(cls, comp, weights, attn, overhead=0.0):
         return super().__new__(cls, (comp, weights, attn, overhead))
 
+    def __getnewargs__(self):  # pickles (results of the planner's worker processes)
+        return tuple(self)
+
     comp = property(lambda self: self[0])
     weights = property(lambda self: self[1])
     attn = property(lambda self: self[2])
@@ -65,27 +74,37 @@ class StepSeconds(tuple):
 
 
 def operator_seconds(cost: CostModel, gemm_tokens, kv_read_tokens, attention_pairs=None,
-                     decode_requests=None) -> StepSeconds:
+                     decode_requests=None, kv_held_tokens=None) -> StepSeconds:
     """(compute, weight read, decode-attention read, engine overhead) seconds per step; compute is
-    the GEMMs plus, with `cost.prefill_attention == "causal"`, the prefill attention's query-key
-    pairs; the overhead is the hardware's `step_overhead_s` for every step that runs a GEMM plus
-    its `request_overhead_s` per decoding request (`decode_requests`; by default the GEMM tokens,
-    exact for steps that only decode)."""
-    comp = np.asarray(gemm_tokens, dtype=np.float64) * cost.seconds_per_compute_token
+    the GEMM tokens through the decoder layers, the LM head for the sampled tokens (one per
+    decoding request; `decode_requests`, by default the GEMM tokens, exact for steps that only
+    decode) plus, with `cost.prefill_attention == "causal"`, the prefill attention's query-key
+    pairs; the overhead is `overhead_seconds`. A prefill step's one sampled token per finished
+    prompt is not charged the LM head (at most 1/p of the prompt's GEMM tokens)."""
+    gemm = np.asarray(gemm_tokens, dtype=np.float64)
+    sampled = gemm if decode_requests is None else np.asarray(decode_requests, dtype=np.float64)
+    comp = gemm * cost.seconds_per_layer_token + sampled * cost.seconds_per_sampled_token
     if attention_pairs is not None and cost.seconds_per_attention_pair:
         comp = comp + np.asarray(attention_pairs, dtype=np.float64) * cost.seconds_per_attention_pair
     weights = np.where(comp > 0, weight_seconds(cost), 0.0)
     attn = np.asarray(kv_read_tokens, dtype=np.float64) * (cost.kv_bytes_per_token / cost.hardware.effective_bandwidth)
-    return StepSeconds(comp, weights, attn, overhead_seconds(cost, gemm_tokens, decode_requests))
+    return StepSeconds(comp, weights, attn, overhead_seconds(cost, gemm_tokens, decode_requests, kv_held_tokens))
 
 
-def overhead_seconds(cost: CostModel, gemm_tokens, decode_requests=None) -> np.ndarray:
-    """The engine's host work per step: `step_overhead_s` for each step that runs a GEMM plus
-    `request_overhead_s` per decoding request. The same term for every policy."""
+def overhead_seconds(cost: CostModel, gemm_tokens, decode_requests=None, kv_held_tokens=None) -> np.ndarray:
+    """The engine's work per step that no operator term covers: `step_overhead_s` for each step
+    that runs a GEMM, `request_overhead_s` per decoding request, `prefill_token_overhead_s` per
+    prompt token (the GEMM tokens beyond the decoding requests), `kv_token_overhead_s` per KV
+    token the running requests hold in a step that decodes (`kv_held_tokens`: the pool in use,
+    as SGLang logs it; shared prefixes once). The same term for every policy."""
     hw = cost.hardware
     gemm = np.asarray(gemm_tokens, dtype=np.float64)
     dec = gemm if decode_requests is None else np.asarray(decode_requests, dtype=np.float64)
-    return np.where(gemm > 0, hw.step_overhead_s, 0.0) + hw.request_overhead_s * dec
+    over = (np.where(gemm > 0, hw.step_overhead_s, 0.0) + hw.request_overhead_s * dec
+            + hw.prefill_token_overhead_s * (gemm - dec))
+    if kv_held_tokens is not None and hw.kv_token_overhead_s:
+        over = over + hw.kv_token_overhead_s * np.where(dec > 0, np.asarray(kv_held_tokens, dtype=np.float64), 0.0)
+    return over
 
 
 def step_seconds(ops: StepSeconds, model: ExecModel) -> np.ndarray:
