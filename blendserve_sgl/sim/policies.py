@@ -308,8 +308,8 @@ class BlendPicker(Picker):
         if self.meter:
             steps, self._steps = view.steps - self._steps, view.steps
             pool = view.kv_pool_bytes
-        budget = Budget(max(0, free) * bpt, view.slots_left, view.prefill_left, kv_horizons=horizons,
-                        steps=steps, kv_pool=pool)
+        budget = Budget(max(0, free) * bpt, view.slots_left, view.prefill_left, output_ratio=view.new_token_ratio if self.preset.engine_ratio else None,
+                        kv_horizons=horizons, steps=steps, kv_pool=pool)
         return [Pick(self.reqs[a.rid], math.ceil(a.kv_bytes / bpt - 1e-9)) for a in self.scanner.schedule(budget)]
 
     def rejected(self, picks: list[Pick]) -> None:
