@@ -26,16 +26,14 @@ from blendserve_sgl.core.preset import PRESET  # noqa: E402
 from blendserve_sgl.sim import POLICIES, EngineConfig, RunSpec, Workload, simulate  # noqa: E402
 from blendserve_sgl.workloads import TRACES, trace  # noqa: E402
 
-GROWTH = dict(censored=True, censored_growth=2.0)  # censored samples: doubling rule within max_tokens
 VARIANTS = {  # label -> preset
     "blend": PRESET,
-    "- re-plan on sample growth": PRESET.replace(replan_growth=None),
+    "- whole sample (plan at half of it)": PRESET.replace(sample_quorum=0.5),
+    "- whole sample + re-plan on sample growth": PRESET.replace(sample_quorum=0.5, replan_growth=2.0),
     "- engine ratio (whole estimates reserved)": PRESET.replace(engine_ratio=False),
-    "- both": PRESET.replace(replan_growth=None, engine_ratio=False),
+    "- engine ratio - whole sample": PRESET.replace(engine_ratio=False, sample_quorum=0.5),
     "+ reserve overruns": PRESET.replace(reserve_overruns=True),
     "+ p90": PRESET.replace(percentile=0.9),
-    "+ censored growth": PRESET.replace(**GROWTH),
-    "+ whole sample before the plan": PRESET.replace(sample_quorum=1.0),
 }
 OTHERS = tuple(p for p in POLICIES if p != "blend")
 
