@@ -71,7 +71,7 @@ class Admission(NamedTuple):
     prompt_len: int
     cached_tokens: int  # prefix estimated to be cached: shared with a recently taken request
     output_len: int  # known, or the current estimate
-    kv_bytes: float  # KV bytes reserved: (uncached prompt + reserve_output_ratio x output) x bytes/token
+    kv_bytes: float  # KV bytes reserved: (uncached prompt + r x output) x bytes/token (r: Budget.output_ratio)
 
 
 @dataclass(frozen=True, slots=True)

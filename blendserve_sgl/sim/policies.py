@@ -257,7 +257,9 @@ class BlendPicker(Picker):
     """The dual scanner of `core/scanner.py` over a `ResourceTree` of the waiting requests.
 
     The KV budget it sees is free + evictable pages minus what its running requests still
-    have reserved; its reservations are its own (uncached prompt + reserve_output_ratio x output).
+    have reserved; its reservations are its own (uncached prompt + r x output, r the engine's
+    new-token ratio for estimated outputs when the preset says `engine_ratio`, as the plugin
+    passes SGLang's).
     With unknown output lengths (requests without ignore_eos) the tree gets none: the scanner
     samples first and estimates, and a left-side request that runs far past its estimate is
     reported through `progress` so it moves to the memory-dense side. With the engine's
