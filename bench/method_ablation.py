@@ -24,18 +24,16 @@ from bench._common import table, write  # noqa: E402
 from bench.paper_traces import COST, MODES, TIMING_RULE, row_of, versus  # noqa: E402
 from blendserve_sgl.core.preset import PRESET  # noqa: E402
 from blendserve_sgl.sim import POLICIES, EngineConfig, RunSpec, Workload, simulate  # noqa: E402
-from blendserve_sgl.sim.traces import TRACES, trace  # noqa: E402
+from blendserve_sgl.workloads import TRACES, trace  # noqa: E402
 
-GROWTH = dict(censored=True, censored_growth=2.0)  # censored samples: doubling rule within max_tokens
 VARIANTS = {  # label -> preset
     "blend": PRESET,
-    "+ censored growth": PRESET.replace(**GROWTH),
-    "+ re-plan on sample growth": PRESET.replace(replan_growth=2.0),
-    "+ re-plan + p90": PRESET.replace(replan_growth=2.0, percentile=0.9),
-    "+ censored growth + re-plan + p90": PRESET.replace(**GROWTH, replan_growth=2.0, percentile=0.9),
+    "- whole sample (plan at half of it)": PRESET.replace(sample_quorum=0.5),
+    "- whole sample + re-plan on sample growth": PRESET.replace(sample_quorum=0.5, replan_growth=2.0),
+    "- engine ratio (whole estimates reserved)": PRESET.replace(engine_ratio=False),
+    "- engine ratio - whole sample": PRESET.replace(engine_ratio=False, sample_quorum=0.5),
     "+ reserve overruns": PRESET.replace(reserve_overruns=True),
-    "+ reserve overruns + re-plan": PRESET.replace(reserve_overruns=True, replan_growth=2.0),
-    "+ whole sample before the plan": PRESET.replace(sample_quorum=1.0),
+    "+ p90": PRESET.replace(percentile=0.9),
 }
 OTHERS = tuple(p for p in POLICIES if p != "blend")
 
@@ -95,7 +93,8 @@ def main() -> None:
                   "model": "llama-3.1-8b", "hardware": "a100", "modes": {k: m.mode for k, m in MODES.items()}},
         "requests_per_trace": args.requests,
         "variants": {k: {"replace": {f: VARIANTS[k].leaf(f) for f in ("censored", "censored_growth", "replan_growth",
-                                                                      "percentile", "sample_quorum", "reserve_overruns")}}
+                                                                      "percentile", "sample_quorum", "reserve_overruns",
+                                                                      "engine_ratio")}}
                      for k in variants},
         "summary": means, "table": rows, "wall_seconds": round(time.perf_counter() - t0, 1)})
     print(f"wrote {path}")

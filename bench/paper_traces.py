@@ -246,7 +246,8 @@ def main() -> None:
                   "blend_preset": {"scan": {k: getattr(PRESET.scan, k) for k in PRESET.scan.__dataclass_fields__},
                                    "estimator": {k: getattr(PRESET.estimator, k)
                                                  for k in PRESET.estimator.__dataclass_fields__},
-                                   "pacing": PRESET.pacing, "metering": PRESET.metering},
+                                   "pacing": PRESET.pacing, "metering": PRESET.metering,
+                                   "engine_ratio": PRESET.engine_ratio},
                   "blend_as_shipped": "the preset on the stock engine, paced prefill when the preset paces "
                                       "(the plugin sets it in SGLang); stock policies on the stock engine",
                   "optimal": "T_o = max((1 - s_o) T_comp, T_mem) (the paper's)",

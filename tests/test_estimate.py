@@ -469,3 +469,83 @@ def test_reserve_overruns_keeps_the_kv_an_overrunning_request_will_still_need():
             sc.finished(first.rid, 350)
             assert sc.overrun_bytes == 0 and not sc.overrun
     assert len(outcome[False]) == 1 and outcome[True] == []
+
+
+# ---------------------------------------------------------------- where samples live
+def test_split_twin_reads_its_origins_samples():
+    """A twin made by split_off repeats its origin's prefix: a sample recorded along the origin's
+    path after the split (a sample that finishes after the plan) informs the twin's requests,
+    and one recorded along the twin's path informs the origin's; no node holds samples twice."""
+    t = ResourceTree(COST, OutputLengthEstimator(prior=7))
+    for i in range(4):
+        t.add(f"a{i}", prompt_len=100, prefix=[("A", 10), (f"A{i % 2}", 10)], max_tokens=10_000)
+    t.add("c", prompt_len=100, prefix=[("C", 10)], max_tokens=10_000)
+    nA0 = t.reqs["a0"].node
+    nA = nA0.parent
+    origin_path = t.path(nA0)
+    twin = t.split_off(nA, [nA0])
+    assert t.reqs["a0"].node.parent is twin and t.reqs["a1"].node.parent is nA
+    t.estimator.record(origin_path, 500)  # recorded along the path the sample was taken from
+    assert t.estimator.estimate(twin, None) == 500
+    assert t.estimator.estimate(t.reqs["a1"].node, None) == 500
+    assert twin.sample_n == 0 and nA.sample_n == 1
+    t.estimator.record(t.path(twin), 100)
+    assert nA.sample_n == 2 and twin.sample_n == 0
+    assert t.estimator.estimate(t.reqs["a1"].node, None) == 300
+    assert t.estimator.estimate(t.reqs["c"].node, None) == 300  # the root holds both
+
+
+def test_recreated_node_reads_the_samples_of_the_pruned_one():
+    """All requests under prefix V are taken (V is pruned) while a sample of V still runs; a
+    request retracted and re-added under V re-creates it, and the sample that finishes later
+    (recorded along the pruned path) sets its estimate, as the brute-force rule (the nearest
+    enclosing prefix with samples) says; a different prefix does not pick them up."""
+    t = ResourceTree(COST, OutputLengthEstimator(prior=7))
+    t.add("short", prompt_len=50, prefix=[("S", 10)], max_tokens=100_000)
+    t.add("v0", prompt_len=50, prefix=[("V", 10)], max_tokens=100_000)
+    t.add("v1", prompt_len=50, prefix=[("V", 10)], max_tokens=100_000)
+    t.estimator.record(t.path(t.reqs["short"].node), 3)
+    sample_path = t.path(t.reqs["v0"].node)
+    t.remove("v0")
+    t.remove("v1")  # V pruned
+    t.estimator.record(sample_path, 9000)  # the V sample finishes after that
+    v1 = t.add("v1", prompt_len=80, prefix=[("V", 10), ("v1-out", 30)], max_tokens=100_000)
+    other = t.add("w", prompt_len=80, prefix=[("W", 10), ("V", 10)], max_tokens=100_000)
+    assert v1.output_len == 9000
+    assert other.output_len == round((3 + 9000) / 2)  # only the root encloses it
+    t.add("v2", prompt_len=80, prefix=[("V", 10), ("v2-out", 30)], max_tokens=100_000)  # splits the edge
+    assert t.reqs["v2"].output_len == 9000 and t.estimator.estimate(t.reqs["v1"].node, None) == 9000
+    t.check_integrity()
+
+
+def test_replan_growth_counts_each_sample_against_what_the_plan_assumed():
+    """After the plan, a sample re-plans only once it outgrows growth x what the plan assumed for
+    it (its node's estimate, or its own output if larger) and by REPLAN_MIN_TOKENS: a long sample
+    among short ones re-plans once per doubling, not at every step; a 1-token estimate does not
+    re-plan at 2 tokens."""
+    from blendserve_sgl.core.scanner import REPLAN_MIN_TOKENS
+
+    est = OutputLengthEstimator(sample_fraction=0.2, seed=1)
+    sc, sample = _sampled_scanner(ScanConfig(sample_quorum=0.5, replan_growth=2.0), est)
+    for rid in sample[:4]:
+        sc.finished(rid, 1)
+    assert sc.planned
+    long = sample[4]
+    sc.progress(long, 300)
+    assert sc.replan_due  # the plan assumed 1 for requests like it
+    sc.schedule(Budget(0.0, 100, 10 ** 6))
+    assert sc.replans == 1 and not sc.replan_due
+    assert sc.watch_at(long) <= 600  # reported by the next re-plan point: 2 x its own output (300)
+    for g in range(301, 600):
+        sc.progress(long, g)
+    assert not sc.replan_due
+    sc.progress(long, 600)
+    assert sc.replan_due
+    sc.schedule(Budget(0.0, 100, 10 ** 6))
+    short = sample[5]
+    sc.progress(short, 2)
+    assert not sc.replan_due and sc.replans == 2
+    assert sc._replan_at(short) >= sc._assumed[short] + REPLAN_MIN_TOKENS
+    sc.progress(short, 20_000)
+    assert sc.replan_due
+    sc.check_integrity()

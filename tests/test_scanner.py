@@ -61,17 +61,21 @@ def test_run_hands_out_every_request_once(known):
     if not known:  # the sample comes first
         n_sample = sc.sample_size
         assert n_sample == math.ceil(0.05 * len(wl)) and set(sides[:n_sample]) == {SAMPLE}
-    _assert_budgets(log)
+    _assert_budgets(log, known)
 
 
-def _assert_budgets(log):
+def _assert_budgets(log, known):
+    """Budgets hold; each admission reserves its uncached prompt and its output, an estimated
+    one times the engine's new-token ratio (the simulator passes it, as the plugin passes SGLang's)."""
     bpt = COST.kv_bytes_per_token
     for budget, adm in log:
         assert len(adm) <= max(0, budget.slots)
         assert sum(a.kv_bytes for a in adm) <= budget.kv_bytes * (1 + 1e-12) + 1e-6
+        ratio = 1.0 if known else budget.output_ratio
+        assert 0 < ratio <= 1
         for a in adm:
             assert 0 <= a.cached_tokens < a.prompt_len
-            assert a.kv_bytes == pytest.approx((a.prompt_len - a.cached_tokens + a.output_len) * bpt)
+            assert a.kv_bytes == pytest.approx((a.prompt_len - a.cached_tokens + ratio * a.output_len) * bpt)
 
 
 def test_budgets_respected_under_pressure():
@@ -81,7 +85,7 @@ def test_budgets_respected_under_pressure():
     engine = sim_engine(length_records(wl), kv_bytes=1e9, max_running=6, chunk=300)
     log = _recording(engine.picker.scanner)
     engine.run(check=True)
-    _assert_budgets(log)
+    _assert_budgets(log, known=True)
     assert any(len(adm) == b.slots and b.slots > 0 for b, adm in log)  # the slot limit was reached
     assert all(not adm for b, adm in log if b.prefill_tokens <= 0 or b.slots <= 0)
     sc2 = DualScanner(build_length_tree(wl))
@@ -525,3 +529,29 @@ def test_long_prompts_with_estimated_lengths_run_to_the_end_in_the_simulator():
                     make_picker("blend", reqs, COST), reqs)
     engine.run(max_steps=400_000)
     assert engine.finished == len(reqs)
+
+
+def test_engine_ratio_reserves_estimated_outputs_at_the_engines_ratio():
+    """`Budget.output_ratio` (the engine's new-token ratio) scales an estimated output's
+    reservation; a known output is then reserved whole (SGLang reserves ignore_eos requests so);
+    without it, `reserve_output_ratio` applies to both. The simulator's blend passes its
+    engine's ratio exactly when the preset says `engine_ratio`, and the switch changes the run."""
+    from blendserve_sgl.core import ResourceTree
+    from blendserve_sgl.core.preset import PRESET
+    from blendserve_sgl.sim import EngineConfig, RunSpec, Workload, simulate
+    from blendserve_sgl.workloads import trace
+
+    bpt = COST.kv_bytes_per_token
+    for ratio, want in ((0.25, {"known": 100 + 400, "est": 100 + 0.25 * 400}), (None, {"known": 500, "est": 500})):
+        tree = ResourceTree(COST, OutputLengthEstimator(sample_fraction=0.0, prior=400))
+        tree.add("known", prompt_len=100, prefix=[("k", 10)], output_len=400)
+        tree.add("est", prompt_len=100, prefix=[("e", 10)], max_tokens=1000)
+        sc = DualScanner(tree, ScanConfig())
+        got = {a.rid: a.kv_bytes / bpt for a in sc.schedule(Budget(1e12, 10, 10_000, output_ratio=ratio))}
+        assert got == pytest.approx(want)
+    records, _ = trace("trace2", 400, COST, 0)
+    wl = Workload(records, COST)
+    engine = EngineConfig.for_cost(COST, kv_gb=4.0, max_running=64, chunked_prefill=512)
+    runs = {flag: simulate(wl, "blend", RunSpec(COST, engine, preset=PRESET.replace(engine_ratio=flag)))
+            for flag in (True, False)}
+    assert runs[True].steps != runs[False].steps

@@ -5,6 +5,11 @@ Each finished sample adds its output length to the nodes on its path, so every s
 its sampled mean. A request's estimate is the mean of the nearest enclosing subtree that has
 samples: its own node, else its parent's (that is, its siblings' samples), and so on up to the
 root; before any sample finishes, `prior`. Estimates are capped at the request's `max_tokens`.
+A node split off by `sort_and_split` (a twin repeating its origin's edge) keeps no samples of its
+own: its origin is the one source for both, so a sample recorded along either path (before or
+after the split, finished or still running) informs the requests under both. Likewise a node
+re-created where one with samples was pruned (a retracted request re-added after its subtree was
+taken) reads the pruned node's samples (`sample_source`).
 
 Two switches (both off in the plain mean): `percentile` reserves by that quantile of the
 subtree's samples (nearest rank) instead of their mean; `censored` counts a sample still running
@@ -53,9 +58,9 @@ class OutputLengthEstimator:
         return self.percentile is not None or self.censored
 
     def estimate(self, node, max_tokens: int | None) -> int:
-        n = node
+        n = sample_source(node)
         while n is not None and n.sample_n == 0:
-            n = n.parent
+            n = sample_source(n.parent)
         if n is None:
             est = self.prior
         elif self.keeps_values and n.sample_values:
@@ -104,7 +109,7 @@ class OutputLengthEstimator:
         still running, `output_len` so far, at most `cap` (kept only where estimates use it)."""
         keep = self.keeps_values
         entry = (abs(output_len), cap if censored else None)
-        for node in path:
+        for node in map(sample_source, path):
             node.sample_n += count
             node.sample_sum += output_len
             if keep:
@@ -127,6 +132,18 @@ class OutputLengthEstimator:
 
     def overran(self, estimate: int, generated: int) -> bool:
         return generated > self.overrun_factor * max(1, estimate)
+
+
+def sample_source(node):
+    """The node whose samples stand for `node`'s subtree: a split twin's origin; for a node
+    re-created after its predecessor was pruned (its requests all taken, then one retracted),
+    that predecessor (None: None)."""
+    while node is not None:
+        nxt = node.split_of if node.split_of is not None else node.sample_from
+        if nxt is None:
+            return node
+        node = nxt
+    return node
 
 
 class SamplePhase:
@@ -176,14 +193,17 @@ class SamplePhase:
             self.pending.discard(rid)
             self.size -= 1
 
-    def estimate(self, tree, running: dict) -> None:
+    def estimate(self, tree, running: dict) -> dict:
         """Re-estimate the tree's unknown lengths; running samples (rid -> (root path, max_tokens)
         in `running`) count with their output so far (a lower bound, or censored with
-        `estimator.censored`) for this estimate only."""
+        `estimator.censored`) for this estimate only. Returns, per running sample, the estimate
+        its own node got (what this plan assumes for requests like it)."""
         est = self.estimator
-        partial = [(*running[r], g) for r, g in self.generated.items() if r in running and g > 0]
-        for path, cap, g in partial:
+        partial = [(r, *running[r], g) for r, g in self.generated.items() if r in running and g > 0]
+        for _, path, cap, g in partial:
             est.record(path, g, cap=cap, censored=est.censored)
         est.refresh(tree)
-        for path, cap, g in partial:
+        assumed = {r: est.estimate(path[-1], cap) for r, (path, cap) in running.items() if r in self.pending and path}
+        for _, path, cap, g in partial:
             est.record(path, -g, count=-1, cap=cap, censored=est.censored)
+        return assumed

@@ -25,6 +25,8 @@ class BlendPreset:
     estimator: OutputLengthEstimator
     pacing: bool = True  # each step's prefill tokens from core/pacing.py (the waiting work's density)
     metering: bool = True  # the scanner gets the step count and pool size (memory work at the shares' rate)
+    engine_ratio: bool = True  # reservations scale estimated outputs by the engine's new-token ratio (SGLang's
+    # admission does so for every request); False: by ScanConfig.reserve_output_ratio
 
     def replace(self, **leaves) -> "BlendPreset":
         """A copy with leaf fields changed, e.g. `replace(keep_sharing=0.9, pacing=False)`."""
@@ -52,6 +54,6 @@ _LEAF_PART: dict[str, str] = {
 }
 
 PRESET = BlendPreset(
-    scan=ScanConfig(hold_prefix_tokens=32, fill_while_sampling=True, final_wave=True),
+    scan=ScanConfig(hold_prefix_tokens=32, fill_while_sampling=True, final_wave=True, sample_quorum=1.0),
     estimator=OutputLengthEstimator(prior=256, sample_fraction=0.01, seed=0),
 )

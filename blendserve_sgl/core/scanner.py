@@ -41,13 +41,15 @@ from .split import SplitReport, sort_and_split
 from .tree import Node, Req, ResourceTree
 
 LEFT, RIGHT, SAMPLE = "left", "right", "sample"
+REPLAN_MIN_TOKENS = 64  # a sample outgrowing the plan's estimate by fewer tokens leaves the plan as it is
 
 
 class Budget(NamedTuple):
     kv_bytes: float  # free KV-cache bytes this step's admissions may reserve (for good)
     slots: int  # free request slots
     prefill_tokens: int  # prefill tokens this step may compute (chunked-prefill size)
-    output_ratio: float | None = None  # share of output reserved this step (else the config's)
+    output_ratio: float | None = None  # share of estimated output reserved this step, the engine's new-token
+    # ratio (known outputs are then reserved whole, as SGLang does for ignore_eos); None: the config's, for all
     # Optional, from callers that can project the running requests' KV over time:
     # ((steps, bytes), ...) with ascending steps: the KV bytes that stay free over the next
     # `steps` steps (each >= kv_bytes). A request that holds KV at most that long (its prefill
@@ -69,7 +71,7 @@ class Admission(NamedTuple):
     prompt_len: int
     cached_tokens: int  # prefix estimated to be cached: shared with a recently taken request
     output_len: int  # known, or the current estimate
-    kv_bytes: float  # KV bytes reserved: (uncached prompt + reserve_output_ratio x output) x bytes/token
+    kv_bytes: float  # KV bytes reserved: (uncached prompt + r x output) x bytes/token (r: Budget.output_ratio)
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,9 +169,10 @@ class DualScanner:
         self.split_report: SplitReport | None = None
         self.handed_out = 0
         self._ratio = config.reserve_output_ratio
+        self._engine_ratio = False  # the ratio is the engine's (Budget.output_ratio): known outputs are reserved whole
         self._wave: list[Req] = []  # final wave (ScanConfig.final_wave): waiting requests, longest first
         self._record: tuple | None = None  # (budget, extra) of the last schedule call: see last_step
-        self._planned_at: dict = {}  # running sample rid -> its output so far when the plan was made
+        self._assumed: dict = {}  # running sample rid -> max(its node's estimate, its output) at the last plan
         self.replan_due = False  # ScanConfig.replan_growth: a running sample outgrew the plan
         self.overrun: dict = {}  # ScanConfig.reserve_overruns: rid -> KV bytes still expected past its reservation
         self.overrun_bytes = 0.0  # their sum
@@ -204,19 +207,24 @@ class DualScanner:
     def _plan(self) -> None:
         """Re-estimate unknown lengths (running samples at their output so far) and sort + split."""
         self.replans += self.planned
-        self.sample.estimate(self.tree, {rid: (run.path, run.req.max_tokens) for rid, run in self.running.items()})
+        assumed = self.sample.estimate(self.tree, {rid: (run.path, run.req.max_tokens) for rid, run in self.running.items()})
         self.split_report = sort_and_split(self.tree, self.config.keep_sharing, self.config.max_split_rounds)
         self.planned = True
         self.replan_due = False
-        self._planned_at = dict(self.sample.generated)
+        self._assumed = {rid: max(est, self.sample.generated.get(rid, 0)) for rid, est in assumed.items()}
         self._wave = []
 
     def _replan_at(self, rid) -> int | None:
-        """The output length at which running sample `rid` makes the plan stale (replan_growth)."""
+        """The output length at which running sample `rid` makes the plan stale (replan_growth):
+        growth x what the plan assumed for requests like it (its node's estimate at the plan; for
+        one taken after the plan, the estimate it was taken with), or x its own output at the plan
+        if larger (a long sample among many short ones re-plans once per growth step, not every
+        step), and at least REPLAN_MIN_TOKENS more."""
         growth = self.config.replan_growth
         if growth is None or rid not in self.sample.pending:
             return None
-        return math.ceil(growth * max(1, self._planned_at.get(rid, 0)))
+        base = max(1, self._assumed.get(rid, self.running[rid].req.output_len))
+        return max(math.ceil(growth * base), base + REPLAN_MIN_TOKENS)
 
     def watch_at(self, rid) -> int | None:
         """The output length of running request `rid` at which `progress` should next be called
@@ -227,7 +235,7 @@ class DualScanner:
         marks = []
         replan = self._replan_at(rid)
         if replan is not None:  # past it (the re-plan is due): the next growth step
-            marks.append(replan if replan > gen else math.ceil(self.config.replan_growth * max(1, gen)))
+            marks.append(replan if replan > gen else max(math.ceil(self.config.replan_growth * gen), gen + REPLAN_MIN_TOKENS))
         if not run.req.known and (run.side == LEFT or self.config.reserve_overruns):
             mark = int(self.tree.estimator.overrun_factor * max(1, run.req.output_len)) + 1
             if self.config.reserve_overruns and gen >= mark:  # past it: each further growth step
@@ -253,6 +261,7 @@ class DualScanner:
             side.begin_step(None, math.inf, True, None)
         self._set_cached_last(budget.prefilling)
         self._ratio = self.config.reserve_output_ratio if budget.output_ratio is None else budget.output_ratio
+        self._engine_ratio = budget.output_ratio is not None
         out: list[Admission] = []
         if self._sample_phase(st, out) and self.tree.root.count:
             if not self._final_wave(budget, st, out):
@@ -438,7 +447,7 @@ class DualScanner:
     def _reservation(self, req: Req) -> tuple[int, float]:
         """(estimated cached prefix, KV bytes reserved) if `req` were admitted now."""
         cached = min(self._cached_prefix(req.node), req.prompt_len - 1)
-        tokens = req.prompt_len - cached + self._ratio * req.output_len
+        tokens = req.prompt_len - cached + (1.0 if req.known and self._engine_ratio else self._ratio) * req.output_len
         return cached, tokens * self.tree.cost.kv_bytes_per_token
 
     def _lifetime(self, req: Req, uncached: int, st: "_StepState") -> int:

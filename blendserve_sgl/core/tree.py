@@ -59,7 +59,7 @@ class Req:
 class Node:
     __slots__ = ("parent", "keys", "length", "prefix_len", "depth", "kids", "index", "seq", "sort_key", "split_of",
                  "count", "tokens", "mem", "sum_p", "tails", "unique", "sample_n", "sample_sum", "max_len",
-                 "sample_values")
+                 "sample_values", "sample_from")
 
     def __init__(self, parent, keys, length, seq):
         self.parent = parent
@@ -77,6 +77,7 @@ class Node:
         self.sample_n = self.sample_sum = 0
         self.sample_values: list | None = None  # (length, cap or None if finished) per sample (estimate.py)
         self.max_len = 0  # upper bound on p + d over the subtree (exact after sort())
+        self.sample_from = None  # a pruned node with samples whose edge this one's starts with (estimate.py)
 
     @property
     def saved(self) -> int:
@@ -119,6 +120,7 @@ class ResourceTree:
         self._seq = 0
         self.root = Node(None, (), 0, self._next_seq())
         self.reqs: dict = {}
+        self._pruned: dict = {}  # (id(parent), first key) -> the last node pruned there (its samples live on)
         self.is_sorted = False
 
     def _next_seq(self) -> int:
@@ -198,6 +200,9 @@ class ResourceTree:
             if child is None:
                 new = Node(node, keys[i:], _keys_length(keys[i:]), self._next_seq())
                 node.index[keys[i]] = new
+                ghost = self._pruned.get((id(node), keys[i]))
+                if ghost is not None and keys[i:i + len(ghost.keys)] == ghost.keys:
+                    new.sample_from = ghost
                 return new, new
             edge = child.keys
             m = len(edge)
@@ -220,6 +225,8 @@ class ResourceTree:
             setattr(upper, f, getattr(child, f))
         upper.sample_values = list(child.sample_values) if child.sample_values else None
         upper.sort_key = child.sort_key
+        if child.sample_from is not None and len(upper_keys) >= len(child.sample_from.keys):
+            upper.sample_from = child.sample_from
         child.keys, child.length = lower_keys, child.length - upper.length
         child.unique -= upper.length
         child.parent = upper
@@ -278,6 +285,7 @@ class ResourceTree:
             _unlink(parent.kids, node)
             if node.keys and parent.index.get(node.keys[0]) is node:
                 del parent.index[node.keys[0]]
+                self._pruned[(id(parent), node.keys[0])] = node  # samples recorded later still count
             a = parent
             while a is not None:
                 a.unique -= node.length
@@ -309,8 +317,6 @@ class ResourceTree:
             raise ValueError("split_off needs a non-empty proper subset of the node's children")
         twin = Node(parent, node.keys, node.length, self._next_seq())
         twin.split_of = node
-        twin.sample_n, twin.sample_sum = node.sample_n, node.sample_sum  # same estimate source
-        twin.sample_values = list(node.sample_values) if node.sample_values else None
         twin.max_len = node.max_len
         keep = deque()
         for k in node.kids:

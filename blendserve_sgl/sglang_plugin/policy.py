@@ -309,7 +309,8 @@ class BlendPolicy:
             forward_ct = int(sched.forward_ct)
             steps, self._forward_ct = max(0, forward_ct - self._forward_ct), forward_ct
             pool = sched.max_total_num_tokens * kvb
-        return Budget(free_tokens * kvb, max(0, slots), prefill, output_ratio=ratio, steps=steps, kv_pool=pool,
+        return Budget(free_tokens * kvb, max(0, slots), prefill, output_ratio=ratio if self.preset.engine_ratio else None,
+                      steps=steps, kv_pool=pool,
                       prefilling=prefilling)
 
     # ------------------------------------------------------------------ paced prefill

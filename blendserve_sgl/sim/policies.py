@@ -257,7 +257,9 @@ class BlendPicker(Picker):
     """The dual scanner of `core/scanner.py` over a `ResourceTree` of the waiting requests.
 
     The KV budget it sees is free + evictable pages minus what its running requests still
-    have reserved; its reservations are its own (uncached prompt + reserve_output_ratio x output).
+    have reserved; its reservations are its own (uncached prompt + r x output, r the engine's
+    new-token ratio for estimated outputs when the preset says `engine_ratio`, as the plugin
+    passes SGLang's).
     With unknown output lengths (requests without ignore_eos) the tree gets none: the scanner
     samples first and estimates, and a left-side request that runs far past its estimate is
     reported through `progress` so it moves to the memory-dense side. With the engine's
@@ -308,8 +310,8 @@ class BlendPicker(Picker):
         if self.meter:
             steps, self._steps = view.steps - self._steps, view.steps
             pool = view.kv_pool_bytes
-        budget = Budget(max(0, free) * bpt, view.slots_left, view.prefill_left, kv_horizons=horizons,
-                        steps=steps, kv_pool=pool)
+        budget = Budget(max(0, free) * bpt, view.slots_left, view.prefill_left, output_ratio=view.new_token_ratio if self.preset.engine_ratio else None,
+                        kv_horizons=horizons, steps=steps, kv_pool=pool)
         return [Pick(self.reqs[a.rid], math.ceil(a.kv_bytes / bpt - 1e-9)) for a in self.scanner.schedule(budget)]
 
     def rejected(self, picks: list[Pick]) -> None:
