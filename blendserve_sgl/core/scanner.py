@@ -445,10 +445,12 @@ class DualScanner:
         return longest * self.tree.cost.kv_bytes_per_token
 
     def _reservation(self, req: Req) -> tuple[int, float]:
-        """(estimated cached prefix, KV bytes reserved) if `req` were admitted now."""
+        """(estimated cached prefix, KV bytes reserved) if `req` were admitted now: whole tokens, so
+        the sides' accounts stay exact sums (`check_integrity`)."""
         cached = min(self._cached_prefix(req.node), req.prompt_len - 1)
-        tokens = req.prompt_len - cached + (1.0 if req.known and self._engine_ratio else self._ratio) * req.output_len
-        return cached, tokens * self.tree.cost.kv_bytes_per_token
+        ratio = 1.0 if req.known and self._engine_ratio else self._ratio
+        tokens = req.prompt_len - cached + math.ceil(ratio * req.output_len)
+        return cached, float(tokens * self.tree.cost.kv_bytes_per_token)
 
     def _lifetime(self, req: Req, uncached: int, st: "_StepState") -> int:
         """Steps `req` would hold KV if taken now: its prefill chunks at this step's budget, then
