@@ -37,9 +37,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._common import table, write  # noqa: E402
+from blendserve_sgl.harness import cpu_engine_env  # noqa: E402
 from blendserve_sgl.workloads import data_dir  # noqa: E402
 
-ENV = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(ROOT)}
+ENV = cpu_engine_env()
 
 
 def shared_data() -> Path:

@@ -12,6 +12,16 @@ import time
 from pathlib import Path
 
 
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def cpu_engine_env(**extra: str) -> dict:
+    """The environment a CPU engine child runs with: this one, SGLang's CPU engine on, OpenMP's
+    passive wait (kept if set), the project on `PYTHONPATH`, and `extra`."""
+    return {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+            "PYTHONPATH": str(ROOT), **extra}
+
+
 def start(argv: list[str], *, log_path: str | os.PathLike | None = None, env: dict | None = None,
           **popen) -> subprocess.Popen:
     """`argv` in a new session (its own process group), output to `log_path` or discarded."""

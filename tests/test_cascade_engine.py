@@ -15,13 +15,15 @@ from pathlib import Path
 
 import pytest
 
+from blendserve_sgl.harness import cpu_engine_env
+
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.engine
 
 if os.environ.get("BLENDSERVE_SKIP_ENGINE") == "1":
     pytest.skip("BLENDSERVE_SKIP_ENGINE=1", allow_module_level=True)
 
-ENV = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+ENV = cpu_engine_env()
 NEAR_TIE = 0.05  # nats between the best and second-best token, as in test_engine_e2e.py
 
 

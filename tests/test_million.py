@@ -23,6 +23,7 @@ from blendserve_sgl.batch.prompts import Prepared, prepare
 from blendserve_sgl.batch.reader import read_store
 from blendserve_sgl.batch.requests import BatchRequest, LineError, read_requests
 from blendserve_sgl.batch.store import REQUEST_BYTES, TokenStore
+from blendserve_sgl.harness import cpu_engine_env
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -405,7 +406,7 @@ def test_window_feed_matches_all_at_once_on_the_engine(tiny, tmp_path):
     still a complete answer; a lost, duplicated or mixed-up request would differ everywhere."""
     model_dir, _ = tiny
     path = corpus(tmp_path / "in.jsonl", 160, bad=False)
-    env = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", "OMP_WAIT_POLICY": "PASSIVE", "PYTHONPATH": str(ROOT)}
+    env = cpu_engine_env()
     runs = {}
     for window in ("0", "16"):
         out, summary = tmp_path / f"out{window}.jsonl", tmp_path / f"s{window}.json"

@@ -51,13 +51,13 @@ if __name__ == "__main__":
 
 import pytest  # noqa: E402
 
-from blendserve_sgl.harness import kill_group  # noqa: E402
+from blendserve_sgl.harness import cpu_engine_env, kill_group  # noqa: E402
 
 pytestmark = pytest.mark.engine
 if os.environ.get("BLENDSERVE_SKIP_ENGINE") == "1":
     pytest.skip("BLENDSERVE_SKIP_ENGINE=1", allow_module_level=True)
 
-ENV = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
+ENV = cpu_engine_env()
 
 
 def test_paced_budgets_and_bad_hints_in_the_engine(tiny_llama, tmp_path):

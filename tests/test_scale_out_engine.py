@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from blendserve_sgl.harness import kill_group
+from blendserve_sgl.harness import cpu_engine_env, kill_group
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.engine
@@ -20,8 +20,7 @@ pytestmark = pytest.mark.engine
 if os.environ.get("BLENDSERVE_SKIP_ENGINE") == "1":
     pytest.skip("BLENDSERVE_SKIP_ENGINE=1", allow_module_level=True)
 
-ENV = {**os.environ, "SGLANG_USE_CPU_ENGINE": "1", "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
-       "PYTHONPATH": str(ROOT)}
+ENV = cpu_engine_env()
 
 
 def scenario(name: str, spec: dict, tmp_path: Path, timeout: float = 1500) -> dict:
