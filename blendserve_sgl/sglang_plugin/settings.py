@@ -94,7 +94,7 @@ def _hardware(v):
 
 
 KNOBS: dict[str, Knob] = {k.name: k for k in (
-    Knob("hardware", str, "Cost-model hardware preset: a100, h100, h200, cpu (measured here) or auto "
+    Knob("hardware", str, "Cost-model hardware preset: a100, h100, h200, cpu (this project's calibrated CPU) or auto "
          "(cpu on a CPU device, else from the GPU's name).", _hardware, default="auto"),
     Knob("sample_fraction", float, "Share of unknown-length requests run first to estimate output lengths.",
          _within(0, 1), preset="sample_fraction"),
@@ -107,7 +107,7 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
     Knob("final_wave", bool, "Once every waiting request fits in the KV cache at once, admit them longest output "
          "first so the batch ends in one wave (1/0).", preset="final_wave"),
     Knob("pacing", bool, "Set each step's prefill-token budget and chunk size so the step holds the waiting "
-         "work's density (1/0).", preset="pacing"),
+         "work's density; off while nothing decodes (1/0).", preset="pacing"),
     Knob("metering", bool, "Admit each side's memory work at the rate of its memory share, counting SGLang's "
          "forward passes (1/0).", preset="metering"),
     Knob("seed", int, "Seed of the output-length sample.", _at_least(0), preset="seed"),
