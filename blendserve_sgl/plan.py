@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
 
             device = prepare_environment("auto")  # before torch loads (with the tokenizer), as run does
         t0 = time.perf_counter()
-        errors, lines, fractions = [], None, None
+        errors, lines, fractions, gen_s = [], None, None, 0.0
         if args.input:
             from .workloads.batch_file import compress, load_batch_file
 
@@ -355,8 +355,10 @@ def main(argv: list[str] | None = None) -> int:
             if args.generate_sample:
                 say(f"generating a sample of {min(args.generate_sample, len(records))} requests on this machine "
                     f"({device}) ...")
+                t_gen = time.perf_counter()
                 fractions = sampled_fractions(records, args.generate_sample, args.seed, generate_here(
                     args.input, args.model, tokenizer, ctx, args.default_max_tokens, device, args.seed))
+                gen_s = time.perf_counter() - t_gen
         else:
             from .sim.cli import load_workload
 
@@ -364,7 +366,7 @@ def main(argv: list[str] | None = None) -> int:
             counted = "the built-in workload's lengths"
             records = [r._replace(max_tokens=r.output_len) for r in load_workload(args.workload, args.requests, cost,
                                                                                   args.seed)]
-        read_s = time.perf_counter() - t0
+        read_s = time.perf_counter() - t0 - gen_s
         engine = EngineConfig.for_cost(cost, kv_gb=args.kv_gb, max_running=args.max_running,
                                        chunked_prefill=args.chunk, mixed_chunk=args.mixed_chunk)
         big = next((r for r in records if r.prompt_len + r.output_len > engine.kv_tokens), None)
@@ -383,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     out = {"command": "blendserve plan " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[2:])),
            "input": args.input or args.workload, "lines": lines, "bad_lines": len(errors),
            "bad_line_messages": [e.message for e in errors[:20]], "token_counts": counted,
-           **out, "read_seconds": round(read_s, 2), "simulate_seconds": round(sim_s, 2),
+           **out, "read_seconds": round(read_s, 2), "generate_seconds": round(gen_s, 2), "simulate_seconds": round(sim_s, 2),
            "plan_seconds": round(time.perf_counter() - t0, 2)}
     plot = args.plot or (str(Path(args.out).with_suffix(".png")) if args.out else "plan.png")
     best = out.get("best_other", {}).get("max_tokens")
@@ -434,7 +436,9 @@ def _print(out: dict, say) -> None:
         s = out["blend_speedup_vs_best_other"]
         say(f"blend vs the best other policy: {s['estimate']:.3f}x ({out['best_other']['estimate']}, estimate) .. "
             f"{s['max_tokens']:.3f}x ({out['best_other']['max_tokens']}, max_tokens)")
-    say(f"planned in {out['plan_seconds']:.1f} s (reading and tokenizing {out['read_seconds']:.1f} s); plot: {out['plot']}")
+    gen = f", generating the sample {out['generate_seconds']:.1f} s" if out.get("generated_sample") else ""
+    say(f"planned in {out['plan_seconds']:.1f} s (reading and tokenizing {out['read_seconds']:.1f} s{gen}); "
+        f"plot: {out['plot']}")
 
 
 def plan_for_run(run_args) -> int:
