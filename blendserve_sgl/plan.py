@@ -12,8 +12,9 @@ is `--output-fraction` of max_tokens (an assumption, default 0.5), or, with `--g
 and a model directory, measured: N requests of the file (a seeded uniform sample) run on this
 machine through the engine as `blendserve run` runs them (`generate_here`), and each simulated
 request generates round(max_tokens x a fraction drawn, seeded, from the sampled generated /
-max_tokens), which keeps the spread of output lengths a mean would hide. The output says which. Each policy runs in the simulator (`sim.run.simulate`: SGLang's
-admission, chunked prefill, radix prefix cache, retraction) under the same rules, output lengths
+max_tokens), which keeps the spread of output lengths a mean would hide. The output says which.
+Each policy runs in the simulator (`sim.run.simulate`: SGLang's admission, chunked prefill,
+radix prefix cache, retraction) under the same rules, output lengths
 unknown to the scheduler (blend samples and estimates, as the plugin does). The plan is this
 view of `simulate`'s results, nothing else: predicted wall time (step times of the cost model,
 `--timing` sequential as SGLang runs operators, or overlapped), GPU-hours, throughput, prefix
@@ -157,7 +158,8 @@ def plan(records: list[Record], cost: CostModel, engine: EngineConfig, policies=
     runs are independent: `workers` processes run them (`run_jobs`), with the same results."""
     simulated = sample(records, sim_requests, seed)
     scale = len(records) / len(simulated)
-    workloads = {name: Workload(recs, cost) for name, recs in scenario_records(simulated, output_fraction, fractions, seed).items()}
+    workloads = {name: Workload(recs, cost)
+                 for name, recs in scenario_records(simulated, output_fraction, fractions, seed).items()}
     jobs = [(workloads[name], p, product_spec(p, cost, engine, seed)) for name in SCENARIOS for p in policies]
     if len(simulated) < len(records):  # the sampling error: the first policy on a second sample
         other = scenario_records(sample(records, sim_requests, seed + 1), output_fraction)["max_tokens"]
