@@ -337,7 +337,13 @@ def main(argv: list[str] | None = None) -> int:
                                  "file and --model DIR (a model directory with weights); or drop it and plan with "
                                  "an assumed --output-fraction")
             from .batch.runner import prepare_environment
+            from .models import check_model_dir
 
+            try:
+                check_model_dir(args.model)
+            except ModelError as exc:
+                raise ValueError(f"--generate-sample needs a model that runs here: {exc}; or drop --generate-sample "
+                                 "and plan with an assumed --output-fraction") from None
             device = prepare_environment("auto")  # before torch loads (with the tokenizer), as run does
         t0 = time.perf_counter()
         errors, lines, fractions, gen_s = [], None, None, 0.0

@@ -297,7 +297,8 @@ def test_estimate_follows_the_generated_sample(user_file):
 
 def test_generate_sample_flag(user_file, tmp_path, capsys, monkeypatch):
     """More than the file's accepted requests: all of them run; a negative N is refused by the
-    parser; a preset model (nothing to run here) is an error naming --output-fraction."""
+    parser; a directory without weights or a preset model (nothing to run here) is an error
+    naming --output-fraction."""
     from blendserve_sgl.batch import runner
 
     _config_dir(tmp_path)
@@ -310,6 +311,10 @@ def test_generate_sample_flag(user_file, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(plan, "generate_here", fake_generate_here)
     args = [str(user_file), "--model", str(tmp_path), "--hardware", "a100", "--policies", "fcfs", "--json",
             "--plot", str(tmp_path / "p.png")]
+    assert cli.main(["plan", *args, "--generate-sample", "4"]) == 2  # a config without weights: nothing to run
+    err = capsys.readouterr().err
+    assert "no weights" in err and "--output-fraction" in err and ran == []
+    (tmp_path / "model.safetensors").write_bytes(b"")
     assert cli.main(["plan", *args, "--generate-sample", "1000"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert len(ran) == data["requests"] == 38 and data["generated_sample"]["requests"] == 38
