@@ -1,6 +1,7 @@
 """`blendserve plan`: a user's file read as `run` reads it, and a view over the simulator."""
 
 import json
+import os
 
 import pytest
 from hypothesis import given, settings
@@ -150,18 +151,24 @@ def test_plan_of_a_sample_is_scaled(user_file):
     assert plan.plan(records, COST, engine, ("fcfs",), timing=timing)[0]["sampling_spread"] is None  # all simulated
 
 
-def test_plan_with_a_model_directory_tokenizes_with_its_tokenizer(user_file, tmp_path, capsys):
-    """--model DIR: the directory's config (cost model, context) and tokenizer, as `run` uses them."""
+def _config_dir(path):
+    """A model directory without weights: a tokenizer and a small Llama config."""
     import sys
     from pathlib import Path
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
     from cpu_smoke import build_tokenizer
 
-    tok = build_tokenizer(tmp_path)
-    (tmp_path / "config.json").write_text(json.dumps(dict(
+    tok = build_tokenizer(path)
+    (path / "config.json").write_text(json.dumps(dict(
         hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=len(tok), torch_dtype="float32", max_position_embeddings=2048, model_type="llama")))
+    return tok
+
+
+def test_plan_with_a_model_directory_tokenizes_with_its_tokenizer(user_file, tmp_path, capsys):
+    """--model DIR: the directory's config (cost model, context) and tokenizer, as `run` uses them."""
+    tok = _config_dir(tmp_path)
     assert cli.main(["plan", str(user_file), "--model", str(tmp_path), "--hardware", "a100", "--policies", "fcfs",
                      "--json", "--plot", str(tmp_path / "p.png")]) == 0
     data = json.loads(capsys.readouterr().out)
@@ -254,3 +261,94 @@ def test_engine_log_parsed_into_steps():
     assert steps == [["P", 2, 512, 0, None], ["P", 1, 100, 12, 0.1], ["D", 3, 640, None], ["D", 3, 643, 0.01],
                      ["P", 2, 50, 0, 0.05]]
     assert pf.step_intervals(steps) == [(1, 2, 0.1), (3, 4, 0.01), (2, 5, 0.05)]
+
+
+def test_estimate_follows_the_generated_sample(user_file):
+    """`sampled_fractions` hands the seeded sample to the generator and keeps generated /
+    max_tokens; the estimate scenario gives each request round(max_tokens x a drawn fraction),
+    and the plan says the lengths were generated."""
+    records = load_batch_file(user_file, ByteTokenizer(), 4096, 256).records  # max_tokens 8, 48, 88, 16, 300
+    seen = []
+
+    def stand_in(chosen):  # half of max_tokens for even ids, a quarter for the others; q0 fails
+        seen.append([r.rid for r in chosen])
+        return [None if r.rid == "q0" else r.output_len // (2 if int(r.rid[1:]) % 2 == 0 else 4) for r in chosen]
+
+    fr = plan.sampled_fractions(records, 6, 5, stand_in)
+    assert seen == [[r.rid for r in plan.sample(records, 6, 5)]]
+    assert set(fr) <= {0.25, 0.5} and len(fr) == 6 - ("q0" in seen[0])
+    est = plan.scenario_records(records, 0.9, fr, seed=5)["estimate"]
+    for r, e in zip(records, est):  # a quarter or a half
+        assert e.output_len in ({8: (2, 4), 16: (4, 8), 48: (12, 24), 88: (22, 44), 300: (75, 150)}[r.max_tokens])
+    assert plan.scenario_records(records, 0.9, [0.25], seed=5)["estimate"] == \
+        [r._replace(output_len={8: 2, 16: 4, 48: 12, 88: 22, 300: 75}[r.max_tokens]) for r in records]
+    engine = EngineConfig.for_cost(COST, kv_gb=0.3, max_running=16, chunked_prefill=256)
+    timing = ExecModel("sequential")
+    out, _ = plan.plan(records, COST, engine, ("fcfs",), timing=timing, seed=5, fractions=fr)
+    res = simulate(Workload(est, COST), "fcfs", RunSpec(COST, engine, known_lengths=False, seed=5))
+    assert out["policies"][0]["wall_s"]["estimate"] == round(res.time(timing), 4)
+    assert out["output_lengths"]["estimate"].startswith(f"generated: {len(fr)} requests of this file ran on this "
+                                                        f"machine (model {COST.model.name})")
+    assert out["generated_sample"]["fractions"] == fr
+    assert plan.plan(records, COST, engine, ("fcfs",))[0]["output_lengths"]["estimate"].endswith("(assumed)")
+    with pytest.raises(ValueError, match="--output-fraction"):
+        plan.sampled_fractions(records, 3, 0, lambda chosen: [None] * len(chosen))
+
+
+def test_generate_sample_flag(user_file, tmp_path, capsys, monkeypatch):
+    """More than the file's accepted requests: all of them run; a negative N is refused by the
+    parser; a directory without weights or a preset model (nothing to run here) is an error
+    naming --output-fraction."""
+    from blendserve_sgl.batch import runner
+
+    _config_dir(tmp_path)
+    monkeypatch.setattr(runner, "prepare_environment", lambda device="auto": "cpu")
+    ran = []
+
+    def fake_generate_here(path, model_dir, tokenizer, ctx, default_max_tokens, device, seed=0):
+        return lambda chosen: ran.extend(chosen) or [r.output_len // 4 for r in chosen]
+
+    monkeypatch.setattr(plan, "generate_here", fake_generate_here)
+    args = [str(user_file), "--model", str(tmp_path), "--hardware", "a100", "--policies", "fcfs", "--json",
+            "--plot", str(tmp_path / "p.png")]
+    assert cli.main(["plan", *args, "--generate-sample", "4"]) == 2  # a config without weights: nothing to run
+    err = capsys.readouterr().err
+    assert "no weights" in err and "--output-fraction" in err and ran == []
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert cli.main(["plan", *args, "--generate-sample", "1000"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert len(ran) == data["requests"] == 38 and data["generated_sample"]["requests"] == 38
+    assert data["output_lengths"]["estimate"].startswith("generated: 38 requests")
+    with pytest.raises(SystemExit):
+        cli.main(["plan", *args, "--generate-sample", "-2"])
+    assert "must be a positive integer" in capsys.readouterr().err
+    assert cli.main(["plan", str(user_file), "--model", "llama-3.1-8b", "--generate-sample", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "--generate-sample" in err and "--output-fraction" in err and "Traceback" not in err
+
+
+@pytest.mark.engine
+@pytest.mark.skipif(os.environ.get("BLENDSERVE_SKIP_ENGINE") == "1", reason="BLENDSERVE_SKIP_ENGINE=1")
+def test_generate_sample_on_the_real_engine(tiny_llama, tmp_path):
+    """`blendserve plan --generate-sample 4` with the tiny model: four requests of a ten-line file
+    run through SGLang on CPU, their fractions in [0, 1]."""
+    import subprocess
+    import sys
+
+    from blendserve_sgl.harness import cpu_engine_env, kill_group, start
+
+    path = tmp_path / "ten.jsonl"
+    path.write_text("\n".join(_line(f"r{i}", f"question {i}?", max_tokens=4 + i, temperature=0) for i in range(10)))
+    out = tmp_path / "plan.json"
+    proc = start([sys.executable, "-m", "blendserve_sgl.cli", "plan", str(path), "--model", tiny_llama, "--hardware",
+                  "cpu", "--policies", "fcfs", "--generate-sample", "4", "--out", str(out), "--workers", "1"],
+                 log_path=tmp_path / "log", env=cpu_engine_env())
+    try:
+        proc.wait(timeout=600)
+    finally:
+        kill_group(proc)
+    assert proc.returncode == 0, (tmp_path / "log").read_text()[-4000:]
+    data = json.loads(out.read_text())
+    assert data["generated_sample"]["requests"] == 4
+    assert all(0 <= f <= 1 for f in data["generated_sample"]["fractions"])
+    assert data["output_lengths"]["estimate"].startswith("generated: 4 requests of this file ran on this machine")
