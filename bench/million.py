@@ -300,7 +300,11 @@ def save(result: dict, update: bool, merge_runs: bool = False) -> Path:
             ns = {r["requests"] for r in result["engine_runs"]}
             merged["engine_runs"] = [r for r in kept.get("engine_runs", []) if r["requests"] not in ns] + \
                 result["engine_runs"]
-            merged["engine_command"] = f"{kept.get('engine_command')} && {result['engine_command']}"
+            before = kept.get("engine_command") or ""
+            if not before.endswith(result["engine_command"]):  # saved once per engine run
+                merged["engine_command"] = f"{before} && {result['engine_command']}" if before else result["engine_command"]
+            else:
+                merged["engine_command"] = before
         result = merged
     return write("million", result)
 
