@@ -40,7 +40,7 @@ def main() -> None:
     ap.add_argument("--traces", default=",".join(sorted(TRACES)))
     args = ap.parse_args()
     cost = CostModel.from_names("llama-3.1-8b", "a100")
-    engine = EngineConfig.for_cost(cost, max_running=1024, chunked_prefill=1024)
+    engine = EngineConfig.trace_engine(cost)  # the method comparison's engine: paced for every policy
     rows, results = [], []
     t0 = time.perf_counter()
     for name in args.traces.split(","):

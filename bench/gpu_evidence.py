@@ -220,7 +220,7 @@ def sample_steps(trace_name: str, requests: int, per_policy: int, seed: int = 0)
     cost = CostModel.from_names("llama-3.1-8b", "h200")
     records, _ = trace(trace_name, requests, cost, seed)
     wl = Workload(records, cost)
-    spec = RunSpec(cost, EngineConfig.for_cost(cost, max_running=1024, chunked_prefill=1024), seed=seed)
+    spec = RunSpec(cost, EngineConfig.trace_engine(cost, pace=False), seed=seed)
     out = []
     for policy in ("blend", "dfs"):
         s = simulate(wl, policy, spec).series

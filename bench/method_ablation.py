@@ -49,7 +49,7 @@ def main() -> None:
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         ap.error(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
-    engine = replace(EngineConfig.for_cost(COST, max_running=1024, chunked_prefill=1024), pace=True)
+    engine = EngineConfig.trace_engine(COST)
     spec = RunSpec(COST, engine, seed=args.seed)
     rows, summary = [], {}
     t0 = time.perf_counter()

@@ -152,8 +152,8 @@ def main() -> None:
     args = ap.parse_args()
     n = 2_000 if args.quick else args.requests
     cost = COST
-    stock = EngineConfig.for_cost(cost, max_running=1024, chunked_prefill=1024)
-    method = replace(stock, pace=True)
+    stock = EngineConfig.trace_engine(cost, pace=False)
+    method = EngineConfig.trace_engine(cost)
     shipped = RunSpec(cost, replace(stock, pace=PRESET.pacing), seed=args.seed)  # blend as the plugin ships it
     specs = {  # group -> (the run spec, the policies run with it)
         "method": (RunSpec(cost, method, seed=args.seed), POLICIES),

@@ -50,7 +50,7 @@ TARGETS = {"sim_scaling": {"2": 1.95, "4": 3.9, "8": 7.6}, "sim_sharing_vs_one":
 
 def _spec(seed: int) -> RunSpec:
     cost = CostModel.from_names("llama-3.1-8b", "a100")
-    engine = EngineConfig.for_cost(cost, max_running=1024, chunked_prefill=1024, pace=PRESET.pacing)  # blend as shipped
+    engine = EngineConfig.trace_engine(cost, pace=PRESET.pacing)  # blend as shipped
     return RunSpec(cost, engine, seed=seed)
 
 

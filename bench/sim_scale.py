@@ -43,7 +43,7 @@ def main() -> None:
     records, rep = trace(args.trace, n, cost)
     wl = Workload(records, cost)
     setup = time.perf_counter() - t0
-    spec = RunSpec(cost, EngineConfig.for_cost(cost, max_running=1024, chunked_prefill=1024, pace=True))
+    spec = RunSpec(cost, EngineConfig.trace_engine(cost))
     out = {"requests": n, "trace": args.trace, "density": round(wl.density, 4), "sharing": round(wl.sharing, 4),
            "workload_build_seconds": round(setup, 1)}
     rows = [("workload build (mix + reference tree)", round(setup, 1), "", "")]

@@ -82,7 +82,7 @@ def main() -> None:
     densities = [0.8, 1.4] if args.quick else [0.8, 1.0, 1.2, 1.4]
     sharings = [0.05, 0.45] if args.quick else [0.05, 0.15, 0.25, 0.35, 0.45]
     cost = CostModel.from_names("llama-3.1-8b", "a100")
-    engine = EngineConfig.for_cost(cost, max_running=1024, chunked_prefill=1024, pace=True)
+    engine = EngineConfig.trace_engine(cost)
     base = RunSpec(cost, engine, seed=args.seed)
     t_all = time.perf_counter()
 

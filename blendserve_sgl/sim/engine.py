@@ -101,6 +101,13 @@ class EngineConfig:
             kv_bytes = kv_gb * 1e9
         return cls(kv_tokens=int(kv_bytes // cost.kv_bytes_per_token), **kwargs)
 
+    @classmethod
+    def trace_engine(cls, cost: CostModel, pace: bool = True, **kwargs) -> "EngineConfig":
+        """The engine every Trace-analog comparison in bench/ runs: the device's KV pool, 1,024
+        running requests, 1,024-token chunks, paced prefill for every policy (`pace=False`: the
+        stock SGLang engine of the product comparison)."""
+        return cls.for_cost(cost, max_running=1024, chunked_prefill=1024, pace=pace, **kwargs)
+
 
 class Counters:
     """Totals over a run (request-level facts; per-step series are in `Engine.series`)."""
