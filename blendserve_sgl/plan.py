@@ -108,10 +108,8 @@ def generate_here(path, model_dir, tokenizer, context_len: int, default_max_toke
                              "plan without --generate-sample, with an assumed --output-fraction") from None
         got: dict = {}
 
-        def done(p: Prepared, out: dict) -> None:
-            reason = out["meta_info"].get("finish_reason") or {}
-            if not (isinstance(reason, dict) and reason.get("type") == "abort"):
-                got[p.request.custom_id] = out["meta_info"]["completion_tokens"]
+        def done(p: Prepared, out: dict) -> None:  # an aborted request reaches the error callback (runner.deliver)
+            got[p.request.custom_id] = out["meta_info"]["completion_tokens"]
 
         try:
             runner.generate(engine, items, done, lambda p, exc: None)

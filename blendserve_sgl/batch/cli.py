@@ -256,11 +256,7 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
     model_name = model_dir.name
     source = Path(args.input).name
 
-    def on_result(p: Prepared, out: dict) -> None:
-        reason = out["meta_info"].get("finish_reason") or {}
-        if isinstance(reason, dict) and reason.get("type") == "abort":
-            on_error(p, RuntimeError(reason.get("message") or "aborted by the engine"))
-            return
+    def on_result(p: Prepared, out: dict) -> None:  # aborted outputs reach on_error (runner.deliver)
         writer.write(ok_record(p, out, model_name, include_token_ids=args.include_token_ids))
         if stats.first_result_seconds is None:
             stats.first_result_seconds = progress.clock() - progress.start

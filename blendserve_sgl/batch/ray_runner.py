@@ -165,7 +165,7 @@ def generate(cfg: runner.EngineConfig, parts: Sequence[Sequence[Prepared]],
                 p = part[i]
                 _once(seen, p)
                 if exc is None:
-                    on_result(p, out)
+                    runner.deliver(p, out, on_result, on_error)
                 else:
                     on_error(p, exc)
             done_chunks[r] += 1

@@ -117,11 +117,22 @@ def _children_ignore_sigint():
         BaseProcess.start = original
 
 
+def deliver(p: Prepared, out: dict, on_result: Callable[[Prepared, dict], None],
+            on_error: Callable[[Prepared, BaseException], None]) -> None:
+    """Hand one engine output on: an output SGLang aborted (finish_reason type "abort") is the
+    request's error, anything else its result."""
+    reason = out["meta_info"].get("finish_reason") or {}
+    if isinstance(reason, dict) and reason.get("type") == "abort":
+        on_error(p, RuntimeError(reason.get("message") or "aborted by the engine"))
+    else:
+        on_result(p, out)
+
+
 def generate(engine, items: Iterable[Prepared], on_result: Callable[[Prepared, dict], None],
              on_error: Callable[[Prepared, BaseException], None], *, window: int = 0,
              tick: Callable[[float | None], None] | None = None, tick_seconds: float = 0.5,
              route: Callable[[Prepared], int] | None = None) -> float:
-    """Run `items` on `engine`; each finishes through `on_result` or `on_error`. At most `window`
+    """Run `items` on `engine`; each finishes through `on_result` or `on_error` (`deliver`). At most `window`
     requests are in the engine at once (0: all), taken from `items` in order as others finish
     (`items` may be lazy: only the requests in flight are held). `tick(rate)` is called every
     `tick_seconds` (the progress bar) with the engine's current decode tokens/s (`live_rate`),
@@ -168,7 +179,7 @@ async def _generate(engine, items, on_result, on_error, window, tick, tick_secon
         except Exception as exc:  # noqa: BLE001 (one request's failure is its own record)
             on_error(p, exc)
             return
-        on_result(p, out)
+        deliver(p, out, on_result, on_error)
 
     async def ticker() -> None:
         rate, probe, asked = None, None, 0.0  # one state request in flight at a time, never cancelled early

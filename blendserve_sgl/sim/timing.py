@@ -88,7 +88,7 @@ def operator_seconds(cost: CostModel, gemm_tokens, kv_read_tokens, attention_pai
         comp = comp + np.asarray(attention_pairs, dtype=np.float64) * cost.seconds_per_attention_pair
     weights = np.where(comp > 0, weight_seconds(cost), 0.0)
     attn = np.asarray(kv_read_tokens, dtype=np.float64) * (cost.kv_bytes_per_token / cost.hardware.effective_bandwidth)
-    return StepSeconds(comp, weights, attn, overhead_seconds(cost, gemm_tokens, decode_requests, kv_held_tokens))
+    return StepSeconds(comp, weights, attn, overhead_seconds(cost, gemm, sampled, kv_held_tokens))
 
 
 def overhead_seconds(cost: CostModel, gemm_tokens, decode_requests=None, kv_held_tokens=None) -> np.ndarray:
