@@ -20,6 +20,7 @@ import os
 from typing import Iterator, Sequence
 
 from ..core.cost import CostModel
+from ..core.preset import PRESET
 from ..core.shard import plan_shards
 from ..core.split import sort_and_split
 from ..core.tree import ResourceTree
@@ -32,16 +33,17 @@ class DispatchError(RuntimeError):
     pass
 
 
-def cut(tree: ResourceTree, n: int, keep_sharing: float = 0.99) -> list[list]:
+def cut(tree: ResourceTree, n: int, keep_sharing: float = PRESET.scan.keep_sharing) -> list[list]:
     """Request ids of each of n replicas, each list in the plan's DFS order: the tree sorted,
     split and cut by `plan_shards`."""
-    sort_and_split(tree, keep_sharing=keep_sharing)
+    sort_and_split(tree, keep_sharing, PRESET.scan.max_split_rounds)  # the plugin's split budget
     plan = plan_shards(tree, n)
     plan.check_integrity(tree)
     return plan.shards
 
 
-def shards(items: Sequence[Prepared], n: int, cost: CostModel, keep_sharing: float = 0.99) -> list[list[Prepared]]:
+def shards(items: Sequence[Prepared], n: int, cost: CostModel,
+           keep_sharing: float = PRESET.scan.keep_sharing) -> list[list[Prepared]]:
     """The items of each of n replicas (`cut` over their token tree, output length = max_tokens)."""
     tree = ResourceTree(cost)
     for i, p in enumerate(items):
@@ -49,7 +51,8 @@ def shards(items: Sequence[Prepared], n: int, cost: CostModel, keep_sharing: flo
     return [[items[i] for i in ids] for ids in cut(tree, n, keep_sharing)]
 
 
-def store_shards(store, done, n: int, cost: CostModel, keep_sharing: float = 0.99) -> list[list[int]]:
+def store_shards(store, done, n: int, cost: CostModel,
+                 keep_sharing: float = PRESET.scan.keep_sharing) -> list[list[int]]:
     """Store indices of the requests still to run (`done` False), per replica (`cut` over the
     batch's tree as `order.build_tree` builds it)."""
     from .order import build_tree
@@ -73,7 +76,8 @@ def interleave(parts: Sequence[Sequence]) -> Iterator:
             heapq.heappush(heap, ((i + 2) / len(parts[r]), r, i + 1))
 
 
-def assign(items: Sequence[Prepared], n: int, cost: CostModel, keep_sharing: float = 0.99) -> dict:
+def assign(items: Sequence[Prepared], n: int, cost: CostModel,
+           keep_sharing: float = PRESET.scan.keep_sharing) -> dict:
     """custom_id -> replica index in [0, n)."""
     return {p.request.custom_id: r for r, part in enumerate(shards(items, n, cost, keep_sharing)) for p in part}
 

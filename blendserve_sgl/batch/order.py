@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.cost import CostModel
+from ..core.preset import PRESET
 from ..core.specs import ModelSpec, hardware, model
 from ..core.split import sort_and_split
 from ..core.tree import ResourceTree
@@ -54,12 +55,12 @@ def build_tree(store: TokenStore, cost: CostModel) -> ResourceTree:
     return tree
 
 
-def plan(store: TokenStore, cost: CostModel, keep_sharing: float = 0.99) -> np.ndarray:
+def plan(store: TokenStore, cost: CostModel, keep_sharing: float = PRESET.scan.keep_sharing) -> np.ndarray:
     """Store indices in plan order (int64, a permutation of range(len(store)))."""
     if len(store) == 0:
         return np.zeros(0, np.int64)
     tree = build_tree(store, cost)
-    sort_and_split(tree, keep_sharing=keep_sharing)
+    sort_and_split(tree, keep_sharing, PRESET.scan.max_split_rounds)  # the plugin's split budget
     leaves = [(r.rid, r.prompt_len, r.output_len) for r in tree.iter_requests()]
     return dual_order(leaves, cost)
 
