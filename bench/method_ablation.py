@@ -28,6 +28,7 @@ from blendserve_sgl.workloads import TRACES, trace  # noqa: E402
 
 VARIANTS = {  # label -> preset
     "blend": PRESET,
+    "- lend idle share": PRESET.replace(lend_idle_share=False),
     "- whole sample (plan at half of it)": PRESET.replace(sample_quorum=0.5),
     "- whole sample + re-plan on sample growth": PRESET.replace(sample_quorum=0.5, replan_growth=2.0),
     "- engine ratio (whole estimates reserved)": PRESET.replace(engine_ratio=False),
@@ -94,7 +95,7 @@ def main() -> None:
         "requests_per_trace": args.requests,
         "variants": {k: {"replace": {f: VARIANTS[k].leaf(f) for f in ("censored", "censored_growth", "replan_growth",
                                                                       "percentile", "sample_quorum", "reserve_overruns",
-                                                                      "engine_ratio")}}
+                                                                      "engine_ratio", "lend_idle_share")}}
                      for k in variants},
         "summary": means, "table": rows, "wall_seconds": round(time.perf_counter() - t0, 1)})
     print(f"wrote {path}")

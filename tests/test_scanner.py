@@ -39,14 +39,15 @@ def _recording(picker):
 
 
 # ---------------------------------------------------------------- exactly once
-@pytest.mark.parametrize("known", [True, False])
-def test_run_hands_out_every_request_once(known):
+@pytest.mark.parametrize("known,lend", [(True, False), (False, False), (True, True), (False, True)])
+def test_run_hands_out_every_request_once(known, lend):
     """Over a full simulated run every request is admitted exactly once and finishes; the scanner's
     invariants hold after every step (check=True); budgets are never exceeded."""
     wl = _small()
     true = {rid: d for rid, _, _, d in wl}
     est = OutputLengthEstimator(sample_fraction=0.05, seed=1)
-    engine = sim_engine(length_records(wl), known=known, estimator=est, kv_bytes=20e9, max_running=32, chunk=512)
+    engine = sim_engine(length_records(wl), known=known, estimator=est, kv_bytes=20e9, max_running=32, chunk=512,
+                        scan=ScanConfig(lend_idle_share=lend))
     sc = engine.picker.scanner
     log = _recording(sc)
     engine.run(check=True)
@@ -476,10 +477,10 @@ def test_final_wave_ends_the_batch_in_fewer_steps_with_the_same_prefix_hits():
 @given(st.integers(0, 10 ** 6), st.integers(1, 40), st.booleans(), st.booleans(), st.sampled_from([0, 32]),
        st.booleans(), st.booleans(), st.sampled_from([0.0, 0.1, 0.5]), st.integers(0, 5),
        st.floats(-1e13, 1e13), st.floats(-1e10, 1e10), st.integers(1, 40_000), st.integers(1, 8),
-       st.integers(1, 4096))
+       st.integers(1, 4096), st.booleans())
 def test_nothing_running_and_something_fits_means_an_admission(seed, n, known, metered, hold, fill, final_wave,
                                                                 sample_fraction, warm_steps, credit, debt,
-                                                                kv_tokens, slots, prefill):
+                                                                kv_tokens, slots, prefill, lend):
     """Liveness: whatever the shares, memory-work credits, debts, holds, sample state and
     estimates, a scanner with nothing running admits at least one request when one fits the free
     KV (a slot and prefill tokens left); else an engine waiting on it would stop for good."""
@@ -488,7 +489,8 @@ def test_nothing_running_and_something_fits_means_an_admission(seed, n, known, m
                 rng.randint(1, 6000)) for i in range(n)]
     est = OutputLengthEstimator(sample_fraction=sample_fraction, seed=seed % 5, prior=rng.choice([1, 256, 4000]))
     sc = DualScanner(build_length_tree(records, known=known, estimator=est),
-                     ScanConfig(hold_prefix_tokens=hold, fill_while_sampling=fill, final_wave=final_wave))
+                     ScanConfig(hold_prefix_tokens=hold, fill_while_sampling=fill, final_wave=final_wave,
+                                lend_idle_share=lend))
     kvb = COST.kv_bytes_per_token
     pool = 4 * kv_tokens * kvb if metered else None
     for _ in range(warm_steps):  # some history: takes, then everything running finishes
@@ -555,3 +557,48 @@ def test_engine_ratio_reserves_estimated_outputs_at_the_engines_ratio():
     runs = {flag: simulate(wl, "blend", RunSpec(COST, engine, preset=PRESET.replace(engine_ratio=flag)))
             for flag in (True, False)}
     assert runs[True].steps != runs[False].steps
+
+
+def test_lend_idle_share_lets_a_side_use_the_share_the_other_cannot_use():
+    """lend_idle_share: the memory-dense side stopped for a reason other than memory (here: no
+    memory-work credit), so the compute-dense side goes on past its (small) share, within the free
+    KV and its hard cap; without the switch it stops at its share. Each request is handed out once,
+    and nothing is lent while the other side is refused for lack of memory."""
+    bpt = COST.kv_bytes_per_token
+    records = ([(f"c{i}", [("sc", 40)], 2000, 4) for i in range(40)]
+               + [(f"m{i}", [("v", 40)], 60, 8000) for i in range(40)])
+
+    def step(lend, right_credit, kv=400_000):
+        sc = DualScanner(_tree(records), ScanConfig(lend_idle_share=lend))
+        sc.prepare()
+        sc.sides[RIGHT].credit = right_credit
+        sc.sides[LEFT].credit = 1e30
+        budget = Budget(kv * bpt, 1000, 10 ** 6, steps=0, kv_pool=kv * bpt)
+        out = sc.schedule(budget)
+        sc.check_integrity()
+        assert len({a.rid for a in out}) == len(out) and sum(a.kv_bytes for a in out) <= budget.kv_bytes
+        assert sc.used[LEFT] <= budget.kv_bytes - 8060 * bpt  # the hard cap: room for the right's largest
+        return [a.rid for a in out if a.side == LEFT], sc
+
+    plain, sc = step(False, -1e30)
+    assert sc.last_step["stop"] == {LEFT: "share", RIGHT: "credit"}
+    lent, sc = step(True, -1e30)
+    assert len(lent) > len(plain) and lent[:len(plain)] == plain
+    assert sc.last_step["stop"][RIGHT] == "credit" and sc.last_step["stop"][LEFT] != "share"
+    # the right side is refused for lack of memory: nothing is lent
+    assert step(True, 1e30, kv=20_000)[0] == step(False, 1e30, kv=20_000)[0]
+
+
+def test_lend_idle_share_changes_the_simulated_run():
+    """The preset's switch reaches the simulator's blend and changes the run."""
+    from blendserve_sgl.core.preset import PRESET
+    from blendserve_sgl.sim import EngineConfig, RunSpec, Workload, simulate
+    from blendserve_sgl.workloads import trace
+
+    records, _ = trace("trace2", 600, COST, 0)
+    wl = Workload(records, COST)
+    engine = EngineConfig.for_cost(COST, kv_gb=4.0, max_running=64, chunked_prefill=512, pace=True)
+    runs = {flag: simulate(wl, "blend", RunSpec(COST, engine, preset=PRESET.replace(lend_idle_share=flag)), check=True)
+            for flag in (True, False)}
+    assert runs[True].steps != runs[False].steps
+    assert all(r.output_tokens == sum(x.output_len for x in records) for r in runs.values())

@@ -41,6 +41,7 @@ from .split import SplitReport, sort_and_split
 from .tree import Node, Req, ResourceTree
 
 LEFT, RIGHT, SAMPLE = "left", "right", "sample"
+MEMORY_STOPS = ("kv", "hard-cap", "share")  # a side stopped for lack of memory (ScanConfig.lend_idle_share)
 REPLAN_MIN_TOKENS = 64  # a sample outgrowing the plan's estimate by fewer tokens leaves the plan as it is
 
 
@@ -98,6 +99,10 @@ class ScanConfig:
     reserve_overruns: bool = False  # True: a running request past its estimate is expected to run
     # overrun_factor x its output so far (within max_tokens); the KV it will still need beyond its
     # reservation is kept free (admissions see that much less), so overruns do not force retractions
+    lend_idle_share: bool = False  # True: when one side stopped this step for a reason other than memory
+    # (credit, prefill, hold, slots, nothing left) and the other for its share, the other goes on past
+    # its share and its memory-work credit, within the free KV and its hard cap: a share the owner
+    # cannot use this step is not left idle while the other side is refused for lack of it
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.keep_sharing <= 1.0):
@@ -132,7 +137,7 @@ class _Side:
     request against it."""
 
     __slots__ = ("name", "used", "debt", "credit", "last", "last_rid", "last_cached", "at_start", "taken",
-                 "share", "hard_cap", "overdraft", "prefill_cap", "prefill_used")
+                 "share", "hard_cap", "overdraft", "prefill_cap", "prefill_used", "borrowing")
 
     def __init__(self, name: str):
         self.name = name
@@ -147,6 +152,7 @@ class _Side:
     def begin_step(self, share, hard_cap: float, overdraft: bool, prefill_cap) -> None:
         self.share, self.hard_cap, self.overdraft, self.prefill_cap = share, hard_cap, overdraft, prefill_cap
         self.prefill_used = 0
+        self.borrowing = False  # holds the other side's idle share this step (ScanConfig.lend_idle_share)
 
 
 class _Check(NamedTuple):
@@ -346,18 +352,28 @@ class DualScanner:
         stops = {LEFT: "empty", RIGHT: "empty"}
         for pooled in (False, True):
             for name in (LEFT, RIGHT):
-                side = self.sides[name]
                 if pooled:
-                    side.prefill_cap = None
-                while self.tree.root.count:
-                    req = self.tree.leftmost() if name == LEFT else self.tree.rightmost()
-                    if not self._offer(req, name, st, out, shared=True):
-                        stops[name] = st.why
-                        break
+                    self.sides[name].prefill_cap = None
+                self._scan_side(name, st, out, stops)
+        if self.config.lend_idle_share:
+            for name, other in ((LEFT, RIGHT), (RIGHT, LEFT)):
+                if stops[name] == "share" and stops[other] not in MEMORY_STOPS:
+                    self.sides[name].share = math.inf  # the other side cannot use its share this step
+                    self.sides[name].borrowing = True
+                    self._scan_side(name, st, out, stops)
         # The memory-dense side's admissions first: their prompts are short, and an engine that
         # stops admitting at the first prompt it has to chunk (SGLang) still takes them.
         out[first:] = [a for a in out[first:] if a.side == RIGHT] + [a for a in out[first:] if a.side != RIGHT]
         self._record = (budget, {"stop": stops, "share": {LEFT: share_l, RIGHT: total - share_l}})
+
+    def _scan_side(self, name: str, st: "_StepState", out: list, stops: dict) -> None:
+        """`name`'s cursor takes its end's requests while they fit (within its share); why it stopped."""
+        while self.tree.root.count:
+            req = self.tree.leftmost() if name == LEFT else self.tree.rightmost()
+            if not self._offer(req, name, st, out, shared=True):
+                stops[name] = st.why
+                return
+        stops[name] = "empty"
 
     def _admit_one(self, st: "_StepState", out: list) -> None:
         """Liveness: nothing runs and nothing was admitted (shares, credit, holds or the sample
@@ -496,7 +512,7 @@ class DualScanner:
             # side whose requests are larger than its share still holds its share on average.
             if acct.used + need > acct.share and not acct.overdraft:
                 return "share"
-        if shared and st.metered and acct.credit <= 0:
+        if shared and st.metered and acct.credit <= 0 and not acct.borrowing:
             return "credit"  # the side started its share of memory work already
         return _Check(cached, need, lent, acct)
 
