@@ -8,6 +8,7 @@ best-sharing policy, and the overlapped time split (overlapped work, compute-onl
 weights, interference).
 
     python bench/method_ablation.py --requests 20000   # -> results/method_ablation.json
+    python bench/method_ablation.py --requests 100000 --variants "blend,- lend idle share" --out method_ablation_100k
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from blendserve_sgl.workloads import TRACES, trace  # noqa: E402
 VARIANTS = {  # label -> preset
     "blend": PRESET,
     "- lend idle share": PRESET.replace(lend_idle_share=False),
+    "- fill while sampling": PRESET.replace(fill_while_sampling=False),
     "- whole sample (plan at half of it)": PRESET.replace(sample_quorum=0.5),
     "- whole sample + re-plan on sample growth": PRESET.replace(sample_quorum=0.5, replan_growth=2.0),
     "- engine ratio (whole estimates reserved)": PRESET.replace(engine_ratio=False),
@@ -45,6 +47,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--traces", default=",".join(TRACES))
     ap.add_argument("--variants", default=",".join(VARIANTS), help="comma-separated labels of VARIANTS")
+    ap.add_argument("--out", default="method_ablation", help="results file stem")
     args = ap.parse_args()
     variants = [v.strip() for v in args.variants.split(",")]
     unknown = [v for v in variants if v not in VARIANTS]
@@ -87,7 +90,7 @@ def main() -> None:
                 ("trace", "variant", "vs best other", "best other", "vs known", "of T_o", "vs best seq",
                  "sharing vs best", "retract")))
     print(table([(k, *v.values()) for k, v in means.items()], ("variant", *next(iter(means.values())))))
-    path = write("method_ablation", {
+    path = write(args.out, {
         "rules": {"engine_features": {"pace": engine.pace, "kv_projection": engine.kv_projection,
                                       "chunked_prefill": engine.chunked_prefill, "max_running": engine.max_running},
                   "timing": TIMING_RULE, "output_lengths": "estimated (known: the `known lengths` row only)",
@@ -95,7 +98,8 @@ def main() -> None:
         "requests_per_trace": args.requests,
         "variants": {k: {"replace": {f: VARIANTS[k].leaf(f) for f in ("censored", "censored_growth", "replan_growth",
                                                                       "percentile", "sample_quorum", "reserve_overruns",
-                                                                      "engine_ratio", "lend_idle_share")}}
+                                                                      "engine_ratio", "lend_idle_share",
+                                                                      "fill_while_sampling")}}
                      for k in variants},
         "summary": means, "table": rows, "wall_seconds": round(time.perf_counter() - t0, 1)})
     print(f"wrote {path}")
