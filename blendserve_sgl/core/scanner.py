@@ -15,7 +15,9 @@ memory, a free request slot, and prefill tokens left (the step's chunked-prefill
 split like the memory; what one side leaves is offered to the other). Shares hold on average
 over time: a side may go over its share by one request per step while its running sum of
 (held - share) is not positive, so a side whose requests are larger than its share neither
-starves nor takes more than its share in the long run.
+starves nor takes more than its share in the long run. With `lend_idle_share`, a share whose side
+stopped for a reason other than memory is lent for the step to the other side if that one stopped
+at its share.
 
 Callers that can project the running requests' KV over time pass `Budget.kv_horizons`: a
 short-lived request may then use memory that is only reserved for later. Callers that count
