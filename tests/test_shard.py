@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from blendserve_sgl.core import ResourceTree, sort_and_split
 from blendserve_sgl.core.cost import memory_units
-from blendserve_sgl.core.shard import plan_shards
+from blendserve_sgl.core.shard import MAX_STRIPES, PIECE_MIN, plan_shards, stripes_for
 
 from _helpers import COST, build_length_tree, mixed_workload
 
@@ -253,3 +253,16 @@ def test_striped_plans_keep_every_request_once(reqs, n_shards, stripes):
     plan = plan_shards(t, n_shards, stripes=stripes)
     plan.check_integrity(t)
     assert len(plan.cuts) == n_shards * stripes - 1
+
+
+def test_default_stripes_grow_with_the_batch():
+    """Pieces of PIECE_MIN requests on average, at least 1 and at most MAX_STRIPES per shard; the
+    plan cuts that many pieces when none is given."""
+    assert (PIECE_MIN, MAX_STRIPES) == (1000, 8)
+    assert [stripes_for(n, k) for n, k in [(0, 1), (1999, 2), (2000, 2), (20000, 8), (20000, 4), (20000, 2),
+                                           (100000, 8), (10 ** 6, 2)]] == [1, 1, 1, 2, 5, 8, 8, 8]
+    t = build_length_tree(mixed_workload(3000, 0))
+    sort_and_split(t)
+    plan = plan_shards(t, 1)
+    plan.check_integrity(t)
+    assert len(plan.cuts) == 3 - 1 and plan.runs == [[(0, len(t))]]

@@ -24,7 +24,7 @@ with the first one computing its whole prompt (kept[s] added back).
 
     plan = plan_shards(tree, 4, stripes=1)  # tree sorted and split (split.sort_and_split)
     plan.shards[0]                          # request ids of shard 0, in DFS order
-    plan_shards(tree, 4)                    # 4 x STRIPES pieces dealt in a snake
+    plan_shards(tree, 4)                    # 4 x stripes pieces dealt in a snake (`stripes_for`)
     plan.check_integrity(tree)
 """
 
@@ -40,8 +40,8 @@ from .tree import Node, ResourceTree
 
 SCAN = 16  # DFS positions tried on each side of a cut's exact solution
 EXHAUSTIVE = 64  # at most this many requests: every cut pair is tried
-STRIPES = 2  # pieces per shard by default (measured in bench/scale_out.py) ...
-PIECE_MIN = 1000  # ... when every piece still holds this many requests on average (else 1)
+PIECE_MIN = 1000  # default stripes: as many as keep this many requests a piece on average ...
+MAX_STRIPES = 8  # ... up to this many (measured in bench/scale_out.py)
 
 
 class ShardPlan(NamedTuple):
@@ -162,7 +162,7 @@ def plan_shards(tree: ResourceTree, n_shards: int, tol: float = 0.02, stripes: i
     most balanced cut is taken. `stripes` > 1 cuts N x stripes pieces instead and deals them to
     the shards in a snake (0..N-1, N-1..0, ...), so each shard holds pieces from the extremes to
     the middle: the same mix of request shapes as the whole, at 2 x stripes runs per shard; None:
-    `STRIPES` when each piece holds `PIECE_MIN` requests on average, else 1 (small batches: each
+    `stripes_for(len(tree), n_shards)`: more pieces on larger batches (small batches: each
     cut's recomputed prefix weighs more than the mix gains). `hold`: the engine policy's hold
     threshold for the compute measure (module docstring; `ScanConfig.hold_prefix_tokens`), 0: every
     shared prefix computed once. The tree should be sorted (`sort_and_split`); it is not changed.
@@ -170,7 +170,7 @@ def plan_shards(tree: ResourceTree, n_shards: int, tol: float = 0.02, stripes: i
     if isinstance(n_shards, bool) or not isinstance(n_shards, int) or n_shards < 1:
         raise ValueError(f"n_shards must be a positive integer, got {n_shards!r}")
     if stripes is None:
-        stripes = STRIPES if len(tree) >= PIECE_MIN * STRIPES * n_shards else 1
+        stripes = stripes_for(len(tree), n_shards)
     if isinstance(stripes, bool) or not isinstance(stripes, int) or stripes < 1:
         raise ValueError(f"stripes must be a positive integer, got {stripes!r}")
     if not (0.0 <= tol < 1.0):
@@ -207,6 +207,14 @@ def plan_shards(tree: ResourceTree, n_shards: int, tol: float = 0.02, stripes: i
     cut_compute = sum(o.kept[s] for rs in runs for s, e in rs)
     return ShardPlan(shards, runs, cuts[1:], compute, memory, cut_tokens, tree.root.saved, o.comp[n], cut_compute,
                      hold)
+
+
+def stripes_for(requests: int, n_shards: int) -> int:
+    """Default pieces per shard: each piece `PIECE_MIN` requests on average, 1 to `MAX_STRIPES`.
+    A shard's engine time depends on its mix of request shapes, not only on its compute and memory
+    totals; more, smaller pieces give every shard the whole batch's mix (at one recomputed path per
+    cut, which a large batch hardly notices)."""
+    return max(1, min(MAX_STRIPES, requests // (PIECE_MIN * n_shards)))
 
 
 def _merge(runs: list) -> list:
