@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import RESULTS, command, peak_rss_mb, table, write  # noqa: E402
 from blendserve_sgl.core import CostModel  # noqa: E402
 from blendserve_sgl.core.preset import PRESET  # noqa: E402
-from blendserve_sgl.core.shard import PIECE_MIN, STRIPES  # noqa: E402
+from blendserve_sgl.core.shard import MAX_STRIPES, PIECE_MIN  # noqa: E402
 from blendserve_sgl.sim import EngineConfig, ExecModel, RunSpec, Workload, simulate  # noqa: E402
 from blendserve_sgl.sim.scale_out import DEALS, diagnose, floor_seconds, scale_out  # noqa: E402
 from blendserve_sgl.workloads import TRACES, trace  # noqa: E402
@@ -101,7 +101,7 @@ def sim_summary(rows: list[dict], n: int, traces: list[str]) -> dict:
             "sim": {"requests_per_trace": n, "traces": traces, "model": "llama-3.1-8b", "hardware": "a100",
                     "mode": "overlapped, interference 0.1", "policy_per_engine": "blend",
                     "planner_lengths": "true output lengths (blendserve run --dp/--ray plans at each request's max_tokens)",
-                    "stripes": f"{STRIPES} (shards of >= {PIECE_MIN * STRIPES} requests)",
+                    "stripes": f"requests // ({PIECE_MIN} x N), 1 to {MAX_STRIPES} (core.shard.stripes_for)",
                     "rows": rows}}
 
 

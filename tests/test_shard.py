@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from blendserve_sgl.core import ResourceTree, sort_and_split
 from blendserve_sgl.core.cost import memory_units
-from blendserve_sgl.core.shard import plan_shards
+from blendserve_sgl.core.shard import MAX_STRIPES, PIECE_MIN, plan_shards, stripes_for
 
 from _helpers import COST, build_length_tree, mixed_workload
 
@@ -39,26 +39,99 @@ def _brute_compute(run, prompts, outputs) -> int:
     return total
 
 
+def _brute_kept(order, prompts, hold) -> dict:
+    """Prompt tokens each request finds cached walking `order` in steps: a request joins the
+    current step unless it shares >= `hold` tokens more with a request of that step than with
+    the requests of earlier steps (then it starts the next step); it finds cached what it shares
+    with earlier steps' requests (brute force over sets of prompts)."""
+    earlier, step, kept = [], [], {}
+    for rid in order:
+        cached = max((_lcp(prompts[e], prompts[rid]) for e in earlier), default=0)
+        now = max((_lcp(prompts[e], prompts[rid]) for e in step), default=0)
+        if step and now - cached >= hold:
+            earlier += step
+            step = []
+            cached = max(_lcp(prompts[e], prompts[rid]) for e in earlier)
+        step.append(rid)
+        kept[rid] = cached
+    return kept
+
+
 @settings(max_examples=150)
-@given(st.lists(_req, min_size=1, max_size=30), st.integers(1, 5))
-def test_every_request_once_and_work_matches_brute_force(reqs, n_shards):
+@given(st.lists(_req, min_size=1, max_size=30), st.integers(1, 5), st.integers(0, 4))
+def test_every_request_once_and_work_matches_brute_force(reqs, n_shards, hold):
     """Each request in exactly one shard; each shard is at most two DFS runs; its compute work
-    equals the tokens computed running those runs in order (brute-force prefix matching), its
-    memory work the sum of `memory_units`."""
+    equals the tokens computed running those runs in order (hold 0: brute-force prefix matching,
+    every prefix once; hold > 0: one engine's step walk, brute force, with each run's first
+    request computing its whole prompt), its memory work the sum of `memory_units`."""
     t = _token_tree(reqs)
     prompts = {i: tuple(p) for i, (p, _) in enumerate(reqs)}
     outputs = {i: d for i, (_, d) in enumerate(reqs)}
-    plan = plan_shards(t, n_shards, stripes=1)
+    plan = plan_shards(t, n_shards, stripes=1, hold=hold)
     plan.check_integrity(t)
     assert len(plan.shards) == n_shards
     order = [r.rid for r in t.iter_requests()]
+    kept = _brute_kept(order, prompts, hold)
     for i, runs in enumerate(plan.runs):
         assert len(runs) <= 2
         ids = [order[s:e] for s, e in runs]
-        assert plan.compute[i] == sum(_brute_compute(run, prompts, outputs) for run in ids)
+        walk = sum(len(prompts[r]) + outputs[r] - (kept[r] if k else 0) for run in ids for k, r in enumerate(run))
+        assert plan.compute[i] == walk
+        if hold == 0:
+            assert plan.compute[i] == sum(_brute_compute(run, prompts, outputs) for run in ids)
         assert plan.memory[i] == sum(memory_units(len(prompts[r]), outputs[r]) for run in ids for r in run)
-    one = _brute_compute(order, prompts, outputs)
-    assert sum(plan.compute) == one + plan.cut_tokens
+    one = sum(len(prompts[r]) + outputs[r] - kept[r] for r in order)
+    assert plan.one_compute == one
+    if hold == 0:
+        assert one == _brute_compute(order, prompts, outputs) and plan.cut_compute == plan.cut_tokens
+    assert sum(plan.compute) == one + plan.cut_compute
+
+
+def _few_shot_tree() -> ResourceTree:
+    """Two system prompts of 100 tokens, 40 requests each, prompts of 111 tokens, outputs of 5.
+    Under X, 20 questions of 10 tokens asked twice (then one token of each copy's own); under Y,
+    40 questions of 11 tokens. Every shared prefix once: X computes 100 + 20 x 11 + 20 x 1 +
+    40 x 5 = 540 tokens, Y 100 + 40 x 11 + 40 x 5 = 740. An engine that admits both copies of a
+    question in one step (they share only 10 uncached tokens, under a hold of 32) computes the
+    question twice: X computes 730 (740 less the first question, whose copy waits a step because
+    it also shares the uncached system prompt)."""
+    t = ResourceTree(COST)
+    for q in range(20):
+        for c in range(2):
+            t.add(f"X{q}.{c}", tokens=[*range(1000, 1100), *range(3000 + 10 * q, 3010 + 10 * q), 5000 + 2 * q + c],
+                  output_len=5)
+    for q in range(40):
+        t.add(f"Y{q}", tokens=[*range(2000, 2100), *range(4000 + 11 * q, 4011 + 11 * q)], output_len=5)
+    t.sort()
+    return t
+
+
+def test_hold_counts_short_shared_questions_computed_twice():
+    """The hand case of `_few_shot_tree`: with hold 32 the two groups' compute is within 2%
+    (730 and 740; their memory equal), so N=2 cuts between them: no prefix recomputed, each group
+    whole. With hold 0 the measure counts X at 540, and the plan cuts through a group."""
+    t = _few_shot_tree()
+    plan = plan_shards(t, 2, stripes=1, hold=32)
+    plan.check_integrity(t)
+    assert plan.one_compute == 1470 and sorted(plan.compute) == [730, 740]
+    assert plan.cut_tokens == 0 and plan.memory_imbalance == 0.0
+    assert sorted({rid[0] for rid in s}.pop() for s in plan.shards) == ["X", "Y"]
+    assert all(len({rid[0] for rid in s}) == 1 for s in plan.shards)
+    ideal = plan_shards(t, 2, stripes=1, hold=0)
+    assert ideal.one_compute == 540 + 740 == t.root.tokens - t.root.saved
+    assert ideal.cut_tokens > 0  # balanced on paper by cutting through a group
+
+
+def test_dispatch_cut_counts_the_hold_of_the_preset():
+    """`blendserve run --dp/--ray` cuts with the measure of the engine's `blend` policy: the
+    preset's hold threshold (the hand case: the two groups land on two replicas, whole)."""
+    from blendserve_sgl.batch.dispatch import cut
+    from blendserve_sgl.core.preset import PRESET
+
+    assert PRESET.scan.hold_prefix_tokens > 11  # the hand case's questions are shorter than it
+    parts = cut(_few_shot_tree(), 2)
+    assert sorted(len(p) for p in parts) == [40, 40]
+    assert all(len({rid[0] for rid in p}) == 1 for p in parts)
 
 
 @settings(max_examples=150)
@@ -168,6 +241,8 @@ def test_bad_shard_count(bad):
         plan_shards(ResourceTree(COST), bad)
     with pytest.raises(ValueError, match="stripes must be a positive integer"):
         plan_shards(ResourceTree(COST), 2, stripes=bad)
+    with pytest.raises(ValueError, match="hold must be a non-negative integer"):
+        plan_shards(ResourceTree(COST), 2, hold=bad if bad != 0 else -3)
 
 
 @settings(max_examples=60)
@@ -178,3 +253,16 @@ def test_striped_plans_keep_every_request_once(reqs, n_shards, stripes):
     plan = plan_shards(t, n_shards, stripes=stripes)
     plan.check_integrity(t)
     assert len(plan.cuts) == n_shards * stripes - 1
+
+
+def test_default_stripes_grow_with_the_batch():
+    """Pieces of PIECE_MIN requests on average, at least 1 and at most MAX_STRIPES per shard; the
+    plan cuts that many pieces when none is given."""
+    assert (PIECE_MIN, MAX_STRIPES) == (1000, 8)
+    assert [stripes_for(n, k) for n, k in [(0, 1), (1999, 2), (2000, 2), (20000, 8), (20000, 4), (20000, 2),
+                                           (100000, 8), (10 ** 6, 2)]] == [1, 1, 1, 2, 5, 8, 8, 8]
+    t = build_length_tree(mixed_workload(3000, 0))
+    sort_and_split(t)
+    plan = plan_shards(t, 1)
+    plan.check_integrity(t)
+    assert len(plan.cuts) == 3 - 1 and plan.runs == [[(0, len(t))]]

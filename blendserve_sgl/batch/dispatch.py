@@ -35,9 +35,10 @@ class DispatchError(RuntimeError):
 
 def cut(tree: ResourceTree, n: int, keep_sharing: float = PRESET.scan.keep_sharing) -> list[list]:
     """Request ids of each of n replicas, each list in the plan's DFS order: the tree sorted,
-    split and cut by `plan_shards`."""
+    split and cut by `plan_shards`, whose compute measure counts the shared segments each rank's
+    `blend` policy computes again (below its hold threshold)."""
     sort_and_split(tree, keep_sharing, PRESET.scan.max_split_rounds)  # the plugin's split budget
-    plan = plan_shards(tree, n)
+    plan = plan_shards(tree, n, hold=PRESET.scan.hold_prefix_tokens)
     plan.check_integrity(tree)
     return plan.shards
 

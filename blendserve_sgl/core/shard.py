@@ -11,12 +11,20 @@ at a subtree boundary when one is close enough, else through one root-to-leaf pa
 DFS position k recomputes `lcp[k]` prompt tokens (the prefix length of the lowest common
 ancestor of requests k-1 and k): the only prefix a shard boundary costs.
 
-Compute work of a DFS run [s, e): sum over k of (p_k + d_k - lcp[k]) with lcp[s] taken as 0,
-the tokens a replica computes running that run in DFS order with its prefixes cached once.
+Compute work is the tokens an engine computes. With `hold` = 0 every shared prefix is computed
+once: request k computes p_k + d_k - lcp[k]. An engine caches a prompt only after the step that
+computes it, so requests admitted in one step recompute what they share and is not cached yet;
+the `blend` policy (like SGLang's in-batch prefix caching) holds a request back a step when that
+shared, uncached part is >= `hold` tokens, so only shorter shared segments are computed again
+(few-shot prompts whose copies share a short question after a long cached prefix). `hold` > 0
+counts that: walking the DFS order with each step taking requests as long as none is held,
+request k keeps `kept[k]` tokens (the prefix cached by earlier steps, or all of lcp[k] when k
+starts a step); it computes p_k + d_k - kept[k]. A DFS run [s, e) costs its requests' tokens
+with the first one computing its whole prompt (kept[s] added back).
 
     plan = plan_shards(tree, 4, stripes=1)  # tree sorted and split (split.sort_and_split)
     plan.shards[0]                          # request ids of shard 0, in DFS order
-    plan_shards(tree, 4)                    # 4 x STRIPES pieces dealt in a snake
+    plan_shards(tree, 4)                    # 4 x stripes pieces dealt in a snake (`stripes_for`)
     plan.check_integrity(tree)
 """
 
@@ -32,8 +40,8 @@ from .tree import Node, ResourceTree
 
 SCAN = 16  # DFS positions tried on each side of a cut's exact solution
 EXHAUSTIVE = 64  # at most this many requests: every cut pair is tried
-STRIPES = 2  # pieces per shard by default (measured in bench/scale_out.py) ...
-PIECE_MIN = 1000  # ... when every piece still holds this many requests on average (else 1)
+PIECE_MIN = 1000  # default stripes: as many as keep this many requests a piece on average ...
+MAX_STRIPES = 8  # ... up to this many (measured in bench/scale_out.py)
 
 
 class ShardPlan(NamedTuple):
@@ -42,8 +50,11 @@ class ShardPlan(NamedTuple):
     cuts: list  # per cut i = 1..pieces-1: (a, b), the pieces before it hold [0, a) and [b, n)
     compute: list  # per shard: computed tokens (prefix sharing within the shard)
     memory: list  # per shard: memory units
-    cut_tokens: int  # prompt tokens recomputed because of the cuts
+    cut_tokens: int  # prefix tokens the cuts take from sharing (lcp at every run start)
     saved_one: int  # saved prefix tokens of one engine running the whole tree in DFS order
+    one_compute: int = 0  # tokens one engine computes running the whole DFS order (same measure)
+    cut_compute: int = 0  # tokens the cuts add to compute (kept at every run start; <= cut_tokens)
+    hold: int = 0  # the measure's hold threshold (module docstring)
 
     @property
     def compute_imbalance(self) -> float:
@@ -74,9 +85,12 @@ class ShardPlan(NamedTuple):
             assert all(e < s for (_, e), (s, _) in zip(runs, runs[1:])), f"shard {i}: runs unsorted or touching"
             assert self.shards[i] == [rid for s, e in runs for rid in order[s:e]], f"shard {i}: ids differ from its runs"
         assert sum(self.memory) == tree.root.mem, f"memory {sum(self.memory)} != tree's {tree.root.mem}"
-        one = tree.root.tokens - tree.root.saved
-        assert sum(self.compute) == one + self.cut_tokens, (
-            f"compute {sum(self.compute)} != one engine's {one} + cut tokens {self.cut_tokens}")
+        ideal = tree.root.tokens - tree.root.saved  # every shared prefix computed once
+        assert self.one_compute == ideal if self.hold == 0 else self.one_compute >= ideal, (
+            f"one engine's compute {self.one_compute} vs the tree's {ideal} (hold {self.hold})")
+        assert 0 <= self.cut_compute <= self.cut_tokens, f"cut compute {self.cut_compute} > cut tokens {self.cut_tokens}"
+        assert sum(self.compute) == self.one_compute + self.cut_compute, (
+            f"compute {sum(self.compute)} != one engine's {self.one_compute} + cut compute {self.cut_compute}")
 
 
 def _imbalance(values: list) -> float:
@@ -85,9 +99,9 @@ def _imbalance(values: list) -> float:
 
 
 class _Order:
-    """Prefix sums over the DFS order: compute (with sharing), memory, cut prices."""
+    """Prefix sums over the DFS order: compute (with sharing as `hold` allows), memory, cut prices."""
 
-    def __init__(self, tree: ResourceTree):
+    def __init__(self, tree: ResourceTree, hold: int = 0):
         self.reqs, self.lcp, self.ancestors = [], [], []
         starts: dict = {}
         stack = [(tree.root, iter(tree.root.kids))]
@@ -107,15 +121,22 @@ class _Order:
                 self.reqs.append(item)
                 low = node.prefix_len
         n = len(self.reqs)
+        self.kept, cached = [], 0  # the module docstring's walk: cached = prefix of earlier steps
+        for low in self.lcp[:n]:
+            cached = min(cached, low)
+            if low - cached >= hold:  # held to a step of its own: its whole lcp is cached by then
+                cached = low
+            self.kept.append(cached)
         self.lcp.append(0)  # cutting after the last request costs nothing
-        own = [r.prompt_len + r.output_len - self.lcp[k] for k, r in enumerate(self.reqs)]
+        self.kept.append(0)
+        own = [r.prompt_len + r.output_len - self.kept[k] for k, r in enumerate(self.reqs)]
         self.comp = [0, *accumulate(own)]  # comp[k]: sum over [0, k)
         self.mem = [0, *accumulate(memory_units(r.prompt_len, r.output_len) for r in self.reqs)]
         self.n = n
         self.starts = starts
 
     def comp_run(self, s: int, e: int) -> int:
-        return self.comp[e] - self.comp[s] + self.lcp[s] if e > s else 0
+        return self.comp[e] - self.comp[s] + self.kept[s] if e > s else 0
 
     def mem_run(self, s: int, e: int) -> int:
         return self.mem[e] - self.mem[s]
@@ -132,7 +153,8 @@ class _Order:
         return out
 
 
-def plan_shards(tree: ResourceTree, n_shards: int, tol: float = 0.02, stripes: int | None = None) -> ShardPlan:
+def plan_shards(tree: ResourceTree, n_shards: int, tol: float = 0.02, stripes: int | None = None,
+                hold: int = 0) -> ShardPlan:
     """Cut the tree's DFS order into `n_shards` shards (see the module docstring).
 
     `tol`: the relative deviation from 1/N of the work a shard may take so that a cut can move to
@@ -140,19 +162,22 @@ def plan_shards(tree: ResourceTree, n_shards: int, tol: float = 0.02, stripes: i
     most balanced cut is taken. `stripes` > 1 cuts N x stripes pieces instead and deals them to
     the shards in a snake (0..N-1, N-1..0, ...), so each shard holds pieces from the extremes to
     the middle: the same mix of request shapes as the whole, at 2 x stripes runs per shard; None:
-    `STRIPES` when each piece holds `PIECE_MIN` requests on average, else 1 (small batches: each
-    cut's recomputed prefix weighs more than the mix gains). The tree should be sorted
-    (`sort_and_split`); it is not changed.
+    `stripes_for(len(tree), n_shards)`: more pieces on larger batches (small batches: each
+    cut's recomputed prefix weighs more than the mix gains). `hold`: the engine policy's hold
+    threshold for the compute measure (module docstring; `ScanConfig.hold_prefix_tokens`), 0: every
+    shared prefix computed once. The tree should be sorted (`sort_and_split`); it is not changed.
     """
     if isinstance(n_shards, bool) or not isinstance(n_shards, int) or n_shards < 1:
         raise ValueError(f"n_shards must be a positive integer, got {n_shards!r}")
     if stripes is None:
-        stripes = STRIPES if len(tree) >= PIECE_MIN * STRIPES * n_shards else 1
+        stripes = stripes_for(len(tree), n_shards)
     if isinstance(stripes, bool) or not isinstance(stripes, int) or stripes < 1:
         raise ValueError(f"stripes must be a positive integer, got {stripes!r}")
     if not (0.0 <= tol < 1.0):
         raise ValueError(f"tol must be in [0, 1), got {tol!r}")
-    o = _Order(tree)
+    if isinstance(hold, bool) or not isinstance(hold, int) or hold < 0:
+        raise ValueError(f"hold must be a non-negative integer (prefix tokens), got {hold!r}")
+    o = _Order(tree, hold)
     n = o.n
     comp_total, mem_total = o.comp[n], o.mem[n]
     pieces = n_shards * stripes
@@ -164,7 +189,7 @@ def plan_shards(tree: ResourceTree, n_shards: int, tol: float = 0.02, stripes: i
             pay = owner[i] != owner[i - 1]  # pieces of one shard meet without a cut
             a, b = _cut(o, cuts[-1], i / pieces, comp_total + later[i], mem_total, tol / (2 * pieces), paid, pay)
             cuts.append((a, b))
-            prices[i] = ((o.lcp[a] if a < b else 0) + o.lcp[b]) if pay else 0
+            prices[i] = ((o.kept[a] if a < b else 0) + o.kept[b]) if pay else 0
             paid += prices[i]
         after = [sum(prices[i + 1:]) for i in range(pieces + 1)]
         if after == later:
@@ -179,7 +204,17 @@ def plan_shards(tree: ResourceTree, n_shards: int, tol: float = 0.02, stripes: i
     compute = [sum(o.comp_run(s, e) for s, e in rs) for rs in runs]
     memory = [sum(o.mem_run(s, e) for s, e in rs) for rs in runs]
     cut_tokens = sum(o.lcp[s] for rs in runs for s, e in rs)
-    return ShardPlan(shards, runs, cuts[1:], compute, memory, cut_tokens, tree.root.saved)
+    cut_compute = sum(o.kept[s] for rs in runs for s, e in rs)
+    return ShardPlan(shards, runs, cuts[1:], compute, memory, cut_tokens, tree.root.saved, o.comp[n], cut_compute,
+                     hold)
+
+
+def stripes_for(requests: int, n_shards: int) -> int:
+    """Default pieces per shard: each piece `PIECE_MIN` requests on average, 1 to `MAX_STRIPES`.
+    A shard's engine time depends on its mix of request shapes, not only on its compute and memory
+    totals; more, smaller pieces give every shard the whole batch's mix (at one recomputed path per
+    cut, which a large batch hardly notices)."""
+    return max(1, min(MAX_STRIPES, requests // (PIECE_MIN * n_shards)))
 
 
 def _merge(runs: list) -> list:
@@ -197,18 +232,18 @@ def _cut(o: _Order, prev: tuple[int, int], frac: float, comp_total: int, mem_tot
          eps: float, paid: int = 0, pay: bool = True) -> tuple[int, int]:
     """The cut (a, b) with prev_a <= a <= b <= prev_b whose left [0, a) and right [b, n) hold
     `frac` of compute and memory: among pairs within `eps` (relative to the totals) of both
-    targets the cheapest (fewest recomputed prefix tokens), else the most balanced. Compute
-    counts the prefix tokens cuts recompute: `paid` by the earlier cuts, this cut's own (when
+    targets the cheapest (fewest prefix tokens taken from sharing), else the most balanced. Compute
+    counts the prefix tokens cuts recompute (`kept`): `paid` by the earlier cuts, this cut's own (when
     `pay`: the pieces on its two sides belong to different shards), and those of the later cuts
     (included in `comp_total`, an estimate)."""
     lo, hi = prev
     want_m = frac * mem_total
 
     def err(a: int, b: int) -> float:
-        own = ((o.lcp[a] if a < b else 0) + o.lcp[b]) if pay else 0
+        own = ((o.kept[a] if a < b else 0) + o.kept[b]) if pay else 0
         total = comp_total + paid + own
         want_c = frac * total
-        c = paid + o.comp[a] + (o.comp[o.n] - o.comp[b] + (o.lcp[b] if pay else 0) if b < o.n else 0)
+        c = paid + o.comp[a] + (o.comp[o.n] - o.comp[b] + (o.kept[b] if pay else 0) if b < o.n else 0)
         m = o.mem[a] + o.mem[o.n] - o.mem[b]
         ec = abs(c - want_c) / total if total else 0.0
         em = abs(m - want_m) / mem_total if mem_total else 0.0
@@ -245,7 +280,7 @@ def _cut(o: _Order, prev: tuple[int, int], frac: float, comp_total: int, mem_tot
 def _b_for(o: _Order, a: int, hi: int, want_c: float) -> int:
     """The right cut b in [a, hi] that makes the left run [0, a) plus the right run [b, n) hold
     `want_c` compute."""
-    target = o.comp[o.n] - (want_c - o.comp[a])  # the right run must hold comp[n] - comp[b] (+ lcp[b])
+    target = o.comp[o.n] - (want_c - o.comp[a])  # the right run must hold comp[n] - comp[b] (+ kept[b])
     return min(max(bisect.bisect_left(o.comp, target, lo=a, hi=hi + 1), a), hi)
 
 

@@ -111,7 +111,7 @@ def deal(records: list, n: int, how: str, spec: RunSpec, stripes: int | None = N
         return out
     tree = reference_tree(from_records(records), spec.cost)
     sort_and_split(tree, spec.preset.scan.keep_sharing, spec.preset.scan.max_split_rounds)
-    shard_of = plan_shards(tree, n, stripes=stripes).shard_of()
+    shard_of = plan_shards(tree, n, stripes=stripes, hold=spec.preset.scan.hold_prefix_tokens).shard_of()
     out = [[] for _ in range(n)]
     for r in records:
         out[shard_of[r.rid]].append(r)
