@@ -184,8 +184,9 @@ class RssSampler(threading.Thread):
 
 def growth(rows: list[list]) -> dict:
     """Least-squares MB per 1,000 records of each process over the samples once results flow
-    (records > 0): the slope of RSS against records written."""
-    rows = [r for r in rows if r[1] > 0]
+    (from a tenth of the records on: the engine is up and its pool in use): the slope of RSS
+    against records written."""
+    rows = [r for r in rows if rows and r[1] >= 0.1 * rows[-1][1] and r[3] > 0]
     if len(rows) < 3 or rows[-1][1] == rows[0][1]:
         return {}
     x = np.array([r[1] for r in rows], dtype=float)
