@@ -20,8 +20,9 @@
    pool RSS. `--compare-n N`: requests/s of the reference tiny Llama (hidden 256, two layers)
    and the engine model on the same N requests, side by side.
 4. The cached-token ratio over window sizes (`--windows`, 0 = all at once) at `--curve-n`.
-5. The resume drill: `--drill-n` requests, killed (SIGKILL, whole process group) at `--kills`
-   random points after the first result, then run to the end: every custom_id exactly once.
+5. The resume drill: `--drill-n` requests, killed (SIGKILL, whole process group) `--kills`
+   times, each once the results file holds a random number of records (rising, between 5% and
+   95% of N), then run to the end: every custom_id exactly once.
 
 Writes `bench/results/million.json`.
 """
@@ -131,6 +132,24 @@ def model_label(hidden: int, layers: int) -> str:
 ROLES = {"sglang::scheduler": "scheduler", "sglang::detokenizer": "detokenizer"}
 
 
+class Records:
+    """Lines of a results file being appended to, counted incrementally."""
+
+    def __init__(self, path: Path):
+        self.path, self._offset, self._n = path, 0, 0
+
+    def count(self) -> int:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self._offset)
+                chunk = f.read()
+        except OSError:
+            return self._n
+        self._offset += len(chunk)
+        self._n += chunk.count(b"\n")
+        return self._n
+
+
 class RssSampler(threading.Thread):
     """RSS of every process of a run (the driver, SGLang's scheduler and detokenizer, others) and
     the records written so far, every `every` seconds, until `stop()`."""
@@ -141,7 +160,7 @@ class RssSampler(threading.Thread):
         self.rows: list[list] = []
         self._halt = threading.Event()
         self._t0 = time.perf_counter()
-        self._offset, self._records = 0, 0
+        self.records = Records(output)
 
     def run(self) -> None:
         while not self._halt.wait(self.every):
@@ -153,17 +172,6 @@ class RssSampler(threading.Thread):
         return {"every_seconds": self.every, "columns": ["seconds", "records", "driver", "scheduler", "detokenizer",
                                                           "other"],
                 "rows": self.rows, "growth_mb_per_1000_records": growth(self.rows)}
-
-    def _count_records(self) -> int:
-        try:
-            with open(self.output, "rb") as f:
-                f.seek(self._offset)
-                chunk = f.read()
-        except OSError:
-            return self._records
-        self._offset += len(chunk)
-        self._records += chunk.count(b"\n")
-        return self._records
 
     def sample(self) -> None:
         try:
@@ -178,7 +186,7 @@ class RssSampler(threading.Thread):
                 mb[role] += p.memory_info().rss / 2**20
             except psutil.Error:
                 pass
-        self.rows.append([round(time.perf_counter() - self._t0, 1), self._count_records(),
+        self.rows.append([round(time.perf_counter() - self._t0, 1), self.records.count(),
                           *(round(mb[k], 1) for k in ("driver", "scheduler", "detokenizer", "other"))])
 
 
@@ -231,10 +239,11 @@ def plan_phase(path: Path, model: Path) -> dict:
             "whole_text_fallback": read.whole_text_fallback}
 
 
-def run_cli(path: Path, model: Path, out: Path, window: str, extra=(), kill_after: float | None = None,
+def run_cli(path: Path, model: Path, out: Path, window: str, extra=(), kill_at_records: int | None = None,
             rss_every: float = 0.0) -> dict:
-    """`blendserve run`; returns its summary JSON (or {'killed': True}), with `rss_samples` when
-    `rss_every` > 0."""
+    """`blendserve run`; returns its summary JSON, with `rss_samples` when `rss_every` > 0; with
+    `kill_at_records`, its process group is killed once `out` holds that many records
+    ({'killed': True, 'records': ...}; the summary if it finished first)."""
     summary = out.with_suffix(".summary.json")
     summary.unlink(missing_ok=True)
     cmd = [sys.executable, "-m", "blendserve_sgl.cli", "run", str(path), "-o", str(out), "--model", str(model),
@@ -245,14 +254,16 @@ def run_cli(path: Path, model: Path, out: Path, window: str, extra=(), kill_afte
     if rss_every > 0:
         sampler = RssSampler(proc.pid, out, rss_every)
         sampler.start()
-    if kill_after is not None:
-        try:
-            proc.wait(timeout=kill_after)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            time.sleep(1.0)  # the engine processes die with the group
-            return {"killed": True}
+    if kill_at_records is not None:
+        written = Records(out)
+        while proc.poll() is None:
+            records = written.count()
+            if records >= kill_at_records:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+                time.sleep(1.0)  # the engine processes die with the group
+                return {"killed": True, "records": records}
+            time.sleep(0.2)
     text, _ = proc.communicate()
     samples = sampler.stop() if sampler is not None else None
     if proc.returncode != 0:
@@ -399,14 +410,12 @@ def main() -> None:
         out.unlink(missing_ok=True)
         r = random.Random(args.seed)
         kills = []
-        for _ in range(args.kills):
-            t = r.uniform(25, 75)
-            kills.append(round(t, 1))
-            run_cli(corpus(drill_n), model, out, "auto", kill_after=t)
+        for target in sorted(int(r.uniform(0.05, 0.95) * drill_n) for _ in range(args.kills)):
+            kills.append(run_cli(corpus(drill_n), model, out, "auto", kill_at_records=target).get("records"))
         run_cli(corpus(drill_n), model, out, "auto")
         ids = [json.loads(x)["custom_id"] for x in out.read_text().splitlines()]  # error records included
         want = {f"req-{i}" for i in range(drill_n)}
-        result["resume_drill"] = {"requests": drill_n, "kill_after_seconds": kills, "records": len(ids),
+        result["resume_drill"] = {"requests": drill_n, "killed_at_records": kills, "records": len(ids),
                                   "model": result["model"]}
         result["resume_exactly_once"] = len(ids) == len(set(ids)) and set(ids) == want
         print(f"resume drill: {len(ids)} records for {drill_n} requests, exactly once: "
