@@ -506,6 +506,7 @@ def test_recreated_node_reads_the_samples_of_the_pruned_one():
     t.add("v1", prompt_len=50, prefix=[("V", 10)], max_tokens=100_000)
     t.estimator.record(t.path(t.reqs["short"].node), 3)
     sample_path = t.path(t.reqs["v0"].node)
+    t.reqs["v0"].sample = True  # marked as SamplePhase.start marks the sample
     t.remove("v0")
     t.remove("v1")  # V pruned
     t.estimator.record(sample_path, 9000)  # the V sample finishes after that

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from blendserve_sgl.batch import cli, runner
-from blendserve_sgl.batch.feed import MIN_WINDOW, pending, window_size
+from blendserve_sgl.batch.feed import FACTOR, MIN_WINDOW, pending, window_size
 from blendserve_sgl.batch.order import build_tree, check_plan, cost_for, dual_order, plan
 from blendserve_sgl.batch.prompts import Prepared, prepare
 from blendserve_sgl.batch.reader import read_store
@@ -320,8 +320,8 @@ def test_resumed_run_continues_the_same_order(tiny, tmp_path):
 
 # ------------------------------------------------------------------ the feed
 def test_window_size_from_engine_capacity():
-    assert window_size(32768, 2048, 128.0) == 4 * 256  # the KV pool binds
-    assert window_size(32768, 100, 128.0) == 400  # the running slots bind
+    assert window_size(32768, 2048, 128.0) == FACTOR * 256  # the KV pool binds
+    assert window_size(32768, 100, 128.0) == FACTOR * 100  # the running slots bind
     assert window_size(1000, None, 500.0) == MIN_WINDOW
     assert window_size(None, None, 10.0) > 0
 

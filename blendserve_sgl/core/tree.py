@@ -59,7 +59,7 @@ class Req:
 class Node:
     __slots__ = ("parent", "keys", "length", "prefix_len", "depth", "kids", "index", "seq", "sort_key", "split_of",
                  "count", "tokens", "mem", "sum_p", "tails", "unique", "sample_n", "sample_sum", "max_len",
-                 "sample_values", "sample_from")
+                 "sample_values", "sample_from", "sampled")
 
     def __init__(self, parent, keys, length, seq):
         self.parent = parent
@@ -78,6 +78,7 @@ class Node:
         self.sample_values: list | None = None  # (length, cap or None if finished) per sample (estimate.py)
         self.max_len = 0  # upper bound on p + d over the subtree (exact after sort())
         self.sample_from = None  # a pruned node with samples whose edge this one's starts with (estimate.py)
+        self.sampled = False  # a sample request left through here: its output length may still be recorded here
 
     @property
     def saved(self) -> int:
@@ -90,6 +91,15 @@ class Node:
 
     def __repr__(self) -> str:
         return f"Node(len={self.length}, prefix={self.prefix_len}, n={self.count})"
+
+
+def _may_hold_samples(node: Node) -> bool:
+    """Whether `node`, or a node it reads samples from, holds samples or may still receive some."""
+    while node is not None:
+        if node.sample_n or node.sampled:
+            return True
+        node = node.split_of if node.split_of is not None else node.sample_from
+    return False
 
 
 def _keys_length(keys: Sequence) -> int:
@@ -280,12 +290,21 @@ class ResourceTree:
         _unlink(node.kids, req)
         req.node = None
         self._apply(node, req, -1)
+        if req.sample:
+            a = node
+            while a is not None:
+                a.sampled = True
+                a = a.parent
         while node.count == 0 and node.parent is not None:
             parent = node.parent
             _unlink(parent.kids, node)
             if node.keys and parent.index.get(node.keys[0]) is node:
                 del parent.index[node.keys[0]]
-                self._pruned[(id(parent), node.keys[0])] = node  # samples recorded later still count
+                key = (id(parent), node.keys[0])
+                if _may_hold_samples(node):  # samples recorded later still count
+                    self._pruned[key] = node
+                else:  # kept only where samples can be: the memory of a long run stays bounded
+                    self._pruned.pop(key, None)
             a = parent
             while a is not None:
                 a.unique -= node.length
