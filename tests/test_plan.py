@@ -325,6 +325,16 @@ def test_generate_sample_flag(user_file, tmp_path, capsys, monkeypatch):
     assert cli.main(["plan", str(user_file), "--model", "llama-3.1-8b", "--generate-sample", "4"]) == 2
     err = capsys.readouterr().err
     assert "--generate-sample" in err and "--output-fraction" in err and "Traceback" not in err
+    # `run --plan-only` passes the sample through; without --plan-only the flag is refused
+    monkeypatch.chdir(tmp_path)  # the plot lands here
+    ran.clear()
+    assert cli.main(["run", str(user_file), "--model", str(tmp_path), "--plan-only", "a100",
+                     "--generate-sample", "5"]) == 0
+    assert len(ran) == 5 and "generated: 5 requests" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["run", str(user_file), "--model", str(tmp_path), "-o", str(tmp_path / "o.jsonl"),
+                  "--generate-sample", "5"])
+    assert "--plan-only" in capsys.readouterr().err
 
 
 @pytest.mark.engine

@@ -107,12 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--plan-only", nargs="?", const="auto", metavar="HARDWARE",
                     help="print `blendserve plan` for this file and these arguments on HARDWARE (default: the cpu "
                          "preset when running on the CPU) and exit without running")
+    ap.add_argument("--generate-sample", type=positive_int, metavar="N",
+                    help="with --plan-only: run N requests of the file here first and plan with their generated "
+                         "lengths (`blendserve plan --generate-sample`)")
     return ap
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.generate_sample and not args.plan_only:
+        parser.error("--generate-sample only shapes a plan: add --plan-only, or drop it to run the whole file")
     if args.plan_only:
         from ..plan import plan_for_run
 
