@@ -180,9 +180,8 @@ def plan(records: list[Record], cost: CostModel, engine: EngineConfig, policies=
             vals = [per[s][key] for s in SCENARIOS]
             row[key] = {"low": min(vals), "high": max(vals), **dict(zip(SCENARIOS, vals))}
         rows.append(row)
-    by = {r["policy"]: r for r in rows}
     summary = {}
-    if "blend" in by and len(by) > 1:
+    if "blend" in policies and len(policies) > 1:
         # from the unrounded times: a small batch on a fast GPU rounds to 0.0 s
         t = {s: {p: results[s][p].time(timing) for p in policies} for s in SCENARIOS}
         others = {s: min((p for p in policies if p != "blend"), key=lambda p: t[s][p]) for s in SCENARIOS}

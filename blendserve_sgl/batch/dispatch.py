@@ -21,8 +21,7 @@ from typing import Iterator, Sequence
 
 from ..core.cost import CostModel
 from ..core.preset import PRESET
-from ..core.shard import plan_shards
-from ..core.split import sort_and_split
+from ..core.shard import plan_for
 from ..core.tree import ResourceTree
 from .prompts import Prepared
 
@@ -35,10 +34,9 @@ class DispatchError(RuntimeError):
 
 def cut(tree: ResourceTree, n: int, keep_sharing: float = PRESET.scan.keep_sharing) -> list[list]:
     """Request ids of each of n replicas, each list in the plan's DFS order: the tree sorted,
-    split and cut by `plan_shards`, whose compute measure counts the shared segments each rank's
+    split and cut by `plan_shards` (`plan_for`), whose compute measure counts the shared segments each rank's
     `blend` policy computes again (below its hold threshold)."""
-    sort_and_split(tree, keep_sharing, PRESET.scan.max_split_rounds)  # the plugin's split budget
-    plan = plan_shards(tree, n, hold=PRESET.scan.hold_prefix_tokens)
+    plan = plan_for(tree, n, PRESET.scan, keep_sharing)  # the plugin's split budget and hold
     plan.check_integrity(tree)
     return plan.shards
 

@@ -36,6 +36,7 @@ from itertools import accumulate
 from typing import NamedTuple
 
 from .cost import memory_units
+from .split import sort_and_split
 from .tree import Node, ResourceTree
 
 SCAN = 16  # DFS positions tried on each side of a cut's exact solution
@@ -207,6 +208,15 @@ def plan_shards(tree: ResourceTree, n_shards: int, tol: float = 0.02, stripes: i
     cut_compute = sum(o.kept[s] for rs in runs for s, e in rs)
     return ShardPlan(shards, runs, cuts[1:], compute, memory, cut_tokens, tree.root.saved, o.comp[n], cut_compute,
                      hold)
+
+
+def plan_for(tree: ResourceTree, n_shards: int, scan, keep_sharing: float | None = None,
+             stripes: int | None = None) -> ShardPlan:
+    """The cut `--dp`, `--ray` and the simulator run: the tree sorted and split under `scan`'s
+    split budget (a `ScanConfig`; `keep_sharing` overrides its own), then `plan_shards` with its
+    hold threshold, so the compute measure counts what each engine's `blend` policy recomputes."""
+    sort_and_split(tree, scan.keep_sharing if keep_sharing is None else keep_sharing, scan.max_split_rounds)
+    return plan_shards(tree, n_shards, stripes=stripes, hold=scan.hold_prefix_tokens)
 
 
 def stripes_for(requests: int, n_shards: int) -> int:

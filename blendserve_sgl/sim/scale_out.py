@@ -29,8 +29,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..core.shard import plan_shards
-from ..core.split import sort_and_split
+from ..core.shard import plan_for
 from .metrics import SimResult
 from .policies import reference_tree
 from .request import from_records
@@ -110,8 +109,7 @@ def deal(records: list, n: int, how: str, spec: RunSpec, stripes: int | None = N
             out[(j // BLOCK) % n] += records[j:j + BLOCK]
         return out
     tree = reference_tree(from_records(records), spec.cost)
-    sort_and_split(tree, spec.preset.scan.keep_sharing, spec.preset.scan.max_split_rounds)
-    shard_of = plan_shards(tree, n, stripes=stripes, hold=spec.preset.scan.hold_prefix_tokens).shard_of()
+    shard_of = plan_for(tree, n, spec.preset.scan, stripes=stripes).shard_of()
     out = [[] for _ in range(n)]
     for r in records:
         out[shard_of[r.rid]].append(r)
