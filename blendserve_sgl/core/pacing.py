@@ -6,7 +6,7 @@ plugin (which sets it as the step's prefill-token budget and chunk size). A step
 decode-attention time times the target density: the step then holds that density's balance
 of compute and memory work. Never below the ridge: the tokens whose compute time equals the
 step's fixed cost (the weight read, which the GEMM overlaps, plus the engine's per-step
-overhead, `HardwareSpec.step_overhead_s`, 0 on the GPU presets), so a paced step is never
+overhead, `HardwareSpec.step_overhead_s`, 0 on the vendor GPU presets), so a paced step is never
 dominated by what every step pays. No pacing while nothing decodes: there is no memory work to
 balance, and a small chunk would only pay the fixed cost more often.
 """
