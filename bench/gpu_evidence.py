@@ -484,9 +484,22 @@ def with_overheads(hw: HardwareSpec, over: dict) -> HardwareSpec:
 # --- part 3: overlap ----------------------------------------------------------------------------
 
 
-def overlap_points(torch, dev, dtype, cfg, gemm_tokens, attn_batch, attn_len, reps, measure) -> list[dict]:
+def on_stream(torch, stream, fn):
+    """Run `fn` on `stream`, ordered after the current stream's work and before its next."""
+    main = torch.cuda.current_stream()
+    stream.wait_stream(main)
+    with torch.cuda.stream(stream):
+        fn()
+    main.wait_stream(stream)
+
+
+def overlap_points(torch, dev, dtype, cfg, gemm_tokens, attn_batch, attn_len, reps, measure,
+                   streams=None, alone=None) -> list[dict]:
     """Per GEMM size: GEMM nano-batch alone (A), attention nano-batch alone (B), back to back,
-    and on two streams; interference = (concurrent - max(A, B)) / min(A, B)."""
+    and concurrently on two streams (`streams`: a pair, e.g. of SM partitions; default two plain
+    streams); interference = (concurrent - max(A, B)) / min(A, B), A and B on the whole GPU.
+    With `streams`, each nano-batch is also timed alone on its own stream (its partition).
+    `alone` maps GEMM size to (A, B) already measured, to reuse."""
     gen = torch.Generator(device=dev).manual_seed(2)
     rnd = lambda *s: torch.randn(*s, generator=gen, device=dev, dtype=dtype)  # noqa: E731
     k, n = gemm_shapes(cfg)["gate_up"]
@@ -497,8 +510,9 @@ def overlap_points(torch, dev, dtype, cfg, gemm_tokens, attn_batch, attn_len, re
     cuda = dev == "cuda"
     kv = [attention_over(torch, rnd(2 * kv_region_elements(attn_batch, attn_len, kvh, d)), attn_batch, attn_len, kvh,
                          d, paged=cuda, seed=r) for r in range(2)]
-    s1 = torch.cuda.Stream() if cuda else None
-    s2 = torch.cuda.Stream() if cuda else None
+    partitioned = streams is not None
+    if cuda and streams is None:
+        streams = (torch.cuda.Stream(), torch.cuda.Stream())
     attn = lambda: [kv[r % 2](q) for r in range(reps)]  # noqa: E731
     out = []
     for m in gemm_tokens:
@@ -510,22 +524,37 @@ def overlap_points(torch, dev, dtype, cfg, gemm_tokens, attn_batch, attn_len, re
                 gemm(), attn()
                 return
             main = torch.cuda.current_stream()
-            s1.wait_stream(main)
-            s2.wait_stream(main)
-            with torch.cuda.stream(s1):
+            for st in streams:
+                st.wait_stream(main)
+            with torch.cuda.stream(streams[0]):
                 gemm()
-            with torch.cuda.stream(s2):
+            with torch.cuda.stream(streams[1]):
                 attn()
-            main.wait_stream(s1)
-            main.wait_stream(s2)
+            for st in streams:
+                main.wait_stream(st)
 
-        a, b = measure(gemm), measure(attn)
+        a, b = alone[m] if alone and m in alone else (measure(gemm), measure(attn))
         serial = measure(lambda: (gemm(), attn()))
         conc = measure(both)
-        out.append({"gemm_tokens": m, "gemm_ms": round(1e3 * a, 4), "attention_ms": round(1e3 * b, 4),
-                    "back_to_back_ms": round(1e3 * serial, 4), "concurrent_ms": round(1e3 * conc, 4),
-                    "balance": round(a / b, 4), "interference": round((conc - max(a, b)) / min(a, b), 4)})
+        row = {"gemm_tokens": m, "gemm_ms": round(1e3 * a, 4), "attention_ms": round(1e3 * b, 4),
+               "back_to_back_ms": round(1e3 * serial, 4), "concurrent_ms": round(1e3 * conc, 4),
+               "balance": round(a / b, 4), "interference": round((conc - max(a, b)) / min(a, b), 4)}
+        if partitioned:
+            row["gemm_on_partition_ms"] = round(1e3 * measure(lambda: on_stream(torch, streams[0], gemm)), 4)
+            row["attention_on_partition_ms"] = round(1e3 * measure(lambda: on_stream(torch, streams[1], attn)), 4)
+        out.append(row)
     return out
+
+
+def green_streams(torch, gemm_sms: int, attn_sms: int):
+    """Two streams on disjoint SM partitions (CUDA green contexts through torch), and the
+    contexts (keep them alive while the streams run); raises where torch or the driver lacks them."""
+    from torch.cuda.green_contexts import GreenContext
+
+    ctxs = [GreenContext.create(num_sms=n, device_id=torch.cuda.current_device()) for n in (gemm_sms, attn_sms)]
+    if not hasattr(ctxs[0], "Stream"):
+        raise RuntimeError(f"torch {torch.__version__}: GreenContext has no Stream()")
+    return tuple(c.Stream() for c in ctxs), ctxs
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -731,6 +760,34 @@ def main(argv: list[str] | None = None) -> int:
         payload["failures"].append(f"part 3: {type(e).__name__}: {e}")
         log(traceback.format_exc())
     save()
+
+    if dev == "cuda" and "overlap" in payload:
+        log("part 4: overlap on disjoint SM partitions (green contexts)")
+        alone = {r["gemm_tokens"]: (r["gemm_ms"] / 1e3, r["attention_ms"] / 1e3) for r in payload["overlap"]["points"]}
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        part = {"sms": sms, "splits": [], "note": "interference against each nano-batch alone on the whole GPU; "
+                "a row per split of the SMs between the GEMM and the attention; not the overlapped mode's setting"}
+        try:
+            for attn_sms in (32, 66, 100):
+                streams, ctxs = green_streams(torch, sms - attn_sms, attn_sms)
+                pts = overlap_points(torch, dev, dtype, cfg, [512, 2048, 8192], attn_batch, attn_len, reps, measure,
+                                     streams=streams, alone=alone)
+                torch.cuda.synchronize()
+                del streams, ctxs
+                part["splits"].append({"gemm_sms": sms - attn_sms, "attention_sms": attn_sms, "points": pts})
+                print(table([tuple(r.values()) for r in pts], tuple(pts[0])))
+            best = {}
+            for sp in part["splits"]:
+                for r in sp["points"]:
+                    best[r["gemm_tokens"]] = min(best.get(r["gemm_tokens"], float("inf")), r["interference"])
+            part["best_interference_by_gemm_tokens"] = best
+            part["available"] = True
+            log(f"partitioned: best interference by GEMM tokens {best}")
+        except Exception as e:  # the plain-stream figures stand; this part is an extra
+            part.update(available=False, error=f"{type(e).__name__}: {e}")
+            log(f"partitioned overlap unavailable: {type(e).__name__}: {e}")
+        payload["partitioned_overlap"] = part
+        save()
     log(f"wrote {path}" + (f"; failures: {payload['failures']}" if payload["failures"] else ""))
     logf.close()
     return 1 if payload["failures"] else 0
