@@ -17,6 +17,10 @@
 3. Overlap: a compute-bound GEMM nano-batch and a memory-bound decode-attention nano-batch on two
    CUDA streams, against each alone and back to back, over a range of balances: interference
    = (concurrent - max(A, B)) / min(A, B), the simulator's overlapped-mode parameter.
+4. (CUDA) The same on two disjoint SM partitions (CUDA green contexts), for three splits.
+5. Whole runs: blend's, sglang-lpm's and dfs's simulated runs of a Trace analog replayed on the
+   stack by systematic sampling (every k-th step timed): the policies' measured ratios against
+   the simulator's predicted ones.
 
 CUDA: bf16, Llama-3.1-8B shapes, CUDA events after warm-up with the L2 cache flushed before each
 timed run (median). `--tiny`: CPU, float32, a small Llama-shaped model, small shapes (best of
@@ -355,6 +359,53 @@ def sample_steps(trace_name: str, requests: int, per_policy: int, seed: int = 0)
     return out
 
 
+REPLAY_POLICIES = ("blend", "sglang-lpm", "dfs")
+
+
+def simulate_schedules(trace_name: str, requests: int, seed: int = 0) -> dict:
+    """Whole runs of REPLAY_POLICIES on a Trace analog under the method group's equal rules
+    (paced prefill, mixed steps; Llama-3.1-8B on the h200 preset): policy -> SimResult."""
+    from blendserve_sgl.sim import EngineConfig, RunSpec, Workload, simulate
+    from blendserve_sgl.workloads import trace
+
+    cost = CostModel.from_names("llama-3.1-8b", "h200")
+    records, _ = trace(trace_name, requests, cost, seed)
+    wl = Workload(records, cost)
+    spec = RunSpec(cost, EngineConfig.trace_engine(cost), seed=seed)
+    return {p: simulate(wl, p, spec) for p in REPLAY_POLICIES}
+
+
+def replay_schedules(schedules: dict, cost: CostModel, stack, measure, per_policy: int, tiny: bool) -> dict:
+    """Each policy's whole run timed on the GPU by systematic sampling: `per_policy` steps evenly
+    spaced over the run, each measured, the run's time estimated as (steps / sampled) x their sum;
+    beside it the simulator's sequential time of the whole run on `cost` (the fitted preset) and
+    of the same sample. The policies' ratios, measured against predicted, test the simulator's
+    ranking on the hardware."""
+    from blendserve_sgl.sim.timing import ExecModel
+
+    out = {}
+    for pol, res in schedules.items():
+        s = res.series
+        n = len(s["decode"])
+        picks = evenly(list(range(n)), per_policy)
+        measured = predicted = 0.0
+        for i in picks:
+            step = StepSample(pol, i, int(s["prefill"][i]), int(s["decode"][i]), int(s["kv_read"][i]))
+            if tiny:
+                step = shrink(step, prefill=128, decode=8, kv_len=256)
+            measured += measure(stack.step_fn(step))
+            predicted += step_predictions(cost, step)[0]
+        scale = n / len(picks)
+        out[pol] = {"steps": n, "sampled": len(picks), "measured_s": measured * scale,
+                    "predicted_sample_s": predicted * scale,
+                    "predicted_run_s": float(res.retimed(cost).time(ExecModel("sequential")))}
+    base = out["blend"]
+    for pol, row in out.items():
+        row["measured_speedup_of_blend"] = row["measured_s"] / base["measured_s"]
+        row["predicted_speedup_of_blend"] = row["predicted_run_s"] / base["predicted_run_s"]
+    return out
+
+
 def evenly(items: list, k: int) -> list:
     """k items spread evenly over `items` (the middle of k equal stretches); all when fewer."""
     if k >= len(items):
@@ -574,6 +625,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--trace", default="trace1", help="Trace analog whose blend and dfs steps part 2 runs")
     ap.add_argument("--requests", type=int, default=5000, help="requests in that analog")
     ap.add_argument("--steps", type=int, default=24, help="steps sampled per policy")
+    ap.add_argument("--replay-requests", type=int, default=2000,
+                    help="part 5: requests in the analog whose whole runs are replayed by sampling")
+    ap.add_argument("--replay-steps", type=int, default=150, help="part 5: steps timed per policy (0: skip part 5)")
     args = ap.parse_args(argv)
     try:
         import torch
@@ -624,6 +678,8 @@ def main(argv: list[str] | None = None) -> int:
 
     log(f"steps: sampling blend and dfs on {args.trace} ({requests} requests) in the simulator")
     steps = sample_steps(args.trace, requests, n_steps)  # first: a data problem stops the run before any timing
+    replay_requests, replay_steps = (300, 3) if args.tiny else (args.replay_requests, args.replay_steps)
+    schedules = simulate_schedules(args.trace, replay_requests) if replay_steps else {}
     if args.tiny:
         steps = [shrink(s, prefill=128, decode=8, kv_len=256) for s in steps]
     path = out / f"{stem}.json"
@@ -699,7 +755,6 @@ def main(argv: list[str] | None = None) -> int:
                 del g
             else:
                 measured.append(eager[-1])
-        del stack
         operator_only = [step_predictions(cost, s)[0] for s in steps]
         over = fit_overheads(steps, measured, operator_only)
         held_out = {}  # each policy's steps predicted with the overheads fitted on the other's
@@ -745,6 +800,29 @@ def main(argv: list[str] | None = None) -> int:
         payload["failures"].append(f"part 2: {type(e).__name__}: {e}")
         log(traceback.format_exc())
     save()
+
+    if schedules and "step_overheads" in payload:
+        log(f"part 5: whole runs of {', '.join(schedules)} on {args.trace} ({replay_requests} requests), "
+            f"{replay_steps} steps each")
+        try:
+            light = cuda_timer(torch, repeats=3, warmup=1) if dev == "cuda" else measure
+            timer = (lambda fn: light(graphed(torch, fn).replay)) if dev == "cuda" else light
+            rep = replay_schedules(schedules, CostModel(spec, fitted), stack, timer, replay_steps, args.tiny)
+            cols = ("steps", "sampled", "measured_s", "predicted_sample_s", "predicted_run_s",
+                    "measured_speedup_of_blend", "predicted_speedup_of_blend")
+            print(table([(p, *(f"{r[c]:.4g}" if isinstance(r[c], float) else r[c] for c in cols)) for p, r in rep.items()],
+                        ("policy", *cols)))
+            payload["schedule_replay"] = {
+                "trace": args.trace, "requests": replay_requests, "engine": "method group: paced prefill, mixed steps",
+                "timing": "each sampled step replayed from a CUDA graph, median of 3; run time = steps / sampled x sum",
+                "policies": rep}
+            log("replayed: " + ", ".join(f"{p} {r['measured_speedup_of_blend']:.3f} measured vs "
+                                         f"{r['predicted_speedup_of_blend']:.3f} predicted" for p, r in rep.items()))
+        except Exception as e:
+            payload["failures"].append(f"part 5: {type(e).__name__}: {e}")
+            log(traceback.format_exc())
+        save()
+    stack = None
     if dev == "cuda":
         torch.cuda.empty_cache()
 

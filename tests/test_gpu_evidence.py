@@ -43,6 +43,12 @@ def test_tiny_run_fields(tiny):
     assert {r["policy"] for r in tiny["steps"]} == {"blend", "dfs"}
     assert any(r["prefill"] > 0 for r in tiny["steps"]) and all(r["decode"] > 0 for r in tiny["steps"])
     assert len(tiny["overlap"]["points"]) >= 2
+    rep = tiny["schedule_replay"]["policies"]  # part 5: whole runs by systematic sampling
+    assert set(rep) == {"blend", "sglang-lpm", "dfs"}
+    for pol, r in rep.items():
+        assert 0 < r["sampled"] <= r["steps"] and r["measured_s"] > 0 and r["predicted_run_s"] > 0
+        assert r["measured_speedup_of_blend"] == pytest.approx(r["measured_s"] / rep["blend"]["measured_s"])
+        assert r["predicted_speedup_of_blend"] == pytest.approx(r["predicted_run_s"] / rep["blend"]["predicted_run_s"])
     assert "do not overlap on a CPU" in tiny["note"]
     assert tiny["failures"] == []
     assert tiny["foreign_modules"] == []  # torch only: nothing from sglang, flashinfer or sgl_kernel was imported
