@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from .cost import memory_units, split_memory
-from .estimate import SamplePhase
+from .estimate import SamplePhase, sample_source
 from .split import SplitReport, sort_and_split
 from .tree import Node, Req, ResourceTree
 
@@ -101,6 +101,10 @@ class ScanConfig:
     reserve_overruns: bool = False  # True: a running request past its estimate is expected to run
     # overrun_factor x its output so far (within max_tokens); the KV it will still need beyond its
     # reservation is kept free (admissions see that much less), so overruns do not force retractions
+    fill_settled_only: bool = False  # True: while the sample runs, the fill (fill_while_sampling) takes only
+    # requests whose estimate is settled: walking up from the request, a node with finished samples comes
+    # before any node that holds a sample still running (whose class may be longer than anything seen yet:
+    # the long outputs are the samples that finish last)
     lend_idle_share: bool = False  # True: when one side stopped this step for a reason other than memory
     # (credit, prefill, hold, slots, nothing left) and the other for its share, the other goes on past
     # its share and its memory-work credit, within the free KV and its hard cap: a share the owner
@@ -130,6 +134,7 @@ class _Running(NamedTuple):
     node: Node | None = None  # its node when taken
     prev: Node | None = None  # the side's last taken node before it, and that request's rid
     prev_rid: Any = None
+    sources: tuple = ()  # a sample's sample_source nodes along its path (DualScanner.sampling_at)
 
 
 class _Side:
@@ -185,6 +190,7 @@ class DualScanner:
         self.overrun: dict = {}  # ScanConfig.reserve_overruns: rid -> KV bytes still expected past its reservation
         self.overrun_bytes = 0.0  # their sum
         self.generated: dict = {}  # running rid -> output so far, as last reported by `progress`
+        self.sampling_at: dict = {}  # sample source node -> running sample requests below it (fill_settled_only)
         self.replans = 0
 
     @property
@@ -313,7 +319,8 @@ class DualScanner:
         self._wave = alive  # taken ones drop out at the next call's filter
         mid = self.tree.density(root)
         for req in alive:
-            if not self._offer(req, RIGHT if req.sort_key < mid else LEFT, st, out, shared=False) and st.why != "hold":
+            if not self._offer(req, RIGHT if req.sort_key < mid else LEFT, st, out, shared=False) and \
+                    st.why not in ("hold", "unsettled"):
                 break
         self._record = (budget, {"final_wave": len(reqs), "stop": st.why})
         return True
@@ -488,7 +495,7 @@ class DualScanner:
 
     def fits(self, req: Req, side: str, st: "_StepState", shared: bool = True, hold: bool = True) -> str | _Check:
         """Can `side` take `req` now? The reason it cannot ("slots", "prefill", "side-prefill-cap",
-        "hold", "kv", "hard-cap", "share", "credit"), or the `_Check` that `take` commits.
+        "unsettled", "hold", "kv", "hard-cap", "share", "credit"), or the `_Check` that `take` commits.
         `shared`: within the side's share, prefill cap and credit (the dual scan); `hold`: hold a
         request whose shared prefix is computed this step (ScanConfig.hold_prefix_tokens)."""
         acct = self._account(req, side)
@@ -499,6 +506,8 @@ class DualScanner:
             return "prefill"
         if cap is not None and cap - acct.prefill_used <= 0:
             return "side-prefill-cap"
+        if side != SAMPLE and not self.planned and self.config.fill_settled_only and self.unsettled(req):
+            return "unsettled"
         cached, need = self._reservation(req)
         h = self.config.hold_prefix_tokens
         if hold and h and cached >= h and cached - self._cached_prefix(req.node, cached_only=True) >= h:
@@ -530,7 +539,9 @@ class DualScanner:
         node = req.node
         self.tree.remove(req.rid)
         path = self.tree.path(node) if req.sample else []
-        self.running[req.rid] = _Running(acct.name, need, req, path, work, node, acct.last, acct.last_rid)
+        sources = tuple(sample_source(n) for n in path)
+        self._count_sampling(sources, +1)
+        self.running[req.rid] = _Running(acct.name, need, req, path, work, node, acct.last, acct.last_rid, sources)
         acct.taken[req.rid] = node
         acct.used += need
         self.handed_out += 1
@@ -563,6 +574,7 @@ class DualScanner:
         run = self.running.pop(rid)
         self.sides[run.side].used -= run.kv_bytes
         self._release_overrun(rid)
+        self._count_sampling(run.sources, -1)
         if run.req.sample and rid in self.sample.pending:
             if self.sample.finished(rid, run.path, output_len) and (not self.sample.pending or not self.planned):
                 self._plan()
@@ -604,6 +616,28 @@ class DualScanner:
         if not self.overrun:
             self.overrun_bytes = 0.0
 
+    def _count_sampling(self, sources: tuple, sign: int) -> None:
+        """A sample request taken (+1) or gone (-1): its path's sample sources (`sampling_at`)."""
+        for src in sources:
+            left = self.sampling_at.get(src, 0) + sign
+            if left:
+                self.sampling_at[src] = left
+            else:
+                del self.sampling_at[src]
+
+    def unsettled(self, req: Req) -> bool:
+        """Whether `req`'s estimate may still grow (ScanConfig.fill_settled_only): walking up from its
+        node, one that holds a running sample comes before any that has finished samples."""
+        node = req.node
+        while node is not None:
+            src = sample_source(node)
+            if src.sample_n:
+                return False
+            if src in self.sampling_at:
+                return True
+            node = node.parent
+        return False
+
     def add(self, rid, **request) -> Req:
         """Add a waiting request (an arrival, or one handed back by `cancel`): `ResourceTree.add`."""
         req = self.tree.add(rid, **request)
@@ -616,6 +650,7 @@ class DualScanner:
         with `add` (a sample request stays in the sample)."""
         run = self.running.pop(rid)
         self._release_overrun(rid)
+        self._count_sampling(run.sources, -1)
         side = self.sides[run.side]
         side.used -= run.kv_bytes
         side.credit += run.work
@@ -634,6 +669,7 @@ class DualScanner:
         run = self.running.pop(rid)
         self.sides[run.side].used -= run.kv_bytes
         self._release_overrun(rid)
+        self._count_sampling(run.sources, -1)
         self.sample.retracted(rid)
         return run.req
 
@@ -644,6 +680,11 @@ class DualScanner:
             assert abs(held - side.used) <= 1e-6 * max(1.0, held), f"{name} accounting drifted: {held} vs {side.used}"
         assert not (set(self.running) & set(self.tree.reqs)), "a running request is still waiting in the tree"
         assert set(self.overrun) <= set(self.running), "overrun reserve kept for a request that is not running"
+        sampling: dict = {}
+        for run in self.running.values():
+            for src in run.sources:
+                sampling[src] = sampling.get(src, 0) + 1
+        assert sampling == self.sampling_at, "running-sample counts drifted"
         assert abs(sum(self.overrun.values()) - self.overrun_bytes) <= 1e-6 * max(1.0, self.overrun_bytes), \
             f"overrun reserve drifted: {sum(self.overrun.values())} vs {self.overrun_bytes}"
 
