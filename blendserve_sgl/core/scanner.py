@@ -101,6 +101,10 @@ class ScanConfig:
     reserve_overruns: bool = False  # True: a running request past its estimate is expected to run
     # overrun_factor x its output so far (within max_tokens); the KV it will still need beyond its
     # reservation is kept free (admissions see that much less), so overruns do not force retractions
+    reserve_growth: bool = False  # True: every running request of unknown length is expected to reach its
+    # estimate (past it: overrun_factor x its output so far, within max_tokens); the output it will still
+    # write beyond its reservation (r x estimate) is kept free, and a request is admitted only if that part
+    # of it fits too: requests reserved at the engine's new-token ratio cannot together outgrow the pool
     fill_settled_only: bool = False  # True: while the sample runs, the fill (fill_while_sampling) takes only
     # requests whose estimate is settled: walking up from the request, a node with finished samples comes
     # before any node that holds a sample still running (whose class may be longer than anything seen yet:
@@ -135,6 +139,7 @@ class _Running(NamedTuple):
     prev: Node | None = None  # the side's last taken node before it, and that request's rid
     prev_rid: Any = None
     sources: tuple = ()  # a sample's sample_source nodes along its path (DualScanner.sampling_at)
+    out_reserved: int = 0  # output tokens its reservation holds (r x its estimate)
 
 
 class _Side:
@@ -167,6 +172,7 @@ class _Check(NamedTuple):
     need: float  # KV bytes reserved
     lent: bool  # fits only in memory running requests do not need before it ends
     account: _Side  # the side whose share it counts against
+    aside: float = 0.0  # KV bytes of its expected growth beyond `need` (ScanConfig.reserve_growth)
 
 
 class DualScanner:
@@ -255,6 +261,10 @@ class DualScanner:
             if self.config.reserve_overruns and gen >= mark:  # past it: each further growth step
                 mark = math.ceil(self.tree.estimator.overrun_factor * gen)
             marks.append(mark)
+        if not run.req.known and self.config.reserve_growth:  # the reserve shrinks as it writes; past its
+            e = max(1, run.req.output_len)  # estimate it grows at each overrun_factor step
+            marks.append(min(e + 1, gen + max(REPLAN_MIN_TOKENS, e // 8)) if gen <= e else
+                         math.ceil(self.tree.estimator.overrun_factor * gen))
         return min((m for m in marks if m > gen), default=None)
 
     # ------------------------------------------------------------------ step
@@ -512,8 +522,10 @@ class DualScanner:
         h = self.config.hold_prefix_tokens
         if hold and h and cached >= h and cached - self._cached_prefix(req.node, cached_only=True) >= h:
             return "hold"  # its shared prefix is computed this step: take it next step, cached
-        lent = need > st.kv_free
-        if lent and (not st.horizons or need > st.free_for(self._lifetime(req, req.prompt_len - cached, st))):
+        kvb = self.tree.cost.kv_bytes_per_token
+        aside = self._aside(req, 0, round(need / kvb) - (req.prompt_len - cached)) if self.config.reserve_growth else 0.0
+        lent = need + aside > st.kv_free
+        if lent and (aside or not st.horizons or need > st.free_for(self._lifetime(req, req.prompt_len - cached, st))):
             return "kv"
         # Shares divide the memory free for good; a request on lent memory is gone before it is needed.
         if shared and not lent:
@@ -525,11 +537,11 @@ class DualScanner:
                 return "share"
         if shared and st.metered and acct.credit <= 0 and not acct.borrowing:
             return "credit"  # the side started its share of memory work already
-        return _Check(cached, need, lent, acct)
+        return _Check(cached, need, lent, acct, aside)
 
     def take(self, req: Req, side: str, st: "_StepState", check: _Check, shared: bool = True) -> Admission:
         """Commit `req` on `side` after `fits` returned `check`."""
-        cached, need, lent, acct = check
+        cached, need, lent, acct, aside = check
         if shared and not lent and acct.used + need > acct.share:
             acct.overdraft = False
         work = 0.0
@@ -541,7 +553,14 @@ class DualScanner:
         path = self.tree.path(node) if req.sample else []
         sources = tuple(sample_source(n) for n in path)
         self._count_sampling(sources, +1)
-        self.running[req.rid] = _Running(acct.name, need, req, path, work, node, acct.last, acct.last_rid, sources)
+        kvb = self.tree.cost.kv_bytes_per_token
+        out_reserved = round(need / kvb) - (req.prompt_len - cached)
+        self.running[req.rid] = _Running(acct.name, need, req, path, work, node, acct.last, acct.last_rid, sources,
+                                         out_reserved)
+        if aside:
+            self.overrun[req.rid] = aside
+            self.overrun_bytes += aside
+            st.kv_free -= aside
         acct.taken[req.rid] = node
         acct.used += need
         self.handed_out += 1
@@ -587,8 +606,10 @@ class DualScanner:
         mark = self._replan_at(rid) if self.planned else None
         if mark is not None and generated >= mark:
             self.replan_due = True
-        if self.config.reserve_overruns and not run.req.known:
-            self._reserve_overrun(rid, run, generated)
+        if (self.config.reserve_overruns or self.config.reserve_growth) and not run.req.known:
+            extra = self._aside(run.req, generated, run.out_reserved)
+            self.overrun_bytes += extra - self.overrun.get(rid, 0.0)
+            self.overrun[rid] = extra
         if run.side == RIGHT or run.req.known or not self.tree.estimator.overran(run.req.output_len, generated):
             return False
         self.sides[LEFT].used -= run.kv_bytes
@@ -596,18 +617,26 @@ class DualScanner:
         self.running[rid] = run._replace(side=RIGHT)
         return True
 
-    def _reserve_overrun(self, rid, run: _Running, generated: int) -> None:
-        """The KV a request past its estimate will still need beyond its reservation (reserve_overruns)."""
-        est = self.tree.estimator
-        if not est.overran(run.req.output_len, generated):
-            return
-        total = math.ceil(est.overrun_factor * generated)
-        if run.req.max_tokens is not None:
-            total = min(total, run.req.max_tokens)
-        kvb = self.tree.cost.kv_bytes_per_token
-        extra = max(0.0, (total - generated) * kvb)  # the engine's free memory already counts what it holds
-        self.overrun_bytes += extra - self.overrun.get(rid, 0.0)
-        self.overrun[rid] = extra
+    def _aside(self, req: Req, generated: int, out_reserved: int) -> float:
+        """KV bytes a running request of unknown length (`generated` so far) is expected to write
+        beyond its reservation: past overrun_factor x its estimate (reserve_overruns, reserve_growth)
+        it runs overrun_factor x its output so far; otherwise (reserve_growth) to its estimate, or,
+        past it, overrun_factor x its output so far; within max_tokens. The engine's free memory
+        already counts what it holds, the caller's budget what its reservation holds (`out_reserved`
+        output tokens)."""
+        if req.known:
+            return 0.0
+        est, kvb = self.tree.estimator, self.tree.cost.kv_bytes_per_token
+        e = req.output_len
+        if est.overran(e, generated) or (self.config.reserve_growth and generated > e):
+            total = math.ceil(est.overrun_factor * generated)
+        elif self.config.reserve_growth:
+            total = e
+        else:
+            return 0.0
+        if req.max_tokens is not None:
+            total = min(total, req.max_tokens)
+        return max(0, total - max(generated, out_reserved)) * kvb
 
     def _release_overrun(self, rid) -> None:
         """`rid` stopped running: its overrun reserve and reported output go."""
