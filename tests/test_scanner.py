@@ -484,10 +484,10 @@ def test_final_wave_changes_the_run_with_the_same_prefix_hits():
 @given(st.integers(0, 10 ** 6), st.integers(1, 40), st.booleans(), st.booleans(), st.sampled_from([0, 32]),
        st.booleans(), st.booleans(), st.sampled_from([0.0, 0.1, 0.5]), st.integers(0, 5),
        st.floats(-1e13, 1e13), st.floats(-1e10, 1e10), st.integers(1, 40_000), st.integers(1, 8),
-       st.integers(1, 4096), st.booleans())
+       st.integers(1, 4096), st.booleans(), st.booleans(), st.booleans())
 def test_nothing_running_and_something_fits_means_an_admission(seed, n, known, metered, hold, fill, final_wave,
                                                                 sample_fraction, warm_steps, credit, debt,
-                                                                kv_tokens, slots, prefill, lend):
+                                                                kv_tokens, slots, prefill, lend, settled, growth):
     """Liveness: whatever the shares, memory-work credits, debts, holds, sample state and
     estimates, a scanner with nothing running admits at least one request when one fits the free
     KV (a slot and prefill tokens left); else an engine waiting on it would stop for good."""
@@ -497,7 +497,7 @@ def test_nothing_running_and_something_fits_means_an_admission(seed, n, known, m
     est = OutputLengthEstimator(sample_fraction=sample_fraction, seed=seed % 5, prior=rng.choice([1, 256, 4000]))
     sc = DualScanner(build_length_tree(records, known=known, estimator=est),
                      ScanConfig(hold_prefix_tokens=hold, fill_while_sampling=fill, final_wave=final_wave,
-                                lend_idle_share=lend))
+                                lend_idle_share=lend, fill_settled_only=settled, reserve_growth=growth))
     kvb = COST.kv_bytes_per_token
     pool = 4 * kv_tokens * kvb if metered else None
     for _ in range(warm_steps):  # some history: takes, then everything running finishes
