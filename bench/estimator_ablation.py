@@ -2,10 +2,12 @@
 
 Each Trace analog runs blend as the plugin ships it (`PRESET`) with known lengths, with the
 estimated lengths of the plain estimator (the sampled mean, running samples at their output so
-far), and with each switch of `core/estimate.py` (`censored`, `percentile`) and both. Ablations
+far), with each switch of `core/estimate.py` (`censored`, `percentile`, `stratify`), censored with
+p90, and the stratified sample with the scanner's guards against long outputs admitted on
+estimates (`fill_settled_only`, `reserve_growth`). Ablations
 are `PRESET.replace(...)`; every other rule is the simulator's default for every policy.
 
-    python bench/estimator_ablation.py --requests 5000   # -> results/estimator_ablation.json
+    python bench/estimator_ablation.py --requests 20000   # -> results/estimator_ablation.json
 """
 
 from __future__ import annotations
@@ -30,6 +32,9 @@ VARIANTS = {  # name -> (known lengths, preset)
     "estimated: censored": (False, PRESET.replace(censored=True)),
     "estimated: p90": (False, PRESET.replace(percentile=0.9)),
     "estimated: censored + p90": (False, PRESET.replace(censored=True, percentile=0.9)),
+    "estimated: stratified sample": (False, PRESET.replace(stratify=True)),
+    "estimated: stratified + settled fill + growth reserve": (False, PRESET.replace(
+        stratify=True, fill_settled_only=True, reserve_growth=True)),
 }
 
 

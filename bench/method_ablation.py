@@ -37,6 +37,9 @@ VARIANTS = {  # label -> preset
     "- engine ratio - whole sample": PRESET.replace(engine_ratio=False, sample_quorum=0.5),
     "+ reserve overruns": PRESET.replace(reserve_overruns=True),
     "+ p90": PRESET.replace(percentile=0.9),
+    "+ fill settled only": PRESET.replace(fill_settled_only=True),
+    "+ reserve growth": PRESET.replace(reserve_growth=True),
+    "+ fill settled only + reserve growth": PRESET.replace(fill_settled_only=True, reserve_growth=True),
 }
 OTHERS = tuple(p for p in POLICIES if p != "blend")
 
@@ -99,7 +102,8 @@ def main() -> None:
         "variants": {k: {"replace": {f: VARIANTS[k].leaf(f) for f in ("censored", "censored_growth", "replan_growth",
                                                                       "percentile", "sample_quorum", "reserve_overruns",
                                                                       "engine_ratio", "lend_idle_share",
-                                                                      "fill_while_sampling")}}
+                                                                      "fill_while_sampling", "fill_settled_only",
+                                                                      "reserve_growth")}}
                      for k in variants},
         "summary": means, "table": rows, "wall_seconds": round(time.perf_counter() - t0, 1)})
     print(f"wrote {path}")

@@ -38,6 +38,7 @@ class OutputLengthEstimator:
     percentile: float | None = None  # reserve by this quantile of the subtree's samples (None: the mean)
     censored: bool = False  # running samples are censored (>= output so far, <= max_tokens), not finished
     censored_growth: float | None = None  # censored sample past every finished one: this x its output so far
+    stratify: bool = False  # every subtree with >= 1 / sample_fraction unknown requests gets a sample
 
     def __post_init__(self) -> None:
         if isinstance(self.prior, bool) or not isinstance(self.prior, int) or self.prior < 1:
@@ -134,6 +135,39 @@ class OutputLengthEstimator:
         return generated > self.overrun_factor * max(1, estimate)
 
 
+def stratum_samples(tree, estimator: OutputLengthEstimator, chosen: set) -> list:
+    """`estimator.stratify`: for every node below the root with at least 1 / sample_fraction
+    unknown requests under it and none of them in `chosen` (after the additions below it), its
+    request with the smallest seeded hash; deepest nodes first, so one addition serves every
+    ancestor. A class of that size then has a sample of its own instead of an ancestor's mean."""
+    need = math.ceil(1 / estimator.sample_fraction)
+    added = []
+    order, stack = [], [tree.root]
+    while stack:  # pre-order; reversed below: every node after its descendants
+        node = stack.pop()
+        order.append(node)
+        stack.extend(k for k in node.kids if hasattr(k, "kids"))
+    below: dict = {}  # id(node) -> (unknown requests under it, the smallest (hash, rid) of them, one is chosen)
+    for node in reversed(order):
+        count, best, has = 0, None, False
+        for k in node.kids:
+            if hasattr(k, "kids"):
+                n, b, h = below.pop(id(k))
+            elif not k.known:
+                n, b, h = 1, (estimator.sample_key(k.rid), k.rid), k.rid in chosen
+            else:
+                continue
+            count, has = count + n, has or h
+            if b is not None and (best is None or b[0] < best[0]):
+                best = b
+        if node is not tree.root and not has and count >= need:
+            added.append(best[1])
+            chosen.add(best[1])
+            has = True
+        below[id(node)] = (count, best, has)
+    return added
+
+
 def sample_source(node):
     """The node whose samples stand for `node`'s subtree: a split twin's origin; for a node
     re-created after its predecessor was pruned (its requests all taken, then one retracted),
@@ -161,6 +195,8 @@ class SamplePhase:
     def start(self, tree) -> None:
         """Choose the sample among the tree's requests of unknown length and mark them."""
         chosen = self.estimator.choose_sample([r.rid for r in tree.reqs.values() if not r.known])
+        if self.estimator.stratify and chosen:
+            chosen += stratum_samples(tree, self.estimator, set(chosen))
         for rid in chosen:
             tree.reqs[rid].sample = True
         self.pending = set(chosen)

@@ -38,7 +38,7 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from .cost import memory_units, split_memory
-from .estimate import SamplePhase
+from .estimate import SamplePhase, sample_source
 from .split import SplitReport, sort_and_split
 from .tree import Node, Req, ResourceTree
 
@@ -101,6 +101,14 @@ class ScanConfig:
     reserve_overruns: bool = False  # True: a running request past its estimate is expected to run
     # overrun_factor x its output so far (within max_tokens); the KV it will still need beyond its
     # reservation is kept free (admissions see that much less), so overruns do not force retractions
+    reserve_growth: bool = False  # True: every running request of unknown length is expected to reach its
+    # estimate (past it: overrun_factor x its output so far, within max_tokens); the output it will still
+    # write beyond its reservation (r x estimate) is kept free, and a request is admitted only if that part
+    # of it fits too: requests reserved at the engine's new-token ratio cannot together outgrow the pool
+    fill_settled_only: bool = False  # True: while the sample runs, the fill (fill_while_sampling) takes only
+    # requests whose estimate is settled: walking up from the request, a node with finished samples comes
+    # before any node that holds a sample still running (whose class may be longer than anything seen yet:
+    # the long outputs are the samples that finish last)
     lend_idle_share: bool = False  # True: when one side stopped this step for a reason other than memory
     # (credit, prefill, hold, slots, nothing left) and the other for its share, the other goes on past
     # its share and its memory-work credit, within the free KV and its hard cap: a share the owner
@@ -130,6 +138,8 @@ class _Running(NamedTuple):
     node: Node | None = None  # its node when taken
     prev: Node | None = None  # the side's last taken node before it, and that request's rid
     prev_rid: Any = None
+    sources: tuple = ()  # a sample's sample_source nodes along its path (DualScanner.sampling_at)
+    out_reserved: int = 0  # output tokens its reservation holds (r x its estimate)
 
 
 class _Side:
@@ -162,6 +172,7 @@ class _Check(NamedTuple):
     need: float  # KV bytes reserved
     lent: bool  # fits only in memory running requests do not need before it ends
     account: _Side  # the side whose share it counts against
+    aside: float = 0.0  # KV bytes of its expected growth beyond `need` (ScanConfig.reserve_growth)
 
 
 class DualScanner:
@@ -185,6 +196,7 @@ class DualScanner:
         self.overrun: dict = {}  # ScanConfig.reserve_overruns: rid -> KV bytes still expected past its reservation
         self.overrun_bytes = 0.0  # their sum
         self.generated: dict = {}  # running rid -> output so far, as last reported by `progress`
+        self.sampling_at: dict = {}  # sample source node -> running sample requests below it (fill_settled_only)
         self.replans = 0
 
     @property
@@ -249,6 +261,10 @@ class DualScanner:
             if self.config.reserve_overruns and gen >= mark:  # past it: each further growth step
                 mark = math.ceil(self.tree.estimator.overrun_factor * gen)
             marks.append(mark)
+        if not run.req.known and self.config.reserve_growth:  # the reserve shrinks as it writes; past its
+            e = max(1, run.req.output_len)  # estimate it grows at each overrun_factor step
+            marks.append(min(e + 1, gen + max(REPLAN_MIN_TOKENS, e // 8)) if gen <= e else
+                         math.ceil(self.tree.estimator.overrun_factor * gen))
         return min((m for m in marks if m > gen), default=None)
 
     # ------------------------------------------------------------------ step
@@ -313,7 +329,8 @@ class DualScanner:
         self._wave = alive  # taken ones drop out at the next call's filter
         mid = self.tree.density(root)
         for req in alive:
-            if not self._offer(req, RIGHT if req.sort_key < mid else LEFT, st, out, shared=False) and st.why != "hold":
+            if not self._offer(req, RIGHT if req.sort_key < mid else LEFT, st, out, shared=False) and \
+                    st.why not in ("hold", "unsettled"):
                 break
         self._record = (budget, {"final_wave": len(reqs), "stop": st.why})
         return True
@@ -488,7 +505,7 @@ class DualScanner:
 
     def fits(self, req: Req, side: str, st: "_StepState", shared: bool = True, hold: bool = True) -> str | _Check:
         """Can `side` take `req` now? The reason it cannot ("slots", "prefill", "side-prefill-cap",
-        "hold", "kv", "hard-cap", "share", "credit"), or the `_Check` that `take` commits.
+        "unsettled", "hold", "kv", "hard-cap", "share", "credit"), or the `_Check` that `take` commits.
         `shared`: within the side's share, prefill cap and credit (the dual scan); `hold`: hold a
         request whose shared prefix is computed this step (ScanConfig.hold_prefix_tokens)."""
         acct = self._account(req, side)
@@ -499,12 +516,16 @@ class DualScanner:
             return "prefill"
         if cap is not None and cap - acct.prefill_used <= 0:
             return "side-prefill-cap"
+        if side != SAMPLE and not self.planned and self.config.fill_settled_only and self.unsettled(req):
+            return "unsettled"
         cached, need = self._reservation(req)
         h = self.config.hold_prefix_tokens
         if hold and h and cached >= h and cached - self._cached_prefix(req.node, cached_only=True) >= h:
             return "hold"  # its shared prefix is computed this step: take it next step, cached
-        lent = need > st.kv_free
-        if lent and (not st.horizons or need > st.free_for(self._lifetime(req, req.prompt_len - cached, st))):
+        kvb = self.tree.cost.kv_bytes_per_token
+        aside = self._aside(req, 0, round(need / kvb) - (req.prompt_len - cached)) if self.config.reserve_growth else 0.0
+        lent = need + aside > st.kv_free
+        if lent and (aside or not st.horizons or need > st.free_for(self._lifetime(req, req.prompt_len - cached, st))):
             return "kv"
         # Shares divide the memory free for good; a request on lent memory is gone before it is needed.
         if shared and not lent:
@@ -516,11 +537,11 @@ class DualScanner:
                 return "share"
         if shared and st.metered and acct.credit <= 0 and not acct.borrowing:
             return "credit"  # the side started its share of memory work already
-        return _Check(cached, need, lent, acct)
+        return _Check(cached, need, lent, acct, aside)
 
     def take(self, req: Req, side: str, st: "_StepState", check: _Check, shared: bool = True) -> Admission:
         """Commit `req` on `side` after `fits` returned `check`."""
-        cached, need, lent, acct = check
+        cached, need, lent, acct, aside = check
         if shared and not lent and acct.used + need > acct.share:
             acct.overdraft = False
         work = 0.0
@@ -530,7 +551,16 @@ class DualScanner:
         node = req.node
         self.tree.remove(req.rid)
         path = self.tree.path(node) if req.sample else []
-        self.running[req.rid] = _Running(acct.name, need, req, path, work, node, acct.last, acct.last_rid)
+        sources = tuple(sample_source(n) for n in path)
+        self._count_sampling(sources, +1)
+        kvb = self.tree.cost.kv_bytes_per_token
+        out_reserved = round(need / kvb) - (req.prompt_len - cached)
+        self.running[req.rid] = _Running(acct.name, need, req, path, work, node, acct.last, acct.last_rid, sources,
+                                         out_reserved)
+        if aside:
+            self.overrun[req.rid] = aside
+            self.overrun_bytes += aside
+            st.kv_free -= aside
         acct.taken[req.rid] = node
         acct.used += need
         self.handed_out += 1
@@ -563,6 +593,7 @@ class DualScanner:
         run = self.running.pop(rid)
         self.sides[run.side].used -= run.kv_bytes
         self._release_overrun(rid)
+        self._count_sampling(run.sources, -1)
         if run.req.sample and rid in self.sample.pending:
             if self.sample.finished(rid, run.path, output_len) and (not self.sample.pending or not self.planned):
                 self._plan()
@@ -575,8 +606,10 @@ class DualScanner:
         mark = self._replan_at(rid) if self.planned else None
         if mark is not None and generated >= mark:
             self.replan_due = True
-        if self.config.reserve_overruns and not run.req.known:
-            self._reserve_overrun(rid, run, generated)
+        if (self.config.reserve_overruns or self.config.reserve_growth) and not run.req.known:
+            extra = self._aside(run.req, generated, run.out_reserved)
+            self.overrun_bytes += extra - self.overrun.get(rid, 0.0)
+            self.overrun[rid] = extra
         if run.side == RIGHT or run.req.known or not self.tree.estimator.overran(run.req.output_len, generated):
             return False
         self.sides[LEFT].used -= run.kv_bytes
@@ -584,18 +617,26 @@ class DualScanner:
         self.running[rid] = run._replace(side=RIGHT)
         return True
 
-    def _reserve_overrun(self, rid, run: _Running, generated: int) -> None:
-        """The KV a request past its estimate will still need beyond its reservation (reserve_overruns)."""
-        est = self.tree.estimator
-        if not est.overran(run.req.output_len, generated):
-            return
-        total = math.ceil(est.overrun_factor * generated)
-        if run.req.max_tokens is not None:
-            total = min(total, run.req.max_tokens)
-        kvb = self.tree.cost.kv_bytes_per_token
-        extra = max(0.0, (total - generated) * kvb)  # the engine's free memory already counts what it holds
-        self.overrun_bytes += extra - self.overrun.get(rid, 0.0)
-        self.overrun[rid] = extra
+    def _aside(self, req: Req, generated: int, out_reserved: int) -> float:
+        """KV bytes a running request of unknown length (`generated` so far) is expected to write
+        beyond its reservation: past overrun_factor x its estimate (reserve_overruns, reserve_growth)
+        it runs overrun_factor x its output so far; otherwise (reserve_growth) to its estimate, or,
+        past it, overrun_factor x its output so far; within max_tokens. The engine's free memory
+        already counts what it holds, the caller's budget what its reservation holds (`out_reserved`
+        output tokens)."""
+        if req.known:
+            return 0.0
+        est, kvb = self.tree.estimator, self.tree.cost.kv_bytes_per_token
+        e = req.output_len
+        if est.overran(e, generated) or (self.config.reserve_growth and generated > e):
+            total = math.ceil(est.overrun_factor * generated)
+        elif self.config.reserve_growth:
+            total = e
+        else:
+            return 0.0
+        if req.max_tokens is not None:
+            total = min(total, req.max_tokens)
+        return max(0, total - max(generated, out_reserved)) * kvb
 
     def _release_overrun(self, rid) -> None:
         """`rid` stopped running: its overrun reserve and reported output go."""
@@ -603,6 +644,28 @@ class DualScanner:
         self.overrun_bytes -= self.overrun.pop(rid, 0.0)
         if not self.overrun:
             self.overrun_bytes = 0.0
+
+    def _count_sampling(self, sources: tuple, sign: int) -> None:
+        """A sample request taken (+1) or gone (-1): its path's sample sources (`sampling_at`)."""
+        for src in sources:
+            left = self.sampling_at.get(src, 0) + sign
+            if left:
+                self.sampling_at[src] = left
+            else:
+                del self.sampling_at[src]
+
+    def unsettled(self, req: Req) -> bool:
+        """Whether `req`'s estimate may still grow (ScanConfig.fill_settled_only): walking up from its
+        node, one that holds a running sample comes before any that has finished samples."""
+        node = req.node
+        while node is not None:
+            src = sample_source(node)
+            if src.sample_n:
+                return False
+            if src in self.sampling_at:
+                return True
+            node = node.parent
+        return False
 
     def add(self, rid, **request) -> Req:
         """Add a waiting request (an arrival, or one handed back by `cancel`): `ResourceTree.add`."""
@@ -616,6 +679,7 @@ class DualScanner:
         with `add` (a sample request stays in the sample)."""
         run = self.running.pop(rid)
         self._release_overrun(rid)
+        self._count_sampling(run.sources, -1)
         side = self.sides[run.side]
         side.used -= run.kv_bytes
         side.credit += run.work
@@ -634,6 +698,7 @@ class DualScanner:
         run = self.running.pop(rid)
         self.sides[run.side].used -= run.kv_bytes
         self._release_overrun(rid)
+        self._count_sampling(run.sources, -1)
         self.sample.retracted(rid)
         return run.req
 
@@ -644,6 +709,11 @@ class DualScanner:
             assert abs(held - side.used) <= 1e-6 * max(1.0, held), f"{name} accounting drifted: {held} vs {side.used}"
         assert not (set(self.running) & set(self.tree.reqs)), "a running request is still waiting in the tree"
         assert set(self.overrun) <= set(self.running), "overrun reserve kept for a request that is not running"
+        sampling: dict = {}
+        for run in self.running.values():
+            for src in run.sources:
+                sampling[src] = sampling.get(src, 0) + 1
+        assert sampling == self.sampling_at, "running-sample counts drifted"
         assert abs(sum(self.overrun.values()) - self.overrun_bytes) <= 1e-6 * max(1.0, self.overrun_bytes), \
             f"overrun reserve drifted: {sum(self.overrun.values())} vs {self.overrun_bytes}"
 

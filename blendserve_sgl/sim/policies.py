@@ -259,7 +259,9 @@ class BlendPicker(Picker):
     The KV budget it sees is free + evictable pages minus what its running requests still
     have reserved; its reservations are its own (uncached prompt + r x output, r the engine's
     new-token ratio for estimated outputs when the preset says `engine_ratio`, as the plugin
-    passes SGLang's).
+    passes SGLang's). Its plan then goes through SGLang's admission rule (`adder.sglang_admit`),
+    as the plugin's queue does: the first request SGLang refuses ends the step's admissions and
+    the rest go back to the tree (`rejected`).
     With unknown output lengths (requests without ignore_eos) the tree gets none: the scanner
     samples first and estimates, and a left-side request that runs far past its estimate is
     reported through `progress` so it moves to the memory-dense side. With the engine's
@@ -312,7 +314,12 @@ class BlendPicker(Picker):
             pool = view.kv_pool_bytes
         budget = Budget(max(0, free) * bpt, view.slots_left, view.prefill_left, output_ratio=view.new_token_ratio if self.preset.engine_ratio else None,
                         kv_horizons=horizons, steps=steps, kv_pool=pool)
-        return [Pick(self.reqs[a.rid], math.ceil(a.kv_bytes / bpt - 1e-9)) for a in self.scanner.schedule(budget)]
+        picks = [Pick(self.reqs[a.rid], math.ceil(a.kv_bytes / bpt - 1e-9)) for a in self.scanner.schedule(budget)]
+        # SGLang's own admission walks the plan (the plugin's queue): its first refusal ends the step
+        admitted = len(sglang_admit(view, (p.req for p in picks))) if picks else 0
+        if admitted < len(picks):
+            self.rejected(picks[admitted:])
+        return picks[:admitted]
 
     def rejected(self, picks: list[Pick]) -> None:
         for p in picks:
