@@ -14,11 +14,17 @@ dealing beside it, `engine_work_imbalance` = largest relative difference of the 
     python bench/scale_out.py --requests 10000   # smaller
     python bench/scale_out.py --engine           # adds the engine part (minutes on 2 cores)
     python bench/scale_out.py --requests 100000 --only trace1:8:blend   # one row measured again
+    python bench/scale_out.py --requests 100000 --diagnose trace4:4      # inside each engine of one row
+
+`--diagnose TRACE:N,...`: the blend dealing of each case, every engine profiled
+(`sim.scale_out.shard_profiles`) under the shipped rules and with one rule changed per row (the
+engines told the true output lengths; paced prefill off): the same shards each time.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -32,7 +38,8 @@ from blendserve_sgl.core import CostModel  # noqa: E402
 from blendserve_sgl.core.preset import PRESET  # noqa: E402
 from blendserve_sgl.core.shard import MAX_STRIPES, PIECE_MIN  # noqa: E402
 from blendserve_sgl.sim import EngineConfig, ExecModel, RunSpec, Workload, simulate  # noqa: E402
-from blendserve_sgl.sim.scale_out import DEALS, diagnose, floor_seconds, scale_out  # noqa: E402
+from blendserve_sgl.sim.scale_out import (DEALS, LONG_QUANTILE, LOW_KV, deal, diagnose, floor_seconds,  # noqa: E402
+                                          scale_out, shard_profiles)
 from blendserve_sgl.workloads import TRACES, trace  # noqa: E402
 
 MODE = ExecModel("overlapped", 0.1)
@@ -84,6 +91,42 @@ def sim_rows(n: int, seed: int, traces: list[str], only: set | None = None) -> l
     return rows
 
 
+def variants(spec: RunSpec) -> dict:
+    """The rules `--diagnose` runs each case's engines under: as shipped, and one change per row."""
+    return {"shipped": spec, "known lengths": dataclasses.replace(spec, known_lengths=True),
+            "pacing off": dataclasses.replace(spec, engine=dataclasses.replace(spec.engine, pace=False))}
+
+
+def shard_diagnosis(n: int, seed: int, cases: str) -> dict:
+    """`--diagnose`: per case (TRACE:N) and rule variant, each engine's profile of the blend dealing."""
+    spec = _spec(seed)
+    out = []
+    for item in cases.split(","):
+        name, size = item.split(":")
+        records, _ = trace(name, n, spec.cost, seed)
+        parts = deal(records, int(size), "blend", spec)
+        for label, rules in variants(spec).items():
+            shards = shard_profiles(parts, rules, MODE)
+            times = [s["time_s"] for s in shards if s is not None]
+            out.append({"trace": name, "engines": int(size), "variant": label,
+                        "time_max_over_mean": round(max(times) / (sum(times) / len(shards)), 4), "shards": shards})
+            print(f"{name} N={size} {label}: slowest over mean {out[-1]['time_max_over_mean']:.3f}", flush=True)
+            keys = ("time_s", "steps", "mean_kv", "low_kv_time_share", "retractions", "tail_share", "long_start",
+                    "long_requests", "long_output_tokens", "compute_tokens", "memory_units", "density",
+                    "weights_s", "compute_only_s", "memory_only_s")
+            print(table([(i, *(json.dumps(s[k]) for k in keys)) for i, s in enumerate(shards) if s is not None],
+                        ("shard", *keys)))
+    return {"sim_shard_diagnosis": {
+        "requests_per_trace": n, "command": command(), "deal": "blend (the same shards in every variant)",
+        "note": f"per engine: long_* = requests whose output is at least the batch's {LONG_QUANTILE} quantile "
+                "(the planner sees the true lengths in the simulator; the engines see them only in the 'known "
+                "lengths' variant); long_start = the first, median and last of them to be admitted, as fractions "
+                f"of the engine's time; low_kv_time_share = the engine's time in steps holding under {LOW_KV} of "
+                "the KV pool; compute_tokens / memory_units = the shard's work totals (every shared prefix once); "
+                "*_s = the engine's time split (SimResult.time_split)",
+        "cases": out}}
+
+
 def sim_summary(rows: list[dict], n: int, traces: list[str]) -> dict:
     def mean(deal: str, field: str = "scaling") -> dict:
         return {str(k): round(statistics.mean(r[field] for r in rows if r["engines"] == k and r["deal"] == deal), 4)
@@ -132,6 +175,8 @@ def main() -> None:
     ap.add_argument("--engine", action="store_true", help="also run the real-engine part")
     ap.add_argument("--engine-only", action="store_true", help="only the real-engine part (the simulator's figures "
                                                                "already in the results file are kept)")
+    ap.add_argument("--diagnose", default="", help="TRACE:N,...: profile every engine of these blend rows "
+                                                   "(sim_shard_diagnosis), the rest of the results file kept")
     ap.add_argument("--only", default="", help="TRACE:N:DEAL,...: measure these simulator rows again in the results "
                                                "file (same --requests), the rest kept")
     args = ap.parse_args()
@@ -139,13 +184,15 @@ def main() -> None:
     payload = json.loads(path.read_text()) if path.exists() else {}  # each part replaces its own figures
     payload.pop("command", None)  # the last run's; each part keeps its own under sim/engine
     payload.pop("machine", None)
-    if args.only:
+    if args.diagnose:
+        payload.update(shard_diagnosis(args.requests, args.seed, args.diagnose))
+    elif args.only:
         payload.update(rerun_rows(payload, args.requests, args.seed, args.only))
     elif not args.engine_only:
         traces = args.traces.split(",")
         payload.update(sim_summary(sim_rows(args.requests, args.seed, traces), args.requests, traces))
         payload["sim"]["command"] = command()
-    if not args.engine_only:
+    if not (args.engine_only or args.diagnose):
         rows = payload["sim"]["rows"]
         print(table([tuple(r.values()) for r in rows], tuple(rows[0].keys())))
     if args.engine or args.engine_only:
