@@ -16,9 +16,10 @@ dealing beside it, `engine_work_imbalance` = largest relative difference of the 
     python bench/scale_out.py --requests 100000 --only trace1:8:blend   # one row measured again
     python bench/scale_out.py --requests 100000 --diagnose trace4:4      # inside each engine of one row
 
-`--diagnose TRACE:N,...`: the blend dealing of each case, every engine profiled
-(`sim.scale_out.shard_profiles`) under the shipped rules and with one rule changed per row (the
-engines told the true output lengths; paced prefill off): the same shards each time.
+`--diagnose TRACE:N,...` (alone, -> results/scale_out_diagnosis.json): the blend dealing of each
+case, every engine profiled (`sim.scale_out.shard_profiles`) under the shipped rules and with one
+rule changed per row (the engines told the true output lengths; paced prefill off): the same
+shards each time.
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def shard_diagnosis(n: int, seed: int, cases: str) -> dict:
             print(table([(i, *(json.dumps(s[k]) for k in keys)) for i, s in enumerate(shards) if s is not None],
                         ("shard", *keys)))
     return {"sim_shard_diagnosis": {
-        "requests_per_trace": n, "command": command(), "deal": "blend (the same shards in every variant)",
+        "requests_per_trace": n, "deal": "blend (the same shards in every variant)",
         "note": f"per engine: long_* = requests whose output is at least the batch's {LONG_QUANTILE} quantile "
                 "(the planner sees the true lengths in the simulator; the engines see them only in the 'known "
                 "lengths' variant); long_start = the first, median and last of them to be admitted, as fractions "
@@ -176,23 +177,24 @@ def main() -> None:
     ap.add_argument("--engine-only", action="store_true", help="only the real-engine part (the simulator's figures "
                                                                "already in the results file are kept)")
     ap.add_argument("--diagnose", default="", help="TRACE:N,...: profile every engine of these blend rows "
-                                                   "(sim_shard_diagnosis), the rest of the results file kept")
+                                                   "(alone; results/scale_out_diagnosis.json)")
     ap.add_argument("--only", default="", help="TRACE:N:DEAL,...: measure these simulator rows again in the results "
                                                "file (same --requests), the rest kept")
     args = ap.parse_args()
+    if args.diagnose:
+        write("scale_out_diagnosis", shard_diagnosis(args.requests, args.seed, args.diagnose))
+        return
     path = RESULTS / "scale_out.json"
     payload = json.loads(path.read_text()) if path.exists() else {}  # each part replaces its own figures
     payload.pop("command", None)  # the last run's; each part keeps its own under sim/engine
     payload.pop("machine", None)
-    if args.diagnose:
-        payload.update(shard_diagnosis(args.requests, args.seed, args.diagnose))
-    elif args.only:
+    if args.only:
         payload.update(rerun_rows(payload, args.requests, args.seed, args.only))
     elif not args.engine_only:
         traces = args.traces.split(",")
         payload.update(sim_summary(sim_rows(args.requests, args.seed, traces), args.requests, traces))
         payload["sim"]["command"] = command()
-    if not (args.engine_only or args.diagnose):
+    if not args.engine_only:
         rows = payload["sim"]["rows"]
         print(table([tuple(r.values()) for r in rows], tuple(rows[0].keys())))
     if args.engine or args.engine_only:
