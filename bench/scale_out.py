@@ -39,8 +39,8 @@ from blendserve_sgl.core import CostModel  # noqa: E402
 from blendserve_sgl.core.preset import PRESET  # noqa: E402
 from blendserve_sgl.core.shard import MAX_STRIPES, PIECE_MIN  # noqa: E402
 from blendserve_sgl.sim import EngineConfig, ExecModel, RunSpec, Workload, simulate  # noqa: E402
-from blendserve_sgl.sim.scale_out import (DEALS, LONG_QUANTILE, LOW_KV, deal, diagnose, floor_seconds,  # noqa: E402
-                                          scale_out, shard_profiles)
+from blendserve_sgl.sim.scale_out import (DEALS, EVEN_PIECES, LONG_QUANTILE, LOW_KV, deal, diagnose,  # noqa: E402
+                                          floor_seconds, scale_out, shard_profiles)
 from blendserve_sgl.workloads import TRACES, trace  # noqa: E402
 
 MODE = ExecModel("overlapped", 0.1)
@@ -68,7 +68,8 @@ def sim_rows(n: int, seed: int, traces: list[str], only: set | None = None) -> l
     cost = spec.cost
     rows = []
     for name in traces:
-        keys = [(size, how) for size in SIZES for how in DEALS if only is None or (name, size, how) in only]
+        wanted = only if only is not None else {(name, k, how) for k in SIZES for how in DEALS}
+        keys = [(size, how) for size in SIZES for how in (*DEALS, EVEN_PIECES) if (name, size, how) in wanted]
         if not keys:
             continue
         records, _ = trace(name, n, cost, seed)
@@ -133,11 +134,15 @@ def sim_summary(rows: list[dict], n: int, traces: list[str]) -> dict:
         return {str(k): round(statistics.mean(r[field] for r in rows if r["engines"] == k and r["deal"] == deal), 4)
                 for k in SIZES}
 
+    dealt = [how for how in (*DEALS, EVEN_PIECES)  # dealings with a row for every trace and N
+             if all(any(r["trace"] == t and r["engines"] == k and r["deal"] == how for r in rows)
+                    for t in traces for k in SIZES)]
     loss = {how: {field: mean(how, field) for field in ("scaling_over_bound", "time_max_over_mean", "work_sum_over_one",
                                                           "slowest_tail_share", "density_drift_max", "sharing_vs_one")}
-            for how in DEALS}
+            for how in dealt}
+    extra = {"sim_scaling_blend_even_pieces": mean(EVEN_PIECES)} if EVEN_PIECES in dealt else {}
     return {"sim_scaling": mean("blend"), "sim_scaling_round_robin": mean("round-robin"),
-            "sim_scaling_blocks": mean("blocks"),
+            "sim_scaling_blocks": mean("blocks"), **extra,
             "sim_sharing_vs_one": min(r["sharing_vs_one"] for r in rows if r["deal"] == "blend"),
             "sim_sharing_vs_one_round_robin": min(r["sharing_vs_one"] for r in rows if r["deal"] == "round-robin"),
             "sim_scaling_bound": mean("blend", "bound"),
@@ -161,7 +166,9 @@ def rerun_rows(payload: dict, n: int, seed: int, only: str) -> dict:
         name, size, how = item.split(":")
         keys.add((name, int(size), how))
     fresh = {(r["trace"], r["engines"], r["deal"]): r for r in sim_rows(n, seed, sim["traces"], keys)}
+    old = {(r["trace"], r["engines"], r["deal"]) for r in sim["rows"]}
     rows = [fresh.get((r["trace"], r["engines"], r["deal"]), r) for r in sim["rows"]]
+    rows += [r for key, r in fresh.items() if key not in old]  # rows of a dealing not measured before
     out = sim_summary(rows, n, sim["traces"])
     out["sim"]["command"] = sim["command"]
     out["sim"]["rerun"] = {"command": command(), "rows": sorted(f"{t}:{k}:{d}" for t, k, d in fresh)}

@@ -3,7 +3,8 @@
 Three ways to deal the requests to N engines:
 
 - `blend`: one central tree (lengths as the run knows them), sorted and split, cut by
-  `core.shard.plan_shards`; each engine gets its shard;
+  `core.shard.plan_shards`; each engine gets its shard (`blend-even-pieces`: the same with every
+  cut at i / pieces of the totals, the planner's earlier rule, for comparison);
 - `round-robin`: request i to engine i mod N (SGLang's DP controller, `auto` method);
 - `blocks`: blocks of 256 requests in arrival order, block j to engine j mod N (Ray Data's
   `batch_size` blocks to a replica pool, no prefix locality).
@@ -42,6 +43,7 @@ from .run import RunSpec, Workload, simulate
 from .timing import ExecModel, step_seconds, weight_seconds
 
 DEALS = ("blend", "round-robin", "blocks")
+EVEN_PIECES = "blend-even-pieces"  # blend cut with every cut at i / pieces of the totals (`plan_shards` even_pieces)
 BLOCK = 256  # Ray Data LLM's default batch_size
 LONG_QUANTILE = 0.99  # shard_profiles: a long-output request's output is at least this quantile of the batch's
 LOW_KV = 0.2  # shard_profiles: a step holding less than this share of the KV pool counts as a low-KV step
@@ -159,8 +161,8 @@ def shard_profiles(parts: list[list], spec: RunSpec, mode: ExecModel, policy: st
 
 def deal(records: list, n: int, how: str, spec: RunSpec, stripes: int | None = None) -> list[list]:
     """The records of each of `n` engines (each list in arrival order)."""
-    if how not in DEALS:
-        raise ValueError(f"unknown dealing {how!r}; choose one of {', '.join(DEALS)}")
+    if how not in (*DEALS, EVEN_PIECES):
+        raise ValueError(f"unknown dealing {how!r}; choose one of {', '.join((*DEALS, EVEN_PIECES))}")
     if how == "round-robin":
         return [records[i::n] for i in range(n)]
     if how == "blocks":
@@ -169,7 +171,7 @@ def deal(records: list, n: int, how: str, spec: RunSpec, stripes: int | None = N
             out[(j // BLOCK) % n] += records[j:j + BLOCK]
         return out
     tree = reference_tree(from_records(records), spec.cost)
-    shard_of = plan_for(tree, n, spec.preset.scan, stripes=stripes).shard_of()
+    shard_of = plan_for(tree, n, spec.preset.scan, stripes=stripes, even_pieces=how == EVEN_PIECES).shard_of()
     out = [[] for _ in range(n)]
     for r in records:
         out[shard_of[r.rid]].append(r)
