@@ -83,6 +83,8 @@ def sim_rows(n: int, seed: int, traces: list[str], only: set | None = None) -> l
                          "scaling": round(run.scaling(one, MODE), 4),
                          "sharing_vs_one": round(run.sharing_vs_one(one), 4),
                          "engine_time_imbalance": round(run.work_imbalance(MODE), 4),
+                         **({"plan_compute_imbalance": round(run.plan.compute_imbalance, 4),
+                             "plan_memory_imbalance": round(run.plan.memory_imbalance, 4)} if run.plan else {}),
                          **diagnose(run, one, floor_s, whole.density, MODE)})
             r = rows[-1]
             print(f"{name} N={size} {how:<12} scaling {r['scaling']:.3f} (bound {r['bound']:.2f}) "
@@ -203,7 +205,8 @@ def main() -> None:
         payload["sim"]["command"] = command()
     if not args.engine_only:
         rows = payload["sim"]["rows"]
-        print(table([tuple(r.values()) for r in rows], tuple(rows[0].keys())))
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        print(table([tuple(r.get(k, "") for k in keys) for r in rows], tuple(keys)))
     if args.engine or args.engine_only:
         from bench.scale_out_engine import engine_part
 

@@ -35,7 +35,7 @@ def _records(n: int) -> list[Record]:
 SPEC = RunSpec(COST, EngineConfig.for_cost(COST, kv_gb=2.0, max_running=64, chunked_prefill=512))
 
 
-@pytest.mark.parametrize("how", ["blend", "round-robin", "blocks"])
+@pytest.mark.parametrize("how", ["blend", "round-robin", "blocks", "blend-even-pieces"])
 def test_deal_gives_every_record_to_one_engine(how):
     recs = _records(700)
     parts = deal(recs, 3, how, SPEC)
@@ -61,6 +61,7 @@ def test_scale_out_runs_each_part_and_keeps_sharing():
     assert sum(r.requests for r in shards.engines) == len(recs)
     assert shards.sharing_vs_one(one) >= 0.99
     assert shards.sharing_vs_one(one) > rr.sharing_vs_one(one)
+    assert rr.plan is None and [len(p) for p in shards.plan.shards] == [r.requests for r in shards.engines]
 
 
 def _prepared(cid: str, ids: list[int], max_tokens: int) -> Prepared:

@@ -35,7 +35,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..core.shard import plan_for
+from ..core.shard import ShardPlan, plan_for
 from .metrics import SimResult
 from .policies import reference_tree
 from .request import from_records
@@ -53,6 +53,7 @@ class ScaleOut(NamedTuple):
     deal: str
     engines: list  # per engine: SimResult (None for an engine dealt no request)
     densities: list  # per engine: its requests' density (with its own prefix sharing); None when empty
+    plan: ShardPlan | None = None  # the shard plan of a blend dealing
 
     def time(self, mode: ExecModel) -> float:
         return max(r.time(mode) for r in self.engines if r is not None)
@@ -161,27 +162,34 @@ def shard_profiles(parts: list[list], spec: RunSpec, mode: ExecModel, policy: st
 
 def deal(records: list, n: int, how: str, spec: RunSpec, stripes: int | None = None) -> list[list]:
     """The records of each of `n` engines (each list in arrival order)."""
+    return _deal(records, n, how, spec, stripes)[0]
+
+
+def _deal(records: list, n: int, how: str, spec: RunSpec,
+          stripes: int | None = None) -> tuple[list[list], ShardPlan | None]:
+    """`deal`'s parts, with the shard plan of a blend dealing."""
     if how not in (*DEALS, EVEN_PIECES):
         raise ValueError(f"unknown dealing {how!r}; choose one of {', '.join((*DEALS, EVEN_PIECES))}")
     if how == "round-robin":
-        return [records[i::n] for i in range(n)]
+        return [records[i::n] for i in range(n)], None
     if how == "blocks":
         out = [[] for _ in range(n)]
         for j in range(0, len(records), BLOCK):
             out[(j // BLOCK) % n] += records[j:j + BLOCK]
-        return out
+        return out, None
     tree = reference_tree(from_records(records), spec.cost)
-    shard_of = plan_for(tree, n, spec.preset.scan, stripes=stripes, even_pieces=how == EVEN_PIECES).shard_of()
+    plan = plan_for(tree, n, spec.preset.scan, stripes=stripes, even_pieces=how == EVEN_PIECES)
+    shard_of = plan.shard_of()
     out = [[] for _ in range(n)]
     for r in records:
         out[shard_of[r.rid]].append(r)
-    return out
+    return out, plan
 
 
 def scale_out(records: list, n: int, how: str, spec: RunSpec, policy: str = "blend",
               check: bool = False) -> ScaleOut:
     """Deal `records` to `n` engines and simulate each with `policy`."""
-    parts = deal(records, n, how, spec)
+    parts, plan = _deal(records, n, how, spec)
     loads = [Workload(part, spec.cost) if part else None for part in parts]
     return ScaleOut(how, [simulate(w, policy, spec, check=check) if w else None for w in loads],
-                    [w.density if w else None for w in loads])
+                    [w.density if w else None for w in loads], plan)
