@@ -16,8 +16,8 @@ dealing beside it, `engine_work_imbalance` = largest relative difference of the 
     python bench/scale_out.py --requests 100000 --only trace1:8:blend   # one row measured again
     python bench/scale_out.py --requests 100000 --diagnose trace4:4      # inside each engine of one row
 
-`--diagnose TRACE:N,...` (alone, -> results/scale_out_diagnosis.json): the blend dealing of each
-case, every engine profiled (`sim.scale_out.shard_profiles`) under the shipped rules and with one
+`--diagnose TRACE:N[:DEAL],...` (alone, -> results/scale_out_diagnosis.json): the dealing of each
+case (blend unless named), every engine profiled (`sim.scale_out.shard_profiles`) under the shipped rules and with one
 rule changed per row (the engines told the true output lengths; paced prefill off): the same
 shards each time.
 """
@@ -102,26 +102,26 @@ def variants(spec: RunSpec) -> dict:
 
 
 def shard_diagnosis(n: int, seed: int, cases: str) -> dict:
-    """`--diagnose`: per case (TRACE:N) and rule variant, each engine's profile of the blend dealing."""
+    """`--diagnose`: per case (TRACE:N[:DEAL], blend by default) and rule variant, each engine's profile."""
     spec = _spec(seed)
     out = []
     for item in cases.split(","):
-        name, size = item.split(":")
+        name, size, how = (item + ":blend").split(":")[:3]
         records, _ = trace(name, n, spec.cost, seed)
-        parts = deal(records, int(size), "blend", spec)
+        parts = deal(records, int(size), how, spec)
         for label, rules in variants(spec).items():
             shards = shard_profiles(parts, rules, MODE)
             times = [s["time_s"] for s in shards if s is not None]
-            out.append({"trace": name, "engines": int(size), "variant": label,
+            out.append({"trace": name, "engines": int(size), "deal": how, "variant": label,
                         "time_max_over_mean": round(max(times) / (sum(times) / len(shards)), 4), "shards": shards})
-            print(f"{name} N={size} {label}: slowest over mean {out[-1]['time_max_over_mean']:.3f}", flush=True)
+            print(f"{name} N={size} {how} {label}: slowest over mean {out[-1]['time_max_over_mean']:.3f}", flush=True)
             keys = ("time_s", "steps", "mean_kv", "low_kv_time_share", "retractions", "tail_share", "long_start",
                     "long_requests", "long_output_tokens", "compute_tokens", "memory_units", "density",
                     "weights_s", "compute_only_s", "memory_only_s")
             print(table([(i, *(json.dumps(s[k]) for k in keys)) for i, s in enumerate(shards) if s is not None],
                         ("shard", *keys)))
     return {"sim_shard_diagnosis": {
-        "requests_per_trace": n, "deal": "blend (the same shards in every variant)",
+        "requests_per_trace": n, "deal": "per case (the same shards in every variant)",
         "note": f"per engine: long_* = requests whose output is at least the batch's {LONG_QUANTILE} quantile "
                 "(the planner sees the true lengths in the simulator; the engines see them only in the 'known "
                 "lengths' variant); long_start = the first, median and last of them to be admitted, as fractions "
@@ -185,7 +185,7 @@ def main() -> None:
     ap.add_argument("--engine", action="store_true", help="also run the real-engine part")
     ap.add_argument("--engine-only", action="store_true", help="only the real-engine part (the simulator's figures "
                                                                "already in the results file are kept)")
-    ap.add_argument("--diagnose", default="", help="TRACE:N,...: profile every engine of these blend rows "
+    ap.add_argument("--diagnose", default="", help="TRACE:N[:DEAL],...: profile every engine of these rows "
                                                    "(alone; results/scale_out_diagnosis.json)")
     ap.add_argument("--only", default="", help="TRACE:N:DEAL,...: measure these simulator rows again in the results "
                                                "file (same --requests), the rest kept")
