@@ -4,9 +4,10 @@ The sorted (and split) `ResourceTree` lists its requests in DFS order from compu
 to memory-dense (right). Shard i takes one run from the left end and one from the right end,
 the way the dual scanner takes from both cursors; the last shard takes the middle run. Cut i
 is a pair of DFS positions (a_i, b_i): shards 0..i-1 hold [0, a_i) and [b_i, n). Each cut is
-placed so that shards 0..i-1 hold i/N of the compute work (prompt + output tokens after prefix
-sharing) and i/N of the memory work (`memory_units`), so every shard's density is near the
-root's. Within the tolerance the cut goes where the two neighbours share the shortest prefix:
+placed so that every shard ends with 1/N of the compute work (prompt + output tokens after prefix
+sharing) and 1/N of the memory work (`memory_units`), so its density is near the root's (with
+stripes, many pieces a shard, each cut aims at what the piece's shard still needs: `_Targets`).
+Within the tolerance the cut goes where the two neighbours share the shortest prefix:
 at a subtree boundary when one is close enough, else through one root-to-leaf path. A cut at
 DFS position k recomputes `lcp[k]` prompt tokens (the prefix length of the lowest common
 ancestor of requests k-1 and k): the only prefix a shard boundary costs.
