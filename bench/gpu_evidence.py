@@ -17,6 +17,10 @@
 3. Overlap: a compute-bound GEMM nano-batch and a memory-bound decode-attention nano-batch on two
    CUDA streams, against each alone and back to back, over a range of balances: interference
    = (concurrent - max(A, B)) / min(A, B), the simulator's overlapped-mode parameter.
+4. (CUDA) The same on two disjoint SM partitions (CUDA green contexts), for three splits.
+5. Whole runs: blend's, sglang-lpm's and dfs's simulated runs of a Trace analog replayed on the
+   stack by systematic sampling (every k-th step timed): the policies' measured ratios against
+   the simulator's predicted ones.
 
 CUDA: bf16, Llama-3.1-8B shapes, CUDA events after warm-up with the L2 cache flushed before each
 timed run (median). `--tiny`: CPU, float32, a small Llama-shaped model, small shapes (best of
@@ -60,8 +64,10 @@ class Point(NamedTuple):
 
 
 class Fit(NamedTuple):
-    flops_efficiency: float  # achieved / peak FLOP/s, median over compute-bound GEMMs
-    bandwidth_efficiency: float  # achieved / peak bytes/s, median over attention
+    flops_efficiency: float  # achieved / peak FLOP/s, compute-bound GEMMs
+    bandwidth_efficiency: float  # achieved / peak bytes/s, memory-bound GEMMs and attention
+    gemm_latency_s: float = 0.0  # fixed time per GEMM launch (0 in the latency-free fit)
+    attention_latency_s: float = 0.0  # fixed time per attention launch
 
 
 # --- timing -------------------------------------------------------------------------------------
@@ -116,23 +122,109 @@ def compute_bound(p: Point, hw: HardwareSpec) -> bool:
     return p.op == "gemm" and p.flops / p.nbytes >= 8 * ridge(hw)
 
 
+def memory_bound(p: Point, hw: HardwareSpec) -> bool:
+    """Decode attention, or a GEMM far below the ridge point (1/8): memory-bound beyond doubt."""
+    return p.op == "attention" or p.flops / p.nbytes <= ridge(hw) / 8
+
+
 def regime(p: Point, hw: HardwareSpec) -> str:
     if p.op != "gemm":
         return "attention"
-    return "gemm, compute-bound" if compute_bound(p, hw) else "gemm, near the ridge or below"
+    if compute_bound(p, hw):
+        return "gemm, compute-bound"
+    return "gemm, memory-bound" if memory_bound(p, hw) else "gemm, near the ridge"
 
 
-def fit(points: list[Point], hw: HardwareSpec) -> Fit:
+def latency(p: Point, f: Fit) -> float:
+    return f.gemm_latency_s if p.op == "gemm" else f.attention_latency_s
+
+
+def fit(points: list[Point], hw: HardwareSpec, with_latency: bool = False) -> Fit:
+    """Latency-free (the paper's roofline): e_f the median over compute-bound GEMMs, e_b the
+    median over attention. `with_latency`: a fixed launch time per operator kind and one bandwidth
+    for every memory-bound operator (weights and KV share one HBM), from a least-squares fit of
+    t = c_op + bytes / (BW e_b) in relative error over the memory-bound points; then e_f the median
+    over compute-bound GEMMs of FLOPs / (t - c_gemm)."""
     comp = [p for p in points if compute_bound(p, hw)]
-    mem = [p for p in points if p.op == "attention"]
-    e_f = statistics.median(p.flops / hw.flops / p.seconds for p in comp) if comp else 1.0
-    e_b = statistics.median(p.nbytes / hw.mem_bandwidth / p.seconds for p in mem) if mem else 1.0
-    return Fit(e_f, e_b)
+    if not with_latency:
+        mem = [p for p in points if p.op == "attention"]
+        e_f = statistics.median(p.flops / hw.flops / p.seconds for p in comp) if comp else 1.0
+        e_b = statistics.median(p.nbytes / hw.mem_bandwidth / p.seconds for p in mem) if mem else 1.0
+        return Fit(e_f, e_b)
+    mem = [p for p in points if memory_bound(p, hw)]
+    if not mem:
+        return fit(points, hw)
+    kinds = sorted({p.op for p in mem})  # latency columns; a kind absent from the points keeps 0
+    c, sec_per_byte = _latency_lstsq(mem, kinds)
+    e_b = 1.0 / (sec_per_byte * hw.mem_bandwidth)
+    c_gemm = c.get("gemm", 0.0)
+    e_f = statistics.median(p.flops / hw.flops / max(p.seconds - c_gemm, 1e-12) for p in comp) if comp else 1.0
+    return Fit(e_f, e_b, c_gemm, c.get("attention", 0.0))
+
+
+def _latency_lstsq(points: list[Point], kinds: list[str]) -> tuple[dict, float]:
+    """min sum ((c_op + x bytes) / t - 1)^2 over c_op >= 0, x > 0."""
+    rows = [[(1.0 if p.op == k else 0.0) for k in kinds] + [p.nbytes] for p in points]
+    sol = nonneg_lstsq(rows, [p.seconds for p in points], required=(len(kinds),))
+    if sol is None or sol[-1] <= 0:
+        raise ValueError("latency fit: no solution with a positive bandwidth (are the memory-bound points timed?)")
+    return dict(zip(kinds, sol[:-1])), sol[-1]
+
+
+def nonneg_lstsq(rows: list[list[float]], targets: list[float], required: tuple = (),
+                 scale: list[float] | None = None) -> list[float] | None:
+    """min sum ((a_i . x - y_i) / s_i)^2 over x >= 0, s_i = `scale` (default y_i: relative
+    error), the columns in `required` always free: exact for the few unknowns here, by solving
+    the normal equations over every subset of the other columns held at 0 and keeping the best
+    feasible solution."""
+    n = len(rows[0])
+    scale = targets if scale is None else scale
+    optional = [j for j in range(n) if j not in required]
+    scaled = [[a / c for a in r] for r, c in zip(rows, scale)]
+    ys = [y / c for y, c in zip(targets, scale)]
+    norm = [max(abs(r[j]) for r in scaled) or 1.0 for j in range(n)]  # columns over their largest entry
+    scaled = [[a / c for a, c in zip(r, norm)] for r in scaled]
+    best = None
+    for mask in range(1 << len(optional)):
+        free = sorted([*required, *(j for i, j in enumerate(optional) if mask >> i & 1)])
+        if not free:
+            continue
+        ata = [[sum(r[i] * r[j] for r in scaled) for j in free] for i in free]
+        atb = [sum(r[i] * y for r, y in zip(scaled, ys)) for i in free]
+        sol = _solve(ata, atb)
+        if sol is None or any(v < 0 for v in sol):
+            continue
+        x = [0.0] * n
+        for j, v in zip(free, sol):
+            x[j] = v
+        loss = sum((sum(a * v for a, v in zip(r, x)) - y) ** 2 for r, y in zip(scaled, ys))
+        if best is None or loss < best[0]:
+            best = (loss, x)
+    if best is None:
+        return [0.0] * n if not required else None
+    return [v / c for v, c in zip(best[1], norm)]
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float] | None:
+    """Gaussian elimination with partial pivoting; None when singular."""
+    n = len(b)
+    m = [row[:] + [b[i]] for i, row in enumerate(a)]
+    for col in range(n):
+        piv = max(range(col, n), key=lambda r: abs(m[r][col]))
+        if abs(m[piv][col]) < 1e-12:
+            return None
+        m[col], m[piv] = m[piv], m[col]
+        for r in range(n):
+            if r != col:
+                factor = m[r][col] / m[col][col]
+                m[r] = [x - factor * y for x, y in zip(m[r], m[col])]
+    return [m[i][n] / m[i][i] for i in range(n)]
 
 
 def predict(p: Point, hw: HardwareSpec, f: Fit) -> float:
     mem = p.nbytes / (hw.mem_bandwidth * f.bandwidth_efficiency)
-    return max(p.flops / (hw.flops * f.flops_efficiency), mem) if p.op == "gemm" else mem
+    roof = max(p.flops / (hw.flops * f.flops_efficiency), mem) if p.op == "gemm" else mem
+    return latency(p, f) + roof
 
 
 def errors(points: list[Point], hw: HardwareSpec, f: Fit) -> list[float]:
@@ -168,6 +260,34 @@ def decode_attention(torch, q, k, v):
     return out.reshape(b, heads, d)
 
 
+PAGE = 16  # tokens per KV page in the paged layout
+
+
+def kv_region_elements(batch: int, length: int, kvh: int, d: int) -> int:
+    """Elements of one K (or V) region for `batch` requests of `length` tokens (whole pages)."""
+    return batch * -(-length // PAGE) * PAGE * kvh * d
+
+
+def attention_over(torch, region, batch: int, length: int, kvh: int, d: int, paged: bool, seed: int = 0):
+    """Decode attention for `batch` requests of `length` tokens whose K and V lie in `region`
+    (2 x kv_region_elements): `paged` reads pages in shuffled order through a page table
+    (`kernels.paged_decode`, CUDA), else contiguous (B, H_kv, L, D) K/V through torch SDPA.
+    Returns fn(q (B, H, D)) -> (B, H, D)."""
+    n = kv_region_elements(batch, length, kvh, d)
+    if not paged:
+        k = region[:batch * kvh * length * d].view(batch, kvh, length, d)
+        v = region[n:n + batch * kvh * length * d].view(batch, kvh, length, d)
+        return lambda q: decode_attention(torch, q, k, v)
+    from kernels.paged_decode import paged_decode_attention
+
+    pages = -(-length // PAGE)
+    kc, vc = region[:n].view(batch * pages, PAGE, kvh, d), region[n:2 * n].view(batch * pages, PAGE, kvh, d)
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    table = torch.randperm(batch * pages, generator=gen).to(torch.int32).view(batch, pages).to(region.device)
+    lens = torch.full((batch,), length, dtype=torch.int32, device=region.device)
+    return lambda q: paged_decode_attention(q, kc, vc, table, lens, d ** -0.5, max_len=length)
+
+
 def operator_points(torch, dev, dtype, cfg, tokens, batches, lengths, measure, log, kv_limit_bytes) -> list[Point]:
     b = torch.finfo(dtype).bits // 8
     gen = torch.Generator(device=dev).manual_seed(0)
@@ -182,6 +302,9 @@ def operator_points(torch, dev, dtype, cfg, tokens, batches, lengths, measure, l
         log(f"  gemm {name} done")
     heads, kvh = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     d = cfg["hidden_size"] // heads
+    # the engine's kernel ("attention", in the fit): paged split-KV on CUDA, SDPA on a CPU; on CUDA
+    # torch SDPA over contiguous K/V is timed beside it ("sdpa", a reference outside the fit)
+    layouts = [("attention", dev == "cuda")] + ([("sdpa", False)] if dev == "cuda" else [])
     for bs in batches:
         for length in lengths:
             kv = 2 * bs * kvh * length * d * b
@@ -189,14 +312,17 @@ def operator_points(torch, dev, dtype, cfg, tokens, batches, lengths, measure, l
                 continue
             try:
                 q = torch.randn(bs, heads, d, generator=gen, device=dev, dtype=dtype)
-                kc = torch.randn(bs, kvh, length, d, generator=gen, device=dev, dtype=dtype)
-                vc = torch.randn(bs, kvh, length, d, generator=gen, device=dev, dtype=dtype)
-                points.append(Point("attention", f"B{bs} L{length}",
-                                    measure(lambda: decode_attention(torch, q, kc, vc)),
-                                    4.0 * bs * heads * length * d, kv))
-            except RuntimeError as e:  # out of memory at the largest shapes: skip the point, keep the run
-                log(f"  attention B{bs} L{length} skipped: {str(e).splitlines()[0]}")
-            q = kc = vc = None
+                region = torch.randn(2 * kv_region_elements(bs, length, kvh, d), generator=gen, device=dev,
+                                     dtype=dtype)
+                for op, paged in layouts:
+                    fn = attention_over(torch, region, bs, length, kvh, d, paged)
+                    # on CUDA replayed from a graph, as a decode engine runs it: no host launch gaps
+                    run = graphed(torch, lambda: fn(q)).replay if dev == "cuda" else (lambda: fn(q))
+                    points.append(Point(op, f"B{bs} L{length}", measure(run), 4.0 * bs * heads * length * d, kv))
+                    run = None
+            except Exception as e:  # out of memory at the largest shapes, a kernel that fails: skip, keep the run
+                log(f"  attention B{bs} L{length} skipped: {type(e).__name__}: {(str(e) or '?').splitlines()[0]}")
+            q = region = None
         log(f"  attention B{bs} done")
     return points
 
@@ -233,6 +359,53 @@ def sample_steps(trace_name: str, requests: int, per_policy: int, seed: int = 0)
     return out
 
 
+REPLAY_POLICIES = ("blend", "sglang-lpm", "dfs")
+
+
+def simulate_schedules(trace_name: str, requests: int, seed: int = 0) -> dict:
+    """Whole runs of REPLAY_POLICIES on a Trace analog under the method group's equal rules
+    (paced prefill, mixed steps; Llama-3.1-8B on the h200 preset): policy -> SimResult."""
+    from blendserve_sgl.sim import EngineConfig, RunSpec, Workload, simulate
+    from blendserve_sgl.workloads import trace
+
+    cost = CostModel.from_names("llama-3.1-8b", "h200")
+    records, _ = trace(trace_name, requests, cost, seed)
+    wl = Workload(records, cost)
+    spec = RunSpec(cost, EngineConfig.trace_engine(cost), seed=seed)
+    return {p: simulate(wl, p, spec) for p in REPLAY_POLICIES}
+
+
+def replay_schedules(schedules: dict, cost: CostModel, stack, measure, per_policy: int, tiny: bool) -> dict:
+    """Each policy's whole run timed on the GPU by systematic sampling: `per_policy` steps evenly
+    spaced over the run, each measured, the run's time estimated as (steps / sampled) x their sum;
+    beside it the simulator's sequential time of the whole run on `cost` (the fitted preset) and
+    of the same sample. The policies' ratios, measured against predicted, test the simulator's
+    ranking on the hardware."""
+    from blendserve_sgl.sim.timing import ExecModel
+
+    out = {}
+    for pol, res in schedules.items():
+        s = res.series
+        n = len(s["decode"])
+        picks = evenly(list(range(n)), per_policy)
+        measured = predicted = 0.0
+        for i in picks:
+            step = StepSample(pol, i, int(s["prefill"][i]), int(s["decode"][i]), int(s["kv_read"][i]))
+            if tiny:
+                step = shrink(step, prefill=128, decode=8, kv_len=256)
+            measured += measure(stack.step_fn(step))
+            predicted += step_predictions(cost, step)[0]
+        scale = n / len(picks)
+        out[pol] = {"steps": n, "sampled": len(picks), "measured_s": measured * scale,
+                    "predicted_sample_s": predicted * scale,
+                    "predicted_run_s": float(res.retimed(cost).time(ExecModel("sequential")))}
+    base = out["blend"]
+    for pol, row in out.items():
+        row["measured_speedup_of_blend"] = row["measured_s"] / base["measured_s"]
+        row["predicted_speedup_of_blend"] = row["predicted_run_s"] / base["predicted_run_s"]
+    return out
+
+
 def evenly(items: list, k: int) -> list:
     """k items spread evenly over `items` (the middle of k equal stretches); all when fewer."""
     if k >= len(items):
@@ -249,9 +422,9 @@ def shrink(step: StepSample, prefill: int, decode: int, kv_len: int) -> StepSamp
 
 class Stack:
     """A Llama-shaped decoder stack with random weights: RMSNorm, QKV, attention (prefill causal
-    over the step's prefill tokens as one sequence, decode over a contiguous KV cache), O, SwiGLU
-    MLP, the LM head on the decode tokens and the last prefill token. RoPE and the KV write are
-    left out (elementwise, small)."""
+    over the step's prefill tokens as one sequence, decode over the KV cache in the engine's
+    layout: paged on CUDA), O, SwiGLU MLP, the LM head on the decode tokens and the last prefill
+    token. RoPE and the KV write are left out (elementwise, small)."""
 
     def __init__(self, torch, cfg: dict, dev, dtype, kv_pool_tokens: int):
         self.t, self.cfg = torch, cfg
@@ -264,29 +437,28 @@ class Stack:
                             gate_up=rnd(h, 2 * i), down=rnd(i, h), n1=torch.ones(h, device=dev, dtype=dtype),
                             n2=torch.ones(h, device=dev, dtype=dtype)) for _ in range(cfg["num_hidden_layers"])]
         self.lm_head = rnd(h, cfg["vocab_size"])
-        # One pool of K/V slots; a layer takes slot (layer mod slots), so a step's reads leave the cache.
+        # One pool of K/V regions; a layer takes region (layer mod regions), so a step's reads leave the cache.
         self.pool = torch.randn(kv_pool_tokens * self.kvh * self.d * 2, generator=gen, device=dev, dtype=dtype)
         self.dev, self.dtype = dev, dtype
 
     def rms(self, x, w):
-        return x * self.t.rsqrt(x.pow(2).mean(-1, keepdim=True) + 1e-5) * w
+        return self.t.nn.functional.rms_norm(x, (x.shape[-1],), w, 1e-5)
 
-    def kv_views(self, batch: int, length: int):
-        n = batch * self.kvh * length * self.d
-        slots = min(len(self.layers), self.pool.numel() // (2 * n))
-        if slots == 0:
+    def attention_fns(self, batch: int, length: int) -> list:
+        n = 2 * kv_region_elements(batch, length, self.kvh, self.d)
+        regions = min(len(self.layers), self.pool.numel() // n)
+        if regions == 0:
             raise ValueError(f"KV pool of {self.pool.numel()} elements cannot hold a step of {batch} x {length} tokens")
-        return [(self.pool[2 * n * s:2 * n * s + n].view(batch, self.kvh, length, self.d),
-                 self.pool[2 * n * s + n:2 * n * (s + 1)].view(batch, self.kvh, length, self.d)) for s in range(slots)]
+        return [attention_over(self.t, self.pool[n * r:n * (r + 1)], batch, length, self.kvh, self.d,
+                               paged=self.dev == "cuda", seed=r) for r in range(regions)]
 
     def step_fn(self, step: StepSample):
         t, h = self.t, self.cfg["hidden_size"]
         p, b = step.prefill, step.decode
         length = max(1, step.kv_read // max(1, b))
         x0 = t.randn(p + b, h, device=self.dev, dtype=self.dtype)
-        views = self.kv_views(b, length) if b else []
+        attend = self.attention_fns(b, length) if b else []
         hq, kq = self.heads * self.d, self.kvh * self.d
-        group = self.heads // self.kvh
 
         def run():
             x = x0
@@ -296,13 +468,13 @@ class Stack:
                 parts = []
                 if p:
                     qp = q[:p].view(1, p, self.heads, self.d).transpose(1, 2)
-                    kp = k[:p].view(1, p, self.kvh, self.d).transpose(1, 2).repeat_interleave(group, 1)
-                    vp = v[:p].view(1, p, self.kvh, self.d).transpose(1, 2).repeat_interleave(group, 1)
-                    parts.append(t.nn.functional.scaled_dot_product_attention(qp, kp, vp, is_causal=True)
+                    kp = k[:p].view(1, p, self.kvh, self.d).transpose(1, 2)
+                    vp = v[:p].view(1, p, self.kvh, self.d).transpose(1, 2)
+                    parts.append(t.nn.functional.scaled_dot_product_attention(qp, kp, vp, is_causal=True,
+                                                                              enable_gqa=True)
                                  .transpose(1, 2).reshape(p, hq))
                 if b:
-                    kc, vc = views[li % len(views)]
-                    parts.append(decode_attention(t, q[p:].view(b, self.heads, self.d), kc, vc).reshape(b, hq))
+                    parts.append(attend[li % len(attend)](q[p:].reshape(b, self.heads, self.d)).reshape(b, hq))
                 x = x + (parts[0] if len(parts) == 1 else t.cat(parts)) @ w["o"]
                 gu = self.rms(x, w["n2"]) @ w["gate_up"]
                 g, u = gu.chunk(2, dim=-1)
@@ -313,22 +485,72 @@ class Stack:
         return run
 
 
+def graphed(torch, fn):
+    """`fn` captured in a CUDA graph with its own memory pool (warm-up on a side stream first)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    return g
+
+
 def step_predictions(cost: CostModel, step: StepSample) -> tuple[float, float]:
-    """(simulator's sequential step time, bandwidth-consistent bound) for a step on `cost`."""
+    """(simulator's sequential step time, bandwidth-consistent bound) for a step on `cost`, as
+    the simulator charges it: the LM head for the decoding requests, the preset's overheads."""
     from blendserve_sgl.sim.timing import ExecModel, operator_seconds, step_seconds
 
-    ops = operator_seconds(cost, [step.prefill + step.decode], [step.kv_read])
+    ops = operator_seconds(cost, [step.prefill + step.decode], [step.kv_read], decode_requests=[step.decode])
     seq = float(step_seconds(ops, ExecModel("sequential"))[0])
-    bound = float(step_seconds(ops, ExecModel("overlapped", interference=0.0))[0])  # max(comp, w + attn)
+    bound = float(step_seconds(ops, ExecModel("overlapped", interference=0.0))[0])  # max(comp, w + attn) + over
     return seq, bound
+
+
+OVERHEAD_FIELDS = ("step_overhead_s", "request_overhead_s", "prefill_token_overhead_s")
+
+
+def overhead_features(step: StepSample) -> list[float]:
+    """What `sim.timing.overhead_seconds` multiplies the three overheads by."""
+    return [1.0, float(step.decode), float(step.prefill)]
+
+
+def fit_overheads(steps: list[StepSample], measured: list[float], operator_only: list[float]) -> dict:
+    """The work no operator term covers (norms, activations, residuals, prefill attention, the
+    merge of split attention), fitted to measured - operator model per step (>= 0 each,
+    relative least squares)."""
+    x = nonneg_lstsq([overhead_features(s) for s in steps], [m - o for m, o in zip(measured, operator_only)],
+                     scale=measured)
+    return dict(zip(OVERHEAD_FIELDS, x))
+
+
+def with_overheads(hw: HardwareSpec, over: dict) -> HardwareSpec:
+    return HardwareSpec(hw.name, flops=hw.flops, mem_bandwidth=hw.mem_bandwidth, mem_capacity=hw.mem_capacity,
+                        flops_efficiency=hw.flops_efficiency, bandwidth_efficiency=hw.bandwidth_efficiency, **over)
 
 
 # --- part 3: overlap ----------------------------------------------------------------------------
 
 
-def overlap_points(torch, dev, dtype, cfg, gemm_tokens, attn_batch, attn_len, reps, measure) -> list[dict]:
+def on_stream(torch, stream, fn):
+    """Run `fn` on `stream`, ordered after the current stream's work and before its next."""
+    main = torch.cuda.current_stream()
+    stream.wait_stream(main)
+    with torch.cuda.stream(stream):
+        fn()
+    main.wait_stream(stream)
+
+
+def overlap_points(torch, dev, dtype, cfg, gemm_tokens, attn_batch, attn_len, reps, measure,
+                   streams=None, alone=None) -> list[dict]:
     """Per GEMM size: GEMM nano-batch alone (A), attention nano-batch alone (B), back to back,
-    and on two streams; interference = (concurrent - max(A, B)) / min(A, B)."""
+    and concurrently on two streams (`streams`: a pair, e.g. of SM partitions; default two plain
+    streams); interference = (concurrent - max(A, B)) / min(A, B), A and B on the whole GPU.
+    With `streams`, each nano-batch is also timed alone on its own stream (its partition).
+    `alone` maps GEMM size to (A, B) already measured, to reuse."""
     gen = torch.Generator(device=dev).manual_seed(2)
     rnd = lambda *s: torch.randn(*s, generator=gen, device=dev, dtype=dtype)  # noqa: E731
     k, n = gemm_shapes(cfg)["gate_up"]
@@ -336,11 +558,13 @@ def overlap_points(torch, dev, dtype, cfg, gemm_tokens, attn_batch, attn_len, re
     d = cfg["hidden_size"] // heads
     w = rnd(k, n)
     q = rnd(attn_batch, heads, d)
-    kv = [(rnd(attn_batch, kvh, attn_len, d), rnd(attn_batch, kvh, attn_len, d)) for _ in range(2)]
     cuda = dev == "cuda"
-    s1 = torch.cuda.Stream() if cuda else None
-    s2 = torch.cuda.Stream() if cuda else None
-    attn = lambda: [decode_attention(torch, q, *kv[r % 2]) for r in range(reps)]  # noqa: E731
+    kv = [attention_over(torch, rnd(2 * kv_region_elements(attn_batch, attn_len, kvh, d)), attn_batch, attn_len, kvh,
+                         d, paged=cuda, seed=r) for r in range(2)]
+    partitioned = streams is not None
+    if cuda and streams is None:
+        streams = (torch.cuda.Stream(), torch.cuda.Stream())
+    attn = lambda: [kv[r % 2](q) for r in range(reps)]  # noqa: E731
     out = []
     for m in gemm_tokens:
         x = rnd(m, k)
@@ -351,22 +575,37 @@ def overlap_points(torch, dev, dtype, cfg, gemm_tokens, attn_batch, attn_len, re
                 gemm(), attn()
                 return
             main = torch.cuda.current_stream()
-            s1.wait_stream(main)
-            s2.wait_stream(main)
-            with torch.cuda.stream(s1):
+            for st in streams:
+                st.wait_stream(main)
+            with torch.cuda.stream(streams[0]):
                 gemm()
-            with torch.cuda.stream(s2):
+            with torch.cuda.stream(streams[1]):
                 attn()
-            main.wait_stream(s1)
-            main.wait_stream(s2)
+            for st in streams:
+                main.wait_stream(st)
 
-        a, b = measure(gemm), measure(attn)
+        a, b = alone[m] if alone and m in alone else (measure(gemm), measure(attn))
         serial = measure(lambda: (gemm(), attn()))
         conc = measure(both)
-        out.append({"gemm_tokens": m, "gemm_ms": round(1e3 * a, 4), "attention_ms": round(1e3 * b, 4),
-                    "back_to_back_ms": round(1e3 * serial, 4), "concurrent_ms": round(1e3 * conc, 4),
-                    "balance": round(a / b, 4), "interference": round((conc - max(a, b)) / min(a, b), 4)})
+        row = {"gemm_tokens": m, "gemm_ms": round(1e3 * a, 4), "attention_ms": round(1e3 * b, 4),
+               "back_to_back_ms": round(1e3 * serial, 4), "concurrent_ms": round(1e3 * conc, 4),
+               "balance": round(a / b, 4), "interference": round((conc - max(a, b)) / min(a, b), 4)}
+        if partitioned:
+            row["gemm_on_partition_ms"] = round(1e3 * measure(lambda: on_stream(torch, streams[0], gemm)), 4)
+            row["attention_on_partition_ms"] = round(1e3 * measure(lambda: on_stream(torch, streams[1], attn)), 4)
+        out.append(row)
     return out
+
+
+def green_streams(torch, gemm_sms: int, attn_sms: int):
+    """Two streams on disjoint SM partitions (CUDA green contexts through torch), and the
+    contexts (keep them alive while the streams run); raises where torch or the driver lacks them."""
+    from torch.cuda.green_contexts import GreenContext
+
+    ctxs = [GreenContext.create(num_sms=n, device_id=torch.cuda.current_device()) for n in (gemm_sms, attn_sms)]
+    if not hasattr(ctxs[0], "Stream"):
+        raise RuntimeError(f"torch {torch.__version__}: GreenContext has no Stream()")
+    return tuple(c.Stream() for c in ctxs), ctxs
 
 
 # --- the run ------------------------------------------------------------------------------------
@@ -385,7 +624,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=str(RESULTS), help="folder for the JSON and the log")
     ap.add_argument("--trace", default="trace1", help="Trace analog whose blend and dfs steps part 2 runs")
     ap.add_argument("--requests", type=int, default=5000, help="requests in that analog")
-    ap.add_argument("--steps", type=int, default=16, help="steps sampled per policy")
+    ap.add_argument("--steps", type=int, default=24, help="steps sampled per policy")
+    ap.add_argument("--replay-requests", type=int, default=2000,
+                    help="part 5: requests in the analog whose whole runs are replayed by sampling")
+    ap.add_argument("--replay-steps", type=int, default=150, help="part 5: steps timed per policy (0: skip part 5)")
     args = ap.parse_args(argv)
     try:
         import torch
@@ -425,10 +667,10 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         base = hardware(key)
         measure = cuda_timer(torch)
-        tokens = [1, 4, 16, 64, 256, 1024, 4096, 16384]
+        tokens = [1, 4, 16, 64, 128, 256, 512, 1024, 2048, 4096, 16384]
         batches, lengths = [1, 8, 64, 512], [128, 1024, 4096, 16384, 32768]
         kv_limit, n_steps, requests = 80 * 2**30, args.steps, args.requests
-        gemm_tokens, attn_batch, attn_len, reps = [256, 512, 1024, 2048, 4096, 8192], 64, 8192, 4
+        gemm_tokens, attn_batch, attn_len, reps = [128, 256, 512, 1024, 2048, 4096, 8192], 64, 8192, 4
         pool_tokens = 8 * 2**20  # 8M tokens x 8 KV heads x 128 x 2 (K, V) x 2 bytes = 32 GiB
     spec = ModelSpec.from_hf_config(cfg, name="tiny-llama" if args.tiny else "llama-3.1-8b")
     log(f"device {device_name}, {dtype}, model {spec.name}; preset {base.name}: {base.flops / 1e12:.2f} TFLOP/s, "
@@ -436,6 +678,8 @@ def main(argv: list[str] | None = None) -> int:
 
     log(f"steps: sampling blend and dfs on {args.trace} ({requests} requests) in the simulator")
     steps = sample_steps(args.trace, requests, n_steps)  # first: a data problem stops the run before any timing
+    replay_requests, replay_steps = (300, 3) if args.tiny else (args.replay_requests, args.replay_steps)
+    schedules = simulate_schedules(args.trace, replay_requests) if replay_steps else {}
     if args.tiny:
         steps = [shrink(s, prefill=128, decode=8, kv_len=256) for s in steps]
     path = out / f"{stem}.json"
@@ -446,8 +690,6 @@ def main(argv: list[str] | None = None) -> int:
         "note": ("CPU run of the code paths (--tiny): the figures describe this CPU, not a GPU; two streams do not "
                  "overlap on a CPU, so interference is ~1 by construction") if args.tiny else
                 "CUDA events after warm-up, L2 flushed before each timed run, median of 10",
-        "attention_layout": "contiguous K/V (torch SDPA); a paged layout needs a paged kernel (FlashInfer), not in a "
-                            "torch-only run",
         "targets": {"cost_model_max_error": 0.06, "step_prediction_median_error": 0.10},
         "failures": [],
     }
@@ -460,23 +702,34 @@ def main(argv: list[str] | None = None) -> int:
 
     log("part 1: operators")
     points = operator_points(torch, dev, dtype, cfg, tokens, batches, lengths, measure, log, kv_limit)
-    f = fit(points, base)
+    f = fit([p for p in points if p.op != "sdpa"], base, with_latency=True)
+    paper = fit([p for p in points if p.op != "sdpa"], base)  # the paper's roofline, no launch latency
     errs = errors(points, base, f)
     fitted = fitted_hardware(base, f, MEASURED if key == "h200" else f"{base.name}-fitted")
     op_rows = [{"operator": p.op, "shape": p.shape, "regime": regime(p, base), "measured_ms": 1e3 * p.seconds,
-                "model_ms": 1e3 * predict(p, base, f), "error": e, "flops": p.flops, "bytes": p.nbytes}
+                "model_ms": 1e3 * predict(p, base, f), "error": e, "roofline_error": predict(p, base, paper) / p.seconds - 1,
+                "flops": p.flops, "bytes": p.nbytes}
                for p, e in zip(points, errs)]
     print(table([(r["operator"], r["shape"], r["regime"], f"{r['measured_ms']:.4f}", f"{r['model_ms']:.4f}",
-                  f"{100 * r['error']:+.1f}%") for r in op_rows],
-                ("operator", "shape", "regime", "measured ms", "model ms", "error")))
-    by_regime = {}
+                  f"{100 * r['error']:+.1f}%", f"{100 * r['roofline_error']:+.1f}%") for r in op_rows],
+                ("operator", "shape", "regime", "measured ms", "model ms", "error", "error, no latency")))
+    by_regime, roof_regime = {}, {}
     for r in op_rows:
-        by_regime.setdefault(r["regime"], []).append(abs(r["error"]))
+        by_regime.setdefault(r["regime"] if r["operator"] != "sdpa" else "sdpa (reference)", []).append(abs(r["error"]))
+        roof_regime.setdefault(r["regime"] if r["operator"] != "sdpa" else "sdpa (reference)", []).append(
+            abs(r["roofline_error"]))
+    fitted_rows = [r for r in op_rows if r["operator"] != "sdpa"]
     payload.update({
-        "cost_model_max_error": round(max(abs(e) for e in errs), 4),
+        "cost_model": "t = c_op + max(FLOPs / (F e_f), bytes / (BW e_b)): a launch latency per operator kind, "
+                      "one bandwidth for weights and KV",
+        "cost_model_max_error": round(max(abs(r["error"]) for r in fitted_rows), 4),
         "cost_model_max_error_by_regime": {k: round(max(v), 4) for k, v in by_regime.items()},
         "cost_model_mean_error_by_regime": {k: round(statistics.mean(v), 4) for k, v in by_regime.items()},
-        "fit": f._asdict(),
+        "roofline_max_error_by_regime": {k: round(max(v), 4) for k, v in roof_regime.items()},
+        "fit": f._asdict(), "fit_without_latency": paper._asdict(),
+        "attention_kernel": ("Triton paged split-KV decode (kernels/paged_decode.py), pages of 16 in shuffled order; "
+                             "torch SDPA over contiguous K/V as the 'sdpa' reference" if dev == "cuda"
+                             else "torch SDPA over contiguous K/V"),
         "base_preset": {"name": base.name, "flops": base.flops, "mem_bandwidth": base.mem_bandwidth},
         "preset": {"name": fitted.name, "flops": fitted.flops, "mem_bandwidth": fitted.mem_bandwidth,
                    "mem_capacity": fitted.mem_capacity, "flops_efficiency": fitted.flops_efficiency,
@@ -489,32 +742,87 @@ def main(argv: list[str] | None = None) -> int:
 
     log("part 2: whole steps")
     try:
-        cost = CostModel(spec, fitted)
+        cost = CostModel(spec, fitted)  # operators only: the preset's overheads are 0 until fitted below
         biggest = max(s.decode * max(1, s.kv_read // max(1, s.decode)) for s in steps)
         stack = Stack(torch, cfg, dev, dtype, max(pool_tokens, 2 * biggest))
-        step_rows = []
+        measured, eager = [], []
         for s in steps:
-            measured = measure(stack.step_fn(s))
+            run = stack.step_fn(s)
+            eager.append(measure(run))
+            if dev == "cuda":  # a decode engine replays CUDA graphs: no launch gaps
+                g = graphed(torch, run)
+                measured.append(measure(g.replay))
+                del g
+            else:
+                measured.append(eager[-1])
+        operator_only = [step_predictions(cost, s)[0] for s in steps]
+        over = fit_overheads(steps, measured, operator_only)
+        held_out = {}  # each policy's steps predicted with the overheads fitted on the other's
+        for pol in ("blend", "dfs"):
+            idx = [i for i, s in enumerate(steps) if s.policy != pol]
+            if idx:
+                held_out[pol] = fit_overheads([steps[i] for i in idx], [measured[i] for i in idx],
+                                              [operator_only[i] for i in idx])
+        fitted = with_overheads(fitted, over)
+        cost = CostModel(spec, fitted)
+        step_rows = []
+        for s, m, e, o in zip(steps, measured, eager, operator_only):
             seq, bound = step_predictions(cost, s)
-            step_rows.append({**s._asdict(), "measured_ms": 1e3 * measured, "sequential_model_ms": 1e3 * seq,
-                              "sequential_error": seq / measured - 1, "bandwidth_consistent_bound_ms": 1e3 * bound,
-                              "measured_over_bound": measured / bound})
-        del stack
-        print(table([tuple(f"{v:.4g}" if isinstance(v, float) else v for v in r.values()) for r in step_rows],
-                    tuple(step_rows[0])))
+            cv = step_predictions(CostModel(spec, with_overheads(fitted, held_out.get(s.policy, over))), s)[0]
+            step_rows.append({**s._asdict(), "measured_ms": 1e3 * m, "eager_ms": 1e3 * e,
+                              "operator_model_ms": 1e3 * o, "operator_error": o / m - 1,
+                              "sequential_model_ms": 1e3 * seq, "sequential_error": seq / m - 1,
+                              "held_out_model_ms": 1e3 * cv, "held_out_error": cv / m - 1,
+                              "bandwidth_consistent_bound_ms": 1e3 * bound, "measured_over_bound": m / bound})
+        cols = ("policy", "step", "prefill", "decode", "kv_read", "eager_ms", "measured_ms", "operator_model_ms",
+                "sequential_model_ms", "held_out_error", "measured_over_bound")
+        print(table([tuple(f"{r[c]:.4g}" if isinstance(r[c], float) else r[c] for c in cols) for r in step_rows], cols))
+        payload["preset"].update({k: v for k, v in over.items()})
         payload.update({
-            "step_prediction_median_error": round(statistics.median(abs(r["sequential_error"]) for r in step_rows), 4),
-            "step_prediction_error": quantiles([r["sequential_error"] for r in step_rows]),
+            "step_timing": ("CUDA graph replay (what a decode engine runs), eager beside it" if dev == "cuda"
+                            else "eager"),
+            "step_overheads": over, "step_overheads_held_out": held_out,
+            "step_prediction_median_error": round(statistics.median(abs(r["held_out_error"]) for r in step_rows), 4),
+            "step_prediction_median_error_in_sample": round(
+                statistics.median(abs(r["sequential_error"]) for r in step_rows), 4),
+            "step_prediction_median_error_operators_only": round(
+                statistics.median(abs(r["operator_error"]) for r in step_rows), 4),
+            "step_prediction_error": quantiles([r["held_out_error"] for r in step_rows]),
             "measured_over_bandwidth_consistent_bound": quantiles([r["measured_over_bound"] for r in step_rows]),
             "steps_source": {"trace": args.trace, "requests": requests, "per_policy": n_steps,
                              "scaled_to_tiny": args.tiny},
             "steps": step_rows,
         })
-        log(f"step median error {payload['step_prediction_median_error']:.3f}")
+        log(f"overheads {over}; step median error {payload['step_prediction_median_error']:.3f} held out, "
+            f"{payload['step_prediction_median_error_in_sample']:.3f} in sample, "
+            f"{payload['step_prediction_median_error_operators_only']:.3f} operators only")
     except Exception as e:  # keep part 1 and try part 3: GPU time is short
         payload["failures"].append(f"part 2: {type(e).__name__}: {e}")
         log(traceback.format_exc())
     save()
+
+    if schedules and "step_overheads" in payload:
+        log(f"part 5: whole runs of {', '.join(schedules)} on {args.trace} ({replay_requests} requests), "
+            f"{replay_steps} steps each")
+        try:
+            light = cuda_timer(torch, repeats=3, warmup=1) if dev == "cuda" else measure
+            timer = (lambda fn: light(graphed(torch, fn).replay)) if dev == "cuda" else light
+            rep = replay_schedules(schedules, CostModel(spec, fitted), stack, timer, replay_steps, args.tiny)
+            cols = ("steps", "sampled", "measured_s", "predicted_sample_s", "predicted_run_s",
+                    "measured_speedup_of_blend", "predicted_speedup_of_blend")
+            print(table([(p, *(f"{r[c]:.4g}" if isinstance(r[c], float) else r[c] for c in cols)) for p, r in rep.items()],
+                        ("policy", *cols)))
+            payload["schedule_replay"] = {
+                "trace": args.trace, "requests": replay_requests, "engine": "method group: paced prefill, mixed steps",
+                "timing": "each sampled step replayed from a CUDA graph, median of 3; run time = steps / sampled x sum",
+                "policies": rep}
+            log("replayed: " + ", ".join(f"{p} {r['measured_speedup_of_blend']:.3f} measured vs "
+                                         f"{r['predicted_speedup_of_blend']:.3f} predicted" for p, r in rep.items()))
+        except Exception as e:
+            payload["failures"].append(f"part 5: {type(e).__name__}: {e}")
+            log(traceback.format_exc())
+        save()
+    stack = None
     if dev == "cuda":
         torch.cuda.empty_cache()
 
@@ -530,6 +838,34 @@ def main(argv: list[str] | None = None) -> int:
         payload["failures"].append(f"part 3: {type(e).__name__}: {e}")
         log(traceback.format_exc())
     save()
+
+    if dev == "cuda" and "overlap" in payload:
+        log("part 4: overlap on disjoint SM partitions (green contexts)")
+        alone = {r["gemm_tokens"]: (r["gemm_ms"] / 1e3, r["attention_ms"] / 1e3) for r in payload["overlap"]["points"]}
+        sms = torch.cuda.get_device_properties(0).multi_processor_count
+        part = {"sms": sms, "splits": [], "note": "interference against each nano-batch alone on the whole GPU; "
+                "a row per split of the SMs between the GEMM and the attention; not the overlapped mode's setting"}
+        try:
+            for attn_sms in (32, 66, 100):
+                streams, ctxs = green_streams(torch, sms - attn_sms, attn_sms)
+                pts = overlap_points(torch, dev, dtype, cfg, [512, 2048, 8192], attn_batch, attn_len, reps, measure,
+                                     streams=streams, alone=alone)
+                torch.cuda.synchronize()
+                del streams, ctxs
+                part["splits"].append({"gemm_sms": sms - attn_sms, "attention_sms": attn_sms, "points": pts})
+                print(table([tuple(r.values()) for r in pts], tuple(pts[0])))
+            best = {}
+            for sp in part["splits"]:
+                for r in sp["points"]:
+                    best[r["gemm_tokens"]] = min(best.get(r["gemm_tokens"], float("inf")), r["interference"])
+            part["best_interference_by_gemm_tokens"] = best
+            part["available"] = True
+            log(f"partitioned: best interference by GEMM tokens {best}")
+        except Exception as e:  # the plain-stream figures stand; this part is an extra
+            part.update(available=False, error=f"{type(e).__name__}: {e}")
+            log(f"partitioned overlap unavailable: {type(e).__name__}: {e}")
+        payload["partitioned_overlap"] = part
+        save()
     log(f"wrote {path}" + (f"; failures: {payload['failures']}" if payload["failures"] else ""))
     logf.close()
     return 1 if payload["failures"] else 0

@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import RESULTS, peak_rss_mb, table, write  # noqa: E402
 from blendserve_sgl.core import CostModel  # noqa: E402
 from blendserve_sgl.core.preset import PRESET  # noqa: E402
+from blendserve_sgl.core.specs import hardware_names, interference, interference_names  # noqa: E402
 from blendserve_sgl.sim import POLICIES, EngineConfig, ExecModel, RunSpec, Workload, simulate  # noqa: E402
 from blendserve_sgl.sim.metrics import binned  # noqa: E402
 from blendserve_sgl.workloads import TRACES, WORKLOADS, trace  # noqa: E402
@@ -48,10 +49,27 @@ from blendserve_sgl.workloads import TRACES, WORKLOADS, trace  # noqa: E402
 MODES = {"overlapped": ExecModel("overlapped", 0.1), "sequential": ExecModel("sequential")}
 COST = CostModel.from_names("llama-3.1-8b", "a100")
 CAUSAL = CostModel.from_names("llama-3.1-8b", "a100", prefill_attention="causal")  # each run also timed with it
+
+
+def use_machine(hardware: str, interference_setting: str) -> None:
+    """The hardware preset and the overlapped mode's interference every run of this process uses
+    (defaults: the A100 preset and the assumed 0.1)."""
+    global COST, CAUSAL, MODES
+    COST = CostModel.from_names("llama-3.1-8b", hardware)
+    CAUSAL = CostModel.from_names("llama-3.1-8b", hardware, prefill_attention="causal")
+    MODES = {"overlapped": ExecModel("overlapped", interference(interference_setting)),
+             "sequential": ExecModel("sequential")}
 STOCK = ("fcfs", "sglang-lpm", "sglang-dfs-weight")  # what SGLang ships
-TIMING_RULE = ("overlapped: max(comp, w + attn) + 0.1 x min(comp, w + attn); sequential: max(comp, w) + attn; "
-               "comp = GEMM tokens x 2P / FLOPS, w = weight bytes / BW (every step with a GEMM), "
-               "attn = KV tokens read x KV bytes per token / BW")
+
+
+def timing_rule() -> str:
+    return (f"overlapped: max(comp, w + attn) + {MODES['overlapped'].interference:g} x min(comp, w + attn) + over; "
+            "sequential: max(comp, w) + attn + over; comp = GEMM tokens x 2P / FLOPS, w = weight bytes / BW (every "
+            "step with a GEMM), attn = KV tokens read x KV bytes per token / BW, over = the preset's per-step "
+            f"overheads ({COST.hardware.name}: {COST.hardware.step_overhead_s:g} s per step)")
+
+
+TIMING_RULE = timing_rule()  # the default machine's (what bench/sweep.py and bench/method_ablation.py run)
 LENGTH_RULE = ("estimated: requests stop at EOS and carry max_tokens (4 x the longest output); blend samples 1% "
                "first (the plugin's sample phase); engine pacing assumes the mean output of the requests finished "
                "so far for every policy")
@@ -134,7 +152,7 @@ def plot(panels: dict, path: Path) -> None:
             if row == 0 and col == 0:
                 ax.legend(fontsize=7, loc="upper right")
     fig.suptitle("Per-step compute and memory traffic: DFS order vs BlendServe, equal rules, estimated lengths "
-                 "(Llama-3.1-8B, A100, simulated)", fontsize=10)
+                 f"(Llama-3.1-8B, {COST.hardware.name}, simulated)", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
@@ -149,15 +167,24 @@ def main() -> None:
     ap.add_argument("--lean", action="store_true",
                     help="only the runs the summary needs: the method group, the product group, known-length blend")
     ap.add_argument("--out", default=None, help="results file stem (default paper_traces, or paper_traces_quick)")
+    ap.add_argument("--hardware", default="a100", help=f"hardware preset: {', '.join(hardware_names())}")
+    ap.add_argument("--interference", default="assumed",
+                    help=f"overlapped mode's interference: a number in [0, 1] or one of {interference_names()}")
     args = ap.parse_args()
+    use_machine(args.hardware, args.interference)
     n = 2_000 if args.quick else args.requests
     cost = COST
-    stock = EngineConfig.trace_engine(cost, pace=False)
+    # SGLang as it ships: no paced prefill, prefill and decode in separate steps (no
+    # --enable-mixed-chunk); the plugin paces only with mixed steps (core.pacing.paces)
+    stock = EngineConfig.trace_engine(cost, pace=False, mixed_chunk=False)
+    stock_mixed = EngineConfig.trace_engine(cost, pace=False)  # the same with --enable-mixed-chunk
     method = EngineConfig.trace_engine(cost)
-    shipped = RunSpec(cost, replace(stock, pace=PRESET.pacing), seed=args.seed)  # blend as the plugin ships it
+    shipped = {"product": RunSpec(cost, replace(stock, pace=PRESET.pacing), seed=args.seed),  # blend as shipped
+               "product, mixed steps": RunSpec(cost, replace(stock_mixed, pace=PRESET.pacing), seed=args.seed)}
     specs = {  # group -> (the run spec, the policies run with it)
         "method": (RunSpec(cost, method, seed=args.seed), POLICIES),
         "product": (RunSpec(cost, stock, seed=args.seed), (*STOCK, "blend")),
+        "product, mixed steps": (RunSpec(cost, stock_mixed, seed=args.seed), (*STOCK, "blend")),
         "known lengths": (RunSpec(cost, method, seed=args.seed, known_lengths=True),
                           ("sglang-dfs-weight", "dfs", "balance", "blend")),
         "needs KV projection": (RunSpec(cost, replace(method, kv_projection=True), seed=args.seed,
@@ -167,6 +194,7 @@ def main() -> None:
     }
     if args.lean:
         specs = {"method": specs["method"], "product": specs["product"],
+                 "product, mixed steps": specs["product, mixed steps"],
                  "known lengths": (specs["known lengths"][0], ("blend",))}
     rows, traces_info, panels, interference = [], {}, {}, []
     vs = {g: [] for g in specs}
@@ -183,8 +211,9 @@ def main() -> None:
         for group, (spec, policies) in specs.items():
             group_rows = []
             for p in policies:
-                res = simulate(wl, p, shipped if group == "product" and p == "blend" else spec)
-                label = "blend as shipped" if group == "product" and p == "blend" else p
+                as_shipped = group in shipped and p == "blend"
+                res = simulate(wl, p, shipped[group] if as_shipped else spec)
+                label = "blend as shipped" if as_shipped else p
                 row = row_of(name, group, label, res)
                 group_rows.append(row)
                 results[(group, p)] = res
@@ -193,8 +222,8 @@ def main() -> None:
                       f"{row['sequential_fraction_of_optimal']:.3f}  sharing {row['sharing']:.4f}  "
                       f"retract {row['retractions']}  wall {row['wall_s']:.1f} s", flush=True)
             if len(policies) > 1:
-                target = "blend as shipped" if group == "product" else "blend"
-                pool = STOCK if group == "product" else policies
+                target = "blend as shipped" if group in shipped else "blend"
+                pool = STOCK if group in shipped else policies
                 v = versus(group_rows, target, pool)
                 blend_row = next(r for r in group_rows if r["policy"] == target)
                 for r in group_rows:
@@ -218,6 +247,7 @@ def main() -> None:
     summary["estimated_vs_known_min"] = min(est_vs_known)
     summary["estimated_vs_known"] = est_vs_known
     summary["blend_as_shipped"] = summarize(vs["product"])
+    summary["blend_as_shipped_mixed_steps"] = summarize(vs["product, mixed steps"])
     if vs.get("needs KV projection"):
         summary["blend_with_kv_projection"] = summarize(vs["needs KV projection"])
     if vs["known lengths"]:
@@ -231,7 +261,8 @@ def main() -> None:
                  "sharing", "retract", "wall s")))
     print()
     flat = [(k, v) for k, v in summary.items() if not isinstance(v, (dict, list))]
-    flat += [(f"blend_as_shipped.{k}", v) for k, v in summary["blend_as_shipped"].items()]
+    for key in ("blend_as_shipped", "blend_as_shipped_mixed_steps"):
+        flat += [(f"{key}.{k}", v) for k, v in summary[key].items()]
     print(table(flat, ("summary (overlapped unless noted)", "value")))
     stem = args.out or ("paper_traces_quick" if args.quick else "paper_traces")
     png = RESULTS / f"{stem}.png"
@@ -242,19 +273,22 @@ def main() -> None:
         "rules": {"engine_features": {"pace": method.pace, "kv_projection": method.kv_projection,
                                       "chunked_prefill": method.chunked_prefill, "max_running": method.max_running,
                                       "mixed_chunk": method.mixed_chunk, "kv_tokens": method.kv_tokens},
-                  "timing": TIMING_RULE, "output_lengths": LENGTH_RULE,
+                  "timing": timing_rule(), "output_lengths": LENGTH_RULE,
                   "blend_preset": {"scan": {k: getattr(PRESET.scan, k) for k in PRESET.scan.__dataclass_fields__},
                                    "estimator": {k: getattr(PRESET.estimator, k)
                                                  for k in PRESET.estimator.__dataclass_fields__},
                                    "pacing": PRESET.pacing, "metering": PRESET.metering,
                                    "engine_ratio": PRESET.engine_ratio},
-                  "blend_as_shipped": "the preset on the stock engine, paced prefill when the preset paces "
-                                      "(the plugin sets it in SGLang); stock policies on the stock engine",
+                  "blend_as_shipped": "the preset on SGLang's default engine (no --enable-mixed-chunk, so no "
+                                      "pacing: core.pacing.paces); stock policies on the same engine",
+                  "blend_as_shipped_mixed_steps": "the same with --enable-mixed-chunk for every policy: blend paced "
+                                                  "when the preset paces (the plugin sets it in SGLang), the stock "
+                                                  "policies unpaced",
                   "optimal": "T_o = max((1 - s_o) T_comp, T_mem) (the paper's)",
                   "weight_bound": "T_w = max((1 - s_o) T_comp, T_mem + N_min w), N_min = max(longest output, "
                                   "ceil(output tokens / max_running))"},
         "requests_per_trace": n,
-        "model": "llama-3.1-8b", "hardware": "a100",
+        "model": "llama-3.1-8b", "hardware": COST.hardware.name,
         "modes": {k: {"mode": m.mode, "interference": m.interference} for k, m in MODES.items()},
         "traces": traces_info,
         "table": rows,

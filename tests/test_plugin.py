@@ -299,6 +299,7 @@ def test_paced_step_sets_and_restores_the_prefill_budget():
 
     sched = FakeScheduler(capacity=100_000)
     sched.chunked_prefill_size, sched.max_prefill_tokens = 100_000, 100_000
+    sched.is_mixed_chunk = True  # prefill and decode share a step: pacing has decode work to balance
     pol = _make_policy(sched, sample_fraction=0.0)
     for i in range(20):
         r = FakeReq(f"w{i}", [1] * 50 + [i + 2] * 200, 400, ignore_eos=True)
@@ -312,7 +313,8 @@ def test_paced_step_sets_and_restores_the_prefill_budget():
     assert want < 100_000
     pol.begin_step(SimpleNamespace(reqs=running))
     assert sched.max_prefill_tokens == want and sched.chunked_prefill_size == want
-    assert pol._budget(SimpleNamespace(reqs=running)).prefill_tokens == want  # the plan sees the paced budget
+    # the plan sees the paced budget, less the running requests' decode tokens that ride in the mixed step
+    assert pol._budget(SimpleNamespace(reqs=running)).prefill_tokens == want - len(running)
     pol.end_step()
     assert (sched.max_prefill_tokens, sched.chunked_prefill_size) == (100_000, 100_000)
     sched.chunked_prefill_size = None  # chunked prefill off: only the step's token budget is paced
@@ -324,6 +326,10 @@ def test_paced_step_sets_and_restores_the_prefill_budget():
     off.begin_step(SimpleNamespace(reqs=running))
     assert sched.max_prefill_tokens == 100_000
     off.end_step()
+    sched.is_mixed_chunk = False  # SGLang's default: a prefill step decodes nothing, so no pacing
+    pol.begin_step(SimpleNamespace(reqs=running))
+    assert pol.paced_tokens(SimpleNamespace(reqs=running)) is None and sched.max_prefill_tokens == 100_000
+    pol.end_step()
 
 
 def test_plugin_and_simulator_build_the_same_blend_configuration():

@@ -34,7 +34,8 @@ def _scenario(spec: dict) -> dict:
         params.append(p)
     engine = sglang.Engine(model_path=spec["model_path"], device="cpu", attention_backend="torch_native",
                            schedule_policy="blend", max_total_tokens=16384, chunked_prefill_size=2048,
-                           max_prefill_tokens=2048, random_seed=0, log_level="error")
+                           max_prefill_tokens=2048, enable_mixed_chunk=True,  # pacing needs mixed steps
+                           random_seed=0, log_level="error")
     try:
         outs = engine.generate(prompt=prompts, sampling_params=params)
     finally:
@@ -61,8 +62,8 @@ ENV = cpu_engine_env()
 
 
 def test_paced_budgets_and_bad_hints_in_the_engine(tiny_llama, tmp_path):
-    """Every prefill step SGLang runs under blend stays within the paced budget the plugin set
-    (core/pacing.py for the running batch), the budget follows the decode batch (it is below the
+    """With --enable-mixed-chunk, every prefill step SGLang runs under blend stays within the paced
+    budget the plugin set (core/pacing.py for the running batch), the budget follows the decode batch (it is below the
     configured 2,048 tokens on some steps and changes between steps), and requests with bad
     output-length hints ("abc", a list, inf, negative, bool) finish like the others."""
     trace = tmp_path / "trace.jsonl"

@@ -19,6 +19,17 @@ def test_simulate_prints_the_table_and_writes_json_and_png(capsys, tmp_path):
     rows = {r["policy"]: r for r in data["results"]}
     assert set(rows) == {"blend", "dfs", "fcfs"} and rows["dfs"]["overlapped_speedup_vs_dfs"] == 1.0
     assert out.with_suffix(".png").stat().st_size > 10_000
+    assert data["interference"] == 0.1  # `assumed`, the default
+
+
+@pytest.mark.parametrize("setting", ["0.3", "h200-measured"])
+def test_simulate_takes_a_named_interference(tmp_path, setting):
+    from blendserve_sgl.core.specs import interference
+
+    out = tmp_path / "sim.json"
+    assert cli.main(["simulate", "--workload", "trace1", "--requests", "200", "--policy", "fcfs",
+                     "--interference", setting, "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["interference"] == interference(setting)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -28,6 +39,7 @@ def test_simulate_prints_the_table_and_writes_json_and_png(capsys, tmp_path):
     (["--hardware", "tpu"], "unknown hardware preset 'tpu'; choose one of"),
     (["--model", "gpt-5"], "unknown model preset 'gpt-5'; choose one of"),
     (["--out", "no-such-folder-here/x.json"], "the folder no-such-folder-here does not exist"),
+    (["--interference", "huge"], "unknown interference 'huge': a number in [0, 1] or one of ['assumed', 'h200-measured']"),
 ])
 def test_bad_input_is_named_with_the_choices(capsys, tmp_path, args, message):
     assert cli.main(["simulate", "--requests", "200", "--out", str(tmp_path / "x.json"), *args]) == 2

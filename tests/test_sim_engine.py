@@ -212,3 +212,20 @@ def test_incremental_check_catches_a_leak_and_recounts_every_k_steps(monkeypatch
     with pytest.raises(AssertionError, match="KV pages not conserved"):
         eng.run(check=True, on_step=leak)
     assert eng.steps == 4
+
+
+def test_pacing_needs_mixed_steps():
+    """Paced prefill sizes a step's chunk to the decode work in that step: with mixed steps it
+    changes the schedule; without them (SGLang's default, a prefill step decodes nothing) the
+    engine runs exactly as unpaced, as the plugin does (`core.pacing.paces`)."""
+    from blendserve_sgl.core.pacing import paces
+
+    assert paces(True, True) and not paces(True, False) and not paces(False, True)
+    work = token_work(5, 150, out=(20, 80))
+
+    def steps(pace, mixed):
+        eng = run(work, "fcfs", pace=pace, mixed_chunk=mixed, chunked_prefill=2048)
+        return eng.series["prefill"], eng.finish_order
+
+    assert steps(True, False) == steps(False, False)
+    assert steps(True, True) != steps(False, True)

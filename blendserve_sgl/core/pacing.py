@@ -6,9 +6,12 @@ plugin (which sets it as the step's prefill-token budget and chunk size). A step
 decode-attention time times the target density: the step then holds that density's balance
 of compute and memory work. Never below the ridge: the tokens whose compute time equals the
 step's fixed cost (the weight read, which the GEMM overlaps, plus the engine's per-step
-overhead, `HardwareSpec.step_overhead_s`, 0 on the GPU presets), so a paced step is never
+overhead, `HardwareSpec.step_overhead_s`, 0 on the vendor GPU presets), so a paced step is never
 dominated by what every step pays. No pacing while nothing decodes: there is no memory work to
-balance, and a small chunk would only pay the fixed cost more often.
+balance, and a small chunk would only pay the fixed cost more often. No pacing either where
+prefill and decode do not share a step (SGLang without `--enable-mixed-chunk`): a prefill step
+then carries no decode to balance, and a smaller chunk only splits it into more steps, each
+paying the fixed cost (`paces`).
 """
 
 from __future__ import annotations
@@ -27,6 +30,11 @@ def ridge_tokens(cost: CostModel) -> float:
     """GEMM tokens whose compute time equals the step's fixed cost (weight read + engine step
     overhead): below it a step is bound by what every step pays."""
     return (weight_read_seconds(cost) + cost.hardware.step_overhead_s) / cost.seconds_per_compute_token
+
+
+def paces(enabled: bool, mixed_chunk: bool) -> bool:
+    """Whether an engine paces its prefill: asked for, and prefill and decode share a step."""
+    return bool(enabled) and bool(mixed_chunk)
 
 
 def paced_prefill_tokens(cost: CostModel, kv_read_tokens: int, decoding: int, density: float) -> int | None:

@@ -26,8 +26,8 @@ class HardwareSpec:
     per-request attention calls, element-wise kernels): `step_overhead_s` per step that runs,
     `request_overhead_s` per request in a decode batch, `prefill_token_overhead_s` per prompt
     token a step computes, `kv_token_overhead_s` per KV token the running requests hold in a step
-    that decodes (beyond the bandwidth term). All 0 for the GPU presets (not measured there); the `cpu` preset carries a
-    fit over SGLang's logged steps."""
+    that decodes (beyond the bandwidth term). All 0 for the vendor GPU presets; `h200-measured`
+    carries a fit over whole steps on an H200, the `cpu` preset a fit over SGLang's logged steps."""
 
     name: str
     flops: float  # dense FP16/BF16 FLOP/s
@@ -196,10 +196,13 @@ def gpu_evidence(path: str | os.PathLike | None = None) -> dict:
 
 
 def measured_hardware(path: str | os.PathLike | None = None) -> HardwareSpec:
-    """The `h200-measured` preset: peaks and efficiency factors fitted on a real H200."""
+    """The `h200-measured` preset: peaks and efficiency factors fitted on a real H200's operators,
+    and the per-step work no operator term covers (`step_overhead_s`, `request_overhead_s`,
+    `prefill_token_overhead_s`) fitted on whole steps of a Llama-shaped stack (0 where absent)."""
     p = gpu_evidence(path)["preset"]
+    over = {k: float(p.get(k, 0.0)) for k in ("step_overhead_s", "request_overhead_s", "prefill_token_overhead_s")}
     return HardwareSpec(MEASURED, flops=p["flops"], mem_bandwidth=p["mem_bandwidth"], mem_capacity=p["mem_capacity"],
-                        flops_efficiency=p["flops_efficiency"], bandwidth_efficiency=p["bandwidth_efficiency"])
+                        flops_efficiency=p["flops_efficiency"], bandwidth_efficiency=p["bandwidth_efficiency"], **over)
 
 
 def interference_names() -> list[str]:

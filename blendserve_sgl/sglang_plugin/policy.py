@@ -22,7 +22,7 @@ from dataclasses import asdict
 from typing import Any
 
 from ..core import Budget, CostModel, DualScanner, ResourceTree
-from ..core.pacing import paced_prefill_tokens
+from ..core.pacing import paced_prefill_tokens, paces
 from ..core.specs import ModelSpec, hardware
 from .settings import BlendSettings
 
@@ -317,9 +317,10 @@ class BlendPolicy:
     def paced_tokens(self, running_batch) -> int | None:
         """This step's prefill tokens by `core.pacing` (None: no pacing): the running requests'
         decode KV read at the density of the waiting work (Comp / Mem over the tree's requests
-        with their estimated lengths, prefix sharing not counted)."""
+        with their estimated lengths, prefix sharing not counted). Only with
+        `--enable-mixed-chunk`: without it a prefill step decodes nothing (`core.pacing.paces`)."""
         root = self.tree.root
-        if not self.preset.pacing or root.count == 0:
+        if not paces(self.preset.pacing, getattr(self.scheduler, "is_mixed_chunk", False)) or root.count == 0:
             return None
         running = list(running_batch.reqs) if running_batch is not None else []
         kv_read = sum(len(r.origin_input_ids) + len(r.output_ids) for r in running)

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..core import CostModel
 from ..core.preset import PRESET
-from ..core.specs import hardware_names, model_names
+from ..core.specs import hardware_names, interference, interference_names, model_names
 from .engine import EngineConfig
 from .metrics import compare, format_table, plot_steps
 from .policies import POLICIES
@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--max-running", type=int, default=1024, help="most requests running at once (default 1024)")
     ap.add_argument("--chunk", type=int, default=1024, help="chunked-prefill size (tokens per step)")
     ap.add_argument("--no-mixed-chunk", action="store_true", help="prefill and decode steps alternate (SGLang default)")
-    ap.add_argument("--interference", type=float, default=0.1, help="overlapped mode: contention share")
+    ap.add_argument("--interference", default="assumed",
+                    help=f"overlapped mode: contention share, a number in [0, 1] or one of {interference_names()} "
+                         "(default assumed, 0.1)")
     ap.add_argument("--known-lengths", action="store_true",
                     help="output lengths known (ignore_eos); default: requests stop at EOS, blend samples and estimates")
     ap.add_argument("--sample-fraction", type=float, default=PRESET.leaf("sample_fraction"))
@@ -103,6 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         preset = PRESET.replace(keep_sharing=args.keep_sharing, sample_fraction=args.sample_fraction,
                                 seed=args.seed, metering=not args.no_meter)
         spec = RunSpec(cost, engine, known_lengths=args.known_lengths, preset=preset, seed=args.seed)
+        args.interference = interference(args.interference)
         models = {"overlapped": ExecModel("overlapped", args.interference), "sequential": ExecModel("sequential")}
     except (ValueError, FileNotFoundError) as e:
         print(f"blendserve simulate: error: {e}", file=sys.stderr)

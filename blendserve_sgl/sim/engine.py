@@ -50,7 +50,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from ..core.cost import CostModel, memory_units, prefill_attention_pairs
-from ..core.pacing import paced_prefill_tokens
+from ..core.pacing import paced_prefill_tokens, paces
 from ..core.tree import Group
 from .cache import RadixCache
 from .request import DECODING, FINISHED, PREFILLING, WAITING, SimRequest, atom_len
@@ -254,7 +254,7 @@ class Engine:
     def chunk_size(self) -> int:
         """This step's chunked-prefill size: the configured one, or paced (`EngineConfig.pace`)."""
         size = self.config.chunked_prefill
-        if self.config.pace and self.waiting:
+        if paces(self.config.pace, self.config.mixed_chunk) and self.waiting:
             paced = paced_prefill_tokens(self.cost, self.next_kv_read, self.n_dec, self.waiting_density())
             if paced is not None:
                 size = max(1, min(paced, size))

@@ -15,7 +15,7 @@ request) and the KV tokens decode attention reads. With the cost model (`core/co
             + prefill_token_overhead_s x prompt tokens
             + kv_token_overhead_s x KV tokens held (decode steps)
                                              the engine's work no operator term covers
-                                             (hardware spec; 0 on the GPU presets), added in
+                                             (hardware spec; 0 on the vendor GPU presets), added in
                                              both modes
 
 - `sequential` (SGLang today): the GEMMs at their roofline, then attention:
