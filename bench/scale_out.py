@@ -14,11 +14,18 @@ dealing beside it, `engine_work_imbalance` = largest relative difference of the 
     python bench/scale_out.py --requests 10000   # smaller
     python bench/scale_out.py --engine           # adds the engine part (minutes on 2 cores)
     python bench/scale_out.py --requests 100000 --only trace1:8:blend   # one row measured again
+    python bench/scale_out.py --requests 100000 --diagnose trace4:4      # inside each engine of one row
+
+`--diagnose TRACE:N[:DEAL],...` (alone, -> results/scale_out_diagnosis.json): the dealing of each
+case (blend unless named), every engine profiled (`sim.scale_out.shard_profiles`) under the shipped rules and with one
+rule changed per row (the engines told the true output lengths; paced prefill off): the same
+shards each time.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import sys
@@ -32,7 +39,8 @@ from blendserve_sgl.core import CostModel  # noqa: E402
 from blendserve_sgl.core.preset import PRESET  # noqa: E402
 from blendserve_sgl.core.shard import MAX_STRIPES, PIECE_MIN  # noqa: E402
 from blendserve_sgl.sim import EngineConfig, ExecModel, RunSpec, Workload, simulate  # noqa: E402
-from blendserve_sgl.sim.scale_out import DEALS, diagnose, floor_seconds, scale_out  # noqa: E402
+from blendserve_sgl.sim.scale_out import (DEALS, EVEN_PIECES, LONG_QUANTILE, LOW_KV, deal, diagnose,  # noqa: E402
+                                          floor_seconds, scale_out, shard_profiles)
 from blendserve_sgl.workloads import TRACES, trace  # noqa: E402
 
 MODE = ExecModel("overlapped", 0.1)
@@ -60,7 +68,8 @@ def sim_rows(n: int, seed: int, traces: list[str], only: set | None = None) -> l
     cost = spec.cost
     rows = []
     for name in traces:
-        keys = [(size, how) for size in SIZES for how in DEALS if only is None or (name, size, how) in only]
+        wanted = only if only is not None else {(name, k, how) for k in SIZES for how in DEALS}
+        keys = [(size, how) for size in SIZES for how in (*DEALS, EVEN_PIECES) if (name, size, how) in wanted]
         if not keys:
             continue
         records, _ = trace(name, n, cost, seed)
@@ -74,6 +83,8 @@ def sim_rows(n: int, seed: int, traces: list[str], only: set | None = None) -> l
                          "scaling": round(run.scaling(one, MODE), 4),
                          "sharing_vs_one": round(run.sharing_vs_one(one), 4),
                          "engine_time_imbalance": round(run.work_imbalance(MODE), 4),
+                         **({"plan_compute_imbalance": round(run.plan.compute_imbalance, 4),
+                             "plan_memory_imbalance": round(run.plan.memory_imbalance, 4)} if run.plan else {}),
                          **diagnose(run, one, floor_s, whole.density, MODE)})
             r = rows[-1]
             print(f"{name} N={size} {how:<12} scaling {r['scaling']:.3f} (bound {r['bound']:.2f}) "
@@ -84,16 +95,56 @@ def sim_rows(n: int, seed: int, traces: list[str], only: set | None = None) -> l
     return rows
 
 
+def variants(spec: RunSpec) -> dict:
+    """The rules `--diagnose` runs each case's engines under: as shipped, and one change per row."""
+    return {"shipped": spec, "known lengths": dataclasses.replace(spec, known_lengths=True),
+            "pacing off": dataclasses.replace(spec, engine=dataclasses.replace(spec.engine, pace=False))}
+
+
+def shard_diagnosis(n: int, seed: int, cases: str) -> dict:
+    """`--diagnose`: per case (TRACE:N[:DEAL], blend by default) and rule variant, each engine's profile."""
+    spec = _spec(seed)
+    out = []
+    for item in cases.split(","):
+        name, size, how = (item + ":blend").split(":")[:3]
+        records, _ = trace(name, n, spec.cost, seed)
+        parts = deal(records, int(size), how, spec)
+        for label, rules in variants(spec).items():
+            shards = shard_profiles(parts, rules, MODE)
+            times = [s["time_s"] for s in shards if s is not None]
+            out.append({"trace": name, "engines": int(size), "deal": how, "variant": label,
+                        "time_max_over_mean": round(max(times) / (sum(times) / len(shards)), 4), "shards": shards})
+            print(f"{name} N={size} {how} {label}: slowest over mean {out[-1]['time_max_over_mean']:.3f}", flush=True)
+            keys = ("time_s", "steps", "mean_kv", "low_kv_time_share", "retractions", "tail_share", "long_start",
+                    "long_requests", "long_output_tokens", "compute_tokens", "memory_units", "density",
+                    "weights_s", "compute_only_s", "memory_only_s")
+            print(table([(i, *(json.dumps(s[k]) for k in keys)) for i, s in enumerate(shards) if s is not None],
+                        ("shard", *keys)))
+    return {"sim_shard_diagnosis": {
+        "requests_per_trace": n, "deal": "per case (the same shards in every variant)",
+        "note": f"per engine: long_* = requests whose output is at least the batch's {LONG_QUANTILE} quantile "
+                "(the planner sees the true lengths in the simulator; the engines see them only in the 'known "
+                "lengths' variant); long_start = the first, median and last of them to be admitted, as fractions "
+                f"of the engine's time; low_kv_time_share = the engine's time in steps holding under {LOW_KV} of "
+                "the KV pool; compute_tokens / memory_units = the shard's work totals (every shared prefix once); "
+                "*_s = the engine's time split (SimResult.time_split)",
+        "cases": out}}
+
+
 def sim_summary(rows: list[dict], n: int, traces: list[str]) -> dict:
     def mean(deal: str, field: str = "scaling") -> dict:
         return {str(k): round(statistics.mean(r[field] for r in rows if r["engines"] == k and r["deal"] == deal), 4)
                 for k in SIZES}
 
+    dealt = [how for how in (*DEALS, EVEN_PIECES)  # dealings with a row for every trace and N
+             if all(any(r["trace"] == t and r["engines"] == k and r["deal"] == how for r in rows)
+                    for t in traces for k in SIZES)]
     loss = {how: {field: mean(how, field) for field in ("scaling_over_bound", "time_max_over_mean", "work_sum_over_one",
                                                           "slowest_tail_share", "density_drift_max", "sharing_vs_one")}
-            for how in DEALS}
+            for how in dealt}
+    extra = {"sim_scaling_blend_even_pieces": mean(EVEN_PIECES)} if EVEN_PIECES in dealt else {}
     return {"sim_scaling": mean("blend"), "sim_scaling_round_robin": mean("round-robin"),
-            "sim_scaling_blocks": mean("blocks"),
+            "sim_scaling_blocks": mean("blocks"), **extra,
             "sim_sharing_vs_one": min(r["sharing_vs_one"] for r in rows if r["deal"] == "blend"),
             "sim_sharing_vs_one_round_robin": min(r["sharing_vs_one"] for r in rows if r["deal"] == "round-robin"),
             "sim_scaling_bound": mean("blend", "bound"),
@@ -117,7 +168,9 @@ def rerun_rows(payload: dict, n: int, seed: int, only: str) -> dict:
         name, size, how = item.split(":")
         keys.add((name, int(size), how))
     fresh = {(r["trace"], r["engines"], r["deal"]): r for r in sim_rows(n, seed, sim["traces"], keys)}
+    old = {(r["trace"], r["engines"], r["deal"]) for r in sim["rows"]}
     rows = [fresh.get((r["trace"], r["engines"], r["deal"]), r) for r in sim["rows"]]
+    rows += [r for key, r in fresh.items() if key not in old]  # rows of a dealing not measured before
     out = sim_summary(rows, n, sim["traces"])
     out["sim"]["command"] = sim["command"]
     out["sim"]["rerun"] = {"command": command(), "rows": sorted(f"{t}:{k}:{d}" for t, k, d in fresh)}
@@ -132,9 +185,14 @@ def main() -> None:
     ap.add_argument("--engine", action="store_true", help="also run the real-engine part")
     ap.add_argument("--engine-only", action="store_true", help="only the real-engine part (the simulator's figures "
                                                                "already in the results file are kept)")
+    ap.add_argument("--diagnose", default="", help="TRACE:N[:DEAL],...: profile every engine of these rows "
+                                                   "(alone; results/scale_out_diagnosis.json)")
     ap.add_argument("--only", default="", help="TRACE:N:DEAL,...: measure these simulator rows again in the results "
                                                "file (same --requests), the rest kept")
     args = ap.parse_args()
+    if args.diagnose:
+        write("scale_out_diagnosis", shard_diagnosis(args.requests, args.seed, args.diagnose))
+        return
     path = RESULTS / "scale_out.json"
     payload = json.loads(path.read_text()) if path.exists() else {}  # each part replaces its own figures
     payload.pop("command", None)  # the last run's; each part keeps its own under sim/engine
@@ -147,7 +205,8 @@ def main() -> None:
         payload["sim"]["command"] = command()
     if not args.engine_only:
         rows = payload["sim"]["rows"]
-        print(table([tuple(r.values()) for r in rows], tuple(rows[0].keys())))
+        keys = list(dict.fromkeys(k for r in rows for k in r))
+        print(table([tuple(r.get(k, "") for k in keys) for r in rows], tuple(keys)))
     if args.engine or args.engine_only:
         from bench.scale_out_engine import engine_part
 

@@ -35,7 +35,7 @@ def _records(n: int) -> list[Record]:
 SPEC = RunSpec(COST, EngineConfig.for_cost(COST, kv_gb=2.0, max_running=64, chunked_prefill=512))
 
 
-@pytest.mark.parametrize("how", ["blend", "round-robin", "blocks"])
+@pytest.mark.parametrize("how", ["blend", "round-robin", "blocks", "blend-even-pieces"])
 def test_deal_gives_every_record_to_one_engine(how):
     recs = _records(700)
     parts = deal(recs, 3, how, SPEC)
@@ -61,6 +61,7 @@ def test_scale_out_runs_each_part_and_keeps_sharing():
     assert sum(r.requests for r in shards.engines) == len(recs)
     assert shards.sharing_vs_one(one) >= 0.99
     assert shards.sharing_vs_one(one) > rr.sharing_vs_one(one)
+    assert rr.plan is None and [len(p) for p in shards.plan.shards] == [r.requests for r in shards.engines]
 
 
 def _prepared(cid: str, ids: list[int], max_tokens: int) -> Prepared:
@@ -220,3 +221,55 @@ def test_ray_replica_holds_its_engines_window_in_chunks():
     assert chunks_in_flight(60_000, 1000, part, 256) == -(-FACTOR * 600 // 256)  # KV tokens / 100 bind
     assert chunks_in_flight(1000, 4, part, 256) == max(2, -(-MIN_WINDOW // 256))
     assert chunks_in_flight(400_000, 1000, [], 256) >= 2
+
+
+def test_shard_profiles_against_each_engine_run_by_hand():
+    """Every field of `shard_profiles` recomputed from a plain run of each part: work totals from
+    the part's tree, long-output requests counted by hand, first admissions recorded by scanning
+    every request after every step, the time split and tail from the run's own steps."""
+    import numpy as np
+
+    from blendserve_sgl.sim import ExecModel, Workload, simulate
+    from blendserve_sgl.sim.scale_out import LONG_QUANTILE, LOW_KV, diagnose, floor_seconds, shard_profiles
+    from blendserve_sgl.sim.timing import step_seconds
+
+    recs = _records(600)
+    mode = ExecModel("overlapped", 0.1)
+    parts = deal(recs, 3, "blend", SPEC)
+    got = shard_profiles(parts + [[]], SPEC, mode)
+    assert got[3] is None
+    long_len = np.quantile([r.output_len for r in recs], LONG_QUANTILE)
+    for part, prof in zip(parts, got):
+        first: dict = {}
+
+        def every(engine, first=first):
+            for r in engine.requests:
+                if r.admissions and r.rid not in first:
+                    first[r.rid] = engine.steps
+
+        load = Workload(part, COST)
+        res = simulate(load, "blend", SPEC, on_step=every)
+        steps = step_seconds(res.ops, mode)
+        total = steps.sum()
+        longs = [r for r in part if r.output_len >= long_len]
+        starts = sorted(steps[:first[r.rid] - 1].sum() / total for r in longs)
+        assert prof["requests"] == len(part) and prof["steps"] == res.steps
+        assert prof["compute_tokens"] == load.reference.root.tokens - load.reference.root.saved
+        assert prof["memory_units"] == load.reference.root.mem
+        assert prof["long_requests"] == len(longs)
+        assert prof["long_output_tokens"] == sum(r.output_len for r in longs)
+        if longs:
+            assert prof["long_start"] == pytest.approx([starts[0], starts[len(starts) // 2], starts[-1]], abs=1e-4)
+        else:
+            assert prof["long_start"] is None
+        assert prof["time_s"] == pytest.approx(total, abs=0.05)
+        assert prof["retractions"] == res.retractions and prof["mean_kv"] == pytest.approx(res.mean_kv, abs=1e-4)
+        low = np.asarray(res.series["kv_active"]) < LOW_KV * res.kv_tokens
+        assert prof["low_kv_time_share"] == pytest.approx(steps[low].sum() / total, abs=1e-4)
+        split = res.time_split(mode)
+        assert all(prof[f"{k}_s"] == split[k] for k in ("compute_only", "memory_only", "weights", "kv_read"))
+    run = scale_out(recs, 3, "blend", SPEC)
+    loss = diagnose(run, simulate(Workload(recs, COST), "blend", SPEC), floor_seconds(recs, COST), 1.0, mode)
+    assert sum(p["long_requests"] for p in got[:3]) >= 0.01 * len(recs)
+    slowest = max(got[:3], key=lambda p: p["time_s"])
+    assert loss["slowest_tail_s"] == pytest.approx(slowest["tail_share"] * slowest["time_s"], abs=0.2)

@@ -4,9 +4,10 @@ The sorted (and split) `ResourceTree` lists its requests in DFS order from compu
 to memory-dense (right). Shard i takes one run from the left end and one from the right end,
 the way the dual scanner takes from both cursors; the last shard takes the middle run. Cut i
 is a pair of DFS positions (a_i, b_i): shards 0..i-1 hold [0, a_i) and [b_i, n). Each cut is
-placed so that shards 0..i-1 hold i/N of the compute work (prompt + output tokens after prefix
-sharing) and i/N of the memory work (`memory_units`), so every shard's density is near the
-root's. Within the tolerance the cut goes where the two neighbours share the shortest prefix:
+placed so that every shard ends with 1/N of the compute work (prompt + output tokens after prefix
+sharing) and 1/N of the memory work (`memory_units`), so its density is near the root's (with
+stripes, many pieces a shard, each cut aims at what the piece's shard still needs: `_Targets`).
+Within the tolerance the cut goes where the two neighbours share the shortest prefix:
 at a subtree boundary when one is close enough, else through one root-to-leaf path. A cut at
 DFS position k recomputes `lcp[k]` prompt tokens (the prefix length of the lowest common
 ancestor of requests k-1 and k): the only prefix a shard boundary costs.
@@ -155,7 +156,7 @@ class _Order:
 
 
 def plan_shards(tree: ResourceTree, n_shards: int, tol: float = 0.02, stripes: int | None = None,
-                hold: int = 0) -> ShardPlan:
+                hold: int = 0, even_pieces: bool = False) -> ShardPlan:
     """Cut the tree's DFS order into `n_shards` shards (see the module docstring).
 
     `tol`: the relative deviation from 1/N of the work a shard may take so that a cut can move to
@@ -166,7 +167,9 @@ def plan_shards(tree: ResourceTree, n_shards: int, tol: float = 0.02, stripes: i
     `stripes_for(len(tree), n_shards)`: more pieces on larger batches (small batches: each
     cut's recomputed prefix weighs more than the mix gains). `hold`: the engine policy's hold
     threshold for the compute measure (module docstring; `ScanConfig.hold_prefix_tokens`), 0: every
-    shared prefix computed once. The tree should be sorted (`sort_and_split`); it is not changed.
+    shared prefix computed once. `even_pieces`: every cut aims at i / pieces of the totals instead
+    (`_Targets`; the earlier rule, kept for the comparison in `bench/scale_out.py`: a shard's error is
+    then the sum of its pieces'). The tree should be sorted (`sort_and_split`); it is not changed.
     """
     if isinstance(n_shards, bool) or not isinstance(n_shards, int) or n_shards < 1:
         raise ValueError(f"n_shards must be a positive integer, got {n_shards!r}")
@@ -183,12 +186,18 @@ def plan_shards(tree: ResourceTree, n_shards: int, tol: float = 0.02, stripes: i
     comp_total, mem_total = o.comp[n], o.mem[n]
     pieces = n_shards * stripes
     owner = [pos if lap % 2 == 0 else n_shards - 1 - pos for lap, pos in (divmod(k, n_shards) for k in range(pieces))]
+    # each cut within eps of its target keeps every shard within tol of 1/N (`_Targets`); even pieces: a
+    # shard's error is the sum of its 2 x stripes cut errors
+    eps = tol / (2 * pieces) if even_pieces else tol / (n_shards * (1 + sum(1 / k for k in range(1, n_shards))))
     later = [0] * (pieces + 1)  # prompt tokens the cuts after cut i recompute (from the previous pass)
     for _ in range(3):
         cuts, paid, prices = [(0, n)], 0, [0] * (pieces + 1)
+        targets = _Targets(owner, n_shards, even_pieces)
         for i in range(1, pieces):
             pay = owner[i] != owner[i - 1]  # pieces of one shard meet without a cut
-            a, b = _cut(o, cuts[-1], i / pieces, comp_total + later[i], mem_total, tol / (2 * pieces), paid, pay)
+            a, b, *shares = _cut(o, cuts[-1], targets.next(owner[i - 1]), comp_total + later[i], mem_total,
+                                 eps, paid, pay)
+            targets.took(owner[i - 1], shares)
             cuts.append((a, b))
             prices[i] = ((o.kept[a] if a < b else 0) + o.kept[b]) if pay else 0
             paid += prices[i]
@@ -211,12 +220,12 @@ def plan_shards(tree: ResourceTree, n_shards: int, tol: float = 0.02, stripes: i
 
 
 def plan_for(tree: ResourceTree, n_shards: int, scan, keep_sharing: float | None = None,
-             stripes: int | None = None) -> ShardPlan:
+             stripes: int | None = None, even_pieces: bool = False) -> ShardPlan:
     """The cut `--dp`, `--ray` and the simulator run: the tree sorted and split under `scan`'s
     split budget (a `ScanConfig`; `keep_sharing` overrides its own), then `plan_shards` with its
     hold threshold, so the compute measure counts what each engine's `blend` policy recomputes."""
     sort_and_split(tree, scan.keep_sharing if keep_sharing is None else keep_sharing, scan.max_split_rounds)
-    return plan_shards(tree, n_shards, stripes=stripes, hold=scan.hold_prefix_tokens)
+    return plan_shards(tree, n_shards, stripes=stripes, hold=scan.hold_prefix_tokens, even_pieces=even_pieces)
 
 
 def stripes_for(requests: int, n_shards: int) -> int:
@@ -238,26 +247,71 @@ def _merge(runs: list) -> list:
     return out
 
 
-def _cut(o: _Order, prev: tuple[int, int], frac: float, comp_total: int, mem_total: int,
-         eps: float, paid: int = 0, pay: bool = True) -> tuple[int, int]:
-    """The cut (a, b) with prev_a <= a <= b <= prev_b whose left [0, a) and right [b, n) hold
-    `frac` of compute and memory: among pairs within `eps` (relative to the totals) of both
-    targets the cheapest (fewest prefix tokens taken from sharing), else the most balanced. Compute
-    counts the prefix tokens cuts recompute (`kept`): `paid` by the earlier cuts, this cut's own (when
-    `pay`: the pieces on its two sides belong to different shards), and those of the later cuts
-    (included in `comp_total`, an estimate)."""
-    lo, hi = prev
-    want_m = frac * mem_total
+class _Targets:
+    """Where each cut aims, in shares of the totals (compute, memory) held before it: the piece it
+    closes takes what its shard still needs spread over the shard's pieces not yet cut, the shard
+    aiming at an equal share of what the unfinished shards have left. An earlier piece's error is
+    made up by the shard's later pieces, so a shard keeps only its last cut's error e plus its part
+    of the finished shards' errors: with every cut within d of its target (and d small next to a
+    piece), every shard is within (1 + H_{N-1}) d of 1/N (H the harmonic number; the last shard takes
+    the finished ones' errors, each weighted by 1 / (shards open when it finished)). Cutting each
+    piece at i / pieces instead (`even_pieces`), a shard's error is the sum of its 2 x stripes cut
+    errors, which on heavy-tailed batches (a 16K-token output is a tenth of a piece's memory at
+    N = 8 x 8 pieces) add up to 5%."""
 
-    def err(a: int, b: int) -> float:
+    def __init__(self, owner: list, n_shards: int, even_pieces: bool = False):
+        self.even, self.pieces, self.cut = even_pieces, len(owner), 0
+        self.left = [owner.count(s) for s in range(n_shards)]  # pieces of each shard not yet cut off
+        self.got = [[0.0, 0.0] for _ in range(n_shards)]  # per shard: its shares so far
+        self.held = [0.0, 0.0]  # shares before the next cut
+        self.done = [0.0, 0.0]  # shares of the finished shards
+        self.open = sum(1 for k in self.left if k)
+
+    def next(self, shard: int) -> tuple[float, float]:
+        """The shares the next cut should leave before it (it closes a piece of `shard`)."""
+        if self.even:
+            return (self.cut + 1) / self.pieces, (self.cut + 1) / self.pieces
+        out = []
+        for k in (0, 1):
+            piece = ((1.0 - self.done[k]) / self.open - self.got[shard][k]) / self.left[shard]
+            out.append(min(1.0, max(self.held[k], self.held[k] + piece)))
+        return out[0], out[1]
+
+    def took(self, shard: int, shares) -> None:
+        """The cut closing a piece of `shard` left `shares` before it."""
+        self.cut += 1
+        for k in (0, 1):
+            self.got[shard][k] += shares[k] - self.held[k]
+            self.held[k] = shares[k]
+        self.left[shard] -= 1
+        if not self.left[shard]:
+            self.open -= 1
+            for k in (0, 1):
+                self.done[k] += self.got[shard][k]
+
+
+def _cut(o: _Order, prev: tuple[int, int], frac: tuple[float, float], comp_total: int, mem_total: int,
+         eps: float, paid: int = 0, pay: bool = True) -> tuple[int, int, float, float]:
+    """The cut (a, b) with prev_a <= a <= b <= prev_b whose left [0, a) and right [b, n) hold
+    `frac` = (compute share, memory share) of the totals: among pairs within `eps` of both targets
+    the cheapest (fewest prefix tokens taken from sharing), else the most balanced; with the shares
+    it holds. Compute counts the prefix tokens cuts recompute (`kept`): `paid` by the earlier cuts,
+    this cut's own (when `pay`: the pieces on its two sides belong to different shards), and those
+    of the later cuts (included in `comp_total`, an estimate)."""
+    lo, hi = prev
+    frac_c, frac_m = frac
+    want_m = frac_m * mem_total
+
+    def shares(a: int, b: int) -> tuple[float, float]:
         own = ((o.kept[a] if a < b else 0) + o.kept[b]) if pay else 0
         total = comp_total + paid + own
-        want_c = frac * total
         c = paid + o.comp[a] + (o.comp[o.n] - o.comp[b] + (o.kept[b] if pay else 0) if b < o.n else 0)
         m = o.mem[a] + o.mem[o.n] - o.mem[b]
-        ec = abs(c - want_c) / total if total else 0.0
-        em = abs(m - want_m) / mem_total if mem_total else 0.0
-        return max(ec, em)
+        return c / total if total else frac_c, m / mem_total if mem_total else frac_m
+
+    def err(a: int, b: int) -> float:
+        sc, sm = shares(a, b)
+        return max(abs(sc - frac_c), abs(sm - frac_m))
 
     def best_of(a_set, b_set) -> tuple:
         best = None
@@ -278,13 +332,14 @@ def _cut(o: _Order, prev: tuple[int, int], frac: float, comp_total: int, mem_tot
         return sorted(a for a in a_set if lo <= a <= hi), sorted(b for b in b_set if lo <= b <= hi)
 
     if hi - lo <= EXHAUSTIVE:
-        return best_of(range(lo, hi + 1), range(lo, hi + 1))[1:]
-    want_c = frac * (comp_total + paid)
-    best = best_of(*around(*_exact(o, lo, hi, want_c, want_m)))
-    if best[0][0]:  # nothing within eps near the bisection's answer (densities not monotone here): every a
-        a0 = min(range(lo, hi + 1), key=lambda a: (err(a, _b_for(o, a, hi, want_c)), a))
-        best = min(best, best_of(*around(a0, _b_for(o, a0, hi, want_c))))
-    return best[1], best[2]
+        best = best_of(range(lo, hi + 1), range(lo, hi + 1))
+    else:
+        want_c = frac_c * (comp_total + paid)
+        best = best_of(*around(*_exact(o, lo, hi, want_c, want_m)))
+        if best[0][0]:  # nothing within eps near the bisection's answer (densities not monotone here): every a
+            a0 = min(range(lo, hi + 1), key=lambda a: (err(a, _b_for(o, a, hi, want_c)), a))
+            best = min(best, best_of(*around(a0, _b_for(o, a0, hi, want_c))))
+    return (best[1], best[2], *shares(best[1], best[2]))
 
 
 def _b_for(o: _Order, a: int, hi: int, want_c: float) -> int:

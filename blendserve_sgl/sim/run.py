@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 from ..core.cost import CostModel
 from ..core.preset import PRESET, BlendPreset
@@ -42,11 +43,13 @@ class Workload:
         return weight_bound_seconds(self._probe, cost, self.sharing, max_running)
 
 
-def simulate(workload: Workload, policy: str, spec: RunSpec, check: bool = False) -> SimResult:
+def simulate(workload: Workload, policy: str, spec: RunSpec, check: bool = False,
+             on_step: Callable[[Engine], None] | None = None) -> SimResult:
+    """Run `policy` over the workload; `on_step(engine)` after every step (`Engine.run`)."""
     t0 = time.perf_counter()
     requests = from_records(workload.records, known=spec.known_lengths)
     picker = make_picker(policy, requests, spec.cost, seed=spec.seed, preset=spec.preset,
                          reference=workload.reference)
-    engine = Engine(spec.cost, spec.engine, picker, requests).run(check=check)
+    engine = Engine(spec.cost, spec.engine, picker, requests).run(check=check, on_step=on_step)
     return result_from_engine(engine, policy, workload.optimal_s, time.perf_counter() - t0,
                               workload.weight_bound_s(spec.cost, spec.engine.max_running))

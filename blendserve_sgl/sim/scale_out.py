@@ -3,7 +3,8 @@
 Three ways to deal the requests to N engines:
 
 - `blend`: one central tree (lengths as the run knows them), sorted and split, cut by
-  `core.shard.plan_shards`; each engine gets its shard;
+  `core.shard.plan_shards`; each engine gets its shard (`blend-even-pieces`: the same with every
+  cut at i / pieces of the totals, the planner's earlier rule, for comparison);
 - `round-robin`: request i to engine i mod N (SGLang's DP controller, `auto` method);
 - `blocks`: blocks of 256 requests in arrival order, block j to engine j mod N (Ray Data's
   `batch_size` blocks to a replica pool, no prefix locality).
@@ -20,6 +21,11 @@ steps at their least time, which no dealing over any N shortens, so the best sca
 `bound` = one's time / max(one's time / N, floor)), the engines' own weight-charging bounds
 T_w (`SimResult.weight_bound_s`: the slowest engine's time cannot go below the largest), lost
 sharing and each engine's density against the whole workload's.
+
+`shard_profiles` looks inside each engine of one dealing: its work totals and density, its
+long-output requests (output at or above the batch's `LONG_QUANTILE`) and when each first starts,
+its step count, KV use (mean, and the share of its time in steps holding under `LOW_KV` of the
+pool), retractions, decode-only tail and its time split (`SimResult.time_split`).
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ..core.shard import plan_for
+from ..core.shard import ShardPlan, plan_for
 from .metrics import SimResult
 from .policies import reference_tree
 from .request import from_records
@@ -37,13 +43,17 @@ from .run import RunSpec, Workload, simulate
 from .timing import ExecModel, step_seconds, weight_seconds
 
 DEALS = ("blend", "round-robin", "blocks")
+EVEN_PIECES = "blend-even-pieces"  # blend cut with every cut at i / pieces of the totals (`plan_shards` even_pieces)
 BLOCK = 256  # Ray Data LLM's default batch_size
+LONG_QUANTILE = 0.99  # shard_profiles: a long-output request's output is at least this quantile of the batch's
+LOW_KV = 0.2  # shard_profiles: a step holding less than this share of the KV pool counts as a low-KV step
 
 
 class ScaleOut(NamedTuple):
     deal: str
     engines: list  # per engine: SimResult (None for an engine dealt no request)
     densities: list  # per engine: its requests' density (with its own prefix sharing); None when empty
+    plan: ShardPlan | None = None  # the shard plan of a blend dealing
 
     def time(self, mode: ExecModel) -> float:
         return max(r.time(mode) for r in self.engines if r is not None)
@@ -77,11 +87,7 @@ def diagnose(run: ScaleOut, one: SimResult, floor_s: float, density: float, mode
     live = [r for r in run.engines if r is not None]
     times = [r.time(mode) for r in live]
     n = len(run.engines)
-    tails = []
-    for r in live:
-        steps = step_seconds(r.ops, mode)
-        prefill = np.flatnonzero(np.asarray(r.series["prefill"]) > 0)
-        tails.append(float(steps[prefill[-1] + 1:].sum()) if prefill.size else float(steps.sum()))
+    tails = [_tail_seconds(r, mode) for r in live]
     slowest = int(np.argmax(times))
     one_t = one.time(mode)
     bound = one_t / max(one_t / n, floor_s)
@@ -97,29 +103,93 @@ def diagnose(run: ScaleOut, one: SimResult, floor_s: float, density: float, mode
             "density_drift_max": round(max(drift), 4) if drift else 0.0}
 
 
+def _tail_seconds(res: SimResult, mode: ExecModel) -> float:
+    """The run's time after its last prefill (decode only)."""
+    steps = step_seconds(res.ops, mode)
+    prefill = np.flatnonzero(np.asarray(res.series["prefill"]) > 0)
+    return float(steps[prefill[-1] + 1:].sum()) if prefill.size else float(steps.sum())
+
+
+class _FirstAdmission:
+    """`simulate`'s on_step hook: the engine step at which each watched request was first admitted."""
+
+    def __init__(self, rids):
+        self.rids, self.pending, self.step = set(rids), None, {}
+
+    def __call__(self, engine) -> None:
+        if self.pending is None:
+            self.pending = [r for r in engine.requests if r.rid in self.rids]
+        if any(r.admissions for r in self.pending):
+            for r in self.pending:
+                if r.admissions:
+                    self.step[r.rid] = engine.steps
+            self.pending = [r for r in self.pending if not r.admissions]
+
+
+def shard_profiles(parts: list[list], spec: RunSpec, mode: ExecModel, policy: str = "blend") -> list:
+    """Per engine of a dealing (`deal`): what it holds and how its run went (module docstring);
+    None for an engine dealt no request. Times in seconds, `long_start` as fractions of the
+    engine's time (first, median, last long-output request's first admission)."""
+    outputs = [r.output_len for part in parts for r in part]
+    long_len = float(np.quantile(outputs, LONG_QUANTILE)) if outputs else 0.0
+    out = []
+    for part in parts:
+        if not part:
+            out.append(None)
+            continue
+        load = Workload(part, spec.cost)
+        longs = [r for r in part if r.output_len >= long_len]
+        first = _FirstAdmission(r.rid for r in longs)
+        res = simulate(load, policy, spec, on_step=first)
+        steps = step_seconds(res.ops, mode)
+        total = float(steps.sum())
+        before = np.cumsum(steps) - steps  # time at each step's start
+        starts = sorted(float(before[first.step[r.rid] - 1]) / total for r in longs)
+        low = np.asarray(res.series["kv_active"]) < LOW_KV * res.kv_tokens
+        split = res.time_split(mode)
+        root = load.reference.root
+        out.append({"requests": len(part), "compute_tokens": root.tokens - root.saved, "memory_units": root.mem,
+                    "density": round(load.density, 4), "long_requests": len(longs),
+                    "long_output_tokens": sum(r.output_len for r in longs), "time_s": round(total, 1),
+                    "steps": res.steps, "mean_kv": round(res.mean_kv, 4),
+                    "low_kv_time_share": round(float(steps[low].sum()) / total, 4),
+                    "retractions": res.retractions, "tail_share": round(_tail_seconds(res, mode) / total, 4),
+                    "long_start": [round(starts[0], 4), round(starts[len(starts) // 2], 4), round(starts[-1], 4)]
+                    if starts else None,
+                    **{f"{k}_s": split[k] for k in ("compute_only", "memory_only", "weights", "kv_read")}})
+    return out
+
+
 def deal(records: list, n: int, how: str, spec: RunSpec, stripes: int | None = None) -> list[list]:
     """The records of each of `n` engines (each list in arrival order)."""
-    if how not in DEALS:
-        raise ValueError(f"unknown dealing {how!r}; choose one of {', '.join(DEALS)}")
+    return _deal(records, n, how, spec, stripes)[0]
+
+
+def _deal(records: list, n: int, how: str, spec: RunSpec,
+          stripes: int | None = None) -> tuple[list[list], ShardPlan | None]:
+    """`deal`'s parts, with the shard plan of a blend dealing."""
+    if how not in (*DEALS, EVEN_PIECES):
+        raise ValueError(f"unknown dealing {how!r}; choose one of {', '.join((*DEALS, EVEN_PIECES))}")
     if how == "round-robin":
-        return [records[i::n] for i in range(n)]
+        return [records[i::n] for i in range(n)], None
     if how == "blocks":
         out = [[] for _ in range(n)]
         for j in range(0, len(records), BLOCK):
             out[(j // BLOCK) % n] += records[j:j + BLOCK]
-        return out
+        return out, None
     tree = reference_tree(from_records(records), spec.cost)
-    shard_of = plan_for(tree, n, spec.preset.scan, stripes=stripes).shard_of()
+    plan = plan_for(tree, n, spec.preset.scan, stripes=stripes, even_pieces=how == EVEN_PIECES)
+    shard_of = plan.shard_of()
     out = [[] for _ in range(n)]
     for r in records:
         out[shard_of[r.rid]].append(r)
-    return out
+    return out, plan
 
 
 def scale_out(records: list, n: int, how: str, spec: RunSpec, policy: str = "blend",
               check: bool = False) -> ScaleOut:
     """Deal `records` to `n` engines and simulate each with `policy`."""
-    parts = deal(records, n, how, spec)
+    parts, plan = _deal(records, n, how, spec)
     loads = [Workload(part, spec.cost) if part else None for part in parts]
     return ScaleOut(how, [simulate(w, policy, spec, check=check) if w else None for w in loads],
-                    [w.density if w else None for w in loads])
+                    [w.density if w else None for w in loads], plan)
