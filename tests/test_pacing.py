@@ -50,3 +50,18 @@ def test_no_pacing_while_nothing_decodes_or_no_memory_work_waits():
     assert paced_prefill_tokens(COST, 5_000, 0, 1.0) is None  # prompts held, nothing decoding
     assert paced_prefill_tokens(COST, 5_000, 3, math.inf) is None
     assert paced_prefill_tokens(COST, 5_000, 3, 1.0) >= 1
+
+
+def test_decode_time_counts_the_engines_per_request_and_per_token_work():
+    """On hardware whose decode step costs per request and per KV token (the `cpu` preset), the
+    paced prefill matches density x that whole decode time, not the KV read alone."""
+    from blendserve_sgl.core.pacing import decode_seconds
+
+    per_token, per_kv, weights = _by_hand(COST)
+    assert decode_seconds(COST, 10_000, 40) == pytest.approx(10_000 * per_kv, rel=1e-12)  # vendor preset: the read
+    busy = replace(COST, hardware=replace(COST.hardware, request_overhead_s=4e-4, kv_token_overhead_s=1e-8))
+    kv, dec = 10_000, 40
+    by_hand = kv * per_kv + kv * 1e-8 + dec * 4e-4
+    assert decode_seconds(busy, kv, dec) == pytest.approx(by_hand, rel=1e-12)
+    assert paced_prefill_tokens(busy, kv, dec, 2.0) == max(int(weights / per_token), int(2.0 * by_hand / per_token)) - dec
+    assert paced_prefill_tokens(busy, kv, dec, 2.0) > paced_prefill_tokens(COST, kv, dec, 2.0)

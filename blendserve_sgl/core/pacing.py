@@ -3,7 +3,8 @@
 One rule, shared by the simulator (an engine feature any policy can run with) and the SGLang
 plugin (which sets it as the step's prefill-token budget and chunk size). A step's GEMM tokens
 (the prefill plus one per decoding request) are sized so their compute time matches the step's
-decode-attention time times the target density: the step then holds that density's balance
+decode time (the KV read, plus the engine's per-request and per-KV-token work where the hardware
+spec has them) times the target density: the step then holds that density's balance
 of compute and memory work. Never below the ridge: the tokens whose compute time equals the
 step's fixed cost (the weight read, which the GEMM overlaps, plus the engine's per-step
 overhead, `HardwareSpec.step_overhead_s`, 0 on the vendor GPU presets), so a paced step is never
@@ -37,12 +38,23 @@ def paces(enabled: bool, mixed_chunk: bool) -> bool:
     return bool(enabled) and bool(mixed_chunk)
 
 
+def decode_seconds(cost: CostModel, kv_read_tokens: int, decoding: int) -> float:
+    """The memory side of a step that decodes `decoding` requests reading `kv_read_tokens` KV
+    tokens: the KV read at the effective bandwidth plus the engine's work per decoding request
+    and per KV token (`HardwareSpec.request_overhead_s`, `kv_token_overhead_s`: 0 on the vendor
+    GPU presets; on a CPU a decode step costs mostly these)."""
+    hw = cost.hardware
+    return (kv_read_tokens * (cost.kv_bytes_per_token / hw.effective_bandwidth + hw.kv_token_overhead_s)
+            + decoding * hw.request_overhead_s)
+
+
 def paced_prefill_tokens(cost: CostModel, kv_read_tokens: int, decoding: int, density: float) -> int | None:
     """Prefill tokens for a step whose decode attention reads `kv_read_tokens` KV tokens for
-    `decoding` running requests, at target `density` (Comp / Mem of the waiting work).
+    `decoding` running requests, at target `density` (Comp / Mem of the waiting work): compute
+    time = density x the step's decode time (`decode_seconds`).
     None (no pacing) when nothing decodes or the density is unbounded (no memory work waits)."""
     if decoding <= 0 or not math.isfinite(density):
         return None
-    attn = kv_read_tokens * cost.kv_bytes_per_token / cost.hardware.effective_bandwidth
-    gemm_tokens = max(ridge_tokens(cost), density * attn / cost.seconds_per_compute_token)
+    gemm_tokens = max(ridge_tokens(cost),
+                      density * decode_seconds(cost, kv_read_tokens, decoding) / cost.seconds_per_compute_token)
     return max(1, int(gemm_tokens) - decoding)
