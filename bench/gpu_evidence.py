@@ -338,18 +338,25 @@ class StepSample(NamedTuple):
     kv_read: int  # KV tokens decode attention reads (all requests)
 
 
-def sample_steps(trace_name: str, requests: int, per_policy: int, seed: int = 0) -> list[StepSample]:
-    """Steps evenly spaced over blend's and dfs's simulated runs (Llama-3.1-8B on the h200 preset)."""
+def simulate_runs(trace_name: str, requests: int, policies: tuple, pace: bool, seed: int = 0) -> dict:
+    """Whole simulated runs of `policies` on a Trace analog (Llama-3.1-8B on the h200 preset, the
+    trace engine, paced prefill or not): policy -> SimResult."""
     from blendserve_sgl.sim import EngineConfig, RunSpec, Workload, simulate
     from blendserve_sgl.workloads import trace
 
     cost = CostModel.from_names("llama-3.1-8b", "h200")
     records, _ = trace(trace_name, requests, cost, seed)
     wl = Workload(records, cost)
-    spec = RunSpec(cost, EngineConfig.trace_engine(cost, pace=False), seed=seed)
+    spec = RunSpec(cost, EngineConfig.trace_engine(cost, pace=pace), seed=seed)
+    return {p: simulate(wl, p, spec) for p in policies}
+
+
+def sample_steps(trace_name: str, requests: int, per_policy: int, seed: int = 0) -> list[StepSample]:
+    """Steps evenly spaced over blend's and dfs's simulated runs (Llama-3.1-8B on the h200 preset)."""
+    runs = simulate_runs(trace_name, requests, ("blend", "dfs"), pace=False, seed=seed)
     out = []
-    for policy in ("blend", "dfs"):
-        s = simulate(wl, policy, spec).series
+    for policy, res in runs.items():
+        s = res.series
         mixed = [i for i in range(len(s["decode"])) if s["decode"][i] > 0 and s["prefill"][i] > 0]
         decode_only = [i for i in range(len(s["decode"])) if s["decode"][i] > 0 and s["prefill"][i] == 0]
         half = per_policy // 2 if decode_only else per_policy
@@ -359,20 +366,7 @@ def sample_steps(trace_name: str, requests: int, per_policy: int, seed: int = 0)
     return out
 
 
-REPLAY_POLICIES = ("blend", "sglang-lpm", "dfs")
-
-
-def simulate_schedules(trace_name: str, requests: int, seed: int = 0) -> dict:
-    """Whole runs of REPLAY_POLICIES on a Trace analog under the method group's equal rules
-    (paced prefill, mixed steps; Llama-3.1-8B on the h200 preset): policy -> SimResult."""
-    from blendserve_sgl.sim import EngineConfig, RunSpec, Workload, simulate
-    from blendserve_sgl.workloads import trace
-
-    cost = CostModel.from_names("llama-3.1-8b", "h200")
-    records, _ = trace(trace_name, requests, cost, seed)
-    wl = Workload(records, cost)
-    spec = RunSpec(cost, EngineConfig.trace_engine(cost), seed=seed)
-    return {p: simulate(wl, p, spec) for p in REPLAY_POLICIES}
+REPLAY_POLICIES = ("blend", "sglang-lpm", "dfs")  # part 5, on the method group's engine (paced, mixed steps)
 
 
 def replay_schedules(schedules: dict, cost: CostModel, stack, measure, per_policy: int, tiny: bool) -> dict:
@@ -679,7 +673,7 @@ def main(argv: list[str] | None = None) -> int:
     log(f"steps: sampling blend and dfs on {args.trace} ({requests} requests) in the simulator")
     steps = sample_steps(args.trace, requests, n_steps)  # first: a data problem stops the run before any timing
     replay_requests, replay_steps = (300, 3) if args.tiny else (args.replay_requests, args.replay_steps)
-    schedules = simulate_schedules(args.trace, replay_requests) if replay_steps else {}
+    schedules = simulate_runs(args.trace, replay_requests, REPLAY_POLICIES, pace=True) if replay_steps else {}
     if args.tiny:
         steps = [shrink(s, prefill=128, decode=8, kv_len=256) for s in steps]
     path = out / f"{stem}.json"

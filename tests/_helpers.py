@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from blendserve_sgl.core import CostModel, ResourceTree, ScanConfig
+from blendserve_sgl.core import Budget, CostModel, DualScanner, ResourceTree, ScanConfig
 from blendserve_sgl.core.cost import memory_units
 from blendserve_sgl.core.tree import Group, Node
 from blendserve_sgl.core.estimate import OutputLengthEstimator
@@ -15,6 +15,21 @@ from blendserve_sgl.sim.request import from_records
 from blendserve_sgl.workloads import Record, build_tree, synthetic_mix, token_prompts
 
 COST = CostModel.from_names("llama-3.1-8b", "a100")
+
+
+def one_class_sampled(config: ScanConfig, sample_output: int, n: int = 40) -> DualScanner:
+    """A scanner over `n` requests of unknown length under one prefix (prompt 100, shared 50):
+    its one sample request handed out and finished at `sample_output` tokens, so the plan
+    estimates every other request at `sample_output`."""
+    from blendserve_sgl.core.scanner import SAMPLE
+
+    tree = ResourceTree(COST, OutputLengthEstimator(sample_fraction=0.025, seed=1))
+    for i in range(n):
+        tree.add(i, prompt_len=100, prefix=(("sys", 50),), max_tokens=50_000)
+    sc = DualScanner(tree, config)
+    (s,) = [a.rid for a in sc.schedule(Budget(1e15, 100, 10 ** 6)) if a.side == SAMPLE]
+    sc.finished(s, sample_output)
+    return sc
 
 
 # ---------------------------------------------------------------- workloads

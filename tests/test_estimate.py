@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from blendserve_sgl.core import Budget, DualScanner, OutputLengthEstimator, ResourceTree, ScanConfig
 from blendserve_sgl.core.scanner import LEFT, RIGHT, SAMPLE
 
-from _helpers import COST
+from _helpers import COST, one_class_sampled
 
 BIG = Budget(kv_bytes=1e15, slots=10 ** 6, prefill_tokens=10 ** 9)
 
@@ -446,16 +446,10 @@ def test_reserve_overruns_keeps_the_kv_an_overrunning_request_will_still_need():
     x 20): with reserve_overruns it is expected to reach 200 (within max_tokens), so 100 tokens of KV
     stay free; a budget of exactly the next request's KV then admits nothing; at 300 the reserve
     follows (600 - 300 = 300 tokens); when it finishes the reserve goes. Off: it is admitted."""
-    est = OutputLengthEstimator(sample_fraction=0.025, seed=1)
     kvb = COST.kv_bytes_per_token
     outcome = {}
     for on in (False, True):
-        tree = ResourceTree(COST, est)
-        for i in range(40):
-            tree.add(i, prompt_len=100, prefix=(("sys", 50),), max_tokens=50_000)
-        sc = DualScanner(tree, ScanConfig(reserve_overruns=on))
-        (s,) = [a.rid for a in sc.schedule(Budget(1e15, 100, 10 ** 6)) if a.side == SAMPLE]
-        sc.finished(s, 20)
+        sc = one_class_sampled(ScanConfig(reserve_overruns=on), 20)
         first = sc.schedule(Budget((100 + 20) * kvb, 1, 10 ** 6))[0]
         assert first.output_len == 20
         sc.progress(first.rid, 100)

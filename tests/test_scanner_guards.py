@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from blendserve_sgl.core import Budget, DualScanner, OutputLengthEstimator, ResourceTree, ScanConfig
 from blendserve_sgl.core.scanner import SAMPLE
 
-from _helpers import COST, length_records, mixed_workload, sim_engine
+from _helpers import COST, length_records, mixed_workload, one_class_sampled, sim_engine
 
 KVB = COST.kv_bytes_per_token
 SMALL = dict(compute_prompt=(200, 800), memory_output=(100, 400))
@@ -67,15 +67,9 @@ def test_reserve_growth_keeps_free_what_running_requests_will_grow_into():
     too (a budget of 200 tokens admits nothing; off, it admits one); once running, its growth
     reserve is 1,000 - max(generated, 100) tokens, past its estimate overrun_factor x its output so
     far less its output, and goes when it finishes."""
-    est = OutputLengthEstimator(sample_fraction=0.025, seed=1)
     outcome = {}
     for on in (False, True):
-        tree = ResourceTree(COST, est)
-        for i in range(40):
-            tree.add(i, prompt_len=100, prefix=(("sys", 50),), max_tokens=50_000)
-        sc = DualScanner(tree, ScanConfig(reserve_growth=on))
-        (s,) = [a.rid for a in sc.schedule(Budget(1e15, 100, 10 ** 6)) if a.side == SAMPLE]
-        sc.finished(s, 1000)
+        sc = one_class_sampled(ScanConfig(reserve_growth=on), 1000)
         outcome[on] = sc.schedule(Budget(200 * KVB, 1, 10 ** 6, output_ratio=0.1))
         if not on:
             continue

@@ -522,8 +522,7 @@ class DualScanner:
         h = self.config.hold_prefix_tokens
         if hold and h and cached >= h and cached - self._cached_prefix(req.node, cached_only=True) >= h:
             return "hold"  # its shared prefix is computed this step: take it next step, cached
-        kvb = self.tree.cost.kv_bytes_per_token
-        aside = self._aside(req, 0, round(need / kvb) - (req.prompt_len - cached)) if self.config.reserve_growth else 0.0
+        aside = self._aside(req, 0, self._out_reserved(req, cached, need)) if self.config.reserve_growth else 0.0
         lent = need + aside > st.kv_free
         if lent and (aside or not st.horizons or need > st.free_for(self._lifetime(req, req.prompt_len - cached, st))):
             return "kv"
@@ -553,10 +552,8 @@ class DualScanner:
         path = self.tree.path(node) if req.sample else []
         sources = tuple(sample_source(n) for n in path)
         self._count_sampling(sources, +1)
-        kvb = self.tree.cost.kv_bytes_per_token
-        out_reserved = round(need / kvb) - (req.prompt_len - cached)
         self.running[req.rid] = _Running(acct.name, need, req, path, work, node, acct.last, acct.last_rid, sources,
-                                         out_reserved)
+                                         self._out_reserved(req, cached, need))
         if aside:
             self.overrun[req.rid] = aside
             self.overrun_bytes += aside
@@ -616,6 +613,10 @@ class DualScanner:
         self.sides[RIGHT].used += run.kv_bytes
         self.running[rid] = run._replace(side=RIGHT)
         return True
+
+    def _out_reserved(self, req: Req, cached: int, need: float) -> int:
+        """Output tokens a reservation of `need` KV bytes holds beyond `req`'s uncached prompt."""
+        return round(need / self.tree.cost.kv_bytes_per_token) - (req.prompt_len - cached)
 
     def _aside(self, req: Req, generated: int, out_reserved: int) -> float:
         """KV bytes a running request of unknown length (`generated` so far) is expected to write
