@@ -29,6 +29,7 @@ from blendserve_sgl.workloads import TRACES, trace  # noqa: E402
 
 VARIANTS = {  # label -> preset
     "blend": PRESET,
+    "- engine check (SGLang's check cuts the plan)": PRESET.replace(engine_check=False),
     "- lend idle share": PRESET.replace(lend_idle_share=False),
     "- fill while sampling": PRESET.replace(fill_while_sampling=False),
     "- whole sample (plan at half of it)": PRESET.replace(sample_quorum=0.5),

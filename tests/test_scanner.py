@@ -609,3 +609,72 @@ def test_lend_idle_share_changes_the_simulated_run():
             for flag in (True, False)}
     assert runs[True].steps != runs[False].steps
     assert all(r.output_tokens == sum(x.output_len for x in records) for r in runs.values())
+
+
+# ---------------------------------------------------------------- the engine's own check
+def _engine_walk(adm, room: float, clip: int, prefill: int, max_tokens: dict) -> int:
+    """A plain model of SGLang's PrefillAdder walking a plan: in order, a request is charged its
+    uncached prompt + min(max_new, clip) + 1, which must stay below the room left; its prompt is taken
+    whole while it is shorter than the prefill tokens left, else it is chunked and the walk ends; the
+    first refusal ends it too. Returns how many requests it admits."""
+    for i, a in enumerate(adm):
+        uncached = a.prompt_len - a.cached_tokens
+        charge = uncached + min(max_tokens[a.rid], clip) + 1
+        if prefill <= 0 or charge >= room:
+            return i
+        room -= charge
+        if uncached >= prefill:
+            return i + 1
+        prefill -= uncached
+    return len(adm)
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.integers(0, 10 ** 6), st.integers(1, 30), st.integers(1, 200_000), st.integers(1, 6000),
+       st.integers(1, 16), st.sampled_from([512, 4096]), st.booleans(), st.booleans())
+def test_engine_check_plans_only_what_the_engine_admits(seed, n, room, prefill, slots, clip, known, lend):
+    """With ScanConfig.engine_check and Budget.admit_room, the engine's own check, walking the plan in
+    its order, admits every planned request (prompts with no shared prefix, so the scanner's cached
+    estimate is exact): the charges stay within the room, at most one prompt is chunked and it is
+    last. Over several steps every request is still handed out once."""
+    rng = random.Random(seed)
+    records = [(i, [(f"u{i}", 5)], rng.choice([20, 300, 3000, 9000]), rng.choice([4, 200, 6000])) for i in range(n)]
+    sc = DualScanner(build_length_tree(records, known=known, estimator=OutputLengthEstimator(sample_fraction=0.0)),
+                     ScanConfig(engine_check=True, lend_idle_share=lend))
+    max_tokens = {r.rid: r.max_tokens or r.output_len for r in sc.tree.reqs.values()}
+    kvb = COST.kv_bytes_per_token
+    handed = []
+    for _ in range(4 * n):
+        if not sc.tree.reqs:
+            break
+        out = sc.schedule(Budget(1e15, slots, prefill, admit_room=room, admit_clip=clip))
+        assert _engine_walk(out, room, clip, prefill, max_tokens) == len(out), out
+        handed += [a.rid for a in out]
+        for a in out:
+            sc.finished(a.rid, a.output_len)
+        sc.check_integrity()
+    fits = [r for r in range(n) if min(max_tokens[r], clip) + 1 + records[r][2] < room]
+    assert sorted(handed) == sorted(set(handed)) and set(fits) <= set(handed)
+    del kvb
+
+
+def test_engine_check_changes_the_plan_where_the_engine_would_refuse_it():
+    """Two long compute-dense prompts and short memory-dense requests: without the check the scanner
+    plans both long prompts (each charged only its side's cap), and SGLang's walk stops at the first
+    one it chunks; with it one is planned, last, and the walk admits the whole plan. A room below the
+    charges of all requests together admits fewer with the check, and all of those."""
+    records = [("c1", [("a", 40)], 6000, 2), ("c2", [("b", 40)], 6000, 2)] + \
+              [(f"m{i}", [(f"v{i}", 40)], 60, 3000) for i in range(6)]
+    max_tokens = {r[0]: r[3] for r in records}
+    plans = {}
+    for check in (False, True):
+        sc = DualScanner(_tree(records), ScanConfig(engine_check=check))
+        plans[check] = sc.schedule(Budget(1e15, 64, 4000, admit_room=1e9, admit_clip=4096))
+    walked = {c: _engine_walk(p, 1e9, 4096, 4000, max_tokens) for c, p in plans.items()}
+    assert walked[False] < len(plans[False]), plans[False]
+    assert walked[True] == len(plans[True]) and plans[True][-1].rid in ("c1", "c2")
+    assert sum(a.rid.startswith("c") for a in plans[True]) == 1
+    room = 3 * (3000 + 60 + 1) + 10  # three memory-dense requests' charges
+    sc = DualScanner(_tree(records[2:]), ScanConfig(engine_check=True))
+    out = sc.schedule(Budget(1e15, 64, 8000, admit_room=room, admit_clip=4096))
+    assert len(out) == 3 and _engine_walk(out, room, 4096, 8000, max_tokens) == 3

@@ -131,7 +131,8 @@ def test_guarded_runs_hand_out_every_request_once_within_budget(seed, n, settled
 
 @pytest.mark.parametrize("switch", ["fill_settled_only", "reserve_growth"])
 def test_guard_changes_the_simulated_run(switch):
-    """The preset's switch reaches the simulator's blend and changes the run."""
+    """The preset's switch reaches the simulator's blend and changes the run (the engine check off: on
+    this small case the room of SGLang's own check binds before either guard does)."""
     from blendserve_sgl.core.preset import PRESET
     from blendserve_sgl.sim import EngineConfig, RunSpec, Workload, simulate
     from blendserve_sgl.workloads import trace
@@ -139,7 +140,8 @@ def test_guard_changes_the_simulated_run(switch):
     records, _ = trace("trace4", 600, COST, 0)  # long outputs in the sample
     wl = Workload(records, COST)
     engine = EngineConfig.for_cost(COST, kv_gb=4.0, max_running=64, chunked_prefill=512, pace=True)
-    runs = {flag: simulate(wl, "blend", RunSpec(COST, engine, preset=PRESET.replace(**{switch: flag})), check=True)
+    runs = {flag: simulate(wl, "blend", RunSpec(COST, engine, preset=PRESET.replace(engine_check=False, **{switch: flag})),
+                              check=True)
             for flag in (True, False)}
     assert (runs[True].steps, runs[True].retractions) != (runs[False].steps, runs[False].retractions)
     assert all(r.output_tokens == sum(x.output_len for x in records) for r in runs.values())

@@ -66,6 +66,12 @@ class Budget(NamedTuple):
     kv_pool: float | None = None
     prefilling: Any = ()  # rids of handed-out requests whose prompt is not in the engine's prefix
     # cache yet (prefill chunks left, or the result of their prefill not processed yet)
+    # Optional, from callers whose engine walks the plan with its own admission check and stops at
+    # its first refusal (SGLang's PrefillAdder; used with ScanConfig.engine_check): the room that check
+    # sees, in tokens (free + evictable - what running requests may still write), and its per-request
+    # clip: a new request is charged uncached prompt + min(max_tokens, clip) + 1.
+    admit_room: float | None = None
+    admit_clip: int = 4096
 
 
 class Admission(NamedTuple):
@@ -114,6 +120,11 @@ class ScanConfig:
     # its share and its memory-work credit, within the free KV and its hard cap: a share the owner
     # cannot use this step is not left idle while the other side is refused for lack of it
 
+    engine_check: bool = False  # True (with Budget.admit_room): plan only what the engine's own check admits,
+    # in the order it walks: each request's charge (uncached + min(max_tokens, clip) + 1) within the room, split
+    # between the sides like the memory in the first pass; requests whose prompt the step takes whole first,
+    # at most one prompt the step has to chunk, and it last (SGLang stops admitting after it)
+
     def __post_init__(self) -> None:
         if not (0.0 <= self.keep_sharing <= 1.0):
             raise ValueError(f"keep_sharing must be in [0, 1], got {self.keep_sharing!r}")
@@ -149,7 +160,7 @@ class _Side:
     request against it."""
 
     __slots__ = ("name", "used", "debt", "credit", "last", "last_rid", "last_cached", "at_start", "taken",
-                 "share", "hard_cap", "overdraft", "prefill_cap", "prefill_used", "borrowing")
+                 "share", "hard_cap", "overdraft", "prefill_cap", "prefill_used", "borrowing", "room_cap", "room_used")
 
     def __init__(self, name: str):
         self.name = name
@@ -161,9 +172,10 @@ class _Side:
         self.taken: dict = {}  # this step's takes: rid -> node
         self.begin_step(None, math.inf, True, None)
 
-    def begin_step(self, share, hard_cap: float, overdraft: bool, prefill_cap) -> None:
+    def begin_step(self, share, hard_cap: float, overdraft: bool, prefill_cap, room_cap=None) -> None:
         self.share, self.hard_cap, self.overdraft, self.prefill_cap = share, hard_cap, overdraft, prefill_cap
-        self.prefill_used = 0
+        self.room_cap = room_cap  # its part of the engine check's room this step (None: pooled)
+        self.prefill_used = self.room_used = 0
         self.borrowing = False  # holds the other side's idle share this step (ScanConfig.lend_idle_share)
 
 
@@ -173,6 +185,8 @@ class _Check(NamedTuple):
     lent: bool  # fits only in memory running requests do not need before it ends
     account: _Side  # the side whose share it counts against
     aside: float = 0.0  # KV bytes of its expected growth beyond `need` (ScanConfig.reserve_growth)
+    charge: int = 0  # tokens the engine's own check charges it (ScanConfig.engine_check)
+    chunked: bool = False  # the engine computes its prompt over this and later steps (the step's last admission)
 
 
 class DualScanner:
@@ -277,7 +291,7 @@ class DualScanner:
             budget = budget._replace(kv_bytes=budget.kv_bytes - self.overrun_bytes)
         if self.replan_due and self.planned and self.tree.root.count:
             self._plan()
-        st = _StepState(budget)
+        st = _StepState(budget, self.config.engine_check)
         self._record = None
         for side in self.sides.values():
             side.at_start = (side.last, side.last_rid)
@@ -292,6 +306,8 @@ class DualScanner:
                 self._dual_scan(budget, st, out)
         if not out and not self.running and self.tree.root.count:
             self._admit_one(st, out)
+        if st.chunked is not None:  # the engine stops admitting after the prompt it chunks: it goes last
+            out.sort(key=lambda a: a.rid == st.chunked)
         return out
 
     def _sample_phase(self, st: "_StepState", out: list) -> bool:
@@ -350,13 +366,16 @@ class DualScanner:
         frac_l = share_l / total if total > 0 else 0.5
         caps = {LEFT: math.ceil(budget.prefill_tokens * frac_l)}
         caps[RIGHT] = budget.prefill_tokens - caps[LEFT]
+        rooms = {LEFT: None, RIGHT: None}
+        if st.room is not None:  # the engine check's room, split like the memory in the first pass
+            rooms = {LEFT: st.room * frac_l, RIGHT: st.room * (1.0 - frac_l)}
         for name, share, frac in ((LEFT, share_l, frac_l), (RIGHT, total - share_l, 1.0 - frac_l)):
             side = self.sides[name]
             side.debt = max(side.debt + side.used - share, -8.0 * share)
             # Each side leaves room for the largest of the other side's coming requests, so a side
             # whose requests are larger than its share can still overdraw when its turn comes.
             hard_cap = total - self._largest_coming(RIGHT if name == LEFT else LEFT)
-            side.begin_step(share, hard_cap, side.debt <= 0, caps[name])
+            side.begin_step(share, hard_cap, side.debt <= 0, caps[name], rooms[name])
             if budget.steps is not None:
                 # Memory work at the rate of the shares: per step, a side may start decode KV reads
                 # (byte-steps: KV held x decode steps, its requests' Mem) worth its share of the pool.
@@ -372,7 +391,7 @@ class DualScanner:
         for pooled in (False, True):
             for name in (LEFT, RIGHT):
                 if pooled:
-                    self.sides[name].prefill_cap = None
+                    self.sides[name].prefill_cap = self.sides[name].room_cap = None
                 self._scan_side(name, st, out, stops)
         if self.config.lend_idle_share:
             for name, other in ((LEFT, RIGHT), (RIGHT, LEFT)):
@@ -519,6 +538,19 @@ class DualScanner:
         if side != SAMPLE and not self.planned and self.config.fill_settled_only and self.unsettled(req):
             return "unsettled"
         cached, need = self._reservation(req)
+        charge, chunked = 0, False
+        if st.room is not None:
+            # What the engine's own check charges (SGLang: uncached + min(max_new, clip) + 1 against its room;
+            # the first request it refuses ends its admissions), and whether the step computes the prompt whole.
+            uncached = req.prompt_len - cached
+            charge = uncached + min(req.max_tokens or req.output_len, st.clip) + 1
+            if charge >= st.room:
+                return "engine"
+            if shared and acct.room_cap is not None and acct.room_used + charge > acct.room_cap:
+                return "engine-share"
+            chunked = uncached >= st.whole_left
+            if chunked and st.chunked is not None:
+                return "chunk"  # one prompt a step is chunked, and the engine admits nothing after it
         h = self.config.hold_prefix_tokens
         if hold and h and cached >= h and cached - self._cached_prefix(req.node, cached_only=True) >= h:
             return "hold"  # its shared prefix is computed this step: take it next step, cached
@@ -536,11 +568,11 @@ class DualScanner:
                 return "share"
         if shared and st.metered and acct.credit <= 0 and not acct.borrowing:
             return "credit"  # the side started its share of memory work already
-        return _Check(cached, need, lent, acct, aside)
+        return _Check(cached, need, lent, acct, aside, charge, chunked)
 
     def take(self, req: Req, side: str, st: "_StepState", check: _Check, shared: bool = True) -> Admission:
         """Commit `req` on `side` after `fits` returned `check`."""
-        cached, need, lent, acct, aside = check
+        cached, need, lent, acct, aside, charge, chunked = check
         if shared and not lent and acct.used + need > acct.share:
             acct.overdraft = False
         work = 0.0
@@ -565,6 +597,13 @@ class DualScanner:
         if st.horizons:
             st.h_free = [f - need for f in st.h_free]
         st.slots -= 1
+        if st.room is not None:
+            st.room -= charge
+            acct.room_used += charge
+            if chunked:
+                st.chunked = req.rid
+            else:
+                st.whole_left -= req.prompt_len - cached
         # A side pays for a prompt longer than its cap only up to the cap: the rest is chunked
         # into later steps, and the other side keeps its own part of this step's budget.
         uncached = req.prompt_len - cached
@@ -720,9 +759,10 @@ class DualScanner:
 
 
 class _StepState:
-    __slots__ = ("kv_free", "slots", "prefill", "prefill_budget", "horizons", "h_free", "metered", "why")
+    __slots__ = ("kv_free", "slots", "prefill", "prefill_budget", "horizons", "h_free", "metered", "why",
+                 "room", "clip", "whole_left", "chunked")
 
-    def __init__(self, budget: Budget):
+    def __init__(self, budget: Budget, engine_check: bool = False):
         self.kv_free = float(budget.kv_bytes)
         self.slots = int(budget.slots)
         self.prefill = self.prefill_budget = int(budget.prefill_tokens)
@@ -730,6 +770,12 @@ class _StepState:
         self.h_free = [max(float(f), self.kv_free) for _, f in budget.kv_horizons]
         self.metered = False
         self.why = ""  # why the last refused take was refused (diagnostics)
+        # The engine's own check (ScanConfig.engine_check): its room left, in tokens (None: not modelled),
+        # the prefill tokens the step still computes for prompts taken whole, and the one it chunks.
+        self.room = float(budget.admit_room) if engine_check and budget.admit_room is not None else None
+        self.clip = int(budget.admit_clip)
+        self.whole_left = self.prefill_budget
+        self.chunked = None
 
     def free_for(self, lifetime: int) -> float:
         """KV bytes free for a request that holds KV `lifetime` steps: the entry of the shortest

@@ -311,7 +311,7 @@ class BlendPolicy:
             pool = sched.max_total_num_tokens * kvb
         return Budget(free_tokens * kvb, max(0, slots), prefill, output_ratio=ratio if self.preset.engine_ratio else None,
                       steps=steps, kv_pool=pool,
-                      prefilling=prefilling)
+                      prefilling=prefilling, admit_room=free_tokens, admit_clip=CLIP_MAX_NEW_TOKENS)
 
     # ------------------------------------------------------------------ paced prefill
     def paced_tokens(self, running_batch) -> int | None:

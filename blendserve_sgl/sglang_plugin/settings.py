@@ -106,6 +106,9 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
          "caches a prompt one iteration after admitting it).", _at_least(0), preset="hold_prefix_tokens"),
     Knob("final_wave", bool, "Once every waiting request fits in the KV cache at once, admit them longest output "
          "first so the batch ends in one wave (1/0).", preset="final_wave"),
+    Knob("engine_check", bool, "Plan only what SGLang's admission check takes, in the order it walks the queue: "
+         "each request charged its uncached prompt + min(max_new_tokens, clip) + 1, one chunked prompt a step and "
+         "it last (1/0).", preset="engine_check"),
     Knob("pacing", bool, "Set each step's prefill-token budget and chunk size so the step holds the waiting "
          "work's density; off while nothing decodes (1/0).", preset="pacing"),
     Knob("metering", bool, "Admit each side's memory work at the rate of its memory share, counting SGLang's "
@@ -163,6 +166,7 @@ class BlendSettings:
     prior_output_len: int = _default("prior_output_len")
     hold_prefix_tokens: int = _default("hold_prefix_tokens")
     final_wave: bool = _default("final_wave")
+    engine_check: bool = _default("engine_check")
     pacing: bool = _default("pacing")
     metering: bool = _default("metering")
     seed: int = _default("seed")

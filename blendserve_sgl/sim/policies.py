@@ -288,7 +288,7 @@ class BlendPicker(Picker):
         self.reqs[req.rid] = req
         known = req.ignore_eos
         d = req.output_len - req.gen if known else None
-        max_tokens = None if known else max(1, req.max_new_tokens - req.gen)
+        max_tokens = max(1, req.max_new_tokens - req.gen)
         if req.tokens is not None:
             synthetic = [(1 << 40) + req.seq * (1 << 20) + i for i in range(req.out_len)]
             self.scanner.add(req.rid, tokens=[*req.tokens, *synthetic], output_len=d, max_tokens=max_tokens)
@@ -305,15 +305,19 @@ class BlendPicker(Picker):
         bpt = view.kv_bytes_per_token
         free = view.free_tokens + view.cache.evictable_tokens - view.reserved_left()
         horizons: tuple = ()
-        if view.config.kv_projection:
-            free, pages = view.kv_horizons(free)
+        # the room SGLang's own check sees (adder.sglang_admit), for ScanConfig.engine_check
+        room = view.free_tokens + view.cache.evictable_tokens - view.sglang_offset()
+        if view.config.kv_projection:  # pages free for good and over horizons, never below either floor
+            forever, pages = view.kv_horizons(min(free, room))
+            free, room = max(free, forever), max(room, forever)
             horizons = tuple((h, f * bpt) for h, f in pages)
         steps = pool = None
         if self.meter:
             steps, self._steps = view.steps - self._steps, view.steps
             pool = view.kv_pool_bytes
         budget = Budget(max(0, free) * bpt, view.slots_left, view.prefill_left, output_ratio=view.new_token_ratio if self.preset.engine_ratio else None,
-                        kv_horizons=horizons, steps=steps, kv_pool=pool)
+                        kv_horizons=horizons, steps=steps, kv_pool=pool, admit_room=room,
+                        admit_clip=view.config.clip_max_new_tokens)
         picks = [Pick(self.reqs[a.rid], math.ceil(a.kv_bytes / bpt - 1e-9)) for a in self.scanner.schedule(budget)]
         # SGLang's own admission walks the plan (the plugin's queue): its first refusal ends the step
         admitted = len(sglang_admit(view, (p.req for p in picks))) if picks else 0
