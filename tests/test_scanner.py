@@ -678,3 +678,24 @@ def test_engine_check_changes_the_plan_where_the_engine_would_refuse_it():
     sc = DualScanner(_tree(records[2:]), ScanConfig(engine_check=True))
     out = sc.schedule(Budget(1e15, 64, 8000, admit_room=room, admit_clip=4096))
     assert len(out) == 3 and _engine_walk(out, room, 4096, 8000, max_tokens) == 3
+
+
+def test_without_mixed_steps_the_memory_dense_side_has_the_first_claim_on_the_room():
+    """Budget.mixed_steps False (a prefill step decodes nothing): the memory-dense side scans first,
+    and while the engine check's room stops it the compute-dense side waits too; with mixed steps the
+    compute-dense side takes the room the memory-dense request cannot use. Either way the engine's walk
+    admits the whole plan."""
+    records = [("c", [("a", 40)], 200, 2), ("m", [("b", 40)], 60, 3000), ("m2", [("b2", 40)], 60, 3000)]
+    max_tokens = {"c": 2, "m": 3000, "m2": 3000}
+    room = 1000  # below a memory-dense request's charge (60 + 3000 + 1), above c's (200 + 2 + 1)
+    plans = {}
+    for mixed in (True, False):
+        sc = DualScanner(_tree(records), ScanConfig(engine_check=True))
+        first = sc.schedule(Budget(1e15, 1, 4000, admit_room=1e6, admit_clip=4096, mixed_steps=False))
+        assert [a.rid for a in first] in (["m"], ["m2"])  # something runs: no liveness admission below
+        plans[mixed] = sc.schedule(Budget(1e15, 64, 4000, admit_room=room, admit_clip=4096, mixed_steps=mixed))
+        assert _engine_walk(plans[mixed], room, 4096, 4000, max_tokens) == len(plans[mixed])
+    assert [a.rid for a in plans[True]] == ["c"] and plans[False] == []
+    sc = DualScanner(_tree(records), ScanConfig(engine_check=True))
+    out = sc.schedule(Budget(1e15, 64, 4000, admit_room=1e6, admit_clip=4096, mixed_steps=False))
+    assert out[0].side == RIGHT and sorted(a.rid for a in out) == ["c", "m", "m2"]

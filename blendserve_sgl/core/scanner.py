@@ -72,6 +72,9 @@ class Budget(NamedTuple):
     # clip: a new request is charged uncached prompt + min(max_tokens, clip) + 1.
     admit_room: float | None = None
     admit_clip: int = 4096
+    mixed_steps: bool = True  # the engine decodes the running requests in its prefill steps (SGLang's
+    # --enable-mixed-chunk); False: a prefill step decodes nothing, and the memory-dense side has the first
+    # claim on the engine check's room (see DualScanner._dual_scan)
 
 
 class Admission(NamedTuple):
@@ -388,10 +391,17 @@ class DualScanner:
                 st.metered = True
         first = len(out)
         stops = {LEFT: "empty", RIGHT: "empty"}
+        # Where a prefill step decodes nothing, the steps a batch takes are its decode batches': the
+        # memory-dense side (long outputs, large batches) goes first, and while the engine check's room
+        # stops it the compute-dense side waits too, rather than take the room it is waiting for.
+        right_first = st.room is not None and not budget.mixed_steps
         for pooled in (False, True):
-            for name in (LEFT, RIGHT):
+            for name in (RIGHT, LEFT) if right_first else (LEFT, RIGHT):
                 if pooled:
                     self.sides[name].prefill_cap = self.sides[name].room_cap = None
+                if right_first and name == LEFT and stops[RIGHT] in ("engine", "engine-share"):
+                    stops[LEFT] = "engine-wait"
+                    continue
                 self._scan_side(name, st, out, stops)
         if self.config.lend_idle_share:
             for name, other in ((LEFT, RIGHT), (RIGHT, LEFT)):

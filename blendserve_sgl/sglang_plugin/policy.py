@@ -311,7 +311,8 @@ class BlendPolicy:
             pool = sched.max_total_num_tokens * kvb
         return Budget(free_tokens * kvb, max(0, slots), prefill, output_ratio=ratio if self.preset.engine_ratio else None,
                       steps=steps, kv_pool=pool,
-                      prefilling=prefilling, admit_room=free_tokens, admit_clip=CLIP_MAX_NEW_TOKENS)
+                      prefilling=prefilling, admit_room=free_tokens, admit_clip=CLIP_MAX_NEW_TOKENS,
+                      mixed_steps=bool(getattr(sched, "is_mixed_chunk", False)))
 
     # ------------------------------------------------------------------ paced prefill
     def paced_tokens(self, running_batch) -> int | None:

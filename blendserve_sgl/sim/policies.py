@@ -317,7 +317,7 @@ class BlendPicker(Picker):
             pool = view.kv_pool_bytes
         budget = Budget(max(0, free) * bpt, view.slots_left, view.prefill_left, output_ratio=view.new_token_ratio if self.preset.engine_ratio else None,
                         kv_horizons=horizons, steps=steps, kv_pool=pool, admit_room=room,
-                        admit_clip=view.config.clip_max_new_tokens)
+                        admit_clip=view.config.clip_max_new_tokens, mixed_steps=view.config.mixed_chunk)
         picks = [Pick(self.reqs[a.rid], math.ceil(a.kv_bytes / bpt - 1e-9)) for a in self.scanner.schedule(budget)]
         # SGLang's own admission walks the plan (the plugin's queue): its first refusal ends the step
         admitted = len(sglang_admit(view, (p.req for p in picks))) if picks else 0
