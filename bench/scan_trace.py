@@ -1,12 +1,15 @@
 """Why blend's KV pool runs part-empty: one trace analog, blend next to fcfs, step by step.
 
-Per policy: overlapped time, steps, mean KV use, retractions, the time split; for blend also
-why each side stopped in every step (`DualScanner.last_step["stop"]`: counts per (left, right)
+Per policy: overlapped time, steps, mean KV use, retractions, the time split, the steps in which
+the engine asked the policy for admissions (`planning_steps`: in the others, prompts already being
+prefilled in chunks took the whole step's prefill budget), the mean chunk size (paced) and decode
+batch; for blend also why each side stopped in every planning step (`DualScanner.last_step["stop"]`: counts per (left, right)
 pair; the final wave counts as one reason) and a sampled series of KV use, waiting requests,
 decoding requests, prefill tokens, each side's reserved KV and share (tokens). Variants of the
 preset with `--set leaf=value` (e.g. `--set lend_idle_share=False`).
 
     python bench/scan_trace.py --trace trace2 --requests 100000   # -> results/scan_trace.json
+    python bench/scan_trace.py --policies fcfs,balance,blend     # the policies beside each other
 """
 
 from __future__ import annotations
@@ -37,9 +40,22 @@ def run(wl: Workload, policy: str, preset, every: int) -> dict:
     picker = make_picker(policy, reqs, COST, preset=preset, reference=wl.reference)
     stops: collections.Counter = collections.Counter()
     series = []
+    planned = [0, False]  # planning steps; whether this step planned
+    chunk = [0, 0]  # sum of chunk sizes, sum of decode batches
+    pick = picker.pick
+
+    def counted(view):
+        planned[0] += 1
+        planned[1] = True
+        return pick(view)
+
+    picker.pick = counted
 
     def on_step(e: Engine) -> None:
-        last = picker.scanner.last_step if policy == "blend" else {}
+        chunk[0] += e.chunk
+        chunk[1] += e.n_dec
+        last = picker.scanner.last_step if policy == "blend" and planned[1] else {}
+        planned[1] = False
         if last:
             stop = last.get("stop")
             stops["wave" if "final_wave" in last else f"{stop['left']}/{stop['right']}"] += 1
@@ -57,6 +73,8 @@ def run(wl: Workload, policy: str, preset, every: int) -> dict:
     model = MODES["overlapped"]
     return {"policy": policy, "overlapped_time_s": round(res.time(model), 1), "steps": res.steps,
             "mean_kv": round(res.mean_kv, 3), "retractions": res.retractions, "sharing": round(res.sharing, 4),
+            "planning_steps": planned[0], "mean_chunk": round(chunk[0] / max(1, res.steps), 1),
+            "mean_decode_batch": round(chunk[1] / max(1, res.steps), 1),
             "time_split_overlapped_s": res.time_split(model),
             "stops": dict(stops.most_common()), "series": series}
 
@@ -67,6 +85,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=100_000)
     ap.add_argument("--every", type=int, default=10_000, help="series: one row every this many steps")
     ap.add_argument("--set", action="append", default=[], metavar="LEAF=VALUE", help="blend preset change")
+    ap.add_argument("--policies", default="fcfs,blend", help="comma-separated; blend's stops are counted")
     ap.add_argument("--out", default="scan_trace")
     args = ap.parse_args()
     changes = {}
@@ -78,11 +97,13 @@ def main() -> None:
     preset = PRESET.replace(**changes)
     records, _ = trace(args.trace, args.requests, COST, 0)
     wl = Workload(records, COST)
-    runs = [run(wl, p, preset, args.every) for p in ("fcfs", "blend")]
+    runs = [run(wl, p.strip(), preset, args.every) for p in args.policies.split(",")]
     for r in runs:
-        print(f"{r['policy']:<6} {r['overlapped_time_s']:>9.1f} s  steps {r['steps']}  mean KV {r['mean_kv']}  "
+        print(f"{r['policy']:<8} {r['overlapped_time_s']:>9.1f} s  steps {r['steps']}  planning {r['planning_steps']}  "
+              f"chunk {r['mean_chunk']}  decode batch {r['mean_decode_batch']}  mean KV {r['mean_kv']}  "
               f"retractions {r['retractions']}  split {r['time_split_overlapped_s']}")
-    print("blend stops (left/right):", runs[1]["stops"])
+        if r["stops"]:
+            print(f"{r['policy']} stops (left/right):", dict(list(r["stops"].items())[:12]))
     path = write(args.out, {"trace": args.trace, "requests": args.requests, "preset_changes": changes, "runs": runs})
     print(f"wrote {path}")
 
