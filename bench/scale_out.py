@@ -8,11 +8,13 @@ the slowest engine's (overlapped mode), sharing = prefix hits of all engines ove
 Engine part (`--engine`): the real SGLang engine on CPU, tiny random Llama, a shared-prefix batch
 through `blendserve run`: one engine, `--dp 2` and `--ray --replicas 2` (when ray is installed);
 `engine_cached_vs_one` = each 2-replica run's cached-token ratio over one engine's, round-robin
-dealing beside it, `engine_work_imbalance` = largest relative difference of the replicas' work.
+dealing beside it, `engine_work_imbalance` = largest relative difference of the replicas' work
+(prompt - cached + output tokens; the plan's measure of it beside each replica's).
 
     python bench/scale_out.py                    # 40,000 requests per trace -> results/scale_out.json
     python bench/scale_out.py --requests 10000   # smaller
     python bench/scale_out.py --engine           # adds the engine part (minutes on 2 cores)
+    python bench/scale_out.py --engine-only --engine-trace /tmp/so  # with per-request rows and step traces
     python bench/scale_out.py --requests 100000 --only trace1:8:blend   # one row measured again
     python bench/scale_out.py --requests 100000 --diagnose trace4:4      # inside each engine of one row
 
@@ -185,6 +187,8 @@ def main() -> None:
     ap.add_argument("--engine", action="store_true", help="also run the real-engine part")
     ap.add_argument("--engine-only", action="store_true", help="only the real-engine part (the simulator's figures "
                                                                "already in the results file are kept)")
+    ap.add_argument("--engine-trace", type=Path, default=None, metavar="DIR",
+                    help="engine part: keep each run's per-request rows and the blend policy's step trace in DIR")
     ap.add_argument("--diagnose", default="", help="TRACE:N[:DEAL],...: profile every engine of these rows "
                                                    "(alone; results/scale_out_diagnosis.json)")
     ap.add_argument("--only", default="", help="TRACE:N:DEAL,...: measure these simulator rows again in the results "
@@ -210,7 +214,7 @@ def main() -> None:
     if args.engine or args.engine_only:
         from bench.scale_out_engine import engine_part
 
-        payload.update(engine_part())
+        payload.update(engine_part(args.engine_trace))
         payload["engine"]["command"] = command()
     elif "engine" in payload:
         payload["engine"]["kept"] = "engine figures from the earlier run of engine.command (this run: simulator only)"
@@ -218,7 +222,8 @@ def main() -> None:
     payload["peak_rss_mb"] = peak_rss_mb()
     print(table([(k, json.dumps(payload.get(k)), json.dumps(TARGETS.get(k, ""))) for k in
                  ("sim_scaling", "sim_scaling_round_robin", "sim_scaling_blocks", "sim_sharing_vs_one",
-                  "engine_cached_vs_one", "engine_work_imbalance")], ("figure", "value", "target")))
+                  "engine_cached_vs_one", "engine_work_imbalance", "engine_work_imbalance_round_robin")],
+                ("figure", "value", "target")))
     write("scale_out", payload)
 
 

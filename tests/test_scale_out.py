@@ -77,6 +77,8 @@ def test_assign_balances_replicas():
     assert set(ranks) == {p.request.custom_id for p in items} and set(ranks.values()) == {0, 1}
     parts = dispatch.shards(items, 2, COST)
     assert sorted(id(p) for part in parts for p in part) == sorted(id(p) for p in items)
+    plan = dispatch.plan(items, 2, COST)  # the plan behind them: shards index the items
+    assert [[items[i] for i in ids] for ids in plan.shards] == parts and len(plan.compute) == 2
     assert all(ranks[p.request.custom_id] == r for r, part in enumerate(parts) for p in part)
     # memory work (decode reads at max_tokens) is the same on both replicas within 5%
     mem = [sum(2 * len(p.input_ids) * p.max_tokens + p.max_tokens ** 2 for p in part) for part in parts]
