@@ -48,7 +48,9 @@ from blendserve_sgl.workloads import TRACES, trace  # noqa: E402
 MODE = ExecModel("overlapped", 0.1)
 LOSS_NOTE = ("per row (sim.rows) and as means over the traces: bound = one engine's time / max(one's time / N, floor_s), "
              "floor_s = the longest request's own steps at their least time (weights + its KV per step); "
-             "time_max_over_mean = slowest engine over the mean (time imbalance); work_sum_over_one = the engines' "
+             "balanced_scaling = N x one engine's time / the engines' summed time (the same work spread evenly: no "
+             "rebalancing beats it); time_max_over_mean = slowest engine over the mean (time imbalance); "
+             "work_sum_over_one = the engines' "
              "summed time over one engine's (extra steps: weights read every step, each engine needs its longest "
              "output's steps); slowest_tail_share = the slowest engine's time after its last prefill (decode only); "
              "engines_weight_bound_s = the largest engine T_w; density_drift_max = largest |engine density / "
@@ -141,7 +143,8 @@ def sim_summary(rows: list[dict], n: int, traces: list[str]) -> dict:
     dealt = [how for how in (*DEALS, EVEN_PIECES)  # dealings with a row for every trace and N
              if all(any(r["trace"] == t and r["engines"] == k and r["deal"] == how for r in rows)
                     for t in traces for k in SIZES)]
-    loss = {how: {field: mean(how, field) for field in ("scaling_over_bound", "time_max_over_mean", "work_sum_over_one",
+    loss = {how: {field: mean(how, field) for field in ("scaling_over_bound", "balanced_scaling", "time_max_over_mean",
+                                                          "work_sum_over_one",
                                                           "slowest_tail_share", "density_drift_max", "sharing_vs_one")}
             for how in dealt}
     extra = {"sim_scaling_blend_even_pieces": mean(EVEN_PIECES)} if EVEN_PIECES in dealt else {}
@@ -149,7 +152,7 @@ def sim_summary(rows: list[dict], n: int, traces: list[str]) -> dict:
             "sim_scaling_blocks": mean("blocks"), **extra,
             "sim_sharing_vs_one": min(r["sharing_vs_one"] for r in rows if r["deal"] == "blend"),
             "sim_sharing_vs_one_round_robin": min(r["sharing_vs_one"] for r in rows if r["deal"] == "round-robin"),
-            "sim_scaling_bound": mean("blend", "bound"),
+            "sim_scaling_bound": mean("blend", "bound"), "sim_scaling_if_balanced": mean("blend", "balanced_scaling"),
             "sim_loss": {"note": LOSS_NOTE, "mean_over_traces": loss},
             "sim": {"requests_per_trace": n, "traces": traces, "model": "llama-3.1-8b", "hardware": "a100",
                     "mode": "overlapped, interference 0.1", "policy_per_engine": "blend",

@@ -205,6 +205,9 @@ def test_diagnose_splits_the_loss_consistently():
         assert got["work_sum_over_one"] == pytest.approx(sum(times) / one.time(mode), abs=1e-4)
         assert got["bound"] == pytest.approx(min(3.0, one.time(mode) / floor), abs=1e-4)
         assert got["scaling_over_bound"] == pytest.approx(run.scaling(one, mode) / got["bound"], abs=1e-3)
+        # the scaling is the balanced one over the slowest engine's excess: N / (max/mean) / (sum/one)
+        assert got["balanced_scaling"] == pytest.approx(3 * one.time(mode) / sum(times), abs=1e-4)
+        assert run.scaling(one, mode) == pytest.approx(got["balanced_scaling"] / got["time_max_over_mean"], rel=1e-3)
         assert 0 < got["slowest_tail_s"] <= got["slowest_time_s"] == pytest.approx(max(times), abs=0.1)
         assert got["engines_weight_bound_s"] <= got["slowest_time_s"] + 0.1  # T_w is a lower bound
         drift = max(abs(Workload(part, COST).density / whole.density - 1) for part in deal(recs, 3, how, SPEC))

@@ -18,7 +18,9 @@ summed time over one engine's (extra steps: each engine reads the weights every 
 at least its longest output's steps), the slowest engine's tail (the time after its last
 prefill: decode only), the critical-path floor (`floor_seconds`: the longest single request's
 steps at their least time, which no dealing over any N shortens, so the best scaling is
-`bound` = one's time / max(one's time / N, floor)), the engines' own weight-charging bounds
+`bound` = one's time / max(one's time / N, floor)), the scaling the same engine time would give
+spread evenly (`balanced_scaling` = N x one's time / the summed time: what no rebalancing of the
+same work, work stealing included, can beat), the engines' own weight-charging bounds
 T_w (`SimResult.weight_bound_s`: the slowest engine's time cannot go below the largest), lost
 sharing and each engine's density against the whole workload's.
 
@@ -98,6 +100,7 @@ def diagnose(run: ScaleOut, one: SimResult, floor_s: float, density: float, mode
             "slowest_tail_share": round(tails[slowest] / times[slowest], 4),
             "floor_s": round(floor_s, 1), "one_s": round(one_t, 1), "bound": round(bound, 4),
             "scaling_over_bound": round(one_t / max(times) / bound, 4),
+            "balanced_scaling": round(n * one_t / sum(times), 4),
             "engines_weight_bound_s": round(max(r.weight_bound_s for r in live), 1),
             "one_weight_bound_s": round(one.weight_bound_s, 1),
             "density_drift_max": round(max(drift), 4) if drift else 0.0}
