@@ -17,6 +17,7 @@ dealing beside it, `engine_work_imbalance` = largest relative difference of the 
     python bench/scale_out.py --engine-only --engine-trace /tmp/so  # with per-request rows and step traces
     python bench/scale_out.py --requests 100000 --only trace1:8:blend   # one row measured again
     python bench/scale_out.py --requests 100000 --diagnose trace4:4      # inside each engine of one row
+    python bench/scale_out.py --requests 100000 --only trace3:4:blend-fed-8  # the last 8 pieces fed on demand
 
 `--diagnose TRACE:N[:DEAL],...` (alone, -> results/scale_out_diagnosis.json): the dealing of each
 case (blend unless named), every engine profiled (`sim.scale_out.shard_profiles`) under the shipped rules and with one
@@ -41,8 +42,8 @@ from blendserve_sgl.core import CostModel  # noqa: E402
 from blendserve_sgl.core.preset import PRESET  # noqa: E402
 from blendserve_sgl.core.shard import MAX_STRIPES, PIECE_MIN  # noqa: E402
 from blendserve_sgl.sim import EngineConfig, ExecModel, RunSpec, Workload, simulate  # noqa: E402
-from blendserve_sgl.sim.scale_out import (DEALS, EVEN_PIECES, LONG_QUANTILE, LOW_KV, deal, diagnose,  # noqa: E402
-                                          floor_seconds, scale_out, shard_profiles)
+from blendserve_sgl.sim.scale_out import (DEALS, EVEN_PIECES, FED, LONG_QUANTILE, LOW_KV, deal,  # noqa: E402
+                                          diagnose, fed, floor_seconds, scale_out, shard_profiles)
 from blendserve_sgl.workloads import TRACES, trace  # noqa: E402
 
 MODE = ExecModel("overlapped", 0.1)
@@ -73,7 +74,8 @@ def sim_rows(n: int, seed: int, traces: list[str], only: set | None = None) -> l
     rows = []
     for name in traces:
         wanted = only if only is not None else {(name, k, how) for k in SIZES for how in DEALS}
-        keys = [(size, how) for size in SIZES for how in (*DEALS, EVEN_PIECES) if (name, size, how) in wanted]
+        keys = sorted({(size, how) for t, size, how in wanted if t == name},
+                      key=lambda k: (k[0], [*DEALS, EVEN_PIECES, k[1]].index(k[1])))
         if not keys:
             continue
         records, _ = trace(name, n, cost, seed)
@@ -82,7 +84,8 @@ def sim_rows(n: int, seed: int, traces: list[str], only: set | None = None) -> l
         one = simulate(whole, "blend", spec)
         floor_s = floor_seconds(records, cost)
         for size, how in keys:
-            run = scale_out(records, size, how, spec)
+            run = fed(records, size, spec, MODE, int(how[len(FED) + 1:])) if how.startswith(FED) else \
+                scale_out(records, size, how, spec)
             rows.append({"trace": name, "engines": size, "deal": how,
                          "scaling": round(run.scaling(one, MODE), 4),
                          "sharing_vs_one": round(run.sharing_vs_one(one), 4),

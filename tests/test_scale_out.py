@@ -214,6 +214,27 @@ def test_diagnose_splits_the_loss_consistently():
         assert got["density_drift_max"] == pytest.approx(drift, abs=1e-4)
 
 
+def test_fed_pieces_run_once_and_none_held_is_the_static_dealing():
+    """`fed`: with no piece held back the engines run exactly their shards (the engine times of
+    `scale_out`); with pieces held back and fed on demand every request still runs once."""
+    from blendserve_sgl.sim import ExecModel
+    from blendserve_sgl.sim.scale_out import fed
+
+    recs = _records(600)
+    mode = ExecModel("overlapped", 0.1)
+    static = scale_out(recs, 3, "blend", SPEC)
+    same = fed(recs, 3, SPEC, mode, held=0)
+    assert [r.time(mode) for r in same.engines] == [r.time(mode) for r in static.engines]
+    assert [r.requests for r in same.engines] == [r.requests for r in static.engines]
+    for held in (1, 3):
+        run = fed(recs, 3, SPEC, mode, held=held, stripes=2)
+        assert len(run.plan.pieces) == 6
+        assert sum(r.requests for r in run.engines) == len(recs)
+        assert sum(r.output_tokens for r in run.engines) == sum(r.output_len for r in recs)
+    with pytest.raises(ValueError, match="held"):
+        fed(recs, 3, SPEC, mode, held=6, stripes=2)
+
+
 def test_ray_replica_holds_its_engines_window_in_chunks():
     """Chunks in flight per replica: the engine's window (`feed.window_size` over the shard's mean
     prompt + max_tokens) in chunks, rounded up, at least 2."""
