@@ -151,6 +151,9 @@ def sim_summary(rows: list[dict], n: int, traces: list[str]) -> dict:
                                                           "slowest_tail_share", "density_drift_max", "sharing_vs_one")}
             for how in dealt}
     extra = {"sim_scaling_blend_even_pieces": mean(EVEN_PIECES)} if EVEN_PIECES in dealt else {}
+    lap = {str(k): [r["scaling"] for r in rows if r["engines"] == k and r["deal"] == f"{FED}-{k}"] for k in SIZES}
+    if all(len(v) == len(traces) for v in lap.values()):  # the last lap (N pieces) fed on demand, every row
+        extra["sim_scaling_fed_last_lap"] = {k: round(statistics.mean(v), 4) for k, v in lap.items()}
     return {"sim_scaling": mean("blend"), "sim_scaling_round_robin": mean("round-robin"),
             "sim_scaling_blocks": mean("blocks"), **extra,
             "sim_sharing_vs_one": min(r["sharing_vs_one"] for r in rows if r["deal"] == "blend"),
@@ -227,7 +230,8 @@ def main() -> None:
     payload["targets"] = TARGETS
     payload["peak_rss_mb"] = peak_rss_mb()
     print(table([(k, json.dumps(payload.get(k)), json.dumps(TARGETS.get(k, ""))) for k in
-                 ("sim_scaling", "sim_scaling_round_robin", "sim_scaling_blocks", "sim_sharing_vs_one",
+                 ("sim_scaling", "sim_scaling_round_robin", "sim_scaling_blocks", "sim_scaling_fed_last_lap",
+                  "sim_scaling_if_balanced", "sim_sharing_vs_one",
                   "engine_cached_vs_one", "engine_work_imbalance", "engine_work_imbalance_round_robin")],
                 ("figure", "value", "target")))
     write("scale_out", payload)
