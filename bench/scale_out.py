@@ -184,7 +184,8 @@ def rerun_rows(payload: dict, n: int, seed: int, only: str) -> dict:
     rows += [r for key, r in fresh.items() if key not in old]  # rows of a dealing not measured before
     out = sim_summary(rows, n, sim["traces"])
     out["sim"]["command"] = sim["command"]
-    out["sim"]["rerun"] = {"command": command(), "rows": sorted(f"{t}:{k}:{d}" for t, k, d in fresh)}
+    earlier = sim.get("reruns", [sim["rerun"]] if "rerun" in sim else [])
+    out["sim"]["reruns"] = [*earlier, {"command": command(), "rows": sorted(f"{t}:{k}:{d}" for t, k, d in fresh)}]
     return out
 
 
