@@ -8,13 +8,16 @@ the slowest engine's (overlapped mode), sharing = prefix hits of all engines ove
 Engine part (`--engine`): the real SGLang engine on CPU, tiny random Llama, a shared-prefix batch
 through `blendserve run`: one engine, `--dp 2` and `--ray --replicas 2` (when ray is installed);
 `engine_cached_vs_one` = each 2-replica run's cached-token ratio over one engine's, round-robin
-dealing beside it, `engine_work_imbalance` = largest relative difference of the replicas' work.
+dealing beside it, `engine_work_imbalance` = largest relative difference of the replicas' work
+(prompt - cached + output tokens; the plan's measure of it beside each replica's).
 
     python bench/scale_out.py                    # 40,000 requests per trace -> results/scale_out.json
     python bench/scale_out.py --requests 10000   # smaller
     python bench/scale_out.py --engine           # adds the engine part (minutes on 2 cores)
+    python bench/scale_out.py --engine-only --engine-trace /tmp/so  # with per-request rows and step traces
     python bench/scale_out.py --requests 100000 --only trace1:8:blend   # one row measured again
     python bench/scale_out.py --requests 100000 --diagnose trace4:4      # inside each engine of one row
+    python bench/scale_out.py --requests 100000 --only trace3:4:blend-fed-8  # the last 8 pieces fed on demand
 
 `--diagnose TRACE:N[:DEAL],...` (alone, -> results/scale_out_diagnosis.json): the dealing of each
 case (blend unless named), every engine profiled (`sim.scale_out.shard_profiles`) under the shipped rules and with one
@@ -39,14 +42,16 @@ from blendserve_sgl.core import CostModel  # noqa: E402
 from blendserve_sgl.core.preset import PRESET  # noqa: E402
 from blendserve_sgl.core.shard import MAX_STRIPES, PIECE_MIN  # noqa: E402
 from blendserve_sgl.sim import EngineConfig, ExecModel, RunSpec, Workload, simulate  # noqa: E402
-from blendserve_sgl.sim.scale_out import (DEALS, EVEN_PIECES, LONG_QUANTILE, LOW_KV, deal, diagnose,  # noqa: E402
-                                          floor_seconds, scale_out, shard_profiles)
+from blendserve_sgl.sim.scale_out import (DEALS, EVEN_PIECES, FED, LONG_QUANTILE, LOW_KV, deal,  # noqa: E402
+                                          diagnose, fed, floor_seconds, scale_out, shard_profiles)
 from blendserve_sgl.workloads import TRACES, trace  # noqa: E402
 
 MODE = ExecModel("overlapped", 0.1)
 LOSS_NOTE = ("per row (sim.rows) and as means over the traces: bound = one engine's time / max(one's time / N, floor_s), "
              "floor_s = the longest request's own steps at their least time (weights + its KV per step); "
-             "time_max_over_mean = slowest engine over the mean (time imbalance); work_sum_over_one = the engines' "
+             "balanced_scaling = N x one engine's time / the engines' summed time (the same work spread evenly: no "
+             "rebalancing beats it); time_max_over_mean = slowest engine over the mean (time imbalance); "
+             "work_sum_over_one = the engines' "
              "summed time over one engine's (extra steps: weights read every step, each engine needs its longest "
              "output's steps); slowest_tail_share = the slowest engine's time after its last prefill (decode only); "
              "engines_weight_bound_s = the largest engine T_w; density_drift_max = largest |engine density / "
@@ -69,7 +74,8 @@ def sim_rows(n: int, seed: int, traces: list[str], only: set | None = None) -> l
     rows = []
     for name in traces:
         wanted = only if only is not None else {(name, k, how) for k in SIZES for how in DEALS}
-        keys = [(size, how) for size in SIZES for how in (*DEALS, EVEN_PIECES) if (name, size, how) in wanted]
+        keys = sorted({(size, how) for t, size, how in wanted if t == name},
+                      key=lambda k: (k[0], [*DEALS, EVEN_PIECES, k[1]].index(k[1])))
         if not keys:
             continue
         records, _ = trace(name, n, cost, seed)
@@ -78,7 +84,8 @@ def sim_rows(n: int, seed: int, traces: list[str], only: set | None = None) -> l
         one = simulate(whole, "blend", spec)
         floor_s = floor_seconds(records, cost)
         for size, how in keys:
-            run = scale_out(records, size, how, spec)
+            run = fed(records, size, spec, MODE, int(how[len(FED) + 1:])) if how.startswith(FED) else \
+                scale_out(records, size, how, spec)
             rows.append({"trace": name, "engines": size, "deal": how,
                          "scaling": round(run.scaling(one, MODE), 4),
                          "sharing_vs_one": round(run.sharing_vs_one(one), 4),
@@ -139,15 +146,19 @@ def sim_summary(rows: list[dict], n: int, traces: list[str]) -> dict:
     dealt = [how for how in (*DEALS, EVEN_PIECES)  # dealings with a row for every trace and N
              if all(any(r["trace"] == t and r["engines"] == k and r["deal"] == how for r in rows)
                     for t in traces for k in SIZES)]
-    loss = {how: {field: mean(how, field) for field in ("scaling_over_bound", "time_max_over_mean", "work_sum_over_one",
+    loss = {how: {field: mean(how, field) for field in ("scaling_over_bound", "balanced_scaling", "time_max_over_mean",
+                                                          "work_sum_over_one",
                                                           "slowest_tail_share", "density_drift_max", "sharing_vs_one")}
             for how in dealt}
     extra = {"sim_scaling_blend_even_pieces": mean(EVEN_PIECES)} if EVEN_PIECES in dealt else {}
+    lap = {str(k): [r["scaling"] for r in rows if r["engines"] == k and r["deal"] == f"{FED}-{k}"] for k in SIZES}
+    if all(len(v) == len(traces) for v in lap.values()):  # the last lap (N pieces) fed on demand, every row
+        extra["sim_scaling_fed_last_lap"] = {k: round(statistics.mean(v), 4) for k, v in lap.items()}
     return {"sim_scaling": mean("blend"), "sim_scaling_round_robin": mean("round-robin"),
             "sim_scaling_blocks": mean("blocks"), **extra,
             "sim_sharing_vs_one": min(r["sharing_vs_one"] for r in rows if r["deal"] == "blend"),
             "sim_sharing_vs_one_round_robin": min(r["sharing_vs_one"] for r in rows if r["deal"] == "round-robin"),
-            "sim_scaling_bound": mean("blend", "bound"),
+            "sim_scaling_bound": mean("blend", "bound"), "sim_scaling_if_balanced": mean("blend", "balanced_scaling"),
             "sim_loss": {"note": LOSS_NOTE, "mean_over_traces": loss},
             "sim": {"requests_per_trace": n, "traces": traces, "model": "llama-3.1-8b", "hardware": "a100",
                     "mode": "overlapped, interference 0.1", "policy_per_engine": "blend",
@@ -173,7 +184,8 @@ def rerun_rows(payload: dict, n: int, seed: int, only: str) -> dict:
     rows += [r for key, r in fresh.items() if key not in old]  # rows of a dealing not measured before
     out = sim_summary(rows, n, sim["traces"])
     out["sim"]["command"] = sim["command"]
-    out["sim"]["rerun"] = {"command": command(), "rows": sorted(f"{t}:{k}:{d}" for t, k, d in fresh)}
+    earlier = sim.get("reruns", [sim["rerun"]] if "rerun" in sim else [])
+    out["sim"]["reruns"] = [*earlier, {"command": command(), "rows": sorted(f"{t}:{k}:{d}" for t, k, d in fresh)}]
     return out
 
 
@@ -185,6 +197,8 @@ def main() -> None:
     ap.add_argument("--engine", action="store_true", help="also run the real-engine part")
     ap.add_argument("--engine-only", action="store_true", help="only the real-engine part (the simulator's figures "
                                                                "already in the results file are kept)")
+    ap.add_argument("--engine-trace", type=Path, default=None, metavar="DIR",
+                    help="engine part: keep each run's per-request rows and the blend policy's step trace in DIR")
     ap.add_argument("--diagnose", default="", help="TRACE:N[:DEAL],...: profile every engine of these rows "
                                                    "(alone; results/scale_out_diagnosis.json)")
     ap.add_argument("--only", default="", help="TRACE:N:DEAL,...: measure these simulator rows again in the results "
@@ -210,15 +224,17 @@ def main() -> None:
     if args.engine or args.engine_only:
         from bench.scale_out_engine import engine_part
 
-        payload.update(engine_part())
+        payload.update(engine_part(args.engine_trace))
         payload["engine"]["command"] = command()
     elif "engine" in payload:
         payload["engine"]["kept"] = "engine figures from the earlier run of engine.command (this run: simulator only)"
     payload["targets"] = TARGETS
     payload["peak_rss_mb"] = peak_rss_mb()
     print(table([(k, json.dumps(payload.get(k)), json.dumps(TARGETS.get(k, ""))) for k in
-                 ("sim_scaling", "sim_scaling_round_robin", "sim_scaling_blocks", "sim_sharing_vs_one",
-                  "engine_cached_vs_one", "engine_work_imbalance")], ("figure", "value", "target")))
+                 ("sim_scaling", "sim_scaling_round_robin", "sim_scaling_blocks", "sim_scaling_fed_last_lap",
+                  "sim_scaling_if_balanced", "sim_sharing_vs_one",
+                  "engine_cached_vs_one", "engine_work_imbalance", "engine_work_imbalance_round_robin")],
+                ("figure", "value", "target")))
     write("scale_out", payload)
 
 

@@ -77,6 +77,8 @@ def test_assign_balances_replicas():
     assert set(ranks) == {p.request.custom_id for p in items} and set(ranks.values()) == {0, 1}
     parts = dispatch.shards(items, 2, COST)
     assert sorted(id(p) for part in parts for p in part) == sorted(id(p) for p in items)
+    plan = dispatch.plan(items, 2, COST)  # the plan behind them: shards index the items
+    assert [[items[i] for i in ids] for ids in plan.shards] == parts and len(plan.compute) == 2
     assert all(ranks[p.request.custom_id] == r for r, part in enumerate(parts) for p in part)
     # memory work (decode reads at max_tokens) is the same on both replicas within 5%
     mem = [sum(2 * len(p.input_ids) * p.max_tokens + p.max_tokens ** 2 for p in part) for part in parts]
@@ -203,10 +205,34 @@ def test_diagnose_splits_the_loss_consistently():
         assert got["work_sum_over_one"] == pytest.approx(sum(times) / one.time(mode), abs=1e-4)
         assert got["bound"] == pytest.approx(min(3.0, one.time(mode) / floor), abs=1e-4)
         assert got["scaling_over_bound"] == pytest.approx(run.scaling(one, mode) / got["bound"], abs=1e-3)
+        # the scaling is the balanced one over the slowest engine's excess: N / (max/mean) / (sum/one)
+        assert got["balanced_scaling"] == pytest.approx(3 * one.time(mode) / sum(times), abs=1e-4)
+        assert run.scaling(one, mode) == pytest.approx(got["balanced_scaling"] / got["time_max_over_mean"], rel=1e-3)
         assert 0 < got["slowest_tail_s"] <= got["slowest_time_s"] == pytest.approx(max(times), abs=0.1)
         assert got["engines_weight_bound_s"] <= got["slowest_time_s"] + 0.1  # T_w is a lower bound
         drift = max(abs(Workload(part, COST).density / whole.density - 1) for part in deal(recs, 3, how, SPEC))
         assert got["density_drift_max"] == pytest.approx(drift, abs=1e-4)
+
+
+def test_fed_pieces_run_once_and_none_held_is_the_static_dealing():
+    """`fed`: with no piece held back the engines run exactly their shards (the engine times of
+    `scale_out`); with pieces held back and fed on demand every request still runs once."""
+    from blendserve_sgl.sim import ExecModel
+    from blendserve_sgl.sim.scale_out import fed
+
+    recs = _records(600)
+    mode = ExecModel("overlapped", 0.1)
+    static = scale_out(recs, 3, "blend", SPEC)
+    same = fed(recs, 3, SPEC, mode, held=0)
+    assert [r.time(mode) for r in same.engines] == [r.time(mode) for r in static.engines]
+    assert [r.requests for r in same.engines] == [r.requests for r in static.engines]
+    for held in (1, 3):
+        run = fed(recs, 3, SPEC, mode, held=held, stripes=2)
+        assert len(run.plan.pieces) == 6
+        assert sum(r.requests for r in run.engines) == len(recs)
+        assert sum(r.output_tokens for r in run.engines) == sum(r.output_len for r in recs)
+    with pytest.raises(ValueError, match="held"):
+        fed(recs, 3, SPEC, mode, held=6, stripes=2)
 
 
 def test_ray_replica_holds_its_engines_window_in_chunks():

@@ -1,8 +1,9 @@
 """Shards of one central plan for N replicas: `--dp N` (SGLang's DP ranks) and `--ray`.
 
-`shards(items, n, cost)` builds the resource tree over every pending request (prompt token ids,
+`plan(items, n, cost)` builds the resource tree over every pending request (prompt token ids,
 output length at its max_tokens, the bound the engine reserves), runs sort -> split -> sort and
-cuts it with `core.shard.plan_shards`: the items of each replica (`assign`: custom_id -> replica). With `--dp N` the engine is one
+cuts it with `core.shard.plan_shards`; `shards` gives the items of each replica, `assign`
+custom_id -> replica. With `--dp N` the engine is one
 `sglang.Engine(dp_size=N)` and each request carries `routed_dp_rank` = its replica, which
 SGLang's DP controller honours before its own round-robin (`maybe_external_dp_rank_routing`,
 0.5.23), so each rank's `blend` policy plans exactly its shard. `check_ranks` asks every rank
@@ -21,7 +22,7 @@ from typing import Iterator, Sequence
 
 from ..core.cost import CostModel
 from ..core.preset import PRESET
-from ..core.shard import plan_for
+from ..core.shard import ShardPlan, plan_for
 from ..core.tree import ResourceTree
 from .prompts import Prepared
 
@@ -33,21 +34,32 @@ class DispatchError(RuntimeError):
 
 
 def cut(tree: ResourceTree, n: int, keep_sharing: float = PRESET.scan.keep_sharing) -> list[list]:
-    """Request ids of each of n replicas, each list in the plan's DFS order: the tree sorted,
-    split and cut by `plan_shards` (`plan_for`), whose compute measure counts the shared segments each rank's
-    `blend` policy computes again (below its hold threshold)."""
-    plan = plan_for(tree, n, PRESET.scan, keep_sharing)  # the plugin's split budget and hold
-    plan.check_integrity(tree)
-    return plan.shards
+    """Request ids of each of n replicas, each list in the plan's DFS order (`plan_tree`)."""
+    return plan_tree(tree, n, keep_sharing).shards
+
+
+def plan_tree(tree: ResourceTree, n: int, keep_sharing: float = PRESET.scan.keep_sharing) -> ShardPlan:
+    """The tree sorted, split and cut by `plan_shards` (`plan_for`), whose compute measure counts
+    the shared segments each rank's `blend` policy computes again (below its hold threshold)."""
+    out = plan_for(tree, n, PRESET.scan, keep_sharing)  # the plugin's split budget and hold
+    out.check_integrity(tree)
+    return out
+
+
+def plan(items: Sequence[Prepared], n: int, cost: CostModel,
+         keep_sharing: float = PRESET.scan.keep_sharing) -> ShardPlan:
+    """The plan over the items' token tree (output length = max_tokens); its shards hold indices
+    into `items`."""
+    tree = ResourceTree(cost)
+    for i, p in enumerate(items):
+        tree.add(i, tokens=p.input_ids, output_len=p.max_tokens, max_tokens=p.max_tokens)
+    return plan_tree(tree, n, keep_sharing)
 
 
 def shards(items: Sequence[Prepared], n: int, cost: CostModel,
            keep_sharing: float = PRESET.scan.keep_sharing) -> list[list[Prepared]]:
-    """The items of each of n replicas (`cut` over their token tree, output length = max_tokens)."""
-    tree = ResourceTree(cost)
-    for i, p in enumerate(items):
-        tree.add(i, tokens=p.input_ids, output_len=p.max_tokens, max_tokens=p.max_tokens)
-    return [[items[i] for i in ids] for ids in cut(tree, n, keep_sharing)]
+    """The items of each of n replicas (`plan`)."""
+    return [[items[i] for i in ids] for ids in plan(items, n, cost, keep_sharing).shards]
 
 
 def store_shards(store, done, n: int, cost: CostModel,

@@ -57,6 +57,8 @@ class ShardPlan(NamedTuple):
     one_compute: int = 0  # tokens one engine computes running the whole DFS order (same measure)
     cut_compute: int = 0  # tokens the cuts add to compute (kept at every run start; <= cut_tokens)
     hold: int = 0  # the measure's hold threshold (module docstring)
+    pieces: tuple = ()  # per piece in dealing order: request ids (its left run, then its right run); piece k
+    # belongs to shard `snake(k, N)`
 
     @property
     def compute_imbalance(self) -> float:
@@ -86,6 +88,10 @@ class ShardPlan(NamedTuple):
             assert all(0 <= s < e <= len(order) for s, e in runs), f"shard {i}: empty or out-of-range run"
             assert all(e < s for (_, e), (s, _) in zip(runs, runs[1:])), f"shard {i}: runs unsorted or touching"
             assert self.shards[i] == [rid for s, e in runs for rid in order[s:e]], f"shard {i}: ids differ from its runs"
+        n = len(self.shards)
+        for i in range(n):
+            mine = [rid for k, ids in enumerate(self.pieces) if snake(k, n) == i for rid in ids]
+            assert sorted(map(repr, mine)) == sorted(map(repr, self.shards[i])), f"shard {i}: its pieces differ from it"
         assert sum(self.memory) == tree.root.mem, f"memory {sum(self.memory)} != tree's {tree.root.mem}"
         ideal = tree.root.tokens - tree.root.saved  # every shared prefix computed once
         assert self.one_compute == ideal if self.hold == 0 else self.one_compute >= ideal, (
@@ -185,7 +191,7 @@ def plan_shards(tree: ResourceTree, n_shards: int, tol: float = 0.02, stripes: i
     n = o.n
     comp_total, mem_total = o.comp[n], o.mem[n]
     pieces = n_shards * stripes
-    owner = [pos if lap % 2 == 0 else n_shards - 1 - pos for lap, pos in (divmod(k, n_shards) for k in range(pieces))]
+    owner = [snake(k, n_shards) for k in range(pieces)]
     # each cut within eps of its target keeps every shard within tol of 1/N (`_Targets`); even pieces: a
     # shard's error is the sum of its 2 x stripes cut errors
     eps = tol / (2 * pieces) if even_pieces else tol / (n_shards * (1 + sum(1 / k for k in range(1, n_shards))))
@@ -206,9 +212,11 @@ def plan_shards(tree: ResourceTree, n_shards: int, tol: float = 0.02, stripes: i
             break
         later = after
     owned: list = [[] for _ in range(n_shards)]
+    dealt = []
     for k, (a, b) in enumerate(cuts):
         a2, b2 = cuts[k + 1] if k + 1 < len(cuts) else (b, b)
         owned[owner[k]] += [(a, a2), (b2, b)]
+        dealt.append([r.rid for r in o.reqs[a:a2]] + [r.rid for r in o.reqs[b2:b]])
     runs = [_merge(r) for r in owned]
     shards = [[r.rid for s, e in rs for r in o.reqs[s:e]] for rs in runs]
     compute = [sum(o.comp_run(s, e) for s, e in rs) for rs in runs]
@@ -216,7 +224,13 @@ def plan_shards(tree: ResourceTree, n_shards: int, tol: float = 0.02, stripes: i
     cut_tokens = sum(o.lcp[s] for rs in runs for s, e in rs)
     cut_compute = sum(o.kept[s] for rs in runs for s, e in rs)
     return ShardPlan(shards, runs, cuts[1:], compute, memory, cut_tokens, tree.root.saved, o.comp[n], cut_compute,
-                     hold)
+                     hold, tuple(dealt))
+
+
+def snake(k: int, n_shards: int) -> int:
+    """The shard of piece k: dealt 0..N-1, N-1..0, 0..N-1, ..."""
+    lap, pos = divmod(k, n_shards)
+    return pos if lap % 2 == 0 else n_shards - 1 - pos
 
 
 def plan_for(tree: ResourceTree, n_shards: int, scan, keep_sharing: float | None = None,

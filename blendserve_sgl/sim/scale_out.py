@@ -7,7 +7,9 @@ Three ways to deal the requests to N engines:
   cut at i / pieces of the totals, the planner's earlier rule, for comparison);
 - `round-robin`: request i to engine i mod N (SGLang's DP controller, `auto` method);
 - `blocks`: blocks of 256 requests in arrival order, block j to engine j mod N (Ray Data's
-  `batch_size` blocks to a replica pool, no prefix locality).
+  `batch_size` blocks to a replica pool, no prefix locality);
+- `fed` (`blend-fed-K`): the blend dealing with the snake's last K pieces kept back and fed to
+  whichever engine runs low (work stealing at piece granularity); the engines run side by side.
 
 Each engine runs its requests with the same policy and `RunSpec` as one engine would; the N
 engines run side by side, so the job takes the slowest engine's time. Scaling is one engine's
@@ -18,7 +20,9 @@ summed time over one engine's (extra steps: each engine reads the weights every 
 at least its longest output's steps), the slowest engine's tail (the time after its last
 prefill: decode only), the critical-path floor (`floor_seconds`: the longest single request's
 steps at their least time, which no dealing over any N shortens, so the best scaling is
-`bound` = one's time / max(one's time / N, floor)), the engines' own weight-charging bounds
+`bound` = one's time / max(one's time / N, floor)), the scaling the same engine time would give
+spread evenly (`balanced_scaling` = N x one's time / the summed time: what no rebalancing of the
+same work, work stealing included, can beat), the engines' own weight-charging bounds
 T_w (`SimResult.weight_bound_s`: the slowest engine's time cannot go below the largest), lost
 sharing and each engine's density against the whole workload's.
 
@@ -31,19 +35,22 @@ pool), retractions, decode-only tail and its time split (`SimResult.time_split`)
 from __future__ import annotations
 
 import math
+import time
 from typing import NamedTuple
 
 import numpy as np
 
-from ..core.shard import ShardPlan, plan_for
-from .metrics import SimResult
-from .policies import reference_tree
+from ..core.shard import ShardPlan, plan_for, snake
+from .engine import Engine
+from .metrics import SimResult, result_from_engine
+from .policies import make_picker, reference_tree
 from .request import from_records
 from .run import RunSpec, Workload, simulate
-from .timing import ExecModel, step_seconds, weight_seconds
+from .timing import ExecModel, operator_seconds, step_seconds, weight_seconds
 
 DEALS = ("blend", "round-robin", "blocks")
 EVEN_PIECES = "blend-even-pieces"  # blend cut with every cut at i / pieces of the totals (`plan_shards` even_pieces)
+FED = "blend-fed"  # blend with the snake's last pieces fed on demand (`fed`), e.g. "blend-fed-8"
 BLOCK = 256  # Ray Data LLM's default batch_size
 LONG_QUANTILE = 0.99  # shard_profiles: a long-output request's output is at least this quantile of the batch's
 LOW_KV = 0.2  # shard_profiles: a step holding less than this share of the KV pool counts as a low-KV step
@@ -98,6 +105,7 @@ def diagnose(run: ScaleOut, one: SimResult, floor_s: float, density: float, mode
             "slowest_tail_share": round(tails[slowest] / times[slowest], 4),
             "floor_s": round(floor_s, 1), "one_s": round(one_t, 1), "bound": round(bound, 4),
             "scaling_over_bound": round(one_t / max(times) / bound, 4),
+            "balanced_scaling": round(n * one_t / sum(times), 4),
             "engines_weight_bound_s": round(max(r.weight_bound_s for r in live), 1),
             "one_weight_bound_s": round(one.weight_bound_s, 1),
             "density_drift_max": round(max(drift), 4) if drift else 0.0}
@@ -184,6 +192,58 @@ def _deal(records: list, n: int, how: str, spec: RunSpec,
     for r in records:
         out[shard_of[r.rid]].append(r)
     return out, plan
+
+
+def fed(records: list, n: int, spec: RunSpec, mode: ExecModel, held: int, low: float = 1.5,
+        stripes: int | None = None, policy: str = "blend") -> ScaleOut:
+    """The blend dealing with the snake's last `held` pieces kept back and fed on demand (work
+    stealing at piece granularity, as a driver feeding pieces to the replica that asks): the N
+    engines step in time order (the one furthest behind steps next); an engine whose unfinished
+    requests fall under `low` mean pieces takes the next kept piece. `held` = 0 is
+    `scale_out(records, n, "blend", spec)` exactly."""
+    t0 = time.perf_counter()
+    tree = reference_tree(from_records(records), spec.cost)
+    plan = plan_for(tree, n, spec.preset.scan, stripes=stripes)
+    if not 0 <= held < len(plan.pieces):
+        raise ValueError(f"held must be in [0, {len(plan.pieces)}) pieces, got {held!r}")
+    index = {r.rid: i for i, r in enumerate(records)}
+    pieces = [sorted((records[index[rid]] for rid in ids), key=lambda r: index[r.rid]) for ids in plan.pieces]
+    kept = len(pieces) - held
+    parts = [sorted((r for k in range(kept) if snake(k, n) == e for r in pieces[k]), key=lambda r: index[r.rid])
+             for e in range(n)]
+    engines = []
+    for part in parts:
+        reqs = from_records(part, known=spec.known_lengths)
+        picker = make_picker(policy, reqs, spec.cost, seed=spec.seed, preset=spec.preset,
+                             reference=Workload(part, spec.cost).reference if part else None)
+        engines.append(Engine(spec.cost, spec.engine, picker, reqs))
+    clock, queue, done = [0.0] * n, list(range(kept, len(pieces))), [False] * n
+    threshold = low * len(records) / len(pieces)
+    while not all(done):
+        e = min((i for i in range(n) if not done[i]), key=clock.__getitem__)
+        eng = engines[e]
+        if queue and len(eng.requests) - eng.finished < threshold:
+            k = queue.pop(0)
+            parts[e] += pieces[k]
+            for req in from_records(pieces[k], known=spec.known_lengths):
+                eng.submit(req)
+        if eng.finished >= len(eng.requests):
+            done[e] = not queue
+            continue
+        eng.step()
+        clock[e] += _last_step_seconds(eng, mode)
+    wall = time.perf_counter() - t0
+    loads = [Workload(part, spec.cost) if part else None for part in parts]
+    results = [result_from_engine(eng, policy, w.optimal_s, wall, w.weight_bound_s(spec.cost, spec.engine.max_running))
+               if w else None for eng, w in zip(engines, loads)]
+    return ScaleOut(f"{FED}-{held}", results, [w.density if w else None for w in loads], plan)
+
+
+def _last_step_seconds(engine: Engine, mode: ExecModel) -> float:
+    s = engine.series
+    ops = operator_seconds(engine.cost, [s["prefill"][-1] + s["decode"][-1]], [s["kv_read"][-1]],
+                           [s["attn_pairs"][-1]], [s["decode"][-1]], [s["kv_active"][-1]])
+    return float(step_seconds(ops, mode)[0])
 
 
 def scale_out(records: list, n: int, how: str, spec: RunSpec, policy: str = "blend",
