@@ -330,8 +330,9 @@ class DualScanner:
 
     def _final_wave(self, budget: Budget, st: "_StepState", out: list) -> bool:
         """The last wave (ScanConfig.final_wave): once every waiting request fits in the KV pool
-        at once, what is left to decide is when the batch ends. Longest output first (LPT; ties:
-        longer prompt first), pooled memory, no shares: the long requests start as soon as memory
+        at once, what is left to decide is when the batch ends. Longest output first (LPT; ties in
+        the tree's DFS order, so requests that share a prefix stay together and the hold keeps
+        them from computing it twice in one step), pooled memory, no shares: the long requests start as soon as memory
         frees instead of forming a tail after the short ones. A held request waits for the next
         step without stopping the wave; the first one that does not fit stops it (smaller ones
         would take the memory it is waiting for). False when the wave has not begun."""
@@ -344,7 +345,8 @@ class DualScanner:
         reqs = self.tree.reqs
         alive = [r for r in self._wave if reqs.get(r.rid) is r]
         if len(alive) != len(reqs):  # arrivals, retractions or cancels since the wave was sorted
-            alive = sorted(reqs.values(), key=lambda r: (-r.output_len, -r.prompt_len, r.seq))
+            dfs = {r.rid: k for k, r in enumerate(self.tree.iter_requests())}
+            alive = sorted(reqs.values(), key=lambda r: (-r.output_len, dfs[r.rid]))
         self._wave = alive  # taken ones drop out at the next call's filter
         mid = self.tree.density(root)
         for req in alive:
