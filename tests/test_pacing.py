@@ -65,16 +65,3 @@ def test_decode_time_counts_the_engines_per_request_and_per_token_work():
     assert decode_seconds(busy, kv, dec) == pytest.approx(by_hand, rel=1e-12)
     assert paced_prefill_tokens(busy, kv, dec, 2.0) == max(int(weights / per_token), int(2.0 * by_hand / per_token)) - dec
     assert paced_prefill_tokens(busy, kv, dec, 2.0) > paced_prefill_tokens(COST, kv, dec, 2.0)
-
-
-def test_no_pacing_while_the_batch_fills_the_pool():
-    """Under FILL_BELOW of the pool the batch is filling: no pacing (None); at or above it the pool
-    changes nothing."""
-    from blendserve_sgl.core.pacing import FILL_BELOW
-
-    pool = 100_000
-    below = int(FILL_BELOW * pool) - 1
-    assert paced_prefill_tokens(COST, below, 8, 1.3, pool) is None
-    assert paced_prefill_tokens(COST, below, 8, 1.3) is not None
-    at = int(FILL_BELOW * pool)
-    assert paced_prefill_tokens(COST, at, 8, 1.3, pool) == paced_prefill_tokens(COST, at, 8, 1.3)

@@ -294,11 +294,10 @@ def test_good_output_length_hints_are_known_lengths():
 def test_paced_step_sets_and_restores_the_prefill_budget():
     """begin_step sets SGLang's prefill-token budget and chunk size to core.pacing's value for the
     running batch and the waiting work's density (never above the configured sizes); end_step
-    puts the configured sizes back. No pacing while the running batch holds less than
-    core.pacing.FILL_BELOW of the pool."""
+    puts the configured sizes back."""
     from blendserve_sgl.core.pacing import paced_prefill_tokens
 
-    sched = FakeScheduler(capacity=5_000)  # the running batch below holds 2,560 tokens: over half of it
+    sched = FakeScheduler(capacity=100_000)
     sched.chunked_prefill_size, sched.max_prefill_tokens = 100_000, 100_000
     sched.is_mixed_chunk = True  # prefill and decode share a step: pacing has decode work to balance
     pol = _make_policy(sched, sample_fraction=0.0)
@@ -310,8 +309,8 @@ def test_paced_step_sets_and_restores_the_prefill_budget():
     for r in running:
         r.output_ids = [7] * 20
     root = pol.tree.root
-    want = paced_prefill_tokens(pol.cost, 8 * 320, 8, pol.cost.density(root.tokens, root.mem), 5_000)
-    assert want is not None and want < 100_000
+    want = paced_prefill_tokens(pol.cost, 8 * 320, 8, pol.cost.density(root.tokens, root.mem))
+    assert want < 100_000
     pol.begin_step(SimpleNamespace(reqs=running))
     assert sched.max_prefill_tokens == want and sched.chunked_prefill_size == want
     # the plan sees the paced budget, less the running requests' decode tokens that ride in the mixed step
@@ -327,9 +326,6 @@ def test_paced_step_sets_and_restores_the_prefill_budget():
     off.begin_step(SimpleNamespace(reqs=running))
     assert sched.max_prefill_tokens == 100_000
     off.end_step()
-    sched.max_total_num_tokens = 100_000  # the batch fills under half the pool: no pacing yet
-    assert pol.paced_tokens(SimpleNamespace(reqs=running)) is None
-    sched.max_total_num_tokens = 5_000
     sched.is_mixed_chunk = False  # SGLang's default: a prefill step decodes nothing, so no pacing
     pol.begin_step(SimpleNamespace(reqs=running))
     assert pol.paced_tokens(SimpleNamespace(reqs=running)) is None and sched.max_prefill_tokens == 100_000

@@ -221,12 +221,10 @@ def test_pacing_needs_mixed_steps():
     from blendserve_sgl.core.pacing import paces
 
     assert paces(True, True) and not paces(True, False) and not paces(False, True)
-    rng = random.Random(3)  # long prompts in a pool the batch fills past core.pacing.FILL_BELOW
-    work = {f"r{i}": ([rng.randrange(10_000) for _ in range(rng.randint(600, 1200))], rng.randint(50, 150))
-            for i in range(100)}
+    work = token_work(5, 150, out=(20, 80))
 
     def steps(pace, mixed):
-        eng = run(work, "fcfs", pace=pace, mixed_chunk=mixed, chunked_prefill=2048, kv_tokens=20_000)
+        eng = run(work, "fcfs", pace=pace, mixed_chunk=mixed, chunked_prefill=2048)
         return eng.series["prefill"], eng.finish_order
 
     assert steps(True, False) == steps(False, False)

@@ -12,10 +12,7 @@ dominated by what every step pays. No pacing while nothing decodes: there is no 
 balance, and a small chunk would only pay the fixed cost more often. No pacing either where
 prefill and decode do not share a step (SGLang without `--enable-mixed-chunk`): a prefill step
 then carries no decode to balance, and a smaller chunk only splits it into more steps, each
-paying the fixed cost (`paces`). No pacing while the running requests' KV is under `FILL_BELOW` of
-the pool: the batch is filling, not in the steady state pacing balances, and pacing a small batch's
-prefill to its small decode keeps it small (long prompts then take tens of ridge-sized chunks, the
-engine admits nothing meanwhile, and the pool stays part-empty for the rest of the run).
+paying the fixed cost (`paces`).
 """
 
 from __future__ import annotations
@@ -23,8 +20,6 @@ from __future__ import annotations
 import math
 
 from .cost import CostModel
-
-FILL_BELOW = 0.5  # no pacing while the decode batch's KV is under this share of the pool
 
 
 def weight_read_seconds(cost: CostModel) -> float:
@@ -53,16 +48,12 @@ def decode_seconds(cost: CostModel, kv_read_tokens: int, decoding: int) -> float
             + decoding * hw.request_overhead_s)
 
 
-def paced_prefill_tokens(cost: CostModel, kv_read_tokens: int, decoding: int, density: float,
-                         pool_tokens: int | None = None) -> int | None:
+def paced_prefill_tokens(cost: CostModel, kv_read_tokens: int, decoding: int, density: float) -> int | None:
     """Prefill tokens for a step whose decode attention reads `kv_read_tokens` KV tokens for
     `decoding` running requests, at target `density` (Comp / Mem of the waiting work): compute
     time = density x the step's decode time (`decode_seconds`).
-    None (no pacing) when nothing decodes, the density is unbounded (no memory work waits) or,
-    given the KV pool's size in tokens, the decode batch holds less than `FILL_BELOW` of it."""
+    None (no pacing) when nothing decodes or the density is unbounded (no memory work waits)."""
     if decoding <= 0 or not math.isfinite(density):
-        return None
-    if pool_tokens is not None and kv_read_tokens < FILL_BELOW * pool_tokens:
         return None
     gemm_tokens = max(ridge_tokens(cost),
                       density * decode_seconds(cost, kv_read_tokens, decoding) / cost.seconds_per_compute_token)

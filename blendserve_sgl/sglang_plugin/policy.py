@@ -325,8 +325,7 @@ class BlendPolicy:
             return None
         running = list(running_batch.reqs) if running_batch is not None else []
         kv_read = sum(len(r.origin_input_ids) + len(r.output_ids) for r in running)
-        return paced_prefill_tokens(self.cost, kv_read, len(running), self.cost.density(root.tokens, root.mem),
-                                    int(self.scheduler.max_total_num_tokens))
+        return paced_prefill_tokens(self.cost, kv_read, len(running), self.cost.density(root.tokens, root.mem))
 
     def begin_step(self, running_batch) -> None:
         """Before SGLang builds this step's PrefillAdder: the paced budget as its prefill-token

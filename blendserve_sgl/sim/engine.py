@@ -255,8 +255,7 @@ class Engine:
         """This step's chunked-prefill size: the configured one, or paced (`EngineConfig.pace`)."""
         size = self.config.chunked_prefill
         if paces(self.config.pace, self.config.mixed_chunk) and self.waiting:
-            paced = paced_prefill_tokens(self.cost, self.next_kv_read, self.n_dec, self.waiting_density(),
-                                         self.config.kv_tokens)
+            paced = paced_prefill_tokens(self.cost, self.next_kv_read, self.n_dec, self.waiting_density())
             if paced is not None:
                 size = max(1, min(paced, size))
         return size
