@@ -144,6 +144,8 @@ def test_sglang_rule_stops_at_the_first_request_that_does_not_fit():
         def sglang_offset(self):
             return 20.0
 
+        sglang_room = Engine.sglang_room  # free + evictable - offset, as the engine counts it
+
     picks = sglang_admit(View(), reqs)
     # each needs 50 + 30 + 1 = 81 of rem = 230: 230 -> 149 -> 68, the third (81 >= 68) stops
     assert [p.req.rid for p in picks] == ["r0", "r1"]

@@ -345,8 +345,7 @@ class DualScanner:
         reqs = self.tree.reqs
         alive = [r for r in self._wave if reqs.get(r.rid) is r]
         if len(alive) != len(reqs):  # arrivals, retractions or cancels since the wave was sorted
-            dfs = {r.rid: k for k, r in enumerate(self.tree.iter_requests())}
-            alive = sorted(reqs.values(), key=lambda r: (-r.output_len, dfs[r.rid]))
+            alive = sorted(self.tree.iter_requests(), key=lambda r: -r.output_len)  # stable: ties stay in DFS order
         self._wave = alive  # taken ones drop out at the next call's filter
         mid = self.tree.density(root)
         for req in alive:

@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import bisect
 import math
+from collections import Counter
 from itertools import accumulate
 from typing import NamedTuple
 
@@ -89,9 +90,11 @@ class ShardPlan(NamedTuple):
             assert all(e < s for (_, e), (s, _) in zip(runs, runs[1:])), f"shard {i}: runs unsorted or touching"
             assert self.shards[i] == [rid for s, e in runs for rid in order[s:e]], f"shard {i}: ids differ from its runs"
         n = len(self.shards)
-        for i in range(n):
-            mine = [rid for k, ids in enumerate(self.pieces) if snake(k, n) == i for rid in ids]
-            assert sorted(map(repr, mine)) == sorted(map(repr, self.shards[i])), f"shard {i}: its pieces differ from it"
+        dealt: list = [[] for _ in range(n)]
+        for k, ids in enumerate(self.pieces):
+            dealt[snake(k, n)] += ids
+        for i, mine in enumerate(dealt):
+            assert Counter(mine) == Counter(self.shards[i]), f"shard {i}: its pieces differ from it"
         assert sum(self.memory) == tree.root.mem, f"memory {sum(self.memory)} != tree's {tree.root.mem}"
         ideal = tree.root.tokens - tree.root.saved  # every shared prefix computed once
         assert self.one_compute == ideal if self.hold == 0 else self.one_compute >= ideal, (

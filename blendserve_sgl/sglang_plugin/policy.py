@@ -282,7 +282,8 @@ class BlendPolicy:
 
         # With --enable-mixed-chunk the running requests' decode tokens ride in the prefill batch:
         # SGLang's PrefillAdder takes them out of both the KV budget and the step's prefill tokens.
-        mixed = len(running) if getattr(sched, "is_mixed_chunk", False) else 0
+        mixed_steps = bool(getattr(sched, "is_mixed_chunk", False))
+        mixed = len(running) if mixed_steps else 0
         budget = sched.token_to_kv_pool_allocator.create_prefill_budget(sched.tree_cache,
                                                                          num_mixed_decode_tokens=mixed)
         offset = 0.0
@@ -312,7 +313,7 @@ class BlendPolicy:
         return Budget(free_tokens * kvb, max(0, slots), prefill, output_ratio=ratio if self.preset.engine_ratio else None,
                       steps=steps, kv_pool=pool,
                       prefilling=prefilling, admit_room=free_tokens, admit_clip=CLIP_MAX_NEW_TOKENS,
-                      mixed_steps=bool(getattr(sched, "is_mixed_chunk", False)))
+                      mixed_steps=mixed_steps)
 
     # ------------------------------------------------------------------ paced prefill
     def paced_tokens(self, running_batch) -> int | None:

@@ -28,9 +28,10 @@ class Pick(NamedTuple):
     reserve: int = 0  # KV pages the picker reserves for the request's life (0: none)
 
 
-def sglang_admit(view, candidates: Iterable) -> list[Pick]:
+def sglang_admit(view, candidates: Iterable, room: float | None = None) -> list[Pick]:
+    """`room`: `view.sglang_room()` when the caller has it for this state of the engine."""
     clip = view.config.clip_max_new_tokens
-    total = view.free_tokens + view.cache.evictable_tokens - view.sglang_offset()
+    total = view.sglang_room() if room is None else room
     horizons: list = []
     if view.config.kv_projection:
         forever, pages = view.kv_horizons(int(total))

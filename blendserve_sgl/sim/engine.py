@@ -189,6 +189,10 @@ class Engine:
         """KV tokens the next decode round reads."""
         return self.sum_base + self.sum_gen
 
+    def sglang_room(self) -> float:
+        """The room SGLang's admission check sees, in tokens: free + evictable less `sglang_offset`."""
+        return self.free_tokens + self.cache.evictable_tokens - self.sglang_offset()
+
     def sglang_offset(self) -> float:
         """SGLang's reservation for running requests: sum of min(max_new - generated, clip),
         scaled by the new-token ratio unless ignore_eos."""

@@ -306,7 +306,7 @@ class BlendPicker(Picker):
         free = view.free_tokens + view.cache.evictable_tokens - view.reserved_left()
         horizons: tuple = ()
         # the room SGLang's own check sees (adder.sglang_admit), for ScanConfig.engine_check
-        room = view.free_tokens + view.cache.evictable_tokens - view.sglang_offset()
+        room = sglang_room = view.sglang_room()
         if view.config.kv_projection:  # pages free for good and over horizons, never below either floor
             forever, pages = view.kv_horizons(min(free, room))
             free, room = max(free, forever), max(room, forever)
@@ -320,7 +320,7 @@ class BlendPicker(Picker):
                         admit_clip=view.config.clip_max_new_tokens, mixed_steps=view.config.mixed_chunk)
         picks = [Pick(self.reqs[a.rid], math.ceil(a.kv_bytes / bpt - 1e-9)) for a in self.scanner.schedule(budget)]
         # SGLang's own admission walks the plan (the plugin's queue): its first refusal ends the step
-        admitted = len(sglang_admit(view, (p.req for p in picks))) if picks else 0
+        admitted = len(sglang_admit(view, (p.req for p in picks), sglang_room)) if picks else 0
         if admitted < len(picks):
             self.rejected(picks[admitted:])
         return picks[:admitted]
