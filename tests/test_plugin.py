@@ -146,6 +146,19 @@ def _make_policy(sched, **settings):
     return BlendPolicy(sched, SimpleNamespace(policy="fcfs"), BlendSettings(hardware="a100", **settings))
 
 
+def _assert_work_recounts(pol):
+    """The pacing target's incremental sums (`BlendPolicy.work`) equal a recount over the waiting requests."""
+    from blendserve_sgl.core.pacing import WaitingWork
+
+    ref = WaitingWork(pol.work.clip)
+    for r in pol.waiting.values():
+        out = len(r.output_ids)
+        left = max(1, r.sampling_params.max_new_tokens - out)
+        ref.wait(len(r.origin_input_ids) + out, left, left if r.sampling_params.ignore_eos else None)
+    fields = ("known_comp", "known_mem", "n", "fill", "cap")
+    assert [getattr(pol.work, f) for f in fields] == [getattr(ref, f) for f in fields]
+
+
 def test_adapter_loses_nothing_and_admits_each_request_once():
     """Random arrivals, SGLang-like admission that sometimes refuses part of the plan, finishes,
     retractions and aborts: every request is admitted exactly once unless aborted, and the
@@ -201,6 +214,7 @@ def test_adapter_loses_nothing_and_admits_each_request_once():
                 sched.waiting_queue.append(r)
                 pol.on_arrival(r, is_retracted=True)
         pol.tree.check_integrity()
+        _assert_work_recounts(pol)
     assert not sched.waiting_queue and not running
     assert sorted(admitted) == sorted(set(reqs) - aborted), "a request was admitted twice or never"
     assert pol.stats()["steps"] > 0
@@ -295,6 +309,7 @@ def test_paced_step_sets_and_restores_the_prefill_budget():
     """begin_step sets SGLang's prefill-token budget and chunk size to core.pacing's value for the
     running batch and the waiting work's density (never above the configured sizes); end_step
     puts the configured sizes back."""
+    from blendserve_sgl.core.cost import memory_units
     from blendserve_sgl.core.pacing import paced_prefill_tokens
 
     sched = FakeScheduler(capacity=100_000)
@@ -308,8 +323,8 @@ def test_paced_step_sets_and_restores_the_prefill_budget():
     running = [FakeReq(f"run{i}", [9] * 300, 64) for i in range(8)]
     for r in running:
         r.output_ids = [7] * 20
-    root = pol.tree.root
-    want = paced_prefill_tokens(pol.cost, 8 * 320, 8, pol.cost.density(root.tokens, root.mem))
+    # the waiting work at its known lengths, no sharing term (as the simulator's engine paces every policy)
+    want = paced_prefill_tokens(pol.cost, 8 * 320, 8, pol.cost.density(20 * (250 + 400), 20 * memory_units(250, 400)))
     assert want < 100_000
     pol.begin_step(SimpleNamespace(reqs=running))
     assert sched.max_prefill_tokens == want and sched.chunked_prefill_size == want
@@ -330,6 +345,36 @@ def test_paced_step_sets_and_restores_the_prefill_budget():
     pol.begin_step(SimpleNamespace(reqs=running))
     assert pol.paced_tokens(SimpleNamespace(reqs=running)) is None and sched.max_prefill_tokens == 100_000
     pol.end_step()
+
+
+def test_pacing_estimates_unknown_outputs_as_the_simulator_does():
+    """Requests of unknown length: before any finish each counts min(max_new_tokens, clip)
+    tokens of output; after, the mean output of the finished requests (`core.pacing.WaitingWork`,
+    the estimate the simulator's engine gives every policy)."""
+    from sglang.srt.managers.schedule_policy import CLIP_MAX_NEW_TOKENS
+
+    from blendserve_sgl.core.cost import memory_units
+
+    sched = FakeScheduler(capacity=100_000, slots=2)
+    pol = _make_policy(sched, sample_fraction=0.0)
+    for i in range(10):
+        r = FakeReq(f"w{i}", [i + 1] * 100, 9000)
+        sched.waiting_queue.append(r)
+        pol.on_arrival(r)
+    m = min(9000, CLIP_MAX_NEW_TOKENS)
+    assert pol.work.output_estimate() == m
+    assert pol.work.density(pol.cost) == pytest.approx(pol.cost.density(10 * (100 + m), 10 * memory_units(100, m)))
+    pol.calc_priority(sched.waiting_queue, SimpleNamespace(reqs=[]))
+    took, sched.waiting_queue = sched.waiting_queue[:2], sched.waiting_queue[2:]
+    pol.after_step()
+    assert len(took) == 2 and len(pol.waiting) == 8
+    took[0].output_ids, took[0].done = [7] * 10, True
+    took[1].output_ids = [7] * 500  # still running: not counted
+    pol.calc_priority(sched.waiting_queue, SimpleNamespace(reqs=[took[1]]))
+    pol.after_step()
+    assert pol.work.output_estimate() == 10
+    left = len(pol.waiting)
+    assert pol.work.density(pol.cost) == pytest.approx(pol.cost.density(left * 110, left * memory_units(100, 10)))
 
 
 def test_plugin_and_simulator_build_the_same_blend_configuration():

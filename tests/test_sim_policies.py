@@ -249,19 +249,30 @@ def test_pacing_counts_decode_tokens_at_the_waiting_density(known):
     assert chunks["fcfs"] == chunks["blend"]
 
 
-def test_waiting_work_sums_follow_admissions_and_retractions():
-    """The incremental waiting sums equal a recount over the waiting requests after every step
-    of a run with retractions."""
+@pytest.mark.parametrize("known", [True, False])
+def test_waiting_work_sums_follow_admissions_and_retractions(known):
+    """The incremental waiting sums (`core.pacing.WaitingWork`) equal a recount over the waiting
+    and finished requests after every step of a run with retractions."""
     from blendserve_sgl.core.cost import compute_tokens, memory_units
 
-    reqs = from_tokens(token_work(8, 60, out=(150, 250)))
-    eng = Engine(COST, EngineConfig(kv_tokens=3_000, max_running=64, chunked_prefill=256, clip_max_new_tokens=30,
+    reqs = from_tokens(token_work(8, 60, out=(150, 250)), known=known)
+    clip = 30
+    eng = Engine(COST, EngineConfig(kv_tokens=3_000, max_running=64, chunked_prefill=256, clip_max_new_tokens=clip,
                                     pace=True), make_picker("fcfs", reqs, COST), reqs)
     while eng.finished < len(reqs):
         eng.step()
         waiting = [r for r in reqs if r.state == "waiting"]
-        assert eng._wk_comp == sum(compute_tokens(r.fill_len, r.output_len - r.gen) for r in waiting)
-        assert eng._wk_mem == sum(memory_units(r.fill_len, r.output_len - r.gen) for r in waiting)
+        done = [r for r in reqs if r.state == "finished"]
+        w = eng.work
+        if known:
+            assert w.known_comp == sum(compute_tokens(r.fill_len, r.output_len - r.gen) for r in waiting)
+            assert w.known_mem == sum(memory_units(r.fill_len, r.output_len - r.gen) for r in waiting)
+            assert w.n == w.fill == w.cap == 0
+        else:
+            assert w.known_comp == w.known_mem == 0
+            assert (w.n, w.fill) == (len(waiting), sum(r.fill_len for r in waiting))
+            assert w.cap == sum(min(max(r.max_new_tokens - r.gen, 1), clip) for r in waiting)
+        assert (w.done, w.done_out) == (len(done), sum(r.gen for r in done))
     assert eng.counters.retractions > 0
 
 

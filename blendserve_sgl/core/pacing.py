@@ -13,13 +13,19 @@ balance, and a small chunk would only pay the fixed cost more often. No pacing e
 prefill and decode do not share a step (SGLang without `--enable-mixed-chunk`): a prefill step
 then carries no decode to balance, and a smaller chunk only splits it into more steps, each
 paying the fixed cost (`paces`).
+
+The target density is the waiting work's (`WaitingWork`): remaining lengths where known, and one
+estimate for every request of unknown length, the mean output of the requests finished so far
+(before the first finish, the mean min(max_new_tokens, clip)). The simulator's engine keeps it
+for every policy and the plugin keeps it over SGLang's waiting queue, so blend paces the same way
+in both. It is policy-neutral on purpose: no scheduler's estimator is needed to run it.
 """
 
 from __future__ import annotations
 
 import math
 
-from .cost import CostModel
+from .cost import CostModel, memory_units
 
 
 def weight_read_seconds(cost: CostModel) -> float:
@@ -58,3 +64,52 @@ def paced_prefill_tokens(cost: CostModel, kv_read_tokens: int, decoding: int, de
     gemm_tokens = max(ridge_tokens(cost),
                       density * decode_seconds(cost, kv_read_tokens, decoding) / cost.seconds_per_compute_token)
     return max(1, int(gemm_tokens) - decoding)
+
+
+class WaitingWork:
+    """The pacing target's inputs, kept incrementally as requests wait (`wait(..., +1)`), leave
+    the queue (`wait(..., -1)`: admitted, aborted) and finish (`finished`): exact compute tokens
+    and memory units of the waiting requests of known length; count, fill tokens (prompt plus
+    output so far) and min(max_new left, clip) of the others; count and output tokens of the
+    finished requests."""
+
+    __slots__ = ("clip", "known_comp", "known_mem", "n", "fill", "cap", "done", "done_out")
+
+    def __init__(self, clip: int):
+        if not (isinstance(clip, int) and clip >= 1):
+            raise ValueError(f"clip must be a positive integer, got {clip!r}")
+        self.clip = clip
+        self.known_comp = self.known_mem = 0
+        self.n = self.fill = self.cap = 0
+        self.done = self.done_out = 0
+
+    def wait(self, fill: int, max_new_left: int | None, known_output: int | None = None, sign: int = 1) -> None:
+        """Count a request into (+1) or out of (-1) the waiting work: `fill` tokens to compute,
+        `known_output` tokens still to generate when known (else at most `max_new_left`, None: the clip)."""
+        if known_output is not None:
+            self.known_comp += sign * (fill + known_output)
+            self.known_mem += sign * memory_units(fill, known_output)
+            return
+        self.n += sign
+        self.fill += sign * fill
+        left = self.clip if max_new_left is None else max_new_left
+        self.cap += sign * min(max(left, 1), self.clip)
+
+    def finished(self, output_len: int) -> None:
+        self.done += 1
+        self.done_out += output_len
+
+    def output_estimate(self) -> float:
+        """The output length assumed for each waiting request of unknown length."""
+        if self.done:
+            return self.done_out / self.done
+        return self.cap / self.n if self.n else 1.0
+
+    def density(self, cost: CostModel) -> float:
+        """Comp / Mem of the waiting requests, no sharing term (+inf: no memory work waits)."""
+        comp, mem = float(self.known_comp), float(self.known_mem)
+        if self.n:
+            m = self.output_estimate()
+            comp += self.fill + self.n * m
+            mem += 2 * m * self.fill + self.n * m * m
+        return cost.density(comp, mem)

@@ -22,7 +22,7 @@ from dataclasses import asdict
 from typing import Any
 
 from ..core import Budget, CostModel, DualScanner, ResourceTree
-from ..core.pacing import paced_prefill_tokens, paces
+from ..core.pacing import WaitingWork, paced_prefill_tokens, paces
 from ..core.specs import ModelSpec, hardware
 from .settings import BlendSettings
 
@@ -88,6 +88,10 @@ class BlendPolicy:
         self.tree = ResourceTree(self.cost, self.preset.estimator)
         self.scanner = DualScanner(self.tree, self.preset.scan)
         self.waiting: dict[Any, Any] = {}  # rid -> sglang Req, in the tree
+        from sglang.srt.managers.schedule_policy import CLIP_MAX_NEW_TOKENS
+
+        self.work = WaitingWork(CLIP_MAX_NEW_TOKENS)  # the pacing target's inputs, as the simulator keeps them
+        self.work_of: dict[Any, tuple] = {}  # rid -> what `work` counts for that waiting request
         self.untracked: dict[Any, Any] = {}  # rid -> sglang Req the tree cannot hold (left to SGLang, FCFS)
         self.planned: dict[Any, Any] = {}  # rid -> sglang Req put in the queue this step
         self.running: dict[Any, Any] = {}  # rid -> sglang Req the scanner handed out
@@ -137,7 +141,7 @@ class BlendPolicy:
         if self.pos.pop(rid, None) is not None:
             self._dirty = True
         if rid in self.waiting:
-            del self.waiting[rid]
+            self._unwait(rid)
             self.tree.remove(rid)
         self.untracked.pop(rid, None)
 
@@ -165,12 +169,20 @@ class BlendPolicy:
             self.untracked[rid] = req
             return
         self.waiting[rid] = req
+        self.work_of[rid] = (len(tokens), max_new, known)
+        self.work.wait(*self.work_of[rid])
+
+    def _unwait(self, rid):
+        """`rid` leaves the waiting requests (planned or aborted): out of the pacing target's work."""
+        self.work.wait(*self.work_of.pop(rid), sign=-1)
+        return self.waiting.pop(rid)
 
     def _sync_running(self) -> None:
         for rid, req in list(self.running.items()):
             if req.finished():
                 del self.running[rid]
                 self.scanner.finished(rid, len(req.output_ids))
+                self.work.finished(len(req.output_ids))
             else:
                 self.scanner.progress(rid, len(req.output_ids))
 
@@ -186,7 +198,7 @@ class BlendPolicy:
         admissions = self.scanner.schedule(self._budget(running_batch))
         planned = []
         for a in admissions:
-            req = self.waiting.pop(a.rid)
+            req = self._unwait(a.rid)
             if req.finished():  # aborted while waiting: SGLang's own path takes it out
                 self.scanner.finished(a.rid, len(req.output_ids))
                 self.untracked[a.rid] = req
@@ -318,15 +330,15 @@ class BlendPolicy:
     # ------------------------------------------------------------------ paced prefill
     def paced_tokens(self, running_batch) -> int | None:
         """This step's prefill tokens by `core.pacing` (None: no pacing): the running requests'
-        decode KV read at the density of the waiting work (Comp / Mem over the tree's requests
-        with their estimated lengths, prefix sharing not counted). Only with
-        `--enable-mixed-chunk`: without it a prefill step decodes nothing (`core.pacing.paces`)."""
-        root = self.tree.root
-        if not paces(self.preset.pacing, getattr(self.scheduler, "is_mixed_chunk", False)) or root.count == 0:
+        decode KV read at the density of the waiting work (`core.pacing.WaitingWork`: the
+        estimate the simulator's engine gives every policy, so blend paces here as it is
+        measured). Only with `--enable-mixed-chunk`: without it a prefill step decodes nothing
+        (`core.pacing.paces`)."""
+        if not paces(self.preset.pacing, getattr(self.scheduler, "is_mixed_chunk", False)) or not self.waiting:
             return None
         running = list(running_batch.reqs) if running_batch is not None else []
         kv_read = sum(len(r.origin_input_ids) + len(r.output_ids) for r in running)
-        return paced_prefill_tokens(self.cost, kv_read, len(running), self.cost.density(root.tokens, root.mem))
+        return paced_prefill_tokens(self.cost, kv_read, len(running), self.work.density(self.cost))
 
     def begin_step(self, running_batch) -> None:
         """Before SGLang builds this step's PrefillAdder: the paced budget as its prefill-token

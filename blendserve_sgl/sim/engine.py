@@ -49,8 +49,8 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from ..core.cost import CostModel, memory_units, prefill_attention_pairs
-from ..core.pacing import paced_prefill_tokens, paces
+from ..core.cost import CostModel, prefill_attention_pairs
+from ..core.pacing import WaitingWork, paced_prefill_tokens, paces
 from ..core.tree import Group
 from .cache import RadixCache
 from .request import DECODING, FINISHED, PREFILLING, WAITING, SimRequest, atom_len
@@ -160,10 +160,7 @@ class Engine:
         self.counters = Counters()
         self.series = {k: [] for k in ("prefill", "decode", "kv_read", "attn_pairs", "kv_active", "running")}
         self.finish_order: list = []
-        # the waiting requests' work, for the pacing target: known lengths exactly (compute
-        # tokens, memory units), the others as (count, fill tokens, min(max_new, clip) tokens)
-        self._wk_comp = self._wk_mem = 0
-        self._wu_n = self._wu_fill = self._wu_cap = 0
+        self.work = WaitingWork(config.clip_max_new_tokens)  # the waiting work, for the pacing target
         self._checked = 0  # steps since the last full check
         for r in self.requests:
             if r.state != WAITING:
@@ -229,31 +226,13 @@ class Engine:
         return self.config.kv_tokens * self.cost.kv_bytes_per_token
 
     def _wait(self, r: SimRequest, sign: int) -> None:
-        """Count `r` into (+1) or out of (-1) the waiting requests and their work sums."""
+        """Count `r` into (+1) or out of (-1) the waiting requests and their work (`core.pacing.WaitingWork`)."""
         self.waiting += sign
-        if r.ignore_eos:
-            d = r.output_len - r.gen
-            self._wk_comp += sign * (r.fill_len + d)
-            self._wk_mem += sign * memory_units(r.fill_len, d)
-        else:
-            self._wu_n += sign
-            self._wu_fill += sign * r.fill_len
-            self._wu_cap += sign * min(max(r.max_new_tokens - r.gen, 1), self.config.clip_max_new_tokens)
-
-    def output_estimate(self) -> float:
-        """The output length assumed for waiting requests of unknown length (module docstring)."""
-        if self.finished:
-            return self.counters.output_tokens / self.finished
-        return self._wu_cap / self._wu_n if self._wu_n else 1.0
+        self.work.wait(r.fill_len, r.max_new_tokens - r.gen, r.output_len - r.gen if r.ignore_eos else None, sign)
 
     def waiting_density(self) -> float:
         """Comp / Mem of the waiting requests, no sharing term (the pacing target)."""
-        comp, mem = float(self._wk_comp), float(self._wk_mem)
-        if self._wu_n:
-            m = self.output_estimate()
-            comp += self._wu_fill + self._wu_n * m
-            mem += 2 * m * self._wu_fill + self._wu_n * m * m
-        return self.cost.density(comp, mem)
+        return self.work.density(self.cost)
 
     def chunk_size(self) -> int:
         """This step's chunked-prefill size: the configured one, or paced (`EngineConfig.pace`)."""
@@ -573,6 +552,7 @@ class Engine:
         r.state = FINISHED
         self.finished += 1
         self.counters.output_tokens += r.gen
+        self.work.finished(r.gen)
         self.finish_order.append(r.rid)
         self.picker.finished(r)
 
