@@ -249,6 +249,24 @@ def test_pacing_counts_decode_tokens_at_the_waiting_density(known):
     assert chunks["fcfs"] == chunks["blend"]
 
 
+def test_oracle_pacing_paces_unknown_lengths_at_their_true_density():
+    """pace_density="true" (an ablation): requests of unknown length are paced as if their true
+    remaining lengths were known, so the chunk equals the known-length run's; the default
+    estimate differs from it here (before any finish: the clipped max_new_tokens)."""
+    work = token_work(2, 40, long_share=0.3)
+    sizes = {}
+    for name, known, density in (("known", True, "estimate"), ("oracle", False, "true"), ("estimate", False, "estimate")):
+        reqs = from_tokens(work, known=known, max_tokens=5000)
+        config = EngineConfig(kv_tokens=400_000, max_running=64, chunked_prefill=100_000, pace=True,
+                              pace_density=density)
+        eng = Engine(COST, config, make_picker("fcfs", reqs, COST), reqs)
+        eng.sum_base, eng.n_dec = 2_000_000, 40
+        sizes[name] = (eng.waiting_density(), eng.chunk_size())
+    assert sizes["oracle"] == pytest.approx(sizes["known"]) and sizes["estimate"][0] != pytest.approx(sizes["known"][0])
+    with pytest.raises(ValueError, match="pace_density"):
+        EngineConfig(kv_tokens=10, pace_density="tree")
+
+
 @pytest.mark.parametrize("known", [True, False])
 def test_waiting_work_sums_follow_admissions_and_retractions(known):
     """The incremental waiting sums (`core.pacing.WaitingWork`) equal a recount over the waiting

@@ -31,7 +31,9 @@ Engine features, the same for every picker (`EngineConfig`):
   (fill, remaining output) with no sharing term, kept as incremental sums. Known lengths
   (ignore_eos) give the remaining output exactly; for the others every picker sees the same
   estimate: the mean output of the requests finished so far, and before the first finish
-  their mean min(max_new_tokens, clip_max_new_tokens).
+  their mean min(max_new_tokens, clip_max_new_tokens) (`core.pacing.WaitingWork`, which the
+  plugin keeps too). `pace_density="true"` paces at the waiting requests' true remaining
+  lengths instead: an oracle no engine has, for ablations only (`bench/pacing_ablation.py`).
 - `kv_projection`: admission may count the KV that running requests of known remaining length
   will release (`kv_horizons`). SGLang cannot do this: results with it are their own rows.
 - metering: `steps` and the pool size are part of the view; a picker that meters takes them.
@@ -60,6 +62,7 @@ _NO_WATCH = np.iinfo(np.int64).max
 # SAFETY x h + SLACK steps (its prefill may wait behind others', a decode round may be skipped).
 HORIZONS = np.array([4 ** k for k in range(9)], dtype=np.int64)
 SAFETY, SLACK = 2, 16
+PACE_DENSITIES = ("estimate", "true")
 FULL_CHECK_EVERY = 1024  # check=True: the full recount every this many steps (and at the end)
 
 
@@ -76,8 +79,13 @@ class EngineConfig:
     retract_decode_steps: int = 20  # SGLANG_RETRACT_DECODE_STEPS
     pace: bool = False  # each step's chunk size follows the decode batch's memory time (module docstring)
     kv_projection: bool = False  # admission counts KV that known-length running requests will release
+    pace_density: str = "estimate"  # pacing's target density: "estimate" (WaitingWork, as the plugin
+    # paces) or "true" (the waiting requests' true remaining lengths: a simulator-only oracle for ablations)
 
     def __post_init__(self) -> None:
+        if self.pace_density not in PACE_DENSITIES:
+            raise ValueError(f"EngineConfig.pace_density must be one of {', '.join(PACE_DENSITIES)}, "
+                             f"got {self.pace_density!r}")
         for field in ("kv_tokens", "max_running", "chunked_prefill", "clip_max_new_tokens",
                       "new_token_ratio_decay_steps"):
             value = getattr(self, field)
@@ -161,6 +169,8 @@ class Engine:
         self.series = {k: [] for k in ("prefill", "decode", "kv_read", "attn_pairs", "kv_active", "running")}
         self.finish_order: list = []
         self.work = WaitingWork(config.clip_max_new_tokens)  # the waiting work, for the pacing target
+        # the oracle target (pace_density="true"): every waiting request at its true remaining length
+        self.true_work = WaitingWork(config.clip_max_new_tokens) if config.pace_density == "true" else None
         self._checked = 0  # steps since the last full check
         for r in self.requests:
             if r.state != WAITING:
@@ -229,10 +239,12 @@ class Engine:
         """Count `r` into (+1) or out of (-1) the waiting requests and their work (`core.pacing.WaitingWork`)."""
         self.waiting += sign
         self.work.wait(r.fill_len, r.max_new_tokens - r.gen, r.output_len - r.gen if r.ignore_eos else None, sign)
+        if self.true_work is not None:
+            self.true_work.wait(r.fill_len, None, r.output_len - r.gen, sign)
 
     def waiting_density(self) -> float:
         """Comp / Mem of the waiting requests, no sharing term (the pacing target)."""
-        return self.work.density(self.cost)
+        return (self.work if self.true_work is None else self.true_work).density(self.cost)
 
     def chunk_size(self) -> int:
         """This step's chunked-prefill size: the configured one, or paced (`EngineConfig.pace`)."""
