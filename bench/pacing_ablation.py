@@ -4,8 +4,12 @@ Each Trace analog runs every policy on the method comparison's engine (`EngineCo
 in five variants: estimated lengths paced by the policy-neutral estimate (`core.pacing.WaitingWork`:
 the engine's rule and what the plugin ships), not paced, paced at the waiting requests' true
 density (`pace_density="true"`: an oracle no engine has), and known lengths paced and not paced.
-Per run: overlapped time, steps, mean KV use, retractions; per variant: blend over the best
-other policy; per policy: each variant over its shipped one.
+Two blend-only rows add `ScanConfig.thin_batch_share` (the compute-dense side starts no prompt the
+step has to chunk while the memory-dense side holds under that part of its share; off in the
+preset) to the oracle and the known-length paced variants; the other policies' times there are
+the same variant's (no preset changes them). Per run: overlapped time, steps, mean KV use,
+retractions; per variant: blend over the best other policy; per policy: each variant over its
+shipped one.
 
     python bench/pacing_ablation.py --requests 20000   # -> results/pacing_ablation.json
 """
@@ -21,17 +25,22 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import table, write  # noqa: E402
 from blendserve_sgl.core import CostModel  # noqa: E402
+from blendserve_sgl.core.preset import PRESET  # noqa: E402
 from blendserve_sgl.sim import EngineConfig, ExecModel, RunSpec, Workload, simulate  # noqa: E402
 from blendserve_sgl.workloads import TRACES, trace  # noqa: E402
 
 OVERLAPPED = ExecModel("overlapped", 0.1)
 SHIPPED = "estimated, paced"
-VARIANTS = {  # name -> (known lengths, engine changes)
-    SHIPPED: (False, {}),
-    "estimated, not paced": (False, {"pace": False}),
-    "estimated, paced at the true density (oracle)": (False, {"pace_density": "true"}),
-    "known, paced": (True, {}),
-    "known, not paced": (True, {"pace": False}),
+ORACLE = "estimated, paced at the true density (oracle)"
+THIN = 0.25
+VARIANTS = {  # name -> (known lengths, engine changes, blend preset changes or None, the other policies' variant)
+    SHIPPED: (False, {}, None, None),
+    "estimated, not paced": (False, {"pace": False}, None, None),
+    ORACLE: (False, {"pace_density": "true"}, None, None),
+    f"{ORACLE}, blend thin_batch_share {THIN}": (False, {"pace_density": "true"}, {"thin_batch_share": THIN}, ORACLE),
+    "known, paced": (True, {}, None, None),
+    f"known, paced, blend thin_batch_share {THIN}": (True, {}, {"thin_batch_share": THIN}, "known, paced"),
+    "known, not paced": (True, {"pace": False}, None, None),
 }
 POLICIES = ("blend", "balance", "fcfs", "dfs")
 
@@ -53,10 +62,14 @@ def main() -> None:
         records, _ = trace(name, args.requests, cost, args.seed)
         wl = Workload(records, cost)
         times: dict = {}
-        for variant, (known, changes) in VARIANTS.items():
+        for variant, (known, changes, blend_changes, others_from) in VARIANTS.items():
             engine = EngineConfig.trace_engine(cost, **changes)
+            preset = PRESET.replace(**blend_changes) if blend_changes else PRESET
             for policy in policies:
-                res = simulate(wl, policy, RunSpec(cost, engine, known_lengths=known, seed=args.seed))
+                if others_from and policy != "blend":
+                    times[variant, policy] = times[others_from, policy]
+                    continue
+                res = simulate(wl, policy, RunSpec(cost, engine, known_lengths=known, preset=preset, seed=args.seed))
                 t = times[variant, policy] = res.time(OVERLAPPED)
                 entry = {"trace": name, "variant": variant, "policy": policy, "seconds": round(t, 1),
                          "vs_shipped_variant": round(times[SHIPPED, policy] / t, 4), "steps": res.steps,
@@ -74,7 +87,8 @@ def main() -> None:
         "rules": {"engine": "EngineConfig.trace_engine (1,024 running, 1,024-token chunks, mixed steps) with each "
                             "variant's changes, the same for every policy", "timing": "overlapped, interference 0.1",
                   "model": "llama-3.1-8b", "hardware": "a100", "requests_per_trace": args.requests,
-                  "blend": "PRESET (as the plugin ships it)"},
+                  "blend": f"PRESET (as the plugin ships it); the thin_batch_share rows: PRESET.replace("
+                           f"thin_batch_share={THIN})"},
         "results": results, "summary": summary, "wall_seconds": round(time.perf_counter() - t0, 1)})
     print(f"wrote {path}")
 

@@ -484,10 +484,10 @@ def test_final_wave_changes_the_run_with_the_same_prefix_hits():
 @given(st.integers(0, 10 ** 6), st.integers(1, 40), st.booleans(), st.booleans(), st.sampled_from([0, 32]),
        st.booleans(), st.booleans(), st.sampled_from([0.0, 0.1, 0.5]), st.integers(0, 5),
        st.floats(-1e13, 1e13), st.floats(-1e10, 1e10), st.integers(1, 40_000), st.integers(1, 8),
-       st.integers(1, 4096), st.booleans(), st.booleans(), st.booleans())
+       st.integers(1, 4096), st.booleans(), st.booleans(), st.booleans(), st.sampled_from([0.0, 0.25, 1.0]))
 def test_nothing_running_and_something_fits_means_an_admission(seed, n, known, metered, hold, fill, final_wave,
                                                                 sample_fraction, warm_steps, credit, debt,
-                                                                kv_tokens, slots, prefill, lend, settled, growth):
+                                                                kv_tokens, slots, prefill, lend, settled, growth, thin):
     """Liveness: whatever the shares, memory-work credits, debts, holds, sample state and
     estimates, a scanner with nothing running admits at least one request when one fits the free
     KV (a slot and prefill tokens left); else an engine waiting on it would stop for good."""
@@ -497,7 +497,8 @@ def test_nothing_running_and_something_fits_means_an_admission(seed, n, known, m
     est = OutputLengthEstimator(sample_fraction=sample_fraction, seed=seed % 5, prior=rng.choice([1, 256, 4000]))
     sc = DualScanner(build_length_tree(records, known=known, estimator=est),
                      ScanConfig(hold_prefix_tokens=hold, fill_while_sampling=fill, final_wave=final_wave,
-                                lend_idle_share=lend, fill_settled_only=settled, reserve_growth=growth))
+                                lend_idle_share=lend, fill_settled_only=settled, reserve_growth=growth,
+                                engine_check=bool(thin), thin_batch_share=thin))
     kvb = COST.kv_bytes_per_token
     pool = 4 * kv_tokens * kvb if metered else None
     for _ in range(warm_steps):  # some history: takes, then everything running finishes
@@ -511,7 +512,8 @@ def test_nothing_running_and_something_fits_means_an_admission(seed, n, known, m
         side.credit, side.debt = credit, debt
     if not sc.tree.reqs:
         return
-    budget = Budget(kv_tokens * kvb, slots, prefill, steps=rng.randint(0, 2) if metered else None, kv_pool=pool)
+    budget = Budget(kv_tokens * kvb, slots, prefill, steps=rng.randint(0, 2) if metered else None, kv_pool=pool,
+                    admit_room=10 ** 9 if thin else None)
     fits = any((r.prompt_len + r.output_len) * kvb <= budget.kv_bytes for r in sc.tree.reqs.values())
     out = sc.schedule(budget)
     assert not fits or out, "nothing runs, a request fits, and the scanner admitted none"
@@ -631,8 +633,8 @@ def _engine_walk(adm, room: float, clip: int, prefill: int, max_tokens: dict) ->
 
 @settings(max_examples=150, deadline=None)
 @given(st.integers(0, 10 ** 6), st.integers(1, 30), st.integers(1, 200_000), st.integers(1, 6000),
-       st.integers(1, 16), st.sampled_from([512, 4096]), st.booleans(), st.booleans())
-def test_engine_check_plans_only_what_the_engine_admits(seed, n, room, prefill, slots, clip, known, lend):
+       st.integers(1, 16), st.sampled_from([512, 4096]), st.booleans(), st.booleans(), st.sampled_from([0.0, 0.5]))
+def test_engine_check_plans_only_what_the_engine_admits(seed, n, room, prefill, slots, clip, known, lend, thin):
     """With ScanConfig.engine_check and Budget.admit_room, the engine's own check, walking the plan in
     its order, admits every planned request (prompts with no shared prefix, so the scanner's cached
     estimate is exact): the charges stay within the room, at most one prompt is chunked and it is
@@ -640,7 +642,7 @@ def test_engine_check_plans_only_what_the_engine_admits(seed, n, room, prefill, 
     rng = random.Random(seed)
     records = [(i, [(f"u{i}", 5)], rng.choice([20, 300, 3000, 9000]), rng.choice([4, 200, 6000])) for i in range(n)]
     sc = DualScanner(build_length_tree(records, known=known, estimator=OutputLengthEstimator(sample_fraction=0.0)),
-                     ScanConfig(engine_check=True, lend_idle_share=lend))
+                     ScanConfig(engine_check=True, lend_idle_share=lend, thin_batch_share=thin))
     max_tokens = {r.rid: r.max_tokens or r.output_len for r in sc.tree.reqs.values()}
     kvb = COST.kv_bytes_per_token
     handed = []
@@ -699,3 +701,21 @@ def test_without_mixed_steps_the_memory_dense_side_has_the_first_claim_on_the_ro
     sc = DualScanner(_tree(records), ScanConfig(engine_check=True))
     out = sc.schedule(Budget(1e15, 64, 4000, admit_room=1e6, admit_clip=4096, mixed_steps=False))
     assert out[0].side == RIGHT and sorted(a.rid for a in out) == ["c", "m", "m2"]
+
+
+def test_thin_batch_share_holds_a_long_chunked_prompt_while_the_memory_dense_side_is_thin():
+    """ScanConfig.thin_batch_share: the compute-dense side does not start a prompt the step has to
+    chunk while the memory-dense side holds less than that part of its share (SGLang admits nothing
+    while it prefills a chunked prompt). Here metering lets the memory-dense side start one request,
+    far below its share: with the rule the long prompt waits; without it, it is planned, last."""
+    records = [("c", [("a", 40)], 6000, 2)] + [(f"m{i}", [(f"v{i}", 40)], 60, 3000) for i in range(8)]
+    plans, stops = {}, {}
+    for thin in (0.0, 0.5):
+        sc = DualScanner(_tree(records), ScanConfig(engine_check=True, thin_batch_share=thin))
+        plans[thin] = [a.rid for a in sc.schedule(Budget(1e12, 64, 1000, admit_room=1e9, admit_clip=4096,
+                                                         steps=1, kv_pool=1e9))]
+        stops[thin] = sc.last_step["stop"]
+        sc.check_integrity()
+    assert plans[0.0][-1] == "c" and "c" not in plans[0.5], plans
+    assert [r for r in plans[0.0] if r != "c"] == plans[0.5] and len(plans[0.5]) == 1
+    assert stops[0.5][LEFT] == "thin" and stops[0.0][LEFT] != "thin"

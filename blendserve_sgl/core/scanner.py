@@ -128,6 +128,10 @@ class ScanConfig:
     # between the sides like the memory in the first pass; requests whose prompt the step takes whole first,
     # at most one prompt the step has to chunk, and it last (SGLang stops admitting after it)
 
+    thin_batch_share: float = 0.0  # >0 (with engine_check): the compute-dense side starts a prompt the step
+    # has to chunk only while the memory-dense side holds at least this part of its share; SGLang admits
+    # nothing while it prefills a chunked prompt, so a long one started at a thin batch keeps it thin
+
     def __post_init__(self) -> None:
         if not (0.0 <= self.keep_sharing <= 1.0):
             raise ValueError(f"keep_sharing must be in [0, 1], got {self.keep_sharing!r}")
@@ -527,6 +531,12 @@ class DualScanner:
                 d = min(d, req.max_tokens)
         return d + -(-uncached // max(1, st.prefill_budget))
 
+    def _thin(self) -> bool:
+        """ScanConfig.thin_batch_share: the memory-dense side holds less than that part of its share."""
+        t = self.config.thin_batch_share
+        right = self.sides[RIGHT]
+        return bool(t) and right.used < t * right.share and self.tree.root.count > 1
+
     def _account(self, req: Req, side: str) -> _Side:
         """The side whose share `req` counts against (a sample request: by its density)."""
         if side == SAMPLE:
@@ -562,6 +572,8 @@ class DualScanner:
             chunked = uncached >= st.whole_left
             if chunked and st.chunked is not None:
                 return "chunk"  # one prompt a step is chunked, and the engine admits nothing after it
+            if chunked and shared and side == LEFT and self._thin():
+                return "thin"
         h = self.config.hold_prefix_tokens
         if hold and h and cached >= h and cached - self._cached_prefix(req.node, cached_only=True) >= h:
             return "hold"  # its shared prefix is computed this step: take it next step, cached
