@@ -33,14 +33,15 @@ OVERLAPPED = ExecModel("overlapped", 0.1)
 SHIPPED = "estimated, paced"
 ORACLE = "estimated, paced at the true density (oracle)"
 THIN = 0.25
-VARIANTS = {  # name -> (known lengths, engine changes, blend preset changes or None, the other policies' variant)
-    SHIPPED: (False, {}, None, None),
-    "estimated, not paced": (False, {"pace": False}, None, None),
-    ORACLE: (False, {"pace_density": "true"}, None, None),
-    f"{ORACLE}, blend thin_batch_share {THIN}": (False, {"pace_density": "true"}, {"thin_batch_share": THIN}, ORACLE),
-    "known, paced": (True, {}, None, None),
-    f"known, paced, blend thin_batch_share {THIN}": (True, {}, {"thin_batch_share": THIN}, "known, paced"),
-    "known, not paced": (True, {"pace": False}, None, None),
+VARIANTS = {  # name -> (key, known lengths, engine changes, blend preset changes or None, the others' variant)
+    SHIPPED: ("shipped", False, {}, None, None),
+    "estimated, not paced": ("not_paced", False, {"pace": False}, None, None),
+    ORACLE: ("oracle", False, {"pace_density": "true"}, None, None),
+    f"{ORACLE}, blend thin_batch_share {THIN}": ("oracle_thin", False, {"pace_density": "true"},
+                                                 {"thin_batch_share": THIN}, ORACLE),
+    "known, paced": ("known", True, {}, None, None),
+    f"known, paced, blend thin_batch_share {THIN}": ("known_thin", True, {}, {"thin_batch_share": THIN}, "known, paced"),
+    "known, not paced": ("known_not_paced", True, {"pace": False}, None, None),
 }
 POLICIES = ("blend", "balance", "fcfs", "dfs")
 
@@ -62,7 +63,7 @@ def main() -> None:
         records, _ = trace(name, args.requests, cost, args.seed)
         wl = Workload(records, cost)
         times: dict = {}
-        for variant, (known, changes, blend_changes, others_from) in VARIANTS.items():
+        for variant, (_key, known, changes, blend_changes, others_from) in VARIANTS.items():
             engine = EngineConfig.trace_engine(cost, **changes)
             preset = PRESET.replace(**blend_changes) if blend_changes else PRESET
             for policy in policies:
@@ -83,12 +84,19 @@ def main() -> None:
     print(table(rows, ("trace", "variant", "policy", "seconds", "vs_shipped_variant", "steps", "mean_kv",
                        "retractions")))
     print(table([tuple(s.values()) for s in summary], ("trace", "variant", "best_other", "blend_vs_best_other")))
+    by_key = {key: [s["blend_vs_best_other"] for s in summary if s["variant"] == name]
+              for name, (key, *_rest) in VARIANTS.items()}
+    means = {k: round(sum(v) / len(v), 4) for k, v in by_key.items()}
+    lows = {k: min(v) for k, v in by_key.items()}
+    print("blend over the best other, mean (lowest):", {k: (means[k], lows[k]) for k in means})
     path = write("pacing_ablation", {
         "rules": {"engine": "EngineConfig.trace_engine (1,024 running, 1,024-token chunks, mixed steps) with each "
                             "variant's changes, the same for every policy", "timing": "overlapped, interference 0.1",
                   "model": "llama-3.1-8b", "hardware": "a100", "requests_per_trace": args.requests,
                   "blend": f"PRESET (as the plugin ships it); the thin_batch_share rows: PRESET.replace("
                            f"thin_batch_share={THIN})"},
+        "variants": {key: name for name, (key, *_rest) in VARIANTS.items()},
+        "blend_vs_best_other_mean": means, "blend_vs_best_other_min": lows,
         "results": results, "summary": summary, "wall_seconds": round(time.perf_counter() - t0, 1)})
     print(f"wrote {path}")
 
