@@ -361,6 +361,28 @@ def test_metered_sides_admit_memory_work_at_their_share_rate():
     assert sc2.sides[adm[0].side].credit == pytest.approx(before + work)
 
 
+def test_the_first_metered_step_banks_the_full_credit():
+    """A side starts with `credit_steps` steps of its rate banked (an engine that ran nothing before
+    has been idle), so the empty pool fills in the first step, within that bank; from then on
+    memory work enters at the share rate."""
+    from blendserve_sgl.core.cost import memory_units
+
+    bpt = COST.kv_bytes_per_token
+    records = [(f"m{i}", [("v", 40)], 100, 100) for i in range(400)]
+    pool = 40_000 * bpt
+    work = bpt * memory_units(100, 100) / 2
+    first = {}
+    for steps in (1, 64):
+        sc = DualScanner(_tree(records), ScanConfig(credit_steps=steps))
+        out = sc.schedule(Budget(1e15, 1000, 10 ** 6, steps=0, kv_pool=pool))
+        first[steps] = len(out)
+        assert len(out) * work <= steps * pool + 2 * work
+        if steps == 64:
+            assert len(sc.schedule(Budget(1e15, 1000, 10 ** 6, steps=1, kv_pool=pool))) <= pool / work + 2
+        sc.check_integrity()
+    assert first[1] <= pool / work + 2 < 64 * pool / work - 2 <= first[64], first
+
+
 def test_a_long_prompt_pays_prefill_only_up_to_its_sides_cap():
     """A compute-dense prompt longer than the step's prefill budget is charged only its side's cap,
     so the memory-dense side still admits within its own cap in the same step; the memory-dense

@@ -100,7 +100,8 @@ class ScanConfig:
     # step's budget goes to the dual scan over the tree sorted with the prior estimates (the
     # engine is not left idle; the plan is redone with the sample's estimates at the quorum)
     credit_steps: int = 256  # with Budget.steps: a side banks at most this many steps of its
-    # memory-work rate (bounds the burst after a stretch in which it could not admit)
+    # memory-work rate (bounds the burst after a stretch in which it could not admit); a side starts
+    # with the full bank (an engine that ran nothing before has been idle), so the empty pool fills
     final_wave: bool = False  # True: once every waiting request fits in the KV pool at once, admit
     # them longest output first (LPT), pooled, no shares: the batch ends in one wave instead of a
     # tail of the long requests one side left for last
@@ -166,12 +167,13 @@ class _Side:
     its share, hard cap, overdraft and prefill cap. `DualScanner.fits` / `take` check and commit a
     request against it."""
 
-    __slots__ = ("name", "used", "debt", "credit", "last", "last_rid", "last_cached", "at_start", "taken",
+    __slots__ = ("name", "used", "debt", "credit", "metered", "last", "last_rid", "last_cached", "at_start", "taken",
                  "share", "hard_cap", "overdraft", "prefill_cap", "prefill_used", "borrowing", "room_cap", "room_used")
 
     def __init__(self, name: str):
         self.name = name
         self.used = self.debt = self.credit = 0.0
+        self.metered = False  # whether a metered step has set its credit (the first one banks it full)
         self.last: Node | None = None  # the last node it took, and that request's rid
         self.last_rid: Any = None
         self.last_cached: Node | None = None  # the last taken node whose prompt the engine has cached
@@ -390,7 +392,9 @@ class DualScanner:
                 # Requests admitted in a burst grow, peak and finish together, so the KV in use swings
                 # between empty and full; metered, they enter staggered and the KV stays full.
                 rate = frac * (budget.kv_pool if budget.kv_pool else total)
-                side.credit = min(side.credit + max(0, budget.steps) * rate, self.config.credit_steps * rate)
+                bank = self.config.credit_steps * rate
+                side.credit = min(side.credit + max(0, budget.steps) * rate, bank) if side.metered else bank
+                side.metered = True
                 if not self.running:  # nothing runs: no memory work is under way, whatever was spent
                     side.credit = max(side.credit, rate)
                 st.metered = True
