@@ -38,6 +38,17 @@ def prepare(req: BatchRequest, tokenizer, context_len: int, default_max_tokens: 
             source: str = "requests.jsonl") -> Prepared | LineError:
     """Tokenize `req` and check it against `context_len`; a `LineError` names what to change
     (also when the tokenizer itself fails on this request: one line never stops the batch)."""
+    encoded = encode(req, tokenizer, source)
+    if isinstance(encoded, LineError):
+        return encoded
+    ids, what = encoded
+    max_tokens = check_context(req, len(ids), what, context_len, default_max_tokens, source)
+    return max_tokens if isinstance(max_tokens, LineError) else Prepared(req, ids, max_tokens)
+
+
+def encode(req: BatchRequest, tokenizer, source: str = "requests.jsonl") -> tuple[list[int], str] | LineError:
+    """The prompt's token ids and how error messages name it (see `render`), before any
+    context check; a `LineError` when the template or the tokenizer rejects the request."""
     try:
         rendered = render(req, tokenizer, source)
         if isinstance(rendered, LineError):
@@ -46,8 +57,7 @@ def prepare(req: BatchRequest, tokenizer, context_len: int, default_max_tokens: 
         ids = list(req.prompt) if text is None else list(tokenizer.encode(text, add_special_tokens=req.kind != "chat"))
     except Exception as exc:  # noqa: BLE001 (tokenizers raise TypeError, ValueError, ...)
         return tokenizer_failure(req, source, exc)
-    max_tokens = check_context(req, len(ids), what, context_len, default_max_tokens, source)
-    return max_tokens if isinstance(max_tokens, LineError) else Prepared(req, ids, max_tokens)
+    return ids, what
 
 
 def tokenizer_failure(req: BatchRequest, source: str, exc: Exception) -> LineError:

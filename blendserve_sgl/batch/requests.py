@@ -26,6 +26,8 @@ from typing import Iterator
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 ROLES = {"system", "user", "assistant", "developer"}
 MAX_STOP = 32  # SGLang's limit on stop strings
+TOP_K_ALL = 1 << 30  # SGLang's "whole vocabulary" top_k
+MAX_SEED = 2**63 - 1  # SGLang's sampling seeds are int64
 
 # body field -> (SGLang sampling-params name, low, high, low included, what it must be)
 _NUMBER_FIELDS = {
@@ -141,7 +143,7 @@ def parse_line(raw: bytes | str, line: int, source: str = "requests.jsonl") -> B
     try:
         obj = json.loads(text, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
     except (json.JSONDecodeError, _Bad, RecursionError) as exc:
-        what = exc.msg if isinstance(exc, json.JSONDecodeError) else (
+        what = exc.msg.removesuffix(" at") if isinstance(exc, json.JSONDecodeError) else (
             "nested too deeply" if isinstance(exc, RecursionError) else str(exc))
         col = f" at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
         return LineError(line, None, f"{source} line {line}: invalid JSON ({what}{col}); each line must be one "
@@ -239,11 +241,11 @@ def _parse_body(line: int, cid: str, kind: str, url: str, body: dict, digest: st
         v = body["top_k"]
         if not _is_int(v) or not (v == -1 or v >= 1):
             raise _Bad(f'"top_k" must be a positive integer (or -1 for all tokens), got {_show(v)}')
-        sampling["top_k"] = v
+        sampling["top_k"] = -1 if v > TOP_K_ALL else v  # beyond any vocabulary: all tokens (SGLang holds int32)
     if body.get("seed") is not None:
         v = body["seed"]
-        if not _is_int(v) or v < 0:
-            raise _Bad(f'"seed" must be a non-negative integer, got {_show(v)}')
+        if not _is_int(v) or not 0 <= v <= MAX_SEED:
+            raise _Bad(f'"seed" must be an integer from 0 to 2**63 - 1, got {_show(v)}')
         sampling["sampling_seed"] = v
     if body.get("stop") is not None:
         sampling["stop"] = _stop(body["stop"])
