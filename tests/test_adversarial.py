@@ -6,13 +6,17 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from pathlib import Path
 
 import pytest
 
+from blendserve_sgl.batch import cli
 from blendserve_sgl.batch.prompts import prepare
 from blendserve_sgl.batch.reader import read_store
-from blendserve_sgl.batch.requests import BatchRequest, LineError, parse_line, read_requests
+from blendserve_sgl.batch.requests import BatchRequest, LineError, check_readable, parse_line, read_requests
+from blendserve_sgl.batch.results import record_key
+from test_batch_unit import _batch, stand_in  # noqa: F401 (the command with a stand-in engine)
 
 
 def chat(cid: str, content: str = "hi", **body) -> str:
@@ -61,10 +65,25 @@ def test_seed_outside_int64_is_that_lines_error(seed):
     assert parse_line(completion("s", seed=2**63 - 1), 4).sampling["sampling_seed"] == 2**63 - 1
 
 
-def test_invalid_json_message_names_the_problem_once():
-    err = parse_line(b'{"custom_id": "a\x01"}', 3, "in.jsonl")
-    assert isinstance(err, LineError)
-    assert "invalid JSON (Invalid control character at column 17)" in err.message, err.message
+@pytest.mark.parametrize("raw,what", [
+    (b'{"custom_id": "a\x01"}\n', "Invalid control character at column 17)"),
+    (b'{"custom_id": "x"\n', "the line ends before its JSON does: is it cut short, or is the file indented JSON?)"),
+    (b'{"custom_id": "x",\r\n', "the line ends before its JSON does"),
+    (b"{\n", "the line ends before its JSON does"),
+    (b'{} {"a": 1}\r\n', "Extra data at column 4)"),
+    (b'{"a": 1,,}\n', "Expecting property name enclosed in double quotes at column 9)"),
+])
+def test_invalid_json_names_the_column_on_its_own_line(raw, what):
+    """The line's newline is not part of its JSON: columns count on the line, and a line that
+    stops mid-object (a truncated file, or indented JSON instead of JSONL) says so."""
+    err = parse_line(raw, 3, "in.jsonl")
+    assert isinstance(err, LineError) and err.message.startswith("in.jsonl line 3: invalid JSON (")
+    assert what in err.message, err.message
+
+
+def test_a_json_list_line_says_one_request_per_line():
+    err = parse_line(json.dumps([json.loads(completion("a")), json.loads(completion("b"))]), 1, "in.jsonl")
+    assert "got a list (write one request per line, not a JSON list)" in err.message, err.message
 
 
 # ------------------------------------------------------------------ the reader
@@ -83,3 +102,41 @@ def test_huge_max_tokens_names_the_models_context_and_keeps_the_fast_path(tiny, 
     assert not got.whole_text_fallback
     assert [got.store.prepared(i).input_ids for i in range(len(got.store))] == \
         [w.input_ids for w in want if not isinstance(w, LineError)]
+
+
+# ------------------------------------------------------------------ the command's arguments
+def test_dash_is_standard_input(stand_in, tmp_path, monkeypatch):  # noqa: F811
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    assert check_readable("-") == Path("/dev/stdin")
+    r, w = os.pipe()
+    os.write(w, src.read_bytes())
+    os.close(w)
+    saved = os.dup(0)
+    os.dup2(r, 0)
+    try:
+        assert cli.main(["-", "-o", str(out), "--model", str(stand_in["model"])]) == 0
+    finally:
+        os.dup2(saved, 0)
+        os.close(saved)
+        os.close(r)
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(recs) == 17 and {record_key(r) for r in recs} >= {f"q{i}" for i in range(12)}
+    assert "stdin line 13: invalid JSON" in next(r for r in recs if record_key(r) == ("line", 13))["error"]["message"]
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--workers", "-3"], "argument --workers: -3 must be 0 or a positive integer"),
+    (["--engine-arg", "context_length=16"], "--engine-arg 'context_length=16': use --context-length instead"),
+    (["--engine-arg", "schedule-policy=fcfs"], "use --policy instead"),
+    (["--engine-arg", "enable_mixd_chunk=true"], "--engine-arg enable_mixd_chunk: not an argument of sglang.Engine; "
+                                                 "did you mean enable_mixed_chunk?"),
+])
+def test_bad_arguments_stop_before_reading_or_any_engine(stand_in, tmp_path, capsys, args, fragment):  # noqa: F811
+    pytest.importorskip("sglang")
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    try:
+        code = cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"]), *args])
+    except SystemExit as exc:  # an argparse error
+        code = exc.code
+    assert code == 2 and fragment in capsys.readouterr().err
+    assert not stand_in["engines"] and not out.exists()

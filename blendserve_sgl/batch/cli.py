@@ -33,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..cli import positive_int
+from ..cli import non_negative_int, positive_int
 from ..models import ModelError, check_model_dir, default_model
 from . import dispatch
 from .feed import engine_capacity, mean_request_tokens, pending, window_size
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
                "\"/v1/completions\", \"body\": {\"messages\" | \"prompt\", \"max_tokens\", \"temperature\", "
                "\"top_p\", \"stop\", \"seed\", ...}}.\nRerunning the same command after a crash finishes the "
                "requests not yet in the results file.")
-    ap.add_argument("input", help="requests, one JSON object per line (OpenAI Batch API format)")
+    ap.add_argument("input", help="requests, one JSON object per line (OpenAI Batch API format); - for standard input")
     ap.add_argument("-o", "--output", help="results file (JSONL), appended to when it exists (required unless "
                                            "--plan-only)")
     ap.add_argument("--errors", help="file of the failed requests' records (default: next to -o, *.errors.jsonl; "
@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--window", type=_window, default=-1,
                     help="at most this many requests in the engine at once, refilled in plan order (default "
                          "auto: a few times what fits in the engine's running slots and KV pool; 0: all at once)")
-    ap.add_argument("--workers", type=int, default=None,
+    ap.add_argument("--workers", type=non_negative_int, default=None,
                     help="processes that read and tokenize the input (default: every core; 0: in this process)")
     ap.add_argument("--seed", type=int, default=0, help="engine random seed (sampling)")
     ap.add_argument("--dp", type=positive_int, default=1,
@@ -141,6 +141,7 @@ def _main(args) -> int:
         extra = _engine_args(args.engine_arg)
         _check_scale_out(args)
         source = check_readable(args.input)
+        args.input = str(source)  # `-` is /dev/stdin
         if args.retry_failed and args.overwrite:
             raise ValueError("--retry-failed keeps the results that succeeded, --overwrite discards them all: "
                              "give one of them")
@@ -151,6 +152,7 @@ def _main(args) -> int:
         if args.model:
             _say(f"model: {model_dir}")
         device = runner.prepare_environment(args.device)  # before torch loads (with the tokenizer)
+        runner.check_engine_args(extra)
         tokenizer = _load_tokenizer(model_dir)
         ctx = args.context_length or context_length(model_dir)
         writer = ResultWriter.open(args.output, args.errors, overwrite=args.overwrite, input_path=source)
@@ -363,12 +365,21 @@ def _check_scale_out(args) -> None:
             raise ValueError("--ray needs Ray: pip install -e '.[ray]' (ray==2.60.0)") from None
 
 
+# sglang.Engine arguments this command sets from its own flags (the checks before the engine use them)
+OWN_ENGINE_ARGS = {"model_path": "--model", "schedule_policy": "--policy", "context_length": "--context-length",
+                   "max_total_tokens": "--max-total-tokens", "attention_backend": "--attention-backend",
+                   "random_seed": "--seed", "log_level": "--log-level", "device": "--device", "dp_size": "--dp"}
+
+
 def _engine_args(pairs: list[str]) -> dict:
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"--engine-arg {pair!r}: expected KEY=VALUE, e.g. enable_mixed_chunk=true")
+        if key.replace("-", "_") in OWN_ENGINE_ARGS:
+            raise ValueError(f"--engine-arg {pair!r}: use {OWN_ENGINE_ARGS[key.replace('-', '_')]} instead "
+                             "(this command checks the requests against it)")
         try:
             out[key.replace("-", "_")] = json.loads(value)
         except ValueError:

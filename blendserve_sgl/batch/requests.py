@@ -81,8 +81,8 @@ class _Bad(Exception):
 def check_readable(path: str | os.PathLike[str]) -> Path:
     """Fail fast (InputError) unless `path` can be read. A regular file is probed by reading one
     byte; a pipe, FIFO or terminal (`/dev/stdin`, `<(...)`) is only checked for permission: it
-    can be read once, as a stream, and `read_requests` does that."""
-    p = Path(path)
+    can be read once, as a stream, and `read_requests` does that. `-` is standard input."""
+    p = Path("/dev/stdin" if str(path) == "-" else path)
     try:
         st = os.stat(p)
     except FileNotFoundError:
@@ -140,13 +140,17 @@ def parse_line(raw: bytes | str, line: int, source: str = "requests.jsonl") -> B
     except UnicodeDecodeError as exc:
         return LineError(line, None, f"{source} line {line}: not UTF-8 text (byte {exc.start}); save the file as UTF-8",
                          digest=raw_digest)
+    text = text.rstrip("\r\n")  # so a column counts on this line
     try:
         obj = json.loads(text, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
     except (json.JSONDecodeError, _Bad, RecursionError) as exc:
-        what = exc.msg.removesuffix(" at") if isinstance(exc, json.JSONDecodeError) else (
-            "nested too deeply" if isinstance(exc, RecursionError) else str(exc))
-        col = f" at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
-        return LineError(line, None, f"{source} line {line}: invalid JSON ({what}{col}); each line must be one "
+        if isinstance(exc, json.JSONDecodeError) and text.strip() and exc.pos >= len(text.rstrip()):
+            what = "the line ends before its JSON does: is it cut short, or is the file indented JSON?"
+        elif isinstance(exc, json.JSONDecodeError):
+            what = f"{exc.msg.removesuffix(' at')} at column {exc.colno}"
+        else:
+            what = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        return LineError(line, None, f"{source} line {line}: invalid JSON ({what}); each line must be one "
                                      "JSON object", digest=raw_digest)
     try:
         digest = request_digest(obj)
@@ -158,7 +162,8 @@ def parse_line(raw: bytes | str, line: int, source: str = "requests.jsonl") -> B
                                     'is a pair, e.g. "\\ud83d\\ude00")', digest=raw_digest)
     try:
         if not isinstance(obj, dict):
-            raise _Bad(f"expected a JSON object with {', '.join(TOP_FIELDS)}, got {_kind(obj)}")
+            hint = " (write one request per line, not a JSON list)" if isinstance(obj, list) else ""
+            raise _Bad(f"expected a JSON object with {', '.join(TOP_FIELDS)}, got {_kind(obj)}{hint}")
         cid = obj.get("custom_id")
         if "custom_id" not in obj:
             raise _Bad('"custom_id" is missing; give every request a unique string custom_id')

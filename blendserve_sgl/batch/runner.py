@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import itertools
 import os
 import signal
@@ -79,6 +80,23 @@ class EngineConfig:
                 kw["max_total_tokens"] = self.max_total_tokens
         kw.update(self.extra)
         return {k: v for k, v in kw.items() if v is not None}
+
+
+def check_engine_args(extra: dict) -> None:
+    """Raise ValueError for a key of `extra` that `sglang.Engine` does not take (before the
+    input is read: a typo in --engine-arg should not cost the reading of a large file)."""
+    if not extra:
+        return
+    import inspect
+
+    from sglang.srt.server_args import ServerArgs
+
+    known = inspect.signature(ServerArgs).parameters
+    for key in extra:
+        if key not in known:
+            near = difflib.get_close_matches(key, list(known), n=1)
+            hint = f"; did you mean {near[0]}?" if near else "; see `python -m sglang.launch_server --help`"
+            raise ValueError(f"--engine-arg {key}: not an argument of sglang.Engine{hint}")
 
 
 def start_engine(cfg: EngineConfig):
