@@ -325,6 +325,10 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
         if not (0 < args.output_fraction <= 1):
             raise ValueError(f"--output-fraction must be in (0, 1], got {args.output_fraction}")
+        from .batch.cli import check_output
+
+        for flag, path in (("--out", args.out), ("--plot", args.plot)):
+            check_output(flag, path)
         policies = [p.strip() for p in args.policies.split(",") if p.strip()]
         bad = [p for p in policies if p not in POLICIES]
         if bad or not policies:
@@ -357,6 +361,9 @@ def main(argv: list[str] | None = None) -> int:
                 del loaded
             finally:
                 gc.enable()
+            if not lines:
+                raise ValueError(f"{args.input} holds no requests (it is empty or has only blank lines); pass the "
+                                 "JSONL file of requests, one JSON object per line")
             if not records:
                 raise ValueError(f"{args.input}: no valid request to plan ({len(errors)} bad lines)")
             if args.generate_sample:
@@ -374,6 +381,9 @@ def main(argv: list[str] | None = None) -> int:
             records = [r._replace(max_tokens=r.output_len) for r in load_workload(args.workload, args.requests, cost,
                                                                                   args.seed)]
         read_s = time.perf_counter() - t0 - gen_s
+        if args.kv_gb is not None and args.kv_gb * 1e9 < cost.kv_bytes_per_token:
+            raise ValueError(f"--kv-gb {args.kv_gb:g} holds no token of the KV cache ({cost.kv_bytes_per_token:,.0f} "
+                             "bytes per token); pass a larger --kv-gb")
         engine = EngineConfig.for_cost(cost, kv_gb=args.kv_gb, max_running=args.max_running,
                                        chunked_prefill=args.chunk, mixed_chunk=args.mixed_chunk)
         big = next((r for r in records if r.prompt_len + r.output_len > engine.kv_tokens), None)

@@ -140,3 +140,38 @@ def test_bad_arguments_stop_before_reading_or_any_engine(stand_in, tmp_path, cap
         code = exc.code
     assert code == 2 and fragment in capsys.readouterr().err
     assert not stand_in["engines"] and not out.exists()
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--kv-gb", "0.00001"], "--kv-gb 1e-05 holds no token of the KV cache"),
+    (["--out", "{tmp}"], "--out {tmp} is a directory; pass the name of a file in it"),
+    (["--out", "{tmp}/no/plan.json"], "--out {tmp}/no/plan.json: the folder {tmp}/no does not exist"),
+    (["--plot", "{tmp}/no/plan.png"], "--plot {tmp}/no/plan.png: the folder {tmp}/no does not exist"),
+])
+def test_plan_output_and_pool_mistakes_are_one_line_errors_before_any_simulation(tmp_path, capsys, args, fragment):
+    from blendserve_sgl import plan
+
+    src = tmp_path / "in.jsonl"
+    src.write_text(completion("a") + "\n")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert plan.main([str(src), "--model", "llama-3.1-8b", *args]) == 2
+    err = capsys.readouterr().err
+    assert fragment.replace("{tmp}", str(tmp_path)) in err and "Traceback" not in err
+    assert not list(tmp_path.rglob("*.png"))
+
+
+@pytest.mark.parametrize("text", ["", "\n \n\t\r\n"])
+def test_plan_of_an_empty_file_says_it_holds_no_requests(tmp_path, capsys, text):
+    from blendserve_sgl import plan
+
+    src = tmp_path / "in.jsonl"
+    src.write_text(text)
+    assert plan.main([str(src), "--model", "llama-3.1-8b"]) == 2
+    assert "in.jsonl holds no requests (it is empty or has only blank lines)" in capsys.readouterr().err
+
+
+def test_summary_json_in_a_missing_folder_fails_before_the_run(stand_in, tmp_path, capsys):  # noqa: F811
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"]),
+                     "--summary-json", str(tmp_path / "no" / "s.json")]) == 2
+    assert "the folder" in capsys.readouterr().err and not stand_in["engines"] and not out.exists()

@@ -140,6 +140,7 @@ def _main(args) -> int:
     try:
         extra = _engine_args(args.engine_arg)
         _check_scale_out(args)
+        check_output("--summary-json", args.summary_json)
         source = check_readable(args.input)
         args.input = str(source)  # `-` is /dev/stdin
         if args.retry_failed and args.overwrite:
@@ -338,6 +339,17 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
         if own_stats:
             Path(stats_file).unlink(missing_ok=True)
             del os.environ["BLENDSERVE_STATS_PATH"]
+
+
+def check_output(flag: str, path: str | None) -> None:
+    """ValueError unless `path` (when given) can be a file: its folder exists and it is no folder."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{flag} {path} is a directory; pass the name of a file in it")
+    if not p.parent.is_dir():
+        raise ValueError(f"{flag} {path}: the folder {p.parent} does not exist; create it or choose another path")
 
 
 def _load_tokenizer(model_dir: Path):
