@@ -175,3 +175,69 @@ def test_summary_json_in_a_missing_folder_fails_before_the_run(stand_in, tmp_pat
     assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"]),
                      "--summary-json", str(tmp_path / "no" / "s.json")]) == 2
     assert "the folder" in capsys.readouterr().err and not stand_in["engines"] and not out.exists()
+
+
+# ------------------------------------------------------------------ CSV traces (`workloads/data.py`)
+AZURE = "traces/AzureLLMInferenceTrace_code.csv"
+
+
+def _trace(tmp_path, monkeypatch, text: str, rel: str = AZURE) -> None:
+    monkeypatch.setenv("BLENDSERVE_DATA", str(tmp_path))
+    (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / rel).write_text(text)
+
+
+@pytest.mark.parametrize("text,prompts,outputs", [
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\nt,10,2\n", [10], [2]),  # one row
+    ("\ufeffGeneratedTokens,Extra,ContextTokens,TIMESTAMP\n2,x,10,t\n\n,,,\n5,y,0,t\n", [10, 0], [2, 5]),
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\r\nt,10.0,0\r\n", [10], [0]),
+])
+def test_a_trace_reads_its_columns_by_name_skipping_blank_rows(tmp_path, monkeypatch, text, prompts, outputs):
+    from blendserve_sgl.workloads import classes, data
+
+    _trace(tmp_path, monkeypatch, text)
+    p, o = data.load_azure("code")
+    assert p.tolist() == prompts and o.tolist() == outputs
+    recs = classes.azure("code", 5, __import__("numpy").random.default_rng(0))
+    assert all(r.output_len >= 1 and r.prompt_len >= data.SYSTEM_PROMPT_TOKENS for r in recs)
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("", "no column ContextTokens or GeneratedTokens in its header (empty)"),
+    ("TIMESTAMP,Context,GeneratedTokens\nt,1,2\n", "no column ContextTokens in its header (TIMESTAMP,Context,"
+                                                   "GeneratedTokens); a trace needs the columns ContextTokens and "
+                                                   "GeneratedTokens"),
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\n", "holds no rows under its header"),
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\nt,1,2\nt,-3,2\n", "line 3: ContextTokens must be a whole token count "
+                                                                 "from 0 to 10,000,000, got '-3'; fix or delete that row"),
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\nt,1,NaN\n", "line 2: GeneratedTokens must be a whole token count"),
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\nt,1,inf\n", "got 'inf'"),
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\nt,1,2.5\n", "got '2.5'"),
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\nt,1e30,2\n", "got '1e30'"),
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\nt,7\n", "line 2: GeneratedTokens must be a whole token count"),
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\nt,,2\n", "got ''"),
+])
+def test_a_bad_trace_is_one_error_naming_file_row_and_column(tmp_path, monkeypatch, text, fragment):
+    from blendserve_sgl.workloads import data
+
+    _trace(tmp_path, monkeypatch, text)
+    with pytest.raises(ValueError) as exc:
+        data.load_azure("code")
+    assert fragment in str(exc.value) and "AzureLLMInferenceTrace_code.csv" in str(exc.value), str(exc.value)
+
+
+def test_a_bad_trace_reaches_the_simulate_command_as_one_line(tmp_path, monkeypatch, capsys):
+    from blendserve_sgl.sim import cli as sim_cli
+    from blendserve_sgl.workloads import data
+
+    mmlu = data.data_dir() / "mmlu"
+    if not mmlu.is_dir():
+        pytest.skip("the MMLU files of shared/data are not here")
+    (tmp_path / "mmlu").symlink_to(mmlu)
+    _trace(tmp_path, monkeypatch, "TIMESTAMP,ContextTokens,GeneratedTokens\nt,10,2\nt,12,oops\n")
+    (tmp_path / "traces" / "AzureLLMInferenceTrace_conv.csv").write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
+                                                                         "t,10,2\n")
+    code = sim_cli.main(["--workload", "mixed", "--requests", "200", "--policy", "fcfs"])
+    err = capsys.readouterr().err
+    assert code != 0 and "AzureLLMInferenceTrace_code.csv line 3: GeneratedTokens" in err, err
+    assert "Traceback" not in err

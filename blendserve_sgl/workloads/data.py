@@ -68,21 +68,50 @@ def approx_tokens(text: str) -> int:
     return max(1, math.ceil(len(text.encode("utf-8")) / 4))
 
 
+MAX_TRACE_TOKENS = 10_000_000  # one request's token count in a trace: beyond any model's context
+
+
 def load_azure(kind: str) -> tuple[np.ndarray, np.ndarray]:
     """(prompt_lens, output_lens) of the Azure `code` or `conv` trace."""
     if kind not in ("code", "conv"):
         raise ValueError(f"Azure trace kind must be 'code' or 'conv', got {kind!r}")
-    with open(_path(f"traces/AzureLLMInferenceTrace_{kind}.csv"), newline="") as f:
-        rows = [(int(r["ContextTokens"]), int(r["GeneratedTokens"])) for r in csv.DictReader(f)]
-    arr = np.array(rows, dtype=np.int64)
-    return arr[:, 0], arr[:, 1]
+    return read_counts(_path(f"traces/AzureLLMInferenceTrace_{kind}.csv"), "ContextTokens", "GeneratedTokens")
 
 
 def load_arxiv() -> tuple[np.ndarray, np.ndarray]:
-    with open(_path("traces/arxiv_summarization_llama2_tokens.csv"), newline="") as f:
-        rows = [(int(r["num_prefill_tokens"]), int(r["num_decode_tokens"])) for r in csv.DictReader(f)]
+    return read_counts(_path("traces/arxiv_summarization_llama2_tokens.csv"), "num_prefill_tokens", "num_decode_tokens")
+
+
+def read_counts(path: Path, prompt_col: str, output_col: str) -> tuple[np.ndarray, np.ndarray]:
+    """(prompt_lens, output_lens) from the two named columns of a CSV trace, wherever they stand
+    among others; blank rows skipped. ValueError naming the file, row and column for a missing
+    column, a count that is not a whole number from 0 to `MAX_TRACE_TOKENS`, or no rows."""
+    cols = (prompt_col, output_col)
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = [h.strip() for h in next(reader, [])]
+        missing = [c for c in cols if c not in header]
+        if missing:
+            raise ValueError(f"{path}: no column {' or '.join(missing)} in its header ({','.join(header) or 'empty'}); "
+                             f"a trace needs the columns {prompt_col} and {output_col} (token counts)")
+        at = [header.index(c) for c in cols]
+        rows = [tuple(_count(path, reader.line_num, c, row[i] if i < len(row) else "") for c, i in zip(cols, at))
+                for row in reader if any(cell.strip() for cell in row)]
+    if not rows:
+        raise ValueError(f"{path} holds no rows under its header; a trace needs at least one request")
     arr = np.array(rows, dtype=np.int64)
     return arr[:, 0], arr[:, 1]
+
+
+def _count(path: Path, line: int, col: str, text: str) -> int:
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not (math.isfinite(v) and v == int(v) and 0 <= v <= MAX_TRACE_TOKENS):
+        raise ValueError(f"{path.name} line {line}: {col} must be a whole token count from 0 to "
+                         f"{MAX_TRACE_TOKENS:,}, got {text!r}; fix or delete that row")
+    return int(v)
 
 
 def _mmlu_example(row: list[str], with_answer: bool) -> str:
