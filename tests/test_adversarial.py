@@ -241,3 +241,18 @@ def test_a_bad_trace_reaches_the_simulate_command_as_one_line(tmp_path, monkeypa
     err = capsys.readouterr().err
     assert code != 0 and "AzureLLMInferenceTrace_code.csv line 3: GeneratedTokens" in err, err
     assert "Traceback" not in err
+
+
+def test_a_short_mmlu_row_is_named(tmp_path, monkeypatch):
+    from blendserve_sgl.workloads import data
+
+    monkeypatch.setenv("BLENDSERVE_DATA", str(tmp_path))
+    for part in ("dev", "test"):
+        (tmp_path / "mmlu" / part).mkdir(parents=True)
+    (tmp_path / "mmlu" / "dev" / "x_dev.csv").write_text("q,a,b,c,d,A\n\nq2,a,b,c,d,B\n")
+    (tmp_path / "mmlu" / "test" / "x_test.csv").write_text("q,a,b,c,d,A\nq,a\n")
+    with pytest.raises(ValueError, match=r"x_test.csv line 2: 2 columns, an MMLU row has 5"):
+        data.load_mmlu()
+    (tmp_path / "mmlu" / "test" / "x_test.csv").write_text("q,a,b,c,d\n\n")
+    prefix, questions = data.load_mmlu()["x"]
+    assert len(questions) == 1 and prefix > questions[0]

@@ -114,10 +114,22 @@ def _count(path: Path, line: int, col: str, text: str) -> int:
     return int(v)
 
 
-def _mmlu_example(row: list[str], with_answer: bool) -> str:
-    q, a, b, c, d = row[:5]
-    text = f"{q}\nA. {a}\nB. {b}\nC. {c}\nD. {d}\nAnswer:"
-    return text + (f" {row[5]}\n\n" if with_answer else "")
+def _mmlu_rows(path: Path, with_answer: bool) -> list[str]:
+    """The examples of an MMLU CSV file (question, 4 choices, answer), blank rows skipped."""
+    need = 6 if with_answer else 5
+    out = []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        for row in reader:
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) < need:
+                raise ValueError(f"{path.name} line {reader.line_num}: {len(row)} columns, an MMLU row has "
+                                 f"{need} (question, choices A-D{', answer' if with_answer else ''}); fix that row")
+            q, a, b, c, d = row[:5]
+            text = f"{q}\nA. {a}\nB. {b}\nC. {c}\nD. {d}\nAnswer:"
+            out.append(text + (f" {row[5]}\n\n" if with_answer else ""))
+    return out
 
 
 def load_mmlu() -> dict[str, tuple[int, list[int]]]:
@@ -126,13 +138,14 @@ def load_mmlu() -> dict[str, tuple[int, list[int]]]:
     out = {}
     for dev in sorted((root / "dev").glob("*_dev.csv")):
         subject = dev.name[: -len("_dev.csv")]
-        with open(dev, newline="") as f:
-            shots = list(csv.reader(f))
         header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
-        prefix = approx_tokens(header + "".join(_mmlu_example(r, True) for r in shots))
+        prefix = approx_tokens(header + "".join(_mmlu_rows(dev, True)))
         test = root / "test" / f"{subject}_test.csv"
-        with open(test, newline="") as f:
-            questions = [approx_tokens(_mmlu_example(r, False)) for r in csv.reader(f)]
+        if not test.is_file():
+            raise FileNotFoundError(f"{test} is missing: every MMLU subject with a dev file needs its test file")
+        questions = [approx_tokens(t) for t in _mmlu_rows(test, False)]
+        if not questions:
+            raise ValueError(f"{test} holds no questions; add them or remove {dev.name}")
         out[subject] = (prefix, questions)
     if not out:
         raise FileNotFoundError(f"no MMLU dev files under {root / 'dev'}")
