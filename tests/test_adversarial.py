@@ -256,3 +256,25 @@ def test_a_short_mmlu_row_is_named(tmp_path, monkeypatch):
     (tmp_path / "mmlu" / "test" / "x_test.csv").write_text("q,a,b,c,d\n\n")
     prefix, questions = data.load_mmlu()["x"]
     assert len(questions) == 1 and prefix > questions[0]
+
+
+# ------------------------------------------------------------------ ShareGPT files (`workloads/conversation.py`)
+def test_sharegpt_items_that_are_not_conversations_are_skipped(tmp_path):
+    from blendserve_sgl.workloads.conversation import iter_conversations
+
+    good = {"id": "g", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
+    items = [7, None, "text", ["a"], {"id": "n", "conversations": 5}, {"id": "d", "conversations": {"from": "human"}},
+             {"id": "s", "conversations": "human: hi"}, good]
+    path = tmp_path / "sg.json"
+    path.write_text("\ufeff\n " + json.dumps(items))
+    assert list(iter_conversations(path)) == [("g", ["hi", "hello"])]
+
+
+@pytest.mark.parametrize("text", ["", "{}", '{"conversations": []}', "   "])
+def test_a_file_that_is_not_a_sharegpt_list_is_named(tmp_path, text):
+    from blendserve_sgl.workloads.conversation import iter_conversations
+
+    path = tmp_path / "sg.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match="sg.json: not a ShareGPT file"):
+        list(iter_conversations(path))
