@@ -278,3 +278,50 @@ def test_a_file_that_is_not_a_sharegpt_list_is_named(tmp_path, text):
     path.write_text(text)
     with pytest.raises(ValueError, match="sg.json: not a ShareGPT file"):
         list(iter_conversations(path))
+
+
+# ------------------------------------------------------------------ an engine process that dies mid-run
+def test_an_engine_process_dying_mid_run_is_a_clear_error_and_the_rerun_finishes(stand_in, tmp_path, capsys,  # noqa: F811
+                                                                                 monkeypatch):
+    """SGLang's processes send SIGQUIT to this one when one of them dies (its handler would kill
+    this process, traceback and all, exit 137). While requests run `blendserve run` takes SIGQUIT
+    over: exit 1 with one message, the records so far kept, SIGQUIT's handler restored after; the
+    rerun finishes the rest."""
+    import signal
+
+    from blendserve_sgl.batch import runner
+    from test_batch_unit import FakeEngine
+
+    class DyingEngine(FakeEngine):
+        quit_after = 4
+
+        async def async_generate(self, input_ids, sampling_params):
+            if self.quit_after is not None and self.answered == self.quit_after:
+                DyingEngine.quit_after = None
+                os.kill(os.getpid(), signal.SIGQUIT)
+                await __import__("asyncio").sleep(5)  # a dead scheduler answers nothing
+            return await super().async_generate(input_ids, sampling_params)
+
+    start = runner.start_engine
+
+    def dying(cfg):
+        e = start(cfg)
+        e.__class__ = DyingEngine
+        return e
+
+    monkeypatch.setattr(runner, "start_engine", dying)
+    seen = []
+    sglang_handler = lambda *a: seen.append(a)  # noqa: E731 (stands in for SGLang's: it would kill this process)
+    previous = signal.signal(signal.SIGQUIT, sglang_handler)
+    try:
+        src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+        args = [str(src), "-o", str(out), "--model", str(stand_in["model"]), "--window", "1"]
+        assert cli.main(args) == 1
+        assert signal.getsignal(signal.SIGQUIT) is sglang_handler and not seen
+    finally:
+        signal.signal(signal.SIGQUIT, previous)
+    err = capsys.readouterr().err
+    assert "an SGLang process failed while requests ran" in err and "rerun the same command to finish" in err
+    assert stand_in["engines"][0].shut and len(out.read_text().splitlines()) == 3 + 4
+    assert cli.main(args) == 0
+    assert len({json.dumps(record_key(json.loads(x))) for x in out.read_text().splitlines()}) == 17

@@ -320,9 +320,14 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
         stats.window = args.window if args.window >= 0 else window_size(
             *engine_capacity(engine), mean_request_tokens(read.store, read.done))
         progress.start = progress.clock()
-        stats.generate_seconds = runner.generate(
-            engine, items, on_result, on_error, window=stats.window,
-            tick=lambda rate: (progress.set_rate(rate), progress.render(), stats.sample_rss()), route=route)
+        try:
+            stats.generate_seconds = runner.generate(
+                engine, items, on_result, on_error, window=stats.window,
+                tick=lambda rate: (progress.set_rate(rate), progress.render(), stats.sample_rss()), route=route)
+        except runner.EngineFailed:
+            raise EngineError(f"an SGLang process failed while requests ran (its error is above); the "
+                              f"{stats.completed + stats.failed:,} records written in this run are kept in "
+                              f"{writer.path}: once the cause is fixed, rerun the same command to finish") from None
     except KeyboardInterrupt:
         stats.interrupted = True
         stats.generate_seconds = progress.clock() - progress.start

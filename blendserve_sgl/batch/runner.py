@@ -156,7 +156,8 @@ def generate(engine, items: Iterable[Prepared], on_result: Callable[[Prepared, d
     `tick_seconds` (the progress bar) with the engine's current decode tokens/s (`live_rate`),
     or None. `route(p)`: the DP rank to send `p` to (`routed_dp_rank`). Returns the seconds from first submission to last result. KeyboardInterrupt cancels what is in flight
     and propagates; so does SIGTERM while requests run (SGLang's own SIGTERM handler, which
-    would drain the whole queue, is replaced for that time)."""
+    would drain the whole queue, is replaced for that time), and `EngineFailed` when an engine
+    process dies (SGLang's SIGQUIT handler, which would kill this process, is replaced too)."""
     loop = engine.loop
     t0 = time.perf_counter()
     ours: set[asyncio.Task] = set()  # the requests in flight and the ticker, to cancel on interrupt
@@ -180,13 +181,14 @@ def generate(engine, items: Iterable[Prepared], on_result: Callable[[Prepared, d
 
 async def _generate(engine, items, on_result, on_error, window, tick, tick_seconds, ours: set, route=None) -> None:
     loop = asyncio.get_running_loop()
-    before = signal.getsignal(signal.SIGTERM)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGQUIT)}
     start_loop = getattr(getattr(engine, "tokenizer_manager", None), "auto_create_handle_loop", None)
     if start_loop is not None:
-        start_loop()  # installs SGLang's SIGTERM handler (drain, then exit): replaced just below
+        start_loop()  # installs SGLang's SIGTERM (drain, then exit) and SIGQUIT handlers: replaced just below
     on_main = threading.current_thread() is threading.main_thread()
     if on_main:
         loop.add_signal_handler(signal.SIGTERM, _terminated)
+        loop.add_signal_handler(signal.SIGQUIT, _engine_failed)
 
     async def one(p: Prepared) -> None:
         try:
@@ -240,12 +242,23 @@ async def _generate(engine, items, on_result, on_error, window, tick, tick_secon
         for t in ours:
             t.cancel()
         if on_main:
-            loop.remove_signal_handler(signal.SIGTERM)
-            signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
+            for sig, handler in before.items():
+                loop.remove_signal_handler(sig)
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def _terminated() -> None:
     raise KeyboardInterrupt  # out of run_until_complete: `generate` cancels what is in flight
+
+
+class EngineFailed(SystemExit):
+    """An engine process died while requests ran: SGLang's processes send SIGQUIT to this one,
+    whose own handler would kill this process at once. A SystemExit, so that asyncio lets it out
+    of run_until_complete; `generate` cancels what is in flight and raises it."""
+
+
+def _engine_failed() -> None:
+    raise EngineFailed(1)
 
 
 async def live_rate(engine) -> float | None:
