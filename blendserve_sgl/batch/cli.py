@@ -16,8 +16,9 @@ fix) before any engine starts:
 4. the engine runs the rest with the chosen policy, fed in plan order through a window sized
    from its capacity (`feed.py`); each result is written when it finishes;
 5. the summary: requests, input/output tokens, wall time, throughput, prefix-cache hit ratio.
-Exit status: 0 when every request has a record (failed requests are records too), 2 for bad
-arguments or files, 130 when interrupted by Ctrl-C or SIGTERM (the results so far are kept;
+Exit status: 0 when every request has a record (failed requests are records too), 1 when the
+engine did not start or one of its processes died while requests ran, 2 for bad arguments or
+files, 130 when interrupted by Ctrl-C or SIGTERM (in each case the results so far are kept;
 rerun to finish).
 """
 
