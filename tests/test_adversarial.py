@@ -325,3 +325,28 @@ def test_an_engine_process_dying_mid_run_is_a_clear_error_and_the_rerun_finishes
     assert stand_in["engines"][0].shut and len(out.read_text().splitlines()) == 3 + 4
     assert cli.main(args) == 0
     assert len({json.dumps(record_key(json.loads(x))) for x in out.read_text().splitlines()}) == 17
+
+
+# ------------------------------------------------------------------ results files that are not ours
+@pytest.mark.parametrize("content", [b"\x00\xff\xfe binary", b"notes without a newline", b"[1, 2"])
+def test_a_results_file_of_one_foreign_unterminated_line_is_refused_not_cut(stand_in, tmp_path, capsys,  # noqa: F811
+                                                                            content):
+    """A crash leaves at most the start of a record after the last newline, and only that is
+    cut; a file whose last line is something else was not written by `blendserve run`."""
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    out.write_bytes(content)
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"])]) == 2
+    assert "neither a result record of `blendserve run` nor the start of one" in capsys.readouterr().err
+    assert out.read_bytes() == content and not stand_in["engines"]
+    assert not (tmp_path / "results.errors.jsonl").exists()
+
+
+@pytest.mark.parametrize("cut", [1, 5, 30, 200])
+def test_a_record_cut_anywhere_by_a_crash_is_removed_and_run_again(stand_in, tmp_path, capsys, cut):  # noqa: F811
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"])]) == 0
+    lines = out.read_bytes().splitlines(keepends=True)
+    out.write_bytes(b"".join(lines[:-1]) + lines[-1][:cut])
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"])]) == 0
+    assert "a partial last line from a crash was removed" in capsys.readouterr().out
+    assert len({json.dumps(record_key(json.loads(x))) for x in out.read_text().splitlines()}) == 17

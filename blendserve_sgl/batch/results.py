@@ -121,6 +121,9 @@ class Done:
         return self.completed + self.failed
 
 
+RECORD_START = b'{"id": "batch_req_'  # how every record line begins (`_batch_id`, written by `ResultWriter.write`)
+
+
 def scan(data: bytes, name: str = "results.jsonl") -> tuple[Done, int, list[bytes]]:
     """Read results bytes: (what they hold, bytes of complete lines, failure lines).
 
@@ -129,7 +132,11 @@ def scan(data: bytes, name: str = "results.jsonl") -> tuple[Done, int, list[byte
     done = Done()
     failures = []
     end = data.rfind(b"\n") + 1  # a last line without its newline is partial
-    done.cut_partial_line = end < len(data) and bool(data[end:].strip())
+    tail = data[end:].strip()
+    done.cut_partial_line = bool(tail)
+    if tail and not (tail.startswith(RECORD_START) or RECORD_START.startswith(tail)):
+        raise ResultsError(f"{name} ends with a line that is neither a result record of `blendserve run` nor "
+                           "the start of one; move the file away or pass --overwrite to start over")
     for number, raw in enumerate(data[:end].split(b"\n")[:-1], start=1):
         if not raw.strip():
             continue
