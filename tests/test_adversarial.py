@@ -350,3 +350,11 @@ def test_a_record_cut_anywhere_by_a_crash_is_removed_and_run_again(stand_in, tmp
     assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"])]) == 0
     assert "a partial last line from a crash was removed" in capsys.readouterr().out
     assert len({json.dumps(record_key(json.loads(x))) for x in out.read_text().splitlines()}) == 17
+
+
+def test_an_errors_file_in_a_missing_folder_is_named_before_anything_is_written(stand_in, tmp_path, capsys):  # noqa: F811
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"]),
+                     "--errors", str(tmp_path / "no" / "e.jsonl")]) == 2
+    assert f"--errors {tmp_path}/no/e.jsonl: the folder {tmp_path}/no does not exist" in capsys.readouterr().err
+    assert not out.exists() and not stand_in["engines"]

@@ -274,6 +274,9 @@ class ResultWriter:
         what = f"--errors {errors_path}" if explicit else f"the errors file {errors_path} (next to -o)"
         if errors_path is not None and errors_path.is_dir():
             raise ResultsError(f"{what} is a directory; pass a file name with --errors")
+        if errors_path is not None and not errors_path.parent.is_dir():
+            raise ResultsError(f"{what}: the folder {errors_path.parent} does not exist; create it or choose another "
+                               "--errors")
         if input_path is not None and same_file(path, input_path):
             raise ResultsError(f"-o {path} is the input file {input_path}; results are never written into the "
                                "input: choose another -o")
