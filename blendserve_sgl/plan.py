@@ -468,7 +468,8 @@ def plan_for_run(run_args) -> int:
 
     try:
         model_dir = check_model_dir(run_args.model) if run_args.model else default_model(run_args.model_cache, log=print)
-    except ModelError as exc:
+        spec = ModelSpec.from_config_file(model_dir)
+    except (ModelError, ValueError, OSError) as exc:
         print(f"blendserve run --plan-only: error: {exc}", file=sys.stderr)
         return 2
     hw = run_args.plan_only
@@ -484,7 +485,7 @@ def plan_for_run(run_args) -> int:
         argv += ["--context-length", str(run_args.context_length)]
     kv_tokens = run_args.max_total_tokens or (CPU_MAX_TOTAL_TOKENS if hw == "cpu" else None)
     if kv_tokens:
-        argv += ["--kv-gb", repr(kv_tokens * ModelSpec.from_config_file(model_dir).kv_bytes_per_token / 1e9)]
+        argv += ["--kv-gb", repr(kv_tokens * spec.kv_bytes_per_token / 1e9)]
     flags = {"chunked_prefill_size": "--chunk", "max_running_requests": "--max-running"}
     for pair in run_args.engine_arg:
         key, _, value = pair.partition("=")

@@ -358,3 +358,48 @@ def test_an_errors_file_in_a_missing_folder_is_named_before_anything_is_written(
                      "--errors", str(tmp_path / "no" / "e.jsonl")]) == 2
     assert f"--errors {tmp_path}/no/e.jsonl: the folder {tmp_path}/no does not exist" in capsys.readouterr().err
     assert not out.exists() and not stand_in["engines"]
+
+
+def test_an_integer_too_long_for_python_is_that_lines_error():
+    """Python refuses to convert a string of more than 4,300 digits to int: json.loads raised a
+    plain ValueError, which stopped the whole read."""
+    raw = '{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x", "max_tokens": ' \
+          + "9" * 5000 + "}}"
+    err = parse_line(raw, 2, "in.jsonl")
+    assert isinstance(err, LineError) and "a number of 5,000 digits; no field takes one that large" in err.message
+    assert parse_line(completion("t", prompt=[1] * 3, seed=10**30), 1).message.endswith("got 1000000000000000000000000000000")
+
+
+def test_a_results_line_nested_too_deeply_is_not_a_record(stand_in, tmp_path, capsys):  # noqa: F811
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    out.write_text("[" * 100000 + "]" * 100000 + "\n")
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"])]) == 2
+    assert "results.jsonl line 1 is not a result record" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the model's config.json
+@pytest.mark.parametrize("config,fragment", [
+    ("[]", "not a JSON object of model settings"),
+    ("not json", "cannot read it as JSON"),
+    ('{"max_position_embeddings": "big"}', "max_position_embeddings must be a positive integer, got 'big'"),
+    ('{"max_position_embeddings": -5}', "max_position_embeddings must be a positive integer, got -5"),
+    ('{"max_position_embeddings": true}', "max_position_embeddings must be a positive integer, got True"),
+    ('{"rope_scaling": {"factor": "x"}, "max_position_embeddings": 100}', "rope_scaling.factor must be a positive"),
+])
+def test_a_bad_config_json_names_the_file_and_the_fix(tmp_path, config, fragment):
+    from blendserve_sgl.batch.prompts import context_length
+
+    (tmp_path / "config.json").write_text(config)
+    with pytest.raises(ValueError) as exc:
+        context_length(tmp_path)
+    assert str(exc.value).startswith(f"{tmp_path / 'config.json'}: {fragment}"), str(exc.value)
+    assert "pass --context-length" in str(exc.value)
+    (tmp_path / "config.json").write_text('{"max_position_embeddings": 4096.0, "rope_scaling": {"factor": 2.0}}')
+    assert context_length(tmp_path) == 8192
+
+
+def test_plan_only_with_a_model_config_it_cannot_plan_for_is_one_line(stand_in, tmp_path, capsys):  # noqa: F811
+    src = _batch(tmp_path)
+    assert cli.main([str(src), "--model", str(stand_in["model"]), "--plan-only"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("blendserve run --plan-only: error: config.json") and "Traceback" not in err

@@ -155,8 +155,8 @@ def _main(args) -> int:
             _say(f"model: {model_dir}")
         device = runner.prepare_environment(args.device)  # before torch loads (with the tokenizer)
         runner.check_engine_args(extra)
-        tokenizer = _load_tokenizer(model_dir)
         ctx = args.context_length or context_length(model_dir)
+        tokenizer = _load_tokenizer(model_dir)
         writer = ResultWriter.open(args.output, args.errors, overwrite=args.overwrite, input_path=source)
     except (InputError, ModelError, ResultsError, ValueError) as exc:
         print(f"blendserve run: error: {exc}", file=sys.stderr)

@@ -28,6 +28,7 @@ ROLES = {"system", "user", "assistant", "developer"}
 MAX_STOP = 32  # SGLang's limit on stop strings
 TOP_K_ALL = 1 << 30  # SGLang's "whole vocabulary" top_k
 MAX_SEED = 2**63 - 1  # SGLang's sampling seeds are int64
+MAX_DIGITS = 100  # an integer with more digits is refused while parsing
 
 # body field -> (SGLang sampling-params name, low, high, low included, what it must be)
 _NUMBER_FIELDS = {
@@ -142,7 +143,7 @@ def parse_line(raw: bytes | str, line: int, source: str = "requests.jsonl") -> B
                          digest=raw_digest)
     text = text.rstrip("\r\n")  # so a column counts on this line
     try:
-        obj = json.loads(text, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
+        obj = json.loads(text, parse_constant=_no_constant, parse_int=_int, object_pairs_hook=_unique_keys)
     except (json.JSONDecodeError, _Bad, RecursionError) as exc:
         if isinstance(exc, json.JSONDecodeError) and text.strip() and exc.pos >= len(text.rstrip()):
             what = "the line ends before its JSON does: is it cut short, or is the file indented JSON?"
@@ -336,6 +337,13 @@ def _stop(v) -> list[str]:
     if len(stops) > MAX_STOP:
         raise _Bad(f'"stop" has {len(stops)} strings; at most {MAX_STOP} are supported')
     return stops
+
+
+def _int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_DIGITS:  # Python refuses to convert such a string (past 4,300 digits) and no field takes it
+        raise _Bad(f"a number of {digits:,} digits; no field takes one that large")
+    return int(text)
 
 
 def _no_constant(name: str):

@@ -180,7 +180,7 @@ def check_integrity(path: str | os.PathLike[str], errors_path: str | os.PathLike
 def _record(raw: bytes) -> dict | None:
     try:
         rec = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     return rec if isinstance(rec, dict) and "custom_id" in rec and ("response" in rec or "error" in rec) else None
 
