@@ -403,3 +403,29 @@ def test_plan_only_with_a_model_config_it_cannot_plan_for_is_one_line(stand_in, 
     assert cli.main([str(src), "--model", str(stand_in["model"]), "--plan-only"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("blendserve run --plan-only: error: config.json") and "Traceback" not in err
+
+
+# ------------------------------------------------------------------ results that cannot be written
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (every write fails: no space)")
+def test_a_full_disk_stops_the_run_with_one_message(stand_in, tmp_path, capsys):  # noqa: F811
+    """Every line valid: the first write is a result, from inside the engine's loop."""
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(completion(f"c{i}", f"say {i}") + "\n" for i in range(6)))
+    assert cli.main([str(src), "-o", "/dev/full", "--model", str(stand_in["model"])]) == 2
+    assert stand_in["engines"][0].shut
+    err = capsys.readouterr().err
+    assert "blendserve run: error: cannot write /dev/full: No space left on device; the records written before " \
+           "are kept" in err and "Traceback" not in err
+
+
+def test_a_results_pipe_closed_by_its_reader_stops_the_run_with_one_message(stand_in, tmp_path, capsys):  # noqa: F811
+    """`blendserve run ... -o /dev/stdout | head -1`: the reader goes away after one line."""
+    src = _batch(tmp_path)
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        assert cli.main([str(src), "-o", f"/dev/fd/{w}", "--model", str(stand_in["model"])]) == 2
+    finally:
+        os.close(w)
+    err = capsys.readouterr().err
+    assert f"cannot write /dev/fd/{w}: Broken pipe" in err and "Traceback" not in err

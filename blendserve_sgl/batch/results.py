@@ -321,10 +321,15 @@ class ResultWriter:
         key = record_key(record)
         if key in self.done.keys:
             raise ResultsError(f"internal error: a second result for {key!r}")
-        self.done.keys.add(key)
-        _write_all(self._fd, line)
-        if is_failure(record) and self._errors_fd >= 0:
-            _write_all(self._errors_fd, line)
+        for fd, path in ((self._fd, self.path), (self._errors_fd if is_failure(record) else -1, self.errors_path)):
+            if fd < 0:
+                continue
+            try:
+                _write_all(fd, line)
+            except OSError as exc:  # a full disk, a closed pipe (`-o /dev/stdout | head`)
+                raise ResultsError(f"cannot write {path}: {exc.strerror}; the records written before are kept: fix "
+                                   "that, then rerun the same command to finish") from None
+            self.done.keys.add(key)
 
     def close(self) -> None:
         for fd in (self._errors_fd, self._fd):
