@@ -103,8 +103,10 @@ def generate_here(path, model_dir, tokenizer, context_len: int, default_max_toke
                                   seed=seed)
         try:
             engine = runner.start_engine(cfg)
-        except Exception as exc:  # noqa: BLE001 (SGLang raises many kinds; the message is what matters)
-            raise ValueError(f"--generate-sample: SGLang did not start on this machine ({type(exc).__name__}: {exc}); "
+        except (Exception, runner.EngineFailed) as exc:  # noqa: BLE001 (SGLang raises many kinds)
+            why = "one of its processes failed: its error is above" if isinstance(exc, runner.EngineFailed) else \
+                f"{type(exc).__name__}: {exc}"
+            raise ValueError(f"--generate-sample: SGLang did not start on this machine ({why}); "
                              "plan without --generate-sample, with an assumed --output-fraction") from None
         got: dict = {}
 
@@ -113,6 +115,9 @@ def generate_here(path, model_dir, tokenizer, context_len: int, default_max_toke
 
         try:
             runner.generate(engine, items, done, lambda p, exc: None)
+        except runner.EngineFailed:
+            raise ValueError("--generate-sample: an SGLang process failed while the sample ran (its error is above); "
+                             "plan without --generate-sample, with an assumed --output-fraction") from None
         finally:
             engine.shutdown()
         return [got.get(r.rid) for r in chosen]

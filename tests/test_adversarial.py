@@ -429,3 +429,43 @@ def test_a_results_pipe_closed_by_its_reader_stops_the_run_with_one_message(stan
         os.close(w)
     err = capsys.readouterr().err
     assert f"cannot write /dev/fd/{w}: Broken pipe" in err and "Traceback" not in err
+
+
+def test_an_engine_process_failing_at_start_is_an_error_not_a_kill(monkeypatch):
+    """SGLang's engine installs a SIGQUIT handler that kills this process when a child fails
+    while it starts (bad weights: exit 137). `start_engine` raises `EngineFailed` instead, stops
+    the other children, and leaves SGLang's handler installed for the engine that did start."""
+    import signal
+    import time
+
+    sglang = pytest.importorskip("sglang")
+    import sglang.srt.utils as sglang_utils
+
+    from blendserve_sgl.batch import runner
+
+    killed = []
+    monkeypatch.setattr(sglang_utils, "kill_process_tree", lambda pid, include_parent=True: killed.append(
+        (pid, include_parent)))
+    theirs = lambda *a: pytest.fail("SGLang's handler would kill this process")  # noqa: E731
+
+    class Failing:
+        def __init__(self, **kw):
+            signal.signal(signal.SIGQUIT, theirs)
+            os.kill(os.getpid(), signal.SIGQUIT)  # the scheduler died loading the weights
+            time.sleep(5)
+
+    class Starting:
+        def __init__(self, **kw):
+            signal.signal(signal.SIGQUIT, theirs)
+
+    before = signal.getsignal(signal.SIGQUIT)
+    try:
+        monkeypatch.setattr(sglang, "Engine", Failing)
+        with pytest.raises(runner.EngineFailed):
+            runner.start_engine(runner.EngineConfig(model_path="m"))
+        assert killed == [(os.getpid(), False)]
+        monkeypatch.setattr(sglang, "Engine", Starting)
+        assert isinstance(runner.start_engine(runner.EngineConfig(model_path="m")), Starting)
+        assert signal.getsignal(signal.SIGQUIT) is theirs and signal.signal.__module__ == "signal"
+    finally:
+        signal.signal(signal.SIGQUIT, before)

@@ -303,10 +303,12 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
         t0 = time.perf_counter()
         try:
             engine = runner.start_engine(cfg)
-        except Exception as exc:  # noqa: BLE001 (SGLang raises many kinds; the message is what matters)
-            raise EngineError(f"SGLang did not start ({type(exc).__name__}: {exc}); check --model, --policy and "
-                              f"--engine-arg; {stats.invalid:,} error records were written to {writer.path}, "
-                              "rerun the same command once fixed") from exc
+        except (Exception, runner.EngineFailed) as exc:  # noqa: BLE001 (SGLang raises many kinds)
+            why = "one of its processes failed: its error is above" if isinstance(exc, runner.EngineFailed) else \
+                f"{type(exc).__name__}: {exc}"
+            raise EngineError(f"SGLang did not start ({why}); check --model, --policy and --engine-arg; "
+                              f"{stats.invalid:,} error records were written to {writer.path}, rerun the same "
+                              "command once fixed") from None
         stats.engine_start_seconds = time.perf_counter() - t0
         route, items = None, pending(read.store, order, read.done)
         if parts is not None:

@@ -102,11 +102,47 @@ def check_engine_args(extra: dict) -> None:
 def start_engine(cfg: EngineConfig):
     """A running `sglang.Engine` for `cfg` (call `prepare_environment` first). Its processes
     ignore SIGINT: Ctrl-C in a terminal signals the whole process group, and this process
-    stops them itself (`engine.shutdown()`), so they print no tracebacks of their own."""
+    stops them itself (`engine.shutdown()`), so they print no tracebacks of their own. When one
+    of them fails while the engine starts (it sends SIGQUIT, whose SGLang handler would kill this
+    process), `EngineFailed` is raised here instead, once the others are stopped."""
     import sglang
 
-    with _children_ignore_sigint():
-        return sglang.Engine(**cfg.engine_kwargs())
+    try:
+        with _children_ignore_sigint(), _sigquit_raises():
+            return sglang.Engine(**cfg.engine_kwargs())
+    except EngineFailed:
+        from sglang.srt.utils import kill_process_tree
+
+        kill_process_tree(os.getpid(), include_parent=False)
+        raise
+
+
+@contextlib.contextmanager
+def _sigquit_raises():
+    """While the engine starts, the SIGQUIT handler SGLang installs is replaced by one that
+    raises `EngineFailed`; SGLang's is put back once the engine runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    install, theirs = signal.signal, []
+
+    def redirect(sig, handler):
+        if sig == signal.SIGQUIT:
+            theirs.append(handler)
+            handler = _raise_engine_failed
+        return install(sig, handler)
+
+    previous = install(signal.SIGQUIT, _raise_engine_failed)
+    signal.signal = redirect
+    try:
+        yield
+    finally:
+        signal.signal = install
+        install(signal.SIGQUIT, theirs[-1] if theirs else previous)
+
+
+def _raise_engine_failed(signum, frame):
+    raise EngineFailed(1)
 
 
 @contextlib.contextmanager
