@@ -469,3 +469,13 @@ def test_an_engine_process_failing_at_start_is_an_error_not_a_kill(monkeypatch):
         assert signal.getsignal(signal.SIGQUIT) is theirs and signal.signal.__module__ == "signal"
     finally:
         signal.signal(signal.SIGQUIT, before)
+
+
+def test_a_context_longer_than_the_models_is_refused_before_reading(stand_in, tmp_path, capsys, monkeypatch):  # noqa: F811
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    monkeypatch.delenv("SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN", raising=False)
+    args = [str(src), "-o", str(out), "--model", str(stand_in["model"])]
+    assert cli.main([*args, "--context-length", "65"]) == 2
+    assert "--context-length 65 is longer than the model's context of 64 tokens" in capsys.readouterr().err
+    assert not out.exists() and not stand_in["engines"]
+    assert cli.main([*args, "--context-length", "64"]) == 0

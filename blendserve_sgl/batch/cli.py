@@ -155,7 +155,7 @@ def _main(args) -> int:
             _say(f"model: {model_dir}")
         device = runner.prepare_environment(args.device)  # before torch loads (with the tokenizer)
         runner.check_engine_args(extra)
-        ctx = args.context_length or context_length(model_dir)
+        ctx = _context(args.context_length, model_dir)
         tokenizer = _load_tokenizer(model_dir)
         writer = ResultWriter.open(args.output, args.errors, overwrite=args.overwrite, input_path=source)
     except (InputError, ModelError, ResultsError, ValueError) as exc:
@@ -347,6 +347,24 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
         if own_stats:
             Path(stats_file).unlink(missing_ok=True)
             del os.environ["BLENDSERVE_STATS_PATH"]
+
+
+def _context(asked: int | None, model_dir: Path) -> int:
+    """--context-length, or the model's (`prompts.context_length`). SGLang refuses a context
+    longer than the model's unless SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN is set: said here,
+    before the input is read, rather than when the engine starts."""
+    if asked is None:
+        return context_length(model_dir)
+    allowed = os.environ.get("SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN", "").lower() in ("1", "true", "yes", "on")
+    try:
+        own = context_length(model_dir)
+    except ValueError:  # a config.json without a usable context: --context-length stands in for it
+        return asked
+    if asked > own and not allowed:
+        raise ValueError(f"--context-length {asked} is longer than the model's context of {own} tokens, which SGLang "
+                         "refuses; pass at most that, or set SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN=1 if the "
+                         "model really takes more")
+    return asked
 
 
 def check_output(flag: str, path: str | None) -> None:
