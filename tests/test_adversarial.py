@@ -479,3 +479,16 @@ def test_a_context_longer_than_the_models_is_refused_before_reading(stand_in, tm
     assert "--context-length 65 is longer than the model's context of 64 tokens" in capsys.readouterr().err
     assert not out.exists() and not stand_in["engines"]
     assert cli.main([*args, "--context-length", "64"]) == 0
+
+
+# ------------------------------------------------------------------ the plugin: a request's hint runs in the scheduler
+@pytest.mark.parametrize("value", ["²", "१२", "9" * 5000, 1e300, 2**40, -3, "-3", float("nan"), float("inf"), [],
+                                   {}, True, "12abc", ""])
+def test_a_hostile_output_length_hint_is_ignored_never_raised(value):
+    """`custom_params.blendserve_output_len` arrives with any request sent to `sglang serve
+    --schedule-policy blend` and is read inside the scheduler process, where an exception kills
+    the engine: "²" passed str.isdigit and then int() raised, as did 5,000 digits."""
+    from blendserve_sgl.sglang_plugin.policy import output_len_hint
+
+    assert output_len_hint(value, "r") is None
+    assert output_len_hint(" 42 ", "r") == 42 and output_len_hint(2**31, "r") == 2**31
