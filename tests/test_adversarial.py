@@ -492,3 +492,16 @@ def test_a_hostile_output_length_hint_is_ignored_never_raised(value):
 
     assert output_len_hint(value, "r") is None
     assert output_len_hint(" 42 ", "r") == 42 and output_len_hint(2**31, "r") == 2**31
+
+
+@pytest.mark.parametrize("which", ["input", "output", "errors", "errors-default"])
+def test_summary_json_may_not_overwrite_the_runs_other_files(stand_in, tmp_path, capsys, which):  # noqa: F811
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    before = src.read_bytes()
+    summary = {"input": src, "output": out, "errors": tmp_path / "e.jsonl",
+               "errors-default": tmp_path / "results.errors.jsonl"}[which]
+    extra = ["--errors", str(tmp_path / "e.jsonl")] if which == "errors" else []
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"]), "--summary-json", str(summary),
+                     *extra]) == 2
+    assert "which it would overwrite; choose another --summary-json" in capsys.readouterr().err
+    assert src.read_bytes() == before and not out.exists() and not stand_in["engines"]

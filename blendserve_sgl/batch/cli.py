@@ -43,8 +43,8 @@ from .progress import Progress, RunStats, phase_line, summary_lines
 from .prompts import Prepared, context_length
 from .reader import ReadResult, read_store
 from .requests import InputError, check_readable
-from .results import (ResultsError, ResultWriter, error_record, is_regular_or_new, ok_record, reconcile, request_key,
-                      same_file)
+from .results import (ResultsError, ResultWriter, error_record, errors_path_for, is_regular_or_new, ok_record, reconcile,
+                      request_key, same_file)
 
 # SGLang 0.5.23's --schedule-policy choices that make sense offline, plus the plugin's `blend`
 POLICIES = ("blend", "fcfs", "lpm", "dfs-weight", "lof", "random", "hrrn", "shortest-prefill-first")
@@ -142,6 +142,7 @@ def _main(args) -> int:
         extra = _engine_args(args.engine_arg)
         _check_scale_out(args)
         check_output("--summary-json", args.summary_json)
+        _check_summary_apart(args)
         source = check_readable(args.input)
         args.input = str(source)  # `-` is /dev/stdin
         if args.retry_failed and args.overwrite:
@@ -365,6 +366,19 @@ def _context(asked: int | None, model_dir: Path) -> int:
                          "refuses; pass at most that, or set SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN=1 if the "
                          "model really takes more")
     return asked
+
+
+def _check_summary_apart(args) -> None:
+    """--summary-json is written over at the end: it may be none of the run's other files."""
+    if not args.summary_json:
+        return
+    others = (("the input", args.input), ("the results file -o", args.output),
+              ("the errors file", args.errors or errors_path_for(Path(args.output))))
+    for what, other in others:
+        if other and (same_file(args.summary_json, other)
+                      or os.path.realpath(args.summary_json) == os.path.realpath(other)):
+            raise ValueError(f"--summary-json {args.summary_json} is {what}, which it would overwrite; choose "
+                             "another --summary-json")
 
 
 def check_output(flag: str, path: str | None) -> None:
