@@ -291,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _plot_path(args) -> str:
+    return args.plot or (str(Path(args.out).with_suffix(".png")) if args.out else "plan.png")
+
+
 def _sample_size(text: str) -> int:
     return 0 if text.strip() == "0" else positive_int(text)
 
@@ -330,10 +334,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
         if not (0 < args.output_fraction <= 1):
             raise ValueError(f"--output-fraction must be in (0, 1], got {args.output_fraction}")
-        from .batch.cli import check_output
+        from .batch.cli import check_apart, check_output
 
         for flag, path in (("--out", args.out), ("--plot", args.plot)):
             check_output(flag, path)
+        check_apart("--out", args.out, [("the input", args.input)])
+        check_apart("--plot", _plot_path(args), [("the input", args.input), ("the --out file", args.out)])
         policies = [p.strip() for p in args.policies.split(",") if p.strip()]
         bad = [p for p in policies if p not in POLICIES]
         if bad or not policies:
@@ -409,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
            "bad_line_messages": [e.message for e in errors[:20]], "token_counts": counted,
            **out, "read_seconds": round(read_s, 2), "generate_seconds": round(gen_s, 2), "simulate_seconds": round(sim_s, 2),
            "plan_seconds": round(time.perf_counter() - t0, 2)}
-    plot = args.plot or (str(Path(args.out).with_suffix(".png")) if args.out else "plan.png")
+    plot = _plot_path(args)
     best = out.get("best_other", {}).get("max_tokens")
     shown = [results["max_tokens"][p] for p in ("blend", best) if p in results["max_tokens"]]
     plot_steps(shown or list(results["max_tokens"].values())[:2], plot, ExecModel(args.timing),

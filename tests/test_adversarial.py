@@ -505,3 +505,16 @@ def test_summary_json_may_not_overwrite_the_runs_other_files(stand_in, tmp_path,
                      *extra]) == 2
     assert "which it would overwrite; choose another --summary-json" in capsys.readouterr().err
     assert src.read_bytes() == before and not out.exists() and not stand_in["engines"]
+
+
+@pytest.mark.parametrize("args", [["--out", "{src}"], ["--plot", "{src}"], ["--out", "{tmp}/p.json", "--plot",
+                                                                          "{tmp}/p.json"]])
+def test_plan_never_writes_over_its_input_or_its_json(tmp_path, capsys, args):
+    from blendserve_sgl import plan
+
+    src = tmp_path / "in.jsonl"
+    src.write_text(completion("a") + "\n")
+    before = src.read_bytes()
+    args = [a.replace("{src}", str(src)).replace("{tmp}", str(tmp_path)) for a in args]
+    assert plan.main([str(src), "--model", "llama-3.1-8b", *args]) == 2
+    assert "which it would overwrite" in capsys.readouterr().err and src.read_bytes() == before

@@ -370,15 +370,16 @@ def _context(asked: int | None, model_dir: Path) -> int:
 
 def _check_summary_apart(args) -> None:
     """--summary-json is written over at the end: it may be none of the run's other files."""
-    if not args.summary_json:
-        return
-    others = (("the input", args.input), ("the results file -o", args.output),
-              ("the errors file", args.errors or errors_path_for(Path(args.output))))
+    check_apart("--summary-json", args.summary_json, (("the input", args.input), ("the results file -o", args.output),
+                                                      ("the errors file", args.errors or errors_path_for(args.output))))
+
+
+def check_apart(flag: str, path: str | None, others) -> None:
+    """ValueError when the file `path` (written over) is one of `others` ((what, path) pairs)
+    under any name."""
     for what, other in others:
-        if other and (same_file(args.summary_json, other)
-                      or os.path.realpath(args.summary_json) == os.path.realpath(other)):
-            raise ValueError(f"--summary-json {args.summary_json} is {what}, which it would overwrite; choose "
-                             "another --summary-json")
+        if path and other and (same_file(path, other) or os.path.realpath(path) == os.path.realpath(other)):
+            raise ValueError(f"{flag} {path} is {what}, which it would overwrite; choose another {flag}")
 
 
 def check_output(flag: str, path: str | None) -> None:
