@@ -518,3 +518,27 @@ def test_plan_never_writes_over_its_input_or_its_json(tmp_path, capsys, args):
     args = [a.replace("{src}", str(src)).replace("{tmp}", str(tmp_path)) for a in args]
     assert plan.main([str(src), "--model", "llama-3.1-8b", *args]) == 2
     assert "which it would overwrite" in capsys.readouterr().err and src.read_bytes() == before
+
+
+# ------------------------------------------------------------------ lines without end
+def test_an_endless_line_is_an_error_read_in_pieces_and_the_next_lines_run(tiny, tmp_path, monkeypatch):
+    """A file with no newline (or `/dev/zero`) was read as one line into memory. A line over
+    MAX_LINE_BYTES is read on in pieces, never held, and is that line's error."""
+    import io
+
+    from blendserve_sgl.batch import requests
+
+    monkeypatch.setattr(requests, "MAX_LINE_BYTES", 1000)
+    lines = list(requests.iter_lines(io.BytesIO(b"\xef\xbb\xbfa\n" + b"x" * 5000 + b"\r\n\nb\n" + b"y" * 1001)))
+    assert [n for n, _ in lines] == [1, 2, 4, 5] and lines[0][1] == b"a\n" and lines[2][1] == b"b\n"
+    assert lines[1][1].size == 5000 and lines[3][1].size == 1001
+    assert lines[1][1].digest != lines[3][1].digest
+
+    model, tok = tiny
+    path = tmp_path / "in.jsonl"
+    path.write_bytes((completion("a") + "\n" + "z" * 3000 + "\n" + completion("b") + "\n").encode())
+    got = read_store(path, tok, 2048, 4, model_dir=model, workers=0)
+    assert [got.store.custom_id(i) for i in range(len(got.store))] == ["a", "b"]
+    assert [e.message for e in got.errors] == ["in.jsonl line 2: 3,000 bytes, longer than any request can be (0 MiB); "
+                                               "is the file one JSON object per line?"]
+    assert [e.message for e in read_requests(path) if isinstance(e, LineError)] == [got.errors[0].message]

@@ -35,7 +35,7 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from .prompts import check_context, encode, render, tokenizer_failure
-from .requests import BOM, BatchRequest, LineError, check_readable, parse_line, repeated_id
+from .requests import BatchRequest, LineError, check_readable, iter_lines, parse_line, repeated_id
 from .store import KINDS, TokenStore
 
 BATCH_LINES = 2000  # lines per task sent to a worker
@@ -458,13 +458,10 @@ def _read(p: Path, tokenizer, context_len, default_max_tokens, model_dir, worker
 def _batches(path: Path, size: int):
     batch = []
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if number == 1 and raw.startswith(BOM):
-                raw = raw[len(BOM):]
-            if raw.strip():
-                batch.append((number, raw))
-                if len(batch) >= size:
-                    yield batch
-                    batch = []
+        for number, raw in iter_lines(f):
+            batch.append((number, raw))
+            if len(batch) >= size:
+                yield batch
+                batch = []
     if batch:
         yield batch

@@ -29,6 +29,7 @@ MAX_STOP = 32  # SGLang's limit on stop strings
 TOP_K_ALL = 1 << 30  # SGLang's "whole vocabulary" top_k
 MAX_SEED = 2**63 - 1  # SGLang's sampling seeds are int64
 MAX_DIGITS = 100  # an integer with more digits is refused while parsing
+MAX_LINE_BYTES = 128 << 20  # a longer line is an error, never held in memory (a 1M-token prompt is ~25 MB of JSON)
 
 # body field -> (SGLang sampling-params name, low, high, low included, what it must be)
 _NUMBER_FIELDS = {
@@ -110,11 +111,7 @@ def read_requests(path: str | os.PathLike[str]) -> Iterator[BatchRequest | LineE
     name = p.name
     owner: dict[str, int] = {}  # custom_id -> line that uses it first
     with open(p, "rb") as f:  # read once, as a stream: a pipe has no second pass
-        for number, raw in enumerate(f, start=1):
-            if number == 1 and raw.startswith(BOM):
-                raw = raw[len(BOM):]
-            if not raw.strip():
-                continue
+        for number, raw in iter_lines(f):
             item = parse_line(raw, number, name)
             cid = item.custom_id
             if cid is not None:
@@ -125,14 +122,49 @@ def read_requests(path: str | os.PathLike[str]) -> Iterator[BatchRequest | LineE
             yield item
 
 
+@dataclass(frozen=True, slots=True)
+class TooLong:
+    """A line longer than `MAX_LINE_BYTES`, skipped without being held."""
+
+    size: int  # bytes before its newline
+    digest: str  # blake2b-128 of those bytes
+
+
+def iter_lines(f) -> Iterator[tuple[int, bytes | TooLong]]:
+    """(line number, bytes) of every non-blank line of the binary stream `f`, a UTF-8 BOM before
+    line 1 dropped. A line over `MAX_LINE_BYTES` (a file with no newlines, `/dev/zero`) is read
+    on in pieces and comes back as `TooLong`: memory stays bounded whatever the input."""
+    number = 0
+    while raw := f.readline(MAX_LINE_BYTES + 1):
+        number += 1
+        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+            h, size = hashlib.blake2b(digest_size=16), 0
+            while raw and not raw.endswith(b"\n"):
+                h.update(raw)
+                size += len(raw)
+                raw = f.readline(1 << 20)
+            rest = raw.rstrip(b"\r\n")
+            h.update(rest)
+            yield number, TooLong(size + len(rest), h.hexdigest())
+            continue
+        if number == 1 and raw.startswith(BOM):
+            raw = raw[len(BOM):]
+        if raw.strip():
+            yield number, raw
+
+
 def repeated_id(line: int, custom_id: str, first: int, source: str, digest: str = "") -> LineError:
     """The error of a line whose custom_id an earlier line (`first`) already uses."""
     return LineError(line, None, f"{source} line {line}: custom_id {_show(custom_id)} is already used on line "
                                  f"{first}; give every request its own custom_id", digest=digest)
 
 
-def parse_line(raw: bytes | str, line: int, source: str = "requests.jsonl") -> BatchRequest | LineError:
+def parse_line(raw: bytes | str | TooLong, line: int, source: str = "requests.jsonl") -> BatchRequest | LineError:
     """One line -> `BatchRequest`, or `LineError` naming the first problem found."""
+    if isinstance(raw, TooLong):
+        return LineError(line, None, f"{source} line {line}: {raw.size:,} bytes, longer than any request can be "
+                                     f"({MAX_LINE_BYTES >> 20} MiB); is the file one JSON object per line?",
+                         digest=raw.digest)
     cid = None
     data = raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogatepass")
     raw_digest = _blake(data.strip())
