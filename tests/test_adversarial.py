@@ -542,3 +542,57 @@ def test_an_endless_line_is_an_error_read_in_pieces_and_the_next_lines_run(tiny,
     assert [e.message for e in got.errors] == ["in.jsonl line 2: 3,000 bytes, longer than any request can be (0 MiB); "
                                                "is the file one JSON object per line?"]
     assert [e.message for e in read_requests(path) if isinstance(e, LineError)] == [got.errors[0].message]
+
+
+# ------------------------------------------------------------------ the real engine (slow)
+@pytest.mark.engine
+def test_hostile_values_on_the_real_engine_end_in_one_record_each(tiny_llama, tmp_path):
+    """Values SGLang accepts but its scheduler could not hold (top_k 10**20 killed the engine and
+    every request with it), odd custom_ids, NUL and emoji stops, among bad lines: exit 0, one
+    record per line, every valid line answered."""
+    from test_batch_e2e import blendserve_run, records
+
+    rows = [completion("topk", "count: one two", top_k=10**20, max_tokens=3),
+            completion("seed", "count: one two", seed=2**63 - 1, temperature=1.0, max_tokens=3),
+            completion("stops", "a\u0000b", stop=["\u0000", "😀"], max_tokens=3),
+            completion("ids", [0, 1, 2], max_tokens=2),
+            completion("line\nbreak 日本語🎉", " ", max_tokens=2),
+            chat("chat", "hi", top_k=2**31, max_tokens=2, ignore_eos=True),
+            completion("bigseed", "x", seed=2**63), '{"custom_id": "cut", "method": "POST"',
+            completion("huge", "x", max_tokens=10**30), "[1, 2]"]
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n".join(rows) + "\n")
+    blendserve_run([str(src), "-o", str(out), "--model", tiny_llama, "--quiet"], tmp_path / "log.txt", timeout=600)
+    recs = records(out)
+    assert len(recs) == len(rows)
+    ok = {r["custom_id"] for r in recs if r["response"]["status_code"] == 200}
+    assert ok == {"topk", "seed", "stops", "ids", "line\nbreak 日本語🎉", "chat"}
+    assert all(r["response"]["body"]["usage"]["completion_tokens"] >= 1 for r in recs if r["custom_id"] in ok)
+
+
+@pytest.mark.engine
+def test_weights_that_do_not_load_are_exit_1_with_one_message(tiny_llama, tmp_path):
+    """The scheduler dies loading the weights and signals this process: SGLang's handler killed
+    it (exit 137, a traceback); now the engine's processes are stopped and the run says so."""
+    import shutil
+    import subprocess
+
+    from test_batch_e2e import kill_group, start_run
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    for weights in model.glob("*.safetensors"):
+        weights.write_bytes(b"not safetensors")
+    src, out, log = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "log.txt"
+    src.write_text(completion("a") + "\n{oops\n")
+    proc = start_run([str(src), "-o", str(out), "--model", str(model), "--quiet"], log)
+    try:
+        proc.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the run did not end")
+    finally:
+        kill_group(proc)
+    text = log.read_text()
+    assert proc.returncode == 1, text[-3000:]
+    assert "SGLang did not start (one of its processes failed: its error is above)" in text
+    assert [json.loads(x)["response"]["status_code"] for x in out.read_text().splitlines()] == [400]
