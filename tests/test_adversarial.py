@@ -596,3 +596,11 @@ def test_weights_that_do_not_load_are_exit_1_with_one_message(tiny_llama, tmp_pa
     assert proc.returncode == 1, text[-3000:]
     assert "SGLang did not start (one of its processes failed: its error is above)" in text
     assert [json.loads(x)["response"]["status_code"] for x in out.read_text().splitlines()] == [400]
+
+
+def test_dash_output_is_standard_output_not_a_file_named_dash(monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(cli, "_main", lambda args: seen.append(args.output) or 0)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["in.jsonl", "-o", "-"]) == 0
+    assert seen == ["/dev/stdout"] and not (tmp_path / "-").exists()

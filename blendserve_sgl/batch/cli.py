@@ -59,8 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
                "\"top_p\", \"stop\", \"seed\", ...}}.\nRerunning the same command after a crash finishes the "
                "requests not yet in the results file.")
     ap.add_argument("input", help="requests, one JSON object per line (OpenAI Batch API format); - for standard input")
-    ap.add_argument("-o", "--output", help="results file (JSONL), appended to when it exists (required unless "
-                                           "--plan-only)")
+    ap.add_argument("-o", "--output", help="results file (JSONL), appended to when it exists; - for standard "
+                                           "output (required unless --plan-only)")
     ap.add_argument("--errors", help="file of the failed requests' records (default: next to -o, *.errors.jsonl; "
                                      "none when -o is a pipe or a device such as /dev/stdout)")
     ap.add_argument("--model", help="local Hugging Face model directory (default: the embedded "
@@ -125,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         return plan_for_run(args)
     if args.output is None:
         parser.error("the following arguments are required: -o/--output")
+    if args.output == "-":
+        args.output = "/dev/stdout"
     try:
         return _main(args)
     except KeyboardInterrupt:  # before the engine runs (loading the model, reading lines)
