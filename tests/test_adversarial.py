@@ -604,3 +604,21 @@ def test_dash_output_is_standard_output_not_a_file_named_dash(monkeypatch, tmp_p
     monkeypatch.chdir(tmp_path)
     assert cli.main(["in.jsonl", "-o", "-"]) == 0
     assert seen == ["/dev/stdout"] and not (tmp_path / "-").exists()
+
+
+@pytest.mark.parametrize("record", [
+    {"custom_id": [1], "response": {"status_code": 200, "body": {}}, "error": None},
+    {"custom_id": "q0", "response": "x", "error": None},
+    {"custom_id": "q0", "response": None, "error": "boom"},
+    {"custom_id": None, "response": None, "error": {"message": "no line"}},
+    {"custom_id": "q0", "response": {"status_code": 200, "body": "x"}, "error": None},
+    {"custom_id": "q0", "response": {"status_code": 200, "body": {"usage": {"prompt_tokens": "abc"}}}, "error": None},
+    {"custom_id": "q0", "response": {"status_code": 200, "body": {"usage": [1]}}, "error": None},
+])
+def test_an_edited_results_record_of_the_wrong_shape_is_named_not_a_crash(stand_in, tmp_path, capsys,  # noqa: F811
+                                                                          record):
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    out.write_text(json.dumps(record) + "\n")
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"])]) == 2
+    assert "results.jsonl line 1 is not a result record of `blendserve run`" in capsys.readouterr().err
+    assert out.read_text() == json.dumps(record) + "\n"

@@ -182,7 +182,31 @@ def _record(raw: bytes) -> dict | None:
         rec = json.loads(raw)
     except (ValueError, RecursionError):
         return None
-    return rec if isinstance(rec, dict) and "custom_id" in rec and ("response" in rec or "error" in rec) else None
+    return rec if _is_record(rec) else None
+
+
+def _is_record(rec) -> bool:
+    """The shape `scan` relies on: custom_id a string (or null with the error's line number), the
+    error null or an object, the response an object; a success's usage token counts integers."""
+    if not (isinstance(rec, dict) and "custom_id" in rec and ("response" in rec or "error" in rec)):
+        return False
+    cid, err, resp = rec.get("custom_id"), rec.get("error"), rec.get("response")
+    if not (cid is None or isinstance(cid, str)) or not (err is None or isinstance(err, dict)):
+        return False
+    if cid is None and not (isinstance(err, dict) and _is_int(err.get("line"))):
+        return False
+    if not (resp is None or isinstance(resp, dict)):
+        return False
+    if is_failure(rec):
+        return True
+    body = resp.get("body")
+    usage = body.get("usage") if isinstance(body, dict) else None
+    return isinstance(body, dict) and (usage is None or isinstance(usage, dict) and all(
+        _is_int(usage.get(k, 0)) for k in ("prompt_tokens", "completion_tokens")))
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def request_key(item):
