@@ -622,3 +622,11 @@ def test_an_edited_results_record_of_the_wrong_shape_is_named_not_a_crash(stand_
     assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"])]) == 2
     assert "results.jsonl line 1 is not a result record of `blendserve run`" in capsys.readouterr().err
     assert out.read_text() == json.dumps(record) + "\n"
+
+
+def test_more_dp_ranks_than_cores_fail_before_reading(stand_in, tmp_path, capsys):  # noqa: F811
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    ranks = len(os.sched_getaffinity(0)) + 1
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"]), "--dp", str(ranks)]) == 2
+    assert f"--dp {ranks} on CPU needs at least {ranks} CPU cores" in capsys.readouterr().err
+    assert not out.exists() and not stand_in["engines"]

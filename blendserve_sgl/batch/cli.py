@@ -158,10 +158,12 @@ def _main(args) -> int:
             _say(f"model: {model_dir}")
         device = runner.prepare_environment(args.device)  # before torch loads (with the tokenizer)
         runner.check_engine_args(extra)
+        if args.dp > 1:
+            extra = {**extra, **dispatch.dp_engine_kwargs(args.dp, device)}
         ctx = _context(args.context_length, model_dir)
         tokenizer = _load_tokenizer(model_dir)
         writer = ResultWriter.open(args.output, args.errors, overwrite=args.overwrite, input_path=source)
-    except (InputError, ModelError, ResultsError, ValueError) as exc:
+    except (InputError, ModelError, ResultsError, ValueError, dispatch.DispatchError) as exc:
         print(f"blendserve run: error: {exc}", file=sys.stderr)
         return 2
     with writer:
@@ -257,8 +259,6 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
         fd, stats_file = tempfile.mkstemp(prefix="blendserve-policy-", suffix=".json")
         os.close(fd)
         os.environ["BLENDSERVE_STATS_PATH"], own_stats = stats_file, True
-    if args.dp > 1:
-        extra = {**extra, **dispatch.dp_engine_kwargs(args.dp, device)}
     cfg = runner.EngineConfig(model_path=str(model_dir), policy=args.policy, device=device, context_length=ctx,
                               max_total_tokens=args.max_total_tokens, attention_backend=args.attention_backend,
                               seed=args.seed, log_level=args.log_level, extra=extra)
