@@ -413,6 +413,8 @@ def _check_scale_out(args) -> None:
         raise ValueError("--dp and --ray are two ways to run replicas: give one (--ray --replicas N, or --dp N)")
     if not args.ray and (args.ray_address or args.gpus_per_replica is not None):
         raise ValueError("--ray-address and --gpus-per-replica apply to --ray runs: add --ray")
+    if args.gpus_per_replica is not None and not (0 <= args.gpus_per_replica < float("inf")):
+        raise ValueError(f"--gpus-per-replica must be 0 or more, got {args.gpus_per_replica}")
     if args.ray:
         try:
             import ray  # noqa: F401
