@@ -70,7 +70,9 @@ def test_seed_outside_int64_is_that_lines_error(seed):
     (b'{"custom_id": "x"\n', "the line ends before its JSON does: is it cut short, or is the file indented JSON?)"),
     (b'{"custom_id": "x",\r\n', "the line ends before its JSON does"),
     (b"{\n", "the line ends before its JSON does"),
-    (b'{} {"a": 1}\r\n', "Extra data at column 4)"),
+    (b'{} {"a": 1}\r\n', "Extra data at column 4: more than one JSON value; end each request's line with a "
+                        "newline (\\n))"),
+    (b'{"a": 1}\r{"b": 2}\r', "Extra data at column 10: more than one JSON value"),
     (b'{"a": 1,,}\n', "Expecting property name enclosed in double quotes at column 9)"),
 ])
 def test_invalid_json_names_the_column_on_its_own_line(raw, what):

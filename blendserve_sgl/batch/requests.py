@@ -181,6 +181,8 @@ def parse_line(raw: bytes | str | TooLong, line: int, source: str = "requests.js
             what = "the line ends before its JSON does: is it cut short, or is the file indented JSON?"
         elif isinstance(exc, json.JSONDecodeError):
             what = f"{exc.msg.removesuffix(' at')} at column {exc.colno}"
+            if exc.msg == "Extra data":  # `{...} {...}`, or lines ended by a lone \r (old Mac files)
+                what += ": more than one JSON value; end each request's line with a newline (\\n)"
         else:
             what = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         return LineError(line, None, f"{source} line {line}: invalid JSON ({what}); each line must be one "
