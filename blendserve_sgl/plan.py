@@ -350,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("--generate-sample runs requests of the file on this machine: it needs a requests "
                                  "file and --model DIR (a model directory with weights); or drop it and plan with "
                                  "an assumed --output-fraction")
+            if args.input == "-" or not os.path.isfile(args.input):
+                raise ValueError(f"--generate-sample reads {args.input} a second time for its sample: pass a regular "
+                                 "file, not a pipe or standard input")
             from .batch.runner import prepare_environment
             from .models import check_model_dir
 

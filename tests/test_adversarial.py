@@ -633,3 +633,10 @@ def test_more_dp_ranks_than_cores_fail_before_reading(stand_in, tmp_path, capsys
     assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"]), "--dp", str(ranks)]) == 2
     assert f"--dp {ranks} on CPU needs at least {ranks} CPU cores" in capsys.readouterr().err
     assert not out.exists() and not stand_in["engines"]
+
+
+def test_generate_sample_refuses_an_input_it_cannot_read_twice(stand_in, tmp_path, capsys):  # noqa: F811
+    from blendserve_sgl import plan
+
+    assert plan.main(["-", "--model", str(stand_in["model"]), "--generate-sample", "2"]) == 2
+    assert "--generate-sample reads - a second time for its sample: pass a regular file" in capsys.readouterr().err
