@@ -128,6 +128,7 @@ def test_dash_is_standard_input(stand_in, tmp_path, monkeypatch):  # noqa: F811
 
 @pytest.mark.parametrize("args,fragment", [
     (["--workers", "-3"], "argument --workers: -3 must be 0 or a positive integer"),
+    (["--log-level", "loud"], "argument --log-level: invalid choice: 'loud'"),
     (["--ray", "--gpus-per-replica", "-1"], "--gpus-per-replica must be 0 or more, got -1.0"),
     (["--engine-arg", "context_length=16"], "--engine-arg 'context_length=16': use --context-length instead"),
     (["--engine-arg", "schedule-policy=fcfs"], "use --policy instead"),

@@ -103,7 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--include-token-ids", action="store_true",
                     help="add token_ids and prompt_token_ids to every choice (an extension of the format)")
     ap.add_argument("--summary-json", help="also write the summary figures as JSON to this file")
-    ap.add_argument("--log-level", default="error", help="SGLang's log level (default: error)")
+    ap.add_argument("--log-level", default="error", type=str.lower,
+                    choices=("debug", "info", "warning", "error", "critical"), help="SGLang's log level (default: error)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--plan-only", nargs="?", const="auto", metavar="HARDWARE",
                     help="print `blendserve plan` for this file and these arguments on HARDWARE (default: the cpu "
