@@ -641,3 +641,11 @@ def test_generate_sample_refuses_an_input_it_cannot_read_twice(stand_in, tmp_pat
 
     assert plan.main(["-", "--model", str(stand_in["model"]), "--generate-sample", "2"]) == 2
     assert "--generate-sample reads - a second time for its sample: pass a regular file" in capsys.readouterr().err
+
+
+def test_a_results_file_passed_as_input_says_so(stand_in, tmp_path, capsys):  # noqa: F811
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"])]) == 0
+    first = out.read_text().splitlines()[0]
+    err = parse_line(first, 1, "results.jsonl")
+    assert isinstance(err, LineError) and 'this is a result record (it has "response"), not a request' in err.message

@@ -200,6 +200,10 @@ def parse_line(raw: bytes | str | TooLong, line: int, source: str = "requests.js
             hint = " (write one request per line, not a JSON list)" if isinstance(obj, list) else ""
             raise _Bad(f"expected a JSON object with {', '.join(TOP_FIELDS)}, got {_kind(obj)}{hint}")
         cid = obj.get("custom_id")
+        if "response" in obj and "method" not in obj and "body" not in obj:
+            cid = None
+            raise _Bad("this is a result record (it has \"response\"), not a request; pass the requests file, "
+                       "not a results or errors file")
         if "custom_id" not in obj:
             raise _Bad('"custom_id" is missing; give every request a unique string custom_id')
         if not isinstance(cid, str) or not cid:
