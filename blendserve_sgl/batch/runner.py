@@ -91,12 +91,15 @@ def check_engine_args(extra: dict) -> None:
 
     from sglang.srt.server_args import ServerArgs
 
-    known = inspect.signature(ServerArgs).parameters
-    for key in extra:
-        if key not in known:
-            near = difflib.get_close_matches(key, list(known), n=1)
-            hint = f"; did you mean {near[0]}?" if near else "; see `python -m sglang.launch_server --help`"
-            raise ValueError(f"--engine-arg {key}: not an argument of sglang.Engine{hint}")
+    try:
+        ServerArgs(**{"model_path": "-", **extra})  # construction only checks the names (resolution checks values)
+    except TypeError as exc:
+        bad = next((key for key in extra if repr(key) in str(exc)), None)
+        if bad is None:
+            raise ValueError(f"--engine-arg: sglang.Engine refuses these arguments ({exc})") from None
+        near = difflib.get_close_matches(bad, list(inspect.signature(ServerArgs).parameters), n=1)
+        hint = f"; did you mean {near[0]}?" if near else "; see `python -m sglang.launch_server --help`"
+        raise ValueError(f"--engine-arg {bad}: not an argument of sglang.Engine{hint}") from None
 
 
 def start_engine(cfg: EngineConfig):
