@@ -132,20 +132,16 @@ def _sigquit_raises():
     def redirect(sig, handler):
         if sig == signal.SIGQUIT:
             theirs.append(handler)
-            handler = _raise_engine_failed
+            handler = _engine_failed
         return install(sig, handler)
 
-    previous = install(signal.SIGQUIT, _raise_engine_failed)
+    previous = install(signal.SIGQUIT, _engine_failed)
     signal.signal = redirect
     try:
         yield
     finally:
         signal.signal = install
         install(signal.SIGQUIT, theirs[-1] if theirs else previous)
-
-
-def _raise_engine_failed(signum, frame):
-    raise EngineFailed(1)
 
 
 @contextlib.contextmanager
@@ -291,12 +287,14 @@ def _terminated() -> None:
 
 
 class EngineFailed(SystemExit):
-    """An engine process died while requests ran: SGLang's processes send SIGQUIT to this one,
-    whose own handler would kill this process at once. A SystemExit, so that asyncio lets it out
-    of run_until_complete; `generate` cancels what is in flight and raises it."""
+    """An engine process died while the engine started or requests ran: SGLang's processes send
+    SIGQUIT to this one, whose own handler would kill this process at once. A SystemExit, so
+    that asyncio lets it out of run_until_complete; `generate` cancels what is in flight and
+    raises it."""
 
 
-def _engine_failed() -> None:
+def _engine_failed(*_signal) -> None:
+    """SIGQUIT's handler while the engine starts (signal.signal) or runs (loop.add_signal_handler)."""
     raise EngineFailed(1)
 
 
