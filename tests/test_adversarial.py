@@ -548,6 +548,55 @@ def test_an_endless_line_is_an_error_read_in_pieces_and_the_next_lines_run(tiny,
     assert [e.message for e in read_requests(path) if isinstance(e, LineError)] == [got.errors[0].message]
 
 
+def test_dash_output_is_standard_output_not_a_file_named_dash(monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(cli, "_main", lambda args: seen.append(args.output) or 0)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["in.jsonl", "-o", "-"]) == 0
+    assert seen == ["/dev/stdout"] and not (tmp_path / "-").exists()
+
+
+@pytest.mark.parametrize("record", [
+    {"custom_id": [1], "response": {"status_code": 200, "body": {}}, "error": None},
+    {"custom_id": "q0", "response": "x", "error": None},
+    {"custom_id": "q0", "response": None, "error": "boom"},
+    {"custom_id": None, "response": None, "error": {"message": "no line"}},
+    {"custom_id": "q0", "response": {"status_code": 200, "body": "x"}, "error": None},
+    {"custom_id": "q0", "response": {"status_code": 200, "body": {"usage": {"prompt_tokens": "abc"}}}, "error": None},
+    {"custom_id": "q0", "response": {"status_code": 200, "body": {"usage": [1]}}, "error": None},
+])
+def test_an_edited_results_record_of_the_wrong_shape_is_named_not_a_crash(stand_in, tmp_path, capsys,  # noqa: F811
+                                                                          record):
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    out.write_text(json.dumps(record) + "\n")
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"])]) == 2
+    assert "results.jsonl line 1 is not a result record of `blendserve run`" in capsys.readouterr().err
+    assert out.read_text() == json.dumps(record) + "\n"
+
+
+def test_more_dp_ranks_than_cores_fail_before_reading(stand_in, tmp_path, capsys):  # noqa: F811
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    ranks = len(os.sched_getaffinity(0)) + 1
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"]), "--dp", str(ranks)]) == 2
+    assert f"--dp {ranks} on CPU needs at least {ranks} CPU cores" in capsys.readouterr().err
+    assert not out.exists() and not stand_in["engines"]
+
+
+def test_generate_sample_refuses_an_input_it_cannot_read_twice(stand_in, tmp_path, capsys):  # noqa: F811
+    from blendserve_sgl import plan
+
+    assert plan.main(["-", "--model", str(stand_in["model"]), "--generate-sample", "2"]) == 2
+    assert "--generate-sample reads - a second time for its sample: pass a regular file" in capsys.readouterr().err
+
+
+def test_a_results_file_passed_as_input_says_so(stand_in, tmp_path, capsys):  # noqa: F811
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"])]) == 0
+    first = out.read_text().splitlines()[0]
+    err = parse_line(first, 1, "results.jsonl")
+    assert isinstance(err, LineError) and 'this is a result record (it has "response"), not a request' in err.message
+
+
 # ------------------------------------------------------------------ the real engine (slow)
 @pytest.mark.engine
 def test_hostile_values_on_the_real_engine_end_in_one_record_each(tiny_llama, tmp_path):
@@ -600,52 +649,3 @@ def test_weights_that_do_not_load_are_exit_1_with_one_message(tiny_llama, tmp_pa
     assert proc.returncode == 1, text[-3000:]
     assert "SGLang did not start (one of its processes failed: its error is above)" in text
     assert [json.loads(x)["response"]["status_code"] for x in out.read_text().splitlines()] == [400]
-
-
-def test_dash_output_is_standard_output_not_a_file_named_dash(monkeypatch, tmp_path):
-    seen = []
-    monkeypatch.setattr(cli, "_main", lambda args: seen.append(args.output) or 0)
-    monkeypatch.chdir(tmp_path)
-    assert cli.main(["in.jsonl", "-o", "-"]) == 0
-    assert seen == ["/dev/stdout"] and not (tmp_path / "-").exists()
-
-
-@pytest.mark.parametrize("record", [
-    {"custom_id": [1], "response": {"status_code": 200, "body": {}}, "error": None},
-    {"custom_id": "q0", "response": "x", "error": None},
-    {"custom_id": "q0", "response": None, "error": "boom"},
-    {"custom_id": None, "response": None, "error": {"message": "no line"}},
-    {"custom_id": "q0", "response": {"status_code": 200, "body": "x"}, "error": None},
-    {"custom_id": "q0", "response": {"status_code": 200, "body": {"usage": {"prompt_tokens": "abc"}}}, "error": None},
-    {"custom_id": "q0", "response": {"status_code": 200, "body": {"usage": [1]}}, "error": None},
-])
-def test_an_edited_results_record_of_the_wrong_shape_is_named_not_a_crash(stand_in, tmp_path, capsys,  # noqa: F811
-                                                                          record):
-    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
-    out.write_text(json.dumps(record) + "\n")
-    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"])]) == 2
-    assert "results.jsonl line 1 is not a result record of `blendserve run`" in capsys.readouterr().err
-    assert out.read_text() == json.dumps(record) + "\n"
-
-
-def test_more_dp_ranks_than_cores_fail_before_reading(stand_in, tmp_path, capsys):  # noqa: F811
-    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
-    ranks = len(os.sched_getaffinity(0)) + 1
-    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"]), "--dp", str(ranks)]) == 2
-    assert f"--dp {ranks} on CPU needs at least {ranks} CPU cores" in capsys.readouterr().err
-    assert not out.exists() and not stand_in["engines"]
-
-
-def test_generate_sample_refuses_an_input_it_cannot_read_twice(stand_in, tmp_path, capsys):  # noqa: F811
-    from blendserve_sgl import plan
-
-    assert plan.main(["-", "--model", str(stand_in["model"]), "--generate-sample", "2"]) == 2
-    assert "--generate-sample reads - a second time for its sample: pass a regular file" in capsys.readouterr().err
-
-
-def test_a_results_file_passed_as_input_says_so(stand_in, tmp_path, capsys):  # noqa: F811
-    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
-    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"])]) == 0
-    first = out.read_text().splitlines()[0]
-    err = parse_line(first, 1, "results.jsonl")
-    assert isinstance(err, LineError) and 'this is a result record (it has "response"), not a request' in err.message

@@ -43,8 +43,8 @@ from .progress import Progress, RunStats, phase_line, summary_lines
 from .prompts import Prepared, context_length
 from .reader import ReadResult, read_store
 from .requests import InputError, check_readable
-from .results import (ResultsError, ResultWriter, error_record, errors_path_for, is_regular_or_new, ok_record, reconcile,
-                      request_key, same_file)
+from .results import (ResultsError, ResultWriter, error_record, errors_path_for, is_regular_or_new, ok_record,
+                      reconcile, request_key, same_file)
 
 # SGLang 0.5.23's --schedule-policy choices that make sense offline, plus the plugin's `blend`
 POLICIES = ("blend", "fcfs", "lpm", "dfs-weight", "lof", "random", "hrrn", "shortest-prefill-first")
@@ -104,7 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="add token_ids and prompt_token_ids to every choice (an extension of the format)")
     ap.add_argument("--summary-json", help="also write the summary figures as JSON to this file")
     ap.add_argument("--log-level", default="error", type=str.lower,
-                    choices=("debug", "info", "warning", "error", "critical"), help="SGLang's log level (default: error)")
+                    choices=("debug", "info", "warning", "error", "critical"),
+                    help="SGLang's log level (default: error)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--plan-only", nargs="?", const="auto", metavar="HARDWARE",
                     help="print `blendserve plan` for this file and these arguments on HARDWARE (default: the cpu "
