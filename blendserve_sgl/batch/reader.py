@@ -441,16 +441,21 @@ def _read(p: Path, tokenizer, context_len, default_max_tokens, model_dir, worker
             take(_work(b))
     else:
         import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
 
-        with mp.get_context("spawn").Pool(workers, _init_worker,
-                                          (str(model_dir), context_len, default_max_tokens, p.name)) as pool:
-            pending: deque = deque()
-            for b in batches:
-                pending.append(pool.apply_async(_work, (b,)))
-                while len(pending) > 2 * workers:
-                    take(pending.popleft().get())
-            while pending:
-                take(pending.popleft().get())
+        try:  # a worker that dies (the OOM killer) breaks the pool: the read starts over in this process
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                     initargs=(str(model_dir), context_len, default_max_tokens, p.name)) as pool:
+                pending: deque = deque()
+                for b in batches:
+                    pending.append(pool.submit(_work, b))
+                    while len(pending) > 2 * workers:
+                        take(pending.popleft().result())
+                while pending:
+                    take(pending.popleft().result())
+        except BrokenProcessPool as exc:
+            raise WorkerError(f"a reader process died ({exc})") from None
     out.done = np.zeros(len(out.store), bool)
     return out
 
