@@ -649,3 +649,29 @@ def test_weights_that_do_not_load_are_exit_1_with_one_message(tiny_llama, tmp_pa
     assert proc.returncode == 1, text[-3000:]
     assert "SGLang did not start (one of its processes failed: its error is above)" in text
     assert [json.loads(x)["response"]["status_code"] for x in out.read_text().splitlines()] == [400]
+
+
+def test_sigterm_while_reading_stops_like_ctrl_c(stand_in, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """SIGTERM stopped the run with exit 130 only once the engine ran; while the input was read
+    it killed the process (exit 143, no message)."""
+    import signal
+
+    from blendserve_sgl.batch import cli as batch_cli
+
+    real = batch_cli.read_store
+
+    def reading(*a, **kw):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(batch_cli, "read_store", reading)
+    seen = []
+    recorder = lambda *a: seen.append(a)  # noqa: E731 (stands in for the default action, which kills)
+    before = signal.signal(signal.SIGTERM, recorder)
+    try:
+        src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+        assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"])]) == 130
+        assert signal.getsignal(signal.SIGTERM) is recorder and not seen
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert "interrupted; nothing was lost" in capsys.readouterr().err and not stand_in["engines"]

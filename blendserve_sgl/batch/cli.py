@@ -129,11 +129,14 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("the following arguments are required: -o/--output")
     if args.output == "-":
         args.output = "/dev/stdout"
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops like Ctrl-C, also while reading
     try:
         return _main(args)
     except KeyboardInterrupt:  # before the engine runs (loading the model, reading lines)
         print("blendserve run: interrupted; nothing was lost: run the same command again", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _main(args) -> int:
