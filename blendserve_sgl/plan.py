@@ -103,8 +103,10 @@ def generate_here(path, model_dir, tokenizer, context_len: int, default_max_toke
                                   seed=seed)
         try:
             engine = runner.start_engine(cfg)
-        except Exception as exc:  # noqa: BLE001 (SGLang raises many kinds; the message is what matters)
-            raise ValueError(f"--generate-sample: SGLang did not start on this machine ({type(exc).__name__}: {exc}); "
+        except (Exception, runner.EngineFailed) as exc:  # noqa: BLE001 (SGLang raises many kinds)
+            why = "one of its processes failed: its error is above" if isinstance(exc, runner.EngineFailed) else \
+                f"{type(exc).__name__}: {exc}"
+            raise ValueError(f"--generate-sample: SGLang did not start on this machine ({why}); "
                              "plan without --generate-sample, with an assumed --output-fraction") from None
         got: dict = {}
 
@@ -113,6 +115,9 @@ def generate_here(path, model_dir, tokenizer, context_len: int, default_max_toke
 
         try:
             runner.generate(engine, items, done, lambda p, exc: None)
+        except runner.EngineFailed:
+            raise ValueError("--generate-sample: an SGLang process failed while the sample ran (its error is above); "
+                             "plan without --generate-sample, with an assumed --output-fraction") from None
         finally:
             engine.shutdown()
         return [got.get(r.rid) for r in chosen]
@@ -286,6 +291,10 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+def _plot_path(args) -> str:
+    return args.plot or (str(Path(args.out).with_suffix(".png")) if args.out else "plan.png")
+
+
 def _sample_size(text: str) -> int:
     return 0 if text.strip() == "0" else positive_int(text)
 
@@ -325,6 +334,12 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
         if not (0 < args.output_fraction <= 1):
             raise ValueError(f"--output-fraction must be in (0, 1], got {args.output_fraction}")
+        from .batch.cli import check_apart, check_output
+
+        for flag, path in (("--out", args.out), ("--plot", args.plot)):
+            check_output(flag, path)
+        check_apart("--out", args.out, [("the input", args.input)])
+        check_apart("--plot", _plot_path(args), [("the input", args.input), ("the --out file", args.out)])
         policies = [p.strip() for p in args.policies.split(",") if p.strip()]
         bad = [p for p in policies if p not in POLICIES]
         if bad or not policies:
@@ -335,6 +350,9 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError("--generate-sample runs requests of the file on this machine: it needs a requests "
                                  "file and --model DIR (a model directory with weights); or drop it and plan with "
                                  "an assumed --output-fraction")
+            if args.input == "-" or not os.path.isfile(args.input):
+                raise ValueError(f"--generate-sample reads {args.input} a second time for its sample: pass a regular "
+                                 "file, not a pipe or standard input")
             from .batch.runner import prepare_environment
             from .models import check_model_dir
 
@@ -357,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
                 del loaded
             finally:
                 gc.enable()
+            if not lines:
+                raise ValueError(f"{args.input} holds no requests (it is empty or has only blank lines); pass the "
+                                 "JSONL file of requests, one JSON object per line")
             if not records:
                 raise ValueError(f"{args.input}: no valid request to plan ({len(errors)} bad lines)")
             if args.generate_sample:
@@ -374,6 +395,9 @@ def main(argv: list[str] | None = None) -> int:
             records = [r._replace(max_tokens=r.output_len) for r in load_workload(args.workload, args.requests, cost,
                                                                                   args.seed)]
         read_s = time.perf_counter() - t0 - gen_s
+        if args.kv_gb is not None and args.kv_gb * 1e9 < cost.kv_bytes_per_token:
+            raise ValueError(f"--kv-gb {args.kv_gb:g} holds no token of the KV cache ({cost.kv_bytes_per_token:,.0f} "
+                             "bytes per token); pass a larger --kv-gb")
         engine = EngineConfig.for_cost(cost, kv_gb=args.kv_gb, max_running=args.max_running,
                                        chunked_prefill=args.chunk, mixed_chunk=args.mixed_chunk)
         big = next((r for r in records if r.prompt_len + r.output_len > engine.kv_tokens), None)
@@ -394,7 +418,7 @@ def main(argv: list[str] | None = None) -> int:
            "bad_line_messages": [e.message for e in errors[:20]], "token_counts": counted,
            **out, "read_seconds": round(read_s, 2), "generate_seconds": round(gen_s, 2), "simulate_seconds": round(sim_s, 2),
            "plan_seconds": round(time.perf_counter() - t0, 2)}
-    plot = args.plot or (str(Path(args.out).with_suffix(".png")) if args.out else "plan.png")
+    plot = _plot_path(args)
     best = out.get("best_other", {}).get("max_tokens")
     shown = [results["max_tokens"][p] for p in ("blend", best) if p in results["max_tokens"]]
     plot_steps(shown or list(results["max_tokens"].values())[:2], plot, ExecModel(args.timing),
@@ -458,7 +482,8 @@ def plan_for_run(run_args) -> int:
 
     try:
         model_dir = check_model_dir(run_args.model) if run_args.model else default_model(run_args.model_cache, log=print)
-    except ModelError as exc:
+        spec = ModelSpec.from_config_file(model_dir)
+    except (ModelError, ValueError, OSError) as exc:
         print(f"blendserve run --plan-only: error: {exc}", file=sys.stderr)
         return 2
     hw = run_args.plan_only
@@ -474,7 +499,7 @@ def plan_for_run(run_args) -> int:
         argv += ["--context-length", str(run_args.context_length)]
     kv_tokens = run_args.max_total_tokens or (CPU_MAX_TOTAL_TOKENS if hw == "cpu" else None)
     if kv_tokens:
-        argv += ["--kv-gb", repr(kv_tokens * ModelSpec.from_config_file(model_dir).kv_bytes_per_token / 1e9)]
+        argv += ["--kv-gb", repr(kv_tokens * spec.kv_bytes_per_token / 1e9)]
     flags = {"chunked_prefill_size": "--chunk", "max_running_requests": "--max-running"}
     for pair in run_args.engine_arg:
         key, _, value = pair.partition("=")

@@ -16,8 +16,9 @@ fix) before any engine starts:
 4. the engine runs the rest with the chosen policy, fed in plan order through a window sized
    from its capacity (`feed.py`); each result is written when it finishes;
 5. the summary: requests, input/output tokens, wall time, throughput, prefix-cache hit ratio.
-Exit status: 0 when every request has a record (failed requests are records too), 2 for bad
-arguments or files, 130 when interrupted by Ctrl-C or SIGTERM (the results so far are kept;
+Exit status: 0 when every request has a record (failed requests are records too), 1 when the
+engine did not start or one of its processes died while requests ran, 2 for bad arguments or
+files, 130 when interrupted by Ctrl-C or SIGTERM (in each case the results so far are kept;
 rerun to finish).
 """
 
@@ -33,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..cli import positive_int
+from ..cli import non_negative_int, positive_int
 from ..models import ModelError, check_model_dir, default_model
 from . import dispatch
 from .feed import engine_capacity, mean_request_tokens, pending, window_size
@@ -42,8 +43,8 @@ from .progress import Progress, RunStats, phase_line, summary_lines
 from .prompts import Prepared, context_length
 from .reader import ReadResult, read_store
 from .requests import InputError, check_readable
-from .results import (ResultsError, ResultWriter, error_record, is_regular_or_new, ok_record, reconcile, request_key,
-                      same_file)
+from .results import (ResultsError, ResultWriter, error_record, errors_path_for, is_regular_or_new, ok_record,
+                      reconcile, request_key, same_file)
 
 # SGLang 0.5.23's --schedule-policy choices that make sense offline, plus the plugin's `blend`
 POLICIES = ("blend", "fcfs", "lpm", "dfs-weight", "lof", "random", "hrrn", "shortest-prefill-first")
@@ -57,9 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
                "\"/v1/completions\", \"body\": {\"messages\" | \"prompt\", \"max_tokens\", \"temperature\", "
                "\"top_p\", \"stop\", \"seed\", ...}}.\nRerunning the same command after a crash finishes the "
                "requests not yet in the results file.")
-    ap.add_argument("input", help="requests, one JSON object per line (OpenAI Batch API format)")
-    ap.add_argument("-o", "--output", help="results file (JSONL), appended to when it exists (required unless "
-                                           "--plan-only)")
+    ap.add_argument("input", help="requests, one JSON object per line (OpenAI Batch API format); - for standard input")
+    ap.add_argument("-o", "--output", help="results file (JSONL), appended to when it exists; - for standard "
+                                           "output (required unless --plan-only)")
     ap.add_argument("--errors", help="file of the failed requests' records (default: next to -o, *.errors.jsonl; "
                                      "none when -o is a pipe or a device such as /dev/stdout)")
     ap.add_argument("--model", help="local Hugging Face model directory (default: the embedded "
@@ -79,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--window", type=_window, default=-1,
                     help="at most this many requests in the engine at once, refilled in plan order (default "
                          "auto: a few times what fits in the engine's running slots and KV pool; 0: all at once)")
-    ap.add_argument("--workers", type=int, default=None,
+    ap.add_argument("--workers", type=non_negative_int, default=None,
                     help="processes that read and tokenize the input (default: every core; 0: in this process)")
     ap.add_argument("--seed", type=int, default=0, help="engine random seed (sampling)")
     ap.add_argument("--dp", type=positive_int, default=1,
@@ -102,7 +103,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--include-token-ids", action="store_true",
                     help="add token_ids and prompt_token_ids to every choice (an extension of the format)")
     ap.add_argument("--summary-json", help="also write the summary figures as JSON to this file")
-    ap.add_argument("--log-level", default="error", help="SGLang's log level (default: error)")
+    ap.add_argument("--log-level", default="error", type=str.lower,
+                    choices=("debug", "info", "warning", "error", "critical"),
+                    help="SGLang's log level (default: error)")
     ap.add_argument("--quiet", action="store_true", help="no progress bar")
     ap.add_argument("--plan-only", nargs="?", const="auto", metavar="HARDWARE",
                     help="print `blendserve plan` for this file and these arguments on HARDWARE (default: the cpu "
@@ -124,11 +127,16 @@ def main(argv: list[str] | None = None) -> int:
         return plan_for_run(args)
     if args.output is None:
         parser.error("the following arguments are required: -o/--output")
+    if args.output == "-":
+        args.output = "/dev/stdout"
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops like Ctrl-C, also while reading
     try:
         return _main(args)
     except KeyboardInterrupt:  # before the engine runs (loading the model, reading lines)
         print("blendserve run: interrupted; nothing was lost: run the same command again", file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _main(args) -> int:
@@ -140,7 +148,10 @@ def _main(args) -> int:
     try:
         extra = _engine_args(args.engine_arg)
         _check_scale_out(args)
+        check_output("--summary-json", args.summary_json)
+        _check_summary_apart(args)
         source = check_readable(args.input)
+        args.input = str(source)  # `-` is /dev/stdin
         if args.retry_failed and args.overwrite:
             raise ValueError("--retry-failed keeps the results that succeeded, --overwrite discards them all: "
                              "give one of them")
@@ -151,10 +162,13 @@ def _main(args) -> int:
         if args.model:
             _say(f"model: {model_dir}")
         device = runner.prepare_environment(args.device)  # before torch loads (with the tokenizer)
+        runner.check_engine_args(extra)
+        if args.dp > 1:
+            extra = {**extra, **dispatch.dp_engine_kwargs(args.dp, device)}
+        ctx = _context(args.context_length, model_dir)
         tokenizer = _load_tokenizer(model_dir)
-        ctx = args.context_length or context_length(model_dir)
         writer = ResultWriter.open(args.output, args.errors, overwrite=args.overwrite, input_path=source)
-    except (InputError, ModelError, ResultsError, ValueError) as exc:
+    except (InputError, ModelError, ResultsError, ValueError, dispatch.DispatchError) as exc:
         print(f"blendserve run: error: {exc}", file=sys.stderr)
         return 2
     with writer:
@@ -250,8 +264,6 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
         fd, stats_file = tempfile.mkstemp(prefix="blendserve-policy-", suffix=".json")
         os.close(fd)
         os.environ["BLENDSERVE_STATS_PATH"], own_stats = stats_file, True
-    if args.dp > 1:
-        extra = {**extra, **dispatch.dp_engine_kwargs(args.dp, device)}
     cfg = runner.EngineConfig(model_path=str(model_dir), policy=args.policy, device=device, context_length=ctx,
                               max_total_tokens=args.max_total_tokens, attention_backend=args.attention_backend,
                               seed=args.seed, log_level=args.log_level, extra=extra)
@@ -299,10 +311,12 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
         t0 = time.perf_counter()
         try:
             engine = runner.start_engine(cfg)
-        except Exception as exc:  # noqa: BLE001 (SGLang raises many kinds; the message is what matters)
-            raise EngineError(f"SGLang did not start ({type(exc).__name__}: {exc}); check --model, --policy and "
-                              f"--engine-arg; {stats.invalid:,} error records were written to {writer.path}, "
-                              "rerun the same command once fixed") from exc
+        except (Exception, runner.EngineFailed) as exc:  # noqa: BLE001 (SGLang raises many kinds)
+            why = "one of its processes failed: its error is above" if isinstance(exc, runner.EngineFailed) else \
+                f"{type(exc).__name__}: {exc}"
+            raise EngineError(f"SGLang did not start ({why}); check --model, --policy and --engine-arg; "
+                              f"{stats.invalid:,} error records were written to {writer.path}, rerun the same "
+                              "command once fixed") from None
         stats.engine_start_seconds = time.perf_counter() - t0
         route, items = None, pending(read.store, order, read.done)
         if parts is not None:
@@ -317,9 +331,14 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
         stats.window = args.window if args.window >= 0 else window_size(
             *engine_capacity(engine), mean_request_tokens(read.store, read.done))
         progress.start = progress.clock()
-        stats.generate_seconds = runner.generate(
-            engine, items, on_result, on_error, window=stats.window,
-            tick=lambda rate: (progress.set_rate(rate), progress.render(), stats.sample_rss()), route=route)
+        try:
+            stats.generate_seconds = runner.generate(
+                engine, items, on_result, on_error, window=stats.window,
+                tick=lambda rate: (progress.set_rate(rate), progress.render(), stats.sample_rss()), route=route)
+        except runner.EngineFailed:
+            raise EngineError(f"an SGLang process failed while requests ran (its error is above); the "
+                              f"{stats.completed + stats.failed:,} records written in this run are kept in "
+                              f"{writer.path}: once the cause is fixed, rerun the same command to finish") from None
     except KeyboardInterrupt:
         stats.interrupted = True
         stats.generate_seconds = progress.clock() - progress.start
@@ -336,6 +355,49 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
         if own_stats:
             Path(stats_file).unlink(missing_ok=True)
             del os.environ["BLENDSERVE_STATS_PATH"]
+
+
+def _context(asked: int | None, model_dir: Path) -> int:
+    """--context-length, or the model's (`prompts.context_length`). SGLang refuses a context
+    longer than the model's unless SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN is set: said here,
+    before the input is read, rather than when the engine starts."""
+    if asked is None:
+        return context_length(model_dir)
+    allowed = os.environ.get("SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN", "").lower() in ("1", "true", "yes", "on")
+    try:
+        own = context_length(model_dir)
+    except ValueError:  # a config.json without a usable context: --context-length stands in for it
+        return asked
+    if asked > own and not allowed:
+        raise ValueError(f"--context-length {asked} is longer than the model's context of {own} tokens, which SGLang "
+                         "refuses; pass at most that, or set SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN=1 if the "
+                         "model really takes more")
+    return asked
+
+
+def _check_summary_apart(args) -> None:
+    """--summary-json is written over at the end: it may be none of the run's other files."""
+    check_apart("--summary-json", args.summary_json, (("the input", args.input), ("the results file -o", args.output),
+                                                      ("the errors file", args.errors or errors_path_for(args.output))))
+
+
+def check_apart(flag: str, path: str | None, others) -> None:
+    """ValueError when the file `path` (written over) is one of `others` ((what, path) pairs)
+    under any name."""
+    for what, other in others:
+        if path and other and (same_file(path, other) or os.path.realpath(path) == os.path.realpath(other)):
+            raise ValueError(f"{flag} {path} is {what}, which it would overwrite; choose another {flag}")
+
+
+def check_output(flag: str, path: str | None) -> None:
+    """ValueError unless `path` (when given) can be a file: its folder exists and it is no folder."""
+    if path is None:
+        return
+    p = Path(path)
+    if p.is_dir():
+        raise ValueError(f"{flag} {path} is a directory; pass the name of a file in it")
+    if not p.parent.is_dir():
+        raise ValueError(f"{flag} {path}: the folder {p.parent} does not exist; create it or choose another path")
 
 
 def _load_tokenizer(model_dir: Path):
@@ -356,11 +418,19 @@ def _check_scale_out(args) -> None:
         raise ValueError("--dp and --ray are two ways to run replicas: give one (--ray --replicas N, or --dp N)")
     if not args.ray and (args.ray_address or args.gpus_per_replica is not None):
         raise ValueError("--ray-address and --gpus-per-replica apply to --ray runs: add --ray")
+    if args.gpus_per_replica is not None and not (0 <= args.gpus_per_replica < float("inf")):
+        raise ValueError(f"--gpus-per-replica must be 0 or more, got {args.gpus_per_replica}")
     if args.ray:
         try:
             import ray  # noqa: F401
         except ImportError:
             raise ValueError("--ray needs Ray: pip install -e '.[ray]' (ray==2.60.0)") from None
+
+
+# sglang.Engine arguments this command sets from its own flags (the checks before the engine use them)
+OWN_ENGINE_ARGS = {"model_path": "--model", "schedule_policy": "--policy", "context_length": "--context-length",
+                   "max_total_tokens": "--max-total-tokens", "attention_backend": "--attention-backend",
+                   "random_seed": "--seed", "log_level": "--log-level", "device": "--device", "dp_size": "--dp"}
 
 
 def _engine_args(pairs: list[str]) -> dict:
@@ -369,6 +439,9 @@ def _engine_args(pairs: list[str]) -> dict:
         key, sep, value = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"--engine-arg {pair!r}: expected KEY=VALUE, e.g. enable_mixed_chunk=true")
+        if key.replace("-", "_") in OWN_ENGINE_ARGS:
+            raise ValueError(f"--engine-arg {pair!r}: use {OWN_ENGINE_ARGS[key.replace('-', '_')]} instead "
+                             "(this command checks the requests against it)")
         try:
             out[key.replace("-", "_")] = json.loads(value)
         except ValueError:

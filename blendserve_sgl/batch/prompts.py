@@ -17,6 +17,7 @@ small stand-ins).
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +39,17 @@ def prepare(req: BatchRequest, tokenizer, context_len: int, default_max_tokens: 
             source: str = "requests.jsonl") -> Prepared | LineError:
     """Tokenize `req` and check it against `context_len`; a `LineError` names what to change
     (also when the tokenizer itself fails on this request: one line never stops the batch)."""
+    encoded = encode(req, tokenizer, source)
+    if isinstance(encoded, LineError):
+        return encoded
+    ids, what = encoded
+    max_tokens = check_context(req, len(ids), what, context_len, default_max_tokens, source)
+    return max_tokens if isinstance(max_tokens, LineError) else Prepared(req, ids, max_tokens)
+
+
+def encode(req: BatchRequest, tokenizer, source: str = "requests.jsonl") -> tuple[list[int], str] | LineError:
+    """The prompt's token ids and how error messages name it (see `render`), before any
+    context check; a `LineError` when the template or the tokenizer rejects the request."""
     try:
         rendered = render(req, tokenizer, source)
         if isinstance(rendered, LineError):
@@ -46,8 +58,7 @@ def prepare(req: BatchRequest, tokenizer, context_len: int, default_max_tokens: 
         ids = list(req.prompt) if text is None else list(tokenizer.encode(text, add_special_tokens=req.kind != "chat"))
     except Exception as exc:  # noqa: BLE001 (tokenizers raise TypeError, ValueError, ...)
         return tokenizer_failure(req, source, exc)
-    max_tokens = check_context(req, len(ids), what, context_len, default_max_tokens, source)
-    return max_tokens if isinstance(max_tokens, LineError) else Prepared(req, ids, max_tokens)
+    return ids, what
 
 
 def tokenizer_failure(req: BatchRequest, source: str, exc: Exception) -> LineError:
@@ -105,14 +116,32 @@ def context_length(model_dir: str | Path) -> int:
     """The model's context as SGLang 0.5.23 derives it (`get_context_length`): the first of
     `CONTEXT_KEYS` in config.json (its text part for multimodal configs), times the rope-scaling
     factor unless the scaling is llama3-style or names its original length; 2048 if none.
-    `blendserve run` passes this value to the engine, so the checks here and the engine agree."""
-    cfg = json.loads((Path(model_dir) / "config.json").read_text())
-    text = cfg.get("text_config") or cfg
+    `blendserve run` passes this value to the engine, so the checks here and the engine agree.
+    ValueError naming config.json when it is not a JSON object or these values are not numbers."""
+    path = Path(model_dir) / "config.json"
+    fix = "fix the model's config.json or pass --context-length"
+    try:
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path}: cannot read it as JSON ({exc}); {fix}") from None
+    text = cfg.get("text_config") or cfg if isinstance(cfg, dict) else None
+    if not isinstance(text, dict):
+        raise ValueError(f"{path}: not a JSON object of model settings; {fix}")
     rope = text.get("rope_scaling") or {}
     factor = rope.get("factor", 1) if isinstance(rope, dict) else 1
     if not isinstance(rope, dict) or "original_max_position_embeddings" in rope or rope.get("rope_type") == "llama3":
         factor = 1
+    if not (_is_count(factor) or isinstance(factor, float) and math.isfinite(factor) and factor > 0):
+        raise ValueError(f"{path}: rope_scaling.factor must be a positive number, got {factor!r}; {fix}")
     for key in CONTEXT_KEYS:
         if text.get(key) is not None:
+            if not _is_count(text[key]):
+                raise ValueError(f"{path}: {key} must be a positive integer, got {text[key]!r}; {fix}")
             return int(factor * text[key])
     return 2048
+
+
+def _is_count(v) -> bool:
+    """A positive whole number (an integral float too: some configs write 4096.0)."""
+    return (isinstance(v, int) and not isinstance(v, bool) and v > 0) or (
+        isinstance(v, float) and math.isfinite(v) and v.is_integer() and v > 0)

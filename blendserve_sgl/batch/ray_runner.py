@@ -54,7 +54,11 @@ class Replica:
     def __init__(self, cfg: runner.EngineConfig, env: dict):
         os.environ.update(env)
         runner.prepare_environment(cfg.device)
-        self.engine = runner.start_engine(cfg)
+        try:
+            self.engine = runner.start_engine(cfg)
+        except runner.EngineFailed:  # a SystemExit: Ray would take it for the actor's own exit
+            raise RuntimeError("an SGLang process failed while the engine started (its error is in this "
+                               "replica's log)") from None
         self.kv_tokens, self.running = engine_capacity(self.engine)
         self.loop_thread = threading.Thread(target=self.engine.loop.run_forever, name="engine-loop", daemon=True)
         self.loop_thread.start()

@@ -11,7 +11,7 @@ special token (`<|im_start|>` ...); its pieces are encoded once per worker and s
 content digest), the rest is the request's tail, and a batch's tails are encoded together, each
 distinct text once. Tokenizers split added tokens out before anything else, so the pieces
 concatenate to exactly the ids of encoding the whole text; each worker checks this (and the
-filled-in template) against `prompts.prepare` on its first requests and every
+filled-in template) against `prompts.encode` on its first requests and every
 `VERIFY_EVERY`-th one after, and renders and encodes whole texts from then on if they ever
 differ. Completion and token-id prompts are one tail.
 
@@ -34,8 +34,8 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from .prompts import check_context, prepare, render, tokenizer_failure
-from .requests import BOM, BatchRequest, LineError, check_readable, parse_line, repeated_id
+from .prompts import check_context, encode, render, tokenizer_failure
+from .requests import BatchRequest, LineError, check_readable, iter_lines, parse_line, repeated_id
 from .store import KINDS, TokenStore
 
 BATCH_LINES = 2000  # lines per task sent to a worker
@@ -155,7 +155,7 @@ class Staged(NamedTuple):
     text: str | None
     special: bool  # encode `text` with the tokenizer's special tokens (completion prompts)
     tail: np.ndarray | None
-    fast: bool  # rendered by substitution and/or cut in pieces: checked against `prepare` on a sample
+    fast: bool  # rendered by substitution and/or cut in pieces: checked against `prompts.encode` on a sample
 
 
 class PieceEncoder:
@@ -265,14 +265,14 @@ class PieceEncoder:
         if s.fast:
             self.seen += 1
             if not self.exact or self.seen <= VERIFY_FIRST or self.seen % VERIFY_EVERY == 0:
-                whole = prepare(req, self.tok, 1 << 62, 1, self.source)
+                whole = encode(req, self.tok, self.source)
                 if (not self.exact or isinstance(whole, LineError)
-                        or np.concatenate(ids + [tail]).tolist() != whole.input_ids):
+                        or np.concatenate(ids + [tail]).tolist() != whole[0]):
                     self.exact = False
                     if isinstance(whole, LineError):
                         return whole
                     digests, ids = [], []
-                    tail = np.asarray(whole.input_ids, np.int32)
+                    tail = np.asarray(whole[0], np.int32)
         n = len(tail) + sum(len(p) for p in ids)
         what = CHAT_WHAT if req.kind == "chat" else "the prompt"
         max_tokens = check_context(req, n, what, self.ctx, self.default_max_tokens, self.source)
@@ -441,16 +441,21 @@ def _read(p: Path, tokenizer, context_len, default_max_tokens, model_dir, worker
             take(_work(b))
     else:
         import multiprocessing as mp
+        from concurrent.futures import ProcessPoolExecutor
+        from concurrent.futures.process import BrokenProcessPool
 
-        with mp.get_context("spawn").Pool(workers, _init_worker,
-                                          (str(model_dir), context_len, default_max_tokens, p.name)) as pool:
-            pending: deque = deque()
-            for b in batches:
-                pending.append(pool.apply_async(_work, (b,)))
-                while len(pending) > 2 * workers:
-                    take(pending.popleft().get())
-            while pending:
-                take(pending.popleft().get())
+        try:  # a worker that dies (the OOM killer) breaks the pool: the read starts over in this process
+            with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_worker,
+                                     initargs=(str(model_dir), context_len, default_max_tokens, p.name)) as pool:
+                pending: deque = deque()
+                for b in batches:
+                    pending.append(pool.submit(_work, b))
+                    while len(pending) > 2 * workers:
+                        take(pending.popleft().result())
+                while pending:
+                    take(pending.popleft().result())
+        except BrokenProcessPool as exc:
+            raise WorkerError(f"a reader process died ({exc})") from None
     out.done = np.zeros(len(out.store), bool)
     return out
 
@@ -458,13 +463,10 @@ def _read(p: Path, tokenizer, context_len, default_max_tokens, model_dir, worker
 def _batches(path: Path, size: int):
     batch = []
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
-            if number == 1 and raw.startswith(BOM):
-                raw = raw[len(BOM):]
-            if raw.strip():
-                batch.append((number, raw))
-                if len(batch) >= size:
-                    yield batch
-                    batch = []
+        for number, raw in iter_lines(f):
+            batch.append((number, raw))
+            if len(batch) >= size:
+                yield batch
+                batch = []
     if batch:
         yield batch

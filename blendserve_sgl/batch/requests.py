@@ -26,6 +26,10 @@ from typing import Iterator
 ENDPOINTS = {"/v1/chat/completions": "chat", "/v1/completions": "completion"}
 ROLES = {"system", "user", "assistant", "developer"}
 MAX_STOP = 32  # SGLang's limit on stop strings
+TOP_K_ALL = 1 << 30  # SGLang's "whole vocabulary" top_k
+MAX_SEED = 2**63 - 1  # SGLang's sampling seeds are int64
+MAX_DIGITS = 100  # an integer with more digits is refused while parsing
+MAX_LINE_BYTES = 128 << 20  # a longer line is an error, never held in memory (a 1M-token prompt is ~25 MB of JSON)
 
 # body field -> (SGLang sampling-params name, low, high, low included, what it must be)
 _NUMBER_FIELDS = {
@@ -79,8 +83,8 @@ class _Bad(Exception):
 def check_readable(path: str | os.PathLike[str]) -> Path:
     """Fail fast (InputError) unless `path` can be read. A regular file is probed by reading one
     byte; a pipe, FIFO or terminal (`/dev/stdin`, `<(...)`) is only checked for permission: it
-    can be read once, as a stream, and `read_requests` does that."""
-    p = Path(path)
+    can be read once, as a stream, and `read_requests` does that. `-` is standard input."""
+    p = Path("/dev/stdin" if str(path) == "-" else path)
     try:
         st = os.stat(p)
     except FileNotFoundError:
@@ -107,11 +111,7 @@ def read_requests(path: str | os.PathLike[str]) -> Iterator[BatchRequest | LineE
     name = p.name
     owner: dict[str, int] = {}  # custom_id -> line that uses it first
     with open(p, "rb") as f:  # read once, as a stream: a pipe has no second pass
-        for number, raw in enumerate(f, start=1):
-            if number == 1 and raw.startswith(BOM):
-                raw = raw[len(BOM):]
-            if not raw.strip():
-                continue
+        for number, raw in iter_lines(f):
             item = parse_line(raw, number, name)
             cid = item.custom_id
             if cid is not None:
@@ -122,14 +122,49 @@ def read_requests(path: str | os.PathLike[str]) -> Iterator[BatchRequest | LineE
             yield item
 
 
+@dataclass(frozen=True, slots=True)
+class TooLong:
+    """A line longer than `MAX_LINE_BYTES`, skipped without being held."""
+
+    size: int  # bytes before its newline
+    digest: str  # blake2b-128 of those bytes
+
+
+def iter_lines(f) -> Iterator[tuple[int, bytes | TooLong]]:
+    """(line number, bytes) of every non-blank line of the binary stream `f`, a UTF-8 BOM before
+    line 1 dropped. A line over `MAX_LINE_BYTES` (a file with no newlines, `/dev/zero`) is read
+    on in pieces and comes back as `TooLong`: memory stays bounded whatever the input."""
+    number = 0
+    while raw := f.readline(MAX_LINE_BYTES + 1):
+        number += 1
+        if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+            h, size = hashlib.blake2b(digest_size=16), 0
+            while raw and not raw.endswith(b"\n"):
+                h.update(raw)
+                size += len(raw)
+                raw = f.readline(1 << 20)
+            rest = raw.rstrip(b"\r\n")
+            h.update(rest)
+            yield number, TooLong(size + len(rest), h.hexdigest())
+            continue
+        if number == 1 and raw.startswith(BOM):
+            raw = raw[len(BOM):]
+        if raw.strip():
+            yield number, raw
+
+
 def repeated_id(line: int, custom_id: str, first: int, source: str, digest: str = "") -> LineError:
     """The error of a line whose custom_id an earlier line (`first`) already uses."""
     return LineError(line, None, f"{source} line {line}: custom_id {_show(custom_id)} is already used on line "
                                  f"{first}; give every request its own custom_id", digest=digest)
 
 
-def parse_line(raw: bytes | str, line: int, source: str = "requests.jsonl") -> BatchRequest | LineError:
+def parse_line(raw: bytes | str | TooLong, line: int, source: str = "requests.jsonl") -> BatchRequest | LineError:
     """One line -> `BatchRequest`, or `LineError` naming the first problem found."""
+    if isinstance(raw, TooLong):
+        return LineError(line, None, f"{source} line {line}: {raw.size:,} bytes, longer than any request can be "
+                                     f"({MAX_LINE_BYTES >> 20} MiB); is the file one JSON object per line?",
+                         digest=raw.digest)
     cid = None
     data = raw if isinstance(raw, bytes) else raw.encode("utf-8", "surrogatepass")
     raw_digest = _blake(data.strip())
@@ -138,13 +173,19 @@ def parse_line(raw: bytes | str, line: int, source: str = "requests.jsonl") -> B
     except UnicodeDecodeError as exc:
         return LineError(line, None, f"{source} line {line}: not UTF-8 text (byte {exc.start}); save the file as UTF-8",
                          digest=raw_digest)
+    text = text.rstrip("\r\n")  # so a column counts on this line
     try:
-        obj = json.loads(text, parse_constant=_no_constant, object_pairs_hook=_unique_keys)
+        obj = json.loads(text, parse_constant=_no_constant, parse_int=_int, object_pairs_hook=_unique_keys)
     except (json.JSONDecodeError, _Bad, RecursionError) as exc:
-        what = exc.msg if isinstance(exc, json.JSONDecodeError) else (
-            "nested too deeply" if isinstance(exc, RecursionError) else str(exc))
-        col = f" at column {exc.colno}" if isinstance(exc, json.JSONDecodeError) else ""
-        return LineError(line, None, f"{source} line {line}: invalid JSON ({what}{col}); each line must be one "
+        if isinstance(exc, json.JSONDecodeError) and text.strip() and exc.pos >= len(text.rstrip()):
+            what = "the line ends before its JSON does: is it cut short, or is the file indented JSON?"
+        elif isinstance(exc, json.JSONDecodeError):
+            what = f"{exc.msg.removesuffix(' at')} at column {exc.colno}"
+            if exc.msg == "Extra data":  # `{...} {...}`, or lines ended by a lone \r (old Mac files)
+                what += ": more than one JSON value; end each request's line with a newline (\\n)"
+        else:
+            what = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
+        return LineError(line, None, f"{source} line {line}: invalid JSON ({what}); each line must be one "
                                      "JSON object", digest=raw_digest)
     try:
         digest = request_digest(obj)
@@ -156,8 +197,13 @@ def parse_line(raw: bytes | str, line: int, source: str = "requests.jsonl") -> B
                                     'is a pair, e.g. "\\ud83d\\ude00")', digest=raw_digest)
     try:
         if not isinstance(obj, dict):
-            raise _Bad(f"expected a JSON object with {', '.join(TOP_FIELDS)}, got {_kind(obj)}")
+            hint = " (write one request per line, not a JSON list)" if isinstance(obj, list) else ""
+            raise _Bad(f"expected a JSON object with {', '.join(TOP_FIELDS)}, got {_kind(obj)}{hint}")
         cid = obj.get("custom_id")
+        if "response" in obj and "method" not in obj and "body" not in obj:
+            cid = None
+            raise _Bad("this is a result record (it has \"response\"), not a request; pass the requests file, "
+                       "not a results or errors file")
         if "custom_id" not in obj:
             raise _Bad('"custom_id" is missing; give every request a unique string custom_id')
         if not isinstance(cid, str) or not cid:
@@ -239,11 +285,11 @@ def _parse_body(line: int, cid: str, kind: str, url: str, body: dict, digest: st
         v = body["top_k"]
         if not _is_int(v) or not (v == -1 or v >= 1):
             raise _Bad(f'"top_k" must be a positive integer (or -1 for all tokens), got {_show(v)}')
-        sampling["top_k"] = v
+        sampling["top_k"] = -1 if v > TOP_K_ALL else v  # beyond any vocabulary: all tokens (SGLang holds int32)
     if body.get("seed") is not None:
         v = body["seed"]
-        if not _is_int(v) or v < 0:
-            raise _Bad(f'"seed" must be a non-negative integer, got {_show(v)}')
+        if not _is_int(v) or not 0 <= v <= MAX_SEED:
+            raise _Bad(f'"seed" must be an integer from 0 to 2**63 - 1, got {_show(v)}')
         sampling["sampling_seed"] = v
     if body.get("stop") is not None:
         sampling["stop"] = _stop(body["stop"])
@@ -329,6 +375,13 @@ def _stop(v) -> list[str]:
     if len(stops) > MAX_STOP:
         raise _Bad(f'"stop" has {len(stops)} strings; at most {MAX_STOP} are supported')
     return stops
+
+
+def _int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_DIGITS:  # Python refuses to convert such a string (past 4,300 digits) and no field takes it
+        raise _Bad(f"a number of {digits:,} digits; no field takes one that large")
+    return int(text)
 
 
 def _no_constant(name: str):

@@ -121,6 +121,9 @@ class Done:
         return self.completed + self.failed
 
 
+RECORD_START = b'{"id": "batch_req_'  # how every record line begins (`_batch_id`, written by `ResultWriter.write`)
+
+
 def scan(data: bytes, name: str = "results.jsonl") -> tuple[Done, int, list[bytes]]:
     """Read results bytes: (what they hold, bytes of complete lines, failure lines).
 
@@ -129,7 +132,11 @@ def scan(data: bytes, name: str = "results.jsonl") -> tuple[Done, int, list[byte
     done = Done()
     failures = []
     end = data.rfind(b"\n") + 1  # a last line without its newline is partial
-    done.cut_partial_line = end < len(data) and bool(data[end:].strip())
+    tail = data[end:].strip()
+    done.cut_partial_line = bool(tail)
+    if tail and not (tail.startswith(RECORD_START) or RECORD_START.startswith(tail)):
+        raise ResultsError(f"{name} ends with a line that is neither a result record of `blendserve run` nor "
+                           "the start of one; move the file away or pass --overwrite to start over")
     for number, raw in enumerate(data[:end].split(b"\n")[:-1], start=1):
         if not raw.strip():
             continue
@@ -173,9 +180,33 @@ def check_integrity(path: str | os.PathLike[str], errors_path: str | os.PathLike
 def _record(raw: bytes) -> dict | None:
     try:
         rec = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
-    return rec if isinstance(rec, dict) and "custom_id" in rec and ("response" in rec or "error" in rec) else None
+    return rec if _is_record(rec) else None
+
+
+def _is_record(rec) -> bool:
+    """The shape `scan` relies on: custom_id a string (or null with the error's line number), the
+    error null or an object, the response an object; a success's usage token counts integers."""
+    if not (isinstance(rec, dict) and "custom_id" in rec and ("response" in rec or "error" in rec)):
+        return False
+    cid, err, resp = rec.get("custom_id"), rec.get("error"), rec.get("response")
+    if not (cid is None or isinstance(cid, str)) or not (err is None or isinstance(err, dict)):
+        return False
+    if cid is None and not (isinstance(err, dict) and _is_int(err.get("line"))):
+        return False
+    if not (resp is None or isinstance(resp, dict)):
+        return False
+    if is_failure(rec):
+        return True
+    body = resp.get("body")
+    usage = body.get("usage") if isinstance(body, dict) else None
+    return isinstance(body, dict) and (usage is None or isinstance(usage, dict) and all(
+        _is_int(usage.get(k, 0)) for k in ("prompt_tokens", "completion_tokens")))
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def request_key(item):
@@ -267,6 +298,9 @@ class ResultWriter:
         what = f"--errors {errors_path}" if explicit else f"the errors file {errors_path} (next to -o)"
         if errors_path is not None and errors_path.is_dir():
             raise ResultsError(f"{what} is a directory; pass a file name with --errors")
+        if errors_path is not None and not errors_path.parent.is_dir():
+            raise ResultsError(f"{what}: the folder {errors_path.parent} does not exist; create it or choose another "
+                               "--errors")
         if input_path is not None and same_file(path, input_path):
             raise ResultsError(f"-o {path} is the input file {input_path}; results are never written into the "
                                "input: choose another -o")
@@ -311,10 +345,15 @@ class ResultWriter:
         key = record_key(record)
         if key in self.done.keys:
             raise ResultsError(f"internal error: a second result for {key!r}")
-        self.done.keys.add(key)
-        _write_all(self._fd, line)
-        if is_failure(record) and self._errors_fd >= 0:
-            _write_all(self._errors_fd, line)
+        for fd, path in ((self._fd, self.path), (self._errors_fd if is_failure(record) else -1, self.errors_path)):
+            if fd < 0:
+                continue
+            try:
+                _write_all(fd, line)
+            except OSError as exc:  # a full disk, a closed pipe (`-o /dev/stdout | head`)
+                raise ResultsError(f"cannot write {path}: {exc.strerror}; the records written before are kept: fix "
+                                   "that, then rerun the same command to finish") from None
+            self.done.keys.add(key)
 
     def close(self) -> None:
         for fd in (self._errors_fd, self._fd):

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import difflib
 import itertools
 import os
 import signal
@@ -81,14 +82,66 @@ class EngineConfig:
         return {k: v for k, v in kw.items() if v is not None}
 
 
+def check_engine_args(extra: dict) -> None:
+    """Raise ValueError for a key of `extra` that `sglang.Engine` does not take (before the
+    input is read: a typo in --engine-arg should not cost the reading of a large file)."""
+    if not extra:
+        return
+    import inspect
+
+    from sglang.srt.server_args import ServerArgs
+
+    try:
+        ServerArgs(**{"model_path": "-", **extra})  # construction only checks the names (resolution checks values)
+    except TypeError as exc:
+        bad = next((key for key in extra if repr(key) in str(exc)), None)
+        if bad is None:
+            raise ValueError(f"--engine-arg: sglang.Engine refuses these arguments ({exc})") from None
+        near = difflib.get_close_matches(bad, list(inspect.signature(ServerArgs).parameters), n=1)
+        hint = f"; did you mean {near[0]}?" if near else "; see `python -m sglang.launch_server --help`"
+        raise ValueError(f"--engine-arg {bad}: not an argument of sglang.Engine{hint}") from None
+
+
 def start_engine(cfg: EngineConfig):
     """A running `sglang.Engine` for `cfg` (call `prepare_environment` first). Its processes
     ignore SIGINT: Ctrl-C in a terminal signals the whole process group, and this process
-    stops them itself (`engine.shutdown()`), so they print no tracebacks of their own."""
+    stops them itself (`engine.shutdown()`), so they print no tracebacks of their own. When one
+    of them fails while the engine starts (it sends SIGQUIT, whose SGLang handler would kill this
+    process), `EngineFailed` is raised here instead, once the others are stopped."""
     import sglang
 
-    with _children_ignore_sigint():
-        return sglang.Engine(**cfg.engine_kwargs())
+    try:
+        with _children_ignore_sigint(), _sigquit_raises():
+            return sglang.Engine(**cfg.engine_kwargs())
+    except EngineFailed:
+        from sglang.srt.utils import kill_process_tree
+
+        kill_process_tree(os.getpid(), include_parent=False)
+        raise
+
+
+@contextlib.contextmanager
+def _sigquit_raises():
+    """While the engine starts, the SIGQUIT handler SGLang installs is replaced by one that
+    raises `EngineFailed`; SGLang's is put back once the engine runs."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    install, theirs = signal.signal, []
+
+    def redirect(sig, handler):
+        if sig == signal.SIGQUIT:
+            theirs.append(handler)
+            handler = _engine_failed
+        return install(sig, handler)
+
+    previous = install(signal.SIGQUIT, _engine_failed)
+    signal.signal = redirect
+    try:
+        yield
+    finally:
+        signal.signal = install
+        install(signal.SIGQUIT, theirs[-1] if theirs else previous)
 
 
 @contextlib.contextmanager
@@ -138,7 +191,8 @@ def generate(engine, items: Iterable[Prepared], on_result: Callable[[Prepared, d
     `tick_seconds` (the progress bar) with the engine's current decode tokens/s (`live_rate`),
     or None. `route(p)`: the DP rank to send `p` to (`routed_dp_rank`). Returns the seconds from first submission to last result. KeyboardInterrupt cancels what is in flight
     and propagates; so does SIGTERM while requests run (SGLang's own SIGTERM handler, which
-    would drain the whole queue, is replaced for that time)."""
+    would drain the whole queue, is replaced for that time), and `EngineFailed` when an engine
+    process dies (SGLang's SIGQUIT handler, which would kill this process, is replaced too)."""
     loop = engine.loop
     t0 = time.perf_counter()
     ours: set[asyncio.Task] = set()  # the requests in flight and the ticker, to cancel on interrupt
@@ -162,13 +216,14 @@ def generate(engine, items: Iterable[Prepared], on_result: Callable[[Prepared, d
 
 async def _generate(engine, items, on_result, on_error, window, tick, tick_seconds, ours: set, route=None) -> None:
     loop = asyncio.get_running_loop()
-    before = signal.getsignal(signal.SIGTERM)
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGQUIT)}
     start_loop = getattr(getattr(engine, "tokenizer_manager", None), "auto_create_handle_loop", None)
     if start_loop is not None:
-        start_loop()  # installs SGLang's SIGTERM handler (drain, then exit): replaced just below
+        start_loop()  # installs SGLang's SIGTERM (drain, then exit) and SIGQUIT handlers: replaced just below
     on_main = threading.current_thread() is threading.main_thread()
     if on_main:
         loop.add_signal_handler(signal.SIGTERM, _terminated)
+        loop.add_signal_handler(signal.SIGQUIT, _engine_failed)
 
     async def one(p: Prepared) -> None:
         try:
@@ -222,12 +277,25 @@ async def _generate(engine, items, on_result, on_error, window, tick, tick_secon
         for t in ours:
             t.cancel()
         if on_main:
-            loop.remove_signal_handler(signal.SIGTERM)
-            signal.signal(signal.SIGTERM, before if before is not None else signal.SIG_DFL)
+            for sig, handler in before.items():
+                loop.remove_signal_handler(sig)
+                signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def _terminated() -> None:
     raise KeyboardInterrupt  # out of run_until_complete: `generate` cancels what is in flight
+
+
+class EngineFailed(SystemExit):
+    """An engine process died while the engine started or requests ran: SGLang's processes send
+    SIGQUIT to this one, whose own handler would kill this process at once. A SystemExit, so
+    that asyncio lets it out of run_until_complete; `generate` cancels what is in flight and
+    raises it."""
+
+
+def _engine_failed(*_signal) -> None:
+    """SIGQUIT's handler while the engine starts (signal.signal) or runs (loop.add_signal_handler)."""
+    raise EngineFailed(1)
 
 
 async def live_rate(engine) -> float | None:

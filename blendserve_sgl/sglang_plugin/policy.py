@@ -29,6 +29,7 @@ from .settings import BlendSettings
 logger = logging.getLogger(__name__)
 
 HINT_KEY = "blendserve_output_len"  # sampling_params.custom_params key: a known output length
+MAX_HINT = 1 << 31  # a larger hint is ignored (no output is that long; the tree holds int64 sums)
 
 
 def resolve_hardware(name: str, device: str) -> str:
@@ -51,9 +52,9 @@ def resolve_hardware(name: str, device: str) -> str:
 
 
 def output_len_hint(value, rid) -> int | None:
-    """A request's `custom_params.blendserve_output_len`: a non-negative integer (an integral
-    float or a decimal string too); anything else is ignored with a warning (the request runs
-    with an estimated length)."""
+    """A request's `custom_params.blendserve_output_len`: an integer from 0 to `MAX_HINT` (an
+    integral float or a decimal string too); anything else is ignored with a warning (the
+    request runs with an estimated length). Never raises: it runs in the scheduler."""
     if value is None:
         return None
     n = None
@@ -61,9 +62,9 @@ def output_len_hint(value, rid) -> int | None:
         n = value
     elif isinstance(value, float) and math.isfinite(value) and value.is_integer():
         n = int(value)
-    elif isinstance(value, str) and value.strip().isdigit():
-        n = int(value.strip())
-    if n is None or n < 0:
+    elif isinstance(value, str) and value.strip().isascii() and value.strip().isdigit() and len(value.strip()) <= 12:
+        n = int(value.strip())  # ASCII digits only: int() refuses "²" (a digit to isdigit), and 4,300+ digits
+    if n is None or not 0 <= n <= MAX_HINT:
         logger.warning("blend policy: request %r: custom_params.%s=%r ignored (expected a non-negative integer); "
                        "its output length is estimated", rid, HINT_KEY, value)
         return None

@@ -49,10 +49,15 @@ def dataset_file() -> Path:
 def iter_conversations(path: str | os.PathLike[str]) -> Iterator[tuple[str, list[str]]]:
     """(id, [h0, a0, h1, a1, ...]) for each conversation that starts with a human turn, in file
     order. Messages after the first break of the human/assistant alternation are dropped; a
-    trailing human turn without an answer too. A torn last record ends the iteration."""
+    trailing human turn without an answer too; items that are not conversations (no object, no
+    list of messages) are skipped. A torn last record ends the iteration."""
     text = Path(path).read_text(encoding="utf-8", errors="replace")
     decoder = json.JSONDecoder()
-    pos = text.index("[") + 1
+    start = len(text) - len(text.lstrip("\ufeff \t\r\n"))
+    if not text.startswith("[", start):
+        raise ValueError(f"{path}: not a ShareGPT file (a JSON list of {{\"id\", \"conversations\": [{{\"from\", "
+                         "\"value\"}, ...]}} objects)")
+    pos = start + 1
     n = len(text)
     while pos < n:
         while pos < n and text[pos] in " \t\r\n,":
@@ -63,8 +68,9 @@ def iter_conversations(path: str | os.PathLike[str]) -> Iterator[tuple[str, list
             item, pos = decoder.raw_decode(text, pos)
         except json.JSONDecodeError:
             return  # the file ends inside this record
+        messages = item.get("conversations") if isinstance(item, dict) else None
         turns = []
-        for k, msg in enumerate(item.get("conversations") or ()):
+        for k, msg in enumerate(messages if isinstance(messages, list) else ()):
             if not isinstance(msg, dict) or msg.get("from") != _ROLES[k % 2] or not isinstance(msg.get("value"), str):
                 break
             turns.append(msg["value"])

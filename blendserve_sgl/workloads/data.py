@@ -68,27 +68,68 @@ def approx_tokens(text: str) -> int:
     return max(1, math.ceil(len(text.encode("utf-8")) / 4))
 
 
+MAX_TRACE_TOKENS = 10_000_000  # one request's token count in a trace: beyond any model's context
+
+
 def load_azure(kind: str) -> tuple[np.ndarray, np.ndarray]:
     """(prompt_lens, output_lens) of the Azure `code` or `conv` trace."""
     if kind not in ("code", "conv"):
         raise ValueError(f"Azure trace kind must be 'code' or 'conv', got {kind!r}")
-    with open(_path(f"traces/AzureLLMInferenceTrace_{kind}.csv"), newline="") as f:
-        rows = [(int(r["ContextTokens"]), int(r["GeneratedTokens"])) for r in csv.DictReader(f)]
-    arr = np.array(rows, dtype=np.int64)
-    return arr[:, 0], arr[:, 1]
+    return read_counts(_path(f"traces/AzureLLMInferenceTrace_{kind}.csv"), "ContextTokens", "GeneratedTokens")
 
 
 def load_arxiv() -> tuple[np.ndarray, np.ndarray]:
-    with open(_path("traces/arxiv_summarization_llama2_tokens.csv"), newline="") as f:
-        rows = [(int(r["num_prefill_tokens"]), int(r["num_decode_tokens"])) for r in csv.DictReader(f)]
+    return read_counts(_path("traces/arxiv_summarization_llama2_tokens.csv"), "num_prefill_tokens", "num_decode_tokens")
+
+
+def read_counts(path: Path, prompt_col: str, output_col: str) -> tuple[np.ndarray, np.ndarray]:
+    """(prompt_lens, output_lens) from the two named columns of a CSV trace, wherever they stand
+    among others; blank rows skipped. ValueError naming the file, row and column for a missing
+    column, a count that is not a whole number from 0 to `MAX_TRACE_TOKENS`, or no rows."""
+    cols = (prompt_col, output_col)
+    with open(path, newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = [h.strip() for h in next(reader, [])]
+        missing = [c for c in cols if c not in header]
+        if missing:
+            raise ValueError(f"{path}: no column {' or '.join(missing)} in its header ({','.join(header) or 'empty'}); "
+                             f"a trace needs the columns {prompt_col} and {output_col} (token counts)")
+        at = [header.index(c) for c in cols]
+        rows = [tuple(_count(path, reader.line_num, c, row[i] if i < len(row) else "") for c, i in zip(cols, at))
+                for row in reader if any(cell.strip() for cell in row)]
+    if not rows:
+        raise ValueError(f"{path} holds no rows under its header; a trace needs at least one request")
     arr = np.array(rows, dtype=np.int64)
     return arr[:, 0], arr[:, 1]
 
 
-def _mmlu_example(row: list[str], with_answer: bool) -> str:
-    q, a, b, c, d = row[:5]
-    text = f"{q}\nA. {a}\nB. {b}\nC. {c}\nD. {d}\nAnswer:"
-    return text + (f" {row[5]}\n\n" if with_answer else "")
+def _count(path: Path, line: int, col: str, text: str) -> int:
+    try:
+        v = float(text)
+    except ValueError:
+        v = math.nan
+    if not (math.isfinite(v) and v == int(v) and 0 <= v <= MAX_TRACE_TOKENS):
+        raise ValueError(f"{path.name} line {line}: {col} must be a whole token count from 0 to "
+                         f"{MAX_TRACE_TOKENS:,}, got {text!r}; fix or delete that row")
+    return int(v)
+
+
+def _mmlu_rows(path: Path, with_answer: bool) -> list[str]:
+    """The examples of an MMLU CSV file (question, 4 choices, answer), blank rows skipped."""
+    need = 6 if with_answer else 5
+    out = []
+    with open(path, newline="", encoding="utf-8") as f:
+        reader = csv.reader(f)
+        for row in reader:
+            if not any(cell.strip() for cell in row):
+                continue
+            if len(row) < need:
+                raise ValueError(f"{path.name} line {reader.line_num}: {len(row)} columns, an MMLU row has "
+                                 f"{need} (question, choices A-D{', answer' if with_answer else ''}); fix that row")
+            q, a, b, c, d = row[:5]
+            text = f"{q}\nA. {a}\nB. {b}\nC. {c}\nD. {d}\nAnswer:"
+            out.append(text + (f" {row[5]}\n\n" if with_answer else ""))
+    return out
 
 
 def load_mmlu() -> dict[str, tuple[int, list[int]]]:
@@ -97,13 +138,14 @@ def load_mmlu() -> dict[str, tuple[int, list[int]]]:
     out = {}
     for dev in sorted((root / "dev").glob("*_dev.csv")):
         subject = dev.name[: -len("_dev.csv")]
-        with open(dev, newline="") as f:
-            shots = list(csv.reader(f))
         header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
-        prefix = approx_tokens(header + "".join(_mmlu_example(r, True) for r in shots))
+        prefix = approx_tokens(header + "".join(_mmlu_rows(dev, True)))
         test = root / "test" / f"{subject}_test.csv"
-        with open(test, newline="") as f:
-            questions = [approx_tokens(_mmlu_example(r, False)) for r in csv.reader(f)]
+        if not test.is_file():
+            raise FileNotFoundError(f"{test} is missing: every MMLU subject with a dev file needs its test file")
+        questions = [approx_tokens(t) for t in _mmlu_rows(test, False)]
+        if not questions:
+            raise ValueError(f"{test} holds no questions; add them or remove {dev.name}")
         out[subject] = (prefix, questions)
     if not out:
         raise FileNotFoundError(f"no MMLU dev files under {root / 'dev'}")

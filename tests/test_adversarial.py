@@ -1,0 +1,677 @@
+"""Hostile inputs to `blendserve run`, `blendserve plan` and the workload loaders: each test is
+one input that once crashed a run, lost a result or named the wrong cause, and what it must do
+now (an error naming the input and the fix; the valid lines still run)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from blendserve_sgl.batch import cli
+from blendserve_sgl.batch.prompts import prepare
+from blendserve_sgl.batch.reader import read_store
+from blendserve_sgl.batch.requests import BatchRequest, LineError, check_readable, parse_line, read_requests
+from blendserve_sgl.batch.results import record_key
+from test_batch_unit import _batch, stand_in  # noqa: F401 (the command with a stand-in engine)
+
+
+def chat(cid: str, content: str = "hi", **body) -> str:
+    return json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/chat/completions",
+                       "body": {"messages": [{"role": "system", "content": "be brief"},
+                                             {"role": "user", "content": content}], **body}})
+
+
+def completion(cid: str, prompt="hi", **body) -> str:
+    return json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/completions", "body": {"prompt": prompt, **body}})
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_llama):
+    from transformers import AutoTokenizer
+
+    return Path(tiny_llama), AutoTokenizer.from_pretrained(tiny_llama)
+
+
+def plain(path: Path, tok, ctx: int, default: int = 16) -> list:
+    """The plain path (read_requests + prepare, one line at a time), digests as the command keeps them."""
+    out = []
+    for item in read_requests(path):
+        p = item if isinstance(item, LineError) else prepare(item, tok, ctx, default, path.name)
+        out.append(dataclasses.replace(p, digest=item.digest) if isinstance(p, LineError) else p)
+    return out
+
+
+# ------------------------------------------------------------------ sampling values SGLang holds in fixed-width tensors
+def test_top_k_beyond_int32_means_all_tokens_not_a_scheduler_crash():
+    """SGLang packs top_k into an int32 tensor inside the scheduler: 10**20 there overflows and
+    kills the engine (and every other request with it). Any top_k above SGLang's whole-vocabulary
+    value means the whole vocabulary."""
+    for big in (2**31, 10**20):
+        req = parse_line(completion("k", top_k=big), 1)
+        assert isinstance(req, BatchRequest) and req.sampling["top_k"] == -1
+    assert parse_line(completion("k", top_k=40), 1).sampling["top_k"] == 40
+    assert parse_line(completion("k", top_k=-1), 1).sampling["top_k"] == -1
+
+
+@pytest.mark.parametrize("seed", [2**63, 2**70, -1])
+def test_seed_outside_int64_is_that_lines_error(seed):
+    err = parse_line(completion("s", seed=seed), 4, "in.jsonl")
+    assert isinstance(err, LineError) and err.custom_id == "s"
+    assert err.message.startswith('in.jsonl line 4: "seed" must be an integer from 0 to 2**63 - 1'), err.message
+    assert parse_line(completion("s", seed=2**63 - 1), 4).sampling["sampling_seed"] == 2**63 - 1
+
+
+@pytest.mark.parametrize("raw,what", [
+    (b'{"custom_id": "a\x01"}\n', "Invalid control character at column 17)"),
+    (b'{"custom_id": "x"\n', "the line ends before its JSON does: is it cut short, or is the file indented JSON?)"),
+    (b'{"custom_id": "x",\r\n', "the line ends before its JSON does"),
+    (b"{\n", "the line ends before its JSON does"),
+    (b'{} {"a": 1}\r\n', "Extra data at column 4: more than one JSON value; end each request's line with a "
+                        "newline (\\n))"),
+    (b'{"a": 1}\r{"b": 2}\r', "Extra data at column 10: more than one JSON value"),
+    (b'{"a": 1,,}\n', "Expecting property name enclosed in double quotes at column 9)"),
+])
+def test_invalid_json_names_the_column_on_its_own_line(raw, what):
+    """The line's newline is not part of its JSON: columns count on the line, and a line that
+    stops mid-object (a truncated file, or indented JSON instead of JSONL) says so."""
+    err = parse_line(raw, 3, "in.jsonl")
+    assert isinstance(err, LineError) and err.message.startswith("in.jsonl line 3: invalid JSON (")
+    assert what in err.message, err.message
+
+
+def test_a_json_list_line_says_one_request_per_line():
+    err = parse_line(json.dumps([json.loads(completion("a")), json.loads(completion("b"))]), 1, "in.jsonl")
+    assert "got a list (write one request per line, not a JSON list)" in err.message, err.message
+
+
+# ------------------------------------------------------------------ the reader
+def test_huge_max_tokens_names_the_models_context_and_keeps_the_fast_path(tiny, tmp_path):
+    """A max_tokens beyond any context on a chat line among the reader's checked sample: the
+    error names the model's real context (as the plain path does), and the piece-wise encoding
+    stays on for the lines after it."""
+    model, tok = tiny
+    rows = [chat("huge", max_tokens=10**30)] + [chat(f"r{i}", f"question {i}", max_tokens=4) for i in range(40)]
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(rows) + "\n")
+    got = read_store(path, tok, 2048, 16, model_dir=model, workers=0)
+    want = plain(path, tok, 2048)
+    assert [e.message for e in got.errors] == [w.message for w in want if isinstance(w, LineError)]
+    assert "of the model's 2048-token context" in got.errors[0].message
+    assert not got.whole_text_fallback
+    assert [got.store.prepared(i).input_ids for i in range(len(got.store))] == \
+        [w.input_ids for w in want if not isinstance(w, LineError)]
+
+
+# ------------------------------------------------------------------ the command's arguments
+def test_dash_is_standard_input(stand_in, tmp_path, monkeypatch):  # noqa: F811
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    assert check_readable("-") == Path("/dev/stdin")
+    r, w = os.pipe()
+    os.write(w, src.read_bytes())
+    os.close(w)
+    saved = os.dup(0)
+    os.dup2(r, 0)
+    try:
+        assert cli.main(["-", "-o", str(out), "--model", str(stand_in["model"])]) == 0
+    finally:
+        os.dup2(saved, 0)
+        os.close(saved)
+        os.close(r)
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(recs) == 17 and {record_key(r) for r in recs} >= {f"q{i}" for i in range(12)}
+    assert "stdin line 13: invalid JSON" in next(r for r in recs if record_key(r) == ("line", 13))["error"]["message"]
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--workers", "-3"], "argument --workers: -3 must be 0 or a positive integer"),
+    (["--log-level", "loud"], "argument --log-level: invalid choice: 'loud'"),
+    (["--ray", "--gpus-per-replica", "-1"], "--gpus-per-replica must be 0 or more, got -1.0"),
+    (["--engine-arg", "context_length=16"], "--engine-arg 'context_length=16': use --context-length instead"),
+    (["--engine-arg", "schedule-policy=fcfs"], "use --policy instead"),
+    (["--engine-arg", "enable_mixd_chunk=true"], "--engine-arg enable_mixd_chunk: not an argument of sglang.Engine; "
+                                                 "did you mean enable_mixed_chunk?"),
+])
+def test_bad_arguments_stop_before_reading_or_any_engine(stand_in, tmp_path, capsys, args, fragment):  # noqa: F811
+    pytest.importorskip("sglang")
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    try:
+        code = cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"]), *args])
+    except SystemExit as exc:  # an argparse error
+        code = exc.code
+    assert code == 2 and fragment in capsys.readouterr().err
+    assert not stand_in["engines"] and not out.exists()
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--kv-gb", "0.00001"], "--kv-gb 1e-05 holds no token of the KV cache"),
+    (["--out", "{tmp}"], "--out {tmp} is a directory; pass the name of a file in it"),
+    (["--out", "{tmp}/no/plan.json"], "--out {tmp}/no/plan.json: the folder {tmp}/no does not exist"),
+    (["--plot", "{tmp}/no/plan.png"], "--plot {tmp}/no/plan.png: the folder {tmp}/no does not exist"),
+])
+def test_plan_output_and_pool_mistakes_are_one_line_errors_before_any_simulation(tmp_path, capsys, args, fragment):
+    from blendserve_sgl import plan
+
+    src = tmp_path / "in.jsonl"
+    src.write_text(completion("a") + "\n")
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert plan.main([str(src), "--model", "llama-3.1-8b", *args]) == 2
+    err = capsys.readouterr().err
+    assert fragment.replace("{tmp}", str(tmp_path)) in err and "Traceback" not in err
+    assert not list(tmp_path.rglob("*.png"))
+
+
+@pytest.mark.parametrize("text", ["", "\n \n\t\r\n"])
+def test_plan_of_an_empty_file_says_it_holds_no_requests(tmp_path, capsys, text):
+    from blendserve_sgl import plan
+
+    src = tmp_path / "in.jsonl"
+    src.write_text(text)
+    assert plan.main([str(src), "--model", "llama-3.1-8b"]) == 2
+    assert "in.jsonl holds no requests (it is empty or has only blank lines)" in capsys.readouterr().err
+
+
+def test_summary_json_in_a_missing_folder_fails_before_the_run(stand_in, tmp_path, capsys):  # noqa: F811
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"]),
+                     "--summary-json", str(tmp_path / "no" / "s.json")]) == 2
+    assert "the folder" in capsys.readouterr().err and not stand_in["engines"] and not out.exists()
+
+
+# ------------------------------------------------------------------ CSV traces (`workloads/data.py`)
+AZURE = "traces/AzureLLMInferenceTrace_code.csv"
+
+
+def _trace(tmp_path, monkeypatch, text: str, rel: str = AZURE) -> None:
+    monkeypatch.setenv("BLENDSERVE_DATA", str(tmp_path))
+    (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / rel).write_text(text)
+
+
+@pytest.mark.parametrize("text,prompts,outputs", [
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\nt,10,2\n", [10], [2]),  # one row
+    ("\ufeffGeneratedTokens,Extra,ContextTokens,TIMESTAMP\n2,x,10,t\n\n,,,\n5,y,0,t\n", [10, 0], [2, 5]),
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\r\nt,10.0,0\r\n", [10], [0]),
+])
+def test_a_trace_reads_its_columns_by_name_skipping_blank_rows(tmp_path, monkeypatch, text, prompts, outputs):
+    from blendserve_sgl.workloads import classes, data
+
+    _trace(tmp_path, monkeypatch, text)
+    p, o = data.load_azure("code")
+    assert p.tolist() == prompts and o.tolist() == outputs
+    recs = classes.azure("code", 5, __import__("numpy").random.default_rng(0))
+    assert all(r.output_len >= 1 and r.prompt_len >= data.SYSTEM_PROMPT_TOKENS for r in recs)
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("", "no column ContextTokens or GeneratedTokens in its header (empty)"),
+    ("TIMESTAMP,Context,GeneratedTokens\nt,1,2\n", "no column ContextTokens in its header (TIMESTAMP,Context,"
+                                                   "GeneratedTokens); a trace needs the columns ContextTokens and "
+                                                   "GeneratedTokens"),
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\n", "holds no rows under its header"),
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\nt,1,2\nt,-3,2\n", "line 3: ContextTokens must be a whole token count "
+                                                                 "from 0 to 10,000,000, got '-3'; fix or delete that row"),
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\nt,1,NaN\n", "line 2: GeneratedTokens must be a whole token count"),
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\nt,1,inf\n", "got 'inf'"),
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\nt,1,2.5\n", "got '2.5'"),
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\nt,1e30,2\n", "got '1e30'"),
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\nt,7\n", "line 2: GeneratedTokens must be a whole token count"),
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\nt,,2\n", "got ''"),
+])
+def test_a_bad_trace_is_one_error_naming_file_row_and_column(tmp_path, monkeypatch, text, fragment):
+    from blendserve_sgl.workloads import data
+
+    _trace(tmp_path, monkeypatch, text)
+    with pytest.raises(ValueError) as exc:
+        data.load_azure("code")
+    assert fragment in str(exc.value) and "AzureLLMInferenceTrace_code.csv" in str(exc.value), str(exc.value)
+
+
+def test_a_bad_trace_reaches_the_simulate_command_as_one_line(tmp_path, monkeypatch, capsys):
+    from blendserve_sgl.sim import cli as sim_cli
+    from blendserve_sgl.workloads import data
+
+    mmlu = data.data_dir() / "mmlu"
+    if not mmlu.is_dir():
+        pytest.skip("the MMLU files of shared/data are not here")
+    (tmp_path / "mmlu").symlink_to(mmlu)
+    _trace(tmp_path, monkeypatch, "TIMESTAMP,ContextTokens,GeneratedTokens\nt,10,2\nt,12,oops\n")
+    (tmp_path / "traces" / "AzureLLMInferenceTrace_conv.csv").write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
+                                                                         "t,10,2\n")
+    code = sim_cli.main(["--workload", "mixed", "--requests", "200", "--policy", "fcfs"])
+    err = capsys.readouterr().err
+    assert code != 0 and "AzureLLMInferenceTrace_code.csv line 3: GeneratedTokens" in err, err
+    assert "Traceback" not in err
+
+
+def test_a_short_mmlu_row_is_named(tmp_path, monkeypatch):
+    from blendserve_sgl.workloads import data
+
+    monkeypatch.setenv("BLENDSERVE_DATA", str(tmp_path))
+    for part in ("dev", "test"):
+        (tmp_path / "mmlu" / part).mkdir(parents=True)
+    (tmp_path / "mmlu" / "dev" / "x_dev.csv").write_text("q,a,b,c,d,A\n\nq2,a,b,c,d,B\n")
+    (tmp_path / "mmlu" / "test" / "x_test.csv").write_text("q,a,b,c,d,A\nq,a\n")
+    with pytest.raises(ValueError, match=r"x_test.csv line 2: 2 columns, an MMLU row has 5"):
+        data.load_mmlu()
+    (tmp_path / "mmlu" / "test" / "x_test.csv").write_text("q,a,b,c,d\n\n")
+    prefix, questions = data.load_mmlu()["x"]
+    assert len(questions) == 1 and prefix > questions[0]
+
+
+# ------------------------------------------------------------------ ShareGPT files (`workloads/conversation.py`)
+def test_sharegpt_items_that_are_not_conversations_are_skipped(tmp_path):
+    from blendserve_sgl.workloads.conversation import iter_conversations
+
+    good = {"id": "g", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
+    items = [7, None, "text", ["a"], {"id": "n", "conversations": 5}, {"id": "d", "conversations": {"from": "human"}},
+             {"id": "s", "conversations": "human: hi"}, good]
+    path = tmp_path / "sg.json"
+    path.write_text("\ufeff\n " + json.dumps(items))
+    assert list(iter_conversations(path)) == [("g", ["hi", "hello"])]
+
+
+@pytest.mark.parametrize("text", ["", "{}", '{"conversations": []}', "   "])
+def test_a_file_that_is_not_a_sharegpt_list_is_named(tmp_path, text):
+    from blendserve_sgl.workloads.conversation import iter_conversations
+
+    path = tmp_path / "sg.json"
+    path.write_text(text)
+    with pytest.raises(ValueError, match="sg.json: not a ShareGPT file"):
+        list(iter_conversations(path))
+
+
+# ------------------------------------------------------------------ an engine process that dies mid-run
+def test_an_engine_process_dying_mid_run_is_a_clear_error_and_the_rerun_finishes(stand_in, tmp_path, capsys,  # noqa: F811
+                                                                                 monkeypatch):
+    """SGLang's processes send SIGQUIT to this one when one of them dies (its handler would kill
+    this process, traceback and all, exit 137). While requests run `blendserve run` takes SIGQUIT
+    over: exit 1 with one message, the records so far kept, SIGQUIT's handler restored after; the
+    rerun finishes the rest."""
+    import signal
+
+    from blendserve_sgl.batch import runner
+    from test_batch_unit import FakeEngine
+
+    class DyingEngine(FakeEngine):
+        quit_after = 4
+
+        async def async_generate(self, input_ids, sampling_params):
+            if self.quit_after is not None and self.answered == self.quit_after:
+                DyingEngine.quit_after = None
+                os.kill(os.getpid(), signal.SIGQUIT)
+                await __import__("asyncio").sleep(5)  # a dead scheduler answers nothing
+            return await super().async_generate(input_ids, sampling_params)
+
+    start = runner.start_engine
+
+    def dying(cfg):
+        e = start(cfg)
+        e.__class__ = DyingEngine
+        return e
+
+    monkeypatch.setattr(runner, "start_engine", dying)
+    seen = []
+    sglang_handler = lambda *a: seen.append(a)  # noqa: E731 (stands in for SGLang's: it would kill this process)
+    previous = signal.signal(signal.SIGQUIT, sglang_handler)
+    try:
+        src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+        args = [str(src), "-o", str(out), "--model", str(stand_in["model"]), "--window", "1"]
+        assert cli.main(args) == 1
+        assert signal.getsignal(signal.SIGQUIT) is sglang_handler and not seen
+    finally:
+        signal.signal(signal.SIGQUIT, previous)
+    err = capsys.readouterr().err
+    assert "an SGLang process failed while requests ran" in err and "rerun the same command to finish" in err
+    assert stand_in["engines"][0].shut and len(out.read_text().splitlines()) == 3 + 4
+    assert cli.main(args) == 0
+    assert len({json.dumps(record_key(json.loads(x))) for x in out.read_text().splitlines()}) == 17
+
+
+# ------------------------------------------------------------------ results files that are not ours
+@pytest.mark.parametrize("content", [b"\x00\xff\xfe binary", b"notes without a newline", b"[1, 2"])
+def test_a_results_file_of_one_foreign_unterminated_line_is_refused_not_cut(stand_in, tmp_path, capsys,  # noqa: F811
+                                                                            content):
+    """A crash leaves at most the start of a record after the last newline, and only that is
+    cut; a file whose last line is something else was not written by `blendserve run`."""
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    out.write_bytes(content)
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"])]) == 2
+    assert "neither a result record of `blendserve run` nor the start of one" in capsys.readouterr().err
+    assert out.read_bytes() == content and not stand_in["engines"]
+    assert not (tmp_path / "results.errors.jsonl").exists()
+
+
+@pytest.mark.parametrize("cut", [1, 5, 30, 200])
+def test_a_record_cut_anywhere_by_a_crash_is_removed_and_run_again(stand_in, tmp_path, capsys, cut):  # noqa: F811
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"])]) == 0
+    lines = out.read_bytes().splitlines(keepends=True)
+    out.write_bytes(b"".join(lines[:-1]) + lines[-1][:cut])
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"])]) == 0
+    assert "a partial last line from a crash was removed" in capsys.readouterr().out
+    assert len({json.dumps(record_key(json.loads(x))) for x in out.read_text().splitlines()}) == 17
+
+
+def test_an_errors_file_in_a_missing_folder_is_named_before_anything_is_written(stand_in, tmp_path, capsys):  # noqa: F811
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"]),
+                     "--errors", str(tmp_path / "no" / "e.jsonl")]) == 2
+    assert f"--errors {tmp_path}/no/e.jsonl: the folder {tmp_path}/no does not exist" in capsys.readouterr().err
+    assert not out.exists() and not stand_in["engines"]
+
+
+def test_an_integer_too_long_for_python_is_that_lines_error():
+    """Python refuses to convert a string of more than 4,300 digits to int: json.loads raised a
+    plain ValueError, which stopped the whole read."""
+    raw = '{"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x", "max_tokens": ' \
+          + "9" * 5000 + "}}"
+    err = parse_line(raw, 2, "in.jsonl")
+    assert isinstance(err, LineError) and "a number of 5,000 digits; no field takes one that large" in err.message
+    assert parse_line(completion("t", prompt=[1] * 3, seed=10**30), 1).message.endswith("got 1000000000000000000000000000000")
+
+
+def test_a_results_line_nested_too_deeply_is_not_a_record(stand_in, tmp_path, capsys):  # noqa: F811
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    out.write_text("[" * 100000 + "]" * 100000 + "\n")
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"])]) == 2
+    assert "results.jsonl line 1 is not a result record" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ the model's config.json
+@pytest.mark.parametrize("config,fragment", [
+    ("[]", "not a JSON object of model settings"),
+    ("not json", "cannot read it as JSON"),
+    ('{"max_position_embeddings": "big"}', "max_position_embeddings must be a positive integer, got 'big'"),
+    ('{"max_position_embeddings": -5}', "max_position_embeddings must be a positive integer, got -5"),
+    ('{"max_position_embeddings": true}', "max_position_embeddings must be a positive integer, got True"),
+    ('{"rope_scaling": {"factor": "x"}, "max_position_embeddings": 100}', "rope_scaling.factor must be a positive"),
+])
+def test_a_bad_config_json_names_the_file_and_the_fix(tmp_path, config, fragment):
+    from blendserve_sgl.batch.prompts import context_length
+
+    (tmp_path / "config.json").write_text(config)
+    with pytest.raises(ValueError) as exc:
+        context_length(tmp_path)
+    assert str(exc.value).startswith(f"{tmp_path / 'config.json'}: {fragment}"), str(exc.value)
+    assert "pass --context-length" in str(exc.value)
+    (tmp_path / "config.json").write_text('{"max_position_embeddings": 4096.0, "rope_scaling": {"factor": 2.0}}')
+    assert context_length(tmp_path) == 8192
+
+
+def test_plan_only_with_a_model_config_it_cannot_plan_for_is_one_line(stand_in, tmp_path, capsys):  # noqa: F811
+    src = _batch(tmp_path)
+    assert cli.main([str(src), "--model", str(stand_in["model"]), "--plan-only"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("blendserve run --plan-only: error: config.json") and "Traceback" not in err
+
+
+# ------------------------------------------------------------------ results that cannot be written
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (every write fails: no space)")
+def test_a_full_disk_stops_the_run_with_one_message(stand_in, tmp_path, capsys):  # noqa: F811
+    """Every line valid: the first write is a result, from inside the engine's loop."""
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(completion(f"c{i}", f"say {i}") + "\n" for i in range(6)))
+    assert cli.main([str(src), "-o", "/dev/full", "--model", str(stand_in["model"])]) == 2
+    assert stand_in["engines"][0].shut
+    err = capsys.readouterr().err
+    assert "blendserve run: error: cannot write /dev/full: No space left on device; the records written before " \
+           "are kept" in err and "Traceback" not in err
+
+
+def test_a_results_pipe_closed_by_its_reader_stops_the_run_with_one_message(stand_in, tmp_path, capsys):  # noqa: F811
+    """`blendserve run ... -o /dev/stdout | head -1`: the reader goes away after one line."""
+    src = _batch(tmp_path)
+    r, w = os.pipe()
+    os.close(r)
+    try:
+        assert cli.main([str(src), "-o", f"/dev/fd/{w}", "--model", str(stand_in["model"])]) == 2
+    finally:
+        os.close(w)
+    err = capsys.readouterr().err
+    assert f"cannot write /dev/fd/{w}: Broken pipe" in err and "Traceback" not in err
+
+
+def test_an_engine_process_failing_at_start_is_an_error_not_a_kill(monkeypatch):
+    """SGLang's engine installs a SIGQUIT handler that kills this process when a child fails
+    while it starts (bad weights: exit 137). `start_engine` raises `EngineFailed` instead, stops
+    the other children, and leaves SGLang's handler installed for the engine that did start."""
+    import signal
+    import time
+
+    sglang = pytest.importorskip("sglang")
+    import sglang.srt.utils as sglang_utils
+
+    from blendserve_sgl.batch import runner
+
+    killed = []
+    monkeypatch.setattr(sglang_utils, "kill_process_tree", lambda pid, include_parent=True: killed.append(
+        (pid, include_parent)))
+    theirs = lambda *a: pytest.fail("SGLang's handler would kill this process")  # noqa: E731
+
+    class Failing:
+        def __init__(self, **kw):
+            signal.signal(signal.SIGQUIT, theirs)
+            os.kill(os.getpid(), signal.SIGQUIT)  # the scheduler died loading the weights
+            time.sleep(5)
+
+    class Starting:
+        def __init__(self, **kw):
+            signal.signal(signal.SIGQUIT, theirs)
+
+    before = signal.getsignal(signal.SIGQUIT)
+    try:
+        monkeypatch.setattr(sglang, "Engine", Failing)
+        with pytest.raises(runner.EngineFailed):
+            runner.start_engine(runner.EngineConfig(model_path="m"))
+        assert killed == [(os.getpid(), False)]
+        monkeypatch.setattr(sglang, "Engine", Starting)
+        assert isinstance(runner.start_engine(runner.EngineConfig(model_path="m")), Starting)
+        assert signal.getsignal(signal.SIGQUIT) is theirs and signal.signal.__module__ == "signal"
+    finally:
+        signal.signal(signal.SIGQUIT, before)
+
+
+def test_a_context_longer_than_the_models_is_refused_before_reading(stand_in, tmp_path, capsys, monkeypatch):  # noqa: F811
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    monkeypatch.delenv("SGLANG_ALLOW_OVERWRITE_LONGER_CONTEXT_LEN", raising=False)
+    args = [str(src), "-o", str(out), "--model", str(stand_in["model"])]
+    assert cli.main([*args, "--context-length", "65"]) == 2
+    assert "--context-length 65 is longer than the model's context of 64 tokens" in capsys.readouterr().err
+    assert not out.exists() and not stand_in["engines"]
+    assert cli.main([*args, "--context-length", "64"]) == 0
+
+
+# ------------------------------------------------------------------ the plugin: a request's hint runs in the scheduler
+@pytest.mark.parametrize("value", ["²", "१२", "9" * 5000, 1e300, 2**40, -3, "-3", float("nan"), float("inf"), [],
+                                   {}, True, "12abc", ""])
+def test_a_hostile_output_length_hint_is_ignored_never_raised(value):
+    """`custom_params.blendserve_output_len` arrives with any request sent to `sglang serve
+    --schedule-policy blend` and is read inside the scheduler process, where an exception kills
+    the engine: "²" passed str.isdigit and then int() raised, as did 5,000 digits."""
+    from blendserve_sgl.sglang_plugin.policy import output_len_hint
+
+    assert output_len_hint(value, "r") is None
+    assert output_len_hint(" 42 ", "r") == 42 and output_len_hint(2**31, "r") == 2**31
+
+
+@pytest.mark.parametrize("which", ["input", "output", "errors", "errors-default"])
+def test_summary_json_may_not_overwrite_the_runs_other_files(stand_in, tmp_path, capsys, which):  # noqa: F811
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    before = src.read_bytes()
+    summary = {"input": src, "output": out, "errors": tmp_path / "e.jsonl",
+               "errors-default": tmp_path / "results.errors.jsonl"}[which]
+    extra = ["--errors", str(tmp_path / "e.jsonl")] if which == "errors" else []
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"]), "--summary-json", str(summary),
+                     *extra]) == 2
+    assert "which it would overwrite; choose another --summary-json" in capsys.readouterr().err
+    assert src.read_bytes() == before and not out.exists() and not stand_in["engines"]
+
+
+@pytest.mark.parametrize("args", [["--out", "{src}"], ["--plot", "{src}"], ["--out", "{tmp}/p.json", "--plot",
+                                                                          "{tmp}/p.json"]])
+def test_plan_never_writes_over_its_input_or_its_json(tmp_path, capsys, args):
+    from blendserve_sgl import plan
+
+    src = tmp_path / "in.jsonl"
+    src.write_text(completion("a") + "\n")
+    before = src.read_bytes()
+    args = [a.replace("{src}", str(src)).replace("{tmp}", str(tmp_path)) for a in args]
+    assert plan.main([str(src), "--model", "llama-3.1-8b", *args]) == 2
+    assert "which it would overwrite" in capsys.readouterr().err and src.read_bytes() == before
+
+
+# ------------------------------------------------------------------ lines without end
+def test_an_endless_line_is_an_error_read_in_pieces_and_the_next_lines_run(tiny, tmp_path, monkeypatch):
+    """A file with no newline (or `/dev/zero`) was read as one line into memory. A line over
+    MAX_LINE_BYTES is read on in pieces, never held, and is that line's error."""
+    import io
+
+    from blendserve_sgl.batch import requests
+
+    monkeypatch.setattr(requests, "MAX_LINE_BYTES", 1000)
+    lines = list(requests.iter_lines(io.BytesIO(b"\xef\xbb\xbfa\n" + b"x" * 5000 + b"\r\n\nb\n" + b"y" * 1001)))
+    assert [n for n, _ in lines] == [1, 2, 4, 5] and lines[0][1] == b"a\n" and lines[2][1] == b"b\n"
+    assert lines[1][1].size == 5000 and lines[3][1].size == 1001
+    assert lines[1][1].digest != lines[3][1].digest
+
+    model, tok = tiny
+    path = tmp_path / "in.jsonl"
+    path.write_bytes((completion("a") + "\n" + "z" * 3000 + "\n" + completion("b") + "\n").encode())
+    got = read_store(path, tok, 2048, 4, model_dir=model, workers=0)
+    assert [got.store.custom_id(i) for i in range(len(got.store))] == ["a", "b"]
+    assert [e.message for e in got.errors] == ["in.jsonl line 2: 3,000 bytes, longer than any request can be (0 MiB); "
+                                               "is the file one JSON object per line?"]
+    assert [e.message for e in read_requests(path) if isinstance(e, LineError)] == [got.errors[0].message]
+
+
+def test_dash_output_is_standard_output_not_a_file_named_dash(monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(cli, "_main", lambda args: seen.append(args.output) or 0)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["in.jsonl", "-o", "-"]) == 0
+    assert seen == ["/dev/stdout"] and not (tmp_path / "-").exists()
+
+
+@pytest.mark.parametrize("record", [
+    {"custom_id": [1], "response": {"status_code": 200, "body": {}}, "error": None},
+    {"custom_id": "q0", "response": "x", "error": None},
+    {"custom_id": "q0", "response": None, "error": "boom"},
+    {"custom_id": None, "response": None, "error": {"message": "no line"}},
+    {"custom_id": "q0", "response": {"status_code": 200, "body": "x"}, "error": None},
+    {"custom_id": "q0", "response": {"status_code": 200, "body": {"usage": {"prompt_tokens": "abc"}}}, "error": None},
+    {"custom_id": "q0", "response": {"status_code": 200, "body": {"usage": [1]}}, "error": None},
+])
+def test_an_edited_results_record_of_the_wrong_shape_is_named_not_a_crash(stand_in, tmp_path, capsys,  # noqa: F811
+                                                                          record):
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    out.write_text(json.dumps(record) + "\n")
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"])]) == 2
+    assert "results.jsonl line 1 is not a result record of `blendserve run`" in capsys.readouterr().err
+    assert out.read_text() == json.dumps(record) + "\n"
+
+
+def test_more_dp_ranks_than_cores_fail_before_reading(stand_in, tmp_path, capsys):  # noqa: F811
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    ranks = len(os.sched_getaffinity(0)) + 1
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"]), "--dp", str(ranks)]) == 2
+    assert f"--dp {ranks} on CPU needs at least {ranks} CPU cores" in capsys.readouterr().err
+    assert not out.exists() and not stand_in["engines"]
+
+
+def test_generate_sample_refuses_an_input_it_cannot_read_twice(stand_in, tmp_path, capsys):  # noqa: F811
+    from blendserve_sgl import plan
+
+    assert plan.main(["-", "--model", str(stand_in["model"]), "--generate-sample", "2"]) == 2
+    assert "--generate-sample reads - a second time for its sample: pass a regular file" in capsys.readouterr().err
+
+
+def test_a_results_file_passed_as_input_says_so(stand_in, tmp_path, capsys):  # noqa: F811
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"])]) == 0
+    first = out.read_text().splitlines()[0]
+    err = parse_line(first, 1, "results.jsonl")
+    assert isinstance(err, LineError) and 'this is a result record (it has "response"), not a request' in err.message
+
+
+# ------------------------------------------------------------------ the real engine (slow)
+@pytest.mark.engine
+def test_hostile_values_on_the_real_engine_end_in_one_record_each(tiny_llama, tmp_path):
+    """Values SGLang accepts but its scheduler could not hold (top_k 10**20 killed the engine and
+    every request with it), odd custom_ids, NUL and emoji stops, among bad lines: exit 0, one
+    record per line, every valid line answered."""
+    from test_batch_e2e import blendserve_run, records
+
+    rows = [completion("topk", "count: one two", top_k=10**20, max_tokens=3),
+            completion("seed", "count: one two", seed=2**63 - 1, temperature=1.0, max_tokens=3),
+            completion("stops", "a\u0000b", stop=["\u0000", "😀"], max_tokens=3),
+            completion("ids", [0, 1, 2], max_tokens=2),
+            completion("line\nbreak 日本語🎉", " ", max_tokens=2),
+            chat("chat", "hi", top_k=2**31, max_tokens=2, ignore_eos=True),
+            completion("bigseed", "x", seed=2**63), '{"custom_id": "cut", "method": "POST"',
+            completion("huge", "x", max_tokens=10**30), "[1, 2]"]
+    src, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    src.write_text("\n".join(rows) + "\n")
+    blendserve_run([str(src), "-o", str(out), "--model", tiny_llama, "--quiet"], tmp_path / "log.txt", timeout=600)
+    recs = records(out)
+    assert len(recs) == len(rows)
+    ok = {r["custom_id"] for r in recs if r["response"]["status_code"] == 200}
+    assert ok == {"topk", "seed", "stops", "ids", "line\nbreak 日本語🎉", "chat"}
+    assert all(r["response"]["body"]["usage"]["completion_tokens"] >= 1 for r in recs if r["custom_id"] in ok)
+
+
+@pytest.mark.engine
+def test_weights_that_do_not_load_are_exit_1_with_one_message(tiny_llama, tmp_path):
+    """The scheduler dies loading the weights and signals this process: SGLang's handler killed
+    it (exit 137, a traceback); now the engine's processes are stopped and the run says so."""
+    import shutil
+    import subprocess
+
+    from test_batch_e2e import kill_group, start_run
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama, model)
+    for weights in model.glob("*.safetensors"):
+        weights.write_bytes(b"not safetensors")
+    src, out, log = tmp_path / "in.jsonl", tmp_path / "out.jsonl", tmp_path / "log.txt"
+    src.write_text(completion("a") + "\n{oops\n")
+    proc = start_run([str(src), "-o", str(out), "--model", str(model), "--quiet"], log)
+    try:
+        proc.wait(timeout=300)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the run did not end")
+    finally:
+        kill_group(proc)
+    text = log.read_text()
+    assert proc.returncode == 1, text[-3000:]
+    assert "SGLang did not start (one of its processes failed: its error is above)" in text
+    assert [json.loads(x)["response"]["status_code"] for x in out.read_text().splitlines()] == [400]
+
+
+def test_sigterm_while_reading_stops_like_ctrl_c(stand_in, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """SIGTERM stopped the run with exit 130 only once the engine ran; while the input was read
+    it killed the process (exit 143, no message)."""
+    import signal
+
+    from blendserve_sgl.batch import cli as batch_cli
+
+    real = batch_cli.read_store
+
+    def reading(*a, **kw):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real(*a, **kw)
+
+    monkeypatch.setattr(batch_cli, "read_store", reading)
+    seen = []
+    recorder = lambda *a: seen.append(a)  # noqa: E731 (stands in for the default action, which kills)
+    before = signal.signal(signal.SIGTERM, recorder)
+    try:
+        src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+        assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"])]) == 130
+        assert signal.getsignal(signal.SIGTERM) is recorder and not seen
+    finally:
+        signal.signal(signal.SIGTERM, before)
+    assert "interrupted; nothing was lost" in capsys.readouterr().err and not stand_in["engines"]
