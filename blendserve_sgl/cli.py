@@ -14,24 +14,23 @@ COMMANDS = {
 }
 
 
-def positive_int(text: str) -> int:
+def int_at_least(text: str, low: int, must: str, kind: str = "an integer") -> int:
+    """An argparse value: an integer >= `low`; else an error saying it is not `kind` or must be `must`."""
     try:
         v = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{text} must be a positive integer")
+        raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from None
+    if v < low:
+        raise argparse.ArgumentTypeError(f"{text} must be {must}")
     return v
+
+
+def positive_int(text: str) -> int:
+    return int_at_least(text, 1, "a positive integer")
 
 
 def non_negative_int(text: str) -> int:
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text} must be 0 or a positive integer")
-    return v
+    return int_at_least(text, 0, "0 or a positive integer")
 
 
 def positive_float(text: str) -> float:

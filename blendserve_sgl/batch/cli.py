@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..cli import non_negative_int, positive_int
+from ..cli import int_at_least, non_negative_int, positive_int
 from ..models import ModelError, check_model_dir, default_model
 from . import dispatch
 from .feed import engine_capacity, mean_request_tokens, pending, window_size
@@ -450,15 +450,8 @@ def _engine_args(pairs: list[str]) -> dict:
 
 
 def _window(text: str) -> int:
-    if text == "auto":
-        return -1
-    try:
-        v = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not auto or an integer") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"{text} must be auto, 0 (all at once) or a positive integer")
-    return v
+    return -1 if text == "auto" else int_at_least(text, 0, "auto, 0 (all at once) or a positive integer",
+                                                  "auto or an integer")
 
 
 def _phase_printer(quiet: bool, every: float = 10.0):
