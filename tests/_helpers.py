@@ -133,3 +133,18 @@ def run_batch_densities(engine: Engine) -> list[float]:
 
     engine.run(on_step=record)
     return out
+
+
+def prepared_reference(path, tok, ctx: int = 2048, default: int = 16) -> list:
+    """`blendserve run`'s reading done the plain way: read_requests + prepare, one request at a
+    time (an error keeps its line's request digest, as the command records it)."""
+    import dataclasses
+
+    from blendserve_sgl.batch.prompts import prepare
+    from blendserve_sgl.batch.requests import LineError, read_requests
+
+    out = []
+    for item in read_requests(path):
+        p = item if isinstance(item, LineError) else prepare(item, tok, ctx, default, path.name)
+        out.append(dataclasses.replace(p, digest=item.digest) if isinstance(p, LineError) else p)
+    return out

@@ -4,7 +4,6 @@ now (an error naming the input and the fix; the valid lines still run)."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 from pathlib import Path
@@ -12,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from blendserve_sgl.batch import cli
-from blendserve_sgl.batch.prompts import prepare
 from blendserve_sgl.batch.reader import read_store
 from blendserve_sgl.batch.requests import BatchRequest, LineError, check_readable, parse_line, read_requests
 from blendserve_sgl.batch.results import record_key
+from _helpers import prepared_reference
 from test_batch_unit import _batch, stand_in  # noqa: F401 (the command with a stand-in engine)
 
 
@@ -34,15 +33,6 @@ def tiny(tiny_llama):
     from transformers import AutoTokenizer
 
     return Path(tiny_llama), AutoTokenizer.from_pretrained(tiny_llama)
-
-
-def plain(path: Path, tok, ctx: int, default: int = 16) -> list:
-    """The plain path (read_requests + prepare, one line at a time), digests as the command keeps them."""
-    out = []
-    for item in read_requests(path):
-        p = item if isinstance(item, LineError) else prepare(item, tok, ctx, default, path.name)
-        out.append(dataclasses.replace(p, digest=item.digest) if isinstance(p, LineError) else p)
-    return out
 
 
 # ------------------------------------------------------------------ sampling values SGLang holds in fixed-width tensors
@@ -98,7 +88,7 @@ def test_huge_max_tokens_names_the_models_context_and_keeps_the_fast_path(tiny, 
     path = tmp_path / "in.jsonl"
     path.write_text("\n".join(rows) + "\n")
     got = read_store(path, tok, 2048, 16, model_dir=model, workers=0)
-    want = plain(path, tok, 2048)
+    want = prepared_reference(path, tok, 2048)
     assert [e.message for e in got.errors] == [w.message for w in want if isinstance(w, LineError)]
     assert "of the model's 2048-token context" in got.errors[0].message
     assert not got.whole_text_fallback

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import copy
-import dataclasses
 import json
 import os
 import random
@@ -24,6 +23,8 @@ from blendserve_sgl.batch.reader import read_store
 from blendserve_sgl.batch.requests import BatchRequest, LineError, read_requests
 from blendserve_sgl.batch.store import REQUEST_BYTES, TokenStore
 from blendserve_sgl.harness import cpu_engine_env
+
+from _helpers import prepared_reference
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -67,16 +68,6 @@ def corpus(path: Path, n: int, seed: int = 0, max_tokens=(1, 8), bad: bool = Tru
     return path
 
 
-def reference(path: Path, tok, ctx=2048, default=16):
-    """The plain path: read_requests + prepare, one request at a time (an error keeps its line's
-    request digest, as the command records it)."""
-    out = []
-    for item in read_requests(path):
-        p = item if isinstance(item, LineError) else prepare(item, tok, ctx, default, path.name)
-        out.append(dataclasses.replace(p, digest=item.digest) if isinstance(p, LineError) else p)
-    return out
-
-
 # ------------------------------------------------------------------ the store
 def test_store_byte_count_is_fixed_fields_plus_token_ids():
     """nbytes = REQUEST_BYTES per request + 4 per tail token and per piece reference + the custom
@@ -117,7 +108,7 @@ def test_reader_matches_the_plain_path(tiny, tmp_path, workers):
     path = corpus(tmp_path / "in.jsonl", 120)
     got = read_store(path, tok, 2048, 16, model_dir=model_dir, workers=workers, batch_lines=17)
     got.store.check_integrity()
-    ref = reference(path, tok)
+    ref = prepared_reference(path, tok)
     ok = [x for x in ref if isinstance(x, Prepared)]
     assert [(e.message, e.digest) for e in got.errors] == [(x.message, x.digest) for x in ref
                                                             if isinstance(x, LineError)]
@@ -153,7 +144,7 @@ def test_pieces_of_a_rejected_request_reach_the_next_request_using_them(tiny, tm
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     got = read_store(path, tok, 300, 16, workers=0)
     assert [e.code for e in got.errors] == ["context_length_exceeded"] and len(got.store) == 1
-    want = [x for x in reference(path, tok, ctx=300) if isinstance(x, Prepared)]
+    want = [x for x in prepared_reference(path, tok, ctx=300) if isinstance(x, Prepared)]
     assert got.store.input_ids(0) == want[0].input_ids
 
 
@@ -179,7 +170,7 @@ def test_piece_encoding_falls_back_to_whole_text_when_pieces_differ(tiny, tmp_pa
     path = corpus(tmp_path / "in.jsonl", 40, bad=False)
     got = read_store(path, Shifted(), 2048, 16, workers=0)
     assert got.whole_text_fallback
-    ref = [x for x in reference(path, Shifted()) if isinstance(x, Prepared)]
+    ref = [x for x in prepared_reference(path, Shifted()) if isinstance(x, Prepared)]
     assert [got.store.prepared(i).input_ids for i in range(len(ref))] == [p.input_ids for p in ref]
 
 
@@ -226,7 +217,7 @@ def test_reader_matches_the_plain_path_on_awkward_contents(tiny, tmp_path, templ
 
     assert TemplateShapes(tok).on is (template is None)
     got = read_store(path, tok, 2048, 16, workers=0)
-    ref = reference(path, tok)
+    ref = prepared_reference(path, tok)
     assert len(got.store) == len(ref) and not got.errors
     assert [got.store.input_ids(i) for i in range(len(ref))] == [p.input_ids for p in ref]
     assert not got.whole_text_fallback
@@ -264,7 +255,7 @@ def test_a_text_the_tokenizer_rejects_is_that_lines_error(tiny, tmp_path):
         lines[k] = json.dumps(row)
     path.write_text("\n".join(lines) + "\n")
     got = read_store(path, Picky(), 2048, 16, workers=0, batch_lines=8)
-    ref = reference(path, Picky())
+    ref = prepared_reference(path, Picky())
     assert [(e.line, e.message, e.digest) for e in got.errors] == [(x.line, x.message, x.digest) for x in ref
                                                                     if isinstance(x, LineError)]
     assert [e.line for e in got.errors] == [5, 10, 14]
