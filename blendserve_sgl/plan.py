@@ -400,11 +400,7 @@ def main(argv: list[str] | None = None) -> int:
                              "bytes per token); pass a larger --kv-gb")
         engine = EngineConfig.for_cost(cost, kv_gb=args.kv_gb, max_running=args.max_running,
                                        chunked_prefill=args.chunk, mixed_chunk=args.mixed_chunk)
-        big = next((r for r in records if r.prompt_len + r.output_len > engine.kv_tokens), None)
-        if big is not None:
-            raise ValueError(f"request {big.rid!r}: prompt + max_tokens = {big.prompt_len + big.output_len:,} tokens, more "
-                             f"than the KV pool of {engine.kv_tokens:,} tokens; pass a larger --kv-gb or a smaller "
-                             "max_tokens")
+        engine.check_fits(records, "pass a larger --kv-gb or a smaller max_tokens")
     except (InputError, ModelError, ValueError, FileNotFoundError) as exc:
         print(f"blendserve plan: error: {exc}", file=sys.stderr)
         return 2

@@ -124,6 +124,8 @@ def test_dash_is_standard_input(stand_in, tmp_path, monkeypatch):  # noqa: F811
     (["--engine-arg", "schedule-policy=fcfs"], "use --policy instead"),
     (["--engine-arg", "enable_mixd_chunk=true"], "--engine-arg enable_mixd_chunk: not an argument of sglang.Engine; "
                                                  "did you mean enable_mixed_chunk?"),
+    (["--attention-backend", "flashinfr"], "--attention-backend 'flashinfr' is not an SGLang attention backend; "
+                                           "choose one of triton, torch_native"),
 ])
 def test_bad_arguments_stop_before_reading_or_any_engine(stand_in, tmp_path, capsys, args, fragment):  # noqa: F811
     pytest.importorskip("sglang")
@@ -136,8 +138,15 @@ def test_bad_arguments_stop_before_reading_or_any_engine(stand_in, tmp_path, cap
     assert not stand_in["engines"] and not out.exists()
 
 
+@pytest.mark.parametrize("name", ["torch_native", "cascade", None])
+def test_known_attention_backends_pass_the_early_check(name):
+    pytest.importorskip("sglang")
+    cli._check_attention_backend(name)  # raises on a name SGLang does not know
+
+
 @pytest.mark.parametrize("args,fragment", [
     (["--kv-gb", "0.00001"], "--kv-gb 1e-05 holds no token of the KV cache"),
+    (["--kv-gb", "0.0005"], "tokens, more than the KV pool of 3 tokens; pass a larger --kv-gb or a smaller max_tokens"),
     (["--out", "{tmp}"], "--out {tmp} is a directory; pass the name of a file in it"),
     (["--out", "{tmp}/no/plan.json"], "--out {tmp}/no/plan.json: the folder {tmp}/no does not exist"),
     (["--plot", "{tmp}/no/plan.png"], "--plot {tmp}/no/plan.png: the folder {tmp}/no does not exist"),
@@ -218,6 +227,19 @@ def test_a_bad_trace_is_one_error_naming_file_row_and_column(tmp_path, monkeypat
     with pytest.raises(ValueError) as exc:
         data.load_azure("code")
     assert fragment in str(exc.value) and "AzureLLMInferenceTrace_code.csv" in str(exc.value), str(exc.value)
+
+
+def test_simulate_names_a_request_larger_than_the_kv_pool_instead_of_stalling(tmp_path, capsys):
+    from blendserve_sgl.sim import cli as sim_cli
+    from blendserve_sgl.workloads import data
+
+    if not (data.data_dir() / "mmlu").is_dir():
+        pytest.skip("the MMLU files of shared/data are not here")
+    code = sim_cli.main(["--workload", "mixed", "--requests", "50", "--policy", "fcfs", "--kv-gb", "0.01",
+                         "--out", str(tmp_path / "sim.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "more than the KV pool of 76 tokens; pass a larger --kv-gb" in err, err
+    assert "Traceback" not in err and not (tmp_path / "sim.json").exists()
 
 
 def test_a_bad_trace_reaches_the_simulate_command_as_one_line(tmp_path, monkeypatch, capsys):

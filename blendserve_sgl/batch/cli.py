@@ -148,6 +148,7 @@ def _main(args) -> int:
     try:
         extra = _engine_args(args.engine_arg)
         _check_scale_out(args)
+        _check_attention_backend(args.attention_backend)
         check_output("--summary-json", args.summary_json)
         _check_summary_apart(args)
         source = check_readable(args.input)
@@ -411,6 +412,21 @@ def _load_tokenizer(model_dir: Path):
     except Exception as exc:  # noqa: BLE001 (transformers raises OSError, ValueError, KeyError, ...)
         raise ModelError(f"{model_dir}: cannot load its tokenizer ({type(exc).__name__}: {exc}); the model "
                          "directory needs tokenizer files (tokenizer.json or tokenizer_config.json)") from None
+
+
+def _check_attention_backend(name: str | None) -> None:
+    """An --attention-backend SGLang does not know fails here, before the input is read and planned,
+    not at the engine's start (SGLang's own choices, with the plugin's `cascade`)."""
+    if name is None:
+        return
+    from sglang.srt.arg_groups.choices import ATTENTION_BACKEND_CHOICES
+
+    from ..sglang_plugin.cascade_backend import BACKEND_NAME
+
+    known = [*ATTENTION_BACKEND_CHOICES, *([BACKEND_NAME] if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES else [])]
+    if name not in known:
+        raise ValueError(f"--attention-backend {name!r} is not an SGLang attention backend; choose one of "
+                         f"{', '.join(known)} (or leave it out: torch_native on CPU)")
 
 
 def _check_scale_out(args) -> None:

@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = EngineConfig.for_cost(cost, kv_gb=args.kv_gb, max_running=args.max_running,
                                        chunked_prefill=args.chunk, mixed_chunk=not args.no_mixed_chunk,
                                        pace=args.pace, kv_projection=args.kv_projection)
+        engine.check_fits(records)
         preset = PRESET.replace(keep_sharing=args.keep_sharing, sample_fraction=args.sample_fraction,
                                 seed=args.seed, metering=not args.no_meter)
         spec = RunSpec(cost, engine, known_lengths=args.known_lengths, preset=preset, seed=args.seed)

@@ -104,10 +104,18 @@ class EngineConfig:
             kv_bytes = mem_fraction * cost.hardware.mem_capacity - weights
             if kv_bytes <= 0:
                 raise ValueError(f"{cost.model.name} does not fit on {cost.hardware.name}: weights {weights / 1e9:.1f} GB "
-                                 f"> {mem_fraction:.0%} of {cost.hardware.mem_capacity / 1e9:.0f} GB; pass kv_gb")
+                                 f"> {mem_fraction:.0%} of {cost.hardware.mem_capacity / 1e9:.0f} GB; pass kv_gb (--kv-gb)")
         else:
             kv_bytes = kv_gb * 1e9
         return cls(kv_tokens=int(kv_bytes // cost.kv_bytes_per_token), **kwargs)
+
+    def check_fits(self, records, fix: str = "pass a larger --kv-gb") -> None:
+        """ValueError naming the first request whose prompt + output cannot fit in the KV pool even
+        alone (the engine would stall on it), and `fix`."""
+        big = next((r for r in records if r.prompt_len + r.output_len > self.kv_tokens), None)
+        if big is not None:
+            raise ValueError(f"request {big.rid!r}: prompt + max_tokens = {big.prompt_len + big.output_len:,} tokens, "
+                             f"more than the KV pool of {self.kv_tokens:,} tokens; {fix}")
 
     @classmethod
     def trace_engine(cls, cost: CostModel, pace: bool = True, **kwargs) -> "EngineConfig":
@@ -519,7 +527,7 @@ class Engine:
         if self.free_tokens < len(keep):
             r = keep[0]
             raise RuntimeError(f"request {r.rid!r} (prompt {r.prompt_len}, output {r.output_len}) does not fit in "
-                               f"the KV pool of {self.config.kv_tokens} tokens even alone; raise kv_gb")
+                               f"the KV pool of {self.config.kv_tokens} tokens even alone; raise kv_gb (--kv-gb)")
         total_gen = sum(int(self._gen[r.slot]) for r in keep)
         total_max = sum(r.max_new_tokens for r in keep)
         self.new_token_ratio = min(1.0, (total_gen + self.config.retract_decode_steps * len(keep)) / (total_max + 1))
