@@ -49,6 +49,26 @@ def test_token_counts_match_the_tokenizer_and_are_cached(tmp_path, monkeypatch):
     assert again[0].tolist() == offsets.tolist() and again[1].tolist() == counts.tolist()
 
 
+def test_the_token_count_cache_follows_an_edited_dataset_and_another_tokenizer(tmp_path, monkeypatch):
+    import os
+
+    monkeypatch.setenv("BLENDSERVE_MODEL_CACHE", str(tmp_path / "cache"))
+    data = tmp_path / "d.json"
+    _write_dataset(data, torn=False)
+    tok = _whitespace_tokenizer(tmp_path / "tok.json")
+    assert conv.token_counts(data, tok)[1].tolist() == [2, 1, 3, 2, 1, 2]
+    text = data.read_text()
+    data.write_text(text.replace('"one two"', '"one-two"'))  # same size, one token fewer
+    st = data.stat()
+    os.utime(data, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000_000))
+    assert conv.token_counts(data, tok)[1].tolist() == [1, 1, 3, 2, 1, 2]
+    # two tokenizer files that differ only past their first MiB are two cache entries
+    head = b"{" + b" " * (1 << 20)
+    (tmp_path / "a.json").write_bytes(head + b'"a"}')
+    (tmp_path / "b.json").write_bytes(head + b'"b"}')
+    assert conv._cache_path(data, tmp_path / "a.json") != conv._cache_path(data, tmp_path / "b.json")
+
+
 def test_each_turn_extends_the_previous_turns_prompt():
     counts = (np.array([0, 6, 8]), np.array([10, 20, 30, 40, 50, 60, 7, 8], dtype=np.int32))
     recs = conv.conversation_records(4, np.random.default_rng(1), counts=counts)

@@ -82,9 +82,12 @@ def iter_conversations(path: str | os.PathLike[str]) -> Iterator[tuple[str, list
 def _cache_path(path: Path, tokenizer_file: Path) -> Path:
     from ..models import cache_dir
 
+    # The dataset by name, size and modification time (hashing hundreds of MB on every load would cost
+    # more than the cache saves; an edit changes the mtime), the tokenizer by its whole content.
     st = path.stat()
-    key = hashlib.blake2b(f"{path.name}:{st.st_size}:{tokenizer_file.read_bytes()[:1 << 20]!r}".encode(),
-                          digest_size=8).hexdigest()
+    h = hashlib.blake2b(f"{path.name}:{st.st_size}:{st.st_mtime_ns}:".encode(), digest_size=8)
+    h.update(tokenizer_file.read_bytes())
+    key = h.hexdigest()
     return cache_dir() / f"sharegpt-tokens-{key}.npz"
 
 
@@ -110,7 +113,7 @@ def tokenizer_file() -> Path:
 def token_counts(path: str | os.PathLike[str] | None = None, tokenizer: str | os.PathLike[str] | None = None
                  ) -> tuple[np.ndarray, np.ndarray]:
     """(offsets, counts): conversation i's messages have token counts counts[offsets[i]:offsets[i+1]]
-    (template overhead not included). Cached by the dataset's size and the tokenizer."""
+    (template overhead not included). Cached by the dataset's name, size and mtime and the tokenizer's content."""
     path = Path(path) if path is not None else dataset_file()
     tok_file = Path(tokenizer) if tokenizer is not None else tokenizer_file()
     cache = _cache_path(path, tok_file)
