@@ -288,6 +288,25 @@ def test_results_file_that_is_not_ours_or_locked_is_refused(tmp_path):
         assert w.done.records == 0 and out.read_text() == ""
 
 
+def test_an_error_file_two_runs_name_is_refused_to_the_second_and_kept_whole(tmp_path):
+    errs = tmp_path / "errors.jsonl"
+    recs = _records(3)
+    with ResultWriter.open(tmp_path / "a.jsonl", errs) as first:
+        for r in recs:
+            first.write(r)
+        kept = errs.read_bytes()
+        assert kept  # one failed record
+        with pytest.raises(ResultsError, match="errors.jsonl is being written by another `blendserve run`; wait for "
+                                               "it to finish or choose another --errors"):
+            ResultWriter.open(tmp_path / "b.jsonl", errs)
+        assert errs.read_bytes() == kept
+        first.drop({"r0"})  # the run's own rebuild of its error file still works
+    assert errs.read_bytes() == kept
+    with ResultWriter.open(tmp_path / "b.jsonl", errs):  # free again once the first run ended
+        assert errs.read_bytes() == b""
+    assert not (tmp_path / "b.jsonl").read_bytes()
+
+
 def test_scan_counts_tokens_of_completed_records():
     data = "".join(json.dumps(r) + "\n" for r in _records(4)).encode()
     done, end, failures = scan(data)

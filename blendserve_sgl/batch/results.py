@@ -384,27 +384,7 @@ def _names_an_open_file(path: Path) -> bool:
 def _open_results(path: Path, overwrite: bool) -> tuple[int, Done, list[bytes]]:
     """Open and lock a regular results file (retrying when a run renamed a new file over it
     while this one waited), empty it with `overwrite`, scan it and cut a partial last line."""
-    import fcntl
-
-    while True:
-        try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
-        except OSError as exc:
-            raise ResultsError(f"cannot write {path}: {exc.strerror}; choose another -o") from None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:
-            os.close(fd)
-            raise ResultsError(f"{path} is being written by another `blendserve run`; wait for it to finish "
-                               "or choose another -o") from None
-        held = os.fstat(fd)
-        try:
-            now = os.stat(path)
-        except FileNotFoundError:
-            now = None
-        if now is not None and (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
-            break
-        os.close(fd)  # locked an old file that was replaced meanwhile: lock the current one
+    fd = _open_locked(path, "-o")
     try:
         if overwrite:
             os.ftruncate(fd, 0)
@@ -418,13 +398,44 @@ def _open_results(path: Path, overwrite: bool) -> tuple[int, Done, list[bytes]]:
     return fd, done, failures
 
 
+def _open_locked(path: Path, flag: str) -> int:
+    """`path` opened (created if missing) and locked for this run alone, retrying when a run renamed
+    a new file over it while this one waited; `flag` names the option that chose it."""
+    import fcntl
+
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o644)
+        except OSError as exc:
+            raise ResultsError(f"cannot write {path}: {exc.strerror}; choose another {flag}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            raise ResultsError(f"{path} is being written by another `blendserve run`; wait for it to finish "
+                               f"or choose another {flag}") from None
+        held = os.fstat(fd)
+        try:
+            now = os.stat(path)
+        except FileNotFoundError:
+            now = None
+        if now is not None and (held.st_dev, held.st_ino) == (now.st_dev, now.st_ino):
+            return fd
+        os.close(fd)  # locked an old file that was replaced meanwhile: lock the current one
+
+
 def _rebuild(errors_path: Path, lines: list[bytes]) -> int:
     """The error file holding exactly `lines`, open for appending. A regular (or new) file is
     rebuilt as a new file renamed over it, so it is never emptied before the new content is
-    there; a stream (/dev/stderr, a pipe) is opened for appending as it is."""
+    there, and locked like the results file (two runs naming one --errors file: the second stops);
+    a stream (/dev/stderr, a pipe) is opened for appending as it is."""
     if not is_regular_or_new(errors_path):
         return os.open(errors_path, os.O_WRONLY | os.O_APPEND)
-    return _replace(errors_path, b"".join(lines), locked=False)
+    guard = _open_locked(errors_path, "--errors")  # one run per error file, as per results file
+    try:
+        return _replace(errors_path, b"".join(lines), locked=True)
+    finally:
+        os.close(guard)
 
 
 def _replace(path: Path, data: bytes, *, locked: bool) -> int:
