@@ -409,3 +409,61 @@ def test_registration_is_idempotent_and_adds_the_cli_choice():
         cascade_backend.CascadeSettings.from_env({"BLENDSERVE_CASCADE_LEVELS": "two"})
     with pytest.raises(ValueError, match="BLENDSERVE_CASCADE_MIN_SHARED_TOKENS"):
         cascade_backend.CascadeSettings.from_env({"BLENDSERVE_CASCADE_MIN_SHARED_TOKENS": "0"})
+
+
+def test_both_attention_backends_plan_a_decode_batch_through_one_path(monkeypatch):
+    """The CPU and GPU backend classes over stand-in base backends (no FlashInfer here): one shared
+    group of two requests plus one request alone; the CPU plan keeps the group and sends the other
+    to the plain path, the GPU plan holds the whole batch; a prefill batch gets no plan."""
+    torch = pytest.importorskip("torch")
+    pytest.importorskip("sglang")
+    import sys
+    import types
+
+    from blendserve_sgl.sglang_plugin import cascade_backend as cb
+
+    class Base:
+        def __init__(self, model_runner, **kwargs):
+            self.req_to_token_pool = model_runner.req_to_token_pool
+            self.workspace_buffer = None
+
+        def init_forward_metadata(self, forward_batch):
+            self.base_metadata = forward_batch
+
+    for name, attr in (("sglang.srt.layers.attention.flashinfer_backend", "FlashInferAttnBackend"),
+                       ("sglang.srt.layers.attention.torch_native_backend", "TorchNativeAttnBackend")):
+        mod = types.ModuleType(name)
+        setattr(mod, attr, Base)
+        monkeypatch.setitem(sys.modules, name, mod)
+    gpu = types.ModuleType("kernels.cascade.gpu")
+    gpu.FlashInferCascade = lambda device, workspace: None
+    monkeypatch.setitem(sys.modules, "kernels.cascade.gpu", gpu)
+    monkeypatch.delenv("BLENDSERVE_CASCADE_STATS_PATH", raising=False)
+
+    table = torch.arange(4 * 64, dtype=torch.int32).reshape(4, 64)
+    table[2, :20] = table[0, :20]  # requests 0 and 2 share a 20-token prefix (min_shared_tokens 16)
+    runner = types.SimpleNamespace(page_size=1, device="cpu",
+                                   req_to_token_pool=types.SimpleNamespace(req_to_token=table))
+
+    def batch(decode: bool):
+        return types.SimpleNamespace(forward_mode=types.SimpleNamespace(is_decode=lambda: decode), encoder_lens=None,
+                                     seq_lens_cpu=torch.tensor([30, 25, 28]), seq_lens=torch.tensor([30, 25, 28]),
+                                     req_pool_indices=torch.tensor([0, 1, 2]))
+
+    cb._torch_cascade_backend_class.cache_clear()
+    cb._flashinfer_cascade_backend_class.cache_clear()
+    try:
+        cpu = cb._torch_cascade_backend_class()(runner)
+        cpu.init_forward_metadata(batch(True))
+        assert sorted(cpu._plan.order.tolist()) == [0, 2] and cpu._plain.tolist() == [1]
+        gpu_backend = cb._flashinfer_cascade_backend_class()(runner)
+        gpu_backend.init_forward_metadata(batch(True))
+        assert sorted(gpu_backend._plan.order.tolist()) == [0, 1, 2]
+        for backend, in_plan in ((cpu, 2), (gpu_backend, 3)):  # the requests the cascade kernel runs
+            assert backend.stats.stats.decode_steps == 1 and backend.stats.stats.shared_requests == in_plan
+            assert backend.stats.stats.tokens_per_request == 30 + 25 + 28
+            backend.init_forward_metadata(batch(False))
+            assert backend._plan is None and backend.base_metadata.forward_mode.is_decode() is False
+    finally:
+        cb._torch_cascade_backend_class.cache_clear()
+        cb._flashinfer_cascade_backend_class.cache_clear()

@@ -126,6 +126,35 @@ def _cascade_covers(layer) -> bool:
             and not (getattr(layer, "logit_cap", 0) or 0) > 0)
 
 
+class _Planning:
+    """What both backends share: the settings, the stats writer and each decode batch's plan
+    (`_plan`; `_planned_for`: the layer shape the kernel was last planned for)."""
+
+    restrict = True  # the plan holds only the requests in a shared group (the rest: the plain path)
+
+    def _init_planning(self, model_runner) -> None:
+        self.page_size = int(model_runner.page_size)
+        self.settings = CascadeSettings.from_env()
+        self.stats = _StatsWriter(self.settings.stats_path)
+        self._plan = None
+        self._planned_for = None
+
+    def _plan_batch(self, forward_batch, table_of):
+        """Plan a decode batch (after the base backend's own metadata); the batch indices outside
+        the plan, or None for a batch the base backend runs alone. `table_of(forward_batch,
+        seq_lens)` gives (req_to_token table, the batch's rows in it) on the host."""
+        self._plan, self._planned_for = None, None
+        t0 = time.perf_counter()
+        seq_lens = _decode_seq_lens(forward_batch)
+        if seq_lens is None:
+            return None
+        table, rows = table_of(forward_batch, seq_lens)
+        self._plan, plain = plan_decode_batch(table, rows, seq_lens, self.page_size, self.settings,
+                                              restrict=self.restrict)
+        self.stats.record(self._plan, seq_lens[plain], seq_lens, time.perf_counter() - t0)
+        return plain
+
+
 # ---------------------------------------------------------------------- CPU
 @functools.cache
 def _torch_cascade_backend_class():
@@ -135,32 +164,21 @@ def _torch_cascade_backend_class():
 
     from kernels.cascade.cpu import CpuCascade
 
-    class TorchCascadeBackend(TorchNativeAttnBackend):
+    class TorchCascadeBackend(_Planning, TorchNativeAttnBackend):
         """torch_native with cascade decode (see the module docstring)."""
 
         def __init__(self, model_runner):
             super().__init__(model_runner)
-            self.page_size = int(model_runner.page_size)
-            self.settings = CascadeSettings.from_env()
+            self._init_planning(model_runner)
             self.kernel = CpuCascade()
-            self.stats = _StatsWriter(self.settings.stats_path)
-            self._plan = None
             self._plain = torch.zeros(0, dtype=torch.long)
-            self._planned_for = None
 
         def init_forward_metadata(self, forward_batch):
             super().init_forward_metadata(forward_batch)
-            self._plan, self._planned_for = None, None
-            t0 = time.perf_counter()
-            seq_lens = _decode_seq_lens(forward_batch)
-            if seq_lens is None:
-                return
-            plan, plain = plan_decode_batch(self.req_to_token_pool.req_to_token,
-                                            forward_batch.req_pool_indices.cpu().numpy(), seq_lens, self.page_size,
-                                            self.settings, restrict=True)
-            self._plan = plan
-            self._plain = torch.from_numpy(plain)
-            self.stats.record(plan, seq_lens[plain], seq_lens, time.perf_counter() - t0)
+            plain = self._plan_batch(forward_batch, lambda fb, lens: (self.req_to_token_pool.req_to_token,
+                                                                      fb.req_pool_indices.cpu().numpy()))
+            if plain is not None:
+                self._plain = torch.from_numpy(plain)
 
         def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
             if self._plan is None or not _cascade_covers(layer):
@@ -200,17 +218,15 @@ def _flashinfer_cascade_backend_class():
 
     from kernels.cascade.gpu import FlashInferCascade
 
-    class FlashInferCascadeBackend(FlashInferAttnBackend):
+    class FlashInferCascadeBackend(_Planning, FlashInferAttnBackend):
         """SGLang's flashinfer backend with multi-level cascade decode (see the module docstring)."""
+
+        restrict = False  # the cascade kernel runs the whole batch
 
         def __init__(self, model_runner):
             super().__init__(model_runner, init_new_workspace=getattr(model_runner, "init_new_workspace", False))
-            self.page_size = int(model_runner.page_size)
-            self.settings = CascadeSettings.from_env()
+            self._init_planning(model_runner)
             self.kernel = FlashInferCascade(model_runner.device, workspace=self.workspace_buffer)
-            self.stats = _StatsWriter(self.settings.stats_path)
-            self._plan = None
-            self._planned_for = None
 
         def init_cuda_graph_state(self, *args, **kwargs):
             raise RuntimeError(f"--attention-backend {BACKEND_NAME} plans each decode batch on the host and does not "
@@ -218,17 +234,12 @@ def _flashinfer_cascade_backend_class():
 
         def init_forward_metadata(self, forward_batch):
             super().init_forward_metadata(forward_batch)
-            self._plan, self._planned_for = None, None
-            t0 = time.perf_counter()
-            seq_lens = _decode_seq_lens(forward_batch)
-            if seq_lens is None:
-                return
-            rows = forward_batch.req_pool_indices.long()
-            table = self.req_to_token_pool.req_to_token[rows, :int(seq_lens.max())].cpu().numpy()
-            plan, plain = plan_decode_batch(table, np.arange(len(seq_lens)), seq_lens, self.page_size,
-                                            self.settings, restrict=False)
-            self._plan = plan
-            self.stats.record(plan, seq_lens[plain], seq_lens, time.perf_counter() - t0)
+
+            def table_of(fb, lens):  # the batch's rows copied to the host, in batch order
+                rows = fb.req_pool_indices.long()
+                return self.req_to_token_pool.req_to_token[rows, :int(lens.max())].cpu().numpy(), np.arange(len(lens))
+
+            self._plan_batch(forward_batch, table_of)
 
         def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True):
             if self._plan is None or not _cascade_covers(layer) or self.decode_uses_dequant_workspace:
