@@ -383,6 +383,29 @@ def test_the_first_metered_step_banks_the_full_credit():
     assert first[1] <= pool / work + 2 < 64 * pool / work - 2 <= first[64], first
 
 
+def test_free_pool_credit_earns_memory_work_for_the_unused_pool():
+    """ScanConfig.free_pool_credit: on top of the rate (its share of the pool per step), a side earns
+    that many times its share of the KV free for admission, so a step with the whole pool free
+    starts twice the memory work at 1.0; the first step (the full bank) is the same either way."""
+    from blendserve_sgl.core.cost import memory_units
+
+    bpt = COST.kv_bytes_per_token
+    records = [(f"m{i}", [(f"v{i % 7}", 10)], 10, 10) for i in range(3000)]
+    pool = 40_000 * bpt
+    work = bpt * memory_units(10, 10) / 2  # 267 such requests' memory work a step fill the pool
+    first, second = {}, {}
+    for extra in (0.0, 1.0):
+        sc = DualScanner(_tree(records), ScanConfig(credit_steps=4, free_pool_credit=extra))
+        first[extra] = len(sc.schedule(Budget(1e15, 10_000, 10 ** 7, steps=0, kv_pool=pool)))  # the bank
+        second[extra] = len(sc.schedule(Budget(pool, 10_000, 10 ** 7, steps=1, kv_pool=pool)))
+        sc.check_integrity()
+    assert first[0.0] == first[1.0] >= 4 * pool / work - 2
+    assert pool / work - 20 <= second[0.0] <= pool / work + 2, second
+    assert abs(second[1.0] - 2 * second[0.0]) <= 8, second
+    with pytest.raises(ValueError, match="free_pool_credit must be 0 or more"):
+        ScanConfig(free_pool_credit=-1.0)
+
+
 def test_a_long_prompt_pays_prefill_only_up_to_its_sides_cap():
     """A compute-dense prompt longer than the step's prefill budget is charged only its side's cap,
     so the memory-dense side still admits within its own cap in the same step; the memory-dense
@@ -506,10 +529,12 @@ def test_final_wave_changes_the_run_with_the_same_prefix_hits():
 @given(st.integers(0, 10 ** 6), st.integers(1, 40), st.booleans(), st.booleans(), st.sampled_from([0, 32]),
        st.booleans(), st.booleans(), st.sampled_from([0.0, 0.1, 0.5]), st.integers(0, 5),
        st.floats(-1e13, 1e13), st.floats(-1e10, 1e10), st.integers(1, 40_000), st.integers(1, 8),
-       st.integers(1, 4096), st.booleans(), st.booleans(), st.booleans(), st.sampled_from([0.0, 0.25, 1.0]))
+       st.integers(1, 4096), st.booleans(), st.booleans(), st.booleans(), st.sampled_from([0.0, 0.25, 1.0]),
+       st.sampled_from([0.0, 1.0]))
 def test_nothing_running_and_something_fits_means_an_admission(seed, n, known, metered, hold, fill, final_wave,
                                                                 sample_fraction, warm_steps, credit, debt,
-                                                                kv_tokens, slots, prefill, lend, settled, growth, thin):
+                                                                kv_tokens, slots, prefill, lend, settled, growth, thin,
+                                                                free_credit):
     """Liveness: whatever the shares, memory-work credits, debts, holds, sample state and
     estimates, a scanner with nothing running admits at least one request when one fits the free
     KV (a slot and prefill tokens left); else an engine waiting on it would stop for good."""
@@ -520,7 +545,7 @@ def test_nothing_running_and_something_fits_means_an_admission(seed, n, known, m
     sc = DualScanner(build_length_tree(records, known=known, estimator=est),
                      ScanConfig(hold_prefix_tokens=hold, fill_while_sampling=fill, final_wave=final_wave,
                                 lend_idle_share=lend, fill_settled_only=settled, reserve_growth=growth,
-                                engine_check=bool(thin), thin_batch_share=thin))
+                                engine_check=bool(thin), thin_batch_share=thin, free_pool_credit=free_credit))
     kvb = COST.kv_bytes_per_token
     pool = 4 * kv_tokens * kvb if metered else None
     for _ in range(warm_steps):  # some history: takes, then everything running finishes

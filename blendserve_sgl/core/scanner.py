@@ -129,6 +129,10 @@ class ScanConfig:
     # between the sides like the memory in the first pass; requests whose prompt the step takes whole first,
     # at most one prompt the step has to chunk, and it last (SGLang stops admitting after it)
 
+    free_pool_credit: float = 0.0  # >0 (with Budget.steps): per step a side also earns this many times its part of
+    # the KV free for admission as memory-work credit (within its bank): memory the pool leaves unused is credit,
+    # so a pool running part-empty fills faster than the rate alone, which takes a request's lifetime to fill it
+
     thin_batch_share: float = 0.0  # >0 (with engine_check): the compute-dense side starts a prompt the step
     # has to chunk only while the memory-dense side holds at least this part of its share; SGLang admits
     # nothing while it prefills a chunked prompt, so a long one started at a thin batch keeps it thin
@@ -144,6 +148,8 @@ class ScanConfig:
             raise ValueError(f"credit_steps must be a positive integer, got {self.credit_steps!r}")
         if not (0.0 <= self.reserve_output_ratio <= 1.0):
             raise ValueError(f"reserve_output_ratio must be in [0, 1], got {self.reserve_output_ratio!r}")
+        if not (isinstance(self.free_pool_credit, (int, float)) and 0.0 <= self.free_pool_credit < math.inf):
+            raise ValueError(f"free_pool_credit must be 0 or more, got {self.free_pool_credit!r}")
         if self.replan_growth is not None and not self.replan_growth > 1.0:
             raise ValueError(f"replan_growth must be > 1 or None, got {self.replan_growth!r}")
 
@@ -393,7 +399,8 @@ class DualScanner:
                 # between empty and full; metered, they enter staggered and the KV stays full.
                 rate = frac * (budget.kv_pool if budget.kv_pool else total)
                 bank = self.config.credit_steps * rate
-                side.credit = min(side.credit + max(0, budget.steps) * rate, bank) if side.metered else bank
+                earned = max(0, budget.steps) * (rate + self.config.free_pool_credit * frac * max(0.0, budget.kv_bytes))
+                side.credit = min(side.credit + earned, bank) if side.metered else bank
                 side.metered = True
                 if not self.running:  # nothing runs: no memory work is under way, whatever was spent
                     side.credit = max(side.credit, rate)
