@@ -423,7 +423,7 @@ def _check_attention_backend(name: str | None) -> None:
 
     from ..sglang_plugin.cascade_backend import BACKEND_NAME
 
-    known = [*ATTENTION_BACKEND_CHOICES, *([BACKEND_NAME] if BACKEND_NAME not in ATTENTION_BACKEND_CHOICES else [])]
+    known = list(dict.fromkeys([*ATTENTION_BACKEND_CHOICES, BACKEND_NAME]))
     if name not in known:
         raise ValueError(f"--attention-backend {name!r} is not an SGLang attention backend; choose one of "
                          f"{', '.join(known)} (or leave it out: torch_native on CPU)")

@@ -111,5 +111,5 @@ class WaitingWork:
         if self.n:
             m = self.output_estimate()
             comp += self.fill + self.n * m
-            mem += 2 * m * self.fill + self.n * m * m
+            mem += self.n * memory_units(self.fill / self.n, m)  # memory_units is linear in the prompt
         return cost.density(comp, mem)
