@@ -270,9 +270,13 @@ def test_left_side_holds_its_share_on_average(monkeypatch):
 def test_scan_config_validation():
     """ScanConfig rejects out-of-range settings."""
     for kwargs in (dict(keep_sharing=1.5), dict(density_window=0), dict(sample_quorum=0.0),
-                   dict(reserve_output_ratio=2.0), dict(credit_steps=0)):
-        with pytest.raises(ValueError):
+                   dict(reserve_output_ratio=2.0), dict(credit_steps=0), dict(thin_batch_share=1.5),
+                   dict(thin_batch_share=-0.1), dict(thin_batch_share=math.nan), dict(hold_prefix_tokens=-1),
+                   dict(max_split_rounds=-1), dict(max_split_rounds=2.5), dict(replan_growth=math.nan)):
+        name = next(iter(kwargs))
+        with pytest.raises(ValueError, match=name):
             ScanConfig(**kwargs)
+    ScanConfig(thin_batch_share=1.0, hold_prefix_tokens=0, max_split_rounds=0)
 
 
 def test_hold_prefix_tokens_waits_for_a_shared_prefix_to_be_cached():

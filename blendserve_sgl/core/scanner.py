@@ -150,6 +150,12 @@ class ScanConfig:
             raise ValueError(f"reserve_output_ratio must be in [0, 1], got {self.reserve_output_ratio!r}")
         if not (isinstance(self.free_pool_credit, (int, float)) and 0.0 <= self.free_pool_credit < math.inf):
             raise ValueError(f"free_pool_credit must be 0 or more, got {self.free_pool_credit!r}")
+        if not (0.0 <= self.thin_batch_share <= 1.0):
+            raise ValueError(f"thin_batch_share must be in [0, 1], got {self.thin_batch_share!r}")
+        for name in ("hold_prefix_tokens", "max_split_rounds"):
+            value = getattr(self, name)
+            if not (isinstance(value, int) and value >= 0):
+                raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
         if self.replan_growth is not None and not self.replan_growth > 1.0:
             raise ValueError(f"replan_growth must be > 1 or None, got {self.replan_growth!r}")
 
