@@ -25,6 +25,7 @@ Row groups per trace (`group` in the table):
     python bench/paper_traces.py                    # 100,000 requests per trace -> results/paper_traces.json + .png
     python bench/paper_traces.py --requests 20000   # smaller, same file
     python bench/paper_traces.py --quick            # 2,000 requests per trace -> results/paper_traces_quick.json
+    python bench/paper_traces.py --lean --traces A.csv,B.jsonl --out real_traces   # trace files, same rules
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from blendserve_sgl.core.specs import hardware_names, interference, interference
 from blendserve_sgl.sim import POLICIES, EngineConfig, ExecModel, RunSpec, Workload, simulate  # noqa: E402
 from blendserve_sgl.sim.metrics import binned  # noqa: E402
 from blendserve_sgl.workloads import TRACES, WORKLOADS, trace  # noqa: E402
+from blendserve_sgl.workloads.trace_file import is_trace_file, load_trace_file  # noqa: E402
 
 MODES = {"overlapped": ExecModel("overlapped", 0.1), "sequential": ExecModel("sequential")}
 COST = CostModel.from_names("llama-3.1-8b", "a100")
@@ -163,7 +165,9 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=100_000)
     ap.add_argument("--quick", action="store_true", help="2,000 requests per trace")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--traces", default=",".join(TRACES), help=f"comma-separated, of {', '.join(WORKLOADS)}")
+    ap.add_argument("--traces", default=",".join(TRACES),
+                    help=f"comma-separated, of {', '.join(WORKLOADS)}, or trace files (CSV token counts, Mooncake "
+                         "JSONL: workloads.trace_file; the first --requests rows)")
     ap.add_argument("--lean", action="store_true",
                     help="only the runs the summary needs: the method group, the product group, known-length blend")
     ap.add_argument("--out", default=None, help="results file stem (default paper_traces, or paper_traces_quick)")
@@ -200,12 +204,17 @@ def main() -> None:
     vs = {g: [] for g in specs}
     est_vs_known = []
     t_all = time.perf_counter()
-    for name in args.traces.split(","):
+    for spec in args.traces.split(","):
         t0 = time.perf_counter()
-        records, mix = trace(name, n, cost, args.seed)
+        if is_trace_file(spec):  # a real trace's rows in file order (the first n), under the same rules
+            name, records = Path(spec).stem, load_trace_file(spec, n)
+            counts = {"file": spec, "requests": len(records)}
+        else:
+            name, (records, mix) = spec, trace(spec, n, cost, args.seed)
+            counts = mix.counts
         wl = Workload(records, cost)
         traces_info[name] = {"target": TRACES.get(name), "density": round(wl.density, 4), "sharing": round(wl.sharing, 4),
-                             "counts": mix.counts, "optimal_s": round(wl.optimal_s, 1),
+                             "counts": counts, "optimal_s": round(wl.optimal_s, 1),
                              "weight_bound_s": round(wl.weight_bound_s(cost, method.max_running), 1)}
         results = {}
         for group, (spec, policies) in specs.items():

@@ -32,6 +32,7 @@ from blendserve_sgl.sim.metrics import result_from_engine  # noqa: E402
 from blendserve_sgl.sim.policies import make_picker  # noqa: E402
 from blendserve_sgl.sim.request import from_records  # noqa: E402
 from blendserve_sgl.workloads import trace  # noqa: E402
+from blendserve_sgl.workloads.trace_file import is_trace_file, load_trace_file  # noqa: E402
 
 
 def run(wl: Workload, policy: str, preset, every: int) -> dict:
@@ -81,7 +82,7 @@ def run(wl: Workload, policy: str, preset, every: int) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--trace", default="trace2")
+    ap.add_argument("--trace", default="trace2", help="a trace analog's name or a trace file (CSV, Mooncake JSONL)")
     ap.add_argument("--requests", type=int, default=100_000)
     ap.add_argument("--every", type=int, default=10_000, help="series: one row every this many steps")
     ap.add_argument("--set", action="append", default=[], metavar="LEAF=VALUE", help="blend preset change")
@@ -95,7 +96,10 @@ def main() -> None:
             ap.error(f"--set {item!r}: expected LEAF=VALUE, e.g. lend_idle_share=False")
         changes[leaf] = ast.literal_eval(value)
     preset = PRESET.replace(**changes)
-    records, _ = trace(args.trace, args.requests, COST, 0)
+    if is_trace_file(args.trace):  # a trace file's rows (workloads.trace_file), the first --requests
+        records = load_trace_file(args.trace, args.requests)
+    else:
+        records, _ = trace(args.trace, args.requests, COST, 0)
     wl = Workload(records, COST)
     runs = [run(wl, p.strip(), preset, args.every) for p in args.policies.split(",")]
     for r in runs:

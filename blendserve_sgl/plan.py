@@ -2,6 +2,7 @@
 
     blendserve plan requests.jsonl --model DIR|NAME --hardware h100 [--gpus N] [--json]
     blendserve plan --workload trace1 --requests 20000      # a built-in mix instead of a file
+    blendserve plan --workload my_trace.csv                 # a trace file's token counts
 
 A file is read, validated and tokenized as `blendserve run` does it (`workloads.batch_file`);
 bad lines are counted and named with `run`'s messages; the token prompts are then held as their
@@ -255,8 +256,10 @@ def _figures(res: SimResult, timing: ExecModel, gpus: int, engine: EngineConfig,
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="blendserve plan", description=__doc__.split("\n")[0])
     ap.add_argument("input", nargs="?", help="requests.jsonl (OpenAI batch format, as for `blendserve run`)")
-    ap.add_argument("--workload", help="plan a built-in mix instead of a file: trace1..trace4, mixed, mix:D,S")
-    ap.add_argument("--requests", type=positive_int, default=20_000, help="with --workload: its size")
+    ap.add_argument("--workload", help="plan a built-in mix instead of a file: trace1..trace4, mixed, mix:D,S, or a "
+                                       "trace file's token counts (PATH.csv, Mooncake PATH.jsonl)")
+    ap.add_argument("--requests", type=positive_int, default=None,
+                    help="with --workload: its size (default 20,000; a trace file: all its rows, else its first N)")
     ap.add_argument("--model", default="llama-3.1-8b",
                     help=f"a model directory (config.json + tokenizer) or a preset: {', '.join(model_names())}")
     ap.add_argument("--tokenizer", help="with a preset --model: a directory holding its tokenizer "
@@ -330,7 +333,7 @@ def main(argv: list[str] | None = None) -> int:
         if (args.input is None) == (args.workload is None):
             raise ValueError("pass a requests.jsonl file, or --workload NAME for a built-in mix")
         for name in ("gpus", "max_running", "chunk", "default_max_tokens", "requests", "sim_requests"):
-            if getattr(args, name) < 1:
+            if getattr(args, name) is not None and getattr(args, name) < 1:
                 raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
         if not (0 < args.output_fraction <= 1):
             raise ValueError(f"--output-fraction must be in (0, 1], got {args.output_fraction}")

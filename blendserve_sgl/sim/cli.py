@@ -2,6 +2,7 @@
 
     blendserve simulate --workload trace1 --policy blend,dfs,fcfs --hardware a100 --model llama-3.1-8b
     blendserve simulate --quick        # 2,000 requests
+    blendserve simulate --workload my_trace.csv   # a trace file's token counts (workloads.trace_file)
 
 Prints one row per policy (both execution modes), writes the figures as JSON and the per-step
 compute/memory plot (the paper's Figure 10) as PNG next to it.
@@ -25,23 +26,29 @@ from .policies import POLICIES
 from .run import RunSpec, Workload, simulate
 from .timing import ExecModel
 from ..workloads import TRACES, mix, mixed_workload, trace
+from ..workloads.trace_file import is_trace_file, load_trace_file
 
-WORKLOADS = (*sorted(TRACES), "mixed", "mix:DENSITY,SHARING")
+WORKLOADS = (*sorted(TRACES), "mixed", "mix:DENSITY,SHARING", "PATH.csv|PATH.jsonl")
+DEFAULT_REQUESTS = 20_000  # a built-in workload's size when --requests is not given (a trace file: all its rows)
 
 
-def load_workload(spec: str, n: int, cost: CostModel, seed: int = 0) -> list:
-    """Records for a workload name: a trace analog, `mixed` (workloads.mixed_workload) or
-    `mix:DENSITY,SHARING` (the mixing recipe with those targets)."""
+def load_workload(spec: str, n: int | None, cost: CostModel, seed: int = 0) -> list:
+    """Records for a workload name: a trace analog, `mixed` (workloads.mixed_workload),
+    `mix:DENSITY,SHARING` (the mixing recipe with those targets), or a trace file
+    (`workloads.trace_file`: CSV token counts or Mooncake-style JSONL; its first `n` rows).
+    `n` None: `DEFAULT_REQUESTS` for a built-in workload, every row of a file."""
     if spec in TRACES:
-        return trace(spec, n, cost, seed)[0]
+        return trace(spec, n or DEFAULT_REQUESTS, cost, seed)[0]
     if spec == "mixed":
-        return mixed_workload(n, seed=seed)
+        return mixed_workload(n or DEFAULT_REQUESTS, seed=seed)
     if spec.startswith("mix:"):
         try:
             density, sharing = (float(x) for x in spec[4:].split(","))
         except ValueError:
             raise ValueError(f"workload {spec!r}: write mix:DENSITY,SHARING, e.g. mix:1.2,0.25") from None
-        return mix(n, density, sharing, cost, seed)[0]
+        return mix(n or DEFAULT_REQUESTS, density, sharing, cost, seed)[0]
+    if is_trace_file(spec):
+        return load_trace_file(spec, n)
     raise ValueError(f"unknown workload {spec!r}; choose one of {', '.join(WORKLOADS)}")
 
 
@@ -62,8 +69,10 @@ COLUMNS = [("policy", "policy"), ("overlapped_time_s", "time ovl s"), ("overlapp
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="blendserve simulate", description=__doc__.split("\n")[0])
-    ap.add_argument("--workload", default="trace1", help=f"one of {', '.join(WORKLOADS)}")
-    ap.add_argument("--requests", type=int, default=20_000, help="requests in the workload (default 20,000)")
+    ap.add_argument("--workload", default="trace1",
+                    help=f"one of {', '.join(WORKLOADS)} (a trace file: CSV token counts or Mooncake JSONL)")
+    ap.add_argument("--requests", type=int, default=None,
+                    help=f"requests in the workload (default {DEFAULT_REQUESTS:,}; a trace file: all its rows, else its first N)")
     ap.add_argument("--quick", action="store_true", help="2,000 requests")
     ap.add_argument("--policy", default=",".join(POLICIES), help=f"comma-separated: {', '.join(POLICIES)}")
     ap.add_argument("--model", default="llama-3.1-8b", help=f"{', '.join(model_names())} or a config.json path")
@@ -91,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
         policies = parse_policies(args.policy)
         cost = CostModel.from_names(args.model, args.hardware)
         n = 2000 if args.quick else args.requests
-        if n < 1:
+        if n is not None and n < 1:
             raise ValueError(f"--requests must be >= 1, got {n}")
         if not Path(args.out).resolve().parent.is_dir():
             raise ValueError(f"--out {args.out}: the folder {Path(args.out).parent} does not exist; create it or "

@@ -29,8 +29,9 @@ Retracted requests go to the back of the queue, as SGLang 0.5.23 re-queues them.
 
 from __future__ import annotations
 
-import heapq
+import itertools
 import math
+from operator import attrgetter
 import random
 from abc import ABC, abstractmethod
 from collections import deque
@@ -156,6 +157,9 @@ class SGLangLPM(QueuePicker):
         self.queue = deque(sorted(self.queue, key=lambda r: math.inf if id(r) in held else -hits[id(r)]))
 
 
+_SEQ = attrgetter("seq")  # arrival order
+
+
 class SGLangDFSWeight(Picker):
     """dfs-weight as SGLang 0.5.23 runs it. Waiting requests are kept in classes of equal
     shareable keys (all requests of a class end on the same cache node); within a node,
@@ -228,8 +232,8 @@ class SGLangDFSWeight(Picker):
             for child in sorted(kids.get(node, ()), key=lambda c: (-weight[c], c.order)):
                 yield from visit(child)
             qs = own.get(node)
-            if qs:
-                yield from (qs[0] if len(qs) == 1 else heapq.merge(*qs, key=lambda r: r.seq))
+            if qs:  # the node's classes in arrival order (one sort in C; a k-way merge is slower for many classes)
+                yield from (qs[0] if len(qs) == 1 else sorted(itertools.chain.from_iterable(qs), key=_SEQ))
 
         yield from visit(root)
 

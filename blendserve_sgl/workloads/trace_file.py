@@ -1,0 +1,127 @@
+"""A user's own trace file as workload records: what `--workload PATH` reads in `blendserve
+simulate`, `blendserve plan` and `bench/paper_traces.py`.
+
+Two formats, told apart by the file's first character:
+- CSV with a header naming one known pair of token-count columns (`TRACE_COLUMNS`: the Azure
+  LLM inference traces, Vidur's processed traces, BurstGPT and the common `input_tokens` /
+  `output_tokens` spellings); other columns are ignored. Lengths only: every prompt is unshared.
+- JSON lines in the Mooncake trace format: `input_length`, `output_length` and optionally
+  `hash_ids`, one id per block of `block_size` prompt tokens (512 in the published traces), equal
+  ids for equal prefixes. The full blocks before the last become shared prefix groups, so
+  requests that share blocks share a prefix in the tree and in the radix cache; the last block
+  (often partial) is the request's own tail.
+
+Requests are taken in file order (the first `n` when given). An output of 0 tokens counts as 1
+and a prompt of 0 tokens as 1: an engine writes at least one token and reads at least one.
+Bad rows raise ValueError naming the file, line and field.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+from .data import MAX_TRACE_TOKENS, Record, read_counts
+
+TRACE_COLUMNS = (  # (prompt column, output column), the first pair a header holds is read
+    ("ContextTokens", "GeneratedTokens"),  # Azure LLM inference traces 2023 / 2024
+    ("num_prefill_tokens", "num_decode_tokens"),  # Vidur's processed traces
+    ("Request tokens", "Response tokens"),  # BurstGPT
+    ("input_tokens", "output_tokens"),
+    ("prompt_tokens", "completion_tokens"),
+    ("input_length", "output_length"),
+)
+MOONCAKE_BLOCK = 512  # tokens per hash id in the published Mooncake traces
+
+
+def is_trace_file(spec: str) -> bool:
+    """Whether a `--workload` value names a trace file (a path that exists, or one ending in
+    .csv / .jsonl), as opposed to a built-in workload name."""
+    return Path(spec).exists() or spec.lower().endswith((".csv", ".jsonl", ".json"))
+
+
+def load_trace_file(path, n: int | None = None, block_size: int = MOONCAKE_BLOCK) -> list[Record]:
+    """Records from a CSV or Mooncake-style JSONL trace (module docstring); the first `n`."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"trace file {path} does not exist; pass the path of a CSV or JSONL trace")
+    if not path.is_file():
+        raise ValueError(f"trace {path} is not a regular file; pass the path of a CSV or JSONL trace")
+    if n is not None and n < 1:
+        raise ValueError(f"the number of requests to take from {path} must be >= 1, got {n}")
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    if head.startswith(b"\x1f\x8b"):
+        raise ValueError(f"trace {path} is gzip-compressed; decompress it first (gunzip)")
+    first = head.decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")[:1]
+    if not first:
+        raise ValueError(f"trace {path} holds no requests (it is empty or blank); a trace needs at least one row")
+    records = _jsonl(path, n, block_size) if first == "{" else _csv(path, n)
+    if not records:
+        raise ValueError(f"trace {path} holds no requests; a trace needs at least one row")
+    return records
+
+
+def _csv(path: Path, n: int | None) -> list[Record]:
+    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
+        header = [h.strip() for h in next(csv.reader(f), [])]
+    pair = next((p for p in TRACE_COLUMNS if p[0] in header and p[1] in header), None)
+    if pair is None:
+        known = "; ".join(f"{a},{b}" for a, b in TRACE_COLUMNS)
+        raise ValueError(f"{path}: its header ({','.join(header) or 'empty'}) names no known pair of token-count "
+                         f"columns; rename the prompt and output columns to one of: {known}")
+    prompts, outputs = read_counts(path, *pair)
+    if n is not None:
+        prompts, outputs = prompts[:n], outputs[:n]
+    stem = path.stem
+    return [Record(f"{stem}-{i}", max(1, int(p)), (), max(1, int(o)), stem) for i, (p, o) in
+            enumerate(zip(prompts, outputs))]
+
+
+def _whole(path: Path, line: int, field: str, value, low: int = 0) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or value != int(value) or not low <= value <= MAX_TRACE_TOKENS:
+        raise ValueError(f"{path.name} line {line}: {field} must be a whole number from {low} to "
+                         f"{MAX_TRACE_TOKENS:,}, got {value!r}; fix or delete that line")
+    return int(value)
+
+
+def _jsonl(path: Path, n: int | None, block_size: int) -> list[Record]:
+    stem, out = path.stem, []
+    with open(path, encoding="utf-8-sig", errors="strict") as f:
+        for line_no, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            if n is not None and len(out) >= n:
+                break
+            try:
+                row = json.loads(line)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise ValueError(f"{path.name} line {line_no}: not a JSON object ({exc}); fix or delete that line") from None
+            if not isinstance(row, dict):
+                raise ValueError(f"{path.name} line {line_no}: a trace line must be a JSON object with input_length "
+                                 f"and output_length, got {type(row).__name__}")
+            for field in ("input_length", "output_length"):
+                if field not in row:
+                    raise ValueError(f"{path.name} line {line_no}: no {field!r}; each line needs input_length and "
+                                     "output_length (token counts)")
+            p = max(1, _whole(path, line_no, "input_length", row["input_length"]))
+            o = max(1, _whole(path, line_no, "output_length", row["output_length"]))
+            ids = row.get("hash_ids") or []
+            if not isinstance(ids, list):
+                raise ValueError(f"{path.name} line {line_no}: hash_ids must be a list of block ids, got "
+                                 f"{type(ids).__name__}")
+            if len(ids) > math.ceil(p / block_size):
+                raise ValueError(f"{path.name} line {line_no}: {len(ids)} hash_ids for input_length {p}, more than "
+                                 f"its {math.ceil(p / block_size)} blocks of {block_size} tokens; the block size "
+                                 "does not match the trace")
+            bad = [h for h in ids if isinstance(h, bool) or not isinstance(h, (int, str))]
+            if bad:
+                bad = bad[0]
+                raise ValueError(f"{path.name} line {line_no}: hash_ids items must be integers or strings, got "
+                                 f"{bad!r}; fix or delete that line")
+            prefix = tuple((f"h{h}", block_size) for h in ids[:-1])
+            out.append(Record(f"{stem}-{line_no}", p, prefix, o, stem))
+    return out

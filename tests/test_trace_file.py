@@ -1,0 +1,109 @@
+"""A user's trace file as a workload (`workloads.trace_file`): CSV token counts and Mooncake-style
+JSONL with shared blocks, through `blendserve simulate` and `blendserve plan`, and its errors."""
+
+import gzip
+import json
+
+import pytest
+
+from blendserve_sgl import cli, workloads
+from blendserve_sgl.core import CostModel
+from blendserve_sgl.workloads.trace_file import TRACE_COLUMNS, is_trace_file, load_trace_file
+
+COST = CostModel.from_names("llama-3.1-8b", "a100")
+
+
+def _csv(path, header, rows):
+    path.write_text("\n".join([",".join(header), *(",".join(map(str, r)) for r in rows)]) + "\n")
+    return path
+
+
+def _mooncake(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("pair", TRACE_COLUMNS)
+def test_every_known_column_pair_is_read_among_other_columns(tmp_path, pair):
+    path = _csv(tmp_path / "t.csv", ["TIMESTAMP", pair[1], "note", pair[0]],
+                [["2023-11-16", 40, "x", 300], ["2023-11-17", 0, "y", 0], ["2023-11-18", 7, "z", 12]])
+    recs = load_trace_file(path)
+    assert [(r.prompt_len, r.output_len, r.prefix) for r in recs] == [(300, 40, ()), (1, 1, ()), (12, 7, ())]
+    assert len({r.rid for r in recs}) == 3
+    assert [r.prompt_len for r in load_trace_file(path, n=2)] == [300, 1]
+
+
+def test_mooncake_blocks_become_shared_prefix_groups(tmp_path):
+    """Equal hash ids are one shared prefix: the full blocks before the last are groups of 512
+    tokens, the last block is the request's own tail; the tree sees the sharing."""
+    path = _mooncake(tmp_path / "m.jsonl", [
+        {"timestamp": 0, "input_length": 1500, "output_length": 20, "hash_ids": [0, 1, 2]},
+        {"timestamp": 0, "input_length": 1300, "output_length": 30, "hash_ids": [0, 1, 3]},
+        {"timestamp": 5, "input_length": 700, "output_length": 0, "hash_ids": [0, 4]},
+        {"timestamp": 9, "input_length": 100, "output_length": 5},
+    ])
+    recs = load_trace_file(path)
+    assert [r.prefix for r in recs] == [(("h0", 512), ("h1", 512)), (("h0", 512), ("h1", 512)), (("h0", 512),), ()]
+    assert [r.output_len for r in recs] == [20, 30, 1, 5]
+    tree = workloads.build_tree(recs, COST)
+    tree.check_integrity()
+    assert tree.root.saved == 2 * 512 + 512  # h0 computed once for three requests, h1 once for two
+
+
+@pytest.mark.parametrize("content, message", [
+    ("a,b\n1,2\n", "names no known pair of token-count columns; rename"),
+    ("ContextTokens,GeneratedTokens\n", "holds no rows"),
+    ("ContextTokens,GeneratedTokens\n10,abc\n", "line 2: GeneratedTokens must be a whole token count"),
+    ('{"input_length": 10}\n', "line 1: no 'output_length'"),
+    ('{"input_length": 10, "output_length": 2}\n[1, 2]\n', "line 2: a trace line must be a JSON object"),
+    ('{"input_length": 10, "output_length": 2}\n{"input_length": 1\n', "line 2: not a JSON object"),
+    ('{"input_length": -3, "output_length": 2}\n', "line 1: input_length must be a whole number"),
+    ('{"input_length": 10, "output_length": 2.5}\n', "line 1: output_length must be a whole number"),
+    ('{"input_length": 600, "output_length": 2, "hash_ids": [1, 2, 3]}\n', "3 hash_ids for input_length 600"),
+    ('{"input_length": 600, "output_length": 2, "hash_ids": [1, null]}\n', "hash_ids items must be integers"),
+    ('{"input_length": 600, "output_length": 2, "hash_ids": 7}\n', "hash_ids must be a list"),
+])
+def test_bad_trace_rows_are_named_with_the_fix(tmp_path, content, message):
+    path = tmp_path / ("t.jsonl" if content.startswith("{") else "t.csv")
+    path.write_text(content)
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+        load_trace_file(path)
+
+
+def test_trace_file_errors_for_the_file_itself(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_trace_file(tmp_path / "missing.csv")
+    with pytest.raises(ValueError, match="not a regular file"):
+        load_trace_file(tmp_path)
+    gz = tmp_path / "t.csv"
+    gz.write_bytes(gzip.compress(b"ContextTokens,GeneratedTokens\n1,2\n"))
+    with pytest.raises(ValueError, match="gzip-compressed; decompress it first"):
+        load_trace_file(gz)
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    with pytest.raises(ValueError, match="holds no requests"):
+        load_trace_file(tmp_path / "empty.jsonl")
+    assert is_trace_file("x.csv") and is_trace_file(str(gz)) and not is_trace_file("trace1")
+
+
+def test_simulate_and_plan_run_a_trace_file(tmp_path, capsys):
+    """`--workload PATH`: every row by default, the first N with --requests."""
+    path = _mooncake(tmp_path / "m.jsonl", [
+        {"input_length": 1100 + 7 * i, "output_length": 5 + (i % 13) * 9, "hash_ids": [0, 1 + i % 3, 100 + i]}
+        for i in range(60)])
+    out = tmp_path / "sim.json"
+    assert cli.main(["simulate", "--workload", str(path), "--policy", "blend,fcfs", "--kv-gb", "4",
+                     "--out", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["workload"]["requests"] == 60 and data["workload"]["sharing"] > 0.3
+    assert cli.main(["simulate", "--workload", str(path), "--requests", "25", "--policy", "fcfs",
+                     "--out", str(out)]) == 0
+    assert json.loads(out.read_text())["workload"]["requests"] == 25
+    plan_out = tmp_path / "plan.json"
+    assert cli.main(["plan", "--workload", str(path), "--policies", "blend,fcfs", "--kv-gb", "4",
+                     "--out", str(plan_out), "--json"]) == 0
+    assert json.loads(plan_out.read_text())["input"] == str(path)
+    capsys.readouterr()
+    bad = tmp_path / "bad.csv"
+    bad.write_text("x,y\n1,2\n")
+    assert cli.main(["simulate", "--workload", str(bad), "--out", str(out)]) == 2
+    assert "names no known pair of token-count columns" in capsys.readouterr().err
