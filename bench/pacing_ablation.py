@@ -4,7 +4,9 @@ Each Trace analog runs every policy on the method comparison's engine (`EngineCo
 in five variants: estimated lengths paced by the policy-neutral estimate (`core.pacing.WaitingWork`:
 the engine's rule and what the plugin ships), not paced, paced at the waiting requests' true
 density (`pace_density="true"`: an oracle no engine has), and known lengths paced and not paced.
-Two blend-only rows add `ScanConfig.thin_batch_share` (the compute-dense side starts no prompt the
+Two more variants pace against the step's whole memory side, the weight read and step overhead
+added to the decode's KV read (`EngineConfig.pace_memory="kv+weights"`; the plugin paces without
+them). Two blend-only rows add `ScanConfig.thin_batch_share` (the compute-dense side starts no prompt the
 step has to chunk while the memory-dense side holds under that part of its share; off in the
 preset) to the oracle and the known-length paced variants; the other policies' times there are
 the same variant's (no preset changes them). Per run: overlapped time, steps, mean KV use,
@@ -12,6 +14,7 @@ retractions; per variant: blend over the best other policy; per policy: each var
 shipped one.
 
     python bench/pacing_ablation.py --requests 20000   # -> results/pacing_ablation.json
+    python bench/pacing_ablation.py --traces A.csv,B.jsonl --variants shipped,not_paced,weights --out NAME
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from blendserve_sgl.core import CostModel  # noqa: E402
 from blendserve_sgl.core.preset import PRESET  # noqa: E402
 from blendserve_sgl.sim import EngineConfig, ExecModel, RunSpec, Workload, simulate  # noqa: E402
 from blendserve_sgl.workloads import TRACES, trace  # noqa: E402
+from blendserve_sgl.workloads.trace_file import is_trace_file, load_trace_file  # noqa: E402
 
 OVERLAPPED = ExecModel("overlapped", 0.1)
 SHIPPED = "estimated, paced"
@@ -42,6 +46,8 @@ VARIANTS = {  # name -> (key, known lengths, engine changes, blend preset change
     "known, paced": ("known", True, {}, None, None),
     f"known, paced, blend thin_batch_share {THIN}": ("known_thin", True, {}, {"thin_batch_share": THIN}, "known, paced"),
     "known, not paced": ("known_not_paced", True, {"pace": False}, None, None),
+    "estimated, paced counting the weight read": ("weights", False, {"pace_memory": "kv+weights"}, None, None),
+    "known, paced counting the weight read": ("known_weights", True, {"pace_memory": "kv+weights"}, None, None),
 }
 POLICIES = ("blend", "balance", "fcfs", "dfs")
 
@@ -52,18 +58,29 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--traces", default=",".join(sorted(TRACES)))
     ap.add_argument("--policies", default=",".join(POLICIES))
+    ap.add_argument("--variants", default=None, help="comma-separated keys (default all): "
+                    + ", ".join(key for key, *_rest in VARIANTS.values()))
+    ap.add_argument("--out", default="pacing_ablation", help="results file stem")
     args = ap.parse_args()
+    keys = {key for key, *_rest in VARIANTS.values()}
+    wanted = set(args.variants.split(",")) if args.variants else keys
+    if wanted - keys or "shipped" not in wanted:
+        ap.error(f"--variants: keys of {', '.join(sorted(keys))}, including shipped")
+    variants = {name: v for name, v in VARIANTS.items() if v[0] in wanted and (not v[4] or VARIANTS[v[4]][0] in wanted)}
     policies = args.policies.split(",")
     if "blend" not in policies or len(policies) < 2:
         ap.error("--policies: blend and at least one other")
     cost = CostModel.from_names("llama-3.1-8b", "a100")
     rows, results, summary = [], [], []
     t0 = time.perf_counter()
-    for name in args.traces.split(","):
-        records, _ = trace(name, args.requests, cost, args.seed)
+    for spec in args.traces.split(","):
+        if is_trace_file(spec):  # a real trace's first --requests rows (workloads.trace_file)
+            name, records = Path(spec).stem, load_trace_file(spec, args.requests)
+        else:
+            name, records = spec, trace(spec, args.requests, cost, args.seed)[0]
         wl = Workload(records, cost)
         times: dict = {}
-        for variant, (_key, known, changes, blend_changes, others_from) in VARIANTS.items():
+        for variant, (_key, known, changes, blend_changes, others_from) in variants.items():
             engine = EngineConfig.trace_engine(cost, **changes)
             preset = PRESET.replace(**blend_changes) if blend_changes else PRESET
             for policy in policies:
@@ -85,17 +102,18 @@ def main() -> None:
                        "retractions")))
     print(table([tuple(s.values()) for s in summary], ("trace", "variant", "best_other", "blend_vs_best_other")))
     by_key = {key: [s["blend_vs_best_other"] for s in summary if s["variant"] == name]
-              for name, (key, *_rest) in VARIANTS.items()}
+              for name, (key, *_rest) in variants.items()}
     means = {k: round(sum(v) / len(v), 4) for k, v in by_key.items()}
     lows = {k: min(v) for k, v in by_key.items()}
     print("blend over the best other, mean (lowest):", {k: (means[k], lows[k]) for k in means})
-    path = write("pacing_ablation", {
+    path = write(args.out, {
         "rules": {"engine": "EngineConfig.trace_engine (1,024 running, 1,024-token chunks, mixed steps) with each "
                             "variant's changes, the same for every policy", "timing": "overlapped, interference 0.1",
                   "model": "llama-3.1-8b", "hardware": "a100", "requests_per_trace": args.requests,
                   "blend": f"PRESET (as the plugin ships it); the thin_batch_share rows: PRESET.replace("
                            f"thin_batch_share={THIN})"},
-        "variants": {key: name for name, (key, *_rest) in VARIANTS.items()},
+        "traces": args.traces.split(","),
+        "variants": {key: name for name, (key, *_rest) in variants.items()},
         "blend_vs_best_other_mean": means, "blend_vs_best_other_min": lows,
         "results": results, "summary": summary, "wall_seconds": round(time.perf_counter() - t0, 1)})
     print(f"wrote {path}")

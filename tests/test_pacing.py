@@ -65,3 +65,32 @@ def test_decode_time_counts_the_engines_per_request_and_per_token_work():
     assert decode_seconds(busy, kv, dec) == pytest.approx(by_hand, rel=1e-12)
     assert paced_prefill_tokens(busy, kv, dec, 2.0) == max(int(weights / per_token), int(2.0 * by_hand / per_token)) - dec
     assert paced_prefill_tokens(busy, kv, dec, 2.0) > paced_prefill_tokens(COST, kv, dec, 2.0)
+
+
+def test_pacing_that_counts_the_weight_read_grows_a_small_batch_by_the_density():
+    """`weights=True` (EngineConfig.pace_memory="kv+weights", an ablation): the step's memory side
+    is the KV read plus the weight read and step overhead, so a small decode batch of compute-dense
+    waiting work gets density x that, not the ridge; below density 1 the ridge still binds."""
+    per_token, per_kv, weights = _by_hand(COST)
+    kv, dec = 40_000, 16
+    by_hand = int(3.0 * (kv * per_kv + weights) / per_token) - dec
+    assert paced_prefill_tokens(COST, kv, dec, 3.0, weights=True) == by_hand
+    assert by_hand > 2 * paced_prefill_tokens(COST, kv, dec, 3.0)  # the shipped rule: the ridge binds here
+    assert paced_prefill_tokens(COST, kv, dec, 0.5, weights=True) == int(weights / per_token) - dec
+    assert paced_prefill_tokens(COST, kv, 0, 3.0, weights=True) is None
+
+
+def test_the_engines_pace_memory_setting_reaches_the_chunk_size():
+    from blendserve_sgl.sim import EngineConfig
+
+    with pytest.raises(ValueError, match="pace_memory must be one of kv, kv\\+weights"):
+        EngineConfig.trace_engine(COST, pace_memory="weights")
+    assert EngineConfig.trace_engine(COST).pace_memory == "kv"
+    from blendserve_sgl.sim import RunSpec, Workload, simulate
+    from blendserve_sgl.workloads import Record
+
+    records = [Record(f"r{i}", 2_000 + 37 * (i % 17), (), 40 + 13 * (i % 11)) for i in range(400)]  # compute-dense
+    wl = Workload(records, COST)
+    steps = {m: simulate(wl, "fcfs", RunSpec(COST, EngineConfig.trace_engine(COST, pace_memory=m))).steps
+             for m in ("kv", "kv+weights")}
+    assert steps["kv+weights"] < steps["kv"], steps  # larger paced chunks: the prompts take fewer steps

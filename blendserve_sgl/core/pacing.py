@@ -54,15 +54,19 @@ def decode_seconds(cost: CostModel, kv_read_tokens: int, decoding: int) -> float
             + decoding * hw.request_overhead_s)
 
 
-def paced_prefill_tokens(cost: CostModel, kv_read_tokens: int, decoding: int, density: float) -> int | None:
+def paced_prefill_tokens(cost: CostModel, kv_read_tokens: int, decoding: int, density: float,
+                         weights: bool = False) -> int | None:
     """Prefill tokens for a step whose decode attention reads `kv_read_tokens` KV tokens for
     `decoding` running requests, at target `density` (Comp / Mem of the waiting work): compute
-    time = density x the step's decode time (`decode_seconds`).
-    None (no pacing) when nothing decodes or the density is unbounded (no memory work waits)."""
+    time = density x the step's decode time (`decode_seconds`; with `weights`, plus the weight
+    read and the per-step overhead: the step's whole memory side, an ablation the plugin does not
+    run). None (no pacing) when nothing decodes or the density is unbounded (no memory work waits)."""
     if decoding <= 0 or not math.isfinite(density):
         return None
-    gemm_tokens = max(ridge_tokens(cost),
-                      density * decode_seconds(cost, kv_read_tokens, decoding) / cost.seconds_per_compute_token)
+    memory = decode_seconds(cost, kv_read_tokens, decoding)
+    if weights:
+        memory += weight_read_seconds(cost) + cost.hardware.step_overhead_s
+    gemm_tokens = max(ridge_tokens(cost), density * memory / cost.seconds_per_compute_token)
     return max(1, int(gemm_tokens) - decoding)
 
 

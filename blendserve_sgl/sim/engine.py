@@ -63,6 +63,7 @@ _NO_WATCH = np.iinfo(np.int64).max
 HORIZONS = np.array([4 ** k for k in range(9)], dtype=np.int64)
 SAFETY, SLACK = 2, 16
 PACE_DENSITIES = ("estimate", "true")
+PACE_MEMORY = ("kv", "kv+weights")
 FULL_CHECK_EVERY = 1024  # check=True: the full recount every this many steps (and at the end)
 
 
@@ -81,11 +82,17 @@ class EngineConfig:
     kv_projection: bool = False  # admission counts KV that known-length running requests will release
     pace_density: str = "estimate"  # pacing's target density: "estimate" (WaitingWork, as the plugin
     # paces) or "true" (the waiting requests' true remaining lengths: a simulator-only oracle for ablations)
+    pace_memory: str = "kv"  # the step's memory side pacing matches: "kv" (the decode's KV read and per-request
+    # work, the weight read only as the floor: as the plugin paces) or "kv+weights" (the weight read and step
+    # overhead added to it: core.pacing.paced_prefill_tokens(weights=True), an ablation the plugin does not run)
 
     def __post_init__(self) -> None:
         if self.pace_density not in PACE_DENSITIES:
             raise ValueError(f"EngineConfig.pace_density must be one of {', '.join(PACE_DENSITIES)}, "
                              f"got {self.pace_density!r}")
+        if self.pace_memory not in PACE_MEMORY:
+            raise ValueError(f"EngineConfig.pace_memory must be one of {', '.join(PACE_MEMORY)}, "
+                             f"got {self.pace_memory!r}")
         for field in ("kv_tokens", "max_running", "chunked_prefill", "clip_max_new_tokens",
                       "new_token_ratio_decay_steps"):
             value = getattr(self, field)
@@ -258,7 +265,8 @@ class Engine:
         """This step's chunked-prefill size: the configured one, or paced (`EngineConfig.pace`)."""
         size = self.config.chunked_prefill
         if paces(self.config.pace, self.config.mixed_chunk) and self.waiting:
-            paced = paced_prefill_tokens(self.cost, self.next_kv_read, self.n_dec, self.waiting_density())
+            paced = paced_prefill_tokens(self.cost, self.next_kv_read, self.n_dec, self.waiting_density(),
+                                         weights=self.config.pace_memory == "kv+weights")
             if paced is not None:
                 size = max(1, min(paced, size))
         return size
