@@ -61,6 +61,14 @@ LAYOUT = {
                                    "blend_speedup_vs_best_other_sequential",
                                    "blend_as_shipped.blend_speedup_vs_best_other",
                                    "blend_as_shipped_mixed_steps.blend_speedup_vs_best_other", "total_seconds"]),
+    "real_traces": ("Real traces (Azure code and conversation, arXiv summarization, Mooncake synthetic and "
+                    "conversation) x all policies, equal rules, estimated lengths (`bench/paper_traces.py --traces "
+                    "FILES --out real_traces`)",
+                    ["blend_mean_fraction_of_optimal", "blend_speedup_vs_best_other", "blend_speedup_vs_best_other_min",
+                     "blend_sharing_vs_best", "estimated_vs_known_min", "blend_speedup_vs_best_other_sequential",
+                     "blend_as_shipped.blend_speedup_vs_best_other", "blend_as_shipped.blend_speedup_vs_best_other_min",
+                     "blend_as_shipped_mixed_steps.blend_speedup_vs_best_other",
+                     "blend_as_shipped_mixed_steps.blend_speedup_vs_best_other_min", "total_seconds"]),
     "pacing_ablation": ("Pacing under estimated lengths, blend over the best other policy per engine variant, "
                         "Trace#1-#4 analogs (`bench/pacing_ablation.py --requests 20000`)",
                         ["rules.requests_per_trace", "blend_vs_best_other_mean.shipped",

@@ -382,7 +382,11 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(f"{args.input} holds no requests (it is empty or has only blank lines); pass the "
                                  "JSONL file of requests, one JSON object per line")
             if not records:
-                raise ValueError(f"{args.input}: no valid request to plan ({len(errors)} bad lines)")
+                from .workloads.trace_file import looks_like_trace
+
+                hint = (f"; it reads as a trace of token counts: plan it with --workload {args.input}"
+                        if args.input != "-" and looks_like_trace(args.input) else "")
+                raise ValueError(f"{args.input}: no valid request to plan ({len(errors)} bad lines){hint}")
             if args.generate_sample:
                 say(f"generating a sample of {min(args.generate_sample, len(records))} requests on this machine "
                     f"({device}) ...")

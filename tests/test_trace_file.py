@@ -107,3 +107,15 @@ def test_simulate_and_plan_run_a_trace_file(tmp_path, capsys):
     bad.write_text("x,y\n1,2\n")
     assert cli.main(["simulate", "--workload", str(bad), "--out", str(out)]) == 2
     assert "names no known pair of token-count columns" in capsys.readouterr().err
+
+
+def test_a_trace_passed_to_plan_as_a_batch_file_gets_a_hint(tmp_path, capsys):
+    path = _mooncake(tmp_path / "m.jsonl", [{"input_length": 900, "output_length": 9, "hash_ids": [0, 1]}] * 3)
+    assert cli.main(["plan", str(path), "--model", "llama-3.1-8b"]) == 2
+    assert f"it reads as a trace of token counts: plan it with --workload {path}" in capsys.readouterr().err
+    csv_path = _csv(tmp_path / "t.csv", ["ContextTokens", "GeneratedTokens"], [[10, 2]])
+    from blendserve_sgl.workloads.trace_file import looks_like_trace
+
+    assert looks_like_trace(csv_path) and looks_like_trace(path)
+    (tmp_path / "req.jsonl").write_text('{"custom_id": "a", "method": "POST"}\n')
+    assert not looks_like_trace(tmp_path / "req.jsonl") and not looks_like_trace(tmp_path / "missing")

@@ -42,6 +42,23 @@ def is_trace_file(spec: str) -> bool:
     return Path(spec).exists() or spec.lower().endswith((".csv", ".jsonl", ".json"))
 
 
+def looks_like_trace(path) -> bool:
+    """Whether a file reads as a trace of token counts (its first line a JSON object with
+    input_length and output_length, or a CSV header with a known column pair) rather than
+    requests: for a hint where a trace is passed as a batch file."""
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace") as f:
+            first = next((line for line in f if line.strip()), "")
+    except OSError:
+        return False
+    try:
+        row = json.loads(first)
+        return isinstance(row, dict) and "input_length" in row and "output_length" in row
+    except ValueError:
+        header = [h.strip() for h in next(csv.reader([first]), [])]
+        return any(a in header and b in header for a, b in TRACE_COLUMNS)
+
+
 def load_trace_file(path, n: int | None = None, block_size: int = MOONCAKE_BLOCK) -> list[Record]:
     """Records from a CSV or Mooncake-style JSONL trace (module docstring); the first `n`."""
     path = Path(path)
