@@ -76,7 +76,16 @@ LAYOUT = {
                          "blend_vs_best_other_min.oracle", "blend_vs_best_other_mean.oracle_thin",
                          "blend_vs_best_other_min.oracle_thin", "blend_vs_best_other_mean.known",
                          "blend_vs_best_other_mean.known_thin", "blend_vs_best_other_mean.known_not_paced",
-                         "wall_seconds"]),
+                         "blend_vs_best_other_mean.weights", "blend_vs_best_other_mean.known_weights",
+                         "blend_vs_best_other_min.known_weights", "wall_seconds"]),
+    "pacing_ablation_real_traces": ("Pacing on five real traces, blend over the best other policy per engine variant "
+                                    "(`bench/pacing_ablation.py --requests 100000 --traces FILES --out "
+                                    "pacing_ablation_real_traces`)",
+                                    ["blend_vs_best_other_mean.shipped", "blend_vs_best_other_min.shipped",
+                                     "blend_vs_best_other_mean.not_paced", "blend_vs_best_other_mean.weights",
+                                     "blend_vs_best_other_min.weights", "blend_vs_best_other_mean.known",
+                                     "blend_vs_best_other_mean.known_weights", "blend_vs_best_other_min.known_weights",
+                                     "wall_seconds"]),
     "sweep": ("Density x sharing sweep, blend over the best other policy, equal rules (`bench/sweep.py`)",
               ["requests_per_cell", "min_speedup_vs_best_other", "mean_speedup_vs_best_other",
                "max_speedup_vs_best_other", "conversation.speedup_vs_best_other", "conversation.sharing_vs_best",
