@@ -460,7 +460,8 @@ def test_both_attention_backends_plan_a_decode_batch_through_one_path(monkeypatc
         gpu_backend.init_forward_metadata(batch(True))
         assert sorted(gpu_backend._plan.order.tolist()) == [0, 1, 2]
         for backend, in_plan in ((cpu, 2), (gpu_backend, 3)):  # the requests the cascade kernel runs
-            assert backend.stats.stats.decode_steps == 1 and backend.stats.stats.shared_requests == in_plan
+            st = backend.stats.stats
+            assert st.decode_steps == 1 and st.cascade_requests == in_plan and st.shared_requests == 2
             assert backend.stats.stats.tokens_per_request == 30 + 25 + 28
             backend.init_forward_metadata(batch(False))
             assert backend._plan is None and backend.base_metadata.forward_mode.is_decode() is False

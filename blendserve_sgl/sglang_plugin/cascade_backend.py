@@ -63,7 +63,8 @@ class CascadeStats:
     decode_steps: int = 0
     cascade_steps: int = 0
     requests: int = 0
-    shared_requests: int = 0
+    shared_requests: int = 0  # in a group that shares a prefix
+    cascade_requests: int = 0  # run by the cascade kernel (the GPU backend plans the whole batch)
     groups: int = 0
     tokens_per_request: int = 0
     tokens_read: int = 0
@@ -83,7 +84,8 @@ class _StatsWriter:
         s.tokens_read += int(plain_lens.sum())
         if plan is not None:
             s.cascade_steps += 1
-            s.shared_requests += plan.num_requests
+            s.shared_requests += int(plan.shared_positions().sum())
+            s.cascade_requests += plan.num_requests
             s.groups += sum(int(np.sum(np.diff(lv.qo_indptr) >= 2)) for lv in plan.levels[:-1])
             s.tokens_read += plan.tokens_read()
         if self.path:
