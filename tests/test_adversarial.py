@@ -687,3 +687,114 @@ def test_sigterm_while_reading_stops_like_ctrl_c(stand_in, tmp_path, capsys, mon
     finally:
         signal.signal(signal.SIGTERM, before)
     assert "interrupted; nothing was lost" in capsys.readouterr().err and not stand_in["engines"]
+
+
+# ------------------------------------------------------------------ the plugin: prompts the forward pass cannot take
+class _Req:
+    """What the enqueue hook reads of SGLang's `Req`, recording `set_finish_with_abort`."""
+
+    def __init__(self, ids, output_ids=(), multimodal=None):
+        self.rid, self.origin_input_ids, self.output_ids = "r", ids, list(output_ids)
+        self.multimodal_inputs, self.to_finish, self.aborted = multimodal, None, None
+
+    def finished(self):
+        return False
+
+    def set_finish_with_abort(self, message):
+        self.aborted, self.origin_input_ids = message, [0]
+
+
+@pytest.mark.parametrize("ids,fragment", [
+    ([], "the prompt has no tokens"),
+    ([5, 512], "token id 512, outside the model's vocabulary [0, 512)"),
+    ([-1, 5], "token id -1, outside the model's vocabulary [0, 512)"),
+    ([5, 2**63 - 1], "token id 9223372036854775807"),
+    ([0, 511], None), ([7], None),
+])
+def test_a_prompt_the_forward_pass_cannot_take_ends_alone_before_the_plan(ids, fragment):
+    """`sglang serve --schedule-policy blend` died on `{"text": ""}` (a tokenizer that adds no BOS
+    gives no tokens) and on `input_ids` beyond the vocabulary: SGLang checks neither, and the
+    forward pass raised in the scheduler, ending the server and every request in it. Now such a
+    request ends as its own 400 error, with a one-token stand-in prompt the policy tracks."""
+    from types import SimpleNamespace
+
+    from blendserve_sgl.sglang_plugin import _after_enqueue
+
+    req = _Req(list(ids))
+    seen = []
+    sched = SimpleNamespace(schedule_policy="blend", waiting_queue=[req], model_config=SimpleNamespace(vocab_size=512),
+                            policy=SimpleNamespace(on_arrival=lambda r: seen.append(list(r.origin_input_ids))))
+    _after_enqueue(None, sched, req)
+    assert (req.aborted is None) if fragment is None else (fragment in req.aborted), req.aborted
+    assert seen == [[0] if fragment else list(ids)]
+
+
+def test_prompts_past_the_vocabulary_check_only_what_it_can_judge():
+    """Multimodal placeholders lie beyond the vocabulary by design; a retracted request (output so
+    far) or one already ending is SGLang's; with another policy the hook steps aside."""
+    from types import SimpleNamespace
+
+    from blendserve_sgl.sglang_plugin import _after_enqueue
+
+    reqs = [_Req([5, 10**9], multimodal=object()), _Req([5, 600], output_ids=[3]), _Req([])]
+    reqs[2].to_finish = "aborted already"
+    for req in reqs:
+        sched = SimpleNamespace(schedule_policy="blend", waiting_queue=[req], model_config=SimpleNamespace(vocab_size=512),
+                                policy=SimpleNamespace(on_arrival=lambda r: None))
+        _after_enqueue(None, sched, req)
+        assert req.aborted is None
+    req = _Req([])
+    _after_enqueue(None, SimpleNamespace(schedule_policy="fcfs", waiting_queue=[req], policy=None), req)
+    assert req.aborted is None
+
+
+_SERVER_SCENARIO = """
+import json, sys
+import sglang
+
+
+def main():
+    engine = sglang.Engine(model_path=sys.argv[1], device="cpu", attention_backend="torch_native", schedule_policy="blend",
+                           max_total_tokens=4096, random_seed=0, log_level="error")
+    out = {}
+    try:
+        for name, kw in [("empty", {"prompt": ""}), ("oov", {"input_ids": [5, 100000]}), ("neg", {"input_ids": [-1, 5]}),
+                         ("good", {"prompt": "count: one two"})]:
+            try:
+                res = engine.generate(**kw, sampling_params={"max_new_tokens": 3, "temperature": 0})
+                out[name] = res["meta_info"]["finish_reason"]
+            except Exception as exc:  # noqa: BLE001
+                out[name] = {"raised": str(exc)}
+    finally:
+        engine.shutdown()
+    print("RESULT " + json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+@pytest.mark.engine
+def test_unrunnable_prompts_on_the_real_engine_fail_alone_and_the_engine_stays_up(tiny_llama, tmp_path):
+    """On the real engine (blend policy): an empty prompt and ids outside the vocabulary each fail
+    with their own message, and the next request still generates."""
+    import subprocess
+    import sys
+
+    from blendserve_sgl.harness import cpu_engine_env, kill_group, start
+
+    script = tmp_path / "scenario.py"
+    script.write_text(_SERVER_SCENARIO)
+    proc = start([sys.executable, str(script), tiny_llama], env=cpu_engine_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        text, _ = proc.communicate(timeout=600)
+    finally:
+        kill_group(proc)
+    line = next((x for x in text.splitlines() if x.startswith("RESULT ")), None)
+    assert proc.returncode == 0 and line, text[-3000:]
+    res = json.loads(line[len("RESULT "):])
+    assert "the prompt has no tokens" in json.dumps(res["empty"]), res
+    assert "token id 100000, outside the model's vocabulary" in json.dumps(res["oov"]), res
+    assert "token id -1, outside" in json.dumps(res["neg"]), res
+    assert res["good"].get("type") == "length", res

@@ -71,6 +71,24 @@ def output_len_hint(value, rid) -> int | None:
     return n
 
 
+def prompt_problem(req, vocab_size: int | None) -> str | None:
+    """Why the model's forward pass cannot take `req`'s prompt, or None: no tokens at all (text
+    the tokenizer turns into nothing), or a token id outside [0, vocab_size) sent as `input_ids`.
+    SGLang checks neither, and either one raises inside the scheduler's forward pass, which kills
+    the server and every request with it. Multimodal prompts are not checked against the
+    vocabulary (their placeholder ids lie beyond it by design). Never raises."""
+    ids = req.origin_input_ids
+    if len(ids) == 0:
+        return "the prompt has no tokens; send a prompt of at least one token"
+    if vocab_size is None or getattr(req, "multimodal_inputs", None) is not None:
+        return None
+    lo, hi = min(ids), max(ids)
+    if lo < 0 or hi >= vocab_size:
+        return (f"input_ids holds the token id {lo if lo < 0 else hi}, outside the model's vocabulary "
+                f"[0, {vocab_size}); send token ids of this model's tokenizer")
+    return None
+
+
 class BlendPolicy:
     """Stands in for SGLang's `SchedulePolicy`: `calc_priority` is the blend plan; the other
     methods the scheduler calls (`STOCK_METHODS`) are the stock policy's."""
