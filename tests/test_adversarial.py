@@ -798,3 +798,21 @@ def test_unrunnable_prompts_on_the_real_engine_fail_alone_and_the_engine_stays_u
     assert "token id 100000, outside the model's vocabulary" in json.dumps(res["oov"]), res
     assert "token id -1, outside" in json.dumps(res["neg"]), res
     assert res["good"].get("type") == "length", res
+
+
+@pytest.mark.parametrize("var", ["BLENDSERVE_STATS_PATH", "BLENDSERVE_TRACE_PATH", "BLENDSERVE_CASCADE_STATS_PATH"])
+def test_a_stats_or_trace_path_the_scheduler_cannot_write_stops_the_launch(tmp_path, var):
+    """The scheduler writes these files (trace: after the first prefill step; stats: every 32
+    steps): a folder, or a file in a missing folder, raised there and ended the server mid-run.
+    Now the launching process names the variable before any model loads."""
+    from blendserve_sgl.sglang_plugin.cascade_backend import CascadeSettings
+    from blendserve_sgl.sglang_plugin.settings import BlendSettings
+
+    load = CascadeSettings.from_env if "CASCADE" in var else BlendSettings.load
+    for value, fragment in [(str(tmp_path), "is a directory; name a file in it"),
+                            (str(tmp_path / "missing" / "x.json"), f"the folder {tmp_path / 'missing'} does not exist")]:
+        with pytest.raises(ValueError) as exc:
+            load({var: value})
+        assert f"{var}={value!r}: {fragment}" in str(exc.value), str(exc.value)
+    ok = load({var: str(tmp_path / "x.json")})
+    assert ok.stats_path == str(tmp_path / "x.json") or ok.trace_path == str(tmp_path / "x.json")

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 from ..core.preset import PRESET, BlendPreset
@@ -89,6 +90,19 @@ def _at_least(lo):
     return lambda v: None if v >= lo else f"must be >= {lo}"
 
 
+def _file_to_write(v):
+    """A path the scheduler will write (empty: none): a file whose folder exists. Checked here, in
+    the launching process: the scheduler would raise at its first write and end the server."""
+    if not v:
+        return None
+    path = Path(v)
+    if path.is_dir():
+        return "is a directory; name a file in it"
+    if not path.parent.is_dir():
+        return f"the folder {path.parent} does not exist; create it or choose another path"
+    return None
+
+
 def _hardware(v):
     return None if v == "auto" or v.lower() in hardware_names() else f"choose auto or one of {', '.join(hardware_names())}"
 
@@ -115,9 +129,9 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
          "forward passes (1/0).", preset="metering"),
     Knob("seed", int, "Seed of the output-length sample.", _at_least(0), preset="seed"),
     Knob("stats_path", str, "Write the policy's counters (JSON) to this file every 32 steps and at the end.",
-         default=""),
+         _file_to_write, default=""),
     Knob("trace_path", str, "Append one JSON line per step (plan, paced budget, admitted) to this file.",
-         default=""),
+         _file_to_write, default=""),
 )}
 
 
@@ -127,8 +141,8 @@ CASCADE_KNOBS: dict[str, Knob] = {k.name: k for k in (
          _at_least(1), default=2, prefix="BLENDSERVE_CASCADE_", cli=False),
     Knob("min_shared_tokens", int, "A group must share at least this many tokens.", _at_least(1), default=16,
          prefix="BLENDSERVE_CASCADE_", cli=False),
-    Knob("stats_path", str, "Rewrite decode counters there as JSON after every decode step.", default="",
-         prefix="BLENDSERVE_CASCADE_", cli=False),
+    Knob("stats_path", str, "Rewrite decode counters there as JSON after every decode step.", _file_to_write,
+         default="", prefix="BLENDSERVE_CASCADE_", cli=False),
 )}
 
 
