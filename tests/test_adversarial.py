@@ -816,3 +816,30 @@ def test_a_stats_or_trace_path_the_scheduler_cannot_write_stops_the_launch(tmp_p
         assert f"{var}={value!r}: {fragment}" in str(exc.value), str(exc.value)
     ok = load({var: str(tmp_path / "x.json")})
     assert ok.stats_path == str(tmp_path / "x.json") or ok.trace_path == str(tmp_path / "x.json")
+
+
+# ------------------------------------------------------------------ the input edited between runs
+def test_a_line_removed_after_its_result_was_written_is_named_as_such(stand_in, tmp_path, capsys):  # noqa: F811
+    """Interrupted, then a finished line removed from the input: the rerun said the results file
+    was "the output of another input" and offered only --overwrite. Now it says the custom_id left
+    this input beside the ones still in it; nothing is written; the line put back, the rerun ends."""
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    lines = src.read_text().splitlines()
+    args = [str(src), "-o", str(out), "--model", str(stand_in["model"])]
+    stand_in["interrupt_after"] = 3
+    assert cli.main(args) == 130
+    stand_in["interrupt_after"] = None
+    gone = next(r["custom_id"] for r in map(json.loads, out.read_text().splitlines())
+                if (r["custom_id"] or "").startswith("q"))
+    before = out.read_bytes()
+    src.write_text("\n".join(x for x in lines if f'"custom_id": "{gone}"' not in x) + "\n")
+    capsys.readouterr()
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"holds 1 results of custom_ids that are no longer in {src} (e.g. {gone!r}), beside " in err, err
+    assert "lines removed, or their custom_id edited" in err and "another input" not in err
+    assert out.read_bytes() == before and len(stand_in["engines"]) == 1
+    src.write_text("\n".join(lines) + "\n")
+    assert cli.main(args) == 0
+    keys = [str(record_key(json.loads(x))) for x in out.read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == len([x for x in lines if x.strip()])

@@ -236,9 +236,16 @@ def _resume(args, source: Path, writer: ResultWriter, items) -> None:
         return
     res = reconcile(done, items, retry_failed=args.retry_failed)
     if res.foreign:
-        raise ResultsError(f"{writer.path} holds {len(res.foreign):,} results that are not requests of {args.input} "
-                           f"(e.g. {res.foreign[0]!r}); it is the output of another input: choose another -o, "
-                           "or pass --overwrite to start over")
+        matched = len(done.keys) - len(res.foreign)
+        if not matched:
+            raise ResultsError(f"{writer.path} holds {len(res.foreign):,} results that are not requests of {args.input} "
+                               f"(e.g. {res.foreign[0]!r}); it is the output of another input: choose another -o, "
+                               "or pass --overwrite to start over")
+        raise ResultsError(f"{writer.path} holds {len(res.foreign):,} results of custom_ids that are no longer in "
+                           f"{args.input} (e.g. {res.foreign[0]!r}), beside {matched:,} that are: lines removed, or "
+                           "their custom_id edited, since those results were written. Put those lines back as they "
+                           "were (edit a request's body, not its custom_id, to run it again with --retry-failed), "
+                           "write the results of this input to another -o, or pass --overwrite to run it all again")
     partial = " (a partial last line from a crash was removed)" if done.cut_partial_line else ""
     _say(f"resuming: {done.records:,} requests already in {writer.path}{partial}")
     if res.changed and not args.retry_failed:
