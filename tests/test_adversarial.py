@@ -843,3 +843,46 @@ def test_a_line_removed_after_its_result_was_written_is_named_as_such(stand_in, 
     assert cli.main(args) == 0
     keys = [str(record_key(json.loads(x))) for x in out.read_text().splitlines()]
     assert len(keys) == len(set(keys)) == len([x for x in lines if x.strip()])
+
+
+@pytest.mark.parametrize("content,fragment", [
+    (__import__("gzip").compress(b"TIMESTAMP,ContextTokens,GeneratedTokens\nt,10,2\n"),
+     "not UTF-8 text (byte b'\\x8b' at offset 1); a CSV file here is plain text: decompress it"),
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\nt\xe9,10,2\n".encode("latin-1"), "not UTF-8 text (byte b'\\xe9'"),
+    (("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "t" * 200_000 + ",10,2\n").encode(),
+     "line 2: not a CSV row (field larger than field limit (131072)); fix or delete that row"),
+    (None, "is a directory; a CSV file belongs there"),
+])
+def test_a_trace_that_is_not_csv_text_is_one_error_naming_the_file(tmp_path, monkeypatch, capsys, content, fragment):
+    """A gzip-compressed trace under its .csv name, Latin-1 bytes, a cell over csv's field limit,
+    a folder: each raised UnicodeDecodeError, csv.Error or IsADirectoryError without the file's
+    name (a traceback from `blendserve simulate`). The same reader serves the MMLU files."""
+    from blendserve_sgl.sim import cli as sim_cli
+    from blendserve_sgl.workloads import data
+
+    _trace(tmp_path, monkeypatch, "")
+    path = tmp_path / AZURE
+    if content is None:
+        path.unlink()
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError) as exc:
+        data.load_azure("code")
+    assert str(path) in str(exc.value) and fragment in str(exc.value), str(exc.value)
+    for part in ("dev", "test"):
+        (tmp_path / "mmlu" / part).mkdir(parents=True)
+    (tmp_path / "mmlu" / "dev" / "x_dev.csv").write_text("q,a,b,c,d,A\n")
+    mmlu_test = tmp_path / "mmlu" / "test" / "x_test.csv"
+    if content is None:
+        mmlu_test.mkdir()
+    else:
+        mmlu_test.write_bytes(content)
+    with pytest.raises(ValueError, match=r"x_test\.csv"):
+        data.load_mmlu()
+    if mmlu_test.is_dir():
+        mmlu_test.rmdir()
+    mmlu_test.write_text("q,a,b,c,d\n")
+    assert sim_cli.main(["--workload", "mixed", "--requests", "50", "--policy", "fcfs"]) != 0
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err, err
