@@ -886,3 +886,44 @@ def test_a_trace_that_is_not_csv_text_is_one_error_naming_the_file(tmp_path, mon
     assert sim_cli.main(["--workload", "mixed", "--requests", "50", "--policy", "fcfs"]) != 0
     err = capsys.readouterr().err
     assert fragment in err and "Traceback" not in err, err
+
+
+def _sharegpt_item(i):
+    return {"id": f"g{i}", "score": 12.5, "ok": True,
+            "conversations": [{"from": "human", "value": f"hi \u00e9 \\ {i}"}, {"from": "gpt", "value": "hello"}]}
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("[" + json.dumps(_sharegpt_item(0)) + ',\n {"id": "b", "conversations": [}, ' + json.dumps(_sharegpt_item(2)) + "]",
+     "sg.json line 2 column 32: invalid JSON (Expecting value) before the end of the file"),
+    ("[" + json.dumps(_sharegpt_item(0)) + " stray words " + json.dumps(_sharegpt_item(2)) + "]",
+     "sg.json line 1 column "),
+    ("[" + json.dumps(_sharegpt_item(0)) + ",\n" + "[" * 100_000 + "]" * 100_000 + "]",
+     "sg.json line 2: a record nested too deeply to read"),
+])
+def test_invalid_json_inside_a_sharegpt_file_is_named_not_a_silent_end(tmp_path, text, fragment):
+    """A broken record in the middle of the file ended the reading there as if the file were torn:
+    every later conversation was dropped without a word; records nested 100,000 deep raised
+    RecursionError. Now each is a ValueError naming the line."""
+    from blendserve_sgl.workloads.conversation import iter_conversations
+
+    path = tmp_path / "sg.json"
+    path.write_text(text)
+    with pytest.raises(ValueError) as exc:
+        list(iter_conversations(path))
+    assert fragment in str(exc.value), str(exc.value)
+
+
+def test_a_sharegpt_file_cut_anywhere_reads_its_whole_conversations(tmp_path):
+    """The packaged file ends inside a record: a file cut at any byte still reads, and yields
+    exactly the conversations that were whole before the cut."""
+    from blendserve_sgl.workloads.conversation import iter_conversations
+
+    full = json.dumps([_sharegpt_item(i) for i in range(3)], indent=2, ensure_ascii=True)
+    path = tmp_path / "sg.json"
+    for cut in range(1, len(full) + 1):
+        path.write_text(full[:cut])
+        got = [cid for cid, _ in iter_conversations(path)]
+        assert got == [f"g{i}" for i in range(len(got))], (cut, got)
+        if cut >= len(full) - 1:
+            assert got == ["g0", "g1", "g2"]
