@@ -340,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
             check_output(flag, path)
         check_apart("--out", args.out, [("the input", args.input)])
         check_apart("--plot", _plot_path(args), [("the input", args.input), ("the --out file", args.out)])
-        policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+        policies = list(dict.fromkeys(p.strip() for p in args.policies.split(",") if p.strip()))  # each once
         bad = [p for p in policies if p not in POLICIES]
         if bad or not policies:
             raise ValueError(f"--policies: unknown {', '.join(map(repr, bad)) or repr(args.policies)}; choose from {', '.join(POLICIES)}")

@@ -927,3 +927,17 @@ def test_a_sharegpt_file_cut_anywhere_reads_its_whole_conversations(tmp_path):
         assert got == [f"g{i}" for i in range(len(got))], (cut, got)
         if cut >= len(full) - 1:
             assert got == ["g0", "g1", "g2"]
+
+
+def test_a_policy_named_twice_is_planned_once(tmp_path, capsys):
+    """`--policies blend,blend` raised "min() arg is an empty sequence" (a traceback): blend was
+    compared with the other policies, and there were none."""
+    from blendserve_sgl import plan
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(completion(f"r{i}", "count " * (i % 7 + 1), max_tokens=8) + "\n" for i in range(20)))
+    base = [str(src), "--model", "llama-3.1-8b", "--hardware", "h100", "--workers", "1", "--json", "--plot", "/dev/null"]
+    assert plan.main([*base, "--policies", "blend,blend"]) == 0
+    assert [r["policy"] for r in json.loads(capsys.readouterr().out)["policies"]] == ["blend"]
+    assert plan.main([*base, "--policies", "fcfs, blend,fcfs,"]) == 0
+    assert [r["policy"] for r in json.loads(capsys.readouterr().out)["policies"]] == ["fcfs", "blend"]
