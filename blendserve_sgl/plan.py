@@ -40,7 +40,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from .cli import fraction, positive_float, positive_int
+from .cli import engine_seed, fraction, positive_float, positive_int
 from .core import CostModel
 from .core.preset import PRESET
 from .core.specs import ModelSpec, hardware, hardware_names, model, model_names
@@ -282,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sim-requests", type=positive_int, default=SIM_REQUESTS,
                     help="simulate a uniform sample of at most this many requests, times scaled to the file (the "
                          "first policy also runs on a second sample: the spread is reported)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=engine_seed, default=0, help="sample and engine seed, 0 to 2**32 - 1")
     ap.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
                     help="processes that run the simulations (default: the CPU count; the results do not depend on it)")
     ap.add_argument("--plot", help="PNG of per-step compute and memory time (default: next to --out, or plan.png)")

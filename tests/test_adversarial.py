@@ -119,6 +119,8 @@ def test_dash_is_standard_input(stand_in, tmp_path, monkeypatch):  # noqa: F811
 @pytest.mark.parametrize("args,fragment", [
     (["--workers", "-3"], "argument --workers: -3 must be 0 or a positive integer"),
     (["--log-level", "loud"], "argument --log-level: invalid choice: 'loud'"),
+    (["--seed", "-1"], "argument --seed: -1 must be 0 or a positive integer"),  # NumPy's seeding in SGLang's
+    (["--seed", "4294967296"], "argument --seed: 4294967296 must be at most 2**32 - 1"),  # scheduler refused these
     (["--ray", "--gpus-per-replica", "-1"], "--gpus-per-replica must be 0 or more, got -1.0"),
     (["--engine-arg", "context_length=16"], "--engine-arg 'context_length=16': use --context-length instead"),
     (["--engine-arg", "schedule-policy=fcfs"], "use --policy instead"),
@@ -941,3 +943,15 @@ def test_a_policy_named_twice_is_planned_once(tmp_path, capsys):
     assert [r["policy"] for r in json.loads(capsys.readouterr().out)["policies"]] == ["blend"]
     assert plan.main([*base, "--policies", "fcfs, blend,fcfs,"]) == 0
     assert [r["policy"] for r in json.loads(capsys.readouterr().out)["policies"]] == ["fcfs", "blend"]
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967296"])
+def test_plan_refuses_a_seed_the_engine_cannot_take(tmp_path, capsys, seed):
+    """`plan --generate-sample` starts the engine with --seed: out of NumPy's range it failed there."""
+    from blendserve_sgl import plan
+
+    src = tmp_path / "in.jsonl"
+    src.write_text(completion("a") + "\n")
+    with pytest.raises(SystemExit) as exc:
+        plan.main([str(src), "--model", "llama-3.1-8b", "--seed", seed])
+    assert exc.value.code == 2 and f"argument --seed: {seed} must be" in capsys.readouterr().err

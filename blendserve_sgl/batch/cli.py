@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..cli import int_at_least, non_negative_int, positive_int
+from ..cli import engine_seed, int_at_least, non_negative_int, positive_int
 from ..models import ModelError, check_model_dir, default_model
 from . import dispatch
 from .feed import engine_capacity, mean_request_tokens, pending, window_size
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "auto: a few times what fits in the engine's running slots and KV pool; 0: all at once)")
     ap.add_argument("--workers", type=non_negative_int, default=None,
                     help="processes that read and tokenize the input (default: every core; 0: in this process)")
-    ap.add_argument("--seed", type=int, default=0, help="engine random seed (sampling)")
+    ap.add_argument("--seed", type=engine_seed, default=0, help="engine random seed (sampling), 0 to 2**32 - 1")
     ap.add_argument("--dp", type=positive_int, default=1,
                     help="data-parallel ranks of one engine (one per GPU; on CPU one per core group): each rank "
                          "runs its shard of the one plan (default 1)")
