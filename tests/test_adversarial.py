@@ -955,3 +955,16 @@ def test_plan_refuses_a_seed_the_engine_cannot_take(tmp_path, capsys, seed):
     with pytest.raises(SystemExit) as exc:
         plan.main([str(src), "--model", "llama-3.1-8b", "--seed", seed])
     assert exc.value.code == 2 and f"argument --seed: {seed} must be" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("density,sharing", [(float("nan"), 0.3), (float("inf"), 0.3), (0.0, 0.3), (-1.0, 0.3),
+                                             (1.4, 1.0), (1.4, -0.1), (1.4, float("nan"))])
+def test_mix_targets_out_of_range_name_the_rule(density, sharing):
+    """`simulate --workload mix:nan,0.3` (or inf) failed with numpy's "negative dimensions are not
+    allowed"; now the targets' ranges are named before any class is drawn."""
+    from blendserve_sgl.core.cost import CostModel
+    from blendserve_sgl.workloads.recipes import mix
+
+    with pytest.raises(ValueError, match="the density must be a positive number and the sharing a fraction from 0 "
+                                         "to below 1, e.g. mix:1.2,0.25"):
+        mix(200, density, sharing, CostModel.from_names("llama-3.1-8b", "a100"))
