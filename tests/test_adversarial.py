@@ -968,3 +968,30 @@ def test_mix_targets_out_of_range_name_the_rule(density, sharing):
     with pytest.raises(ValueError, match="the density must be a positive number and the sharing a fraction from 0 "
                                          "to below 1, e.g. mix:1.2,0.25"):
         mix(200, density, sharing, CostModel.from_names("llama-3.1-8b", "a100"))
+
+
+@pytest.mark.parametrize("packer,fragment", [
+    ("gzip", "is gzip-compressed, not JSONL text; decompress it first (`gzip -dk "),
+    ("bz2", "is bzip2-compressed, not JSONL text; decompress it first (`bzip2 -dk "),
+    ("lzma", "is xz-compressed, not JSONL text; decompress it first (`xz -dk "),
+    ("zip", "is a ZIP archive, not JSONL text; extract the requests file from it"),
+])
+def test_a_compressed_requests_file_is_named_before_any_line_is_read(stand_in, tmp_path, capsys, packer, fragment):  # noqa: F811
+    """A gzip-compressed batch file became a few "not UTF-8 text" error records and a run of
+    nothing (`plan`: "no valid request"); now both commands say what the file is."""
+    import importlib
+    import zipfile
+
+    from blendserve_sgl import plan
+
+    text = _batch(tmp_path).read_bytes()
+    src, out = tmp_path / "requests.jsonl.x", tmp_path / "results.jsonl"
+    if packer == "zip":
+        with zipfile.ZipFile(src, "w") as z:
+            z.writestr("requests.jsonl", text)
+    else:
+        src.write_bytes(importlib.import_module(packer).compress(text))
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"])]) == 2
+    assert fragment in capsys.readouterr().err and not out.exists() and not stand_in["engines"]
+    assert plan.main([str(src), "--model", "llama-3.1-8b", "--plot", "/dev/null"]) == 2
+    assert fragment in capsys.readouterr().err
