@@ -148,6 +148,7 @@ def _main(args) -> int:
     try:
         extra = _engine_args(args.engine_arg)
         _check_scale_out(args)
+        _check_workers(args.workers)
         _check_attention_backend(args.attention_backend)
         check_output("--summary-json", args.summary_json)
         _check_summary_apart(args)
@@ -434,6 +435,15 @@ def _check_attention_backend(name: str | None) -> None:
     if name not in known:
         raise ValueError(f"--attention-backend {name!r} is not an SGLang attention backend; choose one of "
                          f"{', '.join(known)} (or leave it out: torch_native on CPU)")
+
+
+def _check_workers(workers: int | None) -> None:
+    """More reader processes than cores only adds tokenizer copies (each loads its own, and the
+    pool starts one per batch in flight up to --workers): refused before the input is read."""
+    cores = os.cpu_count() or 1
+    if workers is not None and workers > cores:
+        raise ValueError(f"--workers {workers} is more than the {cores} cores of this machine; pass at most {cores} "
+                         "(leave it out to use them all)")
 
 
 def _check_scale_out(args) -> None:
