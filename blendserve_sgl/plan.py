@@ -309,9 +309,18 @@ def _cost_and_tokenizer(args):
 
     path = Path(args.model)
     if path.is_dir():
-        spec, ctx, tok_dir = ModelSpec.from_config_file(path), context_length(path), path
+        ctx = context_length(path)  # first: a config.json that is not JSON is named here
+        spec, tok_dir = ModelSpec.from_config_file(path), path
     else:
-        spec, tok_dir = model(args.model), Path(args.tokenizer) if args.tokenizer else None
+        try:
+            spec = model(args.model)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--model {args.model}: cannot read it as JSON ({exc}); pass a model directory, its "
+                             "config.json or a preset name") from None
+        tok_dir = Path(args.tokenizer) if args.tokenizer else None
+        if tok_dir is not None and not tok_dir.is_dir():
+            raise ValueError(f"--tokenizer {tok_dir}: no such directory; pass the folder holding the model's tokenizer "
+                             "files (tokenizer.json or tokenizer_config.json)")
         ctx = spec.max_context
     cost = CostModel(spec, hardware(args.hardware))
     if tok_dir is None:

@@ -996,3 +996,31 @@ def test_a_compressed_requests_file_is_named_before_any_line_is_read(stand_in, t
     assert fragment in capsys.readouterr().err and not out.exists() and not stand_in["engines"]
     assert plan.main([str(src), "--model", "llama-3.1-8b", "--plot", "/dev/null"]) == 2
     assert fragment in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("how,fragment", [
+    ("file", "--model {m}: cannot read it as JSON (Expecting value: line 1 column 1 (char 0)); pass a model directory"),
+    ("dir", "{m}/config.json: cannot read it as JSON (Expecting value"),
+    ("tokenizer", "--tokenizer {m}: no such directory; pass the folder holding the model's tokenizer files"),
+])
+def test_plan_names_a_model_config_that_is_not_json_and_a_missing_tokenizer(tmp_path, capsys, how, fragment):
+    """`plan --model bad.json` (or a folder whose config.json is not JSON) said only "Expecting
+    value: line 1 column 1 (char 0)"; a missing --tokenizer folder, Hugging Face's repo-id rules."""
+    from blendserve_sgl import plan
+
+    src = tmp_path / "in.jsonl"
+    src.write_text(completion("a") + "\n")
+    m = tmp_path / "m"
+    if how == "file":
+        m = tmp_path / "config.json"
+        m.write_text("nonsense")
+        args = ["--model", str(m)]
+    elif how == "dir":
+        m.mkdir()
+        (m / "config.json").write_text("nonsense")
+        args = ["--model", str(m)]
+    else:
+        args = ["--model", "llama-3.1-8b", "--tokenizer", str(m)]
+    assert plan.main([str(src), *args, "--plot", "/dev/null"]) == 2
+    err = capsys.readouterr().err
+    assert fragment.format(m=m) in err and "Traceback" not in err, err
