@@ -1024,3 +1024,47 @@ def test_plan_names_a_model_config_that_is_not_json_and_a_missing_tokenizer(tmp_
     assert plan.main([str(src), *args, "--plot", "/dev/null"]) == 2
     err = capsys.readouterr().err
     assert fragment.format(m=m) in err and "Traceback" not in err, err
+
+
+def test_results_that_cannot_be_written_end_the_run_once_without_stray_tracebacks(caplog):
+    """A full disk under the real engine: several requests finished in one step, each write
+    failed, the first error stopped the run and every other one was logged by asyncio as "Task
+    exception was never retrieved", a traceback each, after the run's one message."""
+    import asyncio
+    import gc
+    import logging
+    from types import SimpleNamespace
+
+    from blendserve_sgl.batch import runner
+    from blendserve_sgl.batch.results import ResultsError
+
+    class Instant:
+        loop = asyncio.new_event_loop()
+
+        async def async_generate(self, input_ids, sampling_params):
+            return {"meta_info": {"finish_reason": {"type": "length"}}}
+
+    def full(p, out):
+        raise ResultsError("cannot write results.jsonl: No space left on device")
+
+    engine = Instant()
+    items = [SimpleNamespace(input_ids=[1], sampling_params={}) for _ in range(8)]
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        with pytest.raises(ResultsError, match="No space left on device"):
+            runner.generate(engine, items, full, lambda p, exc: None, window=4)
+        gc.collect()
+    engine.loop.close()
+    assert "never retrieved" not in caplog.text, caplog.text
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc (a folder where no file can be created)")
+def test_a_summary_that_cannot_be_written_is_one_message_after_the_records(stand_in, tmp_path, capsys):  # noqa: F811
+    """`--summary-json /proc/s.json` passes the checks before the run (the folder exists) and
+    failed only at the end, with a FileNotFoundError traceback; now one message, exit 2, and
+    every record is written."""
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    code = cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"]), "--summary-json", "/proc/s.json"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"cannot write --summary-json /proc/s.json: No such file or directory; the records are in {out}" \
+        in err and "Traceback" not in err, err
+    assert len(out.read_text().splitlines()) == len([x for x in src.read_text().splitlines() if x.strip()])

@@ -224,8 +224,12 @@ def _run(args, source: Path, model_dir: Path, device: str, tokenizer, ctx: int, 
     for line in summary_lines(stats, str(writer.path), str(writer.errors_path) if writer.errors_path else None):
         _say(line)
     if args.summary_json:
-        Path(args.summary_json).write_text(json.dumps({"input": str(source), "output": str(writer.path),
-                                                       **stats.to_json()}, indent=2) + "\n")
+        try:
+            Path(args.summary_json).write_text(json.dumps({"input": str(source), "output": str(writer.path),
+                                                           **stats.to_json()}, indent=2) + "\n")
+        except OSError as exc:
+            raise ResultsError(f"cannot write --summary-json {args.summary_json}: {exc.strerror}; the records are in "
+                               f"{writer.path}") from None
     return 130 if stats.interrupted else 0
 
 
