@@ -1068,3 +1068,17 @@ def test_a_summary_that_cannot_be_written_is_one_message_after_the_records(stand
     assert code == 2 and f"cannot write --summary-json /proc/s.json: No such file or directory; the records are in {out}" \
         in err and "Traceback" not in err, err
     assert len(out.read_text().splitlines()) == len([x for x in src.read_text().splitlines() if x.strip()])
+
+
+@pytest.mark.parametrize("levels,ok", [("64", True), ("65", False), ("1000000", False), ("1", True)])
+def test_cascade_levels_beyond_any_prefix_tree_are_refused_at_launch(levels, ok):
+    """The cascade plan holds every level at every decode step, empty or not: 10**6 levels took
+    29 s a step on 8 requests and 10**9 exhausted the scheduler's memory mid-run."""
+    from blendserve_sgl.sglang_plugin.cascade_backend import CascadeSettings
+
+    env = {"BLENDSERVE_CASCADE_LEVELS": levels}
+    if ok:
+        assert CascadeSettings.from_env(env).levels == int(levels)
+    else:
+        with pytest.raises(ValueError, match=rf"BLENDSERVE_CASCADE_LEVELS='{levels}': must be in \[1, 64\]"):
+            CascadeSettings.from_env(env)

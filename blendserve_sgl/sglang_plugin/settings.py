@@ -136,9 +136,11 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
 
 
 # `--attention-backend cascade` (cascade_backend.CascadeSettings): variables only.
+MAX_CASCADE_LEVELS = 64  # the plan holds every level each decode step: 8 requests took 29 s with 10**6 (2-core CPU)
 CASCADE_KNOBS: dict[str, Knob] = {k.name: k for k in (
-    Knob("levels", int, "Levels of the cascade plan: shared ones + the suffix level (1 turns the cascade off).",
-         _at_least(1), default=2, prefix="BLENDSERVE_CASCADE_", cli=False),
+    Knob("levels", int, "Levels of the cascade plan: shared ones + the suffix level (1 turns the cascade off; "
+         f"at most {MAX_CASCADE_LEVELS}: the plan holds every level, empty or not, at every decode step).",
+         _within(1, MAX_CASCADE_LEVELS), default=2, prefix="BLENDSERVE_CASCADE_", cli=False),
     Knob("min_shared_tokens", int, "A group must share at least this many tokens.", _at_least(1), default=16,
          prefix="BLENDSERVE_CASCADE_", cli=False),
     Knob("stats_path", str, "Rewrite decode counters there as JSON after every decode step.", _file_to_write,
