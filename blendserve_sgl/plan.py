@@ -295,6 +295,20 @@ def _plot_path(args) -> str:
     return args.plot or (str(Path(args.out).with_suffix(".png")) if args.out else "plan.png")
 
 
+def _check_plot_format(path: str) -> None:
+    """The plot's file type is matplotlib's to write: one it does not know fails here, before the
+    simulation, not after it."""
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if not suffix:
+        return  # matplotlib's default (PNG)
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    if suffix not in kinds:
+        raise ValueError(f"--plot {path}: matplotlib cannot write .{suffix} files; name a .png, or one of "
+                         f"{', '.join('.' + k for k in sorted(kinds))}")
+
+
 def _sample_size(text: str) -> int:
     return 0 if text.strip() == "0" else positive_int(text)
 
@@ -349,6 +363,7 @@ def main(argv: list[str] | None = None) -> int:
             check_output(flag, path)
         check_apart("--out", args.out, [("the input", args.input)])
         check_apart("--plot", _plot_path(args), [("the input", args.input), ("the --out file", args.out)])
+        _check_plot_format(_plot_path(args))
         policies = list(dict.fromkeys(p.strip() for p in args.policies.split(",") if p.strip()))  # each once
         bad = [p for p in policies if p not in POLICIES]
         if bad or not policies:
@@ -426,11 +441,19 @@ def main(argv: list[str] | None = None) -> int:
     plot = _plot_path(args)
     best = out.get("best_other", {}).get("max_tokens")
     shown = [results["max_tokens"][p] for p in ("blend", best) if p in results["max_tokens"]]
-    plot_steps(shown or list(results["max_tokens"].values())[:2], plot, ExecModel(args.timing),
-               title=f"{out['input']}: predicted per-step compute and memory time (outputs at max_tokens)")
     out["plot"] = plot
-    if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    for flag, path, write in (
+            ("--plot", plot, lambda: plot_steps(shown or list(results["max_tokens"].values())[:2], plot,
+                                                ExecModel(args.timing), title=f"{out['input']}: predicted per-step "
+                                                "compute and memory time (outputs at max_tokens)")),
+            ("--out", args.out, lambda: Path(args.out).write_text(json.dumps(out, indent=2) + "\n"))):
+        if path:
+            try:
+                write()
+            except OSError as exc:
+                print(f"blendserve plan: error: cannot write {flag} {path}: {exc.strerror or exc}; choose another "
+                      f"{flag}", file=sys.stderr)
+                return 2
     if args.json:
         print(json.dumps(out, indent=2))
         return 0

@@ -1082,3 +1082,31 @@ def test_cascade_levels_beyond_any_prefix_tree_are_refused_at_launch(levels, ok)
     else:
         with pytest.raises(ValueError, match=rf"BLENDSERVE_CASCADE_LEVELS='{levels}': must be in \[1, 64\]"):
             CascadeSettings.from_env(env)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc (a folder where no file can be created)")
+@pytest.mark.parametrize("flag", ["--plot", "--out"])
+def test_plan_files_that_cannot_be_written_are_one_message_after_the_simulation(tmp_path, capsys, flag):
+    """`plan --out /proc/p.json` passed the checks before the simulation (the folder exists) and
+    ended in a traceback when written."""
+    from blendserve_sgl import plan
+
+    src = tmp_path / "in.jsonl"
+    src.write_text(completion("a") + "\n")
+    other = ["--plot", "/dev/null"] if flag == "--out" else []
+    assert plan.main([str(src), "--model", "llama-3.1-8b", "--workers", "1", flag, "/proc/p.png", *other]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {flag} /proc/p.png: No such file or directory; choose another {flag}" in err, err
+
+
+@pytest.mark.parametrize("name", ["p.txt", "p.PNG.x"])
+def test_a_plot_type_matplotlib_cannot_write_is_named_before_the_simulation(tmp_path, capsys, name):
+    """`plan --plot p.txt` simulated every policy, then matplotlib raised ValueError: a traceback."""
+    from blendserve_sgl import plan
+
+    src = tmp_path / "in.jsonl"
+    src.write_text(completion("a") + "\n")
+    code = plan.main([str(src), "--model", "llama-3.1-8b", "--workers", "1", "--plot", str(tmp_path / name)])
+    err = capsys.readouterr().err
+    suffix = name.rsplit(".", 1)[1]
+    assert code == 2 and f"--plot {tmp_path / name}: matplotlib cannot write .{suffix} files; name a .png" in err, err
