@@ -120,6 +120,7 @@ def test_dash_is_standard_input(stand_in, tmp_path, monkeypatch):  # noqa: F811
     (["--workers", "-3"], "argument --workers: -3 must be 0 or a positive integer"),
     (["--workers", str((os.cpu_count() or 1) + 1)], f"is more than the {os.cpu_count() or 1} cores of this machine"),
     (["--log-level", "loud"], "argument --log-level: invalid choice: 'loud'"),
+    (["--window", str(2**63)], f"argument --window: {2**63} is more requests than any batch holds; pass 0 for all"),
     (["--seed", "-1"], "argument --seed: -1 must be 0 or a positive integer"),  # NumPy's seeding in SGLang's
     (["--seed", "4294967296"], "argument --seed: 4294967296 must be at most 2**32 - 1"),  # scheduler refused these
     (["--ray", "--gpus-per-replica", "-1"], "--gpus-per-replica must be 0 or more, got -1.0"),

@@ -487,8 +487,12 @@ def _engine_args(pairs: list[str]) -> dict:
 
 
 def _window(text: str) -> int:
-    return -1 if text == "auto" else int_at_least(text, 0, "auto, 0 (all at once) or a positive integer",
-                                                  "auto or an integer")
+    if text == "auto":
+        return -1
+    window = int_at_least(text, 0, "auto, 0 (all at once) or a positive integer", "auto or an integer")
+    if window > sys.maxsize:  # the feed counts requests in machine integers
+        raise argparse.ArgumentTypeError(f"{text} is more requests than any batch holds; pass 0 for all at once")
+    return window
 
 
 def _phase_printer(quiet: bool, every: float = 10.0):
