@@ -1111,3 +1111,29 @@ def test_a_plot_type_matplotlib_cannot_write_is_named_before_the_simulation(tmp_
     err = capsys.readouterr().err
     suffix = name.rsplit(".", 1)[1]
     assert code == 2 and f"--plot {tmp_path / name}: matplotlib cannot write .{suffix} files; name a .png" in err, err
+
+
+def test_stats_and_trace_files_that_fail_mid_run_stop_themselves_not_the_scheduler(tmp_path, caplog):
+    """Checked at launch, the folder of BLENDSERVE_STATS_PATH / BLENDSERVE_TRACE_PATH can still
+    vanish (or the disk fill) while the server runs: the write raised inside the scheduler and
+    ended it. Now each file stops with a warning and the steps go on."""
+    import logging
+    from types import SimpleNamespace
+
+    from test_plugin import FakeReq, FakeScheduler, _make_policy
+
+    folder = tmp_path / "gone"
+    folder.mkdir()
+    sched = FakeScheduler()
+    pol = _make_policy(sched, stats_path=str(folder / "stats.json"), trace_path=str(folder / "trace.jsonl"))
+    folder.rmdir()
+    with caplog.at_level(logging.WARNING, logger="blendserve_sgl.sglang_plugin.policy"):
+        for step in range(40):
+            r = FakeReq(f"r{step}", [1] * 20 + [step + 5], 4)
+            sched.waiting_queue.append(r)
+            pol.on_arrival(r)
+            pol.calc_priority(sched.waiting_queue, SimpleNamespace(reqs=[]))
+            sched.waiting_queue = []
+            pol.end_step()
+    assert pol.steps == 40 and pol.stats_path is None and pol.trace_path is None
+    assert "its counters stop here" in caplog.text and "the step trace stops here" in caplog.text

@@ -13,6 +13,7 @@ goes back into the tree). No request is dropped: `after_step` always restores th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -390,8 +391,12 @@ class BlendPolicy:
             batch = result[0] if isinstance(result, tuple) and result else None
             self._trace["paced"] = paced
             self._trace["prefill_tokens"] = getattr(batch, "extend_num_tokens", None) if batch is not None else 0
-            with open(self.trace_path, "a") as f:
-                f.write(json.dumps(self._trace, default=str) + "\n")
+            try:
+                with open(self.trace_path, "a") as f:
+                    f.write(json.dumps(self._trace, default=str) + "\n")
+            except OSError as exc:  # a full disk ends the trace, never the scheduler
+                logger.warning("blend policy: cannot append to %s (%s); the step trace stops here", self.trace_path, exc)
+                self.trace_path = None
             self._trace = None
 
     def stats(self) -> dict:
@@ -407,6 +412,12 @@ class BlendPolicy:
     def write_stats(self) -> None:
         """Write `stats()` as JSON to $BLENDSERVE_STATS_PATH (atomically), for benchmarks and tests."""
         tmp = f"{self.stats_path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(self.stats(), f)
-        os.replace(tmp, self.stats_path)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(self.stats(), f)
+            os.replace(tmp, self.stats_path)
+        except OSError as exc:  # a full disk ends the counters file, never the scheduler
+            logger.warning("blend policy: cannot write %s (%s); its counters stop here", self.stats_path, exc)
+            self.stats_path = None
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
