@@ -1136,4 +1136,25 @@ def test_stats_and_trace_files_that_fail_mid_run_stop_themselves_not_the_schedul
             sched.waiting_queue = []
             pol.end_step()
     assert pol.steps == 40 and pol.stats_path is None and pol.trace_path is None
-    assert "its counters stop here" in caplog.text and "the step trace stops here" in caplog.text
+    assert "cannot write the blend policy's counters to" in caplog.text and "the step trace stops here" in caplog.text
+
+
+def test_cascade_counters_that_fail_mid_run_stop_themselves_not_the_decode_step(tmp_path, caplog):
+    import logging
+
+    import numpy as np
+
+    from blendserve_sgl.sglang_plugin.cascade_backend import _StatsWriter
+
+    folder = tmp_path / "gone"
+    folder.mkdir()
+    writer = _StatsWriter(str(folder / "cascade.json"))
+    writer.record(None, np.array([3, 4]), np.array([3, 4]), 0.0)
+    assert (folder / "cascade.json").is_file()
+    (folder / "cascade.json").unlink()
+    folder.rmdir()
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            writer.record(None, np.array([3, 4]), np.array([3, 4]), 0.0)
+    assert writer.path is None and writer.stats.decode_steps == 4
+    assert caplog.text.count("cannot write the cascade counters to") == 1

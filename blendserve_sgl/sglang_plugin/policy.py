@@ -13,11 +13,9 @@ goes back into the tree). No request is dropped: `after_step` always restores th
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict
 from typing import Any
@@ -25,7 +23,7 @@ from typing import Any
 from ..core import Budget, CostModel, DualScanner, ResourceTree
 from ..core.pacing import WaitingWork, paced_prefill_tokens, paces
 from ..core.specs import ModelSpec, hardware
-from .settings import BlendSettings
+from .settings import BlendSettings, write_json_file
 
 logger = logging.getLogger(__name__)
 
@@ -411,13 +409,5 @@ class BlendPolicy:
 
     def write_stats(self) -> None:
         """Write `stats()` as JSON to $BLENDSERVE_STATS_PATH (atomically), for benchmarks and tests."""
-        tmp = f"{self.stats_path}.tmp{os.getpid()}"
-        try:
-            with open(tmp, "w") as f:
-                json.dump(self.stats(), f)
-            os.replace(tmp, self.stats_path)
-        except OSError as exc:  # a full disk ends the counters file, never the scheduler
-            logger.warning("blend policy: cannot write %s (%s); its counters stop here", self.stats_path, exc)
+        if not write_json_file(self.stats_path, self.stats(), "the blend policy's counters"):
             self.stats_path = None
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)

@@ -11,6 +11,9 @@ here writes `os.environ`.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import math
 import os
 from dataclasses import dataclass
@@ -20,6 +23,7 @@ from typing import Any, Callable, NamedTuple
 from ..core.preset import PRESET, BlendPreset
 from ..core.specs import hardware_names
 
+logger = logging.getLogger(__name__)
 _BOOL = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 SETTINGS_ATTR = "_blend_settings"  # carries BlendSettings to the scheduler on the ServerArgs (SGLang seals
 # its fields once resolved, not underscore bookkeeping, which its pickling keeps)
@@ -101,6 +105,23 @@ def _file_to_write(v):
     if not path.parent.is_dir():
         return f"the folder {path.parent} does not exist; create it or choose another path"
     return None
+
+
+def write_json_file(path: str, data: dict, what: str) -> bool:
+    """Write `data` as JSON to `path` atomically (a temporary file renamed over it). False, with a
+    warning, when it cannot: these files are side outputs of the scheduler, and a failed write (a
+    full disk, a folder removed mid-run) must not end it."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+        return True
+    except OSError as exc:
+        logger.warning("cannot write %s to %s (%s); it stops here", what, path, exc)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        return False
 
 
 def _hardware(v):
