@@ -33,6 +33,18 @@ def non_negative_int(text: str) -> int:
     return int_at_least(text, 0, "0 or a positive integer")
 
 
+MAX_ENGINE_SEED = 2**32 - 1  # SGLang seeds NumPy's global generator with its random_seed, which takes no more
+
+
+def engine_seed(text: str) -> int:
+    """An SGLang `random_seed`: 0 to 2**32 - 1 (beyond it the engine fails to start)."""
+    seed = non_negative_int(text)
+    if seed > MAX_ENGINE_SEED:
+        raise argparse.ArgumentTypeError(f"{text} must be at most 2**32 - 1 = {MAX_ENGINE_SEED:,} (SGLang seeds NumPy "
+                                         "with it)")
+    return seed
+
+
 def positive_float(text: str) -> float:
     try:
         v = float(text)

@@ -41,7 +41,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-from .cli import fraction, positive_float, positive_int
+from .cli import engine_seed, fraction, positive_float, positive_int
 from .core import CostModel
 from .core.preset import PRESET
 from .core.specs import ModelSpec, hardware, hardware_names, model, model_names
@@ -285,7 +285,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--sim-requests", type=positive_int, default=SIM_REQUESTS,
                     help="simulate a uniform sample of at most this many requests, times scaled to the file (the "
                          "first policy also runs on a second sample: the spread is reported)")
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=engine_seed, default=0, help="sample and engine seed, 0 to 2**32 - 1")
     ap.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
                     help="processes that run the simulations (default: the CPU count; the results do not depend on it)")
     ap.add_argument("--plot", help="PNG of per-step compute and memory time (default: next to --out, or plan.png)")
@@ -296,6 +296,20 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _plot_path(args) -> str:
     return args.plot or (str(Path(args.out).with_suffix(".png")) if args.out else "plan.png")
+
+
+def _check_plot_format(path: str) -> None:
+    """The plot's file type is matplotlib's to write: one it does not know fails here, before the
+    simulation, not after it."""
+    suffix = Path(path).suffix.lower().lstrip(".")
+    if not suffix:
+        return  # matplotlib's default (PNG)
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    kinds = FigureCanvasBase.get_supported_filetypes()
+    if suffix not in kinds:
+        raise ValueError(f"--plot {path}: matplotlib cannot write .{suffix} files; name a .png, or one of "
+                         f"{', '.join('.' + k for k in sorted(kinds))}")
 
 
 def _sample_size(text: str) -> int:
@@ -312,9 +326,18 @@ def _cost_and_tokenizer(args):
 
     path = Path(args.model)
     if path.is_dir():
-        spec, ctx, tok_dir = ModelSpec.from_config_file(path), context_length(path), path
+        ctx = context_length(path)  # first: a config.json that is not JSON is named here
+        spec, tok_dir = ModelSpec.from_config_file(path), path
     else:
-        spec, tok_dir = model(args.model), Path(args.tokenizer) if args.tokenizer else None
+        try:
+            spec = model(args.model)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"--model {args.model}: cannot read it as JSON ({exc}); pass a model directory, its "
+                             "config.json or a preset name") from None
+        tok_dir = Path(args.tokenizer) if args.tokenizer else None
+        if tok_dir is not None and not tok_dir.is_dir():
+            raise ValueError(f"--tokenizer {tok_dir}: no such directory; pass the folder holding the model's tokenizer "
+                             "files (tokenizer.json or tokenizer_config.json)")
         ctx = spec.max_context
     cost = CostModel(spec, hardware(args.hardware))
     if tok_dir is None:
@@ -343,7 +366,8 @@ def main(argv: list[str] | None = None) -> int:
             check_output(flag, path)
         check_apart("--out", args.out, [("the input", args.input)])
         check_apart("--plot", _plot_path(args), [("the input", args.input), ("the --out file", args.out)])
-        policies = [p.strip() for p in args.policies.split(",") if p.strip()]
+        _check_plot_format(_plot_path(args))
+        policies = list(dict.fromkeys(p.strip() for p in args.policies.split(",") if p.strip()))  # each once
         bad = [p for p in policies if p not in POLICIES]
         if bad or not policies:
             raise ValueError(f"--policies: unknown {', '.join(map(repr, bad)) or repr(args.policies)}; choose from {', '.join(POLICIES)}")
@@ -424,11 +448,19 @@ def main(argv: list[str] | None = None) -> int:
     plot = _plot_path(args)
     best = out.get("best_other", {}).get("max_tokens")
     shown = [results["max_tokens"][p] for p in ("blend", best) if p in results["max_tokens"]]
-    plot_steps(shown or list(results["max_tokens"].values())[:2], plot, ExecModel(args.timing),
-               title=f"{out['input']}: predicted per-step compute and memory time (outputs at max_tokens)")
     out["plot"] = plot
-    if args.out:
-        Path(args.out).write_text(json.dumps(out, indent=2) + "\n")
+    for flag, path, write in (
+            ("--plot", plot, lambda: plot_steps(shown or list(results["max_tokens"].values())[:2], plot,
+                                                ExecModel(args.timing), title=f"{out['input']}: predicted per-step "
+                                                "compute and memory time (outputs at max_tokens)")),
+            ("--out", args.out, lambda: Path(args.out).write_text(json.dumps(out, indent=2) + "\n"))):
+        if path:
+            try:
+                write()
+            except OSError as exc:
+                print(f"blendserve plan: error: cannot write {flag} {path}: {exc.strerror or exc}; choose another "
+                      f"{flag}", file=sys.stderr)
+                return 2
     if args.json:
         print(json.dumps(out, indent=2))
         return 0

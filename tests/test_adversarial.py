@@ -118,7 +118,11 @@ def test_dash_is_standard_input(stand_in, tmp_path, monkeypatch):  # noqa: F811
 
 @pytest.mark.parametrize("args,fragment", [
     (["--workers", "-3"], "argument --workers: -3 must be 0 or a positive integer"),
+    (["--workers", str((os.cpu_count() or 1) + 1)], f"is more than the {os.cpu_count() or 1} cores of this machine"),
     (["--log-level", "loud"], "argument --log-level: invalid choice: 'loud'"),
+    (["--window", str(2**63)], f"argument --window: {2**63} is more requests than any batch holds; pass 0 for all"),
+    (["--seed", "-1"], "argument --seed: -1 must be 0 or a positive integer"),  # NumPy's seeding in SGLang's
+    (["--seed", "4294967296"], "argument --seed: 4294967296 must be at most 2**32 - 1"),  # scheduler refused these
     (["--ray", "--gpus-per-replica", "-1"], "--gpus-per-replica must be 0 or more, got -1.0"),
     (["--engine-arg", "context_length=16"], "--engine-arg 'context_length=16': use --context-length instead"),
     (["--engine-arg", "schedule-policy=fcfs"], "use --policy instead"),
@@ -687,3 +691,470 @@ def test_sigterm_while_reading_stops_like_ctrl_c(stand_in, tmp_path, capsys, mon
     finally:
         signal.signal(signal.SIGTERM, before)
     assert "interrupted; nothing was lost" in capsys.readouterr().err and not stand_in["engines"]
+
+
+# ------------------------------------------------------------------ the plugin: prompts the forward pass cannot take
+class _Req:
+    """What the enqueue hook reads of SGLang's `Req`, recording `set_finish_with_abort`."""
+
+    def __init__(self, ids, output_ids=(), multimodal=None):
+        self.rid, self.origin_input_ids, self.output_ids = "r", ids, list(output_ids)
+        self.multimodal_inputs, self.to_finish, self.aborted = multimodal, None, None
+
+    def finished(self):
+        return False
+
+    def set_finish_with_abort(self, message):
+        self.aborted, self.origin_input_ids = message, [0]
+
+
+@pytest.mark.parametrize("ids,fragment", [
+    ([], "the prompt has no tokens"),
+    ([5, 512], "token id 512, outside the model's vocabulary [0, 512)"),
+    ([-1, 5], "token id -1, outside the model's vocabulary [0, 512)"),
+    ([5, 2**63 - 1], "token id 9223372036854775807"),
+    ([0, 511], None), ([7], None),
+])
+def test_a_prompt_the_forward_pass_cannot_take_ends_alone_before_the_plan(ids, fragment):
+    """`sglang serve --schedule-policy blend` died on `{"text": ""}` (a tokenizer that adds no BOS
+    gives no tokens) and on `input_ids` beyond the vocabulary: SGLang checks neither, and the
+    forward pass raised in the scheduler, ending the server and every request in it. Now such a
+    request ends as its own 400 error, with a one-token stand-in prompt the policy tracks."""
+    from types import SimpleNamespace
+
+    from blendserve_sgl.sglang_plugin import _after_enqueue
+
+    req = _Req(list(ids))
+    seen = []
+    sched = SimpleNamespace(schedule_policy="blend", waiting_queue=[req], model_config=SimpleNamespace(vocab_size=512),
+                            policy=SimpleNamespace(on_arrival=lambda r: seen.append(list(r.origin_input_ids))))
+    _after_enqueue(None, sched, req)
+    assert (req.aborted is None) if fragment is None else (fragment in req.aborted), req.aborted
+    assert seen == [[0] if fragment else list(ids)]
+
+
+def test_prompts_past_the_vocabulary_check_only_what_it_can_judge():
+    """Multimodal placeholders lie beyond the vocabulary by design; a retracted request (output so
+    far) or one already ending is SGLang's; with another policy the hook steps aside."""
+    from types import SimpleNamespace
+
+    from blendserve_sgl.sglang_plugin import _after_enqueue
+
+    reqs = [_Req([5, 10**9], multimodal=object()), _Req([5, 600], output_ids=[3]), _Req([])]
+    reqs[2].to_finish = "aborted already"
+    for req in reqs:
+        sched = SimpleNamespace(schedule_policy="blend", waiting_queue=[req], model_config=SimpleNamespace(vocab_size=512),
+                                policy=SimpleNamespace(on_arrival=lambda r: None))
+        _after_enqueue(None, sched, req)
+        assert req.aborted is None
+    req = _Req([])
+    _after_enqueue(None, SimpleNamespace(schedule_policy="fcfs", waiting_queue=[req], policy=None), req)
+    assert req.aborted is None
+
+
+_SERVER_SCENARIO = """
+import json, sys
+import sglang
+
+
+def main():
+    engine = sglang.Engine(model_path=sys.argv[1], device="cpu", attention_backend="torch_native", schedule_policy="blend",
+                           max_total_tokens=4096, random_seed=0, log_level="error")
+    out = {}
+    try:
+        for name, kw in [("empty", {"prompt": ""}), ("oov", {"input_ids": [5, 100000]}), ("neg", {"input_ids": [-1, 5]}),
+                         ("good", {"prompt": "count: one two"})]:
+            try:
+                res = engine.generate(**kw, sampling_params={"max_new_tokens": 3, "temperature": 0})
+                out[name] = res["meta_info"]["finish_reason"]
+            except Exception as exc:  # noqa: BLE001
+                out[name] = {"raised": str(exc)}
+    finally:
+        engine.shutdown()
+    print("RESULT " + json.dumps(out))
+
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+@pytest.mark.engine
+def test_unrunnable_prompts_on_the_real_engine_fail_alone_and_the_engine_stays_up(tiny_llama, tmp_path):
+    """On the real engine (blend policy): an empty prompt and ids outside the vocabulary each fail
+    with their own message, and the next request still generates."""
+    import subprocess
+    import sys
+
+    from blendserve_sgl.harness import cpu_engine_env, kill_group, start
+
+    script = tmp_path / "scenario.py"
+    script.write_text(_SERVER_SCENARIO)
+    proc = start([sys.executable, str(script), tiny_llama], env=cpu_engine_env(), stdout=subprocess.PIPE, text=True)
+    try:
+        text, _ = proc.communicate(timeout=600)
+    finally:
+        kill_group(proc)
+    line = next((x for x in text.splitlines() if x.startswith("RESULT ")), None)
+    assert proc.returncode == 0 and line, text[-3000:]
+    res = json.loads(line[len("RESULT "):])
+    assert "the prompt has no tokens" in json.dumps(res["empty"]), res
+    assert "token id 100000, outside the model's vocabulary" in json.dumps(res["oov"]), res
+    assert "token id -1, outside" in json.dumps(res["neg"]), res
+    assert res["good"].get("type") == "length", res
+
+
+@pytest.mark.parametrize("var", ["BLENDSERVE_STATS_PATH", "BLENDSERVE_TRACE_PATH", "BLENDSERVE_CASCADE_STATS_PATH"])
+def test_a_stats_or_trace_path_the_scheduler_cannot_write_stops_the_launch(tmp_path, var):
+    """The scheduler writes these files (trace: after the first prefill step; stats: every 32
+    steps): a folder, or a file in a missing folder, raised there and ended the server mid-run.
+    Now the launching process names the variable before any model loads."""
+    from blendserve_sgl.sglang_plugin.cascade_backend import CascadeSettings
+    from blendserve_sgl.sglang_plugin.settings import BlendSettings
+
+    load = CascadeSettings.from_env if "CASCADE" in var else BlendSettings.load
+    for value, fragment in [(str(tmp_path), "is a directory; name a file in it"),
+                            (str(tmp_path / "missing" / "x.json"), f"the folder {tmp_path / 'missing'} does not exist")]:
+        with pytest.raises(ValueError) as exc:
+            load({var: value})
+        assert f"{var}={value!r}: {fragment}" in str(exc.value), str(exc.value)
+    ok = load({var: str(tmp_path / "x.json")})
+    assert ok.stats_path == str(tmp_path / "x.json") or ok.trace_path == str(tmp_path / "x.json")
+
+
+# ------------------------------------------------------------------ the input edited between runs
+def test_a_line_removed_after_its_result_was_written_is_named_as_such(stand_in, tmp_path, capsys):  # noqa: F811
+    """Interrupted, then a finished line removed from the input: the rerun said the results file
+    was "the output of another input" and offered only --overwrite. Now it says the custom_id left
+    this input beside the ones still in it; nothing is written; the line put back, the rerun ends."""
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    lines = src.read_text().splitlines()
+    args = [str(src), "-o", str(out), "--model", str(stand_in["model"])]
+    stand_in["interrupt_after"] = 3
+    assert cli.main(args) == 130
+    stand_in["interrupt_after"] = None
+    gone = next(r["custom_id"] for r in map(json.loads, out.read_text().splitlines())
+                if (r["custom_id"] or "").startswith("q"))
+    before = out.read_bytes()
+    src.write_text("\n".join(x for x in lines if f'"custom_id": "{gone}"' not in x) + "\n")
+    capsys.readouterr()
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err
+    assert f"holds 1 results of custom_ids that are no longer in {src} (e.g. {gone!r}), beside " in err, err
+    assert "lines removed, or their custom_id edited" in err and "another input" not in err
+    assert out.read_bytes() == before and len(stand_in["engines"]) == 1
+    src.write_text("\n".join(lines) + "\n")
+    assert cli.main(args) == 0
+    keys = [str(record_key(json.loads(x))) for x in out.read_text().splitlines()]
+    assert len(keys) == len(set(keys)) == len([x for x in lines if x.strip()])
+
+
+@pytest.mark.parametrize("content,fragment", [
+    (__import__("gzip").compress(b"TIMESTAMP,ContextTokens,GeneratedTokens\nt,10,2\n"),
+     "not UTF-8 text (byte b'\\x8b' at offset 1); a CSV file here is plain text: decompress it"),
+    ("TIMESTAMP,ContextTokens,GeneratedTokens\nt\xe9,10,2\n".encode("latin-1"), "not UTF-8 text (byte b'\\xe9'"),
+    (("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "t" * 200_000 + ",10,2\n").encode(),
+     "line 2: not a CSV row (field larger than field limit (131072)); fix or delete that row"),
+    (None, "is a directory; a CSV file belongs there"),
+])
+def test_a_trace_that_is_not_csv_text_is_one_error_naming_the_file(tmp_path, monkeypatch, capsys, content, fragment):
+    """A gzip-compressed trace under its .csv name, Latin-1 bytes, a cell over csv's field limit,
+    a folder: each raised UnicodeDecodeError, csv.Error or IsADirectoryError without the file's
+    name (a traceback from `blendserve simulate`). The same reader serves the MMLU files."""
+    from blendserve_sgl.sim import cli as sim_cli
+    from blendserve_sgl.workloads import data
+
+    _trace(tmp_path, monkeypatch, "")
+    path = tmp_path / AZURE
+    if content is None:
+        path.unlink()
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    with pytest.raises(ValueError) as exc:
+        data.load_azure("code")
+    assert str(path) in str(exc.value) and fragment in str(exc.value), str(exc.value)
+    for part in ("dev", "test"):
+        (tmp_path / "mmlu" / part).mkdir(parents=True)
+    (tmp_path / "mmlu" / "dev" / "x_dev.csv").write_text("q,a,b,c,d,A\n")
+    mmlu_test = tmp_path / "mmlu" / "test" / "x_test.csv"
+    if content is None:
+        mmlu_test.mkdir()
+    else:
+        mmlu_test.write_bytes(content)
+    with pytest.raises(ValueError, match=r"x_test\.csv"):
+        data.load_mmlu()
+    if mmlu_test.is_dir():
+        mmlu_test.rmdir()
+    mmlu_test.write_text("q,a,b,c,d\n")
+    assert sim_cli.main(["--workload", "mixed", "--requests", "50", "--policy", "fcfs"]) != 0
+    err = capsys.readouterr().err
+    assert fragment in err and "Traceback" not in err, err
+
+
+def _sharegpt_item(i):
+    return {"id": f"g{i}", "score": 12.5, "ok": True,
+            "conversations": [{"from": "human", "value": f"hi \u00e9 \\ {i}"}, {"from": "gpt", "value": "hello"}]}
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("[" + json.dumps(_sharegpt_item(0)) + ',\n {"id": "b", "conversations": [}, ' + json.dumps(_sharegpt_item(2)) + "]",
+     "sg.json line 2 column 32: invalid JSON (Expecting value) before the end of the file"),
+    ("[" + json.dumps(_sharegpt_item(0)) + " stray words " + json.dumps(_sharegpt_item(2)) + "]",
+     "sg.json line 1 column "),
+    ("[" + json.dumps(_sharegpt_item(0)) + ",\n" + "[" * 100_000 + "]" * 100_000 + "]",
+     "sg.json line 2: a record nested too deeply to read"),
+])
+def test_invalid_json_inside_a_sharegpt_file_is_named_not_a_silent_end(tmp_path, text, fragment):
+    """A broken record in the middle of the file ended the reading there as if the file were torn:
+    every later conversation was dropped without a word; records nested 100,000 deep raised
+    RecursionError. Now each is a ValueError naming the line."""
+    from blendserve_sgl.workloads.conversation import iter_conversations
+
+    path = tmp_path / "sg.json"
+    path.write_text(text)
+    with pytest.raises(ValueError) as exc:
+        list(iter_conversations(path))
+    assert fragment in str(exc.value), str(exc.value)
+
+
+def test_a_sharegpt_file_cut_anywhere_reads_its_whole_conversations(tmp_path):
+    """The packaged file ends inside a record: a file cut at any byte still reads, and yields
+    exactly the conversations that were whole before the cut."""
+    from blendserve_sgl.workloads.conversation import iter_conversations
+
+    full = json.dumps([_sharegpt_item(i) for i in range(3)], indent=2, ensure_ascii=True)
+    path = tmp_path / "sg.json"
+    for cut in range(1, len(full) + 1):
+        path.write_text(full[:cut])
+        got = [cid for cid, _ in iter_conversations(path)]
+        assert got == [f"g{i}" for i in range(len(got))], (cut, got)
+        if cut >= len(full) - 1:
+            assert got == ["g0", "g1", "g2"]
+
+
+def test_a_policy_named_twice_is_planned_once(tmp_path, capsys):
+    """`--policies blend,blend` raised "min() arg is an empty sequence" (a traceback): blend was
+    compared with the other policies, and there were none."""
+    from blendserve_sgl import plan
+
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(completion(f"r{i}", "count " * (i % 7 + 1), max_tokens=8) + "\n" for i in range(20)))
+    base = [str(src), "--model", "llama-3.1-8b", "--hardware", "h100", "--workers", "1", "--json", "--plot", "/dev/null"]
+    assert plan.main([*base, "--policies", "blend,blend"]) == 0
+    assert [r["policy"] for r in json.loads(capsys.readouterr().out)["policies"]] == ["blend"]
+    assert plan.main([*base, "--policies", "fcfs, blend,fcfs,"]) == 0
+    assert [r["policy"] for r in json.loads(capsys.readouterr().out)["policies"]] == ["fcfs", "blend"]
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967296"])
+def test_plan_refuses_a_seed_the_engine_cannot_take(tmp_path, capsys, seed):
+    """`plan --generate-sample` starts the engine with --seed: out of NumPy's range it failed there."""
+    from blendserve_sgl import plan
+
+    src = tmp_path / "in.jsonl"
+    src.write_text(completion("a") + "\n")
+    with pytest.raises(SystemExit) as exc:
+        plan.main([str(src), "--model", "llama-3.1-8b", "--seed", seed])
+    assert exc.value.code == 2 and f"argument --seed: {seed} must be" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("density,sharing", [(float("nan"), 0.3), (float("inf"), 0.3), (0.0, 0.3), (-1.0, 0.3),
+                                             (1.4, 1.0), (1.4, -0.1), (1.4, float("nan"))])
+def test_mix_targets_out_of_range_name_the_rule(density, sharing):
+    """`simulate --workload mix:nan,0.3` (or inf) failed with numpy's "negative dimensions are not
+    allowed"; now the targets' ranges are named before any class is drawn."""
+    from blendserve_sgl.core.cost import CostModel
+    from blendserve_sgl.workloads.recipes import mix
+
+    with pytest.raises(ValueError, match="the density must be a positive number and the sharing a fraction from 0 "
+                                         "to below 1, e.g. mix:1.2,0.25"):
+        mix(200, density, sharing, CostModel.from_names("llama-3.1-8b", "a100"))
+
+
+@pytest.mark.parametrize("packer,fragment", [
+    ("gzip", "is gzip-compressed, not JSONL text; decompress it first (`gzip -dk "),
+    ("bz2", "is bzip2-compressed, not JSONL text; decompress it first (`bzip2 -dk "),
+    ("lzma", "is xz-compressed, not JSONL text; decompress it first (`xz -dk "),
+    ("zip", "is a ZIP archive, not JSONL text; extract the requests file from it"),
+])
+def test_a_compressed_requests_file_is_named_before_any_line_is_read(stand_in, tmp_path, capsys, packer, fragment):  # noqa: F811
+    """A gzip-compressed batch file became a few "not UTF-8 text" error records and a run of
+    nothing (`plan`: "no valid request"); now both commands say what the file is."""
+    import importlib
+    import zipfile
+
+    from blendserve_sgl import plan
+
+    text = _batch(tmp_path).read_bytes()
+    src, out = tmp_path / "requests.jsonl.x", tmp_path / "results.jsonl"
+    if packer == "zip":
+        with zipfile.ZipFile(src, "w") as z:
+            z.writestr("requests.jsonl", text)
+    else:
+        src.write_bytes(importlib.import_module(packer).compress(text))
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"])]) == 2
+    assert fragment in capsys.readouterr().err and not out.exists() and not stand_in["engines"]
+    assert plan.main([str(src), "--model", "llama-3.1-8b", "--plot", "/dev/null"]) == 2
+    assert fragment in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("how,fragment", [
+    ("file", "--model {m}: cannot read it as JSON (Expecting value: line 1 column 1 (char 0)); pass a model directory"),
+    ("dir", "{m}/config.json: cannot read it as JSON (Expecting value"),
+    ("tokenizer", "--tokenizer {m}: no such directory; pass the folder holding the model's tokenizer files"),
+])
+def test_plan_names_a_model_config_that_is_not_json_and_a_missing_tokenizer(tmp_path, capsys, how, fragment):
+    """`plan --model bad.json` (or a folder whose config.json is not JSON) said only "Expecting
+    value: line 1 column 1 (char 0)"; a missing --tokenizer folder, Hugging Face's repo-id rules."""
+    from blendserve_sgl import plan
+
+    src = tmp_path / "in.jsonl"
+    src.write_text(completion("a") + "\n")
+    m = tmp_path / "m"
+    if how == "file":
+        m = tmp_path / "config.json"
+        m.write_text("nonsense")
+        args = ["--model", str(m)]
+    elif how == "dir":
+        m.mkdir()
+        (m / "config.json").write_text("nonsense")
+        args = ["--model", str(m)]
+    else:
+        args = ["--model", "llama-3.1-8b", "--tokenizer", str(m)]
+    assert plan.main([str(src), *args, "--plot", "/dev/null"]) == 2
+    err = capsys.readouterr().err
+    assert fragment.format(m=m) in err and "Traceback" not in err, err
+
+
+def test_results_that_cannot_be_written_end_the_run_once_without_stray_tracebacks(caplog):
+    """A full disk under the real engine: several requests finished in one step, each write
+    failed, the first error stopped the run and every other one was logged by asyncio as "Task
+    exception was never retrieved", a traceback each, after the run's one message."""
+    import asyncio
+    import gc
+    import logging
+    from types import SimpleNamespace
+
+    from blendserve_sgl.batch import runner
+    from blendserve_sgl.batch.results import ResultsError
+
+    class Instant:
+        loop = asyncio.new_event_loop()
+
+        async def async_generate(self, input_ids, sampling_params):
+            return {"meta_info": {"finish_reason": {"type": "length"}}}
+
+    def full(p, out):
+        raise ResultsError("cannot write results.jsonl: No space left on device")
+
+    engine = Instant()
+    items = [SimpleNamespace(input_ids=[1], sampling_params={}) for _ in range(8)]
+    with caplog.at_level(logging.ERROR, logger="asyncio"):
+        with pytest.raises(ResultsError, match="No space left on device"):
+            runner.generate(engine, items, full, lambda p, exc: None, window=4)
+        gc.collect()
+    engine.loop.close()
+    assert "never retrieved" not in caplog.text, caplog.text
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc (a folder where no file can be created)")
+def test_a_summary_that_cannot_be_written_is_one_message_after_the_records(stand_in, tmp_path, capsys):  # noqa: F811
+    """`--summary-json /proc/s.json` passes the checks before the run (the folder exists) and
+    failed only at the end, with a FileNotFoundError traceback; now one message, exit 2, and
+    every record is written."""
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    code = cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"]), "--summary-json", "/proc/s.json"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"cannot write --summary-json /proc/s.json: No such file or directory; the records are in {out}" \
+        in err and "Traceback" not in err, err
+    assert len(out.read_text().splitlines()) == len([x for x in src.read_text().splitlines() if x.strip()])
+
+
+@pytest.mark.parametrize("levels,ok", [("64", True), ("65", False), ("1000000", False), ("1", True)])
+def test_cascade_levels_beyond_any_prefix_tree_are_refused_at_launch(levels, ok):
+    """The cascade plan holds every level at every decode step, empty or not: 10**6 levels took
+    29 s a step on 8 requests and 10**9 exhausted the scheduler's memory mid-run."""
+    from blendserve_sgl.sglang_plugin.cascade_backend import CascadeSettings
+
+    env = {"BLENDSERVE_CASCADE_LEVELS": levels}
+    if ok:
+        assert CascadeSettings.from_env(env).levels == int(levels)
+    else:
+        with pytest.raises(ValueError, match=rf"BLENDSERVE_CASCADE_LEVELS='{levels}': must be in \[1, 64\]"):
+            CascadeSettings.from_env(env)
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc (a folder where no file can be created)")
+@pytest.mark.parametrize("flag", ["--plot", "--out"])
+def test_plan_files_that_cannot_be_written_are_one_message_after_the_simulation(tmp_path, capsys, flag):
+    """`plan --out /proc/p.json` passed the checks before the simulation (the folder exists) and
+    ended in a traceback when written."""
+    from blendserve_sgl import plan
+
+    src = tmp_path / "in.jsonl"
+    src.write_text(completion("a") + "\n")
+    other = ["--plot", "/dev/null"] if flag == "--out" else []
+    assert plan.main([str(src), "--model", "llama-3.1-8b", "--workers", "1", flag, "/proc/p.png", *other]) == 2
+    err = capsys.readouterr().err
+    assert f"cannot write {flag} /proc/p.png: No such file or directory; choose another {flag}" in err, err
+
+
+@pytest.mark.parametrize("name", ["p.txt", "p.PNG.x"])
+def test_a_plot_type_matplotlib_cannot_write_is_named_before_the_simulation(tmp_path, capsys, name):
+    """`plan --plot p.txt` simulated every policy, then matplotlib raised ValueError: a traceback."""
+    from blendserve_sgl import plan
+
+    src = tmp_path / "in.jsonl"
+    src.write_text(completion("a") + "\n")
+    code = plan.main([str(src), "--model", "llama-3.1-8b", "--workers", "1", "--plot", str(tmp_path / name)])
+    err = capsys.readouterr().err
+    suffix = name.rsplit(".", 1)[1]
+    assert code == 2 and f"--plot {tmp_path / name}: matplotlib cannot write .{suffix} files; name a .png" in err, err
+
+
+def test_stats_and_trace_files_that_fail_mid_run_stop_themselves_not_the_scheduler(tmp_path, caplog):
+    """Checked at launch, the folder of BLENDSERVE_STATS_PATH / BLENDSERVE_TRACE_PATH can still
+    vanish (or the disk fill) while the server runs: the write raised inside the scheduler and
+    ended it. Now each file stops with a warning and the steps go on."""
+    import logging
+    from types import SimpleNamespace
+
+    from test_plugin import FakeReq, FakeScheduler, _make_policy
+
+    folder = tmp_path / "gone"
+    folder.mkdir()
+    sched = FakeScheduler()
+    pol = _make_policy(sched, stats_path=str(folder / "stats.json"), trace_path=str(folder / "trace.jsonl"))
+    folder.rmdir()
+    with caplog.at_level(logging.WARNING, logger="blendserve_sgl.sglang_plugin.policy"):
+        for step in range(40):
+            r = FakeReq(f"r{step}", [1] * 20 + [step + 5], 4)
+            sched.waiting_queue.append(r)
+            pol.on_arrival(r)
+            pol.calc_priority(sched.waiting_queue, SimpleNamespace(reqs=[]))
+            sched.waiting_queue = []
+            pol.end_step()
+    assert pol.steps == 40 and pol.stats_path is None and pol.trace_path is None
+    assert "cannot write the blend policy's counters to" in caplog.text and "the step trace stops here" in caplog.text
+
+
+def test_cascade_counters_that_fail_mid_run_stop_themselves_not_the_decode_step(tmp_path, caplog):
+    import logging
+
+    import numpy as np
+
+    from blendserve_sgl.sglang_plugin.cascade_backend import _StatsWriter
+
+    folder = tmp_path / "gone"
+    folder.mkdir()
+    writer = _StatsWriter(str(folder / "cascade.json"))
+    writer.record(None, np.array([3, 4]), np.array([3, 4]), 0.0)
+    assert (folder / "cascade.json").is_file()
+    (folder / "cascade.json").unlink()
+    folder.rmdir()
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            writer.record(None, np.array([3, 4]), np.array([3, 4]), 0.0)
+    assert writer.path is None and writer.stats.decode_steps == 4
+    assert caplog.text.count("cannot write the cascade counters to") == 1

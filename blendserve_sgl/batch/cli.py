@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from ..cli import int_at_least, non_negative_int, positive_int
+from ..cli import engine_seed, int_at_least, non_negative_int, positive_int
 from ..models import ModelError, check_model_dir, default_model
 from . import dispatch
 from .feed import engine_capacity, mean_request_tokens, pending, window_size
@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "auto: a few times what fits in the engine's running slots and KV pool; 0: all at once)")
     ap.add_argument("--workers", type=non_negative_int, default=None,
                     help="processes that read and tokenize the input (default: every core; 0: in this process)")
-    ap.add_argument("--seed", type=int, default=0, help="engine random seed (sampling)")
+    ap.add_argument("--seed", type=engine_seed, default=0, help="engine random seed (sampling), 0 to 2**32 - 1")
     ap.add_argument("--dp", type=positive_int, default=1,
                     help="data-parallel ranks of one engine (one per GPU; on CPU one per core group): each rank "
                          "runs its shard of the one plan (default 1)")
@@ -148,6 +148,7 @@ def _main(args) -> int:
     try:
         extra = _engine_args(args.engine_arg)
         _check_scale_out(args)
+        _check_workers(args.workers)
         _check_attention_backend(args.attention_backend)
         check_output("--summary-json", args.summary_json)
         _check_summary_apart(args)
@@ -223,8 +224,12 @@ def _run(args, source: Path, model_dir: Path, device: str, tokenizer, ctx: int, 
     for line in summary_lines(stats, str(writer.path), str(writer.errors_path) if writer.errors_path else None):
         _say(line)
     if args.summary_json:
-        Path(args.summary_json).write_text(json.dumps({"input": str(source), "output": str(writer.path),
-                                                       **stats.to_json()}, indent=2) + "\n")
+        try:
+            Path(args.summary_json).write_text(json.dumps({"input": str(source), "output": str(writer.path),
+                                                           **stats.to_json()}, indent=2) + "\n")
+        except OSError as exc:
+            raise ResultsError(f"cannot write --summary-json {args.summary_json}: {exc.strerror}; the records are in "
+                               f"{writer.path}") from None
     return 130 if stats.interrupted else 0
 
 
@@ -236,9 +241,16 @@ def _resume(args, source: Path, writer: ResultWriter, items) -> None:
         return
     res = reconcile(done, items, retry_failed=args.retry_failed)
     if res.foreign:
-        raise ResultsError(f"{writer.path} holds {len(res.foreign):,} results that are not requests of {args.input} "
-                           f"(e.g. {res.foreign[0]!r}); it is the output of another input: choose another -o, "
-                           "or pass --overwrite to start over")
+        matched = len(done.keys) - len(res.foreign)
+        if not matched:
+            raise ResultsError(f"{writer.path} holds {len(res.foreign):,} results that are not requests of {args.input} "
+                               f"(e.g. {res.foreign[0]!r}); it is the output of another input: choose another -o, "
+                               "or pass --overwrite to start over")
+        raise ResultsError(f"{writer.path} holds {len(res.foreign):,} results of custom_ids that are no longer in "
+                           f"{args.input} (e.g. {res.foreign[0]!r}), beside {matched:,} that are: lines removed, or "
+                           "their custom_id edited, since those results were written. Put those lines back as they "
+                           "were (edit a request's body, not its custom_id, to run it again with --retry-failed), "
+                           "write the results of this input to another -o, or pass --overwrite to run it all again")
     partial = " (a partial last line from a crash was removed)" if done.cut_partial_line else ""
     _say(f"resuming: {done.records:,} requests already in {writer.path}{partial}")
     if res.changed and not args.retry_failed:
@@ -429,6 +441,15 @@ def _check_attention_backend(name: str | None) -> None:
                          f"{', '.join(known)} (or leave it out: torch_native on CPU)")
 
 
+def _check_workers(workers: int | None) -> None:
+    """More reader processes than cores only adds tokenizer copies (each loads its own, and the
+    pool starts one per batch in flight up to --workers): refused before the input is read."""
+    cores = os.cpu_count() or 1
+    if workers is not None and workers > cores:
+        raise ValueError(f"--workers {workers} is more than the {cores} cores of this machine; pass at most {cores} "
+                         "(leave it out to use them all)")
+
+
 def _check_scale_out(args) -> None:
     if args.ray and args.dp > 1:
         raise ValueError("--dp and --ray are two ways to run replicas: give one (--ray --replicas N, or --dp N)")
@@ -466,8 +487,12 @@ def _engine_args(pairs: list[str]) -> dict:
 
 
 def _window(text: str) -> int:
-    return -1 if text == "auto" else int_at_least(text, 0, "auto, 0 (all at once) or a positive integer",
-                                                  "auto or an integer")
+    if text == "auto":
+        return -1
+    window = int_at_least(text, 0, "auto, 0 (all at once) or a positive integer", "auto or an integer")
+    if window > sys.maxsize:  # the feed counts requests in machine integers
+        raise argparse.ArgumentTypeError(f"{text} is more requests than any batch holds; pass 0 for all at once")
+    return window
 
 
 def _phase_printer(quiet: bool, every: float = 10.0):

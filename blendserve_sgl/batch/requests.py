@@ -48,6 +48,8 @@ BODY_FIELDS = {
 }
 TOP_FIELDS = ("custom_id", "method", "url", "body")
 BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark some editors write at the start of a file
+COMPRESSED = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
+              b"PK\x03\x04": "ZIP"}  # how such files begin; a JSONL file begins with text
 
 
 class InputError(Exception):
@@ -99,9 +101,14 @@ def check_readable(path: str | os.PathLike[str]) -> Path:
         return p
     try:
         with open(p, "rb") as f:
-            f.read(1)
+            head = f.read(6)
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror}") from None
+    packed = next((name for magic, name in COMPRESSED.items() if head.startswith(magic)), None)
+    if packed:
+        raise InputError(f"{path} is {packed}-compressed, not JSONL text; decompress it first (`{packed} -dk {path}`)"
+                         if packed != "ZIP" else f"{path} is a ZIP archive, not JSONL text; extract the requests "
+                         "file from it")
     return p
 
 

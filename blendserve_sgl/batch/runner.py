@@ -271,8 +271,10 @@ async def _generate(engine, items, on_result, on_error, window, tick, tick_secon
                 break
             finished, in_flight = await asyncio.wait(in_flight, return_when=asyncio.FIRST_COMPLETED)
             ours.difference_update(finished)
-            for t in finished:
-                t.result()
+            failures = [t.exception() for t in finished if not t.cancelled()]  # each retrieved, so asyncio logs none
+            for exc in failures:
+                if exc is not None:
+                    raise exc
     finally:
         for t in ours:
             t.cancel()

@@ -14,7 +14,8 @@ Registered through the `sglang.srt.plugins` entry point (see pyproject.toml); SG
 - `Scheduler._get_new_batch_prefill_raw` (around): `BlendPolicy.after_step` puts the waiting
   requests back after SGLang admitted this step's plan;
 - `Scheduler._add_request_to_queue`, `Scheduler._release_aborted_request` (after): arrivals,
-  retracted requests and aborts reach the policy's tree;
+  retracted requests and aborts reach the policy's tree; a new request whose prompt the forward
+  pass cannot take (no tokens, ids outside the vocabulary) ends as its own 400 error first;
 - `Scheduler.get_internal_state` (after): `blendserve_policy` names the rank's policy class, so
   a caller can check that every DP rank runs `BlendPolicy`.
 
@@ -53,6 +54,7 @@ SGLANG_NAMES = (
     "sglang.srt.managers.schedule_policy.SchedulePolicy.shortest_prefill_chunk_limit",
     "sglang.srt.managers.schedule_policy.CLIP_MAX_NEW_TOKENS",
     "sglang.srt.managers.schedule_batch.Req.finished",
+    "sglang.srt.managers.schedule_batch.Req.set_finish_with_abort",
     "sglang.srt.server_args.ServerArgs.schedule_policy",
 )
 SCHEDULER_ATTRS = (
@@ -194,8 +196,22 @@ def _around_prefill(original, self, *args, **kwargs):
 def _after_enqueue(result, self, req, *args, **kwargs):
     policy = getattr(self, "policy", None)
     if _blend_selected(self) and hasattr(policy, "on_arrival") and self.waiting_queue and self.waiting_queue[-1] is req:
+        _refuse_unrunnable(self, req)
         policy.on_arrival(req)
     return result
+
+
+def _refuse_unrunnable(scheduler, req) -> None:
+    """A new request whose prompt the forward pass cannot take (`policy.prompt_problem`) ends as
+    a 400 error of its own, the way SGLang ends a prompt longer than the context (a one-token
+    stand-in prompt, finished with the abort), instead of killing the scheduler."""
+    from .policy import prompt_problem
+
+    if req.finished() or getattr(req, "to_finish", None) is not None or req.output_ids:
+        return  # already ending, or retracted with its output so far
+    problem = prompt_problem(req, getattr(getattr(scheduler, "model_config", None), "vocab_size", None))
+    if problem:
+        req.set_finish_with_abort(problem)
 
 
 def _after_abort(result, self, req, *args, **kwargs):

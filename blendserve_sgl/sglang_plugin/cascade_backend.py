@@ -24,7 +24,6 @@ decode counters there as JSON after every decode step; for tests and benchmarks)
 from __future__ import annotations
 
 import functools
-import json
 import math
 import os
 import time
@@ -32,7 +31,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .settings import CASCADE_KNOBS, check_values, parse_environment
+from .settings import CASCADE_KNOBS, check_values, parse_environment, write_json_file
 
 BACKEND_NAME = "cascade"
 _registered = False
@@ -88,11 +87,8 @@ class _StatsWriter:
             s.cascade_requests += plan.num_requests
             s.groups += sum(int(np.sum(np.diff(lv.qo_indptr) >= 2)) for lv in plan.levels[:-1])
             s.tokens_read += plan.tokens_read()
-        if self.path:
-            tmp = f"{self.path}.tmp{os.getpid()}"
-            with open(tmp, "w") as f:
-                json.dump({"backend": BACKEND_NAME, **asdict(s)}, f)
-            os.replace(tmp, self.path)
+        if self.path and not write_json_file(self.path, {"backend": BACKEND_NAME, **asdict(s)}, "the cascade counters"):
+            self.path = None
 
 
 def plan_decode_batch(req_to_token, req_pool_indices, seq_lens, page_size: int, settings: CascadeSettings,

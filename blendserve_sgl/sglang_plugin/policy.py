@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from dataclasses import asdict
 from typing import Any
@@ -24,7 +23,7 @@ from typing import Any
 from ..core import Budget, CostModel, DualScanner, ResourceTree
 from ..core.pacing import WaitingWork, paced_prefill_tokens, paces
 from ..core.specs import ModelSpec, hardware
-from .settings import BlendSettings
+from .settings import BlendSettings, write_json_file
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +68,24 @@ def output_len_hint(value, rid) -> int | None:
                        "its output length is estimated", rid, HINT_KEY, value)
         return None
     return n
+
+
+def prompt_problem(req, vocab_size: int | None) -> str | None:
+    """Why the model's forward pass cannot take `req`'s prompt, or None: no tokens at all (text
+    the tokenizer turns into nothing), or a token id outside [0, vocab_size) sent as `input_ids`.
+    SGLang checks neither, and either one raises inside the scheduler's forward pass, which kills
+    the server and every request with it. Multimodal prompts are not checked against the
+    vocabulary (their placeholder ids lie beyond it by design). Never raises."""
+    ids = req.origin_input_ids
+    if len(ids) == 0:
+        return "the prompt has no tokens; send a prompt of at least one token"
+    if vocab_size is None or getattr(req, "multimodal_inputs", None) is not None:
+        return None
+    lo, hi = min(ids), max(ids)
+    if lo < 0 or hi >= vocab_size:
+        return (f"input_ids holds the token id {lo if lo < 0 else hi}, outside the model's vocabulary "
+                f"[0, {vocab_size}); send token ids of this model's tokenizer")
+    return None
 
 
 class BlendPolicy:
@@ -372,8 +389,12 @@ class BlendPolicy:
             batch = result[0] if isinstance(result, tuple) and result else None
             self._trace["paced"] = paced
             self._trace["prefill_tokens"] = getattr(batch, "extend_num_tokens", None) if batch is not None else 0
-            with open(self.trace_path, "a") as f:
-                f.write(json.dumps(self._trace, default=str) + "\n")
+            try:
+                with open(self.trace_path, "a") as f:
+                    f.write(json.dumps(self._trace, default=str) + "\n")
+            except OSError as exc:  # a full disk ends the trace, never the scheduler
+                logger.warning("blend policy: cannot append to %s (%s); the step trace stops here", self.trace_path, exc)
+                self.trace_path = None
             self._trace = None
 
     def stats(self) -> dict:
@@ -388,7 +409,5 @@ class BlendPolicy:
 
     def write_stats(self) -> None:
         """Write `stats()` as JSON to $BLENDSERVE_STATS_PATH (atomically), for benchmarks and tests."""
-        tmp = f"{self.stats_path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(self.stats(), f)
-        os.replace(tmp, self.stats_path)
+        if not write_json_file(self.stats_path, self.stats(), "the blend policy's counters"):
+            self.stats_path = None

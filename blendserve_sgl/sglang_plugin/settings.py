@@ -11,14 +11,19 @@ here writes `os.environ`.
 
 from __future__ import annotations
 
+import contextlib
+import json
+import logging
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
 from ..core.preset import PRESET, BlendPreset
 from ..core.specs import hardware_names
 
+logger = logging.getLogger(__name__)
 _BOOL = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
 SETTINGS_ATTR = "_blend_settings"  # carries BlendSettings to the scheduler on the ServerArgs (SGLang seals
 # its fields once resolved, not underscore bookkeeping, which its pickling keeps)
@@ -89,6 +94,36 @@ def _at_least(lo):
     return lambda v: None if v >= lo else f"must be >= {lo}"
 
 
+def _file_to_write(v):
+    """A path the scheduler will write (empty: none): a file whose folder exists. Checked here, in
+    the launching process: the scheduler would raise at its first write and end the server."""
+    if not v:
+        return None
+    path = Path(v)
+    if path.is_dir():
+        return "is a directory; name a file in it"
+    if not path.parent.is_dir():
+        return f"the folder {path.parent} does not exist; create it or choose another path"
+    return None
+
+
+def write_json_file(path: str, data: dict, what: str) -> bool:
+    """Write `data` as JSON to `path` atomically (a temporary file renamed over it). False, with a
+    warning, when it cannot: these files are side outputs of the scheduler, and a failed write (a
+    full disk, a folder removed mid-run) must not end it."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(data, f)
+        os.replace(tmp, path)
+        return True
+    except OSError as exc:
+        logger.warning("cannot write %s to %s (%s); it stops here", what, path, exc)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        return False
+
+
 def _hardware(v):
     return None if v == "auto" or v.lower() in hardware_names() else f"choose auto or one of {', '.join(hardware_names())}"
 
@@ -115,20 +150,22 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
          "forward passes (1/0).", preset="metering"),
     Knob("seed", int, "Seed of the output-length sample.", _at_least(0), preset="seed"),
     Knob("stats_path", str, "Write the policy's counters (JSON) to this file every 32 steps and at the end.",
-         default=""),
+         _file_to_write, default=""),
     Knob("trace_path", str, "Append one JSON line per step (plan, paced budget, admitted) to this file.",
-         default=""),
+         _file_to_write, default=""),
 )}
 
 
 # `--attention-backend cascade` (cascade_backend.CascadeSettings): variables only.
+MAX_CASCADE_LEVELS = 64  # the plan holds every level each decode step: 8 requests took 29 s with 10**6 (2-core CPU)
 CASCADE_KNOBS: dict[str, Knob] = {k.name: k for k in (
-    Knob("levels", int, "Levels of the cascade plan: shared ones + the suffix level (1 turns the cascade off).",
-         _at_least(1), default=2, prefix="BLENDSERVE_CASCADE_", cli=False),
+    Knob("levels", int, "Levels of the cascade plan: shared ones + the suffix level (1 turns the cascade off; "
+         f"at most {MAX_CASCADE_LEVELS}: the plan holds every level, empty or not, at every decode step).",
+         _within(1, MAX_CASCADE_LEVELS), default=2, prefix="BLENDSERVE_CASCADE_", cli=False),
     Knob("min_shared_tokens", int, "A group must share at least this many tokens.", _at_least(1), default=16,
          prefix="BLENDSERVE_CASCADE_", cli=False),
-    Knob("stats_path", str, "Rewrite decode counters there as JSON after every decode step.", default="",
-         prefix="BLENDSERVE_CASCADE_", cli=False),
+    Knob("stats_path", str, "Rewrite decode counters there as JSON after every decode step.", _file_to_write,
+         default="", prefix="BLENDSERVE_CASCADE_", cli=False),
 )}
 
 

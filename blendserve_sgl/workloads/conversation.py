@@ -50,7 +50,8 @@ def iter_conversations(path: str | os.PathLike[str]) -> Iterator[tuple[str, list
     """(id, [h0, a0, h1, a1, ...]) for each conversation that starts with a human turn, in file
     order. Messages after the first break of the human/assistant alternation are dropped; a
     trailing human turn without an answer too; items that are not conversations (no object, no
-    list of messages) are skipped. A torn last record ends the iteration."""
+    list of messages) are skipped. A torn last record ends the iteration; invalid JSON before the
+    end of the file is a ValueError naming its line."""
     text = Path(path).read_text(encoding="utf-8", errors="replace")
     decoder = json.JSONDecoder()
     start = len(text) - len(text.lstrip("\ufeff \t\r\n"))
@@ -66,8 +67,14 @@ def iter_conversations(path: str | os.PathLike[str]) -> Iterator[tuple[str, list
             return
         try:
             item, pos = decoder.raw_decode(text, pos)
-        except json.JSONDecodeError:
-            return  # the file ends inside this record
+        except json.JSONDecodeError as exc:
+            if exc.msg.startswith("Unterminated string") or len(text[exc.pos:].strip()) <= 16:
+                return  # the file ends inside this record (at most a cut literal or escape after the error)
+            raise ValueError(f"{path} line {exc.lineno} column {exc.colno}: invalid JSON ({exc.msg}) before the end "
+                             "of the file; fix that record, or delete it") from None
+        except RecursionError:
+            raise ValueError(f"{path} line {text.count(chr(10), 0, pos) + 1}: a record nested too deeply to read; "
+                             "delete it") from None
         messages = item.get("conversations") if isinstance(item, dict) else None
         turns = []
         for k, msg in enumerate(messages if isinstance(messages, list) else ()):

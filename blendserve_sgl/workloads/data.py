@@ -82,21 +82,39 @@ def load_arxiv() -> tuple[np.ndarray, np.ndarray]:
     return read_counts(_path("traces/arxiv_summarization_llama2_tokens.csv"), "num_prefill_tokens", "num_decode_tokens")
 
 
+def csv_rows(path: Path, encoding: str = "utf-8-sig"):
+    """(line number, row) of each row of the CSV file `path`, in order. A file that cannot be
+    read as CSV text (a folder, compressed or not UTF-8, a field over csv's limit) is a
+    ValueError naming the file, the line and the fix."""
+    try:
+        with open(path, newline="", encoding=encoding) as f:
+            reader = csv.reader(f)
+            for row in reader:
+                yield reader.line_num, row
+    except IsADirectoryError:
+        raise ValueError(f"{path} is a directory; a CSV file belongs there") from None
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r} at offset "
+                         f"{exc.start:,}); a CSV file here is plain text: decompress it or convert it to UTF-8") from None
+    except csv.Error as exc:
+        raise ValueError(f"{path} line {reader.line_num}: not a CSV row ({exc}); fix or delete that row") from None
+
+
 def read_counts(path: Path, prompt_col: str, output_col: str) -> tuple[np.ndarray, np.ndarray]:
     """(prompt_lens, output_lens) from the two named columns of a CSV trace, wherever they stand
     among others; blank rows skipped. ValueError naming the file, row and column for a missing
     column, a count that is not a whole number from 0 to `MAX_TRACE_TOKENS`, or no rows."""
     cols = (prompt_col, output_col)
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = [h.strip() for h in next(reader, [])]
-        missing = [c for c in cols if c not in header]
-        if missing:
-            raise ValueError(f"{path}: no column {' or '.join(missing)} in its header ({','.join(header) or 'empty'}); "
-                             f"a trace needs the columns {prompt_col} and {output_col} (token counts)")
-        at = [header.index(c) for c in cols]
-        rows = [tuple(_count(path, reader.line_num, c, row[i] if i < len(row) else "") for c, i in zip(cols, at))
-                for row in reader if any(cell.strip() for cell in row)]
+    rows_in = csv_rows(path)
+    header = [h.strip() for h in next(rows_in, (0, []))[1]]
+    missing = [c for c in cols if c not in header]
+    if missing:
+        rows_in.close()
+        raise ValueError(f"{path}: no column {' or '.join(missing)} in its header ({','.join(header) or 'empty'}); "
+                         f"a trace needs the columns {prompt_col} and {output_col} (token counts)")
+    at = [header.index(c) for c in cols]
+    rows = [tuple(_count(path, line, c, row[i] if i < len(row) else "") for c, i in zip(cols, at))
+            for line, row in rows_in if any(cell.strip() for cell in row)]
     if not rows:
         raise ValueError(f"{path} holds no rows under its header; a trace needs at least one request")
     arr = np.array(rows, dtype=np.int64)
@@ -118,17 +136,15 @@ def _mmlu_rows(path: Path, with_answer: bool) -> list[str]:
     """The examples of an MMLU CSV file (question, 4 choices, answer), blank rows skipped."""
     need = 6 if with_answer else 5
     out = []
-    with open(path, newline="", encoding="utf-8") as f:
-        reader = csv.reader(f)
-        for row in reader:
-            if not any(cell.strip() for cell in row):
-                continue
-            if len(row) < need:
-                raise ValueError(f"{path.name} line {reader.line_num}: {len(row)} columns, an MMLU row has "
-                                 f"{need} (question, choices A-D{', answer' if with_answer else ''}); fix that row")
-            q, a, b, c, d = row[:5]
-            text = f"{q}\nA. {a}\nB. {b}\nC. {c}\nD. {d}\nAnswer:"
-            out.append(text + (f" {row[5]}\n\n" if with_answer else ""))
+    for line, row in csv_rows(path, "utf-8"):
+        if not any(cell.strip() for cell in row):
+            continue
+        if len(row) < need:
+            raise ValueError(f"{path.name} line {line}: {len(row)} columns, an MMLU row has "
+                             f"{need} (question, choices A-D{', answer' if with_answer else ''}); fix that row")
+        q, a, b, c, d = row[:5]
+        text = f"{q}\nA. {a}\nB. {b}\nC. {c}\nD. {d}\nAnswer:"
+        out.append(text + (f" {row[5]}\n\n" if with_answer else ""))
     return out
 
 
@@ -141,7 +157,7 @@ def load_mmlu() -> dict[str, tuple[int, list[int]]]:
         header = f"The following are multiple choice questions (with answers) about {subject.replace('_', ' ')}.\n\n"
         prefix = approx_tokens(header + "".join(_mmlu_rows(dev, True)))
         test = root / "test" / f"{subject}_test.csv"
-        if not test.is_file():
+        if not test.exists():
             raise FileNotFoundError(f"{test} is missing: every MMLU subject with a dev file needs its test file")
         questions = [approx_tokens(t) for t in _mmlu_rows(test, False)]
         if not questions:

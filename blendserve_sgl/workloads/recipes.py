@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -76,6 +77,9 @@ def mix(n: int, density: float, sharing: float, cost: CostModel, seed: int = 0, 
     within `tol` relative); raises ValueError when the classes cannot reach them."""
     if n < 100:
         raise ValueError(f"a trace analog needs at least 100 requests, got {n}")
+    if not (math.isfinite(density) and density > 0 and math.isfinite(sharing) and 0 <= sharing < 1):
+        raise ValueError(f"density {density} with sharing {sharing}: the density must be a positive number and the "
+                         "sharing a fraction from 0 to below 1, e.g. mix:1.2,0.25")
     pool_rng = np.random.default_rng(seed + 7919)
     stats = {}
     for k in MIX_CLASSES:
@@ -89,7 +93,7 @@ def mix(n: int, density: float, sharing: float, cost: CostModel, seed: int = 0, 
         f = _solve(stats, cost, want_rho, want_s)
         if (f < -1e-9).any():
             raise ValueError(f"density {density} with sharing {sharing} is out of reach of the classes "
-                             f"{list(MIX_CLASSES)} (fractions {dict(zip(MIX_CLASSES, np.round(f, 4)))})")
+                             f"{list(MIX_CLASSES)} (fractions {dict(zip(MIX_CLASSES, np.round(f, 4).tolist()))})")
         counts = np.floor(np.clip(f, 0, None) * n).astype(int)
         counts[int(np.argmax(f))] += n - counts.sum()
         rng = np.random.default_rng(seed)
