@@ -149,7 +149,7 @@ def test_known_attention_backends_pass_the_early_check(name):
 
 
 @pytest.mark.parametrize("args,fragment", [
-    (["--kv-gb", "0.00001"], "--kv-gb 1e-05 holds no token of the KV cache"),
+    (["--kv-gb", "0.00001"], "kv_gb (--kv-gb) 1e-05 holds no token of the KV cache"),
     (["--kv-gb", "0.0005"], "tokens, more than the KV pool of 3 tokens; pass a larger --kv-gb or a smaller max_tokens"),
     (["--out", "{tmp}"], "--out {tmp} is a directory; pass the name of a file in it"),
     (["--out", "{tmp}/no/plan.json"], "--out {tmp}/no/plan.json: the folder {tmp}/no does not exist"),
@@ -1000,7 +1000,7 @@ def test_a_compressed_requests_file_is_named_before_any_line_is_read(stand_in, t
 
 
 @pytest.mark.parametrize("how,fragment", [
-    ("file", "--model {m}: cannot read it as JSON (Expecting value: line 1 column 1 (char 0)); pass a model directory"),
+    ("file", "model config {m} is not JSON (Expecting value: line 1 column 1 (char 0)); pass a model directory"),
     ("dir", "{m}/config.json: cannot read it as JSON (Expecting value"),
     ("tokenizer", "--tokenizer {m}: no such directory; pass the folder holding the model's tokenizer files"),
 ])

@@ -40,7 +40,21 @@ def test_simulate_takes_a_named_interference(tmp_path, setting):
     (["--model", "gpt-5"], "unknown model preset 'gpt-5'; choose one of"),
     (["--out", "no-such-folder-here/x.json"], "the folder no-such-folder-here does not exist"),
     (["--interference", "huge"], "unknown interference 'huge': a number in [0, 1] or one of ['assumed', 'h200-measured']"),
+    (["--kv-gb", "nan"], "argument --kv-gb: nan must be a positive number"),
+    (["--kv-gb", "0.0000001"], "kv_gb (--kv-gb) 1e-07 holds no token of the KV cache"),
+    (["--seed", "-1"], "argument --seed: -1 must be 0 or a positive integer"),
+    (["--chunk", "0"], "argument --chunk: 0 must be a positive integer"),
 ])
 def test_bad_input_is_named_with_the_choices(capsys, tmp_path, args, message):
-    assert cli.main(["simulate", "--requests", "200", "--out", str(tmp_path / "x.json"), *args]) == 2
+    try:
+        code = cli.main(["simulate", "--requests", "200", "--out", str(tmp_path / "x.json"), *args])
+    except SystemExit as exc:  # argparse's own refusal of a flag's value
+        code = exc.code
+    assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_model_config_that_is_not_json_is_named(capsys, tmp_path):
+    (tmp_path / "config.json").write_text("{")
+    assert cli.main(["simulate", "--requests", "200", "--model", str(tmp_path), "--out", str(tmp_path / "x.json")]) == 2
+    assert f"model config {tmp_path / 'config.json'} is not JSON" in capsys.readouterr().err

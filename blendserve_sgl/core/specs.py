@@ -140,7 +140,14 @@ class ModelSpec:
             path = path / "config.json"
         if not path.is_file():
             raise FileNotFoundError(f"model config {path} not found; pass a model directory holding config.json")
-        return cls.from_hf_config(json.loads(path.read_text()), name=path.parent.name)
+        try:
+            config = json.loads(path.read_text(encoding="utf-8"))
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"model config {path} is not JSON ({exc}); pass a model directory holding a "
+                             "Hugging Face config.json") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"model config {path} is not a JSON object; pass a Hugging Face config.json")
+        return cls.from_hf_config(config, name=path.parent.name)
 
 
 GB = 1e9

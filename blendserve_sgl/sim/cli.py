@@ -27,6 +27,7 @@ from .run import RunSpec, Workload, simulate
 from .timing import ExecModel
 from ..workloads import TRACES, mix, mixed_workload, trace
 from ..workloads.trace_file import is_trace_file, load_trace_file
+from ..cli import non_negative_int, positive_float, positive_int
 
 WORKLOADS = (*sorted(TRACES), "mixed", "mix:DENSITY,SHARING", "PATH.csv|PATH.jsonl")
 DEFAULT_REQUESTS = 20_000  # a built-in workload's size when --requests is not given (a trace file: all its rows)
@@ -71,15 +72,15 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="blendserve simulate", description=__doc__.split("\n")[0])
     ap.add_argument("--workload", default="trace1",
                     help=f"one of {', '.join(WORKLOADS)} (a trace file: CSV token counts or Mooncake JSONL)")
-    ap.add_argument("--requests", type=int, default=None,
+    ap.add_argument("--requests", type=positive_int, default=None,
                     help=f"requests in the workload (default {DEFAULT_REQUESTS:,}; a trace file: all its rows, else its first N)")
     ap.add_argument("--quick", action="store_true", help="2,000 requests")
     ap.add_argument("--policy", default=",".join(POLICIES), help=f"comma-separated: {', '.join(POLICIES)}")
     ap.add_argument("--model", default="llama-3.1-8b", help=f"{', '.join(model_names())} or a config.json path")
     ap.add_argument("--hardware", default="a100", help=", ".join(hardware_names()))
-    ap.add_argument("--kv-gb", type=float, help="KV pool (default: 88%% of device memory minus the weights)")
-    ap.add_argument("--max-running", type=int, default=1024, help="most requests running at once (default 1024)")
-    ap.add_argument("--chunk", type=int, default=1024, help="chunked-prefill size (tokens per step)")
+    ap.add_argument("--kv-gb", type=positive_float, help="KV pool (default: 88%% of device memory minus the weights)")
+    ap.add_argument("--max-running", type=positive_int, default=1024, help="most requests running at once (default 1024)")
+    ap.add_argument("--chunk", type=positive_int, default=1024, help="chunked-prefill size (tokens per step)")
     ap.add_argument("--no-mixed-chunk", action="store_true", help="prefill and decode steps alternate (SGLang default)")
     ap.add_argument("--interference", default="assumed",
                     help=f"overlapped mode: contention share, a number in [0, 1] or one of {interference_names()} "
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kv-projection", action="store_true",
                     help="engine, every policy: admission counts KV that known-length running requests release")
     ap.add_argument("--no-meter", action="store_true", help="blend: no step count (memory work not metered)")
-    ap.add_argument("--seed", type=int, default=0, help="workload and sampling seed")
+    ap.add_argument("--seed", type=non_negative_int, default=0, help="workload and sampling seed")
     ap.add_argument("--check", action="store_true", help="check every invariant after every step (slow)")
     ap.add_argument("--out", default="simulate.json", help="JSON path; the PNG goes next to it")
     args = ap.parse_args(argv)

@@ -114,6 +114,9 @@ class EngineConfig:
                                  f"> {mem_fraction:.0%} of {cost.hardware.mem_capacity / 1e9:.0f} GB; pass kv_gb (--kv-gb)")
         else:
             kv_bytes = kv_gb * 1e9
+            if not kv_bytes >= cost.kv_bytes_per_token:
+                raise ValueError(f"kv_gb (--kv-gb) {kv_gb:g} holds no token of the KV cache "
+                                 f"({cost.kv_bytes_per_token:,.0f} bytes per token); pass a larger --kv-gb")
         return cls(kv_tokens=int(kv_bytes // cost.kv_bytes_per_token), **kwargs)
 
     def check_fits(self, records, fix: str = "pass a larger --kv-gb") -> None:
