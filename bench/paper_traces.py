@@ -107,8 +107,10 @@ def versus(rows: list[dict], target: str, pool: tuple) -> dict:
     dfs = next((r for r in rows if r["policy"] == "dfs"), None)
     if dfs is not None:
         out["overlapped_speedup_vs_dfs"] = round(dfs["overlapped_time_s"] / mine["overlapped_time_s"], 4)
-        out["sharing_vs_dfs"] = round(mine["first_hit_tokens"] / max(1, dfs["first_hit_tokens"]), 4)
-    out["sharing_vs_best"] = round(mine["first_hit_tokens"] / max(1, max(r["first_hit_tokens"] for r in rest)), 4)
+        out["sharing_vs_dfs"] = (round(mine["first_hit_tokens"] / dfs["first_hit_tokens"], 4)
+                                 if dfs["first_hit_tokens"] else None)
+    best_hits = max(r["first_hit_tokens"] for r in rest)
+    out["sharing_vs_best"] = round(mine["first_hit_tokens"] / best_hits, 4) if best_hits else None  # None: nothing shared
     return out
 
 
@@ -122,10 +124,12 @@ def summarize(per_trace: list[dict]) -> dict:
            "blend_speedup_vs_best_other_sequential": mean("sequential_speedup_vs_best_other"),
            "blend_speedup_vs_best_other_causal_attention": mean("overlapped_speedup_vs_best_other_causal_attention"),
            "blend_mean_fraction_of_optimal_sequential": mean("sequential_fraction_of_optimal"),
-           "blend_sharing_vs_best": round(min(x["sharing_vs_best"] for x in per_trace), 4)}
+           "blend_sharing_vs_best": min((x["sharing_vs_best"] for x in per_trace if x["sharing_vs_best"] is not None),
+                                        default=None)}
     if all("sharing_vs_dfs" in x for x in per_trace):
         out["blend_speedup_vs_dfs"] = mean("overlapped_speedup_vs_dfs")
-        out["blend_sharing_vs_dfs"] = round(min(x["sharing_vs_dfs"] for x in per_trace), 4)
+        out["blend_sharing_vs_dfs"] = min((x["sharing_vs_dfs"] for x in per_trace if x["sharing_vs_dfs"] is not None),
+                                          default=None)
     return out
 
 

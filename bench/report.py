@@ -65,7 +65,7 @@ LAYOUT = {
                     "conversation) x all policies, equal rules, estimated lengths (`bench/paper_traces.py --traces "
                     "FILES --out real_traces`)",
                     ["blend_mean_fraction_of_optimal", "blend_speedup_vs_best_other", "blend_speedup_vs_best_other_min",
-                     "blend_sharing_vs_best", "estimated_vs_known_min", "blend_speedup_vs_best_other_sequential",
+                     "estimated_vs_known_min", "blend_speedup_vs_best_other_sequential",
                      "blend_as_shipped.blend_speedup_vs_best_other", "blend_as_shipped.blend_speedup_vs_best_other_min",
                      "blend_as_shipped_mixed_steps.blend_speedup_vs_best_other",
                      "blend_as_shipped_mixed_steps.blend_speedup_vs_best_other_min", "total_seconds"]),
