@@ -30,8 +30,8 @@ from bench._common import table, write  # noqa: E402
 from blendserve_sgl.core import CostModel  # noqa: E402
 from blendserve_sgl.core.preset import PRESET  # noqa: E402
 from blendserve_sgl.sim import EngineConfig, ExecModel, RunSpec, Workload, simulate  # noqa: E402
-from blendserve_sgl.workloads import TRACES, trace  # noqa: E402
-from blendserve_sgl.workloads.trace_file import is_trace_file, load_trace_file  # noqa: E402
+from blendserve_sgl.workloads import TRACES  # noqa: E402
+from blendserve_sgl.workloads.trace_file import trace_or_file  # noqa: E402
 
 OVERLAPPED = ExecModel("overlapped", 0.1)
 SHIPPED = "estimated, paced"
@@ -74,10 +74,7 @@ def main() -> None:
     rows, results, summary = [], [], []
     t0 = time.perf_counter()
     for spec in args.traces.split(","):
-        if is_trace_file(spec):  # a real trace's first --requests rows (workloads.trace_file)
-            name, records = Path(spec).stem, load_trace_file(spec, args.requests)
-        else:
-            name, records = spec, trace(spec, args.requests, cost, args.seed)[0]
+        name, records, _counts = trace_or_file(spec, args.requests, cost, args.seed)
         wl = Workload(records, cost)
         times: dict = {}
         for variant, (_key, known, changes, blend_changes, others_from) in variants.items():

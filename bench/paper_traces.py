@@ -45,8 +45,8 @@ from blendserve_sgl.core.preset import PRESET  # noqa: E402
 from blendserve_sgl.core.specs import hardware_names, interference, interference_names  # noqa: E402
 from blendserve_sgl.sim import POLICIES, EngineConfig, ExecModel, RunSpec, Workload, simulate  # noqa: E402
 from blendserve_sgl.sim.metrics import binned  # noqa: E402
-from blendserve_sgl.workloads import TRACES, WORKLOADS, trace  # noqa: E402
-from blendserve_sgl.workloads.trace_file import is_trace_file, load_trace_file  # noqa: E402
+from blendserve_sgl.workloads import TRACES, WORKLOADS  # noqa: E402
+from blendserve_sgl.workloads.trace_file import trace_or_file  # noqa: E402
 
 MODES = {"overlapped": ExecModel("overlapped", 0.1), "sequential": ExecModel("sequential")}
 COST = CostModel.from_names("llama-3.1-8b", "a100")
@@ -210,12 +210,7 @@ def main() -> None:
     t_all = time.perf_counter()
     for spec in args.traces.split(","):
         t0 = time.perf_counter()
-        if is_trace_file(spec):  # a real trace's rows in file order (the first n), under the same rules
-            name, records = Path(spec).stem, load_trace_file(spec, n)
-            counts = {"file": spec, "requests": len(records)}
-        else:
-            name, (records, mix) = spec, trace(spec, n, cost, args.seed)
-            counts = mix.counts
+        name, records, counts = trace_or_file(spec, n, cost, args.seed)  # a trace file: its first n rows
         wl = Workload(records, cost)
         traces_info[name] = {"target": TRACES.get(name), "density": round(wl.density, 4), "sharing": round(wl.sharing, 4),
                              "counts": counts, "optimal_s": round(wl.optimal_s, 1),

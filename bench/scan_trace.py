@@ -31,8 +31,7 @@ from blendserve_sgl.sim.engine import Engine  # noqa: E402
 from blendserve_sgl.sim.metrics import result_from_engine  # noqa: E402
 from blendserve_sgl.sim.policies import make_picker  # noqa: E402
 from blendserve_sgl.sim.request import from_records  # noqa: E402
-from blendserve_sgl.workloads import trace  # noqa: E402
-from blendserve_sgl.workloads.trace_file import is_trace_file, load_trace_file  # noqa: E402
+from blendserve_sgl.workloads.trace_file import trace_or_file  # noqa: E402
 
 
 def run(wl: Workload, policy: str, preset, every: int) -> dict:
@@ -96,10 +95,7 @@ def main() -> None:
             ap.error(f"--set {item!r}: expected LEAF=VALUE, e.g. lend_idle_share=False")
         changes[leaf] = ast.literal_eval(value)
     preset = PRESET.replace(**changes)
-    if is_trace_file(args.trace):  # a trace file's rows (workloads.trace_file), the first --requests
-        records = load_trace_file(args.trace, args.requests)
-    else:
-        records, _ = trace(args.trace, args.requests, COST, 0)
+    _name, records, _counts = trace_or_file(args.trace, args.requests, COST)
     wl = Workload(records, COST)
     runs = [run(wl, p.strip(), preset, args.every) for p in args.policies.split(",")]
     for r in runs:

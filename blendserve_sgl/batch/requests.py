@@ -52,6 +52,11 @@ COMPRESSED = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2",
               b"PK\x03\x04": "ZIP"}  # how such files begin; a JSONL file begins with text
 
 
+def compression(head: bytes) -> str | None:
+    """The compressed format a file's first bytes announce (`COMPRESSED`), or None."""
+    return next((name for magic, name in COMPRESSED.items() if head.startswith(magic)), None)
+
+
 class InputError(Exception):
     """The input file as a whole cannot be read; the message names it and the reason."""
 
@@ -104,7 +109,7 @@ def check_readable(path: str | os.PathLike[str]) -> Path:
             head = f.read(6)
     except OSError as exc:
         raise InputError(f"cannot read {path}: {exc.strerror}") from None
-    packed = next((name for magic, name in COMPRESSED.items() if head.startswith(magic)), None)
+    packed = compression(head)
     if packed:
         raise InputError(f"{path} is {packed}-compressed, not JSONL text; decompress it first (`{packed} -dk {path}`)"
                          if packed != "ZIP" else f"{path} is a ZIP archive, not JSONL text; extract the requests "

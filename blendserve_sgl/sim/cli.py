@@ -100,9 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         policies = parse_policies(args.policy)
         cost = CostModel.from_names(args.model, args.hardware)
-        n = 2000 if args.quick else args.requests
-        if n is not None and n < 1:
-            raise ValueError(f"--requests must be >= 1, got {n}")
+        n = 2000 if args.quick else args.requests  # --requests is a positive_int
         if not Path(args.out).resolve().parent.is_dir():
             raise ValueError(f"--out {args.out}: the folder {Path(args.out).parent} does not exist; create it or "
                              "choose another path")

@@ -121,15 +121,24 @@ def read_counts(path: Path, prompt_col: str, output_col: str) -> tuple[np.ndarra
     return arr[:, 0], arr[:, 1]
 
 
-def _count(path: Path, line: int, col: str, text: str) -> int:
+def token_count(value) -> int | None:
+    """`value` (text or a number) as one request's token count: a whole number from 0 to
+    `MAX_TRACE_TOKENS`; None for anything else (NaN, inf, a fraction, a negative, a bool)."""
+    if isinstance(value, bool):
+        return None
     try:
-        v = float(text)
-    except ValueError:
-        v = math.nan
-    if not (math.isfinite(v) and v == int(v) and 0 <= v <= MAX_TRACE_TOKENS):
+        v = float(value)
+    except (TypeError, ValueError):
+        return None
+    return int(v) if math.isfinite(v) and v == int(v) and 0 <= v <= MAX_TRACE_TOKENS else None
+
+
+def _count(path: Path, line: int, col: str, text: str) -> int:
+    v = token_count(text)
+    if v is None:
         raise ValueError(f"{path.name} line {line}: {col} must be a whole token count from 0 to "
                          f"{MAX_TRACE_TOKENS:,}, got {text!r}; fix or delete that row")
-    return int(v)
+    return v
 
 
 def _mmlu_rows(path: Path, with_answer: bool) -> list[str]:

@@ -23,7 +23,8 @@ import json
 import math
 from pathlib import Path
 
-from .data import MAX_TRACE_TOKENS, Record, read_counts
+from ..batch.requests import compression
+from .data import MAX_TRACE_TOKENS, Record, csv_rows, read_counts, token_count
 
 TRACE_COLUMNS = (  # (prompt column, output column), the first pair a header holds is read
     ("ContextTokens", "GeneratedTokens"),  # Azure LLM inference traces 2023 / 2024
@@ -42,6 +43,24 @@ def is_trace_file(spec: str) -> bool:
     return Path(spec).exists() or spec.lower().endswith((".csv", ".jsonl", ".json"))
 
 
+def _column_pair(header: list[str]) -> tuple[str, str] | None:
+    """The first pair of `TRACE_COLUMNS` a CSV header names, or None."""
+    return next((p for p in TRACE_COLUMNS if p[0] in header and p[1] in header), None)
+
+
+def trace_or_file(spec: str, n: int, cost, seed: int = 0) -> tuple[str, list[Record], dict]:
+    """(name, records, counts) for a trace analog's name (`recipes.trace`, n requests; counts per
+    class) or a trace file (its stem, its first n rows; counts: the file and its requests): what
+    the benchmarks' `--traces` take."""
+    if is_trace_file(spec):
+        records = load_trace_file(spec, n)
+        return Path(spec).stem, records, {"file": spec, "requests": len(records)}
+    from .recipes import trace
+
+    records, report = trace(spec, n, cost, seed)
+    return spec, records, report.counts
+
+
 def looks_like_trace(path) -> bool:
     """Whether a file reads as a trace of token counts (its first line a JSON object with
     input_length and output_length, or a CSV header with a known column pair) rather than
@@ -55,8 +74,7 @@ def looks_like_trace(path) -> bool:
         row = json.loads(first)
         return isinstance(row, dict) and "input_length" in row and "output_length" in row
     except ValueError:
-        header = [h.strip() for h in next(csv.reader([first]), [])]
-        return any(a in header and b in header for a, b in TRACE_COLUMNS)
+        return _column_pair([h.strip() for h in next(csv.reader([first]), [])]) is not None
 
 
 def load_trace_file(path, n: int | None = None, block_size: int = MOONCAKE_BLOCK) -> list[Record]:
@@ -70,8 +88,9 @@ def load_trace_file(path, n: int | None = None, block_size: int = MOONCAKE_BLOCK
         raise ValueError(f"the number of requests to take from {path} must be >= 1, got {n}")
     with open(path, "rb") as f:
         head = f.read(4096)
-    if head.startswith(b"\x1f\x8b"):
-        raise ValueError(f"trace {path} is gzip-compressed; decompress it first (gunzip)")
+    packed = compression(head)
+    if packed:
+        raise ValueError(f"trace {path} is {packed}-compressed; decompress it first")
     first = head.decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")[:1]
     if not first:
         raise ValueError(f"trace {path} holds no requests (it is empty or blank); a trace needs at least one row")
@@ -82,9 +101,10 @@ def load_trace_file(path, n: int | None = None, block_size: int = MOONCAKE_BLOCK
 
 
 def _csv(path: Path, n: int | None) -> list[Record]:
-    with open(path, newline="", encoding="utf-8-sig", errors="replace") as f:
-        header = [h.strip() for h in next(csv.reader(f), [])]
-    pair = next((p for p in TRACE_COLUMNS if p[0] in header and p[1] in header), None)
+    rows = csv_rows(path)
+    header = [h.strip() for h in next(rows, (0, []))[1]]
+    rows.close()
+    pair = _column_pair(header)
     if pair is None:
         known = "; ".join(f"{a},{b}" for a, b in TRACE_COLUMNS)
         raise ValueError(f"{path}: its header ({','.join(header) or 'empty'}) names no known pair of token-count "
@@ -97,12 +117,13 @@ def _csv(path: Path, n: int | None) -> list[Record]:
             enumerate(zip(prompts, outputs))]
 
 
-def _whole(path: Path, line: int, field: str, value, low: int = 0) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-            or value != int(value) or not low <= value <= MAX_TRACE_TOKENS:
-        raise ValueError(f"{path.name} line {line}: {field} must be a whole number from {low} to "
+def _whole(path: Path, line: int, field: str, value) -> int:
+    """A JSON number that is a token count (`data.token_count`; text is not one here)."""
+    n = token_count(value) if isinstance(value, (int, float)) else None
+    if n is None:
+        raise ValueError(f"{path.name} line {line}: {field} must be a whole number from 0 to "
                          f"{MAX_TRACE_TOKENS:,}, got {value!r}; fix or delete that line")
-    return int(value)
+    return n
 
 
 def _jsonl(path: Path, n: int | None, block_size: int) -> list[Record]:
@@ -134,11 +155,10 @@ def _jsonl(path: Path, n: int | None, block_size: int) -> list[Record]:
                 raise ValueError(f"{path.name} line {line_no}: {len(ids)} hash_ids for input_length {p}, more than "
                                  f"its {math.ceil(p / block_size)} blocks of {block_size} tokens; the block size "
                                  "does not match the trace")
-            bad = [h for h in ids if isinstance(h, bool) or not isinstance(h, (int, str))]
-            if bad:
-                bad = bad[0]
-                raise ValueError(f"{path.name} line {line_no}: hash_ids items must be integers or strings, got "
-                                 f"{bad!r}; fix or delete that line")
+            for h in ids:
+                if isinstance(h, bool) or not isinstance(h, (int, str)):
+                    raise ValueError(f"{path.name} line {line_no}: hash_ids items must be integers or strings, got "
+                                     f"{h!r}; fix or delete that line")
             prefix = tuple((f"h{h}", block_size) for h in ids[:-1])
             out.append(Record(f"{stem}-{line_no}", p, prefix, o, stem))
     return out
