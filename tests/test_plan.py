@@ -115,6 +115,9 @@ def test_plan_builtin_workload(capsys, tmp_path):
     assert cli.main(["plan", "--workload", "mixed", "--requests", "300", "--policies", "dfs,blend", "--kv-gb", "4",
                      "--plot", str(tmp_path / "p.png")]) == 0
     assert "blend vs the best other policy" in capsys.readouterr().out
+    # a size no machine builds in memory is refused before anything is built, naming the flag
+    assert cli.main(["plan", "--workload", "trace2", "--requests", str(10**9)]) == 2
+    assert "--requests 1,000,000,000: a built-in workload (trace2) is built in memory" in capsys.readouterr().err
 
 
 @settings(max_examples=60, deadline=None)

@@ -44,6 +44,7 @@ def test_simulate_takes_a_named_interference(tmp_path, setting):
     (["--kv-gb", "0.0000001"], "kv_gb (--kv-gb) 1e-07 holds no token of the KV cache"),
     (["--seed", "-1"], "argument --seed: -1 must be 0 or a positive integer"),
     (["--chunk", "0"], "argument --chunk: 0 must be a positive integer"),
+    (["--requests", "3000000"], "--requests 3,000,000: a built-in workload (trace1) is built in memory"),
 ])
 def test_bad_input_is_named_with_the_choices(capsys, tmp_path, args, message):
     try:

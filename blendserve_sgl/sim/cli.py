@@ -31,13 +31,18 @@ from ..cli import non_negative_int, positive_float, positive_int
 
 WORKLOADS = (*sorted(TRACES), "mixed", "mix:DENSITY,SHARING", "PATH.csv|PATH.jsonl")
 DEFAULT_REQUESTS = 20_000  # a built-in workload's size when --requests is not given (a trace file: all its rows)
+MAX_BUILT_IN_REQUESTS = 2_000_000  # a built-in workload is built in memory: about 1.2 KB and 60 us a request
 
 
 def load_workload(spec: str, n: int | None, cost: CostModel, seed: int = 0) -> list:
     """Records for a workload name: a trace analog, `mixed` (workloads.mixed_workload),
     `mix:DENSITY,SHARING` (the mixing recipe with those targets), or a trace file
     (`workloads.trace_file`: CSV token counts or Mooncake-style JSONL; its first `n` rows).
-    `n` None: `DEFAULT_REQUESTS` for a built-in workload, every row of a file."""
+    `n` None: `DEFAULT_REQUESTS` for a built-in workload, every row of a file; a built-in workload
+    of more than `MAX_BUILT_IN_REQUESTS` is refused before anything is built."""
+    if n is not None and n > MAX_BUILT_IN_REQUESTS and not is_trace_file(spec):
+        raise ValueError(f"--requests {n:,}: a built-in workload ({spec}) is built in memory, about 1.2 KB a request; "
+                         f"give at most {MAX_BUILT_IN_REQUESTS:,}, or a trace file with --workload PATH")
     if spec in TRACES:
         return trace(spec, n or DEFAULT_REQUESTS, cost, seed)[0]
     if spec == "mixed":
