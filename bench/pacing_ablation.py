@@ -4,9 +4,10 @@ Each Trace analog runs every policy on the method comparison's engine (`EngineCo
 in five variants: estimated lengths paced by the policy-neutral estimate (`core.pacing.WaitingWork`:
 the engine's rule and what the plugin ships), not paced, paced at the waiting requests' true
 density (`pace_density="true"`: an oracle no engine has), and known lengths paced and not paced.
-Two more variants pace against the step's whole memory side, the weight read and step overhead
-added to the decode's KV read (`EngineConfig.pace_memory="kv+weights"`; the plugin paces without
-them). Two blend-only rows add `ScanConfig.thin_batch_share` (the compute-dense side starts no prompt the
+The paced variants pace against the step's whole memory side, the weight read and step overhead
+added to the decode's KV read (`core.pacing.MEMORY_SIDES[0]`, as the plugin paces); two more pace
+against the KV read alone, the weight read only as the floor (`EngineConfig.pace_memory="kv"`: the
+earlier rule). Two blend-only rows add `ScanConfig.thin_batch_share` (the compute-dense side starts no prompt the
 step has to chunk while the memory-dense side holds under that part of its share; off in the
 preset) to the oracle and the known-length paced variants; the other policies' times there are
 the same variant's (no preset changes them). Per run: overlapped time, steps, mean KV use,
@@ -14,7 +15,7 @@ retractions; per variant: blend over the best other policy; per policy: each var
 shipped one.
 
     python bench/pacing_ablation.py --requests 20000   # -> results/pacing_ablation.json
-    python bench/pacing_ablation.py --traces A.csv,B.jsonl --variants shipped,not_paced,weights --out NAME
+    python bench/pacing_ablation.py --traces A.csv,B.jsonl --variants shipped,not_paced,kv --out NAME
 """
 
 from __future__ import annotations
@@ -46,8 +47,8 @@ VARIANTS = {  # name -> (key, known lengths, engine changes, blend preset change
     "known, paced": ("known", True, {}, None, None),
     f"known, paced, blend thin_batch_share {THIN}": ("known_thin", True, {}, {"thin_batch_share": THIN}, "known, paced"),
     "known, not paced": ("known_not_paced", True, {"pace": False}, None, None),
-    "estimated, paced counting the weight read": ("weights", False, {"pace_memory": "kv+weights"}, None, None),
-    "known, paced counting the weight read": ("known_weights", True, {"pace_memory": "kv+weights"}, None, None),
+    "estimated, paced against the KV read alone": ("kv", False, {"pace_memory": "kv"}, None, None),
+    "known, paced against the KV read alone": ("known_kv", True, {"pace_memory": "kv"}, None, None),
 }
 POLICIES = ("blend", "balance", "fcfs", "dfs")
 

@@ -31,18 +31,40 @@ def test_ridge_is_the_fixed_step_cost_in_gemm_tokens():
 
 
 def test_paced_tokens_follow_the_attention_term_above_the_ridge():
+    """The earlier rule (`memory_side="kv"`): compute matches density x the KV read, the weight
+    read only as the floor."""
     per_token, per_kv, weights = _by_hand(COST)
     # a small decode batch: the ridge binds (less its decode tokens, which share the GEMM)
-    assert paced_prefill_tokens(COST, 1_000, 8, 1.0) == int(weights / per_token) - 8
+    assert paced_prefill_tokens(COST, 1_000, 8, 1.0, "kv") == int(weights / per_token) - 8
     # a large one at density 1.3: compute matches 1.3 x the attention time
     kv, dec = 300_000, 64
     want = int(1.3 * kv * per_kv / per_token) - dec
     assert want > ridge_tokens(COST)
-    assert paced_prefill_tokens(COST, kv, dec, 1.3) == want
+    assert paced_prefill_tokens(COST, kv, dec, 1.3, "kv") == want
     # a step overhead raises the floor only
     slow = replace(COST, hardware=replace(COST.hardware, step_overhead_s=0.05))
-    assert paced_prefill_tokens(slow, 1_000, 8, 1.0) == int((weights + 0.05) / per_token) - 8
-    assert paced_prefill_tokens(slow, kv, dec, 1.3) == max(want, int((weights + 0.05) / per_token) - dec)
+    assert paced_prefill_tokens(slow, 1_000, 8, 1.0, "kv") == int((weights + 0.05) / per_token) - 8
+    assert paced_prefill_tokens(slow, kv, dec, 1.3, "kv") == max(want, int((weights + 0.05) / per_token) - dec)
+    with pytest.raises(ValueError, match="memory_side must be one of kv\\+weights, kv"):
+        paced_prefill_tokens(COST, kv, dec, 1.3, "weights")
+
+
+def test_shipped_pacing_matches_the_steps_whole_memory_side():
+    """The shipped rule (`MEMORY_SIDES[0]`, the default): compute matches density x (KV read +
+    weight read + step overhead), so a small decode batch of compute-dense waiting work gets
+    density x that, not the ridge; at density 1 or below the ridge binds."""
+    from blendserve_sgl.core.pacing import MEMORY_SIDES
+
+    assert MEMORY_SIDES[0] == "kv+weights"
+    per_token, per_kv, weights = _by_hand(COST)
+    kv, dec = 40_000, 16
+    by_hand = int(3.0 * (kv * per_kv + weights) / per_token) - dec
+    assert paced_prefill_tokens(COST, kv, dec, 3.0) == by_hand
+    assert by_hand > 2 * paced_prefill_tokens(COST, kv, dec, 3.0, "kv")  # the earlier rule: the ridge binds here
+    assert paced_prefill_tokens(COST, kv, dec, 0.5) == int(weights / per_token) - dec
+    assert paced_prefill_tokens(COST, kv, 0, 3.0) is None
+    slow = replace(COST, hardware=replace(COST.hardware, step_overhead_s=0.05))
+    assert paced_prefill_tokens(slow, kv, dec, 3.0) == int(3.0 * (kv * per_kv + weights + 0.05) / per_token) - dec
 
 
 def test_no_pacing_while_nothing_decodes_or_no_memory_work_waits():
@@ -63,29 +85,17 @@ def test_decode_time_counts_the_engines_per_request_and_per_token_work():
     kv, dec = 10_000, 40
     by_hand = kv * per_kv + kv * 1e-8 + dec * 4e-4
     assert decode_seconds(busy, kv, dec) == pytest.approx(by_hand, rel=1e-12)
-    assert paced_prefill_tokens(busy, kv, dec, 2.0) == max(int(weights / per_token), int(2.0 * by_hand / per_token)) - dec
+    assert paced_prefill_tokens(busy, kv, dec, 2.0, "kv") == max(int(weights / per_token), int(2.0 * by_hand / per_token)) - dec
+    assert paced_prefill_tokens(busy, kv, dec, 2.0) == int(2.0 * (by_hand + weights) / per_token) - dec
     assert paced_prefill_tokens(busy, kv, dec, 2.0) > paced_prefill_tokens(COST, kv, dec, 2.0)
-
-
-def test_pacing_that_counts_the_weight_read_grows_a_small_batch_by_the_density():
-    """`weights=True` (EngineConfig.pace_memory="kv+weights", an ablation): the step's memory side
-    is the KV read plus the weight read and step overhead, so a small decode batch of compute-dense
-    waiting work gets density x that, not the ridge; below density 1 the ridge still binds."""
-    per_token, per_kv, weights = _by_hand(COST)
-    kv, dec = 40_000, 16
-    by_hand = int(3.0 * (kv * per_kv + weights) / per_token) - dec
-    assert paced_prefill_tokens(COST, kv, dec, 3.0, weights=True) == by_hand
-    assert by_hand > 2 * paced_prefill_tokens(COST, kv, dec, 3.0)  # the shipped rule: the ridge binds here
-    assert paced_prefill_tokens(COST, kv, dec, 0.5, weights=True) == int(weights / per_token) - dec
-    assert paced_prefill_tokens(COST, kv, 0, 3.0, weights=True) is None
 
 
 def test_the_engines_pace_memory_setting_reaches_the_chunk_size():
     from blendserve_sgl.sim import EngineConfig
 
-    with pytest.raises(ValueError, match="pace_memory must be one of kv, kv\\+weights"):
+    with pytest.raises(ValueError, match="pace_memory must be one of kv\\+weights, kv"):
         EngineConfig.trace_engine(COST, pace_memory="weights")
-    assert EngineConfig.trace_engine(COST).pace_memory == "kv"
+    assert EngineConfig.trace_engine(COST).pace_memory == "kv+weights"  # as the plugin paces
     from blendserve_sgl.sim import RunSpec, Workload, simulate
     from blendserve_sgl.workloads import Record
 

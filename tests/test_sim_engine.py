@@ -221,10 +221,11 @@ def test_pacing_needs_mixed_steps():
     from blendserve_sgl.core.pacing import paces
 
     assert paces(True, True) and not paces(True, False) and not paces(False, True)
-    work = token_work(5, 150, out=(20, 80))
+    work = token_work(5, 150, out=(100, 300))  # memory-dense enough that paced chunks stay under the cap
 
     def steps(pace, mixed):
-        eng = run(work, "fcfs", pace=pace, mixed_chunk=mixed, chunked_prefill=2048)
+        eng = run(work, "fcfs", pace=pace, mixed_chunk=mixed, chunked_prefill=2048, max_running=1024,
+                  kv_tokens=200_000)
         return eng.series["prefill"], eng.finish_order
 
     assert steps(True, False) == steps(False, False)

@@ -234,8 +234,9 @@ def test_kv_projection_never_promises_pages_the_engine_does_not_free():
 
 @pytest.mark.parametrize("known", [True, False])
 def test_pacing_counts_decode_tokens_at_the_waiting_density(known):
-    """Paced prefill is an engine feature: prefill + decode tokens per step = rho x the next
-    round's KV-read time / compute time per token (at least the weight-read ridge), rho the
+    """Paced prefill is an engine feature: prefill + decode tokens per step = rho x the step's
+    memory time (the weight read + the next round's KV read) / compute time per token (at least the
+    weight-read ridge), rho the
     waiting requests' Comp / Mem from the engine's incremental sums: exact remaining lengths
     when known, else the one estimate every picker gets (before any finish: the clipped
     max_new_tokens); the same for every policy."""
@@ -253,7 +254,8 @@ def test_pacing_counts_decode_tokens_at_the_waiting_density(known):
         assert eng.waiting_density() == pytest.approx(rho)
         eng.sum_base, eng.n_dec = 2_000_000, 40  # the next round reads 2M KV tokens: far above the ridge
         attn = 2_000_000 * COST.kv_bytes_per_token / COST.hardware.effective_bandwidth
-        assert eng.chunk_size() == max(1, int(max(rho * attn, weight_seconds(COST)) / COST.seconds_per_compute_token) - 40)
+        memory = attn + weight_seconds(COST) + COST.hardware.step_overhead_s
+        assert eng.chunk_size() == max(1, int(max(rho * memory, weight_seconds(COST)) / COST.seconds_per_compute_token) - 40)
         chunks[policy] = eng.chunk_size()
     assert chunks["fcfs"] == chunks["blend"]
 

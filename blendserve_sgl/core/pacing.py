@@ -3,16 +3,20 @@
 One rule, shared by the simulator (an engine feature any policy can run with) and the SGLang
 plugin (which sets it as the step's prefill-token budget and chunk size). A step's GEMM tokens
 (the prefill plus one per decoding request) are sized so their compute time matches the step's
-decode time (the KV read, plus the engine's per-request and per-KV-token work where the hardware
-spec has them) times the target density: the step then holds that density's balance
-of compute and memory work. Never below the ridge: the tokens whose compute time equals the
-step's fixed cost (the weight read, which the GEMM overlaps, plus the engine's per-step
-overhead, `HardwareSpec.step_overhead_s`, 0 on the vendor GPU presets), so a paced step is never
-dominated by what every step pays. No pacing while nothing decodes: there is no memory work to
-balance, and a small chunk would only pay the fixed cost more often. No pacing either where
-prefill and decode do not share a step (SGLang without `--enable-mixed-chunk`): a prefill step
-then carries no decode to balance, and a smaller chunk only splits it into more steps, each
-paying the fixed cost (`paces`).
+memory time times the target density: the weight read and the engine's per-step overhead
+(`HardwareSpec.step_overhead_s`, 0 on the vendor GPU presets) plus the decode's KV read and the
+engine's per-request and per-KV-token work where the hardware spec has them. Weights and KV share
+one memory bandwidth, and the GEMM overlaps both, so at density 1 such a step keeps compute and
+memory equally busy. Never below the ridge: the tokens whose compute time equals the step's fixed
+cost (weight read + step overhead), so a paced step is never dominated by what every step pays.
+The earlier rule matched the KV side alone, the weight read only as the floor (`MEMORY_SIDES`
+"kv", kept for ablations): a small decode batch then got ridge-sized chunks whatever the density,
+so compute-dense prompts took many steps each, few requests started and the batch stayed small
+(section 5 of docs/design.md, "Real traces"). No pacing while nothing decodes: there is no
+memory work to balance, and a small chunk would only pay the fixed cost more often. No pacing
+either where prefill and decode do not share a step (SGLang without `--enable-mixed-chunk`): a
+prefill step then carries no decode to balance, and a smaller chunk only splits it into more
+steps, each paying the fixed cost (`paces`).
 
 The target density is the waiting work's (`WaitingWork`): remaining lengths where known, and one
 estimate for every request of unknown length, the mean output of the requests finished so far
@@ -26,6 +30,11 @@ from __future__ import annotations
 import math
 
 from .cost import CostModel, memory_units
+
+# The step's memory side pacing matches, the shipped one first: "kv+weights" (the step's whole
+# memory time) or "kv" (the KV side alone, the weight read only as the floor: the earlier rule, an
+# ablation). One owner: the plugin paces with the first; `EngineConfig.pace_memory` defaults to it.
+MEMORY_SIDES = ("kv+weights", "kv")
 
 
 def weight_read_seconds(cost: CostModel) -> float:
@@ -55,16 +64,19 @@ def decode_seconds(cost: CostModel, kv_read_tokens: int, decoding: int) -> float
 
 
 def paced_prefill_tokens(cost: CostModel, kv_read_tokens: int, decoding: int, density: float,
-                         weights: bool = False) -> int | None:
+                         memory_side: str = MEMORY_SIDES[0]) -> int | None:
     """Prefill tokens for a step whose decode attention reads `kv_read_tokens` KV tokens for
     `decoding` running requests, at target `density` (Comp / Mem of the waiting work): compute
-    time = density x the step's decode time (`decode_seconds`; with `weights`, plus the weight
-    read and the per-step overhead: the step's whole memory side, an ablation the plugin does not
-    run). None (no pacing) when nothing decodes or the density is unbounded (no memory work waits)."""
+    time = density x the step's memory time (`memory_side`: "kv+weights", the shipped rule: the
+    decode time of `decode_seconds` plus the weight read and the per-step overhead; "kv": the
+    decode time alone). Never below the ridge. None (no pacing) when nothing decodes or the density
+    is unbounded (no memory work waits)."""
+    if memory_side not in MEMORY_SIDES:
+        raise ValueError(f"memory_side must be one of {', '.join(MEMORY_SIDES)}, got {memory_side!r}")
     if decoding <= 0 or not math.isfinite(density):
         return None
     memory = decode_seconds(cost, kv_read_tokens, decoding)
-    if weights:
+    if memory_side == "kv+weights":
         memory += weight_read_seconds(cost) + cost.hardware.step_overhead_s
     gemm_tokens = max(ridge_tokens(cost), density * memory / cost.seconds_per_compute_token)
     return max(1, int(gemm_tokens) - decoding)

@@ -144,8 +144,9 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
     Knob("engine_check", bool, "Plan only what SGLang's admission check takes, in the order it walks the queue: "
          "each request charged its uncached prompt + min(max_new_tokens, clip) + 1, one chunked prompt a step and "
          "it last (1/0).", preset="engine_check"),
-    Knob("pacing", bool, "Set each step's prefill-token budget and chunk size so the step holds the waiting "
-         "work's density; off while nothing decodes (1/0).", preset="pacing"),
+    Knob("pacing", bool, "Set each step's prefill-token budget and chunk size so the step's compute holds the "
+         "waiting work's density against its memory time (weight read + KV read); off while nothing decodes "
+         "(1/0).", preset="pacing"),
     Knob("metering", bool, "Admit each side's memory work at the rate of its memory share, counting SGLang's "
          "forward passes (1/0).", preset="metering"),
     Knob("seed", int, "Seed of the output-length sample.", _at_least(0), preset="seed"),

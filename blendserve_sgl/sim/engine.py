@@ -26,8 +26,9 @@ running requests and KV pages held by running requests; `timing.py` turns them i
 arrays (struct of arrays), so a decode round costs a few vector operations, not a Python loop.
 
 Engine features, the same for every picker (`EngineConfig`):
-- `pace`: each step's chunk size is `core.pacing.paced_prefill_tokens` for the next decode
-  round's KV read at the target density of the waiting requests, Comp / Mem over their
+- `pace`: each step's chunk size is `core.pacing.paced_prefill_tokens` for the step's memory
+  time (`pace_memory`: the weight read plus the next decode round's KV read, as the plugin paces;
+  "kv": the KV read alone, for ablations) at the target density of the waiting requests, Comp / Mem over their
   (fill, remaining output) with no sharing term, kept as incremental sums. Known lengths
   (ignore_eos) give the remaining output exactly; for the others every picker sees the same
   estimate: the mean output of the requests finished so far, and before the first finish
@@ -52,7 +53,7 @@ from typing import Callable, Iterable
 import numpy as np
 
 from ..core.cost import CostModel, prefill_attention_pairs
-from ..core.pacing import WaitingWork, paced_prefill_tokens, paces
+from ..core.pacing import MEMORY_SIDES, WaitingWork, paced_prefill_tokens, paces
 from ..core.tree import Group
 from .cache import RadixCache
 from .request import DECODING, FINISHED, PREFILLING, WAITING, SimRequest, atom_len
@@ -63,7 +64,6 @@ _NO_WATCH = np.iinfo(np.int64).max
 HORIZONS = np.array([4 ** k for k in range(9)], dtype=np.int64)
 SAFETY, SLACK = 2, 16
 PACE_DENSITIES = ("estimate", "true")
-PACE_MEMORY = ("kv", "kv+weights")
 FULL_CHECK_EVERY = 1024  # check=True: the full recount every this many steps (and at the end)
 
 
@@ -82,16 +82,16 @@ class EngineConfig:
     kv_projection: bool = False  # admission counts KV that known-length running requests will release
     pace_density: str = "estimate"  # pacing's target density: "estimate" (WaitingWork, as the plugin
     # paces) or "true" (the waiting requests' true remaining lengths: a simulator-only oracle for ablations)
-    pace_memory: str = "kv"  # the step's memory side pacing matches: "kv" (the decode's KV read and per-request
-    # work, the weight read only as the floor: as the plugin paces) or "kv+weights" (the weight read and step
-    # overhead added to it: core.pacing.paced_prefill_tokens(weights=True), an ablation the plugin does not run)
+    pace_memory: str = MEMORY_SIDES[0]  # the step's memory side pacing matches (core.pacing.MEMORY_SIDES):
+    # "kv+weights" (the decode's KV read and per-request work plus the weight read: as the plugin paces) or
+    # "kv" (the weight read only as the floor: the earlier rule, for ablations)
 
     def __post_init__(self) -> None:
         if self.pace_density not in PACE_DENSITIES:
             raise ValueError(f"EngineConfig.pace_density must be one of {', '.join(PACE_DENSITIES)}, "
                              f"got {self.pace_density!r}")
-        if self.pace_memory not in PACE_MEMORY:
-            raise ValueError(f"EngineConfig.pace_memory must be one of {', '.join(PACE_MEMORY)}, "
+        if self.pace_memory not in MEMORY_SIDES:
+            raise ValueError(f"EngineConfig.pace_memory must be one of {', '.join(MEMORY_SIDES)}, "
                              f"got {self.pace_memory!r}")
         for field in ("kv_tokens", "max_running", "chunked_prefill", "clip_max_new_tokens",
                       "new_token_ratio_decay_steps"):
@@ -269,7 +269,7 @@ class Engine:
         size = self.config.chunked_prefill
         if paces(self.config.pace, self.config.mixed_chunk) and self.waiting:
             paced = paced_prefill_tokens(self.cost, self.next_kv_read, self.n_dec, self.waiting_density(),
-                                         weights=self.config.pace_memory == "kv+weights")
+                                         self.config.pace_memory)
             if paced is not None:
                 size = max(1, min(paced, size))
         return size
