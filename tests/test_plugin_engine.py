@@ -70,7 +70,9 @@ def test_paced_budgets_and_bad_hints_in_the_engine(tiny_llama, tmp_path):
     spec, out = tmp_path / "spec.json", tmp_path / "out.json"
     n = 40
     spec.write_text(json.dumps({"model_path": tiny_llama, "n": n}))
-    env = {**ENV, "BLENDSERVE_TRACE_PATH": str(trace)}
+    # the a100 cost model: on the `cpu` preset a step's fixed cost (weight read + per-step overhead)
+    # sizes every paced chunk above the configured 2,048 tokens, so the budget would never bind
+    env = {**ENV, "BLENDSERVE_TRACE_PATH": str(trace), "BLENDSERVE_HARDWARE": "a100"}
     proc = subprocess.Popen([sys.executable, __file__, str(spec), str(out)], env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
