@@ -351,11 +351,6 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if (args.input is None) == (args.workload is None):
             raise ValueError("pass a requests.jsonl file, or --workload NAME for a built-in mix")
-        for name in ("gpus", "max_running", "chunk", "default_max_tokens", "requests", "sim_requests"):
-            if getattr(args, name) is not None and getattr(args, name) < 1:
-                raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {getattr(args, name)}")
-        if not (0 < args.output_fraction <= 1):
-            raise ValueError(f"--output-fraction must be in (0, 1], got {args.output_fraction}")
         from .batch.cli import check_apart, check_output
 
         for flag, path in (("--out", args.out), ("--plot", args.plot)):

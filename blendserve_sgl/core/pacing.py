@@ -75,10 +75,11 @@ def paced_prefill_tokens(cost: CostModel, kv_read_tokens: int, decoding: int, de
         raise ValueError(f"memory_side must be one of {', '.join(MEMORY_SIDES)}, got {memory_side!r}")
     if decoding <= 0 or not math.isfinite(density):
         return None
+    fixed = weight_read_seconds(cost) + cost.hardware.step_overhead_s  # the step's fixed cost, as in ridge_tokens
     memory = decode_seconds(cost, kv_read_tokens, decoding)
     if memory_side == "kv+weights":
-        memory += weight_read_seconds(cost) + cost.hardware.step_overhead_s
-    gemm_tokens = max(ridge_tokens(cost), density * memory / cost.seconds_per_compute_token)
+        memory += fixed
+    gemm_tokens = max(fixed / cost.seconds_per_compute_token, density * memory / cost.seconds_per_compute_token)
     return max(1, int(gemm_tokens) - decoding)
 
 

@@ -43,16 +43,17 @@ def load_workload(spec: str, n: int | None, cost: CostModel, seed: int = 0) -> l
     if n is not None and n > MAX_BUILT_IN_REQUESTS and not is_trace_file(spec):
         raise ValueError(f"--requests {n:,}: a built-in workload ({spec}) is built in memory, about 1.2 KB a request; "
                          f"give at most {MAX_BUILT_IN_REQUESTS:,}, or a trace file with --workload PATH")
+    size = n or DEFAULT_REQUESTS  # a built-in workload's
     if spec in TRACES:
-        return trace(spec, n or DEFAULT_REQUESTS, cost, seed)[0]
+        return trace(spec, size, cost, seed)[0]
     if spec == "mixed":
-        return mixed_workload(n or DEFAULT_REQUESTS, seed=seed)
+        return mixed_workload(size, seed=seed)
     if spec.startswith("mix:"):
         try:
             density, sharing = (float(x) for x in spec[4:].split(","))
         except ValueError:
             raise ValueError(f"workload {spec!r}: write mix:DENSITY,SHARING, e.g. mix:1.2,0.25") from None
-        return mix(n or DEFAULT_REQUESTS, density, sharing, cost, seed)[0]
+        return mix(size, density, sharing, cost, seed)[0]
     if is_trace_file(spec):
         return load_trace_file(spec, n)
     raise ValueError(f"unknown workload {spec!r}; choose one of {', '.join(WORKLOADS)}")
