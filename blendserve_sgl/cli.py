@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import signal
 import sys
 
 COMMANDS = {
@@ -78,5 +80,14 @@ def main(argv: list[str] | None = None) -> int:
     return importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:])
 
 
+def entry() -> int:
+    """The `blendserve` console script: `main`, then a SIGTERM while the interpreter exits (its
+    engine's processes are already stopped) ends the process with the command's own status at
+    once instead of the signal's 143: a finished run reads as finished."""
+    status = main()
+    signal.signal(signal.SIGTERM, lambda signum, frame: os._exit(status))
+    return status
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    raise SystemExit(entry())

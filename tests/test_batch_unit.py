@@ -369,13 +369,15 @@ class FakeEngine:
     """Answers like `sglang.Engine.async_generate`: output length min(max_new_tokens, 3); a prompt
     containing "explode" raises like SGLang's validation; "abort" ends with an abort reason;
     after `interrupt_after` results it raises KeyboardInterrupt (Ctrl-C mid-run); after
-    `sigterm_after` results the process gets SIGTERM (sent once)."""
+    `sigterm_after` results the process gets SIGTERM (sent once); with `sigterm_at_shutdown`, it
+    gets one while the engine shuts down."""
 
-    def __init__(self, interrupt_after=None, sigterm_after=None):
+    def __init__(self, interrupt_after=None, sigterm_after=None, sigterm_at_shutdown=False):
         self.loop = asyncio.new_event_loop()
         self.calls = self.answered = 0
         self.interrupt_after = interrupt_after
         self.sigterm_after = sigterm_after
+        self.sigterm_at_shutdown = sigterm_at_shutdown
         self.shut = False
         self.words = None
         self.tokenizer_manager = DrainingTokenizerManager()
@@ -402,6 +404,8 @@ class FakeEngine:
                               "cached_tokens": 1, "finish_reason": reason}}
 
     def shutdown(self):
+        if self.sigterm_at_shutdown:
+            os.kill(os.getpid(), signal.SIGTERM)
         self.shut = True
         if self.tokenizer_manager.handle_loop is not None:
             self.loop.remove_signal_handler(signal.SIGTERM)
@@ -459,11 +463,11 @@ def stand_in(monkeypatch, tmp_path):
     (model / "model.safetensors").write_bytes(b"")
     tok = WordTokenizer()
     tok.encode("explode abort")
-    state = {"engines": [], "interrupt_after": None, "sigterm_after": None}
+    state = {"engines": [], "interrupt_after": None, "sigterm_after": None, "sigterm_at_shutdown": False}
 
     def start(cfg):
         assert cfg.policy in cli.POLICIES and cfg.context_length == 64
-        e = FakeEngine(state["interrupt_after"], state["sigterm_after"])
+        e = FakeEngine(state["interrupt_after"], state["sigterm_after"], state["sigterm_at_shutdown"])
         e.explode = state.get("explode", True)
         e.words = tok.ids
         state["engines"].append(e)
@@ -742,6 +746,27 @@ def test_sigterm_while_requests_run_stops_like_ctrl_c(stand_in, tmp_path, capsys
     stand_in["sigterm_after"] = None
     assert cli.main(args) == 0
     assert len(_by_key(out)) == 17
+
+
+def test_sigterm_after_the_last_record_ends_the_run_as_finished(stand_in, tmp_path, capsys):
+    """A SIGTERM while the engine shuts down after the last record stopped the run as
+    interrupted (exit 130): every record is written, so it ends as finished, with its summary."""
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    stand_in["sigterm_at_shutdown"] = True
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"])]) == 0
+    assert stand_in["engines"][0].shut and "interrupted" not in capsys.readouterr().out
+    assert len(_by_key(out)) == 17
+    check_integrity(out, tmp_path / "results.errors.jsonl")
+
+
+def test_console_script_exits_with_its_status_on_a_late_sigterm():
+    """A SIGTERM while the interpreter exits after the command returned killed the process with
+    143; the console script's `entry` ends it with the command's own status."""
+    import subprocess
+
+    code = ("import os, signal, time\nfrom blendserve_sgl import cli\ncli.main = lambda: 3\n"
+            "assert cli.entry() == 3\nos.kill(os.getpid(), signal.SIGTERM)\ntime.sleep(60)\n")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 3
 
 
 def test_lone_surrogates_bom_and_duplicate_keys_become_line_records(stand_in, tmp_path):

@@ -129,6 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("the following arguments are required: -o/--output")
     if args.output == "-":
         args.output = "/dev/stdout"
+    _COMPLETE[0] = False
     previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops like Ctrl-C, also while reading
     try:
         return _main(args)
@@ -318,6 +319,7 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
             stats.generate_seconds = ray_runner.generate(
                 cfg, [[read.store.prepared(i) for i in part] for part in parts], on_result, on_error,
                 address=args.ray_address, gpus=gpus).seconds
+            _COMPLETE[0] = True
             return
         _say(f"starting SGLang ({args.policy} policy, {device}{f', {args.dp} DP ranks' if args.dp > 1 else ''}) "
              f"for {todo:,} requests ...")
@@ -348,6 +350,7 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
             stats.generate_seconds = runner.generate(
                 engine, items, on_result, on_error, window=stats.window,
                 tick=lambda rate: (progress.set_rate(rate), progress.render(), stats.sample_rss()), route=route)
+            _COMPLETE[0] = True
         except runner.EngineFailed:
             raise EngineError(f"an SGLang process failed while requests ran (its error is above); the "
                               f"{stats.completed + stats.failed:,} records written in this run are kept in "
@@ -508,8 +511,14 @@ def _phase_printer(quiet: bool, every: float = 10.0):
     return tell
 
 
+_COMPLETE = [False]  # every request has its record: from then on a SIGTERM no longer interrupts the run
+
+
 def _interrupt(signum, frame):
+    if _COMPLETE[0]:
+        return  # the engine is shutting down after the last record: the run ends with its own status
     raise KeyboardInterrupt
+
 
 
 _MESSAGES = "stdout"  # "stderr" when the results go to stdout
