@@ -39,18 +39,20 @@ def _seqs():
     return st.lists(st.integers(0, 3), min_size=1, max_size=7)
 
 
-@settings(max_examples=60)
-@given(st.lists(st.tuples(st.sampled_from(["insert", "match", "lock", "unlock", "evict"]), _seqs(),
+@settings(max_examples=100)
+@given(st.lists(st.tuples(st.sampled_from(["insert", "match", "match_from", "lock", "unlock", "evict"]), _seqs(),
                           st.integers(1, 12)), max_size=40))
 def test_radix_cache_matches_a_token_level_reference(ops):
     """After any sequence of inserts, matches, locks, unlocks and evictions: the longest cached
     prefix and the cached/evictable token counts equal the reference's; every evicted node was
     an unlocked leaf used no later than any other unlocked leaf (LRU), and an eviction stops as
-    soon as it freed enough."""
+    soon as it freed enough. `match_from` resumes a sequence's last match while its node lives
+    (as the dfs-weight picker does) and must give `match`'s result and recency."""
     ref = Reference()
     evicted = []
     cache = RadixCache(on_evict=lambda node: evicted.append(node))
     held = []  # (node, seq) locked by "requests"
+    anchors = {}  # seq -> its last match_from
     for op, seq, n in ops:
         if op == "insert":
             ref.clock += 1
@@ -62,6 +64,15 @@ def test_radix_cache_matches_a_token_level_reference(ops):
             node, hit = cache.match(seq)
             assert hit == ref.lcp(seq)
             ref.touch(seq, hit)
+        elif op == "match_from":
+            if anchors and n % 3:  # mostly a sequence matched before
+                seq = list(list(anchors)[n % len(anchors)])
+            ref.clock += 1
+            a = anchors.get(tuple(seq))
+            a = anchors[tuple(seq)] = cache.match_from(seq, a if a is not None and a[0].alive else (cache.root, 0, 0))
+            assert a[2] == ref.lcp(seq) and a[0] is cache.match(seq)[0]
+            ref.clock += 1  # the check's own match
+            ref.touch(seq, a[2])
         elif op == "lock":
             node, hit = cache.match(seq)
             ref.clock += 1
@@ -123,3 +134,22 @@ def test_locked_prefix_survives_and_groups_count_their_length():
     cache.unlock(hit_node)
     assert cache.evictable_tokens == 664 and cache.evict(1) == 664
     cache.check_integrity()
+
+
+def test_match_from_resumes_across_inserts_splits_and_evictions():
+    """The dfs-weight picker resumes each class's match from its last node: after an insert
+    below it (the match then splits the new edge), a split above it and an insert past its end
+    the result is the root walk's; once its node is evicted the caller starts from the root."""
+    seq = [1, 2, 3, 4, 5, 6, 7, 8]
+    cache = RadixCache()
+    cache.insert([1, 2, 3, 4, 5, 6])
+    a = cache.match_from(seq, (cache.root, 0, 0))
+    assert a[1:] == (6, 6)
+    for more, hit in (([1, 2, 3, 4, 5, 6, 7, 9], 7), ([1, 2, 9], 7), ([1, 2, 3, 4, 5, 6, 7, 8, 1], 8)):
+        cache.insert(more)
+        a = cache.match_from(seq, a)
+        node, matched = cache.match(seq)
+        assert a[0] is node and a[1:] == (hit, hit) == (hit, matched) and node.last_access == cache.clock
+        cache.check_integrity()
+    assert cache.evict(100) and not a[0].alive  # nothing locked: all of it goes
+    assert cache.match_from(seq, (cache.root, 0, 0))[1:] == (0, 0)

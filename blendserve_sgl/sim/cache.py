@@ -72,8 +72,18 @@ class RadixCache:
     def match(self, keys: Sequence) -> tuple[CacheNode, int]:
         """The longest cached prefix of `keys`: (the node it ends on, its length in tokens).
         Splits the edge it ends inside and marks the path as used now."""
+        node, _, matched = self.match_from(keys, (self.root, 0, 0))
+        return node, matched
+
+    def match_from(self, keys: Sequence, anchor: tuple) -> tuple[CacheNode, int, int]:
+        """`match` resumed from `anchor` = (node, atoms, tokens), an earlier `match_from` of the
+        same keys whose node is still alive: (node, atoms, tokens), the anchor for the next call.
+        The walk from the root would pass the anchor over whole edges (splits above it keep its
+        position, evictions remove leaves only), so the result and the side effects (the
+        clock, the path touched) are `match`'s."""
         self.clock += 1
-        node, i, n, matched = self.root, 0, len(keys), 0
+        node, i, matched = anchor
+        n = len(keys)
         while i < n:
             child = node.children.get(keys[i])
             if child is None:
@@ -87,7 +97,7 @@ class RadixCache:
             i += j
             matched += child.length
         self._touch(node)
-        return node, matched
+        return node, i, matched
 
     def probe(self, keys: Sequence) -> tuple[int, int]:
         """(cached prefix length, unlocked tokens on that prefix) without splitting or touching."""

@@ -173,6 +173,7 @@ class SGLangDFSWeight(Picker):
         self.n = 0
         self._cache_version = -1
         self._nodes: dict[tuple, object] = {}
+        self._anchors: dict[tuple, tuple] = {}  # class key -> its last match (`RadixCache.match_from`)
         for r in order:
             self.add(r)
 
@@ -201,7 +202,12 @@ class SGLangDFSWeight(Picker):
         cache = view.cache
         if self._cache_version == cache.version:
             return
-        self._nodes = {key: cache.match(key)[0] for key, q in self.classes.items() if q}
+        anchors, root = self._anchors, (cache.root, 0, 0)
+        nodes = self._nodes = {}
+        for key in self.classes:  # every class is non-empty (`pick` drops an emptied one)
+            a = anchors.get(key)
+            a = anchors[key] = cache.match_from(key, a if a is not None and a[0].alive else root)
+            nodes[key] = a[0]
         self._cache_version = cache.version
 
     def ordered(self, view) -> Iterator[SimRequest]:
@@ -211,22 +217,36 @@ class SGLangDFSWeight(Picker):
         return self._visit(view.cache.root)
 
     def _visit(self, root) -> Iterator[SimRequest]:
-        own: dict = {}
+        own: dict = {}  # cache node -> the classes ending on it
+        nodes = self._nodes
         for key, q in self.classes.items():
-            if q:
-                own.setdefault(self._nodes[key], []).append(q)
-        weight: dict = {}
-        kids: dict = {}
-        for node, qs in own.items():
-            count = sum(len(q) for q in qs)
-            n = node
-            while n is not None:
-                if n not in weight:
-                    weight[n] = 0
-                    if n.parent is not None:
-                        kids.setdefault(n.parent, []).append(n)
-                weight[n] += count
-                n = n.parent
+            node = nodes[key]
+            qs = own.get(node)
+            if qs is None:
+                own[node] = [q]
+            else:
+                qs.append(q)
+        kids: dict = {}  # the nodes on the paths to them, by parent
+        seen = set()
+        for node in own:
+            while node.parent is not None and node not in seen:
+                seen.add(node)
+                below = kids.get(node.parent)
+                if below is None:
+                    kids[node.parent] = [node]
+                else:
+                    below.append(node)
+                node = node.parent
+        weight: dict = {}  # waiting requests under each node (SGLang's weight)
+
+        def total(node) -> int:
+            w = sum(map(len, own.get(node, ())))
+            for c in kids.get(node, ()):
+                w += total(c)
+            weight[node] = w
+            return w
+
+        total(root)
 
         def visit(node):
             for child in sorted(kids.get(node, ()), key=lambda c: (-weight[c], c.order)):
@@ -245,6 +265,7 @@ class SGLangDFSWeight(Picker):
                 raise AssertionError("dfs-weight admitted a request that is not first in its class")
             if not q:
                 del self.classes[self._key(p.req)]
+                self._anchors.pop(self._key(p.req), None)
                 self._cache_version = -1
             self.n -= 1
         return picks
@@ -254,6 +275,7 @@ class SGLangDFSWeight(Picker):
         for key, q in self.classes.items():
             assert q and all(self._key(r) == key and r.state == "waiting" for r in q)
             assert all(a.seq < b.seq for a, b in zip(q, list(q)[1:])), "a class is out of arrival order"
+        assert self._anchors.keys() <= self.classes.keys(), "a match anchor outlived its class"
 
 
 # ---------------------------------------------------------------------- BlendServe
