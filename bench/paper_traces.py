@@ -293,8 +293,10 @@ def main() -> None:
                                                   "when the preset paces (the plugin sets it in SGLang), the stock "
                                                   "policies unpaced",
                   "optimal": "T_o = max((1 - s_o) T_comp, T_mem) (the paper's)",
-                  "weight_bound": "T_w = max((1 - s_o) T_comp, T_mem + N_min w), N_min = max(longest output, "
-                                  "ceil(output tokens / max_running))"},
+                  "weight_bound": "T_w = max(C, M + N_min w), the step model's strict bound: C the decoder "
+                                  "layers for every token but the last output and the shared prefixes plus the LM "
+                                  "head for the sampled tokens, M the decode steps' KV reads, N_min = max(longest "
+                                  "output, ceil(output tokens / max_running)) (sim/metrics.py)"},
         "requests_per_trace": n,
         "model": "llama-3.1-8b", "hardware": COST.hardware.name,
         "modes": {k: {"mode": m.mode, "interference": m.interference} for k, m in MODES.items()},
