@@ -355,8 +355,9 @@ def main(argv: list[str] | None = None) -> int:
 
         for flag, path in (("--out", args.out), ("--plot", args.plot)):
             check_output(flag, path)
-        check_apart("--out", args.out, [("the input", args.input)])
-        check_apart("--plot", _plot_path(args), [("the input", args.input), ("the --out file", args.out)])
+        check_apart("--out", args.out, [("the input", args.input), ("the --workload file", args.workload)])
+        check_apart("--plot", _plot_path(args), [("the input", args.input), ("the --workload file", args.workload),
+                                                 ("the --out file", args.out)])
         _check_plot_format(_plot_path(args))
         policies = list(dict.fromkeys(p.strip() for p in args.policies.split(",") if p.strip()))  # each once
         bad = [p for p in policies if p not in POLICIES]
@@ -528,7 +529,11 @@ def plan_for_run(run_args) -> int:
         key, _, value = pair.partition("=")
         key = key.replace("-", "_")
         if key in flags:
-            argv += [flags[key], value]
+            if not (value.strip().isdigit() and int(value) >= 1):
+                print(f"blendserve run --plan-only: error: --engine-arg {pair}: {key} must be a whole number of at "
+                      "least 1", file=sys.stderr)
+                return 2
+            argv += [flags[key], value.strip()]
         elif key == "enable_mixed_chunk" and value.lower() in ("true", "1"):
             argv.append("--mixed-chunk")
     if run_args.generate_sample:

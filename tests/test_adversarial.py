@@ -1059,16 +1059,15 @@ def test_results_that_cannot_be_written_end_the_run_once_without_stray_traceback
 
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc (a folder where no file can be created)")
-def test_a_summary_that_cannot_be_written_is_one_message_after_the_records(stand_in, tmp_path, capsys):  # noqa: F811
-    """`--summary-json /proc/s.json` passes the checks before the run (the folder exists) and
-    failed only at the end, with a FileNotFoundError traceback; now one message, exit 2, and
-    every record is written."""
+def test_a_summary_that_cannot_be_written_is_refused_before_the_run(stand_in, tmp_path, capsys):  # noqa: F811
+    """`--summary-json /proc/s.json` passed the checks before the run (the folder exists) and
+    failed only at the end, with a FileNotFoundError traceback; a folder that takes no new file
+    is now refused before the engine starts, with one message."""
     src, out = _batch(tmp_path), tmp_path / "results.jsonl"
     code = cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"]), "--summary-json", "/proc/s.json"])
     err = capsys.readouterr().err
-    assert code == 2 and f"cannot write --summary-json /proc/s.json: No such file or directory; the records are in {out}" \
-        in err and "Traceback" not in err, err
-    assert len(out.read_text().splitlines()) == len([x for x in src.read_text().splitlines() if x.strip()])
+    assert code == 2 and "--summary-json /proc/s.json: cannot write in /proc" in err and "Traceback" not in err, err
+    assert not stand_in["engines"] and not out.exists()
 
 
 @pytest.mark.parametrize("levels,ok", [("64", True), ("65", False), ("1000000", False), ("1", True)])
@@ -1087,17 +1086,18 @@ def test_cascade_levels_beyond_any_prefix_tree_are_refused_at_launch(levels, ok)
 
 @pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs /proc (a folder where no file can be created)")
 @pytest.mark.parametrize("flag", ["--plot", "--out"])
-def test_plan_files_that_cannot_be_written_are_one_message_after_the_simulation(tmp_path, capsys, flag):
+def test_plan_files_that_cannot_be_written_are_one_message_before_the_simulation(tmp_path, capsys, flag):
     """`plan --out /proc/p.json` passed the checks before the simulation (the folder exists) and
-    ended in a traceback when written."""
+    ended in a traceback when written; now refused before it."""
     from blendserve_sgl import plan
 
     src = tmp_path / "in.jsonl"
     src.write_text(completion("a") + "\n")
     other = ["--plot", "/dev/null"] if flag == "--out" else []
     assert plan.main([str(src), "--model", "llama-3.1-8b", "--workers", "1", flag, "/proc/p.png", *other]) == 2
-    err = capsys.readouterr().err
-    assert f"cannot write {flag} /proc/p.png: No such file or directory; choose another {flag}" in err, err
+    cap = capsys.readouterr()
+    assert f"{flag} /proc/p.png: cannot write in /proc (No such file or directory); choose another path" in cap.err
+    assert "blend" not in cap.out  # no policy was simulated
 
 
 @pytest.mark.parametrize("name", ["p.txt", "p.PNG.x"])

@@ -211,6 +211,24 @@ def test_run_plan_only_prints_the_plan_of_the_same_arguments(user_file, tmp_path
     assert "-o/--output" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("pair", ["chunked_prefill_size=abc", "max_running_requests=0"])
+def test_run_plan_only_names_the_engine_arg_it_maps(user_file, tmp_path, capsys, pair):
+    """A bad engine limit was reported as the plan's own flag (`argument --chunk`), which the
+    user never typed, with plan's usage text."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from cpu_smoke import write_tiny_llama
+
+    model_dir = write_tiny_llama(tmp_path / "tiny")
+    assert cli.main(["run", str(user_file), "--model", str(model_dir), "--plan-only", "a100",
+                     "--engine-arg", pair]) == 2
+    err = capsys.readouterr().err
+    assert f"--engine-arg {pair}: {pair.split('=')[0]} must be a whole number of at least 1" in err
+    assert "--chunk" not in err and "--max-running" not in err
+
+
 def test_cpu_preset_carries_the_recorded_fit():
     """The `cpu` preset is the calibration `bench/plan_file.py` recorded: its CPU figures and the
     overhead terms, which the least squares over the recorded logged steps gives again here; the

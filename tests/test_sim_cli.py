@@ -45,14 +45,31 @@ def test_simulate_takes_a_named_interference(tmp_path, setting):
     (["--seed", "-1"], "argument --seed: -1 must be 0 or a positive integer"),
     (["--chunk", "0"], "argument --chunk: 0 must be a positive integer"),
     (["--requests", "3000000"], "--requests 3,000,000: a built-in workload (trace1) is built in memory"),
+    (["--out", "{tmp}"], "is a directory; pass the name of a file in it"),
+    (["--out", "{tmp}/x.png"], "the plot goes next to the JSON with the suffix .png, so both would be one file"),
+    (["--out", "/proc/x.json"], "--out /proc/x.json: cannot write in /proc"),
 ])
 def test_bad_input_is_named_with_the_choices(capsys, tmp_path, args, message):
     try:
-        code = cli.main(["simulate", "--requests", "200", "--out", str(tmp_path / "x.json"), *args])
+        code = cli.main(["simulate", "--requests", "200", "--out", str(tmp_path / "x.json"),
+                         *[a.replace("{tmp}", str(tmp_path)) for a in args]])
     except SystemExit as exc:  # argparse's own refusal of a flag's value
         code = exc.code
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("field, value", [("hidden_size", 0), ("num_attention_heads", "abc"), ("vocab_size", None),
+                                          ("num_hidden_layers", 2.5), ("intermediate_size", True)])
+def test_a_bad_model_config_field_is_named(capsys, tmp_path, field, value):
+    """A field of 0, text, null, a fraction or a boolean was a ZeroDivisionError or TypeError
+    traceback, or an unnamed int() message."""
+    from blendserve_sgl.core.specs import _MODEL_CONFIGS
+
+    cfg = {**_MODEL_CONFIGS["llama-3.1-8b"], field: value}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    assert cli.main(["simulate", "--requests", "200", "--model", str(tmp_path), "--out", str(tmp_path / "x.json")]) == 2
+    assert f"{field} must be a whole number of at least 1, got {value!r}" in capsys.readouterr().err
 
 
 def test_a_model_config_that_is_not_json_is_named(capsys, tmp_path):

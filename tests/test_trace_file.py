@@ -62,9 +62,16 @@ def test_mooncake_blocks_become_shared_prefix_groups(tmp_path):
     ('{"input_length": 600, "output_length": 2, "hash_ids": [1, 2, 3]}\n', "3 hash_ids for input_length 600"),
     ('{"input_length": 600, "output_length": 2, "hash_ids": [1, null]}\n', "hash_ids items must be integers"),
     ('{"input_length": 600, "output_length": 2, "hash_ids": 7}\n', "hash_ids must be a list"),
+    ('{"input_length": 600, "output_length": 2, "hash_ids": 0}\n', "hash_ids must be a list"),
+    ('{"input_length": 600, "output_length": 2, "hash_ids": ""}\n', "hash_ids must be a list"),
+    ('{"input_length": 10, "output_length": 2}\n{"input_length": 10, "output_length": 2, "x": ' + "[" * 100000
+     + "]" * 100000 + '}\n', "line 2: JSON nested too deeply"),
+    ('{"input_length": ' + "9" * 5000 + ', "output_length": 2}\n', "line 1: not a JSON object .a number of more "
+     "than 4,300 digits"),
+    ('[{"input_length": 10, "output_length": 2}]\n', "starts with '[': a JSON list; a JSONL trace has one JSON object"),
 ])
 def test_bad_trace_rows_are_named_with_the_fix(tmp_path, content, message):
-    path = tmp_path / ("t.jsonl" if content.startswith("{") else "t.csv")
+    path = tmp_path / ("t.jsonl" if content.startswith(("{", "[")) else "t.csv")
     path.write_text(content)
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
         load_trace_file(path)
@@ -83,6 +90,28 @@ def test_trace_file_errors_for_the_file_itself(tmp_path):
     with pytest.raises(ValueError, match="holds no requests"):
         load_trace_file(tmp_path / "empty.jsonl")
     assert is_trace_file("x.csv") and is_trace_file(str(gz)) and not is_trace_file("trace1")
+    bad = tmp_path / "latin.jsonl"  # text mode decodes ahead: the line is found again
+    bad.write_bytes(b'{"input_length": 10, "output_length": 2}\n{"input_length": 10, "output_length": 2, "n": "\xe9"}\n')
+    with pytest.raises(ValueError, match="latin.jsonl line 2: not UTF-8 text"):
+        load_trace_file(bad)
+
+
+def test_an_unreadable_trace_is_named(tmp_path, monkeypatch):
+    """Permission denied was a traceback through `blendserve simulate` and `plan`."""
+    import builtins
+
+    path = tmp_path / "t.csv"
+    path.write_text("ContextTokens,GeneratedTokens\n1,2\n")
+    real = builtins.open
+
+    def denied(file, *a, **kw):
+        if str(file) == str(path):
+            raise PermissionError(13, "Permission denied", str(file))
+        return real(file, *a, **kw)
+
+    monkeypatch.setattr(builtins, "open", denied)
+    with pytest.raises(ValueError, match=f"cannot read trace {path} \\(Permission denied\\); check the path"):
+        load_trace_file(path)
 
 
 def test_simulate_and_plan_run_a_trace_file(tmp_path, capsys):
@@ -98,6 +127,12 @@ def test_simulate_and_plan_run_a_trace_file(tmp_path, capsys):
     assert cli.main(["simulate", "--workload", str(path), "--requests", "25", "--policy", "fcfs",
                      "--out", str(out)]) == 0
     assert json.loads(out.read_text())["workload"]["requests"] == 25
+    before = path.read_bytes()
+    for argv in (["simulate", "--workload", str(path), "--out", str(path)],
+                 ["plan", "--workload", str(path), "--out", str(path)],
+                 ["plan", "--workload", str(path), "--out", str(tmp_path / "p.json"), "--plot", str(path)]):
+        assert cli.main(argv) == 2, argv  # the trace is never written over
+    assert path.read_bytes() == before and "is the --workload file, which it would overwrite" in capsys.readouterr().err
     plan_out = tmp_path / "plan.json"
     assert cli.main(["plan", "--workload", str(path), "--policies", "blend,fcfs", "--kv-gb", "4",
                      "--out", str(plan_out), "--json"]) == 0

@@ -414,6 +414,15 @@ def check_output(flag: str, path: str | None) -> None:
         raise ValueError(f"{flag} {path} is a directory; pass the name of a file in it")
     if not p.parent.is_dir():
         raise ValueError(f"{flag} {path}: the folder {p.parent} does not exist; create it or choose another path")
+    if p.exists():  # a file, or a device such as /dev/stdout: written in place
+        if not os.access(p, os.W_OK):
+            raise ValueError(f"{flag} {path} is not writable; choose another path or change its permissions")
+        return
+    try:  # a folder that takes no new file (read-only, /proc) is said now, not after the work
+        with tempfile.TemporaryFile(dir=p.parent):
+            pass
+    except OSError as exc:
+        raise ValueError(f"{flag} {path}: cannot write in {p.parent} ({exc.strerror}); choose another path") from None
 
 
 def _load_tokenizer(model_dir: Path):

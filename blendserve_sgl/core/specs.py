@@ -100,13 +100,29 @@ class ModelSpec:
         missing = [k for k in required if k not in config]
         if missing:
             raise ValueError(f"config.json for {name!r} lacks {missing}; a decoder-only HF config is required")
-        hidden = int(config["hidden_size"])
-        inter = int(config["intermediate_size"])
-        layers = int(config["num_hidden_layers"])
-        heads = int(config["num_attention_heads"])
-        kv_heads = int(config.get("num_key_value_heads") or heads)
-        head_dim = int(config.get("head_dim") or hidden // heads)
-        vocab = int(config["vocab_size"])
+        def whole(key: str, default: int | None = None) -> int:
+            value = config.get(key)
+            if value is None and default is not None:
+                return default
+            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+                value_ok = None
+            else:
+                try:
+                    value_ok = int(value) if float(value) == int(float(value)) else None
+                except (ValueError, OverflowError):
+                    value_ok = None
+            if value_ok is None or value_ok < 1:
+                raise ValueError(f"config.json for {name!r}: {key} must be a whole number of at least 1, got "
+                                 f"{value!r}; fix that field of the model's config.json")
+            return value_ok
+
+        hidden = whole("hidden_size")
+        inter = whole("intermediate_size")
+        layers = whole("num_hidden_layers")
+        heads = whole("num_attention_heads")
+        kv_heads = whole("num_key_value_heads", heads)
+        head_dim = whole("head_dim", max(1, hidden // heads))
+        vocab = whole("vocab_size")
         dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
         if dtype not in _DTYPE_BYTES:
             raise ValueError(f"config.json for {name!r}: unknown torch_dtype {dtype!r}; one of {sorted(_DTYPE_BYTES)}")
@@ -128,7 +144,7 @@ class ModelSpec:
             num_kv_heads=kv_heads,
             head_dim=head_dim,
             dtype_bytes=_DTYPE_BYTES[dtype],
-            max_context=int(config.get("max_position_embeddings", 4096)),
+            max_context=whole("max_position_embeddings", 4096),
             num_heads=heads,
             lm_head_params=embed,
         )
@@ -142,7 +158,9 @@ class ModelSpec:
             raise FileNotFoundError(f"model config {path} not found; pass a model directory holding config.json")
         try:
             config = json.loads(path.read_text(encoding="utf-8"))
-        except (ValueError, UnicodeDecodeError) as exc:
+        except OSError as exc:
+            raise ValueError(f"cannot read model config {path} ({exc.strerror}); check its permissions") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as exc:
             raise ValueError(f"model config {path} is not JSON ({exc}); pass a model directory holding a "
                              "Hugging Face config.json") from None
         if not isinstance(config, dict):

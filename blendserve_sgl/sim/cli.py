@@ -107,9 +107,20 @@ def main(argv: list[str] | None = None) -> int:
         policies = parse_policies(args.policy)
         cost = CostModel.from_names(args.model, args.hardware)
         n = 2000 if args.quick else args.requests  # --requests is a positive_int
-        if not Path(args.out).resolve().parent.is_dir():
-            raise ValueError(f"--out {args.out}: the folder {Path(args.out).parent} does not exist; create it or "
-                             "choose another path")
+        from ..batch.cli import check_apart, check_output
+
+        png = str(Path(args.out).with_suffix(".png"))
+        if Path(args.out).suffix.lower() == ".png":
+            raise ValueError(f"--out {args.out}: the plot goes next to the JSON with the suffix .png, so both would "
+                             "be one file; give --out a name ending in .json")
+        check_output("--out", args.out)
+        check_output("--out", png)
+        check_apart("--out", args.out, [("the --workload file", args.workload)])
+        try:
+            check_apart("--out", png, [("the --workload file", args.workload)])
+        except ValueError:
+            raise ValueError(f"--out {args.out}: its plot {png} is the --workload file, which it would overwrite; "
+                             "choose another --out") from None
         t0 = time.perf_counter()
         records = load_workload(args.workload, n, cost, args.seed)
         workload = Workload(records, cost)
@@ -135,9 +146,13 @@ def main(argv: list[str] | None = None) -> int:
     rows = compare(results, models)
     print(format_table(rows, [c for c in COLUMNS if c[0] in rows[0]]))
     out = Path(args.out)
-    png = out.with_suffix(".png")
-    plot_steps(list(results.values()), png, models["overlapped"],
-               title=f"{args.workload}, {len(records)} requests: per-step compute and memory time")
+    try:
+        plot_steps(list(results.values()), png, models["overlapped"],
+                   title=f"{args.workload}, {len(records)} requests: per-step compute and memory time")
+    except OSError as exc:
+        print(f"blendserve simulate: error: cannot write the plot {png} ({exc.strerror}); the table above is the "
+              "result", file=sys.stderr)
+        return 1
     from ..machine import describe
 
     payload = {
@@ -151,7 +166,12 @@ def main(argv: list[str] | None = None) -> int:
         "interference": args.interference, "known_lengths": args.known_lengths,
         "results": rows,
     }
-    out.write_text(json.dumps(payload, indent=2) + "\n")
+    try:
+        out.write_text(json.dumps(payload, indent=2) + "\n")
+    except OSError as exc:
+        print(f"blendserve simulate: error: cannot write {out} ({exc.strerror}); the table above is the result",
+              file=sys.stderr)
+        return 1
     print(f"wrote {out} and {png}")
     return 0
 

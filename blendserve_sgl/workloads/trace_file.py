@@ -86,14 +86,21 @@ def load_trace_file(path, n: int | None = None, block_size: int = MOONCAKE_BLOCK
         raise ValueError(f"trace {path} is not a regular file; pass the path of a CSV or JSONL trace")
     if n is not None and n < 1:
         raise ValueError(f"the number of requests to take from {path} must be >= 1, got {n}")
-    with open(path, "rb") as f:
-        head = f.read(4096)
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError as exc:
+        raise ValueError(f"cannot read trace {path} ({exc.strerror}); check the path and its permissions") from None
     packed = compression(head)
     if packed:
         raise ValueError(f"trace {path} is {packed}-compressed; decompress it first")
     first = head.decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")[:1]
     if not first:
         raise ValueError(f"trace {path} holds no requests (it is empty or blank); a trace needs at least one row")
+    if first == "[":
+        raise ValueError(f"trace {path} starts with '[': a JSON list; a JSONL trace has one JSON object per line "
+                         "(input_length, output_length, optionally hash_ids): convert it, e.g. "
+                         f"jq -c '.[]' {path} > {path.stem}.jsonl")
     records = _jsonl(path, n, block_size) if first == "{" else _csv(path, n)
     if not records:
         raise ValueError(f"trace {path} holds no requests; a trace needs at least one row")
@@ -127,38 +134,63 @@ def _whole(path: Path, line: int, field: str, value) -> int:
 
 
 def _jsonl(path: Path, n: int | None, block_size: int) -> list[Record]:
-    stem, out = path.stem, []
-    with open(path, encoding="utf-8-sig", errors="strict") as f:
-        for line_no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            if n is not None and len(out) >= n:
-                break
-            try:
-                row = json.loads(line)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise ValueError(f"{path.name} line {line_no}: not a JSON object ({exc}); fix or delete that line") from None
-            if not isinstance(row, dict):
-                raise ValueError(f"{path.name} line {line_no}: a trace line must be a JSON object with input_length "
-                                 f"and output_length, got {type(row).__name__}")
-            for field in ("input_length", "output_length"):
-                if field not in row:
-                    raise ValueError(f"{path.name} line {line_no}: no {field!r}; each line needs input_length and "
-                                     "output_length (token counts)")
-            p = max(1, _whole(path, line_no, "input_length", row["input_length"]))
-            o = max(1, _whole(path, line_no, "output_length", row["output_length"]))
-            ids = row.get("hash_ids") or []
-            if not isinstance(ids, list):
-                raise ValueError(f"{path.name} line {line_no}: hash_ids must be a list of block ids, got "
-                                 f"{type(ids).__name__}")
-            if len(ids) > math.ceil(p / block_size):
-                raise ValueError(f"{path.name} line {line_no}: {len(ids)} hash_ids for input_length {p}, more than "
-                                 f"its {math.ceil(p / block_size)} blocks of {block_size} tokens; the block size "
-                                 "does not match the trace")
-            for h in ids:
-                if isinstance(h, bool) or not isinstance(h, (int, str)):
-                    raise ValueError(f"{path.name} line {line_no}: hash_ids items must be integers or strings, got "
-                                     f"{h!r}; fix or delete that line")
-            prefix = tuple((f"h{h}", block_size) for h in ids[:-1])
-            out.append(Record(f"{stem}-{line_no}", p, prefix, o, stem))
+    out: list[Record] = []
+    line_no = 0
+    try:
+        with open(path, encoding="utf-8-sig", errors="strict") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                if n is not None and len(out) >= n:
+                    break
+                _jsonl_row(path, line_no, line, block_size, out)
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path.name} line {_first_bad_line(path)}: not UTF-8 text ({exc.reason}); convert the "
+                         "trace to UTF-8") from None
     return out
+
+
+def _first_bad_line(path: Path) -> int:
+    """The number of the first line that is not UTF-8 (text mode decodes ahead of the lines)."""
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return line_no
+    return line_no
+
+
+def _jsonl_row(path: Path, line_no: int, line: str, block_size: int, out: list) -> None:
+    """One JSONL trace line as a Record appended to `out`; ValueError naming the line."""
+    try:
+        row = json.loads(line)
+    except RecursionError:
+        raise ValueError(f"{path.name} line {line_no}: JSON nested too deeply; fix or delete that line") from None
+    except ValueError as exc:  # JSONDecodeError, or an integer of more digits than Python converts
+        why = "a number of more than 4,300 digits" if "integer string conversion" in str(exc) else str(exc)
+        raise ValueError(f"{path.name} line {line_no}: not a JSON object ({why}); fix or delete that line") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"{path.name} line {line_no}: a trace line must be a JSON object with input_length "
+                         f"and output_length, got {type(row).__name__}")
+    for field in ("input_length", "output_length"):
+        if field not in row:
+            raise ValueError(f"{path.name} line {line_no}: no {field!r}; each line needs input_length and "
+                             "output_length (token counts)")
+    p = max(1, _whole(path, line_no, "input_length", row["input_length"]))
+    o = max(1, _whole(path, line_no, "output_length", row["output_length"]))
+    ids = row.get("hash_ids")
+    ids = [] if ids is None else ids
+    if not isinstance(ids, list):
+        raise ValueError(f"{path.name} line {line_no}: hash_ids must be a list of block ids, got "
+                         f"{type(ids).__name__}")
+    if len(ids) > math.ceil(p / block_size):
+        raise ValueError(f"{path.name} line {line_no}: {len(ids)} hash_ids for input_length {p}, more than "
+                         f"its {math.ceil(p / block_size)} blocks of {block_size} tokens; the block size "
+                         "does not match the trace")
+    for h in ids:
+        if isinstance(h, bool) or not isinstance(h, (int, str)):
+            raise ValueError(f"{path.name} line {line_no}: hash_ids items must be integers or strings, got "
+                             f"{h!r}; fix or delete that line")
+    prefix = tuple((f"h{h}", block_size) for h in ids[:-1])
+    out.append(Record(f"{path.stem}-{line_no}", p, prefix, o, path.stem))
