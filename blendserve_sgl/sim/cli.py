@@ -68,7 +68,8 @@ def parse_policies(text: str) -> list[str]:
 
 
 COLUMNS = [("policy", "policy"), ("overlapped_time_s", "time ovl s"), ("overlapped_throughput_tok_s", "tok/s ovl"),
-           ("overlapped_fraction_of_optimal", "of optimal"), ("overlapped_speedup_vs_dfs", "vs dfs"),
+           ("overlapped_fraction_of_optimal", "of optimal"), ("overlapped_fraction_of_weight_bound", "of bound"),
+           ("overlapped_speedup_vs_dfs", "vs dfs"),
            ("sequential_time_s", "time seq s"), ("sequential_fraction_of_optimal", "of opt seq"),
            ("sequential_speedup_vs_dfs", "vs dfs seq"), ("sharing", "sharing"), ("sharing_vs_dfs", "sharing/dfs"),
            ("peak_kv", "peak KV"), ("mean_kv", "mean KV"), ("retractions", "retract"), ("wall_s", "wall s")]

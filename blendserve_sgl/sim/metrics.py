@@ -190,6 +190,7 @@ def compare(results: dict, models: dict, baseline: str = "dfs") -> list[dict]:
             row[f"{label}_time_s"] = round(t, 2)
             row[f"{label}_throughput_tok_s"] = round(res.throughput(model), 1)
             row[f"{label}_fraction_of_optimal"] = round(res.fraction_of_optimal(model), 4)
+            row[f"{label}_fraction_of_weight_bound"] = round(res.fraction_of_weight_bound(model), 4)
             if base is not None:
                 row[f"{label}_speedup_vs_{baseline}"] = round(base.time(model) / t, 4)
         row["sharing"] = round(res.sharing, 4)
