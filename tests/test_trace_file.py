@@ -96,6 +96,16 @@ def test_trace_file_errors_for_the_file_itself(tmp_path):
         load_trace_file(bad)
 
 
+def test_a_csv_trace_is_read_only_up_to_the_rows_asked_for(tmp_path):
+    """`--requests N` takes the first N rows: a bad row after them is not read (it stopped a
+    CSV trace, not a JSONL one); asked for all rows, it is named."""
+    path = tmp_path / "t.csv"
+    path.write_text("ContextTokens,GeneratedTokens\n10,2\n\n11,3\n12,nan\n")
+    assert [(r.prompt_len, r.output_len) for r in load_trace_file(path, 2)] == [(10, 2), (11, 3)]
+    with pytest.raises(ValueError, match="line 5: GeneratedTokens must be a whole token count"):
+        load_trace_file(path)
+
+
 def test_an_unreadable_trace_is_named(tmp_path, monkeypatch):
     """Permission denied was a traceback through `blendserve simulate` and `plan`."""
     import builtins

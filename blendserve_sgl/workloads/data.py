@@ -12,6 +12,7 @@ The data directory is `$BLENDSERVE_DATA`, else `shared/data` next to the project
 from __future__ import annotations
 
 import csv
+import itertools
 import math
 import os
 from pathlib import Path
@@ -100,10 +101,11 @@ def csv_rows(path: Path, encoding: str = "utf-8-sig"):
         raise ValueError(f"{path} line {reader.line_num}: not a CSV row ({exc}); fix or delete that row") from None
 
 
-def read_counts(path: Path, prompt_col: str, output_col: str) -> tuple[np.ndarray, np.ndarray]:
+def read_counts(path: Path, prompt_col: str, output_col: str, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(prompt_lens, output_lens) from the two named columns of a CSV trace, wherever they stand
-    among others; blank rows skipped. ValueError naming the file, row and column for a missing
-    column, a count that is not a whole number from 0 to `MAX_TRACE_TOKENS`, or no rows."""
+    among others; blank rows skipped; the first `n` rows when given (the rest is not read). ValueError
+    naming the file, row and column for a missing column, a count that is not a whole number from
+    0 to `MAX_TRACE_TOKENS`, or no rows."""
     cols = (prompt_col, output_col)
     rows_in = csv_rows(path)
     header = [h.strip() for h in next(rows_in, (0, []))[1]]
@@ -114,7 +116,8 @@ def read_counts(path: Path, prompt_col: str, output_col: str) -> tuple[np.ndarra
                          f"a trace needs the columns {prompt_col} and {output_col} (token counts)")
     at = [header.index(c) for c in cols]
     rows = [tuple(_count(path, line, c, row[i] if i < len(row) else "") for c, i in zip(cols, at))
-            for line, row in rows_in if any(cell.strip() for cell in row)]
+            for line, row in itertools.islice(((ln, r) for ln, r in rows_in if any(cell.strip() for cell in r)), n)]
+    rows_in.close()
     if not rows:
         raise ValueError(f"{path} holds no rows under its header; a trace needs at least one request")
     arr = np.array(rows, dtype=np.int64)

@@ -116,9 +116,7 @@ def _csv(path: Path, n: int | None) -> list[Record]:
         known = "; ".join(f"{a},{b}" for a, b in TRACE_COLUMNS)
         raise ValueError(f"{path}: its header ({','.join(header) or 'empty'}) names no known pair of token-count "
                          f"columns; rename the prompt and output columns to one of: {known}")
-    prompts, outputs = read_counts(path, *pair)
-    if n is not None:
-        prompts, outputs = prompts[:n], outputs[:n]
+    prompts, outputs = read_counts(path, *pair, n)
     stem = path.stem
     return [Record(f"{stem}-{i}", max(1, int(p)), (), max(1, int(o)), stem) for i, (p, o) in
             enumerate(zip(prompts, outputs))]
