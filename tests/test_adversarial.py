@@ -667,6 +667,24 @@ def test_weights_that_do_not_load_are_exit_1_with_one_message(tiny_llama, tmp_pa
     assert [json.loads(x)["response"]["status_code"] for x in out.read_text().splitlines()] == [400]
 
 
+@pytest.mark.parametrize("policy, var, value, backend", [("blend", "BLENDSERVE_KEEP_SHARING", "abc", None),
+                                                         ("fcfs", "BLENDSERVE_CASCADE_LEVELS", "0", "cascade")])
+def test_a_bad_variable_stops_run_before_the_input_is_read(stand_in, tmp_path, capsys, monkeypatch,  # noqa: F811
+                                                           policy, var, value, backend):
+    """A bad BLENDSERVE_* variable started the engine (20 s on CPU, a model load on a GPU), then
+    ended as "SGLang did not start ... check --model, --policy and --engine-arg", exit 1. Now one
+    line naming the variable, exit 2, nothing read or written; a policy that does not read the
+    variable leaves it alone."""
+    monkeypatch.setenv(var, value)
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    argv = [str(src), "-o", str(out), "--model", str(stand_in["model"]), "--policy", policy,
+            *(["--attention-backend", backend] if backend else [])]
+    assert cli.main(argv) == 2
+    assert f"{var}={value!r}" in capsys.readouterr().err and not stand_in["engines"] and not out.exists()
+    if policy == "blend":
+        assert cli.main([*argv[:-2], "--policy", "fcfs"]) == 0  # fcfs does not read it
+
+
 def test_sigterm_while_reading_stops_like_ctrl_c(stand_in, tmp_path, capsys, monkeypatch):  # noqa: F811
     """SIGTERM stopped the run with exit 130 only once the engine ran; while the input was read
     it killed the process (exit 143, no message)."""
@@ -813,8 +831,9 @@ def test_a_stats_or_trace_path_the_scheduler_cannot_write_stops_the_launch(tmp_p
     from blendserve_sgl.sglang_plugin.settings import BlendSettings
 
     load = CascadeSettings.from_env if "CASCADE" in var else BlendSettings.load
-    for value, fragment in [(str(tmp_path), "is a directory; name a file in it"),
-                            (str(tmp_path / "missing" / "x.json"), f"the folder {tmp_path / 'missing'} does not exist")]:
+    for value, fragment in [(str(tmp_path), "is a directory; pass the name of a file in it"),
+                            (str(tmp_path / "missing" / "x.json"), f"the folder {tmp_path / 'missing'} does not exist"),
+                            *([("/proc/x.json", "cannot write in /proc")] if os.path.isdir("/proc/self") else [])]:
         with pytest.raises(ValueError) as exc:
             load({var: value})
         assert f"{var}={value!r}: {fragment}" in str(exc.value), str(exc.value)

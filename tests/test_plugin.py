@@ -82,11 +82,30 @@ def test_cli_flags_are_typed_checked_and_leave_the_environment_alone(monkeypatch
         assert bad[0] in err and "BLENDSERVE_" not in err, err
 
 
-def test_bad_variable_fails_when_server_args_are_built(monkeypatch):
+def test_bad_variables_fail_when_the_launch_checks_its_arguments(monkeypatch, capsys, tmp_path):
+    """The launching process's `check_server_args` (every launch) and `from_cli_args` (the server's
+    command line: one line, exit 2) name a bad variable; a policy or backend that does not read a
+    variable leaves it alone."""
     monkeypatch.setenv("BLENDSERVE_KEEP_SHARING", "1.5")
+    monkeypatch.setenv("BLENDSERVE_CASCADE_LEVELS", "65")
     with pytest.raises(ValueError, match="BLENDSERVE_KEEP_SHARING='1.5'"):
-        sglang_plugin._before_server_args_post_init(SimpleNamespace(schedule_policy="blend"))
-    sglang_plugin._before_server_args_post_init(SimpleNamespace(schedule_policy="fcfs"))  # not blend: not read
+        sglang_plugin._after_check_server_args(None, SimpleNamespace(schedule_policy="blend"))
+    with pytest.raises(ValueError, match="BLENDSERVE_CASCADE_LEVELS='65'"):
+        sglang_plugin._after_check_server_args(None, SimpleNamespace(schedule_policy="fcfs", attention_backend="cascade"))
+    sglang_plugin._after_check_server_args(None, SimpleNamespace(schedule_policy="fcfs"))  # neither is read
+    with pytest.raises(SystemExit) as exc:
+        sglang_plugin._after_from_cli_args(SimpleNamespace(schedule_policy="blend"), object, SimpleNamespace())
+    assert exc.value.code == 2 and "error: BLENDSERVE_KEEP_SHARING='1.5'" in capsys.readouterr().err
+    monkeypatch.delenv("BLENDSERVE_KEEP_SHARING")
+    server_args = SimpleNamespace(schedule_policy="blend")
+    sglang_plugin._after_check_server_args(None, server_args)
+    assert server_args._blend_settings == BlendSettings()  # carried to the scheduler
+    import json
+
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 0, "intermediate_size": 8, "vocab_size": 8,
+                                                      "num_hidden_layers": 1, "num_attention_heads": 1}))
+    with pytest.raises(ValueError, match="hidden_size must be a whole number of at least 1"):  # before the weights load
+        sglang_plugin._after_check_server_args(None, SimpleNamespace(schedule_policy="blend", model_path=str(tmp_path)))
 
 
 def test_version_mismatch_names_the_version_needed(monkeypatch):
@@ -428,3 +447,31 @@ def test_flags_ride_to_the_scheduler_on_pickled_server_args():
                                 "--blend-sample-fraction", "0.05", "--blend-pacing", "0"])
     assert getattr(pickle.loads(pickle.dumps(args)), SETTINGS_ATTR) == BlendSettings(sample_fraction=0.05, pacing=False)
     assert _make_policy(FakeScheduler(), sample_fraction=0.05).stats()["settings"]["sample_fraction"] == 0.05
+
+
+def test_side_files_are_written_in_place_on_pipes_and_through_links(tmp_path):
+    """The counters' atomic write renamed a temporary file over the path: `BLENDSERVE_STATS_PATH=/dev/full`
+    (as root) replaced the device node with a regular file. A path that exists and is no regular
+    file (a device, a pipe) is written in place; a link keeps pointing at its file."""
+    import json
+    import os
+    import stat
+    import threading
+
+    from blendserve_sgl.sglang_plugin.settings import write_json_file
+
+    fifo = tmp_path / "counters.pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()), daemon=True)
+    reader.start()
+    assert write_json_file(str(fifo), {"steps": 3}, "the counters")
+    assert stat.S_ISFIFO(os.stat(fifo).st_mode), "the pipe was replaced by a file"
+    reader.join(timeout=60)
+    assert got and json.loads(got[0]) == {"steps": 3}
+    real, link = tmp_path / "real.json", tmp_path / "link.json"
+    real.write_text("{}")
+    link.symlink_to(real)
+    assert write_json_file(str(link), {"steps": 4}, "the counters")
+    assert link.is_symlink() and json.loads(real.read_text()) == {"steps": 4}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["counters.pipe", "link.json", "real.json"]  # no temporary left

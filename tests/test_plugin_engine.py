@@ -94,6 +94,33 @@ def test_paced_budgets_and_bad_hints_in_the_engine(tiny_llama, tmp_path):
     assert any((s["prefill_tokens"] or 0) > 0 and s["paced"]["budget"] < 2048 for s in paced)
 
 
+@pytest.mark.parametrize("var, value, backend", [("BLENDSERVE_KEEP_SHARING", "abc", "torch_native"),
+                                                 ("BLENDSERVE_CASCADE_LEVELS", "65", "cascade")])
+def test_bad_variables_stop_the_launch_before_any_model_loads(tmp_path, var, value, backend):
+    """`sglang.Engine(schedule_policy="blend")` with a bad variable loaded the weights, then the
+    scheduler raised and SGLang killed the calling process (the check hooked `ServerArgs.__post_init__`,
+    which msgspec never calls through the hook); `launch_server` printed a traceback (exit 1).
+    Now the Engine raises ValueError in the caller before any scheduler starts, and the server's
+    command line ends in one line naming the variable, exit 2."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from cpu_smoke import write_tiny_llama
+
+    model = write_tiny_llama(tmp_path / "tiny")
+    env = {**ENV, var: value}
+    code = (f"import sglang\ntry:\n    sglang.Engine(model_path={str(model)!r}, device='cpu', schedule_policy='blend', "
+            f"attention_backend={backend!r}, log_level='error')\nexcept ValueError as exc:\n    print('REFUSED', exc)\n")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600,
+                         start_new_session=True)
+    text = out.stdout + out.stderr
+    assert out.returncode == 0 and f"REFUSED {var}={value!r}" in out.stdout, text[-3000:]
+    assert "Scheduler hit an exception" not in text and "Traceback" not in text, text[-3000:]
+    out = subprocess.run([sys.executable, "-m", "sglang.launch_server", "--model-path", str(model), "--device", "cpu",
+                          "--schedule-policy", "blend", "--attention-backend", backend],
+                         env=env, capture_output=True, text=True, timeout=600, start_new_session=True)
+    text = out.stdout + out.stderr
+    assert out.returncode == 2 and f"error: {var}={value!r}" in text and "Traceback" not in text, text[-3000:]
+
+
 def test_bad_flag_stops_launch_server_before_the_model_loads(tmp_path):
     """A bad `--blend-*` value stops `launch_server` while the command line is parsed: the
     message names the flag as typed, and the model path (which does not exist) is never read."""

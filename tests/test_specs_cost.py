@@ -72,6 +72,21 @@ def test_from_hf_config_hand_computed():
     assert mha.num_kv_heads == 4
 
 
+def test_multimodal_configs_and_float8_dtypes_are_read():
+    """A multimodal config keeps the language model's fields under text_config, and FP8
+    checkpoints name their dtype float8_e4m3fn: both stopped the blend policy in the scheduler
+    (after the weights loaded) with "lacks" / "unknown torch_dtype"."""
+    plain = ModelSpec.from_hf_config(dict(TINY), name="tiny")
+    nested = ModelSpec.from_hf_config({"model_type": "llava", "torch_dtype": TINY["torch_dtype"],
+                                       "text_config": {k: v for k, v in TINY.items() if k != "torch_dtype"}},
+                                      name="tiny")
+    assert nested == plain
+    fp8 = ModelSpec.from_hf_config({**TINY, "torch_dtype": "float8_e4m3fn"})
+    assert fp8.dtype_bytes == 1 and ModelSpec.from_hf_config({**TINY, "torch_dtype": "torch.bfloat16"}).dtype_bytes == 2
+    with pytest.raises(ValueError, match="unknown torch_dtype 'int3'"):
+        ModelSpec.from_hf_config({**TINY, "torch_dtype": "int3"})
+
+
 def test_from_config_file(tmp_path):
     """config.json on disk (file or its directory, or a path given to model()) loads like the dict."""
     d = tmp_path / "tiny-model"

@@ -151,6 +151,9 @@ def _main(args) -> int:
         _check_scale_out(args)
         _check_workers(args.workers)
         _check_attention_backend(args.attention_backend)
+        from ..sglang_plugin.settings import check_launch
+
+        check_launch(args.policy, [args.attention_backend])  # the BLENDSERVE_* variables this run reads
         check_output("--summary-json", args.summary_json)
         _check_summary_apart(args)
         source = check_readable(args.input)
@@ -406,23 +409,16 @@ def check_apart(flag: str, path: str | None, others) -> None:
 
 
 def check_output(flag: str, path: str | None) -> None:
-    """ValueError unless `path` (when given) can be a file: its folder exists and it is no folder."""
+    """ValueError unless `path` (when given) can be written: no folder, in a folder that exists
+    and takes a new file, or an existing writable file (`settings.unwritable`)."""
     if path is None:
         return
-    p = Path(path)
-    if p.is_dir():
-        raise ValueError(f"{flag} {path} is a directory; pass the name of a file in it")
-    if not p.parent.is_dir():
-        raise ValueError(f"{flag} {path}: the folder {p.parent} does not exist; create it or choose another path")
-    if p.exists():  # a file, or a device such as /dev/stdout: written in place
-        if not os.access(p, os.W_OK):
-            raise ValueError(f"{flag} {path} is not writable; choose another path or change its permissions")
-        return
-    try:  # a folder that takes no new file (read-only, /proc) is said now, not after the work
-        with tempfile.TemporaryFile(dir=p.parent):
-            pass
-    except OSError as exc:
-        raise ValueError(f"{flag} {path}: cannot write in {p.parent} ({exc.strerror}); choose another path") from None
+    from ..sglang_plugin.settings import unwritable
+
+    problem = unwritable(Path(path))
+    if problem:
+        sep = " " if problem.startswith("is ") else ": "
+        raise ValueError(f"{flag} {path}{sep}{problem}")
 
 
 def _load_tokenizer(model_dir: Path):

@@ -97,6 +97,10 @@ class ModelSpec:
         """Build from a decoder-only (Llama/Qwen2-style) `config.json` dict."""
         name = name or config.get("_name_or_path") or config.get("model_type") or "model"
         required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
+        text = config.get("text_config")
+        if isinstance(text, dict) and any(k not in config for k in required):
+            # a multimodal config: the language model's fields sit under text_config (its dtype may sit above)
+            config = {**{k: v for k, v in config.items() if k in ("torch_dtype", "dtype")}, **text}
         missing = [k for k in required if k not in config]
         if missing:
             raise ValueError(f"config.json for {name!r} lacks {missing}; a decoder-only HF config is required")
@@ -123,7 +127,9 @@ class ModelSpec:
         kv_heads = whole("num_key_value_heads", heads)
         head_dim = whole("head_dim", max(1, hidden // heads))
         vocab = whole("vocab_size")
-        dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16")
+        dtype = str(config.get("torch_dtype") or config.get("dtype") or "bfloat16").removeprefix("torch.")
+        if dtype.startswith(("float8", "fp8")):  # float8_e4m3fn, float8_e5m2, ...
+            dtype = "float8"
         if dtype not in _DTYPE_BYTES:
             raise ValueError(f"config.json for {name!r}: unknown torch_dtype {dtype!r}; one of {sorted(_DTYPE_BYTES)}")
         q = hidden * heads * head_dim

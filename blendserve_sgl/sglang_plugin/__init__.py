@@ -6,9 +6,14 @@ Registered through the `sglang.srt.plugins` entry point (see pyproject.toml); SG
 - `ServerArgs.add_cli_args` (after): `blend` joins the `--schedule-policy` choices and the
   `--blend-*` flags are added (typed and checked by argparse: a bad value stops the launch
   naming the flag);
-- `ServerArgs.__post_init__` (before) and `ServerArgs.from_cli_args` (after): the settings
-  (`BLENDSERVE_*` variables, then the flags) are checked in the launching process and ride to
-  the scheduler on the ServerArgs (`settings.SETTINGS_ATTR`);
+- `ServerArgs.from_cli_args` (after) and `ServerArgs.check_server_args` (after; the launching
+  process runs it for `launch_server` and `sglang.Engine` before any subprocess starts or model
+  loads): the settings (`BLENDSERVE_*` variables, then the `--blend-*` flags) and, with
+  `--attention-backend cascade`, the `BLENDSERVE_CASCADE_*` variables are checked there and ride
+  to the scheduler on the ServerArgs (`settings.SETTINGS_ATTR`). A bad value is one line and
+  exit 2 on the command line, a ValueError naming the variable from `sglang.Engine`. (ServerArgs
+  is a msgspec Struct, which calls the `__post_init__` it was built with, so a hook there never
+  runs.);
 - `Scheduler.init_schedule_policy` (around): with `blend`, build the stock FCFS policy, then
   a `BlendPolicy` that wraps it and sees the scheduler;
 - `Scheduler._get_new_batch_prefill_raw` (around): `BlendPolicy.after_step` puts the waiting
@@ -29,6 +34,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import sys
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +46,7 @@ _TARGETS = {
     "prefill": "sglang.srt.managers.scheduler.Scheduler._get_new_batch_prefill_raw",
     "enqueue": "sglang.srt.managers.scheduler.Scheduler._add_request_to_queue",
     "abort": "sglang.srt.managers.scheduler.Scheduler._release_aborted_request",
-    "post_init": "sglang.srt.server_args.ServerArgs.__post_init__",
+    "check_args": "sglang.srt.server_args.ServerArgs.check_server_args",
     "from_cli_args": "sglang.srt.server_args.ServerArgs.from_cli_args",
     "state": "sglang.srt.managers.scheduler.Scheduler.get_internal_state",
 }
@@ -150,15 +156,47 @@ def _after_add_cli_args(result, parser, *args, **kwargs):
 
 def _after_from_cli_args(result, *args, **kwargs):
     """The parsed `--blend-*` values (already checked by argparse) over the variables, carried to
-    the scheduler on the ServerArgs."""
+    the scheduler on the ServerArgs. A bad variable ends the command line like a bad flag: one
+    line naming it, exit 2."""
     from .settings import KNOBS, SETTINGS_ATTR, BlendSettings
 
     namespace = args[-1] if args else kwargs.get("args")
     flags = {k.name: getattr(namespace, f"blend_{k.name}") for k in KNOBS.values()
              if hasattr(namespace, f"blend_{k.name}")}
-    if getattr(result, "schedule_policy", None) == POLICY_NAME or flags:
-        setattr(result, SETTINGS_ATTR, BlendSettings.load(os.environ, flags))
+    try:
+        if getattr(result, "schedule_policy", None) == POLICY_NAME or flags:
+            setattr(result, SETTINGS_ATTR, BlendSettings.load(os.environ, flags))
+        _check_launch(result)
+    except (ValueError, IncompatibleSGLang) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
     return result
+
+
+def _after_check_server_args(result, self, *args, **kwargs):
+    _check_launch(self)
+    return result
+
+
+def _check_launch(server_args) -> None:
+    """In the launching process, before any model loads: with `blend` the SGLang version and the
+    `BLENDSERVE_*` variables (kept on the ServerArgs for the scheduler unless the command line
+    already put them there with its flags), with the cascade backend its variables."""
+    from .settings import SETTINGS_ATTR, BlendSettings, check_launch
+
+    policy = getattr(server_args, "schedule_policy", None)
+    backends = [getattr(server_args, a, None) for a in ("attention_backend", "prefill_attention_backend",
+                                                          "decode_attention_backend")]
+    if policy == POLICY_NAME:
+        require_compatible()
+        if getattr(server_args, SETTINGS_ATTR, None) is None:
+            setattr(server_args, SETTINGS_ATTR, BlendSettings.load(os.environ))
+        config = os.path.join(str(getattr(server_args, "model_path", "") or ""), "config.json")
+        if os.path.isfile(config):  # a local model: the cost model reads its config (a hub id is read later)
+            from ..core.specs import ModelSpec
+
+            ModelSpec.from_config_file(config)
+    check_launch(None, backends)
 
 
 def _around_init_schedule_policy(original, self, *args, **kwargs):
@@ -228,16 +266,6 @@ def _after_get_internal_state(result, self, *args, **kwargs):
     return result
 
 
-def _before_server_args_post_init(self, *args, **kwargs):
-    if getattr(self, "schedule_policy", None) == POLICY_NAME:
-        require_compatible()
-        from .settings import SETTINGS_ATTR, BlendSettings
-
-        # bad variables fail here, in the launching process before any model loads, naming the variable
-        setattr(self, SETTINGS_ATTR, BlendSettings.load(os.environ))
-    return None
-
-
 def register() -> None:
     """Entry point (`sglang.srt.plugins`): idempotent."""
     global _registered
@@ -254,7 +282,7 @@ def register() -> None:
     HookRegistry.register(_TARGETS["prefill"], _around_prefill, HookType.AROUND)
     HookRegistry.register(_TARGETS["enqueue"], _after_enqueue, HookType.AFTER)
     HookRegistry.register(_TARGETS["abort"], _after_abort, HookType.AFTER)
-    HookRegistry.register(_TARGETS["post_init"], _before_server_args_post_init, HookType.BEFORE)
+    HookRegistry.register(_TARGETS["check_args"], _after_check_server_args, HookType.AFTER)
     HookRegistry.register(_TARGETS["from_cli_args"], _after_from_cli_args, HookType.AFTER)
     HookRegistry.register(_TARGETS["state"], _after_get_internal_state, HookType.AFTER)
     from .cascade_backend import register as register_cascade_backend

@@ -97,7 +97,8 @@ class BlendPolicy:
         self.stock = stock_policy
         self.settings = settings
         self.preset = settings.preset()
-        hf = scheduler.model_config.hf_config
+        hf = getattr(scheduler.model_config, "hf_text_config", None) or scheduler.model_config.hf_config  # multimodal:
+        # the language model's config
         spec = ModelSpec.from_hf_config(hf.to_dict() if hasattr(hf, "to_dict") else dict(hf),
                                         name=getattr(hf, "_name_or_path", None) or "model")
         device = getattr(getattr(scheduler, "server_args", None), "device", "cuda")

@@ -16,8 +16,10 @@ import json
 import logging
 import math
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, Callable, NamedTuple
 
 from ..core.preset import PRESET, BlendPreset
@@ -95,32 +97,65 @@ def _at_least(lo):
 
 
 def _file_to_write(v):
-    """A path the scheduler will write (empty: none): a file whose folder exists. Checked here, in
-    the launching process: the scheduler would raise at its first write and end the server."""
+    """A path the scheduler will write (empty: none): a file whose folder exists and takes a new
+    file. Checked here, in the launching process: the scheduler would raise at its first write
+    and end the server, or stop writing with only a log line."""
     if not v:
         return None
-    path = Path(v)
+    return unwritable(Path(v))
+
+
+def unwritable(path: Path) -> str | None:
+    """Why a file cannot be written at `path` (a folder, a missing or read-only folder, a file
+    that is not writable), or None. A device such as /dev/stdout that exists is written in place."""
     if path.is_dir():
-        return "is a directory; name a file in it"
+        return "is a directory; pass the name of a file in it"
     if not path.parent.is_dir():
         return f"the folder {path.parent} does not exist; create it or choose another path"
+    if path.exists():
+        return None if os.access(path, os.W_OK) else "is not writable; choose another path or change its permissions"
+    try:  # a folder that takes no new file (read-only, /proc) is said now, not at the first write
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as exc:
+        return f"cannot write in {path.parent} ({exc.strerror}); choose another path"
     return None
 
 
+def check_launch(policy: str | None, attention_backends, environ=os.environ) -> None:
+    """The `BLENDSERVE_*` variables a launch with this policy and these attention backends reads,
+    checked in the launching process before any model loads: ValueError naming the variable."""
+    if policy == "blend":
+        BlendSettings.load(environ)
+    if "cascade" in set(attention_backends):
+        values = {name: knob.default_value for name, knob in CASCADE_KNOBS.items()}
+        values.update(parse_environment(CASCADE_KNOBS, environ))
+        check_values(CASCADE_KNOBS, SimpleNamespace(**values))
+
+
 def write_json_file(path: str, data: dict, what: str) -> bool:
-    """Write `data` as JSON to `path` atomically (a temporary file renamed over it). False, with a
+    """Write `data` as JSON to `path`: a regular file (or a new one) atomically, a temporary file
+    renamed over its link target; anything else (a device such as /dev/stdout or /dev/null, a
+    pipe) in place: renaming over it replaced the device node with a regular file. False, with a
     warning, when it cannot: these files are side outputs of the scheduler, and a failed write (a
     full disk, a folder removed mid-run) must not end it."""
-    tmp = f"{path}.tmp{os.getpid()}"
+    target = os.path.realpath(path)
+    tmp = f"{target}.tmp{os.getpid()}"
     try:
+        if os.path.exists(target) and not os.path.isfile(target):
+            tmp = None
+            with open(target, "w") as f:
+                json.dump(data, f)
+            return True
         with open(tmp, "w") as f:
             json.dump(data, f)
-        os.replace(tmp, path)
+        os.replace(tmp, target)
         return True
     except OSError as exc:
         logger.warning("cannot write %s to %s (%s); it stops here", what, path, exc)
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
         return False
 
 
