@@ -751,6 +751,31 @@ def test_a_prompt_the_forward_pass_cannot_take_ends_alone_before_the_plan(ids, f
     assert seen == [[0] if fragment else list(ids)]
 
 
+@pytest.mark.parametrize("top, start, fragment", [
+    (1_000_000, -1, "top_logprobs_num 1000000 is more than the model's vocabulary of 512 tokens"),
+    (5, -5, "logprob_start_len -5 is negative; pass -1 (the output only) or a prompt position from 0 to 1"),
+    (512, -1, None), (0, 0, None), (5, -1, None),
+])
+def test_logprob_requests_that_would_end_the_scheduler_end_alone(top, start, fragment):
+    """`top_logprobs_num` 1,000,000 ("selected index k out of range") and `logprob_start_len` -5
+    on a cached prompt (an assertion) raised in the scheduler and ended the server (stock SGLang
+    too, with every policy); a blend server ends such a request alone, as a 400."""
+    from types import SimpleNamespace
+
+    from blendserve_sgl.sglang_plugin import _after_enqueue
+
+    req = _Req([5, 7])
+    req.return_logprob, req.logprob, req.logprob_start_len = True, SimpleNamespace(top_logprobs_num=top), start
+    sched = SimpleNamespace(schedule_policy="blend", waiting_queue=[req], model_config=SimpleNamespace(vocab_size=512),
+                            policy=SimpleNamespace(on_arrival=lambda r: None))
+    _after_enqueue(None, sched, req)
+    assert (req.aborted is None) if fragment is None else (fragment in req.aborted), req.aborted
+    req = _Req([5, 7])  # without return_logprob the fields are not read
+    req.return_logprob, req.logprob, req.logprob_start_len = False, SimpleNamespace(top_logprobs_num=top), start
+    _after_enqueue(None, SimpleNamespace(**{**vars(sched), "waiting_queue": [req]}), req)
+    assert req.aborted is None
+
+
 def test_prompts_past_the_vocabulary_check_only_what_it_can_judge():
     """Multimodal placeholders lie beyond the vocabulary by design; a retracted request (output so
     far) or one already ending is SGLang's; with another policy the hook steps aside."""

@@ -85,6 +85,24 @@ def prompt_problem(req, vocab_size: int | None) -> str | None:
     if lo < 0 or hi >= vocab_size:
         return (f"input_ids holds the token id {lo if lo < 0 else hi}, outside the model's vocabulary "
                 f"[0, {vocab_size}); send token ids of this model's tokenizer")
+    return logprob_problem(req, vocab_size)
+
+
+def logprob_problem(req, vocab_size: int) -> str | None:
+    """Why the logprobs `req` asks for would raise in the scheduler (and end the server with every
+    request in it), or None: more top logprobs than the vocabulary has (a top-k past the logits'
+    width), or a negative logprob_start_len other than -1 (an assertion once its prompt is
+    cached). SGLang 0.5.23 checks neither."""
+    if not getattr(req, "return_logprob", False):
+        return None
+    top = getattr(getattr(req, "logprob", None), "top_logprobs_num", None)
+    top = getattr(req, "top_logprobs_num", 0) if top is None else top
+    if isinstance(top, int) and top > vocab_size:
+        return f"top_logprobs_num {top} is more than the model's vocabulary of {vocab_size} tokens; ask for fewer"
+    start = getattr(req, "logprob_start_len", -1)
+    if isinstance(start, int) and start < -1:
+        return (f"logprob_start_len {start} is negative; pass -1 (the output only) or a prompt position from 0 "
+                f"to {len(req.origin_input_ids) - 1}")
     return None
 
 
