@@ -196,7 +196,7 @@ def _check_launch(server_args) -> None:
             from ..core.specs import ModelSpec
 
             ModelSpec.from_config_file(config)
-    check_launch(None, backends)
+    check_launch(None, backends)  # the cascade backend's variables (blend's were read above)
 
 
 def _around_init_schedule_policy(original, self, *args, **kwargs):
