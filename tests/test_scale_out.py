@@ -154,8 +154,10 @@ def test_routed_dp_rank_reaches_that_rank_in_sglangs_controller(monkeypatch):
 
 @pytest.mark.parametrize("argv, message", [
     (["--dp", "2", "--ray"], "--dp and --ray are two ways to run replicas"),
-    (["--ray-address", "head:6379"], "--ray-address and --gpus-per-replica apply to --ray runs"),
-    (["--gpus-per-replica", "1"], "--ray-address and --gpus-per-replica apply to --ray runs"),
+    (["--ray-address", "head:6379"], "--replicas, --ray-address and --gpus-per-replica apply to --ray runs"),
+    (["--gpus-per-replica", "1"], "--replicas, --ray-address and --gpus-per-replica apply to --ray runs"),
+    (["--replicas", "3"], "--replicas, --ray-address and --gpus-per-replica apply to --ray runs"),  # was ignored
+    (["--ray", "--ray-address", "127.0.0.1:1"], "--ray-address 127.0.0.1:1: nothing answers at 127.0.0.1:1"),
 ])
 def test_scale_out_flags_are_checked_before_anything_starts(tmp_path, capsys, argv, message):
     from blendserve_sgl.batch.cli import main
@@ -165,6 +167,16 @@ def test_scale_out_flags_are_checked_before_anything_starts(tmp_path, capsys, ar
     assert main([str(src), "-o", str(tmp_path / "out.jsonl"), *argv]) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_replicas_beyond_the_cores_are_named_by_their_flag():
+    """`--ray --replicas 4` on 2 cores was a DispatchError traceback naming `--dp 4`, after a
+    local Ray cluster had started."""
+    from blendserve_sgl.batch.dispatch import DispatchError, cpu_bind
+
+    assert cpu_bind(2, cpus=[0, 1], flag="--replicas") == "0|1"
+    with pytest.raises(DispatchError, match="--replicas 4 on CPU needs at least 4 CPU cores .* lower --replicas"):
+        cpu_bind(4, cpus=[0, 1], flag="--replicas")
 
 
 def test_floor_is_a_lone_requests_least_time():

@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "pip install -e '.[ray]'")
     ap.add_argument("--ray-address", help="--ray: the cluster to join (HEAD_IP:6379, after `ray start --head`); "
                                           "default: a local cluster on this machine")
-    ap.add_argument("--replicas", type=positive_int, default=2, help="--ray: engines (default 2)")
+    ap.add_argument("--replicas", type=positive_int, help="--ray: engines (default 2)")
     ap.add_argument("--gpus-per-replica", type=float, default=None,
                     help="--ray: GPUs each replica's engine uses (default: 1 on GPU, 0 on CPU)")
     ap.add_argument("--engine-arg", action="append", default=[], metavar="KEY=VALUE",
@@ -171,6 +171,8 @@ def _main(args) -> int:
         runner.check_engine_args(extra)
         if args.dp > 1:
             extra = {**extra, **dispatch.dp_engine_kwargs(args.dp, device)}
+        if args.ray and device == "cpu" and not args.ray_address:
+            dispatch.cpu_bind(args.replicas, flag="--replicas")  # a core per replica, said before Ray starts
         ctx = _context(args.context_length, model_dir)
         tokenizer = _load_tokenizer(model_dir)
         writer = ResultWriter.open(args.output, args.errors, overwrite=args.overwrite, input_path=source)
@@ -461,8 +463,13 @@ def _check_workers(workers: int | None) -> None:
 def _check_scale_out(args) -> None:
     if args.ray and args.dp > 1:
         raise ValueError("--dp and --ray are two ways to run replicas: give one (--ray --replicas N, or --dp N)")
-    if not args.ray and (args.ray_address or args.gpus_per_replica is not None):
-        raise ValueError("--ray-address and --gpus-per-replica apply to --ray runs: add --ray")
+    if not args.ray and (args.ray_address or args.gpus_per_replica is not None or args.replicas is not None):
+        raise ValueError("--replicas, --ray-address and --gpus-per-replica apply to --ray runs: add --ray "
+                         "(one machine's GPUs: --dp N)")
+    if args.ray and args.replicas is None:
+        args.replicas = 2
+    if args.ray_address:
+        _check_reachable(args.ray_address)
     if args.gpus_per_replica is not None and not (0 <= args.gpus_per_replica < float("inf")):
         raise ValueError(f"--gpus-per-replica must be 0 or more, got {args.gpus_per_replica}")
     if args.ray:
@@ -470,6 +477,22 @@ def _check_scale_out(args) -> None:
             import ray  # noqa: F401
         except ImportError:
             raise ValueError("--ray needs Ray: pip install -e '.[ray]' (ray==2.60.0)") from None
+
+
+def _check_reachable(address: str) -> None:
+    """--ray-address HOST:PORT (or ray://HOST:PORT): something must answer there within 5 s; Ray
+    itself retries an unreachable head for minutes with only its own log lines."""
+    import socket
+
+    rest = address.removeprefix("ray://")
+    host, sep, port = rest.rpartition(":")
+    if address in ("auto", "local") or not sep or not port.isdigit():
+        return  # Ray's own forms: it says what is wrong with them
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as exc:
+        raise ValueError(f"--ray-address {address}: nothing answers at {host}:{port} ({exc.strerror or exc}); "
+                         "start the head there (`ray start --head`) or give its address") from None
 
 
 # sglang.Engine arguments this command sets from its own flags (the checks before the engine use them)

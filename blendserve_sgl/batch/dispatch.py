@@ -93,12 +93,13 @@ def assign(items: Sequence[Prepared], n: int, cost: CostModel,
     return {p.request.custom_id: r for r, part in enumerate(shards(items, n, cost, keep_sharing)) for p in part}
 
 
-def cpu_bind(n: int, cpus: Sequence[int] | None = None) -> str:
-    """`SGLANG_CPU_OMP_THREADS_BIND` for n ranks: this process's CPUs in n contiguous groups."""
+def cpu_bind(n: int, cpus: Sequence[int] | None = None, flag: str = "--dp") -> str:
+    """`SGLANG_CPU_OMP_THREADS_BIND` for n ranks: this process's CPUs in n contiguous groups
+    (`flag`: the option that asked for n, named in the error)."""
     cpus = sorted(os.sched_getaffinity(0) if cpus is None else cpus)
     if len(cpus) < n:
-        raise DispatchError(f"--dp {n} on CPU needs at least {n} CPU cores (one per rank); this process may use "
-                            f"{len(cpus)}: lower --dp or set SGLANG_CPU_OMP_THREADS_BIND yourself")
+        raise DispatchError(f"{flag} {n} on CPU needs at least {n} CPU cores (one per rank); this process may use "
+                            f"{len(cpus)}: lower {flag} or set SGLANG_CPU_OMP_THREADS_BIND yourself")
     size, extra = divmod(len(cpus), n)
     groups, start = [], 0
     for i in range(n):

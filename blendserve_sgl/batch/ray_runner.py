@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import threading
 import time
 from typing import Callable, NamedTuple, Sequence
@@ -114,10 +115,15 @@ def generate(cfg: runner.EngineConfig, parts: Sequence[Sequence[Prepared]],
     env = {k: os.environ[k] for k in ENV_PASSED if k in os.environ}
     env.update({k: v for k, v in os.environ.items() if k.startswith("BLENDSERVE_")})
     if started_here:
+        ours = signal.getsignal(signal.SIGTERM)
         ray.init(address=address, include_dashboard=False, log_to_driver=False,
                  num_cpus=None if address else max(replicas, os.cpu_count() or 1),
                  runtime_env={"env_vars": env})
-    binds = cpu_bind(replicas).split("|") if cfg.device == "cpu" and not address else None
+        if ours is not None and threading.current_thread() is threading.main_thread():
+            # Ray's core worker takes SIGTERM over with a handler that dumps and aborts (exit 134),
+            # skipping the shutdown below that stops the local cluster: the caller's handler again
+            signal.signal(signal.SIGTERM, ours)
+    binds = cpu_bind(replicas, flag="--replicas").split("|") if cfg.device == "cpu" and not address else None
     actor_cls = ray.remote(Replica)
     actors = []
     for r in range(replicas):
