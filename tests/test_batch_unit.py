@@ -748,6 +748,28 @@ def test_sigterm_while_requests_run_stops_like_ctrl_c(stand_in, tmp_path, capsys
     assert len(_by_key(out)) == 17
 
 
+def test_resuming_with_another_model_is_said(stand_in, tmp_path, capsys):
+    """A rerun with another --model mixed two models' answers in one file without a word; each
+    success record carries its model as `system_fingerprint` and the rerun warns."""
+    import shutil
+
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    stand_in["interrupt_after"] = 5
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"])]) == 130
+    first = [json.loads(x) for x in out.read_text().splitlines()]
+    assert {r["response"]["body"].get("system_fingerprint") for r in first if r["error"] is None} == \
+        {f"blendserve-sgl:{stand_in['model'].name}"}
+    other = tmp_path / "other-model"
+    shutil.copytree(stand_in["model"], other)
+    stand_in["interrupt_after"] = None
+    capsys.readouterr()
+    assert cli.main([str(src), "-o", str(out), "--model", str(other)]) == 0
+    said = capsys.readouterr().out
+    assert f"warning: 5 results in {out} came from another model (model); this run uses other-model" in said, said
+    assert cli.main([str(src), "-o", str(out), "--model", str(other)]) == 0  # all done: the warning stays true
+    assert len(_by_key(out)) == 17
+
+
 def test_sigterm_after_the_last_record_ends_the_run_as_finished(stand_in, tmp_path, capsys):
     """A SIGTERM while the engine shuts down after the last record stopped the run as
     interrupted (exit 130): every record is written, so it ends as finished, with its summary."""

@@ -43,8 +43,8 @@ from .progress import Progress, RunStats, phase_line, summary_lines
 from .prompts import Prepared, context_length
 from .reader import ReadResult, read_store
 from .requests import InputError, check_readable
-from .results import (ResultsError, ResultWriter, error_record, errors_path_for, is_regular_or_new, ok_record,
-                      reconcile, request_key, same_file)
+from .results import (ResultsError, ResultWriter, error_record, errors_path_for, fingerprint, is_regular_or_new,
+                      ok_record, reconcile, request_key, same_file)
 
 # SGLang 0.5.23's --schedule-policy choices that make sense offline, plus the plugin's `blend`
 POLICIES = ("blend", "fcfs", "lpm", "dfs-weight", "lof", "random", "hrrn", "shortest-prefill-first")
@@ -204,6 +204,11 @@ def _run(args, source: Path, model_dir: Path, device: str, tokenizer, ctx: int, 
                          "of requests, one JSON object per line")
     _resume(args, source, writer, read.index)
     done_before = writer.done
+    others = {k: n for k, n in done_before.fingerprints.items() if k != fingerprint(model_dir.name)}
+    if others:  # resuming with another model: the file would mix two models' answers
+        _say(f"warning: {sum(others.values()):,} results in {writer.path} came from another model "
+             f"({', '.join(sorted(k.removeprefix('blendserve-sgl:') for k in others))}); this run uses "
+             f"{model_dir.name}: pass --overwrite to run them all with it")
     stats.kept_errors = len(done_before.failed_keys)
     read.mark_done(done_before.keys)
     stats.requests, stats.skipped = read.lines, read.skipped

@@ -73,10 +73,16 @@ def ok_record(p: Prepared, out: dict, model: str, created: int | None = None,
         choice["prompt_token_ids"] = list(p.input_ids)
     body = {"id": prefix + str(meta.get("id", uuid.uuid4().hex)), "object": obj,
             "created": int(time.time()) if created is None else created, "model": req.model or model,
-            "choices": [choice], "usage": usage}
+            "system_fingerprint": fingerprint(model), "choices": [choice], "usage": usage}
     return {"id": _batch_id(), "custom_id": req.custom_id,
             "response": {"status_code": 200, "request_id": str(meta.get("id", "")), "body": body}, "error": None,
             "request_digest": req.digest}
+
+
+def fingerprint(model: str) -> str:
+    """The success records' `system_fingerprint`: the model that generated them (a resumed run
+    compares it with its own)."""
+    return f"blendserve-sgl:{model}"
 
 
 def error_record(custom_id: str | None, message: str, *, line: int | None = None, code: str = "invalid_request",
@@ -115,6 +121,7 @@ class Done:
     cut_partial_line: bool = False  # a crash left half a line; it was removed
     digests: dict = field(default_factory=dict)  # key -> request_digest of records that carry one
     failed_keys: set = field(default_factory=set)
+    fingerprints: dict = field(default_factory=dict)  # system_fingerprint -> success records carrying it
 
     @property
     def records(self) -> int:
@@ -157,6 +164,9 @@ def scan(data: bytes, name: str = "results.jsonl") -> tuple[Done, int, list[byte
             failures.append(raw + b"\n")
         else:
             done.completed += 1
+            mark = rec["response"]["body"].get("system_fingerprint")
+            if isinstance(mark, str):
+                done.fingerprints[mark] = done.fingerprints.get(mark, 0) + 1
             usage = rec["response"]["body"].get("usage") or {}
             done.input_tokens += int(usage.get("prompt_tokens", 0))
             done.output_tokens += int(usage.get("completion_tokens", 0))
