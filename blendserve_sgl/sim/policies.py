@@ -172,8 +172,7 @@ class SGLangDFSWeight(Picker):
         self.classes: dict[tuple, deque] = {}
         self.n = 0
         self._cache_version = -1
-        self._nodes: dict[tuple, object] = {}
-        self._anchors: dict[tuple, tuple] = {}  # class key -> its last match (`RadixCache.match_from`)
+        self._anchors: dict[tuple, tuple] = {}  # class key -> its last match (`RadixCache.match_from`): node first
         for r in order:
             self.add(r)
 
@@ -203,11 +202,9 @@ class SGLangDFSWeight(Picker):
         if self._cache_version == cache.version:
             return
         anchors, root = self._anchors, (cache.root, 0, 0)
-        nodes = self._nodes = {}
         for key in self.classes:  # every class is non-empty (`pick` drops an emptied one)
             a = anchors.get(key)
-            a = anchors[key] = cache.match_from(key, a if a is not None and a[0].alive else root)
-            nodes[key] = a[0]
+            anchors[key] = cache.match_from(key, a if a is not None and a[0].alive else root)
         self._cache_version = cache.version
 
     def ordered(self, view) -> Iterator[SimRequest]:
@@ -218,35 +215,20 @@ class SGLangDFSWeight(Picker):
 
     def _visit(self, root) -> Iterator[SimRequest]:
         own: dict = {}  # cache node -> the classes ending on it
-        nodes = self._nodes
         for key, q in self.classes.items():
-            node = nodes[key]
-            qs = own.get(node)
-            if qs is None:
-                own[node] = [q]
-            else:
-                qs.append(q)
-        kids: dict = {}  # the nodes on the paths to them, by parent
-        seen = set()
-        for node in own:
-            while node.parent is not None and node not in seen:
-                seen.add(node)
-                below = kids.get(node.parent)
-                if below is None:
-                    kids[node.parent] = [node]
-                else:
-                    below.append(node)
-                node = node.parent
+            own.setdefault(self._anchors[key][0], []).append(q)
         weight: dict = {}  # waiting requests under each node (SGLang's weight)
-
-        def total(node) -> int:
-            w = sum(map(len, own.get(node, ())))
-            for c in kids.get(node, ()):
-                w += total(c)
-            weight[node] = w
-            return w
-
-        total(root)
+        kids: dict = {}
+        for node, qs in own.items():
+            count = sum(map(len, qs))
+            n = node
+            while n is not None:
+                if n not in weight:
+                    weight[n] = 0
+                    if n.parent is not None:
+                        kids.setdefault(n.parent, []).append(n)
+                weight[n] += count
+                n = n.parent
 
         def visit(node):
             for child in sorted(kids.get(node, ()), key=lambda c: (-weight[c], c.order)):
