@@ -178,6 +178,19 @@ def _assert_work_recounts(pol):
     assert [getattr(pol.work, f) for f in fields] == [getattr(ref, f) for f in fields]
 
 
+def test_the_policy_sizes_kv_by_the_engines_cache_dtype():
+    """An FP8 KV cache (`--kv-cache-dtype fp8_e4m3`) holds a byte a value: the policy's bytes per
+    token follow it (pacing reads the cache at that width); the weights keep the checkpoint's."""
+    plain = _make_policy(FakeScheduler())
+    sched = FakeScheduler()
+    sched.server_args = SimpleNamespace(device="cpu", kv_cache_dtype="fp8_e4m3")
+    fp8 = _make_policy(sched)
+    assert fp8.cost.kv_bytes_per_token * 4 == plain.cost.kv_bytes_per_token  # float32 checkpoint -> 1 byte
+    assert fp8.cost.model.weight_read_bytes == plain.cost.model.weight_read_bytes
+    sched.server_args = SimpleNamespace(device="cpu", kv_cache_dtype="auto")
+    assert _make_policy(sched).cost == plain.cost
+
+
 def test_adapter_loses_nothing_and_admits_each_request_once():
     """Random arrivals, SGLang-like admission that sometimes refuses part of the plan, finishes,
     retractions and aborts: every request is admitted exactly once unless aborted, and the

@@ -87,6 +87,112 @@ def test_multimodal_configs_and_float8_dtypes_are_read():
         ModelSpec.from_hf_config({**TINY, "torch_dtype": "int3"})
 
 
+# ---------------------------------------------------------------- mixtures of experts, latent attention, quantized
+@pytest.mark.parametrize("name, total, active", [
+    ("mixtral-8x7b", 46.7e9, 12.9e9),  # Mistral AI's announcement: 46.7B total, 12.9B per token
+    ("qwen3-30b-a3b", 30.5e9, 3.3e9),  # the model card: 30.5B total, 3.3B activated
+    ("deepseek-v3", 671e9, 37e9),  # the technical report: 671B total, 37B activated per token
+])
+def test_mixture_of_experts_presets_match_published_sizes(name, total, active):
+    """Every expert's weights count (a step reads them all), only the routed ones compute: the
+    published totals and activated counts (the input embedding counted, as published) within 2%
+    (the published figures are rounded to 0.1B: 3.3B is 1.6% below this count's 3.35B)."""
+    m = model(name)
+    embed = m.lm_head_params
+    assert abs(m.num_params - total) / total < 0.02, (name, m.num_params)
+    assert abs(m.gemm_params + embed - active) / active < 0.02, (name, m.gemm_params + embed)
+
+
+def test_latent_attention_keeps_the_latent_per_token():
+    """DeepSeek-V3's KV cache keeps kv_lora_rank + qk_rope_head_dim values a token and layer (one
+    latent, not K and V per head: per-head K and V would be 2 x 128 x 192 values), and its FP8
+    checkpoint stores the decoder's GEMM weights in a byte each while the embeddings stay BF16."""
+    m = model("deepseek-v3")
+    assert m.kv_dim == 512 + 64
+    assert m.kv_bytes_per_token == 2 * (512 + 64) * 61
+    embeddings = 2 * 129280 * 7168 + 7168
+    assert abs(m.weight_read_bytes - ((m.num_params - embeddings) + 2 * embeddings)) < 0.002 * m.num_params
+
+
+def _moe_tiny(**extra) -> dict:
+    return {**TINY, "num_hidden_layers": 4, "num_experts": 6, "num_experts_per_tok": 2, "moe_intermediate_size": 32,
+            **extra}
+
+
+def test_mixture_of_experts_by_hand():
+    """A tiny MoE config with a dense first layer, sparse layers every second layer, one layer
+    kept dense by list and a shared expert: parameters counted by hand."""
+    cfg = _moe_tiny(first_k_dense_replace=1, decoder_sparse_step=1, mlp_only_layers=[2],
+                    shared_expert_intermediate_size=48)
+    m = ModelSpec.from_hf_config(cfg, name="moe")
+    h, heads, kvh, v, hd = 64, 4, 2, 1000, 16
+    attn = h * heads * hd + 2 * h * kvh * hd + heads * hd * h
+    dense_mlp, expert, shared, router = 3 * h * 256, 3 * h * 32, 3 * h * 48, h * 6
+    moe_layers, dense_layers = 2, 2  # layers 1 and 3 are sparse; 0 (first_k) and 2 (mlp_only) dense
+    num = 4 * (attn + 2 * h) + dense_layers * dense_mlp + moe_layers * (6 * expert + shared + router) + 2 * v * h + h
+    gemm = 4 * attn + dense_layers * dense_mlp + moe_layers * (2 * expert + shared + router) + v * h
+    assert (m.num_params, m.gemm_params) == (num, gemm)
+    assert m.kv_bytes_per_token == ModelSpec.from_hf_config(dict(TINY)).kv_bytes_per_token * 2  # 4 layers, not 2
+    # every layer sparse when nothing says otherwise; Mixtral's names (experts sized by intermediate_size)
+    mixtral = ModelSpec.from_hf_config({**TINY, "num_local_experts": 4, "num_experts_per_tok": 1})
+    assert mixtral.num_params == 2 * (attn + 2 * h + 4 * dense_mlp + h * 4) + 2 * v * h + h
+    assert mixtral.gemm_params == 2 * (attn + dense_mlp + h * 4) + v * h
+
+
+@pytest.mark.parametrize("cfg, match", [
+    (_moe_tiny(num_experts_per_tok=None), "lacks num_experts_per_tok"),
+    (_moe_tiny(num_experts_per_tok=7), "7 experts per token of 6"),
+    (_moe_tiny(mlp_only_layers="all"), "mlp_only_layers must be a list"),
+    (_moe_tiny(num_experts=2.5), "num_experts must be a whole number"),
+    ({**TINY, "kv_lora_rank": 512}, "qk_rope_head_dim must be a whole number"),
+    ({**TINY, "quantization_config": "fp8"}, "quantization_config must be an object"),
+])
+def test_bad_mixture_and_latent_fields_are_named(cfg, match):
+    """A field the MoE / MLA / quantization count needs, missing or malformed, is named with the fix."""
+    with pytest.raises(ValueError, match=match):
+        ModelSpec.from_hf_config(cfg, name="bad")
+
+
+@pytest.mark.parametrize("qc, bits", [
+    ({"quant_method": "awq", "bits": 4, "group_size": 128}, 4),
+    ({"quant_method": "gptq", "bits": 8}, 8),
+    ({"quant_method": "fp8", "activation_scheme": "dynamic"}, 8),
+    ({"quant_method": "modelopt", "quant_algo": "FP8"}, 8),
+    ({"quant_method": "bitsandbytes", "load_in_4bit": True}, 4),
+    ({"quant_method": "compressed-tensors", "config_groups": {"group_0": {"weights": {"num_bits": 4}}}}, 4),
+    ({"quant_method": "some-new-scheme"}, 16),  # unknown: counted at torch_dtype
+])
+def test_quantized_checkpoints_read_fewer_weight_bytes(qc, bits):
+    """A quantization_config stores the decoder's GEMM weights at its bits; embeddings and norms
+    stay at torch_dtype (bfloat16 here); the KV cache is untouched."""
+    base = ModelSpec.from_hf_config({**TINY, "torch_dtype": "bfloat16"})
+    q = ModelSpec.from_hf_config({**TINY, "torch_dtype": "bfloat16", "quantization_config": qc})
+    decoder = base.gemm_params - base.lm_head_params
+    assert q.weight_read_bytes == math.ceil(decoder * bits / 8 + (base.num_params - decoder) * 2)
+    assert q.kv_bytes_per_token == base.kv_bytes_per_token and q.num_params == base.num_params
+
+
+def test_mxfp4_quantizes_only_the_experts():
+    """gpt-oss stores only its experts in MXFP4 (4.25 bits with the scales); attention, router and
+    embeddings stay BF16."""
+    cfg = {**TINY, "torch_dtype": "bfloat16", "num_local_experts": 4, "experts_per_token": 2,
+           "quantization_config": {"quant_method": "mxfp4"}}
+    m = ModelSpec.from_hf_config(cfg)
+    experts = 2 * 4 * 3 * 64 * 256
+    assert m.weight_read_bytes == math.ceil(experts * 4.25 / 8 + (m.num_params - experts) * 2)
+
+
+def test_an_fp8_kv_cache_halves_the_cache_and_keeps_the_weights():
+    """`--kv-cache-dtype fp8_e4m3` / `fp8_e5m2` stores a byte a value; auto, bf16 and values not
+    sized here keep the checkpoint's width."""
+    m = model("llama-3.1-8b")
+    fp8 = m.with_kv_cache_dtype("fp8_e5m2")
+    assert fp8.kv_bytes_per_token * 2 == m.kv_bytes_per_token
+    assert fp8.weight_read_bytes == m.weight_read_bytes and fp8.num_params == m.num_params
+    assert m.with_kv_cache_dtype("auto") is m and m.with_kv_cache_dtype(None) is m
+    assert m.with_kv_cache_dtype("bf16") is m and m.with_kv_cache_dtype("nvfp4") is m
+
+
 def test_from_config_file(tmp_path):
     """config.json on disk (file or its directory, or a path given to model()) loads like the dict."""
     d = tmp_path / "tiny-model"

@@ -39,7 +39,7 @@ MEMORY_SIDES = ("kv+weights", "kv")
 
 def weight_read_seconds(cost: CostModel) -> float:
     """Time to read every weight once at the effective bandwidth (a step's floor)."""
-    return cost.model.num_params * cost.model.dtype_bytes / cost.hardware.effective_bandwidth
+    return cost.model.weight_read_bytes / cost.hardware.effective_bandwidth
 
 
 def ridge_tokens(cost: CostModel) -> float:

@@ -6,7 +6,7 @@ per-token costs and the pool:
 
     compute   seconds per GEMM token          (HardwareSpec.flops, ModelSpec.gemm_params)
     KV read   seconds per KV token read       (HardwareSpec.mem_bandwidth)
-    weights   seconds per step's weight read  (ModelSpec.num_params, kept against the new bandwidth)
+    weights   seconds per step's weight read  (ModelSpec.weight_read_bytes, kept against the new bandwidth)
     pool      KV tokens the pool holds        (`Profiled.kv_tokens`)
 
 Bytes in a profiled model are "base-precision equivalents": a KV read made r times cheaper is a
@@ -24,7 +24,7 @@ from typing import NamedTuple
 import numpy as np
 
 from .cost import CostModel, memory_units
-from .specs import GB, ModelSpec
+from .specs import GB, ModelSpec, model_config
 
 MEM_FRACTION = 0.88  # share of device memory for weights + KV (SGLang's mem_fraction_static, as EngineConfig.for_cost)
 
@@ -56,7 +56,9 @@ def rescale(cost: CostModel, tag: str, compute: float = 1.0, kv_read: float = 1.
     base = model or cost.model
     hw = replace(cost.hardware, name=f"{cost.hardware.name}+{tag}", flops=cost.hardware.flops / compute,
                  mem_bandwidth=cost.hardware.mem_bandwidth / kv_read)
-    m = replace(base, name=f"{base.name}+{tag}", num_params=max(1, round(base.num_params * weight_read / kv_read)))
+    f = weight_read / kv_read
+    m = replace(base, name=f"{base.name}+{tag}", num_params=max(1, round(base.num_params * f)),
+                weight_bytes=max(1, round(base.weight_bytes * f)) if base.weight_bytes else 0)
     return CostModel(m, hw)
 
 
@@ -86,7 +88,7 @@ def atom_w4a4(cost: CostModel, gemm_speedup: float | None = None, weight_bits: i
     w = quantized_bits(weight_bits, weight_group) / base_bits
     k = quantized_bits(kv_bits, kv_group or cost.model.head_dim, zero_bits=16) / base_bits
     new = rescale(cost, "atom-w4a4", compute=1 / gemm_speedup, kv_read=k, weight_read=w)
-    pool = hbm_pool_tokens(cost, cost.model.num_params * cost.model.dtype_bytes * w, cost.kv_bytes_per_token * k,
+    pool = hbm_pool_tokens(cost, cost.model.weight_read_bytes * w, cost.kv_bytes_per_token * k,
                            mem_fraction)
     return Profiled("atom-w4a4", new, pool, dict(gemm_speedup=gemm_speedup, weight_bytes_factor=w, kv_bytes_factor=k,
                                                  weight_bits=weight_bits, weight_group=weight_group, kv_bits=kv_bits,
@@ -128,7 +130,7 @@ def quest_topk(cost: CostModel, k: int = 2048, page: int = 16, dense_layers: int
         layers = cost.model.num_layers
         read_fraction = (dense_layers * dense + (layers - dense_layers) * sparse) / (layers * dense) if dense else 1.0
     new = rescale(cost, f"quest-top{k}", kv_read=read_fraction)
-    pool = hbm_pool_tokens(cost, cost.model.num_params * cost.model.dtype_bytes, cost.kv_bytes_per_token)
+    pool = hbm_pool_tokens(cost, cost.model.weight_read_bytes, cost.kv_bytes_per_token)
     return Profiled("quest-topk", new, pool, dict(k=k, page=page, dense_layers=dense_layers,
                                                   read_fraction=read_fraction))
 
@@ -143,7 +145,7 @@ def instinfer(cost: CostModel, storage_bandwidth: float = 64 * GB, storage_capac
     assumptions (docs/design.md): 64 GB/s and 30 TB aggregated over the drives."""
     if not (storage_bandwidth > 0 and storage_capacity > 0):
         raise ValueError("instinfer: storage_bandwidth and storage_capacity must be positive (bytes/s, bytes)")
-    weights = cost.model.num_params * cost.model.dtype_bytes
+    weights = cost.model.weight_read_bytes
     hbm_pool_tokens(cost, weights, cost.kv_bytes_per_token, mem_fraction)  # the weights must still fit
     new = rescale(cost, "instinfer", kv_read=cost.hardware.effective_bandwidth / storage_bandwidth)
     return Profiled("instinfer", new, int(storage_capacity // cost.kv_bytes_per_token),
@@ -152,8 +154,11 @@ def instinfer(cost: CostModel, storage_bandwidth: float = 64 * GB, storage_capac
 
 # --- Fiddler (MoE experts on the CPU when not resident) ---------------------------------------
 
-MIXTRAL_8X7B = dict(hidden=4096, intermediate=14336, layers=32, heads=32, kv_heads=8, head_dim=128, vocab=32000,
-                    experts=8, active=2)  # mistralai/Mixtral-8x7B-v0.1 config.json
+_MX = model_config("mixtral-8x7b")  # mistralai/Mixtral-8x7B-v0.1 config.json
+MIXTRAL_8X7B = dict(hidden=_MX["hidden_size"], intermediate=_MX["intermediate_size"], layers=_MX["num_hidden_layers"],
+                    heads=_MX["num_attention_heads"], kv_heads=_MX["num_key_value_heads"],
+                    head_dim=_MX["hidden_size"] // _MX["num_attention_heads"], vocab=_MX["vocab_size"],
+                    experts=_MX["num_local_experts"], active=_MX["num_experts_per_tok"])
 
 
 def mixtral_counts(c: dict = MIXTRAL_8X7B) -> dict:
@@ -197,7 +202,7 @@ def fiddler_moe(cost: CostModel, cpu_flops: float = 2e12, weight_budget: float =
 
 def base(cost: CostModel, mem_fraction: float = MEM_FRACTION) -> Profiled:
     """The cost model as it is (the row every profile is compared with)."""
-    return Profiled("base", cost, hbm_pool_tokens(cost, cost.model.num_params * cost.model.dtype_bytes,
+    return Profiled("base", cost, hbm_pool_tokens(cost, cost.model.weight_read_bytes,
                                                   cost.kv_bytes_per_token, mem_fraction), {})
 
 

@@ -12,11 +12,12 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 
 _DTYPE_BYTES = {"float16": 2, "bfloat16": 2, "float32": 4, "float8": 1, "fp8": 1}
+_KV_CACHE_DTYPE_BYTES = {"fp8_e4m3": 1, "fp8_e5m2": 1, "mxfp8": 1, "bf16": 2, "bfloat16": 2}  # --kv-cache-dtype
 
 
 @dataclass(frozen=True, slots=True)
@@ -72,29 +73,55 @@ class ModelSpec:
     gemm_params: int  # weights that enter a GEMM per token: decoder layers + LM head
     num_layers: int
     num_kv_heads: int
-    head_dim: int
+    head_dim: int  # per head; with latent attention (qk_nope + qk_rope + v_head_dim) / 2, for the attention FLOPs
     dtype_bytes: int
     max_context: int
     num_heads: int = 0  # query heads (0: not given; the prefill-attention term needs it)
     lm_head_params: int = 0  # of gemm_params, the LM head's (vocab x hidden): run only for sampled tokens
+    kv_dim: int = 0  # values one token keeps per layer in the KV cache (0: K and V, 2 x kv heads x head_dim;
+    # multi-head latent attention keeps one latent of kv_lora_rank + qk_rope_head_dim)
+    weight_bytes: int = 0  # all weights as stored, bytes (0: num_params x dtype_bytes; a quantized checkpoint less)
 
     def __post_init__(self) -> None:
         for field in ("num_params", "gemm_params", "num_layers", "num_kv_heads", "head_dim", "dtype_bytes", "max_context"):
             value = getattr(self, field)
             if not (isinstance(value, int) and value > 0):
                 raise ValueError(f"ModelSpec {self.name!r}: {field} must be a positive integer, got {value!r}")
+        for field in ("kv_dim", "weight_bytes"):
+            value = getattr(self, field)
+            if not (isinstance(value, int) and value >= 0):
+                raise ValueError(f"ModelSpec {self.name!r}: {field} must be an integer >= 0, got {value!r}")
         if not (isinstance(self.lm_head_params, int) and 0 <= self.lm_head_params < self.gemm_params):
             raise ValueError(f"ModelSpec {self.name!r}: lm_head_params must be an integer in [0, gemm_params), "
                              f"got {self.lm_head_params!r}")
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """K and V of one token across all layers."""
-        return 2 * self.dtype_bytes * self.num_kv_heads * self.head_dim * self.num_layers
+        """What one token keeps in the KV cache across all layers: K and V, or MLA's latent."""
+        per_layer = self.kv_dim or 2 * self.num_kv_heads * self.head_dim
+        return self.dtype_bytes * per_layer * self.num_layers
+
+    def with_kv_cache_dtype(self, flag: str | None) -> "ModelSpec":
+        """The spec under an engine's `--kv-cache-dtype` (SGLang's values): FP8 caches keep a byte a
+        value; "auto", bf16 and values this model does not size keep the checkpoint's width. The
+        weights keep theirs."""
+        width = _KV_CACHE_DTYPE_BYTES.get(str(flag or "auto").lower())
+        if width is None or width == self.dtype_bytes:
+            return self
+        return replace(self, dtype_bytes=width, weight_bytes=self.weight_read_bytes)
+
+    @property
+    def weight_read_bytes(self) -> int:
+        """Bytes of every weight: what a step reads (a batch of a few dozen tokens touches every
+        expert of a mixture-of-experts layer) and what the device holds besides the KV cache."""
+        return self.weight_bytes or self.num_params * self.dtype_bytes
 
     @classmethod
     def from_hf_config(cls, config: dict, name: str | None = None) -> "ModelSpec":
-        """Build from a decoder-only (Llama/Qwen2-style) `config.json` dict."""
+        """Build from a decoder-only `config.json` dict: Llama/Qwen-style dense models, mixtures of
+        experts (Mixtral, Qwen-MoE, gpt-oss, DeepSeek: every expert's weights are read, the
+        routed ones computed), multi-head latent attention (DeepSeek: the KV cache keeps the latent)
+        and quantized checkpoints (`quantization_config`: the decoder's GEMM weights at its bits)."""
         name = name or config.get("_name_or_path") or config.get("model_type") or "model"
         required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")
         text = config.get("text_config")
@@ -104,21 +131,8 @@ class ModelSpec:
         missing = [k for k in required if k not in config]
         if missing:
             raise ValueError(f"config.json for {name!r} lacks {missing}; a decoder-only HF config is required")
-        def whole(key: str, default: int | None = None) -> int:
-            value = config.get(key)
-            if value is None and default is not None:
-                return default
-            if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-                value_ok = None
-            else:
-                try:
-                    value_ok = int(value) if float(value) == int(float(value)) else None
-                except (ValueError, OverflowError):
-                    value_ok = None
-            if value_ok is None or value_ok < 1:
-                raise ValueError(f"config.json for {name!r}: {key} must be a whole number of at least 1, got "
-                                 f"{value!r}; fix that field of the model's config.json")
-            return value_ok
+        fields = _ConfigFields(config, name)
+        whole, first = fields.whole, fields.first
 
         hidden = whole("hidden_size")
         inter = whole("intermediate_size")
@@ -132,16 +146,64 @@ class ModelSpec:
             dtype = "float8"
         if dtype not in _DTYPE_BYTES:
             raise ValueError(f"config.json for {name!r}: unknown torch_dtype {dtype!r}; one of {sorted(_DTYPE_BYTES)}")
-        q = hidden * heads * head_dim
-        kv = 2 * hidden * kv_heads * head_dim
-        o = heads * head_dim * hidden
-        bias = (heads + 2 * kv_heads) * head_dim if config.get("attention_bias") or config.get("model_type") == "qwen2" else 0
-        mlp = 3 * hidden * inter
-        per_layer = q + kv + o + bias + mlp + 2 * hidden
+
+        # Attention, per layer.
+        kv_dim = 0
+        if config.get("kv_lora_rank"):  # multi-head latent attention (DeepSeek-V2/V3)
+            lora, rope = whole("kv_lora_rank"), whole("qk_rope_head_dim")
+            nope, v_dim = whole("qk_nope_head_dim"), whole("v_head_dim")
+            q_lora = whole("q_lora_rank") if config.get("q_lora_rank") else 0
+            q = hidden * q_lora + q_lora * heads * (nope + rope) if q_lora else hidden * heads * (nope + rope)
+            kv = hidden * (lora + rope) + lora * heads * (nope + v_dim)
+            o = heads * v_dim * hidden
+            attn_norms = q_lora + lora
+            head_dim = max(1, (nope + rope + v_dim) // 2)  # a query-key pair's FLOPs: 4 x heads x head_dim
+            kv_dim = lora + rope
+        else:
+            q = hidden * heads * head_dim
+            kv = 2 * hidden * kv_heads * head_dim
+            o = heads * head_dim * hidden
+            attn_norms = 0
+        qkv_bias = config.get("attention_bias") or str(config.get("model_type", "")).startswith("qwen2")
+        bias = (heads + 2 * kv_heads) * head_dim if qkv_bias else 0
+
+        # Feed-forward, per layer: dense, or routed experts (+ shared ones and the router).
+        experts = first(("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"), 0)
+        dense_mlp = 3 * hidden * inter
+        moe_layers = 0
+        moe_all = moe_active = 0
+        if experts > 1:
+            top_k = first(("num_experts_per_tok", "experts_per_token", "moe_topk", "num_experts_per_token"))
+            if top_k > experts:
+                raise ValueError(f"config.json for {name!r}: {top_k} experts per token of {experts}; fix that field of "
+                                 "the model's config.json")
+            expert = 3 * hidden * first(("moe_intermediate_size",), inter)
+            shared = (3 * hidden * first(("moe_intermediate_size",), inter) * first(("n_shared_experts",), 0)
+                      + 3 * hidden * first(("shared_expert_intermediate_size",), 0))
+            router = hidden * experts
+            moe_all, moe_active = experts * expert + shared + router, top_k * expert + shared + router
+            dense_first = first(("first_k_dense_replace",), 0)
+            every = first(("moe_layer_freq",), 1)
+            step = first(("decoder_sparse_step",), 1)
+            mlp_only = fields.layer_list("mlp_only_layers")
+            moe_layers = sum(1 for i in range(layers) if i >= dense_first and i % every == 0
+                             and (i + 1) % step == 0 and i not in mlp_only)
+        dense_layers = layers - moe_layers
+
+        attn = q + kv + o
+        norms = 2 * hidden + attn_norms
         embed = vocab * hidden
         tied = bool(config.get("tie_word_embeddings", False))
-        num_params = layers * per_layer + embed + (0 if tied else embed) + hidden
-        gemm_params = layers * (q + kv + o + mlp) + embed
+        layer_params = layers * (attn + bias + norms) + dense_layers * dense_mlp + moe_layers * moe_all
+        num_params = layer_params + embed + (0 if tied else embed) + hidden
+        gemm_params = layers * attn + dense_layers * dense_mlp + moe_layers * moe_active + embed
+        quantized = layers * attn + dense_layers * dense_mlp + moe_layers * moe_all  # the decoder's GEMM weights
+        bits = _weight_bits(config.get("quantization_config"), name)
+        weight_bytes = 0
+        if bits is not None:
+            if bits == _MXFP4_BITS:  # gpt-oss: only the experts are MXFP4
+                quantized = moe_layers * (moe_all - hidden * experts)
+            weight_bytes = math.ceil(quantized * bits / 8 + (num_params - quantized) * _DTYPE_BYTES[dtype])
         return cls(
             name=name,
             num_params=num_params,
@@ -153,6 +215,8 @@ class ModelSpec:
             max_context=whole("max_position_embeddings", 4096),
             num_heads=heads,
             lm_head_params=embed,
+            kv_dim=kv_dim,
+            weight_bytes=weight_bytes,
         )
 
     @classmethod
@@ -172,6 +236,76 @@ class ModelSpec:
         if not isinstance(config, dict):
             raise ValueError(f"model config {path} is not a JSON object; pass a Hugging Face config.json")
         return cls.from_hf_config(config, name=path.parent.name)
+
+
+_MXFP4_BITS = 4.25  # 4-bit values with one 8-bit scale per 32 (the OCP microscaling format)
+
+
+class _ConfigFields:
+    """Reads whole-number fields of one config.json, naming the field and the fix when one is bad."""
+
+    def __init__(self, config: dict, name: str):
+        self.config, self.name = config, name
+
+    def whole(self, key: str, default: int | None = None) -> int:
+        value = self.config.get(key)
+        if value is None and default is not None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+            value_ok = None
+        else:
+            try:
+                value_ok = int(value) if float(value) == int(float(value)) else None
+            except (ValueError, OverflowError):
+                value_ok = None
+        if value_ok is None or value_ok < 1:
+            raise ValueError(f"config.json for {self.name!r}: {key} must be a whole number of at least 1, got "
+                             f"{value!r}; fix that field of the model's config.json")
+        return value_ok
+
+    def first(self, keys: tuple[str, ...], default: int | None = None) -> int:
+        """The first of `keys` the config sets (not null, not 0), or `default`; a config that sets none
+        and has no default is named with the first key."""
+        for key in keys:
+            if self.config.get(key) not in (None, 0):
+                return self.whole(key)
+        if default is None:
+            raise ValueError(f"config.json for {self.name!r} lacks {keys[0]} (or {', '.join(keys[1:])}); "
+                             "a mixture-of-experts config names its experts per token")
+        return default
+
+    def layer_list(self, key: str) -> set[int]:
+        value = self.config.get(key) or []
+        if not (isinstance(value, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in value)):
+            raise ValueError(f"config.json for {self.name!r}: {key} must be a list of layer numbers, got {value!r}")
+        return set(value)
+
+
+def _weight_bits(qc, name: str) -> float | None:
+    """Bits per quantized weight a `quantization_config` names (None: not quantized, or a scheme
+    this model does not know, whose weights are then counted at torch_dtype)."""
+    if not qc:
+        return None
+    if not isinstance(qc, dict):
+        raise ValueError(f"config.json for {name!r}: quantization_config must be an object, got {qc!r}")
+    method = str(qc.get("quant_method") or "").lower()
+    if method == "mxfp4":
+        return _MXFP4_BITS
+    if "fp8" in method or str(qc.get("quant_algo") or "").upper() == "FP8":
+        return 8.0
+    if qc.get("load_in_4bit"):
+        return 4.0
+    if qc.get("load_in_8bit"):
+        return 8.0
+    for key in ("bits", "w_bit", "weight_bits"):
+        bits = qc.get(key)
+        if isinstance(bits, int) and not isinstance(bits, bool) and 1 <= bits <= 16:
+            return float(bits)
+    for group in (qc.get("config_groups") or {}).values():  # compressed-tensors
+        bits = (group.get("weights") or {}).get("num_bits") if isinstance(group, dict) else None
+        if isinstance(bits, int) and not isinstance(bits, bool) and 1 <= bits <= 16:
+            return float(bits)
+    return None
 
 
 GB = 1e9
@@ -197,6 +331,24 @@ _MODEL_CONFIGS = {
     "smollm2-135m": dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                          num_key_value_heads=3, vocab_size=49152, torch_dtype="bfloat16",
                          max_position_embeddings=8192, tie_word_embeddings=True, model_type="llama"),
+    # Mixtures of experts and latent attention (their config.json fields; totals in the tests)
+    "mixtral-8x7b": dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=32000, torch_dtype="bfloat16",
+                         max_position_embeddings=32768, tie_word_embeddings=False, model_type="mixtral",
+                         num_local_experts=8, num_experts_per_tok=2),
+    "qwen3-30b-a3b": dict(hidden_size=2048, intermediate_size=6144, num_hidden_layers=48, num_attention_heads=32,
+                          num_key_value_heads=4, head_dim=128, vocab_size=151936, torch_dtype="bfloat16",
+                          max_position_embeddings=40960, tie_word_embeddings=False, model_type="qwen3_moe",
+                          num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768, decoder_sparse_step=1,
+                          mlp_only_layers=[]),
+    "deepseek-v3": dict(hidden_size=7168, intermediate_size=18432, num_hidden_layers=61, num_attention_heads=128,
+                        num_key_value_heads=128, vocab_size=129280, torch_dtype="bfloat16",
+                        max_position_embeddings=163840, tie_word_embeddings=False, model_type="deepseek_v3",
+                        n_routed_experts=256, n_shared_experts=1, num_experts_per_tok=8, moe_intermediate_size=2048,
+                        first_k_dense_replace=3, moe_layer_freq=1, q_lora_rank=1536, kv_lora_rank=512,
+                        qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                        quantization_config=dict(quant_method="fp8", fmt="e4m3", activation_scheme="dynamic",
+                                                 weight_block_size=[128, 128])),
 }
 
 

@@ -117,9 +117,11 @@ class BlendPolicy:
         self.preset = settings.preset()
         hf = getattr(scheduler.model_config, "hf_text_config", None) or scheduler.model_config.hf_config  # multimodal:
         # the language model's config
+        server_args = getattr(scheduler, "server_args", None)
         spec = ModelSpec.from_hf_config(hf.to_dict() if hasattr(hf, "to_dict") else dict(hf),
                                         name=getattr(hf, "_name_or_path", None) or "model")
-        device = getattr(getattr(scheduler, "server_args", None), "device", "cuda")
+        spec = spec.with_kv_cache_dtype(getattr(server_args, "kv_cache_dtype", None))  # an FP8 cache: a byte a value
+        device = getattr(server_args, "device", "cuda")
         hw = hardware(resolve_hardware(settings.hardware, device))
         self.cost = CostModel(spec, hw)
         self.tree = ResourceTree(self.cost, self.preset.estimator)

@@ -107,7 +107,7 @@ class EngineConfig:
         """KV pool from the device: mem_fraction x capacity minus the weights (SGLang's
         mem_fraction_static), or `kv_gb` when given."""
         if kv_gb is None:
-            weights = cost.model.num_params * cost.model.dtype_bytes
+            weights = cost.model.weight_read_bytes
             kv_bytes = mem_fraction * cost.hardware.mem_capacity - weights
             if kv_bytes <= 0:
                 raise ValueError(f"{cost.model.name} does not fit on {cost.hardware.name}: weights {weights / 1e9:.1f} GB "
