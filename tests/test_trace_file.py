@@ -55,6 +55,8 @@ def test_mooncake_blocks_become_shared_prefix_groups(tmp_path):
     ("ContextTokens,GeneratedTokens\n", "holds no rows"),
     ("ContextTokens,GeneratedTokens\n10,abc\n", "line 2: GeneratedTokens must be a whole token count"),
     ('{"input_length": 10}\n', "line 1: no 'output_length'"),
+    ('{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {}}\n',
+     "line 1: no 'input_length'; .* this is a file of requests, not a trace of token counts: `blendserve plan"),
     ('{"input_length": 10, "output_length": 2}\n[1, 2]\n', "line 2: a trace line must be a JSON object"),
     ('{"input_length": 10, "output_length": 2}\n{"input_length": 1\n', "line 2: not a JSON object"),
     ('{"input_length": -3, "output_length": 2}\n', "line 1: input_length must be a whole number"),

@@ -173,8 +173,12 @@ def _jsonl_row(path: Path, line_no: int, line: str, block_size: int, out: list) 
                          f"and output_length, got {type(row).__name__}")
     for field in ("input_length", "output_length"):
         if field not in row:
+            hint = ""
+            if "body" in row or "custom_id" in row or "messages" in row or "prompt" in row:
+                hint = (f"; this is a file of requests, not a trace of token counts: `blendserve plan {path}` "
+                        "tokenizes and simulates it")
             raise ValueError(f"{path.name} line {line_no}: no {field!r}; each line needs input_length and "
-                             "output_length (token counts)")
+                             f"output_length (token counts){hint}")
     p = max(1, _whole(path, line_no, "input_length", row["input_length"]))
     o = max(1, _whole(path, line_no, "output_length", row["output_length"]))
     ids = row.get("hash_ids")
