@@ -264,7 +264,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help=f"a model directory (config.json + tokenizer) or a preset: {', '.join(model_names())}")
     ap.add_argument("--tokenizer", help="with a preset --model: a directory holding its tokenizer "
                                         "(default: token counts approximated as UTF-8 bytes / 4)")
-    ap.add_argument("--hardware", default="h100", help=", ".join(hardware_names()))
+    ap.add_argument("--hardware", default="h100",
+                    help=", ".join(hardware_names()) + ", or an accelerator's figures: flops=F,bandwidth=B,memory=M")
     ap.add_argument("--gpus", type=positive_int, default=1, help="data-parallel replicas (even split assumed)")
     ap.add_argument("--policies", default=",".join(RUNNABLE),
                     help=f"default: the policies `blendserve run --policy` runs; any of {', '.join(POLICIES)}")

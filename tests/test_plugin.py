@@ -18,6 +18,8 @@ def test_settings_load_defaults_and_errors():
     s = BlendSettings.load({"BLENDSERVE_HARDWARE": "a100", "BLENDSERVE_SAMPLE_FRACTION": "0.05",
                             "BLENDSERVE_KEEP_SHARING": "0.95", "BLENDSERVE_SEED": "3"})
     assert (s.hardware, s.sample_fraction, s.keep_sharing, s.seed) == ("a100", 0.05, 0.95, 3)
+    assert BlendSettings.load({"BLENDSERVE_HARDWARE": "flops=1e15,bandwidth=4e12,memory=8e10"}).hardware == \
+        "flops=1e15,bandwidth=4e12,memory=8e10"
     assert BlendSettings().final_wave is True
     assert BlendSettings.load({"BLENDSERVE_FINAL_WAVE": "0"}).final_wave is False
     assert BlendSettings.load({"BLENDSERVE_FINAL_WAVE": " Off "}).final_wave is False
@@ -27,6 +29,8 @@ def test_settings_load_defaults_and_errors():
                         ({"BLENDSERVE_SAMPLE_FRACTION": "lots"}, "BLENDSERVE_SAMPLE_FRACTION"),
                         ({"BLENDSERVE_KEEP_SHARING": "nan"}, "BLENDSERVE_KEEP_SHARING"),
                         ({"BLENDSERVE_HARDWARE": "tpu"}, "BLENDSERVE_HARDWARE"),
+                        ({"BLENDSERVE_HARDWARE": "flops=1e15,bandwidth=fast,memory=8e10"}, "bandwidth must be a number"),
+                        ({"BLENDSERVE_HARDWARE": "flops=1e15,memory=8e10"}, "lacks bandwidth"),
                         ({"BLENDSERVE_PRIOR_OUTPUT_LEN": "0"}, "BLENDSERVE_PRIOR_OUTPUT_LEN"),
                         ({"BLENDSERVE_PRIOR_OUTPUT_LEN": "1.5"}, "an integer"),
                         ({"BLENDSERVE_METERING": "maybe"}, "BLENDSERVE_METERING"),
@@ -177,6 +181,28 @@ def _assert_work_recounts(pol):
     fields = ("known_comp", "known_mem", "n", "fill", "cap")
     assert [getattr(pol.work, f) for f in fields] == [getattr(ref, f) for f in fields]
 
+
+def test_a_gpu_no_preset_names_plans_as_an_h100_with_a_warning(monkeypatch, caplog):
+    """BLENDSERVE_HARDWARE=auto on a GPU no preset names (an L40S) used to raise in the scheduler,
+    after the weights loaded, which ends the server. The plan depends on the hardware only through
+    the paced chunk's floor, so the policy plans as an h100 and says how to give the figures."""
+    import torch
+
+    from blendserve_sgl.sglang_plugin.policy import resolve_hardware
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA L40S")
+    with caplog.at_level("WARNING"):
+        assert resolve_hardware("auto", "cuda") == "h100"
+    assert "does not know the GPU 'NVIDIA L40S'" in caplog.text and "flops=F,bandwidth=B,memory=M" in caplog.text
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda i=0: "NVIDIA H200 NVL")
+    assert resolve_hardware("auto", "cuda") == "h200"
+    assert resolve_hardware("auto", "cpu") == "cpu"
+    custom = "flops=362e12,bandwidth=864e9,memory=48e9"
+    assert resolve_hardware(custom, "cuda") == custom
+    from blendserve_sgl.sglang_plugin.policy import BlendPolicy
+
+    pol = BlendPolicy(FakeScheduler(), SimpleNamespace(policy="fcfs"), BlendSettings(hardware=custom))
+    assert (pol.cost.hardware.flops, pol.cost.hardware.mem_bandwidth) == (362e12, 864e9)
 
 def test_the_policy_sizes_kv_by_the_engines_cache_dtype():
     """An FP8 KV cache (`--kv-cache-dtype fp8_e4m3`) holds a byte a value: the policy's bytes per

@@ -185,7 +185,7 @@ def test_floor_is_a_lone_requests_least_time():
     one token's compute; the prefill step at least its weights)."""
     from blendserve_sgl.sim import ExecModel, Workload, simulate
     from blendserve_sgl.sim.scale_out import floor_seconds
-    from blendserve_sgl.sim.timing import weight_seconds
+    from blendserve_sgl.core.pacing import weight_read_seconds as weight_seconds
 
     p, d = 300, 400
     lone = Record("lone", p, (), d, "long")

@@ -14,7 +14,7 @@ from blendserve_sgl.sim.cache import RadixCache
 from blendserve_sgl.sim.engine import Engine, EngineConfig
 from blendserve_sgl.sim.policies import SGLangDFSWeight, SGLangLPM, make_picker, reference_tree
 from blendserve_sgl.sim.request import SimRequest, from_tokens
-from blendserve_sgl.sim.timing import weight_seconds
+from blendserve_sgl.core.pacing import weight_read_seconds as weight_seconds
 
 from test_sim_engine import token_work
 

@@ -1,8 +1,10 @@
 """Step time in the two execution modes, and the run metrics built on it."""
 
 from dataclasses import replace
+from types import SimpleNamespace
 
 import numpy as np
+
 import pytest
 
 from blendserve_sgl.core import CostModel
@@ -11,7 +13,8 @@ from blendserve_sgl.sim.metrics import min_steps, optimal_seconds, weight_bound_
 from blendserve_sgl.sim.run import RunSpec, Workload, simulate
 from blendserve_sgl.sim.engine import EngineConfig
 from blendserve_sgl.sim.request import from_records
-from blendserve_sgl.sim.timing import StepSeconds, operator_seconds, split_seconds, step_seconds, weight_seconds
+from blendserve_sgl.core.pacing import weight_read_seconds as weight_seconds
+from blendserve_sgl.sim.timing import StepSeconds, operator_seconds, split_seconds, step_seconds
 from blendserve_sgl.workloads import mixed_workload
 
 COST = CostModel.from_names("llama-3.1-8b", "a100")
@@ -28,6 +31,31 @@ def test_operator_times_by_hand():
     assert comp[2] == pytest.approx(10_000 * 2 * COST.model.gemm_params / 312e12)
     assert attn[0] == pytest.approx(1_000_000 * 131072 / 2.039e12)
 
+
+
+def test_a_mixture_of_experts_step_reads_the_experts_its_tokens_route_to():
+    """Mixtral-8x7B on an A100: a step reads the dense weights and, per sparse layer, the experts
+    its tokens reach, 1 - (3/4)^n of them for n tokens (top-2 of 8); enumerated here for two tokens
+    over every pair of routings. The weight-charging bound and the scale-out floor charge one
+    token's read; a dense model reads everything at any size."""
+    from itertools import combinations, product
+
+    cost = CostModel.from_names("mixtral-8x7b", "a100")
+    m = cost.model
+    bw = cost.hardware.effective_bandwidth
+    picks = list(combinations(range(8), 2))
+    touched = sum(len(set(a) | set(b)) for a, b in product(picks, picks)) / len(picks) ** 2 / 8
+    assert touched == pytest.approx(1 - 0.75 ** 2)
+    _, weights, _, _ = operator_seconds(cost, [0, 1, 2, 4096], [0, 0, 0, 0])
+    dense = m.weight_read_bytes - m.expert_bytes
+    assert list(weights[:3]) == pytest.approx([0.0, (dense + m.expert_bytes / 4) / bw,
+                                               (dense + m.expert_bytes * touched) / bw])
+    assert weights[3] == pytest.approx(m.weight_read_bytes / bw)
+    reqs = [SimpleNamespace(prompt_len=100, output_len=50)]
+    mem = (49 * 100 + 50 * 49 / 2) * m.kv_bytes_per_token / bw
+    assert weight_bound_seconds(reqs, cost, 0.0, 64) == pytest.approx(mem + 50 * (dense + m.expert_bytes / 4) / bw)
+    _, dense_w, _, _ = operator_seconds(COST, [1, 4096], [0, 0])
+    assert dense_w[0] == dense_w[1] == pytest.approx(weight_seconds(COST))
 
 def test_lm_head_only_for_sampled_tokens():
     """SGLang computes logits only for the tokens it samples: a prefill step of 512 prompt tokens

@@ -334,6 +334,20 @@ def test_unknown_hardware_names_the_choices():
         assert n in str(e.value)
 
 
+def test_an_accelerator_given_by_its_figures():
+    """`flops=F,bandwidth=B,memory=M` builds a hardware no preset names; each mistake is named."""
+    hw = hardware("flops=362e12, bandwidth=864e9, memory=48e9")
+    assert (hw.flops, hw.mem_bandwidth, hw.mem_capacity) == (362e12, 864e9, 48e9)
+    for text, needle in (("flops=1e15,bandwidth=4e12", "lacks memory"),
+                         ("flops=1e15,bandwidth=4e12,memory=lots", "memory must be a number"),
+                         ("flops=1e15,flops=2e15,bandwidth=4e12,memory=8e10", "each once"),
+                         ("flops=1e15,speed=4e12,memory=8e10", "expected flops=F,bandwidth=B,memory=M"),
+                         ("flops=-1,bandwidth=4e12,memory=8e10", "flops must be a positive finite number")):
+        with pytest.raises(ValueError, match=needle):
+            hardware(text)
+    with pytest.raises(ValueError, match="or give the accelerator's figures as flops=F"):
+        hardware("l40s")
+
 def test_unknown_model_names_the_choices():
     """An unknown model preset raises ValueError listing the presets."""
     with pytest.raises(ValueError) as e:

@@ -38,8 +38,16 @@ MEMORY_SIDES = ("kv+weights", "kv")
 
 
 def weight_read_seconds(cost: CostModel) -> float:
-    """Time to read every weight once at the effective bandwidth (a step's floor)."""
+    """Time to read every weight once at the effective bandwidth (a dense model's step floor; what
+    pacing charges a step of a mixture of experts too)."""
     return cost.model.weight_read_bytes / cost.hardware.effective_bandwidth
+
+
+def step_weight_seconds(cost: CostModel, tokens):
+    """Time a step of `tokens` GEMM tokens (a number or an array) spends reading weights: every
+    weight of a dense model, a mixture of experts' dense part and the experts its tokens route to
+    (`ModelSpec.step_weight_bytes`)."""
+    return cost.model.step_weight_bytes(tokens) / cost.hardware.effective_bandwidth
 
 
 def ridge_tokens(cost: CostModel) -> float:

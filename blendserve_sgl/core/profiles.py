@@ -58,7 +58,8 @@ def rescale(cost: CostModel, tag: str, compute: float = 1.0, kv_read: float = 1.
                  mem_bandwidth=cost.hardware.mem_bandwidth / kv_read)
     f = weight_read / kv_read
     m = replace(base, name=f"{base.name}+{tag}", num_params=max(1, round(base.num_params * f)),
-                weight_bytes=max(1, round(base.weight_bytes * f)) if base.weight_bytes else 0)
+                weight_bytes=max(1, round(base.weight_bytes * f)) if base.weight_bytes else 0,
+                expert_bytes=max(1, round(base.expert_bytes * f)) if base.expert_bytes else 0)
     return CostModel(m, hw)
 
 

@@ -81,6 +81,9 @@ class ModelSpec:
     kv_dim: int = 0  # values one token keeps per layer in the KV cache (0: K and V, 2 x kv heads x head_dim;
     # multi-head latent attention keeps one latent of kv_lora_rank + qk_rope_head_dim)
     weight_bytes: int = 0  # all weights as stored, bytes (0: num_params x dtype_bytes; a quantized checkpoint less)
+    experts: int = 0  # routed experts per sparse layer (0: a dense model)
+    experts_per_token: int = 0  # of them, the ones each token runs through
+    expert_bytes: int = 0  # of weight_read_bytes, the routed experts' (a step reads those its tokens route to)
 
     def __post_init__(self) -> None:
         for field in ("num_params", "gemm_params", "num_layers", "num_kv_heads", "head_dim", "dtype_bytes", "max_context"):
@@ -91,6 +94,15 @@ class ModelSpec:
             value = getattr(self, field)
             if not (isinstance(value, int) and value >= 0):
                 raise ValueError(f"ModelSpec {self.name!r}: {field} must be an integer >= 0, got {value!r}")
+        for field in ("experts", "experts_per_token", "expert_bytes"):
+            value = getattr(self, field)
+            if not (isinstance(value, int) and value >= 0):
+                raise ValueError(f"ModelSpec {self.name!r}: {field} must be an integer >= 0, got {value!r}")
+        if self.experts and not (1 <= self.experts_per_token <= self.experts
+                                 and 0 < self.expert_bytes <= self.weight_read_bytes):
+            raise ValueError(f"ModelSpec {self.name!r}: a mixture of experts needs 1 <= experts_per_token <= experts "
+                             f"and 0 < expert_bytes <= the weights' bytes, got {self.experts_per_token!r} of "
+                             f"{self.experts!r}, {self.expert_bytes!r} bytes")
         if not (isinstance(self.lm_head_params, int) and 0 <= self.lm_head_params < self.gemm_params):
             raise ValueError(f"ModelSpec {self.name!r}: lm_head_params must be an integer in [0, gemm_params), "
                              f"got {self.lm_head_params!r}")
@@ -112,9 +124,20 @@ class ModelSpec:
 
     @property
     def weight_read_bytes(self) -> int:
-        """Bytes of every weight: what a step reads (a batch of a few dozen tokens touches every
-        expert of a mixture-of-experts layer) and what the device holds besides the KV cache."""
+        """Bytes of every weight: what the device holds besides the KV cache, and what a step reads
+        once its tokens reach every expert (`step_weight_bytes`)."""
         return self.weight_bytes or self.num_params * self.dtype_bytes
+
+    def step_weight_bytes(self, tokens):
+        """Weight bytes a step of `tokens` GEMM tokens reads (a number or a NumPy array): all of a
+        dense model's; of a mixture of experts, the dense part and, in each sparse layer, the experts
+        its tokens route to, on average 1 - (1 - k / E)^tokens of them when a token picks k of E
+        uniformly (skewed routing touches fewer: an upper estimate). Mixtral (top-2 of 8) reads 99%
+        of its experts at 16 tokens, DeepSeek-V3 (top-8 of 256) 13% at 4 and 98% at 128."""
+        if not self.experts:
+            return self.weight_read_bytes
+        untouched = (1.0 - self.experts_per_token / self.experts) ** tokens
+        return self.weight_read_bytes - self.expert_bytes * untouched
 
     @classmethod
     def from_hf_config(cls, config: dict, name: str | None = None) -> "ModelSpec":
@@ -170,8 +193,8 @@ class ModelSpec:
         # Feed-forward, per layer: dense, or routed experts (+ shared ones and the router).
         experts = first(("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"), 0)
         dense_mlp = 3 * hidden * inter
-        moe_layers = 0
-        moe_all = moe_active = 0
+        moe_layers = top_k = 0
+        moe_all = moe_active = moe_shared = 0
         if experts > 1:
             top_k = first(("num_experts_per_tok", "experts_per_token", "moe_topk", "num_experts_per_token"))
             if top_k > experts:
@@ -182,6 +205,7 @@ class ModelSpec:
                       + 3 * hidden * first(("shared_expert_intermediate_size",), 0))
             router = hidden * experts
             moe_all, moe_active = experts * expert + shared + router, top_k * expert + shared + router
+            moe_shared = shared + router
             dense_first = first(("first_k_dense_replace",), 0)
             every = first(("moe_layer_freq",), 1)
             step = first(("decoder_sparse_step",), 1)
@@ -199,11 +223,13 @@ class ModelSpec:
         gemm_params = layers * attn + dense_layers * dense_mlp + moe_layers * moe_active + embed
         quantized = layers * attn + dense_layers * dense_mlp + moe_layers * moe_all  # the decoder's GEMM weights
         bits = _weight_bits(config.get("quantization_config"), name)
-        weight_bytes = 0
+        routed = moe_layers * (moe_all - moe_shared)  # the routed experts' weights (the router runs for every token)
+        weight_bytes, expert_bytes = 0, routed * _DTYPE_BYTES[dtype]
         if bits is not None:
             if bits == _MXFP4_BITS:  # gpt-oss: only the experts are MXFP4
-                quantized = moe_layers * (moe_all - hidden * experts)
+                quantized = routed
             weight_bytes = math.ceil(quantized * bits / 8 + (num_params - quantized) * _DTYPE_BYTES[dtype])
+            expert_bytes = math.ceil(routed * bits / 8)
         return cls(
             name=name,
             num_params=num_params,
@@ -217,6 +243,9 @@ class ModelSpec:
             lm_head_params=embed,
             kv_dim=kv_dim,
             weight_bytes=weight_bytes,
+            experts=experts if moe_layers else 0,
+            experts_per_token=top_k if moe_layers else 0,
+            expert_bytes=expert_bytes if moe_layers else 0,
         )
 
     @classmethod
@@ -414,16 +443,44 @@ def model_names() -> list[str]:
     return sorted(_MODEL_CONFIGS)
 
 
+CUSTOM_HARDWARE = "flops=F,bandwidth=B,memory=M"  # the form of a hardware given by its figures
+_CUSTOM_FIELDS = {"flops": "flops", "bandwidth": "mem_bandwidth", "memory": "mem_capacity"}
+
+
+def custom_hardware(text: str) -> HardwareSpec:
+    """A hardware given by its datasheet figures, `flops=989e12,bandwidth=3.35e12,memory=80e9`: dense
+    BF16 FLOP/s, memory bytes/s and memory bytes; for an accelerator no preset names."""
+    fields: dict[str, float] = {}
+    for part in str(text).split(","):
+        key, sep, value = part.partition("=")
+        key = key.strip().lower()
+        if not sep or key not in _CUSTOM_FIELDS or key in fields:
+            raise ValueError(f"hardware {text!r}: expected {CUSTOM_HARDWARE} (dense BF16 FLOP/s, memory bytes/s, "
+                             "memory bytes; each once), e.g. flops=989e12,bandwidth=3.35e12,memory=80e9")
+        try:
+            fields[key] = float(value)
+        except ValueError:
+            raise ValueError(f"hardware {text!r}: {key} must be a number, got {value.strip()!r}") from None
+    missing = [k for k in _CUSTOM_FIELDS if k not in fields]
+    if missing:
+        raise ValueError(f"hardware {text!r} lacks {', '.join(missing)}; expected {CUSTOM_HARDWARE}")
+    return HardwareSpec(str(text), **{_CUSTOM_FIELDS[k]: v for k, v in fields.items()})
+
+
 def hardware(name: str) -> HardwareSpec:
     """A named hardware preset: `a100`, `h100`, `h200`, `cpu` (`CPU_PRESET`, recorded on this
-    project's CPU machine) or `h200-measured` (fitted on an H200 by `bench/gpu_evidence.py`)."""
+    project's CPU machine) or `h200-measured` (fitted on an H200 by `bench/gpu_evidence.py`);
+    or an accelerator's figures, `flops=F,bandwidth=B,memory=M` (`custom_hardware`)."""
+    if "=" in str(name):
+        return custom_hardware(name)
     key = _HARDWARE_ALIASES.get(str(name).lower(), str(name).lower())
     if key == "cpu":
         return cpu_preset()
     if key == MEASURED:
         return measured_hardware()
     if key not in _HARDWARE:
-        raise ValueError(f"unknown hardware preset {name!r}; choose one of {hardware_names()}")
+        raise ValueError(f"unknown hardware preset {name!r}; choose one of {hardware_names()}, or give the "
+                         f"accelerator's figures as {CUSTOM_HARDWARE}")
     return _HARDWARE[key]
 
 

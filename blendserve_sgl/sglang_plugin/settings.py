@@ -23,7 +23,7 @@ from types import SimpleNamespace
 from typing import Any, Callable, NamedTuple
 
 from ..core.preset import PRESET, BlendPreset
-from ..core.specs import hardware_names
+from ..core.specs import CUSTOM_HARDWARE, custom_hardware, hardware_names
 
 logger = logging.getLogger(__name__)
 _BOOL = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
@@ -160,12 +160,22 @@ def write_json_file(path: str, data: dict, what: str) -> bool:
 
 
 def _hardware(v):
-    return None if v == "auto" or v.lower() in hardware_names() else f"choose auto or one of {', '.join(hardware_names())}"
+    if v == "auto" or v.lower() in hardware_names():
+        return None
+    if "=" in v:
+        try:
+            custom_hardware(v)
+        except ValueError as exc:
+            return str(exc)
+        return None
+    return f"choose auto or one of {', '.join(hardware_names())}, or give the figures as {CUSTOM_HARDWARE}"
 
 
 KNOBS: dict[str, Knob] = {k.name: k for k in (
-    Knob("hardware", str, "Cost-model hardware preset: a100, h100, h200, cpu (this project's calibrated CPU) or auto "
-         "(cpu on a CPU device, else from the GPU's name).", _hardware, default="auto"),
+    Knob("hardware", str, "Cost-model hardware preset: a100, h100, h200, cpu (this project's calibrated CPU), "
+         "flops=F,bandwidth=B,memory=M (an accelerator's dense BF16 FLOP/s, bytes/s, bytes) or auto (cpu on a CPU "
+         "device, else from the GPU's name; h100 with a warning for a GPU no preset names).", _hardware,
+         default="auto"),
     Knob("sample_fraction", float, "Share of unknown-length requests run first to estimate output lengths.",
          _within(0, 1), preset="sample_fraction"),
     Knob("keep_sharing", float, "Split budget: keep at least this share of the prefix sharing.",

@@ -14,7 +14,8 @@ T_w = max(C, M + N_min w), where C = (sum (p + d - 1) - s_o sum (p + d)) x layer
 sum (d - 1) x LM-head seconds (every token through the decoder layers but the last output and the
 prefixes DFS order shares, the LM head for the tokens decode steps sample), M = the decode steps'
 KV reads and N_min = max(longest output, ceil(output tokens / max_running)) (one output token per
-running request per step, the first from the prefill step), each step reading the weights once.
+running request per step, the first from the prefill step), each step reading the weights once
+(a mixture of experts: at least those of one token, `ModelSpec.step_weight_bytes(1)`).
 A step takes at least max(comp, w + attn) in both modes, so no schedule beats T_w
 (`fraction_of_weight_bound` <= 1); prefill attention, interference and the engine's overhead
 only add to a step.
@@ -27,7 +28,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 
 from ..core.cost import CostModel, compute_tokens, memory_units
-from .timing import ExecModel, StepSeconds, operator_seconds, split_seconds, step_seconds, weight_seconds
+from .timing import ExecModel, StepSeconds, operator_seconds, split_seconds, step_seconds, step_weight_seconds
 
 
 @dataclass
@@ -125,7 +126,7 @@ def weight_bound_seconds(requests, cost: CostModel, sharing: float, max_running:
     comp = layer_tokens * cost.seconds_per_layer_token + float((d - 1).sum()) * cost.seconds_per_sampled_token
     reads = float(((d - 1) * p + d * (d - 1) / 2).sum())  # decode steps: p + g tokens at the g-th, g = 1..d-1
     mem = reads * cost.kv_bytes_per_token / cost.hardware.effective_bandwidth
-    return max(comp, mem + min_steps(requests, max_running) * weight_seconds(cost))
+    return max(comp, mem + min_steps(requests, max_running) * step_weight_seconds(cost, 1))
 
 
 def result_from_engine(engine, policy: str, optimal_s: float, wall_s: float, weight_bound_s: float) -> SimResult:

@@ -46,7 +46,7 @@ from .metrics import SimResult, result_from_engine
 from .policies import make_picker, reference_tree
 from .request import from_records
 from .run import RunSpec, Workload, simulate
-from .timing import ExecModel, operator_seconds, step_seconds, weight_seconds
+from .timing import ExecModel, operator_seconds, step_seconds, step_weight_seconds
 
 DEALS = ("blend", "round-robin", "blocks")
 EVEN_PIECES = "blend-even-pieces"  # blend cut with every cut at i / pieces of the totals (`plan_shards` even_pieces)
@@ -84,7 +84,7 @@ def floor_seconds(records: list, cost) -> float:
     """The longest single request's least time: its prefill step and each of its d - 1 decode
     steps read the weights, and decode step k reads its p + k KV tokens (overlapped or not), so an
     engine holding it runs at least this long whatever else it runs."""
-    w, kv = weight_seconds(cost), cost.kv_bytes_per_token / cost.hardware.effective_bandwidth
+    w, kv = step_weight_seconds(cost, 1), cost.kv_bytes_per_token / cost.hardware.effective_bandwidth
     return max(r.output_len * w + ((r.output_len - 1) * r.prompt_len + r.output_len * (r.output_len - 1) / 2) * kv
                for r in records)
 

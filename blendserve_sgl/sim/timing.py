@@ -39,7 +39,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..core.cost import CostModel
-from ..core.pacing import weight_read_seconds as weight_seconds
+from ..core.pacing import step_weight_seconds
 
 MODES = ("sequential", "overlapped")
 
@@ -86,7 +86,7 @@ def operator_seconds(cost: CostModel, gemm_tokens, kv_read_tokens, attention_pai
     comp = gemm * cost.seconds_per_layer_token + sampled * cost.seconds_per_sampled_token
     if attention_pairs is not None and cost.seconds_per_attention_pair:
         comp = comp + np.asarray(attention_pairs, dtype=np.float64) * cost.seconds_per_attention_pair
-    weights = np.where(comp > 0, weight_seconds(cost), 0.0)
+    weights = np.where(comp > 0, step_weight_seconds(cost, gemm), 0.0)  # a mixture of experts: the routed ones
     attn = np.asarray(kv_read_tokens, dtype=np.float64) * (cost.kv_bytes_per_token / cost.hardware.effective_bandwidth)
     return StepSeconds(comp, weights, attn, overhead_seconds(cost, gemm, sampled, kv_held_tokens))
 
