@@ -529,7 +529,13 @@ def plan_for_run(run_args) -> int:
     for pair in run_args.engine_arg:
         key, _, value = pair.partition("=")
         key = key.replace("-", "_")
-        if key in flags:
+        if key in ("tp_size", "tp"):  # one engine on a tensor-parallel group: NxHARDWARE
+            if not (value.strip().isdigit() and int(value) >= 1):
+                print(f"blendserve run --plan-only: error: --engine-arg {pair}: {key} must be a whole number of at "
+                      "least 1", file=sys.stderr)
+                return 2
+            argv[argv.index("--hardware") + 1] = f"{int(value)}x{hw}"
+        elif key in flags:
             if not (value.strip().isdigit() and int(value) >= 1):
                 print(f"blendserve run --plan-only: error: --engine-arg {pair}: {key} must be a whole number of at "
                       "least 1", file=sys.stderr)

@@ -301,23 +301,17 @@ def test_a_file_that_is_not_a_sharegpt_list_is_named(tmp_path, text):
 
 
 # ------------------------------------------------------------------ an engine process that dies mid-run
-def test_an_engine_process_dying_mid_run_is_a_clear_error_and_the_rerun_finishes(stand_in, tmp_path, capsys,  # noqa: F811
-                                                                                 monkeypatch):
-    """SGLang's processes send SIGQUIT to this one when one of them dies (its handler would kill
-    this process, traceback and all, exit 137). While requests run `blendserve run` takes SIGQUIT
-    over: exit 1 with one message, the records so far kept, SIGQUIT's handler restored after; the
-    rerun finishes the rest."""
+def _dying_engines(monkeypatch, dies):
+    """`runner.start_engine` giving stand-in engines whose process "dies" (SIGQUIT to this process,
+    as SGLang's processes send it, then no answer) when `dies(engine, input_ids)` says so."""
     import signal
 
     from blendserve_sgl.batch import runner
     from test_batch_unit import FakeEngine
 
     class DyingEngine(FakeEngine):
-        quit_after = 4
-
         async def async_generate(self, input_ids, sampling_params):
-            if self.quit_after is not None and self.answered == self.quit_after:
-                DyingEngine.quit_after = None
+            if dies(self, input_ids):
                 os.kill(os.getpid(), signal.SIGQUIT)
                 await __import__("asyncio").sleep(5)  # a dead scheduler answers nothing
             return await super().async_generate(input_ids, sampling_params)
@@ -330,21 +324,95 @@ def test_an_engine_process_dying_mid_run_is_a_clear_error_and_the_rerun_finishes
         return e
 
     monkeypatch.setattr(runner, "start_engine", dying)
+
+
+def test_an_engine_process_dying_mid_run_starts_the_engine_again_and_loses_nothing(stand_in, tmp_path, capsys,  # noqa: F811
+                                                                                   monkeypatch):
+    """SGLang's processes send SIGQUIT to this one when one of them dies (its handler would kill
+    this process, traceback and all, exit 137). While requests run `blendserve run` takes SIGQUIT
+    over, starts the engine again and runs what was in flight once more: a failure that does not
+    come back (a passing fault) costs one restart, every request gets its record, SIGQUIT's handler
+    is restored after."""
+    import signal
+
+    once = [True]
+
+    def dies(engine, ids):
+        if once[0] and engine.answered == 4:
+            once[0] = False
+            return True
+        return False
+
+    _dying_engines(monkeypatch, dies)
     seen = []
     sglang_handler = lambda *a: seen.append(a)  # noqa: E731 (stands in for SGLang's: it would kill this process)
     previous = signal.signal(signal.SIGQUIT, sglang_handler)
     try:
         src, out = _batch(tmp_path), tmp_path / "results.jsonl"
         args = [str(src), "-o", str(out), "--model", str(stand_in["model"]), "--window", "1"]
-        assert cli.main(args) == 1
+        assert cli.main(args) == 0
         assert signal.getsignal(signal.SIGQUIT) is sglang_handler and not seen
     finally:
         signal.signal(signal.SIGQUIT, previous)
+    text = capsys.readouterr().out
+    assert "an SGLang process failed with 1 requests in flight" in text and "started again 1 times" in text
+    engines = stand_in["engines"]
+    assert len(engines) == 2 and all(e.shut for e in engines)
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len({json.dumps(record_key(r)) for r in records}) == len(records) == 17
+    culprit = [r for r in records if (r.get("error") or {}).get("code") == "engine_crash"]
+    assert len(culprit) == 1  # window 1: the one in flight is taken for the culprit (it ran alone)
+    assert cli.main(args + ["--retry-failed"]) == 0  # the passing fault does not come back
+    again = [json.loads(x) for x in out.read_text().splitlines()]
+    assert not [r for r in again if (r.get("error") or {}).get("code") == "engine_crash"]
+
+
+def test_a_request_that_stops_the_engine_is_found_and_fails_alone(stand_in, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """A request whose every run kills an engine process (a sampler fault no check foresaw) made
+    the whole run stop, and every rerun stop at it again: one request lost the batch. Now the
+    requests in flight run again in halves until the one that fails runs alone; it gets an error
+    record naming its line, every other request its answer."""
+    src = _batch(tmp_path)
+    poison = None
+
+    def dies(engine, ids):
+        return poison is not None and ids == poison
+
+    _dying_engines(monkeypatch, dies)
+    from blendserve_sgl.batch import cli as batch_cli
+
+    tok = batch_cli._load_tokenizer(None)
+    poison = tok.encode("complete this 4")
+    out = tmp_path / "results.jsonl"
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"])]) == 0  # window: all at once
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len({json.dumps(record_key(r)) for r in records}) == len(records) == 17
+    crashed = [r for r in records if (r.get("error") or {}).get("code") == "engine_crash"]
+    assert [r["custom_id"] for r in crashed] == ["q4"]
+    assert "requests.jsonl line 5: this request stopped the engine" in crashed[0]["error"]["message"]
+    ok = {r["custom_id"] for r in records if r.get("response") and r["response"]["status_code"] == 200}
+    assert {f"q{i}" for i in range(12)} - {"q4"} <= ok
+    assert len(stand_in["engines"]) >= 3  # the first failure, then at least one group, then the culprit alone
+    assert all(e.shut for e in stand_in["engines"])
+
+
+def test_an_engine_that_fails_whatever_it_runs_stops_the_run(stand_in, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """When every engine dies at once, the requests are not at fault: after three requests in a
+    row fail alone with nothing answered between, the hunt gives up with the earlier message and
+    exit 1, the records written so far kept; --retry-failed runs those three again. An engine
+    that fails now and then (every third request) finishes the run."""
+    _dying_engines(monkeypatch, lambda engine, ids: True)
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"])]) == 1
     err = capsys.readouterr().err
     assert "an SGLang process failed while requests ran" in err and "rerun the same command to finish" in err
-    assert stand_in["engines"][0].shut and len(out.read_text().splitlines()) == 3 + 4
-    assert cli.main(args) == 0
-    assert len({json.dumps(record_key(json.loads(x))) for x in out.read_text().splitlines()}) == 17
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len({json.dumps(record_key(r)) for r in records}) == len(records)  # nothing twice
+    assert len([r for r in records if (r.get("error") or {}).get("code") == "engine_crash"]) == 3
+    _dying_engines(monkeypatch, lambda engine, ids: engine.calls >= 2)  # each engine's third request
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"]), "--retry-failed"]) == 0
+    records = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len({json.dumps(record_key(r)) for r in records}) == len(records) == 17
 
 
 # ------------------------------------------------------------------ results files that are not ours
@@ -775,6 +843,26 @@ def test_logprob_requests_that_would_end_the_scheduler_end_alone(top, start, fra
     _after_enqueue(None, SimpleNamespace(**{**vars(sched), "waiting_queue": [req]}), req)
     assert req.aborted is None
 
+
+@pytest.mark.parametrize("penalty, fragment", [
+    (1e-40, "repetition_penalty 1e-40 is below 0.01"), (0.0, "repetition_penalty 0 is below 0.01"),
+    (0.01, None), (1.0, None), (2.0, None),
+])
+def test_a_repetition_penalty_that_would_stop_the_sampler_ends_alone(penalty, fragment):
+    """A repetition penalty of 1e-40 (SGLang takes [0, 2]) with top_k divides a positive logit
+    into infinity; the sampler raised on the NaN probabilities in the scheduler and ended the
+    engine with every request in it (found through `blendserve run`). A blend server ends such a
+    request alone, as a 400."""
+    from types import SimpleNamespace
+
+    from blendserve_sgl.sglang_plugin import _after_enqueue
+
+    req = _Req([5, 7])
+    req.sampling_params = SimpleNamespace(repetition_penalty=penalty, top_k=5)
+    sched = SimpleNamespace(schedule_policy="blend", waiting_queue=[req], model_config=SimpleNamespace(vocab_size=512),
+                            policy=SimpleNamespace(on_arrival=lambda r: None))
+    _after_enqueue(None, sched, req)
+    assert (req.aborted is None) if fragment is None else (fragment in req.aborted), req.aborted
 
 def test_prompts_past_the_vocabulary_check_only_what_it_can_judge():
     """Multimodal placeholders lie beyond the vocabulary by design; a retracted request (output so

@@ -251,3 +251,41 @@ def test_smollm2_default_model_answers_through_its_chat_template(tmp_path):
     count = by["count"]["response"]["body"]
     assert count["usage"]["completion_tokens"] == 3 == len(count["choices"][0]["token_ids"])
     assert count["choices"][0]["finish_reason"] == "length"
+
+
+_UNCHECKED = """
+import sys
+from blendserve_sgl.batch import requests
+# the check that refuses this penalty is lifted, so the request reaches the engine and stops it
+requests._NUMBER_FIELDS["repetition_penalty"] = ("repetition_penalty", 0.0, 2.0, False, "unchecked")
+from blendserve_sgl.cli import main
+raise SystemExit(main(sys.argv[1:]))
+"""
+
+
+def test_a_request_that_stops_the_engine_fails_alone_and_the_rest_finish(tiny_llama, tmp_path):
+    """The real engine on CPU, stock fcfs (the blend policy refuses this request itself): a
+    repetition penalty of 1e-40 with top_k makes the sampler raise in the scheduler, which ends
+    the engine. The run starts the engine again, runs what was in flight in halves until that
+    request runs alone and fails, writes its error record, and answers every other request."""
+    lines = [req(f"ok-{i}", False, 6, prompt=f"count: one two three {i}") for i in range(3)]
+    lines.insert(1, req("poison", False, 6, prompt="count: one two three", repetition_penalty=1e-40, top_k=5,
+                        temperature=1.0))  # sampled: greedy decoding never reaches the sampler that fails
+    src, out = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
+    src.write_text("\n".join(lines) + "\n")
+    log = tmp_path / "run.log"
+    proc = subprocess.Popen([sys.executable, "-c", _UNCHECKED, "run", str(src), "-o", str(out), "--model", tiny_llama,
+                             "--policy", "fcfs", "--workers", "0"], env=ENV, start_new_session=True,
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    try:
+        proc.wait(timeout=900)
+    finally:
+        kill_group(proc)
+    text = log.read_text()
+    assert proc.returncode == 0, text[-4000:]
+    recs = {r["custom_id"]: r for r in records(out)}
+    assert sorted(recs) == ["ok-0", "ok-1", "ok-2", "poison"]
+    assert recs["poison"]["error"]["code"] == "engine_crash"
+    assert "requests.jsonl line 2: this request stopped the engine" in recs["poison"]["error"]["message"]
+    assert all(recs[f"ok-{i}"]["response"]["status_code"] == 200 for i in range(3))
+    assert "started again" in text

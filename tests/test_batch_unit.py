@@ -79,6 +79,9 @@ BAD_LINES = [  # (line text, fragment of the message, custom_id kept in the reco
     (line("i", "/v1/completions", prompt="p", max_tokens="16"), '"max_tokens" must be a positive integer, got "16"', "i"),
     (line("j", "/v1/completions", prompt="p", temperature=3), '"temperature" must be a number from 0 to 2', "j"),
     (line("k", "/v1/completions", prompt="p", top_p=0), '"top_p" must be a number above 0', "k"),
+    # a repetition penalty of 1e-40 with top_k divided a logit into infinity and stopped the engine
+    (line("k2", "/v1/completions", prompt="p", repetition_penalty=1e-40, top_k=5),
+     '"repetition_penalty" must be a number from 0.01 to 2', "k2"),
     (line("l", "/v1/completions", prompt="p", stop=[""]), '"stop" must be a non-empty string', "l"),
     (line("m", "/v1/completions", prompt="p", n=2), '"n" must be 1', "m"),
     (line("n", "/v1/completions", prompt="p", stream=True), '"stream" must be false', "n"),

@@ -206,12 +206,16 @@ def test_run_plan_only_prints_the_plan_of_the_same_arguments(user_file, tmp_path
     assert [x for x in via_run if "planned in" not in x and not x.startswith("model:")] == \
         [x for x in via_plan if "planned in" not in x]
     assert [p.name for p in tmp_path.glob("*.jsonl")] == ["requests.jsonl"]  # nothing run, no results file
+    # an engine on a tensor-parallel group plans on N of the devices
+    assert cli.main(["run", str(user_file), "--model", str(model_dir), "--plan-only", "a100", "--max-total-tokens",
+                     "8192", "--engine-arg", "tp_size=2", "--default-max-tokens", "64"]) == 0
+    assert "2xa100" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         cli.main(["run", str(user_file), "--model", str(model_dir)])
     assert "-o/--output" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("pair", ["chunked_prefill_size=abc", "max_running_requests=0"])
+@pytest.mark.parametrize("pair", ["chunked_prefill_size=abc", "max_running_requests=0", "tp_size=-2"])
 def test_run_plan_only_names_the_engine_arg_it_maps(user_file, tmp_path, capsys, pair):
     """A bad engine limit was reported as the plan's own flag (`argument --chunk`), which the
     user never typed, with plan's usage text."""

@@ -203,6 +203,12 @@ def test_a_gpu_no_preset_names_plans_as_an_h100_with_a_warning(monkeypatch, capl
 
     pol = BlendPolicy(FakeScheduler(), SimpleNamespace(policy="fcfs"), BlendSettings(hardware=custom))
     assert (pol.cost.hardware.flops, pol.cost.hardware.mem_bandwidth) == (362e12, 864e9)
+    # a scheduler of a tensor-parallel group plans for the group (auto), or for what the knob names
+    sched = FakeScheduler()
+    sched.server_args = SimpleNamespace(device="cuda", tp_size=4)
+    assert BlendPolicy(sched, SimpleNamespace(policy="fcfs"), BlendSettings()).cost.hardware.name == "4xh200"
+    assert BlendPolicy(sched, SimpleNamespace(policy="fcfs"), BlendSettings(hardware="2xh100")).cost.hardware.name \
+        == "2xh100"
 
 def test_the_policy_sizes_kv_by_the_engines_cache_dtype():
     """An FP8 KV cache (`--kv-cache-dtype fp8_e4m3`) holds a byte a value: the policy's bytes per

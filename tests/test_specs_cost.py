@@ -348,6 +348,26 @@ def test_an_accelerator_given_by_its_figures():
     with pytest.raises(ValueError, match="or give the accelerator's figures as flops=F"):
         hardware("l40s")
 
+
+def test_a_tensor_parallel_group_is_n_devices_as_one_engine():
+    """`NxNAME`: N times the FLOP/s, bandwidth and memory (no communication cost), host overheads
+    per step unchanged; Llama-3.1-70B (141 GB) does not fit one or two H100s at 88% and fits four."""
+    one, two = hardware("h100"), hardware("2xh100")
+    assert (two.flops, two.mem_bandwidth, two.mem_capacity) == (2 * one.flops, 2 * one.mem_bandwidth,
+                                                                2 * one.mem_capacity)
+    assert two.name == "2xh100" and hardware("1xh100") == one and hardware("8X H200").name == "8xh200"
+    assert hardware("2xflops=1e15,bandwidth=4e12,memory=8e10").mem_capacity == 16e10
+    from blendserve_sgl.sim.engine import EngineConfig
+
+    with pytest.raises(ValueError, match="does not fit on h100"):
+        EngineConfig.for_cost(CostModel(model("llama-3.1-70b"), one))
+    with pytest.raises(ValueError, match="does not fit on 2xh100"):
+        EngineConfig.for_cost(CostModel(model("llama-3.1-70b"), two))
+    assert EngineConfig.for_cost(CostModel(model("llama-3.1-70b"), hardware("4xh100"))).kv_tokens > 0
+    for bad, needle in (("0xh100", "at least 1 device"), ("2xl40s", "unknown hardware preset 'l40s'")):
+        with pytest.raises(ValueError, match=needle):
+            hardware(bad)
+
 def test_unknown_model_names_the_choices():
     """An unknown model preset raises ValueError listing the presets."""
     with pytest.raises(ValueError) as e:

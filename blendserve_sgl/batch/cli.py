@@ -25,6 +25,7 @@ rerun to finish).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import json
 import os
@@ -292,13 +293,22 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
                               max_total_tokens=args.max_total_tokens, attention_backend=args.attention_backend,
                               seed=args.seed, log_level=args.log_level, extra=extra)
     replicas = args.replicas if args.ray else args.dp
-    parts = dispatch.store_shards(read.store, read.done, replicas, cost_for(model_dir)) if replicas > 1 else None
+    if replicas > 1:
+        parts = dispatch.store_shards(read.store, read.done, replicas, cost_for(model_dir))
+    else:  # one Ray replica runs the whole plan; one engine reads it from `pending`
+        parts = [order[~read.done[order]].tolist()] if args.ray else None
     progress = Progress(todo, stream=io.StringIO() if args.quiet else sys.stderr)
     model_name = model_dir.name
     source = Path(args.input).name
 
+    written: set[str] = set()  # custom ids with a record from this run's engines
+    hunt: runner.Hunt | None = None  # set once an engine process has died
+
     def on_result(p: Prepared, out: dict) -> None:  # aborted outputs reach on_error (runner.deliver)
         writer.write(ok_record(p, out, model_name, include_token_ids=args.include_token_ids))
+        written.add(p.request.custom_id)
+        if hunt is not None:
+            hunt.answered()
         if stats.first_result_seconds is None:
             stats.first_result_seconds = progress.clock() - progress.start
         meta = out["meta_info"]
@@ -314,6 +324,9 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
         msg = f"{source} line {p.request.line}: the engine {'rejected' if status == 400 else 'failed'} this request: {exc}"
         writer.write(error_record(p.request.custom_id, msg, line=p.request.line, code=code, status=status,
                                   digest=p.request.digest))
+        written.add(p.request.custom_id)
+        if hunt is not None:
+            hunt.answered()  # the engine answered, with an error of this request's own
         stats.failed += 1
         progress.add(failed=1)
 
@@ -333,38 +346,63 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
             return
         _say(f"starting SGLang ({args.policy} policy, {device}{f', {args.dp} DP ranks' if args.dp > 1 else ''}) "
              f"for {todo:,} requests ...")
-        t0 = time.perf_counter()
-        try:
-            engine = runner.start_engine(cfg)
-        except (Exception, runner.EngineFailed) as exc:  # noqa: BLE001 (SGLang raises many kinds)
-            why = "one of its processes failed: its error is above" if isinstance(exc, runner.EngineFailed) else \
-                f"{type(exc).__name__}: {exc}"
-            raise EngineError(f"SGLang did not start ({why}); check --model, --policy and --engine-arg; "
-                              f"{stats.invalid:,} error records were written to {writer.path}, rerun the same "
-                              "command once fixed") from None
-        stats.engine_start_seconds = time.perf_counter() - t0
-        route, items = None, pending(read.store, order, read.done)
+        route, flight, first = None, {}, True
         if parts is not None:
-            if args.policy == "blend":
-                try:
-                    dispatch.check_ranks(engine, args.dp)
-                except dispatch.DispatchError as exc:
-                    raise EngineError(str(exc)) from None
             cids = {read.store.custom_id(int(i)): r for r, part in enumerate(parts) for i in part}
             route = lambda p: cids[p.request.custom_id]  # noqa: E731
-            items = (read.store.prepared(i) for i in dispatch.interleave(parts))
-        stats.window = args.window if args.window >= 0 else window_size(
-            *engine_capacity(engine), mean_request_tokens(read.store, read.done))
-        progress.start = progress.clock()
-        try:
-            stats.generate_seconds = runner.generate(
-                engine, items, on_result, on_error, window=stats.window,
-                tick=lambda rate: (progress.set_rate(rate), progress.render(), stats.sample_rss()), route=route)
-            _COMPLETE[0] = True
-        except runner.EngineFailed:
-            raise EngineError(f"an SGLang process failed while requests ran (its error is above); the "
-                              f"{stats.completed + stats.failed:,} records written in this run are kept in "
-                              f"{writer.path}: once the cause is fixed, rerun the same command to finish") from None
+        while True:  # one engine; again after one of its processes dies, to find the request that stopped it
+            engine = _start(cfg, args, stats, writer)
+            if first:
+                stats.window = args.window if args.window >= 0 else window_size(
+                    *engine_capacity(engine), mean_request_tokens(read.store, read.done))
+                progress.start, first = progress.clock(), False
+            group = False
+            try:
+                while hunt and hunt.groups:
+                    group = True
+                    flight.clear()
+                    runner.generate(engine, hunt.groups[0], on_result, on_error, route=route, in_flight=flight)
+                    hunt.groups.popleft()
+                group = False
+                flight.clear()
+                items = pending(read.store, order, read.done) if parts is None else \
+                    (read.store.prepared(i) for i in dispatch.interleave(parts))
+                if hunt:
+                    items = (p for p in items if p.request.custom_id not in written)
+                runner.generate(engine, items, on_result, on_error, window=stats.window, route=route,
+                                tick=lambda rate: (progress.set_rate(rate), progress.render(), stats.sample_rss()),
+                                in_flight=flight)
+                stats.generate_seconds = progress.clock() - progress.start
+                _COMPLETE[0] = True
+                break
+            except runner.EngineFailed:
+                engine.shutdown()
+                engine = None
+                hunt = hunt or runner.Hunt(stats.window or todo)
+                caught = [p for p in flight.values() if p.request.custom_id not in written]
+                culprit = hunt.crashed(caught, group)
+                stats.engine_restarts += 1
+                if culprit is not None:
+                    req = culprit.request
+                    writer.write(error_record(
+                        req.custom_id, f"{source} line {req.line}: this request stopped the engine (an SGLang process "
+                        "failed while it ran alone; its error is above); fix it, then rerun with --retry-failed",
+                        line=req.line, code="engine_crash", status=500, digest=req.digest))
+                    written.add(req.custom_id)
+                    stats.failed += 1
+                    progress.add(failed=1)
+                if hunt.exhausted:
+                    raise EngineError(f"an SGLang process failed while requests ran (its error is above), "
+                                      f"{stats.engine_restarts} times, also with the requests it had in flight run "
+                                      f"apart; the {stats.completed + stats.failed:,} records written in this run are "
+                                      f"kept in {writer.path}: once the cause is fixed, rerun the same command to "
+                                      "finish") from None
+                hunt.check_integrity(written)
+                _say(f"an SGLang process failed with {len(caught):,} requests in flight; "
+                     + (f"line {culprit.request.line} ran alone when it failed: written as an error record; "
+                        if culprit is not None else "")
+                     + "starting the engine again"
+                     + (f" to run {sum(map(len, hunt.groups)):,} of them apart" if hunt.groups else ""))
     except KeyboardInterrupt:
         stats.interrupted = True
         stats.generate_seconds = progress.clock() - progress.start
@@ -381,6 +419,31 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
         if own_stats:
             Path(stats_file).unlink(missing_ok=True)
             del os.environ["BLENDSERVE_STATS_PATH"]
+
+
+def _start(cfg, args, stats: RunStats, writer: ResultWriter):
+    """A running engine for `cfg` (EngineError when it does not start); with --dp and blend, every
+    rank checked to run blend. Its start time is counted once."""
+    from . import runner
+
+    t0 = time.perf_counter()
+    try:
+        engine = runner.start_engine(cfg)
+    except (Exception, runner.EngineFailed) as exc:  # noqa: BLE001 (SGLang raises many kinds)
+        why = "one of its processes failed: its error is above" if isinstance(exc, runner.EngineFailed) else \
+            f"{type(exc).__name__}: {exc}"
+        raise EngineError(f"SGLang did not start ({why}); check --model, --policy and --engine-arg; "
+                          f"{stats.invalid:,} error records were written to {writer.path}, rerun the same "
+                          "command once fixed") from None
+    if not stats.engine_start_seconds:
+        stats.engine_start_seconds = time.perf_counter() - t0
+    if args.dp > 1 and args.policy == "blend":
+        try:
+            dispatch.check_ranks(engine, args.dp)
+        except dispatch.DispatchError as exc:
+            engine.shutdown()
+            raise EngineError(str(exc)) from None
+    return engine
 
 
 def _context(asked: int | None, model_dir: Path) -> int:
@@ -558,4 +621,9 @@ _MESSAGES = "stdout"  # "stderr" when the results go to stdout
 
 
 def _say(text: str) -> None:
-    print(text, file=sys.stderr if _MESSAGES == "stderr" else sys.stdout, flush=True)
+    stream = sys.stderr if _MESSAGES == "stderr" else sys.stdout
+    try:
+        print(text, file=stream, flush=True)
+    except BrokenPipeError:  # whoever read the messages went away (`| head`): the run goes on without them
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())

@@ -47,6 +47,7 @@ class RunStats:
     first_result_seconds: float | None = None  # engine up to the first result
     driver_peak_rss_mb: float = 0.0
     tree_peak_rss_mb: float = 0.0  # driver + engine processes, sampled while generating
+    engine_restarts: int = 0  # engines started again after one of their processes died (`runner.Hunt`)
 
     def sample_rss(self) -> None:
         self.driver_peak_rss_mb = max(self.driver_peak_rss_mb, peak_rss_mb())
@@ -98,6 +99,9 @@ def summary_lines(s: RunStats, results: str, errors: str | None) -> list[str]:
     if s.policy_stats.get("steps"):
         ps = s.policy_stats
         lines.insert(-1, f"  blend planning  {ps['steps']:,} steps, {ps.get('planning_ms_per_step', 0):.2f} ms per step")
+    if s.engine_restarts:
+        lines.insert(-1, f"  engine          started again {s.engine_restarts:,} times after one of its processes "
+                         "failed (its requests in flight run again apart, to find the one that stops it)")
     if s.interrupted:
         lines.append("  run the same command again to finish the rest (results written so far are kept)")
     if s.failed or s.kept_errors:

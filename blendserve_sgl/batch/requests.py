@@ -31,6 +31,8 @@ MAX_SEED = 2**63 - 1  # SGLang's sampling seeds are int64
 MAX_DIGITS = 100  # an integer with more digits is refused while parsing
 MAX_LINE_BYTES = 128 << 20  # a longer line is an error, never held in memory (a 1M-token prompt is ~25 MB of JSON)
 
+MIN_REPETITION_PENALTY = 0.01  # below it the engine divides a logit into infinity and its sampler stops the engine
+
 # body field -> (SGLang sampling-params name, low, high, low included, what it must be)
 _NUMBER_FIELDS = {
     "temperature": ("temperature", 0.0, 2.0, True, "a number from 0 to 2"),
@@ -38,7 +40,7 @@ _NUMBER_FIELDS = {
     "min_p": ("min_p", 0.0, 1.0, True, "a number from 0 to 1"),
     "presence_penalty": ("presence_penalty", -2.0, 2.0, True, "a number from -2 to 2"),
     "frequency_penalty": ("frequency_penalty", -2.0, 2.0, True, "a number from -2 to 2"),
-    "repetition_penalty": ("repetition_penalty", 0.0, 2.0, False, "a number above 0 and at most 2"),
+    "repetition_penalty": ("repetition_penalty", MIN_REPETITION_PENALTY, 2.0, True, "a number from 0.01 to 2"),
 }
 _COMMON_FIELDS = {"model", "max_tokens", "stop", "seed", "top_k", "ignore_eos", "n", "stream", "user",
                   *_NUMBER_FIELDS}

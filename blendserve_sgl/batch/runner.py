@@ -184,19 +184,23 @@ def deliver(p: Prepared, out: dict, on_result: Callable[[Prepared, dict], None],
 def generate(engine, items: Iterable[Prepared], on_result: Callable[[Prepared, dict], None],
              on_error: Callable[[Prepared, BaseException], None], *, window: int = 0,
              tick: Callable[[float | None], None] | None = None, tick_seconds: float = 0.5,
-             route: Callable[[Prepared], int] | None = None) -> float:
+             route: Callable[[Prepared], int] | None = None, in_flight: dict | None = None) -> float:
     """Run `items` on `engine`; each finishes through `on_result` or `on_error` (`deliver`). At most `window`
     requests are in the engine at once (0: all), taken from `items` in order as others finish
     (`items` may be lazy: only the requests in flight are held). `tick(rate)` is called every
     `tick_seconds` (the progress bar) with the engine's current decode tokens/s (`live_rate`),
-    or None. `route(p)`: the DP rank to send `p` to (`routed_dp_rank`). Returns the seconds from first submission to last result. KeyboardInterrupt cancels what is in flight
+    or None. `route(p)`: the DP rank to send `p` to (`routed_dp_rank`). `in_flight` (a dict the
+    caller owns) holds the requests submitted and not yet answered, also after an interruption:
+    those an `EngineFailed` caught. Returns the seconds from first submission to last result. KeyboardInterrupt cancels what is in flight
     and propagates; so does SIGTERM while requests run (SGLang's own SIGTERM handler, which
     would drain the whole queue, is replaced for that time), and `EngineFailed` when an engine
     process dies (SGLang's SIGQUIT handler, which would kill this process, is replaced too)."""
     loop = engine.loop
     t0 = time.perf_counter()
     ours: set[asyncio.Task] = set()  # the requests in flight and the ticker, to cancel on interrupt
-    main = loop.create_task(_generate(engine, items, on_result, on_error, window, tick, tick_seconds, ours, route))
+    flight = {} if in_flight is None else in_flight
+    main = loop.create_task(_generate(engine, items, on_result, on_error, window, tick, tick_seconds, ours, route,
+                                      flight))
     try:
         loop.run_until_complete(main)
     except BaseException:
@@ -214,7 +218,8 @@ def generate(engine, items: Iterable[Prepared], on_result: Callable[[Prepared, d
     return time.perf_counter() - t0
 
 
-async def _generate(engine, items, on_result, on_error, window, tick, tick_seconds, ours: set, route=None) -> None:
+async def _generate(engine, items, on_result, on_error, window, tick, tick_seconds, ours: set, route=None,
+                    flight: dict | None = None) -> None:
     loop = asyncio.get_running_loop()
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGQUIT)}
     start_loop = getattr(getattr(engine, "tokenizer_manager", None), "auto_create_handle_loop", None)
@@ -225,15 +230,20 @@ async def _generate(engine, items, on_result, on_error, window, tick, tick_secon
         loop.add_signal_handler(signal.SIGTERM, _terminated)
         loop.add_signal_handler(signal.SIGQUIT, _engine_failed)
 
+    flight = {} if flight is None else flight
+
     async def one(p: Prepared) -> None:
+        flight[id(p)] = p  # until answered: a cancelled request stays, for the caller to see
         try:
             kw = {"routed_dp_rank": route(p)} if route is not None else {}
             out = await engine.async_generate(input_ids=p.input_ids, sampling_params=p.sampling_params, **kw)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # noqa: BLE001 (one request's failure is its own record)
+            flight.pop(id(p), None)
             on_error(p, exc)
             return
+        flight.pop(id(p), None)
         deliver(p, out, on_result, on_error)
 
     async def ticker() -> None:
@@ -282,6 +292,58 @@ async def _generate(engine, items, on_result, on_error, window, tick, tick_secon
             for sig, handler in before.items():
                 loop.remove_signal_handler(sig)
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+
+
+class Hunt:
+    """Finds a request that stops the engine. When an engine process dies, the requests it had
+    in flight (`crashed(caught)`) are the suspects: the engine starts again and runs them as a
+    group, halves of it after each further failure, until a group of one fails (that request
+    stopped the engine: the caller writes its error record) or every group finishes. A failure
+    that needs two requests in one batch ends with both finishing apart. The hunt gives up
+    (`exhausted`) after `per_culprit` failures, or `LONE_STREAK` requests failing alone, with no
+    request answered in between (`answered`): an engine that fails whatever it runs is not a
+    request's fault."""
+
+    LONE_STREAK = 3
+
+    def __init__(self, window: int):
+        import collections
+        import math
+
+        self.groups: collections.deque[list[Prepared]] = collections.deque()
+        self.per_culprit = 2 * math.ceil(math.log2(max(2, window))) + 2
+        self.crashes = self.culprits = 0  # in all
+        self.fruitless = self.lone = 0  # since a request was last answered
+
+    @property
+    def exhausted(self) -> bool:
+        return self.fruitless > self.per_culprit or self.lone >= self.LONE_STREAK
+
+    def answered(self) -> None:
+        """A request got its answer: the engine runs."""
+        self.fruitless = self.lone = 0
+
+    def crashed(self, caught: list[Prepared], group: bool) -> Prepared | None:
+        """Record an engine failure with `caught` in flight and not answered; `group`: it struck
+        while the first of `groups` ran (that group is done with). Returns the culprit, if one
+        request alone was in flight."""
+        self.crashes += 1
+        self.fruitless += 1
+        if group:
+            self.groups.popleft()
+        if len(caught) == 1:
+            self.culprits += 1
+            self.lone += 1
+            return caught[0]
+        if caught:
+            half = len(caught) // 2
+            self.groups.extendleft([caught[half:], caught[:half]])  # the first half runs next
+        return None
+
+    def check_integrity(self, written: set) -> None:
+        """No suspect is queued twice nor already written."""
+        ids = [p.request.custom_id for g in self.groups for p in g]
+        assert len(ids) == len(set(ids)) and not written.intersection(ids), "a suspect is queued twice or done"
 
 
 def _terminated() -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -54,6 +55,16 @@ class HardwareSpec:
             value = getattr(self, field)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"HardwareSpec {self.name!r}: {field} must be a finite number >= 0, got {value!r}")
+
+    def times(self, n: int) -> "HardwareSpec":
+        """n of these as one tensor-parallel engine, ideally: n times the FLOP/s, bandwidth and memory,
+        no communication cost (so an upper bound on its speed); the host overheads stay per step."""
+        if not (isinstance(n, int) and not isinstance(n, bool) and n >= 1):
+            raise ValueError(f"a tensor-parallel group needs a whole number of devices >= 1, got {n!r}")
+        if n == 1:
+            return self
+        return replace(self, name=f"{n}x{self.name}", flops=self.flops * n, mem_bandwidth=self.mem_bandwidth * n,
+                       mem_capacity=self.mem_capacity * n)
 
     @property
     def effective_flops(self) -> float:
@@ -470,7 +481,13 @@ def custom_hardware(text: str) -> HardwareSpec:
 def hardware(name: str) -> HardwareSpec:
     """A named hardware preset: `a100`, `h100`, `h200`, `cpu` (`CPU_PRESET`, recorded on this
     project's CPU machine) or `h200-measured` (fitted on an H200 by `bench/gpu_evidence.py`);
-    or an accelerator's figures, `flops=F,bandwidth=B,memory=M` (`custom_hardware`)."""
+    or an accelerator's figures, `flops=F,bandwidth=B,memory=M` (`custom_hardware`); `NxNAME` is N of
+    them as one tensor-parallel engine (`HardwareSpec.times`: `8xh200` for a model no one GPU holds)."""
+    group = re.fullmatch(r"\s*(\d+)\s*x\s*(\S.*)", str(name), flags=re.IGNORECASE)
+    if group:
+        if int(group[1]) < 1:
+            raise ValueError(f"hardware {name!r}: a tensor-parallel group needs at least 1 device")
+        return hardware(group[2]).times(int(group[1]))
     if "=" in str(name):
         return custom_hardware(name)
     key = _HARDWARE_ALIASES.get(str(name).lower(), str(name).lower())
@@ -479,8 +496,8 @@ def hardware(name: str) -> HardwareSpec:
     if key == MEASURED:
         return measured_hardware()
     if key not in _HARDWARE:
-        raise ValueError(f"unknown hardware preset {name!r}; choose one of {hardware_names()}, or give the "
-                         f"accelerator's figures as {CUSTOM_HARDWARE}")
+        raise ValueError(f"unknown hardware preset {name!r}; choose one of {hardware_names()} (NxNAME for N "
+                         f"tensor-parallel devices), or give the accelerator's figures as {CUSTOM_HARDWARE}")
     return _HARDWARE[key]
 
 

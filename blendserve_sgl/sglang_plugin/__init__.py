@@ -240,14 +240,16 @@ def _after_enqueue(result, self, req, *args, **kwargs):
 
 
 def _refuse_unrunnable(scheduler, req) -> None:
-    """A new request whose prompt the forward pass cannot take (`policy.prompt_problem`) ends as
+    """A new request whose prompt the forward pass cannot take (`policy.prompt_problem`), or whose
+    sampling would stop the engine (`policy.sampling_problem`), ends as
     a 400 error of its own, the way SGLang ends a prompt longer than the context (a one-token
     stand-in prompt, finished with the abort), instead of killing the scheduler."""
-    from .policy import prompt_problem
+    from .policy import prompt_problem, sampling_problem
 
     if req.finished() or getattr(req, "to_finish", None) is not None or req.output_ids:
         return  # already ending, or retracted with its output so far
-    problem = prompt_problem(req, getattr(getattr(scheduler, "model_config", None), "vocab_size", None))
+    problem = (prompt_problem(req, getattr(getattr(scheduler, "model_config", None), "vocab_size", None))
+               or sampling_problem(req))
     if problem:
         req.set_finish_with_abort(problem)
 

@@ -109,6 +109,19 @@ def logprob_problem(req, vocab_size: int) -> str | None:
     return None
 
 
+def sampling_problem(req) -> str | None:
+    """Why `req`'s sampling parameters would stop the engine, or None: a repetition penalty below
+    `MIN_REPETITION_PENALTY` (SGLang 0.5.23 takes [0, 2]; 0 or 1e-40 divides a positive logit into
+    infinity and the sampler raises on the NaN probabilities, ending the server). Never raises."""
+    from ..batch.requests import MIN_REPETITION_PENALTY
+
+    penalty = getattr(getattr(req, "sampling_params", None), "repetition_penalty", 1.0)
+    if isinstance(penalty, (int, float)) and not isinstance(penalty, bool) and penalty < MIN_REPETITION_PENALTY:
+        return (f"repetition_penalty {penalty:g} is below {MIN_REPETITION_PENALTY:g}, where the sampler divides a "
+                "logit into infinity; pass a penalty from 0.01 to 2 (1 for none)")
+    return None
+
+
 class BlendPolicy:
     """Stands in for SGLang's `SchedulePolicy`: `calc_priority` is the blend plan; the other
     methods the scheduler calls (`STOCK_METHODS`) are the stock policy's."""
@@ -126,6 +139,9 @@ class BlendPolicy:
         spec = spec.with_kv_cache_dtype(getattr(server_args, "kv_cache_dtype", None))  # an FP8 cache: a byte a value
         device = getattr(server_args, "device", "cuda")
         hw = hardware(resolve_hardware(settings.hardware, device))
+        tp = getattr(server_args, "tp_size", 1)
+        if settings.hardware == "auto" and isinstance(tp, int) and tp > 1 and hw.name != "cpu":
+            hw = hw.times(tp)  # the scheduler plans for its tensor-parallel group (NxNAME names one itself)
         self.cost = CostModel(spec, hw)
         self.tree = ResourceTree(self.cost, self.preset.estimator)
         self.scanner = DualScanner(self.tree, self.preset.scan)

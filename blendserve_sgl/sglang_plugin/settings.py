@@ -23,7 +23,7 @@ from types import SimpleNamespace
 from typing import Any, Callable, NamedTuple
 
 from ..core.preset import PRESET, BlendPreset
-from ..core.specs import CUSTOM_HARDWARE, custom_hardware, hardware_names
+from ..core.specs import CUSTOM_HARDWARE, hardware, hardware_names
 
 logger = logging.getLogger(__name__)
 _BOOL = {"1": True, "true": True, "yes": True, "on": True, "0": False, "false": False, "no": False, "off": False}
@@ -162,10 +162,10 @@ def write_json_file(path: str, data: dict, what: str) -> bool:
 def _hardware(v):
     if v == "auto" or v.lower() in hardware_names():
         return None
-    if "=" in v:
+    if "=" in v or "x" in v.lower():  # an accelerator's figures, or NxNAME
         try:
-            custom_hardware(v)
-        except ValueError as exc:
+            hardware(v)
+        except (ValueError, OSError) as exc:
             return str(exc)
         return None
     return f"choose auto or one of {', '.join(hardware_names())}, or give the figures as {CUSTOM_HARDWARE}"
@@ -174,7 +174,8 @@ def _hardware(v):
 KNOBS: dict[str, Knob] = {k.name: k for k in (
     Knob("hardware", str, "Cost-model hardware preset: a100, h100, h200, cpu (this project's calibrated CPU), "
          "flops=F,bandwidth=B,memory=M (an accelerator's dense BF16 FLOP/s, bytes/s, bytes) or auto (cpu on a CPU "
-         "device, else from the GPU's name; h100 with a warning for a GPU no preset names).", _hardware,
+         "device, else from the GPU's name; h100 with a warning for a GPU no preset names). NxNAME: N of them as "
+         "one tensor-parallel engine; auto with tp_size N plans for N GPUs.", _hardware,
          default="auto"),
     Knob("sample_fraction", float, "Share of unknown-length requests run first to estimate output lengths.",
          _within(0, 1), preset="sample_fraction"),
