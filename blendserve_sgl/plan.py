@@ -265,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tokenizer", help="with a preset --model: a directory holding its tokenizer "
                                         "(default: token counts approximated as UTF-8 bytes / 4)")
     ap.add_argument("--hardware", default="h100",
-                    help=", ".join(hardware_names()) + ", or an accelerator's figures: flops=F,bandwidth=B,memory=M")
+                    help=", ".join(hardware_names()) + "; NxNAME: N of them as one tensor-parallel engine; or an "
+                    "accelerator's figures, flops=F,bandwidth=B,memory=M (dense BF16 FLOP/s, bytes/s, bytes)")
     ap.add_argument("--gpus", type=positive_int, default=1, help="data-parallel replicas (even split assumed)")
     ap.add_argument("--policies", default=",".join(RUNNABLE),
                     help=f"default: the policies `blendserve run --policy` runs; any of {', '.join(POLICIES)}")

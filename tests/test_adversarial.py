@@ -1109,10 +1109,14 @@ def test_mix_targets_out_of_range_name_the_rule(density, sharing):
     ("bz2", "is bzip2-compressed, not JSONL text; decompress it first (`bzip2 -dk "),
     ("lzma", "is xz-compressed, not JSONL text; decompress it first (`xz -dk "),
     ("zip", "is a ZIP archive, not JSONL text; extract the requests file from it"),
+    ("utf-16", "is UTF-16 text, not UTF-8; save it as UTF-8 (`iconv -f UTF-16 -t UTF-8 "),
+    ("utf-16-le", "is UTF-16 text, not UTF-8"),  # no byte-order mark: the NUL bytes beside ASCII
+    ("utf-32", "is UTF-32 text, not UTF-8"),
 ])
 def test_a_compressed_requests_file_is_named_before_any_line_is_read(stand_in, tmp_path, capsys, packer, fragment):  # noqa: F811
     """A gzip-compressed batch file became a few "not UTF-8 text" error records and a run of
-    nothing (`plan`: "no valid request"); now both commands say what the file is."""
+    nothing (`plan`: "no valid request"), a UTF-16 one records that did not match its lines; now
+    both commands say what the file is."""
     import importlib
     import zipfile
 
@@ -1123,6 +1127,8 @@ def test_a_compressed_requests_file_is_named_before_any_line_is_read(stand_in, t
     if packer == "zip":
         with zipfile.ZipFile(src, "w") as z:
             z.writestr("requests.jsonl", text)
+    elif packer.startswith("utf"):  # two requests became three "invalid JSON" records
+        src.write_bytes(text.decode().encode(packer))
     else:
         src.write_bytes(importlib.import_module(packer).compress(text))
     assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"])]) == 2

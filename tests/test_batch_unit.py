@@ -982,3 +982,42 @@ def test_dev_stdout_redirected_to_a_file_gets_no_side_file_in_dev(stand_in, tmp_
         os.close(fd)
     assert len(target.read_text().splitlines()) == 17
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out.jsonl", "requests.jsonl"]
+
+
+def test_a_prompt_no_tokenization_fits_is_refused_without_tokenizing(tiny_llama, tmp_path):
+    """A 50 MB prompt (under the 128 MiB line limit) was tokenized before the context check
+    refused it: 9 GB and a minute. A prompt with more characters than the context's tokens can
+    hold at the longest token's bytes (x 4 for normalizers) is refused from its length alone, on
+    both paths (`prepare` and the reader's `PieceEncoder`); one just under that bound is still
+    tokenized and judged by its tokens."""
+    from transformers import AutoTokenizer
+
+    from blendserve_sgl.batch.prompts import BYTES_MARGIN, max_token_bytes
+    from blendserve_sgl.batch.reader import PieceEncoder
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    longest = max_token_bytes(tok)
+    assert longest == max(len(t.encode()) for t in tok.get_vocab())
+    limit = 64 * longest * BYTES_MARGIN
+    calls = []
+
+    class Counting(type(tok)):
+        def encode(self, *a, **k):
+            calls.append(1)
+            return super().encode(*a, **k)
+
+    tok.__class__ = Counting
+    for n, chat in ((limit + 1, False), (limit + 1, True)):
+        body = {"messages": [{"role": "user", "content": "x" * n}]} if chat else {"prompt": "x" * n}
+        req = parse_line(json.dumps({"custom_id": "big", "method": "POST",
+                                     "url": "/v1/chat/completions" if chat else "/v1/completions",
+                                     "body": {**body, "max_tokens": 4}}), 3)
+        for out in (prepare(req, tok, 64, 16), PieceEncoder(tok, 64, 16, "requests.jsonl").stage(req)):
+            assert isinstance(out, LineError) and out.code == "context_length_exceeded", out
+            assert f"line 3: the {'messages' if chat else 'prompt'} hold {n:,} characters, more than the model's " \
+                   "context of 64 tokens can take" in out.message
+    assert not calls
+    req = parse_line(json.dumps({"custom_id": "edge", "method": "POST", "url": "/v1/completions",
+                                 "body": {"prompt": "x" * limit, "max_tokens": 4}}), 4)
+    out = prepare(req, tok, 64, 16)
+    assert calls and isinstance(out, LineError) and "tokens, longer than the model's context of 64" in out.message

@@ -363,6 +363,9 @@ def test_a_tensor_parallel_group_is_n_devices_as_one_engine():
         EngineConfig.for_cost(CostModel(model("llama-3.1-70b"), one))
     with pytest.raises(ValueError, match="does not fit on 2xh100"):
         EngineConfig.for_cost(CostModel(model("llama-3.1-70b"), two))
+    # a KV pool of one's own does not make the weights fit (it planned DeepSeek-V3 on one H200)
+    with pytest.raises(ValueError, match="does not fit on h200: weights 672.9 GB .* e.g. 8xh200"):
+        EngineConfig.for_cost(CostModel(model("deepseek-v3"), hardware("h200")), kv_gb=10)
     assert EngineConfig.for_cost(CostModel(model("llama-3.1-70b"), hardware("4xh100"))).kv_tokens > 0
     for bad, needle in (("0xh100", "at least 1 device"), ("2xl40s", "unknown hardware preset 'l40s'")):
         with pytest.raises(ValueError, match=needle):

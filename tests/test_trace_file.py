@@ -88,6 +88,10 @@ def test_trace_file_errors_for_the_file_itself(tmp_path):
     gz.write_bytes(gzip.compress(b"ContextTokens,GeneratedTokens\n1,2\n"))
     with pytest.raises(ValueError, match="gzip-compressed; decompress it first"):
         load_trace_file(gz)
+    wide = tmp_path / "wide.csv"
+    wide.write_bytes("ContextTokens,GeneratedTokens\n1,2\n".encode("utf-16"))
+    with pytest.raises(ValueError, match="wide.csv is UTF-16 text, not UTF-8; save it as UTF-8"):
+        load_trace_file(wide)
     (tmp_path / "empty.jsonl").write_text("\n\n")
     with pytest.raises(ValueError, match="holds no requests"):
         load_trace_file(tmp_path / "empty.jsonl")

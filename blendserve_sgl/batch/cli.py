@@ -402,7 +402,8 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
                      + (f"line {culprit.request.line} ran alone when it failed: written as an error record; "
                         if culprit is not None else "")
                      + "starting the engine again"
-                     + (f" to run {sum(map(len, hunt.groups)):,} of them apart" if hunt.groups else ""))
+                     + (f"; {sum(map(len, hunt.groups)):,} suspect requests run first, in smaller groups"
+                        if hunt.groups else ""))
     except KeyboardInterrupt:
         stats.interrupted = True
         stats.generate_seconds = progress.clock() - progress.start

@@ -16,6 +16,7 @@ small stand-ins).
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass
@@ -39,6 +40,9 @@ def prepare(req: BatchRequest, tokenizer, context_len: int, default_max_tokens: 
             source: str = "requests.jsonl") -> Prepared | LineError:
     """Tokenize `req` and check it against `context_len`; a `LineError` names what to change
     (also when the tokenizer itself fails on this request: one line never stops the batch)."""
+    too_long = beyond_context(req, tokenizer, context_len, source)
+    if too_long is not None:
+        return too_long
     encoded = encode(req, tokenizer, source)
     if isinstance(encoded, LineError):
         return encoded
@@ -59,6 +63,38 @@ def encode(req: BatchRequest, tokenizer, source: str = "requests.jsonl") -> tupl
     except Exception as exc:  # noqa: BLE001 (tokenizers raise TypeError, ValueError, ...)
         return tokenizer_failure(req, source, exc)
     return ids, what
+
+
+BYTES_MARGIN = 4  # a normalizer may map several bytes of text to one byte of a token (NFKC: full-width letters)
+
+
+@functools.lru_cache(maxsize=8)
+def max_token_bytes(tokenizer) -> int:
+    """The longest token's text in UTF-8 bytes (0 when the tokenizer does not list its vocabulary):
+    a prompt of b bytes is at least b / (this x `BYTES_MARGIN`) tokens."""
+    try:
+        vocab = tokenizer.get_vocab()
+    except Exception:  # noqa: BLE001 (a stand-in or unusual tokenizer: no bound)
+        return 0
+    return max((len(str(t).encode("utf-8", "surrogatepass")) for t in vocab), default=0)
+
+
+def beyond_context(req: BatchRequest, tokenizer, context_len: int, source: str = "requests.jsonl") -> LineError | None:
+    """A `LineError` when `req`'s text is so long that no tokenization fits it in the context
+    (more characters than `context_len` tokens of the longest token can hold), found without
+    tokenizing it: a 50 MB prompt took 9 GB and a minute to tokenize before the context check
+    refused it."""
+    longest = max_token_bytes(tokenizer)
+    if not longest or req.prompt is not None and not isinstance(req.prompt, str):
+        return None
+    chars = len(req.prompt) if req.kind != "chat" else sum(len(m.get("content") or "") for m in req.messages or ())
+    if chars <= context_len * longest * BYTES_MARGIN:
+        return None
+    what = "the prompt" if req.kind != "chat" else "the messages"
+    return LineError(req.line, req.custom_id, f"{source} line {req.line}: {what} hold {chars:,} characters, more than "
+                                              f"the model's context of {context_len} tokens can take (its longest "
+                                              f"token is {longest} bytes); shorten it",
+                     code="context_length_exceeded")
 
 
 def tokenizer_failure(req: BatchRequest, source: str, exc: Exception) -> LineError:

@@ -34,7 +34,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from .prompts import check_context, encode, render, tokenizer_failure
+from .prompts import beyond_context, check_context, encode, render, tokenizer_failure
 from .requests import BatchRequest, LineError, check_readable, iter_lines, parse_line, repeated_id
 from .store import KINDS, TokenStore
 
@@ -181,6 +181,9 @@ class PieceEncoder:
         self.exact = True
 
     def stage(self, req) -> Staged | LineError:
+        too_long = beyond_context(req, self.tok, self.ctx, self.source)
+        if too_long is not None:
+            return too_long
         if req.kind != "chat":
             rendered = render(req, self.tok, self.source)
             if isinstance(rendered, LineError):

@@ -59,6 +59,18 @@ def compression(head: bytes) -> str | None:
     return next((name for magic, name in COMPRESSED.items() if head.startswith(magic)), None)
 
 
+def wide_text(head: bytes) -> str | None:
+    """"UTF-16" or "UTF-32" when a file's first bytes are such text (a byte-order mark, or the NUL
+    bytes beside ASCII that those encodings put there: JSON and CSV in UTF-8 have none), or None."""
+    if head.startswith((b"\xff\xfe\x00\x00", b"\x00\x00\xfe\xff")):
+        return "UTF-32"
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return "UTF-16"
+    if b"\x00" in head[:4]:
+        return "UTF-32" if head[:4].count(b"\x00") == 3 else "UTF-16"
+    return None
+
+
 class InputError(Exception):
     """The input file as a whole cannot be read; the message names it and the reason."""
 
@@ -116,6 +128,10 @@ def check_readable(path: str | os.PathLike[str]) -> Path:
         raise InputError(f"{path} is {packed}-compressed, not JSONL text; decompress it first (`{packed} -dk {path}`)"
                          if packed != "ZIP" else f"{path} is a ZIP archive, not JSONL text; extract the requests "
                          "file from it")
+    wide = wide_text(head)
+    if wide:
+        raise InputError(f"{path} is {wide} text, not UTF-8; save it as UTF-8 (`iconv -f {wide} -t UTF-8 {path} > "
+                         "requests.jsonl`)")
     return p
 
 

@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--policy", default=",".join(POLICIES), help=f"comma-separated: {', '.join(POLICIES)}")
     ap.add_argument("--model", default="llama-3.1-8b", help=f"{', '.join(model_names())} or a config.json path")
     ap.add_argument("--hardware", default="a100",
-                    help=", ".join(hardware_names()) + ", or an accelerator's figures: flops=F,bandwidth=B,memory=M")
+                    help=", ".join(hardware_names()) + "; NxNAME: N of them as one tensor-parallel engine; or an "
+                    "accelerator's figures, flops=F,bandwidth=B,memory=M (dense BF16 FLOP/s, bytes/s, bytes)")
     ap.add_argument("--kv-gb", type=positive_float, help="KV pool (default: 88%% of device memory minus the weights)")
     ap.add_argument("--max-running", type=positive_int, default=1024, help="most requests running at once (default 1024)")
     ap.add_argument("--chunk", type=positive_int, default=1024, help="chunked-prefill size (tokens per step)")

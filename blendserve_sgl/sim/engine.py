@@ -67,6 +67,14 @@ PACE_DENSITIES = ("estimate", "true")
 FULL_CHECK_EVERY = 1024  # check=True: the full recount every this many steps (and at the end)
 
 
+def _group_for(weights: float, hw, mem_fraction: float) -> int:
+    """The fewest devices of `hw` (a power of two) whose `mem_fraction` holds `weights` with room left."""
+    n = 1
+    while weights >= 0.8 * mem_fraction * hw.mem_capacity * n:
+        n *= 2
+    return n
+
+
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     kv_tokens: int  # KV pool size in pages of one token
@@ -106,12 +114,14 @@ class EngineConfig:
                  **kwargs) -> "EngineConfig":
         """KV pool from the device: mem_fraction x capacity minus the weights (SGLang's
         mem_fraction_static), or `kv_gb` when given."""
+        weights = cost.model.weight_read_bytes
+        if weights >= mem_fraction * cost.hardware.mem_capacity:
+            raise ValueError(f"{cost.model.name} does not fit on {cost.hardware.name}: weights {weights / 1e9:.1f} GB "
+                             f"> {mem_fraction:.0%} of {cost.hardware.mem_capacity / 1e9:.0f} GB; plan for a "
+                             f"tensor-parallel group that holds it (--hardware NxNAME, e.g. "
+                             f"{_group_for(weights, cost.hardware, mem_fraction)}x{cost.hardware.name})")
         if kv_gb is None:
-            weights = cost.model.weight_read_bytes
             kv_bytes = mem_fraction * cost.hardware.mem_capacity - weights
-            if kv_bytes <= 0:
-                raise ValueError(f"{cost.model.name} does not fit on {cost.hardware.name}: weights {weights / 1e9:.1f} GB "
-                                 f"> {mem_fraction:.0%} of {cost.hardware.mem_capacity / 1e9:.0f} GB; pass kv_gb (--kv-gb)")
         else:
             kv_bytes = kv_gb * 1e9
             if not kv_bytes >= cost.kv_bytes_per_token:

@@ -23,7 +23,7 @@ import json
 import math
 from pathlib import Path
 
-from ..batch.requests import compression
+from ..batch.requests import compression, wide_text
 from .data import MAX_TRACE_TOKENS, Record, csv_rows, read_counts, token_count
 
 TRACE_COLUMNS = (  # (prompt column, output column), the first pair a header holds is read
@@ -94,6 +94,9 @@ def load_trace_file(path, n: int | None = None, block_size: int = MOONCAKE_BLOCK
     packed = compression(head)
     if packed:
         raise ValueError(f"trace {path} is {packed}-compressed; decompress it first")
+    wide = wide_text(head)
+    if wide:
+        raise ValueError(f"trace {path} is {wide} text, not UTF-8; save it as UTF-8 (`iconv -f {wide} -t UTF-8`)")
     first = head.decode("utf-8", errors="replace").lstrip("\ufeff \t\r\n")[:1]
     if not first:
         raise ValueError(f"trace {path} holds no requests (it is empty or blank); a trace needs at least one row")
