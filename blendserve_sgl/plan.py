@@ -21,7 +21,7 @@ view of `simulate`'s results, nothing else: predicted wall time (step times of t
 `--timing` sequential as SGLang runs operators, or overlapped), GPU-hours, throughput, prefix
 cache hits, peak KV per policy; a PNG of per-step compute and memory time for blend and the best
 other policy; `--json` for scripts. `--gpus N` assumes N data-parallel replicas that split the
-file evenly (wall time / N, GPU-hours unchanged). A file of more than `--sim-requests` requests
+file evenly (wall time / N, but at least the longest request's own steps; GPU-hours unchanged). A file of more than `--sim-requests` requests
 (default 5,000) is simulated on a uniform sample of that many, its time scaled to the file; the
 first policy runs again on a second sample and the gap is reported as the sampling error.
 """
@@ -47,6 +47,7 @@ from .core.preset import PRESET
 from .core.specs import ModelSpec, hardware, hardware_names, model, model_names
 from .sim.engine import EngineConfig
 from .sim.metrics import SimResult, plot_steps
+from .sim.scale_out import floor_seconds
 from .sim.policies import POLICIES
 from .sim.run import RunSpec, Workload, simulate
 from .sim.timing import ExecModel
@@ -162,8 +163,10 @@ def plan(records: list[Record], cost: CostModel, engine: EngineConfig, policies=
     runs are independent: `workers` processes run them (`run_jobs`), with the same results."""
     simulated = sample(records, sim_requests, seed)
     scale = len(records) / len(simulated)
-    workloads = {name: Workload(recs, cost)
-                 for name, recs in scenario_records(simulated, output_fraction, fractions, seed).items()}
+    scenarios = scenario_records(simulated, output_fraction, fractions, seed)
+    workloads = {name: Workload(recs, cost) for name, recs in scenarios.items()}
+    # N replicas split the batch, but none finishes before its longest request's own steps
+    floors = {name: floor_seconds(recs, cost) if gpus > 1 else 0.0 for name, recs in scenarios.items()}
     jobs = [(workloads[name], p, product_spec(p, cost, engine, seed)) for name in SCENARIOS for p in policies]
     if len(simulated) < len(records):  # the sampling error: the first policy on a second sample
         other = scenario_records(sample(records, sim_requests, seed + 1), output_fraction)["max_tokens"]
@@ -175,12 +178,13 @@ def plan(records: list[Record], cost: CostModel, engine: EngineConfig, policies=
     if len(done) > len(SCENARIOS) * len(policies):
         p0 = policies[0]
         again, first = done[-1].time(timing), results["max_tokens"][p0].time(timing)
-        spread = {"policy": p0, "seeds": [seed, seed + 1], "wall_s": [round(first * scale / gpus, 4),
-                                                                      round(again * scale / gpus, 4)],
+        floor = floors["max_tokens"]
+        spread = {"policy": p0, "seeds": [seed, seed + 1], "wall_s": [round(max(first * scale / gpus, floor), 4),
+                                                                      round(max(again * scale / gpus, floor), 4)],
                   "relative": round(abs(again - first) / first, 4)}
     rows = []
     for p in policies:
-        per = {s: _figures(results[s][p], timing, gpus, engine, cost, scale) for s in results}
+        per = {s: _figures(results[s][p], timing, gpus, engine, cost, scale, floors[s]) for s in results}
         row = {"policy": p}
         for key in per[SCENARIOS[0]]:
             vals = [per[s][key] for s in SCENARIOS]
@@ -243,10 +247,13 @@ def run_jobs(jobs: list, workers: int = 1) -> list[SimResult]:
 
 
 def _figures(res: SimResult, timing: ExecModel, gpus: int, engine: EngineConfig, cost: CostModel,
-             scale: float = 1.0) -> dict:
+             scale: float = 1.0, floor_s: float = 0.0) -> dict:
+    """One policy's figures; with `gpus` replicas the wall time is an even split of one engine's,
+    but at least `floor_s` (the longest request's own steps: no replica finishes before it)."""
     t = res.time(timing) * scale
-    return {"wall_s": round(t / gpus, 4), "gpu_hours": round(t / 3600, 8),
-            "throughput_tok_s": round(res.throughput(timing) * gpus, 1),
+    wall = max(t / gpus, floor_s)
+    return {"wall_s": round(wall, 4), "gpu_hours": round(t / 3600, 8),
+            "throughput_tok_s": round(res.throughput(timing) * (t / wall if wall > 0 else gpus), 1),
             "prefix_hit_ratio": round(res.sharing, 4), "prefix_hit_tokens": round(res.first_hit_tokens * scale),
             "peak_kv_gb": round(res.peak_kv * engine.kv_tokens * cost.kv_bytes_per_token / 1e9, 3),
             "retractions": res.retractions}
@@ -267,7 +274,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--hardware", default="h100",
                     help=", ".join(hardware_names()) + "; NxNAME: N of them as one tensor-parallel engine; or an "
                     "accelerator's figures, flops=F,bandwidth=B,memory=M (dense BF16 FLOP/s, bytes/s, bytes)")
-    ap.add_argument("--gpus", type=positive_int, default=1, help="data-parallel replicas (even split assumed)")
+    ap.add_argument("--gpus", type=positive_int, default=1, help="data-parallel replicas (even split assumed; the wall time is at least the longest "
+                                                             "request's own steps)")
     ap.add_argument("--policies", default=",".join(RUNNABLE),
                     help=f"default: the policies `blendserve run --policy` runs; any of {', '.join(POLICIES)}")
     ap.add_argument("--kv-gb", type=positive_float, help="KV pool per GPU (default: 88%% of memory minus the weights)")

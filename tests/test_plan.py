@@ -12,6 +12,7 @@ from blendserve_sgl.batch.prompts import prepare
 from blendserve_sgl.batch.requests import LineError, read_requests
 from blendserve_sgl.core import CostModel
 from blendserve_sgl.sim import EngineConfig, ExecModel, RunSpec, Workload, simulate
+from blendserve_sgl.sim.scale_out import floor_seconds
 from blendserve_sgl.workloads import Record, build_tree
 from blendserve_sgl.workloads.batch_file import ByteTokenizer, compress, load_batch_file
 
@@ -83,11 +84,24 @@ def test_plan_is_the_simulators_result(user_file):
     for row in out["policies"]:
         for name, recs in scen.items():
             res = simulate(Workload(recs, COST), row["policy"], RunSpec(COST, engine, known_lengths=False))
-            assert row["wall_s"][name] == round(res.time(timing) / 2, 4)
+            assert row["wall_s"][name] == round(max(res.time(timing) / 2, floor_seconds(recs, COST)), 4)
             assert row["gpu_hours"][name] == round(res.time(timing) / 3600, 8)
             assert row["prefix_hit_tokens"][name] == res.first_hit_tokens
             assert row["retractions"][name] == res.retractions
 
+
+
+def test_more_replicas_than_work_do_not_divide_the_wall_time_below_the_longest_request():
+    """`--gpus 16` divided one request's wall time by 16 (and 10^11 replicas gave 0 s): N replicas
+    split the batch, but none finishes before its longest request's own steps (`floor_seconds`)."""
+    records = [Record("only", 100, (), 20, "t", None, 20)]
+    engine = EngineConfig.for_cost(COST, kv_gb=1)
+    one, _ = plan.plan(records, COST, engine, ("fcfs",), gpus=1)
+    many, _ = plan.plan(records, COST, engine, ("fcfs",), gpus=16)
+    floor = floor_seconds(records, COST)
+    assert one["policies"][0]["wall_s"]["max_tokens"] >= floor > 0
+    assert many["policies"][0]["wall_s"]["max_tokens"] == round(floor, 4)
+    assert many["policies"][0]["gpu_hours"] == one["policies"][0]["gpu_hours"]
 
 def test_plan_in_worker_processes_equals_the_serial_plan(user_file):
     """The simulations run in forked workers give the plan the serial runs give, sampling spread
