@@ -130,6 +130,8 @@ def test_dash_is_standard_input(stand_in, tmp_path, monkeypatch):  # noqa: F811
                                                  "did you mean enable_mixed_chunk?"),
     (["--attention-backend", "flashinfr"], "--attention-backend 'flashinfr' is not an SGLang attention backend; "
                                            "choose one of triton, torch_native"),
+    (["-o", ""], "-o/--output is an empty name; pass a file path"),  # was "PosixPath('.') has an empty name"
+    (["--errors", " "], "--errors is an empty name"),
 ])
 def test_bad_arguments_stop_before_reading_or_any_engine(stand_in, tmp_path, capsys, args, fragment):  # noqa: F811
     pytest.importorskip("sglang")
@@ -366,6 +368,32 @@ def test_an_engine_process_dying_mid_run_starts_the_engine_again_and_loses_nothi
     again = [json.loads(x) for x in out.read_text().splitlines()]
     assert not [r for r in again if (r.get("error") or {}).get("code") == "engine_crash"]
 
+
+def test_a_kv_pool_too_small_for_a_prompt_names_max_total_tokens(stand_in, tmp_path, monkeypatch):  # noqa: F811
+    """With --max-total-tokens 16 SGLang refuses most prompts as longer than its "maximum allowed
+    length" and suggests --allow-auto-truncate, which would cut the prompts; the record names the
+    flag that set that limit."""
+    from blendserve_sgl.batch import runner
+    from test_batch_unit import FakeEngine
+
+    class SmallPool(FakeEngine):
+        async def async_generate(self, input_ids, sampling_params):
+            raise ValueError(f"Input length ({len(input_ids)} tokens) exceeds the maximum allowed length (10 tokens). "
+                             "Use a shorter input or enable --allow-auto-truncate.")
+
+    start = runner.start_engine
+
+    def small(cfg):
+        e = start(cfg)
+        e.__class__ = SmallPool
+        return e
+
+    monkeypatch.setattr(runner, "start_engine", small)
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"]), "--max-total-tokens", "16"]) == 0
+    messages = [json.loads(x)["error"]["message"] for x in out.read_text().splitlines()]
+    refused = [m for m in messages if "exceeds the maximum allowed length" in m]
+    assert len(refused) == 14 and all("--max-total-tokens 16: raise it" in m for m in refused)
 
 def test_a_request_that_stops_the_engine_is_found_and_fails_alone(stand_in, tmp_path, capsys, monkeypatch):  # noqa: F811
     """A request whose every run kills an engine process (a sampler fault no check foresaw) made

@@ -303,6 +303,7 @@ def test_an_error_file_two_runs_name_is_refused_to_the_second_and_kept_whole(tmp
                                                "it to finish or choose another --errors"):
             ResultWriter.open(tmp_path / "b.jsonl", errs)
         assert errs.read_bytes() == kept
+        assert not (tmp_path / "b.jsonl").exists()  # the refused run left no empty results file behind
         first.drop({"r0"})  # the run's own rebuild of its error file still works
     assert errs.read_bytes() == kept
     with ResultWriter.open(tmp_path / "b.jsonl", errs):  # free again once the first run ended

@@ -128,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
         return plan_for_run(args)
     if args.output is None:
         parser.error("the following arguments are required: -o/--output")
+    for flag, value in (("the input file", args.input), ("-o/--output", args.output), ("--errors", args.errors),
+                        ("--summary-json", args.summary_json)):
+        if value is not None and not value.strip():
+            parser.error(f"{flag} is an empty name; pass a file path")
     if args.output == "-":
         args.output = "/dev/stdout"
     _COMPLETE[0] = False
@@ -322,6 +326,9 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
         status = 400 if isinstance(exc, ValueError) else 500
         code = "invalid_request" if status == 400 else "engine_error"
         msg = f"{source} line {p.request.line}: the engine {'rejected' if status == 400 else 'failed'} this request: {exc}"
+        if "exceeds the maximum allowed length" in str(exc) and args.max_total_tokens:  # SGLang's fix is to truncate
+            msg += (f" (the limit comes from the KV pool, --max-total-tokens {args.max_total_tokens:,}: raise it; "
+                    "--allow-auto-truncate would cut the prompt)")
         writer.write(error_record(p.request.custom_id, msg, line=p.request.line, code=code, status=status,
                                   digest=p.request.digest))
         written.add(p.request.custom_id)

@@ -318,7 +318,7 @@ class ResultWriter:
             raise ResultsError(f"{what} is the input file {input_path}; choose another --errors")
         if errors_path is not None and (same_file(errors_path, path) or errors_path == path):
             raise ResultsError(f"{what} is the results file -o {path}; choose another --errors")
-        fd = -1
+        fd, existed = -1, path.exists()
         try:
             if regular:
                 fd, done, failures = _open_results(path, overwrite)
@@ -327,6 +327,8 @@ class ResultWriter:
             errors_fd = _rebuild(errors_path, failures) if errors_path is not None else -1
         except (ResultsError, OSError) as exc:
             if fd >= 0:
+                if regular and not existed and os.fstat(fd).st_size == 0:
+                    path.unlink(missing_ok=True)  # refused (its errors file busy): leave no empty results file
                 os.close(fd)
             if isinstance(exc, OSError):
                 raise ResultsError(f"cannot write {exc.filename or path}: {exc.strerror}; choose another -o") from None
