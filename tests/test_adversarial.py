@@ -892,6 +892,28 @@ def test_a_repetition_penalty_that_would_stop_the_sampler_ends_alone(penalty, fr
     _after_enqueue(None, sched, req)
     assert (req.aborted is None) if fragment is None else (fragment in req.aborted), req.aborted
 
+
+@pytest.mark.parametrize("min_new, stops, fragment", [
+    (2, {100000}, "stop_token_ids holds 100000, outside the model's vocabulary [0, 512)"),
+    (2, {-1}, "stop_token_ids holds -1"),
+    (0, {100000}, None),  # no min_new_tokens: SGLang never indexes with it
+    (2, {5, 511}, None),
+])
+def test_min_new_tokens_with_a_stop_id_past_the_vocabulary_ends_alone(min_new, stops, fragment):
+    """`min_new_tokens` 2 with `stop_token_ids` [100000] on a 512-token vocabulary raised "index
+    100000 is out of bounds" in the scheduler's penalizer and ended the server (stock SGLang too);
+    a blend server ends such a request alone, as a 400 (found by a server probe)."""
+    from types import SimpleNamespace
+
+    from blendserve_sgl.sglang_plugin import _after_enqueue
+
+    req = _Req([5, 7])
+    req.sampling_params = SimpleNamespace(repetition_penalty=1.0, min_new_tokens=min_new, stop_token_ids=stops)
+    sched = SimpleNamespace(schedule_policy="blend", waiting_queue=[req], model_config=SimpleNamespace(vocab_size=512),
+                            policy=SimpleNamespace(on_arrival=lambda r: None))
+    _after_enqueue(None, sched, req)
+    assert (req.aborted is None) if fragment is None else (fragment in req.aborted), req.aborted
+
 def test_prompts_past_the_vocabulary_check_only_what_it_can_judge():
     """Multimodal placeholders lie beyond the vocabulary by design; a retracted request (output so
     far) or one already ending is SGLang's; with another policy the hook steps aside."""
@@ -921,10 +943,14 @@ def main():
                            max_total_tokens=4096, random_seed=0, log_level="error")
     out = {}
     try:
-        for name, kw in [("empty", {"prompt": ""}), ("oov", {"input_ids": [5, 100000]}), ("neg", {"input_ids": [-1, 5]}),
-                         ("good", {"prompt": "count: one two"})]:
+        for name, kw, sp in [("empty", {"prompt": ""}, {}), ("oov", {"input_ids": [5, 100000]}, {}),
+                             ("neg", {"input_ids": [-1, 5]}, {}),
+                             ("penalty", {"prompt": "count: one two"},
+                              {"repetition_penalty": 1e-40, "top_k": 5, "temperature": 1.0}),
+                             ("min_new", {"prompt": "count: one two"}, {"min_new_tokens": 2, "stop_token_ids": [100000]}),
+                             ("good", {"prompt": "count: one two"}, {})]:
             try:
-                res = engine.generate(**kw, sampling_params={"max_new_tokens": 3, "temperature": 0})
+                res = engine.generate(**kw, sampling_params={"max_new_tokens": 3, "temperature": 0, **sp})
                 out[name] = res["meta_info"]["finish_reason"]
             except Exception as exc:  # noqa: BLE001
                 out[name] = {"raised": str(exc)}
@@ -940,8 +966,9 @@ if __name__ == "__main__":
 
 @pytest.mark.engine
 def test_unrunnable_prompts_on_the_real_engine_fail_alone_and_the_engine_stays_up(tiny_llama, tmp_path):
-    """On the real engine (blend policy): an empty prompt and ids outside the vocabulary each fail
-    with their own message, and the next request still generates."""
+    """On the real engine (blend policy): an empty prompt, ids outside the vocabulary, a repetition
+    penalty of 1e-40 with top_k and min_new_tokens with a stop id past the vocabulary (each of which
+    ends a stock server) each fail with their own message, and the next request still generates."""
     import subprocess
     import sys
 
@@ -960,6 +987,8 @@ def test_unrunnable_prompts_on_the_real_engine_fail_alone_and_the_engine_stays_u
     assert "the prompt has no tokens" in json.dumps(res["empty"]), res
     assert "token id 100000, outside the model's vocabulary" in json.dumps(res["oov"]), res
     assert "token id -1, outside" in json.dumps(res["neg"]), res
+    assert "repetition_penalty 1e-40 is below 0.01" in json.dumps(res["penalty"]), res
+    assert "stop_token_ids holds 100000, outside the model's vocabulary" in json.dumps(res["min_new"]), res
     assert res["good"].get("type") == "length", res
 
 

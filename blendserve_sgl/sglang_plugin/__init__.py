@@ -248,10 +248,16 @@ def _refuse_unrunnable(scheduler, req) -> None:
 
     if req.finished() or getattr(req, "to_finish", None) is not None or req.output_ids:
         return  # already ending, or retracted with its output so far
-    problem = (prompt_problem(req, getattr(getattr(scheduler, "model_config", None), "vocab_size", None))
-               or sampling_problem(req))
+    vocab_size = getattr(getattr(scheduler, "model_config", None), "vocab_size", None)
+    problem = prompt_problem(req, vocab_size) or sampling_problem(req, vocab_size)
     if problem:
         req.set_finish_with_abort(problem)
+        # its one-token stand-in still passes a prefill step: nothing of what was refused may reach
+        # the sampler or the penalizers there
+        sp = getattr(req, "sampling_params", None)
+        for name, harmless in (("repetition_penalty", 1.0), ("min_new_tokens", 0), ("stop_token_ids", None)):
+            if hasattr(sp, name):
+                setattr(sp, name, harmless)
 
 
 def _after_abort(result, self, req, *args, **kwargs):

@@ -109,16 +109,26 @@ def logprob_problem(req, vocab_size: int) -> str | None:
     return None
 
 
-def sampling_problem(req) -> str | None:
-    """Why `req`'s sampling parameters would stop the engine, or None: a repetition penalty below
-    `MIN_REPETITION_PENALTY` (SGLang 0.5.23 takes [0, 2]; 0 or 1e-40 divides a positive logit into
-    infinity and the sampler raises on the NaN probabilities, ending the server). Never raises."""
+def sampling_problem(req, vocab_size: int | None = None) -> str | None:
+    """Why `req`'s sampling parameters would stop the engine, or None (SGLang 0.5.23 checks
+    neither, and both raise in the scheduler, ending the server with every request in it): a
+    repetition penalty below `MIN_REPETITION_PENALTY` (it takes [0, 2]; 0 or 1e-40 divides a
+    positive logit into infinity and the sampler raises on the NaN probabilities), or
+    `min_new_tokens` with a stop token id outside the vocabulary (the penalizer indexes the logits
+    with it). Never raises."""
     from ..batch.requests import MIN_REPETITION_PENALTY
 
-    penalty = getattr(getattr(req, "sampling_params", None), "repetition_penalty", 1.0)
+    sp = getattr(req, "sampling_params", None)
+    penalty = getattr(sp, "repetition_penalty", 1.0)
     if isinstance(penalty, (int, float)) and not isinstance(penalty, bool) and penalty < MIN_REPETITION_PENALTY:
         return (f"repetition_penalty {penalty:g} is below {MIN_REPETITION_PENALTY:g}, where the sampler divides a "
                 "logit into infinity; pass a penalty from 0.01 to 2 (1 for none)")
+    stops = getattr(sp, "stop_token_ids", None) or ()
+    if vocab_size and (getattr(sp, "min_new_tokens", 0) or 0) > 0:
+        bad = next((t for t in stops if isinstance(t, int) and not 0 <= t < vocab_size), None)
+        if bad is not None:
+            return (f"stop_token_ids holds {bad}, outside the model's vocabulary [0, {vocab_size}), which "
+                    "min_new_tokens cannot suppress; send token ids of this model's tokenizer")
     return None
 
 
