@@ -770,3 +770,27 @@ def test_thin_batch_share_holds_a_long_chunked_prompt_while_the_memory_dense_sid
     assert plans[0.0][-1] == "c" and "c" not in plans[0.5], plans
     assert [r for r in plans[0.0] if r != "c"] == plans[0.5] and len(plans[0.5]) == 1
     assert stops[0.5][LEFT] == "thin" and stops[0.0][LEFT] != "thin"
+
+
+@pytest.mark.parametrize("engine_check", [False, True])
+def test_a_request_of_nearly_the_whole_pool_goes_first_rather_than_starve(engine_check):
+    """Each side leaves room for the largest request at the other end. With small requests at one
+    end and one of nearly the whole pool at the other the two caps shut each other out: the big
+    one never fit under its cap while small ones waited (on a server with arrivals it starved for
+    a minute), and the small side, capped by it, ran one request at a time. When the two ends'
+    largest cannot share the pool the larger goes first: admitted on an empty pool, and the small
+    ones after it as room allows. The same with the big request at the compute-dense end."""
+    bpt = COST.kv_bytes_per_token
+    kw = dict(admit_room=1536, admit_clip=4096, mixed_steps=False) if engine_check else {}
+    for big in (("big", [("b", 10)], 30, 1500), ("big", [("b", 10)], 1500, 2)):
+        records = [(f"s{i}", [(f"g{i}", 10)], 20, 64) for i in range(20)] + [big]
+        sc = DualScanner(_tree(records), ScanConfig(engine_check=engine_check))
+        assert [a.rid for a in sc.schedule(Budget(1536 * bpt, 64, 4096, **kw))] == ["big"]
+        sc.finished("big", big[3])
+        after = sc.schedule(Budget(1536 * bpt, 64, 4096, **kw))
+        assert len(after) > 1 and "big" not in {a.rid for a in after}  # the small ones, many at once
+    # ends that fit together keep their caps: the small ones go first as before
+    records = [(f"s{i}", [(f"g{i}", 10)], 20, 64) for i in range(20)] + [("mid", [("b", 10)], 30, 600)]
+    out = DualScanner(_tree(records), ScanConfig(engine_check=engine_check)).schedule(Budget(1536 * bpt, 64, 4096,
+                                                                                              **kw))
+    assert len(out) > 1

@@ -391,12 +391,18 @@ class DualScanner:
         rooms = {LEFT: None, RIGHT: None}
         if st.room is not None:  # the engine check's room, split like the memory in the first pass
             rooms = {LEFT: st.room * frac_l, RIGHT: st.room * (1.0 - frac_l)}
+        largest = {LEFT: self._largest_coming(LEFT), RIGHT: self._largest_coming(RIGHT)}
         for name, share, frac in ((LEFT, share_l, frac_l), (RIGHT, total - share_l, 1.0 - frac_l)):
             side = self.sides[name]
             side.debt = max(side.debt + side.used - share, -8.0 * share)
             # Each side leaves room for the largest of the other side's coming requests, so a side
-            # whose requests are larger than its share can still overdraw when its turn comes.
-            hard_cap = total - self._largest_coming(RIGHT if name == LEFT else LEFT)
+            # whose requests are larger than its share can still overdraw when its turn comes. When
+            # the two ends' largest cannot be in the pool together, the larger goes first: capped by
+            # the other's, it could never be admitted while the other end had requests (a request
+            # of nearly the whole pool starved while small ones kept arriving, and the small side,
+            # capped by it, ran one request at a time).
+            other = largest[RIGHT if name == LEFT else LEFT]
+            hard_cap = total if largest[name] + other > total and largest[name] >= other else total - other
             side.begin_step(share, hard_cap, side.debt <= 0, caps[name], rooms[name])
             if budget.steps is not None:
                 # Memory work at the rate of the shares: per step, a side may start decode KV reads
