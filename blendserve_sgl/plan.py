@@ -359,8 +359,13 @@ def main(argv: list[str] | None = None) -> int:
 
     say = (lambda *_a, **_k: None) if args.json else print
     try:
-        if (args.input is None) == (args.workload is None):
+        if args.input is not None and args.workload is not None:
+            raise ValueError(f"pass either a requests file ({args.input}) or --workload ({args.workload}), not both")
+        if args.input is None and args.workload is None:
             raise ValueError("pass a requests.jsonl file, or --workload NAME for a built-in mix")
+        if args.workload is not None and args.context_length is not None:
+            raise ValueError("--context-length checks the prompts of a requests file; a --workload's lengths are "
+                             "taken as they are: drop it")
         from .batch.cli import check_apart, check_output
 
         for flag, path in (("--out", args.out), ("--plot", args.plot)):
@@ -422,9 +427,11 @@ def main(argv: list[str] | None = None) -> int:
                 gen_s = time.perf_counter() - t_gen
         else:
             from .sim.cli import load_workload
+            from .workloads.trace_file import is_trace_file
 
             cost = CostModel(model(args.model), hardware(args.hardware))
-            counted = "the built-in workload's lengths"
+            counted = ("the trace file's token counts" if is_trace_file(args.workload)
+                       else "the built-in workload's lengths")
             records = [r._replace(max_tokens=r.output_len) for r in load_workload(args.workload, args.requests, cost,
                                                                                   args.seed)]
         read_s = time.perf_counter() - t0 - gen_s

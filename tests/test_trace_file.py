@@ -153,6 +153,7 @@ def test_simulate_and_plan_run_a_trace_file(tmp_path, capsys):
     assert cli.main(["plan", "--workload", str(path), "--policies", "blend,fcfs", "--kv-gb", "4",
                      "--out", str(plan_out), "--json"]) == 0
     assert json.loads(plan_out.read_text())["input"] == str(path)
+    assert json.loads(plan_out.read_text())["token_counts"] == "the trace file's token counts"
     capsys.readouterr()
     bad = tmp_path / "bad.csv"
     bad.write_text("x,y\n1,2\n")
