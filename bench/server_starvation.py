@@ -109,7 +109,8 @@ def main() -> int:
     print(table([(p, r["big_latency_s"], r["big_tokens"], r["stream_requests"]) for p, r in res.items()],
                 ("policy", "big request s", "its tokens", "stream requests")))
     print(json.dumps(ratios))
-    path = write(args.out, {"code": args.code, "pool_tokens": args.pool, "clients": args.clients, "seconds": args.seconds,
+    path = write(args.out, {"code": args.code, "pool_tokens": args.pool, "clients": args.clients,
+                            "seconds": args.seconds,
                                        "model": "tiny random Llama (scripts/cpu_smoke.py), CPU", "policies": res,
                                        **ratios})
     print(f"wrote {path}")

@@ -21,9 +21,10 @@ view of `simulate`'s results, nothing else: predicted wall time (step times of t
 `--timing` sequential as SGLang runs operators, or overlapped), GPU-hours, throughput, prefix
 cache hits, peak KV per policy; a PNG of per-step compute and memory time for blend and the best
 other policy; `--json` for scripts. `--gpus N` assumes N data-parallel replicas that split the
-file evenly (wall time / N, but at least the longest request's own steps; GPU-hours unchanged). A file of more than `--sim-requests` requests
-(default 5,000) is simulated on a uniform sample of that many, its time scaled to the file; the
-first policy runs again on a second sample and the gap is reported as the sampling error.
+file evenly (wall time / N, but at least the longest request's own steps; GPU-hours unchanged).
+A file of more than `--sim-requests` requests (default 5,000) is simulated on a uniform sample
+of that many, its time scaled to the file; the first policy runs again on a second sample and
+the gap is reported as the sampling error.
 """
 
 from __future__ import annotations
@@ -274,8 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--hardware", default="h100",
                     help=", ".join(hardware_names()) + "; NxNAME: N of them as one tensor-parallel engine; or an "
                     "accelerator's figures, flops=F,bandwidth=B,memory=M (dense BF16 FLOP/s, bytes/s, bytes)")
-    ap.add_argument("--gpus", type=positive_int, default=1, help="data-parallel replicas (even split assumed; the wall time is at least the longest "
-                                                             "request's own steps)")
+    ap.add_argument("--gpus", type=positive_int, default=1,
+                    help="data-parallel replicas (even split assumed; the wall time is at least the longest request's "
+                    "own steps)")
     ap.add_argument("--policies", default=",".join(RUNNABLE),
                     help=f"default: the policies `blendserve run --policy` runs; any of {', '.join(POLICIES)}")
     ap.add_argument("--kv-gb", type=positive_float, help="KV pool per GPU (default: 88%% of memory minus the weights)")

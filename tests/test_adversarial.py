@@ -357,7 +357,7 @@ def test_an_engine_process_dying_mid_run_starts_the_engine_again_and_loses_nothi
     finally:
         signal.signal(signal.SIGQUIT, previous)
     text = capsys.readouterr().out
-    assert "an SGLang process failed with 1 requests in flight" in text and "started again 1 times" in text
+    assert "an SGLang process failed with 1 request in flight" in text and "started again 1 times" in text
     engines = stand_in["engines"]
     assert len(engines) == 2 and all(e.shut for e in engines)
     records = [json.loads(x) for x in out.read_text().splitlines()]

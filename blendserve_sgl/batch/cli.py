@@ -383,7 +383,8 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
                 _COMPLETE[0] = True
                 break
             except runner.EngineFailed:
-                engine.shutdown()
+                with contextlib.suppress(Exception):  # its processes are gone or going: the hunt goes on
+                    engine.shutdown()
                 engine = None
                 hunt = hunt or runner.Hunt(stats.window or todo)
                 caught = [p for p in flight.values() if p.request.custom_id not in written]
@@ -405,7 +406,8 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
                                       f"kept in {writer.path}: once the cause is fixed, rerun the same command to "
                                       "finish") from None
                 hunt.check_integrity(written)
-                _say(f"an SGLang process failed with {len(caught):,} requests in flight; "
+                many = "" if len(caught) == 1 else "s"
+                _say(f"an SGLang process failed with {len(caught):,} request{many} in flight; "
                      + (f"line {culprit.request.line} ran alone when it failed: written as an error record; "
                         if culprit is not None else "")
                      + "starting the engine again"

@@ -191,7 +191,8 @@ def generate(engine, items: Iterable[Prepared], on_result: Callable[[Prepared, d
     `tick_seconds` (the progress bar) with the engine's current decode tokens/s (`live_rate`),
     or None. `route(p)`: the DP rank to send `p` to (`routed_dp_rank`). `in_flight` (a dict the
     caller owns) holds the requests submitted and not yet answered, also after an interruption:
-    those an `EngineFailed` caught. Returns the seconds from first submission to last result. KeyboardInterrupt cancels what is in flight
+    those an `EngineFailed` caught. Returns the seconds from first submission to last result.
+    KeyboardInterrupt cancels what is in flight
     and propagates; so does SIGTERM while requests run (SGLang's own SIGTERM handler, which
     would drain the whole queue, is replaced for that time), and `EngineFailed` when an engine
     process dies (SGLang's SIGQUIT handler, which would kill this process, is replaced too)."""
