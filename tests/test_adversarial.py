@@ -914,6 +914,29 @@ def test_min_new_tokens_with_a_stop_id_past_the_vocabulary_ends_alone(min_new, s
     _after_enqueue(None, sched, req)
     assert (req.aborted is None) if fragment is None else (fragment in req.aborted), req.aborted
 
+@pytest.mark.parametrize("rows, fragment", [
+    ([[0.1] * 7] * 3, "input_embeds has rows of 7 values; this model's embeddings have 16"),
+    ([[0.1] * 16, [0.2] * 15], "rows of 15 values"),
+    ([[0.1] * 16] * 2, None), (None, None),
+])
+def test_input_embeds_of_another_width_end_alone(rows, fragment):
+    """Rows of 7 values on a model of hidden size 256 (`/generate` with `input_embeds`, which
+    `sglang.Engine.generate` does not take) raised in the forward pass and ended the server, found
+    by a server probe; a blend server ends such a request alone, as a 400 (checked by hand on a
+    `launch_server --disable-radix-cache`: the 400, then the next request answered)."""
+    from types import SimpleNamespace
+
+    from blendserve_sgl.sglang_plugin import _after_enqueue
+
+    req = _Req([5, 7])
+    req.input_embeds = rows
+    sched = SimpleNamespace(schedule_policy="blend", waiting_queue=[req],
+                            model_config=SimpleNamespace(vocab_size=512, hidden_size=16),
+                            policy=SimpleNamespace(on_arrival=lambda r: None))
+    _after_enqueue(None, sched, req)
+    assert (req.aborted is None) if fragment is None else (fragment in req.aborted), req.aborted
+    assert (req.input_embeds is None) if fragment else (req.input_embeds == rows)  # the stand-in runs its token
+
 def test_prompts_past_the_vocabulary_check_only_what_it_can_judge():
     """Multimodal placeholders lie beyond the vocabulary by design; a retracted request (output so
     far) or one already ending is SGLang's; with another policy the hook steps aside."""

@@ -244,12 +244,14 @@ def _refuse_unrunnable(scheduler, req) -> None:
     sampling would stop the engine (`policy.sampling_problem`), ends as
     a 400 error of its own, the way SGLang ends a prompt longer than the context (a one-token
     stand-in prompt, finished with the abort), instead of killing the scheduler."""
-    from .policy import prompt_problem, sampling_problem
+    from .policy import embeds_problem, prompt_problem, sampling_problem
 
     if req.finished() or getattr(req, "to_finish", None) is not None or req.output_ids:
         return  # already ending, or retracted with its output so far
-    vocab_size = getattr(getattr(scheduler, "model_config", None), "vocab_size", None)
-    problem = prompt_problem(req, vocab_size) or sampling_problem(req, vocab_size)
+    config = getattr(scheduler, "model_config", None)
+    vocab_size = getattr(config, "vocab_size", None)
+    problem = (prompt_problem(req, vocab_size) or sampling_problem(req, vocab_size)
+               or embeds_problem(req, getattr(config, "hidden_size", None)))
     if problem:
         req.set_finish_with_abort(problem)
         # its one-token stand-in still passes a prefill step: nothing of what was refused may reach
@@ -258,6 +260,8 @@ def _refuse_unrunnable(scheduler, req) -> None:
         for name, harmless in (("repetition_penalty", 1.0), ("min_new_tokens", 0), ("stop_token_ids", None)):
             if hasattr(sp, name):
                 setattr(sp, name, harmless)
+        if getattr(req, "input_embeds", None) is not None:
+            req.input_embeds = None  # the stand-in prompt is its token
 
 
 def _after_abort(result, self, req, *args, **kwargs):

@@ -109,6 +109,20 @@ def logprob_problem(req, vocab_size: int) -> str | None:
     return None
 
 
+def embeds_problem(req, hidden_size: int | None) -> str | None:
+    """Why `req`'s `input_embeds` cannot enter the model, or None: rows of another width than the
+    model's hidden size (SGLang 0.5.23 takes them and the forward pass raises in the scheduler,
+    ending the server). Never raises."""
+    rows = getattr(req, "input_embeds", None)
+    if not hidden_size or not isinstance(rows, (list, tuple)):
+        return None
+    bad = next((len(r) for r in rows if isinstance(r, (list, tuple)) and len(r) != hidden_size), None)
+    if bad is not None:
+        return (f"input_embeds has rows of {bad} values; this model's embeddings have {hidden_size}: send rows "
+                "of the model's hidden size")
+    return None
+
+
 def sampling_problem(req, vocab_size: int | None = None) -> str | None:
     """Why `req`'s sampling parameters would stop the engine, or None (SGLang 0.5.23 checks
     neither, and both raise in the scheduler, ending the server with every request in it): a
