@@ -303,24 +303,37 @@ def test_a_file_that_is_not_a_sharegpt_list_is_named(tmp_path, text):
 
 
 # ------------------------------------------------------------------ an engine process that dies mid-run
-def _dying_engines(monkeypatch, dies):
+def _dying_engines(monkeypatch, dies, quit_at_shutdown=False, starts=None):
     """`runner.start_engine` giving stand-in engines whose process "dies" (SIGQUIT to this process,
-    as SGLang's processes send it, then no answer) when `dies(engine, input_ids)` says so."""
+    as SGLang's processes send it, then no answer) when `dies(engine, input_ids)` says so; with
+    `quit_at_shutdown` a second SIGQUIT arrives while a dead engine shuts down (a second rank);
+    with `starts`, the start after that many raises."""
     import signal
 
     from blendserve_sgl.batch import runner
     from test_batch_unit import FakeEngine
 
     class DyingEngine(FakeEngine):
+        dead = False
+
         async def async_generate(self, input_ids, sampling_params):
             if dies(self, input_ids):
+                self.dead = True
                 os.kill(os.getpid(), signal.SIGQUIT)
                 await __import__("asyncio").sleep(5)  # a dead scheduler answers nothing
             return await super().async_generate(input_ids, sampling_params)
 
-    start = runner.start_engine
+        def shutdown(self):
+            if quit_at_shutdown and self.dead:
+                os.kill(os.getpid(), signal.SIGQUIT)
+            super().shutdown()
+
+    start, started = runner.start_engine, [0]
 
     def dying(cfg):
+        started[0] += 1
+        if starts is not None and started[0] > starts:
+            raise RuntimeError("no GPU memory left")
         e = start(cfg)
         e.__class__ = DyingEngine
         return e
@@ -423,6 +436,74 @@ def test_a_request_that_stops_the_engine_is_found_and_fails_alone(stand_in, tmp_
     assert len(stand_in["engines"]) >= 3  # the first failure, then at least one group, then the culprit alone
     assert all(e.shut for e in stand_in["engines"])
 
+
+def test_several_requests_that_stop_the_engine_each_fail_alone_also_on_a_retry(stand_in, tmp_path, capsys,  # noqa: F811
+                                                                             monkeypatch):
+    """Three requests that each kill the engine: each gets its error record and the run ends with
+    0; `--retry-failed` runs them again, they fail alone one after another with nothing answered
+    between, and as nothing else is left that is the end of the run, not a broken engine (it ended
+    with 1 and "rerun the same command", with nothing left to run)."""
+    from blendserve_sgl.batch import cli as batch_cli
+
+    tok = batch_cli._load_tokenizer(None)
+    poison = [tok.encode(f"complete this {i}") for i in (0, 4, 8)]
+    _dying_engines(monkeypatch, lambda engine, ids: ids in poison)
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    args = [str(src), "-o", str(out), "--model", str(stand_in["model"])]
+    for extra in ([], ["--retry-failed"]):
+        assert cli.main(args + extra) == 0, capsys.readouterr().err
+        records = [json.loads(x) for x in out.read_text().splitlines()]
+        assert len({json.dumps(record_key(r)) for r in records}) == len(records) == 17
+        assert sorted(r["custom_id"] for r in records if (r.get("error") or {}).get("code") == "engine_crash") == \
+            ["q0", "q4", "q8"]
+
+
+def test_a_second_process_reporting_while_the_dead_engine_shuts_down_does_not_end_the_run(stand_in, tmp_path,  # noqa: F811
+                                                                                          monkeypatch):
+    """A second engine process (another rank) may send its SIGQUIT while the dead engine shuts
+    down, after `generate` put back the handler it found, SGLang's, which kills this process: the
+    run ignores SIGQUIT until the next engine starts, and puts the caller's handler back at the end."""
+    import signal
+
+    once = [True]
+
+    def dies(engine, ids):
+        if once[0] and engine.answered == 3:
+            once[0] = False
+            return True
+        return False
+
+    _dying_engines(monkeypatch, dies, quit_at_shutdown=True)
+    killed = []
+    kill_handler = lambda *a: killed.append(a)  # noqa: E731 (stands in for SGLang's, which kills this process)
+    previous = signal.signal(signal.SIGQUIT, kill_handler)
+    try:
+        src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+        assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"])]) == 0
+        assert not killed and signal.getsignal(signal.SIGQUIT) is kill_handler
+    finally:
+        signal.signal(signal.SIGQUIT, previous)
+    assert len(out.read_text().splitlines()) == 17
+
+
+def test_an_engine_that_does_not_start_again_says_so(stand_in, tmp_path, capsys, monkeypatch):  # noqa: F811
+    """The engine dies mid-run and does not start again: the message says that, with the records
+    this run wrote (it blamed --model and counted only the invalid lines)."""
+    once = [True]
+
+    def dies(engine, ids):
+        if once[0] and engine.answered == 4:
+            once[0] = False
+            return True
+        return False
+
+    _dying_engines(monkeypatch, dies, starts=1)
+    src, out = _batch(tmp_path), tmp_path / "results.jsonl"
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"]), "--window", "2"]) == 1
+    err = capsys.readouterr().err
+    written = len(out.read_text().splitlines())
+    assert "SGLang did not start again after one of its processes failed (RuntimeError: no GPU memory left)" in err
+    assert f"the {written:,} records written in this run are kept" in err and "check --model" not in err
 
 def test_an_engine_that_fails_whatever_it_runs_stops_the_run(stand_in, tmp_path, capsys, monkeypatch):  # noqa: F811
     """When every engine dies at once, the requests are not at fault: after three requests in a

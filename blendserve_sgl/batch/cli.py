@@ -32,6 +32,7 @@ import os
 import signal
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -357,8 +358,9 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
         if parts is not None:
             cids = {read.store.custom_id(int(i)): r for r, part in enumerate(parts) for i in part}
             route = lambda p: cids[p.request.custom_id]  # noqa: E731
+        quit_handler = signal.getsignal(signal.SIGQUIT)  # put back at the end (a restart leaves SGLang's)
         while True:  # one engine; again after one of its processes dies, to find the request that stopped it
-            engine = _start(cfg, args, stats, writer)
+            engine = _start(cfg, args, stats, writer, again=hunt is not None)
             if first:
                 stats.window = args.window if args.window >= 0 else window_size(
                     *engine_capacity(engine), mean_request_tokens(read.store, read.done))
@@ -383,6 +385,10 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
                 _COMPLETE[0] = True
                 break
             except runner.EngineFailed:
+                if threading.current_thread() is threading.main_thread():
+                    # another of its processes may still report (a second rank): SGLang's handler,
+                    # back in place after the run, would kill this process; none counts until the next start
+                    signal.signal(signal.SIGQUIT, signal.SIG_IGN)
                 with contextlib.suppress(Exception):  # its processes are gone or going: the hunt goes on
                     engine.shutdown()
                 engine = None
@@ -399,6 +405,10 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
                     written.add(req.custom_id)
                     stats.failed += 1
                     progress.add(failed=1)
+                if not hunt.groups and len(written) >= todo:  # the last of them failed alone: nothing is left
+                    stats.generate_seconds = progress.clock() - progress.start
+                    _COMPLETE[0] = True
+                    break
                 if hunt.exhausted:
                     raise EngineError(f"an SGLang process failed while requests ran (its error is above), "
                                       f"{stats.engine_restarts} times, also with the requests it had in flight run "
@@ -419,6 +429,8 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
     finally:
         progress.close()
         signal.signal(signal.SIGTERM, previous)
+        if hunt is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGQUIT, quit_handler)
         if engine is not None:
             engine.shutdown()
         if stats_file and args.policy == "blend":
@@ -431,9 +443,10 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
             del os.environ["BLENDSERVE_STATS_PATH"]
 
 
-def _start(cfg, args, stats: RunStats, writer: ResultWriter):
-    """A running engine for `cfg` (EngineError when it does not start); with --dp and blend, every
-    rank checked to run blend. Its start time is counted once."""
+def _start(cfg, args, stats: RunStats, writer: ResultWriter, again: bool = False):
+    """A running engine for `cfg` (EngineError when it does not start; `again`: after one of the
+    run's engines failed); with --dp and blend, every rank checked to run blend. Its start time is
+    counted once."""
     from . import runner
 
     t0 = time.perf_counter()
@@ -442,6 +455,10 @@ def _start(cfg, args, stats: RunStats, writer: ResultWriter):
     except (Exception, runner.EngineFailed) as exc:  # noqa: BLE001 (SGLang raises many kinds)
         why = "one of its processes failed: its error is above" if isinstance(exc, runner.EngineFailed) else \
             f"{type(exc).__name__}: {exc}"
+        if again:
+            raise EngineError(f"SGLang did not start again after one of its processes failed ({why}); the "
+                              f"{stats.completed + stats.failed:,} records written in this run are kept in "
+                              f"{writer.path}: rerun the same command to finish") from None
         raise EngineError(f"SGLang did not start ({why}); check --model, --policy and --engine-arg; "
                           f"{stats.invalid:,} error records were written to {writer.path}, rerun the same "
                           "command once fixed") from None

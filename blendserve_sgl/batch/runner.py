@@ -219,9 +219,14 @@ def generate(engine, items: Iterable[Prepared], on_result: Callable[[Prepared, d
     return time.perf_counter() - t0
 
 
+_LATEST = [0]  # the newest `_generate`: only it puts signal handlers back
+
+
 async def _generate(engine, items, on_result, on_error, window, tick, tick_seconds, ours: set, route=None,
                     flight: dict | None = None) -> None:
     loop = asyncio.get_running_loop()
+    _LATEST[0] += 1
+    mine = _LATEST[0]
     before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGQUIT)}
     start_loop = getattr(getattr(engine, "tokenizer_manager", None), "auto_create_handle_loop", None)
     if start_loop is not None:
@@ -289,7 +294,10 @@ async def _generate(engine, items, on_result, on_error, window, tick, tick_secon
     finally:
         for t in ours:
             t.cancel()
-        if on_main:
+        # a run cut short twice (a second engine process reporting while the first failure cancels
+        # what was in flight) leaves this coroutine pending; the garbage collector closes it later,
+        # maybe during another run, whose handlers it must not replace with these stale ones
+        if on_main and mine == _LATEST[0]:
             for sig, handler in before.items():
                 loop.remove_signal_handler(sig)
                 signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
