@@ -35,6 +35,7 @@ import json
 import multiprocessing
 import os
 import random
+import re
 import shlex
 import sys
 import time
@@ -48,7 +49,6 @@ from .core.preset import PRESET
 from .core.specs import ModelSpec, hardware, hardware_names, model, model_names
 from .sim.engine import EngineConfig
 from .sim.metrics import SimResult, plot_steps
-from .sim.scale_out import floor_seconds
 from .sim.policies import POLICIES
 from .sim.run import RunSpec, Workload, simulate
 from .sim.timing import ExecModel
@@ -166,8 +166,9 @@ def plan(records: list[Record], cost: CostModel, engine: EngineConfig, policies=
     scale = len(records) / len(simulated)
     scenarios = scenario_records(simulated, output_fraction, fractions, seed)
     workloads = {name: Workload(recs, cost) for name, recs in scenarios.items()}
-    # N replicas split the batch, but none finishes before its longest request's own steps
-    floors = {name: floor_seconds(recs, cost) if gpus > 1 else 0.0 for name, recs in scenarios.items()}
+    # N replicas split the batch, but none finishes before its longest request run alone
+    floors = {name: alone_seconds(recs, cost, engine, timing, seed) if gpus > 1 else 0.0
+              for name, recs in scenarios.items()}
     jobs = [(workloads[name], p, product_spec(p, cost, engine, seed)) for name in SCENARIOS for p in policies]
     if len(simulated) < len(records):  # the sampling error: the first policy on a second sample
         other = scenario_records(sample(records, sim_requests, seed + 1), output_fraction)["max_tokens"]
@@ -221,6 +222,19 @@ def plan(records: list[Record], cost: CostModel, engine: EngineConfig, policies=
     return out, results
 
 
+def alone_seconds(records: list[Record], cost: CostModel, engine: EngineConfig, timing: ExecModel,
+                  seed: int = 0) -> float:
+    """The least time of a replica holding the batch's longest request: that request simulated
+    alone (its prefill, its decode steps, the engine's overheads), for the request of the longest
+    output and for the one of the longest prompt."""
+    if not records:
+        return 0.0
+    longest = {max(records, key=lambda r: (r.output_len, r.prompt_len)),
+               max(records, key=lambda r: (r.prompt_len, r.output_len))}
+    return max(simulate(Workload([r], cost), "fcfs", product_spec("fcfs", cost, engine, seed)).time(timing)
+               for r in longest)
+
+
 _JOBS: list = []  # the jobs of `run_jobs`, inherited by its forked workers
 
 
@@ -253,7 +267,7 @@ def _figures(res: SimResult, timing: ExecModel, gpus: int, engine: EngineConfig,
     but at least `floor_s` (the longest request's own steps: no replica finishes before it)."""
     t = res.time(timing) * scale
     wall = max(t / gpus, floor_s)
-    return {"wall_s": round(wall, 4), "gpu_hours": round(t / 3600, 8),
+    return {"wall_s": round(wall, 4), "gpu_hours": round(t * cost.hardware.devices / 3600, 8),
             "throughput_tok_s": round(res.throughput(timing) * (t / wall if wall > 0 else gpus), 1),
             "prefix_hit_ratio": round(res.sharing, 4), "prefix_hit_tokens": round(res.first_hit_tokens * scale),
             "peak_kv_gb": round(res.peak_kv * engine.kv_tokens * cost.kv_bytes_per_token / 1e9, 3),
@@ -280,7 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "own steps)")
     ap.add_argument("--policies", default=",".join(RUNNABLE),
                     help=f"default: the policies `blendserve run --policy` runs; any of {', '.join(POLICIES)}")
-    ap.add_argument("--kv-gb", type=positive_float, help="KV pool per GPU (default: 88%% of memory minus the weights)")
+    ap.add_argument("--kv-gb", type=positive_float,
+                    help="KV pool per engine (default: 88%% of its memory minus the weights)")
     ap.add_argument("--max-running", type=positive_int, default=1024)
     ap.add_argument("--chunk", type=positive_int, default=8192, help="chunked-prefill size (SGLang's default for 80 GB GPUs)")
     ap.add_argument("--mixed-chunk", action="store_true", help="prefill and decode share steps (--enable-mixed-chunk)")
@@ -486,7 +501,7 @@ def _print(out: dict, say) -> None:
             say(f"  ... and {out['bad_lines'] - len(out['bad_line_messages']):,} more")
     say(f"{out['requests']:,} requests, {out['prompt_tokens']:,} prompt tokens (token counts: {out['token_counts']}), "
         f"up to {out['max_output_tokens']:,} output tokens; {out['model']} on {out['gpus']} x {out['hardware']}, "
-        f"KV pool {out['engine']['kv_tokens']:,} tokens per GPU; density {out['density']}, "
+        f"KV pool {out['engine']['kv_tokens']:,} tokens per engine; density {out['density']}, "
         f"prefix sharing {out['sharing_dfs_unbounded']:.1%} (DFS order, unbounded cache)")
     if out["simulated_requests"] < out["requests"]:
         sp = out["sampling_spread"]
@@ -547,12 +562,20 @@ def plan_for_run(run_args) -> int:
     for pair in run_args.engine_arg:
         key, _, value = pair.partition("=")
         key = key.replace("-", "_")
-        if key in ("tp_size", "tp"):  # one engine on a tensor-parallel group: NxHARDWARE
+        if key in ("tp_size", "tp", "dp_size", "dp"):
             if not (value.strip().isdigit() and int(value) >= 1):
                 print(f"blendserve run --plan-only: error: --engine-arg {pair}: {key} must be a whole number of at "
                       "least 1", file=sys.stderr)
                 return 2
-            argv[argv.index("--hardware") + 1] = f"{int(value)}x{hw}"
+            if key.startswith("dp"):  # data-parallel ranks: replicas of the engine
+                argv += ["--gpus", str(int(value))]
+            elif re.match(r"\s*\d+\s*x", hw, flags=re.IGNORECASE):
+                print(f"blendserve run --plan-only: error: --engine-arg {pair} and --plan-only {hw} both name a "
+                      f"tensor-parallel group; give it once (--plan-only {int(value)}x{hw.split('x', 1)[-1].strip()})",
+                      file=sys.stderr)
+                return 2
+            else:  # one engine on a tensor-parallel group: NxHARDWARE
+                argv[argv.index("--hardware") + 1] = f"{int(value)}x{hw}"
         elif key in flags:
             if not (value.strip().isdigit() and int(value) >= 1):
                 print(f"blendserve run --plan-only: error: --engine-arg {pair}: {key} must be a whole number of at "
@@ -561,6 +584,8 @@ def plan_for_run(run_args) -> int:
             argv += [flags[key], value.strip()]
         elif key == "enable_mixed_chunk" and value.lower() in ("true", "1"):
             argv.append("--mixed-chunk")
+    if getattr(run_args, "dp", 1) > 1:
+        argv += ["--gpus", str(run_args.dp)]
     if run_args.generate_sample:
         argv += ["--generate-sample", str(run_args.generate_sample)]
     return main(argv)

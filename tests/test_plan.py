@@ -12,7 +12,6 @@ from blendserve_sgl.batch.prompts import prepare
 from blendserve_sgl.batch.requests import LineError, read_requests
 from blendserve_sgl.core import CostModel
 from blendserve_sgl.sim import EngineConfig, ExecModel, RunSpec, Workload, simulate
-from blendserve_sgl.sim.scale_out import floor_seconds
 from blendserve_sgl.workloads import Record, build_tree
 from blendserve_sgl.workloads.batch_file import ByteTokenizer, compress, load_batch_file
 
@@ -73,6 +72,16 @@ def test_plan_names_bad_lines_and_writes_json(user_file, tmp_path, capsys):
     assert (tmp_path / "plan.png").stat().st_size > 0
 
 
+def test_gpu_hours_count_every_device_of_a_tensor_parallel_group():
+    """`--hardware 8xh200` read one engine's hours as GPU-hours; eight devices spend eight times that,
+    as `--hardware h200 --gpus 8` (eight replicas) does (a probe)."""
+    records = [Record(f"r{i}", 200, (), 50, "t", None, 50) for i in range(40)]
+    cost8 = CostModel.from_names("llama-3.1-8b", "8xh200")
+    out, res = plan.plan(records, cost8, EngineConfig.for_cost(cost8, kv_gb=4), ("fcfs",))
+    t = res["max_tokens"]["fcfs"].time(ExecModel("sequential"))
+    assert out["policies"][0]["gpu_hours"]["max_tokens"] == round(8 * t / 3600, 8)
+
+
 def test_plan_is_the_simulators_result(user_file):
     """Every figure of the plan is the simulator's own number for the same records and rules."""
     records = load_batch_file(user_file, ByteTokenizer(), 4096, 256).records
@@ -84,23 +93,25 @@ def test_plan_is_the_simulators_result(user_file):
     for row in out["policies"]:
         for name, recs in scen.items():
             res = simulate(Workload(recs, COST), row["policy"], RunSpec(COST, engine, known_lengths=False))
-            assert row["wall_s"][name] == round(max(res.time(timing) / 2, floor_seconds(recs, COST)), 4)
+            floor = plan.alone_seconds(recs, COST, engine, timing)
+            assert row["wall_s"][name] == round(max(res.time(timing) / 2, floor), 4)
             assert row["gpu_hours"][name] == round(res.time(timing) / 3600, 8)
             assert row["prefix_hit_tokens"][name] == res.first_hit_tokens
             assert row["retractions"][name] == res.retractions
 
 
 
-def test_more_replicas_than_work_do_not_divide_the_wall_time_below_the_longest_request():
+@pytest.mark.parametrize("hw", ["a100", "cpu"])
+def test_more_replicas_than_work_do_not_divide_the_wall_time_below_the_longest_request(hw):
     """`--gpus 16` divided one request's wall time by 16 (and 10^11 replicas gave 0 s): N replicas
-    split the batch, but none finishes before its longest request's own steps (`floor_seconds`)."""
+    split the batch, but none finishes before its longest request run alone (`alone_seconds`: its
+    prefill and the engine's overheads too; on the `cpu` preset those are most of its time)."""
+    cost = CostModel.from_names("llama-3.1-8b", hw)
     records = [Record("only", 100, (), 20, "t", None, 20)]
-    engine = EngineConfig.for_cost(COST, kv_gb=1)
-    one, _ = plan.plan(records, COST, engine, ("fcfs",), gpus=1)
-    many, _ = plan.plan(records, COST, engine, ("fcfs",), gpus=16)
-    floor = floor_seconds(records, COST)
-    assert one["policies"][0]["wall_s"]["max_tokens"] >= floor > 0
-    assert many["policies"][0]["wall_s"]["max_tokens"] == round(floor, 4)
+    engine = EngineConfig.for_cost(cost, kv_gb=1)
+    one, _ = plan.plan(records, cost, engine, ("fcfs",), gpus=1)
+    many, _ = plan.plan(records, cost, engine, ("fcfs",), gpus=16)
+    assert many["policies"][0]["wall_s"] == one["policies"][0]["wall_s"]
     assert many["policies"][0]["gpu_hours"] == one["policies"][0]["gpu_hours"]
 
 def test_plan_in_worker_processes_equals_the_serial_plan(user_file):
@@ -229,6 +240,13 @@ def test_run_plan_only_prints_the_plan_of_the_same_arguments(user_file, tmp_path
     assert cli.main(["run", str(user_file), "--model", str(model_dir), "--plan-only", "a100", "--max-total-tokens",
                      "8192", "--engine-arg", "tp_size=2", "--default-max-tokens", "64"]) == 0
     assert "2xa100" in capsys.readouterr().out
+    # data-parallel ranks are replicas (--gpus); a group named twice is refused, not multiplied
+    assert cli.main(["run", str(user_file), "--model", str(model_dir), "--plan-only", "a100", "--max-total-tokens",
+                     "8192", "--dp", "2", "--default-max-tokens", "64"]) == 0
+    assert " on 2 x a100" in capsys.readouterr().out
+    assert cli.main(["run", str(user_file), "--model", str(model_dir), "--plan-only", "8xa100",
+                     "--engine-arg", "tp_size=8"]) == 2
+    assert "both name a tensor-parallel group; give it once (--plan-only 8xa100)" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["run", str(user_file), "--model", str(model_dir)])
     assert "-o/--output" in capsys.readouterr().err

@@ -103,6 +103,44 @@ def test_mixture_of_experts_presets_match_published_sizes(name, total, active):
     assert abs(m.gemm_params + embed - active) / active < 0.02, (name, m.gemm_params + embed)
 
 
+_MAVERICK = dict(model_type="llama4_text", hidden_size=5120, num_hidden_layers=48, num_attention_heads=40,
+                 num_key_value_heads=8, head_dim=128, vocab_size=202048, num_local_experts=128, num_experts_per_tok=1,
+                 interleave_moe_layer_step=2, intermediate_size=8192, intermediate_size_mlp=16384,
+                 torch_dtype="bfloat16", tie_word_embeddings=False)
+
+
+@pytest.mark.parametrize("name, text, total, active", [
+    ("maverick", _MAVERICK, 400e9, 17e9),  # Meta's model card: 400B total, 17B active
+    ("scout", {**_MAVERICK, "num_local_experts": 16, "interleave_moe_layer_step": 1}, 109e9, 17e9),
+])
+def test_llama4_configs_interleave_experts_and_keep_their_quantization(name, text, total, active):
+    """Llama-4 puts a sparse layer every interleave_moe_layer_step layers, sizes its dense layers by
+    intermediate_size_mlp, runs one shared expert beside the routed one (no field names it), and an
+    FP8 checkpoint keeps quantization_config beside text_config: read as 778B / 10B, and refused
+    on 8 H200s, before (a probe)."""
+    m = ModelSpec.from_hf_config({"model_type": "llama4", "text_config": text,
+                                  "quantization_config": {"quant_method": "fbgemm_fp8"}})
+    assert abs(m.num_params - total) / total < 0.02 and abs(m.gemm_params + m.lm_head_params - active) / active < 0.02
+    assert m.weight_read_bytes < 1.02 * m.num_params  # FP8: about a byte a weight, not two
+
+
+def test_quantization_and_tying_fields_written_as_text_are_read():
+    """bits "4" or 4.0 are 4 bits (they were taken for unquantized weights), tie_word_embeddings
+    "false" is false (bool("false") read it as tied), malformed config_groups are not quantized
+    (they raised AttributeError), and num_experts_per_tok 0 is named as 0."""
+    base = ModelSpec.from_hf_config({**TINY, "torch_dtype": "bfloat16", "quantization_config": {"bits": 4}})
+    for bits in ("4", 4.0):
+        cfg = {**TINY, "torch_dtype": "bfloat16", "quantization_config": {"quant_method": "gptq", "bits": bits}}
+        assert ModelSpec.from_hf_config(cfg).weight_read_bytes == base.weight_read_bytes
+    assert ModelSpec.from_hf_config({**TINY, "tie_word_embeddings": "false"}).num_params == _tiny_params(tied=False)[0]
+    assert ModelSpec.from_hf_config({**TINY, "tie_word_embeddings": "true"}).num_params == _tiny_params(tied=True)[0]
+    plain = ModelSpec.from_hf_config(dict(TINY))
+    for groups in ([4], "int4", {"g": {"weights": [4]}}, {"g": {"weights": "int4"}}, {"g": 7}):
+        cfg = {**TINY, "quantization_config": {"quant_method": "compressed-tensors", "config_groups": groups}}
+        assert ModelSpec.from_hf_config(cfg).weight_read_bytes == plain.weight_read_bytes
+    with pytest.raises(ValueError, match="num_experts_per_tok is 0; a mixture of experts runs each token"):
+        ModelSpec.from_hf_config(_moe_tiny(num_experts_per_tok=0))
+
 def test_latent_attention_keeps_the_latent_per_token():
     """DeepSeek-V3's KV cache keeps kv_lora_rank + qk_rope_head_dim values a token and layer (one
     latent, not K and V per head: per-head K and V would be 2 x 128 x 192 values), and its FP8
@@ -367,7 +405,9 @@ def test_a_tensor_parallel_group_is_n_devices_as_one_engine():
     with pytest.raises(ValueError, match="does not fit on h200: weights 672.9 GB .* e.g. 8xh200"):
         EngineConfig.for_cost(CostModel(model("deepseek-v3"), hardware("h200")), kv_gb=10)
     assert EngineConfig.for_cost(CostModel(model("llama-3.1-70b"), hardware("4xh100"))).kv_tokens > 0
-    for bad, needle in (("0xh100", "at least 1 device"), ("2xl40s", "unknown hardware preset 'l40s'")):
+    assert hardware(" 8 X h200 ").name == "8xh200" and hardware("8xh200").devices == 8 and hardware("h100").devices == 1
+    for bad, needle in (("0xh100", "holds 1 to 65,536 devices"), ("2xl40s", "unknown hardware preset 'l40s'"),
+                        ("9" * 400 + "xh100", "holds 1 to 65,536 devices")):  # was an OverflowError
         with pytest.raises(ValueError, match=needle):
             hardware(bad)
 

@@ -41,6 +41,7 @@ class HardwareSpec:
     request_overhead_s: float = 0.0  # seconds per decoding request per step
     prefill_token_overhead_s: float = 0.0  # seconds per prompt token computed in a step
     kv_token_overhead_s: float = 0.0  # seconds per KV token held by the running requests in a decode step
+    devices: int = 1  # accelerators in the figures (`times`: a tensor-parallel group): what GPU-hours count
 
     def __post_init__(self) -> None:
         for field in ("flops", "mem_bandwidth", "mem_capacity"):
@@ -51,6 +52,8 @@ class HardwareSpec:
             value = getattr(self, field)
             if not (isinstance(value, (int, float)) and 0 < value <= 1):
                 raise ValueError(f"HardwareSpec {self.name!r}: {field} must be in (0, 1], got {value!r}")
+        if not (isinstance(self.devices, int) and self.devices >= 1):
+            raise ValueError(f"HardwareSpec {self.name!r}: devices must be a whole number >= 1, got {self.devices!r}")
         for field in ("step_overhead_s", "request_overhead_s", "prefill_token_overhead_s", "kv_token_overhead_s"):
             value = getattr(self, field)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
@@ -64,7 +67,7 @@ class HardwareSpec:
         if n == 1:
             return self
         return replace(self, name=f"{n}x{self.name}", flops=self.flops * n, mem_bandwidth=self.mem_bandwidth * n,
-                       mem_capacity=self.mem_capacity * n)
+                       mem_capacity=self.mem_capacity * n, devices=self.devices * n)
 
     @property
     def effective_flops(self) -> float:
@@ -161,7 +164,8 @@ class ModelSpec:
         text = config.get("text_config")
         if isinstance(text, dict) and any(k not in config for k in required):
             # a multimodal config: the language model's fields sit under text_config (its dtype may sit above)
-            config = {**{k: v for k, v in config.items() if k in ("torch_dtype", "dtype")}, **text}
+            keep = ("torch_dtype", "dtype", "quantization_config")  # Llama-4 FP8 keeps its quantization at the top
+            config = {**{k: v for k, v in config.items() if k in keep}, **text}
         missing = [k for k in required if k not in config]
         if missing:
             raise ValueError(f"config.json for {name!r} lacks {missing}; a decoder-only HF config is required")
@@ -201,25 +205,28 @@ class ModelSpec:
         qkv_bias = config.get("attention_bias") or str(config.get("model_type", "")).startswith("qwen2")
         bias = (heads + 2 * kv_heads) * head_dim if qkv_bias else 0
 
-        # Feed-forward, per layer: dense, or routed experts (+ shared ones and the router).
+        # Feed-forward, per layer: dense, or routed experts (+ shared ones and the router). Llama-4
+        # sizes its experts by intermediate_size and its dense layers by intermediate_size_mlp.
         experts = first(("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"), 0)
-        dense_mlp = 3 * hidden * inter
+        dense_mlp = 3 * hidden * first(("intermediate_size_mlp",), inter)
         moe_layers = top_k = 0
         moe_all = moe_active = moe_shared = 0
         if experts > 1:
-            top_k = first(("num_experts_per_tok", "experts_per_token", "moe_topk", "num_experts_per_token"))
+            top_k = first(("num_experts_per_tok", "experts_per_token", "moe_topk", "num_experts_per_token"),
+                          nonzero=True)
             if top_k > experts:
                 raise ValueError(f"config.json for {name!r}: {top_k} experts per token of {experts}; fix that field of "
                                  "the model's config.json")
             expert = 3 * hidden * first(("moe_intermediate_size",), inter)
-            shared = (3 * hidden * first(("moe_intermediate_size",), inter) * first(("n_shared_experts",), 0)
+            llama4 = str(config.get("model_type", "")).startswith("llama4")  # one shared expert, no field for it
+            shared = (3 * hidden * first(("moe_intermediate_size",), inter) * first(("n_shared_experts",), int(llama4))
                       + 3 * hidden * first(("shared_expert_intermediate_size",), 0))
             router = hidden * experts
             moe_all, moe_active = experts * expert + shared + router, top_k * expert + shared + router
             moe_shared = shared + router
             dense_first = first(("first_k_dense_replace",), 0)
             every = first(("moe_layer_freq",), 1)
-            step = first(("decoder_sparse_step",), 1)
+            step = first(("decoder_sparse_step", "interleave_moe_layer_step"), 1)  # MoE where (i + 1) % step == 0
             mlp_only = fields.layer_list("mlp_only_layers")
             moe_layers = sum(1 for i in range(layers) if i >= dense_first and i % every == 0
                              and (i + 1) % step == 0 and i not in mlp_only)
@@ -228,7 +235,8 @@ class ModelSpec:
         attn = q + kv + o
         norms = 2 * hidden + attn_norms
         embed = vocab * hidden
-        tied = bool(config.get("tie_word_embeddings", False))
+        tied = config.get("tie_word_embeddings", False)
+        tied = tied.strip().lower() == "true" if isinstance(tied, str) else bool(tied)
         layer_params = layers * (attn + bias + norms) + dense_layers * dense_mlp + moe_layers * moe_all
         num_params = layer_params + embed + (0 if tied else embed) + hidden
         gemm_params = layers * attn + dense_layers * dense_mlp + moe_layers * moe_active + embed
@@ -303,11 +311,15 @@ class _ConfigFields:
                              f"{value!r}; fix that field of the model's config.json")
         return value_ok
 
-    def first(self, keys: tuple[str, ...], default: int | None = None) -> int:
+    def first(self, keys: tuple[str, ...], default: int | None = None, nonzero: bool = False) -> int:
         """The first of `keys` the config sets (not null, not 0), or `default`; a config that sets none
-        and has no default is named with the first key."""
+        and has no default is named with the first key (`nonzero`: a 0 there is named as such)."""
         for key in keys:
-            if self.config.get(key) not in (None, 0):
+            value = self.config.get(key)
+            if value == 0 and nonzero and not isinstance(value, bool):
+                raise ValueError(f"config.json for {self.name!r}: {key} is 0; a mixture of experts runs each token "
+                                 "through at least one expert: fix that field of the model's config.json")
+            if value is not None and (value != 0 or isinstance(value, bool)):
                 return self.whole(key)
         if default is None:
             raise ValueError(f"config.json for {self.name!r} lacks {keys[0]} (or {', '.join(keys[1:])}); "
@@ -338,14 +350,27 @@ def _weight_bits(qc, name: str) -> float | None:
     if qc.get("load_in_8bit"):
         return 8.0
     for key in ("bits", "w_bit", "weight_bits"):
-        bits = qc.get(key)
-        if isinstance(bits, int) and not isinstance(bits, bool) and 1 <= bits <= 16:
-            return float(bits)
-    for group in (qc.get("config_groups") or {}).values():  # compressed-tensors
-        bits = (group.get("weights") or {}).get("num_bits") if isinstance(group, dict) else None
-        if isinstance(bits, int) and not isinstance(bits, bool) and 1 <= bits <= 16:
-            return float(bits)
+        bits = _bit_count(qc.get(key))
+        if bits is not None:
+            return bits
+    groups = qc.get("config_groups")
+    for group in groups.values() if isinstance(groups, dict) else ():  # compressed-tensors
+        weights = group.get("weights") if isinstance(group, dict) else None
+        bits = _bit_count(weights.get("num_bits")) if isinstance(weights, dict) else None
+        if bits is not None:
+            return bits
     return None
+
+
+def _bit_count(value) -> float | None:
+    """A whole number of bits from 1 to 16 (4, 4.0 or "4"), or None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        bits = float(value)
+    except (TypeError, ValueError):
+        return None
+    return bits if bits.is_integer() and 1 <= bits <= 16 else None
 
 
 GB = 1e9
@@ -455,6 +480,7 @@ def model_names() -> list[str]:
 
 
 CUSTOM_HARDWARE = "flops=F,bandwidth=B,memory=M"  # the form of a hardware given by its figures
+MAX_GROUP = 65536  # devices in one NxNAME group
 _CUSTOM_FIELDS = {"flops": "flops", "bandwidth": "mem_bandwidth", "memory": "mem_capacity"}
 
 
@@ -483,14 +509,15 @@ def hardware(name: str) -> HardwareSpec:
     project's CPU machine) or `h200-measured` (fitted on an H200 by `bench/gpu_evidence.py`);
     or an accelerator's figures, `flops=F,bandwidth=B,memory=M` (`custom_hardware`); `NxNAME` is N of
     them as one tensor-parallel engine (`HardwareSpec.times`: `8xh200` for a model no one GPU holds)."""
-    group = re.fullmatch(r"\s*(\d+)\s*x\s*(\S.*)", str(name), flags=re.IGNORECASE)
+    group = re.fullmatch(r"\s*(\d+)\s*x\s*(\S.*?)\s*", str(name), flags=re.IGNORECASE)
     if group:
-        if int(group[1]) < 1:
-            raise ValueError(f"hardware {name!r}: a tensor-parallel group needs at least 1 device")
+        if not 1 <= len(group[1]) <= 6 or not 1 <= int(group[1]) <= MAX_GROUP:
+            raise ValueError(f"hardware {name!r}: a tensor-parallel group holds 1 to {MAX_GROUP:,} devices")
         return hardware(group[2]).times(int(group[1]))
     if "=" in str(name):
         return custom_hardware(name)
-    key = _HARDWARE_ALIASES.get(str(name).lower(), str(name).lower())
+    key = str(name).strip().lower()
+    key = _HARDWARE_ALIASES.get(key, key)
     if key == "cpu":
         return cpu_preset()
     if key == MEASURED:

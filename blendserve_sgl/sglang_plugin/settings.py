@@ -165,7 +165,7 @@ def _hardware(v):
     if "=" in v or "x" in v.lower():  # an accelerator's figures, or NxNAME
         try:
             hardware(v)
-        except (ValueError, OSError) as exc:
+        except (ValueError, OSError, OverflowError) as exc:
             return str(exc)
         return None
     return f"choose auto or one of {', '.join(hardware_names())}, or give the figures as {CUSTOM_HARDWARE}"
