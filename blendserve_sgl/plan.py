@@ -447,6 +447,7 @@ def main(argv: list[str] | None = None) -> int:
             from .workloads.trace_file import is_trace_file
 
             cost = CostModel(model(args.model), hardware(args.hardware))
+            EngineConfig.for_cost(cost, kv_gb=args.kv_gb)  # the model fits before its workload is built
             counted = ("the trace file's token counts" if is_trace_file(args.workload)
                        else "the built-in workload's lengths")
             records = [r._replace(max_tokens=r.output_len) for r in load_workload(args.workload, args.requests, cost,

@@ -993,7 +993,7 @@ def test_a_prompt_no_tokenization_fits_is_refused_without_tokenizing(tiny_llama,
     tokenized and judged by its tokens."""
     from transformers import AutoTokenizer
 
-    from blendserve_sgl.batch.prompts import BYTES_MARGIN, max_token_bytes
+    from blendserve_sgl.batch.prompts import BYTES_MARGIN, beyond_context, max_token_bytes
     from blendserve_sgl.batch.reader import PieceEncoder
 
     tok = AutoTokenizer.from_pretrained(tiny_llama)
@@ -1015,10 +1015,16 @@ def test_a_prompt_no_tokenization_fits_is_refused_without_tokenizing(tiny_llama,
                                      "body": {**body, "max_tokens": 4}}), 3)
         for out in (prepare(req, tok, 64, 16), PieceEncoder(tok, 64, 16, "requests.jsonl").stage(req)):
             assert isinstance(out, LineError) and out.code == "context_length_exceeded", out
-            assert f"line 3: the {'messages' if chat else 'prompt'} hold {n:,} characters, more than the model's " \
-                   "context of 64 tokens can take" in out.message
+            assert f"line 3: the {'messages' if chat else 'prompt'} hold {n:,} characters besides white space, " \
+                   "more than the model's context of 64 tokens can take" in out.message
     assert not calls
     req = parse_line(json.dumps({"custom_id": "edge", "method": "POST", "url": "/v1/completions",
                                  "body": {"prompt": "x" * limit, "max_tokens": 4}}), 4)
     out = prepare(req, tok, 64, 16)
     assert calls and isinstance(out, LineError) and "tokens, longer than the model's context of 64" in out.message
+    # white space a template may trim, and earlier assistant turns it may drop, are not counted
+    chat = parse_line(json.dumps({"custom_id": "trim", "method": "POST", "url": "/v1/chat/completions", "body": {
+        "messages": [{"role": "user", "content": "What is 2+2?" + " " * (2 * limit)},
+                     {"role": "assistant", "content": "x" * (2 * limit)}, {"role": "user", "content": "and 3+3?"}],
+        "max_tokens": 4}}), 5)
+    assert beyond_context(chat, tok, 64) is None

@@ -87,11 +87,21 @@ def beyond_context(req: BatchRequest, tokenizer, context_len: int, source: str =
     longest = max_token_bytes(tokenizer)
     if not longest or req.prompt is not None and not isinstance(req.prompt, str):
         return None
-    chars = len(req.prompt) if req.kind != "chat" else sum(len(m.get("content") or "") for m in req.messages or ())
-    if chars <= context_len * longest * BYTES_MARGIN:
+    bound = context_len * longest * BYTES_MARGIN
+    if req.kind != "chat":
+        texts = [req.prompt]
+    else:  # a template may drop earlier assistant turns' reasoning (Qwen3): those are not counted
+        msgs = list(req.messages or ())
+        texts = [m.get("content") or "" for k, m in enumerate(msgs)
+                 if m.get("role") != "assistant" or k == len(msgs) - 1]
+    if sum(map(len, texts)) <= bound:
+        return None
+    chars = sum(len("".join(t.split())) for t in texts)  # a template may trim whitespace (Llama-3: `| trim`)
+    if chars <= bound:
         return None
     what = "the prompt" if req.kind != "chat" else "the messages"
-    return LineError(req.line, req.custom_id, f"{source} line {req.line}: {what} hold {chars:,} characters, more than "
+    return LineError(req.line, req.custom_id, f"{source} line {req.line}: {what} hold {chars:,} characters besides "
+                                              f"white space, more than "
                                               f"the model's context of {context_len} tokens can take (its longest "
                                               f"token is {longest} bytes); shorten it",
                      code="context_length_exceeded")

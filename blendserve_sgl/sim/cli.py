@@ -125,11 +125,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--out {args.out}: its plot {png} is the --workload file, which it would overwrite; "
                              "choose another --out") from None
         t0 = time.perf_counter()
-        records = load_workload(args.workload, n, cost, args.seed)
-        workload = Workload(records, cost)
-        engine = EngineConfig.for_cost(cost, kv_gb=args.kv_gb, max_running=args.max_running,
+        engine = EngineConfig.for_cost(cost, kv_gb=args.kv_gb, max_running=args.max_running,  # the model fits first
                                        chunked_prefill=args.chunk, mixed_chunk=not args.no_mixed_chunk,
                                        pace=args.pace, kv_projection=args.kv_projection)
+        records = load_workload(args.workload, n, cost, args.seed)
+        workload = Workload(records, cost)
         engine.check_fits(records)
         preset = PRESET.replace(keep_sharing=args.keep_sharing, sample_fraction=args.sample_fraction,
                                 seed=args.seed, metering=not args.no_meter)
