@@ -1270,7 +1270,8 @@ def test_mix_targets_out_of_range_name_the_rule(density, sharing):
     ("bz2", "is bzip2-compressed, not JSONL text; decompress it first (`bzip2 -dk "),
     ("lzma", "is xz-compressed, not JSONL text; decompress it first (`xz -dk "),
     ("zip", "is a ZIP archive, not JSONL text; extract the requests file from it"),
-    ("utf-16", "is UTF-16 text, not UTF-8; save it as UTF-8 (`iconv -f UTF-16 -t UTF-8 "),
+    ("utf-16", "is UTF-16 text, not UTF-8 (its first bytes hold NUL: if it is UTF-8 after all, remove them); save it "
+               "as UTF-8 (`iconv -f UTF-16 -t UTF-8 "),
     ("utf-16-le", "is UTF-16 text, not UTF-8"),  # no byte-order mark: the NUL bytes beside ASCII
     ("utf-32", "is UTF-32 text, not UTF-8"),
 ])

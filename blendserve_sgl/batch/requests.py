@@ -130,8 +130,8 @@ def check_readable(path: str | os.PathLike[str]) -> Path:
                          "file from it")
     wide = wide_text(head)
     if wide:
-        raise InputError(f"{path} is {wide} text, not UTF-8; save it as UTF-8 (`iconv -f {wide} -t UTF-8 {path} > "
-                         "requests.jsonl`)")
+        raise InputError(f"{path} is {wide} text, not UTF-8 (its first bytes hold NUL: if it is UTF-8 after all, "
+                         f"remove them); save it as UTF-8 (`iconv -f {wide} -t UTF-8 {path} > requests.jsonl`)")
     return p
 
 

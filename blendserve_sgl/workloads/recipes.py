@@ -93,7 +93,10 @@ def mix(n: int, density: float, sharing: float, cost: CostModel, seed: int = 0, 
         f = _solve(stats, cost, want_rho, want_s)
         if (f < -1e-9).any():
             raise ValueError(f"density {density} with sharing {sharing} is out of reach of the classes "
-                             f"{list(MIX_CLASSES)} (fractions {dict(zip(MIX_CLASSES, np.round(f, 4).tolist()))})")
+                             f"{list(MIX_CLASSES)} (fractions {dict(zip(MIX_CLASSES, np.round(f, 4).tolist()))}) for "
+                             f"{cost.model.name} on {cost.hardware.name}: a density is compute per KV byte read, so "
+                             "it depends on the model; use a trace file (--workload PATH.csv), another mix:D,S, or "
+                             "another model")
         counts = np.floor(np.clip(f, 0, None) * n).astype(int)
         counts[int(np.argmax(f))] += n - counts.sum()
         rng = np.random.default_rng(seed)
