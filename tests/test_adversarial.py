@@ -303,6 +303,19 @@ def test_a_file_that_is_not_a_sharegpt_list_is_named(tmp_path, text):
 
 
 # ------------------------------------------------------------------ an engine process that dies mid-run
+def _dies_once(at: int):
+    """A `dies` for `_dying_engines`: the first engine to have answered `at` requests dies, once."""
+    once = [True]
+
+    def dies(engine, ids):
+        if once[0] and engine.answered == at:
+            once[0] = False
+            return True
+        return False
+
+    return dies
+
+
 def _dying_engines(monkeypatch, dies, quit_at_shutdown=False, starts=None):
     """`runner.start_engine` giving stand-in engines whose process "dies" (SIGQUIT to this process,
     as SGLang's processes send it, then no answer) when `dies(engine, input_ids)` says so; with
@@ -350,13 +363,7 @@ def test_an_engine_process_dying_mid_run_starts_the_engine_again_and_loses_nothi
     is restored after."""
     import signal
 
-    once = [True]
-
-    def dies(engine, ids):
-        if once[0] and engine.answered == 4:
-            once[0] = False
-            return True
-        return False
+    dies = _dies_once(at=4)
 
     _dying_engines(monkeypatch, dies)
     seen = []
@@ -465,13 +472,7 @@ def test_a_second_process_reporting_while_the_dead_engine_shuts_down_does_not_en
     run ignores SIGQUIT until the next engine starts, and puts the caller's handler back at the end."""
     import signal
 
-    once = [True]
-
-    def dies(engine, ids):
-        if once[0] and engine.answered == 3:
-            once[0] = False
-            return True
-        return False
+    dies = _dies_once(at=3)
 
     _dying_engines(monkeypatch, dies, quit_at_shutdown=True)
     killed = []
@@ -489,13 +490,7 @@ def test_a_second_process_reporting_while_the_dead_engine_shuts_down_does_not_en
 def test_an_engine_that_does_not_start_again_says_so(stand_in, tmp_path, capsys, monkeypatch):  # noqa: F811
     """The engine dies mid-run and does not start again: the message says that, with the records
     this run wrote (it blamed --model and counted only the invalid lines)."""
-    once = [True]
-
-    def dies(engine, ids):
-        if once[0] and engine.answered == 4:
-            once[0] = False
-            return True
-        return False
+    dies = _dies_once(at=4)
 
     _dying_engines(monkeypatch, dies, starts=1)
     src, out = _batch(tmp_path), tmp_path / "results.jsonl"
