@@ -156,8 +156,9 @@ class ModelSpec:
     @classmethod
     def from_hf_config(cls, config: dict, name: str | None = None) -> "ModelSpec":
         """Build from a decoder-only `config.json` dict: Llama/Qwen-style dense models, mixtures of
-        experts (Mixtral, Qwen-MoE, gpt-oss, DeepSeek: every expert's weights are read, the
-        routed ones computed), multi-head latent attention (DeepSeek: the KV cache keeps the latent)
+        experts (Mixtral, Qwen-MoE, gpt-oss, DeepSeek, Llama-4: every expert held, those a step's
+        tokens route to read, the routed ones computed), multi-head latent attention (DeepSeek: the
+        KV cache keeps the latent)
         and quantized checkpoints (`quantization_config`: the decoder's GEMM weights at its bits)."""
         name = name or config.get("_name_or_path") or config.get("model_type") or "model"
         required = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "vocab_size")

@@ -68,16 +68,17 @@ FULL_CHECK_EVERY = 1024  # check=True: the full recount every this many steps (a
 
 
 def _group_for(weights: float, hw, mem_fraction: float) -> str:
-    """`NxNAME` for the fewest devices of `hw` (a power of two) whose `mem_fraction` holds `weights`
-    with room left; a larger memory when no group of `MAX_GROUP` does."""
+    """How to hold `weights`: `NxNAME` for the fewest devices of `hw` (a power of two) whose
+    `mem_fraction` holds them with room left, or a device of more memory when no group of
+    `MAX_GROUP` does."""
     from ..core.specs import MAX_GROUP
 
     n = 1
     while weights >= 0.8 * mem_fraction * hw.mem_capacity * n:
         n *= 2
         if n > MAX_GROUP:
-            return f"a device of more memory than {hw.name}'s {hw.mem_capacity:g} bytes"
-    return f"{n}x{hw.name}"
+            return f"give a device of more memory than {hw.mem_capacity:g} bytes"
+    return f"plan for a tensor-parallel group that holds it (--hardware NxNAME, e.g. {n}x{hw.name})"
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,9 +123,8 @@ class EngineConfig:
         weights = cost.model.weight_read_bytes
         if weights >= mem_fraction * cost.hardware.mem_capacity:
             raise ValueError(f"{cost.model.name} does not fit on {cost.hardware.name}: weights {weights / 1e9:.1f} GB "
-                             f"> {mem_fraction:.0%} of {cost.hardware.mem_capacity / 1e9:.0f} GB; plan for a "
-                             f"tensor-parallel group that holds it (--hardware NxNAME, e.g. "
-                             f"{_group_for(weights, cost.hardware, mem_fraction)})")
+                             f"> {mem_fraction:.0%} of {cost.hardware.mem_capacity / 1e9:.0f} GB; "
+                             f"{_group_for(weights, cost.hardware, mem_fraction)}")
         if kv_gb is None:
             kv_bytes = mem_fraction * cost.hardware.mem_capacity - weights
         else:
