@@ -210,8 +210,8 @@ class ModelSpec:
         # sizes its experts by intermediate_size and its dense layers by intermediate_size_mlp.
         experts = first(("num_local_experts", "num_experts", "n_routed_experts", "moe_num_experts"), 0)
         dense_mlp = 3 * hidden * first(("intermediate_size_mlp",), inter)
-        moe_layers = top_k = 0
-        moe_all = moe_active = moe_shared = 0
+        moe_layers = top_k = expert = 0
+        moe_all = moe_active = 0
         if experts > 1:
             top_k = first(("num_experts_per_tok", "experts_per_token", "moe_topk", "num_experts_per_token"),
                           nonzero=True)
@@ -220,11 +220,10 @@ class ModelSpec:
                                  "the model's config.json")
             expert = 3 * hidden * first(("moe_intermediate_size",), inter)
             llama4 = str(config.get("model_type", "")).startswith("llama4")  # one shared expert, no field for it
-            shared = (3 * hidden * first(("moe_intermediate_size",), inter) * first(("n_shared_experts",), int(llama4))
+            shared = (expert * first(("n_shared_experts",), int(llama4))
                       + 3 * hidden * first(("shared_expert_intermediate_size",), 0))
             router = hidden * experts
             moe_all, moe_active = experts * expert + shared + router, top_k * expert + shared + router
-            moe_shared = shared + router
             dense_first = first(("first_k_dense_replace",), 0)
             every = first(("moe_layer_freq",), 1)
             step = first(("decoder_sparse_step", "interleave_moe_layer_step"), 1)  # MoE where (i + 1) % step == 0
@@ -243,7 +242,7 @@ class ModelSpec:
         gemm_params = layers * attn + dense_layers * dense_mlp + moe_layers * moe_active + embed
         quantized = layers * attn + dense_layers * dense_mlp + moe_layers * moe_all  # the decoder's GEMM weights
         bits = _weight_bits(config.get("quantization_config"), name)
-        routed = moe_layers * (moe_all - moe_shared)  # the routed experts' weights (the router runs for every token)
+        routed = moe_layers * experts * expert  # the routed experts' weights (the router runs for every token)
         weight_bytes, expert_bytes = 0, routed * _DTYPE_BYTES[dtype]
         if bits is not None:
             if bits == _MXFP4_BITS:  # gpt-oss: only the experts are MXFP4
@@ -363,15 +362,22 @@ def _weight_bits(qc, name: str) -> float | None:
     return None
 
 
-def _bit_count(value) -> float | None:
-    """A whole number of bits from 1 to 16 (4, 4.0 or "4"), or None."""
+def whole_number(value) -> int | None:
+    """`value` (a number or its text: 4, 4.0 or "4") as an integer when it is a whole number; None
+    for anything else (a bool, a fraction, NaN, inf, a number too large for a float, other types)."""
     if isinstance(value, bool):
         return None
     try:
-        bits = float(value)
-    except (TypeError, ValueError):
+        v = float(value)
+    except (TypeError, ValueError, OverflowError):
         return None
-    return bits if bits.is_integer() and 1 <= bits <= 16 else None
+    return int(v) if v.is_integer() else None
+
+
+def _bit_count(value) -> float | None:
+    """A whole number of bits from 1 to 16, or None."""
+    bits = whole_number(value)
+    return float(bits) if bits is not None and 1 <= bits <= 16 else None
 
 
 GB = 1e9

@@ -240,18 +240,15 @@ def _after_enqueue(result, self, req, *args, **kwargs):
 
 
 def _refuse_unrunnable(scheduler, req) -> None:
-    """A new request whose prompt the forward pass cannot take (`policy.prompt_problem`), or whose
-    sampling would stop the engine (`policy.sampling_problem`), ends as
-    a 400 error of its own, the way SGLang ends a prompt longer than the context (a one-token
+    """A new request that would end the scheduler (`policy.request_problem`: its prompt, logprobs,
+    sampling or embeddings) ends as a 400 error of its own, the way SGLang ends a prompt longer than the context (a one-token
     stand-in prompt, finished with the abort), instead of killing the scheduler."""
-    from .policy import embeds_problem, prompt_problem, sampling_problem
+    from .policy import request_problem
 
     if req.finished() or getattr(req, "to_finish", None) is not None or req.output_ids:
         return  # already ending, or retracted with its output so far
     config = getattr(scheduler, "model_config", None)
-    vocab_size = getattr(config, "vocab_size", None)
-    problem = (prompt_problem(req, vocab_size) or sampling_problem(req, vocab_size)
-               or embeds_problem(req, getattr(config, "hidden_size", None)))
+    problem = request_problem(req, getattr(config, "vocab_size", None), getattr(config, "hidden_size", None))
     if problem:
         req.set_finish_with_abort(problem)
         # its one-token stand-in still passes a prefill step: nothing of what was refused may reach

@@ -109,6 +109,12 @@ def logprob_problem(req, vocab_size: int) -> str | None:
     return None
 
 
+def request_problem(req, vocab_size: int | None, hidden_size: int | None) -> str | None:
+    """Why a new request would end the scheduler (and the server with every request in it), or
+    None: every check a blend server makes before the plan sees the request."""
+    return prompt_problem(req, vocab_size) or sampling_problem(req, vocab_size) or embeds_problem(req, hidden_size)
+
+
 def embeds_problem(req, hidden_size: int | None) -> str | None:
     """Why `req`'s `input_embeds` cannot enter the model, or None: rows of another width than the
     model's hidden size (SGLang 0.5.23 takes them and the forward pass raises in the scheduler,

@@ -20,6 +20,8 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ..core.specs import whole_number
+
 SOURCES = {
     "traces/AzureLLMInferenceTrace_code.csv": "Azure/AzurePublicDataset, data/AzureLLMInferenceTrace_code.csv",
     "traces/AzureLLMInferenceTrace_conv.csv": "Azure/AzurePublicDataset, data/AzureLLMInferenceTrace_conv.csv",
@@ -127,13 +129,8 @@ def read_counts(path: Path, prompt_col: str, output_col: str, n: int | None = No
 def token_count(value) -> int | None:
     """`value` (text or a number) as one request's token count: a whole number from 0 to
     `MAX_TRACE_TOKENS`; None for anything else (NaN, inf, a fraction, a negative, a bool)."""
-    if isinstance(value, bool):
-        return None
-    try:
-        v = float(value)
-    except (TypeError, ValueError):
-        return None
-    return int(v) if math.isfinite(v) and v == int(v) and 0 <= v <= MAX_TRACE_TOKENS else None
+    n = whole_number(value)
+    return n if n is not None and 0 <= n <= MAX_TRACE_TOKENS else None
 
 
 def _count(path: Path, line: int, col: str, text: str) -> int:
