@@ -263,11 +263,17 @@ raise SystemExit(main(sys.argv[1:]))
 """
 
 
-def test_a_request_that_stops_the_engine_fails_alone_and_the_rest_finish(tiny_llama, tmp_path):
+@pytest.mark.parametrize("flags", [[], ["--ray", "--replicas", "2"]], ids=["one-engine", "ray"])
+def test_a_request_that_stops_the_engine_fails_alone_and_the_rest_finish(tiny_llama, tmp_path, flags):
     """The real engine on CPU, stock fcfs (the blend policy refuses this request itself): a
     repetition penalty of 1e-40 with top_k makes the sampler raise in the scheduler, which ends
-    the engine. The run starts the engine again, runs what was in flight in halves until that
-    request runs alone and fails, writes its error record, and answers every other request."""
+    the engine. The run starts the engine again (with --ray: the replica's actor), runs what was
+    in flight in halves until that request runs alone and fails, writes its error record, and
+    answers every other request."""
+    if flags:
+        pytest.importorskip("ray")
+        if len(os.sched_getaffinity(0)) < 2:
+            pytest.skip("two replicas on CPU need two cores")
     lines = [req(f"ok-{i}", False, 6, prompt=f"count: one two three {i}") for i in range(3)]
     lines.insert(1, req("poison", False, 6, prompt="count: one two three", repetition_penalty=1e-40, top_k=5,
                         temperature=1.0))  # sampled: greedy decoding never reaches the sampler that fails
@@ -275,7 +281,7 @@ def test_a_request_that_stops_the_engine_fails_alone_and_the_rest_finish(tiny_ll
     src.write_text("\n".join(lines) + "\n")
     log = tmp_path / "run.log"
     proc = subprocess.Popen([sys.executable, "-c", _UNCHECKED, "run", str(src), "-o", str(out), "--model", tiny_llama,
-                             "--policy", "fcfs", "--workers", "0"], env=ENV, start_new_session=True,
+                             "--policy", "fcfs", "--workers", "0", *flags], env=ENV, start_new_session=True,
                             stdout=open(log, "w"), stderr=subprocess.STDOUT)
     try:
         proc.wait(timeout=900)

@@ -324,17 +324,21 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
         progress.add(completed=1, output_tokens=meta["completion_tokens"])
 
     def on_error(p: Prepared, exc: BaseException) -> None:
-        status = 400 if isinstance(exc, ValueError) else 500
-        code = "invalid_request" if status == 400 else "engine_error"
-        msg = f"{source} line {p.request.line}: the engine {'rejected' if status == 400 else 'failed'} this request: {exc}"
-        if "exceeds the maximum allowed length" in str(exc) and args.max_total_tokens:  # SGLang's fix is to truncate
-            msg += (f" (the limit comes from the KV pool, --max-total-tokens {args.max_total_tokens:,}: raise it; "
-                    "--allow-auto-truncate would cut the prompt)")
+        if isinstance(exc, runner.StoppedEngine):  # a hunt's culprit: the engine did not answer it
+            status, code, msg = 500, "engine_crash", f"{source} line {p.request.line}: {exc}"
+        else:
+            status = 400 if isinstance(exc, ValueError) else 500
+            code = "invalid_request" if status == 400 else "engine_error"
+            msg = (f"{source} line {p.request.line}: the engine {'rejected' if status == 400 else 'failed'} this "
+                   f"request: {exc}")
+            if "exceeds the maximum allowed length" in str(exc) and args.max_total_tokens:  # SGLang's fix: truncate
+                msg += (f" (the limit comes from the KV pool, --max-total-tokens {args.max_total_tokens:,}: raise it; "
+                        "--allow-auto-truncate would cut the prompt)")
+            if hunt is not None:
+                hunt.answered()  # the engine answered, with an error of this request's own
         writer.write(error_record(p.request.custom_id, msg, line=p.request.line, code=code, status=status,
                                   digest=p.request.digest))
         written.add(p.request.custom_id)
-        if hunt is not None:
-            hunt.answered()  # the engine answered, with an error of this request's own
         stats.failed += 1
         progress.add(failed=1)
 
@@ -347,9 +351,10 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
             _say(f"starting {replicas} Ray replicas ({args.policy} policy, {device}) for {todo:,} requests ...")
             progress.start = progress.clock()
             gpus = args.gpus_per_replica if args.gpus_per_replica is not None else (1.0 if device == "cuda" else 0.0)
-            stats.generate_seconds = ray_runner.generate(
+            report = ray_runner.generate(
                 cfg, [[read.store.prepared(i) for i in part] for part in parts], on_result, on_error,
-                address=args.ray_address, gpus=gpus).seconds
+                address=args.ray_address, gpus=gpus, say=_say)
+            stats.generate_seconds, stats.engine_restarts = report.seconds, report.restarts
             _COMPLETE[0] = True
             return
         _say(f"starting SGLang ({args.policy} policy, {device}{f', {args.dp} DP ranks' if args.dp > 1 else ''}) "
@@ -397,14 +402,7 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
                 culprit = hunt.crashed(caught, group)
                 stats.engine_restarts += 1
                 if culprit is not None:
-                    req = culprit.request
-                    writer.write(error_record(
-                        req.custom_id, f"{source} line {req.line}: this request stopped the engine (an SGLang process "
-                        "failed while it ran alone; its error is above); fix it, then rerun with --retry-failed",
-                        line=req.line, code="engine_crash", status=500, digest=req.digest))
-                    written.add(req.custom_id)
-                    stats.failed += 1
-                    progress.add(failed=1)
+                    on_error(culprit, runner.StoppedEngine("above"))
                 if not hunt.groups and len(written) >= todo:  # the last of them failed alone: nothing is left
                     stats.generate_seconds = progress.clock() - progress.start
                     _COMPLETE[0] = True

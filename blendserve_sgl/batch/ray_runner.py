@@ -11,11 +11,14 @@ while the previous chunk's longest ones finish (no drain at chunk ends). By defa
 is the engine's window (`feed.window_size`: from the capacity the replica reports and its
 shard's mean request size) in chunks, at least 2.
 
-A replica that dies (process killed, node lost) is restarted by Ray (`max_restarts`) and the
-chunks it had not returned are run again by Ray's actor-task retries (`max_task_retries`): a
-chunk's results come back whole or not at all, so nothing is lost, and the driver checks that
-no request is handed over twice. When the restarts are spent, the replica's remaining requests
-become error records (rerun with --retry-failed to try them again).
+A replica whose actor dies (a request that stops its engine, a process killed, a node lost) is
+started again by the driver, not by Ray: the chunks it had not returned (a chunk's results come
+back whole or not at all) go to the replica's `runner.Hunt`, which runs them first on the new
+actor, one group alone at a time and halving after each failure, until a request that stops the
+engine runs alone and gets its error (`runner.StoppedEngine`). A replica that cannot start, or
+that fails whatever it runs (the hunt exhausted), is given up: the requests it had left go to the
+other replicas, and become error records only when none is left. The driver checks that no
+request is handed over twice.
 
 Without `address` a local Ray cluster starts on this machine; with one (`ray start --head` on
 the head node, `ray start --address HEAD:6379` on each worker) the replicas spread over the
@@ -25,6 +28,7 @@ cluster, `gpus` GPUs each.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import threading
@@ -37,6 +41,7 @@ from .feed import engine_capacity, window_size
 from .prompts import Prepared
 
 MAX_IN_FLIGHT = 64  # chunks one replica may hold at once (its actor's threads)
+RAY_LOGS = "Ray's worker logs (/tmp/ray/session_latest/logs on the replica's node)"
 ENV_PASSED = ("PYTHONPATH", "SGLANG_USE_CPU_ENGINE", "OMP_WAIT_POLICY", "PYTHONWARNINGS", "BLENDSERVE_MODEL_CACHE")
 
 
@@ -44,8 +49,9 @@ class RayReport(NamedTuple):
     seconds: float  # first submission to last result
     shard_sizes: list  # requests per replica
     pids: list  # per replica: the actor process ids that returned chunks (more than one: it was restarted)
-    lost_replicas: list  # replicas whose restarts were spent (their remaining requests became error records)
+    lost_replicas: list  # replicas given up (`generate`'s lose: what they had left went to the others)
     in_flight: list  # per replica: chunks it held at once
+    restarts: int  # replicas started again after their actor died (their hunts, `runner.Hunt`)
 
 
 class Replica:
@@ -63,6 +69,8 @@ class Replica:
         self.kv_tokens, self.running = engine_capacity(self.engine)
         self.loop_thread = threading.Thread(target=self.engine.loop.run_forever, name="engine-loop", daemon=True)
         self.loop_thread.start()
+        self.stopping = threading.Event()
+        threading.Thread(target=_exit_with_the_engine, args=(self.stopping,), name="engine-watch", daemon=True).start()
 
     def capacity(self) -> tuple:
         """(KV pool tokens, max running requests) as the engine reported them (None: unknown)."""
@@ -73,9 +81,30 @@ class Replica:
         return os.getpid(), asyncio.run_coroutine_threadsafe(_chunk(self.engine, items), self.engine.loop).result()
 
     def shutdown(self) -> None:
+        self.stopping.set()
         self.engine.loop.call_soon_threadsafe(self.engine.loop.stop)
         self.loop_thread.join(timeout=30)
         self.engine.shutdown()
+
+
+def _exit_with_the_engine(stopping: threading.Event, seconds: float = 1.0) -> None:
+    """Ends this actor's process when one of its engine's processes has ended. An actor is not on
+    the main thread, so SGLang installs no SIGQUIT handler there: a scheduler that died (a request
+    that stops it) left the actor alive and its requests waiting for ever. The actor's death is what
+    the driver sees (`RayActorError`), and its hunt starts a successor."""
+    import psutil
+
+    procs = psutil.Process().children()
+    while not stopping.wait(seconds):
+        for proc in procs:
+            try:
+                ended = proc.status() == psutil.STATUS_ZOMBIE
+            except psutil.NoSuchProcess:
+                ended = True
+            if ended and not stopping.is_set():
+                print(f"engine process {proc.pid} ended: this replica's actor exits (the driver starts it again)",
+                      flush=True)
+                os._exit(1)
 
 
 async def _chunk(engine, items: list) -> list:
@@ -97,20 +126,39 @@ def chunks_in_flight(kv_tokens: int | None, running: int | None, part: Sequence[
     return max(2, -(-window_size(kv_tokens, running, mean) // chunk))
 
 
+class _Slot:
+    """The driver's view of one replica: its current actor (`gen`: how many it had before), the
+    chunks still to feed it, the hunt once one of its actors died (`runner.Hunt`), and what a dead
+    actor's chunks held (`caught`) until every one of them has come back."""
+
+    def __init__(self, chunks: list):
+        self.actor = None
+        self.gen = 0
+        self.queue = chunks
+        self.limit = 0  # chunks in flight at once
+        self.hunt: runner.Hunt | None = None
+        self.caught: list = []
+        self.dying = False  # an actor task failed: its other chunks are awaited, nothing is fed
+        self.group_died = False  # the actor died while it ran the hunt's first group
+        self.init_failed = False
+        self.lost = False
+
+
 def generate(cfg: runner.EngineConfig, parts: Sequence[Sequence[Prepared]],
              on_result: Callable[[Prepared, dict], None], on_error: Callable[[Prepared, BaseException], None], *,
              address: str | None = None, gpus: float = 0.0, chunk: int = 256, in_flight: int | None = None,
-             max_restarts: int = 3, on_chunk: Callable | None = None) -> RayReport:
+             on_chunk: Callable | None = None, say: Callable[[str], None] | None = None) -> RayReport:
     """Run each shard of `parts` (`dispatch.shards`) on its own Ray actor (module docstring).
     `in_flight`: chunks outstanding per replica (None: `chunks_in_flight` from the engine's
     capacity). `on_chunk(replica, actor, chunks_done)` is called after each returned chunk (tests
-    use it to kill a replica)."""
+    use it to kill a replica); `say(message)` reports replicas started again and lost."""
     import ray
     from ray.exceptions import RayActorError
 
     replicas = len(parts)
     if replicas < 1 or chunk < 1 or (in_flight is not None and in_flight < 1):
         raise ValueError(f"replicas, chunk and in_flight must be >= 1, got {replicas}, {chunk}, {in_flight}")
+    say = say or (lambda _message: None)
     started_here = not ray.is_initialized()
     env = {k: os.environ[k] for k in ENV_PASSED if k in os.environ}
     env.update({k: v for k, v in os.environ.items() if k.startswith("BLENDSERVE_")})
@@ -125,24 +173,92 @@ def generate(cfg: runner.EngineConfig, parts: Sequence[Sequence[Prepared]],
             signal.signal(signal.SIGTERM, ours)
     binds = cpu_bind(replicas, flag="--replicas").split("|") if cfg.device == "cpu" and not address else None
     actor_cls = ray.remote(Replica)
-    actors = []
-    for r in range(replicas):
-        own = dict(env, **({"SGLANG_CPU_OMP_THREADS_BIND": binds[r]} if binds else {}))
-        actors.append(actor_cls.options(num_cpus=1, num_gpus=gpus, max_restarts=max_restarts,
-                                        max_task_retries=max_restarts,
-                                        max_concurrency=in_flight or MAX_IN_FLIGHT).remote(cfg, own))
-    limit: list = []  # chunks in flight per replica
-    queues = [[part[i:i + chunk] for i in range(0, len(part), chunk)] for part in parts]
-    pending: dict = {}  # ref -> (replica, chunk items)
+    slots = [_Slot([part[i:i + chunk] for i in range(0, len(part), chunk)]) for part in parts]
+    pending: dict = {}  # ref -> (replica, chunk items, the hunt's group?)
     done_chunks = [0] * replicas
     pids: list = [set() for _ in range(replicas)]
     lost: list = []
     seen: set = set()
+    restarts = 0
+
+    def start(r: int) -> None:
+        # Ray does not restart it (max_restarts 0): a dead actor's chunks fail at once, and the
+        # hunt decides what its successor runs first
+        nonlocal restarts
+        restarts += slots[r].gen > 0
+        own = dict(env, **({"SGLANG_CPU_OMP_THREADS_BIND": binds[r]} if binds else {}))
+        slots[r].actor = actor_cls.options(num_cpus=1, num_gpus=gpus, max_restarts=0, max_task_retries=0,
+                                           max_concurrency=in_flight or MAX_IN_FLIGHT).remote(cfg, own)
+
+    def submit(r: int, items: list, group: bool) -> None:
+        pending[slots[r].actor.run.remote(items)] = (r, items, group)
 
     def feed(r: int) -> None:
-        while queues[r] and sum(1 for rr, _ in pending.values() if rr == r) < limit[r]:
-            part = queues[r].pop(0)
-            pending[actors[r].run.remote(part)] = (r, part)
+        s = slots[r]
+        if s.lost or s.dying or not (s.queue or (s.hunt and s.hunt.groups)):
+            return
+        if s.actor is None:  # its last actor died: a successor for what is left
+            start(r)
+        held = sum(1 for v in pending.values() if v[0] == r)
+        if s.hunt is not None and s.hunt.groups:  # suspects first, one group alone on the engine
+            if not held:
+                submit(r, s.hunt.groups[0], True)
+            return
+        while s.queue and held < s.limit:
+            submit(r, s.queue.pop(0), False)
+            held += 1
+
+    def lose(r: int, why: str, caught: list) -> None:
+        """Replica r is given up: what it had left (`caught` by its last actor, the hunt's suspects,
+        its queue) goes to the others, an error record each when none is left."""
+        s = slots[r]
+        s.lost = True
+        lost.append(r)
+        left = caught + [p for g in (s.hunt.groups if s.hunt else ()) for p in g] + [p for q in s.queue for p in q]
+        s.queue = []
+        if s.hunt:
+            s.hunt.groups.clear()
+        alive = [o for o in range(replicas) if not slots[o].lost]
+        with contextlib.suppress(Exception):
+            ray.kill(s.actor, no_restart=True)
+        if not alive:
+            say(f"replica {r} {why}; no replica is left: its {len(left):,} remaining requests get error records")
+            for p in left:
+                _once(seen, p)
+                on_error(p, RuntimeError(f"replica {r} {why}, and no replica was left to run this request"))
+            return
+        say(f"replica {r} {why}; its {len(left):,} remaining requests go to replicas {alive}")
+        for i in range(0, len(left), chunk):  # to the replica with the least left to run
+            o = min(alive, key=lambda o: sum(map(len, slots[o].queue)))
+            slots[o].queue.append(left[i:i + chunk])
+        for o in alive:
+            feed(o)
+
+    def died(r: int) -> None:
+        """Every chunk replica r's actor held has come back failed: hunt the request that stopped it
+        (runner.Hunt, as one engine does); `feed` starts a successor for what is left."""
+        s = slots[r]
+        caught, s.caught, s.dying = s.caught, [], False
+        if s.init_failed:
+            return lose(r, f"could not start its engine (its error is in {RAY_LOGS})", caught)
+        s.hunt = s.hunt or runner.Hunt(s.limit * chunk)
+        culprit = s.hunt.crashed(caught, s.group_died)
+        s.group_died = False
+        if culprit is not None:
+            _once(seen, culprit)
+            on_error(culprit, runner.StoppedEngine(f"in {RAY_LOGS}"))
+        if s.hunt.exhausted:
+            return lose(r, f"failed {s.hunt.crashes} times, also with its requests run apart (its errors are in "
+                           f"{RAY_LOGS})", [])
+        s.hunt.check_integrity(seen)
+        with contextlib.suppress(Exception):  # gone already, unless Ray only lost sight of it
+            ray.kill(s.actor, no_restart=True)
+        s.actor, s.gen = None, s.gen + 1
+        say(f"replica {r} failed with {len(caught):,} request{'' if len(caught) == 1 else 's'} in flight"
+            + (f"; line {culprit.request.line} ran alone when it failed: written as an error record" if culprit else "")
+            + ("; starting it again" if s.hunt.groups or s.queue else "")
+            + (f", {sum(map(len, s.hunt.groups)):,} suspect requests first, in smaller groups" if s.hunt.groups else ""))
+        feed(r)
 
     def capacity(actor) -> tuple:
         try:
@@ -152,23 +268,26 @@ def generate(cfg: runner.EngineConfig, parts: Sequence[Sequence[Prepared]],
 
     t0 = time.perf_counter()
     try:
-        limit += [in_flight or min(MAX_IN_FLIGHT, chunks_in_flight(*capacity(a), part, chunk))
-                  for a, part in zip(actors, parts)]
+        for r in range(replicas):
+            start(r)
+        for s, part in zip(slots, parts):
+            s.limit = in_flight or min(MAX_IN_FLIGHT, chunks_in_flight(*capacity(s.actor), part, chunk))
         for r in range(replicas):
             feed(r)
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             ref = ready[0]
-            r, part = pending.pop(ref)
+            r, part, group = pending.pop(ref)
+            s = slots[r]
             try:
                 pid, results = ray.get(ref)
             except RayActorError as exc:
-                if r not in lost:
-                    lost.append(r)
-                for p in part + [p for q in queues[r] for p in q]:
-                    _once(seen, p)
-                    on_error(p, RuntimeError(f"replica {r} died and its {max_restarts} restarts are spent: {exc}"))
-                queues[r] = []
+                s.dying = True
+                s.caught += [p for p in part if p.request.custom_id not in seen]
+                s.group_died |= group
+                s.init_failed |= exc.actor_init_failed
+                if not any(v[0] == r for v in pending.values()):
+                    died(r)
                 continue
             pids[r].add(pid)
             for i, out, exc in results:
@@ -178,25 +297,33 @@ def generate(cfg: runner.EngineConfig, parts: Sequence[Sequence[Prepared]],
                     runner.deliver(p, out, on_result, on_error)
                 else:
                     on_error(p, exc)
+            if s.hunt is not None:
+                s.hunt.answered()
+                if group:
+                    s.hunt.groups.popleft()
             done_chunks[r] += 1
             if on_chunk is not None:
-                on_chunk(r, actors[r], done_chunks[r])
+                on_chunk(r, s.actor, done_chunks[r])
             feed(r)
         seconds = time.perf_counter() - t0
     finally:
+        live = [s.actor for s in slots if s.actor is not None and not s.lost]
         try:
-            ray.get([a.shutdown.remote() for a in actors], timeout=60)
+            ray.get([a.shutdown.remote() for a in live], timeout=60)
         except Exception:  # noqa: BLE001 (a replica already gone has nothing to shut down)
             pass
-        for a in actors:
-            ray.kill(a, no_restart=True)
+        for s in slots:
+            if s.actor is not None:
+                with contextlib.suppress(Exception):
+                    ray.kill(s.actor, no_restart=True)
         if started_here:
             ray.shutdown()
-    return RayReport(seconds, [len(p) for p in parts], [sorted(x) for x in pids], lost, limit)
+    return RayReport(seconds, [len(p) for p in parts], [sorted(x) for x in pids], lost, [s.limit for s in slots],
+                     restarts)
 
 
 def _once(seen: set, p: Prepared) -> None:
-    key = id(p)
-    if key in seen:
+    """Each request is handed over once (custom ids are unique within a run)."""
+    if p.request.custom_id in seen:
         raise AssertionError(f"request {p.request.custom_id!r} came back twice")
-    seen.add(key)
+    seen.add(p.request.custom_id)

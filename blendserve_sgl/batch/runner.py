@@ -355,6 +355,14 @@ class Hunt:
         assert len(ids) == len(set(ids)) and not written.intersection(ids), "a suspect is queued twice or done"
 
 
+class StoppedEngine(RuntimeError):
+    """The error of the request a `Hunt` found: it ran alone when an engine process failed."""
+
+    def __init__(self, where: str):
+        super().__init__(f"this request stopped the engine (an SGLang process failed while it ran alone; its error "
+                         f"is {where}); fix it, then rerun with --retry-failed")
+
+
 def _terminated() -> None:
     raise KeyboardInterrupt  # out of run_until_complete: `generate` cancels what is in flight
 

@@ -1,0 +1,144 @@
+"""`--ray` when a replica's engine dies: the driver finds the request that stopped it (the same
+`runner.Hunt` one engine uses), gives a replica that cannot go on to the others, and hands every
+request over exactly once. Real Ray actors on a local cluster, each holding a stand-in engine
+(no SGLang: a request whose first token is POISON ends the actor's process, as a scheduler fault
+ends an engine's). The real engine's drill is `test_scale_out_engine.py`."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+ray = pytest.importorskip("ray")
+from ray import cloudpickle  # noqa: E402 (what Ray pickles actor classes with)
+
+from blendserve_sgl.batch import ray_runner, runner  # noqa: E402
+from blendserve_sgl.batch.prompts import Prepared  # noqa: E402
+from blendserve_sgl.batch.requests import BatchRequest  # noqa: E402
+
+POISON = 666
+NO_START = "no-start"  # a model path whose engine never starts
+NO_START_FIRST = "no-start-first"  # only the first replica's engine fails to start
+
+pytestmark = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two replicas on CPU need two cores")
+
+
+class StandIn:
+    """A Replica's interface (`ray_runner.Replica`) over no engine: each request's answer is its
+    custom id; POISON first ends this process."""
+
+    def __init__(self, cfg, env: dict):
+        os.environ.update(env)
+        first = os.environ.get("SGLANG_CPU_OMP_THREADS_BIND", "").split(",")[0] == "0"
+        if cfg.model_path == NO_START or (cfg.model_path == NO_START_FIRST and first):
+            raise RuntimeError("the stand-in engine does not start")
+
+    def capacity(self) -> tuple:
+        return 4096, 64
+
+    def run(self, items: list) -> tuple:
+        if any(p.input_ids[0] == POISON for p in items):
+            os._exit(1)
+        return os.getpid(), [(i, {"text": p.request.custom_id, "meta_info": {"finish_reason": {"type": "length"}}},
+                              None) for i, p in enumerate(items)]
+
+    def shutdown(self) -> None:
+        pass
+
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the actors get StandIn by value
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+def items(n: int, poison=()) -> list:
+    out = []
+    for i in range(n):
+        req = BatchRequest(line=i + 1, custom_id=f"r{i}", kind="completion", messages=None, prompt="x", max_tokens=4)
+        out.append(Prepared(req, [POISON if i in poison else 1, 2, 3], 4))
+    return out
+
+
+def run(parts: list, model_path: str = "m", monkeypatch=None, **kw) -> tuple:
+    monkeypatch.setattr(ray_runner, "Replica", StandIn)
+    answered, failed, said = {}, {}, []
+    cfg = runner.EngineConfig(model_path=model_path, policy="blend", device="cpu")
+
+    def on_result(p, out):
+        assert p.request.custom_id not in answered and p.request.custom_id not in failed
+        answered[p.request.custom_id] = out["text"]
+
+    def on_error(p, exc):
+        assert p.request.custom_id not in answered and p.request.custom_id not in failed
+        failed[p.request.custom_id] = exc
+
+    report = ray_runner.generate(cfg, parts, on_result, on_error, chunk=4, in_flight=2, say=said.append, **kw)
+    return report, answered, failed, said
+
+
+def test_a_request_that_stops_a_replica_fails_alone_and_the_rest_finish(cluster, monkeypatch):
+    """It used to take its replica's whole remaining shard with it: Ray retried the chunk on each
+    restart, each retry died, and after three every request left on that replica failed."""
+    reqs = items(40, poison={13})
+    report, answered, failed, said = run([reqs[:20], reqs[20:]], monkeypatch=monkeypatch)
+    assert set(failed) == {"r13"} and isinstance(failed["r13"], runner.StoppedEngine)
+    assert set(answered) == {f"r{i}" for i in range(40)} - {"r13"}
+    assert report.lost_replicas == [] and 1 <= report.restarts <= 6
+    assert any("line 14 ran alone" in m for m in said)
+
+
+def test_two_poison_requests_in_one_chunk_each_fail_alone(cluster, monkeypatch):
+    reqs = items(24, poison={4, 6})
+    report, answered, failed, _ = run([reqs[:12], reqs[12:]], monkeypatch=monkeypatch)
+    assert set(failed) == {"r4", "r6"} and all(isinstance(e, runner.StoppedEngine) for e in failed.values())
+    assert len(answered) == 22 and report.lost_replicas == []
+
+
+def test_a_replica_killed_from_outside_runs_its_chunks_again_and_loses_nothing(cluster, monkeypatch):
+    reqs = items(32)
+    killed = []
+
+    def on_chunk(replica, actor, done):
+        if replica == 0 and done == 1 and not killed:
+            killed.append(True)
+            ray.kill(actor, no_restart=True)
+
+    report, answered, failed, _ = run([reqs[:16], reqs[16:]], monkeypatch=monkeypatch, on_chunk=on_chunk)
+    assert killed and not failed and set(answered) == {f"r{i}" for i in range(32)}
+    assert report.restarts == 1 and len(report.pids[0]) == 2
+
+
+def test_a_replica_that_cannot_start_hands_its_shard_to_the_others(cluster, monkeypatch):
+    reqs = items(24)
+    report, answered, failed, said = run([reqs[:12], reqs[12:]], NO_START_FIRST, monkeypatch=monkeypatch)
+    assert not failed and set(answered) == {f"r{i}" for i in range(24)}
+    assert report.lost_replicas == [0] and any("go to replicas [1]" in m for m in said)
+
+
+def test_no_replica_that_starts_is_an_error_record_each_never_a_hang(cluster, monkeypatch):
+    reqs = items(10)
+    report, answered, failed, _ = run([reqs[:5], reqs[5:]], NO_START, monkeypatch=monkeypatch)
+    assert not answered and set(failed) == {f"r{i}" for i in range(10)}
+    assert sorted(report.lost_replicas) == [0, 1]
+
+
+def test_an_actor_exits_when_its_engine_process_ends(tmp_path):
+    """An actor runs off the main thread, where SGLang installs no SIGQUIT handler: a scheduler
+    that died left the actor alive and its requests waiting for ever (the real engine's hunt under
+    --ray hung so). The watch ends the process once a child it started has ended."""
+    import subprocess
+
+    script = ("import subprocess, sys, threading\n"
+              "from blendserve_sgl.batch.ray_runner import _exit_with_the_engine\n"
+              "child = subprocess.Popen([sys.executable, '-c', 'pass'])\n"
+              "_exit_with_the_engine(threading.Event(), 0.05)\n"
+              "sys.exit(0)  # never reached: the watch only returns once stopping is set\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "ended: this replica's actor exits" in done.stdout
