@@ -142,3 +142,32 @@ def test_an_actor_exits_when_its_engine_process_ends(tmp_path):
               "sys.exit(0)  # never reached: the watch only returns once stopping is set\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "ended: this replica's actor exits" in done.stdout
+
+
+def test_an_actor_exits_when_the_process_that_started_it_ends(tmp_path):
+    """A `kill -9` of `blendserve run --ray` ends its local cluster's processes, but not the actors
+    (each in a session of its own), which held their engines for ever."""
+    import subprocess
+    import time
+
+    import psutil
+
+    pid_file = tmp_path / "actor.pid"
+    script = ("import os, sys, threading, time\n"
+              "from blendserve_sgl.batch.ray_runner import _exit_with_the_engine\n"
+              "if os.fork() == 0:  # the child stands for the actor, this process for Ray's\n"
+              "    os.setsid()\n"
+              "    threading.Thread(target=_exit_with_the_engine, args=(threading.Event(), 0.05)).start()\n"
+              "    time.sleep(0.5)  # the watch has read its parent\n"
+              f"    open({str(pid_file)!r} + '.tmp', 'w').write(str(os.getpid()))\n"
+              f"    os.rename({str(pid_file)!r} + '.tmp', {str(pid_file)!r})\n"
+              "    time.sleep(600)\n"
+              f"while not os.path.exists({str(pid_file)!r}):\n"
+              "    time.sleep(0.05)\n")
+    subprocess.run([sys.executable, "-c", script], timeout=120)
+    actor = psutil.Process(int(pid_file.read_text()))
+    try:
+        actor.wait(timeout=60)
+    except psutil.TimeoutExpired:
+        actor.kill()
+        pytest.fail("the actor outlived the process that started it")

@@ -91,11 +91,17 @@ def _exit_with_the_engine(stopping: threading.Event, seconds: float = 1.0) -> No
     """Ends this actor's process when one of its engine's processes has ended. An actor is not on
     the main thread, so SGLang installs no SIGQUIT handler there: a scheduler that died (a request
     that stops it) left the actor alive and its requests waiting for ever. The actor's death is what
-    the driver sees (`RayActorError`), and its hunt starts a successor."""
+    the driver sees (`RayActorError`), and its hunt starts a successor. Also when the Ray process
+    that started this one has ended (the driver's local cluster killed with it): the actor and its
+    engine would otherwise live on, holding their memory and cores."""
     import psutil
 
     procs = psutil.Process().children()
+    parent = os.getppid()
     while not stopping.wait(seconds):
+        if os.getppid() != parent and not stopping.is_set():
+            print("the Ray process that started this replica ended: its actor exits", flush=True)
+            os._exit(1)
         for proc in procs:
             try:
                 ended = proc.status() == psutil.STATUS_ZOMBIE
