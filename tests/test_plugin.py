@@ -286,6 +286,32 @@ def test_adapter_loses_nothing_and_admits_each_request_once():
     assert pol.reindexes <= n_aborts + 1, (pol.reindexes, n_aborts)
 
 
+def test_a_request_sglang_aborts_out_of_the_batch_leaves_the_running_accounts():
+    """SGLang aborts a beam group it cannot retract by setting `to_finish` and dropping it from the
+    running batch; `finished()` never turns true for it. It stayed in the policy's running requests
+    for good (found by a server probe: `running` 2 with one request in flight), its memory held
+    against its side and the nothing-runs liveness rule blocked."""
+    sched = FakeScheduler()
+    pol = _make_policy(sched, sample_fraction=0.0)
+    reqs = [FakeReq(f"r{i}", [1] * 20 + [i + 4], 8) for i in range(2)]
+    for r in reqs:
+        r.to_finish = None
+        sched.waiting_queue.append(r)
+        pol.on_arrival(r)
+    pol.calc_priority(sched.waiting_queue, SimpleNamespace(reqs=[]))
+    took, sched.waiting_queue = sched.waiting_queue, []
+    pol.after_step()
+    assert {r.rid for r in took} == {"r0", "r1"} and set(pol.running) == {"r0", "r1"}
+    reqs[0].to_finish = reqs[1].to_finish = object()  # both marked; only r0 is out of the batch
+    pol.calc_priority(sched.waiting_queue, SimpleNamespace(reqs=[reqs[1]]))
+    pol.after_step()
+    assert set(pol.running) == {"r1"}  # r1 still runs until SGLang processes its abort
+    reqs[1].done = True
+    pol.calc_priority(sched.waiting_queue, SimpleNamespace(reqs=[]))
+    pol.after_step()
+    assert not pol.running and pol.stats()["running"] == 0
+
+
 def test_budget_matches_sglangs_admission_check_with_mixed_chunks():
     """With --enable-mixed-chunk SGLang's PrefillAdder takes the running requests' decode tokens
     out of the KV budget and of the step's prefill tokens; the plan's budget does the same (else

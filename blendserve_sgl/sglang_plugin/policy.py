@@ -265,9 +265,19 @@ class BlendPolicy:
         self.work.wait(*self.work_of.pop(rid), sign=-1)
         return self.waiting.pop(rid)
 
-    def _sync_running(self) -> None:
+    def _sync_running(self, running_batch=None) -> None:
+        """Running requests that ended leave the scanner's accounts. SGLang aborts a beam group it
+        cannot retract (and a retraction without a KV backup) by setting `to_finish` and dropping
+        the request from the batch: `finished()` never turns true for it, so a request marked so
+        and out of the running batch has ended too (it held its side's memory for good)."""
+        live = None
         for rid, req in list(self.running.items()):
-            if req.finished():
+            ended = req.finished()
+            if not ended and getattr(req, "to_finish", None) is not None and running_batch is not None:
+                if live is None:
+                    live = {r.rid for r in running_batch.reqs}
+                ended = rid not in live
+            if ended:
                 del self.running[rid]
                 self.scanner.finished(rid, len(req.output_ids))
                 self.work.finished(len(req.output_ids))
@@ -282,7 +292,7 @@ class BlendPolicy:
         if (waiting_queue is not self.queue or self._dirty
                 or len(self.pos) != len(waiting_queue) or len(self.pos) != len(self.waiting) + len(self.untracked)):
             self._reindex(waiting_queue)
-        self._sync_running()
+        self._sync_running(running_batch)
         admissions = self.scanner.schedule(self._budget(running_batch))
         planned = []
         for a in admissions:
