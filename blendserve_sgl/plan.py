@@ -56,6 +56,7 @@ from .workloads import Record
 
 SCENARIOS = ("max_tokens", "estimate")
 SIM_REQUESTS = 5_000  # default sample size; the plan reports the spread between two samples
+BAD_LINES_NAMED = 20  # bad lines the plan names with their messages (the rest are counted)
 # What `blendserve run --policy` runs (SGLang's fcfs, lpm, dfs-weight, the plugin's blend): the
 # default; the simulator's orderings `dfs` and `balance` are planned on request.
 RUNNABLE = ("fcfs", "sglang-lpm", "sglang-dfs-weight", "blend")
@@ -65,21 +66,27 @@ def scenario_records(records: list[Record], output_fraction: float, fractions: l
                      seed: int = 0) -> dict[str, list[Record]]:
     """Per scenario the records with their output lengths: `max_tokens` (each request generates
     its limit) and `estimate` (`output_fraction` of it or, given sampled `fractions`, a fraction
-    drawn from them per record with `seed`; at least 1 token)."""
+    drawn from them per record with `seed`; at least 1 token). A request that ignores EOS
+    (`Record.exact`) generates its limit in both."""
     if fractions:
         rng = random.Random(seed)
         frac = [rng.choice(fractions) for _ in records]
     else:
         frac = [output_fraction] * len(records)
     return {"max_tokens": list(records),
-            "estimate": [r._replace(output_len=max(1, round(f * r.output_len))) for r, f in zip(records, frac)]}
+            "estimate": [r if r.exact else r._replace(output_len=max(1, round(f * r.output_len)))
+                         for r, f in zip(records, frac)]}
 
 
 def sampled_fractions(records: list[Record], n: int, seed: int, run) -> list[float]:
-    """Generated tokens / max_tokens of a seeded uniform sample of `n` records (all when fewer):
-    `run(chosen)` generates the chosen records and returns each one's generated token count, or
-    None for a request that failed (left out)."""
-    chosen = sample(records, n, seed)
+    """Generated tokens / max_tokens of a seeded uniform sample of `n` records (all when fewer)
+    of those that stop at EOS (`Record.exact` ones generate their limit: they tell nothing about
+    the others): `run(chosen)` generates the chosen records and returns each one's generated token
+    count, or None for a request that failed (left out)."""
+    open_ended = [r for r in records if not r.exact]
+    if not open_ended:
+        return [1.0]  # every request generates its limit: the fraction is not used
+    chosen = sample(open_ended, n, seed)
     counts = run(chosen)
     fractions = [c / r.output_len for r, c in zip(chosen, counts, strict=True) if c is not None]
     if not fractions:
@@ -211,8 +218,9 @@ def plan(records: list[Record], cost: CostModel, engine: EngineConfig, policies=
         "engine": {k: getattr(engine, k) for k in engine.__slots__},
         "timing": {"mode": timing.mode, "interference": timing.interference},
         "output_lengths": {"max_tokens": "each request generates its max_tokens (upper bound)",
-                           "estimate": _describe(fractions, cost.model.name) if fractions else
-                           f"each request generates {output_fraction:g} x its max_tokens (assumed)",
+                           "estimate": "each request generates its recorded output length (the workload's)"
+                           if all(r.exact for r in records) else _describe(fractions, cost.model.name) if fractions
+                           else f"each request generates {output_fraction:g} x its max_tokens (assumed)",
                            "scheduler": "unknown to every policy (blend samples 1% first and estimates)"},
         "density": round(wl.density, 4), "sharing_dfs_unbounded": round(wl.sharing, 4),
         "policies": rows, **summary,
@@ -434,7 +442,9 @@ def main(argv: list[str] | None = None) -> int:
 
                 hint = (f"; it reads as a trace of token counts: plan it with --workload {args.input}"
                         if args.input != "-" and looks_like_trace(args.input) else "")
-                raise ValueError(f"{args.input}: no valid request to plan ({len(errors)} bad lines){hint}")
+                named = "".join(f"\n  {e.message}" for e in errors[:BAD_LINES_NAMED])
+                more = f"\n  ... and {len(errors) - BAD_LINES_NAMED:,} more" if len(errors) > BAD_LINES_NAMED else ""
+                raise ValueError(f"{args.input}: no valid request to plan ({len(errors)} bad lines){hint}{named}{more}")
             if args.generate_sample:
                 say(f"generating a sample of {min(args.generate_sample, len(records))} requests on this machine "
                     f"({device}) ...")
@@ -450,8 +460,9 @@ def main(argv: list[str] | None = None) -> int:
             EngineConfig.for_cost(cost, kv_gb=args.kv_gb)  # the model fits before its workload is built
             counted = ("the trace file's token counts" if is_trace_file(args.workload)
                        else "the built-in workload's lengths")
-            records = [r._replace(max_tokens=r.output_len) for r in load_workload(args.workload, args.requests, cost,
-                                                                                  args.seed)]
+            records = [r._replace(max_tokens=r.output_len, exact=True)  # a workload's lengths are what it generates
+                       for r in load_workload(args.workload, args.requests, cost, args.seed)]
+            records, errors = within_context(records, cost.model.max_context, args.workload, args.model)
         read_s = time.perf_counter() - t0 - gen_s
         engine = EngineConfig.for_cost(cost, kv_gb=args.kv_gb, max_running=args.max_running,
                                        chunked_prefill=args.chunk, mixed_chunk=args.mixed_chunk)
@@ -466,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     sim_s = time.perf_counter() - t1
     out = {"command": "blendserve plan " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[2:])),
            "input": args.input or args.workload, "lines": lines, "bad_lines": len(errors),
-           "bad_line_messages": [e.message for e in errors[:20]], "token_counts": counted,
+           "bad_line_messages": [e.message for e in errors[:BAD_LINES_NAMED]], "token_counts": counted,
            **out, "read_seconds": round(read_s, 2), "generate_seconds": round(gen_s, 2), "simulate_seconds": round(sim_s, 2),
            "plan_seconds": round(time.perf_counter() - t0, 2)}
     plot = _plot_path(args)
@@ -492,7 +503,34 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def within_context(records: list[Record], context: int, source: str, model_name: str) -> tuple[list, list]:
+    """(records whose prompt the model's context holds with one output token, a `LineError` per
+    other one: row number, tokens, the fix). A trace's rows are token counts with no model of
+    their own: a prompt of 191,378 tokens (Mooncake) cannot run on a 131,072-token model, which
+    `run` refuses line by line; none of them runs, so none is planned."""
+    from .batch.requests import LineError
+
+    kept, bad = [], []
+    for row, r in enumerate(records, 1):
+        if r.prompt_len < context:
+            kept.append(r)
+        else:
+            bad.append(LineError(row, str(r.rid), f"{Path(source).name} request {row}: the prompt is {r.prompt_len:,} "
+                                 f"tokens, at least {model_name}'s context of {context:,} tokens; not planned "
+                                 "(plan a model with a longer context, or drop the row)"))
+    if not kept:
+        raise ValueError(f"{source}: no request fits {model_name}'s context of {context:,} tokens "
+                         f"({len(bad):,} requests, the first {records[0].prompt_len:,} prompt tokens)")
+    return kept, bad
+
+
 def _print(out: dict, say) -> None:
+    if out["bad_lines"] and out["lines"] is None:  # a workload's requests beyond the model's context
+        say(f"{out['input']}: {out['bad_lines']:,} requests not planned (longer than the model's context)")
+        for msg in out["bad_line_messages"]:
+            say(f"  {msg}")
+        if out["bad_lines"] > len(out["bad_line_messages"]):
+            say(f"  ... and {out['bad_lines'] - len(out['bad_line_messages']):,} more")
     if out["lines"] is not None:
         say(f"{out['input']}: {out['lines']:,} lines, {out['requests']:,} planned, {out['bad_lines']:,} bad "
             f"(run writes them as error records)")
@@ -536,10 +574,13 @@ def plan_for_run(run_args) -> int:
     the run's model, max_tokens default, context and engine limits (`--max-total-tokens`,
     `--engine-arg chunked_prefill_size=`/`max_running_requests=`/`enable_mixed_chunk=`); prints
     the plan and exits. HARDWARE `auto`: the `cpu` preset when the run would use the CPU."""
-    from .batch.runner import CPU_MAX_TOTAL_TOKENS
+    from .batch.cli import check_scale_out, engine_args
+    from .batch.runner import CPU_MAX_TOTAL_TOKENS, check_engine_args
     from .models import ModelError, check_model_dir, default_model
 
-    try:
+    try:  # what `run` refuses is refused here too, before anything is planned
+        check_engine_args(engine_args(run_args.engine_arg))
+        check_scale_out(run_args)
         model_dir = check_model_dir(run_args.model) if run_args.model else default_model(run_args.model_cache, log=print)
         spec = ModelSpec.from_config_file(model_dir)
     except (ModelError, ValueError, OSError) as exc:
@@ -587,6 +628,16 @@ def plan_for_run(run_args) -> int:
             argv.append("--mixed-chunk")
     if getattr(run_args, "dp", 1) > 1:
         argv += ["--gpus", str(run_args.dp)]
+    if getattr(run_args, "ray", False):  # replicas of the engine, each on --gpus-per-replica devices
+        argv += ["--gpus", str(run_args.replicas)]
+        per = run_args.gpus_per_replica
+        if per is not None and per > 1:
+            if per != int(per) or re.match(r"\s*\d+\s*x", hw, flags=re.IGNORECASE):
+                print(f"blendserve run --plan-only: error: --gpus-per-replica {per:g} with --plan-only {hw}: plan a "
+                      "whole number of GPUs per replica, named once (--plan-only NxGPU or --gpus-per-replica N)",
+                      file=sys.stderr)
+                return 2
+            argv[argv.index("--hardware") + 1] = f"{int(per)}x{hw}"
     if run_args.generate_sample:
         argv += ["--generate-sample", str(run_args.generate_sample)]
     return main(argv)

@@ -270,6 +270,56 @@ def test_run_plan_only_names_the_engine_arg_it_maps(user_file, tmp_path, capsys,
     assert "--chunk" not in err and "--max-running" not in err
 
 
+@pytest.mark.parametrize("flags, said", [
+    (["--engine-arg", "max_total_tokens=10"], "use --max-total-tokens instead"),
+    (["--engine-arg", "schedule_policy=fcfs"], "use --policy instead"),
+    (["--engine-arg", "=1"], "expected KEY=VALUE"),
+    (["--engine-arg", "nonexistent_knob=1"], "nonexistent_knob: not an argument of sglang.Engine"),
+    (["--replicas", "2"], "apply to --ray runs"),
+])
+def test_run_plan_only_refuses_what_run_refuses(user_file, tmp_path, capsys, flags, said):
+    """The same command without --plan-only stops with exit 2; with it, a plan was printed (a KV
+    pool of 10 tokens planned as the default pool)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from cpu_smoke import write_tiny_llama
+
+    if "nonexistent_knob=1" in flags:
+        pytest.importorskip("sglang")
+    model_dir = write_tiny_llama(tmp_path / "tiny")
+    assert cli.main(["run", str(user_file), "--model", str(model_dir), "--plan-only", "a100", *flags]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("blendserve run --plan-only: error:") and said in err
+
+
+def test_run_plan_only_plans_ray_replicas(user_file, tmp_path, capsys, monkeypatch):
+    """--ray --replicas N was planned as one engine: N times the wall time a Ray run takes."""
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("ray")
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from cpu_smoke import write_tiny_llama
+
+    model_dir = write_tiny_llama(tmp_path / "tiny")
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["run", str(user_file), "--model", str(model_dir), "--plan-only", "a100", "--ray", "--replicas",
+                     "4", "--gpus-per-replica", "2"]) == 0
+    assert " on 4 x 2xa100" in capsys.readouterr().out
+
+
+def test_run_refuses_a_trace_file_at_once(tmp_path, capsys):
+    """Every line of a trace became an error record (`custom_id is missing`) and the run ended 0."""
+    trace = tmp_path / "trace.jsonl"
+    trace.write_text('{"timestamp": 0, "input_length": 600, "output_length": 20, "hash_ids": [1, 2]}\n')
+    assert cli.main(["run", str(trace), "-o", str(tmp_path / "out.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "reads as a trace of token counts" in err and f"blendserve plan --workload {trace}" in err
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 def test_cpu_preset_carries_the_recorded_fit():
     """The `cpu` preset is the calibration `bench/plan_file.py` recorded: its CPU figures and the
     overhead terms, which the least squares over the recorded logged steps gives again here; the
@@ -424,3 +474,49 @@ def test_generate_sample_on_the_real_engine(tiny_llama, tmp_path):
     assert data["generated_sample"]["requests"] == 4
     assert all(0 <= f <= 1 for f in data["generated_sample"]["fractions"])
     assert data["output_lengths"]["estimate"].startswith("generated: 4 requests of this file ran on this machine")
+
+
+def test_a_request_that_ignores_eos_generates_its_limit_in_every_scenario(tmp_path, capsys):
+    """It generates exactly max_tokens; the estimate scenario halved it, so the plan's low end was
+    a time no run can reach (found by a probe: 1,200-token ignore_eos requests planned at 600)."""
+    path = tmp_path / "requests.jsonl"
+    path.write_text("\n".join(_line(f"q{i}", f"question {i}", max_tokens=64, ignore_eos=i % 2 == 0)
+                              for i in range(6)) + "\n")
+    got = load_batch_file(path, ByteTokenizer(), 4096, 256)
+    assert [r.exact for r in got.records] == [True, False] * 3
+    est = plan.scenario_records(got.records, 0.5)["estimate"]
+    assert [r.output_len for r in est] == [64, 32] * 3
+    assert plan.sampled_fractions(got.records, 10, 0, lambda chosen: [
+        None if r.exact else 16 for r in chosen]) == [0.25] * 3  # only the open-ended ones are sampled
+    assert plan.sampled_fractions(got.records[:1], 10, 0, lambda chosen: pytest.fail("nothing to sample")) == [1.0]
+
+
+def test_a_file_of_bad_lines_only_names_them(tmp_path, capsys):
+    path = tmp_path / "requests.jsonl"
+    path.write_text(_line("q1", "three answers", n=3) + "\n" + "{not json\n")
+    assert cli.main(["plan", str(path), "--model", "llama-3.1-8b", "--hardware", "h100"]) == 2
+    err = capsys.readouterr().err
+    assert "no valid request to plan (2 bad lines)" in err and "requests.jsonl line 1:" in err
+    assert "requests.jsonl line 2:" in err
+
+
+def test_a_workload_beyond_the_models_context_is_named_and_not_planned(tmp_path, capsys):
+    """A trace row's prompt longer than the model's context was planned as if it ran (Mooncake's
+    synthetic trace holds prompts of 191,378 tokens; Llama-3.1-8B takes 131,072). Its recorded
+    output lengths are what the requests generate: no halved scenario either."""
+    trace = tmp_path / "t.csv"
+    trace.write_text("ContextTokens,GeneratedTokens\n200000,10\n100,10\n131072,3\n300,20\n")
+    out = tmp_path / "p.json"
+    assert cli.main(["plan", "--workload", str(trace), "--model", "llama-3.1-8b", "--policies", "fcfs,blend",
+                     "--out", str(out), "--plot", str(tmp_path / "p.png")]) == 0
+    text = capsys.readouterr().out
+    assert "2 requests not planned (longer than the model's context)" in text
+    assert "t.csv request 1: the prompt is 200,000 tokens" in text and "t.csv request 3:" in text
+    data = json.loads(out.read_text())
+    assert data["requests"] == 2 and data["bad_lines"] == 2
+    assert data["output_lengths"]["estimate"].startswith("each request generates its recorded output length")
+    row = data["policies"][0]
+    assert row["wall_s"]["low"] == row["wall_s"]["high"]  # one length per request: no range from lengths
+    trace.write_text("ContextTokens,GeneratedTokens\n200000,10\n")
+    assert cli.main(["plan", "--workload", str(trace), "--model", "llama-3.1-8b"]) == 2
+    assert "no request fits llama-3.1-8b's context of 131,072 tokens" in capsys.readouterr().err

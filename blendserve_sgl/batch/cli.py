@@ -153,8 +153,8 @@ def _main(args) -> int:
     global _MESSAGES
     _MESSAGES = "stderr" if same_file(args.output, "/dev/stdout") else "stdout"  # -o /dev/stdout | jq
     try:
-        extra = _engine_args(args.engine_arg)
-        _check_scale_out(args)
+        extra = engine_args(args.engine_arg)
+        check_scale_out(args)
         _check_workers(args.workers)
         _check_attention_backend(args.attention_backend)
         from ..sglang_plugin.settings import check_launch
@@ -164,6 +164,7 @@ def _main(args) -> int:
         _check_summary_apart(args)
         source = check_readable(args.input)
         args.input = str(source)  # `-` is /dev/stdin
+        _refuse_trace(source)
         if args.retry_failed and args.overwrite:
             raise ValueError("--retry-failed keeps the results that succeeded, --overwrite discards them all: "
                              "give one of them")
@@ -191,6 +192,17 @@ def _main(args) -> int:
         except (InputError, ResultsError, EngineError) as exc:
             print(f"blendserve run: error: {exc}", file=sys.stderr)
             return 1 if isinstance(exc, EngineError) else 2
+
+
+def _refuse_trace(source: Path) -> None:
+    """A trace of token counts (Azure, Mooncake, ...) holds no prompts: every line would become an
+    error record and the run would end 0. Said at once instead, with what takes such a file."""
+    from ..workloads.trace_file import looks_like_trace
+
+    if source.is_file() and looks_like_trace(source):
+        raise InputError(f"{source} reads as a trace of token counts, not requests (OpenAI Batch API lines with "
+                         f"custom_id, url and body): plan or simulate it with `blendserve plan --workload {source}` "
+                         f"or `blendserve simulate --workload {source}`")
 
 
 class EngineError(RuntimeError):
@@ -353,7 +365,7 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
             gpus = args.gpus_per_replica if args.gpus_per_replica is not None else (1.0 if device == "cuda" else 0.0)
             report = ray_runner.generate(
                 cfg, [[read.store.prepared(i) for i in part] for part in parts], on_result, on_error,
-                address=args.ray_address, gpus=gpus, say=_say)
+                address=args.ray_address, gpus=gpus, say=_say, on_chunk=lambda *_: stats.sample_rss())
             stats.generate_seconds, stats.engine_restarts = report.seconds, report.restarts
             _COMPLETE[0] = True
             return
@@ -366,6 +378,7 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
         quit_handler = signal.getsignal(signal.SIGQUIT)  # put back at the end (a restart leaves SGLang's)
         while True:  # one engine; again after one of its processes dies, to find the request that stopped it
             engine = _start(cfg, args, stats, writer, again=hunt is not None)
+            stats.sample_rss()  # the engine's processes hold their memory from here (a short run has no tick)
             if first:
                 stats.window = args.window if args.window >= 0 else window_size(
                     *engine_capacity(engine), mean_request_tokens(read.store, read.done))
@@ -430,6 +443,7 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
         if hunt is not None and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGQUIT, quit_handler)
         if engine is not None:
+            stats.sample_rss()
             engine.shutdown()
         if stats_file and args.policy == "blend":
             try:
@@ -553,7 +567,9 @@ def _check_workers(workers: int | None) -> None:
                          "(leave it out to use them all)")
 
 
-def _check_scale_out(args) -> None:
+def check_scale_out(args) -> None:
+    """--dp, --ray and their options together (`--plan-only` checks them too); sets --replicas'
+    default."""
     if args.ray and args.dp > 1:
         raise ValueError("--dp and --ray are two ways to run replicas: give one (--ray --replicas N, or --dp N)")
     if not args.ray and (args.ray_address or args.gpus_per_replica is not None or args.replicas is not None):
@@ -594,7 +610,10 @@ OWN_ENGINE_ARGS = {"model_path": "--model", "schedule_policy": "--policy", "cont
                    "random_seed": "--seed", "log_level": "--log-level", "device": "--device", "dp_size": "--dp"}
 
 
-def _engine_args(pairs: list[str]) -> dict:
+def engine_args(pairs: list[str]) -> dict:
+    """--engine-arg KEY=VALUE pairs as keyword arguments (values read as JSON where they parse);
+    ValueError for a pair without KEY= or a key a flag of this command sets (`--plan-only` checks
+    them too)."""
     out = {}
     for pair in pairs:
         key, sep, value = pair.partition("=")

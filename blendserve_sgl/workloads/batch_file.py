@@ -11,6 +11,7 @@ shared prefixes stay shared.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import NamedTuple
 
@@ -57,8 +58,10 @@ def load_batch_file(path: str | os.PathLike, tokenizer, context_len: int, defaul
         model_dir = src if isinstance(src, str) and os.path.isdir(src) else None
     read = read_store(path, tokenizer, context_len, default_max_tokens, model_dir=model_dir)
     s = read.store
-    records = [Record(s.custom_id(i), int(n), (), int(m), KINDS[k], tuple(s.input_ids(i)), int(m))
-               for i, (n, m, k) in enumerate(zip(s.prompt_lengths(), s.max_tokens.view, s.kind.view))]
+    exact = [json.loads(t).get("ignore_eos") is True for t in s.sampling_table]  # per interned sampling
+    records = [Record(s.custom_id(i), int(n), (), int(m), KINDS[k], tuple(s.input_ids(i)), int(m), exact[g])
+               for i, (n, m, k, g) in enumerate(zip(s.prompt_lengths(), s.max_tokens.view, s.kind.view,
+                                                     s.sampling.view))]
     return BatchFile(records, read.errors, read.lines)
 
 

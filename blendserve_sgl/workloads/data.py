@@ -42,6 +42,7 @@ class Record(NamedTuple):
     kind: str = ""
     tokens: tuple | None = None  # token ids of the prompt, when known
     max_tokens: int | None = None  # the request's own output limit (a user's file), if any
+    exact: bool = False  # it generates exactly max_tokens (ignore_eos in a user's file): no scenario shortens it
 
 
 def data_dir() -> Path:
