@@ -388,9 +388,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"pass either a requests file ({args.input}) or --workload ({args.workload}), not both")
         if args.input is None and args.workload is None:
             raise ValueError("pass a requests.jsonl file, or --workload NAME for a built-in mix")
-        if args.workload is not None and args.context_length is not None:
-            raise ValueError("--context-length checks the prompts of a requests file; a --workload's lengths are "
-                             "taken as they are: drop it")
+        if args.input is not None and args.requests is not None:
+            raise ValueError(f"--requests takes the first N requests of a --workload; a requests file ({args.input}) "
+                             "is planned whole (--sim-requests sets how many of it are simulated): drop --requests")
         from .batch.cli import check_apart, check_output
 
         for flag, path in (("--out", args.out), ("--plot", args.plot)):
@@ -462,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
                        else "the built-in workload's lengths")
             records = [r._replace(max_tokens=r.output_len, exact=True)  # a workload's lengths are what it generates
                        for r in load_workload(args.workload, args.requests, cost, args.seed)]
-            records, errors = within_context(records, cost.model.max_context, args.workload, args.model)
+            records, errors = within_context(records, args.context_length or cost.model.max_context, args.workload,
+                                             args.model)
         read_s = time.perf_counter() - t0 - gen_s
         engine = EngineConfig.for_cost(cost, kv_gb=args.kv_gb, max_running=args.max_running,
                                        chunked_prefill=args.chunk, mixed_chunk=args.mixed_chunk)

@@ -143,11 +143,14 @@ def test_plan_builtin_workload(capsys, tmp_path):
     # a size no machine builds in memory is refused before anything is built, naming the flag
     assert cli.main(["plan", "--workload", "trace2", "--requests", str(10**9)]) == 2
     assert "--requests 1,000,000,000: a built-in workload (trace2) is built in memory" in capsys.readouterr().err
-    # a file and a workload, or a context for a workload's lengths: said instead of one being dropped
+    # a file and a workload, or --requests for a file: said instead of one being dropped
     assert cli.main(["plan", "requests.jsonl", "--workload", "trace1"]) == 2
     assert "pass either a requests file (requests.jsonl) or --workload (trace1), not both" in capsys.readouterr().err
+    assert cli.main(["plan", "requests.jsonl", "--requests", "5"]) == 2
+    assert "a requests file (requests.jsonl) is planned whole" in capsys.readouterr().err
+    # a context for a workload holds its prompts to it
     assert cli.main(["plan", "--workload", "trace1", "--context-length", "10"]) == 2
-    assert "--context-length checks the prompts of a requests file" in capsys.readouterr().err
+    assert "no request fits llama-3.1-8b's context of 10 tokens" in capsys.readouterr().err
 
 
 @settings(max_examples=60, deadline=None)
