@@ -399,10 +399,9 @@ def main(argv: list[str] | None = None) -> int:
         check_apart("--plot", _plot_path(args), [("the input", args.input), ("the --workload file", args.workload),
                                                  ("the --out file", args.out)])
         _check_plot_format(_plot_path(args))
-        policies = list(dict.fromkeys(p.strip() for p in args.policies.split(",") if p.strip()))  # each once
-        bad = [p for p in policies if p not in POLICIES]
-        if bad or not policies:
-            raise ValueError(f"--policies: unknown {', '.join(map(repr, bad)) or repr(args.policies)}; choose from {', '.join(POLICIES)}")
+        from .sim.cli import parse_policies
+
+        policies = parse_policies(args.policies, "--policies")
         device = None
         if args.generate_sample:
             if args.input is None or not Path(args.model).is_dir():

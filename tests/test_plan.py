@@ -130,7 +130,11 @@ def test_plan_json_only_and_errors(user_file, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["best_other"]["max_tokens"] == "fcfs" and data["input"] == str(user_file)
     assert cli.main(["plan", str(user_file), "--policies", "nope"]) == 2
-    assert "unknown 'nope'" in capsys.readouterr().err
+    assert "unknown policy 'nope'" in capsys.readouterr().err
+    assert cli.main(["plan", str(user_file), "--policies", "fcfs,,blend"]) == 2  # an empty entry was skipped
+    assert "--policies 'fcfs,,blend': entry 2 of 3 is empty" in capsys.readouterr().err
+    assert cli.main(["plan", str(user_file), "--policies", "dfs-weight,blend", "--json", "--plot", "/dev/null"]) == 0
+    assert [r["policy"] for r in json.loads(capsys.readouterr().out)["policies"]] == ["sglang-dfs-weight", "blend"]
     assert cli.main(["plan", str(user_file.parent / "missing.jsonl")]) == 2
     assert "no such file" in capsys.readouterr().err
     assert cli.main(["plan"]) == 2

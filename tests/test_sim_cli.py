@@ -33,7 +33,12 @@ def test_simulate_takes_a_named_interference(tmp_path, setting):
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--policy", "blend,lpm"], "unknown policy 'lpm'; choose from fcfs, sglang-lpm, sglang-dfs-weight, dfs, balance, blend"),
+    (["--policy", "blend,lpn"], "unknown policy 'lpn'; choose from fcfs, sglang-lpm, sglang-dfs-weight, dfs, balance, blend "
+                                "(SGLang's names lpm and dfs-weight are taken too)"),
+    # an empty entry was skipped while an empty list was refused
+    (["--policy", "fcfs,,blend"], "--policy 'fcfs,,blend': entry 2 of 3 is empty; separate the names with single commas"),
+    (["--policy", "fcfs, "], "--policy 'fcfs, ': entry 2 of 2 is empty"),
+    (["--policy", " , "], "--policy ' , ' names no policy; choose from fcfs"),
     (["--workload", "burstgpt"], "unknown workload 'burstgpt'; choose one of trace1, trace2, trace3, trace4, mixed"),
     (["--workload", "mix:1.2"], "mix:DENSITY,SHARING"),
     (["--hardware", "tpu"], "unknown hardware preset 'tpu'; choose one of"),
@@ -57,6 +62,31 @@ def test_bad_input_is_named_with_the_choices(capsys, tmp_path, args, message):
         code = exc.code
     assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_sglangs_policy_names_are_taken_as_the_simulators(tmp_path):
+    """`run --policy` takes SGLang's lpm and dfs-weight; simulate took only sglang-lpm and
+    sglang-dfs-weight. Both spellings now run the same picker, once, under the simulator's name."""
+    from blendserve_sgl.sim.cli import parse_policies
+
+    assert parse_policies("lpm, dfs-weight,fcfs") == ["sglang-lpm", "sglang-dfs-weight", "fcfs"]
+    assert parse_policies("lpm,sglang-lpm") == ["sglang-lpm"]
+    out = tmp_path / "sim.json"
+    assert cli.main(["simulate", "--workload", "trace1", "--requests", "200", "--policy", "dfs-weight,lpm",
+                     "--out", str(out)]) == 0
+    assert [r["policy"] for r in json.loads(out.read_text())["results"]] == ["sglang-dfs-weight", "sglang-lpm"]
+
+
+def test_a_trace_of_long_block_chains_runs_under_every_policy(tmp_path):
+    """Two Mooncake rows sharing 1,999 blocks: chunked prefill publishes them as a chain of
+    about 2,000 cache nodes, which sglang-dfs-weight walked recursively (a RecursionError)."""
+    path = tmp_path / "deep.jsonl"
+    path.write_text("".join(json.dumps({"input_length": 2000 * 512, "output_length": 4,
+                                        "hash_ids": [*range(1999), 10**6 + i]}) + "\n" for i in range(2)))
+    out = tmp_path / "sim.json"
+    assert cli.main(["simulate", "--workload", str(path), "--kv-gb", "800", "--chunk", "512", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())["results"]
+    assert len(rows) == 6 and all(r["sharing"] > 0.49 for r in rows)  # the second row finds the chain cached
 
 
 @pytest.mark.parametrize("field, value", [("hidden_size", 0), ("num_attention_heads", "abc"), ("vocab_size", None),

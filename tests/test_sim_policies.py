@@ -12,8 +12,9 @@ from blendserve_sgl.core.sharing import dfs_order
 from blendserve_sgl.sim.adder import sglang_admit
 from blendserve_sgl.sim.cache import RadixCache
 from blendserve_sgl.sim.engine import Engine, EngineConfig
-from blendserve_sgl.sim.policies import SGLangDFSWeight, SGLangLPM, make_picker, reference_tree
-from blendserve_sgl.sim.request import SimRequest, from_tokens
+from blendserve_sgl.sim.policies import Picker, SGLangDFSWeight, SGLangLPM, make_picker, reference_tree
+from blendserve_sgl.sim.request import SimRequest, from_records, from_tokens
+from blendserve_sgl.workloads import Record
 from blendserve_sgl.core.pacing import weight_read_seconds as weight_seconds
 
 from test_sim_engine import token_work
@@ -105,6 +106,195 @@ def test_dfs_weight_order_equals_sglangs_function(seed):
     nodes = [cache.match(r.fill_keys)[0] for r in waiting]
     expect = [waiting[i].rid for i in sglang_dfs_weight_order(cache.root, nodes)]
     assert got == expect
+
+
+class PlainDFSWeight(Picker):
+    """The dfs-weight picker written plainly, as it ran before its match round was indexed: every
+    class re-matched in creation order whenever the cache or the classes changed, the order
+    rebuilt from all waiting requests by SGLang's own function. The indexed picker must make the
+    same picks and leave the cache in the same state, step for step."""
+
+    name = "plain-dfs-weight"
+
+    def __init__(self, order):
+        self.classes, self.anchors, self.version, self.n = {}, {}, -1, 0
+        for r in order:
+            self.add(r)
+
+    def add(self, req):
+        key = SGLangDFSWeight._key(req)
+        if key not in self.classes:
+            self.classes[key] = []
+            self.version = -1
+        self.classes[key].append(req)
+        self.n += 1
+
+    def __len__(self):
+        return self.n
+
+    def pick(self, view):
+        cache = view.cache
+        if self.version != cache.version:
+            for key in self.classes:
+                a = self.anchors.get(key)
+                self.anchors[key] = cache.match_from(key, a if a is not None and a[0].alive else (cache.root, 0, 0))
+            self.version = cache.version
+
+        def order():
+            waiting = sorted((r for q in self.classes.values() for r in q), key=lambda r: r.seq)
+            nodes = [self.anchors[SGLangDFSWeight._key(r)][0] for r in waiting]
+            for i in sglang_dfs_weight_order(cache.root, nodes):
+                yield waiting[i]
+
+        picks = sglang_admit(view, order())
+        for p in picks:
+            key = SGLangDFSWeight._key(p.req)
+            self.classes[key].remove(p.req)
+            if not self.classes[key]:
+                del self.classes[key], self.anchors[key]
+                self.version = -1
+            self.n -= 1
+        return picks
+
+
+def cache_state(cache):
+    """Every node, depth first in child order (key, length, last use, locks, creation order), and
+    the clock: all that evictions and SGLang's order read from the cache."""
+    out, stack = [cache.clock], [cache.root]
+    while stack:
+        n = stack.pop()
+        out.append((n.key, n.length, n.last_access, n.lock_ref, n.order))
+        stack.extend(reversed(list(n.children.values())))
+    return out
+
+
+def random_run(seed):
+    """Requests, late arrivals by step and an engine config for one random run: token prompts
+    (shared system prompts and subjects) or Mooncake-like block chains that branch, lengths known
+    or not (then retractions re-queue requests with their output), a pool small enough to evict."""
+    rng = random.Random(seed)
+    known = rng.random() < 0.5
+    out = (1, rng.choice([10, 60])) if known else (30, 60)
+    limit = None if known else 60  # max_tokens near the outputs: SGLang's reservation falls short, it retracts
+    if rng.random() < 0.5:
+        reqs = from_tokens(token_work(seed, rng.randint(20, 90), out=out), known, limit)
+    else:
+        chains, records = [[]], []
+        for i in range(rng.randint(20, 90)):
+            chain = rng.choice(chains) + [f"b{seed}-{i}-{k}" for k in range(rng.randint(0, 3))]
+            chains.append(chain)
+            prefix = tuple((b, 16) for b in chain)
+            records.append(Record(f"m{i}", 16 * len(chain) + rng.randint(1, 30), prefix, rng.randint(*out)))
+        reqs = from_records(records, known, limit)
+    need = max(r.prompt_len + r.max_new_tokens for r in reqs)
+    late = {r.rid: rng.randint(1, 40) for r in reqs if rng.random() < 0.2}
+    config = EngineConfig(kv_tokens=int(need * rng.uniform(1.05, 2)), max_running=rng.choice([2, 4, 16]),
+                          chunked_prefill=rng.choice([16, 64, 512]), mixed_chunk=rng.random() < 0.5)
+    return reqs, late, config
+
+
+def run_steps(picker_class, seed):
+    """One random run (`random_run`) with a picker: per step the admitted rids and the cache state."""
+    reqs, late, config = random_run(seed)
+    picker = picker_class([r for r in reqs if r.rid not in late])
+    engine = Engine(COST, config, picker, [r for r in reqs if r.rid not in late])
+    admitted, trail = [], []
+    inner = picker.pick
+
+    def pick(view):
+        out = inner(view)
+        admitted.extend(p.req.rid for p in out)
+        return out
+
+    picker.pick = pick
+    while engine.finished < len(reqs):
+        assert engine.steps < 100_000, "the run does not end"
+        for r in reqs:
+            if late.get(r.rid) == engine.steps:
+                engine.submit(r)
+        engine.step()
+        engine.check_step()
+        trail.append((tuple(admitted), cache_state(engine.cache)))
+        admitted.clear()
+    engine.check_integrity()
+    return trail, engine
+
+
+def test_dfs_weight_matches_the_plain_picker_step_for_step():
+    """The indexed match round and lazy order (SGLangDFSWeight) against the plain picker on random
+    runs: the same admissions at every step, the same cache (every node's last use, the clock,
+    splits), the same counters and series. The runs cover evictions, retractions and late
+    arrivals."""
+    seen = {"evicted": 0, "retracted": 0, "rejected": 0}
+    for seed in range(40):
+        plain, plain_engine = run_steps(PlainDFSWeight, seed)
+        indexed, engine = run_steps(SGLangDFSWeight, seed)
+        assert len(indexed) == len(plain), f"seed {seed}: {len(indexed)} steps, the plain picker {len(plain)}"
+        for step, (a, b) in enumerate(zip(indexed, plain)):
+            assert a == b, f"seed {seed}, step {step}: the indexed picker differs from the plain one"
+        assert {f: getattr(engine.counters, f) for f in engine.counters.__slots__} == \
+            {f: getattr(plain_engine.counters, f) for f in plain_engine.counters.__slots__}
+        assert engine.series == plain_engine.series and engine.finish_order == plain_engine.finish_order
+        seen["evicted"] += engine.counters.evicted_tokens > 0
+        seen["retracted"] += engine.counters.retractions > 0
+        seen["rejected"] += engine.counters.admit_rejections > 0
+    assert seen["evicted"] >= 5 and seen["retracted"] >= 3, f"the random runs miss a case: {seen}"
+
+
+def test_dfs_weight_orders_a_cache_thousands_of_nodes_deep():
+    """A prompt published one chunk at a time leaves a chain of cache nodes, one per chunk; a
+    request on the chain's 5,000-node prefix is ordered (first: its subtree, before the root's
+    own request) without recursing through the chain (a RecursionError before)."""
+    deep = SimRequest("deep", 0, prompt_len=8 * 5000 + 3, prefix=[(f"g{i}", 8) for i in range(5000)], output_len=1)
+    chain = deep.class_key()
+    cache = RadixCache()
+    cache.insert(chain)
+    for end in range(len(chain) - 1, 0, -1):  # split after every atom, the last first: a node per atom
+        cache.match(chain[:end])
+    other = SimRequest("other", 1, prompt_len=5, output_len=1)
+
+    class View:
+        pass
+
+    view = View()
+    view.cache = cache
+    picker = SGLangDFSWeight([other, deep])
+    assert [r.rid for r in picker.ordered(view)] == ["deep", "other"]
+    node = picker._anchors[chain][0]
+    depth = 0
+    while node.parent is not None:
+        depth, node = depth + 1, node.parent
+    assert depth == 5000
+    picker.check_integrity()
+
+
+def test_dfs_weight_matches_per_cache_node_not_per_waiting_class():
+    """A Mooncake-like queue: 2,000 requests, each its own class (a shared system block, then a
+    block of its own), all hanging on the system block's node once it is cached. The literal
+    round matched every class whenever the cache changed: matches grew with requests x steps
+    (quadratic in the trace, 38 s for 4,000 Mooncake rows). The indexed round matches the
+    newest class per node and the classes that move: a few matches per request."""
+    rng = random.Random(3)
+    records = [Record(f"r{i}", 1024 + rng.randint(1, 400), (("sys", 512), (f"own{i}", 512)), rng.randint(1, 20))
+               for i in range(2000)]
+    reqs = from_records(records)
+    picker = SGLangDFSWeight(reqs)
+    engine = Engine(COST, EngineConfig(kv_tokens=300_000, max_running=64, chunked_prefill=4096), picker, reqs)
+    calls = {"picker": 0, "rounds": 0}
+    match_from, pick = engine.cache.match_from, picker.pick
+
+    def counted_pick(view):
+        calls["rounds"] += picker._cache_version != view.cache.version
+        engine.cache.match_from = lambda *a: (calls.__setitem__("picker", calls["picker"] + 1), match_from(*a))[1]
+        try:
+            return pick(view)
+        finally:
+            engine.cache.match_from = match_from
+
+    picker.pick = counted_pick
+    engine.run()
+    assert engine.finished == 2000 and calls["rounds"] > 300  # the cache changed under a long queue many times
+    assert calls["picker"] <= 3 * len(reqs), f"{calls['picker']:,} matches for {len(reqs):,} requests"
 
 
 def test_lpm_sorts_small_queues_and_holds_back_in_batch_duplicates():

@@ -50,6 +50,22 @@ def test_mooncake_blocks_become_shared_prefix_groups(tmp_path):
     assert tree.root.saved == 2 * 512 + 512  # h0 computed once for three requests, h1 once for two
 
 
+def test_mooncake_ids_are_equal_only_to_the_same_json_value(tmp_path):
+    """Hash id 1 and "1" are two blocks (they were one group, h1, for both): no shared prefix
+    between the first two rows; equal strings still share."""
+    path = _mooncake(tmp_path / "m.jsonl", [
+        {"input_length": 1500, "output_length": 2, "hash_ids": [1, 2, 3]},
+        {"input_length": 1500, "output_length": 2, "hash_ids": ["1", "2", "3"]},
+        {"input_length": 1500, "output_length": 2, "hash_ids": ["1", "2", "4"]},
+    ])
+    recs = load_trace_file(path)
+    assert recs[0].prefix == (("h1", 512), ("h2", 512))  # integer ids keep their names
+    assert not set(recs[0].prefix) & set(recs[1].prefix)
+    assert recs[1].prefix == recs[2].prefix
+    tree = workloads.build_tree(recs, COST)
+    assert tree.root.saved == 2 * 512  # only the two string rows share their two blocks
+
+
 @pytest.mark.parametrize("content, message", [
     ("a,b\n1,2\n", "names no known pair of token-count columns; rename"),
     ("ContextTokens,GeneratedTokens\n", "holds no rows"),
@@ -71,6 +87,15 @@ def test_mooncake_blocks_become_shared_prefix_groups(tmp_path):
     ('{"input_length": ' + "9" * 5000 + ', "output_length": 2}\n', "line 1: not a JSON object .a number of more "
      "than 4,300 digits"),
     ('[{"input_length": 10, "output_length": 2}]\n', "starts with '[': a JSON list; a JSONL trace has one JSON object"),
+    # a key twice was read silently, the last one counting
+    ('{"input_length": 10, "output_length": 2}\n{"input_length": 2048, "input_length": 10, "output_length": 2}\n',
+     'line 2: the key "input_length" appears twice in one object; keep one'),
+    ('{"input_length": 600, "output_length": 2, "hash_ids": [1], "hash_ids": [2]}\n',
+     'line 1: the key "hash_ids" appears twice'),
+    # a column read twice: the first one was read silently
+    ("ContextTokens,GeneratedTokens,ContextTokens\n10,2,30\n",
+     "header names the column 'ContextTokens' 2 times .columns 1, 3.; keep one ContextTokens column"),
+    ("Request tokens, Response tokens,Response tokens \n10,2,30\n", "the column 'Response tokens' 2 times .columns 2, 3."),
 ])
 def test_bad_trace_rows_are_named_with_the_fix(tmp_path, content, message):
     path = tmp_path / ("t.jsonl" if content.startswith(("{", "[")) else "t.csv")

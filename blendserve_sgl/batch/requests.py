@@ -97,8 +97,8 @@ class LineError:
     digest: str = ""  # request_digest of the line
 
 
-class _Bad(Exception):
-    pass
+class BadLine(Exception):
+    """What is wrong with one line (becomes its `LineError`); also the trace reader's."""
 
 
 def check_readable(path: str | os.PathLike[str]) -> Path:
@@ -205,8 +205,8 @@ def parse_line(raw: bytes | str | TooLong, line: int, source: str = "requests.js
                          digest=raw_digest)
     text = text.rstrip("\r\n")  # so a column counts on this line
     try:
-        obj = json.loads(text, parse_constant=_no_constant, parse_int=_int, object_pairs_hook=_unique_keys)
-    except (json.JSONDecodeError, _Bad, RecursionError) as exc:
+        obj = json.loads(text, parse_constant=_no_constant, parse_int=_int, object_pairs_hook=unique_keys)
+    except (json.JSONDecodeError, BadLine, RecursionError) as exc:
         if isinstance(exc, json.JSONDecodeError) and text.strip() and exc.pos >= len(text.rstrip()):
             what = "the line ends before its JSON does: is it cut short, or is the file indented JSON?"
         elif isinstance(exc, json.JSONDecodeError):
@@ -228,34 +228,34 @@ def parse_line(raw: bytes | str | TooLong, line: int, source: str = "requests.js
     try:
         if not isinstance(obj, dict):
             hint = " (write one request per line, not a JSON list)" if isinstance(obj, list) else ""
-            raise _Bad(f"expected a JSON object with {', '.join(TOP_FIELDS)}, got {_kind(obj)}{hint}")
+            raise BadLine(f"expected a JSON object with {', '.join(TOP_FIELDS)}, got {_kind(obj)}{hint}")
         cid = obj.get("custom_id")
         if "response" in obj and "method" not in obj and "body" not in obj:
             cid = None
-            raise _Bad("this is a result record (it has \"response\"), not a request; pass the requests file, "
+            raise BadLine("this is a result record (it has \"response\"), not a request; pass the requests file, "
                        "not a results or errors file")
         if "custom_id" not in obj:
-            raise _Bad('"custom_id" is missing; give every request a unique string custom_id')
+            raise BadLine('"custom_id" is missing; give every request a unique string custom_id')
         if not isinstance(cid, str) or not cid:
             bad, cid = cid, None
-            raise _Bad(f'"custom_id" must be a non-empty string, got {_show(bad)}')
+            raise BadLine(f'"custom_id" must be a non-empty string, got {_show(bad)}')
         extra = sorted(set(obj) - set(TOP_FIELDS))
         if extra:
-            raise _Bad(f"unknown field {_show(extra[0])}; a line holds only {', '.join(TOP_FIELDS)}")
+            raise BadLine(f"unknown field {_show(extra[0])}; a line holds only {', '.join(TOP_FIELDS)}")
         if "method" not in obj:
-            raise _Bad('"method" is missing; it must be "POST"')
+            raise BadLine('"method" is missing; it must be "POST"')
         if obj["method"] != "POST":
-            raise _Bad(f'"method" must be "POST", got {_show(obj["method"])}')
+            raise BadLine(f'"method" must be "POST", got {_show(obj["method"])}')
         if "url" not in obj:
-            raise _Bad(f'"url" is missing; use one of {", ".join(ENDPOINTS)}')
+            raise BadLine(f'"url" is missing; use one of {", ".join(ENDPOINTS)}')
         url = obj["url"]
         if not isinstance(url, str) or url not in ENDPOINTS:
-            raise _Bad(f'unknown "url" {_show(url)}; use one of {", ".join(ENDPOINTS)}')
+            raise BadLine(f'unknown "url" {_show(url)}; use one of {", ".join(ENDPOINTS)}')
         body = obj.get("body")
         if not isinstance(body, dict):
-            raise _Bad(f'"body" must be a JSON object, got {_kind(body)}' if "body" in obj else '"body" is missing')
+            raise BadLine(f'"body" must be a JSON object, got {_kind(body)}' if "body" in obj else '"body" is missing')
         return _parse_body(line, cid, ENDPOINTS[url], url, body, digest)
-    except _Bad as exc:
+    except BadLine as exc:
         return LineError(line, cid, f"{source} line {line}: {exc}", digest=digest)
 
 
@@ -279,12 +279,14 @@ def _is_text(s: str) -> bool:
     return True
 
 
-def _unique_keys(pairs: list) -> dict:
+def unique_keys(pairs: list) -> dict:
+    """`json.loads`' object hook: a key twice in one object is `BadLine` (JSON's last-wins would
+    drop a value the user wrote); shared with the trace reader."""
     out = dict(pairs)
     if len(out) < len(pairs):
         seen: set = set()
         dup = next(k for k, _ in pairs if k in seen or seen.add(k))
-        raise _Bad(f"the key {_show(dup)} appears twice in one object; keep one")
+        raise BadLine(f"the key {_show(dup)} appears twice in one object; keep one")
     return out
 
 
@@ -293,10 +295,10 @@ def _parse_body(line: int, cid: str, kind: str, url: str, body: dict, digest: st
     for key in body:
         if key not in allowed:
             if key == "prompt" and kind == "chat":
-                raise _Bad(f'"prompt" is not a field of {url}; send "messages", or use url /v1/completions')
+                raise BadLine(f'"prompt" is not a field of {url}; send "messages", or use url /v1/completions')
             if key == "messages" and kind == "completion":
-                raise _Bad(f'"messages" is not a field of {url}; send "prompt", or use url /v1/chat/completions')
-            raise _Bad(f'unsupported body field {_show(key)}; supported: {", ".join(sorted(allowed))}')
+                raise BadLine(f'"messages" is not a field of {url}; send "prompt", or use url /v1/chat/completions')
+            raise BadLine(f'unsupported body field {_show(key)}; supported: {", ".join(sorted(allowed))}')
     messages = prompt = None
     if kind == "chat":
         messages = _messages(body)
@@ -309,113 +311,113 @@ def _parse_body(line: int, cid: str, kind: str, url: str, body: dict, digest: st
             v = body[key]
             ok = _is_number(v) and (lo <= v if closed_lo else lo < v) and v <= hi
             if not ok:
-                raise _Bad(f'"{key}" must be {text}, got {_show(v)}')
+                raise BadLine(f'"{key}" must be {text}, got {_show(v)}')
             sampling[name] = float(v)
     if body.get("top_k") is not None:
         v = body["top_k"]
         if not _is_int(v) or not (v == -1 or v >= 1):
-            raise _Bad(f'"top_k" must be a positive integer (or -1 for all tokens), got {_show(v)}')
+            raise BadLine(f'"top_k" must be a positive integer (or -1 for all tokens), got {_show(v)}')
         sampling["top_k"] = -1 if v > TOP_K_ALL else v  # beyond any vocabulary: all tokens (SGLang holds int32)
     if body.get("seed") is not None:
         v = body["seed"]
         if not _is_int(v) or not 0 <= v <= MAX_SEED:
-            raise _Bad(f'"seed" must be an integer from 0 to 2**63 - 1, got {_show(v)}')
+            raise BadLine(f'"seed" must be an integer from 0 to 2**63 - 1, got {_show(v)}')
         sampling["sampling_seed"] = v
     if body.get("stop") is not None:
         sampling["stop"] = _stop(body["stop"])
     if body.get("ignore_eos") is not None:
         if not isinstance(body["ignore_eos"], bool):
-            raise _Bad(f'"ignore_eos" must be true or false, got {_show(body["ignore_eos"])}')
+            raise BadLine(f'"ignore_eos" must be true or false, got {_show(body["ignore_eos"])}')
         sampling["ignore_eos"] = body["ignore_eos"]
     if body.get("n") not in (None, 1) or isinstance(body.get("n"), bool):
-        raise _Bad(f'"n" must be 1 (one completion per request line), got {_show(body["n"])}')
+        raise BadLine(f'"n" must be 1 (one completion per request line), got {_show(body["n"])}')
     if body.get("stream") not in (None, False):
-        raise _Bad(f'"stream" must be false in a batch, got {_show(body["stream"])}')
+        raise BadLine(f'"stream" must be false in a batch, got {_show(body["stream"])}')
     model = body.get("model")
     if model is not None and not isinstance(model, str):
-        raise _Bad(f'"model" must be a string, got {_show(model)}')
+        raise BadLine(f'"model" must be a string, got {_show(model)}')
     if body.get("user") is not None and not isinstance(body["user"], str):
-        raise _Bad(f'"user" must be a string, got {_show(body["user"])}')
+        raise BadLine(f'"user" must be a string, got {_show(body["user"])}')
     return BatchRequest(line, cid, kind, messages, prompt, max_tokens, sampling, model, digest)
 
 
 def _messages(body: dict) -> tuple[dict, ...]:
     if "messages" not in body:
-        raise _Bad('"messages" is missing; a chat request needs a list of {"role", "content"} messages')
+        raise BadLine('"messages" is missing; a chat request needs a list of {"role", "content"} messages')
     msgs = body["messages"]
     if not isinstance(msgs, list) or not msgs:
-        raise _Bad(f'"messages" must be a non-empty list of {{"role", "content"}} objects, got {_show(msgs)}')
+        raise BadLine(f'"messages" must be a non-empty list of {{"role", "content"}} objects, got {_show(msgs)}')
     out = []
     for i, m in enumerate(msgs):
         where = f'"messages"[{i}]'
         if not isinstance(m, dict):
-            raise _Bad(f'{where} must be an object with "role" and "content", got {_kind(m)}')
+            raise BadLine(f'{where} must be an object with "role" and "content", got {_kind(m)}')
         role = m.get("role")
         if not isinstance(role, str) or role not in ROLES:
-            raise _Bad(f'{where}: "role" must be one of {", ".join(sorted(ROLES))}, got {_show(role)}')
+            raise BadLine(f'{where}: "role" must be one of {", ".join(sorted(ROLES))}, got {_show(role)}')
         extra = sorted(set(m) - {"role", "content", "name"})
         if extra:
-            raise _Bad(f'{where}: unsupported field {_show(extra[0])} (tools and images are not supported)')
+            raise BadLine(f'{where}: unsupported field {_show(extra[0])} (tools and images are not supported)')
         content = m.get("content")
         if isinstance(content, list):
             parts = []
             for j, part in enumerate(content):
                 if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                    raise _Bad(f'{where}: "content"[{j}] must be {{"type": "text", "text": "..."}} (only text is '
+                    raise BadLine(f'{where}: "content"[{j}] must be {{"type": "text", "text": "..."}} (only text is '
                                "supported)")
                 parts.append(part["text"])
             content = "".join(parts)
         if not isinstance(content, str):
-            raise _Bad(f'{where}: "content" must be a string, got {_show(content)}')
+            raise BadLine(f'{where}: "content" must be a string, got {_show(content)}')
         out.append({"role": "system" if role == "developer" else role, "content": content})
     return tuple(out)
 
 
 def _prompt(body: dict) -> str | tuple[int, ...]:
     if "prompt" not in body:
-        raise _Bad('"prompt" is missing; a completion request needs a prompt string')
+        raise BadLine('"prompt" is missing; a completion request needs a prompt string')
     p = body["prompt"]
     if isinstance(p, list) and len(p) == 1 and isinstance(p[0], (str, list)):
         p = p[0]  # a one-element batch of prompts is one prompt
     if isinstance(p, str):
         if not p:
-            raise _Bad('"prompt" is empty; give the text to complete')
+            raise BadLine('"prompt" is empty; give the text to complete')
         return p
     if isinstance(p, list) and p and all(_is_int(t) and t >= 0 for t in p):
         return tuple(p)
     if isinstance(p, list) and p and all(isinstance(t, (str, list)) for t in p):
-        raise _Bad(f'"prompt" holds {len(p)} prompts; put one prompt per line, each with its own custom_id')
-    raise _Bad(f'"prompt" must be a non-empty string or a list of token ids, got {_show(p)}')
+        raise BadLine(f'"prompt" holds {len(p)} prompts; put one prompt per line, each with its own custom_id')
+    raise BadLine(f'"prompt" must be a non-empty string or a list of token ids, got {_show(p)}')
 
 
 def _max_tokens(body: dict) -> int | None:
     values = {k: body[k] for k in ("max_tokens", "max_completion_tokens") if body.get(k) is not None}
     for key, v in values.items():
         if not _is_int(v) or v < 1:
-            raise _Bad(f'"{key}" must be a positive integer, got {_show(v)}')
+            raise BadLine(f'"{key}" must be a positive integer, got {_show(v)}')
     if len(set(values.values())) > 1:
-        raise _Bad('"max_tokens" and "max_completion_tokens" disagree; give one of them')
+        raise BadLine('"max_tokens" and "max_completion_tokens" disagree; give one of them')
     return next(iter(values.values()), None)
 
 
 def _stop(v) -> list[str]:
     stops = [v] if isinstance(v, str) else v
     if not isinstance(stops, list) or not all(isinstance(s, str) and s for s in stops):
-        raise _Bad(f'"stop" must be a non-empty string or a list of them, got {_show(v)}')
+        raise BadLine(f'"stop" must be a non-empty string or a list of them, got {_show(v)}')
     if len(stops) > MAX_STOP:
-        raise _Bad(f'"stop" has {len(stops)} strings; at most {MAX_STOP} are supported')
+        raise BadLine(f'"stop" has {len(stops)} strings; at most {MAX_STOP} are supported')
     return stops
 
 
 def _int(text: str) -> int:
     digits = len(text.lstrip("-"))
     if digits > MAX_DIGITS:  # Python refuses to convert such a string (past 4,300 digits) and no field takes it
-        raise _Bad(f"a number of {digits:,} digits; no field takes one that large")
+        raise BadLine(f"a number of {digits:,} digits; no field takes one that large")
     return int(text)
 
 
 def _no_constant(name: str):
-    raise _Bad(f"{name} is not valid JSON")
+    raise BadLine(f"{name} is not valid JSON")
 
 
 def _is_int(v) -> bool:

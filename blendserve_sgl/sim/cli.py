@@ -59,12 +59,28 @@ def load_workload(spec: str, n: int | None, cost: CostModel, seed: int = 0) -> l
     raise ValueError(f"unknown workload {spec!r}; choose one of {', '.join(WORKLOADS)}")
 
 
-def parse_policies(text: str) -> list[str]:
-    names = [p.strip() for p in text.split(",") if p.strip()]
-    bad = [p for p in names if p not in POLICIES]
-    if bad or not names:
-        raise ValueError(f"unknown policy {', '.join(map(repr, bad)) or repr(text)}; choose from {', '.join(POLICIES)}")
-    return names
+# SGLang's own names for the policies the simulator models as `sglang-*`: what `blendserve run
+# --policy` takes, so that one name works for both commands.
+POLICY_ALIASES = {"lpm": "sglang-lpm", "dfs-weight": "sglang-dfs-weight"}
+
+
+def parse_policies(text: str, flag: str = "--policy") -> list[str]:
+    """The simulator's policy names in a comma-separated list, each once in the order given;
+    SGLang's names (`POLICY_ALIASES`) become the simulator's. ValueError naming `flag`'s empty
+    entry (a doubled or trailing comma, which used to be skipped while an empty list was refused)
+    or its unknown names, with the choices."""
+    entries = [p.strip() for p in text.split(",")]
+    choices = f"choose from {', '.join(POLICIES)} (SGLang's names {' and '.join(POLICY_ALIASES)} are taken too)"
+    if not any(entries):
+        raise ValueError(f"{flag} {text!r} names no policy; {choices}")
+    if not all(entries):
+        at = entries.index("") + 1
+        raise ValueError(f"{flag} {text!r}: entry {at} of {len(entries)} is empty; separate the names with single "
+                         f"commas, e.g. {flag} blend,fcfs")
+    bad = [p for p in entries if POLICY_ALIASES.get(p, p) not in POLICIES]
+    if bad:
+        raise ValueError(f"unknown policy {', '.join(map(repr, bad))}; {choices}")
+    return list(dict.fromkeys(POLICY_ALIASES.get(p, p) for p in entries))
 
 
 COLUMNS = [("policy", "policy"), ("overlapped_time_s", "time ovl s"), ("overlapped_throughput_tok_s", "tok/s ovl"),
@@ -82,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--requests", type=positive_int, default=None,
                     help=f"requests in the workload (default {DEFAULT_REQUESTS:,}; a trace file: all its rows, else its first N)")
     ap.add_argument("--quick", action="store_true", help="2,000 requests")
-    ap.add_argument("--policy", default=",".join(POLICIES), help=f"comma-separated: {', '.join(POLICIES)}")
+    ap.add_argument("--policy", default=",".join(POLICIES),
+                    help=f"comma-separated: {', '.join(POLICIES)} (or SGLang's names {', '.join(POLICY_ALIASES)})")
     ap.add_argument("--model", default="llama-3.1-8b", help=f"{', '.join(model_names())} or a config.json path")
     ap.add_argument("--hardware", default="a100",
                     help=", ".join(hardware_names()) + "; NxNAME: N of them as one tensor-parallel engine; or an "

@@ -29,9 +29,8 @@ Retracted requests go to the back of the queue, as SGLang 0.5.23 re-queues them.
 
 from __future__ import annotations
 
-import itertools
+import heapq
 import math
-from operator import attrgetter
 import random
 from abc import ABC, abstractmethod
 from collections import deque
@@ -157,22 +156,99 @@ class SGLangLPM(QueuePicker):
         self.queue = deque(sorted(self.queue, key=lambda r: math.inf if id(r) in held else -hits[id(r)]))
 
 
-_SEQ = attrgetter("seq")  # arrival order
+class _Ranks:
+    """How many live classes were created before a given one: a class's position in the
+    picker's creation order (`SGLangDFSWeight.classes`' dict order), in O(log n) while classes
+    come and go. A Fenwick tree over creation numbers that doubles when it fills."""
+
+    def __init__(self, size: int = 1024):
+        self.live = bytearray(size)  # live[i]: class number i exists
+        self.tree = [0] * (size + 1)  # 1-based Fenwick sums of `live`
+
+    def set(self, number: int, alive: bool) -> None:
+        if number >= len(self.live):
+            self._grow(number + 1)
+        if self.live[number] == alive:
+            return
+        self.live[number] = alive
+        delta, i, tree, size = (1 if alive else -1), number + 1, self.tree, len(self.live)
+        while i <= size:
+            tree[i] += delta
+            i += i & -i
+
+    def below(self, number: int) -> int:
+        """Live classes numbered below `number`."""
+        total, tree, i = 0, self.tree, min(number, len(self.live))
+        while i > 0:
+            total += tree[i]
+            i -= i & -i
+        return total
+
+    def _grow(self, need: int) -> None:
+        size = max(need, 2 * len(self.live))
+        self.live.extend(bytes(size - len(self.live)))
+        tree = [0, *self.live]  # linear-time build: each sum handed to the next node that covers it
+        for i in range(1, size + 1):
+            up = i + (i & -i)
+            if up <= size:
+                tree[up] += tree[i]
+        self.tree = tree
+
+
+class _Hang:
+    """What hangs on one cache node: the classes whose last match ends on it and their waiting
+    requests. Both heaps drop entries lazily (`SGLangDFSWeight._tidy`)."""
+
+    __slots__ = ("keys", "by_next", "newest", "waiting", "count")
+
+    def __init__(self):
+        self.keys: dict = {}  # class key -> None: the classes anchored here
+        self.by_next: dict = {}  # the atom a class's key continues with below the node -> {class key: None}
+        self.newest: list = []  # (-creation number, stamp, class key): the newest class on top
+        self.waiting: list = []  # (seq, stamp, request): the waiting requests in arrival order
+        self.count = 0  # waiting requests here (SGLang's weight of the node itself)
 
 
 class SGLangDFSWeight(Picker):
     """dfs-weight as SGLang 0.5.23 runs it. Waiting requests are kept in classes of equal
     shareable keys (all requests of a class end on the same cache node); within a node,
     requests keep arrival order (SGLang keeps the previous order, the same while the node's
-    classes do not change)."""
+    classes do not change).
+
+    SGLang matches every waiting request against the cache before it orders them; modelled as
+    one match round over the classes, in creation order, whenever the cache or the classes
+    changed since the last, each match (`RadixCache.match_from`, resumed from the class's last
+    one) ticking the cache's clock and marking its path as used. Done literally that is
+    O(classes) a step and quadratic over a trace of unshared prompts, so the round is indexed:
+    the classes are kept per node (`_Hang`), and only the matches that change anything run:
+    - a class whose key continues into a child its node now has (its match moves down), a
+      class whose node was evicted (matched from the root) and a class new since the last round;
+    - on every other node, the newest class: its path is the node's root path, and it is touched
+      after every older class ending there, whose touches it overwrites (a moving class touches
+      a path through the node too, so an older class below it is overwritten as well).
+    Before each match the clock is set to what the skipped matches would have ticked it to
+    (`_Ranks`: the class's position in creation order) and after the round to the full count,
+    so every node's `last_access`, the splits, the clock and hence evictions are what the
+    literal round gives; only the eviction heap holds fewer stale entries. The order is then
+    built from the nodes with waiting requests alone, lazily: each node's children heaviest
+    first (ties in creation order, as SGLang's insertion-ordered children), its own requests
+    after its subtree from a heap in arrival order. `tests/test_sim_policies.py` checks all of
+    it against the literal picker on random runs."""
 
     name = "sglang-dfs-weight"
 
     def __init__(self, order: list[SimRequest]):
-        self.classes: dict[tuple, deque] = {}
+        self.classes: dict[tuple, deque] = {}  # class key -> its requests in arrival order; dict order = creation
         self.n = 0
         self._cache_version = -1
         self._anchors: dict[tuple, tuple] = {}  # class key -> its last match (`RadixCache.match_from`): node first
+        self._number: dict[tuple, int] = {}  # class key -> creation number
+        self._created = 0
+        self._ranks = _Ranks()
+        self._new: dict[tuple, None] = {}  # classes created since the last match round (no anchor yet)
+        self._hangs: dict = {}  # cache node -> _Hang, for every node a class is anchored on
+        self._stamp: dict[SimRequest, int] = {}  # waiting request -> its live entry in a `_Hang.waiting`
+        self._stamps = 0
         for r in order:
             self.add(r)
 
@@ -185,6 +261,10 @@ class SGLangDFSWeight(Picker):
         q = self.classes.get(key)
         if q is None:
             q = self.classes[key] = deque()
+            self._number[key] = self._created
+            self._ranks.set(self._created, True)
+            self._created += 1
+            self._new[key] = None
             self._cache_version = -1
         if q and q[-1].seq > req.seq:  # keep each class in arrival order
             items = sorted([*q, req], key=lambda r: r.seq)
@@ -193,20 +273,111 @@ class SGLangDFSWeight(Picker):
         else:
             q.append(req)
         self.n += 1
+        anchor = self._anchors.get(key)
+        if anchor is not None:  # joins its class's node now (a new class's requests: at the next match round)
+            self._place(req, self._hangs[anchor[0]])
 
     def __len__(self) -> int:
         return self.n
 
+    # ------------------------------------------------------------------ the index
+    def _place(self, req: SimRequest, hang: _Hang) -> None:
+        self._stamps += 1
+        self._stamp[req] = self._stamps
+        heapq.heappush(hang.waiting, (req.seq, self._stamps, req))
+        hang.count += 1
+
+    def _hang(self, key: tuple, anchor: tuple) -> None:
+        """Class `key` (not hanging anywhere) onto its match's node, with its requests."""
+        node, i, _ = anchor
+        hang = self._hangs.get(node)
+        if hang is None:
+            hang = self._hangs[node] = _Hang()
+        hang.keys[key] = None
+        if i < len(key):
+            hang.by_next.setdefault(key[i], {})[key] = None
+        self._stamps += 1
+        heapq.heappush(hang.newest, (-self._number[key], self._stamps, key))
+        for req in self.classes[key]:
+            self._place(req, hang)
+
+    def _unhang(self, key: tuple, anchor: tuple) -> None:
+        """Class `key` off the node of its match `anchor`, with its requests (their heap entries go stale)."""
+        node, i, _ = anchor
+        hang = self._hangs[node]
+        del hang.keys[key]
+        if i < len(key):
+            nxt = hang.by_next[key[i]]
+            del nxt[key]
+            if not nxt:
+                del hang.by_next[key[i]]
+        for req in self.classes.get(key, ()):
+            del self._stamp[req]
+            hang.count -= 1
+        if hang.keys:
+            self._tidy(hang)
+        else:
+            del self._hangs[node]
+
+    def _tidy(self, hang: _Hang) -> None:
+        """Drops stale heap entries: those on top (the next reads would skip them every time),
+        and all of them once they outnumber the live ones, so a heap stays within twice its size."""
+        stamp, waiting = self._stamp, hang.waiting
+        while waiting and stamp.get(waiting[0][2]) != waiting[0][1]:
+            heapq.heappop(waiting)
+        if len(waiting) > 2 * hang.count + 64:
+            hang.waiting = [e for e in waiting if stamp.get(e[2]) == e[1]]
+            heapq.heapify(hang.waiting)
+        newest, number = hang.newest, self._number
+        if len(newest) > 2 * len(hang.keys) + 64:
+            hang.newest = [e for e in newest if e[2] in hang.keys and number[e[2]] == -e[0]]
+            heapq.heapify(hang.newest)
+
+    def _newest_staying(self, hang: _Hang, moving: set) -> tuple | None:
+        """The newest class on `hang` that is not in `moving` (those leave the node this round,
+        so their entries are dropped with the stale ones)."""
+        heap, number = hang.newest, self._number
+        while heap:
+            _, _, key = heap[0]
+            if key in hang.keys and number[key] == -heap[0][0] and key not in moving:
+                return key
+            heapq.heappop(heap)
+        return None
+
+    # ------------------------------------------------------------------ matching
     def _match_nodes(self, view) -> None:
+        """The match round (class docstring), when the cache or the classes changed."""
         cache = view.cache
         if self._cache_version == cache.version:
             return
-        anchors, root = self._anchors, (cache.root, 0, 0)
-        for key in self.classes:  # every class is non-empty (`pick` drops an emptied one)
-            a = anchors.get(key)
-            anchors[key] = cache.match_from(key, a if a is not None and a[0].alive else root)
+        calls = list(self._new)
+        for node, hang in self._hangs.items():
+            if not node.alive:  # evicted: its classes match again from the root
+                calls.extend(hang.keys)
+                continue
+            moving: set = set()
+            for atom in node.children.keys() & hang.by_next.keys():
+                moving.update(hang.by_next[atom])
+            calls.extend(moving)
+            newest = self._newest_staying(hang, moving)
+            if newest is not None:
+                calls.append(newest)
+        number, anchors, root = self._number, self._anchors, (cache.root, 0, 0)
+        calls.sort(key=number.__getitem__)
+        base = cache.clock
+        for key in calls:
+            old = anchors.get(key)
+            cache.clock = base + self._ranks.below(number[key])  # the ticks of the classes before it
+            new = anchors[key] = cache.match_from(key, old if old is not None and old[0].alive else root)
+            if old is None or new[0] is not old[0]:
+                if old is not None:
+                    self._unhang(key, old)
+                self._hang(key, new)
+        cache.clock = base + len(self.classes)
+        self._new.clear()
         self._cache_version = cache.version
 
+    # ------------------------------------------------------------------ the order
     def ordered(self, view) -> Iterator[SimRequest]:
         """SGLang's order; the prefix match runs now, the order is built when the first request
         is asked for."""
@@ -214,42 +385,77 @@ class SGLangDFSWeight(Picker):
         return self._visit(view.cache.root)
 
     def _visit(self, root) -> Iterator[SimRequest]:
-        own: dict = {}  # cache node -> the classes ending on it
-        for key, q in self.classes.items():
-            own.setdefault(self._anchors[key][0], []).append(q)
-        weight: dict = {}  # waiting requests under each node (SGLang's weight)
+        """Depth first from `root` over the nodes with waiting requests below them (iterative:
+        a cache can be thousands of nodes deep); a node's own requests after its subtree."""
+        weight: dict = {node: hang.count for node, hang in self._hangs.items()}  # SGLang's weight, summed below
         kids: dict = {}
-        for node, qs in own.items():
-            count = sum(map(len, qs))
-            n = node
-            while n is not None:
-                if n not in weight:
-                    weight[n] = 0
-                    if n.parent is not None:
-                        kids.setdefault(n.parent, []).append(n)
-                weight[n] += count
-                n = n.parent
+        linked: set = set()
+        for node in list(weight):  # every anchored node's root path, each node linked to its parent once
+            while node.parent is not None and node not in linked:
+                linked.add(node)
+                kids.setdefault(node.parent, []).append(node)
+                weight.setdefault(node.parent, 0)
+                node = node.parent
+        post, stack = [], [root]  # children before parents, to sum the weights upwards
+        while stack:
+            node = stack.pop()
+            post.append(node)
+            stack.extend(kids.get(node, ()))
+        for node in reversed(post):
+            for child in kids.get(node, ()):
+                weight[node] += weight[child]
+        stack = [(root, False)]
+        while stack:
+            node, done = stack.pop()
+            if done:
+                hang = self._hangs.get(node)
+                if hang is not None:
+                    yield from self._in_arrival_order(hang)
+                continue
+            stack.append((node, True))
+            below = kids.get(node)
+            if below:  # heaviest first, ties in creation order: pushed in reverse
+                stack.extend((c, False) for c in sorted(below, key=lambda c: (weight[c], -c.order)))
 
-        def visit(node):
-            for child in sorted(kids.get(node, ()), key=lambda c: (-weight[c], c.order)):
-                yield from visit(child)
-            qs = own.get(node)
-            if qs:  # the node's classes in arrival order (one sort in C; a k-way merge is slower for many classes)
-                yield from (qs[0] if len(qs) == 1 else sorted(itertools.chain.from_iterable(qs), key=_SEQ))
-
-        yield from visit(root)
+    def _in_arrival_order(self, hang: _Hang) -> Iterator[SimRequest]:
+        """The node's waiting requests in arrival order, read from its heap without popping
+        (a frontier of heap positions), the stale entries skipped."""
+        heap, stamp = hang.waiting, self._stamp
+        if not heap:
+            return
+        frontier = [(heap[0][0], heap[0][1], 0)]
+        size = len(heap)
+        while frontier:
+            _, _, i = heapq.heappop(frontier)
+            _, s, req = heap[i]
+            if stamp.get(req) == s:
+                yield req
+            for c in (2 * i + 1, 2 * i + 2):
+                if c < size:
+                    heapq.heappush(frontier, (heap[c][0], heap[c][1], c))
 
     def pick(self, view) -> list[Pick]:
         picks = sglang_admit(view, self.ordered(view))
+        touched = {}
         for p in picks:
-            q = self.classes[self._key(p.req)]
+            key = self._key(p.req)
+            q = self.classes[key]
             if q.popleft() is not p.req:
                 raise AssertionError("dfs-weight admitted a request that is not first in its class")
+            anchor = self._anchors[key]
+            hang = self._hangs[anchor[0]]
+            del self._stamp[p.req]
+            hang.count -= 1
             if not q:
-                del self.classes[self._key(p.req)]
-                self._anchors.pop(self._key(p.req), None)
+                self._unhang(key, anchor)
+                del self.classes[key], self._anchors[key]
+                self._ranks.set(self._number.pop(key), False)
                 self._cache_version = -1
+            touched[id(hang)] = hang
             self.n -= 1
+        for hang in touched.values():
+            if hang.keys:
+                self._tidy(hang)
         return picks
 
     def check_integrity(self) -> None:
@@ -258,6 +464,32 @@ class SGLangDFSWeight(Picker):
             assert q and all(self._key(r) == key and r.state == "waiting" for r in q)
             assert all(a.seq < b.seq for a, b in zip(q, list(q)[1:])), "a class is out of arrival order"
         assert self._anchors.keys() <= self.classes.keys(), "a match anchor outlived its class"
+        # the index, recomputed: classes per node, their next atoms, requests and counts, creation order
+        assert self._number.keys() == self.classes.keys(), "a creation number outlived its class"
+        numbers = [self._number[k] for k in self.classes]
+        assert numbers == sorted(numbers), "creation numbers do not follow the classes' order"
+        assert all(self._ranks.below(self._number[k]) == i for i, k in enumerate(self.classes)), "class ranks are off"
+        assert self._new.keys() == self.classes.keys() - self._anchors.keys(), "a class is neither new nor anchored"
+        expect: dict = {}
+        for key, (node, i, _) in self._anchors.items():
+            keys, nxt, count = expect.setdefault(node, ({}, {}, [0]))
+            keys[key] = None
+            if i < len(key):
+                nxt.setdefault(key[i], set()).add(key)
+            count[0] += len(self.classes[key])
+        assert self._hangs.keys() == expect.keys(), "the index hangs classes on other nodes than their matches"
+        placed = 0
+        for node, hang in self._hangs.items():
+            keys, nxt, count = expect[node]
+            assert hang.keys.keys() == keys.keys() and hang.count == count[0], f"{node}: wrong classes or count"
+            assert {a: set(k) for a, k in hang.by_next.items()} == nxt, f"{node}: wrong next atoms"
+            live = sorted(r.seq for _, s, r in hang.waiting if self._stamp.get(r) == s)
+            assert live == sorted(r.seq for k in keys for r in self.classes[k]), f"{node}: wrong waiting requests"
+            placed += len(live)
+            live_keys = {e[2] for e in hang.newest if e[2] in hang.keys and self._number[e[2]] == -e[0]}
+            assert live_keys == hang.keys.keys(), f"{node}: a class is missing from its newest-first heap"
+        assert placed == len(self._stamp) == self.n - sum(len(self.classes[k]) for k in self._new), \
+            "a waiting request is placed twice or not at all"
 
 
 # ---------------------------------------------------------------------- BlendServe

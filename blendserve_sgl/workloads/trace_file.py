@@ -9,11 +9,14 @@ Two formats, told apart by the file's first character:
   `hash_ids`, one id per block of `block_size` prompt tokens (512 in the published traces), equal
   ids for equal prefixes. The full blocks before the last become shared prefix groups, so
   requests that share blocks share a prefix in the tree and in the radix cache; the last block
-  (often partial) is the request's own tail.
+  (often partial) is the request's own tail. Ids are integers (Mooncake's) or strings, each
+  equal only to itself: 1 and "1" are two blocks, as they are two JSON values. A key twice in one
+  line is refused (which one counts would be a guess).
 
 Requests are taken in file order (the first `n` when given). An output of 0 tokens counts as 1
 and a prompt of 0 tokens as 1: an engine writes at least one token and reads at least one.
-Bad rows raise ValueError naming the file, line and field.
+Bad rows raise ValueError naming the file, line and field; so does a CSV header that names a
+column it reads twice.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ import json
 import math
 from pathlib import Path
 
-from ..batch.requests import compression, wide_text
+from ..batch.requests import BadLine, unique_keys, compression, wide_text
 from .data import MAX_TRACE_TOKENS, Record, csv_rows, read_counts, token_count
 
 TRACE_COLUMNS = (  # (prompt column, output column), the first pair a header holds is read
@@ -119,6 +122,11 @@ def _csv(path: Path, n: int | None) -> list[Record]:
         known = "; ".join(f"{a},{b}" for a, b in TRACE_COLUMNS)
         raise ValueError(f"{path}: its header ({','.join(header) or 'empty'}) names no known pair of token-count "
                          f"columns; rename the prompt and output columns to one of: {known}")
+    for column in pair:  # which of two equal names holds the counts would be a guess
+        at = [i + 1 for i, h in enumerate(header) if h == column]
+        if len(at) > 1:
+            raise ValueError(f"{path}: its header names the column {column!r} {len(at)} times (columns "
+                             f"{', '.join(map(str, at))}); keep one {column} column: rename or delete the others")
     prompts, outputs = read_counts(path, *pair, n)
     stem = path.stem
     return [Record(f"{stem}-{i}", max(1, int(p)), (), max(1, int(o)), stem) for i, (p, o) in
@@ -165,9 +173,11 @@ def _first_bad_line(path: Path) -> int:
 def _jsonl_row(path: Path, line_no: int, line: str, block_size: int, out: list) -> None:
     """One JSONL trace line as a Record appended to `out`; ValueError naming the line."""
     try:
-        row = json.loads(line)
+        row = json.loads(line, object_pairs_hook=unique_keys)  # a key twice: the batch reader's refusal
     except RecursionError:
         raise ValueError(f"{path.name} line {line_no}: JSON nested too deeply; fix or delete that line") from None
+    except BadLine as exc:  # raised here only by unique_keys
+        raise ValueError(f"{path.name} line {line_no}: {exc}") from None
     except ValueError as exc:  # JSONDecodeError, or an integer of more digits than Python converts
         why = "a number of more than 4,300 digits" if "integer string conversion" in str(exc) else str(exc)
         raise ValueError(f"{path.name} line {line_no}: not a JSON object ({why}); fix or delete that line") from None
@@ -197,5 +207,5 @@ def _jsonl_row(path: Path, line_no: int, line: str, block_size: int, out: list) 
         if isinstance(h, bool) or not isinstance(h, (int, str)):
             raise ValueError(f"{path.name} line {line_no}: hash_ids items must be integers or strings, got "
                              f"{h!r}; fix or delete that line")
-    prefix = tuple((f"h{h}", block_size) for h in ids[:-1])
+    prefix = tuple((f"h{h!r}", block_size) for h in ids[:-1])  # h1 for 1, h'1' for "1": two blocks
     out.append(Record(f"{path.stem}-{line_no}", p, prefix, o, path.stem))
