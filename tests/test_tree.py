@@ -330,3 +330,16 @@ def test_remove_prunes_and_reuses_paths():
     with pytest.raises(KeyError, match="zzz"):
         t.remove("zzz")
     assert isinstance(t.reqs["b"].node, Node)
+
+
+def test_integrity_check_of_a_tree_thousands_of_levels_deep():
+    """A Mooncake block chain or a long conversation makes the tree as deep as its branch points;
+    the recursive check raised RecursionError past about 1,000 levels (`simulate --check`)."""
+    t = ResourceTree(COST)
+    chain = list(range(1, 4001))
+    for depth in range(1, 4000, 2):  # a branch off the chain at every other token: a node per branch point
+        t.add(f"b{depth}", tokens=chain[:depth] + [10**6 + depth], output_len=4)
+    t.add("whole", tokens=chain, output_len=8)
+    t.check_integrity()
+    t.remove("b2001")
+    t.check_integrity()

@@ -450,25 +450,41 @@ class ResourceTree:
         seen: dict = {}
         order: list[Req] = []
 
-        def visit(node: Node) -> tuple[int, int, int, int, int, int]:
+        # the nodes children first, the requests in DFS order: an explicit stack, since a
+        # conversation or a Mooncake block chain makes trees thousands of levels deep
+        post: list[Node] = []
+        stack, path = [iter(self.root.kids)], [self.root]
+        while stack:
+            k = next(stack[-1], None)
+            if k is None:
+                stack.pop()
+                post.append(path.pop())
+                continue
+            node = path[-1]
+            if type(k) is Req:
+                assert k.node is node, f"{k} lists a different parent"
+                assert k.rid not in seen, f"request {k.rid!r} appears twice"
+                assert self.reqs.get(k.rid) is k, f"{k} is in the tree but not in the request table"
+                seen[k.rid] = k
+                order.append(k)
+                assert k.prompt_len == node.prefix_len + k.tail, f"{k}: prompt_len != prefix_len + tail"
+            else:
+                assert k.parent is node, f"{k} lists a different parent"
+                assert k.depth == node.depth + 1 and k.prefix_len == node.prefix_len + k.length
+                assert k.length == _keys_length(k.keys) and k.length > 0
+                if k.split_of is None:
+                    assert node.index.get(k.keys[0]) is k, f"{k} is missing from its parent's index"
+                path.append(k)
+                stack.append(iter(k.kids))
+        aggs: dict[int, tuple] = {}
+        for node in post:
             agg = [0, 0, 0, 0, 0, node.length]
             for k in node.kids:
                 if type(k) is Req:
-                    assert k.node is node, f"{k} lists a different parent"
-                    assert k.rid not in seen, f"request {k.rid!r} appears twice"
-                    assert self.reqs.get(k.rid) is k, f"{k} is in the tree but not in the request table"
-                    seen[k.rid] = k
-                    order.append(k)
                     p, d = k.prompt_len, k.output_len
-                    assert p == node.prefix_len + k.tail, f"{k}: prompt_len != prefix_len + tail"
                     sub = (1, p + d, memory_units(p, d), p, k.tail, 0)
                 else:
-                    assert k.parent is node, f"{k} lists a different parent"
-                    assert k.depth == node.depth + 1 and k.prefix_len == node.prefix_len + k.length
-                    assert k.length == _keys_length(k.keys) and k.length > 0
-                    if k.split_of is None:
-                        assert node.index.get(k.keys[0]) is k, f"{k} is missing from its parent's index"
-                    sub = visit(k)
+                    sub = aggs.pop(id(k))
                     assert sub[0] > 0, f"{k} holds no request but is still in the tree"
                 for i in range(6):
                     agg[i] += sub[i]
@@ -478,9 +494,8 @@ class ResourceTree:
             assert node.max_len >= longest, f"{node}: max_len {node.max_len} below a request's p + d {longest}"
             got = (node.count, node.tokens, node.mem, node.sum_p, node.tails, node.unique)
             assert got == tuple(agg), f"{node}: aggregates {got} != recomputed {tuple(agg)}"
-            return tuple(agg)
+            aggs[id(node)] = tuple(agg)
 
-        visit(self.root)
         assert len(seen) == len(self.reqs), "request table holds requests that are in no leaf"
         # DFS keeps every node's requests contiguous.
         first: dict = {}
