@@ -29,6 +29,7 @@ from blendserve_sgl.workloads import TRACES, trace  # noqa: E402
 
 VARIANTS = {  # label -> preset
     "blend": PRESET,
+    "- free pool credit (memory work only at the share's rate)": PRESET.replace(free_pool_credit=0.0),
     "- engine check (SGLang's check cuts the plan)": PRESET.replace(engine_check=False),
     "- lend idle share": PRESET.replace(lend_idle_share=False),
     "- fill while sampling": PRESET.replace(fill_while_sampling=False),

@@ -55,6 +55,6 @@ _LEAF_PART: dict[str, str] = {
 
 PRESET = BlendPreset(
     scan=ScanConfig(hold_prefix_tokens=32, fill_while_sampling=True, final_wave=True, sample_quorum=1.0,
-                    lend_idle_share=True, engine_check=True),
+                    lend_idle_share=True, engine_check=True, free_pool_credit=1.0),
     estimator=OutputLengthEstimator(prior=256, sample_fraction=0.01, seed=0),
 )

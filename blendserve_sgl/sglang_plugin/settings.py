@@ -195,6 +195,9 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
          "(1/0).", preset="pacing"),
     Knob("metering", bool, "Admit each side's memory work at the rate of its memory share, counting SGLang's "
          "forward passes (1/0).", preset="metering"),
+    Knob("free_pool_credit", float, "With metering: each step a side also earns this many times its part of the "
+         "KV pool left free as memory-work credit (0: only its share's rate).", _at_least(0),
+         preset="free_pool_credit"),
     Knob("seed", int, "Seed of the output-length sample.", _at_least(0), preset="seed"),
     Knob("stats_path", str, "Write the policy's counters (JSON) to this file every 32 steps and at the end.",
          _file_to_write, default=""),
@@ -253,6 +256,7 @@ class BlendSettings:
     engine_check: bool = _default("engine_check")
     pacing: bool = _default("pacing")
     metering: bool = _default("metering")
+    free_pool_credit: float = _default("free_pool_credit")
     seed: int = _default("seed")
     stats_path: str = _default("stats_path")
     trace_path: str = _default("trace_path")
