@@ -23,18 +23,23 @@ COST = CostModel.from_names("llama-3.1-8b", "a100")
 BIG = EngineConfig(kv_tokens=200_000, max_running=8, chunked_prefill=4096)
 
 
-def admissions(policy, work, config=BIG, **kw):
-    reqs = from_tokens(work)
-    picker = make_picker(policy, reqs, COST, **kw)
-    order = []
+def record_picks(picker, into: list) -> None:
+    """Wrap `picker.pick` so that the rids it admits are appended to `into`, in order."""
     inner = picker.pick
 
     def pick(view):
         out = inner(view)
-        order.extend(p.req.rid for p in out)
+        into.extend(p.req.rid for p in out)
         return out
 
     picker.pick = pick
+
+
+def admissions(policy, work, config=BIG, **kw):
+    reqs = from_tokens(work)
+    picker = make_picker(policy, reqs, COST, **kw)
+    order = []
+    record_picks(picker, order)
     Engine(COST, config, picker, reqs).run(check=True)
     return order, reqs
 
@@ -199,14 +204,7 @@ def run_steps(picker_class, seed):
     picker = picker_class([r for r in reqs if r.rid not in late])
     engine = Engine(COST, config, picker, [r for r in reqs if r.rid not in late])
     admitted, trail = [], []
-    inner = picker.pick
-
-    def pick(view):
-        out = inner(view)
-        admitted.extend(p.req.rid for p in out)
-        return out
-
-    picker.pick = pick
+    record_picks(picker, admitted)
     while engine.finished < len(reqs):
         assert engine.steps < 100_000, "the run does not end"
         for r in reqs:
