@@ -301,6 +301,26 @@ def test_run_plan_only_refuses_what_run_refuses(user_file, tmp_path, capsys, fla
     assert err.startswith("blendserve run --plan-only: error:") and said in err
 
 
+def test_run_plan_only_on_cpu_plans_the_cpu_engines_chunk(user_file, tmp_path, monkeypatch):
+    """The CPU engine chunks prefills at 4,096 tokens; the plan assumed a GPU's 8,192, so it
+    admitted twice the prompts a step and under-counted prefix hits between steps."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from cpu_smoke import write_tiny_llama
+
+    seen = []
+    monkeypatch.setattr(plan, "main", lambda argv: seen.append(argv) or 0)
+    model_dir = write_tiny_llama(tmp_path / "tiny")
+    for extra in ([], ["--engine-arg", "chunked_prefill_size=256"]):
+        assert cli.main(["run", str(user_file), "--model", str(model_dir), "--plan-only", "cpu", *extra]) == 0
+    assert seen[0][seen[0].index("--chunk") + 1] == "4096"
+    assert seen[1].count("--chunk") == 1 and seen[1][seen[1].index("--chunk") + 1] == "256"
+    assert cli.main(["run", str(user_file), "--model", str(model_dir), "--plan-only", "h100"]) == 0
+    assert "--chunk" not in seen[2]  # a GPU's default
+
+
 def test_run_plan_only_plans_ray_replicas(user_file, tmp_path, capsys, monkeypatch):
     """--ray --replicas N was planned as one engine: N times the wall time a Ray run takes."""
     import sys
