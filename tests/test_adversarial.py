@@ -1231,8 +1231,10 @@ def test_a_policy_named_twice_is_planned_once(tmp_path, capsys):
     base = [str(src), "--model", "llama-3.1-8b", "--hardware", "h100", "--workers", "1", "--json", "--plot", "/dev/null"]
     assert plan.main([*base, "--policies", "blend,blend"]) == 0
     assert [r["policy"] for r in json.loads(capsys.readouterr().out)["policies"]] == ["blend"]
-    assert plan.main([*base, "--policies", "fcfs, blend,fcfs,"]) == 0
+    assert plan.main([*base, "--policies", "fcfs, blend,fcfs"]) == 0
     assert [r["policy"] for r in json.loads(capsys.readouterr().out)["policies"]] == ["fcfs", "blend"]
+    assert plan.main([*base, "--policies", "fcfs,blend,"]) == 2  # an empty entry is named, not skipped
+    assert "entry 3 of 3 is empty" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("seed", ["-1", "4294967296"])
