@@ -284,35 +284,23 @@ def test_run_plan_only_names_the_engine_arg_it_maps(user_file, tmp_path, capsys,
     (["--engine-arg", "nonexistent_knob=1"], "nonexistent_knob: not an argument of sglang.Engine"),
     (["--replicas", "2"], "apply to --ray runs"),
 ])
-def test_run_plan_only_refuses_what_run_refuses(user_file, tmp_path, capsys, flags, said):
+def test_run_plan_only_refuses_what_run_refuses(user_file, capsys, flags, said, tiny_llama):
     """The same command without --plan-only stops with exit 2; with it, a plan was printed (a KV
     pool of 10 tokens planned as the default pool)."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-    from cpu_smoke import write_tiny_llama
-
     if "nonexistent_knob=1" in flags:
         pytest.importorskip("sglang")
-    model_dir = write_tiny_llama(tmp_path / "tiny")
+    model_dir = tiny_llama
     assert cli.main(["run", str(user_file), "--model", str(model_dir), "--plan-only", "a100", *flags]) == 2
     err = capsys.readouterr().err
     assert err.startswith("blendserve run --plan-only: error:") and said in err
 
 
-def test_run_plan_only_on_cpu_plans_the_cpu_engines_chunk(user_file, tmp_path, monkeypatch):
+def test_run_plan_only_on_cpu_plans_the_cpu_engines_chunk(user_file, monkeypatch, tiny_llama):
     """The CPU engine chunks prefills at 4,096 tokens; the plan assumed a GPU's 8,192, so it
     admitted twice the prompts a step and under-counted prefix hits between steps."""
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-    from cpu_smoke import write_tiny_llama
-
     seen = []
     monkeypatch.setattr(plan, "main", lambda argv: seen.append(argv) or 0)
-    model_dir = write_tiny_llama(tmp_path / "tiny")
+    model_dir = tiny_llama
     for extra in ([], ["--engine-arg", "chunked_prefill_size=256"]):
         assert cli.main(["run", str(user_file), "--model", str(model_dir), "--plan-only", "cpu", *extra]) == 0
     assert seen[0][seen[0].index("--chunk") + 1] == "4096"
@@ -321,16 +309,10 @@ def test_run_plan_only_on_cpu_plans_the_cpu_engines_chunk(user_file, tmp_path, m
     assert "--chunk" not in seen[2]  # a GPU's default
 
 
-def test_run_plan_only_plans_ray_replicas(user_file, tmp_path, capsys, monkeypatch):
+def test_run_plan_only_plans_ray_replicas(user_file, tmp_path, capsys, monkeypatch, tiny_llama):
     """--ray --replicas N was planned as one engine: N times the wall time a Ray run takes."""
-    import sys
-    from pathlib import Path
-
     pytest.importorskip("ray")
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-    from cpu_smoke import write_tiny_llama
-
-    model_dir = write_tiny_llama(tmp_path / "tiny")
+    model_dir = tiny_llama
     monkeypatch.chdir(tmp_path)
     assert cli.main(["run", str(user_file), "--model", str(model_dir), "--plan-only", "a100", "--ray", "--replicas",
                      "4", "--gpus-per-replica", "2"]) == 0

@@ -133,13 +133,13 @@ def chunks_in_flight(kv_tokens: int | None, running: int | None, part: Sequence[
 
 
 class _Slot:
-    """The driver's view of one replica: its current actor (`gen`: how many it had before), the
+    """The driver's view of one replica: its current actor (None between one that died and its successor), the
     chunks still to feed it, the hunt once one of its actors died (`runner.Hunt`), and what a dead
     actor's chunks held (`caught`) until every one of them has come back."""
 
     def __init__(self, chunks: list):
         self.actor = None
-        self.gen = 0
+        self.started = False  # an actor was started for it before (the next is a restart)
         self.queue = chunks
         self.limit = 0  # chunks in flight at once
         self.hunt: runner.Hunt | None = None
@@ -191,7 +191,8 @@ def generate(cfg: runner.EngineConfig, parts: Sequence[Sequence[Prepared]],
         # Ray does not restart it (max_restarts 0): a dead actor's chunks fail at once, and the
         # hunt decides what its successor runs first
         nonlocal restarts
-        restarts += slots[r].gen > 0
+        restarts += slots[r].started
+        slots[r].started = True
         own = dict(env, **({"SGLANG_CPU_OMP_THREADS_BIND": binds[r]} if binds else {}))
         slots[r].actor = actor_cls.options(num_cpus=1, num_gpus=gpus, max_restarts=0, max_task_retries=0,
                                            max_concurrency=in_flight or MAX_IN_FLIGHT).remote(cfg, own)
@@ -259,7 +260,7 @@ def generate(cfg: runner.EngineConfig, parts: Sequence[Sequence[Prepared]],
         s.hunt.check_integrity(seen)
         with contextlib.suppress(Exception):  # gone already, unless Ray only lost sight of it
             ray.kill(s.actor, no_restart=True)
-        s.actor, s.gen = None, s.gen + 1
+        s.actor = None
         say(f"replica {r} failed with {len(caught):,} request{'' if len(caught) == 1 else 's'} in flight"
             + (f"; line {culprit.request.line} ran alone when it failed: written as an error record" if culprit else "")
             + ("; starting it again" if s.hunt.groups or s.queue else "")
