@@ -1,9 +1,11 @@
 """Paced prefill under estimated lengths: what the pacing target's accuracy does, for every policy.
 
 Each Trace analog runs every policy on the method comparison's engine (`EngineConfig.trace_engine`)
-in five variants: estimated lengths paced by the policy-neutral estimate (`core.pacing.WaitingWork`:
+in six variants: estimated lengths paced by the policy-neutral estimate (`core.pacing.WaitingWork`:
 the engine's rule and what the plugin ships), not paced, paced at the waiting requests' true
-density (`pace_density="true"`: an oracle no engine has), and known lengths paced and not paced.
+density (`pace_density="true"`: an oracle no engine has), paced with the memory of unknown outputs
+from the finished outputs' second moment (`pace_density="spread"`), and known lengths paced and not
+paced.
 The paced variants pace against the step's whole memory side, the weight read and step overhead
 added to the decode's KV read (`core.pacing.MEMORY_SIDES[0]`, as the plugin paces); two more pace
 against the KV read alone, the weight read only as the floor (`EngineConfig.pace_memory="kv"`: the
@@ -44,6 +46,7 @@ VARIANTS = {  # name -> (key, known lengths, engine changes, blend preset change
     ORACLE: ("oracle", False, {"pace_density": "true"}, None, None),
     f"{ORACLE}, blend thin_batch_share {THIN}": ("oracle_thin", False, {"pace_density": "true"},
                                                  {"thin_batch_share": THIN}, ORACLE),
+    "estimated, paced, memory from the outputs' second moment": ("spread", False, {"pace_density": "spread"}, None, None),
     "known, paced": ("known", True, {}, None, None),
     f"known, paced, blend thin_batch_share {THIN}": ("known_thin", True, {}, {"thin_batch_share": THIN}, "known, paced"),
     "known, not paced": ("known_not_paced", True, {"pace": False}, None, None),

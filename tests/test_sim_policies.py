@@ -493,6 +493,42 @@ def test_waiting_work_sums_follow_admissions_and_retractions(known):
     assert eng.counters.retractions > 0
 
 
+def test_waiting_work_spread_counts_each_finished_output_not_their_mean():
+    """`WaitingWork(spread=True)` (`pace_density="spread"`, an ablation): the waiting requests'
+    memory is its expectation when each one's output is drawn from the finished outputs, a brute
+    force over every waiting request and every finished output; without it, the memory at the mean."""
+    from blendserve_sgl.core.cost import memory_units
+    from blendserve_sgl.core.pacing import WaitingWork
+
+    fills, outs = [40, 7, 300], [2, 10, 10, 500]
+    for spread in (True, False):
+        w = WaitingWork(64, spread=spread)
+        for f in fills:
+            w.wait(f, 100)
+        for d in outs:
+            w.finished(d)
+        m = sum(outs) / len(outs)
+        if spread:
+            mem = sum(memory_units(f, d) for f in fills for d in outs) / len(outs)
+        else:
+            mem = sum(memory_units(f, m) for f in fills)
+        assert w.density(COST) == pytest.approx(COST.density(sum(fills) + len(fills) * m, mem), rel=1e-12)
+    w = WaitingWork(64, spread=True)  # before any finish: the capped max_new_tokens, no spread to count
+    w.wait(40, 100)
+    assert w.density(COST) == pytest.approx(COST.density(40 + 64, memory_units(40, 64)), rel=1e-12)
+    chunks = {}
+    for density in ("estimate", "spread"):
+        reqs = from_tokens(token_work(8, 60, out=(1, 400)), known=False)
+        eng = Engine(COST, EngineConfig(kv_tokens=30_000, max_running=64, chunked_prefill=4096, pace=True,
+                                        pace_density=density), make_picker("fcfs", reqs, COST), reqs)
+        sizes = []
+        while eng.finished < 8:
+            sizes.append(eng.chunk_size())
+            eng.step()
+        chunks[density] = sizes
+    assert chunks["spread"] != chunks["estimate"]  # the switch reaches the engine's paced chunk
+
+
 def test_blend_keeps_the_kv_pool_fuller_than_with_reservations_alone():
     """Blend on an engine with the KV projection, told the step count, holds more KV in use,
     needs fewer steps (each step reads the weights once) and gets closer to the optimum than the

@@ -33,7 +33,8 @@ Engine features, the same for every picker (`EngineConfig`):
   (ignore_eos) give the remaining output exactly; for the others every picker sees the same
   estimate: the mean output of the requests finished so far, and before the first finish
   their mean min(max_new_tokens, clip_max_new_tokens) (`core.pacing.WaitingWork`, which the
-  plugin keeps too). `pace_density="true"` paces at the waiting requests' true remaining
+  plugin keeps too). `pace_density="spread"` takes the memory of unknown outputs from the finished
+  outputs' second moment (an ablation). `pace_density="true"` paces at the waiting requests' true remaining
   lengths instead: an oracle no engine has, for ablations only (`bench/pacing_ablation.py`).
 - `kv_projection`: admission may count the KV that running requests of known remaining length
   will release (`kv_horizons`). SGLang cannot do this: results with it are their own rows.
@@ -63,7 +64,7 @@ _NO_WATCH = np.iinfo(np.int64).max
 # SAFETY x h + SLACK steps (its prefill may wait behind others', a decode round may be skipped).
 HORIZONS = np.array([4 ** k for k in range(9)], dtype=np.int64)
 SAFETY, SLACK = 2, 16
-PACE_DENSITIES = ("estimate", "true")
+PACE_DENSITIES = ("estimate", "spread", "true")
 FULL_CHECK_EVERY = 1024  # check=True: the full recount every this many steps (and at the end)
 
 
@@ -95,7 +96,8 @@ class EngineConfig:
     pace: bool = False  # each step's chunk size follows the decode batch's memory time (module docstring)
     kv_projection: bool = False  # admission counts KV that known-length running requests will release
     pace_density: str = "estimate"  # pacing's target density: "estimate" (WaitingWork, as the plugin
-    # paces) or "true" (the waiting requests' true remaining lengths: a simulator-only oracle for ablations)
+    # paces), "spread" (WaitingWork's memory from the finished outputs' second moment: an ablation) or
+    # "true" (the waiting requests' true remaining lengths: a simulator-only oracle for ablations)
     pace_memory: str = MEMORY_SIDES[0]  # the step's memory side pacing matches (core.pacing.MEMORY_SIDES):
     # "kv+weights" (the decode's KV read and per-request work plus the weight read: as the plugin paces) or
     # "kv" (the weight read only as the floor: the earlier rule, for ablations)
@@ -201,7 +203,7 @@ class Engine:
         self.counters = Counters()
         self.series = {k: [] for k in ("prefill", "decode", "kv_read", "attn_pairs", "kv_active", "running")}
         self.finish_order: list = []
-        self.work = WaitingWork(config.clip_max_new_tokens)  # the waiting work, for the pacing target
+        self.work = WaitingWork(config.clip_max_new_tokens, spread=config.pace_density == "spread")  # pacing target
         # the oracle target (pace_density="true"): every waiting request at its true remaining length
         self.true_work = WaitingWork(config.clip_max_new_tokens) if config.pace_density == "true" else None
         self._checked = 0  # steps since the last full check
