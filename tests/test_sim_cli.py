@@ -22,6 +22,23 @@ def test_simulate_prints_the_table_and_writes_json_and_png(capsys, tmp_path):
     assert data["interference"] == 0.1  # `assumed`, the default
 
 
+def test_a_long_run_tells_stderr_how_far_it_is(capsys, tmp_path, monkeypatch):
+    """Every PROGRESS_EVERY_S seconds a run prints its finished requests and step to stderr (0 here:
+    every step), and a line when each policy is done; stdout keeps the table alone."""
+    from blendserve_sgl.sim import cli as sim_cli
+
+    monkeypatch.setattr(sim_cli, "PROGRESS_EVERY_S", 0.0)
+    rc = cli.main(["simulate", "--workload", "mixed", "--requests", "200", "--policy", "fcfs,blend",
+                   "--kv-gb", "6", "--out", str(tmp_path / "sim.json")])
+    assert rc == 0
+    captured = capsys.readouterr()
+    lines = captured.err.splitlines()
+    for policy in ("fcfs", "blend"):
+        seen = [ln for ln in lines if ln.startswith(f"  {policy}: ") and "of 200 requests finished" in ln]
+        assert seen and f"  {policy}: done in" in captured.err
+    assert "requests finished" not in captured.out
+
+
 @pytest.mark.parametrize("setting", ["0.3", "h200-measured"])
 def test_simulate_takes_a_named_interference(tmp_path, setting):
     from blendserve_sgl.core.specs import interference

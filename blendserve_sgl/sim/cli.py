@@ -31,6 +31,23 @@ from ..cli import non_negative_int, positive_float, positive_int
 
 WORKLOADS = (*sorted(TRACES), "mixed", "mix:DENSITY,SHARING", "PATH.csv|PATH.jsonl")
 DEFAULT_REQUESTS = 20_000  # a built-in workload's size when --requests is not given (a trace file: all its rows)
+PROGRESS_EVERY_S = 30.0  # a run longer than this prints where it is to stderr, at most this often
+
+
+def progress(policy: str, total: int, every_s: float | None = None):
+    """An `on_step` callback that tells stderr, at most every `every_s` seconds of wall time, how far
+    the run of `policy` is (a million requests take many minutes per policy)."""
+    every = PROGRESS_EVERY_S if every_s is None else every_s
+    last = time.perf_counter()
+
+    def on_step(engine) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        if now - last >= every:
+            last = now
+            print(f"  {policy}: {engine.finished:,} of {total:,} requests finished, step {engine.steps:,}",
+                  file=sys.stderr, flush=True)
+    return on_step
 MAX_BUILT_IN_REQUESTS = 2_000_000  # a built-in workload is built in memory: about 1.2 KB and 60 us a request
 
 
@@ -162,7 +179,10 @@ def main(argv: list[str] | None = None) -> int:
           f"KV {engine.kv_tokens} tokens, chunk {engine.chunked_prefill}, interference {args.interference}")
     results = {}
     for p in policies:
-        results[p] = simulate(workload, p, spec, check=args.check)
+        started = time.perf_counter()
+        results[p] = simulate(workload, p, spec, check=args.check, on_step=progress(p, len(records)))
+        if time.perf_counter() - started >= PROGRESS_EVERY_S:
+            print(f"  {p}: done in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     rows = compare(results, models)
     print(format_table(rows, [c for c in COLUMNS if c[0] in rows[0]]))
     out = Path(args.out)
