@@ -174,9 +174,18 @@ def test_context_limits_name_the_numbers_and_the_fix():
     tok = WordTokenizer()
     long = prepare(req("completion", prompt=" ".join(["w"] * 20)), tok, 16, 8)
     assert isinstance(long, LineError) and long.code == "context_length_exceeded"
-    assert "line 5: the prompt is 21 tokens, longer than the model's context of 16 tokens; shorten it" in long.message
+    assert ("line 5: the prompt is 21 tokens, longer than the model's context of 16 tokens (SGLang takes prompts of "
+            "at most 9); shorten it") in long.message
     edge = prepare(req("completion", prompt=" ".join(["w"] * 15)), tok, 16, 8)  # 16 tokens: not shorter
     assert isinstance(edge, LineError)
+    # SGLang 0.5.23's scheduler refuses a prompt of max_req_input_len = context - 1 - 5 tokens or more
+    # (`validate_input_length`): 10 of a 16-token context is refused by the engine, so here too
+    near = prepare(req("completion", prompt=" ".join(["w"] * 9)), tok, 16, 1)
+    assert isinstance(near, LineError) and near.code == "context_length_exceeded"
+    assert "the prompt is 10 tokens, too long for the model's context of 16 tokens (SGLang takes prompts of at most " \
+           "9)" in near.message
+    under = prepare(req("completion", prompt=" ".join(["w"] * 8)), tok, 16, 1)
+    assert isinstance(under, Prepared) and len(under.input_ids) == 9
     big = prepare(req("chat", max_tokens=11), tok, 16, 8)
     assert isinstance(big, LineError) and '"max_tokens" is 11, but the prompt (after the chat template) takes 6 of ' \
                                           "the model's 16-token context: at most 10 fits" in big.message

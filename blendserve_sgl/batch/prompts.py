@@ -7,8 +7,10 @@ manager encodes text (`tokenizer.encode(text)`); token-id prompts are taken as t
 a vocabulary check. The engine then receives `input_ids`, so `usage.prompt_tokens` is the
 length of exactly what was checked here.
 
-Context rule (SGLang's own): the prompt must be shorter than the context, and prompt +
-max_tokens must fit in it. A request without max_tokens gets the run's default, capped to what
+Context rule (SGLang's own): the prompt must be shorter than the scheduler's input limit,
+context - 1 - `INPUT_MARGIN` tokens (0.5.23's `max_req_input_len`; a smaller KV pool lowers it
+further, which only the engine knows), and prompt + max_tokens must fit in the context (the
+tokenizer manager's check). A request without max_tokens gets the run's default, capped to what
 fits. Any tokenizer with `encode(text, add_special_tokens=...)`, `apply_chat_template(...,
 tokenize=False, add_generation_prompt=True)`, `chat_template` and `len()` works (tests pass
 small stand-ins).
@@ -137,13 +139,24 @@ def render(req: BatchRequest, tokenizer, source: str = "requests.jsonl") -> tupl
     return None, "the prompt"
 
 
+INPUT_MARGIN = 5  # SGLang 0.5.23's scheduler takes prompts under min(context - 1, pool - 1) - 5 tokens
+
+
+def input_limit(context_len: int) -> int:
+    """The longest prompt SGLang's scheduler accepts in a `context_len`-token context (its
+    `max_req_input_len` - 1: a prompt of `max_req_input_len` tokens is refused too)."""
+    return context_len - 1 - INPUT_MARGIN - 1
+
+
 def check_context(req: BatchRequest, n: int, what: str, context_len: int, default_max_tokens: int,
                   source: str = "requests.jsonl") -> int | LineError:
     """max_tokens of a prompt of `n` tokens under SGLang's context rule (see module doc)."""
     where = f"{source} line {req.line}"
-    if n >= context_len:
-        return LineError(req.line, req.custom_id, f"{where}: {what} is {n} tokens, longer than the model's context "
-                                                  f"of {context_len} tokens; shorten it",
+    if n > input_limit(context_len):
+        longer = "longer than the model's context" if n >= context_len else "too long for the model's context"
+        return LineError(req.line, req.custom_id, f"{where}: {what} is {n} tokens, {longer} of {context_len} tokens "
+                                                  f"(SGLang takes prompts of at most {input_limit(context_len)}); "
+                                                  "shorten it",
                          code="context_length_exceeded")
     room = context_len - n
     if req.max_tokens is None:
