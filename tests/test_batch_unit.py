@@ -269,7 +269,11 @@ def test_resume_scan_cuts_a_truncated_last_line_and_rebuilds_the_error_file(tmp_
     recs = _records(6)
     full = "".join(json.dumps(r) + "\n" for r in recs[:5])
     out.write_text(full + json.dumps(recs[5])[:40])  # killed while writing the 6th line
-    errs.write_text("stale\n")
+    errs.write_text("stale\n")  # not an error record of results.jsonl: refused, kept
+    with pytest.raises(ResultsError, match="already holds 1 line that is not an error record of -o"):
+        ResultWriter.open(out)
+    assert errs.read_text() == "stale\n" and out.read_text() == full + json.dumps(recs[5])[:40]  # both untouched
+    errs.write_text(json.dumps(recs[2])[:30])  # the start of its one error record (a crash cut it short)
     with ResultWriter.open(out) as w:
         assert w.done.cut_partial_line and w.done.records == 5
         assert w.done.keys == {f"r{i}" for i in range(5)} and w.done.failed == 1 and w.done.completed == 4
@@ -315,9 +319,11 @@ def test_an_error_file_two_runs_name_is_refused_to_the_second_and_kept_whole(tmp
         assert not (tmp_path / "b.jsonl").exists()  # the refused run left no empty results file behind
         first.drop({"r0"})  # the run's own rebuild of its error file still works
     assert errs.read_bytes() == kept
-    with ResultWriter.open(tmp_path / "b.jsonl", errs):  # free again once the first run ended
-        assert errs.read_bytes() == b""
-    assert not (tmp_path / "b.jsonl").read_bytes()
+    with pytest.raises(ResultsError, match="already holds 1 line that is not an error record of -o"):
+        ResultWriter.open(tmp_path / "b.jsonl", errs)  # free again, but it holds the first run's errors
+    assert errs.read_bytes() == kept and not (tmp_path / "b.jsonl").exists()
+    with ResultWriter.open(tmp_path / "a.jsonl", errs):  # the first run's own, resumed
+        assert errs.read_bytes() == kept
 
 
 def test_scan_counts_tokens_of_completed_records():
@@ -690,6 +696,42 @@ def test_errors_file_that_is_the_results_file_is_refused_and_nothing_is_emptied(
     assert out.read_bytes() == done and (tmp_path / "results.errors.jsonl").read_bytes() == errors
 
 
+def test_an_errors_file_holding_anything_but_this_runs_errors_is_refused_untouched(stand_in, tmp_path, capsys):
+    """--errors naming another run's results, or the default errors file left by another run, was
+    replaced by this run's error records (a probe's 38 records became 1). Now it is refused and
+    kept; this run's own errors file (resume, --overwrite, a last line cut short) is rebuilt."""
+    src, model = _batch(tmp_path), ["--model", str(stand_in["model"])]
+    first = tmp_path / "first.jsonl"
+    assert cli.main([str(src), "-o", str(first), *model]) == 0
+    kept = first.read_bytes()
+    out = tmp_path / "second.jsonl"
+    assert cli.main([str(src), "-o", str(out), "--errors", str(first), *model]) == 2  # the earlier results
+    err = capsys.readouterr().err
+    assert f"--errors {first} already holds" in err and "not an error record of -o" in err and "move it" in err
+    assert first.read_bytes() == kept and not out.exists()
+    notes = tmp_path / "notes.txt"
+    notes.write_text("my notes\n")
+    assert cli.main([str(src), "-o", str(out), "--errors", str(notes), "--overwrite", *model]) == 2
+    assert notes.read_text() == "my notes\n"
+    capsys.readouterr()
+    own = tmp_path / "first.errors.jsonl"  # the default errors file of -o first.jsonl: another run's now
+    theirs = own.read_bytes()
+    first.unlink()
+    assert cli.main([str(src), "-o", str(first), *model]) == 2
+    assert f"the errors file {own} (next to -o) already holds" in capsys.readouterr().err
+    assert own.read_bytes() == theirs and not first.exists()  # no empty results file left behind
+    own.unlink()
+    assert cli.main([str(src), "-o", str(first), *model]) == 0  # fresh: both files written
+    errors = own.read_bytes()
+    assert errors and first.read_bytes().count(b"\n") > errors.count(b"\n")
+    own.write_bytes(errors[:-7])  # a crash cut its last line short: still this run's, rebuilt whole
+    assert cli.main([str(src), "-o", str(first), *model]) == 0
+    assert own.read_bytes() == errors
+    assert cli.main([str(src), "-o", str(first), "--overwrite", *model]) == 0  # its errors are the old -o's
+    ids = [json.loads(x)["custom_id"] for x in errors.decode().splitlines()]
+    assert [json.loads(x)["custom_id"] for x in own.read_text().splitlines()] == ids  # run again: new records
+
+
 def test_error_file_is_rebuilt_by_rename_not_emptied_before_the_scan(tmp_path):
     """A results file the scan refuses leaves the existing error file as it was."""
     out, errs = tmp_path / "results.jsonl", tmp_path / "results.errors.jsonl"
@@ -699,6 +741,7 @@ def test_error_file_is_rebuilt_by_rename_not_emptied_before_the_scan(tmp_path):
         ResultWriter.open(out)
     assert errs.read_text() == "kept\n"
     out.write_text(json.dumps(_records(3)[2]) + "\n")
+    errs.write_text("")  # "kept" is no error record of results.jsonl: refused (test_an_errors_file_holding_...)
     link = tmp_path / "errors-link.jsonl"
     link.symlink_to(errs)
     with ResultWriter.open(out, link) as w:

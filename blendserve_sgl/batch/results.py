@@ -321,10 +321,13 @@ class ResultWriter:
         fd, existed = -1, path.exists()
         try:
             if regular:
-                fd, done, failures = _open_results(path, overwrite)
+                fd, done, failures, earlier, cut = _open_results(path, overwrite)
             else:
-                fd, done, failures = os.open(path, os.O_WRONLY | os.O_APPEND), Done(), []
-            errors_fd = _rebuild(errors_path, failures) if errors_path is not None else -1
+                fd, done, failures, earlier, cut = os.open(path, os.O_WRONLY | os.O_APPEND), Done(), [], [], None
+            errors_fd = _rebuild(errors_path, failures, mine=(set(failures) | set(earlier), what, path)) \
+                if errors_path is not None else -1
+            if cut is not None:  # the errors file taken: only now is -o emptied or its partial line cut
+                os.ftruncate(fd, cut)
         except (ResultsError, OSError) as exc:
             if fd >= 0:
                 if regular and not existed and os.fstat(fd).st_size == 0:
@@ -393,21 +396,25 @@ def _names_an_open_file(path: Path) -> bool:
     return parent == "/dev" or parent.startswith(("/dev/", "/proc/"))
 
 
-def _open_results(path: Path, overwrite: bool) -> tuple[int, Done, list[bytes]]:
+def _open_results(path: Path, overwrite: bool) -> tuple[int, Done, list[bytes], list[bytes], int | None]:
     """Open and lock a regular results file (retrying when a run renamed a new file over it
-    while this one waited), empty it with `overwrite`, scan it and cut a partial last line."""
+    while this one waited) and scan it. Returns (fd, what it holds, its failure lines, the failure
+    lines `overwrite` discards, the size to cut it to: 0 with `overwrite`, the end of its last
+    whole line when a partial one follows, else None); the caller cuts it."""
     fd = _open_locked(path, "-o")
     try:
-        if overwrite:
-            os.ftruncate(fd, 0)
         data = _read_all(fd)
+        if overwrite:
+            try:  # the error records of what is discarded: the errors file may hold them, nothing else
+                earlier = scan(data, path.name)[2]
+            except ResultsError:
+                earlier = []
+            return fd, Done(), [], earlier, 0
         done, end, failures = scan(data, path.name)
-        if end < len(data):
-            os.ftruncate(fd, end)
     except BaseException:
         os.close(fd)
         raise
-    return fd, done, failures
+    return fd, done, failures, [], end if end < len(data) else None
 
 
 def _open_locked(path: Path, flag: str) -> int:
@@ -436,18 +443,37 @@ def _open_locked(path: Path, flag: str) -> int:
         os.close(fd)  # locked an old file that was replaced meanwhile: lock the current one
 
 
-def _rebuild(errors_path: Path, lines: list[bytes]) -> int:
+def _rebuild(errors_path: Path, lines: list[bytes], mine: tuple[set, str, Path] | None = None) -> int:
     """The error file holding exactly `lines`, open for appending. A regular (or new) file is
     rebuilt as a new file renamed over it, so it is never emptied before the new content is
     there, and locked like the results file (two runs naming one --errors file: the second stops);
-    a stream (/dev/stderr, a pipe) is opened for appending as it is."""
+    a stream (/dev/stderr, a pipe) is opened for appending as it is. `mine` (the failure lines
+    the file may hold, how to name it, the results file): a file holding anything else is another
+    file or another run's errors, and is refused untouched."""
     if not is_regular_or_new(errors_path):
         return os.open(errors_path, os.O_WRONLY | os.O_APPEND)
     guard = _open_locked(errors_path, "--errors")  # one run per error file, as per results file
     try:
+        if mine is not None:
+            _check_errors_file(_read_all(guard), *mine)
         return _replace(errors_path, b"".join(lines), locked=True)
     finally:
         os.close(guard)
+
+
+def _check_errors_file(data: bytes, allowed: set, what: str, results: Path) -> None:
+    """Refuse an existing errors file that holds a line other than the error records of `results`
+    (a last line cut short by a crash may be the start of one)."""
+    lines = data.split(b"\n")
+    for i, raw in enumerate(lines, 1):
+        last = i == len(lines)
+        if not raw.strip() or raw + b"\n" in allowed or last and any(ok.startswith(raw) for ok in allowed):
+            continue
+        others = sum(1 for r in lines if r.strip() and r + b"\n" not in allowed)
+        raise ResultsError(f"{what} already holds {others:,} line{'s' if others != 1 else ''} that "
+                           f"{'are' if others != 1 else 'is'} not an error record of -o {results} (the first: "
+                           f"line {i}): another file, or the errors of another run, which this run would "
+                           "overwrite; move it, or choose another --errors")
 
 
 def _replace(path: Path, data: bytes, *, locked: bool) -> int:
