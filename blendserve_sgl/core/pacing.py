@@ -22,8 +22,9 @@ The target density is the waiting work's (`WaitingWork`): remaining lengths wher
 estimate for every request of unknown length, the mean output of the requests finished so far
 (before the first finish, the mean min(max_new_tokens, clip)). Memory is convex in the output
 length (2 p d + d^2), so memory from the mean under-counts a spread of outputs; `spread=True`
-counts n E[d^2] over the finished outputs instead of n m^2 (an ablation: under the equal rules it
-made fcfs 9% faster on Trace#4 and blend 3.6% slower; `bench/pacing_ablation.py`). The simulator's engine keeps it
+counts n E[d^2] over the finished outputs instead of n m^2 (an ablation, not shipped: under the
+equal rules at 20,000 requests it made fcfs 1.098x as fast on Trace#4 and blend 0.965x;
+`bench/pacing_ablation.py`, docs/design.md section 5). The simulator's engine keeps it
 for every policy and the plugin keeps it over SGLang's waiting queue, so blend paces the same way
 in both. It is policy-neutral on purpose: no scheduler's estimator is needed to run it.
 """
