@@ -215,6 +215,8 @@ def main() -> None:
         payload.update(rerun_rows(payload, args.requests, args.seed, args.only))
     elif not args.engine_only:
         traces = args.traces.split(",")
+        for key in [k for k in payload if k.startswith("sim")]:  # no figure of the earlier rows survives
+            del payload[key]
         payload.update(sim_summary(sim_rows(args.requests, args.seed, traces), args.requests, traces))
         payload["sim"]["command"] = command()
     if not args.engine_only:
