@@ -544,3 +544,104 @@ def test_replan_growth_counts_each_sample_against_what_the_plan_assumed():
     sc.progress(short, 20_000)
     assert sc.replan_due
     sc.check_integrity()
+
+
+# ---------------------------------------------------------------- a batch that arrives over time
+def _arriving(fraction=0.1, fill=False):
+    t = ResourceTree(COST, OutputLengthEstimator(prior=100, sample_fraction=fraction, seed=1))
+    return DualScanner(t, ScanConfig(sample_quorum=1.0, fill_while_sampling=fill)), t
+
+
+def _arrive(sc, rid, group="g"):
+    sc.add(rid, prefix=[(group, 64)], prompt_len=80, max_tokens=1000)
+
+
+def test_requests_arriving_after_the_draw_join_the_sample_up_to_its_fraction():
+    """An engine receives its batch over many steps: the first step saw one request, and it was
+    the whole sample (`blendserve run`, 200 requests at 0.1: 1 sample). Arrivals join it while
+    fewer than ceil(fraction x seen) are chosen, and hold the plan like the first."""
+    sc, t = _arriving(0.1)
+    _arrive(sc, "r0")
+    first = sc.schedule(BIG)
+    assert [a.rid for a in first] == ["r0"] and first[0].side == SAMPLE and sc.sample_size == 1
+    for i in range(1, 200):
+        _arrive(sc, f"r{i}")
+    assert sc.sample_size == 20 == math.ceil(0.1 * 200)
+    took = sc.schedule(BIG)
+    sampled = {a.rid for a in took if a.side == SAMPLE}
+    assert len(sampled) == 19 and not sc.planned
+    for rid in ["r0", *sorted(sampled)][:-1]:
+        sc.finished(rid, 300)
+        assert not sc.planned
+    sc.finished(sorted(sampled)[-1], 300)
+    assert sc.planned and t.root.sample_n == 20
+    assert {r.output_len for r in t.reqs.values()} == {300}
+    sc.check_integrity()
+    for i in range(200, 260):  # after the plan: late samples, taken first, never holding the plan
+        _arrive(sc, f"r{i}", "h")
+    late = set(sc.sample.late)
+    assert len(late) == math.ceil(0.1 * 260) - 20 and not sc.sample.pending
+    taken = sc.schedule(BIG)
+    assert {a.rid for a in taken if a.side == SAMPLE} == late and sc.planned
+    for rid in late:
+        sc.finished(rid, 40)
+    assert t.root.sample_n == 20 + len(late) and not sc.sample.late and sc.replans == 0
+    sc.check_integrity()
+
+
+def test_readded_requests_are_not_arrivals():
+    """A request retracted or handed back (`readd`) does not count toward the sample again."""
+    sc, t = _arriving(0.5, fill=True)
+    for i in range(4):
+        _arrive(sc, f"r{i}")
+    sc.schedule(BIG)
+    size, seen = sc.sample_size, sc.sample.seen
+    running = [rid for rid in sc.running if rid not in sc.pending_sample]
+    for rid in running:
+        sc.retracted(rid)
+        sc.add(rid, readd=True, prefix=[("g", 64)], prompt_len=80, max_tokens=1000)
+    assert (sc.sample_size, sc.sample.seen) == (size, seen)
+
+
+@pytest.mark.parametrize("how", ["retracted", "aborted"])
+def test_a_sample_that_leaves_unfinished_lets_the_plan_happen(how):
+    """The only sample request retracted (it runs again, no longer as a sample) or aborted while it
+    waited: the sample is empty and the plan was never made, so estimation stayed off for good.
+    Now the next step plans with what is in."""
+    sc, t = _arriving(0.01)
+    for i in range(5):
+        _arrive(sc, f"r{i}")
+    sc.prepare()
+    (only,) = sc.pending_sample
+    if how == "retracted":
+        sc.schedule(BIG._replace(slots=1))
+        assert set(sc.running) == {only}
+        sc.retracted(only)
+        sc.add(only, readd=True, prefix=[("g", 64)], prompt_len=80, max_tokens=1000)
+    else:
+        sc.remove(only)
+    assert not sc.pending_sample and not sc.planned
+    sc.schedule(BIG._replace(slots=1))
+    assert sc.planned
+    sc.check_integrity()
+
+
+def test_a_batch_after_the_engine_drained_is_sampled_anew():
+    """A server's warm-up request (8 tokens) was the sample of everything after it: every later
+    request was estimated at 8. A request that finds nothing waiting or running after the plan
+    starts a new batch, sampled and planned afresh."""
+    sc, t = _arriving(0.1)
+    _arrive(sc, "warmup", "w")
+    (a,) = sc.schedule(BIG)
+    sc.finished(a.rid, 8)
+    assert sc.planned and not len(t)
+    for i in range(30):
+        _arrive(sc, f"u{i}", "user")
+    assert not sc.prepared and not sc.planned
+    took = sc.schedule(BIG)
+    sample = [x.rid for x in took if x.side == SAMPLE]
+    assert len(sample) == 3 and not sc.planned
+    for rid in sample:
+        sc.finished(rid, 400)
+    assert sc.planned and {r.output_len for r in t.reqs.values()} == {400}
+    sc.check_integrity()

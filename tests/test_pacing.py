@@ -104,3 +104,13 @@ def test_the_engines_pace_memory_setting_reaches_the_chunk_size():
     steps = {m: simulate(wl, "fcfs", RunSpec(COST, EngineConfig.trace_engine(COST, pace_memory=m))).steps
              for m in ("kv", "kv+weights")}
     assert steps["kv+weights"] < steps["kv"], steps  # larger paced chunks: the prompts take fewer steps
+
+
+def test_hardware_figures_too_far_apart_for_a_step_time_pace_nothing():
+    """flops=1e308,bandwidth=1e-308 passed the launch check and the first paced step raised
+    OverflowError (infinity to int) in the scheduler; such a step is not paced."""
+    from blendserve_sgl.core.cost import CostModel
+    from blendserve_sgl.core.specs import custom_hardware
+
+    cost = CostModel(COST.model, custom_hardware("flops=1e308,bandwidth=1e-308,memory=1"))
+    assert paced_prefill_tokens(cost, 1_000, 8, 1.0) is None

@@ -531,15 +531,24 @@ def test_side_files_are_written_in_place_on_pipes_and_through_links(tmp_path):
 
     from blendserve_sgl.sglang_plugin.settings import write_json_file
 
+    from blendserve_sgl.sglang_plugin.settings import open_in_place
+
     fifo = tmp_path / "counters.pipe"
     os.mkfifo(fifo)
-    got = []
-    reader = threading.Thread(target=lambda: got.append(fifo.read_text()), daemon=True)
-    reader.start()
+    rfd = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader, there before the write
     assert write_json_file(str(fifo), {"steps": 3}, "the counters")
     assert stat.S_ISFIFO(os.stat(fifo).st_mode), "the pipe was replaced by a file"
-    reader.join(timeout=60)
-    assert got and json.loads(got[0]) == {"steps": 3}
+    assert json.loads(os.read(rfd, 1 << 16)) == {"steps": 3}
+    os.close(rfd)
+    # no reader: the write fails at once (a blocking open waited for one and held the scheduler)
+    done = []
+    writer = threading.Thread(target=lambda: done.append(write_json_file(str(fifo), {"steps": 5}, "the counters")),
+                              daemon=True)
+    writer.start()
+    writer.join(timeout=60)
+    assert done == [False]
+    with pytest.raises(OSError):  # the step trace's append: the same
+        open_in_place(str(fifo), "a")
     real, link = tmp_path / "real.json", tmp_path / "link.json"
     real.write_text("{}")
     link.symlink_to(real)

@@ -188,23 +188,48 @@ class SamplePhase:
     def __init__(self, estimator: OutputLengthEstimator, quorum: float):
         self.estimator = estimator
         self.quorum = quorum
-        self.pending: set = set()  # sample requests not finished yet
+        self.pending: set = set()  # sample requests not finished yet (the plan waits for them)
         self.size = 0
         self.generated: dict = {}  # running sample rid -> tokens generated so far
+        self.seen = 0  # requests of unknown length the sample was drawn from or that arrived since
+        self.drawn = 0  # sample requests chosen among them (a retracted one stays counted)
+        self.late: set = set()  # sample requests that arrived after the plan, not finished yet
 
     def start(self, tree) -> None:
         """Choose the sample among the tree's requests of unknown length and mark them."""
-        chosen = self.estimator.choose_sample([r.rid for r in tree.reqs.values() if not r.known])
+        unknown = [r.rid for r in tree.reqs.values() if not r.known]
+        chosen = self.estimator.choose_sample(unknown)
         if self.estimator.stratify and chosen:
             chosen += stratum_samples(tree, self.estimator, set(chosen))
         for rid in chosen:
             tree.reqs[rid].sample = True
         self.pending = set(chosen)
         self.size = len(chosen)
+        self.seen, self.drawn = len(unknown), len(chosen)
+
+    def arrived(self, req, planned: bool) -> None:
+        """A request of unknown length arrived after the sample was drawn (an engine receives its
+        batch over many steps, a server for ever): it joins the sample while fewer than
+        ceil(sample_fraction x requests seen) were chosen. Before the plan it holds the plan like
+        the first ones; after it, it is `late`: its length, once in, informs the estimates of
+        requests that arrive later, and nothing waits for it."""
+        if req.known or self.estimator.sample_fraction <= 0:
+            return
+        self.seen += 1
+        if self.drawn >= math.ceil(self.estimator.sample_fraction * self.seen):
+            return
+        self.drawn += 1
+        req.sample = True
+        if planned:
+            self.late.add(req.rid)
+        else:
+            self.pending.add(req.rid)
+            self.size += 1
 
     def waiting(self, tree) -> list:
         """Sample requests still in the tree, in arrival order."""
-        return sorted((tree.reqs[r] for r in self.pending if r in tree.reqs), key=lambda r: r.seq)
+        rids = self.pending | self.late if self.late else self.pending
+        return sorted((tree.reqs[r] for r in rids if r in tree.reqs), key=lambda r: r.seq)
 
     def quorum_reached(self) -> bool:
         return self.size - len(self.pending) >= self.quorum * self.size
@@ -218,13 +243,17 @@ class SamplePhase:
         be planned now (the whole sample, or the quorum, is in)."""
         if output_len is not None:
             self.estimator.record(path, output_len)
-        self.pending.discard(rid)
         self.generated.pop(rid, None)
+        if rid in self.late:
+            self.late.discard(rid)
+            return False
+        self.pending.discard(rid)
         return not self.pending or self.quorum_reached()
 
     def retracted(self, rid) -> None:
-        """A running sample request was preempted: it runs again later, no longer as a sample."""
+        """A sample request was preempted (it runs again later, no longer as a sample) or aborted."""
         self.generated.pop(rid, None)
+        self.late.discard(rid)
         if rid in self.pending:
             self.pending.discard(rid)
             self.size -= 1

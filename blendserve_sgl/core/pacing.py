@@ -92,6 +92,8 @@ def paced_prefill_tokens(cost: CostModel, kv_read_tokens: int, decoding: int, de
     if memory_side == "kv+weights":
         memory += fixed
     gemm_tokens = max(fixed / cost.seconds_per_compute_token, density * memory / cost.seconds_per_compute_token)
+    if not math.isfinite(gemm_tokens):  # hardware figures so far apart no step time is a number: no pacing
+        return None
     return max(1, int(gemm_tokens) - decoding)
 
 

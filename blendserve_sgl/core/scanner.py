@@ -308,6 +308,8 @@ class DualScanner:
         and a waiting request fits the free KV (with a slot and prefill tokens left), at least one."""
         if not self.prepared:
             self.prepare()
+        elif not self.planned and not self.sample.pending and self.tree.root.count:
+            self._plan()  # the sample left without finishing (retracted, aborted): plan with what is in
         if self.overrun_bytes:
             budget = budget._replace(kv_bytes=budget.kv_bytes - self.overrun_bytes)
         if self.replan_due and self.planned and self.tree.root.count:
@@ -334,7 +336,7 @@ class DualScanner:
     def _sample_phase(self, st: "_StepState", out: list) -> bool:
         """Take the waiting sample requests (arrival order, no shares). False when the rest of the
         tree must wait for the sample (not planned and not filling while sampling)."""
-        if self.sample.pending:
+        if self.sample.pending or self.sample.late:
             for req in self.sample.waiting(self.tree):
                 if not self._offer(req, SAMPLE, st, out, shared=False):
                     break
@@ -457,7 +459,7 @@ class DualScanner:
         then in arrival order, with no shares."""
         reqs = [self.tree.leftmost(), self.tree.rightmost()]
         for req in [*reqs, *sorted(self.tree.reqs.values(), key=lambda r: r.seq)]:
-            side = SAMPLE if req.sample and req.rid in self.sample.pending else \
+            side = SAMPLE if req.sample and (req.rid in self.sample.pending or req.rid in self.sample.late) else \
                 RIGHT if req.sort_key < self.tree.density(self.tree.root) else LEFT
             if self._offer(req, side, st, out, shared=False, hold=False):
                 return
@@ -676,7 +678,7 @@ class DualScanner:
         self.sides[run.side].used -= run.kv_bytes
         self._release_overrun(rid)
         self._count_sampling(run.sources, -1)
-        if run.req.sample and rid in self.sample.pending:
+        if run.req.sample and (rid in self.sample.pending or rid in self.sample.late):
             if self.sample.finished(rid, run.path, output_len) and (not self.sample.pending or not self.planned):
                 self._plan()
 
@@ -753,11 +755,32 @@ class DualScanner:
             node = node.parent
         return False
 
-    def add(self, rid, **request) -> Req:
-        """Add a waiting request (an arrival, or one handed back by `cancel`): `ResourceTree.add`."""
+    def add(self, rid, *, readd: bool = False, **request) -> Req:
+        """Add a waiting request: an arrival, or (`readd`) one handed back by `cancel` or after
+        `retracted`: `ResourceTree.add`. An arrival after the sample was drawn may join it
+        (`SamplePhase.arrived`); one that finds nothing waiting or running after the plan starts a
+        new batch: its sample is drawn anew at the next step (a server's warm-up request was the
+        sample of everything after it)."""
+        if self.prepared and not readd and not self.running and not self.tree.root.count and self.planned:
+            self._new_batch()
         req = self.tree.add(rid, **request)
-        if rid in self.sample.pending:
+        if rid in self.sample.pending or rid in self.sample.late:
             req.sample = True
+        elif self.prepared and not readd:
+            self.sample.arrived(req, self.planned)
+        return req
+
+    def _new_batch(self) -> None:
+        """Everything handed out finished and nothing waits: the next arrivals are a new batch, sampled
+        and planned afresh (the estimator keeps what earlier samples recorded)."""
+        self.sample = SamplePhase(self.tree.estimator, self.config.sample_quorum)
+        self.prepared = self.planned = self._presorted = False
+        self._assumed, self._wave, self.replan_due = {}, [], False
+
+    def remove(self, rid) -> Req:
+        """A waiting request leaves without running (aborted): out of the tree and the sample."""
+        req = self.tree.remove(rid)
+        self.sample.retracted(rid)
         return req
 
     def cancel(self, rid) -> Req:

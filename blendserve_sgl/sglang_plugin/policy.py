@@ -23,7 +23,7 @@ from typing import Any
 from ..core import Budget, CostModel, DualScanner, ResourceTree
 from ..core.pacing import WaitingWork, paced_prefill_tokens, paces
 from ..core.specs import CUSTOM_HARDWARE, ModelSpec, hardware
-from .settings import BlendSettings, write_json_file
+from .settings import BlendSettings, open_in_place, write_json_file
 
 logger = logging.getLogger(__name__)
 
@@ -216,11 +216,12 @@ class BlendPolicy:
                 self.pos[rid] = len(q) - 1
             elif rid not in self.pos:
                 self._dirty = True
-        if rid in self.running:  # retracted: it comes back with its output so far
+        readd = rid in self.running
+        if readd:  # retracted: it comes back with its output so far
             del self.running[rid]
             self.scanner.retracted(rid)
         self.planned.pop(rid, None)
-        self._track(req)
+        self._track(req, readd)
         self.insert_seconds += time.perf_counter() - t0
 
     def on_abort(self, req) -> None:
@@ -230,10 +231,11 @@ class BlendPolicy:
             self._dirty = True
         if rid in self.waiting:
             self._unwait(rid)
-            self.tree.remove(rid)
+            self.scanner.remove(rid)
         self.untracked.pop(rid, None)
 
-    def _track(self, req) -> None:
+    def _track(self, req, readd: bool = False) -> None:
+        """`req` waits in the scanner's tree (`readd`: it waited before: retracted or not admitted)."""
         rid = req.rid
         if rid in self.waiting or rid in self.untracked:
             return
@@ -251,7 +253,7 @@ class BlendPolicy:
         if output_so_far:
             tokens += list(req.output_ids)
         try:
-            self.scanner.add(rid, tokens=tokens, output_len=known, max_tokens=max_new)
+            self.scanner.add(rid, readd=readd, tokens=tokens, output_len=known, max_tokens=max_new)
         except (ValueError, TypeError) as exc:
             logger.warning("blend policy: request %r left to first-come-first-served order: %s", rid, exc)
             self.untracked[rid] = req
@@ -331,7 +333,7 @@ class BlendPolicy:
             if rid in self.planned:
                 del self.planned[rid]
                 self.scanner.cancel(rid)
-                self._track(req)
+                self._track(req, readd=True)
             elif rid not in self.pos:  # queued during the step (a retraction, an arrival)
                 self.pos[rid] = len(self.queue)
                 self.queue.append(req)
@@ -470,7 +472,7 @@ class BlendPolicy:
             self._trace["paced"] = paced
             self._trace["prefill_tokens"] = getattr(batch, "extend_num_tokens", None) if batch is not None else 0
             try:
-                with open(self.trace_path, "a") as f:
+                with open_in_place(self.trace_path, "a") as f:
                     f.write(json.dumps(self._trace, default=str) + "\n")
             except OSError as exc:  # a full disk ends the trace, never the scheduler
                 logger.warning("blend policy: cannot append to %s (%s); the step trace stops here", self.trace_path, exc)

@@ -16,6 +16,7 @@ import json
 import logging
 import math
 import os
+import stat
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -133,6 +134,20 @@ def check_launch(policy: str | None, attention_backends, environ=os.environ) -> 
         check_values(CASCADE_KNOBS, SimpleNamespace(**values))
 
 
+def open_in_place(path: str, mode: str = "w"):
+    """`path` opened for writing as it is (a device, a pipe, a file appended to). A named pipe is
+    opened without blocking: with no reader the open fails (ENXIO) and with a full pipe a write
+    does (EAGAIN), an OSError the caller treats as any failed write, where a blocking open
+    waited for a reader and held the scheduler for good."""
+    flags = os.O_WRONLY | os.O_CREAT | (os.O_APPEND if mode == "a" else 0)
+    try:
+        if stat.S_ISFIFO(os.stat(path).st_mode):
+            flags = os.O_WRONLY | os.O_NONBLOCK
+    except FileNotFoundError:
+        pass
+    return os.fdopen(os.open(path, flags, 0o644), mode if mode == "a" else "w")
+
+
 def write_json_file(path: str, data: dict, what: str) -> bool:
     """Write `data` as JSON to `path`: a regular file (or a new one) atomically, a temporary file
     renamed over its link target; anything else (a device such as /dev/stdout or /dev/null, a
@@ -144,7 +159,7 @@ def write_json_file(path: str, data: dict, what: str) -> bool:
     try:
         if os.path.exists(target) and not os.path.isfile(target):
             tmp = None
-            with open(target, "w") as f:
+            with open_in_place(target) as f:
                 json.dump(data, f)
             return True
         with open(tmp, "w") as f:

@@ -522,18 +522,20 @@ class BlendPicker(Picker):
         for r in requests:
             self.add(r)
 
-    def add(self, req: SimRequest) -> None:
+    def add(self, req: SimRequest, readd: bool = False) -> None:
         """Into the tree through `DualScanner.add` (as the SGLang plugin does): the prompt with the
-        output so far after a retraction; the remaining output when lengths are known."""
+        output so far after a retraction (`readd`: not an arrival); the remaining output when
+        lengths are known."""
         self.reqs[req.rid] = req
         known = req.ignore_eos
         d = req.output_len - req.gen if known else None
         max_tokens = max(1, req.max_new_tokens - req.gen)
         if req.tokens is not None:
             synthetic = [(1 << 40) + req.seq * (1 << 20) + i for i in range(req.out_len)]
-            self.scanner.add(req.rid, tokens=[*req.tokens, *synthetic], output_len=d, max_tokens=max_tokens)
+            self.scanner.add(req.rid, readd=readd, tokens=[*req.tokens, *synthetic], output_len=d, max_tokens=max_tokens)
         else:
-            self.scanner.add(req.rid, prompt_len=req.fill_len, prefix=req.prefix, output_len=d, max_tokens=max_tokens)
+            self.scanner.add(req.rid, readd=readd, prompt_len=req.fill_len, prefix=req.prefix, output_len=d,
+                             max_tokens=max_tokens)
 
     def __len__(self) -> int:
         return len(self.tree)
@@ -568,11 +570,11 @@ class BlendPicker(Picker):
     def rejected(self, picks: list[Pick]) -> None:
         for p in picks:
             self.scanner.cancel(p.req.rid)
-            self.add(p.req)
+            self.add(p.req, readd=True)
 
     def retracted(self, req: SimRequest) -> None:
         self.scanner.retracted(req.rid)
-        self.add(req)
+        self.add(req, readd=True)
 
     def _report_samples(self, but=None) -> None:
         """The running samples' output so far, to the scanner (a plan counts them with it)."""
