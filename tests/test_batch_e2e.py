@@ -146,6 +146,23 @@ def _wait_for_records(proc: subprocess.Popen, out: Path, count: int, log: Path) 
     assert proc.poll() is not None or out.read_text().count("\n") >= count, "no results in 600 s:\n" + log.read_text()
 
 
+def test_the_sample_is_its_fraction_of_a_batch_that_arrives_over_many_steps(tiny_llama, tmp_path):
+    """`blendserve run` hands the engine its requests one by one, so they reach the scheduler over
+    many steps. The sample was drawn once, at the first step, from what had arrived: a probe's
+    200 requests at fraction 0.1 got a sample of 1. Arrivals join it: ceil(0.1 x 200) = 20."""
+    import math
+
+    n = 200
+    lines = [req(f"s{i:03d}", i % 2 == 0, 4) for i in range(n)]
+    src, out, stats = tmp_path / "requests.jsonl", tmp_path / "results.jsonl", tmp_path / "stats.json"
+    src.write_text("\n".join(lines) + "\n")
+    env = {**ENV, "BLENDSERVE_SAMPLE_FRACTION": "0.1", "BLENDSERVE_STATS_PATH": str(stats)}
+    blendserve_run([str(src), "-o", str(out), "--model", tiny_llama, "--quiet"], tmp_path / "run.log", env)
+    assert len(records(out)) == n and all(r["error"] is None for r in records(out))
+    st = json.loads(stats.read_text())
+    assert st["sample_size"] == math.ceil(0.1 * n) and st["handed_out"] >= n, st
+
+
 def test_resume_after_kill_9_finishes_each_custom_id_once(tiny_llama, tmp_path):
     """kill -9 of the whole process group once some results are written (plus half a line, as a
     crash in mid-write leaves it); the same command again finishes the rest; every custom_id
