@@ -312,6 +312,28 @@ def test_a_request_sglang_aborts_out_of_the_batch_leaves_the_running_accounts():
     assert not pol.running and pol.stats()["running"] == 0
 
 
+def test_a_new_request_under_a_finished_ones_rid_is_an_arrival_not_a_retraction():
+    """A client reusing an id right after its request finished (before the next step synced it):
+    the arrival was taken for a retraction of the old one, which then never counted as finished
+    (a probe's counter was 2 short) and, were it the sample, ended sampling with no plan."""
+    sched = FakeScheduler()
+    pol = _make_policy(sched, sample_fraction=0.0)
+    first = FakeReq("same", [1] * 20, 8)
+    sched.waiting_queue.append(first)
+    pol.on_arrival(first)
+    pol.calc_priority(sched.waiting_queue, SimpleNamespace(reqs=[]))
+    sched.waiting_queue = []
+    pol.after_step()
+    assert set(pol.running) == {"same"}
+    first.output_ids, first.done = [7, 7, 7], True
+    again = FakeReq("same", [2] * 20, 8)
+    sched.waiting_queue.append(again)
+    pol.on_arrival(again)
+    assert pol.scanner.handed_out == 1 and not pol.running and "same" in pol.waiting
+    assert pol.work.done == 1 and pol.work.done_out == 3  # the first one counted as finished
+    pol.scanner.check_integrity()
+
+
 def test_budget_matches_sglangs_admission_check_with_mixed_chunks():
     """With --enable-mixed-chunk SGLang's PrefillAdder takes the running requests' decode tokens
     out of the KV budget and of the step's prefill tokens; the plan's budget does the same (else

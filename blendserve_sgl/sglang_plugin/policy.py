@@ -216,6 +216,11 @@ class BlendPolicy:
                 self.pos[rid] = len(q) - 1
             elif rid not in self.pos:
                 self._dirty = True
+        old = self.running.get(rid)
+        if old is not None and old is not req:  # a new request under the rid of one that ended since the
+            del self.running[rid]  # last step (a client reusing its ids): that one finished, this one is new
+            self.scanner.finished(rid, len(old.output_ids))
+            self.work.finished(len(old.output_ids))
         readd = rid in self.running
         if readd:  # retracted: it comes back with its output so far
             del self.running[rid]
