@@ -818,6 +818,12 @@ class DualScanner:
             assert abs(held - side.used) <= 1e-6 * max(1.0, held), f"{name} accounting drifted: {held} vs {side.used}"
         assert not (set(self.running) & set(self.tree.reqs)), "a running request is still waiting in the tree"
         assert set(self.overrun) <= set(self.running), "overrun reserve kept for a request that is not running"
+        sample = self.sample
+        assert not (sample.late & sample.pending), "a sample request both holds the plan and is late"
+        assert sample.drawn <= sample.seen, "more sample requests drawn than requests seen"
+        assert all(self.tree.reqs[r].sample if r in self.tree.reqs else self.running[r].req.sample
+                   for r in sample.late | sample.pending if r in self.tree.reqs or r in self.running), \
+            "a sample request lost its mark"
         sampling: dict = {}
         for run in self.running.values():
             for src in run.sources:
