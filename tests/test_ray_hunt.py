@@ -21,6 +21,7 @@ from blendserve_sgl.batch.requests import BatchRequest  # noqa: E402
 POISON = 666
 NO_START = "no-start"  # a model path whose engine never starts
 NO_START_FIRST = "no-start-first"  # only the first replica's engine fails to start
+NO_RESTART = "no-restart"  # a replica's engine starts once; its successors do not (the marker file, per run)
 
 pytestmark = pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="two replicas on CPU need two cores")
 
@@ -34,6 +35,11 @@ class StandIn:
         first = os.environ.get("SGLANG_CPU_OMP_THREADS_BIND", "").split(",")[0] == "0"
         if cfg.model_path == NO_START or (cfg.model_path == NO_START_FIRST and first):
             raise RuntimeError("the stand-in engine does not start")
+        if cfg.model_path.startswith(NO_RESTART) and first:  # "no-restart:MARKER"
+            marker = cfg.model_path.split(":", 1)[1]
+            if os.path.exists(marker):
+                raise RuntimeError("the successor's engine does not start (the dead one's memory is not free yet)")
+            open(marker, "w").close()
 
     def capacity(self) -> tuple:
         return 4096, 64
@@ -66,7 +72,7 @@ def items(n: int, poison=()) -> list:
     return out
 
 
-def run(parts: list, model_path: str = "m", monkeypatch=None, **kw) -> tuple:
+def run(parts: list, model_path: str = "m", monkeypatch=None, in_flight: int = 2, **kw) -> tuple:
     monkeypatch.setattr(ray_runner, "Replica", StandIn)
     answered, failed, said = {}, {}, []
     cfg = runner.EngineConfig(model_path=model_path, policy="blend", device="cpu")
@@ -79,7 +85,7 @@ def run(parts: list, model_path: str = "m", monkeypatch=None, **kw) -> tuple:
         assert p.request.custom_id not in answered and p.request.custom_id not in failed
         failed[p.request.custom_id] = exc
 
-    report = ray_runner.generate(cfg, parts, on_result, on_error, chunk=4, in_flight=2, say=said.append, **kw)
+    report = ray_runner.generate(cfg, parts, on_result, on_error, chunk=4, in_flight=in_flight, say=said.append, **kw)
     return report, answered, failed, said
 
 
@@ -110,7 +116,9 @@ def test_a_replica_killed_from_outside_runs_its_chunks_again_and_loses_nothing(c
             killed.append(True)
             ray.kill(actor, no_restart=True)
 
-    report, answered, failed, _ = run([reqs[:16], reqs[16:]], monkeypatch=monkeypatch, on_chunk=on_chunk)
+    # one chunk in flight: the next is sent after the kill, so it fails whatever the timing (with two,
+    # the second could finish before the kill landed and nothing was run again)
+    report, answered, failed, _ = run([reqs[:16], reqs[16:]], monkeypatch=monkeypatch, on_chunk=on_chunk, in_flight=1)
     assert killed and not failed and set(answered) == {f"r{i}" for i in range(32)}
     assert report.restarts == 1 and len(report.pids[0]) == 2
 
@@ -120,6 +128,19 @@ def test_a_replica_that_cannot_start_hands_its_shard_to_the_others(cluster, monk
     report, answered, failed, said = run([reqs[:12], reqs[12:]], NO_START_FIRST, monkeypatch=monkeypatch)
     assert not failed and set(answered) == {f"r{i}" for i in range(24)}
     assert report.lost_replicas == [0] and any("go to replicas [1]" in m for m in said)
+
+
+def test_a_replica_whose_successor_cannot_start_hands_each_request_over_once(cluster, monkeypatch, tmp_path):
+    """Replica 0's engine dies mid-chunk and its successor cannot start: the chunk that came back
+    failed was also the hunt's first group, so it was handed to replica 1 twice and the run ended
+    with "came back twice" (a probe, on the real engine too)."""
+    reqs = items(16, poison={2})
+    path = f"{NO_RESTART}:{tmp_path / 'started'}"
+    report, answered, failed, said = run([reqs[:8], reqs[8:]], path, monkeypatch=monkeypatch)
+    assert report.lost_replicas == [0] and set(answered) | set(failed) == {f"r{i}" for i in range(16)}
+    assert not set(answered) & set(failed) and set(failed) <= {"r2"}
+    moved = [m for m in said if "remaining requests go to replicas [1]" in m]
+    assert len(moved) == 1 and int(moved[0].split("its ")[-1].split()[0]) <= 8  # replica 0 had 8 at most
 
 
 def test_no_replica_that_starts_is_an_error_record_each_never_a_hang(cluster, monkeypatch):

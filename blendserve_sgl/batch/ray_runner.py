@@ -221,7 +221,11 @@ def generate(cfg: runner.EngineConfig, parts: Sequence[Sequence[Prepared]],
         s = slots[r]
         s.lost = True
         lost.append(r)
-        left = caught + [p for g in (s.hunt.groups if s.hunt else ()) for p in g] + [p for q in s.queue for p in q]
+        left, have = [], set()  # once each: the chunk that came back failed may be the hunt's first group
+        for p in [*caught, *(p for g in (s.hunt.groups if s.hunt else ()) for p in g), *(p for q in s.queue for p in q)]:
+            if id(p) not in have:
+                have.add(id(p))
+                left.append(p)
         s.queue = []
         if s.hunt:
             s.hunt.groups.clear()
