@@ -105,6 +105,18 @@ def test_cpu_bind_splits_cores():
         dispatch.cpu_bind(3, [0, 1])
 
 
+def test_dp_takes_the_bind_the_user_set_as_the_error_advises(monkeypatch):
+    """The error for --dp beyond the cores says to set SGLANG_CPU_OMP_THREADS_BIND; setting it
+    changed nothing (the bind was computed, and refused, before the user's value was looked at)."""
+    monkeypatch.setattr(dispatch.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.delenv("SGLANG_CPU_OMP_THREADS_BIND", raising=False)
+    with pytest.raises(dispatch.DispatchError, match="or set SGLANG_CPU_OMP_THREADS_BIND yourself"):
+        dispatch.dp_engine_kwargs(3, "cpu")
+    monkeypatch.setenv("SGLANG_CPU_OMP_THREADS_BIND", "0|1|0")
+    assert dispatch.dp_engine_kwargs(3, "cpu") == {"dp_size": 3}
+    assert dispatch.os.environ["SGLANG_CPU_OMP_THREADS_BIND"] == "0|1|0"
+
+
 class _StandInEngine:
     def __init__(self, policies):
         self.loop = asyncio.new_event_loop()
@@ -175,8 +187,8 @@ def test_replicas_beyond_the_cores_are_named_by_their_flag():
     from blendserve_sgl.batch.dispatch import DispatchError, cpu_bind
 
     assert cpu_bind(2, cpus=[0, 1], flag="--replicas") == "0|1"
-    with pytest.raises(DispatchError, match="--replicas 4 on CPU needs at least 4 CPU cores .* lower --replicas"):
-        cpu_bind(4, cpus=[0, 1], flag="--replicas")
+    with pytest.raises(DispatchError, match="--replicas 4 on CPU needs at least 4 CPU cores .* lower --replicas$"):
+        cpu_bind(4, cpus=[0, 1], flag="--replicas")  # each replica is bound by the run: no variable to set
 
 
 def test_floor_is_a_lone_requests_least_time():

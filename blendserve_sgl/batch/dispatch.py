@@ -95,11 +95,14 @@ def assign(items: Sequence[Prepared], n: int, cost: CostModel,
 
 def cpu_bind(n: int, cpus: Sequence[int] | None = None, flag: str = "--dp") -> str:
     """`SGLANG_CPU_OMP_THREADS_BIND` for n ranks: this process's CPUs in n contiguous groups
-    (`flag`: the option that asked for n, named in the error)."""
+    (`flag`: the option that asked for n, named in the error; `--dp` takes the variable when it is
+    set, `--replicas` binds each replica itself)."""
     cpus = sorted(os.sched_getaffinity(0) if cpus is None else cpus)
     if len(cpus) < n:
+        own = " or set SGLANG_CPU_OMP_THREADS_BIND yourself (one group of cores per rank, '|' between)" \
+            if flag == "--dp" else ""
         raise DispatchError(f"{flag} {n} on CPU needs at least {n} CPU cores (one per rank); this process may use "
-                            f"{len(cpus)}: lower {flag} or set SGLANG_CPU_OMP_THREADS_BIND yourself")
+                            f"{len(cpus)}: lower {flag}{own}")
     size, extra = divmod(len(cpus), n)
     groups, start = [], 0
     for i in range(n):
@@ -111,8 +114,8 @@ def cpu_bind(n: int, cpus: Sequence[int] | None = None, flag: str = "--dp") -> s
 
 def dp_engine_kwargs(n: int, device: str) -> dict:
     """Engine keyword arguments for N ranks; sets the CPU bind variable (unless the user did)."""
-    if n > 1 and device == "cpu":
-        os.environ.setdefault("SGLANG_CPU_OMP_THREADS_BIND", cpu_bind(n))
+    if n > 1 and device == "cpu" and not os.environ.get("SGLANG_CPU_OMP_THREADS_BIND"):
+        os.environ["SGLANG_CPU_OMP_THREADS_BIND"] = cpu_bind(n)  # the user's own, when set, is taken as it is
     return {"dp_size": n} if n > 1 else {}
 
 
