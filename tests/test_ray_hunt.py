@@ -192,3 +192,13 @@ def test_an_actor_exits_when_the_process_that_started_it_ends(tmp_path):
     except psutil.TimeoutExpired:
         actor.kill()
         pytest.fail("the actor outlived the process that started it")
+
+
+def test_gpus_the_cluster_lacks_are_refused_not_waited_for(cluster, monkeypatch):
+    """--gpus-per-replica 1 on a cluster without GPUs: the actors waited for ever to be placed and
+    the run hung without a word (a probe). Now it stops before any replica starts, naming the fix."""
+    from blendserve_sgl.batch.dispatch import DispatchError
+
+    assert ray.cluster_resources().get("GPU", 0) == 0
+    with pytest.raises(DispatchError, match=r"--gpus-per-replica 1: the Ray cluster has 0 GPUs.*--gpus-per-replica 0"):
+        run([items(2)[:1], items(2)[1:]], monkeypatch=monkeypatch, gpus=1.0)

@@ -189,7 +189,7 @@ def _main(args) -> int:
     with writer:
         try:
             return _run(args, source, model_dir, device, tokenizer, ctx, writer, extra, started)
-        except (InputError, ResultsError, EngineError) as exc:
+        except (InputError, ResultsError, EngineError, dispatch.DispatchError) as exc:
             print(f"blendserve run: error: {exc}", file=sys.stderr)
             return 1 if isinstance(exc, EngineError) else 2
 

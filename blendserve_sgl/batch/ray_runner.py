@@ -36,7 +36,7 @@ import time
 from typing import Callable, NamedTuple, Sequence
 
 from . import runner
-from .dispatch import cpu_bind
+from .dispatch import DispatchError, cpu_bind
 from .feed import engine_capacity, window_size
 from .prompts import Prepared
 
@@ -177,6 +177,13 @@ def generate(cfg: runner.EngineConfig, parts: Sequence[Sequence[Prepared]],
             # Ray's core worker takes SIGTERM over with a handler that dumps and aborts (exit 134),
             # skipping the shutdown below that stops the local cluster: the caller's handler again
             signal.signal(signal.SIGTERM, ours)
+    if gpus > 0:  # an actor asking for GPUs the cluster lacks waits for ever to be placed
+        have = ray.cluster_resources().get("GPU", 0.0)
+        if have < gpus:
+            if started_here:
+                ray.shutdown()
+            raise DispatchError(f"--gpus-per-replica {gpus:g}: the Ray cluster has {have:g} GPUs, so no replica could "
+                              "start; pass --gpus-per-replica 0 on CPU, or join machines with GPUs (--ray-address)")
     binds = cpu_bind(replicas, flag="--replicas").split("|") if cfg.device == "cpu" and not address else None
     actor_cls = ray.remote(Replica)
     slots = [_Slot([part[i:i + chunk] for i in range(0, len(part), chunk)]) for part in parts]
