@@ -876,11 +876,18 @@ def test_model_directory_without_weights_fails_before_any_engine(stand_in, tmp_p
 
 
 def test_empty_input_is_an_error(stand_in, tmp_path, capsys):
+    """Refused, and the empty results and errors files the run had made go again (a probe found
+    them left behind); files that were there before stay."""
     src = tmp_path / "requests.jsonl"
     for text in ("", "\n  \n\n"):
         src.write_text(text)
         assert cli.main([str(src), "-o", str(tmp_path / "r.jsonl"), "--model", str(stand_in["model"])]) == 2
         assert "holds no requests (it is empty or has only blank lines)" in capsys.readouterr().err
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "requests.jsonl"]
+    kept = tmp_path / "kept.jsonl"
+    kept.write_text("")
+    assert cli.main([str(src), "-o", str(kept), "--model", str(stand_in["model"])]) == 2
+    assert kept.exists() and not (tmp_path / "kept.errors.jsonl").exists()
 
 
 def _by_key(out: Path) -> dict:

@@ -218,6 +218,7 @@ def _run(args, source: Path, model_dir: Path, device: str, tokenizer, ctx: int, 
                       tick=lambda n: tell(phase_line("reading", n, "lines", time.perf_counter() - t0)))
     stats.read_seconds = time.perf_counter() - t0
     if not read.lines:
+        writer.discard_created()  # refused: the results and errors files this run made go again
         raise InputError(f"{args.input} holds no requests (it is empty or has only blank lines); pass the JSONL file "
                          "of requests, one JSON object per line")
     _resume(args, source, writer, read.index)

@@ -27,6 +27,7 @@ only requests still in flight.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import stat
@@ -287,11 +288,22 @@ def is_regular_or_new(path: str | os.PathLike[str]) -> bool:
 class ResultWriter:
     """Appends records to the results file (and failures to the error file); see module doc."""
 
-    def __init__(self, path: Path, errors_path: Path | None, fd: int, errors_fd: int, done: Done, regular: bool):
+    def __init__(self, path: Path, errors_path: Path | None, fd: int, errors_fd: int, done: Done, regular: bool,
+                 created: tuple = ()):
         self.path, self.errors_path = path, errors_path
         self._fd, self._errors_fd = fd, errors_fd
         self.done = done
         self.regular = regular  # False: a stream (pipe, /dev/stdout, /dev/null), nothing read back
+        self.created = created  # the regular files this run created (`discard_created`)
+
+    def discard_created(self) -> None:
+        """Close, and remove the files this run created while they are still empty (a run refused
+        after the files were opened, e.g. an input with no requests, leaves nothing behind)."""
+        self.close()
+        for path in self.created:
+            with contextlib.suppress(OSError):
+                if path.stat().st_size == 0:
+                    path.unlink()
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], errors_path: str | os.PathLike[str] | None = None, *,
@@ -319,6 +331,7 @@ class ResultWriter:
         if errors_path is not None and (same_file(errors_path, path) or errors_path == path):
             raise ResultsError(f"{what} is the results file -o {path}; choose another --errors")
         fd, existed = -1, path.exists()
+        errors_existed = errors_path is not None and errors_path.exists()
         try:
             if regular:
                 fd, done, failures, earlier, cut = _open_results(path, overwrite)
@@ -336,7 +349,9 @@ class ResultWriter:
             if isinstance(exc, OSError):
                 raise ResultsError(f"cannot write {exc.filename or path}: {exc.strerror}; choose another -o") from None
             raise
-        return cls(path, errors_path, fd, errors_fd, done, regular)
+        created = tuple(p for p, was in ((path, existed), (errors_path, errors_existed))
+                        if p is not None and not was and is_regular_or_new(p) and p.is_file())
+        return cls(path, errors_path, fd, errors_fd, done, regular, created)
 
     def drop(self, keys: set) -> None:
         """Remove the records of `keys` (their requests run again): the kept records go to a new
