@@ -350,7 +350,7 @@ class ResultWriter:
                 raise ResultsError(f"cannot write {exc.filename or path}: {exc.strerror}; choose another -o") from None
             raise
         created = tuple(p for p, was in ((path, existed), (errors_path, errors_existed))
-                        if p is not None and not was and is_regular_or_new(p) and p.is_file())
+                        if p is not None and not was and p.is_file())
         return cls(path, errors_path, fd, errors_fd, done, regular, created)
 
     def drop(self, keys: set) -> None:

@@ -226,6 +226,10 @@ class SamplePhase:
             self.pending.add(req.rid)
             self.size += 1
 
+    def holds(self, rid) -> bool:
+        """Whether `rid` is a sample request not finished yet (pending or late)."""
+        return rid in self.pending or rid in self.late
+
     def waiting(self, tree) -> list:
         """Sample requests still in the tree, in arrival order."""
         rids = self.pending | self.late if self.late else self.pending

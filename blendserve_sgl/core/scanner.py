@@ -459,7 +459,7 @@ class DualScanner:
         then in arrival order, with no shares."""
         reqs = [self.tree.leftmost(), self.tree.rightmost()]
         for req in [*reqs, *sorted(self.tree.reqs.values(), key=lambda r: r.seq)]:
-            side = SAMPLE if req.sample and (req.rid in self.sample.pending or req.rid in self.sample.late) else \
+            side = SAMPLE if req.sample and self.sample.holds(req.rid) else \
                 RIGHT if req.sort_key < self.tree.density(self.tree.root) else LEFT
             if self._offer(req, side, st, out, shared=False, hold=False):
                 return
@@ -678,7 +678,7 @@ class DualScanner:
         self.sides[run.side].used -= run.kv_bytes
         self._release_overrun(rid)
         self._count_sampling(run.sources, -1)
-        if run.req.sample and (rid in self.sample.pending or rid in self.sample.late):
+        if run.req.sample and self.sample.holds(rid):
             if self.sample.finished(rid, run.path, output_len) and (not self.sample.pending or not self.planned):
                 self._plan()
 
@@ -761,10 +761,10 @@ class DualScanner:
         (`SamplePhase.arrived`); one that finds nothing waiting or running after the plan starts a
         new batch: its sample is drawn anew at the next step (a server's warm-up request was the
         sample of everything after it)."""
-        if self.prepared and not readd and not self.running and not self.tree.root.count and self.planned:
+        if self.planned and not readd and not self.running and not self.tree.root.count:
             self._new_batch()
         req = self.tree.add(rid, **request)
-        if rid in self.sample.pending or rid in self.sample.late:
+        if self.sample.holds(rid):
             req.sample = True
         elif self.prepared and not readd:
             self.sample.arrived(req, self.planned)
@@ -821,9 +821,9 @@ class DualScanner:
         sample = self.sample
         assert not (sample.late & sample.pending), "a sample request both holds the plan and is late"
         assert sample.drawn <= sample.seen, "more sample requests drawn than requests seen"
-        assert all(self.tree.reqs[r].sample if r in self.tree.reqs else self.running[r].req.sample
-                   for r in sample.late | sample.pending if r in self.tree.reqs or r in self.running), \
-            "a sample request lost its mark"
+        for rid in sample.late | sample.pending:
+            req = self.tree.reqs.get(rid) or (self.running[rid].req if rid in self.running else None)
+            assert req is None or req.sample, f"sample request {rid!r} lost its mark"
         sampling: dict = {}
         for run in self.running.values():
             for src in run.sources:

@@ -218,9 +218,7 @@ class BlendPolicy:
                 self._dirty = True
         old = self.running.get(rid)
         if old is not None and old is not req:  # a new request under the rid of one that ended since the
-            del self.running[rid]  # last step (a client reusing its ids): that one finished, this one is new
-            self.scanner.finished(rid, len(old.output_ids))
-            self.work.finished(len(old.output_ids))
+            self._ended(rid, old)  # last step (a client reusing its ids): that one finished, this one is new
         readd = rid in self.running
         if readd:  # retracted: it comes back with its output so far
             del self.running[rid]
@@ -272,6 +270,12 @@ class BlendPolicy:
         self.work.wait(*self.work_of.pop(rid), sign=-1)
         return self.waiting.pop(rid)
 
+    def _ended(self, rid, req) -> None:
+        """Running request `req` ended: out of the running requests and the scanner's accounts."""
+        del self.running[rid]
+        self.scanner.finished(rid, len(req.output_ids))
+        self.work.finished(len(req.output_ids))
+
     def _sync_running(self, running_batch=None) -> None:
         """Running requests that ended leave the scanner's accounts. SGLang aborts a beam group it
         cannot retract (and a retraction without a KV backup) by setting `to_finish` and dropping
@@ -285,9 +289,7 @@ class BlendPolicy:
                     live = {r.rid for r in running_batch.reqs}
                 ended = rid not in live
             if ended:
-                del self.running[rid]
-                self.scanner.finished(rid, len(req.output_ids))
-                self.work.finished(len(req.output_ids))
+                self._ended(rid, req)
             else:
                 self.scanner.progress(rid, len(req.output_ids))
 
