@@ -996,6 +996,70 @@ def test_engine_processes_ignore_sigint_and_this_process_keeps_its_handler():
         signal.signal(signal.SIGINT, previous)
 
 
+_ENGINE_TREE = """
+import asyncio, os, signal, subprocess, sys, time
+import setproctitle
+role = sys.argv[1]
+
+def start(*args):
+    proc = subprocess.Popen([sys.executable, __file__, *args], stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "up\\n"
+    return proc
+
+if role == "scheduler":
+    setproctitle.setproctitle("sglang::scheduler_DP1_TP0")
+    print("up", flush=True)
+    time.sleep(1.0)
+elif role == "controller":
+    setproctitle.setproctitle("sglang::data_parallel_controller")
+    rank = start("scheduler")  # never waited for: a zombie once it ends, as under SGLang's DP controller
+    print("up", flush=True)
+    time.sleep(600)
+elif role == "earlier":
+    setproctitle.setproctitle("sglang::detokenizer")
+    print("up", flush=True)  # an earlier engine's, still ending when the next one starts
+    time.sleep(0.2)
+elif role == "other":
+    print("up", flush=True)  # a process that is not SGLang's, never waited for: its end is not the engine's
+    time.sleep(0.2)
+else:
+    from blendserve_sgl.batch import runner
+    earlier = start("earlier")
+    runner._EARLIER.add(earlier.pid)
+    controller, other = start("controller"), start("other")
+    print(sorted(p.name() for p in runner.engine_processes() if p.pid != earlier.pid), flush=True)
+
+    def quit(*_):
+        print("SIGQUIT", flush=True)
+        controller.kill()
+        os._exit(3)
+
+    signal.signal(signal.SIGQUIT, quit)
+    with runner.EngineWatch(seconds=0.05):
+        time.sleep(60)
+    print("the watch returned without a signal", flush=True)
+"""
+
+
+def test_a_dp_rank_that_dies_signals_the_run_as_a_failed_engine_process_does(tmp_path):
+    """`--dp N`: each rank's scheduler is a child of SGLang's DP controller, which reaps it only
+    when its own loop ends and tells no one: a rank killed from outside (the OOM killer) left the
+    run waiting for ever (a probe), or the engine's start when it died then. The watch sees the
+    rank's zombie and signals SIGQUIT, which `start_engine` and `generate` turn into `EngineFailed`
+    (the hunt then starts the engine again). An earlier engine's process that ends meanwhile is
+    not this engine's failure."""
+    import subprocess
+
+    script = tmp_path / "engine_tree.py"
+    script.write_text(_ENGINE_TREE)
+    done = subprocess.run([sys.executable, str(script), "run"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert done.returncode == 3, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "['sglang::data_parallel_controller', 'sglang::scheduler_DP1_TP0']"  # not the other
+    assert lines[-1] == "SIGQUIT" and "(sglang::scheduler_DP1_TP0) ended" in done.stderr
+
+
 @pytest.mark.parametrize("args,fragment", [
     (["--requests", "-5"], "argument --requests: -5 must be a positive integer"),
     (["--kv-gb", "0"], "argument --kv-gb: 0 must be a positive number"),

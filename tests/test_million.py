@@ -18,9 +18,9 @@ import pytest
 from blendserve_sgl.batch import cli, runner
 from blendserve_sgl.batch.feed import FACTOR, MIN_WINDOW, pending, window_size
 from blendserve_sgl.batch.order import build_tree, check_plan, cost_for, dual_order, plan
-from blendserve_sgl.batch.prompts import Prepared, prepare
+from blendserve_sgl.batch.prompts import Prepared
 from blendserve_sgl.batch.reader import read_store
-from blendserve_sgl.batch.requests import BatchRequest, LineError, read_requests
+from blendserve_sgl.batch.requests import BatchRequest, LineError
 from blendserve_sgl.batch.store import REQUEST_BYTES, TokenStore
 from blendserve_sgl.harness import cpu_engine_env
 

@@ -463,7 +463,6 @@ def test_generate_sample_flag(user_file, tmp_path, capsys, monkeypatch):
 def test_generate_sample_on_the_real_engine(tiny_llama, tmp_path):
     """`blendserve plan --generate-sample 4` with the tiny model: four requests of a ten-line file
     run through SGLang on CPU, their fractions in [0, 1]."""
-    import subprocess
     import sys
 
     from blendserve_sgl.harness import cpu_engine_env, kill_group, start

@@ -577,3 +577,49 @@ def test_side_files_are_written_in_place_on_pipes_and_through_links(tmp_path):
     assert write_json_file(str(link), {"steps": 4}, "the counters")
     assert link.is_symlink() and json.loads(real.read_text()) == {"steps": 4}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["counters.pipe", "link.json", "real.json"]  # no temporary left
+
+
+def test_each_dp_rank_writes_its_own_side_files_and_a_run_sums_them(tmp_path, monkeypatch):
+    """With `--dp N` every rank's policy wrote the one BLENDSERVE_STATS_PATH (and appended to one
+    trace): the file held whichever rank wrote last, and `blendserve run`'s summary showed one
+    rank's steps as the run's (a probe). Each rank writes NAME.dpR.EXT; only the first of a
+    tensor-parallel group writes; the run's summary sums the ranks."""
+    from sglang.srt import runtime_context
+
+    from blendserve_sgl.batch.progress import combine_policy_stats
+    from blendserve_sgl.sglang_plugin.policy import BlendPolicy, rank_of
+    from blendserve_sgl.sglang_plugin.settings import rank_path, read_policy_stats
+
+    assert rank_path("/x/stats.json", 1) == "/x/stats.dp1.json"
+    assert rank_path("/x.d/stats", 0) == "/x.d/stats.dp0" and rank_path("/x/stats.json", None) == "/x/stats.json"
+    assert rank_path("/dev/stdout", 1) == "/dev/stdout" and rank_path("", 1) == ""
+
+    def ranks(**kw):
+        monkeypatch.setattr(runtime_context, "get_parallel", lambda: SimpleNamespace(**kw))
+
+    two = SimpleNamespace(server_args=SimpleNamespace(dp_size=2))
+    ranks(dp_rank=1, tp_rank=0, pp_rank=0)
+    assert rank_of(two) == (1, True)
+    ranks(dp_rank=1, tp_rank=1, pp_rank=0)
+    assert rank_of(two) == (1, False)  # the same plan as its group's first: written once
+    ranks(dp_rank=None, attn_dp_rank=1, attn_tp_rank=0, tp_rank=3, pp_rank=0)
+    assert rank_of(two) == (1, True)  # DP attention: the attention group's first
+    ranks(dp_rank=0, tp_rank=0, pp_rank=0)
+    assert rank_of(SimpleNamespace(server_args=SimpleNamespace(dp_size=1))) == (None, True)
+
+    path = tmp_path / "stats.json"
+    monkeypatch.setattr(runtime_context, "get_parallel", lambda: SimpleNamespace(dp_rank=1, tp_rank=0, pp_rank=0))
+    sched = FakeScheduler()
+    sched.server_args.dp_size = 2
+    pol = BlendPolicy(sched, SimpleNamespace(policy="fcfs"), BlendSettings(hardware="a100", stats_path=str(path)))
+    pol.write_stats()
+    assert not path.exists() and read_policy_stats(str(tmp_path / "stats.dp1.json"))["dp_rank"] == 1
+    assert read_policy_stats(str(path)) == {} and read_policy_stats(None) == {}
+
+    a = {"steps": 10, "planning_seconds": 0.02, "handed_out": 4, "splits": None, "dp_rank": 0, "model": "m"}
+    b = {"steps": 30, "planning_seconds": 0.06, "handed_out": 6, "splits": 2, "dp_rank": 1, "model": "m"}
+    both = combine_policy_stats([a, b])
+    assert (both["steps"], both["handed_out"], both["splits"], both["replicas"]) == (40, 10, 2, 2)
+    assert both["planning_ms_per_step"] == 2.0 and both["model"] == "m" and "dp_rank" not in both
+    assert combine_policy_stats([a]) == a and combine_policy_stats([{}, {}]) == {}
+    assert combine_policy_stats([a, {}])["replicas"] == 2  # a replica that wrote nothing still counts

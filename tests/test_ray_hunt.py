@@ -153,12 +153,14 @@ def test_no_replica_that_starts_is_an_error_record_each_never_a_hang(cluster, mo
 def test_an_actor_exits_when_its_engine_process_ends(tmp_path):
     """An actor runs off the main thread, where SGLang installs no SIGQUIT handler: a scheduler
     that died left the actor alive and its requests waiting for ever (the real engine's hunt under
-    --ray hung so). The watch ends the process once a child it started has ended."""
+    --ray hung so). The watch ends the process once an engine process it started has ended."""
     import subprocess
 
     script = ("import subprocess, sys, threading\n"
               "from blendserve_sgl.batch.ray_runner import _exit_with_the_engine\n"
-              "child = subprocess.Popen([sys.executable, '-c', 'pass'])\n"
+              "child = subprocess.Popen([sys.executable, '-c', 'import setproctitle; setproctitle.setproctitle("
+              "\"sglang::scheduler\"); print(1, flush=True)'], stdout=subprocess.PIPE)\n"
+              "child.stdout.readline()  # named as SGLang names its processes\n"
               "_exit_with_the_engine(threading.Event(), 0.05)\n"
               "sys.exit(0)  # never reached: the watch only returns once stopping is set\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
@@ -169,7 +171,6 @@ def test_an_actor_exits_when_the_process_that_started_it_ends(tmp_path):
     """A `kill -9` of `blendserve run --ray` ends its local cluster's processes, but not the actors
     (each in a session of its own), which held their engines for ever."""
     import subprocess
-    import time
 
     import psutil
 

@@ -11,7 +11,6 @@ import pytest
 from blendserve_sgl.batch import dispatch
 from blendserve_sgl.batch.prompts import Prepared
 from blendserve_sgl.batch.requests import BatchRequest
-from blendserve_sgl.core import CostModel
 from blendserve_sgl.sim import EngineConfig, RunSpec
 from blendserve_sgl.sim.scale_out import BLOCK, deal, scale_out
 from blendserve_sgl.workloads import Record

@@ -76,9 +76,11 @@ def test_blendserve_run_two_replicas_writes_every_custom_id_once(tiny_llama, tmp
     from scale_out_scenarios import shared_prefix_requests
 
     src, out, log = tmp_path / "requests.jsonl", tmp_path / "results.jsonl", tmp_path / "run.log"
+    summary = tmp_path / "summary.json"
     shared_prefix_requests(src, 16)
     proc = subprocess.Popen([sys.executable, "-m", "blendserve_sgl.cli", "run", str(src), "-o", str(out), "--model",
-                             tiny_llama, *flags, "--max-total-tokens", "4096", "--quiet", "--workers", "0"],
+                             tiny_llama, *flags, "--max-total-tokens", "4096", "--quiet", "--workers", "0",
+                             "--summary-json", str(summary)],
                             env=ENV, start_new_session=True, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     try:
         proc.wait(timeout=1500)
@@ -87,3 +89,9 @@ def test_blendserve_run_two_replicas_writes_every_custom_id_once(tiny_llama, tmp
     assert proc.returncode == 0, log.read_text()[-4000:]
     ids = [json.loads(x)["custom_id"] for x in out.read_text().splitlines()]
     assert sorted(ids) == sorted(f"r{i}" for i in range(16))
+    # each replica's policy counted apart and summed (one file for all held whichever wrote last)
+    ps = json.loads(summary.read_text())["policy_stats"]
+    assert ps["replicas"] == 2 and all(part.get("steps") for part in ps["per_replica"])
+    assert ps["steps"] == sum(part["steps"] for part in ps["per_replica"])
+    if "--dp" in flags:
+        assert [part["dp_rank"] for part in ps["per_replica"]] == [0, 1]

@@ -41,7 +41,8 @@ from ..models import ModelError, check_model_dir, default_model
 from . import dispatch
 from .feed import engine_capacity, mean_request_tokens, pending, window_size
 from .order import cost_for, plan
-from .progress import Progress, RunStats, phase_line, summary_lines
+from ..sglang_plugin.settings import rank_path, read_policy_stats
+from .progress import Progress, RunStats, combine_policy_stats, phase_line, summary_lines
 from .prompts import Prepared, context_length
 from .reader import ReadResult, read_store
 from .requests import InputError, check_readable
@@ -356,7 +357,7 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
         progress.add(failed=1)
 
     previous = signal.signal(signal.SIGTERM, _interrupt)
-    engine = None
+    engine, ray_stats = None, []
     try:
         if args.ray:
             from . import ray_runner
@@ -368,6 +369,7 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
                 cfg, [[read.store.prepared(i) for i in part] for part in parts], on_result, on_error,
                 address=args.ray_address, gpus=gpus, say=_say, on_chunk=lambda *_: stats.sample_rss())
             stats.generate_seconds, stats.engine_restarts = report.seconds, report.restarts
+            ray_stats = report.policy_stats
             _COMPLETE[0] = True
             return
         _say(f"starting SGLang ({args.policy} policy, {device}{f', {args.dp} DP ranks' if args.dp > 1 else ''}) "
@@ -446,13 +448,12 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
         if engine is not None:
             stats.sample_rss()
             engine.shutdown()
-        if stats_file and args.policy == "blend":
-            try:
-                stats.policy_stats = json.loads(Path(stats_file).read_text() or "{}")
-            except (OSError, ValueError):
-                pass
+        ranks = [rank_path(stats_file, r) for r in range(replicas)] if replicas > 1 else [stats_file]  # one a replica
+        if stats_file and args.policy == "blend":  # --ray: what the replicas returned (their nodes' files)
+            stats.policy_stats = combine_policy_stats(ray_stats if args.ray else [read_policy_stats(f) for f in ranks])
         if own_stats:
-            Path(stats_file).unlink(missing_ok=True)
+            for name in {stats_file, *ranks}:
+                Path(name).unlink(missing_ok=True)
             del os.environ["BLENDSERVE_STATS_PATH"]
 
 

@@ -98,7 +98,9 @@ def summary_lines(s: RunStats, results: str, errors: str | None) -> list[str]:
     ]
     if s.policy_stats.get("steps"):
         ps = s.policy_stats
-        lines.insert(-1, f"  blend planning  {ps['steps']:,} steps, {ps.get('planning_ms_per_step', 0):.2f} ms per step")
+        over = f" over {ps['replicas']} replicas" if ps.get("replicas") else ""
+        lines.insert(-1, f"  blend planning  {ps['steps']:,} steps{over}, {ps.get('planning_ms_per_step', 0):.2f} ms per "
+                         "step")
     if s.engine_restarts:
         lines.insert(-1, f"  engine          started again {s.engine_restarts:,} times after one of its processes "
                          "failed (its requests in flight run again apart, to find the one that stops it)")
@@ -109,6 +111,26 @@ def summary_lines(s: RunStats, results: str, errors: str | None) -> list[str]:
         lines.append(f"  retry           {s.failed + s.kept_errors:,} error records{kept}: fix their cause, then rerun "
                      "with --retry-failed to run those requests again")
     return lines
+
+
+SUMMED_STATS = ("steps", "reindexes", "planning_seconds", "insert_seconds", "waiting", "running", "handed_out",
+                "sample_size", "splits")
+
+
+def combine_policy_stats(parts: list) -> dict:
+    """One summary of the blend policy's counters written by each replica (a DP rank or a Ray
+    replica; {} where one wrote none): the counts and seconds summed, the planning time per step
+    over every step, each replica's own under `per_replica`. One replica's are its own."""
+    found = [p for p in parts if p]
+    if not found or len(parts) == 1:
+        return dict(found[0]) if found else {}
+    out = {k: v for k, v in found[0].items() if k not in SUMMED_STATS and k != "dp_rank"}
+    for key in SUMMED_STATS:
+        values = [p[key] for p in found if isinstance(p.get(key), (int, float))]
+        out[key] = sum(values) if values else None
+    out["planning_ms_per_step"] = round(1e3 * out["planning_seconds"] / out["steps"], 4) if out["steps"] else 0.0
+    out["replicas"], out["per_replica"] = len(parts), list(parts)
+    return out
 
 
 class Progress:

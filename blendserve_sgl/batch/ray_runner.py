@@ -36,6 +36,7 @@ import time
 from typing import Callable, NamedTuple, Sequence
 
 from . import runner
+from ..sglang_plugin.settings import rank_path, read_policy_stats
 from .dispatch import DispatchError, cpu_bind
 from .feed import engine_capacity, window_size
 from .prompts import Prepared
@@ -52,6 +53,7 @@ class RayReport(NamedTuple):
     lost_replicas: list  # replicas given up (`generate`'s lose: what they had left went to the others)
     in_flight: list  # per replica: chunks it held at once
     restarts: int  # replicas started again after their actor died (their hunts, `runner.Hunt`)
+    policy_stats: list  # per replica: its blend policy's counters at the end (`Replica.shutdown`), {} if none
 
 
 class Replica:
@@ -80,11 +82,14 @@ class Replica:
         """(pid, [(index in items, output or None, exception or None)]), every item once."""
         return os.getpid(), asyncio.run_coroutine_threadsafe(_chunk(self.engine, items), self.engine.loop).result()
 
-    def shutdown(self) -> None:
+    def shutdown(self) -> dict:
+        """Stops the engine; returns its blend policy's counters (read here: the replica's node
+        may be another machine), {} when it wrote none."""
         self.stopping.set()
         self.engine.loop.call_soon_threadsafe(self.engine.loop.stop)
         self.loop_thread.join(timeout=30)
         self.engine.shutdown()
+        return read_policy_stats(os.environ.get("BLENDSERVE_STATS_PATH"))
 
 
 def _exit_with_the_engine(stopping: threading.Event, seconds: float = 1.0) -> None:
@@ -94,23 +99,17 @@ def _exit_with_the_engine(stopping: threading.Event, seconds: float = 1.0) -> No
     the driver sees (`RayActorError`), and its hunt starts a successor. Also when the Ray process
     that started this one has ended (the driver's local cluster killed with it): the actor and its
     engine would otherwise live on, holding their memory and cores."""
-    import psutil
-
-    procs = psutil.Process().children()
+    procs = runner.engine_processes()
     parent = os.getppid()
     while not stopping.wait(seconds):
         if os.getppid() != parent and not stopping.is_set():
             print("the Ray process that started this replica ended: its actor exits", flush=True)
             os._exit(1)
-        for proc in procs:
-            try:
-                ended = proc.status() == psutil.STATUS_ZOMBIE
-            except psutil.NoSuchProcess:
-                ended = True
-            if ended and not stopping.is_set():
-                print(f"engine process {proc.pid} ended: this replica's actor exits (the driver starts it again)",
-                      flush=True)
-                os._exit(1)
+        ended = runner.first_ended(procs)
+        if ended is not None and not stopping.is_set():
+            print(f"engine process {ended.pid} ended: this replica's actor exits (the driver starts it again)",
+                  flush=True)
+            os._exit(1)
 
 
 async def _chunk(engine, items: list) -> list:
@@ -201,6 +200,9 @@ def generate(cfg: runner.EngineConfig, parts: Sequence[Sequence[Prepared]],
         restarts += slots[r].started
         slots[r].started = True
         own = dict(env, **({"SGLANG_CPU_OMP_THREADS_BIND": binds[r]} if binds else {}))
+        for name in ("BLENDSERVE_STATS_PATH", "BLENDSERVE_TRACE_PATH"):  # one file a replica, as SGLang's DP ranks
+            if env.get(name):
+                own[name] = rank_path(env[name], r)
         slots[r].actor = actor_cls.options(num_cpus=1, num_gpus=gpus, max_restarts=0, max_task_retries=0,
                                            max_concurrency=in_flight or MAX_IN_FLIGHT).remote(cfg, own)
 
@@ -325,11 +327,11 @@ def generate(cfg: runner.EngineConfig, parts: Sequence[Sequence[Prepared]],
             feed(r)
         seconds = time.perf_counter() - t0
     finally:
-        live = [s.actor for s in slots if s.actor is not None and not s.lost]
-        try:
-            ray.get([a.shutdown.remote() for a in live], timeout=60)
-        except Exception:  # noqa: BLE001 (a replica already gone has nothing to shut down)
-            pass
+        live = [(r, s.actor) for r, s in enumerate(slots) if s.actor is not None and not s.lost]
+        policy_stats = [{} for _ in slots]
+        for (r, _), ref in zip(live, [a.shutdown.remote() for _, a in live]):
+            with contextlib.suppress(Exception):  # a replica already gone has nothing to shut down
+                policy_stats[r] = ray.get(ref, timeout=60) or {}
         for s in slots:
             if s.actor is not None:
                 with contextlib.suppress(Exception):
@@ -337,7 +339,7 @@ def generate(cfg: runner.EngineConfig, parts: Sequence[Sequence[Prepared]],
         if started_here:
             ray.shutdown()
     return RayReport(seconds, [len(p) for p in parts], [sorted(x) for x in pids], lost, [s.limit for s in slots],
-                     restarts)
+                     restarts, policy_stats)
 
 
 def _once(seen: set, p: Prepared) -> None:

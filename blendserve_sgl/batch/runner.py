@@ -21,6 +21,7 @@ import difflib
 import itertools
 import os
 import signal
+import sys
 import threading
 import time
 import warnings
@@ -30,6 +31,7 @@ from typing import Callable, Iterable
 from .prompts import Prepared
 
 RATE_SECONDS = 2.0  # how often the progress bar asks the scheduler for its decode rate
+WATCH_SECONDS = 1.0  # how often a run looks for an engine process that has ended
 CPU_MAX_TOTAL_TOKENS = 32768  # KV pool on CPU (SmolLM2 in float32: ~1.5 GB)
 _CPU_IMPORT_WARNINGS = ("Only CUDA", "Triton is not supported")
 
@@ -107,11 +109,16 @@ def start_engine(cfg: EngineConfig):
     ignore SIGINT: Ctrl-C in a terminal signals the whole process group, and this process
     stops them itself (`engine.shutdown()`), so they print no tracebacks of their own. When one
     of them fails while the engine starts (it sends SIGQUIT, whose SGLang handler would kill this
-    process), `EngineFailed` is raised here instead, once the others are stopped."""
+    process), `EngineFailed` is raised here instead, once the others are stopped; also when one
+    of them ends without a word (`EngineWatch`: killed from outside; a DP rank's scheduler, which
+    SGLang's DP controller waits for for ever)."""
     import sglang
 
+    on_main = threading.current_thread() is threading.main_thread()
+    _EARLIER.clear()
+    _EARLIER.update(proc.pid for proc in engine_processes())  # an earlier engine's, maybe still ending
     try:
-        with _children_ignore_sigint(), _sigquit_raises():
+        with _children_ignore_sigint(), _sigquit_raises(), (EngineWatch() if on_main else contextlib.nullcontext()):
             return sglang.Engine(**cfg.engine_kwargs())
     except EngineFailed:
         from sglang.srt.utils import kill_process_tree
@@ -271,6 +278,7 @@ async def _generate(engine, items, on_result, on_error, window, tick, tick_secon
 
     if tick is not None:
         ours.add(asyncio.ensure_future(ticker()))
+    watch = EngineWatch().__enter__() if on_main else None  # it signals SIGQUIT: the handler above
     try:
         if window <= 0:
             tasks = [asyncio.ensure_future(one(p)) for p in items]
@@ -292,6 +300,8 @@ async def _generate(engine, items, on_result, on_error, window, tick, tick_secon
                 if exc is not None:
                     raise exc
     finally:
+        if watch is not None:
+            watch.__exit__()
         for t in ours:
             t.cancel()
         # a run cut short twice (a second engine process reporting while the first failure cancels
@@ -377,6 +387,83 @@ class EngineFailed(SystemExit):
 def _engine_failed(*_signal) -> None:
     """SIGQUIT's handler while the engine starts (signal.signal) or runs (loop.add_signal_handler)."""
     raise EngineFailed(1)
+
+
+_EARLIER: set = set()  # SGLang processes there when the latest engine started: not its own
+
+
+def engine_processes() -> list:
+    """The engine's processes: this process's descendants SGLang named (`sglang::...`), its
+    schedulers under a DP controller included. SGLang's own watch (`SubprocessWatchdog`) covers
+    only the processes the engine started itself: with `--dp N` the ranks' schedulers are the DP
+    controller's children, which joins them only once its own loop ends, so a rank that died
+    left the run waiting for ever."""
+    import psutil
+
+    found = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            if proc.name().startswith("sglang::") or " ".join(proc.cmdline()).startswith("sglang::"):
+                found.append(proc)
+        except psutil.Error:
+            continue
+    return found
+
+
+def first_ended(procs: list):
+    """The first of `procs` that has ended (gone, or a zombie its parent has not reaped), else None."""
+    import psutil
+
+    for proc in procs:
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return proc
+        except psutil.NoSuchProcess:
+            return proc
+    return None
+
+
+def _signal_failed() -> None:
+    """What SGLang's processes do when one of them fails: SIGQUIT to this process (taken by
+    `_engine_failed` while the engine starts or runs)."""
+    os.kill(os.getpid(), signal.SIGQUIT)
+
+
+class EngineWatch:
+    """A thread that calls `on_end()` once, when one of the engine's processes
+    (`engine_processes`, looked for again every `seconds`: they appear while the engine starts;
+    not those of an earlier engine, which may still be ending: `_EARLIER`) has ended; a context
+    manager, stopped on exit. A process killed from outside (the OOM killer) reports nothing, and SGLang watches only the processes the engine started itself."""
+
+    def __init__(self, on_end: Callable = _signal_failed, seconds: float = WATCH_SECONDS):
+        self.on_end, self.seconds = on_end, seconds
+        self.procs: dict = {}  # pid -> (process, its name while it ran)
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="engine-watch", daemon=True)
+
+    def __enter__(self) -> "EngineWatch":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *_exc) -> None:
+        self.stopping.set()
+        self.thread.join(timeout=10 * self.seconds)
+
+    def _watch(self) -> None:
+        import psutil
+
+        while True:
+            for proc in engine_processes():
+                if proc.pid not in self.procs and proc.pid not in _EARLIER:
+                    with contextlib.suppress(psutil.Error):
+                        self.procs[proc.pid] = proc, proc.name()
+            ended = first_ended([proc for proc, _ in self.procs.values()])
+            if ended is not None and not self.stopping.is_set():
+                print(f"engine process {ended.pid} ({self.procs[ended.pid][1]}) ended", file=sys.stderr, flush=True)
+                self.on_end()
+                return
+            if self.stopping.wait(self.seconds):
+                return
 
 
 async def live_rate(engine) -> float | None:

@@ -32,7 +32,6 @@ with the first one computing its whole prompt (kept[s] added back).
 from __future__ import annotations
 
 import bisect
-import math
 from collections import Counter
 from itertools import accumulate
 from typing import NamedTuple

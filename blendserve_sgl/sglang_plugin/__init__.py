@@ -62,6 +62,7 @@ SGLANG_NAMES = (
     "sglang.srt.managers.schedule_batch.Req.finished",
     "sglang.srt.managers.schedule_batch.Req.set_finish_with_abort",
     "sglang.srt.server_args.ServerArgs.schedule_policy",
+    "sglang.srt.runtime_context.get_parallel",
 )
 SCHEDULER_ATTRS = (
     "waiting_queue", "policy", "schedule_policy", "server_args", "model_config", "new_token_ratio_tracker",

@@ -23,7 +23,7 @@ from typing import Any
 from ..core import Budget, CostModel, DualScanner, ResourceTree
 from ..core.pacing import WaitingWork, paced_prefill_tokens, paces
 from ..core.specs import CUSTOM_HARDWARE, ModelSpec, hardware
-from .settings import BlendSettings, open_in_place, write_json_file
+from .settings import BlendSettings, open_in_place, rank_path, write_json_file
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +152,25 @@ def sampling_problem(req, vocab_size: int | None = None) -> str | None:
     return None
 
 
+def rank_of(scheduler) -> tuple[int | None, bool]:
+    """(this scheduler's data-parallel rank when the server runs several, else None; whether it
+    writes the policy's files: the first of its tensor- and pipeline-parallel group, which plans as
+    the others do). Never raises: what SGLang cannot tell is taken as rank 0 of one."""
+    dp_size = getattr(getattr(scheduler, "server_args", None), "dp_size", 1)
+    try:
+        from sglang.srt.runtime_context import get_parallel
+
+        par = get_parallel()
+        ranks = {name: getattr(par, name, None) for name in ("dp_rank", "attn_dp_rank", "attn_tp_rank", "tp_rank",
+                                                              "pp_rank")}
+    except Exception:  # noqa: BLE001 (an unpublished rank reads as rank 0)
+        ranks = {}
+    dp = ranks.get("dp_rank") if ranks.get("dp_rank") is not None else ranks.get("attn_dp_rank")
+    tp = ranks.get("attn_tp_rank") if ranks.get("attn_tp_rank") is not None else ranks.get("tp_rank")
+    first = not tp and not ranks.get("pp_rank")
+    return (dp if isinstance(dp_size, int) and dp_size > 1 and isinstance(dp, int) else None), first
+
+
 class BlendPolicy:
     """Stands in for SGLang's `SchedulePolicy`: `calc_priority` is the blend plan; the other
     methods the scheduler calls (`STOCK_METHODS`) are the stock policy's."""
@@ -191,8 +210,9 @@ class BlendPolicy:
         self.steps = 0
         self.planning_seconds = 0.0  # calc_priority + after_step
         self.insert_seconds = 0.0  # arrivals into the tree (on_arrival)
-        self.stats_path = settings.stats_path or None
-        self.trace_path = settings.trace_path or None  # one JSON line per step: plan, paced budget, admitted
+        self.dp_rank, writes = rank_of(scheduler)  # the files are the first of each DP rank's group's, apart
+        self.stats_path = rank_path(settings.stats_path, self.dp_rank) if writes else None
+        self.trace_path = rank_path(settings.trace_path, self.dp_rank) if writes else None  # one JSON line per step
         self._trace: dict | None = None
         self._forward_ct = int(getattr(scheduler, "forward_ct", 0) or 0)  # at the previous plan (metering)
         self._paced: dict | None = None  # the stock sizes while a paced step runs
@@ -493,7 +513,7 @@ class BlendPolicy:
                 "insert_seconds": round(self.insert_seconds, 6),
                 "waiting": len(self.waiting), "running": len(self.running), "handed_out": self.scanner.handed_out,
                 "sample_size": self.scanner.sample_size, "splits": split.splits if split else None,
-                "hardware": self.cost.hardware.name, "model": self.cost.model.name,
+                "dp_rank": self.dp_rank, "hardware": self.cost.hardware.name, "model": self.cost.model.name,
                 "settings": {k: v for k, v in asdict(self.settings).items() if not k.endswith("_path")}}
 
     def write_stats(self) -> None:

@@ -148,6 +148,29 @@ def open_in_place(path: str, mode: str = "w"):
     return os.fdopen(os.open(path, flags, 0o644), mode if mode == "a" else "w")
 
 
+def rank_path(path: str | None, dp_rank: int | None) -> str | None:
+    """Where DP rank `dp_rank` writes the file a user named `path`: `NAME.dpR.EXT` (each rank plans
+    its own queue; one file would hold whichever rank wrote last), `path` itself on a server of one
+    rank. A device or pipe is shared as it is."""
+    if not path or dp_rank is None or path.startswith("/dev/"):
+        return path
+    head, dot, ext = path.rpartition(".")
+    if not dot or "/" in ext:
+        return f"{path}.dp{dp_rank}"
+    return f"{head}.dp{dp_rank}.{ext}"
+
+
+def read_policy_stats(path: str | None) -> dict:
+    """The blend policy's counters a scheduler wrote to `path` (`write_json_file`), {} when there are none."""
+    if not path:
+        return {}
+    try:
+        found = json.loads(Path(path).read_text() or "{}")
+    except (OSError, ValueError):
+        return {}
+    return found if isinstance(found, dict) else {}
+
+
 def write_json_file(path: str, data: dict, what: str) -> bool:
     """Write `data` as JSON to `path`: a regular file (or a new one) atomically, a temporary file
     renamed over its link target; anything else (a device such as /dev/stdout or /dev/null, a
@@ -214,9 +237,11 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
          "KV pool left free as memory-work credit (0: only its share's rate).", _at_least(0),
          preset="free_pool_credit"),
     Knob("seed", int, "Seed of the output-length sample.", _at_least(0), preset="seed"),
-    Knob("stats_path", str, "Write the policy's counters (JSON) to this file every 32 steps and at the end.",
+    Knob("stats_path", str, "Write the policy's counters (JSON) to this file every 32 steps and at the end "
+         "(with several DP ranks, each to NAME.dpR.EXT).",
          _file_to_write, default=""),
-    Knob("trace_path", str, "Append one JSON line per step (plan, paced budget, admitted) to this file.",
+    Knob("trace_path", str, "Append one JSON line per step (plan, paced budget, admitted) to this file (with "
+         "several DP ranks, each to NAME.dpR.EXT).",
          _file_to_write, default=""),
 )}
 
