@@ -105,6 +105,7 @@ def test_two_poison_requests_in_one_chunk_each_fail_alone(cluster, monkeypatch):
     report, answered, failed, _ = run([reqs[:12], reqs[12:]], monkeypatch=monkeypatch)
     assert set(failed) == {"r4", "r6"} and all(isinstance(e, runner.StoppedEngine) for e in failed.values())
     assert len(answered) == 22 and report.lost_replicas == []
+    assert report.window == 2 * 2 * 4 and report.start_seconds >= 0  # two replicas, two chunks of four each
 
 
 def test_a_replica_killed_from_outside_runs_its_chunks_again_and_loses_nothing(cluster, monkeypatch):

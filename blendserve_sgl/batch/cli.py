@@ -369,6 +369,7 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
                 cfg, [[read.store.prepared(i) for i in part] for part in parts], on_result, on_error,
                 address=args.ray_address, gpus=gpus, say=_say, on_chunk=lambda *_: stats.sample_rss())
             stats.generate_seconds, stats.engine_restarts = report.seconds, report.restarts
+            stats.engine_start_seconds, stats.window = report.start_seconds, report.window
             ray_stats = report.policy_stats
             _COMPLETE[0] = True
             return

@@ -48,6 +48,8 @@ ENV_PASSED = ("PYTHONPATH", "SGLANG_USE_CPU_ENGINE", "OMP_WAIT_POLICY", "PYTHONW
 
 class RayReport(NamedTuple):
     seconds: float  # first submission to last result
+    start_seconds: float  # until every replica's engine had started (the first submission)
+    window: int  # requests the replicas held at once at most (chunks in flight x chunk size)
     shard_sizes: list  # requests per replica
     pids: list  # per replica: the actor process ids that returned chunks (more than one: it was restarted)
     lost_replicas: list  # replicas given up (`generate`'s lose: what they had left went to the others)
@@ -292,6 +294,7 @@ def generate(cfg: runner.EngineConfig, parts: Sequence[Sequence[Prepared]],
             start(r)
         for s, part in zip(slots, parts):
             s.limit = in_flight or min(MAX_IN_FLIGHT, chunks_in_flight(*capacity(s.actor), part, chunk))
+        t1 = time.perf_counter()
         for r in range(replicas):
             feed(r)
         while pending:
@@ -325,7 +328,7 @@ def generate(cfg: runner.EngineConfig, parts: Sequence[Sequence[Prepared]],
             if on_chunk is not None:
                 on_chunk(r, s.actor, done_chunks[r])
             feed(r)
-        seconds = time.perf_counter() - t0
+        seconds = time.perf_counter() - t1
     finally:
         live = [(r, s.actor) for r, s in enumerate(slots) if s.actor is not None and not s.lost]
         policy_stats = [{} for _ in slots]
@@ -338,8 +341,8 @@ def generate(cfg: runner.EngineConfig, parts: Sequence[Sequence[Prepared]],
                     ray.kill(s.actor, no_restart=True)
         if started_here:
             ray.shutdown()
-    return RayReport(seconds, [len(p) for p in parts], [sorted(x) for x in pids], lost, [s.limit for s in slots],
-                     restarts, policy_stats)
+    return RayReport(seconds, t1 - t0, sum(s.limit for s in slots) * chunk, [len(p) for p in parts],
+                     [sorted(x) for x in pids], lost, [s.limit for s in slots], restarts, policy_stats)
 
 
 def _once(seen: set, p: Prepared) -> None:
