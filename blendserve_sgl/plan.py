@@ -327,12 +327,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
                     help="processes that run the simulations (default: the CPU count; the results do not depend on it)")
     ap.add_argument("--plot", help="PNG of per-step compute and memory time (default: next to --out, or plan.png)")
+    ap.add_argument("--no-plot", action="store_true", help="write no plot (`blendserve run --plan-only` writes none)")
     ap.add_argument("--out", help="also write the plan as JSON here")
     ap.add_argument("--json", action="store_true", help="print the plan as JSON only")
     return ap
 
 
-def _plot_path(args) -> str:
+def _plot_path(args) -> str | None:
+    if args.no_plot:
+        return None
     return args.plot or (str(Path(args.out).with_suffix(".png")) if args.out else "plan.png")
 
 
@@ -399,9 +402,12 @@ def main(argv: list[str] | None = None) -> int:
         for flag, path in (("--out", args.out), ("--plot", args.plot)):
             check_output(flag, path)
         check_apart("--out", args.out, [("the input", args.input), ("the --workload file", args.workload)])
-        check_apart("--plot", _plot_path(args), [("the input", args.input), ("the --workload file", args.workload),
-                                                 ("the --out file", args.out)])
-        _check_plot_format(_plot_path(args))
+        if args.plot and args.no_plot:
+            raise ValueError("--plot names the plot that --no-plot would not write: give one of them")
+        if _plot_path(args):
+            check_apart("--plot", _plot_path(args), [("the input", args.input), ("the --workload file", args.workload),
+                                                     ("the --out file", args.out)])
+            _check_plot_format(_plot_path(args))
         from .sim.cli import parse_policies
 
         policies = parse_policies(args.policies, "--policies")
@@ -469,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         read_s = time.perf_counter() - t0 - gen_s
         engine = EngineConfig.for_cost(cost, kv_gb=args.kv_gb, max_running=args.max_running,
                                        chunked_prefill=args.chunk, mixed_chunk=args.mixed_chunk)
-        engine.check_fits(records, "pass a larger --kv-gb or a smaller max_tokens")
+        engine.check_fits(records, "pass a larger --kv-gb or a smaller max_tokens", known=False)
     except (InputError, ModelError, ValueError, FileNotFoundError) as exc:
         print(f"blendserve plan: error: {exc}", file=sys.stderr)
         return 2
@@ -568,8 +574,8 @@ def _print(out: dict, say) -> None:
         say(f"blend vs the best other policy: {s['estimate']:.3f}x ({out['best_other']['estimate']}, estimate) .. "
             f"{s['max_tokens']:.3f}x ({out['best_other']['max_tokens']}, max_tokens)")
     gen = f", generating the sample {out['generate_seconds']:.1f} s" if out.get("generated_sample") else ""
-    say(f"planned in {out['plan_seconds']:.1f} s (reading and tokenizing {out['read_seconds']:.1f} s{gen}); "
-        f"plot: {out['plot']}")
+    say(f"planned in {out['plan_seconds']:.1f} s (reading and tokenizing {out['read_seconds']:.1f} s{gen})"
+        + (f"; plot: {out['plot']}" if out.get("plot") else ""))
 
 
 def plan_for_run(run_args) -> int:
@@ -596,8 +602,8 @@ def plan_for_run(run_args) -> int:
                   f"(one of {', '.join(hardware_names())})", file=sys.stderr)
             return 2
         hw = "cpu"
-    argv = [run_args.input, "--model", str(model_dir), "--hardware", hw,
-            "--default-max-tokens", str(run_args.default_max_tokens)]
+    argv = [run_args.input, "--model", str(model_dir), "--hardware", hw,  # prints only: no plot.png over a file here
+            "--default-max-tokens", str(run_args.default_max_tokens), "--no-plot"]
     if run_args.context_length:
         argv += ["--context-length", str(run_args.context_length)]
     kv_tokens = run_args.max_total_tokens or (CPU_MAX_TOTAL_TOKENS if hw == "cpu" else None)

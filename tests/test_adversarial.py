@@ -686,6 +686,22 @@ def test_a_hostile_output_length_hint_is_ignored_never_raised(value):
     assert output_len_hint(" 42 ", "r") == 42 and output_len_hint(2**31, "r") == 2**31
 
 
+def test_summary_json_may_not_replace_a_file_that_holds_no_summary(stand_in, tmp_path, capsys):  # noqa: F811
+    """`--summary-json` named another run's results file (locked against -o, not against this
+    path): the summary replaced its 40 records at the end (a probe). A file holding anything but
+    a summary is refused before the run; an earlier summary is replaced whole."""
+    src, out, other = _batch(tmp_path), tmp_path / "results.jsonl", tmp_path / "other.jsonl"
+    other.write_text('{"custom_id": "a", "response": null, "error": null}\n')
+    before = other.read_bytes()
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"]), "--summary-json", str(other)]) == 2
+    assert "holds something other than a summary" in capsys.readouterr().err
+    assert other.read_bytes() == before and not out.exists() and not stand_in["engines"]
+    summary = tmp_path / "s.json"
+    summary.write_text('{"input": "x", "output": "y", "completed": 0}\n')
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"]), "--summary-json", str(summary)]) == 0
+    assert json.loads(summary.read_text())["output"] == str(out)
+
+
 @pytest.mark.parametrize("which", ["input", "output", "errors", "errors-default"])
 def test_summary_json_may_not_overwrite_the_runs_other_files(stand_in, tmp_path, capsys, which):  # noqa: F811
     src, out = _batch(tmp_path), tmp_path / "results.jsonl"
@@ -1455,3 +1471,25 @@ def test_cascade_counters_that_fail_mid_run_stop_themselves_not_the_decode_step(
             writer.record(None, np.array([3, 4]), np.array([3, 4]), 0.0)
     assert writer.path is None and writer.stats.decode_steps == 4
     assert caplog.text.count("cannot write the cascade counters to") == 1
+
+
+@pytest.mark.parametrize("args", [
+    ["--kv-gb", "0.17"],  # 1,300 tokens: the prompt and output fit, the admission's reservation (4 x 100) does not
+    ["--kv-gb", "0.144310272", "--known-lengths"],  # 1,101 tokens: prompt + output = 1,100, the admission needs 1,102
+])
+def test_simulate_refuses_what_the_admission_can_never_take_instead_of_stalling(tmp_path, capsys, args):
+    """The check passed a request whose prompt + output fit the pool, but SGLang's admission also
+    reserves min(max_new_tokens, clip) + 1 beside the prompt (max_new_tokens 4 x the longest output
+    without known lengths): the run then stalled with a traceback (a probe)."""
+    from blendserve_sgl.sim import cli as sim_cli
+
+    trace = tmp_path / "two.csv"
+    trace.write_text("input_tokens,output_tokens\n1000,100\n1000,100\n")
+    code = sim_cli.main(["--workload", str(trace), "--policy", "fcfs", "--hardware", "a100", *args,
+                         "--out", str(tmp_path / "sim.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and "SGLang's admission reserves" in err and "pass a larger --kv-gb" in err, err
+    assert "Traceback" not in err and not (tmp_path / "sim.json").exists()
+    ok = sim_cli.main(["--workload", str(trace), "--policy", "fcfs", "--hardware", "a100", "--kv-gb", "0.25",
+                       "--out", str(tmp_path / "sim.json")])
+    assert ok == 0  # 1,900 tokens: room for both

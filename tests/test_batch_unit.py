@@ -1108,6 +1108,24 @@ def test_dev_stdout_redirected_to_a_file_gets_no_side_file_in_dev(stand_in, tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model", "out.jsonl", "requests.jsonl"]
 
 
+def test_results_in_a_folder_under_dev_get_their_errors_file():
+    """A tmpfs folder such as /dev/shm was taken for an open-file name like /dev/stdout: its results
+    got no errors file, and the run said "see None" (a probe)."""
+    import tempfile
+
+    from blendserve_sgl.batch.results import _names_an_open_file
+
+    assert _names_an_open_file(Path("/dev/stdout")) and _names_an_open_file(Path("/dev/fd/3"))
+    assert _names_an_open_file(Path("/proc/self/fd/3")) and _names_an_open_file(Path("/proc/123/fd/3"))
+    if not os.access("/dev/shm", os.W_OK):
+        pytest.skip("no writable /dev/shm here")
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as folder:
+        out = Path(folder) / "o.jsonl"
+        assert not _names_an_open_file(out)
+        with ResultWriter.open(out, None) as writer:
+            assert writer.errors_path == Path(folder) / "o.errors.jsonl"
+
+
 def test_a_prompt_no_tokenization_fits_is_refused_without_tokenizing(tiny_llama, tmp_path):
     """A 50 MB prompt (under the 128 MiB line limit) was tokenized before the context check
     refused it: 9 GB and a minute. A prompt with more characters than the context's tokens can
@@ -1151,3 +1169,34 @@ def test_a_prompt_no_tokenization_fits_is_refused_without_tokenizing(tiny_llama,
                      {"role": "assistant", "content": "x" * (2 * limit)}, {"role": "user", "content": "and 3+3?"}],
         "max_tokens": 4}}), 5)
     assert beyond_context(chat, tok, 64) is None
+
+
+def test_reader_workers_end_with_a_run_killed_by_sigkill(tmp_path):
+    """`kill -9` of `blendserve run` while it read the input left the tokenizer pool's workers
+    alive for good, about 500 MB each (a probe): each worker now ends once its driver has."""
+    import subprocess
+
+    import psutil
+
+    script = ("import multiprocessing as mp, os, sys, time\n"
+              "from concurrent.futures import ProcessPoolExecutor\n"
+              "from blendserve_sgl.batch import reader\n"
+              "if __name__ == '__main__':\n"
+              "    pool = ProcessPoolExecutor(2, mp_context=mp.get_context('spawn'), initializer=reader._init_worker,\n"
+              f"                               initargs=({str(tmp_path / 'no-model')!r}, 2048, 16, 'x.jsonl'))\n"
+              "    pids = {f.result() for f in\n"
+              "           [pool.submit(os.getpid) for _ in range(8)]}\n"
+              "    print(' '.join(map(str, sorted(pids))), flush=True)\n"
+              "    time.sleep(600)\n")
+    driver = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    try:
+        workers = [psutil.Process(int(p)) for p in driver.stdout.readline().split()]
+        assert workers
+    finally:
+        driver.kill()
+        driver.wait()
+    gone, alive = psutil.wait_procs(workers, timeout=60)
+    for proc in alive:
+        proc.kill()
+    assert not alive, "reader workers outlived their driver"

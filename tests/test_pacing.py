@@ -108,9 +108,12 @@ def test_the_engines_pace_memory_setting_reaches_the_chunk_size():
 
 def test_hardware_figures_too_far_apart_for_a_step_time_pace_nothing():
     """flops=1e308,bandwidth=1e-308 passed the launch check and the first paced step raised
-    OverflowError (infinity to int) in the scheduler; such a step is not paced."""
+    OverflowError (infinity to int) in the scheduler; such a step is not paced. (The launch check
+    now refuses such figures; a HardwareSpec built in code still gets them.)"""
     from blendserve_sgl.core.cost import CostModel
-    from blendserve_sgl.core.specs import custom_hardware
+    from blendserve_sgl.core.specs import HardwareSpec, custom_hardware
 
-    cost = CostModel(COST.model, custom_hardware("flops=1e308,bandwidth=1e-308,memory=1"))
+    with pytest.raises(ValueError, match="flops=1e.308 is outside 1e.09 to 1e.17 FLOP/s"):
+        custom_hardware("flops=1e308,bandwidth=1e-308,memory=1")
+    cost = CostModel(COST.model, HardwareSpec("far", flops=1e308, mem_bandwidth=1e-308, mem_capacity=1))
     assert paced_prefill_tokens(cost, 1_000, 8, 1.0) is None

@@ -230,11 +230,16 @@ def test_run_plan_only_prints_the_plan_of_the_same_arguments(user_file, tmp_path
     from blendserve_sgl.core.specs import ModelSpec
 
     model_dir = write_tiny_llama(tmp_path / "tiny")
-    monkeypatch.chdir(tmp_path)  # the plot lands here
+    monkeypatch.chdir(tmp_path)  # a plot would land here
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "plan.png").symlink_to(tmp_path / "notes.txt")
     assert cli.main(["run", str(user_file), "--model", str(model_dir), "--plan-only", "a100", "--max-total-tokens",
                      "8192", "--engine-arg", "chunked_prefill_size=256", "--engine-arg", "max_running_requests=16",
                      "--default-max-tokens", "64"]) == 0
     via_run = capsys.readouterr().out.splitlines()
+    # it prints and writes nothing: a plan.png here was replaced, through a link (a probe)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    (tmp_path / "plan.png").unlink()
     kv_gb = 8192 * ModelSpec.from_config_file(model_dir).kv_bytes_per_token / 1e9
     assert cli.main(["plan", str(user_file), "--model", str(model_dir), "--hardware", "a100", "--kv-gb", repr(kv_gb),
                      "--chunk", "256", "--max-running", "16", "--default-max-tokens", "64"]) == 0

@@ -380,7 +380,11 @@ def test_an_accelerator_given_by_its_figures():
                          ("flops=1e15,bandwidth=4e12,memory=lots", "memory must be a number"),
                          ("flops=1e15,flops=2e15,bandwidth=4e12,memory=8e10", "each once"),
                          ("flops=1e15,speed=4e12,memory=8e10", "expected flops=F,bandwidth=B,memory=M"),
-                         ("flops=-1,bandwidth=4e12,memory=8e10", "flops must be a positive finite number")):
+                         ("flops=-1,bandwidth=4e12,memory=8e10", "flops=-1 is outside 1e.09 to 1e.17 FLOP/s"),
+                         # a unit slip planned 2.1e10 s; extremes gave ZeroDivisionError or nan plans (a probe)
+                         ("flops=989,bandwidth=3.35e12,memory=80e9", "flops=989 is outside"),
+                         ("flops=1e15,bandwidth=1e308,memory=80e9", "bandwidth=1e.308 is outside"),
+                         ("flops=1e15,bandwidth=4e12,memory=nan", "memory=nan is outside")):
         with pytest.raises(ValueError, match=needle):
             hardware(text)
     with pytest.raises(ValueError, match="or give the accelerator's figures as flops=F"):
@@ -407,7 +411,9 @@ def test_a_tensor_parallel_group_is_n_devices_as_one_engine():
     assert EngineConfig.for_cost(CostModel(model("llama-3.1-70b"), hardware("4xh100"))).kv_tokens > 0
     assert hardware(" 8 X h200 ").name == "8xh200" and hardware("8xh200").devices == 8 and hardware("h100").devices == 1
     for bad, needle in (("0xh100", "holds 1 to 65,536 devices"), ("2xl40s", "unknown hardware preset 'l40s'"),
-                        ("9" * 400 + "xh100", "holds 1 to 65,536 devices")):  # was an OverflowError
+                        ("9" * 400 + "xh100", "holds 1 to 65,536 devices"),  # was an OverflowError
+                        ("2x3xh100", "one NxNAME level"),  # levels multiplied: 65536x thirty deep was 2^480 devices
+                        ("1x" * 1200 + "h100", "one NxNAME level")):  # was a RecursionError
         with pytest.raises(ValueError, match=needle):
             hardware(bad)
 

@@ -87,6 +87,8 @@ def test_mooncake_ids_are_equal_only_to_the_same_json_value(tmp_path):
     ('{"input_length": ' + "9" * 5000 + ', "output_length": 2}\n', "line 1: not a JSON object .a number of more "
      "than 4,300 digits"),
     ('[{"input_length": 10, "output_length": 2}]\n', "starts with '[': a JSON list; a JSONL trace has one JSON object"),
+    # the fix it names writes elsewhere: `> t.jsonl` would have emptied the input before jq read it
+    ('[{"input_length": 10, "output_length": 2}]\n', "jq -c '.[]' .*t.jsonl > t.lines.jsonl$"),
     # a key twice was read silently, the last one counting
     ('{"input_length": 10, "output_length": 2}\n{"input_length": 2048, "input_length": 10, "output_length": 2}\n',
      'line 2: the key "input_length" appears twice in one object; keep one'),

@@ -163,6 +163,7 @@ def _main(args) -> int:
         check_launch(args.policy, [args.attention_backend])  # the BLENDSERVE_* variables this run reads
         check_output("--summary-json", args.summary_json)
         _check_summary_apart(args)
+        _check_summary_file(args.summary_json)
         source = check_readable(args.input)
         args.input = str(source)  # `-` is /dev/stdin
         _refuse_trace(source)
@@ -239,7 +240,7 @@ def _run(args, source: Path, model_dir: Path, device: str, tokenizer, ctx: int, 
         stats.failed += 1
         stats.invalid += 1
     if stats.invalid:
-        _say(f"{stats.invalid:,} invalid lines written as error records (see {writer.errors_path})")
+        _say(f"{stats.invalid:,} invalid lines written as error records (see {writer.errors_path or writer.path})")
 
     t1 = time.perf_counter()
     order = plan(read.store, cost_for(model_dir))
@@ -256,8 +257,7 @@ def _run(args, source: Path, model_dir: Path, device: str, tokenizer, ctx: int, 
         _say(line)
     if args.summary_json:
         try:
-            Path(args.summary_json).write_text(json.dumps({"input": str(source), "output": str(writer.path),
-                                                           **stats.to_json()}, indent=2) + "\n")
+            _write_summary(args.summary_json, {"input": str(source), "output": str(writer.path), **stats.to_json()})
         except OSError as exc:
             raise ResultsError(f"cannot write --summary-json {args.summary_json}: {exc.strerror}; the records are in "
                                f"{writer.path}") from None
@@ -518,6 +518,42 @@ def check_apart(flag: str, path: str | None, others) -> None:
     for what, other in others:
         if path and other and (same_file(path, other) or os.path.realpath(path) == os.path.realpath(other)):
             raise ValueError(f"{flag} {path} is {what}, which it would overwrite; choose another {flag}")
+
+
+SUMMARY_MAX_BYTES = 1 << 20  # a summary is a few KB: a larger file is something else
+
+
+def _check_summary_file(path: str | None) -> None:
+    """An existing regular --summary-json file must hold a summary (or nothing): it is replaced at
+    the end, and another run's results (locked, but not against this path) were destroyed so."""
+    if path is None or not os.path.isfile(path) or os.path.getsize(path) == 0:
+        return
+    found = None
+    if os.path.getsize(path) <= SUMMARY_MAX_BYTES:
+        with contextlib.suppress(OSError, ValueError):
+            found = json.loads(Path(path).read_bytes())
+    if not (isinstance(found, dict) and "input" in found and "output" in found):
+        raise ValueError(f"--summary-json {path} holds something other than a summary of `blendserve run`, which "
+                         "this run would replace; choose another path (or remove that file)")
+
+
+def _write_summary(path: str, data: dict) -> None:
+    """The summary to `path`: a regular file replaced whole (a temporary file renamed over its link
+    target), a device or pipe (/dev/stdout) written in place."""
+    text = json.dumps(data, indent=2) + "\n"
+    target = os.path.realpath(path)
+    if os.path.exists(target) and not os.path.isfile(target):
+        with open(target, "w") as f:
+            f.write(text)
+        return
+    tmp = f"{target}.tmp{os.getpid()}"
+    try:
+        Path(tmp).write_text(text)
+        os.replace(tmp, target)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def check_output(flag: str, path: str | None) -> None:

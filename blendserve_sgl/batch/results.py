@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import stat
 import time
 import uuid
@@ -406,9 +407,10 @@ class ResultWriter:
 
 def _names_an_open_file(path: Path) -> bool:
     """/dev/stdout, /dev/fd/N, /proc/self/fd/N (also when they lead to a regular file, as with
-    `-o /dev/stdout > out.jsonl`): no folder to put a side file in."""
+    `-o /dev/stdout > out.jsonl`): no folder to put a side file in. A folder under /dev (/dev/shm,
+    a tmpfs) is a folder: its results get their errors file as anywhere else."""
     parent = os.path.realpath(path.parent)
-    return parent == "/dev" or parent.startswith(("/dev/", "/proc/"))
+    return parent == "/dev" or re.fullmatch(r"/proc/[^/]+/fd", parent) is not None
 
 
 def _open_results(path: Path, overwrite: bool) -> tuple[int, Done, list[bytes], list[bytes], int | None]:

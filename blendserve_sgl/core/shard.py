@@ -351,30 +351,34 @@ def _cut(o: _Order, prev: tuple[int, int], frac: tuple[float, float], comp_total
         best = best_of(range(lo, hi + 1), range(lo, hi + 1))
     else:
         want_c = frac_c * (comp_total + paid)
-        best = best_of(*around(*_exact(o, lo, hi, want_c, want_m)))
+        best = best_of(*around(*_exact(o, lo, hi, want_c, want_m, paid, pay)))
         if best[0][0]:  # nothing within eps near the bisection's answer (densities not monotone here): every a
-            a0 = min(range(lo, hi + 1), key=lambda a: (err(a, _b_for(o, a, hi, want_c)), a))
-            best = min(best, best_of(*around(a0, _b_for(o, a0, hi, want_c))))
+            a0 = min(range(lo, hi + 1), key=lambda a: (err(a, _b_for(o, a, hi, want_c, paid, pay)), a))
+            best = min(best, best_of(*around(a0, _b_for(o, a0, hi, want_c, paid, pay))))
     return (best[1], best[2], *shares(best[1], best[2]))
 
 
-def _b_for(o: _Order, a: int, hi: int, want_c: float) -> int:
-    """The right cut b in [a, hi] that makes the left run [0, a) plus the right run [b, n) hold
-    `want_c` compute."""
-    target = o.comp[o.n] - (want_c - o.comp[a])  # the right run must hold comp[n] - comp[b] (+ kept[b])
+def _b_for(o: _Order, a: int, hi: int, want_c: float, paid: int = 0, pay: bool = False) -> int:
+    """The right cut b in [a, hi] that makes the shard's compute (`_cut`'s shares: what earlier cuts
+    `paid`, the left run [0, a), the right run [b, n) and, when this cut pays, the prefix it
+    recomputes at b, taken as at a: b is not known yet) hold `want_c`. Without `paid` and that
+    prefix, each cut through a long shared prefix landed further from its target (a probe: shards
+    of 7 and 88 requests at N = 16 under one system prompt)."""
+    target = o.comp[o.n] + o.comp[a] + paid + (o.kept[a] if pay else 0) - want_c  # comp[b]
     return min(max(bisect.bisect_left(o.comp, target, lo=a, hi=hi + 1), a), hi)
 
 
-def _exact(o: _Order, lo: int, hi: int, want_c: float, want_m: float) -> tuple[int, int]:
+def _exact(o: _Order, lo: int, hi: int, want_c: float, want_m: float, paid: int = 0,
+           pay: bool = False) -> tuple[int, int]:
     """Positions (a, b) near the continuous solution: for each a, b makes compute exact; memory
     falls as a grows (the left is compute-dense), so a is found by bisection on memory."""
     n = o.n
     left, right = lo, hi
     while left < right:
         mid = (left + right) // 2
-        b = _b_for(o, mid, hi, want_c)
-        if o.comp[mid] > want_c or o.mem[mid] + o.mem[n] - o.mem[b] <= want_m:
+        b = _b_for(o, mid, hi, want_c, paid, pay)
+        if paid + o.comp[mid] > want_c or o.mem[mid] + o.mem[n] - o.mem[b] <= want_m:
             right = mid
         else:
             left = mid + 1
-    return left, _b_for(o, left, hi, want_c)
+    return left, _b_for(o, left, hi, want_c, paid, pay)

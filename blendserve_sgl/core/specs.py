@@ -489,6 +489,9 @@ def model_names() -> list[str]:
 CUSTOM_HARDWARE = "flops=F,bandwidth=B,memory=M"  # the form of a hardware given by its figures
 MAX_GROUP = 65536  # devices in one NxNAME group
 _CUSTOM_FIELDS = {"flops": "flops", "bandwidth": "mem_bandwidth", "memory": "mem_capacity"}
+# one device's plausible figures, with room on both sides (a laptop CPU to many times today's largest
+# GPU): outside them a plan is a unit slip (989 for 989e12) or overflows into inf and nan
+_CUSTOM_RANGES = {"flops": (1e9, 1e17, "FLOP/s"), "bandwidth": (1e8, 1e14, "bytes/s"), "memory": (1e8, 1e13, "bytes")}
 
 
 def custom_hardware(text: str) -> HardwareSpec:
@@ -508,6 +511,10 @@ def custom_hardware(text: str) -> HardwareSpec:
     missing = [k for k in _CUSTOM_FIELDS if k not in fields]
     if missing:
         raise ValueError(f"hardware {text!r} lacks {', '.join(missing)}; expected {CUSTOM_HARDWARE}")
+    for key, (low, high, unit) in _CUSTOM_RANGES.items():
+        if not low <= fields[key] <= high:  # also nan
+            raise ValueError(f"hardware {text!r}: {key}={fields[key]:g} is outside {low:g} to {high:g} {unit} for one "
+                             "device (figures in base units: flops=989e12 for 989 TFLOP/s); NxNAME for a group")
     return HardwareSpec(str(text), **{_CUSTOM_FIELDS[k]: v for k, v in fields.items()})
 
 
@@ -520,6 +527,10 @@ def hardware(name: str) -> HardwareSpec:
     if group:
         if not 1 <= len(group[1]) <= 6 or not 1 <= int(group[1]) <= MAX_GROUP:
             raise ValueError(f"hardware {name!r}: a tensor-parallel group holds 1 to {MAX_GROUP:,} devices")
+        if re.match(r"\d+\s*x", group[2], flags=re.IGNORECASE):  # 2x3xh100, or a thousand levels deep
+            shown = name if len(name) <= 40 else f"{name[:40]}..."
+            raise ValueError(f"hardware {shown!r}: one NxNAME level, N devices of one kind (write the total, as in "
+                             "8xh100)")
         return hardware(group[2]).times(int(group[1]))
     if "=" in str(name):
         return custom_hardware(name)

@@ -164,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
                                        pace=args.pace, kv_projection=args.kv_projection)
         records = load_workload(args.workload, n, cost, args.seed)
         workload = Workload(records, cost)
-        engine.check_fits(records)
+        engine.check_fits(records, known=args.known_lengths)
         preset = PRESET.replace(keep_sharing=args.keep_sharing, sample_fraction=args.sample_fraction,
                                 seed=args.seed, metering=not args.no_meter)
         spec = RunSpec(cost, engine, known_lengths=args.known_lengths, preset=preset, seed=args.seed)

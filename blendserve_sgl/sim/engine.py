@@ -136,13 +136,20 @@ class EngineConfig:
                                  f"({cost.kv_bytes_per_token:,.0f} bytes per token); pass a larger --kv-gb")
         return cls(kv_tokens=int(kv_bytes // cost.kv_bytes_per_token), **kwargs)
 
-    def check_fits(self, records, fix: str = "pass a larger --kv-gb") -> None:
-        """ValueError naming the first request whose prompt + output cannot fit in the KV pool even
-        alone (the engine would stall on it), and `fix`."""
-        big = next((r for r in records if r.prompt_len + r.output_len > self.kv_tokens), None)
-        if big is not None:
-            raise ValueError(f"request {big.rid!r}: prompt + max_tokens = {big.prompt_len + big.output_len:,} tokens, "
-                             f"more than the KV pool of {self.kv_tokens:,} tokens; {fix}")
+    def check_fits(self, records, fix: str = "pass a larger --kv-gb", known: bool = True) -> None:
+        """ValueError naming the first request the engine could never run, even alone (it would
+        stall on it), and `fix`: its prompt and output must fit in the KV pool, and SGLang's
+        admission must take it into an empty pool (prompt + min(max_new_tokens, clip) + 1 below
+        the pool; max_new_tokens as `from_records` sets it for `known`)."""
+        from .request import max_new_tokens
+
+        for r, max_new in zip(records, max_new_tokens(records, known)):
+            need = max(r.prompt_len + r.output_len, r.prompt_len + min(max_new, self.clip_max_new_tokens) + 2)
+            if need > self.kv_tokens:
+                raise ValueError(f"request {r.rid!r}: prompt {r.prompt_len:,} + {'output' if known else 'max_tokens'} "
+                                 f"needs {need:,} tokens of KV (SGLang's admission reserves min(max_new_tokens, "
+                                 f"{self.clip_max_new_tokens:,}) + 2 beside the prompt), more than the KV pool of "
+                                 f"{self.kv_tokens:,} tokens; {fix}")
 
     @classmethod
     def trace_engine(cls, cost: CostModel, pace: bool = True, **kwargs) -> "EngineConfig":

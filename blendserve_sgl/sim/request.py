@@ -104,17 +104,22 @@ def from_records(records, known: bool = True, max_tokens: int | None = None) -> 
     SGLang's offline benchmark runs them; otherwise requests stop at their true length (EOS)
     and carry the record's own `max_tokens`, else `max_tokens` (default: 4 x the longest output),
     as max_new_tokens."""
-    if not known and max_tokens is None:
-        max_tokens = 4 * max(r.output_len for r in records)
     out = []
-    for i, r in enumerate(records):
+    for i, (r, max_new) in enumerate(zip(records, max_new_tokens(records, known, max_tokens))):
         tokens = getattr(r, "tokens", None)
         shape = dict(tokens=tokens) if tokens is not None else dict(prompt_len=r.prompt_len, prefix=r.prefix)
-        out.append(SimRequest(r.rid, i, **shape, output_len=r.output_len,
-                              max_new_tokens=None if known else max(getattr(r, "max_tokens", None) or max_tokens,
-                                                                    r.output_len),
+        out.append(SimRequest(r.rid, i, **shape, output_len=r.output_len, max_new_tokens=None if known else max_new,
                               ignore_eos=known, kind=getattr(r, "kind", "")))
     return out
+
+
+def max_new_tokens(records, known: bool = True, max_tokens: int | None = None) -> list[int]:
+    """Each record's max_new_tokens as `from_records` sets it (its output length when `known`)."""
+    if known:
+        return [r.output_len for r in records]
+    if max_tokens is None:
+        max_tokens = 4 * max((r.output_len for r in records), default=0)
+    return [max(getattr(r, "max_tokens", None) or max_tokens, r.output_len) for r in records]
 
 
 def from_tokens(work: dict[Any, tuple[list[int], int]], known: bool = True,

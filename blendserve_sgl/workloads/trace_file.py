@@ -106,7 +106,7 @@ def load_trace_file(path, n: int | None = None, block_size: int = MOONCAKE_BLOCK
     if first == "[":
         raise ValueError(f"trace {path} starts with '[': a JSON list; a JSONL trace has one JSON object per line "
                          "(input_length, output_length, optionally hash_ids): convert it, e.g. "
-                         f"jq -c '.[]' {path} > {path.stem}.jsonl")
+                         f"jq -c '.[]' {path} > {path.stem}.lines.jsonl")  # never the input's own name
     records = _jsonl(path, n, block_size) if first == "{" else _csv(path, n)
     if not records:
         raise ValueError(f"trace {path} holds no requests; a trace needs at least one row")
