@@ -173,21 +173,24 @@ def test_compress_keeps_the_prefix_tree(prompts):
 
 
 def test_plan_of_a_sample_is_scaled(user_file):
-    """Above `sim_requests`, the plan simulates a seeded uniform sample and scales its time; the
-    first policy on the next seed's sample gives the reported sampling spread."""
+    """Above `sim_requests`, the plan simulates a seeded sample of whole prefix groups and scales its
+    time; the first policy on the next seed's sample gives the reported sampling spread."""
     records = load_batch_file(user_file, ByteTokenizer(), 4096, 256).records
     engine = EngineConfig.for_cost(COST, kv_gb=0.3, max_running=16, chunked_prefill=256)
     timing = ExecModel("sequential")
     out, _ = plan.plan(records, COST, engine, ("fcfs",), timing=timing, sim_requests=19, seed=3)
-    part = plan.sample(records, 19, seed=3)
-    assert len(part) == 19 and [r.rid for r in part] == [r.rid for r in records if r in part]
-    assert out["simulated_requests"] == 19 and out["requests"] == 38 and out["scale"] == 2.0
+    part = plan.sample(records, 19, seed=3, cost=COST)
+    assert 19 <= len(part) < 38 and [r.rid for r in part] == [r.rid for r in records if r in part]
+    scale = 38 / len(part)
+    assert out["simulated_requests"] == len(part) and out["requests"] == 38 and out["scale"] == round(scale, 4)
     res = simulate(Workload(part, COST), "fcfs", RunSpec(COST, engine, known_lengths=False))
-    assert out["policies"][0]["wall_s"]["max_tokens"] == round(2.0 * res.time(timing), 4)
-    other = simulate(Workload(plan.sample(records, 19, seed=4), COST), "fcfs", RunSpec(COST, engine, known_lengths=False))
+    assert out["policies"][0]["wall_s"]["max_tokens"] == round(scale * res.time(timing), 4)
+    second = plan.sample(records, 19, seed=4, cost=COST)
+    other = simulate(Workload(second, COST), "fcfs", RunSpec(COST, engine, known_lengths=False))
     spread = out["sampling_spread"]
-    assert spread["seeds"] == [3, 4] and spread["wall_s"][1] == round(2.0 * other.time(timing), 4)
-    assert spread["relative"] == round(abs(other.time(timing) - res.time(timing)) / res.time(timing), 4)
+    assert spread["seeds"] == [3, 4] and spread["wall_s"][1] == round(38 / len(second) * other.time(timing), 4)
+    first, again = scale * res.time(timing), 38 / len(second) * other.time(timing)
+    assert spread["relative"] == round(abs(again - first) / first, 4)
     assert plan.plan(records, COST, engine, ("fcfs",), timing=timing)[0]["sampling_spread"] is None  # all simulated
 
 
@@ -533,3 +536,23 @@ def test_a_workload_beyond_the_models_context_is_named_and_not_planned(tmp_path,
     trace.write_text("ContextTokens,GeneratedTokens\n200000,10\n")
     assert cli.main(["plan", "--workload", str(trace), "--model", "llama-3.1-8b"]) == 2
     assert "no request fits llama-3.1-8b's context of 131,072 tokens" in capsys.readouterr().err
+
+
+def test_the_plans_sample_keeps_small_prefix_groups_whole():
+    """Prompts sharing in pairs (a document, two questions) under one system prompt: a uniform
+    sample of a tenth keeps a pair only when both are drawn, so the plan read the file's sharing
+    as a tenth of it (4.5% for 44.6%) and its time 49% long (a probe). The sample takes whole
+    groups; the system prompt above them all stays shared."""
+    from blendserve_sgl.workloads import Record
+
+    records = [Record(f"q{i}", 4000, (("sys", 500), (f"doc{i // 2}", 3000)), 20) for i in range(4000)]
+    part = plan.sample(records, 400, seed=1, cost=COST)
+    chosen = {r.rid for r in part}
+    assert 400 <= len(part) < 400 + max(1, 400 // plan.GROUPS_PER_SAMPLE) + 2
+    assert all(f"q{int(rid[1:]) ^ 1}" in chosen for rid in chosen)  # each pair whole
+    assert [r.rid for r in part] == [r.rid for r in records if r.rid in chosen]  # in file order
+    assert [r.rid for r in plan.sample(records, 400, seed=1, cost=COST)] == [r.rid for r in part]  # seeded
+    whole = Workload(records, COST).sharing
+    assert abs(Workload(part, COST).sharing - whole) < 0.05 * whole
+    uniform = Workload(plan.sample(records, 400, seed=1), COST).sharing
+    assert uniform < 0.5 * whole  # what the plan simulated before
