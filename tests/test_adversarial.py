@@ -152,7 +152,7 @@ def test_known_attention_backends_pass_the_early_check(name):
 
 @pytest.mark.parametrize("args,fragment", [
     (["--kv-gb", "0.00001"], "kv_gb (--kv-gb) 1e-05 holds no token of the KV cache"),
-    (["--kv-gb", "0.0005"], "tokens, more than the KV pool of 3 tokens; pass a larger --kv-gb or a smaller max_tokens"),
+    (["--kv-gb", "0.0005"], "beside the prompt), more than the KV pool of 3 tokens; pass a larger --kv-gb or a smaller max_tokens"),
     (["--out", "{tmp}"], "--out {tmp} is a directory; pass the name of a file in it"),
     (["--out", "{tmp}/no/plan.json"], "--out {tmp}/no/plan.json: the folder {tmp}/no does not exist"),
     (["--plot", "{tmp}/no/plan.png"], "--plot {tmp}/no/plan.png: the folder {tmp}/no does not exist"),

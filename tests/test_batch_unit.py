@@ -1200,3 +1200,30 @@ def test_reader_workers_end_with_a_run_killed_by_sigkill(tmp_path):
     for proc in alive:
         proc.kill()
     assert not alive, "reader workers outlived their driver"
+
+
+def test_a_results_file_removed_while_the_run_wrote_is_said(tmp_path):
+    """Its folder removed mid-run, a run ended 0 with "done: 40 completed, results o.jsonl" while
+    every record had gone to a file no name reached (a probe): the writer tells, and the command
+    exits 1 saying the records are lost and how to write them again."""
+    out = tmp_path / "o.jsonl"
+    with ResultWriter.open(out, None) as writer:
+        writer.write({"custom_id": "a", "response": {"status_code": 200, "body": {}}, "error": None})
+        assert not writer.unnamed()
+        writer.drop({"a"})  # the kept records renamed over the file: still the file the run holds
+        assert not writer.unnamed()
+        out.unlink()
+        assert writer.unnamed()
+        out.write_text("")  # another file at the name
+        assert writer.unnamed()
+
+
+def test_a_second_sigterm_while_the_run_stops_is_the_same_interruption():
+    """`kill` sent twice (or a supervisor's retry): the second SIGTERM came during the engine's
+    shutdown and ended the run with 143 instead of its 130 (a probe); after the first one the
+    later ones are ignored."""
+    cli._COMPLETE[0] = cli._STOPPING[0] = False
+    with pytest.raises(KeyboardInterrupt):
+        cli._interrupt(signal.SIGTERM, None)
+    assert cli._interrupt(signal.SIGTERM, None) is None
+    cli._STOPPING[0] = False

@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"{flag} is an empty name; pass a file path")
     if args.output == "-":
         args.output = "/dev/stdout"
-    _COMPLETE[0] = False
+    _COMPLETE[0] = _STOPPING[0] = False
     previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM stops like Ctrl-C, also while reading
     try:
         return _main(args)
@@ -190,7 +190,13 @@ def _main(args) -> int:
         return 2
     with writer:
         try:
-            return _run(args, source, model_dir, device, tokenizer, ctx, writer, extra, started)
+            status = _run(args, source, model_dir, device, tokenizer, ctx, writer, extra, started)
+            if writer.unnamed():  # removed while the run wrote: "done" would name a file that is gone
+                print(f"blendserve run: error: -o {writer.path} was removed or replaced while this run wrote to it: "
+                      "the records written since are lost; run the same command again to write them",
+                      file=sys.stderr)
+                return 1
+            return status
         except (InputError, ResultsError, EngineError, dispatch.DispatchError) as exc:
             print(f"blendserve run: error: {exc}", file=sys.stderr)
             return 1 if isinstance(exc, EngineError) else 2
@@ -691,11 +697,14 @@ def _phase_printer(quiet: bool, every: float = 10.0):
 
 
 _COMPLETE = [False]  # every request has its record: from then on a SIGTERM no longer interrupts the run
+_STOPPING = [False]  # a SIGTERM has interrupted the run: the later ones no longer do
 
 
 def _interrupt(signum, frame):
-    if _COMPLETE[0]:
-        return  # the engine is shutting down after the last record: the run ends with its own status
+    if _COMPLETE[0] or _STOPPING[0]:
+        return  # the engine is shutting down (after the last record, or the first interruption): the run ends
+        # with its own status; a second SIGTERM (`kill` twice, a supervisor) ended it with 143 mid-teardown
+    _STOPPING[0] = True
     raise KeyboardInterrupt
 
 

@@ -297,6 +297,17 @@ class ResultWriter:
         self.regular = regular  # False: a stream (pipe, /dev/stdout, /dev/null), nothing read back
         self.created = created  # the regular files this run created (`discard_created`)
 
+    def unnamed(self) -> bool:
+        """The results file is no longer at its path (removed, or replaced by another file, while
+        this run wrote): what was written went to a file no name reaches."""
+        if not self.regular or self._fd < 0:
+            return False
+        try:
+            held, named = os.fstat(self._fd), os.stat(self.path)
+        except OSError:
+            return True
+        return (held.st_dev, held.st_ino) != (named.st_dev, named.st_ino)
+
     def discard_created(self) -> None:
         """Close, and remove the files this run created while they are still empty (a run refused
         after the files were opened, e.g. an input with no requests, leaves nothing behind)."""
