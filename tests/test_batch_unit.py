@@ -1227,3 +1227,9 @@ def test_a_second_sigterm_while_the_run_stops_is_the_same_interruption():
         cli._interrupt(signal.SIGTERM, None)
     assert cli._interrupt(signal.SIGTERM, None) is None
     cli._STOPPING[0] = False
+
+
+def test_results_in_a_missing_folder_name_the_folder_of_o(tmp_path):
+    """`-o nodir/o.jsonl` was refused naming the errors file's folder, a file the user never named (a probe)."""
+    with pytest.raises(ResultsError, match=r"^-o .*nodir/o.jsonl: the folder .*nodir does not exist; create it"):
+        ResultWriter.open(tmp_path / "nodir" / "o.jsonl", None)

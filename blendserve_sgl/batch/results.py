@@ -330,6 +330,8 @@ class ResultWriter:
         errors_path = Path(errors_path) if explicit else (
             errors_path_for(path) if regular and not _names_an_open_file(path) else None)
         what = f"--errors {errors_path}" if explicit else f"the errors file {errors_path} (next to -o)"
+        if not path.parent.is_dir():  # said of -o itself, not of the errors file beside it
+            raise ResultsError(f"-o {path}: the folder {path.parent} does not exist; create it or choose another -o")
         if errors_path is not None and errors_path.is_dir():
             raise ResultsError(f"{what} is a directory; pass a file name with --errors")
         if errors_path is not None and not errors_path.parent.is_dir():
