@@ -363,13 +363,13 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
         progress.add(failed=1)
 
     previous = signal.signal(signal.SIGTERM, _interrupt)
-    engine, ray_stats = None, []
+    engine, ray_stats, first = None, [], True  # first: no engine has started yet
     try:
         if args.ray:
             from . import ray_runner
 
             _say(f"starting {replicas} Ray replicas ({args.policy} policy, {device}) for {todo:,} requests ...")
-            progress.start = progress.clock()
+            progress.start, first = progress.clock(), False
             gpus = args.gpus_per_replica if args.gpus_per_replica is not None else (1.0 if device == "cuda" else 0.0)
             report = ray_runner.generate(
                 cfg, [[read.store.prepared(i) for i in part] for part in parts], on_result, on_error,
@@ -381,7 +381,7 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
             return
         _say(f"starting SGLang ({args.policy} policy, {device}{f', {args.dp} DP ranks' if args.dp > 1 else ''}) "
              f"for {todo:,} requests ...")
-        route, flight, first = None, {}, True
+        route, flight = None, {}
         if parts is not None:
             cids = {read.store.custom_id(int(i)): r for r, part in enumerate(parts) for i in part}
             route = lambda p: cids[p.request.custom_id]  # noqa: E731
@@ -446,7 +446,7 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
                         if hunt.groups else ""))
     except KeyboardInterrupt:
         stats.interrupted = True
-        stats.generate_seconds = progress.clock() - progress.start
+        stats.generate_seconds = 0.0 if first else progress.clock() - progress.start  # stopped while it started
     finally:
         progress.close()
         signal.signal(signal.SIGTERM, previous)
