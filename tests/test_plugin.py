@@ -592,7 +592,8 @@ def test_each_dp_rank_writes_its_own_side_files_and_a_run_sums_them(tmp_path, mo
 
     assert rank_path("/x/stats.json", 1) == "/x/stats.dp1.json"
     assert rank_path("/x.d/stats", 0) == "/x.d/stats.dp0" and rank_path("/x/stats.json", None) == "/x/stats.json"
-    assert rank_path("/dev/stdout", 1) == "/dev/stdout" and rank_path("", 1) == ""
+    assert rank_path("/dev/null", 1) == "/dev/null" and rank_path("", 1) == ""
+    assert rank_path(str(tmp_path / "s.json"), 2) == str(tmp_path / "s.dp2.json")  # a folder under /dev is a folder
 
     def ranks(**kw):
         monkeypatch.setattr(runtime_context, "get_parallel", lambda: SimpleNamespace(**kw))

@@ -433,7 +433,8 @@ class EngineWatch:
     """A thread that calls `on_end()` once, when one of the engine's processes
     (`engine_processes`, looked for again every `seconds`: they appear while the engine starts;
     not those of an earlier engine, which may still be ending: `_EARLIER`) has ended; a context
-    manager, stopped on exit. A process killed from outside (the OOM killer) reports nothing, and SGLang watches only the processes the engine started itself."""
+    manager, stopped on exit. A process killed from outside (the OOM killer) reports nothing, and
+    SGLang watches only the processes the engine started itself."""
 
     def __init__(self, on_end: Callable = _signal_failed, seconds: float = WATCH_SECONDS):
         self.on_end, self.seconds = on_end, seconds

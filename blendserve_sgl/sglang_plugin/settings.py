@@ -151,8 +151,8 @@ def open_in_place(path: str, mode: str = "w"):
 def rank_path(path: str | None, dp_rank: int | None) -> str | None:
     """Where DP rank `dp_rank` writes the file a user named `path`: `NAME.dpR.EXT` (each rank plans
     its own queue; one file would hold whichever rank wrote last), `path` itself on a server of one
-    rank. A device or pipe is shared as it is."""
-    if not path or dp_rank is None or path.startswith("/dev/"):
+    rank. A device or pipe (/dev/null, /dev/stdout to a terminal) is shared as it is."""
+    if not path or dp_rank is None or (os.path.exists(path) and not os.path.isfile(path)):
         return path
     head, dot, ext = path.rpartition(".")
     if not dot or "/" in ext:
