@@ -667,7 +667,7 @@ def plan_for_run(run_args) -> int:
         key, _, value = pair.partition("=")
         key = key.replace("-", "_")
         if key in ("tp_size", "tp", "dp_size", "dp"):
-            if not (value.strip().isdigit() and int(value) >= 1):
+            if not (value.strip().isascii() and value.strip().isdigit() and int(value) >= 1):  # "²" is a digit int() refuses
                 print(f"blendserve run --plan-only: error: --engine-arg {pair}: {key} must be a whole number of at "
                       "least 1", file=sys.stderr)
                 return 2
@@ -681,7 +681,7 @@ def plan_for_run(run_args) -> int:
             else:  # one engine on a tensor-parallel group: NxHARDWARE
                 argv[argv.index("--hardware") + 1] = f"{int(value)}x{hw}"
         elif key in flags:
-            if not (value.strip().isdigit() and int(value) >= 1):
+            if not (value.strip().isascii() and value.strip().isdigit() and int(value) >= 1):  # "²" is a digit int() refuses
                 print(f"blendserve run --plan-only: error: --engine-arg {pair}: {key} must be a whole number of at "
                       "least 1", file=sys.stderr)
                 return 2

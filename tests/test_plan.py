@@ -267,7 +267,8 @@ def test_run_plan_only_prints_the_plan_of_the_same_arguments(user_file, tmp_path
     assert "-o/--output" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("pair", ["chunked_prefill_size=abc", "max_running_requests=0", "tp_size=-2"])
+@pytest.mark.parametrize("pair", ["chunked_prefill_size=abc", "max_running_requests=0", "tp_size=-2",
+                                  "tp_size=²", "chunked_prefill_size=²"])  # a digit int() refuses: was a traceback
 def test_run_plan_only_names_the_engine_arg_it_maps(user_file, tmp_path, capsys, pair):
     """A bad engine limit was reported as the plan's own flag (`argument --chunk`), which the
     user never typed, with plan's usage text."""

@@ -794,3 +794,29 @@ def test_a_request_of_nearly_the_whole_pool_goes_first_rather_than_starve(engine
     out = DualScanner(_tree(records), ScanConfig(engine_check=engine_check)).schedule(Budget(1536 * bpt, 64, 4096,
                                                                                               **kw))
     assert len(out) > 1
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=12), min_size=2, max_size=25),
+       st.lists(st.lists(st.integers(0, 3), min_size=1, max_size=12), max_size=10), st.integers(0, 2**16))
+def test_common_prefix_len_matches_the_set_reference_also_on_pruned_nodes(first, later, seed):
+    """The depth walk against the plain reference for every pair of nodes ever in the tree: nodes
+    pruned by removals (whose depth goes stale when a later insert splits an edge above them)
+    included."""
+    from blendserve_sgl.core import ResourceTree
+    from blendserve_sgl.core.scanner import common_prefix_len, common_prefix_len_by_set
+
+    rnd = random.Random(seed)
+    tree = ResourceTree(COST)
+    for i, tokens in enumerate(first):
+        tree.add(i, tokens=tokens, output_len=4)
+    seen = {id(n): n for n in tree.nodes()}
+    for i in rnd.sample(range(len(first)), len(first) // 2):
+        tree.remove(i)
+    for j, tokens in enumerate(later):
+        tree.add(1000 + j, tokens=tokens, output_len=4)
+    seen.update({id(n): n for n in tree.nodes()})
+    nodes = list(seen.values())
+    for a in nodes:
+        for b in nodes:
+            assert common_prefix_len(a, b) == common_prefix_len_by_set(a, b)

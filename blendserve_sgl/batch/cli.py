@@ -640,7 +640,7 @@ def _check_reachable(address: str) -> None:
 
     rest = address.removeprefix("ray://")
     host, sep, port = rest.rpartition(":")
-    if address in ("auto", "local") or not sep or not port.isdigit():
+    if address in ("auto", "local") or not sep or not (port.isascii() and port.isdigit()):
         return  # Ray's own forms: it says what is wrong with them
     try:
         socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()

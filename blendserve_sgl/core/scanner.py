@@ -860,10 +860,27 @@ class _StepState:
 
 
 def common_prefix_len(a: Node, b: Node) -> int:
-    """prefix_len of the deepest common ancestor of two nodes (split twins count as different).
+    """prefix_len of the deepest common ancestor of two nodes (split twins count as different):
+    the deeper one lifted to the other's depth, then both walked up together, so neighbours in DFS
+    order cost the steps to their common ancestor, not the depth of the tree (a batch of prompts
+    each extending the previous one made the set of every ancestor cost its depth per call: a
+    4,000-deep chain planned in 617 s, a probe). A pruned node keeps its parent links but not its
+    depth when an edge above it was split since: its walk then never meets the other's, and the
+    reference (`common_prefix_len_by_set`) answers."""
+    x, y = a, b
+    while x is not None and y is not None and x.depth > y.depth:
+        x = x.parent
+    while x is not None and y is not None and y.depth > x.depth:
+        y = y.parent
+    while x is not y and x is not None and y is not None:
+        x, y = x.parent, y.parent
+    if x is y and x is not None:
+        return x.prefix_len
+    return common_prefix_len_by_set(a, b)
 
-    Works for nodes already pruned from the tree: they keep their parent links.
-    """
+
+def common_prefix_len_by_set(a: Node, b: Node) -> int:
+    """`common_prefix_len` from the set of a's ancestors (the plain reference)."""
     ancestors = set()
     while a is not None:
         ancestors.add(id(a))
