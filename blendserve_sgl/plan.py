@@ -300,8 +300,15 @@ _JOBS: list = []  # the jobs of `run_jobs`, inherited by its forked workers
 
 
 def _run_job(i: int) -> SimResult:
-    workload, policy, spec = _JOBS[i]
-    return simulate(workload, policy, spec)
+    return _simulate_told(*_JOBS[i])
+
+
+def _simulate_told(workload: Workload, policy: str, spec: RunSpec) -> SimResult:
+    """`simulate`, telling stderr how far it is every 30 s (`sim.cli.progress`): a batch of long
+    outputs planned for many minutes without a word (a probe)."""
+    from .sim.cli import progress
+
+    return simulate(workload, policy, spec, on_step=progress(f"planning {policy}", len(workload.records)))
 
 
 def run_jobs(jobs: list, workers: int = 1) -> list[SimResult]:
@@ -310,7 +317,7 @@ def run_jobs(jobs: list, workers: int = 1) -> list[SimResult]:
     serial ones."""
     workers = min(workers, len(jobs))
     if workers <= 1 or "fork" not in multiprocessing.get_all_start_methods():
-        return [simulate(*job) for job in jobs]
+        return [_simulate_told(*job) for job in jobs]
     _JOBS[:] = jobs
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # a forked child tokenizes nothing
     try:

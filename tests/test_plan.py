@@ -557,3 +557,16 @@ def test_the_plans_sample_keeps_small_prefix_groups_whole():
     assert abs(Workload(part, COST).sharing - whole) < 0.05 * whole
     uniform = Workload(plan.sample(records, 400, seed=1), COST).sharing
     assert uniform < 0.5 * whole  # what the plan simulated before
+
+
+def test_plan_runs_tell_how_far_they_are(monkeypatch, capsys):
+    """A batch of long outputs planned for 15 minutes without a word (a probe): each run tells
+    stderr its progress (every 30 s; every step here)."""
+    from blendserve_sgl.sim import cli as sim_cli
+    from blendserve_sgl.workloads import Record
+
+    monkeypatch.setattr(sim_cli, "PROGRESS_EVERY_S", 0.0)
+    records = [Record(f"r{i}", 50, (), 8) for i in range(6)]
+    engine = EngineConfig.for_cost(COST, kv_gb=0.3, max_running=16, chunked_prefill=256)
+    plan.run_jobs([(Workload(records, COST), "fcfs", RunSpec(COST, engine, known_lengths=False))])
+    assert "planning fcfs: " in capsys.readouterr().err
