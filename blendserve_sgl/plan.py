@@ -46,6 +46,7 @@ from pathlib import Path
 from .cli import engine_seed, fraction, positive_float, positive_int
 from .core import CostModel
 from .core.preset import PRESET
+from .core.tree import Node
 from .core.specs import ModelSpec, hardware, hardware_names, model, model_names
 from .sim.engine import EngineConfig
 from .sim.metrics import SimResult, plot_steps
@@ -184,7 +185,7 @@ def prefix_groups(records: list[Record], cost: CostModel, cap: int) -> list[list
     while stack:
         node, loose = stack.pop(), []
         for kid in node.kids:
-            if not hasattr(kid, "kids"):  # a request ending here
+            if type(kid) is not Node:  # a request ending here
                 loose.append(index[kid.rid])
             elif kid.count <= cap:
                 groups.append([index[r.rid] for r in _subtree_requests(kid)])
@@ -198,7 +199,7 @@ def _subtree_requests(node):
     stack = [node]
     while stack:
         for kid in stack.pop().kids:
-            if hasattr(kid, "kids"):
+            if type(kid) is Node:
                 stack.append(kid)
             else:
                 yield kid

@@ -41,7 +41,7 @@ from ..models import ModelError, check_model_dir, default_model
 from . import dispatch
 from .feed import engine_capacity, mean_request_tokens, pending, window_size
 from .order import cost_for, plan
-from ..sglang_plugin.settings import rank_path, read_policy_stats
+from ..sglang_plugin.settings import rank_path, read_policy_stats, replace_whole
 from .progress import Progress, RunStats, combine_policy_stats, phase_line, summary_lines
 from .prompts import Prepared, context_length
 from .reader import ReadResult, read_store
@@ -263,7 +263,8 @@ def _run(args, source: Path, model_dir: Path, device: str, tokenizer, ctx: int, 
         _say(line)
     if args.summary_json:
         try:
-            _write_summary(args.summary_json, {"input": str(source), "output": str(writer.path), **stats.to_json()})
+            summary = {"input": str(source), "output": str(writer.path), **stats.to_json()}
+            replace_whole(args.summary_json, json.dumps(summary, indent=2) + "\n", open)  # a pipe: waits for its reader
         except OSError as exc:
             raise ResultsError(f"cannot write --summary-json {args.summary_json}: {exc.strerror}; the records are in "
                                f"{writer.path}") from None
@@ -541,25 +542,6 @@ def _check_summary_file(path: str | None) -> None:
     if not (isinstance(found, dict) and "input" in found and "output" in found):
         raise ValueError(f"--summary-json {path} holds something other than a summary of `blendserve run`, which "
                          "this run would replace; choose another path (or remove that file)")
-
-
-def _write_summary(path: str, data: dict) -> None:
-    """The summary to `path`: a regular file replaced whole (a temporary file renamed over its link
-    target), a device or pipe (/dev/stdout) written in place."""
-    text = json.dumps(data, indent=2) + "\n"
-    target = os.path.realpath(path)
-    if os.path.exists(target) and not os.path.isfile(target):
-        with open(target, "w") as f:
-            f.write(text)
-        return
-    tmp = f"{target}.tmp{os.getpid()}"
-    try:
-        Path(tmp).write_text(text)
-        os.replace(tmp, target)
-    except OSError:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def check_output(flag: str, path: str | None) -> None:

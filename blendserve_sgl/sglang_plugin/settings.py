@@ -177,24 +177,32 @@ def write_json_file(path: str, data: dict, what: str) -> bool:
     pipe) in place: renaming over it replaced the device node with a regular file. False, with a
     warning, when it cannot: these files are side outputs of the scheduler, and a failed write (a
     full disk, a folder removed mid-run) must not end it."""
-    target = os.path.realpath(path)
-    tmp = f"{target}.tmp{os.getpid()}"
     try:
-        if os.path.exists(target) and not os.path.isfile(target):
-            tmp = None
-            with open_in_place(target) as f:
-                json.dump(data, f)
-            return True
-        with open(tmp, "w") as f:
-            json.dump(data, f)
-        os.replace(tmp, target)
+        replace_whole(path, json.dumps(data))
         return True
     except OSError as exc:
         logger.warning("cannot write %s to %s (%s); it stops here", what, path, exc)
-        if tmp is not None:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
         return False
+
+
+def replace_whole(path: str, text: str, open_device: Callable = open_in_place) -> None:
+    """`text` as the whole of `path`: a regular file (or a new one) through a temporary file
+    renamed over its link target; anything else (a device, a pipe) written in place, opened with
+    `open_device(path, "w")`. Raises OSError, the temporary file removed."""
+    target = os.path.realpath(path)
+    if os.path.exists(target) and not os.path.isfile(target):
+        with open_device(target, "w") as f:
+            f.write(text)
+        return
+    tmp = f"{target}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+        os.replace(tmp, target)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def _hardware(v):
