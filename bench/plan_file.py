@@ -71,14 +71,24 @@ def write_file(path: Path, lines: int, ignore_eos: bool = False, scale_max_token
     return path
 
 
-def blendserve(args: list[str], log: Path, timeout: float) -> float:
-    """Runs `blendserve ARGS` in its own process group; its wall time."""
+def blendserve(args: list[str], log: Path, timeout: float, usage: dict | None = None) -> float:
+    """Runs `blendserve ARGS` in its own process group; its wall time. `usage` gets the peak RSS
+    (MB) of the command's own process (its reader workers are apart), from its wait."""
     t0 = time.perf_counter()
     proc = harness.start([sys.executable, "-m", "blendserve_sgl.cli", *args], log_path=log, env=ENV)
     try:
-        rc = proc.wait(timeout=timeout)
+        while True:
+            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                proc.returncode = rc = os.waitstatus_to_exitcode(status)
+                break
+            if time.perf_counter() - t0 > timeout:
+                raise TimeoutError(f"blendserve {' '.join(args[:2])} ran past {timeout} s")
+            time.sleep(0.2)
     finally:
         harness.kill_group(proc)
+    if usage is not None:
+        usage["peak_rss_mb"] = round(ru.ru_maxrss / 1024, 1)  # kB on Linux
     if rc != 0:
         raise RuntimeError(f"blendserve {' '.join(args[:2])} failed ({rc}):\n{log.read_text()[-3000:]}")
     return time.perf_counter() - t0
@@ -198,12 +208,12 @@ def simulated_run(model_dir: Path, path: Path, policy: str, hw):
     from blendserve_sgl.core import CostModel
     from blendserve_sgl.plan import _cost_and_tokenizer, build_parser, plan
     from blendserve_sgl.sim.engine import EngineConfig
-    from blendserve_sgl.workloads.batch_file import compress, load_batch_file
+    from blendserve_sgl.workloads.batch_file import load_batch_file
 
     args = build_parser().parse_args([str(path), "--model", str(model_dir), "--hardware", "a100"])
     cost, tokenizer, ctx, _ = _cost_and_tokenizer(args)
     cost = CostModel(cost.model, hw)
-    records = compress(load_batch_file(path, tokenizer, ctx, args.default_max_tokens).records)
+    records = load_batch_file(path, tokenizer, ctx, args.default_max_tokens, tokens=False).records
     engine = EngineConfig.for_cost(cost, kv_gb=LIMITS["kv_tokens"] * cost.kv_bytes_per_token / 1e9,
                                    max_running=LIMITS["max_running"], chunked_prefill=LIMITS["chunk"],
                                    mixed_chunk=False)  # as `blendserve plan` without --mixed-chunk
@@ -348,14 +358,16 @@ def plan_speed(tiny: Path, lines: int, tmp: Path) -> dict:
     big = write_file(tmp / "big.jsonl", lines)
     plan_json = tmp / "big.plan.json"
     cpu0 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    usage = {}
     wall = blendserve(["plan", str(big), "--model", "llama-3.1-8b", "--tokenizer", str(tiny), "--hardware", "h100",
-                       "--out", str(plan_json)], tmp / "big.log", timeout=1800)
+                       "--out", str(plan_json)], tmp / "big.log", timeout=1800, usage=usage)
     cpu1 = resource.getrusage(resource.RUSAGE_CHILDREN)
     plan_cpu = (cpu1.ru_utime + cpu1.ru_stime) - (cpu0.ru_utime + cpu0.ru_stime)
     big_plan = json.loads(plan_json.read_text())
     print((tmp / "big.log").read_text())
     return {"requests": big_plan["requests"], "lines": big_plan["lines"], "plan_seconds": round(wall, 2),
-            "plan_cpu_seconds": round(plan_cpu, 2),
+            "plan_cpu_seconds": round(plan_cpu, 2), "plan_peak_rss_mb": usage["peak_rss_mb"],
+            "input_mb": round(big.stat().st_size / 2**20, 1),
             "tokenize_seconds": big_plan["read_seconds"], "simulate_seconds": big_plan["simulate_seconds"],
             "plan_target_seconds": 30, "big_plan": {k: big_plan[k] for k in (
                 "model", "hardware", "token_counts", "density", "sharing_dfs_unbounded", "simulated_requests",

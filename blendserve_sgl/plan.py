@@ -6,7 +6,8 @@
 
 A file is read, validated and tokenized as `blendserve run` does it (`workloads.batch_file`);
 bad lines are counted and named with `run`'s messages; the token prompts are then held as their
-prefix groups (`compress`: the same prefix tree, a few atoms per request). Output lengths are not known before the
+prefix groups (`batch_file.prefix_segments`: the same prefix tree, a few atoms per request, built from
+the reader's store without token ids as Python objects). Output lengths are not known before the
 run: each request is simulated twice, once generating its `max_tokens` (the upper bound) and
 once generating an estimate, and every figure is given as the range over the two. The estimate
 is `--output-fraction` of max_tokens (an assumption, default 0.5), or, with `--generate-sample N`
@@ -490,13 +491,13 @@ def main(argv: list[str] | None = None) -> int:
         t0 = time.perf_counter()
         errors, lines, fractions, gen_s = [], None, None, 0.0
         if args.input:
-            from .workloads.batch_file import compress, load_batch_file
+            from .workloads.batch_file import load_batch_file
 
             cost, tokenizer, ctx, counted = _cost_and_tokenizer(args)
-            gc.disable()  # millions of token ids in tuples: no collector passes over them while building
+            gc.disable()  # a record and its prefix tuples per request: no collector passes while building
             try:
-                loaded = load_batch_file(args.input, tokenizer, ctx, args.default_max_tokens)
-                records, errors, lines = compress(loaded.records), loaded.errors, loaded.lines
+                loaded = load_batch_file(args.input, tokenizer, ctx, args.default_max_tokens, tokens=False)
+                records, errors, lines = loaded.records, loaded.errors, loaded.lines
                 del loaded
             finally:
                 gc.enable()

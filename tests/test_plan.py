@@ -172,6 +172,16 @@ def test_compress_keeps_the_prefix_tree(prompts):
     assert [r.rid for r in a.iter_requests()] == [r.rid for r in b.iter_requests()]
 
 
+def test_a_file_read_as_prefix_groups_is_its_token_prompts_compressed(user_file):
+    """`plan` reads a file as prefix groups built from the reader's store (no token tuples): the
+    records `compress` makes of the same file's token prompts, field for field."""
+    want = compress(load_batch_file(user_file, ByteTokenizer(), 4096, 256).records)
+    got = load_batch_file(user_file, ByteTokenizer(), 4096, 256, tokens=False).records
+    assert got == want and any(len(r.prefix) > 1 for r in got)
+    assert compress([]) == [] and load_batch_file(user_file, ByteTokenizer(), 4096, 256, tokens=False).errors == \
+        load_batch_file(user_file, ByteTokenizer(), 4096, 256).errors
+
+
 def test_plan_of_a_sample_is_scaled(user_file):
     """Above `sim_requests`, the plan simulates a seeded sample of whole prefix groups and scales its
     time; the first policy on the next seed's sample gives the reported sampling spread."""

@@ -191,6 +191,21 @@ class TokenStore:
         parts.append(self.tail(i))
         return np.concatenate(parts).tolist()
 
+    def prompt_keys(self):
+        """Every request's prompt as big-endian uint32 bytes, in store order (they sort as the id
+        sequences do, a prefix first); each piece converted once."""
+        piece_bytes = {}
+        tail_off, ref_off, refs = self.tail_off.view, self.ref_off.view, self.ref_ids.view
+        for i in range(len(self)):
+            parts = []
+            for p in refs[ref_off[i]:ref_off[i + 1]].tolist():
+                b = piece_bytes.get(p)
+                if b is None:
+                    b = piece_bytes[p] = self.piece(p).astype(">u4").tobytes()
+                parts.append(b)
+            parts.append(self.tail_tokens.a[tail_off[i]:tail_off[i + 1]].astype(">u4").tobytes())
+            yield b"".join(parts)
+
     def prepared(self, i: int) -> Prepared:
         """Request `i` as the engine and `results.ok_record` take it (messages/prompt not kept)."""
         req = BatchRequest(line=int(self.line.a[i]), custom_id=self.custom_id(i), kind=KINDS[self.kind.a[i]],

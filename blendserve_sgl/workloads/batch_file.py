@@ -47,11 +47,13 @@ class ByteTokenizer:
 
 
 def load_batch_file(path: str | os.PathLike, tokenizer, context_len: int, default_max_tokens: int,
-                    model_dir: str | os.PathLike | None = None) -> BatchFile:
-    """Records of the valid lines of `path` (rid = custom_id, token prompts, output_len and
-    max_tokens = the request's max_tokens or the run's default capped to the context) and the
-    bad lines. `model_dir` (default: the directory the tokenizer was loaded from) lets a large
-    file be read by worker processes, as `blendserve run` reads it. Raises
+                    model_dir: str | os.PathLike | None = None, *, tokens: bool = True) -> BatchFile:
+    """Records of the valid lines of `path` (rid = custom_id, output_len and max_tokens = the
+    request's max_tokens or the run's default capped to the context) and the bad lines. With
+    `tokens`, each record holds its token prompt; without, its prompt as prefix groups
+    (`compress`'s groups, built from the store's bytes: no token ids as Python objects, which held
+    about 36 bytes per token). `model_dir` (default: the directory the tokenizer was loaded from)
+    lets a large file be read by worker processes, as `blendserve run` reads it. Raises
     `batch.requests.InputError` when the file cannot be read at all."""
     if model_dir is None:
         src = getattr(tokenizer, "name_or_path", None)
@@ -59,33 +61,47 @@ def load_batch_file(path: str | os.PathLike, tokenizer, context_len: int, defaul
     read = read_store(path, tokenizer, context_len, default_max_tokens, model_dir=model_dir)
     s = read.store
     exact = [json.loads(t).get("ignore_eos") is True for t in s.sampling_table]  # per interned sampling
-    records = [Record(s.custom_id(i), int(n), (), int(m), KINDS[k], tuple(s.input_ids(i)), int(m), exact[g])
-               for i, (n, m, k, g) in enumerate(zip(s.prompt_lengths(), s.max_tokens.view, s.kind.view,
-                                                     s.sampling.view))]
+    prefixes = prefix_segments(list(s.prompt_keys())) if not tokens else None
+    records = [Record(s.custom_id(i), int(n), prefixes[i] if prefixes else (), int(m), KINDS[k],
+                      tuple(s.input_ids(i)) if tokens else None, int(m), exact[g])
+               for i, (n, m, k, g) in enumerate(zip(s.prompt_lengths().tolist(), s.max_tokens.view.tolist(),
+                                                     s.kind.view.tolist(), s.sampling.view.tolist()))]
     return BatchFile(records, read.errors, read.lines)
 
 
 def compress(records: list[Record]) -> list[Record]:
-    """The same prompts as prefix groups: each token prompt cut at the depths where the prefix
-    tree of all prompts branches on its path, every segment a `Group` named by the first prompt
-    (in sorted order) that holds it. The prefix tree, its aggregates and every shared prefix are
-    unchanged (`tests/test_plan.py` checks it), while the tree and the simulator handle a few
-    atoms per request instead of every token. Records without tokens pass through."""
+    """The same prompts as prefix groups (`prefix_segments`); records without tokens pass
+    through. The prefix tree, its aggregates and every shared prefix are unchanged
+    (`tests/test_plan.py` checks it), while the tree and the simulator handle a few atoms per
+    request instead of every token."""
     tok = [i for i, r in enumerate(records) if r.tokens is not None]
-    arrays = {i: np.asarray(records[i].tokens, dtype=np.int64) for i in tok}
-    if any(len(a) and (a.min() < 0 or a.max() >= 1 << 32) for a in arrays.values()):
-        raise ValueError("compress: token ids must be in [0, 2**32)")
-    # big-endian bytes sort as the id sequences do (a prefix first), compared by memcmp
-    keys = {i: a.astype(">u4").tobytes() for i, a in arrays.items()}
-    order = sorted(tok, key=keys.__getitem__)
-    n = len(order)
-    arrays = [arrays[i] for i in order]
-    lcp = [0] * n  # lcp[k]: common prefix of sorted prompts k-1 and k
+    keys = []
+    for i in tok:
+        a = np.asarray(records[i].tokens, dtype=np.int64)
+        if len(a) and (a.min() < 0 or a.max() >= 1 << 32):
+            raise ValueError("compress: token ids must be in [0, 2**32)")
+        keys.append(a.astype(">u4").tobytes())
+    out = list(records)
+    for i, prefix in zip(tok, prefix_segments(keys)):
+        out[i] = records[i]._replace(prefix=prefix, tokens=None)
+    return out
+
+
+def prefix_segments(keys: list[bytes]) -> list[tuple]:
+    """Each prompt (`keys`: its token ids as big-endian uint32 bytes, which sort as the id
+    sequences do, a prefix first) cut at the depths where the prefix tree of all prompts branches
+    on its path: its `prefix`, every segment a `Group` (name, tokens) named by the first prompt in
+    sorted order that holds it; names are shared objects, one per segment."""
+    n = len(keys)
+    order = sorted(range(n), key=keys.__getitem__)
+    lcp = [0] * n  # lcp[k]: common prefix (tokens) of sorted prompts k-1 and k
+    prev = np.frombuffer(keys[order[0]], dtype=">u4") if n else None
     for k in range(1, n):
-        a, b = arrays[k - 1], arrays[k]
-        m = min(len(a), len(b))
-        diff = np.flatnonzero(a[:m] != b[:m])
+        cur = np.frombuffer(keys[order[k]], dtype=">u4")
+        m = min(len(prev), len(cur))
+        diff = np.flatnonzero(prev[:m] != cur[:m])
         lcp[k] = int(diff[0]) if len(diff) else m
+        prev = cur
     # The branch depths on prompt k's path are its common prefixes with the others: the running
     # minima of lcp to its left and to its right (monotonic stacks). A prefix of depth d is held
     # by a contiguous run of sorted prompts; its first one names it.
@@ -99,7 +115,8 @@ def compress(records: list[Record]) -> list[Record]:
             if lcp[k]:
                 stack.append((lcp[k], first))
         left.append(list(stack))
-    cuts: list[dict[int, int]] = [{} for _ in range(n)]
+    names: dict[tuple[int, int], str] = {}
+    out: list[tuple] = [()] * n
     right: list[int] = []
     for k in range(n - 1, -1, -1):
         nxt = lcp[k + 1] if k + 1 < n else 0
@@ -107,14 +124,14 @@ def compress(records: list[Record]) -> list[Record]:
             right.pop()
         if nxt:
             right.append(nxt)
-        for depth in {d for d, _ in left[k]} | set(right):
-            cuts[k][depth] = next((f for d, f in left[k] if d >= depth), k)
-    out = list(records)
-    for k, i in enumerate(order):
-        r = records[i]
-        prefix, prev = [], 0
-        for depth in sorted(cuts[k]):
-            prefix.append((f"p{cuts[k][depth]}:{depth}", depth - prev))
-            prev = depth
-        out[i] = r._replace(prefix=tuple(prefix), tokens=None)
+        prefix, prev_depth = [], 0
+        for depth in sorted({d for d, _ in left[k]} | set(right)):
+            first = next((f for d, f in left[k] if d >= depth), k)
+            name = names.get((first, depth))
+            if name is None:
+                name = names[(first, depth)] = f"p{first}:{depth}"
+            prefix.append((name, depth - prev_depth))
+            prev_depth = depth
+        left[k] = None  # done with it
+        out[order[k]] = tuple(prefix)
     return out
