@@ -521,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
                 gen_s = time.perf_counter() - t_gen
         else:
             from .sim.cli import load_workload
-            from .workloads.trace_file import is_trace_file
+            from .workloads.trace_file import is_trace_file, within_context
 
             cost = CostModel(model(args.model), hardware(args.hardware))
             EngineConfig.for_cost(cost, kv_gb=args.kv_gb)  # the model fits before its workload is built
@@ -569,27 +569,6 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     _print(out, say)
     return 0
-
-
-def within_context(records: list[Record], context: int, source: str, model_name: str) -> tuple[list, list]:
-    """(records whose prompt the model's context holds with one output token, a `LineError` per
-    other one: row number, tokens, the fix). A trace's rows are token counts with no model of
-    their own: a prompt of 191,378 tokens (Mooncake) cannot run on a 131,072-token model, which
-    `run` refuses line by line; none of them runs, so none is planned."""
-    from .batch.requests import LineError
-
-    kept, bad = [], []
-    for row, r in enumerate(records, 1):
-        if r.prompt_len < context:
-            kept.append(r)
-        else:
-            bad.append(LineError(row, str(r.rid), f"{Path(source).name} request {row}: the prompt is {r.prompt_len:,} "
-                                 f"tokens, at least {model_name}'s context of {context:,} tokens; not planned "
-                                 "(plan a model with a longer context, or drop the row)"))
-    if not kept:
-        raise ValueError(f"{source}: no request fits {model_name}'s context of {context:,} tokens "
-                         f"({len(bad):,} requests, the first {records[0].prompt_len:,} prompt tokens)")
-    return kept, bad
 
 
 def _print(out: dict, say) -> None:

@@ -198,3 +198,21 @@ def test_a_trace_passed_to_plan_as_a_batch_file_gets_a_hint(tmp_path, capsys):
     assert looks_like_trace(csv_path) and looks_like_trace(path)
     (tmp_path / "req.jsonl").write_text('{"custom_id": "a", "method": "POST"}\n')
     assert not looks_like_trace(tmp_path / "req.jsonl") and not looks_like_trace(tmp_path / "missing")
+
+
+def test_rows_beyond_the_models_context_are_not_simulated(tmp_path, capsys):
+    """`simulate --workload FILE` and the benchmarks' `trace_or_file` ran a trace's rows whose prompt
+    fills the model's context (Mooncake's synthetic trace: 10 of 3,993 past Llama-3.1-8B's 131,072
+    tokens) as if SGLang took them; now, as `plan`, they are left out and counted."""
+    from blendserve_sgl.workloads.trace_file import trace_or_file
+
+    path = _csv(tmp_path / "t.csv", ["ContextTokens", "GeneratedTokens"],
+                [[200_000, 10], [100, 10], [131_072, 3], [300, 20]])
+    out = tmp_path / "sim.json"
+    assert cli.main(["simulate", "--workload", str(path), "--policy", "fcfs", "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "2 requests not simulated (their prompts fill llama-3.1-8b's context of 131,072 tokens)" in err
+    assert "t.csv request 1: the prompt is 200,000 tokens" in err and "simulate a model with a longer context" in err
+    assert json.loads(out.read_text())["workload"]["requests"] == 2
+    name, records, counts = trace_or_file(str(path), 10, COST)
+    assert (name, [r.prompt_len for r in records], counts["beyond_context"]) == ("t", [100, 300], 2)

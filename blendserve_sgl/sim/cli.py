@@ -26,7 +26,7 @@ from .policies import POLICIES
 from .run import RunSpec, Workload, simulate
 from .timing import ExecModel
 from ..workloads import TRACES, mix, mixed_workload, trace
-from ..workloads.trace_file import is_trace_file, load_trace_file
+from ..workloads.trace_file import is_trace_file, load_trace_file, within_context
 from ..cli import non_negative_int, positive_float, positive_int
 
 WORKLOADS = (*sorted(TRACES), "mixed", "mix:DENSITY,SHARING", "PATH.csv|PATH.jsonl")
@@ -162,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
         engine = EngineConfig.for_cost(cost, kv_gb=args.kv_gb, max_running=args.max_running,  # the model fits first
                                        chunked_prefill=args.chunk, mixed_chunk=not args.no_mixed_chunk,
                                        pace=args.pace, kv_projection=args.kv_projection)
-        records = load_workload(args.workload, n, cost, args.seed)
+        records, beyond = within_context(load_workload(args.workload, n, cost, args.seed), cost.model.max_context,
+                                         args.workload, cost.model.name, "simulated")
         workload = Workload(records, cost)
         engine.check_fits(records, known=args.known_lengths)
         preset = PRESET.replace(keep_sharing=args.keep_sharing, sample_fraction=args.sample_fraction,
@@ -174,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"blendserve simulate: error: {e}", file=sys.stderr)
         return 2
     setup_s = time.perf_counter() - t0
+    if beyond:
+        print(f"{args.workload}: {len(beyond):,} requests not simulated (their prompts fill {cost.model.name}'s "
+              f"context of {cost.model.max_context:,} tokens), e.g. {beyond[0].message}", file=sys.stderr)
     print(f"workload {args.workload}: {len(records)} requests, density {workload.density:.3f}, prefix sharing "
           f"{workload.sharing:.3f}, optimum {workload.optimal_s:.1f} s; {cost.model.name} on {cost.hardware.name}, "
           f"KV {engine.kv_tokens} tokens, chunk {engine.chunked_prefill}, interference {args.interference}")

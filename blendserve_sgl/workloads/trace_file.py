@@ -26,7 +26,7 @@ import json
 import math
 from pathlib import Path
 
-from ..batch.requests import BadLine, unique_keys, compression, wide_text
+from ..batch.requests import BadLine, LineError, unique_keys, compression, wide_text
 from .data import MAX_TRACE_TOKENS, Record, csv_rows, read_counts, token_count
 
 TRACE_COLUMNS = (  # (prompt column, output column), the first pair a header holds is read
@@ -53,15 +53,38 @@ def _column_pair(header: list[str]) -> tuple[str, str] | None:
 
 def trace_or_file(spec: str, n: int, cost, seed: int = 0) -> tuple[str, list[Record], dict]:
     """(name, records, counts) for a trace analog's name (`recipes.trace`, n requests; counts per
-    class) or a trace file (its stem, its first n rows; counts: the file and its requests): what
-    the benchmarks' `--traces` take."""
+    class) or a trace file (its stem, its first n rows but those beyond `cost`'s model's context:
+    `within_context`; counts: the file, its requests and `beyond_context`): what the benchmarks'
+    `--traces` take."""
     if is_trace_file(spec):
-        records = load_trace_file(spec, n)
-        return Path(spec).stem, records, {"file": spec, "requests": len(records)}
+        records, beyond = within_context(load_trace_file(spec, n), cost.model.max_context, spec, cost.model.name,
+                                         "simulated")
+        return Path(spec).stem, records, {"file": spec, "requests": len(records), "beyond_context": len(beyond)}
     from .recipes import trace
 
     records, report = trace(spec, n, cost, seed)
     return spec, records, report.counts
+
+
+def within_context(records: list[Record], context: int, source: str, model_name: str,
+                   verb: str = "planned") -> tuple[list[Record], list]:
+    """(records whose prompt the model's context holds with one output token, a `LineError` per
+    other one: row number, tokens, the fix). A trace's rows are token counts with no model of
+    their own: a prompt of 191,378 tokens (Mooncake) cannot run on a 131,072-token model, which
+    `run` refuses line by line; none of them runs, so none is planned or simulated (`verb`)."""
+    kept, bad = [], []
+    for row, r in enumerate(records, 1):
+        if r.prompt_len < context:
+            kept.append(r)
+        else:
+            bad.append(LineError(row, str(r.rid), f"{Path(source).name} request {row}: the prompt is {r.prompt_len:,} "
+                                 f"tokens, at least {model_name}'s context of {context:,} tokens; not {verb} "
+                                 f"({'plan' if verb == 'planned' else 'simulate'} a model with a longer context, "
+                                 "or drop the row)"))
+    if not kept:
+        raise ValueError(f"{source}: no request fits {model_name}'s context of {context:,} tokens "
+                         f"({len(bad):,} requests, the first {records[0].prompt_len:,} prompt tokens)")
+    return kept, bad
 
 
 def looks_like_trace(path) -> bool:
