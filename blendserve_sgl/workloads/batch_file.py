@@ -124,9 +124,11 @@ def prefix_segments(keys: list[bytes]) -> list[tuple]:
             right.pop()
         if nxt:
             right.append(nxt)
-        prefix, prev_depth = [], 0
-        for depth in sorted({d for d, _ in left[k]} | set(right)):
-            first = next((f for d, f in left[k] if d >= depth), k)
+        prefix, prev_depth, here, j = [], 0, left[k], 0
+        for depth in sorted({d for d, _ in here} | set(right)):
+            while j < len(here) and here[j][0] < depth:  # both ascend: one pass over the left stack
+                j += 1
+            first = here[j][1] if j < len(here) else k  # the first prompt sharing `depth` tokens
             name = names.get((first, depth))
             if name is None:
                 name = names[(first, depth)] = f"p{first}:{depth}"
