@@ -964,6 +964,26 @@ def test_logprob_requests_that_would_end_the_scheduler_end_alone(top, start, fra
     assert req.aborted is None
 
 
+@pytest.mark.parametrize("top_k, fragment", [
+    (2 ** 31, "top_k 2147483648 is beyond what the sampler holds (2,147,483,647)"), (2 ** 70, "top_k 1180591620"),
+    (2 ** 31 - 1, None), (1 << 30, None), (5, None),
+])
+def test_a_top_k_past_int32_ends_alone(top_k, fragment):
+    """`top_k` 2^31 on `/generate` ended the server with every request in it ("value cannot be
+    converted to type int32 without overflow" in the sampling batch; stock SGLang too; a server
+    probe). A blend server ends such a request alone, as a 400."""
+    from types import SimpleNamespace
+
+    from blendserve_sgl.sglang_plugin import _after_enqueue
+
+    req = _Req([5, 7])
+    req.sampling_params = SimpleNamespace(repetition_penalty=1.0, top_k=top_k)
+    sched = SimpleNamespace(schedule_policy="blend", waiting_queue=[req], model_config=SimpleNamespace(vocab_size=512),
+                            policy=SimpleNamespace(on_arrival=lambda r: None))
+    _after_enqueue(None, sched, req)
+    assert (req.aborted is None) if fragment is None else (fragment in req.aborted), req.aborted
+
+
 @pytest.mark.parametrize("penalty, fragment", [
     (1e-40, "repetition_penalty 1e-40 is below 0.01"), (0.0, "repetition_penalty 0 is below 0.01"),
     (0.01, None), (1.0, None), (2.0, None),
@@ -1063,6 +1083,7 @@ def main():
                              ("penalty", {"prompt": "count: one two"},
                               {"repetition_penalty": 1e-40, "top_k": 5, "temperature": 1.0}),
                              ("min_new", {"prompt": "count: one two"}, {"min_new_tokens": 2, "stop_token_ids": [100000]}),
+                             ("top_k", {"prompt": "count: one two"}, {"top_k": 2 ** 31, "temperature": 1.0}),
                              ("good", {"prompt": "count: one two"}, {})]:
             try:
                 res = engine.generate(**kw, sampling_params={"max_new_tokens": 3, "temperature": 0, **sp})
@@ -1082,8 +1103,9 @@ if __name__ == "__main__":
 @pytest.mark.engine
 def test_unrunnable_prompts_on_the_real_engine_fail_alone_and_the_engine_stays_up(tiny_llama, tmp_path):
     """On the real engine (blend policy): an empty prompt, ids outside the vocabulary, a repetition
-    penalty of 1e-40 with top_k and min_new_tokens with a stop id past the vocabulary (each of which
-    ends a stock server) each fail with their own message, and the next request still generates."""
+    penalty of 1e-40 with top_k, min_new_tokens with a stop id past the vocabulary and a top_k past
+    int32 (each of which ends a stock server) each fail with their own message, and the next
+    request still generates."""
     import subprocess
     import sys
 
@@ -1104,6 +1126,7 @@ def test_unrunnable_prompts_on_the_real_engine_fail_alone_and_the_engine_stays_u
     assert "token id -1, outside" in json.dumps(res["neg"]), res
     assert "repetition_penalty 1e-40 is below 0.01" in json.dumps(res["penalty"]), res
     assert "stop_token_ids holds 100000, outside the model's vocabulary" in json.dumps(res["min_new"]), res
+    assert "top_k 2147483648 is beyond what the sampler holds" in json.dumps(res["top_k"]), res
     assert res["good"].get("type") == "length", res
 
 

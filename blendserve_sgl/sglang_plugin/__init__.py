@@ -255,7 +255,8 @@ def _refuse_unrunnable(scheduler, req) -> None:
         # its one-token stand-in still passes a prefill step: nothing of what was refused may reach
         # the sampler or the penalizers there
         sp = getattr(req, "sampling_params", None)
-        for name, harmless in (("repetition_penalty", 1.0), ("min_new_tokens", 0), ("stop_token_ids", None)):
+        for name, harmless in (("repetition_penalty", 1.0), ("min_new_tokens", 0), ("stop_token_ids", None),
+                               ("top_k", 1)):
             if hasattr(sp, name):
                 setattr(sp, name, harmless)
         if getattr(req, "input_embeds", None) is not None:

@@ -29,6 +29,7 @@ logger = logging.getLogger(__name__)
 
 HINT_KEY = "blendserve_output_len"  # sampling_params.custom_params key: a known output length
 MAX_HINT = 1 << 31  # a larger hint is ignored (no output is that long; the tree holds int64 sums)
+INT32_MAX = (1 << 31) - 1  # the largest top_k SGLang's sampling tensors hold
 
 
 def resolve_hardware(name: str, device: str) -> str:
@@ -135,10 +136,15 @@ def sampling_problem(req, vocab_size: int | None = None) -> str | None:
     repetition penalty below `MIN_REPETITION_PENALTY` (it takes [0, 2]; 0 or 1e-40 divides a
     positive logit into infinity and the sampler raises on the NaN probabilities), or
     `min_new_tokens` with a stop token id outside the vocabulary (the penalizer indexes the logits
-    with it). Never raises."""
+    with it), or a `top_k` past int32 (the batch's top-k tensor cannot hold it: "value cannot be
+    converted to type int32 without overflow"). Never raises."""
     from ..batch.requests import MIN_REPETITION_PENALTY
 
     sp = getattr(req, "sampling_params", None)
+    top_k = getattr(sp, "top_k", None)
+    if isinstance(top_k, int) and not isinstance(top_k, bool) and top_k > INT32_MAX:
+        return (f"top_k {top_k} is beyond what the sampler holds ({INT32_MAX:,}); pass -1 for every token, or a "
+                "top_k up to the vocabulary's size")
     penalty = getattr(sp, "repetition_penalty", 1.0)
     if isinstance(penalty, (int, float)) and not isinstance(penalty, bool) and penalty < MIN_REPETITION_PENALTY:
         return (f"repetition_penalty {penalty:g} is below {MIN_REPETITION_PENALTY:g}, where the sampler divides a "
