@@ -2,7 +2,8 @@
 
 Simulator part: the four trace analogs (`workloads/recipes.py`), Llama-3.1-8B on the A100 preset as
 in `paper_traces.py`; N = 2, 4, 8 engines each running `blend` on what it was dealt (the shard
-planner's shards, round-robin, Ray-Data-style blocks of 256); scaling = one engine's time over
+planner's shards as `--dp`/`--ray` make them, from max_tokens; its earlier cuts, over max_tokens and
+told the true lengths; round-robin, Ray-Data-style blocks of 256); scaling = one engine's time over
 the slowest engine's (overlapped mode), sharing = prefix hits of all engines over one engine's.
 
 Engine part (`--engine`): the real SGLang engine on CPU, tiny random Llama, a shared-prefix batch
@@ -40,10 +41,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._common import RESULTS, command, peak_rss_mb, table, write  # noqa: E402
 from blendserve_sgl.core import CostModel  # noqa: E402
 from blendserve_sgl.core.preset import PRESET  # noqa: E402
-from blendserve_sgl.core.shard import MAX_STRIPES, PIECE_MIN  # noqa: E402
+from blendserve_sgl.core.shard import MAX_STRIPES, PIECE_MIN, STRATUM_ATOM  # noqa: E402
 from blendserve_sgl.sim import EngineConfig, ExecModel, RunSpec, Workload, simulate  # noqa: E402
-from blendserve_sgl.sim.scale_out import (DEALS, EVEN_PIECES, FED, LONG_QUANTILE, LOW_KV, deal,  # noqa: E402
-                                          diagnose, fed, floor_seconds, scale_out, shard_profiles)
+from blendserve_sgl.sim.scale_out import (CUTS, CUTS_TOLD, DEALS, EVEN_PIECES, FED, LONG_QUANTILE,  # noqa: E402
+                                          LOW_KV, deal, diagnose, fed, floor_seconds, scale_out, shard_profiles)
 from blendserve_sgl.workloads import TRACES, trace  # noqa: E402
 
 MODE = ExecModel("overlapped", 0.1)
@@ -73,9 +74,9 @@ def sim_rows(n: int, seed: int, traces: list[str], only: set | None = None) -> l
     cost = spec.cost
     rows = []
     for name in traces:
-        wanted = only if only is not None else {(name, k, how) for k in SIZES for how in DEALS}
+        wanted = only if only is not None else {(name, k, how) for k in SIZES for how in (*DEALS, CUTS, CUTS_TOLD)}
         keys = sorted({(size, how) for t, size, how in wanted if t == name},
-                      key=lambda k: (k[0], [*DEALS, EVEN_PIECES, k[1]].index(k[1])))
+                      key=lambda k: (k[0], [*DEALS, CUTS, CUTS_TOLD, EVEN_PIECES, k[1]].index(k[1])))
         if not keys:
             continue
         records, _ = trace(name, n, cost, seed)
@@ -143,14 +144,15 @@ def sim_summary(rows: list[dict], n: int, traces: list[str]) -> dict:
         return {str(k): round(statistics.mean(r[field] for r in rows if r["engines"] == k and r["deal"] == deal), 4)
                 for k in SIZES}
 
-    dealt = [how for how in (*DEALS, EVEN_PIECES)  # dealings with a row for every trace and N
+    dealt = [how for how in (*DEALS, CUTS, CUTS_TOLD, EVEN_PIECES)  # dealings with a row for every trace and N
              if all(any(r["trace"] == t and r["engines"] == k and r["deal"] == how for r in rows)
                     for t in traces for k in SIZES)]
     loss = {how: {field: mean(how, field) for field in ("scaling_over_bound", "balanced_scaling", "time_max_over_mean",
                                                           "work_sum_over_one",
                                                           "slowest_tail_share", "density_drift_max", "sharing_vs_one")}
             for how in dealt}
-    extra = {"sim_scaling_blend_even_pieces": mean(EVEN_PIECES)} if EVEN_PIECES in dealt else {}
+    extra = {f"sim_scaling_{how.replace('-', '_')}": mean(how) for how in (CUTS, CUTS_TOLD, EVEN_PIECES)
+             if how in dealt}
     lap = {str(k): [r["scaling"] for r in rows if r["engines"] == k and r["deal"] == f"{FED}-{k}"] for k in SIZES}
     if all(len(v) == len(traces) for v in lap.values()):  # the last lap (N pieces) fed on demand, every row
         extra["sim_scaling_fed_last_lap"] = {k: round(statistics.mean(v), 4) for k, v in lap.items()}
@@ -162,8 +164,12 @@ def sim_summary(rows: list[dict], n: int, traces: list[str]) -> dict:
             "sim_loss": {"note": LOSS_NOTE, "mean_over_traces": loss},
             "sim": {"requests_per_trace": n, "traces": traces, "model": "llama-3.1-8b", "hardware": "a100",
                     "mode": "overlapped, interference 0.1", "policy_per_engine": "blend",
-                    "planner_lengths": "true output lengths (blendserve run --dp/--ray plans at each request's max_tokens)",
-                    "stripes": f"requests // ({PIECE_MIN} x N), 1 to {MAX_STRIPES} (core.shard.stripes_for)",
+                    "planner_lengths": "each request's max_tokens, as blendserve run --dp/--ray plans (blend: "
+                                       "core.shard.plan_strata, what ships; blend-cuts: plan_shards' cuts over the "
+                                       "same tree, what shipped before); blend-cuts-told and blend-even-pieces: the "
+                                       "cuts told the true output lengths (an oracle no run has)",
+                    "stripes": f"cuts: requests // ({PIECE_MIN} x N), 1 to {MAX_STRIPES} (core.shard.stripes_for); "
+                               f"strata: subtrees of at most {STRATUM_ATOM} requests kept whole",
                     "rows": rows}}
 
 

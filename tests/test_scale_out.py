@@ -34,7 +34,8 @@ def _records(n: int) -> list[Record]:
 SPEC = RunSpec(COST, EngineConfig.for_cost(COST, kv_gb=2.0, max_running=64, chunked_prefill=512))
 
 
-@pytest.mark.parametrize("how", ["blend", "round-robin", "blocks", "blend-even-pieces"])
+@pytest.mark.parametrize("how", ["blend", "round-robin", "blocks", "blend-even-pieces", "blend-cuts",
+                                 "blend-cuts-told"])
 def test_deal_gives_every_record_to_one_engine(how):
     recs = _records(700)
     parts = deal(recs, 3, how, SPEC)
@@ -49,16 +50,18 @@ def test_deal_gives_every_record_to_one_engine(how):
 
 
 def test_scale_out_runs_each_part_and_keeps_sharing():
-    """Shards keep (nearly) one engine's prefix hits; round-robin over 4 engines loses some (each
-    engine computes each shared prefix once)."""
+    """Shards keep most of one engine's prefix hits (the strata spread each 40-request subject over
+    the 4 engines, each computing its prefix once, as round-robin does) and more than round-robin,
+    which deals the two requests on one document apart."""
     from blendserve_sgl.sim import Workload, simulate
 
-    recs = _records(600)
+    recs = _records(600) + [Record(f"d{i}.{c}", 905, ((f"doc{i}", 900),), 8, "doc") for i in range(100)
+                            for c in range(2)]
     one = simulate(Workload(recs, COST), "blend", SPEC)
     shards = scale_out(recs, 4, "blend", SPEC, check=True)
     rr = scale_out(recs, 4, "round-robin", SPEC)
     assert sum(r.requests for r in shards.engines) == len(recs)
-    assert shards.sharing_vs_one(one) >= 0.99
+    assert shards.sharing_vs_one(one) >= 0.93
     assert shards.sharing_vs_one(one) > rr.sharing_vs_one(one)
     assert rr.plan is None and [len(p) for p in shards.plan.shards] == [r.requests for r in shards.engines]
 
@@ -245,7 +248,7 @@ def test_fed_pieces_run_once_and_none_held_is_the_static_dealing():
 
     recs = _records(600)
     mode = ExecModel("overlapped", 0.1)
-    static = scale_out(recs, 3, "blend", SPEC)
+    static = scale_out(recs, 3, "blend-cuts-told", SPEC)
     same = fed(recs, 3, SPEC, mode, held=0)
     assert [r.time(mode) for r in same.engines] == [r.time(mode) for r in static.engines]
     assert [r.requests for r in same.engines] == [r.requests for r in static.engines]

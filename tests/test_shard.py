@@ -122,16 +122,22 @@ def test_hold_counts_short_shared_questions_computed_twice():
     assert ideal.cut_tokens > 0  # balanced on paper by cutting through a group
 
 
-def test_dispatch_cut_counts_the_hold_of_the_preset():
-    """`blendserve run --dp/--ray` cuts with the measure of the engine's `blend` policy: the
-    preset's hold threshold (the hand case: the two groups land on two replicas, whole)."""
-    from blendserve_sgl.batch.dispatch import cut
+def test_dispatch_deals_strata_with_the_hold_of_the_preset():
+    """`blendserve run --dp/--ray` knows only max_tokens: it deals strata (`plan_strata`), with the
+    compute measure of the engine's `blend` policy (the preset's hold threshold). The hand case:
+    each 40-request group spread over both replicas, 40 requests each, and the two copies of a
+    question (a group of 2) on one replica."""
+    from blendserve_sgl.batch.dispatch import cut, plan_tree
     from blendserve_sgl.core.preset import PRESET
 
     assert PRESET.scan.hold_prefix_tokens > 11  # the hand case's questions are shorter than it
     parts = cut(_few_shot_tree(), 2)
     assert sorted(len(p) for p in parts) == [40, 40]
-    assert all(len({rid[0] for rid in p}) == 1 for p in parts)
+    assert all({rid[0] for rid in p} == {"X", "Y"} for p in parts)
+    where = {rid: i for i, p in enumerate(parts) for rid in p}
+    assert all(where[f"X{q}.0"] == where[f"X{q}.1"] for q in range(20))
+    plan = plan_tree(_few_shot_tree(), 2)
+    assert plan.owners and plan.hold == PRESET.scan.hold_prefix_tokens
 
 
 @settings(max_examples=150)
@@ -341,3 +347,66 @@ def test_cuts_through_one_long_system_prompt_keep_the_shards_balanced(n_shards):
     assert plan.compute_imbalance <= 0.03 and plan.memory_imbalance <= 0.03
     sizes = [len(s) for s in plan.shards]
     assert max(sizes) <= 1.05 * min(sizes)
+
+
+@settings(max_examples=120)
+@given(st.lists(_req, min_size=1, max_size=40), st.integers(1, 5), st.integers(0, 4), st.integers(1, 6))
+def test_strata_keep_every_request_once_and_count_work_as_one_engine_does(reqs, n_shards, hold, atom):
+    """`plan_strata`: each request in exactly one shard, the pieces dealt to their owners, each
+    shard's compute its runs' (brute force: the step walk, each run's first request computing
+    its whole prompt) and its memory the sum of `memory_units`."""
+    from blendserve_sgl.core.shard import plan_strata
+
+    t = _token_tree(reqs)
+    prompts = {i: tuple(p) for i, (p, _) in enumerate(reqs)}
+    outputs = {i: d for i, (_, d) in enumerate(reqs)}
+    plan = plan_strata(t, n_shards, atom=atom, hold=hold)
+    plan.check_integrity(t)
+    assert len(plan.shards) == n_shards and len(plan.owners) == len(plan.pieces)
+    order = [r.rid for r in t.iter_requests()]
+    kept = _brute_kept(order, prompts, hold)
+    for i, runs in enumerate(plan.runs):
+        ids = [order[s:e] for s, e in runs]
+        assert plan.compute[i] == sum(len(prompts[r]) + outputs[r] - (kept[r] if k else 0)
+                                      for run in ids for k, r in enumerate(run))
+        assert plan.memory[i] == sum(memory_units(len(prompts[r]), outputs[r]) for run in ids for r in run)
+    assert plan_strata(t, n_shards, atom=atom, hold=hold) == plan  # deterministic
+
+
+def _class_tree() -> ResourceTree:
+    """Every request at max_tokens 4,000 (all a run knows): 400 short chat requests under their
+    own system prompt, 40 few-shot pairs sharing a 900-token document, and 80 requests behind a
+    third prompt, in one subtree, whose outputs run long (the planner cannot tell)."""
+    t = ResourceTree(COST)
+    for i in range(400):
+        t.add(f"c{i}", tokens=[*range(1000, 1040), 100_000 + 3 * i, 100_001 + 3 * i], output_len=4000)
+    for i in range(40):
+        for c in range(2):
+            t.add(f"d{i}.{c}", tokens=[*range(200_000 + 1000 * i, 200_900 + 1000 * i), 300_000 + 2 * i + c],
+                  output_len=4000)
+    for i in range(80):
+        t.add(f"v{i}", tokens=[*range(5000, 5030), 400_000 + i], output_len=4000)
+    sort_and_split(t, 0.9, 3)
+    return t
+
+
+@pytest.mark.parametrize("n_shards", [2, 3, 4])
+def test_strata_spread_a_class_the_lengths_hide_and_keep_small_groups_whole(n_shards):
+    """The cuts balance the work max_tokens says, so the 80 requests of one class land on as few
+    shards as that balance allows; the strata give every shard its part of the class (within
+    one request) and keep each pair sharing a document on one shard."""
+    from blendserve_sgl.core.shard import plan_strata
+
+    t = _class_tree()
+    strata, cuts = plan_strata(t, n_shards), plan_shards(t, n_shards)
+    for plan in (strata, cuts):
+        plan.check_integrity(t)
+
+    def spread(plan):
+        per = [sum(1 for rid in ids if rid.startswith("v")) for ids in plan.shards]
+        return max(per) - min(per)
+
+    assert spread(strata) <= 1 < spread(cuts)
+    shard_of = strata.shard_of()
+    assert all(shard_of[f"d{i}.0"] == shard_of[f"d{i}.1"] for i in range(40))
+    assert max(len(s) for s in strata.shards) - min(len(s) for s in strata.shards) <= 2

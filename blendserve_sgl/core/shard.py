@@ -32,6 +32,7 @@ with the first one computing its whole prompt (kept[s] added back).
 from __future__ import annotations
 
 import bisect
+import heapq
 from collections import Counter
 from itertools import accumulate
 from typing import NamedTuple
@@ -44,6 +45,7 @@ SCAN = 16  # DFS positions tried on each side of a cut's exact solution
 EXHAUSTIVE = 64  # at most this many requests: every cut pair is tried
 PIECE_MIN = 1000  # default stripes: as many as keep this many requests a piece on average ...
 MAX_STRIPES = 8  # ... up to this many (measured in bench/scale_out.py)
+STRATUM_ATOM = 8  # plan_strata: a subtree of at most this many requests stays on one shard
 
 
 class ShardPlan(NamedTuple):
@@ -58,7 +60,12 @@ class ShardPlan(NamedTuple):
     cut_compute: int = 0  # tokens the cuts add to compute (kept at every run start; <= cut_tokens)
     hold: int = 0  # the measure's hold threshold (module docstring)
     pieces: tuple = ()  # per piece in dealing order: request ids (its left run, then its right run); piece k
-    # belongs to shard `snake(k, N)`
+    # belongs to shard `owner(k)`
+    owners: tuple = ()  # per piece: its shard (`plan_strata`); empty: dealt in a snake
+
+    def owner(self, k: int) -> int:
+        """The shard of piece k."""
+        return self.owners[k] if self.owners else snake(k, len(self.shards))
 
     @property
     def compute_imbalance(self) -> float:
@@ -91,7 +98,7 @@ class ShardPlan(NamedTuple):
         n = len(self.shards)
         dealt: list = [[] for _ in range(n)]
         for k, ids in enumerate(self.pieces):
-            dealt[snake(k, n)] += ids
+            dealt[self.owner(k)] += ids
         for i, mine in enumerate(dealt):
             assert Counter(mine) == Counter(self.shards[i]), f"shard {i}: its pieces differ from it"
         assert sum(self.memory) == tree.root.mem, f"memory {sum(self.memory)} != tree's {tree.root.mem}"
@@ -229,6 +236,62 @@ def plan_shards(tree: ResourceTree, n_shards: int, tol: float = 0.02, stripes: i
                      hold, tuple(dealt))
 
 
+def plan_strata(tree: ResourceTree, n_shards: int, atom: int = STRATUM_ATOM, hold: int = 0) -> ShardPlan:
+    """Every shard about 1/N of every large subtree: the cut for output lengths the planner cannot
+    see. The cuts of `plan_shards` balance the work the tree's lengths say; where those are
+    max_tokens (all `blendserve run` knows before anything runs), a class of long outputs behind
+    one prompt reads like any other and lands whole on few shards, whose engines then run for
+    its longest outputs long after the others are done (the simulator, lengths as shipped:
+    below round-robin). Here the tree in DFS order is taken in atoms (a subtree of at most `atom`
+    requests, or a request directly under a larger node), each dealt to the shard with the least
+    work so far (work: compute and memory shares summed, as the tree's lengths say; ties to the
+    lowest index), so every larger subtree is spread over the shards whatever its true lengths,
+    its shared prefix computed once per shard holding part of it (as round-robin dealing does),
+    while small groups stay whole and keep their sharing (which round-robin loses). A subtree
+    kept whole for its small work would be a risk the lengths hide: a class of 80 long outputs
+    among 8,000 requests (1/50 of a shard's work at max_tokens) on one shard of two made it run
+    1.18x the mean (Trace#1 analog)."""
+    if isinstance(atom, bool) or not isinstance(atom, int) or atom < 1:
+        raise ValueError(f"atom must be a positive integer, got {atom!r}")
+    if not isinstance(n_shards, int) or n_shards < 1:
+        raise ValueError(f"n_shards must be a positive integer, got {n_shards!r}")
+    o = _Order(tree, hold)
+    comp_total, mem_total = max(o.comp[o.n], 1), max(o.mem[o.n], 1)
+
+    def work(a: int, b: int) -> float:
+        return o.comp_run(a, b) / comp_total + o.mem_run(a, b) / mem_total
+
+    atoms, pos, stack = [], 0, [iter(tree.root.kids)]
+    while stack:
+        item = next(stack[-1], None)
+        if item is None:
+            stack.pop()
+        elif type(item) is Node and item.count > atom:
+            stack.append(iter(item.kids))
+        else:
+            size = item.count if type(item) is Node else 1
+            atoms.append((pos, pos + size))
+            pos += size
+    assert pos == o.n, f"atoms cover {pos} of {o.n} requests"
+    heap = [(0.0, i) for i in range(n_shards)]
+    owned: list = [[] for _ in range(n_shards)]
+    owners, dealt = [], []
+    for a, b in atoms:
+        load, i = heapq.heappop(heap)
+        owned[i].append((a, b))
+        owners.append(i)
+        dealt.append([r.rid for r in o.reqs[a:b]])
+        heapq.heappush(heap, (load + work(a, b), i))
+    runs = [_merge(r) for r in owned]
+    shards = [[r.rid for s, e in rs for r in o.reqs[s:e]] for rs in runs]
+    compute = [sum(o.comp_run(s, e) for s, e in rs) for rs in runs]
+    memory = [sum(o.mem_run(s, e) for s, e in rs) for rs in runs]
+    cut_tokens = sum(o.lcp[s] for rs in runs for s, e in rs)
+    cut_compute = sum(o.kept[s] for rs in runs for s, e in rs)
+    return ShardPlan(shards, runs, [], compute, memory, cut_tokens, tree.root.saved, o.comp[o.n], cut_compute,
+                     hold, tuple(dealt), tuple(owners))
+
+
 def snake(k: int, n_shards: int) -> int:
     """The shard of piece k: dealt 0..N-1, N-1..0, 0..N-1, ..."""
     lap, pos = divmod(k, n_shards)
@@ -236,11 +299,15 @@ def snake(k: int, n_shards: int) -> int:
 
 
 def plan_for(tree: ResourceTree, n_shards: int, scan, keep_sharing: float | None = None,
-             stripes: int | None = None, even_pieces: bool = False) -> ShardPlan:
+             stripes: int | None = None, even_pieces: bool = False, cuts: bool = False) -> ShardPlan:
     """The cut `--dp`, `--ray` and the simulator run: the tree sorted and split under `scan`'s
-    split budget (a `ScanConfig`; `keep_sharing` overrides its own), then `plan_shards` with its
-    hold threshold, so the compute measure counts what each engine's `blend` policy recomputes."""
+    split budget (a `ScanConfig`; `keep_sharing` overrides its own), then `plan_strata` (what
+    ships: the tree's output lengths are only max_tokens) or, with `cuts`, `plan_shards` (work
+    balanced as the tree's lengths say: for lengths known, an ablation), each with the hold
+    threshold, so the compute measure counts what each engine's `blend` policy recomputes."""
     sort_and_split(tree, scan.keep_sharing if keep_sharing is None else keep_sharing, scan.max_split_rounds)
+    if not cuts:
+        return plan_strata(tree, n_shards, hold=scan.hold_prefix_tokens)
     return plan_shards(tree, n_shards, stripes=stripes, hold=scan.hold_prefix_tokens, even_pieces=even_pieces)
 
 

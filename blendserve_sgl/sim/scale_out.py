@@ -2,13 +2,17 @@
 
 Three ways to deal the requests to N engines:
 
-- `blend`: one central tree (lengths as the run knows them), sorted and split, cut by
-  `core.shard.plan_shards`; each engine gets its shard (`blend-even-pieces`: the same with every
-  cut at i / pieces of the totals, the planner's earlier rule, for comparison);
+- `blend`: what `blendserve run --dp/--ray` ships: one central tree with each request's output
+  at its max_tokens (all the run knows before anything runs; `max_new_tokens`), sorted and split,
+  dealt by `core.shard.plan_strata`; each engine gets its shard. Beside it, `blend-cuts`: the
+  same tree cut by `plan_shards` (what shipped before `plan_strata`), `blend-cuts-told`: the cuts
+  told every request's true output length (an oracle no run has; the simulator's `blend` row
+  until this was found), `blend-even-pieces`: the told cuts with every cut at i / pieces of the
+  totals (the planner's earlier rule);
 - `round-robin`: request i to engine i mod N (SGLang's DP controller, `auto` method);
 - `blocks`: blocks of 256 requests in arrival order, block j to engine j mod N (Ray Data's
   `batch_size` blocks to a replica pool, no prefix locality);
-- `fed` (`blend-fed-K`): the blend dealing with the snake's last K pieces kept back and fed to
+- `fed` (`blend-fed-K`): the told cuts with the snake's last K pieces kept back and fed to
   whichever engine runs low (work stealing at piece granularity); the engines run side by side.
 
 Each engine runs its requests with the same policy and `RunSpec` as one engine would; the N
@@ -44,12 +48,15 @@ from ..core.shard import ShardPlan, plan_for, snake
 from .engine import Engine
 from .metrics import SimResult, result_from_engine
 from .policies import make_picker, reference_tree
-from .request import from_records
+from .request import from_records, max_new_tokens
 from .run import RunSpec, Workload, simulate
 from .timing import ExecModel, operator_seconds, step_seconds, step_weight_seconds
 
 DEALS = ("blend", "round-robin", "blocks")
 EVEN_PIECES = "blend-even-pieces"  # blend cut with every cut at i / pieces of the totals (`plan_shards` even_pieces)
+CUTS = "blend-cuts"  # plan_shards' cuts over the max_tokens tree (what --dp/--ray shipped before plan_strata)
+CUTS_TOLD = "blend-cuts-told"  # plan_shards' cuts told the true output lengths (an oracle)
+PLANNED = ("blend", CUTS, CUTS_TOLD, EVEN_PIECES)  # the dealings the shard planner makes
 FED = "blend-fed"  # blend with the snake's last pieces fed on demand (`fed`), e.g. "blend-fed-8"
 BLOCK = 256  # Ray Data LLM's default batch_size
 LONG_QUANTILE = 0.99  # shard_profiles: a long-output request's output is at least this quantile of the batch's
@@ -176,8 +183,8 @@ def deal(records: list, n: int, how: str, spec: RunSpec, stripes: int | None = N
 def _deal(records: list, n: int, how: str, spec: RunSpec,
           stripes: int | None = None) -> tuple[list[list], ShardPlan | None]:
     """`deal`'s parts, with the shard plan of a blend dealing."""
-    if how not in (*DEALS, EVEN_PIECES):
-        raise ValueError(f"unknown dealing {how!r}; choose one of {', '.join((*DEALS, EVEN_PIECES))}")
+    if how not in (*DEALS, *PLANNED):
+        raise ValueError(f"unknown dealing {how!r}; choose one of {', '.join(dict.fromkeys((*DEALS, *PLANNED)))}")
     if how == "round-robin":
         return [records[i::n] for i in range(n)], None
     if how == "blocks":
@@ -185,8 +192,8 @@ def _deal(records: list, n: int, how: str, spec: RunSpec,
         for j in range(0, len(records), BLOCK):
             out[(j // BLOCK) % n] += records[j:j + BLOCK]
         return out, None
-    tree = reference_tree(from_records(records), spec.cost)
-    plan = plan_for(tree, n, spec.preset.scan, stripes=stripes, even_pieces=how == EVEN_PIECES)
+    tree = planner_tree(records, spec.cost, told=how in (CUTS_TOLD, EVEN_PIECES))
+    plan = plan_for(tree, n, spec.preset.scan, stripes=stripes, even_pieces=how == EVEN_PIECES, cuts=how != "blend")
     shard_of = plan.shard_of()
     out = [[] for _ in range(n)]
     for r in records:
@@ -194,16 +201,25 @@ def _deal(records: list, n: int, how: str, spec: RunSpec,
     return out, plan
 
 
+def planner_tree(records: list, cost, told: bool = False):
+    """The tree the shard planner cuts: each request's output at its max_tokens, as `blendserve
+    run` builds it (`batch.dispatch.plan`); `told`: at its true length (an oracle)."""
+    if not told:
+        caps = max_new_tokens(records, known=False)
+        records = [r._replace(output_len=m) for r, m in zip(records, caps)]
+    return reference_tree(from_records(records), cost)
+
+
 def fed(records: list, n: int, spec: RunSpec, mode: ExecModel, held: int, low: float = 1.5,
         stripes: int | None = None, policy: str = "blend") -> ScaleOut:
-    """The blend dealing with the snake's last `held` pieces kept back and fed on demand (work
-    stealing at piece granularity, as a driver feeding pieces to the replica that asks): the N
-    engines step in time order (the one furthest behind steps next); an engine whose unfinished
-    requests fall under `low` mean pieces takes the next kept piece. `held` = 0 is
-    `scale_out(records, n, "blend", spec)` exactly."""
+    """The told cuts (`blend-cuts-told`) with the snake's last `held` pieces kept back and fed on
+    demand (work stealing at piece granularity, as a driver feeding pieces to the replica that
+    asks): the N engines step in time order (the one furthest behind steps next); an engine whose
+    unfinished requests fall under `low` mean pieces takes the next kept piece. `held` = 0 is
+    `scale_out(records, n, "blend-cuts-told", spec)` exactly."""
     t0 = time.perf_counter()
-    tree = reference_tree(from_records(records), spec.cost)
-    plan = plan_for(tree, n, spec.preset.scan, stripes=stripes)
+    tree = planner_tree(records, spec.cost, told=True)  # the told cuts' pieces (an ablation)
+    plan = plan_for(tree, n, spec.preset.scan, stripes=stripes, cuts=True)
     if not 0 <= held < len(plan.pieces):
         raise ValueError(f"held must be in [0, {len(plan.pieces)}) pieces, got {held!r}")
     index = {r.rid: i for i, r in enumerate(records)}
