@@ -18,6 +18,12 @@ def test_simulate_prints_the_table_and_writes_json_and_png(capsys, tmp_path):
     assert data["command"].startswith("blendserve simulate") and data["machine"]
     rows = {r["policy"]: r for r in data["results"]}
     assert set(rows) == {"blend", "dfs", "fcfs"} and rows["dfs"]["overlapped_speedup_vs_dfs"] == 1.0
+    for label in ("overlapped", "sequential"):  # against the best other policy, not only dfs
+        best = data["blend_vs_best_other"][label]
+        fastest = min(("dfs", "fcfs"), key=lambda p: rows[p][f"{label}_time_s"])
+        assert best["policy"] == fastest and f"blend vs the best other policy ({label}):" in text
+        assert best["speedup"] == pytest.approx(rows[fastest][f"{label}_time_s"] / rows["blend"][f"{label}_time_s"],
+                                                rel=1e-3)
     assert out.with_suffix(".png").stat().st_size > 10_000
     assert data["interference"] == 0.1  # `assumed`, the default
 

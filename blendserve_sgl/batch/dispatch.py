@@ -2,7 +2,8 @@
 
 `plan(items, n, cost)` builds the resource tree over every pending request (prompt token ids,
 output length at its max_tokens, the bound the engine reserves), runs sort -> split -> sort and
-cuts it with `core.shard.plan_shards`; `shards` gives the items of each replica, `assign`
+deals it with `core.shard.plan_strata` (the lengths are only max_tokens: every larger subtree
+spread over the replicas, small groups whole); `shards` gives the items of each replica, `assign`
 custom_id -> replica. With `--dp N` the engine is one
 `sglang.Engine(dp_size=N)` and each request carries `routed_dp_rank` = its replica, which
 SGLang's DP controller honours before its own round-robin (`maybe_external_dp_rank_routing`,
@@ -39,7 +40,7 @@ def cut(tree: ResourceTree, n: int, keep_sharing: float = PRESET.scan.keep_shari
 
 
 def plan_tree(tree: ResourceTree, n: int, keep_sharing: float = PRESET.scan.keep_sharing) -> ShardPlan:
-    """The tree sorted, split and cut by `plan_shards` (`plan_for`), whose compute measure counts
+    """The tree sorted, split and dealt by `plan_strata` (`plan_for`), whose compute measure counts
     the shared segments each rank's `blend` policy computes again (below its hold threshold)."""
     out = plan_for(tree, n, PRESET.scan, keep_sharing)  # the plugin's split budget and hold
     out.check_integrity(tree)

@@ -108,6 +108,18 @@ COLUMNS = [("policy", "policy"), ("overlapped_time_s", "time ovl s"), ("overlapp
            ("peak_kv", "peak KV"), ("mean_kv", "mean KV"), ("retractions", "retract"), ("wall_s", "wall s")]
 
 
+def best_other(results: dict, models: dict) -> dict:
+    """Per execution mode: (the fastest policy other than blend, its time over blend's), when blend
+    and another policy ran (the "vs dfs" columns compare with one fixed, often weak, baseline)."""
+    if "blend" not in results or len(results) < 2:
+        return {}
+    out = {}
+    for label, model in models.items():
+        name = min((p for p in results if p != "blend"), key=lambda p: results[p].time(model))
+        out[label] = (name, results[name].time(model) / results["blend"].time(model))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="blendserve simulate", description=__doc__.split("\n")[0])
     ap.add_argument("--workload", default="trace1",
@@ -189,6 +201,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {p}: done in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     rows = compare(results, models)
     print(format_table(rows, [c for c in COLUMNS if c[0] in rows[0]]))
+    best = best_other(results, models)
+    for label, (name, ratio) in best.items():
+        print(f"blend vs the best other policy ({label}): {ratio:.3f}x ({name})")
     out = Path(args.out)
     try:
         plot_steps(list(results.values()), png, models["overlapped"],
@@ -209,6 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         "engine": {k: getattr(engine, k) for k in engine.__slots__},
         "interference": args.interference, "known_lengths": args.known_lengths,
         "results": rows,
+        "blend_vs_best_other": {label: {"policy": name, "speedup": round(ratio, 4)} for label, (name, ratio) in best.items()},
     }
     try:
         out.write_text(json.dumps(payload, indent=2) + "\n")

@@ -73,8 +73,11 @@ def _solve(stats: dict, cost: CostModel, density: float, sharing: float) -> np.n
 
 def mix(n: int, density: float, sharing: float, cost: CostModel, seed: int = 0, tol: float = 0.02,
         max_iter: int = 6) -> tuple[list[Record], MixReport]:
-    """n records whose prefix tree has compute density `density` and sharing `sharing` (each
-    within `tol` relative); raises ValueError when the classes cannot reach them."""
+    """n records whose prefix tree has compute density `density` and sharing `sharing`, aimed at
+    within `tol` relative over at most `max_iter` rounds; raises ValueError when the classes'
+    mix cannot reach them at all, else returns the last round's records, whose reached density
+    and sharing the `MixReport` carries (at small n a few long-output requests move the density
+    past `tol`: the sweep reports each cell's measured values beside its target)."""
     if n < 100:
         raise ValueError(f"a trace analog needs at least 100 requests, got {n}")
     if not (math.isfinite(density) and density > 0 and math.isfinite(sharing) and 0 <= sharing < 1):
