@@ -439,14 +439,17 @@ def test_paced_step_sets_and_restores_the_prefill_budget():
     want = paced_prefill_tokens(pol.cost, 8 * 320, 8, pol.cost.density(20 * (250 + 400), 20 * memory_units(250, 400)))
     assert want < 100_000
     pol.begin_step(SimpleNamespace(reqs=running))
-    assert sched.max_prefill_tokens == want and sched.chunked_prefill_size == want
-    # the plan sees the paced budget, less the running requests' decode tokens that ride in the mixed step
-    assert pol._budget(SimpleNamespace(reqs=running)).prefill_tokens == want - len(running)
+    # SGLang's PrefillAdder takes the running requests' decode tokens off both sizes in a mixed step
+    # (`num_mixed_decode_tokens`); `want` is prefill tokens after them already, so they are added
+    # back once (a probe: the step carried want - 2 x 8 prefill tokens, the simulator want)
+    assert sched.max_prefill_tokens == want + len(running) and sched.chunked_prefill_size == want + len(running)
+    # the plan sees what SGLang's adder will: the paced prefill tokens
+    assert pol._budget(SimpleNamespace(reqs=running)).prefill_tokens == want
     pol.end_step()
     assert (sched.max_prefill_tokens, sched.chunked_prefill_size) == (100_000, 100_000)
     sched.chunked_prefill_size = None  # chunked prefill off: only the step's token budget is paced
     pol.begin_step(SimpleNamespace(reqs=running))
-    assert sched.max_prefill_tokens == want and sched.chunked_prefill_size is None
+    assert sched.max_prefill_tokens == want + len(running) and sched.chunked_prefill_size is None
     pol.end_step()
     off = _make_policy(sched, sample_fraction=0.0, pacing=False)
     off.on_arrival(sched.waiting_queue[0])

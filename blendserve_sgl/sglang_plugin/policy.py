@@ -484,6 +484,10 @@ class BlendPolicy:
         # SGLang truncates a chunk to whole pages (and to truncation_align_size): a smaller one
         # would make no progress.
         paced = max(paced, int(sched.page_size or 1), int(getattr(sched, "truncation_align_size", None) or 1))
+        # With mixed steps SGLang's PrefillAdder takes one token per running request off both
+        # budgets (`num_mixed_decode_tokens`); the paced figure is prefill tokens after the decode
+        # tokens already (`paced_prefill_tokens`), so they are added back once here.
+        paced += len(running_batch.reqs) if running_batch is not None else 0
         stock = {"max_prefill_tokens": sched.max_prefill_tokens, "chunked_prefill_size": sched.chunked_prefill_size}
         self._paced = stock
         sched.max_prefill_tokens = min(paced, stock["max_prefill_tokens"])
