@@ -193,10 +193,9 @@ def main() -> None:
         "method": (RunSpec(cost, method, seed=args.seed), POLICIES),
         "product": (RunSpec(cost, stock, seed=args.seed), (*STOCK, "blend")),
         "product, mixed steps": (RunSpec(cost, stock_mixed, seed=args.seed), (*STOCK, "blend")),
-        "known lengths": (RunSpec(cost, method, seed=args.seed, known_lengths=True),
-                          ("sglang-dfs-weight", "dfs", "balance", "blend")),
+        "known lengths": (RunSpec(cost, method, seed=args.seed, known_lengths=True), POLICIES),
         "needs KV projection": (RunSpec(cost, replace(method, kv_projection=True), seed=args.seed,
-                                        known_lengths=True), ("sglang-dfs-weight", "dfs", "balance", "blend")),
+                                        known_lengths=True), POLICIES),
         "ablation: blend unmetered": (RunSpec(cost, method, preset=PRESET.replace(metering=False), seed=args.seed),
                                       ("blend",)),
     }
