@@ -326,6 +326,80 @@ def test_an_error_file_two_runs_name_is_refused_to_the_second_and_kept_whole(tmp
         assert errs.read_bytes() == kept
 
 
+def test_a_kill_while_records_are_dropped_leaves_files_the_next_run_takes(tmp_path, monkeypatch):
+    """`drop` (a rerun running records again) rewrites both files by rename. Killed between the two
+    renames, the error file used to hold the dropped error records the results file had lost, and
+    every rerun refused it as another run's (a probe). The error file goes first now: killed
+    there, it is a subset of the results' error records, which the next run takes; a full disk
+    while rewriting is a ResultsError that names the room needed, with the results unchanged."""
+    import errno
+
+    from blendserve_sgl.batch import results as results_mod
+
+    out, errs = tmp_path / "o.jsonl", tmp_path / "o.errors.jsonl"
+    recs = _records(9)  # r2, r5, r8 failed
+    with ResultWriter.open(out) as w:
+        for r in recs:
+            w.write(r)
+    before = out.read_bytes()
+    real = results_mod._replace
+
+    def killed_at_the_results(path, data, *, locked):
+        if Path(path) == out:
+            raise KeyboardInterrupt  # stands for the kill: nothing after this line runs
+        return real(path, data, locked=locked)
+
+    monkeypatch.setattr(results_mod, "_replace", killed_at_the_results)
+    w = ResultWriter.open(out)
+    with pytest.raises(KeyboardInterrupt):
+        w.drop({"r5", "r0"})
+    os.close(w._fd)  # the killed process's descriptors (and locks) go with it
+    os.close(w._errors_fd)
+    assert out.read_bytes() == before  # the results untouched; the error file without r5
+    assert [json.loads(x)["custom_id"] for x in errs.read_text().splitlines()] == ["r2", "r8"]
+    monkeypatch.setattr(results_mod, "_replace", real)
+    with ResultWriter.open(out) as w:  # the same command again: taken, the error file rebuilt whole
+        assert w.done.records == 9
+        assert [json.loads(x)["custom_id"] for x in errs.read_text().splitlines()] == ["r2", "r5", "r8"]
+
+    def full_disk(path, data, *, locked):
+        if Path(path) == out:
+            raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        return real(path, data, locked=locked)
+
+    monkeypatch.setattr(results_mod, "_replace", full_disk)
+    with ResultWriter.open(out) as w:
+        with pytest.raises(ResultsError, match=r"cannot rewrite .*o.jsonl without the 1 records to run again: No "
+                                               r"space left on device \(it needs room for a copy of the records kept"):
+            w.drop({"r5"})
+    assert out.read_bytes() == before
+
+
+def test_copies_a_killed_rewrite_left_are_removed_by_the_next_run(tmp_path):
+    """A run killed while `_replace` wrote its new file left `.NAME.XXXXXXXX.tmp` beside the results
+    (up to their size) for good (a probe); the next run removes those no process holds, and only
+    those of its own files."""
+    import fcntl
+
+    from blendserve_sgl.batch.results import sweep_tmps
+
+    out = tmp_path / "o.jsonl"
+    out.write_text(json.dumps(_records(1)[0]) + "\n")
+    stale = [tmp_path / ".o.jsonl.0bb6aca2.tmp", tmp_path / ".o.errors.jsonl.ce6a636f.tmp"]
+    keep = [tmp_path / ".o.jsonl.notahex.tmp", tmp_path / ".other.jsonl.0bb6aca2.tmp", tmp_path / ".o.jsonl.12345678.tmp"]
+    for f in stale + keep:
+        f.write_text("partial")
+    held = os.open(keep[2], os.O_RDONLY)  # a run writing it holds it locked
+    fcntl.flock(held, fcntl.LOCK_EX)
+    try:
+        with ResultWriter.open(out):
+            pass
+        assert not any(f.exists() for f in stale) and all(f.exists() for f in keep)
+    finally:
+        os.close(held)
+    assert sweep_tmps(out) == 1 and not keep[2].exists()
+
+
 def test_scan_counts_tokens_of_completed_records():
     data = "".join(json.dumps(r) + "\n" for r in _records(4)).encode()
     done, end, failures = scan(data)

@@ -365,6 +365,10 @@ class ResultWriter:
             raise
         created = tuple(p for p, was in ((path, existed), (errors_path, errors_existed))
                         if p is not None and not was and p.is_file())
+        for held in (path if regular else None, errors_path if errors_fd >= 0 and is_regular_or_new(errors_path)
+                     else None):
+            if held is not None:
+                sweep_tmps(held)  # both files locked by this run now: a copy left by a killed run is garbage
         return cls(path, errors_path, fd, errors_fd, done, regular, created)
 
     def drop(self, keys: set) -> None:
@@ -376,13 +380,23 @@ class ResultWriter:
         data = _read_all(self._fd)
         kept = b"".join(raw + b"\n" for raw in data.split(b"\n")[:-1]
                         if raw.strip() and record_key(_record(raw)) not in keys)
-        fd = _replace(self.path, kept, locked=True)
+        done, _, failures = scan(kept, self.path.name)
+        try:
+            # the error file first: a kill between the two renames leaves it a subset of the results'
+            # error records, which the next run takes and rebuilds (the other order left it holding
+            # records the results no longer had, and every rerun refused it as another run's; a probe)
+            if self.errors_path is not None:
+                os.close(self._errors_fd)
+                self._errors_fd = _rebuild(self.errors_path, failures)
+            fd = _replace(self.path, kept, locked=True)
+        except OSError as exc:
+            raise ResultsError(f"cannot rewrite {exc.filename or self.path} without the {len(keys):,} records to run "
+                               f"again: {exc.strerror} (it needs room for a copy of the records kept, "
+                               f"{len(kept):,} bytes); nothing was changed: free some space and run the same "
+                               "command again") from None
         os.close(self._fd)
         self._fd = fd
-        self.done, _, failures = scan(kept, self.path.name)
-        if self.errors_path is not None:
-            os.close(self._errors_fd)
-            self._errors_fd = _rebuild(self.errors_path, failures)
+        self.done = done
 
     def write(self, record: dict) -> None:
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
@@ -504,6 +518,40 @@ def _check_errors_file(data: bytes, allowed: set, what: str, results: Path) -> N
                            f"{'are' if others != 1 else 'is'} not an error record of -o {results} (the first: "
                            f"line {i}): another file, or the errors of another run, which this run would "
                            "overwrite; move it, or choose another --errors")
+
+
+_TMP = re.compile(r"\.(?P<name>.+)\.[0-9a-f]{8}\.tmp")  # `_replace`'s new file before its rename
+
+
+def sweep_tmps(path: str | os.PathLike[str]) -> int:
+    """Remove the new files `_replace` left next to `path` (its link target) when a run was killed
+    before renaming one over it: only those of that name no process holds locked (a run writing
+    one locks it). Returns how many were removed."""
+    import fcntl
+
+    target = Path(os.path.realpath(path))
+    removed = 0
+    try:
+        names = [n for n in os.listdir(target.parent) if n.endswith(".tmp") and n.startswith(f".{target.name}.")]
+    except OSError:
+        return 0
+    for name in names:
+        m = _TMP.fullmatch(name)
+        if not m or m["name"] != target.name:
+            continue
+        try:
+            fd = os.open(target.parent / name, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            os.unlink(target.parent / name)
+            removed += 1
+        except OSError:
+            pass  # a run is writing it, or it went meanwhile
+        finally:
+            os.close(fd)
+    return removed
 
 
 def _replace(path: Path, data: bytes, *, locked: bool) -> int:
