@@ -799,6 +799,12 @@ def test_a_results_file_passed_as_input_says_so(stand_in, tmp_path, capsys):  # 
     first = out.read_text().splitlines()[0]
     err = parse_line(first, 1, "results.jsonl")
     assert isinstance(err, LineError) and 'this is a result record (it has "response"), not a request' in err.message
+    # the whole file as the input: refused at once (it ran to exit 0, an error record per line; a probe)
+    again = tmp_path / "again.jsonl"
+    assert cli.main([str(out), "-o", str(again), "--model", str(stand_in["model"])]) == 2
+    assert "holds result or error records (its first line has \"response\" and no \"body\")" in \
+        capsys.readouterr().err
+    assert not again.exists()
 
 
 # ------------------------------------------------------------------ the real engine (slow)

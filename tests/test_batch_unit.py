@@ -290,7 +290,9 @@ def test_resume_scan_cuts_a_truncated_last_line_and_rebuilds_the_error_file(tmp_
 def test_results_file_that_is_not_ours_or_locked_is_refused(tmp_path):
     out = tmp_path / "results.jsonl"
     out.write_text(json.dumps(_records(1)[0]) + "\nhello\n" + json.dumps(_records(2)[1]) + "\n")
-    with pytest.raises(ResultsError, match="results.jsonl line 2 is not a result record"):
+    with pytest.raises(ResultsError, match="results.jsonl line 2 is not a result record of `blendserve run`; if the "
+                                           "lines around it are this run's records and only it was damaged, delete "
+                                           "line 2 \\(its request then runs again\\)"):
         ResultWriter.open(out)
     rec = json.dumps(_records(1)[0]) + "\n"
     out.write_text(rec + rec)

@@ -211,6 +211,25 @@ def _refuse_trace(source: Path) -> None:
         raise InputError(f"{source} reads as a trace of token counts, not requests (OpenAI Batch API lines with "
                          f"custom_id, url and body): plan or simulate it with `blendserve plan --workload {source}` "
                          f"or `blendserve simulate --workload {source}`")
+    if source.is_file() and _first_is_a_record(source):  # each line would be an error record, exit 0 (a probe)
+        raise InputError(f"{source} holds result or error records (its first line has \"response\" and no "
+                         "\"body\"), the output of a run, not requests: pass the requests file as the input")
+
+
+def _first_is_a_record(source: Path) -> bool:
+    """Whether the file's first non-blank line (within its first MiB) is a result record, as the
+    reader tells one (`requests.parse_line`)."""
+    try:
+        with open(source, "rb") as f:
+            head = f.read(1 << 20)
+    except OSError:
+        return False
+    first = next((ln for ln in head.lstrip(b"\xef\xbb\xbf").split(b"\n") if ln.strip()), b"")
+    try:
+        obj = json.loads(first)
+    except ValueError:
+        return False
+    return isinstance(obj, dict) and "response" in obj and "method" not in obj and "body" not in obj
 
 
 class EngineError(RuntimeError):

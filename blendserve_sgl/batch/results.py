@@ -151,8 +151,10 @@ def scan(data: bytes, name: str = "results.jsonl") -> tuple[Done, int, list[byte
             continue
         rec = _record(raw)
         if rec is None:
-            raise ResultsError(f"{name} line {number} is not a result record of `blendserve run`; move the file "
-                               "away or pass --overwrite to start over")
+            hint = (f"if the lines around it are this run's records and only it was damaged, delete line {number} "
+                    "(its request then runs again) and run the same command; else " if number > 1 else "")
+            raise ResultsError(f"{name} line {number} is not a result record of `blendserve run`; {hint}move the "
+                               "file away or pass --overwrite to start over")
         key = record_key(rec)
         if key in done.keys:
             raise ResultsError(f"{name} line {number} repeats the result of {key!r}; the file was edited or "
