@@ -34,6 +34,13 @@ def test_settings_load_defaults_and_errors():
                         ({"BLENDSERVE_PRIOR_OUTPUT_LEN": "0"}, "BLENDSERVE_PRIOR_OUTPUT_LEN"),
                         ({"BLENDSERVE_PRIOR_OUTPUT_LEN": "1.5"}, "an integer"),
                         ({"BLENDSERVE_METERING": "maybe"}, "BLENDSERVE_METERING"),
+                        # a digit or two too many, other scripts' digits, 1_000: refused, not taken (a probe)
+                        ({"BLENDSERVE_PRIOR_OUTPUT_LEN": "99999999999999999999999"}, "must be from 1 to 2,147,483,647"),
+                        ({"BLENDSERVE_HOLD_PREFIX_TOKENS": str(2 ** 31)}, "must be from 0 to 2,147,483,647"),
+                        ({"BLENDSERVE_SEED": str(2 ** 64)}, "BLENDSERVE_SEED"),
+                        ({"BLENDSERVE_FREE_POOL_CREDIT": "1e308"}, "must be in \\[0, 1000\\]"),
+                        ({"BLENDSERVE_SEED": "\u0661\u0662"}, "expected an integer"),
+                        ({"BLENDSERVE_PRIOR_OUTPUT_LEN": "1_000"}, "expected an integer"),
                         ({"BLENDSERVE_FINAL_WAVE": "maybe"}, "BLENDSERVE_FINAL_WAVE")):
         with pytest.raises(ValueError, match=needle):
             BlendSettings.load(env)

@@ -65,6 +65,8 @@ class Knob(NamedTuple):
             value = text
         else:
             try:
+                if not text.isascii() or "_" in text:  # int() takes other scripts' digits and 1_000
+                    raise ValueError(text)
                 value = self.kind(text)
             except ValueError:
                 raise ValueError(f"{source}={raw!r}: expected {'an integer' if self.kind is int else 'a number'}") from None
@@ -93,8 +95,15 @@ def _within(lo, hi, lo_open=False):
     return check
 
 
-def _at_least(lo):
-    return lambda v: None if v >= lo else f"must be >= {lo}"
+def _at_least(lo, hi=None):
+    """At least `lo` and, given `hi`, at most `hi` (a count: at most INT32_MAX, as SGLang holds
+    token counts; a digit or two too many is refused, not taken)."""
+    if hi is None:
+        return lambda v: None if v >= lo else f"must be >= {lo}"
+    return lambda v: None if lo <= v <= hi else f"must be from {lo} to {hi:,}"
+
+
+INT32_MAX = (1 << 31) - 1
 
 
 def _file_to_write(v):
@@ -227,10 +236,12 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
          _within(0, 1), preset="sample_fraction"),
     Knob("keep_sharing", float, "Split budget: keep at least this share of the prefix sharing.",
          _within(0, 1), preset="keep_sharing"),
-    Knob("prior_output_len", int, "Output-length estimate before any sample finished.", _at_least(1), preset="prior"),
+    Knob("prior_output_len", int, "Output-length estimate before any sample finished.", _at_least(1, INT32_MAX),
+         preset="prior"),
     Knob("hold_prefix_tokens", int, "Hold a request whose prefix of at least this many tokens is shared with a "
          "request admitted in the same step, or whose prefill SGLang has not processed yet (the overlap scheduler "
-         "caches a prompt one iteration after admitting it).", _at_least(0), preset="hold_prefix_tokens"),
+         "caches a prompt one iteration after admitting it).", _at_least(0, INT32_MAX),
+         preset="hold_prefix_tokens"),
     Knob("final_wave", bool, "Once every waiting request fits in the KV cache at once, admit them longest output "
          "first so the batch ends in one wave (1/0).", preset="final_wave"),
     Knob("engine_check", bool, "Plan only what SGLang's admission check takes, in the order it walks the queue: "
@@ -242,9 +253,9 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
     Knob("metering", bool, "Admit each side's memory work at the rate of its memory share, counting SGLang's "
          "forward passes (1/0).", preset="metering"),
     Knob("free_pool_credit", float, "With metering: each step a side also earns this many times its part of the "
-         "KV pool left free as memory-work credit (0: only its share's rate).", _at_least(0),
+         "KV pool left free as memory-work credit (0: only its share's rate).", _within(0, 1000),
          preset="free_pool_credit"),
-    Knob("seed", int, "Seed of the output-length sample.", _at_least(0), preset="seed"),
+    Knob("seed", int, "Seed of the output-length sample.", _at_least(0, (1 << 63) - 1), preset="seed"),
     Knob("stats_path", str, "Write the policy's counters (JSON) to this file every 32 steps and at the end "
          "(with several DP ranks, each to NAME.dpR.EXT).",
          _file_to_write, default=""),
@@ -260,7 +271,8 @@ CASCADE_KNOBS: dict[str, Knob] = {k.name: k for k in (
     Knob("levels", int, "Levels of the cascade plan: shared ones + the suffix level (1 turns the cascade off; "
          f"at most {MAX_CASCADE_LEVELS}: the plan holds every level, empty or not, at every decode step).",
          _within(1, MAX_CASCADE_LEVELS), default=2, prefix="BLENDSERVE_CASCADE_", cli=False),
-    Knob("min_shared_tokens", int, "A group must share at least this many tokens.", _at_least(1), default=16,
+    Knob("min_shared_tokens", int, "A group must share at least this many tokens.", _at_least(1, INT32_MAX),
+         default=16,
          prefix="BLENDSERVE_CASCADE_", cli=False),
     Knob("stats_path", str, "Rewrite decode counters there as JSON after every decode step.", _file_to_write,
          default="", prefix="BLENDSERVE_CASCADE_", cli=False),
