@@ -226,14 +226,7 @@ def plan_shards(tree: ResourceTree, n_shards: int, tol: float = 0.02, stripes: i
         a2, b2 = cuts[k + 1] if k + 1 < len(cuts) else (b, b)
         owned[owner[k]] += [(a, a2), (b2, b)]
         dealt.append([r.rid for r in o.reqs[a:a2]] + [r.rid for r in o.reqs[b2:b]])
-    runs = [_merge(r) for r in owned]
-    shards = [[r.rid for s, e in rs for r in o.reqs[s:e]] for rs in runs]
-    compute = [sum(o.comp_run(s, e) for s, e in rs) for rs in runs]
-    memory = [sum(o.mem_run(s, e) for s, e in rs) for rs in runs]
-    cut_tokens = sum(o.lcp[s] for rs in runs for s, e in rs)
-    cut_compute = sum(o.kept[s] for rs in runs for s, e in rs)
-    return ShardPlan(shards, runs, cuts[1:], compute, memory, cut_tokens, tree.root.saved, o.comp[n], cut_compute,
-                     hold, tuple(dealt))
+    return _plan_of(o, tree, owned, cuts[1:], hold, dealt)
 
 
 def plan_strata(tree: ResourceTree, n_shards: int, atom: int = STRATUM_ATOM, hold: int = 0) -> ShardPlan:
@@ -282,13 +275,19 @@ def plan_strata(tree: ResourceTree, n_shards: int, atom: int = STRATUM_ATOM, hol
         owners.append(i)
         dealt.append([r.rid for r in o.reqs[a:b]])
         heapq.heappush(heap, (load + work(a, b), i))
+    return _plan_of(o, tree, owned, [], hold, dealt, owners)
+
+
+def _plan_of(o: _Order, tree: ResourceTree, owned: list, cuts: list, hold: int, dealt: list,
+             owners: list = ()) -> ShardPlan:
+    """The ShardPlan of each shard's DFS ranges (`owned`), its work counted as `o` counts it."""
     runs = [_merge(r) for r in owned]
     shards = [[r.rid for s, e in rs for r in o.reqs[s:e]] for rs in runs]
     compute = [sum(o.comp_run(s, e) for s, e in rs) for rs in runs]
     memory = [sum(o.mem_run(s, e) for s, e in rs) for rs in runs]
     cut_tokens = sum(o.lcp[s] for rs in runs for s, e in rs)
     cut_compute = sum(o.kept[s] for rs in runs for s, e in rs)
-    return ShardPlan(shards, runs, [], compute, memory, cut_tokens, tree.root.saved, o.comp[o.n], cut_compute,
+    return ShardPlan(shards, runs, cuts, compute, memory, cut_tokens, tree.root.saved, o.comp[o.n], cut_compute,
                      hold, tuple(dealt), tuple(owners))
 
 
