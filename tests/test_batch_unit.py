@@ -436,8 +436,11 @@ def test_progress_line_counts_and_rates():
 def test_summary_names_every_figure():
     s = RunStats(requests=10, completed=8, failed=2, invalid=1, input_tokens=1000, cached_tokens=250,
                  output_tokens=500, engine_start_seconds=5, generate_seconds=10, wall_seconds=16, policy="blend",
-                 model="m", device="cpu", skipped=0)
+                 model="m", device="cpu", skipped=0, driver_peak_rss_mb=2338.0, tree_peak_rss_mb=443.0)
     text = "\n".join(summary_lines(s, "r.jsonl", "r.errors.jsonl"))
+    # the tree is sampled while generating: never reported below the driver's own peak (a probe saw
+    # "443 MB with the engine processes" beside a 2,338 MB driver)
+    assert "peak RSS 2,338 MB driver; with the engine processes at least 2,338 MB (the tree sampled" in text
     for part in ("10 requests: 8 completed, 2 failed (1 rejected before the engine)", "1,000 (25.0% from the prefix",
                  "output tokens   500", "engine start 5.0 s, generation 10.0 s)", "50.0 output tok/s",
                  "150.0 total tok/s", "r.errors.jsonl"):

@@ -92,8 +92,9 @@ def summary_lines(s: RunStats, results: str, errors: str | None) -> list[str]:
         f"engine start {s.engine_start_seconds:.1f} s, generation {s.generate_seconds:.1f} s)",
         f"  throughput      {s.output_tokens_per_s:,.1f} output tok/s, {s.total_tokens_per_s:,.1f} total tok/s, "
         f"{(s.completed / s.generate_seconds if s.generate_seconds else 0):.2f} requests/s",
-        f"  memory          peak RSS {s.driver_peak_rss_mb:,.0f} MB driver, {s.tree_peak_rss_mb:,.0f} MB with the "
-        f"engine processes; window {s.window:,} requests" + (" (all)" if not s.window else ""),
+        f"  memory          peak RSS {s.driver_peak_rss_mb:,.0f} MB driver; with the engine processes at least "
+        f"{max(s.tree_peak_rss_mb, s.driver_peak_rss_mb):,.0f} MB (the tree sampled while generating, the reader's "
+        f"workers apart); window {s.window:,} requests" + (" (all)" if not s.window else ""),
         f"  results         {results}" + (f" (failed requests also in {errors})" if errors else ""),
     ]
     if s.policy_stats.get("steps"):
