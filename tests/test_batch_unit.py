@@ -86,6 +86,8 @@ BAD_LINES = [  # (line text, fragment of the message, custom_id kept in the reco
     (line("m", "/v1/completions", prompt="p", n=2), '"n" must be 1', "m"),
     (line("n", "/v1/completions", prompt="p", stream=True), '"stream" must be false', "n"),
     (line("o", "/v1/completions", prompt="p", logprobs=2), 'unsupported body field "logprobs"', "o"),
+    (line("t", "/v1/chat/completions", messages=[{"role": "user", "content": "x"}], tools=[], response_format={}),
+     'unsupported body fields "tools", "response_format"; supported:', "t"),
     (line("p", "/v1/completions", prompt=""), '"prompt" is empty', "p"),
     (line("q", "/v1/completions", prompt=["a", "b"]), '"prompt" holds 2 prompts; put one prompt per line', "q"),
     (line("r", "/v1/completions", prompt={"text": "a"}), '"prompt" must be a non-empty string or a list of token ids', "r"),

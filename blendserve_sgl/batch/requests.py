@@ -298,7 +298,11 @@ def _parse_body(line: int, cid: str, kind: str, url: str, body: dict, digest: st
                 raise BadLine(f'"prompt" is not a field of {url}; send "messages", or use url /v1/completions')
             if key == "messages" and kind == "completion":
                 raise BadLine(f'"messages" is not a field of {url}; send "prompt", or use url /v1/chat/completions')
-            raise BadLine(f'unsupported body field {_show(key)}; supported: {", ".join(sorted(allowed))}')
+    others = [k for k in body if k not in allowed]  # every one named: a fix per reread was one field at a time
+    if others:
+        which = ", ".join(_show(k) for k in others[:8]) + (f" and {len(others) - 8} more" if len(others) > 8 else "")
+        raise BadLine(f'unsupported body field{"s" if len(others) > 1 else ""} {which}; supported: '
+                      f'{", ".join(sorted(allowed))}')
     messages = prompt = None
     if kind == "chat":
         messages = _messages(body)
