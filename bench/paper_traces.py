@@ -164,6 +164,13 @@ def plot(panels: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def one_system_prompt(records: list) -> list:
+    """The records with every class's system prompt (`system:KIND` groups) one shared group of the
+    same length: the tree no longer names the class."""
+    return [r._replace(prefix=tuple(("system:shared", t) if str(g).startswith("system:") else (g, t)
+                                    for g, t in r.prefix)) for r in records]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--requests", type=int, default=100_000)
@@ -174,6 +181,10 @@ def main() -> None:
                          "JSONL: workloads.trace_file; the first --requests rows)")
     ap.add_argument("--lean", action="store_true",
                     help="only the runs the summary needs: the method group, the product group, known-length blend")
+    ap.add_argument("--one-system-prompt", action="store_true",
+                    help="every class behind one system prompt (the analogs give each class its own, so the prefix "
+                         "tree names the class: a sample learns each class's lengths, and DFS order groups the "
+                         "long outputs); the same tokens otherwise")
     ap.add_argument("--out", default=None, help="results file stem (default paper_traces, or paper_traces_quick)")
     ap.add_argument("--hardware", default="a100", help=f"hardware preset: {', '.join(hardware_names())}")
     ap.add_argument("--interference", default="assumed",
@@ -210,6 +221,8 @@ def main() -> None:
     for spec in args.traces.split(","):
         t0 = time.perf_counter()
         name, records, counts = trace_or_file(spec, n, cost, args.seed)  # a trace file: its first n rows
+        if args.one_system_prompt:
+            records = one_system_prompt(records)
         wl = Workload(records, cost)
         traces_info[name] = {"target": TRACES.get(name), "density": round(wl.density, 4), "sharing": round(wl.sharing, 4),
                              "counts": counts, "optimal_s": round(wl.optimal_s, 1),

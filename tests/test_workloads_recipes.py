@@ -30,3 +30,23 @@ def test_missing_data_names_the_file_and_its_source(monkeypatch, tmp_path):
     monkeypatch.setenv("BLENDSERVE_DATA", str(tmp_path))
     with pytest.raises(FileNotFoundError, match="mmlu.*hendrycks/test"):
         traces.mix(1000, 1.0, 0.2, COST)
+
+
+def test_one_system_prompt_keeps_tokens_and_hides_the_class():
+    """`bench/paper_traces.py --one-system-prompt`: every class behind one system prompt of the same
+    length; prompt lengths, outputs and the tree's token count unchanged, its sharing not lower, and
+    no subtree names a class by its system prompt any more."""
+    from bench.paper_traces import one_system_prompt
+    from blendserve_sgl.core import CostModel
+    from blendserve_sgl.workloads import trace
+    from blendserve_sgl.workloads.tree import build_tree
+
+    cost = CostModel.from_names("llama-3.1-8b", "a100")
+    records = trace("trace2", 400, cost, 0)[0]
+    merged = one_system_prompt(records)
+    assert [(r.prompt_len, r.output_len) for r in merged] == [(r.prompt_len, r.output_len) for r in records]
+    before = {g for r in records for g, _ in r.prefix if str(g).startswith("system:")}
+    after = {g for r in merged for g, _ in r.prefix if str(g).startswith("system:")}
+    assert len(before) > 1 and after == {"system:shared"}
+    a, b = build_tree(records, cost), build_tree(merged, cost)
+    assert a.root.tokens == b.root.tokens and b.root.saved >= a.root.saved
