@@ -1314,3 +1314,17 @@ def test_results_in_a_missing_folder_name_the_folder_of_o(tmp_path):
     """`-o nodir/o.jsonl` was refused naming the errors file's folder, a file the user never named (a probe)."""
     with pytest.raises(ResultsError, match=r"^-o .*nodir/o.jsonl: the folder .*nodir does not exist; create it"):
         ResultWriter.open(tmp_path / "nodir" / "o.jsonl", None)
+
+
+def test_reader_batches_are_bounded_by_bytes_as_well_as_lines(tmp_path):
+    """Batches of `size` lines, closed early once they hold `max_bytes`: 500 lines of 2 MB made one
+    1 GB batch and the driver, holding 2 x workers of them, reached 2.3 GB (a probe)."""
+    from blendserve_sgl.batch.reader import _batches
+
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b"".join(b'{"x": "' + b"a" * (100 * (i % 3 + 1)) + b'"}\n' for i in range(50)))
+    by_lines = list(_batches(path, 20, max_bytes=10 ** 9))
+    assert [len(b) for b in by_lines] == [20, 20, 10]
+    by_bytes = list(_batches(path, 20, max_bytes=1000))
+    assert [n for b in by_bytes for n, _ in b] == list(range(1, 51))  # every line once, in order
+    assert all(sum(len(raw) for _, raw in b[:-1]) < 1000 for b in by_bytes) and len(by_bytes) > 3
