@@ -102,12 +102,20 @@ def test_sglangs_policy_names_are_taken_as_the_simulators(tmp_path):
 
 def test_a_trace_of_long_block_chains_runs_under_every_policy(tmp_path):
     """Two Mooncake rows sharing 1,999 blocks: chunked prefill publishes them as a chain of
-    about 2,000 cache nodes, which sglang-dfs-weight walked recursively (a RecursionError)."""
+    about 2,000 cache nodes, which sglang-dfs-weight walked recursively (a RecursionError). The
+    prompts (1,024,000 tokens) need a model whose context holds them: `simulate` leaves out rows
+    beyond it."""
+    from blendserve_sgl.core.specs import _MODEL_CONFIGS
+
+    config = tmp_path / "long" / "config.json"
+    config.parent.mkdir()
+    config.write_text(json.dumps({**_MODEL_CONFIGS["llama-3.1-8b"], "max_position_embeddings": 1 << 21}))
     path = tmp_path / "deep.jsonl"
     path.write_text("".join(json.dumps({"input_length": 2000 * 512, "output_length": 4,
                                         "hash_ids": [*range(1999), 10**6 + i]}) + "\n" for i in range(2)))
     out = tmp_path / "sim.json"
-    assert cli.main(["simulate", "--workload", str(path), "--kv-gb", "800", "--chunk", "512", "--out", str(out)]) == 0
+    assert cli.main(["simulate", "--workload", str(path), "--model", str(config), "--kv-gb", "800", "--chunk", "512",
+                     "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]
     assert len(rows) == 6 and all(r["sharing"] > 0.49 for r in rows)  # the second row finds the chain cached
 
