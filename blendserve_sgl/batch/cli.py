@@ -45,7 +45,7 @@ from ..sglang_plugin.settings import rank_path, read_policy_stats, replace_whole
 from .progress import Progress, RunStats, combine_policy_stats, phase_line, summary_lines
 from .prompts import Prepared, context_length
 from .reader import ReadResult, read_store
-from .requests import InputError, check_readable
+from .requests import InputError, check_readable, is_result_record
 from .results import (ResultsError, ResultWriter, error_record, errors_path_for, fingerprint, is_regular_or_new,
                       ok_record, reconcile, request_key, same_file)
 
@@ -217,8 +217,8 @@ def _refuse_trace(source: Path) -> None:
 
 
 def _first_is_a_record(source: Path) -> bool:
-    """Whether the file's first non-blank line (within its first MiB) is a result record, as the
-    reader tells one (`requests.parse_line`)."""
+    """Whether the file's first non-blank line (within its first MiB) is a result record
+    (`requests.is_result_record`, the reader's rule)."""
     try:
         with open(source, "rb") as f:
             head = f.read(1 << 20)
@@ -229,7 +229,7 @@ def _first_is_a_record(source: Path) -> bool:
         obj = json.loads(first)
     except ValueError:
         return False
-    return isinstance(obj, dict) and "response" in obj and "method" not in obj and "body" not in obj
+    return is_result_record(obj)
 
 
 class EngineError(RuntimeError):

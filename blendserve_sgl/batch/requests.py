@@ -189,6 +189,11 @@ def repeated_id(line: int, custom_id: str, first: int, source: str, digest: str 
                                  f"{first}; give every request its own custom_id", digest=digest)
 
 
+def is_result_record(obj) -> bool:
+    """A line of a run's results or errors file (it has "response"), not a request."""
+    return isinstance(obj, dict) and "response" in obj and "method" not in obj and "body" not in obj
+
+
 def parse_line(raw: bytes | str | TooLong, line: int, source: str = "requests.jsonl") -> BatchRequest | LineError:
     """One line -> `BatchRequest`, or `LineError` naming the first problem found."""
     if isinstance(raw, TooLong):
@@ -230,7 +235,7 @@ def parse_line(raw: bytes | str | TooLong, line: int, source: str = "requests.js
             hint = " (write one request per line, not a JSON list)" if isinstance(obj, list) else ""
             raise BadLine(f"expected a JSON object with {', '.join(TOP_FIELDS)}, got {_kind(obj)}{hint}")
         cid = obj.get("custom_id")
-        if "response" in obj and "method" not in obj and "body" not in obj:
+        if is_result_record(obj):
             cid = None
             raise BadLine("this is a result record (it has \"response\"), not a request; pass the requests file, "
                        "not a results or errors file")

@@ -23,13 +23,12 @@ from typing import Any
 from ..core import Budget, CostModel, DualScanner, ResourceTree
 from ..core.pacing import WaitingWork, paced_prefill_tokens, paces
 from ..core.specs import CUSTOM_HARDWARE, ModelSpec, hardware
-from .settings import BlendSettings, open_in_place, rank_path, write_json_file
+from .settings import INT32_MAX, BlendSettings, open_in_place, rank_path, write_json_file
 
 logger = logging.getLogger(__name__)
 
 HINT_KEY = "blendserve_output_len"  # sampling_params.custom_params key: a known output length
 MAX_HINT = 1 << 31  # a larger hint is ignored (no output is that long; the tree holds int64 sums)
-INT32_MAX = (1 << 31) - 1  # the largest top_k SGLang's sampling tensors hold
 
 
 def resolve_hardware(name: str, device: str) -> str:

@@ -103,7 +103,7 @@ def _at_least(lo, hi=None):
     return lambda v: None if lo <= v <= hi else f"must be from {lo} to {hi:,}"
 
 
-INT32_MAX = (1 << 31) - 1
+INT32_MAX = (1 << 31) - 1  # SGLang's int32 tensors: token counts, a sampling batch's top_k
 
 
 def _file_to_write(v):
