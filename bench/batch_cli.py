@@ -40,10 +40,11 @@ FIELDS = ("requests", "completed", "failed", "wall_seconds", "generate_seconds",
           "input_tokens", "output_tokens", "output_tokens_per_s", "total_tokens_per_s", "cache_hit_ratio")
 
 
-def run_policy(policy: str, args, work: Path, index: int) -> tuple[dict, str, dict]:
+def run_policy(policy: str, args, work: Path, index: int, extra: tuple = ()) -> tuple[dict, str, dict]:
+    """One `blendserve run` of `args.requests` (`extra`: more of its arguments)."""
     out, summary = work / f"results-{policy}-{index}.jsonl", work / f"summary-{policy}-{index}.json"
     cmd = ["blendserve", "run", os.path.relpath(args.requests, ROOT), "-o", str(out), "--policy", policy,
-           "--overwrite", "--summary-json", str(summary), "--quiet"]
+           "--overwrite", "--summary-json", str(summary), "--quiet", *extra]
     if args.model:
         cmd += ["--model", args.model]
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
@@ -65,7 +66,7 @@ def run_policy(policy: str, args, work: Path, index: int) -> tuple[dict, str, di
             texts[rec["custom_id"]] = choice.get("text", (choice.get("message") or {}).get("content"))
     data = json.loads(summary.read_text())
     kept = {k: data[k] for k in FIELDS}
-    kept["command"] = shlex.join(cmd[:3] + ["-o", "results.jsonl", "--policy", policy])
+    kept["command"] = shlex.join(cmd[:3] + ["-o", "results.jsonl", "--policy", policy, *extra])
     if data.get("policy_stats"):
         kept["planning_ms_per_step"] = data["policy_stats"].get("planning_ms_per_step")
     return kept, log, texts

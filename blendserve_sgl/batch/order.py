@@ -1,7 +1,9 @@
 """The one global plan of a batch: the order in which the engine receives its requests.
 
 `plan(store, cost)` builds the resource tree over every stored request (its shared pieces as
-`Group` keys, its tail as the unshared rest, output length estimated from max_tokens), runs the
+`Group` keys, then the blocks of its tail that other tails with the same pieces share
+(`tail_segments`: a completion prompt is all tail, and so is a chat's last message), the rest
+unshared, output length estimated from max_tokens), runs the
 sort -> conditional split -> sort loop, and walks the sorted leaves with two cursors, as the
 dual scanner does: the left cursor (compute-dense end) and the right cursor (memory-dense end)
 each move in DFS order, so both keep their prefix sharing, and the next request comes from the
@@ -48,11 +50,113 @@ def build_tree(store: TokenStore, cost: CostModel) -> ResourceTree:
     max_tokens = store.max_tokens.view.tolist()
     ref_off = store.ref_off.view.tolist()
     refs = store.ref_ids.view.tolist()
+    shared_tails = tail_segments(store)
     add = tree.add
     for i in range(len(store)):
         groups = [(names[p], plen_piece[p]) for p in refs[ref_off[i]:ref_off[i + 1]]]
+        groups += shared_tails.get(i, ())
         add(i, prompt_len=prompt[i], prefix=groups, output_len=max_tokens[i], max_tokens=max_tokens[i])
     return tree
+
+
+TAIL_BLOCK = 32  # tokens: tails are compared in whole blocks; a shared run shorter than this is ignored
+_CHUNK_TOKENS = 1 << 22  # tail tokens hashed at a time (bounds the temporary arrays)
+
+
+def _mix(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer over a uint64 array (wrapping arithmetic)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _path_seeds(store: TokenStore) -> np.ndarray:
+    """Per request, a hash of the pieces it starts with (0 for none): tails are compared only
+    among requests behind the same pieces."""
+    n = len(store)
+    seeds = np.zeros(n, np.uint64)
+    counts = np.diff(store.ref_off.view)
+    refs = store.ref_ids.view.astype(np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(int(counts.max()) if n else 0):  # one pass per piece position (a few)
+            rows = np.flatnonzero(counts > j)
+            seeds[rows] = _mix(seeds[rows] * np.uint64(0x9E3779B97F4A7C15) + refs[store.ref_off.view[rows] + j]
+                               + np.uint64(1))
+    return seeds
+
+
+def tail_blocks(store: TokenStore, block: int = TAIL_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+    """Every whole `block`-token block of every tail as a 64-bit hash of the request's pieces and
+    its tail up to that block's end (`chain`, request by request, block by block) and each
+    request's first block in `chain` (`first`, n + 1 entries). Equal chains mean equal prompts up
+    to there (a collision, about one in 2^64 per pair, could only change the order)."""
+    n = len(store)
+    off = store.tail_off.view
+    nb = (np.diff(off) // block).astype(np.int64)
+    first = np.zeros(n + 1, np.int64)
+    np.cumsum(nb, out=first[1:])
+    sums = np.empty(int(first[-1]), np.uint64)  # each block's token hash
+    tokens = store.tail_tokens.a
+    pos_salt = _mix(np.arange(1, block + 1, dtype=np.uint64))
+    start = 0
+    with np.errstate(over="ignore"):
+        while start < n:  # requests in chunks of about _CHUNK_TOKENS tail tokens
+            stop = int(np.searchsorted(off, off[start] + _CHUNK_TOKENS, side="right"))
+            stop = min(n, max(stop - 1, start + 1))
+            rows = np.repeat(np.arange(start, stop), nb[start:stop])
+            if len(rows):
+                k = np.arange(len(rows)) - (first[rows] - first[start])  # block index within its tail
+                at = off[rows] + k * block
+                toks = tokens[at[:, None] + np.arange(block)].astype(np.uint64)
+                sums[first[start]:first[stop]] = _mix((_mix(toks + np.uint64(1)) ^ pos_salt).sum(axis=1))
+            start = stop
+        chain = np.empty_like(sums)
+        cur = _path_seeds(store)
+        order = np.argsort(-nb, kind="stable")  # requests by block count, most first
+        alive = len(order)
+        for k in range(int(nb.max()) if n else 0):  # block k of every tail that has one
+            while alive and nb[order[alive - 1]] <= k:
+                alive -= 1
+            rows = order[:alive]
+            at = first[rows] + k
+            cur[rows] = _mix(cur[rows] * np.uint64(0x9E3779B97F4A7C15) + sums[at])
+            chain[at] = cur[rows]
+    return chain, first
+
+
+def tail_segments(store: TokenStore, block: int = TAIL_BLOCK) -> dict[int, list[tuple[str, int]]]:
+    """The shared part of each tail as prefix groups [(name, tokens)], for the requests that have
+    one: the leading whole blocks that another request behind the same pieces has too, cut where
+    the number of requests sharing them drops (where the prefix tree branches), each segment
+    named by its last block's chain hash. Tails are where completion prompts keep all their
+    tokens and chats their last message; without this, requests that share them look unrelated
+    to the plan."""
+    chain, first = tail_blocks(store, block)
+    if not len(chain):
+        return {}
+    _, inverse, counts = np.unique(chain, return_inverse=True, return_counts=True)
+    count = counts[inverse.ravel()]
+    out: dict[int, list[tuple[str, int]]] = {}
+    names: dict[int, str] = {}
+    rows = np.flatnonzero(np.diff(first) > 0)
+    rows = rows[count[first[rows]] > 1]  # the requests whose first tail block is shared
+    for i in rows.tolist():
+        c = count[first[i]:first[i + 1]].tolist()
+        h = chain[first[i]:first[i + 1]].tolist()
+        groups, start = [], 0
+        for k in range(len(c)):
+            if c[k] < 2:
+                break
+            if k + 1 == len(c) or c[k + 1] != c[k]:  # the next block is held by fewer (or none)
+                name = names.get(h[k])
+                if name is None:
+                    name = names[h[k]] = f"t{h[k]:016x}"
+                groups.append((name, (k + 1 - start) * block))
+                start = k + 1
+        out[i] = groups
+    return out
 
 
 def plan(store: TokenStore, cost: CostModel, keep_sharing: float = PRESET.scan.keep_sharing) -> np.ndarray:
