@@ -289,6 +289,49 @@ def test_resume_scan_cuts_a_truncated_last_line_and_rebuilds_the_error_file(tmp_
     assert [json.loads(x)["custom_id"] for x in errs.read_text().splitlines()] == ["r2", "r5"]
 
 
+@pytest.mark.parametrize("chunk", [1, 7, 64, 1 << 20])
+def test_resume_reads_its_files_in_chunks_with_the_same_outcome(tmp_path, monkeypatch, chunk):
+    """Resume at a million records must not hold the results or error file whole (a probe: 2.7 GB
+    of driver to find nothing left to do): the scan, the error file's check and rebuild, `drop`
+    and `check_integrity` read in `_CHUNK`s. Whatever the chunk (one byte, one that cuts lines
+    and records anywhere), the outcome is the whole-file one: the same keys and counts, the same
+    error file, the same partial line cut, the same refusal of a foreign error line."""
+    from blendserve_sgl.batch import results as results_mod
+
+    monkeypatch.setattr(results_mod, "_CHUNK", chunk)
+    reads = []
+    real_pread = os.pread
+    monkeypatch.setattr(results_mod.os, "pread", lambda fd, n, pos: reads.append(n) or real_pread(fd, n, pos))
+    out, errs = tmp_path / "o.jsonl", tmp_path / "o.errors.jsonl"
+    recs = _records(12)  # r2, r5, r8, r11 failed
+    lines = [json.dumps(r) + "\n" for r in recs]
+    out.write_text("".join(lines[:11]) + "\n" + lines[11][:25])  # a blank line, then a partial one
+    errs.write_text(lines[5] + lines[2][:17])  # a subset, its last line cut short
+    with ResultWriter.open(out) as w:
+        assert w.done.cut_partial_line and w.done.records == 11 and w.done.failed == 3
+        assert w.done.keys == {f"r{i}" for i in range(11)}
+        assert out.read_text() == "".join(lines[:11]) + "\n"
+        assert errs.read_text() == lines[2] + lines[5] + lines[8]
+        w.drop({"r5", "r0", "r7"})
+        assert w.done.keys == {f"r{i}" for i in range(11)} - {"r5", "r0", "r7"}
+        w.write(recs[11])
+    kept = [x for i, x in enumerate(lines) if i not in (0, 5, 7)]
+    assert out.read_text() == "".join(kept)
+    assert errs.read_text() == lines[2] + lines[8] + lines[11]
+    done = check_integrity(out, errs)
+    assert done.records == 9 and done.failed == 3
+    assert reads and max(reads) <= max(chunk, max(len(x) for x in lines))  # one failure line at most at once
+    errs.write_text(lines[2] + "not ours\n")
+    with pytest.raises(ResultsError, match="already holds 1 line that is not an error record of -o .*line 2"):
+        ResultWriter.open(out)
+    errs.write_text(lines[2] + lines[8][:10] + "x")  # a last line that starts no error record of ours
+    with pytest.raises(ResultsError, match="already holds 1 line that is not an error record of -o .*line 2"):
+        ResultWriter.open(out)
+    errs.write_text(lines[2] + lines[8] + lines[11] + "\n")
+    with pytest.raises(ResultsError, match="does not hold exactly"):
+        check_integrity(out, errs)
+
+
 def test_results_file_that_is_not_ours_or_locked_is_refused(tmp_path):
     out = tmp_path / "results.jsonl"
     out.write_text(json.dumps(_records(1)[0]) + "\nhello\n" + json.dumps(_records(2)[1]) + "\n")

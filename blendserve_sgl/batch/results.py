@@ -28,12 +28,14 @@ only requests still in flight.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
 import stat
 import time
 import uuid
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -133,20 +135,103 @@ class Done:
 RECORD_START = b'{"id": "batch_req_'  # how every record line begins (`_batch_id`, written by `ResultWriter.write`)
 
 
-def scan(data: bytes, name: str = "results.jsonl") -> tuple[Done, int, list[bytes]]:
-    """Read results bytes: (what they hold, bytes of complete lines, failure lines).
+_CHUNK = 1 << 20  # bytes read at a time: no file is ever held whole
+
+
+def _reader(source):
+    """read(n, pos) over a file descriptor or a bytes object."""
+    if isinstance(source, int):
+        return lambda n, pos: os.pread(source, n, pos)
+    data = bytes(source)
+    return lambda n, pos: data[pos:pos + n]
+
+
+def _lines(read):
+    """(offset, line without its newline, complete) for every line; the bytes after the last
+    newline, if any, come last with complete False. Reads `_CHUNK` bytes at a time."""
+    pos, parts, at = 0, [], 0
+    while chunk := read(_CHUNK, pos):
+        pos += len(chunk)
+        cut = chunk.rfind(b"\n")
+        if cut < 0:
+            parts.append(chunk)
+            continue
+        parts.append(chunk[:cut])
+        for raw in b"".join(parts).split(b"\n"):
+            yield at, raw, True
+            at += len(raw) + 1
+        parts = [chunk[cut + 1:]]
+    tail = b"".join(parts)
+    if tail:
+        yield at, tail, False
+
+
+def _line_hash(raw: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(raw, digest_size=8).digest(), "little")
+
+
+class Failures:
+    """The failure lines of a results file, not their text: where each is in the file it was
+    scanned from (read back on demand) and a 64-bit hash of each, for the error file's check."""
+
+    def __init__(self, read=None):
+        self._read = read
+        self.at, self.size, self.hashes = array("q"), array("q"), array("Q")
+
+    def add(self, at: int, raw: bytes) -> None:
+        self.at.append(at)
+        self.size.append(len(raw))
+        self.hashes.append(_line_hash(raw))
+
+    def __len__(self) -> int:
+        return len(self.at)
+
+    def nbytes(self) -> int:
+        """Their bytes, newlines included."""
+        return sum(self.size) + len(self.size)
+
+    def lines(self):
+        """Each failure line with its newline, in file order."""
+        for at, n in zip(self.at, self.size):
+            yield _read_exact(self._read, n, at) + b"\n"
+
+    def write_to(self, fd: int) -> None:
+        buf, held = [], 0
+        for raw in self.lines():
+            buf.append(raw)
+            held += len(raw)
+            if held >= _CHUNK:
+                _write_all(fd, b"".join(buf))
+                buf, held = [], 0
+        _write_all(fd, b"".join(buf))
+
+
+def scan(data, name: str = "results.jsonl") -> tuple[Done, int, Failures]:
+    """Read results (bytes, or a file descriptor read in `_CHUNK`s): (what they hold, bytes of
+    complete lines, the failure lines).
 
     Raises ResultsError for a complete line that is not a result record or repeats a key: such a
     file was not written by `blendserve run` (or was edited)."""
+    done, end, failures, _ = _scan(_reader(data), name)
+    return done, end, failures
+
+
+def _scan(read, name: str, drop: set | None = None) -> tuple[Done, int, Failures, list]:
+    """`scan`, leaving out the records of the keys in `drop`; also returns the byte ranges
+    [start, end) of the lines kept (adjacent lines merged)."""
     done = Done()
-    failures = []
-    end = data.rfind(b"\n") + 1  # a last line without its newline is partial
-    tail = data[end:].strip()
-    done.cut_partial_line = bool(tail)
-    if tail and not (tail.startswith(RECORD_START) or RECORD_START.startswith(tail)):
-        raise ResultsError(f"{name} ends with a line that is neither a result record of `blendserve run` nor "
-                           "the start of one; move the file away or pass --overwrite to start over")
-    for number, raw in enumerate(data[:end].split(b"\n")[:-1], start=1):
+    failures = Failures(read)
+    kept: list[list[int]] = []
+    end = 0
+    for number, (at, raw, complete) in enumerate(_lines(read), start=1):
+        if not complete:  # a last line without its newline is partial
+            tail = raw.strip()
+            if tail and not (tail.startswith(RECORD_START) or RECORD_START.startswith(tail)):
+                raise ResultsError(f"{name} ends with a line that is neither a result record of `blendserve run` "
+                                   "nor the start of one; move the file away or pass --overwrite to start over")
+            done.cut_partial_line = bool(tail)
+            break
+        end = at + len(raw) + 1
         if not raw.strip():
             continue
         rec = _record(raw)
@@ -156,16 +241,22 @@ def scan(data: bytes, name: str = "results.jsonl") -> tuple[Done, int, list[byte
             raise ResultsError(f"{name} line {number} is not a result record of `blendserve run`; {hint}move the "
                                "file away or pass --overwrite to start over")
         key = record_key(rec)
+        if drop is not None and key in drop:
+            continue
         if key in done.keys:
             raise ResultsError(f"{name} line {number} repeats the result of {key!r}; the file was edited or "
                                "written by two runs: remove the repeated line or pass --overwrite")
+        if kept and kept[-1][1] == at:
+            kept[-1][1] = end
+        else:
+            kept.append([at, end])
         done.keys.add(key)
         if isinstance(rec.get("request_digest"), str) and rec["request_digest"]:
             done.digests[key] = rec["request_digest"]
         if is_failure(rec):
             done.failed += 1
             done.failed_keys.add(key)
-            failures.append(raw + b"\n")
+            failures.add(at, raw)
         else:
             done.completed += 1
             mark = rec["response"]["body"].get("system_fingerprint")
@@ -174,21 +265,39 @@ def scan(data: bytes, name: str = "results.jsonl") -> tuple[Done, int, list[byte
             usage = rec["response"]["body"].get("usage") or {}
             done.input_tokens += int(usage.get("prompt_tokens", 0))
             done.output_tokens += int(usage.get("completion_tokens", 0))
-    return done, end, failures
+    return done, end, failures, kept
 
 
 def check_integrity(path: str | os.PathLike[str], errors_path: str | os.PathLike[str] | None = None) -> Done:
     """The invariants of a finished run's files (ResultsError if one fails): every line of the
     results file a complete record, each key once, and the error file holding exactly its
-    failure records, in the same order."""
+    failure records, in the same order. Both files are read in chunks, never held whole."""
     path = Path(path)
-    data = path.read_bytes()
-    done, end, failures = scan(data, path.name)
-    if end < len(data):
-        raise ResultsError(f"{path} ends with a partial line")
-    if errors_path is not None and Path(errors_path).read_bytes() != b"".join(failures):
-        raise ResultsError(f"{errors_path} does not hold exactly the failed records of {path}")
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        done, end, failures = scan(fd, path.name)
+        if end < os.fstat(fd).st_size:
+            raise ResultsError(f"{path} ends with a partial line")
+        if errors_path is not None and not _holds_exactly(Path(errors_path), failures):
+            raise ResultsError(f"{errors_path} does not hold exactly the failed records of {path}")
+    finally:
+        os.close(fd)
     return done
+
+
+def _holds_exactly(path: Path, failures: Failures) -> bool:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        if os.fstat(fd).st_size != failures.nbytes():
+            return False
+        pos = 0
+        for raw in failures.lines():
+            if _read_exact(lambda n, p: os.pread(fd, n, p), len(raw), pos) != raw:
+                return False
+            pos += len(raw)
+        return True
+    finally:
+        os.close(fd)
 
 
 def _record(raw: bytes) -> dict | None:
@@ -352,8 +461,9 @@ class ResultWriter:
             if regular:
                 fd, done, failures, earlier, cut = _open_results(path, overwrite)
             else:
-                fd, done, failures, earlier, cut = os.open(path, os.O_WRONLY | os.O_APPEND), Done(), [], [], None
-            errors_fd = _rebuild(errors_path, failures, mine=(set(failures) | set(earlier), what, path)) \
+                fd, done, cut = os.open(path, os.O_WRONLY | os.O_APPEND), Done(), None
+                failures, earlier = Failures(), Failures()
+            errors_fd = _rebuild(errors_path, failures, mine=((failures, earlier), what, path)) \
                 if errors_path is not None else -1
             if cut is not None:  # the errors file taken: only now is -o emptied or its partial line cut
                 os.ftruncate(fd, cut)
@@ -378,24 +488,28 @@ class ResultWriter:
         file, locked, then renamed over the results file; the error file is rebuilt to match."""
         if not keys:
             return
-        os.lseek(self._fd, 0, os.SEEK_SET)
-        data = _read_all(self._fd)
-        kept = b"".join(raw + b"\n" for raw in data.split(b"\n")[:-1]
-                        if raw.strip() and record_key(_record(raw)) not in keys)
-        done, _, failures = scan(kept, self.path.name)
+        old = self._fd
+        done, _, failures, kept = _scan(_reader(old), self.path.name, drop=keys)  # the file is read, not held
+
+        def copy_kept(out: int) -> None:
+            for start, end in kept:
+                for pos in range(start, end, _CHUNK):
+                    _write_all(out, _read_exact(lambda n, p: os.pread(old, n, p), min(_CHUNK, end - pos), pos))
+
         try:
             # the error file first: a kill between the two renames leaves it a subset of the results'
             # error records, which the next run takes and rebuilds (the other order left it holding
             # records the results no longer had, and every rerun refused it as another run's; a probe)
             if self.errors_path is not None:
                 os.close(self._errors_fd)
+                self._errors_fd = -1
                 self._errors_fd = _rebuild(self.errors_path, failures)
-            fd = _replace(self.path, kept, locked=True)
+            fd = _replace(self.path, copy_kept, locked=True)
         except OSError as exc:
             raise ResultsError(f"cannot rewrite {exc.filename or self.path} without the {len(keys):,} records to run "
                                f"again: {exc.strerror} (it needs room for a copy of the records kept, "
-                               f"{len(kept):,} bytes); nothing was changed: free some space and run the same "
-                               "command again") from None
+                               f"{sum(e - b for b, e in kept):,} bytes); nothing was changed: free some space and run "
+                               "the same command again") from None
         os.close(self._fd)
         self._fd = fd
         self.done = done
@@ -442,25 +556,26 @@ def _names_an_open_file(path: Path) -> bool:
     return parent == "/dev" or re.fullmatch(r"/proc/[^/]+/fd", parent) is not None
 
 
-def _open_results(path: Path, overwrite: bool) -> tuple[int, Done, list[bytes], list[bytes], int | None]:
+def _open_results(path: Path, overwrite: bool) -> tuple[int, Done, Failures, Failures, int | None]:
     """Open and lock a regular results file (retrying when a run renamed a new file over it
-    while this one waited) and scan it. Returns (fd, what it holds, its failure lines, the failure
-    lines `overwrite` discards, the size to cut it to: 0 with `overwrite`, the end of its last
-    whole line when a partial one follows, else None); the caller cuts it."""
+    while this one waited) and scan it (read in chunks, never held whole). Returns (fd, what it
+    holds, its failure lines, the failure lines `overwrite` discards, the size to cut it to: 0
+    with `overwrite`, the end of its last whole line when a partial one follows, else None); the
+    caller cuts it."""
     fd = _open_locked(path, "-o")
     try:
-        data = _read_all(fd)
         if overwrite:
             try:  # the error records of what is discarded: the errors file may hold them, nothing else
-                earlier = scan(data, path.name)[2]
+                earlier = scan(fd, path.name)[2]
             except ResultsError:
-                earlier = []
-            return fd, Done(), [], earlier, 0
-        done, end, failures = scan(data, path.name)
+                earlier = Failures()
+            return fd, Done(), Failures(), earlier, 0
+        done, end, failures = scan(fd, path.name)
+        size = os.fstat(fd).st_size
     except BaseException:
         os.close(fd)
         raise
-    return fd, done, failures, [], end if end < len(data) else None
+    return fd, done, failures, Failures(), end if end < size else None
 
 
 def _open_locked(path: Path, flag: str) -> int:
@@ -489,36 +604,48 @@ def _open_locked(path: Path, flag: str) -> int:
         os.close(fd)  # locked an old file that was replaced meanwhile: lock the current one
 
 
-def _rebuild(errors_path: Path, lines: list[bytes], mine: tuple[set, str, Path] | None = None) -> int:
-    """The error file holding exactly `lines`, open for appending. A regular (or new) file is
+def _rebuild(errors_path: Path, lines: Failures, mine: tuple[tuple, str, Path] | None = None) -> int:
+    """The error file holding exactly `lines` (read back from the results file they were
+    scanned from), open for appending. A regular (or new) file is
     rebuilt as a new file renamed over it, so it is never emptied before the new content is
     there, and locked like the results file (two runs naming one --errors file: the second stops);
-    a stream (/dev/stderr, a pipe) is opened for appending as it is. `mine` (the failure lines
-    the file may hold, how to name it, the results file): a file holding anything else is another
+    a stream (/dev/stderr, a pipe) is opened for appending as it is. `mine` (the `Failures` the
+    file may hold, how to name it, the results file): a file holding anything else is another
     file or another run's errors, and is refused untouched."""
     if not is_regular_or_new(errors_path):
         return os.open(errors_path, os.O_WRONLY | os.O_APPEND)
     guard = _open_locked(errors_path, "--errors")  # one run per error file, as per results file
     try:
         if mine is not None:
-            _check_errors_file(_read_all(guard), *mine)
-        return _replace(errors_path, b"".join(lines), locked=True)
+            _check_errors_file(guard, *mine)
+        return _replace(errors_path, lines.write_to, locked=True)
     finally:
         os.close(guard)
 
 
-def _check_errors_file(data: bytes, allowed: set, what: str, results: Path) -> None:
-    """Refuse an existing errors file that holds a line other than the error records of `results`
-    (a last line cut short by a crash may be the start of one)."""
-    lines = data.split(b"\n")
-    for i, raw in enumerate(lines, 1):
-        last = i == len(lines)
-        if not raw.strip() or raw + b"\n" in allowed or last and any(ok.startswith(raw) for ok in allowed):
+def _check_errors_file(fd: int, allowed: tuple, what: str, results: Path) -> None:
+    """Refuse an existing errors file (`fd`, read in chunks) that holds a line other than the
+    error records of `results` (`allowed`: `Failures`, compared by hash; a last line cut short
+    by a crash may be the start of one)."""
+    import numpy as np
+
+    ok = np.unique(np.concatenate([np.frombuffer(f.hashes, np.uint64) for f in allowed] + [np.zeros(0, np.uint64)]))
+    numbers, hashes, partial = array("q"), array("Q"), None
+    for number, (_, raw, complete) in enumerate(_lines(_reader(fd)), start=1):
+        if not raw.strip():
             continue
-        others = sum(1 for r in lines if r.strip() and r + b"\n" not in allowed)
+        if complete:
+            numbers.append(number)
+            hashes.append(_line_hash(raw))
+        elif not any(line.startswith(raw) for f in allowed for line in f.lines()):
+            partial = number
+    bad = np.flatnonzero(~np.isin(np.frombuffer(hashes, np.uint64), ok))
+    others = len(bad) + (partial is not None)
+    if others:
+        first = numbers[int(bad[0])] if len(bad) else partial
         raise ResultsError(f"{what} already holds {others:,} line{'s' if others != 1 else ''} that "
                            f"{'are' if others != 1 else 'is'} not an error record of -o {results} (the first: "
-                           f"line {i}): another file, or the errors of another run, which this run would "
+                           f"line {first}): another file, or the errors of another run, which this run would "
                            "overwrite; move it, or choose another --errors")
 
 
@@ -556,10 +683,10 @@ def sweep_tmps(path: str | os.PathLike[str]) -> int:
     return removed
 
 
-def _replace(path: Path, data: bytes, *, locked: bool) -> int:
-    """Write `data` to a new file next to `path` (its link target), rename it over `path`, and
-    return the new file open for appending (locked first when `locked`, so no other run can
-    take it in between)."""
+def _replace(path: Path, data, *, locked: bool) -> int:
+    """Write `data` (bytes, or a function that writes to the descriptor it is given) to a new
+    file next to `path` (its link target), rename it over `path`, and return the new file open
+    for appending (locked first when `locked`, so no other run can take it in between)."""
     import fcntl
 
     target = Path(os.path.realpath(path))
@@ -572,7 +699,7 @@ def _replace(path: Path, data: bytes, *, locked: bool) -> int:
     try:
         if locked:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        _write_all(fd, data)
+        data(fd) if callable(data) else _write_all(fd, data)
         os.fsync(fd)
         os.replace(tmp, target)
     except BaseException:
@@ -582,12 +709,17 @@ def _replace(path: Path, data: bytes, *, locked: bool) -> int:
     return fd
 
 
-def _read_all(fd: int) -> bytes:
-    os.lseek(fd, 0, os.SEEK_SET)
-    chunks = []
-    while chunk := os.read(fd, 1 << 20):
-        chunks.append(chunk)
-    return b"".join(chunks)
+def _read_exact(read, n: int, pos: int) -> bytes:
+    """`n` bytes at `pos` (a short read, which files give only at their end, read on)."""
+    parts = []
+    while n > 0:
+        got = read(n, pos)
+        if not got:
+            raise ResultsError("internal error: a results file shrank while it was read")
+        parts.append(got)
+        n -= len(got)
+        pos += len(got)
+    return b"".join(parts)
 
 
 def _write_all(fd: int, data: bytes) -> None:
