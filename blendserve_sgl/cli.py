@@ -9,6 +9,10 @@ import os
 import signal
 import sys
 
+from . import lifetime
+
+lifetime.watch_if_spawned()  # SGLang's processes of a run import this first: they end with the run
+
 COMMANDS = {
     "plan": ("blendserve_sgl.plan", "plan a real trace with the dual scanner and show what it achieves"),
     "run": ("blendserve_sgl.batch.cli", "run a JSONL batch of OpenAI requests through SGLang with BlendServe scheduling"),

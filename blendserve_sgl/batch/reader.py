@@ -27,8 +27,6 @@ import json
 import os
 import re
 import stat
-import threading
-import time
 from collections import deque
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -36,6 +34,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
+from .. import lifetime
 from .prompts import beyond_context, check_context, encode, render, tokenizer_failure
 from .requests import BatchRequest, LineError, check_readable, iter_lines, parse_line, repeated_id
 from .store import KINDS, TokenStore
@@ -297,21 +296,13 @@ class WorkerError(RuntimeError):
 def _init_worker(model_dir: str, context_len: int, default_max_tokens: int, source: str) -> None:
     global _encoder, _init_error
     os.environ["TOKENIZERS_PARALLELISM"] = "false"
-    threading.Thread(target=_exit_with_the_driver, args=(os.getppid(),), name="driver-watch", daemon=True).start()
+    lifetime.watch()  # a `kill -9` of the run left the pool's workers idle at about 500 MB each (a probe)
     try:
         from transformers import AutoTokenizer
 
         _encoder = PieceEncoder(AutoTokenizer.from_pretrained(model_dir), context_len, default_max_tokens, source)
     except Exception as exc:  # noqa: BLE001 (reported by the first task; the driver reads in-process)
         _init_error = f"{type(exc).__name__}: {exc}"
-
-
-def _exit_with_the_driver(driver: int, seconds: float = 1.0) -> None:
-    """Ends this worker once the process that started it has ended: after a `kill -9` of the run
-    the pool's workers lived on, idle, holding about 500 MB each (a probe)."""
-    while os.getppid() == driver:
-        time.sleep(seconds)
-    os._exit(1)
 
 
 class Encoded(NamedTuple):

@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""What a rerun costs at a million records: the driver's peak RSS and wall time of `blendserve run`
+on a results file it already holds, this tree against an earlier commit, side by side.
+
+The input is `--requests` lines (default 1,000,000), each refused at validation (`max_tokens`
+-1), so every run writes one error record per line and no engine starts: the figures are the
+reading, the resume scan, the error file's check and rebuild, and `drop`. Three runs per code
+version, each its own process: `first` (empty results), `rerun` (the same command: everything is
+done), `retry` (`--retry-failed`: every record dropped and written again). Peak RSS is the
+driver's from `--summary-json`.
+
+    python bench/resume_memory.py --baseline 3756e70 [--requests 1000000]
+
+Writes bench/results/resume_memory.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench._common import table, write  # noqa: E402
+
+RUNS = (("first", ()), ("rerun", ()), ("retry", ("--retry-failed",)))
+
+
+def write_input(path: Path, n: int) -> None:
+    with path.open("w") as f:
+        for i in range(n):
+            f.write(json.dumps({"custom_id": f"req-{i:07d}", "method": "POST", "url": "/v1/chat/completions",
+                                "body": {"messages": [{"role": "user", "content": f"question {i}"}],
+                                         "max_tokens": -1}}) + "\n")
+
+
+def run(code: Path, requests: Path, out: Path, model: str, extra: tuple) -> dict:
+    summary = out.with_suffix(".summary.json")
+    summary.unlink(missing_ok=True)
+    cmd = [sys.executable, "-m", "blendserve_sgl.cli", "run", str(requests), "-o", str(out), "--model", model,
+           "--quiet", "--summary-json", str(summary), *extra]
+    t0 = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=code, env={**os.environ, "PYTHONPATH": str(code)}, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode not in (0, 1):  # 1: the run finished with failed requests
+        raise SystemExit(f"{' '.join(cmd)} in {code} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    s = json.loads(summary.read_text())
+    return {"wall_seconds": round(wall, 1), "driver_peak_rss_mb": s["driver_peak_rss_mb"],
+            "results_mb": round(out.stat().st_size / 2**20, 1), "failed": s["failed"]}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--requests", type=int, default=1_000_000)
+    ap.add_argument("--baseline", help="an earlier commit to run side by side (a git worktree)")
+    args = ap.parse_args(argv)
+    from cpu_smoke import write_tiny_llama
+
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    figures: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="resume-memory-") as tmp:
+        tmp = Path(tmp)
+        model = str(write_tiny_llama(tmp / "tiny"))
+        requests = tmp / "in.jsonl"
+        write_input(requests, args.requests)
+        codes = {"this": ROOT}
+        if args.baseline:
+            base = tmp / "baseline"
+            subprocess.run(["git", "worktree", "add", "-q", "--detach", str(base), args.baseline], cwd=ROOT, check=True)
+            codes["baseline"] = base
+        try:
+            for version, code in codes.items():
+                out = tmp / f"{version}.jsonl"
+                for name, extra in RUNS:
+                    figures.setdefault(version, {})[name] = r = run(code, requests, out, model, extra)
+                    print(f"{version} {name}: {r}", flush=True)
+        finally:
+            if args.baseline:
+                subprocess.run(["git", "worktree", "remove", "--force", str(tmp / "baseline")], cwd=ROOT)
+    payload = {"git_commit": commit or None, "baseline_commit": args.baseline, "requests": args.requests,
+               "input": "one chat line per request, each refused (max_tokens -1): one error record each, no engine",
+               "runs": figures}
+    if "baseline" in figures:
+        payload["rss_this_over_baseline"] = {k: round(figures["this"][k]["driver_peak_rss_mb"]
+                                                        / figures["baseline"][k]["driver_peak_rss_mb"], 3)
+                                             for k, _ in RUNS}
+        payload["wall_this_over_baseline"] = {k: round(figures["this"][k]["wall_seconds"]
+                                                        / figures["baseline"][k]["wall_seconds"], 3) for k, _ in RUNS}
+    path = write("resume_memory", payload)
+    print(table([(v, k, r["results_mb"], r["driver_peak_rss_mb"], r["wall_seconds"])
+                 for v, rs in figures.items() for k, r in rs.items()],
+                ("code", "run", "results MB", "driver peak RSS MB", "wall s")))
+    print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
