@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import resource
 import shlex
+import subprocess
 import sys
 from pathlib import Path
 
@@ -40,3 +42,15 @@ def table(rows: list[tuple], header: tuple) -> str:
     lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
     lines += [fmt.format(*(str(c) for c in r)) for r in rows]
     return "\n".join(lines)
+
+
+@contextlib.contextmanager
+def code_at(rev: str, folder: Path):
+    """A git worktree of commit `rev` at `folder`, removed afterwards: an earlier version of the
+    code to run side by side with this one."""
+    root = RESULTS.parent.parent
+    subprocess.run(["git", "worktree", "add", "-q", "--detach", str(folder), rev], cwd=root, check=True)
+    try:
+        yield folder
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", str(folder)], cwd=root)

@@ -40,15 +40,19 @@ FIELDS = ("requests", "completed", "failed", "wall_seconds", "generate_seconds",
           "input_tokens", "output_tokens", "output_tokens_per_s", "total_tokens_per_s", "cache_hit_ratio")
 
 
-def run_policy(policy: str, args, work: Path, index: int, extra: tuple = ()) -> tuple[dict, str, dict]:
-    """One `blendserve run` of `args.requests` (`extra`: more of its arguments)."""
+def run_policy(policy: str, args, work: Path, index: int, extra: tuple = (),
+               code: Path = ROOT) -> tuple[dict, str, dict]:
+    """One `blendserve run` of `args.requests` (`extra`: more of its arguments) with the package
+    of the tree at `code` (an earlier commit's worktree: `_common.code_at`)."""
     out, summary = work / f"results-{policy}-{index}.jsonl", work / f"summary-{policy}-{index}.json"
-    cmd = ["blendserve", "run", os.path.relpath(args.requests, ROOT), "-o", str(out), "--policy", policy,
+    cmd = ["blendserve", "run", os.path.relpath(args.requests, code), "-o", str(out), "--policy", policy,
            "--overwrite", "--summary-json", str(summary), "--quiet", *extra]
     if args.model:
         cmd += ["--model", args.model]
     env = {**os.environ, "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
-    proc = subprocess.Popen([sys.executable, "-m", "blendserve_sgl.cli", *cmd[1:]], cwd=ROOT, env=env,
+    if code != ROOT:
+        env["PYTHONPATH"] = str(code)
+    proc = subprocess.Popen([sys.executable, "-m", "blendserve_sgl.cli", *cmd[1:]], cwd=code, env=env,
                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         log, _ = proc.communicate(timeout=args.timeout)

@@ -9,7 +9,10 @@ text as one prompt, where the plan finds the shared part among the tails (`batch
 Each file runs through `blendserve run` (blend, `--window 256 --max-total-tokens 8192`, the tiny
 random Llama of scripts/cpu_smoke.py, max_tokens 2); figures from each run's `--summary-json`.
 
-    python bench/completion_prefixes.py [--pairs 1000]
+    python bench/completion_prefixes.py [--pairs 1000] [--baseline REV]
+
+`--baseline REV` runs the completion file with the code of commit REV too (a git worktree): the
+plan before it saw shared prefixes in tails.
 
 Writes bench/results/completion_prefixes.json.
 """
@@ -17,6 +20,7 @@ Writes bench/results/completion_prefixes.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -29,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench._common import table, write  # noqa: E402
+from bench._common import code_at, table, write  # noqa: E402
 from bench.batch_cli import run_policy  # noqa: E402
 
 EXTRA = ("--window", "256", "--max-total-tokens", "8192")
@@ -57,6 +61,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--pairs", type=int, default=1000)
     ap.add_argument("--timeout", type=float, default=1800, help="seconds per run")
+    ap.add_argument("--baseline", help="an earlier commit whose `blendserve run` takes the completion file too")
     args = ap.parse_args(argv)
     from cpu_smoke import write_tiny_llama
 
@@ -64,13 +69,19 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory(prefix="completion-prefixes-") as tmp:
         tmp = Path(tmp)
         model = str(write_tiny_llama(tmp / "tiny"))
-        for name, path in zip(("chat", "completion"), write_twins(tmp, args.pairs)):
-            ns = argparse.Namespace(requests=str(path), model=model, timeout=args.timeout)
-            kept, _, _ = run_policy("blend", ns, tmp, len(runs), EXTRA)
-            kept["command"] = kept["command"].replace(os.path.relpath(path, ROOT), path.name).replace(model, "TINY")
-            runs[name] = kept
-            print(f"{name}: cache hit {kept['cache_hit_ratio']:.1%}, generation {kept['generate_seconds']:.1f} s",
-                  flush=True)
+        chat, completion = write_twins(tmp, args.pairs)
+        todo = [("chat", chat, ROOT), ("completion", completion, ROOT)]
+        with contextlib.ExitStack() as stack:
+            if args.baseline:
+                todo.append(("completion_baseline", completion, stack.enter_context(code_at(args.baseline,
+                                                                                             tmp / "baseline"))))
+            for name, path, code in todo:
+                ns = argparse.Namespace(requests=str(path), model=model, timeout=args.timeout)
+                kept, _, _ = run_policy("blend", ns, tmp, len(runs), EXTRA, code)
+                kept["command"] = kept["command"].replace(os.path.relpath(path, code), path.name).replace(model, "TINY")
+                runs[name] = kept
+                print(f"{name}: cache hit {kept['cache_hit_ratio']:.1%}, generation {kept['generate_seconds']:.1f} s",
+                      flush=True)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
     payload = {"git_commit": commit or None, "pairs": args.pairs, "requests": 2 * args.pairs,
@@ -82,6 +93,12 @@ def main(argv=None) -> int:
                "completion_over_chat_generation_seconds": round(runs["completion"]["generate_seconds"]
                                                                 / runs["chat"]["generate_seconds"], 4),
                "runs": runs}
+    if "completion_baseline" in runs:
+        payload["baseline_commit"] = args.baseline
+        payload["completion_over_baseline_cache_hits"] = round(runs["completion"]["cache_hit_ratio"]
+                                                              / runs["completion_baseline"]["cache_hit_ratio"], 4)
+        payload["completion_over_baseline_generation_seconds"] = round(
+            runs["completion"]["generate_seconds"] / runs["completion_baseline"]["generate_seconds"], 4)
     path = write("completion_prefixes", payload)
     print(table([(k, r["requests"], r["input_tokens"], f"{r['cache_hit_ratio']:.3f}", f"{r['generate_seconds']:.1f}")
                  for k, r in runs.items()], ("file", "requests", "input tokens", "cache hit", "generation s")))

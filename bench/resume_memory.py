@@ -17,6 +17,7 @@ Writes bench/results/resume_memory.json.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench._common import table, write  # noqa: E402
+from bench._common import code_at, table, write  # noqa: E402
 
 RUNS = (("first", ()), ("rerun", ()), ("retry", ("--retry-failed",)))
 
@@ -72,20 +73,15 @@ def main(argv=None) -> int:
         model = str(write_tiny_llama(tmp / "tiny"))
         requests = tmp / "in.jsonl"
         write_input(requests, args.requests)
-        codes = {"this": ROOT}
-        if args.baseline:
-            base = tmp / "baseline"
-            subprocess.run(["git", "worktree", "add", "-q", "--detach", str(base), args.baseline], cwd=ROOT, check=True)
-            codes["baseline"] = base
-        try:
+        with contextlib.ExitStack() as stack:
+            codes = {"this": ROOT}
+            if args.baseline:
+                codes["baseline"] = stack.enter_context(code_at(args.baseline, tmp / "baseline"))
             for version, code in codes.items():
                 out = tmp / f"{version}.jsonl"
                 for name, extra in RUNS:
                     figures.setdefault(version, {})[name] = r = run(code, requests, out, model, extra)
                     print(f"{version} {name}: {r}", flush=True)
-        finally:
-            if args.baseline:
-                subprocess.run(["git", "worktree", "remove", "--force", str(tmp / "baseline")], cwd=ROOT)
     payload = {"git_commit": commit or None, "baseline_commit": args.baseline, "requests": args.requests,
                "input": "one chat line per request, each refused (max_tokens -1): one error record each, no engine",
                "runs": figures}
