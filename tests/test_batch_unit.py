@@ -1371,3 +1371,32 @@ def test_reader_batches_are_bounded_by_bytes_as_well_as_lines(tmp_path):
     by_bytes = list(_batches(path, 20, max_bytes=1000))
     assert [n for b in by_bytes for n, _ in b] == list(range(1, 51))  # every line once, in order
     assert all(sum(len(raw) for _, raw in b[:-1]) < 1000 for b in by_bytes) and len(by_bytes) > 3
+
+
+def test_penalties_turn_the_overlap_scheduler_off_and_seeds_warn(capsys):
+    """SGLang's overlap scheduler applies penalties a token late (a probe found blend and fcfs
+    disagreeing on 40 of 240 greedy requests with penalties); a request's seed needs deterministic
+    inference. Only the requests left to run count; a user's own --engine-arg choice stands."""
+    import numpy as np
+
+    from blendserve_sgl.batch.cli import sampling_engine_args
+    from blendserve_sgl.batch.store import TokenStore
+
+    store = TokenStore()
+    for i, sampling in enumerate([{"temperature": 0}, {"frequency_penalty": 0.5}, {"repetition_penalty": 1.0},
+                                  {"sampling_seed": 7}, {"presence_penalty": -0.1, "sampling_seed": 1}]):
+        store.add(line=i + 1, custom_id=f"r{i}", kind="chat", model=None, sampling=sampling, max_tokens=4,
+                  piece_digests=[], tail=[1, 2])
+    none_done = np.zeros(5, bool)
+    assert sampling_engine_args(store, none_done, {"x": 1}) == {"x": 1, "disable_overlap_schedule": True}
+    said = capsys.readouterr()
+    err = said.out + said.err
+    assert "2 requests use a frequency, presence or repetition penalty" in err
+    assert "warning: 2 requests set \"seed\"" in err
+    assert sampling_engine_args(store, none_done, {"disable_overlap_schedule": False,
+                                                   "enable_deterministic_inference": True}) == {
+        "disable_overlap_schedule": False, "enable_deterministic_inference": True}
+    assert capsys.readouterr() == ("", "")
+    done = np.array([False, True, False, True, True])  # the penalized and seeded ones already have records
+    assert sampling_engine_args(store, done, {}) == {}
+    assert capsys.readouterr() == ("", "")

@@ -334,6 +334,7 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
         fd, stats_file = tempfile.mkstemp(prefix="blendserve-policy-", suffix=".json")
         os.close(fd)
         os.environ["BLENDSERVE_STATS_PATH"], own_stats = stats_file, True
+    extra = sampling_engine_args(read.store, read.done, extra)
     cfg = runner.EngineConfig(model_path=str(model_dir), policy=args.policy, device=device, context_length=ctx,
                               max_total_tokens=args.max_total_tokens, attention_backend=args.attention_backend,
                               seed=args.seed, log_level=args.log_level, extra=extra)
@@ -654,6 +655,39 @@ def _check_reachable(address: str) -> None:
 OWN_ENGINE_ARGS = {"model_path": "--model", "schedule_policy": "--policy", "context_length": "--context-length",
                    "max_total_tokens": "--max-total-tokens", "attention_backend": "--attention-backend",
                    "random_seed": "--seed", "log_level": "--log-level", "device": "--device", "dp_size": "--dp"}
+
+
+PENALTIES = {"frequency_penalty": 0.0, "presence_penalty": 0.0, "repetition_penalty": 1.0}  # name: no penalty
+
+
+def sampling_engine_args(store, done, extra: dict) -> dict:
+    """The engine arguments the sampling of the requests left to run needs, said with the run's messages:
+    - a frequency, presence or repetition penalty: SGLang 0.5.23's overlap scheduler applies
+      them a token late (a probe: against a reference that penalizes the tokens generated so
+      far, the default engine matched the late penalty on 66 of 70 requests, and blend and fcfs
+      disagreed on 40 of 240; with the overlap off both matched), so it is turned off unless
+      `--engine-arg disable_overlap_schedule=...` chose;
+    - a seed: SGLang applies a request's seed only with `enable_deterministic_inference` (its
+      GPU attention backends), so without it the run warns that seeded samples will differ."""
+    import numpy as np
+
+    counts = np.bincount(store.sampling.view[~done], minlength=len(store.sampling_table))
+    penalized = seeded = 0
+    for k, text in enumerate(store.sampling_table):
+        if counts[k]:
+            sampling = json.loads(text)
+            penalized += int(counts[k]) * any(sampling.get(name, none) != none for name, none in PENALTIES.items())
+            seeded += int(counts[k]) * (sampling.get("sampling_seed") is not None)
+    if penalized and "disable_overlap_schedule" not in extra:
+        _say(f"{penalized:,} requests use a frequency, presence or repetition penalty, which SGLang's overlap "
+             "scheduler applies a token late: it is off for this run (--engine-arg disable_overlap_schedule=false "
+             "keeps it)")
+        extra = {**extra, "disable_overlap_schedule": True}
+    if seeded and extra.get("enable_deterministic_inference") is not True:
+        _say(f"warning: {seeded:,} requests set \"seed\", which SGLang applies only with --engine-arg "
+             "enable_deterministic_inference=true (its GPU attention backends; not on CPU): their samples will "
+             "differ from run to run")
+    return extra
 
 
 def engine_args(pairs: list[str]) -> dict:
