@@ -60,7 +60,7 @@ def build_tree(store: TokenStore, cost: CostModel) -> ResourceTree:
 
 
 TAIL_BLOCK = 32  # tokens: tails are compared in whole blocks; a shared run shorter than this is ignored
-_CHUNK_TOKENS = 1 << 22  # tail tokens hashed at a time (bounds the temporary arrays)
+_CHUNK_TOKENS = 1 << 20  # tail tokens hashed at a time (bounds the temporary arrays)
 
 
 def _mix(x: np.ndarray) -> np.ndarray:
@@ -99,7 +99,7 @@ def tail_blocks(store: TokenStore, block: int = TAIL_BLOCK) -> tuple[np.ndarray,
     np.cumsum(nb, out=first[1:])
     sums = np.empty(int(first[-1]), np.uint64)  # each block's token hash
     tokens = store.tail_tokens.a
-    pos_salt = _mix(np.arange(1, block + 1, dtype=np.uint64))
+    weights = _mix(np.arange(1, block + 1, dtype=np.uint64)) | np.uint64(1)  # odd: a token's weight by its place
     start = 0
     with np.errstate(over="ignore"):
         while start < n:  # requests in chunks of about _CHUNK_TOKENS tail tokens
@@ -110,7 +110,7 @@ def tail_blocks(store: TokenStore, block: int = TAIL_BLOCK) -> tuple[np.ndarray,
                 k = np.arange(len(rows)) - (first[rows] - first[start])  # block index within its tail
                 at = off[rows] + k * block
                 toks = tokens[at[:, None] + np.arange(block)].astype(np.uint64)
-                sums[first[start]:first[stop]] = _mix((_mix(toks + np.uint64(1)) ^ pos_salt).sum(axis=1))
+                sums[first[start]:first[stop]] = _mix((toks * weights).sum(axis=1))
             start = stop
         chain = np.empty_like(sums)
         cur = _path_seeds(store)
@@ -123,6 +123,7 @@ def tail_blocks(store: TokenStore, block: int = TAIL_BLOCK) -> tuple[np.ndarray,
             at = first[rows] + k
             cur[rows] = _mix(cur[rows] * np.uint64(0x9E3779B97F4A7C15) + sums[at])
             chain[at] = cur[rows]
+        del sums
     return chain, first
 
 
@@ -136,15 +137,18 @@ def tail_segments(store: TokenStore, block: int = TAIL_BLOCK) -> dict[int, list[
     chain, first = tail_blocks(store, block)
     if not len(chain):
         return {}
-    _, inverse, counts = np.unique(chain, return_inverse=True, return_counts=True)
-    count = counts[inverse.ravel()]
+    srt = np.sort(chain)
+    again = srt[1:][srt[1:] == srt[:-1]]  # each value once per repeat: few unless tails share much
+    del srt
+    values, repeats = np.unique(again, return_counts=True)
+    count = dict(zip(values.tolist(), (repeats + 1).tolist()))  # chain hash -> requests holding it (>= 2)
+    rows = np.flatnonzero(np.diff(first) > 0)
+    rows = rows[np.isin(chain[first[rows]], values)]  # the requests whose first tail block is shared
     out: dict[int, list[tuple[str, int]]] = {}
     names: dict[int, str] = {}
-    rows = np.flatnonzero(np.diff(first) > 0)
-    rows = rows[count[first[rows]] > 1]  # the requests whose first tail block is shared
     for i in rows.tolist():
-        c = count[first[i]:first[i + 1]].tolist()
         h = chain[first[i]:first[i + 1]].tolist()
+        c = [count.get(x, 1) for x in h]
         groups, start = [], 0
         for k in range(len(c)):
             if c[k] < 2:
