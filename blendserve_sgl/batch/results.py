@@ -217,8 +217,8 @@ def scan(data, name: str = "results.jsonl") -> tuple[Done, int, Failures]:
 
 
 def _scan(read, name: str, drop: set | None = None) -> tuple[Done, int, Failures, list]:
-    """`scan`, leaving out the records of the keys in `drop`; also returns the byte ranges
-    [start, end) of the lines kept (adjacent lines merged)."""
+    """`scan`, leaving out the records of the keys in `drop`; with `drop`, also returns the byte
+    ranges [start, end) of the lines kept (adjacent lines merged), else []."""
     done = Done()
     failures = Failures(read)
     kept: list[list[int]] = []
@@ -246,10 +246,11 @@ def _scan(read, name: str, drop: set | None = None) -> tuple[Done, int, Failures
         if key in done.keys:
             raise ResultsError(f"{name} line {number} repeats the result of {key!r}; the file was edited or "
                                "written by two runs: remove the repeated line or pass --overwrite")
-        if kept and kept[-1][1] == at:
-            kept[-1][1] = end
-        else:
-            kept.append([at, end])
+        if drop is not None:  # only `drop` copies the kept lines
+            if kept and kept[-1][1] == at:
+                kept[-1][1] = end
+            else:
+                kept.append([at, end])
         done.keys.add(key)
         if isinstance(rec.get("request_digest"), str) and rec["request_digest"]:
             done.digests[key] = rec["request_digest"]
@@ -287,12 +288,13 @@ def check_integrity(path: str | os.PathLike[str], errors_path: str | os.PathLike
 
 def _holds_exactly(path: Path, failures: Failures) -> bool:
     fd = os.open(path, os.O_RDONLY)
+    read = _reader(fd)
     try:
         if os.fstat(fd).st_size != failures.nbytes():
             return False
         pos = 0
         for raw in failures.lines():
-            if _read_exact(lambda n, p: os.pread(fd, n, p), len(raw), pos) != raw:
+            if _read_exact(read, len(raw), pos) != raw:
                 return False
             pos += len(raw)
         return True
@@ -492,9 +494,10 @@ class ResultWriter:
         done, _, failures, kept = _scan(_reader(old), self.path.name, drop=keys)  # the file is read, not held
 
         def copy_kept(out: int) -> None:
+            read = _reader(old)
             for start, end in kept:
                 for pos in range(start, end, _CHUNK):
-                    _write_all(out, _read_exact(lambda n, p: os.pread(old, n, p), min(_CHUNK, end - pos), pos))
+                    _write_all(out, _read_exact(read, min(_CHUNK, end - pos), pos))
 
         try:
             # the error file first: a kill between the two renames leaves it a subset of the results'
