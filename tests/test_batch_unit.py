@@ -332,6 +332,33 @@ def test_resume_reads_its_files_in_chunks_with_the_same_outcome(tmp_path, monkey
         check_integrity(out, errs)
 
 
+@pytest.mark.parametrize("chunk", [1, 40, 1 << 20])
+def test_failure_lines_read_back_in_runs_are_the_lines_themselves(monkeypatch, chunk):
+    """`Failures.lines` reads adjacent failure lines back together (one read per run, up to
+    `_CHUNK` bytes): the same lines as read one by one, in file order, and fewer reads once
+    failures sit next to each other; a line longer than the chunk is still read whole."""
+    from blendserve_sgl.batch import results as results_mod
+
+    monkeypatch.setattr(results_mod, "_CHUNK", chunk)
+    rows = [(f"line {i} " + "x" * (i * 7 % 50)).encode() for i in range(30)]
+    data = b"\n".join(rows) + b"\n"
+    starts = [sum(len(r) + 1 for r in rows[:i]) for i in range(len(rows))]
+    failed = [0, 1, 2, 3, 7, 8, 15, 20, 21, 22, 23, 24, 25, 29]
+    reads = []
+    read = results_mod._reader(data)
+    failures = results_mod.Failures(lambda n, pos: reads.append((n, pos)) or read(n, pos))
+    for i in failed:
+        failures.add(starts[i], rows[i])
+    assert list(failures.lines()) == [rows[i] + b"\n" for i in failed]
+    runs = 5  # [0-3], [7-8], [15], [20-25], [29]
+    assert len(reads) == runs if chunk == 1 << 20 else len(reads) >= runs
+    assert all(n <= max(chunk, max(len(r) + 1 for r in rows)) for n, _ in reads)
+    changed = data.replace(b"\nline 1 ", b"Xline 1 ")  # the newline after line 0 gone
+    failures._read = results_mod._reader(changed)
+    with pytest.raises(ResultsError, match="changed while it was read back"):
+        list(failures.lines())
+
+
 def test_results_file_that_is_not_ours_or_locked_is_refused(tmp_path):
     out = tmp_path / "results.jsonl"
     out.write_text(json.dumps(_records(1)[0]) + "\nhello\n" + json.dumps(_records(2)[1]) + "\n")

@@ -191,9 +191,23 @@ class Failures:
         return sum(self.size) + len(self.size)
 
     def lines(self):
-        """Each failure line with its newline, in file order."""
-        for at, n in zip(self.at, self.size):
-            yield _read_exact(self._read, n, at) + b"\n"
+        """Each failure line with its newline, in file order; adjacent lines (the common case: a run
+        whose failures came together) are read back together, up to `_CHUNK` bytes a read."""
+        at, size, i, count = self.at, self.size, 0, len(self.at)
+        while i < count:
+            j, span = i + 1, size[i] + 1
+            while j < count and at[j] == at[i] + span and span + size[j] + 1 <= _CHUNK:
+                span += size[j] + 1
+                j += 1
+            block = _read_exact(self._read, span, at[i])  # each line's newline included: complete lines
+            offset = 0
+            for k in range(i, j):
+                n = size[k]
+                if block[offset + n:offset + n + 1] != b"\n":
+                    raise ResultsError("the results file changed while it was read back; run the same command again")
+                yield block[offset:offset + n + 1]
+                offset += n + 1
+            i = j
 
     def write_to(self, fd: int) -> None:
         buf, held = [], 0
