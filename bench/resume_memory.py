@@ -9,7 +9,7 @@ version, each its own process: `first` (empty results), `rerun` (the same comman
 done), `retry` (`--retry-failed`: every record dropped and written again). Peak RSS is the
 driver's from `--summary-json`.
 
-    python bench/resume_memory.py --baseline 3756e70 [--requests 1000000]
+    python bench/resume_memory.py --baseline 3756e70,f997c7e [--requests 1000000]
 
 Writes bench/results/resume_memory.json.
 """
@@ -61,7 +61,8 @@ def run(code: Path, requests: Path, out: Path, model: str, extra: tuple) -> dict
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--requests", type=int, default=1_000_000)
-    ap.add_argument("--baseline", help="an earlier commit to run side by side (a git worktree)")
+    ap.add_argument("--baseline", default="",
+                    help="earlier commits to run side by side, comma-separated (each a git worktree)")
     args = ap.parse_args(argv)
     from cpu_smoke import write_tiny_llama
 
@@ -75,22 +76,22 @@ def main(argv=None) -> int:
         write_input(requests, args.requests)
         with contextlib.ExitStack() as stack:
             codes = {"this": ROOT}
-            if args.baseline:
-                codes["baseline"] = stack.enter_context(code_at(args.baseline, tmp / "baseline"))
+            for rev in filter(None, args.baseline.split(",")):
+                codes[rev] = stack.enter_context(code_at(rev, tmp / f"at-{rev}"))
             for version, code in codes.items():
                 out = tmp / f"{version}.jsonl"
                 for name, extra in RUNS:
                     figures.setdefault(version, {})[name] = r = run(code, requests, out, model, extra)
                     print(f"{version} {name}: {r}", flush=True)
-    payload = {"git_commit": commit or None, "baseline_commit": args.baseline, "requests": args.requests,
+    payload = {"git_commit": commit or None, "baseline_commits": [v for v in figures if v != "this"],
+               "requests": args.requests,
                "input": "one chat line per request, each refused (max_tokens -1): one error record each, no engine",
                "runs": figures}
-    if "baseline" in figures:
-        payload["rss_this_over_baseline"] = {k: round(figures["this"][k]["driver_peak_rss_mb"]
-                                                        / figures["baseline"][k]["driver_peak_rss_mb"], 3)
-                                             for k, _ in RUNS}
-        payload["wall_this_over_baseline"] = {k: round(figures["this"][k]["wall_seconds"]
-                                                        / figures["baseline"][k]["wall_seconds"], 3) for k, _ in RUNS}
+    for rev in payload["baseline_commits"]:
+        payload.setdefault("rss_this_over", {})[rev] = {
+            k: round(figures["this"][k]["driver_peak_rss_mb"] / figures[rev][k]["driver_peak_rss_mb"], 3) for k, _ in RUNS}
+        payload.setdefault("wall_this_over", {})[rev] = {
+            k: round(figures["this"][k]["wall_seconds"] / figures[rev][k]["wall_seconds"], 3) for k, _ in RUNS}
     path = write("resume_memory", payload)
     print(table([(v, k, r["results_mb"], r["driver_peak_rss_mb"], r["wall_seconds"])
                  for v, rs in figures.items() for k, r in rs.items()],

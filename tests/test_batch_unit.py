@@ -359,6 +359,49 @@ def test_failure_lines_read_back_in_runs_are_the_lines_themselves(monkeypatch, c
         list(failures.lines())
 
 
+@pytest.mark.parametrize("seed", range(8))
+def test_drop_from_the_scans_places_matches_a_full_rescan(tmp_path, monkeypatch, seed):
+    """`drop` right after the open scan finds the lines it keeps from where that scan saw each
+    record (`Done.places`) and parses only the dropped successes again; the plain reference scans
+    the whole file again. Both leave the same two files, the same `Done` and the same failure
+    lines, whatever is dropped (successes, failures, records of lines without a custom_id, keys
+    the file lacks, everything), with blank lines and a partial last line in the file."""
+    import random
+
+    from blendserve_sgl.batch import results as results_mod
+
+    rng = random.Random(seed)
+    recs = _records(30, fail_every=rng.choice([2, 3, 5])) + [error_record(None, "no id", line=100 + i) for i in range(3)]
+    rng.shuffle(recs)
+    text = "".join(json.dumps(r) + "\n" + ("\n" if rng.random() < 0.1 else "") for r in recs)
+    text += json.dumps(recs[0])[:30] if seed % 2 else ""
+    keys = [results_mod.record_key(r) for r in recs]
+    drop = set(rng.sample(keys, rng.randint(1, len(keys)))) | {"not-in-the-file"}
+    successes = sum(1 for r in recs if results_mod.record_key(r) in drop and not results_mod.is_failure(r))
+    parsed = []
+    real_record = results_mod._record
+    monkeypatch.setattr(results_mod, "_record", lambda raw: parsed.append(raw) or real_record(raw))
+    outcomes = []
+    for placed in (True, False):
+        folder = tmp_path / str(placed)
+        folder.mkdir()
+        out, errs = folder / "o.jsonl", folder / "o.errors.jsonl"
+        out.write_text(text)
+        with ResultWriter.open(out) as w:
+            assert w.done.places is not None and len(w.done.places.keys) == len(recs)
+            if not placed:
+                w.done.places = None  # the reference: `drop` scans the file again
+            parsed.clear()
+            w.drop(drop)
+            assert len(parsed) == (successes if placed else len(recs))
+            assert w.done.places is None and w.failures is None
+            outcomes.append((out.read_bytes(), errs.read_bytes(), w.done, sorted(map(str, w.done.keys))))
+            w.write(recs[0] if keys[0] in drop else error_record("late", "x", line=999))
+        assert check_integrity(out, errs).records == len(recs) - len(drop & set(keys)) + 1
+    assert outcomes[0] == outcomes[1]
+    assert outcomes[0][2].records == len(recs) - len(drop & set(keys))
+
+
 def test_results_file_that_is_not_ours_or_locked_is_refused(tmp_path):
     out = tmp_path / "results.jsonl"
     out.write_text(json.dumps(_records(1)[0]) + "\nhello\n" + json.dumps(_records(2)[1]) + "\n")

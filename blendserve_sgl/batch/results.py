@@ -126,6 +126,8 @@ class Done:
     digests: dict = field(default_factory=dict)  # key -> request_digest of records that carry one
     failed_keys: set = field(default_factory=set)
     fingerprints: dict = field(default_factory=dict)  # system_fingerprint -> success records carrying it
+    places: "Places | None" = field(default=None, compare=False, repr=False)  # where the records are (`ResultWriter`'s
+    # scan; None once the file changed)
 
     @property
     def records(self) -> int:
@@ -220,20 +222,36 @@ class Failures:
         _write_all(fd, b"".join(buf))
 
 
-def scan(data, name: str = "results.jsonl") -> tuple[Done, int, Failures]:
+class Places:
+    """Where each record of a scanned results file is, in file order (its key and line's byte
+    range): `drop` finds the lines it keeps without parsing the file again. 24 bytes a record."""
+
+    __slots__ = ("keys", "at", "end")
+
+    def __init__(self):
+        self.keys, self.at, self.end = [], array("q"), array("q")
+
+    def add(self, key, at: int, end: int) -> None:
+        self.keys.append(key)
+        self.at.append(at)
+        self.end.append(end)
+
+
+def scan(data, name: str = "results.jsonl", places: bool = False) -> tuple[Done, int, Failures]:
     """Read results (bytes, or a file descriptor read in `_CHUNK`s): (what they hold, bytes of
     complete lines, the failure lines).
 
     Raises ResultsError for a complete line that is not a result record or repeats a key: such a
-    file was not written by `blendserve run` (or was edited)."""
-    done, end, failures, _ = _scan(_reader(data), name)
+    file was not written by `blendserve run` (or was edited). `places`: keep where each record
+    is (`Done.places`)."""
+    done, end, failures, _ = _scan(_reader(data), name, places=places)
     return done, end, failures
 
 
-def _scan(read, name: str, drop: set | None = None) -> tuple[Done, int, Failures, list]:
+def _scan(read, name: str, drop: set | None = None, places: bool = False) -> tuple[Done, int, Failures, list]:
     """`scan`, leaving out the records of the keys in `drop`; with `drop`, also returns the byte
     ranges [start, end) of the lines kept (adjacent lines merged), else []."""
-    done = Done()
+    done = Done(places=Places() if places else None)
     failures = Failures(read)
     kept: list[list[int]] = []
     end = 0
@@ -266,6 +284,8 @@ def _scan(read, name: str, drop: set | None = None) -> tuple[Done, int, Failures
             else:
                 kept.append([at, end])
         done.keys.add(key)
+        if done.places is not None:
+            done.places.add(key, at, end)
         if isinstance(rec.get("request_digest"), str) and rec["request_digest"]:
             done.digests[key] = rec["request_digest"]
         if is_failure(rec):
@@ -273,14 +293,63 @@ def _scan(read, name: str, drop: set | None = None) -> tuple[Done, int, Failures
             done.failed_keys.add(key)
             failures.add(at, raw)
         else:
-            done.completed += 1
-            mark = rec["response"]["body"].get("system_fingerprint")
-            if isinstance(mark, str):
-                done.fingerprints[mark] = done.fingerprints.get(mark, 0) + 1
-            usage = rec["response"]["body"].get("usage") or {}
-            done.input_tokens += int(usage.get("prompt_tokens", 0))
-            done.output_tokens += int(usage.get("completion_tokens", 0))
+            _count_success(done, rec, 1)
     return done, end, failures, kept
+
+
+def _count_success(done: Done, rec: dict, sign: int) -> None:
+    """Count a success record into (+1) or out of (-1) `done`."""
+    done.completed += sign
+    mark = rec["response"]["body"].get("system_fingerprint")
+    if isinstance(mark, str):
+        done.fingerprints[mark] = done.fingerprints.get(mark, 0) + sign
+        if not done.fingerprints[mark]:
+            del done.fingerprints[mark]
+    usage = rec["response"]["body"].get("usage") or {}
+    done.input_tokens += sign * int(usage.get("prompt_tokens", 0))
+    done.output_tokens += sign * int(usage.get("completion_tokens", 0))
+
+
+def _placed_drop(read, done: Done, failures: Failures, keys: set):
+    """What `_scan(read, drop=keys)` finds in the file `done` and `failures` were scanned from
+    (with `places`), from where its records are: only the dropped success records are read and
+    parsed again. Returns (the kept byte ranges, the kept failures, how to make `done` what the
+    scan would return: call it once the file is rewritten)."""
+    places, kept, left = done.places, [], Failures(read)
+    gone_successes, j, count = [], 0, len(failures)
+    for key, at, end in zip(places.keys, places.at, places.end):
+        failure = j < count and failures.at[j] == at  # both in file order
+        if key in keys:
+            if failure:
+                j += 1
+            else:
+                gone_successes.append(_record(_read_exact(read, end - at - 1, at)))
+            continue
+        if failure:
+            left.at.append(at)
+            left.size.append(failures.size[j])
+            left.hashes.append(failures.hashes[j])
+            j += 1
+        if kept and kept[-1][1] == at:
+            kept[-1][1] = end
+        else:
+            kept.append([at, end])
+    if j != count or any(rec is None for rec in gone_successes):
+        raise ResultsError("internal error: the results file changed since it was scanned")
+
+    def settle() -> None:
+        gone = keys & done.keys if len(keys) < len(done.keys) else done.keys & keys
+        done.failed -= len(gone & done.failed_keys)
+        done.keys -= gone
+        done.failed_keys -= gone
+        for key in gone:
+            done.digests.pop(key, None)
+        for rec in gone_successes:
+            _count_success(done, rec, -1)
+        done.cut_partial_line = False  # what a scan of the rewritten file says
+        done.places = None  # the rewrite moved the lines
+
+    return kept, left, settle
 
 
 def check_integrity(path: str | os.PathLike[str], errors_path: str | os.PathLike[str] | None = None) -> Done:
@@ -417,10 +486,11 @@ class ResultWriter:
     """Appends records to the results file (and failures to the error file); see module doc."""
 
     def __init__(self, path: Path, errors_path: Path | None, fd: int, errors_fd: int, done: Done, regular: bool,
-                 created: tuple = ()):
+                 created: tuple = (), failures: Failures | None = None):
         self.path, self.errors_path = path, errors_path
         self._fd, self._errors_fd = fd, errors_fd
         self.done = done
+        self.failures = failures  # the failure lines of `done.places`'s file (`drop`)
         self.regular = regular  # False: a stream (pipe, /dev/stdout, /dev/null), nothing read back
         self.created = created  # the regular files this run created (`discard_created`)
 
@@ -497,7 +567,7 @@ class ResultWriter:
                      else None):
             if held is not None:
                 sweep_tmps(held)  # both files locked by this run now: a copy left by a killed run is garbage
-        return cls(path, errors_path, fd, errors_fd, done, regular, created)
+        return cls(path, errors_path, fd, errors_fd, done, regular, created, failures)
 
     def drop(self, keys: set) -> None:
         """Remove the records of `keys` (their requests run again): the kept records go to a new
@@ -505,7 +575,11 @@ class ResultWriter:
         if not keys:
             return
         old = self._fd
-        done, _, failures, kept = _scan(_reader(old), self.path.name, drop=keys)  # the file is read, not held
+        if self.done.places is not None:  # where the records are is known: nothing parsed again but dropped successes
+            kept, failures, settle = _placed_drop(_reader(old), self.done, self.failures, keys)
+        else:  # the file is read, not held
+            done, _, failures, kept = _scan(_reader(old), self.path.name, drop=keys)
+            settle = None
 
         def copy_kept(out: int) -> None:
             read = _reader(old)
@@ -529,13 +603,19 @@ class ResultWriter:
                                "the same command again") from None
         os.close(self._fd)
         self._fd = fd
-        self.done = done
+        if settle is not None:
+            settle()
+        else:
+            self.done = done
+        self.failures = None  # read through the closed descriptor; `done.places` is None now
 
     def write(self, record: dict) -> None:
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
         key = record_key(record)
         if key in self.done.keys:
             raise ResultsError(f"internal error: a second result for {key!r}")
+        if self.done.places is not None:  # a record not among them: `drop` scans the file again
+            self.done.places = self.failures = None
         for fd, path in ((self._fd, self.path), (self._errors_fd if is_failure(record) else -1, self.errors_path)):
             if fd < 0:
                 continue
@@ -587,7 +667,7 @@ def _open_results(path: Path, overwrite: bool) -> tuple[int, Done, Failures, Fai
             except ResultsError:
                 earlier = Failures()
             return fd, Done(), Failures(), earlier, 0
-        done, end, failures = scan(fd, path.name)
+        done, end, failures = scan(fd, path.name, places=True)
         size = os.fstat(fd).st_size
     except BaseException:
         os.close(fd)
