@@ -573,7 +573,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print(out: dict, say) -> None:
     if out["bad_lines"] and out["lines"] is None:  # a workload's requests beyond the model's context
-        say(f"{out['input']}: {out['bad_lines']:,} requests not planned (longer than the model's context)")
+        say(f"{out['input']}: {out['bad_lines']:,} requests not planned (they do not fit the model's context)")
         for msg in out["bad_line_messages"]:
             say(f"  {msg}")
         if out["bad_lines"] > len(out["bad_line_messages"]):

@@ -588,6 +588,9 @@ def test_a_bad_config_json_names_the_file_and_the_fix(tmp_path, config, fragment
     assert "pass --context-length" in str(exc.value)
     (tmp_path / "config.json").write_text('{"max_position_embeddings": 4096.0, "rope_scaling": {"factor": 2.0}}')
     assert context_length(tmp_path) == 8192
+    (tmp_path / "config.json").unlink()  # a folder without one: said so, not "cannot read it as JSON" (a probe)
+    with pytest.raises(ValueError, match="not a Hugging Face model directory \\(no config.json in it\\)"):
+        context_length(tmp_path)
 
 
 def test_plan_only_with_a_model_config_it_cannot_plan_for_is_one_line(stand_in, tmp_path, capsys):  # noqa: F811

@@ -1350,7 +1350,7 @@ def test_a_prompt_no_tokenization_fits_is_refused_without_tokenizing(tiny_llama,
                                      "body": {**body, "max_tokens": 4}}), 3)
         for out in (prepare(req, tok, 64, 16), PieceEncoder(tok, 64, 16, "requests.jsonl").stage(req)):
             assert isinstance(out, LineError) and out.code == "context_length_exceeded", out
-            assert f"line 3: the {'messages' if chat else 'prompt'} hold {n:,} characters besides white space, " \
+            assert f"line 3: the {'messages hold' if chat else 'prompt holds'} {n:,} characters besides white space, " \
                    "more than the model's context of 64 tokens can take" in out.message
     assert not calls
     req = parse_line(json.dumps({"custom_id": "edge", "method": "POST", "url": "/v1/completions",

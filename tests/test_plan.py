@@ -537,7 +537,7 @@ def test_a_workload_beyond_the_models_context_is_named_and_not_planned(tmp_path,
     assert cli.main(["plan", "--workload", str(trace), "--model", "llama-3.1-8b", "--policies", "fcfs,blend",
                      "--out", str(out), "--plot", str(tmp_path / "p.png")]) == 0
     text = capsys.readouterr().out
-    assert "2 requests not planned (longer than the model's context)" in text
+    assert "2 requests not planned (they do not fit the model's context)" in text
     assert "t.csv request 1: the prompt is 200,000 tokens" in text and "t.csv request 3:" in text
     data = json.loads(out.read_text())
     assert data["requests"] == 2 and data["bad_lines"] == 2

@@ -207,12 +207,33 @@ def test_rows_beyond_the_models_context_are_not_simulated(tmp_path, capsys):
     from blendserve_sgl.workloads.trace_file import trace_or_file
 
     path = _csv(tmp_path / "t.csv", ["ContextTokens", "GeneratedTokens"],
-                [[200_000, 10], [100, 10], [131_072, 3], [300, 20]])
+                [[200_000, 10], [100, 10], [131_072, 3], [300, 20], [131_066, 1], [131_065, 7], [131_065, 8],
+                 [100, 130_973]])
     out = tmp_path / "sim.json"
     assert cli.main(["simulate", "--workload", str(path), "--policy", "fcfs", "--out", str(out)]) == 0
     err = capsys.readouterr().err
-    assert "2 requests not simulated (their prompts fill llama-3.1-8b's context of 131,072 tokens)" in err
+    assert "5 requests not simulated (they do not fit llama-3.1-8b's context of 131,072 tokens)" in err
     assert "t.csv request 1: the prompt is 200,000 tokens" in err and "simulate a model with a longer context" in err
-    assert json.loads(out.read_text())["workload"]["requests"] == 2
+    assert json.loads(out.read_text())["workload"]["requests"] == 3
     name, records, counts = trace_or_file(str(path), 10, COST)
-    assert (name, [r.prompt_len for r in records], counts["beyond_context"]) == ("t", [100, 300], 2)
+    assert (name, [r.prompt_len for r in records], counts["beyond_context"]) == ("t", [100, 300, 131_065], 5)
+
+
+def test_a_trace_row_is_checked_against_the_context_as_sglang_checks_a_request():
+    """A prompt over SGLang's input limit (context - 7), or a prompt and output that need more
+    than the context, cannot run as recorded: `run` refuses such a line, so `plan --workload` and
+    `simulate` left them in (a probe: a 100-token prompt decoding 9,000 tokens in an 8,192-token
+    context) and now name each; a row that just fits is kept."""
+    from blendserve_sgl.batch.prompts import input_limit
+    from blendserve_sgl.workloads import Record
+    from blendserve_sgl.workloads.trace_file import within_context
+
+    ctx = 8192
+    rows = [(input_limit(ctx), 1), (input_limit(ctx) + 1, 1), (100, ctx - 100), (100, ctx - 99), (8190, 10)]
+    kept, bad = within_context([Record(f"r{i}", p, (), d) for i, (p, d) in enumerate(rows)], ctx, "t.csv", "m")
+    assert [r.rid for r in kept] == ["r0", "r2"]
+    assert [e.line for e in bad] == [2, 4, 5]
+    assert "t.csv request 2: the prompt is 8,186 tokens, too long for m's context of 8,192 tokens (SGLang takes " \
+           "prompts of at most 8,185); not planned" in bad[0].message
+    assert "t.csv request 4: the prompt of 100 tokens and the output of 8,093 need 8,193 tokens, more than m's " \
+           "context of 8,192 tokens; not planned" in bad[1].message

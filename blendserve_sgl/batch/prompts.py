@@ -101,8 +101,8 @@ def beyond_context(req: BatchRequest, tokenizer, context_len: int, source: str =
     chars = sum(len("".join(t.split())) for t in texts)  # a template may trim whitespace (Llama-3: `| trim`)
     if chars <= bound:
         return None
-    what = "the prompt" if req.kind != "chat" else "the messages"
-    return LineError(req.line, req.custom_id, f"{source} line {req.line}: {what} hold {chars:,} characters besides "
+    what = "the prompt holds" if req.kind != "chat" else "the messages hold"
+    return LineError(req.line, req.custom_id, f"{source} line {req.line}: {what} {chars:,} characters besides "
                                               f"white space, more than "
                                               f"the model's context of {context_len} tokens can take (its longest "
                                               f"token is {longest} bytes); shorten it",
@@ -179,6 +179,9 @@ def context_length(model_dir: str | Path) -> int:
     ValueError naming config.json when it is not a JSON object or these values are not numbers."""
     path = Path(model_dir) / "config.json"
     fix = "fix the model's config.json or pass --context-length"
+    if not path.is_file():
+        raise ValueError(f"--model {model_dir}: not a Hugging Face model directory (no config.json in it); pass the "
+                         "folder that holds the model's config.json")
     try:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:

@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_s = time.perf_counter() - t0
     if beyond:
-        print(f"{args.workload}: {len(beyond):,} requests not simulated (their prompts fill {cost.model.name}'s "
+        print(f"{args.workload}: {len(beyond):,} requests not simulated (they do not fit {cost.model.name}'s "
               f"context of {cost.model.max_context:,} tokens), e.g. {beyond[0].message}", file=sys.stderr)
     print(f"workload {args.workload}: {len(records)} requests, density {workload.density:.3f}, prefix sharing "
           f"{workload.sharing:.3f}, optimum {workload.optimal_s:.1f} s; {cost.model.name} on {cost.hardware.name}, "

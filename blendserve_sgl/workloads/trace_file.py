@@ -68,22 +68,33 @@ def trace_or_file(spec: str, n: int, cost, seed: int = 0) -> tuple[str, list[Rec
 
 def within_context(records: list[Record], context: int, source: str, model_name: str,
                    verb: str = "planned") -> tuple[list[Record], list]:
-    """(records whose prompt the model's context holds with one output token, a `LineError` per
-    other one: row number, tokens, the fix). A trace's rows are token counts with no model of
-    their own: a prompt of 191,378 tokens (Mooncake) cannot run on a 131,072-token model, which
-    `run` refuses line by line; none of them runs, so none is planned or simulated (`verb`)."""
+    """(records the model's context holds, a `LineError` per other one: row number, tokens, the
+    fix). A trace's rows are token counts with no model of their own: a prompt of 191,378 tokens
+    (Mooncake) cannot run on a 131,072-token model, nor a prompt over SGLang's input limit
+    (`batch.prompts.input_limit`), nor a row whose output does not fit beside its prompt (SGLang
+    refuses max_new_tokens beyond the context), all of which `run` refuses line by line; none of
+    them runs, so none is planned or simulated (`verb`)."""
+    from ..batch.prompts import input_limit
+
+    limit, fix = input_limit(context), f"{'plan' if verb == 'planned' else 'simulate'} a model with a longer context, " \
+                                        "or drop the row"
     kept, bad = [], []
     for row, r in enumerate(records, 1):
-        if r.prompt_len < context:
-            kept.append(r)
+        where = f"{Path(source).name} request {row}"
+        if r.prompt_len > limit:
+            bad.append(LineError(row, str(r.rid), f"{where}: the prompt is {r.prompt_len:,} tokens, "
+                                 f"{'at least' if r.prompt_len >= context else 'too long for'} {model_name}'s context "
+                                 f"of {context:,} tokens (SGLang takes prompts of at most {limit:,}); not {verb} ({fix})"))
+        elif r.prompt_len + r.output_len > context:
+            bad.append(LineError(row, str(r.rid), f"{where}: the prompt of {r.prompt_len:,} tokens and the output of "
+                                 f"{r.output_len:,} need {r.prompt_len + r.output_len:,} tokens, more than "
+                                 f"{model_name}'s context of {context:,} tokens; not {verb} ({fix})"))
         else:
-            bad.append(LineError(row, str(r.rid), f"{Path(source).name} request {row}: the prompt is {r.prompt_len:,} "
-                                 f"tokens, at least {model_name}'s context of {context:,} tokens; not {verb} "
-                                 f"({'plan' if verb == 'planned' else 'simulate'} a model with a longer context, "
-                                 "or drop the row)"))
+            kept.append(r)
     if not kept:
         raise ValueError(f"{source}: no request fits {model_name}'s context of {context:,} tokens "
-                         f"({len(bad):,} requests, the first {records[0].prompt_len:,} prompt tokens)")
+                         f"({len(bad):,} request{'s' if len(bad) != 1 else ''}, the first {records[0].prompt_len:,} prompt and "
+                         f"{records[0].output_len:,} output tokens)")
     return kept, bad
 
 
