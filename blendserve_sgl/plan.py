@@ -622,7 +622,7 @@ def plan_for_run(run_args) -> int:
     `--engine-arg chunked_prefill_size=`/`max_running_requests=`/`enable_mixed_chunk=`); prints
     the plan and exits. HARDWARE `auto`: the `cpu` preset when the run would use the CPU."""
     from .batch.cli import check_scale_out, engine_args
-    from .batch.runner import CPU_MAX_TOTAL_TOKENS, check_engine_args
+    from .batch.runner import CPU_MAX_TOTAL_TOKENS, check_engine_args, chunk_problem
     from .models import ModelError, check_model_dir, default_model
 
     try:  # what `run` refuses is refused here too, before anything is planned
@@ -668,6 +668,13 @@ def plan_for_run(run_args) -> int:
                 return 2
             else:  # one engine on a tensor-parallel group: NxHARDWARE
                 argv[argv.index("--hardware") + 1] = f"{int(value)}x{hw}"
+        elif key == "chunked_prefill_size":
+            problem = chunk_problem(value, "cpu" if hw == "cpu" else "cuda")
+            if problem:
+                print(f"blendserve run --plan-only: error: {problem}", file=sys.stderr)
+                return 2
+            # -1: no chunked prefill, a whole prompt a step (at most the context)
+            argv += ["--chunk", str((run_args.context_length or spec.max_context) if int(value) == -1 else int(value))]
         elif key in flags:
             if not (value.strip().isascii() and value.strip().isdigit() and int(value) >= 1):  # "²" is a digit int() refuses
                 print(f"blendserve run --plan-only: error: --engine-arg {pair}: {key} must be a whole number of at "

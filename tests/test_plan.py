@@ -296,6 +296,35 @@ def test_run_plan_only_names_the_engine_arg_it_maps(user_file, tmp_path, capsys,
     assert "--chunk" not in err and "--max-running" not in err
 
 
+def test_no_chunked_prefill_is_planned_on_a_gpu_and_refused_on_the_cpu_by_plan_and_run(user_file, tmp_path, capsys):
+    """`chunked_prefill_size=-1` is SGLang's "no chunked prefill": `--plan-only` refused it
+    while `run` passed it on, and on the CPU SGLang then stopped at start with a traceback
+    asking for a negative memory fraction (a probe). Now both take it for a GPU (planned with a
+    whole prompt a step) and both refuse it for the CPU before anything starts."""
+    import sys
+    from pathlib import Path
+
+    from blendserve_sgl.batch.runner import check_engine_args, chunk_problem
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    from cpu_smoke import write_tiny_llama
+
+    model_dir = write_tiny_llama(tmp_path / "tiny")
+    args = ["run", str(user_file), "--model", str(model_dir), "--engine-arg", "chunked_prefill_size=-1"]
+    assert cli.main([*args, "--plan-only", "a100"]) == 0
+    capsys.readouterr()
+    assert cli.main([*args, "--plan-only", "cpu"]) == 2
+    assert "the CPU engine needs chunked prefill" in capsys.readouterr().err
+    assert cli.main([*args, "-o", str(tmp_path / "out.jsonl"), "--device", "cpu"]) == 2
+    assert "the CPU engine needs chunked prefill" in capsys.readouterr().err
+    assert not (tmp_path / "out.jsonl").exists()
+    with pytest.raises(ValueError, match="the CPU engine needs chunked prefill"):
+        check_engine_args({"chunked_prefill_size": -1}, "cpu")
+    check_engine_args({"chunked_prefill_size": -1}, "cuda")
+    assert [chunk_problem(v, "cuda") is None for v in (1, 8192, -1, "64", 0, -2, True, 1.5, "x")] == \
+        [True, True, True, True, False, False, False, False, False]
+
+
 @pytest.mark.parametrize("flags, said", [
     (["--engine-arg", "max_total_tokens=10"], "use --max-total-tokens instead"),
     (["--engine-arg", "schedule_policy=fcfs"], "use --policy instead"),

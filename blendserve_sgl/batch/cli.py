@@ -177,7 +177,7 @@ def _main(args) -> int:
         if args.model:
             _say(f"model: {model_dir}")
         device = runner.prepare_environment(args.device)  # before torch loads (with the tokenizer)
-        runner.check_engine_args(extra)
+        runner.check_engine_args(extra, device)
         if args.dp > 1:
             extra = {**extra, **dispatch.dp_engine_kwargs(args.dp, device)}
         if args.ray and device == "cpu" and not args.ray_address:

@@ -337,13 +337,14 @@ def _placed_drop(read, done: Done, failures: Failures, keys: set):
     if j != count or any(rec is None for rec in gone_successes):
         raise ResultsError("internal error: the results file changed since it was scanned")
 
-    def settle() -> None:
-        gone = keys & done.keys if len(keys) < len(done.keys) else done.keys & keys
-        done.failed -= len(gone & done.failed_keys)
-        done.keys -= gone
-        done.failed_keys -= gone
-        for key in gone:
-            done.digests.pop(key, None)
+    def settle() -> None:  # in place: no second set of a million keys
+        for key in keys:
+            if key in done.keys:
+                done.keys.discard(key)
+                done.digests.pop(key, None)
+                if key in done.failed_keys:
+                    done.failed_keys.discard(key)
+                    done.failed -= 1
         for rec in gone_successes:
             _count_success(done, rec, -1)
         done.cut_partial_line = False  # what a scan of the rewritten file says

@@ -84,11 +84,32 @@ class EngineConfig:
         return {k: v for k, v in kw.items() if v is not None}
 
 
-def check_engine_args(extra: dict) -> None:
+def chunk_problem(value, device: str) -> str | None:
+    """Why `--engine-arg chunked_prefill_size=VALUE` cannot run on `device` ("cpu" or "cuda"), or
+    None: a whole number of at least 1, or -1 (SGLang: no chunked prefill) on a GPU. On the CPU
+    SGLang sizes its memory from the chunk and, at -1, stops at start asking for a negative
+    --mem-fraction-static (a probe: its traceback was all the user saw)."""
+    if isinstance(value, str) and value.strip().lstrip("-").isascii() and value.strip().lstrip("-").isdigit():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int) or not (value >= 1 or value == -1):
+        return (f"--engine-arg chunked_prefill_size={value}: chunked_prefill_size must be a whole number of at "
+                "least 1, or -1 for no chunked prefill")
+    if value == -1 and device == "cpu":
+        return ("--engine-arg chunked_prefill_size=-1: the CPU engine needs chunked prefill (SGLang sizes its memory "
+                "from the chunk); give a chunk of at least 1 token, e.g. chunked_prefill_size=1024")
+    return None
+
+
+def check_engine_args(extra: dict, device: str | None = None) -> None:
     """Raise ValueError for a key of `extra` that `sglang.Engine` does not take (before the
-    input is read: a typo in --engine-arg should not cost the reading of a large file)."""
+    input is read: a typo in --engine-arg should not cost the reading of a large file), and, for
+    a known `device`, a chunk size it cannot run (`chunk_problem`)."""
     if not extra:
         return
+    if device is not None and "chunked_prefill_size" in extra:
+        problem = chunk_problem(extra["chunked_prefill_size"], device)
+        if problem:
+            raise ValueError(problem)
     import inspect
 
     from sglang.srt.server_args import ServerArgs
