@@ -3,6 +3,7 @@
 import json
 import os
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -294,6 +295,22 @@ def test_run_plan_only_names_the_engine_arg_it_maps(user_file, tmp_path, capsys,
     err = capsys.readouterr().err
     assert f"--engine-arg {pair}: {pair.split('=')[0]} must be a whole number of at least 1" in err
     assert "--chunk" not in err and "--max-running" not in err
+
+
+def test_a_kv_pool_beyond_the_device_and_a_zero_token_prompt_are_refused_by_name():
+    """`--kv-gb 1e6` on an 80 GB A100 was planned with a pool of 43 billion tokens, and the
+    simulator's request took a 0-token prompt as "shorter than its prefix groups (0)" (a probe)."""
+    from blendserve_sgl.sim.request import SimRequest
+
+    cost = CostModel.from_names("llama-3.1-8b", "a100")
+    with pytest.raises(ValueError, match=r"kv_gb \(--kv-gb\) 1e\+06 does not fit on a100 beside llama-3.1-8b's weights "
+                                         r"\(16\.1 GB of 80 GB\); pass at most 63\.9"):
+        EngineConfig.for_cost(cost, kv_gb=1e6)
+    assert EngineConfig.for_cost(cost, kv_gb=63.9).kv_tokens > 0
+    for bad in (0, -3, 5.5, None, True):
+        with pytest.raises(ValueError, match=f"request 'a': prompt_len must be an integer >= 1, got {bad!r}"):
+            SimRequest("a", 0, prompt_len=bad, output_len=3)
+    assert SimRequest("a", 0, prompt_len=np.int64(4), prefix=(("s", 2),), output_len=3).prompt_len == 4
 
 
 def test_no_chunked_prefill_is_planned_on_a_gpu_and_refused_on_the_cpu_by_plan_and_run(user_file, tmp_path, capsys):

@@ -134,6 +134,11 @@ class EngineConfig:
             if not kv_bytes >= cost.kv_bytes_per_token:
                 raise ValueError(f"kv_gb (--kv-gb) {kv_gb:g} holds no token of the KV cache "
                                  f"({cost.kv_bytes_per_token:,.0f} bytes per token); pass a larger --kv-gb")
+            room = cost.hardware.mem_capacity - weights
+            if kv_bytes > room:  # a pool the device cannot hold (a probe: 43 billion tokens on an A100)
+                raise ValueError(f"kv_gb (--kv-gb) {kv_gb:g} does not fit on {cost.hardware.name} beside "
+                                 f"{cost.model.name}'s weights ({weights / 1e9:.1f} GB of "
+                                 f"{cost.hardware.mem_capacity / 1e9:.0f} GB); pass at most {room / 1e9:.1f}")
         return cls(kv_tokens=int(kv_bytes // cost.kv_bytes_per_token), **kwargs)
 
     def check_fits(self, records, fix: str = "pass a larger --kv-gb", known: bool = True) -> None:

@@ -31,6 +31,12 @@ from ..core.cost import CostModel, compute_tokens, memory_units
 from .timing import ExecModel, StepSeconds, operator_seconds, split_seconds, step_seconds, step_weight_seconds
 
 
+def seconds(value: float) -> float:
+    """A time for tables and JSON: hundredths of a second, three significant figures below one
+    second (a run of a few milliseconds read 0 beside its throughput; a probe)."""
+    return round(value, 2) if abs(value) >= 1 else float(f"{value:.3g}")
+
+
 @dataclass
 class SimResult:
     policy: str
@@ -64,7 +70,7 @@ class SimResult:
                                                    s["decode"], s["kv_active"]))
 
     def time_split(self, model: ExecModel) -> dict:
-        return {k: round(v, 2) for k, v in split_seconds(self.ops, model).items()}
+        return {k: seconds(v) for k, v in split_seconds(self.ops, model).items()}
 
     def throughput(self, model: ExecModel) -> float:
         """(input + output tokens) per second."""
@@ -90,14 +96,14 @@ class SimResult:
     def summary(self, model: ExecModel) -> dict:
         return {
             "policy": self.policy,
-            "time_s": round(self.time(model), 2),
+            "time_s": seconds(self.time(model)),
             "throughput_tok_s": round(self.throughput(model), 1),
             "fraction_of_optimal": round(self.fraction_of_optimal(model), 4),
             "sharing": round(self.sharing, 4),
             "steps": self.steps,
-            "comp_s": round(float(self.ops.comp.sum()), 2),
-            "weights_s": round(float(self.ops.weights.sum()), 2),
-            "attn_s": round(float(self.ops.attn.sum()), 2),
+            "comp_s": seconds(float(self.ops.comp.sum())),
+            "weights_s": seconds(float(self.ops.weights.sum())),
+            "attn_s": seconds(float(self.ops.attn.sum())),
             "peak_kv": round(self.peak_kv, 4),
             "mean_kv": round(self.mean_kv, 4),
             "retractions": self.retractions,
@@ -188,7 +194,7 @@ def compare(results: dict, models: dict, baseline: str = "dfs") -> list[dict]:
         row = {"policy": name}
         for label, model in models.items():
             t = res.time(model)
-            row[f"{label}_time_s"] = round(t, 2)
+            row[f"{label}_time_s"] = seconds(t)
             row[f"{label}_throughput_tok_s"] = round(res.throughput(model), 1)
             row[f"{label}_fraction_of_optimal"] = round(res.fraction_of_optimal(model), 4)
             row[f"{label}_fraction_of_weight_bound"] = round(res.fraction_of_weight_bound(model), 4)

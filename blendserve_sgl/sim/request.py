@@ -56,7 +56,9 @@ class SimRequest:
             self.prefix = tuple((str(n), int(k)) for n, k in prefix)
             groups = tuple(Group(n, k) for n, k in self.prefix)
             shared = sum(g.length for g in groups)
-            if prompt_len is None or prompt_len < max(1, shared):
+            if isinstance(prompt_len, bool) or not hasattr(prompt_len, "__index__") or prompt_len < 1:  # NumPy's too
+                raise ValueError(f"request {rid!r}: prompt_len must be an integer >= 1, got {prompt_len!r}")
+            if prompt_len < shared:
                 raise ValueError(f"request {rid!r}: prompt_len {prompt_len!r} is shorter than its prefix groups ({shared})")
             tail = prompt_len - shared
             self.prompt_keys = groups + ((Group(f"\x00tail:{rid}", tail),) if tail else ())
