@@ -48,7 +48,7 @@ from .cli import engine_seed, fraction, positive_float, positive_int
 from .core import CostModel
 from .core.preset import PRESET
 from .core.tree import Node
-from .core.specs import ModelSpec, hardware, hardware_names, model, model_names
+from .core.specs import ModelSpec, hardware, hardware_names, model, model_names, preset_vocab
 from .sim.engine import EngineConfig
 from .sim.metrics import SimResult, plot_steps
 from .sim.policies import POLICIES
@@ -437,7 +437,7 @@ def _cost_and_tokenizer(args):
         ctx = spec.max_context
     cost = CostModel(spec, hardware(args.hardware))
     if tok_dir is None:
-        return cost, ByteTokenizer(), args.context_length or ctx, \
+        return cost, ByteTokenizer(preset_vocab(args.model)), args.context_length or ctx, \
             "approximated as UTF-8 bytes / 4 (pass a model directory or --tokenizer for exact counts)"
     return cost, _load_tokenizer(tok_dir), args.context_length or ctx, f"the tokenizer of {tok_dir}"
 

@@ -626,3 +626,17 @@ def test_plan_runs_tell_how_far_they_are(monkeypatch, capsys):
     engine = EngineConfig.for_cost(COST, kv_gb=0.3, max_running=16, chunked_prefill=256)
     plan.run_jobs([(Workload(records, COST), "fcfs", RunSpec(COST, engine, known_lengths=False))])
     assert "planning fcfs: " in capsys.readouterr().err
+
+
+def test_a_presets_vocabulary_checks_token_id_prompts_without_a_tokenizer(tmp_path, capsys):
+    """`plan FILE --model PRESET` without `--tokenizer` planned token ids past the model's
+    vocabulary that `run` and `plan --tokenizer` refuse (a probe): the preset's vocabulary
+    size is known, so the byte approximation checks ids against it."""
+    src = tmp_path / "ids.jsonl"
+    src.write_text("".join(json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/completions",
+                                       "body": {"prompt": ids, "max_tokens": 4}}) + "\n"
+                           for cid, ids in (("over", [1, 128256]), ("ok", [1, 128255]))))
+    assert plan.main([str(src), "--model", "llama-3.1-8b", "--no-plot", "--workers", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "2 lines, 1 planned, 1 bad" in out
+    assert "ids.jsonl line 1: \"prompt\" has token id 128256, outside the model's vocabulary of 128256" in out

@@ -554,6 +554,12 @@ def model_config(name: str) -> dict:
     return dict(_MODEL_CONFIGS[key])
 
 
+def preset_vocab(name: str) -> int | None:
+    """The vocabulary size of a named model preset (None for another name)."""
+    config = _MODEL_CONFIGS.get(str(name).lower())
+    return None if config is None else int(config["vocab_size"])
+
+
 def model(name: str) -> ModelSpec:
     """A named model preset, or a path to a model directory / config.json."""
     key = str(name).lower()

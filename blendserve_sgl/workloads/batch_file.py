@@ -30,9 +30,14 @@ class BatchFile(NamedTuple):
 
 
 class ByteTokenizer:
-    """Approximate tokens: one per 4 bytes of UTF-8; a plain role-tagged chat template."""
+    """Approximate tokens: one per 4 bytes of UTF-8; a plain role-tagged chat template. `vocab`:
+    the model's vocabulary size when known (a preset's), which token-id prompts are checked
+    against as the model's own tokenizer checks them."""
 
     chat_template = "role-tagged"
+
+    def __init__(self, vocab: int | None = None):
+        self.vocab = vocab
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         b = text.encode("utf-8")
@@ -43,7 +48,7 @@ class ByteTokenizer:
         return text + ("<|assistant|>\n" if add_generation_prompt else "")
 
     def __len__(self) -> int:
-        return 1 << 31
+        return self.vocab or 1 << 31
 
 
 def load_batch_file(path: str | os.PathLike, tokenizer, context_len: int, default_max_tokens: int,
