@@ -371,13 +371,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--mixed-chunk", action="store_true", help="prefill and decode share steps (--enable-mixed-chunk)")
     ap.add_argument("--timing", choices=("sequential", "overlapped"), default="sequential",
                     help="sequential: operators one after another, as SGLang runs them")
-    ap.add_argument("--output-fraction", type=fraction, default=0.5,
-                    help="the estimate scenario: outputs of this fraction of max_tokens")
+    ap.add_argument("--output-fraction", type=fraction, default=None,
+                    help="the estimate scenario: outputs of this fraction of max_tokens (default 0.5)")
     ap.add_argument("--generate-sample", type=_sample_size, default=0, metavar="N",
                     help="with --model DIR: run N requests of the file (seeded uniform sample) on this machine and "
                          "draw the estimate scenario's outputs from their generated / max_tokens (default 0: the "
                          "assumed --output-fraction)")
-    ap.add_argument("--default-max-tokens", type=positive_int, default=256, help="for requests without max_tokens (as run)")
+    ap.add_argument("--default-max-tokens", type=positive_int, default=None,
+                    help="for requests without max_tokens (as run; default 256)")
     ap.add_argument("--context-length", type=positive_int, help="override the model's context")
     ap.add_argument("--sim-requests", type=positive_int, default=SIM_REQUESTS,
                     help="simulate a sample of about this many requests (whole prefix groups), times scaled to the file (the "
@@ -456,6 +457,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.input is not None and args.requests is not None:
             raise ValueError(f"--requests takes the first N requests of a --workload; a requests file ({args.input}) "
                              "is planned whole (--sim-requests sets how many of it are simulated): drop --requests")
+        if args.workload is not None:  # a workload's rows are token counts with their output lengths (a probe)
+            given = next((flag for flag, value in (("--output-fraction", args.output_fraction),
+                                                   ("--default-max-tokens", args.default_max_tokens),
+                                                   ("--tokenizer", args.tokenizer)) if value is not None), None)
+            if given:
+                raise ValueError(f"{given} applies to a requests file; the rows of --workload {args.workload} are token "
+                                 "counts with their output lengths: drop it")
+        args.output_fraction = 0.5 if args.output_fraction is None else args.output_fraction
+        args.default_max_tokens = 256 if args.default_max_tokens is None else args.default_max_tokens
         from .batch.cli import check_apart, check_output
 
         for flag, path in (("--out", args.out), ("--plot", args.plot)):

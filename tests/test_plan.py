@@ -640,3 +640,15 @@ def test_a_presets_vocabulary_checks_token_id_prompts_without_a_tokenizer(tmp_pa
     out = capsys.readouterr().out
     assert "2 lines, 1 planned, 1 bad" in out
     assert "ids.jsonl line 1: \"prompt\" has token id 128256, outside the model's vocabulary of 128256" in out
+
+
+@pytest.mark.parametrize("flag,value", [("--output-fraction", "0.1"), ("--default-max-tokens", "5"),
+                                        ("--tokenizer", "/nonexistent")])
+def test_flags_of_a_requests_file_are_refused_with_a_workload(tmp_path, capsys, flag, value):
+    """`plan --workload TRACE` took these and changed nothing (a probe): a trace's rows carry
+    their output lengths and token counts."""
+    trace = tmp_path / "t.csv"
+    trace.write_text("ContextTokens,GeneratedTokens\n100,10\n")
+    assert cli.main(["plan", "--workload", str(trace), "--model", "llama-3.1-8b", "--no-plot", flag, value]) == 2
+    assert f"{flag} applies to a requests file; the rows of --workload {trace} are token counts" in \
+        capsys.readouterr().err

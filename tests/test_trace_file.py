@@ -2,6 +2,7 @@
 JSONL with shared blocks, through `blendserve simulate` and `blendserve plan`, and its errors."""
 
 import gzip
+import os
 import json
 
 import pytest
@@ -111,6 +112,11 @@ def test_trace_file_errors_for_the_file_itself(tmp_path):
         load_trace_file(tmp_path / "missing.csv")
     with pytest.raises(ValueError, match="not a regular file"):
         load_trace_file(tmp_path)
+    fifo = tmp_path / "pipe.csv"  # `--workload <(zcat t.csv.gz)`: said how to pass it (a probe)
+    os.mkfifo(fifo)
+    with pytest.raises(ValueError, match=r"not a regular file \(a trace is read from a file, not a pipe\); save it to "
+                                         r"a file first \(e\.g\. zcat trace\.csv\.gz > trace\.csv\)"):
+        load_trace_file(fifo)
     gz = tmp_path / "t.csv"
     gz.write_bytes(gzip.compress(b"ContextTokens,GeneratedTokens\n1,2\n"))
     with pytest.raises(ValueError, match="gzip-compressed; decompress it first"):

@@ -120,7 +120,8 @@ def load_trace_file(path, n: int | None = None, block_size: int = MOONCAKE_BLOCK
     if not path.exists():
         raise FileNotFoundError(f"trace file {path} does not exist; pass the path of a CSV or JSONL trace")
     if not path.is_file():
-        raise ValueError(f"trace {path} is not a regular file; pass the path of a CSV or JSONL trace")
+        raise ValueError(f"trace {path} is not a regular file (a trace is read from a file, not a pipe); save it to "
+                         "a file first (e.g. zcat trace.csv.gz > trace.csv) and pass its path")
     if n is not None and n < 1:
         raise ValueError(f"the number of requests to take from {path} must be >= 1, got {n}")
     try:
