@@ -777,6 +777,10 @@ def test_model_without_tokenizer_fails_before_any_engine(tmp_path, capsys, monke
     (model / "model.safetensors").write_bytes(b"")
     src = _batch(tmp_path)
     assert cli.main([str(src), "-o", str(tmp_path / "r.jsonl"), "--model", str(model)]) == 2
+    err = capsys.readouterr().err  # not transformers' advice to install sentencepiece (a probe)
+    assert "model: holds no tokenizer files (tokenizer.json, tokenizer_config.json" in err and "sentencepiece" not in err
+    (model / "tokenizer_config.json").write_text("{not json")  # files there that transformers cannot load: its reason
+    assert cli.main([str(src), "-o", str(tmp_path / "r.jsonl"), "--model", str(model)]) == 2
     assert "cannot load its tokenizer" in capsys.readouterr().err
 
 

@@ -577,12 +577,18 @@ def check_output(flag: str, path: str | None) -> None:
         raise ValueError(f"{flag} {path}{sep}{problem}")
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
 def _load_tokenizer(model_dir: Path):
     try:
         from transformers import AutoTokenizer
     except ImportError as exc:
         raise ModelError(f"loading the tokenizer needs transformers ({exc}); install the environment with "
                          "`make venv`") from None
+    if Path(model_dir).is_dir() and not any((Path(model_dir) / name).is_file() for name in TOKENIZER_FILES):
+        raise ModelError(f"{model_dir}: holds no tokenizer files ({', '.join(TOKENIZER_FILES)}); copy the "
+                         "model's tokenizer files into it")  # transformers' own text asked for sentencepiece (a probe)
     try:
         return AutoTokenizer.from_pretrained(str(model_dir))
     except Exception as exc:  # noqa: BLE001 (transformers raises OSError, ValueError, KeyError, ...)
