@@ -27,7 +27,7 @@ from ..core.preset import PRESET
 from ..core.specs import ModelSpec, hardware, model
 from ..core.split import sort_and_split
 from ..core.tree import ResourceTree
-from .store import TokenStore
+from .store import HEAD_BLOCK, TokenStore
 
 PLAN_HARDWARE = "h100"  # the plan's compute/bandwidth ratio; only the order matters here
 
@@ -50,16 +50,17 @@ def build_tree(store: TokenStore, cost: CostModel) -> ResourceTree:
     max_tokens = store.max_tokens.view.tolist()
     ref_off = store.ref_off.view.tolist()
     refs = store.ref_ids.view.tolist()
+    heads = store.head_counts().tolist()  # head blocks: part of the tail to the plan (`tail_blocks`)
     shared_tails = tail_segments(store)
     add = tree.add
     for i in range(len(store)):
-        groups = [(names[p], plen_piece[p]) for p in refs[ref_off[i]:ref_off[i + 1]]]
+        groups = [(names[p], plen_piece[p]) for p in refs[ref_off[i]:ref_off[i + 1] - heads[i]]]
         groups += shared_tails.get(i, ())
         add(i, prompt_len=prompt[i], prefix=groups, output_len=max_tokens[i], max_tokens=max_tokens[i])
     return tree
 
 
-TAIL_BLOCK = 32  # tokens: tails are compared in whole blocks; a shared run shorter than this is ignored
+TAIL_BLOCK = HEAD_BLOCK  # tokens: tails are compared in whole blocks; a shared run shorter than this is ignored
 _CHUNK_TOKENS = 1 << 20  # tail tokens hashed at a time (bounds the temporary arrays)
 
 
@@ -72,12 +73,12 @@ def _mix(x: np.ndarray) -> np.ndarray:
     return x ^ (x >> np.uint64(31))
 
 
-def _path_seeds(store: TokenStore) -> np.ndarray:
-    """Per request, a hash of the pieces it starts with (0 for none): tails are compared only
-    among requests behind the same pieces."""
+def _path_seeds(store: TokenStore, heads: np.ndarray) -> np.ndarray:
+    """Per request, a hash of the pieces it starts with (0 for none; head blocks, `heads` per
+    request, are the tail's): tails are compared only among requests behind the same pieces."""
     n = len(store)
     seeds = np.zeros(n, np.uint64)
-    counts = np.diff(store.ref_off.view)
+    counts = np.diff(store.ref_off.view) - heads
     refs = store.ref_ids.view.astype(np.uint64)
     with np.errstate(over="ignore"):
         for j in range(int(counts.max()) if n else 0):  # one pass per piece position (a few)
@@ -94,9 +95,15 @@ def tail_blocks(store: TokenStore, block: int = TAIL_BLOCK) -> tuple[np.ndarray,
     to there (a collision, about one in 2^64 per pair, could only change the order)."""
     n = len(store)
     off = store.tail_off.view
-    nb = (np.diff(off) // block).astype(np.int64)
+    heads = store.head_counts()  # a shared head's blocks (pieces) start the tail as the plan sees it
+    if heads.any() and block != HEAD_BLOCK:
+        raise ValueError(f"tails with shared heads are compared in blocks of {HEAD_BLOCK} tokens, not {block}")
+    nt = (np.diff(off) // block).astype(np.int64)  # whole blocks in the stored tail
+    nb = heads + nt
     first = np.zeros(n + 1, np.int64)
     np.cumsum(nb, out=first[1:])
+    tfirst = np.zeros(n + 1, np.int64)
+    np.cumsum(nt, out=tfirst[1:])
     sums = np.empty(int(first[-1]), np.uint64)  # each block's token hash
     tokens = store.tail_tokens.a
     weights = _mix(np.arange(1, block + 1, dtype=np.uint64)) | np.uint64(1)  # odd: a token's weight by its place
@@ -105,15 +112,24 @@ def tail_blocks(store: TokenStore, block: int = TAIL_BLOCK) -> tuple[np.ndarray,
         while start < n:  # requests in chunks of about _CHUNK_TOKENS tail tokens
             stop = int(np.searchsorted(off, off[start] + _CHUNK_TOKENS, side="right"))
             stop = min(n, max(stop - 1, start + 1))
-            rows = np.repeat(np.arange(start, stop), nb[start:stop])
+            rows = np.repeat(np.arange(start, stop), nt[start:stop])
             if len(rows):
-                k = np.arange(len(rows)) - (first[rows] - first[start])  # block index within its tail
+                k = np.arange(len(rows)) - (tfirst[rows] - tfirst[start])  # block index within its stored tail
                 at = off[rows] + k * block
                 toks = tokens[at[:, None] + np.arange(block)].astype(np.uint64)
-                sums[first[start]:first[stop]] = _mix((toks * weights).sum(axis=1))
+                sums[first[rows] + heads[rows] + k] = _mix((toks * weights).sum(axis=1))
             start = stop
+        if heads.any():  # each head block hashed once, as the same tokens in a tail are
+            pids = np.flatnonzero(store.head_piece.view)
+            toks = store.piece_tokens.a[store.piece_off.view[pids][:, None] + np.arange(block)].astype(np.uint64)
+            piece_sum = np.zeros(store.pieces, np.uint64)
+            piece_sum[pids] = _mix((toks * weights).sum(axis=1))
+            rows = np.repeat(np.arange(n), heads)
+            j = np.arange(len(rows)) - (np.cumsum(heads) - heads)[rows]  # head block index within its request
+            refs = store.ref_ids.view[store.ref_off.view[rows + 1] - heads[rows] + j]
+            sums[first[rows] + j] = piece_sum[refs]
         chain = np.empty_like(sums)
-        cur = _path_seeds(store)
+        cur = _path_seeds(store, heads)
         order = np.argsort(-nb, kind="stable")  # requests by block count, most first
         alive = len(order)
         for k in range(int(nb.max()) if n else 0):  # block k of every tail that has one

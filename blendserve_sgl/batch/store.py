@@ -12,13 +12,22 @@ them (a system prompt, a few-shot turn, the template text between them), and one
     digests      16 bytes per request (the line's `request_digest`)
 
 A request's prompt is its pieces in order followed by its tail. Sampling parameters and model
-names are interned in small tables. `nbytes()` counts the bytes in use; per request that is
+names are interned in small tables.
+
+Shared heads (`Heads`): a tail that starts as an earlier tail did (the same piece before it and
+the same first `HEAD_BLOCK` tokens: a few-shot header in completion prompts, a document many
+questions quote) is compared with that tail once, and the whole blocks they share become pieces
+of `HEAD_BLOCK` tokens each; later tails with that start take as many of those blocks as they
+match. So a million completions behind one 2,000-token header hold it once (plus a 4-byte
+reference per block) instead of a million times. The first tail of a head stays whole. Bounded:
+at most `HEAD_KEYS` starts remembered and `HEAD_BYTES` of head tokens. `nbytes()` counts the bytes in use; per request that is
 `REQUEST_BYTES + 4 x (tail tokens + pieces referenced) + len(custom_id)`, plus each distinct
 piece once. `prepared(i)` rebuilds one `Prepared` for the engine and the result writer.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -69,12 +78,97 @@ class _Grow:
         return self.n * self.a.itemsize
 
 
-class TokenStore:
-    """Every accepted request of a batch; see the module docstring."""
+HEAD_BLOCK = 32  # tokens: shared heads are cut in whole blocks (the global plan's tail block)
+HEAD_KEYS = 1 << 18  # tail starts remembered (a dict entry each, ~100 bytes)
+HEAD_BYTES = 64 << 20  # head tokens kept for comparison
 
-    def __init__(self):
+
+def _common(a: np.ndarray, b: np.ndarray) -> int:
+    """The length of the common prefix of two token arrays."""
+    n = min(len(a), len(b))
+    differ = np.flatnonzero(a[:n] != b[:n])
+    return int(differ[0]) if len(differ) else n
+
+
+class Heads:
+    """Shared heads of tails (module docstring): tail starts seen (key -> the store index of the
+    first tail with it, or -(k + 1) for head k once a second tail shared whole blocks with it)."""
+
+    def __init__(self, max_keys: int = HEAD_KEYS, max_bytes: int = HEAD_BYTES):
+        self.max_keys, self.max_bytes = max_keys, max_bytes
+        self.seen: dict[int, int] = {}
+        self.heads: list[tuple[np.ndarray, np.ndarray]] = []  # (piece ids, tokens) of each head
+        self.bytes = 0
+
+    def split(self, store: "TokenStore", ref_pids: np.ndarray, counts: np.ndarray, tails: np.ndarray,
+              lens: np.ndarray):
+        """The batch about to be appended to `store` (its requests' piece ids and tails) with the
+        shared heads of its tails moved to pieces: (ref_pids, counts, tails, lens) again."""
+        block = HEAD_BLOCK
+        n, base = len(lens), len(store)
+        ref_at = np.concatenate(([0], np.cumsum(counts)))
+        tail_at = np.concatenate(([0], np.cumsum(lens)))
+        cuts: dict[int, np.ndarray] = {}  # batch request -> the head pieces it starts its tail with
+        for i in np.flatnonzero(lens > 2 * block).tolist():
+            tail = tails[tail_at[i]:tail_at[i + 1]]
+            before = int(ref_pids[ref_at[i + 1] - 1]) if counts[i] else -1
+            key = int.from_bytes(hashlib.blake2b(before.to_bytes(8, "little", signed=True) + tail[:block].tobytes(),
+                                                 digest_size=8).digest(), "little")
+            hit = self.seen.get(key)
+            if hit is None:
+                if len(self.seen) < self.max_keys:
+                    self.seen[key] = base + i
+                continue
+            if hit >= 0:  # the first tail with this start: the blocks both hold become a head
+                r = hit - base
+                first = store.tail(hit) if r < 0 else tails[tail_at[r]:tail_at[r + 1]]
+                m = _common(tail[:-1], first) // block  # at least one token stays in the tail
+                if m < 2 or self.bytes + m * block * 4 > self.max_bytes:
+                    continue
+                head = tail[:m * block].copy()
+                pids = np.fromiter((store.add_piece(_block_digest(head[k * block:(k + 1) * block]),
+                                                    head[k * block:(k + 1) * block], head=True) for k in range(m)),
+                                   np.int32, m)
+                self.heads.append((pids, head))
+                self.bytes += head.nbytes + pids.nbytes
+                self.seen[key] = -len(self.heads)
+                cuts[i] = pids
+            else:
+                pids, head = self.heads[-hit - 1]
+                m = _common(tail[:-1], head) // block
+                if m >= 2:
+                    cuts[i] = pids[:m]
+        if not cuts:
+            return ref_pids, counts, tails, lens
+        refs_out, tails_out = [], []
+        counts, lens = counts.copy(), lens.copy()
+        for i in range(n):
+            refs_out.append(ref_pids[ref_at[i]:ref_at[i + 1]])
+            tail = tails[tail_at[i]:tail_at[i + 1]]
+            pids = cuts.get(i)
+            if pids is not None:
+                refs_out.append(pids)
+                tail = tail[len(pids) * block:]
+                counts[i] += len(pids)
+                lens[i] -= len(pids) * block
+            tails_out.append(tail)
+        return (np.concatenate(refs_out).astype(np.int32), counts, np.concatenate(tails_out).astype(np.int32), lens)
+
+
+def _block_digest(tokens: np.ndarray) -> int:
+    """A head block's piece digest (apart from the reader's text digests by its prefix)."""
+    return int.from_bytes(hashlib.blake2b(b"blendserve-head-block\0" + tokens.astype("<i4").tobytes(),
+                                          digest_size=8).digest(), "little", signed=True)
+
+
+class TokenStore:
+    """Every accepted request of a batch; see the module docstring. `share_heads` False: every
+    tail stored whole (the reference the tests compare with)."""
+
+    def __init__(self, share_heads: bool = True):
         self.piece_tokens = _Grow(np.int32)
         self.piece_off = _Grow(np.int64, [0])
+        self.head_piece = _Grow(np.int8)  # 1: a shared head's block (`Heads`), which a request's pieces end with
         self._piece_ids: dict[int, int] = {}  # piece digest -> piece id
         self.tail_tokens = _Grow(np.int32)
         self.tail_off = _Grow(np.int64, [0])
@@ -91,6 +185,7 @@ class TokenStore:
         self.sampling_table: list[str] = []  # JSON of the sampling params (without max_new_tokens)
         self.model_table: list[str | None] = []
         self._interned: dict = {}
+        self.heads = Heads() if share_heads else None
 
     def __len__(self) -> int:
         return self.line.n
@@ -103,14 +198,24 @@ class TokenStore:
     def has_piece(self, digest: int) -> bool:
         return digest in self._piece_ids
 
-    def add_piece(self, digest: int, tokens) -> int:
-        """Store a piece once under its content digest; returns its id (the old one if known)."""
+    def add_piece(self, digest: int, tokens, head: bool = False) -> int:
+        """Store a piece once under its content digest; returns its id (the old one if known).
+        `head`: a block of a shared head of tails (`Heads`)."""
         pid = self._piece_ids.get(digest)
         if pid is None:
             pid = self._piece_ids[digest] = self.pieces
             self.piece_tokens.extend(tokens)
             self.piece_off.append(self.piece_tokens.n)
+            self.head_piece.append(1 if head else 0)
         return pid
+
+    def head_counts(self) -> np.ndarray:
+        """Per request, how many of its pieces are head blocks (the last ones): the plan reads
+        them as the start of its tail, where the first tail with that head still holds them."""
+        flags = self.head_piece.view[self.ref_ids.view].astype(np.int64)
+        csum = np.concatenate(([0], np.cumsum(flags)))
+        off = self.ref_off.view
+        return csum[off[1:]] - csum[off[:-1]]
 
     def add(self, *, line: int, custom_id: str, kind: str, model: str | None, sampling: dict | str, max_tokens: int,
             piece_digests, tail, digest: str = "") -> int:
@@ -135,11 +240,15 @@ class TokenStore:
         if len(empty):
             raise ValueError(f"line {int(np.asarray(line)[empty[0]])}: a request needs at least one prompt token")
         refs = np.asarray(ref_digests, np.int64)
+        ref_pids = np.zeros(0, np.int32)
         if len(refs):
             known, inverse = np.unique(refs, return_inverse=True)
-            pids = np.fromiter((self._piece_ids[int(d)] for d in known), np.int32, len(known))
-            self.ref_ids.extend(pids[inverse])
-        self.ref_off.extend(self.ref_ids.n - len(refs) + np.cumsum(counts))
+            ref_pids = np.fromiter((self._piece_ids[int(d)] for d in known), np.int32, len(known))[inverse]
+        tails = np.asarray(tails, np.int32)
+        if self.heads is not None:
+            ref_pids, counts, tails, lens = self.heads.split(self, ref_pids, counts, tails, lens)
+        self.ref_ids.extend(ref_pids)
+        self.ref_off.extend(self.ref_ids.n - len(ref_pids) + np.cumsum(counts))
         self.tail_tokens.extend(tails)
         self.tail_off.extend(self.tail_tokens.n - int(lens.sum()) + np.cumsum(lens))
         self.line.extend(line)
@@ -219,7 +328,8 @@ class TokenStore:
         """Bytes in use (arrays up to their length, custom ids); see the module docstring."""
         arrays = (self.piece_tokens, self.piece_off, self.tail_tokens, self.tail_off, self.ref_ids, self.ref_off,
                   self.line, self.max_tokens, self.sampling, self.model, self.kind, self.cid_off)
-        return sum(a.nbytes for a in arrays) + len(self.cid_bytes) + len(self.digests)
+        heads = self.heads.bytes if self.heads is not None else 0
+        return sum(a.nbytes for a in arrays) + len(self.cid_bytes) + len(self.digests) + heads
 
     def check_integrity(self) -> None:
         n = len(self)
@@ -230,7 +340,17 @@ class TokenStore:
                         ("kind", self.kind)):
             assert g.n == n, f"{name} has {g.n} entries for {n} requests"
         assert self.tail_off.view[-1] == self.tail_tokens.n and self.ref_off.view[-1] == self.ref_ids.n
-        assert self.piece_off.view[-1] == self.piece_tokens.n
+        assert self.piece_off.view[-1] == self.piece_tokens.n and self.head_piece.n == self.pieces
+        heads = np.flatnonzero(self.head_piece.view)
+        assert np.all(np.diff(self.piece_off.view)[heads] == HEAD_BLOCK), "a head piece is not one block"
+        if self.ref_ids.n:  # head blocks only after a request's other pieces
+            flags = self.head_piece.view[self.ref_ids.view].astype(np.int64)
+            own = np.repeat(np.arange(n), np.diff(self.ref_off.view))
+            last_other = np.full(n, -1, np.int64)
+            np.maximum.at(last_other, own[flags == 0], np.flatnonzero(flags == 0))
+            first_head = np.full(n, np.iinfo(np.int64).max, np.int64)
+            np.minimum.at(first_head, own[flags == 1], np.flatnonzero(flags == 1))
+            assert np.all(last_other < first_head), "a request's head blocks come before another piece"
         assert len(self.digests) == DIGEST_BYTES * n
         assert self.ref_ids.n == 0 or (self.ref_ids.view.min() >= 0 and self.ref_ids.view.max() < self.pieces)
         assert n == 0 or self.prompt_lengths().min() >= 1, "a request without prompt tokens"
