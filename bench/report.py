@@ -135,6 +135,12 @@ LAYOUT = {
                             ["requests", "chat_cache_hit_ratio", "completion_cache_hit_ratio",
                              "completion_over_chat_cache_hits", "baseline_commit", "runs.completion_baseline.cache_hit_ratio",
                              "completion_over_baseline_cache_hits", "completion_over_baseline_generation_seconds"]),
+    "store_heads": ("Completion prompts behind few-shot headers: the token store with and without shared heads "
+                    "(`bench/store_heads.py`)",
+                    ["requests", "headers", "prompt_tokens", "stores.shared heads.store_mb", "stores.whole tails.store_mb",
+                     "store_shared_over_whole", "stores.shared heads.fill_peak_mb", "stores.whole tails.fill_peak_mb",
+                     "fill_seconds_shared_over_whole", "tail_segments_seconds_shared_over_whole",
+                     "prompts_checked_equal", "tail_segments_equal"]),
     "resume_memory": ("A rerun over a million records: driver memory and time (`bench/resume_memory.py`)",
                       ["requests", "runs.this.first.results_mb", "runs.this.first.driver_peak_rss_mb",
                        "runs.this.rerun.driver_peak_rss_mb", "runs.this.retry.driver_peak_rss_mb",
