@@ -78,6 +78,14 @@ LAYOUT = {
                          "blend_vs_best_other_mean.known_thin", "blend_vs_best_other_mean.known_not_paced",
                          "blend_vs_best_other_mean.kv", "blend_vs_best_other_mean.known_kv",
                          "blend_vs_best_other_min.known_kv", "wall_seconds"]),
+    "pacing_ablation_100k": ("Pacing under estimated lengths at 100,000 requests a trace, blend over the best other "
+                             "policy (balance, fcfs) per engine variant (`bench/pacing_ablation.py --requests 100000 "
+                             "--policies blend,balance,fcfs --variants shipped,spread,oracle,known --out "
+                             "pacing_ablation_100k`)",
+                             ["blend_vs_best_other_mean.shipped", "blend_vs_best_other_min.shipped",
+                              "blend_vs_best_other_mean.spread", "blend_vs_best_other_min.spread",
+                              "blend_vs_best_other_mean.oracle", "blend_vs_best_other_min.oracle",
+                              "blend_vs_best_other_mean.known", "blend_vs_best_other_min.known"]),
     "pacing_ablation_real_traces": ("Pacing on five real traces, blend over the best other policy per engine variant "
                                     "(`bench/pacing_ablation.py --requests 100000 --traces FILES --out "
                                     "pacing_ablation_real_traces`)",
