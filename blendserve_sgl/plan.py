@@ -48,7 +48,7 @@ from .cli import engine_seed, fraction, positive_float, positive_int
 from .core import CostModel
 from .core.preset import PRESET
 from .core.tree import Node
-from .core.specs import ModelSpec, hardware, hardware_names, model, model_names, preset_vocab
+from .core.specs import ModelSpec, hardware, hardware_names, model, model_names, vocab_size
 from .sim.engine import EngineConfig
 from .sim.metrics import SimResult, plot_steps
 from .sim.policies import POLICIES
@@ -438,7 +438,7 @@ def _cost_and_tokenizer(args):
         ctx = spec.max_context
     cost = CostModel(spec, hardware(args.hardware))
     if tok_dir is None:
-        return cost, ByteTokenizer(preset_vocab(args.model)), args.context_length or ctx, \
+        return cost, ByteTokenizer(vocab_size(args.model)), args.context_length or ctx, \
             "approximated as UTF-8 bytes / 4 (pass a model directory or --tokenizer for exact counts)"
     return cost, _load_tokenizer(tok_dir), args.context_length or ctx, f"the tokenizer of {tok_dir}"
 
@@ -583,7 +583,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print(out: dict, say) -> None:
     if out["bad_lines"] and out["lines"] is None:  # a workload's requests beyond the model's context
-        say(f"{out['input']}: {out['bad_lines']:,} requests not planned (they do not fit the model's context)")
+        say(f"{out['input']}: {out['bad_lines']:,} request{'s' if out['bad_lines'] != 1 else ''} not planned (they do "
+            "not fit the model's context)")
         for msg in out["bad_line_messages"]:
             say(f"  {msg}")
         if out["bad_lines"] > len(out["bad_line_messages"]):
@@ -679,12 +680,13 @@ def plan_for_run(run_args) -> int:
             else:  # one engine on a tensor-parallel group: NxHARDWARE
                 argv[argv.index("--hardware") + 1] = f"{int(value)}x{hw}"
         elif key == "chunked_prefill_size":
-            problem = chunk_problem(value, "cpu" if hw == "cpu" else "cuda")
+            chunk = engine_args([pair])[key]  # the value the engine would get
+            problem = chunk_problem(chunk, "cpu" if hw == "cpu" else "cuda")
             if problem:
                 print(f"blendserve run --plan-only: error: {problem}", file=sys.stderr)
                 return 2
             # -1: no chunked prefill, a whole prompt a step (at most the context)
-            argv += ["--chunk", str((run_args.context_length or spec.max_context) if int(value) == -1 else int(value))]
+            argv += ["--chunk", str((run_args.context_length or spec.max_context) if chunk == -1 else chunk)]
         elif key in flags:
             if not (value.strip().isascii() and value.strip().isdigit() and int(value) >= 1):  # "²" is a digit int() refuses
                 print(f"blendserve run --plan-only: error: --engine-arg {pair}: {key} must be a whole number of at "

@@ -338,8 +338,11 @@ def test_no_chunked_prefill_is_planned_on_a_gpu_and_refused_on_the_cpu_by_plan_a
     with pytest.raises(ValueError, match="the CPU engine needs chunked prefill"):
         check_engine_args({"chunked_prefill_size": -1}, "cpu")
     check_engine_args({"chunked_prefill_size": -1}, "cuda")
-    assert [chunk_problem(v, "cuda") is None for v in (1, 8192, -1, "64", 0, -2, True, 1.5, "x")] == \
-        [True, True, True, True, False, False, False, False, False]
+    assert [chunk_problem(v, "cuda") is None for v in (1, 8192, -1, "64", 0, -2, True, 1.5, "x", "007", "--5")] == \
+        [True, True, True, False, False, False, False, False, False, False, False]  # strings: JSON found no number
+    for value in ("--5", "007"):  # a traceback, and a string SGLang failed on at start (a probe)
+        assert cli.main([*args[:-1], f"chunked_prefill_size={value}", "--plan-only", "a100"]) == 2
+        assert f"chunked_prefill_size={value}: chunked_prefill_size must be a whole number" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flags, said", [
@@ -584,7 +587,7 @@ def test_a_workload_beyond_the_models_context_is_named_and_not_planned(tmp_path,
                      "--out", str(out), "--plot", str(tmp_path / "p.png")]) == 0
     text = capsys.readouterr().out
     assert "2 requests not planned (they do not fit the model's context)" in text
-    assert "t.csv request 1: the prompt is 200,000 tokens" in text and "t.csv request 3:" in text
+    assert "t.csv data row 1: the prompt is 200,000 tokens" in text and "t.csv data row 3:" in text
     data = json.loads(out.read_text())
     assert data["requests"] == 2 and data["bad_lines"] == 2
     assert data["output_lengths"]["estimate"].startswith("each request generates its recorded output length")
@@ -640,6 +643,11 @@ def test_a_presets_vocabulary_checks_token_id_prompts_without_a_tokenizer(tmp_pa
     out = capsys.readouterr().out
     assert "2 lines, 1 planned, 1 bad" in out
     assert "ids.jsonl line 1: \"prompt\" has token id 128256, outside the model's vocabulary of 128256" in out
+    config = tmp_path / "config.json"  # a config.json given as --model: its vocabulary (a probe)
+    config.write_text(json.dumps({"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 1,
+                                  "num_attention_heads": 2, "vocab_size": 128200, "max_position_embeddings": 4096}))
+    assert plan.main([str(src), "--model", str(config), "--no-plot", "--workers", "1"]) == 2
+    assert "no valid request to plan (2 bad lines)" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("flag,value", [("--output-fraction", "0.1"), ("--default-max-tokens", "5"),

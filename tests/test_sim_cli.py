@@ -114,7 +114,7 @@ def test_a_trace_of_long_block_chains_runs_under_every_policy(tmp_path):
     path.write_text("".join(json.dumps({"input_length": 2000 * 512, "output_length": 4,
                                         "hash_ids": [*range(1999), 10**6 + i]}) + "\n" for i in range(2)))
     out = tmp_path / "sim.json"
-    assert cli.main(["simulate", "--workload", str(path), "--model", str(config), "--kv-gb", "800", "--chunk", "512",
+    assert cli.main(["simulate", "--workload", str(path), "--model", str(config), "--hardware", "8xh200", "--kv-gb", "800", "--chunk", "512",
                      "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["results"]
     assert len(rows) == 6 and all(r["sharing"] > 0.49 for r in rows)  # the second row finds the chain cached

@@ -219,8 +219,9 @@ def test_rows_beyond_the_models_context_are_not_simulated(tmp_path, capsys):
     assert cli.main(["simulate", "--workload", str(path), "--policy", "fcfs", "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert "5 requests not simulated (they do not fit llama-3.1-8b's context of 131,072 tokens)" in err
-    assert "t.csv request 1: the prompt is 200,000 tokens" in err and "simulate a model with a longer context" in err
+    assert "t.csv data row 1: the prompt is 200,000 tokens" in err and "simulate a model with a longer context" in err
     assert json.loads(out.read_text())["workload"]["requests"] == 3
+    assert json.loads(out.read_text())["workload"]["not_simulated_beyond_context"] == 5
     name, records, counts = trace_or_file(str(path), 10, COST)
     assert (name, [r.prompt_len for r in records], counts["beyond_context"]) == ("t", [100, 300, 131_065], 5)
 
@@ -239,7 +240,7 @@ def test_a_trace_row_is_checked_against_the_context_as_sglang_checks_a_request()
     kept, bad = within_context([Record(f"r{i}", p, (), d) for i, (p, d) in enumerate(rows)], ctx, "t.csv", "m")
     assert [r.rid for r in kept] == ["r0", "r2"]
     assert [e.line for e in bad] == [2, 4, 5]
-    assert "t.csv request 2: the prompt is 8,186 tokens, too long for m's context of 8,192 tokens (SGLang takes " \
+    assert "t.csv data row 2: the prompt is 8,186 tokens, too long for m's context of 8,192 tokens (SGLang takes " \
            "prompts of at most 8,185); not planned" in bad[0].message
-    assert "t.csv request 4: the prompt of 100 tokens and the output of 8,093 need 8,193 tokens, more than m's " \
+    assert "t.csv data row 4: the prompt of 100 tokens and the output of 8,093 need 8,193 tokens, more than m's " \
            "context of 8,192 tokens; not planned" in bad[1].message

@@ -27,7 +27,8 @@ from ..core.preset import PRESET
 from ..core.specs import ModelSpec, hardware, model
 from ..core.split import sort_and_split
 from ..core.tree import ResourceTree
-from .store import HEAD_BLOCK, TokenStore
+from .store import HEAD_BLOCK, TokenStore, block_sums
+from .store import mix64 as _mix
 
 PLAN_HARDWARE = "h100"  # the plan's compute/bandwidth ratio; only the order matters here
 
@@ -64,15 +65,6 @@ TAIL_BLOCK = HEAD_BLOCK  # tokens: tails are compared in whole blocks; a shared 
 _CHUNK_TOKENS = 1 << 20  # tail tokens hashed at a time (bounds the temporary arrays)
 
 
-def _mix(x: np.ndarray) -> np.ndarray:
-    """splitmix64's finalizer over a uint64 array (wrapping arithmetic)."""
-    x = x ^ (x >> np.uint64(30))
-    x = x * np.uint64(0xBF58476D1CE4E5B9)
-    x = x ^ (x >> np.uint64(27))
-    x = x * np.uint64(0x94D049BB133111EB)
-    return x ^ (x >> np.uint64(31))
-
-
 def _path_seeds(store: TokenStore, heads: np.ndarray) -> np.ndarray:
     """Per request, a hash of the pieces it starts with (0 for none; head blocks, `heads` per
     request, are the tail's): tails are compared only among requests behind the same pieces."""
@@ -106,7 +98,6 @@ def tail_blocks(store: TokenStore, block: int = TAIL_BLOCK) -> tuple[np.ndarray,
     np.cumsum(nt, out=tfirst[1:])
     sums = np.empty(int(first[-1]), np.uint64)  # each block's token hash
     tokens = store.tail_tokens.a
-    weights = _mix(np.arange(1, block + 1, dtype=np.uint64)) | np.uint64(1)  # odd: a token's weight by its place
     start = 0
     with np.errstate(over="ignore"):
         while start < n:  # requests in chunks of about _CHUNK_TOKENS tail tokens
@@ -116,14 +107,12 @@ def tail_blocks(store: TokenStore, block: int = TAIL_BLOCK) -> tuple[np.ndarray,
             if len(rows):
                 k = np.arange(len(rows)) - (tfirst[rows] - tfirst[start])  # block index within its stored tail
                 at = off[rows] + k * block
-                toks = tokens[at[:, None] + np.arange(block)].astype(np.uint64)
-                sums[first[rows] + heads[rows] + k] = _mix((toks * weights).sum(axis=1))
+                sums[first[rows] + heads[rows] + k] = block_sums(tokens[at[:, None] + np.arange(block)])
             start = stop
         if heads.any():  # each head block hashed once, as the same tokens in a tail are
             pids = np.flatnonzero(store.head_piece.view)
-            toks = store.piece_tokens.a[store.piece_off.view[pids][:, None] + np.arange(block)].astype(np.uint64)
             piece_sum = np.zeros(store.pieces, np.uint64)
-            piece_sum[pids] = _mix((toks * weights).sum(axis=1))
+            piece_sum[pids] = block_sums(store.piece_tokens.a[store.piece_off.view[pids][:, None] + np.arange(block)])
             rows = np.repeat(np.arange(n), heads)
             j = np.arange(len(rows)) - (np.cumsum(heads) - heads)[rows]  # head block index within its request
             refs = store.ref_ids.view[store.ref_off.view[rows + 1] - heads[rows] + j]

@@ -85,13 +85,13 @@ class EngineConfig:
 
 
 def chunk_problem(value, device: str) -> str | None:
-    """Why `--engine-arg chunked_prefill_size=VALUE` cannot run on `device` ("cpu" or "cuda"), or
-    None: a whole number of at least 1, or -1 (SGLang: no chunked prefill) on a GPU. On the CPU
+    """Why `--engine-arg chunked_prefill_size=VALUE` (VALUE as `cli.engine_args` reads it: JSON)
+    cannot run on `device` ("cpu" or "cuda"), or None: a whole number of at least 1, or -1
+    (SGLang: no chunked prefill) on a GPU. On the CPU
     SGLang sizes its memory from the chunk and, at -1, stops at start asking for a negative
     --mem-fraction-static (a probe: its traceback was all the user saw)."""
-    if isinstance(value, str) and value.strip().lstrip("-").isascii() and value.strip().lstrip("-").isdigit():
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int) or not (value >= 1 or value == -1):
+    if isinstance(value, bool) or not isinstance(value, int) or not (value >= 1 or value == -1):  # as JSON reads it
+        # ("007" or "--5" is not a number to JSON: SGLang would get the string)
         return (f"--engine-arg chunked_prefill_size={value}: chunked_prefill_size must be a whole number of at "
                 "least 1, or -1 for no chunked prefill")
     if value == -1 and device == "cpu":

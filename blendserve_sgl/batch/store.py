@@ -83,6 +83,23 @@ HEAD_KEYS = 1 << 18  # tail starts remembered (a dict entry each, ~100 bytes)
 HEAD_BYTES = 64 << 20  # head tokens kept for comparison
 
 
+def mix64(x: np.ndarray) -> np.ndarray:
+    """splitmix64's finalizer over a uint64 array (wrapping arithmetic)."""
+    with np.errstate(over="ignore"):
+        x = x ^ (x >> np.uint64(30))
+        x = x * np.uint64(0xBF58476D1CE4E5B9)
+        x = x ^ (x >> np.uint64(27))
+        x = x * np.uint64(0x94D049BB133111EB)
+        return x ^ (x >> np.uint64(31))
+
+
+def block_sums(tokens: np.ndarray) -> np.ndarray:
+    """A 64-bit hash of each row of a (blocks, block) token matrix (a token's weight by its place)."""
+    weights = mix64(np.arange(1, tokens.shape[1] + 1, dtype=np.uint64)) | np.uint64(1)  # odd
+    with np.errstate(over="ignore"):
+        return mix64((tokens.astype(np.uint64) * weights).sum(axis=1))
+
+
 def _common(a: np.ndarray, b: np.ndarray) -> int:
     """The length of the common prefix of two token arrays."""
     n = min(len(a), len(b))
@@ -100,6 +117,10 @@ class Heads:
         self.heads: list[tuple[np.ndarray, np.ndarray]] = []  # (piece ids, tokens) of each head
         self.bytes = 0
 
+    def nbytes(self) -> int:
+        """The heads' tokens and piece ids, and about 100 bytes a remembered start."""
+        return self.bytes + 100 * len(self.seen)
+
     def split(self, store: "TokenStore", ref_pids: np.ndarray, counts: np.ndarray, tails: np.ndarray,
               lens: np.ndarray):
         """The batch about to be appended to `store` (its requests' piece ids and tails) with the
@@ -109,16 +130,24 @@ class Heads:
         ref_at = np.concatenate(([0], np.cumsum(counts)))
         tail_at = np.concatenate(([0], np.cumsum(lens)))
         cuts: dict[int, np.ndarray] = {}  # batch request -> the head pieces it starts its tail with
-        for i in np.flatnonzero(lens > 2 * block).tolist():
-            tail = tails[tail_at[i]:tail_at[i + 1]]
-            before = int(ref_pids[ref_at[i + 1] - 1]) if counts[i] else -1
-            key = int.from_bytes(hashlib.blake2b(before.to_bytes(8, "little", signed=True) + tail[:block].tobytes(),
-                                                 digest_size=8).digest(), "little")
-            hit = self.seen.get(key)
+        rows = np.flatnonzero(lens > 2 * block)
+        if not len(rows):
+            return ref_pids, counts, tails, lens
+        last = ref_pids[np.maximum(ref_at[rows + 1] - 1, 0)] if len(ref_pids) else np.zeros(len(rows), np.int32)
+        before = np.where(counts[rows] > 0, last.astype(np.int64), -1)  # the piece before the tail, -1: none
+        with np.errstate(over="ignore"):  # the start's key: the piece before and the first block (a collision
+            # only costs a comparison)
+            keys = mix64(block_sums(tails[tail_at[rows][:, None] + np.arange(block)])
+                         ^ mix64(before.astype(np.uint64) + np.uint64(1)))
+        seen, room = self.seen, self.max_keys - len(self.seen)
+        for i, key in zip(rows.tolist(), keys.tolist()):
+            hit = seen.get(key)
             if hit is None:
-                if len(self.seen) < self.max_keys:
-                    self.seen[key] = base + i
+                if room > 0:
+                    seen[key] = base + i
+                    room -= 1
                 continue
+            tail = tails[tail_at[i]:tail_at[i + 1]]
             if hit >= 0:  # the first tail with this start: the blocks both hold become a head
                 r = hit - base
                 first = store.tail(hit) if r < 0 else tails[tail_at[r]:tail_at[r + 1]]
@@ -328,7 +357,7 @@ class TokenStore:
         """Bytes in use (arrays up to their length, custom ids); see the module docstring."""
         arrays = (self.piece_tokens, self.piece_off, self.tail_tokens, self.tail_off, self.ref_ids, self.ref_off,
                   self.line, self.max_tokens, self.sampling, self.model, self.kind, self.cid_off)
-        heads = self.heads.bytes if self.heads is not None else 0
+        heads = self.heads.nbytes() if self.heads is not None else 0
         return sum(a.nbytes for a in arrays) + len(self.cid_bytes) + len(self.digests) + heads
 
     def check_integrity(self) -> None:

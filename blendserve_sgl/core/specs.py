@@ -554,10 +554,18 @@ def model_config(name: str) -> dict:
     return dict(_MODEL_CONFIGS[key])
 
 
-def preset_vocab(name: str) -> int | None:
-    """The vocabulary size of a named model preset (None for another name)."""
+def vocab_size(name: str) -> int | None:
+    """The vocabulary size of a named model preset or of a config.json (its text part for a
+    multimodal one); None where it is not known."""
     config = _MODEL_CONFIGS.get(str(name).lower())
-    return None if config is None else int(config["vocab_size"])
+    if config is None and os.path.isfile(name):
+        try:
+            config = json.loads(Path(name).read_text(encoding="utf-8"))
+        except (OSError, ValueError, UnicodeDecodeError, RecursionError):
+            return None
+        config = (config.get("text_config") or config) if isinstance(config, dict) else None
+    value = config.get("vocab_size") if isinstance(config, dict) else None
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 1 else None
 
 
 def model(name: str) -> ModelSpec:

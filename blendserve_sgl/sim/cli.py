@@ -188,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     setup_s = time.perf_counter() - t0
     if beyond:
-        print(f"{args.workload}: {len(beyond):,} requests not simulated (they do not fit {cost.model.name}'s "
+        print(f"{args.workload}: {len(beyond):,} request{'s' if len(beyond) != 1 else ''} not simulated (they do not fit {cost.model.name}'s "
               f"context of {cost.model.max_context:,} tokens), e.g. {beyond[0].message}", file=sys.stderr)
     print(f"workload {args.workload}: {len(records)} requests, density {workload.density:.3f}, prefix sharing "
           f"{workload.sharing:.3f}, optimum {workload.optimal_s:.1f} s; {cost.model.name} on {cost.hardware.name}, "
@@ -219,7 +219,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": describe(),
         "workload": {"name": args.workload, "requests": len(records), "density": round(workload.density, 4),
                      "sharing": round(workload.sharing, 4), "optimal_s": round(workload.optimal_s, 2),
-                     "setup_s": round(setup_s, 2)},
+                     "setup_s": round(setup_s, 2), "not_simulated_beyond_context": len(beyond)},
         "model": cost.model.name, "hardware": cost.hardware.name,
         "engine": {k: getattr(engine, k) for k in engine.__slots__},
         "interference": args.interference, "known_lengths": args.known_lengths,

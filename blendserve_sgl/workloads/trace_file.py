@@ -80,7 +80,7 @@ def within_context(records: list[Record], context: int, source: str, model_name:
                                         "or drop the row"
     kept, bad = [], []
     for row, r in enumerate(records, 1):
-        where = f"{Path(source).name} request {row}"
+        where = f"{Path(source).name} data row {row}"  # rows counted without the header and blank lines
         if r.prompt_len > limit:
             bad.append(LineError(row, str(r.rid), f"{where}: the prompt is {r.prompt_len:,} tokens, "
                                  f"{'at least' if r.prompt_len >= context else 'too long for'} {model_name}'s context "
