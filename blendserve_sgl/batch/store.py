@@ -20,9 +20,11 @@ questions quote) is compared with that tail once, and the whole blocks they shar
 of `HEAD_BLOCK` tokens each; later tails with that start take as many of those blocks as they
 match. So a million completions behind one 2,000-token header hold it once (plus a 4-byte
 reference per block) instead of a million times. The first tail of a head stays whole. Bounded:
-at most `HEAD_KEYS` starts remembered and `HEAD_BYTES` of head tokens. `nbytes()` counts the bytes in use; per request that is
-`REQUEST_BYTES + 4 x (tail tokens + pieces referenced) + len(custom_id)`, plus each distinct
-piece once. `prepared(i)` rebuilds one `Prepared` for the engine and the result writer.
+at most `HEAD_KEYS` starts remembered and `HEAD_BYTES` of head tokens.
+
+`nbytes()` counts the bytes in use; per request that is `REQUEST_BYTES + 4 x (tail tokens +
+pieces referenced) + len(custom_id)`, plus each distinct piece once and the heads' own
+(`Heads.nbytes`). `prepared(i)` rebuilds one `Prepared` for the engine and the result writer.
 """
 
 from __future__ import annotations
