@@ -27,8 +27,7 @@ from ..core.preset import PRESET
 from ..core.specs import ModelSpec, hardware, model
 from ..core.split import sort_and_split
 from ..core.tree import ResourceTree
-from .store import HEAD_BLOCK, TokenStore, block_sums
-from .store import mix64 as _mix
+from .store import HEAD_BLOCK, TokenStore, block_sums, mix64
 
 PLAN_HARDWARE = "h100"  # the plan's compute/bandwidth ratio; only the order matters here
 
@@ -75,7 +74,7 @@ def _path_seeds(store: TokenStore, heads: np.ndarray) -> np.ndarray:
     with np.errstate(over="ignore"):
         for j in range(int(counts.max()) if n else 0):  # one pass per piece position (a few)
             rows = np.flatnonzero(counts > j)
-            seeds[rows] = _mix(seeds[rows] * np.uint64(0x9E3779B97F4A7C15) + refs[store.ref_off.view[rows] + j]
+            seeds[rows] = mix64(seeds[rows] * np.uint64(0x9E3779B97F4A7C15) + refs[store.ref_off.view[rows] + j]
                                + np.uint64(1))
     return seeds
 
@@ -126,7 +125,7 @@ def tail_blocks(store: TokenStore, block: int = TAIL_BLOCK) -> tuple[np.ndarray,
                 alive -= 1
             rows = order[:alive]
             at = first[rows] + k
-            cur[rows] = _mix(cur[rows] * np.uint64(0x9E3779B97F4A7C15) + sums[at])
+            cur[rows] = mix64(cur[rows] * np.uint64(0x9E3779B97F4A7C15) + sums[at])
             chain[at] = cur[rows]
         del sums
     return chain, first

@@ -185,6 +185,12 @@ class Failures:
         self.size.append(len(raw))
         self.hashes.append(_line_hash(raw))
 
+    def take(self, other: "Failures", j: int) -> None:
+        """Append `other`'s line `j` (its place, size and hash)."""
+        self.at.append(other.at[j])
+        self.size.append(other.size[j])
+        self.hashes.append(other.hashes[j])
+
     def __len__(self) -> int:
         return len(self.at)
 
@@ -224,12 +230,14 @@ class Failures:
 
 class Places:
     """Where each record of a scanned results file is, in file order (its key and line's byte
-    range): `drop` finds the lines it keeps without parsing the file again. 24 bytes a record."""
+    range), and the scan's failure lines: `drop` finds the lines it keeps without parsing the
+    file again. 24 bytes a record."""
 
-    __slots__ = ("keys", "at", "end")
+    __slots__ = ("keys", "at", "end", "failures")
 
     def __init__(self):
         self.keys, self.at, self.end = [], array("q"), array("q")
+        self.failures = Failures()
 
     def add(self, key, at: int, end: int) -> None:
         self.keys.append(key)
@@ -253,6 +261,8 @@ def _scan(read, name: str, drop: set | None = None, places: bool = False) -> tup
     ranges [start, end) of the lines kept (adjacent lines merged), else []."""
     done = Done(places=Places() if places else None)
     failures = Failures(read)
+    if done.places is not None:
+        done.places.failures = failures
     kept: list[list[int]] = []
     end = 0
     for number, (at, raw, complete) in enumerate(_lines(read), start=1):
@@ -279,10 +289,7 @@ def _scan(read, name: str, drop: set | None = None, places: bool = False) -> tup
             raise ResultsError(f"{name} line {number} repeats the result of {key!r}; the file was edited or "
                                "written by two runs: remove the repeated line or pass --overwrite")
         if drop is not None:  # only `drop` copies the kept lines
-            if kept and kept[-1][1] == at:
-                kept[-1][1] = end
-            else:
-                kept.append([at, end])
+            _keep(kept, at, end)
         done.keys.add(key)
         if done.places is not None:
             done.places.add(key, at, end)
@@ -295,6 +302,14 @@ def _scan(read, name: str, drop: set | None = None, places: bool = False) -> tup
         else:
             _count_success(done, rec, 1)
     return done, end, failures, kept
+
+
+def _keep(kept: list, at: int, end: int) -> None:
+    """Add the line [at, end) to the kept byte ranges, merged with the last one it follows."""
+    if kept and kept[-1][1] == at:
+        kept[-1][1] = end
+    else:
+        kept.append([at, end])
 
 
 def _count_success(done: Done, rec: dict, sign: int) -> None:
@@ -310,12 +325,13 @@ def _count_success(done: Done, rec: dict, sign: int) -> None:
     done.output_tokens += sign * int(usage.get("completion_tokens", 0))
 
 
-def _placed_drop(read, done: Done, failures: Failures, keys: set):
-    """What `_scan(read, drop=keys)` finds in the file `done` and `failures` were scanned from
-    (with `places`), from where its records are: only the dropped success records are read and
-    parsed again. Returns (the kept byte ranges, the kept failures, how to make `done` what the
-    scan would return: call it once the file is rewritten)."""
+def _placed_drop(read, done: Done, keys: set):
+    """What `_scan(read, drop=keys)` finds in the file `done` was scanned from (with `places`),
+    from where its records are: only the dropped success records are read and parsed again.
+    Returns (the kept byte ranges, the kept failures, how to make `done` what the scan would
+    return: call it once the file is rewritten)."""
     places, kept, left = done.places, [], Failures(read)
+    failures = places.failures
     gone_successes, j, count = [], 0, len(failures)
     for key, at, end in zip(places.keys, places.at, places.end):
         failure = j < count and failures.at[j] == at  # both in file order
@@ -326,14 +342,9 @@ def _placed_drop(read, done: Done, failures: Failures, keys: set):
                 gone_successes.append(_record(_read_exact(read, end - at - 1, at)))
             continue
         if failure:
-            left.at.append(at)
-            left.size.append(failures.size[j])
-            left.hashes.append(failures.hashes[j])
+            left.take(failures, j)
             j += 1
-        if kept and kept[-1][1] == at:
-            kept[-1][1] = end
-        else:
-            kept.append([at, end])
+        _keep(kept, at, end)
     if j != count or any(rec is None for rec in gone_successes):
         raise ResultsError("internal error: the results file changed since it was scanned")
 
@@ -487,11 +498,10 @@ class ResultWriter:
     """Appends records to the results file (and failures to the error file); see module doc."""
 
     def __init__(self, path: Path, errors_path: Path | None, fd: int, errors_fd: int, done: Done, regular: bool,
-                 created: tuple = (), failures: Failures | None = None):
+                 created: tuple = ()):
         self.path, self.errors_path = path, errors_path
         self._fd, self._errors_fd = fd, errors_fd
         self.done = done
-        self.failures = failures  # the failure lines of `done.places`'s file (`drop`)
         self.regular = regular  # False: a stream (pipe, /dev/stdout, /dev/null), nothing read back
         self.created = created  # the regular files this run created (`discard_created`)
 
@@ -568,7 +578,7 @@ class ResultWriter:
                      else None):
             if held is not None:
                 sweep_tmps(held)  # both files locked by this run now: a copy left by a killed run is garbage
-        return cls(path, errors_path, fd, errors_fd, done, regular, created, failures)
+        return cls(path, errors_path, fd, errors_fd, done, regular, created)
 
     def drop(self, keys: set) -> None:
         """Remove the records of `keys` (their requests run again): the kept records go to a new
@@ -577,7 +587,7 @@ class ResultWriter:
             return
         old = self._fd
         if self.done.places is not None:  # where the records are is known: nothing parsed again but dropped successes
-            kept, failures, settle = _placed_drop(_reader(old), self.done, self.failures, keys)
+            kept, failures, settle = _placed_drop(_reader(old), self.done, keys)
         else:  # the file is read, not held
             done, _, failures, kept = _scan(_reader(old), self.path.name, drop=keys)
             settle = None
@@ -608,15 +618,13 @@ class ResultWriter:
             settle()
         else:
             self.done = done
-        self.failures = None  # read through the closed descriptor; `done.places` is None now
 
     def write(self, record: dict) -> None:
         line = (json.dumps(record, ensure_ascii=False) + "\n").encode("utf-8")
         key = record_key(record)
         if key in self.done.keys:
             raise ResultsError(f"internal error: a second result for {key!r}")
-        if self.done.places is not None:  # a record not among them: `drop` scans the file again
-            self.done.places = self.failures = None
+        self.done.places = None  # a record not among them: `drop` scans the file again
         for fd, path in ((self._fd, self.path), (self._errors_fd if is_failure(record) else -1, self.errors_path)):
             if fd < 0:
                 continue

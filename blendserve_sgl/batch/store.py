@@ -102,7 +102,7 @@ def block_sums(tokens: np.ndarray) -> np.ndarray:
         return mix64((tokens.astype(np.uint64) * weights).sum(axis=1))
 
 
-def _common(a: np.ndarray, b: np.ndarray) -> int:
+def common_prefix(a: np.ndarray, b: np.ndarray) -> int:
     """The length of the common prefix of two token arrays."""
     n = min(len(a), len(b))
     differ = np.flatnonzero(a[:n] != b[:n])
@@ -153,7 +153,7 @@ class Heads:
             if hit >= 0:  # the first tail with this start: the blocks both hold become a head
                 r = hit - base
                 first = store.tail(hit) if r < 0 else tails[tail_at[r]:tail_at[r + 1]]
-                m = _common(tail[:-1], first) // block  # at least one token stays in the tail
+                m = common_prefix(tail[:-1], first) // block  # at least one token stays in the tail
                 if m < 2 or self.bytes + m * block * 4 > self.max_bytes:
                     continue
                 head = tail[:m * block].copy()
@@ -166,7 +166,7 @@ class Heads:
                 cuts[i] = pids
             else:
                 pids, head = self.heads[-hit - 1]
-                m = _common(tail[:-1], head) // block
+                m = common_prefix(tail[:-1], head) // block
                 if m >= 2:
                     cuts[i] = pids[:m]
         if not cuts:

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..batch.reader import read_store
 from ..batch.requests import LineError
-from ..batch.store import KINDS
+from ..batch.store import KINDS, common_prefix
 from .data import Record
 
 
@@ -103,9 +103,7 @@ def prefix_segments(keys: list[bytes]) -> list[tuple]:
     prev = np.frombuffer(keys[order[0]], dtype=">u4") if n else None
     for k in range(1, n):
         cur = np.frombuffer(keys[order[k]], dtype=">u4")
-        m = min(len(prev), len(cur))
-        diff = np.flatnonzero(prev[:m] != cur[:m])
-        lcp[k] = int(diff[0]) if len(diff) else m
+        lcp[k] = common_prefix(prev, cur)
         prev = cur
     # The branch depths on prompt k's path are its common prefixes with the others: the running
     # minima of lcp to its left and to its right (monotonic stacks). A prefix of depth d is held
