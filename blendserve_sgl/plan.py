@@ -6,8 +6,10 @@
 
 A file is read, validated and tokenized as `blendserve run` does it (`workloads.batch_file`);
 bad lines are counted and named with `run`'s messages; the token prompts are then held as their
-prefix groups (`batch_file.prefix_segments`: the same prefix tree, a few atoms per request, built from
-the reader's store without token ids as Python objects). Output lengths are not known before the
+prefix groups: the whole file in the view `blendserve run` plans with (`batch.order.store_prefixes`:
+each request's pieces and the shared 32-token blocks of its tail, no token of a shared prompt held
+per request), which chooses the sample; the simulated sample cut exactly where its prompts branch
+(`BatchFile.exact`, `batch_file.prefix_segments`). Output lengths are not known before the
 run: each request is simulated twice, once generating its `max_tokens` (the upper bound) and
 once generating an estimate, and every figure is given as the range over the two. The estimate
 is `--output-fraction` of max_tokens (an assumption, default 0.5), or, with `--generate-sample N`
@@ -153,16 +155,21 @@ GROUPS_PER_SAMPLE = 64  # a sample of whole prefix groups holds at least about t
 
 
 def sample(records: list[Record], n: int | None, seed: int = 0, cost: CostModel | None = None) -> list[Record]:
-    """A seeded sample of about `n` records in file order (all of them when n is None or more):
-    uniform, or given `cost` whole prefix groups (`prefix_groups`) drawn in a seeded order until
-    `n` are taken. A uniform sample keeps a pair of requests sharing a document only when both are
-    drawn (1% of pairs at a tenth of the file): the plan of a file whose prompts share in small
-    groups read its sharing as 4.5% for 44.6% and its time 49% long (a probe)."""
+    """The records of `sample_indices`."""
+    return [records[i] for i in sample_indices(records, n, seed, cost)]
+
+
+def sample_indices(records: list[Record], n: int | None, seed: int = 0, cost: CostModel | None = None) -> list[int]:
+    """The positions of a seeded sample of about `n` records, ascending (all of them when n is
+    None or more): uniform, or given `cost` whole prefix groups (`prefix_groups`) drawn in a
+    seeded order until `n` are taken. A uniform sample keeps a pair of requests sharing a document
+    only when both are drawn (1% of pairs at a tenth of the file): the plan of a file whose prompts
+    share in small groups read its sharing as 4.5% for 44.6% and its time 49% long (a probe)."""
     if n is None or n >= len(records):
-        return list(records)
+        return list(range(len(records)))
     rng = random.Random(seed)
     if cost is None:
-        return [records[i] for i in sorted(rng.sample(range(len(records)), n))]
+        return sorted(rng.sample(range(len(records)), n))
     groups = prefix_groups(records, cost, max(1, n // GROUPS_PER_SAMPLE))
     rng.shuffle(groups)
     keep, taken = [], 0
@@ -171,7 +178,7 @@ def sample(records: list[Record], n: int | None, seed: int = 0, cost: CostModel 
             break
         keep += g
         taken += len(g)
-    return [records[i] for i in sorted(keep)]
+    return sorted(keep)
 
 
 def prefix_groups(records: list[Record], cost: CostModel, cap: int) -> list[list[int]]:
@@ -217,13 +224,17 @@ def product_spec(policy: str, cost: CostModel, engine: EngineConfig, seed: int =
 def plan(records: list[Record], cost: CostModel, engine: EngineConfig, policies=RUNNABLE, *, gpus: int = 1,
          output_fraction: float = 0.5, timing: ExecModel = ExecModel("sequential"), seed: int = 0,
          sim_requests: int | None = None, workers: int = 1,
-         fractions: list[float] | None = None) -> tuple[dict, dict[str, dict[str, SimResult]]]:
+         fractions: list[float] | None = None, exact=None) -> tuple[dict, dict[str, dict[str, SimResult]]]:
     """(the plan as a JSON-ready dict, the simulator's results per scenario and policy). Given
     `fractions` (`sampled_fractions`), the estimate scenario draws from them. With
     more records than `sim_requests`, a sample of about that many (whole prefix groups) is simulated and its time and
     token counts are scaled by records / sample (the batch runs at the sample's throughput). The
-    runs are independent: `workers` processes run them (`run_jobs`), with the same results."""
-    simulated = sample(records, sim_requests, seed, cost)
+    runs are independent: `workers` processes run them (`run_jobs`), with the same results.
+    `exact(indices)`: the records at those positions with their prompts cut as exactly as the
+    simulator should see them (`BatchFile.exact`), where `records` hold a coarser view that
+    only chooses the sample."""
+    take = exact or (lambda idx: [records[i] for i in idx])
+    simulated = take(sample_indices(records, sim_requests, seed, cost))
     scale = len(records) / len(simulated)
     scenarios = scenario_records(simulated, output_fraction, fractions, seed)
     workloads = {name: Workload(recs, cost) for name, recs in scenarios.items()}
@@ -232,7 +243,8 @@ def plan(records: list[Record], cost: CostModel, engine: EngineConfig, policies=
               for name, recs in scenarios.items()}
     jobs = [(workloads[name], p, product_spec(p, cost, engine, seed)) for name in SCENARIOS for p in policies]
     if len(simulated) < len(records):  # the sampling error: the first policy on a second sample
-        other = scenario_records(sample(records, sim_requests, seed + 1, cost), output_fraction)["max_tokens"]
+        other = scenario_records(take(sample_indices(records, sim_requests, seed + 1, cost)),
+                                 output_fraction)["max_tokens"]
         scale_other = len(records) / len(other)  # whole groups: not quite the first sample's size
         jobs.append((Workload(other, cost), policies[0], product_spec(policies[0], cost, engine, seed)))
     done = run_jobs(jobs, workers)
@@ -499,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
                                  "and plan with an assumed --output-fraction") from None
             device = prepare_environment("auto")  # before torch loads (with the tokenizer), as run does
         t0 = time.perf_counter()
-        errors, lines, fractions, gen_s = [], None, None, 0.0
+        errors, lines, fractions, gen_s, exact = [], None, None, 0.0, None
         if args.input:
             from .workloads.batch_file import load_batch_file
 
@@ -507,7 +519,7 @@ def main(argv: list[str] | None = None) -> int:
             gc.disable()  # a record and its prefix tuples per request: no collector passes while building
             try:
                 loaded = load_batch_file(args.input, tokenizer, ctx, args.default_max_tokens, tokens=False)
-                records, errors, lines = loaded.records, loaded.errors, loaded.lines
+                records, errors, lines, exact = loaded.records, loaded.errors, loaded.lines, loaded.exact
                 del loaded
             finally:
                 gc.enable()
@@ -551,7 +563,7 @@ def main(argv: list[str] | None = None) -> int:
     t1 = time.perf_counter()
     out, results = plan(records, cost, engine, policies, gpus=args.gpus, output_fraction=args.output_fraction,
                         timing=ExecModel(args.timing), seed=args.seed, sim_requests=args.sim_requests,
-                        workers=args.workers, fractions=fractions)
+                        workers=args.workers, fractions=fractions, exact=exact)
     sim_s = time.perf_counter() - t1
     out = {"command": "blendserve plan " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[2:])),
            "input": args.input or args.workload, "lines": lines, "bad_lines": len(errors),

@@ -100,10 +100,16 @@ def test_store_rejects_an_empty_prompt():
 
 
 # ------------------------------------------------------------------ the reader
-@pytest.mark.parametrize("workers", [0, 1])
-def test_reader_matches_the_plain_path(tiny, tmp_path, workers):
+@pytest.mark.parametrize("workers,small", [(0, False), (1, False), (0, True)])
+def test_reader_matches_the_plain_path(tiny, tmp_path, monkeypatch, workers, small):
     """Same token ids, max_tokens, sampling and custom ids as read_requests + prepare for every
-    good line, the same error messages for the bad ones; shared pieces stored once."""
+    good line, the same error messages for the bad ones; shared pieces stored once. `small`: the
+    tokenizer given a few texts a call and caches of a few hundred bytes, emptied all the time."""
+    from blendserve_sgl.batch import reader
+
+    if small:
+        monkeypatch.setattr(reader, "ENCODE_CHARS", 60)
+        monkeypatch.setattr(reader, "CACHE_BYTES", 700)
     model_dir, tok = tiny
     path = corpus(tmp_path / "in.jsonl", 120)
     got = read_store(path, tok, 2048, 16, model_dir=model_dir, workers=workers, batch_lines=17)
@@ -121,6 +127,22 @@ def test_reader_matches_the_plain_path(tiny, tmp_path, workers):
                                       p.request.line, p.request.kind, p.request.digest)
     assert got.store.pieces < 40  # system prompts, few-shot turns and template text, not per request
     assert got.store.piece_tokens.n + got.store.tail_tokens.n < 0.7 * sum(len(p.input_ids) for p in ok)
+
+
+def test_reader_caches_are_bounded_in_entries_and_bytes():
+    """A cache empties itself before it would pass either bound, and keeps nothing larger than
+    its byte bound."""
+    from blendserve_sgl.batch.reader import _Cache, _text_bytes
+
+    c = _Cache(3, limit=100)
+    assert c.add("a", 1, 40) == 1 and c.add("b", 2, 40) == 2 and dict(c) == {"a": 1, "b": 2} and c.held == 80
+    c.add("c", 3, 30)  # 110 bytes: emptied first
+    assert dict(c) == {"c": 3} and c.held == 30
+    c.add("d", 4, 1), c.add("e", 5, 1)
+    c.add("f", 6, 1)  # a fourth entry: emptied first
+    assert dict(c) == {"f": 6}
+    assert c.add("big", 7, 101) == 7 and "big" not in c and c.held == 0
+    assert _text_bytes("abc") == 3 and _text_bytes("ab\u00e9") == 12
 
 
 def test_reader_marks_done_requests_and_keeps_them_in_the_store(tiny, tmp_path):

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from blendserve_sgl import cli, plan
+from blendserve_sgl.batch.order import store_prefixes
 from blendserve_sgl.batch.prompts import prepare
 from blendserve_sgl.batch.requests import LineError, read_requests
 from blendserve_sgl.core import CostModel
@@ -173,14 +174,38 @@ def test_compress_keeps_the_prefix_tree(prompts):
     assert [r.rid for r in a.iter_requests()] == [r.rid for r in b.iter_requests()]
 
 
+def _shared(a: Record, b: Record) -> int:
+    """Tokens two records' prefix groups share."""
+    n = 0
+    for x, y in zip(a.prefix, b.prefix):
+        if x != y:
+            break
+        n += x[1]
+    return n
+
+
 def test_a_file_read_as_prefix_groups_is_its_token_prompts_compressed(user_file):
-    """`plan` reads a file as prefix groups built from the reader's store (no token tuples): the
-    records `compress` makes of the same file's token prompts, field for field."""
-    want = compress(load_batch_file(user_file, ByteTokenizer(), 4096, 256).records)
-    got = load_batch_file(user_file, ByteTokenizer(), 4096, 256, tokens=False).records
-    assert got == want and any(len(r.prefix) > 1 for r in got)
-    assert compress([]) == [] and load_batch_file(user_file, ByteTokenizer(), 4096, 256, tokens=False).errors == \
-        load_batch_file(user_file, ByteTokenizer(), 4096, 256).errors
+    """`plan` holds a file in the store's view (`store_prefixes`: what `run` plans with, no token
+    tuples), which never claims more sharing than the prompts have (here at most a 32-token block
+    less); `exact` gives any chosen
+    records the groups `compress` makes of their token prompts, field for field."""
+    tokens = load_batch_file(user_file, ByteTokenizer(), 4096, 256).records
+    loaded = load_batch_file(user_file, ByteTokenizer(), 4096, 256, tokens=False)
+    n = len(tokens)
+    assert loaded.exact(list(range(n))) == compress(tokens) and any(len(r.prefix) > 1 for r in compress(tokens))
+    some = [0, 5, 6, 20, n - 1]
+    assert loaded.exact(some) == compress([tokens[i] for i in some])
+    got = loaded.records
+    assert [r._replace(prefix=()) for r in got] == [r._replace(tokens=None) for r in tokens]
+    assert [list(r.prefix) for r in got] == list(store_prefixes(loaded.store))
+    for i in range(n):
+        for j in range(i + 1, n):
+            common = next((k for k, (x, y) in enumerate(zip(tokens[i].tokens, tokens[j].tokens)) if x != y),
+                          min(len(tokens[i].tokens), len(tokens[j].tokens)))
+            assert _shared(got[i], got[j]) <= common and _shared(got[i], got[j]) >= common - 32 * (common > 0)
+    assert compress([]) == [] and loaded.errors == load_batch_file(user_file, ByteTokenizer(), 4096, 256).errors
+    with pytest.raises(ValueError, match="tokens=False"):
+        load_batch_file(user_file, ByteTokenizer(), 4096, 256).exact([0])
 
 
 def test_plan_of_a_sample_is_scaled(user_file):

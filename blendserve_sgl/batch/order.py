@@ -44,20 +44,32 @@ def cost_for(model_dir: str | Path | None) -> CostModel:
 def build_tree(store: TokenStore, cost: CostModel) -> ResourceTree:
     """The resource tree of every stored request; request id = store index."""
     tree = ResourceTree(cost)
-    plen_piece = store.piece_lengths().tolist()
-    names = [str(i) for i in range(store.pieces)]
     prompt = store.prompt_lengths().tolist()
     max_tokens = store.max_tokens.view.tolist()
-    ref_off = store.ref_off.view.tolist()
-    refs = store.ref_ids.view.tolist()
-    heads = store.head_counts().tolist()  # head blocks: part of the tail to the plan (`tail_blocks`)
-    shared_tails = tail_segments(store)
     add = tree.add
-    for i in range(len(store)):
-        groups = [(names[p], plen_piece[p]) for p in refs[ref_off[i]:ref_off[i + 1] - heads[i]]]
-        groups += shared_tails.get(i, ())
+    for i, groups in enumerate(store_prefixes(store)):
         add(i, prompt_len=prompt[i], prefix=groups, output_len=max_tokens[i], max_tokens=max_tokens[i])
     return tree
+
+
+def store_prefixes(store: TokenStore):
+    """Each stored request's prompt as the plan sees it, in store order: its pieces as `Group`
+    keys (name, tokens), then the shared blocks of its tail (`tail_segments`; head pieces are the
+    tail's); the rest of the prompt is unshared. One (name, tokens) pair per piece, shared by every
+    request that holds it, so a million requests behind one prompt hold one pair and their
+    references (`blendserve plan` keeps these for every request of a file)."""
+    plen_piece = store.piece_lengths().tolist()
+    pairs = [(str(p), plen_piece[p]) for p in range(store.pieces)]
+    starts = store.ref_off.view[:-1].tolist()
+    # head blocks are the tail's to the plan (`tail_blocks`): each request's pieces end before them
+    ends = (store.ref_off.view[1:] - store.head_counts()).tolist()
+    refs = store.ref_ids.view  # sliced per request: a list of every head reference would hold 36 bytes each
+    shared_tails = tail_segments(store)
+    for i in range(len(store)):
+        a, b = starts[i], ends[i]
+        groups = [pairs[p] for p in refs[a:b].tolist()] if b > a else []
+        groups += shared_tails.get(i, ())
+        yield groups
 
 
 TAIL_BLOCK = HEAD_BLOCK  # tokens: tails are compared in whole blocks; a shared run shorter than this is ignored

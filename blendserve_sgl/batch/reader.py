@@ -45,6 +45,8 @@ VERIFY_FIRST, VERIFY_EVERY = 32, 997
 CHAT_WHAT = "the prompt (after the chat template)"  # how `prompts.render` names a chat prompt
 PIECE_CACHE = 4096  # encoded pieces a worker remembers
 TAIL_CACHE = 1 << 15  # encoded tails a worker remembers (a text asked again is encoded once)
+CACHE_BYTES = 32 << 20  # ... and each of its caches at most this many bytes of text and ids
+ENCODE_CHARS = 1 << 20  # characters given to the fast tokenizer in one call
 SMALL_INPUT_BYTES = 8 << 20  # smaller inputs are read in the driver (starting workers costs more)
 
 
@@ -160,6 +162,29 @@ class Staged(NamedTuple):
     fast: bool  # rendered by substitution and/or cut in pieces: checked against `prompts.encode` on a sample
 
 
+class _Cache(dict):
+    """A dict emptied when it would hold more than `entries` keys or `limit` bytes (text and
+    ids, as `add` is told). Counting entries alone let a worker keep 32,768 tails of a file whose
+    prompts are all distinct: 2.5 GB of text and ids at 10,000 tokens a prompt."""
+
+    def __init__(self, entries: int, limit: int | None = None):
+        super().__init__()
+        self.entries, self.limit, self.held = entries, CACHE_BYTES if limit is None else limit, 0
+
+    def add(self, key, value, size: int):
+        if len(self) >= self.entries or self.held + size > self.limit:
+            self.clear()
+            self.held = 0
+        if size <= self.limit:  # a text larger than the whole cache is not kept
+            self[key] = value
+            self.held += size
+        return value
+
+
+def _text_bytes(text: str) -> int:
+    return len(text) * (1 if text.isascii() else 4)  # what the str holds, at most (UTF-32 for non-ASCII)
+
+
 class PieceEncoder:
     """Encodes requests into (pieces, tail) as the module docstring describes: `stage` each
     request, then `finish` them together (their tails encoded in one batch)."""
@@ -175,9 +200,9 @@ class PieceEncoder:
         backend = getattr(tokenizer, "_tokenizer", None)
         self.fast = backend if hasattr(backend, "encode_batch") else None
         self.shapes = TemplateShapes(tokenizer)
-        self.cache: dict[str, tuple[int, np.ndarray]] = {}  # piece text -> (digest, ids)
-        self.heads: dict[tuple, tuple[list, list, str]] = {}  # `_pieces` arguments -> its result
-        self.tails: tuple[dict, dict] = ({}, {})  # text -> ids (or the tokenizer's exception); without, with specials
+        self.cache = _Cache(PIECE_CACHE)  # piece text -> (digest, ids)
+        self.heads = _Cache(PIECE_CACHE)  # `_pieces` arguments -> its result
+        self.tails = (_Cache(TAIL_CACHE), _Cache(TAIL_CACHE))  # text -> ids (or the tokenizer's exception); without, with specials
         self.sent: set[int] = set()
         self.seen = 0
         self.exact = True
@@ -206,9 +231,8 @@ class PieceEncoder:
         key = (head, at < 0 or self.cut.match(text, at) is not None)
         hit = self.heads.get(key)
         if hit is None:
-            if len(self.heads) >= PIECE_CACHE:
-                self.heads.clear()
-            hit = self.heads[key] = self._pieces(*key)
+            hit = self._pieces(*key)  # its pieces' ids are the piece cache's arrays: the head's text is its cost
+            hit = self.heads.add(key, hit, _text_bytes(head) + _text_bytes(hit[2]))
         digests, ids, rest = hit
         return Staged(req, digests, ids, rest + text[len(head):], False, None, True)
 
@@ -222,18 +246,29 @@ class PieceEncoder:
         for p in parts:
             hit = self.cache.get(p)
             if hit is None:
-                if len(self.cache) >= PIECE_CACHE:
-                    self.cache.clear()
                 d = int.from_bytes(hashlib.blake2b(p.encode(), digest_size=8).digest(), "little", signed=True)
-                hit = self.cache[p] = (d, np.asarray(self._encode([p], False)[0], np.int32))
+                encoded = self._encode([p], False)[0]
+                hit = self.cache.add(p, (d, encoded), _text_bytes(p) + encoded.nbytes)
             digests.append(hit[0])
             ids.append(hit[1])
         return digests, ids, rest
 
-    def _encode(self, texts: list[str], special: bool) -> list:
-        if self.fast is not None:
-            return [e.ids for e in self.fast.encode_batch(texts, add_special_tokens=special)]
-        return [self.tok.encode(t, add_special_tokens=special) for t in texts]
+    def _encode(self, texts: list[str], special: bool) -> list[np.ndarray]:
+        """Each text's ids (int32). The fast tokenizer is given at most `ENCODE_CHARS` characters a
+        call: its results hold offsets and masks beside the ids, about 80 bytes a token, and 16 MB
+        of text at once (a batch of long prompts) held 1.9 GB in a worker."""
+        if self.fast is None:
+            return [np.asarray(self.tok.encode(t, add_special_tokens=special), np.int32) for t in texts]
+        out, start = [], 0
+        while start < len(texts):
+            stop, size = start + 1, len(texts[start])
+            while stop < len(texts) and size + len(texts[stop]) <= ENCODE_CHARS:
+                size += len(texts[stop])
+                stop += 1
+            out += [np.asarray(e.ids, np.int32)
+                    for e in self.fast.encode_batch(texts[start:stop], add_special_tokens=special)]
+            start = stop
+        return out
 
     def finish(self, staged: list) -> list:
         """Staged requests -> for each, (piece digests, piece ids, tail ids int32, max_tokens)
@@ -254,10 +289,8 @@ class PieceEncoder:
                     except Exception as exc:  # noqa: BLE001 (its requests get their own error records)
                         encoded.append(exc)
             for t, ids in zip(texts, encoded):
-                known[t] = ids if isinstance(ids, Exception) else np.asarray(ids, np.int32)
-            if len(cache) + len(texts) > TAIL_CACHE:
-                cache.clear()
-            cache.update((t, known[t]) for t in texts)
+                known[t] = ids
+                cache.add(t, ids, _text_bytes(t) + getattr(ids, "nbytes", 0))
             for k in todo:
                 ids = known[staged[k].text]
                 tails[k] = tokenizer_failure(staged[k].req, self.source, ids) if isinstance(ids, Exception) else ids

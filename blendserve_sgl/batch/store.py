@@ -331,12 +331,13 @@ class TokenStore:
         parts.append(self.tail(i))
         return np.concatenate(parts).tolist()
 
-    def prompt_keys(self):
-        """Every request's prompt as big-endian uint32 bytes, in store order (they sort as the id
-        sequences do, a prefix first); each piece converted once."""
+    def prompt_keys(self, indices=None):
+        """Each request's prompt (every request in store order, or those of `indices`) as
+        big-endian uint32 bytes (they sort as the id sequences do, a prefix first); each piece
+        converted once."""
         piece_bytes = {}
         tail_off, ref_off, refs = self.tail_off.view, self.ref_off.view, self.ref_ids.view
-        for i in range(len(self)):
+        for i in range(len(self)) if indices is None else indices:
             parts = []
             for p in refs[ref_off[i]:ref_off[i + 1]].tolist():
                 b = piece_bytes.get(p)

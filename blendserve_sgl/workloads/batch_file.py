@@ -11,15 +11,17 @@ shared prefixes stay shared.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 from typing import NamedTuple
 
 import numpy as np
 
+from ..batch.order import store_prefixes
 from ..batch.reader import read_store
 from ..batch.requests import LineError
-from ..batch.store import KINDS, common_prefix
+from ..batch.store import KINDS, TokenStore, common_prefix
 from .data import Record
 
 
@@ -27,6 +29,17 @@ class BatchFile(NamedTuple):
     records: list[Record]  # valid requests in file order; output_len = max_tokens
     errors: list[LineError]  # bad lines, named as `blendserve run` names them
     lines: int  # non-blank lines read
+    store: TokenStore | None = None  # the reader's store (record i is its request i); `exact` reads it
+
+    def exact(self, indices: list[int]) -> list[Record]:
+        """Records `indices` (positions in `records`) with their prompts as exact prefix groups,
+        among themselves: `compress` of their token prompts, built from the store's bytes. What
+        `blendserve plan` simulates: the whole file is held in the store's view (`tokens=False`),
+        and only the simulated sample is cut at every token where its prompts branch."""
+        if self.store is None:
+            raise ValueError("exact prefixes need the reader's store: load the file with tokens=False")
+        prefixes = prefix_segments(list(self.store.prompt_keys(indices)))
+        return [self.records[i]._replace(prefix=p) for i, p in zip(indices, prefixes)]
 
 
 class ByteTokenizer:
@@ -59,19 +72,24 @@ def load_batch_file(path: str | os.PathLike, tokenizer, context_len: int, defaul
     (`compress`'s groups, built from the store's bytes: no token ids as Python objects, which held
     about 36 bytes per token). `model_dir` (default: the directory the tokenizer was loaded from)
     lets a large file be read by worker processes, as `blendserve run` reads it. Raises
-    `batch.requests.InputError` when the file cannot be read at all."""
+    `batch.requests.InputError` when the file cannot be read at all.
+
+    Without `tokens`, the groups are the store's view of each prompt, the one `blendserve run`
+    plans with (`batch.order.store_prefixes`: its pieces, then the 32-token blocks of its tail that
+    others share), which holds no token of a shared prompt per request; `BatchFile.exact` gives
+    chosen records their exact groups (`prefix_segments`)."""
     if model_dir is None:
         src = getattr(tokenizer, "name_or_path", None)
         model_dir = src if isinstance(src, str) and os.path.isdir(src) else None
     read = read_store(path, tokenizer, context_len, default_max_tokens, model_dir=model_dir)
     s = read.store
     exact = [json.loads(t).get("ignore_eos") is True for t in s.sampling_table]  # per interned sampling
-    prefixes = prefix_segments(list(s.prompt_keys())) if not tokens else None
-    records = [Record(s.custom_id(i), int(n), prefixes[i] if prefixes else (), int(m), KINDS[k],
+    prefixes = (tuple(g) for g in store_prefixes(s)) if not tokens else itertools.repeat(())
+    records = [Record(s.custom_id(i), int(n), prefix, int(m), KINDS[k],
                       tuple(s.input_ids(i)) if tokens else None, int(m), exact[g])
-               for i, (n, m, k, g) in enumerate(zip(s.prompt_lengths().tolist(), s.max_tokens.view.tolist(),
-                                                     s.kind.view.tolist(), s.sampling.view.tolist()))]
-    return BatchFile(records, read.errors, read.lines)
+               for i, (n, m, k, g, prefix) in enumerate(zip(s.prompt_lengths().tolist(), s.max_tokens.view.tolist(),
+                                                             s.kind.view.tolist(), s.sampling.view.tolist(), prefixes))]
+    return BatchFile(records, read.errors, read.lines, None if tokens else s)
 
 
 def compress(records: list[Record]) -> list[Record]:
