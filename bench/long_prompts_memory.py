@@ -12,9 +12,9 @@ the shape of `bench/store_heads.py`). Per code version, each its own process:
 - `read`: `batch.reader.read_store` with two tokenizer workers and the tiny model's tokenizer (what
   `blendserve run` does before it plans): the driver's peak RSS and the largest worker's.
 
-    python bench/long_prompts_memory.py --baseline 82c321b [--requests 30000]
+    python bench/long_prompts_memory.py --baseline 82c321b [--requests 30000] [--parts plan] [--out NAME]
 
-Writes bench/results/long_prompts_memory.json.
+Writes bench/results/long_prompts_memory.json (or NAME.json).
 """
 
 from __future__ import annotations
@@ -96,6 +96,8 @@ def read_run(code: Path, requests: Path, model: str) -> dict:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--requests", type=int, default=30_000)
+    ap.add_argument("--parts", default="plan,read", help="which to measure: plan, read or both")
+    ap.add_argument("--out", default="long_prompts_memory", help="results file name under bench/results")
     ap.add_argument("--baseline", default="",
                     help="earlier commits to run side by side, comma-separated (each a git worktree)")
     args = ap.parse_args(argv)
@@ -115,7 +117,11 @@ def main(argv=None) -> int:
             for rev in filter(None, args.baseline.split(",")):
                 codes[rev] = stack.enter_context(code_at(rev, tmp / f"at-{rev}"))
             for version, code in codes.items():
-                figures[version] = {"plan": plan_run(code, requests), "read": read_run(code, requests, model)}
+                figures[version] = {}
+                if "plan" in args.parts:
+                    figures[version]["plan"] = plan_run(code, requests)
+                if "read" in args.parts:
+                    figures[version]["read"] = read_run(code, requests, model)
                 print(f"{version}: {figures[version]}", flush=True)
     payload = {"git_commit": commit or None, "baseline_commits": [v for v in figures if v != "this"],
                "requests": args.requests, "input_mb": input_mb,
@@ -124,16 +130,22 @@ def main(argv=None) -> int:
                "runs": figures}
     for rev in payload["baseline_commits"]:
         this, then = figures["this"], figures[rev]
-        payload.setdefault("this_over", {})[rev] = {
-            "plan_peak_rss": round(this["plan"]["peak_rss_mb"] / then["plan"]["peak_rss_mb"], 3),
-            "plan_wall": round(this["plan"]["wall_seconds"] / then["plan"]["wall_seconds"], 3),
-            "read_driver_peak_rss": round(this["read"]["driver_peak_rss_mb"] / then["read"]["driver_peak_rss_mb"], 3),
-            "read_worker_peak_rss": round(this["read"]["largest_worker_peak_rss_mb"]
-                                          / then["read"]["largest_worker_peak_rss_mb"], 3),
-            "read_wall": round(this["read"]["wall_seconds"] / then["read"]["wall_seconds"], 3)}
-    path = write("long_prompts_memory", payload)
-    print(table([(v, r["plan"]["peak_rss_mb"], r["plan"]["wall_seconds"], r["read"]["driver_peak_rss_mb"],
-                  r["read"]["largest_worker_peak_rss_mb"], r["read"]["wall_seconds"]) for v, r in figures.items()],
+        ratios = {}
+        if "plan" in this:
+            ratios["plan_peak_rss"] = round(this["plan"]["peak_rss_mb"] / then["plan"]["peak_rss_mb"], 3)
+            ratios["plan_wall"] = round(this["plan"]["wall_seconds"] / then["plan"]["wall_seconds"], 3)
+        if "read" in this:
+            ratios["read_driver_peak_rss"] = round(this["read"]["driver_peak_rss_mb"]
+                                                   / then["read"]["driver_peak_rss_mb"], 3)
+            ratios["read_worker_peak_rss"] = round(this["read"]["largest_worker_peak_rss_mb"]
+                                                   / then["read"]["largest_worker_peak_rss_mb"], 3)
+            ratios["read_wall"] = round(this["read"]["wall_seconds"] / then["read"]["wall_seconds"], 3)
+        payload.setdefault("this_over", {})[rev] = ratios
+    path = write(args.out, payload)
+    blank = {"peak_rss_mb": "", "wall_seconds": "", "driver_peak_rss_mb": "", "largest_worker_peak_rss_mb": ""}
+    print(table([(v, r.get("plan", blank)["peak_rss_mb"], r.get("plan", blank)["wall_seconds"],
+                  r.get("read", blank)["driver_peak_rss_mb"], r.get("read", blank)["largest_worker_peak_rss_mb"],
+                  r.get("read", blank)["wall_seconds"]) for v, r in figures.items()],
                 ("code", "plan peak MB", "plan s", "read driver MB", "read worker MB", "read s")))
     print(f"wrote {path}")
     return 0

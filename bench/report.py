@@ -156,6 +156,13 @@ LAYOUT = {
                        "runs.3756e70.rerun.driver_peak_rss_mb", "runs.3756e70.rerun.wall_seconds",
                        "runs.3756e70.retry.wall_seconds", "runs.f997c7e.rerun.wall_seconds",
                        "runs.f997c7e.retry.wall_seconds"]),
+    "long_prompts_memory": ("Long distinct prompts: the reader's and `blendserve plan`'s memory "
+                            "(`bench/long_prompts_memory.py`)",
+                            ["requests", "input_mb", "runs.this.plan.peak_rss_mb", "runs.82c321b.plan.peak_rss_mb",
+                             "runs.this.plan.wall_seconds", "runs.82c321b.plan.wall_seconds",
+                             "runs.this.read.driver_peak_rss_mb", "runs.82c321b.read.driver_peak_rss_mb",
+                             "runs.this.read.largest_worker_peak_rss_mb", "runs.82c321b.read.largest_worker_peak_rss_mb",
+                             "runs.this.read.wall_seconds", "runs.82c321b.read.wall_seconds"]),
     "scale_out": ("Scale-out: one plan cut into shards, simulator and real engines (`bench/scale_out.py`)",
                   ["sim.requests_per_trace", "sim_scaling.2", "sim_scaling.4", "sim_scaling.8",
                    "sim_scaling_round_robin.2", "sim_scaling_round_robin.4", "sim_scaling_round_robin.8",
