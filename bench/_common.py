@@ -44,6 +44,21 @@ def table(rows: list[tuple], header: tuple) -> str:
     return "\n".join(lines)
 
 
+def head_commit() -> str | None:
+    """This tree's commit, short (None outside a git checkout)."""
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=RESULTS.parent.parent, capture_output=True,
+                          text=True).stdout.strip() or None
+
+
+def codes(stack: contextlib.ExitStack, baseline: str, tmp: Path) -> dict[str, Path]:
+    """{"this": this tree, REV: a worktree of REV} for each commit of `baseline` (comma-separated),
+    each worktree removed when `stack` closes: the code versions a benchmark runs side by side."""
+    out = {"this": RESULTS.parent.parent}
+    for rev in filter(None, baseline.split(",")):
+        out[rev] = stack.enter_context(code_at(rev, tmp / f"at-{rev}"))
+    return out
+
+
 @contextlib.contextmanager
 def code_at(rev: str, folder: Path):
     """A git worktree of commit `rev` at `folder`, removed afterwards: an earlier version of the

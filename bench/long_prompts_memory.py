@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench._common import code_at, table, write  # noqa: E402
+from bench._common import codes, head_commit, table, write  # noqa: E402
 
 WORDS = ("alpha", "beta", "gamma", "delta", "omega", "theta", "kappa", "sigma", "rho", "tau")
 
@@ -103,8 +103,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from cpu_smoke import write_tiny_llama
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
     figures: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="long-prompts-") as tmp:
         tmp = Path(tmp)
@@ -113,17 +111,14 @@ def main(argv=None) -> int:
         write_input(requests, args.requests)
         input_mb = round(requests.stat().st_size / 2**20, 1)
         with contextlib.ExitStack() as stack:
-            codes = {"this": ROOT}
-            for rev in filter(None, args.baseline.split(",")):
-                codes[rev] = stack.enter_context(code_at(rev, tmp / f"at-{rev}"))
-            for version, code in codes.items():
+            for version, code in codes(stack, args.baseline, tmp).items():
                 figures[version] = {}
                 if "plan" in args.parts:
                     figures[version]["plan"] = plan_run(code, requests)
                 if "read" in args.parts:
                     figures[version]["read"] = read_run(code, requests, model)
                 print(f"{version}: {figures[version]}", flush=True)
-    payload = {"git_commit": commit or None, "baseline_commits": [v for v in figures if v != "this"],
+    payload = {"git_commit": head_commit(), "baseline_commits": [v for v in figures if v != "this"],
                "requests": args.requests, "input_mb": input_mb,
                "input": "completion lines, each one of 57 headers of 1,000-3,000 words plus a distinct 20-120-word "
                         "question; max_tokens 16-512",

@@ -30,7 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from bench._common import code_at, table, write  # noqa: E402
+from bench._common import codes, head_commit, table, write  # noqa: E402
 
 RUNS = (("first", ()), ("rerun", ()), ("retry", ("--retry-failed",)))
 
@@ -66,8 +66,6 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from cpu_smoke import write_tiny_llama
 
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip()
     figures: dict[str, dict] = {}
     with tempfile.TemporaryDirectory(prefix="resume-memory-") as tmp:
         tmp = Path(tmp)
@@ -75,15 +73,12 @@ def main(argv=None) -> int:
         requests = tmp / "in.jsonl"
         write_input(requests, args.requests)
         with contextlib.ExitStack() as stack:
-            codes = {"this": ROOT}
-            for rev in filter(None, args.baseline.split(",")):
-                codes[rev] = stack.enter_context(code_at(rev, tmp / f"at-{rev}"))
-            for version, code in codes.items():
+            for version, code in codes(stack, args.baseline, tmp).items():
                 out = tmp / f"{version}.jsonl"
                 for name, extra in RUNS:
                     figures.setdefault(version, {})[name] = r = run(code, requests, out, model, extra)
                     print(f"{version} {name}: {r}", flush=True)
-    payload = {"git_commit": commit or None, "baseline_commits": [v for v in figures if v != "this"],
+    payload = {"git_commit": head_commit(), "baseline_commits": [v for v in figures if v != "this"],
                "requests": args.requests,
                "input": "one chat line per request, each refused (max_tokens -1): one error record each, no engine",
                "runs": figures}
