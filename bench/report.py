@@ -163,6 +163,11 @@ LAYOUT = {
                              "runs.this.read.driver_peak_rss_mb", "runs.82c321b.read.driver_peak_rss_mb",
                              "runs.this.read.largest_worker_peak_rss_mb", "runs.82c321b.read.largest_worker_peak_rss_mb",
                              "runs.this.read.wall_seconds", "runs.82c321b.read.wall_seconds"]),
+    "long_prompts_memory_plan50k": ("Long distinct prompts at 50,000 lines: `blendserve plan`'s memory "
+                                    "(`bench/long_prompts_memory.py --parts plan`)",
+                                    ["requests", "input_mb", "runs.this.plan.peak_rss_mb", "runs.82c321b.plan.peak_rss_mb",
+                                     "runs.this.plan.wall_seconds", "runs.82c321b.plan.wall_seconds",
+                                     "this_over.82c321b.plan_peak_rss"]),
     "scale_out": ("Scale-out: one plan cut into shards, simulator and real engines (`bench/scale_out.py`)",
                   ["sim.requests_per_trace", "sim_scaling.2", "sim_scaling.4", "sim_scaling.8",
                    "sim_scaling_round_robin.2", "sim_scaling_round_robin.4", "sim_scaling_round_robin.8",
