@@ -174,6 +174,13 @@ def test_compress_keeps_the_prefix_tree(prompts):
     assert [r.rid for r in a.iter_requests()] == [r.rid for r in b.iter_requests()]
 
 
+@settings(max_examples=300, deadline=None)
+@given(st.text(max_size=40))
+def test_byte_tokenizer_matches_its_reference(text):
+    """The NumPy encoding of `ByteTokenizer` is the per-4-bytes reference, token for token."""
+    assert ByteTokenizer().encode(text) == ByteTokenizer.encode_reference(text)
+
+
 def _shared(a: Record, b: Record) -> int:
     """Tokens two records' prefix groups share."""
     n = 0

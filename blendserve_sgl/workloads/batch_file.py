@@ -53,6 +53,16 @@ class ByteTokenizer:
         self.vocab = vocab
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """Each 4 bytes of UTF-8 as a little-endian integer folded into 31 bits (a short last run
+        read as if padded with zeros), [0] for no text: `encode_reference`, in NumPy."""
+        b = text.encode("utf-8")
+        if not b:
+            return [0]
+        b += b"\0" * (-len(b) % 4)
+        return (np.frombuffer(b, "<u4") & np.uint32(0x7FFFFFFF)).tolist()
+
+    @staticmethod
+    def encode_reference(text: str) -> list[int]:
         b = text.encode("utf-8")
         return [int.from_bytes(b[i:i + 4], "little") & 0x7FFFFFFF for i in range(0, len(b), 4)] or [0]
 
