@@ -188,13 +188,14 @@ def test_context_limits_name_the_numbers_and_the_fix():
            "9)" in near.message
     under = prepare(req("completion", prompt=" ".join(["w"] * 8)), tok, 16, 1)
     assert isinstance(under, Prepared) and len(under.input_ids) == 9
-    big = prepare(req("chat", max_tokens=11), tok, 16, 8)
-    assert isinstance(big, LineError) and '"max_tokens" is 11, but the prompt (after the chat template) takes 6 of ' \
-                                          "the model's 16-token context: at most 10 fits" in big.message
-    fits = prepare(req("chat", max_tokens=10), tok, 16, 8)
-    assert isinstance(fits, Prepared) and fits.max_tokens == 10
+    big = prepare(req("chat", max_tokens=9), tok, 16, 8)  # SGLang would generate 8 and call it "length"
+    assert isinstance(big, LineError) and '"max_tokens" is 9, but the prompt (after the chat template) takes 6 of ' \
+                                          "the model's 16-token context: at most 8 fits (SGLang keeps 2 tokens of " \
+                                          "it)" in big.message
+    fits = prepare(req("chat", max_tokens=8), tok, 16, 8)
+    assert isinstance(fits, Prepared) and fits.max_tokens == 8
     default = prepare(req("chat"), tok, 16, 100)  # the default is capped to the room left
-    assert default.max_tokens == 10 and default.sampling_params["max_new_tokens"] == 10
+    assert default.max_tokens == 8 and default.sampling_params["max_new_tokens"] == 8
 
 
 def test_token_prompts_are_checked_against_the_vocabulary_and_templates_must_exist():
@@ -1474,3 +1475,56 @@ def test_penalties_turn_the_overlap_scheduler_off_and_seeds_warn(capsys):
     done = np.array([False, True, False, True, True])  # the penalized and seeded ones already have records
     assert sampling_engine_args(store, done, {}) == {}
     assert capsys.readouterr() == ("", "")
+
+
+class _Infos:
+    def __init__(self, max_req_input_len, pool):
+        self.scheduler_infos = [{"max_req_input_len": max_req_input_len, "max_total_num_tokens": pool}]
+
+
+class _Sized:
+    """An engine as `runner.engine_room` reads it: its scheduler's limits and page size."""
+
+    def __init__(self, context, pool, page=1):
+        self._scheduler_init_result = _Infos(min(context - 1, pool - 1) - 5, pool)
+        self.server_args = type("Args", (), {"page_size": page})()
+
+
+def test_engine_room_is_sglangs_cut_of_max_new_tokens():
+    """What SGLang 0.5.23's scheduler leaves a request to generate: min(context - 1, pool - 1) - 1
+    - prompt, and no more than the pool holds beside the prompt's pages, a page and one token;
+    each limit named; None for an engine that does not say."""
+    assert runner.engine_room(object()) is None
+    room = runner.engine_room(_Sized(2048, 32768))
+    assert room(10)[0] == 2036 and "2,048-token context" in room(10)[1]
+    room = runner.engine_room(_Sized(2048, 1024))
+    assert room(10)[0] == 1012 and "KV pool holds 1,024 tokens" in room(10)[1]
+    room = runner.engine_room(_Sized(2048, 1024, page=16))  # the prompt's pages: 16, then a page and one token
+    assert room(10)[0] == 1024 - 16 - 16 - 1 and "KV pool" in room(10)[1]
+    assert runner.engine_room(_Sized(4096, 2048, page=16))(2000)[0] == 2048 - 2000 - 16 - 1
+
+
+def test_a_request_beyond_the_engines_pool_room_is_its_own_error_record(stand_in, tmp_path, monkeypatch):
+    """The pool the engine reports (20 tokens, under the 64-token context) leaves a 3-token prompt
+    at most 20 - 3 - 2 = 15 tokens to generate; a request asking 16 is never sent and gets an
+    error record naming the pool; one asking 15, and the others, run."""
+    start = runner.start_engine
+
+    def sized(cfg):
+        e = start(cfg)
+        e._scheduler_init_result = _Infos(min(64 - 1, 20 - 1) - 5, 20)
+        return e
+
+    monkeypatch.setattr(runner, "start_engine", sized)
+    rows = [line("fits", "/v1/completions", prompt="a b", max_tokens=15),  # BOS + 2 words: 3 tokens
+            line("over", "/v1/completions", prompt="a b", max_tokens=16),
+            line("chat", messages=[{"role": "user", "content": "hi"}], max_tokens=2)]
+    src, out = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
+    src.write_text("\n".join(rows) + "\n")
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"])]) == 0  # failed requests: still 0
+    got = {r["custom_id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert got["fits"]["error"] is None and got["chat"]["error"] is None
+    message = got["over"]["error"]["message"]
+    assert got["over"]["response"]["status_code"] == 400 and got["over"]["error"]["code"] == "invalid_request"
+    assert '"max_tokens" is 16, but this engine generates at most 15 tokens after a 3-token prompt' in message
+    assert "KV pool holds 20 tokens" in message and stand_in["engines"][0].calls == 2

@@ -9,9 +9,11 @@ length of exactly what was checked here.
 
 Context rule (SGLang's own): the prompt must be shorter than the scheduler's input limit,
 context - 1 - `INPUT_MARGIN` tokens (0.5.23's `max_req_input_len`; a smaller KV pool lowers it
-further, which only the engine knows), and prompt + max_tokens must fit in the context (the
-tokenizer manager's check). A request without max_tokens gets the run's default, capped to what
-fits. Any tokenizer with `encode(text, add_special_tokens=...)`, `apply_chat_template(...,
+further, which only the engine knows), and max_tokens at most what the scheduler lets a request
+generate, context - 2 - prompt (`output_room`: it cuts max_new_tokens to max_req_len - prompt - 1,
+max_req_len = context - 1, silently: a request asking more would end early as if at its limit).
+A request without max_tokens gets the run's default, capped to that room. A KV pool smaller than
+the context lowers both; the engine's own pool is checked once it runs (`runner.engine_room`). Any tokenizer with `encode(text, add_special_tokens=...)`, `apply_chat_template(...,
 tokenize=False, add_generation_prompt=True)`, `chat_template` and `len()` works (tests pass
 small stand-ins).
 """
@@ -142,6 +144,15 @@ def render(req: BatchRequest, tokenizer, source: str = "requests.jsonl") -> tupl
 INPUT_MARGIN = 5  # SGLang 0.5.23's scheduler takes prompts under min(context - 1, pool - 1) - 5 tokens
 
 
+OUTPUT_MARGIN = 2  # SGLang 0.5.23 generates at most min(context - 1, pool - 1) - 1 - prompt tokens
+
+
+def output_room(context_len: int, n: int) -> int:
+    """The most tokens SGLang's scheduler lets a request of an `n`-token prompt generate in a
+    `context_len`-token context (it cuts max_new_tokens to its max_req_len - n - 1, silently)."""
+    return context_len - OUTPUT_MARGIN - n
+
+
 def input_limit(context_len: int) -> int:
     """The longest prompt SGLang's scheduler accepts in a `context_len`-token context (its
     `max_req_input_len` - 1: a prompt of `max_req_input_len` tokens is refused too)."""
@@ -158,12 +169,13 @@ def check_context(req: BatchRequest, n: int, what: str, context_len: int, defaul
                                                   f"(SGLang takes prompts of at most {input_limit(context_len)}); "
                                                   "shorten it",
                          code="context_length_exceeded")
-    room = context_len - n
+    room = output_room(context_len, n)
     if req.max_tokens is None:
         return min(default_max_tokens, room)
     if req.max_tokens > room:
         return LineError(req.line, req.custom_id, f'{where}: "max_tokens" is {req.max_tokens}, but {what} takes {n} of '
-                                                  f"the model's {context_len}-token context: at most {room} fits",
+                                                  f"the model's {context_len}-token context: at most {room} fits "
+                                                  f"(SGLang keeps {OUTPUT_MARGIN} tokens of it)",
                          code="context_length_exceeded")
     return req.max_tokens
 

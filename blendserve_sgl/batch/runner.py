@@ -209,6 +209,32 @@ def deliver(p: Prepared, out: dict, on_result: Callable[[Prepared, dict], None],
         on_result(p, out)
 
 
+def engine_room(engine) -> Callable[[int], tuple[int, str]] | None:
+    """For a prompt of n tokens, (the most tokens the running engine lets it generate, why).
+    SGLang 0.5.23's scheduler cuts max_new_tokens, silently, to max_req_len - n - 1
+    (max_req_len = min(context - 1, KV pool - 1)) and to what the pool holds beside the prompt
+    (pool - the prompt's pages - a page - 1): a request asking more would end early with finish
+    reason "length", as if it had reached its max_tokens. The reader checks the context
+    (`prompts.output_room`); only the engine knows its pool. None when the engine does not say
+    (a stand-in)."""
+    try:
+        info = engine._scheduler_init_result.scheduler_infos[0]
+        max_req_len = int(info["max_req_input_len"]) + 5  # 0.5.23: max_req_input_len = max_req_len - 5
+        pool = int(info["max_total_num_tokens"])
+    except (AttributeError, TypeError, LookupError, ValueError):
+        return None
+    page = max(1, int(getattr(getattr(engine, "server_args", None), "page_size", 1) or 1))
+
+    def room(n: int) -> tuple[int, str]:
+        by_context = max_req_len - n - 1
+        by_pool = pool - -(-n // page) * page - page - 1
+        if by_pool <= by_context or max_req_len >= pool - 1:
+            return min(by_pool, by_context), (f"its KV pool holds {pool:,} tokens: lower max_tokens, or give the engine "
+                                              "a larger pool (--max-total-tokens)")
+        return by_context, f"SGLang keeps 2 of the {max_req_len + 1:,}-token context: lower max_tokens"
+    return room
+
+
 def generate(engine, items: Iterable[Prepared], on_result: Callable[[Prepared, dict], None],
              on_error: Callable[[Prepared, BaseException], None], *, window: int = 0,
              tick: Callable[[float | None], None] | None = None, tick_seconds: float = 0.5,
@@ -265,8 +291,15 @@ async def _generate(engine, items, on_result, on_error, window, tick, tick_secon
         loop.add_signal_handler(signal.SIGQUIT, _engine_failed)
 
     flight = {} if flight is None else flight
+    room = engine_room(engine)
 
     async def one(p: Prepared) -> None:
+        if room is not None:
+            most, why = room(len(p.input_ids))
+            if p.max_tokens > most:  # the engine would cut it short without a word: its own error instead
+                on_error(p, ValueError(f'"max_tokens" is {p.max_tokens:,}, but this engine generates at most '
+                                       f"{max(most, 0):,} tokens after a {len(p.input_ids):,}-token prompt ({why})"))
+                return
         flight[id(p)] = p  # until answered: a cancelled request stays, for the caller to see
         try:
             kw = {"routed_dp_rank": route(p)} if route is not None else {}
