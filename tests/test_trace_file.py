@@ -213,7 +213,7 @@ def test_rows_beyond_the_models_context_are_not_simulated(tmp_path, capsys):
     from blendserve_sgl.workloads.trace_file import trace_or_file
 
     path = _csv(tmp_path / "t.csv", ["ContextTokens", "GeneratedTokens"],
-                [[200_000, 10], [100, 10], [131_072, 3], [300, 20], [131_066, 1], [131_065, 7], [131_065, 8],
+                [[200_000, 10], [100, 10], [131_072, 3], [300, 20], [131_066, 1], [131_065, 5], [131_065, 6],
                  [100, 130_973]])
     out = tmp_path / "sim.json"
     assert cli.main(["simulate", "--workload", str(path), "--policy", "fcfs", "--out", str(out)]) == 0
@@ -228,7 +228,7 @@ def test_rows_beyond_the_models_context_are_not_simulated(tmp_path, capsys):
 
 def test_a_trace_row_is_checked_against_the_context_as_sglang_checks_a_request():
     """A prompt over SGLang's input limit (context - 7), or a prompt and output that need more
-    than the context, cannot run as recorded: `run` refuses such a line, so `plan --workload` and
+    than SGLang runs in the context (it keeps 2 tokens), cannot run as recorded: `run` refuses such a line, so `plan --workload` and
     `simulate` left them in (a probe: a 100-token prompt decoding 9,000 tokens in an 8,192-token
     context) and now name each; a row that just fits is kept."""
     from blendserve_sgl.batch.prompts import input_limit
@@ -236,11 +236,11 @@ def test_a_trace_row_is_checked_against_the_context_as_sglang_checks_a_request()
     from blendserve_sgl.workloads.trace_file import within_context
 
     ctx = 8192
-    rows = [(input_limit(ctx), 1), (input_limit(ctx) + 1, 1), (100, ctx - 100), (100, ctx - 99), (8190, 10)]
+    rows = [(input_limit(ctx), 1), (input_limit(ctx) + 1, 1), (100, ctx - 102), (100, ctx - 101), (8190, 10)]
     kept, bad = within_context([Record(f"r{i}", p, (), d) for i, (p, d) in enumerate(rows)], ctx, "t.csv", "m")
     assert [r.rid for r in kept] == ["r0", "r2"]
     assert [e.line for e in bad] == [2, 4, 5]
     assert "t.csv data row 2: the prompt is 8,186 tokens, too long for m's context of 8,192 tokens (SGLang takes " \
            "prompts of at most 8,185); not planned" in bad[0].message
-    assert "t.csv data row 4: the prompt of 100 tokens and the output of 8,093 need 8,193 tokens, more than m's " \
-           "context of 8,192 tokens; not planned" in bad[1].message
+    assert "t.csv data row 4: the prompt of 100 tokens and the output of 8,091 need 8,191 tokens, more than SGLang " \
+           "runs in m's context of 8,192 tokens (it keeps 2); not planned" in bad[1].message

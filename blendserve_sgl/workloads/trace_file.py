@@ -72,9 +72,9 @@ def within_context(records: list[Record], context: int, source: str, model_name:
     fix). A trace's rows are token counts with no model of their own: a prompt of 191,378 tokens
     (Mooncake) cannot run on a 131,072-token model, nor a prompt over SGLang's input limit
     (`batch.prompts.input_limit`), nor a row whose output does not fit beside its prompt (SGLang
-    refuses max_new_tokens beyond the context), all of which `run` refuses line by line; none of
+    generates at most `batch.prompts.output_room`), all of which `run` refuses line by line; none of
     them runs, so none is planned or simulated (`verb`)."""
-    from ..batch.prompts import input_limit
+    from ..batch.prompts import OUTPUT_MARGIN, input_limit, output_room
 
     limit, fix = input_limit(context), f"{'plan' if verb == 'planned' else 'simulate'} a model with a longer context, " \
                                         "or drop the row"
@@ -85,10 +85,11 @@ def within_context(records: list[Record], context: int, source: str, model_name:
             bad.append(LineError(row, str(r.rid), f"{where}: the prompt is {r.prompt_len:,} tokens, "
                                  f"{'at least' if r.prompt_len >= context else 'too long for'} {model_name}'s context "
                                  f"of {context:,} tokens (SGLang takes prompts of at most {limit:,}); not {verb} ({fix})"))
-        elif r.prompt_len + r.output_len > context:
+        elif r.output_len > output_room(context, r.prompt_len):
             bad.append(LineError(row, str(r.rid), f"{where}: the prompt of {r.prompt_len:,} tokens and the output of "
-                                 f"{r.output_len:,} need {r.prompt_len + r.output_len:,} tokens, more than "
-                                 f"{model_name}'s context of {context:,} tokens; not {verb} ({fix})"))
+                                 f"{r.output_len:,} need {r.prompt_len + r.output_len:,} tokens, more than SGLang runs in "
+                                 f"{model_name}'s context of {context:,} tokens (it keeps {OUTPUT_MARGIN}); not {verb} "
+                                 f"({fix})"))
         else:
             kept.append(r)
     if not kept:
