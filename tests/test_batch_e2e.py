@@ -314,13 +314,15 @@ def test_a_request_that_stops_the_engine_fails_alone_and_the_rest_finish(tiny_ll
     assert "started again" in text
 
 
-@pytest.mark.parametrize("pool", [None, 1024], ids=["context", "kv-pool"])
-def test_max_tokens_at_the_engines_room_runs_whole_and_one_more_is_an_error_record(tiny_llama, tmp_path, pool):
+@pytest.mark.parametrize("pool,flags", [(None, []), (1024, []), (1024, ["--ray", "--replicas", "1"])],
+                         ids=["context", "kv-pool", "kv-pool-ray"])
+def test_max_tokens_at_the_engines_room_runs_whole_and_one_more_is_an_error_record(tiny_llama, tmp_path, pool,
+                                                                                    flags):
     """SGLang cuts max_new_tokens, without a word, to what its context (less 2) and its KV pool
     leave beside the prompt. A request asking exactly that many generates all of them; one token
     more is that request's error record naming the limit (the context: refused as the file is
-    read; the pool, smaller than the 2,048-token context: once the engine says how large it is),
-    never a shorter output that looks as if it reached its max_tokens."""
+    read; the pool, smaller than the 2,048-token context: once the engine says how large it is, also
+    inside a Ray replica), never a shorter output that looks as if it reached its max_tokens."""
     prompt = list(range(5, 15))  # 10 token ids
     room = (pool or 2048) - len(prompt) - 2
     lines = [json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/completions",
@@ -328,7 +330,7 @@ def test_max_tokens_at_the_engines_room_runs_whole_and_one_more_is_an_error_reco
              for cid, m in (("fits", room), ("over", room + 1), ("small", 4))]
     src, out = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
     src.write_text("\n".join(lines) + "\n")
-    args = [str(src), "-o", str(out), "--model", tiny_llama] + (["--max-total-tokens", str(pool)] if pool else [])
+    args = [str(src), "-o", str(out), "--model", tiny_llama, *flags] + (["--max-total-tokens", str(pool)] if pool else [])
     blendserve_run(args, tmp_path / "run.log")
     got = {r["custom_id"]: r for r in records(out)}
     assert got["fits"]["error"] is None and got["fits"]["response"]["body"]["usage"]["completion_tokens"] == room

@@ -117,7 +117,12 @@ def _exit_with_the_engine(stopping: threading.Event, seconds: float = 1.0) -> No
 async def _chunk(engine, items: list) -> list:
     """Every item of a chunk on the engine at once (a module function: an `async def` method would
     make Ray run the actor on an event loop of its own, which the engine would then take)."""
+    room = runner.engine_room(engine)
+
     async def one(i: int, p: Prepared) -> tuple:
+        beyond = runner.beyond_room(room, p)  # more than the engine would generate: an error, never sent
+        if beyond is not None:
+            return i, None, beyond
         try:
             return i, await engine.async_generate(input_ids=p.input_ids, sampling_params=p.sampling_params), None
         except Exception as exc:  # noqa: BLE001 (one request's failure is its own record)

@@ -235,6 +235,17 @@ def engine_room(engine) -> Callable[[int], tuple[int, str]] | None:
     return room
 
 
+def beyond_room(room, p: Prepared) -> ValueError | None:
+    """The error of a request asking more tokens than `room` (`engine_room`) lets it generate."""
+    if room is None:
+        return None
+    most, why = room(len(p.input_ids))
+    if p.max_tokens <= most:
+        return None
+    return ValueError(f'"max_tokens" is {p.max_tokens:,}, but this engine generates at most {max(most, 0):,} tokens '
+                      f"after a {len(p.input_ids):,}-token prompt ({why})")
+
+
 def generate(engine, items: Iterable[Prepared], on_result: Callable[[Prepared, dict], None],
              on_error: Callable[[Prepared, BaseException], None], *, window: int = 0,
              tick: Callable[[float | None], None] | None = None, tick_seconds: float = 0.5,
@@ -294,12 +305,10 @@ async def _generate(engine, items, on_result, on_error, window, tick, tick_secon
     room = engine_room(engine)
 
     async def one(p: Prepared) -> None:
-        if room is not None:
-            most, why = room(len(p.input_ids))
-            if p.max_tokens > most:  # the engine would cut it short without a word: its own error instead
-                on_error(p, ValueError(f'"max_tokens" is {p.max_tokens:,}, but this engine generates at most '
-                                       f"{max(most, 0):,} tokens after a {len(p.input_ids):,}-token prompt ({why})"))
-                return
+        beyond = beyond_room(room, p)
+        if beyond is not None:  # the engine would cut it short without a word: its own error instead
+            on_error(p, beyond)
+            return
         flight[id(p)] = p  # until answered: a cancelled request stays, for the caller to see
         try:
             kw = {"routed_dp_rank": route(p)} if route is not None else {}
