@@ -19,7 +19,7 @@ from blendserve_sgl import models
 from blendserve_sgl.batch import cli, runner
 from blendserve_sgl.batch.progress import Progress, RunStats, summary_lines
 from blendserve_sgl.batch.prompts import Prepared, context_length, prepare
-from blendserve_sgl.batch.requests import BatchRequest, InputError, LineError, parse_line, read_requests
+from blendserve_sgl.batch.requests import BatchRequest, InputError, LineError, parse_line, read_requests, request_digest
 from blendserve_sgl.batch.results import (ResultsError, ResultWriter, check_integrity, error_record, errors_path_for,
                                           ok_record, reconcile, record_key, scan)
 
@@ -1528,3 +1528,33 @@ def test_a_request_beyond_the_engines_pool_room_is_its_own_error_record(stand_in
     assert got["over"]["response"]["status_code"] == 400 and got["over"]["error"]["code"] == "invalid_request"
     assert '"max_tokens" is 16, but this engine generates at most 15 tokens after a 3-token prompt' in message
     assert "KV pool holds 20 tokens" in message and stand_in["engines"][0].calls == 2
+
+
+@pytest.mark.parametrize("fix", ["rename", "delete"])
+def test_a_duplicate_that_takes_over_its_custom_id_runs_as_itself(stand_in, tmp_path, capsys, fix):
+    """Two lines share custom_id "a": the first runs, the second is its line's error record. The
+    user then renames or deletes the first line instead of the second: the second now owns "a",
+    and the record under "a" answers the first line's request. That record is dropped and the
+    line runs (it used to be kept, with a warning that the untouched line had changed)."""
+    rows = [line("a", "/v1/completions", prompt="the capital of france is", max_tokens=3),
+            line("b", "/v1/completions", prompt="the tree", max_tokens=3),
+            line("a", "/v1/completions", prompt="def fibonacci", max_tokens=3)]
+    src, out = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
+    src.write_text("\n".join(rows) + "\n")
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"])]) == 0
+    first = [json.loads(x) for x in out.read_text().splitlines()]
+    assert sorted(str(r["custom_id"]) for r in first) == ["None", "a", "b"]
+    fixed = [rows[0].replace('"a"', '"a0"'), rows[1], rows[2]] if fix == "rename" else rows[1:]
+    src.write_text("\n".join(fixed) + "\n")
+    capsys.readouterr()
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"])]) == 0
+    said = capsys.readouterr()
+    said = said.out + said.err
+    got = {r["custom_id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    owner = "3" if fix == "rename" else "2"
+    assert f"custom_ids now belong to lines refused before as their duplicates (e.g. line {owner}, 'a')" in said
+    assert "changed since their records were written" not in said and "--retry-failed:" not in said
+    assert sorted(got) == (["a", "a0", "b"] if fix == "rename" else ["a", "b"])
+    assert got["a"]["error"] is None and got["a"]["request_digest"] == request_digest(json.loads(rows[2]))
+    if fix == "rename":
+        assert got["a0"]["request_digest"] == request_digest(json.loads(fixed[0]))

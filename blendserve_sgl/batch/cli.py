@@ -314,12 +314,17 @@ def _resume(args, source: Path, writer: ResultWriter, items) -> None:
         key, line = res.changed[0]
         _say(f"warning: {len(res.changed):,} requests changed since their records were written (e.g. line {line}, "
              f"{key!r}); their old records are kept: rerun with --retry-failed to run them again")
+    if res.taken:
+        key, line = res.taken[0]
+        _say(f"{len(res.taken):,} custom_ids now belong to lines refused before as their duplicates (e.g. line {line}, "
+             f"{key!r}): the records of the earlier lines that held them are dropped and these lines run")
     writer.drop(res.drop)
     if res.stale:
         _say(f"{len(res.stale):,} error records of lines without a usable custom_id that changed or moved were "
              "dropped; those lines are checked again")
-    if res.retry:
-        _say(f"--retry-failed: {len(res.retry):,} requests run again (error records and lines changed since)")
+    retried = res.retry - {key for key, _ in res.taken}
+    if retried:
+        _say(f"--retry-failed: {len(retried):,} requests run again (error records and lines changed since)")
     if writer.done.failed:
         _say(f"kept {writer.done.failed:,} error records from earlier runs (see {writer.errors_path or writer.path}); "
              "fix their cause, then rerun with --retry-failed to run them again")

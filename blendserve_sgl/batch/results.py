@@ -442,6 +442,7 @@ class Resume:
     foreign: list = field(default_factory=list)  # custom_ids with a record but no line in the input
     stale: set = field(default_factory=set)  # ("line", n) records whose line is gone or changed: dropped
     changed: list = field(default_factory=list)  # (key, line) of requests edited since their record
+    taken: list = field(default_factory=list)  # (key, line): a duplicate line that now owns its custom_id
     retry: set = field(default_factory=set)  # keys whose records are dropped to run them again
     kept_errors: int = 0  # error records kept as done
 
@@ -453,9 +454,13 @@ class Resume:
 def reconcile(done: Done, items, retry_failed: bool = False) -> Resume:
     """Match `done` against the input `items`: records of lines without a custom_id are kept only
     while their line is unchanged (fixing or moving such a line is never refused); a record whose
-    request changed since is reported, and run again with `retry_failed`, as are error records."""
+    request changed since is reported, and run again with `retry_failed`, as are error records.
+    A line whose custom_id record answers another line, while the line itself, as it is now, has
+    the error record of a duplicate custom_id (the earlier line holding that id was renamed or
+    removed), runs: its custom_id's record is dropped (`taken`), whatever `retry_failed`."""
     res = Resume()
     lines = {}
+    duplicates = {done.digests[k] for k in done.keys if isinstance(k, tuple) and k in done.digests}
     for item in items:
         key = request_key(item)
         lines[key] = item
@@ -465,6 +470,9 @@ def reconcile(done: Done, items, retry_failed: bool = False) -> Resume:
         if old and item.digest and old != item.digest:
             if isinstance(key, tuple):
                 res.stale.add(key)  # a record keyed by its line: another line stands there now
+            elif item.digest in duplicates:  # this very line was refused as a duplicate: the record is another's
+                res.taken.append((key, item.line))
+                res.retry.add(key)
             else:
                 res.changed.append((key, item.line))
                 if retry_failed:
