@@ -61,6 +61,7 @@ from .workloads import Record
 SCENARIOS = ("max_tokens", "estimate")
 SIM_REQUESTS = 5_000  # default sample size; the plan reports the spread between two samples
 BAD_LINES_NAMED = 20  # bad lines the plan names with their messages (the rest are counted)
+GPU_CHUNKED_PREFILL = 8192  # SGLang's default chunked-prefill size for 80 GB GPUs
 CPU_CHUNKED_PREFILL = 4096  # SGLang 0.5.23's chunked-prefill size on the CPU engine (its server-args log line):
 # `run --plan-only` on CPU plans with it; with 8,192 a 20-request shared-prefix batch was planned with
 # fcfs's prefix hits at 0.147 where the engine measured 0.441
@@ -377,9 +378,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--policies", default=",".join(RUNNABLE),
                     help=f"default: the policies `blendserve run --policy` runs; any of {', '.join(POLICIES)}")
     ap.add_argument("--kv-gb", type=positive_float,
-                    help="KV pool per engine (default: 88%% of its memory minus the weights)")
+                    help="KV pool per engine (default: 88%% of its memory minus the weights; --hardware cpu: the "
+                         "pool `blendserve run` gives the CPU engine)")
     ap.add_argument("--max-running", type=positive_int, default=1024)
-    ap.add_argument("--chunk", type=positive_int, default=8192, help="chunked-prefill size (SGLang's default for 80 GB GPUs)")
+    ap.add_argument("--chunk", type=positive_int, help="chunked-prefill size (default: SGLang's for 80 GB GPUs, 8,192; "
+                                                       "--hardware cpu: the CPU engine's, 4,096)")
     ap.add_argument("--mixed-chunk", action="store_true", help="prefill and decode share steps (--enable-mixed-chunk)")
     ap.add_argument("--timing", choices=("sequential", "overlapped"), default="sequential",
                     help="sequential: operators one after another, as SGLang runs them")
@@ -554,8 +557,13 @@ def main(argv: list[str] | None = None) -> int:
             records, errors = within_context(records, args.context_length or cost.model.max_context, args.workload,
                                              args.model)
         read_s = time.perf_counter() - t0 - gen_s
+        if cost.hardware.name == "cpu":  # the engine `blendserve run` starts on a CPU, not one sized to its RAM
+            from .batch.runner import CPU_MAX_TOTAL_TOKENS
+
+            args.kv_gb = args.kv_gb or CPU_MAX_TOTAL_TOKENS * cost.kv_bytes_per_token / 1e9
+            args.chunk = args.chunk or CPU_CHUNKED_PREFILL
         engine = EngineConfig.for_cost(cost, kv_gb=args.kv_gb, max_running=args.max_running,
-                                       chunked_prefill=args.chunk, mixed_chunk=args.mixed_chunk)
+                                       chunked_prefill=args.chunk or GPU_CHUNKED_PREFILL, mixed_chunk=args.mixed_chunk)
         engine.check_fits(records, "pass a larger --kv-gb or a smaller max_tokens", known=False)
     except (InputError, ModelError, ValueError, FileNotFoundError) as exc:
         print(f"blendserve plan: error: {exc}", file=sys.stderr)
