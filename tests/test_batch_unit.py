@@ -1558,3 +1558,17 @@ def test_a_duplicate_that_takes_over_its_custom_id_runs_as_itself(stand_in, tmp_
     assert got["a"]["error"] is None and got["a"]["request_digest"] == request_digest(json.loads(rows[2]))
     if fix == "rename":
         assert got["a0"]["request_digest"] == request_digest(json.loads(fixed[0]))
+
+
+@pytest.mark.parametrize("odd", ["\x0c", "\x0b", "\xa0", "\u2028"])
+def test_a_character_python_strips_but_json_refuses_is_named(odd):
+    """A complete request followed (or preceded) by a form feed, a vertical tab, a no-break space:
+    JSON does not take them as white space. The line was called cut short (Python's strip took
+    them); now the character and its column are named."""
+    ok = line("a", "/v1/completions", prompt="x", max_tokens=2)
+    for text, col in ((ok + odd, len(ok) + 1), (odd + ok, 1)):
+        got = parse_line(text, 4)
+        assert isinstance(got, LineError) and "cut short" not in got.message
+        assert f"U+{ord(odd):04X} at column {col}, which JSON does not take as white space" in got.message
+    assert isinstance(parse_line(ok + " \r", 4), BatchRequest)
+    assert "cut short" in parse_line(ok[:-1] + " ", 4).message

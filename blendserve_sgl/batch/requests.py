@@ -194,6 +194,9 @@ def is_result_record(obj) -> bool:
     return isinstance(obj, dict) and "response" in obj and "method" not in obj and "body" not in obj
 
 
+JSON_SPACE = " \t\n\r"  # the white space JSON allows between tokens (Python's str.strip takes more)
+
+
 def parse_line(raw: bytes | str | TooLong, line: int, source: str = "requests.jsonl") -> BatchRequest | LineError:
     """One line -> `BatchRequest`, or `LineError` naming the first problem found."""
     if isinstance(raw, TooLong):
@@ -212,8 +215,12 @@ def parse_line(raw: bytes | str | TooLong, line: int, source: str = "requests.js
     try:
         obj = json.loads(text, parse_constant=_no_constant, parse_int=_int, object_pairs_hook=unique_keys)
     except (json.JSONDecodeError, BadLine, RecursionError) as exc:
-        if isinstance(exc, json.JSONDecodeError) and text.strip() and exc.pos >= len(text.rstrip()):
+        odd = text[exc.pos] if isinstance(exc, json.JSONDecodeError) and exc.pos < len(text) else ""
+        if isinstance(exc, json.JSONDecodeError) and text.strip(JSON_SPACE) and exc.pos >= len(text.rstrip(JSON_SPACE)):
             what = "the line ends before its JSON does: is it cut short, or is the file indented JSON?"
+        elif odd.isspace() and odd not in JSON_SPACE:  # a form feed or a no-break space: not white space to JSON
+            what = (f"U+{ord(odd):04X} at column {exc.colno}, which JSON does not take as white space; remove it "
+                    "or write it inside a string")
         elif isinstance(exc, json.JSONDecodeError):
             what = f"{exc.msg.removesuffix(' at')} at column {exc.colno}"
             if exc.msg == "Extra data":  # `{...} {...}`, or lines ended by a lone \r (old Mac files)
