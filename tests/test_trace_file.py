@@ -71,6 +71,8 @@ def test_mooncake_ids_are_equal_only_to_the_same_json_value(tmp_path):
     ("a,b\n1,2\n", "names no known pair of token-count columns; rename"),
     ("ContextTokens,GeneratedTokens\n", "holds no rows"),
     ("ContextTokens,GeneratedTokens\n10,abc\n", "line 2: GeneratedTokens must be a whole token count"),
+    ("ContextTokens,GeneratedTokens\n1_000,5\n", "line 2: ContextTokens must be a whole token count"),  # Python's int
+    ("ContextTokens,GeneratedTokens\n10,\u0661\u0660\n", "line 2: GeneratedTokens must be a whole token count"),
     ('{"input_length": 10}\n', "line 1: no 'output_length'"),
     ('{"custom_id": "a", "method": "POST", "url": "/v1/chat/completions", "body": {}}\n',
      "line 1: no 'input_length'; .* this is a file of requests, not a trace of token counts: `blendserve plan"),

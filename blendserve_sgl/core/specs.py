@@ -364,8 +364,9 @@ def _weight_bits(qc, name: str) -> float | None:
 
 def whole_number(value) -> int | None:
     """`value` (a number or its text: 4, 4.0 or "4") as an integer when it is a whole number; None
-    for anything else (a bool, a fraction, NaN, inf, a number too large for a float, other types)."""
-    if isinstance(value, bool):
+    for anything else (a bool, a fraction, NaN, inf, a number too large for a float, other types,
+    text Python reads as a number but a file means otherwise: "1_000", digits of other scripts)."""
+    if isinstance(value, bool) or isinstance(value, str) and (not value.isascii() or "_" in value):
         return None
     try:
         v = float(value)
