@@ -1507,23 +1507,35 @@ def test_engine_room_is_sglangs_cut_of_max_new_tokens():
 def test_a_request_beyond_the_engines_pool_room_is_its_own_error_record(stand_in, tmp_path, monkeypatch):
     """The pool the engine reports (20 tokens, under the 64-token context) leaves a 3-token prompt
     at most 20 - 3 - 2 = 15 tokens to generate; a request asking 16 is never sent and gets an
-    error record naming the pool; one asking 15, and the others, run."""
-    start = runner.start_engine
+    error record naming the pool; one asking 15, and the others, run. One without max_tokens asks
+    the run's default (capped to the context as the file is read), and is told of
+    --default-max-tokens."""
+    start, asked = runner.start_engine, {}
 
     def sized(cfg):
         e = start(cfg)
         e._scheduler_init_result = _Infos(min(64 - 1, 20 - 1) - 5, 20)
+        generate = e.async_generate
+
+        async def recording(input_ids, sampling_params):
+            asked[len(asked)] = sampling_params["max_new_tokens"]
+            return await generate(input_ids, sampling_params)
+
+        e.async_generate = recording
         return e
 
     monkeypatch.setattr(runner, "start_engine", sized)
     rows = [line("fits", "/v1/completions", prompt="a b", max_tokens=15),  # BOS + 2 words: 3 tokens
             line("over", "/v1/completions", prompt="a b", max_tokens=16),
-            line("chat", messages=[{"role": "user", "content": "hi"}], max_tokens=2)]
+            line("chat", messages=[{"role": "user", "content": "hi"}], max_tokens=2),
+            line("default", "/v1/completions", prompt="a b")]
     src, out = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
     src.write_text("\n".join(rows) + "\n")
     assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"])]) == 0  # failed requests: still 0
     got = {r["custom_id"]: r for r in map(json.loads, out.read_text().splitlines())}
-    assert got["fits"]["error"] is None and got["chat"]["error"] is None
+    assert got["fits"]["error"] is None and got["chat"]["error"] is None and sorted(asked.values()) == [2, 15]
+    assert '"max_tokens" is 59, but' in got["default"]["error"]["message"]  # 64 - 3 - 2 from the default of 256
+    assert "--default-max-tokens" in got["default"]["error"]["message"]
     message = got["over"]["error"]["message"]
     assert got["over"]["response"]["status_code"] == 400 and got["over"]["error"]["code"] == "invalid_request"
     assert '"max_tokens" is 16, but this engine generates at most 15 tokens after a 3-token prompt' in message

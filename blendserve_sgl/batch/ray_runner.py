@@ -120,9 +120,9 @@ async def _chunk(engine, items: list) -> list:
     room = runner.engine_room(engine)
 
     async def one(i: int, p: Prepared) -> tuple:
-        beyond = runner.beyond_room(room, p)  # more than the engine would generate: an error, never sent
-        if beyond is not None:
-            return i, None, beyond
+        p = runner.within_room(room, p)  # more than the engine would generate: an error, never sent
+        if isinstance(p, ValueError):
+            return i, None, p
         try:
             return i, await engine.async_generate(input_ids=p.input_ids, sampling_params=p.sampling_params), None
         except Exception as exc:  # noqa: BLE001 (one request's failure is its own record)

@@ -235,15 +235,18 @@ def engine_room(engine) -> Callable[[int], tuple[int, str]] | None:
     return room
 
 
-def beyond_room(room, p: Prepared) -> ValueError | None:
-    """The error of a request asking more tokens than `room` (`engine_room`) lets it generate."""
+def within_room(room, p: Prepared) -> Prepared | ValueError:
+    """`p`, or the error of a request asking more tokens than `room` (`engine_room`) lets it
+    generate (a request without max_tokens asks the run's default, capped to the context as the
+    file was read: the store keeps no mark of which requests those were)."""
     if room is None:
-        return None
+        return p
     most, why = room(len(p.input_ids))
     if p.max_tokens <= most:
-        return None
+        return p
     return ValueError(f'"max_tokens" is {p.max_tokens:,}, but this engine generates at most {max(most, 0):,} tokens '
-                      f"after a {len(p.input_ids):,}-token prompt ({why})")
+                      f"after a {len(p.input_ids):,}-token prompt ({why}; for requests without max_tokens, "
+                      "--default-max-tokens)")
 
 
 def generate(engine, items: Iterable[Prepared], on_result: Callable[[Prepared, dict], None],
@@ -305,10 +308,11 @@ async def _generate(engine, items, on_result, on_error, window, tick, tick_secon
     room = engine_room(engine)
 
     async def one(p: Prepared) -> None:
-        beyond = beyond_room(room, p)
-        if beyond is not None:  # the engine would cut it short without a word: its own error instead
-            on_error(p, beyond)
+        fit = within_room(room, p)
+        if isinstance(fit, ValueError):  # the engine would cut it short without a word: its own error instead
+            on_error(p, fit)
             return
+        p = fit
         flight[id(p)] = p  # until answered: a cancelled request stays, for the caller to see
         try:
             kw = {"routed_dp_rank": route(p)} if route is not None else {}
