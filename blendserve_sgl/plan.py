@@ -619,7 +619,8 @@ def _print(out: dict, say) -> None:
     say(f"{out['requests']:,} requests, {out['prompt_tokens']:,} prompt tokens (token counts: {out['token_counts']}), "
         f"up to {out['max_output_tokens']:,} output tokens; {out['model']} on {out['gpus']} x {out['hardware']}, "
         f"KV pool {out['engine']['kv_tokens']:,} tokens per engine; density {out['density']}, "
-        f"prefix sharing {out['sharing_dfs_unbounded']:.1%} (DFS order, unbounded cache)")
+        f"prefix sharing {out['sharing_dfs_unbounded']:.1%} of prompt and output tokens (DFS order, unbounded "
+        "cache; the prefix hits below are of prompt tokens)")
     if out["simulated_requests"] < out["requests"]:
         sp = out["sampling_spread"]
         say(f"simulated: a sample of {out['simulated_requests']:,} requests (whole prefix groups), times and token counts scaled by "
