@@ -255,8 +255,8 @@ class PieceEncoder:
 
     def _encode(self, texts: list[str], special: bool) -> list[np.ndarray]:
         """Each text's ids (int32). The fast tokenizer is given at most `ENCODE_CHARS` characters a
-        call: its results hold offsets and masks beside the ids, about 80 bytes a token, and 16 MB
-        of text at once (a batch of long prompts) held 1.9 GB in a worker."""
+        call: its results hold offsets and masks beside the ids, and a whole batch of long prompts
+        (16 MB) in one call made a worker's peak (`bench/long_prompts_memory.py`)."""
         if self.fast is None:
             return [np.asarray(self.tok.encode(t, add_special_tokens=special), np.int32) for t in texts]
         out, start = [], 0
