@@ -22,7 +22,7 @@ $(READY): pyproject.toml requirements/cpu.lock
 venv: $(READY)
 
 test: $(READY)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=30 tests
 
 test-core: $(READY)
 	$(PY) -m pytest -q tests -m "not engine"

@@ -20,7 +20,7 @@ from blendserve_sgl.batch.feed import FACTOR, MIN_WINDOW, pending, window_size
 from blendserve_sgl.batch.order import build_tree, check_plan, cost_for, dual_order, plan
 from blendserve_sgl.batch.prompts import Prepared
 from blendserve_sgl.batch.reader import read_store
-from blendserve_sgl.batch.requests import BatchRequest, LineError
+from blendserve_sgl.batch.requests import BatchRequest, LineError, read_requests
 from blendserve_sgl.batch.store import REQUEST_BYTES, TokenStore
 from blendserve_sgl.harness import cpu_engine_env
 
@@ -286,6 +286,54 @@ def test_a_text_the_tokenizer_rejects_is_that_lines_error(tiny, tmp_path):
     assert [got.store.input_ids(i) for i in range(len(got.store))] == [p.input_ids for p in ok]
 
 
+@pytest.mark.parametrize("workers", [0, 1])
+def test_token_ids_the_models_embedding_lacks_are_that_lines_error(tiny, tmp_path, workers):
+    """A tokenizer given added tokens without the embedding resized: a prompt holding one (as text in
+    a chat or a completion, or as an id) is its own error record at read time, as `prepare` with
+    `id_limit` says, before any engine runs (the forward pass would raise on it)."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from blendserve_sgl.batch.prompts import id_limit, prepare
+
+    model_dir, _ = tiny
+    extra = tmp_path / "extra-tokens"
+    shutil.copytree(model_dir, extra)
+    tok = AutoTokenizer.from_pretrained(str(extra))
+    rows = json.loads((extra / "config.json").read_text())["vocab_size"]
+    assert len(tok) <= rows
+    tok.add_special_tokens({"additional_special_tokens": [f"<|extra_{k}|>" for k in range(rows - len(tok) + 4)]})
+    tok.save_pretrained(str(extra))
+    tok = AutoTokenizer.from_pretrained(str(extra))
+    assert len(tok) == rows + 4 and id_limit(tok, extra) == rows and id_limit(tok) == rows + 4
+    high = tok.convert_ids_to_tokens(rows + 2)
+    path = corpus(tmp_path / "in.jsonl", 24, bad=False)
+    lines = path.read_text().splitlines()
+    for k, how in ((3, "chat"), (6, "completion"), (13, "ids")):
+        row = json.loads(lines[k])
+        if how == "ids":
+            row["body"] = {"prompt": [5, 6, rows + 1], "max_tokens": 4}
+            row["url"] = "/v1/completions"
+        elif how == "chat":
+            row["body"]["messages"][-1]["content"] = f"say {high} twice"
+        else:
+            row["body"]["prompt"] = f"say {high} twice"
+        lines[k] = json.dumps(row)
+    path.write_text("\n".join(lines) + "\n")
+    got = read_store(path, tok, 2048, 16, model_dir=extra, workers=workers, batch_lines=8)
+    assert [e.line for e in got.errors] == [4, 7, 14]
+    assert f"encodes to token id {rows + 2}, which the model does not have (its embedding holds {rows} tokens" \
+        in got.errors[0].message
+    assert f"token id {rows + 1}, outside the model's vocabulary of {rows}" in got.errors[2].message
+    plain = [prepare(q, tok, 2048, 16, path.name, id_limit(tok, extra)) for q in read_requests(path)]
+    assert [(e.line, e.message) for e in got.errors] == [(x.line, x.message) for x in plain if isinstance(x, LineError)]
+    ok = [x for x in plain if isinstance(x, Prepared)]
+    assert len(ok) == 21 and [got.store.input_ids(i) for i in range(len(got.store))] == [p.input_ids for p in ok]
+    # without the model's config only the tokenizer's size binds: the same file reads whole
+    assert len(read_store(path, tok, 2048, 16, workers=0, batch_lines=8).errors) == 0
+
+
 # ------------------------------------------------------------------ the plan
 def test_plan_is_a_deterministic_permutation(tiny, tmp_path):
     model_dir, tok = tiny
@@ -404,6 +452,47 @@ def test_command_interrupted_and_resumed_runs_each_request_once_in_plan_order(ti
                   if read.store.custom_id(i) in {r["custom_id"] for r in recs[:43]}}
     assert engines[1].order == [x for x in planned if x not in first_done]
     assert engines[0].most <= 5 and engines[1].most <= 5
+
+
+def test_rerun_of_a_finished_job_reads_no_prompt_and_a_missing_record_reads_them_all(tiny, tmp_path, monkeypatch):
+    """Every line has its record: the rerun parses the input and stops (no tokenizing, no engine),
+    records untouched. One record gone, or --retry-failed with error records kept: the whole read and
+    the plan as before, and the missing request runs."""
+    model_dir, tok = tiny
+    path = corpus(tmp_path / "in.jsonl", 60)
+    engines, reads = [], []
+
+    def start(cfg):
+        engines.append(OrderEngine())
+        return engines[-1]
+
+    def counted(*a, **k):
+        reads.append(1)
+        return read_store(*a, **k)
+
+    monkeypatch.setattr(cli, "_load_tokenizer", lambda d: tok)
+    monkeypatch.setattr(runner, "prepare_environment", lambda device: "cpu")
+    monkeypatch.setattr(runner, "start_engine", start)
+    monkeypatch.setattr(cli, "read_store", counted)
+    out, summary = tmp_path / "out.jsonl", tmp_path / "summary.json"
+    args = [str(path), "-o", str(out), "--model", str(model_dir), "--quiet", "--summary-json", str(summary)]
+    assert cli.main(args) == 0 and len(reads) == len(engines) == 1
+    first = out.read_bytes()
+    errors = (tmp_path / "out.errors.jsonl").read_bytes()
+    assert cli.main(args) == 0 and len(reads) == len(engines) == 1  # neither read nor run again
+    assert out.read_bytes() == first and (tmp_path / "out.errors.jsonl").read_bytes() == errors
+    said = json.loads(summary.read_text())
+    assert said["requests"] == said["skipped"] == 63 and said["completed"] == 0
+    lines = first.decode().splitlines(keepends=True)
+    out.write_text("".join(lines[:-1]))  # the last record lost: that request runs again, after a whole read
+    gone = json.loads(lines[-1])["custom_id"]
+    assert cli.main(args) == 0 and len(reads) == len(engines) == 2
+    assert len(out.read_text().splitlines()) == len(lines)
+    assert gone in {json.loads(x)["custom_id"] for x in out.read_text().splitlines()}
+    assert cli.main(args + ["--retry-failed"]) == 0 and len(reads) == 3  # error records run again: a whole read
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    keys = {r["custom_id"] if r["custom_id"] is not None else r["error"]["line"] for r in recs}
+    assert len(recs) == len(keys) == len(lines) == 63
 
 
 # ------------------------------------------------------------------ the real engine

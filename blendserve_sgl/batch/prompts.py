@@ -41,13 +41,14 @@ class Prepared:
 
 
 def prepare(req: BatchRequest, tokenizer, context_len: int, default_max_tokens: int,
-            source: str = "requests.jsonl") -> Prepared | LineError:
-    """Tokenize `req` and check it against `context_len`; a `LineError` names what to change
-    (also when the tokenizer itself fails on this request: one line never stops the batch)."""
+            source: str = "requests.jsonl", limit: int | None = None) -> Prepared | LineError:
+    """Tokenize `req` and check it against `context_len` and the token ids the model has (`limit`,
+    see `id_limit`; default: the tokenizer's size); a `LineError` names what to change (also when
+    the tokenizer itself fails on this request: one line never stops the batch)."""
     too_long = beyond_context(req, tokenizer, context_len, source)
     if too_long is not None:
         return too_long
-    encoded = encode(req, tokenizer, source)
+    encoded = encode(req, tokenizer, source, limit)
     if isinstance(encoded, LineError):
         return encoded
     ids, what = encoded
@@ -55,18 +56,54 @@ def prepare(req: BatchRequest, tokenizer, context_len: int, default_max_tokens: 
     return max_tokens if isinstance(max_tokens, LineError) else Prepared(req, ids, max_tokens)
 
 
-def encode(req: BatchRequest, tokenizer, source: str = "requests.jsonl") -> tuple[list[int], str] | LineError:
+def encode(req: BatchRequest, tokenizer, source: str = "requests.jsonl",
+           limit: int | None = None) -> tuple[list[int], str] | LineError:
     """The prompt's token ids and how error messages name it (see `render`), before any
-    context check; a `LineError` when the template or the tokenizer rejects the request."""
+    context check; a `LineError` when the template or the tokenizer rejects the request, or when
+    its text encodes to an id the model does not have (`limit`, see `id_limit`)."""
     try:
-        rendered = render(req, tokenizer, source)
+        rendered = render(req, tokenizer, source, limit)
         if isinstance(rendered, LineError):
             return rendered
         text, what = rendered
         ids = list(req.prompt) if text is None else list(tokenizer.encode(text, add_special_tokens=req.kind != "chat"))
     except Exception as exc:  # noqa: BLE001 (tokenizers raise TypeError, ValueError, ...)
         return tokenizer_failure(req, source, exc)
-    return ids, what
+    beyond = outside_model(req, max(ids, default=-1), what, limit, source) if text_checked(tokenizer, limit) else None
+    return beyond if beyond is not None else (ids, what)
+
+
+def id_limit(tokenizer, model_dir: str | Path | None = None) -> int:
+    """The token ids a prompt may hold: [0, limit), the tokenizer's ids that the model's embedding
+    has (config.json's `vocab_size` in `model_dir`). A tokenizer given added tokens without the
+    embedding resized has more ids than the model; SGLang's forward pass raises on such an id, which
+    ends the engine with every request in it."""
+    limit = len(tokenizer)
+    if model_dir is not None:
+        from ..core.specs import vocab_size
+
+        rows = vocab_size(str(Path(model_dir) / "config.json"))
+        limit = min(limit, rows) if rows else limit
+    return limit
+
+
+def text_checked(tokenizer, limit: int | None) -> bool:
+    """Whether the ids text encodes to are checked against `limit`: only where the model's embedding
+    is smaller than the tokenizer (`id_limit`). Elsewhere a tokenizer's ids are its own (and the
+    byte-count stand-in of `plan`'s presets gives ids that only count bytes)."""
+    return limit is not None and limit < len(tokenizer)
+
+
+def outside_model(req: BatchRequest, top: int, what: str, limit: int | None,
+                  source: str = "requests.jsonl") -> LineError | None:
+    """The error of a prompt whose largest token id, `top`, the model does not have (see `id_limit`),
+    or None."""
+    if limit is None or top < limit:
+        return None
+    return LineError(req.line, req.custom_id, f"{source} line {req.line}: {what} encodes to token id {top}, which "
+                                              f"the model does not have (its embedding holds {limit} tokens, "
+                                              'config.json "vocab_size"): the tokenizer has tokens added after the '
+                                              "model was trained; remove that token's text from the prompt")
 
 
 BYTES_MARGIN = 4  # a normalizer may map several bytes of text to one byte of a token (NFKC: full-width letters)
@@ -116,8 +153,10 @@ def tokenizer_failure(req: BatchRequest, source: str, exc: Exception) -> LineErr
                                               f"request ({type(exc).__name__}: {exc}); check its text")
 
 
-def render(req: BatchRequest, tokenizer, source: str = "requests.jsonl") -> tuple[str | None, str] | LineError:
-    """The text to encode (None for a token-id prompt, checked against the vocabulary) and how
+def render(req: BatchRequest, tokenizer, source: str = "requests.jsonl",
+           limit: int | None = None) -> tuple[str | None, str] | LineError:
+    """The text to encode (None for a token-id prompt, checked against the ids the model has:
+    `limit`, see `id_limit`; default the tokenizer's size) and how
     error messages name the prompt. Chat text holds its special tokens: encode it with
     `add_special_tokens=False`; completion text with the tokenizer's default."""
     where = f"{source} line {req.line}"
@@ -133,7 +172,7 @@ def render(req: BatchRequest, tokenizer, source: str = "requests.jsonl") -> tupl
         return text, "the prompt (after the chat template)"
     if isinstance(req.prompt, str):
         return req.prompt, "the prompt"
-    vocab = len(tokenizer)
+    vocab = len(tokenizer) if limit is None else limit
     bad = next((t for t in req.prompt if t >= vocab), None)
     if bad is not None:
         return LineError(req.line, req.custom_id, f'{where}: "prompt" has token id {bad}, outside the model\'s '

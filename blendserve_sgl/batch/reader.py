@@ -35,7 +35,8 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from .. import lifetime
-from .prompts import beyond_context, check_context, encode, render, tokenizer_failure
+from .prompts import (beyond_context, check_context, encode, id_limit, outside_model, render, text_checked,
+                      tokenizer_failure)
 from .requests import BatchRequest, LineError, check_readable, iter_lines, parse_line, repeated_id
 from .store import KINDS, TokenStore
 
@@ -189,8 +190,10 @@ class PieceEncoder:
     """Encodes requests into (pieces, tail) as the module docstring describes: `stage` each
     request, then `finish` them together (their tails encoded in one batch)."""
 
-    def __init__(self, tokenizer, context_len: int, default_max_tokens: int, source: str):
+    def __init__(self, tokenizer, context_len: int, default_max_tokens: int, source: str, model_dir=None):
         self.tok = tokenizer
+        self.limit = id_limit(tokenizer, model_dir)  # the ids the model has
+        self.check_text = text_checked(tokenizer, self.limit)
         self.ctx, self.default_max_tokens, self.source = context_len, default_max_tokens, source
         added = getattr(tokenizer, "added_tokens_decoder", None) or {}
         specials = sorted((str(t) for t in added.values() if not getattr(t, "lstrip", False)), key=len, reverse=True)
@@ -212,7 +215,7 @@ class PieceEncoder:
         if too_long is not None:
             return too_long
         if req.kind != "chat":
-            rendered = render(req, self.tok, self.source)
+            rendered = render(req, self.tok, self.source, self.limit)
             if isinstance(rendered, LineError):
                 return rendered
             text = rendered[0]
@@ -303,7 +306,7 @@ class PieceEncoder:
         if s.fast:
             self.seen += 1
             if not self.exact or self.seen <= VERIFY_FIRST or self.seen % VERIFY_EVERY == 0:
-                whole = encode(req, self.tok, self.source)
+                whole = encode(req, self.tok, self.source, self.limit)
                 if (not self.exact or isinstance(whole, LineError)
                         or np.concatenate(ids + [tail]).tolist() != whole[0]):
                     self.exact = False
@@ -313,6 +316,9 @@ class PieceEncoder:
                     tail = np.asarray(whole[0], np.int32)
         n = len(tail) + sum(len(p) for p in ids)
         what = CHAT_WHAT if req.kind == "chat" else "the prompt"
+        top = max((int(a.max()) for a in (*ids, tail) if len(a)), default=-1) if self.check_text else -1
+        if top >= self.limit:
+            return outside_model(req, top, what, self.limit, self.source)
         max_tokens = check_context(req, n, what, self.ctx, self.default_max_tokens, self.source)
         return max_tokens if isinstance(max_tokens, LineError) else (digests, ids, tail, max_tokens)
 
@@ -333,7 +339,8 @@ def _init_worker(model_dir: str, context_len: int, default_max_tokens: int, sour
     try:
         from transformers import AutoTokenizer
 
-        _encoder = PieceEncoder(AutoTokenizer.from_pretrained(model_dir), context_len, default_max_tokens, source)
+        _encoder = PieceEncoder(AutoTokenizer.from_pretrained(model_dir), context_len, default_max_tokens, source,
+                                model_dir)
     except Exception as exc:  # noqa: BLE001 (reported by the first task; the driver reads in-process)
         _init_error = f"{type(exc).__name__}: {exc}"
 
@@ -475,7 +482,7 @@ def _read(p: Path, tokenizer, context_len, default_max_tokens, model_dir, worker
     global _encoder
     batches = _batches(p, batch_lines)
     if workers <= 0:
-        _encoder = PieceEncoder(tokenizer, context_len, default_max_tokens, p.name)
+        _encoder = PieceEncoder(tokenizer, context_len, default_max_tokens, p.name, model_dir)
         for b in batches:
             take(_work(b))
     else:
