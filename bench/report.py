@@ -156,6 +156,11 @@ LAYOUT = {
                        "runs.3756e70.rerun.driver_peak_rss_mb", "runs.3756e70.rerun.wall_seconds",
                        "runs.3756e70.retry.wall_seconds", "runs.f997c7e.rerun.wall_seconds",
                        "runs.f997c7e.retry.wall_seconds"]),
+    "rerun_finished": ("A finished job run again: parsed, not tokenized (`bench/resume_memory.py --valid`)",
+                       ["requests", "runs.this.first.wall_seconds", "runs.this.rerun.wall_seconds",
+                        "runs.668adad.rerun.wall_seconds", "wall_this_over.668adad.rerun",
+                        "runs.this.missing.wall_seconds", "runs.668adad.missing.wall_seconds",
+                        "runs.this.rerun.driver_peak_rss_mb", "runs.668adad.rerun.driver_peak_rss_mb"]),
     "long_prompts_memory": ("Long distinct prompts: the reader's and `blendserve plan`'s memory "
                             "(`bench/long_prompts_memory.py`)",
                             ["requests", "input_mb", "runs.this.plan.peak_rss_mb", "runs.82c321b.plan.peak_rss_mb",
