@@ -115,12 +115,16 @@ def test_each_bad_line_is_an_error_naming_line_and_problem(text, fragment, kept)
 
 
 def test_good_lines_parse_into_typed_requests():
-    chat = parse_line(line("c1", messages=[{"role": "developer", "content": "be brief"},
-                                           {"role": "user", "content": [{"type": "text", "text": "a"},
-                                                                        {"type": "text", "text": "b"}]}],
+    chat = parse_line(line("c1", messages=[{"role": "developer", "content": "be brief", "name": "boss"},
+                                           {"role": "user", "name": "ann",
+                                            "content": [{"type": "text", "text": "a"}, {"type": "text", "text": "b"}]}],
                            max_completion_tokens=9, temperature=0, top_p=0.5, stop="END", seed=3, model="m"), 1)
     assert isinstance(chat, BatchRequest) and chat.kind == "chat" and chat.max_tokens == 9 and chat.model == "m"
-    assert chat.messages == ({"role": "system", "content": "be brief"}, {"role": "user", "content": "ab"})
+    # as SGLang's server gives them to a text template: parts joined by a space, a name but the user's
+    assert chat.messages == ({"role": "system", "content": "be brief", "name": "boss"},
+                             {"role": "user", "content": "a b"})
+    bad = parse_line(line("c1", messages=[{"role": "system", "content": "x", "name": 3}]), 4)
+    assert isinstance(bad, LineError) and '"messages"[0]: "name" must be a string, got 3' in bad.message
     assert chat.sampling == {"temperature": 0.0, "top_p": 0.5, "stop": ["END"], "sampling_seed": 3}
     comp = parse_line(line("c2", "/v1/completions", prompt=[5, 6, 7], max_tokens=None, ignore_eos=True, n=1), 2)
     assert isinstance(comp, BatchRequest) and comp.prompt == (5, 6, 7) and comp.max_tokens is None

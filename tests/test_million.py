@@ -286,6 +286,29 @@ def test_a_text_the_tokenizer_rejects_is_that_lines_error(tiny, tmp_path):
     assert [got.store.input_ids(i) for i in range(len(got.store))] == [p.input_ids for p in ok]
 
 
+def test_a_template_reading_names_gets_them_on_the_plain_path(tiny, tmp_path):
+    """A message's name reaches a template that reads it (the substituted shapes hold only roles and
+    contents, so such requests render whole): the ids of `prepare`, with the name in them."""
+    model_dir, tok = tiny
+    tok = copy.deepcopy(tok)
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m['role'] }}{% if m.name is defined %} "
+                         "{{ m.name }}{% endif %}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    from blendserve_sgl.batch.reader import TemplateShapes
+
+    assert TemplateShapes(tok).on
+    rows = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+             "body": {"messages": [{"role": "system", "content": "be brief", **({"name": f"n{i % 3}"} if i % 2 else {})},
+                                   {"role": "user", "content": f"q {i}"}], "max_tokens": 2}} for i in range(12)]
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = read_store(path, tok, 2048, 16, workers=0)
+    ref = prepared_reference(path, tok)
+    assert not got.errors and [got.store.input_ids(i) for i in range(12)] == [p.input_ids for p in ref]
+    assert not got.whole_text_fallback  # no shape rendered a named message without its name
+    assert "system n1" in tok.decode(got.store.input_ids(1)) and "system n" not in tok.decode(got.store.input_ids(0))
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_token_ids_the_models_embedding_lacks_are_that_lines_error(tiny, tmp_path, workers):
     """A tokenizer given added tokens without the embedding resized: a prompt holding one (as text in

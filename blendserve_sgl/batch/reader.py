@@ -129,8 +129,9 @@ class TemplateShapes:
         return ok(tree, [])
 
     def render(self, req, source: str):
-        """Like `prompts.render` for a chat request."""
-        if not self.on:
+        """Like `prompts.render` for a chat request (a message with a name renders whole: the
+        shapes hold only roles and contents)."""
+        if not self.on or any(len(m) > 2 for m in req.messages):
             return render(req, self.tok, source)
         key = tuple(m["role"] for m in req.messages)
         parts = self.shapes.get(key, False)

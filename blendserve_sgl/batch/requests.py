@@ -80,7 +80,7 @@ class BatchRequest:
     line: int  # 1-based line of the input file
     custom_id: str
     kind: str  # "chat" | "completion"
-    messages: tuple[dict, ...] | None  # chat: {"role", "content": str}, content parts joined
+    messages: tuple[dict, ...] | None  # chat: {"role", "content": str (text parts joined by a space), "name" (not a user's)}
     prompt: str | tuple[int, ...] | None  # completion: text or token ids
     max_tokens: int | None  # None: the run's default (capped by the context)
     sampling: dict = field(default_factory=dict)  # SGLang sampling params except max_new_tokens
@@ -382,10 +382,16 @@ def _messages(body: dict) -> tuple[dict, ...]:
                     raise BadLine(f'{where}: "content"[{j}] must be {{"type": "text", "text": "..."}} (only text is '
                                "supported)")
                 parts.append(part["text"])
-            content = "".join(parts)
+            content = " ".join(parts)  # SGLang's server joins text parts with a space for a text template
         if not isinstance(content, str):
             raise BadLine(f'{where}: "content" must be a string, got {_show(content)}')
-        out.append({"role": "system" if role == "developer" else role, "content": content})
+        msg = {"role": "system" if role == "developer" else role, "content": content}
+        name = m.get("name")
+        if name is not None and not isinstance(name, str):
+            raise BadLine(f'{where}: "name" must be a string, got {_show(name)}')
+        if name is not None and role != "user":  # SGLang's server keeps a name on every role but the user's
+            msg["name"] = name
+        out.append(msg)
     return tuple(out)
 
 
