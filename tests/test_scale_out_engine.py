@@ -67,7 +67,8 @@ def test_ray_replica_killed_mid_run_every_custom_id_once(tiny_llama, tmp_path):
 @pytest.mark.parametrize("flags", [["--ray", "--replicas", "2"], ["--dp", "2"]])
 def test_blendserve_run_two_replicas_writes_every_custom_id_once(tiny_llama, tmp_path, flags):
     """The command end to end with two replicas (a local Ray cluster, or SGLang's DP ranks): one
-    output file, every custom_id once."""
+    output file, every custom_id once. With --ray, RAY_ADDRESS names a cluster nobody runs: without
+    --ray-address the replicas still run on a local cluster (Ray would connect there, and refuse)."""
     if "--ray" in flags:
         pytest.importorskip("ray")
     elif len(os.sched_getaffinity(0)) < 2:
@@ -81,7 +82,8 @@ def test_blendserve_run_two_replicas_writes_every_custom_id_once(tiny_llama, tmp
     proc = subprocess.Popen([sys.executable, "-m", "blendserve_sgl.cli", "run", str(src), "-o", str(out), "--model",
                              tiny_llama, *flags, "--max-total-tokens", "4096", "--quiet", "--workers", "0",
                              "--summary-json", str(summary)],
-                            env=ENV, start_new_session=True, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+                            env={**ENV, "RAY_ADDRESS": "127.0.0.1:1"} if "--ray" in flags else ENV,
+                            start_new_session=True, stdout=open(log, "w"), stderr=subprocess.STDOUT)
     try:
         proc.wait(timeout=1500)
     finally:
@@ -95,3 +97,5 @@ def test_blendserve_run_two_replicas_writes_every_custom_id_once(tiny_llama, tmp
     assert ps["steps"] == sum(part["steps"] for part in ps["per_replica"])
     if "--dp" in flags:
         assert [part["dp_rank"] for part in ps["per_replica"]] == [0, 1]
+    else:
+        assert "RAY_ADDRESS is 127.0.0.1:1, but without --ray-address" in log.read_text()

@@ -176,7 +176,12 @@ def generate(cfg: runner.EngineConfig, parts: Sequence[Sequence[Prepared]],
     env.update({k: v for k, v in os.environ.items() if k.startswith("BLENDSERVE_")})
     if started_here:
         ours = signal.getsignal(signal.SIGTERM)
-        ray.init(address=address, include_dashboard=False, log_to_driver=False,
+        if not address and os.environ.get("RAY_ADDRESS"):
+            say(f"RAY_ADDRESS is {os.environ['RAY_ADDRESS']}, but without --ray-address the replicas run on a local "
+                "cluster started here; pass --ray-address to use that cluster")
+        # "local": a cluster of this machine, which Ray would otherwise look for in RAY_ADDRESS and in
+        # the cluster `ray start` left on this machine (then refusing num_cpus: a traceback, a probe)
+        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
                  num_cpus=None if address else max(replicas, os.cpu_count() or 1),
                  runtime_env={"env_vars": env})
         if ours is not None and threading.current_thread() is threading.main_thread():
