@@ -123,6 +123,8 @@ def test_good_lines_parse_into_typed_requests():
     # as SGLang's server gives them to a text template: parts joined by a space, a name but the user's
     assert chat.messages == ({"role": "system", "content": "be brief", "name": "boss"},
                              {"role": "user", "content": "a b"})
+    assert chat.parts == (None, ("a", "b"))  # kept for a template that iterates content
+    assert parse_line(line("c4", messages=[{"role": "user", "content": "x"}]), 5).parts is None
     bad = parse_line(line("c1", messages=[{"role": "system", "content": "x", "name": 3}]), 4)
     assert isinstance(bad, LineError) and '"messages"[0]: "name" must be a string, got 3' in bad.message
     assert chat.sampling == {"temperature": 0.0, "top_p": 0.5, "stop": ["END"], "sampling_seed": 3}
@@ -1588,3 +1590,50 @@ def test_a_character_python_strips_but_json_refuses_is_named(odd):
         assert f"U+{ord(odd):04X} at column {col}, which JSON does not take as white space" in got.message
     assert isinstance(parse_line(ok + " \r", 4), BatchRequest)
     assert "cut short" in parse_line(ok[:-1] + " ", 4).message
+
+
+ITERATING = ("{% for message in messages %}{{ message['role'] }}:{% if message['content'] is string %}"
+             "{{ message['content'] }}{% else %}{% for c in message['content'] %}{{ c['text'] }}{% endfor %}"
+             "{% endif %}\n{% endfor %}")
+TEMPLATES = [
+    "{% for m in messages %}{{ m['content'] }}{% endfor %}",
+    ITERATING,
+    "{% for message in messages %}{% for c in message.content | list %}{{ c.text }}{% endfor %}{% endfor %}",
+    "{% for msg in messages %}{% for c in msg['content'][1:] %}{{ c }}{% endfor %}{% endfor %}",
+    "{% for x in messages %}{% for c in x.content %}{{ c }}{% endfor %}{% endfor %}",  # another name: text
+    "{% for m in messages %}{{ m.content }}{% endfor %}{# no image here #}",  # a media word: lists
+    "{% for m in messages %}{% for k in m %}{{ k }}{% endfor %}{% endfor %}",
+    "{% for",
+]
+
+
+@pytest.mark.parametrize("template", TEMPLATES)
+def test_which_templates_take_content_lists_is_sglangs_answer(template):
+    from sglang.srt.parser.jinja_template_utils import detect_jinja_template_content_format
+
+    from blendserve_sgl.batch.prompts import iterates_content
+
+    assert iterates_content(template) is (detect_jinja_template_content_format(template) == "openai")
+
+
+def test_content_parts_reach_a_template_that_iterates_them_as_a_list():
+    """SGLang's server gives such a template the parts (its loop joins them as it likes: here with
+    nothing between) and any other template the parts joined by a space."""
+    import jinja2
+
+    from blendserve_sgl.batch.prompts import render
+
+    class Templated(WordTokenizer):
+        def __init__(self, template):
+            super().__init__()
+            self.chat_template = template
+
+        def apply_chat_template(self, messages, **kw):
+            return jinja2.Template(self.chat_template).render(messages=messages)
+
+    chat = parse_line(line("c", messages=[{"role": "system", "content": "be brief"},
+                                          {"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                       {"type": "text", "text": "b"}]}]), 1)
+    assert render(chat, Templated(ITERATING))[0] == "system:be brief\nuser:ab\n"
+    text = Templated("{% for m in messages %}{{ m['role'] }}:{{ m['content'] }}\n{% endfor %}")
+    assert render(chat, text)[0] == "system:be brief\nuser:a b\n"

@@ -309,6 +309,32 @@ def test_a_template_reading_names_gets_them_on_the_plain_path(tiny, tmp_path):
     assert "system n1" in tok.decode(got.store.input_ids(1)) and "system n" not in tok.decode(got.store.input_ids(0))
 
 
+@pytest.mark.parametrize("template", [
+    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['content'] is string %}{{ m['content'] }}"
+    "{% else %}{% for c in m['content'] %}{{ c['text'] }}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}",
+    # content output as is, but the word "image" makes SGLang give it lists: the shapes must not substitute text
+    "{# image #}{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}",
+])
+def test_content_lists_reach_a_template_that_takes_them_on_the_plain_path(tiny, tmp_path, template):
+    model_dir, tok = tiny
+    tok = copy.deepcopy(tok)
+    tok.chat_template = template
+    rows = []
+    for i in range(12):
+        user = f"q {i}" if i % 3 == 0 else [{"type": "text", "text": "q"}, {"type": "text", "text": f" {i}"}]
+        rows.append({"custom_id": f"r{i}", "method": "POST", "url": "/v1/chat/completions",
+                     "body": {"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": user}],
+                              "max_tokens": 2}})
+    path = tmp_path / "in.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = read_store(path, tok, 2048, 16, workers=0)
+    ref = prepared_reference(path, tok)
+    assert not got.errors and [got.store.input_ids(i) for i in range(12)] == [p.input_ids for p in ref]
+    assert not got.whole_text_fallback
+    shown = tok.decode(got.store.input_ids(4))  # ["q", " 4"] as the template renders a list, not joined text
+    assert ("q 4" in shown and "q  4" not in shown) if "is string" in template else "'text': ' 4'" in shown
+
+
 @pytest.mark.parametrize("workers", [0, 1])
 def test_token_ids_the_models_embedding_lacks_are_that_lines_error(tiny, tmp_path, workers):
     """A tokenizer given added tokens without the embedding resized: a prompt holding one (as text in

@@ -165,7 +165,8 @@ def render(req: BatchRequest, tokenizer, source: str = "requests.jsonl",
             return LineError(req.line, req.custom_id, f"{where}: the model has no chat template; send this request "
                                                       "to /v1/completions with a plain prompt, or use a chat model")
         try:
-            text = tokenizer.apply_chat_template(list(req.messages), tokenize=False, add_generation_prompt=True)
+            text = tokenizer.apply_chat_template(template_messages(req, tokenizer), tokenize=False,
+                                                 add_generation_prompt=True)
         except Exception as exc:  # noqa: BLE001 (template errors are Jinja's: raise_exception, TemplateError)
             return LineError(req.line, req.custom_id, f"{where}: the model's chat template rejects these messages "
                                                       f"({exc}); check the roles and their order")
@@ -178,6 +179,59 @@ def render(req: BatchRequest, tokenizer, source: str = "requests.jsonl",
         return LineError(req.line, req.custom_id, f'{where}: "prompt" has token id {bad}, outside the model\'s '
                                                   f"vocabulary of {vocab}")
     return None, "the prompt"
+
+
+def template_messages(req: BatchRequest, tokenizer) -> list[dict]:
+    """`req`'s messages as SGLang 0.5.23's server gives them to the model's chat template: for a
+    template that iterates content (`iterates_content`), a content list stays a list of
+    {"type": "text", "text"} parts; for any other, its parts joined by a space (`req.messages`)."""
+    if req.parts is None or not iterates_content(getattr(tokenizer, "chat_template", None)):
+        return list(req.messages)
+    return [m if p is None else {**m, "content": [{"type": "text", "text": t} for t in p]}
+            for m, p in zip(req.messages, req.parts)]
+
+
+MEDIA_WORDS = ("image", "audio", "video", "vision")  # a template naming one takes content lists (SGLang's rule)
+CONTENT_OWNERS = ("message", "msg", "m")  # the loop variables SGLang looks for: `for x in message.content`
+
+
+@functools.lru_cache(maxsize=8)
+def iterates_content(template: str | None) -> bool:
+    """Whether SGLang 0.5.23's server gives this chat template content lists as lists (its "openai"
+    content format) rather than as text: a template naming images, audio, video or vision, or one
+    looping over the content of `message`, `msg` or `m` (through filters, tests or a slice). A
+    template that does not parse takes text, as there."""
+    if not isinstance(template, str):
+        return False
+    if any(w in template for w in MEDIA_WORDS):
+        return True
+    try:
+        from jinja2 import nodes
+        try:  # the environment transformers renders with (its extra tags parse)
+            from transformers.utils.chat_template_utils import _compile_jinja_template
+
+            tree = _compile_jinja_template(template).environment.parse(template)
+        except ImportError:
+            from jinja2.ext import loopcontrols
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            tree = ImmutableSandboxedEnvironment(extensions=[loopcontrols]).parse(template)
+    except Exception:  # noqa: BLE001 (jinja2 missing, or a template it cannot parse)
+        return False
+
+    def content_of(node) -> bool:
+        while isinstance(node, (nodes.Filter, nodes.Test)) or (
+                isinstance(node, nodes.Getitem) and isinstance(node.arg, nodes.Slice)):
+            node = node.node
+        if isinstance(node, nodes.Getitem):
+            key = node.arg.value if isinstance(node.arg, nodes.Const) else None
+        elif isinstance(node, nodes.Getattr):
+            key = node.attr
+        else:
+            return False
+        return key == "content" and isinstance(node.node, nodes.Name) and node.node.name in CONTENT_OWNERS
+
+    return any(content_of(loop.iter) for loop in tree.find_all(nodes.For))
 
 
 INPUT_MARGIN = 5  # SGLang 0.5.23's scheduler takes prompts under min(context - 1, pool - 1) - 5 tokens

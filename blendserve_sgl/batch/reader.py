@@ -35,8 +35,8 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from .. import lifetime
-from .prompts import (beyond_context, check_context, encode, id_limit, outside_model, render, text_checked,
-                      tokenizer_failure)
+from .prompts import (beyond_context, check_context, encode, id_limit, iterates_content, outside_model, render,
+                      text_checked, tokenizer_failure)
 from .requests import BatchRequest, LineError, check_readable, iter_lines, parse_line, repeated_id
 from .store import KINDS, TokenStore
 
@@ -129,9 +129,10 @@ class TemplateShapes:
         return ok(tree, [])
 
     def render(self, req, source: str):
-        """Like `prompts.render` for a chat request (a message with a name renders whole: the
-        shapes hold only roles and contents)."""
-        if not self.on or any(len(m) > 2 for m in req.messages):
+        """Like `prompts.render` for a chat request (a message with a name, or content parts for a
+        template that iterates them, renders whole: the shapes hold only roles and text contents)."""
+        if not self.on or any(len(m) > 2 for m in req.messages) or (
+                req.parts is not None and iterates_content(self.tok.chat_template)):
             return render(req, self.tok, source)
         key = tuple(m["role"] for m in req.messages)
         parts = self.shapes.get(key, False)

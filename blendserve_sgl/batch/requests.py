@@ -86,6 +86,9 @@ class BatchRequest:
     sampling: dict = field(default_factory=dict)  # SGLang sampling params except max_new_tokens
     model: str | None = None  # echoed in the response body
     digest: str = ""  # request_digest of the line (see `request_digest`)
+    # chat: per message, the text parts of a content list (None for a string), for a template that
+    # iterates content (`prompts.template_messages`); None when no message has a list
+    parts: tuple | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -315,9 +318,9 @@ def _parse_body(line: int, cid: str, kind: str, url: str, body: dict, digest: st
         which = ", ".join(_show(k) for k in others[:8]) + (f" and {len(others) - 8} more" if len(others) > 8 else "")
         raise BadLine(f'unsupported body field{"s" if len(others) > 1 else ""} {which}; supported: '
                       f'{", ".join(sorted(allowed))}')
-    messages = prompt = None
+    messages = prompt = parts = None
     if kind == "chat":
-        messages = _messages(body)
+        messages, parts = _messages(body)
     else:
         prompt = _prompt(body)
     max_tokens = _max_tokens(body)
@@ -354,16 +357,18 @@ def _parse_body(line: int, cid: str, kind: str, url: str, body: dict, digest: st
         raise BadLine(f'"model" must be a string, got {_show(model)}')
     if body.get("user") is not None and not isinstance(body["user"], str):
         raise BadLine(f'"user" must be a string, got {_show(body["user"])}')
-    return BatchRequest(line, cid, kind, messages, prompt, max_tokens, sampling, model, digest)
+    return BatchRequest(line, cid, kind, messages, prompt, max_tokens, sampling, model, digest, parts)
 
 
-def _messages(body: dict) -> tuple[dict, ...]:
+def _messages(body: dict) -> tuple[tuple[dict, ...], tuple | None]:
+    """The messages as SGLang's server gives them to a template that takes text, and the text
+    parts of each content list (None where no message has one)."""
     if "messages" not in body:
         raise BadLine('"messages" is missing; a chat request needs a list of {"role", "content"} messages')
     msgs = body["messages"]
     if not isinstance(msgs, list) or not msgs:
         raise BadLine(f'"messages" must be a non-empty list of {{"role", "content"}} objects, got {_show(msgs)}')
-    out = []
+    out, parts_of = [], []
     for i, m in enumerate(msgs):
         where = f'"messages"[{i}]'
         if not isinstance(m, dict):
@@ -374,7 +379,7 @@ def _messages(body: dict) -> tuple[dict, ...]:
         extra = sorted(set(m) - {"role", "content", "name"})
         if extra:
             raise BadLine(f'{where}: unsupported field {_show(extra[0])} (tools and images are not supported)')
-        content = m.get("content")
+        content, parts = m.get("content"), None
         if isinstance(content, list):
             parts = []
             for j, part in enumerate(content):
@@ -383,6 +388,7 @@ def _messages(body: dict) -> tuple[dict, ...]:
                                "supported)")
                 parts.append(part["text"])
             content = " ".join(parts)  # SGLang's server joins text parts with a space for a text template
+            parts = tuple(parts)
         if not isinstance(content, str):
             raise BadLine(f'{where}: "content" must be a string, got {_show(content)}')
         msg = {"role": "system" if role == "developer" else role, "content": content}
@@ -392,7 +398,8 @@ def _messages(body: dict) -> tuple[dict, ...]:
         if name is not None and role != "user":  # SGLang's server keeps a name on every role but the user's
             msg["name"] = name
         out.append(msg)
-    return tuple(out)
+        parts_of.append(parts)
+    return tuple(out), (tuple(parts_of) if any(p is not None for p in parts_of) else None)
 
 
 def _prompt(body: dict) -> str | tuple[int, ...]:
