@@ -627,6 +627,14 @@ def test_each_dp_rank_writes_its_own_side_files_and_a_run_sums_them(tmp_path, mo
     assert not path.exists() and read_policy_stats(str(tmp_path / "stats.dp1.json"))["dp_rank"] == 1
     assert read_policy_stats(str(path)) == {} and read_policy_stats(None) == {}
 
+    # the cascade backend's counters too: one file a DP rank (they overwrote each other: a probe)
+    from blendserve_sgl.sglang_plugin.cascade_backend import _Planning
+
+    monkeypatch.setenv("BLENDSERVE_CASCADE_STATS_PATH", str(tmp_path / "cascade.json"))
+    backend = _Planning()
+    backend._init_planning(SimpleNamespace(page_size=1, server_args=SimpleNamespace(dp_size=2)))
+    assert backend.stats.path == str(tmp_path / "cascade.dp1.json")
+
     a = {"steps": 10, "planning_seconds": 0.02, "handed_out": 4, "splits": None, "dp_rank": 0, "model": "m"}
     b = {"steps": 30, "planning_seconds": 0.06, "handed_out": 6, "splits": 2, "dp_rank": 1, "model": "m"}
     both = combine_policy_stats([a, b])

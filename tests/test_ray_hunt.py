@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
+import threading
 
 import pytest
 
@@ -19,6 +20,8 @@ from blendserve_sgl.batch.prompts import Prepared  # noqa: E402
 from blendserve_sgl.batch.requests import BatchRequest  # noqa: E402
 
 POISON = 666
+SLOW = 777  # a request that never finishes
+AFTER_SLOW = 778  # a request whose chunk returns once a SLOW chunk has finished its other requests
 NO_START = "no-start"  # a model path whose engine never starts
 NO_START_FIRST = "no-start-first"  # only the first replica's engine fails to start
 NO_RESTART = "no-restart"  # a replica's engine starts once; its successors do not (the marker file, per run)
@@ -32,6 +35,7 @@ class StandIn:
 
     def __init__(self, cfg, env: dict):
         os.environ.update(env)
+        self.finished, self.slow_started = {}, threading.Event()
         first = os.environ.get("SGLANG_CPU_OMP_THREADS_BIND", "").split(",")[0] == "0"
         if cfg.model_path == NO_START or (cfg.model_path == NO_START_FIRST and first):
             raise RuntimeError("the stand-in engine does not start")
@@ -44,11 +48,21 @@ class StandIn:
     def capacity(self) -> tuple:
         return 4096, 64
 
-    def run(self, items: list) -> tuple:
+    def run(self, items: list, key: int = 0) -> tuple:
         if any(p.input_ids[0] == POISON for p in items):
             os._exit(1)
+        if any(p.input_ids[0] == SLOW for p in items):  # the others finish, the slow one never does
+            self.finished[key] = [(i, {"text": p.request.custom_id, "meta_info": {"finish_reason": {"type": "length"}}},
+                                   None) for i, p in enumerate(items) if p.input_ids[0] != SLOW]
+            self.slow_started.set()
+            threading.Event().wait(600)
+        if any(p.input_ids[0] == AFTER_SLOW for p in items):
+            self.slow_started.wait(600)
         return os.getpid(), [(i, {"text": p.request.custom_id, "meta_info": {"finish_reason": {"type": "length"}}},
                               None) for i, p in enumerate(items)]
+
+    def collect(self) -> dict:
+        return dict(self.finished)
 
     def shutdown(self) -> None:
         pass
@@ -72,9 +86,9 @@ def items(n: int, poison=()) -> list:
     return out
 
 
-def run(parts: list, model_path: str = "m", monkeypatch=None, in_flight: int = 2, **kw) -> tuple:
+def run(parts: list, model_path: str = "m", monkeypatch=None, in_flight: int = 2, answered=None, **kw) -> tuple:
     monkeypatch.setattr(ray_runner, "Replica", StandIn)
-    answered, failed, said = {}, {}, []
+    answered, failed, said = {} if answered is None else answered, {}, []
     cfg = runner.EngineConfig(model_path=model_path, policy="blend", device="cpu")
 
     def on_result(p, out):
@@ -204,3 +218,21 @@ def test_gpus_the_cluster_lacks_are_refused_not_waited_for(cluster, monkeypatch)
     assert ray.cluster_resources().get("GPU", 0) == 0
     with pytest.raises(DispatchError, match=r"--gpus-per-replica 1: the Ray cluster has 0 GPUs.*--gpus-per-replica 0"):
         run([items(2)[:1], items(2)[1:]], monkeypatch=monkeypatch, gpus=1.0)
+
+
+def test_a_stopped_run_writes_what_its_unreturned_chunks_finished(cluster, monkeypatch):
+    """Ctrl-C while a chunk waits for its slowest request: the chunk's finished requests are
+    collected from the replica and handed over before the run stops (they were run again by the
+    next run); the unfinished one is not, and nothing comes twice."""
+    reqs = items(8)
+    reqs[1] = Prepared(reqs[1].request, [SLOW, 2, 3], 4)  # chunk 0 of replica 0: r1 never finishes, r0, r2, r3 do
+    reqs[4] = Prepared(reqs[4].request, [AFTER_SLOW, 2, 3], 4)  # chunk 1 returns once chunk 0's others are done
+
+    def stop(replica, actor, done):
+        if replica == 0:
+            raise KeyboardInterrupt
+
+    answered: dict = {}
+    with pytest.raises(KeyboardInterrupt):
+        run([reqs], monkeypatch=monkeypatch, on_chunk=stop, answered=answered)
+    assert sorted(answered) == ["r0", "r2", "r3", "r4", "r5", "r6", "r7"]

@@ -18,7 +18,9 @@ actor, one group alone at a time and halving after each failure, until a request
 engine runs alone and gets its error (`runner.StoppedEngine`). A replica that cannot start, or
 that fails whatever it runs (the hunt exhausted), is given up: the requests it had left go to the
 other replicas, and become error records only when none is left. The driver checks that no
-request is handed over twice.
+request is handed over twice. A run that stops (Ctrl-C, SIGTERM, an error) first collects from each
+live replica the requests of its unreturned chunks that have finished (`Replica.collect`, on a
+control thread of its own), so their answers are written, not run again.
 
 Without `address` a local Ray cluster starts on this machine; with one (`ray start --head` on
 the head node, `ray start --address HEAD:6379` on each worker) the replicas spread over the
@@ -42,6 +44,8 @@ from .feed import engine_capacity, window_size
 from .prompts import Prepared
 
 MAX_IN_FLIGHT = 64  # chunks one replica may hold at once (its actor's threads)
+CONTROL = {"control": 2}  # the actor's threads for `collect` and `shutdown`, free while chunks hold the others
+COLLECT_SECONDS = 30  # how long a stopping run waits for a replica's finished requests
 RAY_LOGS = "Ray's worker logs (/tmp/ray/session_latest/logs on the replica's node)"
 ENV_PASSED = ("PYTHONPATH", "SGLANG_USE_CPU_ENGINE", "OMP_WAIT_POLICY", "PYTHONWARNINGS", "BLENDSERVE_MODEL_CACHE")
 
@@ -74,15 +78,34 @@ class Replica:
         self.loop_thread = threading.Thread(target=self.engine.loop.run_forever, name="engine-loop", daemon=True)
         self.loop_thread.start()
         self.stopping = threading.Event()
+        self.lock = threading.Lock()
+        self.finished: dict[int, dict] = {}  # chunk key -> {index: (output, exception)} while it runs
         threading.Thread(target=_exit_with_the_engine, args=(self.stopping,), name="engine-watch", daemon=True).start()
 
     def capacity(self) -> tuple:
         """(KV pool tokens, max running requests) as the engine reported them (None: unknown)."""
         return self.kv_tokens, self.running
 
-    def run(self, items: list) -> tuple[int, list]:
-        """(pid, [(index in items, output or None, exception or None)]), every item once."""
-        return os.getpid(), asyncio.run_coroutine_threadsafe(_chunk(self.engine, items), self.engine.loop).result()
+    def run(self, items: list, key: int = 0) -> tuple[int, list]:
+        """(pid, [(index in items, output or None, exception or None)]), every item once; each
+        finished item is kept under `key` until the chunk returns (`collect`)."""
+        with self.lock:
+            self.finished[key] = {}
+
+        def record(i, out, exc) -> None:
+            with self.lock:
+                self.finished[key][i] = (out, exc)
+        try:
+            return os.getpid(), asyncio.run_coroutine_threadsafe(_chunk(self.engine, items, record),
+                                                                 self.engine.loop).result()
+        finally:
+            with self.lock:
+                self.finished.pop(key, None)
+
+    def collect(self) -> dict:
+        """{chunk key: [(index, output, exception)]}: the finished items of the chunks not returned yet."""
+        with self.lock:
+            return {k: [(i, *v) for i, v in d.items()] for k, d in self.finished.items()}
 
     def shutdown(self) -> dict:
         """Stops the engine; returns its blend policy's counters (read here: the replica's node
@@ -114,19 +137,24 @@ def _exit_with_the_engine(stopping: threading.Event, seconds: float = 1.0) -> No
             os._exit(1)
 
 
-async def _chunk(engine, items: list) -> list:
+async def _chunk(engine, items: list, record: Callable | None = None) -> list:
     """Every item of a chunk on the engine at once (a module function: an `async def` method would
-    make Ray run the actor on an event loop of its own, which the engine would then take)."""
+    make Ray run the actor on an event loop of its own, which the engine would then take);
+    `record(index, output, exception)` as each finishes."""
     room = runner.engine_room(engine)
 
     async def one(i: int, p: Prepared) -> tuple:
         p = runner.within_room(room, p)  # more than the engine would generate: an error, never sent
         if isinstance(p, ValueError):
-            return i, None, p
-        try:
-            return i, await engine.async_generate(input_ids=p.input_ids, sampling_params=p.sampling_params), None
-        except Exception as exc:  # noqa: BLE001 (one request's failure is its own record)
-            return i, None, exc
+            out = i, None, p
+        else:
+            try:
+                out = i, await engine.async_generate(input_ids=p.input_ids, sampling_params=p.sampling_params), None
+            except Exception as exc:  # noqa: BLE001 (one request's failure is its own record)
+                out = i, None, exc
+        if record is not None:
+            record(*out)
+        return out
 
     return list(await asyncio.gather(*(one(i, p) for i, p in enumerate(items))))
 
@@ -196,9 +224,10 @@ def generate(cfg: runner.EngineConfig, parts: Sequence[Sequence[Prepared]],
             raise DispatchError(f"--gpus-per-replica {gpus:g}: the Ray cluster has {have:g} GPUs, so no replica could "
                               "start; pass --gpus-per-replica 0 on CPU, or join machines with GPUs (--ray-address)")
     binds = cpu_bind(replicas, flag="--replicas").split("|") if cfg.device == "cpu" and not address else None
-    actor_cls = ray.remote(Replica)
+    actor_cls = ray.remote(concurrency_groups=CONTROL)(Replica)
     slots = [_Slot([part[i:i + chunk] for i in range(0, len(part), chunk)]) for part in parts]
-    pending: dict = {}  # ref -> (replica, chunk items, the hunt's group?)
+    pending: dict = {}  # ref -> (replica, chunk items, the hunt's group?, its key)
+    keys = iter(range(1 << 62))
     done_chunks = [0] * replicas
     pids: list = [set() for _ in range(replicas)]
     lost: list = []
@@ -212,14 +241,37 @@ def generate(cfg: runner.EngineConfig, parts: Sequence[Sequence[Prepared]],
         restarts += slots[r].started
         slots[r].started = True
         own = dict(env, **({"SGLANG_CPU_OMP_THREADS_BIND": binds[r]} if binds else {}))
-        for name in ("BLENDSERVE_STATS_PATH", "BLENDSERVE_TRACE_PATH"):  # one file a replica, as SGLang's DP ranks
+        for name in ("BLENDSERVE_STATS_PATH", "BLENDSERVE_TRACE_PATH", "BLENDSERVE_CASCADE_STATS_PATH"):  # a file a replica
             if env.get(name):
                 own[name] = rank_path(env[name], r)
         slots[r].actor = actor_cls.options(num_cpus=1, num_gpus=gpus, max_restarts=0, max_task_retries=0,
                                            max_concurrency=in_flight or MAX_IN_FLIGHT).remote(cfg, own)
 
     def submit(r: int, items: list, group: bool) -> None:
-        pending[slots[r].actor.run.remote(items)] = (r, items, group)
+        key = next(keys)
+        pending[slots[r].actor.run.remote(items, key)] = (r, items, group, key)
+
+    def salvage() -> None:
+        """The run stops with chunks out: what their requests finished is handed over now."""
+        live = {r: s.actor.collect.options(concurrency_group="control").remote()
+                for r, s in enumerate(slots) if s.actor is not None and not s.lost and not s.dying}
+        out = {v[3]: v for v in pending.values()}
+        for r, ref in live.items():
+            try:
+                got = ray.get(ref, timeout=COLLECT_SECONDS)
+            except Exception:  # noqa: BLE001 (a replica gone or stuck: its chunks run again next time)
+                continue
+            for key, finished in got.items():
+                if key in out and out[key][0] == r:
+                    for i, result, exc in finished:
+                        p = out[key][1][i]
+                        if p.request.custom_id in seen:
+                            continue
+                        _once(seen, p)
+                        if exc is None:
+                            runner.deliver(p, result, on_result, on_error)
+                        else:
+                            on_error(p, exc)
 
     def feed(r: int) -> None:
         s = slots[r]
@@ -310,7 +362,7 @@ def generate(cfg: runner.EngineConfig, parts: Sequence[Sequence[Prepared]],
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             ref = ready[0]
-            r, part, group = pending.pop(ref)
+            r, part, group, _ = pending.pop(ref)
             s = slots[r]
             try:
                 pid, results = ray.get(ref)
@@ -339,10 +391,15 @@ def generate(cfg: runner.EngineConfig, parts: Sequence[Sequence[Prepared]],
                 on_chunk(r, s.actor, done_chunks[r])
             feed(r)
         seconds = time.perf_counter() - t1
+    except BaseException:
+        if pending:
+            with contextlib.suppress(Exception):
+                salvage()
+        raise
     finally:
         live = [(r, s.actor) for r, s in enumerate(slots) if s.actor is not None and not s.lost]
         policy_stats = [{} for _ in slots]
-        for (r, _), ref in zip(live, [a.shutdown.remote() for _, a in live]):
+        for (r, _), ref in zip(live, [a.shutdown.options(concurrency_group="control").remote() for _, a in live]):
             with contextlib.suppress(Exception):  # a replica already gone has nothing to shut down
                 policy_stats[r] = ray.get(ref, timeout=60) or {}
         for s in slots:

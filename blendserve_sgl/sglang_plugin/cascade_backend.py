@@ -18,7 +18,8 @@ gave the same leading KV slots share those pages, and `kernels.cascade.plan` tur
 Knobs (environment, read when the backend is built): `BLENDSERVE_CASCADE_LEVELS` (levels of the
 plan, shared ones + the suffix level; default 2), `BLENDSERVE_CASCADE_MIN_SHARED_TOKENS` (a
 group must share at least this many tokens; default 16), `BLENDSERVE_CASCADE_STATS_PATH` (rewrite
-decode counters there as JSON after every decode step; for tests and benchmarks).
+decode counters there as JSON after every decode step, one file a DP rank or Ray replica
+(`NAME.dpR.EXT`); for tests and benchmarks).
 """
 
 from __future__ import annotations
@@ -133,7 +134,11 @@ class _Planning:
     def _init_planning(self, model_runner) -> None:
         self.page_size = int(model_runner.page_size)
         self.settings = CascadeSettings.from_env()
-        self.stats = _StatsWriter(self.settings.stats_path)
+        from .policy import rank_of
+        from .settings import rank_path
+
+        dp, writes = rank_of(model_runner)  # one file a DP rank (NAME.dpR.EXT), as the policy's
+        self.stats = _StatsWriter(rank_path(self.settings.stats_path, dp) if writes else None)
         self._plan = None
         self._planned_for = None
 

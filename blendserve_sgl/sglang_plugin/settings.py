@@ -274,7 +274,7 @@ CASCADE_KNOBS: dict[str, Knob] = {k.name: k for k in (
     Knob("min_shared_tokens", int, "A group must share at least this many tokens.", _at_least(1, INT32_MAX),
          default=16,
          prefix="BLENDSERVE_CASCADE_", cli=False),
-    Knob("stats_path", str, "Rewrite decode counters there as JSON after every decode step.", _file_to_write,
+    Knob("stats_path", str, "Rewrite decode counters there as JSON after every decode step (with several DP ranks, or --ray replicas, each writes NAME.dpR.EXT).", _file_to_write,
          default="", prefix="BLENDSERVE_CASCADE_", cli=False),
 )}
 
