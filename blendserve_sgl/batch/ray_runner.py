@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import signal
 import threading
@@ -227,7 +228,7 @@ def generate(cfg: runner.EngineConfig, parts: Sequence[Sequence[Prepared]],
     actor_cls = ray.remote(concurrency_groups=CONTROL)(Replica)
     slots = [_Slot([part[i:i + chunk] for i in range(0, len(part), chunk)]) for part in parts]
     pending: dict = {}  # ref -> (replica, chunk items, the hunt's group?, its key)
-    keys = iter(range(1 << 62))
+    keys = itertools.count()
     done_chunks = [0] * replicas
     pids: list = [set() for _ in range(replicas)]
     lost: list = []
