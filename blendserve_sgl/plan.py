@@ -112,9 +112,10 @@ def generate_here(path, model_dir, tokenizer, context_len: int, default_max_toke
     from .batch.prompts import Prepared, id_limit, prepare
     from .batch.requests import LineError, read_requests
 
+    limit = id_limit(tokenizer, model_dir)
+
     def run(chosen: list[Record]) -> list[int | None]:
         want = {r.rid for r in chosen}
-        limit = id_limit(tokenizer, model_dir)
         items = [prepare(q, tokenizer, context_len, default_max_tokens, Path(path).name, limit)
                  for q in read_requests(path)
                  if not isinstance(q, LineError) and q.custom_id in want]

@@ -597,8 +597,8 @@ def test_each_dp_rank_writes_its_own_side_files_and_a_run_sums_them(tmp_path, mo
     from sglang.srt import runtime_context
 
     from blendserve_sgl.batch.progress import combine_policy_stats
-    from blendserve_sgl.sglang_plugin.policy import BlendPolicy, rank_of
-    from blendserve_sgl.sglang_plugin.settings import rank_path, read_policy_stats
+    from blendserve_sgl.sglang_plugin.policy import BlendPolicy
+    from blendserve_sgl.sglang_plugin.settings import rank_of, rank_path, read_policy_stats
 
     assert rank_path("/x/stats.json", 1) == "/x/stats.dp1.json"
     assert rank_path("/x.d/stats", 0) == "/x.d/stats.dp0" and rank_path("/x/stats.json", None) == "/x/stats.json"

@@ -69,7 +69,8 @@ def encode(req: BatchRequest, tokenizer, source: str = "requests.jsonl",
         ids = list(req.prompt) if text is None else list(tokenizer.encode(text, add_special_tokens=req.kind != "chat"))
     except Exception as exc:  # noqa: BLE001 (tokenizers raise TypeError, ValueError, ...)
         return tokenizer_failure(req, source, exc)
-    beyond = outside_model(req, max(ids, default=-1), what, limit, source) if text_checked(tokenizer, limit) else None
+    checked = text_limit(tokenizer, limit)
+    beyond = None if checked is None else outside_model(req, max(ids, default=-1), what, checked, source)
     return beyond if beyond is not None else (ids, what)
 
 
@@ -87,18 +88,18 @@ def id_limit(tokenizer, model_dir: str | Path | None = None) -> int:
     return limit
 
 
-def text_checked(tokenizer, limit: int | None) -> bool:
-    """Whether the ids text encodes to are checked against `limit`: only where the model's embedding
-    is smaller than the tokenizer (`id_limit`). Elsewhere a tokenizer's ids are its own (and the
-    byte-count stand-in of `plan`'s presets gives ids that only count bytes)."""
-    return limit is not None and limit < len(tokenizer)
+def text_limit(tokenizer, limit: int | None) -> int | None:
+    """The limit the ids text encodes to are checked against: `limit` where the model's embedding is
+    smaller than the tokenizer (`id_limit`), else None. Elsewhere a tokenizer's ids are its own (and
+    the byte-count stand-in of `plan`'s presets gives ids that only count bytes)."""
+    return limit if limit is not None and limit < len(tokenizer) else None
 
 
-def outside_model(req: BatchRequest, top: int, what: str, limit: int | None,
+def outside_model(req: BatchRequest, top: int, what: str, limit: int,
                   source: str = "requests.jsonl") -> LineError | None:
     """The error of a prompt whose largest token id, `top`, the model does not have (see `id_limit`),
     or None."""
-    if limit is None or top < limit:
+    if top < limit:
         return None
     return LineError(req.line, req.custom_id, f"{source} line {req.line}: {what} encodes to token id {top}, which "
                                               f"the model does not have (its embedding holds {limit} tokens, "

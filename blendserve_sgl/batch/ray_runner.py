@@ -254,20 +254,18 @@ def generate(cfg: runner.EngineConfig, parts: Sequence[Sequence[Prepared]],
 
     def salvage() -> None:
         """The run stops with chunks out: what their requests finished is handed over now."""
-        live = {r: s.actor.collect.options(concurrency_group="control").remote()
-                for r, s in enumerate(slots) if s.actor is not None and not s.lost and not s.dying}
-        out = {v[3]: v for v in pending.values()}
-        for r, ref in live.items():
+        asked = [s.actor.collect.options(concurrency_group="control").remote()
+                 for s in slots if s.actor is not None and not s.lost and not s.dying]
+        held = {key: items for _, items, _, key in pending.values()}
+        for ref in asked:
             try:
                 got = ray.get(ref, timeout=COLLECT_SECONDS)
             except Exception:  # noqa: BLE001 (a replica gone or stuck: its chunks run again next time)
                 continue
             for key, finished in got.items():
-                if key in out and out[key][0] == r:
+                if key in held:
                     for i, result, exc in finished:
-                        p = out[key][1][i]
-                        if p.request.custom_id in seen:
-                            continue
+                        p = held[key][i]
                         _once(seen, p)
                         if exc is None:
                             runner.deliver(p, result, on_result, on_error)

@@ -36,7 +36,7 @@ import numpy as np
 
 from .. import lifetime
 from .prompts import (beyond_context, check_context, encode, id_limit, iterates_content, outside_model, render,
-                      text_checked, tokenizer_failure)
+                      text_limit, tokenizer_failure)
 from .requests import BatchRequest, LineError, check_readable, iter_lines, parse_line, repeated_id
 from .store import KINDS, TokenStore
 
@@ -96,6 +96,7 @@ class TemplateShapes:
         method = getattr(type(tokenizer), "apply_chat_template", None)
         jinja = getattr(method, "__module__", "").startswith("transformers.")
         self.on = jinja and self.opaque(getattr(tokenizer, "chat_template", None))
+        self.takes_lists = iterates_content(getattr(tokenizer, "chat_template", None))  # content parts as lists
         self.shapes: dict[tuple, list | None] = {}
 
     @staticmethod
@@ -131,8 +132,7 @@ class TemplateShapes:
     def render(self, req, source: str):
         """Like `prompts.render` for a chat request (a message with a name, or content parts for a
         template that iterates them, renders whole: the shapes hold only roles and text contents)."""
-        if not self.on or any(len(m) > 2 for m in req.messages) or (
-                req.parts is not None and iterates_content(self.tok.chat_template)):
+        if not self.on or (req.parts is not None and self.takes_lists) or any("name" in m for m in req.messages):
             return render(req, self.tok, source)
         key = tuple(m["role"] for m in req.messages)
         parts = self.shapes.get(key, False)
@@ -195,7 +195,7 @@ class PieceEncoder:
     def __init__(self, tokenizer, context_len: int, default_max_tokens: int, source: str, model_dir=None):
         self.tok = tokenizer
         self.limit = id_limit(tokenizer, model_dir)  # the ids the model has
-        self.check_text = text_checked(tokenizer, self.limit)
+        self.text_limit = text_limit(tokenizer, self.limit)  # None: text ids are the tokenizer's own
         self.ctx, self.default_max_tokens, self.source = context_len, default_max_tokens, source
         added = getattr(tokenizer, "added_tokens_decoder", None) or {}
         specials = sorted((str(t) for t in added.values() if not getattr(t, "lstrip", False)), key=len, reverse=True)
@@ -318,9 +318,11 @@ class PieceEncoder:
                     tail = np.asarray(whole[0], np.int32)
         n = len(tail) + sum(len(p) for p in ids)
         what = CHAT_WHAT if req.kind == "chat" else "the prompt"
-        top = max((int(a.max()) for a in (*ids, tail) if len(a)), default=-1) if self.check_text else -1
-        if top >= self.limit:
-            return outside_model(req, top, what, self.limit, self.source)
+        if self.text_limit is not None:
+            top = max((int(a.max()) for a in (*ids, tail) if len(a)), default=-1)
+            beyond = outside_model(req, top, what, self.text_limit, self.source)
+            if beyond is not None:
+                return beyond
         max_tokens = check_context(req, n, what, self.ctx, self.default_max_tokens, self.source)
         return max_tokens if isinstance(max_tokens, LineError) else (digests, ids, tail, max_tokens)
 

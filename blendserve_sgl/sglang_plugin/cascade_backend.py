@@ -32,7 +32,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from .settings import CASCADE_KNOBS, check_values, parse_environment, write_json_file
+from .settings import CASCADE_KNOBS, check_values, parse_environment, rank_of, rank_path, write_json_file
 
 BACKEND_NAME = "cascade"
 _registered = False
@@ -134,9 +134,6 @@ class _Planning:
     def _init_planning(self, model_runner) -> None:
         self.page_size = int(model_runner.page_size)
         self.settings = CascadeSettings.from_env()
-        from .policy import rank_of
-        from .settings import rank_path
-
         dp, writes = rank_of(model_runner)  # one file a DP rank (NAME.dpR.EXT), as the policy's
         self.stats = _StatsWriter(rank_path(self.settings.stats_path, dp) if writes else None)
         self._plan = None

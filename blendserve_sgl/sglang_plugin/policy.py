@@ -23,7 +23,7 @@ from typing import Any
 from ..core import Budget, CostModel, DualScanner, ResourceTree
 from ..core.pacing import WaitingWork, paced_prefill_tokens, paces
 from ..core.specs import CUSTOM_HARDWARE, ModelSpec, hardware
-from .settings import INT32_MAX, BlendSettings, open_in_place, rank_path, write_json_file
+from .settings import INT32_MAX, BlendSettings, open_in_place, rank_of, rank_path, write_json_file
 
 logger = logging.getLogger(__name__)
 
@@ -155,25 +155,6 @@ def sampling_problem(req, vocab_size: int | None = None) -> str | None:
             return (f"stop_token_ids holds {bad}, outside the model's vocabulary [0, {vocab_size}), which "
                     "min_new_tokens cannot suppress; send token ids of this model's tokenizer")
     return None
-
-
-def rank_of(scheduler) -> tuple[int | None, bool]:
-    """(this scheduler's data-parallel rank when the server runs several, else None; whether it
-    writes the policy's files: the first of its tensor- and pipeline-parallel group, which plans as
-    the others do). Never raises: what SGLang cannot tell is taken as rank 0 of one."""
-    dp_size = getattr(getattr(scheduler, "server_args", None), "dp_size", 1)
-    try:
-        from sglang.srt.runtime_context import get_parallel
-
-        par = get_parallel()
-        ranks = {name: getattr(par, name, None) for name in ("dp_rank", "attn_dp_rank", "attn_tp_rank", "tp_rank",
-                                                              "pp_rank")}
-    except Exception:  # noqa: BLE001 (an unpublished rank reads as rank 0)
-        ranks = {}
-    dp = ranks.get("dp_rank") if ranks.get("dp_rank") is not None else ranks.get("attn_dp_rank")
-    tp = ranks.get("attn_tp_rank") if ranks.get("attn_tp_rank") is not None else ranks.get("tp_rank")
-    first = not tp and not ranks.get("pp_rank")
-    return (dp if isinstance(dp_size, int) and dp_size > 1 and isinstance(dp, int) else None), first
 
 
 class BlendPolicy:

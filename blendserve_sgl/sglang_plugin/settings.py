@@ -169,6 +169,27 @@ def rank_path(path: str | None, dp_rank: int | None) -> str | None:
     return f"{head}.dp{dp_rank}.{ext}"
 
 
+def rank_of(scheduler) -> tuple[int | None, bool]:
+    """(the data-parallel rank of this process (`scheduler`: SGLang's scheduler or model runner,
+    whose `server_args` say how many ranks run) when the server runs several, else None; whether it
+    writes the side files (`rank_path`): the first of its tensor- and pipeline-parallel group,
+    which plans and decodes as the others do). Never raises: what SGLang cannot tell is taken as
+    rank 0 of one."""
+    dp_size = getattr(getattr(scheduler, "server_args", None), "dp_size", 1)
+    try:
+        from sglang.srt.runtime_context import get_parallel
+
+        par = get_parallel()
+        ranks = {name: getattr(par, name, None) for name in ("dp_rank", "attn_dp_rank", "attn_tp_rank", "tp_rank",
+                                                              "pp_rank")}
+    except Exception:  # noqa: BLE001 (an unpublished rank reads as rank 0)
+        ranks = {}
+    dp = ranks.get("dp_rank") if ranks.get("dp_rank") is not None else ranks.get("attn_dp_rank")
+    tp = ranks.get("attn_tp_rank") if ranks.get("attn_tp_rank") is not None else ranks.get("tp_rank")
+    first = not tp and not ranks.get("pp_rank")
+    return (dp if isinstance(dp_size, int) and dp_size > 1 and isinstance(dp, int) else None), first
+
+
 def read_policy_stats(path: str | None) -> dict:
     """The blend policy's counters a scheduler wrote to `path` (`write_json_file`), {} when there are none."""
     if not path:
@@ -274,7 +295,8 @@ CASCADE_KNOBS: dict[str, Knob] = {k.name: k for k in (
     Knob("min_shared_tokens", int, "A group must share at least this many tokens.", _at_least(1, INT32_MAX),
          default=16,
          prefix="BLENDSERVE_CASCADE_", cli=False),
-    Knob("stats_path", str, "Rewrite decode counters there as JSON after every decode step (with several DP ranks, or --ray replicas, each writes NAME.dpR.EXT).", _file_to_write,
+    Knob("stats_path", str, "Rewrite decode counters there as JSON after every decode step (with several DP "
+                            "ranks, or --ray replicas, each writes NAME.dpR.EXT).", _file_to_write,
          default="", prefix="BLENDSERVE_CASCADE_", cli=False),
 )}
 
