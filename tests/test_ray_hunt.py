@@ -233,6 +233,8 @@ def test_a_stopped_run_writes_what_its_unreturned_chunks_finished(cluster, monke
             raise KeyboardInterrupt
 
     answered: dict = {}
+    started: list = []  # the report never comes back: the engines' start time is told on its own
     with pytest.raises(KeyboardInterrupt):
-        run([reqs], monkeypatch=monkeypatch, on_chunk=stop, answered=answered)
+        run([reqs], monkeypatch=monkeypatch, on_chunk=stop, answered=answered, on_started=started.append)
     assert sorted(answered) == ["r0", "r2", "r3", "r4", "r5", "r6", "r7"]
+    assert len(started) == 1 and started[0] > 0

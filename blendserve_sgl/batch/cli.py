@@ -432,13 +432,19 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
             from . import ray_runner
 
             _say(f"starting {replicas} Ray replicas ({args.policy} policy, {device}) for {todo:,} requests ...")
-            progress.start, first = progress.clock(), False
+
+            def started(seconds: float) -> None:  # every replica's engine is up: generation starts
+                nonlocal first
+                stats.engine_start_seconds = seconds
+                progress.start, first = progress.clock(), False
+
             gpus = args.gpus_per_replica if args.gpus_per_replica is not None else (1.0 if device == "cuda" else 0.0)
             report = ray_runner.generate(
                 cfg, [[read.store.prepared(i) for i in part] for part in parts], on_result, on_error,
-                address=args.ray_address, gpus=gpus, say=_say, on_chunk=lambda *_: stats.sample_rss())
+                address=args.ray_address, gpus=gpus, say=_say, on_chunk=lambda *_: stats.sample_rss(),
+                on_started=started)
             stats.generate_seconds, stats.engine_restarts = report.seconds, report.restarts
-            stats.engine_start_seconds, stats.window = report.start_seconds, report.window
+            stats.window = report.window
             ray_stats = report.policy_stats
             _COMPLETE[0] = True
             return

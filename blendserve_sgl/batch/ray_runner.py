@@ -188,11 +188,14 @@ class _Slot:
 def generate(cfg: runner.EngineConfig, parts: Sequence[Sequence[Prepared]],
              on_result: Callable[[Prepared, dict], None], on_error: Callable[[Prepared, BaseException], None], *,
              address: str | None = None, gpus: float = 0.0, chunk: int = 256, in_flight: int | None = None,
-             on_chunk: Callable | None = None, say: Callable[[str], None] | None = None) -> RayReport:
+             on_chunk: Callable | None = None, say: Callable[[str], None] | None = None,
+             on_started: Callable[[float], None] | None = None) -> RayReport:
     """Run each shard of `parts` (`dispatch.shards`) on its own Ray actor (module docstring).
     `in_flight`: chunks outstanding per replica (None: `chunks_in_flight` from the engine's
     capacity). `on_chunk(replica, actor, chunks_done)` is called after each returned chunk (tests
-    use it to kill a replica); `say(message)` reports replicas started again and lost."""
+    use it to kill a replica); `say(message)` reports replicas started again and lost;
+    `on_started(seconds)` once every replica's engine has started (an interrupted run returns no
+    report)."""
     import ray
     from ray.exceptions import RayActorError
 
@@ -356,6 +359,8 @@ def generate(cfg: runner.EngineConfig, parts: Sequence[Sequence[Prepared]],
         for s, part in zip(slots, parts):
             s.limit = in_flight or min(MAX_IN_FLIGHT, chunks_in_flight(*capacity(s.actor), part, chunk))
         t1 = time.perf_counter()
+        if on_started is not None:
+            on_started(t1 - t0)
         for r in range(replicas):
             feed(r)
         while pending:
