@@ -147,6 +147,18 @@ def test_a_csv_trace_is_read_only_up_to_the_rows_asked_for(tmp_path):
         load_trace_file(path)
 
 
+def test_a_csv_row_spanning_lines_is_named_by_the_line_it_starts_on(tmp_path):
+    """A quoted cell may hold line breaks: the row's error named its last line, where nothing of
+    the bad count stands; a quote left open names the lines it ran over."""
+    path = tmp_path / "t.csv"
+    path.write_text('Note,ContextTokens,GeneratedTokens\n"one\ntwo\nthree",10,2\n"a\nb",11,x\n')
+    with pytest.raises(ValueError, match="t.csv line 5: GeneratedTokens must be a whole token count"):
+        load_trace_file(path)
+    path.write_text('Note,ContextTokens,GeneratedTokens\n"a\nb",11,4\n' + '"open,1,2\nmore\nmore\n' + "x" * 200_000 + "\n")
+    with pytest.raises(ValueError, match=r"t.csv the row of lines 4-7: not a CSV row \(field larger"):
+        load_trace_file(path)
+
+
 def test_an_unreadable_trace_is_named(tmp_path, monkeypatch):
     """Permission denied was a traceback through `blendserve simulate` and `plan`."""
     import builtins

@@ -87,21 +87,25 @@ def load_arxiv() -> tuple[np.ndarray, np.ndarray]:
 
 
 def csv_rows(path: Path, encoding: str = "utf-8-sig"):
-    """(line number, row) of each row of the CSV file `path`, in order. A file that cannot be
-    read as CSV text (a folder, compressed or not UTF-8, a field over csv's limit) is a
-    ValueError naming the file, the line and the fix."""
+    """(line number, row) of each row of the CSV file `path`, in order: the line the row starts on
+    (a quoted field may hold line breaks). A file that cannot be read as CSV text (a folder,
+    compressed or not UTF-8, a field over csv's limit) is a ValueError naming the file, the line
+    and the fix."""
+    ended = 0  # the last line of the rows read so far
     try:
         with open(path, newline="", encoding=encoding) as f:
             reader = csv.reader(f)
             for row in reader:
-                yield reader.line_num, row
+                yield ended + 1, row
+                ended = reader.line_num
     except IsADirectoryError:
         raise ValueError(f"{path} is a directory; a CSV file belongs there") from None
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path}: not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r} at offset "
                          f"{exc.start:,}); a CSV file here is plain text: decompress it or convert it to UTF-8") from None
     except csv.Error as exc:
-        raise ValueError(f"{path} line {reader.line_num}: not a CSV row ({exc}); fix or delete that row") from None
+        where = f"line {ended + 1}" if reader.line_num == ended + 1 else f"the row of lines {ended + 1}-{reader.line_num}"
+        raise ValueError(f"{path} {where}: not a CSV row ({exc}); fix or delete that row") from None
 
 
 def read_counts(path: Path, prompt_col: str, output_col: str, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
