@@ -645,3 +645,27 @@ def test_a_batch_after_the_engine_drained_is_sampled_anew():
         sc.finished(rid, 400)
     assert sc.planned and {r.output_len for r in t.reqs.values()} == {400}
     sc.check_integrity()
+
+
+def test_a_recreated_node_cut_in_two_counts_its_sample_once():
+    """A node re-created where a sampled node was pruned reads that node's samples; once a later
+    arrival cut its edge, both parts read them, and a sample below was added twice to the pruned
+    node (n 3 where 2 samples finished: a probe)."""
+    est = OutputLengthEstimator(sample_fraction=0.0)
+    tree = ResourceTree(COST, est)
+    tree.add("s0", tokens=[1, 2], max_tokens=1000)
+    tree.add("anchor", tokens=[9], max_tokens=1000)
+    tree.reqs["s0"].sample = True
+    pruned_path = tree.path(tree.reqs["s0"].node)
+    tree.remove("s0")  # taken: its node pruned and remembered (a sample went through it)
+    est.record(pruned_path, 100)
+    tree.add("a", tokens=[1, 2, 3, 4], max_tokens=1000)  # re-created below the pruned node's place
+    tree.add("b", tokens=[1, 2, 3, 5], max_tokens=1000)  # cuts the new node after (1, 2, 3)
+    path = tree.path(tree.reqs["a"].node)
+    est.record(path, 300)
+    pruned = pruned_path[-1]
+    assert (pruned.sample_n, pruned.sample_sum) == (2, 400)
+    assert est.estimate(tree.reqs["b"].node, 1000) == 200
+    est.record(path, -300, count=-1)  # a provisional record taken back leaves the first one alone
+    assert (pruned.sample_n, pruned.sample_sum) == (1, 100)
+    tree.check_integrity()

@@ -319,6 +319,78 @@ def test_a_request_sglang_aborts_out_of_the_batch_leaves_the_running_accounts():
     assert not pol.running and pol.stats()["running"] == 0
 
 
+def _sampled_batch(sched, n, refuse=None):
+    """A policy with the shipped 1% sample over `n` requests of 2,000-token limits; `refuse(rids)`
+    names one SGLang refuses on arrival (its prompt cut to a one-token stand-in, an abort set)."""
+    from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+    pol = _make_policy(sched)
+    rids = [f"req-{i}" for i in range(n)]
+    bad = refuse(rids) if refuse else None
+    reqs = {}
+    for i, rid in enumerate(rids):
+        r = FakeReq(rid, [1] * 30 + [2 + i] * 20, 2000)
+        r.to_finish = None
+        if rid == bad:
+            r.origin_input_ids, r.to_finish = [0], FINISH_ABORT("Input length exceeds the maximum allowed length")
+        reqs[rid] = r
+        sched.waiting_queue.append(r)
+        pol.on_arrival(r)
+    return pol, reqs, bad
+
+
+def test_a_request_refused_on_arrival_is_never_the_sample():
+    """SGLang refuses a prompt longer than the context on arrival (a one-token stand-in that ends
+    after its prefill) and the request still reaches the queue: drawn into the sample, its one step
+    was every waiting request's estimated output (a probe: estimates of 1 token for outputs of 2,000)."""
+    sched = FakeScheduler(capacity=200_000, slots=256)
+    est_key = _make_policy(FakeScheduler()).tree.estimator.sample_key
+    pol, reqs, bad = _sampled_batch(sched, 100, refuse=lambda rids: min(rids, key=est_key))
+    running: list = []
+    for _ in range(20):  # steps until the refused request has run its stand-in step
+        pol.calc_priority(sched.waiting_queue, SimpleNamespace(reqs=running))
+        if not pol.scanner.planned:
+            assert bad not in pol.scanner.pending_sample and pol.scanner.pending_sample  # another one is drawn
+        running, sched.waiting_queue = running + sched.waiting_queue, []
+        pol.after_step()
+        for r in running:
+            r.output_ids.append(7)
+        reqs[bad].done = reqs[bad] in running
+        running = [r for r in running if not r.done]
+        if reqs[bad].done:
+            break
+    pol.calc_priority(sched.waiting_queue, SimpleNamespace(reqs=running))
+    pol.after_step()
+    assert reqs[bad].done and bad not in pol.running
+    assert pol.tree.root.sample_n == 0 and pol.work.done == 0  # no length of it: not a sample, not in the mean
+    pol.scanner.check_integrity()
+
+
+def test_a_sample_aborted_while_running_leaves_the_sample_unrecorded():
+    """A client that goes away while its request is the sample: its output so far (3 tokens) was
+    recorded as the batch's output length and the plan made at it; now the sample shrinks, the
+    plan comes once the rest of it is in, and the pacing mean leaves it out too."""
+    sched = FakeScheduler(capacity=20_000, slots=8)
+    pol, reqs, _ = _sampled_batch(sched, 100)
+    pol.calc_priority(sched.waiting_queue, SimpleNamespace(reqs=[]))
+    plan, sched.waiting_queue = list(sched.waiting_queue), []
+    pol.after_step()
+    sample = next(iter(pol.scanner.pending_sample))
+    for _ in range(3):
+        for r in plan:
+            r.output_ids.append(7)
+    from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+    gone = reqs[sample]
+    gone.done, gone.finished_reason = True, FINISH_ABORT("client disconnected")
+    pol.calc_priority(sched.waiting_queue, SimpleNamespace(reqs=[r for r in plan if r is not gone]))
+    pol.after_step()
+    assert pol.tree.root.sample_n == 0 and pol.work.done == 0
+    assert sample not in pol.scanner.pending_sample
+    assert {r.output_len for r in pol.tree.reqs.values()} != {3}
+    pol.scanner.check_integrity()
+
+
 def test_a_new_request_under_a_finished_ones_rid_is_an_arrival_not_a_retraction():
     """A client reusing an id right after its request finished (before the next step synced it):
     the arrival was taken for a retraction of the old one, which then never counted as finished

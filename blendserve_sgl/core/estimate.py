@@ -105,12 +105,16 @@ class OutputLengthEstimator:
         return heapq.nsmallest(k, rids, key=self.sample_key)
 
     def record(self, path, output_len: int, count: int = 1, cap: int | None = None, censored: bool = False) -> None:
-        """Add one finished sample's output length to every node on its root path
-        (count=-1 with a negated length takes a provisional record back). `censored`: a sample
+        """Add one finished sample's output length to the sample source of every node on its root
+        path, once each (count=-1 with a negated length takes a provisional record back). `censored`: a sample
         still running, `output_len` so far, at most `cap` (kept only where estimates use it)."""
         keep = self.keeps_values
         entry = (abs(output_len), cap if censored else None)
+        seen: set = set()  # a node cut in two after it was re-created: both parts read one source
         for node in map(sample_source, path):
+            if id(node) in seen:
+                continue
+            seen.add(id(node))
             node.sample_n += count
             node.sample_sum += output_len
             if keep:

@@ -672,14 +672,21 @@ class DualScanner:
         return True
 
     # ------------------------------------------------------------------ feedback
-    def finished(self, rid, output_len: int | None = None) -> None:
-        """A handed-out request finished (or was aborted while running)."""
+    def finished(self, rid, output_len: int | None = None, aborted: bool = False) -> None:
+        """A handed-out request finished, or was `aborted` while running: its output so far says
+        nothing of its length, so a sample request leaves the sample unrecorded."""
         run = self.running.pop(rid)
         self.sides[run.side].used -= run.kv_bytes
         self._release_overrun(rid)
         self._count_sampling(run.sources, -1)
         if run.req.sample and self.sample.holds(rid):
-            if self.sample.finished(rid, run.path, output_len) and (not self.sample.pending or not self.planned):
+            if aborted:
+                was_pending = rid in self.sample.pending
+                self.sample.retracted(rid)
+                due = was_pending and (not self.sample.pending or self.sample.quorum_reached())
+            else:
+                due = self.sample.finished(rid, run.path, output_len)
+            if due and (not self.sample.pending or not self.planned):
                 self._plan()
 
     def progress(self, rid, generated: int) -> bool:

@@ -61,6 +61,7 @@ SGLANG_NAMES = (
     "sglang.srt.managers.schedule_policy.CLIP_MAX_NEW_TOKENS",
     "sglang.srt.managers.schedule_batch.Req.finished",
     "sglang.srt.managers.schedule_batch.Req.set_finish_with_abort",
+    "sglang.srt.managers.schedule_batch.FINISH_ABORT",  # by name: `policy.ending_by_abort`
     "sglang.srt.server_args.ServerArgs.schedule_policy",
     "sglang.srt.runtime_context.get_parallel",
 )

@@ -53,6 +53,13 @@ def resolve_hardware(name: str, device: str) -> str:
     return "h100"
 
 
+def ending_by_abort(req) -> bool:
+    """Whether SGLang ends `req` by an abort: its finish reason, or the one set for its next step
+    (`to_finish`: a prompt refused on arrival, a client that went away), is a `FINISH_ABORT`."""
+    reason = getattr(req, "finished_reason", None) or getattr(req, "to_finish", None)
+    return type(reason).__name__ == "FINISH_ABORT"
+
+
 def output_len_hint(value, rid) -> int | None:
     """A request's `custom_params.blendserve_output_len`: an integer from 0 to `MAX_HINT` (an
     integral float or a decimal string too); anything else is ignored with a warning (the
@@ -254,7 +261,12 @@ class BlendPolicy:
         params = getattr(sp, "custom_params", None)
         hint = output_len_hint(params.get(HINT_KEY), rid) if isinstance(params, dict) else None
         known = max_new if getattr(sp, "ignore_eos", False) else None
-        if hint is not None and known is None:
+        if not output_so_far and ending_by_abort(req):
+            # refused on arrival (SGLang's own checks, or `request_problem`): its one-token stand-in
+            # prompt passes one prefill step and ends; drawn into the sample, that step would be
+            # the batch's output length
+            known = 1
+        elif hint is not None and known is None:
             known = max(0, hint - output_so_far)
             if max_new is not None:
                 known = min(known, max_new)
@@ -277,10 +289,13 @@ class BlendPolicy:
         return self.waiting.pop(rid)
 
     def _ended(self, rid, req) -> None:
-        """Running request `req` ended: out of the running requests and the scanner's accounts."""
+        """Running request `req` ended: out of the running requests and the scanner's accounts. An
+        aborted one's output so far is no output length: neither a sample nor in the mean."""
         del self.running[rid]
-        self.scanner.finished(rid, len(req.output_ids))
-        self.work.finished(len(req.output_ids))
+        aborted = ending_by_abort(req)
+        self.scanner.finished(rid, len(req.output_ids), aborted=aborted)
+        if not aborted:
+            self.work.finished(len(req.output_ids))
 
     def _sync_running(self, running_batch=None) -> None:
         """Running requests that ended leave the scanner's accounts. SGLang aborts a beam group it
@@ -313,7 +328,7 @@ class BlendPolicy:
         for a in admissions:
             req = self._unwait(a.rid)
             if req.finished():  # aborted while waiting: SGLang's own path takes it out
-                self.scanner.finished(a.rid, len(req.output_ids))
+                self.scanner.finished(a.rid, len(req.output_ids), aborted=True)
                 self.untracked[a.rid] = req
                 continue
             planned.append(req)
