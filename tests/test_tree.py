@@ -343,3 +343,23 @@ def test_integrity_check_of_a_tree_thousands_of_levels_deep():
     t.check_integrity()
     t.remove("b2001")
     t.check_integrity()
+
+
+def test_unlink_takes_out_exactly_the_item_wherever_it_stands():
+    """`_unlink` looks from both ends at once: against a plain removal by identity, for every
+    position of lists of odd and even lengths (equal-looking items are distinct objects)."""
+    from collections import deque
+
+    from blendserve_sgl.core.tree import _unlink
+
+    class Item:
+        __slots__ = ()
+
+    for n in range(1, 8):
+        for pos in range(n):
+            items = [Item() for _ in range(n)]
+            kids = deque(items)
+            _unlink(kids, items[pos])
+            assert list(kids) == items[:pos] + items[pos + 1:]
+        with pytest.raises(AssertionError, match="not among"):
+            _unlink(deque(Item() for _ in range(n)), Item())

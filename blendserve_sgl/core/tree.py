@@ -513,13 +513,16 @@ def _order_key(item) -> tuple[float, int]:
 
 
 def _unlink(kids: deque, item) -> None:
-    if kids and kids[0] is item:
-        kids.popleft()
-    elif kids and kids[-1] is item:
-        kids.pop()
-    else:
-        for i, k in enumerate(kids):
-            if k is item:
-                del kids[i]
-                return
-        raise AssertionError(f"{item!r} is not among its parent's children")
+    """Take `item` out of `kids`, looked for from both ends at once: the scanner's cursors take
+    at the ends, and the final wave (longest output first, ties in DFS order) a run of equal
+    outputs from its first member, near one end of a node's sorted requests; a scan from the
+    left made that wave quadratic (20,000 requests under one prompt: 32 s, a probe)."""
+    n = len(kids)
+    for i in range((n + 1) // 2):
+        if kids[i] is item:
+            del kids[i]
+            return
+        if kids[n - 1 - i] is item:
+            del kids[n - 1 - i]
+            return
+    raise AssertionError(f"{item!r} is not among its parent's children")
