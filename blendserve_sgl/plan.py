@@ -484,17 +484,19 @@ def main(argv: list[str] | None = None) -> int:
                                  "counts with their output lengths: drop it")
         args.output_fraction = 0.5 if args.output_fraction is None else args.output_fraction
         args.default_max_tokens = 256 if args.default_max_tokens is None else args.default_max_tokens
-        from .batch.cli import check_apart, check_output
+        from .batch.cli import check_apart, check_output, check_replaceable, is_png, made_by
 
         for flag, path in (("--out", args.out), ("--plot", args.plot)):
             check_output(flag, path)
         check_apart("--out", args.out, [("the input", args.input), ("the --workload file", args.workload)])
+        check_replaceable("--out", args.out, made_by("plan"), "a plan of `blendserve plan`")
         if args.plot and args.no_plot:
             raise ValueError("--plot names the plot that --no-plot would not write: give one of them")
         if _plot_path(args):
             check_apart("--plot", _plot_path(args), [("the input", args.input), ("the --workload file", args.workload),
                                                      ("the --out file", args.out)])
             _check_plot_format(_plot_path(args))
+            check_replaceable("--plot", _plot_path(args), is_png, "a PNG image")
         from .sim.cli import parse_policies
 
         policies = parse_policies(args.policies, "--policies")

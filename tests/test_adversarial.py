@@ -731,6 +731,44 @@ def test_plan_never_writes_over_its_input_or_its_json(tmp_path, capsys, args):
     assert "which it would overwrite" in capsys.readouterr().err and src.read_bytes() == before
 
 
+def test_plan_and_simulate_replace_only_their_own_files(tmp_path, capsys, monkeypatch):
+    """`plan --out` and `simulate --out` (default simulate.json, and its plot beside it) replaced
+    whatever was there: a probe's results file of `blendserve run` became a plan. An existing
+    file must be empty or what the command wrote before (a PNG for a plot)."""
+    from blendserve_sgl import plan
+    from blendserve_sgl.sim import cli as sim_cli
+
+    src = tmp_path / "in.jsonl"
+    src.write_text(completion("a") + "\n")
+    trace = tmp_path / "t.csv"
+    trace.write_text("ContextTokens,GeneratedTokens\n100,20\n200,30\n")
+    results = tmp_path / "results.jsonl"
+    results.write_text('{"id": "batch_1", "custom_id": "q0", "response": {"status_code": 200, "body": {}}, "error": null}\n')
+    text_png = tmp_path / "text.png"
+    text_png.write_text("notes\n")
+    before = (results.read_bytes(), text_png.read_bytes())
+    base = [str(src), "--model", "llama-3.1-8b", "--workers", "1"]
+    sim = ["--workload", str(trace), "--policy", "fcfs", "--model", "llama-3.1-8b"]
+    for run, said in (
+            (lambda: plan.main([*base, "--no-plot", "--out", str(results)]),
+             f"--out {results} holds something other than a plan of `blendserve plan`, which this would replace"),
+            (lambda: plan.main([*base, "--plot", str(text_png)]),
+             f"--plot {text_png} holds something other than a PNG image"),
+            (lambda: sim_cli.main([*sim, "--out", str(results)]),
+             f"--out {results} holds something other than the results"),
+            (lambda: sim_cli.main([*sim, "--out", str(tmp_path / "text.json")]),
+             f"--out {tmp_path / 'text.json'}: its plot {text_png} holds something other than a PNG image")):
+        assert run() == 2 and said in capsys.readouterr().err
+    assert (results.read_bytes(), text_png.read_bytes()) == before
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "simulate.json").write_text("[1, 2]\n")  # not the default's: kept
+    assert sim_cli.main(sim) == 2 and "--out simulate.json holds something other" in capsys.readouterr().err
+    (tmp_path / "simulate.json").unlink()
+    for _ in range(2):  # the second run replaces what the first wrote
+        assert sim_cli.main(sim) == 0 and plan.main([*base, "--out", "p.json"]) == 0
+    assert {"simulate.json", "simulate.png", "p.json", "p.png"} <= {p.name for p in tmp_path.iterdir()}
+
+
 # ------------------------------------------------------------------ lines without end
 def test_an_endless_line_is_an_error_read_in_pieces_and_the_next_lines_run(tiny, tmp_path, monkeypatch):
     """A file with no newline (or `/dev/zero`) was read as one line into memory. A line over

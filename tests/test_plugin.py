@@ -119,6 +119,39 @@ def test_bad_variables_fail_when_the_launch_checks_its_arguments(monkeypatch, ca
         sglang_plugin._after_check_server_args(None, SimpleNamespace(schedule_policy="blend", model_path=str(tmp_path)))
 
 
+def test_side_file_paths_never_name_another_file(monkeypatch, tmp_path):
+    """A counters path that named a results file replaced it, and a trace path that named a batch
+    input appended step lines to it, which the next run read as requests (a probe). An existing
+    file must be empty or hold what the knob writes; devices and pipes are written in place."""
+    import json
+
+    results = tmp_path / "results.jsonl"
+    results.write_text('{"id": "batch_1", "custom_id": "q0", "response": null, "error": null}\n')
+    batch = tmp_path / "requests.jsonl"
+    batch.write_text('{"custom_id": "q0", "method": "POST", "url": "/v1/completions", "body": {"prompt": "x"}}\n')
+    before = (results.read_bytes(), batch.read_bytes())
+    for var, path, said in (("BLENDSERVE_STATS_PATH", results, "the blend policy's counters, which this would replace"),
+                            ("BLENDSERVE_TRACE_PATH", batch, "the blend policy's step trace, which this would append to")):
+        monkeypatch.setenv(var, str(path))
+        with pytest.raises(ValueError, match=f"{var}=.*holds something other than {said}"):
+            BlendSettings.load()
+        monkeypatch.delenv(var)
+    monkeypatch.setenv("BLENDSERVE_CASCADE_STATS_PATH", str(results))
+    with pytest.raises(ValueError, match="BLENDSERVE_CASCADE_STATS_PATH=.*other than the cascade counters"):
+        sglang_plugin._after_check_server_args(None, SimpleNamespace(schedule_policy="fcfs", attention_backend="cascade"))
+    monkeypatch.delenv("BLENDSERVE_CASCADE_STATS_PATH")
+    assert (results.read_bytes(), batch.read_bytes()) == before
+    stats, trace, empty = tmp_path / "stats.json", tmp_path / "trace.jsonl", tmp_path / "empty.json"
+    stats.write_text(json.dumps(_make_policy(FakeScheduler()).stats()))  # an earlier run's: written over
+    trace.write_text(json.dumps({"step": 0, "plan": []}) + "\n" + "{partial")  # appended to
+    empty.write_text("")
+    for var, path in (("BLENDSERVE_STATS_PATH", stats), ("BLENDSERVE_TRACE_PATH", trace),
+                      ("BLENDSERVE_STATS_PATH", empty), ("BLENDSERVE_STATS_PATH", "/dev/null")):
+        monkeypatch.setenv(var, str(path))
+        assert BlendSettings.load() is not None
+        monkeypatch.delenv(var)
+
+
 def test_version_mismatch_names_the_version_needed(monkeypatch):
     import importlib.metadata
 

@@ -595,21 +595,37 @@ def check_apart(flag: str, path: str | None, others) -> None:
             raise ValueError(f"{flag} {path} is {what}, which it would overwrite; choose another {flag}")
 
 
-SUMMARY_MAX_BYTES = 1 << 20  # a summary is a few KB: a larger file is something else
-
-
 def _check_summary_file(path: str | None) -> None:
     """An existing regular --summary-json file must hold a summary (or nothing): it is replaced at
     the end, and another run's results (locked, but not against this path) were destroyed so."""
-    if path is None or not os.path.isfile(path) or os.path.getsize(path) == 0:
+    from ..sglang_plugin.settings import json_object
+
+    check_replaceable("--summary-json", path, json_object(lambda d: "input" in d and "output" in d),
+                      "a summary of `blendserve run`")
+
+
+def check_replaceable(flag: str, path: str | None, ours, what: str, name: str | None = None) -> None:
+    """ValueError when the existing file `path`, which a command replaces, holds something other
+    than `what` (`ours(its bytes)` false: `settings.foreign`); the message names it `name`
+    (default: the flag and the path)."""
+    if path is None:
         return
-    found = None
-    if os.path.getsize(path) <= SUMMARY_MAX_BYTES:
-        with contextlib.suppress(OSError, ValueError):
-            found = json.loads(Path(path).read_bytes())
-    if not (isinstance(found, dict) and "input" in found and "output" in found):
-        raise ValueError(f"--summary-json {path} holds something other than a summary of `blendserve run`, which "
-                         "this run would replace; choose another path (or remove that file)")
+    from ..sglang_plugin.settings import foreign
+
+    problem = foreign(Path(path), ours, what)
+    if problem:
+        raise ValueError(f"{name or f'{flag} {path}'} {problem}")
+
+
+def made_by(command: str):
+    """`ours` for `check_replaceable`: the JSON a `blendserve` command writes (its "command" says it)."""
+    from ..sglang_plugin.settings import json_object
+
+    return json_object(lambda d: isinstance(d.get("command"), str) and d["command"].startswith(f"blendserve {command} "))
+
+
+def is_png(data: bytes) -> bool:
+    return data.startswith(b"\x89PNG\r\n\x1a\n")
 
 
 def check_output(flag: str, path: str | None) -> None:

@@ -106,13 +106,51 @@ def _at_least(lo, hi=None):
 INT32_MAX = (1 << 31) - 1  # SGLang's int32 tensors: token counts, a sampling batch's top_k
 
 
-def _file_to_write(v):
-    """A path the scheduler will write (empty: none): a file whose folder exists and takes a new
-    file. Checked here, in the launching process: the scheduler would raise at its first write
-    and end the server, or stop writing with only a log line."""
-    if not v:
+def _file_to_write(ours: Callable[[bytes], bool], what: str, first_line: bool = False):
+    """The check of a path the scheduler will write (empty: none): a file whose folder exists and
+    takes a new file, and which, if it exists, holds `what` (`foreign`). Checked here, in the
+    launching process: the scheduler would raise at its first write and end the server, or stop
+    writing with only a log line, or write over another run's results."""
+    def check(v):
+        if not v:
+            return None
+        return unwritable(Path(v)) or foreign(Path(v), ours, what, first_line)
+    return check
+
+
+OWN_FILE_MAX_BYTES = 1 << 26  # the counters, plans and summaries written over are KBs: larger is something else
+
+
+def json_object(test: Callable[[dict], bool]) -> Callable[[bytes], bool]:
+    """`ours` for `foreign`: the bytes are one JSON object that passes `test`."""
+    def ours(data: bytes) -> bool:
+        try:
+            found = json.loads(data)
+        except ValueError:
+            return False
+        return isinstance(found, dict) and bool(test(found))
+    return ours
+
+
+def foreign(path: Path, ours: Callable[[bytes], bool], what: str, first_line: bool = False) -> str | None:
+    """Why the existing file `path`, which a command would write over (or append to), must be
+    left alone: it is a regular file, not empty, and `ours` (given its bytes, or its `first_line`)
+    says it holds something other than `what`: another run's results, a batch input (a path
+    mistake destroyed them). None for a new or empty file, a device or pipe, or one of ours."""
+    try:
+        st = os.stat(path)
+    except OSError:
         return None
-    return unwritable(Path(v))
+    if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+        return None
+    data = None
+    with contextlib.suppress(OSError):
+        with open(path, "rb") as f:
+            data = f.readline(OWN_FILE_MAX_BYTES + 1) if first_line else f.read(OWN_FILE_MAX_BYTES + 1)
+    if data is not None and len(data) <= OWN_FILE_MAX_BYTES and ours(data):
+        return None
+    return f"holds something other than {what}, which this would {'append to' if first_line else 'replace'}; " \
+           "choose another path (or remove that file)"
 
 
 def unwritable(path: Path) -> str | None:
@@ -279,10 +317,12 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
     Knob("seed", int, "Seed of the output-length sample.", _at_least(0, (1 << 63) - 1), preset="seed"),
     Knob("stats_path", str, "Write the policy's counters (JSON) to this file every 32 steps and at the end "
          "(with several DP ranks, each to NAME.dpR.EXT).",
-         _file_to_write, default=""),
+         _file_to_write(json_object(lambda d: d.get("policy") == "blend"), "the blend policy's counters"),
+         default=""),
     Knob("trace_path", str, "Append one JSON line per step (plan, paced budget, admitted) to this file (with "
          "several DP ranks, each to NAME.dpR.EXT).",
-         _file_to_write, default=""),
+         _file_to_write(json_object(lambda d: "step" in d and "plan" in d), "the blend policy's step trace",
+                        first_line=True), default=""),
 )}
 
 
@@ -296,7 +336,8 @@ CASCADE_KNOBS: dict[str, Knob] = {k.name: k for k in (
          default=16,
          prefix="BLENDSERVE_CASCADE_", cli=False),
     Knob("stats_path", str, "Rewrite decode counters there as JSON after every decode step (with several DP "
-                            "ranks, or --ray replicas, each writes NAME.dpR.EXT).", _file_to_write,
+                            "ranks, or --ray replicas, each writes NAME.dpR.EXT).",
+         _file_to_write(json_object(lambda d: d.get("backend") == "cascade"), "the cascade counters"),
          default="", prefix="BLENDSERVE_CASCADE_", cli=False),
 )}
 

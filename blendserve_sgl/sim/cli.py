@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
         policies = parse_policies(args.policy)
         cost = CostModel.from_names(args.model, args.hardware)
         n = 2000 if args.quick else args.requests  # --requests is a positive_int
-        from ..batch.cli import check_apart, check_output
+        from ..batch.cli import check_apart, check_output, check_replaceable, is_png, made_by
 
         png = str(Path(args.out).with_suffix(".png"))
         if Path(args.out).suffix.lower() == ".png":
@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             raise ValueError(f"--out {args.out}: its plot {png} is the --workload file, which it would overwrite; "
                              "choose another --out") from None
+        check_replaceable("--out", args.out, made_by("simulate"), "the results of `blendserve simulate`")
+        check_replaceable("--out", png, is_png, "a PNG image", name=f"--out {args.out}: its plot {png}")
         t0 = time.perf_counter()
         engine = EngineConfig.for_cost(cost, kv_gb=args.kv_gb, max_running=args.max_running,  # the model fits first
                                        chunked_prefill=args.chunk, mixed_chunk=not args.no_mixed_chunk,
