@@ -152,6 +152,39 @@ def test_side_file_paths_never_name_another_file(monkeypatch, tmp_path):
         monkeypatch.delenv(var)
 
 
+def test_misspelled_variables_and_flags_without_blend_are_said(monkeypatch, capsys, caplog):
+    """A misspelled variable left its setting at the default without a word (`sglang.Engine` takes
+    the settings only from variables); `--blend-*` flags with another policy did nothing; a bad
+    variable stopped the launch although a flag overrode it; `--enable-priority-scheduling` with
+    blend was SGLang's AssertionError traceback (a probe)."""
+    import logging
+
+    from blendserve_sgl.sglang_plugin.settings import check_launch, unread_variables
+
+    monkeypatch.setenv("BLENDSERVE_SAMPLEFRACTION", "0.5")
+    monkeypatch.setenv("BLENDSERVE_ZZZ", "1")
+    monkeypatch.setenv("BLENDSERVE_MODEL_CACHE", "/tmp/x")  # read by the model cache: not a knob, not a typo
+    assert unread_variables() == [("BLENDSERVE_SAMPLEFRACTION", "BLENDSERVE_SAMPLE_FRACTION"), ("BLENDSERVE_ZZZ", None)]
+    with caplog.at_level(logging.WARNING):
+        check_launch("blend", [None])
+    assert "BLENDSERVE_SAMPLEFRACTION is set, but no blendserve-sgl setting reads it (did you mean " \
+           "BLENDSERVE_SAMPLE_FRACTION?)" in caplog.text and "BLENDSERVE_ZZZ is set" in caplog.text
+    monkeypatch.setenv("BLENDSERVE_SAMPLE_FRACTION", "abc")
+    assert BlendSettings.load(flags={"sample_fraction": 0.5}).sample_fraction == 0.5  # the flag decides
+    with pytest.raises(ValueError, match="BLENDSERVE_SAMPLE_FRACTION='abc'"):
+        BlendSettings.load()
+    monkeypatch.delenv("BLENDSERVE_SAMPLE_FRACTION")
+    capsys.readouterr()
+    fcfs = SimpleNamespace(schedule_policy="fcfs")
+    sglang_plugin._after_from_cli_args(fcfs, object, SimpleNamespace(blend_sample_fraction=0.5))
+    assert "warning: --blend-sample-fraction take effect only with --schedule-policy blend; this server runs fcfs" \
+        in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        sglang_plugin._after_from_cli_args(SimpleNamespace(schedule_policy="blend", enable_priority_scheduling=True),
+                                           object, SimpleNamespace())
+    assert exc.value.code == 2 and "drop --enable-priority-scheduling" in capsys.readouterr().err
+
+
 def test_version_mismatch_names_the_version_needed(monkeypatch):
     import importlib.metadata
 

@@ -165,9 +165,17 @@ def _after_from_cli_args(result, *args, **kwargs):
     namespace = args[-1] if args else kwargs.get("args")
     flags = {k.name: getattr(namespace, f"blend_{k.name}") for k in KNOBS.values()
              if hasattr(namespace, f"blend_{k.name}")}
+    policy = getattr(result, "schedule_policy", None)
     try:
-        if getattr(result, "schedule_policy", None) == POLICY_NAME or flags:
+        if policy == POLICY_NAME or flags:
             setattr(result, SETTINGS_ATTR, BlendSettings.load(os.environ, flags))
+        if policy == POLICY_NAME and getattr(result, "enable_priority_scheduling", False):
+            raise ValueError(f"--schedule-policy {POLICY_NAME} orders the queue itself and takes no request "
+                             "priorities: drop --enable-priority-scheduling, or use --schedule-policy fcfs or lof "
+                             "for it")
+        if flags and policy != POLICY_NAME:
+            print(f"warning: {', '.join('--blend-' + k.replace('_', '-') for k in sorted(flags))} take effect only "
+                  f"with --schedule-policy {POLICY_NAME}; this server runs {policy}", file=sys.stderr)
         _check_launch(result)
     except (ValueError, IncompatibleSGLang) as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -172,13 +172,37 @@ def unwritable(path: Path) -> str | None:
 
 def check_launch(policy: str | None, attention_backends, environ=os.environ) -> None:
     """The `BLENDSERVE_*` variables a launch with this policy and these attention backends reads,
-    checked in the launching process before any model loads: ValueError naming the variable."""
+    checked in the launching process before any model loads: ValueError naming the variable; a
+    warning for each set variable that nothing reads (`unread_variables`)."""
     if policy == "blend":
         BlendSettings.load(environ)
     if "cascade" in set(attention_backends):
         values = {name: knob.default_value for name, knob in CASCADE_KNOBS.items()}
         values.update(parse_environment(CASCADE_KNOBS, environ))
         check_values(CASCADE_KNOBS, SimpleNamespace(**values))
+    for name, near in unread_variables(environ):
+        logger.warning("%s is set, but no blendserve-sgl setting reads it%s", name,
+                       f" (did you mean {near}?)" if near else "; the settings are listed in the README")
+
+
+OTHER_VARIABLES = ("BLENDSERVE_MODEL_CACHE", "BLENDSERVE_DATA", "BLENDSERVE_CPU_FALLBACK", "BLENDSERVE_SKIP_ENGINE",
+                   "BLENDSERVE_SPAWNER_PID")  # read elsewhere: the model cache, data, CPU kernels, tests, lifetime
+
+
+def unread_variables(environ=os.environ) -> list[tuple[str, str | None]]:
+    """(name, the closest variable that is read, or None) of every `BLENDSERVE_*` variable set that
+    nothing reads: a misspelled one left its setting at the default without a word (`sglang.Engine`
+    takes the settings only from variables)."""
+    import difflib
+
+    prefix = "BLENDSERVE_"
+    known = [k.var for k in (*KNOBS.values(), *CASCADE_KNOBS.values())] + list(OTHER_VARIABLES)
+    tails = [k.removeprefix(prefix) for k in known]  # the shared prefix would make every name look close
+
+    def near(name: str) -> str | None:
+        found = difflib.get_close_matches(name.removeprefix(prefix), tails, n=1, cutoff=0.75)
+        return prefix + found[0] if found else None
+    return [(name, near(name)) for name in sorted(environ) if name.startswith(prefix) and name not in known]
 
 
 def open_in_place(path: str, mode: str = "w"):
@@ -394,6 +418,7 @@ class BlendSettings:
     @classmethod
     def load(cls, environ=os.environ, flags: dict | None = None) -> "BlendSettings":
         """Settings from the `BLENDSERVE_*` variables, overridden by parsed flag values
-        ({name: value}); a bad variable raises ValueError naming it."""
-        return cls(**{**parse_environment(KNOBS, environ), **(flags or {})})
+        ({name: value}); a bad variable raises ValueError naming it (one a flag overrides is not read)."""
+        flags = flags or {}
+        return cls(**{**parse_environment({k: v for k, v in KNOBS.items() if k not in flags}, environ), **flags})
 
