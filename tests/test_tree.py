@@ -346,8 +346,9 @@ def test_integrity_check_of_a_tree_thousands_of_levels_deep():
 
 
 def test_unlink_takes_out_exactly_the_item_wherever_it_stands():
-    """`_unlink` looks from both ends at once: against a plain removal by identity, for every
-    position of lists of odd and even lengths (equal-looking items are distinct objects)."""
+    """`_unlink` looks near the right end, then from the left: against a plain removal by
+    identity, for every position of short lists and of lists longer than the end it looks at
+    first (equal-looking items are distinct objects)."""
     from collections import deque
 
     from blendserve_sgl.core.tree import _unlink
@@ -355,7 +356,7 @@ def test_unlink_takes_out_exactly_the_item_wherever_it_stands():
     class Item:
         __slots__ = ()
 
-    for n in range(1, 8):
+    for n in [*range(1, 8), 200]:
         for pos in range(n):
             items = [Item() for _ in range(n)]
             kids = deque(items)
