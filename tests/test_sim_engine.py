@@ -230,3 +230,19 @@ def test_pacing_needs_mixed_steps():
 
     assert steps(True, False) == steps(False, False)
     assert steps(True, True) != steps(False, True)
+
+
+@pytest.mark.parametrize("policy", POLICIES)
+def test_a_fully_cached_prompt_is_admitted_at_the_pools_bound(policy):
+    """SGLang matches a prompt's first len - 1 tokens and locks only those; the admission rule
+    charged the last token both as recomputed and as locked, so a workload `check_fits` passed,
+    sized at its bound, stalled every policy (two one-token prompts in a 103-token pool: a probe)."""
+    from blendserve_sgl.sim.run import RunSpec, Workload, simulate
+    from blendserve_sgl.workloads import Record
+
+    cost = CostModel.from_names("llama-3.1-8b", "a100")
+    recs = [Record(rid, 1, (), 5, tokens=(0,), max_tokens=100) for rid in ("a", "b")]
+    cfg = EngineConfig(kv_tokens=1 + 100 + 2, max_running=4, chunked_prefill=64)
+    cfg.check_fits(recs, known=False)
+    res = simulate(Workload(recs, cost), policy, RunSpec(cost, cfg, known_lengths=False), check=True)
+    assert res.requests == 2 and res.output_tokens >= 2  # a stall raises before this

@@ -46,8 +46,7 @@ def sglang_admit(view, candidates: Iterable, room: float | None = None) -> list[
     for req in candidates:
         if slots <= 0 or rem_chunk <= 0 or total - used <= 0:
             break
-        matched, unlocked = view.cache.probe(req.fill_keys)
-        hit = min(matched, req.fill_len - 1)
+        hit, unlocked = view.cache.probe(req.fill_keys, req.fill_len - 1)
         extend = req.fill_len - hit
         max_new = min(max(req.max_new_tokens - req.gen, 0), clip)
         avail = total

@@ -15,6 +15,8 @@ is alive, still a leaf, unlocked and untouched since the entry was pushed.
 
 from __future__ import annotations
 
+import math
+
 import heapq
 from typing import Callable, Sequence
 
@@ -99,17 +101,19 @@ class RadixCache:
         self._touch(node)
         return node, i, matched
 
-    def probe(self, keys: Sequence) -> tuple[int, int]:
-        """(cached prefix length, unlocked tokens on that prefix) without splitting or touching."""
+    def probe(self, keys: Sequence, limit: int | None = None) -> tuple[int, int]:
+        """(cached prefix length, unlocked tokens on that prefix) without splitting or touching;
+        at most `limit` tokens (SGLang matches a prompt's first len - 1 and locks those only)."""
         node, i, n, matched, unlocked = self.root, 0, len(keys), 0, 0
-        while i < n:
+        limit = math.inf if limit is None else limit
+        while i < n and matched < limit:
             child = node.children.get(keys[i])
             if child is None:
                 break
             edge = child.key
             m = len(edge)
             j = _common_length(edge, keys, i)
-            part = child.length if j == m else keys_len(edge[:j])
+            part = min(child.length if j == m else keys_len(edge[:j]), limit - matched)
             matched += part
             if child.lock_ref == 0:
                 unlocked += part
