@@ -161,6 +161,12 @@ LAYOUT = {
                         "runs.668adad.rerun.wall_seconds", "wall_this_over.668adad.rerun",
                         "runs.this.missing.wall_seconds", "runs.668adad.missing.wall_seconds",
                         "runs.this.rerun.driver_peak_rss_mb", "runs.668adad.rerun.driver_peak_rss_mb"]),
+    "tree_children": ("A child found among many: the final wave and edge-cutting arrivals under one node "
+                      "(`bench/tree_children.py`)",
+                      ["seconds.this.final_wave.40000", "seconds.b2d5ae4.final_wave.40000",
+                       "seconds.this.adjacent_cuts.40000", "seconds.b2d5ae4.adjacent_cuts.40000",
+                       "seconds.this.far_cuts.40000", "seconds.b2d5ae4.far_cuts.40000",
+                       "baseline_over_this.b2d5ae4.final_wave.20000", "baseline_over_this.b2d5ae4.final_wave.40000"]),
     "long_prompts_memory": ("Long distinct prompts: the reader's and `blendserve plan`'s memory "
                             "(`bench/long_prompts_memory.py`)",
                             ["requests", "input_mb", "runs.this.plan.peak_rss_mb", "runs.82c321b.plan.peak_rss_mb",

@@ -23,10 +23,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from bench._common import codes, head_commit, table, write  # noqa: E402
-
 SHAPES = ("final_wave", "adjacent_cuts", "far_cuts")
 
 
@@ -71,6 +67,9 @@ def main() -> None:
     if args.one:
         print(json.dumps(measure(args.one[0], int(args.one[1]))))
         return
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # not in the child: it imports its version
+    from bench._common import codes, head_commit, table, write
+
     sizes = [int(x) for x in args.sizes.split(",")]
     rows, figures = [], {}
     with contextlib.ExitStack() as stack:
