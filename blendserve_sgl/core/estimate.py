@@ -246,15 +246,18 @@ class SamplePhase:
         if rid in self.pending:
             self.generated[rid] = generated
 
-    def finished(self, rid, path, output_len: int | None) -> bool:
-        """A sample request finished: record its length along `path`. True when the rest should
-        be planned now (the whole sample, or the quorum, is in)."""
-        if output_len is not None:
+    def finished(self, rid, path, output_len: int | None, aborted: bool = False) -> bool:
+        """A sample request finished: record its length along `path`; `aborted` (while running):
+        no length, and the sample shrinks as for a retraction. True when the rest should be
+        planned now (the whole sample, or the quorum, is in)."""
+        if output_len is not None and not aborted:
             self.estimator.record(path, output_len)
         self.generated.pop(rid, None)
         if rid in self.late:
             self.late.discard(rid)
             return False
+        if aborted and rid in self.pending:
+            self.size -= 1
         self.pending.discard(rid)
         return not self.pending or self.quorum_reached()
 

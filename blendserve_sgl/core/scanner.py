@@ -680,13 +680,7 @@ class DualScanner:
         self._release_overrun(rid)
         self._count_sampling(run.sources, -1)
         if run.req.sample and self.sample.holds(rid):
-            if aborted:
-                was_pending = rid in self.sample.pending
-                self.sample.retracted(rid)
-                due = was_pending and (not self.sample.pending or self.sample.quorum_reached())
-            else:
-                due = self.sample.finished(rid, run.path, output_len)
-            if due and (not self.sample.pending or not self.planned):
+            if self.sample.finished(rid, run.path, output_len, aborted) and (not self.sample.pending or not self.planned):
                 self._plan()
 
     def progress(self, rid, generated: int) -> bool:

@@ -15,9 +15,8 @@ is alive, still a leaf, unlocked and untouched since the entry was pushed.
 
 from __future__ import annotations
 
-import math
-
 import heapq
+import math
 from typing import Callable, Sequence
 
 from .request import atom_len, keys_len
