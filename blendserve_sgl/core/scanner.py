@@ -680,7 +680,8 @@ class DualScanner:
         self._release_overrun(rid)
         self._count_sampling(run.sources, -1)
         if run.req.sample and self.sample.holds(rid):
-            if self.sample.finished(rid, run.path, output_len, aborted) and (not self.sample.pending or not self.planned):
+            due = self.sample.finished(rid, run.path, output_len, aborted)
+            if due and (not self.sample.pending or not self.planned):
                 self._plan()
 
     def progress(self, rid, generated: int) -> bool:
