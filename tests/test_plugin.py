@@ -499,6 +499,32 @@ def test_budget_matches_sglangs_admission_check_with_mixed_chunks():
     assert round((plain.kv_bytes - mixed.kv_bytes) / kvb) == 30
 
 
+def test_the_plans_memory_counts_handed_out_requests_at_the_scanners_reservation():
+    """SGLang's check (`admit_room`) reserves each running request's remaining max_new_tokens at the
+    new-token ratio; the plan's memory (`kv_bytes`: the sides' split, the metered credit) counts a
+    request the scanner handed out at the scanner's own reservation less what it wrote since (what
+    the simulator's blend sees), and a running request the scanner never handed out at SGLang's."""
+    sched = FakeScheduler(capacity=4000)
+    pol = _make_policy(sched, sample_fraction=0.0)  # no sample: estimates are the prior (256)
+    a = FakeReq("a", [1] * 20, 1000)
+    sched.waiting_queue.append(a)
+    pol.on_arrival(a)
+    pol.calc_priority(sched.waiting_queue, SimpleNamespace(reqs=[]))
+    sched.waiting_queue = []
+    pol.after_step()
+    assert "a" in pol.running
+    reserved = pol.scanner.running["a"].out_reserved
+    assert 0 < reserved < 1000
+    other = FakeReq("o", [2] * 10, 500)  # running, never handed out by the scanner
+    other.output_ids = [7] * 50
+    kvb = pol.cost.kv_bytes_per_token
+    for written in (reserved // 2, reserved + 10):
+        a.output_ids = [7] * written
+        b = pol._budget(SimpleNamespace(reqs=[a, other]))
+        assert b.admit_room == pytest.approx(4000 - (1000 - written) * 0.5 - 450 * 0.5)
+        assert b.kv_bytes / kvb == pytest.approx(4000 - max(0, reserved - written) - 450 * 0.5)
+
+
 def test_readme_documents_every_knob_with_its_default():
     from pathlib import Path
 

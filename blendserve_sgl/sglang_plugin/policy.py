@@ -195,6 +195,7 @@ class BlendPolicy:
         self.untracked: dict[Any, Any] = {}  # rid -> sglang Req the tree cannot hold (left to SGLang, FCFS)
         self.planned: dict[Any, Any] = {}  # rid -> sglang Req put in the queue this step
         self.running: dict[Any, Any] = {}  # rid -> sglang Req the scanner handed out
+        self.written_at_take: dict[Any, int] = {}  # rid -> its output tokens when handed out (a retracted one's kept)
         self.queue: list = scheduler.waiting_queue  # the full waiting queue, also while it stands aside
         self.pos: dict[Any, int] = {}  # rid -> index in self.queue
         self._dirty = True  # positions must be rebuilt before the next plan
@@ -235,6 +236,7 @@ class BlendPolicy:
         readd = rid in self.running
         if readd:  # retracted: it comes back with its output so far
             del self.running[rid]
+            self.written_at_take.pop(rid, None)
             self.scanner.retracted(rid)
         self.planned.pop(rid, None)
         self._track(req, readd)
@@ -292,6 +294,7 @@ class BlendPolicy:
         """Running request `req` ended: out of the running requests and the scanner's accounts. An
         aborted one's output so far is no output length: neither a sample nor in the mean."""
         del self.running[rid]
+        self.written_at_take.pop(rid, None)
         aborted = ending_by_abort(req)
         self.scanner.finished(rid, len(req.output_ids), aborted=aborted)
         if not aborted:
@@ -368,6 +371,7 @@ class BlendPolicy:
                 self._track(req)
         for rid, req in self.planned.items():
             self.running[rid] = req
+            self.written_at_take[rid] = len(req.output_ids)
             self._remove(rid)
         if self.untracked:
             for rid in [r for r in self.untracked if r not in left_ids]:
@@ -426,11 +430,19 @@ class BlendPolicy:
         mixed = len(running) if mixed_steps else 0
         budget = sched.token_to_kv_pool_allocator.create_prefill_budget(sched.tree_cache,
                                                                          num_mixed_decode_tokens=mixed)
-        offset = 0.0
+        # SGLang's check reserves every running request's remaining max_new_tokens (clipped, at the
+        # new-token ratio unless ignore_eos): the room it admits within. The plan's memory (the
+        # sides' split, the metered credit) counts the requests the scanner handed out at its own
+        # reservation, what the simulator's blend sees (the reserved output not written yet).
+        offset = own = 0.0
         for r in running:
             left = min(r.sampling_params.max_new_tokens - len(r.output_ids), CLIP_MAX_NEW_TOKENS)
-            offset += left * (1.0 if r.sampling_params.ignore_eos else ratio)
+            left *= 1.0 if r.sampling_params.ignore_eos else ratio
+            offset += left
+            run = self.scanner.running.get(r.rid) if self.running.get(r.rid) is r else None
+            own += left if run is None else max(0, run.out_reserved - (len(r.output_ids) - self.written_at_take.get(r.rid, 0)))
         free_tokens = max(0.0, budget.remaining_total - offset)
+        plan_tokens = max(0.0, budget.remaining_total - own)
         slots = sched.get_num_allocatable_reqs(len(running), running_batch=running_batch)
         chunk = sched.chunked_prefill_size
         prefill = min(chunk, sched.max_prefill_tokens) if chunk and chunk > 0 else sched.max_prefill_tokens
@@ -450,7 +462,7 @@ class BlendPolicy:
             forward_ct = int(sched.forward_ct)
             steps, self._forward_ct = max(0, forward_ct - self._forward_ct), forward_ct
             pool = sched.max_total_num_tokens * kvb
-        return Budget(free_tokens * kvb, max(0, slots), prefill, output_ratio=ratio if self.preset.engine_ratio else None,
+        return Budget(plan_tokens * kvb, max(0, slots), prefill, output_ratio=ratio if self.preset.engine_ratio else None,
                       steps=steps, kv_pool=pool,
                       prefilling=prefilling, admit_room=free_tokens, admit_clip=CLIP_MAX_NEW_TOKENS,
                       mixed_steps=mixed_steps)
