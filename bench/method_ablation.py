@@ -9,6 +9,8 @@ weights, interference).
 
     python bench/method_ablation.py --requests 20000   # -> results/method_ablation.json
     python bench/method_ablation.py --requests 100000 --variants "blend,- lend idle share" --out method_ablation_100k
+    python bench/method_ablation.py --requests 100000 --variants "blend,+ refresh the fill on sample growth" \
+        --out method_ablation_fill_refresh_100k
 """
 
 from __future__ import annotations
@@ -41,6 +43,7 @@ VARIANTS = {  # label -> preset
     "+ p90": PRESET.replace(percentile=0.9),
     "+ fill settled only": PRESET.replace(fill_settled_only=True),
     "+ reserve growth": PRESET.replace(reserve_growth=True),
+    "+ refresh the fill on sample growth": PRESET.replace(fill_refresh_growth=2.0),
     "+ fill settled only + reserve growth": PRESET.replace(fill_settled_only=True, reserve_growth=True),
 }
 OTHERS = tuple(p for p in POLICIES if p != "blend")
@@ -105,7 +108,7 @@ def main() -> None:
                                                                       "percentile", "sample_quorum", "reserve_overruns",
                                                                       "engine_ratio", "lend_idle_share",
                                                                       "fill_while_sampling", "fill_settled_only",
-                                                                      "reserve_growth")}}
+                                                                      "reserve_growth", "fill_refresh_growth")}}
                      for k in variants},
         "summary": means, "table": rows, "wall_seconds": round(time.perf_counter() - t0, 1)})
     print(f"wrote {path}")

@@ -398,10 +398,44 @@ def test_replan_growth_replans_when_a_running_sample_outgrows_the_plan():
         ScanConfig(replan_growth=1.0)
 
 
+def test_fill_refresh_growth_reorders_the_fill_before_the_plan():
+    """The whole sample must finish before the plan (quorum 1) and the fill takes the rest at the
+    prior (256). A running sample at 600 tokens (past 2 x 256) makes the next step re-estimate the
+    waiting requests with it as a lower bound and re-sort the tree: their estimates grow, no plan
+    is made; without the switch they stay at the prior. The re-estimate point is what watch_at says."""
+    est = OutputLengthEstimator(sample_fraction=0.2, seed=1)
+    seen = {}
+    for growth in (None, 2.0):
+        tree = ResourceTree(COST, est)
+        for i in range(40):
+            tree.add(i, prompt_len=100, prefix=(("sysA" if i % 2 else "sysB", 50),), max_tokens=50_000)
+        sc = DualScanner(tree, ScanConfig(sample_quorum=1.0, fill_while_sampling=True, fill_refresh_growth=growth))
+        sample = [a.rid for a in sc.schedule(Budget(1e15, 8, 10 ** 6)) if a.side == SAMPLE]
+        assert len(sample) == 8 and not sc.planned
+        before = {r.output_len for r in sc.tree.reqs.values()}
+        assert growth is None or sc.watch_at(sample[0]) == 512
+        for rid in sample:
+            sc.progress(rid, 511)
+        assert not sc.replan_due
+        for rid in sample:
+            sc.progress(rid, 600)
+        assert sc.replan_due == (growth is not None)
+        sc.schedule(Budget(0.0, 8, 10 ** 6))  # no memory: nothing taken, the order is redone
+        seen[growth] = (before, {r.output_len for r in sc.tree.reqs.values()}, sc.refreshes, sc.planned)
+        assert growth is None or sc.watch_at(sample[0]) == 1200  # the next growth step
+        sc.check_integrity()
+    assert seen[None] == ({256}, {256}, 0, False)
+    assert seen[2.0][0] == {256} and min(seen[2.0][1]) >= 600 and seen[2.0][2:] == (1, False)
+    with pytest.raises(ValueError, match="fill_refresh_growth"):
+        ScanConfig(fill_refresh_growth=1.0)
+
+
 @settings(max_examples=60, deadline=None)
-@given(st.integers(0, 10 ** 6), st.integers(20, 120), st.sampled_from([1.5, 2.0, 4.0]), st.booleans())
-def test_replanning_scanner_hands_out_each_request_once_within_budgets(seed, n, growth, metered):
-    """With re-plans on sample growth (random progress, finishes, tight budgets): every request is
+@given(st.integers(0, 10 ** 6), st.integers(20, 120), st.sampled_from([1.5, 2.0, 4.0]), st.booleans(),
+       st.sampled_from([None, 1.5, 2.0]))
+def test_replanning_scanner_hands_out_each_request_once_within_budgets(seed, n, growth, metered, refresh):
+    """With re-plans on sample growth, and re-estimates of the fill before the plan (`refresh`;
+    random progress, finishes, tight budgets): every request is
     handed out exactly once, no step admits more KV than is free or more requests than slots, and
     a step with nothing running admits when something fits (liveness)."""
     rng = random.Random(seed)
@@ -411,7 +445,7 @@ def test_replanning_scanner_hands_out_each_request_once_within_budgets(seed, n, 
         tree.add(i, prompt_len=rng.randint(201, 3000), prefix=((f"g{rng.randrange(3)}", rng.choice([10, 200])),),
                  max_tokens=rng.randint(50, 20_000))
     sc = DualScanner(tree, ScanConfig(replan_growth=growth, hold_prefix_tokens=32, fill_while_sampling=True,
-                                      final_wave=True))
+                                      final_wave=True, fill_refresh_growth=refresh))
     kvb = COST.kv_bytes_per_token
     gen, seen = {}, []
     for _ in range(50 * n):

@@ -115,6 +115,12 @@ class ScanConfig:
     # estimate (past it: overrun_factor x its output so far, within max_tokens); the output it will still
     # write beyond its reservation (r x estimate) is kept free, and a request is admitted only if that part
     # of it fits too: requests reserved at the engine's new-token ratio cannot together outgrow the pool
+    fill_refresh_growth: float | None = None  # while the sample runs and the fill takes the rest
+    # (fill_while_sampling): when a running sample reaches this many times what the fill assumes for
+    # requests like it (its node's estimate at the last refresh, or its own output then), re-estimate
+    # with the running samples counted at their output so far (a lower bound) and re-sort, at the next
+    # step: the long outputs are the samples that finish last, and the fill otherwise takes their class
+    # at the prior until the plan
     fill_settled_only: bool = False  # True: while the sample runs, the fill (fill_while_sampling) takes only
     # requests whose estimate is settled: walking up from the request, a node with finished samples comes
     # before any node that holds a sample still running (whose class may be longer than anything seen yet:
@@ -156,8 +162,10 @@ class ScanConfig:
             value = getattr(self, name)
             if not (isinstance(value, int) and value >= 0):
                 raise ValueError(f"{name} must be a non-negative integer, got {value!r}")
-        if self.replan_growth is not None and not self.replan_growth > 1.0:
-            raise ValueError(f"replan_growth must be > 1 or None, got {self.replan_growth!r}")
+        for name in ("replan_growth", "fill_refresh_growth"):
+            value = getattr(self, name)
+            if value is not None and not (isinstance(value, (int, float)) and 1.0 < value < math.inf):
+                raise ValueError(f"{name} must be > 1 or None, got {value!r}")
 
 
 class _Running(NamedTuple):
@@ -233,6 +241,7 @@ class DualScanner:
         self.generated: dict = {}  # running rid -> output so far, as last reported by `progress`
         self.sampling_at: dict = {}  # sample source node -> running sample requests below it (fill_settled_only)
         self.replans = 0
+        self.refreshes = 0  # fill_refresh_growth: re-estimates before the plan
 
     @property
     def used(self) -> dict:
@@ -262,20 +271,38 @@ class DualScanner:
     def _plan(self) -> None:
         """Re-estimate unknown lengths (running samples at their output so far) and sort + split."""
         self.replans += self.planned
-        assumed = self.sample.estimate(self.tree, {rid: (run.path, run.req.max_tokens) for rid, run in self.running.items()})
+        self._estimate()
         self.split_report = sort_and_split(self.tree, self.config.keep_sharing, self.config.max_split_rounds)
         self.planned = True
+
+    def _refresh(self) -> None:
+        """Before the plan (ScanConfig.fill_refresh_growth): re-estimate with the running samples at
+        their output so far and re-sort the tree the fill scans; no split (the plan does that)."""
+        self.refreshes += 1
+        self._estimate()
+        self.tree.sort()
+        self._presorted = True
+
+    def _estimate(self) -> None:
+        assumed = self.sample.estimate(self.tree, {rid: (run.path, run.req.max_tokens) for rid, run in self.running.items()})
         self.replan_due = False
         self._assumed = {rid: max(est, self.sample.generated.get(rid, 0)) for rid, est in assumed.items()}
         self._wave = []
 
+    def _growth(self) -> float | None:
+        """The growth at which a running sample makes the order stale: replan_growth after the plan,
+        fill_refresh_growth before it (while the fill scans the tree)."""
+        if self.planned:
+            return self.config.replan_growth
+        return self.config.fill_refresh_growth if self.config.fill_while_sampling else None
+
     def _replan_at(self, rid) -> int | None:
-        """The output length at which running sample `rid` makes the plan stale (replan_growth):
-        growth x what the plan assumed for requests like it (its node's estimate at the plan; for
+        """The output length at which running sample `rid` makes the plan (or, before it, the fill's
+        order) stale (`_growth`): growth x what the plan assumed for requests like it (its node's estimate at the plan; for
         one taken after the plan, the estimate it was taken with), or x its own output at the plan
         if larger (a long sample among many short ones re-plans once per growth step, not every
         step), and at least REPLAN_MIN_TOKENS more."""
-        growth = self.config.replan_growth
+        growth = self._growth()
         if growth is None or rid not in self.sample.pending:
             return None
         base = max(1, self._assumed.get(rid, self.running[rid].req.output_len))
@@ -290,7 +317,7 @@ class DualScanner:
         marks = []
         replan = self._replan_at(rid)
         if replan is not None:  # past it (the re-plan is due): the next growth step
-            marks.append(replan if replan > gen else max(math.ceil(self.config.replan_growth * gen), gen + REPLAN_MIN_TOKENS))
+            marks.append(replan if replan > gen else max(math.ceil(self._growth() * gen), gen + REPLAN_MIN_TOKENS))
         if not run.req.known and (run.side == LEFT or self.config.reserve_overruns):
             mark = int(self.tree.estimator.overrun_factor * max(1, run.req.output_len)) + 1
             if self.config.reserve_overruns and gen >= mark:  # past it: each further growth step
@@ -312,8 +339,8 @@ class DualScanner:
             self._plan()  # the sample left without finishing (retracted, aborted): plan with what is in
         if self.overrun_bytes:
             budget = budget._replace(kv_bytes=budget.kv_bytes - self.overrun_bytes)
-        if self.replan_due and self.planned and self.tree.root.count:
-            self._plan()
+        if self.replan_due and self.tree.root.count:
+            self._plan() if self.planned else self._refresh()
         st = _StepState(budget, self.config.engine_check)
         self._record = None
         for side in self.sides.values():
@@ -689,7 +716,7 @@ class DualScanner:
         run = self.running[rid]
         self.generated[rid] = generated
         self.sample.progress(rid, generated)
-        mark = self._replan_at(rid) if self.planned else None
+        mark = self._replan_at(rid)
         if mark is not None and generated >= mark:
             self.replan_due = True
         if (self.config.reserve_overruns or self.config.reserve_growth) and not run.req.known:
