@@ -289,7 +289,9 @@ def plan(records: list[Record], cost: CostModel, engine: EngineConfig, policies=
         "engine": {k: getattr(engine, k) for k in engine.__slots__},
         "timing": {"mode": timing.mode, "interference": timing.interference},
         "output_lengths": {"max_tokens": "each request generates its max_tokens (upper bound)",
-                           "estimate": "each request generates its recorded output length (the workload's)"
+                           "estimate": "each request generates its recorded output length (the workload's), "
+                           "its max_tokens that length, so SGLang's check reserves no more (`blendserve simulate` "
+                           "gives a workload's requests 4 x its longest output as max_tokens)"
                            if all(r.exact for r in records) else _describe(fractions, cost.model.name) if fractions
                            else f"each request generates {output_fraction:g} x its max_tokens (assumed)",
                            "scheduler": "unknown to every policy (blend samples 1% first and estimates)"},

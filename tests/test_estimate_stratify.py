@@ -84,3 +84,14 @@ def test_stratify_gives_a_small_class_its_own_sample():
     added = [r for r in phase.pending if r.startswith("c1-")]
     unknown = [r.rid for r in tree.reqs.values() if r.rid.startswith("c1-") and not r.known]
     assert added == [min(unknown, key=strat.sample_key)]
+
+
+def test_a_fraction_too_small_for_any_stratum_adds_none():
+    """1 / sample_fraction beyond a float (1e-320): no node is that large, so no stratum sample is
+    added (it raised OverflowError out of `SamplePhase.start`, a probe); the ordinary draw stands."""
+    est = OutputLengthEstimator(sample_fraction=1e-320, seed=0, stratify=True)
+    tree = _tree(est, [300, 20], 0)
+    phase = SamplePhase(est, 1.0)
+    phase.start(tree)
+    plain = OutputLengthEstimator(sample_fraction=1e-320, seed=0)
+    assert phase.pending == set(plain.choose_sample([r.rid for r in tree.reqs.values() if not r.known]))

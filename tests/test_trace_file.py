@@ -135,6 +135,20 @@ def test_trace_file_errors_for_the_file_itself(tmp_path):
     bad.write_bytes(b'{"input_length": 10, "output_length": 2}\n{"input_length": 10, "output_length": 2, "n": "\xe9"}\n')
     with pytest.raises(ValueError, match="latin.jsonl line 2: not UTF-8 text"):
         load_trace_file(bad)
+    deep = tmp_path / "deep.csv"  # far into the file: the line, not the decoder chunk's offset (a probe)
+    deep.write_bytes(b"ContextTokens,GeneratedTokens\n" + b"10,2\n" * 20_000 + b"1\xe9,2\n")
+    with pytest.raises(ValueError, match=r"deep.csv line 20002: not UTF-8 text \(byte b'\\xe9'\)"):
+        load_trace_file(deep)
+
+
+def test_blank_lines_before_a_csv_header_are_skipped(tmp_path):
+    """The header after blank lines was read as an empty header ("rename the columns", a probe)."""
+    path = tmp_path / "t.csv"
+    path.write_text("\n  \nContextTokens,GeneratedTokens\n10,2\n\n11,3\n")
+    assert [(r.prompt_len, r.output_len) for r in load_trace_file(path)] == [(10, 2), (11, 3)]
+    path.write_text("\n\n")
+    with pytest.raises(ValueError, match=r"holds no requests \(it is empty or blank\)"):
+        load_trace_file(path)
 
 
 def test_a_csv_trace_is_read_only_up_to_the_rows_asked_for(tmp_path):

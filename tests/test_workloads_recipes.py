@@ -33,6 +33,13 @@ def test_mix_that_misses_returns_its_nearest_round():
     assert miss(rep) == misses[-1] and abs(rep.density / 1.4 - 1) < 0.1
 
 
+def test_a_mix_of_base_and_its_azure_classes_has_unique_ids():
+    """`base` holds Azure conv and code requests named as the azure-* classes name theirs: a mix
+    of both built duplicate ids, and every tree build refused them (a probe)."""
+    recs = traces.mixed_workload(400, mix={"base": 0.5, "azure-conv": 0.25, "azure-code": 0.25})
+    assert len({r.rid for r in recs}) == 400
+
+
 def test_out_of_reach_targets_and_names_are_rejected():
     with pytest.raises(ValueError, match="out of reach"):
         traces.mix(1000, 500.0, 0.2, COST)

@@ -144,7 +144,10 @@ def stratum_samples(tree, estimator: OutputLengthEstimator, chosen: set) -> list
     unknown requests under it and none of them in `chosen` (after the additions below it), its
     request with the smallest seeded hash; deepest nodes first, so one addition serves every
     ancestor. A class of that size then has a sample of its own instead of an ancestor's mean."""
-    need = math.ceil(1 / estimator.sample_fraction)
+    inverse = 1 / estimator.sample_fraction
+    if not math.isfinite(inverse):  # a fraction so small no node is that large (1 / 1e-320 is inf)
+        return []
+    need = math.ceil(inverse)
     added = []
     order, stack = [], [tree.root]
     while stack:  # pre-order; reversed below: every node after its descendants

@@ -100,12 +100,34 @@ def csv_rows(path: Path, encoding: str = "utf-8-sig"):
                 ended = reader.line_num
     except IsADirectoryError:
         raise ValueError(f"{path} is a directory; a CSV file belongs there") from None
-    except UnicodeDecodeError as exc:
-        raise ValueError(f"{path}: not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r} at offset "
-                         f"{exc.start:,}); a CSV file here is plain text: decompress it or convert it to UTF-8") from None
+    except UnicodeDecodeError as exc:  # its offset is within the chunk the decoder was given, not the file
+        raise ValueError(f"{path} line {first_bad_line(path)}: not UTF-8 text (byte "
+                         f"{exc.object[exc.start:exc.start + 1]!r}); a CSV file here is plain text: decompress it or "
+                         "convert it to UTF-8") from None
     except csv.Error as exc:
         where = f"line {ended + 1}" if reader.line_num == ended + 1 else f"the row of lines {ended + 1}-{reader.line_num}"
         raise ValueError(f"{path} {where}: not a CSV row ({exc}); fix or delete that row") from None
+
+
+def first_bad_line(path: Path) -> int:
+    """The number of the first line of `path` that is not UTF-8 (text mode decodes ahead of the lines)."""
+    line_no = 0
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, 1):
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError:
+                return line_no
+    return line_no
+
+
+def csv_header(rows) -> list[str]:
+    """The first row of `rows` (`csv_rows`) that is not blank, its cells stripped: a CSV file's
+    header (blank lines before it are skipped, as blank rows after it are); [] when there is none."""
+    for _, row in rows:
+        if any(cell.strip() for cell in row):
+            return [h.strip() for h in row]
+    return []
 
 
 def read_counts(path: Path, prompt_col: str, output_col: str, n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -115,7 +137,7 @@ def read_counts(path: Path, prompt_col: str, output_col: str, n: int | None = No
     0 to `MAX_TRACE_TOKENS`, or no rows."""
     cols = (prompt_col, output_col)
     rows_in = csv_rows(path)
-    header = [h.strip() for h in next(rows_in, (0, []))[1]]
+    header = csv_header(rows_in)
     missing = [c for c in cols if c not in header]
     if missing:
         rows_in.close()

@@ -27,7 +27,7 @@ import math
 from pathlib import Path
 
 from ..batch.requests import BadLine, LineError, unique_keys, compression, wide_text
-from .data import MAX_TRACE_TOKENS, Record, csv_rows, read_counts, token_count
+from .data import MAX_TRACE_TOKENS, Record, csv_header, csv_rows, first_bad_line, read_counts, token_count
 
 TRACE_COLUMNS = (  # (prompt column, output column), the first pair a header holds is read
     ("ContextTokens", "GeneratedTokens"),  # Azure LLM inference traces 2023 / 2024
@@ -151,7 +151,7 @@ def load_trace_file(path, n: int | None = None, block_size: int = MOONCAKE_BLOCK
 
 def _csv(path: Path, n: int | None) -> list[Record]:
     rows = csv_rows(path)
-    header = [h.strip() for h in next(rows, (0, []))[1]]
+    header = csv_header(rows)
     rows.close()
     pair = _column_pair(header)
     if pair is None:
@@ -190,20 +190,9 @@ def _jsonl(path: Path, n: int | None, block_size: int) -> list[Record]:
                     break
                 _jsonl_row(path, line_no, line, block_size, out)
     except UnicodeDecodeError as exc:
-        raise ValueError(f"{path.name} line {_first_bad_line(path)}: not UTF-8 text ({exc.reason}); convert the "
+        raise ValueError(f"{path.name} line {first_bad_line(path)}: not UTF-8 text ({exc.reason}); convert the "
                          "trace to UTF-8") from None
     return out
-
-
-def _first_bad_line(path: Path) -> int:
-    """The number of the first line that is not UTF-8 (text mode decodes ahead of the lines)."""
-    with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, 1):
-            try:
-                raw.decode("utf-8")
-            except UnicodeDecodeError:
-                return line_no
-    return line_no
 
 
 def _jsonl_row(path: Path, line_no: int, line: str, block_size: int, out: list) -> None:
