@@ -515,6 +515,23 @@ def test_final_wave_admits_longest_output_first_once_everything_fits():
     assert "final_wave" not in sc.last_step
 
 
+def test_final_wave_goes_past_a_held_request_and_keeps_ties_in_dfs_order():
+    """Equal outputs in two prefix groups: the wave takes them in the tree's DFS order (a group's
+    requests adjacent), the hold keeps a group's second request for the next step (its 64 shared
+    tokens are not cached yet), and a held request does not stop the wave: one of each group now,
+    the other two next step."""
+    records = [(rid, [(rid[0], 64)], 100, 50) for rid in ("a1", "b1", "a2", "b2")]
+    bpt = COST.kv_bytes_per_token
+    sc = DualScanner(_tree(records), ScanConfig(final_wave=True, hold_prefix_tokens=32))
+    sc.prepare()
+    dfs = [r.rid for r in sc.tree.iter_requests()]
+    assert {dfs[0][0], dfs[1][0]} == {dfs[0][0]} and dfs[2][0] != dfs[0][0]  # each group adjacent
+    first = [a.rid for a in sc.schedule(Budget(10 ** 5 * bpt, 64, 10 ** 6))]
+    assert first == [dfs[0], dfs[2]] and "final_wave" in sc.last_step
+    assert [a.rid for a in sc.schedule(Budget(10 ** 5 * bpt, 64, 10 ** 6))] == [dfs[1], dfs[3]]
+    sc.check_integrity()
+
+
 def test_final_wave_changes_the_run_with_the_same_prefix_hits():
     """Replayed to completion, the final wave changes the run's steps (the tail of long requests
     one side left for last); every request once, the same prefix hits."""
