@@ -206,6 +206,18 @@ def _fmt(v) -> str:
     return str(v)
 
 
+def _other_commands(data: dict) -> str:
+    """The commands of a file's parts that a later partial run did not write (`X_command`, a part's
+    own `command` and its `reruns`): the top-level command is only the last run's."""
+    said = [f"{k[:-len('_command')]}: `{v}`" for k, v in data.items() if k.endswith("_command") and isinstance(v, str)]
+    for k, v in data.items():
+        if isinstance(v, dict) and isinstance(v.get("command"), str) and v["command"] != data.get("command"):
+            reruns = v.get("reruns") or []
+            said.append(f"{k}: `{v['command']}`" + (f" and {len(reruns)} reruns of some rows (their commands in "
+                                                     f"`{k}.reruns`)" if reruns else ""))
+    return (" Parts written by other runs: " + "; ".join(said) + ".") if said else ""
+
+
 def render(results_dir: Path = ROOT / "bench" / "results") -> str:
     parts = []
     for name, (title, fields) in LAYOUT.items():
@@ -231,7 +243,8 @@ def render(results_dir: Path = ROOT / "bench" / "results") -> str:
                      for f in fields if _get(data, f) is not None]
         m = data.get("machine", {})
         parts.append(f"### {title}\n\n" + "\n".join(rows) +
-                     f"\n\nCommand: `{data['command']}` ({m.get('cpu', 'this machine')}, {m.get('cores', '?')} cores).\n")
+                     f"\n\nCommand: `{data['command']}` ({m.get('cpu', 'this machine')}, {m.get('cores', '?')} cores)."
+                     + _other_commands(data) + "\n")
     return "\n".join(parts)
 
 
