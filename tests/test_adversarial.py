@@ -1225,7 +1225,7 @@ def test_a_line_removed_after_its_result_was_written_is_named_as_such(stand_in, 
 
 @pytest.mark.parametrize("content,fragment", [
     (__import__("gzip").compress(b"TIMESTAMP,ContextTokens,GeneratedTokens\nt,10,2\n"),
-     "not UTF-8 text (byte b'\\x8b' at offset 1); a CSV file here is plain text: decompress it"),
+     "line 1: not UTF-8 text (byte b'\\x8b'); a CSV file here is plain text: decompress it"),
     ("TIMESTAMP,ContextTokens,GeneratedTokens\nt\xe9,10,2\n".encode("latin-1"), "not UTF-8 text (byte b'\\xe9'"),
     (("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "t" * 200_000 + ",10,2\n").encode(),
      "line 2: not a CSV row (field larger than field limit (131072)); fix or delete that row"),
