@@ -373,6 +373,40 @@ def test_strata_keep_every_request_once_and_count_work_as_one_engine_does(reqs, 
     assert plan_strata(t, n_shards, atom=atom, hold=hold) == plan  # deterministic
 
 
+@settings(max_examples=150)
+@given(st.lists(_req, min_size=1, max_size=40), st.integers(2, 5), st.integers(0, 4), st.integers(1, 6))
+def test_strata_deal_each_piece_to_the_shard_with_the_least_work_so_far(reqs, n_shards, hold, atom):
+    """Each piece goes to the shard whose pieces so far sum the least work (compute share plus
+    memory share; ties to the lowest index), so no shard took its last piece while holding more
+    than the lightest shard ends with. Brute force: each piece's work from the step walk over the
+    whole DFS order, its first request computing its whole prompt. Dealing by count instead
+    breaks it as soon as outputs differ (probe: that mutation passed every other shard test)."""
+    from blendserve_sgl.core.shard import plan_strata
+
+    t = _token_tree(reqs)
+    prompts = {i: tuple(p) for i, (p, _) in enumerate(reqs)}
+    outputs = {i: d for i, (_, d) in enumerate(reqs)}
+    order = [r.rid for r in t.iter_requests()]
+    kept = _brute_kept(order, prompts, hold)
+
+    def compute(ids):
+        return sum(len(prompts[r]) + outputs[r] - (kept[r] if k else 0) for k, r in enumerate(ids))
+
+    def memory(ids):
+        return sum(memory_units(len(prompts[r]), outputs[r]) for r in ids)
+
+    comp_total, mem_total = max(compute(order), 1), max(memory(order), 1)
+    plan = plan_strata(t, n_shards, atom=atom, hold=hold)
+    loads, before_last = [0.0] * n_shards, [0.0] * n_shards
+    for k, ids in enumerate(plan.pieces):
+        i = plan.owner(k)
+        assert loads[i] <= min(loads) + 1e-9, f"piece {k} went to shard {i} holding {loads[i]}, not the least {loads}"
+        assert all(loads[j] > loads[i] for j in range(i)), f"piece {k}: a tie goes to the lowest index"
+        before_last[i] = loads[i]
+        loads[i] += compute(ids) / comp_total + memory(ids) / mem_total
+    assert max(before_last) <= min(loads) + 1e-9
+
+
 def _class_tree() -> ResourceTree:
     """Every request at max_tokens 4,000 (all a run knows): 400 short chat requests under their
     own system prompt, 40 few-shot pairs sharing a 900-token document, and 80 requests behind a

@@ -364,3 +364,35 @@ def test_unlink_takes_out_exactly_the_item_wherever_it_stands():
             assert list(kids) == items[:pos] + items[pos + 1:]
         with pytest.raises(AssertionError, match="not among"):
             _unlink(deque(Item() for _ in range(n)), Item())
+
+
+def test_position_looks_only_near_the_right_end_before_searching_at_c_speed():
+    """The final wave and the cursors take near a node's right end: `_position` finds those
+    among the last `_NEAR_END` children without `index`, and looks at no more than that many
+    in Python before handing the search to `deque.index` (a plain `index` for every item, or a
+    Python scan of the whole list, made the final wave quadratic; only a benchmark showed it)."""
+    from collections import deque
+
+    from blendserve_sgl.core.tree import _NEAR_END, _position
+
+    class Counting(deque):
+        looked = indexed = 0
+
+        def __reversed__(self):
+            for x in super().__reversed__():
+                Counting.looked += 1
+                yield x
+
+        def index(self, *args):
+            Counting.indexed += 1
+            return super().index(*args)
+
+    n = 5 * _NEAR_END
+    items = [object() for _ in range(n)]
+    kids = Counting(items)
+    for pos in range(n):
+        Counting.looked = Counting.indexed = 0
+        assert _position(kids, items[pos]) == pos
+        assert Counting.looked <= _NEAR_END + 1
+        near = pos >= n - 1 - _NEAR_END  # the last child and the _NEAR_END before it
+        assert Counting.indexed == (0 if near else 1), (pos, Counting.indexed)
