@@ -1227,14 +1227,18 @@ def test_a_line_removed_after_its_result_was_written_is_named_as_such(stand_in, 
     (__import__("gzip").compress(b"TIMESTAMP,ContextTokens,GeneratedTokens\nt,10,2\n"),
      "line 1: not UTF-8 text (byte b'\\x8b'); a CSV file here is plain text: decompress it"),
     ("TIMESTAMP,ContextTokens,GeneratedTokens\nt\xe9,10,2\n".encode("latin-1"), "not UTF-8 text (byte b'\\xe9'"),
-    (("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "t" * 200_000 + ",10,2\n").encode(),
-     "line 2: not a CSV row (field larger than field limit (131072)); fix or delete that row"),
+    (("TIMESTAMP,ContextTokens,GeneratedTokens\n" + "t" * (64 * 2**20 + 1) + ",10,2\n").encode(),
+     "line 2: a field over 64 MiB, the most this reader takes"),
+    (b"TIMESTAMP,ContextTokens,GeneratedTokens\n1700000000,5,374,44\n",
+     "line 2: 4 cells under a header of 3 columns, so the columns would shift; a value holding a comma"),
     (None, "is a directory; a CSV file belongs there"),
 ])
 def test_a_trace_that_is_not_csv_text_is_one_error_naming_the_file(tmp_path, monkeypatch, capsys, content, fragment):
-    """A gzip-compressed trace under its .csv name, Latin-1 bytes, a cell over csv's field limit,
-    a folder: each raised UnicodeDecodeError, csv.Error or IsADirectoryError without the file's
-    name (a traceback from `blendserve simulate`). The same reader serves the MMLU files."""
+    """A gzip-compressed trace under its .csv name, Latin-1 bytes, a cell over the reader's field
+    limit, a row with more cells than the header (a comma in a value: each count read from the
+    wrong column, silently, before), a folder: each raised UnicodeDecodeError, csv.Error or
+    IsADirectoryError without the file's name (a traceback from `blendserve simulate`). The same
+    reader serves the MMLU files."""
     from blendserve_sgl.sim import cli as sim_cli
     from blendserve_sgl.workloads import data
 

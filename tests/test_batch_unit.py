@@ -86,8 +86,11 @@ BAD_LINES = [  # (line text, fragment of the message, custom_id kept in the reco
     (line("m", "/v1/completions", prompt="p", n=2), '"n" must be 1', "m"),
     (line("n", "/v1/completions", prompt="p", stream=True), '"stream" must be false', "n"),
     (line("o", "/v1/completions", prompt="p", logprobs=2), 'unsupported body field "logprobs"', "o"),
-    (line("t", "/v1/chat/completions", messages=[{"role": "user", "content": "x"}], tools=[], response_format={}),
-     'unsupported body fields "tools", "response_format"; supported:', "t"),
+    (line("t", "/v1/chat/completions", messages=[{"role": "user", "content": "x"}], tools=[{"type": "function"}],
+          response_format={}), 'unsupported body fields "tools", "response_format"; supported:', "t"),
+    (line("t2", "/v1/chat/completions", messages=[{"role": "user", "content": "x"}], logprobs=True),
+     'taken only as what OpenAI does without them: "logprobs": false or null', "t2"),
+    (line("t3", "/v1/completions", prompt="p", logprobs=0), 'unsupported body field "logprobs"', "t3"),  # 0 is no False
     (line("p", "/v1/completions", prompt=""), '"prompt" is empty', "p"),
     (line("q", "/v1/completions", prompt=["a", "b"]), '"prompt" holds 2 prompts; put one prompt per line', "q"),
     (line("r", "/v1/completions", prompt={"text": "a"}), '"prompt" must be a non-empty string or a list of token ids', "r"),
@@ -112,6 +115,19 @@ def test_each_bad_line_is_an_error_naming_line_and_problem(text, fragment, kept)
     assert err.message.startswith("requests.jsonl line 17: "), err.message
     assert fragment in err.message, err.message
     assert err.custom_id == kept and err.line == 17
+
+
+def test_openai_defaults_of_fields_a_run_does_not_do_are_taken():
+    """Clients write defaults out ("logprobs": false, "tools": [], "stream_options": null); they
+    were refused as unsupported while "stream": false was taken (a probe). They ask for nothing."""
+    plain = parse_line(line("d", messages=[{"role": "user", "content": "x"}], max_tokens=3), 1)
+    spelled = parse_line(line("d", messages=[{"role": "user", "content": "x"}], max_tokens=3, logprobs=False,
+                              top_logprobs=None, stream_options=None, response_format={"type": "text"}, tools=[],
+                              tool_choice="none", store=False, metadata={}, logit_bias={}), 1)
+    assert isinstance(spelled, BatchRequest), spelled
+    assert (spelled.messages, spelled.sampling, spelled.max_tokens) == (plain.messages, plain.sampling, plain.max_tokens)
+    assert isinstance(parse_line(line("e", "/v1/completions", prompt="p", echo=False, best_of=1, suffix=None), 1),
+                      BatchRequest)
 
 
 def test_good_lines_parse_into_typed_requests():
@@ -1510,7 +1526,7 @@ def test_engine_room_is_sglangs_cut_of_max_new_tokens():
     assert runner.engine_room(_Sized(4096, 2048, page=16))(2000)[0] == 2048 - 2000 - 16 - 1
 
 
-def test_a_request_beyond_the_engines_pool_room_is_its_own_error_record(stand_in, tmp_path, monkeypatch):
+def test_a_request_beyond_the_engines_pool_room_is_its_own_error_record(stand_in, tmp_path, monkeypatch, capsys):
     """The pool the engine reports (20 tokens, under the 64-token context) leaves a 3-token prompt
     at most 20 - 3 - 2 = 15 tokens to generate; a request asking 16 is never sent and gets an
     error record naming the pool; one asking 15, and the others, run. One without max_tokens asks
@@ -1546,6 +1562,8 @@ def test_a_request_beyond_the_engines_pool_room_is_its_own_error_record(stand_in
     assert got["over"]["response"]["status_code"] == 400 and got["over"]["error"]["code"] == "invalid_request"
     assert '"max_tokens" is 16, but this engine generates at most 15 tokens after a 3-token prompt' in message
     assert "KV pool holds 20 tokens" in message and stand_in["engines"][0].calls == 2
+    # the run says how many requests the default applies to (it said nothing: answers cut at 256, a probe)
+    assert "1 requests give no max_tokens: each writes at most --default-max-tokens 256" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("fix", ["rename", "delete"])

@@ -711,3 +711,15 @@ def test_plan_on_the_cpu_preset_plans_the_engine_run_starts_there(user_file, tmp
     got = engine("cpu", "--kv-gb", "1", "--chunk", "512")
     assert got["chunked_prefill"] == 512 and got["kv_tokens"] == int(1e9 // COST.kv_bytes_per_token)
     assert engine("a100")["chunked_prefill"] == plan.GPU_CHUNKED_PREFILL
+
+
+@pytest.mark.parametrize("args, said", [
+    ([""], "the requests file is an empty name; pass a file path"),  # a TypeError traceback (a probe)
+    (["--workload", " "], "--workload is an empty name"),
+    (["--workload", "trace1", "--requests", "50", "--out", ""], "--out is an empty name; pass a file path"),
+])
+def test_plan_names_an_empty_path(capsys, args, said):
+    """`blendserve plan "$REQS"` with the variable unset: one message, as `run` gives, no traceback."""
+    assert cli.main(["plan", "--policies", "fcfs", "--no-plot", *args]) == 2
+    err = capsys.readouterr().err
+    assert said in err and "Traceback" not in err, err

@@ -62,7 +62,12 @@ def test_simulate_takes_a_named_interference(tmp_path, setting):
     (["--policy", "fcfs,,blend"], "--policy 'fcfs,,blend': entry 2 of 3 is empty; separate the names with single commas"),
     (["--policy", "fcfs, "], "--policy 'fcfs, ': entry 2 of 2 is empty"),
     (["--policy", " , "], "--policy ' , ' names no policy; choose from fcfs"),
-    (["--workload", "burstgpt"], "unknown workload 'burstgpt'; choose one of trace1, trace2, trace3, trace4, mixed"),
+    (["--workload", "burstgpt"], "unknown workload 'burstgpt'; choose one of trace1, trace2, trace3, trace4, "
+                                 "conversation, mixed"),
+    (["--workload", " "], "--workload is an empty name; pass one of trace1"),  # was "trace . is not a regular file"
+    (["--out", "."], "--out . is a directory; pass the name of a file in it"),  # these three: "PosixPath('.') has
+    (["--out", "/"], "--out / is a directory"),  # an empty name" (a probe)
+    (["--out", ""], "--out is an empty name; pass a file path"),
     (["--workload", "mix:1.2"], "mix:DENSITY,SHARING"),
     (["--hardware", "tpu"], "unknown hardware preset 'tpu'; choose one of"),
     (["--model", "gpt-5"], "unknown model preset 'gpt-5'; choose one of"),
@@ -145,3 +150,13 @@ def test_times_under_a_second_keep_three_significant_figures():
     from blendserve_sgl.sim.metrics import seconds
 
     assert [seconds(x) for x in (0.0016489, 0.0, 0.5, 2.5, 1234.5678)] == [0.00165, 0.0, 0.5, 2.5, 1234.57]
+
+
+def test_the_conversation_class_is_a_workload_of_simulate(tmp_path):
+    """The workloads package builds the multi-turn conversation class (`trace("conversation")`);
+    simulate and plan refused its name ("unknown workload", a probe)."""
+    out = tmp_path / "sim.json"
+    assert cli.main(["simulate", "--workload", "conversation", "--requests", "40", "--policy", "fcfs",
+                     "--out", str(out)]) == 0
+    workload = json.loads(out.read_text())["workload"]
+    assert workload["name"] == "conversation" and workload["requests"] == 40 and workload["sharing"] > 0

@@ -169,7 +169,19 @@ def test_a_csv_row_spanning_lines_is_named_by_the_line_it_starts_on(tmp_path):
     with pytest.raises(ValueError, match="t.csv line 5: GeneratedTokens must be a whole token count"):
         load_trace_file(path)
     path.write_text('Note,ContextTokens,GeneratedTokens\n"a\nb",11,4\n' + '"open,1,2\nmore\nmore\n' + "x" * 200_000 + "\n")
-    with pytest.raises(ValueError, match=r"t.csv the row of lines 4-7: not a CSV row \(field larger"):
+    with pytest.raises(ValueError, match=r"t.csv line 4: a double quote opened in this row is not closed"):
+        load_trace_file(path)
+
+
+def test_a_long_text_column_is_read_and_extra_cells_are_refused(tmp_path):
+    """A trace exported with its prompt text beside the counts (a field over csv's own 128 KiB)
+    is read; a row with more cells than the header (a comma in an unquoted value) shifted every
+    count one column, silently; empty trailing cells are harmless (a probe)."""
+    path = tmp_path / "t.csv"
+    path.write_text('prompt,input_tokens,output_tokens\n"' + "x" * 200_000 + '",100,10\n7,8,9,,\n')
+    assert [(r.prompt_len, r.output_len) for r in load_trace_file(path)] == [(100, 10), (8, 9)]
+    path.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n1700000000,0,374,44\n")
+    with pytest.raises(ValueError, match=r"t.csv line 2: 4 cells under a header of 3 columns.*double quotes"):
         load_trace_file(path)
 
 
@@ -272,3 +284,20 @@ def test_a_trace_row_is_checked_against_the_context_as_sglang_checks_a_request()
            "prompts of at most 8,185); not planned" in bad[0].message
     assert "t.csv data row 4: the prompt of 100 tokens and the output of 8,091 need 8,191 tokens, more than SGLang " \
            "runs in m's context of 8,192 tokens (it keeps 2); not planned" in bad[1].message
+
+
+def test_zero_token_counts_run_as_one_token_and_are_counted(tmp_path, capsys):
+    """BurstGPT logs a failed request with 0 response tokens: it ran, silently, as a prefill and
+    one token (a probe). It still does (an engine reads and writes at least one), said with counts."""
+    path = tmp_path / "b.csv"
+    path.write_text("Timestamp,Model,Request tokens,Response tokens,Total tokens,Log Type\n"
+                    "5,ChatGPT,1087,0,1087,Conversation log\n6,ChatGPT,0,0,0,Conversation log\n7,GPT-4,20,9,29,x\n")
+    assert [(r.prompt_len, r.output_len) for r in load_trace_file(path)] == [(1087, 1), (1, 1), (20, 9)]
+    assert "b.csv: 1 rows with a 0-token prompt and 2 with a 0-token output run as 1 token each" in capsys.readouterr().err
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"input_length": 0, "output_length": 3}\n{"input_length": 4, "output_length": 0}\n')
+    assert [(r.prompt_len, r.output_len) for r in load_trace_file(path)] == [(1, 3), (4, 1)]
+    assert "1 rows with a 0-token prompt and 1 with a 0-token output" in capsys.readouterr().err
+    path.write_text('{"input_length": 2, "output_length": 3}\n')
+    load_trace_file(path)
+    assert capsys.readouterr().err == ""

@@ -271,6 +271,10 @@ def _run(args, source: Path, model_dir: Path, device: str, tokenizer, ctx: int, 
     if stats.invalid:
         _say(f"{stats.invalid:,} invalid lines written as error records (see {writer.errors_path or writer.path})")
 
+    defaulted = int(read.defaulted[~read.done].sum())
+    if defaulted:  # OpenAI's own default is the context's room: answers cut at 256 would surprise (a probe)
+        _say(f"{defaulted:,} requests give no max_tokens: each writes at most --default-max-tokens "
+             f"{args.default_max_tokens:,} tokens (or what the context leaves)")
     t1 = time.perf_counter()
     order = plan(read.store, cost_for(model_dir))
     stats.plan_seconds = time.perf_counter() - t1
@@ -633,6 +637,8 @@ def check_output(flag: str, path: str | None) -> None:
     and takes a new file, or an existing writable file (`settings.unwritable`)."""
     if path is None:
         return
+    if not str(path).strip():
+        raise ValueError(f"{flag} is an empty name; pass a file path")
     from ..sglang_plugin.settings import unwritable
 
     problem = unwritable(Path(path))

@@ -67,6 +67,7 @@ class ReadResult:
     done: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # per stored request (`mark_done`)
     skipped: int = 0  # lines whose key is done (`mark_done`)
     whole_text_fallback: bool = False  # a worker found pieces that did not match whole-text encoding
+    defaulted: np.ndarray = field(default_factory=lambda: np.zeros(0, bool))  # per stored request: no max_tokens
 
     @property
     def lines(self) -> int:
@@ -367,6 +368,7 @@ class Encoded(NamedTuple):
     tails: np.ndarray
     tail_lens: np.ndarray
     digests: list  # request_digest (hex) of each accepted request
+    defaulted: np.ndarray  # per accepted request: it gave no max_tokens (the default applies)
 
     def select(self, keep: np.ndarray) -> dict:
         """The columns of the accepted requests `keep` (a boolean mask), as `add_many` keywords."""
@@ -424,7 +426,8 @@ def _work(batch: list[tuple[int, bytes]]) -> Encoded:
                    [json.dumps(r.sampling, sort_keys=True) for r in reqs], np.array(maxes, np.int32),
                    np.array(refs, np.int64), np.array(counts, np.int64),
                    np.concatenate(tails) if tails else np.zeros(0, np.int32),
-                   np.array([len(t) for t in tails], np.int64), [r.digest for r in reqs])
+                   np.array([len(t) for t in tails], np.int64), [r.digest for r in reqs],
+                   np.array([r.max_tokens is None for r in reqs], bool))
 
 
 # ---------------------------------------------------------------------- driver side
@@ -453,6 +456,7 @@ def _read(p: Path, tokenizer, context_len, default_max_tokens, model_dir, worker
     out = ReadResult(TokenStore())
     owner: dict[str, int] = {}
     errors, index = out.errors, out.index
+    defaulted: list = []
 
     def take(got: Encoded) -> None:
         store = out.store
@@ -480,6 +484,7 @@ def _read(p: Path, tokenizer, context_len, default_max_tokens, model_dir, worker
             index.append(LineKey(item.line, item.custom_id, item.digest))
         if keep.any():
             store.add_many(**got.select(keep))
+            defaulted.append(got.defaulted[keep])
         if tick is not None:
             tick(len(index))
 
@@ -507,6 +512,7 @@ def _read(p: Path, tokenizer, context_len, default_max_tokens, model_dir, worker
         except BrokenProcessPool as exc:
             raise WorkerError(f"a reader process died ({exc})") from None
     out.done = np.zeros(len(out.store), bool)
+    out.defaulted = np.concatenate(defaulted) if defaulted else np.zeros(0, bool)
     return out
 
 

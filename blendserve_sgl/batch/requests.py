@@ -48,6 +48,20 @@ BODY_FIELDS = {
     "chat": _COMMON_FIELDS | {"messages", "max_completion_tokens"},
     "completion": _COMMON_FIELDS | {"prompt"},
 }
+# OpenAI fields a run does not do, taken when they hold the value that asks for nothing (what
+# OpenAI does without them: clients write these defaults out); any other value is refused
+_DEFAULT_ONLY = {
+    "logprobs": (False,), "top_logprobs": (0,), "stream_options": (), "response_format": ({"type": "text"},),
+    "tools": ([],), "functions": ([],), "tool_choice": ("none",), "parallel_tool_calls": (True, False),
+    "logit_bias": ({},), "store": (False,), "metadata": ({},), "echo": (False,), "best_of": (1,), "suffix": ("",),
+}
+
+
+def _asks_nothing(key: str, value) -> bool:
+    """`value` of the unsupported field `key` is None or its default (type and value alike: 0 is
+    not False)."""
+    return key in _DEFAULT_ONLY and (value is None or any(type(value) is type(d) and value == d
+                                                          for d in _DEFAULT_ONLY[key]))
 TOP_FIELDS = ("custom_id", "method", "url", "body")
 BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark some editors write at the start of a file
 COMPRESSED = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
@@ -313,11 +327,15 @@ def _parse_body(line: int, cid: str, kind: str, url: str, body: dict, digest: st
                 raise BadLine(f'"prompt" is not a field of {url}; send "messages", or use url /v1/completions')
             if key == "messages" and kind == "completion":
                 raise BadLine(f'"messages" is not a field of {url}; send "prompt", or use url /v1/chat/completions')
-    others = [k for k in body if k not in allowed]  # every one named: a fix per reread was one field at a time
+    # every one named: a fix per reread was one field at a time
+    others = [k for k in body if k not in allowed and not _asks_nothing(k, body[k])]
     if others:
         which = ", ".join(_show(k) for k in others[:8]) + (f" and {len(others) - 8} more" if len(others) > 8 else "")
+        defaults = [f"{_show(k)}: {' or '.join([*(json.dumps(d) for d in _DEFAULT_ONLY[k]), 'null'])}"
+                    for k in others if k in _DEFAULT_ONLY]
+        also = f" (taken only as what OpenAI does without them: {'; '.join(defaults[:4])})" if defaults else ""
         raise BadLine(f'unsupported body field{"s" if len(others) > 1 else ""} {which}; supported: '
-                      f'{", ".join(sorted(allowed))}')
+                      f'{", ".join(sorted(allowed))}{also}')
     messages = prompt = parts = None
     if kind == "chat":
         messages, parts = _messages(body)

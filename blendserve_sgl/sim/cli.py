@@ -25,11 +25,12 @@ from .metrics import compare, format_table, plot_steps
 from .policies import POLICIES
 from .run import RunSpec, Workload, simulate
 from .timing import ExecModel
-from ..workloads import TRACES, mix, mixed_workload, trace
+from ..workloads import TRACES, WORKLOADS as BUILT_IN, mix, mixed_workload, trace
 from ..workloads.trace_file import is_trace_file, load_trace_file, within_context
 from ..cli import non_negative_int, positive_float, positive_int
 
-WORKLOADS = (*sorted(TRACES), "mixed", "mix:DENSITY,SHARING", "PATH.csv|PATH.jsonl")
+WORKLOADS = (*sorted(TRACES), *(w for w in BUILT_IN if w not in TRACES), "mixed", "mix:DENSITY,SHARING",
+             "PATH.csv|PATH.jsonl")
 DEFAULT_REQUESTS = 20_000  # a built-in workload's size when --requests is not given (a trace file: all its rows)
 PROGRESS_EVERY_S = 30.0  # a run longer than this prints where it is to stderr, at most this often
 
@@ -52,16 +53,19 @@ MAX_BUILT_IN_REQUESTS = 2_000_000  # a built-in workload is built in memory: abo
 
 
 def load_workload(spec: str, n: int | None, cost: CostModel, seed: int = 0) -> list:
-    """Records for a workload name: a trace analog, `mixed` (workloads.mixed_workload),
+    """Records for a workload name: a trace analog or the multi-turn `conversation` class
+    (`workloads.trace`), `mixed` (workloads.mixed_workload),
     `mix:DENSITY,SHARING` (the mixing recipe with those targets), or a trace file
     (`workloads.trace_file`: CSV token counts or Mooncake-style JSONL; its first `n` rows).
     `n` None: `DEFAULT_REQUESTS` for a built-in workload, every row of a file; a built-in workload
     of more than `MAX_BUILT_IN_REQUESTS` is refused before anything is built."""
+    if not spec.strip():
+        raise ValueError(f"--workload is an empty name; pass one of {', '.join(WORKLOADS)}")
     if n is not None and n > MAX_BUILT_IN_REQUESTS and not is_trace_file(spec):
         raise ValueError(f"--requests {n:,}: a built-in workload ({spec}) is built in memory, about 1.2 KB a request; "
                          f"give at most {MAX_BUILT_IN_REQUESTS:,}, or a trace file with --workload PATH")
     size = n or DEFAULT_REQUESTS  # a built-in workload's
-    if spec in TRACES:
+    if spec in BUILT_IN:
         return trace(spec, size, cost, seed)[0]
     if spec == "mixed":
         return mixed_workload(size, seed=seed)
@@ -158,11 +162,11 @@ def main(argv: list[str] | None = None) -> int:
         n = 2000 if args.quick else args.requests  # --requests is a positive_int
         from ..batch.cli import check_apart, check_output, check_replaceable, is_png, made_by
 
+        check_output("--out", args.out)  # before naming the plot: `.` or `/` has no name to give a suffix
         png = str(Path(args.out).with_suffix(".png"))
         if Path(args.out).suffix.lower() == ".png":
             raise ValueError(f"--out {args.out}: the plot goes next to the JSON with the suffix .png, so both would "
                              "be one file; give --out a name ending in .json")
-        check_output("--out", args.out)
         check_output("--out", png)
         check_apart("--out", args.out, [("the --workload file", args.workload)])
         try:

@@ -73,6 +73,7 @@ def approx_tokens(text: str) -> int:
 
 
 MAX_TRACE_TOKENS = 10_000_000  # one request's token count in a trace: beyond any model's context
+CSV_FIELD_LIMIT = 64 * 2**20  # one CSV field (a trace's prompt-text column, an MMLU question)
 
 
 def load_azure(kind: str) -> tuple[np.ndarray, np.ndarray]:
@@ -89,9 +90,11 @@ def load_arxiv() -> tuple[np.ndarray, np.ndarray]:
 def csv_rows(path: Path, encoding: str = "utf-8-sig"):
     """(line number, row) of each row of the CSV file `path`, in order: the line the row starts on
     (a quoted field may hold line breaks). A file that cannot be read as CSV text (a folder,
-    compressed or not UTF-8, a field over csv's limit) is a ValueError naming the file, the line
+    compressed or not UTF-8, a field over `CSV_FIELD_LIMIT`) is a ValueError naming the file, the line
     and the fix."""
     ended = 0  # the last line of the rows read so far
+    if csv.field_size_limit() < CSV_FIELD_LIMIT:  # csv's own 128 KiB refuses traces exported with their prompt text
+        csv.field_size_limit(CSV_FIELD_LIMIT)
     try:
         with open(path, newline="", encoding=encoding) as f:
             reader = csv.reader(f)
@@ -106,6 +109,10 @@ def csv_rows(path: Path, encoding: str = "utf-8-sig"):
                          "convert it to UTF-8") from None
     except csv.Error as exc:
         where = f"line {ended + 1}" if reader.line_num == ended + 1 else f"the row of lines {ended + 1}-{reader.line_num}"
+        if "field limit" in str(exc):
+            raise ValueError(f"{path} {where}: a field over {CSV_FIELD_LIMIT // 2**20} MiB, the most this reader "
+                             "takes (often an unclosed double quote that runs on to the end of the file); close the "
+                             "quote, or shorten or delete that field") from None
         raise ValueError(f"{path} {where}: not a CSV row ({exc}); fix or delete that row") from None
 
 
@@ -144,9 +151,23 @@ def read_counts(path: Path, prompt_col: str, output_col: str, n: int | None = No
         raise ValueError(f"{path}: no column {' or '.join(missing)} in its header ({','.join(header) or 'empty'}); "
                          f"a trace needs the columns {prompt_col} and {output_col} (token counts)")
     at = [header.index(c) for c in cols]
-    rows = [tuple(_count(path, line, c, row[i] if i < len(row) else "") for c, i in zip(cols, at))
-            for line, row in itertools.islice(((ln, r) for ln, r in rows_in if any(cell.strip() for cell in r)), n)]
-    rows_in.close()
+    width = len(header)
+
+    def counts(line: int, row: list[str]) -> tuple[int, int]:
+        if len(row) > width and any(cell.strip() for cell in row[width:]):  # empty trailing cells are harmless
+            raise ValueError(f"{path} line {line}: {len(row)} cells under a header of {width} columns, so the "
+                             "columns would shift; a value holding a comma must be in double quotes (\"1,5\"): "
+                             "quote it, or fix or delete that row")
+        if len(row) <= max(at) and "\n" in row[-1]:
+            raise ValueError(f"{path} line {line}: a double quote opened in this row is not closed, so the row "
+                             "runs on over the lines after it; close the quote, or fix or delete that row")
+        return tuple(_count(path, line, c, row[i] if i < len(row) else "") for c, i in zip(cols, at))
+
+    try:
+        rows = [counts(line, row) for line, row in
+                itertools.islice(((ln, r) for ln, r in rows_in if any(cell.strip() for cell in r)), n)]
+    finally:
+        rows_in.close()
     if not rows:
         raise ValueError(f"{path} holds no rows under its header; a trace needs at least one request")
     arr = np.array(rows, dtype=np.int64)

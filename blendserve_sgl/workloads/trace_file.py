@@ -14,7 +14,8 @@ Two formats, told apart by the file's first character:
   line is refused (which one counts would be a guess).
 
 Requests are taken in file order (the first `n` when given). An output of 0 tokens counts as 1
-and a prompt of 0 tokens as 1: an engine writes at least one token and reads at least one.
+and a prompt of 0 tokens as 1: an engine writes at least one token and reads at least one (their
+count printed to stderr: a trace such as BurstGPT logs failed requests with 0 response tokens).
 Bad rows raise ValueError naming the file, line and field; so does a CSV header that names a
 column it reads twice.
 """
@@ -24,6 +25,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import sys
 from pathlib import Path
 
 from ..batch.requests import BadLine, LineError, unique_keys, compression, wide_text
@@ -143,13 +145,18 @@ def load_trace_file(path, n: int | None = None, block_size: int = MOONCAKE_BLOCK
         raise ValueError(f"trace {path} starts with '[': a JSON list; a JSONL trace has one JSON object per line "
                          "(input_length, output_length, optionally hash_ids): convert it, e.g. "
                          f"jq -c '.[]' {path} > {path.stem}.lines.jsonl")  # never the input's own name
-    records = _jsonl(path, n, block_size) if first == "{" else _csv(path, n)
+    zeros = [0, 0]  # rows whose prompt, whose output was 0 tokens
+    records = _jsonl(path, n, block_size, zeros) if first == "{" else _csv(path, n, zeros)
     if not records:
         raise ValueError(f"trace {path} holds no requests; a trace needs at least one row")
+    if any(zeros):
+        print(f"{path}: {zeros[0]:,} rows with a 0-token prompt and {zeros[1]:,} with a 0-token output run as 1 "
+              "token each (an engine reads and writes at least one; a trace often logs its failed requests so): "
+              "delete those rows to leave them out", file=sys.stderr)
     return records
 
 
-def _csv(path: Path, n: int | None) -> list[Record]:
+def _csv(path: Path, n: int | None, zeros: list) -> list[Record]:
     rows = csv_rows(path)
     header = csv_header(rows)
     rows.close()
@@ -164,6 +171,8 @@ def _csv(path: Path, n: int | None) -> list[Record]:
             raise ValueError(f"{path}: its header names the column {column!r} {len(at)} times (columns "
                              f"{', '.join(map(str, at))}); keep one {column} column: rename or delete the others")
     prompts, outputs = read_counts(path, *pair, n)
+    zeros[0] += int((prompts == 0).sum())
+    zeros[1] += int((outputs == 0).sum())
     stem = path.stem
     return [Record(f"{stem}-{i}", max(1, int(p)), (), max(1, int(o)), stem) for i, (p, o) in
             enumerate(zip(prompts, outputs))]
@@ -178,7 +187,7 @@ def _whole(path: Path, line: int, field: str, value) -> int:
     return n
 
 
-def _jsonl(path: Path, n: int | None, block_size: int) -> list[Record]:
+def _jsonl(path: Path, n: int | None, block_size: int, zeros: list) -> list[Record]:
     out: list[Record] = []
     line_no = 0
     try:
@@ -188,15 +197,16 @@ def _jsonl(path: Path, n: int | None, block_size: int) -> list[Record]:
                     continue
                 if n is not None and len(out) >= n:
                     break
-                _jsonl_row(path, line_no, line, block_size, out)
+                _jsonl_row(path, line_no, line, block_size, out, zeros)
     except UnicodeDecodeError as exc:
         raise ValueError(f"{path.name} line {first_bad_line(path)}: not UTF-8 text ({exc.reason}); convert the "
                          "trace to UTF-8") from None
     return out
 
 
-def _jsonl_row(path: Path, line_no: int, line: str, block_size: int, out: list) -> None:
-    """One JSONL trace line as a Record appended to `out`; ValueError naming the line."""
+def _jsonl_row(path: Path, line_no: int, line: str, block_size: int, out: list, zeros: list) -> None:
+    """One JSONL trace line as a Record appended to `out` (its 0 counts added to `zeros`);
+    ValueError naming the line."""
     try:
         row = json.loads(line, object_pairs_hook=unique_keys)  # a key twice: the batch reader's refusal
     except RecursionError:
@@ -217,8 +227,10 @@ def _jsonl_row(path: Path, line_no: int, line: str, block_size: int, out: list) 
                         "tokenizes and simulates it")
             raise ValueError(f"{path.name} line {line_no}: no {field!r}; each line needs input_length and "
                              f"output_length (token counts){hint}")
-    p = max(1, _whole(path, line_no, "input_length", row["input_length"]))
-    o = max(1, _whole(path, line_no, "output_length", row["output_length"]))
+    p, o = (_whole(path, line_no, f, row[f]) for f in ("input_length", "output_length"))
+    zeros[0] += p == 0
+    zeros[1] += o == 0
+    p, o = max(1, p), max(1, o)
     ids = row.get("hash_ids")
     ids = [] if ids is None else ids
     if not isinstance(ids, list):
