@@ -404,6 +404,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="simulate a sample of about this many requests (whole prefix groups), times scaled to the file (the "
                          "first policy also runs on a second sample: the spread is reported)")
     ap.add_argument("--seed", type=engine_seed, default=0, help="sample and engine seed, 0 to 2**32 - 1")
+    ap.add_argument("--block-size", type=positive_int, default=None,
+                    help="with --workload: tokens per hash id of a Mooncake-format JSONL trace (default 512, the "
+                         "published traces')")
     ap.add_argument("--workers", type=positive_int, default=os.cpu_count() or 1,
                     help="processes that run the simulations (default: the CPU count; the results do not depend on it)")
     ap.add_argument("--plot", help="PNG of per-step compute and memory time (default: next to --out, or plan.png)")
@@ -477,6 +480,9 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"pass either a requests file ({args.input}) or --workload ({args.workload}), not both")
         if args.input is None and args.workload is None:
             raise ValueError("pass a requests.jsonl file, or --workload NAME for a built-in mix")
+        if args.input is not None and args.block_size is not None:
+            raise ValueError("--block-size is the hash-id block of a Mooncake-format trace (--workload PATH); a "
+                             f"requests file ({args.input}) is tokenized: drop it")
         if args.input is not None and args.requests is not None:
             raise ValueError(f"--requests takes the first N requests of a --workload; a requests file ({args.input}) "
                              "is planned whole (--sim-requests sets how many of it are simulated): drop --requests")
@@ -556,14 +562,15 @@ def main(argv: list[str] | None = None) -> int:
                 gen_s = time.perf_counter() - t_gen
         else:
             from .sim.cli import load_workload
-            from .workloads.trace_file import is_trace_file, within_context
+            from .workloads.trace_file import MOONCAKE_BLOCK, is_trace_file, within_context
 
             cost = CostModel(model(args.model), hardware(args.hardware))
             EngineConfig.for_cost(cost, kv_gb=args.kv_gb)  # the model fits before its workload is built
             counted = ("the trace file's token counts" if is_trace_file(args.workload)
                        else "the built-in workload's lengths")
+            block = args.block_size or MOONCAKE_BLOCK
             records = [r._replace(max_tokens=r.output_len, exact=True)  # a workload's lengths are what it generates
-                       for r in load_workload(args.workload, args.requests, cost, args.seed)]
+                       for r in load_workload(args.workload, args.requests, cost, args.seed, block)]
             records, errors = within_context(records, args.context_length or cost.model.max_context, args.workload,
                                              args.model)
         read_s = time.perf_counter() - t0 - gen_s

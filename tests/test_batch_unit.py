@@ -59,6 +59,11 @@ class WordTokenizer:
 BAD_LINES = [  # (line text, fragment of the message, custom_id kept in the record)
     ('{"custom_id": "a", "method": "POST",', "invalid JSON", None),
     ("[1, 2]", "expected a JSON object", None),
+    # the fix given was "end each line with a newline", which fixes neither (a probe)
+    (json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"prompt": "p"}}) + ", ",
+     "a comma after the object (left from a JSON list?); remove it", None),
+    ("\ufeff" + json.dumps({"custom_id": "a", "method": "POST", "url": "/v1/completions", "body": {"prompt": "p"}}),
+     "a byte-order mark (U+FEFF) starts the line", None),
     ("[" * 100000 + "]" * 100000, "invalid JSON (nested too deeply)", None),
     ('{"custom_id": "x", "method": "POST", "url": "/v1/completions", "body": {"prompt": "p", "temperature": NaN}}',
      "NaN is not valid JSON", None),

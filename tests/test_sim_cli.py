@@ -160,3 +160,13 @@ def test_the_conversation_class_is_a_workload_of_simulate(tmp_path):
                      "--out", str(out)]) == 0
     workload = json.loads(out.read_text())["workload"]
     assert workload["name"] == "conversation" and workload["requests"] == 40 and workload["sharing"] > 0
+
+
+def test_a_file_named_like_a_built_in_workload_is_not_passed_over(tmp_path, monkeypatch, capsys):
+    """A trace saved as ./trace1 was ignored for the built-in trace1, silently (a probe)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "trace1").write_text("ContextTokens,GeneratedTokens\n10,2\n")
+    assert cli.main(["simulate", "--workload", "trace1", "--requests", "50", "--policy", "fcfs"]) == 2
+    assert "names a built-in workload and the file ./trace1 here: pass ./trace1" in capsys.readouterr().err
+    assert cli.main(["simulate", "--workload", "./trace1", "--policy", "fcfs", "--out", "s.json"]) == 0
+    assert json.loads((tmp_path / "s.json").read_text())["workload"]["requests"] == 1

@@ -301,3 +301,19 @@ def test_zero_token_counts_run_as_one_token_and_are_counted(tmp_path, capsys):
     path.write_text('{"input_length": 2, "output_length": 3}\n')
     load_trace_file(path)
     assert capsys.readouterr().err == ""
+
+
+def test_a_mooncake_format_trace_of_another_block_size_is_read_with_block_size(tmp_path, capsys):
+    """The error said the block size did not match and no flag set it (a probe): --block-size."""
+    path = tmp_path / "m.jsonl"
+    path.write_text('{"input_length": 600, "output_length": 5, "hash_ids": [1, 2, 3, 4, 5]}\n'
+                    '{"input_length": 600, "output_length": 5, "hash_ids": [1, 2, 3, 4, 6]}\n')
+    out = tmp_path / "s.json"
+    assert cli.main(["simulate", "--workload", str(path), "--policy", "fcfs", "--out", str(out)]) == 2
+    assert "the block size does not match the trace: pass its block size with --block-size" in capsys.readouterr().err
+    assert cli.main(["simulate", "--workload", str(path), "--policy", "fcfs", "--out", str(out),
+                     "--block-size", "128"]) == 0
+    assert json.loads(out.read_text())["workload"]["sharing"] > 0.4  # four 128-token blocks shared: 512 of 1,200
+    assert cli.main(["plan", "--workload", str(path), "--policies", "fcfs", "--no-plot", "--block-size", "128"]) == 0
+    assert cli.main(["plan", str(path), "--policies", "fcfs", "--no-plot", "--block-size", "128"]) == 2
+    assert "--block-size is the hash-id block of a Mooncake-format trace" in capsys.readouterr().err

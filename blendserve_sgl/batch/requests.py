@@ -240,8 +240,13 @@ def parse_line(raw: bytes | str | TooLong, line: int, source: str = "requests.js
                     "or write it inside a string")
         elif isinstance(exc, json.JSONDecodeError):
             what = f"{exc.msg.removesuffix(' at')} at column {exc.colno}"
-            if exc.msg == "Extra data":  # `{...} {...}`, or lines ended by a lone \r (old Mac files)
+            if exc.msg == "Extra data" and odd == "," and not text[exc.pos + 1:].strip(JSON_SPACE):
+                what += ": a comma after the object (left from a JSON list?); remove it"
+            elif exc.msg == "Extra data":  # `{...} {...}`, or lines ended by a lone \r (old Mac files)
                 what += ": more than one JSON value; end each request's line with a newline (\\n)"
+            elif exc.msg.startswith("Unexpected UTF-8 BOM"):  # files joined with cat, one saved with a BOM
+                what = ("a byte-order mark (U+FEFF) starts the line (a file joined on with `cat`?); remove it, e.g. "
+                        "sed -i 's/^\\xEF\\xBB\\xBF//' FILE")
         else:
             what = "nested too deeply" if isinstance(exc, RecursionError) else str(exc)
         return LineError(line, None, f"{source} line {line}: invalid JSON ({what}); each line must be one "

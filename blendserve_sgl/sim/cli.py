@@ -26,7 +26,7 @@ from .policies import POLICIES
 from .run import RunSpec, Workload, simulate
 from .timing import ExecModel
 from ..workloads import TRACES, WORKLOADS as BUILT_IN, mix, mixed_workload, trace
-from ..workloads.trace_file import is_trace_file, load_trace_file, within_context
+from ..workloads.trace_file import MOONCAKE_BLOCK, is_trace_file, load_trace_file, within_context
 from ..cli import non_negative_int, positive_float, positive_int
 
 WORKLOADS = (*sorted(TRACES), *(w for w in BUILT_IN if w not in TRACES), "mixed", "mix:DENSITY,SHARING",
@@ -52,7 +52,7 @@ def progress(policy: str, total: int, every_s: float | None = None):
 MAX_BUILT_IN_REQUESTS = 2_000_000  # a built-in workload is built in memory: about 1.2 KB and 60 us a request
 
 
-def load_workload(spec: str, n: int | None, cost: CostModel, seed: int = 0) -> list:
+def load_workload(spec: str, n: int | None, cost: CostModel, seed: int = 0, block_size: int = MOONCAKE_BLOCK) -> list:
     """Records for a workload name: a trace analog or the multi-turn `conversation` class
     (`workloads.trace`), `mixed` (workloads.mixed_workload),
     `mix:DENSITY,SHARING` (the mixing recipe with those targets), or a trace file
@@ -65,6 +65,9 @@ def load_workload(spec: str, n: int | None, cost: CostModel, seed: int = 0) -> l
         raise ValueError(f"--requests {n:,}: a built-in workload ({spec}) is built in memory, about 1.2 KB a request; "
                          f"give at most {MAX_BUILT_IN_REQUESTS:,}, or a trace file with --workload PATH")
     size = n or DEFAULT_REQUESTS  # a built-in workload's
+    if (spec in BUILT_IN or spec == "mixed") and Path(spec).exists():  # which one was meant would be a guess
+        raise ValueError(f"--workload {spec} names a built-in workload and the file ./{spec} here: pass ./{spec} "
+                         f"for the file, or run from another folder for the built-in {spec}")
     if spec in BUILT_IN:
         return trace(spec, size, cost, seed)[0]
     if spec == "mixed":
@@ -76,7 +79,7 @@ def load_workload(spec: str, n: int | None, cost: CostModel, seed: int = 0) -> l
             raise ValueError(f"workload {spec!r}: write mix:DENSITY,SHARING, e.g. mix:1.2,0.25") from None
         return mix(size, density, sharing, cost, seed)[0]
     if is_trace_file(spec):
-        return load_trace_file(spec, n)
+        return load_trace_file(spec, n, block_size)
     raise ValueError(f"unknown workload {spec!r}; choose one of {', '.join(WORKLOADS)}")
 
 
@@ -153,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="engine, every policy: admission counts KV that known-length running requests release")
     ap.add_argument("--no-meter", action="store_true", help="blend: no step count (memory work not metered)")
     ap.add_argument("--seed", type=non_negative_int, default=0, help="workload and sampling seed")
+    ap.add_argument("--block-size", type=positive_int, default=MOONCAKE_BLOCK,
+                    help=f"tokens per hash id of a Mooncake-format JSONL trace (default {MOONCAKE_BLOCK}, the published traces')")
     ap.add_argument("--check", action="store_true", help="check every invariant after every step (slow)")
     ap.add_argument("--out", default="simulate.json", help="JSON path; the PNG goes next to it")
     args = ap.parse_args(argv)
@@ -180,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = EngineConfig.for_cost(cost, kv_gb=args.kv_gb, max_running=args.max_running,  # the model fits first
                                        chunked_prefill=args.chunk, mixed_chunk=not args.no_mixed_chunk,
                                        pace=args.pace, kv_projection=args.kv_projection)
-        records, beyond = within_context(load_workload(args.workload, n, cost, args.seed), cost.model.max_context,
+        records, beyond = within_context(load_workload(args.workload, n, cost, args.seed, args.block_size), cost.model.max_context,
                                          args.workload, cost.model.name, "simulated")
         workload = Workload(records, cost)
         engine.check_fits(records, known=args.known_lengths)

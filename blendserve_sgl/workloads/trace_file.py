@@ -38,6 +38,7 @@ TRACE_COLUMNS = (  # (prompt column, output column), the first pair a header hol
     ("input_tokens", "output_tokens"),
     ("prompt_tokens", "completion_tokens"),
     ("input_length", "output_length"),
+    ("prompt_size", "token_size"),  # splitwise-sim's traces
 )
 MOONCAKE_BLOCK = 512  # tokens per hash id in the published Mooncake traces
 
@@ -239,7 +240,7 @@ def _jsonl_row(path: Path, line_no: int, line: str, block_size: int, out: list, 
     if len(ids) > math.ceil(p / block_size):
         raise ValueError(f"{path.name} line {line_no}: {len(ids)} hash_ids for input_length {p}, more than "
                          f"its {math.ceil(p / block_size)} blocks of {block_size} tokens; the block size "
-                         "does not match the trace")
+                         "does not match the trace: pass its block size with --block-size")
     for h in ids:
         if isinstance(h, bool) or not isinstance(h, (int, str)):
             raise ValueError(f"{path.name} line {line_no}: hash_ids items must be integers or strings, got "
