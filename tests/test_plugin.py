@@ -479,6 +479,41 @@ def test_a_new_request_under_a_finished_ones_rid_is_an_arrival_not_a_retraction(
     pol.scanner.check_integrity()
 
 
+def test_a_batch_after_the_engine_drained_is_sampled_anew_in_the_policy():
+    """SGLang skips calc_priority while its queue is empty, so a warm-up's requests that finished
+    still counted as running when the next batch arrived: the scanner took it for part of the
+    drained batch and planned all of it with the warm-up's 4-token sample (a probe, in the engine).
+    The first arrival after the drain now takes their ends and starts a new batch."""
+    sched = FakeScheduler(capacity=200_000, slots=64)
+    pol = _make_policy(sched)
+    warm = [FakeReq(f"w{i}", [1] * 10 + [50 + i] * 5, 4) for i in range(3)]
+    for r in warm:
+        sched.waiting_queue.append(r)
+        pol.on_arrival(r)
+    running: list = []
+    for _ in range(10):  # steps until the warm-up has run out; no step after (the queue is empty)
+        pol.calc_priority(sched.waiting_queue, SimpleNamespace(reqs=running))
+        running, sched.waiting_queue = running + sched.waiting_queue, []
+        pol.after_step()
+        for r in running:
+            r.output_ids.append(7)
+            r.done = len(r.output_ids) >= 4
+        running = [r for r in running if not r.done]
+        if not running and not sched.waiting_queue:
+            break
+    assert not running and set(pol.running) == {"w0", "w1", "w2"}  # ended, not yet synced
+    drained = pol.scanner.sample
+    batch = [FakeReq(f"b{i}", [3] * 30 + [100 + i] * 20, 64) for i in range(60)]
+    for r in batch:
+        sched.waiting_queue.append(r)
+        pol.on_arrival(r)
+    assert not pol.running and pol.work.done == 3  # the warm-up counted as finished
+    assert pol.scanner.sample is not drained and not pol.scanner.planned  # a new batch, to be sampled
+    pol.calc_priority(sched.waiting_queue, SimpleNamespace(reqs=[]))
+    assert pol.scanner.pending_sample  # its own sample goes first
+    pol.scanner.check_integrity()
+
+
 def test_budget_matches_sglangs_admission_check_with_mixed_chunks():
     """With --enable-mixed-chunk SGLang's PrefillAdder takes the running requests' decode tokens
     out of the KV budget and of the step's prefill tokens; the plan's budget does the same (else
@@ -580,6 +615,13 @@ def test_bad_output_length_hint_is_ignored_with_a_warning(hint, caplog):
     sched.waiting_queue = []
     pol.after_step()
     assert not sched.waiting_queue and set(pol.running) == {"good", "bad"}
+    caplog.clear()
+    bad.output_ids = [7, 7]
+    with caplog.at_level("WARNING"):  # retracted: back in the tree, warned once already (a probe: every time)
+        sched.waiting_queue.append(bad)
+        pol.on_arrival(bad, is_retracted=True)
+    assert "bad" in pol.waiting and not any("blendserve_output_len" in rec.getMessage() for rec in caplog.records)
+    pol.scanner.check_integrity()
 
 
 def test_good_output_length_hints_are_known_lengths():

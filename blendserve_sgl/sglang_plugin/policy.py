@@ -60,10 +60,10 @@ def ending_by_abort(req) -> bool:
     return type(reason).__name__ == "FINISH_ABORT"
 
 
-def output_len_hint(value, rid) -> int | None:
+def output_len_hint(value, rid, warn: bool = True) -> int | None:
     """A request's `custom_params.blendserve_output_len`: an integer from 0 to `MAX_HINT` (an
-    integral float or a decimal string too); anything else is ignored with a warning (the
-    request runs with an estimated length). Never raises: it runs in the scheduler."""
+    integral float or a decimal string too); anything else is ignored, with a warning when `warn`
+    (the request runs with an estimated length). Never raises: it runs in the scheduler."""
     if value is None:
         return None
     n = None
@@ -74,6 +74,8 @@ def output_len_hint(value, rid) -> int | None:
     elif isinstance(value, str) and value.strip().isascii() and value.strip().isdigit() and len(value.strip()) <= 12:
         n = int(value.strip())  # ASCII digits only: int() refuses "²" (a digit to isdigit), and 4,300+ digits
     if n is None or not 0 <= n <= MAX_HINT:
+        if not warn:
+            return None
         logger.warning("blend policy: request %r: custom_params.%s=%r ignored (expected a non-negative integer); "
                        "its output length is estimated", rid, HINT_KEY, value)
         return None
@@ -239,6 +241,12 @@ class BlendPolicy:
             self.written_at_take.pop(rid, None)
             self.scanner.retracted(rid)
         self.planned.pop(rid, None)
+        if not readd and not self._in_step and self.running and not self.scanner.tree.root.count:
+            # SGLang skips calc_priority while its queue is empty, so requests that finished since the
+            # last plan still count as running: the scanner would take this arrival for part of the
+            # drained batch and plan it with that batch's sample (a probe: a warm-up's 4 tokens for
+            # every later request). Their ends are taken now; a new batch is sampled anew.
+            self._sync_running(None)
         self._track(req, readd)
         self.insert_seconds += time.perf_counter() - t0
 
@@ -261,7 +269,8 @@ class BlendPolicy:
         output_so_far = len(req.output_ids)
         max_new = max(1, sp.max_new_tokens - output_so_far) if sp.max_new_tokens is not None else None
         params = getattr(sp, "custom_params", None)
-        hint = output_len_hint(params.get(HINT_KEY), rid) if isinstance(params, dict) else None
+        # warned once, on arrival: not again each time a retraction or a refused plan hands it back
+        hint = output_len_hint(params.get(HINT_KEY), rid, warn=not readd) if isinstance(params, dict) else None
         known = max_new if getattr(sp, "ignore_eos", False) else None
         if not output_so_far and ending_by_abort(req):
             # refused on arrival (SGLang's own checks, or `request_problem`): its one-token stand-in
