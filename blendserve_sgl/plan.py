@@ -473,9 +473,8 @@ def main(argv: list[str] | None = None) -> int:
 
     say = (lambda *_a, **_k: None) if args.json else print
     try:
-        for what, value in (("the requests file", args.input), ("--workload", args.workload)):
-            if value is not None and not value.strip():
-                raise ValueError(f"{what} is an empty name; pass a file path (or a workload name)")
+        if args.input is not None and not args.input.strip():  # an empty --workload: load_workload says so
+            raise ValueError("the requests file is an empty name; pass a file path")
         if args.input is not None and args.workload is not None:
             raise ValueError(f"pass either a requests file ({args.input}) or --workload ({args.workload}), not both")
         if args.input is None and args.workload is None:

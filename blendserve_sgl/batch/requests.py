@@ -55,13 +55,6 @@ _DEFAULT_ONLY = {
     "tools": ([],), "functions": ([],), "tool_choice": ("none",), "parallel_tool_calls": (True, False),
     "logit_bias": ({},), "store": (False,), "metadata": ({},), "echo": (False,), "best_of": (1,), "suffix": ("",),
 }
-
-
-def _asks_nothing(key: str, value) -> bool:
-    """`value` of the unsupported field `key` is None or its default (type and value alike: 0 is
-    not False)."""
-    return key in _DEFAULT_ONLY and (value is None or any(type(value) is type(d) and value == d
-                                                          for d in _DEFAULT_ONLY[key]))
 TOP_FIELDS = ("custom_id", "method", "url", "body")
 BOM = b"\xef\xbb\xbf"  # a UTF-8 byte-order mark some editors write at the start of a file
 COMPRESSED = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz",
@@ -322,6 +315,13 @@ def unique_keys(pairs: list) -> dict:
         dup = next(k for k, _ in pairs if k in seen or seen.add(k))
         raise BadLine(f"the key {_show(dup)} appears twice in one object; keep one")
     return out
+
+
+def _asks_nothing(key: str, value) -> bool:
+    """`value` of the unsupported field `key` is None or its default (type and value alike: 0 is
+    not False)."""
+    return key in _DEFAULT_ONLY and (value is None or any(type(value) is type(d) and value == d
+                                                          for d in _DEFAULT_ONLY[key]))
 
 
 def _parse_body(line: int, cid: str, kind: str, url: str, body: dict, digest: str = "") -> BatchRequest:

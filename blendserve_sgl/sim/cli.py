@@ -25,12 +25,11 @@ from .metrics import compare, format_table, plot_steps
 from .policies import POLICIES
 from .run import RunSpec, Workload, simulate
 from .timing import ExecModel
-from ..workloads import TRACES, WORKLOADS as BUILT_IN, mix, mixed_workload, trace
+from ..workloads import WORKLOADS as BUILT_IN, mix, mixed_workload, trace
 from ..workloads.trace_file import MOONCAKE_BLOCK, is_trace_file, load_trace_file, within_context
 from ..cli import non_negative_int, positive_float, positive_int
 
-WORKLOADS = (*sorted(TRACES), *(w for w in BUILT_IN if w not in TRACES), "mixed", "mix:DENSITY,SHARING",
-             "PATH.csv|PATH.jsonl")
+WORKLOADS = (*BUILT_IN, "mixed", "mix:DENSITY,SHARING", "PATH.csv|PATH.jsonl")
 DEFAULT_REQUESTS = 20_000  # a built-in workload's size when --requests is not given (a trace file: all its rows)
 PROGRESS_EVERY_S = 30.0  # a run longer than this prints where it is to stderr, at most this often
 
@@ -52,7 +51,8 @@ def progress(policy: str, total: int, every_s: float | None = None):
 MAX_BUILT_IN_REQUESTS = 2_000_000  # a built-in workload is built in memory: about 1.2 KB and 60 us a request
 
 
-def load_workload(spec: str, n: int | None, cost: CostModel, seed: int = 0, block_size: int = MOONCAKE_BLOCK) -> list:
+def load_workload(spec: str, n: int | None, cost: CostModel, seed: int = 0,
+                  block_size: int = MOONCAKE_BLOCK) -> list:
     """Records for a workload name: a trace analog or the multi-turn `conversation` class
     (`workloads.trace`), `mixed` (workloads.mixed_workload),
     `mix:DENSITY,SHARING` (the mixing recipe with those targets), or a trace file
@@ -157,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-meter", action="store_true", help="blend: no step count (memory work not metered)")
     ap.add_argument("--seed", type=non_negative_int, default=0, help="workload and sampling seed")
     ap.add_argument("--block-size", type=positive_int, default=MOONCAKE_BLOCK,
-                    help=f"tokens per hash id of a Mooncake-format JSONL trace (default {MOONCAKE_BLOCK}, the published traces')")
+                    help=f"tokens per hash id of a Mooncake-format JSONL trace (default {MOONCAKE_BLOCK}, the "
+                         "published traces')")
     ap.add_argument("--check", action="store_true", help="check every invariant after every step (slow)")
     ap.add_argument("--out", default="simulate.json", help="JSON path; the PNG goes next to it")
     args = ap.parse_args(argv)
@@ -185,8 +186,8 @@ def main(argv: list[str] | None = None) -> int:
         engine = EngineConfig.for_cost(cost, kv_gb=args.kv_gb, max_running=args.max_running,  # the model fits first
                                        chunked_prefill=args.chunk, mixed_chunk=not args.no_mixed_chunk,
                                        pace=args.pace, kv_projection=args.kv_projection)
-        records, beyond = within_context(load_workload(args.workload, n, cost, args.seed, args.block_size), cost.model.max_context,
-                                         args.workload, cost.model.name, "simulated")
+        records, beyond = within_context(load_workload(args.workload, n, cost, args.seed, args.block_size),
+                                         cost.model.max_context, args.workload, cost.model.name, "simulated")
         workload = Workload(records, cost)
         engine.check_fits(records, known=args.known_lengths)
         preset = PRESET.replace(keep_sharing=args.keep_sharing, sample_fraction=args.sample_fraction,

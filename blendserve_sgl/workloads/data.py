@@ -151,14 +151,14 @@ def read_counts(path: Path, prompt_col: str, output_col: str, n: int | None = No
         raise ValueError(f"{path}: no column {' or '.join(missing)} in its header ({','.join(header) or 'empty'}); "
                          f"a trace needs the columns {prompt_col} and {output_col} (token counts)")
     at = [header.index(c) for c in cols]
-    width = len(header)
+    width, last = len(header), max(at)
 
     def counts(line: int, row: list[str]) -> tuple[int, int]:
         if len(row) > width and any(cell.strip() for cell in row[width:]):  # empty trailing cells are harmless
             raise ValueError(f"{path} line {line}: {len(row)} cells under a header of {width} columns, so the "
                              "columns would shift; a value holding a comma must be in double quotes (\"1,5\"): "
                              "quote it, or fix or delete that row")
-        if len(row) <= max(at) and "\n" in row[-1]:
+        if len(row) <= last and "\n" in row[-1]:
             raise ValueError(f"{path} line {line}: a double quote opened in this row is not closed, so the row "
                              "runs on over the lines after it; close the quote, or fix or delete that row")
         return tuple(_count(path, line, c, row[i] if i < len(row) else "") for c, i in zip(cols, at))
