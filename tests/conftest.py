@@ -30,3 +30,16 @@ settings.register_profile(
     phases=[Phase.explicit, Phase.reuse, Phase.generate, Phase.target, Phase.shrink],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
+
+
+@pytest.fixture(autouse=True)
+def no_engine_watch_left():
+    """No test leaves an engine watch running: one left behind watches this process's later
+    children and, once a real engine in a later test ends, signals SIGQUIT to this process (a
+    CI run ended so, "make: *** Quit": `generate` cut short twice left its coroutine, and with
+    it the watch, pending)."""
+    import threading
+
+    yield
+    left = [t for t in threading.enumerate() if t.name == "engine-watch" and t.is_alive()]
+    assert not left, f"{len(left)} engine watch thread(s) still running after the test"

@@ -268,8 +268,9 @@ def generate(engine, items: Iterable[Prepared], on_result: Callable[[Prepared, d
     t0 = time.perf_counter()
     ours: set[asyncio.Task] = set()  # the requests in flight and the ticker, to cancel on interrupt
     flight = {} if in_flight is None else in_flight
+    watches: list[EngineWatch] = []  # stopped here: a coroutine cut short twice stays pending (below)
     main = loop.create_task(_generate(engine, items, on_result, on_error, window, tick, tick_seconds, ours, route,
-                                      flight))
+                                      flight, watches))
     try:
         loop.run_until_complete(main)
     except BaseException:
@@ -284,6 +285,9 @@ def generate(engine, items: Iterable[Prepared], on_result: Callable[[Prepared, d
             if t.done() and not t.cancelled():
                 t.exception()  # retrieved: asyncio would log each as never retrieved
         raise
+    finally:
+        for watch in watches:
+            watch.__exit__()
     return time.perf_counter() - t0
 
 
@@ -291,7 +295,7 @@ _LATEST = [0]  # the newest `_generate`: only it puts signal handlers back
 
 
 async def _generate(engine, items, on_result, on_error, window, tick, tick_seconds, ours: set, route=None,
-                    flight: dict | None = None) -> None:
+                    flight: dict | None = None, watches: list | None = None) -> None:
     loop = asyncio.get_running_loop()
     _LATEST[0] += 1
     mine = _LATEST[0]
@@ -346,6 +350,8 @@ async def _generate(engine, items, on_result, on_error, window, tick, tick_secon
     if tick is not None:
         ours.add(asyncio.ensure_future(ticker()))
     watch = EngineWatch().__enter__() if on_main else None  # it signals SIGQUIT: the handler above
+    if watch is not None and watches is not None:
+        watches.append(watch)  # `generate` stops it too: this coroutine may never reach its finally
     try:
         if window <= 0:
             tasks = [asyncio.ensure_future(one(p)) for p in items]
@@ -507,6 +513,7 @@ class EngineWatch:
         self.on_end, self.seconds = on_end, seconds
         self.procs: dict = {}  # pid -> (process, its name while it ran)
         self.stopping = threading.Event()
+        self.lock = threading.Lock()  # a watch stopped never signals after `__exit__` returned
         self.thread = threading.Thread(target=self._watch, name="engine-watch", daemon=True)
 
     def __enter__(self) -> "EngineWatch":
@@ -514,8 +521,10 @@ class EngineWatch:
         return self
 
     def __exit__(self, *_exc) -> None:
-        self.stopping.set()
-        self.thread.join(timeout=10 * self.seconds)
+        with self.lock:
+            self.stopping.set()
+        if self.thread is not threading.current_thread():
+            self.thread.join(timeout=10 * self.seconds)
 
     def _watch(self) -> None:
         import psutil
@@ -526,9 +535,13 @@ class EngineWatch:
                     with contextlib.suppress(psutil.Error):
                         self.procs[proc.pid] = proc, proc.name()
             ended = first_ended([proc for proc, _ in self.procs.values()])
-            if ended is not None and not self.stopping.is_set():
-                print(f"engine process {ended.pid} ({self.procs[ended.pid][1]}) ended", file=sys.stderr, flush=True)
-                self.on_end()
+            if ended is not None:
+                with self.lock:
+                    if self.stopping.is_set():
+                        return
+                    print(f"engine process {ended.pid} ({self.procs[ended.pid][1]}) ended", file=sys.stderr,
+                          flush=True)
+                    self.on_end()
                 return
             if self.stopping.wait(self.seconds):
                 return
