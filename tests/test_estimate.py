@@ -547,6 +547,56 @@ def test_recreated_node_reads_the_samples_of_the_pruned_one():
     t.check_integrity()
 
 
+def _batch_under(t, b: int, prefix: str, n: int = 4):
+    """A batch of `n` requests under `prefix` (one of them a sample) taken out of the tree, the
+    sample recorded after: what a server's tree sees of a system prompt, batch after batch."""
+    for i in range(n):
+        t.add(f"{prefix}{b}-{i}", prompt_len=60, prefix=[(prefix, 10), (f"{prefix}{b}-{i}", 50)], max_tokens=10_000)
+    path = t.path(t.reqs[f"{prefix}{b}-0"].node)
+    t.reqs[f"{prefix}{b}-0"].sample = True
+    for i in range(n):
+        t.remove(f"{prefix}{b}-{i}")
+    t.estimator.record(path, 100 + b)
+    t.check_integrity()
+
+
+def test_a_prefix_that_comes_back_batch_after_batch_keeps_a_bounded_memory():
+    """Each batch under a system prompt left its nodes behind for their samples: the pruned
+    prompt node (reached from the root) and, under it, the pruned request nodes (reached from
+    nothing once it was pruned), and each re-created node pointed to the one before, so a server
+    kept a node per batch for ever (probe 27). Now one node per place in the live tree, pointing
+    straight to where the samples are; every batch's sample still counts."""
+    from blendserve_sgl.core.tree import sample_source
+
+    t = ResourceTree(COST, OutputLengthEstimator(prior=7))
+    for b in range(40):
+        _batch_under(t, b, "S")
+        assert len(t._pruned) == 1  # the prompt node, under the root
+        new = t.add(f"probe{b}", prompt_len=60, prefix=[("S", 10), (f"probe{b}", 50)], max_tokens=10_000)
+        src = sample_source(new.node)
+        assert new.node.sample_from is src and src.sample_from is None  # one step, however many batches before
+        assert src.sample_n == b + 1 and new.output_len == round(sum(100 + k for k in range(b + 1)) / (b + 1))
+        t.remove(f"probe{b}")
+    t.check_integrity()
+
+
+def test_the_pruned_nodes_kept_are_the_newest_ghost_limit(monkeypatch):
+    """Beyond GHOST_LIMIT the oldest pruned node is forgotten (a prefix seen again after it takes
+    the estimate of the nodes above it); the newest are kept."""
+    from blendserve_sgl.core import tree as tree_mod
+
+    monkeypatch.setattr(tree_mod, "GHOST_LIMIT", 4)
+    t = ResourceTree(COST, OutputLengthEstimator(prior=7))
+    for b, prefix in enumerate("ABCDE"):
+        _batch_under(t, b, prefix, n=2)
+        assert len(t._pruned) == min(b + 1, 4)
+    assert [g.keys[0].name for g in t._pruned.values()] == ["B", "C", "D", "E"]
+    again = t.add("a-again", prompt_len=60, prefix=[("A", 10), ("a-again", 50)], max_tokens=10_000)
+    assert again.node.sample_from is None and again.output_len == 102  # the root's mean of 5
+    assert t.add("e-again", prompt_len=60, prefix=[("E", 10), ("e-again", 50)], max_tokens=10_000).output_len == 104
+    t.check_integrity()
+
+
 def test_replan_growth_counts_each_sample_against_what_the_plan_assumed():
     """After the plan, a sample re-plans only once it outgrows growth x what the plan assumed for
     it (its node's estimate, or its own output if larger) and by REPLAN_MIN_TOKENS: a long sample

@@ -28,6 +28,8 @@ import heapq
 import math
 from dataclasses import dataclass
 
+from .tree import sample_source
+
 
 @dataclass(frozen=True, slots=True)
 class OutputLengthEstimator:
@@ -173,18 +175,6 @@ def stratum_samples(tree, estimator: OutputLengthEstimator, chosen: set) -> list
             has = True
         below[id(node)] = (count, best, has)
     return added
-
-
-def sample_source(node):
-    """The node whose samples stand for `node`'s subtree: a split twin's origin; for a node
-    re-created after its predecessor was pruned (its requests all taken, then one retracted),
-    that predecessor (None: None)."""
-    while node is not None:
-        nxt = node.split_of if node.split_of is not None else node.sample_from
-        if nxt is None:
-            return node
-        node = nxt
-    return node
 
 
 class SamplePhase:

@@ -38,9 +38,9 @@ from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 from .cost import memory_units, split_memory
-from .estimate import SamplePhase, sample_source
+from .estimate import SamplePhase
 from .split import SplitReport, sort_and_split
-from .tree import Node, Req, ResourceTree
+from .tree import Node, Req, ResourceTree, sample_source
 
 LEFT, RIGHT, SAMPLE = "left", "right", "sample"
 MEMORY_STOPS = ("kv", "hard-cap", "share")  # a side stopped for lack of memory (ScanConfig.lend_idle_share)

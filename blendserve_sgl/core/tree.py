@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import bisect
 import math
-from collections import deque
+from collections import OrderedDict, deque
 from typing import Iterator, NamedTuple, Sequence
 
 from .cost import CostModel, memory_units
@@ -102,6 +102,18 @@ def _may_hold_samples(node: Node) -> bool:
     return False
 
 
+def sample_source(node):
+    """The node whose samples stand for `node`'s subtree: a split twin's origin; for a node
+    re-created after its predecessor was pruned (its requests all taken, then one retracted),
+    that predecessor (None: None)."""
+    while node is not None:
+        nxt = node.split_of if node.split_of is not None else node.sample_from
+        if nxt is None:
+            return node
+        node = nxt
+    return node
+
+
 def _keys_length(keys: Sequence) -> int:
     if keys and type(keys[0]) is Group:
         return sum(k.length for k in keys)
@@ -130,7 +142,10 @@ class ResourceTree:
         self._seq = 0
         self.root = Node(None, (), 0, self._next_seq())
         self.reqs: dict = {}
-        self._pruned: dict = {}  # (id(parent), first key) -> the last node pruned there (its samples live on)
+        # (id(parent), first key) -> the last node pruned there (its samples live on); only under
+        # nodes still in the tree (nothing else can find them), the newest GHOST_LIMIT of them
+        self._pruned: OrderedDict = OrderedDict()
+        self._ghosts_under: dict = {}  # id(parent) -> the first keys of its entries in _pruned
         self.is_sorted = False
 
     def _next_seq(self) -> int:
@@ -212,7 +227,9 @@ class ResourceTree:
                 node.index[keys[i]] = new
                 ghost = self._pruned.get((id(node), keys[i]))
                 if ghost is not None and keys[i:i + len(ghost.keys)] == ghost.keys:
-                    new.sample_from = ghost
+                    # its source (an edge that starts this one too), not the ghost: a prefix that
+                    # comes back batch after batch would chain a ghost per batch for ever
+                    new.sample_from = sample_source(ghost)
                 return new, new
             edge = child.keys
             m = len(edge)
@@ -294,23 +311,51 @@ class ResourceTree:
             a = node
             while a is not None:
                 a.sampled = True
+                sample_source(a).sampled = True  # where its length will be recorded
                 a = a.parent
         while node.count == 0 and node.parent is not None:
             parent = node.parent
             _unlink(parent.kids, node)
+            for first in self._ghosts_under.pop(id(node), ()):  # out of the tree: no lookup reaches them
+                del self._pruned[(id(node), first)]
             if node.keys and parent.index.get(node.keys[0]) is node:
                 del parent.index[node.keys[0]]
-                key = (id(parent), node.keys[0])
-                if _may_hold_samples(node):  # samples recorded later still count
-                    self._pruned[key] = node
+                if parent.count == 0 and parent.parent is not None:
+                    pass  # its parent goes next: nothing could find it there
+                elif _may_hold_samples(node):  # samples recorded later still count
+                    self._remember(parent, node)
                 else:  # kept only where samples can be: the memory of a long run stays bounded
-                    self._pruned.pop(key, None)
+                    self._forget(id(parent), node.keys[0])
             a = parent
             while a is not None:
                 a.unique -= node.length
                 a = a.parent
             node = parent
         return req
+
+    def _remember(self, parent: Node, node: Node) -> None:
+        """Keep `node`, just pruned from `parent`, for a node re-created there (`sample_from`); the
+        oldest entry goes beyond GHOST_LIMIT (a server's batches would add some for ever). Where
+        its samples go to another node whose edge starts its own (`sample_source`), that node is
+        kept instead: the same samples, and more edges start with it."""
+        key = (id(parent), node.keys[0])
+        src = sample_source(node)
+        self._pruned[key] = src if node.keys[:len(src.keys)] == src.keys else node
+        self._pruned.move_to_end(key)
+        self._ghosts_under.setdefault(key[0], set()).add(key[1])
+        while len(self._pruned) > GHOST_LIMIT:
+            (pid, first), _ = self._pruned.popitem(last=False)
+            self._unindex(pid, first)
+
+    def _forget(self, pid: int, first) -> None:
+        if self._pruned.pop((pid, first), None) is not None:
+            self._unindex(pid, first)
+
+    def _unindex(self, pid: int, first) -> None:
+        keys = self._ghosts_under[pid]
+        keys.discard(first)
+        if not keys:
+            del self._ghosts_under[pid]
 
     def set_output_len(self, req: Req, output_len: int) -> None:
         """Change a waiting request's (estimated) output length, keeping aggregates exact."""
@@ -497,6 +542,12 @@ class ResourceTree:
             aggs[id(node)] = tuple(agg)
 
         assert len(seen) == len(self.reqs), "request table holds requests that are in no leaf"
+        live = {id(n) for n in post}
+        assert len(self._pruned) <= GHOST_LIMIT, f"{len(self._pruned)} pruned nodes kept, over {GHOST_LIMIT}"
+        assert sum(map(len, self._ghosts_under.values())) == len(self._pruned), "ghost index out of step"
+        for (pid, first), ghost in self._pruned.items():
+            assert pid in live, f"a pruned node {ghost} is kept under a node no longer in the tree"
+            assert first in self._ghosts_under[pid] and ghost.keys[0] == first
         # DFS keeps every node's requests contiguous.
         first: dict = {}
         for pos, r in enumerate(order):
@@ -536,3 +587,4 @@ def _position(kids: deque, item) -> int:
 
 
 _NEAR_END = 64
+GHOST_LIMIT = 1 << 14  # pruned nodes kept for their samples (`ResourceTree._pruned`), newest first
