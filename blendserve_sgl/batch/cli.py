@@ -430,6 +430,7 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
         progress.add(failed=1)
 
     previous = signal.signal(signal.SIGTERM, _interrupt)
+    quit_handler = signal.getsignal(signal.SIGQUIT)  # put back at the end: SGLang's would kill this process
     engine, ray_stats, first = None, [], True  # first: no engine has started yet
     try:
         if args.ray:
@@ -458,7 +459,6 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
         if parts is not None:
             cids = {read.store.custom_id(int(i)): r for r, part in enumerate(parts) for i in part}
             route = lambda p: cids[p.request.custom_id]  # noqa: E731
-        quit_handler = signal.getsignal(signal.SIGQUIT)  # put back at the end (a restart leaves SGLang's)
         while True:  # one engine; again after one of its processes dies, to find the request that stopped it
             engine = _start(cfg, args, stats, writer, again=hunt is not None)
             stats.sample_rss()  # the engine's processes hold their memory from here (a short run has no tick)
@@ -523,11 +523,14 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
     finally:
         progress.close()
         signal.signal(signal.SIGTERM, previous)
-        if hunt is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGQUIT, quit_handler)
+        on_main = threading.current_thread() is threading.main_thread()
         if engine is not None:
             stats.sample_rss()
+            if on_main:  # the engine is being stopped: a SIGQUIT now (a process reporting its end) changes
+                signal.signal(signal.SIGQUIT, signal.SIG_IGN)  # nothing, and SGLang's handler would kill a finished run
             engine.shutdown()
+        if on_main:
+            signal.signal(signal.SIGQUIT, quit_handler if quit_handler is not None else signal.SIG_DFL)
         ranks = [rank_path(stats_file, r) for r in range(replicas)] if replicas > 1 else [stats_file]  # one a replica
         if stats_file and args.policy == "blend":  # --ray: what the replicas returned (their nodes' files)
             stats.policy_stats = combine_policy_stats(ray_stats if args.ray else [read_policy_stats(f) for f in ranks])

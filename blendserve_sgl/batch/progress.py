@@ -103,8 +103,9 @@ def summary_lines(s: RunStats, results: str, errors: str | None) -> list[str]:
         lines.insert(-1, f"  blend planning  {ps['steps']:,} steps{over}, {ps.get('planning_ms_per_step', 0):.2f} ms per "
                          "step")
     if s.engine_restarts:
-        lines.insert(-1, f"  engine          started again {s.engine_restarts:,} times after one of its processes "
-                         "failed (its requests in flight run again apart, to find the one that stops it)")
+        times = "once" if s.engine_restarts == 1 else f"{s.engine_restarts:,} times"
+        lines.insert(-1, f"  engine          started again {times} after one of its processes failed (its requests "
+                         "in flight run again apart, to find the one that stops it)")
     if s.interrupted:
         lines.append("  run the same command again to finish the rest (results written so far are kept)")
     if s.failed or s.kept_errors:
