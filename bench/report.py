@@ -167,6 +167,15 @@ LAYOUT = {
                        "seconds.this.adjacent_cuts.40000", "seconds.b2d5ae4.adjacent_cuts.40000",
                        "seconds.this.far_cuts.40000", "seconds.b2d5ae4.far_cuts.40000",
                        "baseline_over_this.b2d5ae4.final_wave.20000", "baseline_over_this.b2d5ae4.final_wave.40000"]),
+    "server_batches_memory": ("The plugin's memory on a server, batch after batch (`bench/server_batches_memory.py`)",
+                              ["batches", "requests_per_batch", "results.this.drain/0.checkpoints.-1.traced_mb",
+                               "results.8ac3be1.drain/0.checkpoints.-1.traced_mb",
+                               "results.this.drain/0.checkpoints.-1.pruned_nodes_kept",
+                               "results.8ac3be1.drain/0.checkpoints.-1.pruned_nodes_kept",
+                               "results.this.drain/0.growth_kb_per_batch", "results.8ac3be1.drain/0.growth_kb_per_batch",
+                               "memory_vs_this.8ac3be1.drain/0", "memory_vs_this.8ac3be1.drain/1",
+                               "memory_vs_this.8ac3be1.drain/2", "results.this.stream/0.growth_kb_per_batch",
+                               "memory_vs_this.8ac3be1.stream/0"]),
     "long_prompts_memory": ("Long distinct prompts: the reader's and `blendserve plan`'s memory "
                             "(`bench/long_prompts_memory.py`)",
                             ["requests", "input_mb", "runs.this.plan.peak_rss_mb", "runs.82c321b.plan.peak_rss_mb",
@@ -192,11 +201,15 @@ LAYOUT = {
 
 
 def _get(data: dict, field: str):
-    """`field` of `data`; a dotted name reaches into a nested object. None when absent."""
+    """`field` of `data`; a dotted name reaches into a nested object (a number: a list's item, -1
+    the last). None when absent."""
     for part in field.split("."):
-        if not isinstance(data, dict) or part not in data:
+        if isinstance(data, list) and part.lstrip("-").isdigit() and -len(data) <= int(part) < len(data):
+            data = data[int(part)]
+        elif isinstance(data, dict) and part in data:
+            data = data[part]
+        else:
             return None
-        data = data[part]
     return data
 
 
