@@ -296,6 +296,8 @@ _LATEST = [0]  # the newest `_generate`: only it puts signal handlers back
 
 async def _generate(engine, items, on_result, on_error, window, tick, tick_seconds, ours: set, route=None,
                     flight: dict | None = None, watches: list | None = None) -> None:
+    # `watches`: where the engine watch goes, for `generate` to stop it too (this coroutine, cut
+    # short twice, may never reach its finally); it is stopped here first, before the handlers go back
     loop = asyncio.get_running_loop()
     _LATEST[0] += 1
     mine = _LATEST[0]
@@ -351,7 +353,7 @@ async def _generate(engine, items, on_result, on_error, window, tick, tick_secon
         ours.add(asyncio.ensure_future(ticker()))
     watch = EngineWatch().__enter__() if on_main else None  # it signals SIGQUIT: the handler above
     if watch is not None and watches is not None:
-        watches.append(watch)  # `generate` stops it too: this coroutine may never reach its finally
+        watches.append(watch)
     try:
         if window <= 0:
             tasks = [asyncio.ensure_future(one(p)) for p in items]
@@ -523,8 +525,7 @@ class EngineWatch:
     def __exit__(self, *_exc) -> None:
         with self.lock:
             self.stopping.set()
-        if self.thread is not threading.current_thread():
-            self.thread.join(timeout=10 * self.seconds)
+        self.thread.join(timeout=10 * self.seconds)
 
     def _watch(self) -> None:
         import psutil
