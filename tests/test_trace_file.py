@@ -35,8 +35,8 @@ def test_every_known_column_pair_is_read_among_other_columns(tmp_path, pair):
 
 
 def test_mooncake_blocks_become_shared_prefix_groups(tmp_path):
-    """Equal hash ids are one shared prefix: the full blocks before the last are groups of 512
-    tokens, the last block is the request's own tail; the tree sees the sharing."""
+    """Equal hash ids are one shared prefix: full blocks are groups of 512 tokens, a partial last
+    block a group named by its id and length; the tree sees the sharing."""
     path = _mooncake(tmp_path / "m.jsonl", [
         {"timestamp": 0, "input_length": 1500, "output_length": 20, "hash_ids": [0, 1, 2]},
         {"timestamp": 0, "input_length": 1300, "output_length": 30, "hash_ids": [0, 1, 3]},
@@ -44,7 +44,8 @@ def test_mooncake_blocks_become_shared_prefix_groups(tmp_path):
         {"timestamp": 9, "input_length": 100, "output_length": 5},
     ])
     recs = load_trace_file(path)
-    assert [r.prefix for r in recs] == [(("h0", 512), ("h1", 512)), (("h0", 512), ("h1", 512)), (("h0", 512),), ()]
+    assert [r.prefix for r in recs] == [(("h0", 512), ("h1", 512), ("h2/476", 476)),
+                                        (("h0", 512), ("h1", 512), ("h3/276", 276)), (("h0", 512), ("h4/188", 188)), ()]
     assert [r.output_len for r in recs] == [20, 30, 1, 5]
     tree = workloads.build_tree(recs, COST)
     tree.check_integrity()
@@ -60,11 +61,36 @@ def test_mooncake_ids_are_equal_only_to_the_same_json_value(tmp_path):
         {"input_length": 1500, "output_length": 2, "hash_ids": ["1", "2", "4"]},
     ])
     recs = load_trace_file(path)
-    assert recs[0].prefix == (("h1", 512), ("h2", 512))  # integer ids keep their names
+    assert recs[0].prefix[:2] == (("h1", 512), ("h2", 512))  # integer ids keep their names
     assert not set(recs[0].prefix) & set(recs[1].prefix)
-    assert recs[1].prefix == recs[2].prefix
+    assert recs[1].prefix[:2] == recs[2].prefix[:2]
     tree = workloads.build_tree(recs, COST)
     assert tree.root.saved == 2 * 512  # only the two string rows share their two blocks
+
+
+def test_identical_mooncake_prompts_share_their_last_block_too(tmp_path):
+    """The last block was always a request's own tail (probe 24): 200 copies of one prompt read
+    "sharing 0.000" in `simulate`. Now a full last block is the same group as that block anywhere
+    (a later turn's prompt holds it), a partial one is shared by the same id and length only, and
+    tokens beyond the hashed blocks stay the request's own."""
+    path = _mooncake(tmp_path / "m.jsonl", [
+        {"input_length": 512, "output_length": 2, "hash_ids": [7]},
+        {"input_length": 512, "output_length": 2, "hash_ids": [7]},
+        {"input_length": 1024, "output_length": 2, "hash_ids": [7, 8]},  # a later turn: block 7 full
+        {"input_length": 700, "output_length": 2, "hash_ids": [9, 10]},
+        {"input_length": 700, "output_length": 2, "hash_ids": [9, 10]},  # identical: 188-token block shared
+        {"input_length": 600, "output_length": 2, "hash_ids": [9, 8]},  # id 8 partial, 8 full above: two blocks
+        {"input_length": 1300, "output_length": 2, "hash_ids": [9]},  # 788 tokens past its one block: its own
+    ])
+    recs = load_trace_file(path)
+    assert recs[0].prefix == recs[1].prefix == (("h7", 512),)
+    assert recs[2].prefix == (("h7", 512), ("h8", 512))
+    assert recs[3].prefix == recs[4].prefix == (("h9", 512), ("h10/188", 188))
+    assert recs[5].prefix == (("h9", 512), ("h8/88", 88))
+    assert recs[6].prefix == (("h9", 512),) and recs[6].prompt_len == 1300
+    tree = workloads.build_tree(recs, COST)
+    tree.check_integrity()
+    assert tree.root.saved == 2 * 512 + 188 + 3 * 512  # h7 twice again, h10/188 once again, h9 three times again
 
 
 @pytest.mark.parametrize("content, message", [

@@ -7,11 +7,14 @@ Two formats, told apart by the file's first character:
   `output_tokens` spellings); other columns are ignored. Lengths only: every prompt is unshared.
 - JSON lines in the Mooncake trace format: `input_length`, `output_length` and optionally
   `hash_ids`, one id per block of `block_size` prompt tokens (512 in the published traces), equal
-  ids for equal prefixes. The full blocks before the last become shared prefix groups, so
-  requests that share blocks share a prefix in the tree and in the radix cache; the last block
-  (often partial) is the request's own tail. Ids are integers (Mooncake's) or strings, each
-  equal only to itself: 1 and "1" are two blocks, as they are two JSON values. A key twice in one
-  line is refused (which one counts would be a guess).
+  ids for equal prefixes. Every block becomes a shared prefix group, so requests that share
+  blocks share a prefix in the tree and in the radix cache: identical prompts share all of it
+  (the engine still computes the last token). The last block is often partial: its group is
+  named by its id and its token count, so it is shared only with the same partial block, never
+  with a full block of the same id (an inconsistent trace). Prompt tokens beyond the hashed
+  blocks are the request's own tail. Ids are integers (Mooncake's) or strings, each equal only
+  to itself: 1 and "1" are two blocks, as they are two JSON values. A key twice in one line is
+  refused (which one counts would be a guess).
 
 Requests are taken in file order (the first `n` when given). An output of 0 tokens counts as 1
 and a prompt of 0 tokens as 1: an engine writes at least one token and reads at least one (their
@@ -245,5 +248,9 @@ def _jsonl_row(path: Path, line_no: int, line: str, block_size: int, out: list, 
         if isinstance(h, bool) or not isinstance(h, (int, str)):
             raise ValueError(f"{path.name} line {line_no}: hash_ids items must be integers or strings, got "
                              f"{h!r}; fix or delete that line")
-    prefix = tuple((f"h{h!r}", block_size) for h in ids[:-1])  # h1 for 1, h'1' for "1": two blocks
+    prefix = [(f"h{h!r}", block_size) for h in ids]  # h1 for 1, h'1' for "1": two blocks
+    if ids and p < len(ids) * block_size:  # a partial last block: h1/300 (a str id's repr ends in a quote)
+        last = p - (len(ids) - 1) * block_size
+        prefix[-1] = (f"{prefix[-1][0]}/{last}", last)
+    prefix = tuple(prefix)
     out.append(Record(f"{path.stem}-{line_no}", p, prefix, o, path.stem))
