@@ -514,6 +514,48 @@ def test_a_batch_after_the_engine_drained_is_sampled_anew_in_the_policy():
     pol.scanner.check_integrity()
 
 
+def test_a_drained_engine_holds_none_of_its_finished_requests():
+    """A server between batches kept the last batch's requests (SGLang's Req objects, their ids)
+    in the policy and the scanner until the next arrival (probe 29): SGLang calls calc_priority
+    only while its queue holds requests. The idle step after the drain now lets them go; a
+    request still running is kept."""
+    sched = FakeScheduler(capacity=200_000, slots=64)
+    pol = _make_policy(sched)
+    batch = [FakeReq(f"r{i}", [1] * 10 + [50 + i] * 5, 4 + (i == 0) * 10) for i in range(12)]
+    for r in batch:
+        sched.waiting_queue.append(r)
+        pol.on_arrival(r)
+    running: list = []
+    for _ in range(40):
+        pol.begin_step(SimpleNamespace(reqs=running))
+        if sched.waiting_queue:
+            pol.calc_priority(sched.waiting_queue, SimpleNamespace(reqs=running))
+            running, sched.waiting_queue = running + sched.waiting_queue, []
+        pol.end_step()
+        for r in running:
+            r.output_ids.append(7)
+            r.done = len(r.output_ids) >= r.sampling_params.max_new_tokens
+        running = [r for r in running if not r.done]
+        if not running:
+            break
+    assert not running and not sched.waiting_queue
+    pol.begin_step(SimpleNamespace(reqs=[]))  # the idle step after the drain
+    pol.end_step()
+    assert not pol.running and not pol.written_at_take and not pol.scanner.running
+    assert pol.work.done == 12
+    pol.scanner.check_integrity()
+    late = FakeReq("late", [2] * 40, 8)  # admitted, then outside the running batch (a chunked prefill)
+    sched.waiting_queue.append(late)
+    pol.on_arrival(late)
+    pol.begin_step(SimpleNamespace(reqs=[]))
+    pol.calc_priority(sched.waiting_queue, SimpleNamespace(reqs=[]))
+    sched.waiting_queue = []
+    pol.end_step()
+    pol.begin_step(SimpleNamespace(reqs=[]))
+    pol.end_step()
+    assert set(pol.running) == {"late"}  # not ended: kept
+
+
 def test_budget_matches_sglangs_admission_check_with_mixed_chunks():
     """With --enable-mixed-chunk SGLang's PrefillAdder takes the running requests' decode tokens
     out of the KV budget and of the step's prefill tokens; the plan's budget does the same (else

@@ -492,7 +492,14 @@ class BlendPolicy:
     def begin_step(self, running_batch) -> None:
         """Before SGLang builds this step's PrefillAdder: the paced budget as its prefill-token
         budget (`max_prefill_tokens`) and chunk size (`chunked_prefill_size`, when chunked prefill
-        is on), never above the configured ones; `end_step` restores them."""
+        is on), never above the configured ones; `end_step` restores them.
+
+        SGLang runs this step also when idle, but calc_priority only while its queue holds
+        requests: once the engine has drained, the requests that ended since the last plan are
+        taken out here (else a server between batches would hold the last batch's requests, their
+        prompt and output ids, until the next arrival)."""
+        if self.running and not self.scheduler.waiting_queue and (running_batch is None or not running_batch.reqs):
+            self._sync_running(running_batch)
         paced = self.paced_tokens(running_batch)
         if paced is None:
             return
