@@ -9,6 +9,8 @@ import resource
 import shlex
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
 
 from blendserve_sgl.machine import describe
@@ -42,6 +44,29 @@ def table(rows: list[tuple], header: tuple) -> str:
     lines = [fmt.format(*header), fmt.format(*("-" * w for w in widths))]
     lines += [fmt.format(*(str(c) for c in r)) for r in rows]
     return "\n".join(lines)
+
+
+def post_json(url: str, body: dict, timeout: float = 600) -> dict:
+    """POST `body` as JSON to a server under test; its JSON answer."""
+    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+def wait_up(url: str, proc, limit: float = 300) -> None:
+    """Until the server at `url` (process `proc`) answers /health; RuntimeError if it exits or never does."""
+    end = time.time() + limit
+    while time.time() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"the server exited ({proc.returncode})")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            pass
+        time.sleep(1)
+    raise RuntimeError("the server did not come up")
 
 
 def head_commit() -> str | None:

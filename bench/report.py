@@ -176,6 +176,11 @@ LAYOUT = {
                                "memory_vs_this.8ac3be1.drain/0", "memory_vs_this.8ac3be1.drain/1",
                                "memory_vs_this.8ac3be1.drain/2", "results.this.stream/0.growth_kb_per_batch",
                                "memory_vs_this.8ac3be1.stream/0"]),
+    "server_rss": ("The real scheduler's memory on a server, batch after batch (`bench/server_rss.py`)",
+                   ["batches", "size", "policies.blend.rss_slope_mb_per_batch", "policies.lpm.rss_slope_mb_per_batch",
+                    "policies.fcfs.rss_slope_mb_per_batch", "policies.blend.rss_mb.start", "policies.blend.rss_mb.end",
+                    "policies.lpm.rss_mb.start", "policies.lpm.rss_mb.end", "policies.fcfs.rss_mb.start",
+                    "policies.fcfs.rss_mb.end", "blend_rss_slope_minus_highest_stock"]),
     "long_prompts_memory": ("Long distinct prompts: the reader's and `blendserve plan`'s memory "
                             "(`bench/long_prompts_memory.py`)",
                             ["requests", "input_mb", "runs.this.plan.peak_rss_mb", "runs.82c321b.plan.peak_rss_mb",

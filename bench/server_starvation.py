@@ -21,37 +21,15 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-from bench._common import table, write  # noqa: E402
+from bench._common import post_json, table, wait_up, write  # noqa: E402
 from blendserve_sgl.harness import cpu_engine_env, kill_group, start  # noqa: E402
 
 BIG = {"input_ids": [11] * 30, "sampling_params": {"max_new_tokens": 1500, "ignore_eos": True, "temperature": 0}}
-
-
-def _post(url: str, body: dict, timeout: float = 600) -> dict:
-    req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
-    with urllib.request.urlopen(req, timeout=timeout) as r:
-        return json.loads(r.read())
-
-
-def _wait_up(url: str, proc, limit: float = 300) -> None:
-    end = time.time() + limit
-    while time.time() < end:
-        if proc.poll() is not None:
-            raise RuntimeError(f"the server exited ({proc.returncode})")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=2) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            pass
-        time.sleep(1)
-    raise RuntimeError("the server did not come up")
 
 
 def run_policy(policy: str, model: str, port: int, pool: int, clients: int, seconds: float, log: Path) -> dict:
@@ -61,13 +39,13 @@ def run_policy(policy: str, model: str, port: int, pool: int, clients: int, seco
                  log_path=log, env=cpu_engine_env())
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_up(url, proc)
+        wait_up(url, proc)
         stop, done, lock = time.time() + seconds, [0], threading.Lock()
 
         def client(k: int) -> None:
             rng = random.Random(k)
             while time.time() < stop:
-                _post(url + "/generate", {"input_ids": [rng.randrange(3, 500) for _ in range(20)],
+                post_json(url + "/generate", {"input_ids": [rng.randrange(3, 500) for _ in range(20)],
                                           "sampling_params": {"max_new_tokens": rng.choice([8, 64, 128]),
                                                               "ignore_eos": True, "temperature": 0}})
                 with lock:
@@ -78,7 +56,7 @@ def run_policy(policy: str, model: str, port: int, pool: int, clients: int, seco
             t.start()
         time.sleep(2)
         t0 = time.time()
-        out = _post(url + "/generate", BIG)
+        out = post_json(url + "/generate", BIG)
         big_latency = time.time() - t0
         for t in threads:
             t.join()

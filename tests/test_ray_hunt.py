@@ -238,3 +238,21 @@ def test_a_stopped_run_writes_what_its_unreturned_chunks_finished(cluster, monke
         run([reqs], monkeypatch=monkeypatch, on_chunk=stop, answered=answered, on_started=started.append)
     assert sorted(answered) == ["r0", "r2", "r3", "r4", "r5", "r6", "r7"]
     assert len(started) == 1 and started[0] > 0
+
+
+def test_a_run_says_it_is_done_before_its_replicas_stop(cluster, monkeypatch):
+    """`on_done` comes once every request is handed over and while the replicas still answer: the
+    run marks itself complete there, so a SIGTERM during the tens of seconds Ray takes to stop
+    no longer turned a finished run into an interrupted one (exit 130, a probe)."""
+    actors, seen = {}, []
+
+    def done() -> None:
+        seen.append(len(answered))
+        for actor in actors.values():  # not stopped yet: each still answers
+            assert ray.get(actor.capacity.remote(), timeout=60) == (4096, 64)
+
+    answered: dict = {}
+    reqs = items(12)
+    run([reqs[:6], reqs[6:]], monkeypatch=monkeypatch, answered=answered,
+        on_chunk=lambda r, actor, _: actors.setdefault(r, actor), on_done=done)
+    assert seen == [12] and len(actors) == 2

@@ -447,7 +447,7 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
             report = ray_runner.generate(
                 cfg, [[read.store.prepared(i) for i in part] for part in parts], on_result, on_error,
                 address=args.ray_address, gpus=gpus, say=_say, on_chunk=lambda *_: stats.sample_rss(),
-                on_started=started)
+                on_started=started, on_done=lambda: _COMPLETE.__setitem__(0, True))
             stats.generate_seconds, stats.engine_restarts = report.seconds, report.restarts
             stats.window = report.window
             ray_stats = report.policy_stats

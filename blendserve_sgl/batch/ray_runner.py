@@ -47,6 +47,7 @@ from .prompts import Prepared
 MAX_IN_FLIGHT = 64  # chunks one replica may hold at once (its actor's threads)
 CONTROL = {"control": 2}  # the actor's threads for `collect` and `shutdown`, free while chunks hold the others
 COLLECT_SECONDS = 30  # how long a stopping run waits for a replica's finished requests
+SHUTDOWN_SECONDS = (60, 10)  # how long the replicas' engines may take to stop: a finished run, a stopped one
 RAY_LOGS = "Ray's worker logs (/tmp/ray/session_latest/logs on the replica's node)"
 ENV_PASSED = ("PYTHONPATH", "SGLANG_USE_CPU_ENGINE", "OMP_WAIT_POLICY", "PYTHONWARNINGS", "BLENDSERVE_MODEL_CACHE")
 
@@ -189,13 +190,15 @@ def generate(cfg: runner.EngineConfig, parts: Sequence[Sequence[Prepared]],
              on_result: Callable[[Prepared, dict], None], on_error: Callable[[Prepared, BaseException], None], *,
              address: str | None = None, gpus: float = 0.0, chunk: int = 256, in_flight: int | None = None,
              on_chunk: Callable | None = None, say: Callable[[str], None] | None = None,
-             on_started: Callable[[float], None] | None = None) -> RayReport:
+             on_started: Callable[[float], None] | None = None,
+             on_done: Callable[[], None] | None = None) -> RayReport:
     """Run each shard of `parts` (`dispatch.shards`) on its own Ray actor (module docstring).
     `in_flight`: chunks outstanding per replica (None: `chunks_in_flight` from the engine's
     capacity). `on_chunk(replica, actor, chunks_done)` is called after each returned chunk (tests
     use it to kill a replica); `say(message)` reports replicas started again and lost;
     `on_started(seconds)` once every replica's engine has started (an interrupted run returns no
-    report)."""
+    report); `on_done()` once every request has been handed over, before the replicas and Ray
+    stop (tens of seconds: a stop asked for then interrupts nothing)."""
     import ray
     from ray.exceptions import RayActorError
 
@@ -353,6 +356,7 @@ def generate(cfg: runner.EngineConfig, parts: Sequence[Sequence[Prepared]],
             return None, None
 
     t0 = time.perf_counter()
+    finished = False
     try:
         for r in range(replicas):
             start(r)
@@ -395,6 +399,9 @@ def generate(cfg: runner.EngineConfig, parts: Sequence[Sequence[Prepared]],
                 on_chunk(r, s.actor, done_chunks[r])
             feed(r)
         seconds = time.perf_counter() - t1
+        finished = True
+        if on_done is not None:
+            on_done()
     except BaseException:
         if pending:
             with contextlib.suppress(Exception):
@@ -403,9 +410,12 @@ def generate(cfg: runner.EngineConfig, parts: Sequence[Sequence[Prepared]],
     finally:
         live = [(r, s.actor) for r, s in enumerate(slots) if s.actor is not None and not s.lost]
         policy_stats = [{} for _ in slots]
+        # one deadline for all (they stop together); a stopped run does not wait for an engine still
+        # starting (its shutdown call runs only once the start is over: a minute a replica, a probe)
+        deadline = time.monotonic() + SHUTDOWN_SECONDS[0 if finished else 1]
         for (r, _), ref in zip(live, [a.shutdown.options(concurrency_group="control").remote() for _, a in live]):
             with contextlib.suppress(Exception):  # a replica already gone has nothing to shut down
-                policy_stats[r] = ray.get(ref, timeout=60) or {}
+                policy_stats[r] = ray.get(ref, timeout=max(0.0, deadline - time.monotonic())) or {}
         for s in slots:
             if s.actor is not None:
                 with contextlib.suppress(Exception):
