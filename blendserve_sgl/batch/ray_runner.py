@@ -47,6 +47,7 @@ from .prompts import Prepared
 MAX_IN_FLIGHT = 64  # chunks one replica may hold at once (its actor's threads)
 CONTROL = {"control": 2}  # the actor's threads for `collect` and `shutdown`, free while chunks hold the others
 COLLECT_SECONDS = 30  # how long a stopping run waits for a replica's finished requests
+WAIT_SECONDS = 1.0  # the driver's longest blocking wait on Ray, so that a stop asked for is taken
 SHUTDOWN_SECONDS = (60, 10)  # how long the replicas' engines may take to stop: a finished run, a stopped one
 RAY_LOGS = "Ray's worker logs (/tmp/ray/session_latest/logs on the replica's node)"
 ENV_PASSED = ("PYTHONPATH", "SGLANG_USE_CPU_ENGINE", "OMP_WAIT_POLICY", "PYTHONWARNINGS", "BLENDSERVE_MODEL_CACHE")
@@ -200,7 +201,7 @@ def generate(cfg: runner.EngineConfig, parts: Sequence[Sequence[Prepared]],
     report); `on_done()` once every request has been handed over, before the replicas and Ray
     stop (tens of seconds: a stop asked for then interrupts nothing)."""
     import ray
-    from ray.exceptions import RayActorError
+    from ray.exceptions import GetTimeoutError, RayActorError
 
     replicas = len(parts)
     if replicas < 1 or chunk < 1 or (in_flight is not None and in_flight < 1):
@@ -263,10 +264,12 @@ def generate(cfg: runner.EngineConfig, parts: Sequence[Sequence[Prepared]],
         asked = [s.actor.collect.options(concurrency_group="control").remote()
                  for s in slots if s.actor is not None and not s.lost and not s.dying]
         held = {key: items for _, items, _, key in pending.values()}
-        for ref in asked:
+        # one deadline for all: a replica whose engine still starts answers only once it has started
+        answered, _ = ray.wait(asked, num_returns=len(asked), timeout=COLLECT_SECONDS) if asked else ([], [])
+        for ref in answered:
             try:
-                got = ray.get(ref, timeout=COLLECT_SECONDS)
-            except Exception:  # noqa: BLE001 (a replica gone or stuck: its chunks run again next time)
+                got = ray.get(ref)
+            except Exception:  # noqa: BLE001 (a replica gone: its chunks run again next time)
                 continue
             for key, finished in got.items():
                 if key in held:
@@ -350,10 +353,14 @@ def generate(cfg: runner.EngineConfig, parts: Sequence[Sequence[Prepared]],
         feed(r)
 
     def capacity(actor) -> tuple:
-        try:
-            return ray.get(actor.capacity.remote())
-        except RayActorError:  # it never started: its chunks fail below, as a dead replica's do
-            return None, None
+        ref = actor.capacity.remote()  # answered once the engine has started: minutes
+        while True:
+            try:
+                return ray.get(ref, timeout=WAIT_SECONDS)
+            except GetTimeoutError:  # a blocked ray.get defers the driver's signal handlers: a Ctrl-C or
+                continue  # SIGTERM while the engines start took effect only once they had (a probe)
+            except RayActorError:  # it never started: its chunks fail below, as a dead replica's do
+                return None, None
 
     t0 = time.perf_counter()
     finished = False
@@ -368,7 +375,9 @@ def generate(cfg: runner.EngineConfig, parts: Sequence[Sequence[Prepared]],
         for r in range(replicas):
             feed(r)
         while pending:
-            ready, _ = ray.wait(list(pending), num_returns=1)
+            ready, _ = ray.wait(list(pending), num_returns=1, timeout=WAIT_SECONDS)  # a stop is taken between waits
+            if not ready:
+                continue
             ref = ready[0]
             r, part, group, _ = pending.pop(ref)
             s = slots[r]
