@@ -171,6 +171,7 @@ def test_file_with_bad_lines_yields_every_line_in_order(tmp_path):
     assert items[3].custom_id is None and 'custom_id "a" is already used on line 1' in items[3].message
     assert items[4].custom_id == "c" and items[5].custom_id is None  # the invalid first "c" owns the id
     assert "not UTF-8" in items[6].message and items[6].line == 8
+    assert "(byte b'\\xff' at offset 0 of the line)" in items[6].message  # the byte, not its offset alone (a probe)
 
 
 def test_unreadable_input_fails_fast(tmp_path):
@@ -1660,3 +1661,21 @@ def test_content_parts_reach_a_template_that_iterates_them_as_a_list():
     assert render(chat, Templated(ITERATING))[0] == "system:be brief\nuser:ab\n"
     text = Templated("{% for m in messages %}{{ m['role'] }}:{{ m['content'] }}\n{% endfor %}")
     assert render(chat, text)[0] == "system:be brief\nuser:a b\n"
+
+
+def test_a_prompt_that_leaves_no_room_is_told_to_shorten_not_to_lower_max_tokens():
+    """A prompt that fills the KV pool (or the context) by itself was told to "lower max_tokens"
+    (at most 0 fits: no max_tokens would do; a probe): it is told to shorten the prompt, and
+    for the pool, to give the engine a larger one; a request that fits with fewer tokens is told
+    as before."""
+    req = BatchRequest(line=3, custom_id="c", kind="completion", messages=None, prompt="x", max_tokens=16)
+    pool = lambda n: (1500 - n - 2, "its KV pool holds 1,500 tokens: lower max_tokens, or give the engine a larger pool")  # noqa: E731
+    context = lambda n: (64 - n - 2, "SGLang keeps 2 of the 64-token context: lower max_tokens")  # noqa: E731
+    big = runner.within_room(pool, Prepared(req, [1] * 1840, 16))
+    assert isinstance(big, ValueError) and "max_tokens" not in str(big)
+    assert "the 1,840-token prompt leaves this engine no room to generate (its KV pool holds 1,500 tokens)" in str(big)
+    assert str(big).endswith("shorten the prompt, or give the engine a larger pool (--max-total-tokens)")
+    long = runner.within_room(context, Prepared(req, [1] * 62, 16))
+    assert str(long).endswith("(SGLang keeps 2 of the 64-token context): shorten the prompt")
+    assert '"max_tokens" is 16, but this engine generates at most 10' in str(runner.within_room(context, Prepared(req, [1] * 52, 16)))
+    assert runner.within_room(context, Prepared(req, [1] * 40, 16)).max_tokens == 16

@@ -219,7 +219,8 @@ def parse_line(raw: bytes | str | TooLong, line: int, source: str = "requests.js
     try:
         text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
     except UnicodeDecodeError as exc:
-        return LineError(line, None, f"{source} line {line}: not UTF-8 text (byte {exc.start}); save the file as UTF-8",
+        return LineError(line, None, f"{source} line {line}: not UTF-8 text (byte {exc.object[exc.start:exc.start + 1]!r} at "
+                         f"offset {exc.start} of the line); save the file as UTF-8",
                          digest=raw_digest)
     text = text.rstrip("\r\n")  # so a column counts on this line
     try:

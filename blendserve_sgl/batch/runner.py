@@ -244,6 +244,10 @@ def within_room(room, p: Prepared) -> Prepared | ValueError:
     most, why = room(len(p.input_ids))
     if p.max_tokens <= most:
         return p
+    if most < 1:  # no max_tokens would do: the prompt alone fills what the engine has
+        return ValueError(f"the {len(p.input_ids):,}-token prompt leaves this engine no room to generate "
+                          f"({why.split(':')[0]}): shorten the prompt" + (", or give the engine a larger pool "
+                          "(--max-total-tokens)" if "KV pool" in why else ""))
     return ValueError(f'"max_tokens" is {p.max_tokens:,}, but this engine generates at most {max(most, 0):,} tokens '
                       f"after a {len(p.input_ids):,}-token prompt ({why}; for requests without max_tokens, "
                       "--default-max-tokens)")
