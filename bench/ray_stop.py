@@ -21,6 +21,7 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -73,6 +74,7 @@ def worker(start_seconds: float, after: float, in_flight: int) -> dict:
         at["interrupt"] = time.monotonic()
         _thread.interrupt_main()
 
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # started in the background, it ignores Ctrl-C
     threading.Timer(after, interrupt).start()
     try:
         ray_runner.generate(cfg, [items[:4], items[4:]], lambda *a: None, lambda *a: None, chunk=4,
