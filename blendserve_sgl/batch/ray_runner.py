@@ -47,7 +47,7 @@ from .prompts import Prepared
 MAX_IN_FLIGHT = 64  # chunks one replica may hold at once (its actor's threads)
 CONTROL = {"control": 2}  # the actor's threads for `collect` and `shutdown`, free while chunks hold the others
 COLLECT_SECONDS = 30  # how long a stopping run waits for a replica's finished requests
-WAIT_SECONDS = 1.0  # the driver's longest blocking wait on Ray, so that a stop asked for is taken
+WAIT_SECONDS = 1.0  # the driver's longest blocking wait on Ray: a stop asked for is taken between waits
 SHUTDOWN_SECONDS = (60, 10)  # how long the replicas' engines may take to stop: a finished run, a stopped one
 RAY_LOGS = "Ray's worker logs (/tmp/ray/session_latest/logs on the replica's node)"
 ENV_PASSED = ("PYTHONPATH", "SGLANG_USE_CPU_ENGINE", "OMP_WAIT_POLICY", "PYTHONWARNINGS", "BLENDSERVE_MODEL_CACHE")
@@ -357,8 +357,8 @@ def generate(cfg: runner.EngineConfig, parts: Sequence[Sequence[Prepared]],
         while True:
             try:
                 return ray.get(ref, timeout=WAIT_SECONDS)
-            except GetTimeoutError:  # a blocked ray.get defers the driver's signal handlers: a Ctrl-C or
-                continue  # SIGTERM while the engines start took effect only once they had (a probe)
+            except GetTimeoutError:  # a stop asked for while the engines start is taken between waits,
+                continue  # whatever Ray's own wait does with signals
             except RayActorError:  # it never started: its chunks fail below, as a dead replica's do
                 return None, None
 
