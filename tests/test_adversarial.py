@@ -124,6 +124,8 @@ def test_dash_is_standard_input(stand_in, tmp_path, monkeypatch):  # noqa: F811
     (["--seed", "-1"], "argument --seed: -1 must be 0 or a positive integer"),  # NumPy's seeding in SGLang's
     (["--seed", "4294967296"], "argument --seed: 4294967296 must be at most 2**32 - 1"),  # scheduler refused these
     (["--ray", "--gpus-per-replica", "-1"], "--gpus-per-replica must be 0 or more, got -1.0"),
+    (["--ray", "--gpus-per-replica", "1", "--device", "cpu"],  # was refused after reading and starting Ray
+     "--gpus-per-replica 1: this run's engines run on the CPU"),
     (["--engine-arg", "context_length=16"], "--engine-arg 'context_length=16': use --context-length instead"),
     (["--engine-arg", "schedule-policy=fcfs"], "use --policy instead"),
     (["--engine-arg", "enable_mixd_chunk=true"], "--engine-arg enable_mixd_chunk: not an argument of sglang.Engine; "

@@ -590,6 +590,16 @@ def test_summary_names_every_figure():
                  "150.0 total tok/s", "r.errors.jsonl"):
         assert part in text, part
     assert s.to_json()["cache_hit_ratio"] == 0.25
+    assert "window" not in text  # no engine ran: an interrupted --ray run said "window 0 requests (all)" (a probe)
+
+
+def test_summary_says_the_window_and_a_single_step_as_they_are():
+    s = RunStats(requests=1, completed=1, policy="blend", window=0, policy_stats={"steps": 1})
+    text = "\n".join(summary_lines(s, "r.jsonl", None))
+    assert "; window all requests" in text and "blend planning  1 step," in text  # was "1 steps"
+    s.window, s.policy_stats = 64, {"steps": 1200}
+    text = "\n".join(summary_lines(s, "r.jsonl", None))
+    assert "; window 64 requests" in text and "blend planning  1,200 steps," in text
 
 
 # ------------------------------------------------------------------ the command, engine stood in
@@ -734,6 +744,48 @@ def _batch(tmp_path, n=12) -> Path:
     path = tmp_path / "requests.jsonl"
     path.write_text("\n".join(rows) + "\n")
     return path
+
+
+def test_requests_naming_another_model_are_told_where_they_run(stand_in, tmp_path, capsys):
+    """A request's "model" names what the batch was written for; it runs on the model loaded and
+    its record echoes the name (OpenAI's format): the run says so once, counting the requests."""
+    src, out = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
+    rows = [line(f"a{i}", "/v1/completions", prompt="hi", model="gpt-4o-mini") for i in range(3)]
+    rows += [line("b", "/v1/completions", prompt="hi", model="org/Model"), line("c", "/v1/completions", prompt="hi")]
+    src.write_text("\n".join(rows) + "\n")
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"]), "--workers", "0"]) == 0
+    said = capsys.readouterr()
+    assert ('note: 3 requests name another model ("gpt-4o-mini"); every request runs on model (--model), and each '
+            "record echoes the model its request named") in said.out + said.err  # "org/Model" is this model
+    recs = {r["custom_id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert recs["a0"]["response"]["body"]["model"] == "gpt-4o-mini" and len(recs) == 5
+
+
+def test_ray_starts_only_the_replicas_that_have_requests(stand_in, tmp_path, capsys, monkeypatch):
+    """`--ray --replicas 2` with one request started both engines, one with nothing to run (a
+    probe): the replicas started are the shards that hold requests."""
+    pytest.importorskip("ray")
+    from blendserve_sgl.batch import ray_runner
+
+    seen = []
+
+    def generate(cfg, parts, on_result, on_error, **kw):
+        seen.append([len(p) for p in parts])
+        for part in parts:
+            for p in part:
+                on_error(p, RuntimeError("stood in"))
+        return ray_runner.RayReport(0.1, 0.0, 1, [len(p) for p in parts], [], [], [], 0, [])
+
+    monkeypatch.setattr(ray_runner, "generate", generate)
+    src, out = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
+    src.write_text(line("only", "/v1/completions", prompt="hello there", max_tokens=2) + "\n")
+    assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"]), "--ray", "--replicas", "2",
+                     "--workers", "0"]) == 0
+    said = capsys.readouterr()
+    assert seen == [[1]]
+    assert "starting 1 Ray replica (blend policy, cpu) for 1 request (1 of --replicas 2 would have nothing to " \
+           "run)" in said.out + said.err
+    assert [json.loads(x)["custom_id"] for x in out.read_text().splitlines()] == ["only"]
 
 
 def test_command_writes_one_record_per_line_and_resumes_after_interrupt(stand_in, tmp_path, capsys):

@@ -181,6 +181,7 @@ def _main(args) -> int:
         if args.dp > 1:
             extra = {**extra, **dispatch.dp_engine_kwargs(args.dp, device)}
         if args.ray and device == "cpu" and not args.ray_address:
+            _check_local_gpus(args.gpus_per_replica)
             dispatch.cpu_bind(args.replicas, flag="--replicas")  # a core per replica, said before Ray starts
         ctx = _context(args.context_length, model_dir)
         tokenizer = _load_tokenizer(model_dir)
@@ -275,6 +276,7 @@ def _run(args, source: Path, model_dir: Path, device: str, tokenizer, ctx: int, 
     if defaulted:  # OpenAI's own default is the context's room: answers cut at 256 would surprise (a probe)
         _say(f"{defaulted:,} requests give no max_tokens: each writes at most --default-max-tokens "
              f"{args.default_max_tokens:,} tokens (or what the context leaves)")
+    _named_models(read, model_dir)
     t1 = time.perf_counter()
     order = plan(read.store, cost_for(model_dir))
     stats.plan_seconds = time.perf_counter() - t1
@@ -304,6 +306,25 @@ def _finished_index(args, source: Path, writer: ResultWriter) -> list | None:
     if res.foreign or res.drop or any(request_key(k) not in done.keys for k in index):
         return None
     return index
+
+
+def _named_models(read: ReadResult, model_dir: Path) -> None:
+    """Say so when requests name another model in their "model" field: every request runs on the
+    one model loaded (its records echo the name asked for, as OpenAI's batch records do, and
+    `system_fingerprint` names the model that answered); a file written for a hosted model is
+    still run, not refused (a probe)."""
+    import numpy as np
+
+    store = read.store
+    counts = np.bincount(store.model.view[~read.done], minlength=len(store.model_table))
+    ours = model_dir.name.casefold()
+    others = {m: int(counts[k]) for k, m in enumerate(store.model_table)
+              if m and counts[k] and m.strip().rstrip("/").rsplit("/", 1)[-1].casefold() != ours}
+    if others:
+        names = ", ".join(f'"{m}"' for m in sorted(others, key=lambda m: (-others[m], m))[:3])
+        more = f" and {len(others) - 3:,} more" if len(others) > 3 else ""
+        _say(f"note: {sum(others.values()):,} requests name another model ({names}{more}); every request runs on "
+             f"{model_dir.name} (--model), and each record echoes the model its request named")
 
 
 def _other_models(writer: ResultWriter, model_dir: Path) -> None:
@@ -436,7 +457,11 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
         if args.ray:
             from . import ray_runner
 
-            _say(f"starting {replicas} Ray replicas ({args.policy} policy, {device}) for {todo:,} requests ...")
+            busy = [part for part in parts if len(part)]  # fewer requests than replicas: no idle engine started
+            idle = f" ({replicas - len(busy)} of --replicas {replicas} would have nothing to run)" \
+                if len(busy) < replicas else ""
+            _say(f"starting {_count(len(busy), 'Ray replica')} ({args.policy} policy, {device}) "
+                 f"for {_count(todo, 'request')}{idle} ...")
 
             def started(seconds: float) -> None:  # every replica's engine is up: generation starts
                 nonlocal first
@@ -445,7 +470,7 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
 
             gpus = args.gpus_per_replica if args.gpus_per_replica is not None else (1.0 if device == "cuda" else 0.0)
             report = ray_runner.generate(
-                cfg, [[read.store.prepared(i) for i in part] for part in parts], on_result, on_error,
+                cfg, [[read.store.prepared(i) for i in part] for part in busy], on_result, on_error,
                 address=args.ray_address, gpus=gpus, say=_say, on_chunk=lambda *_: stats.sample_rss(),
                 on_started=started, on_done=lambda: _COMPLETE.__setitem__(0, True))
             stats.generate_seconds, stats.engine_restarts = report.seconds, report.restarts
@@ -454,7 +479,7 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
             _COMPLETE[0] = True
             return
         _say(f"starting SGLang ({args.policy} policy, {device}{f', {args.dp} DP ranks' if args.dp > 1 else ''}) "
-             f"for {todo:,} requests ...")
+             f"for {_count(todo, 'request')} ...")
         route, flight = None, {}
         if parts is not None:
             cids = {read.store.custom_id(int(i)): r for r, part in enumerate(parts) for i in part}
@@ -538,6 +563,11 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
             for name in {stats_file, *ranks}:
                 Path(name).unlink(missing_ok=True)
             del os.environ["BLENDSERVE_STATS_PATH"]
+
+
+def _count(n: int, noun: str) -> str:
+    """'1 request', '2,000 requests'."""
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
 
 def _start(cfg, args, stats: RunStats, writer: ResultWriter, again: bool = False):
@@ -712,6 +742,16 @@ def check_scale_out(args) -> None:
             import ray  # noqa: F401
         except ImportError:
             raise ValueError("--ray needs Ray: pip install -e '.[ray]' (ray==2.60.0)") from None
+
+
+def _check_local_gpus(gpus: float | None) -> None:
+    """`--ray --gpus-per-replica N` (N > 0) where the engines run on the CPU and the replicas on a
+    local cluster: the cluster has no GPU to give them (or they would not use it), which Ray's
+    own placement check found only after reading, planning and starting Ray (a probe)."""
+    if gpus:
+        raise ValueError(f"--gpus-per-replica {gpus:g}: this run's engines run on the CPU (no GPU is visible here, "
+                         "or --device cpu), so a replica on the local Ray cluster has no GPU to use; pass "
+                         "--gpus-per-replica 0 (or leave it out), or give --ray-address of a cluster with GPUs")
 
 
 def _check_reachable(address: str) -> None:

@@ -43,7 +43,7 @@ class RunStats:
     policy_stats: dict = field(default_factory=dict)
     read_seconds: float = 0.0  # read + validate + tokenize the whole input
     plan_seconds: float = 0.0  # the global order over it
-    window: int = 0  # requests in the engine at once (0: all)
+    window: int | None = None  # requests in the engine at once (0: all; None: no engine ran)
     first_result_seconds: float | None = None  # engine up to the first result
     driver_peak_rss_mb: float = 0.0
     tree_peak_rss_mb: float = 0.0  # driver + engine processes, sampled while generating
@@ -94,14 +94,15 @@ def summary_lines(s: RunStats, results: str, errors: str | None) -> list[str]:
         f"{(s.completed / s.generate_seconds if s.generate_seconds else 0):.2f} requests/s",
         f"  memory          peak RSS {s.driver_peak_rss_mb:,.0f} MB driver; with the engine processes at least "
         f"{max(s.tree_peak_rss_mb, s.driver_peak_rss_mb):,.0f} MB (the tree sampled while generating, the reader's "
-        f"workers apart); window {s.window:,} requests" + (" (all)" if not s.window else ""),
+        f"workers apart)" + ("" if s.window is None else "; window all requests" if not s.window else
+                             f"; window {s.window:,} requests"),
         f"  results         {results}" + (f" (failed requests also in {errors})" if errors else ""),
     ]
     if s.policy_stats.get("steps"):
         ps = s.policy_stats
         over = f" over {ps['replicas']} replicas" if ps.get("replicas") else ""
-        lines.insert(-1, f"  blend planning  {ps['steps']:,} steps{over}, {ps.get('planning_ms_per_step', 0):.2f} ms per "
-                         "step")
+        steps = "1 step" if ps["steps"] == 1 else f"{ps['steps']:,} steps"
+        lines.insert(-1, f"  blend planning  {steps}{over}, {ps.get('planning_ms_per_step', 0):.2f} ms per step")
     if s.engine_restarts:
         times = "once" if s.engine_restarts == 1 else f"{s.engine_restarts:,} times"
         lines.insert(-1, f"  engine          started again {times} after one of its processes failed (its requests "
