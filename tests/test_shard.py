@@ -354,7 +354,10 @@ def test_cuts_through_one_long_system_prompt_keep_the_shards_balanced(n_shards):
 def test_strata_keep_every_request_once_and_count_work_as_one_engine_does(reqs, n_shards, hold, atom):
     """`plan_strata`: each request in exactly one shard, the pieces dealt to their owners, each
     shard's compute its runs' (brute force: the step walk, each run's first request computing
-    its whole prompt) and its memory the sum of `memory_units`."""
+    its whole prompt but what it shares with the shard's previous request, which its engine has
+    cached: the measure counted that again for every run, so a shard of many runs under one
+    system prompt read more work than one engine running all of it) and its memory the sum of
+    `memory_units`."""
     from blendserve_sgl.core.shard import plan_strata
 
     t = _token_tree(reqs)
@@ -367,8 +370,13 @@ def test_strata_keep_every_request_once_and_count_work_as_one_engine_does(reqs, 
     kept = _brute_kept(order, prompts, hold)
     for i, runs in enumerate(plan.runs):
         ids = [order[s:e] for s, e in runs]
-        assert plan.compute[i] == sum(len(prompts[r]) + outputs[r] - (kept[r] if k else 0)
-                                      for run in ids for k, r in enumerate(run))
+        seq = [r for run in ids for r in run]
+        firsts = {run[0] for run in ids}
+        assert plan.compute[i] == sum(
+            len(prompts[r]) + outputs[r] - (min(kept[r], _lcp(prompts[seq[k - 1]], prompts[r])) if k else 0)
+            if r in firsts else len(prompts[r]) + outputs[r] - kept[r] for k, r in enumerate(seq))
+        if hold == 0:  # every prefix once within the shard
+            assert plan.compute[i] == _brute_compute(seq, prompts, outputs)
         assert plan.memory[i] == sum(memory_units(len(prompts[r]), outputs[r]) for run in ids for r in run)
     assert plan_strata(t, n_shards, atom=atom, hold=hold) == plan  # deterministic
 

@@ -21,7 +21,9 @@ shared, uncached part is >= `hold` tokens, so only shorter shared segments are c
 counts that: walking the DFS order with each step taking requests as long as none is held,
 request k keeps `kept[k]` tokens (the prefix cached by earlier steps, or all of lcp[k] when k
 starts a step); it computes p_k + d_k - kept[k]. A DFS run [s, e) costs its requests' tokens
-with the first one computing its whole prompt (kept[s] added back).
+with the first one computing its whole prompt (kept[s] added back); in `plan_strata`'s shards,
+of many runs each, less what it shares with its shard's previous request (its engine has that
+prefix cached: `_plan_of`'s `resume`).
 
     plan = plan_shards(tree, 4, stripes=1)  # tree sorted and split (split.sort_and_split)
     plan.shards[0]                          # request ids of shard 0, in DFS order
@@ -54,10 +56,11 @@ class ShardPlan(NamedTuple):
     cuts: list  # per cut i = 1..pieces-1: (a, b), the pieces before it hold [0, a) and [b, n)
     compute: list  # per shard: computed tokens (prefix sharing within the shard)
     memory: list  # per shard: memory units
-    cut_tokens: int  # prefix tokens the cuts take from sharing (lcp at every run start)
+    cut_tokens: int  # prefix tokens the cuts take from sharing (at every run start, the part of its lcp
+    # it does not share with its shard's previous request)
     saved_one: int  # saved prefix tokens of one engine running the whole tree in DFS order
     one_compute: int = 0  # tokens one engine computes running the whole DFS order (same measure)
-    cut_compute: int = 0  # tokens the cuts add to compute (kept at every run start; <= cut_tokens)
+    cut_compute: int = 0  # tokens the cuts add to compute (kept at every run start, as cut_tokens; <= it)
     hold: int = 0  # the measure's hold threshold (module docstring)
     pieces: tuple = ()  # per piece in dealing order: request ids (its left run, then its right run); piece k
     # belongs to shard `owner(k)`
@@ -275,18 +278,24 @@ def plan_strata(tree: ResourceTree, n_shards: int, atom: int = STRATUM_ATOM, hol
         owners.append(i)
         dealt.append([r.rid for r in o.reqs[a:b]])
         heapq.heappush(heap, (load + work(a, b), i))
-    return _plan_of(o, tree, owned, [], hold, dealt, owners)
+    return _plan_of(o, tree, owned, [], hold, dealt, owners, resume=True)
 
 
 def _plan_of(o: _Order, tree: ResourceTree, owned: list, cuts: list, hold: int, dealt: list,
-             owners: list = ()) -> ShardPlan:
+             owners: list = (), resume: bool = False) -> ShardPlan:
     """The ShardPlan of each shard's DFS ranges (`owned`), its work counted as `o` counts it."""
     runs = [_merge(r) for r in owned]
     shards = [[r.rid for s, e in rs for r in o.reqs[s:e]] for rs in runs]
-    compute = [sum(o.comp_run(s, e) for s, e in rs) for rs in runs]
+    # `resume` (the strata's many runs a shard): a run after the shard's first finds in its
+    # engine's cache what it shares with the shard's previous request (the least lcp between
+    # them), so only the rest of its prefix is recomputed; the cuts' few runs start cold, as
+    # their search prices them
+    common = [[0] * len(rs) if not resume else [0] + [min(o.lcp[e0:s + 1]) for (_, e0), (s, _) in zip(rs, rs[1:])]
+              for rs in runs]
+    compute = [sum(o.comp_run(s, e) - min(o.kept[s], c) for (s, e), c in zip(rs, cs)) for rs, cs in zip(runs, common)]
     memory = [sum(o.mem_run(s, e) for s, e in rs) for rs in runs]
-    cut_tokens = sum(o.lcp[s] for rs in runs for s, e in rs)
-    cut_compute = sum(o.kept[s] for rs in runs for s, e in rs)
+    cut_tokens = sum(o.lcp[s] - min(o.lcp[s], c) for rs, cs in zip(runs, common) for (s, e), c in zip(rs, cs))
+    cut_compute = sum(o.kept[s] - min(o.kept[s], c) for rs, cs in zip(runs, common) for (s, e), c in zip(rs, cs))
     return ShardPlan(shards, runs, cuts, compute, memory, cut_tokens, tree.root.saved, o.comp[o.n], cut_compute,
                      hold, tuple(dealt), tuple(owners))
 
