@@ -310,7 +310,8 @@ def _hardware(v):
 
 
 KNOBS: dict[str, Knob] = {k.name: k for k in (
-    Knob("hardware", str, "Cost-model hardware preset: a100, h100, h200, cpu (this project's calibrated CPU), "
+    Knob("hardware", str, "Cost-model hardware preset: a100, h100, h200, h200-measured (fitted on an H200 by "
+         "bench/gpu_evidence.py), cpu (this project's calibrated CPU), "
          "flops=F,bandwidth=B,memory=M (an accelerator's dense BF16 FLOP/s, bytes/s, bytes) or auto (cpu on a CPU "
          "device, else from the GPU's name; h100 with a warning for a GPU no preset names). NxNAME: N of them as "
          "one tensor-parallel engine; auto with tp_size N plans for N GPUs.", _hardware,
