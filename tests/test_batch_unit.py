@@ -751,14 +751,15 @@ def test_requests_naming_another_model_are_told_where_they_run(stand_in, tmp_pat
     its record echoes the name (OpenAI's format): the run says so once, counting the requests."""
     src, out = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
     rows = [line(f"a{i}", "/v1/completions", prompt="hi", model="gpt-4o-mini") for i in range(3)]
-    rows += [line("b", "/v1/completions", prompt="hi", model="org/Model"), line("c", "/v1/completions", prompt="hi")]
+    rows += [line("b", "/v1/completions", prompt="hi", model="org/Model"), line("c", "/v1/completions", prompt="hi"),
+             line("d", "/v1/completions", prompt="hi", model="model-f32")]  # the folder a conversion names
     src.write_text("\n".join(rows) + "\n")
     assert cli.main([str(src), "-o", str(out), "--model", str(stand_in["model"]), "--workers", "0"]) == 0
     said = capsys.readouterr()
     assert ('note: 3 requests name another model ("gpt-4o-mini"); every request runs on model (--model), and each '
             "record echoes the model its request named") in said.out + said.err  # "org/Model" is this model
     recs = {r["custom_id"]: r for r in map(json.loads, out.read_text().splitlines())}
-    assert recs["a0"]["response"]["body"]["model"] == "gpt-4o-mini" and len(recs) == 5
+    assert recs["a0"]["response"]["body"]["model"] == "gpt-4o-mini" and len(recs) == 6
 
 
 def test_ray_starts_only_the_replicas_that_have_requests(stand_in, tmp_path, capsys, monkeypatch):

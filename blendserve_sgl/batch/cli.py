@@ -315,11 +315,14 @@ def _named_models(read: ReadResult, model_dir: Path) -> None:
     still run, not refused (a probe)."""
     import numpy as np
 
+    def same(name: str) -> bool:  # "org/Name" names the folder Name, also one converted as Name-f32
+        last = name.strip().rstrip("/").rsplit("/", 1)[-1].casefold()
+        return bool(last) and (last in ours or ours in last)
+
     store = read.store
     counts = np.bincount(store.model.view[~read.done], minlength=len(store.model_table))
     ours = model_dir.name.casefold()
-    others = {m: int(counts[k]) for k, m in enumerate(store.model_table)
-              if m and counts[k] and m.strip().rstrip("/").rsplit("/", 1)[-1].casefold() != ours}
+    others = {m: int(counts[k]) for k, m in enumerate(store.model_table) if m and counts[k] and not same(m)}
     if others:
         names = ", ".join(f'"{m}"' for m in sorted(others, key=lambda m: (-others[m], m))[:3])
         more = f" and {len(others) - 3:,} more" if len(others) > 3 else ""
