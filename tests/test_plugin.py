@@ -622,6 +622,39 @@ def test_installed_sglang_has_every_name_the_plugin_touches():
     assert "Scheduler has no attribute 'forward_ct'" in problems
 
 
+def test_engine_takes_the_settings_as_blend_keywords(monkeypatch, caplog):
+    """`sglang.Engine(..., blend_keep_sharing=0.9)`: msgspec refused the keyword ("Unexpected
+    keyword argument"); the settings are server arguments like SGLang's own. The ServerArgs the
+    Engine builds carries them over the variables, as the command line's flags do; a bad value or
+    an unknown name is an error naming it; without `blend_*` keywords the build is SGLang's."""
+    from sglang.srt.entrypoints.engine import Engine
+    from sglang.srt.server_args import ServerArgs
+
+    sglang_plugin._engine_keywords()
+    sglang_plugin._engine_keywords()  # idempotent: wraps SGLang's class once
+    build = Engine.server_args_class
+    assert build.__wrapped__ is ServerArgs
+    monkeypatch.setenv("BLENDSERVE_SEED", "7")
+    monkeypatch.delenv("BLENDSERVE_KEEP_SHARING", raising=False)
+    sa = build(model_path="m", schedule_policy="blend", blend_keep_sharing=0.9, blend_pacing="off", blend_prior_output_len=64)
+    assert type(sa) is ServerArgs and sa.model_path == "m"
+    assert sa._blend_settings == BlendSettings(keep_sharing=0.9, pacing=False, prior_output_len=64, seed=7)
+    assert build(model_path="m", blend_seed=3)._blend_settings.seed == 3  # the keyword over its variable
+    assert build(model_path="m", blend_final_wave=0)._blend_settings.final_wave is False
+    assert "take effect only with schedule_policy='blend'" in caplog.text
+    plain = build(model_path="m", schedule_policy="blend")
+    assert type(plain) is ServerArgs and getattr(plain, "_blend_settings", None) is None  # the launch check sets it
+    for kw, message in [({"blend_keep_sharing": 2}, "blend_keep_sharing=2.0: must be in"),
+                        ({"blend_keep_sharing": "x"}, "blend_keep_sharing='x': expected a number"),
+                        ({"blend_pacing": 2}, "blend_pacing=2: expected 1 or 0"),
+                        ({"blend_seed": 1.5}, "blend_seed=1.5: expected an integer")]:
+        with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
+            build(model_path="m", schedule_policy="blend", **kw)
+    with pytest.raises(TypeError, match="blend_keep_shring=0.9, which is not a blendserve-sgl setting; did you mean "
+                                        "blend_keep_sharing"):
+        build(model_path="m", schedule_policy="blend", blend_keep_shring=0.9)
+
+
 def test_policy_delegates_explicitly_what_the_scheduler_calls():
     from blendserve_sgl.sglang_plugin.policy import BlendPolicy
 

@@ -35,7 +35,7 @@ def _scenario(spec: dict) -> dict:
     engine = sglang.Engine(model_path=spec["model_path"], device="cpu", attention_backend="torch_native",
                            schedule_policy="blend", max_total_tokens=16384, chunked_prefill_size=2048,
                            max_prefill_tokens=2048, enable_mixed_chunk=True,  # pacing needs mixed steps
-                           random_seed=0, log_level="error")
+                           random_seed=0, log_level="error", **{f"blend_{k}": v for k, v in spec.get("blend", {}).items()})
     try:
         outs = engine.generate(prompt=prompts, sampling_params=params)
     finally:
@@ -65,14 +65,17 @@ def test_paced_budgets_and_bad_hints_in_the_engine(tiny_llama, tmp_path):
     """With --enable-mixed-chunk, every prefill step SGLang runs under blend stays within the paced
     budget the plugin set (core/pacing.py for the running batch), the budget follows the decode batch (it is below the
     configured 2,048 tokens on some steps and changes between steps), and requests with bad
-    output-length hints ("abc", a list, inf, negative, bool) finish like the others."""
+    output-length hints ("abc", a list, inf, negative, bool) finish like the others. The settings
+    reach the scheduler as `sglang.Engine` keywords (`blend_trace_path`, `blend_hardware`): the
+    trace is written, and the budget binds only under the a100 preset."""
     trace = tmp_path / "trace.jsonl"
     spec, out = tmp_path / "spec.json", tmp_path / "out.json"
     n = 40
-    spec.write_text(json.dumps({"model_path": tiny_llama, "n": n}))
     # the a100 cost model: on the `cpu` preset a step's fixed cost (weight read + per-step overhead)
     # sizes every paced chunk above the configured 2,048 tokens, so the budget would never bind
-    env = {**ENV, "BLENDSERVE_TRACE_PATH": str(trace), "BLENDSERVE_HARDWARE": "a100"}
+    spec.write_text(json.dumps({"model_path": tiny_llama, "n": n, "blend": {"trace_path": str(trace),
+                                                                              "hardware": "a100"}}))
+    env = {k: v for k, v in ENV.items() if k not in ("BLENDSERVE_TRACE_PATH", "BLENDSERVE_HARDWARE")}
     proc = subprocess.Popen([sys.executable, __file__, str(spec), str(out)], env=env, start_new_session=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:

@@ -22,7 +22,9 @@ Registered through the `sglang.srt.plugins` entry point (see pyproject.toml); SG
   retracted requests and aborts reach the policy's tree; a new request whose prompt the forward
   pass cannot take (no tokens, ids outside the vocabulary) ends as its own 400 error first;
 - `Scheduler.get_internal_state` (after): `blendserve_policy` names the rank's policy class, so
-  a caller can check that every DP rank runs `BlendPolicy`.
+  a caller can check that every DP rank runs `BlendPolicy`;
+- `Engine.server_args_class` (set, not hooked: `_engine_keywords`): `sglang.Engine` takes the
+  settings as `blend_*` keyword arguments.
 
 With any other policy the hooks step aside. If this SGLang is not the version the hooks were
 written for, or a hooked method is missing, choosing `blend` fails at once with a message
@@ -64,6 +66,7 @@ SGLANG_NAMES = (
     "sglang.srt.managers.schedule_batch.FINISH_ABORT",  # by name: `policy.ending_by_abort`
     "sglang.srt.server_args.ServerArgs.schedule_policy",
     "sglang.srt.runtime_context.get_parallel",
+    "sglang.srt.entrypoints.engine.Engine.server_args_class",  # `blend_*` keywords (`_engine_keywords`)
 )
 SCHEDULER_ATTRS = (
     "waiting_queue", "policy", "schedule_policy", "server_args", "model_config", "new_token_ratio_tracker",
@@ -308,3 +311,41 @@ def register() -> None:
     from .cascade_backend import register as register_cascade_backend
 
     register_cascade_backend()  # --attention-backend cascade (idempotent)
+    _engine_keywords()
+
+
+def _engine_keywords() -> None:
+    """`sglang.Engine(..., blend_keep_sharing=0.9)`: the `--blend-*` settings as keyword
+    arguments, as SGLang's Engine takes every other server argument. The Engine builds its
+    ServerArgs through `Engine.server_args_class` after it has loaded the plugins, so that
+    attribute becomes a builder that takes the `blend_*` keywords off (checked:
+    `settings.keyword_settings`) and puts the settings, over the variables, on the ServerArgs as
+    the command line's flags do. Set directly: a hook-registry REPLACE of a class would rebind
+    every module's `ServerArgs` to the builder. Only where the Engine's module is loaded (a process
+    that builds an Engine loads the plugins from `Engine.__init__`); SGLang's subprocesses build no
+    Engine and are spared the import."""
+    module = sys.modules.get("sglang.srt.entrypoints.engine")
+    Engine = getattr(module, "Engine", None)
+    if Engine is None:
+        return
+    base = Engine.__dict__.get("server_args_class")
+    if base is None or getattr(base, "__func__", None) is not None:
+        return  # already ours (or a subclass's own): nothing to wrap
+
+    def build(**kwargs):
+        keys = [k for k in kwargs if k.startswith("blend_")]
+        if not keys:
+            return base(**kwargs)
+        from .settings import SETTINGS_ATTR, BlendSettings, keyword_settings
+
+        flags = keyword_settings({k: kwargs.pop(k) for k in keys})
+        server_args = base(**kwargs)
+        policy = getattr(server_args, "schedule_policy", None)
+        if policy != POLICY_NAME:
+            logger.warning("%s take effect only with schedule_policy=%r; this engine runs %s", ", ".join(keys),
+                           POLICY_NAME, policy)
+        setattr(server_args, SETTINGS_ATTR, BlendSettings.load(os.environ, flags))
+        return server_args
+
+    build.__wrapped__ = base
+    Engine.server_args_class = staticmethod(build)

@@ -191,8 +191,7 @@ OTHER_VARIABLES = ("BLENDSERVE_MODEL_CACHE", "BLENDSERVE_DATA", "BLENDSERVE_CPU_
 
 def unread_variables(environ=os.environ) -> list[tuple[str, str | None]]:
     """(name, the closest variable that is read, or None) of every `BLENDSERVE_*` variable set that
-    nothing reads: a misspelled one left its setting at the default without a word (`sglang.Engine`
-    takes the settings only from variables)."""
+    nothing reads: a misspelled one left its setting at the default without a word."""
     import difflib
 
     prefix = "BLENDSERVE_"
@@ -203,6 +202,35 @@ def unread_variables(environ=os.environ) -> list[tuple[str, str | None]]:
         found = difflib.get_close_matches(name.removeprefix(prefix), tails, n=1, cutoff=0.75)
         return prefix + found[0] if found else None
     return [(name, near(name)) for name in sorted(environ) if name.startswith(prefix) and name not in known]
+
+
+def keyword_settings(kwargs: dict) -> dict:
+    """`sglang.Engine(..., blend_keep_sharing=0.9)`: the `--blend-*` settings as keyword arguments
+    ({"blend_NAME": value}) -> {NAME: value}, each checked as its flag is (a string is parsed as the
+    flag's text; a number or bool must be of the knob's type). TypeError for a name no setting has
+    (naming the closest), ValueError for a bad value naming the keyword."""
+    import difflib
+
+    out = {}
+    names = [f"blend_{k.name}" for k in KNOBS.values() if k.cli]
+    for key, value in kwargs.items():
+        knob = KNOBS.get(key.removeprefix("blend_"))
+        if knob is None or not knob.cli:
+            near = difflib.get_close_matches(key, names, n=1, cutoff=0.75)
+            raise TypeError(f"sglang.Engine got {key}={value!r}, which is not a blendserve-sgl setting"
+                            + (f"; did you mean {near[0]}?" if near else f"; the settings are {', '.join(names)}"))
+        if isinstance(value, str):
+            out[knob.name] = knob.parse(value, key)
+            continue
+        if knob.kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value = float(value)
+        elif knob.kind is bool and type(value) is int and value in (0, 1):
+            value = bool(value)
+        problem = knob.problem(value)
+        if problem:
+            raise ValueError(f"{key}={value!r}: {problem}")
+        out[knob.name] = value
+    return out
 
 
 def open_in_place(path: str, mode: str = "w"):
