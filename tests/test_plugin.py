@@ -230,6 +230,7 @@ class FakeScheduler:
         self.max_total_num_tokens = capacity
         self.forward_ct = 0
         self.page_size, self.truncation_align_size = 1, None
+        self.disable_radix_cache = False
         self.waiting_queue = []
 
     def get_num_allocatable_reqs(self, running_bs, running_batch=None):
@@ -554,6 +555,25 @@ def test_a_drained_engine_holds_none_of_its_finished_requests():
     pol.begin_step(SimpleNamespace(reqs=[]))
     pol.end_step()
     assert set(pol.running) == {"late"}  # not ended: kept
+
+
+@pytest.mark.parametrize("radix", [True, False])
+def test_without_a_radix_cache_no_request_is_held_for_a_prefix_it_cannot_reuse(radix):
+    """The hold takes one request of a group sharing an uncached prefix and the rest a step later,
+    when that prefix is cached. With `--disable-radix-cache` nothing is ever cached, so holding
+    only split each group's prefill over more steps (48 requests: 6 prefill steps against fcfs's 3,
+    a probe); the plan then takes the group whole and counts no prefix as cached."""
+    sched = FakeScheduler(capacity=40000, slots=64)
+    sched.disable_radix_cache = not radix
+    pol = _make_policy(sched)
+    for i in range(10):
+        r = FakeReq(f"r{i}", [1] * 40 + [100 + i, 200 + i, 300 + i], 4, ignore_eos=True)
+        sched.waiting_queue.append(r)
+        pol.on_arrival(r)
+    pol.calc_priority(sched.waiting_queue, SimpleNamespace(reqs=[]))
+    planned = [r.rid for r in sched.waiting_queue]
+    assert len(planned) == (1 if radix else 10), planned
+    assert pol.scanner.config.prefix_cache is radix and pol.scanner.config.hold_prefix_tokens == 32
 
 
 def test_budget_matches_sglangs_admission_check_with_mixed_chunks():

@@ -96,6 +96,9 @@ class ScanConfig:
     hold_prefix_tokens: int = 0  # >0: stop a side whose next request shares at least this many
     # uncached prefix tokens with a request taken in the same step or still prefilling (engines
     # that compute a shared prefix once only across steps, like SGLang's in-batch prefix caching)
+    prefix_cache: bool = True  # False: the engine caches no prefix across requests (SGLang's
+    # --disable-radix-cache): nothing taken is estimated cached for the next request, and no
+    # request is held for a prefix that would never be cached
     fill_while_sampling: bool = False  # True: while the output-length sample runs, the rest of the
     # step's budget goes to the dual scan over the tree sorted with the prior estimates (the
     # engine is not left idle; the plan is redone with the sample's estimates at the quorum)
@@ -546,6 +549,8 @@ class DualScanner:
             side.last_cached = node
 
     def _cached_prefix(self, node: Node, cached_only: bool = False) -> int:
+        if not self.config.prefix_cache:
+            return 0
         best = 0
         for side in self.sides.values():
             last = side.last_cached if cached_only else side.last

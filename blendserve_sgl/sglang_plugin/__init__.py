@@ -71,7 +71,7 @@ SGLANG_NAMES = (
 SCHEDULER_ATTRS = (
     "waiting_queue", "policy", "schedule_policy", "server_args", "model_config", "new_token_ratio_tracker",
     "token_to_kv_pool_allocator", "tree_cache", "chunked_prefill_size", "max_prefill_tokens", "is_mixed_chunk",
-    "chunked_req", "forward_ct", "max_total_num_tokens", "page_size",
+    "chunked_req", "forward_ct", "max_total_num_tokens", "page_size", "disable_radix_cache",
 )  # and, set after the policy is built, "truncation_align_size" (read with a default of None)
 _registered = False
 

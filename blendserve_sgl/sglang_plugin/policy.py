@@ -175,6 +175,8 @@ class BlendPolicy:
         self.stock = stock_policy
         self.settings = settings
         self.preset = settings.preset()
+        if scheduler.disable_radix_cache:  # nothing cached across requests: no hold, no cached prefix
+            self.preset = self.preset.replace(prefix_cache=False)
         hf = getattr(scheduler.model_config, "hf_text_config", None) or scheduler.model_config.hf_config  # multimodal:
         # the language model's config
         server_args = getattr(scheduler, "server_args", None)
