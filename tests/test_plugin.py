@@ -515,13 +515,17 @@ def test_a_batch_after_the_engine_drained_is_sampled_anew_in_the_policy():
     pol.scanner.check_integrity()
 
 
-def test_a_drained_engine_holds_none_of_its_finished_requests():
+def test_a_drained_engine_holds_none_of_its_finished_requests(tmp_path):
     """A server between batches kept the last batch's requests (SGLang's Req objects, their ids)
     in the policy and the scanner until the next arrival (probe 29): SGLang calls calc_priority
-    only while its queue holds requests. The idle step after the drain now lets them go; a
-    request still running is kept."""
+    only while its queue holds requests. The idle step after the drain now lets them go, and the
+    counters file says so (it showed the last plan's running requests: probe 31); a request still
+    running is kept."""
+    import json
+
     sched = FakeScheduler(capacity=200_000, slots=64)
-    pol = _make_policy(sched)
+    stats = tmp_path / "stats.json"
+    pol = _make_policy(sched, stats_path=str(stats))
     batch = [FakeReq(f"r{i}", [1] * 10 + [50 + i] * 5, 4 + (i == 0) * 10) for i in range(12)]
     for r in batch:
         sched.waiting_queue.append(r)
@@ -540,9 +544,11 @@ def test_a_drained_engine_holds_none_of_its_finished_requests():
         if not running:
             break
     assert not running and not sched.waiting_queue
+    assert json.loads(stats.read_text())["running"] > 0  # written at the last plan
     pol.begin_step(SimpleNamespace(reqs=[]))  # the idle step after the drain
     pol.end_step()
     assert not pol.running and not pol.written_at_take and not pol.scanner.running
+    assert json.loads(stats.read_text())["running"] == 0
     assert pol.work.done == 12
     pol.scanner.check_integrity()
     late = FakeReq("late", [2] * 40, 8)  # admitted, then outside the running batch (a chunked prefill)

@@ -502,6 +502,8 @@ class BlendPolicy:
         prompt and output ids, until the next arrival)."""
         if self.running and not self.scheduler.waiting_queue and (running_batch is None or not running_batch.reqs):
             self._sync_running(running_batch)
+            if self.stats_path:  # the counters a drained engine shows (the last plan's said requests still ran)
+                self.write_stats()
         paced = self.paced_tokens(running_batch)
         if paced is None:
             return

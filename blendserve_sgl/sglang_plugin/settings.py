@@ -368,8 +368,8 @@ KNOBS: dict[str, Knob] = {k.name: k for k in (
          "KV pool left free as memory-work credit (0: only its share's rate).", _within(0, 1000),
          preset="free_pool_credit"),
     Knob("seed", int, "Seed of the output-length sample.", _at_least(0, (1 << 63) - 1), preset="seed"),
-    Knob("stats_path", str, "Write the policy's counters (JSON) to this file every 32 steps and at the end "
-         "(with several DP ranks, each to NAME.dpR.EXT).",
+    Knob("stats_path", str, "Write the policy's counters (JSON) to this file every 32 steps, at the end and once "
+         "the engine drains (with several DP ranks, each to NAME.dpR.EXT).",
          _file_to_write(json_object(lambda d: d.get("policy") == "blend"), "the blend policy's counters"),
          default=""),
     Knob("trace_path", str, "Append one JSON line per step (plan, paced budget, admitted) to this file (with "
