@@ -673,7 +673,9 @@ def test_engine_takes_the_settings_as_blend_keywords(monkeypatch, caplog):
     for kw, message in [({"blend_keep_sharing": 2}, "blend_keep_sharing=2.0: must be in"),
                         ({"blend_keep_sharing": "x"}, "blend_keep_sharing='x': expected a number"),
                         ({"blend_pacing": 2}, "blend_pacing=2: expected 1 or 0"),
-                        ({"blend_seed": 1.5}, "blend_seed=1.5: expected an integer")]:
+                        ({"blend_seed": 1.5}, "blend_seed=1.5: expected an integer"),
+                        ({"blend_hardware": 123}, "blend_hardware=123: expected a string"),  # was an AttributeError
+                        ({"blend_stats_path": None}, "blend_stats_path=None: expected a string")]:
         with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("[", r"\[")):
             build(model_path="m", schedule_policy="blend", **kw)
     with pytest.raises(TypeError, match="blend_keep_shring=0.9, which is not a blendserve-sgl setting; did you mean "

@@ -78,6 +78,8 @@ class Knob(NamedTuple):
     def problem(self, value) -> str | None:
         if self.kind is bool and not isinstance(value, bool):
             return "expected 1 or 0"
+        if self.kind is str and not isinstance(value, str):
+            return "expected a string"
         if self.kind in (int, float) and (isinstance(value, bool) or not isinstance(value, (int, float))):
             return "expected a number"
         if self.kind is int and not isinstance(value, int):
