@@ -42,7 +42,7 @@ from . import dispatch
 from .feed import engine_capacity, mean_request_tokens, pending, window_size
 from .order import cost_for, plan
 from ..sglang_plugin.settings import rank_path, read_policy_stats, replace_whole
-from .progress import Progress, RunStats, combine_policy_stats, phase_line, summary_lines
+from .progress import Progress, RunStats, combine_policy_stats, count, phase_line, summary_lines
 from .prompts import Prepared, context_length
 from .reader import LineKey, ReadResult, read_store
 from .requests import InputError, check_readable, is_result_record, iter_lines, read_requests
@@ -463,8 +463,8 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
             busy = [part for part in parts if len(part)]  # fewer requests than replicas: no idle engine started
             idle = f" ({replicas - len(busy)} of --replicas {replicas} would have nothing to run)" \
                 if len(busy) < replicas else ""
-            _say(f"starting {_count(len(busy), 'Ray replica')} ({args.policy} policy, {device}) "
-                 f"for {_count(todo, 'request')}{idle} ...")
+            _say(f"starting {count(len(busy), 'Ray replica')} ({args.policy} policy, {device}) "
+                 f"for {count(todo, 'request')}{idle} ...")
 
             def started(seconds: float) -> None:  # every replica's engine is up: generation starts
                 nonlocal first
@@ -482,7 +482,7 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
             _COMPLETE[0] = True
             return
         _say(f"starting SGLang ({args.policy} policy, {device}{f', {args.dp} DP ranks' if args.dp > 1 else ''}) "
-             f"for {_count(todo, 'request')} ...")
+             f"for {count(todo, 'request')} ...")
         route, flight = None, {}
         if parts is not None:
             cids = {read.store.custom_id(int(i)): r for r, part in enumerate(parts) for i in part}
@@ -566,11 +566,6 @@ def _execute(args, model_dir: Path, device: str, ctx: int, extra: dict, read: Re
             for name in {stats_file, *ranks}:
                 Path(name).unlink(missing_ok=True)
             del os.environ["BLENDSERVE_STATS_PATH"]
-
-
-def _count(n: int, noun: str) -> str:
-    """'1 request', '2,000 requests'."""
-    return f"{n:,} {noun}" + ("" if n == 1 else "s")
 
 
 def _start(cfg, args, stats: RunStats, writer: ResultWriter, again: bool = False):

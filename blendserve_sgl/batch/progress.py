@@ -79,6 +79,11 @@ class RunStats:
         return d
 
 
+def count(n: int, noun: str) -> str:
+    """'1 request', '2,000 requests'."""
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
 def summary_lines(s: RunStats, results: str, errors: str | None) -> list[str]:
     done_before = f", {s.skipped:,} already done before" if s.skipped else ""
     head = "interrupted" if s.interrupted else "done"
@@ -101,8 +106,8 @@ def summary_lines(s: RunStats, results: str, errors: str | None) -> list[str]:
     if s.policy_stats.get("steps"):
         ps = s.policy_stats
         over = f" over {ps['replicas']} replicas" if ps.get("replicas") else ""
-        steps = "1 step" if ps["steps"] == 1 else f"{ps['steps']:,} steps"
-        lines.insert(-1, f"  blend planning  {steps}{over}, {ps.get('planning_ms_per_step', 0):.2f} ms per step")
+        lines.insert(-1, f"  blend planning  {count(ps['steps'], 'step')}{over}, {ps.get('planning_ms_per_step', 0):.2f} "
+                         "ms per step")
     if s.engine_restarts:
         times = "once" if s.engine_restarts == 1 else f"{s.engine_restarts:,} times"
         lines.insert(-1, f"  engine          started again {times} after one of its processes failed (its requests "
