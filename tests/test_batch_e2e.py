@@ -166,10 +166,11 @@ def test_the_sample_is_its_fraction_of_a_batch_that_arrives_over_many_steps(tiny
 def test_resume_after_kill_9_finishes_each_custom_id_once(tiny_llama, tmp_path):
     """kill -9 of the whole process group once some results are written (plus half a line, as a
     crash in mid-write leaves it); the same command again finishes the rest; every custom_id
-    is in the results exactly once. (Should the run finish before the kill lands, the rerun
-    has nothing left to do and the same holds.)"""
-    n = 240
-    lines = [req(f"r{i:03d}", i % 3 == 0, 1 + (i * 37) % 160, ignore_eos=True) for i in range(n)]
+    is in the results exactly once. Two requests of 1,200 forced tokens (sequential decode steps,
+    far more than the short ones' 160 at most) are still running when the kill lands."""
+    lines = [req(f"r{i:03d}", i % 3 == 0, 1 + (i * 37) % 160, ignore_eos=True) for i in range(240)]
+    lines += [req(f"long{i}", False, 1200, ignore_eos=True) for i in range(2)]
+    n = len(lines)
     src, out = tmp_path / "requests.jsonl", tmp_path / "results.jsonl"
     src.write_text("\n".join(lines) + "\n")
     args = [str(src), "-o", str(out), "--model", tiny_llama, "--max-total-tokens", "6144"]
@@ -181,7 +182,7 @@ def test_resume_after_kill_9_finishes_each_custom_id_once(tiny_llama, tmp_path):
     finally:
         kill_group(proc, signal.SIGKILL)
     written = out.read_text().count("\n")
-    assert written >= 20, f"{written} results at the kill:\n" + first.read_text()[-3000:]
+    assert 20 <= written < n, f"{written} results at the kill:\n" + first.read_text()[-3000:]
     with open(out, "a") as f:
         f.write('{"id": "batch_req_x", "custom_id": "r9')  # a partial last line
     log = blendserve_run(args, tmp_path / "second.log")

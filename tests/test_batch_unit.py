@@ -1289,7 +1289,8 @@ def start(*args):
 if role == "scheduler":
     setproctitle.setproctitle("sglang::scheduler_DP1_TP0")
     print("up", flush=True)
-    time.sleep(1.0)
+    while not os.path.exists(__file__ + ".go"):  # ends once the watch runs (no race with its start)
+        time.sleep(0.02)
 elif role == "controller":
     setproctitle.setproctitle("sglang::data_parallel_controller")
     rank = start("scheduler")  # never waited for: a zombie once it ends, as under SGLang's DP controller
@@ -1315,7 +1316,10 @@ else:
         os._exit(3)
 
     signal.signal(signal.SIGQUIT, quit)
-    with runner.EngineWatch(seconds=0.05):
+    with runner.EngineWatch(seconds=0.05) as watch:
+        while "sglang::scheduler_DP1_TP0" not in [name for _, name in list(watch.procs.values())]:
+            time.sleep(0.01)  # the watch has seen the rank running
+        open(__file__ + ".go", "w").close()
         time.sleep(60)
     print("the watch returned without a signal", flush=True)
 """
@@ -1471,15 +1475,16 @@ def test_reader_workers_end_with_a_run_killed_by_sigkill(tmp_path):
     driver = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True,
                               env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
     try:
-        workers = [psutil.Process(int(p)) for p in driver.stdout.readline().split()]
-        assert workers
+        ran = {int(p) for p in driver.stdout.readline().split()}
+        workers = psutil.Process(driver.pid).children(recursive=True)  # every worker, not only those that ran
+        assert ran and ran <= {w.pid for w in workers}, (ran, workers)
     finally:
         driver.kill()
         driver.wait()
     gone, alive = psutil.wait_procs(workers, timeout=60)
     for proc in alive:
         proc.kill()
-    assert not alive, "reader workers outlived their driver"
+    assert not alive, f"reader workers outlived their driver: {alive}"
 
 
 def test_a_results_file_removed_while_the_run_wrote_is_said(tmp_path):

@@ -95,3 +95,26 @@ def test_a_fraction_too_small_for_any_stratum_adds_none():
     phase.start(tree)
     plain = OutputLengthEstimator(sample_fraction=1e-320, seed=0)
     assert phase.pending == set(plain.choose_sample([r.rid for r in tree.reqs.values() if not r.known]))
+
+
+def test_a_class_of_exactly_one_over_f_unknown_requests_gets_a_sample_and_one_fewer_does_not():
+    """The boundary of the rule: at f = 5% a class with 20 unknown requests (25 requests, every
+    fifth known) that the seeded sample misses gets one added; a class of 19 does not."""
+    def pending(est, size):
+        tree = _tree(est, [2000, size], 0)
+        phase = SamplePhase(est, 1.0)
+        phase.start(tree)
+        unknown = [r.rid for r in tree.reqs.values() if r.rid.startswith("c1-") and not r.known]
+        return [r for r in phase.pending if r.startswith("c1-")], unknown
+
+    for size, want in ((25, 20), (23, 19)):
+        for seed in range(200):
+            taken, unknown = pending(OutputLengthEstimator(sample_fraction=0.05, seed=seed), size)
+            if not taken:
+                break
+        else:
+            raise AssertionError(f"every seed samples the class of {size}: the case shows nothing")
+        assert len(unknown) == want
+        strat = OutputLengthEstimator(sample_fraction=0.05, seed=seed, stratify=True)
+        added, _ = pending(strat, size)
+        assert added == ([min(unknown, key=strat.sample_key)] if want >= 20 else []), (size, added)

@@ -57,9 +57,15 @@ def test_settings_override_the_preset_and_defaults_are_the_presets():
     from blendserve_sgl.sglang_plugin.settings import KNOBS
 
     assert BlendSettings().preset() == PRESET
-    for knob in KNOBS.values():
-        if knob.preset:
-            assert getattr(BlendSettings(), knob.name) == PRESET.leaf(knob.preset)
+    knobs = [k for k in KNOBS.values() if k.preset]
+    assert len({k.preset for k in knobs}) == len(knobs), "two settings override one preset field"
+    for knob in knobs:  # each setting moves its own preset field and no other
+        old = PRESET.leaf(knob.preset)
+        new = (not old if knob.kind is bool else old + 1 if knob.kind is int else
+               next(v for v in (old / 2, old * 2, 0.5, 0.75) if v != old and knob.check(v) is None))
+        assert knob.check(new) is None, (knob.name, new)
+        moved = BlendSettings(**{knob.name: new}).preset()
+        assert moved.leaf(knob.preset) == new and moved.replace(**{knob.preset: old}) == PRESET, knob.name
     s = BlendSettings(keep_sharing=0.9, prior_output_len=64, final_wave=False, pacing=False, seed=5)
     assert s.preset() == replace(PRESET, pacing=False, scan=replace(PRESET.scan, keep_sharing=0.9, final_wave=False),
                                  estimator=replace(PRESET.estimator, prior=64, seed=5))

@@ -171,12 +171,12 @@ def test_an_actor_exits_when_its_engine_process_ends(tmp_path):
     --ray hung so). The watch ends the process once an engine process it started has ended."""
     import subprocess
 
-    script = ("import subprocess, sys, threading\n"
+    script = ("import os, subprocess, sys, threading\n"
               "from blendserve_sgl.batch.ray_runner import _exit_with_the_engine\n"
               "child = subprocess.Popen([sys.executable, '-c', 'import setproctitle; setproctitle.setproctitle("
               "\"sglang::scheduler\"); print(1, flush=True)'], stdout=subprocess.PIPE)\n"
               "child.stdout.readline()  # named as SGLang names its processes\n"
-              "_exit_with_the_engine(threading.Event(), 0.05)\n"
+              "_exit_with_the_engine(threading.Event(), os.getppid(), 0.05)\n"
               "sys.exit(0)  # never reached: the watch only returns once stopping is set\n")
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 1 and "ended: this replica's actor exits" in done.stdout
@@ -184,7 +184,9 @@ def test_an_actor_exits_when_its_engine_process_ends(tmp_path):
 
 def test_an_actor_exits_when_the_process_that_started_it_ends(tmp_path):
     """A `kill -9` of `blendserve run --ray` ends its local cluster's processes, but not the actors
-    (each in a session of its own), which held their engines for ever."""
+    (each in a session of its own), which held their engines for ever. The actor reads its parent
+    when it begins (as `Replica` does, before its engine starts), so a parent that ends before the
+    watch's first look is seen too."""
     import subprocess
 
     import psutil
@@ -193,9 +195,9 @@ def test_an_actor_exits_when_the_process_that_started_it_ends(tmp_path):
     script = ("import os, sys, threading, time\n"
               "from blendserve_sgl.batch.ray_runner import _exit_with_the_engine\n"
               "if os.fork() == 0:  # the child stands for the actor, this process for Ray's\n"
+              "    parent = os.getppid()\n"
               "    os.setsid()\n"
-              "    threading.Thread(target=_exit_with_the_engine, args=(threading.Event(), 0.05)).start()\n"
-              "    time.sleep(0.5)  # the watch has read its parent\n"
+              "    threading.Thread(target=_exit_with_the_engine, args=(threading.Event(), parent, 0.05)).start()\n"
               f"    open({str(pid_file)!r} + '.tmp', 'w').write(str(os.getpid()))\n"
               f"    os.rename({str(pid_file)!r} + '.tmp', {str(pid_file)!r})\n"
               "    time.sleep(600)\n"

@@ -70,6 +70,7 @@ class Replica:
     concurrently (each `run` call from one of the actor's threads)."""
 
     def __init__(self, cfg: runner.EngineConfig, env: dict):
+        parent = os.getppid()  # before the engine starts: the Ray process may end meanwhile
         os.environ.update(env)
         runner.prepare_environment(cfg.device)
         try:
@@ -83,7 +84,8 @@ class Replica:
         self.stopping = threading.Event()
         self.lock = threading.Lock()
         self.finished: dict[int, dict] = {}  # chunk key -> {index: (output, exception)} while it runs
-        threading.Thread(target=_exit_with_the_engine, args=(self.stopping,), name="engine-watch", daemon=True).start()
+        threading.Thread(target=_exit_with_the_engine, args=(self.stopping, parent), name="engine-watch",
+                         daemon=True).start()
 
     def capacity(self) -> tuple:
         """(KV pool tokens, max running requests) as the engine reported them (None: unknown)."""
@@ -120,15 +122,15 @@ class Replica:
         return read_policy_stats(os.environ.get("BLENDSERVE_STATS_PATH"))
 
 
-def _exit_with_the_engine(stopping: threading.Event, seconds: float = 1.0) -> None:
+def _exit_with_the_engine(stopping: threading.Event, parent: int, seconds: float = 1.0) -> None:
     """Ends this actor's process when one of its engine's processes has ended. An actor is not on
     the main thread, so SGLang installs no SIGQUIT handler there: a scheduler that died (a request
     that stops it) left the actor alive and its requests waiting for ever. The actor's death is what
     the driver sees (`RayActorError`), and its hunt starts a successor. Also when the Ray process
-    that started this one has ended (the driver's local cluster killed with it): the actor and its
-    engine would otherwise live on, holding their memory and cores."""
+    that started this one (`parent`, its pid read when the actor began, before its engine's start)
+    has ended (the driver's local cluster killed with it): the actor and its engine would otherwise
+    live on, holding their memory and cores."""
     procs = runner.engine_processes()
-    parent = os.getppid()
     while not stopping.wait(seconds):
         if os.getppid() != parent and not stopping.is_set():
             print("the Ray process that started this replica ended: its actor exits", flush=True)

@@ -619,12 +619,19 @@ class Engine:
     def _stalled(self) -> None:
         if self.prefilling or self.n_dec:
             return
+        # the waiting request that asks the most of the pool (its prompt and every token it may
+        # write): the usual cause, named; a scan of the requests, once, on the way to the error
+        big = max((r for r in self.requests if r.state == WAITING),
+                  key=lambda r: r.fill_len + r.max_new_tokens - r.gen, default=None)
+        largest = "" if big is None else (
+            f" The largest waiting request, {big.rid!r} (prompt {big.prompt_len}, max_new_tokens "
+            f"{big.max_new_tokens}), may need {big.fill_len + big.max_new_tokens - big.gen} KV tokens.")
         raise RuntimeError(
             f"simulation stalled at step {self.steps}: {self.waiting} requests wait ({len(self.picker)} in the "
             f"{self.picker.name} picker), nothing runs and the picker admits nothing (free {self.free_tokens} + "
             f"evictable {self.cache.evictable_tokens} of {self.config.kv_tokens} KV tokens, {self.slots_left} slots, "
-            f"chunk {self.chunk}, {self.counters.admit_rejections} rejected picks so far). A request larger than the "
-            f"KV pool, or a picker that refuses everything?")
+            f"chunk {self.chunk}, {self.counters.admit_rejections} rejected picks so far).{largest} A request "
+            f"larger than the KV pool (raise kv_gb, --kv-gb), or a picker that refuses everything?")
 
     # ------------------------------------------------------------------ checks
     def check_step(self) -> None:
