@@ -20,14 +20,17 @@ COMMANDS = {
 }
 
 
-def int_at_least(text: str, low: int, must: str, kind: str = "an integer") -> int:
-    """An argparse value: an integer >= `low`; else an error saying it is not `kind` or must be `must`."""
+def int_at_least(text: str, low: int, must: str, kind: str = "an integer", beyond: str | None = None) -> int:
+    """An argparse value: an integer >= `low` and at most sys.maxsize; else an error saying it is
+    not `kind`, or must be `must`, or (above sys.maxsize) `beyond` when given."""
     try:
         v = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from None
     if v < low:
         raise argparse.ArgumentTypeError(f"{text} must be {must}")
+    if v > sys.maxsize:  # counts index and slice: Python takes none beyond this
+        raise argparse.ArgumentTypeError(beyond or f"{text} must be at most 2**63 - 1 = {sys.maxsize:,}")
     return v
 
 
@@ -81,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     import importlib
 
-    return importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:])
+    try:
+        return importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:])
+    except KeyboardInterrupt:  # Ctrl-C in a command that has no stop of its own (`run` has): one line
+        print(f"blendserve {argv[0]}: interrupted", file=sys.stderr)
+        return 130
 
 
 def entry() -> int:

@@ -296,6 +296,8 @@ def plan(records: list[Record], cost: CostModel, engine: EngineConfig, policies=
                            else f"each request generates {output_fraction:g} x its max_tokens (assumed)",
                            "scheduler": "unknown to every policy (blend samples 1% first and estimates)"},
         "density": round(wl.density, 4), "sharing_dfs_unbounded": round(wl.sharing, 4),
+        "density_and_sharing_of": "the batch" if len(simulated) == len(records) else
+        f"the simulated sample of {len(simulated)} requests",
         "policies": rows, **summary,
     }
     if fractions:
@@ -417,9 +419,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _plot_path(args) -> str | None:
+    """--plot, else next to --out (none beside a device or pipe), else plan.png; None with --no-plot."""
     if args.no_plot:
         return None
-    return args.plot or (str(Path(args.out).with_suffix(".png")) if args.out else "plan.png")
+    if args.plot:
+        return args.plot
+    from .batch.cli import plot_beside
+
+    return plot_beside(args.out) if args.out else "plan.png"
 
 
 def _check_plot_format(path: str) -> None:
@@ -561,15 +568,14 @@ def main(argv: list[str] | None = None) -> int:
                 gen_s = time.perf_counter() - t_gen
         else:
             from .sim.cli import load_workload
-            from .workloads.trace_file import MOONCAKE_BLOCK, is_trace_file, within_context
+            from .workloads.trace_file import is_trace_file, within_context
 
             cost = CostModel(model(args.model), hardware(args.hardware))
             EngineConfig.for_cost(cost, kv_gb=args.kv_gb)  # the model fits before its workload is built
             counted = ("the trace file's token counts" if is_trace_file(args.workload)
                        else "the built-in workload's lengths")
-            block = args.block_size or MOONCAKE_BLOCK
             records = [r._replace(max_tokens=r.output_len, exact=True)  # a workload's lengths are what it generates
-                       for r in load_workload(args.workload, args.requests, cost, args.seed, block)]
+                       for r in load_workload(args.workload, args.requests, cost, args.seed, args.block_size)]
             records, errors = within_context(records, args.context_length or cost.model.max_context, args.workload,
                                              args.model)
         read_s = time.perf_counter() - t0 - gen_s
@@ -636,7 +642,9 @@ def _print(out: dict, say) -> None:
         f"up to {out['max_output_tokens']:,} output tokens; {out['model']} on {out['gpus']} x {out['hardware']}, "
         f"KV pool {out['engine']['kv_tokens']:,} tokens per engine; density {out['density']}, "
         f"prefix sharing {out['sharing_dfs_unbounded']:.1%} of prompt and output tokens (DFS order, unbounded "
-        "cache; the prefix hits below are of prompt tokens)")
+        "cache; the prefix hits below are of prompt tokens)"
+        + ("" if out["simulated_requests"] == out["requests"] else
+           f"; density and sharing of the simulated sample of {out['simulated_requests']:,}"))
     if out["simulated_requests"] < out["requests"]:
         sp = out["sampling_spread"]
         say(f"simulated: a sample of {out['simulated_requests']:,} requests (whole prefix groups), times and token counts scaled by "

@@ -142,10 +142,18 @@ def test_plan_json_only_and_errors(user_file, capsys):
     assert cli.main(["plan"]) == 2
 
 
-def test_plan_builtin_workload(capsys, tmp_path):
+def test_plan_builtin_workload(capsys, tmp_path, monkeypatch):
     assert cli.main(["plan", "--workload", "mixed", "--requests", "300", "--policies", "dfs,blend", "--kv-gb", "4",
                      "--plot", str(tmp_path / "p.png")]) == 0
     assert "blend vs the best other policy" in capsys.readouterr().out
+    # --out /dev/null: no plot next to it (it was a new file /dev/null.png; a probe); the sample's figures named
+    made = []
+    monkeypatch.setattr(plan, "plot_steps", lambda *a, **k: made.append(a[1]))
+    assert cli.main(["plan", "--workload", "mixed", "--requests", "300", "--sim-requests", "100", "--policies", "fcfs",
+                     "--kv-gb", "4", "--out", os.devnull]) == 0
+    text = capsys.readouterr().out
+    assert not made and "plot:" not in text and "; density and sharing of the simulated sample of " in text
+    monkeypatch.undo()
     # a size no machine builds in memory is refused before anything is built, naming the flag
     assert cli.main(["plan", "--workload", "trace2", "--requests", str(10**9)]) == 2
     assert "--requests 1,000,000,000: a built-in workload (trace2) is built in memory" in capsys.readouterr().err
@@ -234,7 +242,9 @@ def test_plan_of_a_sample_is_scaled(user_file):
     assert spread["seeds"] == [3, 4] and spread["wall_s"][1] == round(38 / len(second) * other.time(timing), 4)
     first, again = scale * res.time(timing), 38 / len(second) * other.time(timing)
     assert spread["relative"] == round(abs(again - first) / first, 4)
-    assert plan.plan(records, COST, engine, ("fcfs",), timing=timing)[0]["sampling_spread"] is None  # all simulated
+    assert out["density_and_sharing_of"] == f"the simulated sample of {len(part)} requests"  # not the batch's
+    whole = plan.plan(records, COST, engine, ("fcfs",), timing=timing)[0]
+    assert whole["sampling_spread"] is None and whole["density_and_sharing_of"] == "the batch"  # all simulated
 
 
 def _config_dir(path):

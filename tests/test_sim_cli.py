@@ -170,3 +170,47 @@ def test_a_file_named_like_a_built_in_workload_is_not_passed_over(tmp_path, monk
     assert "names a built-in workload and the file ./trace1 here: pass ./trace1" in capsys.readouterr().err
     assert cli.main(["simulate", "--workload", "./trace1", "--policy", "fcfs", "--out", "s.json"]) == 0
     assert json.loads((tmp_path / "s.json").read_text())["workload"]["requests"] == 1
+
+
+def test_a_device_out_gets_no_plot_and_a_pipe_nothing_reads_is_refused(tmp_path, capsys, monkeypatch):
+    """`--out /dev/null` wrote a new file /dev/null.png; a named pipe that nothing read made the
+    command wait for ever once the work was done, its results lost (a probe)."""
+    import os
+
+    made = []
+    monkeypatch.setattr("blendserve_sgl.sim.cli.plot_steps", lambda *a, **k: made.append(a[1]))
+    args = ["simulate", "--workload", "mixed", "--requests", "60", "--policy", "fcfs"]
+    assert cli.main([*args, "--out", os.devnull]) == 0
+    assert not made and "wrote /dev/null (no plot: --out is not a file)" in capsys.readouterr().out
+    fifo = tmp_path / "out.json"
+    os.mkfifo(fifo)
+    assert cli.main([*args, "--out", str(fifo)]) == 2
+    assert f"--out {fifo} is a named pipe that nothing reads (the write would wait for ever); start its reader " \
+           "first" in capsys.readouterr().err
+    from blendserve_sgl.sglang_plugin import settings
+
+    reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)  # a reader: the results go through the pipe
+    try:
+        assert cli.main([*args, "--out", str(fifo)]) == 0 and not made
+        data = os.read(reader, 1 << 16)  # the whole JSON (under the pipe's buffer); its end comes when the
+        assert json.loads(data)["command"].startswith("blendserve simulate")  # process's held write end closes
+    finally:
+        os.close(reader)
+        while settings._HELD_PIPES:
+            os.close(settings._HELD_PIPES.pop())
+
+
+def test_ctrl_c_is_one_line_and_exit_130_and_counts_beyond_python_are_refused(capsys, monkeypatch):
+    """Ctrl-C in `simulate` or `plan` printed a 30-line traceback; --requests 99999999999999999999
+    failed inside itertools.islice with a message that did not name the flag (a probe)."""
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("blendserve_sgl.sim.cli.main", interrupted)
+    assert cli.main(["simulate", "--workload", "mixed"]) == 130
+    assert capsys.readouterr().err == "blendserve simulate: interrupted\n"
+    monkeypatch.undo()
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["simulate", "--workload", "mixed", "--requests", "99999999999999999999"])
+    assert exc.value.code == 2
+    assert "argument --requests: 99999999999999999999 must be at most 2**63 - 1" in capsys.readouterr().err

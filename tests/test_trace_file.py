@@ -138,8 +138,11 @@ def test_bad_trace_rows_are_named_with_the_fix(tmp_path, content, message):
 def test_trace_file_errors_for_the_file_itself(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_trace_file(tmp_path / "missing.csv")
-    with pytest.raises(ValueError, match="not a regular file"):
+    with pytest.raises(ValueError, match="is a directory; pass the path of a trace file in it"):
         load_trace_file(tmp_path)
+    (tmp_path / "gone.csv").symlink_to(tmp_path / "nowhere.csv")
+    with pytest.raises(FileNotFoundError, match="gone.csv is a symbolic link that leads to no file"):
+        load_trace_file(tmp_path / "gone.csv")
     fifo = tmp_path / "pipe.csv"  # `--workload <(zcat t.csv.gz)`: said how to pass it (a probe)
     os.mkfifo(fifo)
     with pytest.raises(ValueError, match=r"not a regular file \(a trace is read from a file, not a pipe\); save it to "
@@ -336,10 +339,60 @@ def test_a_mooncake_format_trace_of_another_block_size_is_read_with_block_size(t
                     '{"input_length": 600, "output_length": 5, "hash_ids": [1, 2, 3, 4, 6]}\n')
     out = tmp_path / "s.json"
     assert cli.main(["simulate", "--workload", str(path), "--policy", "fcfs", "--out", str(out)]) == 2
-    assert "the block size does not match the trace: pass its block size with --block-size" in capsys.readouterr().err
+    assert "the block size does not match the trace: pass the trace's block size with --block-size" in capsys.readouterr().err
     assert cli.main(["simulate", "--workload", str(path), "--policy", "fcfs", "--out", str(out),
                      "--block-size", "128"]) == 0
     assert json.loads(out.read_text())["workload"]["sharing"] > 0.4  # four 128-token blocks shared: 512 of 1,200
     assert cli.main(["plan", "--workload", str(path), "--policies", "fcfs", "--no-plot", "--block-size", "128"]) == 0
     assert cli.main(["plan", str(path), "--policies", "fcfs", "--no-plot", "--block-size", "128"]) == 2
     assert "--block-size is the hash-id block of a Mooncake-format trace" in capsys.readouterr().err
+
+
+def test_hash_ids_that_cover_too_little_or_outnumber_the_tokens_are_said(tmp_path, capsys):
+    """A trace of 1,024-token blocks read at 512 shared a quarter where it shares half, without a
+    word (a probe): the reader says how few rows' ids cover their prompt. More ids than tokens is
+    no block size's fault; the message quotes the file's own input_length."""
+    path = tmp_path / "k.jsonl"
+    path.write_text('{"input_length": 2048, "output_length": 10, "hash_ids": [1, 2]}\n'
+                    '{"input_length": 2048, "output_length": 10, "hash_ids": [1, 3]}\n')
+    load_trace_file(path)
+    assert ("the hash_ids cover the whole prompt in 0 of the 2 rows that have them, at 512 tokens a block; if the "
+            "trace's ids stand for larger blocks, pass its block size with --block-size") in capsys.readouterr().err
+    assert [r.prefix for r in load_trace_file(path, block_size=1024)][0] == (("h1", 1024), ("h2", 1024))
+    assert capsys.readouterr().err == ""
+    path.write_text('{"input_length": 0, "output_length": 1, "hash_ids": [1, 2]}\n')
+    with pytest.raises(ValueError, match=r"k.jsonl line 1: 2 hash_ids for input_length 0, more ids than prompt "
+                                         r"tokens; fix or delete that line"):
+        load_trace_file(path)
+
+
+def test_block_size_for_a_trace_without_hash_ids_is_refused(tmp_path, capsys):
+    """--block-size with a CSV trace or a built-in workload changed nothing, silently (a probe)."""
+    path = tmp_path / "t.csv"
+    path.write_text("ContextTokens,GeneratedTokens\n100,10\n")
+    with pytest.raises(ValueError, match=r"--block-size 16 is the hash-id block of a Mooncake-format JSONL trace; "
+                                         r".*t.csv is a CSV of token counts .*: drop --block-size"):
+        load_trace_file(path, block_size=16)
+    out = tmp_path / "s.json"
+    for workload in (str(path), "trace1"):
+        assert cli.main(["simulate", "--workload", workload, "--requests", "50", "--policy", "fcfs", "--out", str(out),
+                         "--block-size", "16"]) == 2
+        assert "drop --block-size" in capsys.readouterr().err
+    assert cli.main(["plan", "--workload", str(path), "--block-size", "16", "--no-plot"]) == 2
+    assert "drop --block-size" in capsys.readouterr().err
+
+
+def test_a_missing_trace_path_is_not_taken_for_a_workload_name_and_a_long_header_is_cut(tmp_path):
+    """/x/trace.csv.gz that does not exist read "unknown workload"; a 20 MB header was quoted
+    whole in the error (a probe)."""
+    from blendserve_sgl.sim.cli import load_workload
+    from blendserve_sgl.core.cost import CostModel
+
+    cost = CostModel.from_names("llama-3.1-8b", "a100")
+    with pytest.raises(FileNotFoundError, match="trace.csv.gz does not exist"):
+        load_workload(str(tmp_path / "trace.csv.gz"), None, cost)
+    path = tmp_path / "wide.csv"
+    path.write_text(",".join(["a"] * 100_000) + "\n1,2\n")
+    with pytest.raises(ValueError) as exc:
+        load_trace_file(path)
+    assert len(str(exc.value)) < 1000 and "(199,999 characters)" in str(exc.value)

@@ -663,6 +663,15 @@ def is_png(data: bytes) -> bool:
     return data.startswith(b"\x89PNG\r\n\x1a\n")
 
 
+def plot_beside(out: str) -> str | None:
+    """The plot's path next to the JSON `out` (its suffix .png), or None when `out` is a device or
+    a pipe (`--out /dev/null`: its plot would be a new file in /dev)."""
+    path = Path(out)
+    if path.exists() and not path.is_file():
+        return None
+    return str(path.with_suffix(".png"))
+
+
 def check_output(flag: str, path: str | None) -> None:
     """ValueError unless `path` (when given) can be written: no folder, in a folder that exists
     and takes a new file, or an existing writable file (`settings.unwritable`)."""
@@ -829,10 +838,8 @@ def engine_args(pairs: list[str]) -> dict:
 def _window(text: str) -> int:
     if text == "auto":
         return -1
-    window = int_at_least(text, 0, "auto, 0 (all at once) or a positive integer", "auto or an integer")
-    if window > sys.maxsize:  # the feed counts requests in machine integers
-        raise argparse.ArgumentTypeError(f"{text} is more requests than any batch holds; pass 0 for all at once")
-    return window
+    return int_at_least(text, 0, "auto, 0 (all at once) or a positive integer", "auto or an integer",
+                        f"{text} is more requests than any batch holds; pass 0 for all at once")
 
 
 def _phase_printer(quiet: bool, every: float = 10.0):

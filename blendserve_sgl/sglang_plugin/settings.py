@@ -12,6 +12,7 @@ here writes `os.environ`.
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import math
@@ -155,6 +156,9 @@ def foreign(path: Path, ours: Callable[[bytes], bool], what: str, first_line: bo
            "choose another path (or remove that file)"
 
 
+_HELD_PIPES: list = []  # `unwritable`'s write ends of the pipes it found read
+
+
 def unwritable(path: Path) -> str | None:
     """Why a file cannot be written at `path` (a folder, a missing or read-only folder, a file
     that is not writable), or None. A device such as /dev/stdout that exists is written in place."""
@@ -163,7 +167,17 @@ def unwritable(path: Path) -> str | None:
     if not path.parent.is_dir():
         return f"the folder {path.parent} does not exist; create it or choose another path"
     if path.exists():
-        return None if os.access(path, os.W_OK) else "is not writable; choose another path or change its permissions"
+        if not os.access(path, os.W_OK):
+            return "is not writable; choose another path or change its permissions"
+        if stat.S_ISFIFO(os.stat(path).st_mode):  # a pipe with no reader: the write would wait for ever
+            try:
+                # held open to the end of the process: closed now, it would be the pipe's last writer
+                # and its reader would take the close for the end of the file before anything is written
+                _HELD_PIPES.append(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+            except OSError as exc:
+                if exc.errno == errno.ENXIO:
+                    return "is a named pipe that nothing reads (the write would wait for ever); start its reader first"
+        return None
     try:  # a folder that takes no new file (read-only, /proc) is said now, not at the first write
         with tempfile.TemporaryFile(dir=path.parent):
             pass

@@ -52,7 +52,7 @@ MAX_BUILT_IN_REQUESTS = 2_000_000  # a built-in workload is built in memory: abo
 
 
 def load_workload(spec: str, n: int | None, cost: CostModel, seed: int = 0,
-                  block_size: int = MOONCAKE_BLOCK) -> list:
+                  block_size: int | None = None) -> list:
     """Records for a workload name: a trace analog or the multi-turn `conversation` class
     (`workloads.trace`), `mixed` (workloads.mixed_workload),
     `mix:DENSITY,SHARING` (the mixing recipe with those targets), or a trace file
@@ -65,6 +65,9 @@ def load_workload(spec: str, n: int | None, cost: CostModel, seed: int = 0,
         raise ValueError(f"--requests {n:,}: a built-in workload ({spec}) is built in memory, about 1.2 KB a request; "
                          f"give at most {MAX_BUILT_IN_REQUESTS:,}, or a trace file with --workload PATH")
     size = n or DEFAULT_REQUESTS  # a built-in workload's
+    if block_size is not None and not is_trace_file(spec):
+        raise ValueError(f"--block-size {block_size} is the hash-id block of a Mooncake-format JSONL trace; the "
+                         f"built-in workload {spec} has none: drop --block-size")
     if (spec in BUILT_IN or spec == "mixed") and Path(spec).exists():  # which one was meant would be a guess
         raise ValueError(f"--workload {spec} names a built-in workload and the file ./{spec} here: pass ./{spec} "
                          f"for the file, or run from another folder for the built-in {spec}")
@@ -79,7 +82,7 @@ def load_workload(spec: str, n: int | None, cost: CostModel, seed: int = 0,
             raise ValueError(f"workload {spec!r}: write mix:DENSITY,SHARING, e.g. mix:1.2,0.25") from None
         return mix(size, density, sharing, cost, seed)[0]
     if is_trace_file(spec):
-        return load_trace_file(spec, n, block_size)
+        return load_trace_file(spec, n, block_size)  # block_size: None for the default, else checked there
     raise ValueError(f"unknown workload {spec!r}; choose one of {', '.join(WORKLOADS)}")
 
 
@@ -156,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="engine, every policy: admission counts KV that known-length running requests release")
     ap.add_argument("--no-meter", action="store_true", help="blend: no step count (memory work not metered)")
     ap.add_argument("--seed", type=non_negative_int, default=0, help="workload and sampling seed")
-    ap.add_argument("--block-size", type=positive_int, default=MOONCAKE_BLOCK,
+    ap.add_argument("--block-size", type=positive_int, default=None,
                     help=f"tokens per hash id of a Mooncake-format JSONL trace (default {MOONCAKE_BLOCK}, the "
                          "published traces')")
     ap.add_argument("--check", action="store_true", help="check every invariant after every step (slow)")
@@ -166,22 +169,23 @@ def main(argv: list[str] | None = None) -> int:
         policies = parse_policies(args.policy)
         cost = CostModel.from_names(args.model, args.hardware)
         n = 2000 if args.quick else args.requests  # --requests is a positive_int
-        from ..batch.cli import check_apart, check_output, check_replaceable, is_png, made_by
+        from ..batch.cli import check_apart, check_output, check_replaceable, is_png, made_by, plot_beside
 
         check_output("--out", args.out)  # before naming the plot: `.` or `/` has no name to give a suffix
-        png = str(Path(args.out).with_suffix(".png"))
+        png = plot_beside(args.out)  # None for a device or pipe: no plot
         if Path(args.out).suffix.lower() == ".png":
             raise ValueError(f"--out {args.out}: the plot goes next to the JSON with the suffix .png, so both would "
                              "be one file; give --out a name ending in .json")
-        check_output("--out", png)
         check_apart("--out", args.out, [("the --workload file", args.workload)])
-        try:
-            check_apart("--out", png, [("the --workload file", args.workload)])
-        except ValueError:
-            raise ValueError(f"--out {args.out}: its plot {png} is the --workload file, which it would overwrite; "
-                             "choose another --out") from None
         check_replaceable("--out", args.out, made_by("simulate"), "the results of `blendserve simulate`")
-        check_replaceable("--out", png, is_png, "a PNG image", name=f"--out {args.out}: its plot {png}")
+        if png is not None:
+            check_output("--out", png)
+            try:
+                check_apart("--out", png, [("the --workload file", args.workload)])
+            except ValueError:
+                raise ValueError(f"--out {args.out}: its plot {png} is the --workload file, which it would overwrite; "
+                                 "choose another --out") from None
+            check_replaceable("--out", png, is_png, "a PNG image", name=f"--out {args.out}: its plot {png}")
         t0 = time.perf_counter()
         engine = EngineConfig.for_cost(cost, kv_gb=args.kv_gb, max_running=args.max_running,  # the model fits first
                                        chunked_prefill=args.chunk, mixed_chunk=not args.no_mixed_chunk,
@@ -218,8 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"blend vs the best other policy ({label}): {ratio:.3f}x ({name})")
     out = Path(args.out)
     try:
-        plot_steps(list(results.values()), png, models["overlapped"],
-                   title=f"{args.workload}, {len(records)} requests: per-step compute and memory time")
+        if png is not None:
+            plot_steps(list(results.values()), png, models["overlapped"],
+                       title=f"{args.workload}, {len(records)} requests: per-step compute and memory time")
     except OSError as exc:
         print(f"blendserve simulate: error: cannot write the plot {png} ({exc.strerror}); the table above is the "
               "result", file=sys.stderr)
@@ -244,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"blendserve simulate: error: cannot write {out} ({exc.strerror}); the table above is the result",
               file=sys.stderr)
         return 1
-    print(f"wrote {out} and {png}")
+    print(f"wrote {out} and {png}" if png is not None else f"wrote {out} (no plot: --out is not a file)")
     return 0
 
 

@@ -12,7 +12,9 @@ Two formats, told apart by the file's first character:
   (the engine still computes the last token). The last block is often partial: its group is
   named by its id and its token count, so it is shared only with the same partial block, never
   with a full block of the same id (an inconsistent trace). Prompt tokens beyond the hashed
-  blocks are the request's own tail. Ids are integers (Mooncake's) or strings, each equal only
+  blocks are the request's own tail; when fewer than half the rows' ids cover their whole prompt
+  (a trace of larger blocks read at this size), the reader says so on stderr. A block size
+  given for a CSV, which has no ids, is refused. Ids are integers (Mooncake's) or strings, each equal only
   to itself: 1 and "1" are two blocks, as they are two JSON values. A key twice in one line is
   refused (which one counts would be a guess).
 
@@ -28,6 +30,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -44,12 +47,15 @@ TRACE_COLUMNS = (  # (prompt column, output column), the first pair a header hol
     ("prompt_size", "token_size"),  # splitwise-sim's traces
 )
 MOONCAKE_BLOCK = 512  # tokens per hash id in the published Mooncake traces
+HEADER_SHOWN = 200  # characters of a CSV header an error quotes
 
 
 def is_trace_file(spec: str) -> bool:
-    """Whether a `--workload` value names a trace file (a path that exists, or one ending in
-    .csv / .jsonl), as opposed to a built-in workload name."""
-    return Path(spec).exists() or spec.lower().endswith((".csv", ".jsonl", ".json"))
+    """Whether a `--workload` value names a trace file (a path that exists or is a link, one with
+    a folder in it, or one ending in .csv / .jsonl / .json), as opposed to a built-in workload name."""
+    path = Path(spec)
+    return (path.exists() or path.is_symlink() or "/" in spec or os.sep in spec
+            or spec.lower().endswith((".csv", ".jsonl", ".json")))
 
 
 def _column_pair(header: list[str]) -> tuple[str, str] | None:
@@ -121,11 +127,18 @@ def looks_like_trace(path) -> bool:
         return _column_pair([h.strip() for h in next(csv.reader([first]), [])]) is not None
 
 
-def load_trace_file(path, n: int | None = None, block_size: int = MOONCAKE_BLOCK) -> list[Record]:
-    """Records from a CSV or Mooncake-style JSONL trace (module docstring); the first `n`."""
+def load_trace_file(path, n: int | None = None, block_size: int | None = None) -> list[Record]:
+    """Records from a CSV or Mooncake-style JSONL trace (module docstring); the first `n`.
+    `block_size`: tokens per hash id (None: `MOONCAKE_BLOCK`); given for a CSV, which has no hash
+    ids, it is refused (it would change nothing, silently)."""
     path = Path(path)
     if not path.exists():
+        if path.is_symlink():  # a dangling link, or a loop of links
+            raise FileNotFoundError(f"trace file {path} is a symbolic link that leads to no file "
+                                    f"({os.readlink(path)}); pass the trace's own path")
         raise FileNotFoundError(f"trace file {path} does not exist; pass the path of a CSV or JSONL trace")
+    if path.is_dir():
+        raise ValueError(f"trace {path} is a directory; pass the path of a trace file in it")
     if not path.is_file():
         raise ValueError(f"trace {path} is not a regular file (a trace is read from a file, not a pipe); save it to "
                          "a file first (e.g. zcat trace.csv.gz > trace.csv) and pass its path")
@@ -149,10 +162,20 @@ def load_trace_file(path, n: int | None = None, block_size: int = MOONCAKE_BLOCK
         raise ValueError(f"trace {path} starts with '[': a JSON list; a JSONL trace has one JSON object per line "
                          "(input_length, output_length, optionally hash_ids): convert it, e.g. "
                          f"jq -c '.[]' {path} > {path.stem}.lines.jsonl")  # never the input's own name
+    if first != "{" and block_size is not None:
+        raise ValueError(f"--block-size {block_size} is the hash-id block of a Mooncake-format JSONL trace; {path} "
+                         "is a CSV of token counts (no hash ids, every prompt unshared): drop --block-size")
+    block_size = block_size or MOONCAKE_BLOCK
     zeros = [0, 0]  # rows whose prompt, whose output was 0 tokens
     records = _jsonl(path, n, block_size, zeros) if first == "{" else _csv(path, n, zeros)
     if not records:
         raise ValueError(f"trace {path} holds no requests; a trace needs at least one row")
+    hashed = [r for r in records if r.prefix]
+    covered = sum(len(r.prefix) == math.ceil(r.prompt_len / block_size) for r in hashed)
+    if covered < len(hashed) / 2:  # a trace of larger blocks read at this size: its sharing cut short
+        print(f"{path}: the hash_ids cover the whole prompt in {covered:,} of the {len(hashed):,} rows that have "
+              f"them, at {block_size} tokens a block; if the trace's ids stand for larger blocks, pass its block "
+              "size with --block-size (the prefix sharing read now is less than the trace's)", file=sys.stderr)
     if any(zeros):
         print(f"{path}: {zeros[0]:,} rows with a 0-token prompt and {zeros[1]:,} with a 0-token output run as 1 "
               "token each (an engine reads and writes at least one; a trace often logs its failed requests so): "
@@ -167,7 +190,9 @@ def _csv(path: Path, n: int | None, zeros: list) -> list[Record]:
     pair = _column_pair(header)
     if pair is None:
         known = "; ".join(f"{a},{b}" for a, b in TRACE_COLUMNS)
-        raise ValueError(f"{path}: its header ({','.join(header) or 'empty'}) names no known pair of token-count "
+        shown = ",".join(header)
+        shown = shown if len(shown) <= HEADER_SHOWN else f"{shown[:HEADER_SHOWN]}... ({len(shown):,} characters)"
+        raise ValueError(f"{path}: its header ({shown or 'empty'}) names no known pair of token-count "
                          f"columns; rename the prompt and output columns to one of: {known}")
     for column in pair:  # which of two equal names holds the counts would be a guess
         at = [i + 1 for i, h in enumerate(header) if h == column]
@@ -231,19 +256,22 @@ def _jsonl_row(path: Path, line_no: int, line: str, block_size: int, out: list, 
                         "tokenizes and simulates it")
             raise ValueError(f"{path.name} line {line_no}: no {field!r}; each line needs input_length and "
                              f"output_length (token counts){hint}")
-    p, o = (_whole(path, line_no, f, row[f]) for f in ("input_length", "output_length"))
-    zeros[0] += p == 0
+    given, o = (_whole(path, line_no, f, row[f]) for f in ("input_length", "output_length"))
+    zeros[0] += given == 0
     zeros[1] += o == 0
-    p, o = max(1, p), max(1, o)
+    p, o = max(1, given), max(1, o)
     ids = row.get("hash_ids")
     ids = [] if ids is None else ids
     if not isinstance(ids, list):
         raise ValueError(f"{path.name} line {line_no}: hash_ids must be a list of block ids, got "
                          f"{type(ids).__name__}")
+    if len(ids) > p:  # more blocks than tokens: no block size reads this line
+        raise ValueError(f"{path.name} line {line_no}: {len(ids):,} hash_ids for input_length {given:,}, more "
+                         "ids than prompt tokens; fix or delete that line")
     if len(ids) > math.ceil(p / block_size):
-        raise ValueError(f"{path.name} line {line_no}: {len(ids)} hash_ids for input_length {p}, more than "
-                         f"its {math.ceil(p / block_size)} blocks of {block_size} tokens; the block size "
-                         "does not match the trace: pass its block size with --block-size")
+        raise ValueError(f"{path.name} line {line_no}: {len(ids):,} hash_ids for input_length {given:,}, more than "
+                         f"its {math.ceil(p / block_size):,} blocks of {block_size} tokens; the block size "
+                         "does not match the trace: pass the trace's block size with --block-size")
     for h in ids:
         if isinstance(h, bool) or not isinstance(h, (int, str)):
             raise ValueError(f"{path.name} line {line_no}: hash_ids items must be integers or strings, got "
