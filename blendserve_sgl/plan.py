@@ -586,7 +586,8 @@ def main(argv: list[str] | None = None) -> int:
             args.chunk = args.chunk or CPU_CHUNKED_PREFILL
         engine = EngineConfig.for_cost(cost, kv_gb=args.kv_gb, max_running=args.max_running,
                                        chunked_prefill=args.chunk or GPU_CHUNKED_PREFILL, mixed_chunk=args.mixed_chunk)
-        engine.check_fits(records, "pass a larger --kv-gb or a smaller max_tokens", known=False)
+        engine.check_fits(records, "pass a larger --kv-gb or a smaller max_tokens" if args.input is not None else
+                          f"pass a larger --kv-gb or leave that row out of {args.workload}", known=False)
     except (InputError, ModelError, ValueError, FileNotFoundError) as exc:
         print(f"blendserve plan: error: {exc}", file=sys.stderr)
         return 2

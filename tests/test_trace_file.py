@@ -396,3 +396,12 @@ def test_a_missing_trace_path_is_not_taken_for_a_workload_name_and_a_long_header
     with pytest.raises(ValueError) as exc:
         load_trace_file(path)
     assert len(str(exc.value)) < 1000 and "(199,999 characters)" in str(exc.value)
+
+
+def test_a_trace_row_beyond_the_pool_is_told_to_leave_the_trace(tmp_path, capsys):
+    """A trace has no max_tokens to lower (the message said to, a probe): the fix named is the row."""
+    path = tmp_path / "kv.csv"
+    path.write_text("ContextTokens,GeneratedTokens\n100,10\n120000,10\n")
+    assert cli.main(["plan", "--workload", str(path), "--kv-gb", "1", "--no-plot"]) == 2
+    err = capsys.readouterr().err
+    assert f"pass a larger --kv-gb or leave that row out of {path}" in err and "max_tokens" not in err.split(";")[-1]
