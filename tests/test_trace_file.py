@@ -405,3 +405,17 @@ def test_a_trace_row_beyond_the_pool_is_told_to_leave_the_trace(tmp_path, capsys
     assert cli.main(["plan", "--workload", str(path), "--kv-gb", "1", "--no-plot"]) == 2
     err = capsys.readouterr().err
     assert f"pass a larger --kv-gb or leave that row out of {path}" in err and "max_tokens" not in err.split(";")[-1]
+
+
+def test_a_header_in_another_case_and_a_second_pair_are_said(tmp_path, capsys):
+    """A lowercase export was refused with the whole list of pairs; a header naming two known pairs
+    was read by the first without a word (a probe)."""
+    path = tmp_path / "t.csv"
+    path.write_text("timestamp,contexttokens,generatedtokens\n0,100,10\n")
+    with pytest.raises(ValueError, match="names contexttokens,generatedtokens; the columns are read by their exact "
+                                         "names: rename them ContextTokens,GeneratedTokens"):
+        load_trace_file(path)
+    path.write_text("ContextTokens,GeneratedTokens,input_tokens,output_tokens\n100,10,5,6\n")
+    assert [(r.prompt_len, r.output_len) for r in load_trace_file(path)] == [(100, 10)]
+    assert ("reads the token counts of ContextTokens,GeneratedTokens; the header also names input_tokens,"
+            "output_tokens") in capsys.readouterr().err

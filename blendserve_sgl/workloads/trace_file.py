@@ -4,7 +4,9 @@ simulate`, `blendserve plan` and `bench/paper_traces.py`.
 Two formats, told apart by the file's first character:
 - CSV with a header naming one known pair of token-count columns (`TRACE_COLUMNS`: the Azure
   LLM inference traces, Vidur's processed traces, BurstGPT and the common `input_tokens` /
-  `output_tokens` spellings); other columns are ignored. Lengths only: every prompt is unshared.
+  `output_tokens` spellings; matched as written, a pair in another case named in the error; with
+  two pairs the first is read and the other named on stderr); other columns are ignored.
+  Lengths only: every prompt is unshared.
 - JSON lines in the Mooncake trace format: `input_length`, `output_length` and optionally
   `hash_ids`, one id per block of `block_size` prompt tokens (512 in the published traces), equal
   ids for equal prefixes. Every block becomes a shared prefix group, so requests that share
@@ -192,8 +194,18 @@ def _csv(path: Path, n: int | None, zeros: list) -> list[Record]:
         known = "; ".join(f"{a},{b}" for a, b in TRACE_COLUMNS)
         shown = ",".join(header)
         shown = shown if len(shown) <= HEADER_SHOWN else f"{shown[:HEADER_SHOWN]}... ({len(shown):,} characters)"
+        lower = {h.lower(): h for h in header}
+        near = next(((lower[a.lower()], lower[b.lower()], a, b) for a, b in TRACE_COLUMNS
+                     if a.lower() in lower and b.lower() in lower), None)
+        if near:  # the names in another case: said exactly (the columns are matched as written)
+            raise ValueError(f"{path}: its header names {near[0]},{near[1]}; the columns are read by their exact "
+                             f"names: rename them {near[2]},{near[3]}")
         raise ValueError(f"{path}: its header ({shown or 'empty'}) names no known pair of token-count "
                          f"columns; rename the prompt and output columns to one of: {known}")
+    others = [p for p in TRACE_COLUMNS if p != pair and p[0] in header and p[1] in header]
+    if others:  # the first pair is read; which one was meant is said, not guessed silently
+        print(f"{path}: reads the token counts of {pair[0]},{pair[1]}; the header also names "
+              f"{'; '.join(f'{a},{b}' for a, b in others)} (rename a pair to read another)", file=sys.stderr)
     for column in pair:  # which of two equal names holds the counts would be a guess
         at = [i + 1 for i, h in enumerate(header) if h == column]
         if len(at) > 1:
