@@ -111,6 +111,9 @@ LAYOUT = {
                           ["requests", "planning_fraction", "target_planning_fraction", "target_met",
                            "planning_ms_per_step", "wall_ms_per_step"]),
     "engine_cpu": ("Real engine on CPU, policies side by side, 1,600 requests (`bench/engine_cpu.py`)", "policies"),
+    "engine_cpu_plain_recheck": ("Real engine on CPU, blend vs lpm and dfs-weight, plain, one run each, after "
+                                 "`engine_cpu`'s first repeat (`bench/engine_cpu.py --variants plain --policies "
+                                 "blend,dfs-weight,lpm --repeats 1 --out engine_cpu_plain_recheck`)", "policies"),
     "engine_cpu_plain_focus": ("Real engine on CPU, blend vs the two fastest stock policies, plain, repeats 2 "
                                "(`bench/engine_cpu.py --variants plain --policies blend,dfs-weight,fcfs`)", "policies"),
     "engine_cpu_mixed_focus": ("Real engine on CPU, blend vs dfs-weight with --enable-mixed-chunk, repeats 2 "
