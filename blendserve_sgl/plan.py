@@ -644,8 +644,7 @@ def _print(out: dict, say) -> None:
         f"KV pool {out['engine']['kv_tokens']:,} tokens per engine; density {out['density']}, "
         f"prefix sharing {out['sharing_dfs_unbounded']:.1%} of prompt and output tokens (DFS order, unbounded "
         "cache; the prefix hits below are of prompt tokens)"
-        + ("" if out["simulated_requests"] == out["requests"] else
-           f"; density and sharing of the simulated sample of {out['simulated_requests']:,}"))
+        + ("" if out["density_and_sharing_of"] == "the batch" else f"; density and sharing of {out['density_and_sharing_of']}"))
     if out["simulated_requests"] < out["requests"]:
         sp = out["sampling_spread"]
         say(f"simulated: a sample of {out['simulated_requests']:,} requests (whole prefix groups), times and token counts scaled by "

@@ -61,11 +61,12 @@ def load_workload(spec: str, n: int | None, cost: CostModel, seed: int = 0,
     of more than `MAX_BUILT_IN_REQUESTS` is refused before anything is built."""
     if not spec.strip():
         raise ValueError(f"--workload is an empty name; pass one of {', '.join(WORKLOADS)}")
-    if n is not None and n > MAX_BUILT_IN_REQUESTS and not is_trace_file(spec):
+    from_file = is_trace_file(spec)
+    if n is not None and n > MAX_BUILT_IN_REQUESTS and not from_file:
         raise ValueError(f"--requests {n:,}: a built-in workload ({spec}) is built in memory, about 1.2 KB a request; "
                          f"give at most {MAX_BUILT_IN_REQUESTS:,}, or a trace file with --workload PATH")
     size = n or DEFAULT_REQUESTS  # a built-in workload's
-    if block_size is not None and not is_trace_file(spec):
+    if block_size is not None and not from_file:
         raise ValueError(f"--block-size {block_size} is the hash-id block of a Mooncake-format JSONL trace; the "
                          f"built-in workload {spec} has none: drop --block-size")
     if (spec in BUILT_IN or spec == "mixed") and Path(spec).exists():  # which one was meant would be a guess
@@ -81,7 +82,7 @@ def load_workload(spec: str, n: int | None, cost: CostModel, seed: int = 0,
         except ValueError:
             raise ValueError(f"workload {spec!r}: write mix:DENSITY,SHARING, e.g. mix:1.2,0.25") from None
         return mix(size, density, sharing, cost, seed)[0]
-    if is_trace_file(spec):
+    if from_file:
         return load_trace_file(spec, n, block_size)  # block_size: None for the default, else checked there
     raise ValueError(f"unknown workload {spec!r}; choose one of {', '.join(WORKLOADS)}")
 

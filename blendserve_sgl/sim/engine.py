@@ -621,11 +621,11 @@ class Engine:
             return
         # the waiting request that asks the most of the pool (its prompt and every token it may
         # write): the usual cause, named; a scan of the requests, once, on the way to the error
-        big = max((r for r in self.requests if r.state == WAITING),
-                  key=lambda r: r.fill_len + r.max_new_tokens - r.gen, default=None)
+        need, big = max(((r.fill_len + r.max_new_tokens - r.gen, i) for i, r in enumerate(self.requests)
+                         if r.state == WAITING), default=(0, None))
         largest = "" if big is None else (
-            f" The largest waiting request, {big.rid!r} (prompt {big.prompt_len}, max_new_tokens "
-            f"{big.max_new_tokens}), may need {big.fill_len + big.max_new_tokens - big.gen} KV tokens.")
+            f" The largest waiting request, {self.requests[big].rid!r} (prompt {self.requests[big].prompt_len}, "
+            f"max_new_tokens {self.requests[big].max_new_tokens}), may need {need} KV tokens.")
         raise RuntimeError(
             f"simulation stalled at step {self.steps}: {self.waiting} requests wait ({len(self.picker)} in the "
             f"{self.picker.name} picker), nothing runs and the picker admits nothing (free {self.free_tokens} + "

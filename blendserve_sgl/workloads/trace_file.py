@@ -56,13 +56,13 @@ def is_trace_file(spec: str) -> bool:
     """Whether a `--workload` value names a trace file (a path that exists or is a link, one with
     a folder in it, or one ending in .csv / .jsonl / .json), as opposed to a built-in workload name."""
     path = Path(spec)
-    return (path.exists() or path.is_symlink() or "/" in spec or os.sep in spec
+    return (path.exists() or path.is_symlink() or "/" in spec
             or spec.lower().endswith((".csv", ".jsonl", ".json")))
 
 
-def _column_pair(header: list[str]) -> tuple[str, str] | None:
-    """The first pair of `TRACE_COLUMNS` a CSV header names, or None."""
-    return next((p for p in TRACE_COLUMNS if p[0] in header and p[1] in header), None)
+def _column_pairs(header: list[str]) -> list[tuple[str, str]]:
+    """Every pair of `TRACE_COLUMNS` a CSV header names, in the table's order (the first is read)."""
+    return [p for p in TRACE_COLUMNS if p[0] in header and p[1] in header]
 
 
 def trace_or_file(spec: str, n: int, cost, seed: int = 0) -> tuple[str, list[Record], dict]:
@@ -126,7 +126,7 @@ def looks_like_trace(path) -> bool:
         row = json.loads(first)
         return isinstance(row, dict) and "input_length" in row and "output_length" in row
     except ValueError:
-        return _column_pair([h.strip() for h in next(csv.reader([first]), [])]) is not None
+        return bool(_column_pairs([h.strip() for h in next(csv.reader([first]), [])]))
 
 
 def load_trace_file(path, n: int | None = None, block_size: int | None = None) -> list[Record]:
@@ -189,8 +189,8 @@ def _csv(path: Path, n: int | None, zeros: list) -> list[Record]:
     rows = csv_rows(path)
     header = csv_header(rows)
     rows.close()
-    pair = _column_pair(header)
-    if pair is None:
+    pairs = _column_pairs(header)
+    if not pairs:
         known = "; ".join(f"{a},{b}" for a, b in TRACE_COLUMNS)
         shown = ",".join(header)
         shown = shown if len(shown) <= HEADER_SHOWN else f"{shown[:HEADER_SHOWN]}... ({len(shown):,} characters)"
@@ -202,7 +202,7 @@ def _csv(path: Path, n: int | None, zeros: list) -> list[Record]:
                              f"names: rename them {near[2]},{near[3]}")
         raise ValueError(f"{path}: its header ({shown or 'empty'}) names no known pair of token-count "
                          f"columns; rename the prompt and output columns to one of: {known}")
-    others = [p for p in TRACE_COLUMNS if p != pair and p[0] in header and p[1] in header]
+    pair, others = pairs[0], pairs[1:]
     if others:  # the first pair is read; which one was meant is said, not guessed silently
         print(f"{path}: reads the token counts of {pair[0]},{pair[1]}; the header also names "
               f"{'; '.join(f'{a},{b}' for a, b in others)} (rename a pair to read another)", file=sys.stderr)
